@@ -1,0 +1,100 @@
+"""Input validation shared by the functional form and the modules (private).
+
+Every check raises ``TypeError`` or ``ValueError`` with a message that names the caller
+(``where``), what was expected and what arrived. No ``assert``: these guard user input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_LAYOUTS = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+
+
+def layout(ndim: int) -> str:
+    """The conventional name of an ndim-dimensional BN input, e.g. ``(N, C, H, W)``."""
+    return _LAYOUTS.get(ndim, f"{ndim}D")
+
+
+def check_input(
+    x: object,
+    where: str,
+    *,
+    ndims: tuple[int, ...] = (2, 3, 4, 5),
+    num_features: int | None = None,
+) -> Tensor:
+    """Check that ``x`` is a floating tensor with ``x.dim() in ndims`` and the right channels."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(x).__name__}")
+    if not (x.is_floating_point()):
+        raise TypeError(
+            f"{where}: expected a floating-point input (float64/float32/float16/bfloat16), "
+            f"got dtype {x.dtype}"
+        )
+    if x.dim() not in ndims:
+        want = " or ".join(f"{n}D {layout(n)}" for n in ndims)
+        raise ValueError(f"{where}: expected {want} input, got {x.dim()}D input of shape {tuple(x.shape)}")
+    if num_features is not None and x.shape[1] != num_features:
+        raise ValueError(
+            f"{where}: expected {num_features} channels in dim 1, got {x.shape[1]} "
+            f"(input shape {tuple(x.shape)})"
+        )
+    return x
+
+
+def check_batch_size(x: Tensor, where: str) -> None:
+    """In training, each channel needs more than one value (or none at all: an empty batch)."""
+    if x.shape[1] > 0 and x.numel() == x.shape[1]:
+        raise ValueError(
+            f"{where}: expected more than 1 value per channel when training, got input of shape "
+            f"{tuple(x.shape)} (a single value has no variance; use eval mode or a larger batch)"
+        )
+
+
+def check_eps(eps: object, where: str, *, training: bool) -> float:
+    """eps must be a finite number, > 0 when training (it keeps 1/sqrt(var + eps) finite)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{where}: expected eps to be a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0 or (training and eps <= 0):
+        need = "> 0 when training" if training else ">= 0"
+        raise ValueError(f"{where}: expected eps {need}, got {eps}")
+    return eps
+
+
+def check_momentum(momentum: object, where: str, *, allow_none: bool) -> float | None:
+    """momentum is the weight of the *new* batch statistic (PyTorch convention), in [0, 1]."""
+    if momentum is None and allow_none:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        none = " or None" if allow_none else ""
+        raise TypeError(f"{where}: expected momentum to be a float in [0, 1]{none}, got {momentum!r}")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(
+            f"{where}: expected momentum in [0, 1] (PyTorch convention: the weight of the new batch "
+            f"statistic), got {momentum}; for a Keras/Flax momentum m use batchnorm.from_keras_momentum(m)"
+        )
+    return float(momentum)
+
+
+def check_param(p: Tensor | None, name: str, num_features: int, where: str) -> None:
+    """A per-channel tensor (weight, bias, running stat) must be 1D of length C."""
+    if p is None:
+        return
+    if not isinstance(p, Tensor):
+        raise TypeError(f"{where}: expected {name} to be a Tensor or None, got {type(p).__name__}")
+    if p.shape != (num_features,):
+        raise ValueError(
+            f"{where}: expected {name} of shape ({num_features},) to match the input's channels, "
+            f"got {tuple(p.shape)}"
+        )
+    if not p.is_floating_point():
+        raise TypeError(f"{where}: expected {name} to be floating point, got dtype {p.dtype}")
+
+
+def finite(*tensors: Tensor) -> bool:
+    """True when every element of every tensor is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
