@@ -187,3 +187,12 @@ def test_empty_batch_changes_nothing() -> None:
     torch.testing.assert_close(w.grad, torch.zeros(3))
     torch.testing.assert_close(rm, torch.full((3,), 0.5))
     torch.testing.assert_close(rv, torch.full((3,), 2.0))
+
+
+def test_non_contiguous_input() -> None:
+    base = torch.randn(8, 6, 5, dtype=torch.float64)
+    x = base[::2, ::2]  # (4, 3, 5), strided view
+    assert not x.is_contiguous()
+    y = batch_norm(x, None, None, training=True)
+    y_ref, _, _ = ref.forward(x.numpy())
+    np.testing.assert_allclose(y.numpy(), y_ref, rtol=1e-12, atol=1e-12)
