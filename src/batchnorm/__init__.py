@@ -12,6 +12,7 @@ from .convert import convert
 from .functional import batch_norm
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from ._kernels.dispatch import get_backend, set_backend, use_backend
+from .stats import LayerStatistics, Moments, recompute_statistics
 
 __version__ = "0.1.0"
 
@@ -21,11 +22,14 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormBase",
     "KerasConversion",
+    "LayerStatistics",
+    "Moments",
     "batch_norm",
     "convert",
     "from_keras",
     "from_keras_momentum",
     "get_backend",
+    "recompute_statistics",
     "set_backend",
     "to_keras_momentum",
     "use_backend",
