@@ -178,6 +178,9 @@ def bn_pairs(flow: Dataflow) -> tuple[list[Pair], dict[str, str]]:
         if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
             problems[name] = "no running statistics (track_running_stats=False): it uses batch statistics at inference"
             continue
+        if not (torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()):
+            problems[name] = "its running statistics contain NaN/inf (recompute them first)"
+            continue
         if not flow.exclusive(bn):
             problems[name] = "the batch norm is called more than once or its tensors are read elsewhere"
             continue
