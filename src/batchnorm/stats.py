@@ -343,10 +343,11 @@ def recompute_statistics(
     committed = False
     final: dict[str, Moments] = {}
     try:
-        model.eval()
+        for _, m in named:  # flags set directly: exported programs' modules refuse .eval()
+            m.training = False
         if mode == "train":
             for _, m in layers:
-                m.train()
+                m.training = True
                 m.track_running_stats = False  # batch statistics, and no running-stat update
         for _ in range(passes):
             acc = {name: Moments.empty(m.num_features, device=m.running_mean.device) for name, m in layers}

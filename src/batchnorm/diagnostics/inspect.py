@@ -111,7 +111,8 @@ def _sample_moments(
 
     handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in bns]
     try:
-        model.eval()
+        for m, _ in flags:  # flags set directly: exported programs' modules refuse .eval()
+            m.training = False
         with torch.no_grad():
             forward(model, sample)
     finally:
