@@ -10,7 +10,21 @@ the *unbiased* variance; eps sits inside the square root.
 from .conventions import KerasConversion, from_keras, from_keras_momentum, to_keras_momentum
 from .convert import convert
 from .functional import batch_norm
-from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from .nn import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormBase,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    batch_renorm,
+    ghost_batch_norm,
+    renorm_limits,
+)
 from ._kernels.dispatch import get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
@@ -20,12 +34,21 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormBase",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "KerasConversion",
     "batch_norm",
+    "batch_renorm",
     "convert",
     "from_keras",
     "from_keras_momentum",
     "get_backend",
+    "ghost_batch_norm",
+    "renorm_limits",
     "set_backend",
     "to_keras_momentum",
     "use_backend",
