@@ -21,10 +21,13 @@ from .nn import (
     GhostBatchNorm1d,
     GhostBatchNorm2d,
     GhostBatchNorm3d,
+    SyncBatchNorm,
     batch_renorm,
     ghost_batch_norm,
     renorm_limits,
+    sync_batch_norm,
 )
+from .distributed import convert_sync_batchnorm
 from ._kernels.dispatch import get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
@@ -41,15 +44,18 @@ __all__ = [
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
     "KerasConversion",
+    "SyncBatchNorm",
     "batch_norm",
     "batch_renorm",
     "convert",
+    "convert_sync_batchnorm",
     "from_keras",
     "from_keras_momentum",
     "get_backend",
     "ghost_batch_norm",
     "renorm_limits",
     "set_backend",
+    "sync_batch_norm",
     "to_keras_momentum",
     "use_backend",
 ]

@@ -2,6 +2,7 @@
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, GhostBatchNormBase, ghost_batch_norm
+from .sync import SyncBatchNorm, sync_batch_norm
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase, batch_renorm, renorm_limits
 
 __all__ = [
@@ -17,7 +18,9 @@ __all__ = [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
+    "SyncBatchNorm",
     "batch_renorm",
     "ghost_batch_norm",
     "renorm_limits",
+    "sync_batch_norm",
 ]
