@@ -14,7 +14,10 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -263,3 +266,19 @@ def test_convert_sync_batchnorm_keeps_state_and_returns_copy():
     assert isinstance(single, SyncBatchNorm) and single.process_group == "g"
     with pytest.raises(TypeError, match="nn.Module"):
         convert_sync_batchnorm("model")  # type: ignore[arg-type]
+
+
+@pytest.mark.distributed
+def test_ddp_example_under_torchrun_matches_single_process():
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(root / "examples" / "ddp_syncbn.py"), "--steps", "6", "--global-batch", "15",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout
+    d_sync = float(re.search(r"SyncBatchNorm vs single process: (\S+)", proc.stdout).group(1))
+    d_local = float(re.search(r"per-rank BatchNorm vs single process: (\S+)", proc.stdout).group(1))
+    assert d_sync <= 1e-4 and d_local > 100 * d_sync  # the comparison can tell sync from no sync
