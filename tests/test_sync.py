@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,28 @@ def _run_layout(rank: int, name: str, out: dict) -> None:
     dist.barrier(group=group)
 
 
+def _run_edge_cases(rank: int, out: dict) -> None:
+    """A NaN on one rank: no rank updates its statistics. One value over the whole group: every
+    rank raises the same ValueError (so none is left waiting in a collective)."""
+    m = SyncBatchNorm(2, momentum=0.5)
+    x = torch.randn(3, 2)
+    if rank == 2:
+        x[1, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = m(x)
+    out["nonfinite/unchanged"] = bool(
+        (m.running_mean == 0).all() and (m.running_var == 1).all() and int(m.num_batches_tracked) == 0
+    )
+    out["nonfinite/warned"] = any("not finite" in str(w.message) for w in caught)
+    out["nonfinite/output_nan_everywhere"] = bool(y[:, 0].isnan().all())
+    try:
+        m(torch.randn(1 if rank == 0 else 0, 2))
+        out["one_value/raises"] = False
+    except ValueError as e:
+        out["one_value/raises"] = "more than 1 value per channel" in str(e)
+
+
 def _worker(rank: int, port: int, outdir: str, scenario: str) -> None:
     torch.set_num_threads(1)
     world = WORLD if scenario == "layouts" else 2
@@ -161,6 +184,7 @@ def _worker(rank: int, port: int, outdir: str, scenario: str) -> None:
     if scenario == "layouts":
         for name in LAYOUTS:
             _run_layout(rank, name, out)
+        _run_edge_cases(rank, out)
         Path(outdir, f"{rank}.json").write_text(json.dumps(out))
         dist.destroy_process_group()
         return
@@ -217,6 +241,15 @@ def test_one_collective_per_pass_and_none_in_eval(layout_results, layout):
 @pytest.mark.distributed
 def test_non_member_of_subgroup_is_refused(layout_results):
     assert layout_results[1]["subgroup/non_member_raises"] is True
+
+
+@pytest.mark.distributed
+def test_nonfinite_rank_blocks_every_update_and_one_value_raises_everywhere(layout_results):
+    for r in layout_results:
+        assert r["nonfinite/unchanged"] is True
+        assert r["nonfinite/warned"] is True
+        assert r["nonfinite/output_nan_everywhere"] is True  # the global mean is NaN
+        assert r["one_value/raises"] is True
 
 
 @pytest.mark.distributed
