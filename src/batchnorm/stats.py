@@ -33,6 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _moments_cpu
+
 __all__ = ["Moments", "LayerStatistics", "recompute_statistics", "is_recomputable"]
 
 _F64 = torch.float64
@@ -80,8 +82,11 @@ class Moments:
     def from_tensor(cls, x: Tensor, dims: int | Sequence[int]) -> Moments:
         """Moments of ``x`` reduced over ``dims`` (e.g. ``(0, 2, 3)`` for an (N, C, H, W) input).
 
-        Computed in float64 with a two-pass (centred) variance, whatever the dtype of ``x``
-        (float16/bfloat16/float32/float64). Non-finite values propagate (the caller decides).
+        Computed in float64 whatever the dtype of ``x`` (float16/bfloat16/float32/float64):
+        for the per-channel case (dims = all but 1) of a CPU float32/float64 tensor, one numba
+        pass of float64 sums shifted by a sample (see ``_moments_cpu``; falls back below when
+        the shift was an extreme outlier); otherwise a float64 copy and a two-pass (centred,
+        Welford) ``torch.var_mean``. Non-finite values propagate (the caller decides).
         """
         if not isinstance(x, Tensor) or not x.is_floating_point():
             got = x.dtype if isinstance(x, Tensor) else type(x).__name__
@@ -91,6 +96,14 @@ class Moments:
         n = math.prod(x.shape[d] for d in rdims)
         if n == 0:
             return cls.empty(keep, device=x.device)
+        if x.dim() >= 2 and rdims == [0, *range(2, x.dim())]:
+            fast = _moments_cpu.shifted_sums(x)  # the per-channel case, one numba pass
+            if fast is not None:
+                shift, s1, s2 = fast
+                m2 = (s2 - s1.square() / n).clamp_min(0.0)
+                if not _moments_cpu.needs_two_pass(s1, m2, n):
+                    count = torch.tensor(float(n), dtype=_F64)
+                    return cls(count, shift + s1 / n, m2)
         x64 = x.detach().to(_F64)
         var, mean = torch.var_mean(x64, dim=rdims, correction=0)
         count = torch.tensor(float(n), dtype=_F64, device=x.device)
