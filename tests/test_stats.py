@@ -296,6 +296,19 @@ def test_non_finite_data_raises_and_changes_nothing() -> None:
     assert torch.all(model[0].running_mean == 0) and torch.all(model[0].running_var == 1)
 
 
+def test_frozen_and_untracked_layers_are_reported_not_changed() -> None:
+    from batchnorm import FrozenBatchNorm1d
+
+    model = nn.Sequential(nn.BatchNorm1d(3, track_running_stats=False), FrozenBatchNorm1d(3), nn.BatchNorm1d(3))
+    report = recompute_statistics(model, [torch.randn(8, 3) * 3])
+    assert [(r.name, r.updated, r.note) for r in report] == [
+        ("0", False, "no running statistics of mean/variance"),
+        ("1", False, "frozen"),
+        ("2", True, ""),
+    ]
+    assert torch.all(model[1].running_var == 1)
+
+
 def test_unused_layer_is_reported_and_warned() -> None:
     model = nn.ModuleDict({"used": nn.BatchNorm1d(2), "unused": nn.BatchNorm1d(2)})
     with pytest.warns(RuntimeWarning, match="unused"):

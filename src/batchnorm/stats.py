@@ -348,7 +348,11 @@ def recompute_statistics(
 
     named = list(model.named_modules())
     layers = [(name, m) for name, m in named if is_recomputable(m)]
-    others = [(name, m) for name, m in named if isinstance(m, _BatchNorm) and not is_recomputable(m)]
+    others = [
+        (name, m)
+        for name, m in named
+        if (isinstance(m, _BatchNorm) or getattr(m, "frozen", False)) and not is_recomputable(m)
+    ]
     originals = {name: (m.running_mean.detach().clone(), m.running_var.detach().clone()) for name, m in layers}
     flags = [(m, m.training) for _, m in named]
     tracking = [(m, m.track_running_stats) for _, m in layers]
