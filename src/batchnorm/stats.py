@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -321,8 +321,8 @@ def recompute_statistics(
             frozen layers and layers without running statistics are reported, not changed.
         data: an iterable of batches (a DataLoader, a list of tensors, ...); re-iterable if
             ``passes > 1``.
-        max_samples: stop after this many samples (leading dim of the batch; per rank), cutting
-            the last batch so exactly ``max_samples`` are used.
+        max_samples: stop after this many samples (leading dim of the first tensor of a batch;
+            per rank), cutting the last batch so exactly ``max_samples`` are used.
         forward: ``forward(model, batch)`` runs one batch; default: a tensor ``x`` -> ``model(x)``,
             a tuple/list ``(x, y, ...)`` -> ``model(x)``, a dict -> ``model(**batch)``.
         mode: ``"eval"`` or ``"train"``, see above.
@@ -342,7 +342,7 @@ def recompute_statistics(
         raise ValueError(f"recompute_statistics: expected passes to be an int >= 1, got {passes!r}")
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
         raise ValueError(f"recompute_statistics: expected max_samples to be a positive int or None, got {max_samples!r}")
-    if passes > 1 and iter(data) is data:
+    if passes > 1 and isinstance(data, Iterator):
         raise ValueError("recompute_statistics: passes > 1 needs re-iterable data (a list or DataLoader), got an iterator")
     run = forward if forward is not None else _default_forward
 
