@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _moments_cpu
 
-__all__ = ["Moments", "LayerStatistics", "recompute_statistics", "is_recomputable"]
+__all__ = ["Moments", "all_reduce_moments", "LayerStatistics", "recompute_statistics", "is_recomputable"]
 
 _F64 = torch.float64
 
