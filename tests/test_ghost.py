@@ -154,3 +154,25 @@ def test_bad_arguments_raise():
         GhostBatchNorm1d(3, 4)(torch.randn(1, 3))
     with pytest.raises(ValueError, match="4D"):
         GhostBatchNorm2d(3, 4)(torch.randn(4, 3))
+
+
+def test_one_vectorized_pass_op_count_does_not_grow_with_ghost_batches():
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for n in (8, 64, 67):  # 2, 16 and 17 ghost batches (the last one smaller)
+        x = torch.randn(n, 3, 2, requires_grad=True)
+        m = GhostBatchNorm1d(3, 4)
+        with Count() as c:
+            m(x).sum().backward()
+        counts.append(c.n)
+    assert counts[0] == counts[1] == counts[2], counts

@@ -154,8 +154,8 @@ def _run_layout(rank: int, name: str, out: dict) -> None:
 
 
 def _run_edge_cases(rank: int, out: dict) -> None:
-    """A NaN on one rank: no rank updates its statistics. One value over the whole group: every
-    rank raises the same ValueError (so none is left waiting in a collective)."""
+    """A NaN on one rank: no rank updates its statistics. Double backward and one value over the
+    whole group: every rank raises the same error (so none is left waiting in a collective)."""
     m = SyncBatchNorm(2, momentum=0.5)
     x = torch.randn(3, 2)
     if rank == 2:
@@ -168,6 +168,12 @@ def _run_edge_cases(rank: int, out: dict) -> None:
     )
     out["nonfinite/warned"] = any("not finite" in str(w.message) for w in caught)
     out["nonfinite/output_nan_everywhere"] = bool(y[:, 0].isnan().all())
+    x = torch.randn(3, 2, requires_grad=True)
+    try:  # every rank raises before the collective, so nobody waits
+        torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+        out["double_backward/raises"] = False
+    except RuntimeError as e:
+        out["double_backward/raises"] = "double backward" in str(e)
     try:
         m(torch.randn(1 if rank == 0 else 0, 2))
         out["one_value/raises"] = False
@@ -244,12 +250,13 @@ def test_non_member_of_subgroup_is_refused(layout_results):
 
 
 @pytest.mark.distributed
-def test_nonfinite_rank_blocks_every_update_and_one_value_raises_everywhere(layout_results):
+def test_nonfinite_rank_one_value_and_double_backward(layout_results):
     for r in layout_results:
         assert r["nonfinite/unchanged"] is True
         assert r["nonfinite/warned"] is True
         assert r["nonfinite/output_nan_everywhere"] is True  # the global mean is NaN
         assert r["one_value/raises"] is True
+        assert r["double_backward/raises"] is True
 
 
 @pytest.mark.distributed

@@ -109,6 +109,11 @@ class _SyncNormalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{ctx.where}: double backward (create_graph=True) through a synchronized batch "
+                "norm is not supported: the all_reduce of the gradient sums is not differentiable"
+            )
         x, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         acc = mean.dtype
