@@ -168,6 +168,11 @@ def _ghost_batch_norm(
 class GhostBatchNormBase(BatchNormBase):
     """Ghost batch norm; subclasses set ``_ndims``. See the module docstring for the math.
 
+        training:  y = weight * (x - mu_g) / sqrt(var_g + eps) + bias   for x in ghost batch g
+        eval:      y = weight * (x - running_mean) / sqrt(running_var + eps) + bias
+
+    One running update per step with the whole batch's mean and unbiased (pooled) variance.
+
     Args:
         num_features: C, the number of channels (dim 1 of the input).
         virtual_batch_size: samples per ghost batch (along N); the last one may be smaller.

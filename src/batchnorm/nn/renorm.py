@@ -190,6 +190,9 @@ def batch_renorm(
 class BatchRenormBase(nn.Module):
     """Batch renormalization; subclasses set ``_ndims``. See the module docstring for the math.
 
+        training:  y = weight * (r * (x - mu_B) / sigma_B + d) + bias   (r, d clipped, no gradient)
+        eval:      y = weight * (x - running_mean) / running_std + bias
+
     Args:
         num_features: C, the number of channels (dim 1 of the input).
         eps: added to the biased batch variance inside the square root of sigma_B; > 0.

@@ -208,6 +208,10 @@ def sync_batch_norm(
 class SyncBatchNorm(BatchNormBase):
     """Batch norm synchronized over a process group, on CPU (gloo) and GPU (nccl).
 
+        y = weight * (x - mu) / sqrt(var + eps) + bias,   mu, var (biased) over ALL ranks' x
+
+    running_var stores the unbiased variance with the global count; momentum as PyTorch.
+
     Args:
         num_features: C, the number of channels (dim 1 of the input).
         eps, momentum, affine, track_running_stats, device, dtype, bias: as ``nn.BatchNorm*d``.
