@@ -205,8 +205,10 @@ def _worker(rank: int, port: int, outdir: str, scenario: str) -> None:
             out["error"] = str(e)
         out["seconds"] = time.monotonic() - t0
         Path(outdir, "0.json").write_text(json.dumps(out))
-    else:
-        time.sleep(6)
+    else:  # stay alive (so rank 0 sees a timeout, not a closed connection) until rank 0 is done
+        deadline = time.monotonic() + 20
+        while not Path(outdir, "0.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
     os._exit(0)  # a process group whose collective timed out cannot be torn down cleanly
 
 
