@@ -46,12 +46,6 @@ CHECKS = ("forward", "grad_input", "grad_weight", "grad_bias", "running_mean", "
 TOL = {torch.float64: 1e-10, torch.float32: 1e-3}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _count_collectives():
     """Count calls of torch.distributed collectives while inside (restored on exit)."""
@@ -181,11 +175,15 @@ def _run_edge_cases(rank: int, out: dict) -> None:
         out["one_value/raises"] = "more than 1 value per channel" in str(e)
 
 
-def _worker(rank: int, port: int, outdir: str, scenario: str) -> None:
+def _worker(rank: int, outdir: str, scenario: str) -> None:
     torch.set_num_threads(1)
     world = WORLD if scenario == "layouts" else 2
     timeout = datetime.timedelta(seconds=30 if scenario == "layouts" else 3)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timeout)
+    if "lo" in {name for _, name in socket.if_nameindex()}:  # this child only: talk over loopback
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # rendezvous through a file (no port to pick and race for)
+    store = f"file://{Path(outdir, 'rendezvous')}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world, timeout=timeout)
     out: dict = {}
     if scenario == "layouts":
         for name in LAYOUTS:
@@ -213,7 +211,7 @@ def _worker(rank: int, port: int, outdir: str, scenario: str) -> None:
 
 
 def _spawn(scenario: str, nprocs: int, tmp: Path) -> list[dict]:
-    mp.spawn(_worker, args=(_free_port(), str(tmp), scenario), nprocs=nprocs, join=True)
+    mp.spawn(_worker, args=(str(tmp), scenario), nprocs=nprocs, join=True)
     return [json.loads(p.read_text()) for p in sorted(tmp.glob("*.json"))]
 
 
