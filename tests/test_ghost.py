@@ -44,7 +44,8 @@ def _np_pooled(x):
 def test_forward_gradients_and_running_stats_match_definition(cls, shape, v, chunks):
     gen = torch.Generator().manual_seed(3)
     c = shape[1]
-    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + torch.arange(shape[0], dtype=torch.float64).reshape(-1, *[1] * (len(shape) - 1))
+    drift = torch.arange(shape[0], dtype=torch.float64).reshape(-1, *[1] * (len(shape) - 1))  # (N, 1, ...)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + drift  # ghost means differ
     gy = torch.randn(shape, generator=gen, dtype=torch.float64)
     m = cls(c, v, eps=1e-3, momentum=0.25).double()
     with torch.no_grad():

@@ -79,7 +79,8 @@ def _run_layout(rank: int, name: str, out: dict) -> None:
     group = dist.new_group(members) if members is not None else None  # every rank must call it
     members = members if members is not None else list(range(WORLD))
     c = sample[0]
-    ref_cls = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm2d, 4: torch.nn.BatchNorm3d}[len(sample)]
+    ref_classes = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm2d, 4: torch.nn.BatchNorm3d}
+    ref_cls = ref_classes[len(sample)]
     ours = SyncBatchNorm(c, momentum=momentum, process_group=group).to(dtype)
     if rank not in members:
         try:

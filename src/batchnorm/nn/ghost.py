@@ -102,7 +102,8 @@ def _ghost_train(
         y = y.contiguous(memory_format=_format(x))  # keep channels_last(_3d)
     with torch.no_grad():
         # Chan's merge of the ghost (count, mean, M2) into the whole batch's, in float64
-        sizes = torch.cat([torch.full((m.shape[0],), float(k), dtype=torch.float64, device=x.device) for k, m, _ in parts])
+        counts = [torch.full((m.shape[0],), float(k), dtype=torch.float64, device=x.device) for k, m, _ in parts]
+        sizes = torch.cat(counts)  # (G + 1,) values per channel of each ghost batch
         means = torch.cat([m for _, m, _ in parts]).double()  # (G + 1, C)
         m2s = torch.cat([var for _, _, var in parts]).double() * sizes[:, None]  # (G + 1, C)
         total = sizes.sum()
@@ -140,7 +141,8 @@ def ghost_batch_norm(
     momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]
     y, updated = _ghost_batch_norm(input, v, running_mean, running_var, weight, bias, momentum, eps, where)
     if updated is False and input.numel() > 0:
-        warnings.warn(f"{where}: batch statistics are not finite; running statistics were left unchanged", RuntimeWarning, stacklevel=2)
+        message = f"{where}: batch statistics are not finite; running statistics were left unchanged"
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
     return y
 
 

@@ -201,7 +201,8 @@ def sync_batch_norm(
     momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]
     y, updated = _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, process_group, where)
     if updated is False and input.numel() > 0:
-        warnings.warn(f"{where}: batch statistics are not finite; running statistics were left unchanged", RuntimeWarning, stacklevel=2)
+        message = f"{where}: batch statistics are not finite; running statistics were left unchanged"
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
     return y
 
 
