@@ -106,7 +106,10 @@ def _run_layout(rank: int, name: str, out: dict) -> None:
         offset, spread = (100.0, 0.1) if dtype == torch.float32 else (step, 1.0 + step)
         xg = (torch.randn(sum(sizes), *sample, generator=gen, dtype=torch.float64) * spread + offset).to(dtype)
         gy = torch.randn(sum(sizes), *sample, generator=gen, dtype=torch.float64)
-        xl = xg[lo:hi].clone().requires_grad_()
+        xl = xg[lo:hi].clone()
+        if xl.dim() == 4:  # the 4-D layout runs channels_last
+            xl = xl.contiguous(memory_format=torch.channels_last)
+        xl.requires_grad_()
         xr = xg.double().clone().requires_grad_()
         with _count_collectives() as calls:
             y = ours(xl)
@@ -161,6 +164,11 @@ def _run_edge_cases(rank: int, out: dict) -> None:
     out["nonfinite/unchanged"] = bool(
         (m.running_mean == 0).all() and (m.running_var == 1).all() and int(m.num_batches_tracked) == 0
     )
+    try:  # PyTorch's own layer in the same situation (gloo initialized, CPU input)
+        torch.nn.SyncBatchNorm(2)(torch.randn(3, 2))
+        out["torch_syncbn_refuses_cpu"] = False
+    except ValueError:
+        out["torch_syncbn_refuses_cpu"] = True
     out["nonfinite/warned"] = any("not finite" in str(w.message) for w in caught)
     out["nonfinite/output_nan_everywhere"] = bool(y[:, 0].isnan().all())
     x = torch.randn(3, 2, requires_grad=True)
@@ -243,6 +251,13 @@ def test_one_collective_per_pass_and_none_in_eval(layout_results, layout):
     first = layout_results[members[0]]
     assert first[f"{layout}/eval_collectives"] == 0
     assert first[f"{layout}/eval_forward"] <= TOL[LAYOUTS[layout][3]]
+
+
+@pytest.mark.distributed
+def test_runs_on_cpu_where_torch_syncbatchnorm_refuses(layout_results):
+    # the layouts above ran on CPU tensors; torch.nn.SyncBatchNorm raises there
+    assert all(r["torch_syncbn_refuses_cpu"] is True for r in layout_results)
+    assert all(r["equal/forward"] <= 1e-10 for r in layout_results)
 
 
 @pytest.mark.distributed
