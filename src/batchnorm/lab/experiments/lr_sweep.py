@@ -82,15 +82,17 @@ def _model(data: Dataset, s: dict[str, Any], norm: str | None, seed: int) -> MLP
 
 
 def _step_probe(model: nn.Module, x: Tensor, y: Tensor, alphas: list[float]) -> list[float]:
-    """L(w - alpha g) / L(w) on one batch (training-mode forward), model unchanged."""
-    model.train()
-    loss = F.cross_entropy(model(x), y)
+    """L(w - alpha g) / L(w) on one batch (training-mode forward); parameters, buffers and the
+    training flag are restored afterwards."""
     params = [p for p in model.parameters()]
-    grads = torch.autograd.grad(loss, params)
     saved = [p.detach().clone() for p in params]
     buffers = {k: v.clone() for k, v in model.named_buffers()}
+    was_training = model.training
     ratios = []
     try:
+        model.train()
+        loss = F.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             for alpha in alphas:
                 for p, w, g in zip(params, saved, grads):
@@ -103,6 +105,7 @@ def _step_probe(model: nn.Module, x: Tensor, y: Tensor, alphas: list[float]) -> 
                 p.copy_(w)
             for k, v in model.named_buffers():
                 v.copy_(buffers[k])
+        model.train(was_training)
     return ratios
 
 
