@@ -41,9 +41,11 @@ with 3 hidden layers of 256 ReLU units, trained far past 100% training accuracy 
 six networks over several seeds: plain; dropout 0.5 after every hidden layer; BN before every
 ReLU; BN with dropout 0.5; BN with a weak dropout 0.1; and BN trained on fixed batches (the
 training set is split once into 8 batches of 50 and the same batches are reused every epoch,
-which removes most of BN's batch noise). Reported: training and test accuracy, and the
-generalization gap measured on the cross-entropy loss (test loss minus training loss) and on
-accuracy (training minus test accuracy), as mean ± standard deviation over seeds.
+which removes most of BN's batch noise). Every network fits its training set (training
+accuracy about 100%), so the generalization gap is the test error itself; the test
+cross-entropy measures it more finely than the accuracy. Reported as mean ± standard
+deviation over seeds; each seed uses the same training subset, initial weights and batch
+order for all six networks, so differences can also be compared seed by seed.
 
 Choices the paper does not state: SGD with a constant learning rate 0.1, batch 50, He
 initialization, dropout after the ReLU, evaluation with the running averages. Accuracy
@@ -120,49 +122,55 @@ def _stat(results: dict[str, Any], arm: str) -> dict[str, float]:
     r = results["metrics"][arm]
     tra = np.asarray(r["train_acc"], dtype=float)
     tea = np.asarray(r["test_acc"], dtype=float)
-    trl = np.asarray(r["train_loss"], dtype=float)
     tel = np.asarray(r["test_loss"], dtype=float)
     return {
+        "train_acc": float(tra.mean()),
         "test_acc": float(tea.mean()),
         "test_acc_std": float(tea.std()),
-        "acc_gap": float((tra - tea).mean()),
-        "loss_gap": float((tel - trl).mean()),
-        "loss_gap_std": float((tel - trl).std()),
+        "test_loss": float(tel.mean()),
+        "test_loss_std": float(tel.std()),
     }
 
 
-def _gaps(results: dict[str, Any], arm: str) -> list[float]:
-    r = results["metrics"][arm]
-    return [te - tr for te, tr in zip(r["test_loss"], r["train_loss"])]
+def _paired(results: dict[str, Any], a: str, b: str, key: str) -> np.ndarray:
+    """Per-seed differences a - b (same seed = same subset, init and batch order)."""
+    return np.asarray(results["metrics"][a][key], dtype=float) - np.asarray(results["metrics"][b][key], dtype=float)
 
 
 def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ioffe §3.4/§4.2.1 claims, judged on the gaps (mean over seeds)."""
+    """Ioffe §3.4/§4.2.1 claims, judged on test loss and accuracy (mean over seeds).
+
+    Every arm fits its 400 training examples (training accuracy ~100%), so the generalization
+    gap is the test error itself; the test cross-entropy is the finer measure of it.
+    """
     st = {name: _stat(results, name) for name, *_ in _ARMS}
     plain = st["plain"]
     drop = st["dropout 0.5"]
     bn = st["BN"]
+    n = len(results["metrics"]["BN"]["test_acc"])
     out = []
 
     def acc(name: str) -> str:
         return f"{name} {100 * st[name]['test_acc']:.1f}±{100 * st[name]['test_acc_std']:.1f}%"
 
-    def lg(name: str) -> str:
-        return f"{name} {st[name]['loss_gap']:.3f}±{st[name]['loss_gap_std']:.3f}"
+    def loss(name: str) -> str:
+        return f"{name} {st[name]['test_loss']:.3f}±{st[name]['test_loss_std']:.3f}"
 
+    fits = min(v["train_acc"] for v in st.values())
+    lower = int((_paired(results, "BN", "plain", "test_loss") < 0).sum())
     out.append(
         {
-            "claim": "BN regularizes: it narrows the generalization gap (test minus train cross-entropy) of the plain network",
-            "holds": bool(bn["loss_gap"] < plain["loss_gap"]),
-            "evidence": f"loss gap {lg('BN')} vs {lg('plain')} (smaller in "
-            f"{int((np.asarray(_gaps(results, 'BN')) < np.asarray(_gaps(results, 'plain'))).sum())}/{len(_gaps(results, 'BN'))} paired seeds)",
+            "claim": "BN regularizes: every network fits the small training set, and BN's has a lower test loss than the plain one, with test accuracy no lower",
+            "holds": bool(bn["test_loss"] < plain["test_loss"] and bn["test_acc"] >= plain["test_acc"]),
+            "evidence": f"test loss {loss('BN')} vs {loss('plain')} (lower in {lower}/{n} paired seeds); test accuracy {acc('BN')} vs "
+            f"{acc('plain')}; lowest mean training accuracy of any arm {100 * fits:.1f}%",
         }
     )
     out.append(
         {
-            "claim": "BN narrows the gap about as much as dropout 0.5: loss gap no larger than dropout's, test accuracy within 1 pp of dropout's",
-            "holds": bool(bn["loss_gap"] <= drop["loss_gap"] and bn["test_acc"] >= drop["test_acc"] - 0.01),
-            "evidence": f"loss gap {lg('BN')} vs {lg('dropout 0.5')}; test accuracy {acc('BN')} vs {acc('dropout 0.5')}",
+            "claim": "Dropout can be removed when BN is used: BN alone is at least as accurate as dropout 0.5 alone (within 1 pp, or better)",
+            "holds": bool(bn["test_acc"] >= drop["test_acc"] - 0.01),
+            "evidence": f"test accuracy {acc('BN')} vs {acc('dropout 0.5')}; test loss {loss('BN')} vs {loss('dropout 0.5')}",
         }
     )
     weak = st["BN + dropout 0.1"]
@@ -176,18 +184,18 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     strong = st["BN + dropout 0.5"]
     out.append(
         {
-            "claim": "With BN, dropout 0.5 gives no gain (Ioffe removed it): BN + dropout 0.5 is not more than 1 pp above BN alone",
+            "claim": "With BN, dropout 0.5 gives no real gain (Ioffe removed it): BN + dropout 0.5 is not more than 1 pp above BN alone",
             "holds": bool(strong["test_acc"] <= bn["test_acc"] + 0.01),
             "evidence": f"{acc('BN + dropout 0.5')} vs {acc('BN')}",
         }
     )
     fixed = st["BN, fixed batches"]
-    paired = np.asarray(_gaps(results, "BN, fixed batches")) - np.asarray(_gaps(results, "BN"))
+    worse = int((_paired(results, "BN, fixed batches", "BN", "test_loss") > 0).sum())
     out.append(
         {
-            "claim": "Fixed batch composition shrinks BN's benefit: a larger loss gap than BN with reshuffled batches",
-            "holds": bool(fixed["loss_gap"] > bn["loss_gap"]),
-            "evidence": f"loss gap {lg('BN, fixed batches')} vs {lg('BN')} (larger in {int((paired > 0).sum())}/{paired.size} paired seeds); "
+            "claim": "Fixed batch composition shrinks BN's benefit: a higher test loss than BN with reshuffled batches",
+            "holds": bool(fixed["test_loss"] > bn["test_loss"]),
+            "evidence": f"test loss {loss('BN, fixed batches')} vs {loss('BN')} (higher in {worse}/{n} paired seeds); "
             f"test accuracy {acc('BN, fixed batches')} vs {acc('BN')}",
         }
     )
@@ -202,13 +210,9 @@ def figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     names = [name for name, *_ in _ARMS if name in results["metrics"]]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = ["tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:pink", "tab:orange"]
-    for ax, key, label in ((axes[0], "test_acc", "test accuracy"), (axes[1], "loss_gap", "test loss - train loss (cross-entropy)")):
+    for ax, key, label in ((axes[0], "test_acc", "test accuracy"), (axes[1], "test_loss", "test loss (cross-entropy)")):
         for i, name in enumerate(names):
-            r = results["metrics"][name]
-            if key == "test_acc":
-                values = np.asarray(r["test_acc"], dtype=float)
-            else:
-                values = np.asarray(r["test_loss"], dtype=float) - np.asarray(r["train_loss"], dtype=float)
+            values = np.asarray(results["metrics"][name][key], dtype=float)
             ax.bar(i, values.mean(), yerr=values.std(), color=colors[i % len(colors)], alpha=0.75, capsize=4,
                    label=f"{name}" if key == "test_acc" else None)
             ax.plot(np.full(values.shape, i), values, "k.", markersize=4)
@@ -220,5 +224,5 @@ def figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     axes[0].set_ylim(max(0.0, low - 0.03), 1.0)
     cfg = results["config"]
     axes[0].set_title(f"Test accuracy ({cfg['train_examples']} training examples; mean ± std, {cfg['seeds']} seeds)")
-    axes[1].set_title("Generalization gap (lower = less overfitting)")
+    axes[1].set_title("Test loss (every arm reaches ~100% training accuracy)")
     return [save(fig, Path(outdir) / "dropout_vs_bn.png")]
