@@ -236,7 +236,7 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             "claim": "With fixed statistics a prediction does not depend on its batch-mates: each test example alone gives the same logits as inside the full batch",
             "holds": bool(m["single_example_max_logit_delta"] < 1e-4),
             "evidence": f"max |logit difference| {m['single_example_max_logit_delta']:.1e}; with batch statistics a single example is refused: "
-            f"{m['single_example_batch_statistics_error'][:120] or '(not refused)'}",
+            f"{m['single_example_batch_statistics_error'].split(' (')[0] or '(not refused)'}",
         }
     )
     noise = m["first_layer_noise"]
