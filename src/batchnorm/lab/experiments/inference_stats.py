@@ -271,6 +271,7 @@ def figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ):
         axes[0].axhline(m["test_acc"][key], color=color, linestyle=ls, label=label)
     axes[0].set_xscale("log", base=2)
+    axes[0].set_xticks(sizes, [str(k) for k in sizes])
     axes[0].set_xlabel("test batch size B (batch statistics)")
     axes[0].set_ylabel("test accuracy")
     axes[0].set_title("Which statistics normalize a test example")
@@ -282,6 +283,7 @@ def figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     axes[1].plot(noise["m"], noise["mean_scatter_theory"], ":", color="black", label="theory sqrt((N-m)/(m(N-1)))")
     axes[1].plot(noise["m"], noise["var_rel_scatter"], "s-", color="tab:orange", label="batch variance: std of sigma_B^2/sigma^2")
     axes[1].set_xscale("log", base=2)
+    axes[1].set_xticks(noise["m"], [str(k) for k in noise["m"]])
     axes[1].set_yscale("log")
     axes[1].set_xlabel("batch size m")
     axes[1].set_ylabel("scatter, in population units")
