@@ -51,6 +51,31 @@ def test_convert_single_module_and_inplace() -> None:
     assert same is model and type(model[1]) is batchnorm.BatchNorm2d
 
 
+class _SharedBN(nn.Module):
+    """One BatchNorm1d called twice, registered three times (twice in one parent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+        self.body = nn.Sequential(self.bn, nn.Tanh(), self.bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_convert_keeps_a_shared_batchnorm_shared() -> None:
+    model = _SharedBN().double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    ours = batchnorm.convert(model)
+    assert type(ours.bn) is batchnorm.BatchNorm1d
+    assert ours.body[0] is ours.bn and ours.body[2] is ours.bn
+    torch.testing.assert_close(ours(x), model(x), rtol=1e-12, atol=1e-12)  # two training steps
+    torch.testing.assert_close(ours.bn.running_var, model.bn.running_var, rtol=1e-12, atol=1e-12)
+    assert int(ours.bn.num_batches_tracked) == int(model.bn.num_batches_tracked) == 2
+    back = batchnorm.convert(ours, to="torch")
+    assert type(back.bn) is nn.BatchNorm1d and back.body[0] is back.bn and back.body[2] is back.bn
+
+
 def test_convert_leaves_subclasses_alone() -> None:
     class MyBN(nn.BatchNorm1d):
         pass
