@@ -378,6 +378,19 @@ def test_freeze_unfreeze_roundtrip() -> None:
     assert back[1].training  # the frozen layer's flag
 
 
+def test_freeze_unfreeze_keep_a_shared_batchnorm_shared() -> None:
+    bn = nn.BatchNorm1d(3)
+    model = randomize_bn(nn.Sequential(bn, nn.Tanh(), bn)).eval()
+    x = torch.randn(6, 3)
+    frozen = freeze(model)
+    assert type(frozen[0]).__name__ == "FrozenBatchNorm1d" and frozen[2] is frozen[0]
+    frozen.train()
+    with torch.no_grad():
+        assert_close(frozen(x), model(x), rtol=1e-6, atol=1e-6)
+    back = unfreeze(frozen)
+    assert type(back[0]) is nn.BatchNorm1d and back[2] is back[0]
+
+
 def test_update_bn_leaves_frozen_layers_alone() -> None:
     from torch.optim.swa_utils import update_bn
 

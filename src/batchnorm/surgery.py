@@ -21,6 +21,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _dataflow
+from .convert import replace_modules
 from ._fold import (
     bn_scale_shift,
     fold_bn_conv,
@@ -59,10 +60,7 @@ def _check_module(model: object, where: str) -> nn.Module:
 
 def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` wherever ``old`` is registered in ``root`` (every name it has)."""
-    for parent in list(root.modules()):
-        for name, child in list(parent.named_children()):
-            if child is old:
-                setattr(parent, name, new)
+    replace_modules(root, lambda m: new if m is old else None)
 
 
 # ----------------------------------------------------------------------------------- fold
@@ -279,13 +277,8 @@ def freeze(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     def eligible(m: nn.Module) -> bool:
         return isinstance(m, _BatchNorm) and _dataflow.is_plain_batchnorm(m) and m.running_mean is not None
 
-    if eligible(root):
-        return frozen(root)
-    for parent in list(root.modules()):
-        for name, child in list(parent.named_children()):
-            if eligible(child):
-                setattr(parent, name, frozen(child))
-    return root
+    # one frozen layer per batch-norm object: a shared batch norm stays shared
+    return replace_modules(root, lambda m: frozen(m) if eligible(m) else None)
 
 
 def _thawed(fb: FrozenBatchNormBase) -> nn.Module:
@@ -318,10 +311,4 @@ def unfreeze(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     _check_module(model, "unfreeze")
     root = model if inplace else copy.deepcopy(model)
-    if isinstance(root, FrozenBatchNormBase):
-        return _thawed(root)
-    for parent in list(root.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, FrozenBatchNormBase):
-                setattr(parent, name, _thawed(child))
-    return root
+    return replace_modules(root, lambda m: _thawed(m) if isinstance(m, FrozenBatchNormBase) else None)
