@@ -251,12 +251,16 @@ _FROZEN_FOR = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
 _OURS_FOR = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
 
 
+_DIMS_FOR_NDIMS = {(2, 3): 1, (4,): 2, (5,): 3}
+
+
 def _spatial_dims(bn: nn.Module) -> int | None:
     """1, 2 or 3 for a BN that accepts (N, C, L) / (N, C, H, W) / (N, C, D, H, W); None if unknown."""
     for d, classes in {1: (nn.BatchNorm1d, BatchNorm1d, FrozenBatchNorm1d), 2: (nn.BatchNorm2d, BatchNorm2d, FrozenBatchNorm2d), 3: (nn.BatchNorm3d, BatchNorm3d, FrozenBatchNorm3d)}.items():
         if isinstance(bn, classes):
             return d
-    return None
+    # our other layers (GhostBatchNorm2d ...) declare the input ranks they accept
+    return _DIMS_FOR_NDIMS.get(tuple(getattr(type(bn), "_ndims", ())))
 
 
 def freeze(model: nn.Module, *, inplace: bool = False) -> nn.Module:
