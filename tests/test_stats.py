@@ -309,6 +309,16 @@ def test_frozen_and_untracked_layers_are_reported_not_changed() -> None:
     assert torch.all(model[1].running_var == 1)
 
 
+def test_batch_renorm_is_reported_not_skipped_silently() -> None:
+    from batchnorm import BatchRenorm1d
+
+    model = nn.Sequential(nn.BatchNorm1d(3), BatchRenorm1d(3))
+    report = recompute_statistics(model, [torch.randn(8, 3) * 3])
+    assert [(r.name, r.updated) for r in report] == [("0", True), ("1", False)]
+    assert "running std" in report[1].note
+    assert torch.all(model[1].running_std == 1) and torch.all(model[1].running_mean == 0)
+
+
 def test_unused_layer_is_reported_and_warned() -> None:
     model = nn.ModuleDict({"used": nn.BatchNorm1d(2), "unused": nn.BatchNorm1d(2)})
     with pytest.warns(RuntimeWarning, match="unused"):

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _moments_cpu
+from .nn.renorm import BatchRenormBase
 
 __all__ = ["Moments", "all_reduce_moments", "LayerStatistics", "recompute_statistics", "is_recomputable"]
 
@@ -353,7 +354,7 @@ def recompute_statistics(
     others = [
         (name, m)
         for name, m in named
-        if (isinstance(m, _BatchNorm) or getattr(m, "frozen", False)) and not is_recomputable(m)
+        if (isinstance(m, (_BatchNorm, BatchRenormBase)) or getattr(m, "frozen", False)) and not is_recomputable(m)
     ]
     originals = {name: (m.running_mean.detach().clone(), m.running_var.detach().clone()) for name, m in layers}
     flags = [(m, m.training) for _, m in named]
@@ -428,7 +429,12 @@ def recompute_statistics(
     skipped = {name: m for name, m in others}
     for name, m in named:
         if name in skipped:
-            why = "frozen" if getattr(m, "frozen", False) else "no running statistics of mean/variance"
+            if getattr(m, "frozen", False):
+                why = "frozen"
+            elif isinstance(m, BatchRenormBase):
+                why = "batch renorm keeps a running std, not a variance"
+            else:
+                why = "no running statistics of mean/variance"
             report.append(LayerStatistics(name, type(m).__name__, 0, False, 0.0, 0.0, why))
         elif name in final:
             mo = final[name]
