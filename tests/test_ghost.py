@@ -155,6 +155,13 @@ def test_bad_arguments_raise():
         GhostBatchNorm1d(3, 4)(torch.randn(1, 3))
     with pytest.raises(ValueError, match="4D"):
         GhostBatchNorm2d(3, 4)(torch.randn(4, 3))
+    # ghost batches of one value per channel: refused, not a silent constant output
+    with pytest.raises(ValueError, match=r"each ghost batch.*virtual_batch_size=1.*\(4, 3\)"):
+        GhostBatchNorm1d(3, 1)(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="each ghost batch"):
+        ghost_batch_norm(torch.randn(4, 3), 1)
+    y = GhostBatchNorm1d(3, 1)(torch.randn(4, 3, 2))  # one sample of 2 values: fine
+    torch.testing.assert_close(y.abs(), torch.ones_like(y), rtol=0, atol=1e-3)
 
 
 def test_one_vectorized_pass_op_count_does_not_grow_with_ghost_batches():
