@@ -292,6 +292,10 @@ def test_untraceable_model_lists_every_bn() -> None:
     result = fold(model)
     assert result.folded == []
     assert [name for name, _ in result.skipped] == ["bn"] and "torch.fx could not trace" in result.skipped[0][1]
+    assert find_redundant_biases(model) == []
+    with pytest.raises(ValueError, match="strip_redundant_bias: expected a model torch.fx can trace"):
+        strip_redundant_bias(model)  # was a raw torch.fx TraceError
+    assert model.lin.bias is not None
 
 
 def test_training_mode_raises_and_unused_bn_listed() -> None:

@@ -229,10 +229,20 @@ def strip_redundant_bias(model: nn.Module, *, inplace: bool = False) -> nn.Modul
     because BN subtracts the batch mean, which contains b. A batch norm without running
     statistics needs no adjustment. Returns a new model unless ``inplace=True``.
     Note: an optimizer built on the old model's parameters must be rebuilt.
+
+    Raises:
+        ValueError: torch.fx cannot trace the model (nothing is changed).
     """
     _check_module(model, "strip_redundant_bias")
     root = model if inplace else copy.deepcopy(model)
-    flow = _dataflow.trace(root)
+    try:
+        flow = _dataflow.trace(root)
+    except Exception as err:  # fx raises many types on dynamic control flow
+        msg = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(
+            "strip_redundant_bias: expected a model torch.fx can trace (to see which layer feeds which "
+            f"batch norm), but tracing failed ({type(err).__name__}: {msg}); nothing was changed"
+        ) from err
     for _, layer_name, bn_name in _bias_pairs(flow):
         layer = root.get_submodule(layer_name)
         bn = root.get_submodule(bn_name)
