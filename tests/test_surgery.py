@@ -432,6 +432,20 @@ def test_freeze_unfreeze_keep_a_shared_batchnorm_shared() -> None:
     assert type(back[0]) is nn.BatchNorm1d and back[2] is back[0]
 
 
+def test_unfreeze_does_not_add_a_bias_to_a_bias_free_layer() -> None:
+    model = nn.Sequential(BatchNorm2d(3, bias=False)).eval()
+    with torch.no_grad():
+        model[0].running_mean.normal_()
+        model[0].weight.normal_()
+    back = unfreeze(freeze(model))
+    assert type(back[0]) is BatchNorm2d and back[0].bias is None
+    assert list(back.state_dict()) == list(model.state_dict())
+    back.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        assert_close(back.eval()(x), model(x), rtol=1e-6, atol=1e-6)
+
+
 def test_freeze_ghost_batchnorm_keeps_its_rank() -> None:
     from batchnorm import FrozenBatchNorm1d, GhostBatchNorm1d
 

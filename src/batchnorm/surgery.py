@@ -304,6 +304,8 @@ def _thawed(fb: FrozenBatchNormBase) -> nn.Module:
         new = cls(fb.num_features, eps=fb.eps, momentum=momentum, affine=affine)
     except TypeError:  # a subclass with its own constructor: fall back to ours
         new = _OURS_FOR.get(_spatial_dims(fb) or 0, BatchNorm2d)(fb.num_features, eps=fb.eps, momentum=momentum, affine=affine)
+    if affine and getattr(fb, "_unfreeze_without_bias", False):
+        new.register_parameter("bias", None)
     new = new.to(device=rm.device, dtype=rm.dtype)
     with torch.no_grad():
         new.running_mean.copy_(rm)
@@ -311,7 +313,8 @@ def _thawed(fb: FrozenBatchNormBase) -> nn.Module:
         new.num_batches_tracked.copy_(fb.num_batches_tracked)
         if affine:
             new.weight.copy_(fb.weight)
-            new.bias.copy_(fb.bias)
+            if new.bias is not None:
+                new.bias.copy_(fb.bias)
     new.train(fb.training)
     return new
 

@@ -101,7 +101,10 @@ class FrozenBatchNormBase(nn.Module):
             if isinstance(nbt, Tensor):
                 new.num_batches_tracked.copy_(nbt)
         # remembered so that unfreeze() can give back the same kind of layer
-        new._unfreeze_as = (type(bn), bool(getattr(bn, "affine", True)), getattr(bn, "momentum", 0.1))
+        affine = bool(getattr(bn, "affine", True))
+        new._unfreeze_as = (type(bn), affine, getattr(bn, "momentum", 0.1))
+        # BatchNorm*d(bias=False): unfreeze must not add a bias the original did not have
+        new._unfreeze_without_bias = affine and getattr(bn, "bias", None) is None
         return new
 
     def extra_repr(self) -> str:
