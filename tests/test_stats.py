@@ -95,6 +95,12 @@ def test_moments_errors() -> None:
         Moments.from_tensor(torch.arange(5), 0)
     with pytest.raises(ValueError, match="same shape"):
         Moments.empty(3).merge(Moments.empty(4))
+    # out-of-range dims used to wrap around silently (5 -> 1: reduced over the channels)
+    x = torch.randn(2, 3, 4, 4)
+    for dims in (5, [0, 4, 2, 3], -5, []):
+        with pytest.raises(ValueError, match=r"expected dims in \[-4, 3\].*\(2, 3, 4, 4\)"):
+            Moments.from_tensor(x, dims)
+    assert Moments.from_tensor(x, [-4, -2, -1]).mean.shape == (3,)
 
 
 def test_vector_roundtrip_and_no_process_group() -> None:

@@ -92,7 +92,14 @@ class Moments:
         if not isinstance(x, Tensor) or not x.is_floating_point():
             got = x.dtype if isinstance(x, Tensor) else type(x).__name__
             raise TypeError(f"Moments.from_tensor: expected a floating-point tensor, got {got}")
-        rdims = sorted({d % x.dim() for d in ((dims,) if isinstance(dims, int) else dims)})
+        given = (dims,) if isinstance(dims, int) else tuple(dims)
+        bad = [d for d in given if isinstance(d, bool) or not isinstance(d, int) or not -x.dim() <= d < x.dim()]
+        if bad or not given:
+            raise ValueError(
+                f"Moments.from_tensor: expected dims in [-{x.dim()}, {x.dim() - 1}] for an input of shape "
+                f"{tuple(x.shape)}, got {dims!r}"
+            )
+        rdims = sorted({d % x.dim() for d in given})
         keep = [s for d, s in enumerate(x.shape) if d not in rdims]
         n = math.prod(x.shape[d] for d in rdims)
         if n == 0:
