@@ -100,6 +100,13 @@ def test_keras_conversion_says_so() -> None:
     assert bn.momentum == pytest.approx(0.01)
     assert batchnorm.to_keras_momentum(0.1) == pytest.approx(0.9)
     assert batchnorm.from_keras_momentum(batchnorm.to_keras_momentum(0.3)) == pytest.approx(0.3)
+    # a bad Keras momentum is named as such (it used to say "PyTorch convention" and suggest
+    # calling from_keras_momentum, the very function that refused it)
+    with pytest.raises(ValueError, match=r"Keras/Flax momentum in \[0, 1\].*OLD.*got 99") as err:
+        batchnorm.from_keras(momentum=99)
+    assert "PyTorch" not in str(err.value)
+    with pytest.raises(TypeError, match="from_keras_momentum: expected a Keras/Flax momentum"):
+        batchnorm.from_keras_momentum(None)  # type: ignore[arg-type]
 
 
 def test_keras_momentum_matches_keras_update_rule() -> None:
