@@ -391,6 +391,11 @@ def test_argument_errors() -> None:
         recompute_statistics(m, [], max_samples=0)
     with pytest.raises(ValueError, match="passes"):
         recompute_statistics(m, [], passes=0)
+    # a bare tensor would be iterated row by row: 1-D rows the layer rejects (or, for 3-D data,
+    # batches of one sample each); refused with what was expected
+    for bad in (5, torch.randn(8, 2)):
+        with pytest.raises(TypeError, match="expected data to be an iterable of batches"):
+            recompute_statistics(m, bad)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------- distributed

@@ -352,6 +352,11 @@ def recompute_statistics(
         raise ValueError(f"recompute_statistics: expected passes to be an int >= 1, got {passes!r}")
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
         raise ValueError(f"recompute_statistics: expected max_samples to be a positive int or None, got {max_samples!r}")
+    if not isinstance(data, Iterable) or isinstance(data, (Tensor, Mapping)):
+        raise TypeError(
+            "recompute_statistics: expected data to be an iterable of batches (a DataLoader, a list "
+            f"of tensors, ...), got {type(data).__name__}; for a single tensor pass [x] or x.split(batch_size)"
+        )
     if passes > 1 and isinstance(data, Iterator):
         raise ValueError("recompute_statistics: passes > 1 needs re-iterable data (a list or DataLoader), got an iterator")
     run = forward if forward is not None else _default_forward
