@@ -122,6 +122,17 @@ def test_low_precision_inputs_match_torch(dtype: torch.dtype) -> None:
     np.testing.assert_allclose(rm_a.numpy(), 0.1 * mu_ref, rtol=1e-5, atol=1e-7)
 
 
+def test_bias_gradient_keeps_the_bias_dtype_without_weight() -> None:
+    """weight=None, float32 bias, float16 input: dbias = sum g is returned in the bias's dtype.
+
+    It used to be cast to the input's float16, where the sum of 131072 ones overflows to inf.
+    """
+    x = torch.randn(32, 2, 64, 64).half()
+    b = torch.zeros(2, requires_grad=True)
+    batch_norm(x, None, None, None, b, training=True).float().sum().backward()
+    torch.testing.assert_close(b.grad, torch.full((2,), 32.0 * 64 * 64), rtol=0, atol=0)
+
+
 def test_large_mean_small_spread_does_not_cancel() -> None:
     """mean 1e4, std 1e-2 in float32: the variance must match float64 statistics of the same values."""
     x = (1e4 + 1e-2 * torch.randn(64, 3, 8, 8)).float()

@@ -69,3 +69,10 @@ def test_sync_path_matches_float64_batchnorm(one_rank_group):
     dims = (0, 2, 3)
     torch.testing.assert_close(rm, 0.25 * x64.detach().mean(dims), rtol=0, atol=1e-12)
     torch.testing.assert_close(rv, 0.75 + 0.25 * x64.detach().var(dims, unbiased=True), rtol=0, atol=1e-12)
+
+
+def test_sync_bias_gradient_keeps_the_bias_dtype_without_weight(one_rank_group):
+    x = torch.randn(32, 2, 64, 64).half()
+    b = torch.zeros(2, requires_grad=True)
+    batchnorm.sync_batch_norm(x.requires_grad_(), None, None, None, b).float().sum().backward()
+    torch.testing.assert_close(b.grad, torch.full((2,), 32.0 * 64 * 64), rtol=0, atol=0)

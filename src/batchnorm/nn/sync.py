@@ -105,7 +105,7 @@ class _SyncNormalize(torch.autograd.Function):
         ctx.total = total
         ctx.group = group
         ctx.where = where
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return torch_ops.normalize(x, mean, invstd, weight, bias)
 
     @staticmethod
@@ -138,7 +138,7 @@ class _SyncNormalize(torch.autograd.Function):
             )
             dx = dx.to(x.dtype)
         dw = sum_gx.to(weight.dtype) if (need_w and weight is not None) else None
-        db = sum_g.to(weight.dtype if weight is not None else x.dtype) if (need_b and ctx.has_bias) else None
+        db = sum_g.to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None
         return dx, dw, db, None, None, None, None, None
 
 
