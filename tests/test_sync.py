@@ -338,3 +338,10 @@ def test_ddp_example_under_torchrun_matches_single_process():
     d_sync = float(re.search(r"SyncBatchNorm vs single process: (\S+)", proc.stdout).group(1))
     d_local = float(re.search(r"per-rank BatchNorm vs single process: (\S+)", proc.stdout).group(1))
     assert d_sync <= 1e-4 and d_local > 100 * d_sync  # the comparison can tell sync from no sync
+
+
+def test_convert_sync_batchnorm_keeps_a_shared_layer_shared() -> None:
+    bn = torch.nn.BatchNorm1d(3)
+    converted = batchnorm.convert_sync_batchnorm(torch.nn.Sequential(bn, torch.nn.ReLU(), bn))
+    assert isinstance(converted[0], batchnorm.SyncBatchNorm)
+    assert converted[0] is converted[2]
