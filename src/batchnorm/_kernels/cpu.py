@@ -112,6 +112,8 @@ def _build_helpers() -> None:
         g[name] = _jit(g["_py" + name], fastmath=_FASTMATH)
     g["_chan_merge"] = _jit(_py_chan_merge)
     g["_bwd_params"] = _jit(_py_bwd_params)
+    g["_affine_seg"] = _jit(_py_affine_seg)
+    g["_dx_seg"] = _jit(_py_dx_seg)
     _compiled["_helpers"] = True
 
 
@@ -121,25 +123,28 @@ def _build_helpers() -> None:
 
 def _py_seg_mean_m2(x, off, n):  # pragma: no cover - runs compiled
     """Two-pass mean and M2 = sum (x - mean)^2 of x[off:off+n], accumulated in float64."""
+    seg = x[off : off + n]
     s = 0.0
-    for i in range(off, off + n):
-        s += x[i]
+    for i in range(n):
+        s += seg[i]
     mean = s / n
     q = 0.0
-    for i in range(off, off + n):
-        d = x[i] - mean
+    for i in range(n):
+        d = seg[i] - mean
         q += d * d
     return mean, q
 
 
 def _py_seg_bsums(g, x, off, n, shift):  # pragma: no cover - runs compiled
     """sum g, sum g * (x - shift), sum (x - shift) over [off, off+n), in float64."""
+    gs = g[off : off + n]
+    xs = x[off : off + n]
     sg = 0.0
     sgd = 0.0
     sd = 0.0
-    for i in range(off, off + n):
-        gi = np.float64(g[i])
-        d = x[i] - shift
+    for i in range(n):
+        gi = np.float64(gs[i])
+        d = xs[i] - shift
         sg += gi
         sgd += gi * d
         sd += d
@@ -157,7 +162,21 @@ def _py_chan_merge(cnt_a, mean_a, m2_a, cnt_b, mean_b, m2_b):  # pragma: no cove
     return tot, mean, m2
 
 
+def _py_affine_seg(xs, ys, hi, lo, sc, sh):  # pragma: no cover - runs compiled
+    """ys = ((xs - hi) - lo) * sc + sh elementwise (1D views of equal length)."""
+    for i in range(xs.size):
+        ys[i] = ((xs[i] - hi) - lo) * sc + sh
+
+
+def _py_dx_seg(gs, xs, dxs, hi, lo, k1, k2, k3):  # pragma: no cover - runs compiled
+    """dxs = k1 * gs + k2 * ((xs - hi) - lo) + k3 elementwise (1D views of equal length)."""
+    for i in range(xs.size):
+        dxs[i] = k1 * gs[i] + k2 * ((xs[i] - hi) - lo) + k3
+
+
 _seg_mean_m2: Any = _py_seg_mean_m2
+_affine_seg: Any = _py_affine_seg
+_dx_seg: Any = _py_dx_seg
 _seg_bsums: Any = _py_seg_bsums
 _chan_merge: Any = _py_chan_merge
 
@@ -198,8 +217,7 @@ def _py_fwd_ncs_fused(x, n_b, n_c, n_s, w, b, eps, y, stats, p):  # pragma: no c
         sh = p[3, c]
         for n in range(n_b):
             base = (n * n_c + c) * n_s
-            for i in range(base, base + n_s):
-                y[i] = ((x[i] - hi) - lo) * sc + sh
+            _affine_seg(x[base : base + n_s], y[base : base + n_s], hi, lo, sc, sh)
 
 
 def _py_stats_ncs_units(x, n_b, n_c, n_s, nseg, stats):  # pragma: no cover
@@ -244,12 +262,7 @@ def _py_affine_ncs_units(x, n_b, n_c, n_s, nseg, p, y):  # pragma: no cover
         c = row % n_c
         i0 = row * n_s + (u % nseg) * seg
         i1 = min(row * n_s + n_s, i0 + seg)
-        hi = p[0, c]
-        lo = p[1, c]
-        sc = p[2, c]
-        sh = p[3, c]
-        for i in range(i0, i1):
-            y[i] = ((x[i] - hi) - lo) * sc + sh
+        _affine_seg(x[i0:i1], y[i0:i1], p[0, c], p[1, c], p[2, c], p[3, c])
 
 
 def _py_bwd_ncs_fused(g, x, n_b, n_c, n_s, mean_in, invstd, w, dx, sums, p):  # pragma: no cover
@@ -278,8 +291,7 @@ def _py_bwd_ncs_fused(g, x, n_b, n_c, n_s, mean_in, invstd, w, dx, sums, p):  # 
         k3 = p[4, c]
         for n in range(n_b):
             base = (n * n_c + c) * n_s
-            for i in range(base, base + n_s):
-                dx[i] = k1 * g[i] + k2 * ((x[i] - hi) - lo) + k3
+            _dx_seg(g[base : base + n_s], x[base : base + n_s], dx[base : base + n_s], hi, lo, k1, k2, k3)
 
 
 def _py_bwd_params(c, shift, sg, sgd, sd, m, inv, wc, sums, p):  # pragma: no cover
@@ -326,13 +338,7 @@ def _py_dx_ncs_units(g, x, n_b, n_c, n_s, nseg, p, dx):  # pragma: no cover
         c = row % n_c
         i0 = row * n_s + (u % nseg) * seg
         i1 = min(row * n_s + n_s, i0 + seg)
-        hi = p[0, c]
-        lo = p[1, c]
-        k1 = p[2, c]
-        k2 = p[3, c]
-        k3 = p[4, c]
-        for i in range(i0, i1):
-            dx[i] = k1 * g[i] + k2 * ((x[i] - hi) - lo) + k3
+        _dx_seg(g[i0:i1], x[i0:i1], dx[i0:i1], p[0, c], p[1, c], p[2, c], p[3, c], p[4, c])
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,16 +369,16 @@ def _py_stats_mc(x, n_m, n_c, n_blk, stats):  # pragma: no cover
             k = float(s1 - s0)
             sm[:] = 0.0
             for r in range(s0, s1):
-                base = r * n_c
+                xr = x[r * n_c : (r + 1) * n_c]
                 for c in range(n_c):
-                    sm[c] += x[base + c]
+                    sm[c] += xr[c]
             for c in range(n_c):
                 sm[c] /= k
             sq[:] = 0.0
             for r in range(s0, s1):
-                base = r * n_c
+                xr = x[r * n_c : (r + 1) * n_c]
                 for c in range(n_c):
-                    d = x[base + c] - sm[c]
+                    d = xr[c] - sm[c]
                     sq[c] += d * d
             tot = cnt + k
             f = k / tot
@@ -404,9 +410,10 @@ def _py_affine_mc(x, n_m, n_c, n_blk, p, y):  # pragma: no cover
         r0 = blk * rows
         r1 = min(n_m, r0 + rows)
         for r in range(r0, r1):
-            base = r * n_c
+            xr = x[r * n_c : (r + 1) * n_c]
+            yr = y[r * n_c : (r + 1) * n_c]
             for c in range(n_c):
-                y[base + c] = ((x[base + c] - hi[c]) - lo[c]) * sc[c] + sh[c]
+                yr[c] = ((xr[c] - hi[c]) - lo[c]) * sc[c] + sh[c]
 
 
 def _py_bsums_mc(g, x, n_m, n_c, n_blk, mean_in, out):  # pragma: no cover
@@ -420,10 +427,11 @@ def _py_bsums_mc(g, x, n_m, n_c, n_blk, mean_in, out):  # pragma: no cover
         bb = part[blk, 1]
         cc = part[blk, 2]
         for r in range(r0, r1):
-            base = r * n_c
+            xr = x[r * n_c : (r + 1) * n_c]
+            gr = g[r * n_c : (r + 1) * n_c]
             for c in range(n_c):
-                gi = np.float64(g[base + c])
-                d = x[base + c] - mean_in[c]
+                gi = np.float64(gr[c])
+                d = xr[c] - mean_in[c]
                 a[c] += gi
                 bb[c] += gi * d
                 cc[c] += d
@@ -447,9 +455,11 @@ def _py_dx_mc(g, x, n_m, n_c, n_blk, p, dx):  # pragma: no cover
         r0 = blk * rows
         r1 = min(n_m, r0 + rows)
         for r in range(r0, r1):
-            base = r * n_c
+            xr = x[r * n_c : (r + 1) * n_c]
+            gr = g[r * n_c : (r + 1) * n_c]
+            dr = dx[r * n_c : (r + 1) * n_c]
             for c in range(n_c):
-                dx[base + c] = k1[c] * g[base + c] + k2[c] * ((x[base + c] - hi[c]) - lo[c]) + k3[c]
+                dr[c] = k1[c] * gr[c] + k2[c] * ((xr[c] - hi[c]) - lo[c]) + k3[c]
 
 
 # --------------------------------------------------------------------------------------------
