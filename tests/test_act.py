@@ -38,7 +38,7 @@ def reference(x, w, b, activation, slope, alpha, eps=1e-5):
 @pytest.mark.parametrize(("activation", "slope", "alpha"), ACTS)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_gradcheck_float64(backend, activation, slope, alpha, fmt):
-    x = torch.randn(3, 4, 3, 3, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    x = torch.randn(2, 4, 2, 3, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
     w = torch.tensor([0.7, -1.3, 2.0, 0.4], dtype=torch.float64, requires_grad=True)
     b = torch.tensor([0.1, -0.2, 0.3, 0.0], dtype=torch.float64, requires_grad=True)
 

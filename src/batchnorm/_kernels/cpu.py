@@ -19,24 +19,31 @@ Memory layouts. A supported input is seen, without copying, as one of two flat l
 - ``"mc"``: (M, C) rows with C innermost, M = N * prod(spatial): 2D input, channels_last,
   channels_last_3d, or any input whose ``movedim(1, -1)`` is contiguous.
 
-Outputs are preallocated with torch in the input's dtype and memory format, and the kernels
-write into their numpy views (``Tensor.numpy()`` shares memory).
+Outputs are preallocated with torch in the input's dtype and memory format (large ones on
+transparent huge pages, see :func:`_empty_like`), and the kernels write into their numpy views
+(``Tensor.numpy()`` shares memory).
 
-Parallelism (``numba.prange``, ``numba.get_num_threads()`` threads):
+Passes: training forward = one statistics pass + one normalize pass; backward = one pass for
+both sums (sum g, sum g * (x - mean)) + one pass for dx; eval = one pass.
 
-- ncs with enough channels: one task per channel. The channel's statistics and its normalization
-  (or, in backward, its two sums and dx) run back to back, so the second pass reads the
-  channel from cache (a (64, 64, 56, 56) float32 channel is 0.8 MB, well inside L2);
-- ncs with few channels (C not a multiple of the thread count and < 4 threads): tasks are
-  pieces of rows, statistics are merged per channel afterwards (within-channel parallelism);
-- mc: tasks are blocks of rows, each accumulating per-channel vectors; blocks are merged.
+Parallelism (``numba.prange`` over work units, ``numba.get_num_threads()`` threads):
+
+- "ncs" with S >= _SMALL_S: reductions run over units of ~_SEG values of one channel (a group
+  of rows, or a piece of one long row), merged per channel afterwards, so channels are split
+  across threads when C is small (within-channel parallelism); elementwise passes run over
+  (row, piece) units;
+- "rows" (mc, and ncs with short rows S < _SMALL_S viewed as (N, C*S)): one task per block of
+  rows, inner loops over contiguous columns (vectorized) into per-block partial vectors,
+  reduced over blocks and, for ncs, over the S columns of each channel.
 
 Numerical policy:
 
-- statistics are accumulated in float64 for every input dtype. Each contiguous run (at most
-  ``_SEG`` values, so it stays in L1) gets an exact two-pass mean and M2; runs and blocks are
-  merged with Chan's formula (count, mean, M2). M2 is a sum of squares, so var >= 0, and
-  nothing cancels for mean 1e4, std 1e-2 in float32;
+- statistics end in float64 for every input dtype. ncs units get an exact two-pass mean and
+  M2 (the unit is L1-resident), merged with Chan's formula (count, mean, M2): M2 is a sum of
+  squares, var >= 0. Row kernels use *shifted* sums d = x - x[first row] per column: the
+  shift is a sample of the column, so d is of the order of the spread and mean 1e4, std 1e-2
+  loses nothing (x - shift is exact in float32 there); up to _ROWS rows are summed in the input
+  dtype before each float64 flush; var is clamped at >= 0;
 - normalization subtracts the float64 mean as a hi + lo pair in the input dtype,
   ``((x - mu_hi) - mu_lo) * scale + shift``: for x near mu_hi the first difference is exact, so
   y keeps its precision where ``x * scale + shift`` would lose it (1e4 * 100 in float32);
@@ -70,6 +77,15 @@ __all__ = ["supports", "train_forward", "eval_forward", "backward", "layout_of"]
 
 _SEG = 4096
 """Longest contiguous run handled with one two-pass (mean, M2): 16 KB of float32, L1-resident."""
+
+_TILE = 512
+"""Channels per tile in the mc reductions: 2-3 float64 accumulator vectors stay in L1."""
+
+_SMALL_S = 64
+"""ncs inputs with fewer spatial positions per row than this run on the row kernels."""
+
+_ROWS = 16
+"""Rows summed in the input dtype before the float64 flush in the mc statistics."""
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _NATIVE = (torch.float32, torch.float64)
@@ -108,41 +124,41 @@ def _kernel(name: str) -> Any:
 def _build_helpers() -> None:
     """Replace the scalar helpers by their jitted versions (the kernels call them as globals)."""
     g = globals()
-    for name in ("_seg_mean_m2", "_seg_bsums"):
+    for name in ("_sum", "_sq_dev", "_seg_bsums"):
         g[name] = _jit(g["_py" + name], fastmath=_FASTMATH)
-    g["_chan_merge"] = _jit(_py_chan_merge)
-    g["_bwd_params"] = _jit(_py_bwd_params)
-    g["_affine_seg"] = _jit(_py_affine_seg)
-    g["_dx_seg"] = _jit(_py_dx_seg)
+    for name in ("_chan_merge", "_unit_mean_m2", "_unit_bsums", "_affine_seg", "_dx_seg"):
+        g[name] = _jit(g["_py" + name])
     _compiled["_helpers"] = True
 
 
 # --------------------------------------------------------------------------------------------
-# Scalar helpers (jitted by _build_helpers).
+# Scalar helpers (jitted by _build_helpers). Loops run over 1D slices so that LLVM vectorizes
+# them; the reductions are compiled with reassociation (fastmath 'reassoc') for the same reason.
 
 
-def _py_seg_mean_m2(x, off, n):  # pragma: no cover - runs compiled
-    """Two-pass mean and M2 = sum (x - mean)^2 of x[off:off+n], accumulated in float64."""
-    seg = x[off : off + n]
+def _py_sum(seg):  # pragma: no cover - runs compiled
+    """sum(seg) in float64."""
     s = 0.0
-    for i in range(n):
+    for i in range(seg.size):
         s += seg[i]
-    mean = s / n
+    return s
+
+
+def _py_sq_dev(seg, mean):  # pragma: no cover - runs compiled
+    """sum((seg - mean)^2) in float64."""
     q = 0.0
-    for i in range(n):
+    for i in range(seg.size):
         d = seg[i] - mean
         q += d * d
-    return mean, q
+    return q
 
 
-def _py_seg_bsums(g, x, off, n, shift):  # pragma: no cover - runs compiled
-    """sum g, sum g * (x - shift), sum (x - shift) over [off, off+n), in float64."""
-    gs = g[off : off + n]
-    xs = x[off : off + n]
+def _py_seg_bsums(gs, xs, shift):  # pragma: no cover - runs compiled
+    """sum g, sum g * (x - shift), sum (x - shift) over two equal 1D slices, in float64."""
     sg = 0.0
     sgd = 0.0
     sd = 0.0
-    for i in range(n):
+    for i in range(xs.size):
         gi = np.float64(gs[i])
         d = xs[i] - shift
         sg += gi
@@ -162,6 +178,37 @@ def _py_chan_merge(cnt_a, mean_a, m2_a, cnt_b, mean_b, m2_b):  # pragma: no cove
     return tot, mean, m2
 
 
+def _py_unit_mean_m2(x, c, n0, n1, i0, ln, n_c, n_s):  # pragma: no cover - runs compiled
+    """Exact two-pass (mean, M2) of channel c over rows [n0, n1), positions [i0, i0 + ln).
+
+    The unit holds at most ~_SEG values, so the second pass reads them from L1.
+    """
+    s = 0.0
+    for n in range(n0, n1):
+        off = (n * n_c + c) * n_s + i0
+        s += _sum(x[off : off + ln])
+    mean = s / ((n1 - n0) * ln)
+    q = 0.0
+    for n in range(n0, n1):
+        off = (n * n_c + c) * n_s + i0
+        q += _sq_dev(x[off : off + ln], mean)
+    return mean, q
+
+
+def _py_unit_bsums(g, x, c, n0, n1, i0, ln, n_c, n_s, shift):  # pragma: no cover - runs compiled
+    """Backward sums (sg, sgd, sd) of channel c over rows [n0, n1), positions [i0, i0 + ln)."""
+    sg = 0.0
+    sgd = 0.0
+    sd = 0.0
+    for n in range(n0, n1):
+        off = (n * n_c + c) * n_s + i0
+        a, b, d = _seg_bsums(g[off : off + ln], x[off : off + ln], shift)
+        sg += a
+        sgd += b
+        sd += d
+    return sg, sgd, sd
+
+
 def _py_affine_seg(xs, ys, hi, lo, sc, sh):  # pragma: no cover - runs compiled
     """ys = ((xs - hi) - lo) * sc + sh elementwise (1D views of equal length)."""
     for i in range(xs.size):
@@ -174,87 +221,88 @@ def _py_dx_seg(gs, xs, dxs, hi, lo, k1, k2, k3):  # pragma: no cover - runs comp
         dxs[i] = k1 * gs[i] + k2 * ((xs[i] - hi) - lo) + k3
 
 
-_seg_mean_m2: Any = _py_seg_mean_m2
-_affine_seg: Any = _py_affine_seg
-_dx_seg: Any = _py_dx_seg
+_sum: Any = _py_sum
+_sq_dev: Any = _py_sq_dev
 _seg_bsums: Any = _py_seg_bsums
 _chan_merge: Any = _py_chan_merge
+_unit_mean_m2: Any = _py_unit_mean_m2
+_unit_bsums: Any = _py_unit_bsums
+_affine_seg: Any = _py_affine_seg
+_dx_seg: Any = _py_dx_seg
 
 
 # --------------------------------------------------------------------------------------------
 # Kernels, layout "ncs": x flat of (N, C, S), element (n, c, s) at (n * C + c) * S + s.
+#
+# Reductions run over "units": channel c, a group of k rows, one of nseg pieces of the row
+# (units of one channel are consecutive: u = (c * groups + group) * nseg + piece).
+# Elementwise passes run over (row, piece) units.
 
 
-def _py_fwd_ncs_fused(x, n_b, n_c, n_s, w, b, eps, y, stats, p):  # pragma: no cover
-    """Per channel (one task each): statistics, then y = ((x - hi) - lo) * scale + shift.
+def _py_stats_ncs(x, n_b, n_c, n_s, k, nseg, stats):  # pragma: no cover
+    """Per-channel mean and biased variance; stats: (2, C) float64 out.
 
-    w, b: (C,) float64; stats: (2, C) float64 out (mean, biased var); p: (4, C) scratch in x's
-    dtype (hi, lo, scale, shift), used to round the float64 parameters to x's dtype.
+    Each unit gets an exact two-pass (mean, M2); units are merged per channel with Chan's
+    formula, so var >= 0 and a large common offset never cancels.
     """
-    nseg = (n_s + _SEG - 1) // _SEG
-    for c in numba.prange(n_c):
-        cnt = 0.0
-        mean = 0.0
-        m2 = 0.0
-        for n in range(n_b):
-            base = (n * n_c + c) * n_s
-            for j in range(nseg):
-                i0 = j * _SEG
-                ln = min(n_s - i0, _SEG)
-                sm, sq = _seg_mean_m2(x, base + i0, ln)
-                cnt, mean, m2 = _chan_merge(cnt, mean, m2, float(ln), sm, sq)
-        var = m2 / cnt
-        scale = w[c] / math.sqrt(var + eps)
-        stats[0, c] = mean
-        stats[1, c] = var
-        p[0, c] = mean
-        p[1, c] = mean - p[0, c]
-        p[2, c] = scale
-        p[3, c] = b[c]
-        hi = p[0, c]
-        lo = p[1, c]
-        sc = p[2, c]
-        sh = p[3, c]
-        for n in range(n_b):
-            base = (n * n_c + c) * n_s
-            _affine_seg(x[base : base + n_s], y[base : base + n_s], hi, lo, sc, sh)
-
-
-def _py_stats_ncs_units(x, n_b, n_c, n_s, nseg, stats):  # pragma: no cover
-    """Statistics with within-channel parallelism: one task per (row, segment) unit, merged.
-
-    A row (n, c) is cut into ``nseg`` segments; stats: (2, C) float64 out (mean, biased var).
-    """
-    n_units = n_b * n_c * nseg
+    groups = (n_b + k - 1) // k
+    per_c = groups * nseg
     seg = (n_s + nseg - 1) // nseg
-    u_mean = np.empty(n_units)
-    u_m2 = np.empty(n_units)
-    u_cnt = np.empty(n_units)
+    n_units = n_c * per_c
+    u_mean = np.zeros(n_units)
+    u_m2 = np.zeros(n_units)
+    u_cnt = np.zeros(n_units)
     for u in numba.prange(n_units):
-        row = u // nseg
-        i0 = (u % nseg) * seg
-        ln = max(0, min(n_s - i0, seg))
+        c = u // per_c
+        r = u % per_c
+        n0 = (r // nseg) * k
+        n1 = min(n_b, n0 + k)
+        i0 = (r % nseg) * seg
+        ln = min(n_s - i0, seg)
         if ln > 0:
-            sm, sq = _seg_mean_m2(x, row * n_s + i0, ln)
-        else:
-            sm, sq = 0.0, 0.0
-        u_mean[u] = sm
-        u_m2[u] = sq
-        u_cnt[u] = ln
+            mean, m2 = _unit_mean_m2(x, c, n0, n1, i0, ln, n_c, n_s)
+            u_mean[u] = mean
+            u_m2[u] = m2
+            u_cnt[u] = (n1 - n0) * ln
     for c in range(n_c):
         cnt = 0.0
         mean = 0.0
         m2 = 0.0
-        for n in range(n_b):
-            for j in range(nseg):
-                u = (n * n_c + c) * nseg + j
-                cnt, mean, m2 = _chan_merge(cnt, mean, m2, u_cnt[u], u_mean[u], u_m2[u])
+        for u in range(c * per_c, (c + 1) * per_c):
+            cnt, mean, m2 = _chan_merge(cnt, mean, m2, u_cnt[u], u_mean[u], u_m2[u])
         stats[0, c] = mean
         stats[1, c] = m2 / cnt
 
 
-def _py_affine_ncs_units(x, n_b, n_c, n_s, nseg, p, y):  # pragma: no cover
-    """y = ((x - p[0]) - p[1]) * p[2] + p[3] per channel, one task per (row, segment) unit."""
+def _py_bsums_ncs(g, x, n_b, n_c, n_s, k, nseg, shift, out):  # pragma: no cover
+    """Backward sums per channel; out: (3, C) float64 (sum g, sum g * (x - shift), sum (x - shift))."""
+    groups = (n_b + k - 1) // k
+    per_c = groups * nseg
+    seg = (n_s + nseg - 1) // nseg
+    n_units = n_c * per_c
+    part = np.zeros((3, n_units))
+    for u in numba.prange(n_units):
+        c = u // per_c
+        r = u % per_c
+        n0 = (r // nseg) * k
+        n1 = min(n_b, n0 + k)
+        i0 = (r % nseg) * seg
+        ln = min(n_s - i0, seg)
+        if ln > 0:
+            a, b, d = _unit_bsums(g, x, c, n0, n1, i0, ln, n_c, n_s, shift[c])
+            part[0, u] = a
+            part[1, u] = b
+            part[2, u] = d
+    for c in range(n_c):
+        for j in range(3):
+            s = 0.0
+            for u in range(c * per_c, (c + 1) * per_c):
+                s += part[j, u]
+            out[j, c] = s
+
+
+def _py_affine_ncs(x, n_b, n_c, n_s, nseg, p, y):  # pragma: no cover
+    """y = ((x - p[0]) - p[1]) * p[2] + p[3] per channel, one task per (row, piece) unit."""
     n_units = n_b * n_c * nseg
     seg = (n_s + nseg - 1) // nseg
     for u in numba.prange(n_units):
@@ -265,72 +313,8 @@ def _py_affine_ncs_units(x, n_b, n_c, n_s, nseg, p, y):  # pragma: no cover
         _affine_seg(x[i0:i1], y[i0:i1], p[0, c], p[1, c], p[2, c], p[3, c])
 
 
-def _py_bwd_ncs_fused(g, x, n_b, n_c, n_s, mean_in, invstd, w, dx, sums, p):  # pragma: no cover
-    """Per channel (one task each): both sums, then dx = k1 * g + k2 * ((x - hi) - lo) + k3.
-
-    mean_in, invstd, w: (C,) float64; sums: (2, C) float64 out (sum g * x_hat, sum g);
-    p: (5, C) scratch in x's dtype (hi, lo, k1, k2, k3).
-    """
-    m = float(n_b * n_s)
-    for c in numba.prange(n_c):
-        shift = mean_in[c]
-        sg = 0.0
-        sgd = 0.0
-        sd = 0.0
-        for n in range(n_b):
-            base = (n * n_c + c) * n_s
-            a, bb, cc = _seg_bsums(g, x, base, n_s, shift)
-            sg += a
-            sgd += bb
-            sd += cc
-        _bwd_params(c, shift, sg, sgd, sd, m, invstd[c], w[c], sums, p)
-        hi = p[0, c]
-        lo = p[1, c]
-        k1 = p[2, c]
-        k2 = p[3, c]
-        k3 = p[4, c]
-        for n in range(n_b):
-            base = (n * n_c + c) * n_s
-            _dx_seg(g[base : base + n_s], x[base : base + n_s], dx[base : base + n_s], hi, lo, k1, k2, k3)
-
-
-def _py_bwd_params(c, shift, sg, sgd, sd, m, inv, wc, sums, p):  # pragma: no cover
-    """Turn channel c's sums into dgamma, dbeta and the dx coefficients (see module docstring).
-
-    The refined mean mu = shift + sd / m; sum g * (x - mu) = sgd - (sd / m) * sg.
-    """
-    delta = sd / m
-    mu = shift + delta
-    sgx = sgd - delta * sg
-    sums[0, c] = sgx * inv
-    sums[1, c] = sg
-    p[0, c] = mu
-    p[1, c] = mu - p[0, c]
-    p[2, c] = wc * inv
-    p[3, c] = -wc * inv * inv * inv * sgx / m
-    p[4, c] = -wc * inv * sg / m
-
-
-_bwd_params: Any = _py_bwd_params
-
-
-def _py_bsums_ncs_units(g, x, n_b, n_c, n_s, nseg, mean_in, part):  # pragma: no cover
-    """Backward sums per (row, segment) unit; part: (3, n_units) float64 out (sg, sgd, sd)."""
-    n_units = n_b * n_c * nseg
-    seg = (n_s + nseg - 1) // nseg
-    for u in numba.prange(n_units):
-        row = u // nseg
-        c = row % n_c
-        i0 = (u % nseg) * seg
-        ln = max(0, min(n_s - i0, seg))
-        a, bb, cc = _seg_bsums(g, x, row * n_s + i0, ln, mean_in[c])
-        part[0, u] = a
-        part[1, u] = bb
-        part[2, u] = cc
-
-
-def _py_dx_ncs_units(g, x, n_b, n_c, n_s, nseg, p, dx):  # pragma: no cover
-    """dx = k1 * g + k2 * ((x - hi) - lo) + k3 per channel, one task per (row, segment) unit."""
+def _py_dx_ncs(g, x, n_b, n_c, n_s, nseg, p, dx):  # pragma: no cover
+    """dx = k1 * g + k2 * ((x - hi) - lo) + k3 per channel, one task per (row, piece) unit."""
     n_units = n_b * n_c * nseg
     seg = (n_s + nseg - 1) // nseg
     for u in numba.prange(n_units):
@@ -342,61 +326,55 @@ def _py_dx_ncs_units(g, x, n_b, n_c, n_s, nseg, p, dx):  # pragma: no cover
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels, layout "mc": x flat of (M, C), element (r, c) at r * C + c.
+# Kernels, layout "mc": x flat of (M, C), element (r, c) at r * C + c. One task per block of
+# rows; the inner loops run over channels (contiguous), vectorized, into per-block vectors.
 
 
 def _py_stats_mc(x, n_m, n_c, n_blk, stats):  # pragma: no cover
-    """Statistics over row blocks (one task each), per-channel vectors, merged over blocks.
+    """Per-channel mean and biased variance from *shifted* float64 sums; stats: (2, C) out.
 
-    Inside a block, sub-blocks of ``rs`` rows (~_SEG values, cache-resident) get an exact
-    two-pass mean/M2 per channel and are merged into the block's running (count, mean, M2).
+    With d = x - x[0, c] (the first row), mean = x[0, c] + sum d / M and
+    var = (sum d^2 - (sum d)^2 / M) / M. The shift is a sample of the channel, so |mean d| is of
+    the order of the spread and the subtraction loses only ~(|x[0] - mean| / std)^2 ulps of
+    float64; var is clamped at 0.
     """
     rows = (n_m + n_blk - 1) // n_blk
-    rs = max(1, _SEG // n_c)
-    b_mean = np.zeros((n_blk, n_c))
-    b_m2 = np.zeros((n_blk, n_c))
-    b_cnt = np.zeros(n_blk)
+    shift = x[:n_c].copy()  # the first row, in x's dtype
+    part_s = np.zeros((n_blk, n_c))
+    part_q = np.zeros((n_blk, n_c))
     for blk in numba.prange(n_blk):
-        r0 = blk * rows
-        r1 = min(n_m, r0 + rows)
-        sm = np.empty(n_c)
-        sq = np.empty(n_c)
-        bm = b_mean[blk]
-        bq = b_m2[blk]
-        cnt = 0.0
-        for s0 in range(r0, r1, rs):
-            s1 = min(r1, s0 + rs)
-            k = float(s1 - s0)
-            sm[:] = 0.0
-            for r in range(s0, s1):
-                xr = x[r * n_c : (r + 1) * n_c]
-                for c in range(n_c):
-                    sm[c] += xr[c]
-            for c in range(n_c):
-                sm[c] /= k
-            sq[:] = 0.0
-            for r in range(s0, s1):
-                xr = x[r * n_c : (r + 1) * n_c]
-                for c in range(n_c):
-                    d = xr[c] - sm[c]
-                    sq[c] += d * d
-            tot = cnt + k
-            f = k / tot
-            h = cnt * k / tot
-            for c in range(n_c):
-                delta = sm[c] - bm[c]
-                bm[c] += delta * f
-                bq[c] += sq[c] + delta * delta * h
-            cnt = tot
-        b_cnt[blk] = cnt
+        la = np.empty(_TILE, dtype=x.dtype)
+        lq = np.empty(_TILE, dtype=x.dtype)
+        # channel tiles keep the accumulators in L1; _ROWS rows at a time are summed in x's
+        # dtype (d = x - shift is exact for x near the shift), then flushed into float64
+        for c0 in range(0, n_c, _TILE):
+            c1 = min(n_c, c0 + _TILE)
+            nt = c1 - c0
+            a = part_s[blk, c0:c1]
+            q = part_q[blk, c0:c1]
+            sh = shift[c0:c1]
+            r_end = min(n_m, (blk + 1) * rows)
+            for r0 in range(blk * rows, r_end, _ROWS):
+                la[:nt] = 0.0
+                lq[:nt] = 0.0
+                for r in range(r0, min(r_end, r0 + _ROWS)):
+                    xr = x[r * n_c + c0 : r * n_c + c1]
+                    for c in range(nt):
+                        d = xr[c] - sh[c]
+                        la[c] += d
+                        lq[c] += d * d
+                for c in range(nt):
+                    a[c] += la[c]
+                    q[c] += lq[c]
     for c in range(n_c):
-        cnt = 0.0
-        mean = 0.0
-        m2 = 0.0
+        s = 0.0
+        q2 = 0.0
         for blk in range(n_blk):
-            cnt, mean, m2 = _chan_merge(cnt, mean, m2, b_cnt[blk], b_mean[blk, c], b_m2[blk, c])
-        stats[0, c] = mean
-        stats[1, c] = m2 / cnt
+            s += part_s[blk, c]
+            q2 += part_q[blk, c]
+        mean_d = s / n_m
+        stats[0, c] = np.float64(shift[c]) + mean_d
+        stats[1, c] = max(0.0, q2 / n_m - mean_d * mean_d)
 
 
 def _py_affine_mc(x, n_m, n_c, n_blk, p, y):  # pragma: no cover
@@ -407,40 +385,39 @@ def _py_affine_mc(x, n_m, n_c, n_blk, p, y):  # pragma: no cover
     sc = p[2]
     sh = p[3]
     for blk in numba.prange(n_blk):
-        r0 = blk * rows
-        r1 = min(n_m, r0 + rows)
-        for r in range(r0, r1):
+        for r in range(blk * rows, min(n_m, (blk + 1) * rows)):
             xr = x[r * n_c : (r + 1) * n_c]
             yr = y[r * n_c : (r + 1) * n_c]
             for c in range(n_c):
                 yr[c] = ((xr[c] - hi[c]) - lo[c]) * sc[c] + sh[c]
 
 
-def _py_bsums_mc(g, x, n_m, n_c, n_blk, mean_in, out):  # pragma: no cover
+def _py_bsums_mc(g, x, n_m, n_c, n_blk, shift, out):  # pragma: no cover
     """Backward sums (sg, sgd, sd) per channel over row blocks; out: (3, C) float64."""
     rows = (n_m + n_blk - 1) // n_blk
     part = np.zeros((n_blk, 3, n_c))
     for blk in numba.prange(n_blk):
-        r0 = blk * rows
-        r1 = min(n_m, r0 + rows)
-        a = part[blk, 0]
-        bb = part[blk, 1]
-        cc = part[blk, 2]
-        for r in range(r0, r1):
-            xr = x[r * n_c : (r + 1) * n_c]
-            gr = g[r * n_c : (r + 1) * n_c]
-            for c in range(n_c):
-                gi = np.float64(gr[c])
-                d = xr[c] - mean_in[c]
-                a[c] += gi
-                bb[c] += gi * d
-                cc[c] += d
-    for k in range(3):
+        for c0 in range(0, n_c, _TILE):
+            c1 = min(n_c, c0 + _TILE)
+            a = part[blk, 0, c0:c1]
+            b = part[blk, 1, c0:c1]
+            e = part[blk, 2, c0:c1]
+            sh = shift[c0:c1]
+            for r in range(blk * rows, min(n_m, (blk + 1) * rows)):
+                xr = x[r * n_c + c0 : r * n_c + c1]
+                gr = g[r * n_c + c0 : r * n_c + c1]
+                for c in range(c1 - c0):
+                    gi = np.float64(gr[c])
+                    d = xr[c] - sh[c]
+                    a[c] += gi
+                    b[c] += gi * d
+                    e[c] += d
+    for j in range(3):
         for c in range(n_c):
             s = 0.0
             for blk in range(n_blk):
-                s += part[blk, k, c]
-            out[k, c] = s
+                s += part[blk, j, c]
+            out[j, c] = s
 
 
 def _py_dx_mc(g, x, n_m, n_c, n_blk, p, dx):  # pragma: no cover
@@ -452,9 +429,7 @@ def _py_dx_mc(g, x, n_m, n_c, n_blk, p, dx):  # pragma: no cover
     k2 = p[3]
     k3 = p[4]
     for blk in numba.prange(n_blk):
-        r0 = blk * rows
-        r1 = min(n_m, r0 + rows)
-        for r in range(r0, r1):
+        for r in range(blk * rows, min(n_m, (blk + 1) * rows)):
             xr = x[r * n_c : (r + 1) * n_c]
             gr = g[r * n_c : (r + 1) * n_c]
             dr = dx[r * n_c : (r + 1) * n_c]
@@ -491,6 +466,52 @@ def supports(x: Tensor) -> bool:
     )
 
 
+_HUGE = 1 << 21
+"""Transparent-huge-page size on x86-64 Linux (2 MiB)."""
+
+_libc: dict[str, Any] = {}
+
+
+def _madvise_huge(t: Tensor) -> None:
+    """Ask Linux to back the 2 MiB-aligned interior of t's fresh memory with huge pages.
+
+    A fresh output is faulted in page by page on first write; with 4 KiB pages that costs as
+    much as the kernel itself for a 50 MB tensor (measured: ``empty_like(x).fill_()`` 3-4x a fill of
+    a preallocated tensor). ``madvise(MADV_HUGEPAGE)`` on the region (only this memory: nothing
+    process-wide) cuts the faults 512-fold. Best effort: any failure leaves 4 KiB pages.
+    """
+    if "madvise" not in _libc:
+        _libc["madvise"] = None
+        try:
+            import ctypes
+            import sys
+
+            if sys.platform.startswith("linux"):
+                fn = ctypes.CDLL(None, use_errno=True).madvise
+                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                fn.restype = ctypes.c_int
+                _libc["madvise"] = fn
+        except (OSError, AttributeError):
+            pass
+    fn = _libc["madvise"]
+    if fn is None:
+        return
+    start = t.data_ptr()
+    end = start + t.untyped_storage().nbytes()
+    lo = (start + _HUGE - 1) & ~(_HUGE - 1)
+    hi = end & ~(_HUGE - 1)
+    if hi > lo:
+        fn(lo, hi - lo, 14)  # 14 = MADV_HUGEPAGE; the result is deliberately ignored
+
+
+def _empty_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``torch.empty_like(x, dtype=dtype)`` (same memory format), huge pages when >= 4 MiB."""
+    out = torch.empty_like(x, dtype=dtype)
+    if out.untyped_storage().nbytes() >= 2 * _HUGE:
+        _madvise_huge(out)
+    return out
+
+
 def _threads() -> int:
     return int(numba.get_num_threads())
 
@@ -517,22 +538,31 @@ def _channel_vec(v: Tensor | None, c: int, fill: float) -> np.ndarray:
     return v.detach().to(torch.float64).reshape(c).numpy().copy()
 
 
-def _fused_ok(c: int) -> bool:
-    """One task per channel balances the threads well enough."""
-    t = _threads()
-    return c % t == 0 or c >= 4 * t
+def _units(n_b: int, n_c: int, n_s: int) -> tuple[int, int]:
+    """(k rows per group, nseg pieces per row) for ncs reductions.
+
+    Units hold about _SEG values (k rows of a short row, or a piece of a long one) and there
+    are at least 4 per thread when the tensor allows it (within-channel parallelism for small C).
+    """
+    if n_s >= _SEG:
+        k, nseg = 1, -(-n_s // _SEG)
+    else:
+        k, nseg = max(1, min(n_b, _SEG // n_s)), 1
+    want = 4 * _threads()
+    while n_c * -(-n_b // k) * nseg < want:
+        if k > 1:
+            k = max(1, k // 2)
+        elif nseg < n_s:
+            nseg = min(n_s, 2 * nseg)
+        else:
+            break
+    return k, nseg
 
 
 def _nseg(rows: int, n_s: int) -> int:
     """Segments per row: enough units for 4 per thread, and each at most _SEG long."""
     want = max(1, -(-4 * _threads() // rows))
     return min(n_s, max(want, -(-n_s // _SEG)))
-
-
-def _nblk(n_m: int, n_c: int) -> int:
-    """Row blocks for mc: 4 per thread, but none smaller than ~_SEG values."""
-    by_size = max(1, (n_m * n_c) // _SEG)
-    return max(1, min(n_m, 4 * _threads(), by_size))
 
 
 def _affine_params(
@@ -551,7 +581,12 @@ def _affine_params(
 
 def _as_native(x: Tensor) -> Tensor:
     """float16/bfloat16 -> float32 (same memory format); float32/float64 unchanged."""
-    return x if x.dtype in _NATIVE else x.to(torch.float32)
+    return x if x.dtype in _NATIVE else _empty_like(x, torch.float32).copy_(x)
+
+
+def _as_dtype(y: Tensor, dtype: torch.dtype) -> Tensor:
+    """y cast to dtype (same memory format); y itself when it already has it."""
+    return y if y.dtype == dtype else _empty_like(y, dtype).copy_(y)
 
 
 def _check_supported(x: Tensor, where: str) -> str:
@@ -569,6 +604,43 @@ def _check_supported(x: Tensor, where: str) -> str:
 # Public kernels.
 
 
+def _plan(x: Tensor, layout: str) -> tuple[str, int, int, int]:
+    """(kind, n, c, s): kind "ncs" runs the (N, C, S) kernels on n=N, c=C, s=S; kind "rows"
+    runs the row kernels on n rows of c columns, where each channel owns s consecutive columns.
+
+    mc is "rows" with s = 1. An ncs input with short rows (S < _SMALL_S, e.g. 7x7) is also run
+    as "rows": (N, C, S) -> (N, C*S), so the loops run over C*S contiguous values instead of
+    over S; per-column results are merged per channel afterwards.
+    """
+    n_a, n_c, n_s = _dims(x, layout)
+    if layout == "mc":
+        return "rows", n_a, n_c, 1
+    if n_s < _SMALL_S:
+        return "rows", n_a, n_c * n_s, n_s
+    return "ncs", n_a, n_c, n_s
+
+
+def _merge_columns(col: np.ndarray, n_c: int, rep: int) -> np.ndarray:
+    """(2, C*rep) per-column (mean, biased var) over equal counts -> (2, C) per channel:
+    mean = mean of column means; var = mean of column variances + variance of column means."""
+    if rep == 1:
+        return col
+    cm = col[0].reshape(n_c, rep)  # (C, rep)
+    cv = col[1].reshape(n_c, rep)
+    mean = cm.mean(axis=1)
+    var = cv.mean(axis=1) + np.square(cm - mean[:, None]).mean(axis=1)
+    return np.stack([mean, var])
+
+
+def _rows_blocks(n_rows: int, n_cols: int) -> int:
+    """Row blocks for the row kernels: 4 per thread, none below ~_SEG values, and per-block
+    float64 partial vectors (3 x n_cols each) kept under ~4 MB in all."""
+    t = _threads()
+    by_size = max(1, (n_rows * n_cols) // _SEG)
+    by_memory = max(t, (4 << 20) // (24 * n_cols))
+    return max(1, min(n_rows, 4 * t, by_size, by_memory))
+
+
 def train_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -579,32 +651,29 @@ def train_forward(
     """
     layout = _check_supported(x, "train_forward")
     xn = _as_native(x.detach())
-    y = torch.empty_like(xn)
-    n_a, n_c, n_s = _dims(xn, layout)
+    y = _empty_like(xn)
+    kind, n, c, s = _plan(xn, layout)
     xf = _flat(xn, layout)
     yf = _flat(y, layout)
-    stats = np.empty((2, n_c))
-    if layout == "ncs" and _fused_ok(n_c):
-        p = np.empty((4, n_c), dtype=xf.dtype)
-        w = _channel_vec(weight, n_c, 1.0)
-        b = _channel_vec(bias, n_c, 0.0)
-        _kernel("_fwd_ncs_fused")(xf, n_a, n_c, n_s, w, b, float(eps), yf, stats, p)
+    n_c = x.shape[1]
+    if kind == "ncs":
+        stats = np.empty((2, c))
+        k, nseg = _units(n, c, s)
+        _kernel("_stats_ncs")(xf, n, c, s, k, nseg, stats)
     else:
-        if layout == "ncs":
-            nseg = _nseg(n_a * n_c, n_s)
-            _kernel("_stats_ncs_units")(xf, n_a, n_c, n_s, nseg, stats)
-        else:
-            nblk = _nblk(n_a, n_c)
-            _kernel("_stats_mc")(xf, n_a, n_c, nblk, stats)
-        st = torch.from_numpy(stats)
-        p = _affine_params(st[0], torch.rsqrt(st[1] + eps), weight, bias, xn.dtype)
-        if layout == "ncs":
-            _kernel("_affine_ncs_units")(xf, n_a, n_c, n_s, nseg, p, yf)
-        else:
-            _kernel("_affine_mc")(xf, n_a, n_c, nblk, p, yf)
+        nblk = _rows_blocks(n, c)
+        col = np.empty((2, c))
+        _kernel("_stats_mc")(xf, n, c, nblk, col)
+        stats = _merge_columns(col, n_c, s)
+    st = torch.from_numpy(stats)
+    p = _affine_params(st[0], torch.rsqrt(st[1] + eps), weight, bias, xn.dtype)
+    if kind == "ncs":
+        _kernel("_affine_ncs")(xf, n, c, s, _nseg(n * c, s), p, yf)
+    else:
+        _kernel("_affine_mc")(xf, n, c, nblk, np.repeat(p, s, axis=1), yf)
     acc = acc_dtype(x.dtype)
-    st = torch.from_numpy(stats).to(acc)
-    return y.to(x.dtype), st[0].clone(), st[1].clone()
+    st = st.to(acc)
+    return _as_dtype(y, x.dtype), st[0].clone(), st[1].clone()
 
 
 def eval_forward(
@@ -621,18 +690,17 @@ def eval_forward(
     """
     layout = _check_supported(x, "eval_forward")
     xn = _as_native(x.detach())
-    y = torch.empty_like(xn)
-    n_a, n_c, n_s = _dims(xn, layout)
+    y = _empty_like(xn)
+    kind, n, c, s = _plan(xn, layout)
     invstd = torch.rsqrt(var.detach().to(torch.float64) + eps)
     p = _affine_params(mean.detach(), invstd, weight, bias, xn.dtype)
     xf = _flat(xn, layout)
     yf = _flat(y, layout)
-    if layout == "ncs":
-        nseg = _nseg(n_a * n_c, n_s)
-        _kernel("_affine_ncs_units")(xf, n_a, n_c, n_s, nseg, p, yf)
+    if kind == "ncs":
+        _kernel("_affine_ncs")(xf, n, c, s, _nseg(n * c, s), p, yf)
     else:
-        _kernel("_affine_mc")(xf, n_a, n_c, _nblk(n_a, n_c), p, yf)
-    return y.to(x.dtype)
+        _kernel("_affine_mc")(xf, n, c, _rows_blocks(n, c), np.repeat(p, s, axis=1), yf)
+    return _as_dtype(y, x.dtype)
 
 
 def backward(
@@ -664,9 +732,10 @@ def backward(
             f"got {tuple(g.shape)}"
         )
     if g.dtype != xn.dtype or g.stride() != xn.stride() or g.device != xn.device:
-        g = torch.empty_like(xn).copy_(g)
-    dx = torch.empty_like(xn)
-    n_a, n_c, n_s = _dims(xn, layout)
+        g = _empty_like(xn).copy_(g)
+    dx = _empty_like(xn)
+    kind, n, c, s = _plan(xn, layout)
+    n_c = x.shape[1]
     xf = _flat(xn, layout)
     gf = _flat(g, layout)
     dxf = _flat(dx, layout)
@@ -674,36 +743,34 @@ def backward(
     inv = _channel_vec(invstd, n_c, 1.0)
     w = _channel_vec(weight, n_c, 1.0)
     sums = np.empty((2, n_c))
-    if layout == "ncs" and _fused_ok(n_c):
-        p = np.empty((5, n_c), dtype=xf.dtype)
-        _kernel("_bwd_ncs_fused")(gf, xf, n_a, n_c, n_s, mu, inv, w, dxf, sums, p)
+    if kind == "ncs":
+        tot = np.empty((3, c))
+        k, nseg = _units(n, c, s)
+        _kernel("_bsums_ncs")(gf, xf, n, c, s, k, nseg, mu, tot)
+        p = _bwd_params(tot, mu, inv, w, float(n * s), sums, xf.dtype)
+        _kernel("_dx_ncs")(gf, xf, n, c, s, _nseg(n * c, s), p, dxf)
     else:
-        if layout == "ncs":
-            nseg = _nseg(n_a * n_c, n_s)
-            part = np.empty((3, n_a * n_c * nseg))
-            _kernel("_bsums_ncs_units")(gf, xf, n_a, n_c, n_s, nseg, mu, part)
-            # (3, N * C * nseg) -> (3, N, C, nseg) -> (3, C)
-            tot = part.reshape(3, n_a, n_c, nseg).sum(axis=(1, 3))
-            m = float(n_a * n_s)
-        else:
-            nblk = _nblk(n_a, n_c)
-            tot = np.empty((3, n_c))
-            _kernel("_bsums_mc")(gf, xf, n_a, n_c, nblk, mu, tot)
-            m = float(n_a)
-        p = _bwd_params_np(tot, mu, inv, w, m, sums, xf.dtype)
-        if layout == "ncs":
-            _kernel("_dx_ncs_units")(gf, xf, n_a, n_c, n_s, nseg, p, dxf)
-        else:
-            _kernel("_dx_mc")(gf, xf, n_a, n_c, nblk, p, dxf)
+        nblk = _rows_blocks(n, c)
+        col = np.empty((3, c))
+        _kernel("_bsums_mc")(gf, xf, n, c, nblk, np.repeat(mu, s), col)
+        tot = col.reshape(3, n_c, s).sum(axis=2)  # (3, C*s) -> (3, C, s) -> (3, C)
+        p = _bwd_params(tot, mu, inv, w, float(n * s), sums, xf.dtype)
+        _kernel("_dx_mc")(gf, xf, n, c, nblk, np.repeat(p, s, axis=1), dxf)
     acc = acc_dtype(x.dtype)
     out = torch.from_numpy(sums).to(acc)
-    return dx.to(x.dtype), out[0].clone(), out[1].clone()
+    return _as_dtype(dx, x.dtype), out[0].clone(), out[1].clone()
 
 
-def _bwd_params_np(
+def _bwd_params(
     tot: np.ndarray, shift: np.ndarray, inv: np.ndarray, w: np.ndarray, m: float, sums: np.ndarray, dtype: Any
 ) -> np.ndarray:
-    """NumPy twin of ``_bwd_params`` for all channels; fills ``sums`` (2, C), returns (5, C)."""
+    """From the sums (sg, sgd, sd) (3, C): dgamma, dbeta into ``sums`` (2, C); returns the dx
+    coefficients (5, C) in x's dtype: hi, lo (the refined mean), k1, k2, k3 with
+
+        mu = shift + sd / m,  sum g * (x - mu) = sgd - (sd / m) * sg = sgx
+        dx = k1 * g + k2 * (x - mu) + k3,  k1 = w * invstd,  k2 = -w * invstd^3 * sgx / m,
+        k3 = -w * invstd * sg / m.
+    """
     sg, sgd, sd = tot
     delta = sd / m
     mu = shift + delta
