@@ -156,6 +156,12 @@ class _BatchNormActTrain(torch.autograd.Function):
     def backward(ctx, grad_z: Tensor, _gmean: Tensor, _gvar: Tensor):  # type: ignore[override]
         z, weight, bias, invstd, *rest = ctx.saved_tensors
         acc = invstd.dtype
+        if ctx.recompute and ctx.act[0] != "identity" and backend_for(z).__name__.endswith(".cpu"):
+            # numba: inversion, activation backward and BN backward fused, nothing stored
+            from ._kernels import cpu_act
+
+            dx, dw, db = cpu_act.backward_act(grad_z, z, weight, bias, invstd, *ctx.act)
+            return _grads(ctx, dx, dw, db, z, weight, bias)
         y, slope = _invert(z.to(acc), *ctx.act)
         dy = grad_z.to(acc) * slope
         if ctx.recompute:
@@ -169,16 +175,21 @@ class _BatchNormActTrain(torch.autograd.Function):
             x, mean = rest
             dy = dy.to(x.dtype).contiguous(memory_format=_format(x))
             dx, dw, db = backend_for(x).backward(dy, x, mean, invstd, weight)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        return (
-            dx.to(z.dtype) if need_x else None,
-            dw.to(weight.dtype) if (need_w and ctx.has_weight) else None,
-            db.to(bias.dtype) if (need_b and ctx.has_bias) else None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return _grads(ctx, dx, dw, db, z, weight, bias)
+
+
+def _grads(ctx, dx: Tensor, dw: Tensor, db: Tensor, z: Tensor, weight: Tensor | None, bias: Tensor | None):
+    """The gradient tuple of ``_BatchNormActTrain.backward``, None where not needed."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    return (
+        dx.to(z.dtype) if need_x else None,
+        dw.to(weight.dtype) if (need_w and ctx.has_weight) else None,
+        db.to(bias.dtype) if (need_b and ctx.has_bias) else None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def _batch_norm_act(
