@@ -296,7 +296,7 @@ def test_thread_count_invariance(shape, fmt):
     """The partition of the work (1 vs all threads) changes rounding only."""
     x = make_input(shape, fmt, torch.float32)
     g = torch.randn(shape).contiguous(memory_format=fmt)
-    before = numba.get_num_threads()
+    before = cpu._threads()  # (starts numba's pool with the back-end's threading layer)
     results = []
     try:
         for n in sorted({1, before}):
@@ -347,6 +347,31 @@ def test_import_does_not_compile(tmp_path):
         "assert c._compiled == {}, c._compiled\n"
         "assert not isinstance(c._sum, numba.core.registry.CPUDispatcher)\n"
         "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_concurrent_calls_from_threads(tmp_path):
+    """Kernel launches from several Python threads are serialized (numba's workqueue layer
+    aborts the process on concurrent launches), in a subprocess so a failure cannot kill pytest."""
+    src = Path(batchnorm.__file__).resolve().parents[1]
+    code = (
+        "import threading, torch\n"
+        "from batchnorm._kernels import cpu\n"
+        "x = torch.randn(8, 4, 16, 16)\n"
+        "ref = cpu.train_forward(x, None, None, 1e-5)[0]\n"
+        "bad = []\n"
+        "def work():\n"
+        "    for _ in range(30):\n"
+        "        y = cpu.train_forward(x, None, None, 1e-5)[0]\n"
+        "        bad.append(not torch.equal(y, ref))\n"
+        "ts = [threading.Thread(target=work) for _ in range(3)]\n"
+        "[t.start() for t in ts]\n"
+        "[t.join() for t in ts]\n"
+        "print('ok' if not any(bad) else 'mismatch')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(src)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -37,7 +37,8 @@ def _kernel(name: str) -> Any:
     """The compiled dispatcher of kernel ``name`` (created on first request)."""
     kern = _compiled.get(name)
     if kern is None:
-        if not _compiled:
+        if "_helpers" not in _compiled:
+            cpu._configure_threading()
             g = globals()
             g["_point"] = cpu._jit(_py_point)
             g["_seg_bsums_act"] = cpu._jit(_py_seg_bsums_act, fastmath=cpu._FASTMATH)
@@ -46,6 +47,13 @@ def _kernel(name: str) -> Any:
         kern = cpu._jit(globals()["_py" + name], parallel=True)
         _compiled[name] = kern
     return kern
+
+
+def _run(name: str, *args: Any) -> None:
+    """Launch kernel ``name`` under the back-end's launch lock."""
+    kern = _kernel(name)
+    with cpu._launch_lock:
+        kern(*args)
 
 
 def _py_point(z, g, mode, slope, alpha, tiny):  # pragma: no cover - runs compiled
@@ -207,19 +215,19 @@ def backward_act(
     if kind == "ncs":
         tot = np.empty((3, c))
         k, nseg = cpu._units(n, c, s)
-        _kernel("_bsums_act_ncs")(gf, zf, n, c, s, k, nseg, beta, *args, tot)
+        _run("_bsums_act_ncs", gf, zf, n, c, s, k, nseg, beta, *args, tot)
     else:
         nblk = cpu._rows_blocks(n, c)
         col = np.empty((3, c))
-        _kernel("_bsums_act_rows")(gf, zf, n, c, nblk, np.repeat(beta, s), *args, col)
+        _run("_bsums_act_rows", gf, zf, n, c, nblk, np.repeat(beta, s), *args, col)
         tot = col.reshape(3, n_c, s).sum(axis=2)  # (3, C*s) -> (3, C, s) -> (3, C)
     # BN backward in the variables of y: x_hat = (y - beta) * (1 / gamma), and the dx scale
     # weight' * invstd' must be gamma * invstd, so weight' = gamma^2 * invstd
     p = cpu._bwd_params(tot, beta, 1.0 / gamma, gamma * gamma * inv, float(n * s), sums, np.float64)
     q = np.stack([p[0] + p[1], p[2], p[3], p[4]])  # (4, C) float64: mean of y, k1, k2, k3
     if kind == "ncs":
-        _kernel("_dx_act_ncs")(gf, zf, n, c, s, cpu._nseg(n * c, s), q, *args, dxf)
+        _run("_dx_act_ncs", gf, zf, n, c, s, cpu._nseg(n * c, s), q, *args, dxf)
     else:
-        _kernel("_dx_act_rows")(gf, zf, n, c, nblk, np.repeat(q, s, axis=1), *args, dxf)
+        _run("_dx_act_rows", gf, zf, n, c, nblk, np.repeat(q, s, axis=1), *args, dxf)
     out = torch.from_numpy(sums).to(acc_dtype(z.dtype))
     return cpu._as_dtype(dx, z.dtype), out[0].clone(), out[1].clone()
