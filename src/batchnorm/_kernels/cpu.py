@@ -423,28 +423,50 @@ def _py_bsums_mc(g, x, n_m, n_c, n_blk, shift, out):  # pragma: no cover
     """Backward sums (sg, sgd, sd) per channel over row blocks; out: (3, C) float64."""
     rows = (n_m + n_blk - 1) // n_blk
     part = np.zeros((n_blk, 3, n_c))
+    shift_x = np.empty(n_c, dtype=x.dtype)  # the shift rounded to x's dtype: x - shift_x is
+    for c in range(n_c):  # exact near the mean; the rounding is added back in float64 below
+        shift_x[c] = shift[c]
     for blk in numba.prange(n_blk):
+        la = np.empty(_TILE, dtype=x.dtype)
+        lb = np.empty(_TILE, dtype=x.dtype)
+        le = np.empty(_TILE, dtype=x.dtype)
+        r_end = min(n_m, (blk + 1) * rows)
         for c0 in range(0, n_c, _TILE):
             c1 = min(n_c, c0 + _TILE)
+            nt = c1 - c0
             a = part[blk, 0, c0:c1]
             b = part[blk, 1, c0:c1]
             e = part[blk, 2, c0:c1]
-            sh = shift[c0:c1]
-            for r in range(blk * rows, min(n_m, (blk + 1) * rows)):
-                xr = x[r * n_c + c0 : r * n_c + c1]
-                gr = g[r * n_c + c0 : r * n_c + c1]
-                for c in range(c1 - c0):
-                    gi = np.float64(gr[c])
-                    d = xr[c] - sh[c]
-                    a[c] += gi
-                    b[c] += gi * d
-                    e[c] += d
+            sh = shift_x[c0:c1]
+            # _ROWS rows at a time are summed in x's dtype, then flushed into float64
+            for r0 in range(blk * rows, r_end, _ROWS):
+                la[:nt] = 0.0
+                lb[:nt] = 0.0
+                le[:nt] = 0.0
+                for r in range(r0, min(r_end, r0 + _ROWS)):
+                    xr = x[r * n_c + c0 : r * n_c + c1]
+                    gr = g[r * n_c + c0 : r * n_c + c1]
+                    for c in range(nt):
+                        gi = gr[c]
+                        d = xr[c] - sh[c]
+                        la[c] += gi
+                        lb[c] += gi * d
+                        le[c] += d
+                for c in range(nt):
+                    a[c] += la[c]
+                    b[c] += lb[c]
+                    e[c] += le[c]
     for j in range(3):
         for c in range(n_c):
             s = 0.0
             for blk in range(n_blk):
                 s += part[blk, j, c]
             out[j, c] = s
+    # sums were taken around shift_x; move them to the float64 shift: d = d_x - (shift - shift_x)
+    for c in range(n_c):
+        r = shift[c] - np.float64(shift_x[c])
+        out[1, c] -= r * out[0, c]
+        out[2, c] -= r * n_m
 
 
 def _py_dx_mc(g, x, n_m, n_c, n_blk, p, dx):  # pragma: no cover
