@@ -181,12 +181,17 @@ def _py_sq_dev(seg, mean):  # pragma: no cover - runs compiled
 
 
 def _py_seg_bsums(gs, xs, shift):  # pragma: no cover - runs compiled
-    """sum g, sum g * (x - shift), sum (x - shift) over two equal 1D slices, in float64."""
-    sg = 0.0
-    sgd = 0.0
-    sd = 0.0
+    """sum g, sum g * (x - shift), sum (x - shift) over two equal 1D slices (<= _SEG values).
+
+    Accumulated in the inputs' dtype (vectorized: 64 partial sums of <= 64 terms each for
+    float32); ``shift`` has that dtype too, so x - shift is exact for x near it. Callers add
+    the results up in float64.
+    """
+    sg = xs.dtype.type(0)
+    sgd = xs.dtype.type(0)
+    sd = xs.dtype.type(0)
     for i in range(xs.size):
-        gi = np.float64(gs[i])
+        gi = gs[i]
         d = xs[i] - shift
         sg += gi
         sgd += gi * d
@@ -223,16 +228,17 @@ def _py_unit_mean_m2(x, c, n0, n1, i0, ln, n_c, n_s):  # pragma: no cover - runs
 
 
 def _py_unit_bsums(g, x, c, n0, n1, i0, ln, n_c, n_s, shift):  # pragma: no cover - runs compiled
-    """Backward sums (sg, sgd, sd) of channel c over rows [n0, n1), positions [i0, i0 + ln)."""
+    """Backward sums (sg, sgd, sd) of channel c over rows [n0, n1), positions [i0, i0 + ln),
+    around ``shift`` (x's dtype), in float64."""
     sg = 0.0
     sgd = 0.0
     sd = 0.0
     for n in range(n0, n1):
         off = (n * n_c + c) * n_s + i0
         a, b, d = _seg_bsums(g[off : off + ln], x[off : off + ln], shift)
-        sg += a
-        sgd += b
-        sd += d
+        sg += np.float64(a)
+        sgd += np.float64(b)
+        sd += np.float64(d)
     return sg, sgd, sd
 
 
@@ -797,7 +803,11 @@ def backward(
     if kind == "ncs":
         tot = np.empty((3, c))
         k, nseg = _units(n, c, s)
-        _run("_bsums_ncs", gf, xf, n, c, s, k, nseg, mu, tot)
+        mu_x = mu.astype(xf.dtype)  # sums are taken around the mean rounded to x's dtype ...
+        _run("_bsums_ncs", gf, xf, n, c, s, k, nseg, mu_x, tot)
+        resid = mu - mu_x.astype(np.float64)  # ... and moved to the float64 mean here
+        tot[1] -= resid * tot[0]
+        tot[2] -= resid * (n * s)
         p = _bwd_params(tot, mu, inv, w, float(n * s), sums, xf.dtype)
         _run("_dx_ncs", gf, xf, n, c, s, _nseg(n * c, s), p, dxf)
     else:
