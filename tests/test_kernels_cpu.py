@@ -262,21 +262,26 @@ def test_nonfinite_batch_leaves_running_stats(backend):
 
 def test_supports_and_dispatch():
     x = torch.randn(4, 3, 5, 5)
-    assert cpu.supports(x)
-    assert cpu.supports(x.to(memory_format=torch.channels_last))
-    assert cpu.supports(x.to(torch.bfloat16))
-    assert cpu.supports(torch.randn(5, 7, 3).transpose(1, 2))  # C innermost: "mc" layout
-    sliced = x[:, :, ::2]
-    assert not cpu.supports(sliced)
-    assert not cpu.supports(torch.empty(0, 3, 4))
-    assert not cpu.supports(torch.randn(4, 3, dtype=torch.complex64))
-    assert not cpu.supports(torch.randn(4, 3, device="meta"))
-    assert not cpu.supports(torch.randn(5))
-    with batchnorm.use_backend("auto"):
-        assert dispatch.backend_for(x) is cpu
-        assert dispatch.backend_for(sliced) is torch_ops
+    big = torch.randn(8, 4, 64, 64)
+    assert big.numel() >= cpu.AUTO_MIN_NUMEL > x.numel()
     with batchnorm.use_backend("numba"):
+        assert cpu.supports(x)
+        assert cpu.supports(x.to(memory_format=torch.channels_last))
+        assert cpu.supports(x.to(torch.bfloat16))
+        assert cpu.supports(torch.randn(5, 7, 3).transpose(1, 2))  # C innermost: "mc" layout
+        sliced = x[:, :, ::2]
+        assert not cpu.supports(sliced)
+        assert not cpu.supports(torch.empty(0, 3, 4))
+        assert not cpu.supports(torch.randn(4, 3, dtype=torch.complex64))
+        assert not cpu.supports(torch.randn(4, 3, device="meta"))
+        assert not cpu.supports(torch.randn(5))
         assert dispatch.backend_for(sliced) is torch_ops
+        assert dispatch.backend_for(x) is cpu
+    with batchnorm.use_backend("auto"):
+        assert dispatch.backend_for(big) is cpu
+        assert dispatch.backend_for(big.to(memory_format=torch.channels_last)) is cpu
+        assert dispatch.backend_for(x) is torch_ops  # small: torch ops beat a kernel launch
+        assert dispatch.backend_for(big[:, :, ::2]) is torch_ops
     with batchnorm.use_backend("torch"):
         assert dispatch.backend_for(x) is torch_ops
     with pytest.raises(ValueError, match="contiguous or channels-last"):
@@ -291,9 +296,18 @@ def test_unsupported_layout_falls_back_with_same_result():
     assert_near(y, ey, torch.float64, "y")
 
 
-@pytest.mark.parametrize(("shape", "fmt"), [((2, 3, 40, 40), torch.contiguous_format), ((64, 24), torch.contiguous_format)])
-def test_thread_count_invariance(shape, fmt):
-    """The partition of the work (1 vs all threads) changes rounding only."""
+@pytest.mark.parametrize(
+    ("shape", "fmt"),
+    [
+        ((2, 3, 160, 160), torch.contiguous_format),  # ncs, within-channel units
+        ((4, 16, 48, 48), torch.contiguous_format),  # ncs
+        ((256, 16, 6, 6), torch.contiguous_format),  # short rows: (N, C*S) row kernels
+        ((8, 24, 32, 32), torch.channels_last),  # mc
+    ],
+)
+def test_parallel_paths_match_reference_and_thread_count(shape, fmt):
+    """Tensors above the small-work threshold run the multi-threaded kernels: they match the
+    float64 reference, and 1 vs all threads changes rounding only."""
     x = make_input(shape, fmt, torch.float32)
     g = torch.randn(shape).contiguous(memory_format=fmt)
     before = cpu._threads()  # (starts numba's pool with the back-end's threading layer)
@@ -306,8 +320,13 @@ def test_thread_count_invariance(shape, fmt):
             results.append((y, mean, var, dx, dw, db))
     finally:
         numba.set_num_threads(before)
-    for a, b in zip(results[0], results[-1]):
-        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6)
+    assert x.numel() >= cpu._SMALL_WORK
+    c = shape[1]
+    ey, emean, evar, x_hat = ref_train(f64(x), np.ones(c), np.zeros(c), 1e-5)
+    edx, edw, edb = ref_backward(f64(g), x_hat, evar, np.ones(c), 1e-5)
+    for got in results:
+        for t, e, name in zip(got, (ey, emean, evar, edx, edw, edb), ("y", "mean", "var", "dx", "dw", "db")):
+            assert_near(t, e, torch.float32, name)
 
 
 def test_shift_invariance_of_statistics():
@@ -381,7 +400,7 @@ def test_concurrent_calls_from_threads(tmp_path):
 
 def test_module_default_cpu_path_is_numba():
     m = batchnorm.BatchNorm2d(3)
-    x = torch.randn(4, 3, 5, 5)
+    x = torch.randn(8, 3, 80, 80)
     with batchnorm.use_backend("auto"):
         assert dispatch.backend_for(x) is cpu
         y = m(x)

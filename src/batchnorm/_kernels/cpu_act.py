@@ -49,11 +49,19 @@ def _kernel(name: str) -> Any:
     return kern
 
 
-def _run(name: str, *args: Any) -> None:
-    """Launch kernel ``name`` under the back-end's launch lock."""
+def _run(name: str, *args: Any, small: bool = False) -> None:
+    """Launch kernel ``name`` like :func:`cpu._run` (lock; one thread when ``small``)."""
     kern = _kernel(name)
     with cpu._launch_lock:
-        kern(*args)
+        if not small:
+            kern(*args)
+            return
+        before = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            kern(*args)
+        finally:
+            numba.set_num_threads(before)
 
 
 def _py_point(z, g, mode, slope, alpha, tiny):  # pragma: no cover - runs compiled
@@ -202,6 +210,7 @@ def backward_act(
         g = cpu._empty_like(zn).copy_(g)
     dx = cpu._empty_like(zn)
     kind, n, c, s = cpu._plan(zn, layout)
+    small = zn.numel() < cpu._SMALL_WORK
     n_c = z.shape[1]
     zf = cpu._flat(zn, layout)
     gf = cpu._flat(g, layout)
@@ -215,19 +224,19 @@ def backward_act(
     if kind == "ncs":
         tot = np.empty((3, c))
         k, nseg = cpu._units(n, c, s)
-        _run("_bsums_act_ncs", gf, zf, n, c, s, k, nseg, beta, *args, tot)
+        _run("_bsums_act_ncs", gf, zf, n, c, s, k, nseg, beta, *args, tot, small=small)
     else:
         nblk = cpu._rows_blocks(n, c)
         col = np.empty((3, c))
-        _run("_bsums_act_rows", gf, zf, n, c, nblk, np.repeat(beta, s), *args, col)
+        _run("_bsums_act_rows", gf, zf, n, c, nblk, np.repeat(beta, s), *args, col, small=small)
         tot = col.reshape(3, n_c, s).sum(axis=2)  # (3, C*s) -> (3, C, s) -> (3, C)
     # BN backward in the variables of y: x_hat = (y - beta) * (1 / gamma), and the dx scale
     # weight' * invstd' must be gamma * invstd, so weight' = gamma^2 * invstd
     p = cpu._bwd_params(tot, beta, 1.0 / gamma, gamma * gamma * inv, float(n * s), sums, np.float64)
     q = np.stack([p[0] + p[1], p[2], p[3], p[4]])  # (4, C) float64: mean of y, k1, k2, k3
     if kind == "ncs":
-        _run("_dx_act_ncs", gf, zf, n, c, s, cpu._nseg(n * c, s), q, *args, dxf)
+        _run("_dx_act_ncs", gf, zf, n, c, s, cpu._nseg(n * c, s), q, *args, dxf, small=small)
     else:
-        _run("_dx_act_rows", gf, zf, n, c, nblk, np.repeat(q, s, axis=1), *args, dxf)
+        _run("_dx_act_rows", gf, zf, n, c, nblk, np.repeat(q, s, axis=1), *args, dxf, small=small)
     out = torch.from_numpy(sums).to(acc_dtype(z.dtype))
     return cpu._as_dtype(dx, z.dtype), out[0].clone(), out[1].clone()
