@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = (16, 64, 56, 56) if a.quick else (32, 64, 56, 56)
     rounds = 5 if a.quick else 11
     kinds = ("torch", "ours", "fused")
-    labels = {"torch": "torch BN2d + LeakyReLU", "ours": "our BN2d + LeakyReLU", "fused": "BatchNormAct2d"}
+    labels = {"torch": "torch BN + LeakyReLU", "ours": "our BN + LeakyReLU", "fused": "BatchNormAct"}
 
     x = torch.randn(shape, requires_grad=True)
     layers = {k: norm_act(k, shape[1], 2) for k in kinds}

@@ -44,6 +44,9 @@ Numerical policy:
   shift is a sample of the column, so d is of the order of the spread and mean 1e4, std 1e-2
   loses nothing (x - shift is exact in float32 there); up to _ROWS rows are summed in the input
   dtype before each float64 flush; var is clamped at >= 0;
+- backward sums (sum g, sum g * (x - mean), sum (x - mean)) are accumulated per run (<= _SEG
+  values, or _ROWS rows) in the input dtype around the mean rounded to that dtype (so x - mean
+  is exact near the mean), then added up and moved to the float64 mean in float64;
 - normalization subtracts the float64 mean as a hi + lo pair in the input dtype,
   ``((x - mu_hi) - mu_lo) * scale + shift``: for x near mu_hi the first difference is exact, so
   y keeps its precision where ``x * scale + shift`` would lose it (1e4 * 100 in float32);
