@@ -411,8 +411,23 @@ def _py_stats_mc(x, n_m, n_c, n_blk, stats):  # pragma: no cover
             for r0 in range(blk * rows, r_end, _ROWS):
                 la[:nt] = 0.0
                 lq[:nt] = 0.0
-                for r in range(r0, min(r_end, r0 + _ROWS)):
-                    xr = x[r * n_c + c0 : r * n_c + c1]
+                r_stop = min(r_end, r0 + _ROWS)
+                r = r0
+                while r + 4 <= r_stop:  # 4 rows per sweep: a quarter of the accumulator traffic
+                    x0 = x[r * n_c + c0 : r * n_c + c1]
+                    x1 = x[(r + 1) * n_c + c0 : (r + 1) * n_c + c1]
+                    x2 = x[(r + 2) * n_c + c0 : (r + 2) * n_c + c1]
+                    x3 = x[(r + 3) * n_c + c0 : (r + 3) * n_c + c1]
+                    for c in range(nt):
+                        d0 = x0[c] - sh[c]
+                        d1 = x1[c] - sh[c]
+                        d2 = x2[c] - sh[c]
+                        d3 = x3[c] - sh[c]
+                        la[c] += (d0 + d1) + (d2 + d3)
+                        lq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+                    r += 4
+                for rr in range(r, r_stop):
+                    xr = x[rr * n_c + c0 : rr * n_c + c1]
                     for c in range(nt):
                         d = xr[c] - sh[c]
                         la[c] += d
@@ -470,9 +485,23 @@ def _py_bsums_mc(g, x, n_m, n_c, n_blk, shift, out):  # pragma: no cover
                 la[:nt] = 0.0
                 lb[:nt] = 0.0
                 le[:nt] = 0.0
-                for r in range(r0, min(r_end, r0 + _ROWS)):
-                    xr = x[r * n_c + c0 : r * n_c + c1]
-                    gr = g[r * n_c + c0 : r * n_c + c1]
+                r_stop = min(r_end, r0 + _ROWS)
+                r = r0
+                while r + 2 <= r_stop:  # 2 rows per sweep: half the accumulator traffic
+                    x0 = x[r * n_c + c0 : r * n_c + c1]
+                    x1 = x[(r + 1) * n_c + c0 : (r + 1) * n_c + c1]
+                    g0 = g[r * n_c + c0 : r * n_c + c1]
+                    g1 = g[(r + 1) * n_c + c0 : (r + 1) * n_c + c1]
+                    for c in range(nt):
+                        d0 = x0[c] - sh[c]
+                        d1 = x1[c] - sh[c]
+                        la[c] += g0[c] + g1[c]
+                        lb[c] += g0[c] * d0 + g1[c] * d1
+                        le[c] += d0 + d1
+                    r += 2
+                for rr in range(r, r_stop):
+                    xr = x[rr * n_c + c0 : rr * n_c + c1]
+                    gr = g[rr * n_c + c0 : rr * n_c + c1]
                     for c in range(nt):
                         gi = gr[c]
                         d = xr[c] - sh[c]
