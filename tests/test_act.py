@@ -51,7 +51,13 @@ def test_gradcheck_float64(backend, activation, slope, alpha, fmt):
 @pytest.mark.parametrize(("activation", "slope", "alpha"), ACTS)
 @pytest.mark.parametrize(
     ("shape", "fmt"),
-    [((16, 5), torch.contiguous_format), ((4, 5, 6), torch.contiguous_format), ((3, 5, 4, 4), torch.channels_last), ((2, 5, 2, 3, 3), torch.contiguous_format)],
+    [
+        ((16, 5), torch.contiguous_format),
+        ((4, 5, 6), torch.contiguous_format),
+        ((3, 5, 4, 4), torch.channels_last),
+        ((2, 5, 2, 3, 3), torch.contiguous_format),
+        ((2, 3, 8, 9), torch.contiguous_format),  # long rows: the (N, C, S) kernels
+    ],
 )
 def test_matches_bn_then_activation(backend, activation, slope, alpha, shape, fmt):
     """Output and all gradients equal torch BN followed by the activation (float64)."""
@@ -72,6 +78,30 @@ def test_matches_bn_then_activation(backend, activation, slope, alpha, shape, fm
     for ours, theirs, name in zip(outs[0], outs[1], ("z", "dx", "dweight", "dbias")):
         torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-9, msg=name)
     assert outs[0][0].stride() == outs[1][0].stride()
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_large_input_multithreaded_path(fmt):
+    """A tensor above the kernels' small-work threshold (all threads) under the auto back-end."""
+    from batchnorm._kernels import cpu
+
+    shape = (4, 8, 64, 64)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).contiguous(memory_format=fmt)
+    assert x.numel() >= max(cpu._SMALL_WORK, cpu.AUTO_MIN_NUMEL)
+    w = torch.linspace(-1.5, 1.5, 8, dtype=torch.float64) + 0.01
+    b = torch.linspace(-0.3, 0.3, 8, dtype=torch.float64)
+    g = torch.randn(shape, dtype=torch.float64)
+    outs = []
+    for fn in (
+        lambda x, w, b: batch_norm_act(x, None, None, w, b, True, 0.1, 1e-5, "leaky_relu", 0.05, 1.0),
+        lambda x, w, b: reference(x, w, b, "leaky_relu", 0.05, 1.0),
+    ):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        z = fn(xs, ws, bs)
+        z.backward(g)
+        outs.append((z, xs.grad, ws.grad, bs.grad))
+    for ours, theirs in zip(*outs):
+        torch.testing.assert_close(ours, theirs, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("gamma0", [0.0, 1e-7, -1e-6])
