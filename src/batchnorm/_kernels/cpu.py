@@ -50,12 +50,13 @@ Numerical policy:
 - normalization subtracts the float64 mean as a hi + lo pair in the input dtype,
   ``((x - mu_hi) - mu_lo) * scale + shift``: for x near mu_hi the first difference is exact, so
   y keeps its precision where ``x * scale + shift`` would lose it (1e4 * 100 in float32);
-- ``backward`` refines ``mean`` (which arrives rounded to float32 for float32 input) to the
-  float64 batch mean of ``x`` from the sums it reads anyway, so x_hat matches the forward. It
-  therefore requires ``mean`` to be the batch mean of ``x``, which the BN backward formula
-  assumes in any case;
+- ``backward`` refines ``mean`` to the float64 batch mean of ``x`` from the sums it reads
+  anyway (a no-op up to rounding for the float64 mean of :func:`train_forward`; it rescues a
+  mean that was rounded to float32). It therefore requires ``mean`` to be the batch mean of
+  ``x``, which the BN backward formula assumes in any case;
 - float16/bfloat16 inputs (numba has no half types) are cast to float32 with torch around the
-  float32 kernels; statistics are returned in float32 (``acc_dtype``), float64 for float64.
+  float32 kernels; the mean is returned in float64, the variance and the sums of backward in
+  ``acc_dtype`` (float32, float64 for float64 input), as torch_ops does.
 
 Compilation happens on the first call of each kernel (never at import) and is cached on disk
 (``cache=True``: numba's ``__pycache__`` next to this file, or ``NUMBA_CACHE_DIR``, or the
@@ -764,7 +765,8 @@ def train_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training forward: (y, mean, var_biased). y has x's dtype and memory format; mean and the
-    biased variance (C,) are computed in float64 and returned in ``acc_dtype(x.dtype)``.
+    biased variance (C,) are computed in float64; the mean is returned in float64 and the
+    variance in ``acc_dtype(x.dtype)`` (as :func:`torch_ops.train_forward`).
 
     Shape: x (N, C, *) -> y (N, C, *), mean (C,), var (C,).
     """
@@ -791,9 +793,9 @@ def train_forward(
         _run("_affine_ncs", xf, n, c, s, _nseg(n * c, s), p, yf, small=small)
     else:
         _run("_affine_mc", xf, n, c, nblk, np.repeat(p, s, axis=1), yf, small=small)
-    acc = acc_dtype(x.dtype)
-    st = st.to(acc)
-    return _as_dtype(y, x.dtype), st[0].clone(), st[1].clone()
+    # as torch_ops: the mean in float64 (a float32 mean of 1e4 is off by 5% of a 1e-2 spread),
+    # the variance in the accumulation dtype
+    return _as_dtype(y, x.dtype), st[0].clone(), st[1].to(acc_dtype(x.dtype))
 
 
 def eval_forward(

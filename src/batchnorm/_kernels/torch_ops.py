@@ -9,6 +9,10 @@ Numerical policy (see DESIGN.md):
 - the variance is computed *shifted*: d = x - x[first sample] per channel, then the two-pass
   mean/variance of d. For mean 1e4 and std 1e-2 in float32 the subtraction is exact (Sterbenz)
   and the remaining numbers are small, so nothing cancels; var is clamped at >= 0;
+- the batch mean is returned in float64 (a (C,) vector: cheap), because a float32 mean of 1e4
+  is off by up to 5e-4, which is 5% of a 1e-2 spread. Centering (:func:`center`) subtracts the
+  float32-rounded mean (exact by Sterbenz) and then the small float64 residual, so x - mean
+  keeps the precision of the spread, not of the magnitude;
 - outputs keep the input's dtype and memory format (channels_last in, channels_last out).
 
 These functions are written with plain differentiable torch operations, so autograd can
@@ -25,6 +29,7 @@ __all__ = [
     "reduce_dims",
     "channel_view",
     "batch_stats",
+    "center",
     "normalize",
     "train_forward",
     "eval_forward",
@@ -47,27 +52,38 @@ def channel_view(v: Tensor, ndim: int) -> Tensor:
     return v.reshape(1, -1, *([1] * (ndim - 2)))
 
 
-def _shifted_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(x in acc_dtype, shift, mean of x - shift, biased var): shift and mean_d (1, C, 1, ...)."""
-    xa = x.to(acc_dtype(x.dtype))
-    dims = reduce_dims(xa)
-    # shift: the first sample's value of each channel, (1, C, 1, ...)
-    shift = xa[:1].flatten(2)[..., :1].detach() if xa.dim() > 2 else xa[:1].detach()
-    shift = shift.reshape(1, -1, *([1] * (xa.dim() - 2)))
-    d = xa - shift
-    mean_d = d.mean(dim=dims, keepdim=True)
-    var = (d - mean_d).square().mean(dim=dims)
-    return xa, shift, mean_d, var.clamp_min(0.0)
-
-
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and *biased* variance of ``x`` (N, C, *), in ``acc_dtype``.
+    """Per-channel mean (float64) and *biased* variance (``acc_dtype``) of ``x`` (N, C, *).
 
     mean = (1/m) sum x;  var = (1/m) sum (x - mean)^2, computed on x shifted by its first sample
     (see module docstring). Differentiable with respect to ``x``.
     """
-    _, shift, mean_d, var = _shifted_stats(x)
-    return (mean_d + shift).reshape(-1), var
+    acc = acc_dtype(x.dtype)
+    xa = x.to(acc)
+    dims = reduce_dims(xa)
+    # shift: the first value of each channel, (1, C, 1, ..., 1)
+    shift = xa.detach()[:1].flatten(2)[..., :1] if xa.dim() > 2 else xa.detach()[:1]
+    shift = shift.reshape(1, -1, *([1] * (xa.dim() - 2)))
+    d = xa - shift  # (N, C, *), exact for values within a factor 2 of the shift
+    mean_d = d.mean(dim=dims, keepdim=True)
+    var = (d - mean_d).square().mean(dim=dims)
+    mean = (mean_d.double() + shift.double()).reshape(-1)  # (C,) float64
+    return mean, var.clamp_min(0.0)
+
+
+def center(x: Tensor, mean: Tensor) -> Tensor:
+    """x - mean per channel, in ``acc_dtype(x.dtype)``, without losing a float64 mean's digits.
+
+    Subtracts the mean rounded to the accumulation dtype first (exact when x is near it), then
+    the rounding residual. Differentiable in both arguments.
+    """
+    acc = acc_dtype(x.dtype)
+    nd = x.dim()
+    rounded = mean.to(acc)
+    d = x.to(acc) - channel_view(rounded, nd)
+    if mean.dtype != acc:
+        d = d - channel_view((mean - rounded.to(mean.dtype)).to(acc), nd)
+    return d
 
 
 def normalize(
@@ -77,32 +93,25 @@ def normalize(
     weight: Tensor | None,
     bias: Tensor | None,
 ) -> Tensor:
-    """y = (x - mean) * (invstd * weight) + bias, per channel.
+    """y = (x - mean) * invstd * weight + bias, per channel.
 
-    ``mean``/``invstd`` are (C,) in the accumulation dtype; the result has x's dtype and layout.
-    The mean is subtracted first: folding it into one shift (x * scale - mean * scale) loses all
-    precision when |mean| >> std (mean 1e4, std 1e-2 in float32: x * scale ~ 1e6).
+    ``mean``/``invstd`` are (C,); the result has x's dtype and memory format.
     """
-    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
     nd = x.dim()
-    y = (x.to(scale.dtype) - channel_view(mean, nd)) * channel_view(scale, nd)
+    scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+    y = center(x, mean) * channel_view(scale.to(acc_dtype(x.dtype)), nd)
     if bias is not None:
-        y = y + channel_view(bias.to(scale.dtype), nd)
+        y = y + channel_view(bias.to(y.dtype), nd)
     return y.to(x.dtype)
 
 
 def train_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Training forward: returns (y, mean, var_biased); statistics in ``acc_dtype``.
-
-    y is normalized from the shifted data ((x - shift) - mean_d), whose mean is exact, rather
-    than from the rounded mean (an error of ulp(mean)/2 is 5% of std for mean 1e4, std 1e-2).
-    """
-    xa, shift, mean_d, var = _shifted_stats(x)
+    """Training forward: returns (y, mean, var_biased); statistics in ``acc_dtype``."""
+    mean, var = batch_stats(x)
     invstd = torch.rsqrt(var + eps)
-    y = normalize(xa - shift, mean_d.reshape(-1), invstd, weight, bias).to(x.dtype)
-    return y, (mean_d + shift).reshape(-1), var
+    return normalize(x, mean, invstd, weight, bias), mean, var
 
 
 def eval_forward(
@@ -114,9 +123,8 @@ def eval_forward(
     eps: float,
 ) -> Tensor:
     """Inference forward with fixed statistics: y = weight * (x - mean) / sqrt(var + eps) + bias."""
-    acc = acc_dtype(x.dtype)
-    invstd = torch.rsqrt(var.to(acc) + eps)
-    return normalize(x, mean.to(acc), invstd, weight, bias)
+    invstd = torch.rsqrt(var.to(acc_dtype(x.dtype)) + eps)
+    return normalize(x, mean, invstd, weight, bias)
 
 
 def backward(
@@ -134,18 +142,14 @@ def backward(
 
     Returns (dx in x's dtype and layout, dgamma, dbeta in the accumulation dtype).
     Differentiable in all its tensor arguments.
-
-    ``mean`` must be the batch mean of ``x``: x - mean is re-centred by its own mean, which
-    undoes the rounding of a stored float32 mean (mean 1e4, std 1e-2) and is exactly zero
-    (value and derivative) for the exact batch mean.
     """
-    acc = mean.dtype
+    acc = acc_dtype(x.dtype)
     nd = x.dim()
     dims = reduce_dims(x)
     m = x.numel() // x.shape[1]
     g = grad_y.to(acc)
-    d = x.to(acc) - channel_view(mean, nd)
-    x_hat = (d - d.mean(dim=dims, keepdim=True)) * channel_view(invstd, nd)
+    invstd = invstd.to(acc)
+    x_hat = center(x, mean) * channel_view(invstd, nd)
     sum_g = g.sum(dim=dims)
     sum_gx = (g * x_hat).sum(dim=dims)
     scale = invstd if weight is None else invstd * weight.to(acc)

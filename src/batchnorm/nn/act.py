@@ -18,13 +18,11 @@ Example::
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
 from ..functional_act import _batch_norm_act, check_activation
-from .batchnorm import BatchNormBase
+from .batchnorm import BatchNormBase, record_update
 
 __all__ = ["BatchNormActBase", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
 
@@ -91,16 +89,7 @@ class BatchNormActBase(BatchNormBase):
             self.alpha,
             where,
         )
-        if updated:
-            self.num_batches_tracked.add_(1)
-        elif updated is False and input.numel() > 0 and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(
-                f"{where}: batch statistics are not finite (NaN/inf in the input); running "
-                "statistics and num_batches_tracked were left unchanged (warned once per layer)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        record_update(self, updated, input, where)
         return z
 
 
