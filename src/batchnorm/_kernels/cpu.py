@@ -128,7 +128,7 @@ def _configure_threading() -> None:
 
     Measured on a loaded 2-core machine, interleaved with torch ops (which run on torch's own
     OpenMP pool): numba's OpenMP pool made our kernels' median 5-7x slower than their best,
-    the workqueue pool (threads sleep between launches) kept it within ~1.3x. The layer is
+    the workqueue pool (threads sleep between launches) kept it within about 1-2.5x. The layer is
     picked at numba's first parallel launch, process-wide; set ``NUMBA_THREADING_LAYER`` to
     override. workqueue does not allow concurrent launches, so ours are serialized by a lock.
     """
