@@ -54,8 +54,8 @@ class Config:
 
     repeats: int = 11
     """Interleaved rounds per operation (the median of these is reported)."""
-    warmup: int = 2
-    """Untimed rounds first (numba compilation or cache load, page-cache warm-up)."""
+    warmup: int = 3
+    """Untimed rounds first (numba compilation or cache load, torch's first-call set-up)."""
     dtypes: tuple[str, ...] = ("float32",)
     """Input dtypes to measure."""
     shapes: tuple[int, ...] = tuple(range(len(SHAPES)))
