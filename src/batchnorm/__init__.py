@@ -12,10 +12,14 @@ from .conventions import KerasConversion, from_keras, from_keras_momentum, to_ke
 from .convert import convert
 from .distributed import convert_sync_batchnorm
 from .functional import batch_norm
+from .functional_act import batch_norm_act
 from .nn import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
     BatchNormBase,
     BatchRenorm1d,
     BatchRenorm2d,
@@ -42,6 +46,9 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "BatchNormBase",
     "BatchRenorm1d",
     "BatchRenorm2d",
@@ -60,6 +67,7 @@ __all__ = [
     "RedundantBias",
     "SyncBatchNorm",
     "batch_norm",
+    "batch_norm_act",
     "batch_renorm",
     "convert",
     "convert_sync_batchnorm",

@@ -1,5 +1,6 @@
 """Modules: batch-norm layers (re-exported from :mod:`batchnorm`)."""
 
+from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, BatchNormActBase
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenBatchNormBase
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, GhostBatchNormBase, ghost_batch_norm
@@ -11,6 +12,10 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormActBase",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "BatchRenormBase",
     "BatchRenorm1d",
     "BatchRenorm2d",

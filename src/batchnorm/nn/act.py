@@ -1,0 +1,121 @@
+"""``BatchNormAct1d/2d/3d``: batch norm + invertible activation, fused, saving only the output.
+
+    z = act(weight * (x - E[x]) / sqrt(Var[x] + eps) + bias),  act in {leaky_relu, elu, identity}
+
+Drop-in for ``BatchNorm*d`` followed by ``LeakyReLU``/``ELU``: same parameters, buffers,
+running-statistics behaviour (PyTorch momentum convention, unbiased ``running_var``, no update
+from non-finite batches) and ``state_dict`` keys, so the ``state_dict`` of a plain
+``torch.nn.BatchNorm2d`` loads with ``strict=True``. In training, backward keeps only z and
+recomputes x_hat from it (In-Place ABN, Rota Bulo et al. 2018): about half the activation
+memory of BN + activation. ReLU is refused (not invertible); see
+:mod:`batchnorm.functional_act` for the formulas, the |gamma| guard and the ELU caveat.
+
+Example::
+
+    block = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, bias=False), BatchNormAct2d(16))
+    # replaces Conv2d -> BatchNorm2d(16) -> LeakyReLU(0.01)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..functional_act import _batch_norm_act, check_activation
+from .batchnorm import BatchNormBase, record_update
+
+__all__ = ["BatchNormActBase", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
+
+
+class BatchNormActBase(BatchNormBase):
+    """Shared implementation of ``BatchNormAct*d``; subclasses set ``_ndims``.
+
+    Args:
+        num_features: C, the number of channels (dim 1 of the input).
+        activation: "leaky_relu" (default), "elu" or "identity". "relu" raises ValueError:
+            ReLU is not invertible, so the memory-saving backward cannot recover its input.
+        negative_slope: slope of leaky_relu for y < 0, > 0 (default 0.01, as torch).
+        alpha: ELU's alpha, > 0 (default 1.0).
+        eps, momentum, affine, track_running_stats, device, dtype, bias: as ``BatchNorm*d``
+            (momentum: weight of the new batch statistic, default 0.1; None = cumulative).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        activation: str = "leaky_relu",
+        *,
+        negative_slope: float = 0.01,
+        alpha: float = 1.0,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        bias: bool = True,
+    ) -> None:
+        check_activation(activation, negative_slope, alpha, f"{type(self).__name__}({num_features})")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+        self.alpha = float(alpha)
+
+    def extra_repr(self) -> str:
+        act = self.activation
+        if act == "leaky_relu":
+            act += f", negative_slope={self.negative_slope}"
+        elif act == "elu":
+            act += f", alpha={self.alpha}"
+        return f"{super().extra_repr()}, activation={act}"
+
+    def forward(self, input: Tensor) -> Tensor:
+        """act(BN(input)) per channel; see the module docstring."""
+        self._check_input_dim(input)
+        where = self._where()
+        use_batch_stats = self.training or self.running_mean is None
+        update = self.training and self.track_running_stats
+        z, updated = _batch_norm_act(
+            input,
+            self.running_mean if (update or not use_batch_stats) else None,
+            self.running_var if (update or not use_batch_stats) else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self._momentum_now() if update else 0.0,
+            self.eps,
+            self.activation,
+            self.negative_slope,
+            self.alpha,
+            where,
+        )
+        record_update(self, updated, input, where)
+        return z
+
+
+class BatchNormAct1d(BatchNormActBase):
+    """BN + activation over (N, C) or (N, C, L); replaces ``BatchNorm1d`` + ``LeakyReLU``/``ELU``.
+
+    Shape: input (N, C) or (N, C, L) -> output of the same shape; statistics over N (and L).
+    """
+
+    _ndims = (2, 3)
+
+
+class BatchNormAct2d(BatchNormActBase):
+    """BN + activation over (N, C, H, W); replaces ``BatchNorm2d`` + ``LeakyReLU``/``ELU``.
+
+    Shape: input (N, C, H, W) -> same shape, dtype and memory format; statistics per channel
+    over N*H*W values.
+    """
+
+    _ndims = (4,)
+
+
+class BatchNormAct3d(BatchNormActBase):
+    """BN + activation over (N, C, D, H, W); replaces ``BatchNorm3d`` + ``LeakyReLU``/``ELU``.
+
+    Shape: input (N, C, D, H, W) -> same shape; statistics per channel over N*D*H*W values.
+    """
+
+    _ndims = (5,)

@@ -1,0 +1,411 @@
+"""Kernels and dispatch: numba CPU back-end and the pure-torch fallback, against NumPy float64.
+
+Run: PYTHONPATH=src python -m pytest -q tests/test_kernels_cpu.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+import batchnorm
+from batchnorm import functional as BF
+from batchnorm._kernels import cpu, dispatch, torch_ops
+
+BACKENDS = ["torch", "numba"]
+
+# (shape, memory format) covering both kernel layouts and both ncs task splits (C=3: within-channel
+# units; C=16: one task per channel, fused).
+CASES = [
+    ((16, 5), torch.contiguous_format),
+    ((4, 3, 7), torch.contiguous_format),
+    ((3, 3, 5, 6), torch.contiguous_format),
+    ((2, 16, 3, 5), torch.contiguous_format),
+    ((3, 3, 5, 6), torch.channels_last),
+    ((2, 16, 3, 5), torch.channels_last),
+    ((2, 3, 2, 3, 4), torch.contiguous_format),
+    ((2, 3, 2, 3, 4), torch.channels_last_3d),
+]
+CASE_IDS = [f"{'x'.join(map(str, s))}-{str(f).split('.')[-1]}" for s, f in CASES]
+
+# max |error| allowed relative to the largest reference magnitude, per input dtype
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy float64 reference (textbook formulas of DESIGN.md)
+
+
+def _to_mc(x: np.ndarray) -> np.ndarray:
+    """(N, C, *) -> (M, C)."""
+    return np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+
+
+def ref_train(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float):
+    """y, mean, biased var, x_hat for a float64 array x (N, C, *)."""
+    xm = _to_mc(x)  # (M, C)
+    mean = xm.mean(axis=0)
+    var = ((xm - mean) ** 2).mean(axis=0)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    x_hat = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    return x_hat * w.reshape(shape) + b.reshape(shape), mean, var, x_hat
+
+
+def ref_backward(g: np.ndarray, x_hat: np.ndarray, var: np.ndarray, w: np.ndarray, eps: float):
+    """dx, dgamma, dbeta (float64) for upstream gradient g."""
+    shape = (1, -1) + (1,) * (g.ndim - 2)
+    m = g.size // g.shape[1]
+    db = _to_mc(g).sum(axis=0)
+    dw = _to_mc(g * x_hat).sum(axis=0)
+    k = (w / np.sqrt(var + eps)).reshape(shape)
+    dx = k * (g - db.reshape(shape) / m - x_hat * dw.reshape(shape) / m)
+    return dx, dw, db
+
+
+def ref_eval(x: np.ndarray, mean: np.ndarray, var: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float):
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * w.reshape(shape) + b.reshape(shape)
+
+
+def f64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).numpy().copy()
+
+
+def assert_near(actual: torch.Tensor, expected: np.ndarray, dtype: torch.dtype, what: str) -> None:
+    """max |actual - expected| <= TOL[dtype] * max(1, max |expected|)."""
+    err = float(np.max(np.abs(f64(actual) - expected)))
+    scale = max(1.0, float(np.max(np.abs(expected))))
+    assert err <= TOL[dtype] * scale, f"{what}: max |err| {err:.3e} > {TOL[dtype] * scale:.3e}"
+
+
+def make_input(shape, fmt, dtype, loc=1.5, spread=2.0) -> torch.Tensor:
+    x = (torch.randn(shape, dtype=torch.float64) * spread + loc).to(dtype)
+    return x.contiguous(memory_format=fmt)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    with batchnorm.use_backend(request.param):
+        yield request.param
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional layer (training forward + backward + running stats, then eval) on both back-ends
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("shape", "fmt"), CASES, ids=CASE_IDS)
+def test_functional_matches_reference(backend, shape, fmt, dtype):
+    c = shape[1]
+    x = make_input(shape, fmt, dtype).requires_grad_()
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
+    b = torch.randn(c, dtype=torch.float64).to(dtype).requires_grad_()
+    g = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+    rm = torch.randn(c, dtype=dtype)
+    rv = torch.rand(c, dtype=dtype) + 0.5
+    rm0, rv0 = f64(rm), f64(rv)
+    eps, momentum = 1e-3, 0.3
+    want = torch_ops if backend == "torch" else cpu
+    assert dispatch.backend_for(x) is want
+
+    y = batchnorm.batch_norm(x, rm, rv, w, b, training=True, momentum=momentum, eps=eps)
+    y.backward(g)
+
+    ey, mean, var, x_hat = ref_train(f64(x), f64(w), f64(b), eps)
+    dx, dw, db = ref_backward(f64(g), x_hat, var, f64(w), eps)
+    assert y.dtype == dtype
+    assert y.is_contiguous(memory_format=fmt)
+    assert_near(y, ey, dtype, "y")
+    assert_near(x.grad, dx, dtype, "dx")
+    assert_near(w.grad, dw, dtype, "dweight")
+    assert_near(b.grad, db, dtype, "dbias")
+    m = x.numel() // c
+    assert_near(rm, (1 - momentum) * rm0 + momentum * mean, dtype, "running_mean")
+    assert_near(rv, (1 - momentum) * rv0 + momentum * var * m / (m - 1), dtype, "running_var")
+
+    with torch.no_grad():
+        ye = batchnorm.batch_norm(x, rm, rv, w, b, training=False, eps=eps)
+    assert ye.is_contiguous(memory_format=fmt)
+    assert_near(ye, ref_eval(f64(x), f64(rm), f64(rv), f64(w), f64(b), eps), dtype, "eval y")
+
+
+@pytest.mark.parametrize(("shape", "fmt"), CASES, ids=CASE_IDS)
+def test_kernels_direct_no_affine(shape, fmt):
+    """cpu kernels called directly, weight/bias None, float64: all outputs of the API."""
+    x = make_input(shape, fmt, torch.float64)
+    g = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt)
+    c = shape[1]
+    ones, zeros = np.ones(c), np.zeros(c)
+    y, mean, var = cpu.train_forward(x, None, None, 1e-5)
+    ey, emean, evar, x_hat = ref_train(f64(x), ones, zeros, 1e-5)
+    assert mean.dtype == var.dtype == torch.float64
+    assert_near(y, ey, torch.float64, "y")
+    assert_near(mean, emean, torch.float64, "mean")
+    assert_near(var, evar, torch.float64, "var")
+    dx, dw, db = cpu.backward(g, x, mean, torch.rsqrt(var + 1e-5), None)
+    edx, edw, edb = ref_backward(f64(g), x_hat, evar, ones, 1e-5)
+    assert_near(dx, edx, torch.float64, "dx")
+    assert_near(dw, edw, torch.float64, "sum g*x_hat")
+    assert_near(db, edb, torch.float64, "sum g")
+    assert dx.stride() == x.stride()
+    ye = cpu.eval_forward(x, mean, var, None, None, 1e-5)
+    assert_near(ye, ey, torch.float64, "eval y")
+
+
+def test_backward_grad_layout_differs_from_input():
+    """A contiguous grad for a channels_last input (and vice versa) is handled, not misread."""
+    x = make_input((2, 4, 3, 5), torch.channels_last, torch.float64)
+    g = torch.randn(2, 4, 3, 5, dtype=torch.float64)  # NCHW
+    y, mean, var = cpu.train_forward(x, None, None, 1e-5)
+    dx, _, _ = cpu.backward(g, x, mean, torch.rsqrt(var + 1e-5), None)
+    _, _, evar, x_hat = ref_train(f64(x), np.ones(4), np.zeros(4), 1e-5)
+    assert_near(dx, ref_backward(f64(g), x_hat, evar, np.ones(4), 1e-5)[0], torch.float64, "dx")
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerical stability: mean 1e4, std 1e-2 in float32
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_large_mean_small_spread_float32(backend, fmt):
+    shape = (8, 3, 6, 6)
+    x = make_input(shape, fmt, torch.float32, loc=1e4, spread=1e-2).requires_grad_()
+    w = torch.tensor([0.5, 1.0, 2.0], requires_grad=True)
+    b = torch.tensor([0.0, 1.0, -1.0], requires_grad=True)
+    g = torch.randn(shape).contiguous(memory_format=fmt)
+    rm = torch.zeros(3)
+    rv = torch.ones(3)
+    y = batchnorm.batch_norm(x, rm, rv, w, b, training=True, momentum=1.0, eps=1e-8)
+    y.backward(g)
+    xd = f64(x)
+    ey, mean, var, x_hat = ref_train(xd, f64(w), f64(b), 1e-8)
+    dx, dw, db = ref_backward(f64(g), x_hat, var, f64(w), 1e-8)
+    m = x.numel() // 3
+    # the variance (~1e-4) is recovered to float32 precision: no cancellation against 1e8
+    np.testing.assert_allclose(f64(rv), var * m / (m - 1), rtol=1e-5)
+    np.testing.assert_allclose(f64(rm), mean, rtol=1e-7)
+    # outputs and gradients as precise as float32 allows at O(1) magnitudes
+    assert np.max(np.abs(f64(y) - ey)) < 1e-4
+    assert np.max(np.abs(f64(x.grad) - dx)) / np.max(np.abs(dx)) < 1e-4
+    assert np.max(np.abs(f64(w.grad) - dw)) / np.max(np.abs(dw)) < 1e-4
+    assert np.max(np.abs(f64(b.grad) - db)) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules against torch.nn.BatchNorm*d on both back-ends
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "shape", "fmt"),
+    [
+        (batchnorm.BatchNorm1d, torch.nn.BatchNorm1d, (32, 6), torch.contiguous_format),
+        (batchnorm.BatchNorm1d, torch.nn.BatchNorm1d, (4, 6, 9), torch.contiguous_format),
+        (batchnorm.BatchNorm2d, torch.nn.BatchNorm2d, (4, 6, 5, 5), torch.contiguous_format),
+        (batchnorm.BatchNorm2d, torch.nn.BatchNorm2d, (4, 6, 5, 5), torch.channels_last),
+        (batchnorm.BatchNorm3d, torch.nn.BatchNorm3d, (2, 6, 3, 4, 4), torch.contiguous_format),
+    ],
+)
+def test_module_matches_torch(backend, ours, theirs, shape, fmt):
+    c = shape[1]
+    a = ours(c, momentum=0.2)
+    t = theirs(c, momentum=0.2)
+    with torch.no_grad():
+        for m in (a, t):
+            m.weight.copy_(torch.linspace(0.5, 1.5, c))
+            m.bias.copy_(torch.linspace(-1.0, 1.0, c))
+    for step in range(2):
+        x = make_input(shape, fmt, torch.float32, loc=float(step))
+        xa = x.clone().requires_grad_()
+        xt = x.clone().requires_grad_()
+        ya = a(xa)
+        yt = t(xt)
+        g = torch.randn_like(yt)
+        ya.backward(g)
+        yt.backward(g)
+        torch.testing.assert_close(ya, yt, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(xa.grad, xt.grad, atol=1e-5, rtol=1e-5)
+        assert ya.stride() == yt.stride()
+    torch.testing.assert_close(a.weight.grad, t.weight.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(a.bias.grad, t.bias.grad, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(a.running_mean, t.running_mean, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a.running_var, t.running_var, atol=1e-6, rtol=1e-5)
+    assert int(a.num_batches_tracked) == int(t.num_batches_tracked) == 2
+    a.eval()
+    t.eval()
+    x = make_input(shape, fmt, torch.float32)
+    torch.testing.assert_close(a(x), t(x), atol=1e-5, rtol=1e-5)
+
+
+def test_nonfinite_batch_leaves_running_stats(backend):
+    x = torch.randn(4, 3, 5)
+    x[1, 2, 3] = float("nan")
+    rm = torch.zeros(3)
+    rv = torch.ones(3)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        y = batchnorm.batch_norm(x, rm, rv, training=True)
+    assert torch.isnan(y[:, 2]).all()
+    assert torch.isfinite(y[:, :2]).all()
+    assert torch.equal(rm, torch.zeros(3))
+    assert torch.equal(rv, torch.ones(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch, supports(), invariances and the compile/caching policy
+
+
+def test_supports_and_dispatch():
+    x = torch.randn(4, 3, 5, 5)
+    big = torch.randn(8, 4, 64, 64)
+    assert big.numel() >= cpu.AUTO_MIN_NUMEL > x.numel()
+    with batchnorm.use_backend("numba"):
+        assert cpu.supports(x)
+        assert cpu.supports(x.to(memory_format=torch.channels_last))
+        assert cpu.supports(x.to(torch.bfloat16))
+        assert cpu.supports(torch.randn(5, 7, 3).transpose(1, 2))  # C innermost: "mc" layout
+        sliced = x[:, :, ::2]
+        assert not cpu.supports(sliced)
+        assert not cpu.supports(torch.empty(0, 3, 4))
+        assert not cpu.supports(torch.randn(4, 3, dtype=torch.complex64))
+        assert not cpu.supports(torch.randn(4, 3, device="meta"))
+        assert not cpu.supports(torch.randn(5))
+        assert dispatch.backend_for(sliced) is torch_ops
+        assert dispatch.backend_for(x) is cpu
+    with batchnorm.use_backend("auto"):
+        assert dispatch.backend_for(big) is cpu
+        assert dispatch.backend_for(big.to(memory_format=torch.channels_last)) is cpu
+        assert dispatch.backend_for(x) is torch_ops  # small: torch ops beat a kernel launch
+        assert dispatch.backend_for(big[:, :, ::2]) is torch_ops
+    with batchnorm.use_backend("torch"):
+        assert dispatch.backend_for(x) is torch_ops
+    with pytest.raises(ValueError, match="contiguous or channels-last"):
+        cpu.train_forward(sliced, None, None, 1e-5)
+
+
+def test_unsupported_layout_falls_back_with_same_result():
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)[:, :, ::2]
+    with batchnorm.use_backend("numba"):
+        y = batchnorm.batch_norm(x, None, None, training=True)
+    ey, _, _, _ = ref_train(f64(x), np.ones(3), np.zeros(3), 1e-5)
+    assert_near(y, ey, torch.float64, "y")
+
+
+@pytest.mark.parametrize(
+    ("shape", "fmt"),
+    [
+        ((2, 3, 160, 160), torch.contiguous_format),  # ncs, within-channel units
+        ((4, 16, 48, 48), torch.contiguous_format),  # ncs
+        ((256, 16, 6, 6), torch.contiguous_format),  # short rows: (N, C*S) row kernels
+        ((8, 24, 32, 32), torch.channels_last),  # mc
+    ],
+)
+def test_parallel_paths_match_reference_and_thread_count(shape, fmt):
+    """Tensors above the small-work threshold run the multi-threaded kernels: they match the
+    float64 reference, and 1 vs all threads changes rounding only."""
+    x = make_input(shape, fmt, torch.float32)
+    g = torch.randn(shape).contiguous(memory_format=fmt)
+    before = cpu._threads()  # (starts numba's pool with the back-end's threading layer)
+    results = []
+    try:
+        for n in sorted({1, before}):
+            numba.set_num_threads(n)
+            y, mean, var = cpu.train_forward(x, None, None, 1e-5)
+            dx, dw, db = cpu.backward(g, x, mean, torch.rsqrt(var + 1e-5), None)
+            results.append((y, mean, var, dx, dw, db))
+    finally:
+        numba.set_num_threads(before)
+    assert x.numel() >= cpu._SMALL_WORK
+    c = shape[1]
+    ey, emean, evar, x_hat = ref_train(f64(x), np.ones(c), np.zeros(c), 1e-5)
+    edx, edw, edb = ref_backward(f64(g), x_hat, evar, np.ones(c), 1e-5)
+    for got in results:
+        for t, e, name in zip(got, (ey, emean, evar, edx, edw, edb), ("y", "mean", "var", "dx", "dw", "db")):
+            assert_near(t, e, torch.float32, name)
+
+
+def test_shift_invariance_of_statistics():
+    """var(x + c) == var(x) and y(x + c) == y(x) for a large shift c (no cancellation)."""
+    x = torch.randn(6, 4, 7, 7, dtype=torch.float64)
+    y0, m0, v0 = cpu.train_forward(x, None, None, 1e-5)
+    y1, m1, v1 = cpu.train_forward(x + 1e6, None, None, 1e-5)
+    torch.testing.assert_close(v1, v0, rtol=1e-9, atol=0)
+    torch.testing.assert_close(m1 - 1e6, m0, rtol=0, atol=1e-9)
+    torch.testing.assert_close(y1, y0, rtol=0, atol=1e-8)
+
+
+def test_jit_falls_back_without_cache(monkeypatch):
+    """When numba finds no writable cache location, kernels compile uncached instead of failing."""
+    calls = []
+
+    def fake_njit(**options):
+        calls.append(options["cache"])
+        if options["cache"]:
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x'")
+        return lambda f: ("compiled", f)
+
+    monkeypatch.setattr(cpu.numba, "njit", fake_njit)
+
+    def f():
+        return 1
+
+    assert cpu._jit(f, parallel=True) == ("compiled", f)
+    assert calls == [True, False]
+
+
+def test_import_does_not_compile(tmp_path):
+    """Importing the back-end builds no kernel (compilation waits for the first call)."""
+    src = Path(batchnorm.__file__).resolve().parents[1]
+    code = (
+        "import batchnorm._kernels.cpu as c, numba\n"
+        "assert c._compiled == {}, c._compiled\n"
+        "assert not isinstance(c._sum, numba.core.registry.CPUDispatcher)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_concurrent_calls_from_threads(tmp_path):
+    """Kernel launches from several Python threads are serialized (numba's workqueue layer
+    aborts the process on concurrent launches), in a subprocess so a failure cannot kill pytest."""
+    src = Path(batchnorm.__file__).resolve().parents[1]
+    code = (
+        "import threading, torch\n"
+        "from batchnorm._kernels import cpu\n"
+        "x = torch.randn(8, 4, 16, 16)\n"
+        "ref = cpu.train_forward(x, None, None, 1e-5)[0]\n"
+        "bad = []\n"
+        "def work():\n"
+        "    for _ in range(30):\n"
+        "        y = cpu.train_forward(x, None, None, 1e-5)[0]\n"
+        "        bad.append(not torch.equal(y, ref))\n"
+        "ts = [threading.Thread(target=work) for _ in range(3)]\n"
+        "[t.start() for t in ts]\n"
+        "[t.join() for t in ts]\n"
+        "print('ok' if not any(bad) else 'mismatch')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_module_default_cpu_path_is_numba():
+    m = batchnorm.BatchNorm2d(3)
+    x = torch.randn(8, 3, 80, 80)
+    with batchnorm.use_backend("auto"):
+        assert dispatch.backend_for(x) is cpu
+        y = m(x)
+    with batchnorm.use_backend("torch"):
+        m2 = batchnorm.BatchNorm2d(3)
+        y2 = m2(x)
+    torch.testing.assert_close(y, y2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m.running_var, m2.running_var, atol=1e-6, rtol=1e-6)
