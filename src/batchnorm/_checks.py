@@ -95,6 +95,28 @@ def check_param(p: Tensor | None, name: str, num_features: int, where: str) -> N
         raise TypeError(f"{where}: expected {name} to be floating point, got dtype {p.dtype}")
 
 
+def check_args(
+    input: object,
+    where: str,
+    *,
+    training: bool,
+    eps: object,
+    params: dict[str, Tensor | None],
+    pair: tuple[str, str] | None = ("running_mean", "running_var"),
+) -> tuple[Tensor, float]:
+    """The checks every functional form makes: input (2D-5D floating tensor), eps, and each
+    per-channel tensor in ``params`` of shape (C,); the two named in ``pair`` (the running
+    statistics) must be given together. Returns (input, eps as float)."""
+    x = check_input(input, where)
+    c = x.shape[1]
+    eps = check_eps(eps, where, training=training)
+    for name, p in params.items():
+        check_param(p, name, c, where)
+    if pair is not None and (params.get(pair[0]) is None) != (params.get(pair[1]) is None):
+        raise ValueError(f"{where}: expected {pair[0]} and {pair[1]} both given or both None")
+    return x, eps
+
+
 def finite(*tensors: Tensor) -> bool:
     """True when every element of every tensor is finite."""
     return all(bool(torch.isfinite(t).all()) for t in tensors)

@@ -120,13 +120,14 @@ def _batch_norm(
 ) -> tuple[Tensor, bool | None]:
     """The work behind :func:`batch_norm`; also returns whether running stats were updated
     (None when there was nothing to update)."""
-    x = _checks.check_input(input, where)
+    x, eps = _checks.check_args(
+        input,
+        where,
+        training=training,
+        eps=eps,
+        params={"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var},
+    )
     c = x.shape[1]
-    eps = _checks.check_eps(eps, where, training=training)
-    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _checks.check_param(p, name, c, where)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{where}: expected running_mean and running_var both given or both None")
     if not training:
         if running_mean is None:
             raise ValueError(f"{where}: expected running_mean and running_var in evaluation mode, got None")

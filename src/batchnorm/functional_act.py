@@ -212,13 +212,14 @@ def _batch_norm_act(
         # evaluation (fixed affine map) or empty batch: plain BN, then the activation
         y, updated = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, where)
         return activation_forward(y, activation, negative_slope, alpha, inplace=False), updated
-    x = _checks.check_input(input, where)
+    x, eps = _checks.check_args(
+        input,
+        where,
+        training=True,
+        eps=eps,
+        params={"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var},
+    )
     c = x.shape[1]
-    eps = _checks.check_eps(eps, where, training=True)
-    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _checks.check_param(p, name, c, where)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{where}: expected running_mean and running_var both given or both None")
     momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]
     _checks.check_batch_size(x, where)
     z, mean, var = _BatchNormActTrain.apply(x, weight, bias, eps, activation, negative_slope, alpha)

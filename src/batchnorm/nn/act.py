@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..functional_act import _batch_norm_act, check_activation
-from .batchnorm import BatchNormBase, record_update
+from .batchnorm import BatchNormBase
 
 __all__ = ["BatchNormActBase", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
 
@@ -69,28 +69,30 @@ class BatchNormActBase(BatchNormBase):
             act += f", alpha={self.alpha}"
         return f"{super().extra_repr()}, activation={act}"
 
-    def forward(self, input: Tensor) -> Tensor:
-        """act(BN(input)) per channel; see the module docstring."""
-        self._check_input_dim(input)
-        where = self._where()
-        use_batch_stats = self.training or self.running_mean is None
-        update = self.training and self.track_running_stats
-        z, updated = _batch_norm_act(
+    def _normalize(
+        self,
+        input: Tensor,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        use_batch_stats: bool,
+        momentum: float,
+        where: str,
+    ) -> tuple[Tensor, bool | None]:
+        """act(BN(input)) per channel, fused; see the module docstring."""
+        return _batch_norm_act(
             input,
-            self.running_mean if (update or not use_batch_stats) else None,
-            self.running_var if (update or not use_batch_stats) else None,
+            running_mean,
+            running_var,
             self.weight,
             self.bias,
             use_batch_stats,
-            self._momentum_now() if update else 0.0,
+            momentum,
             self.eps,
             self.activation,
             self.negative_slope,
             self.alpha,
             where,
         )
-        record_update(self, updated, input, where)
-        return z
 
 
 class BatchNormAct1d(BatchNormActBase):

@@ -110,19 +110,30 @@ class BatchNormBase(_TorchBatchNorm):
         where = self._where()
         use_batch_stats = self.training or self.running_mean is None
         update = self.training and self.track_running_stats
-        y, updated = _batch_norm(
+        y, updated = self._normalize(
             input,
             self.running_mean if (update or not use_batch_stats) else None,
             self.running_var if (update or not use_batch_stats) else None,
-            self.weight,
-            self.bias,
             use_batch_stats,
             self._momentum_now() if update else 0.0,
-            self.eps,
             where,
         )
         record_update(self, updated, input, where)
         return y
+
+    def _normalize(
+        self,
+        input: Tensor,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        use_batch_stats: bool,
+        momentum: float,
+        where: str,
+    ) -> tuple[Tensor, bool | None]:
+        """The functional work of :meth:`forward` (subclasses fuse more into it)."""
+        return _batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, use_batch_stats, momentum, self.eps, where
+        )
 
 
 class BatchNorm1d(BatchNormBase):

@@ -135,11 +135,7 @@ def ghost_batch_norm(
     """
     where = "ghost_batch_norm"
     v = _check_virtual_batch_size(virtual_batch_size, where)
-    _checks.check_input(input, where)
-    c = input.shape[1]
-    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _checks.check_param(p, name, c, where)
-    _checks.check_eps(eps, where, training=True)
+    _checks.check_args(input, where, training=True, eps=eps, params={"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var})
     momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]
     y, updated = _ghost_batch_norm(input, v, running_mean, running_var, weight, bias, momentum, eps, where)
     if updated is False and input.numel() > 0:

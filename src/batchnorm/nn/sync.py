@@ -195,11 +195,7 @@ def sync_batch_norm(
     where = "sync_batch_norm"
     if not _collectives.is_distributed():
         raise RuntimeError(f"{where}: torch.distributed is not initialized (call init_process_group first)")
-    _checks.check_input(input, where)
-    c = input.shape[1]
-    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        _checks.check_param(p, name, c, where)
-    _checks.check_eps(eps, where, training=True)
+    _checks.check_args(input, where, training=True, eps=eps, params={"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var})
     momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]
     y, updated = _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, process_group, where)
     if updated is False and input.numel() > 0:
