@@ -1,0 +1,21 @@
+"""The lab: reproducible, small-scale experiments from the batch-normalization literature.
+
+Each experiment trains small networks on CPU-sized data (scikit-learn digits by default,
+MNIST-1D, or MNIST IDX files), saves its measurements to ``results.json`` first, judges the
+paper's claims from those saved numbers, and draws figures and an HTML report from them (so a
+report can be redrawn without retraining).
+
+    batchnorm lab list
+    batchnorm lab run ioffe2015-fig1 --quick --out runs/
+    batchnorm lab run all --quick
+    batchnorm lab report runs/
+
+Modules: ``config`` (RunConfig), ``datasets``, ``models``, ``training``, ``popstats``
+(Alg. 2 population statistics), ``registry`` (the experiment list), ``runner``, ``report``,
+``figures`` (plot helpers), ``experiments/`` (one module per experiment).
+Nothing heavy (matplotlib, scikit-learn, mnist1d) is imported until it is needed.
+"""
+
+from .config import MODES, RunConfig
+
+__all__ = ["MODES", "RunConfig"]

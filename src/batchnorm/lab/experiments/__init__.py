@@ -1,0 +1,1 @@
+"""One module per lab experiment; see ``batchnorm.lab.registry`` for the contract."""

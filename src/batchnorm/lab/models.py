@@ -1,0 +1,259 @@
+"""Model builders shared by every experiment: an MLP and a small conv net, each with a
+normalization option and its placement relative to the activation.
+
+A *norm factory* is any callable ``factory(num_features) -> nn.Module`` (called once per
+hidden layer); the strings ``"none"``, ``"bn"`` (our ``batchnorm.BatchNorm1d/2d``) and
+``"torch"`` (``torch.nn.BatchNorm1d/2d``) are shortcuts. Placement ``"before"`` is Ioffe &
+Szegedy's ``act(BN(W u))``; ``"after"`` is ``BN(act(W u + b))``.
+
+The bias of a Linear/Conv directly followed by a normalization is redundant (BN subtracts the
+mean, beta subsumes the shift), so ``bias="auto"`` drops it exactly there.
+
+Shape: ``MLP``: (N, D) -> (N, classes). ``ConvNet``: (N, D) flattened input, reshaped inside to
+``input_shape`` ((C, H, W) uses Conv2d, (C, L) uses Conv1d) -> (N, classes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Block",
+    "ConvNet",
+    "MLP",
+    "NormSpec",
+    "activation",
+    "blocks",
+    "count_parameters",
+    "init_gaussian_",
+    "resolve_norm",
+]
+
+NormFactory = Callable[[int], nn.Module]
+NormSpec = Union[str, NormFactory, None]
+Placement = Literal["before", "after"]
+BiasSpec = Union[bool, Literal["auto"]]
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "sigmoid": nn.Sigmoid,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
+
+
+def activation(name: str) -> nn.Module:
+    """A fresh activation module by name (sigmoid, relu, tanh, identity)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {sorted(_ACTIVATIONS)}, got {name!r}")
+    return _ACTIVATIONS[name]()
+
+
+def resolve_norm(norm: NormSpec, dims: int = 1) -> NormFactory | None:
+    """Turn a norm spec into a factory ``(num_features) -> module``, or None for no norm.
+
+    ``dims`` is 1 for (N, C) / (N, C, L) features and 2 for (N, C, H, W) feature maps.
+    """
+    if norm is None or norm == "none":
+        return None
+    if callable(norm):
+        return norm
+    if dims not in (1, 2):
+        raise ValueError(f"resolve_norm: expected dims 1 or 2, got {dims!r}")
+    if norm == "bn":
+        from .. import BatchNorm1d, BatchNorm2d
+
+        return BatchNorm1d if dims == 1 else BatchNorm2d
+    if norm == "torch":
+        return nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
+    raise ValueError(f"resolve_norm: expected 'none', 'bn', 'torch' or a callable, got {norm!r}")
+
+
+def init_gaussian_(model: nn.Module, std: float, generator: torch.Generator | None = None) -> nn.Module:
+    """In place: every Linear/Conv weight ~ N(0, std^2), every Linear/Conv bias = 0.
+
+    Norm layers keep gamma = 1, beta = 0. Returns ``model`` for chaining.
+    """
+    if not std > 0:
+        raise ValueError(f"init_gaussian_: expected std > 0, got {std!r}")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                if module.bias is not None:
+                    module.bias.zero_()
+    return model
+
+
+class Block(nn.Module):
+    """One hidden layer: ``act(norm(W u))`` (placement before) or ``norm(act(W u + b))`` (after),
+    then optional dropout. ``layer`` is the Linear/Conv; ``norm`` is an ``nn.Identity`` when
+    there is no normalization; the input of ``act`` is the "sigmoid input" of Ioffe's Fig. 1.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        norm: nn.Module | None,
+        act: nn.Module,
+        placement: Placement = "before",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if placement not in ("before", "after"):
+            raise ValueError(f"Block: expected placement 'before' or 'after', got {placement!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"Block: expected dropout in [0, 1), got {dropout!r}")
+        self.layer = layer
+        self.norm = norm if norm is not None else nn.Identity()
+        self.act = act
+        self.placement = placement
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layer(x)
+        if self.placement == "before":
+            h = self.act(self.norm(h))
+        else:
+            h = self.norm(self.act(h))
+        return self.drop(h)
+
+
+def _use_bias(bias: BiasSpec, has_norm: bool, placement: Placement) -> bool:
+    if bias == "auto":
+        return not (has_norm and placement == "before")
+    if not isinstance(bias, bool):
+        raise ValueError(f"expected bias True, False or 'auto', got {bias!r}")
+    return bias
+
+
+class MLP(nn.Module):
+    """Fully connected net: ``len(hidden)`` Blocks then a Linear classifier.
+
+    Args:
+        in_features: D.
+        hidden: widths of the hidden layers, e.g. (100, 100, 100).
+        classes: output size.
+        act: activation name (sigmoid, relu, tanh, identity).
+        norm: norm spec (see module docstring), applied on every hidden layer.
+        placement: "before" (BN feeds the activation, as Ioffe & Szegedy) or "after".
+        bias: "auto" drops the hidden Linear bias exactly when a norm directly follows it.
+        dropout: dropout probability after every hidden block.
+        init_std: if given, all weights ~ N(0, init_std^2) and biases 0 (Ioffe's "small random
+            Gaussian"); else PyTorch's default init. ``generator`` seeds it.
+
+    Shape: (N, in_features) -> (N, classes).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: Sequence[int],
+        classes: int,
+        *,
+        act: str = "relu",
+        norm: NormSpec = None,
+        placement: Placement = "before",
+        bias: BiasSpec = "auto",
+        dropout: float = 0.0,
+        init_std: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        factory = resolve_norm(norm, dims=1)
+        blocks = []
+        width = in_features
+        for h in hidden:
+            use_bias = _use_bias(bias, factory is not None, placement)
+            blocks.append(
+                Block(
+                    nn.Linear(width, h, bias=use_bias),
+                    factory(h) if factory is not None else None,
+                    activation(act),
+                    placement,
+                    dropout,
+                )
+            )
+            width = h
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(width, classes)
+        if init_std is not None:
+            init_gaussian_(self, init_std, generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class ConvNet(nn.Module):
+    """Small conv net for 8x8 digits (or 28x28 MNIST, or 1-D MNIST-1D signals).
+
+    Blocks of 3x3 (or length-3) convolutions with padding 1; the first keeps the resolution,
+    later ones have stride 2; then global average pooling and a Linear classifier.
+
+    Args:
+        input_shape: (C, H, W) for images, (C, L) for 1-D signals; the flat input is reshaped.
+        channels: output channels of each conv block, e.g. (16, 32, 64).
+        classes, act, norm, placement, bias, init_std, generator: as in ``MLP`` (the norm
+            shortcuts give BatchNorm2d for images and BatchNorm1d for signals).
+
+    Shape: (N, prod(input_shape)) -> (N, classes).
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        channels: Sequence[int],
+        classes: int,
+        *,
+        act: str = "relu",
+        norm: NormSpec = None,
+        placement: Placement = "before",
+        bias: BiasSpec = "auto",
+        init_std: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) not in (2, 3):
+            raise ValueError(f"ConvNet: expected input_shape (C, L) or (C, H, W), got {input_shape!r}")
+        self.input_shape = shape
+        spatial = len(shape) - 1
+        conv = nn.Conv1d if spatial == 1 else nn.Conv2d
+        factory = resolve_norm(norm, dims=spatial)
+        blocks = []
+        width = shape[0]
+        for i, c in enumerate(channels):
+            use_bias = _use_bias(bias, factory is not None, placement)
+            layer = conv(width, c, kernel_size=3, stride=1 if i == 0 else 2, padding=1, bias=use_bias)
+            blocks.append(Block(layer, factory(c) if factory is not None else None, activation(act), placement))
+            width = c
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(width, classes)
+        if init_std is not None:
+            init_gaussian_(self, init_std, generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(x.shape[0], *self.input_shape)  # (N, C, H, W) or (N, C, L)
+        for block in self.blocks:
+            h = block(h)
+        h = h.flatten(2).mean(dim=2)  # (N, C_last): global average pool
+        return self.head(h)
+
+
+def blocks(model: nn.Module) -> Iterator[Block]:
+    """The hidden ``Block``s of a lab model, in forward order."""
+    for module in model.modules():
+        if isinstance(module, Block):
+            yield module
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable scalars."""
+    return int(sum(math.prod(p.shape) for p in model.parameters() if p.requires_grad))

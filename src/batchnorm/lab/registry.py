@@ -1,0 +1,57 @@
+"""The list of experiments, in a fixed order, imported lazily.
+
+The experiment contract — each module ``batchnorm.lab.experiments.<id with _>`` exposes:
+
+    ID: str                 the CLI name, e.g. "ioffe2015-fig1"
+    DESCRIPTION: str        one line
+    QUICK_SECONDS: float    estimated --quick wall time on 2 cores
+    EXPLANATION: str        a few paragraphs for a newcomer: what is measured and why, the
+                            setup, what the paper found (blank lines separate paragraphs)
+    run(cfg: RunConfig, progress: Progress) -> dict
+        trains and measures; returns JSON-serializable {"config": {...every choice, including
+        those the paper does not state: optimizer, lr, init std...}, "data": {...},
+        "metrics": {...}}
+    claims(results: dict) -> list[dict]
+        judged ONLY from the saved results: [{"claim": str, "holds": bool, "evidence": str}]
+    figures(results: dict, outdir: Path) -> list[Path]
+        drawn ONLY from the saved results (matplotlib via ``batchnorm.lab.figures.pyplot()``)
+
+Adding an experiment = one module + one line in ``EXPERIMENTS`` below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+__all__ = ["EXPERIMENTS", "get", "ids", "module_name"]
+
+# fixed order: the order of `lab list`, `lab run all` and the index report
+EXPERIMENTS: tuple[str, ...] = (
+    "ioffe2015-fig1",
+)
+
+_REQUIRED = ("ID", "DESCRIPTION", "QUICK_SECONDS", "EXPLANATION", "run", "claims", "figures")
+
+
+def ids() -> tuple[str, ...]:
+    """Experiment ids in the fixed order."""
+    return EXPERIMENTS
+
+
+def module_name(experiment_id: str) -> str:
+    """The module implementing ``experiment_id`` ("a-b" -> "batchnorm.lab.experiments.a_b")."""
+    return "batchnorm.lab.experiments." + experiment_id.replace("-", "_")
+
+
+def get(experiment_id: str) -> ModuleType:
+    """Import the experiment module; ValueError for an unknown id or a module missing the contract."""
+    if experiment_id not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {experiment_id!r}; known: {', '.join(EXPERIMENTS)}")
+    module = importlib.import_module(module_name(experiment_id))
+    missing = [name for name in _REQUIRED if not hasattr(module, name)]
+    if missing:
+        raise ValueError(f"experiment module {module.__name__} lacks {', '.join(missing)}")
+    if module.ID != experiment_id:
+        raise ValueError(f"experiment module {module.__name__} has ID {module.ID!r}, expected {experiment_id!r}")
+    return module

@@ -1,0 +1,127 @@
+"""Saving and loading ``results.json`` (atomically) and the library versions recorded in it.
+
+Layout of one experiment's directory ``OUT/<id>/``:
+    results.json   {"id", "description", "run", "config", "data", "metrics", "claims",
+                    "versions", "wall_time_s", "finished_at"}
+    *.png          figures drawn from results.json
+    report.html    self-contained report (figures embedded)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "load_results",
+    "number",
+    "save_results",
+    "to_jsonable",
+    "versions",
+]
+
+RESULTS_NAME = "results.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename, so
+    readers (and interrupted runs) never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """``atomic_write_bytes`` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert tensors, NumPy values, tuples, Paths and non-finite floats for JSON.
+
+    Non-finite floats become the strings "nan", "inf", "-inf" (strict JSON has no NaN).
+    """
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if hasattr(value, "tolist"):  # torch.Tensor, numpy array or scalar
+        return to_jsonable(value.tolist())
+    raise TypeError(f"to_jsonable: cannot serialize {type(value).__name__}")
+
+
+def save_results(directory: Path, results: dict[str, Any]) -> Path:
+    """Write ``directory/results.json`` atomically; returns its path."""
+    path = Path(directory) / RESULTS_NAME
+    text = json.dumps(to_jsonable(results), indent=1, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+    return path
+
+
+def load_results(directory: Path) -> dict[str, Any]:
+    """Read ``directory/results.json``; ValueError if missing or not valid JSON."""
+    path = Path(directory) / RESULTS_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ValueError(f"no {RESULTS_NAME} in {str(directory)!r}") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries that shape the numbers."""
+    import numpy
+    import torch
+
+    from .. import __version__
+
+    found = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "batchnorm": __version__,
+        "platform": platform.platform(),
+    }
+    for name in ("sklearn", "matplotlib", "mnist1d"):
+        try:
+            module = __import__(name)
+        except ImportError:
+            continue
+        found[name] = str(getattr(module, "__version__", "unknown"))
+    return found
+
+
+def number(value: Any) -> float:
+    """Read back a float saved by ``to_jsonable`` ("nan"/"inf" strings included)."""
+    if isinstance(value, str):
+        return float(value)
+    return float(value)

@@ -1,0 +1,141 @@
+"""Run experiments end to end: train -> results.json (atomic) -> claims -> figures -> report.
+
+    results = run_one("ioffe2015-fig1", RunConfig(mode="quick"))
+    run_many(["ioffe2015-fig1", ...], RunConfig(mode="quick", out=Path("runs")))   # + index.html
+    redraw(Path("runs"))                                   # figures and reports, no training
+
+Each run seeds torch's global generator from ``cfg.seed`` (for anything an experiment does not
+seed explicitly, e.g. dropout masks) inside ``torch.random.fork_rng``, and uses ``threads``
+torch threads (default 1: these models are tiny, and one thread is as fast on a shared 2-core
+machine); both are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import registry
+from .config import RunConfig
+from .progress import Progress
+from .report import write_experiment_report, write_index
+from .results import RESULTS_NAME, load_results, save_results, to_jsonable, versions
+
+__all__ = ["experiment_dir", "redraw", "run_many", "run_one"]
+
+
+def experiment_dir(out: Path, experiment_id: str) -> Path:
+    """``out/<id>``."""
+    return Path(out) / experiment_id
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    if n is None:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def run_one(experiment_id: str, cfg: RunConfig, progress: Progress | None = None, *, threads: int | None = 1) -> dict[str, Any]:
+    """Run one experiment and write ``cfg.out/<id>/`` (results.json, figures, report.html).
+
+    results.json is written only once the run has finished (atomically), so an interrupted
+    run leaves the previous results, or none — never half a file.
+    """
+    module = registry.get(experiment_id)
+    progress = progress if progress is not None else Progress()
+    start = time.perf_counter()
+    with _threads(threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        out = module.run(cfg, progress)
+    wall = time.perf_counter() - start
+    results: dict[str, Any] = {
+        "id": experiment_id,
+        "description": module.DESCRIPTION,
+        "run": {k: v for k, v in cfg.to_json().items() if k != "out"},
+        "config": out.get("config", {}),
+        "data": out.get("data", {}),
+        "metrics": out.get("metrics", {}),
+        "versions": versions(),
+        "threads": torch.get_num_threads() if threads is None else threads,
+        "wall_time_s": round(wall, 3),
+        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    results = to_jsonable(results)
+    results["claims"] = to_jsonable(module.claims(results))
+    directory = experiment_dir(cfg.out, experiment_id)
+    save_results(directory, results)
+    write_experiment_report(directory, results, module)
+    return results
+
+
+def run_many(
+    experiment_ids: Sequence[str],
+    cfg: RunConfig,
+    progress_for: Callable[[str, int, int], Progress] | None = None,
+    *,
+    threads: int | None = 1,
+    index: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Run several experiments into ``cfg.out``; write ``cfg.out/index.html`` when more than one
+    ran (or ``index=True``). ``progress_for(id, i, n)`` makes each run's progress display."""
+    for experiment_id in experiment_ids:
+        registry.get(experiment_id)  # fail on a bad id before training anything
+    all_results = []
+    for i, experiment_id in enumerate(experiment_ids):
+        progress = progress_for(experiment_id, i, len(experiment_ids)) if progress_for else None
+        all_results.append(run_one(experiment_id, cfg, progress, threads=threads))
+    if index if index is not None else len(experiment_ids) > 1:
+        write_index(cfg.out, _all_saved(cfg.out))
+    return all_results
+
+
+def _all_saved(out: Path) -> list[dict[str, Any]]:
+    """Every results.json under ``out/*/``, in registry order, then the rest by name."""
+    order = {eid: i for i, eid in enumerate(registry.ids())}
+    found = []
+    for path in sorted(Path(out).glob(f"*/{RESULTS_NAME}")):
+        found.append(load_results(path.parent))
+    return sorted(found, key=lambda r: (order.get(r.get("id", ""), len(order)), str(r.get("id"))))
+
+
+def redraw(directory: Path) -> list[Path]:
+    """Re-judge claims and redraw figures and reports from saved results, without training.
+
+    ``directory`` is one experiment's directory (with results.json) or an output root (with
+    ``*/results.json``; its index.html is rewritten). Returns the reports written.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{str(directory)!r} is not a directory")
+    if (directory / RESULTS_NAME).is_file():
+        targets = [directory]
+    else:
+        targets = sorted(p.parent for p in directory.glob(f"*/{RESULTS_NAME}"))
+        if not targets:
+            raise ValueError(f"no {RESULTS_NAME} in {str(directory)!r} or its sub-directories")
+    written = []
+    for target in targets:
+        results = load_results(target)
+        experiment_id = results.get("id")
+        if not isinstance(experiment_id, str):
+            raise ValueError(f"{str(target / RESULTS_NAME)!r} has no experiment id")
+        module = registry.get(experiment_id)
+        results["claims"] = to_jsonable(module.claims(results))
+        save_results(target, results)
+        written.append(write_experiment_report(target, results, module))
+    if len(targets) > 1 or not (directory / RESULTS_NAME).is_file():
+        written.append(write_index(directory, _all_saved(directory)))
+    return written

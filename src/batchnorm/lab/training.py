@@ -1,0 +1,191 @@
+"""A small, fast training loop for the lab: seeded minibatches, plain SGD, full-batch
+evaluation, divergence detection.
+
+    gen = torch.Generator().manual_seed(seed)
+    result = train(model, data.train_x, data.train_y, TrainSpec(steps=5000, batch_size=60, lr=0.1),
+                   generator=gen, checkpoints=range(0, 5001, 250), on_checkpoint=record)
+    # record(step, result) is called after steps 0, 250, ..., 5000
+
+Conventions:
+- a *step* is one SGD update on one minibatch; steps are numbered 1..steps, and checkpoint
+  ``s`` is called after step ``s`` (checkpoint 0 before any update);
+- minibatches are drawn without replacement from a stream of seeded permutations of the
+  training set: every batch has exactly ``batch_size`` examples (batches may straddle two
+  epochs), so BN always normalizes over the same m;
+- a non-finite loss marks the run *diverged* and stops it (the diverged step is recorded;
+  our BatchNorm's "non-finite batch" warning is silenced inside the loop, since divergence is
+  an expected outcome there);
+- the number of torch threads is never changed here (the runner may do it for a whole run).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["TrainResult", "TrainSpec", "Tick", "evaluate", "minibatches", "train", "train_mode"]
+
+
+class Tick:
+    """Progress sink: ``update(n)`` is called once per step. The default does nothing."""
+
+    def update(self, n: int = 1) -> None:  # noqa: D401
+        """Advance by n steps."""
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How to train (recorded verbatim in results.json)."""
+
+    steps: int
+    """Number of SGD updates."""
+    batch_size: int
+    """Minibatch size m (also BN's normalization batch)."""
+    lr: float
+    """SGD learning rate (constant)."""
+    momentum: float = 0.0
+    """SGD momentum (0: plain SGD)."""
+    weight_decay: float = 0.0
+    """L2 penalty added by the optimizer."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(f"TrainSpec: expected steps >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainSpec: expected a finite lr > 0, got {self.lr!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec plus the optimizer's name, for results.json."""
+        return {"optimizer": "SGD", **asdict(self)}
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` did."""
+
+    steps_done: int = 0
+    """Updates actually made (< spec.steps if it diverged)."""
+    diverged: bool = False
+    """True if a loss became NaN/inf."""
+    diverged_at: int | None = None
+    """The step whose loss was not finite."""
+    losses: list[float] = field(default_factory=list)
+    """Training loss of every step (the minibatch loss before the update)."""
+
+
+def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Endless index batches of exactly ``batch_size`` from seeded permutations of range(n).
+
+    Shape: each yielded tensor is (batch_size,) int64.
+    """
+    if batch_size > n:
+        raise ValueError(f"minibatches: batch_size {batch_size} exceeds the {n} training examples")
+    pool = torch.randperm(n, generator=generator)
+    pos = 0
+    while True:
+        if pos + batch_size <= n:
+            yield pool[pos : pos + batch_size]
+            pos += batch_size
+        else:
+            rest = pool[pos:]
+            pool = torch.randperm(n, generator=generator)
+            take = batch_size - rest.shape[0]
+            yield torch.cat([rest, pool[:take]])
+            pos = take
+
+
+class train_mode:
+    """Context manager: set ``model.train(mode)`` and restore every module's flag afterwards."""
+
+    def __init__(self, model: nn.Module, mode: bool) -> None:
+        self.model = model
+        self.mode = mode
+        self._saved: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> nn.Module:
+        self._saved = [(m, m.training) for m in self.model.modules()]
+        self.model.train(self.mode)
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for module, flag in self._saved:
+            module.training = flag
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int | None = None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode on (x, y).
+
+    ``batch_size`` None evaluates in one full batch (fast on small data); the model's
+    training flags are restored afterwards. A non-finite output gives loss ``inf`` and counts
+    as wrong.
+    """
+    with train_mode(model, False):
+        size = x.shape[0] if batch_size is None else batch_size
+        total_loss = 0.0
+        correct = 0
+        for start in range(0, x.shape[0], size):
+            logits = model(x[start : start + size])
+            yb = y[start : start + size]
+            total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+            finite = torch.isfinite(logits).all(dim=1)
+            correct += int(((logits.argmax(dim=1) == yb) & finite).sum())
+    n = x.shape[0]
+    loss = total_loss / n
+    return (loss if math.isfinite(loss) else math.inf), correct / n
+
+
+def train(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    spec: TrainSpec,
+    *,
+    generator: torch.Generator,
+    checkpoints: Iterable[int] = (),
+    on_checkpoint: Callable[[int, TrainResult], None] | None = None,
+    tick: Tick | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    batches: Iterator[Tensor] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place with SGD for ``spec.steps`` minibatch steps (see module docstring).
+
+    ``on_checkpoint(step, result)`` runs at every step in ``checkpoints`` (0 = before training)
+    with the model in training mode and the live ``TrainResult`` (losses so far); it may
+    evaluate (``evaluate`` restores the mode). ``batches``
+    overrides the minibatch index stream (e.g. fixed, non-shuffled batches).
+    """
+    marks = set(int(c) for c in checkpoints)
+    tick = tick if tick is not None else Tick()
+    stream = batches if batches is not None else minibatches(x.shape[0], spec.batch_size, generator)
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    result = TrainResult()
+    model.train()
+    if 0 in marks and on_checkpoint is not None:
+        on_checkpoint(0, result)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batch statistics are not finite", category=RuntimeWarning)
+        for step in range(1, spec.steps + 1):
+            idx = next(stream)
+            loss = loss_fn(model(x[idx]), y[idx])
+            value = float(loss.detach())
+            result.losses.append(value)
+            if not math.isfinite(value):
+                result.diverged = True
+                result.diverged_at = step
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            result.steps_done = step
+            tick.update(1)
+            if step in marks and on_checkpoint is not None:
+                on_checkpoint(step, result)
+    return result

@@ -1,0 +1,69 @@
+"""Lab infrastructure: atomic results, JSON conversion, registry contract.
+
+    PYTHONPATH=src python -m pytest -q tests/lab/test_results_and_registry.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchnorm.lab import registry
+from batchnorm.lab.config import RunConfig
+from batchnorm.lab.results import atomic_write_text, load_results, number, save_results, to_jsonable
+
+
+def test_atomic_write_leaves_old_file_when_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "results.json"
+    atomic_write_text(path, '{"old": 1}')
+
+    def boom(src: str, dst: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_results(tmp_path, {"new": 2})
+    assert json.loads(path.read_text()) == {"old": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temp file left
+
+
+def test_to_jsonable_handles_tensors_and_non_finite_values(tmp_path: Path) -> None:
+    value = {"t": torch.tensor([1.5, float("nan")]), "inf": -math.inf, "p": Path("a/b"), "tup": (1, 2)}
+    out = to_jsonable(value)
+    assert out == {"t": [1.5, "nan"], "inf": "-inf", "p": "a/b", "tup": [1, 2]}
+    save_results(tmp_path, value)
+    back = load_results(tmp_path)
+    assert number(back["inf"]) == -math.inf and math.isnan(number(back["t"][1]))
+    with pytest.raises(TypeError, match="cannot serialize"):
+        to_jsonable(object())
+    with pytest.raises(ValueError, match="no results.json"):
+        load_results(tmp_path / "missing")
+
+
+def test_every_registered_experiment_satisfies_the_contract() -> None:
+    ids = registry.ids()
+    assert ids[0] == "ioffe2015-fig1"
+    assert len(set(ids)) == len(ids)
+    for experiment_id in ids:
+        module = registry.get(experiment_id)
+        assert module.ID == experiment_id
+        assert "\n" not in module.DESCRIPTION and 0 < len(module.DESCRIPTION) <= 160
+        assert 0 < module.QUICK_SECONDS <= 60
+        assert len(module.EXPLANATION.split()) > 50
+    with pytest.raises(ValueError, match="unknown experiment"):
+        registry.get("nope")
+
+
+def test_run_config_validates_and_picks_by_mode() -> None:
+    cfg = RunConfig(mode="quick", seed=3, out="x")  # type: ignore[arg-type]
+    assert cfg.out == Path("x") and cfg.pick(1, 2, 3) == 2
+    assert cfg.to_json() == {"mode": "quick", "seed": 3, "data": "digits", "out": "x"}
+    with pytest.raises(ValueError, match="mode"):
+        RunConfig(mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="seed"):
+        RunConfig(seed=-1)
