@@ -10,7 +10,24 @@ the *unbiased* variance; eps sits inside the square root.
 from .conventions import KerasConversion, from_keras, from_keras_momentum, to_keras_momentum
 from .convert import convert
 from .functional import batch_norm
-from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from .nn import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormBase,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    GhostBatchNorm3d,
+    SyncBatchNorm,
+    batch_renorm,
+    ghost_batch_norm,
+    renorm_limits,
+    sync_batch_norm,
+)
+from .distributed import convert_sync_batchnorm
 from ._kernels.dispatch import get_backend, set_backend, use_backend
 
 __version__ = "0.1.0"
@@ -20,13 +37,25 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormBase",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "KerasConversion",
+    "SyncBatchNorm",
     "batch_norm",
+    "batch_renorm",
     "convert",
+    "convert_sync_batchnorm",
     "from_keras",
     "from_keras_momentum",
     "get_backend",
+    "ghost_batch_norm",
+    "renorm_limits",
     "set_backend",
+    "sync_batch_norm",
     "to_keras_momentum",
     "use_backend",
 ]

@@ -1,5 +1,26 @@
 """Modules: batch-norm layers (re-exported from :mod:`batchnorm`)."""
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, GhostBatchNormBase, ghost_batch_norm
+from .sync import SyncBatchNorm, sync_batch_norm
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase, batch_renorm, renorm_limits
 
-__all__ = ["BatchNormBase", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = [
+    "BatchNormBase",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchRenormBase",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "GhostBatchNormBase",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "SyncBatchNorm",
+    "batch_renorm",
+    "ghost_batch_norm",
+    "renorm_limits",
+    "sync_batch_norm",
+]

@@ -1,0 +1,97 @@
+"""Collective helpers on top of ``torch.distributed`` for synchronized batch norm (private).
+
+Only ``torch.distributed`` collectives are used (no transport of our own), and only
+``all_reduce(SUM)``, which every backend supports for every device (gloo: CPU and CUDA
+tensors; nccl: CUDA). Nothing here runs at import.
+
+Failure policy: a collective that fails (a peer that never joins runs into the process group's
+timeout, a peer that died closes the connection) is re-raised as a ``RuntimeError`` that names
+the layer, the collective and the group, and says how to fix it; the original error is chained.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["is_distributed", "group_size", "group_rank", "all_reduce_sum", "gather_rows", "merge_moments"]
+
+
+def is_distributed() -> bool:
+    """True when ``torch.distributed`` is available and a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def group_size(group: object | None, where: str) -> int:
+    """Number of processes in ``group`` (default group if None); 1 when not distributed.
+
+    Raises ValueError when this process is not a member of ``group`` (torch reports -1): a
+    silent fallback to local statistics there would hide a wrongly built group.
+    """
+    if not is_distributed():
+        return 1
+    size = dist.get_world_size(group)
+    if size < 1:
+        group_rank(group, where)
+    return size
+
+
+def group_rank(group: object | None, where: str) -> int:
+    """This process's rank inside ``group``; raises ValueError if it is not a member."""
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(
+            f"{where}: this process (global rank {dist.get_rank()}) is not a member of the "
+            "process_group it was given; only members may call the layer in training mode"
+        )
+    return rank
+
+
+def all_reduce_sum(t: Tensor, group: object | None, where: str, what: str) -> Tensor:
+    """In-place SUM all-reduce of ``t`` over ``group``, with an explanatory error on failure."""
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    except RuntimeError as e:
+        size = dist.get_world_size(group)
+        backend = dist.get_backend(group)
+        raise RuntimeError(
+            f"{where}: the all_reduce of {what} over the process group ({backend}, {size} "
+            "processes) failed. Most often a peer did not join within the process group's "
+            "timeout (set it with init_process_group(timeout=...) or new_group(timeout=...)) "
+            "or has exited: every rank must call every synchronized layer in the same order, "
+            "forward and backward, also ranks with no samples. Original error: "
+            f"{str(e).strip()[:500]}"
+        ) from e
+    return t
+
+
+def gather_rows(row: Tensor, group: object | None, where: str, what: str) -> Tensor:
+    """Every rank's ``row`` (K,) stacked into (W, K), in group-rank order, by ONE all_reduce.
+
+    Each rank writes its row into a zero (W, K) buffer; summing the buffers is a gather that
+    every backend and device supports, and adding exact zeros leaves the rows bit-identical.
+    """
+    w = dist.get_world_size(group)
+    rank = group_rank(group, where)
+    buf = torch.zeros(w, row.numel(), dtype=row.dtype, device=row.device)  # (W, K)
+    buf[rank] = row
+    return all_reduce_sum(buf, group, where, what)
+
+
+def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan et al.'s parallel merge of per-part (count, mean, M2) into the whole's.
+
+        n    = sum_k n_k
+        mean = sum_k n_k mean_k / n
+        M2   = sum_k M2_k + sum_k n_k (mean_k - mean)^2
+
+    counts (W,), means and m2s (W, C); returns (n, mean (C,), M2 (C,)). Parts with n_k = 0
+    contribute nothing (their mean and M2 must be 0). Use float64: the spread term is a sum of
+    non-negative numbers, so nothing cancels. For n = 0 the mean and M2 are 0.
+    """
+    n = counts.sum()
+    w = counts[:, None] / n.clamp_min(1)  # (W, 1) weight of each part
+    mean = (w * means).sum(0)  # (C,)
+    m2 = m2s.sum(0) + (counts[:, None] * (means - mean).square()).sum(0)  # (C,)
+    return n, mean, m2

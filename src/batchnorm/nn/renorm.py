@@ -1,0 +1,353 @@
+"""``BatchRenorm1d/2d/3d``: Batch Renormalization (Ioffe 2017, arXiv 1702.03275), Algorithm 1.
+
+Training, per channel over the m = N * prod(spatial) values of a batch:
+
+    mu_B    = (1/m) sum x
+    sigma_B = sqrt((1/m) sum (x - mu_B)^2 + eps)           (biased batch variance, eps inside)
+    r       = sg(clip(sigma_B / sigma, 1/r_max, r_max))     (sg = stop-gradient: a constant)
+    d       = sg(clip((mu_B - mu) / sigma, -d_max, d_max))
+    x_hat   = r * (x - mu_B) / sigma_B + d
+    y       = gamma * x_hat + beta
+
+then the moving averages (PyTorch's momentum convention, ``momentum`` = the paper's alpha):
+
+    mu    = (1 - momentum) * mu    + momentum * mu_B
+    sigma = (1 - momentum) * sigma + momentum * sigma_B    (a moving *std*, not a variance)
+
+Inference: y = gamma * (x - mu) / sigma + beta (no eps: sigma_B already contains it).
+
+The gradient flows through mu_B and sigma_B only; r and d are constants (the paper's
+stop-gradient). With r_max = 1 and d_max = 0, r = 1 and d = 0 and the layer is exactly batch
+norm in training. The paper relaxes the limits with the training step t (:func:`renorm_limits`):
+plain BN for the first ``warmup_steps`` (5k), then linearly to ``r_max`` (3) at ``r_max_steps``
+(40k) and to ``d_max`` (5) at ``d_max_steps`` (25k). The step counter is the buffer
+``num_batches_tracked`` (one per training batch that updated the statistics), so checkpoints
+carry the schedule's position. For short runs scale the three step counts, e.g. for T steps
+``warmup_steps=T//10, d_max_steps=T//2, r_max_steps=4*T//5``.
+
+Conventions that bite:
+- ``momentum`` defaults to 0.01, the paper's "relatively fast" alpha (torch BN uses 0.1);
+  ``momentum=None`` is the cumulative average 1/(t+1).
+- State: ``running_mean``, ``running_std`` (init 0 and 1) and ``num_batches_tracked``.
+  There is no ``running_var`` buffer; the read-only property ``running_var`` returns
+  ``running_std**2 - eps`` (clamped >= 0), the variance for which the standard BN inference map
+  ``(x - mean) / sqrt(var + eps)`` equals ours, so folding and inspection code that reads
+  ``running_var`` gets the right affine map. :meth:`from_batchnorm` starts from a trained BN.
+- The classes are deliberately *not* ``torch.nn.modules.batchnorm._BatchNorm`` subclasses: tools
+  that reset or recompute ``running_var`` of "any batch norm" (``swa_utils.update_bn``) would
+  silently miss ``running_std``.
+- A non-finite batch changes no statistic and no step; an empty batch changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .. import _checks
+from .._kernels import torch_ops
+
+__all__ = [
+    "renorm_limits",
+    "batch_renorm",
+    "BatchRenormBase",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+]
+
+
+def renorm_limits(
+    step: int,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    warmup_steps: int = 5000,
+    r_max_steps: int = 40000,
+    d_max_steps: int = 25000,
+) -> tuple[float, float]:
+    """The clipping limits (r_max_t, d_max_t) at training step ``step`` (0-based), Ioffe 2017:
+
+        r_max_t = 1 + (r_max - 1) * ramp(step, warmup_steps, r_max_steps)
+        d_max_t =      d_max      * ramp(step, warmup_steps, d_max_steps)
+        ramp(t, a, b) = clip((t - a) / (b - a), 0, 1)      (a step function when b == a)
+
+    So the layer is plain BN for ``step <= warmup_steps``. Defaults are the paper's.
+    """
+    def ramp(end: int) -> float:
+        if step <= warmup_steps:
+            return 0.0
+        if step >= end:
+            return 1.0
+        return (step - warmup_steps) / (end - warmup_steps)
+
+    return 1.0 + (r_max - 1.0) * ramp(r_max_steps), d_max * ramp(d_max_steps)
+
+
+def _check_schedule(where: str, r_max: float, d_max: float, warmup: int, r_steps: int, d_steps: int) -> None:
+    for name, v in (("r_max", r_max), ("d_max", d_max)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise TypeError(f"{where}: expected {name} to be a finite float, got {v!r}")
+    if r_max < 1.0:
+        raise ValueError(f"{where}: expected r_max >= 1 (r is clipped to [1/r_max, r_max]), got {r_max}")
+    if d_max < 0.0:
+        raise ValueError(f"{where}: expected d_max >= 0 (d is clipped to [-d_max, d_max]), got {d_max}")
+    for name, v in (("warmup_steps", warmup), ("r_max_steps", r_steps), ("d_max_steps", d_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{where}: expected {name} to be a non-negative int, got {v!r}")
+    if r_steps < warmup or d_steps < warmup:
+        raise ValueError(
+            f"{where}: expected r_max_steps and d_max_steps >= warmup_steps (the limits relax after "
+            f"the warm-up), got warmup_steps={warmup}, r_max_steps={r_steps}, d_max_steps={d_steps}"
+        )
+
+
+def _batch_renorm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_std: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    r_max: float,
+    d_max: float,
+    where: str,
+) -> tuple[Tensor, bool | None]:
+    """The work behind :func:`batch_renorm`; also returns whether the running statistics were
+    updated (None in eval, False for an empty or non-finite batch)."""
+    _checks.check_input(x, where)
+    c = x.shape[1]
+    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_std", running_std)):
+        _checks.check_param(p, name, c, where)
+    if running_mean is None or running_std is None:
+        raise ValueError(f"{where}: batch renorm needs running_mean and running_std, got None")
+    acc = torch_ops.acc_dtype(x.dtype)
+    mu = running_mean.detach().to(acc)
+    sigma = running_std.detach().to(acc)
+    if not training:
+        return torch_ops.normalize(x, mu, 1.0 / sigma, weight, bias), None
+    _checks.check_eps(eps, where, training=True)
+    _checks.check_batch_size(x, where)
+    if x.numel() == 0:
+        zeros = torch.zeros(c, dtype=acc, device=x.device)
+        return torch_ops.normalize(x, zeros, zeros + 1, weight, bias), False
+    mean_b, var_b = torch_ops.batch_stats(x)  # (C,), (C,) biased; differentiable in x
+    std_b = torch.sqrt(var_b + eps)
+    with torch.no_grad():
+        r = (std_b / sigma).clamp(1.0 / r_max, r_max)
+        d = ((mean_b - mu) / sigma).clamp(-d_max, d_max)
+    # x_hat = r (x - mu_B) / sigma_B + d  =  (x - (mu_B - d sigma_B / r)) * (r / sigma_B):
+    # one per-channel scale and shift, differentiable through mu_B and sigma_B, r and d constant.
+    y = torch_ops.normalize(x, mean_b - d * std_b / r, r / std_b, weight, bias)
+    if not _checks.finite(mean_b.detach(), std_b.detach()):
+        return y, False
+    with torch.no_grad():
+        running_mean.lerp_(mean_b.detach().to(running_mean.dtype), momentum)
+        running_std.lerp_(std_b.detach().to(running_std.dtype), momentum)
+    return y, True
+
+
+def batch_renorm(
+    input: Tensor,
+    running_mean: Tensor,
+    running_std: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.01,
+    eps: float = 1e-5,
+    r_max: float = 1.0,
+    d_max: float = 0.0,
+) -> Tensor:
+    """Functional batch renormalization with fixed limits (see the module docstring).
+
+    In training, ``running_mean``/``running_std`` (C,) are the mu and sigma that r and d compare
+    against and are updated in place (``momentum`` = the weight of the new value); in eval
+    y = weight * (x - running_mean) / running_std + bias.
+
+    Shape: input (N, C, *) -> output of the same shape and dtype; statistics in float32
+    (float64 for float64 input).
+    """
+    where = "batch_renorm"
+    _checks.check_momentum(momentum, where, allow_none=False)
+    _check_schedule(where, r_max, d_max, 0, 0, 0)
+    y, updated = _batch_renorm(
+        input, running_mean, running_std, weight, bias, training, momentum, eps, r_max, d_max, where
+    )
+    if updated is False and input.numel() > 0:
+        warnings.warn(
+            f"{where}: batch statistics are not finite; running statistics were left unchanged",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return y
+
+
+class BatchRenormBase(nn.Module):
+    """Batch renormalization; subclasses set ``_ndims``. See the module docstring for the math.
+
+    Args:
+        num_features: C, the number of channels (dim 1 of the input).
+        eps: added to the biased batch variance inside the square root of sigma_B; > 0.
+        momentum: the paper's alpha, the weight of the new batch value in the moving mean and
+            std (PyTorch convention); default 0.01 as in the paper; None: cumulative average.
+        affine: learn a per-channel scale ``weight`` (init 1) and shift ``bias`` (init 0).
+        r_max, d_max: the final clipping limits (paper: 3 and 5).
+        warmup_steps: plain BN (r_max_t = 1, d_max_t = 0) up to this step (paper: 5000).
+        r_max_steps: step at which r_max_t reaches ``r_max`` (paper: 40000).
+        d_max_steps: step at which d_max_t reaches ``d_max`` (paper: 25000).
+
+    Buffers: ``running_mean`` (C,), ``running_std`` (C,), ``num_batches_tracked`` (the step).
+    """
+
+    _ndims: tuple[int, ...] = (2, 3, 4, 5)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.01,
+        affine: bool = True,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int = 5000,
+        r_max_steps: int = 40000,
+        d_max_steps: int = 25000,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"{name}: expected num_features to be a positive int, got {num_features!r}")
+        where = f"{name}({num_features})"
+        self.eps = _checks.check_eps(eps, where, training=True)
+        self.momentum = _checks.check_momentum(momentum, where, allow_none=True)
+        _check_schedule(where, r_max, d_max, warmup_steps, r_max_steps, d_max_steps)
+        self.num_features = num_features
+        self.affine = affine
+        self.r_max = float(r_max)
+        self.d_max = float(d_max)
+        self.warmup_steps = warmup_steps
+        self.r_max_steps = r_max_steps
+        self.d_max_steps = d_max_steps
+        factory = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_std", torch.ones(num_features, **factory))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        self._warned_nonfinite = False
+
+    def reset_running_stats(self) -> None:
+        """mu = 0, sigma = 1, step = 0 (the schedule starts again)."""
+        self.running_mean.zero_()
+        self.running_std.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics and, with ``affine``, weight = 1 and bias = 0."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    @property
+    def running_var(self) -> Tensor:
+        """``running_std**2 - eps`` (>= 0): the variance that makes BN's inference formula
+        ``(x - mean) / sqrt(var + eps)`` equal ours. Read-only and derived, not a buffer."""
+        return (self.running_std.detach().square() - self.eps).clamp_min(0.0)
+
+    def limits(self, step: int | None = None) -> tuple[float, float]:
+        """(r_max_t, d_max_t) at ``step`` (default: the current step ``num_batches_tracked``)."""
+        t = int(self.num_batches_tracked.item()) if step is None else step
+        return renorm_limits(t, self.r_max, self.d_max, self.warmup_steps, self.r_max_steps, self.d_max_steps)
+
+    def _where(self) -> str:
+        return f"{type(self).__name__}({self.num_features})"
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Renormalize ``input`` (N, C, *) per channel; see the module docstring."""
+        where = self._where()
+        _checks.check_input(input, where, ndims=self._ndims, num_features=self.num_features)
+        step = int(self.num_batches_tracked.item())
+        r_max, d_max = self.limits(step)
+        momentum = self.momentum if self.momentum is not None else 1.0 / (step + 1)
+        y, updated = _batch_renorm(
+            input, self.running_mean, self.running_std, self.weight, self.bias,
+            self.training, momentum, self.eps, r_max, d_max, where,
+        )
+        if updated:
+            self.num_batches_tracked.add_(1)
+        elif updated is False and input.numel() > 0 and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{where}: batch statistics are not finite (NaN/inf in the input); running "
+                "statistics and the step counter were left unchanged (warned once per layer)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return y
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module, **kwargs: object) -> "BatchRenormBase":
+        """A renorm layer that starts from a trained batch norm ``bn`` (torch's or ours):
+        same weight/bias, ``running_mean``, and ``running_std = sqrt(running_var + eps)`` so that
+        inference is unchanged. eps and affine are ``bn``'s; ``kwargs`` (momentum, schedule) go
+        to the constructor, whose defaults are the paper's. The step counter starts at 0."""
+        if getattr(bn, "running_var", None) is None or getattr(bn, "running_mean", None) is None:
+            raise ValueError(f"{cls.__name__}.from_batchnorm: expected a batch norm with running statistics")
+        params: dict[str, object] = {"eps": bn.eps, "affine": bn.affine, **kwargs}
+        ref = bn.running_mean
+        new = cls(bn.num_features, device=ref.device, dtype=ref.dtype, **params)  # type: ignore[arg-type]
+        with torch.no_grad():
+            new.running_mean.copy_(bn.running_mean)
+            new.running_std.copy_(torch.sqrt(bn.running_var.double() + new.eps).to(ref.dtype))
+            if new.affine and bn.affine:
+                new.weight.copy_(bn.weight)
+                if bn.bias is not None:
+                    new.bias.copy_(bn.bias)
+        new.train(bn.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
+            f"r_max_steps={self.r_max_steps}, d_max_steps={self.d_max_steps}"
+        )
+
+
+class BatchRenorm1d(BatchRenormBase):
+    """Batch renorm over (N, C) or (N, C, L).
+
+    Shape: input (N, C) or (N, C, L) -> same shape; statistics over N (and L).
+    """
+
+    _ndims = (2, 3)
+
+
+class BatchRenorm2d(BatchRenormBase):
+    """Batch renorm over (N, C, H, W).
+
+    Shape: input (N, C, H, W) -> same shape; statistics per channel over N*H*W values.
+    """
+
+    _ndims = (4,)
+
+
+class BatchRenorm3d(BatchRenormBase):
+    """Batch renorm over (N, C, D, H, W).
+
+    Shape: input (N, C, D, H, W) -> same shape; statistics per channel over N*D*H*W values.
+    """
+
+    _ndims = (5,)

@@ -1,0 +1,265 @@
+"""``SyncBatchNorm``: batch norm whose training statistics span every process of a group.
+
+The normalization batch is the *global* batch: the concatenation of the local batches of all
+ranks of ``process_group`` (the default group if None). Per channel, over all M = sum_r m_r values:
+
+    mu    = (1/M) sum x                       var = (1/M) sum (x - mu)^2      (biased)
+    y     = weight * (x - mu) / sqrt(var + eps) + bias
+
+Forward: each rank computes its (m_r, mean_r, M2_r) locally (shifted two-pass, float32 or
+float64), and ONE ``all_reduce`` gathers them (a (W, 1 + 2C) float64 buffer); every rank then
+merges them with Chan's formula in float64, so uneven batch sizes and ranks with zero samples
+give the statistics of the concatenated batch, with no cancellation.
+
+Backward (g = dL/dy, sums over the global batch):
+
+    dx = weight / sqrt(var + eps) * (g - (1/M) sum g - x_hat (1/M) sum g * x_hat)
+
+with ONE ``all_reduce`` of the 2C local sums (sum g, sum g*x_hat). ``weight``/``bias`` get
+their *local* gradients sum_local g*x_hat and sum_local g; DistributedDataParallel then reduces
+them across ranks like every other parameter. Cost: one collective per layer per pass.
+
+Running statistics (training, ``track_running_stats``): updated on every rank identically with
+the global mean and the global *unbiased* variance var * M / (M - 1) (PyTorch's conventions:
+``momentum`` is the weight of the new value, None = cumulative average), so buffers stay
+identical across ranks; a rank with no samples updates them too.
+
+Without communication: in eval mode (running statistics; with ``track_running_stats=False``
+the local batch's statistics, as PyTorch), and when ``torch.distributed`` is not initialized
+or the group has one process (then it is exactly :class:`batchnorm.BatchNorm1d`-style BN).
+
+Works on any device the backend supports: gloo with CPU tensors (where
+``torch.nn.SyncBatchNorm`` refuses CPU input), nccl with CUDA tensors.
+
+Every rank of the group must call the layer in training mode in the same order, and run the
+backward through it if one does (whether the input needs a gradient must agree across ranks).
+A peer that does not join makes the collective fail after the process group's timeout
+(``init_process_group(timeout=...)``) with a ``RuntimeError`` that says so, instead of hanging
+forever. Double backward (``create_graph=True``) is not supported.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from .. import _checks, _collectives
+from .._kernels import torch_ops
+from ..functional import update_running_stats
+from .batchnorm import BatchNormBase
+
+__all__ = ["SyncBatchNorm", "sync_batch_norm"]
+
+
+def _local_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
+    """(m, mean (C,), M2 (C,)) of the local batch, statistics in ``acc_dtype``; zeros if empty."""
+    c = x.shape[1]
+    m = x.numel() // c
+    if m == 0:
+        zeros = torch.zeros(c, dtype=torch_ops.acc_dtype(x.dtype), device=x.device)
+        return 0, zeros, zeros
+    mean, var = torch_ops.batch_stats(x)
+    return m, mean, var * m
+
+
+def global_moments(x: Tensor, group: object | None, where: str) -> tuple[int, Tensor, Tensor]:
+    """(M, mean, var_biased) of the concatenation of every rank's ``x`` (N_r, C, *).
+
+    ONE all_reduce of the per-rank (m, mean, M2) rows, Chan merge in float64. Returns the
+    statistics in float64 on x's device; M is the global number of values per channel.
+    """
+    with torch.no_grad():
+        m, mean, m2 = _local_moments(x.detach())
+        row = torch.cat([torch.tensor([float(m)], dtype=torch.float64, device=x.device), mean.double(), m2.double()])
+        rows = _collectives.gather_rows(row, group, where, "the per-rank batch statistics (count, mean, M2)")  # (W, 1+2C)
+        c = x.shape[1]
+        total, mean_g, m2_g = _collectives.merge_moments(rows[:, 0], rows[:, 1:1 + c], rows[:, 1 + c:])
+        total_i = int(total.item())
+        var = (m2_g / max(total_i, 1)).clamp_min(0.0)
+    return total_i, mean_g, var
+
+
+class _SyncNormalize(torch.autograd.Function):
+    """y = normalize(x, mean, invstd, weight, bias) with the *global* statistics' backward.
+
+    mean/invstd are the global statistics (constants to autograd); the backward accounts for
+    their dependence on x through the globally all-reduced sums.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        invstd: Tensor,
+        total: int,
+        group: object | None,
+        where: str,
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.total = total
+        ctx.group = group
+        ctx.where = where
+        ctx.has_bias = bias is not None
+        return torch_ops.normalize(x, mean, invstd, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = mean.dtype
+        nd = x.dim()
+        dims = torch_ops.reduce_dims(x)
+        g = grad_y.to(acc)  # (N, C, *)
+        x_hat = (x.to(acc) - torch_ops.channel_view(mean, nd)) * torch_ops.channel_view(invstd, nd)  # (N, C, *)
+        sum_g = g.sum(dim=dims)  # (C,) local
+        sum_gx = (g * x_hat).sum(dim=dims)  # (C,) local
+        dx = None
+        if need_x:
+            c = sum_g.numel()
+            packed = torch.cat([sum_g, sum_gx]).double()  # (2C,)
+            _collectives.all_reduce_sum(packed, ctx.group, ctx.where, "the gradient sums (sum g, sum g*x_hat)")
+            mean_g = (packed[:c] / ctx.total).to(acc)
+            mean_gx = (packed[c:] / ctx.total).to(acc)
+            scale = invstd if weight is None else invstd * weight.to(acc)
+            # DESIGN.md's backward, with the global means of g and g*x_hat
+            dx = torch_ops.channel_view(scale, nd) * (
+                g - torch_ops.channel_view(mean_g, nd) - x_hat * torch_ops.channel_view(mean_gx, nd)
+            )
+            dx = dx.to(x.dtype)
+        dw = sum_gx.to(weight.dtype) if (need_w and weight is not None) else None
+        db = sum_g.to(weight.dtype if weight is not None else x.dtype) if (need_b and ctx.has_bias) else None
+        return dx, dw, db, None, None, None, None, None
+
+
+def _sync_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    group: object | None,
+    where: str,
+) -> tuple[Tensor, bool | None]:
+    """Training forward over the group; returns (y, whether running stats were updated)."""
+    c = x.shape[1]
+    total, mean64, var64 = global_moments(x, group, where)
+    if total == 1:
+        raise ValueError(
+            f"{where}: expected more than 1 value per channel when training, got 1 over the whole "
+            f"process group (local input shape {tuple(x.shape)})"
+        )
+    acc = torch_ops.acc_dtype(x.dtype)
+    if total == 0:
+        zeros = torch.zeros(c, dtype=acc, device=x.device)
+        return torch_ops.normalize(x, zeros, zeros + 1, weight, bias), False if running_mean is not None else None
+    mean = mean64.to(acc)
+    invstd = torch.rsqrt(var64 + eps).to(acc)
+    y = _SyncNormalize.apply(x, weight, bias, mean, invstd, total, group, where)
+    if running_mean is None:
+        return y, None
+    return y, update_running_stats(running_mean, running_var, mean64, var64, total, momentum)
+
+
+def sync_batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    process_group: object | None = None,
+) -> Tensor:
+    """Training-mode batch norm with statistics over ``process_group`` (module docstring).
+
+    Every rank of the group must call it (one all_reduce in forward, one in backward). The
+    running statistics, if given, are updated in place with the global mean and unbiased
+    variance. Requires an initialized ``torch.distributed``.
+
+    Shape: input (N_r, C, *) on each rank (N_r may differ, may be 0) -> same shape.
+    """
+    where = "sync_batch_norm"
+    if not _collectives.is_distributed():
+        raise RuntimeError(f"{where}: torch.distributed is not initialized (call init_process_group first)")
+    _checks.check_input(input, where)
+    c = input.shape[1]
+    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        _checks.check_param(p, name, c, where)
+    _checks.check_eps(eps, where, training=True)
+    momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]
+    y, updated = _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, process_group, where)
+    if updated is False and input.numel() > 0:
+        warnings.warn(f"{where}: batch statistics are not finite; running statistics were left unchanged", RuntimeWarning, stacklevel=2)
+    return y
+
+
+class SyncBatchNorm(BatchNormBase):
+    """Batch norm synchronized over a process group, on CPU (gloo) and GPU (nccl).
+
+    Args:
+        num_features: C, the number of channels (dim 1 of the input).
+        eps, momentum, affine, track_running_stats, device, dtype, bias: as ``nn.BatchNorm*d``.
+        process_group: the group whose processes share statistics (default: the whole world).
+
+    Shape: input (N_r, C, *) with 2 to 5 dims on each rank -> same shape. N_r may differ
+    between ranks and may be 0. Same parameters, buffers and ``state_dict`` keys as
+    ``torch.nn.SyncBatchNorm``/``BatchNorm*d``. See the module docstring for the math.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: object | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.process_group = process_group
+
+    def _synchronized(self) -> bool:
+        """Whether this forward communicates: training and a group of more than one process."""
+        return self.training and _collectives.group_size(self.process_group, self._where()) > 1
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize with statistics over the group in training; plain BN otherwise."""
+        if not self._synchronized():
+            return super().forward(input)
+        self._check_input_dim(input)
+        where = self._where()
+        _checks.check_eps(self.eps, where, training=True)
+        update = self.track_running_stats
+        y, updated = _sync_batch_norm(
+            input,
+            self.running_mean if update else None,
+            self.running_var if update else None,
+            self.weight,
+            self.bias,
+            self._momentum_now() if update else 0.0,
+            self.eps,
+            self.process_group,
+            where,
+        )
+        if updated:
+            self.num_batches_tracked.add_(1)
+        elif updated is False and input.numel() > 0 and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{where}: global batch statistics are not finite (NaN/inf in some rank's input); "
+                "running statistics and num_batches_tracked were left unchanged (warned once per layer)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return y

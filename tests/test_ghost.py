@@ -1,0 +1,156 @@
+"""Ghost batch norm against an independent loop-over-chunks definition and NumPy statistics.
+
+Run: PYTHONPATH=src python -m pytest -q tests/test_ghost.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from batchnorm import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, ghost_batch_norm
+
+
+def _loop_reference(x, chunks, w, b, eps):
+    """The definition: torch's own batch norm applied to each chunk separately (a Python loop)."""
+    outs = []
+    start = 0
+    for n in chunks:
+        outs.append(F.batch_norm(x[start:start + n], None, None, w, b, training=True, eps=eps))
+        start += n
+    return torch.cat(outs)
+
+
+def _np_pooled(x):
+    """Whole-batch mean and unbiased variance per channel, NumPy float64."""
+    xt = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+    return xt.mean(1), xt.var(1, ddof=1)
+
+
+@pytest.mark.parametrize(
+    "cls, shape, v, chunks",
+    [
+        (GhostBatchNorm1d, (12, 3), 4, [4, 4, 4]),
+        (GhostBatchNorm1d, (10, 3), 4, [4, 4, 2]),  # last ghost batch smaller
+        (GhostBatchNorm1d, (9, 3), 4, [4, 5]),  # a last ghost batch of 1 value is merged
+        (GhostBatchNorm1d, (7, 3, 5), 3, [3, 3, 1]),  # 1 sample but 5 values: kept
+        (GhostBatchNorm2d, (11, 2, 3, 2), 5, [5, 5, 1]),
+        (GhostBatchNorm3d, (5, 2, 2, 2, 3), 2, [2, 2, 1]),
+        (GhostBatchNorm2d, (6, 2, 2, 2), 16, [6]),  # v >= N: plain BN
+    ],
+)
+def test_forward_gradients_and_running_stats_match_definition(cls, shape, v, chunks):
+    gen = torch.Generator().manual_seed(3)
+    c = shape[1]
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + torch.arange(shape[0], dtype=torch.float64).reshape(-1, *[1] * (len(shape) - 1))
+    gy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    m = cls(c, v, eps=1e-3, momentum=0.25).double()
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 2.0, generator=gen)
+        m.bias.uniform_(-1.0, 1.0, generator=gen)
+    w = m.weight.detach().clone().requires_grad_()
+    b = m.bias.detach().clone().requires_grad_()
+    xa = x.clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    y = m(xa)
+    y.backward(gy)
+    ref = _loop_reference(xb, chunks, w, b, 1e-3)
+    ref.backward(gy)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(m.weight.grad, w.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(m.bias.grad, b.grad, rtol=1e-10, atol=1e-10)
+    # ONE running update per step, with the whole batch's mean and unbiased (pooled) variance
+    mean, var = _np_pooled(x.numpy())
+    np.testing.assert_allclose(m.running_mean.numpy(), 0.25 * mean, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(m.running_var.numpy(), 0.75 + 0.25 * var, rtol=1e-12)
+    assert int(m.num_batches_tracked) == 1
+
+
+def test_running_stats_do_not_depend_on_virtual_batch_size_and_equal_torch_bn():
+    # non-i.i.d. batch: the ghost means differ a lot, so the mean of ghost variances would be wrong
+    x = torch.randn(24, 4) + torch.repeat_interleave(torch.arange(6.0) * 10, 4)[:, None]
+    ref = torch.nn.BatchNorm1d(4)
+    ref(x)
+    for v in (2, 4, 5, 24):
+        m = GhostBatchNorm1d(4, v)
+        m(x)
+        torch.testing.assert_close(m.running_mean, ref.running_mean)
+        torch.testing.assert_close(m.running_var, ref.running_var)
+    mean_of_ghost_vars = torch.stack([x[i:i + 4].var(0) for i in range(0, 24, 4)]).mean(0)
+    assert (ref.running_var - (0.9 + 0.1 * mean_of_ghost_vars)).abs().min() > 1.0
+
+
+def test_eval_is_plain_batchnorm_and_state_dict_matches_torch():
+    m = GhostBatchNorm2d(3, 2)
+    for _ in range(3):
+        m(torch.randn(7, 3, 2, 2) * 2 + 1)
+    ref = torch.nn.BatchNorm2d(3)
+    ref.load_state_dict(m.state_dict())
+    assert list(m.state_dict()) == list(ref.state_dict())
+    m.eval()
+    ref.eval()
+    x = torch.randn(5, 3, 2, 2)
+    torch.testing.assert_close(m(x), ref(x))
+    # no running statistics: eval normalizes with the whole eval batch (no ghost batches)
+    free = GhostBatchNorm1d(3, 2, track_running_stats=False).eval()
+    x = torch.randn(8, 3)
+    torch.testing.assert_close(free(x), F.batch_norm(x, None, None, training=True))
+
+
+def test_functional_gradcheck_float64():
+    x = torch.randn(7, 2, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: ghost_batch_norm(x, 3, None, None, w, b), (x, w, b))
+
+
+def test_momentum_none_counts_steps_not_ghost_batches():
+    m = GhostBatchNorm1d(2, 2, momentum=None)
+    xs = [torch.randn(8, 2) + i for i in range(3)]
+    for x in xs:
+        m(x)
+    assert int(m.num_batches_tracked) == 3
+    torch.testing.assert_close(m.running_mean, torch.stack([x.mean(0) for x in xs]).mean(0))
+
+
+def test_channels_last_and_half_precision():
+    x = torch.randn(6, 3, 4, 4).to(memory_format=torch.channels_last)
+    m = GhostBatchNorm2d(3, 4)
+    y = m(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, _loop_reference(x, [4, 2], m.weight, m.bias, m.eps))
+    yh = GhostBatchNorm2d(3, 4)(x.to(torch.bfloat16))
+    assert yh.dtype == torch.bfloat16
+    torch.testing.assert_close(yh.float(), y, rtol=0.02, atol=0.05)
+
+
+def test_large_mean_small_spread_float32():
+    x32 = (1e4 + 1e-2 * torch.randn(32, 2, dtype=torch.float64)).float()
+    x64 = x32.double()  # the same float32 values, in float64 for the reference
+    m = GhostBatchNorm1d(2, 8)
+    y = m(x32)
+    ref = _loop_reference(x64, [8, 8, 8, 8], None, None, m.eps)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(m.running_var.double(), 0.9 + 0.1 * x64.var(0), rtol=1e-6, atol=1e-8)
+
+
+def test_nonfinite_and_empty_batches_change_nothing():
+    m = GhostBatchNorm1d(2, 2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        m(torch.tensor([[float("inf"), 1.0], [2.0, 3.0], [1.0, 1.0]]))
+    assert m(torch.empty(0, 2)).shape == (0, 2)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="virtual_batch_size to be a positive int"):
+        GhostBatchNorm1d(3, 0)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        GhostBatchNorm1d(3, 4)(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="4D"):
+        GhostBatchNorm2d(3, 4)(torch.randn(4, 3))

@@ -1,0 +1,265 @@
+"""SyncBatchNorm with real torch.distributed (gloo on 127.0.0.1) against single-process BN.
+
+Each rank generates the same global batch, keeps its slice, and compares its SyncBatchNorm
+with ``torch.nn.BatchNorm*d`` run on the whole concatenated batch (float64): outputs, input
+gradients, weight/bias gradients summed over ranks, running statistics, collective counts.
+One spawn of 3 processes runs every layout; a second spawn of 2 checks the missing-peer error.
+
+Run: PYTHONPATH=src python -m pytest -q tests/test_sync.py
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import batchnorm
+from batchnorm import SyncBatchNorm, convert_sync_batchnorm
+
+WORLD = 3
+# name: (per-rank sizes (by member order), members or None = all, sample shape (C, *spatial), dtype, momentum)
+LAYOUTS: dict[str, tuple[list[int], list[int] | None, tuple[int, ...], torch.dtype, float | None]] = {
+    "equal": ([4, 4, 4], None, (3, 2, 2), torch.float64, 0.3),
+    "uneven": ([3, 5, 1], None, (4,), torch.float64, 0.3),
+    "zero_samples": ([4, 0, 3], None, (2, 3), torch.float64, None),
+    "subgroup": ([2, 5], [0, 2], (3, 2, 2, 2), torch.float64, 0.1),
+    "uneven_float32": ([7, 2, 6], None, (3, 2), torch.float32, 0.3),
+}
+STEPS = 2
+CHECKS = ("forward", "grad_input", "grad_weight", "grad_bias", "running_mean", "running_var")
+# float32 at mean 100, std 0.1: rounding the mean to float32 (ulp 7.6e-6) moves x_hat by ~4e-5,
+# summed over 15 values in grad_weight; single-process float32 BN has the same error
+TOL = {torch.float64: 1e-10, torch.float32: 1e-3}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _count_collectives():
+    """Count calls of torch.distributed collectives while inside (restored on exit)."""
+    names = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter", "barrier")
+    saved = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+    calls: list[str] = []
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+        return counted
+
+    try:
+        for n, fn in saved.items():
+            setattr(dist, n, wrap(n, fn))
+        yield calls
+    finally:
+        for n, fn in saved.items():
+            setattr(dist, n, fn)
+
+
+def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0 if a.shape == b.shape else float("inf")
+    return float((a.double() - b.double()).abs().max())
+
+
+def _run_layout(rank: int, name: str, out: dict) -> None:
+    sizes, members, sample, dtype, momentum = LAYOUTS[name]
+    group = dist.new_group(members) if members is not None else None  # every rank must call it
+    members = members if members is not None else list(range(WORLD))
+    c = sample[0]
+    ref_cls = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm2d, 4: torch.nn.BatchNorm3d}[len(sample)]
+    ours = SyncBatchNorm(c, momentum=momentum, process_group=group).to(dtype)
+    if rank not in members:
+        try:
+            ours(torch.randn(2, *sample, dtype=dtype))
+            out[f"{name}/non_member_raises"] = False
+        except ValueError as e:
+            out[f"{name}/non_member_raises"] = "not a member" in str(e)
+        return
+    me = members.index(rank)
+    lo, hi = sum(sizes[:me]), sum(sizes[:me + 1])
+    gen = torch.Generator().manual_seed(1234)
+    ref = ref_cls(c, momentum=momentum).double()
+    with torch.no_grad():
+        w = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+        b = torch.randn(c, generator=gen, dtype=torch.float64)
+        for m in (ours, ref):
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+    worst = {k: 0.0 for k in CHECKS}
+    counts = []
+    for step in range(STEPS):
+        # large mean, small spread in float32: the merge must not cancel
+        offset, spread = (100.0, 0.1) if dtype == torch.float32 else (step, 1.0 + step)
+        xg = (torch.randn(sum(sizes), *sample, generator=gen, dtype=torch.float64) * spread + offset).to(dtype)
+        gy = torch.randn(sum(sizes), *sample, generator=gen, dtype=torch.float64)
+        xl = xg[lo:hi].clone().requires_grad_()
+        xr = xg.double().clone().requires_grad_()
+        with _count_collectives() as calls:
+            y = ours(xl)
+            n_forward = len(calls)
+            y.backward(gy[lo:hi].to(dtype))
+            counts.append((n_forward, len(calls) - n_forward))
+        yr = ref(xr)
+        yr.backward(gy)
+        gw = ours.weight.grad.double().clone()
+        gb = ours.bias.grad.double().clone()
+        dist.all_reduce(gw, group=group)
+        dist.all_reduce(gb, group=group)
+        diffs = {
+            "forward": _maxdiff(y, yr[lo:hi]),
+            "grad_input": _maxdiff(xl.grad, xr.grad[lo:hi]),
+            "grad_weight": _maxdiff(gw, ref.weight.grad),
+            "grad_bias": _maxdiff(gb, ref.bias.grad),
+            "running_mean": _maxdiff(ours.running_mean, ref.running_mean),
+            "running_var": _maxdiff(ours.running_var, ref.running_var),
+        }
+        for k, v in diffs.items():
+            worst[k] = max(worst[k], v)
+        ours.zero_grad()
+        ref.zero_grad()
+    for k, v in worst.items():
+        out[f"{name}/{k}"] = v
+    out[f"{name}/collectives"] = counts
+    out[f"{name}/num_batches_tracked"] = [int(ours.num_batches_tracked), int(ref.num_batches_tracked)]
+    # eval: plain BN with the running statistics, no communication (only the first member runs
+    # it; if it communicated it would wait for the others and time out)
+    if me == 0:
+        ours.eval()
+        ref.eval()
+        x = torch.randn(5, *sample, generator=gen, dtype=torch.float64).to(dtype)
+        with _count_collectives() as calls:
+            y = ours(x)
+        out[f"{name}/eval_forward"] = _maxdiff(y, ref(x.double()))
+        out[f"{name}/eval_collectives"] = len(calls)
+    dist.barrier(group=group)
+
+
+def _worker(rank: int, port: int, outdir: str, scenario: str) -> None:
+    torch.set_num_threads(1)
+    world = WORLD if scenario == "layouts" else 2
+    timeout = datetime.timedelta(seconds=30 if scenario == "layouts" else 3)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timeout)
+    out: dict = {}
+    if scenario == "layouts":
+        for name in LAYOUTS:
+            _run_layout(rank, name, out)
+        Path(outdir, f"{rank}.json").write_text(json.dumps(out))
+        dist.destroy_process_group()
+        return
+    # missing peer: rank 1 never calls the layer; rank 0 must fail after the 3 s timeout
+    if rank == 0:
+        m = SyncBatchNorm(2)
+        t0 = time.monotonic()
+        try:
+            m(torch.randn(4, 2))
+            out["error"] = ""
+        except RuntimeError as e:
+            out["error"] = str(e)
+        out["seconds"] = time.monotonic() - t0
+        Path(outdir, "0.json").write_text(json.dumps(out))
+    else:
+        time.sleep(6)
+    os._exit(0)  # a process group whose collective timed out cannot be torn down cleanly
+
+
+def _spawn(scenario: str, nprocs: int, tmp: Path) -> list[dict]:
+    mp.spawn(_worker, args=(_free_port(), str(tmp), scenario), nprocs=nprocs, join=True)
+    return [json.loads(p.read_text()) for p in sorted(tmp.glob("*.json"))]
+
+
+@pytest.fixture(scope="module")
+def layout_results(tmp_path_factory) -> list[dict]:
+    return _spawn("layouts", WORLD, tmp_path_factory.mktemp("sync_layouts"))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("check", CHECKS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_matches_single_process_bn_on_concatenated_batch(layout_results, layout, check):
+    tol = TOL[LAYOUTS[layout][3]]
+    values = [r[f"{layout}/{check}"] for r in layout_results if f"{layout}/{check}" in r]
+    members = LAYOUTS[layout][1] or list(range(WORLD))
+    assert len(values) == len(members)
+    assert max(values) <= tol, (layout, check, values)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_one_collective_per_pass_and_none_in_eval(layout_results, layout):
+    members = LAYOUTS[layout][1] or list(range(WORLD))
+    for rank in members:
+        r = layout_results[rank]
+        assert r[f"{layout}/collectives"] == [[1, 1]] * STEPS
+        assert r[f"{layout}/num_batches_tracked"] == [STEPS, STEPS]
+    first = layout_results[members[0]]
+    assert first[f"{layout}/eval_collectives"] == 0
+    assert first[f"{layout}/eval_forward"] <= TOL[LAYOUTS[layout][3]]
+
+
+@pytest.mark.distributed
+def test_non_member_of_subgroup_is_refused(layout_results):
+    assert layout_results[1]["subgroup/non_member_raises"] is True
+
+
+@pytest.mark.distributed
+def test_missing_peer_fails_with_clear_error_not_hang(tmp_path):
+    (result,) = _spawn("missing_peer", 2, tmp_path)
+    assert "did not join within the process group's timeout" in result["error"]
+    assert "SyncBatchNorm(2)" in result["error"]
+    assert result["seconds"] < 15
+
+
+def test_single_process_is_plain_batchnorm():
+    assert not dist.is_initialized()
+    ours = SyncBatchNorm(3, momentum=0.2)
+    ref = torch.nn.BatchNorm2d(3, momentum=0.2)
+    for _ in range(2):
+        x = torch.randn(4, 3, 2, 2) * 2 + 1
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        torch.testing.assert_close(ours(xa), ref(xb))
+        ours(xa).sum().backward()
+        ref(xb).sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    with pytest.raises(RuntimeError, match="not initialized"):
+        batchnorm.sync_batch_norm(torch.randn(4, 3), None, None)
+
+
+def test_convert_sync_batchnorm_keeps_state_and_returns_copy():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
+        torch.nn.Flatten(), batchnorm.BatchNorm1d(12), batchnorm.GhostBatchNorm1d(12, 2),
+    ).double()
+    model(torch.randn(8, 2, 2, 2, dtype=torch.float64))
+    model[1].weight.requires_grad_(False)
+    model.eval()
+    x = torch.randn(5, 2, 2, 2, dtype=torch.float64)
+    want = model(x)
+    conv = convert_sync_batchnorm(model)
+    assert type(conv[1]) is SyncBatchNorm and type(conv[4]) is SyncBatchNorm
+    assert type(conv[5]) is batchnorm.GhostBatchNorm1d  # subclasses are left alone
+    assert type(model[1]) is torch.nn.BatchNorm2d  # the original is untouched
+    assert conv[1].weight.dtype == torch.float64 and not conv[1].weight.requires_grad and not conv.training
+    assert conv.state_dict().keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(conv.state_dict()[k], v)
+    torch.testing.assert_close(conv(x), want)
+    single = convert_sync_batchnorm(torch.nn.BatchNorm1d(4), process_group="g")  # type: ignore[arg-type]
+    assert isinstance(single, SyncBatchNorm) and single.process_group == "g"
+    with pytest.raises(TypeError, match="nn.Module"):
+        convert_sync_batchnorm("model")  # type: ignore[arg-type]
