@@ -30,6 +30,7 @@ __all__ = ["EXPERIMENTS", "get", "ids", "module_name"]
 EXPERIMENTS: tuple[str, ...] = (
     "ioffe2015-fig1",
     "santurkar2018-noisy",
+    "santurkar2018-ics",
 )
 
 _REQUIRED = ("ID", "DESCRIPTION", "QUICK_SECONDS", "EXPLANATION", "run", "claims", "figures")
