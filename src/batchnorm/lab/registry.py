@@ -31,6 +31,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "ioffe2015-fig1",
     "santurkar2018-noisy",
     "santurkar2018-ics",
+    "santurkar2018-landscape",
 )
 
 _REQUIRED = ("ID", "DESCRIPTION", "QUICK_SECONDS", "EXPLANATION", "run", "claims", "figures")
