@@ -14,8 +14,12 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import socket
+import subprocess
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -149,6 +153,28 @@ def _run_layout(rank: int, name: str, out: dict) -> None:
     dist.barrier(group=group)
 
 
+def _run_edge_cases(rank: int, out: dict) -> None:
+    """A NaN on one rank: no rank updates its statistics. One value over the whole group: every
+    rank raises the same ValueError (so none is left waiting in a collective)."""
+    m = SyncBatchNorm(2, momentum=0.5)
+    x = torch.randn(3, 2)
+    if rank == 2:
+        x[1, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = m(x)
+    out["nonfinite/unchanged"] = bool(
+        (m.running_mean == 0).all() and (m.running_var == 1).all() and int(m.num_batches_tracked) == 0
+    )
+    out["nonfinite/warned"] = any("not finite" in str(w.message) for w in caught)
+    out["nonfinite/output_nan_everywhere"] = bool(y[:, 0].isnan().all())
+    try:
+        m(torch.randn(1 if rank == 0 else 0, 2))
+        out["one_value/raises"] = False
+    except ValueError as e:
+        out["one_value/raises"] = "more than 1 value per channel" in str(e)
+
+
 def _worker(rank: int, port: int, outdir: str, scenario: str) -> None:
     torch.set_num_threads(1)
     world = WORLD if scenario == "layouts" else 2
@@ -158,6 +184,7 @@ def _worker(rank: int, port: int, outdir: str, scenario: str) -> None:
     if scenario == "layouts":
         for name in LAYOUTS:
             _run_layout(rank, name, out)
+        _run_edge_cases(rank, out)
         Path(outdir, f"{rank}.json").write_text(json.dumps(out))
         dist.destroy_process_group()
         return
@@ -217,6 +244,15 @@ def test_non_member_of_subgroup_is_refused(layout_results):
 
 
 @pytest.mark.distributed
+def test_nonfinite_rank_blocks_every_update_and_one_value_raises_everywhere(layout_results):
+    for r in layout_results:
+        assert r["nonfinite/unchanged"] is True
+        assert r["nonfinite/warned"] is True
+        assert r["nonfinite/output_nan_everywhere"] is True  # the global mean is NaN
+        assert r["one_value/raises"] is True
+
+
+@pytest.mark.distributed
 def test_missing_peer_fails_with_clear_error_not_hang(tmp_path):
     (result,) = _spawn("missing_peer", 2, tmp_path)
     assert "did not join within the process group's timeout" in result["error"]
@@ -263,3 +299,19 @@ def test_convert_sync_batchnorm_keeps_state_and_returns_copy():
     assert isinstance(single, SyncBatchNorm) and single.process_group == "g"
     with pytest.raises(TypeError, match="nn.Module"):
         convert_sync_batchnorm("model")  # type: ignore[arg-type]
+
+
+@pytest.mark.distributed
+def test_ddp_example_under_torchrun_matches_single_process():
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(root / "examples" / "ddp_syncbn.py"), "--steps", "6", "--global-batch", "15",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK" in proc.stdout
+    d_sync = float(re.search(r"SyncBatchNorm vs single process: (\S+)", proc.stdout).group(1))
+    d_local = float(re.search(r"per-rank BatchNorm vs single process: (\S+)", proc.stdout).group(1))
+    assert d_sync <= 1e-4 and d_local > 100 * d_sync  # the comparison can tell sync from no sync

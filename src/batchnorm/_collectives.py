@@ -66,16 +66,23 @@ def all_reduce_sum(t: Tensor, group: object | None, where: str, what: str) -> Te
     return t
 
 
-def gather_rows(row: Tensor, group: object | None, where: str, what: str) -> Tensor:
-    """Every rank's ``row`` (K,) stacked into (W, K), in group-rank order, by ONE all_reduce.
+def gather_rows(parts: list[Tensor | float], group: object | None, where: str, what: str) -> Tensor:
+    """Every rank's row (the concatenation of ``parts``, K values) stacked into (W, K) float64,
+    in group-rank order, by ONE all_reduce.
 
     Each rank writes its row into a zero (W, K) buffer; summing the buffers is a gather that
-    every backend and device supports, and adding exact zeros leaves the rows bit-identical.
+    every backend and device supports, and adding exact zeros leaves the rows bit-identical
+    on every rank. ``parts`` are numbers or 1-D tensors (on the device the buffer goes to).
     """
     w = dist.get_world_size(group)
     rank = group_rank(group, where)
-    buf = torch.zeros(w, row.numel(), dtype=row.dtype, device=row.device)  # (W, K)
-    buf[rank] = row
+    sizes = [1 if not isinstance(p, Tensor) else p.numel() for p in parts]
+    device = next(p.device for p in parts if isinstance(p, Tensor))
+    buf = torch.zeros(w, sum(sizes), dtype=torch.float64, device=device)  # (W, K)
+    start = 0
+    for p, n in zip(parts, sizes):
+        buf[rank, start:start + n] = p
+        start += n
     return all_reduce_sum(buf, group, where, what)
 
 

@@ -1,9 +1,10 @@
 """Modules: batch-norm layers (re-exported from :mod:`batchnorm`)."""
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenBatchNormBase
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, GhostBatchNormBase, ghost_batch_norm
-from .sync import SyncBatchNorm, sync_batch_norm
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, BatchRenormBase, batch_renorm, renorm_limits
+from .sync import SyncBatchNorm, sync_batch_norm
 
 __all__ = [
     "BatchNormBase",
@@ -14,6 +15,10 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "FrozenBatchNormBase",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
     "GhostBatchNormBase",
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",

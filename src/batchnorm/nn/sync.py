@@ -72,8 +72,8 @@ def global_moments(x: Tensor, group: object | None, where: str) -> tuple[int, Te
     """
     with torch.no_grad():
         m, mean, m2 = _local_moments(x.detach())
-        row = torch.cat([torch.tensor([float(m)], dtype=torch.float64, device=x.device), mean.double(), m2.double()])
-        rows = _collectives.gather_rows(row, group, where, "the per-rank batch statistics (count, mean, M2)")  # (W, 1+2C)
+        what = "the per-rank batch statistics (count, mean, M2)"
+        rows = _collectives.gather_rows([float(m), mean, m2], group, where, what)  # (W, 1 + 2C) float64
         c = x.shape[1]
         total, mean_g, m2_g = _collectives.merge_moments(rows[:, 0], rows[:, 1:1 + c], rows[:, 1 + c:])
         total_i = int(total.item())

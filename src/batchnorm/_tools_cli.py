@@ -1,0 +1,283 @@
+"""Command-line inference tools: ``inspect``, ``fold``, ``recalibrate`` (thin; see ``cli.py``).
+
+    batchnorm inspect MODEL [--sample SHAPE] [--trust]
+    batchnorm fold MODEL -o OUT [--trust]
+    batchnorm recalibrate MODEL --data SPEC -o OUT [--batch-size N] [--max-samples N]
+                          [--mode eval|train] [--passes P] [--trust]
+
+MODEL is a file written by ``torch.save(model)`` (a whole pickled module) or by
+``torch.export.save`` (``.pt2``). Loading a pickled module runs code named in the file, so it is
+only done with ``--trust``: ``torch.load(weights_only=True)`` is tried first and a file that
+needs more is refused with a message saying so. Exported programs load without ``--trust``.
+OUT is written in the format of MODEL (an exported program is re-exported with its own
+example inputs).
+
+Data SPEC for ``recalibrate`` (inputs only; targets are not needed):
+  ``digits``          scikit-learn's handwritten digits, (1797, 64) float32 in [0, 1]
+  ``digits-images``   the same as (1797, 1, 8, 8) images
+  ``PATH.npy``        a NumPy array of inputs (N, ...), loaded without pickle
+  ``PATH.pt``         a tensor of inputs (N, ...), or a tuple/list whose first item is one,
+                      loaded with ``weights_only=True``
+The inputs are cast to the model's dtype and cut into batches along dim 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._cli_util import CliError
+
+__all__ = ["register"]
+
+
+@dataclass
+class _Loaded:
+    """A model from disk and what is needed to write it back in the same format."""
+
+    model: Any
+    """The nn.Module (for a .pt2: the program's module with BN/conv/linear lifted to modules)."""
+    program: Any = None
+    """The ExportedProgram, for .pt2 files."""
+    notes: list[str] = field(default_factory=list)
+    """Warnings to print (batch norms of an exported program that could not be lifted)."""
+
+    def print_notes(self) -> None:
+        for note in self.notes:
+            print(f"note: {note}")
+
+
+def _load(path: str, trust: bool) -> _Loaded:
+    import torch
+    from torch import nn
+
+    p = Path(path)
+    if not p.is_file():
+        raise CliError(f"{path}: no such file")
+    if p.suffix == ".pt2":
+        from ._exported import lift_modules, unlifted_batchnorms
+
+        if not zipfile.is_zipfile(p):
+            raise CliError(f"{path}: not a torch.export program (expected a .pt2 zip archive)")
+
+        try:
+            program = torch.export.load(str(p))
+        except Exception as err:
+            raise CliError(f"{path}: not a readable torch.export program ({type(err).__name__}: {_first_line(err)})") from None
+        module = program.module()
+        lift_modules(module)
+        loaded = _Loaded(module, program)
+        for name in unlifted_batchnorms(module):
+            loaded.notes.append(
+                f"{name}: a batch norm exported as primitive ops (its forward is Python code, not "
+                "aten.batch_norm); it is left untouched - apply the tool to the nn.Module before exporting"
+            )
+        return loaded
+    if not zipfile.is_zipfile(p):
+        raise CliError(f"{path}: not a torch.save file (expected a zip archive) nor a .pt2 torch.export program")
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as err:
+        if not trust:
+            raise CliError(
+                f"{path}: holds pickled Python objects (a whole module), which torch.load(weights_only=True) "
+                "refuses: loading it runs code named in the file. Pass --trust if you trust its source"
+            ) from None
+        try:
+            obj = torch.load(str(p), map_location="cpu", weights_only=False)
+        except Exception as err2:
+            raise CliError(f"{path}: cannot load ({type(err2).__name__}: {_first_line(err2)})") from None
+        del err
+    if not isinstance(obj, nn.Module):
+        what = "a state_dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise CliError(f"{path}: holds {what}, not a model; save the whole module with torch.save(model) or use torch.export")
+    return _Loaded(obj)
+
+
+def _save(loaded: _Loaded, out: str) -> None:
+    import torch
+
+    try:
+        if loaded.program is not None:
+            from ._exported import reexport
+
+            torch.export.save(reexport(loaded.model, loaded.program), out)
+        else:
+            torch.save(loaded.model, out)
+    except OSError as err:
+        raise CliError(f"{out}: cannot write ({err.strerror})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _eval(model: Any) -> None:
+    for m in model.modules():  # set directly: exported programs' modules refuse .eval()
+        m.training = False
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(s) for s in parts if s.strip())
+    except ValueError:
+        raise CliError(f"--sample: expected a shape like 8,3,32,32, got {text!r}") from None
+    if not shape or any(s < 1 for s in shape):
+        raise CliError(f"--sample: expected positive sizes like 8,3,32,32, got {text!r}")
+    return shape
+
+
+def _model_dtype(model: Any) -> Any:
+    import torch
+
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def load_data(spec: str) -> Any:
+    """The input tensor (N, ...) named by a data SPEC (see the module docstring)."""
+    import numpy as np
+    import torch
+
+    if spec in ("digits", "digits-images"):
+        from sklearn.datasets import load_digits
+
+        x = torch.from_numpy(load_digits().data.astype(np.float32) / 16.0)  # (1797, 64)
+        return x.reshape(-1, 1, 8, 8) if spec == "digits-images" else x
+    p = Path(spec)
+    if not p.is_file():
+        raise CliError(f"--data: {spec!r} is neither 'digits', 'digits-images' nor an existing .npy/.pt file")
+    if p.suffix == ".npy":
+        try:
+            return torch.from_numpy(np.load(p, allow_pickle=False))
+        except Exception as err:
+            raise CliError(f"--data {spec}: not a readable .npy array ({_first_line(err)})") from None
+    if p.suffix == ".pt":
+        try:
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CliError(f"--data {spec}: not a tensor file loadable with weights_only=True ({_first_line(err)})") from None
+        if isinstance(obj, (tuple, list)) and obj:
+            obj = obj[0]
+        if not isinstance(obj, torch.Tensor):
+            raise CliError(f"--data {spec}: expected a tensor of inputs (or (inputs, targets)), got {type(obj).__name__}")
+        return obj
+    raise CliError(f"--data: expected 'digits', 'digits-images', a .npy or a .pt file, got {spec!r}")
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import torch
+
+    from .diagnostics import format_table, inspect_model
+
+    loaded = _load(args.model, args.trust)
+    sample = None
+    if args.sample:
+        gen = torch.Generator().manual_seed(args.seed)
+        sample = torch.randn(_shape(args.sample), generator=gen).to(_model_dtype(loaded.model))
+    try:
+        reports = inspect_model(loaded.model, sample)
+    except (RuntimeError, ValueError, TypeError, AssertionError) as err:  # AssertionError: export guards
+        raise CliError(f"inspect: running the sample {tuple(sample.shape) if sample is not None else ''} failed: {_first_line(err)}") from None
+    print(format_table(reports))
+    loaded.print_notes()
+    return 0
+
+
+def _fold(args: argparse.Namespace) -> int:
+    from .surgery import fold
+
+    loaded = _load(args.model, args.trust)
+    _eval(loaded.model)
+    result = fold(loaded.model, inplace=True)
+    print(result)
+    loaded.print_notes()
+    _save(loaded, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _recalibrate(args: argparse.Namespace) -> int:
+    from .stats import recompute_statistics
+
+    loaded = _load(args.model, args.trust)
+    x = load_data(args.data).to(_model_dtype(loaded.model))
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size: expected a positive int, got {args.batch_size}")
+    batch_size = args.batch_size
+    max_samples = args.max_samples if args.max_samples is None else min(args.max_samples, len(x))
+    if loaded.program is not None:
+        # an exported program is specialized to its example batch size: use it, drop the rest
+        from ._exported import example_inputs
+
+        batch_size = int(example_inputs(loaded.program)[0][0].shape[0])
+        usable = (min(len(x), max_samples or len(x)) // batch_size) * batch_size
+        if usable == 0:
+            raise CliError(f"recalibrate: the exported program takes batches of {batch_size}, but --data has only {len(x)} samples")
+        if usable < (max_samples or len(x)):
+            print(f"note: the exported program takes batches of exactly {batch_size}; using the first {usable} samples")
+        max_samples = usable
+    try:
+        report = recompute_statistics(
+            loaded.model,
+            x.split(batch_size),
+            max_samples=max_samples,
+            mode=args.mode,
+            passes=args.passes,
+        )
+    except (RuntimeError, ValueError, TypeError, AssertionError) as err:  # AssertionError: export guards
+        raise CliError(f"recalibrate: the model failed on --data {args.data} of shape {tuple(x.shape)}: {_first_line(err)}") from None
+    width = max([5] + [len(r.name) for r in report])
+    print(f"{'layer'.ljust(width)}  {'kind':<18} {'values':>9}  {'mean change':>11}  {'var change':>10}")
+    for r in report:
+        change = f"{_num(r.mean_change):>11}  {_num(r.var_change):>10}" if r.updated else f"not updated: {r.note}"
+        print(f"{(r.name or '<model>').ljust(width)}  {r.kind:<18} {r.samples:>9}  {change}")
+    print(f"{len(x) if max_samples is None else max_samples} samples; running_var holds the unbiased variance")
+    loaded.print_notes()
+    _save(loaded, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _num(v: float) -> str:
+    return str(v) if math.isinf(v) or math.isnan(v) else f"{v:.3g}"
+
+
+def register(subparsers: Any) -> None:
+    """Add ``inspect``, ``fold`` and ``recalibrate`` to the ``batchnorm`` command line."""
+    trust_help = "allow loading a pickled whole module (torch.load weights_only=False): runs code from the file"
+
+    p = subparsers.add_parser("inspect", help="report every batch-norm layer of a saved model")
+    p.add_argument("model", metavar="MODEL", help="torch.save(model) file or torch.export .pt2")
+    p.add_argument("--sample", metavar="SHAPE", help="random N(0,1) input shape, e.g. 8,3,32,32, for the train/eval discrepancy")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
+    p.add_argument("--trust", action="store_true", help=trust_help)
+    p.set_defaults(func=_inspect)
+
+    p = subparsers.add_parser("fold", help="fold eval-mode batch norms into adjacent Linear/Conv layers")
+    p.add_argument("model", metavar="MODEL", help="torch.save(model) file or torch.export .pt2")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the folded model (same format)")
+    p.add_argument("--trust", action="store_true", help=trust_help)
+    p.set_defaults(func=_fold)
+
+    p = subparsers.add_parser("recalibrate", help="set running statistics to exact population statistics of a data set")
+    p.add_argument("model", metavar="MODEL", help="torch.save(model) file or torch.export .pt2")
+    p.add_argument("--data", required=True, metavar="SPEC", help="digits | digits-images | PATH.npy | PATH.pt (inputs)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the model (same format)")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size of the pass (the statistics do not depend on it)")
+    p.add_argument("--max-samples", type=int, default=None, help="use only the first N samples")
+    p.add_argument("--mode", choices=("eval", "train"), default="eval", help="network that feeds each layer (see recompute_statistics)")
+    p.add_argument("--passes", type=int, default=1, help="passes over the data (eval mode: BN depth + 1 makes all layers exact)")
+    p.add_argument("--trust", action="store_true", help=trust_help)
+    p.set_defaults(func=_recalibrate)

@@ -1,0 +1,156 @@
+"""``FrozenBatchNorm1d/2d/3d``: batch norm with fixed statistics and affine, whatever the mode.
+
+    y = weight * (x - running_mean) / sqrt(running_var + eps) + bias
+      = x * scale + shift,   scale = weight / sqrt(running_var + eps),  shift = bias - running_mean * scale
+
+Everything is a buffer (no parameters, nothing to train, nothing updated): the layer computes the
+same function after ``.train()`` as after ``.eval()``. Use it to fine-tune with small batches
+on top of trusted statistics, or as the frozen backbone of a detector.
+
+Checkpoints: the ``state_dict`` keys are exactly those of ``BatchNorm*d`` (``weight``, ``bias``,
+``running_mean``, ``running_var``, ``num_batches_tracked``), so a BatchNorm checkpoint loads
+strictly into a frozen layer and back. ``num_batches_tracked`` is kept only for that: it is
+carried unchanged (freezing then unfreezing is lossless) and never used. A checkpoint of a
+``BatchNorm*d(affine=False)`` (no weight/bias) loads as weight 1, bias 0; one without
+``num_batches_tracked`` (very old) loads as 0. ``running_var`` holds the *unbiased* variance
+(our convention and PyTorch's), and eps sits inside the square root; unlike old torchvision
+``FrozenBatchNorm2d`` the default eps is 1e-5, as ``BatchNorm*d``.
+
+These layers are deliberately *not* subclasses of torch's ``_BatchNorm``: tools that reset and
+re-estimate "every batch norm" (``swa_utils.update_bn``, PreciseBN) would otherwise wipe them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import _checks
+
+__all__ = ["FrozenBatchNormBase", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+
+
+class FrozenBatchNormBase(nn.Module):
+    """Frozen batch norm over any (N, C, *) input; see the module docstring.
+
+    Args:
+        num_features: C, the number of channels (dim 1 of the input).
+        eps: added to ``running_var`` inside the square root (>= 0; default 1e-5).
+
+    Shape: input (N, C, *) -> output of the same shape and dtype (scale/shift applied in at
+    least float32 for float16/bfloat16 input).
+    """
+
+    _ndims: tuple[int, ...] = (2, 3, 4, 5)
+    frozen = True
+    """Marks layers whose statistics must not be re-estimated (read by ``recompute_statistics``)."""
+
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"{type(self).__name__}: expected num_features to be a positive int, got {num_features!r}")
+        self.num_features = num_features
+        self.eps = _checks.check_eps(eps, f"{type(self).__name__}({num_features})", training=False)
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.register_buffer("weight", torch.ones(num_features, **kw))
+        self.register_buffer("bias", torch.zeros(num_features, **kw))
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+        self.register_buffer("running_var", torch.ones(num_features, **kw))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.Module) -> FrozenBatchNormBase:
+        """A frozen copy of a batch-norm layer's current eval-mode function (and its dtype/device).
+
+        Raises ``ValueError`` for a layer without running statistics (it has no fixed function).
+        """
+        if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
+            raise ValueError(
+                f"{cls.__name__}.from_batchnorm: {type(bn).__name__} has no running statistics "
+                "(track_running_stats=False), so there is nothing to freeze"
+            )
+        rm = bn.running_mean
+        new = cls(bn.num_features, eps=float(bn.eps), device=rm.device, dtype=rm.dtype)
+        with torch.no_grad():
+            new.running_mean.copy_(rm)
+            new.running_var.copy_(bn.running_var)
+            if getattr(bn, "weight", None) is not None:
+                new.weight.copy_(bn.weight.detach())
+            if getattr(bn, "bias", None) is not None:
+                new.bias.copy_(bn.bias.detach())
+            nbt = getattr(bn, "num_batches_tracked", None)
+            if isinstance(nbt, Tensor):
+                new.num_batches_tracked.copy_(nbt)
+        # remembered so that unfreeze() can give back the same kind of layer
+        new._unfreeze_as = (type(bn), bool(getattr(bn, "affine", True)), getattr(bn, "momentum", 0.1))
+        return new
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # BatchNorm*d(affine=False) and very old checkpoints lack some keys: fill the identity
+        defaults = {"weight": self.weight.new_ones, "bias": self.bias.new_zeros}
+        for key, make in defaults.items():
+            if prefix + key not in state_dict:
+                state_dict[prefix + key] = make(self.num_features)
+        if prefix + "num_batches_tracked" not in state_dict:
+            state_dict[prefix + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """(scale, shift) of ``y = x * scale + shift``, per channel, in float64."""
+        scale = self.weight.double() * torch.rsqrt(self.running_var.double() + self.eps)
+        shift = self.bias.double() - self.running_mean.double() * scale
+        return scale, shift
+
+    def forward(self, input: Tensor) -> Tensor:
+        """``y = x * scale + shift`` per channel (dim 1), in any mode."""
+        _checks.check_input(input, f"{type(self).__name__}({self.num_features})", ndims=self._ndims, num_features=self.num_features)
+        acc = torch.promote_types(input.dtype, torch.float32)
+        scale = self.weight.to(acc) * torch.rsqrt(self.running_var.to(acc) + self.eps)
+        shift = self.bias.to(acc) - self.running_mean.to(acc) * scale
+        # (C,) -> (1, C, 1, ..., 1) to broadcast over (N, C, *)
+        view = (1, -1) + (1,) * (input.dim() - 2)
+        return (input.to(acc) * scale.reshape(view) + shift.reshape(view)).to(input.dtype)
+
+
+class FrozenBatchNorm1d(FrozenBatchNormBase):
+    """Frozen batch norm for (N, C) or (N, C, L) input (the frozen ``BatchNorm1d``)."""
+
+    _ndims = (2, 3)
+
+
+class FrozenBatchNorm2d(FrozenBatchNormBase):
+    """Frozen batch norm for (N, C, H, W) input (the frozen ``BatchNorm2d``)."""
+
+    _ndims = (4,)
+
+
+class FrozenBatchNorm3d(FrozenBatchNormBase):
+    """Frozen batch norm for (N, C, D, H, W) input (the frozen ``BatchNorm3d``)."""
+
+    _ndims = (5,)

@@ -1,0 +1,164 @@
+"""Tests for the inspect / fold / recalibrate commands (batchnorm._tools_cli).
+
+    PYTHONPATH=src python -m pytest -q tests/test_tools_cli.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import batchnorm.cli as cli
+from batchnorm import BatchNorm1d
+
+
+@pytest.fixture(autouse=True)
+def _only_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Build the parser from our command module alone (other helpers' modules may be absent)."""
+    monkeypatch.setattr(cli, "_COMMAND_MODULES", ("batchnorm._tools_cli",))
+
+
+def mlp(ours: bool = True) -> nn.Sequential:
+    """The same model every call (its own seed); layer 1 is our BatchNorm1d or torch's."""
+    torch.manual_seed(123)
+    bn = BatchNorm1d(16) if ours else nn.BatchNorm1d(16)
+    model = nn.Sequential(nn.Linear(64, 16), bn, nn.ReLU(), nn.Linear(16, 10), nn.BatchNorm1d(10))
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[4].running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture()
+def saved(tmp_path: Path) -> dict[str, Path]:
+    model = mlp()
+    paths = {"module": tmp_path / "m.pt", "export": tmp_path / "m.pt2", "state": tmp_path / "sd.pt", "garbage": tmp_path / "g.pt"}
+    torch.save(model, paths["module"])
+    # torch's layers export as one aten.batch_norm call each (ours as its primitive ops)
+    torch.export.save(torch.export.export(mlp(ours=False), (torch.randn(8, 64),)), paths["export"])
+    paths["export_ours"] = tmp_path / "ours.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(8, 64),)), paths["export_ours"])
+    torch.save(model.state_dict(), paths["state"])
+    paths["garbage"].write_bytes(b"not a model" * 20)
+    return paths
+
+
+def test_inspect_needs_trust_for_pickled_modules(saved: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "inspect", str(saved["module"]))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "--trust" in err and "weights_only=True" in err
+    code, out, err = run(capsys, "inspect", str(saved["module"]), "--trust", "--sample", "8,64")
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()[2:4]]
+    assert rows[0][:5] == ["1", "BatchNorm1d", "16", "0.1", "0.9"] and rows[0][-1] == "yes"
+    assert rows[1][:3] == ["4", "BatchNorm1d", "10"]
+
+
+@pytest.mark.parametrize(
+    "key,message",
+    [("state", "state_dict, not a model"), ("garbage", "not a torch.save file"), (None, "no such file")],
+)
+def test_bad_files_are_one_line_errors(saved: dict[str, Path], capsys: pytest.CaptureFixture[str], key: str | None, message: str) -> None:
+    path = str(saved[key]) if key else str(saved["module"].parent / "missing.pt")
+    for argv in (["inspect", path, "--trust"], ["fold", path, "-o", path + ".out", "--trust"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_bad_sample_shape(saved: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "inspect", str(saved["export"]), "--sample", "8,abc")
+    assert code == 2 and "--sample" in err
+
+
+def test_fold_pickled_module(saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_path = tmp_path / "folded.pt"
+    code, out, err = run(capsys, "fold", str(saved["module"]), "-o", str(out_path), "--trust")
+    assert code == 0, err
+    assert "folded 2 batch norm(s), left 0" in out
+    folded = torch.load(out_path, weights_only=False)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    x = torch.randn(32, 64)
+    with torch.no_grad():
+        want = mlp()(x)
+        got = folded(x)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+def test_fold_exported_program(saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_path = tmp_path / "folded.pt2"
+    code, out, err = run(capsys, "fold", str(saved["export"]), "-o", str(out_path))
+    assert code == 0, err
+    assert "folded 2 batch norm(s), left 0" in out
+    program = torch.export.load(out_path)
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "aten.linear.default" in ops and not any("batch_norm" in op for op in ops)
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        want = mlp(ours=False)(x)
+        got = program.module()(x)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+def digits_bn_input(model: nn.Module) -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    x = torch.from_numpy(load_digits().data.astype(np.float32) / 16.0)
+    with torch.no_grad():
+        return model[0](x).double().numpy()
+
+
+def test_recalibrate_digits_exact(saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_path = tmp_path / "recal.pt"
+    code, out, err = run(capsys, "recalibrate", str(saved["module"]), "--trust", "--data", "digits", "-o", str(out_path), "--batch-size", "100")
+    assert code == 0, err
+    assert "1797 samples" in out
+    model = torch.load(out_path, weights_only=False)
+    h = digits_bn_input(mlp())
+    np.testing.assert_allclose(model[1].running_mean.double().numpy(), h.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(model[1].running_var.double().numpy(), h.var(0, ddof=1), rtol=1e-6)
+
+
+def test_recalibrate_npy_pt_and_exported(saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    x = torch.randn(30, 64) * 2 + 1
+    np.save(tmp_path / "x.npy", x.numpy())
+    torch.save((x, torch.zeros(30)), tmp_path / "x.pt")
+    h = mlp()[0](x).detach().double().numpy()  # the same Linear weights with torch's or our BN
+    for spec in ("x.npy", "x.pt"):
+        out_path = tmp_path / f"r_{spec}.pt"
+        code, _, err = run(capsys, "recalibrate", str(saved["module"]), "--trust", "--data", str(tmp_path / spec), "-o", str(out_path))
+        assert code == 0, err
+        model = torch.load(out_path, weights_only=False)
+        np.testing.assert_allclose(model[1].running_var.double().numpy(), h.var(0, ddof=1), rtol=1e-6)
+    # an exported program takes batches of its example size (8): 24 of the 30 samples are used
+    out_path = tmp_path / "r.pt2"
+    code, out, err = run(capsys, "recalibrate", str(saved["export"]), "--data", str(tmp_path / "x.npy"), "-o", str(out_path))
+    assert code == 0, err
+    assert "using the first 24 samples" in out
+    program = torch.export.load(out_path)
+    state = program.state_dict
+    key = next(k for k in state if k.endswith("1.running_var"))
+    np.testing.assert_allclose(state[key].double().numpy(), h[:24].var(0, ddof=1), rtol=1e-6)
+
+
+def test_recalibrate_bad_data(saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bad.npy").write_bytes(b"nope")
+    for spec, message in [("mnist", "neither 'digits'"), (str(tmp_path / "bad.npy"), "not a readable .npy"), ("digits-images", "failed on --data")]:
+        code, _, err = run(capsys, "recalibrate", str(saved["module"]), "--trust", "--data", spec, "-o", str(tmp_path / "o.pt"))
+        assert code == 2 and message in err, err
+
+
+def test_exported_batchnorm_of_ours_is_reported_not_ignored(saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "fold", str(saved["export_ours"]), "-o", str(tmp_path / "f.pt2"))
+    assert code == 0, err
+    assert "folded 1 batch norm(s), left 0" in out
+    assert "note: 1: a batch norm exported as primitive ops" in out
