@@ -32,6 +32,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "santurkar2018-noisy",
     "santurkar2018-ics",
     "santurkar2018-landscape",
+    "precise-bn",
 )
 
 _REQUIRED = ("ID", "DESCRIPTION", "QUICK_SECONDS", "EXPLANATION", "run", "claims", "figures")
