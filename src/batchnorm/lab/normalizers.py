@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import BatchNorm1d
+from .. import BatchNorm1d, BatchRenorm1d
 
-__all__ = ["GroupedBatchNorm1d", "NoisyBatchNorm", "group_view"]
+__all__ = ["GroupedBatchNorm1d", "GroupedBatchRenorm1d", "NoisyBatchNorm", "group_view"]
 
 
 class NoisyBatchNorm(nn.Module):
@@ -134,3 +134,50 @@ class GroupedBatchNorm1d(BatchNorm1d):
                 self.num_batches_tracked.add_(1)
         return y
 
+
+
+class GroupedBatchRenorm1d(BatchRenorm1d):
+    """Batch renormalization (Ioffe 2017) over groups of ``group_size`` samples: his microbatches.
+
+    Training, for each group g of m consecutive samples (per channel), with the shared moving
+    mean mu and moving std sigma and the current limits (r_max_t, d_max_t) of the schedule:
+
+        sigma_g = sqrt(var_g + eps),  r_g = sg(clip(sigma_g / sigma, 1/r_max_t, r_max_t)),
+        d_g = sg(clip((mu_g - mu) / sigma, -d_max_t, d_max_t)),
+        y = gamma * (r_g * (x - mu_g) / sigma_g + d_g) + beta
+
+    then ONE moving-average update per step with the group averages of mu_g and sigma_g, and
+    one schedule step. With ``group_size >= N`` this is exactly :class:`batchnorm.BatchRenorm1d`
+    (which it subclasses for the schedule, buffers and inference). Eval: gamma (x - mu)/sigma + beta.
+
+    Shape: (N, C) -> (N, C); N must be a multiple of ``group_size`` in training.
+    """
+
+    def __init__(self, num_features: int, group_size: int, **kwargs: object) -> None:
+        super().__init__(num_features, **kwargs)  # type: ignore[arg-type]
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+            raise ValueError(f"GroupedBatchRenorm1d: expected group_size to be an int >= 2, got {group_size!r}")
+        self.group_size = group_size
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training or input.shape[0] <= self.group_size:
+            return super().forward(input)
+        step = int(self.num_batches_tracked.item())
+        r_max, d_max = self.limits(step)
+        xg = group_view(input, self.group_size)  # (G, m, C)
+        mean = xg.mean(dim=1, keepdim=True)  # (G, 1, C)
+        std = torch.sqrt(xg.var(dim=1, unbiased=False, keepdim=True) + self.eps)  # (G, 1, C)
+        with torch.no_grad():
+            mu = self.running_mean.detach()
+            sigma = self.running_std.detach()
+            r = (std / sigma).clamp(1.0 / r_max, r_max)  # (G, 1, C), a constant
+            d = ((mean - mu) / sigma).clamp(-d_max, d_max)  # (G, 1, C), a constant
+        y = ((xg - mean) / std * r + d).reshape(input.shape)  # (N, C)
+        if self.affine:
+            y = y * self.weight + self.bias
+        with torch.no_grad():
+            momentum = self.momentum if self.momentum is not None else 1.0 / (step + 1)
+            self.running_mean.lerp_(mean.mean(dim=(0, 1)), momentum)
+            self.running_std.lerp_(std.mean(dim=(0, 1)), momentum)
+            self.num_batches_tracked.add_(1)
+        return y

@@ -29,6 +29,7 @@ __all__ = ["EXPERIMENTS", "get", "ids", "module_name"]
 # fixed order: the order of `lab list`, `lab run all` and the index report
 EXPERIMENTS: tuple[str, ...] = (
     "ioffe2015-fig1",
+    "small-batch",
     "santurkar2018-noisy",
     "santurkar2018-ics",
     "santurkar2018-landscape",
