@@ -30,6 +30,7 @@ __all__ = ["EXPERIMENTS", "get", "ids", "module_name"]
 EXPERIMENTS: tuple[str, ...] = (
     "ioffe2015-fig1",
     "small-batch",
+    "ghost-bn",
     "santurkar2018-noisy",
     "santurkar2018-ics",
     "santurkar2018-landscape",
