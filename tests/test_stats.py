@@ -296,6 +296,19 @@ def test_non_finite_data_raises_and_changes_nothing() -> None:
     assert torch.all(model[0].running_mean == 0) and torch.all(model[0].running_var == 1)
 
 
+def test_frozen_and_untracked_layers_are_reported_not_changed() -> None:
+    from batchnorm import FrozenBatchNorm1d
+
+    model = nn.Sequential(nn.BatchNorm1d(3, track_running_stats=False), FrozenBatchNorm1d(3), nn.BatchNorm1d(3))
+    report = recompute_statistics(model, [torch.randn(8, 3) * 3])
+    assert [(r.name, r.updated, r.note) for r in report] == [
+        ("0", False, "no running statistics of mean/variance"),
+        ("1", False, "frozen"),
+        ("2", True, ""),
+    ]
+    assert torch.all(model[1].running_var == 1)
+
+
 def test_unused_layer_is_reported_and_warned() -> None:
     model = nn.ModuleDict({"used": nn.BatchNorm1d(2), "unused": nn.BatchNorm1d(2)})
     with pytest.warns(RuntimeWarning, match="unused"):
@@ -400,3 +413,44 @@ def test_distributed_two_ranks_end_identical_and_exact(tmp_path) -> None:
         mean, var = np_stats(inputs[name], (0,))
         np.testing.assert_allclose(r0["state"][f"{name}.running_mean"].double().numpy(), mean, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(r0["state"][f"{name}.running_var"].double().numpy(), var, rtol=1e-6)
+
+
+# ------------------------------------------------------------------- the numba fast path
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(9, 5) * 3 + 1,  # (N, C)
+        lambda: torch.randn(4, 5, 7) + 2,  # (N, C, L)
+        lambda: (torch.randn(3, 5, 6, 4) * 2).to(memory_format=torch.channels_last),
+        lambda: torch.randn(3, 5, 6, 4, dtype=torch.float64)[:, :, ::2],  # strided: torch path
+        lambda: torch.randn(2, 5, 3, 3, 2),
+    ],
+)
+def test_fast_path_equals_two_pass_torch(make, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchnorm import _moments_cpu
+
+    x = make()
+    dims = [0, *range(2, x.dim())]
+    fast = Moments.from_tensor(x, dims)
+    monkeypatch.setattr(_moments_cpu, "available", lambda: False)  # as without numba
+    slow = Moments.from_tensor(x, dims)
+    mean, var = np_stats(x.numpy(), tuple(dims))
+    for mo in (fast, slow):
+        np.testing.assert_allclose(mo.mean.numpy(), mean, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(mo.var().numpy(), var, rtol=1e-11)
+
+
+def test_fast_path_outlier_shift_falls_back_and_nan_propagates() -> None:
+    x = torch.randn(50, 3, dtype=torch.float64)
+    x[0, 1] = 1e9  # the shift of channel 1 is an extreme outlier
+    mo = Moments.from_tensor(x, 0)
+    mean, var = np_stats(x.numpy(), (0,))
+    np.testing.assert_allclose(mo.var().numpy(), var, rtol=1e-12)
+    np.testing.assert_allclose(mo.mean.numpy(), mean, rtol=1e-12, atol=1e-12)
+    y = torch.randn(6, 3, 4)
+    y[2, 1, 3] = float("nan")
+    y[4, 2, 0] = float("inf")
+    bad = Moments.from_tensor(y, (0, 2))
+    assert torch.isfinite(bad.mean[0]) and torch.isnan(bad.mean[1]) and not torch.isfinite(bad.m2[2])

@@ -162,3 +162,33 @@ def test_exported_batchnorm_of_ours_is_reported_not_ignored(saved: dict[str, Pat
     assert code == 0, err
     assert "folded 1 batch norm(s), left 0" in out
     assert "note: 1: a batch norm exported as primitive ops" in out
+
+
+def test_lifted_exported_convs_fold_exactly() -> None:
+    from batchnorm import fold
+    from batchnorm._exported import lift_modules, reexport
+
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, groups=1, dilation=2), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.BatchNorm2d(6),
+        nn.Conv2d(6, 6, 1, groups=3), nn.BatchNorm2d(6),
+    )  # fmt: skip
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        want = model(x)
+    program = torch.export.export(model, (x,))  # shares the model's tensors
+    gm = program.module()
+    assert lift_modules(gm) == ["0", "1", "3", "4", "5", "6"]
+    assert isinstance(gm.get_submodule("3"), nn.ConvTranspose2d) and gm.get_submodule("3").groups == 2
+    result = fold(gm, inplace=True)
+    assert len(result.folded) == 3 and result.skipped == []
+    with torch.no_grad():
+        got = reexport(gm, program).module()(x)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import _moments_cpu
 
 __all__ = ["Moments", "LayerStatistics", "recompute_statistics", "is_recomputable"]
 
@@ -80,8 +82,11 @@ class Moments:
     def from_tensor(cls, x: Tensor, dims: int | Sequence[int]) -> Moments:
         """Moments of ``x`` reduced over ``dims`` (e.g. ``(0, 2, 3)`` for an (N, C, H, W) input).
 
-        Computed in float64 with a two-pass (centred) variance, whatever the dtype of ``x``
-        (float16/bfloat16/float32/float64). Non-finite values propagate (the caller decides).
+        Computed in float64 whatever the dtype of ``x`` (float16/bfloat16/float32/float64):
+        for the per-channel case (dims = all but 1) of a CPU float32/float64 tensor, one numba
+        pass of float64 sums shifted by a sample (see ``_moments_cpu``; falls back below when
+        the shift was an extreme outlier); otherwise a float64 copy and a two-pass (centred,
+        Welford) ``torch.var_mean``. Non-finite values propagate (the caller decides).
         """
         if not isinstance(x, Tensor) or not x.is_floating_point():
             got = x.dtype if isinstance(x, Tensor) else type(x).__name__
@@ -91,6 +96,14 @@ class Moments:
         n = math.prod(x.shape[d] for d in rdims)
         if n == 0:
             return cls.empty(keep, device=x.device)
+        if x.dim() >= 2 and rdims == [0, *range(2, x.dim())]:
+            fast = _moments_cpu.shifted_sums(x)  # the per-channel case, one numba pass
+            if fast is not None:
+                shift, s1, s2 = fast
+                m2 = (s2 - s1.square() / n).clamp_min(0.0)
+                if not _moments_cpu.needs_two_pass(s1, m2, n):
+                    count = torch.tensor(float(n), dtype=_F64)
+                    return cls(count, shift + s1 / n, m2)
         x64 = x.detach().to(_F64)
         var, mean = torch.var_mean(x64, dim=rdims, correction=0)
         count = torch.tensor(float(n), dtype=_F64, device=x.device)
@@ -308,8 +321,8 @@ def recompute_statistics(
             frozen layers and layers without running statistics are reported, not changed.
         data: an iterable of batches (a DataLoader, a list of tensors, ...); re-iterable if
             ``passes > 1``.
-        max_samples: stop after this many samples (leading dim of the batch; per rank), cutting
-            the last batch so exactly ``max_samples`` are used.
+        max_samples: stop after this many samples (leading dim of the first tensor of a batch;
+            per rank), cutting the last batch so exactly ``max_samples`` are used.
         forward: ``forward(model, batch)`` runs one batch; default: a tensor ``x`` -> ``model(x)``,
             a tuple/list ``(x, y, ...)`` -> ``model(x)``, a dict -> ``model(**batch)``.
         mode: ``"eval"`` or ``"train"``, see above.
@@ -329,13 +342,17 @@ def recompute_statistics(
         raise ValueError(f"recompute_statistics: expected passes to be an int >= 1, got {passes!r}")
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
         raise ValueError(f"recompute_statistics: expected max_samples to be a positive int or None, got {max_samples!r}")
-    if passes > 1 and iter(data) is data:
+    if passes > 1 and isinstance(data, Iterator):
         raise ValueError("recompute_statistics: passes > 1 needs re-iterable data (a list or DataLoader), got an iterator")
     run = forward if forward is not None else _default_forward
 
     named = list(model.named_modules())
     layers = [(name, m) for name, m in named if is_recomputable(m)]
-    others = [(name, m) for name, m in named if isinstance(m, _BatchNorm) and not is_recomputable(m)]
+    others = [
+        (name, m)
+        for name, m in named
+        if (isinstance(m, _BatchNorm) or getattr(m, "frozen", False)) and not is_recomputable(m)
+    ]
     originals = {name: (m.running_mean.detach().clone(), m.running_var.detach().clone()) for name, m in layers}
     flags = [(m, m.training) for _, m in named]
     tracking = [(m, m.track_running_stats) for _, m in layers]

@@ -76,3 +76,11 @@ def test_run_all_writes_index_linking_each_experiment(tmp_path: Path, capsys: py
     for experiment_id in registry.ids():
         assert f"href='{experiment_id}/report.html'" in index
     assert "index:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("experiment_id", registry.ids())
+def test_tiny_run_on_mnist1d(experiment_id: str, tmp_path: Path) -> None:
+    """Every experiment accepts MNIST-1D's 40-feature signals (--data mnist1d)."""
+    results = run_one(experiment_id, RunConfig(mode="tiny", seed=0, data="mnist1d", out=tmp_path))
+    assert results["run"]["data"] == "mnist1d"
+    assert results["claims"] and (tmp_path / experiment_id / "report.html").is_file()

@@ -74,17 +74,24 @@ def resolve_norm(norm: NormSpec, dims: int = 1) -> NormFactory | None:
     raise ValueError(f"resolve_norm: expected 'none', 'bn', 'torch' or a callable, got {norm!r}")
 
 
-def init_gaussian_(model: nn.Module, std: float, generator: torch.Generator | None = None) -> nn.Module:
+InitSpec = Union[float, Literal["he"], None]
+
+
+def init_gaussian_(model: nn.Module, std: float | str, generator: torch.Generator | None = None) -> nn.Module:
     """In place: every Linear/Conv weight ~ N(0, std^2), every Linear/Conv bias = 0.
 
-    Norm layers keep gamma = 1, beta = 0. Returns ``model`` for chaining.
+    ``std="he"`` uses std = sqrt(2 / fan_in) per layer (He et al. 2015, for ReLU nets; fan_in =
+    in_features, or in_channels * kernel size). Norm layers keep gamma = 1, beta = 0.
+    Returns ``model`` for chaining.
     """
-    if not std > 0:
-        raise ValueError(f"init_gaussian_: expected std > 0, got {std!r}")
+    if std != "he" and not (isinstance(std, (int, float)) and std > 0):
+        raise ValueError(f"init_gaussian_: expected std > 0 or 'he', got {std!r}")
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                fan_in = module.weight[0].numel()
+                sd = math.sqrt(2.0 / fan_in) if std == "he" else float(std)
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * sd)
                 if module.bias is not None:
                     module.bias.zero_()
     return model
@@ -145,7 +152,8 @@ class MLP(nn.Module):
         bias: "auto" drops the hidden Linear bias exactly when a norm directly follows it.
         dropout: dropout probability after every hidden block.
         init_std: if given, all weights ~ N(0, init_std^2) and biases 0 (Ioffe's "small random
-            Gaussian"); else PyTorch's default init. ``generator`` seeds it.
+            Gaussian"), or "he" for std sqrt(2 / fan_in); None keeps PyTorch's default init.
+            ``generator`` seeds it.
 
     Shape: (N, in_features) -> (N, classes).
     """
@@ -161,7 +169,7 @@ class MLP(nn.Module):
         placement: Placement = "before",
         bias: BiasSpec = "auto",
         dropout: float = 0.0,
-        init_std: float | None = None,
+        init_std: InitSpec = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -216,7 +224,7 @@ class ConvNet(nn.Module):
         norm: NormSpec = None,
         placement: Placement = "before",
         bias: BiasSpec = "auto",
-        init_std: float | None = None,
+        init_std: InitSpec = None,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()

@@ -1,9 +1,9 @@
 """Self-contained HTML reports drawn from saved results (figures embedded as base64 PNG).
 
 ``write_experiment_report(dir, results, module)`` draws the experiment's figures from
-``results`` into ``dir`` and writes ``dir/report.html``: what the experiment shows, the claims
-table (holds / evidence), the figures, the setup explained for a newcomer, every recorded
-choice, and how to reproduce it. ``write_index(out, all_results)`` writes ``out/index.html``
+``results`` into ``dir`` and writes ``dir/report.html``: what the experiment shows and why
+(for a newcomer), the claims table (holds / evidence), the figures, every recorded choice,
+the data, how to reproduce it, and the library versions. ``write_index(out, all_results)`` writes ``out/index.html``
 with one claims table linking each experiment's report.
 """
 
@@ -110,12 +110,12 @@ def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanatio
 <p>{_esc(results.get('description', ''))}</p>
 <p class="muted">{_esc(mode_note)} Data: {_esc(run.get('data'))}; seed {_esc(run.get('seed'))};
 wall time {_esc(results.get('wall_time_s'))} s on {_esc(results.get('threads'))} thread(s); {_esc(results.get('finished_at', ''))}.</p>
+<h2>What this experiment does</h2>
+{_paragraphs(explanation)}
 <h2>Claims — {_esc(_verdict(claims))}</h2>
 {_claims_table(claims)}
 <h2>Figures</h2>
 {''.join(figs) if figs else '<p>No figures.</p>'}
-<h2>What this experiment does</h2>
-{_paragraphs(explanation)}
 <h2>Every choice made (including those the paper does not state)</h2>
 {_kv_table(results.get('config', {}))}
 <h2>Data</h2>

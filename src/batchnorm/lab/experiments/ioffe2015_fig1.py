@@ -26,7 +26,7 @@ from ..training import TrainResult, TrainSpec, evaluate, train
 
 ID = "ioffe2015-fig1"
 DESCRIPTION = "Ioffe & Szegedy Fig. 1: BN vs none on a 3x100 sigmoid MLP; accuracy vs step, sigmoid-input percentiles, Alg. 2 inference"
-QUICK_SECONDS = 20.0
+QUICK_SECONDS = 15.0
 EXPLANATION = """
 Batch normalization (BN) standardizes every unit's input over the minibatch — subtract the
 batch mean, divide by the batch standard deviation — and then applies a learned scale gamma
