@@ -2,7 +2,7 @@
 
 A deep ReLU MLP on the lab's data, with no normalization, with our ``BatchNorm1d`` before each
 ReLU, or (noisy experiment) with :class:`batchnorm.lab.normalizers.NoisyBatchNorm`. All arms of
-a seed start from weights drawn from the same generator: N(0, 2/width) (He initialization, so
+a seed start from weights drawn from the same generator: N(0, 2/fan_in) (He initialization, so
 that the plain network trains at all at this depth; PyTorch's default init leaves a 10-layer
 plain ReLU net at chance), biases 0.
 """
@@ -29,7 +29,7 @@ def build(data: Dataset, depth: int, width: int, norm: Any, seed: int) -> MLP:
         data.classes,
         act="relu",
         norm=norm,
-        init_std=(2.0 / width) ** 0.5,
+        init_std="he",
         generator=torch.Generator().manual_seed(seed),
     )
 

@@ -84,7 +84,7 @@ def _settings(cfg: RunConfig) -> dict[str, Any]:
             "depth": 10,
             "width": 64,
             "activation": "relu",
-            "init": "He: weights ~ N(0, 2/width), biases 0",
+            "init": "He: weights ~ N(0, 2/fan_in), biases 0",
             "batch_size": 128,
             "lr": 0.1,
             "steps": cfg.pick(tiny=20, quick=500, full=3000),

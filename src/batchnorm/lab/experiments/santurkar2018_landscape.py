@@ -67,7 +67,7 @@ def _settings(cfg: RunConfig) -> dict[str, Any]:
         "width": 64,
         "activation": "relu",
         "norm": "batchnorm.BatchNorm1d before each ReLU (Linear bias dropped); none: no norm",
-        "init": "He: weights ~ N(0, 2/width), biases 0; both arms start from the same weights and see the same batches",
+        "init": "He: weights ~ N(0, 2/fan_in), biases 0; both arms start from the same weights and see the same batches",
         "batch_size": 128,
         "lr": 0.1,
         "optimizer": "SGD (no momentum, no weight decay), constant learning rate",

@@ -84,7 +84,7 @@ def _settings(cfg: RunConfig) -> dict[str, Any]:
         "steps": steps,
         "lrs": list(_LRS),
         "optimizer": "SGD (no momentum, no weight decay), constant learning rate",
-        "init": "He: weights ~ N(0, 2/width), biases 0; same initial weights and minibatch order in every arm",
+        "init": "He: weights ~ N(0, 2/fan_in), biases 0; same initial weights and minibatch order in every arm",
         "noise": {
             **_NOISE,
             "form": "per step and unit: mu ~ U(-n_mu, n_mu), s ~ U(1, n_sigma); per sample: y' = y*s*(1+0.1e) + mu + 0.1e'",
