@@ -27,7 +27,7 @@ from ..training import TrainSpec, evaluate, train
 
 ID = "precise-bn"
 DESCRIPTION = "Wu & Johnson 2021: BN's EMA statistics vs precise population statistics over training; samples PreciseBN needs"
-QUICK_SECONDS = 12.0
+QUICK_SECONDS = 5.0
 EXPLANATION = """
 A BN network needs fixed statistics (a mean and a variance per unit) at inference. PyTorch,
 like most frameworks, keeps an exponential moving average (EMA) of the batch statistics during

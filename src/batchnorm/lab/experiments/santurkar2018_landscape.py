@@ -26,7 +26,7 @@ from ._santurkar import build, restore_buffers, window_means
 
 ID = "santurkar2018-landscape"
 DESCRIPTION = "Santurkar 2018 Fig. 4: loss variation, gradient predictiveness and effective beta-smoothness along the gradient; BN is smoother"
-QUICK_SECONDS = 10.0
+QUICK_SECONDS = 2.5
 EXPLANATION = """
 If not internal covariate shift, what does BN change? Santurkar, Tsipras, Ilyas & Madry (2018)
 argue that it makes the optimization landscape smoother: the loss and its gradient change

@@ -27,7 +27,7 @@ from ._santurkar import build, capture_act_inputs, window_means
 
 ID = "santurkar2018-noisy"
 DESCRIPTION = "Santurkar 2018 Fig. 2: BN with injected time-varying noise trains like BN, far better than none, though its layer inputs drift more"
-QUICK_SECONDS = 30.0
+QUICK_SECONDS = 12.0
 EXPLANATION = """
 Ioffe & Szegedy explained batch normalization's success by "internal covariate shift" (ICS):
 the distribution of each layer's input keeps moving as earlier layers learn, and BN fixes it.

@@ -29,7 +29,7 @@ from ..training import TrainSpec, evaluate, train
 
 ID = "small-batch"
 DESCRIPTION = "Wu & He 2018 / Ioffe 2017: test error vs BN group size (32..2) and non-i.i.d. groups for BN, Batch Renorm, Ghost BN, Group Norm"
-QUICK_SECONDS = 30.0
+QUICK_SECONDS = 25.0
 EXPLANATION = """
 Batch normalization estimates each unit's mean and variance from the examples it normalizes
 together - its normalization group. With large groups the estimates are good; with tiny ones
