@@ -76,6 +76,9 @@ def _settings(cfg: RunConfig) -> dict[str, Any]:
         "lr": 0.05,
         "lr_scaling": "lr * sqrt(large/small) = lr * sqrt(32)",
         "epochs": cfg.pick(tiny=2, quick=10, full=30),
+        "max_train": cfg.pick(tiny=2000, quick=2000, full=None),
+        "max_train_note": "quick/tiny: at most 2000 training examples (stratified subset; digits has 1437, so all), "
+        "to bound the cost of the epoch-based arms on MNIST-1D; full: the whole training set",
         "updates": "ceil(epochs * N_train / batch): every arm sees epochs * N_train examples (batches straddle epochs)",
         "regime_adaptation": "epochs * large/small = 32x the epochs (as many updates as SB)",
         "optimizer": "SGD, momentum 0.9, weight decay 1e-4, gradient norm clipped to 5",
@@ -138,6 +141,8 @@ def run(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     """Train the five arms over several seeds."""
     s = _settings(cfg)
     data = load(cfg.data, cfg.seed, small=cfg.mode == "tiny")
+    if s["max_train"] is not None:
+        data = data.subset_train(s["max_train"], cfg.seed)
     arms: dict[str, Any] = {}
     for arm in _ARMS:
         spec = _arm_spec(arm, s)

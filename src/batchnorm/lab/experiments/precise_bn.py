@@ -69,6 +69,8 @@ def _settings(cfg: RunConfig) -> dict[str, Any]:
         "momentum": 0.9,
         "optimizer": "SGD with momentum 0.9, constant learning rate, no weight decay",
         "epochs": cfg.pick(tiny=3, quick=40, full=200),
+        "max_train": cfg.pick(tiny=2000, quick=2000, full=None),
+        "max_train_note": "quick/tiny: at most 2000 training examples (stratified subset; digits has 1437, so all); full: all",
         "checkpoint": "every epoch (ceil(N_train / 256) steps)",
         "precise": "batchnorm.recompute_statistics(model copy, training set in batches of 256, mode='train'): "
         "BN layers use batch statistics in the forward pass; per-layer moments pooled exactly (float64, Chan merge)",
@@ -162,6 +164,8 @@ def run(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     """Train the BN MLP per seed, comparing EMA and precise statistics at every epoch."""
     s = _settings(cfg)
     data = load(cfg.data, cfg.seed, small=cfg.mode == "tiny")
+    if s["max_train"] is not None:
+        data = data.subset_train(s["max_train"], cfg.seed)
     runs = [_arm(data, s, cfg.seed + 1000 * k, progress) for k in range(s["seeds"])]
     return {"config": s, "data": data.describe(), "metrics": {"runs": runs}}
 
