@@ -84,3 +84,15 @@ def test_tiny_run_on_mnist1d(experiment_id: str, tmp_path: Path) -> None:
     results = run_one(experiment_id, RunConfig(mode="tiny", seed=0, data="mnist1d", out=tmp_path))
     assert results["run"]["data"] == "mnist1d"
     assert results["claims"] and (tmp_path / experiment_id / "report.html").is_file()
+
+
+def test_report_on_results_from_an_older_version_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    experiment_id = registry.ids()[0]
+    run_one(experiment_id, RunConfig(mode="tiny", out=tmp_path))
+    path = tmp_path / experiment_id / "results.json"
+    saved = json.loads(path.read_text())
+    del saved["metrics"]["bn"]
+    path.write_text(json.dumps(saved))
+    assert main(["lab", "report", str(tmp_path / experiment_id)]) == 2
+    err = capsys.readouterr().err
+    assert "older version" in err and len(err.strip().splitlines()) == 1

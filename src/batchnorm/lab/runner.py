@@ -133,9 +133,17 @@ def redraw(directory: Path) -> list[Path]:
         if not isinstance(experiment_id, str):
             raise ValueError(f"{str(target / RESULTS_NAME)!r} has no experiment id")
         module = registry.get(experiment_id)
-        results["claims"] = to_jsonable(module.claims(results))
+        try:
+            claims = to_jsonable(module.claims(results))
+            report = write_experiment_report(target, {**results, "claims": claims}, module)
+        except (KeyError, IndexError, TypeError) as err:
+            raise ValueError(
+                f"{str(target / RESULTS_NAME)!r} cannot be redrawn ({type(err).__name__}: {err}); it may come from an "
+                f"older version of {experiment_id}: run it again"
+            ) from err
+        results["claims"] = claims
         save_results(target, results)
-        written.append(write_experiment_report(target, results, module))
+        written.append(report)
     if len(targets) > 1 or not (directory / RESULTS_NAME).is_file():
         written.append(write_index(directory, _all_saved(directory)))
     return written

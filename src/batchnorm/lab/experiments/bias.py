@@ -26,7 +26,7 @@ from ..training import TrainSpec, minibatches, train
 
 ID = "bias"
 DESCRIPTION = "A bias before BN gets zero gradient and no effect on the output: measured, plus the parameters it wastes"
-QUICK_SECONDS = 5.0
+QUICK_SECONDS = 2.0
 EXPLANATION = """
 Batch normalization subtracts the mean of its input over the batch. If the layer before it
 adds a bias b, that constant shift is subtracted again: BN(W u + b) = BN(W u) for every b, in

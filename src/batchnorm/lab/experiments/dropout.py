@@ -25,7 +25,7 @@ from ..training import TrainSpec, evaluate, train
 
 ID = "dropout"
 DESCRIPTION = "BN as a regularizer: train/test gap on 400 digits for plain, dropout, BN, BN+dropout, fixed batches (mean ± std over seeds)"
-QUICK_SECONDS = 35.0
+QUICK_SECONDS = 40.0
 EXPLANATION = """
 Ioffe & Szegedy observed that with batch normalization a training example is seen together
 with other, randomly chosen examples: its normalized value depends on its batch-mates, a kind

@@ -26,7 +26,7 @@ from ..progress import Progress
 
 ID = "goodfellow-chain"
 DESCRIPTION = "Deep linear chain y = x*w1*...*wL: first-order vs actual loss change of one step, with and without per-layer BN"
-QUICK_SECONDS = 3.0
+QUICK_SECONDS = 1.0
 EXPLANATION = """
 Gradient descent updates every layer at once, each by the gradient computed as if the other
 layers stayed where they were. Goodfellow, Bengio & Courville (Deep Learning, section 8.7.1)

@@ -26,7 +26,7 @@ from ..training import TrainSpec, evaluate, train
 
 ID = "inference-stats"
 DESCRIPTION = "Test-time BN statistics: batch vs running average vs population (Alg. 2, exact); single-example inference; batch-8 noise"
-QUICK_SECONDS = 10.0
+QUICK_SECONDS = 6.0
 EXPLANATION = """
 During training, BN normalizes each unit with the mean and variance of the current minibatch.
 At test time that is not acceptable: a prediction would depend on which other examples happen

@@ -10,6 +10,7 @@ steps at a large learning rate.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from ..training import TrainSpec, evaluate, minibatches, train
 
 ID = "lr-sweep"
 DESCRIPTION = "Accuracy and divergence over a log grid of learning rates, with and without BN (Ioffe BN-x5/x30, Bjorck 2018)"
-QUICK_SECONDS = 20.0
+QUICK_SECONDS = 25.0
 EXPLANATION = """
 One of batch normalization's practical promises is that it lets you train with much larger
 learning rates. Ioffe & Szegedy trained their BN-Inception at 5x and 30x the original rate
@@ -41,15 +42,19 @@ Here a deep fully connected ReLU network (8 hidden layers of 100 units, He-initi
 the plain network starts well scaled) is trained with plain SGD on the digits, with and
 without BN before every ReLU, at learning rates spaced by about 3x from 0.01 to 30, for the
 same number of steps. For each rate we record the final test accuracy and whether training
-diverged (a NaN or infinite loss). A rate counts as "stable" when training did not diverge
-and ended within 5 percentage points of that network's best accuracy; the "best rate" of a
-network is the largest rate whose accuracy is within 0.5 points of its best (ties among
-nearly equal accuracies go to the larger rate).
+diverged (a NaN or infinite loss). The "best rate" of a network is the largest rate whose
+accuracy is within 0.5 points of its best (ties among nearly equal accuracies go to the
+larger rate); a rate counts as "stable" when training did not diverge and ended within 5
+points of that network's best accuracy. The headline comparison is made at 10x the plain
+network's best rate: does the plain network survive there, and how good is BN there? (Which
+of two nearly equal BN rates is "best" flips between seeds, so a best-vs-best ratio is noisy
+at this scale; it is reported in the evidence.)
 
 Two mechanisms are measured too. At initialization, the loss after one gradient step of
 size alpha, L(w - alpha*g)/L(w), shows how far along the gradient the loss stays predictable.
-And after a few steps at a large rate, the scale (root mean square) of every layer's output
-shows whether activations blow up with depth — which BN prevents by construction.
+And after a few steps at a large rate (lr 1, up to 10 steps, stopping before a non-finite
+loss), the scale (root mean square) of every layer's output shows whether activations blow
+up with depth — which BN prevents by construction.
 """
 
 _BEST_TOL = 0.005
@@ -73,7 +78,8 @@ def _settings(cfg: RunConfig) -> dict[str, Any]:
         "diverged_definition": "a NaN or infinite training loss (training stops there)",
         "step_probe_alphas": np.logspace(-2, 1.5, cfg.pick(tiny=4, quick=15, full=29)).tolist(),
         "blowup_lr": 1.0,
-        "blowup_steps": 3,
+        "blowup_steps": 10,
+        "blowup_definition": "up to 10 SGD steps at lr 1.0 from the initial weights; per-layer RMS on one batch after the last step that stayed finite",
     }
 
 
@@ -122,6 +128,32 @@ def _activation_scales(model: nn.Module, x: Tensor) -> list[float]:
     return scales
 
 
+def _large_steps(model: nn.Module, data: Dataset, s: dict[str, Any], generator: torch.Generator, xb: Tensor) -> tuple[list[float], int]:
+    """Up to ``blowup_steps`` SGD steps at ``blowup_lr``; the per-layer activation RMS on ``xb``
+    after the last step whose loss and activations were still finite, and that step's number."""
+    profile = _activation_scales(model, xb)
+    taken = 0
+    stream = minibatches(data.train_x.shape[0], s["batch_size"], generator)
+    opt = torch.optim.SGD(model.parameters(), lr=s["blowup_lr"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*batch statistics are not finite", category=RuntimeWarning)
+        for step in range(1, s["blowup_steps"] + 1):
+            idx = next(stream)
+            model.train()
+            loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
+            if not torch.isfinite(loss):
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            now = _activation_scales(model, xb)
+            if not all(math.isfinite(v) for v in now):
+                break
+            profile = now
+            taken = step
+    return profile, taken
+
+
 def run(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     """Sweep the learning rates for both arms; probe steps at init and activation blow-up."""
     s = _settings(cfg)
@@ -154,21 +186,14 @@ def run(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
         probe = _step_probe(_model(data, s, norm, cfg.seed), xb, yb, s["step_probe_alphas"])
         blow = _model(data, s, norm, cfg.seed)
         before = _activation_scales(blow, xb)
-        result = train(
-            blow,
-            data.train_x,
-            data.train_y,
-            TrainSpec(steps=s["blowup_steps"], batch_size=s["batch_size"], lr=s["blowup_lr"]),
-            generator=torch.Generator().manual_seed(cfg.seed + 3),
-        )
-        after = _activation_scales(blow, xb)
+        after, steps_taken = _large_steps(blow, data, s, torch.Generator().manual_seed(cfg.seed + 3), xb)
         arms[arm] = {
             "test_acc": acc.tolist(),
             "diverged_at": diverged_at,
             "step_probe_loss_ratio": probe,
             "activation_rms_init": before,
             "activation_rms_after_large_steps": after,
-            "large_steps_diverged": result.diverged,
+            "large_steps_taken": steps_taken,
         }
     return {"config": s, "data": data.describe(), "metrics": arms}
 
@@ -198,13 +223,17 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     p = _summary(results, "plain")
     b = _summary(results, "bn")
     out = []
-    ratio = b["best_lr"] / p["max_stable_lr"] if p["max_stable_lr"] else math.inf
+    target = 10 * p["best_lr"]
+    j = int(np.argmin([abs(math.log(lr / target)) for lr in lrs]))
+    bn_there = float(b["acc"][j])
+    plain_there = "diverged" if p["diverged"][j] else f"{100 * p['acc'][j]:.1f}%"
     out.append(
         {
-            "claim": "BN's best learning rate is at least 10x the largest stable learning rate without BN",
-            "holds": bool(ratio >= 10 - 1e-9),
-            "evidence": f"BN best rate {b['best_lr']:g} ({100 * b['best']:.1f}% best); plain largest stable rate {p['max_stable_lr']} "
-            f"(best {100 * p['best']:.1f}% at {p['best_lr']:g}; largest rate without divergence {p['max_survived_lr']}): {ratio:.3g}x",
+            "claim": "BN trains at 10x the plain network's best learning rate, where the plain network diverges, and is at least as accurate there as the plain network at its best",
+            "holds": bool(abs(math.log(lrs[j] / target)) < 0.05 and p["diverged"][j] and bn_there >= p["best"]),
+            "evidence": f"plain best {100 * p['best']:.1f}% at lr {p['best_lr']:g} (largest stable rate {p['max_stable_lr']}); at lr {lrs[j]:g}: "
+            f"plain {plain_there}, BN {100 * bn_there:.1f}%; "
+            f"BN best {100 * b['best']:.1f}% at lr {b['best_lr']:g} ({b['best_lr'] / p['best_lr']:.3g}x the plain best rate)",
         }
     )
     where = [lr for lr, pd, ba in zip(lrs, p["diverged"], b["acc"]) if pd and ba >= b["best"] - 0.02]
@@ -227,9 +256,10 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     growth_b = max(ba) / min(ba) if min(ba) > 0 else math.inf
     out.append(
         {
-            "claim": f"After {results['config']['blowup_steps']} steps at lr {lr_big:g}, activations without BN grow with depth (last/first layer RMS >= 5x); with BN every layer stays within 2x",
+            "claim": f"A few steps at lr {lr_big:g} make the activations without BN grow with depth (last/first layer RMS >= 5x); with BN every layer stays within 2x",
             "holds": bool(growth_p >= 5 and growth_b <= 2),
-            "evidence": f"plain RMS layer 1 -> {len(pa)}: {pa[0]:.3g} -> {pa[-1]:.3g} ({growth_p:.3g}x); BN: {min(ba):.3g}..{max(ba):.3g} ({growth_b:.3g}x)",
+            "evidence": f"plain after {pm['large_steps_taken']} finite step(s): RMS layer 1 -> {len(pa)}: {pa[0]:.3g} -> {pa[-1]:.3g} ({growth_p:.3g}x); "
+            f"BN after {bm['large_steps_taken']} steps: {min(ba):.3g}..{max(ba):.3g} ({growth_b:.3g}x)",
         }
     )
     alphas = results["config"]["step_probe_alphas"]
@@ -282,7 +312,7 @@ def figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         layers = np.arange(1, len(m["activation_rms_init"]) + 1)
         axes[1].plot(layers, [number(v) for v in m["activation_rms_init"]], "--", color=color, label=f"{label}, at init")
         axes[1].plot(layers, [number(v) for v in m["activation_rms_after_large_steps"]], "o-", color=color,
-                     label=f"{label}, after {cfg['blowup_steps']} steps at lr {cfg['blowup_lr']:g}")
+                     label=f"{label}, after {m['large_steps_taken']} step(s) at lr {cfg['blowup_lr']:g}")
     axes[0].axhline(1.0, color="black", linestyle=":", linewidth=1)
     axes[0].set_xscale("log")
     axes[0].set_yscale("log")
