@@ -7,7 +7,8 @@ DistributedDataParallel (so both pay DDP's gradient all-reduce): the same conv n
 ``batchnorm.SyncBatchNorm`` (one all_reduce per layer in forward, one in backward) and with our
 local ``batchnorm.BatchNorm2d`` (identical per-rank arithmetic, no statistics sync);
 ``torch.nn.BatchNorm2d`` is timed too, for context (``torch.nn.SyncBatchNorm`` refuses CPU
-input). Prints per-step medians, the ratio sync / local (goal <= 1.2x), and the latency of the
+input). Prints per-step medians, the median of the paired (same-iteration) ratios sync / local
+(goal <= 1.2x; robust to load that drifts during the run), and the latency of the
 collectives one SyncBatchNorm layer issues per pass, times the number of layers.
 """
 
@@ -80,9 +81,20 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
     x = torch.randn(cfg.batch, 3, cfg.size, cfg.size, generator=gen)
     y = torch.randint(0, 10, (cfg.batch,), generator=gen)
 
+    inside = [0.0]  # seconds spent inside SyncBatchNorm's all_reduce calls in this step
+    all_reduce = dist.all_reduce
+
+    def timed_all_reduce(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return all_reduce(*args, **kwargs)
+        finally:
+            inside[0] += time.perf_counter() - t0
+
     def step(name: str) -> float:
         ddp, opt = steps[name]
         dist.barrier()  # start together: time the step, not the wait for a slower peer
+        inside[0] = 0.0
         t0 = time.perf_counter()
         loss = F.cross_entropy(ddp(x), y)
         opt.zero_grad()
@@ -91,11 +103,19 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
         return time.perf_counter() - t0
 
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(cfg.reps + 3):
-        for name in steps:  # interleaved
-            t = step(name)
-            if i >= 3:
-                times[name].append(t)
+    waits: list[float] = []
+    try:
+        # DDP reduces gradients in C++, so only SyncBatchNorm's collectives go through this
+        dist.all_reduce = timed_all_reduce
+        for i in range(cfg.reps + 3):
+            for name in steps:  # interleaved
+                t = step(name)
+                if i >= 3:
+                    times[name].append(t)
+                    if name.startswith("sync"):
+                        waits.append(inside[0])
+    finally:
+        dist.all_reduce = all_reduce
     # latency of one layer's collectives: forward (W, 1 + 2C) and backward (2C,) float64
     c = cfg.channels
     lat = {"forward all_reduce": torch.zeros(cfg.procs, 1 + 2 * c, dtype=torch.float64),
@@ -114,8 +134,12 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
     except ValueError as e:
         torch_sync = "ValueError: " + str(e).splitlines()[0][:60] + "..."
     if rank == 0:
+        sync, local = times["sync (batchnorm.SyncBatchNorm)"], times["local (batchnorm.BatchNorm2d)"]
+        paired = statistics.median(a / b for a, b in zip(sync, local))
         queue.put((
             {k: statistics.median(v) for k, v in times.items()},
+            paired,
+            statistics.median(waits),
             {k: statistics.median(v) for k, v in lat_t.items()},
             torch_sync,
         ))
@@ -133,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.spawn(_worker, args=(port, cfg, queue), nprocs=cfg.procs, join=True)
-    times, lat, torch_sync = queue.get()
+    times, paired, wait, lat, torch_sync = queue.get()
     print(f"{cfg.procs} processes, gloo/CPU, {cfg.threads} thread(s) each; per rank: batch {cfg.batch}, "
           f"{cfg.layers} x (conv {cfg.channels}ch + BN + ReLU) on {cfg.size}x{cfg.size}; "
           f"DDP training step, median of {cfg.reps}")
@@ -141,9 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     for name, t in times.items():
         print(f"  {name:34s} {t * 1e3:8.2f} ms   x{t / local:.2f} vs local ours")
     per_layer = sum(lat.values())
+    print(f"median of the paired per-step ratios sync / local ours: x{paired:.2f} (goal <= 1.2)")
     print(f"one SyncBatchNorm layer's collectives per step: forward {lat['forward all_reduce'] * 1e6:.0f} us + "
           f"backward {lat['backward all_reduce'] * 1e6:.0f} us; x {cfg.layers} layers = {per_layer * cfg.layers * 1e3:.2f} ms "
           f"(measured sync - local: {(times['sync (batchnorm.SyncBatchNorm)'] - local) * 1e3:.2f} ms)")
+    print(f"time inside SyncBatchNorm's all_reduce calls per sync step (latency + waiting for the slower "
+          f"peer): {wait * 1e3:.2f} ms")
     print(f"torch.nn.SyncBatchNorm, same processes, CPU input: {torch_sync}")
 
 

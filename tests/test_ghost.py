@@ -44,7 +44,8 @@ def _np_pooled(x):
 def test_forward_gradients_and_running_stats_match_definition(cls, shape, v, chunks):
     gen = torch.Generator().manual_seed(3)
     c = shape[1]
-    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + torch.arange(shape[0], dtype=torch.float64).reshape(-1, *[1] * (len(shape) - 1))
+    drift = torch.arange(shape[0], dtype=torch.float64).reshape(-1, *[1] * (len(shape) - 1))  # (N, 1, ...)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + drift  # ghost means differ
     gy = torch.randn(shape, generator=gen, dtype=torch.float64)
     m = cls(c, v, eps=1e-3, momentum=0.25).double()
     with torch.no_grad():
@@ -154,3 +155,26 @@ def test_bad_arguments_raise():
         GhostBatchNorm1d(3, 4)(torch.randn(1, 3))
     with pytest.raises(ValueError, match="4D"):
         GhostBatchNorm2d(3, 4)(torch.randn(4, 3))
+
+
+def test_one_vectorized_pass_op_count_does_not_grow_with_ghost_batches():
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    # 2 vs 16 ghost batches, then 2 vs 16 ghost batches plus a smaller last one
+    for n in (8, 64, 11, 67):
+        x = torch.randn(n, 3, 2, requires_grad=True)
+        m = GhostBatchNorm1d(3, 4)
+        with Count() as c:
+            m(x).sum().backward()
+        counts.append(c.n)
+    assert counts[0] == counts[1] and counts[2] == counts[3], counts

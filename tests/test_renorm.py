@@ -127,7 +127,8 @@ def test_eval_is_affine_map_with_moving_std_and_running_var_property():
         m.bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
     m.eval()
     x = torch.randn(7, 3)
-    want = (x.numpy() - m.running_mean.numpy()) / m.running_std.numpy() * m.weight.detach().numpy() + m.bias.detach().numpy()
+    w, b = m.weight.detach().numpy(), m.bias.detach().numpy()
+    want = (x.numpy() - m.running_mean.numpy()) / m.running_std.numpy() * w + b
     y = m(x)
     np.testing.assert_allclose(y.detach().numpy(), want, rtol=1e-5, atol=1e-6)
     # running_var is derived so that torch's BN eval formula gives the same map

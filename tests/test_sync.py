@@ -46,12 +46,6 @@ CHECKS = ("forward", "grad_input", "grad_weight", "grad_bias", "running_mean", "
 TOL = {torch.float64: 1e-10, torch.float32: 1e-3}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _count_collectives():
     """Count calls of torch.distributed collectives while inside (restored on exit)."""
@@ -85,7 +79,8 @@ def _run_layout(rank: int, name: str, out: dict) -> None:
     group = dist.new_group(members) if members is not None else None  # every rank must call it
     members = members if members is not None else list(range(WORLD))
     c = sample[0]
-    ref_cls = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm2d, 4: torch.nn.BatchNorm3d}[len(sample)]
+    ref_classes = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm2d, 4: torch.nn.BatchNorm3d}
+    ref_cls = ref_classes[len(sample)]
     ours = SyncBatchNorm(c, momentum=momentum, process_group=group).to(dtype)
     if rank not in members:
         try:
@@ -111,7 +106,10 @@ def _run_layout(rank: int, name: str, out: dict) -> None:
         offset, spread = (100.0, 0.1) if dtype == torch.float32 else (step, 1.0 + step)
         xg = (torch.randn(sum(sizes), *sample, generator=gen, dtype=torch.float64) * spread + offset).to(dtype)
         gy = torch.randn(sum(sizes), *sample, generator=gen, dtype=torch.float64)
-        xl = xg[lo:hi].clone().requires_grad_()
+        xl = xg[lo:hi].clone()
+        if xl.dim() == 4:  # the 4-D layout runs channels_last
+            xl = xl.contiguous(memory_format=torch.channels_last)
+        xl.requires_grad_()
         xr = xg.double().clone().requires_grad_()
         with _count_collectives() as calls:
             y = ours(xl)
@@ -154,8 +152,8 @@ def _run_layout(rank: int, name: str, out: dict) -> None:
 
 
 def _run_edge_cases(rank: int, out: dict) -> None:
-    """A NaN on one rank: no rank updates its statistics. One value over the whole group: every
-    rank raises the same ValueError (so none is left waiting in a collective)."""
+    """A NaN on one rank: no rank updates its statistics. Double backward and one value over the
+    whole group: every rank raises the same error (so none is left waiting in a collective)."""
     m = SyncBatchNorm(2, momentum=0.5)
     x = torch.randn(3, 2)
     if rank == 2:
@@ -166,8 +164,19 @@ def _run_edge_cases(rank: int, out: dict) -> None:
     out["nonfinite/unchanged"] = bool(
         (m.running_mean == 0).all() and (m.running_var == 1).all() and int(m.num_batches_tracked) == 0
     )
+    try:  # PyTorch's own layer in the same situation (gloo initialized, CPU input)
+        torch.nn.SyncBatchNorm(2)(torch.randn(3, 2))
+        out["torch_syncbn_refuses_cpu"] = False
+    except ValueError:
+        out["torch_syncbn_refuses_cpu"] = True
     out["nonfinite/warned"] = any("not finite" in str(w.message) for w in caught)
     out["nonfinite/output_nan_everywhere"] = bool(y[:, 0].isnan().all())
+    x = torch.randn(3, 2, requires_grad=True)
+    try:  # every rank raises before the collective, so nobody waits
+        torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+        out["double_backward/raises"] = False
+    except RuntimeError as e:
+        out["double_backward/raises"] = "double backward" in str(e)
     try:
         m(torch.randn(1 if rank == 0 else 0, 2))
         out["one_value/raises"] = False
@@ -175,11 +184,15 @@ def _run_edge_cases(rank: int, out: dict) -> None:
         out["one_value/raises"] = "more than 1 value per channel" in str(e)
 
 
-def _worker(rank: int, port: int, outdir: str, scenario: str) -> None:
+def _worker(rank: int, outdir: str, scenario: str) -> None:
     torch.set_num_threads(1)
     world = WORLD if scenario == "layouts" else 2
     timeout = datetime.timedelta(seconds=30 if scenario == "layouts" else 3)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timeout)
+    if "lo" in {name for _, name in socket.if_nameindex()}:  # this child only: talk over loopback
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # rendezvous through a file (no port to pick and race for)
+    store = f"file://{Path(outdir, 'rendezvous')}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world, timeout=timeout)
     out: dict = {}
     if scenario == "layouts":
         for name in LAYOUTS:
@@ -199,13 +212,15 @@ def _worker(rank: int, port: int, outdir: str, scenario: str) -> None:
             out["error"] = str(e)
         out["seconds"] = time.monotonic() - t0
         Path(outdir, "0.json").write_text(json.dumps(out))
-    else:
-        time.sleep(6)
+    else:  # stay alive (so rank 0 sees a timeout, not a closed connection) until rank 0 is done
+        deadline = time.monotonic() + 20
+        while not Path(outdir, "0.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
     os._exit(0)  # a process group whose collective timed out cannot be torn down cleanly
 
 
 def _spawn(scenario: str, nprocs: int, tmp: Path) -> list[dict]:
-    mp.spawn(_worker, args=(_free_port(), str(tmp), scenario), nprocs=nprocs, join=True)
+    mp.spawn(_worker, args=(str(tmp), scenario), nprocs=nprocs, join=True)
     return [json.loads(p.read_text()) for p in sorted(tmp.glob("*.json"))]
 
 
@@ -239,17 +254,25 @@ def test_one_collective_per_pass_and_none_in_eval(layout_results, layout):
 
 
 @pytest.mark.distributed
+def test_runs_on_cpu_where_torch_syncbatchnorm_refuses(layout_results):
+    # the layouts above ran on CPU tensors; torch.nn.SyncBatchNorm raises there
+    assert all(r["torch_syncbn_refuses_cpu"] is True for r in layout_results)
+    assert all(r["equal/forward"] <= 1e-10 for r in layout_results)
+
+
+@pytest.mark.distributed
 def test_non_member_of_subgroup_is_refused(layout_results):
     assert layout_results[1]["subgroup/non_member_raises"] is True
 
 
 @pytest.mark.distributed
-def test_nonfinite_rank_blocks_every_update_and_one_value_raises_everywhere(layout_results):
+def test_nonfinite_rank_one_value_and_double_backward(layout_results):
     for r in layout_results:
         assert r["nonfinite/unchanged"] is True
         assert r["nonfinite/warned"] is True
         assert r["nonfinite/output_nan_everywhere"] is True  # the global mean is NaN
         assert r["one_value/raises"] is True
+        assert r["double_backward/raises"] is True
 
 
 @pytest.mark.distributed

@@ -6,11 +6,12 @@ samples, B_1, ..., B_G, and normalizes each with its own statistics:
     for x in B_g:   y = weight * (x - mu_g) / sqrt(var_g + eps) + bias
     mu_g  = mean of B_g,   var_g = biased variance of B_g        (per channel, over N_g * spatial)
 
-All ghost batches are normalized in one vectorized pass (a per-sample group index and
-``index_add`` reductions; no Python loop over chunks). When N is not a multiple of
-``virtual_batch_size`` the last ghost batch is smaller; if it would hold a single value per
-channel (no variance: its output would be the constant ``bias`` and carry no gradient) it is
-merged into the previous ghost batch instead.
+All full ghost batches are normalized by ONE call of our batch-norm kernel (forward and
+hand-derived backward), with no Python loop over chunks: viewed as (v, G*C, S), each
+(ghost batch, channel) pair is a channel of its own. When N is not a multiple of
+``virtual_batch_size`` the last ghost batch is smaller and is a second kernel call; if it would
+hold a single value per channel (no variance: its output would be the constant ``bias`` and
+carry no gradient) it is merged into the previous ghost batch instead.
 
 Running statistics: ONE update per training step, with the statistics of the *whole* batch,
 
@@ -40,7 +41,7 @@ from torch import Tensor
 
 from .. import _checks
 from .._kernels import torch_ops
-from ..functional import update_running_stats
+from ..functional import _BatchNormTrain, _format, update_running_stats
 from .batchnorm import BatchNormBase
 
 __all__ = ["ghost_batch_norm", "GhostBatchNormBase", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -52,17 +53,16 @@ def _check_virtual_batch_size(v: object, where: str) -> int:
     return v
 
 
-def _ghost_groups(n: int, per_sample: int, v: int, device: torch.device) -> tuple[Tensor, int]:
-    """Group index (N,) of each sample and the number of ghost batches G.
+def _ghost_split(n: int, per_sample: int, v: int) -> tuple[int, int]:
+    """(G, T): G full ghost batches of ``v`` samples, then one tail ghost batch of T samples.
 
-    Samples [g*v, (g+1)*v) form ghost batch g; a last ghost batch with a single value per
-    channel (one sample, no spatial extent) is merged into the previous one.
+    T = n - G*v < v normally; a tail with a single value per channel (one sample, no spatial
+    extent) is merged into the last full ghost batch instead (then T = v + 1).
     """
-    g = -(-n // v)
-    if g > 1 and (n - (g - 1) * v) * per_sample == 1:
-        g -= 1
-    group = torch.div(torch.arange(n, device=device), v, rounding_mode="floor").clamp_max(g - 1)
-    return group, g
+    g, t = divmod(n, v)
+    if g >= 1 and t * per_sample == 1:
+        g, t = g - 1, t + v
+    return g, t
 
 
 def _ghost_train(
@@ -72,43 +72,46 @@ def _ghost_train(
 
     Returns (y, mean, var_biased) where y is differentiable and mean/var (C,) are the detached
     whole-batch statistics (in the accumulation dtype) for the running-statistics update.
+
+    The G full ghost batches are ONE plain batch norm: viewed as (v, G*C, S), every
+    (ghost batch, channel) pair is a channel of its own, normalized over its v*S values by our
+    BN kernel (forward and the hand-derived backward), with weight and bias repeated G times
+    (autograd sums their gradients over the ghost batches). A smaller tail ghost batch is a
+    second BN call. So there are at most two kernel calls, whatever G is.
     """
-    acc = torch_ops.acc_dtype(x.dtype)
     n, c = x.shape[0], x.shape[1]
-    nd = x.dim()
-    per_sample = x[0, 0].numel()  # values of one channel in one sample: prod(spatial)
-    group, g = _ghost_groups(n, per_sample, v, x.device)
-    sizes = torch.bincount(group, minlength=g).to(acc) * per_sample  # (G,) values per channel
-    xa = x.to(acc)
-    # subtract each channel's first value first (as torch_ops.batch_stats): exact in floating
-    # point, and it keeps mean 1e4 / std 1e-2 data from cancelling in float32
-    shift = xa[:1].detach().reshape(1, c, -1)[..., :1]  # (1, C, 1)
-    shift = shift.reshape(1, c, *([1] * (nd - 2)))  # (1, C, 1, ...)
-    d = xa - shift  # (N, C, *)
-
-    def per_group_sum(t: Tensor) -> Tensor:
-        per_n = t.reshape(n, c, -1).sum(-1)  # (N, C)
-        return torch.zeros(g, c, dtype=acc, device=x.device).index_add(0, group, per_n)  # (G, C)
-
-    def expand(t: Tensor) -> Tensor:
-        return t[group].reshape(n, c, *([1] * (nd - 2)))  # (G, C) -> (N, C, 1, ...)
-
-    mean_g = per_group_sum(d) / sizes[:, None]  # (G, C)
-    centered = d - expand(mean_g)  # (N, C, *)
-    m2_g = per_group_sum(centered.square())  # (G, C)
-    invstd_g = torch.rsqrt(m2_g / sizes[:, None] + eps)  # (G, C)
-    scale_g = invstd_g if weight is None else invstd_g * weight.to(acc)
-    y = centered * expand(scale_g)
-    if bias is not None:
-        y = y + torch_ops.channel_view(bias.to(acc), nd)
+    per_sample = x[0, 0].numel()  # S = prod(spatial): values of one channel in one sample
+    g, t = _ghost_split(n, per_sample, v)
+    outputs: list[Tensor] = []
+    parts: list[tuple[int, Tensor, Tensor]] = []  # (values per channel, mean (K, C), var (K, C))
+    if g > 0:
+        xf = x[: g * v].reshape(g, v, c, per_sample)  # (G, v, C, S)
+        xf = xf.transpose(0, 1).reshape(v, g * c, per_sample)  # (v, G*C, S), a copy
+        wf = weight.repeat(g) if weight is not None else None  # (G*C,)
+        bf = bias.repeat(g) if bias is not None else None
+        yf, mean_f, var_f = _BatchNormTrain.apply(xf, wf, bf, eps)  # (v, G*C, S), (G*C,), (G*C,)
+        yf = yf.reshape(v, g, c, per_sample).transpose(0, 1)  # (G, v, C, S)
+        outputs.append(yf.reshape(g * v, *x.shape[1:]))  # (G*v, C, *)
+        parts.append((v * per_sample, mean_f.reshape(g, c), var_f.reshape(g, c)))
+    if t > 0:
+        yt, mean_t, var_t = _BatchNormTrain.apply(x[g * v:], weight, bias, eps)  # (T, C, *)
+        outputs.append(yt)
+        parts.append((t * per_sample, mean_t.reshape(1, c), var_t.reshape(1, c)))
+    y = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    if x.dim() in (4, 5) and _format(x) != torch.contiguous_format:
+        y = y.contiguous(memory_format=_format(x))  # keep channels_last(_3d)
     with torch.no_grad():
-        # Chan's merge of the ghost (count, mean, M2) into the whole batch's
+        # Chan's merge of the ghost (count, mean, M2) into the whole batch's, in float64
+        counts = [torch.full((m.shape[0],), float(k), dtype=torch.float64, device=x.device) for k, m, _ in parts]
+        sizes = torch.cat(counts)  # (G + 1,) values per channel of each ghost batch
+        means = torch.cat([m for _, m, _ in parts]).double()  # (G + 1, C)
+        m2s = torch.cat([var for _, _, var in parts]).double() * sizes[:, None]  # (G + 1, C)
         total = sizes.sum()
-        mean_d = (sizes[:, None] * mean_g).sum(0) / total  # (C,)
-        m2 = m2_g.sum(0) + (sizes[:, None] * (mean_g - mean_d).square()).sum(0)  # (C,)
-        mean = mean_d + shift.reshape(c)
+        mean = (sizes[:, None] * means).sum(0) / total  # (C,)
+        m2 = m2s.sum(0) + (sizes[:, None] * (means - mean).square()).sum(0)  # (C,)
+        acc = parts[0][1].dtype
         var = (m2 / total).clamp_min(0.0)
-    return y.to(x.dtype), mean, var
+    return y, mean.to(acc), var.to(acc)
 
 
 def ghost_batch_norm(
@@ -138,7 +141,8 @@ def ghost_batch_norm(
     momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]
     y, updated = _ghost_batch_norm(input, v, running_mean, running_var, weight, bias, momentum, eps, where)
     if updated is False and input.numel() > 0:
-        warnings.warn(f"{where}: batch statistics are not finite; running statistics were left unchanged", RuntimeWarning, stacklevel=2)
+        message = f"{where}: batch statistics are not finite; running statistics were left unchanged"
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
     return y
 
 
@@ -167,6 +171,11 @@ def _ghost_batch_norm(
 
 class GhostBatchNormBase(BatchNormBase):
     """Ghost batch norm; subclasses set ``_ndims``. See the module docstring for the math.
+
+        training:  y = weight * (x - mu_g) / sqrt(var_g + eps) + bias   for x in ghost batch g
+        eval:      y = weight * (x - running_mean) / sqrt(running_var + eps) + bias
+
+    One running update per step with the whole batch's mean and unbiased (pooled) variance.
 
     Args:
         num_features: C, the number of channels (dim 1 of the input).

@@ -190,6 +190,9 @@ def batch_renorm(
 class BatchRenormBase(nn.Module):
     """Batch renormalization; subclasses set ``_ndims``. See the module docstring for the math.
 
+        training:  y = weight * (r * (x - mu_B) / sigma_B + d) + bias   (r, d clipped, no gradient)
+        eval:      y = weight * (x - running_mean) / running_std + bias
+
     Args:
         num_features: C, the number of channels (dim 1 of the input).
         eps: added to the biased batch variance inside the square root of sigma_B; > 0.
@@ -278,9 +281,11 @@ class BatchRenormBase(nn.Module):
         """Renormalize ``input`` (N, C, *) per channel; see the module docstring."""
         where = self._where()
         _checks.check_input(input, where, ndims=self._ndims, num_features=self.num_features)
-        step = int(self.num_batches_tracked.item())
-        r_max, d_max = self.limits(step)
-        momentum = self.momentum if self.momentum is not None else 1.0 / (step + 1)
+        r_max, d_max, momentum = 1.0, 0.0, 0.0
+        if self.training:  # the step is read only here: eval never syncs with a GPU
+            step = int(self.num_batches_tracked.item())
+            r_max, d_max = self.limits(step)
+            momentum = self.momentum if self.momentum is not None else 1.0 / (step + 1)
         y, updated = _batch_renorm(
             input, self.running_mean, self.running_std, self.weight, self.bias,
             self.training, momentum, self.eps, r_max, d_max, where,

@@ -109,6 +109,11 @@ class _SyncNormalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{ctx.where}: double backward (create_graph=True) through a synchronized batch "
+                "norm is not supported: the all_reduce of the gradient sums is not differentiable"
+            )
         x, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         acc = mean.dtype
@@ -196,12 +201,17 @@ def sync_batch_norm(
     momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]
     y, updated = _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, process_group, where)
     if updated is False and input.numel() > 0:
-        warnings.warn(f"{where}: batch statistics are not finite; running statistics were left unchanged", RuntimeWarning, stacklevel=2)
+        message = f"{where}: batch statistics are not finite; running statistics were left unchanged"
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
     return y
 
 
 class SyncBatchNorm(BatchNormBase):
     """Batch norm synchronized over a process group, on CPU (gloo) and GPU (nccl).
+
+        y = weight * (x - mu) / sqrt(var + eps) + bias,   mu, var (biased) over ALL ranks' x
+
+    running_var stores the unbiased variance with the global count; momentum as PyTorch.
 
     Args:
         num_features: C, the number of channels (dim 1 of the input).
