@@ -385,3 +385,32 @@ def test_update_bn_leaves_frozen_layers_alone() -> None:
     before = frozen[0].running_var.clone()
     update_bn([torch.randn(10, 3) * 5], frozen)
     assert torch.equal(frozen[0].running_var, before)
+
+
+def _random_conv(rng: np.random.Generator, transposed: bool) -> tuple[nn.Module, tuple[int, ...]]:
+    d = int(rng.integers(1, 4))
+    groups = int(rng.choice([1, 2, 3]))
+    cin = groups * int(rng.integers(1, 3))
+    cout = groups * int(rng.integers(1, 3))
+    k = int(rng.integers(1, 4))
+    stride = int(rng.integers(1, 3))
+    dilation = int(rng.integers(1, 3))
+    bias = bool(rng.integers(0, 2))
+    kinds = {False: (nn.Conv1d, nn.Conv2d, nn.Conv3d), True: (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)}
+    cls = kinds[transposed][d - 1]
+    conv = cls(cin, cout, k, stride=stride, dilation=dilation, groups=groups, bias=bias)
+    size = 7 if d < 3 else 5
+    return conv, (2, cin) + (size,) * d
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_conv_configurations_fold_exactly(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    conv, shape = _random_conv(rng, transposed=bool(seed % 2))
+    d = len(shape) - 2
+    bn_cls = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[d - 1]
+    after = nn.Sequential(conv, bn_cls(conv.out_channels))
+    check_fold(after, torch.randn(shape), folds=1)
+    if not conv.transposed:  # BN before a conv without padding
+        before = nn.Sequential(bn_cls(conv.in_channels), copy.deepcopy(conv))
+        check_fold(before, torch.randn(shape), folds=1)

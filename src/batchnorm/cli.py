@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as err:
-            if err.name == name:
-                continue
+            if err.name is not None and (name == err.name or name.startswith(err.name + ".")):
+                continue  # that sub-command's package is not installed
             raise
         module.register(sub)
     return parser

@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _moments_cpu
 
-__all__ = ["Moments", "LayerStatistics", "recompute_statistics", "is_recomputable"]
+__all__ = ["Moments", "all_reduce_moments", "LayerStatistics", "recompute_statistics", "is_recomputable"]
 
 _F64 = torch.float64
 
@@ -314,7 +314,9 @@ def recompute_statistics(
     ``torch.distributed``, after merging the moments of all ranks in one collective, so that
     every rank ends with identical statistics). Training flags, ``track_running_stats`` and the
     hooks are restored even on error; on error the running statistics are left as they were.
-    ``num_batches_tracked`` and ``momentum`` are not changed.
+    ``num_batches_tracked`` and ``momentum`` are not changed. Under ``torch.distributed`` every
+    rank must call this with the same model (as for any collective, an error on one rank leaves
+    the others waiting).
 
     Args:
         model: any module containing batch-norm layers (ours, torch's, subclasses, SyncBatchNorm);
@@ -401,11 +403,12 @@ def recompute_statistics(
                     f"recompute_statistics: statistics of {', '.join(bad)} are not finite (NaN/inf in the "
                     "data or upstream); running statistics left unchanged"
                 )
-            for name, m in layers:
-                mo = final[name]
-                if float(mo.count) >= 2:
-                    m.running_mean.copy_(mo.mean.to(m.running_mean.dtype))
-                    m.running_var.copy_(mo.var(unbiased=True).to(m.running_var.dtype))
+            with torch.no_grad():
+                for name, m in layers:
+                    mo = final[name]
+                    if float(mo.count) >= 2:
+                        m.running_mean.copy_(mo.mean.to(m.running_mean.dtype))
+                        m.running_var.copy_(mo.var(unbiased=True).to(m.running_var.dtype))
         committed = True
     finally:
         for h in handles:

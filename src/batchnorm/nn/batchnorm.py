@@ -31,7 +31,27 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from .. import _checks
 from ..functional import _batch_norm
 
-__all__ = ["BatchNormBase", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNormBase", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "record_update"]
+
+
+def record_update(module: torch.nn.Module, updated: bool | None, input: Tensor, where: str) -> None:
+    """Bookkeeping after a training step of any of our batch-norm layers.
+
+    ``updated`` is what the functional form returned: True -> the running statistics took the
+    batch, so ``num_batches_tracked`` (the step counter) advances; False on a non-empty input ->
+    the batch statistics were not finite and nothing was written: warn, once per layer; None ->
+    nothing to update. The module needs ``num_batches_tracked`` and ``_warned_nonfinite``.
+    """
+    if updated:
+        module.num_batches_tracked.add_(1)
+    elif updated is False and input.numel() > 0 and not module._warned_nonfinite:
+        module._warned_nonfinite = True
+        warnings.warn(
+            f"{where}: batch statistics are not finite (NaN/inf in the input); running "
+            "statistics and num_batches_tracked were left unchanged (warned once per layer)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 class BatchNormBase(_TorchBatchNorm):
@@ -101,16 +121,7 @@ class BatchNormBase(_TorchBatchNorm):
             self.eps,
             where,
         )
-        if updated:
-            self.num_batches_tracked.add_(1)
-        elif updated is False and input.numel() > 0 and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(
-                f"{where}: batch statistics are not finite (NaN/inf in the input); running "
-                "statistics and num_batches_tracked were left unchanged (warned once per layer)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        record_update(self, updated, input, where)
         return y
 
 

@@ -42,7 +42,7 @@ from torch import Tensor
 from .. import _checks
 from .._kernels import torch_ops
 from ..functional import _BatchNormTrain, _format, update_running_stats
-from .batchnorm import BatchNormBase
+from .batchnorm import BatchNormBase, record_update
 
 __all__ = ["ghost_batch_norm", "GhostBatchNormBase", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
@@ -219,16 +219,7 @@ class GhostBatchNormBase(BatchNormBase):
             self.eps,
             where,
         )
-        if updated:
-            self.num_batches_tracked.add_(1)
-        elif updated is False and input.numel() > 0 and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(
-                f"{where}: batch statistics are not finite (NaN/inf in the input); running "
-                "statistics and num_batches_tracked were left unchanged (warned once per layer)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        record_update(self, updated, input, where)
         return y
 
     def extra_repr(self) -> str:

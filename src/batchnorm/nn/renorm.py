@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks
+from .batchnorm import record_update
 from .._kernels import torch_ops
 
 __all__ = [
@@ -290,16 +291,7 @@ class BatchRenormBase(nn.Module):
             input, self.running_mean, self.running_std, self.weight, self.bias,
             self.training, momentum, self.eps, r_max, d_max, where,
         )
-        if updated:
-            self.num_batches_tracked.add_(1)
-        elif updated is False and input.numel() > 0 and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(
-                f"{where}: batch statistics are not finite (NaN/inf in the input); running "
-                "statistics and the step counter were left unchanged (warned once per layer)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        record_update(self, updated, input, where)
         return y
 
     @classmethod

@@ -48,7 +48,7 @@ from torch import Tensor
 from .. import _checks, _collectives
 from .._kernels import torch_ops
 from ..functional import update_running_stats
-from .batchnorm import BatchNormBase
+from .batchnorm import BatchNormBase, record_update
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
@@ -262,14 +262,5 @@ class SyncBatchNorm(BatchNormBase):
             self.process_group,
             where,
         )
-        if updated:
-            self.num_batches_tracked.add_(1)
-        elif updated is False and input.numel() > 0 and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(
-                f"{where}: global batch statistics are not finite (NaN/inf in some rank's input); "
-                "running statistics and num_batches_tracked were left unchanged (warned once per layer)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        record_update(self, updated, input, where)
         return y
