@@ -110,3 +110,16 @@ def test_quick_mode_claims_hold_on_digits(tmp_path: Path) -> None:
     results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
     failed = [c for c in results["claims"] if not c["holds"]]
     assert not failed, failed
+
+
+@pytest.mark.parametrize("cls", [GroupedBatchNorm1d, GroupedBatchRenorm1d])
+def test_a_non_finite_batch_never_reaches_the_running_statistics(cls: type) -> None:
+    layer = cls(3, 4)
+    layer(torch.randn(8, 3))
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad = torch.randn(8, 3)
+    bad[5, 1] = float("nan")
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        layer(bad)
+    for key, value in layer.state_dict().items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, equal_nan=True)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import BatchNorm1d, BatchRenorm1d
+from ..nn.batchnorm import record_update
 
 __all__ = ["GroupedBatchNorm1d", "GroupedBatchRenorm1d", "NoisyBatchNorm", "group_view"]
 
@@ -107,6 +108,8 @@ class GroupedBatchNorm1d(BatchNorm1d):
     ``group_size >= N`` this is exactly :class:`batchnorm.BatchNorm1d`. Eval: the running
     statistics, as BN.
 
+    A batch with non-finite statistics updates nothing (one warning per layer), as our BN.
+
     Shape: (N, C) -> (N, C); N must be a multiple of ``group_size`` in training.
     """
 
@@ -128,10 +131,14 @@ class GroupedBatchNorm1d(BatchNorm1d):
         if self.track_running_stats:
             m = self.group_size
             with torch.no_grad():
-                momentum = self._momentum_now()
-                self.running_mean.lerp_(mean.mean(dim=(0, 1)), momentum)
-                self.running_var.lerp_(var.mean(dim=(0, 1)) * (m / (m - 1)), momentum)
-                self.num_batches_tracked.add_(1)
+                new_mean = mean.mean(dim=(0, 1))  # (C,)
+                new_var = var.mean(dim=(0, 1)) * (m / (m - 1))  # (C,)
+                finite = bool(torch.isfinite(new_mean).all() and torch.isfinite(new_var).all())
+                if finite:  # a non-finite batch never reaches the running statistics
+                    momentum = self._momentum_now()
+                    self.running_mean.lerp_(new_mean, momentum)
+                    self.running_var.lerp_(new_var, momentum)
+            record_update(self, finite, input, self._where())
         return y
 
 
@@ -176,8 +183,12 @@ class GroupedBatchRenorm1d(BatchRenorm1d):
         if self.affine:
             y = y * self.weight + self.bias
         with torch.no_grad():
-            momentum = self.momentum if self.momentum is not None else 1.0 / (step + 1)
-            self.running_mean.lerp_(mean.mean(dim=(0, 1)), momentum)
-            self.running_std.lerp_(std.mean(dim=(0, 1)), momentum)
-            self.num_batches_tracked.add_(1)
+            new_mean = mean.mean(dim=(0, 1))  # (C,)
+            new_std = std.mean(dim=(0, 1))  # (C,)
+            finite = bool(torch.isfinite(new_mean).all() and torch.isfinite(new_std).all())
+            if finite:  # a non-finite batch changes neither the statistics nor the schedule step
+                momentum = self.momentum if self.momentum is not None else 1.0 / (step + 1)
+                self.running_mean.lerp_(new_mean, momentum)
+                self.running_std.lerp_(new_std, momentum)
+        record_update(self, finite, input, self._where())
         return y
