@@ -75,7 +75,7 @@ def _settings(cfg: RunConfig) -> dict[str, Any]:
         "ghost_batch": 32,
         "lr": 0.05,
         "lr_scaling": "lr * sqrt(large/small) = lr * sqrt(32)",
-        "epochs": cfg.pick(tiny=2, quick=10, full=30),
+        "epochs": cfg.pick(tiny=1, quick=10, full=30),
         "max_train": cfg.pick(tiny=2000, quick=2000, full=None),
         "max_train_note": "quick/tiny: at most 2000 training examples (stratified subset; digits has 1437, so all), "
         "to bound the cost of the epoch-based arms on MNIST-1D; full: the whole training set",
