@@ -60,7 +60,8 @@ _LABELS = {
     "lb_lr_gbn_ra": "LB + LR + GBN + RA",
 }
 # claim thresholds (percentage points of test accuracy)
-_GAP = 2.0  # the generalization gap SB - LB is at least 2 pp
+_GAP = 0.5  # the generalization gap SB - LB is at least 0.5 pp ...
+_SIGMAS = 2.0  # ... and at least 2 standard errors of the difference of the means
 _CLOSE = 0.5  # regime adaptation: within 0.5 pp of SB (or above)
 
 
@@ -85,7 +86,7 @@ def _settings(cfg: RunConfig) -> dict[str, Any]:
         "schedule": "lr / 10 at 50% and at 75% of the updates",
         "seeds": cfg.pick(tiny=1, quick=6, full=10),
         "seeds_regime_adaptation": cfg.pick(tiny=1, quick=2, full=5),
-        "claim_thresholds_pp": {"gap": _GAP, "ra_close": _CLOSE},
+        "claim_thresholds_pp": {"gap": _GAP, "gap_standard_errors": _SIGMAS, "ra_close": _CLOSE},
     }
 
 
@@ -164,12 +165,14 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     a = results["metrics"]["arms"]
     acc = {arm: _mean(a, arm) for arm in _ARMS}
     sd = {arm: float(np.std([float(r["test_acc"]) for r in a[arm]["runs"]])) for arm in _ARMS}
+    se = math.sqrt(sum(sd[arm] ** 2 / len(a[arm]["runs"]) for arm in ("sb", "lb")))
     table = ", ".join(f"{_LABELS[arm]} {acc[arm]:.2f}% (±{sd[arm]:.2f}, {len(a[arm]['runs'])} seeds, {a[arm]['runs'][0]['updates']} updates)" for arm in _ARMS)
     return [
         {
-            "claim": f"For the same epochs, the large batch generalizes worse than the small batch (gap >= {_GAP:g} pp)",
-            "holds": bool(acc["sb"] - acc["lb"] >= _GAP),
-            "evidence": f"test accuracy SB {acc['sb']:.2f}% vs LB {acc['lb']:.2f}% ({a['sb']['runs'][0]['updates']} vs {a['lb']['runs'][0]['updates']} updates)",
+            "claim": f"For the same epochs, the large batch generalizes worse than the small batch (gap >= {_GAP:g} pp and >= {_SIGMAS:g} standard errors)",
+            "holds": bool(acc["sb"] - acc["lb"] >= max(_GAP, _SIGMAS * se)),
+            "evidence": f"test accuracy SB {acc['sb']:.2f}% vs LB {acc['lb']:.2f}% (gap {acc['sb'] - acc['lb']:.2f} pp, standard error {se:.2f} pp; "
+            f"{a['sb']['runs'][0]['updates']} vs {a['lb']['runs'][0]['updates']} updates; LB training accuracy {_mean(a, 'lb', 'train_acc'):.1f}%)",
         },
         {
             "claim": "Scaling the learning rate by sqrt(batch ratio) narrows the gap, and ghost batch norm narrows it further",

@@ -55,7 +55,9 @@ training (median over layers, band = 25th-75th percentile over layers) and per l
 changes the size of the gradients themselves.
 
 What to expect at this scale: in the DLN, BN's ICS is clearly larger (l2 several times larger,
-cosine lower), as in the paper. In the small ReLU MLP the two are of the same order and which
+cosine lower), as in the paper, over the first few hundred steps (quick mode); in the long full
+run the DLN converges and BN's cosine ends up slightly higher than the plain network's, while
+its l2 change stays larger. In the small ReLU MLP the two are of the same order and which
 one is larger changes with the seed (the plain network's ICS spikes when its training is
 briefly unstable at lr 0.1); the claim judged there is the weaker one the paper's VGG result
 supports: BN does not drive ICS toward zero.
@@ -255,15 +257,31 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             + ("; a run diverged" if diverged else "")
         )
         if net == "dln":
-            holds = med["bn"]["l2"] >= med["none"]["l2"] and med["bn"]["cos"] <= med["none"]["cos"] + _COS_TOLERANCE
-            claim = f"In the {names[net]}, BN increases ICS: a larger l2 gradient change and a lower cosine than without BN"
-        else:
-            holds = med["bn"]["rel_l2"] >= _SAME_ORDER * med["none"]["rel_l2"]
-            claim = (
-                f"In the {names[net]}, BN leaves ICS of the same order: the median relative gradient change "
-                f"||G - G'||/||G|| with BN is at least {_SAME_ORDER:g}x that without BN (not driven toward 0)"
+            out.append(
+                {
+                    "claim": f"In the {names[net]}, BN increases ICS in l2: a larger gradient change ||G - G'|| than without BN",
+                    "holds": bool(med["bn"]["l2"] >= med["none"]["l2"] and not diverged),
+                    "evidence": evidence,
+                }
             )
-        out.append({"claim": claim, "holds": bool(holds and not diverged), "evidence": evidence})
+            out.append(
+                {
+                    "claim": f"In the {names[net]}, BN increases ICS in direction: a lower cosine between G and G' than without BN",
+                    "holds": bool(med["bn"]["cos"] <= med["none"]["cos"] + _COS_TOLERANCE and not diverged),
+                    "evidence": evidence,
+                }
+            )
+        else:
+            out.append(
+                {
+                    "claim": (
+                        f"In the {names[net]}, BN leaves ICS of the same order: the median relative gradient change "
+                        f"||G - G'||/||G|| with BN is at least {_SAME_ORDER:g}x that without BN (not driven toward 0)"
+                    ),
+                    "holds": bool(med["bn"]["rel_l2"] >= _SAME_ORDER * med["none"]["rel_l2"] and not diverged),
+                    "evidence": evidence,
+                }
+            )
     return out
 
 
