@@ -70,8 +70,8 @@ def test_ics_leaves_the_model_unchanged_and_vanishes_for_a_tiny_step() -> None:
     assert all(e["cos"] > 1 - 1e-4 and e["rel_l2"] < 1e-3 for e in tiny)
 
 
-@pytest.mark.slow
 def test_quick_mode_claims_hold_on_digits(tmp_path: Path) -> None:
+    # affordable (a few seconds), so it runs in `make test`
     results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
     failed = [c for c in results["claims"] if not c["holds"]]
     assert not failed, failed

@@ -63,8 +63,8 @@ def test_walk_matches_explicit_steps_and_leaves_the_model_unchanged(norm: str | 
     assert got["beta_eff"] == pytest.approx(beta, rel=1e-4)
 
 
-@pytest.mark.slow
 def test_quick_mode_claims_hold_on_digits(tmp_path: Path) -> None:
+    # affordable (a few seconds), so it runs in `make test`
     results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
     failed = [c for c in results["claims"] if not c["holds"]]
     assert not failed, failed
