@@ -15,7 +15,8 @@ Specs:
 Shape: ``train_x`` (N, D) float32 with D = prod(input_shape) (images are flattened; models
 that want images reshape to ``input_shape``, (1, 8, 8) for digits, (1, 28, 28) for MNIST,
 (1, 40) for MNIST-1D); ``train_y`` (N,) int64 class indices in [0, classes).
-Nothing is cached on disk; loaded datasets are cached in memory for the process.
+Nothing is cached on disk; loaded datasets are cached in memory for the process, so the
+returned tensors are shared between callers: never modify them in place.
 """
 
 from __future__ import annotations

@@ -45,6 +45,9 @@ def population_statistics(
 
     Returns:
         the copy, in eval mode, with ``momentum`` restored to each layer's original value.
+
+    The whole copy runs in training mode, as Alg. 2 prescribes (the statistics of the
+    *training* network): dropout, if any, stays active while the statistics are gathered.
     """
     new = copy.deepcopy(model)
     layers = [m for m in new.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]

@@ -10,6 +10,7 @@ Layout of one experiment's directory ``OUT/<id>/``:
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import math
 import os
@@ -111,12 +112,11 @@ def versions() -> dict[str, str]:
         "batchnorm": __version__,
         "platform": platform.platform(),
     }
-    for name in ("sklearn", "matplotlib", "mnist1d"):
+    for dist in ("scikit-learn", "matplotlib", "mnist1d", "numba"):
         try:
-            module = __import__(name)
-        except ImportError:
+            found[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
             continue
-        found[name] = str(getattr(module, "__version__", "unknown"))
     return found
 
 
