@@ -51,6 +51,31 @@ def test_convert_single_module_and_inplace() -> None:
     assert same is model and type(model[1]) is batchnorm.BatchNorm2d
 
 
+class _SharedBN(nn.Module):
+    """One BatchNorm1d called twice, registered three times (twice in one parent)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+        self.body = nn.Sequential(self.bn, nn.Tanh(), self.bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_convert_keeps_a_shared_batchnorm_shared() -> None:
+    model = _SharedBN().double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    ours = batchnorm.convert(model)
+    assert type(ours.bn) is batchnorm.BatchNorm1d
+    assert ours.body[0] is ours.bn and ours.body[2] is ours.bn
+    torch.testing.assert_close(ours(x), model(x), rtol=1e-12, atol=1e-12)  # two training steps
+    torch.testing.assert_close(ours.bn.running_var, model.bn.running_var, rtol=1e-12, atol=1e-12)
+    assert int(ours.bn.num_batches_tracked) == int(model.bn.num_batches_tracked) == 2
+    back = batchnorm.convert(ours, to="torch")
+    assert type(back.bn) is nn.BatchNorm1d and back.body[0] is back.bn and back.body[2] is back.bn
+
+
 def test_convert_leaves_subclasses_alone() -> None:
     class MyBN(nn.BatchNorm1d):
         pass
@@ -75,6 +100,13 @@ def test_keras_conversion_says_so() -> None:
     assert bn.momentum == pytest.approx(0.01)
     assert batchnorm.to_keras_momentum(0.1) == pytest.approx(0.9)
     assert batchnorm.from_keras_momentum(batchnorm.to_keras_momentum(0.3)) == pytest.approx(0.3)
+    # a bad Keras momentum is named as such (it used to say "PyTorch convention" and suggest
+    # calling from_keras_momentum, the very function that refused it)
+    with pytest.raises(ValueError, match=r"Keras/Flax momentum in \[0, 1\].*OLD.*got 99") as err:
+        batchnorm.from_keras(momentum=99)
+    assert "PyTorch" not in str(err.value)
+    with pytest.raises(TypeError, match="from_keras_momentum: expected a Keras/Flax momentum"):
+        batchnorm.from_keras_momentum(None)  # type: ignore[arg-type]
 
 
 def test_keras_momentum_matches_keras_update_rule() -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from batchnorm import BatchNorm2d, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
+from batchnorm import BatchNorm1d, BatchNorm2d, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 
 
 def filled(layer: nn.Module) -> nn.Module:
@@ -73,6 +73,24 @@ def test_half_input_and_from_batchnorm() -> None:
         assert_close(y.float(), bn(x.to(torch.bfloat16).float()), rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="no running statistics"):
         FrozenBatchNorm2d.from_batchnorm(nn.BatchNorm2d(3, track_running_stats=False))
+
+
+def test_large_mean_small_spread_float32_matches_batchnorm_eval() -> None:
+    x64 = (1e4 + 1e-2 * torch.randn(32, 2, dtype=torch.float64)).float().double()
+    frozen = FrozenBatchNorm1d(2)
+    with torch.no_grad():
+        frozen.running_mean.copy_(x64.mean(0))
+        frozen.running_var.fill_(1e-4)
+        frozen.weight.copy_(torch.tensor([1.5, -0.5]))
+        frozen.bias.copy_(torch.tensor([0.25, 1.0]))
+    want = (x64 - frozen.running_mean.double()) / torch.sqrt(frozen.running_var.double() + 1e-5)
+    want = want * frozen.weight.double() + frozen.bias.double()
+    # x * scale + shift (the old order) was off by 5e-2 here; our BatchNorm1d eval by 5e-8
+    assert (frozen(x64.float()).double() - want).abs().max() < 1e-5
+    ours = BatchNorm1d(2).eval()
+    ours.load_state_dict(frozen.state_dict())
+    with torch.no_grad():
+        assert (ours(x64.float()).double() - want).abs().max() < 1e-5  # the same bar
 
 
 def test_input_errors() -> None:

@@ -95,6 +95,12 @@ def test_moments_errors() -> None:
         Moments.from_tensor(torch.arange(5), 0)
     with pytest.raises(ValueError, match="same shape"):
         Moments.empty(3).merge(Moments.empty(4))
+    # out-of-range dims used to wrap around silently (5 -> 1: reduced over the channels)
+    x = torch.randn(2, 3, 4, 4)
+    for dims in (5, [0, 4, 2, 3], -5, []):
+        with pytest.raises(ValueError, match=r"expected dims in \[-4, 3\].*\(2, 3, 4, 4\)"):
+            Moments.from_tensor(x, dims)
+    assert Moments.from_tensor(x, [-4, -2, -1]).mean.shape == (3,)
 
 
 def test_vector_roundtrip_and_no_process_group() -> None:
@@ -309,6 +315,16 @@ def test_frozen_and_untracked_layers_are_reported_not_changed() -> None:
     assert torch.all(model[1].running_var == 1)
 
 
+def test_batch_renorm_is_reported_not_skipped_silently() -> None:
+    from batchnorm import BatchRenorm1d
+
+    model = nn.Sequential(nn.BatchNorm1d(3), BatchRenorm1d(3))
+    report = recompute_statistics(model, [torch.randn(8, 3) * 3])
+    assert [(r.name, r.updated) for r in report] == [("0", True), ("1", False)]
+    assert "running std" in report[1].note
+    assert torch.all(model[1].running_std == 1) and torch.all(model[1].running_mean == 0)
+
+
 def test_unused_layer_is_reported_and_warned() -> None:
     model = nn.ModuleDict({"used": nn.BatchNorm1d(2), "unused": nn.BatchNorm1d(2)})
     with pytest.warns(RuntimeWarning, match="unused"):
@@ -375,6 +391,11 @@ def test_argument_errors() -> None:
         recompute_statistics(m, [], max_samples=0)
     with pytest.raises(ValueError, match="passes"):
         recompute_statistics(m, [], passes=0)
+    # a bare tensor would be iterated row by row: 1-D rows the layer rejects (or, for 3-D data,
+    # batches of one sample each); refused with what was expected
+    for bad in (5, torch.randn(8, 2)):
+        with pytest.raises(TypeError, match="expected data to be an iterable of batches"):
+            recompute_statistics(m, bad)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------- distributed

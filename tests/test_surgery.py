@@ -167,6 +167,43 @@ def test_bn_matched_by_type_and_subclasses_with_own_forward_kept() -> None:
     assert "overrides forward" in dict(fold(model.eval()).skipped)["9"]
 
 
+def test_our_ghost_and_sync_fold_in_eval_and_renorm_is_listed() -> None:
+    from batchnorm import BatchRenorm2d, GhostBatchNorm2d, SyncBatchNorm
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1), GhostBatchNorm2d(4, virtual_batch_size=2),
+        nn.Conv2d(4, 4, 1), SyncBatchNorm(4),
+        nn.Conv2d(4, 4, 1), BatchRenorm2d(4),
+    )  # fmt: skip
+    with torch.no_grad():
+        model[5].running_mean.normal_()
+        model[5].running_std.uniform_(0.5, 2.0)
+    folded = check_fold(model, torch.randn(2, 3, 4, 4), folds=2)
+    assert isinstance(folded[1], nn.Identity) and isinstance(folded[3], nn.Identity)
+    skipped = dict(fold(model.eval()).skipped)
+    assert list(skipped) == ["5"] and "BatchRenorm2d" in skipped["5"]  # listed, never silently left
+
+
+def test_strip_redundant_bias_before_batch_renorm() -> None:
+    from batchnorm import BatchRenorm1d
+
+    model = nn.Sequential(nn.Linear(3, 4), BatchRenorm1d(4, momentum=0.5, warmup_steps=0, r_max_steps=1, d_max_steps=1))
+    with torch.no_grad():
+        model[0].bias.normal_(0, 3)
+        model[1].running_mean.normal_()
+        model[1].running_std.uniform_(0.5, 2.0)
+        model[1].num_batches_tracked.fill_(5)  # r and d clipped at r_max=3, d_max=5
+    assert [f.bn for f in find_redundant_biases(model)] == ["1"]
+    stripped = strip_redundant_bias(model)
+    assert stripped[0].bias is None
+    x = torch.randn(8, 3)
+    with torch.no_grad():
+        assert rel_err(stripped(x), model(x)) <= 1e-5  # training: d depends on mu_B - mu
+        model.eval()
+        stripped.eval()
+        assert rel_err(stripped(x), model(x)) <= 1e-5
+
+
 class Residual(nn.Module):
     """Residual block whose conv is shared, and whose first conv output also feeds the skip."""
 
@@ -255,6 +292,10 @@ def test_untraceable_model_lists_every_bn() -> None:
     result = fold(model)
     assert result.folded == []
     assert [name for name, _ in result.skipped] == ["bn"] and "torch.fx could not trace" in result.skipped[0][1]
+    assert find_redundant_biases(model) == []
+    with pytest.raises(ValueError, match="strip_redundant_bias: expected a model torch.fx can trace"):
+        strip_redundant_bias(model)  # was a raw torch.fx TraceError
+    assert model.lin.bias is not None
 
 
 def test_training_mode_raises_and_unused_bn_listed() -> None:
@@ -376,6 +417,46 @@ def test_freeze_unfreeze_roundtrip() -> None:
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
     assert back[1].training  # the frozen layer's flag
+
+
+def test_freeze_unfreeze_keep_a_shared_batchnorm_shared() -> None:
+    bn = nn.BatchNorm1d(3)
+    model = randomize_bn(nn.Sequential(bn, nn.Tanh(), bn)).eval()
+    x = torch.randn(6, 3)
+    frozen = freeze(model)
+    assert type(frozen[0]).__name__ == "FrozenBatchNorm1d" and frozen[2] is frozen[0]
+    frozen.train()
+    with torch.no_grad():
+        assert_close(frozen(x), model(x), rtol=1e-6, atol=1e-6)
+    back = unfreeze(frozen)
+    assert type(back[0]) is nn.BatchNorm1d and back[2] is back[0]
+
+
+def test_unfreeze_does_not_add_a_bias_to_a_bias_free_layer() -> None:
+    model = nn.Sequential(BatchNorm2d(3, bias=False)).eval()
+    with torch.no_grad():
+        model[0].running_mean.normal_()
+        model[0].weight.normal_()
+    back = unfreeze(freeze(model))
+    assert type(back[0]) is BatchNorm2d and back[0].bias is None
+    assert list(back.state_dict()) == list(model.state_dict())
+    back.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        assert_close(back.eval()(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_freeze_ghost_batchnorm_keeps_its_rank() -> None:
+    from batchnorm import FrozenBatchNorm1d, GhostBatchNorm1d
+
+    model = randomize_bn(nn.Sequential(GhostBatchNorm1d(3, virtual_batch_size=2))).eval()
+    frozen = freeze(model)
+    assert type(frozen[0]) is FrozenBatchNorm1d
+    x = torch.randn(6, 3)
+    with torch.no_grad():
+        assert_close(frozen(x), model(x), rtol=1e-6, atol=1e-6)
+        back = unfreeze(frozen).eval()
+        assert_close(back(x), model(x), rtol=1e-6, atol=1e-6)  # (N, C) accepted: a 1d layer
 
 
 def test_update_bn_leaves_frozen_layers_alone() -> None:

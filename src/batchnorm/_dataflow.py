@@ -25,22 +25,37 @@ from torch.nn.modules.conv import _ConvNd
 
 from .nn.batchnorm import BatchNormBase
 from .nn.frozen import FrozenBatchNormBase
+from .nn.ghost import GhostBatchNormBase
+from .nn.renorm import BatchRenormBase
+from .nn.sync import SyncBatchNorm as OurSyncBatchNorm
 
 __all__ = ["is_batchnorm", "is_plain_batchnorm", "Dataflow", "trace", "Pair", "bn_pairs"]
 
-_PLAIN_FORWARDS = (_BatchNorm.forward, SyncBatchNorm.forward, BatchNormBase.forward, FrozenBatchNormBase.forward)
+# Forwards that compute exactly the batch-norm map in eval mode (fold and freeze only use that):
+# ghost and our sync layer differ from plain BN in training only.
+_PLAIN_FORWARDS = (
+    _BatchNorm.forward,
+    SyncBatchNorm.forward,
+    BatchNormBase.forward,
+    FrozenBatchNormBase.forward,
+    GhostBatchNormBase.forward,
+    OurSyncBatchNorm.forward,
+)
 
 
 def is_batchnorm(m: nn.Module) -> bool:
-    """Any batch norm: torch's ``_BatchNorm`` (BatchNorm*d, SyncBatchNorm, ours, subclasses) or frozen."""
-    return isinstance(m, (_BatchNorm, FrozenBatchNormBase))
+    """Any batch norm: torch's ``_BatchNorm`` (BatchNorm*d, SyncBatchNorm, ours, subclasses),
+    frozen, or batch renorm (so that tools list it instead of skipping it silently)."""
+    return isinstance(m, (_BatchNorm, FrozenBatchNormBase, BatchRenormBase))
 
 
 def is_plain_batchnorm(m: nn.Module) -> bool:
-    """A batch norm whose class computes exactly ``gamma * (x - mean) / sqrt(var + eps) + beta``.
+    """A batch norm whose class computes exactly ``gamma * (x - mean) / sqrt(var + eps) + beta``
+    in eval mode.
 
-    Decided by its ``forward``: inherited from torch's, ours or the frozen one (so user
-    subclasses that only rename or add attributes count; ones that override ``forward`` do not).
+    Decided by its ``forward``: inherited from torch's, ours (plain, ghost, sync) or the frozen
+    one (so user subclasses that only rename or add attributes count; ones that override
+    ``forward`` do not, nor batch renorm, whose state is a running std).
     """
     return is_batchnorm(m) and type(m).forward in _PLAIN_FORWARDS
 

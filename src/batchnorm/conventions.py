@@ -21,8 +21,15 @@ __all__ = ["from_keras_momentum", "to_keras_momentum", "KerasConversion", "from_
 
 def from_keras_momentum(momentum: float) -> float:
     """Keras/Flax momentum (weight of the *old* value, e.g. 0.99) -> ours/PyTorch's (0.01)."""
-    m = _checks.check_momentum(momentum, "from_keras_momentum", allow_none=False)
-    return 1.0 - m  # type: ignore[operator]
+    where = "from_keras_momentum"
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"{where}: expected a Keras/Flax momentum, a float in [0, 1], got {momentum!r}")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(
+            f"{where}: expected a Keras/Flax momentum in [0, 1] (the weight of the OLD value, e.g. 0.99), "
+            f"got {momentum}"
+        )
+    return 1.0 - float(momentum)
 
 
 def to_keras_momentum(momentum: float) -> float:

@@ -12,7 +12,7 @@ import copy
 
 from torch import nn
 
-from .convert import _swap
+from .convert import _swap, replace_modules
 from .nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .nn.sync import SyncBatchNorm
 
@@ -53,10 +53,4 @@ def convert_sync_batchnorm(
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_sync_batchnorm: expected an nn.Module, got {type(model).__name__}")
     root = model if inplace else copy.deepcopy(model)
-    if type(root) in CONVERTIBLE:
-        return _to_sync(root, process_group)
-    for parent in list(root.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) in CONVERTIBLE:
-                setattr(parent, name, _to_sync(child, process_group))
-    return root
+    return replace_modules(root, lambda m: _to_sync(m, process_group) if type(m) in CONVERTIBLE else None)

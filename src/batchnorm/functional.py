@@ -49,7 +49,7 @@ class _BatchNormTrain(torch.autograd.Function):
         invstd = torch.rsqrt(var + eps)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -68,7 +68,7 @@ class _BatchNormTrain(torch.autograd.Function):
         return (
             dx if need_x else None,
             dw.to(weight.dtype) if need_w else None,
-            db.to(weight.dtype if weight is not None else x.dtype) if (need_b and ctx.has_bias) else None,
+            db.to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None,
             None,
         )
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _moments_cpu
+from .nn.renorm import BatchRenormBase
 
 __all__ = ["Moments", "all_reduce_moments", "LayerStatistics", "recompute_statistics", "is_recomputable"]
 
@@ -91,7 +92,14 @@ class Moments:
         if not isinstance(x, Tensor) or not x.is_floating_point():
             got = x.dtype if isinstance(x, Tensor) else type(x).__name__
             raise TypeError(f"Moments.from_tensor: expected a floating-point tensor, got {got}")
-        rdims = sorted({d % x.dim() for d in ((dims,) if isinstance(dims, int) else dims)})
+        given = (dims,) if isinstance(dims, int) else tuple(dims)
+        bad = [d for d in given if isinstance(d, bool) or not isinstance(d, int) or not -x.dim() <= d < x.dim()]
+        if bad or not given:
+            raise ValueError(
+                f"Moments.from_tensor: expected dims in [-{x.dim()}, {x.dim() - 1}] for an input of shape "
+                f"{tuple(x.shape)}, got {dims!r}"
+            )
+        rdims = sorted({d % x.dim() for d in given})
         keep = [s for d, s in enumerate(x.shape) if d not in rdims]
         n = math.prod(x.shape[d] for d in rdims)
         if n == 0:
@@ -344,6 +352,11 @@ def recompute_statistics(
         raise ValueError(f"recompute_statistics: expected passes to be an int >= 1, got {passes!r}")
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
         raise ValueError(f"recompute_statistics: expected max_samples to be a positive int or None, got {max_samples!r}")
+    if not isinstance(data, Iterable) or isinstance(data, (Tensor, Mapping)):
+        raise TypeError(
+            "recompute_statistics: expected data to be an iterable of batches (a DataLoader, a list "
+            f"of tensors, ...), got {type(data).__name__}; for a single tensor pass [x] or x.split(batch_size)"
+        )
     if passes > 1 and isinstance(data, Iterator):
         raise ValueError("recompute_statistics: passes > 1 needs re-iterable data (a list or DataLoader), got an iterator")
     run = forward if forward is not None else _default_forward
@@ -353,7 +366,7 @@ def recompute_statistics(
     others = [
         (name, m)
         for name, m in named
-        if (isinstance(m, _BatchNorm) or getattr(m, "frozen", False)) and not is_recomputable(m)
+        if (isinstance(m, (_BatchNorm, BatchRenormBase)) or getattr(m, "frozen", False)) and not is_recomputable(m)
     ]
     originals = {name: (m.running_mean.detach().clone(), m.running_var.detach().clone()) for name, m in layers}
     flags = [(m, m.training) for _, m in named]
@@ -428,7 +441,12 @@ def recompute_statistics(
     skipped = {name: m for name, m in others}
     for name, m in named:
         if name in skipped:
-            why = "frozen" if getattr(m, "frozen", False) else "no running statistics of mean/variance"
+            if getattr(m, "frozen", False):
+                why = "frozen"
+            elif isinstance(m, BatchRenormBase):
+                why = "batch renorm keeps a running std, not a variance"
+            else:
+                why = "no running statistics of mean/variance"
             report.append(LayerStatistics(name, type(m).__name__, 0, False, 0.0, 0.0, why))
         elif name in final:
             mo = final[name]

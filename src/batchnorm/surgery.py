@@ -21,6 +21,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _dataflow
+from .convert import replace_modules
 from ._fold import (
     bn_scale_shift,
     fold_bn_conv,
@@ -59,10 +60,7 @@ def _check_module(model: object, where: str) -> nn.Module:
 
 def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` wherever ``old`` is registered in ``root`` (every name it has)."""
-    for parent in list(root.modules()):
-        for name, child in list(parent.named_children()):
-            if child is old:
-                setattr(parent, name, new)
+    replace_modules(root, lambda m: new if m is old else None)
 
 
 # ----------------------------------------------------------------------------------- fold
@@ -231,10 +229,20 @@ def strip_redundant_bias(model: nn.Module, *, inplace: bool = False) -> nn.Modul
     because BN subtracts the batch mean, which contains b. A batch norm without running
     statistics needs no adjustment. Returns a new model unless ``inplace=True``.
     Note: an optimizer built on the old model's parameters must be rebuilt.
+
+    Raises:
+        ValueError: torch.fx cannot trace the model (nothing is changed).
     """
     _check_module(model, "strip_redundant_bias")
     root = model if inplace else copy.deepcopy(model)
-    flow = _dataflow.trace(root)
+    try:
+        flow = _dataflow.trace(root)
+    except Exception as err:  # fx raises many types on dynamic control flow
+        msg = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(
+            "strip_redundant_bias: expected a model torch.fx can trace (to see which layer feeds which "
+            f"batch norm), but tracing failed ({type(err).__name__}: {msg}); nothing was changed"
+        ) from err
     for _, layer_name, bn_name in _bias_pairs(flow):
         layer = root.get_submodule(layer_name)
         bn = root.get_submodule(bn_name)
@@ -253,12 +261,16 @@ _FROZEN_FOR = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
 _OURS_FOR = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
 
 
+_DIMS_FOR_NDIMS = {(2, 3): 1, (4,): 2, (5,): 3}
+
+
 def _spatial_dims(bn: nn.Module) -> int | None:
     """1, 2 or 3 for a BN that accepts (N, C, L) / (N, C, H, W) / (N, C, D, H, W); None if unknown."""
     for d, classes in {1: (nn.BatchNorm1d, BatchNorm1d, FrozenBatchNorm1d), 2: (nn.BatchNorm2d, BatchNorm2d, FrozenBatchNorm2d), 3: (nn.BatchNorm3d, BatchNorm3d, FrozenBatchNorm3d)}.items():
         if isinstance(bn, classes):
             return d
-    return None
+    # our other layers (GhostBatchNorm2d ...) declare the input ranks they accept
+    return _DIMS_FOR_NDIMS.get(tuple(getattr(type(bn), "_ndims", ())))
 
 
 def freeze(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -279,13 +291,8 @@ def freeze(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     def eligible(m: nn.Module) -> bool:
         return isinstance(m, _BatchNorm) and _dataflow.is_plain_batchnorm(m) and m.running_mean is not None
 
-    if eligible(root):
-        return frozen(root)
-    for parent in list(root.modules()):
-        for name, child in list(parent.named_children()):
-            if eligible(child):
-                setattr(parent, name, frozen(child))
-    return root
+    # one frozen layer per batch-norm object: a shared batch norm stays shared
+    return replace_modules(root, lambda m: frozen(m) if eligible(m) else None)
 
 
 def _thawed(fb: FrozenBatchNormBase) -> nn.Module:
@@ -297,6 +304,8 @@ def _thawed(fb: FrozenBatchNormBase) -> nn.Module:
         new = cls(fb.num_features, eps=fb.eps, momentum=momentum, affine=affine)
     except TypeError:  # a subclass with its own constructor: fall back to ours
         new = _OURS_FOR.get(_spatial_dims(fb) or 0, BatchNorm2d)(fb.num_features, eps=fb.eps, momentum=momentum, affine=affine)
+    if affine and getattr(fb, "_unfreeze_without_bias", False):
+        new.register_parameter("bias", None)
     new = new.to(device=rm.device, dtype=rm.dtype)
     with torch.no_grad():
         new.running_mean.copy_(rm)
@@ -304,7 +313,8 @@ def _thawed(fb: FrozenBatchNormBase) -> nn.Module:
         new.num_batches_tracked.copy_(fb.num_batches_tracked)
         if affine:
             new.weight.copy_(fb.weight)
-            new.bias.copy_(fb.bias)
+            if new.bias is not None:
+                new.bias.copy_(fb.bias)
     new.train(fb.training)
     return new
 
@@ -318,10 +328,4 @@ def unfreeze(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     _check_module(model, "unfreeze")
     root = model if inplace else copy.deepcopy(model)
-    if isinstance(root, FrozenBatchNormBase):
-        return _thawed(root)
-    for parent in list(root.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, FrozenBatchNormBase):
-                setattr(parent, name, _thawed(child))
-    return root
+    return replace_modules(root, lambda m: _thawed(m) if isinstance(m, FrozenBatchNormBase) else None)

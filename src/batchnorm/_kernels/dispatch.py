@@ -76,5 +76,8 @@ def backend_for(x: torch.Tensor) -> ModuleType:
     cpu = _numba()
     usable = cpu is not None and cpu.supports(x)
     if name == "numba" and cpu is None:
-        raise RuntimeError("batchnorm back-end 'numba' was requested but numba is not installed")
+        raise RuntimeError(
+            "batchnorm back-end 'numba' was requested but batchnorm._kernels.cpu cannot be imported "
+            "(is numba installed? pip install 'batchnorm[fast]')"
+        )
     return cpu if usable else torch_ops  # type: ignore[return-value]

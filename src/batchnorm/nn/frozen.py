@@ -1,7 +1,11 @@
 """``FrozenBatchNorm1d/2d/3d``: batch norm with fixed statistics and affine, whatever the mode.
 
     y = weight * (x - running_mean) / sqrt(running_var + eps) + bias
-      = x * scale + shift,   scale = weight / sqrt(running_var + eps),  shift = bias - running_mean * scale
+      = (x - running_mean) * scale + bias,   scale = weight / sqrt(running_var + eps)
+
+computed in that order: the expanded ``x * scale + shift`` (``shift = bias - running_mean *
+scale``) cancels catastrophically for a large mean and a small spread (mean 1e4, std 1e-2 in
+float32: ``x * scale`` ~ 1e6 has an ulp of 0.06), whereas ``x - running_mean`` is exact there.
 
 Everything is a buffer (no parameters, nothing to train, nothing updated): the layer computes the
 same function after ``.train()`` as after ``.eval()``. Use it to fine-tune with small batches
@@ -28,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks
+from .._kernels import torch_ops
 
 __all__ = ["FrozenBatchNormBase", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
@@ -96,7 +101,10 @@ class FrozenBatchNormBase(nn.Module):
             if isinstance(nbt, Tensor):
                 new.num_batches_tracked.copy_(nbt)
         # remembered so that unfreeze() can give back the same kind of layer
-        new._unfreeze_as = (type(bn), bool(getattr(bn, "affine", True)), getattr(bn, "momentum", 0.1))
+        affine = bool(getattr(bn, "affine", True))
+        new._unfreeze_as = (type(bn), affine, getattr(bn, "momentum", 0.1))
+        # BatchNorm*d(bias=False): unfreeze must not add a bias the original did not have
+        new._unfreeze_without_bias = affine and getattr(bn, "bias", None) is None
         return new
 
     def extra_repr(self) -> str:
@@ -128,14 +136,14 @@ class FrozenBatchNormBase(nn.Module):
         return scale, shift
 
     def forward(self, input: Tensor) -> Tensor:
-        """``y = x * scale + shift`` per channel (dim 1), in any mode."""
+        """``y = (x - running_mean) * scale + bias`` per channel (dim 1), in any mode."""
         _checks.check_input(input, f"{type(self).__name__}({self.num_features})", ndims=self._ndims, num_features=self.num_features)
-        acc = torch.promote_types(input.dtype, torch.float32)
+        acc = torch_ops.acc_dtype(input.dtype)  # float32 for float16/bfloat16/float32 input
         scale = self.weight.to(acc) * torch.rsqrt(self.running_var.to(acc) + self.eps)
-        shift = self.bias.to(acc) - self.running_mean.to(acc) * scale
         # (C,) -> (1, C, 1, ..., 1) to broadcast over (N, C, *)
         view = (1, -1) + (1,) * (input.dim() - 2)
-        return (input.to(acc) * scale.reshape(view) + shift.reshape(view)).to(input.dtype)
+        centred = torch_ops.center(input, self.running_mean)  # (N, C, *) in acc, no cancellation
+        return (centred * scale.reshape(view) + self.bias.to(acc).reshape(view)).to(input.dtype)
 
 
 class FrozenBatchNorm1d(FrozenBatchNormBase):

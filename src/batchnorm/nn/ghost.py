@@ -11,7 +11,9 @@ hand-derived backward), with no Python loop over chunks: viewed as (v, G*C, S), 
 (ghost batch, channel) pair is a channel of its own. When N is not a multiple of
 ``virtual_batch_size`` the last ghost batch is smaller and is a second kernel call; if it would
 hold a single value per channel (no variance: its output would be the constant ``bias`` and
-carry no gradient) it is merged into the previous ghost batch instead.
+carry no gradient) it is merged into the previous ghost batch instead; full ghost batches of
+one value per channel (``virtual_batch_size=1`` on (N, C) input) raise ``ValueError``, as
+``nn.BatchNorm`` does for a batch of one.
 
 Running statistics: ONE update per training step, with the statistics of the *whole* batch,
 
@@ -162,6 +164,12 @@ def _ghost_batch_norm(
     if x.numel() == 0:
         zeros = torch.zeros(c, dtype=torch_ops.acc_dtype(x.dtype), device=x.device)
         return torch_ops.normalize(x, zeros, zeros + 1, weight, bias), False if running_mean is not None else None
+    if v * x[0, 0].numel() == 1:
+        raise ValueError(
+            f"{where}: expected more than 1 value per channel in each ghost batch when training, got "
+            f"virtual_batch_size={v} with input of shape {tuple(x.shape)} (one value has no variance: "
+            "the output would be the constant bias, with no gradient); use virtual_batch_size >= 2"
+        )
     y, mean, var = _ghost_train(x, v, weight, bias, eps)
     if running_mean is None:
         return y, None

@@ -84,8 +84,9 @@ def global_moments(x: Tensor, group: object | None, where: str) -> tuple[int, Te
 class _SyncNormalize(torch.autograd.Function):
     """y = normalize(x, mean, invstd, weight, bias) with the *global* statistics' backward.
 
-    mean/invstd are the global statistics (constants to autograd); the backward accounts for
-    their dependence on x through the globally all-reduced sums.
+    mean (float64) and invstd (``acc_dtype``) are the global statistics (constants to
+    autograd); the backward accounts for their dependence on x through the globally
+    all-reduced sums.
     """
 
     @staticmethod
@@ -104,7 +105,7 @@ class _SyncNormalize(torch.autograd.Function):
         ctx.total = total
         ctx.group = group
         ctx.where = where
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return torch_ops.normalize(x, mean, invstd, weight, bias)
 
     @staticmethod
@@ -116,11 +117,11 @@ class _SyncNormalize(torch.autograd.Function):
             )
         x, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        acc = mean.dtype
+        acc = invstd.dtype
         nd = x.dim()
         dims = torch_ops.reduce_dims(x)
         g = grad_y.to(acc)  # (N, C, *)
-        x_hat = (x.to(acc) - torch_ops.channel_view(mean, nd)) * torch_ops.channel_view(invstd, nd)  # (N, C, *)
+        x_hat = torch_ops.center(x, mean) * torch_ops.channel_view(invstd, nd)  # (N, C, *), float64 mean
         sum_g = g.sum(dim=dims)  # (C,) local
         sum_gx = (g * x_hat).sum(dim=dims)  # (C,) local
         dx = None
@@ -137,7 +138,7 @@ class _SyncNormalize(torch.autograd.Function):
             )
             dx = dx.to(x.dtype)
         dw = sum_gx.to(weight.dtype) if (need_w and weight is not None) else None
-        db = sum_g.to(weight.dtype if weight is not None else x.dtype) if (need_b and ctx.has_bias) else None
+        db = sum_g.to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None
         return dx, dw, db, None, None, None, None, None
 
 
@@ -164,9 +165,10 @@ def _sync_batch_norm(
     if total == 0:
         zeros = torch.zeros(c, dtype=acc, device=x.device)
         return torch_ops.normalize(x, zeros, zeros + 1, weight, bias), False if running_mean is not None else None
-    mean = mean64.to(acc)
+    # the mean stays float64: centring subtracts its float32 rounding, then the residual
+    # (torch_ops.center), so mean 1e4 / std 1e-2 in float32 keeps the spread's digits
     invstd = torch.rsqrt(var64 + eps).to(acc)
-    y = _SyncNormalize.apply(x, weight, bias, mean, invstd, total, group, where)
+    y = _SyncNormalize.apply(x, weight, bias, mean64, invstd, total, group, where)
     if running_mean is None:
         return y, None
     return y, update_running_stats(running_mean, running_var, mean64, var64, total, momentum)
