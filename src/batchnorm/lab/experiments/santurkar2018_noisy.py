@@ -123,7 +123,8 @@ def _drift(means: np.ndarray, stds: np.ndarray) -> dict[str, float]:
     }
 
 
-def _arm(cfg: RunConfig, s: dict[str, Any], data: Dataset, arm: str, lr: float, seed: int, progress: Progress) -> dict[str, Any]:
+def _arm(s: dict[str, Any], data: Dataset, arm: str, lr: float, seed: int, progress: Progress) -> dict[str, Any]:
+    """Train one arm at one learning rate; record activation-input drift and final accuracies."""
     noise_gen = torch.Generator().manual_seed(seed + 7)
     if arm == "none":
         norm: Any = None
@@ -199,7 +200,7 @@ def run(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
     for lr in s["lrs"]:
         for arm in _ARMS:
             arms[f"{arm}@{lr}"] = [
-                _arm(cfg, s, data, arm, lr, cfg.seed + 1000 * k, progress) for k in range(s["seeds"])
+                _arm(s, data, arm, lr, cfg.seed + 1000 * k, progress) for k in range(s["seeds"])
             ]
     return {"config": s, "data": data.describe(), "metrics": {"arms": arms}}
 
