@@ -1,0 +1,125 @@
+"""small-batch: the grouped BN / Batch Renorm layers against per-group references, the
+non-i.i.d. batch sampler, and the quick-mode claims.
+
+    PYTHONPATH=src python -m pytest -q tests/lab/test_small_batch.py
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from batchnorm import BatchNorm1d, BatchRenorm1d, batch_renorm
+from batchnorm.lab.config import RunConfig
+from batchnorm.lab.experiments import small_batch as exp
+from batchnorm.lab.normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
+from batchnorm.lab.runner import run_one
+
+
+def test_grouped_batch_norm_normalizes_each_group_and_averages_group_statistics() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(12, 3) * torch.tensor([1.0, 3.0, 0.5]) + torch.tensor([0.0, 5.0, -2.0])
+    layer = GroupedBatchNorm1d(3, 4, momentum=0.5)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.5, 0.5, 2.0]))
+        layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    y = layer(x).detach().double().numpy()
+    a = x.double().numpy().reshape(3, 4, 3)  # (G, m, C)
+    ref = (a - a.mean(axis=1, keepdims=True)) / np.sqrt(a.var(axis=1, keepdims=True) + 1e-5)
+    ref = ref.reshape(12, 3) * np.array([1.5, 0.5, 2.0]) + np.array([0.1, -0.2, 0.3])
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.running_mean.numpy(), 0.5 * a.mean(axis=1).mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.running_var.numpy(), 0.5 + 0.5 * a.var(axis=1, ddof=1).mean(axis=0), rtol=1e-5)
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_grouped_batch_norm_with_one_group_is_batch_norm_and_rejects_bad_sizes() -> None:
+    x = torch.randn(8, 4)
+    a = GroupedBatchNorm1d(4, 8)
+    b = BatchNorm1d(4)
+    torch.testing.assert_close(a(x), b(x))
+    torch.testing.assert_close(a.running_var, b.running_var)
+    with pytest.raises(ValueError, match="group_size"):
+        GroupedBatchNorm1d(4, 1)
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        GroupedBatchNorm1d(4, 3)(torch.randn(8, 4))
+
+
+def test_grouped_batch_renorm_matches_the_functional_per_group_with_gradients() -> None:
+    torch.manual_seed(1)
+    c = 3
+    # past the schedule (step 1 > warm-up 0 = ramp ends): limits r_max 1.5, d_max 0.5
+    layer = GroupedBatchRenorm1d(c, 4, momentum=0.2, warmup_steps=0, r_max_steps=0, d_max_steps=0, r_max=1.5, d_max=0.5)
+    mu0 = torch.tensor([0.5, -1.0, 0.0])
+    sigma0 = torch.tensor([2.0, 0.5, 1.0])
+    with torch.no_grad():
+        layer.num_batches_tracked.fill_(1)
+        layer.running_mean.copy_(mu0)
+        layer.running_std.copy_(sigma0)
+        layer.weight.copy_(torch.tensor([1.2, 0.8, 1.0]))
+    assert layer.limits() == (1.5, 0.5)
+    x = (torch.randn(12, c) * 2 + 1).requires_grad_(True)
+    w = torch.randn(12, c)
+    y = layer(x)
+    (y * w).sum().backward()
+
+    x_ref = x.detach().clone().requires_grad_(True)
+    outs = []
+    means = []
+    stds = []
+    for g in range(3):
+        chunk = x_ref[4 * g : 4 * g + 4]  # (4, C): group g
+        # every group compares with the same mu0, sigma0 (copies: the functional updates them)
+        outs.append(batch_renorm(chunk, mu0.clone(), sigma0.clone(), layer.weight, layer.bias, True, 0.2, 1e-5, 1.5, 0.5))
+        means.append(chunk.detach().mean(0))
+        stds.append(torch.sqrt(chunk.detach().var(0, unbiased=False) + 1e-5))
+    ref = torch.cat(outs)  # (12, C)
+    (ref * w).sum().backward()
+    torch.testing.assert_close(y.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.running_mean, mu0 + 0.2 * (torch.stack(means).mean(0) - mu0))
+    torch.testing.assert_close(layer.running_std, sigma0 + 0.2 * (torch.stack(stds).mean(0) - sigma0))
+    assert int(layer.num_batches_tracked) == 2
+
+
+def test_grouped_batch_renorm_with_one_group_is_batch_renorm() -> None:
+    x = torch.randn(16, 5)
+    a = GroupedBatchRenorm1d(5, 16, warmup_steps=0, r_max_steps=10, d_max_steps=10)
+    b = BatchRenorm1d(5, warmup_steps=0, r_max_steps=10, d_max_steps=10)
+    for _ in range(3):
+        torch.testing.assert_close(a(x), b(x))
+    torch.testing.assert_close(a.running_std, b.running_std)
+
+
+def test_non_iid_groups_hold_two_classes_with_two_examples_each() -> None:
+    y = torch.arange(10).repeat(20)  # (200,), 20 examples per class
+    stream = exp.non_iid_batches(y, 10, torch.Generator().manual_seed(0))
+    for batch in itertools.islice(stream, 5):
+        assert batch.shape == (32,)
+        for g in range(8):
+            labels = sorted(y[batch[4 * g : 4 * g + 4]].tolist())
+            assert labels[0] == labels[1] and labels[2] == labels[3] and labels[1] != labels[2]
+
+
+@pytest.mark.slow
+def test_quick_mode_claims_hold_on_digits(tmp_path: Path) -> None:
+    results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
+    failed = [c for c in results["claims"] if not c["holds"]]
+    assert not failed, failed
+
+
+@pytest.mark.parametrize("cls", [GroupedBatchNorm1d, GroupedBatchRenorm1d])
+def test_a_non_finite_batch_never_reaches_the_running_statistics(cls: type) -> None:
+    layer = cls(3, 4)
+    layer(torch.randn(8, 3))
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad = torch.randn(8, 3)
+    bad[5, 1] = float("nan")
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        layer(bad)
+    for key, value in layer.state_dict().items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, equal_nan=True)
