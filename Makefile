@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-fast test-slow bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: $(STAMP)
 	@echo "Report: $(OUT)/ioffe2015-fig1/report.html"
 
 test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
 test-slow: $(STAMP)
