@@ -409,3 +409,79 @@ def test_module_default_cpu_path_is_numba():
         y2 = m2(x)
     torch.testing.assert_close(y, y2, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(m.running_var, m2.running_var, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit inputs run natively (16-bit loads widened to float32 in registers, outputs rounded once)
+
+HALF_ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+"""Half the spacing of 16-bit values in [1, 2): one rounding of an exact result is within this
+relative error."""
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("shape", "fmt"),
+    [
+        ((2, 3, 96, 96), torch.contiguous_format),  # ncs, within-channel units, parallel
+        ((64, 24, 5, 5), torch.contiguous_format),  # short rows: (N, C*S) row kernels
+        ((8, 24, 16, 16), torch.channels_last),  # mc
+    ],
+)
+def test_half_kernels_round_the_float64_result_once(dtype, shape, fmt):
+    """y and dx of bfloat16/float16 inputs equal the float64 reference (of the same 16-bit input
+    values) rounded once to the dtype: within one rounding (half an ulp) plus float32 noise; the
+    statistics and dgamma/dbeta are float32-accurate; dtype and memory format are kept."""
+    c = shape[1]
+    x = make_input(shape, fmt, dtype)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+    w = torch.rand(c) + 0.5
+    b = torch.randn(c)
+    y, mean, var = cpu.train_forward(x, w, b, 1e-5)
+    dx, dw, db = cpu.backward(g, x, mean, torch.rsqrt(var.double() + 1e-5), w)
+    ev = cpu.eval_forward(x, mean, var, w, b, 1e-5)
+    ey, emean, evar, x_hat = ref_train(f64(x), f64(w), f64(b), 1e-5)
+    edx, edw, edb = ref_backward(f64(g), x_hat, evar, f64(w), 1e-5)
+    for t in (y, dx, ev):
+        assert t.dtype == dtype
+        assert t.is_contiguous(memory_format=fmt)
+    for t, e, name in ((y, ey, "y"), (ev, ey, "eval"), (dx, edx, "dx")):
+        err = np.abs(f64(t) - e)
+        bound = HALF_ULP[dtype] * np.abs(e) + 1e-5 * np.max(np.abs(e))
+        assert np.all(err <= bound), f"{name}: worst excess {np.max(err - bound):.3e}"
+    np.testing.assert_allclose(f64(mean), emean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(f64(var), evar, rtol=1e-5)
+    for t, e, name in ((dw, edw, "dgamma"), (db, edb, "dbeta")):
+        assert np.max(np.abs(f64(t) - e)) <= 1e-5 * np.max(np.abs(e)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_half_kernels_propagate_nan_and_inf(dtype, fmt):
+    """A NaN or inf in one channel makes that channel's statistics and outputs non-finite (NaN
+    stays NaN through the 16-bit rounding); the other channels are unaffected."""
+    shape = (4, 3, 8, 8)
+    x = make_input(shape, torch.contiguous_format, dtype)
+    x[1, 0, 2, 3] = float("nan")
+    x[2, 2, 0, 0] = float("inf")
+    x = x.contiguous(memory_format=fmt)
+    y, mean, var = cpu.train_forward(x, None, None, 1e-5)
+    assert torch.isnan(y[:, 0]).all()
+    assert not torch.isfinite(mean[2])
+    assert not torch.isfinite(y[:, 2]).any()
+    ey, emean, evar, _ = ref_train(f64(x[:, 1:2]), np.ones(1), np.zeros(1), 1e-5)
+    err = np.abs(f64(y[:, 1:2]) - ey)
+    assert np.all(err <= HALF_ULP[dtype] * np.abs(ey) + 1e-5 * np.max(np.abs(ey)))
+
+
+def test_half_kernels_read_16bit_storage_without_float32_copies(monkeypatch):
+    """The 16-bit path never casts to float32 (the old path did, costing more than the kernels)."""
+
+    def refuse(x):
+        raise AssertionError("float32 copy made")
+
+    monkeypatch.setattr(cpu, "_as_native", refuse)
+    x = make_input((2, 3, 8, 8), torch.contiguous_format, torch.bfloat16)
+    y, mean, var = cpu.train_forward(x, None, None, 1e-5)
+    cpu.backward(x, x, mean, torch.rsqrt(var.double() + 1e-5), None)
+    assert y.dtype == torch.bfloat16

@@ -54,8 +54,11 @@ Numerical policy:
   anyway (a no-op up to rounding for the float64 mean of :func:`train_forward`; it rescues a
   mean that was rounded to float32). It therefore requires ``mean`` to be the batch mean of
   ``x``, which the BN backward formula assumes in any case;
-- float16/bfloat16 inputs (numba has no half types) are cast to float32 with torch around the
-  float32 kernels; the mean is returned in float64, the variance and the sums of backward in
+- float16/bfloat16 inputs (numba has no half types) reach the kernels as their raw 16-bit
+  storage (uint16/int16 numpy views, no copy); every load is widened to float32 in registers
+  and every store rounded once to the 16-bit dtype (nearest, ties to even; see
+  :mod:`batchnorm._kernels.half`), so they run in float32 like float32 inputs, moving half the
+  bytes. The mean is returned in float64, the variance and the sums of backward in
   ``acc_dtype`` (float32, float64 for float64 input), as torch_ops does.
 
 Compilation happens on the first call of each kernel (never at import) and is cached on disk
@@ -77,6 +80,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .half import compute_dtype, compute_empty, compute_zero, load, storage_view, store
 from .torch_ops import acc_dtype
 
 __all__ = ["AUTO_MIN_NUMEL", "supports", "train_forward", "eval_forward", "backward", "layout_of"]
@@ -189,7 +193,7 @@ def _py_sum(seg):  # pragma: no cover - runs compiled
     """sum(seg) in float64."""
     s = 0.0
     for i in range(seg.size):
-        s += seg[i]
+        s += load(seg[i])
     return s
 
 
@@ -197,7 +201,7 @@ def _py_sq_dev(seg, mean):  # pragma: no cover - runs compiled
     """sum((seg - mean)^2) in float64."""
     q = 0.0
     for i in range(seg.size):
-        d = seg[i] - mean
+        d = load(seg[i]) - mean
         q += d * d
     return q
 
@@ -209,12 +213,12 @@ def _py_seg_bsums(gs, xs, shift):  # pragma: no cover - runs compiled
     float32); ``shift`` has that dtype too, so x - shift is exact for x near it. Callers add
     the results up in float64.
     """
-    sg = xs.dtype.type(0)
-    sgd = xs.dtype.type(0)
-    sd = xs.dtype.type(0)
+    sg = compute_zero(xs)
+    sgd = compute_zero(xs)
+    sd = compute_zero(xs)
     for i in range(xs.size):
-        gi = gs[i]
-        d = xs[i] - shift
+        gi = load(gs[i])
+        d = load(xs[i]) - shift
         sg += gi
         sgd += gi * d
         sd += d
@@ -267,13 +271,13 @@ def _py_unit_bsums(g, x, c, n0, n1, i0, ln, n_c, n_s, shift):  # pragma: no cove
 def _py_affine_seg(xs, ys, hi, lo, sc, sh):  # pragma: no cover - runs compiled
     """ys = ((xs - hi) - lo) * sc + sh elementwise (1D views of equal length)."""
     for i in range(xs.size):
-        ys[i] = ((xs[i] - hi) - lo) * sc + sh
+        ys[i] = store(ys, ((load(xs[i]) - hi) - lo) * sc + sh)
 
 
 def _py_dx_seg(gs, xs, dxs, hi, lo, k1, k2, k3):  # pragma: no cover - runs compiled
     """dxs = k1 * gs + k2 * ((xs - hi) - lo) + k3 elementwise (1D views of equal length)."""
     for i in range(xs.size):
-        dxs[i] = k1 * gs[i] + k2 * ((xs[i] - hi) - lo) + k3
+        dxs[i] = store(dxs, k1 * load(gs[i]) + k2 * ((load(xs[i]) - hi) - lo) + k3)
 
 
 _sum: Any = _py_sum
@@ -394,12 +398,14 @@ def _py_stats_mc(x, n_m, n_c, n_blk, stats):  # pragma: no cover
     float64; var is clamped at 0.
     """
     rows = (n_m + n_blk - 1) // n_blk
-    shift = x[:n_c].copy()  # the first row, in x's dtype
+    shift = compute_empty(x, n_c)  # the first row, in the compute dtype
+    for c in range(n_c):
+        shift[c] = load(x[c])
     part_s = np.zeros((n_blk, n_c))
     part_q = np.zeros((n_blk, n_c))
     for blk in numba.prange(n_blk):
-        la = np.empty(_TILE, dtype=x.dtype)
-        lq = np.empty(_TILE, dtype=x.dtype)
+        la = compute_empty(x, _TILE)
+        lq = compute_empty(x, _TILE)
         # channel tiles keep the accumulators in L1; _ROWS rows at a time are summed in x's
         # dtype (d = x - shift is exact for x near the shift), then flushed into float64
         for c0 in range(0, n_c, _TILE):
@@ -420,17 +426,17 @@ def _py_stats_mc(x, n_m, n_c, n_blk, stats):  # pragma: no cover
                     x2 = x[(r + 2) * n_c + c0 : (r + 2) * n_c + c1]
                     x3 = x[(r + 3) * n_c + c0 : (r + 3) * n_c + c1]
                     for c in range(nt):
-                        d0 = x0[c] - sh[c]
-                        d1 = x1[c] - sh[c]
-                        d2 = x2[c] - sh[c]
-                        d3 = x3[c] - sh[c]
+                        d0 = load(x0[c]) - sh[c]
+                        d1 = load(x1[c]) - sh[c]
+                        d2 = load(x2[c]) - sh[c]
+                        d3 = load(x3[c]) - sh[c]
                         la[c] += (d0 + d1) + (d2 + d3)
                         lq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
                     r += 4
                 for rr in range(r, r_stop):
                     xr = x[rr * n_c + c0 : rr * n_c + c1]
                     for c in range(nt):
-                        d = xr[c] - sh[c]
+                        d = load(xr[c]) - sh[c]
                         la[c] += d
                         lq[c] += d * d
                 for c in range(nt):
@@ -459,20 +465,20 @@ def _py_affine_mc(x, n_m, n_c, n_blk, p, y):  # pragma: no cover
             xr = x[r * n_c : (r + 1) * n_c]
             yr = y[r * n_c : (r + 1) * n_c]
             for c in range(n_c):
-                yr[c] = ((xr[c] - hi[c]) - lo[c]) * sc[c] + sh[c]
+                yr[c] = store(yr, ((load(xr[c]) - hi[c]) - lo[c]) * sc[c] + sh[c])
 
 
 def _py_bsums_mc(g, x, n_m, n_c, n_blk, shift, out):  # pragma: no cover
     """Backward sums (sg, sgd, sd) per channel over row blocks; out: (3, C) float64."""
     rows = (n_m + n_blk - 1) // n_blk
     part = np.zeros((n_blk, 3, n_c))
-    shift_x = np.empty(n_c, dtype=x.dtype)  # the shift rounded to x's dtype: x - shift_x is
+    shift_x = compute_empty(x, n_c)  # the shift rounded to the compute dtype: x - shift_x is
     for c in range(n_c):  # exact near the mean; the rounding is added back in float64 below
         shift_x[c] = shift[c]
     for blk in numba.prange(n_blk):
-        la = np.empty(_TILE, dtype=x.dtype)
-        lb = np.empty(_TILE, dtype=x.dtype)
-        le = np.empty(_TILE, dtype=x.dtype)
+        la = compute_empty(x, _TILE)
+        lb = compute_empty(x, _TILE)
+        le = compute_empty(x, _TILE)
         r_end = min(n_m, (blk + 1) * rows)
         for c0 in range(0, n_c, _TILE):
             c1 = min(n_c, c0 + _TILE)
@@ -494,18 +500,20 @@ def _py_bsums_mc(g, x, n_m, n_c, n_blk, shift, out):  # pragma: no cover
                     g0 = g[r * n_c + c0 : r * n_c + c1]
                     g1 = g[(r + 1) * n_c + c0 : (r + 1) * n_c + c1]
                     for c in range(nt):
-                        d0 = x0[c] - sh[c]
-                        d1 = x1[c] - sh[c]
-                        la[c] += g0[c] + g1[c]
-                        lb[c] += g0[c] * d0 + g1[c] * d1
+                        d0 = load(x0[c]) - sh[c]
+                        d1 = load(x1[c]) - sh[c]
+                        e0 = load(g0[c])
+                        e1 = load(g1[c])
+                        la[c] += e0 + e1
+                        lb[c] += e0 * d0 + e1 * d1
                         le[c] += d0 + d1
                     r += 2
                 for rr in range(r, r_stop):
                     xr = x[rr * n_c + c0 : rr * n_c + c1]
                     gr = g[rr * n_c + c0 : rr * n_c + c1]
                     for c in range(nt):
-                        gi = gr[c]
-                        d = xr[c] - sh[c]
+                        gi = load(gr[c])
+                        d = load(xr[c]) - sh[c]
                         la[c] += gi
                         lb[c] += gi * d
                         le[c] += d
@@ -540,7 +548,7 @@ def _py_dx_mc(g, x, n_m, n_c, n_blk, p, dx):  # pragma: no cover
             gr = g[r * n_c : (r + 1) * n_c]
             dr = dx[r * n_c : (r + 1) * n_c]
             for c in range(n_c):
-                dr[c] = k1[c] * gr[c] + k2[c] * ((xr[c] - hi[c]) - lo[c]) + k3[c]
+                dr[c] = store(dr, k1[c] * load(gr[c]) + k2[c] * ((load(xr[c]) - hi[c]) - lo[c]) + k3[c])
 
 
 # --------------------------------------------------------------------------------------------
@@ -639,7 +647,7 @@ def _flat(t: Tensor, layout: str) -> np.ndarray:
     """A 1D numpy view (shared memory) of t in the ncs or mc element order."""
     if layout == "mc":
         t = t.movedim(1, -1)  # (N, *spatial, C), contiguous
-    return t.detach().view(-1).numpy()
+    return storage_view(t.detach().view(-1))
 
 
 def _dims(x: Tensor, layout: str) -> tuple[int, int, int]:
@@ -696,6 +704,11 @@ def _affine_params(
     hi = mean.to(dtype)
     lo = (mean - hi.to(torch.float64)).to(dtype)
     return torch.stack([hi, lo, scale.to(dtype), shift.to(dtype)]).numpy()
+
+
+def _compute_torch(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in for input ``dtype``: float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _as_native(x: Tensor) -> Tensor:
@@ -771,7 +784,7 @@ def train_forward(
     Shape: x (N, C, *) -> y (N, C, *), mean (C,), var (C,).
     """
     layout = _check_supported(x, "train_forward")
-    xn = _as_native(x.detach())
+    xn = x.detach()
     y = _empty_like(xn)
     kind, n, c, s = _plan(xn, layout)
     small = xn.numel() < _SMALL_WORK
@@ -788,14 +801,14 @@ def train_forward(
         _run("_stats_mc", xf, n, c, nblk, col, small=small)
         stats = _merge_columns(col, n_c, s)
     st = torch.from_numpy(stats)
-    p = _affine_params(st[0], torch.rsqrt(st[1] + eps), weight, bias, xn.dtype)
+    p = _affine_params(st[0], torch.rsqrt(st[1] + eps), weight, bias, _compute_torch(xn.dtype))
     if kind == "ncs":
         _run("_affine_ncs", xf, n, c, s, _nseg(n * c, s), p, yf, small=small)
     else:
         _run("_affine_mc", xf, n, c, nblk, np.repeat(p, s, axis=1), yf, small=small)
     # as torch_ops: the mean in float64 (a float32 mean of 1e4 is off by 5% of a 1e-2 spread),
     # the variance in the accumulation dtype
-    return _as_dtype(y, x.dtype), st[0].clone(), st[1].to(acc_dtype(x.dtype))
+    return y, st[0].clone(), st[1].to(acc_dtype(x.dtype))
 
 
 def eval_forward(
@@ -811,19 +824,19 @@ def eval_forward(
     Shape: x (N, C, *) -> y of the same shape, dtype and memory format; mean, var (C,).
     """
     layout = _check_supported(x, "eval_forward")
-    xn = _as_native(x.detach())
+    xn = x.detach()
     y = _empty_like(xn)
     kind, n, c, s = _plan(xn, layout)
     small = xn.numel() < _SMALL_WORK
     invstd = torch.rsqrt(var.detach().to(torch.float64) + eps)
-    p = _affine_params(mean.detach(), invstd, weight, bias, xn.dtype)
+    p = _affine_params(mean.detach(), invstd, weight, bias, _compute_torch(xn.dtype))
     xf = _flat(xn, layout)
     yf = _flat(y, layout)
     if kind == "ncs":
         _run("_affine_ncs", xf, n, c, s, _nseg(n * c, s), p, yf, small=small)
     else:
         _run("_affine_mc", xf, n, c, _rows_blocks(n, c), np.repeat(p, s, axis=1), yf, small=small)
-    return _as_dtype(y, x.dtype)
+    return y
 
 
 def backward(
@@ -847,7 +860,7 @@ def backward(
     Shape: grad_y, x (N, C, *) -> dx (N, C, *), dgamma (C,), dbeta (C,).
     """
     layout = _check_supported(x, "backward")
-    xn = _as_native(x.detach())
+    xn = x.detach()
     g = grad_y.detach()
     if g.shape != x.shape:
         raise ValueError(
@@ -867,26 +880,27 @@ def backward(
     inv = _channel_vec(invstd, n_c, 1.0)
     w = _channel_vec(weight, n_c, 1.0)
     sums = np.empty((2, n_c))
+    cdt = compute_dtype(xn.dtype)
     if kind == "ncs":
         tot = np.empty((3, c))
         k, nseg = _units(n, c, s)
-        mu_x = mu.astype(xf.dtype)  # sums are taken around the mean rounded to x's dtype ...
+        mu_x = mu.astype(cdt)  # sums are taken around the mean rounded to the compute dtype ...
         _run("_bsums_ncs", gf, xf, n, c, s, k, nseg, mu_x, tot, small=small)
         resid = mu - mu_x.astype(np.float64)  # ... and moved to the float64 mean here
         tot[1] -= resid * tot[0]
         tot[2] -= resid * (n * s)
-        p = _bwd_params(tot, mu, inv, w, float(n * s), sums, xf.dtype)
+        p = _bwd_params(tot, mu, inv, w, float(n * s), sums, cdt)
         _run("_dx_ncs", gf, xf, n, c, s, _nseg(n * c, s), p, dxf, small=small)
     else:
         nblk = _rows_blocks(n, c)
         col = np.empty((3, c))
         _run("_bsums_mc", gf, xf, n, c, nblk, np.repeat(mu, s), col, small=small)
         tot = col.reshape(3, n_c, s).sum(axis=2)  # (3, C*s) -> (3, C, s) -> (3, C)
-        p = _bwd_params(tot, mu, inv, w, float(n * s), sums, xf.dtype)
+        p = _bwd_params(tot, mu, inv, w, float(n * s), sums, cdt)
         _run("_dx_mc", gf, xf, n, c, nblk, np.repeat(p, s, axis=1), dxf, small=small)
     acc = acc_dtype(x.dtype)
     out = torch.from_numpy(sums).to(acc)
-    return _as_dtype(dx, x.dtype), out[0].clone(), out[1].clone()
+    return dx, out[0].clone(), out[1].clone()
 
 
 def _bwd_params(
