@@ -364,7 +364,7 @@ def test_import_does_not_compile(tmp_path):
     code = (
         "import batchnorm._kernels.cpu as c, numba\n"
         "assert c._compiled == {}, c._compiled\n"
-        "assert not isinstance(c._sum, numba.core.registry.CPUDispatcher)\n"
+        "assert not isinstance(c._sum_dev, numba.core.registry.CPUDispatcher)\n"
         "print('ok')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(src)}
@@ -485,3 +485,18 @@ def test_half_kernels_read_16bit_storage_without_float32_copies(monkeypatch):
     y, mean, var = cpu.train_forward(x, None, None, 1e-5)
     cpu.backward(x, x, mean, torch.rsqrt(var.double() + 1e-5), None)
     assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 16, 16), (2, 3, 96, 96), (3, 2, 130, 70)])
+def test_ncs_statistics_large_mean_and_outlier_first_values(shape):
+    """The (N, C, S) statistics (units of long rows, float32 sums around each unit's first value,
+    then around its float32-rounded mean) keep float32 precision for mean 1e4 / std 1e-2, also
+    when every row starts with a 6-sigma outlier (the worst shift for the first pass)."""
+    x = make_input(shape, torch.contiguous_format, torch.float32, loc=1e4, spread=1e-2)
+    x[:, :, 0, 0] = 1e4 + 6e-2
+    assert cpu._plan(x, "ncs")[0] == "ncs"
+    y, mean, var = cpu.train_forward(x, None, None, 1e-8)
+    ey, emean, evar, _ = ref_train(f64(x), np.ones(shape[1]), np.zeros(shape[1]), 1e-8)
+    np.testing.assert_allclose(f64(mean), emean, rtol=1e-9)
+    np.testing.assert_allclose(f64(var), evar, rtol=2e-6)
+    assert np.max(np.abs(f64(y) - ey)) < 1e-4

@@ -80,7 +80,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .half import compute_dtype, compute_empty, compute_zero, load, storage_view, store
+from .half import compute_cast, compute_dtype, compute_empty, compute_zero, load, storage_view, store
 from .torch_ops import acc_dtype
 
 __all__ = ["AUTO_MIN_NUMEL", "supports", "train_forward", "eval_forward", "backward", "layout_of"]
@@ -177,7 +177,7 @@ def _run(name: str, *args: Any, small: bool = False) -> None:
 def _build_helpers() -> None:
     """Replace the scalar helpers by their jitted versions (the kernels call them as globals)."""
     g = globals()
-    for name in ("_sum", "_sq_dev", "_seg_bsums"):
+    for name in ("_sum_dev", "_sq_dev", "_seg_bsums"):
         g[name] = _jit(g["_py" + name], fastmath=_FASTMATH)
     for name in ("_chan_merge", "_unit_mean_m2", "_unit_bsums", "_affine_seg", "_dx_seg"):
         g[name] = _jit(g["_py" + name])
@@ -189,21 +189,23 @@ def _build_helpers() -> None:
 # them; the reductions are compiled with reassociation (fastmath 'reassoc') for the same reason.
 
 
-def _py_sum(seg):  # pragma: no cover - runs compiled
-    """sum(seg) in float64."""
-    s = 0.0
+def _py_sum_dev(seg, shift):  # pragma: no cover - runs compiled
+    """sum(seg - shift) in the compute dtype (``shift`` has it): exact differences near the shift."""
+    s = compute_zero(seg)
     for i in range(seg.size):
-        s += load(seg[i])
+        s += load(seg[i]) - shift
     return s
 
 
 def _py_sq_dev(seg, mean):  # pragma: no cover - runs compiled
-    """sum((seg - mean)^2) in float64."""
-    q = 0.0
+    """(sum(seg - mean), sum((seg - mean)^2)) in the compute dtype (``mean`` has it)."""
+    s = compute_zero(seg)
+    q = compute_zero(seg)
     for i in range(seg.size):
         d = load(seg[i]) - mean
+        s += d
         q += d * d
-    return q
+    return s, q
 
 
 def _py_seg_bsums(gs, xs, shift):  # pragma: no cover - runs compiled
@@ -237,20 +239,34 @@ def _py_chan_merge(cnt_a, mean_a, m2_a, cnt_b, mean_b, m2_b):  # pragma: no cove
 
 
 def _py_unit_mean_m2(x, c, n0, n1, i0, ln, n_c, n_s):  # pragma: no cover - runs compiled
-    """Exact two-pass (mean, M2) of channel c over rows [n0, n1), positions [i0, i0 + ln).
+    """Corrected two-pass (mean, M2) of channel c over rows [n0, n1), positions [i0, i0 + ln).
 
-    The unit holds at most ~_SEG values, so the second pass reads them from L1.
+    The unit holds at most ~_SEG values, so the second pass reads them from L1. Both passes
+    compute in the compute dtype (float32 for float32/16-bit input: twice the SIMD width of
+    float64), one row at a time, each row's sums then added in float64:
+
+    1. m1 = x0 + mean(x - x0) with x0 the unit's first value (a sample: x - x0 is exact near it);
+    2. around m1 rounded to the compute dtype (m1c): s = sum(x - m1c), q = sum((x - m1c)^2);
+       mean = m1c + s / n, M2 = q - s^2 / n (the correction term is tiny: m1c is within
+       rounding of the mean, so nothing cancels).
     """
+    cnt = (n1 - n0) * ln
+    shift = load(x[(n0 * n_c + c) * n_s + i0])
     s = 0.0
     for n in range(n0, n1):
         off = (n * n_c + c) * n_s + i0
-        s += _sum(x[off : off + ln])
-    mean = s / ((n1 - n0) * ln)
+        s += np.float64(_sum_dev(x[off : off + ln], shift))
+    m1 = np.float64(shift) + s / cnt
+    m1c = compute_cast(x, m1)  # m1 rounded to the compute dtype
+    sd = 0.0
     q = 0.0
     for n in range(n0, n1):
         off = (n * n_c + c) * n_s + i0
-        q += _sq_dev(x[off : off + ln], mean)
-    return mean, q
+        a, b = _sq_dev(x[off : off + ln], m1c)
+        sd += np.float64(a)
+        q += np.float64(b)
+    mean = np.float64(m1c) + sd / cnt
+    return mean, max(0.0, q - sd * sd / cnt)
 
 
 def _py_unit_bsums(g, x, c, n0, n1, i0, ln, n_c, n_s, shift):  # pragma: no cover - runs compiled
@@ -280,7 +296,7 @@ def _py_dx_seg(gs, xs, dxs, hi, lo, k1, k2, k3):  # pragma: no cover - runs comp
         dxs[i] = store(dxs, k1 * load(gs[i]) + k2 * ((load(xs[i]) - hi) - lo) + k3)
 
 
-_sum: Any = _py_sum
+_sum_dev: Any = _py_sum_dev
 _sq_dev: Any = _py_sq_dev
 _seg_bsums: Any = _py_seg_bsums
 _chan_merge: Any = _py_chan_merge

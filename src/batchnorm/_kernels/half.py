@@ -11,7 +11,7 @@ views (no copy; see :func:`storage_view`):
 
 Inside jitted code, ``load(v)`` turns a stored element into its compute value (float32 for the
 16-bit views, the value itself for float32/float64) and ``store(arr, v)`` turns a compute value
-into an element of ``arr``'s dtype; ``compute_zero(arr)`` is 0 in the compute dtype and
+into an element of ``arr``'s dtype; ``compute_zero(arr)`` is 0 in the compute dtype, ``compute_cast(arr, v)`` converts v to it and
 ``compute_empty(arr, n)`` a 1D scratch array of it. Registering these with numba at import
 compiles nothing.
 """
@@ -27,7 +27,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 from torch import Tensor
 
-__all__ = ["load", "store", "compute_zero", "compute_empty", "storage_view", "compute_dtype"]
+__all__ = ["load", "store", "compute_cast", "compute_zero", "compute_empty", "storage_view", "compute_dtype"]
 
 _VIEW = {torch.bfloat16: torch.uint16, torch.float16: torch.int16}
 """Integer view dtype of each 16-bit float dtype (the kernels tell them apart by it)."""
@@ -116,6 +116,11 @@ def compute_zero(arr):  # pragma: no cover
     raise NotImplementedError
 
 
+def compute_cast(arr, v):  # pragma: no cover
+    """``v`` converted to ``arr``'s compute dtype (only callable from jitted code)."""
+    raise NotImplementedError
+
+
 def compute_empty(arr, n):  # pragma: no cover
     """np.empty(n) in ``arr``'s compute dtype (only callable from jitted code)."""
     raise NotImplementedError
@@ -160,6 +165,12 @@ def _ol_store(arr, v):
 def _ol_compute_zero(arr):
     dt = _compute_of(arr.dtype)
     return lambda arr: dt(0)
+
+
+@overload(compute_cast, inline="always")
+def _ol_compute_cast(arr, v):
+    dt = _compute_of(arr.dtype)
+    return lambda arr, v: dt(v)
 
 
 @overload(compute_empty)
