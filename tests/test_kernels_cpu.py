@@ -500,3 +500,21 @@ def test_ncs_statistics_large_mean_and_outlier_first_values(shape):
     np.testing.assert_allclose(f64(mean), emean, rtol=1e-9)
     np.testing.assert_allclose(f64(var), evar, rtol=2e-6)
     assert np.max(np.abs(f64(y) - ey)) < 1e-4
+
+
+def test_fused_and_unfused_ncs_forward_agree_with_reference(monkeypatch):
+    """The per-channel fused training forward (channel in L2) and the two-kernel path give the
+    reference result; forcing the unfused path changes rounding only."""
+    shape = (4, 16, 40, 40)
+    x = make_input(shape, torch.contiguous_format, torch.float32)
+    w = torch.rand(16) + 0.5
+    b = torch.randn(16)
+    assert cpu._fuse_ncs(4, 16, 1600, 4)
+    fused = cpu.train_forward(x, w, b, 1e-5)
+    monkeypatch.setattr(cpu, "_FUSE_BYTES", 0)
+    assert not cpu._fuse_ncs(4, 16, 1600, 4)
+    unfused = cpu.train_forward(x, w, b, 1e-5)
+    ey, emean, evar, _ = ref_train(f64(x), f64(w), f64(b), 1e-5)
+    for got in (fused, unfused):
+        for t, e, name in zip(got, (ey, emean, evar), ("y", "mean", "var")):
+            assert_near(t, e, torch.float32, name)

@@ -80,6 +80,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import outpool
 from .half import compute_cast, compute_dtype, compute_empty, compute_zero, load, storage_view, store
 from .torch_ops import acc_dtype
 
@@ -376,6 +377,42 @@ def _py_bsums_ncs(g, x, n_b, n_c, n_s, k, nseg, shift, out):  # pragma: no cover
             out[j, c] = s
 
 
+def _py_train_ncs(x, n_b, n_c, n_s, k, nseg, eps, w, b, stats, y):  # pragma: no cover
+    """Fused training forward, one task per channel: statistics, then y for that channel.
+
+    Used when a channel's values fit in a core's L2 cache (see :data:`_FUSE_BYTES`): the
+    normalize pass then reads x from L2 instead of memory, one full read of x saved. Units and
+    merges as in :func:`_py_stats_ncs` (per channel c: k rows at a time, nseg pieces per row);
+    w, b: (C,) float64; stats: (2, C) float64 out (mean, biased var); y as in _py_affine_ncs.
+    """
+    groups = (n_b + k - 1) // k
+    seg = (n_s + nseg - 1) // nseg
+    for c in numba.prange(n_c):
+        cnt = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for grp in range(groups):
+            n0 = grp * k
+            n1 = min(n_b, n0 + k)
+            for piece in range(nseg):
+                i0 = piece * seg
+                ln = min(n_s - i0, seg)
+                if ln > 0:
+                    um, uq = _unit_mean_m2(x, c, n0, n1, i0, ln, n_c, n_s)
+                    cnt, mean, m2 = _chan_merge(cnt, mean, m2, np.float64((n1 - n0) * ln), um, uq)
+        var = m2 / cnt
+        stats[0, c] = mean
+        stats[1, c] = var
+        inv = 1.0 / np.sqrt(var + eps)
+        hi = compute_cast(x, mean)
+        lo = compute_cast(x, mean - np.float64(hi))
+        sc = compute_cast(x, inv * w[c])
+        sh = compute_cast(x, b[c])
+        for n in range(n_b):
+            off = (n * n_c + c) * n_s
+            _affine_seg(x[off : off + n_s], y[off : off + n_s], hi, lo, sc, sh)
+
+
 def _py_affine_ncs(x, n_b, n_c, n_s, nseg, p, y):  # pragma: no cover
     """y = ((x - p[0]) - p[1]) * p[2] + p[3] per channel, one task per (row, piece) unit."""
     n_units = n_b * n_c * nseg
@@ -646,7 +683,12 @@ def _madvise_huge(t: Tensor) -> None:
 
 
 def _empty_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """``torch.empty_like(x, dtype=dtype)`` (same memory format), huge pages when >= 4 MiB."""
+    """``torch.empty_like(x, dtype=dtype)`` (same memory format), huge pages when >= 4 MiB;
+    outputs of at least ``outpool.MIN_BYTES`` come from :mod:`batchnorm._kernels.outpool`
+    (memory no tensor uses any more, reused without page faults)."""
+    out = outpool.empty_like(x, x.dtype if dtype is None else dtype)
+    if out is not None:
+        return out
     out = torch.empty_like(x, dtype=dtype)
     if out.untyped_storage().nbytes() >= 2 * _HUGE:
         _madvise_huge(out)
@@ -769,6 +811,18 @@ def _plan(x: Tensor, layout: str) -> tuple[str, int, int, int]:
     return "ncs", n_a, n_c, n_s
 
 
+_FUSE_BYTES = 1 << 20
+"""Largest channel (N * S * itemsize bytes) the fused training forward handles: half of a 2 MiB
+L2 cache, so the normalize pass finds the channel's x there."""
+
+
+def _fuse_ncs(n_b: int, n_c: int, n_s: int, itemsize: int) -> bool:
+    """Whether the ncs training forward runs fused per channel (:func:`_py_train_ncs`): each
+    channel fits in :data:`_FUSE_BYTES`, and there are at least 4 channels per thread (the
+    channels are the only parallel units there)."""
+    return n_b * n_s * itemsize <= _FUSE_BYTES and n_c >= 4 * _threads()
+
+
 def _merge_columns(col: np.ndarray, n_c: int, rep: int) -> np.ndarray:
     """(2, C*rep) per-column (mean, biased var) over equal counts -> (2, C) per channel:
     mean = mean of column means; var = mean of column variances + variance of column means."""
@@ -807,6 +861,14 @@ def train_forward(
     xf = _flat(xn, layout)
     yf = _flat(y, layout)
     n_c = x.shape[1]
+    if kind == "ncs" and _fuse_ncs(n, c, s, xn.element_size()):
+        stats = np.empty((2, c))
+        k, nseg = _units(n, c, s)
+        w = _channel_vec(weight, c, 1.0)
+        b = _channel_vec(bias, c, 0.0)
+        _run("_train_ncs", xf, n, c, s, k, nseg, float(eps), w, b, stats, yf, small=small)
+        st = torch.from_numpy(stats)
+        return y, st[0].clone(), st[1].to(acc_dtype(x.dtype))
     if kind == "ncs":
         stats = np.empty((2, c))
         k, nseg = _units(n, c, s)
