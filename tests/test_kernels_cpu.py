@@ -518,3 +518,21 @@ def test_fused_and_unfused_ncs_forward_agree_with_reference(monkeypatch):
     for got in (fused, unfused):
         for t, e, name in zip(got, (ey, emean, evar), ("y", "mean", "var")):
             assert_near(t, e, torch.float32, name)
+
+
+def test_float16_without_hardware_conversion_goes_to_torch_ops(monkeypatch):
+    """On a CPU without F16C (numba could not link the float16 conversions) float16 inputs are
+    not claimed by the kernels: dispatch uses torch_ops, and a direct call says why."""
+    x = make_input((4, 3, 8, 8), torch.contiguous_format, torch.float16)
+    assert cpu._float16_native()  # this test machine (x86 with F16C), see the bench notes
+    with batchnorm.use_backend("numba"):  # (every size goes to the kernels if supported)
+        assert cpu.supports(x)
+        monkeypatch.setitem(cpu._compiled, "f16", False)
+        assert not cpu.supports(x)
+        assert cpu.supports(x.to(torch.bfloat16))
+        assert dispatch.backend_for(x) is torch_ops
+        y = batchnorm.batch_norm(x, None, None, None, None, training=True)
+    ey, _, _, _ = ref_train(f64(x), np.ones(3), np.zeros(3), 1e-5)
+    assert_near(y, ey, torch.float16, "y")
+    with pytest.raises(ValueError, match="F16C"):
+        cpu.train_forward(x, None, None, 1e-5)

@@ -77,6 +77,7 @@ from typing import Any
 
 import numba
 import numpy as np
+from llvmlite import binding as llvm_binding
 import torch
 from torch import Tensor
 
@@ -619,6 +620,22 @@ def layout_of(x: Tensor) -> str | None:
     return None
 
 
+def _float16_native() -> bool:
+    """Whether numba's target CPU converts float16 in hardware (x86 F16C).
+
+    Without it LLVM lowers the float16 conversions of :mod:`batchnorm._kernels.half` to
+    compiler-rt calls that numba cannot link; float16 inputs then go to torch_ops. Follows
+    ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` when set (e.g. ``generic`` for portable caches).
+    """
+    if "f16" not in _compiled:
+        features = numba.config.CPU_FEATURES
+        if features is None:
+            host = numba.config.CPU_NAME in (None, "host")
+            features = llvm_binding.get_host_cpu_features().flatten() if host else ""
+        _compiled["f16"] = "+f16c" in features
+    return bool(_compiled["f16"])
+
+
 def supports(x: Tensor) -> bool:
     """True for non-empty CPU float64/float32/float16/bfloat16 tensors of 2 to 5 dims laid out
     contiguously (NCHW, ...) or channels-last (C innermost); False sends dispatch to torch_ops.
@@ -632,6 +649,7 @@ def supports(x: Tensor) -> bool:
         isinstance(x, Tensor)
         and x.device.type == "cpu"
         and x.dtype in _DTYPES
+        and (x.dtype != torch.float16 or _float16_native())
         and x.layout == torch.strided
         and not x.is_neg()
         and x.numel() > 0
@@ -780,6 +798,11 @@ def _as_dtype(y: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _check_supported(x: Tensor, where: str) -> str:
     ok = x.device.type == "cpu" and x.dtype in _DTYPES and not x.is_neg() and x.numel() > 0
+    if ok and x.dtype == torch.float16 and not _float16_native():
+        raise ValueError(
+            f"batchnorm._kernels.cpu.{where}: float16 needs a CPU with hardware float16 conversion "
+            "(x86 F16C) for numba to target; use the torch back-end"
+        )
     layout = layout_of(x) if ok else None
     if layout is None:
         raise ValueError(
