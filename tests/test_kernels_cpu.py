@@ -424,16 +424,20 @@ relative error."""
     ("shape", "fmt"),
     [
         ((2, 3, 96, 96), torch.contiguous_format),  # ncs, within-channel units, parallel
+        ((4, 16, 12, 12), torch.contiguous_format),  # ncs, fused per-channel forward
         ((64, 24, 5, 5), torch.contiguous_format),  # short rows: (N, C*S) row kernels
         ((8, 24, 16, 16), torch.channels_last),  # mc
     ],
 )
-def test_half_kernels_round_the_float64_result_once(dtype, shape, fmt):
+def test_half_kernels_round_the_float64_result_once(dtype, shape, fmt, monkeypatch):
     """y and dx of bfloat16/float16 inputs equal the float64 reference (of the same 16-bit input
     values) rounded once to the dtype: within one rounding (half an ulp) plus float32 noise; the
     statistics and dgamma/dbeta are float32-accurate; dtype and memory format are kept."""
     c = shape[1]
     x = make_input(shape, fmt, dtype)
+    monkeypatch.setattr(cpu, "_threads", lambda: 2)  # work split as on 2 threads (fusion: C >= 8)
+    if shape == (4, 16, 12, 12):
+        assert cpu._fuse_ncs(4, 16, 144, 2)
     g = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
     w = torch.rand(c) + 0.5
     b = torch.randn(c)
@@ -509,6 +513,7 @@ def test_fused_and_unfused_ncs_forward_agree_with_reference(monkeypatch):
     x = make_input(shape, torch.contiguous_format, torch.float32)
     w = torch.rand(16) + 0.5
     b = torch.randn(16)
+    monkeypatch.setattr(cpu, "_threads", lambda: 2)  # work split as on 2 threads (fusion: C >= 8)
     assert cpu._fuse_ncs(4, 16, 1600, 4)
     fused = cpu.train_forward(x, w, b, 1e-5)
     monkeypatch.setattr(cpu, "_FUSE_BYTES", 0)
