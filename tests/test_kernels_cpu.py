@@ -364,7 +364,7 @@ def test_import_does_not_compile(tmp_path):
     code = (
         "import batchnorm._kernels.cpu as c, numba\n"
         "assert c._compiled == {}, c._compiled\n"
-        "assert not isinstance(c._sum, numba.core.registry.CPUDispatcher)\n"
+        "assert not isinstance(c._sum_dev, numba.core.registry.CPUDispatcher)\n"
         "print('ok')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(src)}
@@ -409,3 +409,135 @@ def test_module_default_cpu_path_is_numba():
         y2 = m2(x)
     torch.testing.assert_close(y, y2, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(m.running_var, m2.running_var, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit inputs run natively (16-bit loads widened to float32 in registers, outputs rounded once)
+
+HALF_ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+"""Half the spacing of 16-bit values in [1, 2): one rounding of an exact result is within this
+relative error."""
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("shape", "fmt"),
+    [
+        ((2, 3, 96, 96), torch.contiguous_format),  # ncs, within-channel units, parallel
+        ((4, 16, 12, 12), torch.contiguous_format),  # ncs, fused per-channel forward
+        ((64, 24, 5, 5), torch.contiguous_format),  # short rows: (N, C*S) row kernels
+        ((8, 24, 16, 16), torch.channels_last),  # mc
+    ],
+)
+def test_half_kernels_round_the_float64_result_once(dtype, shape, fmt, monkeypatch):
+    """y and dx of bfloat16/float16 inputs equal the float64 reference (of the same 16-bit input
+    values) rounded once to the dtype: within one rounding (half an ulp) plus float32 noise; the
+    statistics and dgamma/dbeta are float32-accurate; dtype and memory format are kept."""
+    c = shape[1]
+    x = make_input(shape, fmt, dtype)
+    monkeypatch.setattr(cpu, "_threads", lambda: 2)  # work split as on 2 threads (fusion: C >= 8)
+    if shape == (4, 16, 12, 12):
+        assert cpu._fuse_ncs(4, 16, 144, 2)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+    w = torch.rand(c) + 0.5
+    b = torch.randn(c)
+    y, mean, var = cpu.train_forward(x, w, b, 1e-5)
+    dx, dw, db = cpu.backward(g, x, mean, torch.rsqrt(var.double() + 1e-5), w)
+    ev = cpu.eval_forward(x, mean, var, w, b, 1e-5)
+    ey, emean, evar, x_hat = ref_train(f64(x), f64(w), f64(b), 1e-5)
+    edx, edw, edb = ref_backward(f64(g), x_hat, evar, f64(w), 1e-5)
+    for t in (y, dx, ev):
+        assert t.dtype == dtype
+        assert t.is_contiguous(memory_format=fmt)
+    for t, e, name in ((y, ey, "y"), (ev, ey, "eval"), (dx, edx, "dx")):
+        err = np.abs(f64(t) - e)
+        bound = HALF_ULP[dtype] * np.abs(e) + 1e-5 * np.max(np.abs(e))
+        assert np.all(err <= bound), f"{name}: worst excess {np.max(err - bound):.3e}"
+    np.testing.assert_allclose(f64(mean), emean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(f64(var), evar, rtol=1e-5)
+    for t, e, name in ((dw, edw, "dgamma"), (db, edb, "dbeta")):
+        assert np.max(np.abs(f64(t) - e)) <= 1e-5 * np.max(np.abs(e)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_half_kernels_propagate_nan_and_inf(dtype, fmt):
+    """A NaN or inf in one channel makes that channel's statistics and outputs non-finite (NaN
+    stays NaN through the 16-bit rounding); the other channels are unaffected."""
+    shape = (4, 3, 8, 8)
+    x = make_input(shape, torch.contiguous_format, dtype)
+    x[1, 0, 2, 3] = float("nan")
+    x[2, 2, 0, 0] = float("inf")
+    x = x.contiguous(memory_format=fmt)
+    y, mean, var = cpu.train_forward(x, None, None, 1e-5)
+    assert torch.isnan(y[:, 0]).all()
+    assert not torch.isfinite(mean[2])
+    assert not torch.isfinite(y[:, 2]).any()
+    ey, emean, evar, _ = ref_train(f64(x[:, 1:2]), np.ones(1), np.zeros(1), 1e-5)
+    err = np.abs(f64(y[:, 1:2]) - ey)
+    assert np.all(err <= HALF_ULP[dtype] * np.abs(ey) + 1e-5 * np.max(np.abs(ey)))
+
+
+def test_half_kernels_read_16bit_storage_without_float32_copies(monkeypatch):
+    """The 16-bit path never casts to float32 (the old path did, costing more than the kernels)."""
+
+    def refuse(x):
+        raise AssertionError("float32 copy made")
+
+    monkeypatch.setattr(cpu, "_as_native", refuse)
+    x = make_input((2, 3, 8, 8), torch.contiguous_format, torch.bfloat16)
+    y, mean, var = cpu.train_forward(x, None, None, 1e-5)
+    cpu.backward(x, x, mean, torch.rsqrt(var.double() + 1e-5), None)
+    assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 16, 16), (2, 3, 96, 96), (3, 2, 130, 70)])
+def test_ncs_statistics_large_mean_and_outlier_first_values(shape):
+    """The (N, C, S) statistics (units of long rows, float32 sums around each unit's first value,
+    then around its float32-rounded mean) keep float32 precision for mean 1e4 / std 1e-2, also
+    when every row starts with a 6-sigma outlier (the worst shift for the first pass)."""
+    x = make_input(shape, torch.contiguous_format, torch.float32, loc=1e4, spread=1e-2)
+    x[:, :, 0, 0] = 1e4 + 6e-2
+    assert cpu._plan(x, "ncs")[0] == "ncs"
+    y, mean, var = cpu.train_forward(x, None, None, 1e-8)
+    ey, emean, evar, _ = ref_train(f64(x), np.ones(shape[1]), np.zeros(shape[1]), 1e-8)
+    np.testing.assert_allclose(f64(mean), emean, rtol=1e-9)
+    np.testing.assert_allclose(f64(var), evar, rtol=2e-6)
+    assert np.max(np.abs(f64(y) - ey)) < 1e-4
+
+
+def test_fused_and_unfused_ncs_forward_agree_with_reference(monkeypatch):
+    """The per-channel fused training forward (channel in L2) and the two-kernel path give the
+    reference result; forcing the unfused path changes rounding only."""
+    shape = (4, 16, 40, 40)
+    x = make_input(shape, torch.contiguous_format, torch.float32)
+    w = torch.rand(16) + 0.5
+    b = torch.randn(16)
+    monkeypatch.setattr(cpu, "_threads", lambda: 2)  # work split as on 2 threads (fusion: C >= 8)
+    assert cpu._fuse_ncs(4, 16, 1600, 4)
+    fused = cpu.train_forward(x, w, b, 1e-5)
+    monkeypatch.setattr(cpu, "_FUSE_BYTES", 0)
+    assert not cpu._fuse_ncs(4, 16, 1600, 4)
+    unfused = cpu.train_forward(x, w, b, 1e-5)
+    ey, emean, evar, _ = ref_train(f64(x), f64(w), f64(b), 1e-5)
+    for got in (fused, unfused):
+        for t, e, name in zip(got, (ey, emean, evar), ("y", "mean", "var")):
+            assert_near(t, e, torch.float32, name)
+
+
+def test_float16_without_hardware_conversion_goes_to_torch_ops(monkeypatch):
+    """On a CPU without F16C (numba could not link the float16 conversions) float16 inputs are
+    not claimed by the kernels: dispatch uses torch_ops, and a direct call says why."""
+    x = make_input((4, 3, 8, 8), torch.contiguous_format, torch.float16)
+    assert cpu._float16_native()  # this test machine (x86 with F16C), see the bench notes
+    with batchnorm.use_backend("numba"):  # (every size goes to the kernels if supported)
+        assert cpu.supports(x)
+        monkeypatch.setitem(cpu._compiled, "f16", False)
+        assert not cpu.supports(x)
+        assert cpu.supports(x.to(torch.bfloat16))
+        assert dispatch.backend_for(x) is torch_ops
+        y = batchnorm.batch_norm(x, None, None, None, None, training=True)
+    ey, _, _, _ = ref_train(f64(x), np.ones(3), np.zeros(3), 1e-5)
+    assert_near(y, ey, torch.float16, "y")
+    with pytest.raises(ValueError, match="F16C"):
+        cpu.train_forward(x, None, None, 1e-5)

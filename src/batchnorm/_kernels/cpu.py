@@ -54,8 +54,11 @@ Numerical policy:
   anyway (a no-op up to rounding for the float64 mean of :func:`train_forward`; it rescues a
   mean that was rounded to float32). It therefore requires ``mean`` to be the batch mean of
   ``x``, which the BN backward formula assumes in any case;
-- float16/bfloat16 inputs (numba has no half types) are cast to float32 with torch around the
-  float32 kernels; the mean is returned in float64, the variance and the sums of backward in
+- float16/bfloat16 inputs (numba has no half types) reach the kernels as their raw 16-bit
+  storage (uint16/int16 numpy views, no copy); every load is widened to float32 in registers
+  and every store rounded once to the 16-bit dtype (nearest, ties to even; see
+  :mod:`batchnorm._kernels.half`), so they run in float32 like float32 inputs, moving half the
+  bytes. The mean is returned in float64, the variance and the sums of backward in
   ``acc_dtype`` (float32, float64 for float64 input), as torch_ops does.
 
 Compilation happens on the first call of each kernel (never at import) and is cached on disk
@@ -74,9 +77,12 @@ from typing import Any
 
 import numba
 import numpy as np
+from llvmlite import binding as llvm_binding
 import torch
 from torch import Tensor
 
+from . import outpool
+from .half import compute_cast, compute_dtype, compute_empty, compute_zero, load, storage_view, store
 from .torch_ops import acc_dtype
 
 __all__ = ["AUTO_MIN_NUMEL", "supports", "train_forward", "eval_forward", "backward", "layout_of"]
@@ -173,7 +179,7 @@ def _run(name: str, *args: Any, small: bool = False) -> None:
 def _build_helpers() -> None:
     """Replace the scalar helpers by their jitted versions (the kernels call them as globals)."""
     g = globals()
-    for name in ("_sum", "_sq_dev", "_seg_bsums"):
+    for name in ("_sum_dev", "_sq_dev", "_seg_bsums"):
         g[name] = _jit(g["_py" + name], fastmath=_FASTMATH)
     for name in ("_chan_merge", "_unit_mean_m2", "_unit_bsums", "_affine_seg", "_dx_seg"):
         g[name] = _jit(g["_py" + name])
@@ -185,21 +191,23 @@ def _build_helpers() -> None:
 # them; the reductions are compiled with reassociation (fastmath 'reassoc') for the same reason.
 
 
-def _py_sum(seg):  # pragma: no cover - runs compiled
-    """sum(seg) in float64."""
-    s = 0.0
+def _py_sum_dev(seg, shift):  # pragma: no cover - runs compiled
+    """sum(seg - shift) in the compute dtype (``shift`` has it): exact differences near the shift."""
+    s = compute_zero(seg)
     for i in range(seg.size):
-        s += seg[i]
+        s += load(seg[i]) - shift
     return s
 
 
 def _py_sq_dev(seg, mean):  # pragma: no cover - runs compiled
-    """sum((seg - mean)^2) in float64."""
-    q = 0.0
+    """(sum(seg - mean), sum((seg - mean)^2)) in the compute dtype (``mean`` has it)."""
+    s = compute_zero(seg)
+    q = compute_zero(seg)
     for i in range(seg.size):
-        d = seg[i] - mean
+        d = load(seg[i]) - mean
+        s += d
         q += d * d
-    return q
+    return s, q
 
 
 def _py_seg_bsums(gs, xs, shift):  # pragma: no cover - runs compiled
@@ -209,12 +217,12 @@ def _py_seg_bsums(gs, xs, shift):  # pragma: no cover - runs compiled
     float32); ``shift`` has that dtype too, so x - shift is exact for x near it. Callers add
     the results up in float64.
     """
-    sg = xs.dtype.type(0)
-    sgd = xs.dtype.type(0)
-    sd = xs.dtype.type(0)
+    sg = compute_zero(xs)
+    sgd = compute_zero(xs)
+    sd = compute_zero(xs)
     for i in range(xs.size):
-        gi = gs[i]
-        d = xs[i] - shift
+        gi = load(gs[i])
+        d = load(xs[i]) - shift
         sg += gi
         sgd += gi * d
         sd += d
@@ -233,20 +241,34 @@ def _py_chan_merge(cnt_a, mean_a, m2_a, cnt_b, mean_b, m2_b):  # pragma: no cove
 
 
 def _py_unit_mean_m2(x, c, n0, n1, i0, ln, n_c, n_s):  # pragma: no cover - runs compiled
-    """Exact two-pass (mean, M2) of channel c over rows [n0, n1), positions [i0, i0 + ln).
+    """Corrected two-pass (mean, M2) of channel c over rows [n0, n1), positions [i0, i0 + ln).
 
-    The unit holds at most ~_SEG values, so the second pass reads them from L1.
+    The unit holds at most ~_SEG values, so the second pass reads them from L1. Both passes
+    compute in the compute dtype (float32 for float32/16-bit input: twice the SIMD width of
+    float64), one row at a time, each row's sums then added in float64:
+
+    1. m1 = x0 + mean(x - x0) with x0 the unit's first value (a sample: x - x0 is exact near it);
+    2. around m1 rounded to the compute dtype (m1c): s = sum(x - m1c), q = sum((x - m1c)^2);
+       mean = m1c + s / n, M2 = q - s^2 / n (the correction term is tiny: m1c is within
+       rounding of the mean, so nothing cancels).
     """
+    cnt = (n1 - n0) * ln
+    shift = load(x[(n0 * n_c + c) * n_s + i0])
     s = 0.0
     for n in range(n0, n1):
         off = (n * n_c + c) * n_s + i0
-        s += _sum(x[off : off + ln])
-    mean = s / ((n1 - n0) * ln)
+        s += np.float64(_sum_dev(x[off : off + ln], shift))
+    m1 = np.float64(shift) + s / cnt
+    m1c = compute_cast(x, m1)  # m1 rounded to the compute dtype
+    sd = 0.0
     q = 0.0
     for n in range(n0, n1):
         off = (n * n_c + c) * n_s + i0
-        q += _sq_dev(x[off : off + ln], mean)
-    return mean, q
+        a, b = _sq_dev(x[off : off + ln], m1c)
+        sd += np.float64(a)
+        q += np.float64(b)
+    mean = np.float64(m1c) + sd / cnt
+    return mean, max(0.0, q - sd * sd / cnt)
 
 
 def _py_unit_bsums(g, x, c, n0, n1, i0, ln, n_c, n_s, shift):  # pragma: no cover - runs compiled
@@ -267,16 +289,16 @@ def _py_unit_bsums(g, x, c, n0, n1, i0, ln, n_c, n_s, shift):  # pragma: no cove
 def _py_affine_seg(xs, ys, hi, lo, sc, sh):  # pragma: no cover - runs compiled
     """ys = ((xs - hi) - lo) * sc + sh elementwise (1D views of equal length)."""
     for i in range(xs.size):
-        ys[i] = ((xs[i] - hi) - lo) * sc + sh
+        ys[i] = store(ys, ((load(xs[i]) - hi) - lo) * sc + sh)
 
 
 def _py_dx_seg(gs, xs, dxs, hi, lo, k1, k2, k3):  # pragma: no cover - runs compiled
     """dxs = k1 * gs + k2 * ((xs - hi) - lo) + k3 elementwise (1D views of equal length)."""
     for i in range(xs.size):
-        dxs[i] = k1 * gs[i] + k2 * ((xs[i] - hi) - lo) + k3
+        dxs[i] = store(dxs, k1 * load(gs[i]) + k2 * ((load(xs[i]) - hi) - lo) + k3)
 
 
-_sum: Any = _py_sum
+_sum_dev: Any = _py_sum_dev
 _sq_dev: Any = _py_sq_dev
 _seg_bsums: Any = _py_seg_bsums
 _chan_merge: Any = _py_chan_merge
@@ -356,6 +378,42 @@ def _py_bsums_ncs(g, x, n_b, n_c, n_s, k, nseg, shift, out):  # pragma: no cover
             out[j, c] = s
 
 
+def _py_train_ncs(x, n_b, n_c, n_s, k, nseg, eps, w, b, stats, y):  # pragma: no cover
+    """Fused training forward, one task per channel: statistics, then y for that channel.
+
+    Used when a channel's values fit in a core's L2 cache (see :data:`_FUSE_BYTES`): the
+    normalize pass then reads x from L2 instead of memory, one full read of x saved. Units and
+    merges as in :func:`_py_stats_ncs` (per channel c: k rows at a time, nseg pieces per row);
+    w, b: (C,) float64; stats: (2, C) float64 out (mean, biased var); y as in _py_affine_ncs.
+    """
+    groups = (n_b + k - 1) // k
+    seg = (n_s + nseg - 1) // nseg
+    for c in numba.prange(n_c):
+        cnt = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for grp in range(groups):
+            n0 = grp * k
+            n1 = min(n_b, n0 + k)
+            for piece in range(nseg):
+                i0 = piece * seg
+                ln = min(n_s - i0, seg)
+                if ln > 0:
+                    um, uq = _unit_mean_m2(x, c, n0, n1, i0, ln, n_c, n_s)
+                    cnt, mean, m2 = _chan_merge(cnt, mean, m2, np.float64((n1 - n0) * ln), um, uq)
+        var = m2 / cnt
+        stats[0, c] = mean
+        stats[1, c] = var
+        inv = 1.0 / np.sqrt(var + eps)
+        hi = compute_cast(x, mean)
+        lo = compute_cast(x, mean - np.float64(hi))
+        sc = compute_cast(x, inv * w[c])
+        sh = compute_cast(x, b[c])
+        for n in range(n_b):
+            off = (n * n_c + c) * n_s
+            _affine_seg(x[off : off + n_s], y[off : off + n_s], hi, lo, sc, sh)
+
+
 def _py_affine_ncs(x, n_b, n_c, n_s, nseg, p, y):  # pragma: no cover
     """y = ((x - p[0]) - p[1]) * p[2] + p[3] per channel, one task per (row, piece) unit."""
     n_units = n_b * n_c * nseg
@@ -394,12 +452,14 @@ def _py_stats_mc(x, n_m, n_c, n_blk, stats):  # pragma: no cover
     float64; var is clamped at 0.
     """
     rows = (n_m + n_blk - 1) // n_blk
-    shift = x[:n_c].copy()  # the first row, in x's dtype
+    shift = compute_empty(x, n_c)  # the first row, in the compute dtype
+    for c in range(n_c):
+        shift[c] = load(x[c])
     part_s = np.zeros((n_blk, n_c))
     part_q = np.zeros((n_blk, n_c))
     for blk in numba.prange(n_blk):
-        la = np.empty(_TILE, dtype=x.dtype)
-        lq = np.empty(_TILE, dtype=x.dtype)
+        la = compute_empty(x, _TILE)
+        lq = compute_empty(x, _TILE)
         # channel tiles keep the accumulators in L1; _ROWS rows at a time are summed in x's
         # dtype (d = x - shift is exact for x near the shift), then flushed into float64
         for c0 in range(0, n_c, _TILE):
@@ -420,17 +480,17 @@ def _py_stats_mc(x, n_m, n_c, n_blk, stats):  # pragma: no cover
                     x2 = x[(r + 2) * n_c + c0 : (r + 2) * n_c + c1]
                     x3 = x[(r + 3) * n_c + c0 : (r + 3) * n_c + c1]
                     for c in range(nt):
-                        d0 = x0[c] - sh[c]
-                        d1 = x1[c] - sh[c]
-                        d2 = x2[c] - sh[c]
-                        d3 = x3[c] - sh[c]
+                        d0 = load(x0[c]) - sh[c]
+                        d1 = load(x1[c]) - sh[c]
+                        d2 = load(x2[c]) - sh[c]
+                        d3 = load(x3[c]) - sh[c]
                         la[c] += (d0 + d1) + (d2 + d3)
                         lq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
                     r += 4
                 for rr in range(r, r_stop):
                     xr = x[rr * n_c + c0 : rr * n_c + c1]
                     for c in range(nt):
-                        d = xr[c] - sh[c]
+                        d = load(xr[c]) - sh[c]
                         la[c] += d
                         lq[c] += d * d
                 for c in range(nt):
@@ -459,20 +519,20 @@ def _py_affine_mc(x, n_m, n_c, n_blk, p, y):  # pragma: no cover
             xr = x[r * n_c : (r + 1) * n_c]
             yr = y[r * n_c : (r + 1) * n_c]
             for c in range(n_c):
-                yr[c] = ((xr[c] - hi[c]) - lo[c]) * sc[c] + sh[c]
+                yr[c] = store(yr, ((load(xr[c]) - hi[c]) - lo[c]) * sc[c] + sh[c])
 
 
 def _py_bsums_mc(g, x, n_m, n_c, n_blk, shift, out):  # pragma: no cover
     """Backward sums (sg, sgd, sd) per channel over row blocks; out: (3, C) float64."""
     rows = (n_m + n_blk - 1) // n_blk
     part = np.zeros((n_blk, 3, n_c))
-    shift_x = np.empty(n_c, dtype=x.dtype)  # the shift rounded to x's dtype: x - shift_x is
+    shift_x = compute_empty(x, n_c)  # the shift rounded to the compute dtype: x - shift_x is
     for c in range(n_c):  # exact near the mean; the rounding is added back in float64 below
         shift_x[c] = shift[c]
     for blk in numba.prange(n_blk):
-        la = np.empty(_TILE, dtype=x.dtype)
-        lb = np.empty(_TILE, dtype=x.dtype)
-        le = np.empty(_TILE, dtype=x.dtype)
+        la = compute_empty(x, _TILE)
+        lb = compute_empty(x, _TILE)
+        le = compute_empty(x, _TILE)
         r_end = min(n_m, (blk + 1) * rows)
         for c0 in range(0, n_c, _TILE):
             c1 = min(n_c, c0 + _TILE)
@@ -494,18 +554,20 @@ def _py_bsums_mc(g, x, n_m, n_c, n_blk, shift, out):  # pragma: no cover
                     g0 = g[r * n_c + c0 : r * n_c + c1]
                     g1 = g[(r + 1) * n_c + c0 : (r + 1) * n_c + c1]
                     for c in range(nt):
-                        d0 = x0[c] - sh[c]
-                        d1 = x1[c] - sh[c]
-                        la[c] += g0[c] + g1[c]
-                        lb[c] += g0[c] * d0 + g1[c] * d1
+                        d0 = load(x0[c]) - sh[c]
+                        d1 = load(x1[c]) - sh[c]
+                        e0 = load(g0[c])
+                        e1 = load(g1[c])
+                        la[c] += e0 + e1
+                        lb[c] += e0 * d0 + e1 * d1
                         le[c] += d0 + d1
                     r += 2
                 for rr in range(r, r_stop):
                     xr = x[rr * n_c + c0 : rr * n_c + c1]
                     gr = g[rr * n_c + c0 : rr * n_c + c1]
                     for c in range(nt):
-                        gi = gr[c]
-                        d = xr[c] - sh[c]
+                        gi = load(gr[c])
+                        d = load(xr[c]) - sh[c]
                         la[c] += gi
                         lb[c] += gi * d
                         le[c] += d
@@ -540,7 +602,7 @@ def _py_dx_mc(g, x, n_m, n_c, n_blk, p, dx):  # pragma: no cover
             gr = g[r * n_c : (r + 1) * n_c]
             dr = dx[r * n_c : (r + 1) * n_c]
             for c in range(n_c):
-                dr[c] = k1[c] * gr[c] + k2[c] * ((xr[c] - hi[c]) - lo[c]) + k3[c]
+                dr[c] = store(dr, k1[c] * load(gr[c]) + k2[c] * ((load(xr[c]) - hi[c]) - lo[c]) + k3[c])
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,6 +620,22 @@ def layout_of(x: Tensor) -> str | None:
     return None
 
 
+def _float16_native() -> bool:
+    """Whether numba's target CPU converts float16 in hardware (x86 F16C).
+
+    Without it LLVM lowers the float16 conversions of :mod:`batchnorm._kernels.half` to
+    compiler-rt calls that numba cannot link; float16 inputs then go to torch_ops. Follows
+    ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` when set (e.g. ``generic`` for portable caches).
+    """
+    if "f16" not in _compiled:
+        features = numba.config.CPU_FEATURES
+        if features is None:
+            host = numba.config.CPU_NAME in (None, "host")
+            features = llvm_binding.get_host_cpu_features().flatten() if host else ""
+        _compiled["f16"] = "+f16c" in features
+    return bool(_compiled["f16"])
+
+
 def supports(x: Tensor) -> bool:
     """True for non-empty CPU float64/float32/float16/bfloat16 tensors of 2 to 5 dims laid out
     contiguously (NCHW, ...) or channels-last (C innermost); False sends dispatch to torch_ops.
@@ -571,6 +649,7 @@ def supports(x: Tensor) -> bool:
         isinstance(x, Tensor)
         and x.device.type == "cpu"
         and x.dtype in _DTYPES
+        and (x.dtype != torch.float16 or _float16_native())
         and x.layout == torch.strided
         and not x.is_neg()
         and x.numel() > 0
@@ -622,11 +701,15 @@ def _madvise_huge(t: Tensor) -> None:
 
 
 def _empty_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """``torch.empty_like(x, dtype=dtype)`` (same memory format), huge pages when >= 4 MiB."""
-    out = torch.empty_like(x, dtype=dtype)
-    if out.untyped_storage().nbytes() >= 2 * _HUGE:
-        _madvise_huge(out)
-    return out
+    """``torch.empty_like(x, dtype=dtype)`` (same memory format); outputs of at least
+    ``outpool.MIN_BYTES`` come from :mod:`batchnorm._kernels.outpool` (memory no tensor uses
+    any more, reused without page faults; new pool buffers on huge pages)."""
+    out = outpool.empty_like(x, x.dtype if dtype is None else dtype)
+    if out is not None:
+        return out
+    # below outpool.MIN_BYTES glibc's heap reuses freed memory (no page faults); advising huge
+    # pages there made a 16 MB output 2.8x slower to fill (0.84 vs 0.30 ms, measured), so none
+    return torch.empty_like(x, dtype=dtype)
 
 
 def _threads() -> int:
@@ -639,7 +722,7 @@ def _flat(t: Tensor, layout: str) -> np.ndarray:
     """A 1D numpy view (shared memory) of t in the ncs or mc element order."""
     if layout == "mc":
         t = t.movedim(1, -1)  # (N, *spatial, C), contiguous
-    return t.detach().view(-1).numpy()
+    return storage_view(t.detach().view(-1))
 
 
 def _dims(x: Tensor, layout: str) -> tuple[int, int, int]:
@@ -698,6 +781,11 @@ def _affine_params(
     return torch.stack([hi, lo, scale.to(dtype), shift.to(dtype)]).numpy()
 
 
+def _compute_torch(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in for input ``dtype``: float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _as_native(x: Tensor) -> Tensor:
     """float16/bfloat16 -> float32 (same memory format); float32/float64 unchanged."""
     return x if x.dtype in _NATIVE else _empty_like(x, torch.float32).copy_(x)
@@ -710,6 +798,11 @@ def _as_dtype(y: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _check_supported(x: Tensor, where: str) -> str:
     ok = x.device.type == "cpu" and x.dtype in _DTYPES and not x.is_neg() and x.numel() > 0
+    if ok and x.dtype == torch.float16 and not _float16_native():
+        raise ValueError(
+            f"batchnorm._kernels.cpu.{where}: float16 needs a CPU with hardware float16 conversion "
+            "(x86 F16C) for numba to target; use the torch back-end"
+        )
     layout = layout_of(x) if ok else None
     if layout is None:
         raise ValueError(
@@ -738,6 +831,18 @@ def _plan(x: Tensor, layout: str) -> tuple[str, int, int, int]:
     if n_s < _SMALL_S:
         return "rows", n_a, n_c * n_s, n_s
     return "ncs", n_a, n_c, n_s
+
+
+_FUSE_BYTES = 1 << 20
+"""Largest channel (N * S * itemsize bytes) the fused training forward handles: half of a 2 MiB
+L2 cache, so the normalize pass finds the channel's x there."""
+
+
+def _fuse_ncs(n_b: int, n_c: int, n_s: int, itemsize: int) -> bool:
+    """Whether the ncs training forward runs fused per channel (:func:`_py_train_ncs`): each
+    channel fits in :data:`_FUSE_BYTES`, and there are at least 4 channels per thread (the
+    channels are the only parallel units there)."""
+    return n_b * n_s * itemsize <= _FUSE_BYTES and n_c >= 4 * _threads()
 
 
 def _merge_columns(col: np.ndarray, n_c: int, rep: int) -> np.ndarray:
@@ -771,13 +876,21 @@ def train_forward(
     Shape: x (N, C, *) -> y (N, C, *), mean (C,), var (C,).
     """
     layout = _check_supported(x, "train_forward")
-    xn = _as_native(x.detach())
+    xn = x.detach()
     y = _empty_like(xn)
     kind, n, c, s = _plan(xn, layout)
     small = xn.numel() < _SMALL_WORK
     xf = _flat(xn, layout)
     yf = _flat(y, layout)
     n_c = x.shape[1]
+    if kind == "ncs" and _fuse_ncs(n, c, s, xn.element_size()):
+        stats = np.empty((2, c))
+        k, nseg = _units(n, c, s)
+        w = _channel_vec(weight, c, 1.0)
+        b = _channel_vec(bias, c, 0.0)
+        _run("_train_ncs", xf, n, c, s, k, nseg, float(eps), w, b, stats, yf, small=small)
+        st = torch.from_numpy(stats)
+        return y, st[0].clone(), st[1].to(acc_dtype(x.dtype))
     if kind == "ncs":
         stats = np.empty((2, c))
         k, nseg = _units(n, c, s)
@@ -788,14 +901,14 @@ def train_forward(
         _run("_stats_mc", xf, n, c, nblk, col, small=small)
         stats = _merge_columns(col, n_c, s)
     st = torch.from_numpy(stats)
-    p = _affine_params(st[0], torch.rsqrt(st[1] + eps), weight, bias, xn.dtype)
+    p = _affine_params(st[0], torch.rsqrt(st[1] + eps), weight, bias, _compute_torch(xn.dtype))
     if kind == "ncs":
         _run("_affine_ncs", xf, n, c, s, _nseg(n * c, s), p, yf, small=small)
     else:
         _run("_affine_mc", xf, n, c, nblk, np.repeat(p, s, axis=1), yf, small=small)
     # as torch_ops: the mean in float64 (a float32 mean of 1e4 is off by 5% of a 1e-2 spread),
     # the variance in the accumulation dtype
-    return _as_dtype(y, x.dtype), st[0].clone(), st[1].to(acc_dtype(x.dtype))
+    return y, st[0].clone(), st[1].to(acc_dtype(x.dtype))
 
 
 def eval_forward(
@@ -811,19 +924,19 @@ def eval_forward(
     Shape: x (N, C, *) -> y of the same shape, dtype and memory format; mean, var (C,).
     """
     layout = _check_supported(x, "eval_forward")
-    xn = _as_native(x.detach())
+    xn = x.detach()
     y = _empty_like(xn)
     kind, n, c, s = _plan(xn, layout)
     small = xn.numel() < _SMALL_WORK
     invstd = torch.rsqrt(var.detach().to(torch.float64) + eps)
-    p = _affine_params(mean.detach(), invstd, weight, bias, xn.dtype)
+    p = _affine_params(mean.detach(), invstd, weight, bias, _compute_torch(xn.dtype))
     xf = _flat(xn, layout)
     yf = _flat(y, layout)
     if kind == "ncs":
         _run("_affine_ncs", xf, n, c, s, _nseg(n * c, s), p, yf, small=small)
     else:
         _run("_affine_mc", xf, n, c, _rows_blocks(n, c), np.repeat(p, s, axis=1), yf, small=small)
-    return _as_dtype(y, x.dtype)
+    return y
 
 
 def backward(
@@ -847,7 +960,7 @@ def backward(
     Shape: grad_y, x (N, C, *) -> dx (N, C, *), dgamma (C,), dbeta (C,).
     """
     layout = _check_supported(x, "backward")
-    xn = _as_native(x.detach())
+    xn = x.detach()
     g = grad_y.detach()
     if g.shape != x.shape:
         raise ValueError(
@@ -867,26 +980,27 @@ def backward(
     inv = _channel_vec(invstd, n_c, 1.0)
     w = _channel_vec(weight, n_c, 1.0)
     sums = np.empty((2, n_c))
+    cdt = compute_dtype(xn.dtype)
     if kind == "ncs":
         tot = np.empty((3, c))
         k, nseg = _units(n, c, s)
-        mu_x = mu.astype(xf.dtype)  # sums are taken around the mean rounded to x's dtype ...
+        mu_x = mu.astype(cdt)  # sums are taken around the mean rounded to the compute dtype ...
         _run("_bsums_ncs", gf, xf, n, c, s, k, nseg, mu_x, tot, small=small)
         resid = mu - mu_x.astype(np.float64)  # ... and moved to the float64 mean here
         tot[1] -= resid * tot[0]
         tot[2] -= resid * (n * s)
-        p = _bwd_params(tot, mu, inv, w, float(n * s), sums, xf.dtype)
+        p = _bwd_params(tot, mu, inv, w, float(n * s), sums, cdt)
         _run("_dx_ncs", gf, xf, n, c, s, _nseg(n * c, s), p, dxf, small=small)
     else:
         nblk = _rows_blocks(n, c)
         col = np.empty((3, c))
         _run("_bsums_mc", gf, xf, n, c, nblk, np.repeat(mu, s), col, small=small)
         tot = col.reshape(3, n_c, s).sum(axis=2)  # (3, C*s) -> (3, C, s) -> (3, C)
-        p = _bwd_params(tot, mu, inv, w, float(n * s), sums, xf.dtype)
+        p = _bwd_params(tot, mu, inv, w, float(n * s), sums, cdt)
         _run("_dx_mc", gf, xf, n, c, nblk, np.repeat(p, s, axis=1), dxf, small=small)
     acc = acc_dtype(x.dtype)
     out = torch.from_numpy(sums).to(acc)
-    return _as_dtype(dx, x.dtype), out[0].clone(), out[1].clone()
+    return dx, out[0].clone(), out[1].clone()
 
 
 def _bwd_params(
