@@ -96,3 +96,27 @@ def test_idle_memory_is_bounded_and_released(monkeypatch):
     del y
     outpool.release()
     assert outpool.idle_bytes() == 0
+
+
+def test_default_threshold_pools_cache_resident_outputs(monkeypatch):
+    """With the default MIN_BYTES (1 MiB) a 1.6 MB output comes from the pool, a 0.5 MB one
+    does not; pooled y and dx equal the NumPy float64 reference while an earlier output lives."""
+    monkeypatch.setattr(outpool, "MIN_BYTES", 1 << 20)
+    from batchnorm import reference
+
+    x = torch.randn(128, 64, 7, 7)  # 1.6 MB float32 (S = 49: the row kernels)
+    g = torch.randn_like(x)
+    y1, mean, var = cpu.train_forward(x, None, None, 1e-5)
+    y1_copy = y1.clone()
+    y2, _, _ = cpu.train_forward(x, None, None, 1e-5)
+    assert len(outpool._buffers) == 2  # y1 alive: y2 got a second pool buffer
+    dx, _, _ = cpu.backward(g, x, mean, torch.rsqrt(var.double() + 1e-5), None)
+    ref_y = torch.from_numpy(reference.forward(x.double().numpy(), None, None, 1e-5)[0])
+    torch.testing.assert_close(y2.double(), ref_y, rtol=0, atol=1e-5)
+    torch.testing.assert_close(y1, y1_copy, rtol=0, atol=0)  # not overwritten
+    ref_dx = torch.from_numpy(reference.backward(g.double().numpy(), x.double().numpy(), None, 1e-5)[0])
+    torch.testing.assert_close(dx.double(), ref_dx, rtol=0, atol=1e-5)
+    small = torch.randn(32, 64, 8, 8)  # 0.5 MB: below the threshold
+    n_before = len(outpool._buffers)
+    cpu.train_forward(small, None, None, 1e-5)
+    assert len(outpool._buffers) == n_before
