@@ -35,7 +35,7 @@ from . import _checks
 from ._kernels import torch_ops
 from ._kernels.dispatch import backend_for
 
-__all__ = ["batch_norm", "update_running_stats"]
+__all__ = ["batch_norm", "update_running_stats", "warn_if_skipped"]
 
 
 class _BatchNormTrain(torch.autograd.Function):
@@ -148,6 +148,18 @@ def _batch_norm(
     return y, update_running_stats(running_mean, running_var, mean, var, count, momentum)
 
 
+def warn_if_skipped(updated: bool | None, input: Tensor, where: str) -> None:
+    """Warn (the caller's caller is blamed) when a functional form left the running statistics
+    untouched because a non-empty batch had non-finite statistics (``updated is False``)."""
+    if updated is False and input.numel() > 0:
+        warnings.warn(
+            f"{where}: batch statistics are not finite (NaN/inf in the input); running "
+            "statistics were left unchanged",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def _needs_autograd(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -176,11 +188,5 @@ def batch_norm(
     y, updated = _batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps, "batch_norm"
     )
-    if updated is False and input.numel() > 0:
-        warnings.warn(
-            "batch_norm: batch statistics are not finite (NaN/inf in the input); running "
-            "statistics were left unchanged",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    warn_if_skipped(updated, input, "batch_norm")
     return y

@@ -42,7 +42,6 @@ dtype and memory format.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +50,7 @@ from torch.autograd.function import once_differentiable
 
 from . import _checks
 from ._kernels.dispatch import backend_for
-from .functional import _batch_norm, _format, update_running_stats
+from .functional import _batch_norm, _format, update_running_stats, warn_if_skipped
 
 __all__ = ["ACTIVATIONS", "GAMMA_GUARD", "batch_norm_act", "check_activation", "activation_forward"]
 
@@ -263,12 +262,6 @@ def batch_norm_act(
         alpha,
         "batch_norm_act",
     )
-    if updated is False and input.numel() > 0:
-        warnings.warn(
-            "batch_norm_act: batch statistics are not finite (NaN/inf in the input); running "
-            "statistics were left unchanged",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    warn_if_skipped(updated, input, "batch_norm_act")
     return z
 

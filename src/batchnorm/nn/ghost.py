@@ -36,14 +36,13 @@ with the statistics of the whole evaluation batch, no ghost batches). Same buffe
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch import Tensor
 
 from .. import _checks
 from .._kernels import torch_ops
-from ..functional import _BatchNormTrain, _format, update_running_stats
+from ..functional import _BatchNormTrain, _format, update_running_stats, warn_if_skipped
 from .batchnorm import BatchNormBase, record_update
 
 __all__ = ["ghost_batch_norm", "GhostBatchNormBase", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -135,12 +134,16 @@ def ghost_batch_norm(
     """
     where = "ghost_batch_norm"
     v = _check_virtual_batch_size(virtual_batch_size, where)
-    _checks.check_args(input, where, training=True, eps=eps, params={"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var})
+    _checks.check_args(
+        input,
+        where,
+        training=True,
+        eps=eps,
+        params={"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var},
+    )
     momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]
     y, updated = _ghost_batch_norm(input, v, running_mean, running_var, weight, bias, momentum, eps, where)
-    if updated is False and input.numel() > 0:
-        message = f"{where}: batch statistics are not finite; running statistics were left unchanged"
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    warn_if_skipped(updated, input, where)
     return y
 
 

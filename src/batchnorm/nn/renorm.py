@@ -42,14 +42,14 @@ Conventions that bite:
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor, nn
 
 from .. import _checks
-from .batchnorm import record_update
 from .._kernels import torch_ops
+from ..functional import warn_if_skipped
+from .batchnorm import record_update
 
 __all__ = [
     "renorm_limits",
@@ -179,12 +179,7 @@ def batch_renorm(
     y, updated = _batch_renorm(
         input, running_mean, running_std, weight, bias, training, momentum, eps, r_max, d_max, where
     )
-    if updated is False and input.numel() > 0:
-        warnings.warn(
-            f"{where}: batch statistics are not finite; running statistics were left unchanged",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    warn_if_skipped(updated, input, where)
     return y
 
 

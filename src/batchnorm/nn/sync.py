@@ -40,14 +40,13 @@ forever. Double backward (``create_graph=True``) is not supported.
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch import Tensor
 
 from .. import _checks, _collectives
 from .._kernels import torch_ops
-from ..functional import update_running_stats
+from ..functional import update_running_stats, warn_if_skipped
 from .batchnorm import BatchNormBase, record_update
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
@@ -195,12 +194,16 @@ def sync_batch_norm(
     where = "sync_batch_norm"
     if not _collectives.is_distributed():
         raise RuntimeError(f"{where}: torch.distributed is not initialized (call init_process_group first)")
-    _checks.check_args(input, where, training=True, eps=eps, params={"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var})
+    _checks.check_args(
+        input,
+        where,
+        training=True,
+        eps=eps,
+        params={"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var},
+    )
     momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]
     y, updated = _sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, eps, process_group, where)
-    if updated is False and input.numel() > 0:
-        message = f"{where}: batch statistics are not finite; running statistics were left unchanged"
-        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    warn_if_skipped(updated, input, where)
     return y
 
 
