@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import socket
 import statistics
 import time
@@ -143,6 +144,8 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
             {k: statistics.median(v) for k, v in lat_t.items()},
             torch_sync,
         ))
+    del steps, variants
+    gc.collect()  # free the DDP objects (reference cycles) before the group: see examples/ddp_syncbn.py
     dist.destroy_process_group()
 
 
