@@ -19,12 +19,55 @@ Example::
 from __future__ import annotations
 
 import torch
+import torch.fx
 from torch import Tensor
 
+from .. import _checks
 from ..functional_act import _batch_norm_act, check_activation
-from .batchnorm import BatchNormBase
+from .batchnorm import BatchNormBase, layer_step, record_update_traced
 
-__all__ = ["BatchNormActBase", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
+__all__ = ["BatchNormActBase", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "batch_norm_act_layer"]
+
+
+def batch_norm_act_layer(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    training: bool,
+    track_running_stats: bool,
+    momentum: float | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    alpha: float,
+    ndims: tuple[int, ...],
+    num_features: int,
+    where: str,
+) -> Tensor:
+    """One forward of a ``BatchNormAct*d`` from its state: the node a torch.fx trace records.
+
+    ``act(BN(input))`` with the module's checks and running-statistics update in mode
+    ``training`` (see :func:`batchnorm.nn.batchnorm.batch_norm_layer`); registered with
+    ``torch.fx.wrap``.
+
+    Shape: input (N, C, *) with ``input.dim() in ndims`` -> output of the same shape.
+    """
+    _checks.check_input(input, where, ndims=ndims, num_features=num_features)
+
+    def normalize(x: Tensor, rm: Tensor | None, rv: Tensor | None, batch: bool, m: float, w: str) -> tuple[Tensor, bool | None]:
+        return _batch_norm_act(x, rm, rv, weight, bias, batch, m, eps, activation, negative_slope, alpha, w)
+
+    y, updated = layer_step(
+        normalize, input, running_mean, running_var, num_batches_tracked, training, track_running_stats, momentum, where
+    )
+    record_update_traced(updated, num_batches_tracked, input, where)
+    return y
+
+
+torch.fx.wrap("batch_norm_act_layer")  # a graph node under symbolic_trace, the plain function otherwise
 
 
 class BatchNormActBase(BatchNormBase):
@@ -68,6 +111,27 @@ class BatchNormActBase(BatchNormBase):
         elif act == "elu":
             act += f", alpha={self.alpha}"
         return f"{super().extra_repr()}, activation={act}"
+
+    def _traced_forward(self, input: Tensor) -> Tensor:
+        """Under torch.fx symbolic tracing: one ``batch_norm_act_layer`` node."""
+        return batch_norm_act_layer(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            self.training,
+            self.track_running_stats,
+            self.momentum,
+            self.eps,
+            self.activation,
+            self.negative_slope,
+            self.alpha,
+            self._ndims,
+            self.num_features,
+            self._where(),
+        )
 
     def _normalize(
         self,

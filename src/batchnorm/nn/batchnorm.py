@@ -18,20 +18,147 @@ Where PyTorch misbehaves we do better:
 
 The classes subclass ``torch.nn.modules.batchnorm._BatchNorm`` so that code which looks for
 "any batch norm" (``isinstance(m, _BatchNorm)``: ``swa_utils.update_bn``, timm, fvcore) finds them.
+
+torch.fx: ``symbolic_trace`` enters our ``forward`` (torch's own BN layers are leaf modules of
+the default tracer, ours are not). On a ``torch.fx.Proxy`` input the layer skips its Python
+checks and records ONE ``call_function`` of :func:`batch_norm_layer` (registered with
+``torch.fx.wrap``), whose arguments are the input, the layer's parameters and buffers
+(``get_attr``) and its settings. Running the graph does the layer's work, with the checks and the
+in-place running-statistics update. As for any fx trace of ``F.batch_norm(..., self.training)``,
+the mode (train/eval) is the one at trace time: trace the model in the mode it will run in.
+A non-finite batch then warns on every call (the once-per-layer flag lives on the module).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
+import torch.fx
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from .. import _checks
 from ..functional import _batch_norm
 
-__all__ = ["BatchNormBase", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "record_update"]
+__all__ = [
+    "BatchNormBase",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "batch_norm_layer",
+    "is_fx_proxy",
+    "layer_step",
+    "momentum_now",
+    "record_update",
+    "record_update_traced",
+]
+
+Normalize = Callable[[Tensor, "Tensor | None", "Tensor | None", bool, float, str], "tuple[Tensor, bool | None]"]
+"""``normalize(x, running_mean, running_var, use_batch_stats, momentum, where) -> (y, updated)``."""
+
+
+def is_fx_proxy(input: object) -> bool:
+    """True when ``input`` is a ``torch.fx.Proxy``: ``symbolic_trace`` is running our forward.
+
+    Checked on the input rather than with ``is_fx_tracing()``: ``make_fx``/``torch.export`` also
+    run under an fx tracer but hand real (fake) tensors to forward, which take the eager path.
+    """
+    return isinstance(input, torch.fx.Proxy)
+
+
+def momentum_now(momentum: float | None, num_batches_tracked: Tensor | None) -> float:
+    """The EMA factor for this step: ``momentum``, or 1/(batches so far + 1) if None."""
+    if momentum is not None:
+        return float(momentum)
+    if num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative average) needs num_batches_tracked, got None")
+    return 1.0 / (int(num_batches_tracked.item()) + 1)
+
+
+def layer_step(
+    normalize: Normalize,
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    training: bool,
+    track_running_stats: bool,
+    momentum: float | None,
+    where: str,
+) -> tuple[Tensor, bool | None]:
+    """The mode logic of a BatchNorm*d forward, shared by the module and :func:`batch_norm_layer`.
+
+    Training normalizes with batch statistics and, with ``track_running_stats``, updates the
+    running statistics; evaluation uses the running statistics, or batch statistics when there
+    are none. Returns (y, updated) as ``normalize`` does; the caller advances the counter.
+    """
+    use_batch_stats = training or running_mean is None
+    update = training and track_running_stats
+    keep = update or not use_batch_stats
+    return normalize(
+        input,
+        running_mean if keep else None,
+        running_var if keep else None,
+        use_batch_stats,
+        momentum_now(momentum, num_batches_tracked) if update else 0.0,
+        where,
+    )
+
+
+def record_update_traced(updated: bool | None, num_batches_tracked: Tensor | None, input: Tensor, where: str) -> None:
+    """:func:`record_update` for a traced graph, which has no module: advance the counter when
+    the running statistics took the batch, else warn (on every skipped batch)."""
+    if updated and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    elif updated is False and input.numel() > 0:
+        warnings.warn(
+            f"{where}: batch statistics are not finite (NaN/inf in the input); running "
+            "statistics and num_batches_tracked were left unchanged",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def batch_norm_layer(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    training: bool,
+    track_running_stats: bool,
+    momentum: float | None,
+    eps: float,
+    ndims: tuple[int, ...],
+    num_features: int,
+    where: str,
+) -> Tensor:
+    """One forward of a ``BatchNorm*d`` from its state: the node a torch.fx trace records.
+
+    Same checks, output and in-place update of ``running_mean``/``running_var``/
+    ``num_batches_tracked`` as the module's forward in mode ``training`` (see the module
+    docstring). Registered with ``torch.fx.wrap``: called with a Proxy it becomes one graph node.
+
+    Shape: input (N, C, *) with ``input.dim() in ndims`` -> output of the same shape.
+    """
+    _checks.check_input(input, where, ndims=ndims, num_features=num_features)
+
+    def normalize(x: Tensor, rm: Tensor | None, rv: Tensor | None, batch: bool, m: float, w: str) -> tuple[Tensor, bool | None]:
+        return _batch_norm(x, rm, rv, weight, bias, batch, m, eps, w)
+
+    y, updated = layer_step(
+        normalize, input, running_mean, running_var, num_batches_tracked, training, track_running_stats, momentum, where
+    )
+    record_update_traced(updated, num_batches_tracked, input, where)
+    return y
+
+
+# During symbolic_trace a call of batch_norm_layer with a Proxy argument becomes a graph node
+# (call_function) instead of running; outside tracing the name is the plain function.
+torch.fx.wrap("batch_norm_layer")
 
 
 def record_update(module: torch.nn.Module, updated: bool | None, input: Tensor, where: str) -> None:
@@ -100,26 +227,45 @@ class BatchNormBase(_TorchBatchNorm):
 
     def _momentum_now(self) -> float:
         """The EMA factor for this step: ``momentum``, or 1/(batches so far + 1) if None."""
-        if self.momentum is not None:
-            return float(self.momentum)
-        return 1.0 / (int(self.num_batches_tracked.item()) + 1)
+        return momentum_now(self.momentum, self.num_batches_tracked)
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` of shape (N, C, *) per channel; see the module docstring."""
+        if is_fx_proxy(input):
+            return self._traced_forward(input)
         self._check_input_dim(input)
         where = self._where()
-        use_batch_stats = self.training or self.running_mean is None
-        update = self.training and self.track_running_stats
-        y, updated = self._normalize(
+        y, updated = layer_step(
+            self._normalize,
             input,
-            self.running_mean if (update or not use_batch_stats) else None,
-            self.running_var if (update or not use_batch_stats) else None,
-            use_batch_stats,
-            self._momentum_now() if update else 0.0,
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            self.training,
+            self.track_running_stats,
+            self.momentum,
             where,
         )
         record_update(self, updated, input, where)
         return y
+
+    def _traced_forward(self, input: Tensor) -> Tensor:
+        """Under torch.fx symbolic tracing: one ``batch_norm_layer`` node (subclasses record theirs)."""
+        return batch_norm_layer(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            self.training,
+            self.track_running_stats,
+            self.momentum,
+            self.eps,
+            self._ndims,
+            self.num_features,
+            self._where(),
+        )
 
     def _normalize(
         self,

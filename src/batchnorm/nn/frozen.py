@@ -29,12 +29,45 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from .. import _checks
 from .._kernels import torch_ops
 
-__all__ = ["FrozenBatchNormBase", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+__all__ = ["FrozenBatchNormBase", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "frozen_batch_norm"]
+
+
+def frozen_batch_norm(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    ndims: tuple[int, ...],
+    num_features: int,
+    where: str,
+) -> Tensor:
+    """``y = (x - running_mean) * scale + bias``, ``scale = weight / sqrt(running_var + eps)``,
+    per channel (dim 1), in at least float32 (see the module docstring for the order).
+
+    The whole forward of a frozen layer, which checks ``input.dim() in ndims`` and its
+    ``num_features`` channels; registered with ``torch.fx.wrap`` so that a symbolic trace
+    records it as one node.
+
+    Shape: input (N, C, *) -> output of the same shape and dtype.
+    """
+    _checks.check_input(input, where, ndims=ndims, num_features=num_features)
+    acc = torch_ops.acc_dtype(input.dtype)  # float32 for float16/bfloat16/float32 input
+    scale = weight.to(acc) * torch.rsqrt(running_var.to(acc) + eps)
+    # (C,) -> (1, C, 1, ..., 1) to broadcast over (N, C, *)
+    view = (1, -1) + (1,) * (input.dim() - 2)
+    centred = torch_ops.center(input, running_mean)  # (N, C, *) in acc, no cancellation
+    return (centred * scale.reshape(view) + bias.to(acc).reshape(view)).to(input.dtype)
+
+
+torch.fx.wrap("frozen_batch_norm")  # a graph node under symbolic_trace, the plain function otherwise
 
 
 class FrozenBatchNormBase(nn.Module):
@@ -137,13 +170,17 @@ class FrozenBatchNormBase(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """``y = (x - running_mean) * scale + bias`` per channel (dim 1), in any mode."""
-        _checks.check_input(input, f"{type(self).__name__}({self.num_features})", ndims=self._ndims, num_features=self.num_features)
-        acc = torch_ops.acc_dtype(input.dtype)  # float32 for float16/bfloat16/float32 input
-        scale = self.weight.to(acc) * torch.rsqrt(self.running_var.to(acc) + self.eps)
-        # (C,) -> (1, C, 1, ..., 1) to broadcast over (N, C, *)
-        view = (1, -1) + (1,) * (input.dim() - 2)
-        centred = torch_ops.center(input, self.running_mean)  # (N, C, *) in acc, no cancellation
-        return (centred * scale.reshape(view) + self.bias.to(acc).reshape(view)).to(input.dtype)
+        return frozen_batch_norm(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.eps,
+            self._ndims,
+            self.num_features,
+            f"{type(self).__name__}({self.num_features})",
+        )
 
 
 class FrozenBatchNorm1d(FrozenBatchNormBase):

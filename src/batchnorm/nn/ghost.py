@@ -38,14 +38,22 @@ from __future__ import annotations
 
 
 import torch
+import torch.fx
 from torch import Tensor
 
 from .. import _checks
 from .._kernels import torch_ops
 from ..functional import _BatchNormTrain, _format, update_running_stats, warn_if_skipped
-from .batchnorm import BatchNormBase, record_update
+from .batchnorm import BatchNormBase, batch_norm_layer, is_fx_proxy, momentum_now, record_update, record_update_traced
 
-__all__ = ["ghost_batch_norm", "GhostBatchNormBase", "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
+__all__ = [
+    "ghost_batch_norm",
+    "ghost_batch_norm_layer",
+    "GhostBatchNormBase",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+]
 
 
 def _check_virtual_batch_size(v: object, where: str) -> int:
@@ -176,6 +184,76 @@ def _ghost_batch_norm(
     return y, update_running_stats(running_mean, running_var, mean, var, count, momentum)
 
 
+def ghost_batch_norm_layer(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    training: bool,
+    track_running_stats: bool,
+    momentum: float | None,
+    eps: float,
+    virtual_batch_size: int,
+    ndims: tuple[int, ...],
+    num_features: int,
+    where: str,
+) -> Tensor:
+    """One forward of a ``GhostBatchNorm*d`` from its state: the node a torch.fx trace records.
+
+    Training: ghost-batch normalization and ONE running update with the whole batch's
+    statistics (module docstring); evaluation: plain batch norm. Same checks and in-place
+    updates as the module; registered with ``torch.fx.wrap``.
+
+    Shape: input (N, C, *) with ``input.dim() in ndims`` -> output of the same shape.
+    """
+    if not training:
+        return batch_norm_layer(
+            input, weight, bias, running_mean, running_var, num_batches_tracked,
+            False, track_running_stats, momentum, eps, ndims, num_features, where,
+        )
+    _checks.check_input(input, where, ndims=ndims, num_features=num_features)
+    y, updated = _ghost_layer_step(
+        input, weight, bias, running_mean, running_var, num_batches_tracked,
+        track_running_stats, momentum, eps, virtual_batch_size, where,
+    )
+    record_update_traced(updated, num_batches_tracked, input, where)
+    return y
+
+
+def _ghost_layer_step(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    track_running_stats: bool,
+    momentum: float | None,
+    eps: float,
+    virtual_batch_size: int,
+    where: str,
+) -> tuple[Tensor, bool | None]:
+    """The training forward of a ghost layer on a checked input: (y, updated)."""
+    _checks.check_eps(eps, where, training=True)
+    update = track_running_stats
+    return _ghost_batch_norm(
+        input,
+        virtual_batch_size,
+        running_mean if update else None,
+        running_var if update else None,
+        weight,
+        bias,
+        momentum_now(momentum, num_batches_tracked) if update else 0.0,
+        eps,
+        where,
+    )
+
+
+torch.fx.wrap("ghost_batch_norm_layer")  # a graph node under symbolic_trace, the plain function otherwise
+
+
 class GhostBatchNormBase(BatchNormBase):
     """Ghost batch norm; subclasses set ``_ndims``. See the module docstring for the math.
 
@@ -209,25 +287,46 @@ class GhostBatchNormBase(BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         """Ghost-batch normalize ``input`` (N, C, *) in training; plain BN in eval."""
+        if is_fx_proxy(input):
+            return self._traced_forward(input)
         if not self.training:
             return super().forward(input)
         self._check_input_dim(input)
         where = self._where()
-        _checks.check_eps(self.eps, where, training=True)
-        update = self.track_running_stats
-        y, updated = _ghost_batch_norm(
+        y, updated = _ghost_layer_step(
             input,
-            self.virtual_batch_size,
-            self.running_mean if update else None,
-            self.running_var if update else None,
             self.weight,
             self.bias,
-            self._momentum_now() if update else 0.0,
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            self.track_running_stats,
+            self.momentum,
             self.eps,
+            self.virtual_batch_size,
             where,
         )
         record_update(self, updated, input, where)
         return y
+
+    def _traced_forward(self, input: Tensor) -> Tensor:
+        """Under torch.fx symbolic tracing: one ``ghost_batch_norm_layer`` node (any mode)."""
+        return ghost_batch_norm_layer(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            self.training,
+            self.track_running_stats,
+            self.momentum,
+            self.eps,
+            self.virtual_batch_size,
+            self._ndims,
+            self.num_features,
+            self._where(),
+        )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"

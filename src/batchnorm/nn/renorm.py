@@ -44,12 +44,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from .. import _checks
 from .._kernels import torch_ops
 from ..functional import warn_if_skipped
-from .batchnorm import record_update
+from .batchnorm import is_fx_proxy, record_update, record_update_traced
 
 __all__ = [
     "renorm_limits",
@@ -58,6 +59,7 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "batch_renorm_layer",
 ]
 
 
@@ -183,6 +185,65 @@ def batch_renorm(
     return y
 
 
+def _renorm_layer_step(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_std: Tensor,
+    num_batches_tracked: Tensor,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    schedule: tuple[float, float, int, int, int],
+    where: str,
+) -> tuple[Tensor, bool | None]:
+    """A renorm layer's forward on a checked input: the limits at the current step
+    ``num_batches_tracked`` (training only: eval never reads the step, so never syncs with a
+    GPU), then :func:`_batch_renorm`. ``schedule`` = (r_max, d_max, warmup, r_steps, d_steps)."""
+    r_max, d_max, m = 1.0, 0.0, 0.0
+    if training:
+        step = int(num_batches_tracked.item())
+        r_max, d_max = renorm_limits(step, *schedule)
+        m = momentum if momentum is not None else 1.0 / (step + 1)
+    return _batch_renorm(input, running_mean, running_std, weight, bias, training, m, eps, r_max, d_max, where)
+
+
+def batch_renorm_layer(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_std: Tensor,
+    num_batches_tracked: Tensor,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    schedule: tuple[float, float, int, int, int],
+    ndims: tuple[int, ...],
+    num_features: int,
+    where: str,
+) -> Tensor:
+    """One forward of a ``BatchRenorm*d`` from its state: the node a torch.fx trace records.
+
+    Same checks, output, schedule (read from ``num_batches_tracked`` when the graph runs) and
+    in-place updates of ``running_mean``/``running_std``/``num_batches_tracked`` as the module
+    in mode ``training``; ``schedule`` = (r_max, d_max, warmup_steps, r_max_steps,
+    d_max_steps). Registered with ``torch.fx.wrap``.
+
+    Shape: input (N, C, *) with ``input.dim() in ndims`` -> output of the same shape.
+    """
+    _checks.check_input(input, where, ndims=ndims, num_features=num_features)
+    y, updated = _renorm_layer_step(
+        input, weight, bias, running_mean, running_std, num_batches_tracked, training, momentum, eps, schedule, where
+    )
+    record_update_traced(updated, num_batches_tracked, input, where)
+    return y
+
+
+torch.fx.wrap("batch_renorm_layer")  # a graph node under symbolic_trace, the plain function otherwise
+
+
 class BatchRenormBase(nn.Module):
     """Batch renormalization; subclasses set ``_ndims``. See the module docstring for the math.
 
@@ -273,19 +334,28 @@ class BatchRenormBase(nn.Module):
     def _where(self) -> str:
         return f"{type(self).__name__}({self.num_features})"
 
+    def _schedule(self) -> tuple[float, float, int, int, int]:
+        return (self.r_max, self.d_max, self.warmup_steps, self.r_max_steps, self.d_max_steps)
+
     def forward(self, input: Tensor) -> Tensor:
         """Renormalize ``input`` (N, C, *) per channel; see the module docstring."""
         where = self._where()
-        _checks.check_input(input, where, ndims=self._ndims, num_features=self.num_features)
-        r_max, d_max, momentum = 1.0, 0.0, 0.0
-        if self.training:  # the step is read only here: eval never syncs with a GPU
-            step = int(self.num_batches_tracked.item())
-            r_max, d_max = self.limits(step)
-            momentum = self.momentum if self.momentum is not None else 1.0 / (step + 1)
-        y, updated = _batch_renorm(
-            input, self.running_mean, self.running_std, self.weight, self.bias,
-            self.training, momentum, self.eps, r_max, d_max, where,
+        args = (
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_std,
+            self.num_batches_tracked,
+            self.training,
+            self.momentum,
+            self.eps,
+            self._schedule(),
         )
+        if is_fx_proxy(input):
+            # torch.fx symbolic tracing: one batch_renorm_layer node (see batchnorm.nn.batchnorm)
+            return batch_renorm_layer(input, *args, self._ndims, self.num_features, where)
+        _checks.check_input(input, where, ndims=self._ndims, num_features=self.num_features)
+        y, updated = _renorm_layer_step(input, *args, where)
         record_update(self, updated, input, where)
         return y
 

@@ -1,0 +1,189 @@
+"""torch.fx symbolic tracing through our batch-norm layers: the traced graph computes what the
+model computes (outputs, gradients, running statistics), with one call_function per layer.
+
+Run: PYTHONPATH=src python -m pytest -q tests/test_fx.py
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+import batchnorm
+from batchnorm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNormAct2d,
+    BatchRenorm2d,
+    FrozenBatchNorm2d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+)
+from batchnorm.nn import act as act_mod
+from batchnorm.nn import batchnorm as bn_mod
+from batchnorm.nn import frozen as frozen_mod
+from batchnorm.nn import ghost as ghost_mod
+from batchnorm.nn import renorm as renorm_mod
+
+# (factory, the function its traced graph must call)
+LAYERS = {
+    "bn": (lambda: BatchNorm2d(4), bn_mod.batch_norm_layer),
+    "bn_cumulative": (lambda: BatchNorm2d(4, momentum=None), bn_mod.batch_norm_layer),
+    "bn_no_stats": (lambda: BatchNorm2d(4, track_running_stats=False), bn_mod.batch_norm_layer),
+    "ghost": (lambda: GhostBatchNorm2d(4, virtual_batch_size=2), ghost_mod.ghost_batch_norm_layer),
+    # warm-up 1, full limits at step 2: steps 2 and 3 use r, d != (1, 0) read from the counter
+    "renorm": (
+        lambda: BatchRenorm2d(4, momentum=0.3, warmup_steps=1, r_max_steps=2, d_max_steps=2, r_max=1.2, d_max=0.1),
+        renorm_mod.batch_renorm_layer,
+    ),
+    "frozen": (lambda: FrozenBatchNorm2d(4), frozen_mod.frozen_batch_norm),
+    "act": (lambda: BatchNormAct2d(4, "elu"), act_mod.batch_norm_act_layer),
+}
+
+
+def _model(layer: nn.Module) -> nn.Module:
+    """Conv -> our layer -> ReLU -> Conv, with non-trivial layer state."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
+            if name == "num_batches_tracked":
+                continue
+            if name in ("running_var", "running_std", "weight"):
+                t.uniform_(0.5, 2.0)
+            else:
+                t.uniform_(-0.5, 0.5)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), layer, nn.ReLU(), nn.Conv2d(4, 2, 1))
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_traced_graph_equals_model(kind: str, training: bool) -> None:
+    make, fn = LAYERS[kind]
+    model = _model(make()).train(training)
+    traced = torch.fx.symbolic_trace(copy.deepcopy(model))
+    # one call_function of our wrapped function for the layer, no call_module for it
+    calls = [n for n in traced.graph.nodes if n.op == "call_function" and n.target is fn]
+    assert len(calls) == 1
+    assert not any(n.op == "call_module" and n.target == "1" for n in traced.graph.nodes)
+    for step in range(3):  # several steps: running stats, counter, schedule, cumulative momentum
+        x = torch.randn(6, 3, 7, 7) * 2 + 1
+        x_ref = x.clone().requires_grad_(True)
+        x_tr = x.clone().requires_grad_(True)
+        y_ref = model(x_ref)
+        y_tr = traced(x_tr)
+        torch.testing.assert_close(y_tr, y_ref, rtol=0, atol=0)
+        g = torch.randn_like(y_ref)
+        y_ref.backward(g)
+        y_tr.backward(g)
+        torch.testing.assert_close(x_tr.grad, x_ref.grad, rtol=0, atol=0)
+        grads_ref = {k: p.grad for k, p in model.named_parameters()}
+        for k, p in traced.named_parameters():
+            torch.testing.assert_close(p.grad, grads_ref[k], rtol=0, atol=0, msg=f"{kind} step {step} grad {k}")
+        st_ref, st_tr = _state(model), _state(traced)
+        unused = {"1.num_batches_tracked"} if kind == "frozen" else set()  # frozen never reads it
+        assert st_ref.keys() - unused == st_tr.keys()
+        for k in st_tr:
+            torch.testing.assert_close(st_tr[k], st_ref[k], rtol=0, atol=0, msg=f"{kind} step {step} {k}")
+    if training and kind in ("bn", "bn_cumulative", "ghost", "renorm", "act"):
+        assert int(traced.state_dict()["1.num_batches_tracked"]) == 3  # the graph advanced the counter
+        assert not torch.equal(traced.state_dict()["1.running_mean"], _state(_model(make()))["1.running_mean"])
+
+
+def test_trace_shares_state_with_model_like_torch() -> None:
+    """As with torch's layers, the GraphModule holds the model's own parameters and buffers."""
+    model = _model(BatchNorm2d(4)).train()
+    traced = torch.fx.symbolic_trace(model)
+    before = model[1].running_mean.clone()
+    traced(torch.randn(4, 3, 6, 6))
+    assert not torch.equal(model[1].running_mean, before)
+    assert int(model[1].num_batches_tracked) == 1
+
+
+def test_trace_of_a_bare_layer_as_root() -> None:
+    bn = GhostBatchNorm1d(5, virtual_batch_size=3).train()
+    traced = torch.fx.symbolic_trace(copy.deepcopy(bn))
+    x = torch.randn(8, 5)
+    torch.testing.assert_close(traced(x), bn(x), rtol=0, atol=0)
+    torch.testing.assert_close(traced.running_var, bn.running_var, rtol=0, atol=0)
+
+
+def test_graph_still_checks_its_input() -> None:
+    traced = torch.fx.symbolic_trace(nn.Sequential(BatchNorm1d(3)))
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(3\): expected 3 channels in dim 1, got 4"):
+        traced(torch.randn(5, 4))
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(3\): expected 2D \(N, C\) or 3D"):
+        traced(torch.randn(5, 3, 2, 2))
+
+
+def test_graph_refuses_nonfinite_batch_and_warns() -> None:
+    model = nn.Sequential(BatchNorm1d(3)).train()
+    traced = torch.fx.symbolic_trace(copy.deepcopy(model))
+    x = torch.randn(4, 3)
+    x[0, 1] = float("nan")
+    rm = getattr(traced, "0").running_mean.clone()
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        traced(x)
+    torch.testing.assert_close(getattr(traced, "0").running_mean, rm, rtol=0, atol=0)
+    assert int(getattr(traced, "0").num_batches_tracked) == 0
+
+
+def test_wrap_changes_nothing_outside_tracing() -> None:
+    """After a trace the module globals are the plain functions again (fx restores its patch)."""
+    names = [
+        (bn_mod, "batch_norm_layer"),
+        (act_mod, "batch_norm_act_layer"),
+        (ghost_mod, "ghost_batch_norm_layer"),
+        (renorm_mod, "batch_renorm_layer"),
+        (frozen_mod, "frozen_batch_norm"),
+    ]
+    before = [getattr(mod, name) for mod, name in names]
+    torch.fx.symbolic_trace(_model(BatchNorm2d(4)))
+    for (mod, name), fn in zip(names, before):
+        assert getattr(mod, name) is fn
+        assert fn.__module__ == mod.__name__ and fn.__name__ == name  # not fx's patched wrapper
+
+
+def test_traced_graph_round_trips_through_its_python_code() -> None:
+    """GraphModule code is regenerated from the graph; recompile and re-run it (eval mode)."""
+    model = _model(BatchNormAct2d(4)).eval()
+    traced = torch.fx.symbolic_trace(model)
+    traced.recompile()
+    x = torch.randn(3, 3, 6, 6)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
+def test_prepare_fx_quantization_traces_our_layers() -> None:
+    """A third-party fx tool (fx graph-mode quantization) gets through our layers; its
+    observers are identities, so the prepared model computes the same."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), BatchNorm2d(4), nn.ReLU(), FrozenBatchNorm2d(4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        # torch's own deprecation notices for torch.ao.quantization, not ours
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Please use quant_min", category=UserWarning)
+        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping(), (x,))
+        torch.testing.assert_close(prepared(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["bn", "ghost", "renorm", "frozen", "act"])
+def test_torch_export_in_eval_mode(kind: str) -> None:
+    model = _model(LAYERS[kind][0]()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def test_public_names() -> None:
+    assert batchnorm.nn.batchnorm.batch_norm_layer is bn_mod.batch_norm_layer
