@@ -475,3 +475,61 @@ def test_fast_path_outlier_shift_falls_back_and_nan_propagates() -> None:
     y[4, 2, 0] = float("inf")
     bad = Moments.from_tensor(y, (0, 2))
     assert torch.isfinite(bad.mean[0]) and torch.isnan(bad.mean[1]) and not torch.isfinite(bad.m2[2])
+
+
+class _KeywordNet(nn.Module):
+    """Calls its batch norms by keyword (``bn(input=x)``) or positionally, as told."""
+
+    def __init__(self, keyword: bool) -> None:
+        super().__init__()
+        self.keyword = keyword
+        self.fc = nn.Linear(4, 3)
+        self.ours = BatchNorm1d(3)
+        self.theirs = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.keyword:
+            return self.theirs(input=torch.relu(self.ours(input=h)))
+        return self.theirs(torch.relu(self.ours(h)))
+
+
+def test_keyword_calls_give_the_same_exact_statistics_as_positional() -> None:
+    """bn(input=x) is seen by the statistics hooks: same population statistics, bit for bit,
+    as bn(x), and both equal NumPy's on the layers' inputs."""
+    positional = _KeywordNet(keyword=False)
+    original = copy.deepcopy(positional).eval()  # one eval pass: upstream uses the old statistics
+    keyword = copy.deepcopy(positional)
+    keyword.keyword = True
+    x = torch.randn(60, 4) * 3 + 2
+    data = list(x.split(16))
+    rep_pos = recompute_statistics(positional, data)
+    rep_kw = recompute_statistics(keyword, data)
+    assert [(r.name, r.samples, r.updated) for r in rep_kw] == [("ours", 60, True), ("theirs", 60, True)]
+    assert [(r.name, r.samples) for r in rep_pos] == [(r.name, r.samples) for r in rep_kw]
+    for a, b in zip(positional.buffers(), keyword.buffers()):
+        assert_close(b, a, rtol=0, atol=0)
+    with torch.no_grad():
+        h = original.fc(x)
+        h2 = torch.relu(original.ours(h))
+    for bn, inp in ((keyword.ours, h), (keyword.theirs, h2)):
+        mean, var = np_stats(inp.double().numpy(), (0,))
+        np.testing.assert_allclose(bn.running_mean.double().numpy(), mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(bn.running_var.double().numpy(), var, rtol=1e-6)
+
+
+def test_layer_input_positional_keyword_and_errors() -> None:
+    from batchnorm.stats import _layer_input
+
+    bn = BatchNorm1d(2)
+    x = torch.randn(3, 2)
+    assert _layer_input(bn, (x,), {}) is x
+    assert _layer_input(bn, (), {"input": x}) is x
+
+    class Star(nn.Module):
+        def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+            return x
+
+    assert _layer_input(Star(), (), {"whatever": x, "flag": True}) is x
+    with pytest.raises(TypeError, match=r"Star: expected the input as the first positional argument.*\['a', 'b'\]"):
+        _layer_input(Star(), (), {"a": x, "b": x})

@@ -23,6 +23,7 @@ Why this estimator (and not the others; see ``PEERS.md``):
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -230,6 +231,31 @@ def is_recomputable(module: nn.Module) -> bool:
     return isinstance(module.running_mean, Tensor) and isinstance(module.running_var, Tensor)
 
 
+def _layer_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+    """The input tensor of a batch-norm call, positional (``bn(x)``) or keyword (``bn(input=x)``).
+
+    For forward pre-hooks registered with ``with_kwargs=True``. The keyword is the name of the
+    first parameter of ``module.forward`` (``input`` for torch's and our layers); a forward
+    without a named first parameter (``*args``) takes the only tensor among the keywords.
+    """
+    if args:
+        return args[0]
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    if params and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD, params[0].KEYWORD_ONLY):
+        if params[0].name in kwargs:
+            return kwargs[params[0].name]
+    tensors = [v for v in kwargs.values() if isinstance(v, Tensor)]
+    if len(tensors) == 1:
+        return tensors[0]
+    raise TypeError(
+        f"{type(module).__name__}: expected the input as the first positional argument or as the keyword "
+        f"of forward's first parameter, got positional {len(args)} and keywords {sorted(kwargs)}"
+    )
+
+
 def _default_forward(model: nn.Module, batch: Any) -> Any:
     """Tensor -> model(x); (input, target, ...) tuple/list -> model(input); dict -> model(**batch)."""
     if isinstance(batch, Tensor):
@@ -385,14 +411,14 @@ def recompute_statistics(
             acc = {name: Moments.empty(m.num_features, device=m.running_mean.device) for name, m in layers}
 
             def make_hook(name: str) -> Callable[..., None]:
-                def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-                    x = args[0]
+                def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                    x = _layer_input(module, args, kwargs)  # bn(x) and bn(input=x) alike
                     # (N, C, *) -> per-channel moments over N and the spatial dims
                     acc[name] = acc[name].merge(Moments.from_tensor(x, [0, *range(2, x.dim())]))
 
                 return hook
 
-            handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in layers]
+            handles = [m.register_forward_pre_hook(make_hook(name), with_kwargs=True) for name, m in layers]
             seen = 0
             with torch.no_grad():
                 for batch in data:
