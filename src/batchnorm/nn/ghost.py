@@ -43,7 +43,8 @@ from torch import Tensor
 
 from .. import _checks
 from .._kernels import torch_ops
-from ..functional import _BatchNormTrain, _format, update_running_stats, warn_if_skipped
+from .._kernels.dispatch import _numba
+from ..functional import _format, update_running_stats, warn_if_skipped
 from .batchnorm import BatchNormBase, batch_norm_layer, is_fx_proxy, momentum_now, record_update, record_update_traced
 
 __all__ = [
@@ -74,6 +75,149 @@ def _ghost_split(n: int, per_sample: int, v: int) -> tuple[int, int]:
     return g, t
 
 
+def _ghost_view(x: Tensor, k: int) -> tuple[Tensor, tuple[int, ...], tuple[int, ...]]:
+    """View x (k*n, C, *) as ghost batches without copying (a copy only for other strides).
+
+    Returns (view, reduce dims, per-channel shape): (k, n, C, S) reduced over (1, 3) for
+    contiguous x; (k, n, S, C) reduced over (1, 2) for channels_last(_3d) x (C innermost).
+    Per-(ghost batch, channel) statistics then have shape (k, 1, C, 1) or (k, 1, 1, C), and a
+    per-channel vector (C,) broadcasts as (1, 1, C, 1) or (1, 1, 1, C).
+    """
+    c = x.shape[1]
+    s = x[0, 0].numel()  # S = prod(spatial)
+    if x.dim() > 2 and _format(x) != torch.contiguous_format:
+        nhwc = x.movedim(1, -1)  # (k*n, *spatial, C), contiguous: a view of channels_last x
+        return nhwc.reshape(k, -1, s, c), (1, 2), (1, 1, 1, c)  # (k, n, S, C)
+    return x.contiguous().reshape(k, -1, c, s), (1, 3), (1, 1, c, 1)  # (k, n, C, S)
+
+
+def _ghost_unview(y: Tensor, like: Tensor) -> Tensor:
+    """Inverse of :func:`_ghost_view`: y in view shape -> the shape and memory format of ``like``."""
+    if like.dim() > 2 and _format(like) != torch.contiguous_format:
+        nhwc_shape = (like.shape[0], *like.shape[2:], like.shape[1])
+        return y.reshape(nhwc_shape).movedim(-1, 1)  # (k*n, C, *spatial), channels_last
+    return y.reshape(like.shape)
+
+
+def _scratch(like: Tensor, dtype: torch.dtype) -> Tensor:
+    """An uninitialized tensor of ``like``'s shape in ``dtype``; on CPU, large ones come from the
+    kernels' output pool (:mod:`batchnorm._kernels.outpool`) when the numba back-end is
+    installed: a fresh multi-MB tensor costs page faults on first touch, which measured 3-5x
+    the time of the elementwise pass that fills it."""
+    if like.device.type == "cpu" and _numba() is not None:
+        from .._kernels import outpool
+
+        out = outpool.empty_like(like.contiguous() if not like.is_contiguous() else like, dtype)
+        if out is not None:
+            return out
+    return torch.empty(like.shape, dtype=dtype, device=like.device)
+
+
+def _ghost_moments(
+    xv: Tensor, dims: tuple[int, ...], acc: torch.dtype, out: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(centred, shift, mean_d, var) of ghost-batch view ``xv``, statistics over ``dims``;
+    ``out`` (shape of xv, in acc) is scratch for the squares when not differentiating.
+
+    d = x - shift, with shift the first value of each (ghost batch, channel): exact for values
+    within a factor 2 of it (Sterbenz), so for mean 1e4 and std 1e-2 in float32 d holds the
+    spread, not the magnitude. Then the two-pass mean and biased variance of d:
+    centred = d - mean_d = x - mean(x), var = mean(centred^2); mean(x) = shift + mean_d (the
+    caller forms it in float64). (``torch.var_mean`` over these middle dims measured 20x slower
+    than the sums on CPU, ``vector_norm`` 8x.) Differentiable in ``xv`` under grad mode.
+    """
+    first = xv.detach()[:, :1, :1] if dims == (1, 2) else xv.detach()[:, :1, :, :1]
+    shift = first.to(acc)  # (k, 1, 1, C) or (k, 1, C, 1)
+    if torch.is_grad_enabled():
+        d = xv.to(acc) - shift  # (k, n, ...) in acc
+    else:
+        d = torch.sub(xv, shift, out=_scratch(xv, acc))  # (k, n, ...) in acc, a new tensor
+    m = d.numel() // shift.numel()  # values per (ghost batch, channel)
+    mean_d = d.sum(dim=dims, keepdim=True) / m
+    if torch.is_grad_enabled():  # differentiable (double backward)
+        centred = d - mean_d
+        squares = centred * centred
+    else:  # in place where possible: a fresh multi-MB tensor costs page faults (3x an in-place pass)
+        centred = d.sub_(mean_d)
+        squares = torch.mul(centred, centred, out=out) if out is not None else centred * centred
+    var = squares.sum(dim=dims, keepdim=True) / m
+    return centred, shift, mean_d, var
+
+
+class _GhostTrain(torch.autograd.Function):
+    """y, mean, var = ghost-batch BN of x (k*n, C, *) in k ghost batches of n samples each.
+
+    Forward, per (ghost batch g, channel c) over its m = n * S values (DESIGN.md):
+        x_hat = (x - mu_gc) / sqrt(var_gc + eps),   y = weight_c * x_hat + bias_c
+    Backward (hand-derived, per (g, c), with grad gy and centred = x - mu_gc):
+        dx = scale * (gy - mean(gy)) - centred * scale * invstd * mean(gy * centred) * invstd ...
+           = weight_c * invstd * (gy - mean(gy) - x_hat * mean(gy * x_hat))
+        dweight_c = sum_g sum gy * x_hat,   dbias_c = sum_g sum gy
+    All on a strided view of x (no transposition, no per-chunk loop): about ten elementwise
+    passes or reductions in all, forward and backward. Statistics in ``acc_dtype`` (float32;
+    float64 for float64 input) on shifted values (:func:`_ghost_moments`). Saved for backward:
+    x and ``centred`` (in acc), i.e. one tensor more than plain BN, for a backward without
+    recomputation. mean (float64) and var (acc) have shape (k, C). The backward is itself
+    differentiable (``create_graph=True``: it recomputes from x).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, k: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        acc = torch_ops.acc_dtype(x.dtype)
+        xv, dims, per_channel = _ghost_view(x, k)
+        yv = _scratch(xv, acc)  # scratch for the squares, then y
+        centred, shift, mean_d, var = _ghost_moments(xv, dims, acc, out=yv)
+        invstd = torch.rsqrt(var + eps)  # (k, 1, C, 1) or (k, 1, 1, C)
+        scale = invstd if weight is None else invstd * weight.to(acc).reshape(per_channel)
+        torch.mul(centred, scale, out=yv)  # y = (x - mu) * weight * invstd + bias, in place
+        if bias is not None:
+            yv.add_(bias.to(acc).reshape(per_channel))
+        y = _ghost_unview(yv.to(x.dtype), x)
+        ctx.save_for_backward(x, weight, centred, invstd)
+        ctx.meta = (eps, k, bias.dtype if bias is not None else None)
+        mean = (shift.double() + mean_d.double()).reshape(k, -1)  # (k, C)
+        var = var.reshape(k, -1)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, _gmean: Tensor, _gvar: Tensor):  # type: ignore[override]
+        x, weight, centred, invstd = ctx.saved_tensors
+        eps, k, bias_dtype = ctx.meta
+        acc = invstd.dtype
+        xv, dims, per_channel = _ghost_view(x, k)
+        if torch.is_grad_enabled():
+            # create_graph=True: recompute the statistics differentiably, so that autograd sees
+            # how mean and invstd depend on x, and differentiate the formulas below themselves
+            centred, _, _, var = _ghost_moments(xv, dims, acc)
+            invstd = torch.rsqrt(var + eps)
+        gv, _, _ = _ghost_view(grad_y, k)
+        gv = gv.to(acc)
+        m = xv.numel() // invstd.numel()  # values per (ghost batch, channel)
+        sum_g = gv.sum(dim=dims, keepdim=True)  # (k, 1, ...) per (g, c)
+        prod = gv * centred if torch.is_grad_enabled() else torch.mul(gv, centred, out=_scratch(gv, acc))  # reused for dx
+        sum_gc = prod.sum(dim=dims, keepdim=True)  # sum g * (x - mu); x_hat = centred * invstd
+        scale = invstd if weight is None else invstd * weight.to(acc).reshape(per_channel)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = None
+        if need_x:
+            # dx = scale * (g - sum_g / m) - centred * (scale * invstd^2 * sum_gc / m)
+            shift_g = -(scale * sum_g) / m
+            coef = -(scale * invstd * invstd * sum_gc) / m
+            if torch.is_grad_enabled():
+                dxv = torch.addcmul(torch.addcmul(shift_g, gv, scale), centred, coef)
+            else:
+                dxv = torch.mul(gv, scale, out=prod).add_(shift_g).addcmul_(centred, coef)  # in place
+            dx = _ghost_unview(dxv.to(x.dtype), x)
+        dw = None
+        if need_w and weight is not None:
+            dw = (sum_gc * invstd).sum(0).reshape(-1).to(weight.dtype)  # sum over ghost batches: (C,)
+        db = sum_g.sum(0).reshape(-1).to(bias_dtype) if (need_b and bias_dtype is not None) else None
+        return dx, dw, db, None, None
+
+
 def _ghost_train(
     x: Tensor, v: int, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -82,30 +226,25 @@ def _ghost_train(
     Returns (y, mean, var_biased) where y is differentiable and mean/var (C,) are the detached
     whole-batch statistics (in the accumulation dtype) for the running-statistics update.
 
-    The G full ghost batches are ONE plain batch norm: viewed as (v, G*C, S), every
-    (ghost batch, channel) pair is a channel of its own, normalized over its v*S values by our
-    BN kernel (forward and the hand-derived backward), with weight and bias repeated G times
-    (autograd sums their gradients over the ghost batches). A smaller tail ghost batch is a
-    second BN call. So there are at most two kernel calls, whatever G is.
+    The G full ghost batches are ONE :class:`_GhostTrain` call on a view (G, v, C, S) of x
+    (per-(ghost batch, channel) statistics by torch reductions over v and S, no copy); a
+    smaller tail ghost batch is a second call. So there are at most two calls, whatever G is.
     """
     n, c = x.shape[0], x.shape[1]
     per_sample = x[0, 0].numel()  # S = prod(spatial): values of one channel in one sample
     g, t = _ghost_split(n, per_sample, v)
     outputs: list[Tensor] = []
     parts: list[tuple[int, Tensor, Tensor]] = []  # (values per channel, mean (K, C), var (K, C))
-    if g > 0:
-        xf = x[: g * v].reshape(g, v, c, per_sample)  # (G, v, C, S)
-        xf = xf.transpose(0, 1).reshape(v, g * c, per_sample)  # (v, G*C, S), a copy
-        wf = weight.repeat(g) if weight is not None else None  # (G*C,)
-        bf = bias.repeat(g) if bias is not None else None
-        yf, mean_f, var_f = _BatchNormTrain.apply(xf, wf, bf, eps)  # (v, G*C, S), (G*C,), (G*C,)
-        yf = yf.reshape(v, g, c, per_sample).transpose(0, 1)  # (G, v, C, S)
-        outputs.append(yf.reshape(g * v, *x.shape[1:]))  # (G*v, C, *)
-        parts.append((v * per_sample, mean_f.reshape(g, c), var_f.reshape(g, c)))
-    if t > 0:
-        yt, mean_t, var_t = _BatchNormTrain.apply(x[g * v:], weight, bias, eps)  # (T, C, *)
+    # split, not slices: its backward is one cat, a slice's a zero-filled full-size gradient
+    full, tail = x.split([g * v, t]) if (g > 0 and t > 0) else ((x, None) if g > 0 else (None, x))
+    if full is not None:
+        yf, mean_f, var_f = _GhostTrain.apply(full, weight, bias, eps, g)  # (G*v, C, *), (G, C), (G, C)
+        outputs.append(yf)
+        parts.append((v * per_sample, mean_f, var_f))
+    if tail is not None:
+        yt, mean_t, var_t = _GhostTrain.apply(tail, weight, bias, eps, 1)  # (T, C, *), (1, C), (1, C)
         outputs.append(yt)
-        parts.append((t * per_sample, mean_t.reshape(1, c), var_t.reshape(1, c)))
+        parts.append((t * per_sample, mean_t, var_t))
     y = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
     if x.dim() in (4, 5) and _format(x) != torch.contiguous_format:
         y = y.contiguous(memory_format=_format(x))  # keep channels_last(_3d)
@@ -118,7 +257,7 @@ def _ghost_train(
         total = sizes.sum()
         mean = (sizes[:, None] * means).sum(0) / total  # (C,)
         m2 = m2s.sum(0) + (sizes[:, None] * (means - mean).square()).sum(0)  # (C,)
-        acc = parts[0][1].dtype
+        acc = parts[0][2].dtype
         var = (m2 / total).clamp_min(0.0)
     return y, mean.to(acc), var.to(acc)
 
