@@ -100,48 +100,68 @@ def _ghost_unview(y: Tensor, like: Tensor) -> Tensor:
 
 
 def _scratch(like: Tensor, dtype: torch.dtype) -> Tensor:
-    """An uninitialized tensor of ``like``'s shape in ``dtype``; on CPU, large ones come from the
-    kernels' output pool (:mod:`batchnorm._kernels.outpool`) when the numba back-end is
-    installed: a fresh multi-MB tensor costs page faults on first touch, which measured 3-5x
-    the time of the elementwise pass that fills it."""
-    if like.device.type == "cpu" and _numba() is not None:
+    """An uninitialized tensor of ``like``'s shape in ``dtype``. On CPU, large ones come from the
+    kernels' output pool (:mod:`batchnorm._kernels.outpool`, when the numba back-end is
+    installed): a fresh multi-MB tensor costs page faults on first touch, measured at 3-5x the
+    time of the elementwise pass that fills it."""
+    if like.device.type == "cpu" and like.is_contiguous() and _numba() is not None:
         from .._kernels import outpool
 
-        out = outpool.empty_like(like.contiguous() if not like.is_contiguous() else like, dtype)
+        out = outpool.empty_like(like, dtype)
         if out is not None:
             return out
     return torch.empty(like.shape, dtype=dtype, device=like.device)
 
 
-def _ghost_moments(
-    xv: Tensor, dims: tuple[int, ...], acc: torch.dtype, out: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(centred, shift, mean_d, var) of ghost-batch view ``xv``, statistics over ``dims``;
-    ``out`` (shape of xv, in acc) is scratch for the squares when not differentiating.
+BLOCK_BYTES = 512 << 10
+"""Ghost batches are processed in runs of about this many bytes (at least one ghost batch),
+so that the several passes over a run find it in cache (L2 is 2 MiB on the machines measured)."""
 
-    d = x - shift, with shift the first value of each (ghost batch, channel): exact for values
-    within a factor 2 of it (Sterbenz), so for mean 1e4 and std 1e-2 in float32 d holds the
-    spread, not the magnitude. Then the two-pass mean and biased variance of d:
-    centred = d - mean_d = x - mean(x), var = mean(centred^2); mean(x) = shift + mean_d (the
-    caller forms it in float64). (``torch.var_mean`` over these middle dims measured 20x slower
-    than the sums on CPU, ``vector_norm`` 8x.) Differentiable in ``xv`` under grad mode.
+
+def _blocks(xv: Tensor, acc: torch.dtype) -> list[slice]:
+    """Slices of dim 0 (ghost batches) of view ``xv``, each of about BLOCK_BYTES in ``acc``."""
+    k = xv.shape[0]
+    per_ghost = (xv.numel() // k) * torch.empty((), dtype=acc).element_size()
+    step = max(1, BLOCK_BYTES // per_ghost)
+    return [slice(i, min(i + step, k)) for i in range(0, k, step)]
+
+
+SHIFT_SAMPLES = 4
+"""Samples per ghost batch averaged into the shift of :func:`_ghost_moments`."""
+
+
+def _ghost_moments(
+    xv: Tensor, dims: tuple[int, ...], acc: torch.dtype, scratch: Tensor | None = None, d_out: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(d, shift, mean_d, var) of the ghost-batch view ``xv``, statistics over ``dims``.
+
+        shift  = mean of the first SHIFT_SAMPLES samples of each (ghost batch, channel)
+        d      = x - shift,   mean_d = mean(d),   var = mean(d^2) - mean_d^2  (clamped >= 0)
+        mean(x) = shift + mean_d    (formed in float64 by the caller)
+
+    Why this is exact enough: for mean 1e4 and std 1e-2 in float32 every x lies within a
+    factor 2 of the shift, so ``x - shift`` is exact (Sterbenz) and d holds the spread, not the
+    magnitude. The one-pass variance then cancels only by the factor 1 + (mean_d / std)^2,
+    and a shift near the mean keeps mean_d small: ~1.25 on average for 4 samples, 26 if all
+    4 were 5-sigma outliers (relative error of var ~ 3e-6 in float32). Measured: the two-pass
+    form costs two more passes over the data, and ``torch.var_mean`` over these middle dims
+    20x more on CPU. ``scratch`` and ``d_out`` (xv's shape, in acc) receive d^2 and d when not
+    differentiating.
+    Differentiable in ``xv`` under grad mode.
     """
-    first = xv.detach()[:, :1, :1] if dims == (1, 2) else xv.detach()[:, :1, :, :1]
-    shift = first.to(acc)  # (k, 1, 1, C) or (k, 1, C, 1)
-    if torch.is_grad_enabled():
-        d = xv.to(acc) - shift  # (k, n, ...) in acc
+    # (k, s, C, S) or (k, s, S, C): the first samples of each ghost batch
+    head = xv.detach()[:, :SHIFT_SAMPLES]
+    shift = head.to(acc).mean(dim=dims, keepdim=True)  # (k, 1, C, 1) or (k, 1, 1, C)
+    grad = torch.is_grad_enabled()
+    if grad:
+        d = xv.to(acc) - shift  # (k, n, ...)
     else:
-        d = torch.sub(xv, shift, out=_scratch(xv, acc))  # (k, n, ...) in acc, a new tensor
+        d = torch.sub(xv, shift, out=d_out if d_out is not None else _scratch(xv, acc))
     m = d.numel() // shift.numel()  # values per (ghost batch, channel)
     mean_d = d.sum(dim=dims, keepdim=True) / m
-    if torch.is_grad_enabled():  # differentiable (double backward)
-        centred = d - mean_d
-        squares = centred * centred
-    else:  # in place where possible: a fresh multi-MB tensor costs page faults (3x an in-place pass)
-        centred = d.sub_(mean_d)
-        squares = torch.mul(centred, centred, out=out) if out is not None else centred * centred
-    var = squares.sum(dim=dims, keepdim=True) / m
-    return centred, shift, mean_d, var
+    squares = d * d if (grad or scratch is None) else torch.mul(d, d, out=scratch)
+    var = (squares.sum(dim=dims, keepdim=True) / m - mean_d * mean_d).clamp_min(0.0)
+    return d, shift, mean_d, var
 
 
 class _GhostTrain(torch.autograd.Function):
@@ -149,16 +169,16 @@ class _GhostTrain(torch.autograd.Function):
 
     Forward, per (ghost batch g, channel c) over its m = n * S values (DESIGN.md):
         x_hat = (x - mu_gc) / sqrt(var_gc + eps),   y = weight_c * x_hat + bias_c
-    Backward (hand-derived, per (g, c), with grad gy and centred = x - mu_gc):
-        dx = scale * (gy - mean(gy)) - centred * scale * invstd * mean(gy * centred) * invstd ...
-           = weight_c * invstd * (gy - mean(gy) - x_hat * mean(gy * x_hat))
+    Backward (hand-derived, per (g, c), grad gy):
+        dx = weight_c * invstd_gc * (gy - mean(gy) - x_hat * mean(gy * x_hat))
         dweight_c = sum_g sum gy * x_hat,   dbias_c = sum_g sum gy
-    All on a strided view of x (no transposition, no per-chunk loop): about ten elementwise
-    passes or reductions in all, forward and backward. Statistics in ``acc_dtype`` (float32;
-    float64 for float64 input) on shifted values (:func:`_ghost_moments`). Saved for backward:
-    x and ``centred`` (in acc), i.e. one tensor more than plain BN, for a backward without
-    recomputation. mean (float64) and var (acc) have shape (k, C). The backward is itself
-    differentiable (``create_graph=True``: it recomputes from x).
+    written with d = x - shift (:func:`_ghost_moments`) as x - mu_gc = d - mean_d, so that
+    every full-size step is one fused torch op: forward 5 passes over the data (d, sum, d^2,
+    sum, y = d * scale + offset), backward 5 (sum gy, gy * d, sum, two addcmuls for dx). All on
+    a strided view of x (no transposition, no per-chunk loop); statistics in ``acc_dtype``
+    (float32; float64 for float64 input). Saved for backward: x and d (one tensor more than
+    plain BN). mean (float64) and var (acc) are returned with shape (k, C). The backward is
+    itself differentiable (``create_graph=True``: it recomputes from x).
     """
 
     @staticmethod
@@ -167,15 +187,22 @@ class _GhostTrain(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         acc = torch_ops.acc_dtype(x.dtype)
         xv, dims, per_channel = _ghost_view(x, k)
-        yv = _scratch(xv, acc)  # scratch for the squares, then y
-        centred, shift, mean_d, var = _ghost_moments(xv, dims, acc, out=yv)
-        invstd = torch.rsqrt(var + eps)  # (k, 1, C, 1) or (k, 1, 1, C)
-        scale = invstd if weight is None else invstd * weight.to(acc).reshape(per_channel)
-        torch.mul(centred, scale, out=yv)  # y = (x - mu) * weight * invstd + bias, in place
-        if bias is not None:
-            yv.add_(bias.to(acc).reshape(per_channel))
+        d = _scratch(xv, acc)
+        yv = _scratch(xv, acc)  # scratch for d^2, then y
+        w = weight.to(acc).reshape(per_channel) if weight is not None else None
+        b = bias.to(acc).reshape(per_channel) if bias is not None else None
+        stats: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+        for blk in _blocks(xv, acc):  # cache-sized runs of ghost batches
+            _, shift, mean_d, var = _ghost_moments(xv[blk], dims, acc, yv[blk], d[blk])
+            invstd = torch.rsqrt(var + eps)  # (kb, 1, C, 1) or (kb, 1, 1, C)
+            scale = invstd if w is None else invstd * w
+            # y = (d - mean_d) * scale + bias = d * scale + offset; d is small, nothing cancels
+            offset = -mean_d * scale if b is None else torch.addcmul(b, mean_d, scale, value=-1.0)
+            torch.addcmul(offset, d[blk], scale, out=yv[blk])
+            stats.append((shift, mean_d, var, invstd))
+        shift, mean_d, var, invstd = (torch.cat(t) for t in zip(*stats)) if len(stats) > 1 else stats[0]
         y = _ghost_unview(yv.to(x.dtype), x)
-        ctx.save_for_backward(x, weight, centred, invstd)
+        ctx.save_for_backward(x, weight, d, mean_d, invstd)
         ctx.meta = (eps, k, bias.dtype if bias is not None else None)
         mean = (shift.double() + mean_d.double()).reshape(k, -1)  # (k, C)
         var = var.reshape(k, -1)
@@ -184,36 +211,50 @@ class _GhostTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, _gmean: Tensor, _gvar: Tensor):  # type: ignore[override]
-        x, weight, centred, invstd = ctx.saved_tensors
+        x, weight, d, mean_d, invstd = ctx.saved_tensors
         eps, k, bias_dtype = ctx.meta
         acc = invstd.dtype
         xv, dims, per_channel = _ghost_view(x, k)
-        if torch.is_grad_enabled():
+        grad = torch.is_grad_enabled()
+        if grad:
             # create_graph=True: recompute the statistics differentiably, so that autograd sees
             # how mean and invstd depend on x, and differentiate the formulas below themselves
-            centred, _, _, var = _ghost_moments(xv, dims, acc)
+            d, _, mean_d, var = _ghost_moments(xv, dims, acc)
             invstd = torch.rsqrt(var + eps)
         gv, _, _ = _ghost_view(grad_y, k)
         gv = gv.to(acc)
         m = xv.numel() // invstd.numel()  # values per (ghost batch, channel)
-        sum_g = gv.sum(dim=dims, keepdim=True)  # (k, 1, ...) per (g, c)
-        prod = gv * centred if torch.is_grad_enabled() else torch.mul(gv, centred, out=_scratch(gv, acc))  # reused for dx
-        sum_gc = prod.sum(dim=dims, keepdim=True)  # sum g * (x - mu); x_hat = centred * invstd
-        scale = invstd if weight is None else invstd * weight.to(acc).reshape(per_channel)
+        w = weight.to(acc).reshape(per_channel) if weight is not None else None
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = None
-        if need_x:
-            # dx = scale * (g - sum_g / m) - centred * (scale * invstd^2 * sum_gc / m)
-            shift_g = -(scale * sum_g) / m
-            coef = -(scale * invstd * invstd * sum_gc) / m
-            if torch.is_grad_enabled():
-                dxv = torch.addcmul(torch.addcmul(shift_g, gv, scale), centred, coef)
-            else:
-                dxv = torch.mul(gv, scale, out=prod).add_(shift_g).addcmul_(centred, coef)  # in place
-            dx = _ghost_unview(dxv.to(x.dtype), x)
+        if grad:
+            blocks = [slice(None)]
+            out = None
+        else:
+            blocks = _blocks(xv, acc)
+            out = _scratch(gv, acc)  # g * d, then dx
+        sums: list[tuple[Tensor, Tensor]] = []
+        for blk in blocks:  # cache-sized runs of ghost batches
+            g_b, d_b, mean_b, inv_b = gv[blk], d[blk], mean_d[blk], invstd[blk]
+            sum_g = g_b.sum(dim=dims, keepdim=True)  # (kb, 1, ...) per (g, c)
+            prod = g_b * d_b if out is None else torch.mul(g_b, d_b, out=out[blk])
+            # sum gy * (x - mu) = sum gy * d - mean_d * sum gy;  x_hat = (x - mu) * invstd
+            sum_gc = prod.sum(dim=dims, keepdim=True) - mean_b * sum_g
+            sums.append((sum_g, sum_gc))
+            if need_x:
+                # dx = scale * (gy - sum_g / m) + coef * (d - mean_d),  coef = -scale * invstd^2 * sum_gc / m
+                scale = inv_b if w is None else inv_b * w
+                coef = -(scale * inv_b * inv_b * sum_gc) / m
+                const = -(scale * sum_g) / m - coef * mean_b
+                if out is None:
+                    dxv = torch.addcmul(torch.addcmul(const, g_b, scale), d_b, coef)
+                else:
+                    torch.addcmul(const, g_b, scale, out=prod).addcmul_(d_b, coef)  # in place
+                    dxv = out
+        sum_g, sum_gc = (torch.cat(t) for t in zip(*sums)) if len(sums) > 1 else sums[0]
+        dx = _ghost_unview(dxv.to(x.dtype), x) if need_x else None
         dw = None
         if need_w and weight is not None:
-            dw = (sum_gc * invstd).sum(0).reshape(-1).to(weight.dtype)  # sum over ghost batches: (C,)
+            dw = (sum_gc * invstd).sum(0).reshape(-1).to(weight.dtype)  # summed over ghost batches: (C,)
         db = sum_g.sum(0).reshape(-1).to(bias_dtype) if (need_b and bias_dtype is not None) else None
         return dx, dw, db, None, None
 
@@ -249,17 +290,29 @@ def _ghost_train(
     if x.dim() in (4, 5) and _format(x) != torch.contiguous_format:
         y = y.contiguous(memory_format=_format(x))  # keep channels_last(_3d)
     with torch.no_grad():
-        # Chan's merge of the ghost (count, mean, M2) into the whole batch's, in float64
-        counts = [torch.full((m.shape[0],), float(k), dtype=torch.float64, device=x.device) for k, m, _ in parts]
-        sizes = torch.cat(counts)  # (G + 1,) values per channel of each ghost batch
-        means = torch.cat([m for _, m, _ in parts]).double()  # (G + 1, C)
-        m2s = torch.cat([var for _, _, var in parts]).double() * sizes[:, None]  # (G + 1, C)
-        total = sizes.sum()
-        mean = (sizes[:, None] * means).sum(0) / total  # (C,)
-        m2 = m2s.sum(0) + (sizes[:, None] * (means - mean).square()).sum(0)  # (C,)
+        mean, m2, total = _pool(*parts[0])
+        if len(parts) > 1:
+            # Chan's merge of the full ghost batches (count total) with the tail (count total_t)
+            mean_t, m2_t, total_t = _pool(*parts[1])
+            n = total + total_t
+            delta = mean_t - mean
+            mean = mean + delta * (total_t / n)
+            m2 = m2 + m2_t + delta.square() * (total * total_t / n)
+            total = n
         acc = parts[0][2].dtype
         var = (m2 / total).clamp_min(0.0)
     return y, mean.to(acc), var.to(acc)
+
+
+def _pool(size: int, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor, int]:
+    """(mean, M2, count) per channel, in float64, of K ghost batches of ``size`` values each,
+    from their means and biased variances (K, C): the total variance is the mean of the
+    within-batch variances plus the spread of the batch means (equal counts: Chan's merge
+    reduces to this). mean (C,), M2 = sum of squared deviations (C,)."""
+    means = means.double()  # (K, C)
+    mean = means.mean(0)  # (C,)
+    m2 = (variances.double().sum(0) + (means - mean).square().sum(0)) * size  # (C,)
+    return mean, m2, size * means.shape[0]
 
 
 def ghost_batch_norm(
