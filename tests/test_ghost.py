@@ -185,3 +185,81 @@ def test_one_vectorized_pass_op_count_does_not_grow_with_ghost_batches():
             m(x).sum().backward()
         counts.append(c.n)
     assert counts[0] == counts[1] and counts[2] == counts[3], counts
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_blocked_runs_match_definition(monkeypatch, channels_last):
+    """Runs of ghost batches (BLOCK_BYTES) cut anywhere give the definition's output, gradients
+    and pooled running statistics: 1 ghost batch per run, 2 per run, all in one run."""
+    from batchnorm.nn import ghost
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(23, 3, 2, 3, generator=gen, dtype=torch.float64) * 2 + 1  # 5 ghost batches of 4, tail of 3
+    x = x + torch.arange(23, dtype=torch.float64).reshape(-1, 1, 1, 1) / 4  # ghost means differ
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    weight = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5
+    per_ghost = 4 * 3 * 2 * 3 * 8  # bytes of one ghost batch in float64
+    results = []
+    for block in (1, 2 * per_ghost, 1 << 30):
+        monkeypatch.setattr(ghost, "BLOCK_BYTES", block)
+        m = GhostBatchNorm2d(3, 4, momentum=1.0).double()
+        with torch.no_grad():
+            m.weight.copy_(weight)
+        xa = x.clone().requires_grad_()
+        y = m(xa)
+        y.backward(gy)
+        w = m.weight.detach().clone().requires_grad_()
+        xb = x.clone().requires_grad_()
+        ref = _loop_reference(xb, [4, 4, 4, 4, 4, 3], w, None, m.eps)
+        ref.backward(gy)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(m.weight.grad, w.grad, rtol=1e-10, atol=1e-10)
+        assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+        mean, var = _np_pooled(x.numpy())
+        np.testing.assert_allclose(m.running_mean.numpy(), mean, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(m.running_var.numpy(), var, rtol=1e-12)
+        results.append(y.detach())
+    torch.testing.assert_close(results[0], results[2], rtol=0, atol=1e-14)  # independent of the cut
+
+
+def test_outlier_shift_and_large_mean_float32():
+    """The shift is the mean of each ghost batch's first samples: with those 5 sigma away and a
+    mean of 1e4 (std 1e-2), float32 statistics still match float64 ones."""
+    gen = torch.Generator().manual_seed(7)
+    x64 = 1e4 + 1e-2 * torch.randn(64, 3, generator=gen, dtype=torch.float64)
+    x64.view(8, 8, 3)[:, :4] += 5e-2  # the first 4 samples of every ghost batch of 8: +5 sigma
+    x32 = x64.float()
+    x64 = x32.double()  # the same float32 values
+    m = GhostBatchNorm1d(3, 8, momentum=1.0)
+    y = m(x32)
+    ref = _loop_reference(x64, [8] * 8, None, None, m.eps)
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(m.running_mean, x64.mean(0).float(), rtol=0, atol=0)  # float32 rounding of the exact mean
+    torch.testing.assert_close(m.running_var.double(), x64.var(0), rtol=2e-5, atol=0)
+
+
+def test_double_backward_float64():
+    x = torch.randn(10, 2, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: ghost_batch_norm(x, 4, None, None, w, b), (x, w, b))
+
+
+def test_without_numba_pool_same_result(monkeypatch):
+    """Scratch memory comes from the kernels' pool only when numba is there; same numbers without."""
+    from batchnorm.nn import ghost
+
+    x = torch.randn(512, 600)  # 1.2 MB: large enough for the pool
+    g = torch.randn_like(x)
+    outs = []
+    for numba in (True, False):
+        if not numba:
+            monkeypatch.setattr(ghost, "_numba", lambda: None)
+        xa = x.clone().requires_grad_()
+        y = GhostBatchNorm1d(600, 64)(xa)
+        y.backward(g)
+        outs.append((y.detach(), xa.grad))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

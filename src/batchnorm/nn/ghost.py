@@ -130,38 +130,47 @@ SHIFT_SAMPLES = 4
 """Samples per ghost batch averaged into the shift of :func:`_ghost_moments`."""
 
 
-def _ghost_moments(
-    xv: Tensor, dims: tuple[int, ...], acc: torch.dtype, scratch: Tensor | None = None, d_out: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(d, shift, mean_d, var) of the ghost-batch view ``xv``, statistics over ``dims``.
+def _shift(xv: Tensor, dims: tuple[int, ...], acc: torch.dtype) -> Tensor:
+    """Per (ghost batch, channel): the mean of the first SHIFT_SAMPLES samples, in ``acc``,
+    shaped (k, 1, C, 1) or (k, 1, 1, C); a constant (no gradient). See :func:`_moments`."""
+    head = xv.detach()[:, :SHIFT_SAMPLES]  # (k, s, C, S) or (k, s, S, C)
+    return head.to(acc).mean(dim=dims, keepdim=True)
 
-        shift  = mean of the first SHIFT_SAMPLES samples of each (ghost batch, channel)
-        d      = x - shift,   mean_d = mean(d),   var = mean(d^2) - mean_d^2  (clamped >= 0)
+
+def _moments(
+    xv: Tensor,
+    shift: Tensor,
+    dims: tuple[int, ...],
+    acc: torch.dtype,
+    d_buf: Tensor | None = None,
+    sq_buf: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(d, mean_d, var) of the ghost-batch view ``xv``, statistics over ``dims``:
+
+        d = x - shift,   mean_d = mean(d),   var = mean(d^2) - mean_d^2   (biased, clamped >= 0)
         mean(x) = shift + mean_d    (formed in float64 by the caller)
 
     Why this is exact enough: for mean 1e4 and std 1e-2 in float32 every x lies within a
     factor 2 of the shift, so ``x - shift`` is exact (Sterbenz) and d holds the spread, not the
-    magnitude. The one-pass variance then cancels only by the factor 1 + (mean_d / std)^2,
-    and a shift near the mean keeps mean_d small: ~1.25 on average for 4 samples, 26 if all
-    4 were 5-sigma outliers (relative error of var ~ 3e-6 in float32). Measured: the two-pass
-    form costs two more passes over the data, and ``torch.var_mean`` over these middle dims
-    20x more on CPU. ``scratch`` and ``d_out`` (xv's shape, in acc) receive d^2 and d when not
-    differentiating.
-    Differentiable in ``xv`` under grad mode.
+    magnitude. The one-pass variance of d then loses only the factor 1 + (mean_d / std)^2 in
+    relative precision, and a shift averaged from a few samples keeps mean_d small: ~1.25 on
+    average for 4 samples; 26 if all 4 were 5-sigma outliers (var then good to ~3e-6 relative
+    in float32; tested). The two-pass form costs two more passes over the data, and
+    ``torch.var_mean`` over these middle dims measured 20x slower on CPU.
+
+    Outside grad mode d and d^2 are written into ``d_buf``/``sq_buf`` (xv's shape, in acc)
+    when given; under grad mode (double backward) everything is differentiable in ``xv``.
     """
-    # (k, s, C, S) or (k, s, S, C): the first samples of each ghost batch
-    head = xv.detach()[:, :SHIFT_SAMPLES]
-    shift = head.to(acc).mean(dim=dims, keepdim=True)  # (k, 1, C, 1) or (k, 1, 1, C)
     grad = torch.is_grad_enabled()
-    if grad:
+    if grad or d_buf is None:
         d = xv.to(acc) - shift  # (k, n, ...)
     else:
-        d = torch.sub(xv, shift, out=d_out if d_out is not None else _scratch(xv, acc))
+        d = torch.sub(xv, shift, out=d_buf)
     m = d.numel() // shift.numel()  # values per (ghost batch, channel)
     mean_d = d.sum(dim=dims, keepdim=True) / m
-    squares = d * d if (grad or scratch is None) else torch.mul(d, d, out=scratch)
+    squares = d * d if (grad or sq_buf is None) else torch.mul(d, d, out=sq_buf)
     var = (squares.sum(dim=dims, keepdim=True) / m - mean_d * mean_d).clamp_min(0.0)
-    return d, shift, mean_d, var
+    return d, mean_d, var
 
 
 class _GhostTrain(torch.autograd.Function):
@@ -172,13 +181,14 @@ class _GhostTrain(torch.autograd.Function):
     Backward (hand-derived, per (g, c), grad gy):
         dx = weight_c * invstd_gc * (gy - mean(gy) - x_hat * mean(gy * x_hat))
         dweight_c = sum_g sum gy * x_hat,   dbias_c = sum_g sum gy
-    written with d = x - shift (:func:`_ghost_moments`) as x - mu_gc = d - mean_d, so that
-    every full-size step is one fused torch op: forward 5 passes over the data (d, sum, d^2,
-    sum, y = d * scale + offset), backward 5 (sum gy, gy * d, sum, two addcmuls for dx). All on
-    a strided view of x (no transposition, no per-chunk loop); statistics in ``acc_dtype``
-    (float32; float64 for float64 input). Saved for backward: x and d (one tensor more than
-    plain BN). mean (float64) and var (acc) are returned with shape (k, C). The backward is
-    itself differentiable (``create_graph=True``: it recomputes from x).
+    written with d = x - shift (:func:`_moments`), x - mu_gc = d - mean_d, so that each step
+    over the data is one torch op on a strided view of x (no transposition, no loop over
+    ghost batches): forward d, sum, d^2, sum, y = d * scale + offset; backward d, sum gy,
+    gy * d, sum, dx = two addcmuls. The ghost batches are processed in runs of about
+    BLOCK_BYTES, so that d and d^2 live in a cache-sized scratch and only y (dx) is written
+    to memory. Statistics in ``acc_dtype`` (float32; float64 for float64 input). Saved for
+    backward: x and per-(g, c) vectors, as plain BN. mean (float64) and var (acc) are returned
+    with shape (k, C). The backward is itself differentiable (``create_graph=True``).
     """
 
     @staticmethod
@@ -187,22 +197,25 @@ class _GhostTrain(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         acc = torch_ops.acc_dtype(x.dtype)
         xv, dims, per_channel = _ghost_view(x, k)
-        d = _scratch(xv, acc)
-        yv = _scratch(xv, acc)  # scratch for d^2, then y
+        shift = _shift(xv, dims, acc)
         w = weight.to(acc).reshape(per_channel) if weight is not None else None
         b = bias.to(acc).reshape(per_channel) if bias is not None else None
-        stats: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
-        for blk in _blocks(xv, acc):  # cache-sized runs of ghost batches
-            _, shift, mean_d, var = _ghost_moments(xv[blk], dims, acc, yv[blk], d[blk])
+        yv = _scratch(xv, acc)  # (k, n, ...): y; each run's d^2 first
+        blocks = _blocks(xv, acc)
+        d_buf = torch.empty((blocks[0].stop, *xv.shape[1:]), dtype=acc, device=x.device)  # one run
+        stats: list[tuple[Tensor, Tensor, Tensor]] = []
+        for blk in blocks:
+            rows = blk.stop - blk.start
+            d, mean_d, var = _moments(xv[blk], shift[blk], dims, acc, d_buf[:rows], yv[blk])
             invstd = torch.rsqrt(var + eps)  # (kb, 1, C, 1) or (kb, 1, 1, C)
             scale = invstd if w is None else invstd * w
-            # y = (d - mean_d) * scale + bias = d * scale + offset; d is small, nothing cancels
+            # y = (d - mean_d) * scale + bias = d * scale + offset: d is small, nothing cancels
             offset = -mean_d * scale if b is None else torch.addcmul(b, mean_d, scale, value=-1.0)
-            torch.addcmul(offset, d[blk], scale, out=yv[blk])
-            stats.append((shift, mean_d, var, invstd))
-        shift, mean_d, var, invstd = (torch.cat(t) for t in zip(*stats)) if len(stats) > 1 else stats[0]
+            torch.addcmul(offset, d, scale, out=yv[blk])
+            stats.append((mean_d, var, invstd))
+        mean_d, var, invstd = (torch.cat(t) for t in zip(*stats)) if len(stats) > 1 else stats[0]
         y = _ghost_unview(yv.to(x.dtype), x)
-        ctx.save_for_backward(x, weight, d, mean_d, invstd)
+        ctx.save_for_backward(x, weight, shift, mean_d, invstd)
         ctx.meta = (eps, k, bias.dtype if bias is not None else None)
         mean = (shift.double() + mean_d.double()).reshape(k, -1)  # (k, C)
         var = var.reshape(k, -1)
@@ -211,50 +224,53 @@ class _GhostTrain(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, _gmean: Tensor, _gvar: Tensor):  # type: ignore[override]
-        x, weight, d, mean_d, invstd = ctx.saved_tensors
+        x, weight, shift, mean_d, invstd = ctx.saved_tensors
         eps, k, bias_dtype = ctx.meta
         acc = invstd.dtype
         xv, dims, per_channel = _ghost_view(x, k)
+        gv = _ghost_view(grad_y.contiguous(memory_format=_format(x)), k)[0].to(acc)  # laid out as xv
+        w = weight.to(acc).reshape(per_channel) if weight is not None else None
+        m = xv.numel() // invstd.numel()  # values per (ghost batch, channel)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad = torch.is_grad_enabled()
         if grad:
-            # create_graph=True: recompute the statistics differentiably, so that autograd sees
-            # how mean and invstd depend on x, and differentiate the formulas below themselves
-            d, _, mean_d, var = _ghost_moments(xv, dims, acc)
+            # create_graph=True: one differentiable pass over everything; the statistics are
+            # recomputed so that autograd sees how mean and invstd depend on x
+            d, mean_d, var = _moments(xv, shift, dims, acc)
             invstd = torch.rsqrt(var + eps)
-        gv, _, _ = _ghost_view(grad_y, k)
-        gv = gv.to(acc)
-        m = xv.numel() // invstd.numel()  # values per (ghost batch, channel)
-        w = weight.to(acc).reshape(per_channel) if weight is not None else None
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if grad:
-            blocks = [slice(None)]
-            out = None
+            blocks = [slice(0, xv.shape[0])]
+            dxv = d_buf = None
         else:
             blocks = _blocks(xv, acc)
-            out = _scratch(gv, acc)  # g * d, then dx
+            dxv = _scratch(gv, acc)  # (k, n, ...): dx; each run's gy * d first
+            d_buf = torch.empty((blocks[0].stop, *xv.shape[1:]), dtype=acc, device=x.device)
         sums: list[tuple[Tensor, Tensor]] = []
-        for blk in blocks:  # cache-sized runs of ghost batches
-            g_b, d_b, mean_b, inv_b = gv[blk], d[blk], mean_d[blk], invstd[blk]
+        pieces: list[Tensor] = []
+        for blk in blocks:
+            g_b, mean_b, inv_b = gv[blk], mean_d[blk], invstd[blk]
+            if grad:
+                prod = g_b * d
+            else:
+                d = torch.sub(xv[blk], shift[blk], out=d_buf[: blk.stop - blk.start])  # (kb, n, ...)
+                prod = torch.mul(g_b, d, out=dxv[blk])
             sum_g = g_b.sum(dim=dims, keepdim=True)  # (kb, 1, ...) per (g, c)
-            prod = g_b * d_b if out is None else torch.mul(g_b, d_b, out=out[blk])
             # sum gy * (x - mu) = sum gy * d - mean_d * sum gy;  x_hat = (x - mu) * invstd
             sum_gc = prod.sum(dim=dims, keepdim=True) - mean_b * sum_g
-            sums.append((sum_g, sum_gc))
+            sums.append((sum_g, sum_gc * inv_b))
             if need_x:
                 # dx = scale * (gy - sum_g / m) + coef * (d - mean_d),  coef = -scale * invstd^2 * sum_gc / m
                 scale = inv_b if w is None else inv_b * w
                 coef = -(scale * inv_b * inv_b * sum_gc) / m
                 const = -(scale * sum_g) / m - coef * mean_b
-                if out is None:
-                    dxv = torch.addcmul(torch.addcmul(const, g_b, scale), d_b, coef)
+                if grad:
+                    pieces.append(torch.addcmul(torch.addcmul(const, g_b, scale), d, coef))
                 else:
-                    torch.addcmul(const, g_b, scale, out=prod).addcmul_(d_b, coef)  # in place
-                    dxv = out
-        sum_g, sum_gc = (torch.cat(t) for t in zip(*sums)) if len(sums) > 1 else sums[0]
-        dx = _ghost_unview(dxv.to(x.dtype), x) if need_x else None
-        dw = None
-        if need_w and weight is not None:
-            dw = (sum_gc * invstd).sum(0).reshape(-1).to(weight.dtype)  # summed over ghost batches: (C,)
+                    torch.addcmul(const, g_b, scale, out=prod).addcmul_(d, coef)  # into dxv[blk]
+        sum_g, sum_gxhat = (torch.cat(t) for t in zip(*sums)) if len(sums) > 1 else sums[0]
+        dx = None
+        if need_x:
+            dx = _ghost_unview((pieces[0] if grad else dxv).to(x.dtype), x)
+        dw = sum_gxhat.sum(0).reshape(-1).to(weight.dtype) if (need_w and weight is not None) else None
         db = sum_g.sum(0).reshape(-1).to(bias_dtype) if (need_b and bias_dtype is not None) else None
         return dx, dw, db, None, None
 
