@@ -3,8 +3,8 @@
 Run: PYTHONPATH=src python -m benchmarks.bench_ghost [--batch 1024 --features 512 --virtual 32]
 
 Times forward + backward of one layer on CPU (1 thread), variants interleaved, median of --reps:
-``batchnorm.GhostBatchNorm1d`` (at most two calls of our BN kernel, whatever the number of
-ghost batches; its speed is that of the kernel back-end in use), the loop recipe of
+``batchnorm.GhostBatchNorm1d`` (one vectorized pass over all ghost batches, torch ops on a
+strided view, independent of the BN kernel back-end), the loop recipe of
 pytorch-tabnet's GBN (``torch.cat([bn(c) for c in x.chunk(k)])``, which also applies the running
 average k times per step), and ``torch.nn.BatchNorm1d`` on the whole batch.
 """

@@ -244,9 +244,9 @@ def _layer_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
         params = []
-    if params and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD, params[0].KEYWORD_ONLY):
-        if params[0].name in kwargs:
-            return kwargs[params[0].name]
+    named = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    if params and params[0].kind in named and params[0].name in kwargs:
+        return kwargs[params[0].name]
     tensors = [v for v in kwargs.values() if isinstance(v, Tensor)]
     if len(tensors) == 1:
         return tensors[0]

@@ -57,7 +57,9 @@ def batch_norm_act_layer(
     """
     _checks.check_input(input, where, ndims=ndims, num_features=num_features)
 
-    def normalize(x: Tensor, rm: Tensor | None, rv: Tensor | None, batch: bool, m: float, w: str) -> tuple[Tensor, bool | None]:
+    def normalize(
+        x: Tensor, rm: Tensor | None, rv: Tensor | None, batch: bool, m: float, w: str
+    ) -> tuple[Tensor, bool | None]:
         return _batch_norm_act(x, rm, rv, weight, bias, batch, m, eps, activation, negative_slope, alpha, w)
 
     y, updated = layer_step(

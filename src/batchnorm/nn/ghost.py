@@ -6,10 +6,12 @@ samples, B_1, ..., B_G, and normalizes each with its own statistics:
     for x in B_g:   y = weight * (x - mu_g) / sqrt(var_g + eps) + bias
     mu_g  = mean of B_g,   var_g = biased variance of B_g        (per channel, over N_g * spatial)
 
-All full ghost batches are normalized by ONE call of our batch-norm kernel (forward and
-hand-derived backward), with no Python loop over chunks: viewed as (v, G*C, S), each
-(ghost batch, channel) pair is a channel of its own. When N is not a multiple of
-``virtual_batch_size`` the last ghost batch is smaller and is a second kernel call; if it would
+All full ghost batches are normalized by ONE autograd function (forward and hand-derived
+backward) on a strided view (G, v, C, S) of x, with no Python loop over ghost batches and no
+transposing copy: each step is one torch op over all of them, run over cache-sized runs of
+ghost batches (see ``_GhostTrain``; ghost BN does not use the plain-BN kernels, whose layout
+would need the transposition). When N is not a multiple of
+``virtual_batch_size`` the last ghost batch is smaller and is a second call; if it would
 hold a single value per channel (no variance: its output would be the constant ``bias`` and
 carry no gradient) it is merged into the previous ghost batch instead; full ghost batches of
 one value per channel (``virtual_batch_size=1`` on (N, C) input) raise ``ValueError``, as
@@ -43,7 +45,7 @@ from torch import Tensor
 
 from .. import _checks
 from .._kernels import torch_ops
-from .._kernels.dispatch import _numba
+from .._kernels.dispatch import _numba, get_backend
 from ..functional import _format, update_running_stats, warn_if_skipped
 from .batchnorm import BatchNormBase, batch_norm_layer, is_fx_proxy, momentum_now, record_update, record_update_traced
 
@@ -100,11 +102,15 @@ def _ghost_unview(y: Tensor, like: Tensor) -> Tensor:
 
 
 def _scratch(like: Tensor, dtype: torch.dtype) -> Tensor:
-    """An uninitialized tensor of ``like``'s shape in ``dtype``. On CPU, large ones come from the
-    kernels' output pool (:mod:`batchnorm._kernels.outpool`, when the numba back-end is
-    installed): a fresh multi-MB tensor costs page faults on first touch, measured at 3-5x the
-    time of the elementwise pass that fills it."""
-    if like.device.type == "cpu" and like.is_contiguous() and _numba() is not None:
+    """An uninitialized tensor of ``like``'s shape in ``dtype``.
+
+    On CPU, large ones come from the kernels' output pool (:mod:`batchnorm._kernels.outpool`)
+    when the numba back-end is installed and not switched off (``BATCHNORM_BACKEND=torch``):
+    a fresh multi-MB tensor costs page faults on first touch, measured at 3-5x the time of
+    the elementwise pass that fills it.
+    """
+    pooled = like.device.type == "cpu" and like.is_contiguous() and get_backend() != "torch"
+    if pooled and _numba() is not None:
         from .._kernels import outpool
 
         out = outpool.empty_like(like, dtype)
@@ -285,7 +291,8 @@ def _ghost_train(
 
     The G full ghost batches are ONE :class:`_GhostTrain` call on a view (G, v, C, S) of x
     (per-(ghost batch, channel) statistics by torch reductions over v and S, no copy); a
-    smaller tail ghost batch is a second call. So there are at most two calls, whatever G is.
+    smaller tail ghost batch is a second call. The whole-batch statistics are pooled from
+    the ghost ones (Chan's merge, :func:`_pool`), in float64.
     """
     n, c = x.shape[0], x.shape[1]
     per_sample = x[0, 0].numel()  # S = prod(spatial): values of one channel in one sample
