@@ -14,7 +14,6 @@ import torch
 import torch.fx
 from torch import nn
 
-import batchnorm
 from batchnorm import (
     BatchNorm1d,
     BatchNorm2d,
@@ -185,5 +184,26 @@ def test_torch_export_in_eval_mode(kind: str) -> None:
     torch.testing.assert_close(exported.module()(x), model(x))
 
 
-def test_public_names() -> None:
-    assert batchnorm.nn.batchnorm.batch_norm_layer is bn_mod.batch_norm_layer
+def test_traced_graph_survives_deepcopy_and_pickle() -> None:
+    """fx tools deep-copy GraphModules, and users save them: the wrapped functions resolve again."""
+    import io
+    import pickle
+
+    model = nn.Sequential(
+        nn.Linear(3, 4),
+        BatchNorm1d(4),
+        GhostBatchNorm1d(4, 2),
+        renorm_mod.BatchRenorm1d(4),
+        act_mod.BatchNormAct1d(4),
+        frozen_mod.FrozenBatchNorm1d(4),
+    )
+    traced = torch.fx.symbolic_trace(model.train())
+    buf = io.BytesIO()
+    torch.save(traced, buf)
+    buf.seek(0)
+    copies = [copy.deepcopy(traced), pickle.loads(pickle.dumps(traced)), torch.load(buf, weights_only=False)]
+    x = torch.randn(6, 3)
+    expected = copy.deepcopy(traced)(x)
+    for other in copies:
+        torch.testing.assert_close(other(x), expected, rtol=0, atol=0)
+        assert int(other.get_submodule("2").num_batches_tracked) == 1  # each copy has its own state
