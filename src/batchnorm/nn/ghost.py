@@ -109,10 +109,11 @@ def _scratch(like: Tensor, dtype: torch.dtype) -> Tensor:
     a fresh multi-MB tensor costs page faults on first touch, measured at 3-5x the time of
     the elementwise pass that fills it.
     """
-    pooled = like.device.type == "cpu" and like.is_contiguous() and get_backend() != "torch"
-    if pooled and _numba() is not None:
-        from .._kernels import outpool
+    from .._kernels import outpool  # no import-time side effects (numpy buffers on demand)
 
+    big = like.numel() * 8 >= outpool.MIN_BYTES  # cheap pre-check, at most 8 bytes per element
+    pooled = big and like.device.type == "cpu" and like.is_contiguous() and get_backend() != "torch"
+    if pooled and _numba() is not None:
         out = outpool.empty_like(like, dtype)
         if out is not None:
             return out
@@ -125,15 +126,18 @@ so that the several passes over a run find it in cache (L2 is 2 MiB on the machi
 
 
 def _blocks(xv: Tensor, acc: torch.dtype) -> list[slice]:
-    """Slices of dim 0 (ghost batches) of view ``xv``, each of about BLOCK_BYTES in ``acc``."""
+    """Slices of dim 0 (ghost batches) of view ``xv``, each of about BLOCK_BYTES in ``acc``
+    (one slice off the CPU: there each op is a kernel launch, and no cache to fit)."""
     k = xv.shape[0]
+    if xv.device.type != "cpu":
+        return [slice(0, k)]
     per_ghost = (xv.numel() // k) * torch.empty((), dtype=acc).element_size()
     step = max(1, BLOCK_BYTES // per_ghost)
     return [slice(i, min(i + step, k)) for i in range(0, k, step)]
 
 
 SHIFT_SAMPLES = 4
-"""Samples per ghost batch averaged into the shift of :func:`_ghost_moments`."""
+"""Samples per ghost batch averaged into the shift of :func:`_moments`."""
 
 
 def _shift(xv: Tensor, dims: tuple[int, ...], acc: torch.dtype) -> Tensor:
