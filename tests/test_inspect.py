@@ -91,3 +91,26 @@ def test_format_table() -> None:
     assert format_table([]) == "no batch-norm layers found"
     with pytest.raises(TypeError, match="nn.Module"):
         inspect_model(3)  # type: ignore[arg-type]
+
+
+class _KeywordCall(nn.Module):
+    """Calls its batch norm with the keyword, ``bn(input=h)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.bn = nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(input=self.lin(x))
+
+
+def test_discrepancy_sees_keyword_calls() -> None:
+    torch.manual_seed(0)
+    model = _KeywordCall()
+    positional = nn.Sequential(model.lin, model.bn)  # the same layers, called positionally
+    x = torch.randn(32, 4) * 3 + 2
+    (kw,) = inspect_model(model, x)
+    (pos,) = inspect_model(positional, x)
+    assert kw.mean_shift is not None and kw.mean_shift > 0.1  # fresh running stats vs shifted data
+    assert (kw.mean_shift, kw.var_ratio) == (pos.mean_shift, pos.var_ratio)

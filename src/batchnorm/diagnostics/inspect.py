@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _dataflow
-from ..stats import Moments, _default_forward
+from ..stats import Moments, _default_forward, _layer_input
 
 __all__ = ["LayerReport", "inspect_model", "format_table"]
 
@@ -101,15 +101,15 @@ def _sample_moments(
     flags = [(m, m.training) for m in model.modules()]
 
     def make_hook(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]
+        def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = _layer_input(m, args, kwargs)  # bn(x) and bn(input=x) alike
             # (N, C, *) reduced over N and the spatial dims
             mo = Moments.from_tensor(x, [0, *range(2, x.dim())])
             acc[name] = acc[name].merge(mo) if name in acc else mo
 
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in bns]
+    handles = [m.register_forward_pre_hook(make_hook(name), with_kwargs=True) for name, m in bns]
     try:
         for m, _ in flags:  # flags set directly: exported programs' modules refuse .eval()
             m.training = False
