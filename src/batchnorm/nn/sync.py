@@ -6,18 +6,23 @@ ranks of ``process_group`` (the default group if None). Per channel, over all M 
     mu    = (1/M) sum x                       var = (1/M) sum (x - mu)^2      (biased)
     y     = weight * (x - mu) / sqrt(var + eps) + bias
 
-Forward: each rank computes its (m_r, mean_r, M2_r) locally (shifted two-pass, float32 or
-float64), and ONE ``all_reduce`` gathers them (a (W, 1 + 2C) float64 buffer); every rank then
-merges them with Chan's formula in float64, so uneven batch sizes and ranks with zero samples
-give the statistics of the concatenated batch, with no cancellation.
+Forward: each rank computes its (m_r, mean_r, M2_r) locally with the back-end's statistics
+(numba on CPU: float64 accumulation; torch ops elsewhere: shifted two-pass), and ONE
+``all_reduce`` gathers them (a (W, 1 + 2C) float64 buffer); every rank then merges them with
+Chan's formula in float64, so uneven batch sizes and ranks with zero samples give the
+statistics of the concatenated batch, with no cancellation. The output is the back-end's
+normalize pass with the global statistics (mean kept in float64).
 
 Backward (g = dL/dy, sums over the global batch):
 
     dx = weight / sqrt(var + eps) * (g - (1/M) sum g - x_hat (1/M) sum g * x_hat)
 
-with ONE ``all_reduce`` of the 2C local sums (sum g, sum g*x_hat). ``weight``/``bias`` get
-their *local* gradients sum_local g*x_hat and sum_local g; DistributedDataParallel then reduces
-them across ranks like every other parameter. Cost: one collective per layer per pass.
+with ONE ``all_reduce`` of the 2C local sums (sum g, sum g*x_hat), taken around the mean
+rounded to x's precision (exact near it) and moved to the float64 mean per channel; dx is then
+k1 g + k2 (x - mean) + k3 with per-channel float64 coefficients (three elementwise passes).
+``weight``/``bias`` get their *local* gradients sum_local g*x_hat and sum_local g;
+DistributedDataParallel then reduces them across ranks like every other parameter.
+Cost: one blocking collective per layer per pass (docs/distributed.md has measurements).
 
 Running statistics (training, ``track_running_stats``): updated on every rank identically with
 the global mean and the global *unbiased* variance var * M / (M - 1) (PyTorch's conventions:
