@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import batchnorm
+from batchnorm import _collectives
 
 
 @dataclass
@@ -87,12 +88,12 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
     # (enter, leave) perf_counter times of SyncBatchNorm's all_reduce calls in this step;
     # perf_counter is CLOCK_MONOTONIC on Linux, one clock for all processes of the machine
     calls: list[tuple[float, float]] = []
-    all_reduce = dist.all_reduce
+    all_reduce_sum = _collectives.all_reduce_sum  # what SyncBatchNorm calls
 
     def timed_all_reduce(*args, **kwargs):
         t0 = time.perf_counter()
         try:
-            return all_reduce(*args, **kwargs)
+            return all_reduce_sum(*args, **kwargs)
         finally:
             calls.append((t0, time.perf_counter()))
 
@@ -110,8 +111,7 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
     times: dict[str, list[float]] = {name: [] for name in steps}
     step_calls: list[list[tuple[float, float]]] = []  # per timed sync step
     try:
-        # DDP reduces gradients in C++, so only SyncBatchNorm's collectives go through this
-        dist.all_reduce = timed_all_reduce
+        _collectives.all_reduce_sum = timed_all_reduce  # SyncBatchNorm's collectives only
         for i in range(cfg.reps + 3):
             for name in steps:  # interleaved
                 t = step(name)
@@ -120,7 +120,7 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
                     if name.startswith("sync"):
                         step_calls.append(list(calls))
     finally:
-        dist.all_reduce = all_reduce
+        _collectives.all_reduce_sum = all_reduce_sum
     every_rank: list[list[list[tuple[float, float]]] | None] = [None] * cfg.procs
     dist.all_gather_object(every_rank, step_calls)
     # latency of one layer's collectives: forward (W, 1 + 2C) and backward (2C,) float64
@@ -132,7 +132,7 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
         for k, buf in lat.items():
             dist.barrier()
             t0 = time.perf_counter()
-            dist.all_reduce(buf)
+            _collectives.all_reduce_sum(buf, None, "bench_sync", "a latency probe")
             if i >= 3:
                 lat_t[k].append(time.perf_counter() - t0)
     try:  # what PyTorch's own layer does here (gloo initialized, CPU input)
@@ -156,25 +156,23 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
 
 
 def _split_collective_time(every_rank: list) -> tuple[float, float, float]:
-    """Medians over steps of rank 0's time inside SyncBatchNorm's collectives, split into
-    waiting for the later peer to arrive (its enter - ours) and the rest (our leave - the last
-    enter: the transfer plus being scheduled again); and the sum of the two.
+    """Rank 0's time inside SyncBatchNorm's collectives in the median step (by that time), split
+    into waiting for the later peer to arrive (its enter - ours) and the rest (our leave - the
+    last enter: the transfer plus being scheduled again); returns (total, waiting, rest).
 
     every_rank[r][step] = [(enter, leave), ...] in call order (every rank makes the same calls).
     """
-    inside, waiting, after = [], [], []
+    per_step = []
     for per_rank in zip(*every_rank):  # one step: each rank's calls
-        w = a = t = 0.0
+        waiting = rest = 0.0
         for call in zip(*per_rank):  # one collective: each rank's (enter, leave)
             last_enter = max(enter for enter, _ in call)
             enter0, leave0 = call[0]
-            w += last_enter - enter0
-            a += leave0 - last_enter
-            t += leave0 - enter0
-        inside.append(t)
-        waiting.append(w)
-        after.append(a)
-    return statistics.median(inside), statistics.median(waiting), statistics.median(after)
+            waiting += last_enter - enter0
+            rest += leave0 - last_enter
+        per_step.append((waiting + rest, waiting, rest))
+    per_step.sort()
+    return per_step[len(per_step) // 2]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -203,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     inside, waiting, after = split
     print(f"time inside SyncBatchNorm's all_reduce calls per sync step (rank 0): {inside * 1e3:.2f} ms = "
           f"waiting for the peer to arrive {waiting * 1e3:.2f} ms + from the last arrival to return "
-          f"(transfer, being scheduled again) {after * 1e3:.2f} ms (medians)")
+          f"(transfer, being scheduled again) {after * 1e3:.2f} ms (the median step)")
     print(f"torch.nn.SyncBatchNorm, same processes, CPU input: {torch_sync}")
 
 
