@@ -5,13 +5,13 @@ Run: PYTHONPATH=src python -m benchmarks.bench_sync [--procs 2 --batch 32 --reps
 Both variants run in the same processes, interleaved step by step, under
 DistributedDataParallel (so both pay DDP's gradient all-reduce): the same conv net with
 ``batchnorm.SyncBatchNorm`` (one all_reduce per layer in forward, one in backward) and with our
-local ``batchnorm.BatchNorm2d`` (the same per-rank work without statistics sync: the same
-numba statistics and normalize kernels, but a fused forward and backward where sync must split
-them around its collectives);
+local ``batchnorm.BatchNorm2d`` (the same per-rank work without statistics sync; it runs
+numba's fused forward and backward, where sync splits each pass around its collective);
 ``torch.nn.BatchNorm2d`` is timed too, for context (``torch.nn.SyncBatchNorm`` refuses CPU
 input). Prints per-step medians, the median of the paired (same-iteration) ratios sync / local
-(goal <= 1.2x; robust to load that drifts during the run), and the latency of the
-collectives one SyncBatchNorm layer issues per pass, times the number of layers.
+(goal <= 1.2x; robust to load that drifts during the run), the latency of the collectives one
+SyncBatchNorm layer issues per pass (after a barrier) times the number of layers, and rank 0's
+time inside them in a training step, split into waiting for the peer to arrive and the rest.
 """
 
 from __future__ import annotations
