@@ -9,6 +9,8 @@ Run: PYTHONPATH=src python -m pytest -q tests/test_sync_precision.py
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -94,3 +96,21 @@ def test_sync_bias_gradient_keeps_the_bias_dtype_without_weight(one_rank_group):
     b = torch.zeros(2, requires_grad=True)
     batchnorm.sync_batch_norm(x.requires_grad_(), None, None, None, b).float().sum().backward()
     torch.testing.assert_close(b.grad, torch.full((2,), 32.0 * 64 * 64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_sync_path_nonfinite_input_warns_once_and_keeps_running_stats(one_rank_group, bad):
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    x[1, 1, 2] = bad
+    rm = torch.zeros(3, dtype=torch.float64)
+    rv = torch.ones(3, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = batchnorm.sync_batch_norm(x, rm, rv)
+    # only our own warning: the float64 merge must not leak NumPy's "invalid value" warnings
+    assert [str(w.message).split(":")[0] for w in caught] == ["sync_batch_norm"]
+    assert "not finite" in str(caught[0].message)
+    assert torch.equal(rm, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(rv, torch.ones(3, dtype=torch.float64))
+    assert torch.isnan(y[:, 1]).all()
+    assert torch.isfinite(y[:, [0, 2]]).all()

@@ -96,10 +96,14 @@ def merge_moments(counts: np.ndarray, means: np.ndarray, m2s: np.ndarray) -> tup
 
     counts (W,), means and m2s (W, C) float64 NumPy arrays; returns (n, mean (C,), M2 (C,)).
     Parts with n_k = 0 contribute nothing (their mean and M2 must be 0). The spread term is a
-    sum of non-negative numbers, so nothing cancels. For n = 0 the mean and M2 are 0.
+    sum of non-negative numbers, so nothing cancels. For n = 0 the mean and M2 are 0; NaN/inf
+    parts give NaN/inf results, silently.
     """
     n = float(counts.sum())
-    w = counts[:, None] / max(n, 1.0)  # (W, 1) weight of each part
-    mean = (w * means).sum(0)  # (C,)
-    m2 = m2s.sum(0) + (counts[:, None] * np.square(means - mean)).sum(0)  # (C,)
+    # NaN/inf from any rank propagate (inf - inf = NaN) without NumPy's RuntimeWarning: the
+    # layer reports non-finite statistics itself
+    with np.errstate(invalid="ignore", over="ignore"):
+        w = counts[:, None] / max(n, 1.0)  # (W, 1) weight of each part
+        mean = (w * means).sum(0)  # (C,)
+        m2 = m2s.sum(0) + (counts[:, None] * np.square(means - mean)).sum(0)  # (C,)
     return n, mean, m2

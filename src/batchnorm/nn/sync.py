@@ -95,7 +95,8 @@ def global_moments(x: Tensor, group: object | None, where: str) -> tuple[int, Te
         host = rows.cpu().numpy()  # (W, 1 + 2C); no copy for CPU tensors
         total, mean_g, m2_g = _collectives.merge_moments(host[:, 0], host[:, 1:1 + c], host[:, 1 + c:])
         total_i = int(total)
-        var = np.maximum(m2_g / max(total_i, 1), 0.0)  # (C,)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf propagate; reported by the caller
+            var = np.maximum(m2_g / max(total_i, 1), 0.0)  # (C,)
         mean_t = torch.from_numpy(mean_g).to(x.device)
         var_t = torch.from_numpy(var).to(x.device)
     return total_i, mean_t, var_t
