@@ -5,11 +5,13 @@ Run: PYTHONPATH=src python -m benchmarks.bench_sync [--procs 2 --batch 32 --reps
 Both variants run in the same processes, interleaved step by step, under
 DistributedDataParallel (so both pay DDP's gradient all-reduce): the same conv net with
 ``batchnorm.SyncBatchNorm`` (one all_reduce per layer in forward, one in backward) and with our
-local ``batchnorm.BatchNorm2d`` (identical per-rank arithmetic, no statistics sync);
+local ``batchnorm.BatchNorm2d`` (the same per-rank work without statistics sync; it runs
+numba's fused forward and backward, where sync splits each pass around its collective);
 ``torch.nn.BatchNorm2d`` is timed too, for context (``torch.nn.SyncBatchNorm`` refuses CPU
 input). Prints per-step medians, the median of the paired (same-iteration) ratios sync / local
-(goal <= 1.2x; robust to load that drifts during the run), and the latency of the
-collectives one SyncBatchNorm layer issues per pass, times the number of layers.
+(goal <= 1.2x; robust to load that drifts during the run), the latency of the collectives one
+SyncBatchNorm layer issues per pass (after a barrier) times the number of layers, and rank 0's
+time inside them in a training step, split into waiting for the peer to arrive and the rest.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import batchnorm
+from batchnorm import _collectives
 
 
 @dataclass
@@ -82,20 +85,22 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
     x = torch.randn(cfg.batch, 3, cfg.size, cfg.size, generator=gen)
     y = torch.randint(0, 10, (cfg.batch,), generator=gen)
 
-    inside = [0.0]  # seconds spent inside SyncBatchNorm's all_reduce calls in this step
-    all_reduce = dist.all_reduce
+    # (enter, leave) perf_counter times of SyncBatchNorm's all_reduce calls in this step;
+    # perf_counter is CLOCK_MONOTONIC on Linux, one clock for all processes of the machine
+    calls: list[tuple[float, float]] = []
+    all_reduce_sum = _collectives.all_reduce_sum  # what SyncBatchNorm calls
 
     def timed_all_reduce(*args, **kwargs):
         t0 = time.perf_counter()
         try:
-            return all_reduce(*args, **kwargs)
+            return all_reduce_sum(*args, **kwargs)
         finally:
-            inside[0] += time.perf_counter() - t0
+            calls.append((t0, time.perf_counter()))
 
     def step(name: str) -> float:
         ddp, opt = steps[name]
         dist.barrier()  # start together: time the step, not the wait for a slower peer
-        inside[0] = 0.0
+        calls.clear()
         t0 = time.perf_counter()
         loss = F.cross_entropy(ddp(x), y)
         opt.zero_grad()
@@ -104,19 +109,20 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
         return time.perf_counter() - t0
 
     times: dict[str, list[float]] = {name: [] for name in steps}
-    waits: list[float] = []
+    step_calls: list[list[tuple[float, float]]] = []  # per timed sync step
     try:
-        # DDP reduces gradients in C++, so only SyncBatchNorm's collectives go through this
-        dist.all_reduce = timed_all_reduce
+        _collectives.all_reduce_sum = timed_all_reduce  # SyncBatchNorm's collectives only
         for i in range(cfg.reps + 3):
             for name in steps:  # interleaved
                 t = step(name)
                 if i >= 3:
                     times[name].append(t)
                     if name.startswith("sync"):
-                        waits.append(inside[0])
+                        step_calls.append(list(calls))
     finally:
-        dist.all_reduce = all_reduce
+        _collectives.all_reduce_sum = all_reduce_sum
+    every_rank: list[list[list[tuple[float, float]]] | None] = [None] * cfg.procs
+    dist.all_gather_object(every_rank, step_calls)
     # latency of one layer's collectives: forward (W, 1 + 2C) and backward (2C,) float64
     c = cfg.channels
     lat = {"forward all_reduce": torch.zeros(cfg.procs, 1 + 2 * c, dtype=torch.float64),
@@ -126,7 +132,7 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
         for k, buf in lat.items():
             dist.barrier()
             t0 = time.perf_counter()
-            dist.all_reduce(buf)
+            _collectives.all_reduce_sum(buf, None, "bench_sync", "a latency probe")
             if i >= 3:
                 lat_t[k].append(time.perf_counter() - t0)
     try:  # what PyTorch's own layer does here (gloo initialized, CPU input)
@@ -140,13 +146,33 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
         queue.put((
             {k: statistics.median(v) for k, v in times.items()},
             paired,
-            statistics.median(waits),
+            _split_collective_time(every_rank),
             {k: statistics.median(v) for k, v in lat_t.items()},
             torch_sync,
         ))
     del steps, variants
     gc.collect()  # free the DDP objects (reference cycles) before the group: see examples/ddp_syncbn.py
     dist.destroy_process_group()
+
+
+def _split_collective_time(every_rank: list) -> tuple[float, float, float]:
+    """Rank 0's time inside SyncBatchNorm's collectives in the median step (by that time), split
+    into waiting for the later peer to arrive (its enter - ours) and the rest (our leave - the
+    last enter: the transfer plus being scheduled again); returns (total, waiting, rest).
+
+    every_rank[r][step] = [(enter, leave), ...] in call order (every rank makes the same calls).
+    """
+    per_step = []
+    for per_rank in zip(*every_rank):  # one step: each rank's calls
+        waiting = rest = 0.0
+        for call in zip(*per_rank):  # one collective: each rank's (enter, leave)
+            last_enter = max(enter for enter, _ in call)
+            enter0, leave0 = call[0]
+            waiting += last_enter - enter0
+            rest += leave0 - last_enter
+        per_step.append((waiting + rest, waiting, rest))
+    per_step.sort()
+    return per_step[len(per_step) // 2]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -160,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     mp.spawn(_worker, args=(port, cfg, queue), nprocs=cfg.procs, join=True)
-    times, paired, wait, lat, torch_sync = queue.get()
+    times, paired, split, lat, torch_sync = queue.get()
     print(f"{cfg.procs} processes, gloo/CPU, {cfg.threads} thread(s) each; per rank: batch {cfg.batch}, "
           f"{cfg.layers} x (conv {cfg.channels}ch + BN + ReLU) on {cfg.size}x{cfg.size}; "
           f"DDP training step, median of {cfg.reps}")
@@ -172,8 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"one SyncBatchNorm layer's collectives per step: forward {lat['forward all_reduce'] * 1e6:.0f} us + "
           f"backward {lat['backward all_reduce'] * 1e6:.0f} us; x {cfg.layers} layers = {per_layer * cfg.layers * 1e3:.2f} ms "
           f"(measured sync - local: {(times['sync (batchnorm.SyncBatchNorm)'] - local) * 1e3:.2f} ms)")
-    print(f"time inside SyncBatchNorm's all_reduce calls per sync step (latency + waiting for the slower "
-          f"peer): {wait * 1e3:.2f} ms")
+    inside, waiting, after = split
+    print(f"time inside SyncBatchNorm's all_reduce calls per sync step (rank 0): {inside * 1e3:.2f} ms = "
+          f"waiting for the peer to arrive {waiting * 1e3:.2f} ms + from the last arrival to return "
+          f"(transfer, being scheduled again) {after * 1e3:.2f} ms (the median step)")
     print(f"torch.nn.SyncBatchNorm, same processes, CPU input: {torch_sync}")
 
 

@@ -6,18 +6,23 @@ ranks of ``process_group`` (the default group if None). Per channel, over all M 
     mu    = (1/M) sum x                       var = (1/M) sum (x - mu)^2      (biased)
     y     = weight * (x - mu) / sqrt(var + eps) + bias
 
-Forward: each rank computes its (m_r, mean_r, M2_r) locally (shifted two-pass, float32 or
-float64), and ONE ``all_reduce`` gathers them (a (W, 1 + 2C) float64 buffer); every rank then
-merges them with Chan's formula in float64, so uneven batch sizes and ranks with zero samples
-give the statistics of the concatenated batch, with no cancellation.
+Forward: each rank computes its (m_r, mean_r, M2_r) locally with the back-end's statistics
+(numba on CPU: float64 accumulation; torch ops elsewhere: shifted two-pass), and ONE
+``all_reduce`` gathers them (a (W, 1 + 2C) float64 buffer); every rank then merges them with
+Chan's formula in float64, so uneven batch sizes and ranks with zero samples give the
+statistics of the concatenated batch, with no cancellation. The output is the back-end's
+normalize pass with the global statistics (mean kept in float64).
 
 Backward (g = dL/dy, sums over the global batch):
 
     dx = weight / sqrt(var + eps) * (g - (1/M) sum g - x_hat (1/M) sum g * x_hat)
 
-with ONE ``all_reduce`` of the 2C local sums (sum g, sum g*x_hat). ``weight``/``bias`` get
-their *local* gradients sum_local g*x_hat and sum_local g; DistributedDataParallel then reduces
-them across ranks like every other parameter. Cost: one collective per layer per pass.
+with ONE ``all_reduce`` of the 2C local sums (sum g, sum g*x_hat), taken around the mean
+rounded to x's precision (exact near it) and moved to the float64 mean per channel; dx is then
+k1 g + k2 (x - mean) + k3 with per-channel float64 coefficients (three elementwise passes).
+``weight``/``bias`` get their *local* gradients sum_local g*x_hat and sum_local g;
+DistributedDataParallel then reduces them across ranks like every other parameter.
+Cost: one blocking collective per layer per pass (docs/distributed.md has measurements).
 
 Running statistics (training, ``track_running_stats``): updated on every rank identically with
 the global mean and the global *unbiased* variance var * M / (M - 1) (PyTorch's conventions:
@@ -41,11 +46,13 @@ forever. Double backward (``create_graph=True``) is not supported.
 from __future__ import annotations
 
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .. import _checks, _collectives
 from .._kernels import torch_ops
+from .._kernels.dispatch import backend_for
 from ..functional import update_running_stats, warn_if_skipped
 from .batchnorm import BatchNormBase, record_update
 
@@ -53,39 +60,53 @@ __all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
 
 def _local_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
-    """(m, mean (C,), M2 (C,)) of the local batch, statistics in ``acc_dtype``; zeros if empty."""
+    """(m, mean (C,) float64, M2 (C,)) of the local batch; zeros if empty.
+
+    CPU tensors the numba back-end supports use its fused statistics pass (float64
+    accumulation; its output normalized with the *local* statistics is discarded, one cheap
+    pass); other tensors use the shifted two-pass :func:`torch_ops.batch_stats`.
+    """
     c = x.shape[1]
     m = x.numel() // c
     if m == 0:
-        zeros = torch.zeros(c, dtype=torch_ops.acc_dtype(x.dtype), device=x.device)
+        zeros = torch.zeros(c, dtype=torch.float64, device=x.device)
         return 0, zeros, zeros
-    mean, var = torch_ops.batch_stats(x)
+    backend = backend_for(x)
+    if backend is torch_ops:
+        mean, var = torch_ops.batch_stats(x)
+    else:
+        _, mean, var = backend.train_forward(x, None, None, 1.0)
     return m, mean, var * m
 
 
 def global_moments(x: Tensor, group: object | None, where: str) -> tuple[int, Tensor, Tensor]:
     """(M, mean, var_biased) of the concatenation of every rank's ``x`` (N_r, C, *).
 
-    ONE all_reduce of the per-rank (m, mean, M2) rows, Chan merge in float64. Returns the
-    statistics in float64 on x's device; M is the global number of values per channel.
+    ONE all_reduce of the per-rank (m, mean, M2) rows, Chan merge in float64 (NumPy, on the
+    (W, 1 + 2C) host copy: a few dozen tiny operations cost ~1 us each there, ~10 us as torch
+    ops). Returns the statistics in float64 on x's device; M is the global number of values
+    per channel.
     """
     with torch.no_grad():
         m, mean, m2 = _local_moments(x.detach())
         what = "the per-rank batch statistics (count, mean, M2)"
         rows = _collectives.gather_rows([float(m), mean, m2], group, where, what)  # (W, 1 + 2C) float64
         c = x.shape[1]
-        total, mean_g, m2_g = _collectives.merge_moments(rows[:, 0], rows[:, 1:1 + c], rows[:, 1 + c:])
-        total_i = int(total.item())
-        var = (m2_g / max(total_i, 1)).clamp_min(0.0)
-    return total_i, mean_g, var
+        host = rows.cpu().numpy()  # (W, 1 + 2C); no copy for CPU tensors
+        total, mean_g, m2_g = _collectives.merge_moments(host[:, 0], host[:, 1:1 + c], host[:, 1 + c:])
+        total_i = int(total)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf propagate; reported by the caller
+            var = np.maximum(m2_g / max(total_i, 1), 0.0)  # (C,)
+        mean_t = torch.from_numpy(mean_g).to(x.device)
+        var_t = torch.from_numpy(var).to(x.device)
+    return total_i, mean_t, var_t
 
 
 class _SyncNormalize(torch.autograd.Function):
-    """y = normalize(x, mean, invstd, weight, bias) with the *global* statistics' backward.
+    """y = normalize(x, mean, var, weight, bias) with the *global* statistics' backward.
 
-    mean (float64) and invstd (``acc_dtype``) are the global statistics (constants to
-    autograd); the backward accounts for their dependence on x through the globally
-    all-reduced sums.
+    mean and var (biased) are the global statistics in float64 (constants to autograd); the
+    backward accounts for their dependence on x through the globally all-reduced sums.
     """
 
     @staticmethod
@@ -95,17 +116,20 @@ class _SyncNormalize(torch.autograd.Function):
         weight: Tensor | None,
         bias: Tensor | None,
         mean: Tensor,
-        invstd: Tensor,
+        var: Tensor,
+        eps: float,
         total: int,
         group: object | None,
         where: str,
     ) -> Tensor:
+        invstd = torch.rsqrt(var + eps)  # (C,) float64
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.total = total
         ctx.group = group
         ctx.where = where
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return torch_ops.normalize(x, mean, invstd, weight, bias)
+        # the back-end's eval kernel: the same fused pass (numba on CPU) as our local layer
+        return backend_for(x).eval_forward(x, mean, var, weight, bias, eps)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
@@ -116,29 +140,35 @@ class _SyncNormalize(torch.autograd.Function):
             )
         x, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        acc = invstd.dtype
+        acc = torch_ops.acc_dtype(x.dtype)
         nd = x.dim()
         dims = torch_ops.reduce_dims(x)
         g = grad_y.to(acc)  # (N, C, *)
-        x_hat = torch_ops.center(x, mean) * torch_ops.channel_view(invstd, nd)  # (N, C, *), float64 mean
-        sum_g = g.sum(dim=dims)  # (C,) local
-        sum_gx = (g * x_hat).sum(dim=dims)  # (C,) local
+        # d = x - mean rounded to acc (exact near the mean, Sterbenz); the float64 residual
+        # r = mean - rounded enters the per-channel (C,) float64 coefficients only
+        rounded = mean.to(acc)  # (C,)
+        resid = mean - rounded.double()  # (C,) float64
+        d = x.to(acc) - torch_ops.channel_view(rounded, nd)  # (N, C, *)
+        sum_g = g.sum(dim=dims).double()  # (C,) local
+        sum_gx = (g * d).sum(dim=dims).double() - resid * sum_g  # (C,) local sum g * (x - mean)
         dx = None
         if need_x:
             c = sum_g.numel()
-            packed = torch.cat([sum_g, sum_gx]).double()  # (2C,)
+            packed = torch.cat([sum_g, sum_gx])  # (2C,) float64
             _collectives.all_reduce_sum(packed, ctx.group, ctx.where, "the gradient sums (sum g, sum g*x_hat)")
-            mean_g = (packed[:c] / ctx.total).to(acc)
-            mean_gx = (packed[c:] / ctx.total).to(acc)
-            scale = invstd if weight is None else invstd * weight.to(acc)
-            # DESIGN.md's backward, with the global means of g and g*x_hat
-            dx = torch_ops.channel_view(scale, nd) * (
-                g - torch_ops.channel_view(mean_g, nd) - x_hat * torch_ops.channel_view(mean_gx, nd)
-            )
+            # DESIGN.md's backward with the global means of g and g*x_hat, as per-channel
+            # coefficients: dx = k1 g + k2 (x - mean) + k3 = k1 g + k2 d + (k3 - k2 r)
+            scale = invstd if weight is None else invstd * weight.double()  # (C,) float64
+            k1 = scale
+            k2 = -scale * invstd.square() * packed[c:] / ctx.total
+            k3 = -scale * packed[:c] / ctx.total - k2 * resid
+            dx = g * torch_ops.channel_view(k1.to(acc), nd)  # (N, C, *); 3 passes in place
+            dx.addcmul_(d, torch_ops.channel_view(k2.to(acc), nd))
+            dx.add_(torch_ops.channel_view(k3.to(acc), nd))
             dx = dx.to(x.dtype)
-        dw = sum_gx.to(weight.dtype) if (need_w and weight is not None) else None
+        dw = (sum_gx * invstd).to(weight.dtype) if (need_w and weight is not None) else None
         db = sum_g.to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def _sync_batch_norm(
@@ -160,14 +190,12 @@ def _sync_batch_norm(
             f"{where}: expected more than 1 value per channel when training, got 1 over the whole "
             f"process group (local input shape {tuple(x.shape)})"
         )
-    acc = torch_ops.acc_dtype(x.dtype)
     if total == 0:
-        zeros = torch.zeros(c, dtype=acc, device=x.device)
+        zeros = torch.zeros(c, dtype=torch_ops.acc_dtype(x.dtype), device=x.device)
         return torch_ops.normalize(x, zeros, zeros + 1, weight, bias), False if running_mean is not None else None
-    # the mean stays float64: centring subtracts its float32 rounding, then the residual
-    # (torch_ops.center), so mean 1e4 / std 1e-2 in float32 keeps the spread's digits
-    invstd = torch.rsqrt(var64 + eps).to(acc)
-    y = _SyncNormalize.apply(x, weight, bias, mean64, invstd, total, group, where)
+    # the mean stays float64: centring subtracts its rounding to x's precision, then the
+    # residual, so mean 1e4 / std 1e-2 in float32 keeps the spread's digits
+    y = _SyncNormalize.apply(x, weight, bias, mean64, var64, eps, total, group, where)
     if running_mean is None:
         return y, None
     return y, update_running_stats(running_mean, running_var, mean64, var64, total, momentum)
