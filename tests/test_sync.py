@@ -184,6 +184,45 @@ def _run_edge_cases(rank: int, out: dict) -> None:
         out["one_value/raises"] = "more than 1 value per channel" in str(e)
 
 
+def _run_traced(rank: int, out: dict) -> None:
+    """A torch.fx graph of a model with SyncBatchNorm synchronizes like the module: compared
+    with the untraced module on the same local batch and with torch BN on the global batch."""
+    sizes = [3, 5, 2]
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    gen = torch.Generator().manual_seed(99)
+    torch.manual_seed(7)  # the same Linear on every rank
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), SyncBatchNorm(3, momentum=0.4)).double()
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3, momentum=0.4)).double()
+    ref.load_state_dict(model.state_dict())
+    with _count_collectives() as calls:
+        graph = torch.fx.symbolic_trace(model)  # shares parameters and buffers with model
+    out["traced/trace_collectives"] = len(calls)
+    out["traced/nodes"] = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    worst = 0.0
+    for _ in range(2):
+        xg = torch.randn(sum(sizes), 4, generator=gen, dtype=torch.float64) * 2 + 1
+        xl = xg[lo:hi].clone().requires_grad_()
+        yl = graph(xl)
+        yl.square().sum().backward()
+        xr = xg.clone().requires_grad_()
+        yr = ref(xr)
+        yr.square().sum().backward()
+        gw = model[1].weight.grad.clone()
+        dist.all_reduce(gw)
+        diffs = {
+            "forward": _maxdiff(yl, yr[lo:hi]),
+            "grad_input": _maxdiff(xl.grad, xr.grad[lo:hi]),
+            "grad_weight": _maxdiff(gw, ref[1].weight.grad),
+            "running_var": _maxdiff(model[1].running_var, ref[1].running_var),
+        }
+        out["traced/diffs"] = diffs
+        worst = max(worst, *diffs.values())
+        model.zero_grad()
+        ref.zero_grad()
+    out["traced/max_diff"] = worst
+    out["traced/num_batches_tracked"] = int(model[1].num_batches_tracked)
+
+
 def _worker(rank: int, outdir: str, scenario: str) -> None:
     torch.set_num_threads(1)
     world = WORLD if scenario == "layouts" else 2
@@ -198,6 +237,7 @@ def _worker(rank: int, outdir: str, scenario: str) -> None:
         for name in LAYOUTS:
             _run_layout(rank, name, out)
         _run_edge_cases(rank, out)
+        _run_traced(rank, out)
         Path(outdir, f"{rank}.json").write_text(json.dumps(out))
         dist.destroy_process_group()
         return
@@ -273,6 +313,37 @@ def test_nonfinite_rank_one_value_and_double_backward(layout_results):
         assert r["nonfinite/output_nan_everywhere"] is True  # the global mean is NaN
         assert r["one_value/raises"] is True
         assert r["double_backward/raises"] is True
+
+
+@pytest.mark.distributed
+def test_fx_traced_graph_synchronizes(layout_results):
+    for r in layout_results:
+        assert r["traced/trace_collectives"] == 0  # tracing itself does not communicate
+        assert len(r["traced/nodes"]) == 1 and "sync_batch_norm_layer" in r["traced/nodes"][0]
+        assert r["traced/max_diff"] < 1e-10, r["traced/diffs"]  # per-rank BN would differ by O(1) here
+        assert r["traced/num_batches_tracked"] == 2
+
+
+def test_fx_trace_without_process_group_decides_at_run_time() -> None:
+    """Traced with no process group, the graph still holds the synchronizing node; run here
+    (no group) it is plain BN; a layer with its own group traces in eval mode only."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), SyncBatchNorm(3))
+    graph = torch.fx.symbolic_trace(model)
+    targets = [getattr(n.target, "__name__", "") for n in graph.graph.nodes if n.op == "call_function"]
+    assert targets == ["sync_batch_norm_layer"]
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(6, 4)
+    torch.testing.assert_close(graph(x), ref(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var, ref[1].running_var)
+    grouped = SyncBatchNorm(3, process_group="a group")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="process_group"):
+        torch.fx.symbolic_trace(torch.nn.Sequential(grouped))
+    eval_graph = torch.fx.symbolic_trace(torch.nn.Sequential(grouped).eval())
+    assert [getattr(n.target, "__name__", "") for n in eval_graph.graph.nodes if n.op == "call_function"] == [
+        "batch_norm_layer"
+    ]
 
 
 @pytest.mark.distributed

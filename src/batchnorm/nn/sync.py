@@ -41,6 +41,9 @@ backward through it if one does (whether the input needs a gradient must agree a
 A peer that does not join makes the collective fail after the process group's timeout
 (``init_process_group(timeout=...)``) with a ``RuntimeError`` that says so, instead of hanging
 forever. Double backward (``create_graph=True``) is not supported.
+
+torch.fx: ``symbolic_trace`` records one :func:`sync_batch_norm_layer` node per layer, which
+decides when the graph runs whether to synchronize (docs/fx.md).
 """
 
 from __future__ import annotations
@@ -48,15 +51,23 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.fx
 from torch import Tensor
 
 from .. import _checks, _collectives
 from .._kernels import torch_ops
 from .._kernels.dispatch import backend_for
 from ..functional import update_running_stats, warn_if_skipped
-from .batchnorm import BatchNormBase, record_update
+from .batchnorm import (
+    BatchNormBase,
+    batch_norm_layer,
+    is_fx_proxy,
+    momentum_now,
+    record_update,
+    record_update_traced,
+)
 
-__all__ = ["SyncBatchNorm", "sync_batch_norm"]
+__all__ = ["SyncBatchNorm", "sync_batch_norm", "sync_batch_norm_layer"]
 
 
 def _local_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
@@ -274,22 +285,105 @@ class SyncBatchNorm(BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize with statistics over the group in training; plain BN otherwise."""
+        if is_fx_proxy(input):
+            return self._traced_forward(input)
         if not self._synchronized():
             return super().forward(input)
         self._check_input_dim(input)
         where = self._where()
-        _checks.check_eps(self.eps, where, training=True)
-        update = self.track_running_stats
-        y, updated = _sync_batch_norm(
-            input,
-            self.running_mean if update else None,
-            self.running_var if update else None,
-            self.weight,
-            self.bias,
-            self._momentum_now() if update else 0.0,
-            self.eps,
-            self.process_group,
-            where,
-        )
+        y, updated = _synchronized_step(
+            input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+            self.track_running_stats, self.momentum, self.eps, self.process_group, where,
+        )  # fmt: skip
         record_update(self, updated, input, where)
         return y
+
+    def _traced_forward(self, input: Tensor) -> Tensor:
+        """Under torch.fx symbolic tracing: one ``sync_batch_norm_layer`` node.
+
+        Whether to synchronize is decided when the graph runs, so a graph traced before
+        ``init_process_group`` still synchronizes under DDP. A process group object cannot be a
+        graph argument: a layer with its own ``process_group`` traces only in eval mode (which
+        never communicates), as a plain ``batch_norm_layer``.
+        """
+        if self.process_group is not None:
+            if self.training:
+                raise TypeError(
+                    f"{self._where()}: torch.fx cannot record a process_group object in a graph; "
+                    "trace in eval mode, or use the default group (process_group=None) to trace training"
+                )
+            return super()._traced_forward(input)
+        return sync_batch_norm_layer(
+            input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+            self.training, self.track_running_stats, self.momentum, self.eps, self._ndims, self.num_features,
+            self._where(),
+        )  # fmt: skip
+
+
+def _synchronized_step(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    track_running_stats: bool,
+    momentum: float | None,
+    eps: float,
+    group: object | None,
+    where: str,
+) -> tuple[Tensor, bool | None]:
+    """A training forward over the group (input already checked); returns (y, updated)."""
+    _checks.check_eps(eps, where, training=True)
+    return _sync_batch_norm(
+        input,
+        running_mean if track_running_stats else None,
+        running_var if track_running_stats else None,
+        weight,
+        bias,
+        momentum_now(momentum, num_batches_tracked) if track_running_stats else 0.0,
+        eps,
+        group,
+        where,
+    )
+
+
+def sync_batch_norm_layer(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    training: bool,
+    track_running_stats: bool,
+    momentum: float | None,
+    eps: float,
+    ndims: tuple[int, ...],
+    num_features: int,
+    where: str,
+) -> Tensor:
+    """One forward of a ``SyncBatchNorm`` (default group) from its state: the fx graph node.
+
+    Synchronizes when ``training`` and the default group has more than one process *at run
+    time*; otherwise it is :func:`batch_norm_layer`. Same checks, output and in-place update
+    of the running statistics and ``num_batches_tracked`` as the module's forward.
+
+    Shape: input (N_r, C, *) with ``input.dim() in ndims`` -> same shape.
+    """
+    if not (training and _collectives.group_size(None, where) > 1):
+        return batch_norm_layer(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+            track_running_stats, momentum, eps, ndims, num_features, where,
+        )  # fmt: skip
+    _checks.check_input(input, where, ndims=ndims, num_features=num_features)
+    y, updated = _synchronized_step(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, track_running_stats, momentum, eps,
+        None, where,
+    )  # fmt: skip
+    record_update_traced(updated, num_batches_tracked, input, where)
+    return y
+
+
+# During symbolic_trace a call with a Proxy argument becomes one graph node (call_function).
+torch.fx.wrap("sync_batch_norm_layer")
