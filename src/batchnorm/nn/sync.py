@@ -40,7 +40,8 @@ Every rank of the group must call the layer in training mode in the same order, 
 backward through it if one does (whether the input needs a gradient must agree across ranks).
 A peer that does not join makes the collective fail after the process group's timeout
 (``init_process_group(timeout=...)``) with a ``RuntimeError`` that says so, instead of hanging
-forever. Double backward (``create_graph=True``) is not supported.
+forever. Double backward (``create_graph=True``, gradient penalties) works: that backward is
+built from differentiable ops and differentiable all-reduces (two more collectives per layer).
 
 torch.fx: ``symbolic_trace`` records one :func:`sync_batch_norm_layer` node per layer, which
 decides when the graph runs whether to synchronize (docs/fx.md).
@@ -138,17 +139,15 @@ class _SyncNormalize(torch.autograd.Function):
         ctx.total = total
         ctx.group = group
         ctx.where = where
+        ctx.eps = eps
         ctx.bias_dtype = bias.dtype if bias is not None else None
         # the back-end's eval kernel: the same fused pass (numba on CPU) as our local layer
         return backend_for(x).eval_forward(x, mean, var, weight, bias, eps)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                f"{ctx.where}: double backward (create_graph=True) through a synchronized batch "
-                "norm is not supported: the all_reduce of the gradient sums is not differentiable"
-            )
+        if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+            return (*_backward_graph(ctx, grad_y), None, None, None, None, None, None)
         x, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         acc = torch_ops.acc_dtype(x.dtype)
@@ -180,6 +179,45 @@ class _SyncNormalize(torch.autograd.Function):
         dw = (sum_gx * invstd).to(weight.dtype) if (need_w and weight is not None) else None
         db = sum_g.to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None
         return dx, dw, db, None, None, None, None, None, None
+
+
+def _backward_graph(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dweight, dbias) of :class:`_SyncNormalize` as differentiable float64 ops.
+
+    For ``create_graph=True`` (gradient penalties). The forward's statistics were constants
+    to autograd, so they are recomputed here from x, around the float64 global mean ``s``:
+
+        S1 = AR(sum (x - s)),  S2 = AR(sum (x - s)^2)     mu - s = S1/M,  var = S2/M - (S1/M)^2
+
+    and then dx = weight / sqrt(var + eps) * (g - AR(sum g)/M - x_hat AR(sum g x_hat)/M), where
+    AR is a differentiable all-reduce (its backward is an all-reduce too). Second derivatives
+    therefore see every rank's x through mu and var. Four collectives per layer per backward
+    pass and double-backward pass; every rank must differentiate with create_graph alike.
+    """
+    x, weight, mean, _ = ctx.saved_tensors
+    nd = x.dim()
+    dims = torch_ops.reduce_dims(x)
+    c = mean.numel()
+    m = ctx.total
+
+    def channel(t: Tensor) -> Tensor:
+        return torch_ops.channel_view(t, nd)  # (C,) -> broadcastable against (N, C, *)
+
+    d = x.double() - channel(mean)  # (N, C, *)
+    local = torch.cat([d.sum(dim=dims), d.square().sum(dim=dims)])  # (2C,)
+    sums = _collectives.all_reduce_sum_differentiable(local, ctx.group, ctx.where, "the batch sums")
+    shift = sums[:c] / m  # (C,) mu - s
+    invstd = torch.rsqrt((sums[c:] / m - shift.square()).clamp_min(0) + ctx.eps)  # (C,)
+    x_hat = (d - channel(shift)) * channel(invstd)  # (N, C, *)
+    g = grad_y.double()
+    local_g = torch.cat([g.sum(dim=dims), (g * x_hat).sum(dim=dims)])  # (2C,)
+    sums_g = _collectives.all_reduce_sum_differentiable(local_g, ctx.group, ctx.where, "the gradient sums")
+    scale = invstd if weight is None else invstd * weight.double()  # (C,)
+    dx = channel(scale) * (g - channel(sums_g[:c] / m) - x_hat * channel(sums_g[c:] / m))
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dw = local_g[c:].to(weight.dtype) if (need_w and weight is not None) else None
+    db = local_g[:c].to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None
+    return (dx.to(x.dtype) if need_x else None), dw, db
 
 
 def _sync_batch_norm(
