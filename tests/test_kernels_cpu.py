@@ -399,6 +399,36 @@ def test_concurrent_calls_from_threads(tmp_path):
     assert out.stdout.strip() == "ok"
 
 
+@pytest.mark.parametrize(
+    ("shape", "fmt"),
+    [
+        ((4, 16, 48, 48), torch.contiguous_format),  # ncs
+        ((256, 16, 6, 6), torch.contiguous_format),  # short rows: (N, C*S) row kernels
+        ((8, 24, 32, 32), torch.channels_last),  # mc
+    ],
+)
+def test_serial_kernels_match_reference(monkeypatch, shape, fmt):
+    """The kernels compiled without ``parallel`` (what a forked child of an OpenMP parent runs)
+    are separate dispatchers, under their own cache names, and match the float64 reference."""
+    x = make_input(shape, fmt, torch.float32)
+    g = torch.randn(shape).contiguous(memory_format=fmt)
+    monkeypatch.setitem(cpu._fork_state, "serial", True)
+    assert cpu._threads() == 1
+    y, mean, var = cpu.train_forward(x, None, None, 1e-5)
+    dx, dw, db = cpu.backward(g, x, mean, torch.rsqrt(var + 1e-5), None)
+    serial = {k: v for k, v in cpu._compiled.items() if k.endswith("@serial")}
+    assert serial
+    for kern in serial.values():
+        assert kern.py_func.__qualname__.endswith("_serial")
+        assert not kern.targetoptions.get("parallel")
+    c = shape[1]
+    ey, emean, evar, x_hat = ref_train(f64(x), np.ones(c), np.zeros(c), 1e-5)
+    edx, edw, edb = ref_backward(f64(g), x_hat, evar, np.ones(c), 1e-5)
+    names = ("y", "mean", "var", "dx", "dw", "db")
+    for t, e, name in zip((y, mean, var, dx, dw, db), (ey, emean, evar, edx, edw, edb), names):
+        assert_near(t, e, torch.float32, name)
+
+
 _FORK_SCRIPT = """
 import json, multiprocessing as mp, sys
 import numba, torch
@@ -458,7 +488,9 @@ if __name__ == "__main__":
             p.kill()
             sys.exit("forked child hung")
         child_err, child_serial = q.get(timeout=10) if p.exitcode == 0 else (None, None)
-        loader = torch.utils.data.DataLoader(Data(), batch_size=None, num_workers=2, multiprocessing_context=ctx, timeout=240)
+        loader = torch.utils.data.DataLoader(
+            Data(), batch_size=None, num_workers=2, multiprocessing_context=ctx, timeout=240
+        )
         loader_err = [float(e) for e in loader]
         print(json.dumps(dict(layer=layer, parent=parent_err, exitcode=p.exitcode, child=child_err,
                               child_serial=child_serial, loader=loader_err, parent_serial=cpu._serial())))

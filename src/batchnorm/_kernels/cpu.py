@@ -36,6 +36,10 @@ Parallelism (``numba.prange`` over work units, ``numba.get_num_threads()`` threa
   rows, inner loops over contiguous columns (vectorized) into per-block partial vectors,
   reduced over blocks and, for ncs, over the S columns of each channel.
 
+Threading layer: numba's OpenMP layer by default on Linux (see :func:`_configure_threading`);
+in a process forked from one whose OpenMP pool is running, the kernels run compiled without
+``parallel`` (numba would terminate the child at a parallel launch).
+
 Numerical policy:
 
 - statistics end in float64 for every input dtype. ncs units get an exact two-pass mean and
@@ -139,8 +143,8 @@ def _configure_threading() -> None:
 
     Measured on a 2-core machine, interleaved with torch ops (docs/kernels.md): the training
     forward of a 12.8 MB tensor takes ~1.4 ms with 2 threads under OpenMP, whose idle workers
-    spin for a while and so start at once, against ~2.0-2.2 ms under workqueue or TBB, whose
-    workers sleep between launches: about what 1 thread takes, the second one woke too late.
+    spin for a while and so start at once, against 1.8-2.4 ms under workqueue or TBB, whose
+    workers sleep between launches: about what 1 thread takes (the second one woke too late).
     The layer is picked at numba's first parallel launch, process-wide; set
     ``NUMBA_THREADING_LAYER`` (or ``numba.config.THREADING_LAYER``) to override.
 
@@ -196,7 +200,8 @@ def _serial_copy(func: Callable[..., Any]) -> Callable[..., Any]:
     ``parallel`` option: compiled under its own name, the serial version cannot load the
     cached parallel one (which would launch the OpenMP pool).
     """
-    copy = types.FunctionType(func.__code__, func.__globals__, func.__name__ + "_serial", func.__defaults__, func.__closure__)
+    name = func.__name__ + "_serial"
+    copy = types.FunctionType(func.__code__, func.__globals__, name, func.__defaults__, func.__closure__)
     copy.__qualname__ = func.__qualname__ + "_serial"
     copy.__module__ = func.__module__
     copy.__doc__ = func.__doc__
@@ -217,7 +222,10 @@ def _kernel(name: str) -> Any:
             _configure_threading()
             _build_helpers()
         func = globals()["_py" + name]
-        kern = _jit(_serial_copy(func), parallel=False) if serial else _jit(func, parallel=True)
+        if serial:
+            kern = _jit(_serial_copy(func), parallel=False)
+        else:
+            kern = _jit(func, parallel=True)
         _compiled[key] = kern
     return kern
 

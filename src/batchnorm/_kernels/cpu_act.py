@@ -34,7 +34,8 @@ _compiled: dict[str, Any] = {}
 
 
 def _kernel(name: str) -> Any:
-    """The compiled dispatcher of kernel ``name`` (created on first request; serial like cpu._kernel)."""
+    """The compiled dispatcher of kernel ``name`` (created on first request; serial when
+    :func:`cpu._serial`, as in :func:`cpu._kernel`)."""
     serial = cpu._serial()
     key = name + "@serial" if serial else name
     kern = _compiled.get(key)
@@ -47,7 +48,10 @@ def _kernel(name: str) -> Any:
             g["_seg_dx_act"] = cpu._jit(_py_seg_dx_act)
             _compiled["_helpers"] = True
         func = globals()["_py" + name]
-        kern = cpu._jit(cpu._serial_copy(func), parallel=False) if serial else cpu._jit(func, parallel=True)
+        if serial:
+            kern = cpu._jit(cpu._serial_copy(func), parallel=False)
+        else:
+            kern = cpu._jit(func, parallel=True)
         _compiled[key] = kern
     return kern
 
