@@ -141,7 +141,9 @@ _fork_state = {"serial": False}
 def _configure_threading() -> None:
     """Prefer numba's OpenMP threading layer on Linux, else "workqueue", unless the user chose one.
 
-    Measured on a 2-core machine, interleaved with torch ops (docs/kernels.md): the training
+    With torch's pip wheels, numba's OpenMP calls bind to the libgomp torch loaded globally,
+    so the kernels run on torch's own pool. Measured on a 2-core machine, interleaved with
+    torch ops (docs/kernels.md): the training
     forward of a 12.8 MB tensor takes ~1.4 ms with 2 threads under OpenMP, whose idle workers
     spin for a while and so start at once, against 1.8-2.4 ms under workqueue or TBB, whose
     workers sleep between launches: about what 1 thread takes (the second one woke too late).
