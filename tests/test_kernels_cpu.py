@@ -5,6 +5,7 @@ Run: PYTHONPATH=src python -m pytest -q tests/test_kernels_cpu.py
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -396,6 +397,131 @@ def test_concurrent_calls_from_threads(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize(
+    ("shape", "fmt"),
+    [
+        ((4, 16, 48, 48), torch.contiguous_format),  # ncs
+        ((256, 16, 6, 6), torch.contiguous_format),  # short rows: (N, C*S) row kernels
+        ((8, 24, 32, 32), torch.channels_last),  # mc
+    ],
+)
+def test_serial_kernels_match_reference(monkeypatch, shape, fmt):
+    """The kernels compiled without ``parallel`` (what a forked child of an OpenMP parent runs)
+    are separate dispatchers, under their own cache names, and match the float64 reference."""
+    x = make_input(shape, fmt, torch.float32)
+    g = torch.randn(shape).contiguous(memory_format=fmt)
+    monkeypatch.setitem(cpu._fork_state, "serial", True)
+    assert cpu._threads() == 1
+    y, mean, var = cpu.train_forward(x, None, None, 1e-5)
+    dx, dw, db = cpu.backward(g, x, mean, torch.rsqrt(var + 1e-5), None)
+    serial = {k: v for k, v in cpu._compiled.items() if k.endswith("@serial")}
+    assert serial
+    for kern in serial.values():
+        assert kern.py_func.__qualname__.endswith("_serial")
+        assert not kern.targetoptions.get("parallel")
+    c = shape[1]
+    ey, emean, evar, x_hat = ref_train(f64(x), np.ones(c), np.zeros(c), 1e-5)
+    edx, edw, edb = ref_backward(f64(g), x_hat, evar, np.ones(c), 1e-5)
+    names = ("y", "mean", "var", "dx", "dw", "db")
+    for t, e, name in zip((y, mean, var, dx, dw, db), (ey, emean, evar, edx, edw, edb), names):
+        assert_near(t, e, torch.float32, name)
+
+
+_FORK_SCRIPT = """
+import json, multiprocessing as mp, sys
+import numba, torch
+import torch.nn.functional as F
+import batchnorm
+from batchnorm._kernels import cpu
+
+
+def check():
+    # our BN (training forward + backward, numba back-end, parallel kernels) vs torch in float64
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 48, 48)
+    assert x.numel() >= cpu._SMALL_WORK
+    g = torch.randn_like(x)
+    xo = x.clone().requires_grad_()
+    y = batchnorm.batch_norm(xo, None, None, training=True)
+    y.backward(g)
+    x64 = x.double().requires_grad_()
+    ref = F.batch_norm(x64, None, None, training=True)
+    ref.backward(g.double())
+    errs = [y.double() - ref, xo.grad.double() - x64.grad]
+    # BN + leaky ReLU, whose backward runs the fused kernels of cpu_act
+    xa = x.clone().requires_grad_()
+    z = batchnorm.batch_norm_act(xa, None, None, training=True, activation="leaky_relu")
+    z.backward(g)
+    xa64 = x.double().requires_grad_()
+    zref = F.leaky_relu(F.batch_norm(xa64, None, None, training=True), 0.01)
+    zref.backward(g.double())
+    errs += [z.double() - zref, xa.grad.double() - xa64.grad]
+    return max(float(e.abs().max()) for e in errs)
+
+
+def child(q):
+    # as in a DataLoader worker: torch's own OpenMP pool hangs in a forked child (torch, not us)
+    torch.set_num_threads(1)
+    q.put((check(), cpu._serial()))
+
+
+class Data(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.tensor(check())
+
+
+if __name__ == "__main__":
+    with batchnorm.use_backend("numba"):
+        parent_err = check()
+        layer = numba.threading_layer()
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,))
+        p.start()
+        p.join(240)
+        if p.is_alive():
+            p.kill()
+            sys.exit("forked child hung")
+        child_err, child_serial = q.get(timeout=10) if p.exitcode == 0 else (None, None)
+        loader = torch.utils.data.DataLoader(
+            Data(), batch_size=None, num_workers=2, multiprocessing_context=ctx, timeout=240
+        )
+        loader_err = [float(e) for e in loader]
+        print(json.dumps(dict(layer=layer, parent=parent_err, exitcode=p.exitcode, child=child_err,
+                              child_serial=child_serial, loader=loader_err, parent_serial=cpu._serial())))
+"""
+
+
+@pytest.mark.parametrize("layer", [None, "workqueue"])
+def test_fork_after_kernel_launch(tmp_path, layer):
+    """A process forked after a kernel launch (multiprocessing 'fork', DataLoader workers) runs
+    our BN correctly and neither hangs nor is killed, under the default threading layer and a
+    user-set one (which wins). Under numba's GNU OpenMP layer, numba would terminate the child
+    at its first parallel launch: the child must run the serial kernels. In a subprocess with a
+    timeout, so a hang fails the test instead of hanging the run."""
+    src = Path(batchnorm.__file__).resolve().parents[1]
+    script = tmp_path / "fork_check.py"
+    script.write_text(_FORK_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env["PYTHONPATH"] = str(src)
+    if layer is not None:
+        env["NUMBA_THREADING_LAYER"] = layer
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    expected = layer if layer is not None else ("omp" if cpu._omp_usable() else "workqueue")
+    assert res["layer"] == expected
+    assert res["exitcode"] == 0, out.stderr[-3000:]
+    assert res["child_serial"] is (expected == "omp")
+    assert res["parent_serial"] is False
+    assert len(res["loader"]) == 4
+    for err in [res["parent"], res["child"], *res["loader"]]:
+        assert err < 1e-4
 
 
 def test_module_default_cpu_path_is_numba():

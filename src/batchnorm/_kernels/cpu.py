@@ -36,6 +36,10 @@ Parallelism (``numba.prange`` over work units, ``numba.get_num_threads()`` threa
   rows, inner loops over contiguous columns (vectorized) into per-block partial vectors,
   reduced over blocks and, for ncs, over the S columns of each channel.
 
+Threading layer: numba's OpenMP layer by default on Linux (see :func:`_configure_threading`);
+in a process forked from one whose OpenMP pool is running, the kernels run compiled without
+``parallel`` (numba would terminate the child at a parallel launch).
+
 Numerical policy:
 
 - statistics end in float64 for every input dtype. ncs units get an exact two-pass mean and
@@ -69,9 +73,12 @@ instead of failing.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import sys
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -127,33 +134,101 @@ def _jit(func: Callable[..., Any], **options: Any) -> Any:
 
 _compiled: dict[str, Any] = {}
 _launch_lock = threading.Lock()
+_fork_state = {"serial": False}
+"""``serial``: set in a forked child whose parent started numba's OpenMP pool (see below)."""
 
 
 def _configure_threading() -> None:
-    """Prefer numba's "workqueue" threading layer unless the user chose one.
+    """Prefer numba's OpenMP threading layer on Linux, else "workqueue", unless the user chose one.
 
-    Measured on a loaded 2-core machine, interleaved with torch ops (which run on torch's own
-    OpenMP pool): numba's OpenMP pool made our kernels' median 5-7x slower than their best,
-    the workqueue pool (threads sleep between launches) kept it within about 1-2.5x. The layer is
-    picked at numba's first parallel launch, process-wide; set ``NUMBA_THREADING_LAYER`` to
-    override. workqueue does not allow concurrent launches, so ours are serialized by a lock.
+    With torch's pip wheels, numba's OpenMP calls bind to the libgomp torch loaded globally,
+    so the kernels run on torch's own pool. Measured on a 2-core machine, interleaved with
+    torch ops (docs/kernels.md): the training
+    forward of a 12.8 MB tensor takes ~1.4 ms with 2 threads under OpenMP, whose idle workers
+    spin for a while and so start at once, against 1.8-2.4 ms under workqueue or TBB, whose
+    workers sleep between launches: about what 1 thread takes (the second one woke too late).
+    The layer is picked at numba's first parallel launch, process-wide; set
+    ``NUMBA_THREADING_LAYER`` (or ``numba.config.THREADING_LAYER``) to override.
+
+    Fork: with GNU OpenMP, numba terminates a forked child at its first parallel launch (a
+    DataLoader worker, say). A fork handler therefore marks such a child, and the kernels then
+    run there compiled without ``parallel`` (:func:`_serial`): same results, one thread, no
+    launch. Launches are serialized by a lock (the workqueue layer refuses concurrent ones).
     """
     if _compiled.get("_threading"):
         return
     _compiled["_threading"] = True
     if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "workqueue"
+        numba.config.THREADING_LAYER = "omp" if _omp_usable() else "workqueue"
+
+
+def _omp_usable() -> bool:
+    """Whether numba's OpenMP pool module loads (it needs libgomp); Linux only (measured there)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        importlib.import_module("numba.np.ufunc.omppool")
+    except ImportError:
+        return False
+    return True
+
+
+def _after_fork_in_child() -> None:
+    """Fork handler (child side): go serial if the parent started numba's OpenMP pool."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:
+        # the parent never started numba's pool: the child may start its own
+        return
+    if layer == "omp":
+        _fork_state["serial"] = True
+
+
+if hasattr(os, "register_at_fork"):
+    # registered when this module is first imported (dispatch imports it lazily, at the first
+    # CPU tensor), so that it also covers a pool that someone else's numba code started
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _serial() -> bool:
+    """Whether the kernels must run without a parallel launch (forked child of an OpenMP parent)."""
+    return _fork_state["serial"]
+
+
+def _serial_copy(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` under the qualified name ``<name>_serial``, for its serial compilation.
+
+    numba's disk cache keys a function by its qualified name and signature, not by the
+    ``parallel`` option: compiled under its own name, the serial version cannot load the
+    cached parallel one (which would launch the OpenMP pool).
+    """
+    name = func.__name__ + "_serial"
+    copy = types.FunctionType(func.__code__, func.__globals__, name, func.__defaults__, func.__closure__)
+    copy.__qualname__ = func.__qualname__ + "_serial"
+    copy.__module__ = func.__module__
+    copy.__doc__ = func.__doc__
+    return copy
 
 
 def _kernel(name: str) -> Any:
-    """The compiled dispatcher of kernel ``name`` (created on first request; compiled on first call)."""
-    kern = _compiled.get(name)
+    """The compiled dispatcher of kernel ``name`` (created on first request; compiled on first call).
+
+    In a serial process (:func:`_serial`) the same function is compiled without ``parallel``
+    (``prange`` runs as ``range``), under its own key.
+    """
+    serial = _serial()
+    key = name + "@serial" if serial else name
+    kern = _compiled.get(key)
     if kern is None:
         if "_helpers" not in _compiled:
             _configure_threading()
             _build_helpers()
-        kern = _jit(globals()["_py" + name], parallel=True)
-        _compiled[name] = kern
+        func = globals()["_py" + name]
+        if serial:
+            kern = _jit(_serial_copy(func), parallel=False)
+        else:
+            kern = _jit(func, parallel=True)
+        _compiled[key] = kern
     return kern
 
 
@@ -165,7 +240,7 @@ def _run(name: str, *args: Any, small: bool = False) -> None:
     """
     kern = _kernel(name)
     with _launch_lock:
-        if not small:
+        if not small or _serial():
             kern(*args)
             return
         before = numba.get_num_threads()
@@ -715,6 +790,8 @@ def _empty_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 def _threads() -> int:
     """numba's thread count (its first call starts numba's pool: choose the layer before)."""
     _configure_threading()
+    if _serial():
+        return 1
     return int(numba.get_num_threads())
 
 

@@ -34,8 +34,11 @@ _compiled: dict[str, Any] = {}
 
 
 def _kernel(name: str) -> Any:
-    """The compiled dispatcher of kernel ``name`` (created on first request)."""
-    kern = _compiled.get(name)
+    """The compiled dispatcher of kernel ``name`` (created on first request; serial when
+    :func:`cpu._serial`, as in :func:`cpu._kernel`)."""
+    serial = cpu._serial()
+    key = name + "@serial" if serial else name
+    kern = _compiled.get(key)
     if kern is None:
         if "_helpers" not in _compiled:
             cpu._configure_threading()
@@ -44,8 +47,12 @@ def _kernel(name: str) -> Any:
             g["_seg_bsums_act"] = cpu._jit(_py_seg_bsums_act, fastmath=cpu._FASTMATH)
             g["_seg_dx_act"] = cpu._jit(_py_seg_dx_act)
             _compiled["_helpers"] = True
-        kern = cpu._jit(globals()["_py" + name], parallel=True)
-        _compiled[name] = kern
+        func = globals()["_py" + name]
+        if serial:
+            kern = cpu._jit(cpu._serial_copy(func), parallel=False)
+        else:
+            kern = cpu._jit(func, parallel=True)
+        _compiled[key] = kern
     return kern
 
 
@@ -53,7 +60,7 @@ def _run(name: str, *args: Any, small: bool = False) -> None:
     """Launch kernel ``name`` like :func:`cpu._run` (lock; one thread when ``small``)."""
     kern = _kernel(name)
     with cpu._launch_lock:
-        if not small:
+        if not small or cpu._serial():
             kern(*args)
             return
         before = numba.get_num_threads()
