@@ -330,6 +330,28 @@ def test_parallel_paths_match_reference_and_thread_count(shape, fmt):
             assert_near(t, e, torch.float32, name)
 
 
+def test_launch_threads_follow_torch_set_num_threads():
+    """torch.set_num_threads(k) caps our kernels' threads too (torchrun sets 1 per process);
+    numba's own count is restored after each launch."""
+    seen: list[int] = []
+
+    def probe() -> None:  # stands in for a compiled kernel: records the launch's thread count
+        seen.append(numba.get_num_threads())
+
+    cpu._threads()  # start numba's pool with the back-end's layer
+    torch_before, numba_before = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        cpu.launch(probe, ())
+        torch.set_num_threads(max(2, numba_before))
+        cpu.launch(probe, ())
+        cpu.launch(probe, (), small=True)
+    finally:
+        torch.set_num_threads(torch_before)
+    assert seen == [1, numba_before, 1]
+    assert numba.get_num_threads() == numba_before
+
+
 def test_shift_invariance_of_statistics():
     """var(x + c) == var(x) and y(x + c) == y(x) for a large shift c (no cancellation)."""
     x = torch.randn(6, 4, 7, 7, dtype=torch.float64)

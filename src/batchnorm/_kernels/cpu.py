@@ -233,18 +233,26 @@ def _kernel(name: str) -> Any:
 
 
 def _run(name: str, *args: Any, small: bool = False) -> None:
-    """Launch kernel ``name`` (one launch at a time across Python threads).
+    """Launch kernel ``name`` (see :func:`launch`)."""
+    launch(_kernel(name), args, small=small)
+
+
+def launch(kern: Any, args: tuple[Any, ...], *, small: bool = False) -> None:
+    """Run compiled kernel ``kern`` on :func:`_threads` threads, one launch at a time.
 
     ``small``: run on one thread. For small tensors, waking numba's workers costs more than
     the work, and much more right after torch ops whose OpenMP threads still spin on the cores.
     """
-    kern = _kernel(name)
     with _launch_lock:
-        if not small or _serial():
+        if _serial():
             kern(*args)
             return
+        want = 1 if small else _threads()
         before = numba.get_num_threads()
-        numba.set_num_threads(1)
+        if want == before:
+            kern(*args)
+            return
+        numba.set_num_threads(want)
         try:
             kern(*args)
         finally:
@@ -788,11 +796,17 @@ def _empty_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 
 def _threads() -> int:
-    """numba's thread count (its first call starts numba's pool: choose the layer before)."""
+    """Threads per launch: numba's count, capped by ``torch.get_num_threads()``.
+
+    The cap makes ``torch.set_num_threads`` (and torchrun's ``OMP_NUM_THREADS=1``) hold for
+    our kernels too: 2 processes x 2 numba threads on 2 cores, spinning under OpenMP, made a
+    DDP step 2-5x slower (benchmarks/bench_sync.py). Its first call starts numba's pool, so the
+    threading layer is chosen before.
+    """
     _configure_threading()
     if _serial():
         return 1
-    return int(numba.get_num_threads())
+    return max(1, min(int(numba.get_num_threads()), torch.get_num_threads()))
 
 
 def _flat(t: Tensor, layout: str) -> np.ndarray:

@@ -57,18 +57,8 @@ def _kernel(name: str) -> Any:
 
 
 def _run(name: str, *args: Any, small: bool = False) -> None:
-    """Launch kernel ``name`` like :func:`cpu._run` (lock; one thread when ``small``)."""
-    kern = _kernel(name)
-    with cpu._launch_lock:
-        if not small or cpu._serial():
-            kern(*args)
-            return
-        before = numba.get_num_threads()
-        numba.set_num_threads(1)
-        try:
-            kern(*args)
-        finally:
-            numba.set_num_threads(before)
+    """Launch kernel ``name`` like :func:`cpu._run` (lock; threads as torch's; one when ``small``)."""
+    cpu.launch(_kernel(name), args, small=small)
 
 
 def _py_point(z, g, mode, slope, alpha, tiny):  # pragma: no cover - runs compiled
