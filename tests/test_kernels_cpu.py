@@ -484,9 +484,14 @@ def check():
 
 
 def child(q):
-    # as in a DataLoader worker: torch's own OpenMP pool hangs in a forked child (torch, not us)
+    # GNU OpenMP's pool does not survive fork: a parallel torch op here hangs with more than
+    # one thread (torch's own behaviour, after any parallel op in the parent). Under our OpenMP
+    # layer the fork handler has set one thread; otherwise do what DataLoader workers do.
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    q.put((check(), cpu._serial()))
+    y = torch.randn(1500, 1500)
+    float((y @ y).sum() + (y * 2).sum())
+    q.put((check(), cpu._serial(), threads))
 
 
 class Data(torch.utils.data.Dataset):
@@ -498,6 +503,7 @@ class Data(torch.utils.data.Dataset):
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(2)  # so that the child's torch op would go parallel
     with batchnorm.use_backend("numba"):
         parent_err = check()
         layer = numba.threading_layer()
@@ -509,13 +515,13 @@ if __name__ == "__main__":
         if p.is_alive():
             p.kill()
             sys.exit("forked child hung")
-        child_err, child_serial = q.get(timeout=10) if p.exitcode == 0 else (None, None)
+        child_err, child_serial, child_threads = q.get(timeout=10) if p.exitcode == 0 else (None, None, None)
         loader = torch.utils.data.DataLoader(
             Data(), batch_size=None, num_workers=2, multiprocessing_context=ctx, timeout=240
         )
         loader_err = [float(e) for e in loader]
         print(json.dumps(dict(layer=layer, parent=parent_err, exitcode=p.exitcode, child=child_err,
-                              child_serial=child_serial, loader=loader_err, parent_serial=cpu._serial())))
+                              child_serial=child_serial, child_threads=child_threads, loader=loader_err, parent_serial=cpu._serial())))
 """
 
 
@@ -540,6 +546,7 @@ def test_fork_after_kernel_launch(tmp_path, layer):
     assert res["layer"] == expected
     assert res["exitcode"] == 0, out.stderr[-3000:]
     assert res["child_serial"] is (expected == "omp")
+    assert res["child_threads"] == (1 if expected == "omp" else 2)
     assert res["parent_serial"] is False
     assert len(res["loader"]) == 4
     for err in [res["parent"], res["child"], *res["loader"]]:

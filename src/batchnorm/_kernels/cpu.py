@@ -174,7 +174,8 @@ def _omp_usable() -> bool:
 
 
 def _after_fork_in_child() -> None:
-    """Fork handler (child side): go serial if the parent started numba's OpenMP pool."""
+    """Fork handler (child side): if the parent started numba's OpenMP pool, run our kernels
+    serially and torch on one thread in this child."""
     try:
         layer = numba.threading_layer()
     except ValueError:
@@ -182,6 +183,9 @@ def _after_fork_in_child() -> None:
         return
     if layer == "omp":
         _fork_state["serial"] = True
+        # GNU OpenMP's pool does not survive fork: a parallel torch op in this child would hang
+        # (as after any parallel torch op in the parent; DataLoader workers do the same)
+        torch.set_num_threads(1)
 
 
 if hasattr(os, "register_at_fork"):
