@@ -5,6 +5,10 @@ Same API as :mod:`batchnorm._kernels.torch_ops`:
 - ``train_forward(x, weight, bias, eps) -> (y, mean, var_biased)``
 - ``eval_forward(x, mean, var, weight, bias, eps) -> y``
 - ``backward(grad_y, x, mean, invstd, weight) -> (dx, sum(g * x_hat), sum(g))``
+- ``batch_stats(x) -> (mean, var_biased)``: the statistics alone (no output written);
+- ``backward_sums(grad_y, x, mean) -> (sum g, sum g * (x - mean))`` (float64) and
+  ``backward_apply(grad_y, x, mean, invstd, weight, mean_g, mean_gxhat) -> dx``: the backward
+  split at its reductions, for callers that reduce the sums further (SyncBatchNorm);
 - ``supports(x) -> bool``: whether these kernels handle ``x`` (else dispatch uses torch_ops).
 
 Math (per channel c over its m = N * prod(spatial) values; DESIGN.md):
@@ -92,7 +96,17 @@ from . import outpool
 from .half import compute_cast, compute_dtype, compute_empty, compute_zero, load, storage_view, store
 from .torch_ops import acc_dtype
 
-__all__ = ["AUTO_MIN_NUMEL", "supports", "train_forward", "eval_forward", "backward", "layout_of"]
+__all__ = [
+    "AUTO_MIN_NUMEL",
+    "supports",
+    "train_forward",
+    "eval_forward",
+    "backward",
+    "batch_stats",
+    "backward_sums",
+    "backward_apply",
+    "layout_of",
+]
 
 _SEG = 4096
 """Longest contiguous run handled with one two-pass (mean, M2): 16 KB of float32, L1-resident."""
@@ -982,24 +996,43 @@ def train_forward(
         _run("_train_ncs", xf, n, c, s, k, nseg, float(eps), w, b, stats, yf, small=small)
         st = torch.from_numpy(stats)
         return y, st[0].clone(), st[1].to(acc_dtype(x.dtype))
-    if kind == "ncs":
-        stats = np.empty((2, c))
-        k, nseg = _units(n, c, s)
-        _run("_stats_ncs", xf, n, c, s, k, nseg, stats, small=small)
-    else:
-        nblk = _rows_blocks(n, c)
-        col = np.empty((2, c))
-        _run("_stats_mc", xf, n, c, nblk, col, small=small)
-        stats = _merge_columns(col, n_c, s)
-    st = torch.from_numpy(stats)
+    st = torch.from_numpy(_stats(xf, kind, n, c, s, n_c, small))
     p = _affine_params(st[0], torch.rsqrt(st[1] + eps), weight, bias, _compute_torch(xn.dtype))
     if kind == "ncs":
         _run("_affine_ncs", xf, n, c, s, _nseg(n * c, s), p, yf, small=small)
     else:
-        _run("_affine_mc", xf, n, c, nblk, np.repeat(p, s, axis=1), yf, small=small)
+        _run("_affine_mc", xf, n, c, _rows_blocks(n, c), np.repeat(p, s, axis=1), yf, small=small)
     # as torch_ops: the mean in float64 (a float32 mean of 1e4 is off by 5% of a 1e-2 spread),
     # the variance in the accumulation dtype
     return y, st[0].clone(), st[1].to(acc_dtype(x.dtype))
+
+
+def _stats(xf: np.ndarray, kind: str, n: int, c: int, s: int, n_c: int, small: bool) -> np.ndarray:
+    """(2, C) float64 per-channel (mean, biased var) of the flat input (one read of x)."""
+    if kind == "ncs":
+        stats = np.empty((2, c))
+        k, nseg = _units(n, c, s)
+        _run("_stats_ncs", xf, n, c, s, k, nseg, stats, small=small)
+        return stats
+    col = np.empty((2, c))
+    _run("_stats_mc", xf, n, c, _rows_blocks(n, c), col, small=small)
+    return _merge_columns(col, n_c, s)
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel batch statistics without a normalized output: (mean, var_biased).
+
+    One read of x, no write (the statistics pass of :func:`train_forward`). The mean is
+    returned in float64, the biased variance in ``acc_dtype(x.dtype)``, as
+    :func:`torch_ops.batch_stats`.
+
+    Shape: x (N, C, *) -> mean (C,), var (C,).
+    """
+    layout = _check_supported(x, "batch_stats")
+    xn = x.detach()
+    kind, n, c, s = _plan(xn, layout)
+    st = torch.from_numpy(_stats(_flat(xn, layout), kind, n, c, s, x.shape[1], xn.numel() < _SMALL_WORK))
+    return st[0].clone(), st[1].to(acc_dtype(x.dtype))
 
 
 def eval_forward(
@@ -1052,26 +1085,46 @@ def backward(
     """
     layout = _check_supported(x, "backward")
     xn = x.detach()
-    g = grad_y.detach()
-    if g.shape != x.shape:
-        raise ValueError(
-            f"batchnorm._kernels.cpu.backward: expected grad_y of shape {tuple(x.shape)}, "
-            f"got {tuple(g.shape)}"
-        )
-    if g.dtype != xn.dtype or g.stride() != xn.stride() or g.device != xn.device:
-        g = _empty_like(xn).copy_(g)
+    g = _grad_like(grad_y, xn, "backward")
     dx = _empty_like(xn)
     kind, n, c, s = _plan(xn, layout)
     small = xn.numel() < _SMALL_WORK
     n_c = x.shape[1]
     xf = _flat(xn, layout)
     gf = _flat(g, layout)
-    dxf = _flat(dx, layout)
     mu = _channel_vec(mean, n_c, 0.0)
     inv = _channel_vec(invstd, n_c, 1.0)
     w = _channel_vec(weight, n_c, 1.0)
+    tot = _bsums(gf, xf, kind, n, c, s, mu, compute_dtype(xn.dtype), small)
     sums = np.empty((2, n_c))
-    cdt = compute_dtype(xn.dtype)
+    p = _bwd_params(tot, mu, inv, w, float(n * s), sums, compute_dtype(xn.dtype))
+    _dx(gf, xf, kind, n, c, s, p, _flat(dx, layout), small)
+    acc = acc_dtype(x.dtype)
+    out = torch.from_numpy(sums).to(acc)
+    return dx, out[0].clone(), out[1].clone()
+
+
+def _grad_like(grad_y: Tensor, xn: Tensor, where: str) -> Tensor:
+    """grad_y detached, with x's shape, dtype and strides (a copy only when they differ)."""
+    g = grad_y.detach()
+    if g.shape != xn.shape:
+        raise ValueError(
+            f"batchnorm._kernels.cpu.{where}: expected grad_y of shape {tuple(xn.shape)}, "
+            f"got {tuple(g.shape)}"
+        )
+    if g.dtype != xn.dtype or g.stride() != xn.stride() or g.device != xn.device:
+        g = _empty_like(xn).copy_(g)
+    return g
+
+
+def _bsums(
+    gf: np.ndarray, xf: np.ndarray, kind: str, n: int, c: int, s: int, mu: np.ndarray, cdt: Any, small: bool
+) -> np.ndarray:
+    """(3, C) float64 sums (sum g, sum g * (x - mu), sum (x - mu)) around the float64 ``mu`` (C,).
+
+    One read of g and x. The kernels sum around mu rounded to the compute dtype (x - mu is
+    exact near it); the rounding residual is moved into the float64 totals.
+    """
     if kind == "ncs":
         tot = np.empty((3, c))
         k, nseg = _units(n, c, s)
@@ -1080,18 +1133,80 @@ def backward(
         resid = mu - mu_x.astype(np.float64)  # ... and moved to the float64 mean here
         tot[1] -= resid * tot[0]
         tot[2] -= resid * (n * s)
-        p = _bwd_params(tot, mu, inv, w, float(n * s), sums, cdt)
+        return tot
+    col = np.empty((3, c))
+    _run("_bsums_mc", gf, xf, n, c, _rows_blocks(n, c), np.repeat(mu, s), col, small=small)
+    return col.reshape(3, -1, s).sum(axis=2)  # (3, C*s) -> (3, C, s) -> (3, C)
+
+
+def _dx(gf: np.ndarray, xf: np.ndarray, kind: str, n: int, c: int, s: int, p: np.ndarray, dxf: np.ndarray, small: bool) -> None:
+    """dx = k1 * g + k2 * ((x - hi) - lo) + k3 with p = (hi, lo, k1, k2, k3) (5, C): one pass."""
+    if kind == "ncs":
         _run("_dx_ncs", gf, xf, n, c, s, _nseg(n * c, s), p, dxf, small=small)
     else:
-        nblk = _rows_blocks(n, c)
-        col = np.empty((3, c))
-        _run("_bsums_mc", gf, xf, n, c, nblk, np.repeat(mu, s), col, small=small)
-        tot = col.reshape(3, n_c, s).sum(axis=2)  # (3, C*s) -> (3, C, s) -> (3, C)
-        p = _bwd_params(tot, mu, inv, w, float(n * s), sums, cdt)
-        _run("_dx_mc", gf, xf, n, c, nblk, np.repeat(p, s, axis=1), dxf, small=small)
-    acc = acc_dtype(x.dtype)
-    out = torch.from_numpy(sums).to(acc)
-    return dx, out[0].clone(), out[1].clone()
+        _run("_dx_mc", gf, xf, n, c, _rows_blocks(n, c), np.repeat(p, s, axis=1), dxf, small=small)
+
+
+def backward_sums(grad_y: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """The two reductions of the backward, around a given per-channel ``mean``:
+
+        sum_g = sum g,   sum_g_xc = sum g * (x - mean)
+
+    in float64, with no output written (one read of g and x). ``mean`` (C,) may be any value
+    (e.g. the global mean of a synchronized batch); it is used as given, in float64: the
+    kernels sum in x's compute dtype around mean rounded to it and the residual is applied in
+    float64, so mean 1e4 / std 1e-2 in float32 loses nothing. Dividing ``sum_g_xc`` by the
+    std gives dgamma = sum g * x_hat.
+
+    Shape: grad_y, x (N, C, *) -> sum_g (C,), sum_g_xc (C,), both float64.
+    """
+    layout = _check_supported(x, "backward_sums")
+    xn = x.detach()
+    g = _grad_like(grad_y, xn, "backward_sums")
+    kind, n, c, s = _plan(xn, layout)
+    mu = _channel_vec(mean, x.shape[1], 0.0)
+    tot = _bsums(_flat(g, layout), _flat(xn, layout), kind, n, c, s, mu, compute_dtype(xn.dtype), xn.numel() < _SMALL_WORK)
+    return torch.from_numpy(tot[0].copy()), torch.from_numpy(tot[1].copy())
+
+
+def backward_apply(
+    grad_y: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    mean_g: Tensor,
+    mean_gxhat: Tensor,
+) -> Tensor:
+    """dx from already-reduced means (DESIGN.md's backward), one pass over g and x:
+
+        x_hat = (x - mean) * invstd
+        dx    = weight * invstd * (g - mean_g - x_hat * mean_gxhat)
+
+    ``mean_g`` = (1/M) sum g and ``mean_gxhat`` = (1/M) sum g * x_hat over the normalization
+    batch (for SyncBatchNorm: all ranks). Computed as k1 g + k2 ((x - mean_hi) - mean_lo) + k3
+    with per-channel coefficients formed in float64 (mean as a hi + lo pair in x's dtype).
+    Returns dx in x's dtype and memory format.
+
+    Shape: grad_y, x (N, C, *); mean, invstd, weight, mean_g, mean_gxhat (C,) -> dx (N, C, *).
+    """
+    layout = _check_supported(x, "backward_apply")
+    xn = x.detach()
+    g = _grad_like(grad_y, xn, "backward_apply")
+    dx = _empty_like(xn)
+    kind, n, c, s = _plan(xn, layout)
+    n_c = x.shape[1]
+    mu = _channel_vec(mean, n_c, 0.0)
+    inv = _channel_vec(invstd, n_c, 1.0)
+    scale = inv * _channel_vec(weight, n_c, 1.0)
+    p = np.empty((5, n_c), dtype=compute_dtype(xn.dtype))
+    p[0] = mu
+    p[1] = mu - p[0].astype(np.float64)
+    p[2] = scale
+    p[3] = -scale * inv * _channel_vec(mean_gxhat, n_c, 0.0)
+    p[4] = -scale * _channel_vec(mean_g, n_c, 0.0)
+    _dx(_flat(g, layout), _flat(xn, layout), kind, n, c, s, p, _flat(dx, layout), xn.numel() < _SMALL_WORK)
+    return dx
 
 
 def _bwd_params(
