@@ -828,3 +828,30 @@ def test_split_entry_points_grad_layout_differs_from_input():
     assert_near(dx, reference.backward(f64(g), f64(x), None, 1e-5)[0], torch.float64, "dx")
     with pytest.raises(ValueError, match="grad_y of shape"):
         cpu.backward_sums(g[:1], x, torch.from_numpy(emean))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fused_and_unfused_ncs_backward_agree_with_reference(monkeypatch, dtype):
+    """The per-channel fused backward (g and x of a channel in L2) gives the two-kernel path's
+    results bit for bit (same units, same order of operations), and the reference's."""
+    shape = (4, 16, 30, 40)
+    x = make_input(shape, torch.contiguous_format, dtype, loc=3.0)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype)
+    w = torch.rand(16, dtype=torch.float64) + 0.5
+    monkeypatch.setattr(cpu, "_threads", lambda: 2)  # work split as on 2 threads (fusion: C >= 8)
+    _, mean, var = cpu.train_forward(x, None, None, 1e-5)
+    invstd = torch.rsqrt(var.double() + 1e-5)
+    mean32 = mean.to(torch.float32)  # a rounded mean: both paths refine it from x
+    assert cpu._fuse_bwd_ncs(4, 16, 1200, x.element_size())
+    fused = cpu.backward(g, x, mean32, invstd, w)
+    monkeypatch.setattr(cpu, "_FUSE_BWD_BYTES", 0)
+    assert not cpu._fuse_bwd_ncs(4, 16, 1200, x.element_size())
+    unfused = cpu.backward(g, x, mean32, invstd, w)
+    for a, b in zip(fused, unfused):
+        assert torch.equal(a, b)
+    _, _, evar, x_hat = ref_train(f64(x), np.ones(16), np.zeros(16), 1e-5)
+    dx, dw, db = ref_backward(f64(g), x_hat, evar, f64(w), 1e-5)
+    tol = dtype if dtype == torch.float64 else torch.float32
+    assert_near(fused[0], dx, dtype, "dx")
+    assert_near(fused[1], dw, tol, "dgamma")
+    assert_near(fused[2], db, tol, "dbeta")
