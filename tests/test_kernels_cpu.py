@@ -834,7 +834,7 @@ def test_split_entry_points_grad_layout_differs_from_input():
 def test_fused_and_unfused_ncs_backward_agree_with_reference(monkeypatch, dtype):
     """The per-channel fused backward (g and x of a channel in L2) gives the two-kernel path's
     results bit for bit (same units, same order of operations), and the reference's."""
-    shape = (4, 16, 30, 40)
+    shape = (4, 16, 32, 64)  # rows of 2048 values: >= 4 KiB for every dtype tested
     x = make_input(shape, torch.contiguous_format, dtype, loc=3.0)
     g = torch.randn(shape, dtype=torch.float64).to(dtype)
     w = torch.rand(16, dtype=torch.float64) + 0.5
@@ -842,10 +842,11 @@ def test_fused_and_unfused_ncs_backward_agree_with_reference(monkeypatch, dtype)
     _, mean, var = cpu.train_forward(x, None, None, 1e-5)
     invstd = torch.rsqrt(var.double() + 1e-5)
     mean32 = mean.to(torch.float32)  # a rounded mean: both paths refine it from x
-    assert cpu._fuse_bwd_ncs(4, 16, 1200, x.element_size())
+    assert cpu._fuse_bwd_ncs(4, 16, 2048, x.element_size())
+    assert not cpu._fuse_bwd_ncs(4, 16, 196, 4)  # short rows (14x14): the two-kernel path
     fused = cpu.backward(g, x, mean32, invstd, w)
     monkeypatch.setattr(cpu, "_FUSE_BWD_BYTES", 0)
-    assert not cpu._fuse_bwd_ncs(4, 16, 1200, x.element_size())
+    assert not cpu._fuse_bwd_ncs(4, 16, 2048, x.element_size())
     unfused = cpu.backward(g, x, mean32, invstd, w)
     for a, b in zip(fused, unfused):
         assert torch.equal(a, b)

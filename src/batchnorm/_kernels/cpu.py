@@ -30,7 +30,7 @@ transparent huge pages, see :func:`_empty_like`), and the kernels write into the
 Passes: training forward = one statistics pass + one normalize pass; backward = one pass for
 both sums (sum g, sum g * (x - mean)) + one pass for dx; eval = one pass. For NCHW-like inputs
 whose channels fit in a core's L2 cache, the training forward (x of a channel <= 1 MiB) and
-the backward (g + x of a channel <= 2 MiB) run fused per channel: the second pass over a
+the backward (g + x of a channel <= 2 MiB, rows >= 4 KiB) run fused per channel: the second pass over a
 channel reads it from L2, so each moves the memory-traffic minimum (fwd: read x, write y;
 bwd: read g and x, write dx).
 
@@ -1002,15 +1002,26 @@ def _fuse_ncs(n_b: int, n_c: int, n_s: int, itemsize: int) -> bool:
 
 _FUSE_BWD_BYTES = 2 << 20
 """Largest g + x of one channel (2 * N * S * itemsize bytes) the fused backward handles: a
-2 MiB L2 cache. Measured on the 2-core VM (2 MiB L2 per core), float32, fused / two-kernel
-backward time, paired medians of 3 runs: (64, 64, 56, 56) (1.6 MB per channel) 0.58-0.60,
-(256, 256, 14, 14) (0.4 MB) 0.69-0.81."""
+2 MiB L2 cache."""
+
+_FUSE_BWD_ROW = 4096
+"""Shortest row (S * itemsize bytes) for the fused backward. A channel's rows lie C * S apart;
+short rows make the per-channel walk a strided one (prefetch, cache sets) and cost more than the
+L2 reuse saves on a quiet machine. Measured on the 2-core VM (2 MiB L2 per core), float32,
+fused / two-kernel backward: (64, 64, 56, 56) (12.5 KB rows) 0.58-0.64 with the memory system
+loaded by other processes, ~0.94 quiet (bn_speed bwd 7.8 vs 8.3 ms); (256, 256, 14, 14) (784 B
+rows) 0.69-0.88 loaded but 1.15 quiet (11.6 vs 10.1 ms): not fused."""
 
 
 def _fuse_bwd_ncs(n_b: int, n_c: int, n_s: int, itemsize: int) -> bool:
     """Whether the ncs backward runs fused per channel (:func:`_py_bwd_ncs`): a channel's g and
-    x fit in :data:`_FUSE_BWD_BYTES` together, and there are at least 4 channels per thread."""
-    return 2 * n_b * n_s * itemsize <= _FUSE_BWD_BYTES and n_c >= 4 * _threads()
+    x fit in :data:`_FUSE_BWD_BYTES` together, its rows are at least :data:`_FUSE_BWD_ROW`
+    bytes long, and there are at least 4 channels per thread."""
+    return (
+        2 * n_b * n_s * itemsize <= _FUSE_BWD_BYTES
+        and n_s * itemsize >= _FUSE_BWD_ROW
+        and n_c >= 4 * _threads()
+    )
 
 
 def _merge_columns(col: np.ndarray, n_c: int, rep: int) -> np.ndarray:
