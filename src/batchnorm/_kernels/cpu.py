@@ -1218,7 +1218,9 @@ def _bsums(
     return col.reshape(3, -1, s).sum(axis=2)  # (3, C*s) -> (3, C, s) -> (3, C)
 
 
-def _dx(gf: np.ndarray, xf: np.ndarray, kind: str, n: int, c: int, s: int, p: np.ndarray, dxf: np.ndarray, small: bool) -> None:
+def _dx(
+    gf: np.ndarray, xf: np.ndarray, kind: str, n: int, c: int, s: int, p: np.ndarray, dxf: np.ndarray, small: bool
+) -> None:
     """dx = k1 * g + k2 * ((x - hi) - lo) + k3 with p = (hi, lo, k1, k2, k3) (5, C): one pass."""
     if kind == "ncs":
         _run("_dx_ncs", gf, xf, n, c, s, _nseg(n * c, s), p, dxf, small=small)
@@ -1244,7 +1246,8 @@ def backward_sums(grad_y: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tens
     g = _grad_like(grad_y, xn, "backward_sums")
     kind, n, c, s = _plan(xn, layout)
     mu = _channel_vec(mean, x.shape[1], 0.0)
-    tot = _bsums(_flat(g, layout), _flat(xn, layout), kind, n, c, s, mu, compute_dtype(xn.dtype), xn.numel() < _SMALL_WORK)
+    small = xn.numel() < _SMALL_WORK
+    tot = _bsums(_flat(g, layout), _flat(xn, layout), kind, n, c, s, mu, compute_dtype(xn.dtype), small)
     return torch.from_numpy(tot[0].copy()), torch.from_numpy(tot[1].copy())
 
 
