@@ -18,6 +18,7 @@ import torch
 
 import batchnorm
 from batchnorm import functional as BF
+from batchnorm import reference
 from batchnorm._kernels import cpu, dispatch, torch_ops
 
 BACKENDS = ["torch", "numba"]
@@ -696,3 +697,169 @@ def test_float16_without_hardware_conversion_goes_to_torch_ops(monkeypatch):
     assert_near(y, ey, torch.float16, "y")
     with pytest.raises(ValueError, match="F16C"):
         cpu.train_forward(x, None, None, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Split entry points (SyncBatchNorm): batch_stats, backward_sums, backward_apply on both
+# back-ends, against the NumPy float64 reference
+
+SPLIT_CASES = [*CASES, ((2, 3, 9, 9), torch.contiguous_format), ((3, 2, 4, 100), torch.contiguous_format)]
+SPLIT_IDS = [f"{'x'.join(map(str, s))}-{str(f).split('.')[-1]}" for s, f in SPLIT_CASES]
+SPLIT_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(params=["torch_ops", "cpu"])
+def module(request):
+    """The back-end module itself; "numba" so that the kernels run at every size."""
+    with batchnorm.use_backend("numba"):
+        yield torch_ops if request.param == "torch_ops" else cpu
+
+
+def _ref_sums(g: np.ndarray, x: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sum g, sum g * (x - mean), sum |g * (x - mean)|) per channel in float64."""
+    gm = _to_mc(g)  # (M, C)
+    prod = gm * (_to_mc(x) - mean)
+    return gm.sum(axis=0), prod.sum(axis=0), np.abs(prod).sum(axis=0)
+
+
+@pytest.mark.parametrize("dtype", SPLIT_DTYPES)
+@pytest.mark.parametrize(("shape", "fmt"), SPLIT_CASES, ids=SPLIT_IDS)
+def test_batch_stats_matches_reference(module, shape, fmt, dtype, monkeypatch):
+    x = make_input(shape, fmt, dtype)
+    if module is cpu:
+        y, mean_fused, var_fused = cpu.train_forward(x, None, None, 1e-5)
+
+        def no_output(*args, **kwargs):
+            raise AssertionError("batch_stats allocated an output")
+
+        monkeypatch.setattr(cpu, "_empty_like", no_output)
+    mean, var = module.batch_stats(x)
+    emean, evar = reference.moments(f64(x))
+    assert mean.dtype == torch.float64
+    assert var.dtype == torch_ops.acc_dtype(dtype)
+    # the inputs are exact in float64; the statistics are accumulated in float32 or better
+    tol = torch.float64 if dtype == torch.float64 else torch.float32
+    assert_near(mean, emean, tol, "mean")
+    assert_near(var, evar, tol, "var")
+    if module is cpu:  # the same statistics pass as the training forward
+        torch.testing.assert_close(mean, mean_fused, rtol=1e-15, atol=0.0)
+        torch.testing.assert_close(var, var_fused, rtol=1e-6 if dtype != torch.float64 else 1e-15, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", SPLIT_DTYPES)
+@pytest.mark.parametrize(("shape", "fmt"), SPLIT_CASES, ids=SPLIT_IDS)
+def test_backward_split_matches_reference(module, shape, fmt, dtype):
+    """sums around a given mean; dx from given global means; composed, they are the BN backward."""
+    c = shape[1]
+    x = make_input(shape, fmt, dtype)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
+    w = (torch.rand(c, dtype=torch.float64) + 0.5).to(dtype)
+    eps = 1e-3
+    xd, gd, wd = f64(x), f64(g), f64(w)
+    emean, evar = reference.moments(xd)
+    inv = 1.0 / np.sqrt(evar + eps)
+    tol = TOL[torch.float64 if dtype == torch.float64 else torch.float32]  # float32 accumulation
+
+    # 1) sums around a mean that is not the batch mean (a global mean of several ranks)
+    given = emean + 0.3 * np.sqrt(evar) * np.linspace(-1.0, 1.0, c)
+    sum_g, sum_gxc = module.backward_sums(g, x, torch.from_numpy(given))
+    assert sum_g.dtype == sum_gxc.dtype == torch.float64
+    e_g, e_gxc, e_abs = _ref_sums(gd, xd, given)
+    e_gabs = np.abs(_to_mc(gd)).sum(axis=0)
+    assert np.all(np.abs(f64(sum_g) - e_g) <= tol * np.maximum(e_gabs, 1.0)), "sum g"
+    assert np.all(np.abs(f64(sum_gxc) - e_gxc) <= tol * np.maximum(e_abs, 1.0)), "sum g*(x - mean)"
+
+    # 2) apply with arbitrary per-channel means (not from this batch)
+    mg = np.linspace(-0.5, 0.7, c)
+    mgx = np.linspace(0.9, -0.4, c)
+    dx = module.backward_apply(
+        g, x, torch.from_numpy(given), torch.from_numpy(inv), w, torch.from_numpy(mg), torch.from_numpy(mgx)
+    )
+    assert dx.dtype == dtype
+    if module is cpu:
+        assert dx.stride() == x.stride()
+    shp = (1, -1) + (1,) * (len(shape) - 2)
+    x_hat = (xd - given.reshape(shp)) * inv.reshape(shp)
+    edx = (wd * inv).reshape(shp) * (gd - mg.reshape(shp) - x_hat * mgx.reshape(shp))
+    assert_near(dx, edx, dtype, "dx (given means)")
+
+    # 3) composed with the batch's own mean: the BN backward of batchnorm.reference
+    m = x.numel() // c
+    sum_g, sum_gxc = module.backward_sums(g, x, torch.from_numpy(emean))
+    invstd = torch.from_numpy(inv)
+    dx = module.backward_apply(g, x, torch.from_numpy(emean), invstd, w, sum_g / m, sum_gxc * invstd / m)
+    rdx, rdw, rdb = reference.backward(gd, xd, wd, eps)
+    assert_near(dx, rdx, dtype, "dx")
+    assert_near(sum_gxc * invstd, rdw, torch.float32 if dtype != torch.float64 else dtype, "dgamma")
+    assert_near(sum_g, rdb, torch.float32 if dtype != torch.float64 else dtype, "dbeta")
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_split_entry_points_large_mean_small_spread_float32(module, fmt):
+    """mean 1e4, std 1e-2 in float32: statistics, sums and dx keep the spread's precision."""
+    shape = (8, 3, 9, 9)
+    x = make_input(shape, fmt, torch.float32, loc=1e4, spread=1e-2)
+    g = torch.randn(shape).contiguous(memory_format=fmt)
+    w = torch.tensor([0.5, 1.0, 2.0])
+    eps = 1e-8
+    xd, gd = f64(x), f64(g)
+    emean, evar = reference.moments(xd)
+    mean, var = module.batch_stats(x)
+    np.testing.assert_allclose(f64(mean), emean, rtol=1e-9)  # float64 mean: no float32 rounding
+    np.testing.assert_allclose(f64(var), evar, rtol=1e-5)
+    # around a float64 mean that float32 cannot represent (a global mean of other ranks)
+    given = emean + 3.3e-5
+    sum_g, sum_gxc = module.backward_sums(g, x, torch.from_numpy(given))
+    e_g, e_gxc, e_abs = _ref_sums(gd, xd, given)
+    assert np.all(np.abs(f64(sum_gxc) - e_gxc) <= 1e-5 * e_abs), (f64(sum_gxc), e_gxc)
+    np.testing.assert_allclose(f64(sum_g), e_g, rtol=1e-5)
+    m = x.numel() // 3
+    inv = torch.from_numpy(1.0 / np.sqrt(evar + eps))
+    sum_g, sum_gxc = module.backward_sums(g, x, torch.from_numpy(emean))
+    dx = module.backward_apply(g, x, torch.from_numpy(emean), inv, w, sum_g / m, sum_gxc * inv / m)
+    rdx, _, _ = reference.backward(gd, xd, f64(w), eps)
+    assert np.max(np.abs(f64(dx) - rdx)) / np.max(np.abs(rdx)) < 1e-4
+
+
+def test_split_entry_points_grad_layout_differs_from_input():
+    """cpu.backward_sums/backward_apply with an NCHW grad for a channels_last input."""
+    x = make_input((2, 4, 3, 5), torch.channels_last, torch.float64)
+    g = torch.randn(2, 4, 3, 5, dtype=torch.float64)  # NCHW
+    emean, evar = reference.moments(f64(x))
+    sum_g, sum_gxc = cpu.backward_sums(g, x, torch.from_numpy(emean))
+    e_g, e_gxc, _ = _ref_sums(f64(g), f64(x), emean)
+    assert_near(sum_g, e_g, torch.float64, "sum g")
+    assert_near(sum_gxc, e_gxc, torch.float64, "sum g*(x - mean)")
+    inv = torch.from_numpy(1.0 / np.sqrt(evar + 1e-5))
+    dx = cpu.backward_apply(g, x, torch.from_numpy(emean), inv, None, sum_g / 30, sum_gxc * inv / 30)
+    assert_near(dx, reference.backward(f64(g), f64(x), None, 1e-5)[0], torch.float64, "dx")
+    with pytest.raises(ValueError, match="grad_y of shape"):
+        cpu.backward_sums(g[:1], x, torch.from_numpy(emean))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fused_and_unfused_ncs_backward_agree_with_reference(monkeypatch, dtype):
+    """The per-channel fused backward (g and x of a channel in L2) gives the two-kernel path's
+    results bit for bit (same units, same order of operations), and the reference's."""
+    shape = (4, 16, 32, 64)  # rows of 2048 values: >= 4 KiB for every dtype tested
+    x = make_input(shape, torch.contiguous_format, dtype, loc=3.0)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype)
+    w = torch.rand(16, dtype=torch.float64) + 0.5
+    monkeypatch.setattr(cpu, "_threads", lambda: 2)  # work split as on 2 threads (fusion: C >= 8)
+    _, mean, var = cpu.train_forward(x, None, None, 1e-5)
+    invstd = torch.rsqrt(var.double() + 1e-5)
+    mean32 = mean.to(torch.float32)  # a rounded mean: both paths refine it from x
+    assert cpu._fuse_bwd_ncs(4, 16, 2048, x.element_size())
+    assert not cpu._fuse_bwd_ncs(4, 16, 196, 4)  # short rows (14x14): the two-kernel path
+    fused = cpu.backward(g, x, mean32, invstd, w)
+    monkeypatch.setattr(cpu, "_FUSE_BWD_BYTES", 0)
+    assert not cpu._fuse_bwd_ncs(4, 16, 2048, x.element_size())
+    unfused = cpu.backward(g, x, mean32, invstd, w)
+    for a, b in zip(fused, unfused):
+        assert torch.equal(a, b)
+    _, _, evar, x_hat = ref_train(f64(x), np.ones(16), np.zeros(16), 1e-5)
+    dx, dw, db = ref_backward(f64(g), x_hat, evar, f64(w), 1e-5)
+    tol = dtype if dtype == torch.float64 else torch.float32
+    assert_near(fused[0], dx, dtype, "dx")
+    assert_near(fused[1], dw, tol, "dgamma")
+    assert_near(fused[2], db, tol, "dbeta")

@@ -120,3 +120,22 @@ def test_default_threshold_pools_cache_resident_outputs(monkeypatch):
     n_before = len(outpool._buffers)
     cpu.train_forward(small, None, None, 1e-5)
     assert len(outpool._buffers) == n_before
+
+
+@pytest.mark.parametrize("nbytes_extra", [0, 4, 12, 100])
+def test_pool_buffers_start_page_aligned(nbytes_extra):
+    """numpy aligns large buffers to 16 bytes only; pool outputs start on a page (so every
+    64-byte vector store stays within one cache line), reused buffers too."""
+    x = torch.empty((1 << 20) + 128, dtype=torch.uint8)[: (1 << 20) + nbytes_extra]
+    assert x.numel() >= outpool.MIN_BYTES
+    outs = [outpool.empty_like(x, torch.uint8) for _ in range(3)]
+    for out in outs:
+        assert out.data_ptr() % outpool._ALIGN == 0
+        assert out.numel() == x.numel()
+        assert out.untyped_storage().nbytes() == x.numel()
+    ptrs = {out.data_ptr() for out in outs}
+    assert len(ptrs) == 3  # in use at the same time: three buffers
+    del outs
+    gc.collect()
+    again = outpool.empty_like(x, torch.uint8)
+    assert again.data_ptr() in ptrs and again.data_ptr() % outpool._ALIGN == 0

@@ -5,6 +5,10 @@ Same API as :mod:`batchnorm._kernels.torch_ops`:
 - ``train_forward(x, weight, bias, eps) -> (y, mean, var_biased)``
 - ``eval_forward(x, mean, var, weight, bias, eps) -> y``
 - ``backward(grad_y, x, mean, invstd, weight) -> (dx, sum(g * x_hat), sum(g))``
+- ``batch_stats(x) -> (mean, var_biased)``: the statistics alone (no output written);
+- ``backward_sums(grad_y, x, mean) -> (sum g, sum g * (x - mean))`` (float64) and
+  ``backward_apply(grad_y, x, mean, invstd, weight, mean_g, mean_gxhat) -> dx``: the backward
+  split at its reductions, for callers that reduce the sums further (SyncBatchNorm);
 - ``supports(x) -> bool``: whether these kernels handle ``x`` (else dispatch uses torch_ops).
 
 Math (per channel c over its m = N * prod(spatial) values; DESIGN.md):
@@ -24,7 +28,11 @@ transparent huge pages, see :func:`_empty_like`), and the kernels write into the
 (``Tensor.numpy()`` shares memory).
 
 Passes: training forward = one statistics pass + one normalize pass; backward = one pass for
-both sums (sum g, sum g * (x - mean)) + one pass for dx; eval = one pass.
+both sums (sum g, sum g * (x - mean)) + one pass for dx; eval = one pass. For NCHW-like inputs
+whose channels fit in a core's L2 cache, the training forward (x of a channel <= 1 MiB) and
+the backward (g + x of a channel <= 2 MiB, rows >= 4 KiB) run fused per channel: the second pass over a
+channel reads it from L2, so each moves the memory-traffic minimum (fwd: read x, write y;
+bwd: read g and x, write dx).
 
 Parallelism (``numba.prange`` over work units, ``numba.get_num_threads()`` threads):
 
@@ -92,7 +100,17 @@ from . import outpool
 from .half import compute_cast, compute_dtype, compute_empty, compute_zero, load, storage_view, store
 from .torch_ops import acc_dtype
 
-__all__ = ["AUTO_MIN_NUMEL", "supports", "train_forward", "eval_forward", "backward", "layout_of"]
+__all__ = [
+    "AUTO_MIN_NUMEL",
+    "supports",
+    "train_forward",
+    "eval_forward",
+    "backward",
+    "batch_stats",
+    "backward_sums",
+    "backward_apply",
+    "layout_of",
+]
 
 _SEG = 4096
 """Longest contiguous run handled with one two-pass (mean, M2): 16 KB of float32, L1-resident."""
@@ -499,6 +517,52 @@ def _py_train_ncs(x, n_b, n_c, n_s, k, nseg, eps, w, b, stats, y):  # pragma: no
         for n in range(n_b):
             off = (n * n_c + c) * n_s
             _affine_seg(x[off : off + n_s], y[off : off + n_s], hi, lo, sc, sh)
+
+
+def _py_bwd_ncs(g, x, n_b, n_c, n_s, k, nseg, mu, inv, w, sums, dx):  # pragma: no cover
+    """Fused training backward, one task per channel: the sums, then dx for that channel.
+
+    Used when a channel's g and x fit in a core's L2 cache together (see
+    :func:`_fuse_bwd_ncs`): the dx pass reads them from L2, two full reads saved. The same
+    units, float64 totals and coefficients as :func:`_py_bsums_ncs` + :func:`_bwd_params` +
+    :func:`_py_dx_ncs` (same order of operations: identical results). mu, inv, w: (C,) float64;
+    sums: (2, C) float64 out (sum g * x_hat, sum g); dx as in _py_dx_ncs.
+    """
+    groups = (n_b + k - 1) // k
+    seg = (n_s + nseg - 1) // nseg
+    m = np.float64(n_b * n_s)
+    for c in numba.prange(n_c):
+        mu_x = compute_cast(x, mu[c])  # sums around the mean rounded to the compute dtype
+        sg = 0.0
+        sgd = 0.0
+        sd = 0.0
+        for grp in range(groups):
+            n0 = grp * k
+            n1 = min(n_b, n0 + k)
+            for piece in range(nseg):
+                i0 = piece * seg
+                ln = min(n_s - i0, seg)
+                if ln > 0:
+                    a, b, d = _unit_bsums(g, x, c, n0, n1, i0, ln, n_c, n_s, mu_x)
+                    sg += a
+                    sgd += b
+                    sd += d
+        resid = mu[c] - np.float64(mu_x)  # moved to the float64 mean
+        sgd -= resid * sg
+        sd -= resid * m
+        delta = sd / m
+        mean = mu[c] + delta
+        sgx = sgd - delta * sg
+        sums[0, c] = sgx * inv[c]
+        sums[1, c] = sg
+        hi = compute_cast(x, mean)
+        lo = compute_cast(x, mean - np.float64(hi))
+        k1 = compute_cast(x, w[c] * inv[c])
+        k2 = compute_cast(x, -w[c] * inv[c] * inv[c] * inv[c] * sgx / m)
+        k3 = compute_cast(x, -w[c] * inv[c] * sg / m)
+        for n in range(n_b):
+            off = (n * n_c + c) * n_s
+            _dx_seg(g[off : off + n_s], x[off : off + n_s], dx[off : off + n_s], hi, lo, k1, k2, k3)
 
 
 def _py_affine_ncs(x, n_b, n_c, n_s, nseg, p, y):  # pragma: no cover
@@ -940,6 +1004,30 @@ def _fuse_ncs(n_b: int, n_c: int, n_s: int, itemsize: int) -> bool:
     return n_b * n_s * itemsize <= _FUSE_BYTES and n_c >= 4 * _threads()
 
 
+_FUSE_BWD_BYTES = 2 << 20
+"""Largest g + x of one channel (2 * N * S * itemsize bytes) the fused backward handles: a
+2 MiB L2 cache."""
+
+_FUSE_BWD_ROW = 4096
+"""Shortest row (S * itemsize bytes) for the fused backward. A channel's rows lie C * S apart;
+short rows make the per-channel walk a strided one (prefetch, cache sets) and cost more than the
+L2 reuse saves on a quiet machine. Measured on the 2-core VM (2 MiB L2 per core), float32,
+fused / two-kernel backward: (64, 64, 56, 56) (12.5 KB rows) 0.58-0.64 with the memory system
+loaded by other processes, ~0.94 quiet (bn_speed bwd 7.8 vs 8.3 ms); (256, 256, 14, 14) (784 B
+rows) 0.69-0.88 loaded but 1.15 quiet (11.6 vs 10.1 ms): not fused."""
+
+
+def _fuse_bwd_ncs(n_b: int, n_c: int, n_s: int, itemsize: int) -> bool:
+    """Whether the ncs backward runs fused per channel (:func:`_py_bwd_ncs`): a channel's g and
+    x fit in :data:`_FUSE_BWD_BYTES` together, its rows are at least :data:`_FUSE_BWD_ROW`
+    bytes long, and there are at least 4 channels per thread."""
+    return (
+        2 * n_b * n_s * itemsize <= _FUSE_BWD_BYTES
+        and n_s * itemsize >= _FUSE_BWD_ROW
+        and n_c >= 4 * _threads()
+    )
+
+
 def _merge_columns(col: np.ndarray, n_c: int, rep: int) -> np.ndarray:
     """(2, C*rep) per-column (mean, biased var) over equal counts -> (2, C) per channel:
     mean = mean of column means; var = mean of column variances + variance of column means."""
@@ -986,24 +1074,43 @@ def train_forward(
         _run("_train_ncs", xf, n, c, s, k, nseg, float(eps), w, b, stats, yf, small=small)
         st = torch.from_numpy(stats)
         return y, st[0].clone(), st[1].to(acc_dtype(x.dtype))
-    if kind == "ncs":
-        stats = np.empty((2, c))
-        k, nseg = _units(n, c, s)
-        _run("_stats_ncs", xf, n, c, s, k, nseg, stats, small=small)
-    else:
-        nblk = _rows_blocks(n, c)
-        col = np.empty((2, c))
-        _run("_stats_mc", xf, n, c, nblk, col, small=small)
-        stats = _merge_columns(col, n_c, s)
-    st = torch.from_numpy(stats)
+    st = torch.from_numpy(_stats(xf, kind, n, c, s, n_c, small))
     p = _affine_params(st[0], torch.rsqrt(st[1] + eps), weight, bias, _compute_torch(xn.dtype))
     if kind == "ncs":
         _run("_affine_ncs", xf, n, c, s, _nseg(n * c, s), p, yf, small=small)
     else:
-        _run("_affine_mc", xf, n, c, nblk, np.repeat(p, s, axis=1), yf, small=small)
+        _run("_affine_mc", xf, n, c, _rows_blocks(n, c), np.repeat(p, s, axis=1), yf, small=small)
     # as torch_ops: the mean in float64 (a float32 mean of 1e4 is off by 5% of a 1e-2 spread),
     # the variance in the accumulation dtype
     return y, st[0].clone(), st[1].to(acc_dtype(x.dtype))
+
+
+def _stats(xf: np.ndarray, kind: str, n: int, c: int, s: int, n_c: int, small: bool) -> np.ndarray:
+    """(2, C) float64 per-channel (mean, biased var) of the flat input (one read of x)."""
+    if kind == "ncs":
+        stats = np.empty((2, c))
+        k, nseg = _units(n, c, s)
+        _run("_stats_ncs", xf, n, c, s, k, nseg, stats, small=small)
+        return stats
+    col = np.empty((2, c))
+    _run("_stats_mc", xf, n, c, _rows_blocks(n, c), col, small=small)
+    return _merge_columns(col, n_c, s)
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel batch statistics without a normalized output: (mean, var_biased).
+
+    One read of x, no write (the statistics pass of :func:`train_forward`). The mean is
+    returned in float64, the biased variance in ``acc_dtype(x.dtype)``, as
+    :func:`torch_ops.batch_stats`.
+
+    Shape: x (N, C, *) -> mean (C,), var (C,).
+    """
+    layout = _check_supported(x, "batch_stats")
+    xn = x.detach()
+    kind, n, c, s = _plan(xn, layout)
+    st = torch.from_numpy(_stats(_flat(xn, layout), kind, n, c, s, x.shape[1], xn.numel() < _SMALL_WORK))
+    return st[0].clone(), st[1].to(acc_dtype(x.dtype))
 
 
 def eval_forward(
@@ -1056,26 +1163,51 @@ def backward(
     """
     layout = _check_supported(x, "backward")
     xn = x.detach()
-    g = grad_y.detach()
-    if g.shape != x.shape:
-        raise ValueError(
-            f"batchnorm._kernels.cpu.backward: expected grad_y of shape {tuple(x.shape)}, "
-            f"got {tuple(g.shape)}"
-        )
-    if g.dtype != xn.dtype or g.stride() != xn.stride() or g.device != xn.device:
-        g = _empty_like(xn).copy_(g)
+    g = _grad_like(grad_y, xn, "backward")
     dx = _empty_like(xn)
     kind, n, c, s = _plan(xn, layout)
     small = xn.numel() < _SMALL_WORK
     n_c = x.shape[1]
     xf = _flat(xn, layout)
     gf = _flat(g, layout)
-    dxf = _flat(dx, layout)
     mu = _channel_vec(mean, n_c, 0.0)
     inv = _channel_vec(invstd, n_c, 1.0)
     w = _channel_vec(weight, n_c, 1.0)
     sums = np.empty((2, n_c))
-    cdt = compute_dtype(xn.dtype)
+    if kind == "ncs" and _fuse_bwd_ncs(n, c, s, xn.element_size()):
+        k, nseg = _units(n, c, s)
+        _run("_bwd_ncs", gf, xf, n, c, s, k, nseg, mu, inv, w, sums, _flat(dx, layout), small=small)
+        out = torch.from_numpy(sums).to(acc_dtype(x.dtype))
+        return dx, out[0].clone(), out[1].clone()
+    tot = _bsums(gf, xf, kind, n, c, s, mu, compute_dtype(xn.dtype), small)
+    p = _bwd_params(tot, mu, inv, w, float(n * s), sums, compute_dtype(xn.dtype))
+    _dx(gf, xf, kind, n, c, s, p, _flat(dx, layout), small)
+    acc = acc_dtype(x.dtype)
+    out = torch.from_numpy(sums).to(acc)
+    return dx, out[0].clone(), out[1].clone()
+
+
+def _grad_like(grad_y: Tensor, xn: Tensor, where: str) -> Tensor:
+    """grad_y detached, with x's shape, dtype and strides (a copy only when they differ)."""
+    g = grad_y.detach()
+    if g.shape != xn.shape:
+        raise ValueError(
+            f"batchnorm._kernels.cpu.{where}: expected grad_y of shape {tuple(xn.shape)}, "
+            f"got {tuple(g.shape)}"
+        )
+    if g.dtype != xn.dtype or g.stride() != xn.stride() or g.device != xn.device:
+        g = _empty_like(xn).copy_(g)
+    return g
+
+
+def _bsums(
+    gf: np.ndarray, xf: np.ndarray, kind: str, n: int, c: int, s: int, mu: np.ndarray, cdt: Any, small: bool
+) -> np.ndarray:
+    """(3, C) float64 sums (sum g, sum g * (x - mu), sum (x - mu)) around the float64 ``mu`` (C,).
+
+    One read of g and x. The kernels sum around mu rounded to the compute dtype (x - mu is
+    exact near it); the rounding residual is moved into the float64 totals.
+    """
     if kind == "ncs":
         tot = np.empty((3, c))
         k, nseg = _units(n, c, s)
@@ -1084,18 +1216,83 @@ def backward(
         resid = mu - mu_x.astype(np.float64)  # ... and moved to the float64 mean here
         tot[1] -= resid * tot[0]
         tot[2] -= resid * (n * s)
-        p = _bwd_params(tot, mu, inv, w, float(n * s), sums, cdt)
+        return tot
+    col = np.empty((3, c))
+    _run("_bsums_mc", gf, xf, n, c, _rows_blocks(n, c), np.repeat(mu, s), col, small=small)
+    return col.reshape(3, -1, s).sum(axis=2)  # (3, C*s) -> (3, C, s) -> (3, C)
+
+
+def _dx(
+    gf: np.ndarray, xf: np.ndarray, kind: str, n: int, c: int, s: int, p: np.ndarray, dxf: np.ndarray, small: bool
+) -> None:
+    """dx = k1 * g + k2 * ((x - hi) - lo) + k3 with p = (hi, lo, k1, k2, k3) (5, C): one pass."""
+    if kind == "ncs":
         _run("_dx_ncs", gf, xf, n, c, s, _nseg(n * c, s), p, dxf, small=small)
     else:
-        nblk = _rows_blocks(n, c)
-        col = np.empty((3, c))
-        _run("_bsums_mc", gf, xf, n, c, nblk, np.repeat(mu, s), col, small=small)
-        tot = col.reshape(3, n_c, s).sum(axis=2)  # (3, C*s) -> (3, C, s) -> (3, C)
-        p = _bwd_params(tot, mu, inv, w, float(n * s), sums, cdt)
-        _run("_dx_mc", gf, xf, n, c, nblk, np.repeat(p, s, axis=1), dxf, small=small)
-    acc = acc_dtype(x.dtype)
-    out = torch.from_numpy(sums).to(acc)
-    return dx, out[0].clone(), out[1].clone()
+        _run("_dx_mc", gf, xf, n, c, _rows_blocks(n, c), np.repeat(p, s, axis=1), dxf, small=small)
+
+
+def backward_sums(grad_y: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """The two reductions of the backward, around a given per-channel ``mean``:
+
+        sum_g = sum g,   sum_g_xc = sum g * (x - mean)
+
+    in float64, with no output written (one read of g and x). ``mean`` (C,) may be any value
+    (e.g. the global mean of a synchronized batch); it is used as given, in float64: the
+    kernels sum in x's compute dtype around mean rounded to it and the residual is applied in
+    float64, so mean 1e4 / std 1e-2 in float32 loses nothing. Dividing ``sum_g_xc`` by the
+    std gives dgamma = sum g * x_hat.
+
+    Shape: grad_y, x (N, C, *) -> sum_g (C,), sum_g_xc (C,), both float64.
+    """
+    layout = _check_supported(x, "backward_sums")
+    xn = x.detach()
+    g = _grad_like(grad_y, xn, "backward_sums")
+    kind, n, c, s = _plan(xn, layout)
+    mu = _channel_vec(mean, x.shape[1], 0.0)
+    small = xn.numel() < _SMALL_WORK
+    tot = _bsums(_flat(g, layout), _flat(xn, layout), kind, n, c, s, mu, compute_dtype(xn.dtype), small)
+    return torch.from_numpy(tot[0].copy()), torch.from_numpy(tot[1].copy())
+
+
+def backward_apply(
+    grad_y: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    mean_g: Tensor,
+    mean_gxhat: Tensor,
+) -> Tensor:
+    """dx from already-reduced means (DESIGN.md's backward), one pass over g and x:
+
+        x_hat = (x - mean) * invstd
+        dx    = weight * invstd * (g - mean_g - x_hat * mean_gxhat)
+
+    ``mean_g`` = (1/M) sum g and ``mean_gxhat`` = (1/M) sum g * x_hat over the normalization
+    batch (for SyncBatchNorm: all ranks). Computed as k1 g + k2 ((x - mean_hi) - mean_lo) + k3
+    with per-channel coefficients formed in float64 (mean as a hi + lo pair in x's dtype).
+    Returns dx in x's dtype and memory format.
+
+    Shape: grad_y, x (N, C, *); mean, invstd, weight, mean_g, mean_gxhat (C,) -> dx (N, C, *).
+    """
+    layout = _check_supported(x, "backward_apply")
+    xn = x.detach()
+    g = _grad_like(grad_y, xn, "backward_apply")
+    dx = _empty_like(xn)
+    kind, n, c, s = _plan(xn, layout)
+    n_c = x.shape[1]
+    mu = _channel_vec(mean, n_c, 0.0)
+    inv = _channel_vec(invstd, n_c, 1.0)
+    scale = inv * _channel_vec(weight, n_c, 1.0)
+    p = np.empty((5, n_c), dtype=compute_dtype(xn.dtype))
+    p[0] = mu
+    p[1] = mu - p[0].astype(np.float64)
+    p[2] = scale
+    p[3] = -scale * inv * _channel_vec(mean_gxhat, n_c, 0.0)
+    p[4] = -scale * _channel_vec(mean_g, n_c, 0.0)
+    _dx(_flat(g, layout), _flat(xn, layout), kind, n, c, s, p, _flat(dx, layout), xn.numel() < _SMALL_WORK)
+    return dx
 
 
 def _bwd_params(

@@ -38,6 +38,11 @@ MIN_BYTES = 1 << 20
 KEEP_BYTES = 512 << 20
 """Most bytes of idle buffers kept for reuse."""
 
+_ALIGN = 4096
+"""Start address alignment of pool buffers (a page). numpy aligns large arrays to 16 bytes only:
+an output 16 bytes off a 64-byte cache line splits every 64-byte vector store across two lines
+(measured: 51 MB float32 training forward 4.5 ms into such a buffer, 3.7 ms into an aligned one)."""
+
 _lock = threading.Lock()
 _buffers: list[np.ndarray] = []
 """Every buffer of the pool (in use or idle), oldest first; uint8, 1D."""
@@ -69,7 +74,9 @@ def _take(nbytes: int) -> np.ndarray:
     with _lock:
         buf = next((b for b in _idle() if b.nbytes == nbytes), None)
         if buf is None:
-            buf = np.empty(nbytes, dtype=np.uint8)
+            raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+            skip = -raw.ctypes.data % _ALIGN
+            buf = raw[skip : skip + nbytes]  # aligned view; it keeps raw alive through .base
             _advise(buf)
             _buffers.append(buf)
         idle = _idle()  # without buf: the local name holds it

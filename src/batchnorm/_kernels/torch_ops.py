@@ -34,6 +34,8 @@ __all__ = [
     "train_forward",
     "eval_forward",
     "backward",
+    "backward_sums",
+    "backward_apply",
 ]
 
 
@@ -157,3 +159,63 @@ def backward(
         g - channel_view(sum_g / m, nd) - x_hat * channel_view(sum_gx / m, nd)
     )
     return dx.to(x.dtype), sum_gx, sum_g
+
+
+def _centered(x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """(d, resid): d = x - mean rounded to ``acc_dtype`` (N, C, *), exact for x near the mean
+    (Sterbenz), and the float64 residual resid = mean - rounded (C,), so x - mean = d - resid."""
+    acc = acc_dtype(x.dtype)
+    mean64 = mean.to(torch.float64)
+    rounded = mean64.to(acc)  # (C,)
+    d = x.to(acc) - channel_view(rounded, x.dim())  # (N, C, *)
+    return d, mean64 - rounded.to(torch.float64)
+
+
+def backward_sums(grad_y: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """The two reductions of the backward around a given per-channel ``mean`` (C,):
+
+        sum_g = sum g,   sum_g_xc = sum g * (x - mean)
+
+    returned in float64. Summed in ``acc_dtype`` around the mean rounded to it (exact near the
+    mean), the float64 residual applied per channel: sum g (x - mean) = sum g d - resid sum g.
+
+    Shape: grad_y, x (N, C, *) -> sum_g (C,), sum_g_xc (C,).
+    """
+    dims = reduce_dims(x)
+    g = grad_y.to(acc_dtype(x.dtype))
+    d, resid = _centered(x, mean)
+    sum_g = g.sum(dim=dims).to(torch.float64)  # (C,)
+    sum_g_xc = (g * d).sum(dim=dims).to(torch.float64) - resid * sum_g  # (C,)
+    return sum_g, sum_g_xc
+
+
+def backward_apply(
+    grad_y: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    mean_g: Tensor,
+    mean_gxhat: Tensor,
+) -> Tensor:
+    """dx from already-reduced means (DESIGN.md's backward):
+
+        x_hat = (x - mean) * invstd,   dx = weight * invstd * (g - mean_g - x_hat * mean_gxhat)
+
+    as k1 g + k2 d + k3 with d = x - mean rounded to ``acc_dtype`` and per-channel float64
+    coefficients k1 = weight invstd, k2 = -k1 invstd mean_gxhat, k3 = -k1 mean_g - k2 resid.
+    Returns dx in x's dtype.
+
+    Shape: grad_y, x (N, C, *); mean, invstd, weight, mean_g, mean_gxhat (C,) -> dx (N, C, *).
+    """
+    acc = acc_dtype(x.dtype)
+    nd = x.dim()
+    d, resid = _centered(x, mean)
+    inv = invstd.to(torch.float64)
+    k1 = inv if weight is None else inv * weight.to(torch.float64)  # (C,)
+    k2 = -k1 * inv * mean_gxhat.to(torch.float64)
+    k3 = -k1 * mean_g.to(torch.float64) - k2 * resid
+    dx = grad_y.to(acc) * channel_view(k1.to(acc), nd)  # (N, C, *)
+    dx.addcmul_(d, channel_view(k2.to(acc), nd))
+    dx.add_(channel_view(k3.to(acc), nd))
+    return dx.to(x.dtype)

@@ -17,9 +17,9 @@ Backward (g = dL/dy, sums over the global batch):
 
     dx = weight / sqrt(var + eps) * (g - (1/M) sum g - x_hat (1/M) sum g * x_hat)
 
-with ONE ``all_reduce`` of the 2C local sums (sum g, sum g*x_hat), taken around the mean
-rounded to x's precision (exact near it) and moved to the float64 mean per channel; dx is then
-k1 g + k2 (x - mean) + k3 with per-channel float64 coefficients (three elementwise passes).
+with ONE ``all_reduce`` of the 2C local sums (sum g, sum g*x_hat), taken by the back-end's
+``backward_sums`` around the float64 global mean (one read of g and x), and dx from the
+back-end's ``backward_apply`` with the global means (one more read of g and x, one write).
 ``weight``/``bias`` get their *local* gradients sum_local g*x_hat and sum_local g;
 DistributedDataParallel then reduces them across ranks like every other parameter.
 Cost: one blocking collective per layer per pass (docs/distributed.md has measurements).
@@ -74,20 +74,15 @@ __all__ = ["SyncBatchNorm", "sync_batch_norm", "sync_batch_norm_layer"]
 def _local_moments(x: Tensor) -> tuple[int, Tensor, Tensor]:
     """(m, mean (C,) float64, M2 (C,)) of the local batch; zeros if empty.
 
-    CPU tensors the numba back-end supports use its fused statistics pass (float64
-    accumulation; its output normalized with the *local* statistics is discarded, one cheap
-    pass); other tensors use the shifted two-pass :func:`torch_ops.batch_stats`.
+    The back-end's statistics pass (numba on CPU: float64 accumulation, one read of x and no
+    output; other tensors: the shifted two-pass :func:`torch_ops.batch_stats`).
     """
     c = x.shape[1]
     m = x.numel() // c
     if m == 0:
         zeros = torch.zeros(c, dtype=torch.float64, device=x.device)
         return 0, zeros, zeros
-    backend = backend_for(x)
-    if backend is torch_ops:
-        mean, var = torch_ops.batch_stats(x)
-    else:
-        _, mean, var = backend.train_forward(x, None, None, 1.0)
+    mean, var = backend_for(x).batch_stats(x)
     return m, mean, var * m
 
 
@@ -150,32 +145,18 @@ class _SyncNormalize(torch.autograd.Function):
             return (*_backward_graph(ctx, grad_y), None, None, None, None, None, None)
         x, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        acc = torch_ops.acc_dtype(x.dtype)
-        nd = x.dim()
-        dims = torch_ops.reduce_dims(x)
-        g = grad_y.to(acc)  # (N, C, *)
-        # d = x - mean rounded to acc (exact near the mean, Sterbenz); the float64 residual
-        # r = mean - rounded enters the per-channel (C,) float64 coefficients only
-        rounded = mean.to(acc)  # (C,)
-        resid = mean - rounded.double()  # (C,) float64
-        d = x.to(acc) - torch_ops.channel_view(rounded, nd)  # (N, C, *)
-        sum_g = g.sum(dim=dims).double()  # (C,) local
-        sum_gx = (g * d).sum(dim=dims).double() - resid * sum_g  # (C,) local sum g * (x - mean)
+        backend = backend_for(x)
+        # local sums (C,) float64 around the float64 global mean: one read of g and x
+        sum_g, sum_gx = backend.backward_sums(grad_y, x, mean)
         dx = None
         if need_x:
             c = sum_g.numel()
             packed = torch.cat([sum_g, sum_gx])  # (2C,) float64
             _collectives.all_reduce_sum(packed, ctx.group, ctx.where, "the gradient sums (sum g, sum g*x_hat)")
-            # DESIGN.md's backward with the global means of g and g*x_hat, as per-channel
-            # coefficients: dx = k1 g + k2 (x - mean) + k3 = k1 g + k2 d + (k3 - k2 r)
-            scale = invstd if weight is None else invstd * weight.double()  # (C,) float64
-            k1 = scale
-            k2 = -scale * invstd.square() * packed[c:] / ctx.total
-            k3 = -scale * packed[:c] / ctx.total - k2 * resid
-            dx = g * torch_ops.channel_view(k1.to(acc), nd)  # (N, C, *); 3 passes in place
-            dx.addcmul_(d, torch_ops.channel_view(k2.to(acc), nd))
-            dx.add_(torch_ops.channel_view(k3.to(acc), nd))
-            dx = dx.to(x.dtype)
+            # DESIGN.md's backward with the global means of g and g*x_hat: one pass over g and x
+            mean_g = packed[:c] / ctx.total
+            mean_gxhat = packed[c:] * invstd / ctx.total
+            dx = backend.backward_apply(grad_y, x, mean, invstd, weight, mean_g, mean_gxhat)
         dw = (sum_gx * invstd).to(weight.dtype) if (need_w and weight is not None) else None
         db = sum_g.to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None
         return dx, dw, db, None, None, None, None, None, None
