@@ -117,23 +117,9 @@ class BatchNormActBase(BatchNormBase):
     def _traced_forward(self, input: Tensor) -> Tensor:
         """Under torch.fx symbolic tracing: one ``batch_norm_act_layer`` node."""
         return batch_norm_act_layer(
-            input,
-            self.weight,
-            self.bias,
-            self.running_mean,
-            self.running_var,
-            self.num_batches_tracked,
-            self.training,
-            self.track_running_stats,
-            self.momentum,
-            self.eps,
-            self.activation,
-            self.negative_slope,
-            self.alpha,
-            self._ndims,
-            self.num_features,
-            self._where(),
-        )
+            input, *self._layer_state(), self.activation, self.negative_slope, self.alpha, self._ndims,
+            self.num_features, self._where(),
+        )  # fmt: skip
 
     def _normalize(
         self,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx
@@ -253,8 +254,13 @@ class BatchNormBase(_TorchBatchNorm):
 
     def _traced_forward(self, input: Tensor) -> Tensor:
         """Under torch.fx symbolic tracing: one ``batch_norm_layer`` node (subclasses record theirs)."""
-        return batch_norm_layer(
-            input,
+        return batch_norm_layer(input, *self._layer_state(), self._ndims, self.num_features, self._where())
+
+    def _layer_state(self) -> tuple[Any, ...]:
+        """(weight, bias, running_mean, running_var, num_batches_tracked, training,
+        track_running_stats, momentum, eps): the arguments after the input that every traced
+        layer function takes (under fx the tensors become ``get_attr`` nodes)."""
+        return (
             self.weight,
             self.bias,
             self.running_mean,
@@ -264,9 +270,6 @@ class BatchNormBase(_TorchBatchNorm):
             self.track_running_stats,
             self.momentum,
             self.eps,
-            self._ndims,
-            self.num_features,
-            self._where(),
         )
 
     def _normalize(

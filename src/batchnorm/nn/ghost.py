@@ -531,20 +531,7 @@ class GhostBatchNormBase(BatchNormBase):
     def _traced_forward(self, input: Tensor) -> Tensor:
         """Under torch.fx symbolic tracing: one ``ghost_batch_norm_layer`` node (any mode)."""
         return ghost_batch_norm_layer(
-            input,
-            self.weight,
-            self.bias,
-            self.running_mean,
-            self.running_var,
-            self.num_batches_tracked,
-            self.training,
-            self.track_running_stats,
-            self.momentum,
-            self.eps,
-            self.virtual_batch_size,
-            self._ndims,
-            self.num_features,
-            self._where(),
+            input, *self._layer_state(), self.virtual_batch_size, self._ndims, self.num_features, self._where()
         )
 
     def extra_repr(self) -> str:

@@ -332,11 +332,7 @@ class SyncBatchNorm(BatchNormBase):
                     "trace in eval mode, or use the default group (process_group=None) to trace training"
                 )
             return super()._traced_forward(input)
-        return sync_batch_norm_layer(
-            input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
-            self.training, self.track_running_stats, self.momentum, self.eps, self._ndims, self.num_features,
-            self._where(),
-        )  # fmt: skip
+        return sync_batch_norm_layer(input, *self._layer_state(), self._ndims, self.num_features, self._where())
 
 
 def _synchronized_step(
