@@ -74,6 +74,8 @@ _NOISE = {"noise_mean": 0.5, "noise_scale": 1.5, "per_sample": 0.1}
 
 
 def _settings(cfg: RunConfig) -> dict[str, Any]:
+    if cfg.data == "mnist1d":
+        return _settings_mnist1d(cfg)
     steps = cfg.pick(tiny=40, quick=600, full=4000)
     return {
         "depth": 10,
@@ -101,6 +103,30 @@ def _settings(cfg: RunConfig) -> dict[str, Any]:
         "eval_noise": "at inference the noise is replaced by its expectation: y' = y * (1 + n_sigma) / 2",
         "claim_thresholds": {"noisy_train_acc_within": _CLOSE_TRAIN_ACC, "target_training_loss": _TARGET_LOSS, "fails_below": _FAIL, "trains_at_least": _TRAINS},
     }
+
+
+def _settings_mnist1d(cfg: RunConfig) -> dict[str, Any]:
+    """MNIST-1D: PAPERS.md §2's calibrated deep ReLU MLP (depth 12, width 100, n_sigma 1.25).
+
+    The digits net (10x64, 600 quick steps) only reaches 52-69% training accuracy on MNIST-1D,
+    which resolves none of the claims; PAPERS.md calibrates depth 12, width 100, batch 128,
+    2000 steps, n_mu 0.5, n_sigma 1.25 for this data.
+    """
+    s = _settings(RunConfig(mode=cfg.mode, seed=cfg.seed, data="digits"))
+    steps = cfg.pick(tiny=40, quick=2000, full=6000)
+    s.update(
+        {
+            "depth": 12,
+            "width": 100,
+            "steps": steps,
+            "noise": {**s["noise"], "noise_scale": 1.25},
+            "tracked_layers_note": "0-based hidden blocks: the 3rd and the 9th of 12",
+            "mnist1d_choice": "PAPERS.md §2 calibration for MNIST-1D: ReLU MLP depth 12, width 100, batch 128, "
+            "n_mu 0.5, n_sigma 1.25, 2000 steps (quick); the digits setup (10x64, n_sigma 1.5, 600 steps) "
+            "leaves the networks far from trained on MNIST-1D",
+        }
+    )
+    return s
 
 
 def _drift(means: np.ndarray, stds: np.ndarray) -> dict[str, float]:
@@ -131,7 +157,8 @@ def _arm(s: dict[str, Any], data: Dataset, arm: str, lr: float, seed: int, progr
     elif arm == "bn":
         norm = "bn"
     else:
-        norm = lambda c: NoisyBatchNorm(c, generator=noise_gen, **_NOISE)  # noqa: E731
+        noise = {k: s["noise"][k] for k in _NOISE}
+        norm = lambda c: NoisyBatchNorm(c, generator=noise_gen, **noise)  # noqa: E731
     model = build(data, s["depth"], s["width"], norm, seed)
     steps = s["steps"]
     every = s["checkpoint_every"]
