@@ -215,3 +215,11 @@ def test_mnist1d_uses_a_1d_cnn_that_trains_and_digits_keeps_the_mlp() -> None:
     first = sum(result.losses[:20]) / 20
     last = sum(result.losses[-20:]) / 20
     assert first > 2.0 and last < 0.8 * first  # chance: ln 10 = 2.30
+
+
+def test_report_states_a_data_specific_setup_only_when_there_is_one() -> None:
+    from batchnorm.lab.report import experiment_html
+
+    noted = experiment_html({"id": "x", "config": {"mnist1d_choice": "a 1-D CNN <here>"}}, [], "")
+    assert "Setup changed for this data:</b> a 1-D CNN &lt;here&gt;" in noted
+    assert "Setup changed" not in experiment_html({"id": "x", "config": {"steps": 1}}, [], "")
