@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from batchnorm.lab.experiments import dropout, goodfellow_chain, inference_stats, lr_sweep, placement
+from batchnorm.lab.config import RunConfig
 from batchnorm.lab.models import MLP, blocks
 
 
@@ -111,3 +112,24 @@ def test_first_layer_noise_matches_sampling_theory_on_gaussian_data() -> None:
         assert measured == pytest.approx(theory, rel=0.08)
     # Gaussian: var(sigma_B^2 / sigma^2) for biased variance = 2 (m - 1) / m^2
     assert noise["var_rel_scatter"][1] == pytest.approx(np.sqrt(2 * 15) / 16, rel=0.1)
+
+
+@pytest.mark.parametrize(
+    ("module", "key", "digits_value", "mnist1d_value"),
+    [
+        ("ioffe2015_fig1", "steps", 5000, 20000),
+        ("lr_sweep", "steps", 400, 2000),
+        ("placement", "steps", 2000, 8000),
+        ("dropout", "steps", 400, 1600),
+        ("small_batch", "steps", 1200, 2400),
+        ("santurkar2018_noisy", "depth", 10, 12),
+    ],
+)
+def test_mnist1d_quick_setups_are_recorded_and_digits_are_untouched(module: str, key: str, digits_value: int, mnist1d_value: int) -> None:
+    import importlib
+
+    exp = importlib.import_module(f"batchnorm.lab.experiments.{module}")
+    digits = exp._settings(RunConfig(mode="quick", data="digits"))
+    mnist1d = exp._settings(RunConfig(mode="quick", data="mnist1d"))
+    assert digits[key] == digits_value and "mnist1d_choice" not in digits
+    assert mnist1d[key] == mnist1d_value and mnist1d["mnist1d_choice"]

@@ -123,3 +123,103 @@ def test_a_non_finite_batch_never_reaches_the_running_statistics(cls: type) -> N
         layer(bad)
     for key, value in layer.state_dict().items():
         torch.testing.assert_close(value, saved[key], rtol=0, atol=0, equal_nan=True)
+
+
+def test_grouped_batch_norm_on_signals_pools_each_groups_samples_and_positions() -> None:
+    """(N, C, L): per channel over the group's m samples x L positions; running variance n/(n-1), n = m*L."""
+    torch.manual_seed(2)
+    x = torch.randn(8, 3, 5) * torch.tensor([1.0, 3.0, 0.5]).view(3, 1) + torch.tensor([0.0, 5.0, -2.0]).view(3, 1)
+    layer = GroupedBatchNorm1d(3, 2, momentum=0.5)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.5, 0.5, 2.0]))
+        layer.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    y = layer(x).detach().double().numpy()
+    a = x.double().numpy().reshape(4, 2, 3, 5)  # (G, m, C, L)
+    mean = a.mean(axis=(1, 3), keepdims=True)  # (G, 1, C, 1)
+    var = a.var(axis=(1, 3), keepdims=True)
+    ref = (a - mean) / np.sqrt(var + 1e-5)
+    ref = ref.reshape(8, 3, 5) * np.array([1.5, 0.5, 2.0]).reshape(3, 1) + np.array([0.1, -0.2, 0.3]).reshape(3, 1)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    n = 2 * 5
+    np.testing.assert_allclose(layer.running_mean.numpy(), 0.5 * mean.mean(axis=0).ravel(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.running_var.numpy(), 0.5 + 0.5 * var.mean(axis=0).ravel() * n / (n - 1), rtol=1e-5)
+    # eval: the running statistics, per channel, at every position
+    layer.eval()
+    expected = (x - layer.running_mean.view(3, 1)) / torch.sqrt(layer.running_var.view(3, 1) + 1e-5)
+    expected = expected * layer.weight.view(3, 1) + layer.bias.view(3, 1)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_layers_with_one_group_on_signals_are_torch_and_our_batch_norm() -> None:
+    x = torch.randn(6, 4, 7)
+    grouped = GroupedBatchNorm1d(4, 6)
+    reference = torch.nn.BatchNorm1d(4)
+    grouped.train()
+    torch.testing.assert_close(grouped(x), reference(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped.running_var, reference.running_var, rtol=1e-5, atol=1e-6)
+    # the grouped path itself: a batch of two copies of x in groups of 6 is BN of x per copy
+    two = GroupedBatchNorm1d(4, 6)
+    ref2 = torch.nn.BatchNorm1d(4)
+    y = ref2(x)  # one update of torch's running statistics from x
+    torch.testing.assert_close(two(torch.cat([x, x])), torch.cat([y, y]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(two.running_mean, ref2.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(two.running_var, ref2.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_batch_renorm_on_signals_matches_the_functional_per_group() -> None:
+    torch.manual_seed(3)
+    c = 3
+    layer = GroupedBatchRenorm1d(c, 2, momentum=0.2, warmup_steps=0, r_max_steps=0, d_max_steps=0, r_max=1.5, d_max=0.5)
+    mu0 = torch.tensor([0.5, -1.0, 0.0])
+    sigma0 = torch.tensor([2.0, 0.5, 1.0])
+    with torch.no_grad():
+        layer.num_batches_tracked.fill_(1)
+        layer.running_mean.copy_(mu0)
+        layer.running_std.copy_(sigma0)
+        layer.weight.copy_(torch.tensor([1.2, 0.8, 1.0]))
+    x = (torch.randn(6, c, 4) * 2 + 1).requires_grad_(True)
+    w = torch.randn(6, c, 4)
+    y = layer(x)
+    (y * w).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    outs = []
+    stds = []
+    for g in range(3):
+        chunk = x_ref[2 * g : 2 * g + 2]  # (2, C, L): group g
+        outs.append(batch_renorm(chunk, mu0.clone(), sigma0.clone(), layer.weight, layer.bias, True, 0.2, 1e-5, 1.5, 0.5))
+        stds.append(torch.sqrt(chunk.detach().var((0, 2), unbiased=False) + 1e-5))
+    ref = torch.cat(outs)  # (6, C, L)
+    (ref * w).sum().backward()
+    torch.testing.assert_close(y.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.running_std, sigma0 + 0.2 * (torch.stack(stds).mean(0) - sigma0))
+
+
+def test_mnist1d_uses_a_1d_cnn_that_trains_and_digits_keeps_the_mlp() -> None:
+    from batchnorm.lab.datasets import load
+    from batchnorm.lab.models import MLP, ConvNet
+    from batchnorm.lab.training import TrainSpec, train
+
+    digits = exp._settings(RunConfig(mode="quick", data="digits"))
+    assert "model" not in digits and digits["hidden"] == [100, 100, 100]
+    s = exp._settings(RunConfig(mode="quick", data="mnist1d"))
+    assert s["model"] == "cnn1d" and "1-D CNN" in s["mnist1d_choice"]
+    data = load("mnist1d", 0, small=True)
+    assert isinstance(exp._model(load("digits", 0), digits, exp.norm_factory("bn", 32, digits)), MLP)
+    torch.manual_seed(0)
+    model = exp._model(data, s, exp.norm_factory("bn", 2, s))
+    assert isinstance(model, ConvNet)
+    assert isinstance(model.blocks[0].layer, torch.nn.Conv1d) and isinstance(model.blocks[0].norm, GroupedBatchNorm1d)
+    assert model(data.test_x[:6]).shape == (6, data.classes)  # training mode: 3 groups of 2
+    result = train(model, data.train_x, data.train_y, TrainSpec(steps=500, batch_size=32, lr=0.1), generator=torch.Generator().manual_seed(0))
+    first = sum(result.losses[:20]) / 20
+    last = sum(result.losses[-20:]) / 20
+    assert first > 2.0 and last < 0.8 * first  # chance: ln 10 = 2.30
+
+
+def test_report_states_a_data_specific_setup_only_when_there_is_one() -> None:
+    from batchnorm.lab.report import experiment_html
+
+    noted = experiment_html({"id": "x", "config": {"mnist1d_choice": "a 1-D CNN <here>"}}, [], "")
+    assert "Setup changed for this data:</b> a 1-D CNN &lt;here&gt;" in noted
+    assert "Setup changed" not in experiment_html({"id": "x", "config": {"steps": 1}}, [], "")

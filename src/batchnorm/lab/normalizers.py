@@ -8,7 +8,9 @@
   BN behaves with ``group_size`` images per GPU and unsynchronized statistics (Wu & He 2018) or
   with Ioffe 2017's microbatches.
 
-Shape: all take (N, C) and return (N, C).
+Shape: ``NoisyBatchNorm`` takes (N, C); the grouped layers take (N, C) or (N, C, L) (per-channel
+statistics over the group's m samples and L positions, as Ioffe's conv BN over m·p·q values);
+all return their input's shape.
 """
 
 from __future__ import annotations
@@ -80,14 +82,25 @@ class NoisyBatchNorm(nn.Module):
 
 
 def group_view(x: Tensor, group_size: int) -> Tensor:
-    """(N, C) -> (G, m, C) with m = ``group_size`` and G = N / m; ValueError if m does not divide N.
+    """(N, C, *) -> (G, m, C, *) with m = ``group_size`` and G = N / m; ValueError if m does not
+    divide N.
 
     Group g holds samples g*m .. g*m + m - 1 (consecutive, as a per-GPU split would).
     """
-    n, c = x.shape
+    n = x.shape[0]
     if n % group_size != 0:
         raise ValueError(f"group_view: batch of {n} is not a multiple of the group size {group_size}")
-    return x.reshape(n // group_size, group_size, c)  # (G, m, C)
+    return x.reshape(n // group_size, group_size, *x.shape[1:])  # (G, m, C, *)
+
+
+def _group_dims(input: Tensor) -> tuple[int, ...]:
+    """Dims of ``group_view(input)`` that one group's per-channel statistic reduces: m and any L."""
+    return (1, *range(3, input.dim() + 1))
+
+
+def _per_channel(p: Tensor, input: Tensor) -> Tensor:
+    """A (C,) parameter shaped to broadcast against (N, C, *) ``input``: (C,) or (C, 1)."""
+    return p.reshape(-1, *([1] * (input.dim() - 2)))
 
 
 class GroupedBatchNorm1d(BatchNorm1d):
@@ -110,7 +123,11 @@ class GroupedBatchNorm1d(BatchNorm1d):
 
     A batch with non-finite statistics updates nothing (one warning per layer), as our BN.
 
-    Shape: (N, C) -> (N, C); N must be a multiple of ``group_size`` in training.
+    With (N, C, L) input the statistics of a group are over its m samples and L positions, and
+    the running-variance correction is n/(n-1) with n = m·L.
+
+    Shape: (N, C) -> (N, C) or (N, C, L) -> (N, C, L); N must be a multiple of ``group_size`` in
+    training.
     """
 
     def __init__(self, num_features: int, group_size: int, **kwargs: object) -> None:
@@ -122,17 +139,18 @@ class GroupedBatchNorm1d(BatchNorm1d):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or input.shape[0] <= self.group_size:
             return super().forward(input)
-        xg = group_view(input, self.group_size)  # (G, m, C)
-        mean = xg.mean(dim=1, keepdim=True)  # (G, 1, C)
-        var = xg.var(dim=1, unbiased=False, keepdim=True)  # (G, 1, C)
-        y = ((xg - mean) / torch.sqrt(var + self.eps)).reshape(input.shape)  # (N, C)
+        xg = group_view(input, self.group_size)  # (G, m, C) or (G, m, C, L)
+        dims = _group_dims(input)
+        mean = xg.mean(dim=dims, keepdim=True)  # (G, 1, C) or (G, 1, C, 1)
+        var = xg.var(dim=dims, unbiased=False, keepdim=True)  # (G, 1, C) or (G, 1, C, 1)
+        y = ((xg - mean) / torch.sqrt(var + self.eps)).reshape(input.shape)  # (N, C) or (N, C, L)
         if self.affine:
-            y = y * self.weight + self.bias
+            y = y * _per_channel(self.weight, input) + _per_channel(self.bias, input)
         if self.track_running_stats:
-            m = self.group_size
+            n = self.group_size * (input[0, 0].numel())  # values per channel per group: m or m·L
             with torch.no_grad():
-                new_mean = mean.mean(dim=(0, 1))  # (C,)
-                new_var = var.mean(dim=(0, 1)) * (m / (m - 1))  # (C,)
+                new_mean = mean.mean(dim=(0, *dims)).flatten()  # (C,)
+                new_var = var.mean(dim=(0, *dims)).flatten() * (n / (n - 1))  # (C,)
                 finite = bool(torch.isfinite(new_mean).all() and torch.isfinite(new_var).all())
                 if finite:  # a non-finite batch never reaches the running statistics
                     momentum = self._momentum_now()
@@ -157,7 +175,10 @@ class GroupedBatchRenorm1d(BatchRenorm1d):
     one schedule step. With ``group_size >= N`` this is exactly :class:`batchnorm.BatchRenorm1d`
     (which it subclasses for the schedule, buffers and inference). Eval: gamma (x - mu)/sigma + beta.
 
-    Shape: (N, C) -> (N, C); N must be a multiple of ``group_size`` in training.
+    With (N, C, L) input the statistics of a group are over its m samples and L positions.
+
+    Shape: (N, C) -> (N, C) or (N, C, L) -> (N, C, L); N must be a multiple of ``group_size`` in
+    training.
     """
 
     def __init__(self, num_features: int, group_size: int, **kwargs: object) -> None:
@@ -171,20 +192,21 @@ class GroupedBatchRenorm1d(BatchRenorm1d):
             return super().forward(input)
         step = int(self.num_batches_tracked.item())
         r_max, d_max = self.limits(step)
-        xg = group_view(input, self.group_size)  # (G, m, C)
-        mean = xg.mean(dim=1, keepdim=True)  # (G, 1, C)
-        std = torch.sqrt(xg.var(dim=1, unbiased=False, keepdim=True) + self.eps)  # (G, 1, C)
+        xg = group_view(input, self.group_size)  # (G, m, C) or (G, m, C, L)
+        dims = _group_dims(input)
+        mean = xg.mean(dim=dims, keepdim=True)  # (G, 1, C) or (G, 1, C, 1)
+        std = torch.sqrt(xg.var(dim=dims, unbiased=False, keepdim=True) + self.eps)  # (G, 1, C) or (G, 1, C, 1)
         with torch.no_grad():
-            mu = self.running_mean.detach()
-            sigma = self.running_std.detach()
-            r = (std / sigma).clamp(1.0 / r_max, r_max)  # (G, 1, C), a constant
-            d = ((mean - mu) / sigma).clamp(-d_max, d_max)  # (G, 1, C), a constant
-        y = ((xg - mean) / std * r + d).reshape(input.shape)  # (N, C)
+            mu = _per_channel(self.running_mean.detach(), input)
+            sigma = _per_channel(self.running_std.detach(), input)
+            r = (std / sigma).clamp(1.0 / r_max, r_max)  # like std, a constant
+            d = ((mean - mu) / sigma).clamp(-d_max, d_max)  # like mean, a constant
+        y = ((xg - mean) / std * r + d).reshape(input.shape)  # (N, C) or (N, C, L)
         if self.affine:
-            y = y * self.weight + self.bias
+            y = y * _per_channel(self.weight, input) + _per_channel(self.bias, input)
         with torch.no_grad():
-            new_mean = mean.mean(dim=(0, 1))  # (C,)
-            new_std = std.mean(dim=(0, 1))  # (C,)
+            new_mean = mean.mean(dim=(0, *dims)).flatten()  # (C,)
+            new_std = std.mean(dim=(0, *dims)).flatten()  # (C,)
             finite = bool(torch.isfinite(new_mean).all() and torch.isfinite(new_std).all())
             if finite:  # a non-finite batch changes neither the statistics nor the schedule step
                 momentum = self.momentum if self.momentum is not None else 1.0 / (step + 1)

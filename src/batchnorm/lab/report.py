@@ -103,6 +103,8 @@ def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanatio
         "tiny": "tiny mode: a smoke test (seconds); claims are judged but not expected to hold.",
         "full": "full mode: the faithful, paper-sized version.",
     }.get(run.get("mode", ""), "")
+    data_choice = results.get("config", {}).get("mnist1d_choice") if isinstance(results.get("config"), dict) else None
+    data_note = f"<p><b>Setup changed for this data:</b> {_esc(data_choice)}</p>" if data_choice else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{_esc(results.get('id'))} — batchnorm lab</title>
 <style>{_STYLE}</style></head><body>
@@ -110,6 +112,7 @@ def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanatio
 <p>{_esc(results.get('description', ''))}</p>
 <p class="muted">{_esc(mode_note)} Data: {_esc(run.get('data'))}; seed {_esc(run.get('seed'))};
 wall time {_esc(results.get('wall_time_s'))} s on {_esc(results.get('threads'))} thread(s); {_esc(results.get('finished_at', ''))}.</p>
+{data_note}
 <h2>What this experiment does</h2>
 {_paragraphs(explanation)}
 <h2>Claims — {_esc(_verdict(claims))}</h2>

@@ -6,7 +6,8 @@ Setup (PAPERS.md §2, CPU form): a 10-layer ReLU MLP of width 64, batch 128, pla
 learning rates 1:5 (0.1 and 0.5, the paper's VGG rates), three arms from the same initial
 weights and minibatch order: no normalization, ``batchnorm.BatchNorm1d`` before each ReLU, and
 BN followed by noise (:class:`batchnorm.lab.normalizers.NoisyBatchNorm`, n_mu = 0.5,
-n_sigma = 1.5, per-sample 0.1).
+n_sigma = 1.5, per-sample 0.1). On MNIST-1D (``--data mnist1d``) PAPERS.md's calibration is
+used instead: depth 12, width 100, n_sigma 1.25, 2,000 quick steps (``config.mnist1d_choice``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ moves steadily), which is the covariate shift Ioffe & Szegedy described; noisy B
 instead jump at every step. BN trains fast despite the latter, which is the paper's point.
 The plain network, once it gets going at lr 0.1, ends with a lower training loss than both
 BN arms; the BN arms get low first.
+
+On MNIST-1D the network is PAPERS.md's calibrated one for that data: 12 layers of width 100,
+noise scale up to 1.25, 2,000 steps in quick mode (see the configuration table).
 """
 
 _LRS = (0.1, 0.5)
@@ -74,6 +78,8 @@ _NOISE = {"noise_mean": 0.5, "noise_scale": 1.5, "per_sample": 0.1}
 
 
 def _settings(cfg: RunConfig) -> dict[str, Any]:
+    if cfg.data == "mnist1d":
+        return _settings_mnist1d(cfg)
     steps = cfg.pick(tiny=40, quick=600, full=4000)
     return {
         "depth": 10,
@@ -101,6 +107,30 @@ def _settings(cfg: RunConfig) -> dict[str, Any]:
         "eval_noise": "at inference the noise is replaced by its expectation: y' = y * (1 + n_sigma) / 2",
         "claim_thresholds": {"noisy_train_acc_within": _CLOSE_TRAIN_ACC, "target_training_loss": _TARGET_LOSS, "fails_below": _FAIL, "trains_at_least": _TRAINS},
     }
+
+
+def _settings_mnist1d(cfg: RunConfig) -> dict[str, Any]:
+    """MNIST-1D: PAPERS.md §2's calibrated deep ReLU MLP (depth 12, width 100, n_sigma 1.25).
+
+    The digits net (10x64, 600 quick steps) only reaches 52-69% training accuracy on MNIST-1D,
+    which resolves none of the claims; PAPERS.md calibrates depth 12, width 100, batch 128,
+    2000 steps, n_mu 0.5, n_sigma 1.25 for this data.
+    """
+    s = _settings(RunConfig(mode=cfg.mode, seed=cfg.seed, data="digits"))
+    steps = cfg.pick(tiny=40, quick=2000, full=6000)
+    s.update(
+        {
+            "depth": 12,
+            "width": 100,
+            "steps": steps,
+            "noise": {**s["noise"], "noise_scale": 1.25},
+            "tracked_layers_note": "0-based hidden blocks: the 3rd and the 9th of 12",
+            "mnist1d_choice": "PAPERS.md §2 calibration for MNIST-1D: ReLU MLP depth 12, width 100, batch 128, "
+            "n_mu 0.5, n_sigma 1.25, 2000 steps (quick); the digits setup (10x64, n_sigma 1.5, 600 steps) "
+            "leaves the networks far from trained on MNIST-1D",
+        }
+    )
+    return s
 
 
 def _drift(means: np.ndarray, stds: np.ndarray) -> dict[str, float]:
@@ -131,7 +161,8 @@ def _arm(s: dict[str, Any], data: Dataset, arm: str, lr: float, seed: int, progr
     elif arm == "bn":
         norm = "bn"
     else:
-        norm = lambda c: NoisyBatchNorm(c, generator=noise_gen, **_NOISE)  # noqa: E731
+        noise = {k: s["noise"][k] for k in _NOISE}
+        norm = lambda c: NoisyBatchNorm(c, generator=noise_gen, **noise)  # noqa: E731
     model = build(data, s["depth"], s["width"], norm, seed)
     steps = s["steps"]
     every = s["checkpoint_every"]
