@@ -99,7 +99,8 @@ def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanatio
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
         figs.append(f"<figure><img alt='{_esc(Path(path).stem)}' src='data:image/png;base64,{data}'><figcaption class='muted'>{_esc(Path(path).name)}</figcaption></figure>")
     mode_note = {
-        "quick": "quick mode: scaled down to run in about a minute on 2 CPU cores; every claim is expected to hold.",
+        "quick": "quick mode: scaled down to run in about a minute on 2 CPU cores; calibrated on the digits, "
+        "where every claim is expected to hold (on other data a claim that fails is a finding).",
         "tiny": "tiny mode: a smoke test (seconds); claims are judged but not expected to hold.",
         "full": "full mode: the faithful, paper-sized version.",
     }.get(run.get("mode", ""), "")
