@@ -101,19 +101,22 @@ def check_args(
     *,
     training: bool,
     eps: object,
-    params: dict[str, Tensor | None],
-    pair: tuple[str, str] | None = ("running_mean", "running_var"),
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
 ) -> tuple[Tensor, float]:
     """The checks every functional form makes: input (2D-5D floating tensor), eps, and each
-    per-channel tensor in ``params`` of shape (C,); the two named in ``pair`` (the running
-    statistics) must be given together. Returns (input, eps as float)."""
+    per-channel tensor of shape (C,); the running statistics must be given together.
+    Returns (input, eps as float)."""
     x = check_input(input, where)
     c = x.shape[1]
     eps = check_eps(eps, where, training=training)
+    params = {"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var}
     for name, p in params.items():
         check_param(p, name, c, where)
-    if pair is not None and (params.get(pair[0]) is None) != (params.get(pair[1]) is None):
-        raise ValueError(f"{where}: expected {pair[0]} and {pair[1]} both given or both None")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{where}: expected running_mean and running_var both given or both None")
     return x, eps
 
 

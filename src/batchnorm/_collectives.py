@@ -67,27 +67,6 @@ def all_reduce_sum(t: Tensor, group: object | None, where: str, what: str) -> Te
     return t
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """SUM all-reduce as an autograd op: the gradient of a sum over ranks is the sum over ranks
-    of the gradients, so backward all-reduces ``grad`` (every rank must run it)."""
-
-    @staticmethod
-    def forward(ctx, t: Tensor, group: object | None, where: str, what: str) -> Tensor:  # type: ignore[override]
-        ctx.group, ctx.where, ctx.what = group, where, what
-        return all_reduce_sum(t.clone(), group, where, what)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        back = _AllReduceSum.apply(grad.contiguous(), ctx.group, ctx.where, "the gradient of " + ctx.what)
-        return back, None, None, None
-
-
-def all_reduce_sum_differentiable(t: Tensor, group: object | None, where: str, what: str) -> Tensor:
-    """Out-of-place SUM all-reduce of ``t`` that autograd differentiates (backward is another
-    all-reduce, so every rank must run it); errors as :func:`all_reduce_sum`."""
-    return _AllReduceSum.apply(t, group, where, what)
-
-
 def gather_rows(parts: list[Tensor | float], group: object | None, where: str, what: str) -> Tensor:
     """Every rank's row (the concatenation of ``parts``, K values) stacked into (W, K) float64,
     in group-rank order, by ONE all_reduce.

@@ -125,7 +125,10 @@ def _batch_norm(
         where,
         training=training,
         eps=eps,
-        params={"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var},
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
     )
     c = x.shape[1]
     if not training:

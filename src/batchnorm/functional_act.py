@@ -216,7 +216,10 @@ def _batch_norm_act(
         where,
         training=True,
         eps=eps,
-        params={"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var},
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
     )
     c = x.shape[1]
     momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]

@@ -366,7 +366,10 @@ def ghost_batch_norm(
         where,
         training=True,
         eps=eps,
-        params={"weight": weight, "bias": bias, "running_mean": running_mean, "running_var": running_var},
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
     )
     momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]
     y, updated = _ghost_batch_norm(input, v, running_mean, running_var, weight, bias, momentum, eps, where)
