@@ -49,11 +49,10 @@ def test_grouped_batch_norm_with_one_group_is_batch_norm_and_rejects_bad_sizes()
         GroupedBatchNorm1d(4, 3)(torch.randn(8, 4))
 
 
-def test_grouped_batch_renorm_matches_the_functional_per_group_with_gradients() -> None:
-    torch.manual_seed(1)
-    c = 3
-    # past the schedule (step 1 > warm-up 0 = ramp ends): limits r_max 1.5, d_max 0.5
-    layer = GroupedBatchRenorm1d(c, 4, momentum=0.2, warmup_steps=0, r_max_steps=0, d_max_steps=0, r_max=1.5, d_max=0.5)
+def _renorm_past_schedule(group_size: int) -> tuple[GroupedBatchRenorm1d, torch.Tensor, torch.Tensor]:
+    """A 3-channel grouped renorm past its schedule (step 1 > warm-up 0 = ramp ends: limits
+    r_max 1.5, d_max 0.5) with known running mean/std (returned) and weight."""
+    layer = GroupedBatchRenorm1d(3, group_size, momentum=0.2, warmup_steps=0, r_max_steps=0, d_max_steps=0, r_max=1.5, d_max=0.5)
     mu0 = torch.tensor([0.5, -1.0, 0.0])
     sigma0 = torch.tensor([2.0, 0.5, 1.0])
     with torch.no_grad():
@@ -61,6 +60,13 @@ def test_grouped_batch_renorm_matches_the_functional_per_group_with_gradients() 
         layer.running_mean.copy_(mu0)
         layer.running_std.copy_(sigma0)
         layer.weight.copy_(torch.tensor([1.2, 0.8, 1.0]))
+    return layer, mu0, sigma0
+
+
+def test_grouped_batch_renorm_matches_the_functional_per_group_with_gradients() -> None:
+    torch.manual_seed(1)
+    c = 3
+    layer, mu0, sigma0 = _renorm_past_schedule(4)
     assert layer.limits() == (1.5, 0.5)
     x = (torch.randn(12, c) * 2 + 1).requires_grad_(True)
     w = torch.randn(12, c)
@@ -169,14 +175,7 @@ def test_grouped_layers_with_one_group_on_signals_are_torch_and_our_batch_norm()
 def test_grouped_batch_renorm_on_signals_matches_the_functional_per_group() -> None:
     torch.manual_seed(3)
     c = 3
-    layer = GroupedBatchRenorm1d(c, 2, momentum=0.2, warmup_steps=0, r_max_steps=0, d_max_steps=0, r_max=1.5, d_max=0.5)
-    mu0 = torch.tensor([0.5, -1.0, 0.0])
-    sigma0 = torch.tensor([2.0, 0.5, 1.0])
-    with torch.no_grad():
-        layer.num_batches_tracked.fill_(1)
-        layer.running_mean.copy_(mu0)
-        layer.running_std.copy_(sigma0)
-        layer.weight.copy_(torch.tensor([1.2, 0.8, 1.0]))
+    layer, mu0, sigma0 = _renorm_past_schedule(2)
     x = (torch.randn(6, c, 4) * 2 + 1).requires_grad_(True)
     w = torch.randn(6, c, 4)
     y = layer(x)
