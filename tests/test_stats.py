@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import os
 
 import numpy as np
@@ -413,6 +414,7 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         report = recompute_statistics(model, share.split(16))
         torch.save({"state": model.state_dict(), "samples": [r.samples for r in report]}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
+        gc.collect()  # nothing may still hold the group when it is torn down (docs/distributed.md)
         dist.destroy_process_group()
 
 

@@ -16,7 +16,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_distributed", "group_size", "group_rank", "all_reduce_sum", "gather_rows", "merge_moments"]
+__all__ = [
+    "is_distributed",
+    "group_size",
+    "group_rank",
+    "all_reduce_sum",
+    "all_reduce_sum_differentiable",
+    "gather_rows",
+    "merge_moments",
+]
 
 
 def is_distributed() -> bool:
@@ -65,6 +73,34 @@ def all_reduce_sum(t: Tensor, group: object | None, where: str, what: str) -> Te
             f"{str(e).strip()[:500]}"
         ) from e
     return t
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """SUM all-reduce as an autograd op. y = sum_r t_r on every rank, so dL/dt_r = sum_r' dL/dy_r'
+    (each rank's loss depends on y): backward is the same all-reduce of ``grad``, itself
+    differentiable, so every rank must run it, to any order.
+
+    Our own because torch's ``torch.distributed.nn.functional.all_reduce`` warns
+    (FutureWarning, deprecated) on every call in torch 2.13 and its suggested replacement,
+    ``torch.distributed._functional_collectives``, is private and not differentiable in the
+    oldest torch we support (2.3). Failures carry :func:`all_reduce_sum`'s explanation.
+    """
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group: object | None, where: str, what: str) -> Tensor:  # type: ignore[override]
+        ctx.group, ctx.where, ctx.what = group, where, what
+        return all_reduce_sum(t.clone(memory_format=torch.contiguous_format), group, where, what)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        back = _AllReduceSum.apply(grad, ctx.group, ctx.where, "the gradient of " + ctx.what)
+        return back, None, None, None
+
+
+def all_reduce_sum_differentiable(t: Tensor, group: object | None, where: str, what: str) -> Tensor:
+    """Out-of-place SUM all-reduce of ``t`` over ``group`` that autograd differentiates (its
+    backward is another all-reduce, so every rank must run it); errors as :func:`all_reduce_sum`."""
+    return _AllReduceSum.apply(t, group, where, what)
 
 
 def gather_rows(parts: list[Tensor | float], group: object | None, where: str, what: str) -> Tensor:

@@ -175,9 +175,6 @@ def _backward_graph(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, 
     therefore see every rank's x through mu and var. Four collectives per layer per backward
     pass and double-backward pass; every rank must differentiate with create_graph alike.
     """
-    # torch's differentiable all-reduce; imported here, as it pulls in torch.distributed.rpc
-    from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
-
     x, weight, mean, _ = ctx.saved_tensors
     nd = x.dim()
     dims = torch_ops.reduce_dims(x)
@@ -189,13 +186,13 @@ def _backward_graph(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, 
 
     d = x.double() - channel(mean)  # (N, C, *)
     local = torch.cat([d.sum(dim=dims), d.square().sum(dim=dims)])  # (2C,)
-    sums = differentiable_all_reduce(local, group=ctx.group)  # SUM; its backward all-reduces too
+    sums = _collectives.all_reduce_sum_differentiable(local, ctx.group, ctx.where, "the batch sums")
     shift = sums[:c] / m  # (C,) mu - s
     invstd = torch.rsqrt((sums[c:] / m - shift.square()).clamp_min(0) + ctx.eps)  # (C,)
     x_hat = (d - channel(shift)) * channel(invstd)  # (N, C, *)
     g = grad_y.double()
     local_g = torch.cat([g.sum(dim=dims), (g * x_hat).sum(dim=dims)])  # (2C,)
-    sums_g = differentiable_all_reduce(local_g, group=ctx.group)
+    sums_g = _collectives.all_reduce_sum_differentiable(local_g, ctx.group, ctx.where, "the gradient sums")
     scale = invstd if weight is None else invstd * weight.double()  # (C,)
     dx = channel(scale) * (g - channel(sums_g[:c] / m) - x_hat * channel(sums_g[c:] / m))
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
