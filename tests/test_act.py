@@ -15,7 +15,7 @@ from batchnorm.functional_act import GAMMA_GUARD, batch_norm_act
 ACTS = [("leaky_relu", 0.1, 1.0), ("elu", 0.01, 0.7), ("identity", 0.01, 1.0)]
 
 
-@pytest.fixture(params=["torch", "numba"])
+@pytest.fixture(params=["torch", "numba", "auto"])  # auto: small tensors run on cpu_small
 def backend(request) -> str:
     with batchnorm.use_backend(request.param):
         yield request.param

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numba
@@ -19,9 +20,9 @@ import torch
 import batchnorm
 from batchnorm import functional as BF
 from batchnorm import reference
-from batchnorm._kernels import cpu, dispatch, torch_ops
+from batchnorm._kernels import cpu, cpu_small, dispatch, torch_ops
 
-BACKENDS = ["torch", "numba"]
+BACKENDS = ["torch", "numba", "auto"]  # auto: these small CASES run on cpu_small
 
 # (shape, memory format) covering both kernel layouts and both ncs task splits (C=3: within-channel
 # units; C=16: one task per channel, fused).
@@ -114,7 +115,9 @@ def test_functional_matches_reference(backend, shape, fmt, dtype):
     rv = torch.rand(c, dtype=dtype) + 0.5
     rm0, rv0 = f64(rm), f64(rv)
     eps, momentum = 1e-3, 0.3
-    want = torch_ops if backend == "torch" else cpu
+    want = {"torch": torch_ops, "numba": cpu}.get(backend)
+    if backend == "auto":
+        want = cpu_small if dtype in (torch.float32, torch.float64) else torch_ops
     assert dispatch.backend_for(x) is want
 
     y = batchnorm.batch_norm(x, rm, rv, w, b, training=True, momentum=momentum, eps=eps)
@@ -138,37 +141,87 @@ def test_functional_matches_reference(backend, shape, fmt, dtype):
     assert_near(ye, ref_eval(f64(x), f64(rm), f64(rv), f64(w), f64(b), eps), dtype, "eval y")
 
 
+@pytest.mark.parametrize("kern", [cpu, cpu_small], ids=["cpu", "cpu_small"])
 @pytest.mark.parametrize(("shape", "fmt"), CASES, ids=CASE_IDS)
-def test_kernels_direct_no_affine(shape, fmt):
-    """cpu kernels called directly, weight/bias None, float64: all outputs of the API."""
+def test_kernels_direct_no_affine(kern, shape, fmt):
+    """numba kernels called directly, weight/bias None, float64: all outputs of the API."""
     x = make_input(shape, fmt, torch.float64)
     g = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt)
     c = shape[1]
     ones, zeros = np.ones(c), np.zeros(c)
-    y, mean, var = cpu.train_forward(x, None, None, 1e-5)
+    y, mean, var = kern.train_forward(x, None, None, 1e-5)
     ey, emean, evar, x_hat = ref_train(f64(x), ones, zeros, 1e-5)
     assert mean.dtype == var.dtype == torch.float64
     assert_near(y, ey, torch.float64, "y")
     assert_near(mean, emean, torch.float64, "mean")
     assert_near(var, evar, torch.float64, "var")
-    dx, dw, db = cpu.backward(g, x, mean, torch.rsqrt(var + 1e-5), None)
+    dx, dw, db = kern.backward(g, x, mean, torch.rsqrt(var + 1e-5), None)
     edx, edw, edb = ref_backward(f64(g), x_hat, evar, ones, 1e-5)
     assert_near(dx, edx, torch.float64, "dx")
     assert_near(dw, edw, torch.float64, "sum g*x_hat")
     assert_near(db, edb, torch.float64, "sum g")
     assert dx.stride() == x.stride()
-    ye = cpu.eval_forward(x, mean, var, None, None, 1e-5)
+    ye = kern.eval_forward(x, mean, var, None, None, 1e-5)
     assert_near(ye, ey, torch.float64, "eval y")
+    assert ye.stride() == x.stride()
 
 
-def test_backward_grad_layout_differs_from_input():
-    """A contiguous grad for a channels_last input (and vice versa) is handled, not misread."""
-    x = make_input((2, 4, 3, 5), torch.channels_last, torch.float64)
+@pytest.mark.parametrize("kern", [cpu, cpu_small], ids=["cpu", "cpu_small"])
+@pytest.mark.parametrize(
+    "grad", ["nchw", "channels_last", "expanded"], ids=["nchw-grad", "cl-grad", "expanded-grad"]
+)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_backward_grad_layout_differs_from_input(kern, grad, fmt):
+    """A grad laid out unlike the input (another memory format, or a stride-0 broadcast as
+    ``y.sum().backward()`` makes) is handled, not misread."""
+    x = make_input((2, 4, 3, 5), fmt, torch.float64)
     g = torch.randn(2, 4, 3, 5, dtype=torch.float64)  # NCHW
-    y, mean, var = cpu.train_forward(x, None, None, 1e-5)
-    dx, _, _ = cpu.backward(g, x, mean, torch.rsqrt(var + 1e-5), None)
+    if grad == "channels_last":
+        g = g.contiguous(memory_format=torch.channels_last)
+    elif grad == "expanded":
+        g = torch.tensor(0.7, dtype=torch.float64).expand(2, 4, 3, 5)
+    y, mean, var = kern.train_forward(x, None, None, 1e-5)
+    dx, _, _ = kern.backward(g, x, mean, torch.rsqrt(var + 1e-5), None)
     _, _, evar, x_hat = ref_train(f64(x), np.ones(4), np.zeros(4), 1e-5)
     assert_near(dx, ref_backward(f64(g), x_hat, evar, np.ones(4), 1e-5)[0], torch.float64, "dx")
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_cpu_small_float32_affine_large_mean(fmt):
+    """cpu_small in float32 with weight and bias at mean 1e4 / std 1e-2: statistics, output and
+    gradients as precise as float32 storage allows (x - mean is formed in float64)."""
+    x = make_input((6, 3, 4, 5), fmt, torch.float32, loc=1e4, spread=1e-2)
+    w = torch.tensor([0.5, 1.0, -2.0])
+    b = torch.tensor([0.0, 1.0, -1.0])
+    g = torch.randn(6, 3, 4, 5).contiguous(memory_format=fmt)
+    y, mean, var = cpu_small.train_forward(x, w, b, 1e-8)
+    ey, emean, evar, x_hat = ref_train(f64(x), f64(w), f64(b), 1e-8)
+    assert mean.dtype == torch.float64 and var.dtype == torch.float32 and y.dtype == torch.float32
+    assert y.is_contiguous(memory_format=fmt)
+    np.testing.assert_allclose(f64(mean), emean, rtol=1e-14)
+    np.testing.assert_allclose(f64(var), evar, rtol=1e-6)
+    assert np.max(np.abs(f64(y) - ey)) < 1e-5
+    dx, dw, db = cpu_small.backward(g, x, mean, torch.rsqrt(var.double() + 1e-8), w)
+    edx, edw, edb = ref_backward(f64(g), x_hat, evar, f64(w), 1e-8)
+    assert dw.dtype == db.dtype == torch.float32
+    assert np.max(np.abs(f64(dx) - edx)) / np.max(np.abs(edx)) < 1e-5
+    np.testing.assert_allclose(f64(dw), edw, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(f64(db), edb, rtol=1e-6, atol=1e-5)
+
+
+def test_cpu_small_refuses_what_it_cannot_take():
+    """Called directly with a tensor outside its scope, cpu_small says what it expected."""
+    for bad in (
+        torch.randn(4, 3, 6, 6)[:, :, ::2],  # strided
+        torch.randn(4, 3, 5, dtype=torch.bfloat16),  # 16-bit
+        torch.randn(8, 4, 64, 64),  # not small
+    ):
+        assert not cpu_small.supports(bad)
+        with pytest.raises(ValueError, match="small contiguous or channels-last"):
+            cpu_small.train_forward(bad, None, None, 1e-5)
+    x = torch.randn(4, 3, 5)
+    with pytest.raises(ValueError, match="expected grad_y of shape"):
+        cpu_small.backward(torch.randn(4, 3), x, torch.zeros(3), torch.ones(3), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +311,23 @@ def test_nonfinite_batch_leaves_running_stats(backend):
     assert torch.equal(rv, torch.ones(3))
 
 
+def test_huge_finite_statistics_still_update(backend):
+    """Finite statistics whose sum overflows (variances near float32's max, a mean near
+    float64's) are finite: the running statistics take them, and no warning is given."""
+    x = torch.zeros(4, 64, 5)
+    x[::2] = 6.3e18  # per-channel variance 9.9e36 (sum of squares 2e38 < 3.4e38): the 64 sum to inf
+    rm, rv = torch.zeros(64), torch.ones(64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batchnorm.batch_norm(x, rm, rv, training=True, momentum=1.0)
+    m = 20
+    np.testing.assert_allclose(f64(rm), np.full(64, 3.15e18), rtol=1e-6)
+    np.testing.assert_allclose(f64(rv), np.full(64, 3.15e18**2 * m / (m - 1)), rtol=1e-5)
+    assert BF._checks.finite(torch.full((3,), 1e308, dtype=torch.float64))
+    assert not BF._checks.finite(torch.tensor([1.0, float("inf")]), torch.zeros(2))
+    assert not BF._checks.finite(torch.zeros(2), torch.tensor([float("nan"), 0.0]))
+
+
 # ---------------------------------------------------------------------------------------------
 # Dispatch, supports(), invariances and the compile/caching policy
 
@@ -282,7 +352,11 @@ def test_supports_and_dispatch():
     with batchnorm.use_backend("auto"):
         assert dispatch.backend_for(big) is cpu
         assert dispatch.backend_for(big.to(memory_format=torch.channels_last)) is cpu
-        assert dispatch.backend_for(x) is torch_ops  # small: torch ops beat a kernel launch
+        assert dispatch.backend_for(x) is cpu_small  # small: one serial call beats a launch
+        assert dispatch.backend_for(x.to(memory_format=torch.channels_last)) is cpu_small
+        assert dispatch.backend_for(x.double()) is cpu_small
+        assert dispatch.backend_for(x.to(torch.bfloat16)) is torch_ops  # 16-bit small: torch
+        assert dispatch.backend_for(x[:, :, ::2]) is torch_ops
         assert dispatch.backend_for(big[:, :, ::2]) is torch_ops
     with batchnorm.use_backend("torch"):
         assert dispatch.backend_for(x) is torch_ops

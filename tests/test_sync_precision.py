@@ -19,7 +19,8 @@ import batchnorm
 from batchnorm._kernels import dispatch
 
 # the synchronized path runs the back-end's kernels (numba on CPU, torch ops elsewhere): both
-BACKENDS = ["torch", pytest.param("numba", marks=pytest.mark.skipif(dispatch._numba() is None, reason="no numba"))]
+_NO_NUMBA = pytest.mark.skipif(dispatch._numba() is None, reason="no numba")
+BACKENDS = ["torch", pytest.param("numba", marks=_NO_NUMBA), pytest.param("auto", marks=_NO_NUMBA)]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -98,12 +98,12 @@ def update_running_stats(
     """
     if count == 0 or not _checks.finite(mean, var_biased):
         return False
-    with torch.no_grad():
+    with torch.no_grad():  # (1 - momentum) * running + momentum * batch, as torch computes it
         if running_mean is not None:
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
         if running_var is not None:
-            unbiased = var_biased * (count / (count - 1)) if count > 1 else var_biased
-            running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+            unbias = count / (count - 1) if count > 1 else 1.0
+            running_var.mul_(1.0 - momentum).add_(var_biased, alpha=momentum * unbias)
     return True
 
 

@@ -118,6 +118,31 @@ def test_quick_mode_claims_hold_on_digits(tmp_path: Path) -> None:
     assert not failed, failed
 
 
+def test_bn_versus_gn_claim_allows_what_the_test_set_cannot_resolve() -> None:
+    """BN <= GN + 2 standard errors of the difference (binomial, n test images): a one-image
+    gap at 2% error holds, a 5 pp gap does not; the standard error is the textbook one."""
+    assert abs(exp._diff_se(2.0, 2.0, 360) - 100 * np.sqrt(2 * 0.02 * 0.98 / 360)) < 1e-12
+
+    def judged(bn: float, gn: float) -> bool:
+        table = {"32": bn, "8": bn, "2": bn}
+        results = {
+            "config": {"group_sizes": [32, 8, 2], "non_iid": {"group_size": 4}},
+            "data": {"test": 360},
+            "metrics": {},
+        }
+        errs = {"bn": table, "brn": table, "ghost": table, "gn": {"32": gn}}
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(exp, "_iid_err", lambda m, norm, v: errs[norm][str(v) if norm != "gn" else "32"])
+            mp.setattr(exp, "_err", lambda v: 5.0)
+            results["metrics"]["non_iid"] = {k: None for k in ("bn", "brn", "ghost", "gn")}
+            claim = next(c for c in exp.claims(results) if "at least as good as GN" in c["claim"])
+        return claim["holds"]
+
+    assert judged(2.2, 1.9)  # one test image (0.28 pp) worse: within noise
+    assert judged(1.0, 1.9)
+    assert not judged(7.0, 1.9)  # 5 pp worse: beyond 2 standard errors (~1.4 pp here)
+
+
 @pytest.mark.parametrize("cls", [GroupedBatchNorm1d, GroupedBatchRenorm1d])
 def test_a_non_finite_batch_never_reaches_the_running_statistics(cls: type) -> None:
     layer = cls(3, 4)

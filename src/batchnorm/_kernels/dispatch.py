@@ -2,10 +2,14 @@
 
 Back-ends:
 - ``"torch"``: :mod:`batchnorm._kernels.torch_ops`, pure torch, any device, differentiable;
-- ``"numba"``: :mod:`batchnorm._kernels.cpu`, fused CPU kernels (needs numba), CPU tensors only.
+- ``"numba"``: :mod:`batchnorm._kernels.cpu`, fused parallel CPU kernels (needs numba), CPU
+  tensors only, at every size (tests use it to reach these kernels with small tensors).
 
-``"auto"`` (the default) picks numba for CPU tensors of supported dtype when numba is
-installed, torch otherwise. The choice is global, and can be set with :func:`set_backend`, the
+``"auto"`` (the default), when numba is installed: CPU tensors of at least
+``AUTO_MIN_NUMEL`` elements go to the parallel kernels of :mod:`batchnorm._kernels.cpu`,
+smaller float32/float64 ones to the serial one-call kernels of
+:mod:`batchnorm._kernels.cpu_small`; everything else (other devices, 16-bit small tensors,
+unsupported strides, no numba) to torch. The choice is global, and can be set with :func:`set_backend`, the
 :func:`use_backend` context manager, or the ``BATCHNORM_BACKEND`` environment variable (read
 when first needed, not at import).
 """
@@ -25,6 +29,8 @@ from . import torch_ops
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "backend_for"]
 
 BACKENDS = ("auto", "torch", "numba")
+AUTO_MIN_NUMEL = 1 << 17
+"""Under "auto", CPU tensors with fewer elements go to ``cpu_small``, larger ones to ``cpu``."""
 _state: dict[str, str | None] = {"name": None}
 _numba_module: dict[str, ModuleType | None] = {}
 
@@ -58,14 +64,15 @@ def use_backend(name: str) -> Iterator[None]:
         _state["name"] = previous
 
 
-def _numba() -> ModuleType | None:
-    """The numba CPU back-end module, or None when numba (or the module) is unavailable."""
-    if "cpu" not in _numba_module:
+def _numba(name: str = "cpu") -> ModuleType | None:
+    """The numba back-end module ``batchnorm._kernels.<name>`` ("cpu" or "cpu_small"), or None
+    when numba (or the module) is unavailable."""
+    if name not in _numba_module:
         try:
-            _numba_module["cpu"] = importlib.import_module("batchnorm._kernels.cpu")
+            _numba_module[name] = importlib.import_module(f"batchnorm._kernels.{name}")
         except ImportError:
-            _numba_module["cpu"] = None
-    return _numba_module["cpu"]
+            _numba_module[name] = None
+    return _numba_module[name]
 
 
 def backend_for(x: torch.Tensor) -> ModuleType:
@@ -73,11 +80,16 @@ def backend_for(x: torch.Tensor) -> ModuleType:
     name = get_backend()
     if name == "torch":
         return torch_ops
+    if name == "auto" and x.numel() < AUTO_MIN_NUMEL:  # checked first: small calls are the hot path
+        small = _numba("cpu_small")
+        if small is not None and small.supports(x):
+            return small
     cpu = _numba()
-    usable = cpu is not None and cpu.supports(x)
-    if name == "numba" and cpu is None:
-        raise RuntimeError(
-            "batchnorm back-end 'numba' was requested but batchnorm._kernels.cpu cannot be imported "
-            "(is numba installed? pip install 'batchnorm[fast]')"
-        )
-    return cpu if usable else torch_ops  # type: ignore[return-value]
+    if cpu is None:
+        if name == "numba":
+            raise RuntimeError(
+                "batchnorm back-end 'numba' was requested but batchnorm._kernels.cpu cannot be imported "
+                "(is numba installed? pip install 'batchnorm[fast]')"
+            )
+        return torch_ops
+    return cpu if cpu.supports(x) else torch_ops  # type: ignore[return-value]
