@@ -763,6 +763,8 @@ def layout_of(x: Tensor) -> str | None:
     """``"ncs"``, ``"mc"`` or None (unsupported strides) for a dense 2D-5D tensor."""
     if x.dim() < 2 or x.dim() > 5:
         return None
+    if x.dim() == 2:  # (N, C): "mc" exactly when contiguous (the movedim below is the identity)
+        return "mc" if x.is_contiguous() else None
     if x.is_contiguous() and x.numel() // max(1, x.shape[0] * x.shape[1]) > 1:
         return "ncs"
     if x.movedim(1, -1).is_contiguous():

@@ -223,7 +223,7 @@ def _vec(v: Tensor | None, c: int, fill: float) -> np.ndarray:
 
 def _layout(x: Tensor) -> str:
     """``"ncs"`` or ``"mc"`` for a tensor :func:`supports`; ValueError otherwise."""
-    layout = cpu.layout_of(x) if supports(x, check_layout=False) else None
+    layout = cpu.layout_of(x) if supports(x, check_layout=False) else None  # layout_of once
     if layout is None:
         raise ValueError(
             "batchnorm._kernels.cpu_small: expected a small contiguous or channels-last CPU "
