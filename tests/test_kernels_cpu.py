@@ -332,6 +332,17 @@ def test_huge_finite_statistics_still_update(backend):
 # Dispatch, supports(), invariances and the compile/caching policy
 
 
+def test_numba_backends_provide_the_whole_api():
+    """dispatch hands out cpu or cpu_small for any call the layers make: both export every
+    function of the back-end contract, and the re-exported ones are torch_ops' own."""
+    for mod in (cpu, cpu_small):
+        missing = [n for n in dispatch.BACKEND_API if not callable(getattr(mod, n, None))]
+        assert not missing, (mod.__name__, missing)
+        assert set(dispatch.BACKEND_API) <= set(mod.__all__)
+    for name in ("batch_stats", "backward_sums", "backward_apply"):
+        assert getattr(cpu_small, name) is getattr(torch_ops, name)
+
+
 def test_supports_and_dispatch():
     x = torch.randn(4, 3, 5, 5)
     big = torch.randn(8, 4, 64, 64)

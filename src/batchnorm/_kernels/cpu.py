@@ -97,21 +97,11 @@ import torch
 from torch import Tensor
 
 from . import outpool
-from .dispatch import AUTO_MIN_NUMEL, get_backend
+from .dispatch import AUTO_MIN_NUMEL, BACKEND_API, get_backend
 from .half import compute_cast, compute_dtype, compute_empty, compute_zero, load, storage_view, store
 from .torch_ops import acc_dtype
 
-__all__ = [
-    "AUTO_MIN_NUMEL",
-    "supports",
-    "train_forward",
-    "eval_forward",
-    "backward",
-    "batch_stats",
-    "backward_sums",
-    "backward_apply",
-    "layout_of",
-]
+__all__ = ["AUTO_MIN_NUMEL", *BACKEND_API, "layout_of"]
 
 _SEG = 4096
 """Longest contiguous run handled with one two-pass (mean, M2): 16 KB of float32, L1-resident."""

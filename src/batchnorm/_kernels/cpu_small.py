@@ -30,21 +30,10 @@ import torch
 from torch import Tensor
 
 from . import cpu
-from .dispatch import AUTO_MIN_NUMEL
+from .dispatch import AUTO_MIN_NUMEL, BACKEND_API
 from .torch_ops import backward_apply, backward_sums, batch_stats  # re-exported: same contracts
 
-__all__ = [
-    "supports",
-    "train_forward",
-    "eval_forward",
-    "backward",
-    "batch_stats",
-    "backward_sums",
-    "backward_apply",
-]
-
-_FASTMATH = {"reassoc", "contract"}
-"""Reassociation lets LLVM vectorize the sums; no 'nnan'/'ninf', so NaN and inf propagate."""
+__all__ = list(BACKEND_API)
 
 _compiled: dict[str, Any] = {}
 
@@ -166,7 +155,7 @@ def _kernel(name: str) -> Any:
     """The compiled (serial, cached) dispatcher of kernel ``name``, created on first request."""
     kern = _compiled.get(name)
     if kern is None:
-        kern = _compiled[name] = cpu._jit(globals()["_py" + name], fastmath=_FASTMATH)
+        kern = _compiled[name] = cpu._jit(globals()["_py" + name], fastmath=cpu._FASTMATH)
     return kern
 
 

@@ -29,6 +29,8 @@ from . import torch_ops
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "backend_for"]
 
 BACKENDS = ("auto", "torch", "numba")
+BACKEND_API = ("supports", "train_forward", "eval_forward", "backward", "batch_stats", "backward_sums", "backward_apply")
+"""The functions every numba back-end module provides, with torch_ops' contracts."""
 AUTO_MIN_NUMEL = 1 << 17
 """Under "auto", CPU tensors with fewer elements go to ``cpu_small``, larger ones to ``cpu``."""
 _state: dict[str, str | None] = {"name": None}
