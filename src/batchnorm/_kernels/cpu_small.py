@@ -15,7 +15,9 @@ x - mean is formed in float64, so mean 1e4 / std 1e-2 in float32 keeps the sprea
 
 Layouts: contiguous ``(N, C, S)`` ("ncs": S > 1 contiguous values per channel and sample) and
 channels-last / 2D ``(M, C)`` ("mc": C innermost), as :func:`batchnorm._kernels.cpu.layout_of`
-names them; float32 and float64 only. Same contracts as :mod:`batchnorm._kernels.torch_ops`
+names them, both read as a table of rows whose contiguous columns are channels (mc) or runs of
+S columns per channel (ncs), so the inner loops are long and vectorize; float32 and float64
+only. Same contracts as :mod:`batchnorm._kernels.torch_ops`
 (mean returned in float64, var/dgamma/dbeta in ``acc_dtype``); ``batch_stats``,
 ``backward_sums`` and ``backward_apply`` are torch_ops' own. Compiled on first call, never at
 import; never differentiable (the functional layers use torch_ops for create_graph).
@@ -39,122 +41,121 @@ _compiled: dict[str, Any] = {}
 
 
 # --------------------------------------------------------------------------------------------
-# Kernels (compiled on first use). x, g, y, dx: (N, C, S) for ncs or (M, C) for mc, C-contiguous;
-# w, b, mean, var/inv: (C,) float64.
+# Kernels (compiled on first use). Every tensor is seen as a 2D table (R rows, L columns) whose
+# columns k*s .. k*s + s - 1 hold channel k: R = N and L = C*S for ncs (s = S), R = N*S and
+# L = C for mc (s = 1). The inner loops run along a row (contiguous, long: they vectorize),
+# accumulating per column in float64; per-channel values are folded from and spread back to
+# the columns. w, b, mean, var, inv: (C,).
 
 
-def _py_train_ncs(x, w, b, eps, y, mean, var):  # pragma: no cover - runs compiled
-    n, c, s = x.shape
-    m = n * s
-    for k in range(c):
+def _fold(cols, s, out):  # pragma: no cover - runs compiled
+    """out[k] = sum of cols[k*s : k*s + s]."""
+    for k in range(out.shape[0]):
         acc = 0.0
-        for i in range(n):
-            for j in range(s):
-                acc += x[i, k, j]
-        mu = acc / m
-        acc = 0.0
-        for i in range(n):
-            for j in range(s):
-                d = x[i, k, j] - mu
-                acc += d * d
-        v = acc / m
-        mean[k] = mu
+        for j in range(s):
+            acc += cols[k * s + j]
+        out[k] = acc
+
+
+def _spread(v, s, cols):  # pragma: no cover - runs compiled
+    """cols[k*s + j] = v[k] for every j < s."""
+    for k in range(v.shape[0]):
+        for j in range(s):
+            cols[k * s + j] = v[k]
+
+
+def _py_train(x, s, w, b, eps, y, mean, var):  # pragma: no cover - runs compiled
+    r, ln = x.shape
+    c = ln // s
+    m = r * s
+    cols = np.zeros(ln)
+    for i in range(r):
+        for t in range(ln):
+            cols[t] += x[i, t]
+    per = np.empty(c)
+    _fold(cols, s, per)
+    for k in range(c):
+        per[k] /= m
+        mean[k] = per[k]
+    mu = np.empty(ln)
+    _spread(per, s, mu)
+    cols[:] = 0.0
+    for i in range(r):
+        for t in range(ln):
+            d = x[i, t] - mu[t]
+            cols[t] += d * d
+    _fold(cols, s, per)
+    for k in range(c):
+        v = per[k] / m
         var[k] = v
-        sc = w[k] / np.sqrt(v + eps)
-        for i in range(n):
-            for j in range(s):
-                y[i, k, j] = (x[i, k, j] - mu) * sc + b[k]
+        per[k] = w[k] / np.sqrt(v + eps)
+    sc = np.empty(ln)
+    _spread(per, s, sc)
+    sh = np.empty(ln)
+    _spread(b, s, sh)
+    for i in range(r):
+        for t in range(ln):
+            y[i, t] = (x[i, t] - mu[t]) * sc[t] + sh[t]
 
 
-def _py_train_mc(x, w, b, eps, y, mean, var):  # pragma: no cover - runs compiled
-    m, c = x.shape
-    acc = np.zeros(c)
-    for i in range(m):
-        for k in range(c):
-            acc[k] += x[i, k]
-    for k in range(c):
-        mean[k] = acc[k] / m
-        acc[k] = 0.0
-    for i in range(m):
-        for k in range(c):
-            d = x[i, k] - mean[k]
-            acc[k] += d * d
-    sc = np.empty(c)
-    for k in range(c):
-        v = acc[k] / m
-        var[k] = v
-        sc[k] = w[k] / np.sqrt(v + eps)
-    for i in range(m):
-        for k in range(c):
-            y[i, k] = (x[i, k] - mean[k]) * sc[k] + b[k]
+def _py_affine(x, s, mean, sc, b, y):  # pragma: no cover - runs compiled
+    r, ln = x.shape
+    mu = np.empty(ln)
+    _spread(mean, s, mu)
+    scc = np.empty(ln)
+    _spread(sc, s, scc)
+    sh = np.empty(ln)
+    _spread(b, s, sh)
+    for i in range(r):
+        for t in range(ln):
+            y[i, t] = (x[i, t] - mu[t]) * scc[t] + sh[t]
 
 
-def _py_affine_ncs(x, mean, sc, b, y):  # pragma: no cover - runs compiled
-    n, c, s = x.shape
-    for i in range(n):
-        for k in range(c):
-            for j in range(s):
-                y[i, k, j] = (x[i, k, j] - mean[k]) * sc[k] + b[k]
-
-
-def _py_affine_mc(x, mean, sc, b, y):  # pragma: no cover - runs compiled
-    m, c = x.shape
-    for i in range(m):
-        for k in range(c):
-            y[i, k] = (x[i, k] - mean[k]) * sc[k] + b[k]
-
-
-def _py_bwd_ncs(g, x, mean, inv, w, dx, sums):  # pragma: no cover - runs compiled
-    n, c, s = x.shape
-    m = n * s
-    for k in range(c):
-        sg = 0.0
-        sgx = 0.0
-        mu = mean[k]
-        for i in range(n):
-            for j in range(s):
-                gv = np.float64(g[i, k, j])
-                sg += gv
-                sgx += gv * (x[i, k, j] - mu)
-        dgamma = sgx * inv[k]
-        sums[0, k] = dgamma
-        sums[1, k] = sg
-        k1 = w[k] * inv[k]
-        k2 = k1 * inv[k] * dgamma / m  # dx = k1 g - k2 (x - mu) - k1 sg/m
-        k3 = k1 * sg / m
-        for i in range(n):
-            for j in range(s):
-                dx[i, k, j] = k1 * g[i, k, j] - k2 * (x[i, k, j] - mu) - k3
-
-
-def _py_bwd_mc(g, x, mean, inv, w, dx, sums):  # pragma: no cover - runs compiled
-    m, c = x.shape
-    sg = np.zeros(c)
-    sgx = np.zeros(c)
-    for i in range(m):
-        for k in range(c):
-            gv = np.float64(g[i, k])
-            sg[k] += gv
-            sgx[k] += gv * (x[i, k] - mean[k])
+def _py_bwd(g, x, s, mean, inv, w, dx, sums):  # pragma: no cover - runs compiled
+    r, ln = x.shape
+    c = ln // s
+    m = r * s
+    mu = np.empty(ln)
+    _spread(mean, s, mu)
+    cg = np.zeros(ln)
+    cgx = np.zeros(ln)
+    for i in range(r):
+        for t in range(ln):
+            gv = np.float64(g[i, t])
+            cg[t] += gv
+            cgx[t] += gv * (x[i, t] - mu[t])
+    sg = np.empty(c)
+    sgx = np.empty(c)
+    _fold(cg, s, sg)
+    _fold(cgx, s, sgx)
     k1 = np.empty(c)
     k2 = np.empty(c)
     k3 = np.empty(c)
-    for k in range(c):
+    for k in range(c):  # dx = k1 g - k2 (x - mean) - k3
         dgamma = sgx[k] * inv[k]
         sums[0, k] = dgamma
         sums[1, k] = sg[k]
         k1[k] = w[k] * inv[k]
         k2[k] = k1[k] * inv[k] * dgamma / m
         k3[k] = k1[k] * sg[k] / m
-    for i in range(m):
-        for k in range(c):
-            dx[i, k] = k1[k] * g[i, k] - k2[k] * (x[i, k] - mean[k]) - k3[k]
+    c1 = np.empty(ln)
+    c2 = np.empty(ln)
+    c3 = np.empty(ln)
+    _spread(k1, s, c1)
+    _spread(k2, s, c2)
+    _spread(k3, s, c3)
+    for i in range(r):
+        for t in range(ln):
+            dx[i, t] = c1[t] * g[i, t] - c2[t] * (x[i, t] - mu[t]) - c3[t]
 
 
 def _kernel(name: str) -> Any:
     """The compiled (serial, cached) dispatcher of kernel ``name``, created on first request."""
     kern = _compiled.get(name)
     if kern is None:
+        if not _compiled:  # the helpers the kernels call, compiled once (inlined into them)
+            for helper in ("_fold", "_spread"):
+                globals()[helper] = cpu._jit(globals()[helper], fastmath=cpu._FASTMATH)
         kern = _compiled[name] = cpu._jit(globals()["_py" + name], fastmath=cpu._FASTMATH)
     return kern
 
@@ -177,25 +178,26 @@ def supports(x: Tensor, *, check_layout: bool = True) -> bool:
     )
 
 
-def _view(t: Tensor, layout: str) -> np.ndarray:
-    """A numpy view of t as (N, C, S) for ncs or (M, C) for mc (numba compiles strided
-    arrays too); a copy only for a tensor whose strides do not allow that shape (a gradient)."""
+def _table(t: Tensor, layout: str) -> tuple[np.ndarray, int]:
+    """(a numpy view of t as the kernels' (R, L) table, s = columns per channel). A copy only for
+    a tensor whose strides do not allow that shape (a gradient laid out unlike the input);
+    stride-0 (expanded) tensors stay views, which numba reads as strided arrays."""
     t = t.detach()
     if t.dim() == 2:
-        return t.numpy()
+        return t.numpy(), 1
     if layout == "ncs":
-        return t.reshape(t.shape[0], t.shape[1], -1).numpy()
-    return t.movedim(1, -1).reshape(-1, t.shape[1]).numpy()
+        return t.reshape(t.shape[0], -1).numpy(), t.numel() // (t.shape[0] * t.shape[1])
+    return t.movedim(1, -1).reshape(-1, t.shape[1]).numpy(), 1
 
 
 def _out(x: Tensor, layout: str) -> tuple[Tensor, np.ndarray]:
-    """An empty tensor like x (same memory format) and its writable numpy view (never a copy:
-    ``view`` raises rather than return one)."""
+    """An empty tensor like x (same memory format) and its writable (R, L) numpy view (never a
+    copy: ``view`` raises rather than return one)."""
     y = torch.empty_like(x)
     if x.dim() == 2:
         return y, y.numpy()
     if layout == "ncs":
-        return y, y.view(x.shape[0], x.shape[1], -1).numpy()
+        return y, y.view(x.shape[0], -1).numpy()
     return y, y.movedim(1, -1).view(-1, x.shape[1]).numpy()
 
 
@@ -231,7 +233,8 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     y, yv = _out(x, layout)
     mean = np.empty(c)
     var = np.empty(c, dtype=np.float32 if x.dtype == torch.float32 else np.float64)  # acc_dtype
-    _kernel("_train_" + layout)(_view(x, layout), _vec(weight, c, 1.0), _vec(bias, c, 0.0), float(eps), yv, mean, var)
+    xt, cols = _table(x, layout)
+    _kernel("_train")(xt, cols, _vec(weight, c, 1.0), _vec(bias, c, 0.0), float(eps), yv, mean, var)
     return y, torch.from_numpy(mean), torch.from_numpy(var)
 
 
@@ -248,7 +251,8 @@ def eval_forward(
     sc = 1.0 / np.sqrt(_vec(var, c, 1.0) + eps)
     if weight is not None:
         sc = sc * _vec(weight, c, 1.0)
-    _kernel("_affine_" + layout)(_view(x, layout), _vec(mean, c, 0.0), sc, _vec(bias, c, 0.0), yv)
+    xt, cols = _table(x, layout)
+    _kernel("_affine")(xt, cols, _vec(mean, c, 0.0), sc, _vec(bias, c, 0.0), yv)
     return y
 
 
@@ -272,8 +276,9 @@ def backward(
     c = x.shape[1]
     dx, dxv = _out(x, layout)
     sums = np.empty((2, c), dtype=np.float32 if x.dtype == torch.float32 else np.float64)  # acc_dtype
-    _kernel("_bwd_" + layout)(
-        _view(grad_y, layout), _view(x, layout), _vec(mean, c, 0.0), _vec(invstd, c, 1.0), _vec(weight, c, 1.0), dxv, sums
+    xt, cols = _table(x, layout)
+    _kernel("_bwd")(
+        _table(grad_y, layout)[0], xt, cols, _vec(mean, c, 0.0), _vec(invstd, c, 1.0), _vec(weight, c, 1.0), dxv, sums
     )
     out = torch.from_numpy(sums)
     return dx, out[0], out[1]
