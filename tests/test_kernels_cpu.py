@@ -507,6 +507,55 @@ def test_concurrent_calls_from_threads(tmp_path):
     assert out.stdout.strip() == "ok"
 
 
+def test_cpu_small_first_calls_from_threads():
+    """Threads whose first calls of the small-tensor kernels race all succeed (the lazy jit of
+    the kernels and their helpers is serialized), in a fresh interpreter where nothing is
+    created yet; every layer's output and running statistics equal a sequential run's."""
+    src = Path(batchnorm.__file__).resolve().parents[1]
+    code = (
+        "import threading, torch, batchnorm\n"
+        "from batchnorm._kernels import cpu_small\n"
+        "assert cpu_small._compiled == {}\n"
+        "layers = [batchnorm.BatchNorm1d(4) for _ in range(4)]\n"
+        "xs = [torch.randn(16, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]\n"
+        "bar, errs, ys = threading.Barrier(4), [], [None] * 4\n"
+        "def run(i):\n"
+        "    bar.wait()\n"
+        "    try:\n"
+        "        ys[i] = layers[i](xs[i])\n"
+        "    except Exception as e:\n"
+        "        errs.append(repr(e)[:200])\n"
+        "ts = [threading.Thread(target=run, args=(i,)) for i in range(4)]\n"
+        "[t.start() for t in ts]\n"
+        "[t.join() for t in ts]\n"
+        "assert not errs, errs\n"
+        "for i in range(4):\n"
+        "    ref = torch.nn.BatchNorm1d(4)\n"
+        "    assert torch.allclose(ys[i], ref(xs[i]), atol=1e-6)\n"
+        "    assert torch.allclose(layers[i].running_var, ref.running_var, atol=1e-6)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"
+
+
+def test_cpu_small_eval_with_zero_variance_and_eps_is_silent():
+    """eps = 0 is allowed in eval: a zero running variance gives inf scale as in torch_ops,
+    without a NumPy warning that only this path would raise."""
+    x = torch.randn(4, 3, 5)
+    rv = torch.tensor([0.0, 1.0, -1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = cpu_small.eval_forward(x, torch.zeros(3), rv, None, None, 0.0)
+        with batchnorm.use_backend("torch"):
+            yt = batchnorm.batch_norm(x, torch.zeros(3), rv, training=False, eps=0.0)
+    assert torch.allclose(y[:, 1], yt[:, 1], atol=1e-6)
+    assert torch.isinf(y[:, 0]).all() and torch.isinf(yt[:, 0]).all()
+    assert torch.isnan(y[:, 2]).all() and torch.isnan(yt[:, 2]).all()
+
+
 @pytest.mark.parametrize(
     ("shape", "fmt"),
     [

@@ -25,6 +25,7 @@ import; never differentiable (the functional layers use torch_ops for create_gra
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,7 @@ from .torch_ops import backward_apply, backward_sums, batch_stats  # re-exported
 __all__ = list(BACKEND_API)
 
 _compiled: dict[str, Any] = {}
+_create_lock = threading.Lock()
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,14 +152,22 @@ def _py_bwd(g, x, s, mean, inv, w, dx, sums):  # pragma: no cover - runs compile
 
 
 def _kernel(name: str) -> Any:
-    """The compiled (serial, cached) dispatcher of kernel ``name``, created on first request."""
+    """The compiled (serial, cached) dispatcher of kernel ``name``, created on first request.
+
+    Creation is serialized by a lock: threads whose first calls race must not jit the helpers
+    twice (numba refuses to jit a dispatcher) nor see a kernel before its helpers exist.
+    """
     kern = _compiled.get(name)
-    if kern is None:
-        if not _compiled:  # the helpers the kernels call, compiled once (inlined into them)
+    if kern is not None:
+        return kern
+    with _create_lock:
+        if "helpers" not in _compiled:  # the helpers the kernels call, jitted once, first
             for helper in ("_fold", "_spread"):
                 globals()[helper] = cpu._jit(globals()[helper], fastmath=cpu._FASTMATH)
-        kern = _compiled[name] = cpu._jit(globals()["_py" + name], fastmath=cpu._FASTMATH)
-    return kern
+            _compiled["helpers"] = True
+        if name not in _compiled:
+            _compiled[name] = cpu._jit(globals()["_py" + name], fastmath=cpu._FASTMATH)
+    return _compiled[name]
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +258,8 @@ def eval_forward(
     layout = _layout(x)
     c = x.shape[1]
     y, yv = _out(x, layout)
-    sc = 1.0 / np.sqrt(_vec(var, c, 1.0) + eps)
+    with np.errstate(divide="ignore", invalid="ignore"):  # var + eps = 0 or < 0: inf/NaN, like torch
+        sc = 1.0 / np.sqrt(_vec(var, c, 1.0).astype(np.float64) + eps)
     if weight is not None:
         sc = sc * _vec(weight, c, 1.0)
     xt, cols = _table(x, layout)
