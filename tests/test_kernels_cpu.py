@@ -467,17 +467,22 @@ def test_jit_falls_back_without_cache(monkeypatch):
     assert calls == [True, False]
 
 
+def _python(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter that imports this checkout's batchnorm."""
+    src = Path(batchnorm.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
 def test_import_does_not_compile(tmp_path):
     """Importing the back-end builds no kernel (compilation waits for the first call)."""
-    src = Path(batchnorm.__file__).resolve().parents[1]
     code = (
         "import batchnorm._kernels.cpu as c, numba\n"
         "assert c._compiled == {}, c._compiled\n"
         "assert not isinstance(c._sum_dev, numba.core.registry.CPUDispatcher)\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = _python(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
@@ -485,7 +490,6 @@ def test_import_does_not_compile(tmp_path):
 def test_concurrent_calls_from_threads(tmp_path):
     """Kernel launches from several Python threads are serialized (numba's workqueue layer
     aborts the process on concurrent launches), in a subprocess so a failure cannot kill pytest."""
-    src = Path(batchnorm.__file__).resolve().parents[1]
     code = (
         "import threading, torch\n"
         "from batchnorm._kernels import cpu\n"
@@ -501,8 +505,7 @@ def test_concurrent_calls_from_threads(tmp_path):
         "[t.join() for t in ts]\n"
         "print('ok' if not any(bad) else 'mismatch')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = _python(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
@@ -511,7 +514,6 @@ def test_cpu_small_first_calls_from_threads():
     """Threads whose first calls of the small-tensor kernels race all succeed (the lazy jit of
     the kernels and their helpers is serialized), in a fresh interpreter where nothing is
     created yet; every layer's output and running statistics equal a sequential run's."""
-    src = Path(batchnorm.__file__).resolve().parents[1]
     code = (
         "import threading, torch, batchnorm\n"
         "from batchnorm._kernels import cpu_small\n"
@@ -535,8 +537,7 @@ def test_cpu_small_first_calls_from_threads():
         "    assert torch.allclose(layers[i].running_var, ref.running_var, atol=1e-6)\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = _python(code)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
 

@@ -91,16 +91,11 @@ def _py_train(x, s, w, b, eps, y, mean, var):  # pragma: no cover - runs compile
         v = per[k] / m
         var[k] = v
         per[k] = w[k] / np.sqrt(v + eps)
-    sc = np.empty(ln)
-    _spread(per, s, sc)
-    sh = np.empty(ln)
-    _spread(b, s, sh)
-    for i in range(r):
-        for t in range(ln):
-            y[i, t] = (x[i, t] - mu[t]) * sc[t] + sh[t]
+    _apply(x, s, mean, per, b, y)
 
 
-def _py_affine(x, s, mean, sc, b, y):  # pragma: no cover - runs compiled
+def _apply(x, s, mean, sc, b, y):  # pragma: no cover - runs compiled
+    """y = (x - mean) * sc + b with per-channel mean, sc, b (C,) spread over the columns."""
     r, ln = x.shape
     mu = np.empty(ln)
     _spread(mean, s, mu)
@@ -111,6 +106,10 @@ def _py_affine(x, s, mean, sc, b, y):  # pragma: no cover - runs compiled
     for i in range(r):
         for t in range(ln):
             y[i, t] = (x[i, t] - mu[t]) * scc[t] + sh[t]
+
+
+def _py_affine(x, s, mean, sc, b, y):  # pragma: no cover - runs compiled
+    _apply(x, s, mean, sc, b, y)
 
 
 def _py_bwd(g, x, s, mean, inv, w, dx, sums):  # pragma: no cover - runs compiled
@@ -162,7 +161,7 @@ def _kernel(name: str) -> Any:
         return kern
     with _create_lock:
         if "helpers" not in _compiled:  # the helpers the kernels call, jitted once, first
-            for helper in ("_fold", "_spread"):
+            for helper in ("_fold", "_spread", "_apply"):  # _apply calls _spread: jitted after it
                 globals()[helper] = cpu._jit(globals()[helper], fastmath=cpu._FASTMATH)
             _compiled["helpers"] = True
         if name not in _compiled:
