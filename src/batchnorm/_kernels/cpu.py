@@ -97,7 +97,7 @@ import torch
 from torch import Tensor
 
 from . import outpool
-from .dispatch import AUTO_MIN_NUMEL, BACKEND_API, get_backend
+from .dispatch import AUTO_MIN_NUMEL, BACKEND_API
 from .half import compute_cast, compute_dtype, compute_empty, compute_zero, load, storage_view, store
 from .torch_ops import acc_dtype
 
@@ -111,7 +111,6 @@ _TILE = 512
 
 _SMALL_S = 64
 """ncs inputs with fewer spatial positions per row than this run on the row kernels."""
-
 
 _SMALL_WORK = 1 << 17
 """Tensors with fewer elements run their kernels on the calling thread alone (see _run)."""
@@ -782,13 +781,12 @@ def supports(x: Tensor) -> bool:
     """True for non-empty CPU float64/float32/float16/bfloat16 tensors of 2 to 5 dims laid out
     contiguously (NCHW, ...) or channels-last (C innermost); False sends dispatch to torch_ops.
 
-    Under the "auto" back-end, tensors of fewer than ``AUTO_MIN_NUMEL`` elements are left to
-    :mod:`batchnorm._kernels.cpu_small` (float32/float64) or torch_ops (16-bit): there, the
-    planning and thread-pool launch of these kernels cost more than the work (measured: (128,
-    256) float32 training step 0.68 ms here, 0.43 ms with torch ops, 0.14 ms torch native).
-    ``use_backend("numba")`` uses these kernels at every size.
+    Any size: the "auto" back-end itself sends tensors of fewer than ``AUTO_MIN_NUMEL`` elements
+    elsewhere (:mod:`batchnorm._kernels.dispatch`), because there the planning and thread-pool
+    launch of these kernels cost more than the work (measured: (128, 256) float32 training
+    step 0.68 ms here, 0.43 ms with torch ops, 0.14 ms torch native).
     """
-    ok = (
+    return (
         isinstance(x, Tensor)
         and x.device.type == "cpu"
         and x.dtype in _DTYPES
@@ -798,9 +796,6 @@ def supports(x: Tensor) -> bool:
         and x.numel() > 0
         and layout_of(x) is not None
     )
-    if ok and x.numel() < AUTO_MIN_NUMEL:
-        return get_backend() == "numba"
-    return ok
 
 
 _HUGE = 1 << 21

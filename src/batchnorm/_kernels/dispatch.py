@@ -82,10 +82,9 @@ def backend_for(x: torch.Tensor) -> ModuleType:
     name = get_backend()
     if name == "torch":
         return torch_ops
-    if name == "auto" and x.numel() < AUTO_MIN_NUMEL:  # checked first: small calls are the hot path
+    if name == "auto" and x.numel() < AUTO_MIN_NUMEL:  # small: one serial call, or torch ops
         small = _numba("cpu_small")
-        if small is not None and small.supports(x):
-            return small
+        return small if small is not None and small.supports(x) else torch_ops
     cpu = _numba()
     if cpu is None:
         if name == "numba":
