@@ -33,7 +33,10 @@ same limitation).
 
 Conventions as :func:`batchnorm.batch_norm`: PyTorch momentum, unbiased running_var, eps inside
 the root, statistics in >= float32, non-finite batches never update running statistics. The
-backward is not itself differentiable (no double backward).
+backward is not itself differentiable (no double backward). Computed by the
+``batchnorm::act_train``/``act_backward`` operators (:mod:`batchnorm.ops.act`). The memory
+saving applies in eager mode on CPU, where the |gamma| guard can read the weights; under
+torch.compile, torch.export or on other devices the input is kept as well (no host read).
 
 Shape: input (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W) -> output of the same shape,
 dtype and memory format.
@@ -44,15 +47,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _checks
-from ._kernels.dispatch import backend_for
-from .functional import _batch_norm, _format, update_running_stats, warn_if_skipped
+from .functional import check_train_args, is_fx_proxy, normalize_step, update_step
+from .ops.act import activation_forward, train_act
 
-__all__ = ["ACTIVATIONS", "GAMMA_GUARD", "batch_norm_act", "check_activation", "activation_forward"]
+__all__ = ["ACTIVATIONS", "GAMMA_GUARD", "batch_norm_act", "act_step", "check_activation", "activation_forward"]
 
 ACTIVATIONS = ("leaky_relu", "elu", "identity")
 GAMMA_GUARD = 1e-3
@@ -87,147 +88,48 @@ def check_activation(activation: object, negative_slope: float, alpha: float, wh
     return activation
 
 
-def activation_forward(y: Tensor, activation: str, negative_slope: float, alpha: float, *, inplace: bool) -> Tensor:
-    """z = act(y); in place on y when ``inplace`` (y must then not need autograd)."""
-    if activation == "leaky_relu":
-        return F.leaky_relu_(y, negative_slope) if inplace else F.leaky_relu(y, negative_slope)
-    if activation == "elu":
-        return F.elu_(y, alpha) if inplace else F.elu(y, alpha)
-    return y
-
-
-def _invert(z: Tensor, activation: str, negative_slope: float, alpha: float) -> tuple[Tensor, Tensor]:
-    """(y, act'(y)) recomputed from z = act(y), in z's dtype (which the caller chooses)."""
-    if activation == "identity":
-        return z, torch.ones_like(z)
-    pos = z > 0
-    if activation == "leaky_relu":
-        y = torch.where(z >= 0, z, z / negative_slope)
-        slope = torch.where(pos, torch.ones_like(z), torch.full_like(z, negative_slope))
-        return y, slope
-    # elu: z <= 0 -> y = log1p(z / alpha), clamped where z rounded to -alpha (saturation)
-    tiny = torch.finfo(z.dtype).eps
-    ratio = (z / alpha).clamp_min(-1.0 + tiny)
-    y = torch.where(pos, z, torch.log1p(ratio))
-    slope = torch.where(pos, torch.ones_like(z), z + alpha)
-    return y, slope
-
-
-def _invertible(weight: Tensor | None, bias: Tensor | None) -> bool:
-    """True when every |gamma| is large enough to divide by (see the module docstring)."""
+def _can_recompute(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether backward may recompute from the output: eager CPU and every |gamma| large enough
+    to divide by (see the module docstring). Elsewhere the weights are not read on the host."""
     if weight is None:
         return True
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or x.device.type != "cpu" or weight.device.type != "cpu":
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(weight) or isinstance(weight, torch._subclasses.FakeTensor):
+        return False
     w = weight.detach().abs().to(torch.float64)
     b = torch.zeros_like(w) if bias is None else bias.detach().abs().to(torch.float64)
     return bool((w >= GAMMA_GUARD * torch.clamp_min(b, 1.0)).all())
 
 
-class _BatchNormActTrain(torch.autograd.Function):
-    """z, mean, var = act(BN_train(x, weight, bias)); saves z (not x) when gamma is invertible."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        activation: str,
-        negative_slope: float,
-        alpha: float,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        y, mean, var = backend_for(x).train_forward(x, weight, bias, eps)
-        z = activation_forward(y, activation, negative_slope, alpha, inplace=True)
-        invstd = torch.rsqrt(var + eps)
-        ctx.recompute = _invertible(weight, bias)
-        ctx.act = (activation, negative_slope, alpha)
-        ctx.has_weight = weight is not None
-        ctx.has_bias = bias is not None
-        if ctx.recompute:
-            ctx.save_for_backward(z, weight, bias, invstd)
-        else:
-            ctx.save_for_backward(z, weight, bias, invstd, x, mean)
-        ctx.mark_non_differentiable(mean, var)
-        return z, mean, var
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_z: Tensor, _gmean: Tensor, _gvar: Tensor):  # type: ignore[override]
-        z, weight, bias, invstd, *rest = ctx.saved_tensors
-        acc = invstd.dtype
-        if ctx.recompute and ctx.act[0] != "identity" and backend_for(z).__name__.endswith(".cpu"):
-            # numba: inversion, activation backward and BN backward fused, nothing stored
-            from ._kernels import cpu_act
-
-            dx, dw, db = cpu_act.backward_act(grad_z, z, weight, bias, invstd, *ctx.act)
-            return _grads(ctx, dx, dw, db, z, weight, bias)
-        y, slope = _invert(z.to(acc), *ctx.act)
-        dy = grad_z.to(acc) * slope
-        if ctx.recompute:
-            # BN backward in the variables of y: x_hat = (y - beta) * (1 / gamma); the kernel's
-            # dx scale weight' * invstd' must equal gamma * invstd, so weight' = gamma^2 * invstd
-            gamma = torch.ones_like(invstd) if weight is None else weight.detach().to(acc)
-            beta = torch.zeros_like(invstd) if bias is None else bias.detach().to(acc)
-            dy = dy.contiguous(memory_format=_format(y))
-            dx, dw, db = backend_for(y).backward(dy, y, beta, 1.0 / gamma, gamma * gamma * invstd)
-        else:
-            x, mean = rest
-            dy = dy.to(x.dtype).contiguous(memory_format=_format(x))
-            dx, dw, db = backend_for(x).backward(dy, x, mean, invstd, weight)
-        return _grads(ctx, dx, dw, db, z, weight, bias)
-
-
-def _grads(ctx, dx: Tensor, dw: Tensor, db: Tensor, z: Tensor, weight: Tensor | None, bias: Tensor | None):
-    """The gradient tuple of ``_BatchNormActTrain.backward``, None where not needed."""
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    return (
-        dx.to(z.dtype) if need_x else None,
-        dw.to(weight.dtype) if (need_w and ctx.has_weight) else None,
-        db.to(bias.dtype) if (need_b and ctx.has_bias) else None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-def _batch_norm_act(
-    input: Tensor,
+def act_step(
+    x: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
-    momentum: float,
+    momentum: float | None,
     eps: float,
     activation: str,
     negative_slope: float,
     alpha: float,
     where: str,
-) -> tuple[Tensor, bool | None]:
-    """The work behind :func:`batch_norm_act`; also returns whether running stats were updated."""
-    check_activation(activation, negative_slope, alpha, where)
-    if not training or input.numel() == 0:
+    num_batches_tracked: Tensor | None = None,
+    num_batches_skipped: Tensor | None = None,
+) -> Tensor:
+    """BN + activation on checked arguments (the operator calls behind :func:`batch_norm_act`)."""
+    if not training or x.numel() == 0:
         # evaluation (fixed affine map) or empty batch: plain BN, then the activation
-        y, updated = _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, where)
-        return activation_forward(y, activation, negative_slope, alpha, inplace=False), updated
-    x, eps = _checks.check_args(
-        input,
-        where,
-        training=True,
-        eps=eps,
-        weight=weight,
-        bias=bias,
-        running_mean=running_mean,
-        running_var=running_var,
-    )
-    c = x.shape[1]
-    momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]
-    _checks.check_batch_size(x, where)
-    z, mean, var = _BatchNormActTrain.apply(x, weight, bias, eps, activation, negative_slope, alpha)
-    if running_mean is None:
-        return z, None
-    return z, update_running_stats(running_mean, running_var, mean, var, x.numel() // c, momentum)
+        y = normalize_step(
+            x, running_mean, running_var, weight, bias, training, momentum, eps, where,
+            num_batches_tracked, num_batches_skipped,
+        )  # fmt: skip
+        return activation_forward(y, activation, negative_slope, alpha, inplace=False)
+    recompute = _can_recompute(x, weight, bias)
+    z, mean, var = train_act(x, weight, bias, eps, activation, negative_slope, alpha, recompute)
+    update_step(x, running_mean, running_var, mean, var, momentum, where, num_batches_tracked, num_batches_skipped)
+    return z
 
 
 def batch_norm_act(
@@ -251,20 +153,23 @@ def batch_norm_act(
 
     Shape: input (N, C, *) -> output of the same shape, dtype and memory format.
     """
-    z, updated = _batch_norm_act(
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        activation,
-        negative_slope,
-        alpha,
-        "batch_norm_act",
-    )
-    warn_if_skipped(updated, input, "batch_norm_act")
-    return z
+    where = "batch_norm_act"
+    if not is_fx_proxy(input):
+        check_activation(activation, negative_slope, alpha, where)
+        input, eps = check_train_args(
+            input,
+            where,
+            training=training,
+            eps=eps,
+            weight=weight,
+            bias=bias,
+            running_mean=running_mean,
+            running_var=running_var,
+        )
+        if training:
+            momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]
+    return act_step(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, activation, negative_slope,
+        alpha, where,
+    )  # fmt: skip
 

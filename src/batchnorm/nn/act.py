@@ -23,8 +23,8 @@ import torch.fx
 from torch import Tensor
 
 from .. import _checks
-from ..functional_act import _batch_norm_act, check_activation
-from .batchnorm import BatchNormBase, layer_step, record_update_traced
+from ..functional_act import act_step, check_activation
+from .batchnorm import BatchNormBase, layer_mode
 
 __all__ = ["BatchNormActBase", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "batch_norm_act_layer"]
 
@@ -46,6 +46,7 @@ def batch_norm_act_layer(
     ndims: tuple[int, ...],
     num_features: int,
     where: str,
+    num_batches_skipped: Tensor | None = None,
 ) -> Tensor:
     """One forward of a ``BatchNormAct*d`` from its state: the node a torch.fx trace records.
 
@@ -55,18 +56,28 @@ def batch_norm_act_layer(
 
     Shape: input (N, C, *) with ``input.dim() in ndims`` -> output of the same shape.
     """
+    use_batch_stats, update = layer_mode(training, track_running_stats, running_mean)
     _checks.check_input(input, where, ndims=ndims, num_features=num_features)
-
-    def normalize(
-        x: Tensor, rm: Tensor | None, rv: Tensor | None, batch: bool, m: float, w: str
-    ) -> tuple[Tensor, bool | None]:
-        return _batch_norm_act(x, rm, rv, weight, bias, batch, m, eps, activation, negative_slope, alpha, w)
-
-    y, updated = layer_step(
-        normalize, input, running_mean, running_var, num_batches_tracked, training, track_running_stats, momentum, where
+    if use_batch_stats:
+        _checks.check_batch_size(input, where)
+        _checks.check_eps(eps, where, training=True)
+    keep = update or not use_batch_stats
+    return act_step(
+        input,
+        running_mean if keep else None,
+        running_var if keep else None,
+        weight,
+        bias,
+        use_batch_stats,
+        momentum if update else 0.0,
+        eps,
+        activation,
+        negative_slope,
+        alpha,
+        where,
+        num_batches_tracked,
+        num_batches_skipped,
     )
-    record_update_traced(updated, num_batches_tracked, input, where)
-    return y
 
 
 torch.fx.wrap("batch_norm_act_layer")  # a graph node under symbolic_trace, the plain function otherwise
@@ -114,37 +125,12 @@ class BatchNormActBase(BatchNormBase):
             act += f", alpha={self.alpha}"
         return f"{super().extra_repr()}, activation={act}"
 
-    def _traced_forward(self, input: Tensor) -> Tensor:
-        """Under torch.fx symbolic tracing: one ``batch_norm_act_layer`` node."""
+    def forward(self, input: Tensor) -> Tensor:
+        """z = act(BN(input)) per channel, fused; see the module docstring."""
         return batch_norm_act_layer(
             input, *self._layer_state(), self.activation, self.negative_slope, self.alpha, self._ndims,
-            self.num_features, self._where(),
+            self.num_features, self._where(), self._skipped(),
         )  # fmt: skip
-
-    def _normalize(
-        self,
-        input: Tensor,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        use_batch_stats: bool,
-        momentum: float,
-        where: str,
-    ) -> tuple[Tensor, bool | None]:
-        """act(BN(input)) per channel, fused; see the module docstring."""
-        return _batch_norm_act(
-            input,
-            running_mean,
-            running_var,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-            self.activation,
-            self.negative_slope,
-            self.alpha,
-            where,
-        )
 
 
 class BatchNormAct1d(BatchNormActBase):

@@ -32,8 +32,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .. import _checks
-from .._kernels import torch_ops
+from .. import _checks, ops
 
 __all__ = ["FrozenBatchNormBase", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "frozen_batch_norm"]
 
@@ -59,12 +58,7 @@ def frozen_batch_norm(
     Shape: input (N, C, *) -> output of the same shape and dtype.
     """
     _checks.check_input(input, where, ndims=ndims, num_features=num_features)
-    acc = torch_ops.acc_dtype(input.dtype)  # float32 for float16/bfloat16/float32 input
-    scale = weight.to(acc) * torch.rsqrt(running_var.to(acc) + eps)
-    # (C,) -> (1, C, 1, ..., 1) to broadcast over (N, C, *)
-    view = (1, -1) + (1,) * (input.dim() - 2)
-    centred = torch_ops.center(input, running_mean)  # (N, C, *) in acc, no cancellation
-    return (centred * scale.reshape(view) + bias.to(acc).reshape(view)).to(input.dtype)
+    return ops.eval_forward(input, running_mean, running_var, weight, bias, eps)  # batchnorm::eval
 
 
 torch.fx.wrap("frozen_batch_norm")  # a graph node under symbolic_trace, the plain function otherwise

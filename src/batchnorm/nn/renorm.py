@@ -47,13 +47,12 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .. import _checks
-from .._kernels import torch_ops
-from ..functional import warn_if_skipped
-from .batchnorm import is_fx_proxy, record_update, record_update_traced
+from .. import _checks, ops
+from ..functional import is_fx_proxy, update_step
 
 __all__ = [
     "renorm_limits",
+    "renorm_limits_at",
     "batch_renorm",
     "BatchRenormBase",
     "BatchRenorm1d",
@@ -89,6 +88,21 @@ def renorm_limits(
     return 1.0 + (r_max - 1.0) * ramp(r_max_steps), d_max * ramp(d_max_steps)
 
 
+def renorm_limits_at(
+    step: Tensor, r_max: float, d_max: float, warmup_steps: int, r_max_steps: int, d_max_steps: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`renorm_limits` with the step as a tensor (the layer's ``num_batches_tracked``),
+    computed on its device: (r_max_t, d_max_t) as float64 0-dim tensors, nothing read back."""
+    t = step.to(torch.float64)
+
+    def ramp(end: int) -> Tensor:
+        if end <= warmup_steps:  # a step function at the warm-up
+            return (t > warmup_steps).to(torch.float64)
+        return ((t - warmup_steps) / (end - warmup_steps)).clamp(0.0, 1.0)
+
+    return 1.0 + (r_max - 1.0) * ramp(r_max_steps), d_max * ramp(d_max_steps)
+
+
 def _check_schedule(where: str, r_max: float, d_max: float, warmup: int, r_steps: int, d_steps: int) -> None:
     for name, v in (("r_max", r_max), ("d_max", d_max)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -107,6 +121,22 @@ def _check_schedule(where: str, r_max: float, d_max: float, warmup: int, r_steps
         )
 
 
+def _check_renorm_args(
+    x: object, running_mean: Tensor | None, running_std: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+    training: bool, eps: float, where: str,
+) -> Tensor:  # fmt: skip
+    x = _checks.check_input(x, where)
+    c = x.shape[1]
+    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_std", running_std)):
+        _checks.check_param(p, name, c, where)
+    if running_mean is None or running_std is None:
+        raise ValueError(f"{where}: batch renorm needs running_mean and running_std, got None")
+    if training:
+        _checks.check_eps(eps, where, training=True)
+        _checks.check_batch_size(x, where)
+    return x
+
+
 def _batch_renorm(
     x: Tensor,
     running_mean: Tensor,
@@ -114,44 +144,40 @@ def _batch_renorm(
     weight: Tensor | None,
     bias: Tensor | None,
     training: bool,
-    momentum: float,
+    momentum: float | None,
     eps: float,
-    r_max: float,
-    d_max: float,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
     where: str,
-) -> tuple[Tensor, bool | None]:
-    """The work behind :func:`batch_renorm`; also returns whether the running statistics were
-    updated (None in eval, False for an empty or non-finite batch)."""
-    _checks.check_input(x, where)
-    c = x.shape[1]
-    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_std", running_std)):
-        _checks.check_param(p, name, c, where)
-    if running_mean is None or running_std is None:
-        raise ValueError(f"{where}: batch renorm needs running_mean and running_std, got None")
-    acc = torch_ops.acc_dtype(x.dtype)
-    mu = running_mean.detach().to(acc)
-    sigma = running_std.detach().to(acc)
+    num_batches_tracked: Tensor | None = None,
+    num_batches_skipped: Tensor | None = None,
+) -> Tensor:
+    """Batch renorm on checked arguments, as operator calls: ``batchnorm::moments`` (mu_B,
+    sigma_B for r and d), ``batchnorm::train`` with the per-channel scale ``weight * r`` and shift
+    ``weight * d + bias`` (r and d constants for autograd), ``batchnorm::update_running_stats``
+    of the mean and std. Evaluation: ``batchnorm::eval`` with var = running_std^2 and eps = 0."""
     if not training:
-        return torch_ops.normalize(x, mu, 1.0 / sigma, weight, bias), None
-    _checks.check_eps(eps, where, training=True)
-    _checks.check_batch_size(x, where)
+        var = running_std.detach().to(torch.float64).square()
+        return ops.eval_forward(x, running_mean.detach(), var, weight, bias, 0.0)
     if x.numel() == 0:
-        zeros = torch.zeros(c, dtype=acc, device=x.device)
-        return torch_ops.normalize(x, zeros, zeros + 1, weight, bias), False
-    mean_b, var_b = torch_ops.batch_stats(x)  # (C,), (C,) biased; differentiable in x
+        return ops.train_forward(x, weight, bias, eps)[0]
+    mean_b, var_b = ops.moments(x)  # (C,) float64, (C,) biased, not differentiable
+    acc = var_b.dtype
     std_b = torch.sqrt(var_b + eps)
-    with torch.no_grad():
-        r = (std_b / sigma).clamp(1.0 / r_max, r_max)
-        d = ((mean_b - mu) / sigma).clamp(-d_max, d_max)
-    # x_hat = r (x - mu_B) / sigma_B + d  =  (x - (mu_B - d sigma_B / r)) * (r / sigma_B):
-    # one per-channel scale and shift, differentiable through mu_B and sigma_B, r and d constant.
-    y = torch_ops.normalize(x, mean_b - d * std_b / r, r / std_b, weight, bias)
-    if not _checks.finite(mean_b.detach(), std_b.detach()):
-        return y, False
-    with torch.no_grad():
-        running_mean.lerp_(mean_b.detach().to(running_mean.dtype), momentum)
-        running_std.lerp_(std_b.detach().to(running_std.dtype), momentum)
-    return y, True
+    mu = running_mean.detach().to(torch.float64)
+    sigma = running_std.detach().to(acc)
+    r_max_t = torch.as_tensor(r_max, dtype=acc, device=x.device)
+    d_max_t = torch.as_tensor(d_max, dtype=torch.float64, device=x.device)
+    r = torch.minimum(torch.maximum(std_b / sigma, 1.0 / r_max_t), r_max_t)  # (C,)
+    d = torch.minimum(torch.maximum((mean_b - mu) / sigma.to(torch.float64), -d_max_t), d_max_t).to(acc)
+    # y = weight * (r * x_hat + d) + bias = (weight * r) * x_hat + (weight * d + bias)
+    w = r if weight is None else weight * r.to(weight.dtype)
+    shift = d if weight is None else weight * d.to(weight.dtype)
+    b = shift if bias is None else shift + bias
+    y, mean, var = ops.train_forward(x, w, b, eps)
+    std = torch.sqrt(var + eps)
+    update_step(x, running_mean, running_std, mean, std, momentum, where, num_batches_tracked, num_batches_skipped, False)
+    return y
 
 
 def batch_renorm(
@@ -176,37 +202,11 @@ def batch_renorm(
     (float64 for float64 input).
     """
     where = "batch_renorm"
-    _checks.check_momentum(momentum, where, allow_none=False)
-    _check_schedule(where, r_max, d_max, 0, 0, 0)
-    y, updated = _batch_renorm(
-        input, running_mean, running_std, weight, bias, training, momentum, eps, r_max, d_max, where
-    )
-    warn_if_skipped(updated, input, where)
-    return y
-
-
-def _renorm_layer_step(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor,
-    running_std: Tensor,
-    num_batches_tracked: Tensor,
-    training: bool,
-    momentum: float | None,
-    eps: float,
-    schedule: tuple[float, float, int, int, int],
-    where: str,
-) -> tuple[Tensor, bool | None]:
-    """A renorm layer's forward on a checked input: the limits at the current step
-    ``num_batches_tracked`` (training only: eval never reads the step, so never syncs with a
-    GPU), then :func:`_batch_renorm`. ``schedule`` = (r_max, d_max, warmup, r_steps, d_steps)."""
-    r_max, d_max, m = 1.0, 0.0, 0.0
-    if training:
-        step = int(num_batches_tracked.item())
-        r_max, d_max = renorm_limits(step, *schedule)
-        m = momentum if momentum is not None else 1.0 / (step + 1)
-    return _batch_renorm(input, running_mean, running_std, weight, bias, training, m, eps, r_max, d_max, where)
+    if not is_fx_proxy(input):
+        _checks.check_momentum(momentum, where, allow_none=False)
+        _check_schedule(where, r_max, d_max, 0, 0, 0)
+        input = _check_renorm_args(input, running_mean, running_std, weight, bias, training, eps, where)
+    return _batch_renorm(input, running_mean, running_std, weight, bias, training, momentum, eps, r_max, d_max, where)
 
 
 def batch_renorm_layer(
@@ -223,6 +223,7 @@ def batch_renorm_layer(
     ndims: tuple[int, ...],
     num_features: int,
     where: str,
+    num_batches_skipped: Tensor | None = None,
 ) -> Tensor:
     """One forward of a ``BatchRenorm*d`` from its state: the node a torch.fx trace records.
 
@@ -234,11 +235,14 @@ def batch_renorm_layer(
     Shape: input (N, C, *) with ``input.dim() in ndims`` -> output of the same shape.
     """
     _checks.check_input(input, where, ndims=ndims, num_features=num_features)
-    y, updated = _renorm_layer_step(
-        input, weight, bias, running_mean, running_std, num_batches_tracked, training, momentum, eps, schedule, where
-    )
-    record_update_traced(updated, num_batches_tracked, input, where)
-    return y
+    _check_renorm_args(input, running_mean, running_std, weight, bias, training, eps, where)
+    if not training:
+        return _batch_renorm(input, running_mean, running_std, weight, bias, False, momentum, eps, 1.0, 0.0, where)
+    r_max, d_max = renorm_limits_at(num_batches_tracked, *schedule)
+    return _batch_renorm(
+        input, running_mean, running_std, weight, bias, True, momentum, eps, r_max, d_max, where,
+        num_batches_tracked, num_batches_skipped,
+    )  # fmt: skip
 
 
 torch.fx.wrap("batch_renorm_layer")  # a graph node under symbolic_trace, the plain function otherwise
@@ -305,13 +309,14 @@ class BatchRenormBase(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_std", torch.ones(num_features, **factory))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        self._warned_nonfinite = False
+        self.register_buffer("num_batches_skipped", torch.tensor(0, dtype=torch.long, device=device), persistent=False)
 
     def reset_running_stats(self) -> None:
         """mu = 0, sigma = 1, step = 0 (the schedule starts again)."""
         self.running_mean.zero_()
         self.running_std.fill_(1.0)
         self.num_batches_tracked.zero_()
+        self.num_batches_skipped.zero_()
 
     def reset_parameters(self) -> None:
         """Reset the running statistics and, with ``affine``, weight = 1 and bias = 0."""
@@ -339,8 +344,8 @@ class BatchRenormBase(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Renormalize ``input`` (N, C, *) per channel; see the module docstring."""
-        where = self._where()
-        args = (
+        return batch_renorm_layer(
+            input,
             self.weight,
             self.bias,
             self.running_mean,
@@ -350,14 +355,11 @@ class BatchRenormBase(nn.Module):
             self.momentum,
             self.eps,
             self._schedule(),
+            self._ndims,
+            self.num_features,
+            self._where(),
+            self.num_batches_skipped,
         )
-        if is_fx_proxy(input):
-            # torch.fx symbolic tracing: one batch_renorm_layer node (see batchnorm.nn.batchnorm)
-            return batch_renorm_layer(input, *args, self._ndims, self.num_features, where)
-        _checks.check_input(input, where, ndims=self._ndims, num_features=self.num_features)
-        y, updated = _renorm_layer_step(input, *args, where)
-        record_update(self, updated, input, where)
-        return y
 
     @classmethod
     def from_batchnorm(cls, bn: nn.Module, **kwargs: object) -> "BatchRenormBase":

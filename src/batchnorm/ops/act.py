@@ -1,0 +1,179 @@
+"""Batch norm + invertible activation operators: ``torch.ops.batchnorm.{act_train, act_backward}``.
+
+    z = act(weight * x_hat + bias),   act in {leaky_relu(slope), elu(alpha), identity}
+
+``act_train`` returns (z, mean, var). ``act_backward`` computes (dx, dweight, dbias) from the
+output z alone (the memory-saving path: y = act^-1(z), x_hat = (y - bias) / weight, see
+:mod:`batchnorm.functional_act`). When the input must be kept instead (a |weight| too small to
+divide by, or a trace where that cannot be decided on the host), the gradient goes through
+``dy = dz * act'(y)`` and :func:`batchnorm.ops.bn.train_backward` with x.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._kernels.dispatch import backend_for
+from ._common import acc_dtype, fresh, per_channel, register_channel_vmap
+from .bn import memory_format_of, train, train_backward
+
+__all__ = ["act_train", "act_backward", "activation_forward", "invert_activation", "train_act"]
+
+
+def activation_forward(y: Tensor, activation: str, negative_slope: float, alpha: float, *, inplace: bool) -> Tensor:
+    """z = act(y); in place on y when ``inplace`` (y must then not need autograd)."""
+    if activation == "leaky_relu":
+        return F.leaky_relu_(y, negative_slope) if inplace else F.leaky_relu(y, negative_slope)
+    if activation == "elu":
+        return F.elu_(y, alpha) if inplace else F.elu(y, alpha)
+    return y
+
+
+def invert_activation(z: Tensor, activation: str, negative_slope: float, alpha: float) -> tuple[Tensor, Tensor]:
+    """(y, act'(y)) recomputed from z = act(y), in z's dtype (which the caller chooses)."""
+    if activation == "identity":
+        return z, torch.ones_like(z)
+    pos = z > 0
+    if activation == "leaky_relu":
+        y = torch.where(z >= 0, z, z / negative_slope)
+        slope = torch.where(pos, torch.ones_like(z), torch.full_like(z, negative_slope))
+        return y, slope
+    # elu: z <= 0 -> y = log1p(z / alpha), clamped where z rounded to -alpha (saturation)
+    tiny = torch.finfo(z.dtype).eps
+    ratio = (z / alpha).clamp_min(-1.0 + tiny)
+    y = torch.where(pos, z, torch.log1p(ratio))
+    slope = torch.where(pos, torch.ones_like(z), z + alpha)
+    return y, slope
+
+
+@torch.library.custom_op("batchnorm::act_train", mutates_args=())
+def act_train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    alpha: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(z, mean, var): the training forward of batch norm, then the activation in place."""
+    y, mean, var = train(x, weight, bias, eps)
+    z = activation_forward(y, activation, negative_slope, alpha, inplace=True)
+    return z, mean, var
+
+
+@act_train.register_fake
+def _act_train_fake(x, weight, bias, eps, activation, negative_slope, alpha):
+    y = torch.empty_like(x, memory_format=memory_format_of(x))
+    return y, per_channel(x, torch.float64), per_channel(x, acc_dtype(x.dtype))
+
+
+register_channel_vmap(act_train, "xcc----", "xcc")
+
+
+@torch.library.custom_op("batchnorm::act_backward", mutates_args=())
+def act_backward(
+    grad_z: Tensor,
+    z: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    var: Tensor,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    alpha: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) from the output z only; ``weight`` must be invertible."""
+    invstd = torch.rsqrt(var + eps)
+    acc = invstd.dtype
+    module = backend_for(z)
+    if activation != "identity" and module.__name__.endswith(".cpu"):
+        # numba: inversion, activation backward and BN backward fused, nothing stored
+        from .._kernels import cpu_act
+
+        dx, dw, db = cpu_act.backward_act(grad_z, z, weight, bias, invstd, activation, negative_slope, alpha)
+        return fresh((dx.to(z.dtype), dw, db), (grad_z, z, weight, bias, var))
+    y, slope = invert_activation(z.to(acc), activation, negative_slope, alpha)
+    dy = (grad_z.to(acc) * slope).contiguous(memory_format=memory_format_of(z))
+    # BN backward in the variables of y: x_hat = (y - beta) * (1 / gamma); the kernel's dx
+    # scale weight' * invstd' must equal gamma * invstd, so weight' = gamma^2 * invstd
+    gamma = torch.ones_like(invstd) if weight is None else weight.to(acc)
+    beta = torch.zeros_like(invstd) if bias is None else bias.to(acc)
+    dx, dw, db = backend_for(y).backward(dy, y, beta, 1.0 / gamma, gamma * gamma * invstd)
+    return fresh((dx.to(z.dtype), dw, db), (grad_z, z, weight, bias, var))
+
+
+@act_backward.register_fake
+def _act_backward_fake(grad_z, z, weight, bias, var, eps, activation, negative_slope, alpha):
+    acc = acc_dtype(z.dtype)
+    return torch.empty_like(z, memory_format=memory_format_of(z)), per_channel(z, acc), per_channel(z, acc)
+
+
+register_channel_vmap(act_backward, "xxccc----", "xcc")
+
+
+class _ActTrain(torch.autograd.Function):
+    """(z, mean, var) = act_train(x, ...); saves z, and x too unless ``recompute``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, eps, activation, negative_slope, alpha, recompute):  # type: ignore[override]
+        return act_train(x, weight, bias, eps, activation, negative_slope, alpha)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        x, weight, bias, eps, activation, negative_slope, alpha, recompute = inputs
+        z, mean, var = output
+        ctx.recompute = recompute
+        ctx.act = (activation, negative_slope, alpha)
+        ctx.eps = eps
+        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        if recompute:
+            ctx.save_for_backward(z, weight, bias, var)
+        else:
+            ctx.save_for_backward(z, weight, bias, var, x, mean)
+        ctx.mark_non_differentiable(mean, var)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_z: Tensor, _gm: Tensor, _gv: Tensor):  # type: ignore[override]
+        z, weight, bias, var, *rest = ctx.saved_tensors
+        if ctx.recompute:
+            dx, dw, db = act_backward(grad_z, z, weight, bias, var, ctx.eps, *ctx.act)
+        else:
+            x, mean = rest
+            _, slope = invert_activation(z.to(var.dtype), *ctx.act)
+            dy = (grad_z.to(var.dtype) * slope).to(x.dtype)
+            dx, dw, db = train_backward(dy, x, weight, mean, var, ctx.eps)
+        w_dtype, b_dtype = ctx.dtypes
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        return (
+            dx if need_x else None,
+            dw.to(w_dtype) if need_w and w_dtype is not None else None,
+            db.to(b_dtype) if need_b and b_dtype is not None else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def train_act(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    alpha: float,
+    recompute: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Differentiable BN + activation training forward: (z, mean, var). ``recompute``: backward
+    from z alone (weight invertible), else from x."""
+    return _ActTrain.apply(x, weight, bias, eps, activation, negative_slope, alpha, recompute)

@@ -1,0 +1,485 @@
+"""The batch-norm operators: ``torch.ops.batchnorm.{train, train_backward, eval, moments, update_running_stats}``.
+
+Math (per channel c over the m = N * prod(spatial) values of x[:, c]):
+
+    mean = (1/m) sum x,   var = (1/m) sum (x - mean)^2            (biased)
+    y    = weight * (x - mean) / sqrt(var + eps) + bias            (train: batch statistics)
+    y    = weight * (x - r_mean) / sqrt(r_var + eps) + bias         (eval: given statistics)
+
+Backward of train (g = dL/dy, x_hat = (x - mean) / sqrt(var + eps)):
+
+    dbias = sum g,  dweight = sum g * x_hat,
+    dx    = weight / sqrt(var + eps) * (g - mean(g) - x_hat * mean(g * x_hat))
+
+Forward-mode derivative of train: the same map applied to the tangent (the Jacobian of
+x -> x_hat is symmetric), dy = weight * J(dx) + dweight * x_hat + dbias.
+
+Each operator has one implementation for every device that asks the kernel dispatcher
+(:func:`batchnorm._kernels.dispatch.backend_for`) for the back-end of its input (numba kernels
+on CPU, aten's native kernels on CUDA, pure torch elsewhere), a fake implementation (shapes and
+dtypes only: torch.compile, torch.export and meta tensors never run a kernel), a batching rule
+for ``torch.vmap`` (B problems of C channels are one problem of B*C channels), and autograd.
+Statistics are returned as mean in float64 and var in float32 (float64 for float64 input).
+
+The Python entry points :func:`train_forward`, :func:`eval_forward`, :func:`moments` and
+:func:`update_running_stats_` are what the layers call: they apply ``torch.autograd.Function``s
+(setup_context style, so ``torch.func.grad``/``jacrev``/``vmap`` work) around the operators,
+with a forward-mode rule (``jvp``, ``torch.autograd.forward_ad``) where torch.compile is not
+tracing. The operators also carry their own autograd registration, for callers that use
+``torch.ops.batchnorm.*`` directly (TorchScript).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+from .._kernels import torch_ops
+from .._kernels.dispatch import backend_for
+from ._common import acc_dtype, fresh, per_channel, register_channel_vmap, to_front
+
+__all__ = [
+    "train",
+    "train_backward",
+    "eval_bn",
+    "moments_op",
+    "update_running_stats",
+    "train_forward",
+    "eval_forward",
+    "moments",
+    "update_running_stats_",
+    "memory_format_of",
+]
+
+
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """channels_last(_3d) when x is laid out that way (and not also contiguous), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _view(v: Tensor, ndim: int) -> Tensor:
+    """(C,) -> (1, C, 1, ..., 1) for broadcasting against an ndim-dimensional input."""
+    return v.reshape(1, -1, *([1] * (ndim - 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# train: (y, mean, var) from x
+
+
+@torch.library.custom_op("batchnorm::train", mutates_args=())
+def train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Training forward: y, the batch mean (C,) float64 and the biased batch variance (C,)."""
+    if x.numel() == 0:
+        c = x.shape[1]
+        return torch.empty_like(x), x.new_zeros(c, dtype=torch.float64), x.new_zeros(c, dtype=acc_dtype(x.dtype))
+    y, mean, var = backend_for(x).train_forward(x, weight, bias, eps)
+    return fresh((y, mean.to(torch.float64), var), (x, weight, bias))
+
+
+@train.register_fake
+def _train_fake(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    y = torch.empty_like(x, memory_format=memory_format_of(x))
+    return y, per_channel(x, torch.float64), per_channel(x, acc_dtype(x.dtype))
+
+
+register_channel_vmap(train, "xcc-", "xcc")
+
+
+@torch.library.custom_op("batchnorm::train_backward", mutates_args=())
+def train_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of :func:`train`: (dx, dweight, dbias), the per-channel sums in float32/float64."""
+    if x.numel() == 0:
+        c = x.shape[1]
+        z = x.new_zeros(c, dtype=acc_dtype(x.dtype))
+        return torch.empty_like(x), z, z.clone()
+    invstd = torch.rsqrt(var + eps)
+    g = grad_y.contiguous(memory_format=memory_format_of(x))
+    dx, dw, db = backend_for(x).backward(g, x, mean, invstd, weight)
+    return fresh((dx, dw, db), (grad_y, x, weight, mean, var))
+
+
+@train_backward.register_fake
+def _train_backward_fake(
+    grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    acc = acc_dtype(x.dtype)
+    return torch.empty_like(x, memory_format=memory_format_of(x)), per_channel(x, acc), per_channel(x, acc)
+
+
+register_channel_vmap(train_backward, "xxccc-", "xcc")
+
+
+def _train_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+    x, weight, bias, eps = inputs
+    _, mean, var = output
+    ctx.save_for_backward(x, weight, mean, var)
+    ctx.eps = eps
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _train_grads(ctx: Any, grad_y: Tensor, _gm: Tensor | None, _gv: Tensor | None):
+    x, weight, mean, var = ctx.saved_tensors
+    if grad_y is None:
+        return None, None, None, None
+    if torch.is_grad_enabled():
+        # create_graph=True: recompute the statistics differentiably and differentiate the
+        # backward formula itself (gradient penalties, double backward)
+        mean2, var2 = torch_ops.batch_stats(x)
+        dx, dw, db = torch_ops.backward(grad_y, x, mean2, torch.rsqrt(var2 + ctx.eps), weight)
+    else:
+        dx, dw, db = train_backward(grad_y, x, weight, mean, var, ctx.eps)
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    return (
+        dx if need_x else None,
+        dw.to(weight.dtype) if need_w and weight is not None else None,
+        db.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None,
+        None,
+    )
+
+
+train.register_autograd(_train_grads, setup_context=_train_setup)
+
+
+class _Train(torch.autograd.Function):
+    """(y, mean, var) = train(x, weight, bias, eps); mean and var are not differentiable."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        return train(x, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        _train_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor, gm: Tensor, gv: Tensor):  # type: ignore[override]
+        return _train_grads(ctx, grad_y, gm, gv)
+
+
+class _TrainForwardAD(_Train):
+    """:class:`_Train` with a forward-mode rule (used where torch.compile is not tracing)."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        _train_setup(ctx, inputs, output)
+        x, weight, bias, _ = inputs
+        ctx.save_for_forward(x, weight, output[1], output[2])
+
+    @staticmethod
+    def jvp(ctx: Any, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None, _te: Any):  # type: ignore[override]
+        x, weight, mean, var = ctx.saved_tensors
+        nd = x.dim()
+        ty = None
+        if tx is not None:  # d x_hat = J(dx): the backward map with weight 1 applied to the tangent
+            ty, _, _ = train_backward(tx, x, None, mean, var, ctx.eps)
+            if weight is not None:
+                ty = ty * _view(weight, nd)
+        if tw is not None or tb is not None:
+            acc = acc_dtype(x.dtype)
+            extra = torch.zeros((), dtype=acc, device=x.device)
+            if tw is not None:
+                x_hat = torch_ops.center(x, mean) * _view(torch.rsqrt(var + ctx.eps).to(acc), nd)
+                extra = extra + x_hat * _view(tw.to(acc), nd)
+            if tb is not None:
+                extra = extra + _view(tb.to(acc), nd)
+            ty = extra.to(x.dtype) if ty is None else ty + extra.to(x.dtype)
+        return ty, None, None
+
+
+def _forward_ad_active() -> bool:
+    return not torch.compiler.is_compiling() and fwAD._current_level >= 0
+
+
+def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Differentiable training forward: (y, mean float64 (C,), biased var (C,)); see the module docstring."""
+    fn = _TrainForwardAD if _forward_ad_active() else _Train
+    return fn.apply(x, weight, bias, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# eval: y from x and given statistics
+
+
+@torch.library.custom_op("batchnorm::eval", mutates_args=())
+def eval_bn(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """Inference forward with fixed statistics: y = weight * (x - mean) / sqrt(var + eps) + bias."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    y = backend_for(x).eval_forward(x, mean, var, weight, bias, eps)
+    return fresh((y,), (x, mean, var, weight, bias))[0]
+
+
+@eval_bn.register_fake
+def _eval_fake(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    return torch.empty_like(x, memory_format=memory_format_of(x))
+
+
+register_channel_vmap(eval_bn, "xcccc-", "x")
+
+
+def _eval_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, mean, var, weight, bias, eps = inputs
+    ctx.save_for_backward(x, mean, var, weight)
+    ctx.eps = eps
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _eval_grads(ctx: Any, grad_y: Tensor):
+    """dx = g * weight * invstd,  dweight = sum g * x_hat,  dbias = sum g (differentiable torch ops)."""
+    x, mean, var, weight = ctx.saved_tensors
+    need_x, need_m, need_v, need_w, need_b = ctx.needs_input_grad[:5]
+    if need_m or need_v:
+        raise RuntimeError("batchnorm eval: gradients with respect to the running statistics are not supported")
+    acc = acc_dtype(x.dtype)
+    nd = x.dim()
+    dims = torch_ops.reduce_dims(x)
+    invstd = torch.rsqrt(var.to(acc) + ctx.eps)
+    g = grad_y.to(acc)
+    dx = dw = db = None
+    if need_x:
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        dx = (g * _view(scale, nd)).to(x.dtype)
+    if need_w and weight is not None:
+        x_hat = torch_ops.center(x, mean) * _view(invstd, nd)
+        dw = (g * x_hat).sum(dim=dims).to(weight.dtype)
+    if need_b and ctx.bias_dtype is not None:
+        db = g.sum(dim=dims).to(ctx.bias_dtype)
+    return dx, None, None, dw, db, None
+
+
+eval_bn.register_autograd(_eval_grads, setup_context=_eval_setup)
+
+
+class _Eval(torch.autograd.Function):
+    """y = eval(x, mean, var, weight, bias, eps), differentiable in x, weight and bias."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, mean, var, weight, bias, eps):  # type: ignore[override]
+        return eval_bn(x, mean, var, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        _eval_setup(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor):  # type: ignore[override]
+        return _eval_grads(ctx, grad_y)
+
+
+class _EvalForwardAD(_Eval):
+    """:class:`_Eval` with a forward-mode rule: dy = dx * weight * invstd + dweight * x_hat + dbias."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        _eval_setup(ctx, inputs, output)
+        x, mean, var, weight, _, _ = inputs
+        ctx.save_for_forward(x, mean, var, weight)
+
+    @staticmethod
+    def jvp(ctx: Any, tx, tm, tv, tw, tb, _te):  # type: ignore[override]
+        if tm is not None or tv is not None:
+            raise RuntimeError("batchnorm eval: forward-mode derivatives along the running statistics are not supported")
+        x, mean, var, weight = ctx.saved_tensors
+        acc = acc_dtype(x.dtype)
+        nd = x.dim()
+        invstd = torch.rsqrt(var.to(acc) + ctx.eps)
+        ty = torch.zeros((), dtype=acc, device=x.device)
+        if tx is not None:
+            scale = invstd if weight is None else invstd * weight.to(acc)
+            ty = ty + tx.to(acc) * _view(scale, nd)
+        if tw is not None:
+            ty = ty + torch_ops.center(x, mean) * _view(invstd * tw.to(acc), nd)
+        if tb is not None:
+            ty = ty + _view(tb.to(acc), nd)
+        return ty.to(x.dtype).expand_as(x).contiguous(memory_format=memory_format_of(x))
+
+
+def eval_forward(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """Differentiable inference forward with fixed statistics (C,) ``mean`` and ``var``."""
+    fn = _EvalForwardAD if _forward_ad_active() else _Eval
+    return fn.apply(x, mean, var, weight, bias, eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# moments: (mean, var) of x, no output
+
+
+@torch.library.custom_op("batchnorm::moments", mutates_args=())
+def moments_op(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel batch mean (float64) and biased variance (float32/float64) of x (N, C, *)."""
+    if x.numel() == 0:
+        c = x.shape[1]
+        return x.new_zeros(c, dtype=torch.float64), x.new_zeros(c, dtype=acc_dtype(x.dtype))
+    mean, var = backend_for(x).batch_stats(x)
+    return fresh((mean.to(torch.float64), var), (x,))
+
+
+@moments_op.register_fake
+def _moments_fake(x: Tensor) -> tuple[Tensor, Tensor]:
+    return per_channel(x, torch.float64), per_channel(x, acc_dtype(x.dtype))
+
+
+register_channel_vmap(moments_op, "x", "cc")
+
+
+def moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean float64 (C,), biased var (C,)) of x, not differentiable (statistics only)."""
+    return moments_op(x.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# update_running_stats: the EMA of the running statistics, on the device
+
+
+@torch.library.custom_op(
+    "batchnorm::update_running_stats",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked", "num_batches_skipped"),
+)
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+    num_batches_skipped: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | None,
+    unbiased: bool,
+    where: str,
+) -> None:
+    """running = (1 - f) * running + f * batch, with the batch variance unbiased (var * m/(m-1))
+    when ``unbiased`` (BN's running_var; batch renorm passes its std with ``unbiased=False``).
+
+    f = ``momentum``, or 1 / (num_batches_tracked + 1) when ``momentum`` is None (cumulative
+    average). A batch whose statistics are not all finite writes nothing and increments
+    ``num_batches_skipped`` instead of ``num_batches_tracked``; an empty batch (count 0)
+    changes nothing. Everything happens on the device: no value is read back to the host
+    (on CPU the first skipped batch of a counter warns). Leading batch dims (vmap) allowed:
+    running (..., C), counters (...).
+    """
+    _update(running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var, count, momentum, unbiased)
+    if count > 0 and num_batches_skipped.device.type == "cpu" and bool((num_batches_skipped == 1).any()):
+        _warn_skipped(mean, var, num_batches_skipped, where)
+
+
+def _warn_skipped(mean: Tensor, var: Tensor, skipped: Tensor, where: str) -> None:
+    bad = ~(torch.isfinite(mean).all(-1) & torch.isfinite(var).all(-1))
+    if bool((bad & (skipped == 1)).any()):
+        warnings.warn(
+            f"{where}: batch statistics are not finite (NaN/inf in the input); running statistics and "
+            "num_batches_tracked were left unchanged (warned once per layer; num_batches_skipped counts)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def _update(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+    num_batches_skipped: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | None,
+    unbiased: bool,
+) -> None:
+    if count == 0:
+        return
+    ok = torch.isfinite(mean).all(-1) & torch.isfinite(var).all(-1)  # (...)
+    if momentum is None:
+        factor = 1.0 / (num_batches_tracked.to(torch.float64) + 1.0)  # (...)
+        factor = factor.unsqueeze(-1)
+    else:
+        factor = torch.tensor(momentum, dtype=torch.float64, device=mean.device)
+    unbias = count / (count - 1) if unbiased and count > 1 else 1.0
+    keep = ok.unsqueeze(-1)
+    rm = running_mean.to(torch.float64)
+    rv = running_var.to(torch.float64)
+    new_mean = rm * (1.0 - factor) + factor * mean.to(torch.float64)
+    new_var = rv * (1.0 - factor) + factor * (var.to(torch.float64) * unbias)
+    running_mean.copy_(torch.where(keep, new_mean, rm))
+    running_var.copy_(torch.where(keep, new_var, rv))
+    num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
+    num_batches_skipped.add_((~ok).to(num_batches_skipped.dtype))
+
+
+@update_running_stats.register_fake
+def _update_fake(
+    running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var, count, momentum, unbiased, where
+):
+    return None
+
+
+def _update_vmap(info: Any, in_dims: tuple[Any, ...], rm, rv, nbt, skipped, mean, var, count, momentum, unbiased, where):
+    b = info.batch_size
+    rmd, rvd, nd, sd, md, vd = in_dims[:6]
+    if any(d is None for d in (rmd, rvd, nd, sd)) and any(d is not None for d in (md, vd)):
+        raise ValueError(
+            f"{where}: under vmap, per-sample batch statistics cannot update shared running statistics in place; "
+            "stack the buffers too (torch.func.stack_module_state) or use "
+            "torch.func.replace_all_batch_norm_modules_"
+        )
+    update_running_stats(
+        to_front(rm, rmd, b),
+        to_front(rv, rvd, b),
+        to_front(nbt, nd, b),
+        to_front(skipped, sd, b),
+        to_front(mean, md, b),
+        to_front(var, vd, b),
+        count,
+        momentum,
+        unbiased,
+        where,
+    )
+    return None
+
+
+update_running_stats.register_vmap(_update_vmap)
+
+
+def update_running_stats_(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+    num_batches_skipped: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | None,
+    where: str,
+    unbiased: bool = True,
+) -> None:
+    """Apply :func:`update_running_stats` (in place, no autograd)."""
+    with torch.no_grad():
+        update_running_stats(
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            num_batches_skipped,
+            mean.detach(),
+            var.detach(),
+            count,
+            momentum,
+            unbiased,
+            where,
+        )
