@@ -191,7 +191,7 @@ def test_one_vectorized_pass_op_count_does_not_grow_with_ghost_batches():
 def test_blocked_runs_match_definition(monkeypatch, channels_last):
     """Runs of ghost batches (BLOCK_BYTES) cut anywhere give the definition's output, gradients
     and pooled running statistics: 1 ghost batch per run, 2 per run, all in one run."""
-    from batchnorm.nn import ghost
+    from batchnorm.ops import ghost
 
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(23, 3, 2, 3, generator=gen, dtype=torch.float64) * 2 + 1  # 5 ghost batches of 4, tail of 3
@@ -251,7 +251,7 @@ def test_double_backward_float64():
 
 def test_without_numba_pool_same_result(monkeypatch):
     """Scratch memory comes from the kernels' pool only when numba is there; same numbers without."""
-    from batchnorm.nn import ghost
+    from batchnorm.ops import ghost
 
     x = torch.randn(512, 600)  # 1.2 MB: large enough for the pool
     g = torch.randn_like(x)

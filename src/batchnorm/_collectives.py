@@ -22,6 +22,7 @@ __all__ = [
     "group_rank",
     "all_reduce_sum",
     "all_reduce_sum_differentiable",
+    "all_reduce_sum_functional",
     "gather_rows",
     "merge_moments",
 ]
@@ -62,17 +63,36 @@ def all_reduce_sum(t: Tensor, group: object | None, where: str, what: str) -> Te
     try:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     except RuntimeError as e:
-        size = dist.get_world_size(group)
-        backend = dist.get_backend(group)
-        raise RuntimeError(
-            f"{where}: the all_reduce of {what} over the process group ({backend}, {size} "
-            "processes) failed. Most often a peer did not join within the process group's "
-            "timeout (set it with init_process_group(timeout=...) or new_group(timeout=...)) "
-            "or has exited: every rank must call every synchronized layer in the same order, "
-            "forward and backward, also ranks with no samples. Original error: "
-            f"{str(e).strip()[:500]}"
-        ) from e
+        raise _explain(e, group, where, what) from e
     return t
+
+
+def _explain(e: Exception, group: object | None, where: str, what: str) -> RuntimeError:
+    size = dist.get_world_size(group)
+    backend = dist.get_backend(group)
+    return RuntimeError(
+        f"{where}: the all_reduce of {what} over the process group ({backend}, {size} "
+        "processes) failed. Most often a peer did not join within the process group's "
+        "timeout (set it with init_process_group(timeout=...) or new_group(timeout=...)) "
+        "or has exited: every rank must call every synchronized layer in the same order, "
+        "forward and backward, also ranks with no samples. Original error: "
+        f"{str(e).strip()[:500]}"
+    )
+
+
+def all_reduce_sum_functional(t: Tensor, group: object | None, where: str, what: str) -> Tensor:
+    """Out-of-place SUM all-reduce of ``t`` over ``group`` with ``torch.distributed``'s functional
+    collectives: traceable by torch.compile (fullgraph) and torch.export, no host read. Not
+    differentiable (see :func:`all_reduce_sum_differentiable`); errors as :func:`all_reduce_sum`."""
+    import torch.distributed._functional_collectives as funcol
+
+    pg = dist.group.WORLD if group is None else group
+    if torch.compiler.is_compiling():
+        return funcol.all_reduce(t, "sum", pg)  # type: ignore[arg-type]
+    try:
+        return funcol.wait_tensor(funcol.all_reduce(t.contiguous(), "sum", pg))  # type: ignore[arg-type]
+    except RuntimeError as e:
+        raise _explain(e, group, where, what) from e
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -89,7 +109,7 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t: Tensor, group: object | None, where: str, what: str) -> Tensor:  # type: ignore[override]
         ctx.group, ctx.where, ctx.what = group, where, what
-        return all_reduce_sum(t.clone(memory_format=torch.contiguous_format), group, where, what)
+        return all_reduce_sum_functional(t, group, where, what)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]

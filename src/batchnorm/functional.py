@@ -122,14 +122,17 @@ def update_step(
     num_batches_tracked: Tensor | None = None,
     num_batches_skipped: Tensor | None = None,
     unbiased: bool = True,
+    count: int | None = None,
 ) -> None:
     """Update the running statistics (if given) with the statistics of batch ``x``, on the device
-    (``batchnorm::update_running_stats``); counters that are not given are scratch zeros."""
+    (``batchnorm::update_running_stats``); counters that are not given are scratch zeros.
+    ``count`` (values per channel) defaults to x's."""
     if running_mean is None or running_var is None:
         return
     tracked = _counter(x) if num_batches_tracked is None else num_batches_tracked
     skipped = _counter(x) if num_batches_skipped is None else num_batches_skipped
-    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    if count is None:
+        count = x.numel() // x.shape[1] if x.shape[1] else 0
     ops.update_running_stats_(running_mean, running_var, tracked, skipped, mean, var, count, momentum, where, unbiased)
 
 

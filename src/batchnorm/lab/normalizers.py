@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import BatchNorm1d, BatchRenorm1d
-from ..nn.batchnorm import record_update
+from ..functional import update_step
 
 __all__ = ["GroupedBatchNorm1d", "GroupedBatchRenorm1d", "NoisyBatchNorm", "group_view"]
 
@@ -151,12 +151,11 @@ class GroupedBatchNorm1d(BatchNorm1d):
             with torch.no_grad():
                 new_mean = mean.mean(dim=(0, *dims)).flatten()  # (C,)
                 new_var = var.mean(dim=(0, *dims)).flatten() * (n / (n - 1))  # (C,)
-                finite = bool(torch.isfinite(new_mean).all() and torch.isfinite(new_var).all())
-                if finite:  # a non-finite batch never reaches the running statistics
-                    momentum = self._momentum_now()
-                    self.running_mean.lerp_(new_mean, momentum)
-                    self.running_var.lerp_(new_var, momentum)
-            record_update(self, finite, input, self._where())
+            # a non-finite batch never reaches the running statistics (decided on the device)
+            update_step(
+                input, self.running_mean, self.running_var, new_mean, new_var, self.momentum, self._where(),
+                self.num_batches_tracked, self._skipped(), unbiased=False,
+            )  # fmt: skip
         return y
 
 
@@ -207,10 +206,9 @@ class GroupedBatchRenorm1d(BatchRenorm1d):
         with torch.no_grad():
             new_mean = mean.mean(dim=(0, *dims)).flatten()  # (C,)
             new_std = std.mean(dim=(0, *dims)).flatten()  # (C,)
-            finite = bool(torch.isfinite(new_mean).all() and torch.isfinite(new_std).all())
-            if finite:  # a non-finite batch changes neither the statistics nor the schedule step
-                momentum = self.momentum if self.momentum is not None else 1.0 / (step + 1)
-                self.running_mean.lerp_(new_mean, momentum)
-                self.running_std.lerp_(new_std, momentum)
-        record_update(self, finite, input, self._where())
+        # a non-finite batch changes neither the statistics nor the schedule step
+        update_step(
+            input, self.running_mean, self.running_std, new_mean, new_std, self.momentum, self._where(),
+            self.num_batches_tracked, self.num_batches_skipped, unbiased=False,
+        )  # fmt: skip
         return y
