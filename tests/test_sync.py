@@ -49,9 +49,12 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 @contextlib.contextmanager
 def _count_collectives():
-    """Count calls of torch.distributed collectives while inside (restored on exit)."""
+    """Count calls of torch.distributed collectives, in-place and functional, while inside
+    (restored on exit)."""
+    import torch.distributed._functional_collectives as funcol
+
     names = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter", "barrier")
-    saved = {n: getattr(dist, n) for n in names if hasattr(dist, n)}
+    saved = {(mod, n): getattr(mod, n) for mod in (dist, funcol) for n in names if hasattr(mod, n)}
     calls: list[str] = []
 
     def wrap(name, fn):
@@ -61,12 +64,12 @@ def _count_collectives():
         return counted
 
     try:
-        for n, fn in saved.items():
-            setattr(dist, n, wrap(n, fn))
+        for (mod, n), fn in saved.items():
+            setattr(mod, n, wrap(n, fn))
         yield calls
     finally:
-        for n, fn in saved.items():
-            setattr(dist, n, fn)
+        for (mod, n), fn in saved.items():
+            setattr(mod, n, fn)
 
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:

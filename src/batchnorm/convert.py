@@ -35,7 +35,7 @@ def _swap(bn: nn.Module, cls: type[nn.Module]) -> nn.Module:
         new = new.to(device=ref.device)
     # dtype per tensor: load_state_dict copies values but keeps the new tensors' dtypes
     for name, t in list(new.named_parameters(recurse=False)) + list(new.named_buffers(recurse=False)):
-        src = getattr(bn, name)
+        src = getattr(bn, name, None)  # torch's layers lack our num_batches_skipped
         if src is not None:
             t.data = t.data.to(src.dtype)
     new.load_state_dict(bn.state_dict(), strict=True)
