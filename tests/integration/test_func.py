@@ -19,6 +19,10 @@ from torch.func import functional_call, grad, jacrev, jvp, replace_all_batch_nor
 
 from ._cases import CASES, Case, assert_steps_close, run_steps, state_of
 
+# forward-mode AD in torch 2.13 scripts a helper of its own on first use (its DeprecationWarning
+# is torch's, not the layer's)
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 MODES = pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 GRAD = pytest.mark.parametrize("grad_on", [True, False], ids=["grad", "no_grad"])
