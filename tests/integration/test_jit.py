@@ -1,0 +1,70 @@
+"""torch.jit.trace and torch.jit.script (train and eval, grad on and off) equal eager.
+
+jit is deprecated in torch 2.13 (a DeprecationWarning), and tracing torch's own BN in training
+warns (TracerWarning: it converts its step counter to a Python bool); both warnings are allowed
+here, and a value baked into a trace shows as a wrong output or buffer in a later step.
+
+Run: .venv/bin/python -m pytest -q tests/integration/test_jit.py
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from ._cases import CASES, Case, assert_steps_close, run_steps, train_then_eval
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+]
+
+
+def check_trace(case: Case, *, training: bool, grad: bool) -> None:
+    """jit.trace on one input, then 3 calls on others == eager (which also replays the trace call)."""
+    fresh = case.build().train(training)
+    xs = case.inputs(4)
+    traced_owner = copy.deepcopy(fresh)
+    with torch.enable_grad() if grad else torch.no_grad():
+        traced = torch.jit.trace(traced_owner, xs[0], check_trace=False)
+    got = run_steps(traced, traced, xs[1:], grad=grad)
+    eager = copy.deepcopy(fresh)
+    with torch.no_grad():
+        eager(xs[0])  # tracing ran the layer once
+    want = run_steps(eager, eager, xs[1:], grad=grad)
+    assert_steps_close(got, want, f"{case.name} traced ({'train' if training else 'eval'}) vs eager")
+
+
+def check_script(case: Case, *, grad: bool) -> None:
+    """jit.script == eager over 3 training steps and an eval step, and after save/load."""
+    fresh = case.build()
+    scripted = torch.jit.script(copy.deepcopy(fresh))
+    got = train_then_eval(scripted, scripted, scripted, case, grad=grad)
+    eager = copy.deepcopy(fresh)
+    want = train_then_eval(eager, eager, eager, case, grad=grad)
+    assert_steps_close(got, want, f"{case.name} scripted vs eager")
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    buf.seek(0)
+    loaded = torch.jit.load(buf)
+    x = case.inputs(1, seed=5)[0]
+    loaded.eval()
+    eager.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_trace_matches_eager(case: Case, training: bool, grad: bool) -> None:
+    check_trace(case, training=training, grad=grad)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_script_matches_eager(case: Case, grad: bool) -> None:
+    check_script(case, grad=grad)
