@@ -23,6 +23,7 @@ import torch.fx
 from torch import Tensor
 
 from .. import _checks
+from ..ops import scripted
 from ..functional_act import act_step, check_activation
 from .batchnorm import BatchNormBase, layer_mode
 
@@ -127,6 +128,16 @@ class BatchNormActBase(BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         """z = act(BN(input)) per channel, fused; see the module docstring."""
+        if torch.jit.is_scripting():
+            return scripted.act_forward(
+                input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+                self.num_batches_skipped, self.training, self.track_running_stats, self.momentum, self.eps,
+                self.activation, self.negative_slope, self.alpha, "BatchNormAct",
+            )  # fmt: skip
+        return self._eager_act_forward(input)
+
+    @torch.jit.unused
+    def _eager_act_forward(self, input: Tensor) -> Tensor:
         return batch_norm_act_layer(
             input, *self._layer_state(), self.activation, self.negative_slope, self.alpha, self._ndims,
             self.num_features, self._where(), self._skipped(),

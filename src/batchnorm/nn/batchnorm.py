@@ -48,6 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from .. import _checks
 from ..functional import is_fx_proxy, normalize_step
+from ..ops import scripted
 
 __all__ = [
     "BatchNormBase",
@@ -140,7 +141,6 @@ class BatchNormBase(_TorchBatchNorm):
     """
 
     _ndims: tuple[int, ...] = (2, 3, 4, 5)
-    num_batches_skipped: Tensor | None
 
     def __init__(
         self,
@@ -182,6 +182,16 @@ class BatchNormBase(_TorchBatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` of shape (N, C, *) per channel; see the module docstring."""
+        if torch.jit.is_scripting():
+            return scripted.bn_forward(
+                input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+                self.num_batches_skipped, self.training, self.track_running_stats, self.momentum, self.eps,
+                "BatchNorm",
+            )  # fmt: skip
+        return self._eager_forward(input)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor) -> Tensor:
         return batch_norm_layer(
             input, *self._layer_state(), self._ndims, self.num_features, self._where(), self._skipped()
         )

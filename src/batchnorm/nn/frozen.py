@@ -79,11 +79,6 @@ class FrozenBatchNormBase(nn.Module):
     frozen = True
     """Marks layers whose statistics must not be re-estimated (read by ``recompute_statistics``)."""
 
-    weight: Tensor
-    bias: Tensor
-    running_mean: Tensor
-    running_var: Tensor
-    num_batches_tracked: Tensor
 
     def __init__(
         self,
@@ -164,6 +159,12 @@ class FrozenBatchNormBase(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """``y = (x - running_mean) * scale + bias`` per channel (dim 1), in any mode."""
+        if torch.jit.is_scripting():
+            return torch.ops.batchnorm.eval(input, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+        return self._eager_forward(input)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor) -> Tensor:
         return frozen_batch_norm(
             input,
             self.weight,

@@ -40,6 +40,7 @@ import torch.fx
 from torch import Tensor
 
 from .. import _checks, ops
+from ..ops import scripted
 from ..functional import check_train_args, update_step
 from ..ops.ghost import ghost_forward, pooled_moments
 from .batchnorm import BatchNormBase, batch_norm_layer
@@ -207,6 +208,21 @@ class GhostBatchNormBase(BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         """Ghost-batch normalize ``input`` (N, C, *) in training; plain BN in eval."""
+        if torch.jit.is_scripting():
+            if not self.training:
+                return scripted.bn_forward(
+                    input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+                    self.num_batches_skipped, False, self.track_running_stats, self.momentum, self.eps, "GhostBatchNorm",
+                )  # fmt: skip
+            return scripted.ghost_forward(
+                input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+                self.num_batches_skipped, self.track_running_stats, self.momentum, self.eps, self.virtual_batch_size,
+                "GhostBatchNorm",
+            )  # fmt: skip
+        return self._eager_ghost_forward(input)
+
+    @torch.jit.unused
+    def _eager_ghost_forward(self, input: Tensor) -> Tensor:
         return ghost_batch_norm_layer(
             input,
             *self._layer_state(),

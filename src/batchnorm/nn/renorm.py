@@ -48,6 +48,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from .. import _checks, ops
+from ..ops import scripted
 from ..functional import is_fx_proxy, update_step
 
 __all__ = [
@@ -269,6 +270,7 @@ class BatchRenormBase(nn.Module):
     """
 
     _ndims: tuple[int, ...] = (2, 3, 4, 5)
+    __jit_unused_properties__ = ["running_var"]
 
     def __init__(
         self,
@@ -344,6 +346,16 @@ class BatchRenormBase(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         """Renormalize ``input`` (N, C, *) per channel; see the module docstring."""
+        if torch.jit.is_scripting():
+            return scripted.renorm_forward(
+                input, self.weight, self.bias, self.running_mean, self.running_std, self.num_batches_tracked,
+                self.num_batches_skipped, self.training, self.momentum, self.eps, self.r_max, self.d_max,
+                self.warmup_steps, self.r_max_steps, self.d_max_steps, "BatchRenorm",
+            )  # fmt: skip
+        return self._eager_forward(input)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor) -> Tensor:
         return batch_renorm_layer(
             input,
             self.weight,

@@ -116,6 +116,38 @@ def _act_backward_fake(grad_z, z, weight, bias, var, eps, activation, negative_s
 register_channel_vmap(act_backward, "xxccc----", "xcc")
 
 
+def _act_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+    x, weight, bias, eps, activation, negative_slope, alpha = inputs
+    z, mean, var = output
+    ctx.act = (activation, negative_slope, alpha)
+    ctx.eps = eps
+    ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+    ctx.save_for_backward(z, weight, var, x, mean)
+
+
+def _act_grads(ctx: Any, grad_z: Tensor, _gm: Any, _gv: Any):
+    """The operator's own autograd (callers of ``torch.ops.batchnorm.act_train``, e.g. TorchScript):
+    dy = dz * act'(y) with y recovered from z, then the BN backward with the saved x."""
+    z, weight, var, x, mean = ctx.saved_tensors
+    _, slope = invert_activation(z.to(var.dtype), *ctx.act)
+    dy = (grad_z.to(var.dtype) * slope).to(x.dtype)
+    dx, dw, db = train_backward(dy, x, weight, mean, var, ctx.eps)
+    w_dtype, b_dtype = ctx.dtypes
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    return (
+        dx if need_x else None,
+        dw.to(w_dtype) if need_w and w_dtype is not None else None,
+        db.to(b_dtype) if need_b and b_dtype is not None else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+act_train.register_autograd(_act_grads, setup_context=_act_setup)
+
+
 class _ActTrain(torch.autograd.Function):
     """(z, mean, var) = act_train(x, ...); saves z, and x too unless ``recompute``."""
 

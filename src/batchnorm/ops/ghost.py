@@ -34,7 +34,7 @@ from .._kernels.dispatch import _numba, get_backend
 from ._common import acc_dtype, fresh, fold_channels, fold_vector, to_front, unfold_channels
 from .bn import memory_format_of
 
-__all__ = ["ghost_split", "ghost_train", "ghost_train_backward", "ghost_forward", "pooled_moments"]
+__all__ = ["ghost_split", "ghost_train", "ghost_train_backward", "ghost_pool", "ghost_forward", "pooled_moments"]
 
 BLOCK_BYTES = 512 << 10
 """Ghost batches are processed in runs of about this many bytes (at least one ghost batch),
@@ -198,6 +198,9 @@ def ghost_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, virtual_batch_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Ghost-batch training forward: (y, mean (K, C) float64, biased var (K, C)), K ghost batches."""
+    if x.numel() == 0:
+        k, c = _ghost_count(x, virtual_batch_size), x.shape[1]
+        return torch.empty_like(x), x.new_zeros((k, c), dtype=torch.float64), x.new_zeros((k, c), dtype=acc_dtype(x.dtype))
     ys, means, variances = [], [], []
     for part, k in _parts(x, virtual_batch_size):
         y, mean, var = _forward_part(part, weight, bias, eps, k)
@@ -208,7 +211,9 @@ def ghost_train(
 
 
 def _ghost_count(x: Tensor, v: int) -> int:
-    g, t = ghost_split(x.shape[0], x[0, 0].numel() if x.numel() else 1, v)
+    if x.numel() == 0:
+        return 0
+    g, t = ghost_split(x.shape[0], x[0, 0].numel(), v)
     return g + (1 if t > 0 else 0)
 
 
@@ -407,21 +412,44 @@ def ghost_forward(
     return fn.apply(x, weight, bias, eps, virtual_batch_size)
 
 
-def pooled_moments(x: Tensor, mean: Tensor, var: Tensor, virtual_batch_size: int) -> tuple[Tensor, Tensor]:
+@torch.library.custom_op("batchnorm::ghost_pool", mutates_args=())
+def ghost_pool(x: Tensor, mean: Tensor, var: Tensor, virtual_batch_size: int) -> tuple[Tensor, Tensor]:
     """The whole batch's (mean float64 (C,), biased var float64 (C,)) from the ghost batches'
-    (K, C) statistics, by Chan's merge with each ghost batch's count:
+    (K, C) statistics of x, by Chan's merge with each ghost batch's count m_g:
 
         M = sum_g m_g,   mu = sum_g m_g mu_g / M,   var = sum_g m_g (var_g + (mu_g - mu)^2) / M
 
-    exactly the statistics plain batch norm would record for the batch (the spread between ghost
-    means is part of the population variance)."""
-    s = x[0, 0].numel()
+    exactly the statistics plain batch norm would record for the batch (the spread between
+    ghost means is part of the population variance). Only x's shape is read."""
+    s = x[0, 0].numel() if x.numel() else 0
     counts: list[int] = []
-    for part, k in _parts(x, virtual_batch_size):
-        counts += [part.shape[0] * s // k] * k
-    w = torch.tensor(counts, dtype=torch.float64, device=mean.device).unsqueeze(-1)  # (K, 1)
-    total = float(sum(counts))
-    mean = mean.detach().double()
-    mu = (w * mean).sum(-2) / total
-    m2 = (w * (var.detach().double() + (mean - mu.unsqueeze(-2)).square())).sum(-2)
+    if x.numel():
+        for part, k in _parts(x, virtual_batch_size):
+            counts += [part.shape[0] * s // k] * k
+    w = torch.tensor(counts, dtype=torch.float64, device=mean.device).reshape(-1, 1)  # (K, 1)
+    total = max(float(sum(counts)), 1.0)
+    mean = mean.double()
+    mu = (w * mean).sum(0) / total
+    m2 = (w * (var.double() + (mean - mu).square())).sum(0)
     return mu, m2 / total
+
+
+@ghost_pool.register_fake
+def _ghost_pool_fake(x, mean, var, virtual_batch_size):
+    c = x.shape[1]
+    return x.new_empty((c,), dtype=torch.float64), x.new_empty((c,), dtype=torch.float64)
+
+
+def _ghost_pool_vmap(info: Any, in_dims: tuple[Any, ...], x, mean, var, v):
+    b = info.batch_size
+    xd, md, vd = in_dims[:3]
+    mu, var_p = ghost_pool(fold_channels(to_front(x, xd, b)), _fold_rows(mean, md, b), _fold_rows(var, vd, b), v)
+    return (mu.reshape(b, -1), var_p.reshape(b, -1)), (0, 0)
+
+
+ghost_pool.register_vmap(_ghost_pool_vmap)
+
+
+def pooled_moments(x: Tensor, mean: Tensor, var: Tensor, virtual_batch_size: int) -> tuple[Tensor, Tensor]:
+    """:func:`ghost_pool` on detached statistics (not differentiable)."""
+    return ghost_pool(x.detach(), mean.detach(), var.detach(), virtual_batch_size)
