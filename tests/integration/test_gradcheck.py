@@ -34,9 +34,13 @@ def _stats(c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return 0.5 * torch.randn(c, generator=g, dtype=D), 0.5 + torch.rand(c, generator=g, dtype=D)
 
 
-def _check(fn, inputs: tuple[torch.Tensor, ...], what: str) -> None:
+def _check(fn, inputs: tuple[torch.Tensor, ...], what: str, *, double: bool = True) -> None:
+    """gradcheck (batched, forward and backward mode) and, where the backward is differentiable,
+    gradgradcheck. BN + activation in training has no double backward: its backward recovers
+    the normalized input from the output (the memory-saving design), which autograd cannot see."""
     assert gradcheck(fn, inputs, check_batched_grad=True, check_forward_ad=True, check_backward_ad=True), what
-    assert gradgradcheck(fn, inputs, check_batched_grad=True), what
+    if double:
+        assert gradgradcheck(fn, inputs, check_batched_grad=True), what
 
 
 def _functional(name: str, training: bool):
@@ -75,7 +79,7 @@ def check_functional(name: str, *, training: bool, shape: tuple[int, ...] = (5, 
     if fn is None:
         return
     inputs = (_leaf(shape, 0), _leaf((3,), 1, 0.3, 1.0), _leaf((3,), 2, 0.3))
-    _check(fn, inputs, f"{name} ({'train' if training else 'eval'})")
+    _check(fn, inputs, f"{name} ({'train' if training else 'eval'})", double=not (training and "act" in name))
 
 
 def check_module(case: Case, *, training: bool) -> None:
@@ -97,7 +101,7 @@ def check_module(case: Case, *, training: bool) -> None:
             bufs["running_mean"].fill_(4.0)
     x = _leaf(shape, 0)
     params = tuple(_leaf((3,), i + 1, 0.3, 1.0 if n == "weight" else 0.0) for i, n in enumerate(names))
-    _check(f, (x, *params), f"{case.name} ({'train' if training else 'eval'})")
+    _check(f, (x, *params), f"{case.name} ({'train' if training else 'eval'})", double=not (training and case.kind == "act"))
 
 
 MODES = pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .._kernels.dispatch import backend_for
 from ._common import acc_dtype, fresh, per_channel, register_channel_vmap
-from .bn import memory_format_of, train, train_backward
+from .bn import _forward_ad_active, memory_format_of, train, train_backward, train_jvp
 
 __all__ = ["act_train", "act_backward", "activation_forward", "invert_activation", "train_act"]
 
@@ -196,6 +196,25 @@ class _ActTrain(torch.autograd.Function):
         )
 
 
+class _ActTrainForwardAD(_ActTrain):
+    """:class:`_ActTrain` with a forward-mode rule: dz = act'(y) * dy, dy the BN forward-mode
+    derivative (:class:`batchnorm.ops.bn._TrainForwardAD`)."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+        _ActTrain.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0], inputs[1], output[0], output[1], output[2])
+
+    @staticmethod
+    def jvp(ctx: Any, tx, tw, tb, *_rest):  # type: ignore[override]
+        x, weight, z, mean, var = ctx.saved_tensors
+        ty = train_jvp(x, weight, mean, var, ctx.eps, tx, tw, tb)
+        if ty is None:
+            return None, None, None
+        _, slope = invert_activation(z.to(var.dtype), *ctx.act)
+        return (ty.to(var.dtype) * slope).to(z.dtype), None, None
+
+
 def train_act(
     x: Tensor,
     weight: Tensor | None,
@@ -208,4 +227,5 @@ def train_act(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Differentiable BN + activation training forward: (z, mean, var). ``recompute``: backward
     from z alone (weight invertible), else from x."""
-    return _ActTrain.apply(x, weight, bias, eps, activation, negative_slope, alpha, recompute)
+    fn = _ActTrainForwardAD if _forward_ad_active() else _ActTrain
+    return fn.apply(x, weight, bias, eps, activation, negative_slope, alpha, recompute)

@@ -181,22 +181,29 @@ class _TrainForwardAD(_Train):
     @staticmethod
     def jvp(ctx: Any, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None, _te: Any):  # type: ignore[override]
         x, weight, mean, var = ctx.saved_tensors
-        nd = x.dim()
-        ty = None
-        if tx is not None:  # d x_hat = J(dx): the backward map with weight 1 applied to the tangent
-            ty, _, _ = train_backward(tx, x, None, mean, var, ctx.eps)
-            if weight is not None:
-                ty = ty * _view(weight, nd)
-        if tw is not None or tb is not None:
-            acc = acc_dtype(x.dtype)
-            extra = torch.zeros((), dtype=acc, device=x.device)
-            if tw is not None:
-                x_hat = torch_ops.center(x, mean) * _view(torch.rsqrt(var + ctx.eps).to(acc), nd)
-                extra = extra + x_hat * _view(tw.to(acc), nd)
-            if tb is not None:
-                extra = extra + _view(tb.to(acc), nd)
-            ty = extra.to(x.dtype) if ty is None else ty + extra.to(x.dtype)
-        return ty, None, None
+        return train_jvp(x, weight, mean, var, ctx.eps, tx, tw, tb), None, None
+
+
+def train_jvp(
+    x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None
+) -> Tensor | None:
+    """The forward-mode derivative of train's y along tangents (tx, tweight, tbias) (None: zero)."""
+    nd = x.dim()
+    ty = None
+    if tx is not None:  # d x_hat = J(dx): the backward map with weight 1 applied to the tangent
+        ty, _, _ = train_backward(tx, x, None, mean, var, eps)
+        if weight is not None:
+            ty = ty * _view(weight, nd)
+    if tw is not None or tb is not None:
+        acc = acc_dtype(x.dtype)
+        extra = torch.zeros((), dtype=acc, device=x.device)
+        if tw is not None:
+            x_hat = torch_ops.center(x, mean) * _view(torch.rsqrt(var + eps).to(acc), nd)
+            extra = extra + x_hat * _view(tw.to(acc), nd)
+        if tb is not None:
+            extra = extra + _view(tb.to(acc), nd)
+        ty = extra.to(x.dtype) if ty is None else ty + extra.to(x.dtype)
+    return ty
 
 
 def _forward_ad_active() -> bool:
@@ -240,26 +247,30 @@ def _eval_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
 
 
 def _eval_grads(ctx: Any, grad_y: Tensor):
-    """dx = g * weight * invstd,  dweight = sum g * x_hat,  dbias = sum g (differentiable torch ops)."""
+    """dx = g * weight * invstd,  dweight = sum g * x_hat,  dbias = sum g,
+    dmean = -sum g * weight * invstd,  dvar = -sum g * weight * x_hat * invstd^2 / 2
+    (differentiable torch ops)."""
     x, mean, var, weight = ctx.saved_tensors
     need_x, need_m, need_v, need_w, need_b = ctx.needs_input_grad[:5]
-    if need_m or need_v:
-        raise RuntimeError("batchnorm eval: gradients with respect to the running statistics are not supported")
     acc = acc_dtype(x.dtype)
     nd = x.dim()
     dims = torch_ops.reduce_dims(x)
     invstd = torch.rsqrt(var.to(acc) + ctx.eps)
     g = grad_y.to(acc)
-    dx = dw = db = None
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    dx = dm = dv = dw = db = None
     if need_x:
-        scale = invstd if weight is None else invstd * weight.to(acc)
         dx = (g * _view(scale, nd)).to(x.dtype)
+    x_hat = torch_ops.center(x, mean) * _view(invstd, nd) if (need_w or need_v) else None
+    if need_m:
+        dm = (-(g.sum(dim=dims)) * scale).to(mean.dtype)
+    if need_v:
+        dv = (-0.5 * (g * x_hat).sum(dim=dims) * scale * invstd).to(var.dtype)
     if need_w and weight is not None:
-        x_hat = torch_ops.center(x, mean) * _view(invstd, nd)
         dw = (g * x_hat).sum(dim=dims).to(weight.dtype)
     if need_b and ctx.bias_dtype is not None:
         db = g.sum(dim=dims).to(ctx.bias_dtype)
-    return dx, None, None, dw, db, None
+    return dx, dm, dv, dw, db, None
 
 
 eval_bn.register_autograd(_eval_grads, setup_context=_eval_setup)
@@ -294,16 +305,19 @@ class _EvalForwardAD(_Eval):
 
     @staticmethod
     def jvp(ctx: Any, tx, tm, tv, tw, tb, _te):  # type: ignore[override]
-        if tm is not None or tv is not None:
-            raise RuntimeError("batchnorm eval: forward-mode derivatives along the running statistics are not supported")
         x, mean, var, weight = ctx.saved_tensors
         acc = acc_dtype(x.dtype)
         nd = x.dim()
         invstd = torch.rsqrt(var.to(acc) + ctx.eps)
+        scale = invstd if weight is None else invstd * weight.to(acc)
         ty = torch.zeros((), dtype=acc, device=x.device)
         if tx is not None:
-            scale = invstd if weight is None else invstd * weight.to(acc)
             ty = ty + tx.to(acc) * _view(scale, nd)
+        if tm is not None:
+            ty = ty - _view(tm.to(acc) * scale, nd)
+        if tv is not None:
+            x_hat = torch_ops.center(x, mean) * _view(invstd, nd)
+            ty = ty - x_hat * _view(0.5 * tv.to(acc) * scale * invstd, nd)
         if tw is not None:
             ty = ty + torch_ops.center(x, mean) * _view(invstd * tw.to(acc), nd)
         if tb is not None:
@@ -451,7 +465,7 @@ def _update_vmap(info: Any, in_dims: tuple[Any, ...], rm, rv, nbt, skipped, mean
         unbiased,
         where,
     )
-    return None
+    return None, None
 
 
 update_running_stats.register_vmap(_update_vmap)

@@ -197,24 +197,28 @@ def _cat_like(pieces: list[Tensor], like: Tensor) -> Tensor:
 def ghost_train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, virtual_batch_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Ghost-batch training forward: (y, mean (K, C) float64, biased var (K, C)), K ghost batches."""
+    """Ghost-batch training forward: (y, mean (K*C,) float64, biased var (K*C,)) of the K ghost batches, ghost-batch-major."""
     if x.numel() == 0:
         k, c = _ghost_count(x, virtual_batch_size), x.shape[1]
-        return torch.empty_like(x), x.new_zeros((k, c), dtype=torch.float64), x.new_zeros((k, c), dtype=acc_dtype(x.dtype))
+        return torch.empty_like(x), x.new_zeros(k * c, dtype=torch.float64), x.new_zeros(k * c, dtype=acc_dtype(x.dtype))
     ys, means, variances = [], [], []
     for part, k in _parts(x, virtual_batch_size):
         y, mean, var = _forward_part(part, weight, bias, eps, k)
         ys.append(y)
         means.append(mean)
         variances.append(var)
-    return fresh((_cat_like(ys, x), torch.cat(means), torch.cat(variances)), (x, weight, bias))
+    # statistics flat (K*C,), ghost-batch-major: a 1-D shape keeps a dynamic batch free of size-1 guards
+    return fresh((_cat_like(ys, x), torch.cat(means).reshape(-1), torch.cat(variances).reshape(-1)), (x, weight, bias))
 
 
 def _ghost_count(x: Tensor, v: int) -> int:
-    if x.numel() == 0:
-        return 0
-    g, t = ghost_split(x.shape[0], x[0, 0].numel(), v)
-    return g + (1 if t > 0 else 0)
+    """K, the number of ghost batches of x (N, C, *): ceil(N / v), one fewer when a tail of a
+    single value per channel merges into the batch before it (S = 1 and N mod v = 1). Written
+    as one floor division, so that it holds for a symbolic N (torch.export's dynamic batch)."""
+    s = 1
+    for d in x.shape[2:]:
+        s = s * d
+    return (x.shape[0] + v - (2 if s == 1 else 1)) // v
 
 
 @ghost_train.register_fake
@@ -222,7 +226,7 @@ def _ghost_train_fake(x, weight, bias, eps, virtual_batch_size):
     k = _ghost_count(x, virtual_batch_size)
     c = x.shape[1]
     y = torch.empty_like(x, memory_format=memory_format_of(x))
-    return y, x.new_empty((k, c), dtype=torch.float64), x.new_empty((k, c), dtype=acc_dtype(x.dtype))
+    return y, x.new_empty((k * c,), dtype=torch.float64), x.new_empty((k * c,), dtype=acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("batchnorm::ghost_train_backward", mutates_args=())
@@ -232,6 +236,7 @@ def ghost_train_backward(
     """Backward of :func:`ghost_train`: (dx, dweight, dbias), the sums in float32 (float64 for float64)."""
     dxs, dw, db = [], None, None
     row = 0
+    mean, var = mean.reshape(-1, x.shape[1]), var.reshape(-1, x.shape[1])
     grads = grad_y.split([p.shape[0] for p, _ in _parts(x, virtual_batch_size)])
     for (part, k), g in zip(_parts(x, virtual_batch_size), grads):
         dx, sw, sb = _backward_part(g, part, weight, mean[row : row + k], var[row : row + k], eps, k)
@@ -249,15 +254,15 @@ def _ghost_backward_fake(grad_y, x, weight, mean, var, eps, virtual_batch_size):
     return torch.empty_like(x, memory_format=memory_format_of(x)), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
 
 
-def _fold_rows(t: Tensor | None, dim: int | None, b: int) -> Tensor | None:
-    """(B, K, C) -> (K, B*C)."""
+def _fold_rows(t: Tensor | None, dim: int | None, b: int, c: int) -> Tensor | None:
+    """Flat per-ghost-batch statistics of B problems, (B, K*C) -> (K*B*C,): K rows of B*C channels."""
     t = to_front(t, dim, b)
-    return None if t is None else t.movedim(0, 1).reshape(t.shape[1], -1)
+    return None if t is None else t.reshape(b, -1, c).movedim(0, 1).reshape(-1)
 
 
-def _unfold_rows(t: Tensor, b: int) -> Tensor:
-    """(K, B*C) -> (B, K, C)."""
-    return t.reshape(t.shape[0], b, -1).movedim(1, 0)
+def _unfold_rows(t: Tensor, b: int, c: int) -> Tensor:
+    """(K*B*C,) -> (B, K*C), the inverse of :func:`_fold_rows`."""
+    return t.reshape(-1, b, c).movedim(1, 0).reshape(b, -1)
 
 
 def _ghost_train_vmap(info: Any, in_dims: tuple[Any, ...], x, weight, bias, eps, v):
@@ -266,7 +271,8 @@ def _ghost_train_vmap(info: Any, in_dims: tuple[Any, ...], x, weight, bias, eps,
     y, mean, var = ghost_train(
         fold_channels(to_front(x, xd, b)), fold_vector(to_front(weight, wd, b)), fold_vector(to_front(bias, bd, b)), eps, v
     )
-    return (unfold_channels(y, b), _unfold_rows(mean, b), _unfold_rows(var, b)), (0, 0, 0)
+    c = y.shape[1] // b
+    return (unfold_channels(y, b), _unfold_rows(mean, b, c), _unfold_rows(var, b, c)), (0, 0, 0)
 
 
 ghost_train.register_vmap(_ghost_train_vmap)
@@ -279,8 +285,8 @@ def _ghost_backward_vmap(info: Any, in_dims: tuple[Any, ...], grad_y, x, weight,
         fold_channels(to_front(grad_y, gd, b)),
         fold_channels(to_front(x, xd, b)),
         fold_vector(to_front(weight, wd, b)),
-        _fold_rows(mean, md, b),
-        _fold_rows(var, vd, b),
+        _fold_rows(mean, md, b, to_front(x, xd, b).shape[2]),
+        _fold_rows(var, vd, b, to_front(x, xd, b).shape[2]),
         eps,
         v,
     )
@@ -393,6 +399,7 @@ def _ghost_normalized(x: Tensor, mean: Tensor, var: Tensor, eps: float, v: int) 
     """x_hat (acc dtype, x's shape) from the per-ghost-batch statistics (K, C)."""
     acc = acc_dtype(x.dtype)
     pieces, row = [], 0
+    mean, var = mean.reshape(-1, x.shape[1]), var.reshape(-1, x.shape[1])
     for part, k in _parts(x, v):
         xv, _, pc = _view(part, k)
         shape = (k, *pc[1:])
@@ -406,7 +413,7 @@ def _ghost_normalized(x: Tensor, mean: Tensor, var: Tensor, eps: float, v: int) 
 def ghost_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, virtual_batch_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Differentiable ghost-batch training forward: (y, mean (K, C) float64, var (K, C))."""
+    """Differentiable ghost-batch training forward: (y, mean (K*C,) float64, var (K*C,)), ghost-batch-major."""
     fwd = not torch.compiler.is_compiling() and fwAD._current_level >= 0
     fn = _GhostTrainForwardAD if fwd else _GhostTrain
     return fn.apply(x, weight, bias, eps, virtual_batch_size)
@@ -428,7 +435,7 @@ def ghost_pool(x: Tensor, mean: Tensor, var: Tensor, virtual_batch_size: int) ->
             counts += [part.shape[0] * s // k] * k
     w = torch.tensor(counts, dtype=torch.float64, device=mean.device).reshape(-1, 1)  # (K, 1)
     total = max(float(sum(counts)), 1.0)
-    mean = mean.double()
+    mean, var = mean.double().reshape(-1, x.shape[1]), var.reshape(-1, x.shape[1])
     mu = (w * mean).sum(0) / total
     m2 = (w * (var.double() + (mean - mu).square())).sum(0)
     return mu, m2 / total
@@ -443,7 +450,8 @@ def _ghost_pool_fake(x, mean, var, virtual_batch_size):
 def _ghost_pool_vmap(info: Any, in_dims: tuple[Any, ...], x, mean, var, v):
     b = info.batch_size
     xd, md, vd = in_dims[:3]
-    mu, var_p = ghost_pool(fold_channels(to_front(x, xd, b)), _fold_rows(mean, md, b), _fold_rows(var, vd, b), v)
+    c = to_front(x, xd, b).shape[2]
+    mu, var_p = ghost_pool(fold_channels(to_front(x, xd, b)), _fold_rows(mean, md, b, c), _fold_rows(var, vd, b, c), v)
     return (mu.reshape(b, -1), var_p.reshape(b, -1)), (0, 0)
 
 
