@@ -154,3 +154,12 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "site" / "api" / "layers" / "index.html").is_file()
+
+
+def test_readme_links_resolve() -> None:
+    """README.md is read outside the site (mkdocs does not check it): its relative links exist."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in t]
+    assert targets
+    missing = [t for t in targets if t and not (ROOT / t).exists()]
+    assert not missing, missing
