@@ -1,4 +1,5 @@
 # Two commands: `make demo` and `make test`. Both create .venv and install everything first.
+# `make lint` (ruff + mypy, part of `make test`), `make docs` (the site, into site/).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
@@ -6,7 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 
-.PHONY: install demo test test-fast test-slow bench clean
+.PHONY: install demo lint docs test test-fast test-slow bench clean
+
+LINT_PATHS := src tests benchmarks examples
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +24,15 @@ demo: $(STAMP)
 	$(VENV)/bin/batchnorm lab run ioffe2015-fig1 --quick --out $(OUT)
 	@echo "Report: $(OUT)/ioffe2015-fig1/report.html"
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+test: $(STAMP) lint
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
@@ -34,4 +45,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache build *.egg-info src/*.egg-info
+	rm -rf $(VENV) runs site .pytest_cache .mypy_cache .ruff_cache build *.egg-info src/*.egg-info

@@ -98,7 +98,7 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
             calls.append((t0, time.perf_counter()))
 
     def step(name: str) -> float:
-        ddp, opt = steps[name]
+        ddp, opt = steps[name]  # noqa: F821 - bound above; deleted only after the last step
         dist.barrier()  # start together: time the step, not the wait for a slower peer
         calls.clear()
         t0 = time.perf_counter()

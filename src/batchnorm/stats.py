@@ -414,7 +414,7 @@ def recompute_statistics(
                 def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                     x = _layer_input(module, args, kwargs)  # bn(x) and bn(input=x) alike
                     # (N, C, *) -> per-channel moments over N and the spatial dims
-                    acc[name] = acc[name].merge(Moments.from_tensor(x, [0, *range(2, x.dim())]))
+                    acc[name] = acc[name].merge(Moments.from_tensor(x, [0, *range(2, x.dim())]))  # noqa: B023 - hooks live for this pass only
 
                 return hook
 

@@ -21,7 +21,6 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _dataflow
-from .convert import replace_modules
 from ._fold import (
     bn_scale_shift,
     fold_bn_conv,
@@ -31,6 +30,7 @@ from ._fold import (
     fold_conv_bn,
     fold_linear_bn,
 )
+from .convert import replace_modules
 from .nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenBatchNormBase
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from batchnorm.lab.experiments import dropout, goodfellow_chain, inference_stats, lr_sweep, placement
 from batchnorm.lab.config import RunConfig
+from batchnorm.lab.experiments import dropout, goodfellow_chain, inference_stats, lr_sweep, placement
 from batchnorm.lab.models import MLP, blocks
 
 

@@ -82,7 +82,6 @@ instead of failing.
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import sys
 import threading
@@ -92,8 +91,8 @@ from typing import Any
 
 import numba
 import numpy as np
-from llvmlite import binding as llvm_binding
 import torch
+from llvmlite import binding as llvm_binding
 from torch import Tensor
 
 from . import outpool

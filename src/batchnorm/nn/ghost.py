@@ -38,7 +38,6 @@ with the statistics of the whole evaluation batch, no ghost batches). Same buffe
 
 from __future__ import annotations
 
-
 import torch
 import torch.fx
 from torch import Tensor
@@ -298,7 +297,7 @@ def _ghost_train(
     smaller tail ghost batch is a second call. The whole-batch statistics are pooled from
     the ghost ones (Chan's merge, :func:`_pool`), in float64.
     """
-    n, c = x.shape[0], x.shape[1]
+    n = x.shape[0]
     per_sample = x[0, 0].numel()  # S = prod(spatial): values of one channel in one sample
     g, t = _ghost_split(n, per_sample, v)
     outputs: list[Tensor] = []

@@ -49,7 +49,6 @@ decides when the graph runs whether to synchronize (docs/fx.md).
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.fx
