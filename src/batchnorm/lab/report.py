@@ -28,7 +28,8 @@ h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { font-size: 1.25rem; margin-
 table { border-collapse: collapse; width: 100%; margin: .5rem 0; font-size: .92rem; }
 table.settings > tbody > tr > th, table.settings > tr > th { width: 14rem; }
 table.nested { font-size: .85rem; margin: 0; }
-td { overflow-wrap: anywhere; }
+th, td, p, h1, figcaption { overflow-wrap: anywhere; }
+table { table-layout: fixed; }
 th, td { border: 1px solid #ccc; padding: .3rem .5rem; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
 td.holds { color: #0a6b2a; font-weight: 600; } td.fails { color: #a11; font-weight: 600; }
