@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	@# headless Chromium for tests/test_browser.py (skipped where it is absent); never fails the install
+	-command -v chromium >/dev/null 2>&1 || (apt-get install -y chromium chromium-driver >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y chromium chromium-driver) >/dev/null 2>&1 || true)
 	touch $(STAMP)
 
 install: $(STAMP)

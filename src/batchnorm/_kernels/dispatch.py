@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -35,6 +36,8 @@ AUTO_MIN_NUMEL = 1 << 17
 """Under "auto", CPU tensors with fewer elements go to ``cpu_small``, larger ones to ``cpu``."""
 _state: dict[str, str | None] = {"name": None}
 _numba_module: dict[str, ModuleType | None] = {}
+_numba_error: dict[str, str] = {}
+_warned: dict[str, bool] = {"no_numba": False}
 
 
 def get_backend() -> str:
@@ -72,9 +75,24 @@ def _numba(name: str = "cpu") -> ModuleType | None:
     if name not in _numba_module:
         try:
             _numba_module[name] = importlib.import_module(f"batchnorm._kernels.{name}")
-        except ImportError:
+        except ImportError as err:
             _numba_module[name] = None
+            _numba_error[name] = f"{type(err).__name__}: {err}"
     return _numba_module[name]
+
+
+def _torch_instead(x: torch.Tensor) -> ModuleType:
+    """torch ops for a CPU input that the numba kernels would have taken; says so once per process."""
+    if not _warned["no_numba"] and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        _warned["no_numba"] = True
+        why = next(iter(_numba_error.values()), "numba is missing")
+        warnings.warn(
+            f"batchnorm: the fast CPU kernels are unavailable ({why}); using slower torch ops. "
+            "Fix: pip install numba",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return torch_ops
 
 
 def backend_for(x: torch.Tensor) -> ModuleType:
@@ -84,13 +102,15 @@ def backend_for(x: torch.Tensor) -> ModuleType:
         return torch_ops
     if name == "auto" and x.numel() < AUTO_MIN_NUMEL:  # small: one serial call, or torch ops
         small = _numba("cpu_small")
-        return small if small is not None and small.supports(x) else torch_ops
+        if small is None:
+            return _torch_instead(x)
+        return small if small.supports(x) else torch_ops
     cpu = _numba()
     if cpu is None:
         if name == "numba":
             raise RuntimeError(
                 "batchnorm back-end 'numba' was requested but batchnorm._kernels.cpu cannot be imported "
-                "(is numba installed? pip install 'batchnorm[fast]')"
+                "(is numba installed? pip install numba)"
             )
-        return torch_ops
+        return _torch_instead(x)
     return cpu if cpu.supports(x) else torch_ops  # type: ignore[return-value]

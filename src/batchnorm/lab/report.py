@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .results import atomic_write_text
+from ._files import write_text_atomic
 
 __all__ = ["experiment_html", "index_html", "reproduce_command", "write_experiment_report", "write_index"]
 
@@ -26,6 +26,10 @@ body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; max-width: 6
        padding: 0 1rem; color: #222; line-height: 1.45; }
 h1 { font-size: 1.6rem; margin-bottom: .2rem; } h2 { font-size: 1.25rem; margin-top: 2rem; }
 table { border-collapse: collapse; width: 100%; margin: .5rem 0; font-size: .92rem; }
+table.settings > tbody > tr > th, table.settings > tr > th { width: 14rem; }
+table.nested { font-size: .85rem; margin: 0; }
+th, td, p, h1, figcaption { overflow-wrap: anywhere; }
+table { table-layout: fixed; }
 th, td { border: 1px solid #ccc; padding: .3rem .5rem; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
 td.holds { color: #0a6b2a; font-weight: 600; } td.fails { color: #a11; font-weight: 600; }
@@ -58,19 +62,31 @@ def _paragraphs(text: str) -> str:
     return "\n".join(f"<p>{_esc(' '.join(b.split()))}</p>" for b in blocks)
 
 
-def _flatten(prefix: str, value: Any, rows: list[tuple[str, str]]) -> None:
+def _cell(value: Any) -> str:
+    """A setting as HTML: a nested table for a dict, a table for a list of dicts (one row each,
+    one column per key), a comma-separated list for a list of plain values, else the value."""
     if isinstance(value, dict):
-        for key, sub in value.items():
-            _flatten(f"{prefix}.{key}" if prefix else str(key), sub, rows)
-    else:
-        rows.append((prefix, value if isinstance(value, str) else json.dumps(value)))
+        return _kv_table(value) if value else "-"
+    if isinstance(value, list):
+        if value and all(isinstance(v, dict) for v in value):
+            keys: list[str] = []
+            for v in value:
+                keys += [str(k) for k in v if str(k) not in keys]
+            head = "".join(f"<th>{_esc(k)}</th>" for k in keys)
+            rows = "".join("<tr>" + "".join(f"<td>{_cell(v.get(k, ''))}</td>" for k in keys) + "</tr>" for v in value)
+            return f"<table class='nested'><tr>{head}</tr>{rows}</table>"
+        return ", ".join(_cell(v) for v in value) if value else "-"
+    if isinstance(value, float):
+        return _esc(f"{value:.6g}")
+    if isinstance(value, (bool, int)) or value is None:
+        return _esc(json.dumps(value))
+    return _esc(value)
 
 
 def _kv_table(mapping: dict[str, Any]) -> str:
-    rows: list[tuple[str, str]] = []
-    _flatten("", mapping, rows)
-    body = "\n".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows)
-    return f"<table>{body}</table>"
+    """A two-column table of settings (nested settings as nested tables, never raw JSON)."""
+    body = "\n".join(f"<tr><th>{_esc(k)}</th><td>{_cell(v)}</td></tr>" for k, v in mapping.items())
+    return f"<table class='settings'>{body}</table>"
 
 
 def _claims_table(claims: Sequence[dict[str, Any]]) -> str:
@@ -139,7 +155,7 @@ def write_experiment_report(directory: Path, results: dict[str, Any], module: Mo
     directory.mkdir(parents=True, exist_ok=True)
     figures = list(module.figures(results, directory))
     path = directory / "report.html"
-    atomic_write_text(path, experiment_html(results, figures, module.EXPLANATION))
+    write_text_atomic(path, experiment_html(results, figures, module.EXPLANATION))
     return path
 
 
@@ -179,5 +195,5 @@ Each experiment links to its report (figures, setup, every choice made).</p>
 def write_index(out: Path, all_results: Sequence[dict[str, Any]]) -> Path:
     """Write ``out/index.html`` atomically; returns its path."""
     path = Path(out) / "index.html"
-    atomic_write_text(path, index_html(all_results))
+    write_text_atomic(path, index_html(all_results))
     return path
