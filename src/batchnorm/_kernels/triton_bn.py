@@ -86,6 +86,10 @@ __all__ = [
 
 INTERPRETED: bool = bool(_knobs.runtime.interpret)
 """Whether the kernels were created for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
+if INTERPRETED:
+    # triton reads the knob again at launch (e.g. when it lazily imports its gluon front end):
+    # keep it consistent with the kernels created here even if the variable is unset later
+    _knobs.runtime.interpret = True
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ACTS = {"identity": K.ACT_IDENTITY, "relu": K.ACT_RELU, "leaky_relu": K.ACT_LEAKY, "elu": K.ACT_ELU}
 _TARGET_PROGRAMS = {"cpu": 4}

@@ -35,14 +35,17 @@ def _expm1(y):
     """exp(y) - 1 without cancellation near 0 (Kahan: (u - 1) * y / log u, u = exp y)."""
     u = tl.exp(y)
     um1 = u - 1.0
-    return tl.where(u == 1.0, y, tl.where(um1 == -1.0, -1.0, um1 * y / tl.log(u)))
+    safe = (u != 1.0) & (um1 != -1.0)
+    lu = tl.log(tl.where(safe, u, 2.0))
+    return tl.where(safe, um1 * y / lu, tl.where(u == 1.0, y, -1.0))
 
 
 @triton.jit
 def _log1p(z):
     """log(1 + z) without cancellation near 0 (Kahan: log u * z / (u - 1), u = 1 + z)."""
     u = 1.0 + z
-    return tl.where(u == 1.0, z, tl.log(u) * z / (u - 1.0))
+    um1 = u - 1.0
+    return tl.where(u == 1.0, z, tl.log(u) * z / tl.where(u == 1.0, 1.0, um1))
 
 
 @triton.jit
@@ -52,7 +55,7 @@ def _activate(y, slope, alpha, ACT: tl.constexpr):
     elif ACT == 2:
         y = tl.where(y >= 0, y, y * slope)
     elif ACT == 3:
-        y = tl.where(y > 0, y, alpha * _expm1(y))
+        y = tl.where(y > 0, y, alpha * _expm1(tl.minimum(y, 0.0)))
     return y
 
 
