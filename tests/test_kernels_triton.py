@@ -130,6 +130,10 @@ def test_large_mean_small_spread_float32(tb, fmt):
     dx_ref, dw_ref, _ = reference.backward(_np(g), _np(x), _np(w), 1e-8)
     np.testing.assert_allclose(_np(dw), dw_ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(_np(dx), dx_ref, rtol=0, atol=1e-3 * np.abs(dx_ref).max())
+    # a mean rounded to float32 (off by ~5e-4, 5% of the spread) is re-centered from x's sums
+    dx32, dw32, _ = tb.backward(g, x, mean.float(), torch.rsqrt(var + 1e-8), w)
+    np.testing.assert_allclose(_np(dw32), dw_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_np(dx32), dx_ref, rtol=0, atol=1e-3 * np.abs(dx_ref).max())
 
 
 def test_split_reduction_merges_exactly(tb, monkeypatch):
