@@ -59,7 +59,6 @@ from .torch_ops import acc_dtype
 
 try:
     import triton
-    from triton import knobs as _knobs
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "batchnorm back-end 'triton' needs the triton package (pip install 'triton>=3'; Linux "
@@ -68,8 +67,15 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import triton_kernels as K
 
+
+def interpreter_requested() -> bool:
+    """Whether TRITON_INTERPRET is set now (it takes effect only at this module's first import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 __all__ = [
     "INTERPRETED",
+    "interpreter_requested",
     "supports",
     "unavailable_reason",
     "train_forward",
@@ -84,9 +90,13 @@ __all__ = [
     "backward_act",
 ]
 
-INTERPRETED: bool = bool(_knobs.runtime.interpret)
+try:  # triton >= 3.4 reads its settings through ``triton.knobs``
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - older triton
+    _knobs = None
+INTERPRETED: bool = bool(_knobs.runtime.interpret) if _knobs is not None else interpreter_requested()
 """Whether the kernels were created for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-if INTERPRETED:
+if INTERPRETED and _knobs is not None:
     # triton reads the knob again at launch (e.g. when it lazily imports its gluon front end):
     # keep it consistent with the kernels created here even if the variable is unset later
     _knobs.runtime.interpret = True
@@ -505,7 +515,3 @@ def backward_apply(
         )
     return dx
 
-
-def interpreter_requested() -> bool:
-    """Whether TRITON_INTERPRET is set now (it takes effect only at this module's first import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
