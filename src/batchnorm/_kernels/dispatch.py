@@ -3,7 +3,10 @@
 Back-ends:
 - ``"torch"``: :mod:`batchnorm._kernels.torch_ops`, pure torch, any device, differentiable;
 - ``"numba"``: :mod:`batchnorm._kernels.cpu`, fused parallel CPU kernels (needs numba), CPU
-  tensors only, at every size (tests use it to reach these kernels with small tensors).
+  tensors only, at every size (tests use it to reach these kernels with small tensors);
+- ``"triton"``: :mod:`batchnorm._kernels.triton_bn` (needs triton), CUDA tensors, and CPU
+  tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` is set (slow; for tests).
+  Inputs it cannot run (e.g. empty or oddly strided) go to torch.
 
 ``"auto"`` (the default), when numba is installed: CPU tensors of at least
 ``AUTO_MIN_NUMEL`` elements go to the parallel kernels of :mod:`batchnorm._kernels.cpu`,
@@ -29,7 +32,7 @@ from . import torch_ops
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "backend_for"]
 
-BACKENDS = ("auto", "torch", "numba")
+BACKENDS = ("auto", "torch", "numba", "triton")
 BACKEND_API = ("supports", "train_forward", "eval_forward", "backward", "batch_stats", "backward_sums", "backward_apply")
 """The functions every numba back-end module provides, with torch_ops' contracts."""
 AUTO_MIN_NUMEL = 1 << 17
@@ -54,7 +57,7 @@ def _check(name: str) -> str:
 
 
 def set_backend(name: str) -> None:
-    """Set the global back-end (``"auto"``, ``"torch"`` or ``"numba"``)."""
+    """Set the global back-end (one of ``BACKENDS``)."""
     _state["name"] = _check(name)
 
 
@@ -100,6 +103,8 @@ def backend_for(x: torch.Tensor) -> ModuleType:
     name = get_backend()
     if name == "torch":
         return torch_ops
+    if name == "triton":
+        return _triton_for(x)
     if name == "auto" and x.numel() < AUTO_MIN_NUMEL:  # small: one serial call, or torch ops
         small = _numba("cpu_small")
         if small is None:
@@ -114,3 +119,17 @@ def backend_for(x: torch.Tensor) -> ModuleType:
             )
         return _torch_instead(x)
     return cpu if cpu.supports(x) else torch_ops  # type: ignore[return-value]
+
+
+def _triton_for(x: torch.Tensor) -> ModuleType:
+    """The Triton module for ``x``, torch_ops for inputs it does not take; RuntimeError when
+    triton is missing or a CPU tensor arrives without the interpreter."""
+    try:
+        triton_bn = importlib.import_module("batchnorm._kernels.triton_bn")
+    except ImportError as exc:
+        raise RuntimeError(f"batchnorm back-end 'triton' was requested but cannot be used: {exc}") from exc
+    if triton_bn.supports(x):
+        return triton_bn
+    if x.device.type == "cpu" and not triton_bn.INTERPRETED:
+        raise RuntimeError(f"batchnorm back-end 'triton': {triton_bn.unavailable_reason(x)}")
+    return torch_ops
