@@ -111,7 +111,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
         for c in claims:
             if not c.get("holds"):
-                print(f"  does not hold: {c.get('claim')} ({c.get('evidence')})")
+                print(f"  {c.get('verdict', 'does not hold')}: {c.get('claim')} ({c.get('evidence')})")
     if len(all_results) > 1 or args.ids == ["all"]:
         print(f"index: {cfg.out / 'index.html'} ({time.perf_counter() - start:.1f} s in all)")
     sys.stdout.flush()

@@ -15,7 +15,7 @@ methods that do the experiment's own work:
     run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures
 
 ``Experiment.run`` loads the data for each seed (the split is part of what a seed varies),
-calls ``run_seed`` and stores ``metrics = {"seeds": [...], "per_seed": [m_0, m_1, ...]}``;
+calls ``run_seeds`` (by default ``run_seed`` per seed) and stores ``metrics = {"seeds": [...], "per_seed": [m_0, m_1, ...]}``;
 ``per_seed_values`` reads one number per seed back for a claim.
 """
 
@@ -121,6 +121,11 @@ class Experiment:
         across arms); returns the seed's JSON-ready metrics."""
         raise NotImplementedError
 
+    def run_seeds(self, settings: Any, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> list[dict[str, Any]]:
+        """Every seed's metrics (``data[k]`` is seed ``seeds[k]``'s split). The default calls
+        ``run_seed`` once per seed; experiments that train their seeds together override it."""
+        return [self.run_seed(settings, d, seed, progress) for d, seed in zip(data, seeds)]
+
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         """The claims, judged only from saved results, each built with ``claim``."""
         raise NotImplementedError
@@ -134,14 +139,10 @@ class Experiment:
         ``{"config", "data", "metrics": {"seeds", "per_seed"}}``."""
         s = self.settings(cfg)
         seeds = seeds_for(cfg)
-        per_seed = []
-        described: dict[str, Any] = {}
-        for seed in seeds:
-            data = load(cfg.data, seed, small=cfg.mode == "tiny")
-            described = data.describe()
-            per_seed.append(self.run_seed(s, data, seed, progress))
+        data = [load(cfg.data, seed, small=cfg.mode == "tiny") for seed in seeds]
+        per_seed = self.run_seeds(s, data, seeds, progress)
         return {
             "config": dataclasses.asdict(s),
-            "data": {**described, "split_seed": "each seed draws its own split"},
+            "data": {**data[0].describe(), "split": "each seed draws its own train/test split"},
             "metrics": {"seeds": list(seeds), "per_seed": per_seed},
         }

@@ -77,9 +77,10 @@ def _claims_table(claims: Sequence[dict[str, Any]]) -> str:
     rows = []
     for c in claims:
         holds = bool(c.get("holds"))
+        verdict = str(c.get("verdict", "holds" if holds else "does not hold"))
         cls = "holds" if holds else "fails"
         rows.append(
-            f"<tr><td>{_esc(c.get('claim', ''))}</td><td class='{cls}'>{'holds' if holds else 'does not hold'}</td>"
+            f"<tr><td>{_esc(c.get('claim', ''))}</td><td class='{cls}'>{_esc(verdict)}</td>"
             f"<td>{_esc(c.get('evidence', ''))}</td></tr>"
         )
     return "<table><tr><th>claim</th><th>verdict</th><th>evidence (this run)</th></tr>" + "".join(rows) + "</table>"
