@@ -3,6 +3,7 @@
     batchnorm lab list
     batchnorm lab run ID... | all  [--quick] [--seed N] [--data digits|mnist1d|mnist:DIR] [--out DIR]
     batchnorm lab report DIR
+    batchnorm lab replicate --data digits,mnist1d --seeds 0-4 [--quick] [--out DIR]
 
 Imported whenever the ``batchnorm`` parser is built, so it imports nothing heavy at the top.
 """
@@ -37,6 +38,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p_run.add_argument("--data", default="digits", help="digits (default) | mnist1d | mnist:DIR")
     p_run.add_argument("--out", type=Path, default=Path("runs"), help="output directory (default runs/)")
     p_run.set_defaults(func=_cmd_run)
+
+    p_rep = sub.add_parser("replicate", help="every experiment on several data sets and seeds: the replication matrix")
+    p_rep.add_argument("--data", default="digits,mnist1d", help="comma-separated data sets (default digits,mnist1d)")
+    p_rep.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 or 0,3,7 (default 0-4)")
+    rep_mode = p_rep.add_mutually_exclusive_group()
+    rep_mode.add_argument("--quick", action="store_const", const="quick", dest="mode", help="scaled-down runs")
+    rep_mode.add_argument("--tiny", action="store_const", const="tiny", dest="mode", help=argparse.SUPPRESS)
+    p_rep.set_defaults(mode="full")
+    p_rep.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    p_rep.add_argument("--out", type=Path, default=Path("runs/replication"), help="output directory (default runs/replication)")
+    p_rep.set_defaults(func=_cmd_replicate)
 
     p_report = sub.add_parser("report", help="redraw figures and reports from saved results.json")
     p_report.add_argument("dir", type=Path, metavar="DIR", help="an output directory or one experiment's directory")
@@ -127,4 +139,32 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from None
     for path in written:
         print(path)
+    return 0
+
+
+def _cmd_replicate(args: argparse.Namespace) -> int:
+    from .datasets import load, parse_spec
+    from .replicate import parse_seeds, replicate
+
+    try:
+        seeds = parse_seeds(args.seeds)
+        datasets = [d.strip() for d in args.data.split(",") if d.strip()]
+        if not datasets:
+            raise ValueError(f"expected --data like digits,mnist1d, got {args.data!r}")
+        for d in datasets:
+            parse_spec(d)
+            load(d, seeds[0], small=args.mode == "tiny")
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    ids = _resolve_ids(args.only.split(",")) if args.only else None
+    if args.out.exists() and not args.out.is_dir():
+        raise CliError(f"--out {str(args.out)!r} exists and is not a directory")
+    start = time.perf_counter()
+    matrix = replicate(datasets, seeds, args.mode, args.out, ids)
+    for row in matrix["rows"]:
+        cells = "; ".join(
+            f"{d}: {c['holds']} hold / {c['does_not_hold']} not / {c['inconclusive']} inconclusive" for d, c in row["cells"].items()
+        )
+        print(f"{row['id']}: {cells}")
+    print(f"matrix: {args.out / 'index.html'} ({time.perf_counter() - start:.1f} s in all)")
     return 0
