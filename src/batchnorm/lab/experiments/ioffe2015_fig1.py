@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..experiment import Experiment, claim, per_seed_values
+from ..experiment import Experiment, claim
 from ..models import MLP, blocks
 from ..popstats import population_statistics
 from ..progress import Progress
