@@ -128,8 +128,16 @@ def test_first_layer_noise_matches_sampling_theory_on_gaussian_data() -> None:
 def test_mnist1d_quick_setups_are_recorded_and_digits_are_untouched(module: str, key: str, digits_value: int, mnist1d_value: int) -> None:
     import importlib
 
+    import dataclasses
+
     exp = importlib.import_module(f"batchnorm.lab.experiments.{module}")
-    digits = exp._settings(RunConfig(mode="quick", data="digits"))
-    mnist1d = exp._settings(RunConfig(mode="quick", data="mnist1d"))
-    assert digits[key] == digits_value and "mnist1d_choice" not in digits
+
+    def settings(cfg: RunConfig) -> dict:
+        if hasattr(exp, "EXPERIMENT"):
+            return dataclasses.asdict(exp.EXPERIMENT.settings(cfg))
+        return exp._settings(cfg)
+
+    digits = settings(RunConfig(mode="quick", data="digits"))
+    mnist1d = settings(RunConfig(mode="quick", data="mnist1d"))
+    assert digits[key] == digits_value and not digits.get("mnist1d_choice")
     assert mnist1d[key] == mnist1d_value and mnist1d["mnist1d_choice"]

@@ -3,6 +3,7 @@
     batchnorm lab list
     batchnorm lab run ID... | all  [--quick] [--seed N] [--data digits|mnist1d|mnist:DIR] [--out DIR]
     batchnorm lab report DIR
+    batchnorm lab replicate --data digits,mnist1d --seeds 0-4 [--quick] [--out DIR]
 
 Imported whenever the ``batchnorm`` parser is built, so it imports nothing heavy at the top.
 """
@@ -20,7 +21,7 @@ __all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``lab`` with its ``list``, ``run`` and ``report`` sub-commands."""
+    """Add ``lab`` with its ``list``, ``run``, ``replicate`` and ``report`` sub-commands."""
     lab = subparsers.add_parser("lab", help="reproduce experiments from the batch-norm literature")
     sub = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
 
@@ -42,6 +43,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p_run.add_argument("--data", default="digits", help="digits (default) | mnist1d | mnist:DIR")
     p_run.add_argument("--out", type=Path, default=Path("runs"), help="output directory (default runs/)")
     p_run.set_defaults(func=_cmd_run)
+
+    p_rep = sub.add_parser("replicate", help="every experiment on several data sets and seeds: the replication matrix")
+    p_rep.add_argument("--data", default="digits,mnist1d", help="comma-separated data sets (default digits,mnist1d)")
+    p_rep.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 or 0,3,7 (default 0-4)")
+    rep_mode = p_rep.add_mutually_exclusive_group()
+    rep_mode.add_argument("--quick", action="store_const", const="quick", dest="mode", help="scaled-down runs")
+    rep_mode.add_argument("--tiny", action="store_const", const="tiny", dest="mode", help=argparse.SUPPRESS)
+    p_rep.set_defaults(mode="full")
+    p_rep.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    p_rep.add_argument("--out", type=Path, default=Path("runs/replication"), help="output directory (default runs/replication)")
+    p_rep.set_defaults(func=_cmd_replicate)
 
     p_report = sub.add_parser("report", help="redraw figures and reports from saved results.json")
     p_report.add_argument("dir", type=Path, metavar="DIR", help="an output directory or one experiment's directory")
@@ -135,7 +147,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
         for c in claims:
             if not c.get("holds"):
-                print(f"  does not hold: {c.get('claim')} ({c.get('evidence')})", flush=True)
+                print(f"  {c.get('verdict', 'does not hold')}: {c.get('claim')} ({c.get('evidence')})", flush=True)
     if len(ids) > 1 or args.ids == ["all"]:
         index = write_index(cfg.out, _saved_results(cfg.out))
         print(f"index: {index} ({time.perf_counter() - start:.1f} s in all)")
@@ -161,4 +173,32 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from None
     for path in written:
         print(path)
+    return 0
+
+
+def _cmd_replicate(args: argparse.Namespace) -> int:
+    datasets = [d.strip() for d in args.data.split(",") if d.strip()]
+    require(_LAB_MODULES + (("mnist1d",) if "mnist1d" in datasets else ()), "batchnorm lab replicate")
+    from .datasets import load, parse_spec
+    from .replicate import parse_seeds, replicate
+
+    try:
+        seeds = parse_seeds(args.seeds)
+        if not datasets:
+            raise ValueError(f"expected --data like digits,mnist1d, got {args.data!r}")
+        for d in datasets:
+            parse_spec(d)
+            load(d, seeds[0], small=args.mode == "tiny")
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    ids = _resolve_ids(args.only.split(",")) if args.only else None
+    check_output_dir(args.out, "--out")
+    start = time.perf_counter()
+    matrix = replicate(datasets, seeds, args.mode, args.out, ids)
+    for row in matrix["rows"]:
+        cells = "; ".join(
+            f"{d}: {c['holds']} hold / {c['does_not_hold']} not / {c['inconclusive']} inconclusive" for d, c in row["cells"].items()
+        )
+        print(f"{row['id']}: {cells}")
+    print(f"matrix: {args.out / 'index.html'} ({time.perf_counter() - start:.1f} s in all)")
     return 0

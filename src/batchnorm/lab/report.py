@@ -33,6 +33,7 @@ table { table-layout: fixed; }
 th, td { border: 1px solid #ccc; padding: .3rem .5rem; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
 td.holds { color: #0a6b2a; font-weight: 600; } td.fails { color: #a11; font-weight: 600; }
+td.inconclusive { color: #8a5a00; font-weight: 600; }
 figure { margin: 1rem 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 code, pre { background: #f6f6f6; padding: .1rem .3rem; border-radius: 3px; }
 pre { padding: .6rem; overflow-x: auto; }
@@ -89,13 +90,24 @@ def _kv_table(mapping: dict[str, Any]) -> str:
     return f"<table class='settings'>{body}</table>"
 
 
+_VERDICT_CLASS = {"holds": "holds", "does not hold": "fails", "inconclusive": "inconclusive"}
+"""CSS class of each verdict's table cell."""
+
+
+def _claim_verdict(claim: dict[str, Any]) -> str:
+    """A claim's verdict: its saved ``verdict`` (claims judged over seeds), else from ``holds``."""
+    verdict = claim.get("verdict")
+    if verdict in _VERDICT_CLASS:
+        return str(verdict)
+    return "holds" if claim.get("holds") else "does not hold"
+
+
 def _claims_table(claims: Sequence[dict[str, Any]]) -> str:
     rows = []
     for c in claims:
-        holds = bool(c.get("holds"))
-        cls = "holds" if holds else "fails"
+        verdict = _claim_verdict(c)
         rows.append(
-            f"<tr><td>{_esc(c.get('claim', ''))}</td><td class='{cls}'>{'holds' if holds else 'does not hold'}</td>"
+            f"<tr><td>{_esc(c.get('claim', ''))}</td><td class='{_VERDICT_CLASS[verdict]}'>{_esc(verdict)}</td>"
             f"<td>{_esc(c.get('evidence', ''))}</td></tr>"
         )
     return "<table><tr><th>claim</th><th>verdict</th><th>evidence (this run)</th></tr>" + "".join(rows) + "</table>"
@@ -177,9 +189,10 @@ def index_html(all_results: Sequence[dict[str, Any]]) -> str:
             held += int(ok)
             head = f"<td rowspan='{max(len(claims), 1)}'>{link}<br><span class='muted'>{info}</span></td>" if first else ""
             first = False
+            verdict = _claim_verdict(c)
             rows.append(
-                f"<tr>{head}<td>{_esc(c.get('claim', ''))}</td><td class='{'holds' if ok else 'fails'}'>"
-                f"{'holds' if ok else 'does not hold'}</td><td>{_esc(c.get('evidence', ''))}</td></tr>"
+                f"<tr>{head}<td>{_esc(c.get('claim', ''))}</td><td class='{_VERDICT_CLASS[verdict]}'>"
+                f"{_esc(verdict)}</td><td>{_esc(c.get('evidence', ''))}</td></tr>"
             )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>batchnorm lab — index</title><style>{_STYLE}</style></head><body>
