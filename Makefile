@@ -9,7 +9,7 @@ OUT ?= runs/demo
 
 .PHONY: install demo lint docs test test-fast test-slow bench clean
 
-LINT_PATHS := src tests benchmarks examples
+LINT_PATHS := src tests benchmarks examples scripts
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

@@ -191,8 +191,11 @@ def bench_shapes(cfg: Config) -> list[dict]:
     compiled_bn = torch.compile(_bn) if cfg.compile else None
     rows = []
     shapes = SHAPES[:2] if cfg.quick else SHAPES
-    print(f"{'shape':>20} {'dtype':>9} {'layout':>6} {'op':>9} " + " ".join(f"{c:>10}" for c in ("torch", "compiled", "native", "triton"))
-          + f" {'torch/triton':>12} {'triton GB/s':>11} {'% peak':>7}")
+    print(
+        f"{'shape':>20} {'dtype':>9} {'layout':>6} {'op':>9} "
+        + " ".join(f"{c:>10}" for c in ("torch", "compiled", "native", "triton"))
+        + f" {'torch/triton':>12} {'triton GB/s':>11} {'% peak':>7}"
+    )
     for shape in shapes:
         for dname in cfg.dtypes:
             dtype = DTYPES[dname]
@@ -223,13 +226,25 @@ def bench_shapes(cfg: Config) -> list[dict]:
                             ms[name] = float("nan")
                             print(f"  {name} {op} failed: {type(exc).__name__}: {exc}")
                     gbs = TRAFFIC[op] * nbytes / (ms["triton"] * 1e-3) / 1e9
-                    row = {"shape": list(shape), "dtype": dname, "layout": layout, "op": op, "ms": ms,
-                           "triton_gbs": gbs, "triton_peak_fraction": gbs / cfg.peak_gbs,
-                           "torch_over_triton": ms["torch"] / ms["triton"]}
+                    row = {
+                        "shape": list(shape),
+                        "dtype": dname,
+                        "layout": layout,
+                        "op": op,
+                        "ms": ms,
+                        "triton_gbs": gbs,
+                        "triton_peak_fraction": gbs / cfg.peak_gbs,
+                        "torch_over_triton": ms["torch"] / ms["triton"],
+                    }
                     rows.append(row)
-                    print(f"{'x'.join(map(str, shape)):>20} {dname:>9} {layout:>6} {op:>9} "
-                          + " ".join(f"{ms.get(k, float('nan')):10.4f}" for k in ("torch", "compiled", "native", "triton"))
-                          + f" {row['torch_over_triton']:12.2f} {gbs:11.0f} {100 * gbs / cfg.peak_gbs:6.1f}%", flush=True)
+                    print(
+                        f"{'x'.join(map(str, shape)):>20} {dname:>9} {layout:>6} {op:>9} "
+                        + " ".join(
+                            f"{ms.get(k, float('nan')):10.4f}" for k in ("torch", "compiled", "native", "triton")
+                        )
+                        + f" {row['torch_over_triton']:12.2f} {gbs:11.0f} {100 * gbs / cfg.peak_gbs:6.1f}%",
+                        flush=True,
+                    )
     return rows
 
 
@@ -260,8 +275,12 @@ class Bottleneck(torch.nn.Module):
 
 def resnet50(norm: Callable[[int], torch.nn.Module], classes: int = 1000) -> torch.nn.Module:
     """ResNet-50 layout (3, 4, 6, 3 bottlenecks), every BN made by ``norm``."""
-    layers: list[torch.nn.Module] = [torch.nn.Conv2d(3, 64, 7, 2, 3, bias=False), norm(64), torch.nn.ReLU(),
-                                     torch.nn.MaxPool2d(3, 2, 1)]
+    layers: list[torch.nn.Module] = [
+        torch.nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        norm(64),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(3, 2, 1),
+    ]
     cin = 64
     for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
         for i in range(blocks):
@@ -323,8 +342,15 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         raise ValueError(f"bn_cuda: expected --dtypes among {tuple(DTYPES)}, got {unknown}")
-    cfg = Config(peak_gbs=a.peak_gbs, dtypes=dtypes, repeats=5 if a.quick else a.repeats, quick=a.quick,
-                 compile=not a.skip_compile, resnet=not a.skip_resnet, json_path=a.json)
+    cfg = Config(
+        peak_gbs=a.peak_gbs,
+        dtypes=dtypes,
+        repeats=5 if a.quick else a.repeats,
+        quick=a.quick,
+        compile=not a.skip_compile,
+        resnet=not a.skip_resnet,
+        json_path=a.json,
+    )
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, peak {cfg.peak_gbs:.0f} GB/s")
     results = {"device": torch.cuda.get_device_name(), "peak_gbs": cfg.peak_gbs, "shapes": bench_shapes(cfg)}
     if cfg.resnet:

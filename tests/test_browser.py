@@ -48,7 +48,10 @@ def _results(eid: str) -> dict[str, Any]:
         "id": eid,
         "description": "a synthetic experiment with a long description " * 3,
         "run": {"mode": "tiny", "seed": 0, "data": "digits"},
-        "config": {"arms": [{"name": "BN", "lr": 0.1, "note": "x" * 300}], "a_very_long_setting_name_without_spaces_" * 3: 1},
+        "config": {
+            "arms": [{"name": "BN", "lr": 0.1, "note": "x" * 300}],
+            "a_very_long_setting_name_without_spaces_" * 3: 1,
+        },
         "data": {"name": "digits"},
         "metrics": {},
         "versions": {"platform": "Linux-" + "x" * 200},
@@ -101,7 +104,9 @@ def test_page_renders_cleanly(browser: Any, pages: dict[str, Path], page: str) -
         assert complete and width > 0, f"image {alt!r} did not load"
     errors = [entry for entry in browser.get_log("browser") if entry.get("level") == "SEVERE"]
     assert errors == []
-    scroll_width, inner_width = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth];")
+    scroll_width, inner_width = browser.execute_script(
+        "return [document.documentElement.scrollWidth, window.innerWidth];"
+    )
     assert scroll_width <= inner_width, f"the page is {scroll_width} px wide in a {inner_width} px window"
     if page == "index":
         links = browser.execute_script("return Array.from(document.links).map(a => a.href);")

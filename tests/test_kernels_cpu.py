@@ -167,9 +167,7 @@ def test_kernels_direct_no_affine(kern, shape, fmt):
 
 
 @pytest.mark.parametrize("kern", [cpu, cpu_small], ids=["cpu", "cpu_small"])
-@pytest.mark.parametrize(
-    "grad", ["nchw", "channels_last", "expanded"], ids=["nchw-grad", "cl-grad", "expanded-grad"]
-)
+@pytest.mark.parametrize("grad", ["nchw", "channels_last", "expanded"], ids=["nchw-grad", "cl-grad", "expanded-grad"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_backward_grad_layout_differs_from_input(kern, grad, fmt):
     """A grad laid out unlike the input (another memory format, or a stride-0 broadcast as

@@ -65,7 +65,7 @@ class _Loaded:
 
 
 def _format_of(path: Path) -> str:
-    """"export" (a torch.export archive), "pickle" (a torch.save archive) or "" (neither), from the
+    """ "export" (a torch.export archive), "pickle" (a torch.save archive) or "" (neither), from the
     archive's content, never its suffix."""
     try:
         with zipfile.ZipFile(path) as archive:
@@ -86,7 +86,9 @@ def _output_format(out: str) -> str:
         return "pickle"
     if suffix == ".pt2":
         return "export"
-    raise CliError(f"-o {out}: expected a .pt/.pth (torch.save) or .pt2 (torch.export) file name, got {suffix or 'no suffix'!r}")
+    raise CliError(
+        f"-o {out}: expected a .pt/.pth (torch.save) or .pt2 (torch.export) file name, got {suffix or 'no suffix'!r}"
+    )
 
 
 def _check_paths(model: str, out: str) -> str:
@@ -94,12 +96,16 @@ def _check_paths(model: str, out: str) -> str:
     path = check_input_file(model)
     fmt = _format_of(path)
     if not fmt:
-        raise CliError(f"{model}: neither a torch.save file nor a torch.export .pt2 program (not a zip archive of either)")
+        raise CliError(
+            f"{model}: neither a torch.save file nor a torch.export .pt2 program (not a zip archive of either)"
+        )
     check_new_file(out, "-o", not_same_as=model)
     want = _output_format(out)
     if want != fmt:
         if fmt == "export":
-            raise CliError(f"-o {out}: {model} is a torch.export program, which is written back as .pt2; name the output *.pt2")
+            raise CliError(
+                f"-o {out}: {model} is a torch.export program, which is written back as .pt2; name the output *.pt2"
+            )
         raise CliError(
             f"-o {out}: a .pt2 output needs a torch.export program, but {model} is a pickled module; "
             "name the output *.pt, or torch.export the model first"
@@ -146,7 +152,9 @@ def _load(path: str, trust: bool) -> _Loaded:
             with _quiet_torch():
                 program = torch.export.load(str(p))
         except Exception as err:
-            raise CliError(f"{path}: not a readable torch.export program ({type(err).__name__}: {_first_line(err)})") from None
+            raise CliError(
+                f"{path}: not a readable torch.export program ({type(err).__name__}: {_first_line(err)})"
+            ) from None
         module = program.module()
         lift_modules(module)
         loaded = _Loaded(module, program)
@@ -157,7 +165,9 @@ def _load(path: str, trust: bool) -> _Loaded:
             )
         return loaded
     if fmt != "pickle":
-        raise CliError(f"{path}: neither a torch.save file nor a torch.export .pt2 program (not a zip archive of either)")
+        raise CliError(
+            f"{path}: neither a torch.save file nor a torch.export .pt2 program (not a zip archive of either)"
+        )
     try:
         with _quiet_torch():
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
@@ -174,7 +184,9 @@ def _load(path: str, trust: bool) -> _Loaded:
             raise CliError(f"{path}: cannot load ({type(err2).__name__}: {_first_line(err2)})") from None
     if not isinstance(obj, nn.Module):
         what = "a state_dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
-        raise CliError(f"{path}: holds {what}, not a model; save the whole module with torch.save(model) or use torch.export")
+        raise CliError(
+            f"{path}: holds {what}, not a model; save the whole module with torch.save(model) or use torch.export"
+        )
     return _Loaded(obj)
 
 
@@ -275,14 +287,24 @@ def load_data(spec: str) -> Any:
             with _quiet_torch():
                 obj = torch.load(str(p), map_location="cpu", weights_only=True)
         except Exception as err:
-            raise CliError(f"--data {spec}: {_weights_only_reason(err)}; expected a tensor saved with torch.save") from None
+            raise CliError(
+                f"--data {spec}: {_weights_only_reason(err)}; expected a tensor saved with torch.save"
+            ) from None
         if isinstance(obj, (tuple, list)) and obj:
             obj = obj[0]
         if not isinstance(obj, torch.Tensor):
-            raise CliError(f"--data {spec}: expected a tensor of inputs (or (inputs, targets)), got {type(obj).__name__}")
+            raise CliError(
+                f"--data {spec}: expected a tensor of inputs (or (inputs, targets)), got {type(obj).__name__}"
+            )
         x = obj
-    if x.ndim == 0 or len(x) == 0 or not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
-        raise CliError(f"--data {spec}: expected a numeric array of inputs (N, ...) with N >= 1, got {x.dtype} of shape {tuple(x.shape)}")
+    if (
+        x.ndim == 0
+        or len(x) == 0
+        or not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64))
+    ):
+        raise CliError(
+            f"--data {spec}: expected a numeric array of inputs (N, ...) with N >= 1, got {x.dtype} of shape {tuple(x.shape)}"
+        )
     return x
 
 
@@ -303,7 +325,9 @@ def _inspect(args: argparse.Namespace) -> int:
     try:
         reports = inspect_model(loaded.model, sample)
     except (RuntimeError, ValueError, TypeError, AssertionError) as err:  # AssertionError: export guards
-        raise CliError(f"inspect: running the sample {tuple(sample.shape) if sample is not None else ''} failed: {_first_line(err)}") from None
+        raise CliError(
+            f"inspect: running the sample {tuple(sample.shape) if sample is not None else ''} failed: {_first_line(err)}"
+        ) from None
     print(format_table(reports))
     loaded.print_notes()
     return 0
@@ -330,7 +354,11 @@ def _fold(args: argparse.Namespace) -> int:
 def _recalibrate(args: argparse.Namespace) -> int:
     from .stats import is_recomputable, recompute_statistics
 
-    for option, value in (("--batch-size", args.batch_size), ("--max-samples", args.max_samples), ("--passes", args.passes)):
+    for option, value in (
+        ("--batch-size", args.batch_size),
+        ("--max-samples", args.max_samples),
+        ("--passes", args.passes),
+    ):
         if value is not None and value < 1:
             raise CliError(f"{option}: expected a positive int, got {value}")
     _check_data_spec(args.data)
@@ -338,7 +366,9 @@ def _recalibrate(args: argparse.Namespace) -> int:
     loaded = _load(args.model, args.trust)
     if not any(is_recomputable(m) for m in loaded.model.modules()):
         _require_batchnorm(loaded, args.model, "recalibrate")
-        raise CliError(f"{args.model}: no batch-norm layer keeps running statistics: nothing to recalibrate; nothing written")
+        raise CliError(
+            f"{args.model}: no batch-norm layer keeps running statistics: nothing to recalibrate; nothing written"
+        )
     x = load_data(args.data).to(_model_dtype(loaded.model))
     batch_size = args.batch_size
     max_samples = args.max_samples if args.max_samples is None else min(args.max_samples, len(x))
@@ -349,7 +379,9 @@ def _recalibrate(args: argparse.Namespace) -> int:
         batch_size = int(example_inputs(loaded.program)[0][0].shape[0])
         usable = (min(len(x), max_samples or len(x)) // batch_size) * batch_size
         if usable == 0:
-            raise CliError(f"recalibrate: the exported program takes batches of {batch_size}, but --data has only {len(x)} samples")
+            raise CliError(
+                f"recalibrate: the exported program takes batches of {batch_size}, but --data has only {len(x)} samples"
+            )
         if usable < (max_samples or len(x)):
             print(f"note: the exported program takes batches of exactly {batch_size}; using the first {usable} samples")
         max_samples = usable
@@ -362,7 +394,9 @@ def _recalibrate(args: argparse.Namespace) -> int:
             passes=args.passes,
         )
     except (RuntimeError, ValueError, TypeError, AssertionError) as err:  # AssertionError: export guards
-        raise CliError(f"recalibrate: the model failed on --data {args.data} of shape {tuple(x.shape)}: {_first_line(err)}") from None
+        raise CliError(
+            f"recalibrate: the model failed on --data {args.data} of shape {tuple(x.shape)}: {_first_line(err)}"
+        ) from None
     width = max([5] + [len(r.name) for r in report])
     print(f"{'layer'.ljust(width)}  {'kind':<18} {'values':>9}  {'mean change':>11}  {'var change':>10}")
     for r in report:
@@ -385,7 +419,9 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("inspect", help="report every batch-norm layer of a saved model")
     p.add_argument("model", metavar="MODEL", help="torch.save(model) file or torch.export .pt2")
-    p.add_argument("--sample", metavar="SHAPE", help="random N(0,1) input shape, e.g. 8,3,32,32, for the train/eval discrepancy")
+    p.add_argument(
+        "--sample", metavar="SHAPE", help="random N(0,1) input shape, e.g. 8,3,32,32, for the train/eval discrepancy"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
     p.add_argument("--trust", action="store_true", help=trust_help)
     p.set_defaults(func=_inspect)
@@ -400,9 +436,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("model", metavar="MODEL", help="torch.save(model) file or torch.export .pt2")
     p.add_argument("--data", required=True, metavar="SPEC", help="digits | digits-images | PATH.npy | PATH.pt (inputs)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the model (same format)")
-    p.add_argument("--batch-size", type=int, default=256, help="batch size of the pass (the statistics do not depend on it)")
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="batch size of the pass (the statistics do not depend on it)"
+    )
     p.add_argument("--max-samples", type=int, default=None, help="use only the first N samples")
-    p.add_argument("--mode", choices=("eval", "train"), default="eval", help="network that feeds each layer (see recompute_statistics)")
-    p.add_argument("--passes", type=int, default=1, help="passes over the data (eval mode: BN depth + 1 makes all layers exact)")
+    p.add_argument(
+        "--mode",
+        choices=("eval", "train"),
+        default="eval",
+        help="network that feeds each layer (see recompute_statistics)",
+    )
+    p.add_argument(
+        "--passes", type=int, default=1, help="passes over the data (eval mode: BN depth + 1 makes all layers exact)"
+    )
     p.add_argument("--trust", action="store_true", help=trust_help)
     p.set_defaults(func=_recalibrate)

@@ -15,7 +15,6 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
-
 from typing import NoReturn
 
 from ._cli_util import CliError, missing_dependency_message
@@ -33,9 +32,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every available sub-command registered."""
-    parser = _Parser(
-        prog="batchnorm", description="Exact, fast and understandable batch normalization."
-    )
+    parser = _Parser(prog="batchnorm", description="Exact, fast and understandable batch normalization.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMAND_MODULES:
         try:

@@ -1,6 +1,6 @@
 """Pieces of the phase-2 experiments checked against independent references.
 
-    PYTHONPATH=src python -m pytest -q tests/lab/test_experiment_parts.py
+PYTHONPATH=src python -m pytest -q tests/lab/test_experiment_parts.py
 """
 
 from __future__ import annotations
@@ -125,10 +125,11 @@ def test_first_layer_noise_matches_sampling_theory_on_gaussian_data() -> None:
         ("santurkar2018_noisy", "depth", 10, 12),
     ],
 )
-def test_mnist1d_quick_setups_are_recorded_and_digits_are_untouched(module: str, key: str, digits_value: int, mnist1d_value: int) -> None:
-    import importlib
-
+def test_mnist1d_quick_setups_are_recorded_and_digits_are_untouched(
+    module: str, key: str, digits_value: int, mnist1d_value: int
+) -> None:
     import dataclasses
+    import importlib
 
     exp = importlib.import_module(f"batchnorm.lab.experiments.{module}")
 

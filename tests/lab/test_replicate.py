@@ -29,7 +29,21 @@ def test_bad_options_exit_2_with_one_line(argv: list[str], capsys: pytest.Captur
 
 
 def test_tiny_matrix_counts_each_experiments_verdicts(tmp_path: Path) -> None:
-    code = main(["lab", "replicate", "--tiny", "--data", "digits,mnist1d", "--seeds", "0-1", "--only", "ioffe2015-fig1,bias", "--out", str(tmp_path)])
+    code = main(
+        [
+            "lab",
+            "replicate",
+            "--tiny",
+            "--data",
+            "digits,mnist1d",
+            "--seeds",
+            "0-1",
+            "--only",
+            "ioffe2015-fig1,bias",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     matrix = json.loads((tmp_path / "replication.json").read_text())
     assert matrix["data"] == ["digits", "mnist1d"] and matrix["seeds"] == [0, 1]

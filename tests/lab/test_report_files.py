@@ -20,7 +20,12 @@ def synthetic_results() -> dict[str, object]:
         "id": "demo",
         "description": "a synthetic experiment",
         "run": {"mode": "tiny", "seed": 0, "data": "digits"},
-        "config": {"lr": 0.1, "arms": [{"name": "BN", "p": 0.5}, {"name": "plain", "p": 0.0}], "steps": [10, 20], "opt": {"kind": "sgd"}},
+        "config": {
+            "lr": 0.1,
+            "arms": [{"name": "BN", "p": 0.5}, {"name": "plain", "p": 0.0}],
+            "steps": [10, 20],
+            "opt": {"kind": "sgd"},
+        },
         "data": {"name": "digits", "train": 1437},
         "versions": {"python": "3"},
         "claims": [{"claim": "c", "holds": True, "evidence": "e"}],

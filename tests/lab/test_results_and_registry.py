@@ -1,6 +1,6 @@
 """Lab infrastructure: atomic results, JSON conversion, registry contract.
 
-    PYTHONPATH=src python -m pytest -q tests/lab/test_results_and_registry.py
+PYTHONPATH=src python -m pytest -q tests/lab/test_results_and_registry.py
 """
 
 from __future__ import annotations

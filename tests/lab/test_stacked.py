@@ -17,7 +17,16 @@ SEEDS = (0, 1, 2)
 
 def _models(norm: str | None, placement: str = "before", act: str = "sigmoid") -> list[MLP]:
     return [
-        MLP(6, [8, 5], 3, act=act, norm=norm, placement=placement, init_std=0.3, generator=torch.Generator().manual_seed(s))
+        MLP(
+            6,
+            [8, 5],
+            3,
+            act=act,
+            norm=norm,
+            placement=placement,
+            init_std=0.3,
+            generator=torch.Generator().manual_seed(s),
+        )
         for s in SEEDS
     ]
 
@@ -28,7 +37,9 @@ def _data(seed: int, n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
 
 
-@pytest.mark.parametrize(("norm", "placement"), [("bn", "before"), ("bn", "after"), (None, "before"), ("torch", "before")])
+@pytest.mark.parametrize(
+    ("norm", "placement"), [("bn", "before"), ("bn", "after"), (None, "before"), ("torch", "before")]
+)
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_stacked_training_equals_training_each_seed_alone(norm: str | None, placement: str, momentum: float) -> None:
     spec = TrainSpec(steps=30, batch_size=8, lr=0.2, momentum=momentum, weight_decay=1e-3 if momentum else 0.0)
@@ -39,7 +50,11 @@ def test_stacked_training_equals_training_each_seed_alone(norm: str | None, plac
     for m, (x, y), s in zip(alone, data, SEEDS):
         losses_alone.append(train(m, x, y, spec, generator=torch.Generator().manual_seed(s + 2)).losses)
     results = train_stacked(
-        together, [x for x, _ in data], [y for _, y in data], spec, generators=[torch.Generator().manual_seed(s + 2) for s in SEEDS]
+        together,
+        [x for x, _ in data],
+        [y for _, y in data],
+        spec,
+        generators=[torch.Generator().manual_seed(s + 2) for s in SEEDS],
     )
     for a, b, la, r in zip(alone, together, losses_alone, results):
         assert r.steps_done == spec.steps and not r.diverged
@@ -60,13 +75,23 @@ def test_checkpoints_see_each_seeds_current_weights() -> None:
     seen_alone: dict[int, list[torch.Tensor]] = {s: [] for s in SEEDS}
     for m, (x, y), s in zip(alone, data, SEEDS):
         train(
-            m, x, y, spec, generator=torch.Generator().manual_seed(s), checkpoints=[0, 6, 12],
+            m,
+            x,
+            y,
+            spec,
+            generator=torch.Generator().manual_seed(s),
+            checkpoints=[0, 6, 12],
             on_checkpoint=lambda step, r, m=m, s=s: seen_alone[s].append(m.head.weight.detach().clone()),
         )
     seen: list[list[torch.Tensor]] = []
     train_stacked(
-        together, [x for x, _ in data], [y for _, y in data], spec, generators=[torch.Generator().manual_seed(s) for s in SEEDS],
-        checkpoints=[0, 6, 12], on_checkpoint=lambda step, rs: seen.append([m.head.weight.detach().clone() for m in together]),
+        together,
+        [x for x, _ in data],
+        [y for _, y in data],
+        spec,
+        generators=[torch.Generator().manual_seed(s) for s in SEEDS],
+        checkpoints=[0, 6, 12],
+        on_checkpoint=lambda step, rs: seen.append([m.head.weight.detach().clone() for m in together]),
     )
     assert len(seen) == 3
     for c in range(3):
@@ -83,9 +108,15 @@ def test_a_diverging_seed_stops_like_train_and_leaves_the_others_alone() -> None
     data[1] = (x1, data[1][1])
     alone = _models(None, act="relu")
     together = copy.deepcopy(alone)
-    res_alone = [train(m, x, y, spec, generator=torch.Generator().manual_seed(s)) for m, (x, y), s in zip(alone, data, SEEDS)]
+    res_alone = [
+        train(m, x, y, spec, generator=torch.Generator().manual_seed(s)) for m, (x, y), s in zip(alone, data, SEEDS)
+    ]
     res = train_stacked(
-        together, [x for x, _ in data], [y for _, y in data], spec, generators=[torch.Generator().manual_seed(s) for s in SEEDS]
+        together,
+        [x for x, _ in data],
+        [y for _, y in data],
+        spec,
+        generators=[torch.Generator().manual_seed(s) for s in SEEDS],
     )
     assert res_alone[1].diverged and res[1].diverged and res[1].diverged_at == res_alone[1].diverged_at
     assert not res[0].diverged and not res[2].diverged
@@ -100,4 +131,10 @@ def test_bad_input() -> None:
     with pytest.raises(ValueError, match="at least one"):
         StackedMLP([])
     with pytest.raises(ValueError, match="one x, y and generator per model"):
-        train_stacked(_models(None), [torch.zeros(10, 6)], [torch.zeros(10).long()], TrainSpec(1, 2, 0.1), generators=[torch.Generator()])
+        train_stacked(
+            _models(None),
+            [torch.zeros(10, 6)],
+            [torch.zeros(10).long()],
+            TrainSpec(1, 2, 0.1),
+            generators=[torch.Generator()],
+        )

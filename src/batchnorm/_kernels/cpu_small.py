@@ -292,4 +292,3 @@ def backward(
     )
     out = torch.from_numpy(sums)
     return dx, out[0], out[1]
-

@@ -33,7 +33,15 @@ from . import torch_ops
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "backend_for"]
 
 BACKENDS = ("auto", "torch", "numba", "triton")
-BACKEND_API = ("supports", "train_forward", "eval_forward", "backward", "batch_stats", "backward_sums", "backward_apply")
+BACKEND_API = (
+    "supports",
+    "train_forward",
+    "eval_forward",
+    "backward",
+    "batch_stats",
+    "backward_sums",
+    "backward_apply",
+)
 """The functions every numba back-end module provides, with torch_ops' contracts."""
 AUTO_MIN_NUMEL = 1 << 17
 """Under "auto", CPU tensors with fewer elements go to ``cpu_small``, larger ones to ``cpu``."""
@@ -90,8 +98,7 @@ def _torch_instead(x: torch.Tensor) -> ModuleType:
         _warned["no_numba"] = True
         why = next(iter(_numba_error.values()), "numba is missing")
         warnings.warn(
-            f"batchnorm: the fast CPU kernels are unavailable ({why}); using slower torch ops. "
-            "Fix: pip install numba",
+            f"batchnorm: the fast CPU kernels are unavailable ({why}); using slower torch ops. Fix: pip install numba",
             RuntimeWarning,
             stacklevel=3,
         )

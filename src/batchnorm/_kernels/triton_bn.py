@@ -163,7 +163,14 @@ class _Geo:
         self.s = x.numel() // max(1, self.n * self.c)
         self.numel = x.numel()
         if layout == "ncs":
-            self.r, self.S, self.s_n, self.s_c, self.s_s, self.div = self.n * self.s, self.s, self.c * self.s, self.s, 1, self.s
+            self.r, self.S, self.s_n, self.s_c, self.s_s, self.div = (
+                self.n * self.s,
+                self.s,
+                self.c * self.s,
+                self.s,
+                1,
+                self.s,
+            )
         else:  # rows of C: (n, s) folded into one row index
             self.r, self.S, self.s_n, self.s_c, self.s_s, self.div = self.n * self.s, 1, self.c, 1, 0, 1
         self.layout = layout
@@ -214,7 +221,9 @@ def _like(t: Tensor, x: Tensor, where: str) -> Tensor:
     return t
 
 
-def _stats(x: Tensor, geo: _Geo, weight: Tensor | None, bias: Tensor | None, eps: float):
+def _stats(
+    x: Tensor, geo: _Geo, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """(mean float64, var acc, prm (4, C) acc) of x (one read)."""
     acc = acc_dtype(x.dtype)
     block_r, block_c, nsplit, per = _reduce_plan(geo, x.device)
@@ -229,20 +238,57 @@ def _stats(x: Tensor, geo: _Geo, weight: Tensor | None, bias: Tensor | None, eps
     b, has_b = _vec(bias, x)
     fc = min(128, triton.next_power_of_2(geo.c))
     K.stats_final[(triton.cdiv(geo.c, fc),)](
-        x, part, w, b, mean, var, prm, geo.c, geo.r, per, nsplit, geo.s_c, float(eps),
-        HAS_W=has_w, HAS_B=has_b, BLOCK_C=fc,
+        x,
+        part,
+        w,
+        b,
+        mean,
+        var,
+        prm,
+        geo.c,
+        geo.r,
+        per,
+        nsplit,
+        geo.s_c,
+        float(eps),
+        HAS_W=has_w,
+        HAS_B=has_b,
+        BLOCK_C=fc,
     )
     return mean, var, prm
 
 
-def _normalize(x, geo, prm, act, slope, alpha, residual, want_mask):
+def _normalize(
+    x: Tensor,
+    geo: _Geo,
+    prm: Tensor,
+    act: int,
+    slope: float,
+    alpha: float,
+    residual: Tensor | None,
+    want_mask: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """(y, bit mask of the activation's positive side or None) from x and ``prm`` (4, C)."""
     y = torch.empty_like(x)
     nwords = triton.cdiv(geo.numel, 32)
     mask = torch.empty(nwords, dtype=torch.int32, device=x.device) if want_mask else x
     bw = _bw(x)
     K.normalize[(triton.cdiv(nwords, bw),)](
-        x, y, prm, x if residual is None else residual, mask, geo.numel, nwords, geo.c, geo.div,
-        float(slope), float(alpha), ACT=act, HAS_RES=residual is not None, WRITE_MASK=want_mask, BW=bw,
+        x,
+        y,
+        prm,
+        x if residual is None else residual,
+        mask,
+        geo.numel,
+        nwords,
+        geo.c,
+        geo.div,
+        float(slope),
+        float(alpha),
+        ACT=act,
+        HAS_RES=residual is not None,
+        WRITE_MASK=want_mask,
+        BW=bw,
     )
     return y, (mask if want_mask else None)
 
@@ -290,7 +336,9 @@ def train_forward_act(
     layout = _check(x, "train_forward_act")
     act = _act_code(activation, "train_forward_act")
     if residual is not None and act != K.ACT_RELU:
-        raise ValueError(f"batchnorm._kernels.triton_bn.train_forward_act: a residual needs activation 'relu', got {activation!r}")
+        raise ValueError(
+            f"batchnorm._kernels.triton_bn.train_forward_act: a residual needs activation 'relu', got {activation!r}"
+        )
     xd = x.detach()
     res = None if residual is None else _like(residual, xd, "train_forward_act")
     geo = _Geo(xd, layout)
@@ -302,11 +350,15 @@ def train_forward_act(
 
 def _act_code(activation: str, where: str) -> int:
     if activation not in _ACTS:
-        raise ValueError(f"batchnorm._kernels.triton_bn.{where}: expected activation in {tuple(_ACTS)}, got {activation!r}")
+        raise ValueError(
+            f"batchnorm._kernels.triton_bn.{where}: expected activation in {tuple(_ACTS)}, got {activation!r}"
+        )
     return _ACTS[activation]
 
 
-def eval_forward(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+def eval_forward(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
     """Inference: y = weight * (x - mean) / sqrt(var + eps) + bias, one pass over x.
 
     Shape: x (N, C, *) -> y of the same shape, dtype and memory format; mean, var (C,).
@@ -341,25 +393,72 @@ def eval_forward_act(
     fc = min(128, triton.next_power_of_2(geo.c))
     with _device(x):
         K.eval_params[(triton.cdiv(geo.c, fc),)](
-            mean.detach().contiguous(), var.detach().contiguous(), w, b, prm, geo.c, float(eps),
-            HAS_W=has_w, HAS_B=has_b, BLOCK_C=fc,
+            mean.detach().contiguous(),
+            var.detach().contiguous(),
+            w,
+            b,
+            prm,
+            geo.c,
+            float(eps),
+            HAS_W=has_w,
+            HAS_B=has_b,
+            BLOCK_C=fc,
         )
         z, _ = _normalize(xd, geo, prm, act, negative_slope, alpha, res, False)
     return z
 
 
-def _bwd_sums(g, v, mean, mask, geo, mode, slope, alpha, tiny):
+def _bwd_sums(
+    g: Tensor,
+    v: Tensor,
+    mean: Tensor,
+    mask: Tensor | None,
+    geo: _Geo,
+    mode: int,
+    slope: float,
+    alpha: float,
+    tiny: float,
+) -> tuple[Tensor, int]:
     """(3, nsplit, C) partial sums (sum dy, sum dy d, sum d) in ``acc_dtype``."""
     block_r, block_c, nsplit, per = _reduce_plan(geo, v.device)
     part = torch.empty((3, nsplit, geo.c), dtype=acc_dtype(v.dtype), device=v.device)
     K.bwd_part[(triton.cdiv(geo.c, block_c), nsplit)](
-        g, v, mean, v if mask is None else mask, part, geo.c, geo.S, geo.r, geo.s_n, geo.s_c, geo.s_s,
-        per, nsplit, float(slope), float(alpha), float(tiny), MODE=mode, BLOCK_R=block_r, BLOCK_C=block_c,
+        g,
+        v,
+        mean,
+        v if mask is None else mask,
+        part,
+        geo.c,
+        geo.S,
+        geo.r,
+        geo.s_n,
+        geo.s_c,
+        geo.s_s,
+        per,
+        nsplit,
+        float(slope),
+        float(alpha),
+        float(tiny),
+        MODE=mode,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
     )
     return part, nsplit
 
 
-def _backward(g, v, mean, invstd, weight, mask, geo, mode, slope, alpha, want_res):
+def _backward(
+    g: Tensor,
+    v: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    mask: Tensor | None,
+    geo: _Geo,
+    mode: int,
+    slope: float,
+    alpha: float,
+    want_res: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The full backward: sums, merge, dx (and dres)."""
     acc = acc_dtype(v.dtype)
     tiny = float(torch.finfo(v.dtype).eps)
@@ -377,13 +476,28 @@ def _backward(g, v, mean, invstd, weight, mask, geo, mode, slope, alpha, want_re
     dres = torch.empty_like(v) if want_res else None
     bw = _bw(v)
     K.dx_apply[(triton.cdiv(triton.cdiv(geo.numel, 32), bw),)](
-        g, v, v if mask is None else mask, coef, dx, v if dres is None else dres, geo.numel, geo.c, geo.div,
-        float(slope), float(alpha), tiny, MODE=mode, WRITE_RES=want_res, BW=bw,
+        g,
+        v,
+        v if mask is None else mask,
+        coef,
+        dx,
+        v if dres is None else dres,
+        geo.numel,
+        geo.c,
+        geo.div,
+        float(slope),
+        float(alpha),
+        tiny,
+        MODE=mode,
+        WRITE_RES=want_res,
+        BW=bw,
     )
     return dx, dw, db, dres
 
 
-def backward(grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def backward(
+    grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Training backward with g = dL/dy (DESIGN.md):
 
         dbeta = sum g,  dgamma = sum g * x_hat,  dx = weight * invstd * (g - mean(g) - x_hat * mean(g * x_hat))
@@ -426,7 +540,9 @@ def backward_relu(
             f"got {mask.dtype} {tuple(mask.shape)}"
         )
     with _device(x):
-        return _backward(g, xd, mean, invstd, weight, mask.contiguous(), _Geo(xd, layout), K.ACT_RELU, 0.0, 0.0, residual_grad)
+        return _backward(
+            g, xd, mean, invstd, weight, mask.contiguous(), _Geo(xd, layout), K.ACT_RELU, 0.0, 0.0, residual_grad
+        )
 
 
 def backward_act(
@@ -451,7 +567,9 @@ def backward_act(
     layout = _check(z, "backward_act")
     modes = {"identity": K.ACT_IDENTITY, "leaky_relu": K.ACT_LEAKY, "elu": K.ACT_ELU}
     if activation not in modes:
-        raise ValueError(f"batchnorm._kernels.triton_bn.backward_act: expected activation in {tuple(modes)}, got {activation!r}")
+        raise ValueError(
+            f"batchnorm._kernels.triton_bn.backward_act: expected activation in {tuple(modes)}, got {activation!r}"
+        )
     zd = z.detach()
     g = _like(grad_z, zd, "backward_act")
     c = z.shape[1]
@@ -460,8 +578,17 @@ def backward_act(
     beta = torch.zeros_like(inv) if bias is None else bias.detach().to(torch.float64)
     with _device(z):
         dx, dw, db, _ = _backward(
-            g, zd, beta.reshape(c), (1.0 / gamma).reshape(c), gamma * gamma * inv, None, _Geo(zd, layout),
-            modes[activation], negative_slope, alpha, False,
+            g,
+            zd,
+            beta.reshape(c),
+            (1.0 / gamma).reshape(c),
+            gamma * gamma * inv,
+            None,
+            _Geo(zd, layout),
+            modes[activation],
+            negative_slope,
+            alpha,
+            False,
         )
     return dx, dw, db
 
@@ -511,7 +638,20 @@ def backward_apply(
     bw = _bw(xd)
     with _device(x):
         K.dx_apply[(triton.cdiv(triton.cdiv(geo.numel, 32), bw),)](
-            g, xd, xd, coef, dx, xd, geo.numel, geo.c, geo.div, 0.0, 0.0, 0.0, MODE=K.ACT_IDENTITY, WRITE_RES=False, BW=bw,
+            g,
+            xd,
+            xd,
+            coef,
+            dx,
+            xd,
+            geo.numel,
+            geo.c,
+            geo.div,
+            0.0,
+            0.0,
+            0.0,
+            MODE=K.ACT_IDENTITY,
+            WRITE_RES=False,
+            BW=bw,
         )
     return dx
-

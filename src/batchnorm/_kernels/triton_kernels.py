@@ -83,8 +83,7 @@ def _pre(g, v, bit, slope, alpha, tiny, MODE: tl.constexpr):
 
 
 @triton.jit
-def stats_part(x_ptr, part_ptr, C, S, R, s_n, s_c, s_s, per, nsplit,
-               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def stats_part(x_ptr, part_ptr, C, S, R, s_n, s_c, s_s, per, nsplit, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per (channel block, split): (mean, M2) of x - shift over the split's rows.
 
     part: (2, nsplit, C) in the accumulation dtype.
@@ -120,8 +119,24 @@ def stats_part(x_ptr, part_ptr, C, S, R, s_n, s_c, s_s, per, nsplit,
 
 
 @triton.jit
-def stats_final(x_ptr, part_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, prm_ptr, C, R, per, nsplit, s_c, eps,
-                HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+def stats_final(
+    x_ptr,
+    part_ptr,
+    w_ptr,
+    b_ptr,
+    mean_ptr,
+    var_ptr,
+    prm_ptr,
+    C,
+    R,
+    per,
+    nsplit,
+    s_c,
+    eps,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Chan merge of the splits in float64: mean (float64), biased var, and the normalize
     parameters prm (4, C) = (hi, lo, scale, beta) with y = ((x - hi) - lo) * scale + beta."""
     ACC = var_ptr.dtype.element_ty
@@ -155,8 +170,9 @@ def stats_final(x_ptr, part_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, prm_ptr, C, R,
 
 
 @triton.jit
-def eval_params(mean_ptr, var_ptr, w_ptr, b_ptr, prm_ptr, C, eps,
-                HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+def eval_params(
+    mean_ptr, var_ptr, w_ptr, b_ptr, prm_ptr, C, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_C: tl.constexpr
+):
     """prm (4, C) = (hi, lo, scale, beta) from fixed statistics: the float64 mean as a hi + lo
     pair in the accumulation dtype, scale = weight / sqrt(var + eps) formed in float64."""
     ACC = prm_ptr.dtype.element_ty
@@ -179,8 +195,23 @@ def eval_params(mean_ptr, var_ptr, w_ptr, b_ptr, prm_ptr, C, eps,
 
 
 @triton.jit
-def normalize(x_ptr, y_ptr, prm_ptr, res_ptr, mask_ptr, numel, nwords, C, DIV, slope, alpha,
-              ACT: tl.constexpr, HAS_RES: tl.constexpr, WRITE_MASK: tl.constexpr, BW: tl.constexpr):
+def normalize(
+    x_ptr,
+    y_ptr,
+    prm_ptr,
+    res_ptr,
+    mask_ptr,
+    numel,
+    nwords,
+    C,
+    DIV,
+    slope,
+    alpha,
+    ACT: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    WRITE_MASK: tl.constexpr,
+    BW: tl.constexpr,
+):
     """z = act(((x - hi) - lo) * scale + beta [+ residual]) over the flat memory; with
     WRITE_MASK, bit j of word w of the mask is z[32 w + j] > 0."""
     ACC = prm_ptr.dtype.element_ty
@@ -206,8 +237,27 @@ def normalize(x_ptr, y_ptr, prm_ptr, res_ptr, mask_ptr, numel, nwords, C, DIV, s
 
 
 @triton.jit
-def bwd_part(g_ptr, v_ptr, mean_ptr, mask_ptr, part_ptr, C, S, R, s_n, s_c, s_s, per, nsplit,
-             slope, alpha, tiny, MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def bwd_part(
+    g_ptr,
+    v_ptr,
+    mean_ptr,
+    mask_ptr,
+    part_ptr,
+    C,
+    S,
+    R,
+    s_n,
+    s_c,
+    s_s,
+    per,
+    nsplit,
+    slope,
+    alpha,
+    tiny,
+    MODE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Per (channel block, split): sum dy, sum dy * d, sum d with d = (y - hi) - lo around the
     given mean (hi + lo pair); (dy, y) from :func:`_pre`. part: (3, nsplit, C)."""
     ACC = part_ptr.dtype.element_ty
@@ -247,8 +297,20 @@ def bwd_part(g_ptr, v_ptr, mean_ptr, mask_ptr, part_ptr, C, S, R, s_n, s_c, s_s,
 
 
 @triton.jit
-def bwd_final(part_ptr, mean_ptr, inv_ptr, w_ptr, coef_ptr, dw_ptr, db_ptr, C, R, nsplit,
-              HAS_W: tl.constexpr, BLOCK_C: tl.constexpr):
+def bwd_final(
+    part_ptr,
+    mean_ptr,
+    inv_ptr,
+    w_ptr,
+    coef_ptr,
+    dw_ptr,
+    db_ptr,
+    C,
+    R,
+    nsplit,
+    HAS_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Sum the splits in float64, re-center on the batch mean (sum d / R), and form
     dgamma = sum dy * x_hat, dbeta = sum dy and coef (5, C) = (hi, lo, k1, k2, k3) with
     dx = k1 * dy + k2 * ((y - hi) - lo) + k3."""
@@ -284,8 +346,23 @@ def bwd_final(part_ptr, mean_ptr, inv_ptr, w_ptr, coef_ptr, dw_ptr, db_ptr, C, R
 
 
 @triton.jit
-def dx_apply(g_ptr, v_ptr, mask_ptr, coef_ptr, dx_ptr, dres_ptr, numel, C, DIV, slope, alpha, tiny,
-             MODE: tl.constexpr, WRITE_RES: tl.constexpr, BW: tl.constexpr):
+def dx_apply(
+    g_ptr,
+    v_ptr,
+    mask_ptr,
+    coef_ptr,
+    dx_ptr,
+    dres_ptr,
+    numel,
+    C,
+    DIV,
+    slope,
+    alpha,
+    tiny,
+    MODE: tl.constexpr,
+    WRITE_RES: tl.constexpr,
+    BW: tl.constexpr,
+):
     """dx = k1 * dy + k2 * ((y - hi) - lo) + k3 over the flat memory, (dy, y) from
     :func:`_pre`; with WRITE_RES also the residual's gradient dy."""
     ACC = coef_ptr.dtype.element_ty

@@ -36,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p_run = sub.add_parser("run", help="run experiments (ids from `lab list`, or `all`)")
     p_run.add_argument("ids", nargs="+", metavar="ID", help="experiment ids, or `all`")
     mode = p_run.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_const", const="quick", dest="mode", help="scaled-down run (about a minute each)")
+    mode.add_argument(
+        "--quick", action="store_const", const="quick", dest="mode", help="scaled-down run (about a minute each)"
+    )
     mode.add_argument("--tiny", action="store_const", const="tiny", dest="mode", help=argparse.SUPPRESS)
     p_run.set_defaults(mode="full")
     p_run.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
@@ -52,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rep_mode.add_argument("--tiny", action="store_const", const="tiny", dest="mode", help=argparse.SUPPRESS)
     p_rep.set_defaults(mode="full")
     p_rep.add_argument("--only", default=None, help=argparse.SUPPRESS)
-    p_rep.add_argument("--out", type=Path, default=Path("runs/replication"), help="output directory (default runs/replication)")
+    p_rep.add_argument(
+        "--out", type=Path, default=Path("runs/replication"), help="output directory (default runs/replication)"
+    )
     p_rep.set_defaults(func=_cmd_replicate)
 
     p_report = sub.add_parser("report", help="redraw figures and reports from saved results.json")
@@ -197,7 +201,8 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
     matrix = replicate(datasets, seeds, args.mode, args.out, ids)
     for row in matrix["rows"]:
         cells = "; ".join(
-            f"{d}: {c['holds']} hold / {c['does_not_hold']} not / {c['inconclusive']} inconclusive" for d, c in row["cells"].items()
+            f"{d}: {c['holds']} hold / {c['does_not_hold']} not / {c['inconclusive']} inconclusive"
+            for d, c in row["cells"].items()
         )
         print(f"{row['id']}: {cells}")
     print(f"matrix: {args.out / 'index.html'} ({time.perf_counter() - start:.1f} s in all)")

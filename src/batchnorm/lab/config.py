@@ -48,7 +48,11 @@ class RunConfig:
             raise ValueError(f"RunConfig: expected seed to be a non-negative int, got {self.seed!r}")
         if self.seeds is not None:
             seeds = tuple(self.seeds)
-            if not seeds or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in seeds) or len(set(seeds)) != len(seeds):
+            if (
+                not seeds
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in seeds)
+                or len(set(seeds)) != len(seeds)
+            ):
                 raise ValueError(f"RunConfig: expected seeds to be distinct non-negative ints, got {self.seeds!r}")
             object.__setattr__(self, "seeds", seeds)
         if not isinstance(self.data, str) or not self.data:

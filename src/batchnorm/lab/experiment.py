@@ -121,7 +121,9 @@ class Experiment:
         across arms); returns the seed's JSON-ready metrics."""
         raise NotImplementedError
 
-    def run_seeds(self, settings: Any, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> list[dict[str, Any]]:
+    def run_seeds(
+        self, settings: Any, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
         """Every seed's metrics (``data[k]`` is seed ``seeds[k]``'s split). The default calls
         ``run_seed`` once per seed; experiments that train their seeds together override it."""
         return [self.run_seed(settings, d, seed, progress) for d, seed in zip(data, seeds)]

@@ -31,7 +31,7 @@ def pyplot() -> Any:
     return plt
 
 
-_STYLE = {
+_STYLE: dict[Any, Any] = {
     "font.size": 10,
     "axes.titlesize": 11,
     "axes.labelsize": 10,
@@ -77,7 +77,9 @@ def mean_band(ax: Any, x: Sequence[float], runs: Sequence[Sequence[float]], labe
     if values.ndim == 1:
         values = values[None, :]
     mean = np.nanmean(values, axis=0)
-    (line,) = ax.plot(x, mean, label=label if values.shape[0] == 1 else f"{label} (mean ± std, {values.shape[0]} seeds)", **kw)
+    (line,) = ax.plot(
+        x, mean, label=label if values.shape[0] == 1 else f"{label} (mean ± std, {values.shape[0]} seeds)", **kw
+    )
     if values.shape[0] > 1:
         std = np.nanstd(values, axis=0)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)

@@ -160,7 +160,6 @@ class GroupedBatchNorm1d(BatchNorm1d):
         return y
 
 
-
 class GroupedBatchRenorm1d(BatchRenorm1d):
     """Batch renormalization (Ioffe 2017) over groups of ``group_size`` samples: his microbatches.
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,9 @@ def parse_seeds(text: str) -> tuple[int, ...]:
             else:
                 seeds.append(int(part))
         except ValueError:
-            raise ValueError(f"expected seeds like 0-4 or 0,3,7 (non-negative, ascending ranges), got {text!r}") from None
+            raise ValueError(
+                f"expected seeds like 0-4 or 0,3,7 (non-negative, ascending ranges), got {text!r}"
+            ) from None
     if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds) or not seeds:
         raise ValueError(f"expected distinct non-negative seeds like 0-4 or 0,3,7, got {text!r}")
     return tuple(seeds)
@@ -71,7 +73,9 @@ def _cell(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def matrix_from_results(by_data: dict[str, Sequence[dict[str, Any]]], seeds: Sequence[int], mode: str) -> dict[str, Any]:
+def matrix_from_results(
+    by_data: Mapping[str, Sequence[dict[str, Any]]], seeds: Sequence[int], mode: str
+) -> dict[str, Any]:
     """``{"seeds", "mode", "data", "rows": [{"id", "cells": {data: cell}}]}`` from saved results."""
     ids: list[str] = []
     for results in by_data.values():
@@ -101,8 +105,16 @@ def write_matrix(matrix: dict[str, Any], out: Path) -> Path:
                 continue
             lines = "".join(
                 f"<li><b>{e(str(x['verdict']))}</b>: {e(str(x['claim']))}"
-                + (f" — ours {x['estimate']:.3g} {e(str(x['interval']))}, {e(str(x['direction']))}" if isinstance(x.get("estimate"), (int, float)) else "")
-                + (f"; paper: {e(str(x['expected']))} ({e(str(x['source']))})" if x.get("expected") else f" ({e(str(x['evidence']))})")
+                + (
+                    f" — ours {x['estimate']:.3g} {e(str(x['interval']))}, {e(str(x['direction']))}"
+                    if isinstance(x.get("estimate"), (int, float))
+                    else ""
+                )
+                + (
+                    f"; paper: {e(str(x['expected']))} ({e(str(x['source']))})"
+                    if x.get("expected")
+                    else f" ({e(str(x['evidence']))})"
+                )
                 + "</li>"
                 for x in c["claims"]
             )
@@ -136,7 +148,9 @@ def replicate(
     experiment_ids = list(ids) if ids is not None else list(registry.ids())
     by_data: dict[str, list[dict[str, Any]]] = {}
     for data in datasets:
-        cfg = RunConfig(mode=mode, seed=int(seeds[0]), seeds=tuple(int(s) for s in seeds), data=data, out=Path(out) / data)
+        cfg = RunConfig(
+            mode=mode, seed=int(seeds[0]), seeds=tuple(int(s) for s in seeds), data=data, out=Path(out) / data
+        )
         by_data[data] = run_many(experiment_ids, cfg, progress_for, index=True)
     matrix = matrix_from_results(by_data, seeds, mode)
     write_matrix(matrix, Path(out))

@@ -125,7 +125,9 @@ def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanatio
     figs = []
     for path in figures:
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-        figs.append(f"<figure><img alt='{_esc(Path(path).stem)}' src='data:image/png;base64,{data}'><figcaption class='muted'>{_esc(Path(path).name)}</figcaption></figure>")
+        figs.append(
+            f"<figure><img alt='{_esc(Path(path).stem)}' src='data:image/png;base64,{data}'><figcaption class='muted'>{_esc(Path(path).name)}</figcaption></figure>"
+        )
     mode_note = {
         "quick": "quick mode: scaled down to run in about a minute on 2 CPU cores; calibrated on the digits, "
         "where every claim is expected to hold (on other data a claim that fails is a finding).",
@@ -135,28 +137,28 @@ def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanatio
     data_choice = results.get("config", {}).get("mnist1d_choice") if isinstance(results.get("config"), dict) else None
     data_note = f"<p><b>Setup changed for this data:</b> {_esc(data_choice)}</p>" if data_choice else ""
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{_esc(results.get('id'))} — batchnorm lab</title>
+<html lang="en"><head><meta charset="utf-8"><title>{_esc(results.get("id"))} — batchnorm lab</title>
 <style>{_STYLE}</style></head><body>
-<h1>{_esc(results.get('id'))}</h1>
-<p>{_esc(results.get('description', ''))}</p>
-<p class="muted">{_esc(mode_note)} Data: {_esc(run.get('data'))}; seed {_esc(run.get('seed'))};
-wall time {_esc(results.get('wall_time_s'))} s on {_esc(results.get('threads'))} thread(s); {_esc(results.get('finished_at', ''))}.</p>
+<h1>{_esc(results.get("id"))}</h1>
+<p>{_esc(results.get("description", ""))}</p>
+<p class="muted">{_esc(mode_note)} Data: {_esc(run.get("data"))}; seed {_esc(run.get("seed"))};
+wall time {_esc(results.get("wall_time_s"))} s on {_esc(results.get("threads"))} thread(s); {_esc(results.get("finished_at", ""))}.</p>
 {data_note}
 <h2>What this experiment does</h2>
 {_paragraphs(explanation)}
 <h2>Claims — {_esc(_verdict(claims))}</h2>
 {_claims_table(claims)}
 <h2>Figures</h2>
-{''.join(figs) if figs else '<p>No figures.</p>'}
+{"".join(figs) if figs else "<p>No figures.</p>"}
 <h2>Every choice made (including those the paper does not state)</h2>
-{_kv_table(results.get('config', {}))}
+{_kv_table(results.get("config", {}))}
 <h2>Data</h2>
-{_kv_table(results.get('data', {}))}
+{_kv_table(results.get("data", {}))}
 <h2>Reproduce</h2>
 <pre>{_esc(reproduce_command(results))}</pre>
 <p class="muted">Redraw this report from results.json without retraining: <code>batchnorm lab report DIR</code>.</p>
 <h2>Versions</h2>
-{_kv_table(results.get('versions', {}))}
+{_kv_table(results.get("versions", {}))}
 </body></html>
 """
 
@@ -187,7 +189,9 @@ def index_html(all_results: Sequence[dict[str, Any]]) -> str:
             ok = bool(c.get("holds"))
             total += 1
             held += int(ok)
-            head = f"<td rowspan='{max(len(claims), 1)}'>{link}<br><span class='muted'>{info}</span></td>" if first else ""
+            head = (
+                f"<td rowspan='{max(len(claims), 1)}'>{link}<br><span class='muted'>{info}</span></td>" if first else ""
+            )
             first = False
             verdict = _claim_verdict(c)
             rows.append(
@@ -200,7 +204,7 @@ def index_html(all_results: Sequence[dict[str, Any]]) -> str:
 <p>What the batch-normalization literature claims, re-measured on small CPU-sized problems. {held}/{total} claims hold.
 Each experiment links to its report (figures, setup, every choice made).</p>
 <table><tr><th>experiment</th><th>claim</th><th>verdict</th><th>evidence</th></tr>
-{''.join(rows)}
+{"".join(rows)}
 </table></body></html>
 """
 

@@ -31,15 +31,28 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .models import MLP
+from .models import MLP, Block
 from .training import Tick, TrainResult, TrainSpec, minibatches
 
 __all__ = ["StackedMLP", "train_stacked"]
+
+
+def _blocks(model: MLP) -> list[Block]:
+    """The hidden blocks of ``model``."""
+    return [cast(Block, b) for b in model.blocks]
+
+
+def _linear(block: Block) -> nn.Linear:
+    """The block's Linear layer (TypeError for any other layer)."""
+    if not isinstance(block.layer, nn.Linear):
+        raise TypeError(f"StackedMLP: expected Linear layers, got {type(block.layer).__name__}")
+    return block.layer
 
 
 class StackedMLP(nn.Module):
@@ -63,23 +76,28 @@ class StackedMLP(nn.Module):
         self.placements: list[str] = []
         self.has_bias: list[bool] = []
         self._norm_features: list[int] = []
-        for i, block in enumerate(first.blocks):
+        for i, block in enumerate(_blocks(first)):
             if not isinstance(block.drop, nn.Identity):
                 raise ValueError("StackedMLP: dropout is not supported (its masks cannot match a single-seed run)")
-            layers = [m.blocks[i].layer for m in models]
-            self.weights.append(nn.Parameter(torch.stack([l.weight.detach() for l in layers]).clone()))  # (S, out, in)
-            self.has_bias.append(block.layer.bias is not None)
+            layers = [_linear(_blocks(m)[i]) for m in models]
+            self.weights.append(
+                nn.Parameter(torch.stack([lin.weight.detach() for lin in layers]).clone())
+            )  # (S, out, in)
+            biases = [lin.bias for lin in layers]
+            self.has_bias.append(biases[0] is not None)
             self.biases.append(
-                nn.Parameter(torch.stack([l.bias.detach() for l in layers]).clone()) if block.layer.bias is not None else nn.Parameter(torch.empty(0))
+                nn.Parameter(torch.stack([b.detach() for b in biases if b is not None]).clone())
+                if biases[0] is not None
+                else nn.Parameter(torch.empty(0))
             )
-            self.norms.append(self._stack_norm([m.blocks[i].norm for m in models]))
+            self.norms.append(self._stack_norm([_blocks(m)[i].norm for m in models]))
             self.acts.append(block.act)
             self.placements.append(block.placement)
         self.head_w = nn.Parameter(torch.stack([m.head.weight.detach() for m in models]).clone())  # (S, classes, width)
         self.head_b = nn.Parameter(torch.stack([m.head.bias.detach() for m in models]).clone())  # (S, classes)
 
     def _stack_norm(self, norms: Sequence[nn.Module]) -> nn.Module:
-        first = norms[0]
+        first: Any = norms[0]
         if isinstance(first, nn.Identity):
             self._norm_features.append(0)
             return nn.Identity()
@@ -89,7 +107,11 @@ class StackedMLP(nn.Module):
         c = int(first.num_features)
         self._norm_features.append(c)
         stacked = type(first)(
-            self.seeds * c, eps=first.eps, momentum=first.momentum, affine=first.affine, track_running_stats=first.track_running_stats
+            self.seeds * c,
+            eps=first.eps,
+            momentum=first.momentum,
+            affine=first.affine,
+            track_running_stats=first.track_running_stats,
         )
         states = [n.state_dict() for n in norms]
         merged = {k: (torch.cat([st[k] for st in states]) if v.dim() >= 1 else v.clone()) for k, v in states[0].items()}
@@ -123,16 +145,20 @@ class StackedMLP(nn.Module):
         """Write seed ``k``'s weights and norm buffers into ``models[k]`` (all seeds by default)."""
         for k in range(self.seeds) if which is None else which:
             model = models[k]
-            for i, block in enumerate(model.blocks):
-                block.layer.weight.copy_(self.weights[i][k])
-                if self.has_bias[i]:
-                    block.layer.bias.copy_(self.biases[i][k])
+            for i, block in enumerate(_blocks(model)):
+                lin = _linear(block)
+                lin.weight.copy_(self.weights[i][k])
+                if lin.bias is not None:
+                    lin.bias.copy_(self.biases[i][k])
                 c = self._norm_features[i]
                 if c:
                     state = block.norm.state_dict()
                     stacked = self.norms[i].state_dict()
                     block.norm.load_state_dict(
-                        {key: (stacked[key][k * c : (k + 1) * c].clone() if v.dim() >= 1 else stacked[key].clone()) for key, v in state.items()}
+                        {
+                            key: (stacked[key][k * c : (k + 1) * c].clone() if v.dim() >= 1 else stacked[key].clone())
+                            for key, v in state.items()
+                        }
                     )
             model.head.weight.copy_(self.head_w[k])
             model.head.bias.copy_(self.head_b[k])
@@ -142,18 +168,19 @@ class StackedMLP(nn.Module):
         """Write ``models[k]`` back into seed ``k``'s slices (undo updates of stopped seeds)."""
         for k in which:
             model = models[k]
-            for i, block in enumerate(model.blocks):
-                self.weights[i][k].copy_(block.layer.weight)
-                if self.has_bias[i]:
-                    self.biases[i][k].copy_(block.layer.bias)
+            for i, block in enumerate(_blocks(model)):
+                lin = _linear(block)
+                self.weights[i][k].copy_(lin.weight)
+                if lin.bias is not None:
+                    self.biases[i][k].copy_(lin.bias)
                 c = self._norm_features[i]
                 if c:
                     stacked = self.norms[i]
-                    for name, v in block.norm.named_parameters():
-                        getattr(stacked, name)[k * c : (k + 1) * c].copy_(v)
-                    for name, v in block.norm.named_buffers():
-                        if v.dim() >= 1:
-                            getattr(stacked, name)[k * c : (k + 1) * c].copy_(v)
+                    for name, param in block.norm.named_parameters():
+                        getattr(stacked, name)[k * c : (k + 1) * c].copy_(param)
+                    for name, buf in block.norm.named_buffers():
+                        if buf.dim() >= 1:
+                            getattr(stacked, name)[k * c : (k + 1) * c].copy_(buf)
             self.head_w[k].copy_(model.head.weight)
             self.head_b[k].copy_(model.head.bias)
 
@@ -187,7 +214,9 @@ def train_stacked(
     """
     n = len(models)
     if not (len(xs) == len(ys) == len(generators) == n):
-        raise ValueError(f"train_stacked: expected one x, y and generator per model ({n}), got {len(xs)}, {len(ys)}, {len(generators)}")
+        raise ValueError(
+            f"train_stacked: expected one x, y and generator per model ({n}), got {len(xs)}, {len(ys)}, {len(generators)}"
+        )
     stacked = StackedMLP(models)
     streams = [minibatches(x.shape[0], spec.batch_size, g) for x, g in zip(xs, generators)]
     opt = torch.optim.SGD(stacked.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)

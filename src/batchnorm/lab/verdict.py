@@ -238,7 +238,9 @@ def judge(
             method = f"geometric mean of paired ratios over {xa.size} seeds, {level} t interval on the log scale"
         else:
             est, lo, hi = _welch_interval(la, lb, confidence)
-            method = f"ratio of geometric means ({xa.size} and {xb.size} seeds), {level} Welch interval on the log scale"
+            method = (
+                f"ratio of geometric means ({xa.size} and {xb.size} seeds), {level} Welch interval on the log scale"
+            )
         est, lo, hi = math.exp(est), math.exp(lo), math.exp(hi)
     elif paired:
         est, lo, hi = _mean_interval(xa - xb, confidence)
