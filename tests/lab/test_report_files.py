@@ -84,3 +84,19 @@ def test_bar_axes_start_at_zero(tmp_path: Path) -> None:
         mp.setattr(plt, "close", spy)
         save(fig, tmp_path / "b.png")
     assert seen["ylim"][0] == 0
+
+
+def test_results_and_replication_json_are_0644_under_umask_022(tmp_path: Path) -> None:
+    from batchnorm.lab.replicate import write_matrix
+    from batchnorm.lab.results import save_results
+
+    old = os.umask(0o022)
+    try:
+        results = save_results(tmp_path, synthetic_results())
+        write_matrix({"seeds": [0], "mode": "tiny", "data": ["digits"], "rows": []}, tmp_path)
+    finally:
+        os.umask(old)
+    for name in ("results.json", "replication.json", "index.html"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert results == tmp_path / "results.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html", "replication.json", "results.json"]

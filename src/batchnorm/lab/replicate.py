@@ -18,9 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._files import write_text_atomic
 from .config import Mode, RunConfig
 from .progress import Progress
-from .results import atomic_write_text, to_jsonable
+from .results import to_jsonable
 from .runner import run_many
 
 __all__ = ["matrix_from_results", "parse_seeds", "replicate", "write_matrix"]
@@ -92,7 +93,7 @@ def matrix_from_results(
 def write_matrix(matrix: dict[str, Any], out: Path) -> Path:
     """Write ``out/replication.json`` and ``out/index.html``; returns the HTML path."""
     out = Path(out)
-    atomic_write_text(out / "replication.json", json.dumps(to_jsonable(matrix), indent=1, allow_nan=False) + "\n")
+    write_text_atomic(out / "replication.json", json.dumps(to_jsonable(matrix), indent=1, allow_nan=False) + "\n")
     e = html.escape
     head = "".join(f"<th>{e(d)}</th>" for d in matrix["data"])
     rows = []
@@ -129,7 +130,7 @@ def write_matrix(matrix: dict[str, Any], out: Path) -> Path:
         f"<table border='1' cellpadding='4'><tr><th>experiment</th>{head}</tr>{''.join(rows)}</table>\n"
     )
     path = out / "index.html"
-    atomic_write_text(path, text)
+    write_text_atomic(path, text)
     return path
 
 
