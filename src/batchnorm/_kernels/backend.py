@@ -12,7 +12,8 @@ functions on it, so every back-end must accept the same arguments and return the
 
 :class:`KernelBackend` is what :mod:`~batchnorm._kernels.torch_ops` (any device) provides;
 :class:`NumbaBackend` adds ``supports``, which the numba modules (:mod:`~batchnorm._kernels.cpu`,
-:mod:`~batchnorm._kernels.cpu_small`) answer so that dispatch can fall back to torch ops.
+:mod:`~batchnorm._kernels.cpu_small`) and the Triton module (:mod:`~batchnorm._kernels.triton_bn`)
+answer so that dispatch can fall back to torch ops.
 Both are ``runtime_checkable``: ``isinstance(module, NumbaBackend)`` checks that the names
 exist; :func:`signature_mismatches` compares the signatures too.
 """

@@ -22,7 +22,7 @@ plus fused variants:
   -> (dx, dgamma, dbeta)``: LeakyReLU/ELU/identity backward from the output alone, by inverting
   the activation (as :mod:`batchnorm._kernels.cpu_act`: y = act^-1(z), x_hat = (y - beta) / gamma).
 
-Math (per channel c over its m = N * prod(spatial) values; DESIGN.md):
+Math (per channel c over its m = N * prod(spatial) values; docs/conventions.md):
 
     mu = (1/m) sum x,  var = (1/m) sum (x - mu)^2,  y = (x - mu) / sqrt(var + eps) * weight + bias
     dx = weight * invstd * (g - mean(g) - x_hat * mean(g * x_hat))
@@ -498,7 +498,7 @@ def _backward(
 def backward(
     grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Training backward with g = dL/dy (DESIGN.md):
+    """Training backward with g = dL/dy:
 
         dbeta = sum g,  dgamma = sum g * x_hat,  dx = weight * invstd * (g - mean(g) - x_hat * mean(g * x_hat))
 
