@@ -56,3 +56,12 @@ def test_tiny_matrix_counts_each_experiments_verdicts(tmp_path: Path) -> None:
     assert matrix["rows"][0]["cells"]["digits"]["seeds"] == [0, 1]  # judged over both seeds
     assert matrix["rows"][1]["cells"]["digits"]["seeds"] == [0]  # single-seed experiment: says so
     assert "Replication matrix" in (tmp_path / "index.html").read_text()
+
+
+def test_out_that_is_a_file_exits_2_with_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "taken"
+    out.write_text("x")
+    assert main(["lab", "replicate", "--tiny", "--seeds", "0", "--out", str(out / "sub")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0]
+    assert out.read_text() == "x"

@@ -100,3 +100,18 @@ def test_results_and_replication_json_are_0644_under_umask_022(tmp_path: Path) -
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
     assert results == tmp_path / "results.json"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html", "replication.json", "results.json"]
+
+
+def test_report_and_index_show_three_valued_verdicts() -> None:
+    results = synthetic_results()
+    results["claims"] = [
+        {"claim": "a", "holds": True, "verdict": "holds", "evidence": ""},
+        {"claim": "b", "holds": False, "verdict": "inconclusive", "evidence": ""},
+        {"claim": "c", "holds": False, "verdict": "does not hold", "evidence": ""},
+        {"claim": "d", "holds": False, "evidence": ""},  # single-seed claim: no saved verdict
+    ]
+    for page in (report.experiment_html(results, [], "x"), report.index_html([results])):
+        assert "<td>a</td><td class='holds'>holds</td>" in page
+        assert "<td>b</td><td class='inconclusive'>inconclusive</td>" in page
+        assert "<td>c</td><td class='fails'>does not hold</td>" in page
+        assert "<td>d</td><td class='fails'>does not hold</td>" in page
