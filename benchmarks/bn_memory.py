@@ -7,7 +7,7 @@ saves for backward passes through the pack hook, and we add up the *distinct* st
 saved twice, or saved by two layers, counts once). Two settings:
 
 1. one norm + activation layer on a conv-sized input: only the layer's own saved tensors;
-2. a stack of 20 Linear -> norm + activation blocks (PAPERS.md section 8): the whole model,
+2. a stack of 20 Linear -> norm + activation blocks: the whole model,
    where the fused layer's saved output is also the next Linear's saved input.
 
 Time: training forward + backward of the same layer, interleaved rounds, medians, in one run.

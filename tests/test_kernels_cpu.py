@@ -43,7 +43,7 @@ TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfl
 
 
 # ---------------------------------------------------------------------------------------------
-# NumPy float64 reference (textbook formulas of DESIGN.md)
+# NumPy float64 reference (textbook formulas)
 
 
 def _to_mc(x: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ Two layers of API:
 - :func:`recompute_statistics` — runs a model over a data set once and writes every batch-norm
   layer's exact population mean and *unbiased* variance into ``running_mean``/``running_var``.
 
-Why this estimator (and not the others; see ``PEERS.md``):
+Why this estimator (and not the ones other libraries use):
 
 - ``torch.optim.swa_utils.update_bn`` averages per-batch variances. The population variance is
   ``E_B[var_B] + Var_B[mean_B]`` (law of total variance); the second term, the spread between
