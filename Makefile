@@ -1,4 +1,5 @@
 # Two commands: `make demo` and `make test`. Both create .venv and install everything first.
+# `make lint` (ruff + mypy, part of `make test`), `make docs` (the site, into site/).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
@@ -6,13 +7,18 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 
-.PHONY: install demo test test-fast test-slow bench clean
+.PHONY: install demo lint docs test test-fast test-slow bench clean
+
+LINT_PATHS := src tests benchmarks examples scripts
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	@# headless Chromium for tests/test_browser.py (skipped where it is absent); never fails the install
+	-command -v chromium >/dev/null 2>&1 || (apt-get install -y chromium chromium-driver >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y chromium chromium-driver) >/dev/null 2>&1 || true)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,7 +27,15 @@ demo: $(STAMP)
 	$(VENV)/bin/batchnorm lab run ioffe2015-fig1 --quick --out $(OUT)
 	@echo "Report: $(OUT)/ioffe2015-fig1/report.html"
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+test: $(STAMP) lint
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
@@ -34,4 +48,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache build *.egg-info src/*.egg-info
+	rm -rf $(VENV) runs site .pytest_cache .mypy_cache .ruff_cache build *.egg-info src/*.egg-info

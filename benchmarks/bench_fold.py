@@ -100,10 +100,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--layout", choices=("nchw", "nhwc", "both"), default="both", help="memory format (nhwc = channels_last)")
+    parser.add_argument(
+        "--layout", choices=("nchw", "nhwc", "both"), default="both", help="memory format (nhwc = channels_last)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"ResNet-style net, input {args.batch}x3x64x64, {torch.get_num_threads()} thread(s), median of {args.repeats}")
+    print(
+        f"ResNet-style net, input {args.batch}x3x64x64, {torch.get_num_threads()} thread(s), median of {args.repeats}"
+    )
     layouts = {"nchw": [False], "nhwc": [True], "both": [False, True]}[args.layout]
     for channels_last in layouts:
         for kind in ("torch", "ours"):

@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> None:
             if i >= 3:
                 times[name].append(t)
     ours = statistics.median(times["batchnorm.GhostBatchNorm1d (vectorized)"])
-    print(f"input ({cfg.batch}, {cfg.features}), ghost batches of {cfg.virtual}, forward + backward, "
-          f"{torch.get_num_threads()} threads, median of {cfg.reps}")
+    print(
+        f"input ({cfg.batch}, {cfg.features}), ghost batches of {cfg.virtual}, forward + backward, "
+        f"{torch.get_num_threads()} threads, median of {cfg.reps}"
+    )
     for name, t in times.items():
         med = statistics.median(t)
         print(f"  {name:40s} {med * 1e3:8.3f} ms   x{med / ours:.2f} vs ours")

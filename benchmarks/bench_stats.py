@@ -167,8 +167,10 @@ def cost_table(repeats: int) -> None:
             fn()
             runs[name].append(time.perf_counter() - t0)
     base = statistics.median(runs["plain no-grad pass"])
-    print(f"\ncost over 32 batches of 32x3x32x32, ResNet-style net with {n_bn} BN layers, "
-          f"{torch.get_num_threads()} thread(s), median of {repeats}")
+    print(
+        f"\ncost over 32 batches of 32x3x32x32, ResNet-style net with {n_bn} BN layers, "
+        f"{torch.get_num_threads()} thread(s), median of {repeats}"
+    )
     for name, ts in runs.items():
         med = statistics.median(ts)
         print(f"{name:<20} {med * 1e3:8.1f} ms   {med / base:5.2f}x")

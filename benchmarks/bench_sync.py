@@ -67,7 +67,10 @@ def make_net(cfg: Config, bn: type[nn.Module]) -> nn.Module:
 def _worker(rank: int, port: int, cfg: Config, queue) -> None:
     torch.set_num_threads(cfg.threads)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.procs,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=cfg.procs,
         timeout=datetime.timedelta(seconds=120),
     )
     torch.manual_seed(0)
@@ -98,7 +101,7 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
             calls.append((t0, time.perf_counter()))
 
     def step(name: str) -> float:
-        ddp, opt = steps[name]
+        ddp, opt = steps[name]  # noqa: F821 - bound above; deleted only after the last step
         dist.barrier()  # start together: time the step, not the wait for a slower peer
         calls.clear()
         t0 = time.perf_counter()
@@ -125,8 +128,10 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
     dist.all_gather_object(every_rank, step_calls)
     # latency of one layer's collectives: forward (W, 1 + 2C) and backward (2C,) float64
     c = cfg.channels
-    lat = {"forward all_reduce": torch.zeros(cfg.procs, 1 + 2 * c, dtype=torch.float64),
-           "backward all_reduce": torch.zeros(2 * c, dtype=torch.float64)}
+    lat = {
+        "forward all_reduce": torch.zeros(cfg.procs, 1 + 2 * c, dtype=torch.float64),
+        "backward all_reduce": torch.zeros(2 * c, dtype=torch.float64),
+    }
     lat_t: dict[str, list[float]] = {k: [] for k in lat}
     for i in range(cfg.reps + 3):
         for k, buf in lat.items():
@@ -143,13 +148,15 @@ def _worker(rank: int, port: int, cfg: Config, queue) -> None:
     if rank == 0:
         sync, local = times["sync (batchnorm.SyncBatchNorm)"], times["local (batchnorm.BatchNorm2d)"]
         paired = statistics.median(a / b for a, b in zip(sync, local))
-        queue.put((
-            {k: statistics.median(v) for k, v in times.items()},
-            paired,
-            _split_collective_time(every_rank),
-            {k: statistics.median(v) for k, v in lat_t.items()},
-            torch_sync,
-        ))
+        queue.put(
+            (
+                {k: statistics.median(v) for k, v in times.items()},
+                paired,
+                _split_collective_time(every_rank),
+                {k: statistics.median(v) for k, v in lat_t.items()},
+                torch_sync,
+            )
+        )
     del steps, variants
     gc.collect()  # free the DDP objects (reference cycles) before the group: see examples/ddp_syncbn.py
     dist.destroy_process_group()
@@ -187,21 +194,27 @@ def main(argv: list[str] | None = None) -> None:
     queue = ctx.SimpleQueue()
     mp.spawn(_worker, args=(port, cfg, queue), nprocs=cfg.procs, join=True)
     times, paired, split, lat, torch_sync = queue.get()
-    print(f"{cfg.procs} processes, gloo/CPU, {cfg.threads} thread(s) each; per rank: batch {cfg.batch}, "
-          f"{cfg.layers} x (conv {cfg.channels}ch + BN + ReLU) on {cfg.size}x{cfg.size}; "
-          f"DDP training step, median of {cfg.reps}")
+    print(
+        f"{cfg.procs} processes, gloo/CPU, {cfg.threads} thread(s) each; per rank: batch {cfg.batch}, "
+        f"{cfg.layers} x (conv {cfg.channels}ch + BN + ReLU) on {cfg.size}x{cfg.size}; "
+        f"DDP training step, median of {cfg.reps}"
+    )
     local = times["local (batchnorm.BatchNorm2d)"]
     for name, t in times.items():
         print(f"  {name:34s} {t * 1e3:8.2f} ms   x{t / local:.2f} vs local ours")
     per_layer = sum(lat.values())
     print(f"median of the paired per-step ratios sync / local ours: x{paired:.2f} (goal <= 1.2)")
-    print(f"one SyncBatchNorm layer's collectives per step: forward {lat['forward all_reduce'] * 1e6:.0f} us + "
-          f"backward {lat['backward all_reduce'] * 1e6:.0f} us; x {cfg.layers} layers = {per_layer * cfg.layers * 1e3:.2f} ms "
-          f"(measured sync - local: {(times['sync (batchnorm.SyncBatchNorm)'] - local) * 1e3:.2f} ms)")
+    print(
+        f"one SyncBatchNorm layer's collectives per step: forward {lat['forward all_reduce'] * 1e6:.0f} us + "
+        f"backward {lat['backward all_reduce'] * 1e6:.0f} us; x {cfg.layers} layers = {per_layer * cfg.layers * 1e3:.2f} ms "
+        f"(measured sync - local: {(times['sync (batchnorm.SyncBatchNorm)'] - local) * 1e3:.2f} ms)"
+    )
     inside, waiting, after = split
-    print(f"time inside SyncBatchNorm's all_reduce calls per sync step (rank 0): {inside * 1e3:.2f} ms = "
-          f"waiting for the peer to arrive {waiting * 1e3:.2f} ms + from the last arrival to return "
-          f"(transfer, being scheduled again) {after * 1e3:.2f} ms (the median step)")
+    print(
+        f"time inside SyncBatchNorm's all_reduce calls per sync step (rank 0): {inside * 1e3:.2f} ms = "
+        f"waiting for the peer to arrive {waiting * 1e3:.2f} ms + from the last arrival to return "
+        f"(transfer, being scheduled again) {after * 1e3:.2f} ms (the median step)"
+    )
     print(f"torch.nn.SyncBatchNorm, same processes, CPU input: {torch_sync}")
 
 

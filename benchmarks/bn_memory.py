@@ -7,7 +7,7 @@ saves for backward passes through the pack hook, and we add up the *distinct* st
 saved twice, or saved by two layers, counts once). Two settings:
 
 1. one norm + activation layer on a conv-sized input: only the layer's own saved tensors;
-2. a stack of 20 Linear -> norm + activation blocks (PAPERS.md section 8): the whole model,
+2. a stack of 20 Linear -> norm + activation blocks: the whole model,
    where the fused layer's saved output is also the next Linear's saved input.
 
 Time: training forward + backward of the same layer, interleaved rounds, medians, in one run.
@@ -67,7 +67,7 @@ def time_fwd_bwd(models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> 
     g = torch.randn_like(models[names[0]](x))
     warmup = 3  # torch's first Linear calls take ~1 s each here (oneDNN set-up), numba loads its cache
     for r in range(warmup + rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             xi = x.detach().requires_grad_()
             t0 = time.perf_counter()
@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{labels[k]:<24} {mem[k] / 2**20:>10.2f} {mem[k] / mem['torch']:>9.3f} "
             f"{t[k] * 1e3:>11.2f} {t[k] / t['torch']:>9.3f}"
         )
-    print(f"BatchNormAct vs our BN + LeakyReLU: saved {mem['fused'] / mem['ours']:.3f}x, time {t['fused'] / t['ours']:.3f}x")
+    print(
+        f"BatchNormAct vs our BN + LeakyReLU: saved {mem['fused'] / mem['ours']:.3f}x, time {t['fused'] / t['ours']:.3f}x"
+    )
 
     width, depth, batch = (256, 20, 128) if a.quick else (512, 20, 256)
     xs = torch.randn(batch, width, requires_grad=True)

@@ -63,6 +63,7 @@ def measure(shape: tuple[int, ...], repeats: int, calls: int) -> dict[str, dict[
             else:
                 with batchnorm.use_backend(backend):
                     layer(x).backward(g)
+
         return run
 
     def evaluate(layer: torch.nn.Module, backend: str | None) -> Callable[[], object]:
@@ -74,6 +75,7 @@ def measure(shape: tuple[int, ...], repeats: int, calls: int) -> dict[str, dict[
                 else:
                     with batchnorm.use_backend(backend):
                         layer(x)
+
         return run
 
     out: dict[str, dict[str, float]] = {}
@@ -95,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=200, help="calls per candidate and round (default 200)")
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians in microseconds")
-    print(f"{'shape':<16} {'mode':<6} {'auto':>8} {'torch_ops':>10} {'native':>8} {'auto/native':>12} {'ops/native':>11}")
+    print(
+        f"{'shape':<16} {'mode':<6} {'auto':>8} {'torch_ops':>10} {'native':>8} {'auto/native':>12} {'ops/native':>11}"
+    )
     for shape in SHAPES:
         res = measure(shape, args.repeats, args.calls)
         for mode, r in res.items():

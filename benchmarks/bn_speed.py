@@ -99,7 +99,7 @@ def interleaved(cands: dict[str, Callable[[], object]], cfg: Config) -> dict[str
     names = list(cands)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(cfg.warmup + cfg.repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             t0 = time.perf_counter()
             cands[n]()

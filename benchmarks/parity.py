@@ -60,10 +60,14 @@ def worst(dtype: torch.dtype) -> dict[str, float]:
 
 
 def main() -> None:
-    print(f"{'dtype':10s} {'output':>10s} {'grads':>10s} {'running':>10s} {'eval':>10s}   (max relative difference vs torch)")
+    print(
+        f"{'dtype':10s} {'output':>10s} {'grads':>10s} {'running':>10s} {'eval':>10s}   (max relative difference vs torch)"
+    )
     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         w = worst(dtype)
-        print(f"{str(dtype).split('.')[-1]:10s} {w['output']:10.1e} {w['grad']:10.1e} {w['running']:10.1e} {w['eval']:10.1e}")
+        print(
+            f"{str(dtype).split('.')[-1]:10s} {w['output']:10.1e} {w['grad']:10.1e} {w['running']:10.1e} {w['eval']:10.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -58,9 +58,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def make_model() -> nn.Module:
     """A small conv net for (N, 1, 8, 8) images with two BatchNorm2d and a BatchNorm1d."""
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(),
+        nn.Conv2d(1, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 32, bias=False),
+        nn.BatchNorm1d(32),
+        nn.ReLU(),
         nn.Linear(32, 10),
     )
 

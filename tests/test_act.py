@@ -235,5 +235,7 @@ def test_eval_and_untracked_modes():
     m = batchnorm.BatchNormAct3d(2, "elu", alpha=0.5, track_running_stats=False)
     x = torch.randn(3, 2, 2, 3, 3)
     m.eval()  # no running stats: batch statistics, as torch
-    torch.testing.assert_close(m(x), F.elu(F.batch_norm(x, None, None, m.weight, m.bias, True), 0.5), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        m(x), F.elu(F.batch_norm(x, None, None, m.weight, m.bias, True), 0.5), atol=1e-5, rtol=1e-5
+    )
     assert "activation=elu, alpha=0.5" in repr(m)

@@ -10,7 +10,9 @@ from batchnorm import batch_norm
 
 
 def test_wrong_ndim_names_layer_expected_and_actual() -> None:
-    with pytest.raises(ValueError, match=r"BatchNorm2d\(3\): expected 4D \(N, C, H, W\) input, got 3D input of shape \(2, 3, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"BatchNorm2d\(3\): expected 4D \(N, C, H, W\) input, got 3D input of shape \(2, 3, 4\)"
+    ):
         batchnorm.BatchNorm2d(3)(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match=r"BatchNorm1d\(3\): expected 2D \(N, C\) or 3D \(N, C, L\) input, got 4D"):
         batchnorm.BatchNorm1d(3)(torch.randn(2, 3, 4, 4))
@@ -26,7 +28,10 @@ def test_wrong_channel_count() -> None:
 
 
 def test_single_value_per_channel_in_training() -> None:
-    with pytest.raises(ValueError, match=r"BatchNorm2d\(3\): expected more than 1 value per channel when training, got input of shape \(1, 3, 1, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"BatchNorm2d\(3\): expected more than 1 value per channel when training, got input of shape \(1, 3, 1, 1\)",
+    ):
         batchnorm.BatchNorm2d(3)(torch.randn(1, 3, 1, 1))
     # fine in eval mode, and with one sample but several positions
     bn = batchnorm.BatchNorm2d(3)

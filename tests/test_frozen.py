@@ -1,6 +1,6 @@
 """Tests for FrozenBatchNorm1d/2d/3d.
 
-    PYTHONPATH=src python -m pytest -q tests/test_frozen.py
+PYTHONPATH=src python -m pytest -q tests/test_frozen.py
 """
 
 from __future__ import annotations
@@ -23,12 +23,22 @@ def filled(layer: nn.Module) -> nn.Module:
     return layer
 
 
-@pytest.mark.parametrize("cls,shape", [(FrozenBatchNorm1d, (4, 3)), (FrozenBatchNorm1d, (4, 3, 5)), (FrozenBatchNorm2d, (4, 3, 5, 2)), (FrozenBatchNorm3d, (2, 3, 2, 3, 2))])
+@pytest.mark.parametrize(
+    "cls,shape",
+    [
+        (FrozenBatchNorm1d, (4, 3)),
+        (FrozenBatchNorm1d, (4, 3, 5)),
+        (FrozenBatchNorm2d, (4, 3, 5, 2)),
+        (FrozenBatchNorm3d, (2, 3, 2, 3, 2)),
+    ],
+)
 def test_forward_matches_numpy_in_both_modes(cls: type, shape: tuple[int, ...]) -> None:
     layer = filled(cls(3, eps=1e-3))
     x = torch.randn(shape)
     view = (1, 3) + (1,) * (len(shape) - 2)
-    rm, rv, w, b = (t.double().numpy().reshape(view) for t in (layer.running_mean, layer.running_var, layer.weight, layer.bias))
+    rm, rv, w, b = (
+        t.double().numpy().reshape(view) for t in (layer.running_mean, layer.running_var, layer.weight, layer.bias)
+    )
     ref = w * (x.double().numpy() - rm) / np.sqrt(rv + 1e-3) + b
     for mode in (True, False):
         layer.train(mode)

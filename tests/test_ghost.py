@@ -18,7 +18,7 @@ def _loop_reference(x, chunks, w, b, eps):
     outs = []
     start = 0
     for n in chunks:
-        outs.append(F.batch_norm(x[start:start + n], None, None, w, b, training=True, eps=eps))
+        outs.append(F.batch_norm(x[start : start + n], None, None, w, b, training=True, eps=eps))
         start += n
     return torch.cat(outs)
 
@@ -80,7 +80,7 @@ def test_running_stats_do_not_depend_on_virtual_batch_size_and_equal_torch_bn():
         m(x)
         torch.testing.assert_close(m.running_mean, ref.running_mean)
         torch.testing.assert_close(m.running_var, ref.running_var)
-    mean_of_ghost_vars = torch.stack([x[i:i + 4].var(0) for i in range(0, 24, 4)]).mean(0)
+    mean_of_ghost_vars = torch.stack([x[i : i + 4].var(0) for i in range(0, 24, 4)]).mean(0)
     assert (ref.running_var - (0.9 + 0.1 * mean_of_ghost_vars)).abs().min() > 1.0
 
 

@@ -1,6 +1,6 @@
 """Tests for batchnorm.diagnostics.inspect_model and format_table.
 
-    PYTHONPATH=src python -m pytest -q tests/test_inspect.py
+PYTHONPATH=src python -m pytest -q tests/test_inspect.py
 """
 
 from __future__ import annotations
@@ -40,7 +40,11 @@ def test_conventions_health_bias_and_fold_columns() -> None:
     assert by["5"].eps == 1e-3 and by["8"].kind == "FrozenBatchNorm1d"
     # redundant biases agree with the lint, foldability with fold()
     lint = {f.bn: (f.layer, f.parameters) for f in find_redundant_biases(model)}
-    assert {r.name: (r.redundant_bias, r.wasted_parameters) for r in reports if r.redundant_bias} == lint == {"1": ("0", 8), "8": ("7", 5)}
+    assert (
+        {r.name: (r.redundant_bias, r.wasted_parameters) for r in reports if r.redundant_bias}
+        == lint
+        == {"1": ("0", 8), "8": ("7", 5)}
+    )
     result = fold(model)
     assert {r.name for r in reports if r.foldable} == {bn for bn, _, _ in result.folded} == {"1", "8"}
     assert "NaN/inf" in by["5"].fold_note
@@ -82,7 +86,20 @@ def test_format_table() -> None:
     model = net().eval()
     text = format_table(inspect_model(model, torch.randn(4, 3, 5, 5)))
     lines = text.splitlines()
-    assert lines[0].split() == ["layer", "kind", "C", "momentum", "keras", "eps", "stats", "shift", "var", "x", "bias", "fold"]
+    assert lines[0].split() == [
+        "layer",
+        "kind",
+        "C",
+        "momentum",
+        "keras",
+        "eps",
+        "stats",
+        "shift",
+        "var",
+        "x",
+        "bias",
+        "fold",
+    ]
     row = lines[2].split()
     assert row[:6] == ["1", "BatchNorm2d", "8", "0.2", "0.8", "1e-05"] and row[-1] == "yes"
     assert lines[3].split()[3:5] == ["cumul.", "-"]

@@ -43,7 +43,7 @@ TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfl
 
 
 # ---------------------------------------------------------------------------------------------
-# NumPy float64 reference (textbook formulas of DESIGN.md)
+# NumPy float64 reference (textbook formulas)
 
 
 def _to_mc(x: np.ndarray) -> np.ndarray:
@@ -167,9 +167,7 @@ def test_kernels_direct_no_affine(kern, shape, fmt):
 
 
 @pytest.mark.parametrize("kern", [cpu, cpu_small], ids=["cpu", "cpu_small"])
-@pytest.mark.parametrize(
-    "grad", ["nchw", "channels_last", "expanded"], ids=["nchw-grad", "cl-grad", "expanded-grad"]
-)
+@pytest.mark.parametrize("grad", ["nchw", "channels_last", "expanded"], ids=["nchw-grad", "cl-grad", "expanded-grad"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_backward_grad_layout_differs_from_input(kern, grad, fmt):
     """A grad laid out unlike the input (another memory format, or a stride-0 broadcast as

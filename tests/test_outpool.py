@@ -69,7 +69,11 @@ def test_tensor_saved_for_backward_is_never_overwritten():
 
 @pytest.mark.parametrize(
     ("fmt", "dtype"),
-    [(torch.contiguous_format, torch.float32), (torch.channels_last, torch.float32), (torch.channels_last, torch.bfloat16)],
+    [
+        (torch.contiguous_format, torch.float32),
+        (torch.channels_last, torch.float32),
+        (torch.channels_last, torch.bfloat16),
+    ],
 )
 def test_pooled_outputs_are_plain_tensors_in_place_ops_allowed(fmt, dtype):
     """Same shape, strides, dtype as x; not a view (so an in-place ReLU after BN works)."""

@@ -37,7 +37,9 @@ def test_forward_backward_equal_reference(shape: tuple[int, ...], scale: float, 
 
 @settings(max_examples=30, deadline=None)
 @given(shape=shapes, a=st.floats(0.1, 10.0), b=st.floats(-100, 100), seed=st.integers(0, 2**16))
-def test_output_invariant_to_positive_affine_input_change(shape: tuple[int, ...], a: float, b: float, seed: int) -> None:
+def test_output_invariant_to_positive_affine_input_change(
+    shape: tuple[int, ...], a: float, b: float, seed: int
+) -> None:
     """BN(a*x + b; eps*a^2) == BN(x; eps) for a > 0, exactly in exact arithmetic: why a bias
     before BN is redundant (eps scales with the variance, so it is scaled too)."""
     x = torch.tensor(np.random.default_rng(seed).normal(size=shape) * 3)

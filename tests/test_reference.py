@@ -43,10 +43,16 @@ def test_backward_matches_finite_differences(shape: tuple[int, ...]) -> None:
         e[idx] = h
         num_dx[idx] = (loss(x + e, gamma, beta) - loss(x - e, gamma, beta)) / (2 * h)
     num_dgamma = np.array(
-        [(loss(x, gamma + h * np.eye(shape[1])[c], beta) - loss(x, gamma - h * np.eye(shape[1])[c], beta)) / (2 * h) for c in range(shape[1])]
+        [
+            (loss(x, gamma + h * np.eye(shape[1])[c], beta) - loss(x, gamma - h * np.eye(shape[1])[c], beta)) / (2 * h)
+            for c in range(shape[1])
+        ]
     )
     num_dbeta = np.array(
-        [(loss(x, gamma, beta + h * np.eye(shape[1])[c]) - loss(x, gamma, beta - h * np.eye(shape[1])[c])) / (2 * h) for c in range(shape[1])]
+        [
+            (loss(x, gamma, beta + h * np.eye(shape[1])[c]) - loss(x, gamma, beta - h * np.eye(shape[1])[c])) / (2 * h)
+            for c in range(shape[1])
+        ]
     )
     np.testing.assert_allclose(dx, num_dx, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(dgamma, num_dgamma, rtol=1e-6, atol=1e-8)

@@ -67,8 +67,15 @@ def test_forward_backward_match_algorithm1_with_clipping(shape):
     y = batch_renorm(x, rm, rs, w, b, training=True, momentum=0.2, eps=eps, r_max=r_max, d_max=d_max)
     y.backward(gy)
     ry, rdx, rdw, rdb, mu_b, sig_b = _np_renorm(
-        x.detach().numpy(), w.detach().numpy(), b.detach().numpy(), mu.numpy(), sigma.numpy(),
-        eps, r_max, d_max, gy.numpy(),
+        x.detach().numpy(),
+        w.detach().numpy(),
+        b.detach().numpy(),
+        mu.numpy(),
+        sigma.numpy(),
+        eps,
+        r_max,
+        d_max,
+        gy.numpy(),
     )
     r_raw = sig_b / sigma.numpy()
     d_raw = (mu_b - mu.numpy()) / sigma.numpy()

@@ -1,6 +1,6 @@
 """Tests for batchnorm.stats: Moments and recompute_statistics.
 
-    PYTHONPATH=src python -m pytest -q tests/test_stats.py
+PYTHONPATH=src python -m pytest -q tests/test_stats.py
 """
 
 from __future__ import annotations
@@ -412,7 +412,9 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         x = class_sorted_data()  # same data set everywhere; each rank takes a different share
         share = x[:50] if rank == 0 else x[50:]  # unequal counts: 50 and 110
         report = recompute_statistics(model, share.split(16))
-        torch.save({"state": model.state_dict(), "samples": [r.samples for r in report]}, os.path.join(out_dir, f"{rank}.pt"))
+        torch.save(
+            {"state": model.state_dict(), "samples": [r.samples for r in report]}, os.path.join(out_dir, f"{rank}.pt")
+        )
     finally:
         gc.collect()  # nothing may still hold the group when it is torn down (docs/distributed.md)
         dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """Tests for batchnorm.surgery: fold, strip_redundant_bias, find_redundant_biases, freeze/unfreeze.
 
-    PYTHONPATH=src python -m pytest -q tests/test_surgery.py
+PYTHONPATH=src python -m pytest -q tests/test_surgery.py
 """
 
 from __future__ import annotations
@@ -70,12 +70,16 @@ def test_fold_bn_weights_matches_numpy() -> None:
     wf, bf = fold_bn_weights(w, b, mean, var, 1e-3, gamma, beta)
     x = np.random.default_rng(0).normal(size=(7, 3))
     y = x @ w.numpy().T + b.numpy()
-    ref = (y - mean.double().numpy()) / np.sqrt(var.double().numpy() + 1e-3) * gamma.double().numpy() + beta.double().numpy()
+    ref = (y - mean.double().numpy()) / np.sqrt(
+        var.double().numpy() + 1e-3
+    ) * gamma.double().numpy() + beta.double().numpy()
     np.testing.assert_allclose(x @ wf.numpy().T + bf.numpy(), ref, rtol=1e-12, atol=1e-12)
     # BN before the layer
     wn, bn_ = fold_bn_into_next_weights(torch.randn(4, 5, dtype=torch.float64), None, mean, var, 1e-3, gamma, beta)
     x5 = np.random.default_rng(1).normal(size=(7, 5))
-    z = (x5 - mean.double().numpy()) / np.sqrt(var.double().numpy() + 1e-3) * gamma.double().numpy() + beta.double().numpy()
+    z = (x5 - mean.double().numpy()) / np.sqrt(
+        var.double().numpy() + 1e-3
+    ) * gamma.double().numpy() + beta.double().numpy()
     w2 = wn.numpy() / (gamma.double().numpy() / np.sqrt(var.double().numpy() + 1e-3))  # recover W
     np.testing.assert_allclose(x5 @ wn.numpy().T + bn_.numpy(), z @ w2.T, rtol=1e-10, atol=1e-10)
 
@@ -347,7 +351,9 @@ def test_inplace_and_dtype_device_requires_grad_kept() -> None:
     assert conv.weight.dtype == torch.float16 and conv.bias.dtype == torch.float16
     assert not conv.weight.requires_grad and not conv.bias.requires_grad
     # computed in float64, then rounded once
-    w64, b64 = fold_bn_weights(conv_ref.weight, None, bn_ref.running_mean, bn_ref.running_var, bn_ref.eps, bn_ref.weight, bn_ref.bias)
+    w64, b64 = fold_bn_weights(
+        conv_ref.weight, None, bn_ref.running_mean, bn_ref.running_var, bn_ref.eps, bn_ref.weight, bn_ref.bias
+    )
     assert torch.equal(conv.weight, w64.half())
     assert torch.equal(conv.bias, b64.half())
 
@@ -400,7 +406,11 @@ def test_strip_redundant_bias_keeps_train_and_eval_outputs() -> None:
 
 
 def test_freeze_unfreeze_roundtrip() -> None:
-    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5), BatchNorm1d(5, momentum=0.3)))
+    model = randomize_bn(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5), BatchNorm1d(5, momentum=0.3)
+        )
+    )
     model.eval()
     frozen = freeze(model)
     assert isinstance(frozen[1], FrozenBatchNorm2d) and isinstance(model[1], nn.BatchNorm2d)
@@ -477,7 +487,10 @@ def _random_conv(rng: np.random.Generator, transposed: bool) -> tuple[nn.Module,
     stride = int(rng.integers(1, 3))
     dilation = int(rng.integers(1, 3))
     bias = bool(rng.integers(0, 2))
-    kinds = {False: (nn.Conv1d, nn.Conv2d, nn.Conv3d), True: (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)}
+    kinds = {
+        False: (nn.Conv1d, nn.Conv2d, nn.Conv3d),
+        True: (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+    }
     cls = kinds[transposed][d - 1]
     conv = cls(cin, cout, k, stride=stride, dilation=dilation, groups=groups, bias=bias)
     size = 7 if d < 3 else 5

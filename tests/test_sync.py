@@ -61,6 +61,7 @@ def _count_collectives():
         def counted(*args, **kwargs):
             calls.append(name)
             return fn(*args, **kwargs)
+
         return counted
 
     try:
@@ -94,7 +95,7 @@ def _run_layout(rank: int, name: str, out: dict) -> None:
             out[f"{name}/non_member_raises"] = "not a member" in str(e)
         return
     me = members.index(rank)
-    lo, hi = sum(sizes[:me]), sum(sizes[:me + 1])
+    lo, hi = sum(sizes[:me]), sum(sizes[: me + 1])
     gen = torch.Generator().manual_seed(1234)
     ref = ref_cls(c, momentum=momentum).double()
     with torch.no_grad():
@@ -130,7 +131,7 @@ def _run_layout(rank: int, name: str, out: dict) -> None:
             "forward": _maxdiff(y, yr[lo:hi]),
             "grad_input": _maxdiff(xl.grad, xr.grad[lo:hi]),
             "grad_weight": _maxdiff(gw, ref.weight.grad),
-                "running_mean": _maxdiff(ours.running_mean, ref.running_mean),
+            "running_mean": _maxdiff(ours.running_mean, ref.running_mean),
             "running_var": _maxdiff(ours.running_var, ref.running_var),
         }
         for k, v in diffs.items():
@@ -415,8 +416,12 @@ def test_single_process_is_plain_batchnorm():
 
 def test_convert_sync_batchnorm_keeps_state_and_returns_copy():
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(2, 3, 1), torch.nn.BatchNorm2d(3), torch.nn.ReLU(),
-        torch.nn.Flatten(), batchnorm.BatchNorm1d(12), batchnorm.GhostBatchNorm1d(12, 2),
+        torch.nn.Conv2d(2, 3, 1),
+        torch.nn.BatchNorm2d(3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        batchnorm.BatchNorm1d(12),
+        batchnorm.GhostBatchNorm1d(12, 2),
     ).double()
     model(torch.randn(8, 2, 2, 2, dtype=torch.float64))
     model[1].weight.requires_grad_(False)
@@ -443,8 +448,16 @@ def test_ddp_example_under_torchrun_matches_single_process():
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]))
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(root / "examples" / "ddp_syncbn.py"), "--steps", "6", "--global-batch", "15",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(root / "examples" / "ddp_syncbn.py"),
+        "--steps",
+        "6",
+        "--global-batch",
+        "15",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr

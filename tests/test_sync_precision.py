@@ -1,4 +1,4 @@
-"""The synchronized path keeps DESIGN.md's stability policy (mean 1e4, std 1e-2 in float32).
+"""The synchronized path keeps the numerical stability policy (mean 1e4, std 1e-2 in float32).
 
 Runs ``sync_batch_norm`` (the code path that communicates) in this process on a gloo group of
 one rank, against float64 batch norm written out here, and against our non-synchronized

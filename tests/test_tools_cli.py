@@ -1,6 +1,6 @@
 """Tests for the inspect / fold / recalibrate commands (batchnorm._tools_cli).
 
-    PYTHONPATH=src python -m pytest -q tests/test_tools_cli.py
+PYTHONPATH=src python -m pytest -q tests/test_tools_cli.py
 """
 
 from __future__ import annotations
@@ -41,8 +41,23 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 @pytest.fixture()
 def saved(tmp_path: Path) -> dict[str, Path]:
+    return _save_models(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def saved_once(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same files, written once for the tests that only read them."""
+    return _save_models(tmp_path_factory.mktemp("models"))
+
+
+def _save_models(tmp_path: Path) -> dict[str, Path]:
     model = mlp()
-    paths = {"module": tmp_path / "m.pt", "export": tmp_path / "m.pt2", "state": tmp_path / "sd.pt", "garbage": tmp_path / "g.pt"}
+    paths = {
+        "module": tmp_path / "m.pt",
+        "export": tmp_path / "m.pt2",
+        "state": tmp_path / "sd.pt",
+        "garbage": tmp_path / "g.pt",
+    }
     torch.save(model, paths["module"])
     # torch's layers export as one aten.batch_norm call each (ours as its primitive ops)
     torch.export.save(torch.export.export(mlp(ours=False), (torch.randn(8, 64),)), paths["export"])
@@ -66,11 +81,17 @@ def test_inspect_needs_trust_for_pickled_modules(saved: dict[str, Path], capsys:
 
 @pytest.mark.parametrize(
     "key,message",
-    [("state", "state_dict, not a model"), ("garbage", "not a torch.save file"), (None, "no such file")],
+    [
+        ("state", "state_dict, not a model"),
+        ("garbage", "neither a torch.save file nor a torch.export"),
+        (None, "no such file"),
+    ],
 )
-def test_bad_files_are_one_line_errors(saved: dict[str, Path], capsys: pytest.CaptureFixture[str], key: str | None, message: str) -> None:
+def test_bad_files_are_one_line_errors(
+    saved: dict[str, Path], capsys: pytest.CaptureFixture[str], key: str | None, message: str
+) -> None:
     path = str(saved[key]) if key else str(saved["module"].parent / "missing.pt")
-    for argv in (["inspect", path, "--trust"], ["fold", path, "-o", path + ".out", "--trust"]):
+    for argv in (["inspect", path, "--trust"], ["fold", path, "-o", path + ".folded.pt", "--trust"]):
         code, out, err = run(capsys, *argv)
         assert code == 2 and message in err and err.count("\n") == 1
 
@@ -119,7 +140,18 @@ def digits_bn_input(model: nn.Module) -> np.ndarray:
 
 def test_recalibrate_digits_exact(saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_path = tmp_path / "recal.pt"
-    code, out, err = run(capsys, "recalibrate", str(saved["module"]), "--trust", "--data", "digits", "-o", str(out_path), "--batch-size", "100")
+    code, out, err = run(
+        capsys,
+        "recalibrate",
+        str(saved["module"]),
+        "--trust",
+        "--data",
+        "digits",
+        "-o",
+        str(out_path),
+        "--batch-size",
+        "100",
+    )
     assert code == 0, err
     assert "1797 samples" in out
     model = torch.load(out_path, weights_only=False)
@@ -128,20 +160,26 @@ def test_recalibrate_digits_exact(saved: dict[str, Path], tmp_path: Path, capsys
     np.testing.assert_allclose(model[1].running_var.double().numpy(), h.var(0, ddof=1), rtol=1e-6)
 
 
-def test_recalibrate_npy_pt_and_exported(saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_recalibrate_npy_pt_and_exported(
+    saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     x = torch.randn(30, 64) * 2 + 1
     np.save(tmp_path / "x.npy", x.numpy())
     torch.save((x, torch.zeros(30)), tmp_path / "x.pt")
     h = mlp()[0](x).detach().double().numpy()  # the same Linear weights with torch's or our BN
     for spec in ("x.npy", "x.pt"):
         out_path = tmp_path / f"r_{spec}.pt"
-        code, _, err = run(capsys, "recalibrate", str(saved["module"]), "--trust", "--data", str(tmp_path / spec), "-o", str(out_path))
+        code, _, err = run(
+            capsys, "recalibrate", str(saved["module"]), "--trust", "--data", str(tmp_path / spec), "-o", str(out_path)
+        )
         assert code == 0, err
         model = torch.load(out_path, weights_only=False)
         np.testing.assert_allclose(model[1].running_var.double().numpy(), h.var(0, ddof=1), rtol=1e-6)
     # an exported program takes batches of its example size (8): 24 of the 30 samples are used
     out_path = tmp_path / "r.pt2"
-    code, out, err = run(capsys, "recalibrate", str(saved["export"]), "--data", str(tmp_path / "x.npy"), "-o", str(out_path))
+    code, out, err = run(
+        capsys, "recalibrate", str(saved["export"]), "--data", str(tmp_path / "x.npy"), "-o", str(out_path)
+    )
     assert code == 0, err
     assert "using the first 24 samples" in out
     program = torch.export.load(out_path)
@@ -152,12 +190,20 @@ def test_recalibrate_npy_pt_and_exported(saved: dict[str, Path], tmp_path: Path,
 
 def test_recalibrate_bad_data(saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bad.npy").write_bytes(b"nope")
-    for spec, message in [("mnist", "neither 'digits'"), (str(tmp_path / "bad.npy"), "not a readable .npy"), ("digits-images", "failed on --data")]:
-        code, _, err = run(capsys, "recalibrate", str(saved["module"]), "--trust", "--data", spec, "-o", str(tmp_path / "o.pt"))
+    for spec, message in [
+        ("mnist", "neither 'digits'"),
+        (str(tmp_path / "bad.npy"), "not a readable .npy"),
+        ("digits-images", "failed on --data"),
+    ]:
+        code, _, err = run(
+            capsys, "recalibrate", str(saved["module"]), "--trust", "--data", spec, "-o", str(tmp_path / "o.pt")
+        )
         assert code == 2 and message in err, err
 
 
-def test_exported_batchnorm_of_ours_is_reported_not_ignored(saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_exported_batchnorm_of_ours_is_reported_not_ignored(
+    saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, err = run(capsys, "fold", str(saved["export_ours"]), "-o", str(tmp_path / "f.pt2"))
     assert code == 0, err
     assert "folded 1 batch norm(s), left 0" in out
@@ -192,3 +238,196 @@ def test_lifted_exported_convs_fold_exactly() -> None:
     with torch.no_grad():
         got = reexport(gm, program).module()(x)
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run the command; assert exit status 2, nothing on stdout, exactly one line on stderr, no traceback."""
+    code, out, err = run(capsys, *argv)
+    assert code == 2, (code, out, err)
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("batchnorm: error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["fold", "{module}", "-o", "{tmp}/no/such/folder/f.pt", "--trust"],
+            "folder '{tmp}/no/such/folder' does not exist",
+        ),
+        (["fold", "{module}", "-o", "{tmp}", "--trust"], "is a directory"),
+        (["fold", "{module}", "-o", "{module}/sub.pt", "--trust"], "is a file, not a folder"),
+        (["fold", "{module}", "-o", "{module}", "--trust"], "is the input file"),
+        (["fold", "{export}", "-o", "{export}"], "is the input file"),
+        (
+            ["fold", "{module}", "-o", "{mdir}/../{mdirname}/m.pt", "--trust"],
+            "is the input file",
+        ),  # the same file, spelt otherwise
+        (
+            ["fold", "{module}", "-o", "{tmp}/f.onnx", "--trust"],
+            "expected a .pt/.pth (torch.save) or .pt2 (torch.export)",
+        ),
+        (["fold", "{module}", "-o", "{tmp}/f", "--trust"], "got 'no suffix'"),
+        (["fold", "{module}", "-o", "{tmp}/f.pt2", "--trust"], "a .pt2 output needs a torch.export program"),
+        (["fold", "{export}", "-o", "{tmp}/f.pt"], "is a torch.export program, which is written back as .pt2"),
+        (["recalibrate", "{module}", "--trust", "--data", "digits", "-o", "{tmp}/f.pt2"], "a .pt2 output needs"),
+        (["recalibrate", "{module}", "--trust", "--data", "digits", "-o", "{tmp}"], "is a directory"),
+        (["recalibrate", "{module}", "--trust", "--data", "digits", "-o", "{module}"], "is the input file"),
+        (["recalibrate", "{module}", "--trust", "--data", "{tmp}", "-o", "{tmp}/r.pt"], "is a directory"),
+        (["recalibrate", "{module}", "--trust", "--data", "{tmp}/none.npy", "-o", "{tmp}/r.pt"], "no such file"),
+        (
+            ["recalibrate", "{module}", "--trust", "--data", "digits", "-o", "{tmp}/r.pt", "--passes", "0"],
+            "--passes: expected a positive int",
+        ),
+        (
+            ["recalibrate", "{module}", "--trust", "--data", "digits", "-o", "{tmp}/r.pt", "--max-samples", "0"],
+            "--max-samples",
+        ),
+        (
+            ["recalibrate", "{module}", "--trust", "--data", "digits", "-o", "{tmp}/r.pt", "--batch-size", "-3"],
+            "--batch-size",
+        ),
+        (["inspect", "{tmp}"], "is a directory, expected a file"),
+        (["inspect", "{module}", "--sample", "8,y"], "--sample"),
+    ],
+)
+def test_bad_paths_and_options_fail_before_any_work(
+    saved_once: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    saved = saved_once
+    mdir = saved["module"].parent
+
+    def fill(text: str) -> str:
+        return text.format(module=saved["module"], export=saved["export"], tmp=tmp_path, mdir=mdir, mdirname=mdir.name)
+
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    with pytest.MonkeyPatch.context() as mp:
+        import batchnorm._tools_cli as tools
+
+        # "before any work": the model is never loaded when a path or option is bad
+        if argv[0] != "inspect":
+            mp.setattr(tools, "_load", lambda *a: pytest.fail("the model was loaded before the paths were checked"))
+        err = one_line_error(capsys, *map(fill, argv))
+    assert fill(message) in err
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing written, nothing touched
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["fold", "m.pt"], "the following arguments are required: -o/--output"),
+        (["inspect", "m.pt", "--seed", "one"], "invalid int value: 'one'"),
+        (["recalibrate", "m.pt", "-o", "r.pt", "--data", "digits", "--mode", "both"], "invalid choice: 'both'"),
+    ],
+)
+def test_bad_options_are_one_line_too(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and err.startswith("batchnorm: error: ") and message in err
+
+
+def test_pickle_named_pt2_is_read_by_content_without_torch_noise(
+    saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disguised = tmp_path / "pickle.pt2"
+    disguised.write_bytes(saved["module"].read_bytes())
+    err = one_line_error(capsys, "inspect", str(disguised))  # no --trust: refused, in one line (no torch warnings)
+    assert "holds pickled Python objects (torch.nn.modules.container.Sequential)" in err and "--trust" in err
+    code, out, err = run(capsys, "inspect", str(disguised), "--trust")
+    assert code == 0 and err == "" and "BatchNorm1d" in out
+
+
+def test_export_renamed_pt_is_recognized(
+    saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    renamed = tmp_path / "export.pt"
+    renamed.write_bytes(saved["export"].read_bytes())
+    code, out, err = run(capsys, "inspect", str(renamed))  # an exported program needs no --trust
+    assert code == 0 and err == "" and "BatchNorm1d" in out
+    code, out, err = run(capsys, "fold", str(renamed), "-o", str(tmp_path / "folded.pt2"))
+    assert code == 0, err
+    assert "aten.linear.default" in {str(n.target) for n in torch.export.load(tmp_path / "folded.pt2").graph.nodes}
+
+
+def test_weights_only_messages_are_readable(
+    saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a tensor" * 10)
+    err = one_line_error(
+        capsys, "recalibrate", str(saved["module"]), "--trust", "--data", str(junk), "-o", str(tmp_path / "r.pt")
+    )
+    assert "not a file written by torch.save" in err
+    torch.save(mlp(), tmp_path / "pickled_data.pt")
+    err = one_line_error(
+        capsys,
+        "recalibrate",
+        str(saved["module"]),
+        "--trust",
+        "--data",
+        str(tmp_path / "pickled_data.pt"),
+        "-o",
+        str(tmp_path / "r.pt"),
+    )
+    assert "holds pickled Python objects (torch.nn.modules.container.Sequential)" in err
+    for text in (err,):
+        assert "\x1b" not in text and "(101)" not in text and "operand" not in text
+
+
+@pytest.mark.parametrize("command", ["fold", "recalibrate"])
+@pytest.mark.parametrize("fmt", ["pt", "pt2"])
+def test_model_without_batchnorm_is_reported_and_nothing_written(
+    command: str, fmt: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    path = tmp_path / f"plain.{fmt}"
+    if fmt == "pt":
+        torch.save(model, path)
+    else:
+        torch.export.save(torch.export.export(model, (torch.randn(8, 64),)), path)
+    out = tmp_path / f"out.{fmt}"
+    extra = ["--data", "digits"] if command == "recalibrate" else []
+    err = one_line_error(capsys, command, str(path), "-o", str(out), "--trust", *extra)
+    assert "has no batch-norm layer" in err and "nothing written" in err
+    assert not out.exists()
+
+
+def test_fold_with_nothing_foldable_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bn_first.pt"
+    torch.save(nn.Sequential(nn.BatchNorm1d(4), nn.ReLU()).eval(), path)
+    err = one_line_error(capsys, "fold", str(path), "-o", str(tmp_path / "f.pt"), "--trust")
+    assert "no batch norm could be folded" in err and not (tmp_path / "f.pt").exists()
+
+
+def test_missing_scikit_learn_names_the_install(
+    saved: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "sklearn", None)  # `import sklearn` now fails
+    err = one_line_error(
+        capsys, "recalibrate", str(saved["module"]), "--trust", "--data", "digits", "-o", str(tmp_path / "r.pt")
+    )
+    assert "scikit-learn" in err and "pip install 'batchnorm[lab]'" in err
+    assert not (tmp_path / "r.pt").exists()
+
+
+def test_output_is_written_atomically_with_the_umask(
+    saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        code, _, err = run(capsys, "fold", str(saved["module"]), "-o", str(tmp_path / "f.pt"), "--trust")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert (tmp_path / "f.pt").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["f.pt", "m.pt", "m.pt2", "ours.pt2", "sd.pt", "g.pt"]
+    )  # no temporary left

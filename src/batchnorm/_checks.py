@@ -31,16 +31,14 @@ def check_input(
         raise TypeError(f"{where}: expected a torch.Tensor input, got {type(x).__name__}")
     if not (x.is_floating_point()):
         raise TypeError(
-            f"{where}: expected a floating-point input (float64/float32/float16/bfloat16), "
-            f"got dtype {x.dtype}"
+            f"{where}: expected a floating-point input (float64/float32/float16/bfloat16), got dtype {x.dtype}"
         )
     if x.dim() not in ndims:
         want = " or ".join(f"{n}D {layout(n)}" for n in ndims)
         raise ValueError(f"{where}: expected {want} input, got {x.dim()}D input of shape {tuple(x.shape)}")
     if num_features is not None and x.shape[1] != num_features:
         raise ValueError(
-            f"{where}: expected {num_features} channels in dim 1, got {x.shape[1]} "
-            f"(input shape {tuple(x.shape)})"
+            f"{where}: expected {num_features} channels in dim 1, got {x.shape[1]} (input shape {tuple(x.shape)})"
         )
     return x
 
@@ -88,8 +86,7 @@ def check_param(p: Tensor | None, name: str, num_features: int, where: str) -> N
         raise TypeError(f"{where}: expected {name} to be a Tensor or None, got {type(p).__name__}")
     if p.shape != (num_features,):
         raise ValueError(
-            f"{where}: expected {name} of shape ({num_features},) to match the input's channels, "
-            f"got {tuple(p.shape)}"
+            f"{where}: expected {name} of shape ({num_features},) to match the input's channels, got {tuple(p.shape)}"
         )
     if not p.is_floating_point():
         raise TypeError(f"{where}: expected {name} to be floating point, got dtype {p.dtype}")

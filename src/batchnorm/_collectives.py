@@ -138,7 +138,7 @@ def gather_rows(parts: list[Tensor | float], group: object | None, where: str, w
     buf = torch.zeros(w, sum(sizes), dtype=torch.float64, device=device)  # (W, K)
     start = 0
     for p, n in zip(parts, sizes):
-        buf[rank, start:start + n] = p
+        buf[rank, start : start + n] = p
         start += n
     return all_reduce_sum(buf, group, where, what)
 

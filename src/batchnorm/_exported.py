@@ -109,11 +109,32 @@ def _new_layer(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | Non
         if transposed:
             output_padding, groups, dilation = _arg(node, 5, 0), _arg(node, 6, 1), _arg(node, 7, 1)
             in_ch, out_ch = weight.shape[0], weight.shape[1] * groups
-            layer = cls(in_ch, out_ch, tuple(weight.shape[2:]), stride=stride, padding=padding, output_padding=output_padding, groups=groups, bias=bias is not None, dilation=dilation, device="meta")
+            layer = cls(
+                in_ch,
+                out_ch,
+                tuple(weight.shape[2:]),
+                stride=stride,
+                padding=padding,
+                output_padding=output_padding,
+                groups=groups,
+                bias=bias is not None,
+                dilation=dilation,
+                device="meta",
+            )
         else:
             dilation, groups = _arg(node, 5, 1), _arg(node, 6, 1)
             in_ch, out_ch = weight.shape[1] * groups, weight.shape[0]
-            layer = cls(in_ch, out_ch, tuple(weight.shape[2:]), stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias is not None, device="meta")
+            layer = cls(
+                in_ch,
+                out_ch,
+                tuple(weight.shape[2:]),
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                bias=bias is not None,
+                device="meta",
+            )
     layer.weight = _param(weight)
     if bias is not None:
         layer.bias = _param(bias)
@@ -169,7 +190,11 @@ def unlifted_batchnorms(gm: fx.GraphModule) -> list[str]:
     """
     names = []
     for name, m in gm.named_modules():
-        if type(m) is nn.Module and isinstance(getattr(m, "running_mean", None), torch.Tensor) and isinstance(getattr(m, "running_var", None), torch.Tensor):
+        if (
+            type(m) is nn.Module
+            and isinstance(getattr(m, "running_mean", None), torch.Tensor)
+            and isinstance(getattr(m, "running_var", None), torch.Tensor)
+        ):
             names.append(name)
     return names
 

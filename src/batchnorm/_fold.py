@@ -140,7 +140,9 @@ def _check_bn_eval(bn: nn.Module, where: str) -> None:
     if bn.training and not getattr(bn, "frozen", False):
         raise ValueError(f"{where}: batch norm is in training mode; folding needs eval mode (call .eval())")
     if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
-        raise ValueError(f"{where}: the batch norm has no running statistics (track_running_stats=False): it normalizes with batch statistics in eval mode and cannot be folded")
+        raise ValueError(
+            f"{where}: the batch norm has no running statistics (track_running_stats=False): it normalizes with batch statistics in eval mode and cannot be folded"
+        )
 
 
 def _bn_tensors(bn: nn.Module) -> tuple[Tensor, Tensor, float, Tensor | None, Tensor | None]:

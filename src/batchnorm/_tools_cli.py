@@ -6,11 +6,16 @@
                           [--mode eval|train] [--passes P] [--trust]
 
 MODEL is a file written by ``torch.save(model)`` (a whole pickled module) or by
-``torch.export.save`` (``.pt2``). Loading a pickled module runs code named in the file, so it is
-only done with ``--trust``: ``torch.load(weights_only=True)`` is tried first and a file that
-needs more is refused with a message saying so. Exported programs load without ``--trust``.
-OUT is written in the format of MODEL (an exported program is re-exported with its own
-example inputs).
+``torch.export.save`` (``.pt2``); which one is read from the file's content, not its name.
+Loading a pickled module runs code named in the file, so it is only done with ``--trust``:
+``torch.load(weights_only=True)`` is tried first and a file that needs more is refused with a
+message saying so. Exported programs load without ``--trust``.
+OUT's suffix names its format, which must be MODEL's: ``.pt``/``.pth`` for a pickled module,
+``.pt2`` for an exported program (re-exported with its own example inputs). OUT is never
+MODEL itself, and is written atomically (a temporary file, then a rename).
+
+Every path and option is checked before any work starts; a bad one, and a model without batch
+norm (nothing to fold or recalibrate), is one line on stderr, exit status 2, nothing written.
 
 Data SPEC for ``recalibrate`` (inputs only; targets are not needed):
   ``digits``          scikit-learn's handwritten digits, (1797, 64) float32 in [0, 1]
@@ -24,13 +29,21 @@ The inputs are cast to the model's dtype and cut into batches along dim 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import math
+import os
+import re
+import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._cli_util import CliError
+from ._cli_util import CliError, check_input_file, check_new_file, require
+
+_PICKLE_SUFFIXES = (".pt", ".pth")
 
 __all__ = ["register"]
 
@@ -51,23 +64,97 @@ class _Loaded:
             print(f"note: {note}")
 
 
+def _format_of(path: Path) -> str:
+    """ "export" (a torch.export archive), "pickle" (a torch.save archive) or "" (neither), from the
+    archive's content, never its suffix."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return ""
+    if any(n == "archive_format" or n.endswith("/archive_format") for n in names):
+        return "export"
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return "pickle"
+    return ""
+
+
+def _output_format(out: str) -> str:
+    """The format that ``-o``'s suffix asks for; CliError for another suffix."""
+    suffix = Path(out).suffix.lower()
+    if suffix in _PICKLE_SUFFIXES:
+        return "pickle"
+    if suffix == ".pt2":
+        return "export"
+    raise CliError(
+        f"-o {out}: expected a .pt/.pth (torch.save) or .pt2 (torch.export) file name, got {suffix or 'no suffix'!r}"
+    )
+
+
+def _check_paths(model: str, out: str) -> str:
+    """Check MODEL and ``-o OUT`` before any work; returns MODEL's format."""
+    path = check_input_file(model)
+    fmt = _format_of(path)
+    if not fmt:
+        raise CliError(
+            f"{model}: neither a torch.save file nor a torch.export .pt2 program (not a zip archive of either)"
+        )
+    check_new_file(out, "-o", not_same_as=model)
+    want = _output_format(out)
+    if want != fmt:
+        if fmt == "export":
+            raise CliError(
+                f"-o {out}: {model} is a torch.export program, which is written back as .pt2; name the output *.pt2"
+            )
+        raise CliError(
+            f"-o {out}: a .pt2 output needs a torch.export program, but {model} is a pickled module; "
+            "name the output *.pt, or torch.export the model first"
+        )
+    return fmt
+
+
+def _weights_only_reason(err: BaseException) -> str:
+    """torch.load(weights_only=True)'s refusal in a few plain words (no ANSI codes, no opcodes)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return f"holds pickled Python objects ({found.group(1)})"
+    if "Unsupported operand" in text or "invalid load key" in text or isinstance(err, EOFError):
+        return "not a file written by torch.save"
+    found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    return found.group(1).strip() if found else _first_line(text)
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Silence torch's warnings and log lines while loading (our one line says what went wrong)."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _load(path: str, trust: bool) -> _Loaded:
     import torch
     from torch import nn
 
-    p = Path(path)
-    if not p.is_file():
-        raise CliError(f"{path}: no such file")
-    if p.suffix == ".pt2":
+    p = check_input_file(path)
+    fmt = _format_of(p)
+    if fmt == "export":
         from ._exported import lift_modules, unlifted_batchnorms
 
-        if not zipfile.is_zipfile(p):
-            raise CliError(f"{path}: not a torch.export program (expected a .pt2 zip archive)")
-
         try:
-            program = torch.export.load(str(p))
+            with _quiet_torch():
+                program = torch.export.load(str(p))
         except Exception as err:
-            raise CliError(f"{path}: not a readable torch.export program ({type(err).__name__}: {_first_line(err)})") from None
+            raise CliError(
+                f"{path}: not a readable torch.export program ({type(err).__name__}: {_first_line(err)})"
+            ) from None
         module = program.module()
         lift_modules(module)
         loaded = _Loaded(module, program)
@@ -77,43 +164,66 @@ def _load(path: str, trust: bool) -> _Loaded:
                 "aten.batch_norm); it is left untouched - apply the tool to the nn.Module before exporting"
             )
         return loaded
-    if not zipfile.is_zipfile(p):
-        raise CliError(f"{path}: not a torch.save file (expected a zip archive) nor a .pt2 torch.export program")
+    if fmt != "pickle":
+        raise CliError(
+            f"{path}: neither a torch.save file nor a torch.export .pt2 program (not a zip archive of either)"
+        )
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        with _quiet_torch():
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as err:
         if not trust:
             raise CliError(
-                f"{path}: holds pickled Python objects (a whole module), which torch.load(weights_only=True) "
-                "refuses: loading it runs code named in the file. Pass --trust if you trust its source"
+                f"{path}: {_weights_only_reason(err)}, which torch.load(weights_only=True) refuses: loading it "
+                "runs code named in the file. Pass --trust if you trust its source"
             ) from None
         try:
-            obj = torch.load(str(p), map_location="cpu", weights_only=False)
+            with _quiet_torch():
+                obj = torch.load(str(p), map_location="cpu", weights_only=False)
         except Exception as err2:
             raise CliError(f"{path}: cannot load ({type(err2).__name__}: {_first_line(err2)})") from None
-        del err
     if not isinstance(obj, nn.Module):
         what = "a state_dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
-        raise CliError(f"{path}: holds {what}, not a model; save the whole module with torch.save(model) or use torch.export")
+        raise CliError(
+            f"{path}: holds {what}, not a model; save the whole module with torch.save(model) or use torch.export"
+        )
     return _Loaded(obj)
 
 
 def _save(loaded: _Loaded, out: str) -> None:
+    """Write the model to ``out`` in its own format, atomically (a temporary file in the same folder,
+    then a rename; the file's mode follows the umask)."""
     import torch
 
+    target = Path(out)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         if loaded.program is not None:
             from ._exported import reexport
 
-            torch.export.save(reexport(loaded.model, loaded.program), out)
+            torch.export.save(reexport(loaded.model, loaded.program), str(tmp))
         else:
-            torch.save(loaded.model, out)
+            torch.save(loaded.model, str(tmp))
+        os.replace(tmp, target)
     except OSError as err:
-        raise CliError(f"{out}: cannot write ({err.strerror})") from None
+        raise CliError(f"{out}: cannot write ({err.strerror or err})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
+def _require_batchnorm(loaded: _Loaded, path: str, purpose: str) -> None:
+    """CliError when the model has no batch-norm layer that ``purpose`` can act on (nothing is written)."""
+    from ._dataflow import is_batchnorm
+
+    if any(is_batchnorm(m) for m in loaded.model.modules()):
+        return
+    extra = f" ({len(loaded.notes)} exported as primitive ops, which the tools cannot change)" if loaded.notes else ""
+    raise CliError(f"{path}: the model has no batch-norm layer{extra}: nothing to {purpose}; nothing written")
+
+
+def _first_line(err: BaseException | str) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
     return text.splitlines()[0] if text else ""
 
 
@@ -142,35 +252,60 @@ def _model_dtype(model: Any) -> Any:
     return torch.float32
 
 
+def _check_data_spec(spec: str) -> None:
+    """Check a data SPEC before any work: the named file exists, or the data set's package is installed."""
+    if spec in ("digits", "digits-images"):
+        require(["sklearn"], f"--data {spec}")
+        return
+    p = Path(spec)
+    if p.suffix not in (".npy", ".pt") and not p.exists():
+        raise CliError(f"--data: {spec!r} is neither 'digits', 'digits-images' nor an existing .npy/.pt file")
+    check_input_file(spec, "--data")
+    if p.suffix not in (".npy", ".pt"):
+        raise CliError(f"--data: expected 'digits', 'digits-images', a .npy or a .pt file, got {spec!r}")
+
+
 def load_data(spec: str) -> Any:
     """The input tensor (N, ...) named by a data SPEC (see the module docstring)."""
     import numpy as np
     import torch
 
+    _check_data_spec(spec)
     if spec in ("digits", "digits-images"):
         from sklearn.datasets import load_digits
 
         x = torch.from_numpy(load_digits().data.astype(np.float32) / 16.0)  # (1797, 64)
         return x.reshape(-1, 1, 8, 8) if spec == "digits-images" else x
     p = Path(spec)
-    if not p.is_file():
-        raise CliError(f"--data: {spec!r} is neither 'digits', 'digits-images' nor an existing .npy/.pt file")
     if p.suffix == ".npy":
         try:
-            return torch.from_numpy(np.load(p, allow_pickle=False))
+            x = torch.from_numpy(np.load(p, allow_pickle=False))
         except Exception as err:
             raise CliError(f"--data {spec}: not a readable .npy array ({_first_line(err)})") from None
-    if p.suffix == ".pt":
+    else:
         try:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+            with _quiet_torch():
+                obj = torch.load(str(p), map_location="cpu", weights_only=True)
         except Exception as err:
-            raise CliError(f"--data {spec}: not a tensor file loadable with weights_only=True ({_first_line(err)})") from None
+            raise CliError(
+                f"--data {spec}: {_weights_only_reason(err)}; expected a tensor saved with torch.save"
+            ) from None
         if isinstance(obj, (tuple, list)) and obj:
             obj = obj[0]
         if not isinstance(obj, torch.Tensor):
-            raise CliError(f"--data {spec}: expected a tensor of inputs (or (inputs, targets)), got {type(obj).__name__}")
-        return obj
-    raise CliError(f"--data: expected 'digits', 'digits-images', a .npy or a .pt file, got {spec!r}")
+            raise CliError(
+                f"--data {spec}: expected a tensor of inputs (or (inputs, targets)), got {type(obj).__name__}"
+            )
+        x = obj
+    if (
+        x.ndim == 0
+        or len(x) == 0
+        or not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64))
+    ):
+        raise CliError(
+            f"--data {spec}: expected a numeric array of inputs (N, ...) with N >= 1, got {x.dtype} of shape {tuple(x.shape)}"
+        )
+    return x
 
 
 # ---------------------------------------------------------------------------- commands
@@ -181,15 +316,18 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from .diagnostics import format_table, inspect_model
 
+    shape = _shape(args.sample) if args.sample else None
     loaded = _load(args.model, args.trust)
     sample = None
-    if args.sample:
+    if shape is not None:
         gen = torch.Generator().manual_seed(args.seed)
-        sample = torch.randn(_shape(args.sample), generator=gen).to(_model_dtype(loaded.model))
+        sample = torch.randn(shape, generator=gen).to(_model_dtype(loaded.model))
     try:
         reports = inspect_model(loaded.model, sample)
     except (RuntimeError, ValueError, TypeError, AssertionError) as err:  # AssertionError: export guards
-        raise CliError(f"inspect: running the sample {tuple(sample.shape) if sample is not None else ''} failed: {_first_line(err)}") from None
+        raise CliError(
+            f"inspect: running the sample {tuple(sample.shape) if sample is not None else ''} failed: {_first_line(err)}"
+        ) from None
     print(format_table(reports))
     loaded.print_notes()
     return 0
@@ -198,9 +336,14 @@ def _inspect(args: argparse.Namespace) -> int:
 def _fold(args: argparse.Namespace) -> int:
     from .surgery import fold
 
+    _check_paths(args.model, args.output)
     loaded = _load(args.model, args.trust)
+    _require_batchnorm(loaded, args.model, "fold")
     _eval(loaded.model)
     result = fold(loaded.model, inplace=True)
+    if not result.folded:
+        reasons = "; ".join(f"{bn}: {why}" for bn, why in result.skipped) or "no batch norm next to a Linear/Conv"
+        raise CliError(f"{args.model}: no batch norm could be folded ({reasons}); nothing written")
     print(result)
     loaded.print_notes()
     _save(loaded, args.output)
@@ -209,12 +352,24 @@ def _fold(args: argparse.Namespace) -> int:
 
 
 def _recalibrate(args: argparse.Namespace) -> int:
-    from .stats import recompute_statistics
+    from .stats import is_recomputable, recompute_statistics
 
+    for option, value in (
+        ("--batch-size", args.batch_size),
+        ("--max-samples", args.max_samples),
+        ("--passes", args.passes),
+    ):
+        if value is not None and value < 1:
+            raise CliError(f"{option}: expected a positive int, got {value}")
+    _check_data_spec(args.data)
+    _check_paths(args.model, args.output)
     loaded = _load(args.model, args.trust)
+    if not any(is_recomputable(m) for m in loaded.model.modules()):
+        _require_batchnorm(loaded, args.model, "recalibrate")
+        raise CliError(
+            f"{args.model}: no batch-norm layer keeps running statistics: nothing to recalibrate; nothing written"
+        )
     x = load_data(args.data).to(_model_dtype(loaded.model))
-    if args.batch_size < 1:
-        raise CliError(f"--batch-size: expected a positive int, got {args.batch_size}")
     batch_size = args.batch_size
     max_samples = args.max_samples if args.max_samples is None else min(args.max_samples, len(x))
     if loaded.program is not None:
@@ -224,7 +379,9 @@ def _recalibrate(args: argparse.Namespace) -> int:
         batch_size = int(example_inputs(loaded.program)[0][0].shape[0])
         usable = (min(len(x), max_samples or len(x)) // batch_size) * batch_size
         if usable == 0:
-            raise CliError(f"recalibrate: the exported program takes batches of {batch_size}, but --data has only {len(x)} samples")
+            raise CliError(
+                f"recalibrate: the exported program takes batches of {batch_size}, but --data has only {len(x)} samples"
+            )
         if usable < (max_samples or len(x)):
             print(f"note: the exported program takes batches of exactly {batch_size}; using the first {usable} samples")
         max_samples = usable
@@ -237,7 +394,9 @@ def _recalibrate(args: argparse.Namespace) -> int:
             passes=args.passes,
         )
     except (RuntimeError, ValueError, TypeError, AssertionError) as err:  # AssertionError: export guards
-        raise CliError(f"recalibrate: the model failed on --data {args.data} of shape {tuple(x.shape)}: {_first_line(err)}") from None
+        raise CliError(
+            f"recalibrate: the model failed on --data {args.data} of shape {tuple(x.shape)}: {_first_line(err)}"
+        ) from None
     width = max([5] + [len(r.name) for r in report])
     print(f"{'layer'.ljust(width)}  {'kind':<18} {'values':>9}  {'mean change':>11}  {'var change':>10}")
     for r in report:
@@ -260,7 +419,9 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("inspect", help="report every batch-norm layer of a saved model")
     p.add_argument("model", metavar="MODEL", help="torch.save(model) file or torch.export .pt2")
-    p.add_argument("--sample", metavar="SHAPE", help="random N(0,1) input shape, e.g. 8,3,32,32, for the train/eval discrepancy")
+    p.add_argument(
+        "--sample", metavar="SHAPE", help="random N(0,1) input shape, e.g. 8,3,32,32, for the train/eval discrepancy"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
     p.add_argument("--trust", action="store_true", help=trust_help)
     p.set_defaults(func=_inspect)
@@ -275,9 +436,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("model", metavar="MODEL", help="torch.save(model) file or torch.export .pt2")
     p.add_argument("--data", required=True, metavar="SPEC", help="digits | digits-images | PATH.npy | PATH.pt (inputs)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the model (same format)")
-    p.add_argument("--batch-size", type=int, default=256, help="batch size of the pass (the statistics do not depend on it)")
+    p.add_argument(
+        "--batch-size", type=int, default=256, help="batch size of the pass (the statistics do not depend on it)"
+    )
     p.add_argument("--max-samples", type=int, default=None, help="use only the first N samples")
-    p.add_argument("--mode", choices=("eval", "train"), default="eval", help="network that feeds each layer (see recompute_statistics)")
-    p.add_argument("--passes", type=int, default=1, help="passes over the data (eval mode: BN depth + 1 makes all layers exact)")
+    p.add_argument(
+        "--mode",
+        choices=("eval", "train"),
+        default="eval",
+        help="network that feeds each layer (see recompute_statistics)",
+    )
+    p.add_argument(
+        "--passes", type=int, default=1, help="passes over the data (eval mode: BN depth + 1 makes all layers exact)"
+    )
     p.add_argument("--trust", action="store_true", help=trust_help)
     p.set_defaults(func=_recalibrate)

@@ -4,7 +4,9 @@
     batchnorm inspect MODEL | fold MODEL -o OUT | recalibrate MODEL --data SPEC -o OUT
 
 Each sub-command lives in its own module, which exposes ``register(subparsers)`` and sets
-``func(args) -> int`` on its parser. User errors exit with status 2 and one clear line.
+``func(args) -> int`` on its parser. User errors exit with status 2 and one clear line on
+stderr, never a traceback: bad options (argparse), bad paths and files (checked before any work
+starts), a missing optional dependency (the line names the install command).
 """
 
 from __future__ import annotations
@@ -13,18 +15,24 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
-from ._cli_util import CliError
+from ._cli_util import CliError, missing_dependency_message
 
 # modules that each add sub-commands; imported when the parser is built, so they must be cheap
 _COMMAND_MODULES = ("batchnorm.lab._cli", "batchnorm._tools_cli")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"batchnorm: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every available sub-command registered."""
-    parser = argparse.ArgumentParser(
-        prog="batchnorm", description="Exact, fast and understandable batch normalization."
-    )
+    parser = _Parser(prog="batchnorm", description="Exact, fast and understandable batch normalization.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMAND_MODULES:
         try:
@@ -44,11 +52,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CliError as err:
-        print(f"batchnorm: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
+    except ModuleNotFoundError as err:
+        message = missing_dependency_message(err)
+        if message is None:
+            raise
+        return _fail(message)
+    except OSError as err:  # a write that the checks up front could not foresee (disk full, ...)
+        where = f"{err.filename}: " if err.filename else ""
+        return _fail(f"{where}{err.strerror or err}")
     except KeyboardInterrupt:
         print("batchnorm: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(message: str) -> int:
+    print(f"batchnorm: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,6 @@
 """NumPy float64 reference of the textbook equations: the oracle the tests trust.
 
-Written to read like DESIGN.md, not to be fast; never imported by the library itself.
+Written to read like the equations, not to be fast; never imported by the library itself.
 Arrays are shaped (N, C, *spatial); every statistic is per channel over the
 m = N * prod(spatial) values of x[:, c].
 

@@ -8,7 +8,7 @@ Two layers of API:
 - :func:`recompute_statistics` — runs a model over a data set once and writes every batch-norm
   layer's exact population mean and *unbiased* variance into ``running_mean``/``running_var``.
 
-Why this estimator (and not the others; see ``PEERS.md``):
+Why this estimator (and not the ones other libraries use):
 
 - ``torch.optim.swa_utils.update_bn`` averages per-batch variances. The population variance is
   ``E_B[var_B] + Var_B[mean_B]`` (law of total variance); the second term, the spread between
@@ -376,15 +376,21 @@ def recompute_statistics(
         raise ValueError(f"recompute_statistics: expected mode 'eval' or 'train', got {mode!r}")
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise ValueError(f"recompute_statistics: expected passes to be an int >= 1, got {passes!r}")
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
-        raise ValueError(f"recompute_statistics: expected max_samples to be a positive int or None, got {max_samples!r}")
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    ):
+        raise ValueError(
+            f"recompute_statistics: expected max_samples to be a positive int or None, got {max_samples!r}"
+        )
     if not isinstance(data, Iterable) or isinstance(data, (Tensor, Mapping)):
         raise TypeError(
             "recompute_statistics: expected data to be an iterable of batches (a DataLoader, a list "
             f"of tensors, ...), got {type(data).__name__}; for a single tensor pass [x] or x.split(batch_size)"
         )
     if passes > 1 and isinstance(data, Iterator):
-        raise ValueError("recompute_statistics: passes > 1 needs re-iterable data (a list or DataLoader), got an iterator")
+        raise ValueError(
+            "recompute_statistics: passes > 1 needs re-iterable data (a list or DataLoader), got an iterator"
+        )
     run = forward if forward is not None else _default_forward
 
     named = list(model.named_modules())
@@ -414,7 +420,7 @@ def recompute_statistics(
                 def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                     x = _layer_input(module, args, kwargs)  # bn(x) and bn(input=x) alike
                     # (N, C, *) -> per-channel moments over N and the spatial dims
-                    acc[name] = acc[name].merge(Moments.from_tensor(x, [0, *range(2, x.dim())]))
+                    acc[name] = acc[name].merge(Moments.from_tensor(x, [0, *range(2, x.dim())]))  # noqa: B023 - hooks live for this pass only
 
                 return hook
 
@@ -436,7 +442,11 @@ def recompute_statistics(
             handles = []
             merged = all_reduce_moments([acc[name] for name, _ in layers])
             final = dict(zip([name for name, _ in layers], merged))
-            bad = [name or "<model>" for name, mo in final.items() if not (torch.isfinite(mo.mean).all() and torch.isfinite(mo.m2).all())]
+            bad = [
+                name or "<model>"
+                for name, mo in final.items()
+                if not (torch.isfinite(mo.mean).all() and torch.isfinite(mo.m2).all())
+            ]
             if bad:
                 raise ValueError(
                     f"recompute_statistics: statistics of {', '.join(bad)} are not finite (NaN/inf in the "
@@ -479,7 +489,9 @@ def recompute_statistics(
             n = int(mo.count)
             if n < 2:
                 starved.append(name or "<model>")
-                report.append(LayerStatistics(name, type(m).__name__, n, False, 0.0, 0.0, "fewer than 2 values per channel"))
+                report.append(
+                    LayerStatistics(name, type(m).__name__, n, False, 0.0, 0.0, "fewer than 2 values per channel")
+                )
                 continue
             dm, dv = _change(mo.mean, mo.var(unbiased=True), *originals[name])
             report.append(LayerStatistics(name, type(m).__name__, n, True, dm, dv))

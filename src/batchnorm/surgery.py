@@ -21,7 +21,6 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _dataflow
-from .convert import replace_modules
 from ._fold import (
     bn_scale_shift,
     fold_bn_conv,
@@ -31,6 +30,7 @@ from ._fold import (
     fold_conv_bn,
     fold_linear_bn,
 )
+from .convert import replace_modules
 from .nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenBatchNormBase
 
@@ -138,7 +138,9 @@ def fold(model: nn.Module, *, inplace: bool = False, example_inputs: tuple[Any, 
         flow = _dataflow.trace(root)
     except Exception as err:  # fx raises many types on dynamic control flow
         msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        result.skipped = [(name, f"torch.fx could not trace the model ({type(err).__name__}: {msg})") for name in all_bns]
+        result.skipped = [
+            (name, f"torch.fx could not trace the model ({type(err).__name__}: {msg})") for name in all_bns
+        ]
         return result
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
@@ -214,8 +216,7 @@ def find_redundant_biases(model: nn.Module) -> list[RedundantBias]:
     except Exception:
         return []
     return [
-        RedundantBias(layer, bn, int(model.get_submodule(layer).bias.numel()))
-        for _, layer, bn in _bias_pairs(flow)
+        RedundantBias(layer, bn, int(model.get_submodule(layer).bias.numel())) for _, layer, bn in _bias_pairs(flow)
     ]
 
 
@@ -266,7 +267,11 @@ _DIMS_FOR_NDIMS = {(2, 3): 1, (4,): 2, (5,): 3}
 
 def _spatial_dims(bn: nn.Module) -> int | None:
     """1, 2 or 3 for a BN that accepts (N, C, L) / (N, C, H, W) / (N, C, D, H, W); None if unknown."""
-    for d, classes in {1: (nn.BatchNorm1d, BatchNorm1d, FrozenBatchNorm1d), 2: (nn.BatchNorm2d, BatchNorm2d, FrozenBatchNorm2d), 3: (nn.BatchNorm3d, BatchNorm3d, FrozenBatchNorm3d)}.items():
+    for d, classes in {
+        1: (nn.BatchNorm1d, BatchNorm1d, FrozenBatchNorm1d),
+        2: (nn.BatchNorm2d, BatchNorm2d, FrozenBatchNorm2d),
+        3: (nn.BatchNorm3d, BatchNorm3d, FrozenBatchNorm3d),
+    }.items():
         if isinstance(bn, classes):
             return d
     # our other layers (GhostBatchNorm2d ...) declare the input ranks they accept
@@ -303,7 +308,9 @@ def _thawed(fb: FrozenBatchNormBase) -> nn.Module:
     try:
         new = cls(fb.num_features, eps=fb.eps, momentum=momentum, affine=affine)
     except TypeError:  # a subclass with its own constructor: fall back to ours
-        new = _OURS_FOR.get(_spatial_dims(fb) or 0, BatchNorm2d)(fb.num_features, eps=fb.eps, momentum=momentum, affine=affine)
+        new = _OURS_FOR.get(_spatial_dims(fb) or 0, BatchNorm2d)(
+            fb.num_features, eps=fb.eps, momentum=momentum, affine=affine
+        )
     if affine and getattr(fb, "_unfreeze_without_bias", False):
         new.register_parameter("bias", None)
     new = new.to(device=rm.device, dtype=rm.dtype)

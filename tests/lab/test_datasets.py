@@ -1,6 +1,6 @@
 """Lab datasets: digits split, MNIST IDX reading, MNIST-1D generation, spec errors.
 
-    PYTHONPATH=src python -m pytest -q tests/lab/test_datasets.py
+PYTHONPATH=src python -m pytest -q tests/lab/test_datasets.py
 """
 
 from __future__ import annotations
@@ -73,7 +73,12 @@ def test_mnist_missing_or_truncated_files_raise_clear_errors(tmp_path: Path) -> 
         load(f"mnist:{tmp_path / 'nowhere'}", 0)
     with pytest.raises(ValueError, match="train-images-idx3-ubyte.*not found"):
         load(f"mnist:{tmp_path}", 0)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
         _write_idx(tmp_path / name, np.zeros((3, 2, 2) if "images" in name else (3,)), False)
     bad = tmp_path / "t10k-images-idx3-ubyte"
     bad.write_bytes(bad.read_bytes()[:-1])

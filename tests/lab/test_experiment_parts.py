@@ -1,6 +1,6 @@
 """Pieces of the phase-2 experiments checked against independent references.
 
-    PYTHONPATH=src python -m pytest -q tests/lab/test_experiment_parts.py
+PYTHONPATH=src python -m pytest -q tests/lab/test_experiment_parts.py
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from batchnorm.lab.experiments import dropout, goodfellow_chain, inference_stats, lr_sweep, placement
 from batchnorm.lab.config import RunConfig
+from batchnorm.lab.experiments import dropout, goodfellow_chain, inference_stats, lr_sweep, placement
 from batchnorm.lab.models import MLP, blocks
 
 
@@ -125,11 +125,20 @@ def test_first_layer_noise_matches_sampling_theory_on_gaussian_data() -> None:
         ("santurkar2018_noisy", "depth", 10, 12),
     ],
 )
-def test_mnist1d_quick_setups_are_recorded_and_digits_are_untouched(module: str, key: str, digits_value: int, mnist1d_value: int) -> None:
+def test_mnist1d_quick_setups_are_recorded_and_digits_are_untouched(
+    module: str, key: str, digits_value: int, mnist1d_value: int
+) -> None:
+    import dataclasses
     import importlib
 
     exp = importlib.import_module(f"batchnorm.lab.experiments.{module}")
-    digits = exp._settings(RunConfig(mode="quick", data="digits"))
-    mnist1d = exp._settings(RunConfig(mode="quick", data="mnist1d"))
-    assert digits[key] == digits_value and "mnist1d_choice" not in digits
+
+    def settings(cfg: RunConfig) -> dict:
+        if hasattr(exp, "EXPERIMENT"):
+            return dataclasses.asdict(exp.EXPERIMENT.settings(cfg))
+        return exp._settings(cfg)
+
+    digits = settings(RunConfig(mode="quick", data="digits"))
+    mnist1d = settings(RunConfig(mode="quick", data="mnist1d"))
+    assert digits[key] == digits_value and not digits.get("mnist1d_choice")
     assert mnist1d[key] == mnist1d_value and mnist1d["mnist1d_choice"]

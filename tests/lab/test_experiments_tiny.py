@@ -15,6 +15,7 @@ from batchnorm.cli import main
 from batchnorm.lab import registry
 from batchnorm.lab.config import RunConfig
 from batchnorm.lab.runner import redraw, run_one
+from batchnorm.lab.verdict import VERDICTS
 
 
 @pytest.mark.parametrize("experiment_id", registry.ids())
@@ -23,13 +24,17 @@ def test_tiny_run_writes_results_figures_and_report(experiment_id: str, tmp_path
     directory = tmp_path / experiment_id
     saved = json.loads((directory / "results.json").read_text())
     assert saved == results
-    assert saved["run"] == {"mode": "tiny", "seed": 0, "data": "digits"}
+    assert saved["run"] == {"mode": "tiny", "seed": 0, "data": "digits", "seeds": None}
     assert {"python", "torch", "numpy", "batchnorm"} <= set(saved["versions"])
     assert saved["config"] and saved["metrics"] and saved["wall_time_s"] > 0
     assert saved["claims"], "an experiment must judge at least one claim"
     for claim in saved["claims"]:
-        assert set(claim) == {"claim", "holds", "evidence"}
+        assert set(claim) >= {"claim", "holds", "evidence"}
         assert isinstance(claim["holds"], bool) and claim["evidence"]
+        if "verdict" in claim:  # judged over seeds
+            assert claim["verdict"] in VERDICTS and claim["holds"] == (claim["verdict"] == "holds")
+            assert claim["seeds"] == saved["metrics"]["seeds"] and len(claim["interval"]) == 2
+            assert claim["expected"] and claim["source"]
     pngs = sorted(directory.glob("*.png"))
     assert pngs
     report = (directory / "report.html").read_text()
@@ -91,7 +96,7 @@ def test_report_on_results_from_an_older_version_exits_2(tmp_path: Path, capsys:
     run_one(experiment_id, RunConfig(mode="tiny", out=tmp_path))
     path = tmp_path / experiment_id / "results.json"
     saved = json.loads(path.read_text())
-    del saved["metrics"]["bn"]
+    saved["metrics"] = {"older": True}
     path.write_text(json.dumps(saved))
     assert main(["lab", "report", str(tmp_path / experiment_id)]) == 2
     err = capsys.readouterr().err

@@ -1,6 +1,6 @@
 """ghost-bn: the five arms' recipes (Hoffer et al. 2017) and the quick-mode claims.
 
-    PYTHONPATH=src python -m pytest -q tests/lab/test_ghost_bn.py
+PYTHONPATH=src python -m pytest -q tests/lab/test_ghost_bn.py
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Lab model builders: placement, bias rule, norm factories, init.
 
-    PYTHONPATH=src python -m pytest -q tests/lab/test_models.py
+PYTHONPATH=src python -m pytest -q tests/lab/test_models.py
 """
 
 from __future__ import annotations

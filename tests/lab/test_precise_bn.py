@@ -1,6 +1,6 @@
 """precise-bn: PreciseBN copies, the EMA-error measure, and the quick-mode claims.
 
-    PYTHONPATH=src python -m pytest -q tests/lab/test_precise_bn.py
+PYTHONPATH=src python -m pytest -q tests/lab/test_precise_bn.py
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def test_precise_copy_has_the_population_statistics_and_leaves_the_model_alone()
     np.testing.assert_allclose(bn.running_mean.numpy(), h.mean(axis=0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(bn.running_var.numpy(), h.var(axis=0, ddof=1), rtol=1e-5, atol=1e-5)
     part = exp.precise_copy(model, x, batch_size=64, max_samples=100)
-    np.testing.assert_allclose(part.blocks[0].norm.running_var.numpy(), h[:100].var(axis=0, ddof=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        part.blocks[0].norm.running_var.numpy(), h[:100].var(axis=0, ddof=1), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_stats_error_is_the_mean_relative_variance_error() -> None:

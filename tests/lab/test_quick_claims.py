@@ -1,7 +1,7 @@
 """Quick-mode claims hold on digits at the default seed (the cheap experiments; dropout is slow).
 
-    PYTHONPATH=src python -m pytest -q tests/lab/test_quick_claims.py          # ~1 minute
-    PYTHONPATH=src python -m pytest -q -m slow tests/lab/test_quick_claims.py  # dropout too
+PYTHONPATH=src python -m pytest -q tests/lab/test_quick_claims.py          # ~1 minute
+PYTHONPATH=src python -m pytest -q -m slow tests/lab/test_quick_claims.py  # dropout too
 """
 
 from __future__ import annotations

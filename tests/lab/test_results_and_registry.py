@@ -1,6 +1,6 @@
 """Lab infrastructure: atomic results, JSON conversion, registry contract.
 
-    PYTHONPATH=src python -m pytest -q tests/lab/test_results_and_registry.py
+PYTHONPATH=src python -m pytest -q tests/lab/test_results_and_registry.py
 """
 
 from __future__ import annotations
@@ -62,7 +62,11 @@ def test_every_registered_experiment_satisfies_the_contract() -> None:
 def test_run_config_validates_and_picks_by_mode() -> None:
     cfg = RunConfig(mode="quick", seed=3, out="x")  # type: ignore[arg-type]
     assert cfg.out == Path("x") and cfg.pick(1, 2, 3) == 2
-    assert cfg.to_json() == {"mode": "quick", "seed": 3, "data": "digits", "out": "x"}
+    assert cfg.to_json() == {"mode": "quick", "seed": 3, "data": "digits", "out": "x", "seeds": None}
+    assert RunConfig(seeds=[4, 2]).seeds == (4, 2) and RunConfig(seeds=(1,)).to_json()["seeds"] == [1]
+    for bad in ([], [1, 1], [-1], [True], ["0"]):
+        with pytest.raises(ValueError, match="seeds"):
+            RunConfig(seeds=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="mode"):
         RunConfig(mode="fast")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="seed"):

@@ -49,11 +49,15 @@ def test_ics_matches_an_explicit_update_of_the_earlier_layers(norm: str | None) 
                 if name.startswith("blocks.") and int(name.split(".")[1]) < i:  # "blocks.K.layer.weight"
                     p.sub_(lr * grads[name])
         # the reference's running statistics moved during its first pass: restore them
-        ref.load_state_dict({**ref.state_dict(), **{k: v for k, v in model.state_dict().items() if "running" in k or "tracked" in k}})
+        ref.load_state_dict(
+            {**ref.state_dict(), **{k: v for k, v in model.state_dict().items() if "running" in k or "tracked" in k}}
+        )
         g_after = _grad_of_layer(ref, x, y, i)
         diff = float((g_before - g_after).norm())
         assert entry["l2"] == pytest.approx(diff, rel=1e-4, abs=1e-7)
-        assert entry["cos"] == pytest.approx(float(F.cosine_similarity(g_before.flatten(), g_after.flatten(), dim=0)), abs=1e-5)
+        assert entry["cos"] == pytest.approx(
+            float(F.cosine_similarity(g_before.flatten(), g_after.flatten(), dim=0)), abs=1e-5
+        )
         assert entry["rel_l2"] == pytest.approx(diff / float(g_before.norm()), rel=1e-4, abs=1e-7)
         assert entry["l2"] > 0
 

@@ -1,7 +1,7 @@
 """santurkar2018-noisy: the noisy BN layer, the drift measure, and the quick-mode claims.
 
-    PYTHONPATH=src python -m pytest -q tests/lab/test_santurkar2018_noisy.py          (fast)
-    PYTHONPATH=src python -m pytest -q -m slow tests/lab/test_santurkar2018_noisy.py  (quick-mode claims)
+PYTHONPATH=src python -m pytest -q tests/lab/test_santurkar2018_noisy.py          (fast)
+PYTHONPATH=src python -m pytest -q -m slow tests/lab/test_santurkar2018_noisy.py  (quick-mode claims)
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def test_noise_off_is_batch_norm() -> None:
 
 def test_training_noise_is_a_per_unit_affine_map_in_range_and_changes_every_step() -> None:
     x = torch.randn(64, 5)
-    layer = NoisyBatchNorm(5, noise_mean=0.5, noise_scale=1.5, per_sample=0.0, generator=torch.Generator().manual_seed(3))
+    layer = NoisyBatchNorm(
+        5, noise_mean=0.5, noise_scale=1.5, per_sample=0.0, generator=torch.Generator().manual_seed(3)
+    )
     layer.train()
     y = _reference_bn(x)
     fits = []

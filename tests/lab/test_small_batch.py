@@ -52,7 +52,9 @@ def test_grouped_batch_norm_with_one_group_is_batch_norm_and_rejects_bad_sizes()
 def _renorm_past_schedule(group_size: int) -> tuple[GroupedBatchRenorm1d, torch.Tensor, torch.Tensor]:
     """A 3-channel grouped renorm past its schedule (step 1 > warm-up 0 = ramp ends: limits
     r_max 1.5, d_max 0.5) with known running mean/std (returned) and weight."""
-    layer = GroupedBatchRenorm1d(3, group_size, momentum=0.2, warmup_steps=0, r_max_steps=0, d_max_steps=0, r_max=1.5, d_max=0.5)
+    layer = GroupedBatchRenorm1d(
+        3, group_size, momentum=0.2, warmup_steps=0, r_max_steps=0, d_max_steps=0, r_max=1.5, d_max=0.5
+    )
     mu0 = torch.tensor([0.5, -1.0, 0.0])
     sigma0 = torch.tensor([2.0, 0.5, 1.0])
     with torch.no_grad():
@@ -80,7 +82,9 @@ def test_grouped_batch_renorm_matches_the_functional_per_group_with_gradients() 
     for g in range(3):
         chunk = x_ref[4 * g : 4 * g + 4]  # (4, C): group g
         # every group compares with the same mu0, sigma0 (copies: the functional updates them)
-        outs.append(batch_renorm(chunk, mu0.clone(), sigma0.clone(), layer.weight, layer.bias, True, 0.2, 1e-5, 1.5, 0.5))
+        outs.append(
+            batch_renorm(chunk, mu0.clone(), sigma0.clone(), layer.weight, layer.bias, True, 0.2, 1e-5, 1.5, 0.5)
+        )
         means.append(chunk.detach().mean(0))
         stds.append(torch.sqrt(chunk.detach().var(0, unbiased=False) + 1e-5))
     ref = torch.cat(outs)  # (12, C)
@@ -210,7 +214,9 @@ def test_grouped_batch_renorm_on_signals_matches_the_functional_per_group() -> N
     stds = []
     for g in range(3):
         chunk = x_ref[2 * g : 2 * g + 2]  # (2, C, L): group g
-        outs.append(batch_renorm(chunk, mu0.clone(), sigma0.clone(), layer.weight, layer.bias, True, 0.2, 1e-5, 1.5, 0.5))
+        outs.append(
+            batch_renorm(chunk, mu0.clone(), sigma0.clone(), layer.weight, layer.bias, True, 0.2, 1e-5, 1.5, 0.5)
+        )
         stds.append(torch.sqrt(chunk.detach().var((0, 2), unbiased=False) + 1e-5))
     ref = torch.cat(outs)  # (6, C, L)
     (ref * w).sum().backward()
@@ -235,7 +241,13 @@ def test_mnist1d_uses_a_1d_cnn_that_trains_and_digits_keeps_the_mlp() -> None:
     assert isinstance(model, ConvNet)
     assert isinstance(model.blocks[0].layer, torch.nn.Conv1d) and isinstance(model.blocks[0].norm, GroupedBatchNorm1d)
     assert model(data.test_x[:6]).shape == (6, data.classes)  # training mode: 3 groups of 2
-    result = train(model, data.train_x, data.train_y, TrainSpec(steps=500, batch_size=32, lr=0.1), generator=torch.Generator().manual_seed(0))
+    result = train(
+        model,
+        data.train_x,
+        data.train_y,
+        TrainSpec(steps=500, batch_size=32, lr=0.1),
+        generator=torch.Generator().manual_seed(0),
+    )
     first = sum(result.losses[:20]) / 20
     last = sum(result.losses[-20:]) / 20
     assert first > 2.0 and last < 0.8 * first  # chance: ln 10 = 2.30

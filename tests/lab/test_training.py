@@ -52,7 +52,7 @@ def test_training_is_deterministic_given_seeds_and_checkpoints_are_called() -> N
             TrainSpec(steps=30, batch_size=10, lr=0.5),
             generator=torch.Generator().manual_seed(4),
             checkpoints=[0, 10, 30],
-            on_checkpoint=lambda s, r: seen.append((s, len(r.losses))),
+            on_checkpoint=lambda s, r: seen.append((s, len(r.losses))),  # noqa: B023 - called within this iteration
         )
         runs.append(result.losses)
         assert seen == [(0, 0), (10, 10), (30, 30)]
@@ -67,7 +67,9 @@ def test_divergence_stops_training_without_warnings() -> None:
     model = MLP(5, [8, 8], 2, act="identity", norm=None, init_std=3.0, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        result = train(model, x, y, TrainSpec(steps=200, batch_size=10, lr=10.0), generator=torch.Generator().manual_seed(0))
+        result = train(
+            model, x, y, TrainSpec(steps=200, batch_size=10, lr=10.0), generator=torch.Generator().manual_seed(0)
+        )
     assert result.diverged
     assert result.diverged_at is not None and result.steps_done == result.diverged_at - 1
     assert not math.isfinite(result.losses[-1])
@@ -82,7 +84,9 @@ def test_divergence_with_batchnorm_does_not_leak_the_nonfinite_warning() -> None
         next(blocks(model)).layer.weight[0, 0] = float("nan")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        result = train(model, x, y, TrainSpec(steps=5, batch_size=10, lr=0.1), generator=torch.Generator().manual_seed(0))
+        result = train(
+            model, x, y, TrainSpec(steps=5, batch_size=10, lr=0.1), generator=torch.Generator().manual_seed(0)
+        )
     assert result.diverged and result.diverged_at == 1
 
 

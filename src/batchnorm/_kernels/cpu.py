@@ -82,7 +82,6 @@ instead of failing.
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import sys
 import threading
@@ -92,8 +91,8 @@ from typing import Any
 
 import numba
 import numpy as np
-from llvmlite import binding as llvm_binding
 import torch
+from llvmlite import binding as llvm_binding
 from torch import Tensor
 
 from . import outpool
@@ -1006,11 +1005,7 @@ def _fuse_bwd_ncs(n_b: int, n_c: int, n_s: int, itemsize: int) -> bool:
     """Whether the ncs backward runs fused per channel (:func:`_py_bwd_ncs`): a channel's g and
     x fit in :data:`_FUSE_BWD_BYTES` together, its rows are at least :data:`_FUSE_BWD_ROW`
     bytes long, and there are at least 4 channels per thread."""
-    return (
-        2 * n_b * n_s * itemsize <= _FUSE_BWD_BYTES
-        and n_s * itemsize >= _FUSE_BWD_ROW
-        and n_c >= 4 * _threads()
-    )
+    return 2 * n_b * n_s * itemsize <= _FUSE_BWD_BYTES and n_s * itemsize >= _FUSE_BWD_ROW and n_c >= 4 * _threads()
 
 
 def _merge_columns(col: np.ndarray, n_c: int, rep: int) -> np.ndarray:
@@ -1034,9 +1029,7 @@ def _rows_blocks(n_rows: int, n_cols: int) -> int:
     return max(1, min(n_rows, 4 * t, by_size, by_memory))
 
 
-def train_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
+def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Training forward: (y, mean, var_biased). y has x's dtype and memory format; mean and the
     biased variance (C,) are computed in float64; the mean is returned in float64 and the
     variance in ``acc_dtype(x.dtype)`` (as :func:`torch_ops.train_forward`).
@@ -1177,8 +1170,7 @@ def _grad_like(grad_y: Tensor, xn: Tensor, where: str) -> Tensor:
     g = grad_y.detach()
     if g.shape != xn.shape:
         raise ValueError(
-            f"batchnorm._kernels.cpu.{where}: expected grad_y of shape {tuple(xn.shape)}, "
-            f"got {tuple(g.shape)}"
+            f"batchnorm._kernels.cpu.{where}: expected grad_y of shape {tuple(xn.shape)}, got {tuple(g.shape)}"
         )
     if g.dtype != xn.dtype or g.stride() != xn.stride() or g.device != xn.device:
         g = _empty_like(xn).copy_(g)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import cpu
 from .dispatch import AUTO_MIN_NUMEL, BACKEND_API
-from .torch_ops import backward_apply, backward_sums, batch_stats  # re-exported: same contracts
+from .torch_ops import backward_apply, backward_sums, batch_stats  # noqa: F401 - re-exported: same contracts
 
 __all__ = list(BACKEND_API)
 
@@ -292,4 +292,3 @@ def backward(
     )
     out = torch.from_numpy(sums)
     return dx, out[0], out[1]
-

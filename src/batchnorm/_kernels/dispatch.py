@@ -3,7 +3,10 @@
 Back-ends:
 - ``"torch"``: :mod:`batchnorm._kernels.torch_ops`, pure torch, any device, differentiable;
 - ``"numba"``: :mod:`batchnorm._kernels.cpu`, fused parallel CPU kernels (needs numba), CPU
-  tensors only, at every size (tests use it to reach these kernels with small tensors).
+  tensors only, at every size (tests use it to reach these kernels with small tensors);
+- ``"triton"``: :mod:`batchnorm._kernels.triton_bn` (needs triton), CUDA tensors, and CPU
+  tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` is set (slow; for tests).
+  Inputs it cannot run (e.g. empty or oddly strided) go to torch.
 
 ``"auto"`` (the default), when numba is installed: CPU tensors of at least
 ``AUTO_MIN_NUMEL`` elements go to the parallel kernels of :mod:`batchnorm._kernels.cpu`,
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -28,13 +32,23 @@ from . import torch_ops
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "backend_for"]
 
-BACKENDS = ("auto", "torch", "numba")
-BACKEND_API = ("supports", "train_forward", "eval_forward", "backward", "batch_stats", "backward_sums", "backward_apply")
+BACKENDS = ("auto", "torch", "numba", "triton")
+BACKEND_API = (
+    "supports",
+    "train_forward",
+    "eval_forward",
+    "backward",
+    "batch_stats",
+    "backward_sums",
+    "backward_apply",
+)
 """The functions every numba back-end module provides, with torch_ops' contracts."""
 AUTO_MIN_NUMEL = 1 << 17
 """Under "auto", CPU tensors with fewer elements go to ``cpu_small``, larger ones to ``cpu``."""
 _state: dict[str, str | None] = {"name": None}
 _numba_module: dict[str, ModuleType | None] = {}
+_numba_error: dict[str, str] = {}
+_warned: dict[str, bool] = {"no_numba": False}
 
 
 def get_backend() -> str:
@@ -51,7 +65,7 @@ def _check(name: str) -> str:
 
 
 def set_backend(name: str) -> None:
-    """Set the global back-end (``"auto"``, ``"torch"`` or ``"numba"``)."""
+    """Set the global back-end (one of ``BACKENDS``)."""
     _state["name"] = _check(name)
 
 
@@ -72,9 +86,23 @@ def _numba(name: str = "cpu") -> ModuleType | None:
     if name not in _numba_module:
         try:
             _numba_module[name] = importlib.import_module(f"batchnorm._kernels.{name}")
-        except ImportError:
+        except ImportError as err:
             _numba_module[name] = None
+            _numba_error[name] = f"{type(err).__name__}: {err}"
     return _numba_module[name]
+
+
+def _torch_instead(x: torch.Tensor) -> ModuleType:
+    """torch ops for a CPU input that the numba kernels would have taken; says so once per process."""
+    if not _warned["no_numba"] and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        _warned["no_numba"] = True
+        why = next(iter(_numba_error.values()), "numba is missing")
+        warnings.warn(
+            f"batchnorm: the fast CPU kernels are unavailable ({why}); using slower torch ops. Fix: pip install numba",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return torch_ops
 
 
 def backend_for(x: torch.Tensor) -> ModuleType:
@@ -82,15 +110,33 @@ def backend_for(x: torch.Tensor) -> ModuleType:
     name = get_backend()
     if name == "torch":
         return torch_ops
+    if name == "triton":
+        return _triton_for(x)
     if name == "auto" and x.numel() < AUTO_MIN_NUMEL:  # small: one serial call, or torch ops
         small = _numba("cpu_small")
-        return small if small is not None and small.supports(x) else torch_ops
+        if small is None:
+            return _torch_instead(x)
+        return small if small.supports(x) else torch_ops
     cpu = _numba()
     if cpu is None:
         if name == "numba":
             raise RuntimeError(
                 "batchnorm back-end 'numba' was requested but batchnorm._kernels.cpu cannot be imported "
-                "(is numba installed? pip install 'batchnorm[fast]')"
+                "(is numba installed? pip install numba)"
             )
-        return torch_ops
+        return _torch_instead(x)
     return cpu if cpu.supports(x) else torch_ops  # type: ignore[return-value]
+
+
+def _triton_for(x: torch.Tensor) -> ModuleType:
+    """The Triton module for ``x``, torch_ops for inputs it does not take; RuntimeError when
+    triton is missing or a CPU tensor arrives without the interpreter."""
+    try:
+        triton_bn = importlib.import_module("batchnorm._kernels.triton_bn")
+    except ImportError as exc:
+        raise RuntimeError(f"batchnorm back-end 'triton' was requested but cannot be used: {exc}") from exc
+    if triton_bn.supports(x):
+        return triton_bn
+    if x.device.type == "cpu" and not triton_bn.INTERPRETED:
+        raise RuntimeError(f"batchnorm back-end 'triton': {triton_bn.unavailable_reason(x)}")
+    return torch_ops

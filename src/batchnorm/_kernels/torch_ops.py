@@ -107,9 +107,7 @@ def normalize(
     return y.to(x.dtype)
 
 
-def train_forward(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
+def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Training forward: returns (y, mean, var_biased); statistics in ``acc_dtype``."""
     mean, var = batch_stats(x)
     invstd = torch.rsqrt(var + eps)
@@ -155,9 +153,7 @@ def backward(
     sum_g = g.sum(dim=dims)
     sum_gx = (g * x_hat).sum(dim=dims)
     scale = invstd if weight is None else invstd * weight.to(acc)
-    dx = channel_view(scale, nd) * (
-        g - channel_view(sum_g / m, nd) - x_hat * channel_view(sum_gx / m, nd)
-    )
+    dx = channel_view(scale, nd) * (g - channel_view(sum_g / m, nd) - x_hat * channel_view(sum_gx / m, nd))
     return dx.to(x.dtype), sum_gx, sum_g
 
 

@@ -228,7 +228,11 @@ def format_table(reports: list[LayerReport]) -> str:
         elif r.healthy and r.tiny_var == 0:
             stats = "ok"
         else:
-            parts = [f"{r.nonfinite} nonfinite" if r.nonfinite else "", f"{r.zero_var} zero-var" if r.zero_var else "", f"{r.tiny_var} tiny-var" if r.tiny_var else ""]
+            parts = [
+                f"{r.nonfinite} nonfinite" if r.nonfinite else "",
+                f"{r.zero_var} zero-var" if r.zero_var else "",
+                f"{r.tiny_var} tiny-var" if r.tiny_var else "",
+            ]
             stats = ",".join(p for p in parts if p)
         rows.append(
             [
@@ -254,9 +258,7 @@ def format_table(reports: list[LayerReport]) -> str:
     wasted = sum(r.wasted_parameters for r in reports)
     folds = sum(r.foldable for r in reports)
     lines.append("")
-    lines.append(
-        f"{len(reports)} batch-norm layer(s); {folds} foldable; {wasted} parameter(s) in redundant biases."
-    )
+    lines.append(f"{len(reports)} batch-norm layer(s); {folds} foldable; {wasted} parameter(s) in redundant biases.")
     lines.append(
         "momentum: ours/PyTorch (weight of the new batch); keras = 1 - momentum (weight of the old value).\n"
         "shift: max |batch mean - running mean| in running stds; var x: max ratio of batch to running variance."

@@ -9,10 +9,13 @@ report can be redrawn without retraining).
     batchnorm lab run ioffe2015-fig1 --quick --out runs/
     batchnorm lab run all --quick
     batchnorm lab report runs/
+    batchnorm lab replicate --data digits,mnist1d --seeds 0-4 --quick
 
 Modules: ``config`` (RunConfig), ``datasets``, ``models``, ``training``, ``popstats``
 (Alg. 2 population statistics), ``registry`` (the experiment list), ``runner``, ``report``,
-``figures`` (plot helpers), ``experiments/`` (one module per experiment).
+``figures`` (plot helpers), ``verdict`` (claims judged over seeds), ``experiment`` (the
+multi-seed Experiment base), ``stacked`` (the seeds of an MLP trained together), ``replicate``
+(the replication matrix), ``experiments/`` (one module per experiment).
 Nothing heavy (matplotlib, scikit-learn, mnist1d) is imported until it is needed.
 """
 

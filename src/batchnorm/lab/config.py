@@ -37,11 +37,24 @@ class RunConfig:
     out: Path = field(default_factory=lambda: Path("runs"))
     """Output root; the experiment's files go to ``out/<experiment id>/``."""
 
+    seeds: tuple[int, ...] | None = None
+    """The seeds every claim is judged over (distinct, non-negative). ``None``: the mode's
+    number of consecutive seeds from ``seed`` (``experiment.SEEDS_PER_MODE``)."""
+
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"RunConfig: expected mode in {MODES}, got {self.mode!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"RunConfig: expected seed to be a non-negative int, got {self.seed!r}")
+        if self.seeds is not None:
+            seeds = tuple(self.seeds)
+            if (
+                not seeds
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in seeds)
+                or len(set(seeds)) != len(seeds)
+            ):
+                raise ValueError(f"RunConfig: expected seeds to be distinct non-negative ints, got {self.seeds!r}")
+            object.__setattr__(self, "seeds", seeds)
         if not isinstance(self.data, str) or not self.data:
             raise ValueError(f"RunConfig: expected data to be a non-empty str, got {self.data!r}")
         object.__setattr__(self, "out", Path(self.out))
@@ -54,4 +67,5 @@ class RunConfig:
         """A JSON-serializable copy (``out`` as a string)."""
         d = asdict(self)
         d["out"] = str(self.out)
+        d["seeds"] = None if self.seeds is None else list(self.seeds)
         return d

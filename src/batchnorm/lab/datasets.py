@@ -172,7 +172,9 @@ def _mnist(directory: str) -> Dataset:
     xtr = arrays["train_x"]
     xte = arrays["test_x"]
     if xtr.ndim != 3 or xte.ndim != 3 or xtr.shape[1:] != xte.shape[1:]:
-        raise ValueError(f"data: mnist images in {directory!r} must be (N, H, W) with equal H, W; got {xtr.shape} and {xte.shape}")
+        raise ValueError(
+            f"data: mnist images in {directory!r} must be (N, H, W) with equal H, W; got {xtr.shape} and {xte.shape}"
+        )
     if arrays["train_y"].shape[0] != xtr.shape[0] or arrays["test_y"].shape[0] != xte.shape[0]:
         raise ValueError(f"data: mnist image and label counts differ in {directory!r}")
     h, w = xtr.shape[1:]
@@ -217,7 +219,9 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _tensors(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _tensors(
+    xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return (
         torch.from_numpy(np.ascontiguousarray(xtr, dtype=np.float32)),
         torch.from_numpy(np.ascontiguousarray(ytr, dtype=np.int64)),

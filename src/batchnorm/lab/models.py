@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 from torch import nn
@@ -35,9 +35,9 @@ __all__ = [
 ]
 
 NormFactory = Callable[[int], nn.Module]
-NormSpec = Union[str, NormFactory, None]
+NormSpec = str | NormFactory | None
 Placement = Literal["before", "after"]
-BiasSpec = Union[bool, Literal["auto"]]
+BiasSpec = bool | Literal["auto"]
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
@@ -74,7 +74,7 @@ def resolve_norm(norm: NormSpec, dims: int = 1) -> NormFactory | None:
     raise ValueError(f"resolve_norm: expected 'none', 'bn', 'torch' or a callable, got {norm!r}")
 
 
-InitSpec = Union[float, Literal["he"], None]
+InitSpec = float | Literal["he"] | None
 
 
 def init_gaussian_(model: nn.Module, std: float | str, generator: torch.Generator | None = None) -> nn.Module:

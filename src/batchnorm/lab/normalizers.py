@@ -33,7 +33,7 @@ class NoisyBatchNorm(nn.Module):
         y'_ij = y_ij * s_j * (1 + per_sample * e_ij) + mu_j + per_sample * e'_ij,   e, e' ~ N(0, 1)
 
     where ``y = BN(x)`` (after gamma and beta). This is the "workable form" of Santurkar et al.
-    2018's noise (their Appendix values are not available to us; PAPERS.md §2). In eval mode
+    2018's noise (their appendix values were not available to us). In eval mode
     the noise is replaced by its expectation, ``y' = y * (1 + noise_scale) / 2`` (E[s] and
     E[mu] = 0), as dropout rescales at inference: the next layer was trained on inputs scaled
     by s on average, so plain ``y`` would be a systematic shift.
@@ -157,7 +157,6 @@ class GroupedBatchNorm1d(BatchNorm1d):
                 self.num_batches_tracked, self._skipped(), unbiased=False,
             )  # fmt: skip
         return y
-
 
 
 class GroupedBatchRenorm1d(BatchRenorm1d):

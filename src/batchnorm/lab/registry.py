@@ -16,9 +16,8 @@ The experiment contract — each module ``batchnorm.lab.experiments.<id with _>`
     figures(results: dict, outdir: Path) -> list[Path]
         drawn ONLY from the saved results (matplotlib via ``batchnorm.lab.figures.pyplot()``)
 
-Adding an experiment = one module (its id is already listed in ``EXPERIMENTS`` when it is
-one of issue 3's; otherwise add a line). Ids whose module does not exist yet are skipped,
-so experiments can land one at a time.
+Adding an experiment = one module, and its id listed in ``EXPERIMENTS``. Ids whose module
+does not exist are skipped.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Saving and loading ``results.json`` (atomically) and the library versions recorded in it.
+"""Saving and loading ``results.json`` (atomically, mode 0644 under umask 022) and the library
+versions recorded in it.
 
 Layout of one experiment's directory ``OUT/<id>/``:
     results.json   {"id", "description", "run", "config", "data", "metrics", "claims",
@@ -9,15 +10,14 @@ Layout of one experiment's directory ``OUT/<id>/``:
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import math
-import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from ._files import write_bytes_atomic, write_text_atomic
 
 __all__ = [
     "atomic_write_bytes",
@@ -32,27 +32,10 @@ __all__ = [
 RESULTS_NAME = "results.json"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and a rename, so
-    readers (and interrupted runs) never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """``atomic_write_bytes`` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+atomic_write_bytes = write_bytes_atomic
+"""Write bytes to a path atomically, mode ``0o666 & ~umask`` (see ``lab._files``)."""
+atomic_write_text = write_text_atomic
+"""Write UTF-8 text to a path atomically, mode ``0o666 & ~umask`` (see ``lab._files``)."""
 
 
 def to_jsonable(value: Any) -> Any:

@@ -48,7 +48,9 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def run_one(experiment_id: str, cfg: RunConfig, progress: Progress | None = None, *, threads: int | None = 1) -> dict[str, Any]:
+def run_one(
+    experiment_id: str, cfg: RunConfig, progress: Progress | None = None, *, threads: int | None = 1
+) -> dict[str, Any]:
     """Run one experiment and write ``cfg.out/<id>/`` (results.json, figures, report.html).
 
     results.json is written only once the run has finished (atomically), so an interrupted

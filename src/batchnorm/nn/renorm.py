@@ -374,7 +374,7 @@ class BatchRenormBase(nn.Module):
         )
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.Module, **kwargs: object) -> "BatchRenormBase":
+    def from_batchnorm(cls, bn: nn.Module, **kwargs: object) -> BatchRenormBase:
         """A renorm layer that starts from a trained batch norm ``bn`` (torch's or ours):
         same weight/bias, ``running_mean``, and ``running_std = sqrt(running_var + eps)`` so that
         inference is unchanged. eps and affine are ``bn``'s; ``kwargs`` (momentum, schedule) go

@@ -168,7 +168,7 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     lower = int((_paired(results, "BN", "plain", "test_loss") < 0).sum())
     out.append(
         {
-            "claim": "BN regularizes: every network fits the small training set, and BN's has a lower test loss than the plain one, with test accuracy no lower",
+            "claim": "BN regularizes: every network fits the small training set, and the BN network has a lower test loss than the plain one, with test accuracy no lower",
             "holds": bool(bn["test_loss"] < plain["test_loss"] and bn["test_acc"] >= plain["test_acc"]),
             "evidence": f"test loss {loss('BN')} vs {loss('plain')} (lower in {lower}/{n} paired seeds); test accuracy {acc('BN')} vs "
             f"{acc('plain')}; lowest mean training accuracy of any arm {100 * fits:.1f}%",

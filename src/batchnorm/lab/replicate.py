@@ -1,0 +1,158 @@
+"""The replication matrix: every experiment on every data set over the same seeds, one row per
+(experiment, data set) with its claims holding / not holding / inconclusive and our effect
+sizes beside the papers'.
+
+    matrix = replicate(["digits", "mnist1d"], seeds=(0, 1, 2, 3, 4), mode="quick", out=Path("runs/rep"))
+    # runs/rep/<data>/<id>/... (each run as `lab run` writes it), runs/rep/replication.json,
+    # runs/rep/index.html
+
+Experiments built on ``experiment.Experiment`` judge each claim over all the seeds; the others
+judge theirs at the first seed only, and the matrix says so (``seeds`` of each cell).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ._files import write_text_atomic
+from .config import Mode, RunConfig
+from .progress import Progress
+from .results import to_jsonable
+from .runner import run_many
+
+__all__ = ["matrix_from_results", "parse_seeds", "replicate", "write_matrix"]
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0-4"`` -> (0, 1, 2, 3, 4); ``"0,3,7"`` -> (0, 3, 7); ranges and lists mix (``"0-2,9"``)."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                if lo > hi:
+                    raise ValueError
+                seeds.extend(range(lo, hi + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise ValueError(
+                f"expected seeds like 0-4 or 0,3,7 (non-negative, ascending ranges), got {text!r}"
+            ) from None
+    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"expected distinct non-negative seeds like 0-4 or 0,3,7, got {text!r}")
+    return tuple(seeds)
+
+
+def _cell(results: dict[str, Any]) -> dict[str, Any]:
+    claims = results.get("claims", [])
+    verdicts = [c.get("verdict", "holds" if c.get("holds") else "does not hold") for c in claims]
+    seeds = results.get("metrics", {}).get("seeds") if isinstance(results.get("metrics"), dict) else None
+    return {
+        "holds": verdicts.count("holds"),
+        "does_not_hold": verdicts.count("does not hold"),
+        "inconclusive": verdicts.count("inconclusive"),
+        "seeds": seeds if seeds is not None else [results.get("run", {}).get("seed", 0)],
+        "claims": [
+            {
+                "claim": c.get("claim"),
+                "verdict": v,
+                "estimate": c.get("estimate"),
+                "interval": c.get("interval"),
+                "direction": c.get("direction"),
+                "expected": c.get("expected"),
+                "source": c.get("source"),
+                "evidence": c.get("evidence"),
+            }
+            for c, v in zip(claims, verdicts)
+        ],
+    }
+
+
+def matrix_from_results(
+    by_data: Mapping[str, Sequence[dict[str, Any]]], seeds: Sequence[int], mode: str
+) -> dict[str, Any]:
+    """``{"seeds", "mode", "data", "rows": [{"id", "cells": {data: cell}}]}`` from saved results."""
+    ids: list[str] = []
+    for results in by_data.values():
+        for r in results:
+            if r["id"] not in ids:
+                ids.append(r["id"])
+    rows = []
+    for experiment_id in ids:
+        cells = {d: _cell(r) for d, rs in by_data.items() for r in rs if r["id"] == experiment_id}
+        rows.append({"id": experiment_id, "cells": cells})
+    return {"seeds": list(seeds), "mode": mode, "data": list(by_data), "rows": rows}
+
+
+def write_matrix(matrix: dict[str, Any], out: Path) -> Path:
+    """Write ``out/replication.json`` and ``out/index.html``; returns the HTML path."""
+    out = Path(out)
+    write_text_atomic(out / "replication.json", json.dumps(to_jsonable(matrix), indent=1, allow_nan=False) + "\n")
+    e = html.escape
+    head = "".join(f"<th>{e(d)}</th>" for d in matrix["data"])
+    rows = []
+    for row in matrix["rows"]:
+        tds = []
+        for d in matrix["data"]:
+            c = row["cells"].get(d)
+            if c is None:
+                tds.append("<td>-</td>")
+                continue
+            lines = "".join(
+                f"<li><b>{e(str(x['verdict']))}</b>: {e(str(x['claim']))}"
+                + (
+                    f" — ours {x['estimate']:.3g} {e(str(x['interval']))}, {e(str(x['direction']))}"
+                    if isinstance(x.get("estimate"), (int, float))
+                    else ""
+                )
+                + (
+                    f"; paper: {e(str(x['expected']))} ({e(str(x['source']))})"
+                    if x.get("expected")
+                    else f" ({e(str(x['evidence']))})"
+                )
+                + "</li>"
+                for x in c["claims"]
+            )
+            tds.append(
+                f"<td><a href='{e(d)}/{e(row['id'])}/report.html'>{c['holds']} hold, {c['does_not_hold']} do not, "
+                f"{c['inconclusive']} inconclusive</a> (seeds {e(str(c['seeds']))})<details><ul>{lines}</ul></details></td>"
+            )
+        rows.append(f"<tr><td>{e(row['id'])}</td>{''.join(tds)}</tr>")
+    text = (
+        "<!doctype html><meta charset='utf-8'><title>replication matrix</title>"
+        f"<h1>Replication matrix ({e(matrix['mode'])}, seeds {e(str(matrix['seeds']))})</h1>"
+        f"<table border='1' cellpadding='4'><tr><th>experiment</th>{head}</tr>{''.join(rows)}</table>\n"
+    )
+    path = out / "index.html"
+    write_text_atomic(path, text)
+    return path
+
+
+def replicate(
+    datasets: Sequence[str],
+    seeds: Sequence[int],
+    mode: Mode,
+    out: Path,
+    ids: Sequence[str] | None = None,
+    progress_for: Callable[[str, int, int], Progress] | None = None,
+) -> dict[str, Any]:
+    """Run ``ids`` (default: all) on every data set with ``seeds`` into ``out/<data>/`` and
+    write the matrix (``write_matrix``); returns it."""
+    from . import registry
+
+    experiment_ids = list(ids) if ids is not None else list(registry.ids())
+    by_data: dict[str, list[dict[str, Any]]] = {}
+    for data in datasets:
+        cfg = RunConfig(
+            mode=mode, seed=int(seeds[0]), seeds=tuple(int(s) for s in seeds), data=data, out=Path(out) / data
+        )
+        by_data[data] = run_many(experiment_ids, cfg, progress_for, index=True)
+    matrix = matrix_from_results(by_data, seeds, mode)
+    write_matrix(matrix, Path(out))
+    return matrix

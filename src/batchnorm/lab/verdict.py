@@ -1,0 +1,264 @@
+"""Turn per-seed measurements into a verdict on a claim: estimate, confidence interval, and
+``holds`` / ``does not hold`` / ``inconclusive``.
+
+    v = judge(bn_acc, plain_acc, seeds=[0, 1, 2], above=0.0)          # BN > plain (paired)
+    v = judge(noisy_acc, bn_acc, seeds=seeds, above=-2.0)             # noisy >= BN - 2 pp
+    v = judge(bn_err, gn_err, seeds=seeds, effect="ratio", above=2.0)  # BN's error > 2x GN's
+    v = judge(spread_change, seeds=seeds, above=-0.1, below=0.1)      # value within a band
+    v.verdict, v.estimate, v.interval, v.holds
+
+The rule (decided before any measurement, the same for every claim):
+
+* the *effect* is the mean of one quantity over seeds: the value itself (one arm), the
+  difference ``a - b`` or the ratio ``a / b`` (two arms);
+* the claim names a side of a threshold (``above=t``: effect >= t; ``below=t``: effect <= t)
+  or a band (both);
+* ``holds`` when the whole confidence interval lies on the claimed side (inside the band),
+  ``does not hold`` when the whole interval lies on the other side (outside the band), and
+  ``inconclusive`` when it straddles a threshold.
+
+Why a Student-t interval and not a bootstrap: the lab judges 3 to 5 seeds. A percentile
+bootstrap of n = 3 values can never leave [min, max] of the data and covers the mean far less
+often than its nominal level; the t interval is exact for normal per-seed noise and widens
+correctly as n shrinks (t_{0.975, 2} = 4.30 against z = 1.96), which is the honest direction
+with so few seeds.
+
+Why paired differences when the arms share seeds: with the same initial weights and minibatch
+order in both arms, the seed-to-seed variation common to both arms cancels in ``a_i - b_i``
+and the interval measures only the effect's own variation. Ratios are paired on the log scale
+(mean of ``log(a_i / b_i)``, interval exponentiated), so the estimate is the geometric mean
+ratio; both arms must then be positive. Unpaired arms get Welch's interval (unequal variances,
+Welch-Satterthwaite degrees of freedom).
+
+With one seed (or one value per arm unpaired) there is no estimate of the spread: the interval
+is (-inf, inf) and the verdict is ``inconclusive``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = ["VERDICTS", "Verdict", "combine", "judge", "t_quantile"]
+
+VerdictName = Literal["holds", "does not hold", "inconclusive"]
+VERDICTS: tuple[str, ...] = ("holds", "does not hold", "inconclusive")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judged claim: ``verdict``, the ``estimate`` with its ``interval`` (``confidence``
+    level), the ``seeds`` it was measured on, and how (``method``)."""
+
+    verdict: VerdictName
+    estimate: float
+    interval: tuple[float, float]
+    seeds: tuple[int, ...]
+    method: str
+    confidence: float = 0.95
+
+    @property
+    def holds(self) -> bool:
+        """True only for ``holds`` (``inconclusive`` is not a pass)."""
+        return self.verdict == "holds"
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields results.json stores beside a claim (non-finite bounds stay floats;
+        ``results.to_jsonable`` turns them into strings)."""
+        return {
+            "holds": self.holds,
+            "verdict": self.verdict,
+            "estimate": self.estimate,
+            "interval": [self.interval[0], self.interval[1]],
+            "seeds": list(self.seeds),
+            "method": self.method,
+            "confidence": self.confidence,
+        }
+
+
+def _t_cdf_upper_half(x: float, df: float) -> float:
+    """P(0 <= T <= x) for Student's t with ``df`` degrees of freedom (x >= 0), by composite
+    Simpson integration of the density in the variable u = atan(t / sqrt(df)), where the
+    integrand cos(u)^(df-1) is smooth and bounded on [0, pi/2)."""
+    # t = sqrt(df) tan(u): f(t) dt = c * cos(u)^(df - 1) du with
+    # c = Gamma((df+1)/2) / (sqrt(pi) Gamma(df/2))
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(math.pi)
+    upper = math.atan(x / math.sqrt(df))
+    n = 2000  # even number of Simpson panels
+    u = np.linspace(0.0, upper, n + 1)
+    g = np.cos(u) ** (df - 1)
+    weights = np.ones(n + 1)
+    weights[1:-1:2] = 4.0
+    weights[2:-1:2] = 2.0
+    return float(math.exp(log_c) * (upper / n) / 3.0 * float(np.dot(weights, g)))
+
+
+@functools.lru_cache(maxsize=256)
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t with ``df`` > 0 degrees of freedom (0.5 < p < 1),
+    by bisection on the CDF (absolute error below 1e-9 for df >= 1)."""
+    if not 0.5 < p < 1.0:
+        raise ValueError(f"t_quantile: expected 0.5 < p < 1, got {p!r}")
+    if not df > 0:
+        raise ValueError(f"t_quantile: expected df > 0, got {df!r}")
+    target = p - 0.5
+    lo, hi = 0.0, 1.0
+    while _t_cdf_upper_half(hi, df) < target:
+        hi *= 2.0
+        if hi > 1e12:
+            return math.inf
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if _t_cdf_upper_half(mid, df) < target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def _as_values(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise TypeError(f"judge: expected {name} to be a sequence of numbers, got {type(values).__name__}")
+    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    if arr.size == 0:
+        raise ValueError(f"judge: expected {name} to hold at least one value, got none")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"judge: expected finite values in {name}, got {arr.tolist()}")
+    return arr
+
+
+def _mean_interval(x: np.ndarray, confidence: float) -> tuple[float, float, float]:
+    """Mean of ``x`` and its two-sided t interval (infinite for one value)."""
+    mean = float(np.mean(x))
+    if x.size < 2:
+        return mean, -math.inf, math.inf
+    half = t_quantile(0.5 + confidence / 2, x.size - 1) * float(np.std(x, ddof=1)) / math.sqrt(x.size)
+    return mean, mean - half, mean + half
+
+
+def _welch_interval(a: np.ndarray, b: np.ndarray, confidence: float) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and Welch's t interval (infinite when either arm has one value)."""
+    est = float(np.mean(a) - np.mean(b))
+    if a.size < 2 or b.size < 2:
+        return est, -math.inf, math.inf
+    va, vb = float(np.var(a, ddof=1)) / a.size, float(np.var(b, ddof=1)) / b.size
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return est, est, est
+    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+    half = t_quantile(0.5 + confidence / 2, df) * se
+    return est, est - half, est + half
+
+
+def _decide(lo: float, hi: float, above: float | None, below: float | None) -> VerdictName:
+    inside = (above is None or lo >= above) and (below is None or hi <= below)
+    if inside:
+        return "holds"
+    outside = (above is not None and hi < above) or (below is not None and lo > below)
+    return "does not hold" if outside else "inconclusive"
+
+
+def judge(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray | None = None,
+    *,
+    seeds: Sequence[int],
+    above: float | None = None,
+    below: float | None = None,
+    effect: Literal["difference", "ratio"] = "difference",
+    paired: bool = True,
+    confidence: float = 0.95,
+) -> Verdict:
+    """Judge the claim "effect >= ``above``" (and/or "effect <= ``below``") over seeds.
+
+    Args:
+        a: one measurement per seed (shape ``(n,)``) of the first arm, or of the value.
+        b: the second arm (``None``: the effect is the value ``a`` itself). Paired: shape
+            ``(n,)``, ``b[i]`` measured on ``seeds[i]`` with ``a[i]``'s initial weights and
+            minibatch order. Unpaired: any length.
+        seeds: the seeds of ``a`` (of both arms when paired).
+        above, below: the claimed side(s) of the threshold(s); both give a band
+            ``above <= effect <= below``. At least one is required.
+        effect: ``"difference"`` (``a - b``) or ``"ratio"`` (``a / b``, geometric mean over
+            seeds; both arms > 0; thresholds are ratios, e.g. ``above=2.0``).
+        paired: interval from the per-seed differences (t, n - 1 degrees of freedom) rather
+            than from two independent samples (Welch).
+        confidence: level of the two-sided interval (default 0.95).
+
+    Returns:
+        ``Verdict``: ``holds`` when the interval lies entirely on the claimed side (inside the
+        band), ``does not hold`` when it lies entirely on the other side (outside the band),
+        ``inconclusive`` when it straddles a threshold. Bounds equal to a threshold count as
+        on the claimed side.
+    """
+    if above is None and below is None:
+        raise ValueError("judge: expected a threshold: above=..., below=... or both, got neither")
+    for name, t in (("above", above), ("below", below)):
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
+            raise TypeError(f"judge: expected {name} to be a finite number, got {t!r}")
+    if above is not None and below is not None and above > below:
+        raise ValueError(f"judge: expected a band with above <= below, got above={above}, below={below}")
+    if effect not in ("difference", "ratio"):
+        raise ValueError(f"judge: expected effect 'difference' or 'ratio', got {effect!r}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"judge: expected 0 < confidence < 1, got {confidence!r}")
+    seeds_t = tuple(seeds)
+    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds_t):
+        raise TypeError(f"judge: expected seeds to be ints, got {list(seeds_t)!r}")
+    seeds_t = tuple(int(s) for s in seeds_t)
+    if len(set(seeds_t)) != len(seeds_t):
+        raise ValueError(f"judge: expected distinct seeds, got {list(seeds_t)}")
+    xa = _as_values("a", a)
+    if xa.size != len(seeds_t):
+        raise ValueError(f"judge: expected one value of a per seed ({len(seeds_t)}), got {xa.size}")
+    level = f"{confidence:.0%}"
+    if b is None:
+        est, lo, hi = _mean_interval(xa, confidence)
+        method = f"mean over {xa.size} seeds, {level} t interval"
+        return Verdict(_decide(lo, hi, above, below), est, (lo, hi), seeds_t, method, confidence)
+    xb = _as_values("b", b)
+    if paired and xb.size != xa.size:
+        raise ValueError(f"judge: paired arms need one value each per seed, got {xa.size} and {xb.size}")
+    if effect == "ratio":
+        if np.any(xa <= 0) or np.any(xb <= 0):
+            raise ValueError(f"judge: a ratio needs positive arms, got a={xa.tolist()}, b={xb.tolist()}")
+        for name, t in (("above", above), ("below", below)):
+            if t is not None and t <= 0:
+                raise ValueError(f"judge: a ratio threshold must be > 0, got {name}={t}")
+        la, lb = np.log(xa), np.log(xb)
+        if paired:
+            est, lo, hi = _mean_interval(la - lb, confidence)
+            method = f"geometric mean of paired ratios over {xa.size} seeds, {level} t interval on the log scale"
+        else:
+            est, lo, hi = _welch_interval(la, lb, confidence)
+            method = (
+                f"ratio of geometric means ({xa.size} and {xb.size} seeds), {level} Welch interval on the log scale"
+            )
+        est, lo, hi = math.exp(est), math.exp(lo), math.exp(hi)
+    elif paired:
+        est, lo, hi = _mean_interval(xa - xb, confidence)
+        method = f"mean of paired differences over {xa.size} seeds, {level} t interval"
+    else:
+        est, lo, hi = _welch_interval(xa, xb, confidence)
+        method = f"difference of means ({xa.size} and {xb.size} seeds), {level} Welch interval"
+    return Verdict(_decide(lo, hi, above, below), est, (lo, hi), seeds_t, method, confidence)
+
+
+def combine(verdicts: Sequence[Verdict]) -> VerdictName:
+    """The verdict of a claim made of several parts that must all hold: ``does not hold`` if
+    any part does not, else ``inconclusive`` if any part is, else ``holds``."""
+    if not verdicts:
+        raise ValueError("combine: expected at least one verdict, got none")
+    names = [v.verdict for v in verdicts]
+    if "does not hold" in names:
+        return "does not hold"
+    if "inconclusive" in names:
+        return "inconclusive"
+    return "holds"

@@ -1,0 +1,67 @@
+# .venv/bin/python -m pytest -q tests/lab/test_replicate.py
+"""The replication matrix: seed parsing, the CLI's one-line errors, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from batchnorm.cli import main
+from batchnorm.lab.replicate import parse_seeds
+
+
+def test_parse_seeds() -> None:
+    assert parse_seeds("0-4") == (0, 1, 2, 3, 4)
+    assert parse_seeds("0,3,7") == (0, 3, 7)
+    assert parse_seeds("0-2,9") == (0, 1, 2, 9)
+    for bad in ("", "4-0", "a", "1,1", "-1", "0-2,2"):
+        with pytest.raises(ValueError, match="seeds"):
+            parse_seeds(bad)
+
+
+@pytest.mark.parametrize("argv", [["--seeds", "4-0"], ["--data", "cifar"], ["--data", ","], ["--seeds", "x"]])
+def test_bad_options_exit_2_with_one_line(argv: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["lab", "replicate", "--tiny", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_tiny_matrix_counts_each_experiments_verdicts(tmp_path: Path) -> None:
+    code = main(
+        [
+            "lab",
+            "replicate",
+            "--tiny",
+            "--data",
+            "digits,mnist1d",
+            "--seeds",
+            "0-1",
+            "--only",
+            "ioffe2015-fig1,bias",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    matrix = json.loads((tmp_path / "replication.json").read_text())
+    assert matrix["data"] == ["digits", "mnist1d"] and matrix["seeds"] == [0, 1]
+    assert [r["id"] for r in matrix["rows"]] == ["ioffe2015-fig1", "bias"]
+    for row in matrix["rows"]:
+        for data, cell in row["cells"].items():
+            saved = json.loads((tmp_path / data / row["id"] / "results.json").read_text())
+            assert cell["holds"] + cell["does_not_hold"] + cell["inconclusive"] == len(saved["claims"])
+            assert cell["holds"] == sum(c["holds"] for c in saved["claims"])
+    assert matrix["rows"][0]["cells"]["digits"]["seeds"] == [0, 1]  # judged over both seeds
+    assert matrix["rows"][1]["cells"]["digits"]["seeds"] == [0]  # single-seed experiment: says so
+    assert "Replication matrix" in (tmp_path / "index.html").read_text()
+
+
+def test_out_that_is_a_file_exits_2_with_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "taken"
+    out.write_text("x")
+    assert main(["lab", "replicate", "--tiny", "--seeds", "0", "--out", str(out / "sub")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file" in err[0]
+    assert out.read_text() == "x"

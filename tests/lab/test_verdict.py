@@ -1,0 +1,161 @@
+# .venv/bin/python -m pytest -q tests/lab/test_verdict.py
+"""The verdict function on synthetic per-seed measurements whose answer is known."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from batchnorm.lab.results import to_jsonable
+from batchnorm.lab.verdict import Verdict, combine, judge, t_quantile
+
+SEEDS5 = [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 9, 30, 7.3])
+@pytest.mark.parametrize("p", [0.9, 0.975, 0.995])
+def test_t_quantile_matches_scipy(df: float, p: float) -> None:
+    stats = pytest.importorskip("scipy.stats")
+    assert t_quantile(p, df) == pytest.approx(float(stats.t.ppf(p, df)), rel=1e-7, abs=1e-9)
+
+
+def test_t_quantile_known_values() -> None:
+    # printed tables: t_{0.975, 2} = 4.303, t_{0.975, 4} = 2.776; Cauchy: tan(pi (p - 1/2))
+    assert t_quantile(0.975, 2) == pytest.approx(4.302653, abs=1e-6)
+    assert t_quantile(0.975, 4) == pytest.approx(2.776445, abs=1e-6)
+    assert t_quantile(0.9, 1) == pytest.approx(math.tan(math.pi * 0.4), rel=1e-9)
+
+
+def test_paired_interval_is_the_t_interval_of_the_differences() -> None:
+    a = np.array([0.91, 0.93, 0.90, 0.95])
+    b = np.array([0.88, 0.89, 0.89, 0.90])
+    v = judge(a, b, seeds=[3, 4, 5, 6], above=0.0)
+    d = a - b
+    half = 3.182446305284263 * d.std(ddof=1) / 2.0  # t_{0.975, 3} * s / sqrt(4)
+    assert v.estimate == pytest.approx(d.mean(), abs=1e-15)
+    assert v.interval == pytest.approx((d.mean() - half, d.mean() + half), abs=1e-9)
+    assert v.seeds == (3, 4, 5, 6)
+    assert v.verdict == "holds" and v.holds
+
+
+def test_welch_interval_matches_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    a = np.array([1.0, 1.4, 0.7, 1.9, 1.2])
+    b = np.array([0.2, 0.9, 0.1])
+    v = judge(a, b, seeds=SEEDS5, above=0.0, paired=False)
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert v.interval == pytest.approx((ci.low, ci.high), rel=1e-7)
+
+
+def test_clear_effect_holds_clear_opposite_does_not_and_straddle_is_inconclusive() -> None:
+    base = np.array([70.0, 75.0, 72.0, 68.0, 74.0])
+    # a > b by 5 +- 0.5 on every seed
+    assert judge(base + [5.2, 4.8, 5.1, 4.6, 5.3], base, seeds=SEEDS5, above=0.0).verdict == "holds"
+    # a < b by 5: the claim a > b does not hold
+    assert judge(base - 5.0 + [0.1, -0.2, 0.3, 0.0, -0.1], base, seeds=SEEDS5, above=0.0).verdict == "does not hold"
+    # differences +3, -3, ...: mean near 0, interval straddles 0
+    v = judge(base + [3.0, -3.0, 2.0, -2.5, 0.5], base, seeds=SEEDS5, above=0.0)
+    assert v.verdict == "inconclusive" and not v.holds
+    assert v.interval[0] < 0.0 < v.interval[1]
+
+
+def test_margin_claim_a_at_least_b_minus_margin() -> None:
+    b = np.array([94.0, 95.0, 93.5])
+    a = b - np.array([1.0, 1.2, 0.9])  # 1 pp worse, margin 2 pp: holds
+    assert judge(a, b, seeds=[0, 1, 2], above=-2.0).verdict == "holds"
+    a = b - np.array([20.0, 21.0, 19.5])  # 20 pp worse: does not hold
+    assert judge(a, b, seeds=[0, 1, 2], above=-2.0).verdict == "does not hold"
+
+
+def test_pairing_cancels_shared_seed_noise() -> None:
+    # seed-to-seed spread 10 shared by both arms; the effect is a steady +1
+    shared = np.array([50.0, 60.0, 40.0, 55.0, 45.0])
+    a = shared + 1.0 + np.array([0.05, -0.05, 0.02, 0.0, -0.02])
+    assert judge(a, shared, seeds=SEEDS5, above=0.0).verdict == "holds"
+    assert judge(a, shared, seeds=SEEDS5, above=0.0, paired=False).verdict == "inconclusive"
+
+
+def test_band() -> None:
+    x = np.array([0.02, -0.01, 0.0, 0.01, -0.02])
+    assert judge(x, seeds=SEEDS5, above=-0.1, below=0.1).verdict == "holds"
+    assert judge(x + 0.5, seeds=SEEDS5, above=-0.1, below=0.1).verdict == "does not hold"
+    assert judge(x - 0.5, seeds=SEEDS5, above=-0.1, below=0.1).verdict == "does not hold"
+    # centred on the band's edge: straddles it
+    assert judge(x + 0.1, seeds=SEEDS5, above=-0.1, below=0.1).verdict == "inconclusive"
+
+
+def test_ratio_is_paired_on_the_log_scale() -> None:
+    b = np.array([2.0, 4.0, 3.0, 5.0])
+    a = 3.0 * b * np.array([1.01, 0.99, 1.02, 0.98])
+    v = judge(a, b, seeds=[0, 1, 2, 3], effect="ratio", above=2.0)
+    assert v.estimate == pytest.approx(float(np.exp(np.mean(np.log(a / b)))), rel=1e-12)
+    assert v.verdict == "holds" and v.interval[0] < 3.0 < v.interval[1]
+    assert judge(a, b, seeds=[0, 1, 2, 3], effect="ratio", above=5.0).verdict == "does not hold"
+    assert judge(a, b, seeds=[0, 1, 2, 3], effect="ratio", below=2.0).verdict == "does not hold"
+
+
+def test_one_seed_is_inconclusive() -> None:
+    v = judge([0.9], [0.1], seeds=[0], above=0.0)
+    assert v.verdict == "inconclusive"
+    assert v.interval == (-math.inf, math.inf)
+
+
+def test_zero_spread_gives_a_point_interval() -> None:
+    v = judge([2.0, 2.0, 2.0], [1.0, 1.0, 1.0], seeds=[0, 1, 2], above=1.0)
+    assert v.interval == (1.0, 1.0) and v.verdict == "holds"  # bounds on the threshold count
+
+
+def test_interval_covers_the_true_mean_at_its_level() -> None:
+    # 3 seeds of normal noise: a 95% interval covers the true effect 95% of the time;
+    # a z interval (1.96) would cover about 79%, a percentile bootstrap less.
+    rng = np.random.default_rng(0)
+    trials = 4000
+    hits = 0
+    for _ in range(trials):
+        d = rng.normal(0.7, 2.0, size=3)
+        lo, hi = judge(d, seeds=[0, 1, 2], above=0.0).interval
+        hits += lo <= 0.7 <= hi
+    assert abs(hits / trials - 0.95) < 0.015
+
+
+def test_verdict_is_json_ready() -> None:
+    v = judge([1.0, 2.0, 3.0], seeds=[0, 1, 2], above=0.0)
+    d = v.to_json()
+    assert set(d) >= {"holds", "verdict", "estimate", "interval", "seeds"}
+    json.dumps(to_jsonable(d), allow_nan=False)
+    json.dumps(to_jsonable(judge([1.0], seeds=[0], above=0.0).to_json()), allow_nan=False)
+
+
+def test_combine() -> None:
+    def v(name: str) -> Verdict:
+        return Verdict(name, 0.0, (0.0, 0.0), (0,), "m")  # type: ignore[arg-type]
+
+    assert combine([v("holds"), v("holds")]) == "holds"
+    assert combine([v("holds"), v("inconclusive")]) == "inconclusive"
+    assert combine([v("inconclusive"), v("does not hold")]) == "does not hold"
+    with pytest.raises(ValueError, match="at least one"):
+        combine([])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"a": [1.0, 2.0], "seeds": [0, 1]}, ValueError, "threshold"),
+        ({"a": [1.0, 2.0], "seeds": [0], "above": 0.0}, ValueError, "one value of a per seed"),
+        ({"a": [1.0, 2.0], "b": [1.0], "seeds": [0, 1], "above": 0.0}, ValueError, "paired arms"),
+        ({"a": [1.0, float("nan")], "seeds": [0, 1], "above": 0.0}, ValueError, "finite"),
+        ({"a": [1.0, 2.0], "seeds": [0, 0], "above": 0.0}, ValueError, "distinct seeds"),
+        ({"a": [1.0, 2.0], "seeds": [0, 1], "above": 1.0, "below": 0.0}, ValueError, "band"),
+        ({"a": [1.0, 2.0], "b": [0.0, 1.0], "seeds": [0, 1], "above": 1.0, "effect": "ratio"}, ValueError, "positive"),
+        ({"a": [1.0, 2.0], "seeds": [0, 1], "above": "0"}, TypeError, "finite number"),
+        ({"a": "12", "seeds": [0, 1], "above": 0.0}, TypeError, "sequence of numbers"),
+        ({"a": [1.0, 2.0], "seeds": [0, 1], "above": 0.0, "confidence": 95}, ValueError, "confidence"),
+        ({"a": [1.0, 2.0], "b": [1.0, 2.0], "seeds": [0, 1], "above": 0.0, "effect": "log"}, ValueError, "effect"),
+    ],
+)
+def test_bad_input(kwargs: dict, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        judge(**kwargs)
