@@ -1,6 +1,6 @@
 """``batch_norm_act``: batch norm fused with an invertible activation, saving only the output.
 
-Forward, per channel c (training: batch statistics; DESIGN.md):
+Forward, per channel c (training: batch statistics):
 
     y = gamma * x_hat + beta,   x_hat = (x - mu) / sqrt(var + eps)
     z = act(y)        act in {leaky_relu(slope), elu(alpha), identity}
@@ -172,4 +172,3 @@ def batch_norm_act(
         input, running_mean, running_var, weight, bias, training, momentum, eps, activation, negative_slope,
         alpha, where,
     )  # fmt: skip
-

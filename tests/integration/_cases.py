@@ -116,7 +116,9 @@ CASES: list[Case] = [
     Case("BatchNorm2d", lambda: batchnorm.BatchNorm2d(3), (4, 3, 3, 3), "bn", _torch_bn(2)),
     Case("BatchNorm2d-mNone", lambda: batchnorm.BatchNorm2d(3, momentum=None), (4, 3, 3, 3), "bn", _torch_bn(2, None)),
     Case("BatchNorm3d", lambda: batchnorm.BatchNorm3d(3), (4, 3, 2, 2, 2), "bn", _torch_bn(3)),
-    Case("BatchNorm3d-mNone", lambda: batchnorm.BatchNorm3d(3, momentum=None), (4, 3, 2, 2, 2), "bn", _torch_bn(3, None)),
+    Case(
+        "BatchNorm3d-mNone", lambda: batchnorm.BatchNorm3d(3, momentum=None), (4, 3, 2, 2, 2), "bn", _torch_bn(3, None)
+    ),
     Case("BatchRenorm1d", _renorm(batchnorm.BatchRenorm1d), (6, 3), "renorm"),
     Case("BatchRenorm2d", _renorm(batchnorm.BatchRenorm2d), (4, 3, 3, 3), "renorm"),
     Case("BatchRenorm3d", _renorm(batchnorm.BatchRenorm3d), (4, 3, 2, 2, 2), "renorm"),
@@ -207,17 +209,21 @@ def assert_steps_close(got: list[Step], want: list[Step], what: str, tol: dict[s
     assert len(got) == len(want)
     for i, (a, b) in enumerate(zip(got, want)):
         where = f"{what}, step {i + 1}"
-        torch.testing.assert_close(a.output, b.output, **tol, msg=lambda m: f"{where}: output differs\n{m}")
+        torch.testing.assert_close(
+            a.output, b.output, **tol, msg=lambda m, where=where: f"{where}: output differs\n{m}"
+        )
         assert a.grads.keys() == b.grads.keys(), f"{where}: gradients of {sorted(a.grads)} vs {sorted(b.grads)}"
         for k in a.grads:
             ga, gb = a.grads[k], b.grads[k]
             assert (ga is None) == (gb is None), f"{where}: grad of {k} is {ga is not None} vs {gb is not None}"
             if ga is not None:
-                torch.testing.assert_close(ga, gb, **tol, msg=lambda m, k=k: f"{where}: grad of {k} differs\n{m}")
+                torch.testing.assert_close(
+                    ga, gb, **tol, msg=lambda m, k=k, where=where: f"{where}: grad of {k} differs\n{m}"
+                )
         assert a.buffers.keys() == b.buffers.keys(), f"{where}: buffers {sorted(a.buffers)} vs {sorted(b.buffers)}"
         for k in a.buffers:
             torch.testing.assert_close(
-                a.buffers[k], b.buffers[k], **tol, msg=lambda m, k=k: f"{where}: buffer {k} differs\n{m}"
+                a.buffers[k], b.buffers[k], **tol, msg=lambda m, k=k, where=where: f"{where}: buffer {k} differs\n{m}"
             )
 
 

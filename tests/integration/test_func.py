@@ -29,7 +29,9 @@ GRAD = pytest.mark.parametrize("grad_on", [True, False], ids=["grad", "no_grad"]
 ALL = pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 # replace_all_batch_norm_modules_ removes running statistics; renorm is defined by them and
 # frozen has nothing to remove (it vmaps as is: test_vmap_eval)
-REPLACEABLE = pytest.mark.parametrize("case", [c for c in CASES if c.kind not in ("renorm", "frozen")], ids=lambda c: c.name)
+REPLACEABLE = pytest.mark.parametrize(
+    "case", [c for c in CASES if c.kind not in ("renorm", "frozen")], ids=lambda c: c.name
+)
 
 
 def _params(m: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -81,9 +83,13 @@ def check_ensemble(case: Case, *, training: bool, grad_on: bool, batched_input: 
     for i, member in enumerate(members):
         with torch.no_grad():
             want = member(xs[i] if batched_input else xs[0])
-        torch.testing.assert_close(out[i].detach(), want, **TOL, msg=lambda s, i=i: f"{case.name} member {i}: output\n{s}")
+        torch.testing.assert_close(
+            out[i].detach(), want, **TOL, msg=lambda s, i=i: f"{case.name} member {i}: output\n{s}"
+        )
         for k, v in member.named_buffers():
-            torch.testing.assert_close(buffers[k][i], v, **TOL, msg=lambda s, i=i, k=k: f"{case.name} member {i}: {k}\n{s}")
+            torch.testing.assert_close(
+                buffers[k][i], v, **TOL, msg=lambda s, i=i, k=k: f"{case.name} member {i}: {k}\n{s}"
+            )
 
 
 def check_vmap_replaced(case: Case, *, training: bool, grad_on: bool) -> None:

@@ -62,7 +62,9 @@ def _functional(name: str, training: bool):
         # constant near the input, so the stop-gradient of r and d is the true derivative
         rstd = torch.full((3,), 3.0, dtype=D)
         rmean = torch.full((3,), 4.0, dtype=D)
-        return lambda x, w, b: batchnorm.batch_renorm(x, rmean.clone(), rstd.clone(), w, b, training, 0.1, 1e-5, 1.5, 0.5)
+        return lambda x, w, b: batchnorm.batch_renorm(
+            x, rmean.clone(), rstd.clone(), w, b, training, 0.1, 1e-5, 1.5, 0.5
+        )
     if name == "ghost_batch_norm":
         if not training:
             return None
@@ -101,7 +103,12 @@ def check_module(case: Case, *, training: bool) -> None:
             bufs["running_mean"].fill_(4.0)
     x = _leaf(shape, 0)
     params = tuple(_leaf((3,), i + 1, 0.3, 1.0 if n == "weight" else 0.0) for i, n in enumerate(names))
-    _check(f, (x, *params), f"{case.name} ({'train' if training else 'eval'})", double=not (training and case.kind == "act"))
+    _check(
+        f,
+        (x, *params),
+        f"{case.name} ({'train' if training else 'eval'})",
+        double=not (training and case.kind == "act"),
+    )
 
 
 MODES = pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -31,7 +31,15 @@ pytestmark = pytest.mark.distributed
 
 WORLD = 2
 SHAPE = (3, 3, 2, 2)  # per rank
-CHECKS = ["eager_vs_torch_bn", "compile_default", "compile_fullgraph", "explain", "export_train", "jit_trace", "no_host_read"]
+CHECKS = [
+    "eager_vs_torch_bn",
+    "compile_default",
+    "compile_fullgraph",
+    "explain",
+    "export_train",
+    "jit_trace",
+    "no_host_read",
+]
 
 
 def _global_batches(steps: int = 3) -> list[torch.Tensor]:
@@ -76,7 +84,7 @@ def _run_checks(rank: int) -> dict[str, str]:
     from integration.test_no_host_sync import forbid_host_reads
 
     xs_global = _global_batches()
-    xs = [x[rank * SHAPE[0]:(rank + 1) * SHAPE[0]] for x in xs_global]
+    xs = [x[rank * SHAPE[0] : (rank + 1) * SHAPE[0]] for x in xs_global]
     fresh = _layer()
     eager = copy.deepcopy(fresh)
     want = _steps(eager, eager, xs)
@@ -94,7 +102,7 @@ def _run_checks(rank: int) -> dict[str, str]:
         ref.load_state_dict(fresh.state_dict())
         for i, xg in enumerate(xs_global):
             y = ref(xg)
-            mine = y[rank * SHAPE[0]:(rank + 1) * SHAPE[0]]
+            mine = y[rank * SHAPE[0] : (rank + 1) * SHAPE[0]]
             torch.testing.assert_close(want[i]["output"], mine.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(want[-1]["running_var"], ref.running_var, rtol=1e-5, atol=1e-5)
 
@@ -149,7 +157,9 @@ def _worker(rank: int, outdir: str) -> None:
     if "lo" in {name for _, name in socket.if_nameindex()}:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     store = f"file://{Path(outdir, 'rendezvous')}"
-    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
     out = _run_checks(rank)
     Path(outdir, f"{rank}.json").write_text(json.dumps(out))
     gc.collect()

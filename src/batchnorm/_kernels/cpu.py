@@ -11,7 +11,7 @@ Same API as :mod:`batchnorm._kernels.torch_ops`:
   split at its reductions, for callers that reduce the sums further (SyncBatchNorm);
 - ``supports(x) -> bool``: whether these kernels handle ``x`` (else dispatch uses torch_ops).
 
-Math (per channel c over its m = N * prod(spatial) values; DESIGN.md):
+Math (per channel c over its m = N * prod(spatial) values):
 
     mu = (1/m) sum x,  var = (1/m) sum (x - mu)^2,  invstd = 1 / sqrt(var + eps)
     y  = ((x - mu) * invstd) * weight + bias
@@ -1126,7 +1126,7 @@ def backward(
     invstd: Tensor,
     weight: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Training backward, per channel with g = dL/dy (DESIGN.md):
+    """Training backward, per channel with g = dL/dy:
 
         dbeta  = sum g
         dgamma = sum g * x_hat
@@ -1241,7 +1241,7 @@ def backward_apply(
     mean_g: Tensor,
     mean_gxhat: Tensor,
 ) -> Tensor:
-    """dx from already-reduced means (DESIGN.md's backward), one pass over g and x:
+    """dx from already-reduced means (the training backward with its two means given), one pass over g and x:
 
         x_hat = (x - mean) * invstd
         dx    = weight * invstd * (g - mean_g - x_hat * mean_gxhat)

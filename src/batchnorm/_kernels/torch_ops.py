@@ -3,7 +3,7 @@
 Every function works per channel (dim 1) of an input shaped (N, C, *spatial) and reduces over
 all other dims, m = N * prod(spatial) values per channel.
 
-Numerical policy (see DESIGN.md):
+Numerical policy:
 - statistics are computed in ``acc_dtype(x.dtype)``: float64 for float64 input, float32 for
   float32/float16/bfloat16 input;
 - the variance is computed *shifted*: d = x - x[first sample] per channel, then the two-pass
@@ -134,7 +134,7 @@ def backward(
     invstd: Tensor,
     weight: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Hand-derived training backward (DESIGN.md), per channel with g = dL/dy:
+    """Hand-derived training backward, per channel with g = dL/dy:
 
         dbeta  = sum g
         dgamma = sum g * x_hat
@@ -194,7 +194,7 @@ def backward_apply(
     mean_g: Tensor,
     mean_gxhat: Tensor,
 ) -> Tensor:
-    """dx from already-reduced means (DESIGN.md's backward):
+    """dx from already-reduced means (the training backward with its two means given):
 
         x_hat = (x - mean) * invstd,   dx = weight * invstd * (g - mean_g - x_hat * mean_gxhat)
 

@@ -23,8 +23,8 @@ import torch.fx
 from torch import Tensor
 
 from .. import _checks
-from ..ops import scripted
 from ..functional_act import act_step, check_activation
+from ..ops import scripted
 from .batchnorm import BatchNormBase, layer_mode
 
 __all__ = ["BatchNormActBase", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "batch_norm_act_layer"]

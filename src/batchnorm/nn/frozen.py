@@ -79,7 +79,6 @@ class FrozenBatchNormBase(nn.Module):
     frozen = True
     """Marks layers whose statistics must not be re-estimated (read by ``recompute_statistics``)."""
 
-
     def __init__(
         self,
         num_features: int,
@@ -149,7 +148,9 @@ class FrozenBatchNormBase(nn.Module):
                 state_dict[prefix + key] = make(self.num_features)
         if prefix + "num_batches_tracked" not in state_dict:
             state_dict[prefix + "num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def scale_shift(self) -> tuple[Tensor, Tensor]:
         """(scale, shift) of ``y = x * scale + shift``, per channel, in float64."""
@@ -160,7 +161,9 @@ class FrozenBatchNormBase(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         """``y = (x - running_mean) * scale + bias`` per channel (dim 1), in any mode."""
         if torch.jit.is_scripting():
-            return torch.ops.batchnorm.eval(input, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+            return torch.ops.batchnorm.eval(
+                input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
+            )
         return self._eager_forward(input)
 
     @torch.jit.unused

@@ -40,8 +40,8 @@ import torch.fx
 from torch import Tensor
 
 from .. import _checks, ops
-from ..ops import scripted
 from ..functional import check_train_args, update_step
+from ..ops import scripted
 from ..ops.ghost import ghost_forward, pooled_moments
 from .batchnorm import BatchNormBase, batch_norm_layer
 
@@ -115,7 +115,14 @@ def ghost_batch_norm(
     where = "ghost_batch_norm"
     v = _check_virtual_batch_size(virtual_batch_size, where)
     x, eps = check_train_args(
-        input, where, training=True, eps=eps, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+        input,
+        where,
+        training=True,
+        eps=eps,
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
     )
     momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]
     _check_ghost_shape(x, v, where)

@@ -48,8 +48,8 @@ import torch.fx
 from torch import Tensor, nn
 
 from .. import _checks, ops
-from ..ops import scripted
 from ..functional import is_fx_proxy, update_step
+from ..ops import scripted
 
 __all__ = [
     "renorm_limits",
@@ -79,6 +79,7 @@ def renorm_limits(
 
     So the layer is plain BN for ``step <= warmup_steps``. Defaults are the paper's.
     """
+
     def ramp(end: int) -> float:
         if step <= warmup_steps:
             return 0.0
@@ -177,7 +178,9 @@ def _batch_renorm(
     b = shift if bias is None else shift + bias
     y, mean, var = ops.train_forward(x, w, b, eps)
     std = torch.sqrt(var + eps)
-    update_step(x, running_mean, running_std, mean, std, momentum, where, num_batches_tracked, num_batches_skipped, False)
+    update_step(
+        x, running_mean, running_std, mean, std, momentum, where, num_batches_tracked, num_batches_skipped, False
+    )
     return y
 
 

@@ -55,8 +55,8 @@ import torch.fx
 from torch import Tensor
 
 from .. import _checks, _collectives
-from ..ops import scripted
 from ..functional import is_fx_proxy, update_step
+from ..ops import scripted
 from ..ops.sync import global_moments, sync_normalize
 from .batchnorm import BatchNormBase, batch_norm_layer
 
@@ -120,7 +120,14 @@ def sync_batch_norm(
     if not _collectives.is_distributed():
         raise RuntimeError(f"{where}: torch.distributed is not initialized (call init_process_group first)")
     x, eps = _checks.check_args(
-        input, where, training=True, eps=eps, weight=weight, bias=bias, running_mean=running_mean, running_var=running_var
+        input,
+        where,
+        training=True,
+        eps=eps,
+        weight=weight,
+        bias=bias,
+        running_mean=running_mean,
+        running_var=running_var,
     )
     _checks.check_eps(eps, where, training=True)
     momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]

@@ -17,7 +17,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["acc_dtype", "fresh", "register_channel_vmap", "to_front", "fold_channels", "unfold_channels", "fold_vector", "per_channel"]
+__all__ = [
+    "acc_dtype",
+    "fresh",
+    "register_channel_vmap",
+    "to_front",
+    "fold_channels",
+    "unfold_channels",
+    "fold_vector",
+    "per_channel",
+]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

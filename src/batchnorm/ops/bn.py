@@ -185,7 +185,14 @@ class _TrainForwardAD(_Train):
 
 
 def train_jvp(
-    x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float, tx: Tensor | None, tw: Tensor | None, tb: Tensor | None
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    tx: Tensor | None,
+    tw: Tensor | None,
+    tb: Tensor | None,
 ) -> Tensor | None:
     """The forward-mode derivative of train's y along tangents (tx, tweight, tbias) (None: zero)."""
     nd = x.dim()
@@ -221,9 +228,7 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
 
 
 @torch.library.custom_op("batchnorm::eval", mutates_args=())
-def eval_bn(
-    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> Tensor:
+def eval_bn(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """Inference forward with fixed statistics: y = weight * (x - mean) / sqrt(var + eps) + bias."""
     if x.numel() == 0:
         return torch.empty_like(x)
@@ -444,7 +449,9 @@ def _update_fake(
     return None
 
 
-def _update_vmap(info: Any, in_dims: tuple[Any, ...], rm, rv, nbt, skipped, mean, var, count, momentum, unbiased, where):
+def _update_vmap(
+    info: Any, in_dims: tuple[Any, ...], rm, rv, nbt, skipped, mean, var, count, momentum, unbiased, where
+):
     b = info.batch_size
     rmd, rvd, nd, sd, md, vd = in_dims[:6]
     if any(d is None for d in (rmd, rvd, nd, sd)) and any(d is not None for d in (md, vd)):

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .._kernels import torch_ops
 from .._kernels.dispatch import _numba, get_backend
-from ._common import acc_dtype, fresh, fold_channels, fold_vector, to_front, unfold_channels
+from ._common import acc_dtype, fold_channels, fold_vector, fresh, to_front, unfold_channels
 from .bn import memory_format_of
 
 __all__ = ["ghost_split", "ghost_train", "ghost_train_backward", "ghost_pool", "ghost_forward", "pooled_moments"]
@@ -200,7 +200,11 @@ def ghost_train(
     """Ghost-batch training forward: (y, mean (K*C,) float64, biased var (K*C,)) of the K ghost batches, ghost-batch-major."""
     if x.numel() == 0:
         k, c = _ghost_count(x, virtual_batch_size), x.shape[1]
-        return torch.empty_like(x), x.new_zeros(k * c, dtype=torch.float64), x.new_zeros(k * c, dtype=acc_dtype(x.dtype))
+        return (
+            torch.empty_like(x),
+            x.new_zeros(k * c, dtype=torch.float64),
+            x.new_zeros(k * c, dtype=acc_dtype(x.dtype)),
+        )
     ys, means, variances = [], [], []
     for part, k in _parts(x, virtual_batch_size):
         y, mean, var = _forward_part(part, weight, bias, eps, k)
@@ -251,7 +255,11 @@ def ghost_train_backward(
 def _ghost_backward_fake(grad_y, x, weight, mean, var, eps, virtual_batch_size):
     acc = acc_dtype(x.dtype)
     c = x.shape[1]
-    return torch.empty_like(x, memory_format=memory_format_of(x)), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+    return (
+        torch.empty_like(x, memory_format=memory_format_of(x)),
+        x.new_empty((c,), dtype=acc),
+        x.new_empty((c,), dtype=acc),
+    )
 
 
 def _fold_rows(t: Tensor | None, dim: int | None, b: int, c: int) -> Tensor | None:
@@ -269,7 +277,11 @@ def _ghost_train_vmap(info: Any, in_dims: tuple[Any, ...], x, weight, bias, eps,
     b = info.batch_size
     xd, wd, bd = in_dims[:3]
     y, mean, var = ghost_train(
-        fold_channels(to_front(x, xd, b)), fold_vector(to_front(weight, wd, b)), fold_vector(to_front(bias, bd, b)), eps, v
+        fold_channels(to_front(x, xd, b)),
+        fold_vector(to_front(weight, wd, b)),
+        fold_vector(to_front(bias, bd, b)),
+        eps,
+        v,
     )
     c = y.shape[1] // b
     return (unfold_channels(y, b), _unfold_rows(mean, b, c), _unfold_rows(var, b, c)), (0, 0, 0)
@@ -296,7 +308,9 @@ def _ghost_backward_vmap(info: Any, in_dims: tuple[Any, ...], grad_y, x, weight,
 ghost_train_backward.register_vmap(_ghost_backward_vmap)
 
 
-def _composite_backward(grad_y: Tensor, x: Tensor, weight: Tensor | None, eps: float, v: int) -> tuple[Tensor, Tensor, Tensor]:
+def _composite_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor | None, eps: float, v: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) from differentiable torch ops (statistics recomputed from x), for
     ``create_graph=True``: autograd then sees how every ghost batch's mean and invstd depend on x."""
     acc = acc_dtype(x.dtype)

@@ -56,7 +56,9 @@ def bn_forward(
     if training or running_mean is None or running_var is None:
         y, mean, var = torch.ops.batchnorm.train(x, weight, bias, eps)
         if training and track_running_stats:
-            _update(x, running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var, momentum, True, where)
+            _update(
+                x, running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var, momentum, True, where
+            )
         return y
     return torch.ops.batchnorm.eval(x, running_mean, running_var, weight, bias, eps)
 
@@ -79,7 +81,9 @@ def ghost_forward(
     y, mean_k, var_k = torch.ops.batchnorm.ghost_train(x, weight, bias, eps, virtual_batch_size)
     if track_running_stats:
         mean, var = torch.ops.batchnorm.ghost_pool(x, mean_k, var_k, virtual_batch_size)
-        _update(x, running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var, momentum, True, where)
+        _update(
+            x, running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var, momentum, True, where
+        )
     return y
 
 
@@ -157,7 +161,9 @@ def act_forward(
     if training or running_mean is None or running_var is None:
         z, mean, var = torch.ops.batchnorm.act_train(x, weight, bias, eps, activation, negative_slope, alpha)
         if training and track_running_stats:
-            _update(x, running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var, momentum, True, where)
+            _update(
+                x, running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var, momentum, True, where
+            )
         return z
     y = torch.ops.batchnorm.eval(x, running_mean, running_var, weight, bias, eps)
     if activation == "leaky_relu":
