@@ -176,7 +176,11 @@ def check_jvp(case: Case, *, training: bool) -> None:
         md = copy.deepcopy(m).double()
         plus = functional_call(md, {k: params[k].double() + eps * tangents[k].double() for k in params}, (x.double(),))
         minus = functional_call(md, {k: params[k].double() - eps * tangents[k].double() for k in params}, (x.double(),))
-        torch.testing.assert_close(tp.double(), (plus - minus) / (2 * eps), rtol=1e-4, atol=1e-4,
+        # a difference quotient across an activation's kink says nothing: leave out outputs near 0
+        smooth = functional_call(md, {k: params[k].double() for k in params}, (x.double(),)).abs() > 1e-3
+        if case.kind != "act":
+            smooth = torch.ones_like(smooth)
+        torch.testing.assert_close(tp.double()[smooth], ((plus - minus) / (2 * eps))[smooth], rtol=1e-4, atol=1e-4,
                                    msg=lambda s: f"{case.name} jvp w.r.t. weight/bias\n{s}")  # fmt: skip
 
 
