@@ -36,10 +36,9 @@ docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q tests
-
-test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+test-fast: test
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests

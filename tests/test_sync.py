@@ -157,7 +157,7 @@ def _run_layout(rank: int, name: str, out: dict) -> None:
 
 def _run_edge_cases(rank: int, out: dict) -> None:
     """A NaN on one rank: no rank updates its statistics. One value over the
-    whole group: every rank raises the same error (so none is left waiting in a collective)."""
+    whole group: every rank outputs the bias and skips the update alike (nothing read back)."""
     m = SyncBatchNorm(2, momentum=0.5)
     x = torch.randn(3, 2)
     if rank == 2:
@@ -175,11 +175,18 @@ def _run_edge_cases(rank: int, out: dict) -> None:
         out["torch_syncbn_refuses_cpu"] = True
     out["nonfinite/warned"] = any("not finite" in str(w.message) for w in caught)
     out["nonfinite/output_nan_everywhere"] = bool(y[:, 0].isnan().all())
-    try:
-        m(torch.randn(1 if rank == 0 else 0, 2))
-        out["one_value/raises"] = False
-    except ValueError as e:
-        out["one_value/raises"] = "more than 1 value per channel" in str(e)
+    # one value over the whole group: no variance, decided on the device (no rank reads it back):
+    # the output is the bias, the running statistics are left alone and the batch counts as skipped
+    m1 = SyncBatchNorm(2, momentum=0.5)
+    with torch.no_grad():
+        m1.bias.fill_(0.25)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        y1 = m1(torch.randn(1 if rank == 0 else 0, 2))
+    out["one_value/output_is_bias"] = bool((y1 == 0.25).all())
+    out["one_value/skipped"] = bool(
+        (m1.running_mean == 0).all() and (m1.running_var == 1).all() and int(m1.num_batches_skipped) == 1
+    )
 
 
 def _run_double_backward(rank: int, out: dict) -> None:
@@ -346,7 +353,8 @@ def test_nonfinite_rank_and_one_value(layout_results):
         assert r["nonfinite/unchanged"] is True
         assert r["nonfinite/warned"] is True
         assert r["nonfinite/output_nan_everywhere"] is True  # the global mean is NaN
-        assert r["one_value/raises"] is True
+        assert r["one_value/output_is_bias"] is True
+        assert r["one_value/skipped"] is True
 
 
 @pytest.mark.distributed

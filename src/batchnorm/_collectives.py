@@ -11,6 +11,8 @@ the layer, the collective and the group, and says how to fix it; the original er
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -80,47 +82,50 @@ def _explain(e: Exception, group: object | None, where: str, what: str) -> Runti
     )
 
 
-def all_reduce_sum_functional(t: Tensor, group: object | None, where: str, what: str) -> Tensor:
-    """Out-of-place SUM all-reduce of ``t`` over ``group`` with ``torch.distributed``'s functional
-    collectives: traceable by torch.compile (fullgraph) and torch.export, no host read. Not
-    differentiable (see :func:`all_reduce_sum_differentiable`); errors as :func:`all_reduce_sum`."""
-    import torch.distributed._functional_collectives as funcol
+@torch.library.custom_op("batchnorm::all_reduce_sum", mutates_args=())
+def _all_reduce_op(t: Tensor, group_name: str, where: str, what: str) -> Tensor:
+    """Out-of-place SUM all-reduce of ``t`` over the process group named ``group_name``."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
 
+    group = _resolve_process_group(group_name)
+    return all_reduce_sum(t.clone(memory_format=torch.contiguous_format), group, where, what)
+
+
+@_all_reduce_op.register_fake
+def _all_reduce_fake(t: Tensor, group_name: str, where: str, what: str) -> Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _all_reduce_grad(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+    # y = sum_r t_r on every rank, so dL/dt_r = sum_r' dL/dy_r': the same all-reduce, differentiable
+    return _all_reduce_op(grad, ctx.group_name, ctx.where, "the gradient of " + ctx.what), None, None, None
+
+
+def _all_reduce_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    _, ctx.group_name, ctx.where, ctx.what = inputs
+
+
+_all_reduce_op.register_autograd(_all_reduce_grad, setup_context=_all_reduce_setup)
+
+
+def group_name(group: object | None) -> str:
+    """The registered name of ``group`` (the default group if None), as operators take it."""
     pg = dist.group.WORLD if group is None else group
-    if torch.compiler.is_compiling():
-        return funcol.all_reduce(t, "sum", pg)  # type: ignore[arg-type]
-    try:
-        return funcol.wait_tensor(funcol.all_reduce(t.contiguous(), "sum", pg))  # type: ignore[arg-type]
-    except RuntimeError as e:
-        raise _explain(e, group, where, what) from e
+    return pg.group_name  # type: ignore[union-attr]
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """SUM all-reduce as an autograd op. y = sum_r t_r on every rank, so dL/dt_r = sum_r' dL/dy_r'
-    (each rank's loss depends on y): backward is the same all-reduce of ``grad``, itself
-    differentiable, so every rank must run it, to any order.
-
-    Our own because torch's ``torch.distributed.nn.functional.all_reduce`` warns
-    (FutureWarning, deprecated) on every call in torch 2.13 and its suggested replacement,
-    ``torch.distributed._functional_collectives``, is private and not differentiable in the
-    oldest torch we support (2.3). Failures carry :func:`all_reduce_sum`'s explanation.
-    """
-
-    @staticmethod
-    def forward(ctx, t: Tensor, group: object | None, where: str, what: str) -> Tensor:  # type: ignore[override]
-        ctx.group, ctx.where, ctx.what = group, where, what
-        return all_reduce_sum_functional(t, group, where, what)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        back = _AllReduceSum.apply(grad, ctx.group, ctx.where, "the gradient of " + ctx.what)
-        return back, None, None, None
+def all_reduce_sum_functional(t: Tensor, group: object | None, where: str, what: str) -> Tensor:
+    """Out-of-place SUM all-reduce of ``t`` over ``group`` as ONE operator,
+    ``batchnorm::all_reduce_sum``: an opaque node for torch.compile (fullgraph), torch.export and
+    torch.jit.trace, no host read; differentiable (its backward is the same all-reduce, so every
+    rank must run it). Errors as :func:`all_reduce_sum`."""
+    return _all_reduce_op(t, group_name(group), where, what)
 
 
 def all_reduce_sum_differentiable(t: Tensor, group: object | None, where: str, what: str) -> Tensor:
     """Out-of-place SUM all-reduce of ``t`` over ``group`` that autograd differentiates (its
     backward is another all-reduce, so every rank must run it); errors as :func:`all_reduce_sum`."""
-    return _AllReduceSum.apply(t, group, where, what)
+    return all_reduce_sum_functional(t, group, where, what)
 
 
 def gather_rows(parts: list[Tensor | float], group: object | None, where: str, what: str) -> Tensor:

@@ -99,7 +99,7 @@ def _can_recompute(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> boo
         return False
     w = weight.detach().abs().to(torch.float64)
     b = torch.zeros_like(w) if bias is None else bias.detach().abs().to(torch.float64)
-    return bool((w >= GAMMA_GUARD * torch.clamp_min(b, 1.0)).all())
+    return bool((w >= GAMMA_GUARD * torch.clamp_min(b, 1.0)).all().numpy())  # CPU memory: no device sync
 
 
 def act_step(

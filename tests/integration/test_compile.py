@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 
-from ._cases import CASES, REPRESENTATIVES, Case, assert_steps_close, leaf_names, reference_steps, train_then_eval
+from ._cases import MATRIX, REPRESENTATIVES, Case, assert_steps_close, leaf_names, reference_steps, train_then_eval
 
 
 def check_compile(case: Case, *, fullgraph: bool, grad: bool, backend: str = "inductor") -> None:
@@ -79,19 +79,19 @@ def test_default_compile_matches_eager() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 @pytest.mark.parametrize("fullgraph", [False, True], ids=["default", "fullgraph"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", MATRIX, ids=lambda c: c.name)
 def test_compile_matrix(case: Case, fullgraph: bool, grad: bool) -> None:
     check_compile(case, fullgraph=fullgraph, grad=grad)
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", MATRIX, ids=lambda c: c.name)
 def test_explain_reports_no_graph_break(case: Case, training: bool, grad: bool) -> None:
     check_no_graph_break(case, training=training, grad=grad)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", MATRIX, ids=lambda c: c.name)
 def test_training_steps_do_not_recompile(case: Case) -> None:
     check_no_recompile(case)
 
@@ -121,6 +121,6 @@ COLD = textwrap.dedent(
 def test_cold_process_conv_bn_compiles() -> None:
     """In a fresh interpreter whose first use of the layer is the compiled call (train, then eval
     under no_grad), as a new user would write it."""
-    r = subprocess.run([sys.executable, "-W", "error", "-c", COLD], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-W", "error", "-W", "ignore::DeprecationWarning", "-c", COLD], capture_output=True, text=True, timeout=300)
     last = (r.stderr.strip().splitlines() or [""])[-1]
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), f"exit {r.returncode}: {last}"

@@ -28,7 +28,9 @@ Running statistics (training, ``track_running_stats``): updated on every rank id
 the global mean and the global *unbiased* variance var * M / (M - 1) (PyTorch's conventions:
 ``momentum`` is the weight of the new value, None = cumulative average), so buffers stay
 identical across ranks; a rank with no samples updates them too. A step in which the whole
-group has no samples leaves them unchanged and counts in ``num_batches_skipped``.
+group has at most one value per channel (no variance) leaves them unchanged and counts in
+``num_batches_skipped``; its output is ``bias`` (torch's layer raises there, which needs a host
+read of the global count).
 
 Without communication: in eval mode (running statistics; with ``track_running_stats=False``
 the local batch's statistics, as PyTorch), and when ``torch.distributed`` is not initialized
@@ -79,18 +81,13 @@ def sync_step(
     """Training forward over the group on checked arguments (module docstring): the global
     statistics, the normalize, and the running update with the global unbiased variance."""
     total, mean, var = global_moments(x, group, where)
-    if x.device.type == "cpu" and not torch.compiler.is_compiling() and int(total) == 1:  # free on CPU
-        raise ValueError(
-            f"{where}: expected more than 1 value per channel when training, got 1 over the whole "
-            f"process group (local input shape {tuple(x.shape)})"
-        )
     y = sync_normalize(x, weight, bias, mean, var, total, eps, group, where)
     if running_mean is not None:
         with torch.no_grad():
-            # the global unbiased variance, var * M / (M - 1); a group with no samples at all
-            # gives non-finite statistics, which the update leaves out (and counts as skipped)
+            # the global unbiased variance, var * M / (M - 1); a group batch of at most one value
+            # per channel has none: the update leaves it out (NaN) and counts it as skipped
             unbiased = var * total / (total - 1.0).clamp_min(1.0)
-            nothing = torch.where(total > 0, 0.0, float("nan"))
+            nothing = torch.where(total > 1, 0.0, float("nan"))
             update_step(
                 x, running_mean, running_var, mean + nothing, unbiased, momentum, where,
                 num_batches_tracked, num_batches_skipped, unbiased=False, count=2,

@@ -396,15 +396,18 @@ def update_running_stats(
     running (..., C), counters (...).
     """
     _update(running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var, count, momentum, unbiased)
-    if count > 0 and num_batches_skipped.device.type == "cpu" and bool((num_batches_skipped == 1).any()):
+    # CPU only: the counter is already in host memory (reading it is no device sync); other
+    # devices never read it back and do not warn (the counter is there to be read when wanted)
+    if count > 0 and num_batches_skipped.device.type == "cpu" and (num_batches_skipped == 1).any().numpy():
         _warn_skipped(mean, var, num_batches_skipped, where)
 
 
 def _warn_skipped(mean: Tensor, var: Tensor, skipped: Tensor, where: str) -> None:
     bad = ~(torch.isfinite(mean).all(-1) & torch.isfinite(var).all(-1))
-    if bool((bad & (skipped == 1)).any()):
+    if (bad & (skipped == 1)).any().numpy():
         warnings.warn(
-            f"{where}: batch statistics are not finite (NaN/inf in the input); running statistics and "
+            f"{where}: batch statistics are not finite (NaN/inf in the input) or undefined (a synchronized "
+            "batch of at most one value per channel); running statistics and "
             "num_batches_tracked were left unchanged (warned once per layer; num_batches_skipped counts)",
             RuntimeWarning,
             stacklevel=2,

@@ -1,15 +1,15 @@
 """Synchronized batch norm: statistics over every process of a group, on the device.
 
-Operators (local work of one rank, no communication inside, so every one is an opaque,
-shape-known node for torch.compile and torch.export):
+Operators (opaque, shape-known nodes for torch.compile and torch.export):
 
 - ``batchnorm::moments(x)`` (:mod:`batchnorm.ops.bn`): the local (mean, biased var);
-- ``batchnorm::eval``: the normalize pass with the global statistics;
-- ``batchnorm::backward_sums(g, x, mean)``: the local (sum g, sum g (x - mean)) in float64;
-- ``batchnorm::backward_apply(g, x, mean, invstd, weight, mean_g, mean_gxhat)``: dx.
+- ``batchnorm::sync_normalize``: the normalize pass with the global statistics (``batchnorm::eval``),
+  whose registered backward is ``batchnorm::sync_backward``: the local sums
+  (``batchnorm::backward_sums``), ONE all-reduce inside the operator, then dx
+  (``batchnorm::backward_apply``). Being the operator's own autograd, it holds in eager mode,
+  under torch.compile and in an exported program alike.
 
-Between them, one collective per pass, through ``torch.distributed``'s functional collectives
-(traceable by torch.compile, no host read):
+Between them, one collective per pass, the operator ``batchnorm::all_reduce_sum`` (no host read):
 
     forward:   each rank's row (m_r, mean_r, M2_r) gathered by one SUM all-reduce of a (W, 1 + 2C)
                float64 buffer, then Chan's merge on the device:
@@ -33,7 +33,7 @@ from torch import Tensor
 from .. import _collectives
 from .._kernels import torch_ops
 from .._kernels.dispatch import backend_for
-from ._common import fresh, register_channel_vmap
+from ._common import acc_dtype, fresh, register_channel_vmap
 from .bn import moments
 
 __all__ = ["backward_sums", "backward_apply", "global_moments", "sync_normalize"]
@@ -107,46 +107,101 @@ def global_moments(x: Tensor, group: object | None, where: str) -> tuple[Tensor,
     return total, mean_g, var_g
 
 
+def _group_of(name: str) -> object:
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+@torch.library.custom_op("batchnorm::sync_normalize", mutates_args=())
+def sync_normalize_op(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    total: Tensor,
+    eps: float,
+    group_name: str,
+    where: str,
+) -> Tensor:
+    """y = weight * (x - mean) / sqrt(var + eps) + bias with the group's statistics; its autograd
+    (``batchnorm::sync_backward``) is the global batch's backward, one all-reduce."""
+    from .bn import eval_bn
+
+    return eval_bn(x, mean, var, weight, bias, eps)
+
+
+@sync_normalize_op.register_fake
+def _sync_normalize_fake(x, weight, bias, mean, var, total, eps, group_name, where):
+    from .bn import memory_format_of
+
+    return torch.empty_like(x, memory_format=memory_format_of(x))
+
+
+@torch.library.custom_op("batchnorm::sync_backward", mutates_args=())
+def sync_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    total: Tensor,
+    eps: float,
+    group_name: str,
+    where: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias): the local sums, ONE all-reduce of them over the group, then dx with the
+    global means. dweight and dbias are the local sums (DDP reduces them like any parameter)."""
+    invstd = torch.rsqrt(var + eps)
+    sum_g, sum_gx = backward_sums(grad_y, x, mean)
+    c = sum_g.numel()
+    packed = torch.cat([sum_g, sum_gx])
+    _collectives.all_reduce_sum(packed, _group_of(group_name), where, "the gradient sums (sum g, sum g*x_hat)")
+    m = total.clamp_min(1.0)
+    dx = backward_apply(grad_y, x, mean, invstd, weight, packed[:c] / m, packed[c:] * invstd / m)
+    return dx, (sum_gx * invstd).to(acc_dtype(x.dtype)), sum_g.to(acc_dtype(x.dtype))
+
+
+@sync_backward.register_fake
+def _sync_backward_fake(grad_y, x, weight, mean, var, total, eps, group_name, where):
+    from .bn import memory_format_of
+
+    acc = acc_dtype(x.dtype)
+    c = x.shape[1]
+    return torch.empty_like(x, memory_format=memory_format_of(x)), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+
 def _sync_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, weight, bias, mean, var, total, eps, group, where = inputs
+    x, weight, bias, mean, var, total, eps, group_name, where = inputs
     ctx.save_for_backward(x, weight, mean, var, total)
-    ctx.eps, ctx.group, ctx.where = eps, group, where
+    ctx.eps, ctx.group_name, ctx.where = eps, group_name, where
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-class _SyncNormalize(torch.autograd.Function):
-    """y = eval(x, global mean, global var, weight, bias) with the global statistics' backward
-    (mean, var and total are constants to autograd; their dependence on x is in the backward)."""
-
-    @staticmethod
-    def forward(x, weight, bias, mean, var, total, eps, group, where):  # type: ignore[override]
-        from .bn import eval_bn
-
-        return eval_bn(x, mean, var, weight, bias, eps)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        _sync_setup(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx: Any, grad_y: Tensor):  # type: ignore[override]
-        if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
-            return (*_backward_graph(ctx, grad_y), None, None, None, None, None, None)
+def _sync_grads(ctx: Any, grad_y: Tensor):
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():  # create_graph=True: a backward autograd can differentiate
+        dx, dw, db = _backward_graph(ctx, grad_y)
+    else:
         x, weight, mean, var, total = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        invstd = torch.rsqrt(var + ctx.eps)
-        sum_g, sum_gx = backward_sums(grad_y, x, mean)
-        dx = None
-        if need_x:
-            c = sum_g.numel()
-            packed = _collectives.all_reduce_sum_functional(
-                torch.cat([sum_g, sum_gx]), ctx.group, ctx.where, "the gradient sums (sum g, sum g*x_hat)"
-            )
-            m = total.clamp_min(1.0)
-            dx = backward_apply(grad_y, x, mean, invstd, weight, packed[:c] / m, packed[c:] * invstd / m)
-        dw = (sum_gx * invstd).to(weight.dtype) if (need_w and weight is not None) else None
-        db = sum_g.to(ctx.bias_dtype) if (need_b and ctx.bias_dtype is not None) else None
-        return dx, dw, db, None, None, None, None, None, None
+        dx, dw, db = sync_backward(grad_y, x, weight, mean, var, total, ctx.eps, ctx.group_name, ctx.where)
+        dw = dw.to(weight.dtype) if weight is not None else None
+        db = db.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+    return (
+        dx if need_x else None,
+        dw if need_w else None,
+        db if need_b else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+sync_normalize_op.register_autograd(_sync_grads, setup_context=_sync_setup)
 
 
 def _backward_graph(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -168,13 +223,14 @@ def _backward_graph(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, Tensor | N
 
     d = x.double() - channel(mean)
     local = torch.cat([d.sum(dim=dims), d.square().sum(dim=dims)])
-    sums = _collectives.all_reduce_sum_differentiable(local, ctx.group, ctx.where, "the batch sums")
+    group = _group_of(ctx.group_name)
+    sums = _collectives.all_reduce_sum_differentiable(local, group, ctx.where, "the batch sums")
     shift = sums[:c] / m
     invstd = torch.rsqrt((sums[c:] / m - shift.square()).clamp_min(0) + ctx.eps)
     x_hat = (d - channel(shift)) * channel(invstd)
     g = grad_y.double()
     local_g = torch.cat([g.sum(dim=dims), (g * x_hat).sum(dim=dims)])
-    sums_g = _collectives.all_reduce_sum_differentiable(local_g, ctx.group, ctx.where, "the gradient sums")
+    sums_g = _collectives.all_reduce_sum_differentiable(local_g, group, ctx.where, "the gradient sums")
     scale = invstd if weight is None else invstd * weight.double()
     dx = channel(scale) * (g - channel(sums_g[:c] / m) - x_hat * channel(sums_g[c:] / m))
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -194,5 +250,6 @@ def sync_normalize(
     group: object | None,
     where: str,
 ) -> Tensor:
-    """Differentiable normalize of the local x with the group's statistics (see the module docstring)."""
-    return _SyncNormalize.apply(x, weight, bias, mean, var, total, eps, group, where)
+    """Differentiable normalize of the local x with the group's statistics (see the module docstring):
+    ``batchnorm::sync_normalize``, whose backward is ``batchnorm::sync_backward``."""
+    return sync_normalize_op(x, weight, bias, mean, var, total, eps, _collectives.group_name(group), where)
