@@ -85,7 +85,7 @@ _DRIFTS = ("step_location", "step_spread", "total_location", "total_spread")
 _COMPARED = ("step_location", "step_spread")
 _EPOCHS = {"quick": 40.0, "full": 300.0}
 _TINY_STEPS = 40
-_NOISE_GRID = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+_NOISE_GRID = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)  # doubling from 0.05
 _DIVERGED_LOSS = 1e3  # mean training loss recorded for a run that diverged
 _DIVERGED_DRIFT = 1e3  # drift recorded for a run that diverged (its inputs became non-finite)
 
@@ -106,7 +106,7 @@ class Settings:
     checkpoint_every: int
     """Steps between probes of the layer inputs (``steps`` / 30, at least 1)."""
     noise_grid: tuple[float, ...]
-    """The magnitudes a the calibration tries, smallest first."""
+    """The magnitudes a the calibration tries, smallest first (doubling from 0.05)."""
     noise_magnitude: float = math.nan
     """a, chosen by ``noise_rule`` on the calibration run (NaN until calibrated)."""
     noise_rule: str = (
