@@ -104,7 +104,7 @@ class Settings:
     steps_rule: str
     """How ``steps`` was fixed (before any run)."""
     checkpoint_every: int
-    """Steps between probes of the layer inputs (``steps`` / 30, at least 1)."""
+    """Steps between probes of the layer inputs (``steps`` / 30; tiny: / 10)."""
     noise_grid: tuple[float, ...]
     """The magnitudes a the calibration tries, smallest first (doubling from 0.05)."""
     noise_magnitude: float = math.nan
@@ -299,7 +299,8 @@ class Noisy(Experiment):
             steps = epochs_to_steps(epochs, n, 128)
             rule = f"{epochs:g} passes over the training set ({n} examples, batch 128), the same rule on every data set"
             grid = _NOISE_GRID
-        return Settings(depth=depth, width=width, steps=steps, steps_rule=rule, checkpoint_every=max(1, steps // 30), noise_grid=grid)
+        every = max(1, steps // (10 if cfg.mode == "tiny" else 30))
+        return Settings(depth=depth, width=width, steps=steps, steps_rule=rule, checkpoint_every=every, noise_grid=grid)
 
     def run(self, cfg: RunConfig, progress: Progress) -> dict[str, Any]:
         """Calibrate the noise magnitude, then train the three arms at both rates on every seed."""
