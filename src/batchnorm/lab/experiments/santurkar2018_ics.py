@@ -67,8 +67,8 @@ l2 change 8-9x larger with BN (holds on seeds 0-2 and 3-5). Its cosine is lower 
 every seed (0.94-0.98 vs 0.99-1.00), by 0.01-0.05: the claim holds on seeds 3-5 and is
 inconclusive on seeds 0-2, whose interval reaches +0.02. In the ReLU MLP BN's relative change
 is 0.7-0.9x the plain network's - the same order: it holds on MNIST-1D (both seed sets) and
-is inconclusive on the digits (seeds 0-2, interval 0.4-2.0x: one seed where the plain
-network's training was briefly unstable has a much larger ICS without BN).
+is inconclusive on the digits (seeds 0-2: per-seed ratios 0.95, 0.63, 1.19, interval
+0.4-2.0x).
 """
 
 
