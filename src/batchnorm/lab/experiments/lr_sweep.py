@@ -38,7 +38,7 @@ from ._calibration import CALIBRATION_SEED, calibration_split, epochs_to_steps
 
 ID = "lr-sweep"
 DESCRIPTION = "Accuracy and divergence over a log grid of learning rates, with and without BN (Ioffe BN-x5/x30, Bjorck 2018)"
-QUICK_SECONDS = 60.0
+QUICK_SECONDS = 120.0
 EXPLANATION = """
 One of batch normalization's practical promises is that it lets you train with much larger
 learning rates. Ioffe & Szegedy trained their BN-Inception at 5x and 30x the original rate

@@ -30,7 +30,7 @@ from ._santurkar import build, restore_buffers, window_means
 
 ID = "santurkar2018-ics"
 DESCRIPTION = "Santurkar 2018 Def. 2.1: ICS as the change of a layer's gradient after earlier layers update (l2, cosine); BN's is not lower"
-QUICK_SECONDS = 20.0
+QUICK_SECONDS = 25.0
 EXPLANATION = """
 "Internal covariate shift" (ICS) is the claim that a layer has to keep re-adapting because the
 layers before it keep changing its input. Santurkar, Tsipras, Ilyas & Madry (2018) made this
