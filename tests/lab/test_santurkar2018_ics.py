@@ -89,7 +89,8 @@ def test_claims_read_each_seeds_median(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_quick_mode_claims_hold_on_digits(tmp_path: Path) -> None:
+def test_quick_mode_on_digits_seeds_0_to_2(tmp_path: Path) -> None:
+    """No claim is refuted; BN's larger l2 change in the DLN holds."""
     results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
-    failed = [c for c in results["claims"] if not c["holds"]]
-    assert not failed, failed
+    verdicts = [c["verdict"] for c in results["claims"]]
+    assert "does not hold" not in verdicts and verdicts[0] == "holds", results["claims"]
