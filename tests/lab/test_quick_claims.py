@@ -20,7 +20,6 @@ from batchnorm.lab.runner import run_one
         "goodfellow-chain",
         "bias",
         "inference-stats",
-        "lr-sweep",
         "placement",
         pytest.param("dropout", marks=pytest.mark.slow),
     ],

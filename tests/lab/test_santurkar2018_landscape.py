@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -63,8 +64,27 @@ def test_walk_matches_explicit_steps_and_leaves_the_model_unchanged(norm: str | 
     assert got["beta_eff"] == pytest.approx(beta, rel=1e-4)
 
 
+def test_claims_are_paired_ratios_judged_over_seeds(tmp_path: Path) -> None:
+    """Each seed contributes its geometric-mean ratio BN / no BN; a seed set where BN is 3x
+    rougher everywhere refutes the claims."""
+    results = run_one(exp.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
+    assert [len(c["seeds"]) for c in results["claims"]] == [3] * 3
+    m = results["metrics"]["per_seed"][0]
+    gm_bn, gm_none, n, _low, total = exp._seed_means(m, "beta_eff", 0.05)
+    none = [e["beta_eff"] for e in m["none"]["landscape"]]
+    bn = [e["beta_eff"] for e in m["bn"]["landscape"]]
+    assert n == total == len(none)  # tiny: the plain network is still learning everywhere
+    assert gm_bn / gm_none == pytest.approx(float(np.exp(np.mean(np.log(np.divide(bn, none))))), rel=1e-9)
+    for m in results["metrics"]["per_seed"]:
+        for e_none, e_bn in zip(m["none"]["landscape"], m["bn"]["landscape"]):
+            for key in ("loss_variation", "grad_predictiveness", "beta_eff"):
+                e_bn[key] = 3.0 * e_none[key] * (1.0 + 0.01 * len(m["bn"]["step"]))
+    assert [c["verdict"] for c in exp.claims(results)] == ["does not hold"] * 3
+
+
+@pytest.mark.slow
 def test_quick_mode_claims_hold_on_digits(tmp_path: Path) -> None:
-    # affordable (a few seconds), so it runs in `make test`
     results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
+    assert results["metrics"]["seeds"] == [0, 1, 2]
     failed = [c for c in results["claims"] if not c["holds"]]
     assert not failed, failed

@@ -5,10 +5,16 @@ ReLU, or (noisy experiment) with :class:`batchnorm.lab.normalizers.NoisyBatchNor
 a seed start from weights drawn from the same generator: N(0, 2/fan_in) (He initialization, so
 that the plain network trains at all at this depth; PyTorch's default init leaves a 10-layer
 plain ReLU net at chance), biases 0.
+
+For training several seeds together (``stacked.train_stacked``), noisy BN is written as BN
+followed by a noisy activation, :class:`NoisyReLU`: ``relu(noise_t(y))`` with ``y`` the BN
+output is exactly ``relu(NoisyBatchNorm(x))``, and the activation, unlike a norm layer, sees
+the seeds' slices (S, B, C) and can draw each seed's noise from that seed's own generator.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +24,106 @@ from torch import Tensor, nn
 from ..datasets import Dataset
 from ..models import MLP, blocks
 
-__all__ = ["build", "capture_act_inputs", "restore_buffers", "window_means"]
+__all__ = ["NoisyReLU", "act_input", "build", "capture_act_inputs", "noisy", "restore_buffers", "seed_slot", "window_means"]
+
+
+class NoisyReLU(nn.Module):
+    """``relu(y * s * (1 + p e) + mu + p e')``: Santurkar et al.'s noise on a BN output ``y``,
+    then the ReLU (the noise of :class:`batchnorm.lab.normalizers.NoisyBatchNorm`, drawn in the
+    same order from the same kind of generator).
+
+    At every training-mode forward, for each seed k (slice k of a stacked (S, B, C) input, or
+    the only one of a (B, C) input) and unit j: ``mu ~ U(-noise_mean[k], noise_mean[k])``,
+    ``s ~ U(1, noise_scale[k])`` from ``generators[k]``, then per sample ``e, e' ~ N(0, 1)``
+    with ``p = per_sample[k]``. In eval mode the noise is replaced by its expectation:
+    ``relu(y * (1 + noise_scale[k]) / 2)``. A (B, C) input is seed ``slot`` (default 0; set it
+    to evaluate or probe one seed's model alone). ``relu`` is a submodule, so a forward-pre-hook on
+    it sees the noisy input of the ReLU (the next layer's "input distribution").
+
+    Args:
+        generators: one per seed (a (B, C) input uses ``generators[0]``).
+        noise_mean, noise_scale, per_sample: one value per seed (n_mu >= 0, n_sigma >= 1, p >= 0).
+
+    Shape: (B, C) -> (B, C) or (S, B, C) -> (S, B, C) with S = len(generators).
+    """
+
+    def __init__(
+        self,
+        generators: Sequence[torch.Generator],
+        noise_mean: Sequence[float],
+        noise_scale: Sequence[float],
+        per_sample: Sequence[float],
+    ) -> None:
+        super().__init__()
+        n = len(generators)
+        if n == 0 or not (len(noise_mean) == len(noise_scale) == len(per_sample) == n):
+            raise ValueError(
+                f"NoisyReLU: expected one generator and one noise_mean, noise_scale, per_sample per seed, got "
+                f"{n}, {len(noise_mean)}, {len(noise_scale)}, {len(per_sample)}"
+            )
+        for m, sc, p in zip(noise_mean, noise_scale, per_sample):
+            if not (m >= 0 and sc >= 1 and p >= 0):
+                raise ValueError(f"NoisyReLU: expected noise_mean >= 0, noise_scale >= 1, per_sample >= 0, got {m!r}, {sc!r}, {p!r}")
+        self.generators = list(generators)
+        self.noise_mean = [float(v) for v in noise_mean]
+        self.noise_scale = [float(v) for v in noise_scale]
+        self.per_sample = [float(v) for v in per_sample]
+        self.slot = 0
+        self.relu = nn.ReLU()
+
+    def _noise(self, y: Tensor, k: int) -> Tensor:
+        if not self.training:
+            return y * (0.5 * (1.0 + self.noise_scale[k]))
+        n, c = y.shape
+        g = self.generators[k]
+        shift = (torch.rand(c, generator=g) * 2.0 - 1.0) * self.noise_mean[k]  # (C,)
+        scale = 1.0 + torch.rand(c, generator=g) * (self.noise_scale[k] - 1.0)  # (C,)
+        mult = 1.0 + self.per_sample[k] * torch.randn(n, c, generator=g)  # (B, C)
+        add = self.per_sample[k] * torch.randn(n, c, generator=g)  # (B, C)
+        return y * scale * mult + shift + add
+
+    def forward(self, y: Tensor) -> Tensor:
+        if y.dim() == 2:
+            return self.relu(self._noise(y, self.slot))
+        if y.dim() != 3 or y.shape[0] != len(self.generators):
+            raise ValueError(f"NoisyReLU: expected (B, C) or ({len(self.generators)}, B, C), got {tuple(y.shape)}")
+        return self.relu(torch.stack([self._noise(y[k], k) for k in range(y.shape[0])]))
+
+
+def noisy(models: Sequence[MLP], act: NoisyReLU | Sequence[NoisyReLU]) -> None:
+    """In place: replace every hidden ReLU of each BN model by noise + ReLU. ``act`` is one
+    ``NoisyReLU`` per hidden layer, shared by all models (the stacked forward uses the first
+    model's activations on the (S, B, C) slices)."""
+    acts = [act] if isinstance(act, NoisyReLU) else list(act)
+    for m in models:
+        hidden = list(blocks(m))
+        if len(acts) != len(hidden):
+            raise ValueError(f"noisy: expected one NoisyReLU per hidden layer ({len(hidden)}), got {len(acts)}")
+        for block, a in zip(hidden, acts):
+            block.act = a
+
+
+class seed_slot:
+    """Context manager: every ``NoisyReLU`` of ``model`` treats a (B, C) input as seed ``k``."""
+
+    def __init__(self, model: nn.Module, k: int) -> None:
+        self.acts = [m for m in model.modules() if isinstance(m, NoisyReLU)]
+        self.k = k
+        self.saved = [a.slot for a in self.acts]
+
+    def __enter__(self) -> None:
+        for a in self.acts:
+            a.slot = self.k
+
+    def __exit__(self, *exc: object) -> None:
+        for a, v in zip(self.acts, self.saved):
+            a.slot = v
+
+
+def act_input(block: nn.Module) -> nn.Module:
+    """The module whose input is the ReLU's input of a hidden block (after any noise)."""
+    act = block.act
+    return act.relu if isinstance(act, NoisyReLU) else act
 
 
 def build(data: Dataset, depth: int, width: int, norm: Any, seed: int) -> MLP:
@@ -67,7 +172,7 @@ def capture_act_inputs(model: nn.Module, x: Tensor, layers: list[int], batch: in
         def hook(_m: nn.Module, inp: tuple[Tensor, ...], i: int = i) -> None:
             captured[i].append(inp[0].clone())
 
-        handles.append(hidden[i].act.register_forward_pre_hook(hook))
+        handles.append(act_input(hidden[i]).register_forward_pre_hook(hook))
     flags = [(m, m.training) for m in model.modules()]
     try:
         with restore_buffers(model):

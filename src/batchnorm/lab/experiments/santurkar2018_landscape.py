@@ -5,11 +5,15 @@ At each checkpoint, on one batch, with g = grad L(w) (all parameters) and step s
 grid up to 0.4: loss variation = max - min of L(w - eta g) (eta = 0 included); gradient
 predictiveness = max over eta of ||grad L(w) - grad L(w - eta g)||; effective beta-smoothness =
 max over eta of ||grad L(w) - grad L(w - eta g)|| / ||eta g||. Same 10-layer ReLU MLP as the
-other ``santurkar2018-*`` experiments, with and without BN, lr 0.1.
+other ``santurkar2018-*`` experiments, with and without BN, lr 0.1; the seeds of each arm are
+trained together (``stacked.train_stacked``) and each claim is judged over the seeds on the
+paired ratio BN / no BN at the same checkpoint and batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +23,17 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import RunConfig
-from ..datasets import load
+from ..datasets import Dataset, load
+from ..experiment import Experiment, claim
 from ..progress import Progress
-from ..training import TrainSpec, train
+from ..stacked import train_stacked
+from ..training import TrainResult, TrainSpec
+from ._calibration import epochs_to_steps
 from ._santurkar import build, restore_buffers, window_means
 
 ID = "santurkar2018-landscape"
 DESCRIPTION = "Santurkar 2018 Fig. 4: loss variation, gradient predictiveness and effective beta-smoothness along the gradient; BN is smoother"
-QUICK_SECONDS = 2.5
+QUICK_SECONDS = 5.0
 EXPLANATION = """
 If not internal covariate shift, what does BN change? Santurkar, Tsipras, Ilyas & Madry (2018)
 argue that it makes the optimization landscape smoother: the loss and its gradient change
@@ -43,42 +50,64 @@ distance moved, ||eta g|| - a local estimate of the Lipschitz constant of the gr
 
 Here a 10-layer ReLU MLP (width 64, He initialization, batch 128, plain SGD at lr 0.1, where
 the network without BN still trains) is trained with and without BN before each ReLU, from
-the same initial weights and batches. At 16 checkpoints the walk is made on a fixed-size
-batch of training examples, in training mode (BN uses the batch's statistics; running
-statistics are restored afterwards), for 8 step sizes eta from 0.05 to 0.4 (the paper's range;
-0.5x to 4x the training learning rate). The figure shows the three quantities over training;
-the paper found all three lower with BN throughout training.
+the same initial weights and batches, for a stated number of passes over the training set
+(40 in quick mode, the rule of the noisy-BN experiment). At 16 checkpoints the walk is made on
+a batch of 128 training examples (the same batch for both networks), in training mode (BN uses
+the batch's statistics; running statistics are restored afterwards), for 8 step sizes eta from
+0.05 to 0.4 (0.5x to 4x the training learning rate). The figure shows the three quantities
+over training; the paper found all three lower with BN throughout training.
 
-One caveat at this scale: the digits training set is small enough that the plain network
-eventually memorizes it, its gradients vanish, and then all three numbers collapse for it
-(and stay larger for BN, whose batch-dependent loss never reaches 0). A walk along a vanishing
-gradient says nothing about smoothness, so the claims are judged over the checkpoints where
-the plain network is still learning (its batch loss L(w) above 0.05; in quick mode nearly the
-whole run): BN must have the lower median and be lower at most of those checkpoints.
+Each claim compares the two networks where they are comparable: at the same checkpoint, on the
+same batch, as the ratio BN / no BN. A seed's number is the geometric mean of that ratio over
+its checkpoints, and the claim is judged over the seeds (3 in quick mode). One rule, fixed
+before any measurement, restricts the checkpoints: the digits training set is small enough
+that the plain network eventually memorizes it, its gradients vanish, and then all three
+numbers collapse for it (and stay larger for BN, whose batch-dependent loss never reaches 0).
+A walk along a vanishing gradient says nothing about smoothness, so only checkpoints where the
+plain network is still learning (its batch loss L(w) above 0.05) count.
+
+What the runs showed (quick; digits and MNIST-1D, seeds 0-2 and 3-5): all three claims hold
+on every seed set. BN / no BN: loss variation 0.03-0.04 (digits) and 0.17-0.19 (MNIST-1D),
+gradient predictiveness 0.07-0.09 and 0.25-0.26, effective beta-smoothness 0.62 and 0.78
+(the smallest of the three effects).
 """
 
-_ETAS = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4]
-_LOSS_FLOOR = 0.05  # the "learning phase": checkpoints where both batch losses L(w) exceed this
+_ETAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
+_EPOCHS = {"quick": 40.0, "full": 300.0}
+_TINY_STEPS = 20
 
 
-def _settings(cfg: RunConfig) -> dict[str, Any]:
-    return {
-        "depth": 10,
-        "width": 64,
-        "activation": "relu",
-        "norm": "batchnorm.BatchNorm1d before each ReLU (Linear bias dropped); none: no norm",
-        "init": "He: weights ~ N(0, 2/fan_in), biases 0; both arms start from the same weights and see the same batches",
-        "batch_size": 128,
-        "lr": 0.1,
-        "optimizer": "SGD (no momentum, no weight decay), constant learning rate",
-        "steps": cfg.pick(tiny=20, quick=300, full=3000),
-        "checkpoints": cfg.pick(tiny=2, quick=15, full=50),
-        "etas": _ETAS,
-        "landscape_batch": "128 training examples, a different slice at each checkpoint, training mode, running statistics restored",
-        "gradient": "of the mean cross-entropy on that batch w.r.t. all parameters",
-        "seeds": cfg.pick(tiny=1, quick=1, full=3),
-        "claim_thresholds": {"learning_phase_loss_floor": _LOSS_FLOOR},
-    }
+@dataclass(frozen=True)
+class Settings:
+    """Every choice of this experiment; claim thresholds with the source of the number."""
+
+    steps: int
+    """SGD steps, from ``steps_rule``."""
+    steps_rule: str
+    """How ``steps`` was fixed (before any run)."""
+    checkpoints: int
+    """Walks along the gradient per run (equally spaced, step 0 included)."""
+    depth: int = 10
+    width: int = 64
+    activation: str = "relu"
+    norm: str = "batchnorm.BatchNorm1d before each ReLU (Linear bias dropped); none: no norm"
+    init: str = "He: weights ~ N(0, 2/fan_in), biases 0; both arms start from the same weights and see the same batches"
+    batch_size: int = 128
+    lr: float = 0.1
+    """The paper's VGG rate (Santurkar et al. 2018, Fig. 1); the plain network trains at it."""
+    optimizer: str = "SGD (no momentum, no weight decay), constant learning rate"
+    etas: tuple[float, ...] = _ETAS
+    """Step sizes of the walk: 0.5x to 4x the learning rate (the paper's range, up to 0.4)."""
+    landscape_batch: str = "128 training examples, a different slice at each checkpoint (the same for both arms), training mode, running statistics restored"
+    gradient: str = "of the mean cross-entropy on that batch w.r.t. all parameters"
+    seeds_trained: str = "the seeds of each arm are trained together (batchnorm.lab.stacked), each as if alone"
+    learning_phase_loss_floor: float = 0.05
+    """Rule fixed before any measurement: only checkpoints where the plain network's batch loss
+    is above this count (below it the plain network has memorized the set, its gradient
+    vanishes and the walk measures nothing)."""
+    ratio_below: float = 1.0
+    """Fig. 4: all three quantities lower with BN throughout training; read as a paired ratio
+    BN / no BN below 1 (geometric mean over the learning-phase checkpoints)."""
 
 
 def _flat_grad(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
@@ -136,45 +165,71 @@ def landscape(model: nn.Module, x: Tensor, y: Tensor, etas: list[float]) -> dict
     }
 
 
-def _arm(data: Any, s: dict[str, Any], norm: str | None, seed: int, progress: Progress) -> dict[str, Any]:
-    model = build(data, s["depth"], s["width"], norm, seed)
-    steps = s["steps"]
-    every = max(1, steps // s["checkpoints"])
-    checkpoints = list(range(0, steps + 1, every))
-    rec: dict[str, Any] = {"step": [], "landscape": []}
-    n = data.train_x.shape[0]
+def _checkpoints(s: Settings) -> list[int]:
+    every = max(1, s.steps // s.checkpoints)
+    return list(range(0, s.steps + 1, every))
 
-    def record(step: int, _result: object) -> None:
-        k = len(rec["step"])
-        start = (k * 128) % max(1, n - 128)
-        idx = torch.arange(start, start + 128)
-        rec["step"].append(step)
-        rec["landscape"].append(landscape(model, data.train_x[idx], data.train_y[idx], s["etas"]))
 
-    spec = TrainSpec(steps=steps, batch_size=s["batch_size"], lr=s["lr"])
-    with progress.task(f"{'BN' if norm else 'no BN'} seed {seed}", total=steps) as tick:
-        result = train(
-            model, data.train_x, data.train_y, spec,
-            generator=torch.Generator().manual_seed(seed + 2),
+def _train_arm(s: Settings, data: Sequence[Dataset], seeds: Sequence[int], norm: str | None, progress: Progress) -> list[dict[str, Any]]:
+    """Train one arm on every seed together, walking along the gradient at every checkpoint."""
+    models = [build(d, s.depth, s.width, norm, seed) for d, seed in zip(data, seeds)]
+    checkpoints = _checkpoints(s)
+    recs: list[dict[str, Any]] = [{"step": [], "landscape": []} for _ in seeds]
+
+    def record(step: int, results: list[TrainResult]) -> None:
+        for model, rec, d, result in zip(models, recs, data, results):
+            if result.diverged:
+                continue
+            n = d.train_x.shape[0]
+            start = (len(rec["step"]) * 128) % max(1, n - 128)
+            idx = torch.arange(start, start + 128)
+            rec["step"].append(step)
+            rec["landscape"].append(landscape(model, d.train_x[idx], d.train_y[idx], list(s.etas)))
+
+    spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
+    with progress.task("BN" if norm else "no BN", total=s.steps) as tick:
+        results = train_stacked(
+            models,
+            [d.train_x for d in data],
+            [d.train_y for d in data],
+            spec,
+            generators=[torch.Generator().manual_seed(seed + 2) for seed in seeds],
             checkpoints=checkpoints,
             on_checkpoint=record,
             tick=tick,
         )
-    rec["loss_curve"] = window_means(result.losses, checkpoints)
-    rec["diverged"] = result.diverged
-    return rec
+    for rec, result in zip(recs, results):
+        rec["loss_curve"] = window_means(result.losses, checkpoints)
+        rec["diverged"] = result.diverged
+    return recs
 
 
-def run(cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-    """Train with and without BN, walking along the gradient at every checkpoint."""
-    s = _settings(cfg)
-    data = load(cfg.data, cfg.seed, small=cfg.mode == "tiny")
-    metrics: dict[str, Any] = {"none": [], "bn": []}
-    for k in range(s["seeds"]):
-        seed = cfg.seed + 1000 * k
-        metrics["none"].append(_arm(data, s, None, seed, progress))
-        metrics["bn"].append(_arm(data, s, "bn", seed, progress))
-    return {"config": s, "data": data.describe(), "metrics": metrics}
+class Landscape(Experiment):
+    """Santurkar et al.'s landscape measures over several seeds."""
+
+    ID = ID
+    DESCRIPTION = DESCRIPTION
+    QUICK_SECONDS = QUICK_SECONDS
+    EXPLANATION = EXPLANATION
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        if cfg.mode == "tiny":
+            return Settings(steps=_TINY_STEPS, steps_rule=f"tiny: {_TINY_STEPS} steps (a smoke test)", checkpoints=2)
+        n = load(cfg.data, cfg.seed).train_x.shape[0]
+        epochs = _EPOCHS[cfg.mode]
+        rule = f"{epochs:g} passes over the training set ({n} examples, batch 128), the same rule on every data set"
+        return Settings(steps=epochs_to_steps(epochs, n, 128), steps_rule=rule, checkpoints=15 if cfg.mode == "quick" else 50)
+
+    def run_seeds(self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> list[dict[str, Any]]:
+        none = _train_arm(settings, data, seeds, None, progress)
+        bn = _train_arm(settings, data, seeds, "bn", progress)
+        return [{"none": a, "bn": b} for a, b in zip(none, bn)]
+
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        return _claims(results)
+
+    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+        return _figures(results, outdir)
 
 
 _QUANTITIES = {
@@ -184,66 +239,81 @@ _QUANTITIES = {
 }
 
 
-def _series(runs: list[dict[str, Any]], key: str) -> np.ndarray:
-    """(seeds, checkpoints) values of ``key`` ("loss": the batch loss L(w)); non-finite values as inf."""
-    t = min(len(r["landscape"]) for r in runs)
+def _series(rec: dict[str, Any], key: str) -> np.ndarray:
+    """(checkpoints,) values of ``key`` for one seed's arm ("loss": the batch loss L(w))."""
     if key == "loss":
-        return np.asarray([[float(r["landscape"][i]["losses"][0]) for i in range(t)] for r in runs], dtype=float)
-    return np.asarray([[float(r["landscape"][i][key]) for i in range(t)] for r in runs], dtype=float)
+        return np.asarray([float(e["losses"][0]) for e in rec["landscape"]], dtype=float)
+    return np.asarray([float(e[key]) for e in rec["landscape"]], dtype=float)
 
 
-def _learning_phase(m: dict[str, Any]) -> np.ndarray:
-    """(seeds, T) mask of the checkpoints where the plain network's batch loss L(w) is above the floor
-    (before it has memorized the training set and its gradients vanish)."""
-    none = _series(m["none"], "loss")
-    bn = _series(m["bn"], "loss")
-    t = min(none.shape[1], bn.shape[1])
-    return none[:, :t] > _LOSS_FLOOR
+def _seed_means(m: dict[str, Any], key: str, floor: float) -> tuple[float, float, int, int, int]:
+    """One seed's geometric means of ``key`` with BN and without over the learning-phase
+    checkpoints (the plain network's batch loss above ``floor``; all checkpoints if none is),
+    so that their ratio is the geometric-mean paired ratio BN / no BN; then the number of those
+    checkpoints, of them where BN is lower, and of all paired checkpoints."""
+    t = min(len(m["none"]["landscape"]), len(m["bn"]["landscape"]))
+    none = _series(m["none"], key)[:t]
+    bn = _series(m["bn"], key)[:t]
+    valid = np.isfinite(none) & np.isfinite(bn) & (none > 0) & (bn > 0)
+    mask = (_series(m["none"], "loss")[:t] > floor) & valid
+    if not mask.any():
+        mask = valid
+    if not mask.any():
+        raise ValueError(f"{ID}: no checkpoint with finite, positive {key} in both arms")
+    gm_bn = float(np.exp(np.mean(np.log(bn[mask]))))
+    gm_none = float(np.exp(np.mean(np.log(none[mask]))))
+    return gm_bn, gm_none, int(mask.sum()), int((bn[mask] < none[mask]).sum()), t
 
 
-def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """BN lower in all three quantities while both networks are learning (median and maximum)."""
-    m = results["metrics"]
-    mask = _learning_phase(m)
-    t = mask.shape[1]
+def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """BN lower in all three quantities while the plain network is learning (paired ratios)."""
+    t = results["config"]
+    floor = float(t["learning_phase_loss_floor"])
+    below = float(t["ratio_below"])
+    per_seed = results["metrics"]["per_seed"]
     out = []
     for key, label in _QUANTITIES.items():
-        none = _series(m["none"], key)[:, :t][mask]
-        bn = _series(m["bn"], key)[:, :t][mask]
-        if none.size == 0:
-            out.append({"claim": f"BN lowers the {label.split(' (')[0]}", "holds": False, "evidence": "no checkpoint in the learning phase"})
-            continue
-        lower = bn < none
+        rows = [_seed_means(m, key, floor) for m in per_seed]
+        name = label.split(" (")[0]
         out.append(
-            {
-                "claim": f"BN lowers the {label.split(' (')[0]} during training (lower median, and lower at most checkpoints "
-                f"while the plain network is still learning)",
-                "holds": bool(np.median(bn) < np.median(none) and 2 * int(lower.sum()) > lower.size),
-                "evidence": f"{none.size} checkpoints with the plain network's batch loss > {_LOSS_FLOOR}; median {np.median(bn):.3g} with BN vs "
-                f"{np.median(none):.3g} without; maximum {np.max(bn):.3g} vs {np.max(none):.3g}; BN lower at {int(lower.sum())}/{lower.size}",
-            }
+            claim(
+                f"BN lowers the {name} during training: the ratio BN / no BN at the same checkpoint and batch is below {below:g} "
+                f"(geometric mean over the checkpoints where the plain network's batch loss is above {floor:g})",
+                results=results,
+                a=[r[0] for r in rows],
+                b=[r[1] for r in rows],
+                effect="ratio",
+                below=below,
+                expected="all three measures lower with BN throughout training",
+                source="Santurkar et al. 2018, Fig. 4",
+                evidence="ratio BN / no BN per seed: "
+                + ", ".join(f"{r[0] / r[1]:.3g}" for r in rows)
+                + "; BN lower at "
+                + ", ".join(f"{r[3]}/{r[2]}" for r in rows)
+                + " learning-phase checkpoints (of "
+                + ", ".join(str(r[4]) for r in rows)
+                + ")",
+            )
         )
     return out
 
 
-def figures(results: dict[str, Any], outdir: Path) -> list[Path]:
+def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """The three landscape measures over training, and the loss along the gradient at one checkpoint."""
     from ..figures import pyplot, save
 
     plt = pyplot()
-    m = results["metrics"]
+    per_seed = results["metrics"]["per_seed"]
     s = results["config"]
     colors = {"none": "tab:gray", "bn": "tab:blue"}
     labels = {"none": "no BN", "bn": "BN"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.0))
     for ax, (key, label) in zip(axes, _QUANTITIES.items()):
         for norm in ("none", "bn"):
-            runs = m[norm]
-            vals = _series(runs, key)  # (seeds, T)
-            steps = runs[0]["step"][: vals.shape[1]]
-            for k in range(vals.shape[0]):
-                ax.plot(steps, vals[k], color=colors[norm], marker="o", ms=3, alpha=1.0 if k == 0 else 0.5,
-                        label=labels[norm] if k == 0 else None)
+            for k, m in enumerate(per_seed):
+                vals = _series(m[norm], key)
+                steps = m[norm]["step"][: vals.shape[0]]
+                ax.plot(steps, vals, color=colors[norm], marker="o", ms=3, alpha=1.0 if k == 0 else 0.4, label=labels[norm] if k == 0 else None)
         ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel(key.replace("_", " "))
@@ -254,18 +324,24 @@ def figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.0))
     for norm in ("none", "bn"):
-        r = m[norm][0]
+        r = per_seed[0][norm]
         mid = len(r["landscape"]) // 2
         entry = r["landscape"][mid]
-        axes[0].plot([0.0] + s["etas"], entry["losses"], color=colors[norm], marker="o", label=f"{labels[norm]} (step {r['step'][mid]})")
-        axes[1].plot(s["etas"], entry["grad_change"], color=colors[norm], marker="o", label=f"{labels[norm]} (step {r['step'][mid]})")
+        axes[0].plot([0.0] + list(s["etas"]), entry["losses"], color=colors[norm], marker="o", label=f"{labels[norm]} (step {r['step'][mid]})")
+        axes[1].plot(list(s["etas"]), entry["grad_change"], color=colors[norm], marker="o", label=f"{labels[norm]} (step {r['step'][mid]})")
     axes[0].set_xlabel("step size eta")
     axes[0].set_ylabel("L(w - eta g) on the batch")
-    axes[0].set_title("Loss along the gradient, mid-training")
+    axes[0].set_title("Loss along the gradient, mid-training (first seed)")
     axes[1].set_xlabel("step size eta")
     axes[1].set_ylabel("||grad L(w) - grad L(w - eta g)||")
-    axes[1].set_title("Gradient change along the gradient, mid-training")
+    axes[1].set_title("Gradient change along the gradient, mid-training (first seed)")
     for ax in axes:
         ax.legend()
     paths.append(save(fig, outdir / "walk.png"))
     return paths
+
+
+EXPERIMENT = Landscape()
+run = EXPERIMENT.run
+claims = EXPERIMENT.claims
+figures = EXPERIMENT.figures
