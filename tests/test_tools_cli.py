@@ -59,7 +59,7 @@ def _save_models(tmp_path: Path) -> dict[str, Path]:
         "garbage": tmp_path / "g.pt",
     }
     torch.save(model, paths["module"])
-    # torch's layers export as one aten.batch_norm call each (ours as its primitive ops)
+    # torch's layers export as one aten.batch_norm call each, ours as one batchnorm.eval each
     torch.export.save(torch.export.export(mlp(ours=False), (torch.randn(8, 64),)), paths["export"])
     paths["export_ours"] = tmp_path / "ours.pt2"
     torch.export.save(torch.export.export(model, (torch.randn(8, 64),)), paths["export_ours"])
@@ -201,13 +201,27 @@ def test_recalibrate_bad_data(saved: dict[str, Path], tmp_path: Path, capsys: py
         assert code == 2 and message in err, err
 
 
-def test_exported_batchnorm_of_ours_is_reported_not_ignored(
-    saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code, out, err = run(capsys, "fold", str(saved["export_ours"]), "-o", str(tmp_path / "f.pt2"))
+def test_exported_batchnorm_of_ours_folds(saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ours exports as one batchnorm.eval operator per layer, which fold lifts like aten.batch_norm."""
+    out_path = tmp_path / "f.pt2"
+    code, out, err = run(capsys, "fold", str(saved["export_ours"]), "-o", str(out_path))
     assert code == 0, err
-    assert "folded 1 batch norm(s), left 0" in out
-    assert "note: 1: a batch norm exported as primitive ops" in out
+    assert "folded 2 batch norm(s), left 0" in out and "note:" not in out
+    folded = torch.export.load(out_path)
+    targets = [str(n.target) for n in folded.graph.nodes if n.op == "call_function"]
+    assert not any(t.startswith(("batchnorm.", "aten.batch_norm")) for t in targets), targets
+    x = torch.randn(8, 64)
+    torch.testing.assert_close(folded.module()(x), mlp()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_exported_training_batchnorm_is_reported_not_ignored(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A program exported in training mode has no inference batch norm to fold: said, not ignored."""
+    path = tmp_path / "train.pt2"
+    with torch.no_grad():  # (a grad-mode training export does not load back in torch 2.13)
+        torch.export.save(torch.export.export(mlp().train(), (torch.randn(8, 64),)), path)
+    code, out, err = run(capsys, "fold", str(path), "-o", str(tmp_path / "f.pt2"))
+    assert code == 2 and "exported in training mode" in err and "nothing written" in err, err
+    assert not (tmp_path / "f.pt2").exists()
 
 
 def test_lifted_exported_convs_fold_exactly() -> None:

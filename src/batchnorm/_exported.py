@@ -1,7 +1,9 @@
 """Working on ``torch.export`` programs (.pt2) with the module-level tools (private).
 
-An exported program has no modules, only aten calls on lifted tensors:
-``aten.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)``,
+An exported program has no modules, only operator calls on lifted tensors:
+``aten.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)``
+(torch's layers), ``batchnorm.eval(x, running_mean, running_var, weight, bias, eps)`` (ours in
+eval mode, and FrozenBatchNorm),
 ``aten.conv2d(x, weight, bias, stride, padding, dilation, groups)``, ``aten.linear(x, weight, bias)``.
 :func:`lift_modules` turns each such call on ``get_attr`` tensors back into a module call
 (``torch.nn.BatchNorm*d``, ``Conv*d``, ``ConvTranspose*d``, ``Linear``) holding the *same*
@@ -30,6 +32,7 @@ _CONVS = {
     _aten.conv_transpose2d.input: (nn.ConvTranspose2d, True),
     _aten.conv_transpose3d.input: (nn.ConvTranspose3d, True),
 }
+_OUR_EVAL = torch.ops.batchnorm.eval.default  # registered by importing batchnorm (batchnorm.ops)
 _BN_FOR_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 
@@ -68,8 +71,13 @@ def _install(gm: fx.GraphModule, prefix: str, module: nn.Module) -> bool:
 
 
 def _new_bn(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | None:
-    x, weight, bias, rm, rv = node.args[:5]
-    training, momentum, eps = _arg(node, 5, False), _arg(node, 6, 0.1), _arg(node, 7, 1e-5)
+    if node.target is _OUR_EVAL:
+        # batchnorm::eval(x, mean, var, weight, bias, eps): our layers' inference, always eval mode
+        x, rm, rv, weight, bias = node.args[:5]
+        training, momentum, eps = False, 0.1, _arg(node, 5, 1e-5)
+    else:
+        x, weight, bias, rm, rv = node.args[:5]
+        training, momentum, eps = _arg(node, 5, False), _arg(node, 6, 0.1), _arg(node, 7, 1e-5)
     prefix = _prefix(rm)
     if training or prefix is None or _prefix(rv) != prefix:
         return None
@@ -150,7 +158,7 @@ def lift_modules(gm: fx.GraphModule) -> list[str]:
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target is _aten.batch_norm.default:
+        if node.target is _aten.batch_norm.default or node.target is _OUR_EVAL:
             made = _new_bn(gm, node)
         elif node.target is _aten.linear.default or node.target in _CONVS:
             made = _new_layer(gm, node)
@@ -184,9 +192,10 @@ def lift_modules(gm: fx.GraphModule) -> list[str]:
 def unlifted_batchnorms(gm: fx.GraphModule) -> list[str]:
     """Owners of running_mean/running_var buffers that are not batch-norm modules after lifting.
 
-    A batch norm whose forward is Python code (ours, many subclasses) is exported as the
-    primitive ops of that code, not as one ``aten.batch_norm`` call, so it cannot be lifted:
-    these names are reported instead of being silently ignored.
+    A batch norm whose forward is Python code (many subclasses) is exported as the primitive
+    ops of that code, not as one ``aten.batch_norm`` or ``batchnorm.eval`` call, so it cannot be
+    lifted; nor can one exported in training mode: these names are reported instead of being
+    silently ignored.
     """
     names = []
     for name, m in gm.named_modules():

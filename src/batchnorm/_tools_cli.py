@@ -160,8 +160,9 @@ def _load(path: str, trust: bool) -> _Loaded:
         loaded = _Loaded(module, program)
         for name in unlifted_batchnorms(module):
             loaded.notes.append(
-                f"{name}: a batch norm exported as primitive ops (its forward is Python code, not "
-                "aten.batch_norm); it is left untouched - apply the tool to the nn.Module before exporting"
+                f"{name}: a batch norm exported in training mode or as primitive ops (not one inference "
+                "aten.batch_norm / batchnorm.eval call); it is left untouched - export in eval mode, or apply "
+                "the tool to the nn.Module before exporting"
             )
         return loaded
     if fmt != "pickle":
@@ -196,7 +197,7 @@ def _save(loaded: _Loaded, out: str) -> None:
     import torch
 
     target = Path(out)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp{target.suffix}")  # same suffix: torch checks it
     try:
         if loaded.program is not None:
             from ._exported import reexport
@@ -218,7 +219,7 @@ def _require_batchnorm(loaded: _Loaded, path: str, purpose: str) -> None:
 
     if any(is_batchnorm(m) for m in loaded.model.modules()):
         return
-    extra = f" ({len(loaded.notes)} exported as primitive ops, which the tools cannot change)" if loaded.notes else ""
+    extra = f" ({len(loaded.notes)} exported in training mode or as primitive ops, which the tools cannot change)" if loaded.notes else ""
     raise CliError(f"{path}: the model has no batch-norm layer{extra}: nothing to {purpose}; nothing written")
 
 
