@@ -246,7 +246,8 @@ def test_mnist1d_uses_a_1d_cnn_that_trains_and_digits_keeps_the_mlp() -> None:
     assert digits.model == "mlp" and digits.hidden == (100, 100, 100) and not digits.mnist1d_choice
     s = exp.EXPERIMENT.settings(RunConfig(mode="quick", data="mnist1d"))
     assert s.model == "cnn1d" and "1-D CNN" in s.mnist1d_choice
-    assert f"gave {s.steps}" in s.steps_rule and "seed 1000" in s.steps_rule
+    assert s.steps_rule.startswith(f"{s.steps} steps, chosen by hand") and "NOT by the calibration rule" in s.steps_rule
+    assert f"gave {digits.steps}" in digits.steps_rule and "seed 1000" in digits.steps_rule
     data = load("mnist1d", 0, small=True)
     assert isinstance(exp._model(load("digits", 0), digits, exp._norm_factory("bn", 32, digits), 0), MLP)
     model = exp._model(data, s, exp._norm_factory("bn", 2, s), 0)
