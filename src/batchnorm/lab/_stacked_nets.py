@@ -165,62 +165,39 @@ class StackedNet(nn.Module):
             pooled = h
         return torch.baddbmm(self.head_b.unsqueeze(1), pooled, self.head_w.transpose(1, 2))  # (M, B, classes)
 
-    def _slices(self, k: int) -> Iterator[tuple[str, Tensor, Tensor, int]]:
-        """(kind, stacked tensor, slice view of member k, arm-local index) for member k's norms."""
-        arm = 0
+    def _arm_of(self, k: int) -> tuple[int, int]:
+        """(arm, index within the arm) of member k."""
         start = 0
-        while k >= start + self.sizes[arm]:
-            start += self.sizes[arm]
-            arm += 1
-        j = k - start
-        for i in range(len(self.weights)):
-            norm = self.norms[i][arm]
-            if isinstance(norm, nn.Identity):
-                continue
-            c = self.widths[i]
-            for name, p in norm.named_parameters(recurse=False):
-                yield name, p, p[j * c : (j + 1) * c], j
-            for name, buf in norm.named_buffers(recurse=False):
-                if buf.dim() >= 1:
-                    yield name, buf, buf[j * c : (j + 1) * c], j
+        for arm, size in enumerate(self.sizes):
+            if k < start + size:
+                return arm, k - start
+            start += size
+        raise IndexError(f"StackedNet: member {k} out of range ({self.m} members)")
 
-    def _member_norms(self, k: int) -> list[nn.Module | None]:
-        arm = 0
-        start = 0
-        while k >= start + self.sizes[arm]:
-            start += self.sizes[arm]
-            arm += 1
-        return [None if isinstance(self.norms[i][arm], nn.Identity) else self.norms[i][arm] for i in range(len(self.weights))]
+    def _member_norms(self, k: int) -> list[tuple[nn.Module | None, int]]:
+        """Per layer: the merged norm holding member k (None: no norm) and k's index in it."""
+        arm, j = self._arm_of(k)
+        return [(None if isinstance(self.norms[i][arm], nn.Identity) else self.norms[i][arm], j) for i in range(len(self.weights))]
 
     @torch.no_grad()
     def copy_into(self, members: Sequence[nn.Module], which: Sequence[int]) -> None:
         """Write member k's weights and norm state into ``members[k]`` for k in ``which``."""
         for k in which:
             model = members[k]
-            merged = self._member_norms(k)
-            j = self._arm_index(k)
-            for i, block in enumerate(model.blocks):
+            for i, (block, (merged, j)) in enumerate(zip(model.blocks, self._member_norms(k))):
                 block.layer.weight.copy_(self.weights[i][k])
                 if self.has_bias[i]:
                     block.layer.bias.copy_(self.biases[i][k])
-                if merged[i] is None:
+                if merged is None:
                     continue
                 c = self.widths[i]
                 for name, p in block.norm.named_parameters(recurse=False):
-                    p.copy_(merged[i]._parameters[name][j * c : (j + 1) * c])
+                    p.copy_(merged._parameters[name][j * c : (j + 1) * c])
                 for name, buf in block.norm.named_buffers(recurse=False):
-                    src = merged[i]._buffers[name]
+                    src = merged._buffers[name]
                     buf.copy_(src[j * c : (j + 1) * c] if buf.dim() >= 1 else src)
             model.head.weight.copy_(self.head_w[k])
             model.head.bias.copy_(self.head_b[k])
-
-    def _arm_index(self, k: int) -> int:
-        start = 0
-        for size in self.sizes:
-            if k < start + size:
-                return k - start
-            start += size
-        raise IndexError(f"StackedNet: member {k} out of range ({self.m} members)")
 
     @torch.no_grad()
     def silence(self, k: int) -> None:
@@ -232,8 +209,13 @@ class StackedNet(nn.Module):
                 self.biases[i][k].zero_()
         self.head_w[k].zero_()
         self.head_b[k].zero_()
-        for name, _full, part, _j in self._slices(k):
-            part.fill_(1.0 if name in ("running_var", "running_std") else 0.0)
+        for i, (merged, j) in enumerate(self._member_norms(k)):
+            if merged is None:
+                continue
+            c = self.widths[i]
+            tensors = list(merged.named_parameters(recurse=False)) + [(n, b) for n, b in merged.named_buffers(recurse=False) if b.dim() >= 1]
+            for name, full in tensors:
+                full[j * c : (j + 1) * c].fill_(1.0 if name in ("running_var", "running_std") else 0.0)
 
 
 def train_together(
