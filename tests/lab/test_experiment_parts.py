@@ -120,7 +120,7 @@ def test_first_layer_noise_matches_sampling_theory_on_gaussian_data() -> None:
         ("ioffe2015_fig1", "steps", 5000, 20000),
         ("placement", "steps", 2000, 8000),
         ("dropout", "steps", 400, 1600),
-        ("small_batch", "steps", 1200, 2400),
+        ("small_batch", "steps", 800, 2400),
     ],
 )
 def test_mnist1d_quick_setups_are_recorded_and_digits_are_untouched(
