@@ -119,8 +119,6 @@ def test_first_layer_noise_matches_sampling_theory_on_gaussian_data() -> None:
     [
         ("ioffe2015_fig1", "steps", 5000, 20000),
         ("lr_sweep", "steps", 400, 2000),
-        ("placement", "steps", 2000, 8000),
-        ("dropout", "steps", 400, 1600),
         ("small_batch", "steps", 1200, 2400),
         ("santurkar2018_noisy", "depth", 10, 12),
     ],
