@@ -76,7 +76,7 @@ _ARMS = (
     ("BN, fixed batches", "bn", 0.0, True),
 )
 _REPLICATES = {"tiny": 2, "quick": 3, "full": 3}
-_MAX_STEPS = {"tiny": 40, "quick": 3200, "full": 16000}
+_MAX_STEPS = {"tiny": 40, "quick": 1600, "full": 16000}
 _CALIBRATION_SEED = 1000
 _SOURCE = "Ioffe & Szegedy 2015, Sec. 3.4 and Sec. 4.2.1"
 
@@ -90,7 +90,7 @@ class Settings:
     3 keeps a stack of 3 seeds x 3 networks x 256 units x batch 50 below the size at which
     BatchNorm switches to the multi-threaded kernel (slow on a busy 2-core machine)."""
     max_steps: int
-    """Cap on the calibrated steps (quick 3,200, full 16,000)."""
+    """Cap on the calibrated steps (quick 1,600: the cost of a quick run; full 16,000)."""
     steps: int = 0
     """SGD steps for every arm and seed, from the calibration rule (0 until calibrated)."""
     steps_rule: str = (
