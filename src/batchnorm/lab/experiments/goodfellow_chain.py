@@ -13,6 +13,7 @@ exactly (float64). With BN, every layer is h_i = BN(h_{i-1}·w_i) = gamma_i·x_h
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -167,8 +168,6 @@ class Chain(Experiment):
 
     def run(self, cfg: RunConfig, progress: Progress) -> dict[str, Any]:
         """Every seed of ``seeds_for(cfg)``: its inputs x, then every (arm, depth, scale)."""
-        import dataclasses
-
         s = self.settings(cfg)
         seeds = seeds_for(cfg)
         per_seed = []
