@@ -336,7 +336,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             for r in runs:
                 ax.plot(steps, r, ls, color=color, alpha=0.25, linewidth=0.8)
             ax.plot(steps, runs.mean(axis=0), ls, color=color, label=label)
-        ax.set_title(f"{act} network: test accuracy (mean of {len(per)} seeds; thin: each seed)")
+        ax.set_title(f"{act}: test accuracy, mean of {len(per)} seeds (thin: each)", fontsize=10)
         ax.set_xlabel("training step")
         ax.set_ylim(0.0, 1.0)
         ax.grid(alpha=0.3)
