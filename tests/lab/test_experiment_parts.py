@@ -118,8 +118,6 @@ def test_first_layer_noise_matches_sampling_theory_on_gaussian_data() -> None:
     ("module", "key", "digits_value", "mnist1d_value"),
     [
         ("ioffe2015_fig1", "steps", 5000, 20000),
-        ("placement", "steps", 2000, 8000),
-        ("dropout", "steps", 400, 1600),
         ("small_batch", "steps", 800, 2400),
     ],
 )

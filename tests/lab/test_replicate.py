@@ -54,7 +54,7 @@ def test_tiny_matrix_counts_each_experiments_verdicts(tmp_path: Path) -> None:
             assert cell["holds"] + cell["does_not_hold"] + cell["inconclusive"] == len(saved["claims"])
             assert cell["holds"] == sum(c["holds"] for c in saved["claims"])
     assert matrix["rows"][0]["cells"]["digits"]["seeds"] == [0, 1]  # judged over both seeds
-    assert matrix["rows"][1]["cells"]["digits"]["seeds"] == [0]  # single-seed experiment: says so
+    assert matrix["rows"][1]["cells"]["digits"]["seeds"] == [0, 1]  # bias is judged over seeds too
     assert "Replication matrix" in (tmp_path / "index.html").read_text()
 
 

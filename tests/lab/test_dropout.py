@@ -1,0 +1,58 @@
+# .venv/bin/python -m pytest -q tests/lab/test_dropout.py            (tiny: seconds)
+# .venv/bin/python -m pytest -q -m slow tests/lab/test_dropout.py    (quick mode, minutes)
+"""``dropout`` over seeds: the steps rule on the calibration seed, the calibration seed is never
+a claim seed, a refuting seed set does not hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchnorm.lab.config import RunConfig
+from batchnorm.lab.experiments import dropout as exp
+from batchnorm.lab.progress import Progress
+from batchnorm.lab.runner import run_one
+
+
+@pytest.mark.parametrize(("fit", "expected"), [({"plain": 300, "BN, fixed batches": 700}, 1400), ({"dropout 0.5": None}, 1600)])
+def test_calibration_rule_doubles_the_slowest_arm_and_caps(monkeypatch: pytest.MonkeyPatch, fit: dict[str, Any], expected: int) -> None:
+    calls = []
+
+    def fake_train_arm(s: exp.Settings, data: Any, gens: list[int], arm: tuple, steps: int, progress: Progress, **kw: Any) -> tuple:
+        calls.append((gens, kw["stop_at_fit"]))
+        return [], fit.get(arm[0], 100)
+
+    monkeypatch.setattr(exp, "_train_arm", fake_train_arm)
+    s = exp._calibrate(exp.EXPERIMENT.settings(RunConfig(mode="quick")), RunConfig(mode="quick"), Progress())
+    assert s.steps == expected
+    assert all(g == [exp._CALIBRATION_SEED] and stop for g, stop in calls) and len(calls) == 6
+    never = s.max_steps + s.calibration_every
+    assert s.calibration_fit_steps == {name: (fit[name] if fit.get(name, 100) is not None else never) if name in fit else 100 for name in s.arms}
+
+
+def test_the_calibration_seed_is_never_a_claim_seed(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="calibration seed"):
+        exp.EXPERIMENT.run(RunConfig(mode="tiny", seeds=(5, exp._CALIBRATION_SEED), out=tmp_path), Progress())
+
+
+def test_tiny_run_records_the_rule_and_claims_read_every_seed(tmp_path: Path) -> None:
+    results = run_one(exp.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
+    cfg = results["config"]
+    assert cfg["steps"] == cfg["max_steps"] and set(cfg["calibration_fit_steps"]) == set(cfg["arms"]) and cfg["steps_rule"]
+    per = results["metrics"]["per_seed"]
+    assert all(len(m["BN"]["test_acc"]) == cfg["replicates"] for m in per)
+    assert [len(c["seeds"]) for c in results["claims"]] == [3] * 5
+    for m in per:  # BN's test loss 0.5 above plain's for every replicate of every seed
+        m["BN"]["test_loss"] = [v + 0.5 for v in m["plain"]["test_loss"]]
+    first = exp.claims(results)[0]
+    assert first["verdict"] == "does not hold" and first["estimate"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_quick_mode_on_digits_seeds_0_to_2(tmp_path: Path) -> None:
+    """No claim is refuted on the digits; every arm fits its training set."""
+    results = run_one(exp.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
+    assert "does not hold" not in [c["verdict"] for c in results["claims"]], results["claims"]
+    assert min(min(m[arm]["train_acc"]) for m in results["metrics"]["per_seed"] for arm in m) >= 0.97
