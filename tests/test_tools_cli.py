@@ -201,7 +201,9 @@ def test_recalibrate_bad_data(saved: dict[str, Path], tmp_path: Path, capsys: py
         assert code == 2 and message in err, err
 
 
-def test_exported_batchnorm_of_ours_folds(saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_exported_batchnorm_of_ours_folds(
+    saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Ours exports as one batchnorm.eval operator per layer, which fold lifts like aten.batch_norm."""
     out_path = tmp_path / "f.pt2"
     code, out, err = run(capsys, "fold", str(saved["export_ours"]), "-o", str(out_path))
@@ -214,7 +216,9 @@ def test_exported_batchnorm_of_ours_folds(saved: dict[str, Path], tmp_path: Path
     torch.testing.assert_close(folded.module()(x), mlp()(x), rtol=1e-5, atol=1e-5)
 
 
-def test_exported_training_batchnorm_is_reported_not_ignored(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_exported_training_batchnorm_is_reported_not_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A program exported in training mode has no inference batch norm to fold: said, not ignored."""
     path = tmp_path / "train.pt2"
     with torch.no_grad():  # (a grad-mode training export does not load back in torch 2.13)

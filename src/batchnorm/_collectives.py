@@ -111,7 +111,7 @@ _all_reduce_op.register_autograd(_all_reduce_grad, setup_context=_all_reduce_set
 def group_name(group: object | None) -> str:
     """The registered name of ``group`` (the default group if None), as operators take it."""
     pg = dist.group.WORLD if group is None else group
-    return pg.group_name  # type: ignore[union-attr]
+    return pg.group_name  # type: ignore[union-attr,attr-defined]
 
 
 def all_reduce_sum_functional(t: Tensor, group: object | None, where: str, what: str) -> Tensor:

@@ -219,7 +219,11 @@ def _require_batchnorm(loaded: _Loaded, path: str, purpose: str) -> None:
 
     if any(is_batchnorm(m) for m in loaded.model.modules()):
         return
-    extra = f" ({len(loaded.notes)} exported in training mode or as primitive ops, which the tools cannot change)" if loaded.notes else ""
+    extra = (
+        f" ({len(loaded.notes)} exported in training mode or as primitive ops, which the tools cannot change)"
+        if loaded.notes
+        else ""
+    )
     raise CliError(f"{path}: the model has no batch-norm layer{extra}: nothing to {purpose}; nothing written")
 
 

@@ -121,6 +121,11 @@ COLD = textwrap.dedent(
 def test_cold_process_conv_bn_compiles() -> None:
     """In a fresh interpreter whose first use of the layer is the compiled call (train, then eval
     under no_grad), as a new user would write it."""
-    r = subprocess.run([sys.executable, "-W", "error", "-W", "ignore::DeprecationWarning", "-c", COLD], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-W", "error", "-W", "ignore::DeprecationWarning", "-c", COLD],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     last = (r.stderr.strip().splitlines() or [""])[-1]
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), f"exit {r.returncode}: {last}"

@@ -30,8 +30,10 @@ def test_tiny_run_pairs_the_arms_exactly_and_claims_read_every_seed(tmp_path: Pa
 
 
 def test_eval_removal_leaves_the_model_alone_and_folding_is_exact() -> None:
-    model = exp._with_random_biases(MLP(5, [6, 4], 3, norm="bn", bias=True, generator=torch.Generator().manual_seed(0)),
-                                    torch.Generator().manual_seed(1))
+    model = exp._with_random_biases(
+        MLP(5, [6, 4], 3, norm="bn", bias=True, generator=torch.Generator().manual_seed(0)),
+        torch.Generator().manual_seed(1),
+    )
     with torch.no_grad():
         for b in blocks(model):
             b.norm.running_mean.copy_(torch.randn(b.norm.running_mean.shape))

@@ -1,6 +1,6 @@
 """The calibration split and the epoch rule shared by the lr-sweep and santurkar2018-* setups.
 
-    PYTHONPATH=src python -m pytest -q tests/lab/test_calibration.py
+PYTHONPATH=src python -m pytest -q tests/lab/test_calibration.py
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 
 from batchnorm.lab.config import RunConfig
 from batchnorm.lab.datasets import load
+from batchnorm.lab.experiment import SEEDS_PER_MODE
 from batchnorm.lab.experiments import lr_sweep, santurkar2018_landscape, santurkar2018_noisy
 from batchnorm.lab.experiments._calibration import CALIBRATION_SEED, calibration_split, epochs_to_steps
-from batchnorm.lab.experiment import SEEDS_PER_MODE
 
 
 def test_calibration_split_partitions_the_training_set_and_never_the_test_set() -> None:

@@ -16,11 +16,17 @@ from batchnorm.lab.progress import Progress
 from batchnorm.lab.runner import run_one
 
 
-@pytest.mark.parametrize(("fit", "expected"), [({"plain": 300, "BN, fixed batches": 700}, 1400), ({"dropout 0.5": None}, 1600)])
-def test_calibration_rule_doubles_the_slowest_arm_and_caps(monkeypatch: pytest.MonkeyPatch, fit: dict[str, Any], expected: int) -> None:
+@pytest.mark.parametrize(
+    ("fit", "expected"), [({"plain": 300, "BN, fixed batches": 700}, 1400), ({"dropout 0.5": None}, 1600)]
+)
+def test_calibration_rule_doubles_the_slowest_arm_and_caps(
+    monkeypatch: pytest.MonkeyPatch, fit: dict[str, Any], expected: int
+) -> None:
     calls = []
 
-    def fake_train_arm(s: exp.Settings, data: Any, gens: list[int], arm: tuple, steps: int, progress: Progress, **kw: Any) -> tuple:
+    def fake_train_arm(
+        s: exp.Settings, data: Any, gens: list[int], arm: tuple, steps: int, progress: Progress, **kw: Any
+    ) -> tuple:
         calls.append((gens, kw["stop_at_fit"]))
         return [], fit.get(arm[0], 100)
 
@@ -29,7 +35,9 @@ def test_calibration_rule_doubles_the_slowest_arm_and_caps(monkeypatch: pytest.M
     assert s.steps == expected
     assert all(g == [exp._CALIBRATION_SEED] and stop for g, stop in calls) and len(calls) == 6
     never = s.max_steps + s.calibration_every
-    assert s.calibration_fit_steps == {name: (fit[name] if fit.get(name, 100) is not None else never) if name in fit else 100 for name in s.arms}
+    assert s.calibration_fit_steps == {
+        name: (fit[name] if fit.get(name, 100) is not None else never) if name in fit else 100 for name in s.arms
+    }
 
 
 def test_the_calibration_seed_is_never_a_claim_seed(tmp_path: Path) -> None:
@@ -40,7 +48,9 @@ def test_the_calibration_seed_is_never_a_claim_seed(tmp_path: Path) -> None:
 def test_tiny_run_records_the_rule_and_claims_read_every_seed(tmp_path: Path) -> None:
     results = run_one(exp.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
     cfg = results["config"]
-    assert cfg["steps"] == cfg["max_steps"] and set(cfg["calibration_fit_steps"]) == set(cfg["arms"]) and cfg["steps_rule"]
+    assert (
+        cfg["steps"] == cfg["max_steps"] and set(cfg["calibration_fit_steps"]) == set(cfg["arms"]) and cfg["steps_rule"]
+    )
     per = results["metrics"]["per_seed"]
     assert all(len(m["BN"]["test_acc"]) == cfg["replicates"] for m in per)
     assert [len(c["seeds"]) for c in results["claims"]] == [3] * 5

@@ -46,12 +46,20 @@ def test_claims_pair_the_arms_of_each_seed() -> None:
     s = exp.EXPERIMENT.settings(RunConfig(mode="quick"))
 
     def results(acc: dict[str, list[float]]) -> dict:
-        per_seed = [{"arms": {arm: {"test_acc": v[k], "train_acc": 100.0, "updates": 1} for arm, v in acc.items()}} for k in range(3)]
+        per_seed = [
+            {"arms": {arm: {"test_acc": v[k], "train_acc": 100.0, "updates": 1} for arm, v in acc.items()}}
+            for k in range(3)
+        ]
         return {"config": dataclasses.asdict(s), "metrics": {"seeds": [0, 1, 2], "per_seed": per_seed}}
 
     # seed-to-seed spread of 3 pp, but the paired SB - LB gap is 2 pp on every seed
-    good = {"sb": [95.0, 98.0, 96.0], "lb": [93.0, 96.0, 94.0], "lb_lr": [94.0, 97.0, 95.0], "lb_lr_gbn": [94.5, 97.4, 95.6],
-            "lb_lr_gbn_ra": [95.2, 98.1, 96.3]}
+    good = {
+        "sb": [95.0, 98.0, 96.0],
+        "lb": [93.0, 96.0, 94.0],
+        "lb_lr": [94.0, 97.0, 95.0],
+        "lb_lr_gbn": [94.5, 97.4, 95.6],
+        "lb_lr_gbn_ra": [95.2, 98.1, 96.3],
+    }
     assert [c["verdict"] for c in exp.claims(results(good))] == ["holds"] * 3
     assert exp.claims(results(good))[0]["estimate"] == pytest.approx(2.0)
     bad = dict(good, lb=[97.0, 99.0, 98.0])

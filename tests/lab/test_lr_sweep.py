@@ -36,7 +36,9 @@ def test_calibration_fixes_the_rates_and_claims_judge_each_seed(tmp_path: Path) 
     t = results["config"]
     cal = t["calibration"]
     assert cal["seed"] == 1000 and set(cal["validation_acc"]) == {f"{lr:g}" for lr in t["lrs"]}
-    assert t["plain_best_lr"] == exp._best_lr(t["lrs"], [cal["validation_acc"][f"{lr:g}"] for lr in t["lrs"]], t["best_tolerance"])
+    assert t["plain_best_lr"] == exp._best_lr(
+        t["lrs"], [cal["validation_acc"][f"{lr:g}"] for lr in t["lrs"]], t["best_tolerance"]
+    )
     assert t["high_lr"] in t["lrs"]
     assert [len(c["seeds"]) for c in results["claims"]] == [3] * 4
     j = t["lrs"].index(t["high_lr"])

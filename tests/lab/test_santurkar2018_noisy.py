@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from batchnorm.lab.config import RunConfig
+from batchnorm.lab.datasets import load
 from batchnorm.lab.experiments import santurkar2018_noisy as exp
 from batchnorm.lab.experiments._santurkar import NoisyReLU, build, noisy, seed_slot
-from batchnorm.lab.datasets import load
-from batchnorm.lab.stacked import train_stacked
-from batchnorm.lab.training import TrainSpec, train
 from batchnorm.lab.normalizers import NoisyBatchNorm
 from batchnorm.lab.runner import run_one
+from batchnorm.lab.stacked import train_stacked
+from batchnorm.lab.training import TrainSpec, train
 
 
 def _reference_bn(x: torch.Tensor, eps: float = 1e-5) -> np.ndarray:
@@ -99,7 +99,9 @@ def test_noisy_relu_is_relu_of_noisy_batch_norm() -> None:
 
 def test_noisy_relu_stacked_slices_use_each_seeds_generator_and_magnitude() -> None:
     y = torch.randn(3, 16, 4)
-    stacked = NoisyReLU([torch.Generator().manual_seed(s) for s in (0, 1, 2)], [0.1, 0.5, 1.0], [1.1, 1.5, 2.0], [0.0, 0.1, 0.2])
+    stacked = NoisyReLU(
+        [torch.Generator().manual_seed(s) for s in (0, 1, 2)], [0.1, 0.5, 1.0], [1.1, 1.5, 2.0], [0.0, 0.1, 0.2]
+    )
     out = stacked(y)
     for k, (m, sc, p) in enumerate(zip([0.1, 0.5, 1.0], [1.1, 1.5, 2.0], [0.0, 0.1, 0.2])):
         alone = NoisyReLU([torch.Generator().manual_seed(k)], [m], [sc], [p])
@@ -123,7 +125,13 @@ def test_stacked_noisy_training_equals_each_seed_alone() -> None:
         return ms
 
     together = models_with_noise(seeds)
-    train_stacked(together, [data.train_x] * 2, [data.train_y] * 2, spec, generators=[torch.Generator().manual_seed(s + 2) for s in seeds])
+    train_stacked(
+        together,
+        [data.train_x] * 2,
+        [data.train_y] * 2,
+        spec,
+        generators=[torch.Generator().manual_seed(s + 2) for s in seeds],
+    )
     for k, s in enumerate(seeds):
         alone = models_with_noise([s])[0]
         train(alone, data.train_x, data.train_y, spec, generator=torch.Generator().manual_seed(s + 2))

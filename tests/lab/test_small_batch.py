@@ -123,8 +123,13 @@ def test_quick_mode_claims_on_digits_seeds_0_to_2(tmp_path: Path) -> None:
     assert "does not hold" not in verdicts, results["claims"]
 
 
-def _synthetic(bn: dict[int, list[float]], gn: list[float], brn: dict[int, list[float]], ghost: dict[int, list[float]],
-               ni: dict[str, list[float]]) -> dict:
+def _synthetic(
+    bn: dict[int, list[float]],
+    gn: list[float],
+    brn: dict[int, list[float]],
+    ghost: dict[int, list[float]],
+    ni: dict[str, list[float]],
+) -> dict:
     """Saved results with the given per-seed test errors (%), three seeds, quick group sizes."""
     import dataclasses
 
@@ -138,7 +143,11 @@ def _synthetic(bn: dict[int, list[float]], gn: list[float], brn: dict[int, list[
             "gn": {"32": {"test_error": gn[k]}},
         }
         per_seed.append({"iid": iid, "non_iid": {n: {"test_error": v[k]} for n, v in ni.items()}})
-    return {"config": dataclasses.asdict(s), "data": {"test": 360}, "metrics": {"seeds": [0, 1, 2], "per_seed": per_seed}}
+    return {
+        "config": dataclasses.asdict(s),
+        "data": {"test": 360},
+        "metrics": {"seeds": [0, 1, 2], "per_seed": per_seed},
+    }
 
 
 def test_claims_are_judged_over_seeds_with_paired_arms() -> None:
@@ -153,9 +162,15 @@ def test_claims_are_judged_over_seeds_with_paired_arms() -> None:
     claims = exp.claims(_synthetic(**good))
     assert [c["verdict"] for c in claims] == ["holds"] * 5, claims
     assert claims[0]["estimate"] == pytest.approx(45.0 - 2.5)  # paired mean of BN(2) - BN(32)
-    assert claims[1]["estimate"] == pytest.approx(float(np.exp(np.mean(np.log(np.array([40.0, 45.0, 50.0]) / [2.2, 2.6, 3.1])))))
+    assert claims[1]["estimate"] == pytest.approx(
+        float(np.exp(np.mean(np.log(np.array([40.0, 45.0, 50.0]) / [2.2, 2.6, 3.1]))))
+    )
     # BN at 2 no worse than at 32: the curve claim, GN's and Ghost BN's break are refuted
-    flat = dict(good, bn={32: [2.0, 2.5, 3.0], 8: [2.5, 3.0, 3.5], 2: [2.5, 3.0, 3.4]}, ghost={8: [2.6, 2.9, 3.3], 2: [2.4, 3.0, 3.5]})
+    flat = dict(
+        good,
+        bn={32: [2.0, 2.5, 3.0], 8: [2.5, 3.0, 3.5], 2: [2.5, 3.0, 3.4]},
+        ghost={8: [2.6, 2.9, 3.3], 2: [2.4, 3.0, 3.5]},
+    )
     verdicts = [c["verdict"] for c in exp.claims(_synthetic(**flat))]
     assert verdicts[0] == verdicts[1] == verdicts[4] == "does not hold" and verdicts[2] == "holds"
     # BN 5 pp worse than GN at 32 on every seed: refuted; a scattered difference around +1 pp: undecided
@@ -281,7 +296,9 @@ def test_every_arm_of_a_seed_starts_from_the_same_weights() -> None:
     for other in models[1:]:
         for a, b in zip(models[0].blocks, other.blocks):
             torch.testing.assert_close(a.layer.weight, b.layer.weight, rtol=0, atol=0)
-    assert not torch.equal(exp._model(data, s, exp._norm_factory("bn", 32, s), 4).blocks[0].layer.weight, models[0].blocks[0].layer.weight)
+    assert not torch.equal(
+        exp._model(data, s, exp._norm_factory("bn", 32, s), 4).blocks[0].layer.weight, models[0].blocks[0].layer.weight
+    )
 
 
 def test_report_states_a_data_specific_setup_only_when_there_is_one() -> None:

@@ -20,7 +20,10 @@ SEEDS = (0, 1, 2)
 
 
 def _models(norm: str | None) -> list[MLP]:
-    return [MLP(6, [8, 5], 3, act="relu", norm=norm, init_std="he", generator=torch.Generator().manual_seed(s)) for s in SEEDS]
+    return [
+        MLP(6, [8, 5], 3, act="relu", norm=norm, init_std="he", generator=torch.Generator().manual_seed(s))
+        for s in SEEDS
+    ]
 
 
 def _data(seed: int, n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,14 +41,22 @@ def test_without_dropout_equals_training_each_seed_alone(norm: str | None, fixed
     alone = _models(norm)
     together = copy.deepcopy(alone)
     expected = [
-        train(m, x, y, spec, generator=torch.Generator(), batches=stream(40, 8, torch.Generator().manual_seed(s + 1))).losses
+        train(
+            m, x, y, spec, generator=torch.Generator(), batches=stream(40, 8, torch.Generator().manual_seed(s + 1))
+        ).losses
         for m, (x, y), s in zip(alone, data, SEEDS)
     ]
     seen: list[int] = []
     results = train_stacked_dropout(
-        together, [x for x, _ in data], [y for _, y in data], spec, p=0.0,
-        batches=[stream(40, 8, torch.Generator().manual_seed(s + 1)) for s in SEEDS], mask_generator=torch.Generator().manual_seed(0),
-        checkpoints=[0, 10, 25], on_checkpoint=seen.append,
+        together,
+        [x for x, _ in data],
+        [y for _, y in data],
+        spec,
+        p=0.0,
+        batches=[stream(40, 8, torch.Generator().manual_seed(s + 1)) for s in SEEDS],
+        mask_generator=torch.Generator().manual_seed(0),
+        checkpoints=[0, 10, 25],
+        on_checkpoint=seen.append,
     )
     assert seen == [0, 10, 25]
     for a, b, la, r in zip(alone, together, expected, results):
@@ -78,9 +89,15 @@ def test_stop_ends_training_at_a_checkpoint() -> None:
     models = _models("bn")
     data = [_data(s) for s in SEEDS]
     results = train_stacked_dropout(
-        models, [x for x, _ in data], [y for _, y in data], TrainSpec(steps=50, batch_size=8, lr=0.1), p=0.5,
-        batches=[minibatches(40, 8, torch.Generator().manual_seed(s)) for s in SEEDS], mask_generator=torch.Generator().manual_seed(0),
-        checkpoints=range(0, 51, 10), stop=lambda step: step >= 20,
+        models,
+        [x for x, _ in data],
+        [y for _, y in data],
+        TrainSpec(steps=50, batch_size=8, lr=0.1),
+        p=0.5,
+        batches=[minibatches(40, 8, torch.Generator().manual_seed(s)) for s in SEEDS],
+        mask_generator=torch.Generator().manual_seed(0),
+        checkpoints=range(0, 51, 10),
+        stop=lambda step: step >= 20,
     )
     assert [r.steps_done for r in results] == [20, 20, 20]
 
@@ -92,12 +109,29 @@ def test_bad_input_is_refused() -> None:
     streams = [minibatches(40, 8, torch.Generator().manual_seed(s)) for s in SEEDS]
     gen = torch.Generator()
     with pytest.raises(ValueError, match="plain SGD"):
-        train_stacked_dropout(models, xs, ys, TrainSpec(steps=2, batch_size=8, lr=0.1, momentum=0.9), p=0.0, batches=streams, mask_generator=gen)
+        train_stacked_dropout(
+            models,
+            xs,
+            ys,
+            TrainSpec(steps=2, batch_size=8, lr=0.1, momentum=0.9),
+            p=0.0,
+            batches=streams,
+            mask_generator=gen,
+        )
     with pytest.raises(ValueError, match="one x, y and batch stream"):
-        train_stacked_dropout(models, xs[:2], ys, TrainSpec(steps=2, batch_size=8, lr=0.1), p=0.0, batches=streams, mask_generator=gen)
+        train_stacked_dropout(
+            models, xs[:2], ys, TrainSpec(steps=2, batch_size=8, lr=0.1), p=0.0, batches=streams, mask_generator=gen
+        )
     with pytest.raises(ValueError, match="batches of 8"):
-        train_stacked_dropout(models, xs, ys, TrainSpec(steps=2, batch_size=8, lr=0.1), p=0.0,
-                              batches=[minibatches(40, 4, gen) for _ in SEEDS], mask_generator=gen)
+        train_stacked_dropout(
+            models,
+            xs,
+            ys,
+            TrainSpec(steps=2, batch_size=8, lr=0.1),
+            p=0.0,
+            batches=[minibatches(40, 4, gen) for _ in SEEDS],
+            mask_generator=gen,
+        )
     with pytest.raises(ValueError, match="0 <= p < 1"):
         StackedDropoutMLP(models, 1.0, gen)
 

@@ -1,6 +1,6 @@
 """Arms x seeds trained together (``lab._stacked_nets``) equal each model trained alone.
 
-    .venv/bin/python -m pytest -q tests/lab/test_stacked_nets.py
+.venv/bin/python -m pytest -q tests/lab/test_stacked_nets.py
 """
 
 from __future__ import annotations
@@ -104,9 +104,17 @@ def test_bad_inputs_are_refused() -> None:
         StackedNet([[]])
     x, y = _data(0)
     with pytest.raises(ValueError, match="plain SGD"):
-        train_together([[a]], [x], [y], TrainSpec(steps=1, batch_size=16, lr=0.1, momentum=0.9), [minibatches(96, 16, torch.Generator())])
+        train_together(
+            [[a]],
+            [x],
+            [y],
+            TrainSpec(steps=1, batch_size=16, lr=0.1, momentum=0.9),
+            [minibatches(96, 16, torch.Generator())],
+        )
     with pytest.raises(ValueError, match="one x, y and stream"):
-        train_together([[a]], [x, x], [y], TrainSpec(steps=1, batch_size=16, lr=0.1), [minibatches(96, 16, torch.Generator())])
+        train_together(
+            [[a]], [x, x], [y], TrainSpec(steps=1, batch_size=16, lr=0.1), [minibatches(96, 16, torch.Generator())]
+        )
     with pytest.raises(ValueError, match="dropout"):
         StackedNet([[MLP(12, [8], 4, dropout=0.5)]])
 

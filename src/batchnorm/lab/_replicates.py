@@ -36,5 +36,7 @@ def mean_over_replicates(values: Sequence[Mapping[str, float]]) -> dict[str, flo
         raise ValueError("mean_over_replicates: expected at least one replicate, got none")
     keys = list(values[0])
     if any(list(v) != keys for v in values):
-        raise ValueError(f"mean_over_replicates: expected the same keys in every replicate, got {[list(v) for v in values]}")
+        raise ValueError(
+            f"mean_over_replicates: expected the same keys in every replicate, got {[list(v) for v in values]}"
+        )
     return {k: sum(float(v[k]) for v in values) / len(values) for k in keys}

@@ -102,9 +102,13 @@ def train_stacked_dropout(
     """
     n = len(models)
     if not (len(xs) == len(ys) == len(batches) == n):
-        raise ValueError(f"train_stacked_dropout: expected one x, y and batch stream per model ({n}), got {len(xs)}, {len(ys)}, {len(batches)}")
+        raise ValueError(
+            f"train_stacked_dropout: expected one x, y and batch stream per model ({n}), got {len(xs)}, {len(ys)}, {len(batches)}"
+        )
     if spec.momentum != 0.0 or spec.weight_decay != 0.0:
-        raise ValueError(f"train_stacked_dropout: expected plain SGD (momentum 0, weight decay 0), got {spec.momentum}, {spec.weight_decay}")
+        raise ValueError(
+            f"train_stacked_dropout: expected plain SGD (momentum 0, weight decay 0), got {spec.momentum}, {spec.weight_decay}"
+        )
     stacked = StackedDropoutMLP(models, p, mask_generator)
     opt = torch.optim.SGD(stacked.parameters(), lr=spec.lr)
     results = [TrainResult() for _ in range(n)]
@@ -128,7 +132,9 @@ def train_stacked_dropout(
         for step in range(1, spec.steps + 1):
             idx = [next(stream) for stream in batches]
             if any(i.shape[0] != spec.batch_size for i in idx):
-                raise ValueError(f"train_stacked_dropout: expected batches of {spec.batch_size}, got {[int(i.shape[0]) for i in idx]}")
+                raise ValueError(
+                    f"train_stacked_dropout: expected batches of {spec.batch_size}, got {[int(i.shape[0]) for i in idx]}"
+                )
             xb = torch.stack([x[i] for x, i in zip(xs, idx)])  # (S, B, D)
             yb = torch.stack([y[i] for y, i in zip(ys, idx)])  # (S, B)
             per_seed = F.cross_entropy(stacked(xb).transpose(1, 2), yb, reduction="none").mean(dim=1)  # (S,)

@@ -67,7 +67,9 @@ def _merge_norm(norms: Sequence[nn.Module]) -> nn.Module:
     elif hasattr(first, "num_features"):
         merged.num_features = int(first.num_features) * s
     else:
-        raise TypeError(f"StackedNet: expected a batch-norm-like layer (num_features) or nn.GroupNorm, got {type(first).__name__}")
+        raise TypeError(
+            f"StackedNet: expected a batch-norm-like layer (num_features) or nn.GroupNorm, got {type(first).__name__}"
+        )
     return merged
 
 
@@ -89,11 +91,15 @@ class StackedNet(nn.Module):
             raise ValueError("StackedNet: expected at least one arm and at least one model per arm")
         first = members[0]
         if not all(type(m) is type(first) for m in members) or not isinstance(first, (MLP, ConvNet)):
-            raise TypeError(f"StackedNet: expected lab MLPs or ConvNets of one kind, got {[type(m).__name__ for m in members]}")
+            raise TypeError(
+                f"StackedNet: expected lab MLPs or ConvNets of one kind, got {[type(m).__name__ for m in members]}"
+            )
         self.conv = isinstance(first, ConvNet)
         if self.conv:
             if len(first.input_shape) != 2:
-                raise ValueError(f"StackedNet: expected a 1-D ConvNet (input (C, L)), got input_shape {first.input_shape}")
+                raise ValueError(
+                    f"StackedNet: expected a 1-D ConvNet (input (C, L)), got input_shape {first.input_shape}"
+                )
             self.input_shape: tuple[int, ...] = tuple(first.input_shape)
         self.sizes = [len(arm) for arm in arms]
         self.m = len(members)
@@ -109,9 +115,15 @@ class StackedNet(nn.Module):
             if not isinstance(block.drop, nn.Identity):
                 raise ValueError("StackedNet: dropout is not supported (its masks cannot match a single-model run)")
             layers = [m.blocks[i].layer for m in members]
-            self.weights.append(nn.Parameter(torch.stack([l.weight.detach() for l in layers]).clone()))  # (M, out, in[, k])
+            self.weights.append(
+                nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]).clone())
+            )  # (M, out, in[, k])
             self.has_bias.append(block.layer.bias is not None)
-            bias = torch.stack([l.bias.detach() for l in layers]).clone() if block.layer.bias is not None else torch.empty(0)
+            bias = (
+                torch.stack([layer.bias.detach() for layer in layers]).clone()
+                if block.layer.bias is not None
+                else torch.empty(0)
+            )
             self.biases.append(nn.Parameter(bias))  # (M, out) or empty
             if self.conv:
                 self.conv_args.append((int(block.layer.stride[0]), int(block.layer.padding[0])))
@@ -124,7 +136,9 @@ class StackedNet(nn.Module):
             self.acts.append(block.act)
             self.placements.append(block.placement)
             self.widths.append(int(block.layer.weight.shape[0]))
-        self.head_w = nn.Parameter(torch.stack([m.head.weight.detach() for m in members]).clone())  # (M, classes, width)
+        self.head_w = nn.Parameter(
+            torch.stack([m.head.weight.detach() for m in members]).clone()
+        )  # (M, classes, width)
         self.head_b = nn.Parameter(torch.stack([m.head.bias.detach() for m in members]).clone())  # (M, classes)
 
     def _normalize(self, i: int, h: Tensor) -> Tensor:
@@ -141,11 +155,17 @@ class StackedNet(nn.Module):
         m, b = x.shape[0], x.shape[1]
         if self.conv:
             # (M, B, C*L) -> (B, M*C, L): member j's channels side by side
-            h = x.reshape(m, b, *self.input_shape).transpose(0, 1).reshape(b, m * self.input_shape[0], self.input_shape[1])
+            h = (
+                x.reshape(m, b, *self.input_shape)
+                .transpose(0, 1)
+                .reshape(b, m * self.input_shape[0], self.input_shape[1])
+            )
             for i, (w, act) in enumerate(zip(self.weights, self.acts)):
                 stride, padding = self.conv_args[i]
                 bias = self.biases[i].reshape(-1) if self.has_bias[i] else None
-                h = F.conv1d(h, w.reshape(-1, w.shape[2], w.shape[3]), bias, stride=stride, padding=padding, groups=m)  # (B, M*out, L')
+                h = F.conv1d(
+                    h, w.reshape(-1, w.shape[2], w.shape[3]), bias, stride=stride, padding=padding, groups=m
+                )  # (B, M*out, L')
                 h = act(self._normalize(i, h)) if self.placements[i] == "before" else self._normalize(i, act(h))
             pooled = h.mean(dim=2).reshape(b, m, -1).transpose(0, 1)  # (M, B, C_last)
         else:
@@ -177,7 +197,10 @@ class StackedNet(nn.Module):
     def _member_norms(self, k: int) -> list[tuple[nn.Module | None, int]]:
         """Per layer: the merged norm holding member k (None: no norm) and k's index in it."""
         arm, j = self._arm_of(k)
-        return [(None if isinstance(self.norms[i][arm], nn.Identity) else self.norms[i][arm], j) for i in range(len(self.weights))]
+        return [
+            (None if isinstance(self.norms[i][arm], nn.Identity) else self.norms[i][arm], j)
+            for i in range(len(self.weights))
+        ]
 
     @torch.no_grad()
     def copy_into(self, members: Sequence[nn.Module], which: Sequence[int]) -> None:
@@ -213,7 +236,9 @@ class StackedNet(nn.Module):
             if merged is None:
                 continue
             c = self.widths[i]
-            tensors = list(merged.named_parameters(recurse=False)) + [(n, b) for n, b in merged.named_buffers(recurse=False) if b.dim() >= 1]
+            tensors = list(merged.named_parameters(recurse=False)) + [
+                (n, b) for n, b in merged.named_buffers(recurse=False) if b.dim() >= 1
+            ]
             for name, full in tensors:
                 full[j * c : (j + 1) * c].fill_(1.0 if name in ("running_var", "running_std") else 0.0)
 
@@ -247,9 +272,13 @@ def train_together(
     members = [m for arm in arms for m in arm]
     n = len(members)
     if not (len(xs) == len(ys) == len(streams) == n):
-        raise ValueError(f"train_together: expected one x, y and stream per member ({n}), got {len(xs)}, {len(ys)}, {len(streams)}")
+        raise ValueError(
+            f"train_together: expected one x, y and stream per member ({n}), got {len(xs)}, {len(ys)}, {len(streams)}"
+        )
     if spec.momentum != 0.0 or spec.weight_decay != 0.0:
-        raise ValueError(f"train_together: expected plain SGD (momentum 0, weight_decay 0), got {spec.momentum}, {spec.weight_decay}")
+        raise ValueError(
+            f"train_together: expected plain SGD (momentum 0, weight_decay 0), got {spec.momentum}, {spec.weight_decay}"
+        )
     net = StackedNet(arms)
     opt = torch.optim.SGD(net.parameters(), lr=spec.lr)
     results = [TrainResult() for _ in range(n)]
@@ -263,7 +292,9 @@ def train_together(
         for step in range(1, spec.steps + 1):
             idx = [next(stream) for stream in streams]
             if any(int(i.shape[0]) != spec.batch_size for i in idx):
-                raise ValueError(f"train_together: expected index batches of {spec.batch_size}, got {[int(i.shape[0]) for i in idx]}")
+                raise ValueError(
+                    f"train_together: expected index batches of {spec.batch_size}, got {[int(i.shape[0]) for i in idx]}"
+                )
             xb = torch.stack([x[i] for x, i in zip(xs, idx)])  # (M, B, D)
             yb = torch.stack([y[i] for y, i in zip(ys, idx)])  # (M, B)
             logits = net(xb)  # (M, B, classes)

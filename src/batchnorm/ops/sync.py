@@ -169,7 +169,11 @@ def _sync_backward_fake(grad_y, x, weight, mean, var, total, eps, group_name, wh
 
     acc = acc_dtype(x.dtype)
     c = x.shape[1]
-    return torch.empty_like(x, memory_format=memory_format_of(x)), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+    return (
+        torch.empty_like(x, memory_format=memory_format_of(x)),
+        x.new_empty((c,), dtype=acc),
+        x.new_empty((c,), dtype=acc),
+    )
 
 
 def _sync_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:

@@ -61,5 +61,7 @@ def epochs_to_steps(epochs: float, examples: int, batch_size: int) -> int:
     """SGD steps for ``epochs`` passes over ``examples`` in batches of ``batch_size``
     (rounded to the nearest step, at least 1)."""
     if epochs <= 0 or examples < 1 or batch_size < 1:
-        raise ValueError(f"epochs_to_steps: expected epochs > 0, examples >= 1, batch_size >= 1, got {epochs!r}, {examples!r}, {batch_size!r}")
+        raise ValueError(
+            f"epochs_to_steps: expected epochs > 0, examples >= 1, batch_size >= 1, got {epochs!r}, {examples!r}, {batch_size!r}"
+        )
     return max(1, int(round(epochs * examples / batch_size)))

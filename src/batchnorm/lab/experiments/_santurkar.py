@@ -24,7 +24,16 @@ from torch import Tensor, nn
 from ..datasets import Dataset
 from ..models import MLP, blocks
 
-__all__ = ["NoisyReLU", "act_input", "build", "capture_act_inputs", "noisy", "restore_buffers", "seed_slot", "window_means"]
+__all__ = [
+    "NoisyReLU",
+    "act_input",
+    "build",
+    "capture_act_inputs",
+    "noisy",
+    "restore_buffers",
+    "seed_slot",
+    "window_means",
+]
 
 
 class NoisyReLU(nn.Module):
@@ -63,7 +72,9 @@ class NoisyReLU(nn.Module):
             )
         for m, sc, p in zip(noise_mean, noise_scale, per_sample):
             if not (m >= 0 and sc >= 1 and p >= 0):
-                raise ValueError(f"NoisyReLU: expected noise_mean >= 0, noise_scale >= 1, per_sample >= 0, got {m!r}, {sc!r}, {p!r}")
+                raise ValueError(
+                    f"NoisyReLU: expected noise_mean >= 0, noise_scale >= 1, per_sample >= 0, got {m!r}, {sc!r}, {p!r}"
+                )
         self.generators = list(generators)
         self.noise_mean = [float(v) for v in noise_mean]
         self.noise_scale = [float(v) for v in noise_scale]
@@ -194,4 +205,3 @@ def window_means(losses: list[float], edges: list[int]) -> list[float | None]:
         chunk = np.asarray(losses[a:b], dtype=float)
         out.append(float(chunk.mean()) if chunk.size and np.isfinite(chunk).all() else None)
     return out
-

@@ -78,7 +78,9 @@ class Settings:
     optimizer: str = "SGD, no momentum, no weight decay"
     lr: float = 0.1
     batch_size: int = 60
-    dtype: str = "float32 for the one-batch probes; float64 for the paired training and the removal from the trained model"
+    dtype: str = (
+        "float32 for the one-batch probes; float64 for the paired training and the removal from the trained model"
+    )
     """The paired runs are float64 because in float32 the two trajectories' different rounding
     (BN subtracts a mean that contains b in one arm only) is amplified by 500 steps of SGD to
     loss differences of up to 2e-2 on some seeds: a property of float32 chaos, not of the bias."""
@@ -111,8 +113,16 @@ def _with_random_biases(model: MLP, generator: torch.Generator) -> MLP:
 def _model(s: Settings, data: Dataset, seed: int) -> MLP:
     """The seed's BN MLP with random pre-BN biases (weights from ``seed``, biases from seed + 7)."""
     return _with_random_biases(
-        MLP(data.features, list(s.hidden), data.classes, act=s.activation, norm="bn", bias=True, init_std="he",
-            generator=torch.Generator().manual_seed(seed)),
+        MLP(
+            data.features,
+            list(s.hidden),
+            data.classes,
+            act=s.activation,
+            norm="bn",
+            bias=True,
+            init_std="he",
+            generator=torch.Generator().manual_seed(seed),
+        ),
         torch.Generator().manual_seed(seed + 7),
     )
 
@@ -126,7 +136,11 @@ def _without_bias(model: MLP, hidden: Sequence[int], features: int, classes: int
 
 
 def _count(model: nn.Module) -> dict[str, int]:
-    wasted = sum(b.layer.bias.numel() for b in blocks(model) if getattr(b.layer, "bias", None) is not None and not isinstance(b.norm, nn.Identity))
+    wasted = sum(
+        b.layer.bias.numel()
+        for b in blocks(model)
+        if getattr(b.layer, "bias", None) is not None and not isinstance(b.norm, nn.Identity)
+    )
     return {"parameters": count_parameters(model), "wasted_by_pre_bn_bias": int(wasted)}
 
 
@@ -205,11 +219,15 @@ class Bias(Experiment):
     def settings(self, cfg: RunConfig) -> Settings:
         return Settings(steps=_STEPS[cfg.mode])
 
-    def run_seeds(self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> list[dict[str, Any]]:
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
         s = settings
         per_seed = [_one_batch_probes(s, d, seed) for d, seed in zip(data, seeds)]
         with_bias = [_model(s, d, seed) for d, seed in zip(data, seeds)]
-        without = [_without_bias(m, s.hidden, d.features, d.classes, s.activation).double() for m, d in zip(with_bias, data)]
+        without = [
+            _without_bias(m, s.hidden, d.features, d.classes, s.activation).double() for m, d in zip(with_bias, data)
+        ]
         with_bias = [m.double() for m in with_bias]
         before = [[b.layer.bias.detach().clone() for b in blocks(m)] for m in with_bias]
         spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
@@ -218,17 +236,24 @@ class Bias(Experiment):
             with progress.task(name, total=spec.steps) as tick, _default_dtype(torch.float64):
                 arms.append(
                     train_stacked(
-                        models, [d.train_x.double() for d in data], [d.train_y for d in data], spec,
-                        generators=[torch.Generator().manual_seed(seed + 2) for seed in seeds], tick=tick,
+                        models,
+                        [d.train_x.double() for d in data],
+                        [d.train_y for d in data],
+                        spec,
+                        generators=[torch.Generator().manual_seed(seed + 2) for seed in seeds],
+                        tick=tick,
                     )
                 )
         for k, (m, twin, d) in enumerate(zip(with_bias, without, data)):
             r_bias, r_twin = arms[0][k], arms[1][k]
             per_seed[k].update(
                 {
-                    "paired_training_max_loss_delta": float(np.max(np.abs(np.asarray(r_bias.losses) - np.asarray(r_twin.losses)))),
+                    "paired_training_max_loss_delta": float(
+                        np.max(np.abs(np.asarray(r_bias.losses) - np.asarray(r_twin.losses)))
+                    ),
                     "paired_training_max_weight_delta": max(
-                        float((a.layer.weight.detach() - b.layer.weight.detach()).abs().max()) for a, b in zip(blocks(m), blocks(twin))
+                        float((a.layer.weight.detach() - b.layer.weight.detach()).abs().max())
+                        for a, b in zip(blocks(m), blocks(twin))
                     ),
                     "bias_max_movement_during_training": max(
                         float((b.layer.bias.detach() - b0).abs().max()) for b, b0 in zip(blocks(m), before[k])
@@ -313,7 +338,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             results=results,
             a=col("eval_output_change_bias_folded_into_running_mean"),
             below=float(t["eval_change_folded_below"]),
-            also=[judge(col("eval_output_change_bias_zeroed"), seeds=seeds, above=float(t["eval_change_zeroed_above"]))],
+            also=[
+                judge(col("eval_output_change_bias_zeroed"), seeds=seeds, above=float(t["eval_change_zeroed_above"]))
+            ],
             expected="eval-mode BN uses the running mean, which has absorbed the bias (Alg. 2's fixed affine map)",
             source="Ioffe & Szegedy 2015, Sec. 3.2 and Alg. 2",
             evidence=f"max |change| of eval logits, per seed: {show(col('eval_output_change_bias_folded_into_running_mean'))} with "
@@ -332,7 +359,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     layers = np.arange(1, len(m["bias_grad_max"]) + 1)
     axes[0].bar(layers - 0.2, m["weight_grad_max"], width=0.4, label="weights W", color="tab:blue")
-    axes[0].bar(layers + 0.2, np.maximum(m["bias_grad_max"], 1e-30), width=0.4, label="bias b before BN", color="tab:orange")
+    axes[0].bar(
+        layers + 0.2, np.maximum(m["bias_grad_max"], 1e-30), width=0.4, label="bias b before BN", color="tab:orange"
+    )
     axes[0].set_yscale("log")
     axes[0].set_xticks(layers)
     axes[0].set_xlabel("hidden layer")

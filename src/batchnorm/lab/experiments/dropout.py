@@ -140,18 +140,35 @@ def _fixed_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[T
 
 
 def _train_arm(
-    s: Settings, data: Sequence[Dataset], gens: Sequence[int], arm: tuple[str, str | None, float, bool], steps: int, progress: Progress,
-    *, checkpoints: Sequence[int] = (), stop_at_fit: bool = False,
+    s: Settings,
+    data: Sequence[Dataset],
+    gens: Sequence[int],
+    arm: tuple[str, str | None, float, bool],
+    steps: int,
+    progress: Progress,
+    *,
+    checkpoints: Sequence[int] = (),
+    stop_at_fit: bool = False,
 ) -> tuple[list[MLP], int | None]:
     """Train one arm on runs ``(data[k], gens[k])`` together; returns the models and, with
     ``stop_at_fit``, the first checkpoint at which every run fits (None: never)."""
     name, norm, p, fixed = arm
     models = [
-        MLP(d.features, list(s.hidden), d.classes, act=s.activation, norm=norm, init_std="he", generator=torch.Generator().manual_seed(g))
+        MLP(
+            d.features,
+            list(s.hidden),
+            d.classes,
+            act=s.activation,
+            norm=norm,
+            init_std="he",
+            generator=torch.Generator().manual_seed(g),
+        )
         for d, g in zip(data, gens)
     ]
     streams = [
-        (_fixed_batches if fixed else minibatches)(d.train_x.shape[0], s.batch_size, torch.Generator().manual_seed(g + 1))
+        (_fixed_batches if fixed else minibatches)(
+            d.train_x.shape[0], s.batch_size, torch.Generator().manual_seed(g + 1)
+        )
         for d, g in zip(data, gens)
     ]
     fitted: list[int] = []
@@ -164,20 +181,31 @@ def _train_arm(
 
     with progress.task(name, total=steps) as tick:
         train_stacked_dropout(
-            models, [d.train_x for d in data], [d.train_y for d in data], TrainSpec(steps=steps, batch_size=s.batch_size, lr=s.lr),
-            p=p, batches=streams, mask_generator=torch.Generator().manual_seed(gens[0] + 2),
-            checkpoints=checkpoints, stop=fits if stop_at_fit else None, tick=tick,
+            models,
+            [d.train_x for d in data],
+            [d.train_y for d in data],
+            TrainSpec(steps=steps, batch_size=s.batch_size, lr=s.lr),
+            p=p,
+            batches=streams,
+            mask_generator=torch.Generator().manual_seed(gens[0] + 2),
+            checkpoints=checkpoints,
+            stop=fits if stop_at_fit else None,
+            tick=tick,
         )
     return models, (fitted[0] if fitted else None)
 
 
 def _calibrate(s: Settings, cfg: RunConfig, progress: Progress) -> Settings:
     """Apply the steps rule on the calibration seed (see ``Settings.steps_rule``)."""
-    data = load(cfg.data, s.calibration_seed, small=cfg.mode == "tiny").subset_train(s.train_examples, s.calibration_seed)
+    data = load(cfg.data, s.calibration_seed, small=cfg.mode == "tiny").subset_train(
+        s.train_examples, s.calibration_seed
+    )
     marks = list(range(0, s.max_steps + 1, s.calibration_every))
     needed = {}
     for arm in _ARMS:
-        _, step = _train_arm(s, [data], [s.calibration_seed], arm, s.max_steps, progress, checkpoints=marks, stop_at_fit=True)
+        _, step = _train_arm(
+            s, [data], [s.calibration_seed], arm, s.max_steps, progress, checkpoints=marks, stop_at_fit=True
+        )
         needed[arm[0]] = step if step is not None else s.max_steps + s.calibration_every
     steps = min(2 * max(needed.values()), s.max_steps)
     return dataclasses.replace(s, steps=steps, calibration_fit_steps=needed)
@@ -200,18 +228,26 @@ class Dropout(Experiment):
         seeds = seeds_for(cfg)
         s = self.settings(cfg)
         if s.calibration_seed in seeds:
-            raise ValueError(f"dropout: seed {s.calibration_seed} is the calibration seed; expected claim seeds other than it, got {list(seeds)}")
+            raise ValueError(
+                f"dropout: seed {s.calibration_seed} is the calibration seed; expected claim seeds other than it, got {list(seeds)}"
+            )
         s = _calibrate(s, cfg, progress)
         data = [load(cfg.data, seed, small=cfg.mode == "tiny").subset_train(s.train_examples, seed) for seed in seeds]
         per_seed = self.run_seeds(s, data, seeds, progress)
         full = load(cfg.data, seeds[0], small=cfg.mode == "tiny")
         return {
             "config": dataclasses.asdict(s),
-            "data": {**full.describe(), "train_used": s.train_examples, "split": "each seed draws its own split and training subset"},
+            "data": {
+                **full.describe(),
+                "train_used": s.train_examples,
+                "split": "each seed draws its own split and training subset",
+            },
             "metrics": {"seeds": list(seeds), "per_seed": per_seed},
         }
 
-    def run_seeds(self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> list[dict[str, Any]]:
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
         s = settings
         runs = [(d, replicate_seed(seed, r)) for d, seed in zip(data, seeds) for r in range(s.replicates)]
         per_seed: list[dict[str, Any]] = [{} for _ in seeds]
@@ -348,7 +384,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     low = min(v[n]["test_acc"] for v in q for n in names)
     axes[0].set_ylim(max(0.0, low - 0.03), min(1.0, max(v[n]["test_acc"] for v in q for n in names) + 0.02))
     cfg = results["config"]
-    axes[0].set_title(f"Test accuracy ({cfg['train_examples']} training examples; {len(q)} seeds x {cfg['replicates']} networks)")
+    axes[0].set_title(
+        f"Test accuracy ({cfg['train_examples']} training examples; {len(q)} seeds x {cfg['replicates']} networks)"
+    )
     axes[1].set_title(f"Test loss ({cfg['steps']} steps, calibrated so every arm fits)")
     return [save(fig, Path(outdir) / "dropout_vs_bn.png")]
 

@@ -105,7 +105,9 @@ class Settings:
 
 
 def _settings(cfg: RunConfig) -> Settings:
-    return Settings(epochs={"tiny": 1, "quick": 10, "full": 30}[cfg.mode], max_train=None if cfg.mode == "full" else 2000)
+    return Settings(
+        epochs={"tiny": 1, "quick": 10, "full": 30}[cfg.mode], max_train=None if cfg.mode == "full" else 2000
+    )
 
 
 def _arm_spec(arm: str, s: Settings) -> dict[str, Any]:
@@ -123,7 +125,9 @@ def _arm_spec(arm: str, s: Settings) -> dict[str, Any]:
     return spec
 
 
-def _train_regime(data: Dataset, s: Settings, spec: dict[str, Any], seed: int, progress: Progress, label: str) -> dict[str, Any]:
+def _train_regime(
+    data: Dataset, s: Settings, spec: dict[str, Any], seed: int, progress: Progress, label: str
+) -> dict[str, Any]:
     """Train one arm (momentum SGD, weight decay, clipping, step schedule); final accuracies."""
     torch.manual_seed(seed + 1)
     ghost = spec["ghost"]
@@ -174,7 +178,10 @@ class GhostBN(Experiment):
         arms = {}
         for arm in _ARMS:
             spec = _arm_spec(arm, settings)
-            arms[arm] = {"spec": spec, **_train_regime(data, settings, spec, seed, progress, f"{_LABELS[arm]} seed {seed}")}
+            arms[arm] = {
+                "spec": spec,
+                **_train_regime(data, settings, spec, seed, progress, f"{_LABELS[arm]} seed {seed}"),
+            }
         return {"arms": arms, "train_examples": int(data.train_x.shape[0])}
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -254,8 +261,10 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.plot(x, train, "k_", markersize=22, mew=2, label="training accuracy (mean)")
     lo = min(m - s for m, s in zip(means, stds))
     bottom = max(0.0, lo - 3)
-    for i, (mu, arm) in enumerate(zip(means, _ARMS)):
-        ax.text(i, bottom + 0.5, f"{mu:.1f}%\n{len(per_seed)} seeds", ha="center", va="bottom", fontsize=8, color="white")
+    for i, mu in enumerate(means):
+        ax.text(
+            i, bottom + 0.5, f"{mu:.1f}%\n{len(per_seed)} seeds", ha="center", va="bottom", fontsize=8, color="white"
+        )
     ax.set_xticks(x)
     ax.set_xticklabels([_LABELS[arm] for arm in _ARMS], fontsize=8)
     ax.set_ylim(bottom, 101)

@@ -32,7 +32,9 @@ from ..progress import Progress
 from ..verdict import judge
 
 ID = "goodfellow-chain"
-DESCRIPTION = "Deep linear chain y = x*w1*...*wL: first-order vs actual loss change of one step, with and without per-layer BN"
+DESCRIPTION = (
+    "Deep linear chain y = x*w1*...*wL: first-order vs actual loss change of one step, with and without per-layer BN"
+)
 QUICK_SECONDS = 1.5
 EXPLANATION = """
 Gradient descent updates every layer at once, each by the gradient computed as if the other
@@ -90,7 +92,9 @@ class Settings:
     predicted_change: str = "-lr * |g|^2 (first order)"
     safe_band: tuple[float, float] = (0.5, 1.5)
     """A step is "safe" when the actual change is 50% to 150% of the first-order prediction."""
-    safe_lr_definition: str = "largest lr on the grid such that actual/predicted is within the safe band for it and every smaller lr"
+    safe_lr_definition: str = (
+        "largest lr on the grid such that actual/predicted is within the safe band for it and every smaller lr"
+    )
     reference_lr: float = 0.1
     """The step at which the first-order error is compared across depths (fixed before any run)."""
     data_note: str = "synthetic (x ~ N(0, 1), one draw per seed); --data is ignored"
@@ -120,7 +124,9 @@ def _output(x: Tensor, ws: list[Tensor], gammas: list[Tensor], betas: list[Tenso
     return h
 
 
-def _measure(x: Tensor, depth: int, scale: float, bn: bool, lrs: Sequence[float], eps: float, band: Sequence[float] = (0.5, 1.5)) -> dict[str, Any]:
+def _measure(
+    x: Tensor, depth: int, scale: float, bn: bool, lrs: Sequence[float], eps: float, band: Sequence[float] = (0.5, 1.5)
+) -> dict[str, Any]:
     """Loss, |g|^2, predicted and actual change for every lr, and the largest safe lr of one
     chain. Shape: x (N, 1) float64."""
     t = 2.0 * x
@@ -173,7 +179,9 @@ class Chain(Experiment):
         per_seed = []
         with progress.task("chains", total=2 * len(s.depths) * len(s.scales) * len(seeds)) as tick:
             for seed in seeds:
-                x = torch.randn(s.batch, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)  # (N, 1)
+                x = torch.randn(
+                    s.batch, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+                )  # (N, 1)
                 cases = []
                 for arm in ("plain", "bn"):
                     for depth in s.depths:
@@ -273,7 +281,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
         return f"{c['safe_lr']:.2g}" if c["safe_lr"] is not None else f"< {lrs[0]:.0e}"
 
     first = q[0]
-    spreads = ", ".join(f"{10 ** v:.3g}x" for v in col("plain_spread_log10"))
+    spreads = ", ".join(f"{10**v:.3g}x" for v in col("plain_spread_log10"))
     return [
         claim(
             f"Without normalization no single learning rate is safe: the largest safe step varies by more than "
@@ -298,7 +306,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             also=[judge(col("growth_min_step_log10"), seeds=seeds, above=0.0)],
             expected="the higher-order terms grow with depth when |w| >= 1 (no number given)",
             source=_SOURCE,
-            evidence=f"log10 growth shallowest -> deepest (smallest over scales), per seed: "
+            evidence="log10 growth shallowest -> deepest (smallest over scales), per seed: "
             + ", ".join(f"{v:.2f}" for v in col("growth_total_log10"))
             + "; smallest log10 growth between neighbouring depths: "
             + ", ".join(f"{v:.2f}" for v in col("growth_min_step_log10"))
@@ -371,8 +379,14 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     for arm, style in (("plain", "-o"), ("bn", "--s")):
         for color, scale in zip(plt.cm.plasma(np.linspace(0, 0.85, len(cfg["scales"]))), cfg["scales"]):
             row = sorted((c for c in _cases(m, arm) if c["scale"] == scale), key=lambda c: c["depth"])
-            ax.plot([c["depth"] for c in row], [_safe(c) for c in row], style, color=color, markersize=4,
-                    label=f"{'no norm' if arm == 'plain' else 'BN'}, weights {scale}")
+            ax.plot(
+                [c["depth"] for c in row],
+                [_safe(c) for c in row],
+                style,
+                color=color,
+                markersize=4,
+                label=f"{'no norm' if arm == 'plain' else 'BN'}, weights {scale}",
+            )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("depth L")

@@ -118,7 +118,9 @@ class Settings:
 
 
 @torch.no_grad()
-def _batch_stats_accuracy(model: nn.Module, x: Tensor, y: Tensor, size: int, repeats: int, generator: torch.Generator) -> float:
+def _batch_stats_accuracy(
+    model: nn.Module, x: Tensor, y: Tensor, size: int, repeats: int, generator: torch.Generator
+) -> float:
     """Mean accuracy when each test batch of ``size`` is normalized by its own statistics."""
     net = copy.deepcopy(model)
     for m in net.modules():
@@ -141,7 +143,9 @@ def _batch_stats_accuracy(model: nn.Module, x: Tensor, y: Tensor, size: int, rep
 
 
 @torch.no_grad()
-def _first_layer_noise(model: nn.Module, x: Tensor, sizes: Sequence[int], batches: int, generator: torch.Generator) -> dict[str, Any]:
+def _first_layer_noise(
+    model: nn.Module, x: Tensor, sizes: Sequence[int], batches: int, generator: torch.Generator
+) -> dict[str, Any]:
     """Scatter of the batch mean and variance of the first BN layer's input around the
     training-set values, in units of the population std (float64).
 
@@ -191,7 +195,9 @@ def _measure(s: Settings, data: Dataset, model: nn.Module, seed: int) -> dict[st
 
     model.eval()
     ema_acc = evaluate(model, data.test_x, data.test_y)[1]
-    alg2 = population_statistics(model, data.train_x, batch_size=s.batch_size, generator=torch.Generator().manual_seed(seed + 2))
+    alg2 = population_statistics(
+        model, data.train_x, batch_size=s.batch_size, generator=torch.Generator().manual_seed(seed + 2)
+    )
     alg2_acc = evaluate(alg2, data.test_x, data.test_y)[1]
     exact = copy.deepcopy(model)
     recompute_statistics(exact, list(data.train_x.split(256)), mode="eval", passes=len(s.hidden) + 1)
@@ -200,7 +206,9 @@ def _measure(s: Settings, data: Dataset, model: nn.Module, seed: int) -> dict[st
 
     gen = torch.Generator().manual_seed(seed + 3)
     sizes = [b for b in s.test_batch_sizes if b <= data.test_x.shape[0]]
-    batch_acc = {str(b): _batch_stats_accuracy(model, data.test_x, data.test_y, b, s.test_batch_repeats, gen) for b in sizes}
+    batch_acc = {
+        str(b): _batch_stats_accuracy(model, data.test_x, data.test_y, b, s.test_batch_repeats, gen) for b in sizes
+    }
 
     with torch.no_grad():
         together = exact(data.test_x)
@@ -214,7 +222,9 @@ def _measure(s: Settings, data: Dataset, model: nn.Module, seed: int) -> dict[st
     except ValueError as err:
         single_fails = str(err)
 
-    noise = _first_layer_noise(model, data.train_x, s.noise_batch_sizes, s.noise_batches, torch.Generator().manual_seed(seed + 4))
+    noise = _first_layer_noise(
+        model, data.train_x, s.noise_batch_sizes, s.noise_batches, torch.Generator().manual_seed(seed + 4)
+    )
     st_ema, st_alg2, st_exact = _stats_of(model), _stats_of(alg2), _stats_of(exact)
     return {
         "test_acc": {"running_average": ema_acc, "alg2_population": alg2_acc, "exact_population": exact_acc},
@@ -246,10 +256,20 @@ class InferenceStats(Experiment):
             noise_batches={"tiny": 20, "quick": 500, "full": 5000}[cfg.mode],
         )
 
-    def run_seeds(self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> list[dict[str, Any]]:
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
         s = settings
         models = [
-            MLP(d.features, list(s.hidden), d.classes, act=s.activation, norm="bn", init_std="he", generator=torch.Generator().manual_seed(seed))
+            MLP(
+                d.features,
+                list(s.hidden),
+                d.classes,
+                act=s.activation,
+                norm="bn",
+                init_std="he",
+                generator=torch.Generator().manual_seed(seed),
+            )
             for d, seed in zip(data, seeds)
         ]
         spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
@@ -346,7 +366,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             "scatters by ~0.35 sigma",
             source="Ioffe & Szegedy 2015, Sec. 3.1; sampling theory",
             evidence=f"test accuracy per seed (%): B=8 {fmt(b8, '.1f')}; B=2 {fmt(b2, '.1f')}; population statistics {fmt(exact, '.1f')}; "
-            f"seed {seeds[0]} over B: " + ", ".join(f"{k}: {100 * v:.1f}" for k, v in first["test_acc_batch_statistics"].items()),
+            f"seed {seeds[0]} over B: "
+            + ", ".join(f"{k}: {100 * v:.1f}" for k, v in first["test_acc_batch_statistics"].items()),
         ),
         claim(
             "With fixed statistics a prediction does not depend on its batch-mates: each test example alone gives the same "
@@ -385,7 +406,11 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     sizes = [int(k) for k in ba]
     axes[0].plot(sizes, [ba[str(k)] for k in sizes], "o-", color="tab:purple", label="each test batch's own statistics")
     for (key, label), color, ls in zip(
-        (("running_average", "running average (EMA)"), ("alg2_population", "Alg. 2 population statistics"), ("exact_population", "exact population statistics")),
+        (
+            ("running_average", "running average (EMA)"),
+            ("alg2_population", "Alg. 2 population statistics"),
+            ("exact_population", "exact population statistics"),
+        ),
         ("tab:red", "tab:green", "black"),
         ("-", "--", ":"),
     ):
@@ -399,9 +424,13 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     axes[0].legend(loc="lower right", fontsize=8)
 
     noise = m["first_layer_noise"]
-    axes[1].plot(noise["m"], noise["mean_scatter"], "o-", color="tab:blue", label="batch mean: std of (mu_B - mu)/sigma")
+    axes[1].plot(
+        noise["m"], noise["mean_scatter"], "o-", color="tab:blue", label="batch mean: std of (mu_B - mu)/sigma"
+    )
     axes[1].plot(noise["m"], noise["mean_scatter_theory"], ":", color="black", label="theory sqrt((N-m)/(m(N-1)))")
-    axes[1].plot(noise["m"], noise["var_rel_scatter"], "s-", color="tab:orange", label="batch variance: std of sigma_B^2/sigma^2")
+    axes[1].plot(
+        noise["m"], noise["var_rel_scatter"], "s-", color="tab:orange", label="batch variance: std of sigma_B^2/sigma^2"
+    )
     axes[1].set_xscale("log", base=2)
     axes[1].set_xticks(noise["m"], [str(k) for k in noise["m"]])
     axes[1].set_yscale("log")

@@ -100,7 +100,9 @@ class Settings:
     """The paper: "small random Gaussian" (no std given)."""
     tracked_unit: int = 0
     tracked_layer: str = "last hidden layer (3rd), input of its sigmoid"
-    percentile_data: str = "test set, in batches of 60; BN net in training mode (batch statistics), running stats untouched"
+    percentile_data: str = (
+        "test set, in batches of 60; BN net in training mode (batch statistics), running stats untouched"
+    )
     percentiles: tuple[int, ...] = (15, 50, 85)
     """The paper's Fig. 1(b, c) percentiles."""
     population_statistics: str = "Alg. 2: weights frozen, one pass of training batches of 60; E[x] = mean of mu_B, Var[x] = 60/59 * mean of sigma_B^2"
@@ -195,14 +197,24 @@ def _recorder(s: Settings, data: Dataset, model: nn.Module, norm: str | None, se
     return rec, record
 
 
-def _train_arm(s: Settings, data: Sequence[Dataset], seeds: Sequence[int], norm: str | None, progress: Progress) -> list[dict[str, Any]]:
+def _train_arm(
+    s: Settings, data: Sequence[Dataset], seeds: Sequence[int], norm: str | None, progress: Progress
+) -> list[dict[str, Any]]:
     """Train one arm (norm None = baseline) on every seed together; one record per seed."""
     spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
     checkpoints = list(range(0, spec.steps + 1, s.checkpoint_every))
     if checkpoints[-1] != spec.steps:
         checkpoints.append(spec.steps)
     models = [
-        MLP(d.features, list(s.hidden), d.classes, act="sigmoid", norm=norm, init_std=s.init_std, generator=torch.Generator().manual_seed(seed))
+        MLP(
+            d.features,
+            list(s.hidden),
+            d.classes,
+            act="sigmoid",
+            norm=norm,
+            init_std=s.init_std,
+            generator=torch.Generator().manual_seed(seed),
+        )
         for d, seed in zip(data, seeds)
     ]
     recs = [_recorder(s, d, m, norm, seed) for d, m, seed in zip(data, models, seeds)]
@@ -240,10 +252,14 @@ class Fig1(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         if cfg.data == "mnist1d" and cfg.mode == "quick":
-            return Settings(steps=_MNIST1D_QUICK_STEPS, checkpoint_every=_MNIST1D_QUICK_EVERY, mnist1d_choice=_MNIST1D_CHOICE)
+            return Settings(
+                steps=_MNIST1D_QUICK_STEPS, checkpoint_every=_MNIST1D_QUICK_EVERY, mnist1d_choice=_MNIST1D_CHOICE
+            )
         return Settings(steps=_STEPS[cfg.mode], checkpoint_every=_EVERY[cfg.mode])
 
-    def run_seeds(self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> list[dict[str, Any]]:
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
         base = _train_arm(settings, data, seeds, None, progress)
         bn = _train_arm(settings, data, seeds, "bn", progress)
         return [{"baseline": b, "bn": n} for b, n in zip(base, bn)]
@@ -357,7 +373,10 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             above=float(t["baseline_spread_growth_at_least"]),
             also=[
                 judge(
-                    [w - t["baseline_vs_bn_spread_change_factor"] * c for w, c in zip(col("widen_base"), col("change_bn"))],
+                    [
+                        w - t["baseline_vs_bn_spread_change_factor"] * c
+                        for w, c in zip(col("widen_base"), col("change_bn"))
+                    ],
                     seeds=seeds,
                     above=0.0,
                 )
@@ -411,7 +430,13 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     for ax, zoom in zip(axes, (False, True)):
         ax.plot(base["step"], base["test_acc"], label="without BN", color="tab:blue")
         ax.plot(bn["step"], bn["test_acc"], label="with BN (running average)", color="tab:red")
-        ax.plot(bn["step"], bn["test_acc_population"], label="with BN (Alg. 2 population stats)", color="tab:red", linestyle=":")
+        ax.plot(
+            bn["step"],
+            bn["test_acc_population"],
+            label="with BN (Alg. 2 population stats)",
+            color="tab:red",
+            linestyle=":",
+        )
         ax.set_xlabel("training step")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
@@ -444,8 +469,21 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     idx = [i for i, s in enumerate(bn["step"]) if s > 0]
     steps = [bn["step"][i] for i in idx]
     ax.plot(steps, [bn["test_acc"][i] for i in idx], label="running average (EMA, momentum 0.1)", color="tab:red")
-    ax.plot(steps, [bn["test_acc_population"][i] for i in idx], label="Alg. 2 population statistics", color="tab:green", linestyle="--")
-    ax.plot(steps, [bn["test_acc_batch_stats"][i] for i in idx], label="statistics of each test batch of 60", color="tab:purple", alpha=0.7, linestyle=":")
+    ax.plot(
+        steps,
+        [bn["test_acc_population"][i] for i in idx],
+        label="Alg. 2 population statistics",
+        color="tab:green",
+        linestyle="--",
+    )
+    ax.plot(
+        steps,
+        [bn["test_acc_batch_stats"][i] for i in idx],
+        label="statistics of each test batch of 60",
+        color="tab:purple",
+        alpha=0.7,
+        linestyle=":",
+    )
     ax.set_xlabel("training step")
     ax.set_ylabel("test accuracy of the BN network")
     ax.set_title("BN inference: which statistics normalize a test example")

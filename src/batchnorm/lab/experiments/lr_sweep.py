@@ -37,7 +37,9 @@ from ..verdict import judge
 from ._calibration import CALIBRATION_SEED, calibration_split, epochs_to_steps
 
 ID = "lr-sweep"
-DESCRIPTION = "Accuracy and divergence over a log grid of learning rates, with and without BN (Ioffe BN-x5/x30, Bjorck 2018)"
+DESCRIPTION = (
+    "Accuracy and divergence over a log grid of learning rates, with and without BN (Ioffe BN-x5/x30, Bjorck 2018)"
+)
 QUICK_SECONDS = 120.0
 EXPLANATION = """
 One of batch normalization's practical promises is that it lets you train with much larger
@@ -107,9 +109,7 @@ class Settings:
     calibration: dict[str, Any] = field(default_factory=dict)
     """What the calibration measured: seed, split, the plain network's validation accuracy per rate."""
     calibration_seed: int = CALIBRATION_SEED
-    best_rate_rule: str = (
-        "plain network, calibration run: the largest lr whose validation accuracy is within 0.5 pp of the best on the grid"
-    )
+    best_rate_rule: str = "plain network, calibration run: the largest lr whose validation accuracy is within 0.5 pp of the best on the grid"
     best_tolerance: float = 0.005
     """Accuracies within 0.5 pp count as equal when the best rate is picked (about 2 test digits)."""
     activation: str = "relu"
@@ -139,7 +139,15 @@ class Settings:
 
 
 def _model(data: Dataset, s: Settings, norm: str | None, seed: int) -> MLP:
-    return MLP(data.features, list(s.hidden), data.classes, act="relu", norm=norm, init_std="he", generator=torch.Generator().manual_seed(seed))
+    return MLP(
+        data.features,
+        list(s.hidden),
+        data.classes,
+        act="relu",
+        norm=norm,
+        init_std="he",
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def _step_probe(model: nn.Module, x: Tensor, y: Tensor, alphas: list[float]) -> list[float]:
@@ -173,7 +181,10 @@ def _step_probe(model: nn.Module, x: Tensor, y: Tensor, alphas: list[float]) -> 
 def _activation_scales(model: nn.Module, x: Tensor) -> list[float]:
     """RMS of every hidden block's output on x (training-mode forward)."""
     scales: list[float] = []
-    handles = [b.register_forward_hook(lambda _m, _i, out: scales.append(float(out.detach().pow(2).mean().sqrt()))) for b in blocks(model)]
+    handles = [
+        b.register_forward_hook(lambda _m, _i, out: scales.append(float(out.detach().pow(2).mean().sqrt())))
+        for b in blocks(model)
+    ]
     try:
         with torch.no_grad():
             model(x)
@@ -183,7 +194,9 @@ def _activation_scales(model: nn.Module, x: Tensor) -> list[float]:
     return scales
 
 
-def _large_steps(model: nn.Module, data: Dataset, s: Settings, generator: torch.Generator, xb: Tensor) -> tuple[list[float], int]:
+def _large_steps(
+    model: nn.Module, data: Dataset, s: Settings, generator: torch.Generator, xb: Tensor
+) -> tuple[list[float], int]:
     """Up to ``s.blowup_steps`` SGD steps at ``blowup_lr``; the per-layer activation RMS on ``xb``
     after the last step whose loss and activations were still finite, and that step's number."""
     profile = _activation_scales(model, xb)
@@ -209,9 +222,9 @@ def _large_steps(model: nn.Module, data: Dataset, s: Settings, generator: torch.
     return profile, taken
 
 
-
-
-def _sweep(s: Settings, data: Sequence[Dataset], seeds: Sequence[int], norm: str | None, label: str, progress: Progress) -> tuple[list[list[float]], list[list[int | None]], list[list[float]]]:
+def _sweep(
+    s: Settings, data: Sequence[Dataset], seeds: Sequence[int], norm: str | None, label: str, progress: Progress
+) -> tuple[list[list[float]], list[list[int | None]], list[list[float]]]:
     """Train every seed at every rate (seeds together); per seed and rate: test accuracy (0 if
     diverged), the diverged step (None) and the training accuracy."""
     acc: list[list[float]] = [[] for _ in seeds]
@@ -250,7 +263,12 @@ def _probes(s: Settings, d: Dataset, norm: str | None, seed: int) -> dict[str, A
     blow = _model(d, s, norm, seed)
     before = _activation_scales(blow, xb)
     after, taken = _large_steps(blow, d, s, torch.Generator().manual_seed(seed + 3), xb)
-    return {"step_probe_loss_ratio": probe, "activation_rms_init": before, "activation_rms_after_large_steps": after, "large_steps_taken": taken}
+    return {
+        "step_probe_loss_ratio": probe,
+        "activation_rms_init": before,
+        "activation_rms_after_large_steps": after,
+        "large_steps_taken": taken,
+    }
 
 
 class LrSweep(Experiment):
@@ -263,10 +281,20 @@ class LrSweep(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         if cfg.mode == "tiny":
-            return Settings(hidden=(32,) * 3, steps=30, steps_rule="tiny: 30 steps (a smoke test)", lrs=(0.1, 1.0), step_probe_alphas=tuple(np.logspace(-2, 1.5, 4).tolist()))
+            return Settings(
+                hidden=(32,) * 3,
+                steps=30,
+                steps_rule="tiny: 30 steps (a smoke test)",
+                lrs=(0.1, 1.0),
+                step_probe_alphas=tuple(np.logspace(-2, 1.5, 4).tolist()),
+            )
         n = load(cfg.data, cfg.seed).train_x.shape[0]
         epochs = _EPOCHS[cfg.mode]
-        lrs = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0) if cfg.mode == "quick" else (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+        lrs = (
+            (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+            if cfg.mode == "quick"
+            else (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+        )
         return Settings(
             hidden=(100,) * 8,
             steps=epochs_to_steps(epochs, n, 60),
@@ -284,7 +312,9 @@ class LrSweep(Experiment):
         cal = calibration_split(load(cfg.data, s.calibration_seed, small=cfg.mode == "tiny"), s.calibration_seed)
         data = [load(cfg.data, seed, small=cfg.mode == "tiny") for seed in seeds]
         # the calibration run is trained beside the claims' seeds (its own data, weights and batches)
-        acc, div, tr = _sweep(s, [*data, cal], [*seeds, s.calibration_seed], None, "no BN sweep (+ calibration)", progress)
+        acc, div, tr = _sweep(
+            s, [*data, cal], [*seeds, s.calibration_seed], None, "no BN sweep (+ calibration)", progress
+        )
         cal_acc = acc.pop()
         cal_div = div.pop()
         tr.pop()
@@ -445,7 +475,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             if any(m[arm]["diverged_at"][j] is not None for m in per_seed):
                 ax.plot([lr], [acc[:, j].mean()], "x", color=color, markersize=10, markeredgewidth=2)
     ax.plot([], [], "x", color="black", label="diverged on some seed (NaN/inf loss)")
-    ax.axvline(cfg["plain_best_lr"], color="tab:blue", linestyle=":", linewidth=1, label="plain best rate (calibration)")
+    ax.axvline(
+        cfg["plain_best_lr"], color="tab:blue", linestyle=":", linewidth=1, label="plain best rate (calibration)"
+    )
     ax.axvline(cfg["high_lr"], color="black", linestyle=":", linewidth=1, label="10x that rate")
     ax.set_xscale("log")
     ax.set_ylim(0, 1)
@@ -460,11 +492,20 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     for arm, label, color in (("plain", "without BN", "tab:blue"), ("bn", "with BN", "tab:red")):
         m = per_seed[0][arm]
         r = np.asarray([number(v) for v in m["step_probe_loss_ratio"]])
-        axes[0].plot(cfg["step_probe_alphas"], np.where(np.isfinite(r), r, np.nan), "o-", color=color, label=label, markersize=3)
+        axes[0].plot(
+            cfg["step_probe_alphas"], np.where(np.isfinite(r), r, np.nan), "o-", color=color, label=label, markersize=3
+        )
         layers = np.arange(1, len(m["activation_rms_init"]) + 1)
-        axes[1].plot(layers, [number(v) for v in m["activation_rms_init"]], "--", color=color, label=f"{label}, at init")
-        axes[1].plot(layers, [number(v) for v in m["activation_rms_after_large_steps"]], "o-", color=color,
-                     label=f"{label}, after {m['large_steps_taken']} step(s) at lr {cfg['blowup_lr']:g}")
+        axes[1].plot(
+            layers, [number(v) for v in m["activation_rms_init"]], "--", color=color, label=f"{label}, at init"
+        )
+        axes[1].plot(
+            layers,
+            [number(v) for v in m["activation_rms_after_large_steps"]],
+            "o-",
+            color=color,
+            label=f"{label}, after {m['large_steps_taken']} step(s) at lr {cfg['blowup_lr']:g}",
+        )
     axes[0].axhline(1.0, color="black", linestyle=":", linewidth=1)
     axes[0].set_xscale("log")
     axes[0].set_yscale("log")

@@ -30,7 +30,9 @@ from ..stacked import train_stacked
 from ..training import TrainResult, TrainSpec, evaluate
 
 ID = "placement"
-DESCRIPTION = "BN before vs after the activation (sigmoid and ReLU): training speed, final accuracy, activation-input scale"
+DESCRIPTION = (
+    "BN before vs after the activation (sigmoid and ReLU): training speed, final accuracy, activation-input scale"
+)
 QUICK_SECONDS = 25.0
 EXPLANATION = """
 Where should batch normalization go: before the nonlinearity, normalizing W*u (Ioffe &
@@ -123,7 +125,9 @@ class Settings:
 def _activation_inputs(model: nn.Module, x: Tensor) -> list[Tensor]:
     """Inputs of every hidden activation on x, eval mode. Shape: list of (N, width)."""
     captured: list[Tensor] = []
-    handles = [b.act.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0].detach().clone())) for b in blocks(model)]
+    handles = [
+        b.act.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0].detach().clone())) for b in blocks(model)
+    ]
     was = model.training
     try:
         model.eval()
@@ -135,19 +139,29 @@ def _activation_inputs(model: nn.Module, x: Tensor) -> list[Tensor]:
     return captured
 
 
-def _train_arm(s: Settings, data: Sequence[Dataset], seeds: Sequence[int], act: str, place: str, progress: Progress) -> list[list[dict[str, Any]]]:
+def _train_arm(
+    s: Settings, data: Sequence[Dataset], seeds: Sequence[int], act: str, place: str, progress: Progress
+) -> list[list[dict[str, Any]]]:
     """One network (activation, placement), every replicate of every seed trained together;
     ``out[k][r]`` is replicate r of seed k."""
     runs = [(d, replicate_seed(seed, r)) for d, seed in zip(data, seeds) for r in range(s.replicates)]
     data = [d for d, _ in runs]
     models = [
-        MLP(d.features, list(s.hidden), d.classes, act=act, norm=None if place == "none" else "bn",
-            placement="before" if place == "none" else place, init_std=0.1 if act == "sigmoid" else "he",
-            generator=torch.Generator().manual_seed(g))
+        MLP(
+            d.features,
+            list(s.hidden),
+            d.classes,
+            act=act,
+            norm=None if place == "none" else "bn",
+            placement="before" if place == "none" else place,
+            init_std=0.1 if act == "sigmoid" else "he",
+            generator=torch.Generator().manual_seed(g),
+        )
         for d, g in runs
     ]
     recs: list[dict[str, Any]] = [
-        {"step": [], "test_acc": [], **({"input_std": [], "saturated": []} if i % s.replicates == 0 else {})} for i in range(len(runs))
+        {"step": [], "test_acc": [], **({"input_std": [], "saturated": []} if i % s.replicates == 0 else {})}
+        for i in range(len(runs))
     ]
 
     def record(step: int, _results: list[TrainResult]) -> None:
@@ -162,9 +176,14 @@ def _train_arm(s: Settings, data: Sequence[Dataset], seeds: Sequence[int], act: 
     spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
     with progress.task(f"{act}, BN {place}", total=s.steps) as tick:
         results = train_stacked(
-            models, [d.train_x for d in data], [d.train_y for d in data], spec,
+            models,
+            [d.train_x for d in data],
+            [d.train_y for d in data],
+            spec,
             generators=[torch.Generator().manual_seed(g + 1) for _, g in runs],
-            checkpoints=range(0, s.steps + 1, s.checkpoint_every), on_checkpoint=record, tick=tick,
+            checkpoints=range(0, s.steps + 1, s.checkpoint_every),
+            on_checkpoint=record,
+            tick=tick,
         )
     for rec, result in zip(recs, results):
         rec["diverged"] = result.diverged
@@ -184,7 +203,9 @@ class Placement(Experiment):
         steps = _STEPS[cfg.mode]
         return Settings(steps=steps, checkpoint_every=steps // 20, replicates=_REPLICATES[cfg.mode])
 
-    def run_seeds(self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> list[dict[str, Any]]:
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
         arms = {f"{act}/{place}": _train_arm(settings, data, seeds, act, place, progress) for act, place in _ARMS}
         return [{key: recs[k] for key, recs in arms.items()} for k in range(len(seeds))]
 
@@ -217,7 +238,9 @@ def _late(rec: dict[str, Any]) -> float:
 def _quantities(m: dict[str, Any], frac: float) -> dict[str, float]:
     """One seed's numbers behind the claims: the mean over its replicates."""
     runs = len(m["sigmoid/none"])
-    q = mean_over_replicates([_replicate_quantities({key: recs[r] for key, recs in m.items()}, frac) for r in range(runs)])
+    q = mean_over_replicates(
+        [_replicate_quantities({key: recs[r] for key, recs in m.items()}, frac) for r in range(runs)]
+    )
     # saturation: recorded for the first replicate only
     q["sat_before"] = float(np.mean(m["sigmoid/before"][0]["saturated"][-1]))
     q["sat_after"] = float(np.mean(m["sigmoid/after"][0]["saturated"][-1]))
@@ -229,7 +252,9 @@ def _replicate_quantities(m: dict[str, Any], frac: float) -> dict[str, float]:
     none = m["sigmoid/none"]
     target = max(none["test_acc"])
     steps_none = _first_reaching(none["step"], none["test_acc"], target)
-    steps_bn = max(_first_reaching(m[f"sigmoid/{p}"]["step"], m[f"sigmoid/{p}"]["test_acc"], target) for p in ("before", "after"))
+    steps_bn = max(
+        _first_reaching(m[f"sigmoid/{p}"]["step"], m[f"sigmoid/{p}"]["test_acc"], target) for p in ("before", "after")
+    )
     i = _early_index(none, frac)
     early = {key: m[key]["test_acc"][i] for key in m}
     return {
@@ -332,7 +357,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             color, ls = styles[place]
             label = "no BN" if place == "none" else f"BN {place} the {act}"
             steps = per[0][f"{act}/{place}"][0]["step"]
-            runs = np.asarray([np.mean([rec["test_acc"] for rec in m[f"{act}/{place}"]], axis=0) for m in per])  # (seeds, checkpoints)
+            runs = np.asarray(
+                [np.mean([rec["test_acc"] for rec in m[f"{act}/{place}"]], axis=0) for m in per]
+            )  # (seeds, checkpoints)
             for r in runs:
                 ax.plot(steps, r, ls, color=color, alpha=0.25, linewidth=0.8)
             ax.plot(steps, runs.mean(axis=0), ls, color=color, label=label)
@@ -351,11 +378,22 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         for act, marker in (("sigmoid", "o"), ("relu", "s")):
             rec = m[f"{act}/{place}"]
             layers = np.arange(1, len(rec["input_std"][-1]) + 1)
-            axes[0].plot(layers, rec["input_std"][-1], ls, marker=marker, color=color,
-                         label=f"{act}, {'no BN' if place == 'none' else 'BN ' + place}")
+            axes[0].plot(
+                layers,
+                rec["input_std"][-1],
+                ls,
+                marker=marker,
+                color=color,
+                label=f"{act}, {'no BN' if place == 'none' else 'BN ' + place}",
+            )
         rec = m[f"sigmoid/{place}"]
-        axes[1].plot(rec["step"], [v[-1] for v in rec["input_std"]], ls, color=color,
-                     label="no BN" if place == "none" else f"BN {place}")
+        axes[1].plot(
+            rec["step"],
+            [v[-1] for v in rec["input_std"]],
+            ls,
+            color=color,
+            label="no BN" if place == "none" else f"BN {place}",
+        )
     axes[0].set_yscale("log")
     axes[0].set_xticks(np.arange(1, len(results["config"]["hidden"]) + 1))
     axes[0].set_xlabel("hidden layer")

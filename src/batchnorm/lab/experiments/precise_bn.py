@@ -32,7 +32,9 @@ from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import judge
 
 ID = "precise-bn"
-DESCRIPTION = "Wu & Johnson 2021: BN's EMA statistics vs precise population statistics over training; samples PreciseBN needs"
+DESCRIPTION = (
+    "Wu & Johnson 2021: BN's EMA statistics vs precise population statistics over training; samples PreciseBN needs"
+)
 QUICK_SECONDS = 5.0
 EXPLANATION = """
 A BN network needs fixed statistics (a mean and a variance per unit) at inference. PyTorch,
@@ -88,8 +90,10 @@ class Settings:
     momentum: float = 0.9
     optimizer: str = "SGD with momentum 0.9, constant learning rate, no weight decay"
     checkpoint: str = "every epoch (ceil(N_train / 256) steps)"
-    precise: str = ("batchnorm.recompute_statistics(model copy, training set in batches of 256, mode='train'): "
-                    "BN layers use batch statistics in the forward pass; per-layer moments pooled exactly (float64, Chan merge)")
+    precise: str = (
+        "batchnorm.recompute_statistics(model copy, training set in batches of 256, mode='train'): "
+        "BN layers use batch statistics in the forward pass; per-layer moments pooled exactly (float64, Chan merge)"
+    )
     sample_sizes: tuple[int, ...] = _SAMPLE_SIZES
     """N for the samples-needed curve (plus all of the training set)."""
     sample_checkpoints: str = "epoch 2 (early) and the final epoch"
@@ -158,9 +162,18 @@ def _seeded_init(model: MLP, seed: int) -> None:
                 p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
 
 
-def _recorder(s: Settings, data: Dataset, model: nn.Module, seed: int, per_epoch: int, steps: int) -> tuple[dict[str, Any], Any]:
+def _recorder(
+    s: Settings, data: Dataset, model: nn.Module, seed: int, per_epoch: int, steps: int
+) -> tuple[dict[str, Any], Any]:
     """A fresh record for one seed's network and the checkpoint callback that fills it."""
-    rec: dict[str, Any] = {"step": [], "epoch": [], "acc_ema": [], "acc_precise": [], "var_error_ema": [], "samples": {}}
+    rec: dict[str, Any] = {
+        "step": [],
+        "epoch": [],
+        "acc_ema": [],
+        "acc_precise": [],
+        "var_error_ema": [],
+        "samples": {},
+    }
     sample_gen = torch.Generator().manual_seed(seed + 5)
 
     def record(step: int) -> None:
@@ -171,7 +184,10 @@ def _recorder(s: Settings, data: Dataset, model: nn.Module, seed: int, per_epoch
         rec["acc_precise"].append(evaluate(pre, data.test_x, data.test_y)[1])
         rec["var_error_ema"].append(stats_error(model, pre))
         if step == 2 * per_epoch or step == steps:
-            rec["samples"]["early" if step == 2 * per_epoch else "final"] = {"step": step, **_sample_curve(model, data, s, sample_gen)}
+            rec["samples"]["early" if step == 2 * per_epoch else "final"] = {
+                "step": step,
+                **_sample_curve(model, data, s, sample_gen),
+            }
 
     return rec, record
 
@@ -191,7 +207,9 @@ class PreciseBN(Experiment):
             sample_draws={"tiny": 2, "quick": 10, "full": 20}[cfg.mode],
         )
 
-    def run_seeds(self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> list[dict[str, Any]]:
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
         s = settings
         data = [d.subset_train(s.max_train, seed) if s.max_train is not None else d for d, seed in zip(data, seeds)]
         sizes = {d.train_x.shape[0] for d in data}
@@ -263,7 +281,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     def fmt(v: Sequence[float], spec: str = "+.1f") -> str:
         return ", ".join(format(x, spec) for x in v)
 
-    gain = col(lambda r: 100.0 * float(np.mean(np.subtract(r["acc_precise"][_early(r, e)], r["acc_ema"][_early(r, e)]))))
+    gain = col(
+        lambda r: 100.0 * float(np.mean(np.subtract(r["acc_precise"][_early(r, e)], r["acc_ema"][_early(r, e)])))
+    )
     late_gain = col(lambda r: 100.0 * float(np.mean(np.subtract(r["acc_precise"][_late(r)], r["acc_ema"][_late(r)]))))
     rough_ema = col(lambda r: 100.0 * float(np.mean(np.abs(np.diff(r["acc_ema"][_early(r, e)])))))
     rough_pre = col(lambda r: 100.0 * float(np.mean(np.abs(np.diff(r["acc_precise"][_early(r, e)])))))
@@ -347,15 +367,29 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     t = min(len(r["epoch"]) for r in runs)
     epochs = runs[0]["epoch"][:t]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
-    mean_band(axes[0], epochs, [[100 * v for v in r["acc_ema"][:t]] for r in runs], "EMA statistics (momentum 0.1)", color="tab:red")
-    mean_band(axes[0], epochs, [[100 * v for v in r["acc_precise"][:t]] for r in runs], "precise statistics (PreciseBN)", color="tab:blue")
+    mean_band(
+        axes[0],
+        epochs,
+        [[100 * v for v in r["acc_ema"][:t]] for r in runs],
+        "EMA statistics (momentum 0.1)",
+        color="tab:red",
+    )
+    mean_band(
+        axes[0],
+        epochs,
+        [[100 * v for v in r["acc_precise"][:t]] for r in runs],
+        "precise statistics (PreciseBN)",
+        color="tab:blue",
+    )
     axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("test accuracy (%)")
     lo = min(min(r["acc_ema"][1:t] + r["acc_precise"][1:t]) for r in runs)
     axes[0].set_ylim(max(0.0, 100 * lo - 2), 100)
     axes[0].set_title("Test accuracy with EMA vs precise BN statistics")
     axes[0].legend(fontsize=8)
-    mean_band(axes[1], epochs[1:], [r["var_error_ema"][1:t] for r in runs], "EMA running_var vs precise", color="tab:red")
+    mean_band(
+        axes[1], epochs[1:], [r["var_error_ema"][1:t] for r in runs], "EMA running_var vs precise", color="tab:red"
+    )
     axes[1].set_yscale("log")
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel("mean |var_EMA / var_precise - 1|")
@@ -372,8 +406,21 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         per = np.asarray([[100 * np.mean(row) for row in c["acc"]] for c in curves])  # (seeds, sizes)
         std = np.asarray([[100 * np.std(row) for row in c["acc"]] for c in curves]).mean(axis=0)
         mean = per.mean(axis=0)
-        ax.errorbar(sizes, mean, yerr=std, color=color, marker="o", capsize=3, label=f"{when} (step {curves[0]['step']}): N samples, mean ± std over draws")
-        ax.axhline(100 * float(np.mean([c["acc_all"] for c in curves])), color=color, linestyle="--", label=f"{when}: all {curves[0]['all']} samples")
+        ax.errorbar(
+            sizes,
+            mean,
+            yerr=std,
+            color=color,
+            marker="o",
+            capsize=3,
+            label=f"{when} (step {curves[0]['step']}): N samples, mean ± std over draws",
+        )
+        ax.axhline(
+            100 * float(np.mean([c["acc_all"] for c in curves])),
+            color=color,
+            linestyle="--",
+            label=f"{when}: all {curves[0]['all']} samples",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("samples used for the precise statistics (N)")
     ax.set_ylabel("test accuracy (%)")

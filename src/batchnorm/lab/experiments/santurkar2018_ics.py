@@ -101,7 +101,9 @@ class Settings:
         "G = grad of W_i; G' = grad of W_i after an SGD step (training lr) of all parameters of layers < i on the same batch; "
         "layers i >= 2; measured on the Linear weight of layer i"
     )
-    ics_batch: str = "128 training examples, a different slice at each checkpoint; training mode; running statistics restored"
+    ics_batch: str = (
+        "128 training examples, a different slice at each checkpoint; training mode; running statistics restored"
+    )
     per_seed_number: str = "median over the checkpoints after step 0 and the layers 2..L"
     dln_l2_ratio_at_least: float = 1.0
     """Fig. 3 (DLN): ||G - G'|| larger with BN ("similar or even worse" ICS, the DLN the clearest
@@ -133,7 +135,9 @@ def ics(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: Any) -> list
             model.train()
             model.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
-            grads = [[torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in grp] for grp in groups]
+            grads = [
+                [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in grp] for grp in groups
+            ]
             for i in range(1, len(hidden)):
                 with torch.no_grad():
                     for k in range(i):
@@ -178,7 +182,17 @@ def _dln_data(seed: int, n: int = 4096) -> tuple[Tensor, Tensor]:
 
 
 def _train_and_measure(
-    model: nn.Module, x: Tensor, y: Tensor, steps: int, checkpoints: int, lr: float, batch: int, seed: int, loss_fn: Any, label: str, progress: Progress
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    steps: int,
+    checkpoints: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    loss_fn: Any,
+    label: str,
+    progress: Progress,
 ) -> dict[str, Any]:
     every = max(1, steps // checkpoints)
     marks = list(range(0, steps + 1, every))
@@ -196,7 +210,10 @@ def _train_and_measure(
     spec = TrainSpec(steps=steps, batch_size=batch, lr=lr)
     with progress.task(f"{label} seed {seed}", total=steps) as tick:
         result = train(
-            model, x, y, spec,
+            model,
+            x,
+            y,
+            spec,
             generator=torch.Generator().manual_seed(seed + 2),
             checkpoints=marks,
             on_checkpoint=record,
@@ -231,17 +248,41 @@ class Ics(Experiment):
         out: dict[str, Any] = {"dln": {}, "mlp": {}}
         for norm in ("none", "bn"):
             model = MLP(
-                32, [s.dln_width] * s.dln_depth, 10,
+                32,
+                [s.dln_width] * s.dln_depth,
+                10,
                 act="identity",
                 norm=None if norm == "none" else "bn",
                 init_std=(1.0 / s.dln_width) ** 0.5,
                 generator=torch.Generator().manual_seed(seed + 1),
             )
-            out["dln"][norm] = _train_and_measure(model, x, y, s.dln_steps, s.dln_checkpoints, s.dln_lr, s.batch_size, seed, F.mse_loss, f"DLN {norm}", progress)
+            out["dln"][norm] = _train_and_measure(
+                model,
+                x,
+                y,
+                s.dln_steps,
+                s.dln_checkpoints,
+                s.dln_lr,
+                s.batch_size,
+                seed,
+                F.mse_loss,
+                f"DLN {norm}",
+                progress,
+            )
         for norm in ("none", "bn"):
             model = build(data, s.mlp_depth, s.mlp_width, None if norm == "none" else "bn", seed)
             out["mlp"][norm] = _train_and_measure(
-                model, data.train_x, data.train_y, s.mlp_steps, s.mlp_checkpoints, s.mlp_lr, s.batch_size, seed, F.cross_entropy, f"MLP {norm}", progress
+                model,
+                data.train_x,
+                data.train_y,
+                s.mlp_steps,
+                s.mlp_checkpoints,
+                s.mlp_lr,
+                s.batch_size,
+                seed,
+                F.cross_entropy,
+                f"MLP {norm}",
+                progress,
             )
         return out
 
@@ -267,7 +308,6 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """BN's ICS is not lower than the plain network's, in the DLN and in the MLP."""
     t = results["config"]
     per_seed = results["metrics"]["per_seed"]
-    seeds = [int(v) for v in results["metrics"]["seeds"]]
 
     def col(net: str, norm: str, key: str) -> list[float]:
         return [_median(m[net][norm], key) for m in per_seed]
@@ -278,7 +318,11 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{name} per seed: BN {', '.join(f'{v:.3g}' for v in col(net, 'bn', key))} vs no BN {', '.join(f'{v:.3g}' for v in col(net, 'none', key))}"
             for key, name in (("l2", "l2"), ("rel_l2", "relative l2"), ("cos", "cosine"))
         ]
-        return "median over checkpoints after step 0 and layers 2..L; " + "; ".join(parts) + (f"; {diverged} run(s) diverged" if diverged else "")
+        return (
+            "median over checkpoints after step 0 and layers 2..L; "
+            + "; ".join(parts)
+            + (f"; {diverged} run(s) diverged" if diverged else "")
+        )
 
     out = []
     ratio = float(t["dln_l2_ratio_at_least"])
@@ -344,9 +388,25 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                 runs = [m[net][norm] for m in per_seed]
                 t = min(len(r["ics"]) for r in runs)
                 steps = runs[0]["step"][:t]
-                per_step = np.asarray([[[float(v[key]) for v in r["ics"][i]] for r in runs] for i in range(t)], dtype=float).reshape(t, -1)
-                ax.plot(steps, np.median(per_step, axis=1), color=colors[norm], marker="o", ms=3, label=f"{labels[norm]} (median over layers and seeds)")
-                ax.fill_between(steps, np.percentile(per_step, 25, axis=1), np.percentile(per_step, 75, axis=1), color=colors[norm], alpha=0.2, linewidth=0)
+                per_step = np.asarray(
+                    [[[float(v[key]) for v in r["ics"][i]] for r in runs] for i in range(t)], dtype=float
+                ).reshape(t, -1)
+                ax.plot(
+                    steps,
+                    np.median(per_step, axis=1),
+                    color=colors[norm],
+                    marker="o",
+                    ms=3,
+                    label=f"{labels[norm]} (median over layers and seeds)",
+                )
+                ax.fill_between(
+                    steps,
+                    np.percentile(per_step, 25, axis=1),
+                    np.percentile(per_step, 75, axis=1),
+                    color=colors[norm],
+                    alpha=0.2,
+                    linewidth=0,
+                )
             ax.set_xlabel("training step")
             ax.set_ylabel("||G - G'||" if key == "l2" else "cos(G, G')")
             if key == "l2":
@@ -358,10 +418,20 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                 runs = [m[net][norm] for m in per_seed]
                 layers = [v["layer"] for v in runs[0]["ics"][0]]
                 per_layer = np.asarray(
-                    [[float(r["ics"][i][j][key]) for r in runs for i in range(len(r["step"])) if r["step"][i] > 0] for j in range(len(layers))],
+                    [
+                        [float(r["ics"][i][j][key]) for r in runs for i in range(len(r["step"])) if r["step"][i] > 0]
+                        for j in range(len(layers))
+                    ],
                     dtype=float,
                 )  # (layers, seeds * checkpoints)
-                ax.plot(layers, np.median(per_layer, axis=1), color=colors[norm], marker="o", ms=3, label=f"{labels[norm]} (median over checkpoints after step 0)")
+                ax.plot(
+                    layers,
+                    np.median(per_layer, axis=1),
+                    color=colors[norm],
+                    marker="o",
+                    ms=3,
+                    label=f"{labels[norm]} (median over checkpoints after step 0)",
+                )
             ax.set_xlabel("layer i")
             ax.set_ylabel("||G - G'||" if key == "l2" else "cos(G, G')")
             if key == "l2":

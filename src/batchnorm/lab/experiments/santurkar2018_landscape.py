@@ -161,7 +161,9 @@ def landscape(model: nn.Module, x: Tensor, y: Tensor, etas: list[float]) -> dict
         "grad_norm": norm,
         "loss_variation": float(max(losses) - min(losses)) if finite else float("inf"),
         "grad_predictiveness": float(max(changes)) if finite else float("inf"),
-        "beta_eff": float(max(c / (eta * max(norm, 1e-30)) for c, eta in zip(changes, etas))) if finite else float("inf"),
+        "beta_eff": float(max(c / (eta * max(norm, 1e-30)) for c, eta in zip(changes, etas)))
+        if finite
+        else float("inf"),
     }
 
 
@@ -170,7 +172,9 @@ def _checkpoints(s: Settings) -> list[int]:
     return list(range(0, s.steps + 1, every))
 
 
-def _train_arm(s: Settings, data: Sequence[Dataset], seeds: Sequence[int], norm: str | None, progress: Progress) -> list[dict[str, Any]]:
+def _train_arm(
+    s: Settings, data: Sequence[Dataset], seeds: Sequence[int], norm: str | None, progress: Progress
+) -> list[dict[str, Any]]:
     """Train one arm on every seed together, walking along the gradient at every checkpoint."""
     models = [build(d, s.depth, s.width, norm, seed) for d, seed in zip(data, seeds)]
     checkpoints = _checkpoints(s)
@@ -218,9 +222,13 @@ class Landscape(Experiment):
         n = load(cfg.data, cfg.seed).train_x.shape[0]
         epochs = _EPOCHS[cfg.mode]
         rule = f"{epochs:g} passes over the training set ({n} examples, batch 128), the same rule on every data set"
-        return Settings(steps=epochs_to_steps(epochs, n, 128), steps_rule=rule, checkpoints=15 if cfg.mode == "quick" else 50)
+        return Settings(
+            steps=epochs_to_steps(epochs, n, 128), steps_rule=rule, checkpoints=15 if cfg.mode == "quick" else 50
+        )
 
-    def run_seeds(self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> list[dict[str, Any]]:
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
         none = _train_arm(settings, data, seeds, None, progress)
         bn = _train_arm(settings, data, seeds, "bn", progress)
         return [{"none": a, "bn": b} for a, b in zip(none, bn)]
@@ -313,13 +321,23 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             for k, m in enumerate(per_seed):
                 vals = _series(m[norm], key)
                 steps = m[norm]["step"][: vals.shape[0]]
-                ax.plot(steps, vals, color=colors[norm], marker="o", ms=3, alpha=1.0 if k == 0 else 0.4, label=labels[norm] if k == 0 else None)
+                ax.plot(
+                    steps,
+                    vals,
+                    color=colors[norm],
+                    marker="o",
+                    ms=3,
+                    alpha=1.0 if k == 0 else 0.4,
+                    label=labels[norm] if k == 0 else None,
+                )
         ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel(key.replace("_", " "))
         ax.set_title(label, fontsize=10)
         ax.legend()
-    fig.suptitle(f"Landscape along the gradient (etas {s['etas'][0]}..{s['etas'][-1]}, lr {s['lr']}; one line per seed)")
+    fig.suptitle(
+        f"Landscape along the gradient (etas {s['etas'][0]}..{s['etas'][-1]}, lr {s['lr']}; one line per seed)"
+    )
     paths = [save(fig, outdir / "landscape.png")]
 
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.0))
@@ -327,8 +345,20 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         r = per_seed[0][norm]
         mid = len(r["landscape"]) // 2
         entry = r["landscape"][mid]
-        axes[0].plot([0.0] + list(s["etas"]), entry["losses"], color=colors[norm], marker="o", label=f"{labels[norm]} (step {r['step'][mid]})")
-        axes[1].plot(list(s["etas"]), entry["grad_change"], color=colors[norm], marker="o", label=f"{labels[norm]} (step {r['step'][mid]})")
+        axes[0].plot(
+            [0.0] + list(s["etas"]),
+            entry["losses"],
+            color=colors[norm],
+            marker="o",
+            label=f"{labels[norm]} (step {r['step'][mid]})",
+        )
+        axes[1].plot(
+            list(s["etas"]),
+            entry["grad_change"],
+            color=colors[norm],
+            marker="o",
+            label=f"{labels[norm]} (step {r['step'][mid]})",
+        )
     axes[0].set_xlabel("step size eta")
     axes[0].set_ylabel("L(w - eta g) on the batch")
     axes[0].set_title("Loss along the gradient, mid-training (first seed)")

@@ -126,8 +126,12 @@ class Settings:
         "the smallest a of noise_grid whose drift (step_location and step_spread of both tracked layers, lr 0.1) exceeds "
         "the no-BN network's in all four numbers, on the calibration run; the largest a if none does"
     )
-    noise_form: str = "per step and unit: mu ~ U(-a, a), s ~ U(1, 1 + a); per sample: y' = y*s*(1 + (a/5) e) + mu + (a/5) e'"
-    noise_where: str = "after every BN layer (after gamma, beta), before the ReLU; at inference y' = y * (2 + a) / 2 (the expectation)"
+    noise_form: str = (
+        "per step and unit: mu ~ U(-a, a), s ~ U(1, 1 + a); per sample: y' = y*s*(1 + (a/5) e) + mu + (a/5) e'"
+    )
+    noise_where: str = (
+        "after every BN layer (after gamma, beta), before the ReLU; at inference y' = y * (2 + a) / 2 (the expectation)"
+    )
     calibration: dict[str, Any] = field(default_factory=dict)
     """What the calibration measured: seed, split, drift of the no-BN network and of noisy BN at each a."""
     calibration_seed: int = CALIBRATION_SEED
@@ -136,11 +140,15 @@ class Settings:
     lrs: tuple[float, ...] = (0.1, 0.5)
     """The paper's two VGG learning rates (Santurkar et al. 2018, Fig. 1), ratio 1:5."""
     optimizer: str = "SGD (no momentum, no weight decay), constant learning rate"
-    init: str = "He: weights ~ N(0, 2/fan_in), biases 0; same initial weights and minibatch order in every arm of a seed"
+    init: str = (
+        "He: weights ~ N(0, 2/fan_in), biases 0; same initial weights and minibatch order in every arm of a seed"
+    )
     norm_placement: str = "before the ReLU (Linear bias dropped with BN)"
     tracked_layers: tuple[int, ...] = (2, 8)
     """0-based hidden blocks whose ReLU inputs are probed: the 3rd and the 9th."""
-    probe: str = "first 256 training examples, forwarded as one batch in training mode at each checkpoint (one noise draw)"
+    probe: str = (
+        "first 256 training examples, forwarded as one batch in training mode at each checkpoint (one noise draw)"
+    )
     drift: str = (
         "per unit, after the first 10% of steps: RMS change between consecutive checkpoints of the batch mean (location) and "
         "batch std (spread) of its ReLU input, divided by its average batch std; median over units. Also the std over all "
@@ -202,13 +210,20 @@ def _train(
     if arm == "noisy":
         gens = [torch.Generator().manual_seed(seed + 7) for seed in seeds]
         noise = [_noise(a) for a in magnitudes]
-        acts = [NoisyReLU(gens, [n[0] for n in noise], [n[1] for n in noise], [n[2] for n in noise]) for _ in range(s.depth)]
+        acts = [
+            NoisyReLU(gens, [n[0] for n in noise], [n[1] for n in noise], [n[2] for n in noise]) for _ in range(s.depth)
+        ]
         noisy(models, acts)
     checkpoints = list(range(0, s.steps + 1, s.checkpoint_every))
     layers = list(s.tracked_layers)
     probes = [d.train_x[:256] for d in data]
     recs: list[dict[str, Any]] = [
-        {"step": [], "mean": {str(i): [] for i in layers}, "std": {str(i): [] for i in layers}, "percentiles": {str(i): [] for i in layers}}
+        {
+            "step": [],
+            "mean": {str(i): [] for i in layers},
+            "std": {str(i): [] for i in layers},
+            "percentiles": {str(i): [] for i in layers},
+        }
         for _ in seeds
     ]
 
@@ -275,7 +290,9 @@ def _calibrate(s: Settings, cfg: RunConfig, progress: Progress) -> Settings:
     lr = s.lrs[0]
     none = _train(s, [cal], [seed], "none", lr, [0.0], "calibration: no BN", progress)[0]
     grid = list(s.noise_grid)
-    noisy_runs = _train(s, [cal] * len(grid), [seed] * len(grid), "noisy", lr, grid, "calibration: noisy BN grid", progress)
+    noisy_runs = _train(
+        s, [cal] * len(grid), [seed] * len(grid), "noisy", lr, grid, "calibration: noisy BN grid", progress
+    )
     keys = [(str(i), kind) for i in s.tracked_layers for kind in _COMPARED]
     exceeds = [all(r["drift"][layer][kind] > none["drift"][layer][kind] for layer, kind in keys) for r in noisy_runs]
     chosen = next((a for a, ok in zip(grid, exceeds) if ok), grid[-1])
@@ -284,7 +301,10 @@ def _calibrate(s: Settings, cfg: RunConfig, progress: Progress) -> Settings:
         "split": f"80/20 stratified split of seed {seed}'s training set ({cal.train_x.shape[0]} / {cal.test_x.shape[0]} examples); test set unused",
         "lr": lr,
         "none_drift": {f"{layer}/{kind}": none["drift"][layer][kind] for layer, kind in keys},
-        "noisy_drift": {f"{a:g}": {f"{layer}/{kind}": r["drift"][layer][kind] for layer, kind in keys} for a, r in zip(grid, noisy_runs)},
+        "noisy_drift": {
+            f"{a:g}": {f"{layer}/{kind}": r["drift"][layer][kind] for layer, kind in keys}
+            for a, r in zip(grid, noisy_runs)
+        },
         "exceeds": {f"{a:g}": ok for a, ok in zip(grid, exceeds)},
         "noisy_final_train_acc": {f"{a:g}": r["final_train_acc"] for a, r in zip(grid, noisy_runs)},
         "none_final_train_acc": none["final_train_acc"],
@@ -329,7 +349,9 @@ class Noisy(Experiment):
             "metrics": {"seeds": list(seeds), "per_seed": self.run_seeds(s, data, seeds, progress)},
         }
 
-    def run_seeds(self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> list[dict[str, Any]]:
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
         per_seed: list[dict[str, Any]] = [{} for _ in seeds]
         a = settings.noise_magnitude
         for lr in settings.lrs:
@@ -367,7 +389,15 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
 
     tol = float(t["close_to_bn_within"])
-    parts = {lr: judge(_col(results, "noisy", lr, "final_train_acc"), _col(results, "bn", lr, "final_train_acc"), seeds=seeds, above=-tol) for lr in (lo, hi)}
+    parts = {
+        lr: judge(
+            _col(results, "noisy", lr, "final_train_acc"),
+            _col(results, "bn", lr, "final_train_acc"),
+            seeds=seeds,
+            above=-tol,
+        )
+        for lr in (lo, hi)
+    }
     out.append(
         claim(
             f"Noisy BN (a = {a:g}) trains about as well as BN: final training accuracy within {100 * tol:g} pp of BN's (or better), "
@@ -389,7 +419,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     ratio = float(t["faster_loss_ratio_at_least"])
     none_loss = _col(results, "none", lo, "mean_train_loss")
-    noisy_part = judge(none_loss, _col(results, "noisy", lo, "mean_train_loss"), seeds=seeds, effect="ratio", above=ratio)
+    noisy_part = judge(
+        none_loss, _col(results, "noisy", lo, "mean_train_loss"), seeds=seeds, effect="ratio", above=ratio
+    )
     out.append(
         claim(
             f"At lr {lo:g}, where the network without BN trains, BN and noisy BN both train faster: a lower mean training loss over the "
@@ -442,9 +474,17 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     ev = []
     for layer in layers:
         for kind in _COMPARED:
-            v = judge(_drift_col(results, "noisy", lo, layer, kind), _drift_col(results, "none", lo, layer, kind), seeds=seeds, effect="ratio", above=least)
+            v = judge(
+                _drift_col(results, "noisy", lo, layer, kind),
+                _drift_col(results, "none", lo, layer, kind),
+                seeds=seeds,
+                effect="ratio",
+                above=least,
+            )
             parts_d.append(v)
-            ev.append(f"layer {int(layer) + 1} {kind.replace('step_', '')}: noisy / no BN {v.estimate:.2f}x [{v.interval[0]:.2f}, {v.interval[1]:.2f}]")
+            ev.append(
+                f"layer {int(layer) + 1} {kind.replace('step_', '')}: noisy / no BN {v.estimate:.2f}x [{v.interval[0]:.2f}, {v.interval[1]:.2f}]"
+            )
     out.append(
         claim(
             f"Noisy BN's layer inputs are less stable than without BN: their mean and spread move more from one checkpoint to the next "
@@ -457,7 +497,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             also=parts_d[1:],
             expected="noisy BN's activation distributions visibly less stable than the standard network's",
             source="Santurkar et al. 2018, Fig. 2 (right)",
-            evidence="; ".join(ev) + f" (RMS change per {t['checkpoint_every']} steps / average std, median over units; geometric means over seeds)",
+            evidence="; ".join(ev)
+            + f" (RMS change per {t['checkpoint_every']} steps / average std, median over units; geometric means over seeds)",
         )
     )
     return out
@@ -481,7 +522,13 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             steps = list(range(s["checkpoint_every"], s["steps"] + 1, s["checkpoint_every"]))
             curves = [[np.nan if v is None else v for v in r["loss_curve"]][: len(steps)] for r in runs]
             curves = [c + [np.nan] * (len(steps) - len(c)) for c in curves]
-            mean_band(ax, steps, curves, _LABELS[arm] + (" (diverged)" if any(r["diverged"] for r in runs) else ""), color=colors[arm])
+            mean_band(
+                ax,
+                steps,
+                curves,
+                _LABELS[arm] + (" (diverged)" if any(r["diverged"] for r in runs) else ""),
+                color=colors[arm],
+            )
         ax.set_yscale("log")
         ax.set_title(f"Training loss, lr {lr:g}")
         ax.set_xlabel("step")
@@ -499,7 +546,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             p = np.asarray(r["percentiles"][layer], dtype=float)  # (T, 3)
             steps = r["step"][: p.shape[0]]
             if p.size:
-                ax.fill_between(steps, p[:, 0], p[:, 2], color=colors[arm], alpha=0.25, linewidth=0, label="15th-85th percentile")
+                ax.fill_between(
+                    steps, p[:, 0], p[:, 2], color=colors[arm], alpha=0.25, linewidth=0, label="15th-85th percentile"
+                )
                 ax.plot(steps, p[:, 1], color=colors[arm], label="median")
             ax.set_title(f"{_LABELS[arm]}: layer {int(layer) + 1}, unit 0 (lr {lr:g}, first seed)", fontsize=9)
             ax.set_xlabel("step")
@@ -517,7 +566,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.set_xticks(x)
     ax.set_xticklabels(labels)
     ax.set_ylabel(f"RMS change per {s['checkpoint_every']} steps / avg std")
-    ax.set_title(f"How much layer-input distributions move (lr {lr:g}, mean over seeds; noise a = {s['noise_magnitude']:g})")
+    ax.set_title(
+        f"How much layer-input distributions move (lr {lr:g}, mean over seeds; noise a = {s['noise_magnitude']:g})"
+    )
     ax.legend()
     paths.append(save(fig, outdir / "drift.png"))
     return paths

@@ -135,7 +135,9 @@ class Settings:
     is 16 classes x 2 images per batch of 32; this makes each group class-pure in pairs)."""
     moving_average_momentum: float = 0.01
     """Ioffe 2017's "relatively fast" alpha, for all three BN variants."""
-    renorm_schedule: str = "r_max 1 and d_max 0 for the first 10% of the steps, then linear: d_max 5 at 50%, r_max 3 at 80%"
+    renorm_schedule: str = (
+        "r_max 1 and d_max 0 for the first 10% of the steps, then linear: d_max 5 at 50%, r_max 3 at 80%"
+    )
     """Ioffe 2017's schedule (plain BN for 5k steps, d_max = 5 at 25k, r_max = 3 at 40k of ~50k) scaled to the run."""
     group_norm_groups: int = 4
     """Group Norm's groups of features (Wu & He use 32 channel groups in ResNet-50)."""
@@ -175,7 +177,9 @@ def _steps_rule(data_name: str, steps: int) -> str:
     )
 
 
-def calibrate_steps(data_name: str, *, max_steps: int = 4800, every: int = 240, tolerance_pp: float = 1.0) -> dict[str, Any]:
+def calibrate_steps(
+    data_name: str, *, max_steps: int = 4800, every: int = 240, tolerance_pp: float = 1.0
+) -> dict[str, Any]:
     """The step-count rule (``Settings.steps_rule``) run on ``CALIBRATION_SEED``.
 
     Trains BN (m = 32) and Group Norm on 80% of the calibration seed's training set and
@@ -191,10 +195,20 @@ def calibrate_steps(data_name: str, *, max_steps: int = 4800, every: int = 240, 
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(CALIBRATION_SEED))
     cut = int(0.8 * n)
     train_idx, val_idx = perm[:cut], perm[cut:]
-    data = Dataset(full.name, full.train_x[train_idx], full.train_y[train_idx], full.train_x[val_idx], full.train_y[val_idx],
-                   input_shape=full.input_shape, classes=full.classes)
+    data = Dataset(
+        full.name,
+        full.train_x[train_idx],
+        full.train_y[train_idx],
+        full.train_x[val_idx],
+        full.train_y[val_idx],
+        input_shape=full.input_shape,
+        classes=full.classes,
+    )
     s = _settings_for(data_name, "quick", steps=max_steps)
-    arms = [[_model(data, s, _norm_factory("bn", s.batch_size, s), CALIBRATION_SEED)], [_model(data, s, _norm_factory("gn", s.batch_size, s), CALIBRATION_SEED)]]
+    arms = [
+        [_model(data, s, _norm_factory("bn", s.batch_size, s), CALIBRATION_SEED)],
+        [_model(data, s, _norm_factory("gn", s.batch_size, s), CALIBRATION_SEED)],
+    ]
     gen = torch.Generator().manual_seed(CALIBRATION_SEED + 2)
     streams = [minibatches(cut, s.batch_size, gen)]
     streams.append(minibatches(cut, s.batch_size, torch.Generator().manual_seed(CALIBRATION_SEED + 2)))
@@ -202,7 +216,13 @@ def calibrate_steps(data_name: str, *, max_steps: int = 4800, every: int = 240, 
     checkpoints = []
     for done in range(every, max_steps + 1, every):
         # plain SGD has no optimizer state: training in chunks equals one long run
-        train_together(arms, [data.train_x] * 2, [data.train_y] * 2, TrainSpec(steps=every, batch_size=s.batch_size, lr=s.lr), streams)
+        train_together(
+            arms,
+            [data.train_x] * 2,
+            [data.train_y] * 2,
+            TrainSpec(steps=every, batch_size=s.batch_size, lr=s.lr),
+            streams,
+        )
         checkpoints.append(done)
         for name, arm in zip(("bn", "gn"), arms):
             curves[name].append(100.0 * (1.0 - evaluate(arm[0], data.test_x, data.test_y)[1]))
@@ -239,7 +259,13 @@ def _model(data: Dataset, s: Settings, factory: Callable[[int], nn.Module], seed
 
 
 def _renorm_schedule(steps: int) -> dict[str, float | int]:
-    return {"r_max": 3.0, "d_max": 5.0, "warmup_steps": steps // 10, "d_max_steps": steps // 2, "r_max_steps": 4 * steps // 5}
+    return {
+        "r_max": 3.0,
+        "d_max": 5.0,
+        "warmup_steps": steps // 10,
+        "d_max_steps": steps // 2,
+        "r_max_steps": 4 * steps // 5,
+    }
 
 
 def _norm_factory(norm: str, group_size: int, s: Settings) -> Callable[[int], nn.Module]:
@@ -257,7 +283,9 @@ def _norm_factory(norm: str, group_size: int, s: Settings) -> Callable[[int], nn
     raise ValueError(f"small-batch: expected norm in {_NORMS}, got {norm!r}")
 
 
-def non_iid_batches(y: Tensor, classes: int, generator: torch.Generator, batch: int = 32, group: int = 4, per_class: int = 2) -> Iterator[Tensor]:
+def non_iid_batches(
+    y: Tensor, classes: int, generator: torch.Generator, batch: int = 32, group: int = 4, per_class: int = 2
+) -> Iterator[Tensor]:
     """Endless index batches of ``batch`` made of groups of ``group`` examples, each group holding
     ``group // per_class`` distinct random classes with ``per_class`` random examples of each.
 
@@ -304,15 +332,23 @@ class SmallBatch(Experiment):
     def settings(self, cfg: RunConfig) -> Settings:
         return _settings_for(cfg.data, cfg.mode)
 
-    def run_seeds(self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> list[dict[str, Any]]:
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
         s = settings
         arms = _arms(s)
-        models = [[_model(d, s, _norm_factory(norm, m, s), seed) for d, seed in zip(data, seeds)] for norm, m, _iid in arms]
+        models = [
+            [_model(d, s, _norm_factory(norm, m, s), seed) for d, seed in zip(data, seeds)] for norm, m, _iid in arms
+        ]
         streams: list[Iterator[Tensor]] = []
         for _norm, m, iid in arms:
             for d, seed in zip(data, seeds):
                 gen = torch.Generator().manual_seed(seed + 2)
-                streams.append(minibatches(d.train_x.shape[0], s.batch_size, gen) if iid else non_iid_batches(d.train_y, d.classes, gen, s.batch_size, m))
+                streams.append(
+                    minibatches(d.train_x.shape[0], s.batch_size, gen)
+                    if iid
+                    else non_iid_batches(d.train_y, d.classes, gen, s.batch_size, m)
+                )
         xs = [d.train_x for _ in arms for d in data]
         ys = [d.train_y for _ in arms for d in data]
         spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
@@ -464,7 +500,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             expected="Hoffer et al. train with ghost batches of 128 without loss; per-group statistics of 2 break "
             "(Wu & He: +11.1 pp)",
             source="Hoffer et al. 2017, Sec. 4 (ghost batch 128); Wu & He 2018, Fig. 1",
-            evidence="Ghost BN test error per seed (%): " + "; ".join(f"m={v}: {_fmt(ghost[v])}" for v in sizes if v < big)
+            evidence="Ghost BN test error per seed (%): "
+            + "; ".join(f"m={v}: {_fmt(ghost[v])}" for v in sizes if v < big)
             + f" (full-batch BN {_fmt(bn[big])})"
             + (
                 f"; non-i.i.d. groups of {m_ni}: Ghost BN {_fmt(ni('ghost'))}% vs per-group BN {_fmt(ni('bn'))}% (Ghost BN's "
@@ -491,9 +528,21 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     for norm in _NORMS:
         have = [v for v in sizes if all(_has(m, norm, v, batch) for m in per_seed)]  # arms not trained are left out
         errs = np.asarray([[_iid(m, norm, v, batch) for v in have] for m in per_seed])  # (seeds, sizes)
-        label = _LABELS[norm] + (" (independent of m)" if norm == "gn" else "") + (f", mean ± std of {n} seeds" if n > 1 else "")
-        ax.errorbar(have, errs.mean(axis=0), yerr=errs.std(axis=0) if n > 1 else None, marker="o", capsize=3,
-                    color=_COLORS[norm], linestyle="--" if norm == "gn" else "-", label=label)
+        label = (
+            _LABELS[norm]
+            + (" (independent of m)" if norm == "gn" else "")
+            + (f", mean ± std of {n} seeds" if n > 1 else "")
+        )
+        ax.errorbar(
+            have,
+            errs.mean(axis=0),
+            yerr=errs.std(axis=0) if n > 1 else None,
+            marker="o",
+            capsize=3,
+            color=_COLORS[norm],
+            linestyle="--" if norm == "gn" else "-",
+            label=label,
+        )
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes)
     ax.set_xticklabels([str(v) for v in sizes])
