@@ -95,8 +95,11 @@ def _can_recompute(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> boo
         return True
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or x.device.type != "cpu" or weight.device.type != "cpu":
         return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(weight) or isinstance(weight, torch._subclasses.FakeTensor):
-        return False
+    for t in (x, weight, bias):  # transformed (torch.func) or fake tensors: values not readable here
+        if t is not None and (
+            torch._C._functorch.is_functorch_wrapped_tensor(t) or isinstance(t, torch._subclasses.FakeTensor)
+        ):
+            return False
     w = weight.detach().abs().to(torch.float64)
     b = torch.zeros_like(w) if bias is None else bias.detach().abs().to(torch.float64)
     return bool((w >= GAMMA_GUARD * torch.clamp_min(b, 1.0)).all().numpy())  # CPU memory: no device sync
