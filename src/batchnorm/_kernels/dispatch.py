@@ -28,11 +28,11 @@ from types import ModuleType
 
 import torch
 
-from . import torch_ops
+from . import native, torch_ops
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "backend_for"]
 
-BACKENDS = ("auto", "torch", "numba", "triton")
+BACKENDS = ("auto", "torch", "numba", "triton", "native")
 BACKEND_API = (
     "supports",
     "train_forward",
@@ -112,6 +112,8 @@ def backend_for(x: torch.Tensor) -> ModuleType:
         return torch_ops
     if name == "triton":
         return _triton_for(x)
+    if name == "native" or (name == "auto" and x.device.type == "cuda"):
+        return native if native.supports(x) else torch_ops
     if name == "auto" and x.numel() < AUTO_MIN_NUMEL:  # small: one serial call, or torch ops
         small = _numba("cpu_small")
         if small is None:
