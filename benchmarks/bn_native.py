@@ -1,6 +1,6 @@
 """CPU back-ends side by side: torch's aten kernels ("native") against our numba kernels.
 
-Run: nice python -m benchmarks.bn_native [--repeats 7] [--calls 100] [--quick]
+Run: nice python -m benchmarks.bn_native [--repeats 7] [--calls 100] [--quick] [--threads T] [--only small|large|16bit|all]
 
 One ``batchnorm.BatchNorm*d`` layer per shape and dtype, timed through the same operators
 under each back-end, interleaved (``--calls`` calls of each per round, rounds repeated,
@@ -130,12 +130,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (default 7)")
     parser.add_argument("--calls", type=int, default=100, help="calls per candidate and round (default 100)")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 30 calls")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads first (default: leave)")
+    parser.add_argument("--only", choices=("small", "large", "16bit", "all"), default="all", help="which cases")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cases = {
+        "all": CASES,
+        "small": [c for c in CASES if c[0] in SMALL_SHAPES and c[1] == torch.float32],
+        "large": [c for c in CASES if c[0] in LARGE_SHAPES or c[2] == torch.channels_last],
+        "16bit": [c for c in CASES if c[1] in (torch.bfloat16, torch.float64)],
+    }[args.only]
     repeats, calls = (3, 30) if args.quick else (args.repeats, args.calls)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians in microseconds")
     head = f"{'shape':<14} {'dtype':<9} {'fmt':<5} {'mode':<5}"
     print(f"{head} {'native':>8} {'auto':>8} {'numba':>8} {'torch':>8} {'nn':>8} {'native/ours':>11}")
-    for shape, dtype, fmt in CASES:
+    for shape, dtype, fmt in cases:
         res = measure(shape, dtype, fmt, repeats, calls)
         for mode, r in res.items():
             ours = min(r["auto"], r["numba"])

@@ -241,6 +241,21 @@ def test_use_backend_native_dispatch():
     assert "native" in dispatch.BACKENDS
 
 
+def test_auto_sends_small_16bit_cpu_tensors_to_native():
+    """The measured CPU rule (dispatch docstring): small float16/bfloat16 -> native; small
+    float32/float64 stay on the numba kernels; large tensors are not native's."""
+    small = torch.randn(8, 4, 5, 5)
+    big = torch.randn(dispatch.AUTO_MIN_NUMEL // 16, 4, 2, 2)
+    with batchnorm.use_backend("auto"):
+        for dtype in dispatch.AUTO_NATIVE:
+            assert dispatch.backend_for(small.to(dtype)) is native
+            assert dispatch.backend_for(small.to(dtype).to(memory_format=CL)) is native
+            assert dispatch.backend_for(big.to(dtype)) is not native
+        assert dispatch.backend_for(small) is not native
+        assert dispatch.backend_for(small.double()) is not native
+        assert dispatch.backend_for(small.to(torch.bfloat16)[:, :, ::2]) is torch_ops
+
+
 def test_supports():
     assert native.supports(torch.randn(2, 3))
     assert native.supports(torch.randn(2, 3, 4, 5, 6).to(memory_format=torch.channels_last_3d))
