@@ -141,10 +141,9 @@ def eval_forward(
             invstd = 1.0 / np.sqrt(var_a.numpy().astype(np.float64) + eps)
         if _ill_conditioned(x, mean_a, torch.from_numpy(invstd)):
             return torch_ops.eval_forward(x.detach(), mean, var, weight, bias, eps)
+    b: Tensor | None = _param(bias, acc)
     if mean.dtype == torch.float64 and acc != torch.float64:
         b = fold_mean_residual(mean, var_a, weight, bias, eps, acc)
-    else:
-        b = _param(bias, acc)
     y, _, _ = _aten._native_batch_norm_legit_no_training(x, _param(weight, acc), b, mean_a, var_a, 0.0, eps)
     return y
 
