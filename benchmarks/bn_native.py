@@ -1,6 +1,7 @@
 """CPU back-ends side by side: torch's aten kernels ("native") against our numba kernels.
 
 Run: nice python -m benchmarks.bn_native [--repeats 7] [--calls 100] [--quick] [--threads T] [--only small|large|16bit|all]
+     nice python -m benchmarks.bn_native --direct --threads 1 --repeats 5 --calls 60
 
 One ``batchnorm.BatchNorm*d`` layer per shape and dtype, timed through the same operators
 under each back-end, interleaved (``--calls`` calls of each per round, rounds repeated,
@@ -125,16 +126,59 @@ def measure(
     return out
 
 
+DIRECT_SHAPES = [s for s in SMALL_SHAPES if torch.Size(s).numel() < dispatch.AUTO_MIN_NUMEL]
+"""The bn_small shapes that "auto" sends to the small-tensor paths."""
+
+
+def direct(repeats: int, calls: int) -> None:
+    """The kernel modules called directly (no layer, no operator): native against cpu_small
+    (float32) and against torch_ops (float16/bfloat16), train forward, backward and eval."""
+    from batchnorm._kernels import cpu_small, native, torch_ops
+
+    def med(fn: Callable[[], object]) -> float:
+        fn()
+        return statistics.median(_median_call(fn, calls) for _ in range(repeats))
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for shape in DIRECT_SHAPES:
+            x = torch.randn(shape).to(dtype)
+            g = torch.randn(shape).to(dtype)
+            c = shape[1]
+            w, b, one = torch.ones(c), torch.zeros(c), torch.ones(c)
+            mean = native.train_forward(x, w, b, 1e-5)[1]
+            mods = [native, cpu_small if dtype == torch.float32 else torch_ops]
+            parts = []
+            for mode in ("train", "bwd", "eval"):
+                times = []
+                for mod in mods:
+                    if mode == "train":
+                        fn: Callable[[], object] = lambda mod=mod: mod.train_forward(x, w, b, 1e-5)  # noqa: E731
+                    elif mode == "bwd":
+                        fn = lambda mod=mod: mod.backward(g, x, mean, one, w)  # noqa: E731
+                    else:
+                        fn = lambda mod=mod: mod.eval_forward(x, b, one, w, b, 1e-5)  # noqa: E731
+                    times.append(med(fn))
+                parts.append(f"{mode} {times[0]:.0f} vs {times[1]:.0f}")
+            other = mods[1].__name__.split(".")[-1]
+            label = f"{'x'.join(map(str, shape)):<12} {str(dtype).split('.')[-1]:<9} native vs {other:<10}"
+            print(f"{label} " + " | ".join(parts), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (default 7)")
     parser.add_argument("--calls", type=int, default=100, help="calls per candidate and round (default 100)")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 30 calls")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads first (default: leave)")
+    parser.add_argument("--direct", action="store_true", help="time the kernel modules directly instead")
     parser.add_argument("--only", choices=("small", "large", "16bit", "all"), default="all", help="which cases")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.direct:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians in microseconds")
+        direct(*((3, 30) if args.quick else (args.repeats, args.calls)))
+        return
     cases = {
         "all": CASES,
         "small": [c for c in CASES if c[0] in SMALL_SHAPES and c[1] == torch.float32],

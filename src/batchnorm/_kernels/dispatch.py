@@ -27,11 +27,11 @@ machine stay out): ``native`` loses to ``cpu_small`` on small float32 tensors (t
 37 vs 15 at 32x128, 54 vs 28 at 64x512, 134 vs 41 at 60x100x8; backward 31 vs 22, 51 vs 38,
 71 vs 49; eval level), so float32/float64 keep the numba kernels, but it beats the pure-torch
 path that small 16-bit tensors took before (bfloat16 train forward 37 vs 73, 51 vs 109,
-145 vs 341, 49 vs 125, 103 vs 360 at 32x128, 64x512, 60x100x8, 16x32x8x8, 128x64x4x4;
-backward 33 vs 60, 53 vs 104, 278 vs 317, 46 vs 108, 108 vs 738; eval 35 vs 30, 45 vs 45,
-55 vs 126, 41 vs 45, 69 vs 116; float16 alike with 2 threads). Commands:
-``python -m benchmarks.bn_native`` (through the layers, every back-end) and the direct
-kernel timing it describes. Both aten paths stall for milliseconds on a machine whose cores
+145 vs 341, 49 vs 125 at 32x128, 64x512, 60x100x8, 16x32x8x8; backward 33 vs 60, 53 vs 104,
+278 vs 317, 46 vs 108; eval 35 vs 30, 45 vs 45, 55 vs 126, 41 vs 45; float16 alike with
+2 threads). Commands:
+``python -m benchmarks.bn_native --direct --threads 1 --repeats 5 --calls 60`` (these
+numbers) and ``python -m benchmarks.bn_native`` (through the layers, every back-end). Both aten paths stall for milliseconds on a machine whose cores
 are oversubscribed (their OpenMP regions wait for descheduled threads); the serial numba
 kernels do not, which is one more reason float32/float64 stay there.
 
