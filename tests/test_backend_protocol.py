@@ -12,7 +12,7 @@ import types
 import pytest
 from torch import Tensor
 
-from batchnorm._kernels import dispatch, torch_ops
+from batchnorm._kernels import dispatch, native, torch_ops
 from batchnorm._kernels.backend import KernelBackend, NumbaBackend, signature_mismatches
 
 
@@ -32,6 +32,12 @@ def test_numba_modules_are_numba_backends() -> None:
     for mod in _numba_modules():
         assert isinstance(mod, NumbaBackend), mod.__name__
         assert signature_mismatches(mod, NumbaBackend) == [], mod.__name__
+
+
+def test_native_module_is_a_numba_style_backend() -> None:
+    """The aten-kernel back-end needs no numba and answers ``supports`` like the numba modules."""
+    assert isinstance(native, NumbaBackend)
+    assert signature_mismatches(native, NumbaBackend) == []
 
 
 def test_triton_module_is_a_numba_style_backend(monkeypatch: pytest.MonkeyPatch) -> None:

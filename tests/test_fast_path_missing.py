@@ -50,6 +50,6 @@ def test_missing_numba_layer_still_matches_torch(no_numba: None) -> None:
 def test_no_warning_where_the_kernels_never_apply(no_numba: None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        dispatch.backend_for(torch.randn(4, 3, dtype=torch.float16))  # 16-bit: torch ops anyway
+        dispatch.backend_for(torch.randn(4, 3, dtype=torch.float16))  # 16-bit: aten kernels anyway
         with dispatch.use_backend("torch"):
             dispatch.backend_for(torch.randn(4, 3))  # torch chosen by the user

@@ -20,7 +20,7 @@ import torch
 import batchnorm
 from batchnorm import functional as BF
 from batchnorm import reference
-from batchnorm._kernels import cpu, cpu_small, dispatch, torch_ops
+from batchnorm._kernels import cpu, cpu_small, dispatch, native, torch_ops
 
 BACKENDS = ["torch", "numba", "auto"]  # auto: these small CASES run on cpu_small
 
@@ -117,7 +117,7 @@ def test_functional_matches_reference(backend, shape, fmt, dtype):
     eps, momentum = 1e-3, 0.3
     want = {"torch": torch_ops, "numba": cpu}.get(backend)
     if backend == "auto":
-        want = cpu_small if dtype in (torch.float32, torch.float64) else torch_ops
+        want = cpu_small if dtype in (torch.float32, torch.float64) else native
     assert dispatch.backend_for(x) is want
 
     y = batchnorm.batch_norm(x, rm, rv, w, b, training=True, momentum=momentum, eps=eps)
@@ -364,7 +364,7 @@ def test_supports_and_dispatch():
         assert dispatch.backend_for(x) is cpu_small  # small: one serial call beats a launch
         assert dispatch.backend_for(x.to(memory_format=torch.channels_last)) is cpu_small
         assert dispatch.backend_for(x.double()) is cpu_small
-        assert dispatch.backend_for(x.to(torch.bfloat16)) is torch_ops  # 16-bit small: torch
+        assert dispatch.backend_for(x.to(torch.bfloat16)) is native  # 16-bit small: aten kernels
         assert dispatch.backend_for(x[:, :, ::2]) is torch_ops
         assert dispatch.backend_for(big[:, :, ::2]) is torch_ops
     with batchnorm.use_backend("torch"):

@@ -6,15 +6,38 @@ Back-ends:
   tensors only, at every size (tests use it to reach these kernels with small tensors);
 - ``"triton"``: :mod:`batchnorm._kernels.triton_bn` (needs triton), CUDA tensors, and CPU
   tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` is set (slow; for tests).
-  Inputs it cannot run (e.g. empty or oddly strided) go to torch.
+  Inputs it cannot run (e.g. empty or oddly strided) go to torch;
+- ``"native"``: :mod:`batchnorm._kernels.native`, torch's own aten batch-norm kernels, any
+  device (contiguous or channels-last inputs; others go to torch).
 
-``"auto"`` (the default), when numba is installed: CPU tensors of at least
-``AUTO_MIN_NUMEL`` elements go to the parallel kernels of :mod:`batchnorm._kernels.cpu`,
-smaller float32/float64 ones to the serial one-call kernels of
-:mod:`batchnorm._kernels.cpu_small`; everything else (other devices, 16-bit small tensors,
-unsupported strides, no numba) to torch. The choice is global, and can be set with :func:`set_backend`, the
-:func:`use_backend` context manager, or the ``BATCHNORM_BACKEND`` environment variable (read
-when first needed, not at import).
+``"auto"`` (the default):
+
+- CUDA tensors go to ``native`` (torch's fast CUDA batch-norm kernels, no host sync), never to
+  the pure-torch fallback, unless ``native`` cannot take them (e.g. oddly strided);
+- CPU tensors, when numba is installed: float32/float64 tensors of fewer than
+  ``AUTO_MIN_NUMEL`` elements go to the serial one-call kernels of
+  :mod:`batchnorm._kernels.cpu_small`, float16/bfloat16 ones (``AUTO_NATIVE``) to ``native``,
+  and tensors of at least ``AUTO_MIN_NUMEL`` elements to the parallel kernels of
+  :mod:`batchnorm._kernels.cpu`; everything else (other devices, unsupported strides, no
+  numba) to torch (small 16-bit tensors to ``native`` even without numba).
+
+The CPU rule is measured (same run, kernels called directly, medians of 5 rounds of 60 calls,
+microseconds; 2 shared cores, ``torch.set_num_threads(1)`` so that OpenMP stalls of the busy
+machine stay out): ``native`` loses to ``cpu_small`` on small float32 tensors (train forward
+37 vs 15 at 32x128, 54 vs 28 at 64x512, 134 vs 41 at 60x100x8; backward 31 vs 22, 51 vs 38,
+71 vs 49; eval level), so float32/float64 keep the numba kernels, but it beats the pure-torch
+path that small 16-bit tensors took before (bfloat16 train forward 37 vs 73, 51 vs 109,
+145 vs 341, 49 vs 125 at 32x128, 64x512, 60x100x8, 16x32x8x8; backward 33 vs 60, 53 vs 104,
+278 vs 317, 46 vs 108; eval 35 vs 30, 45 vs 45, 55 vs 126, 41 vs 45; float16 alike with
+2 threads). Commands:
+``python -m benchmarks.bn_native --direct --threads 1 --repeats 5 --calls 60`` (these
+numbers) and ``python -m benchmarks.bn_native`` (through the layers, every back-end). Both aten paths stall for milliseconds on a machine whose cores
+are oversubscribed (their OpenMP regions wait for descheduled threads); the serial numba
+kernels do not, which is one more reason float32/float64 stay there.
+
+The choice is global, and can be set with :func:`set_backend`, the :func:`use_backend` context
+manager, or the ``BATCHNORM_BACKEND`` environment variable (read when first needed, not at
+import).
 """
 
 from __future__ import annotations
@@ -28,11 +51,11 @@ from types import ModuleType
 
 import torch
 
-from . import torch_ops
+from . import native, torch_ops
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "backend_for"]
 
-BACKENDS = ("auto", "torch", "numba", "triton")
+BACKENDS = ("auto", "torch", "numba", "triton", "native")
 BACKEND_API = (
     "supports",
     "train_forward",
@@ -45,6 +68,8 @@ BACKEND_API = (
 """The functions every numba back-end module provides, with torch_ops' contracts."""
 AUTO_MIN_NUMEL = 1 << 17
 """Under "auto", CPU tensors with fewer elements go to ``cpu_small``, larger ones to ``cpu``."""
+AUTO_NATIVE: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+"""Under "auto", CPU tensors of these dtypes with fewer than ``AUTO_MIN_NUMEL`` elements go to ``native``."""
 _state: dict[str, str | None] = {"name": None}
 _numba_module: dict[str, ModuleType | None] = {}
 _numba_error: dict[str, str] = {}
@@ -112,7 +137,11 @@ def backend_for(x: torch.Tensor) -> ModuleType:
         return torch_ops
     if name == "triton":
         return _triton_for(x)
-    if name == "auto" and x.numel() < AUTO_MIN_NUMEL:  # small: one serial call, or torch ops
+    if name == "native" or (name == "auto" and x.device.type == "cuda"):
+        return native if native.supports(x) else torch_ops
+    if name == "auto" and x.numel() < AUTO_MIN_NUMEL:  # small: one serial call, or torch's kernels
+        if x.dtype in AUTO_NATIVE and x.device.type == "cpu" and native.supports(x):
+            return native
         small = _numba("cpu_small")
         if small is None:
             return _torch_instead(x)
