@@ -872,9 +872,11 @@ def _start_pool() -> None:
     ``torch.set_num_threads(1)`` made before (the lab's runner, torchrun's
     ``OMP_NUM_THREADS=1``, a DataLoader worker) was silently undone at our first parallel
     launch, and every torch op ran on all the cores from then on. On busy cores that is the
-    collapse of spinning OpenMP workers waiting for each other: a training step of the lab's
-    small-batch MLP went from ~3 ms to ~450 ms under load (benchmarks/under_load.py). The
-    count is therefore read before the pool starts and put back after.
+    collapse of spinning OpenMP workers waiting for each other: with one torch thread asked
+    for, the lab's small-batch MLP step cost 3.0x the torch back-end's time on a loaded 2-core
+    machine and 4.6x with two more busy processes, at 5x its CPU time
+    (``python -m benchmarks.under_load``). The count is therefore read before the pool starts
+    and put back after.
     """
     if _compiled.get("_pool"):
         return
