@@ -1,7 +1,7 @@
 """Whole training steps: torch's batch norm against ours (``batchnorm.convert``), eager and compiled.
 
     PYTHONPATH=src python -m benchmarks.models [--quick] [--rounds 5] [--steps 10] [--nets mlp,resnet18,lab]
-                                                [--no-compile]
+                                                [--no-compile] [--threads N]
 
 A training step is ``opt.zero_grad(); loss = cross_entropy(model(x), y); loss.backward();
 opt.step()`` with plain SGD (lr 0.01) on a fixed random batch, the model in training mode (batch
@@ -197,7 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--nets", default=",".join(NETS), help=f"comma-separated subset of {','.join(NETS)}")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first (default: as is)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 5)
     steps = args.steps if args.steps is not None else (5 if args.quick else 10)
     names = [n for n in args.nets.split(",") if n]
