@@ -139,6 +139,7 @@ def _jit(func: Callable[..., Any], **options: Any) -> Any:
 
 _compiled: dict[str, Any] = {}
 _launch_lock = threading.Lock()
+_pool_lock = threading.Lock()
 _fork_state = {"serial": False}
 """``serial``: set in a forked child whose parent started numba's OpenMP pool (see below)."""
 
@@ -252,6 +253,8 @@ def launch(kern: Any, args: tuple[Any, ...], *, small: bool = False) -> None:
     ``small``: run on one thread. For small tensors, waking numba's workers costs more than
     the work, and much more right after torch ops whose OpenMP threads still spin on the cores.
     """
+    if not _serial():
+        _start_pool()
     with _launch_lock:
         if _serial():
             kern(*args)
@@ -855,10 +858,37 @@ def _threads() -> int:
     DDP step 2-5x slower (benchmarks/bench_sync.py). Its first call starts numba's pool, so the
     threading layer is chosen before.
     """
-    _configure_threading()
     if _serial():
         return 1
+    _start_pool()
     return max(1, min(int(numba.get_num_threads()), torch.get_num_threads()))
+
+
+def _start_pool() -> None:
+    """Start numba's thread pool (once), keeping torch's intra-op thread count as it was.
+
+    numba's OpenMP layer sets the OpenMP thread count (``omp_set_num_threads``) to numba's own
+    count when its pool starts, and with torch's pip wheels that is torch's libgomp: a
+    ``torch.set_num_threads(1)`` made before (the lab's runner, torchrun's
+    ``OMP_NUM_THREADS=1``, a DataLoader worker) was silently undone at our first parallel
+    launch, and every torch op ran on all the cores from then on. On busy cores that is the
+    collapse of spinning OpenMP workers waiting for each other: with one torch thread asked
+    for, the lab's small-batch MLP step cost 3.0x the torch back-end's time on a loaded 2-core
+    machine and 4.6x with two more busy processes, at 5x its CPU time
+    (``python -m benchmarks.under_load``). The count is therefore read before the pool starts
+    and put back after.
+    """
+    if _compiled.get("_pool"):
+        return
+    _configure_threading()
+    with _pool_lock:
+        if _compiled.get("_pool"):
+            return
+        before = torch.get_num_threads()
+        numba.get_num_threads()  # starts the pool, choosing the threading layer
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+        _compiled["_pool"] = True
 
 
 def _flat(t: Tensor, layout: str) -> np.ndarray:
