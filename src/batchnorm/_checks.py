@@ -67,9 +67,7 @@ def check_eps(eps: object, where: str, *, training: bool) -> float:
     if not math.isfinite(eps):
         raise ValueError(f"{where}: eps must be a finite number, got {eps}")
     if training and eps <= 0:
-        raise ValueError(
-            f"{where}: eps must be positive when training (it keeps 1/sqrt(var + eps) finite), got {eps}"
-        )
+        raise ValueError(f"{where}: eps must be positive when training (it keeps 1/sqrt(var + eps) finite), got {eps}")
     if eps < 0:
         raise ValueError(f"{where}: eps must be non-negative, got {eps}")
     return eps
