@@ -54,19 +54,60 @@ def test_non_tensor_input() -> None:
 
 @pytest.mark.parametrize("eps", [0.0, -1e-5])
 def test_eps_not_positive_in_training(eps: float) -> None:
-    with pytest.raises(ValueError, match=r"batch_norm: expected eps > 0 when training, got"):
+    with pytest.raises(ValueError, match=r"batch_norm: eps must be positive when training .*, got"):
         batch_norm(torch.randn(4, 3), None, None, training=True, eps=eps)
 
 
-def test_eps_zero_allowed_in_eval_but_negative_refused_at_construction() -> None:
+def test_eps_zero_allowed_in_eval_but_not_in_training() -> None:
     bn = batchnorm.BatchNorm1d(3, eps=0.0)
     bn.eval()
     assert torch.isfinite(bn(torch.randn(4, 3))).all()
     bn.train()
-    with pytest.raises(ValueError, match=r"BatchNorm1d\(3\): expected eps > 0 when training, got 0.0"):
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(3\): eps must be positive when training .*, got 0.0"):
         bn(torch.randn(4, 3))
-    with pytest.raises(ValueError, match=r"expected eps >= 0, got -1.0"):
-        batchnorm.BatchNorm1d(3, eps=-1.0)
+
+
+@pytest.mark.parametrize("cls", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"])
+@pytest.mark.parametrize("eps", [0.0, -1.0])
+def test_eps_checked_at_the_forward_with_torchs_class_and_words(cls: str, eps: float) -> None:
+    """As torch: any eps constructs; the training forward raises ValueError "eps must be positive"."""
+    shape = {"BatchNorm1d": (2, 10), "BatchNorm2d": (2, 10, 5, 5), "BatchNorm3d": (2, 10, 4, 4, 4)}[cls]
+    x = torch.randn(shape)
+    theirs = getattr(torch.nn, cls)(10, eps=eps)
+    ours = getattr(batchnorm, cls)(10, eps=eps)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        theirs(x)
+    with pytest.raises(ValueError, match=rf"{cls}\(10\): eps must be positive when training .*got {eps}"):
+        ours(x)
+    # no batch was taken in: the running statistics are untouched
+    assert int(ours.num_batches_tracked) == 0
+    assert torch.equal(ours.running_mean, torch.zeros(10))
+
+
+def test_negative_eps_in_eval_raises_as_torch() -> None:
+    """Evaluation with running statistics accepts eps = 0 and refuses eps < 0 (torch's rule)."""
+    x = torch.randn(4, 3)
+    theirs, ours = torch.nn.BatchNorm1d(3, eps=-1.0).eval(), batchnorm.BatchNorm1d(3, eps=-1.0).eval()
+    with pytest.raises(ValueError, match="eps must be non-negative"):
+        theirs(x)
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(3\): eps must be non-negative, got -1.0"):
+        ours(x)
+    # without running statistics evaluation normalizes with the batch's: eps must be positive
+    free = batchnorm.BatchNorm1d(3, eps=0.0, track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="eps must be positive"):
+        free(x)
+
+
+@pytest.mark.parametrize("eps", [float("inf"), float("nan")])
+def test_non_finite_eps_refused_at_the_forward(eps: float) -> None:
+    bn = batchnorm.BatchNorm1d(3, eps=eps)
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(3\): eps must be a finite number, got"):
+        bn(torch.randn(4, 3))
+
+
+def test_eps_not_a_number_refused_at_construction() -> None:
+    with pytest.raises(TypeError, match=r"BatchNorm1d\(3\): expected eps to be a float, got str"):
+        batchnorm.BatchNorm1d(3, eps="1e-5")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("momentum", [-0.1, 1.5, 99.0])

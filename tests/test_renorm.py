@@ -227,7 +227,7 @@ def test_large_mean_small_spread_float32():
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"warmup_steps": 10, "r_max_steps": 5}, "r_max_steps and d_max_steps >= warmup_steps"),
         ({"momentum": 1.5}, "momentum in"),
-        ({"eps": 0.0}, "eps > 0"),
+        ({"eps": 0.0}, "eps must be positive"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):

@@ -52,14 +52,24 @@ def check_batch_size(x: Tensor, where: str) -> None:
         )
 
 
-def check_eps(eps: object, where: str, *, training: bool) -> float:
-    """eps must be a finite number, > 0 when training (it keeps 1/sqrt(var + eps) finite)."""
+def check_eps_type(eps: object, where: str) -> float:
+    """eps must be a real number (int or float, not bool); returns it as a float."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"{where}: expected eps to be a float, got {type(eps).__name__}")
-    eps = float(eps)
-    if not math.isfinite(eps) or eps < 0 or (training and eps <= 0):
-        need = "> 0 when training" if training else ">= 0"
-        raise ValueError(f"{where}: expected eps {need}, got {eps}")
+    return float(eps)
+
+
+def check_eps(eps: object, where: str, *, training: bool) -> float:
+    """eps must be a finite number, > 0 when training (it keeps 1/sqrt(var + eps) finite), >= 0
+    otherwise. The messages contain torch's wording ("eps must be positive" in training, "eps
+    must be non-negative" otherwise), so code that matches torch's errors matches ours."""
+    eps = check_eps_type(eps, where)
+    if not math.isfinite(eps):
+        raise ValueError(f"{where}: eps must be a finite number, got {eps}")
+    if training and eps <= 0:
+        raise ValueError(f"{where}: eps must be positive when training (it keeps 1/sqrt(var + eps) finite), got {eps}")
+    if eps < 0:
+        raise ValueError(f"{where}: eps must be non-negative, got {eps}")
     return eps
 
 

@@ -64,8 +64,13 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     xa = x.to(acc)
     dims = reduce_dims(xa)
     # shift: the first value of each channel, (1, C, 1, ..., 1)
-    shift = xa.detach()[:1].flatten(2)[..., :1] if xa.dim() > 2 else xa.detach()[:1]
-    shift = shift.reshape(1, -1, *([1] * (xa.dim() - 2)))
+    # (an empty batch has no first value: shift by 0, and the statistics come out NaN)
+    view = (1, xa.shape[1], *([1] * (xa.dim() - 2)))
+    if xa.numel() == 0:
+        shift = xa.new_zeros(view)
+    else:
+        shift = xa.detach()[:1].flatten(2)[..., :1] if xa.dim() > 2 else xa.detach()[:1]
+        shift = shift.reshape(view)
     d = xa - shift  # (N, C, *), exact for values within a factor 2 of the shift
     mean_d = d.mean(dim=dims, keepdim=True)
     var = (d - mean_d).square().mean(dim=dims)

@@ -15,7 +15,9 @@ Where PyTorch misbehaves we do better:
   buffer ``num_batches_skipped`` counts such batches, and on CPU the first one warns;
 - an empty batch changes no running statistic and not ``num_batches_tracked``;
 - bad input raises ``ValueError``/``TypeError`` naming the layer, what was expected and what
-  arrived (momentum outside [0, 1] is refused at construction).
+  arrived, at the call where torch raises and with torch's exception class (eps <= 0 in
+  training: ``ValueError`` at the forward, as torch); beyond torch, momentum outside [0, 1] and
+  an eps that is not a number are refused at construction.
 
 ``BatchNorm1d/2d/3d`` subclass ``torch.nn.BatchNorm1d/2d/3d`` (and so ``_BatchNorm``), so code
 that looks for batch norm by type (``isinstance(m, nn.BatchNorm2d)``: fvcore's precise BN,
@@ -101,7 +103,9 @@ def batch_norm_layer(
     _checks.check_input(input, where, ndims=ndims, num_features=num_features)
     if use_batch_stats:
         _checks.check_batch_size(input, where)
-        _checks.check_eps(eps, where, training=True)
+    # as torch: eps > 0 to normalize with batch statistics, >= 0 with the running ones; checked at
+    # the forward (the constructor only checks that eps is a number), with torch's ValueError
+    _checks.check_eps(eps, where, training=use_batch_stats)
     keep = update or not use_batch_stats
     return normalize_step(
         input,
@@ -157,7 +161,7 @@ class BatchNormBase(_TorchBatchNorm):
         where = f"{type(self).__name__}({num_features})"
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{type(self).__name__}: expected num_features to be a positive int, got {num_features!r}")
-        _checks.check_eps(eps, where, training=False)
+        _checks.check_eps_type(eps, where)
         _checks.check_momentum(momentum, where, allow_none=True)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if affine and not bias:

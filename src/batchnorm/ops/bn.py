@@ -162,7 +162,13 @@ def _train_grads(ctx: Any, grad_y: Tensor, _gm: Tensor | None, _gv: Tensor | Non
     if torch.is_grad_enabled():
         # create_graph=True: recompute the statistics differentiably and differentiate the
         # backward formula itself (gradient penalties, double backward)
-        mean2, var2 = torch_ops.batch_stats(x)
+        if x.numel() == 0:
+            # an empty batch has no statistics (NaN), which would reach the second derivatives
+            # through sums over no values: with 0 and 1 every derivative is zero or empty, as torch's
+            acc = acc_dtype(x.dtype)
+            mean2, var2 = x.new_zeros(x.shape[1], dtype=acc), x.new_ones(x.shape[1], dtype=acc)
+        else:
+            mean2, var2 = torch_ops.batch_stats(x)
         dx, dw, db = torch_ops.backward(grad_y, x, mean2, torch.rsqrt(var2 + ctx.eps), weight)
     else:
         backward = _train_backward_impl if direct(grad_y, x, weight, mean, var) else train_backward
