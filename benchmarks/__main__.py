@@ -7,7 +7,6 @@ import runpy
 import sys
 from pathlib import Path
 
-
 ALONE = {
     "integration_matrix": "one subprocess per (point, layer): hours on 2 cores",
     "under_load": "starts busy processes on every core",
