@@ -65,3 +65,27 @@ def test_out_that_is_a_file_exits_2_with_one_line(capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a file" in err[0]
     assert out.read_text() == "x"
+
+
+def _matrix(verdicts: dict[str, list[str]]) -> dict:
+    return {
+        "rows": [
+            {"id": i, "cells": {"digits": {"claims": [{"claim": f"{i} {k}", "verdict": v} for k, v in enumerate(vs)]}}}
+            for i, vs in verdicts.items()
+        ]
+    }
+
+
+def test_compare_matrices_flags_only_holds_against_does_not_hold() -> None:
+    from batchnorm.lab.replicate import compare_matrices
+
+    a = _matrix({"x": ["holds", "holds", "inconclusive", "does not hold"], "only-a": ["holds"]})
+    b = _matrix({"x": ["holds", "does not hold", "does not hold", "holds"], "only-b": ["holds"]})
+    rows = compare_matrices(a, b)
+    assert [(r["id"], r["index"], r["flip"]) for r in rows] == [
+        ("x", 0, False),
+        ("x", 1, True),
+        ("x", 2, False),
+        ("x", 3, True),
+    ]
+    assert rows[1]["first"] == "holds" and rows[1]["second"] == "does not hold"

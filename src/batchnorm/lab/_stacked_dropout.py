@@ -23,7 +23,6 @@ Shape: the stacked forward maps (S, B, in_features) -> (S, B, classes).
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -33,7 +32,7 @@ from torch.nn import functional as F
 
 from .models import MLP
 from .stacked import StackedMLP
-from .training import Tick, TrainResult, TrainSpec
+from .training import Tick, TrainResult, TrainSpec, record_losses
 
 __all__ = ["StackedDropoutMLP", "train_stacked_dropout"]
 
@@ -49,22 +48,12 @@ class StackedDropoutMLP(StackedMLP):
         self.p = float(p)
         self.generator = generator
 
-    def forward(self, x: Tensor) -> Tensor:
-        s, b = x.shape[0], x.shape[1]
-        h = x
-        for i, (w, act, norm) in enumerate(zip(self.weights, self.acts, self.norms)):
-            if self.has_bias[i]:
-                h = torch.baddbmm(self.biases[i].unsqueeze(1), h, w.transpose(1, 2))  # (S, B, out)
-            else:
-                h = torch.bmm(h, w.transpose(1, 2))  # (S, B, out)
-            if self.placements[i] == "before":
-                h = act(self._norm(norm, h, s, b))
-            else:
-                h = self._norm(norm, act(h), s, b)
-            if self.training and self.p > 0:
-                keep = torch.rand(h.shape, generator=self.generator) >= self.p  # (S, B, C)
-                h = h * keep / (1.0 - self.p)
-        return torch.baddbmm(self.head_b.unsqueeze(1), h, self.head_w.transpose(1, 2))  # (S, B, classes)
+    def _after_block(self, h: Tensor) -> Tensor:
+        """Inverted dropout in training mode: ``h * mask / (1 - p)``, mask (S, B, C) ~ Bernoulli(1 - p)."""
+        if self.training and self.p > 0:
+            keep = torch.rand(h.shape, generator=self.generator) >= self.p  # (S, B, C)
+            h = h * keep / (1.0 - self.p)
+        return h
 
 
 def train_stacked_dropout(
@@ -138,14 +127,8 @@ def train_stacked_dropout(
             xb = torch.stack([x[i] for x, i in zip(xs, idx)])  # (S, B, D)
             yb = torch.stack([y[i] for y, i in zip(ys, idx)])  # (S, B)
             per_seed = F.cross_entropy(stacked(xb).transpose(1, 2), yb, reduction="none").mean(dim=1)  # (S,)
-            for k, value in enumerate(per_seed.detach().tolist()):
-                if k not in alive:
-                    continue
-                results[k].losses.append(value)
-                if not math.isfinite(value):
-                    results[k].diverged = True
-                    results[k].diverged_at = step
-                    alive.remove(k)
+            for k in record_losses(results, per_seed.detach().tolist(), set(range(n)) - set(alive), step):
+                alive.remove(k)
             if not alive:
                 break
             opt.zero_grad(set_to_none=True)

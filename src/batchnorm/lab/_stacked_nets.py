@@ -35,7 +35,6 @@ Members are the models of all arms, arm-major (member j of arm a). The result eq
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -44,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .models import MLP, ConvNet
-from .training import Tick, TrainResult, TrainSpec
+from .training import Tick, TrainResult, TrainSpec, record_losses
 
 __all__ = ["StackedNet", "train_together"]
 
@@ -299,16 +298,7 @@ def train_together(
             yb = torch.stack([y[i] for y, i in zip(ys, idx)])  # (M, B)
             logits = net(xb)  # (M, B, classes)
             per_member = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").mean(dim=1)  # (M,)
-            values = per_member.detach().tolist()
-            newly = []
-            for k, value in enumerate(values):
-                if k in stopped:
-                    continue
-                results[k].losses.append(value)
-                if not math.isfinite(value):
-                    results[k].diverged = True
-                    results[k].diverged_at = step
-                    newly.append(k)
+            newly = record_losses(results, per_member.detach().tolist(), stopped, step)
             if newly:
                 net.copy_into(members, newly)  # the weights that gave the non-finite loss, as ``train`` leaves them
                 stopped.update(newly)

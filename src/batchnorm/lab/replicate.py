@@ -24,7 +24,7 @@ from .progress import Progress
 from .results import to_jsonable
 from .runner import run_many
 
-__all__ = ["matrix_from_results", "parse_seeds", "replicate", "write_matrix"]
+__all__ = ["compare_matrices", "matrix_from_results", "parse_seeds", "replicate", "write_matrix"]
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -88,6 +88,40 @@ def matrix_from_results(
         cells = {d: _cell(r) for d, rs in by_data.items() for r in rs if r["id"] == experiment_id}
         rows.append({"id": experiment_id, "cells": cells})
     return {"seeds": list(seeds), "mode": mode, "data": list(by_data), "rows": rows}
+
+
+def compare_matrices(first: Mapping[str, Any], second: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Line up two matrices run on different seed sets, claim by claim.
+
+    One row per claim present in both (matched by experiment, data set and position): ``{"id",
+    "data", "index", "claim", "first", "second", "flip"}``; ``flip`` is true when one verdict is
+    ``holds`` and the other ``does not hold`` (``inconclusive`` on either side is no flip).
+    Claims are matched by position because a claim's wording may carry measured numbers.
+    """
+    rows: list[dict[str, Any]] = []
+    second_rows = {r["id"]: r for r in second.get("rows", [])}
+    for row in first.get("rows", []):
+        other = second_rows.get(row["id"])
+        if other is None:
+            continue
+        for data, cell in row["cells"].items():
+            other_cell = other["cells"].get(data)
+            if other_cell is None:
+                continue
+            for i, (a, b) in enumerate(zip(cell["claims"], other_cell["claims"])):
+                pair = {a["verdict"], b["verdict"]}
+                rows.append(
+                    {
+                        "id": row["id"],
+                        "data": data,
+                        "index": i,
+                        "claim": a["claim"],
+                        "first": a["verdict"],
+                        "second": b["verdict"],
+                        "flip": pair == {"holds", "does not hold"},
+                    }
+                )
+    return rows
 
 
 def write_matrix(matrix: dict[str, Any], out: Path) -> Path:

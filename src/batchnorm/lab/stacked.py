@@ -28,7 +28,6 @@ could not match a single-seed run); a model with dropout raises ValueError.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .models import MLP, Block
-from .training import Tick, TrainResult, TrainSpec, minibatches
+from .training import Tick, TrainResult, TrainSpec, minibatches, record_losses
 
 __all__ = ["StackedMLP", "train_stacked"]
 
@@ -130,7 +129,12 @@ class StackedMLP(nn.Module):
                 h = act(self._norm(norm, h, s, b))
             else:
                 h = self._norm(norm, act(h), s, b)
+            h = self._after_block(h)
         return torch.baddbmm(self.head_b.unsqueeze(1), h, self.head_w.transpose(1, 2))  # (S, B, classes)
+
+    def _after_block(self, h: Tensor) -> Tensor:
+        """What follows every hidden block (nothing here; dropout in a subclass). Shape (S, B, C)."""
+        return h
 
     @staticmethod
     def _norm(norm: nn.Module, h: Tensor, s: int, b: int) -> Tensor:
@@ -237,16 +241,7 @@ def train_stacked(
             yb = torch.stack([y[i] for y, i in zip(ys, idx)])  # (S, B)
             logits = stacked(xb)  # (S, B, classes)
             per_seed = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").mean(dim=1)  # (S,)
-            values = per_seed.detach().tolist()
-            newly = []
-            for k, value in enumerate(values):
-                if k in stopped:
-                    continue
-                results[k].losses.append(value)
-                if not math.isfinite(value):
-                    results[k].diverged = True
-                    results[k].diverged_at = step
-                    newly.append(k)
+            newly = record_losses(results, per_seed.detach().tolist(), stopped, step)
             if newly:
                 stacked.copy_into(models, newly)  # keep their last finite weights
                 stopped.extend(newly)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["TrainResult", "TrainSpec", "Tick", "evaluate", "minibatches", "train", "train_mode"]
+__all__ = ["TrainResult", "TrainSpec", "Tick", "evaluate", "minibatches", "record_losses", "train", "train_mode"]
 
 
 class Tick:
@@ -78,6 +78,26 @@ class TrainResult:
     """The step whose loss was not finite."""
     losses: list[float] = field(default_factory=list)
     """Training loss of every step (the minibatch loss before the update)."""
+
+
+def record_losses(
+    results: Sequence[TrainResult], values: Sequence[float], stopped: Container[int], step: int
+) -> list[int]:
+    """Append ``values[k]`` (member k's loss at ``step``) to ``results[k]`` for every member not
+    in ``stopped``; mark those whose loss is not finite as diverged at ``step`` and return them.
+
+    The bookkeeping of every trainer that steps several networks at once.
+    """
+    newly = []
+    for k, value in enumerate(values):
+        if k in stopped:
+            continue
+        results[k].losses.append(value)
+        if not math.isfinite(value):
+            results[k].diverged = True
+            results[k].diverged_at = step
+            newly.append(k)
+    return newly
 
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
