@@ -31,7 +31,7 @@ from .datasets import Dataset, load
 from .progress import Progress
 from .verdict import Verdict, combine, judge
 
-__all__ = ["Experiment", "SEEDS_PER_MODE", "claim", "per_seed_values", "seeds_for"]
+__all__ = ["Experiment", "SEEDS_PER_MODE", "claim", "load_for", "per_seed_values", "seeds_for"]
 
 SEEDS_PER_MODE: dict[str, int] = {"tiny": 2, "quick": 3, "full": 5}
 """Seeds per claim: tiny 2 (a smoke test: the interval exists but is wide), quick 3, full 5."""
@@ -43,6 +43,11 @@ def seeds_for(cfg: RunConfig) -> tuple[int, ...]:
     if cfg.seeds is not None:
         return tuple(cfg.seeds)
     return tuple(range(cfg.seed, cfg.seed + SEEDS_PER_MODE[cfg.mode]))
+
+
+def load_for(cfg: RunConfig, seed: int) -> Dataset:
+    """Seed ``seed``'s split of the run's data set (the small version in tiny mode)."""
+    return load(cfg.data, seed, small=cfg.mode == "tiny")
 
 
 def per_seed_values(results: dict[str, Any], read: Callable[[dict[str, Any]], float]) -> list[float]:
@@ -141,7 +146,7 @@ class Experiment:
         ``{"config", "data", "metrics": {"seeds", "per_seed"}}``."""
         s = self.settings(cfg)
         seeds = seeds_for(cfg)
-        data = [load(cfg.data, seed, small=cfg.mode == "tiny") for seed in seeds]
+        data = [load_for(cfg, seed) for seed in seeds]
         per_seed = self.run_seeds(s, data, seeds, progress)
         return {
             "config": dataclasses.asdict(s),

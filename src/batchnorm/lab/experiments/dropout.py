@@ -25,8 +25,8 @@ from torch import Tensor
 from .._replicates import mean_over_replicates, replicate_seed
 from .._stacked_dropout import train_stacked_dropout
 from ..config import RunConfig
-from ..datasets import Dataset, load
-from ..experiment import Experiment, claim, seeds_for
+from ..datasets import Dataset
+from ..experiment import Experiment, claim, load_for, seeds_for
 from ..models import MLP
 from ..progress import Progress
 from ..training import TrainSpec, evaluate, minibatches
@@ -197,9 +197,7 @@ def _train_arm(
 
 def _calibrate(s: Settings, cfg: RunConfig, progress: Progress) -> Settings:
     """Apply the steps rule on the calibration seed (see ``Settings.steps_rule``)."""
-    data = load(cfg.data, s.calibration_seed, small=cfg.mode == "tiny").subset_train(
-        s.train_examples, s.calibration_seed
-    )
+    data = load_for(cfg, s.calibration_seed).subset_train(s.train_examples, s.calibration_seed)
     marks = list(range(0, s.max_steps + 1, s.calibration_every))
     needed = {}
     for arm in _ARMS:
@@ -232,9 +230,9 @@ class Dropout(Experiment):
                 f"dropout: seed {s.calibration_seed} is the calibration seed; expected claim seeds other than it, got {list(seeds)}"
             )
         s = _calibrate(s, cfg, progress)
-        data = [load(cfg.data, seed, small=cfg.mode == "tiny").subset_train(s.train_examples, seed) for seed in seeds]
+        data = [load_for(cfg, seed).subset_train(s.train_examples, seed) for seed in seeds]
         per_seed = self.run_seeds(s, data, seeds, progress)
-        full = load(cfg.data, seeds[0], small=cfg.mode == "tiny")
+        full = load_for(cfg, seeds[0])
         return {
             "config": dataclasses.asdict(s),
             "data": {

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import RunConfig
-from ..datasets import Dataset, load
-from ..experiment import Experiment, claim, seeds_for
+from ..datasets import Dataset
+from ..experiment import Experiment, claim, load_for, seeds_for
 from ..figures import mean_band
 from ..models import MLP, blocks
 from ..progress import Progress
@@ -288,7 +288,7 @@ class LrSweep(Experiment):
                 lrs=(0.1, 1.0),
                 step_probe_alphas=tuple(np.logspace(-2, 1.5, 4).tolist()),
             )
-        n = load(cfg.data, cfg.seed).train_x.shape[0]
+        n = load_for(cfg, cfg.seed).train_x.shape[0]
         epochs = _EPOCHS[cfg.mode]
         lrs = (
             (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
@@ -309,8 +309,8 @@ class LrSweep(Experiment):
         seeds = seeds_for(cfg)
         if s.calibration_seed in seeds:
             raise ValueError(f"{ID}: seed {s.calibration_seed} is the calibration seed; choose other seeds")
-        cal = calibration_split(load(cfg.data, s.calibration_seed, small=cfg.mode == "tiny"), s.calibration_seed)
-        data = [load(cfg.data, seed, small=cfg.mode == "tiny") for seed in seeds]
+        cal = calibration_split(load_for(cfg, s.calibration_seed), s.calibration_seed)
+        data = [load_for(cfg, seed) for seed in seeds]
         # the calibration run is trained beside the claims' seeds (its own data, weights and batches)
         acc, div, tr = _sweep(
             s, [*data, cal], [*seeds, s.calibration_seed], None, "no BN sweep (+ calibration)", progress

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import RunConfig
-from ..datasets import Dataset, load
-from ..experiment import Experiment, claim
+from ..datasets import Dataset
+from ..experiment import Experiment, claim, load_for
 from ..progress import Progress
 from ..stacked import train_stacked
 from ..training import TrainResult, TrainSpec
@@ -219,7 +219,7 @@ class Landscape(Experiment):
     def settings(self, cfg: RunConfig) -> Settings:
         if cfg.mode == "tiny":
             return Settings(steps=_TINY_STEPS, steps_rule=f"tiny: {_TINY_STEPS} steps (a smoke test)", checkpoints=2)
-        n = load(cfg.data, cfg.seed).train_x.shape[0]
+        n = load_for(cfg, cfg.seed).train_x.shape[0]
         epochs = _EPOCHS[cfg.mode]
         rule = f"{epochs:g} passes over the training set ({n} examples, batch 128), the same rule on every data set"
         return Settings(

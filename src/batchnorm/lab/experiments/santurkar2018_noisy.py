@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from ..config import RunConfig
-from ..datasets import Dataset, load
-from ..experiment import Experiment, claim, seeds_for
+from ..datasets import Dataset
+from ..experiment import Experiment, claim, load_for, seeds_for
 from ..progress import Progress
 from ..stacked import train_stacked
 from ..training import TrainResult, TrainSpec, evaluate
@@ -286,7 +286,7 @@ def _train(
 def _calibrate(s: Settings, cfg: RunConfig, progress: Progress) -> Settings:
     """Fix the noise magnitude by ``s.noise_rule`` on the calibration seed and split."""
     seed = s.calibration_seed
-    cal = calibration_split(load(cfg.data, seed, small=cfg.mode == "tiny"), seed)
+    cal = calibration_split(load_for(cfg, seed), seed)
     lr = s.lrs[0]
     none = _train(s, [cal], [seed], "none", lr, [0.0], "calibration: no BN", progress)[0]
     grid = list(s.noise_grid)
@@ -327,7 +327,7 @@ class Noisy(Experiment):
             steps, rule = _TINY_STEPS, f"tiny: {_TINY_STEPS} steps (a smoke test)"
             grid: tuple[float, ...] = (0.1, 0.5)
         else:
-            n = load(cfg.data, cfg.seed).train_x.shape[0]
+            n = load_for(cfg, cfg.seed).train_x.shape[0]
             epochs = _EPOCHS[cfg.mode]
             steps = epochs_to_steps(epochs, n, 128)
             rule = f"{epochs:g} passes over the training set ({n} examples, batch 128), the same rule on every data set"
@@ -342,7 +342,7 @@ class Noisy(Experiment):
         if s.calibration_seed in seeds:
             raise ValueError(f"{ID}: seed {s.calibration_seed} is the calibration seed; choose other seeds")
         s = _calibrate(s, cfg, progress)
-        data = [load(cfg.data, seed, small=cfg.mode == "tiny") for seed in seeds]
+        data = [load_for(cfg, seed) for seed in seeds]
         return {
             "config": dataclasses.asdict(s),
             "data": {**data[0].describe(), "split": "each seed draws its own train/test split"},
