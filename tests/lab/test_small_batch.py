@@ -307,3 +307,31 @@ def test_report_states_a_data_specific_setup_only_when_there_is_one() -> None:
     noted = experiment_html({"id": "x", "config": {"mnist1d_choice": "a 1-D CNN <here>"}}, [], "")
     assert "Setup changed for this data:</b> a 1-D CNN &lt;here&gt;" in noted
     assert "Setup changed" not in experiment_html({"id": "x", "config": {"steps": 1}}, [], "")
+
+
+@pytest.mark.parametrize("data", ["digits", "mnist1d"])
+@pytest.mark.parametrize("mode", ["tiny", "quick", "full"])
+def test_claims_and_figures_read_only_the_arms_that_are_trained(data: str, mode: str, tmp_path: Path) -> None:
+    """The 1-D CNN trains fewer arms (BRN at the ends only, no non-i.i.d. Ghost BN or GN): the
+    claims and figures must work from exactly the metrics ``run_seeds`` records."""
+    import dataclasses
+
+    s = exp._settings_for(data, mode)
+    per_seed = []
+    for k in range(3):
+        m: dict = {"iid": {n: {} for n in exp._NORMS}, "non_iid": {}}
+        for norm, size, iid in exp._arms(s):
+            rec = {"test_error": 5.0 + k + (30.0 if size == 2 and norm in ("bn", "ghost") else 0.0)}
+            if iid:
+                m["iid"][norm][str(size)] = rec
+            else:
+                m["non_iid"][norm] = rec
+        per_seed.append(m)
+    results = {
+        "config": dataclasses.asdict(s),
+        "data": {"test": 360},
+        "metrics": {"seeds": [0, 1, 2], "per_seed": per_seed},
+    }
+    claims = exp.claims(results)
+    assert len(claims) == 5 and all(c["verdict"] in ("holds", "does not hold", "inconclusive") for c in claims)
+    assert all(p.is_file() for p in exp.figures(results, tmp_path))

@@ -59,6 +59,23 @@ minibatch order, shared by the six networks of that seed).
 
 Choices the paper does not state: weights ~ N(0, 0.1^2) for sigmoid networks (as in the Fig. 1
 experiment) and He initialization for ReLU networks, biases 0, constant learning rate.
+
+What the runs showed (quick mode). On the digits (seeds 0-4) all four claims hold: both
+placements reach the sigmoid network's best accuracy about 20x sooner than no BN, BN's gain is
+far larger for sigmoid than for ReLU, BN before the sigmoid ends 0.2-0.7 points above BN after
+it, and for ReLU the two placements end within 1 point.
+
+On MNIST-1D (seeds 0-4 and 5-9, the same verdicts on both) BN's speed-up holds (both
+placements reach the no-BN sigmoid network's best, 31%, 4-6x sooner) and so does its larger
+benefit for sigmoid. Ioffe & Szegedy's placement does not win for sigmoid: after 2,000 steps
+BN *after* the sigmoid reaches 66-68% test accuracy and BN before it 50-53%, 14-17 points
+lower on every one of the ten seeds, and the "after" network is ahead from the first
+checkpoints (36-38% against 29-31% at step 200). Their argument was about the distribution of
+the activation's input; on this data set the "after" network's advantage comes with 4-5% of
+its sigmoid inputs in the flat tails (|z| > 4) against 0.2% before: keeping the sigmoid out
+of saturation is not what decides the result on this data. For ReLU the two placements end
+0.25-0.5 points apart on average ("after" slightly ahead), but the intervals reach just past
+the 1-point band (inconclusive).
 """
 
 _ARMS = (

@@ -426,7 +426,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     bn = {v: err("bn", v) for v in sizes}
     gn = err("gn", batch)
-    brn = {v: err("brn", v) for v in sizes}
+    brn = {v: err("brn", v) for v in (big, small)}  # the 1-D CNN trains BRN only at these
     ghost = {v: err("ghost", v) for v in sizes}
     flat, sharp = float(t["flat_rise_at_most_pp"]), float(t["sharp_rise_at_least_pp"])
     ratio, by = float(t["far_better_ratio"]), float(t["far_better_by_at_least_pp"])
