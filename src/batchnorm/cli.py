@@ -6,13 +6,15 @@
 Each sub-command lives in its own module, which exposes ``register(subparsers)`` and sets
 ``func(args) -> int`` on its parser. User errors exit with status 2 and one clear line on
 stderr, never a traceback: bad options (argparse), bad paths and files (checked before any work
-starts), a missing optional dependency (the line names the install command).
+starts), a missing optional dependency (the line names the install command). Anything else
+(a bug) is one line too, with exit status 1; ``BATCHNORM_TRACEBACK=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -56,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as err:
         message = missing_dependency_message(err)
         if message is None:
-            raise
+            return _internal_error(err)
         return _fail(message)
     except OSError as err:  # a write that the checks up front could not foresee (disk full, ...)
         where = f"{err.filename}: " if err.filename else ""
@@ -64,6 +66,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("batchnorm: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a bug of ours: still one line (the traceback on request)
+        return _internal_error(err)
+
+
+def _internal_error(err: BaseException) -> int:
+    """One line for an unexpected exception, exit status 1; ``BATCHNORM_TRACEBACK=1`` re-raises it."""
+    if os.environ.get("BATCHNORM_TRACEBACK"):
+        raise err
+    message = " ".join(f"{type(err).__name__}: {err}".split())
+    print(f"batchnorm: internal error: {message} (run with BATCHNORM_TRACEBACK=1 to see where)", file=sys.stderr)
+    return 1
 
 
 def _fail(message: str) -> int:

@@ -3,7 +3,7 @@
     batchnorm lab list
     batchnorm lab run ID... | all  [--quick] [--seed N] [--data digits|mnist1d|mnist:DIR] [--out DIR]
     batchnorm lab report DIR
-    batchnorm lab replicate --data digits,mnist1d --seeds 0-4 [--quick] [--out DIR]
+    batchnorm lab replicate --data digits,mnist1d --seeds 0-4 [--quick] [--out DIR] [--resume]
 
 Imported whenever the ``batchnorm`` parser is built, so it imports nothing heavy at the top.
 """
@@ -54,6 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rep_mode.add_argument("--tiny", action="store_const", const="tiny", dest="mode", help=argparse.SUPPRESS)
     p_rep.set_defaults(mode="full")
     p_rep.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    p_rep.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep experiments already measured in OUT with the same mode, data and seeds (their claims are judged again)",
+    )
     p_rep.add_argument(
         "--out", type=Path, default=Path("runs/replication"), help="output directory (default runs/replication)"
     )
@@ -122,7 +127,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .datasets import load, parse_spec
     from .progress import TqdmProgress
     from .report import write_index
-    from .runner import experiment_dir, run_one
+    from .runner import ExperimentFailed, experiment_dir, run_one
 
     try:
         parse_spec(args.data)
@@ -138,9 +143,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = RunConfig(mode=args.mode, seed=args.seed, data=args.data, out=args.out)
 
     start = time.perf_counter()
+    failed = 0
     for i, experiment_id in enumerate(ids):
         progress = TqdmProgress(prefix=f"[{i + 1}/{len(ids)}] {experiment_id}")
-        results = run_one(experiment_id, cfg, progress)
+        try:
+            results = run_one(experiment_id, cfg, progress)
+        except ExperimentFailed as err:  # one line; the other experiments still run
+            failed += 1
+            print(f"batchnorm: error: [{i + 1}/{len(ids)}] {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+            continue
         # one line as each experiment finishes (flushed: logs of CI and nohup runs show it at once)
         claims = results.get("claims", [])
         held = sum(1 for c in claims if c.get("holds"))
@@ -156,7 +167,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         index = write_index(cfg.out, _saved_results(cfg.out))
         print(f"index: {index} ({time.perf_counter() - start:.1f} s in all)")
     sys.stdout.flush()
-    return 0
+    return 1 if failed else 0
 
 
 def _saved_results(out: Path) -> list[dict[str, object]]:
@@ -198,7 +209,7 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
     ids = _resolve_ids(args.only.split(",")) if args.only else None
     check_output_dir(args.out, "--out")
     start = time.perf_counter()
-    matrix = replicate(datasets, seeds, args.mode, args.out, ids)
+    matrix = replicate(datasets, seeds, args.mode, args.out, ids, resume=args.resume)
     for row in matrix["rows"]:
         cells = "; ".join(
             f"{d}: {c['holds']} hold / {c['does_not_hold']} not / {c['inconclusive']} inconclusive"
@@ -206,4 +217,6 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
         )
         print(f"{row['id']}: {cells}")
     print(f"matrix: {args.out / 'index.html'} ({time.perf_counter() - start:.1f} s in all)")
-    return 0
+    for failure in matrix["failed"]:
+        print(f"batchnorm: error: {' '.join(failure.split())}", file=sys.stderr)
+    return 1 if matrix["failed"] else 0

@@ -21,8 +21,9 @@ from typing import Any
 from ._files import write_text_atomic
 from .config import Mode, RunConfig
 from .progress import Progress
-from .results import to_jsonable
-from .runner import run_many
+from .report import write_experiment_report, write_index
+from .results import RESULTS_NAME, load_results, save_results, to_jsonable
+from .runner import ExperimentFailed, experiment_dir, judge_saved, run_one
 
 __all__ = ["compare_matrices", "matrix_from_results", "parse_seeds", "replicate", "write_matrix"]
 
@@ -163,9 +164,28 @@ def write_matrix(matrix: dict[str, Any], out: Path) -> Path:
         f"<h1>Replication matrix ({e(matrix['mode'])}, seeds {e(str(matrix['seeds']))})</h1>"
         f"<table border='1' cellpadding='4'><tr><th>experiment</th>{head}</tr>{''.join(rows)}</table>\n"
     )
+    if matrix.get("failed"):
+        text += "<h2>Failed</h2><ul>" + "".join(f"<li>{e(str(f))}</li>" for f in matrix["failed"]) + "</ul>\n"
     path = out / "index.html"
     write_text_atomic(path, text)
     return path
+
+
+def _saved_run(directory: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The results saved in ``directory`` if they were measured with ``cfg``'s mode, data and seeds."""
+    if not (directory / RESULTS_NAME).is_file():
+        return None
+    try:
+        saved = load_results(directory)
+    except ValueError:
+        return None
+    run = saved.get("run", {})
+    same = (
+        run.get("mode") == cfg.mode
+        and run.get("data") == cfg.data
+        and [int(v) for v in run.get("seeds") or []] == [int(v) for v in cfg.seeds or ()]
+    )
+    return saved if same and saved.get("metrics") else None
 
 
 def replicate(
@@ -175,18 +195,48 @@ def replicate(
     out: Path,
     ids: Sequence[str] | None = None,
     progress_for: Callable[[str, int, int], Progress] | None = None,
+    *,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run ``ids`` (default: all) on every data set with ``seeds`` into ``out/<data>/`` and
-    write the matrix (``write_matrix``); returns it."""
+    write the matrix (``write_matrix``); returns it.
+
+    With ``resume``, an experiment whose ``out/<data>/<id>/results.json`` was measured with the
+    same mode, data set and seeds is not trained again: its claims are judged again from the
+    saved measurements (so a finished half of an interrupted or failed replication is kept).
+    An experiment that fails leaves its cell empty and is listed under ``"failed"`` (one line
+    each); the others still run and the matrix is written.
+    """
     from . import registry
 
     experiment_ids = list(ids) if ids is not None else list(registry.ids())
+    for experiment_id in experiment_ids:
+        registry.get(experiment_id)  # fail on a bad id before training anything
     by_data: dict[str, list[dict[str, Any]]] = {}
+    failed: list[str] = []
     for data in datasets:
         cfg = RunConfig(
             mode=mode, seed=int(seeds[0]), seeds=tuple(int(s) for s in seeds), data=data, out=Path(out) / data
         )
-        by_data[data] = run_many(experiment_ids, cfg, progress_for, index=True)
+        by_data[data] = []
+        for i, experiment_id in enumerate(experiment_ids):
+            directory = experiment_dir(cfg.out, experiment_id)
+            saved = _saved_run(directory, cfg) if resume else None
+            try:
+                if saved is not None:
+                    results = judge_saved(saved, directory)
+                    save_results(directory, results)
+                    write_experiment_report(directory, results, registry.get(experiment_id))
+                else:
+                    progress = progress_for(experiment_id, i, len(experiment_ids)) if progress_for else None
+                    results = run_one(experiment_id, cfg, progress)
+            except ExperimentFailed as err:
+                failed.append(f"{data}: {err}")
+                continue
+            by_data[data].append(results)
+        if by_data[data]:
+            write_index(cfg.out, by_data[data])
     matrix = matrix_from_results(by_data, seeds, mode)
+    matrix["failed"] = failed
     write_matrix(matrix, Path(out))
     return matrix

@@ -27,7 +27,13 @@ from .progress import Progress
 from .report import write_experiment_report, write_index
 from .results import RESULTS_NAME, load_results, save_results, to_jsonable, versions
 
-__all__ = ["experiment_dir", "redraw", "run_many", "run_one"]
+__all__ = ["ExperimentFailed", "experiment_dir", "judge_saved", "redraw", "run_many", "run_one"]
+
+
+class ExperimentFailed(RuntimeError):
+    """An experiment's training or the judging of its claims raised. The message is one line
+    naming the experiment and the error; when the training had finished, its measurements were
+    saved first (``batchnorm lab report`` judges them again)."""
 
 
 def experiment_dir(out: Path, experiment_id: str) -> Path:
@@ -59,9 +65,12 @@ def run_one(
     module = registry.get(experiment_id)
     progress = progress if progress is not None else Progress()
     start = time.perf_counter()
-    with _threads(threads), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        out = module.run(cfg, progress)
+    try:
+        with _threads(threads), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            out = module.run(cfg, progress)
+    except Exception as err:  # one experiment's failure must not cost the others' results
+        raise ExperimentFailed(f"{experiment_id}: training failed ({type(err).__name__}: {err})") from err
     wall = time.perf_counter() - start
     results: dict[str, Any] = {
         "id": experiment_id,
@@ -76,11 +85,35 @@ def run_one(
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     results = to_jsonable(results)
-    results["claims"] = to_jsonable(module.claims(results))
     directory = experiment_dir(cfg.out, experiment_id)
+    results = judge_saved(results, directory, save_measurements=True)
     save_results(directory, results)
     write_experiment_report(directory, results, module)
     return results
+
+
+def judge_saved(results: dict[str, Any], directory: Path, *, save_measurements: bool = False) -> dict[str, Any]:
+    """``results`` with its claims judged (again) by the experiment's current code.
+
+    If judging raises, the measurements are saved to ``directory`` (with ``save_measurements``)
+    with no claims and ``claims_error``, and ``ExperimentFailed`` names the experiment and how to
+    judge them again.
+    """
+    experiment_id = str(results.get("id"))
+    module = registry.get(experiment_id)
+    try:
+        claims = to_jsonable(module.claims(results))
+    except Exception as err:
+        error = f"{type(err).__name__}: {err}"
+        if save_measurements:
+            save_results(directory, {**results, "claims": [], "claims_error": error})
+        raise ExperimentFailed(
+            f"{experiment_id}: judging its claims failed ({error}); its measurements are in {directory} "
+            f"(`batchnorm lab report {directory}` judges them again)"
+        ) from err
+    judged = {k: v for k, v in results.items() if k != "claims_error"}
+    judged["claims"] = claims
+    return judged
 
 
 def run_many(
@@ -92,15 +125,24 @@ def run_many(
     index: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Run several experiments into ``cfg.out``; write ``cfg.out/index.html`` when more than one
-    ran (or ``index=True``). ``progress_for(id, i, n)`` makes each run's progress display."""
+    ran (or ``index=True``). ``progress_for(id, i, n)`` makes each run's progress display.
+
+    An experiment that fails does not stop the others: once all have run (and the index is
+    written), ``ExperimentFailed`` lists every failure."""
     for experiment_id in experiment_ids:
         registry.get(experiment_id)  # fail on a bad id before training anything
     all_results = []
+    failures = []
     for i, experiment_id in enumerate(experiment_ids):
         progress = progress_for(experiment_id, i, len(experiment_ids)) if progress_for else None
-        all_results.append(run_one(experiment_id, cfg, progress, threads=threads))
+        try:
+            all_results.append(run_one(experiment_id, cfg, progress, threads=threads))
+        except ExperimentFailed as err:
+            failures.append(str(err))
     if index if index is not None else len(experiment_ids) > 1:
         write_index(cfg.out, _all_saved(cfg.out))
+    if failures:
+        raise ExperimentFailed("; ".join(failures))
     return all_results
 
 
@@ -144,6 +186,7 @@ def redraw(directory: Path) -> list[Path]:
                 f"older version of {experiment_id}: run it again"
             ) from err
         results["claims"] = claims
+        results.pop("claims_error", None)  # judged now
         save_results(target, results)
         written.append(report)
     if len(targets) > 1 or not (directory / RESULTS_NAME).is_file():
