@@ -267,7 +267,7 @@ def test_mnist1d_uses_a_1d_cnn_that_trains_and_digits_keeps_the_mlp() -> None:
     assert digits.model == "mlp" and digits.hidden == (100, 100, 100) and not digits.mnist1d_choice
     s = exp.EXPERIMENT.settings(RunConfig(mode="quick", data="mnist1d"))
     assert s.model == "cnn1d" and "1-D CNN" in s.mnist1d_choice
-    assert s.steps_rule.startswith(f"{s.steps} steps, chosen by hand") and "NOT by the calibration rule" in s.steps_rule
+    assert f"gave {s.steps} on mnist1d" in s.steps_rule and "seed 1000" in s.steps_rule and s.steps == 2700
     assert f"gave {digits.steps}" in digits.steps_rule and "seed 1000" in digits.steps_rule
     data = load("mnist1d", 0, small=True)
     assert isinstance(exp._model(load("digits", 0), digits, exp._norm_factory("bn", 32, digits), 0), MLP)
@@ -335,3 +335,11 @@ def test_claims_and_figures_read_only_the_arms_that_are_trained(data: str, mode:
     claims = exp.claims(results)
     assert len(claims) == 5 and all(c["verdict"] in ("holds", "does not hold", "inconclusive") for c in claims)
     assert all(p.is_file() for p in exp.figures(results, tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["digits", "mnist1d"])
+def test_the_step_counts_are_what_the_calibration_rule_gives(data: str) -> None:
+    """The recorded step counts come from ``calibrate_steps`` (about a minute per data set)."""
+    torch.set_num_threads(1)
+    assert exp.calibrate_steps(data)["steps"] == exp._CALIBRATED_STEPS[data]
