@@ -78,18 +78,31 @@ average spread (std), and the same for its spread; the median over units is repo
 figure). At lr 0.5 the network without BN does not train, so the drift comparison uses lr 0.1,
 where all three train.
 
-What the runs showed on the digits (quick, seeds 0-2 and 3-5): the rule needs a large noise,
-a = 1.6 (at a <= 0.8 noisy BN's inputs move less than the plain network's, whose deep units
-drift a lot at lr 0.1). With that noise the paper's finding holds only in part. Noisy BN's
-layer inputs do move 2-6x more than the plain network's, and at lr 0.5, where the plain
-network fails (10-35% training accuracy), noisy BN trains (98.5-99.4% on five seeds of six,
-83% on seed 3; BN 100%). At lr 0.1 it does not match BN: it ends 9-32 pp below BN's 100%
-(68-91%) and trains more slowly than the plain network (mean training loss 1.4-1.5 against
-0.5; BN 0.17), so "both BN arms train faster than no BN" does not hold on either seed set,
-and "noisy BN within 2 pp of BN" does not hold on seeds 0-2 (inconclusive on 3-5, where one
-seed's 68% widens the interval). At this scale, noise large enough to destabilize the layer
-inputs more than having no BN costs training speed at the smaller rate; BN's benefit
-survives it at the large rate.
+What the runs showed on the digits (quick, seeds 0-4 and 5-9):
+the rule needs a large noise, a = 1.6 (at a <= 0.8 noisy BN's inputs move less than the plain
+network's, whose deep units drift a lot at lr 0.1). With that noise the paper's finding holds
+only in part, with the same verdicts on both seed sets. Noisy BN's layer inputs do move 2-5x
+more than the plain network's, and at lr 0.5, where the plain network fails (10-35% training
+accuracy), noisy BN trains (96-99% on nine seeds of ten, 83% on seed 3; BN 99-100%). At lr 0.1
+it does not match BN: it ends 9-33 points below BN's 100% (67-91%) and trains more slowly than
+the plain network (mean training loss 1.35-1.55 against 0.45-0.75; BN 0.16-0.17), so "noisy BN
+within 2 points of BN" and "both BN arms train faster than no BN" do not hold. At this scale,
+noise large enough to destabilize the layer inputs more than having no BN costs training speed
+at the smaller rate; BN's benefit survives it at the large rate.
+
+On MNIST-1D (12 layers of 100; seeds 0-4 and 5-9, the same verdicts on both) the rule gives
+a = 0.4. Noisy BN does not train like BN there at either rate: it ends 82-86% in training
+accuracy at lr 0.1 against BN's 96-98% (12-14 points below), and 90-94% at lr 0.5 against
+96-98%, and its mean training loss at lr 0.1 (1.05-1.11) is above the plain network's
+(0.75-0.85; BN 0.67-0.72): both claims that need noisy BN to match BN do not hold. At lr 0.5
+the plain network diverges on 2 of 5 and 3 of 5 seeds and reaches 78-86% on the others, so
+the 10-point gap is inconclusive (the plain network trains where it survives). Noisy BN's
+layer-3 inputs move 1.8-2.8x more than the plain network's and layer 9's mean 1.5-1.6x more,
+but layer 9's spread moves about as much (0.99-1.06x, interval straddling 1): the smallest
+noise that passes the calibration's condition on its own seed does not pass all four numbers
+on the claims' seeds (inconclusive). On this data the paper's picture - distributional
+instability without a cost in training - is not reproduced: the noise that makes the inputs
+move costs accuracy at both rates.
 """
 
 _ARMS = ("none", "bn", "noisy")
