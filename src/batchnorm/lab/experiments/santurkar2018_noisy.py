@@ -78,10 +78,10 @@ average spread (std), and the same for its spread; the median over units is repo
 figure). At lr 0.5 the network without BN does not train, so the drift comparison uses lr 0.1,
 where all three train.
 
-What the runs showed on the digits (quick, seeds 0-4 and 5-9):
-the rule needs a large noise, a = 1.6 (at a <= 0.8 noisy BN's inputs move less than the plain
-network's, whose deep units drift a lot at lr 0.1). With that noise the paper's finding holds
-only in part, with the same verdicts on both seed sets. Noisy BN's layer inputs do move 2-5x
+What the runs showed on the digits (quick, seeds 0-4 and 5-9): the rule needs a large noise,
+a = 1.6 (at a <= 0.8 noisy BN's inputs move less than the plain network's, whose deep units
+drift a lot at lr 0.1). With that noise the paper's finding holds only in part, with the same
+verdicts on both seed sets. Noisy BN's layer inputs do move 2-5x
 more than the plain network's, and at lr 0.5, where the plain network fails (10-35% training
 accuracy), noisy BN trains (96-99% on nine seeds of ten, 83% on seed 3; BN 99-100%). At lr 0.1
 it does not match BN: it ends 9-33 points below BN's 100% (67-91%) and trains more slowly than
@@ -92,7 +92,7 @@ at the smaller rate; BN's benefit survives it at the large rate.
 
 On MNIST-1D (12 layers of 100; seeds 0-4 and 5-9, the same verdicts on both) the rule gives
 a = 0.4. Noisy BN does not train like BN there at either rate: it ends 82-86% in training
-accuracy at lr 0.1 against BN's 96-98% (12-14 points below), and 90-94% at lr 0.5 against
+accuracy at lr 0.1 against BN's 96-98% (11-14 points below), and 90-94% at lr 0.5 against
 96-98%, and its mean training loss at lr 0.1 (1.05-1.11) is above the plain network's
 (0.75-0.85; BN 0.67-0.72): both claims that need noisy BN to match BN do not hold. At lr 0.5
 the plain network diverges on 2 of 5 and 3 of 5 seeds and reaches 78-86% on the others, so

@@ -94,8 +94,8 @@ at m = 2, a rise of 3-4 points on average at m = 2 instead of Wu & He's collapse
 sharply at 2" does not hold. Group Norm (4.0-6.9%) beats BN at m = 2 by 1.55-1.6x on average
 (inconclusive against the 2x threshold) and BN at 32 is at least as good as GN (holds). Batch
 Renorm matches BN at 32 but cannot be "far better" where BN does not break (BRN 4.9-14.0% at
-m = 2), and Ghost BN's groups of 2 stay within 2.5 points of full-batch BN on average: both do
-not hold. What the data show instead: with statistics pooled over the examples and the
+m = 2), and Ghost BN's groups of 2 are 3-4 points worse than full-batch BN on average, not the
+10 points of a collapse: both do not hold. What the data show instead: with statistics pooled over the examples and the
 positions of a 1-D signal, a group of 2 is not small enough to break BN in this network.
 """
 
