@@ -1,4 +1,4 @@
-"""Tests for batchnorm.diagnostics.inspect_model and format_table.
+"""Tests for batchnorm.tools.inspect_model and format_table.
 
 PYTHONPATH=src python -m pytest -q tests/test_inspect.py
 """
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from batchnorm import BatchNorm2d, FrozenBatchNorm1d, find_redundant_biases, fold, recompute_statistics
-from batchnorm.diagnostics import format_table, inspect_model
+from batchnorm.tools import format_table, inspect_model
 
 
 def net() -> nn.Sequential:

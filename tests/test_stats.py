@@ -1,4 +1,4 @@
-"""Tests for batchnorm.stats: Moments and recompute_statistics.
+"""Tests for batchnorm.tools.stats: Moments and recompute_statistics.
 
 PYTHONPATH=src python -m pytest -q tests/test_stats.py
 """
@@ -16,7 +16,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from batchnorm import BatchNorm1d, BatchNorm2d, Moments, recompute_statistics
-from batchnorm.stats import all_reduce_moments
+from batchnorm.tools.stats import all_reduce_moments
 
 
 def np_stats(x: np.ndarray, axis: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -454,7 +454,7 @@ def test_distributed_two_ranks_end_identical_and_exact(tmp_path) -> None:
     ],
 )
 def test_fast_path_equals_two_pass_torch(make, monkeypatch: pytest.MonkeyPatch) -> None:
-    from batchnorm import _moments_cpu
+    from batchnorm.tools import _moments_cpu
 
     x = make()
     dims = [0, *range(2, x.dim())]
@@ -523,7 +523,7 @@ def test_keyword_calls_give_the_same_exact_statistics_as_positional() -> None:
 
 
 def test_layer_input_positional_keyword_and_errors() -> None:
-    from batchnorm.stats import _layer_input
+    from batchnorm.tools.stats import _layer_input
 
     bn = BatchNorm1d(2)
     x = torch.randn(3, 2)

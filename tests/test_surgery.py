@@ -1,4 +1,4 @@
-"""Tests for batchnorm.surgery: fold, strip_redundant_bias, find_redundant_biases, freeze/unfreeze.
+"""Tests for batchnorm.tools.surgery: fold, strip_redundant_bias, find_redundant_biases, freeze/unfreeze.
 
 PYTHONPATH=src python -m pytest -q tests/test_surgery.py
 """
@@ -23,7 +23,7 @@ from batchnorm import (
     strip_redundant_bias,
     unfreeze,
 )
-from batchnorm.surgery import fold_bn_into_next_weights, fold_bn_weights, fold_conv_bn
+from batchnorm.tools.surgery import fold_bn_into_next_weights, fold_bn_weights, fold_conv_bn
 
 
 def randomize_bn(model: nn.Module) -> nn.Module:

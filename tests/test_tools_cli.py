@@ -1,4 +1,4 @@
-"""Tests for the inspect / fold / recalibrate commands (batchnorm._tools_cli).
+"""Tests for the inspect / fold / recalibrate commands (batchnorm.cli.tools).
 
 PYTHONPATH=src python -m pytest -q tests/test_tools_cli.py
 """
@@ -19,7 +19,7 @@ from batchnorm import BatchNorm1d
 @pytest.fixture(autouse=True)
 def _only_tools(monkeypatch: pytest.MonkeyPatch) -> None:
     """Build the parser from our command module alone (other helpers' modules may be absent)."""
-    monkeypatch.setattr(cli, "_COMMAND_MODULES", ("batchnorm._tools_cli",))
+    monkeypatch.setattr(cli, "_COMMAND_MODULES", ("batchnorm.cli.tools",))
 
 
 def mlp(ours: bool = True) -> nn.Sequential:
@@ -230,7 +230,7 @@ def test_exported_training_batchnorm_is_reported_not_ignored(
 
 def test_lifted_exported_convs_fold_exactly() -> None:
     from batchnorm import fold
-    from batchnorm._exported import lift_modules, reexport
+    from batchnorm.tools._exported import lift_modules, reexport
 
     torch.manual_seed(5)
     model = nn.Sequential(
@@ -325,7 +325,7 @@ def test_bad_paths_and_options_fail_before_any_work(
 
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     with pytest.MonkeyPatch.context() as mp:
-        import batchnorm._tools_cli as tools
+        import batchnorm.cli.tools as tools
 
         # "before any work": the model is never loaded when a path or option is bad
         if argv[0] != "inspect":

@@ -8,9 +8,7 @@ the *unbiased* variance; eps sits inside the square root.
 """
 
 from ._kernels.dispatch import get_backend, set_backend, use_backend
-from .conventions import KerasConversion, from_keras, from_keras_momentum, to_keras_momentum
-from .convert import convert
-from .distributed import convert_sync_batchnorm
+from .distributed.convert import convert_sync_batchnorm
 from .functional import batch_norm
 from .functional_act import batch_norm_act
 from .nn import (
@@ -37,8 +35,23 @@ from .nn import (
     renorm_limits,
     sync_batch_norm,
 )
-from .stats import LayerStatistics, Moments, recompute_statistics
-from .surgery import FoldResult, RedundantBias, find_redundant_biases, fold, freeze, strip_redundant_bias, unfreeze
+from .tools import (
+    FoldResult,
+    KerasConversion,
+    LayerStatistics,
+    Moments,
+    RedundantBias,
+    convert,
+    find_redundant_biases,
+    fold,
+    freeze,
+    from_keras,
+    from_keras_momentum,
+    recompute_statistics,
+    strip_redundant_bias,
+    to_keras_momentum,
+    unfreeze,
+)
 
 __version__ = "0.1.0"
 

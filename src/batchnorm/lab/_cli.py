@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .._cli_util import CliError, check_output_dir, require
+from ..cli._util import CliError, check_output_dir, require
 
 __all__ = ["register"]
 

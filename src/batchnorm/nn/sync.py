@@ -56,7 +56,8 @@ import torch
 import torch.fx
 from torch import Tensor
 
-from .. import _checks, _collectives
+from .. import _checks
+from ..distributed import collectives as _collectives
 from ..functional import is_fx_proxy, update_step
 from ..ops import scripted
 from ..ops.sync import global_moments, sync_normalize

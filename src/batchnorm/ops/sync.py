@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import _collectives
 from .._kernels import torch_ops
 from .._kernels.dispatch import backend_for
+from ..distributed import collectives as _collectives
 from ._common import acc_dtype, fresh, register_channel_vmap
 from .bn import moments
 

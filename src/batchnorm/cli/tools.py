@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._cli_util import CliError, check_input_file, check_new_file, require
+from ._util import CliError, check_input_file, check_new_file, require
 
 _PICKLE_SUFFIXES = (".pt", ".pth")
 
@@ -146,7 +146,7 @@ def _load(path: str, trust: bool) -> _Loaded:
     p = check_input_file(path)
     fmt = _format_of(p)
     if fmt == "export":
-        from ._exported import lift_modules, unlifted_batchnorms
+        from ..tools._exported import lift_modules, unlifted_batchnorms
 
         try:
             with _quiet_torch():
@@ -200,7 +200,7 @@ def _save(loaded: _Loaded, out: str) -> None:
     tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp{target.suffix}")  # same suffix: torch checks it
     try:
         if loaded.program is not None:
-            from ._exported import reexport
+            from ..tools._exported import reexport
 
             torch.export.save(reexport(loaded.model, loaded.program), str(tmp))
         else:
@@ -215,7 +215,7 @@ def _save(loaded: _Loaded, out: str) -> None:
 
 def _require_batchnorm(loaded: _Loaded, path: str, purpose: str) -> None:
     """CliError when the model has no batch-norm layer that ``purpose`` can act on (nothing is written)."""
-    from ._dataflow import is_batchnorm
+    from ..tools._dataflow import is_batchnorm
 
     if any(is_batchnorm(m) for m in loaded.model.modules()):
         return
@@ -319,7 +319,7 @@ def load_data(spec: str) -> Any:
 def _inspect(args: argparse.Namespace) -> int:
     import torch
 
-    from .diagnostics import format_table, inspect_model
+    from ..tools.inspect import format_table, inspect_model
 
     shape = _shape(args.sample) if args.sample else None
     loaded = _load(args.model, args.trust)
@@ -339,7 +339,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _fold(args: argparse.Namespace) -> int:
-    from .surgery import fold
+    from ..tools.surgery import fold
 
     _check_paths(args.model, args.output)
     loaded = _load(args.model, args.trust)
@@ -357,7 +357,7 @@ def _fold(args: argparse.Namespace) -> int:
 
 
 def _recalibrate(args: argparse.Namespace) -> int:
-    from .stats import is_recomputable, recompute_statistics
+    from ..tools.stats import is_recomputable, recompute_statistics
 
     for option, value in (
         ("--batch-size", args.batch_size),
@@ -379,7 +379,7 @@ def _recalibrate(args: argparse.Namespace) -> int:
     max_samples = args.max_samples if args.max_samples is None else min(args.max_samples, len(x))
     if loaded.program is not None:
         # an exported program is specialized to its example batch size: use it, drop the rest
-        from ._exported import example_inputs
+        from ..tools._exported import example_inputs
 
         batch_size = int(example_inputs(loaded.program)[0][0].shape[0])
         usable = (min(len(x), max_samples or len(x)) // batch_size) * batch_size

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import _checks
+from .. import _checks
 
 __all__ = ["from_keras_momentum", "to_keras_momentum", "KerasConversion", "from_keras"]
 

@@ -23,11 +23,11 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from .nn.batchnorm import BatchNormBase
-from .nn.frozen import FrozenBatchNormBase
-from .nn.ghost import GhostBatchNormBase
-from .nn.renorm import BatchRenormBase
-from .nn.sync import SyncBatchNorm as OurSyncBatchNorm
+from ..nn.batchnorm import BatchNormBase
+from ..nn.frozen import FrozenBatchNormBase
+from ..nn.ghost import GhostBatchNormBase
+from ..nn.renorm import BatchRenormBase
+from ..nn.sync import SyncBatchNorm as OurSyncBatchNorm
 
 __all__ = ["is_batchnorm", "is_plain_batchnorm", "Dataflow", "trace", "Pair", "bn_pairs"]
 

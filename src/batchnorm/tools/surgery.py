@@ -6,7 +6,7 @@ still an instance of the user's class, with folded batch norms replaced by ``nn.
 Which modules are adjacent is read from a torch.fx trace of the forward (``_dataflow``), never
 from module registration order; shared layers are never rewritten.
 
-Tensor-level building blocks live in :mod:`batchnorm._fold` (``fold_bn_weights`` ...), re-exported
+Tensor-level building blocks live in :mod:`batchnorm.tools._fold` (``fold_bn_weights`` ...), re-exported
 here.
 """
 
@@ -20,6 +20,8 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ..nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenBatchNormBase
 from . import _dataflow
 from ._fold import (
     bn_scale_shift,
@@ -31,8 +33,6 @@ from ._fold import (
     fold_linear_bn,
 )
 from .convert import replace_modules
-from .nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .nn.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenBatchNormBase
 
 __all__ = [
     "FoldResult",

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _dataflow
-from ..stats import Moments, _default_forward, _layer_input
+from . import _dataflow
+from .stats import Moments, _default_forward, _layer_input
 
 __all__ = ["LayerReport", "inspect_model", "format_table"]
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["convert", "replace_modules"]
 

@@ -12,9 +12,9 @@ import copy
 
 from torch import nn
 
-from .convert import _swap, replace_modules
-from .nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .nn.sync import SyncBatchNorm
+from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ..nn.sync import SyncBatchNorm
+from ..tools.convert import _swap, replace_modules
 
 __all__ = ["convert_sync_batchnorm"]
 

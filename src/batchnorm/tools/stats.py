@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..nn.renorm import BatchRenormBase
 from . import _moments_cpu
-from .nn.renorm import BatchRenormBase
 
 __all__ = ["Moments", "all_reduce_moments", "LayerStatistics", "recompute_statistics", "is_recomputable"]
 

@@ -19,10 +19,10 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from ._cli_util import CliError, missing_dependency_message
+from ._util import CliError, missing_dependency_message
 
 # modules that each add sub-commands; imported when the parser is built, so they must be cheap
-_COMMAND_MODULES = ("batchnorm.lab._cli", "batchnorm._tools_cli")
+_COMMAND_MODULES = ("batchnorm.lab._cli", "batchnorm.cli.tools")
 
 
 class _Parser(argparse.ArgumentParser):
