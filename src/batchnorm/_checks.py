@@ -43,6 +43,27 @@ def check_input(
     return x
 
 
+def check_layer_input(
+    x: object, where: str, ndims: tuple[int, ...], num_features: int, use_batch_stats: bool, eps: object
+) -> None:
+    """Every check of a layer's forward, in one call (it runs on every step): the input as
+    :func:`check_input`, a batch size as :func:`check_batch_size` with batch statistics, eps as
+    :func:`check_eps`. The common, valid case costs no further Python call."""
+    if (
+        (x.__class__ is Tensor or isinstance(x, Tensor))
+        and x.is_floating_point()
+        and x.dim() in ndims
+        and x.shape[1] == num_features
+    ):
+        if use_batch_stats and x.shape[1] > 0 and x.numel() == x.shape[1]:
+            check_batch_size(x, where)
+        if eps.__class__ is float and eps > 0 and eps < math.inf:
+            return
+        check_eps(eps, where, training=use_batch_stats)
+        return
+    check_input(x, where, ndims=ndims, num_features=num_features)
+
+
 def check_batch_size(x: Tensor, where: str) -> None:
     """In training, each channel needs more than one value (or none at all: an empty batch)."""
     if x.shape[1] > 0 and x.numel() == x.shape[1]:

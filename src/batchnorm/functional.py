@@ -100,15 +100,18 @@ def normalize_step(
 ) -> Tensor:
     """Batch norm on checked arguments: the operator calls behind :func:`batch_norm` and the layers.
 
-    Training: ``batchnorm::train`` and, when running statistics are given,
-    ``batchnorm::update_running_stats`` (``momentum=None`` needs ``num_batches_tracked``).
+    Training: :func:`batchnorm.ops.train_step` (the batch statistics and, when running
+    statistics are given, their update; ``momentum=None`` needs ``num_batches_tracked``).
     Evaluation: ``batchnorm::eval`` with the running statistics.
     """
     if not training:
         return ops.eval_forward(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
-    y, mean, var = ops.train_forward(x, weight, bias, eps)
-    update_step(x, running_mean, running_var, mean, var, momentum, where, num_batches_tracked, num_batches_skipped)
-    return y
+    if running_mean is not None and (num_batches_tracked is None or num_batches_skipped is None):
+        num_batches_tracked = _counter(x) if num_batches_tracked is None else num_batches_tracked
+        num_batches_skipped = _counter(x) if num_batches_skipped is None else num_batches_skipped
+    return ops.train_step(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, num_batches_skipped, momentum, eps, where
+    )  # type: ignore[arg-type]
 
 
 def update_step(

@@ -199,37 +199,53 @@ def _table(t: Tensor, layout: str) -> tuple[np.ndarray, int]:
     return t.movedim(1, -1).reshape(-1, t.shape[1]).numpy(), 1
 
 
-def _out(x: Tensor, layout: str) -> tuple[Tensor, np.ndarray]:
-    """An empty tensor like x (same memory format) and its writable (R, L) numpy view (never a
-    copy: ``view`` raises rather than return one)."""
-    y = torch.empty_like(x)
-    if x.dim() == 2:
-        return y, y.numpy()
-    if layout == "ncs":
-        return y, y.view(x.shape[0], -1).numpy()
-    return y, y.movedim(1, -1).view(-1, x.shape[1]).numpy()
-
-
-def _vec(v: Tensor | None, c: int, fill: float) -> np.ndarray:
-    """The values of a per-channel vector v (C,) as a numpy array (float32 or float64: the
-    kernels widen to float64), or ``fill`` everywhere in float64 when v is None."""
-    if v is None:
-        return np.full(c, fill)
-    v = v.detach()
-    if v.dtype != torch.float32 and v.dtype != torch.float64:
-        v = v.to(torch.float64)
-    return v.reshape(c).numpy()
-
-
-def _layout(x: Tensor) -> str:
-    """``"ncs"`` or ``"mc"`` for a tensor :func:`supports`; ValueError otherwise."""
-    layout = cpu.layout_of(x) if supports(x, check_layout=False) else None  # layout_of once
-    if layout is None:
+def _tables(x: Tensor, g: Tensor | None = None) -> tuple[Tensor, np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """Everything a kernel call needs about its (N, C, *) operands, in one call (this runs on
+    every small step): (out, out's writable (R, L) view, x's table, columns per channel, g's
+    table or None). ``out`` is an empty tensor like x (same memory format); its view is never a
+    copy (``view`` raises rather than return one). ValueError for a tensor :func:`supports`
+    would refuse (dispatch has asked it already; direct callers get the check here)."""
+    layout = cpu.layout_of(x)
+    if (
+        layout is None
+        or not (x.dtype == torch.float32 or x.dtype == torch.float64)
+        or x.device.type != "cpu"
+        or not 0 < x.numel() < AUTO_MIN_NUMEL
+        or x.is_neg()
+    ):
         raise ValueError(
             "batchnorm._kernels.cpu_small: expected a small contiguous or channels-last CPU "
             f"float32/float64 tensor, got shape {tuple(x.shape)}, dtype {x.dtype}, strides {x.stride()}"
         )
-    return layout
+    y = torch.empty_like(x)
+    x = x.detach()
+    if x.dim() == 2:  # (N, C): the tables are the tensors themselves
+        return y, y.numpy(), x.numpy(), 1, None if g is None else g.detach().numpy()
+    if layout == "ncs":  # (N, C*S): S columns per channel
+        n = x.shape[0]
+        gt = None if g is None else g.detach().reshape(n, -1).numpy()
+        return y, y.view(n, -1).numpy(), x.reshape(n, -1).numpy(), x.numel() // (n * x.shape[1]), gt
+    gt = None if g is None else _table(g, layout)[0]  # channels-last: (N*S, C)
+    return y, y.movedim(1, -1).view(-1, x.shape[1]).numpy(), x.movedim(1, -1).reshape(-1, x.shape[1]).numpy(), 1, gt
+
+
+_WIDE = (torch.float32, torch.float64)
+
+
+def _vecs(c: int, *pairs: tuple[Tensor | None, float]) -> list[np.ndarray]:
+    """The values of per-channel vectors (C,) as numpy arrays, one ``(v, fill)`` pair each
+    (float32 or float64: the kernels widen to float64), ``fill`` everywhere in float64 for a
+    None; one call for all of a kernel's vectors."""
+    out = []
+    for v, fill in pairs:
+        if v is None:
+            out.append(np.full(c, fill))
+            continue
+        v = v.detach()
+        if v.dtype not in _WIDE:
+            v = v.to(torch.float64)
+        out.append(v.reshape(c).numpy())
+    return out
 
 
 def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -237,13 +253,12 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
 
     Shape: x (N, C, *) -> y (N, C, *) in x's dtype and memory format, mean (C,), var (C,).
     """
-    layout = _layout(x)
     c = x.shape[1]
-    y, yv = _out(x, layout)
+    y, yv, xt, cols, _ = _tables(x)
     mean = np.empty(c)
     var = np.empty(c, dtype=np.float32 if x.dtype == torch.float32 else np.float64)  # acc_dtype
-    xt, cols = _table(x, layout)
-    _kernel("_train")(xt, cols, _vec(weight, c, 1.0), _vec(bias, c, 0.0), float(eps), yv, mean, var)
+    w, b = _vecs(c, (weight, 1.0), (bias, 0.0))
+    (_compiled.get("_train") or _kernel("_train"))(xt, cols, w, b, float(eps), yv, mean, var)
     return y, torch.from_numpy(mean), torch.from_numpy(var)
 
 
@@ -254,15 +269,14 @@ def eval_forward(
 
     Shape: x (N, C, *) -> y of the same shape, dtype and memory format; mean, var (C,).
     """
-    layout = _layout(x)
     c = x.shape[1]
-    y, yv = _out(x, layout)
-    with np.errstate(divide="ignore", invalid="ignore"):  # var + eps = 0 or < 0: inf/NaN, like torch
-        sc = 1.0 / np.sqrt(_vec(var, c, 1.0).astype(np.float64) + eps)
+    y, yv, xt, cols, _ = _tables(x)
+    # in float64; var + eps = 0 or < 0 gives inf/NaN, like torch (torch ops: no NumPy warnings)
+    scale = (var.detach().reshape(c).to(torch.float64) + eps).rsqrt_()
     if weight is not None:
-        sc = sc * _vec(weight, c, 1.0)
-    xt, cols = _table(x, layout)
-    _kernel("_affine")(xt, cols, _vec(mean, c, 0.0), sc, _vec(bias, c, 0.0), yv)
+        scale.mul_(weight.detach().reshape(c))
+    m, b = _vecs(c, (mean, 0.0), (bias, 0.0))
+    (_compiled.get("_affine") or _kernel("_affine"))(xt, cols, m, scale.numpy(), b, yv)
     return y
 
 
@@ -277,18 +291,15 @@ def backward(
 
     Shape: grad_y, x (N, C, *) -> dx (N, C, *), dgamma (C,), dbeta (C,).
     """
-    layout = _layout(x)
     if grad_y.shape != x.shape or grad_y.dtype != x.dtype:
         raise ValueError(
             f"batchnorm._kernels.cpu_small.backward: expected grad_y of shape {tuple(x.shape)} and "
             f"dtype {x.dtype}, got {tuple(grad_y.shape)} {grad_y.dtype}"
         )
     c = x.shape[1]
-    dx, dxv = _out(x, layout)
+    dx, dxv, xt, cols, gt = _tables(x, grad_y)
     sums = np.empty((2, c), dtype=np.float32 if x.dtype == torch.float32 else np.float64)  # acc_dtype
-    xt, cols = _table(x, layout)
-    _kernel("_bwd")(
-        _table(grad_y, layout)[0], xt, cols, _vec(mean, c, 0.0), _vec(invstd, c, 1.0), _vec(weight, c, 1.0), dxv, sums
-    )
+    m, inv, w = _vecs(c, (mean, 0.0), (invstd, 1.0), (weight, 1.0))
+    (_compiled.get("_bwd") or _kernel("_bwd"))(gt, xt, cols, m, inv, w, dxv, sums)
     out = torch.from_numpy(sums)
     return dx, out[0], out[1]

@@ -132,7 +132,12 @@ def _torch_instead(x: torch.Tensor) -> ModuleType:
 
 def backend_for(x: torch.Tensor) -> ModuleType:
     """The kernel module to run for input ``x`` under the current back-end setting."""
-    name = get_backend()
+    name = _state["name"] or get_backend()
+    if name == "auto" and x.device.type == "cpu" and x.numel() < AUTO_MIN_NUMEL and x.dtype not in AUTO_NATIVE:
+        small = _numba_module.get("cpu_small") or _numba("cpu_small")  # the common case first: one call
+        if small is None:
+            return _torch_instead(x)
+        return small if small.supports(x) else torch_ops
     if name == "torch":
         return torch_ops
     if name == "triton":

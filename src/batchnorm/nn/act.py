@@ -58,10 +58,7 @@ def batch_norm_act_layer(
     Shape: input (N, C, *) with ``input.dim() in ndims`` -> output of the same shape.
     """
     use_batch_stats, update = layer_mode(training, track_running_stats, running_mean)
-    _checks.check_input(input, where, ndims=ndims, num_features=num_features)
-    if use_batch_stats:
-        _checks.check_batch_size(input, where)
-        _checks.check_eps(eps, where, training=True)
+    _checks.check_layer_input(input, where, ndims, num_features, use_batch_stats, eps)
     keep = update or not use_batch_stats
     return act_step(
         input,
@@ -126,6 +123,10 @@ class BatchNormActBase(BatchNormBase):
             act += f", alpha={self.alpha}"
         return f"{super().extra_repr()}, activation={act}"
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """``torch.jit.script`` compiles this layer itself (its forward has a TorchScript branch)."""
+        return self
+
     def forward(self, input: Tensor) -> Tensor:
         """z = act(BN(input)) per channel, fused; see the module docstring."""
         if torch.jit.is_scripting():
@@ -139,8 +140,10 @@ class BatchNormActBase(BatchNormBase):
     @torch.jit.unused
     def _eager_act_forward(self, input: Tensor) -> Tensor:
         return batch_norm_act_layer(
-            input, *self._layer_state(), self.activation, self.negative_slope, self.alpha, self._ndims,
-            self.num_features, self._where(), self._skipped(),
+            input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+            self.training, self.track_running_stats, self.momentum, self.eps, self.activation, self.negative_slope,
+            self.alpha, self._ndims, self.num_features, f"{type(self).__name__}({self.num_features})",
+            self.num_batches_skipped,
         )  # fmt: skip
 
 

@@ -41,15 +41,15 @@ A non-finite batch then warns on every call (the once-per-layer flag lives on th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
-from .. import _checks
-from ..functional import is_fx_proxy, normalize_step
+from .. import _checks, ops
+from ..functional import is_fx_proxy
 from ..ops import scripted
 
 __all__ = [
@@ -99,26 +99,22 @@ def batch_norm_layer(
 
     Shape: input (N, C, *) with ``input.dim() in ndims`` -> output of the same shape.
     """
-    use_batch_stats, update = layer_mode(training, track_running_stats, running_mean)
-    _checks.check_input(input, where, ndims=ndims, num_features=num_features)
-    if use_batch_stats:
-        _checks.check_batch_size(input, where)
-    # as torch: eps > 0 to normalize with batch statistics, >= 0 with the running ones; checked at
-    # the forward (the constructor only checks that eps is a number), with torch's ValueError
-    _checks.check_eps(eps, where, training=use_batch_stats)
-    keep = update or not use_batch_stats
-    return normalize_step(
+    use_batch_stats = training or running_mean is None
+    _checks.check_layer_input(input, where, ndims, num_features, use_batch_stats, eps)
+    if not use_batch_stats:
+        return ops.eval_forward(input, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
+    update = training and track_running_stats and running_mean is not None
+    return ops.train_step(
         input,
-        running_mean if keep else None,
-        running_var if keep else None,
         weight,
         bias,
-        use_batch_stats,
-        momentum if update else 0.0,
+        running_mean if update else None,
+        running_var if update else None,
+        num_batches_tracked,  # type: ignore[arg-type]
+        num_batches_skipped,  # type: ignore[arg-type]
+        momentum,
         eps,
         where,
-        num_batches_tracked,
-        num_batches_skipped,
     )
 
 
@@ -186,19 +182,29 @@ class BatchNormBase(_TorchBatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize ``input`` of shape (N, C, *) per channel; see the module docstring."""
-        if torch.jit.is_scripting():
-            return scripted.bn_forward(
-                input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
-                self.num_batches_skipped, self.training, self.track_running_stats, self.momentum, self.eps,
-                "BatchNorm",
-            )  # fmt: skip
-        return self._eager_forward(input)
-
-    @torch.jit.unused
-    def _eager_forward(self, input: Tensor) -> Tensor:
+        # the state read inline (each attribute read of a parameter or buffer is a Python call)
         return batch_norm_layer(
-            input, *self._layer_state(), self._ndims, self.num_features, self._where(), self._skipped()
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            self.training,
+            self.track_running_stats,
+            self.momentum,
+            self.eps,
+            self._ndims,
+            self.num_features,
+            f"{type(self).__name__}({self.num_features})",
+            self.num_batches_skipped,
         )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles in this layer's place: a :class:`ScriptedBatchNorm`
+        sharing its parameters and buffers (the eager forward is Python that TorchScript cannot
+        compile; the scripted one makes the same operator calls)."""
+        return ScriptedBatchNorm(self, type(self).__name__)
 
     def _layer_state(self) -> tuple[Any, ...]:
         """(weight, bias, running_mean, running_var, num_batches_tracked, training,
@@ -215,6 +221,41 @@ class BatchNormBase(_TorchBatchNorm):
             self.momentum,
             self.eps,
         )
+
+
+class ScriptedBatchNorm(nn.Module):
+    """The TorchScript form of a ``BatchNorm*d`` (made by its ``__prepare_scriptable__``): the
+    same parameter and buffer tensors under the same names (so the same ``state_dict``), and a
+    forward of operator calls (:func:`batchnorm.ops.scripted.bn_forward`) without the eager
+    path's argument checks."""
+
+    momentum: Optional[float]  # noqa: UP045 (TorchScript reads typing.Optional)
+    weight: Optional[Tensor]  # noqa: UP045
+    bias: Optional[Tensor]  # noqa: UP045
+    running_mean: Optional[Tensor]  # noqa: UP045
+    running_var: Optional[Tensor]  # noqa: UP045
+    num_batches_tracked: Optional[Tensor]  # noqa: UP045
+    num_batches_skipped: Optional[Tensor]  # noqa: UP045
+
+    def __init__(self, layer: BatchNormBase, name: str) -> None:
+        super().__init__()
+        self.training = layer.training
+        self.track_running_stats = layer.track_running_stats
+        self.momentum = layer.momentum
+        self.eps = float(layer.eps)
+        self.num_features = layer.num_features
+        self.where = name
+        for key in ("weight", "bias"):
+            self.register_parameter(key, layer._parameters.get(key))
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            self.register_buffer(key, layer._buffers.get(key))
+        self.register_buffer("num_batches_skipped", layer._buffers.get("num_batches_skipped"), persistent=False)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return scripted.bn_forward(
+            input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+            self.num_batches_skipped, self.training, self.track_running_stats, self.momentum, self.eps, self.where,
+        )  # fmt: skip
 
 
 class BatchNorm1d(BatchNormBase, nn.BatchNorm1d):

@@ -213,6 +213,10 @@ class GhostBatchNormBase(BatchNormBase):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.virtual_batch_size = _check_virtual_batch_size(virtual_batch_size, self._where())
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """``torch.jit.script`` compiles this layer itself (its forward has a TorchScript branch)."""
+        return self
+
     def forward(self, input: Tensor) -> Tensor:
         """Ghost-batch normalize ``input`` (N, C, *) in training; plain BN in eval."""
         if torch.jit.is_scripting():

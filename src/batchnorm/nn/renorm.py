@@ -170,7 +170,7 @@ def _batch_renorm(
     sigma = running_std.detach().to(acc)
     r_max_t = torch.as_tensor(r_max, dtype=acc, device=x.device)
     d_max_t = torch.as_tensor(d_max, dtype=torch.float64, device=x.device)
-    r = torch.minimum(torch.maximum(std_b / sigma, 1.0 / r_max_t), r_max_t)  # (C,)
+    r = torch.minimum(torch.maximum(std_b / sigma, r_max_t.reciprocal()), r_max_t)  # (C,)
     d = torch.minimum(torch.maximum((mean_b - mu) / sigma.to(torch.float64), -d_max_t), d_max_t).to(acc)
     # y = weight * (r * x_hat + d) + bias = (weight * r) * x_hat + (weight * d + bias)
     w = r if weight is None else weight * r.to(weight.dtype)
@@ -238,8 +238,9 @@ def batch_renorm_layer(
 
     Shape: input (N, C, *) with ``input.dim() in ndims`` -> output of the same shape.
     """
-    _checks.check_input(input, where, ndims=ndims, num_features=num_features)
-    _check_renorm_args(input, running_mean, running_std, weight, bias, training, eps, where)
+    # the layer's own parameters and buffers have the right shapes by construction: the input
+    # and eps are what a call can get wrong
+    _checks.check_layer_input(input, where, ndims, num_features, training, eps)
     if not training:
         return _batch_renorm(input, running_mean, running_std, weight, bias, False, momentum, eps, 1.0, 0.0, where)
     r_max, d_max = renorm_limits_at(num_batches_tracked, *schedule)

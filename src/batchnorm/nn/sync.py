@@ -59,7 +59,6 @@ from torch import Tensor
 from .. import _checks
 from ..distributed import collectives as _collectives
 from ..functional import is_fx_proxy, update_step
-from ..ops import scripted
 from ..ops.sync import global_moments, sync_normalize
 from .batchnorm import BatchNormBase, batch_norm_layer
 
@@ -171,15 +170,9 @@ class SyncBatchNorm(BatchNormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalize with statistics over the group in training; plain BN otherwise."""
-        if torch.jit.is_scripting():  # only without a group of several processes (__prepare_scriptable__)
-            return scripted.bn_forward(
-                input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
-                self.num_batches_skipped, self.training, self.track_running_stats, self.momentum, self.eps,
-                "SyncBatchNorm",
-            )  # fmt: skip
         return self._sync_forward(input)
 
-    def __prepare_scriptable__(self) -> SyncBatchNorm:
+    def __prepare_scriptable__(self) -> torch.nn.Module:
         """``torch.jit.script`` compiles the layer as plain batch norm: TorchScript has no
         collectives, so it refuses while a process group of several processes would be used."""
         if _collectives.group_size(self.process_group, self._where()) > 1:
@@ -188,7 +181,7 @@ class SyncBatchNorm(BatchNormBase):
                 "use torch.compile or torch.export (or script the model before init_process_group, "
                 "for single-process use)"
             )
-        return self
+        return super().__prepare_scriptable__()
 
     @torch.jit.unused
     def _sync_forward(self, input: Tensor) -> Tensor:

@@ -19,6 +19,13 @@ Importing :mod:`batchnorm` registers them (loading an exported program that uses
 ``import batchnorm`` first).
 """
 
-from .bn import eval_forward, memory_format_of, moments, train_forward, update_running_stats_
+from .bn import eval_forward, memory_format_of, moments, train_forward, train_step, update_running_stats_
 
-__all__ = ["eval_forward", "memory_format_of", "moments", "train_forward", "update_running_stats_"]
+__all__ = [
+    "eval_forward",
+    "memory_format_of",
+    "moments",
+    "train_forward",
+    "train_step",
+    "update_running_stats_",
+]

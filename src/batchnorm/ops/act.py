@@ -19,7 +19,10 @@ from torch import Tensor
 
 from .._kernels.dispatch import backend_for
 from ._common import acc_dtype, fresh, per_channel, register_channel_vmap
-from .bn import _forward_ad_active, memory_format_of, train, train_backward, train_jvp
+from ._path import apply, eager, forward_ad_active, needs_grad
+from .bn import _train_backward_impl, _train_with, memory_format_of, train_backward, train_jvp
+
+_c = torch._C
 
 __all__ = ["act_train", "act_backward", "activation_forward", "invert_activation", "train_act"]
 
@@ -50,8 +53,7 @@ def invert_activation(z: Tensor, activation: str, negative_slope: float, alpha: 
     return y, slope
 
 
-@torch.library.custom_op("batchnorm::act_train", mutates_args=())
-def act_train(
+def _act_train_impl(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
@@ -61,9 +63,12 @@ def act_train(
     alpha: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(z, mean, var): the training forward of batch norm, then the activation in place."""
-    y, mean, var = train(x, weight, bias, eps)
+    y, mean, var = _train_with(backend_for(x), x, weight, bias, eps)
     z = activation_forward(y, activation, negative_slope, alpha, inplace=True)
-    return z, mean, var
+    return fresh((z, mean, var), (x, weight, bias))
+
+
+act_train = torch.library.custom_op("batchnorm::act_train", _act_train_impl, mutates_args=())
 
 
 @act_train.register_fake
@@ -75,8 +80,7 @@ def _act_train_fake(x, weight, bias, eps, activation, negative_slope, alpha):
 register_channel_vmap(act_train, "xcc----", "xcc")
 
 
-@torch.library.custom_op("batchnorm::act_backward", mutates_args=())
-def act_backward(
+def _act_backward_impl(
     grad_z: Tensor,
     z: Tensor,
     weight: Tensor | None,
@@ -103,8 +107,12 @@ def act_backward(
     # scale weight' * invstd' must equal gamma * invstd, so weight' = gamma^2 * invstd
     gamma = torch.ones_like(invstd) if weight is None else weight.to(acc)
     beta = torch.zeros_like(invstd) if bias is None else bias.to(acc)
-    dx, dw, db = backend_for(y).backward(dy, y, beta, 1.0 / gamma, gamma * gamma * invstd)
+    kernels = module if y.dtype == z.dtype else backend_for(y)
+    dx, dw, db = kernels.backward(dy, y, beta, gamma.reciprocal(), gamma * gamma * invstd)
     return fresh((dx.to(z.dtype), dw, db), (grad_z, z, weight, bias, var))
+
+
+act_backward = torch.library.custom_op("batchnorm::act_backward", _act_backward_impl, mutates_args=())
 
 
 @act_backward.register_fake
@@ -159,7 +167,7 @@ class _ActTrain(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-        x, weight, bias, eps, activation, negative_slope, alpha, recompute = inputs
+        x, weight, bias, eps, activation, negative_slope, alpha, recompute = inputs[:8]
         z, mean, var = output
         ctx.recompute = recompute
         ctx.act = (activation, negative_slope, alpha)
@@ -174,26 +182,50 @@ class _ActTrain(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_z: Tensor, _gm: Tensor, _gv: Tensor):  # type: ignore[override]
-        z, weight, bias, var, *rest = ctx.saved_tensors
-        if ctx.recompute:
-            dx, dw, db = act_backward(grad_z, z, weight, bias, var, ctx.eps, *ctx.act)
-        else:
-            x, mean = rest
-            _, slope = invert_activation(z.to(var.dtype), *ctx.act)
-            dy = (grad_z.to(var.dtype) * slope).to(x.dtype)
-            dx, dw, db = train_backward(dy, x, weight, mean, var, ctx.eps)
-        w_dtype, b_dtype = ctx.dtypes
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        return (
-            dx if need_x else None,
-            dw.to(w_dtype) if need_w and w_dtype is not None else None,
-            db.to(b_dtype) if need_b and b_dtype is not None else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return _act_grads_eager(ctx, grad_z)
+
+
+def _act_grads_eager(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, ...]:
+    """(dx, dweight, dbias, None x 5) of :class:`_ActTrain`: from z alone when ``recompute``,
+    else through act'(y) and the BN backward with the saved x."""
+    z, weight, bias, var, *rest = ctx.saved_tensors
+    eager_path = len(ctx.needs_input_grad) > 8
+    if ctx.recompute:
+        act_bwd = _act_backward_impl if eager_path else act_backward
+        dx, dw, db = act_bwd(grad_z, z, weight, bias, var, ctx.eps, *ctx.act)
+    else:
+        x, mean = rest
+        _, slope = invert_activation(z.to(var.dtype), *ctx.act)
+        dy = (grad_z.to(var.dtype) * slope).to(x.dtype)
+        bn_bwd = _train_backward_impl if eager_path else train_backward
+        dx, dw, db = bn_bwd(dy, x, weight, mean, var, ctx.eps)
+    w_dtype, b_dtype = ctx.dtypes
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    return (
+        dx if need_x else None,
+        dw.to(w_dtype) if need_w and w_dtype is not None else None,
+        db.to(b_dtype) if need_b and b_dtype is not None else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+class _ActTrainEager(_ActTrain):
+    """:class:`_ActTrain` on the eager path (an extra last argument marks it): the
+    implementations run directly, forward and backward."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps, activation, negative_slope, alpha, recompute, _eager):  # type: ignore[override]
+        return _act_train_impl(x, weight, bias, eps, activation, negative_slope, alpha)
+
+    @staticmethod
+    def backward(ctx: Any, grad_z: Tensor, gm: Tensor, gv: Tensor):  # type: ignore[override]
+        if _c.is_grad_enabled():  # create_graph: the once-differentiable backward says so
+            return (*_ActTrain.backward(ctx, grad_z, gm, gv), None)
+        return (*_act_grads_eager(ctx, grad_z), None)
 
 
 class _ActTrainForwardAD(_ActTrain):
@@ -227,5 +259,9 @@ def train_act(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Differentiable BN + activation training forward: (z, mean, var). ``recompute``: backward
     from z alone (weight invertible), else from x."""
-    fn = _ActTrainForwardAD if _forward_ad_active() else _ActTrain
+    if eager(x, weight, bias):
+        if needs_grad(x, weight, bias):
+            return apply(_ActTrainEager, x, weight, bias, eps, activation, negative_slope, alpha, recompute, True)
+        return _act_train_impl(x, weight, bias, eps, activation, negative_slope, alpha)
+    fn = _ActTrainForwardAD if forward_ad_active() else _ActTrain
     return fn.apply(x, weight, bias, eps, activation, negative_slope, alpha, recompute)

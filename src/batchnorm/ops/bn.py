@@ -36,12 +36,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .._kernels import torch_ops
 from .._kernels.dispatch import backend_for
 from ._common import acc_dtype, fresh, per_channel, register_channel_vmap, to_front
+from ._path import apply, eager, forward_ad_active, needs_grad
+
+_c = torch._C
 
 __all__ = [
     "train",
@@ -66,28 +68,6 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def direct(*tensors: Tensor | None) -> bool:
-    """Whether a call may run an operator's implementation directly instead of through the
-    dispatcher: eager mode on plain CPU tensors (not compiling, tracing, under a dispatch mode,
-    nor torch.func-transformed or fake). The result is the same; a small tensor's kernel takes
-    less time than the operator dispatch around it (argument binding, redispatch), measured at
-    several times the kernel for (64, 512)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0:
-        return False
-    for t in tensors:
-        if t is not None and (
-            t.__class__ not in _PLAIN
-            or t.device.type != "cpu"
-            or not torch._C._has_storage(t)  # batched or wrapped (torch.func, batched gradients)
-            or torch._C._functorch.is_functorch_wrapped_tensor(t)
-        ):
-            return False
-    return True
-
-
 def _view(v: Tensor, ndim: int) -> Tensor:
     """(C,) -> (1, C, 1, ..., 1) for broadcasting against an ndim-dimensional input."""
     return v.reshape(1, -1, *([1] * (ndim - 2)))
@@ -99,11 +79,19 @@ def _view(v: Tensor, ndim: int) -> Tensor:
 
 def _train_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Training forward: y, the batch mean (C,) float64 and the biased batch variance (C,)."""
+    return fresh(_train_with(backend_for(x), x, weight, bias, eps), (x, weight, bias))
+
+
+def _train_with(
+    kernels: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
     if x.numel() == 0:
         c = x.shape[1]
         return torch.empty_like(x), x.new_zeros(c, dtype=torch.float64), x.new_zeros(c, dtype=acc_dtype(x.dtype))
-    y, mean, var = backend_for(x).train_forward(x, weight, bias, eps)
-    return fresh((y, mean.to(torch.float64), var), (x, weight, bias))
+    y, mean, var = kernels.train_forward(x, weight, bias, eps)
+    if mean.dtype != torch.float64:
+        mean = mean.to(torch.float64)
+    return y, mean, var
 
 
 train = torch.library.custom_op("batchnorm::train", _train_impl, mutates_args=())
@@ -122,14 +110,22 @@ def _train_backward_impl(
     grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of :func:`train`: (dx, dweight, dbias), the per-channel sums in float32/float64."""
+    return fresh(
+        _train_backward_with(backend_for(x), grad_y, x, weight, mean, var, eps), (grad_y, x, weight, mean, var)
+    )
+
+
+def _train_backward_with(
+    kernels: Any, grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
     if x.numel() == 0:
         c = x.shape[1]
         z = x.new_zeros(c, dtype=acc_dtype(x.dtype))
         return torch.empty_like(x), z, z.clone()
     invstd = torch.rsqrt(var + eps)
-    g = grad_y.contiguous(memory_format=memory_format_of(x))
-    dx, dw, db = backend_for(x).backward(g, x, mean, invstd, weight)
-    return fresh((dx, dw, db), (grad_y, x, weight, mean, var))
+    if not grad_y.is_contiguous() or not x.is_contiguous():
+        grad_y = grad_y.contiguous(memory_format=torch.contiguous_format if x.is_contiguous() else memory_format_of(x))
+    return kernels.backward(grad_y, x, mean, invstd, weight)
 
 
 train_backward = torch.library.custom_op("batchnorm::train_backward", _train_backward_impl, mutates_args=())
@@ -147,11 +143,12 @@ register_channel_vmap(train_backward, "xxccc-", "xcc")
 
 
 def _train_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-    x, weight, bias, eps = inputs
+    x, weight, bias, eps = inputs[:4]
     _, mean, var = output
     ctx.save_for_backward(x, weight, mean, var)
     ctx.eps = eps
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.kernels = inputs[4] if len(inputs) > 4 else None  # the eager path's back-end, chosen once
     ctx.mark_non_differentiable(mean, var)
 
 
@@ -170,9 +167,10 @@ def _train_grads(ctx: Any, grad_y: Tensor, _gm: Tensor | None, _gv: Tensor | Non
         else:
             mean2, var2 = torch_ops.batch_stats(x)
         dx, dw, db = torch_ops.backward(grad_y, x, mean2, torch.rsqrt(var2 + ctx.eps), weight)
+    elif ctx.kernels is not None:
+        dx, dw, db = _train_backward_with(ctx.kernels, grad_y, x, weight, mean, var, ctx.eps)
     else:
-        backward = _train_backward_impl if direct(grad_y, x, weight, mean, var) else train_backward
-        dx, dw, db = backward(grad_y, x, weight, mean, var, ctx.eps)
+        dx, dw, db = train_backward(grad_y, x, weight, mean, var, ctx.eps)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     return (
         dx if need_x else None,
@@ -186,23 +184,44 @@ train.register_autograd(_train_grads, setup_context=_train_setup)
 
 
 class _Train(torch.autograd.Function):
-    """(y, mean, var) = train(x, weight, bias, eps); mean and var are not differentiable."""
+    """(y, mean, var) = train(x, weight, bias, eps) through the dispatcher; mean and var are
+    not differentiable."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
-        if direct(x, weight, bias):
-            return _train_impl(x, weight, bias, eps)
         return train(x, weight, bias, eps)
 
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-        _train_setup(ctx, inputs, output)
+    setup_context = staticmethod(_train_setup)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, gm: Tensor, gv: Tensor):  # type: ignore[override]
         return _train_grads(ctx, grad_y, gm, gv)
+
+
+class _TrainEager(_Train):
+    """:class:`_Train` on the eager path: the kernels of back-end ``kernels`` (the last
+    argument) run directly, forward and backward."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps, kernels):  # type: ignore[override]
+        return _train_with(kernels, x, weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor, gm: Tensor, gv: Tensor):  # type: ignore[override]
+        if grad_y is None or torch.is_grad_enabled():
+            return (*_train_grads(ctx, grad_y, gm, gv), None)
+        x, weight, mean, var = ctx.saved_tensors
+        dx, dw, db = _train_backward_with(ctx.kernels, grad_y, x, weight, mean, var, ctx.eps)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        return (
+            dx if need_x else None,
+            dw.to(weight.dtype) if need_w and weight is not None else None,
+            db.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None,
+            None,
+            None,
+        )
 
 
 class _TrainForwardAD(_Train):
@@ -249,22 +268,51 @@ def train_jvp(
     return ty
 
 
-def _no_autograd(*tensors: Tensor | None) -> bool:
-    """Nothing to differentiate: no input requires grad (or grad mode is off), no forward AD."""
-    if fwAD._current_level >= 0:
-        return False
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
-
-
-def _forward_ad_active() -> bool:
-    return not torch.compiler.is_compiling() and fwAD._current_level >= 0
+def train_step(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor,
+    num_batches_skipped: Tensor,
+    momentum: float | None,
+    eps: float,
+    where: str,
+) -> Tensor:
+    """A training step of batch norm on checked arguments: y from the batch statistics and, when
+    ``running_mean``/``running_var`` are given, their update in place (:func:`_update_impl`'s rule).
+    The path (:mod:`batchnorm.ops._path`) is decided once for both."""
+    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    if eager(x, weight, bias):
+        kernels = backend_for(x)
+        if _c.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)):  # fmt: skip
+            y, mean, var = apply(_TrainEager, x, weight, bias, eps, kernels)
+        else:
+            y, mean, var = _train_with(kernels, x, weight, bias, eps)
+        if running_mean is not None and running_var is not None:
+            state = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
+            if not _update_host(*state, mean, var, count, momentum, True, where):
+                with torch.no_grad():
+                    _update_impl(*state, mean, var, count, momentum, True, where)
+        return y
+    y, mean, var = (_TrainForwardAD if forward_ad_active() else _Train).apply(x, weight, bias, eps)
+    if running_mean is not None and running_var is not None:
+        with torch.no_grad():
+            state = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
+            update_running_stats(*state, mean.detach(), var.detach(), count, momentum, True, where)
+    return y
 
 
 def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Differentiable training forward: (y, mean float64 (C,), biased var (C,)); see the module docstring."""
-    if _no_autograd(x, weight, bias) and direct(x, weight, bias):
-        return _train_impl(x, weight, bias, eps)
-    fn = _TrainForwardAD if _forward_ad_active() else _Train
+    """Differentiable training forward: (y, mean float64 (C,), biased var (C,)); see the module
+    docstring, and :mod:`batchnorm.ops._path` for the path a call takes."""
+    if eager(x, weight, bias):
+        kernels = backend_for(x)
+        if needs_grad(x, weight, bias):
+            return apply(_TrainEager, x, weight, bias, eps, kernels)
+        return _train_with(kernels, x, weight, bias, eps)
+    fn = _TrainForwardAD if forward_ad_active() else _Train
     return fn.apply(x, weight, bias, eps)
 
 
@@ -274,10 +322,15 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
 
 def _eval_impl(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """Inference forward with fixed statistics: y = weight * (x - mean) / sqrt(var + eps) + bias."""
+    return fresh((_eval_with(backend_for(x), x, mean, var, weight, bias, eps),), (x, mean, var, weight, bias))[0]
+
+
+def _eval_with(
+    kernels: Any, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
     if x.numel() == 0:
         return torch.empty_like(x)
-    y = backend_for(x).eval_forward(x, mean, var, weight, bias, eps)
-    return fresh((y,), (x, mean, var, weight, bias))[0]
+    return kernels.eval_forward(x, mean, var, weight, bias, eps)
 
 
 eval_bn = torch.library.custom_op("batchnorm::eval", _eval_impl, mutates_args=())
@@ -292,7 +345,7 @@ register_channel_vmap(eval_bn, "xcccc-", "x")
 
 
 def _eval_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    x, mean, var, weight, bias, eps = inputs
+    x, mean, var, weight, bias, eps = inputs[:6]
     ctx.save_for_backward(x, mean, var, weight)
     ctx.eps = eps
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -335,8 +388,6 @@ class _Eval(torch.autograd.Function):
 
     @staticmethod
     def forward(x, mean, var, weight, bias, eps):  # type: ignore[override]
-        if direct(x, mean, var, weight, bias):
-            return _eval_impl(x, mean, var, weight, bias, eps)
         return eval_bn(x, mean, var, weight, bias, eps)
 
     @staticmethod
@@ -346,6 +397,18 @@ class _Eval(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor):  # type: ignore[override]
         return _eval_grads(ctx, grad_y)
+
+
+class _EvalEager(_Eval):
+    """:class:`_Eval` on the eager path: back-end ``kernels`` (the last argument) runs directly."""
+
+    @staticmethod
+    def forward(x, mean, var, weight, bias, eps, kernels):  # type: ignore[override]
+        return _eval_with(kernels, x, mean, var, weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor):  # type: ignore[override]
+        return (*_eval_grads(ctx, grad_y), None)
 
 
 class _EvalForwardAD(_Eval):
@@ -383,9 +446,12 @@ def eval_forward(
     x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
     """Differentiable inference forward with fixed statistics (C,) ``mean`` and ``var``."""
-    if _no_autograd(x, weight, bias) and direct(x, mean, var, weight, bias):
-        return _eval_impl(x, mean, var, weight, bias, eps)
-    fn = _EvalForwardAD if _forward_ad_active() else _Eval
+    if eager(x, mean, var, weight, bias):
+        kernels = backend_for(x)
+        if needs_grad(x, mean, var, weight, bias):
+            return apply(_EvalEager, x, mean, var, weight, bias, eps, kernels)
+        return _eval_with(kernels, x, mean, var, weight, bias, eps)
+    fn = _EvalForwardAD if forward_ad_active() else _Eval
     return fn.apply(x, mean, var, weight, bias, eps)
 
 
@@ -393,14 +459,16 @@ def eval_forward(
 # moments: (mean, var) of x, no output
 
 
-@torch.library.custom_op("batchnorm::moments", mutates_args=())
-def moments_op(x: Tensor) -> tuple[Tensor, Tensor]:
+def _moments_impl(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch mean (float64) and biased variance (float32/float64) of x (N, C, *)."""
     if x.numel() == 0:
         c = x.shape[1]
         return x.new_zeros(c, dtype=torch.float64), x.new_zeros(c, dtype=acc_dtype(x.dtype))
     mean, var = backend_for(x).batch_stats(x)
     return fresh((mean.to(torch.float64), var), (x,))
+
+
+moments_op = torch.library.custom_op("batchnorm::moments", _moments_impl, mutates_args=())
 
 
 @moments_op.register_fake
@@ -413,7 +481,8 @@ register_channel_vmap(moments_op, "x", "cc")
 
 def moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """(mean float64 (C,), biased var (C,)) of x, not differentiable (statistics only)."""
-    return moments_op(x.detach())
+    x = x.detach()
+    return _moments_impl(x) if eager(x) else moments_op(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,6 +523,7 @@ def _update_impl(
 
 
 _HOST_DTYPES = (torch.float32, torch.float64)
+_all = np.logical_and.reduce  # ndarray.all() goes through a Python wrapper; the ufunc reduction does not
 
 
 def _update_host(
@@ -473,15 +543,17 @@ def _update_host(
     small layer's step). Returns False, doing nothing, where it does not apply."""
     if count == 0:
         return True
-    tensors = (running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var)
-    if any(t.device.type != "cpu" or t.requires_grad for t in tensors) or running_mean.dim() != 1:
+    for t in (running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var):
+        if t.device.type != "cpu" or t.requires_grad:
+            return False
+    if running_mean.dim() != 1 or num_batches_tracked.dim() != 0 or num_batches_skipped.dim() != 0:
         return False
     if running_mean.dtype not in _HOST_DTYPES or running_var.dtype not in _HOST_DTYPES or var.dtype not in _HOST_DTYPES:
         return False
-    if mean.dtype != torch.float64 or num_batches_tracked.dim() != 0 or num_batches_skipped.dim() != 0:
+    if mean.dtype != torch.float64:
         return False
     m, v = mean.numpy(), var.numpy()
-    if not (np.isfinite(m).all() and np.isfinite(v).all()):
+    if not (_all(np.isfinite(m)) and _all(np.isfinite(v))):
         num_batches_skipped.add_(1)
         if int(num_batches_skipped.numpy()) == 1:
             _warn_skipped(mean, var, num_batches_skipped, where)
@@ -593,22 +665,14 @@ def update_running_stats_(
     where: str,
     unbiased: bool = True,
 ) -> None:
-    """Apply :func:`update_running_stats` (in place, no autograd)."""
-    fn = (
-        _update_impl
-        if direct(running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var)
-        else update_running_stats
-    )
+    """Apply :func:`update_running_stats` (in place, no autograd). On the eager path one layer's
+    float32/float64 CPU statistics are updated with NumPy (:func:`_update_host`), everything else
+    with torch ops on the device (:func:`_update`); both apply the same rule."""
+    args = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
+    if eager(*args, mean, var):
+        if not _update_host(*args, mean, var, count, momentum, unbiased, where):
+            with torch.no_grad():
+                _update_impl(*args, mean.detach(), var.detach(), count, momentum, unbiased, where)
+        return
     with torch.no_grad():
-        fn(
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            num_batches_skipped,
-            mean.detach(),
-            var.detach(),
-            count,
-            momentum,
-            unbiased,
-            where,
-        )
+        update_running_stats(*args, mean.detach(), var.detach(), count, momentum, unbiased, where)

@@ -26,12 +26,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from .._kernels import torch_ops
 from .._kernels.dispatch import _numba, get_backend
 from ._common import acc_dtype, fold_channels, fold_vector, fresh, to_front, unfold_channels
+from ._path import apply, eager, forward_ad_active, needs_grad
 from .bn import memory_format_of
 
 __all__ = ["ghost_split", "ghost_train", "ghost_train_backward", "ghost_pool", "ghost_forward", "pooled_moments"]
@@ -193,8 +193,7 @@ def _cat_like(pieces: list[Tensor], like: Tensor) -> Tensor:
     return y.contiguous(memory_format=fmt) if fmt != torch.contiguous_format else y
 
 
-@torch.library.custom_op("batchnorm::ghost_train", mutates_args=())
-def ghost_train(
+def _ghost_train_impl(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, virtual_batch_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Ghost-batch training forward: (y, mean (K*C,) float64, biased var (K*C,)) of the K ghost batches, ghost-batch-major."""
@@ -215,6 +214,9 @@ def ghost_train(
     return fresh((_cat_like(ys, x), torch.cat(means).reshape(-1), torch.cat(variances).reshape(-1)), (x, weight, bias))
 
 
+ghost_train = torch.library.custom_op("batchnorm::ghost_train", _ghost_train_impl, mutates_args=())
+
+
 def _ghost_count(x: Tensor, v: int) -> int:
     """K, the number of ghost batches of x (N, C, *): ceil(N / v), one fewer when a tail of a
     single value per channel merges into the batch before it (S = 1 and N mod v = 1). Written
@@ -233,8 +235,7 @@ def _ghost_train_fake(x, weight, bias, eps, virtual_batch_size):
     return y, x.new_empty((k * c,), dtype=torch.float64), x.new_empty((k * c,), dtype=acc_dtype(x.dtype))
 
 
-@torch.library.custom_op("batchnorm::ghost_train_backward", mutates_args=())
-def ghost_train_backward(
+def _ghost_train_backward_impl(
     grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float, virtual_batch_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of :func:`ghost_train`: (dx, dweight, dbias), the sums in float32 (float64 for float64)."""
@@ -249,6 +250,11 @@ def ghost_train_backward(
         dw = sw if dw is None else dw + sw
         db = sb if db is None else db + sb
     return fresh((_cat_like(dxs, x), dw, db), (grad_y, x, weight, mean, var))  # type: ignore[arg-type]
+
+
+ghost_train_backward = torch.library.custom_op(
+    "batchnorm::ghost_train_backward", _ghost_train_backward_impl, mutates_args=()
+)
 
 
 @ghost_train_backward.register_fake
@@ -336,7 +342,8 @@ def _composite_backward(
 
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-    x, weight, bias, eps, v = inputs
+    x, weight, bias, eps, v = inputs[:5]
+    ctx.eager = len(inputs) > 5  # the eager path's Function passes one more argument
     ctx.save_for_backward(x, weight, output[1], output[2])
     ctx.eps, ctx.v = eps, v
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -350,7 +357,8 @@ def _grads(ctx: Any, grad_y: Tensor, _gm: Any, _gv: Any):
     if torch.is_grad_enabled():
         dx, dw, db = _composite_backward(grad_y, x, weight, ctx.eps, ctx.v)
     else:
-        dx, dw, db = ghost_train_backward(grad_y, x, weight, mean, var, ctx.eps, ctx.v)
+        backward = _ghost_train_backward_impl if ctx.eager else ghost_train_backward
+        dx, dw, db = backward(grad_y, x, weight, mean, var, ctx.eps, ctx.v)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     return (
         dx if need_x else None,
@@ -378,6 +386,19 @@ class _GhostTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, gm: Any, gv: Any):  # type: ignore[override]
         return _grads(ctx, grad_y, gm, gv)
+
+
+class _GhostTrainEager(_GhostTrain):
+    """:class:`_GhostTrain` on the eager path (one more argument marks it): the implementations
+    run directly, forward and backward."""
+
+    @staticmethod
+    def forward(x, weight, bias, eps, v, _eager):  # type: ignore[override]
+        return _ghost_train_impl(x, weight, bias, eps, v)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor, gm: Any, gv: Any):  # type: ignore[override]
+        return (*_grads(ctx, grad_y, gm, gv), None)
 
 
 class _GhostTrainForwardAD(_GhostTrain):
@@ -428,13 +449,15 @@ def ghost_forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, virtual_batch_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Differentiable ghost-batch training forward: (y, mean (K*C,) float64, var (K*C,)), ghost-batch-major."""
-    fwd = not torch.compiler.is_compiling() and fwAD._current_level >= 0
-    fn = _GhostTrainForwardAD if fwd else _GhostTrain
+    if eager(x, weight, bias):
+        if needs_grad(x, weight, bias):
+            return apply(_GhostTrainEager, x, weight, bias, eps, virtual_batch_size, True)
+        return _ghost_train_impl(x, weight, bias, eps, virtual_batch_size)
+    fn = _GhostTrainForwardAD if forward_ad_active() else _GhostTrain
     return fn.apply(x, weight, bias, eps, virtual_batch_size)
 
 
-@torch.library.custom_op("batchnorm::ghost_pool", mutates_args=())
-def ghost_pool(x: Tensor, mean: Tensor, var: Tensor, virtual_batch_size: int) -> tuple[Tensor, Tensor]:
+def _ghost_pool_impl(x: Tensor, mean: Tensor, var: Tensor, virtual_batch_size: int) -> tuple[Tensor, Tensor]:
     """The whole batch's (mean float64 (C,), biased var float64 (C,)) from the ghost batches'
     (K, C) statistics of x, by Chan's merge with each ghost batch's count m_g:
 
@@ -453,6 +476,9 @@ def ghost_pool(x: Tensor, mean: Tensor, var: Tensor, virtual_batch_size: int) ->
     mu = (w * mean).sum(0) / total
     m2 = (w * (var.double() + (mean - mu).square())).sum(0)
     return mu, m2 / total
+
+
+ghost_pool = torch.library.custom_op("batchnorm::ghost_pool", _ghost_pool_impl, mutates_args=())
 
 
 @ghost_pool.register_fake
@@ -474,4 +500,5 @@ ghost_pool.register_vmap(_ghost_pool_vmap)
 
 def pooled_moments(x: Tensor, mean: Tensor, var: Tensor, virtual_batch_size: int) -> tuple[Tensor, Tensor]:
     """:func:`ghost_pool` on detached statistics (not differentiable)."""
-    return ghost_pool(x.detach(), mean.detach(), var.detach(), virtual_batch_size)
+    x, mean, var = x.detach(), mean.detach(), var.detach()
+    return (_ghost_pool_impl if eager(x, mean, var) else ghost_pool)(x, mean, var, virtual_batch_size)

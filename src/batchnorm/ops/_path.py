@@ -1,0 +1,83 @@
+"""Which path a layer call takes: the one decision, made once per call (private).
+
+Every operator entry (``train_forward``, ``eval_forward``, ``update_running_stats_``, the act,
+ghost and sync entries) asks :func:`eager` once and then takes one of two paths:
+
+=====================  ==========================================================================
+path                   taken when, and what runs
+=====================  ==========================================================================
+eager                  :func:`eager` is True: no torch.compile / torch.export / jit.trace /
+                       torch.func transform / dispatch or function mode / forward-mode AD is
+                       active, and every tensor argument is a plain ``Tensor`` or ``Parameter``.
+                       The operator's implementation runs directly (the kernel back-end is
+                       chosen once, by :func:`batchnorm._kernels.dispatch.backend_for`); when a
+                       gradient is needed, through the operator's ``autograd.Function`` applied
+                       with :func:`apply` (no Python argument binding).
+dispatcher             everything else: the registered ``torch.ops.batchnorm.*`` operator
+                       (fake implementation for compilers and meta tensors, batching rule for
+                       vmap, registered autograd), applied through the ``autograd.Function``
+                       (``Function.apply``, so torch.func sees it); with forward-mode AD active,
+                       the Function's subclass that carries a ``jvp``.
+=====================  ==========================================================================
+
+Both paths compute the same numbers with the same kernels; the dispatcher exists for the tools
+that need a node (compilers, export, vmap), the eager path because on small tensors the
+dispatch around a kernel costs several times the kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+__all__ = ["apply", "eager", "forward_ad_active", "needs_grad"]
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_c = torch._C
+
+
+def eager(*tensors: Tensor | None) -> bool:
+    """True when a call may run its operator's implementation directly (see the module docstring)."""
+    if (
+        torch.compiler.is_compiling()  # first: torch.compile reads it as a constant and stops here
+        or _c._are_functorch_transforms_active()
+        or _c._len_torch_dispatch_stack() > 0
+        or _c._is_torch_function_mode_enabled()
+        or _c._is_tracing()
+        or fwAD._current_level >= 0
+    ):
+        return False
+    for t in tensors:
+        if t is not None and t.__class__ not in _PLAIN:
+            return False
+    return True
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd must record this call: grad mode on and some tensor requires grad."""
+    if not _c.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (outside torch.compile's tracing)."""
+    return fwAD._current_level >= 0 and not torch.compiler.is_compiling()
+
+
+def apply(fn: type[torch.autograd.Function], *args: Any) -> Any:
+    """``fn.apply(*args)`` on the eager path, without ``Function.apply``'s Python wrapper.
+
+    That wrapper binds the arguments with ``inspect.signature`` (for keyword and default
+    arguments) and unwraps dead torch.func wrappers: about sixty Python calls per application,
+    more than the rest of a small layer's step. The eager path passes every argument
+    positionally and has no torch.func wrapper, so it calls autograd's own (C++) apply directly;
+    forward, setup_context and backward run exactly as under ``fn.apply``.
+    """
+    return super(torch.autograd.Function, fn).apply(*args)  # type: ignore[misc]
