@@ -93,7 +93,7 @@ def _can_recompute(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> boo
     to divide by (see the module docstring). Elsewhere the weights are not read on the host."""
     if weight is None:
         return True
-    if x.device.type != "cpu" or weight.device.type != "cpu" or torch._C._is_tracing() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._is_tracing() or x.device.type != "cpu" or weight.device.type != "cpu":
         return False
     for t in (x, weight, bias):  # transformed (torch.func) or fake tensors: values not readable here
         if t is not None and (

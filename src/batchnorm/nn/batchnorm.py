@@ -41,7 +41,7 @@ A non-finite batch then warns on every call (the once-per-layer flag lives on th
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.fx
@@ -228,14 +228,6 @@ class ScriptedBatchNorm(nn.Module):
     same parameter and buffer tensors under the same names (so the same ``state_dict``), and a
     forward of operator calls (:func:`batchnorm.ops.scripted.bn_forward`) without the eager
     path's argument checks."""
-
-    momentum: Optional[float]  # noqa: UP045 (TorchScript reads typing.Optional)
-    weight: Optional[Tensor]  # noqa: UP045
-    bias: Optional[Tensor]  # noqa: UP045
-    running_mean: Optional[Tensor]  # noqa: UP045
-    running_var: Optional[Tensor]  # noqa: UP045
-    num_batches_tracked: Optional[Tensor]  # noqa: UP045
-    num_batches_skipped: Optional[Tensor]  # noqa: UP045
 
     def __init__(self, layer: BatchNormBase, name: str) -> None:
         super().__init__()

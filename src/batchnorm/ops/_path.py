@@ -33,7 +33,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-__all__ = ["apply", "eager", "forward_ad_active", "needs_grad"]
+__all__ = ["apply", "eager", "eager_backward", "forward_ad_active", "needs_grad"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _c = torch._C
@@ -50,10 +50,25 @@ def eager(*tensors: Tensor | None) -> bool:
         or fwAD._current_level >= 0
     ):
         return False
-    for t in tensors:
-        if t is not None and t.__class__ not in _PLAIN:
+    for t in tensors:  # a subclass, or a batched or wrapped tensor (no storage of its own)
+        if t is not None and (t.__class__ not in _PLAIN or not _c._has_storage(t)):
             return False
     return True
+
+
+def eager_backward(grad: Tensor | None) -> bool:
+    """Whether a backward begun on the eager path may run its kernels directly: a plain incoming
+    gradient, no torch.func transform (``gradcheck``'s batched gradients vmap the backward) or
+    dispatch mode active, no graph to build (``create_graph``). Otherwise the backward goes through
+    the operators (batching rules) or the differentiable composite."""
+    return (
+        grad is not None
+        and grad.__class__ is Tensor
+        and _c._has_storage(grad)
+        and not _c.is_grad_enabled()
+        and not _c._are_functorch_transforms_active()
+        and _c._len_torch_dispatch_stack() == 0
+    )
 
 
 def needs_grad(*tensors: Tensor | None) -> bool:

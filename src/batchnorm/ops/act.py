@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .._kernels.dispatch import backend_for
 from ._common import acc_dtype, fresh, per_channel, register_channel_vmap
-from ._path import apply, eager, forward_ad_active, needs_grad
+from ._path import apply, eager, eager_backward, forward_ad_active, needs_grad
 from .bn import _train_backward_impl, _train_with, memory_format_of, train_backward, train_jvp
 
 _c = torch._C
@@ -189,7 +189,7 @@ def _act_grads_eager(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, ...]:
     """(dx, dweight, dbias, None x 5) of :class:`_ActTrain`: from z alone when ``recompute``,
     else through act'(y) and the BN backward with the saved x."""
     z, weight, bias, var, *rest = ctx.saved_tensors
-    eager_path = len(ctx.needs_input_grad) > 8
+    eager_path = getattr(ctx, "direct", False)
     if ctx.recompute:
         act_bwd = _act_backward_impl if eager_path else act_backward
         dx, dw, db = act_bwd(grad_z, z, weight, bias, var, ctx.eps, *ctx.act)
@@ -225,6 +225,7 @@ class _ActTrainEager(_ActTrain):
     def backward(ctx: Any, grad_z: Tensor, gm: Tensor, gv: Tensor):  # type: ignore[override]
         if _c.is_grad_enabled():  # create_graph: the once-differentiable backward says so
             return (*_ActTrain.backward(ctx, grad_z, gm, gv), None)
+        ctx.direct = eager_backward(grad_z)
         return (*_act_grads_eager(ctx, grad_z), None)
 
 

@@ -152,7 +152,7 @@ def _train_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor
     ctx.mark_non_differentiable(mean, var)
 
 
-def _train_grads(ctx: Any, grad_y: Tensor, _gm: Tensor | None, _gv: Tensor | None):
+def _train_grads(ctx: Any, grad_y: Tensor, _gm: Tensor | None, _gv: Tensor | None, direct: bool = True):
     x, weight, mean, var = ctx.saved_tensors
     if grad_y is None:
         return None, None, None, None
@@ -167,7 +167,7 @@ def _train_grads(ctx: Any, grad_y: Tensor, _gm: Tensor | None, _gv: Tensor | Non
         else:
             mean2, var2 = torch_ops.batch_stats(x)
         dx, dw, db = torch_ops.backward(grad_y, x, mean2, torch.rsqrt(var2 + ctx.eps), weight)
-    elif ctx.kernels is not None:
+    elif ctx.kernels is not None and direct:
         dx, dw, db = _train_backward_with(ctx.kernels, grad_y, x, weight, mean, var, ctx.eps)
     else:
         dx, dw, db = train_backward(grad_y, x, weight, mean, var, ctx.eps)
@@ -210,8 +210,16 @@ class _TrainEager(_Train):
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, gm: Tensor, gv: Tensor):  # type: ignore[override]
-        if grad_y is None or torch.is_grad_enabled():
-            return (*_train_grads(ctx, grad_y, gm, gv), None)
+        if (  # eager_backward, inline: this runs on every small training step
+            grad_y is None
+            or grad_y.__class__ is not Tensor
+            or not _c._has_storage(grad_y)
+            or _c.is_grad_enabled()
+            or _c._are_functorch_transforms_active()
+            or _c._len_torch_dispatch_stack() > 0
+        ):
+            # through the operator (batching rule) or the differentiable composite
+            return (*_train_grads(ctx, grad_y, gm, gv, direct=False), None)
         x, weight, mean, var = ctx.saved_tensors
         dx, dw, db = _train_backward_with(ctx.kernels, grad_y, x, weight, mean, var, ctx.eps)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]

@@ -31,7 +31,7 @@ from torch import Tensor
 from .._kernels import torch_ops
 from .._kernels.dispatch import _numba, get_backend
 from ._common import acc_dtype, fold_channels, fold_vector, fresh, to_front, unfold_channels
-from ._path import apply, eager, forward_ad_active, needs_grad
+from ._path import apply, eager, eager_backward, forward_ad_active, needs_grad
 from .bn import memory_format_of
 
 __all__ = ["ghost_split", "ghost_train", "ghost_train_backward", "ghost_pool", "ghost_forward", "pooled_moments"]
@@ -343,7 +343,7 @@ def _composite_backward(
 
 def _setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
     x, weight, bias, eps, v = inputs[:5]
-    ctx.eager = len(inputs) > 5  # the eager path's Function passes one more argument
+    ctx.eager = False  # the eager path's backward decides (eager_backward)
     ctx.save_for_backward(x, weight, output[1], output[2])
     ctx.eps, ctx.v = eps, v
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -398,6 +398,7 @@ class _GhostTrainEager(_GhostTrain):
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor, gm: Any, gv: Any):  # type: ignore[override]
+        ctx.eager = eager_backward(grad_y)
         return (*_grads(ctx, grad_y, gm, gv), None)
 
 
