@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import batchnorm
 from batchnorm import batch_norm
 from batchnorm import reference as ref
 
@@ -162,7 +163,11 @@ def test_channels_last_in_channels_last_out(fmt: torch.memory_format, shape: tup
     np.testing.assert_allclose(dx.numpy(), dx_ref, rtol=1e-9, atol=1e-11)
 
 
-def test_does_not_call_torch_batch_norm(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_our_backends_do_not_call_torch_batch_norm(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    """The numba and torch back-ends compute everything themselves (the default back-end runs
+    aten's kernels for small CPU tensors on purpose: see test_aten_direct_*)."""
+
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("torch's batch norm was called")
 
@@ -170,9 +175,10 @@ def test_does_not_call_torch_batch_norm(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(torch, "batch_norm", boom)
     monkeypatch.setattr(torch, "native_batch_norm", boom)
     x = torch.randn(6, 3, 4, requires_grad=True)
-    y = batch_norm(x, torch.zeros(3), torch.ones(3), training=True)
-    y.sum().backward()
-    y_eval = batch_norm(x, torch.zeros(3), torch.ones(3), training=False)
+    with batchnorm.use_backend(backend):
+        y = batch_norm(x, torch.zeros(3), torch.ones(3), training=True)
+        y.sum().backward()
+        y_eval = batch_norm(x, torch.zeros(3), torch.ones(3), training=False)
     assert x.grad is not None
     torch.testing.assert_close(y_eval, x / (1 + 1e-5) ** 0.5)
 

@@ -150,6 +150,22 @@ def _py_bwd(g, x, s, mean, inv, w, dx, sums):  # pragma: no cover - runs compile
             dx[i, t] = c1[t] * g[i, t] - c2[t] * (x[i, t] - mu[t]) - c3[t]
 
 
+def _py_update(rm, rv, mean, var, f, unbias, kappa_max, save_mean, save_invstd):  # pragma: no cover - runs compiled
+    # code 1: some |save_mean| * save_invstd > kappa_max (nothing written); 2: a statistic is not
+    # finite (nothing written); 0: rm, rv updated in float64, rounded once
+    c = rm.shape[0]
+    for k in range(save_mean.shape[0]):
+        if abs(np.float64(save_mean[k])) * abs(np.float64(save_invstd[k])) > kappa_max:
+            return 1
+    for k in range(c):
+        if not (np.isfinite(mean[k]) and np.isfinite(var[k])):
+            return 2
+    for k in range(c):
+        rm[k] = np.float64(rm[k]) * (1.0 - f) + f * np.float64(mean[k])
+        rv[k] = np.float64(rv[k]) * (1.0 - f) + f * (np.float64(var[k]) * unbias)
+    return 0
+
+
 def _kernel(name: str) -> Any:
     """The compiled (serial, cached) dispatcher of kernel ``name``, created on first request.
 
@@ -246,6 +262,47 @@ def _vecs(c: int, *pairs: tuple[Tensor | None, float]) -> list[np.ndarray]:
             v = v.to(torch.float64)
         out.append(v.reshape(c).numpy())
     return out
+
+
+UPDATED, ILL_CONDITIONED, NOT_FINITE = 0, 1, 2
+"""The results of :func:`update_running`."""
+
+
+def update_running(
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    factor: float,
+    unbias: float,
+    kappa_max: float = np.inf,
+    save_mean: np.ndarray | None = None,
+    save_invstd: np.ndarray | None = None,
+) -> int:
+    """The running-statistics rule on CPU memory in one compiled call (a dozen NumPy calls cost
+    more than a small layer's kernels):
+
+        running_mean = (1 - f) * running_mean + f * mean
+        running_var  = (1 - f) * running_var  + f * var * unbias       (in float64, rounded once)
+
+    Returns ``NOT_FINITE`` without writing when a statistic is not finite, ``ILL_CONDITIONED``
+    without writing when some ``|save_mean| * save_invstd > kappa_max`` (a precision check of
+    the kernel that produced the statistics), else ``UPDATED``. Arrays (C,), float32/float64.
+    """
+    empty = mean[:0]
+    return int(
+        (_compiled.get("_update") or _kernel("_update"))(
+            running_mean,
+            running_var,
+            mean,
+            var,
+            float(factor),
+            float(unbias),
+            float(kappa_max),
+            empty if save_mean is None else save_mean,
+            empty if save_invstd is None else save_invstd,
+        )
+    )
 
 
 def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -53,7 +53,7 @@ import torch
 
 from . import native, torch_ops
 
-__all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "backend_for"]
+__all__ = ["BACKENDS", "aten_direct", "get_backend", "host_kernels", "set_backend", "use_backend", "backend_for"]
 
 BACKENDS = ("auto", "torch", "numba", "triton", "native")
 BACKEND_API = (
@@ -117,6 +117,12 @@ def _numba(name: str = "cpu") -> ModuleType | None:
     return _numba_module[name]
 
 
+def host_kernels() -> ModuleType | None:
+    """The serial numba kernels (:mod:`batchnorm._kernels.cpu_small`), for work on CPU memory
+    outside the kernel contract (the running-statistics update), or None without numba."""
+    return _numba_module.get("cpu_small") or _numba("cpu_small")
+
+
 def _torch_instead(x: torch.Tensor) -> ModuleType:
     """torch ops for a CPU input that the numba kernels would have taken; says so once per process."""
     if not _warned["no_numba"] and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
@@ -128,6 +134,29 @@ def _torch_instead(x: torch.Tensor) -> ModuleType:
             stacklevel=3,
         )
     return torch_ops
+
+
+AUTO_ATEN_MAX = 1 << 17
+"""Under "auto", a layer step on the eager path with a CPU float32/float64 input of fewer elements
+runs aten's kernels with aten's own autograd (:func:`aten_direct`)."""
+
+
+def aten_direct(x: torch.Tensor) -> bool:
+    """Whether a BatchNorm*d step on the eager path runs aten's batch-norm kernels directly, with
+    aten's (C++) autograd, our running-statistics update and precision check on top
+    (:func:`batchnorm.ops.bn.train_step`): under "native" for every CPU input it supports, under
+    "auto" for CPU float32/float64 inputs of fewer than ``AUTO_ATEN_MAX`` elements.
+
+    Why: on a small tensor a step's cost is its Python, not its kernels. Our serial kernels are
+    faster than aten's (see the module docstring), but their backward is a Python
+    ``autograd.Function``; aten's backward is C++ end to end, which makes the whole step
+    cheaper (``python -m benchmarks.bn_small``)."""
+    name = _state["name"] or get_backend()
+    if x.device.type != "cpu" or not (name == "auto" or name == "native"):
+        return False
+    if name == "auto" and (x.numel() >= AUTO_ATEN_MAX or x.dtype not in (torch.float32, torch.float64)):
+        return False
+    return native.supports(x)
 
 
 def backend_for(x: torch.Tensor) -> ModuleType:

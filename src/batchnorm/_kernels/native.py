@@ -88,6 +88,12 @@ def _param(v: Tensor | None, acc: torch.dtype) -> Tensor | None:
     return None if v is None else v.detach().to(acc)
 
 
+def kappa(mean: Tensor, invstd: Tensor) -> float:
+    """``max |mean| * invstd`` over the channels of CPU tensors (NaN compares as 0; 0 for none)."""
+    k = np.abs(mean.detach().numpy()) * np.abs(invstd.detach().numpy())
+    return float(np.nanmax(k, initial=0.0)) if k.size else 0.0
+
+
 def _ill_conditioned(x: Tensor, mean: Tensor, invstd: Tensor) -> bool:
     """True when x is a CPU tensor and some channel has ``|mean| * invstd > KAPPA_MAX``.
 

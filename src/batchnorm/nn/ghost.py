@@ -39,10 +39,10 @@ import torch
 import torch.fx
 from torch import Tensor
 
-from .. import _checks, ops
-from ..functional import check_train_args, update_step
+from .. import _checks
+from ..functional import check_train_args
 from ..ops import scripted
-from ..ops.ghost import ghost_forward, pooled_moments
+from ..ops.ghost import ghost_step
 from .batchnorm import BatchNormBase, batch_norm_layer
 
 __all__ = [
@@ -68,31 +68,6 @@ def _check_ghost_shape(x: Tensor, v: int, where: str) -> None:
             f"virtual_batch_size={v} with input of shape {tuple(x.shape)} (one value has no variance: "
             "the output would be the constant bias, with no gradient); use virtual_batch_size >= 2"
         )
-
-
-def ghost_step(
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    momentum: float | None,
-    eps: float,
-    virtual_batch_size: int,
-    where: str,
-    num_batches_tracked: Tensor | None = None,
-    num_batches_skipped: Tensor | None = None,
-) -> Tensor:
-    """Ghost-batch training forward on checked arguments: ``batchnorm::ghost_train`` and, when
-    running statistics are given, ONE ``batchnorm::update_running_stats`` with the whole batch's
-    statistics (pooled from the ghost batches). An empty batch is returned as is."""
-    if x.numel() == 0:
-        return ops.train_forward(x, weight, bias, eps)[0]
-    y, mean_k, var_k = ghost_forward(x, weight, bias, eps, virtual_batch_size)
-    if running_mean is not None:
-        mean, var = pooled_moments(x, mean_k, var_k, virtual_batch_size)
-        update_step(x, running_mean, running_var, mean, var, momentum, where, num_batches_tracked, num_batches_skipped)
-    return y
 
 
 def ghost_batch_norm(
@@ -126,7 +101,8 @@ def ghost_batch_norm(
     )
     momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]
     _check_ghost_shape(x, v, where)
-    return ghost_step(x, running_mean, running_var, weight, bias, momentum, eps, v, where)
+    counter = torch.zeros((), dtype=torch.long, device=x.device)  # scratch counters for the update
+    return ghost_step(x, weight, bias, running_mean, running_var, counter, counter.clone(), momentum, eps, v, where)
 
 
 def ghost_batch_norm_layer(
@@ -159,23 +135,22 @@ def ghost_batch_norm_layer(
             input, weight, bias, running_mean, running_var, num_batches_tracked,
             False, track_running_stats, momentum, eps, ndims, num_features, where, num_batches_skipped,
         )  # fmt: skip
-    _checks.check_input(input, where, ndims=ndims, num_features=num_features)
-    _checks.check_batch_size(input, where)
-    _checks.check_eps(eps, where, training=True)
-    _check_ghost_shape(input, virtual_batch_size, where)
+    _checks.check_layer_input(input, where, ndims, num_features, True, eps)
+    if input.numel() and virtual_batch_size * input[0, 0].numel() == 1:
+        _check_ghost_shape(input, virtual_batch_size, where)
     update = track_running_stats and running_mean is not None
     return ghost_step(
         input,
-        running_mean if update else None,
-        running_var if update else None,
         weight,
         bias,
+        running_mean if update else None,
+        running_var if update else None,
+        num_batches_tracked,  # type: ignore[arg-type]
+        num_batches_skipped,  # type: ignore[arg-type]
         momentum,
         eps,
         virtual_batch_size,
         where,
-        num_batches_tracked,
-        num_batches_skipped,
     )
 
 
@@ -235,14 +210,10 @@ class GhostBatchNormBase(BatchNormBase):
     @torch.jit.unused
     def _eager_ghost_forward(self, input: Tensor) -> Tensor:
         return ghost_batch_norm_layer(
-            input,
-            *self._layer_state(),
-            self.virtual_batch_size,
-            self._ndims,
-            self.num_features,
-            self._where(),
-            self._skipped(),
-        )
+            input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+            self.training, self.track_running_stats, self.momentum, self.eps, self.virtual_batch_size, self._ndims,
+            self.num_features, f"{type(self).__name__}({self.num_features})", self.num_batches_skipped,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"

@@ -65,10 +65,23 @@ def _act_train_impl(
     """(z, mean, var): the training forward of batch norm, then the activation in place."""
     y, mean, var = _train_with(backend_for(x), x, weight, bias, eps)
     z = activation_forward(y, activation, negative_slope, alpha, inplace=True)
-    return fresh((z, mean, var), (x, weight, bias))
+    return z, mean, var
 
 
-act_train = torch.library.custom_op("batchnorm::act_train", _act_train_impl, mutates_args=())
+def _act_train_op(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    activation: str,
+    negative_slope: float,
+    alpha: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_act_train_impl` as an operator implementation: no output aliases an input."""
+    return fresh(_act_train_impl(x, weight, bias, eps, activation, negative_slope, alpha), (x, weight, bias))
+
+
+act_train = torch.library.custom_op("batchnorm::act_train", _act_train_op, mutates_args=())
 
 
 @act_train.register_fake

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._kernels import torch_ops
-from .._kernels.dispatch import backend_for
+from .._kernels import native, torch_ops
+from .._kernels.dispatch import aten_direct, backend_for, host_kernels
 from ._common import acc_dtype, fresh, per_channel, register_channel_vmap, to_front
 from ._path import apply, eager, forward_ad_active, needs_grad
 
@@ -276,6 +276,49 @@ def train_jvp(
     return ty
 
 
+def _train_aten(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor,
+    num_batches_skipped: Tensor,
+    momentum: float | None,
+    eps: float,
+    where: str,
+    count: int,
+) -> Tensor | None:
+    """The eager step of :func:`train_step` on aten's kernel with aten's autograd (see
+    :func:`batchnorm._kernels.dispatch.aten_direct`), or None, having changed nothing, where
+    aten's precision is not enough (``|mean| / std`` above ``native.KAPPA_MAX``: our kernels then
+    centre first).
+
+    The kernel is given fresh zero running buffers and momentum 1, so it writes the batch mean
+    and the unbiased batch variance there, computed in its own accumulation (never recovered
+    from invstd); our rule (:func:`update_eager`) then updates the layer's running statistics.
+    """
+    if (weight is not None and weight.dtype != x.dtype) or (bias is not None and bias.dtype != x.dtype):
+        return None  # aten wants parameters of the input's dtype; our kernels take any
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = x.shape[1]
+    mean = torch.zeros(c, dtype=acc)
+    var = torch.zeros(c, dtype=acc)
+    y, save_mean, save_invstd = torch.native_batch_norm(x, weight, bias, mean, var, True, 1.0, eps)
+    check = (native.KAPPA_MAX[x.dtype], save_mean, save_invstd)
+    if running_mean is None or running_var is None:
+        return None if native.kappa(save_mean, save_invstd) > check[0] else y
+    state = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
+    code = _update_host(*state, mean, var, count, momentum, False, where, check)
+    if code == HOST_IMPRECISE:
+        return None
+    if code == HOST_SKIPPED:  # e.g. 16-bit running buffers: torch ops, after the precision check
+        if native.kappa(save_mean, save_invstd) > check[0]:
+            return None
+        update_eager(*state, mean, var, count, momentum, where, unbiased=False)
+    return y
+
+
 def train_step(
     x: Tensor,
     weight: Tensor | None,
@@ -293,16 +336,19 @@ def train_step(
     The path (:mod:`batchnorm.ops._path`) is decided once for both."""
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if eager(x, weight, bias):
+        if aten_direct(x):
+            y = _train_aten(x, weight, bias, running_mean, running_var, num_batches_tracked, num_batches_skipped, momentum, eps, where, count)  # fmt: skip
+            if y is not None:
+                return y
         kernels = backend_for(x)
         if _c.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)):  # fmt: skip
             y, mean, var = apply(_TrainEager, x, weight, bias, eps, kernels)
         else:
             y, mean, var = _train_with(kernels, x, weight, bias, eps)
         if running_mean is not None and running_var is not None:
-            state = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
-            if not _update_host(*state, mean, var, count, momentum, True, where):
-                with torch.no_grad():
-                    _update_impl(*state, mean, var, count, momentum, True, where)
+            update_eager(
+                running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var, count, momentum, where
+            )
         return y
     y, mean, var = (_TrainForwardAD if forward_ad_active() else _Train).apply(x, weight, bias, eps)
     if running_mean is not None and running_var is not None:
@@ -473,10 +519,15 @@ def _moments_impl(x: Tensor) -> tuple[Tensor, Tensor]:
         c = x.shape[1]
         return x.new_zeros(c, dtype=torch.float64), x.new_zeros(c, dtype=acc_dtype(x.dtype))
     mean, var = backend_for(x).batch_stats(x)
-    return fresh((mean.to(torch.float64), var), (x,))
+    return mean.to(torch.float64), var
 
 
-moments_op = torch.library.custom_op("batchnorm::moments", _moments_impl, mutates_args=())
+def _moments_op(x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_moments_impl` as an operator implementation: no output aliases the input."""
+    return fresh(_moments_impl(x), (x,))
+
+
+moments_op = torch.library.custom_op("batchnorm::moments", _moments_op, mutates_args=())
 
 
 @moments_op.register_fake
@@ -521,7 +572,7 @@ def _update_impl(
     """
     if _update_host(
         running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var, count, momentum, unbiased, where
-    ):
+    ):  # HOST_DONE (nothing here is checked, so never HOST_IMPRECISE)
         return
     _update(running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var, count, momentum, unbiased)
     # CPU only: the counter is already in host memory (reading it is no device sync); other
@@ -532,6 +583,13 @@ def _update_impl(
 
 _HOST_DTYPES = (torch.float32, torch.float64)
 _all = np.logical_and.reduce  # ndarray.all() goes through a Python wrapper; the ufunc reduction does not
+
+
+_HOST: dict[str, Any] = {}
+"""The host kernels module (or None without numba), looked up on the first update."""
+HOST_SKIPPED, HOST_DONE, HOST_IMPRECISE = 0, 1, 2
+"""The results of :func:`_update_host`: not applicable (nothing done), done, or the producing
+kernel's precision check failed (nothing done)."""
 
 
 def _update_host(
@@ -545,34 +603,53 @@ def _update_host(
     momentum: float | None,
     unbiased: bool,
     where: str,
-) -> bool:
-    """The same update with NumPy on the tensors' CPU memory, for one layer's float32/float64
-    statistics (a handful of array operations instead of a dozen torch ops: this is most of a
-    small layer's step). Returns False, doing nothing, where it does not apply."""
+    check: tuple[float, Tensor, Tensor] | None = None,
+) -> int:
+    """The same update on the tensors' CPU memory, for one layer's float32/float64 statistics: one
+    compiled call (:func:`batchnorm._kernels.cpu_small.update_running`; NumPy without numba)
+    instead of a dozen torch ops, which are most of a small layer's step.
+
+    ``check`` = (kappa_max, save_mean, save_invstd): first verify the producing kernel's
+    precision, ``|save_mean| * save_invstd <= kappa_max`` per channel. Returns ``HOST_SKIPPED``
+    (does not apply here), ``HOST_IMPRECISE`` (the check failed) or ``HOST_DONE``."""
     if count == 0:
-        return True
+        return HOST_DONE
     for t in (running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var):
         if t.device.type != "cpu" or t.requires_grad:
-            return False
+            return HOST_SKIPPED
     if running_mean.dim() != 1 or num_batches_tracked.dim() != 0 or num_batches_skipped.dim() != 0:
-        return False
+        return HOST_SKIPPED
     if running_mean.dtype not in _HOST_DTYPES or running_var.dtype not in _HOST_DTYPES or var.dtype not in _HOST_DTYPES:
-        return False
-    if mean.dtype != torch.float64:
-        return False
-    m, v = mean.numpy(), var.numpy()
-    if not (_all(np.isfinite(m)) and _all(np.isfinite(v))):
+        return HOST_SKIPPED
+    if mean.dtype not in _HOST_DTYPES:
+        return HOST_SKIPPED
+    f = momentum if momentum is not None else 1.0 / (float(num_batches_tracked.numpy()) + 1.0)
+    unbias = count / (count - 1) if unbiased and count > 1 else 1.0
+    m, v, rm, rv = mean.numpy(), var.numpy(), running_mean.numpy(), running_var.numpy()
+    kernels = _HOST["kernels"] if "kernels" in _HOST else _HOST.setdefault("kernels", host_kernels())
+    if kernels is not None:
+        code = kernels.update_running(rm, rv, m, v, f, unbias, *(() if check is None else _check_arrays(check)))
+        if code == kernels.ILL_CONDITIONED:
+            return HOST_IMPRECISE
+        finite = code == kernels.UPDATED
+    else:
+        if check is not None and native.kappa(check[1], check[2]) > check[0]:
+            return HOST_IMPRECISE
+        finite = bool(_all(np.isfinite(m)) and _all(np.isfinite(v)))
+        if finite:
+            rm[...] = rm.astype(np.float64) * (1.0 - f) + f * m  # in float64, rounded once, as the torch form
+            rv[...] = rv.astype(np.float64) * (1.0 - f) + f * (v.astype(np.float64) * unbias)
+    if not finite:
         num_batches_skipped.add_(1)
         if int(num_batches_skipped.numpy()) == 1:
             _warn_skipped(mean, var, num_batches_skipped, where)
-        return True
-    f = momentum if momentum is not None else 1.0 / (float(num_batches_tracked.numpy()) + 1.0)
-    unbias = count / (count - 1) if unbiased and count > 1 else 1.0
-    rm, rv = running_mean.numpy(), running_var.numpy()
-    rm[...] = rm.astype(np.float64) * (1.0 - f) + f * m  # in float64, rounded once, as the torch form
-    rv[...] = rv.astype(np.float64) * (1.0 - f) + f * (v.astype(np.float64) * unbias)
+        return HOST_DONE
     num_batches_tracked.add_(1)
-    return True
+    return HOST_DONE
+
+
+def _check_arrays(check: tuple[float, Tensor, Tensor]) -> tuple[float, np.ndarray, np.ndarray]:
+    return check[0], check[1].detach().numpy(), check[2].detach().numpy()
 
 
 def _warn_skipped(mean: Tensor, var: Tensor, skipped: Tensor, where: str) -> None:
@@ -661,6 +738,26 @@ def _update_vmap(
 update_running_stats.register_vmap(_update_vmap)
 
 
+def update_eager(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+    num_batches_skipped: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float | None,
+    where: str,
+    unbiased: bool = True,
+) -> None:
+    """The running-statistics update of a step already on the eager path: NumPy on CPU memory
+    (:func:`_update_host`) where it applies, else torch ops (:func:`_update_impl`)."""
+    state = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
+    if _update_host(*state, mean, var, count, momentum, unbiased, where) == HOST_SKIPPED:
+        with torch.no_grad():
+            _update_impl(*state, mean.detach(), var.detach(), count, momentum, unbiased, where)
+
+
 def update_running_stats_(
     running_mean: Tensor,
     running_var: Tensor,
@@ -678,9 +775,7 @@ def update_running_stats_(
     with torch ops on the device (:func:`_update`); both apply the same rule."""
     args = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
     if eager(*args, mean, var):
-        if not _update_host(*args, mean, var, count, momentum, unbiased, where):
-            with torch.no_grad():
-                _update_impl(*args, mean.detach(), var.detach(), count, momentum, unbiased, where)
+        update_eager(*args, mean, var, count, momentum, where, unbiased)
         return
     with torch.no_grad():
         update_running_stats(*args, mean.detach(), var.detach(), count, momentum, unbiased, where)

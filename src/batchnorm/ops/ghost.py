@@ -13,12 +13,12 @@ what the running statistics record. Backward per (g, c), g = dL/dy:
     dx = weight_c * invstd_gc * (g - mean(g) - x_hat * mean(g * x_hat))
     dweight_c = sum_g sum g * x_hat,   dbias_c = sum_g sum g
 
-Numerics: every step over the data is one torch op on a strided view (K, v, C, S) of x (or
-(K, v, S, C) for channels_last), no transposing copy and no loop over ghost batches; runs of
-about BLOCK_BYTES keep the passes in cache. Values are centred on a per-(g, c) shift (the
-float32 rounding of the mean in the backward, the mean of a few samples in the forward), so
-``x - shift`` is exact for data far from zero (mean 1e4, std 1e-2) and the one-pass variance
-of the small residual keeps its digits.
+Numerics: the k equal ghost batches of a part of x (k*n, C, *) are k*C channels of one batch:
+:func:`fold` makes the (n, k*C, *) tensor (a copy), and the kernel back-end of the folded tensor
+(:func:`batchnorm._kernels.dispatch.backend_for`) computes forward and backward exactly as for
+plain batch norm, with weight and bias repeated k times and the parameter gradients summed
+over the k copies. So ghost batch norm has the precision, the speed and the devices of the
+kernels (``use_backend`` selects them too), and no numerics of its own.
 """
 
 from __future__ import annotations
@@ -29,19 +29,14 @@ import torch
 from torch import Tensor
 
 from .._kernels import torch_ops
-from .._kernels.dispatch import _numba, get_backend
+from .._kernels.dispatch import backend_for
 from ._common import acc_dtype, fold_channels, fold_vector, fresh, to_front, unfold_channels
 from ._path import apply, eager, eager_backward, forward_ad_active, needs_grad
-from .bn import memory_format_of
+from .bn import memory_format_of, update_eager, update_running_stats_
+
+_c = torch._C
 
 __all__ = ["ghost_split", "ghost_train", "ghost_train_backward", "ghost_pool", "ghost_forward", "pooled_moments"]
-
-BLOCK_BYTES = 512 << 10
-"""Ghost batches are processed in runs of about this many bytes (at least one ghost batch),
-so that the several passes over a run stay in cache (L2 is 2 MiB on the machines measured)."""
-
-SHIFT_SAMPLES = 4
-"""Samples per ghost batch averaged into the forward's shift."""
 
 
 def ghost_split(n: int, per_sample: int, v: int) -> tuple[int, int]:
@@ -70,125 +65,46 @@ def _parts(x: Tensor, v: int) -> list[tuple[Tensor, int]]:
     return parts
 
 
-def _channels_last(x: Tensor) -> bool:
-    return x.dim() > 2 and memory_format_of(x) != torch.contiguous_format
+def fold(x: Tensor, k: int) -> Tensor:
+    """x (k*n, C, *) -> (n, k*C, *): k ghost batches of n samples as k*C channels of one batch
+    (channel g*C + c is channel c of ghost batch g). A copy, contiguous."""
+    n = x.shape[0] // k
+    return x.reshape(k, n, *x.shape[1:]).movedim(0, 1).reshape(n, k * x.shape[1], *x.shape[2:])
 
 
-def _view(x: Tensor, k: int) -> tuple[Tensor, tuple[int, ...], tuple[int, ...]]:
-    """x (k*n, C, *) as (k, n, C, S) reduced over (1, 3), or (k, n, S, C) over (1, 2) when
-    channels_last (no copy); returns (view, reduce dims, per-channel broadcast shape)."""
-    c = x.shape[1]
-    s = x[0, 0].numel()
-    if _channels_last(x):
-        return x.movedim(1, -1).reshape(k, -1, s, c), (1, 2), (1, 1, 1, c)
-    return x.contiguous().reshape(k, -1, c, s), (1, 3), (1, 1, c, 1)
-
-
-def _unview(y: Tensor, like: Tensor) -> Tensor:
-    """Inverse of :func:`_view`: the shape and memory format of ``like``."""
-    if _channels_last(like):
-        return y.reshape(like.shape[0], *like.shape[2:], like.shape[1]).movedim(-1, 1)
-    return y.reshape(like.shape)
-
-
-def _scratch(like: Tensor, dtype: torch.dtype) -> Tensor:
-    """An uninitialized tensor of ``like``'s shape; large CPU ones from the kernels' output pool
-    (a fresh multi-MB tensor costs page faults on first touch, measured 3-5x the pass that fills it)."""
-    from .._kernels import outpool
-
-    big = like.numel() * 8 >= outpool.MIN_BYTES
-    if big and like.device.type == "cpu" and like.is_contiguous() and get_backend() != "torch" and _numba() is not None:
-        out = outpool.empty_like(like, dtype)
-        if out is not None:
-            return out
-    return torch.empty(like.shape, dtype=dtype, device=like.device)
-
-
-def _blocks(xv: Tensor, acc: torch.dtype) -> list[slice]:
-    """Runs of ghost batches (dim 0 of ``xv``) of about BLOCK_BYTES each (one run off the CPU)."""
-    k = xv.shape[0]
-    if xv.device.type != "cpu":
-        return [slice(0, k)]
-    per_ghost = (xv.numel() // k) * torch.empty((), dtype=acc).element_size()
-    step = max(1, BLOCK_BYTES // per_ghost)
-    return [slice(i, min(i + step, k)) for i in range(0, k, step)]
+def unfold(y: Tensor, k: int, like: Tensor) -> Tensor:
+    """The inverse of :func:`fold`: (n, k*C, *) -> ``like``'s shape (k*n, C, *)."""
+    n, c = y.shape[0], like.shape[1]
+    return y.reshape(n, k, c, *like.shape[2:]).movedim(1, 0).reshape(like.shape)
 
 
 def _forward_part(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, k: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean (k, C) float64, var (k, C) acc) of x (k*n, C, *) in k ghost batches."""
-    acc = acc_dtype(x.dtype)
-    xv, dims, pc = _view(x, k)
-    shift = xv[:, :SHIFT_SAMPLES].to(acc).mean(dim=dims, keepdim=True)  # (k, 1, C, 1) / (k, 1, 1, C)
-    w = weight.to(acc).reshape(pc) if weight is not None else None
-    b = bias.to(acc).reshape(pc) if bias is not None else None
-    yv = _scratch(xv, acc)  # y; each run's d^2 first
-    blocks = _blocks(xv, acc)
-    d_buf = torch.empty((blocks[0].stop, *xv.shape[1:]), dtype=acc, device=x.device)
-    m = xv.numel() // shift.numel()
-    means, variances = [], []
-    for blk in blocks:
-        d = torch.sub(xv[blk], shift[blk], out=d_buf[: blk.stop - blk.start])
-        mean_d = d.sum(dim=dims, keepdim=True) / m
-        sq = torch.mul(d, d, out=yv[blk])
-        var = (sq.sum(dim=dims, keepdim=True) / m - mean_d * mean_d).clamp_min(0.0)
-        scale = torch.rsqrt(var + eps)
-        if w is not None:
-            scale = scale * w
-        # y = (d - mean_d) * scale + bias = d * scale + offset: d is small, nothing cancels
-        offset = -mean_d * scale if b is None else torch.addcmul(b, mean_d, scale, value=-1.0)
-        torch.addcmul(offset, d, scale, out=yv[blk])
-        means.append(mean_d)
-        variances.append(var)
-    mean_d = torch.cat(means) if len(means) > 1 else means[0]
-    var = torch.cat(variances) if len(variances) > 1 else variances[0]
-    y = _unview(yv.to(x.dtype), x)
-    mean = (shift.double() + mean_d.double()).reshape(k, -1)
-    return y, mean, var.reshape(k, -1)
+    xf = fold(x, k)
+    w = None if weight is None else weight.repeat(k)
+    b = None if bias is None else bias.repeat(k)
+    y, mean, var = backend_for(xf).train_forward(xf, w, b, eps)
+    return unfold(y, k, x), mean.to(torch.float64).reshape(k, -1), var.reshape(k, -1)
 
 
 def _backward_part(
     grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float, k: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, sum g * x_hat (C,), sum g (C,)) of one part, from its (k, C) statistics.
-
-    Centring: shift = mean rounded to acc, mean_d = mean - shift (small, exact in float64), so
-    x - mu = (x - shift) - mean_d keeps the digits of data far from zero.
-    """
-    acc = acc_dtype(x.dtype)
-    xv, dims, pc = _view(x, k)
-    gv = _view(grad_y.contiguous(memory_format=memory_format_of(x)), k)[0]
-    stat_shape = (k, *pc[1:])
-    shift = mean.to(acc).reshape(stat_shape)
-    mean_d = (mean - shift.double().reshape(k, -1)).to(acc).reshape(stat_shape)
-    invstd = torch.rsqrt(var.to(acc) + eps).reshape(stat_shape)
-    w = weight.to(acc).reshape(pc) if weight is not None else None
-    m = xv.numel() // invstd.numel()
-    blocks = _blocks(xv, acc)
-    dxv = _scratch(xv, acc)
-    d_buf = torch.empty((blocks[0].stop, *xv.shape[1:]), dtype=acc, device=x.device)
-    sums_g, sums_gxhat = [], []
-    for blk in blocks:
-        g_b, mean_b, inv_b = gv[blk].to(acc), mean_d[blk], invstd[blk]
-        d = torch.sub(xv[blk], shift[blk], out=d_buf[: blk.stop - blk.start])
-        prod = torch.mul(g_b, d, out=dxv[blk])
-        sum_g = g_b.sum(dim=dims, keepdim=True)
-        sum_gc = prod.sum(dim=dims, keepdim=True) - mean_b * sum_g  # sum g * (x - mu)
-        scale = inv_b if w is None else inv_b * w
-        coef = -(scale * inv_b * inv_b * sum_gc) / m
-        const = -(scale * sum_g) / m - coef * mean_b
-        torch.addcmul(const, g_b, scale, out=prod).addcmul_(d, coef)  # dx into dxv[blk]
-        sums_g.append(sum_g)
-        sums_gxhat.append(sum_gc * inv_b)
-    dx = _unview(dxv.to(x.dtype), x)
-    sum_g = torch.cat(sums_g) if len(sums_g) > 1 else sums_g[0]
-    sum_gxhat = torch.cat(sums_gxhat) if len(sums_gxhat) > 1 else sums_gxhat[0]
-    return dx, sum_gxhat.sum(0).reshape(-1), sum_g.sum(0).reshape(-1)
+    """(dx, sum g * x_hat (C,), sum g (C,)) of one part, from its (k, C) statistics."""
+    xf = fold(x, k)
+    invstd = torch.rsqrt(var.reshape(-1) + eps)
+    w = None if weight is None else weight.repeat(k)
+    dxf, dw, db = backend_for(xf).backward(fold(grad_y, k), xf, mean.reshape(-1), invstd, w)
+    return unfold(dxf, k, x), dw.reshape(k, -1).sum(0), db.reshape(k, -1).sum(0)
 
 
 def _cat_like(pieces: list[Tensor], like: Tensor) -> Tensor:
+    """The parts' outputs as one tensor in ``like``'s memory format."""
     y = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    if like.is_contiguous():
+        return y
     fmt = memory_format_of(like)
     return y.contiguous(memory_format=fmt) if fmt != torch.contiguous_format else y
 
@@ -211,10 +127,17 @@ def _ghost_train_impl(
         means.append(mean)
         variances.append(var)
     # statistics flat (K*C,), ghost-batch-major: a 1-D shape keeps a dynamic batch free of size-1 guards
-    return fresh((_cat_like(ys, x), torch.cat(means).reshape(-1), torch.cat(variances).reshape(-1)), (x, weight, bias))
+    return _cat_like(ys, x), torch.cat(means).reshape(-1), torch.cat(variances).reshape(-1)
 
 
-ghost_train = torch.library.custom_op("batchnorm::ghost_train", _ghost_train_impl, mutates_args=())
+def _ghost_train_op(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, virtual_batch_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_ghost_train_impl` as an operator implementation: no output aliases an input."""
+    return fresh(_ghost_train_impl(x, weight, bias, eps, virtual_batch_size), (x, weight, bias))
+
+
+ghost_train = torch.library.custom_op("batchnorm::ghost_train", _ghost_train_op, mutates_args=())
 
 
 def _ghost_count(x: Tensor, v: int) -> int:
@@ -242,18 +165,27 @@ def _ghost_train_backward_impl(
     dxs, dw, db = [], None, None
     row = 0
     mean, var = mean.reshape(-1, x.shape[1]), var.reshape(-1, x.shape[1])
-    grads = grad_y.split([p.shape[0] for p, _ in _parts(x, virtual_batch_size)])
-    for (part, k), g in zip(_parts(x, virtual_batch_size), grads):
+    parts = _parts(x, virtual_batch_size)
+    grads = grad_y.split([p.shape[0] for p, _ in parts]) if len(parts) > 1 else (grad_y,)
+    for (part, k), g in zip(parts, grads):
         dx, sw, sb = _backward_part(g, part, weight, mean[row : row + k], var[row : row + k], eps, k)
         row += k
         dxs.append(dx)
         dw = sw if dw is None else dw + sw
         db = sb if db is None else db + sb
-    return fresh((_cat_like(dxs, x), dw, db), (grad_y, x, weight, mean, var))  # type: ignore[arg-type]
+    return _cat_like(dxs, x), dw, db  # type: ignore[return-value]
+
+
+def _ghost_train_backward_op(
+    grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float, virtual_batch_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_ghost_train_backward_impl` as an operator implementation: no output aliases an input."""
+    out = _ghost_train_backward_impl(grad_y, x, weight, mean, var, eps, virtual_batch_size)
+    return fresh(out, (grad_y, x, weight, mean, var))
 
 
 ghost_train_backward = torch.library.custom_op(
-    "batchnorm::ghost_train_backward", _ghost_train_backward_impl, mutates_args=()
+    "batchnorm::ghost_train_backward", _ghost_train_backward_op, mutates_args=()
 )
 
 
@@ -319,23 +251,16 @@ def _composite_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) from differentiable torch ops (statistics recomputed from x), for
     ``create_graph=True``: autograd then sees how every ghost batch's mean and invstd depend on x."""
-    acc = acc_dtype(x.dtype)
     dxs, sw, sb = [], None, None
     grads = grad_y.split([p.shape[0] for p, _ in _parts(x, v)])
     for (part, k), g in zip(_parts(x, v), grads):
-        xv, dims, pc = _view(part, k)
-        gv = _view(g.contiguous(memory_format=memory_format_of(part)), k)[0].to(acc)
-        xa = xv.to(acc)
-        mu = xa.mean(dim=dims, keepdim=True)
-        xc = xa - mu
-        invstd = torch.rsqrt((xc * xc).mean(dim=dims, keepdim=True) + eps)
-        x_hat = xc * invstd
-        mean_g = gv.mean(dim=dims, keepdim=True)
-        mean_gx = (gv * x_hat).mean(dim=dims, keepdim=True)
-        scale = invstd if weight is None else invstd * weight.to(acc).reshape(pc)
-        dxs.append(_unview((scale * (gv - mean_g - x_hat * mean_gx)).to(x.dtype), part))
-        pw = (gv * x_hat).sum(dim=dims).sum(0).reshape(-1)
-        pb = gv.sum(dim=dims).sum(0).reshape(-1)
+        xf = fold(part, k)
+        mean, var = torch_ops.batch_stats(xf)
+        dxf, pw, pb = torch_ops.backward(
+            fold(g, k), xf, mean, torch.rsqrt(var + eps), (None if weight is None else weight.repeat(k))
+        )
+        dxs.append(unfold(dxf, k, part))
+        pw, pb = pw.reshape(k, -1).sum(0), pb.reshape(k, -1).sum(0)
         sw = pw if sw is None else sw + pw
         sb = pb if sb is None else sb + pb
     return _cat_like(dxs, x), sw, sb  # type: ignore[return-value]
@@ -433,17 +358,49 @@ class _GhostTrainForwardAD(_GhostTrain):
 
 def _ghost_normalized(x: Tensor, mean: Tensor, var: Tensor, eps: float, v: int) -> Tensor:
     """x_hat (acc dtype, x's shape) from the per-ghost-batch statistics (K, C)."""
-    acc = acc_dtype(x.dtype)
     pieces, row = [], 0
     mean, var = mean.reshape(-1, x.shape[1]), var.reshape(-1, x.shape[1])
     for part, k in _parts(x, v):
-        xv, _, pc = _view(part, k)
-        shape = (k, *pc[1:])
-        mu = mean[row : row + k].reshape(shape)
-        inv = torch.rsqrt(var[row : row + k].to(acc) + eps).reshape(shape)
-        pieces.append(_unview(((xv.double() - mu) * inv).to(acc), part))
+        xf = fold(part, k)
+        invstd = torch.rsqrt(var[row : row + k].reshape(-1) + eps)
+        x_hat = torch_ops.center(xf, mean[row : row + k].reshape(-1)) * torch_ops.channel_view(invstd, xf.dim())
+        pieces.append(unfold(x_hat.to(invstd.dtype), k, part))
         row += k
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def ghost_step(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor,
+    num_batches_skipped: Tensor,
+    momentum: float | None,
+    eps: float,
+    virtual_batch_size: int,
+    where: str,
+) -> Tensor:
+    """A ghost-batch training step on checked arguments: y and, when ``running_mean`` and
+    ``running_var`` are given, ONE update of them with the whole batch's statistics (pooled from
+    the ghost batches, :func:`ghost_pool`). The path is decided once for all of it."""
+    v = virtual_batch_size
+    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    if eager(x, weight, bias):
+        if _c.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)):  # fmt: skip
+            y, mean_k, var_k = apply(_GhostTrainEager, x, weight, bias, eps, v, True)
+        else:
+            y, mean_k, var_k = _ghost_train_impl(x, weight, bias, eps, v)
+        if running_mean is not None and running_var is not None and count:
+            mean, var = _ghost_pool_impl(x, mean_k, var_k, v)
+            update_eager(running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var, count, momentum, where)  # fmt: skip
+        return y
+    y, mean_k, var_k = ghost_forward(x, weight, bias, eps, v)
+    if running_mean is not None and running_var is not None and count:
+        mean, var = pooled_moments(x, mean_k, var_k, v)
+        update_running_stats_(running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var, count, momentum, where)  # fmt: skip
+    return y
 
 
 def ghost_forward(
