@@ -143,3 +143,29 @@ def test_errors_leave_running_stats_untouched() -> None:
             bn(bad)
     for k, v in bn.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda f: f(torch.randn(4, 3), torch.zeros(4), torch.ones(4)),  # running stats of the wrong size
+        lambda f: f(torch.randn(4, 3), torch.zeros(3), torch.ones(3), torch.ones(2)),  # weight of the wrong size
+    ],
+    ids=["running_mean", "weight"],
+)
+def test_wrong_size_is_both_value_and_runtime_error(call) -> None:
+    """Where torch raises RuntimeError for a tensor of the wrong size, ours raises ShapeError: a
+    ValueError (our convention) that is also a RuntimeError (torch's), with our message."""
+    with pytest.raises(RuntimeError):
+        call(torch.nn.functional.batch_norm)
+    with pytest.raises(batchnorm.ShapeError, match="expected .* of shape") as info:
+        call(batchnorm.batch_norm)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+
+
+def test_wrong_channel_count_is_both_value_and_runtime_error() -> None:
+    x = torch.randn(4, 5)
+    with pytest.raises(RuntimeError):
+        torch.nn.BatchNorm1d(3)(x)
+    with pytest.raises(batchnorm.ShapeError, match="expected 3 channels"):
+        batchnorm.BatchNorm1d(3)(x)

@@ -7,6 +7,7 @@ Conventions (as PyTorch): momentum is the weight of the *new* batch statistic
 the *unbiased* variance; eps sits inside the square root.
 """
 
+from ._checks import ShapeError
 from ._kernels.dispatch import get_backend, set_backend, use_backend
 from .distributed.convert import convert_sync_batchnorm
 from .functional import batch_norm
@@ -78,6 +79,7 @@ __all__ = [
     "LayerStatistics",
     "Moments",
     "RedundantBias",
+    "ShapeError",
     "SyncBatchNorm",
     "batch_norm",
     "batch_norm_act",

@@ -11,6 +11,14 @@ import math
 import torch
 from torch import Tensor
 
+
+class ShapeError(ValueError, RuntimeError):
+    """A tensor whose shape does not fit the layer or call: both a ``ValueError`` (our convention
+    for bad input) and a ``RuntimeError``, the class torch raises for the same inputs (a weight or
+    running statistic of the wrong size, an input with the wrong number of channels), so code
+    written against either catches it."""
+
+
 _LAYOUTS = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
 
 
@@ -37,7 +45,7 @@ def check_input(
         want = " or ".join(f"{n}D {layout(n)}" for n in ndims)
         raise ValueError(f"{where}: expected {want} input, got {x.dim()}D input of shape {tuple(x.shape)}")
     if num_features is not None and x.shape[1] != num_features:
-        raise ValueError(
+        raise ShapeError(
             f"{where}: expected {num_features} channels in dim 1, got {x.shape[1]} (input shape {tuple(x.shape)})"
         )
     return x
@@ -116,7 +124,7 @@ def check_param(p: Tensor | None, name: str, num_features: int, where: str) -> N
     if not isinstance(p, Tensor):
         raise TypeError(f"{where}: expected {name} to be a Tensor or None, got {type(p).__name__}")
     if p.shape != (num_features,):
-        raise ValueError(
+        raise ShapeError(
             f"{where}: expected {name} of shape ({num_features},) to match the input's channels, got {tuple(p.shape)}"
         )
     if not p.is_floating_point():

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+import batchnorm
+
 from ._cases import CASES, Case
 
 FORBIDDEN = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu")
@@ -70,17 +72,23 @@ def check_meta(case: Case, *, training: bool, grad: bool) -> None:
 
 MODES = pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 GRAD = pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+# the default, and "native": aten's kernels, the CUDA default (run on CPU and meta here)
+BACKENDS = pytest.mark.parametrize("backend", ["auto", "native"])
 
 
+@BACKENDS
 @GRAD
 @MODES
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_step_reads_nothing_back(case: Case, training: bool, grad: bool) -> None:
-    check_no_host_read(case, training=training, grad=grad)
+def test_step_reads_nothing_back(case: Case, training: bool, grad: bool, backend: str) -> None:
+    with batchnorm.use_backend(backend):
+        check_no_host_read(case, training=training, grad=grad)
 
 
+@BACKENDS
 @GRAD
 @MODES
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_step_runs_on_meta_device(case: Case, training: bool, grad: bool) -> None:
-    check_meta(case, training=training, grad=grad)
+def test_step_runs_on_meta_device(case: Case, training: bool, grad: bool, backend: str) -> None:
+    with batchnorm.use_backend(backend):
+        check_meta(case, training=training, grad=grad)
