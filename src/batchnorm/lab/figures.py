@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 
 from ._files import write_bytes_atomic
 
-__all__ = ["checking_layout", "layout_problems", "log_ticks", "mean_band", "pyplot", "save"]
+__all__ = ["checking_layout", "layout_problems", "log_ticks", "mean_band", "pyplot", "save", "wrap"]
 
 
 def pyplot() -> Any:
@@ -57,10 +58,12 @@ def _tidy(fig: Any) -> None:
 
     for ax in fig.axes:
         bars = [c for c in ax.containers if isinstance(c, BarContainer)]
-        if bars and ax.get_yscale() == "linear":
-            heights = [p.get_height() for c in bars for p in c.patches]
-            if heights and min(heights) >= 0:
-                ax.set_ylim(bottom=0)
+        upright = [p.get_height() for c in bars if c.orientation != "horizontal" for p in c.patches]
+        if upright and min(upright) >= 0 and ax.get_yscale() == "linear":
+            ax.set_ylim(bottom=0)
+        sideways = [p.get_width() for c in bars if c.orientation == "horizontal" for p in c.patches]
+        if sideways and min(sideways) >= 0 and ax.get_xscale() == "linear":
+            ax.set_xlim(left=0)
         for axis in (ax.xaxis, ax.yaxis):
             if axis.get_scale() == "log":
                 _log_axis(axis)
@@ -73,7 +76,7 @@ the others in powers of ten."""
 
 def _log_axis(axis: Any) -> None:
     """Label a log axis readably: decades when it spans three or more, else decades with
-    1-2-5 (or every integer multiple) between them, so at least three ticks carry a label;
+    1-2-5 (or 1-2-3-5, or every integer multiple) between them, so at least three ticks carry a label;
     plain numbers inside ``_PLAIN_RANGE``, powers of ten outside. Axes given fixed ticks
     (``log_ticks``) are left as they are."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatterSciNotation, LogLocator, NullFormatter
@@ -84,7 +87,7 @@ def _log_axis(axis: Any) -> None:
     if not (lo > 0 and np.isfinite(hi)):
         return
     subs: tuple[float, ...] = (1.0,)
-    for candidate in ((1.0,), (1.0, 2.0, 5.0), tuple(float(k) for k in range(1, 10))):
+    for candidate in ((1.0,), (1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0), tuple(float(k) for k in range(1, 10))):
         subs = candidate
         ticks = LogLocator(base=10, subs=candidate).tick_values(lo, hi)
         if np.count_nonzero((ticks >= lo * (1 - 1e-9)) & (ticks <= hi * (1 + 1e-9))) >= 3:
@@ -105,6 +108,12 @@ def log_ticks(axis: Any, values: Sequence[float]) -> None:
     axis.set_major_locator(FixedLocator(sorted(float(v) for v in values)))
     axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
     axis.set_minor_formatter(NullFormatter())
+
+
+def wrap(text: str, width: int = 14) -> str:
+    """``text`` broken into lines of at most ``width`` characters (at spaces): category labels
+    under bars stay horizontal and side by side instead of rotated into each other."""
+    return "\n".join(textwrap.wrap(str(text), width)) or str(text)
 
 
 def _drawn_texts(fig: Any) -> list[tuple[str, Any, Any]]:

@@ -367,7 +367,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     axes[0].set_xlabel("hidden layer")
     axes[0].set_ylabel("max |gradient| on one batch")
     axes[0].set_title("Gradients: the bias gets only rounding noise")
-    axes[0].legend()
+    axes[0].set_ylim(top=1e3 * max(m["weight_grad_max"]))  # room for the legend above the bars
+    axes[0].legend(loc="upper right")
     axes[0].grid(alpha=0.3, axis="y")
 
     a = np.asarray(m["paired_losses_with_bias"], dtype=float)

@@ -387,7 +387,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Bars: test accuracy and loss per arm, mean over seeds ± std, seeds as dots."""
-    from ..figures import pyplot, save
+    from ..figures import pyplot, save, wrap
 
     plt = pyplot()
     q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
@@ -400,7 +400,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             ax.bar(i, values.mean(), yerr=values.std(), color=colors[i % len(colors)], alpha=0.75, capsize=4)
             ax.plot(np.full(values.shape, i), values, "k.", markersize=4)
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
+        ax.set_xticklabels([wrap(name, 10) for name in names], fontsize=8)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
     low = min(v[n]["test_acc"] for v in q for n in names)

@@ -246,12 +246,13 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Test accuracy per arm (mean ± std over seeds) and the number of updates per arm."""
-    from ..figures import pyplot, save
+    from ..figures import pyplot, save, wrap
 
     plt = pyplot()
     per_seed = results["metrics"]["per_seed"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.3), gridspec_kw={"width_ratios": [3, 2]})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
     x = np.arange(len(_ARMS))
+    names = [wrap(_LABELS[arm], 10) for arm in _ARMS]
     colors = ["tab:blue", "tab:red", "tab:orange", "tab:purple", "tab:green"]
     means = [float(np.mean(_acc(results, arm))) for arm in _ARMS]
     stds = [float(np.std(_acc(results, arm))) for arm in _ARMS]
@@ -259,26 +260,23 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax = axes[0]
     ax.bar(x, means, yerr=stds, capsize=4, color=colors, label="test accuracy (mean ± std over seeds)")
     ax.plot(x, train, "k_", markersize=22, mew=2, label="training accuracy (mean)")
-    lo = min(m - s for m, s in zip(means, stds))
-    bottom = max(0.0, lo - 3)
-    for i, mu in enumerate(means):
-        ax.text(
-            i, bottom + 0.5, f"{mu:.1f}%\n{len(per_seed)} seeds", ha="center", va="bottom", fontsize=8, color="white"
-        )
+    for i, mu in enumerate(means):  # at the foot of each bar, clear of the error bars
+        ax.text(i, 2, f"{mu:.1f}%\n{len(per_seed)} seeds", ha="center", va="bottom", fontsize=8, color="white")
     ax.set_xticks(x)
-    ax.set_xticklabels([_LABELS[arm] for arm in _ARMS], fontsize=8)
-    ax.set_ylim(bottom, 101)
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylim(0, 101)
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Large-batch generalization gap and how to close it")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax = axes[1]
     updates = [per_seed[0]["arms"][arm]["updates"] for arm in _ARMS]
     ax.bar(x, updates, color=colors)
     for i, u in enumerate(updates):
         ax.text(i, u, str(u), ha="center", va="bottom", fontsize=8)
     ax.set_yscale("log")
+    ax.set_ylim(top=2 * max(updates))  # room for the count above the tallest bar
     ax.set_xticks(x)
-    ax.set_xticklabels([_LABELS[arm] for arm in _ARMS], fontsize=7, rotation=20)
+    ax.set_xticklabels(names, fontsize=8)
     ax.set_ylabel("SGD updates")
     ax.set_title("Number of updates: the gap follows it")
     return [save(fig, outdir / "generalization_gap.png")]

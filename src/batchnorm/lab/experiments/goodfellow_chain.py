@@ -367,6 +367,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         ax.set_yscale("symlog", linthresh=1e-6)
         ax.set_xlim(1e-8, 1e6)
         ax.set_ylim(-1e12, 1e4)
+        ax.set_yticks([-1e12, -1e8, -1e4, -1.0, -1e-4, 0.0, 1e-4, 1.0, 1e4])  # every 4 decades: no crowding at 0
         ax.set_xlabel("predicted loss decrease lr*|g|^2 (first order)")
         ax.set_title(f"{title} (all weights = {scale_shown})")
         ax.grid(alpha=0.3)

@@ -522,7 +522,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Test error vs group size (i.i.d.; mean ± std over seeds) and non-i.i.d. bars."""
-    from ..figures import pyplot, save
+    from ..figures import log_ticks, pyplot, save
 
     plt = pyplot()
     t = results["config"]
@@ -551,8 +551,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             label=label,
         )
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes)
-    ax.set_xticklabels([str(v) for v in sizes])
+    # every power of two from the smallest group to the largest, so the axis reads as a scale
+    log_ticks(ax.xaxis, [2**k for k in range(int(np.log2(min(sizes))), int(np.log2(max(sizes))) + 1)])
     ax.invert_xaxis()
     ax.set_xlabel(f"examples per normalization group m ({batch} per SGD step)")
     ax.set_ylabel("test error (%)")
