@@ -34,31 +34,6 @@ from ..verdict import judge
 ID = "ghost-bn"
 DESCRIPTION = "Hoffer 2017: large-batch generalization gap; sqrt-LR scaling, ghost BN and regime adaptation close it"
 QUICK_SECONDS = 14.0
-EXPLANATION = """
-Training with a large batch is attractive (fewer, more parallel steps) but for the same number
-of epochs it generalizes worse than a small batch - the "generalization gap". Hoffer, Hubara &
-Soudry (2017) argued that the gap is not inherent to large batches: it comes from making far
-fewer parameter updates. They close it in three moves. (1) Scale the learning rate with the
-square root of the batch-size ratio (the update noise then has the same covariance).
-(2) Ghost Batch Normalization: compute BN's statistics over small "ghost" batches of the
-large batch (e.g. 128 of 4096) rather than over all of it, which keeps the regularizing noise
-of small-batch BN. (3) Regime adaptation: train for as many updates as the small-batch run
-(the epochs multiplied by the batch ratio). On CIFAR-10 with ResNet-44 the test accuracy goes
-92.8% (small batch) -> 86.1% (large batch) -> 89.3% (+LR) -> 90.5% (+GBN) -> 93.1% (+RA).
-
-Here the same five arms train a 3x128 FC-BN-ReLU network (the form of their MNIST model) on
-the data: small batch 32; large batch 1024 with the same learning rate; large batch with
-lr * sqrt(1024/32); plus Ghost BN with ghost batches of 32; plus regime adaptation (32 times
-the epochs). All use SGD with momentum 0.9, weight decay 1e-4, gradient-norm clipping at 5
-(as in the authors' code) and a step schedule (learning rate / 10 at 50% and 75% of the
-updates). Several seeds; within a seed every arm starts from the same initial weights (the
-minibatches differ: their sizes do). Each claim is judged over the seeds with paired
-differences, as an estimate with a 95% interval: "holds" when the whole interval is on the
-claimed side of the threshold, "does not hold" when it is entirely on the other side,
-"inconclusive" otherwise. The figure shows mean test accuracy with one standard deviation,
-next to the number of updates each arm made.
-"""
-
 _ARMS = ("sb", "lb", "lb_lr", "lb_lr_gbn", "lb_lr_gbn_ra")
 _LABELS = {
     "sb": "SB (32)",
@@ -167,7 +142,6 @@ class GhostBN(Experiment):
     ID = ID
     DESCRIPTION = DESCRIPTION
     QUICK_SECONDS = QUICK_SECONDS
-    EXPLANATION = EXPLANATION
 
     def settings(self, cfg: RunConfig) -> Settings:
         return _settings(cfg)
