@@ -209,14 +209,22 @@ def save(fig: Any, path: Path, dpi: int = 110) -> Path:
 
 
 def mean_band(ax: Any, x: Sequence[float], runs: Sequence[Sequence[float]], label: str, **kw: Any) -> None:
-    """Plot the mean over runs (rows) with a shaded ±1 std band (no band for a single run)."""
+    """Plot the mean over runs (rows) with a shaded ±1 std band (no band for a single run).
+
+    NaN entries (a run that diverged, a point not measured) are left out of that point's mean
+    and std; a point with no finite value is a gap in the line."""
     values = np.asarray(runs, dtype=float)  # (runs, len(x))
     if values.ndim == 1:
         values = values[None, :]
-    mean = np.nanmean(values, axis=0)
-    (line,) = ax.plot(
-        x, mean, label=label if values.shape[0] == 1 else f"{label} (mean ± std, {values.shape[0]} seeds)", **kw
-    )
+    finite = np.isfinite(values)
+    count = finite.sum(axis=0)
+    filled = np.where(finite, values, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, filled.sum(axis=0) / count, np.nan)
+        var = np.where(count > 0, (np.where(finite, values - mean, 0.0) ** 2).sum(axis=0) / count, np.nan)
+    n = values.shape[0]
+    seeds = f"{n} seeds" if finite.all() else f"up to {n} seeds"
+    (line,) = ax.plot(x, mean, label=label if n == 1 else f"{label} (mean ± std, {seeds})", **kw)
     if values.shape[0] > 1:
-        std = np.nanstd(values, axis=0)
+        std = np.sqrt(var)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)

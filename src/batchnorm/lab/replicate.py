@@ -169,7 +169,9 @@ def replicate(
     same mode, data set and seeds is not trained again: its claims are judged again from the
     saved measurements (so a finished half of an interrupted or failed replication is kept).
     An experiment that fails leaves its cell empty and is listed under ``"failed"`` (one line
-    each); the others still run and the matrix is written.
+    each); the others still run and the matrix is written. ``progress_for(id, k, n)`` makes the
+    progress display of the ``k``-th of the ``n`` runs (data sets in order, experiments within
+    each); it is not called for a run kept by ``resume``.
     """
     from . import registry
 
@@ -178,7 +180,7 @@ def replicate(
         registry.get(experiment_id)  # fail on a bad id before training anything
     by_data: dict[str, list[dict[str, Any]]] = {}
     failed: list[str] = []
-    for data in datasets:
+    for d, data in enumerate(datasets):
         cfg = RunConfig(
             mode=mode, seed=int(seeds[0]), seeds=tuple(int(s) for s in seeds), data=data, out=Path(out) / data
         )
@@ -192,7 +194,10 @@ def replicate(
                     save_results(directory, results)
                     write_experiment_report(directory, results, registry.get(experiment_id))
                 else:
-                    progress = progress_for(experiment_id, i, len(experiment_ids)) if progress_for else None
+                    k = d * len(experiment_ids) + i  # position in the whole replication
+                    progress = (
+                        progress_for(experiment_id, k, len(datasets) * len(experiment_ids)) if progress_for else None
+                    )
                     results = run_one(experiment_id, cfg, progress)
             except ExperimentFailed as err:
                 failed.append(f"{data}: {err}")

@@ -80,6 +80,11 @@ def _esc(value: Any) -> str:
     return html.escape(str(value))
 
 
+def _emphasis(text: str) -> str:
+    """Markdown ``*word*`` as <em> (a lone ``*``, as in ``y * s``, stays as it is)."""
+    return re.sub(r"(?<![\w*])\*(?=\S)([^*]+?)(?<=\S)\*(?![\w*])", r"<em>\1</em>", text)
+
+
 def _paragraphs(text: str) -> str:
     """An experiment's Markdown prose as HTML paragraphs: blank lines separate paragraphs, a
     leading ``# title`` line is dropped (the page has its own), ``code`` spans stay code."""
@@ -91,7 +96,7 @@ def _paragraphs(text: str) -> str:
         pieces = re.split(r"``(.+?)``|`(.+?)`", " ".join(block.split()))
         # re.split yields text, code (double), code (single), text, ...
         html_text = "".join(
-            _esc(piece) if k % 3 == 0 else f"<code>{_esc(piece)}</code>"
+            _emphasis(_esc(piece)) if k % 3 == 0 else f"<code>{_esc(piece)}</code>"
             for k, piece in enumerate(pieces)
             if piece is not None
         )
@@ -189,6 +194,9 @@ def _side(lo: float, hi: float, above: float | None, below: float | None) -> str
     return "holds" if inside else ("does not hold" if outside else "inconclusive")
 
 
+_PHRASE = {"holds": "holds", "does not hold": "does not hold", "inconclusive": "is inconclusive"}
+
+
 def why(claim: dict[str, Any]) -> str:
     """The verdict in words, from the numbers shown beside it: where the 95% interval lies
     against the threshold, and for an undecided claim how close the estimate is to it."""
@@ -236,7 +244,7 @@ def why(claim: dict[str, Any]) -> str:
                 + (f", over {n} seeds" if n else "")
             )
     if main != verdict:
-        text += f"; this first part alone would say {main}, and the claim's further parts (in the evidence) make it {verdict}"
+        text += f"; this first part alone {_PHRASE[main]}, but another part of the claim (see what was measured) {_PHRASE[verdict]}"
     return text
 
 

@@ -323,6 +323,14 @@ def _growth(profile: Sequence[Any], plain: bool) -> float:
     return v[-1] / v[0] if plain else max(v) / min(v)
 
 
+def _accuracies(per_seed: list[dict[str, Any]], arm: str, j: int) -> str:
+    """Test accuracy per seed at the ``j``-th rate; "diverged" for a run that diverged
+    (results.json stores its accuracy as 0 and its ``diverged_at`` step)."""
+    return ", ".join(
+        "diverged" if m[arm]["diverged_at"][j] is not None else f"{100 * m[arm]['test_acc'][j]:.1f}%" for m in per_seed
+    )
+
+
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """At 10x the plain best rate the plain network fails and BN matches the plain best; blow-up; step probe."""
     t = results["config"]
@@ -348,10 +356,10 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             expected="the original Inception diverged ('machine infinity') at 5x its rate; BN-Inception trained at 5x and 30x",
             source="Ioffe & Szegedy 2015, Sec. 4.2.2",
             evidence=f"test accuracy at lr {high:g} per seed: BN "
-            + ", ".join(f"{100 * v:.1f}%" for v in bn_high)
+            + _accuracies(per_seed, "bn", jh)
             + ", plain "
-            + ", ".join(f"{100 * v:.1f}%" for v in plain_high)
-            + f" (plain diverged on {div_high} of {len(seeds)} seeds)",
+            + _accuracies(per_seed, "plain", jh)
+            + f" (plain diverged on {div_high} of {len(seeds)} seeds; a diverged run counts as accuracy 0)",
         )
     )
     tol = float(t["high_lr_as_accurate_within"])
@@ -366,9 +374,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             expected="BN-x5 73.0% and BN-x30 74.8% vs Inception 72.2% (maximum accuracy)",
             source="Ioffe & Szegedy 2015, Table 2 / Sec. 4.2.2",
             evidence=f"per seed: BN at lr {high:g} "
-            + ", ".join(f"{100 * v:.1f}%" for v in bn_high)
+            + _accuracies(per_seed, "bn", jh)
             + f"; plain at lr {best:g} "
-            + ", ".join(f"{100 * v:.1f}%" for v in plain_best)
+            + _accuracies(per_seed, "plain", jb)
             + "; BN's own best rate per seed "
             + ", ".join(f"{_best_lr(lrs, m['bn']['test_acc'], float(t['best_tolerance'])):g}" for m in per_seed),
         )
@@ -423,25 +431,31 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     lrs = cfg["lrs"]
     per_seed = results["metrics"]["per_seed"]
     paths = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm, label, color in (("plain", "without BN", "tab:blue"), ("bn", "with BN", "tab:red")):
+    fig, (ax, strip) = plt.subplots(2, 1, figsize=(7, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    n = len(per_seed)
+    for k, (arm, label, color) in enumerate((("plain", "without BN", "tab:blue"), ("bn", "with BN", "tab:red"))):
         acc = np.asarray([m[arm]["test_acc"] for m in per_seed], dtype=float)  # (seeds, lrs)
-        mean_band(ax, lrs, acc, label, color=color, marker="o")
-        for j, lr in enumerate(lrs):
-            if any(m[arm]["diverged_at"][j] is not None for m in per_seed):
-                ax.plot([lr], [acc[:, j].mean()], "x", color=color, markersize=10, markeredgewidth=2)
-    ax.plot([], [], "x", color="black", label="diverged on some seed (NaN/inf loss)")
+        diverged = np.asarray([[d is not None for d in m[arm]["diverged_at"]] for m in per_seed])  # (seeds, lrs)
+        # a diverged run is stored with accuracy 0; it is counted below, never drawn as 0%
+        mean_band(ax, lrs, np.where(diverged, np.nan, acc), f"{label}, seeds that trained", color=color, marker="o")
+        counts = diverged.sum(axis=0)
+        shift = 1.0 + 0.08 * (2 * k - 1)  # the two arms side by side on the log axis
+        strip.bar(np.asarray(lrs) * shift, counts, width=0.12 * np.asarray(lrs), color=color, label=label)
     ax.axvline(
         cfg["plain_best_lr"], color="tab:blue", linestyle=":", linewidth=1, label="plain best rate (calibration)"
     )
     ax.axvline(cfg["high_lr"], color="black", linestyle=":", linewidth=1, label="10x that rate")
     ax.set_xscale("log")
     ax.set_ylim(0, 1)
-    ax.set_xlabel("learning rate (SGD, constant)")
     ax.set_ylabel(f"test accuracy after {cfg['steps']} steps")
     ax.set_title(f"Learning-rate sweep: {len(cfg['hidden'])}-layer ReLU MLP")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
+    strip.set_ylim(0, n)
+    strip.set_yticks(range(0, n + 1, max(1, n // 3)))
+    strip.set_ylabel(f"diverged\n(of {n} seeds)")
+    strip.set_xlabel("learning rate (SGD, constant; diverged = NaN/inf training loss)")
+    strip.grid(alpha=0.3, axis="y")
     paths.append(save(fig, Path(outdir) / "accuracy_vs_lr.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))

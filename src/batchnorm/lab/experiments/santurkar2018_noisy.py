@@ -324,8 +324,17 @@ def _drift_col(results: dict[str, Any], arm: str, lr: float, layer: str, kind: s
     return [float(m[f"{arm}@{lr:g}"]["drift"][layer][kind]) for m in results["metrics"]["per_seed"]]
 
 
-def _pct(v: Sequence[float]) -> str:
-    return ", ".join(f"{100 * x:.1f}" for x in v)
+def _runs(results: dict[str, Any], arm: str, lr: float, key: str, fmt: str | None = None) -> str:
+    """One arm's per-seed values as text (percent by default, else ``fmt``); a run that diverged
+    reads "diverged" (results.json stores it with ``"diverged": true``, accuracy 0 and loss and
+    drift 1e3, the values the claims are judged on)."""
+    runs = [m[f"{arm}@{lr:g}"] for m in results["metrics"]["per_seed"]]
+    return ", ".join(
+        "diverged"
+        if r.get("diverged")
+        else (f"{100 * float(r[key]):.1f}" if fmt is None else fmt.format(float(r[key])))
+        for r in runs
+    )
 
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -358,7 +367,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             expected="noisy BN 'nearly matches' BN (the training curves overlap)",
             source="Santurkar et al. 2018, Fig. 2",
             evidence="; ".join(
-                f"lr {lr:g}: noisy BN {_pct(_col(results, 'noisy', lr, 'final_train_acc'))}% vs BN {_pct(_col(results, 'bn', lr, 'final_train_acc'))}% "
+                f"lr {lr:g}: noisy BN {_runs(results, 'noisy', lr, 'final_train_acc')}% vs BN {_runs(results, 'bn', lr, 'final_train_acc')}% "
                 f"per seed (noisy - BN {100 * parts[lr].estimate:+.1f} pp [{100 * parts[lr].interval[0]:+.1f}, {100 * parts[lr].interval[1]:+.1f}], {parts[lr].verdict})"
                 for lr in (lo, hi)
             ),
@@ -383,15 +392,15 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             expected="both BN arms ahead of the standard network throughout training",
             source="Santurkar et al. 2018, Fig. 2",
             evidence=f"mean training loss over {t['steps']} steps per seed: no BN "
-            + ", ".join(f"{v:.3g}" for v in none_loss)
+            + _runs(results, "none", lo, "mean_train_loss", "{:.3g}")
             + "; BN "
-            + ", ".join(f"{v:.3g}" for v in _col(results, "bn", lo, "mean_train_loss"))
+            + _runs(results, "bn", lo, "mean_train_loss", "{:.3g}")
             + "; noisy BN "
-            + ", ".join(f"{v:.3g}" for v in _col(results, "noisy", lo, "mean_train_loss"))
+            + _runs(results, "noisy", lo, "mean_train_loss", "{:.3g}")
             + f" (noisy part: {noisy_part.estimate:.3g}x, {noisy_part.verdict}); final training accuracy: no BN "
-            + _pct(_col(results, "none", lo, "final_train_acc"))
+            + _runs(results, "none", lo, "final_train_acc")
             + "%, BN "
-            + _pct(_col(results, "bn", lo, "final_train_acc"))
+            + _runs(results, "bn", lo, "final_train_acc")
             + "%",
         )
     )
@@ -411,8 +420,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             also=[noisy_hi],
             expected="BN tolerates lr 0.5, the standard network does not",
             source="Santurkar et al. 2018, Fig. 1",
-            evidence=f"final training accuracy at lr {hi:g} per seed: no BN {_pct(none_hi)}% ({diverged} of {len(seeds)} diverged), "
-            f"BN {_pct(_col(results, 'bn', hi, 'final_train_acc'))}%, noisy BN {_pct(_col(results, 'noisy', hi, 'final_train_acc'))}%",
+            evidence=f"final training accuracy at lr {hi:g} per seed: no BN {_runs(results, 'none', hi, 'final_train_acc')}% ({diverged} of {len(seeds)} diverged), "
+            f"BN {_runs(results, 'bn', hi, 'final_train_acc')}%, noisy BN {_runs(results, 'noisy', hi, 'final_train_acc')}%",
         )
     )
 
@@ -470,11 +479,12 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             steps = list(range(s["checkpoint_every"], s["steps"] + 1, s["checkpoint_every"]))
             curves = [[np.nan if v is None else v for v in r["loss_curve"]][: len(steps)] for r in runs]
             curves = [c + [np.nan] * (len(steps) - len(c)) for c in curves]
+            lost = sum(bool(r["diverged"]) for r in runs)  # a diverged run's curve stops where it diverged
             mean_band(
                 ax,
                 steps,
                 curves,
-                _LABELS[arm] + (" (diverged)" if any(r["diverged"] for r in runs) else ""),
+                _LABELS[arm] + (f" ({lost} of {len(runs)} diverged)" if lost else ""),
                 color=colors[arm],
             )
         ax.set_yscale("log")
@@ -509,8 +519,16 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     x = np.arange(len(labels))
     width = 0.27
     for k, arm in enumerate(_ARMS):
-        vals = [float(np.mean(_drift_col(results, arm, lr, layer, kind))) for layer in layers for kind in _COMPARED]
-        ax.bar(x + (k - 1) * width, vals, width, label=_LABELS[arm], color=colors[arm])
+        # a diverged run's drift is stored as 1e3: left out of the bar and counted in the legend
+        trained = [not m[f"{arm}@{lr:g}"]["diverged"] for m in per_seed]
+        vals = [
+            float(np.mean([v for v, ok in zip(_drift_col(results, arm, lr, layer, kind), trained) if ok] or [np.nan]))
+            for layer in layers
+            for kind in _COMPARED
+        ]
+        lost = len(trained) - sum(trained)
+        label = _LABELS[arm] + (f" ({lost} of {len(trained)} diverged, left out)" if lost else "")
+        ax.bar(x + (k - 1) * width, vals, width, label=label, color=colors[arm])
     ax.set_xticks(x)
     ax.set_xticklabels(labels)
     ax.set_ylabel(f"RMS change per {s['checkpoint_every']} steps / avg std")
