@@ -47,7 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p_run.set_defaults(mode="full")
     p_run.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
     p_run.add_argument("--data", default="digits", help="digits (default) | mnist1d | mnist:DIR")
-    p_run.add_argument("--out", type=Path, default=Path("runs"), help="output directory (default runs/)")
+    p_run.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs"),
+        help="output root (default runs/): each experiment writes OUT/ID/ (results.json, figures, report.html); "
+        "several write OUT/index.html",
+    )
     p_run.set_defaults(func=_cmd_run)
 
     p_rep = sub.add_parser("replicate", help="every experiment on several data sets and seeds: the replication matrix")
@@ -64,7 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keep experiments already measured in OUT with the same mode, data and seeds (their claims are judged again)",
     )
     p_rep.add_argument(
-        "--out", type=Path, default=Path("runs/replication"), help="output directory (default runs/replication)"
+        "--out",
+        type=Path,
+        default=Path("runs/replication"),
+        help="output root (default runs/replication): runs go to OUT/DATA/ID/, the matrix to OUT/index.html",
     )
     p_rep.set_defaults(func=_cmd_replicate)
 
