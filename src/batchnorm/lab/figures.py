@@ -89,7 +89,7 @@ def _log_axis(axis: Any) -> None:
     subs: tuple[float, ...] = (1.0,)
     for candidate in ((1.0,), (1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0), tuple(float(k) for k in range(1, 10))):
         subs = candidate
-        ticks = LogLocator(base=10, subs=candidate).tick_values(lo, hi)
+        ticks = np.asarray(LogLocator(base=10, subs=candidate).tick_values(lo, hi), dtype=float)
         if np.count_nonzero((ticks >= lo * (1 - 1e-9)) & (ticks <= hi * (1 + 1e-9))) >= 3:
             break
     axis.set_major_locator(LogLocator(base=10, subs=subs))

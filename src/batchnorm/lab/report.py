@@ -220,17 +220,18 @@ def why(claim: dict[str, Any]) -> str:
     else:
         main = _side(lo, hi, above, below)
         if main == "holds":
-            where = (
-                f"inside the band [{_g(above)}, {_g(below)}]"
-                if above is not None and below is not None
-                else (f"above the threshold {_g(above)}" if above is not None else f"below the threshold {_g(below)}")
-            )
+            if above is not None and below is not None:
+                where = f"inside the band [{_g(above)}, {_g(below)}]"
+            elif above is not None:
+                where = f"above the threshold {_g(above)}"
+            else:
+                where = f"below the threshold {_g(below if below is not None else math.inf)}"
             text = f"the whole {level} interval {span} of {quantity} lies {where}"
         elif main == "does not hold":
             if above is not None and hi < above:
                 where = f"below the threshold {_g(above)}"
             else:
-                where = f"above the threshold {_g(below)}"
+                where = f"above the threshold {_g(below if below is not None else math.inf)}"
             text = f"the whole {level} interval {span} of {quantity} lies {where}, on the wrong side"
         else:
             crossed = [t for t in (above, below) if t is not None and lo < t < hi] or [
