@@ -185,7 +185,7 @@ def test_claims_table_shows_numbers_threshold_seeds_and_source() -> None:
         assert text in page, text
     index = report.index_html([results])
     assert "1.5 [-1.9, 4.9]; claimed a - b &gt;= 0; 3 seeds" in index
-    assert "<col style='width:9rem'>" in index  # the one-word verdict column stays narrow
+    assert "<col style='width:8rem'>" in index  # the one-word verdict column stays narrow
 
 
 def test_new_claim_keys_render_when_present() -> None:

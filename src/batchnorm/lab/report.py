@@ -60,6 +60,7 @@ figure { margin: 1rem 0; } figure img { max-width: 100%; border: 1px solid #ddd;
 code, pre { background: #f6f6f6; padding: .1rem .3rem; border-radius: 3px; }
 pre { padding: .6rem; overflow-x: auto; }
 .muted { color: #666; font-size: .9rem; }
+body.wide { max-width: 84rem; }
 """
 
 
@@ -460,12 +461,13 @@ def index_html(all_results: Sequence[dict[str, Any]]) -> str:
                 f"{_esc(verdict)}</td><td>{_esc(_short_numbers(c))}</td><td>{_esc(c.get('evidence', ''))}</td></tr>"
             )
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>batchnorm lab — index</title><style>{_STYLE}</style></head><body>
+<html lang="en"><head><meta charset="utf-8"><title>batchnorm lab — index</title><style>{_STYLE}</style></head>
+<body class="wide">
 <h1>batchnorm lab</h1>
 <p>What the batch-normalization literature claims, re-measured on small CPU-sized problems: {_esc(verdict_counts(every))}.
 Each experiment links to its report (why each verdict is what it is, figures, setup, every choice made).</p>
-<table class='index'><colgroup><col style='width:14%'><col style='width:33%'><col style='width:9rem'>
-<col style='width:18%'><col></colgroup>
+<table class='index'><colgroup><col style='width:10%'><col style='width:30%'><col style='width:8rem'>
+<col style='width:17%'><col></colgroup>
 <tr><th>experiment</th><th>claim</th><th>verdict</th><th>estimate [95% interval]; threshold; seeds</th><th>evidence</th></tr>
 {"".join(rows)}
 </table></body></html>
