@@ -106,19 +106,20 @@ def _labelled_ticks(fig: Any, axis: Any) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("lo", "hi", "expected"),
+    ("lo", "hi", "base", "expected"),
     [
-        (2.0, 32.0, ["2", "5", "10", "20"]),  # 1.2 decades: 1-2-5 instead of the one decade tick 10
-        (0.025, 0.19, ["0.03", "0.05", "0.1"]),  # under a decade: 1-2-3-5
-        (1e-3, 10.0, ["0.001", "0.01", "0.1", "1", "10"]),  # four decades: decades, in plain numbers
+        (2.0, 32.0, 10, ["2", "5", "10", "20"]),  # 1.2 decades: 1-2-5 instead of the one decade tick 10
+        (0.025, 0.19, 10, ["0.03", "0.05", "0.1"]),  # under a decade: 1-2-3-5
+        (1e-3, 10.0, 10, ["0.001", "0.01", "0.1", "1", "10"]),  # four decades: decades, in plain numbers
+        (2.0, 4.0, 2, ["2", "3", "4"]),  # base 2: powers of two and their midpoints
     ],
 )
 def test_log_axes_get_at_least_three_readable_ticks(
-    plt: Any, tmp_path: Path, lo: float, hi: float, expected: list[str]
+    plt: Any, tmp_path: Path, lo: float, hi: float, base: int, expected: list[str]
 ) -> None:
     fig, ax = plt.subplots()
     ax.plot([lo, hi], [1, 2])
-    ax.set_xscale("log")
+    ax.set_xscale("log", base=base)
     ax.set_xlim(lo, hi)
     seen = {}
     real_close = plt.close

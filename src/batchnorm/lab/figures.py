@@ -86,13 +86,19 @@ def _log_axis(axis: Any) -> None:
     lo, hi = sorted(float(v) for v in axis.get_view_interval())
     if not (lo > 0 and np.isfinite(hi)):
         return
+    base = float(getattr(axis.get_transform(), "base", 10.0))
+    candidates = (
+        ((1.0,), (1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0), tuple(float(k) for k in range(1, 10)))
+        if base == 10
+        else ((1.0,), (1.0, 1.5))  # base 2: powers of two, then their midpoints (2, 3, 4, 6, 8)
+    )
     subs: tuple[float, ...] = (1.0,)
-    for candidate in ((1.0,), (1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0), tuple(float(k) for k in range(1, 10))):
+    for candidate in candidates:
         subs = candidate
-        ticks = np.asarray(LogLocator(base=10, subs=candidate).tick_values(lo, hi), dtype=float)
+        ticks = np.asarray(LogLocator(base=base, subs=candidate).tick_values(lo, hi), dtype=float)
         if np.count_nonzero((ticks >= lo * (1 - 1e-9)) & (ticks <= hi * (1 + 1e-9))) >= 3:
             break
-    axis.set_major_locator(LogLocator(base=10, subs=subs))
+    axis.set_major_locator(LogLocator(base=base, subs=subs))
     if _PLAIN_RANGE[0] <= lo and hi < _PLAIN_RANGE[1]:
         axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
     else:

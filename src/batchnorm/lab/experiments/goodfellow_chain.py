@@ -315,7 +315,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Predicted vs actual change (plain, BN) and safe lr vs depth (the first seed)."""
-    from ..figures import pyplot, save
+    from ..figures import log_ticks, pyplot, save
 
     plt = pyplot()
     cfg = results["config"]
@@ -360,6 +360,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                 label=f"{'no norm' if arm == 'plain' else 'BN'}, weights {scale}",
             )
     ax.set_xscale("log", base=2)
+    log_ticks(ax.xaxis, cfg["depths"])
     ax.set_yscale("log")
     ax.set_xlabel("depth L")
     ax.set_ylabel("largest safe learning rate")

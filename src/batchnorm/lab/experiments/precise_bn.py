@@ -330,7 +330,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Accuracy (EMA vs precise) and EMA statistics error over training; accuracy vs samples."""
-    from ..figures import mean_band, pyplot, save
+    from ..figures import log_ticks, mean_band, pyplot, save
 
     plt = pyplot()
     runs = results["metrics"]["per_seed"]
@@ -368,11 +368,13 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     paths = [save(fig, outdir / "ema_vs_precise.png")]
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    sizes_shown: list[int] = []
     for when, color in (("early", "tab:orange"), ("final", "tab:green")):
         curves = [r["samples"][when] for r in runs if when in r["samples"]]
         if not curves:
             continue
         sizes = curves[0]["sizes"]
+        sizes_shown = sizes
         per = np.asarray([[100 * np.mean(row) for row in c["acc"]] for c in curves])  # (seeds, sizes)
         std = np.asarray([[100 * np.std(row) for row in c["acc"]] for c in curves]).mean(axis=0)
         mean = per.mean(axis=0)
@@ -392,6 +394,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             label=f"{when}: all {curves[0]['all']} samples",
         )
     ax.set_xscale("log")
+    if sizes_shown:
+        log_ticks(ax.xaxis, sizes_shown)  # the sample counts measured
     ax.set_xlabel("samples used for the precise statistics (N)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("How many samples PreciseBN needs")
