@@ -34,8 +34,10 @@ def test_eta_rescales_the_expected_times_by_the_finished_items() -> None:
     eta = Eta([10, 20, 30], clock=clock)
     assert eta.left() == 60  # trusted: the expected times as they are
     eta.start(0)
-    clock.now = 20.0  # the first item took twice its estimate
-    assert eta.left() == 50  # still unscaled while nothing has finished: 0 left of item 0, 20 + 30
+    clock.now = 5.0
+    assert eta.left() == 55 and eta.current_left() == 5
+    clock.now = 20.0  # the first item overran: twice its estimate so far
+    assert eta.scale() == 2.0 and eta.left() == 100  # 0 left of item 0, (20 + 30) * 2
     eta.start(1)
     assert eta.scale() == 2.0 and eta.left() == 100  # (20 + 30) * 2
     clock.now = 30.0
@@ -74,7 +76,7 @@ def test_line_progress_writes_one_line_per_task_and_phase_with_times() -> None:
     assert lines == [
         "[1/2] demo started | experiment 0 s, ~40 s left; all 0 s, ~1 min 40 s left",
         "[1/2] demo BN: 100 steps in 12 s | experiment 12 s, ~28 s left; all 12 s, ~1 min 28 s left",
-        "[1/2] demo seeds 0-2: done in 38 s | experiment 50 s, past its estimate of 40 s; all 50 s, ~1 min 00 s left",
+        "[1/2] demo seeds 0-2: done in 38 s | experiment 50 s, past its estimate of 40 s; all 50 s, ~1 min 15 s left",
     ]
 
 

@@ -69,7 +69,8 @@ class Eta:
     ``start(k)`` begins item ``k``: the item running until then is finished (its real
     duration recorded) and items between are skipped (e.g. resumed from saved results).
     The time left is the expected time of the items not yet finished, rescaled by
-    ``sum(real) / sum(expected)`` over the finished ones. Before any has finished the
+    ``sum(real) / sum(expected)`` over the finished ones (and the running one, once it takes
+    longer than that predicts: a busy machine shows at once). Before any has finished the
     expected times are used as they are when ``trusted`` (measured for this mode), else
     the time left is unknown (None).
     """
@@ -101,10 +102,15 @@ class Eta:
             self.current = None
 
     def scale(self) -> float | None:
-        """Real / expected time over the finished items (1 or None before any finished)."""
-        if not self.real:
-            return 1.0 if self.trusted else None
-        return sum(self.real.values()) / sum(self.expected[j] for j in self.real)
+        """Real / expected time over the finished items (1, or None when not ``trusted``,
+        before any finished), counting the running item too once it has overrun that scale."""
+        real, expected = sum(self.real.values()), sum(self.expected[j] for j in self.real)
+        scale = real / expected if self.real else (1.0 if self.trusted else None)
+        if scale is not None and self.current is not None:
+            running = self.clock() - self.started
+            if running > self.expected[self.current] * scale:
+                scale = (real + running) / (expected + self.expected[self.current])
+        return scale
 
     def elapsed(self) -> float:
         """Seconds since the first item could start."""
