@@ -144,7 +144,10 @@ def judged(verdict: str, estimate: float, interval: list[float], direction: str,
             "the whole 95% interval [1, 3] of a - b lies above the threshold 0.5",
         ),
         (judged("holds", 1.5, [1.2, 1.8], "a / b <= 2"), "lies below the threshold 2"),
-        (judged("holds", 0.1, [-0.2, 0.4], "-1 <= value <= 1"), "lies inside the band [-1, 1]"),
+        (
+            judged("holds", 0.1, [-0.2, 0.4], "-1 <= value <= 1"),
+            "[-0.2, 0.4] of the value lies inside the band [-1, 1]",
+        ),
         (judged("does not hold", -2.0, [-3.0, -1.0], "a - b >= 0"), "lies below the threshold 0, on the wrong side"),
         (judged("does not hold", 5.0, [3.0, 7.0], "-1 <= value <= 1"), "lies above the threshold 1, on the wrong side"),
         (
@@ -155,7 +158,8 @@ def judged(verdict: str, estimate: float, interval: list[float], direction: str,
         (judged("inconclusive", 1.0, ["-inf", "inf"], "a - b >= 0"), "one seed gives no 95% interval"),
         (
             judged("holds", 0.97, [0.97, 0.97], "value >= 0.9"),
-            "every seed gave the same value 0.97 (no seed-to-seed spread",
+            "every seed gave the same value 0.97 (no seed-to-seed spread, so the interval has no width), on the claimed "
+            "side of value >= 0.9",
         ),
         (
             judged("does not hold", 2.0, [1.0, 3.0], "a - b >= 0.5"),

@@ -209,12 +209,17 @@ def why(claim: dict[str, Any]) -> str:
     if interval is None or estimate is None or limits is None:
         return "judged on one seed (no interval)" if verdict != "inconclusive" else "no interval to judge"
     quantity, above, below = limits
+    quantity = "the value" if quantity == "value" else quantity
     lo, hi = interval
     span = f"[{_g(lo)}, {_g(hi)}]"
     level = f"{100 * float(claim.get('confidence', 0.95)):g}%"
     if claim.get("zero_spread") or (math.isfinite(lo) and lo == hi):
-        text = f"every seed gave the same value {_g(estimate)} (no seed-to-seed spread, so the interval has no width)"
         main = _side(lo, hi, above, below)
+        side = {"holds": "on the claimed side", "does not hold": "on the wrong side"}.get(main, "at the threshold")
+        text = (
+            f"every seed gave the same value {_g(estimate)} (no seed-to-seed spread, so the interval has no width), "
+            f"{side} of {claim.get('direction')}"
+        )
     elif not (math.isfinite(lo) and math.isfinite(hi)):
         text = f"one seed gives no {level} interval, so the estimate {_g(estimate)} cannot be judged"
         main = "inconclusive"
