@@ -140,8 +140,12 @@ def test_missing_dependency_inside_a_run_is_one_line(
 
     monkeypatch.setattr(runner, "run_one", fails)
     monkeypatch.setitem(sys.modules, "mnist1d", None)
-    err = one_line_error(capsys, ["lab", "run", "bias", "--quick", "--out", str(tmp_path)])
-    assert "this command needs mnist1d, which is not installed: pip install 'batchnorm[lab]'" in err
+    assert main(["lab", "run", "bias", "--quick", "--out", str(tmp_path)]) == 2
+    started, err = capsys.readouterr().err.splitlines()  # the progress line, then one line of error
+    assert started.startswith("[1/1] bias started | experiment 0 s") and "Traceback" not in err
+    assert err.startswith(
+        "batchnorm: error: this command needs mnist1d, which is not installed: pip install 'batchnorm[lab]'"
+    )
 
 
 def test_report_without_matplotlib_names_the_install(

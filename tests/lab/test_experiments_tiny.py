@@ -1,4 +1,5 @@
-"""Every experiment runs end to end in tiny mode: results.json, claims, figures, report;
+"""Every experiment runs end to end in tiny mode: results.json, claims, figures (no text box
+overlapping another, drawn over another panel or off the canvas), report;
 ``lab report`` redraws from the saved results without training; ``lab run all`` writes an index.
 
     PYTHONPATH=src python -m pytest -q tests/lab/test_experiments_tiny.py
@@ -14,13 +15,16 @@ import pytest
 from batchnorm.cli import main
 from batchnorm.lab import registry
 from batchnorm.lab.config import RunConfig
+from batchnorm.lab.figures import checking_layout
 from batchnorm.lab.runner import redraw, run_one
 from batchnorm.lab.verdict import VERDICTS
 
 
 @pytest.mark.parametrize("experiment_id", registry.ids())
 def test_tiny_run_writes_results_figures_and_report(experiment_id: str, tmp_path: Path) -> None:
-    results = run_one(experiment_id, RunConfig(mode="tiny", seed=0, out=tmp_path))
+    with checking_layout() as problems:  # every figure drawn: no text overlaps or leaves the canvas
+        results = run_one(experiment_id, RunConfig(mode="tiny", seed=0, out=tmp_path))
+    assert problems == []
     directory = tmp_path / experiment_id
     saved = json.loads((directory / "results.json").read_text())
     assert saved == results
@@ -86,7 +90,9 @@ def test_run_all_writes_index_linking_each_experiment(tmp_path: Path, capsys: py
 @pytest.mark.parametrize("experiment_id", registry.ids())
 def test_tiny_run_on_mnist1d(experiment_id: str, tmp_path: Path) -> None:
     """Every experiment accepts MNIST-1D's 40-feature signals (--data mnist1d)."""
-    results = run_one(experiment_id, RunConfig(mode="tiny", seed=0, data="mnist1d", out=tmp_path))
+    with checking_layout() as problems:
+        results = run_one(experiment_id, RunConfig(mode="tiny", seed=0, data="mnist1d", out=tmp_path))
+    assert problems == []
     assert results["run"]["data"] == "mnist1d"
     assert results["claims"] and (tmp_path / experiment_id / "report.html").is_file()
 

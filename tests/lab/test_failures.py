@@ -58,8 +58,10 @@ def test_replicate_resume_judges_saved_runs_again_without_training(
     argv = ["lab", "replicate", "--tiny", "--data", "digits", "--seeds", "0-1", "--only", "bias,goodfellow-chain"]
     monkeypatch.setattr(registry.get("bias"), "claims", _broken_claims)
     assert main([*argv, "--out", str(tmp_path)]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in lines if " | experiment " not in line]  # the rest are progress lines
     assert len(err) == 1 and "digits: bias: judging its claims failed" in err[0]
+    assert len(lines) > 1 and lines[-1] == err[0]
     first = json.loads((tmp_path / "replication.json").read_text())
     assert [r["id"] for r in first["rows"]] == ["goodfellow-chain"] and len(first["failed"]) == 1
     monkeypatch.undo()

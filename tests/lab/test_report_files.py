@@ -115,3 +115,126 @@ def test_report_and_index_show_three_valued_verdicts() -> None:
         assert "<td>b</td><td class='inconclusive'>inconclusive</td>" in page
         assert "<td>c</td><td class='fails'>does not hold</td>" in page
         assert "<td>d</td><td class='fails'>does not hold</td>" in page
+
+
+def judged(verdict: str, estimate: float, interval: list[float], direction: str, **extra: object) -> dict[str, object]:
+    """A claim as ``experiment.claim`` saves it."""
+    return {
+        "claim": "BN trains faster",
+        "holds": verdict == "holds",
+        "verdict": verdict,
+        "estimate": estimate,
+        "interval": interval,
+        "seeds": [0, 1, 2],
+        "method": "mean of paired differences over 3 seeds, 95% t interval",
+        "confidence": 0.95,
+        "direction": direction,
+        "expected": "BN 14x fewer steps",
+        "source": "Ioffe & Szegedy 2015, Fig. 2",
+        "evidence": "steps per seed: 10, 11, 12",
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    ("claim", "words"),
+    [
+        (
+            judged("holds", 2.0, [1.0, 3.0], "a - b >= 0.5"),
+            "the whole 95% interval [1, 3] of a - b lies above the threshold 0.5",
+        ),
+        (judged("holds", 1.5, [1.2, 1.8], "a / b <= 2"), "lies below the threshold 2"),
+        (
+            judged("holds", 0.1, [-0.2, 0.4], "-1 <= value <= 1"),
+            "[-0.2, 0.4] of the value lies inside the band [-1, 1]",
+        ),
+        (judged("does not hold", -2.0, [-3.0, -1.0], "a - b >= 0"), "lies below the threshold 0, on the wrong side"),
+        (judged("does not hold", 5.0, [3.0, 7.0], "-1 <= value <= 1"), "lies above the threshold 1, on the wrong side"),
+        (
+            judged("inconclusive", 1.5, [-1.9, 4.9], "a - b >= 0"),
+            "the 95% interval [-1.9, 4.9] of a - b straddles the threshold 0: the estimate 1.5 is 1.5 from it, "
+            "the interval's half-width 3.4, over 3 seeds",
+        ),
+        (judged("inconclusive", 1.0, ["-inf", "inf"], "a - b >= 0"), "one seed gives no 95% interval"),
+        (
+            judged("holds", 0.97, [0.97, 0.97], "value >= 0.9"),
+            "every seed gave the same value 0.97 (no seed-to-seed spread, so the interval has no width), on the claimed "
+            "side of value >= 0.9",
+        ),
+        (
+            judged("does not hold", 2.0, [1.0, 3.0], "a - b >= 0.5"),
+            "this first part alone holds, but another part of the claim (see what was measured) does not hold",
+        ),
+    ],
+)
+def test_why_says_where_the_interval_lies_against_the_threshold(claim: dict[str, object], words: str) -> None:
+    assert words in report.why(claim)
+
+
+def test_claims_table_shows_numbers_threshold_seeds_and_source() -> None:
+    results = synthetic_results()
+    results["claims"] = [judged("inconclusive", 1.5, [-1.9, 4.9], "a - b >= 0")]
+    page = report.experiment_html(results, [], "x")
+    for text in (
+        "estimate <b>1.5</b>",
+        "95% interval [-1.9, 4.9]",
+        "claimed: <code>a - b &gt;= 0</code>",
+        "seeds: 3 (0, 1, 2)",
+        "straddles the threshold 0",
+        "BN 14x fewer steps",
+        "Ioffe &amp; Szegedy 2015, Fig. 2",
+        "measured: steps per seed: 10, 11, 12",
+        "0 hold, 0 do not hold, 1 inconclusive (of 1)",
+    ):
+        assert text in page, text
+    index = report.index_html([results])
+    assert "1.5 [-1.9, 4.9]; claimed a - b &gt;= 0; 3 seeds" in index
+    assert "<col style='width:8rem'>" in index  # the one-word verdict column stays narrow
+
+
+def test_new_claim_keys_render_when_present() -> None:
+    claim = judged(
+        "holds", 1.0, [1.0, 1.0], "value >= 0.5", kind="identity", zero_spread=True, rule="sequential", n_seeds=3
+    )
+    results = synthetic_results()
+    results["claims"] = [claim, judged("holds", 2.0, [1.0, 3.0], "a - b >= 0.5")]
+    page = report.experiment_html(results, [], "x")
+    assert "an identity of the math" in page and "rule: sequential" in page and "no seed-to-seed spread" in page
+    assert "replications: 1 hold, 0 do not hold, 0 inconclusive (of 1); identities of the math: 1 hold" in page
+
+
+def test_empty_data_choice_is_not_a_settings_row() -> None:
+    results = synthetic_results()
+    results["config"] = {"steps": 10, "mnist1d_choice": None}
+    assert "mnist1d_choice" not in report.experiment_html(results, [], "x")
+    results["config"] = {"steps": 10, "mnist1d_choice": "a 1-D CNN"}
+    assert "<th>mnist1d_choice</th><td>a 1-D CNN</td>" in report.experiment_html(results, [], "x")
+
+
+def test_explanation_is_the_markdown_beside_the_module_rendered_as_paragraphs() -> None:
+    from batchnorm.lab import registry
+
+    module = registry.get("bias")
+    text = report.explanation(module)
+    assert text.startswith("# bias\n\n") and not hasattr(module, "EXPLANATION")
+    page = report.experiment_html(synthetic_results(), [], text)
+    assert "<p># bias</p>" not in page and "<p>Batch normalization subtracts" in page
+    assert report.explanation(MODULE) == "Why.\n\nHow."  # a module without a file (a test double)
+    assert "<p>a <code>x * y</code> and <em>more</em> than y * s</p>" in report.experiment_html(
+        synthetic_results(), [], "a ``x * y`` and *more* than y * s"
+    )
+
+
+def test_matrix_lists_each_claim_with_numbers_and_why(tmp_path: Path) -> None:
+    cell = {
+        "holds": 0,
+        "does_not_hold": 0,
+        "inconclusive": 1,
+        "seeds": [0, 1, 2],
+        "claims": [judged("inconclusive", 1.5, [-1.9, 4.9], "a - b >= 0")],
+    }
+    page = report.matrix_html(
+        {"seeds": [0, 1, 2], "mode": "quick", "data": ["digits"], "rows": [{"id": "x", "cells": {"digits": cell}}]}
+    )
+    assert "<a href='digits/x/report.html'>0 hold, 0 do not, 1 inconclusive</a> (seeds 0, 1, 2)" in page
+    assert "ours 1.5 [-1.9, 4.9]; claimed a - b &gt;= 0; 3 seeds" in page and "straddles the threshold 0" in page

@@ -15,6 +15,7 @@ import torch
 
 from batchnorm.lab import registry
 from batchnorm.lab.config import RunConfig
+from batchnorm.lab.report import explanation
 from batchnorm.lab.results import atomic_write_text, load_results, number, save_results, to_jsonable
 
 
@@ -54,7 +55,8 @@ def test_every_registered_experiment_satisfies_the_contract() -> None:
         assert module.ID == experiment_id
         assert "\n" not in module.DESCRIPTION and 0 < len(module.DESCRIPTION) <= 160
         assert 0 < module.QUICK_SECONDS <= 180  # quick mode: 3 seeds, a few minutes at most
-        assert len(module.EXPLANATION.split()) > 50
+        assert len(explanation(module).split()) > 50  # the Markdown file beside the module
+        assert not hasattr(module, "EXPLANATION")  # prose lives in Markdown only
     with pytest.raises(ValueError, match="unknown experiment"):
         registry.get("nope")
 

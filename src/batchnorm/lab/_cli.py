@@ -14,8 +14,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..cli._util import CliError, check_output_dir, require
+
+if TYPE_CHECKING:
+    from .progress import Eta
 
 __all__ = ["register"]
 
@@ -43,7 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p_run.set_defaults(mode="full")
     p_run.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
     p_run.add_argument("--data", default="digits", help="digits (default) | mnist1d | mnist:DIR")
-    p_run.add_argument("--out", type=Path, default=Path("runs"), help="output directory (default runs/)")
+    p_run.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs"),
+        help="output root (default runs/): each experiment writes OUT/ID/ (results.json, figures, report.html); "
+        "several write OUT/index.html",
+    )
     p_run.set_defaults(func=_cmd_run)
 
     p_rep = sub.add_parser("replicate", help="every experiment on several data sets and seeds: the replication matrix")
@@ -60,7 +70,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="keep experiments already measured in OUT with the same mode, data and seeds (their claims are judged again)",
     )
     p_rep.add_argument(
-        "--out", type=Path, default=Path("runs/replication"), help="output directory (default runs/replication)"
+        "--out",
+        type=Path,
+        default=Path("runs/replication"),
+        help="output root (default runs/replication): runs go to OUT/DATA/ID/, the matrix to OUT/index.html",
     )
     p_rep.set_defaults(func=_cmd_replicate)
 
@@ -125,7 +138,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from .config import RunConfig
     from .datasets import load, parse_spec
-    from .progress import TqdmProgress
+    from .progress import Eta, for_stderr
     from .report import write_index
     from .runner import ExperimentFailed, experiment_dir, run_one
 
@@ -144,8 +157,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     failed = 0
+    # quick-mode times are measured; other modes learn their scale from the first experiment
+    eta = Eta([quick_seconds(i) for i in ids], trusted=args.mode == "quick")
     for i, experiment_id in enumerate(ids):
-        progress = TqdmProgress(prefix=f"[{i + 1}/{len(ids)}] {experiment_id}")
+        eta.start(i)
+        progress = for_stderr(
+            f"[{i + 1}/{len(ids)}] {experiment_id}", expected_s=_expected(eta, i), eta=eta if len(ids) > 1 else None
+        )
+        progress.note("started")
         try:
             results = run_one(experiment_id, cfg, progress)
         except ExperimentFailed as err:  # one line; the other experiments still run
@@ -168,6 +187,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"index: {index} ({time.perf_counter() - start:.1f} s in all)")
     sys.stdout.flush()
     return 1 if failed else 0
+
+
+def _expected(eta: Eta, k: int) -> float | None:
+    """Item ``k``'s expected seconds under ``eta``'s current scale (None while unknown)."""
+    scale = eta.scale()
+    return None if scale is None else eta.expected[k] * scale
 
 
 def _saved_results(out: Path) -> list[dict[str, object]]:
@@ -208,8 +233,23 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from None
     ids = _resolve_ids(args.only.split(",")) if args.only else None
     check_output_dir(args.out, "--out")
+    from .experiment import SEEDS_PER_MODE
+    from .progress import Eta, Progress, for_stderr
+    from .registry import ids as all_ids
+
+    order = ids if ids is not None else list(all_ids())
+    per_seed = len(seeds) / SEEDS_PER_MODE["quick"]  # quick times are measured with the quick seed count
+    eta = Eta([quick_seconds(i) * per_seed for _ in datasets for i in order], trusted=args.mode == "quick")
+
+    def progress_for(experiment_id: str, k: int, n: int) -> Progress:
+        eta.start(k)
+        data = datasets[k // len(order)]
+        progress = for_stderr(f"[{k + 1}/{n}] {data} {experiment_id}", expected_s=_expected(eta, k), eta=eta)
+        progress.note("started")
+        return progress
+
     start = time.perf_counter()
-    matrix = replicate(datasets, seeds, args.mode, args.out, ids, resume=args.resume)
+    matrix = replicate(datasets, seeds, args.mode, args.out, ids, progress_for, resume=args.resume)
     for row in matrix["rows"]:
         cells = "; ".join(
             f"{d}: {c['holds']} hold / {c['does_not_hold']} not / {c['inconclusive']} inconclusive"

@@ -6,7 +6,7 @@ choice and every claim threshold a named field whose docstring gives its source)
 methods that do the experiment's own work:
 
     class Fig1(Experiment):
-        ID = "ioffe2015-fig1"; DESCRIPTION = ...; QUICK_SECONDS = ...; EXPLANATION = ...
+        ID = "ioffe2015-fig1"; DESCRIPTION = ...; QUICK_SECONDS = ...  # prose: ioffe2015_fig1.md
         def settings(self, cfg) -> Fig1Settings: ...           # from mode and data, by rule
         def run_seed(self, s, data, seed, progress) -> dict: ...  # one seed, all arms paired
         def claims(self, results) -> list[dict]: ...           # built with claim(...)
@@ -115,7 +115,6 @@ class Experiment:
     ID: ClassVar[str]
     DESCRIPTION: ClassVar[str]
     QUICK_SECONDS: ClassVar[float]
-    EXPLANATION: ClassVar[str]
 
     def settings(self, cfg: RunConfig) -> Any:
         """The frozen ``Settings`` dataclass for this run's mode and data."""

@@ -3,13 +3,19 @@
 matplotlib is imported inside ``pyplot()``, which selects the non-interactive Agg backend and
 readable font sizes; nothing here touches matplotlib at import time. ``save`` writes figures
 atomically (mode 0644 under umask 022), cropped to their content so no label is clipped, with bar
-axes that start at 0 and log axes labelled in one format.
+axes that start at 0 and log axes labelled in one format with at least three labelled ticks.
+
+``layout_problems(fig)`` lists every pair of drawn text boxes that overlap and every text box
+that leaves the canvas; ``checking_layout()`` collects those problems for each figure that
+``save`` writes while it is active (the figure tests draw every experiment's figures inside it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +23,7 @@ import numpy as np
 
 from ._files import write_bytes_atomic
 
-__all__ = ["mean_band", "pyplot", "save"]
+__all__ = ["checking_layout", "layout_problems", "log_ticks", "mean_band", "pyplot", "save", "wrap"]
 
 
 def pyplot() -> Any:
@@ -39,25 +45,158 @@ _STYLE: dict[Any, Any] = {
     "ytick.labelsize": 9,
     "legend.fontsize": 9,
     "legend.framealpha": 0.8,
+    "figure.constrained_layout.use": True,
 }
-"""Font sizes that stay readable once the PNG is scaled to a report's width."""
+"""Font sizes that stay readable once the PNG is scaled to a report's width, and constrained
+layout, which makes room for every title, label and tick label inside the canvas (panel
+titles never run into the panel above or beside them)."""
 
 
 def _tidy(fig: Any) -> None:
-    """Bars start at 0 (no truncated bars), log axes show one tick format (no labelled minor ticks)."""
+    """Bars start at 0 (no truncated bars); every log axis is labelled by ``_log_axis``."""
     from matplotlib.container import BarContainer
-    from matplotlib.ticker import LogFormatterSciNotation, NullFormatter
 
     for ax in fig.axes:
         bars = [c for c in ax.containers if isinstance(c, BarContainer)]
-        if bars and ax.get_yscale() == "linear":
-            heights = [p.get_height() for c in bars for p in c.patches]
-            if heights and min(heights) >= 0:
-                ax.set_ylim(bottom=0)
-        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
-            if scale == "log":
-                axis.set_major_formatter(LogFormatterSciNotation())
-                axis.set_minor_formatter(NullFormatter())
+        upright = [p.get_height() for c in bars if c.orientation != "horizontal" for p in c.patches]
+        if upright and min(upright) >= 0 and ax.get_yscale() == "linear":
+            ax.set_ylim(bottom=0)
+        sideways = [p.get_width() for c in bars if c.orientation == "horizontal" for p in c.patches]
+        if sideways and min(sideways) >= 0 and ax.get_xscale() == "linear":
+            ax.set_xlim(left=0)
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "log":
+                _log_axis(axis)
+
+
+_PLAIN_RANGE = (1e-3, 1e5)
+"""Log axes whose view lies inside this range are labelled in plain numbers (0.01, 2, 500);
+the others in powers of ten."""
+
+
+def _log_axis(axis: Any) -> None:
+    """Label a log axis readably: decades when it spans three or more, else decades with
+    1-2-5 (or 1-2-3-5, or every integer multiple) between them, so at least three ticks carry a label;
+    plain numbers inside ``_PLAIN_RANGE``, powers of ten outside. Axes given fixed ticks
+    (``log_ticks``) are left as they are."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatterSciNotation, LogLocator, NullFormatter
+
+    if isinstance(axis.get_major_locator(), FixedLocator):
+        return
+    lo, hi = sorted(float(v) for v in axis.get_view_interval())
+    if not (lo > 0 and np.isfinite(hi)):
+        return
+    base = float(getattr(axis.get_transform(), "base", 10.0))
+    candidates = (
+        ((1.0,), (1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0), tuple(float(k) for k in range(1, 10)))
+        if base == 10
+        else ((1.0,), (1.0, 1.5))  # base 2: powers of two, then their midpoints (2, 3, 4, 6, 8)
+    )
+    subs: tuple[float, ...] = (1.0,)
+    for candidate in candidates:
+        subs = candidate
+        ticks = np.asarray(LogLocator(base=base, subs=candidate).tick_values(lo, hi), dtype=float)
+        if np.count_nonzero((ticks >= lo * (1 - 1e-9)) & (ticks <= hi * (1 + 1e-9))) >= 3:
+            break
+    axis.set_major_locator(LogLocator(base=base, subs=subs))
+    if _PLAIN_RANGE[0] <= lo and hi < _PLAIN_RANGE[1]:
+        axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
+    else:
+        axis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(np.inf, np.inf)))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def log_ticks(axis: Any, values: Sequence[float]) -> None:
+    """Put the major ticks of a log ``axis`` at ``values`` (e.g. the group sizes or learning
+    rates of a grid), labelled as plain numbers, with no minor labels."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    axis.set_major_locator(FixedLocator(sorted(float(v) for v in values)))
+    axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def wrap(text: str, width: int = 14) -> str:
+    """``text`` broken into lines of at most ``width`` characters (at spaces): category labels
+    under bars stay horizontal and side by side instead of rotated into each other."""
+    return "\n".join(textwrap.wrap(str(text), width)) or str(text)
+
+
+def _drawn_texts(fig: Any) -> list[tuple[str, Any, Any]]:
+    """``(label, window extent in pixels, owning Axes or None)`` of every text the figure
+    draws: titles, axis labels, legends, annotations and the tick labels inside each axis's
+    view (visible and non-empty only). Draws the figure first so the layout is final."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    tick_labels: set[int] = set()
+    texts: list[Any] = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]:
+                tick_labels.update((id(tick.label1), id(tick.label2)))
+            for tick in axis._update_ticks():  # the ticks inside the view: those that are drawn
+                texts += [(t, ax) for t in (tick.label1, tick.label2) if t.get_visible()]
+    texts += [(t, t.axes) for t in fig.findobj(Text) if id(t) not in tick_labels and t.get_visible()]
+    return [(repr(t.get_text()), t.get_window_extent(renderer), ax) for t, ax in texts if t.get_text().strip()]
+
+
+def layout_problems(fig: Any, space_pt: float = 3.0) -> list[str]:
+    """What makes a figure hard to read, one line each; ``[]`` for a clean layout:
+
+    - two drawn text boxes that overlap, or stand side by side closer than ``space_pt``
+      points (about a space: "noise" and "Same" of two titles would read as one line);
+    - a text box over the plotting area of another axes (a tick label or title drawn over
+      the neighbouring panel; twin axes sharing one area count as one);
+    - a text box that leaves the figure's canvas.
+
+    Boxes are the renderer's window extents (axis-aligned), so rotated tick labels count by
+    their bounding box: label bars horizontally, on two lines where needed.
+    """
+    texts = _drawn_texts(fig)
+    space = space_pt * fig.dpi / 72.0
+    width, height = fig.bbox.width, fig.bbox.height
+    problems = []
+    for label, box, _ax in texts:
+        if box.x0 < -0.5 or box.y0 < -0.5 or box.x1 > width + 0.5 or box.y1 > height + 0.5:
+            problems.append(
+                f"{label} leaves the canvas ({box.x0:.0f}..{box.x1:.0f} x {box.y0:.0f}..{box.y1:.0f} px "
+                f"of {width:.0f} x {height:.0f})"
+            )
+    for i, (label_a, a, _) in enumerate(texts):
+        for label_b, b, _ in texts[i + 1 :]:
+            dx = min(a.x1, b.x1) - max(a.x0, b.x0)  # > 0: the boxes overlap horizontally
+            dy = min(a.y1, b.y1) - max(a.y0, b.y0)
+            if dy > 0.5 and dx > -space:
+                what = "overlaps" if dx > 0.5 else f"runs into ({-dx:.0f} px apart)"
+                problems.append(f"{label_a} {what} {label_b}")
+    for label, box, owner in texts:
+        for ax in fig.axes:
+            if ax is owner or (owner is not None and ax.bbox.bounds == owner.bbox.bounds):
+                continue
+            dx = min(box.x1, ax.bbox.x1) - max(box.x0, ax.bbox.x0)
+            dy = min(box.y1, ax.bbox.y1) - max(box.y0, ax.bbox.y0)
+            if dx > 0.5 and dy > 0.5:
+                title = ax.get_title() or ax.get_ylabel() or "another panel"
+                problems.append(f"{label} is drawn over the plotting area of {title!r}")
+    return problems
+
+
+_LAYOUT_CHECKS: list[list[str]] = []
+"""The problem lists of the active ``checking_layout`` blocks (innermost last)."""
+
+
+@contextlib.contextmanager
+def checking_layout() -> Iterator[list[str]]:
+    """While active, ``save`` appends ``"<file name>: <problem>"`` to the yielded list for each
+    of ``layout_problems`` of every figure it writes (drawing each figure once more)."""
+    problems: list[str] = []
+    _LAYOUT_CHECKS.append(problems)
+    try:
+        yield problems
+    finally:
+        _LAYOUT_CHECKS.remove(problems)
 
 
 def save(fig: Any, path: Path, dpi: int = 110) -> Path:
@@ -65,6 +204,10 @@ def save(fig: Any, path: Path, dpi: int = 110) -> Path:
     plt = pyplot()
     buf = io.BytesIO()
     _tidy(fig)
+    if _LAYOUT_CHECKS:
+        found = [f"{Path(path).name}: {p}" for p in layout_problems(fig)]
+        for problems in _LAYOUT_CHECKS:
+            problems.extend(found)
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     write_bytes_atomic(Path(path), buf.getvalue())
@@ -72,14 +215,22 @@ def save(fig: Any, path: Path, dpi: int = 110) -> Path:
 
 
 def mean_band(ax: Any, x: Sequence[float], runs: Sequence[Sequence[float]], label: str, **kw: Any) -> None:
-    """Plot the mean over runs (rows) with a shaded ±1 std band (no band for a single run)."""
+    """Plot the mean over runs (rows) with a shaded ±1 std band (no band for a single run).
+
+    NaN entries (a run that diverged, a point not measured) are left out of that point's mean
+    and std; a point with no finite value is a gap in the line."""
     values = np.asarray(runs, dtype=float)  # (runs, len(x))
     if values.ndim == 1:
         values = values[None, :]
-    mean = np.nanmean(values, axis=0)
-    (line,) = ax.plot(
-        x, mean, label=label if values.shape[0] == 1 else f"{label} (mean ± std, {values.shape[0]} seeds)", **kw
-    )
+    finite = np.isfinite(values)
+    count = finite.sum(axis=0)
+    filled = np.where(finite, values, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, filled.sum(axis=0) / count, np.nan)
+        var = np.where(count > 0, (np.where(finite, values - mean, 0.0) ** 2).sum(axis=0) / count, np.nan)
+    n = values.shape[0]
+    seeds = f"{n} seeds" if finite.all() else f"up to {n} seeds"
+    (line,) = ax.plot(x, mean, label=label if n == 1 else f"{label} (mean ± std, {seeds})", **kw)
     if values.shape[0] > 1:
-        std = np.nanstd(values, axis=0)
+        std = np.sqrt(var)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)

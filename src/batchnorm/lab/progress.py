@@ -1,24 +1,38 @@
-"""Progress reporting for experiments: a terminal bar (tqdm) or nothing.
+"""Progress reporting for experiments: a terminal bar (tqdm), one line per phase (logs), or nothing.
 
-Experiments receive a ``Progress`` and open one task per training arm:
+Experiments receive a ``Progress`` and open one task per training arm (or per block of
+seeds trained together); a step-less stretch of work is a ``phase``:
 
     with progress.task("BN", total=steps) as tick:
         train(..., tick=tick)
+    with progress.phase("seeds 3-5"):
+        ...
+
+``for_stderr`` picks the display: a tqdm bar per task when stderr is a terminal, else
+``LineProgress``, which writes one line as each task or phase ends (and one every
+``every_s`` seconds inside a long task) with the time elapsed and an estimate of what
+remains: of the phase (from its steps per second), of the experiment (from its expected
+duration) and of the whole command (``Eta``, from the experiments' expected durations,
+rescaled by how long the finished ones really took). Lines are flushed at once, so CI logs,
+``nohup`` and redirected stderr show them as they happen.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TextIO
 
 from .training import Tick
 
-__all__ = ["NullProgress", "Progress", "TqdmProgress"]
+__all__ = ["Eta", "LineProgress", "NullProgress", "Progress", "TqdmProgress", "duration", "for_stderr"]
 
 
 class Progress:
-    """Base class: ``task(desc, total)`` yields a ``Tick``; this one shows nothing."""
+    """Base class: ``task(desc, total)`` yields a ``Tick``, ``phase(desc)`` wraps step-less
+    work, ``note(text)`` reports one line; this one shows nothing."""
 
     prefix: str = ""
 
@@ -27,8 +41,178 @@ class Progress:
         """A progress task of ``total`` steps."""
         yield Tick()
 
+    @contextlib.contextmanager
+    def phase(self, desc: str) -> Iterator[None]:
+        """A stretch of work without a step count (e.g. a block of seeds, a calibration)."""
+        yield
+
+    def note(self, text: str) -> None:
+        """One line of news (shown only by displays that write lines)."""
+
 
 NullProgress = Progress
+
+
+def duration(seconds: float) -> str:
+    """``"42 s"``, ``"3 min 05 s"``, ``"1 h 02 min"``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+class Eta:
+    """What remains of a sequence of items (experiments) with expected durations.
+
+    ``start(k)`` begins item ``k``: the item running until then is finished (its real
+    duration recorded) and items between are skipped (e.g. resumed from saved results).
+    The time left is the expected time of the items not yet finished, rescaled by
+    ``sum(real) / sum(expected)`` over the finished ones (and the running one, once it takes
+    longer than that predicts: a busy machine shows at once). Before any has finished the
+    expected times are used as they are when ``trusted`` (measured for this mode), else
+    the time left is unknown (None).
+    """
+
+    def __init__(
+        self, expected: Sequence[float], *, trusted: bool = True, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.expected = [max(float(e), 1e-9) for e in expected]
+        self.trusted = trusted
+        self.clock = clock
+        self.began = clock()
+        self.real: dict[int, float] = {}
+        self.skipped: set[int] = set()
+        self.current: int | None = None
+        self.started = self.began
+
+    def start(self, k: int) -> None:
+        """Item ``k`` begins now (``0 <= k < len(expected)``)."""
+        if not 0 <= k < len(self.expected):
+            raise ValueError(f"Eta.start: expected an item in 0..{len(self.expected) - 1}, got {k}")
+        self.finish()
+        self.skipped.update(j for j in range(k) if j not in self.real)
+        self.current, self.started = k, self.clock()
+
+    def finish(self) -> None:
+        """The running item (if any) is done now."""
+        if self.current is not None:
+            self.real[self.current] = self.clock() - self.started
+            self.current = None
+
+    def scale(self) -> float | None:
+        """Real / expected time over the finished items (1, or None when not ``trusted``,
+        before any finished), counting the running item too once it has overrun that scale."""
+        real, expected = sum(self.real.values()), sum(self.expected[j] for j in self.real)
+        scale = real / expected if self.real else (1.0 if self.trusted else None)
+        if scale is not None and self.current is not None:
+            running = self.clock() - self.started
+            if running > self.expected[self.current] * scale:
+                scale = (real + running) / (expected + self.expected[self.current])
+        return scale
+
+    def elapsed(self) -> float:
+        """Seconds since the first item could start."""
+        return self.clock() - self.began
+
+    def current_left(self) -> float | None:
+        """Expected seconds left of the running item (0 once it overruns), None if unknown."""
+        scale = self.scale()
+        if self.current is None or scale is None:
+            return None
+        return max(0.0, self.expected[self.current] * scale - (self.clock() - self.started))
+
+    def left(self) -> float | None:
+        """Expected seconds left of everything (None while unknown)."""
+        scale = self.scale()
+        if scale is None:
+            return None
+        done = set(self.real) | self.skipped | ({self.current} if self.current is not None else set())
+        rest = sum(e for j, e in enumerate(self.expected) if j not in done) * scale
+        return rest + (self.current_left() or 0.0)
+
+
+class _LineTick(Tick):
+    """Counts steps; every ``every_s`` seconds writes a line with the phase's rate."""
+
+    def __init__(self, owner: LineProgress, desc: str, total: int) -> None:
+        self.owner, self.desc, self.total = owner, desc, total
+        self.steps = 0
+        self.began = self.last = owner.clock()
+
+    def update(self, n: int = 1) -> None:
+        self.steps += n
+        now = self.owner.clock()
+        if now - self.last >= self.owner.every_s:
+            self.last = now
+            spent = now - self.began
+            left = spent / self.steps * max(self.total - self.steps, 0) if self.steps else None
+            phase_left = f", ~{duration(left)} left in this phase" if left is not None else ""
+            self.owner.note(f"{self.desc}: step {self.steps}/{self.total} after {duration(spent)}{phase_left}")
+
+
+class LineProgress(Progress):
+    """One line per finished task or phase, and one every ``every_s`` seconds inside a long
+    task, on ``stream`` (default: stderr at the time of writing), each with the time spent,
+    the experiment's time so far and what remains.
+
+    Args:
+        prefix: what every line starts with (e.g. ``"[3/13] lr-sweep"``).
+        expected_s: the experiment's expected duration (None: unknown), for its time left.
+        eta: the whole command's ``Eta``, for the time left in all.
+    """
+
+    def __init__(
+        self,
+        prefix: str = "",
+        *,
+        expected_s: float | None = None,
+        eta: Eta | None = None,
+        stream: TextIO | None = None,
+        every_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.prefix = prefix
+        self.expected_s = expected_s
+        self.eta = eta
+        self.stream = stream
+        self.every_s = every_s
+        self.clock = clock
+        self.began = clock()
+
+    def note(self, text: str) -> None:
+        """Write ``prefix text | times`` as one flushed line."""
+        stream = self.stream if self.stream is not None else sys.stderr
+        head = f"{self.prefix} {text}".strip()
+        print(f"{head} | {self._times()}", file=stream, flush=True)
+
+    def _times(self) -> str:
+        spent = self.clock() - self.began
+        text = f"experiment {duration(spent)}"
+        if self.expected_s is not None:
+            left = self.expected_s - spent
+            text += f", ~{duration(left)} left" if left > 0 else f", past its estimate of {duration(self.expected_s)}"
+        if self.eta is not None:
+            left_all = self.eta.left()
+            text += f"; all {duration(self.eta.elapsed())}" + (
+                f", ~{duration(left_all)} left"
+                if left_all is not None
+                else ", time left known after the first experiment"
+            )
+        return text
+
+    @contextlib.contextmanager
+    def task(self, desc: str, total: int) -> Iterator[Tick]:
+        tick = _LineTick(self, desc, total)
+        yield tick
+        self.note(f"{desc}: {tick.steps} steps in {duration(self.clock() - tick.began)}")
+
+    @contextlib.contextmanager
+    def phase(self, desc: str) -> Iterator[None]:
+        began = self.clock()
+        yield
+        self.note(f"{desc}: done in {duration(self.clock() - began)}")
 
 
 class _TqdmTick(Tick):
@@ -57,3 +241,10 @@ class TqdmProgress(Progress):
             yield _TqdmTick(bar)
         finally:
             bar.close()
+
+
+def for_stderr(prefix: str, *, expected_s: float | None = None, eta: Eta | None = None) -> Progress:
+    """tqdm bars when stderr is a terminal; otherwise ``LineProgress`` lines (logs, CI, nohup)."""
+    if sys.stderr.isatty():
+        return TqdmProgress(prefix=prefix)
+    return LineProgress(prefix, expected_s=expected_s, eta=eta)

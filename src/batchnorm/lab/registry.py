@@ -5,8 +5,6 @@ The experiment contract — each module ``batchnorm.lab.experiments.<id with _>`
     ID: str                 the CLI name, e.g. "ioffe2015-fig1"
     DESCRIPTION: str        one line
     QUICK_SECONDS: float    estimated --quick wall time on 2 cores
-    EXPLANATION: str        a few paragraphs for a newcomer: what is measured and why, the
-                            setup, what the paper found (blank lines separate paragraphs)
     run(cfg: RunConfig, progress: Progress) -> dict
         trains and measures; returns JSON-serializable {"config": {...every choice, including
         those the paper does not state: optimizer, lr, init std...}, "data": {...},
@@ -16,7 +14,11 @@ The experiment contract — each module ``batchnorm.lab.experiments.<id with _>`
     figures(results: dict, outdir: Path) -> list[Path]
         drawn ONLY from the saved results (matplotlib via ``batchnorm.lab.figures.pyplot()``)
 
-Adding an experiment = one module, and its id listed in ``EXPERIMENTS``. Ids whose module
+Beside each module, ``<module>.md`` (shipped as package data) holds its prose for a newcomer:
+what is measured and why, the setup, what the paper found (Markdown; blank lines separate
+paragraphs); ``report.explanation`` reads it.
+
+Adding an experiment = one module and its Markdown file, and its id listed in ``EXPERIMENTS``. Ids whose module
 does not exist are skipped.
 """
 
@@ -45,7 +47,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "precise-bn",
 )
 
-_REQUIRED = ("ID", "DESCRIPTION", "QUICK_SECONDS", "EXPLANATION", "run", "claims", "figures")
+_REQUIRED = ("ID", "DESCRIPTION", "QUICK_SECONDS", "run", "claims", "figures")
 
 
 def ids() -> tuple[str, ...]:

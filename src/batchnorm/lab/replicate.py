@@ -12,7 +12,6 @@ judge theirs at the first seed only, and the matrix says so (``seeds`` of each c
 
 from __future__ import annotations
 
-import html
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 from ._files import write_text_atomic
 from .config import Mode, RunConfig
 from .progress import Progress
-from .report import write_experiment_report, write_index
+from .report import matrix_html, write_experiment_report, write_index
 from .results import RESULTS_NAME, load_results, save_results, to_jsonable
 from .runner import ExperimentFailed, experiment_dir, judge_saved, run_one
 
@@ -69,6 +68,7 @@ def _cell(results: dict[str, Any]) -> dict[str, Any]:
                 "expected": c.get("expected"),
                 "source": c.get("source"),
                 "evidence": c.get("evidence"),
+                **{k: c[k] for k in ("kind", "zero_spread", "n_seeds", "why", "confidence") if k in c},
             }
             for c, v in zip(claims, verdicts)
         ],
@@ -129,43 +129,7 @@ def write_matrix(matrix: dict[str, Any], out: Path) -> Path:
     """Write ``out/replication.json`` and ``out/index.html``; returns the HTML path."""
     out = Path(out)
     write_text_atomic(out / "replication.json", json.dumps(to_jsonable(matrix), indent=1, allow_nan=False) + "\n")
-    e = html.escape
-    head = "".join(f"<th>{e(d)}</th>" for d in matrix["data"])
-    rows = []
-    for row in matrix["rows"]:
-        tds = []
-        for d in matrix["data"]:
-            c = row["cells"].get(d)
-            if c is None:
-                tds.append("<td>-</td>")
-                continue
-            lines = "".join(
-                f"<li><b>{e(str(x['verdict']))}</b>: {e(str(x['claim']))}"
-                + (
-                    f" — ours {x['estimate']:.3g} {e(str(x['interval']))}, {e(str(x['direction']))}"
-                    if isinstance(x.get("estimate"), (int, float))
-                    else ""
-                )
-                + (
-                    f"; paper: {e(str(x['expected']))} ({e(str(x['source']))})"
-                    if x.get("expected")
-                    else f" ({e(str(x['evidence']))})"
-                )
-                + "</li>"
-                for x in c["claims"]
-            )
-            tds.append(
-                f"<td><a href='{e(d)}/{e(row['id'])}/report.html'>{c['holds']} hold, {c['does_not_hold']} do not, "
-                f"{c['inconclusive']} inconclusive</a> (seeds {e(str(c['seeds']))})<details><ul>{lines}</ul></details></td>"
-            )
-        rows.append(f"<tr><td>{e(row['id'])}</td>{''.join(tds)}</tr>")
-    text = (
-        "<!doctype html><meta charset='utf-8'><title>replication matrix</title>"
-        f"<h1>Replication matrix ({e(matrix['mode'])}, seeds {e(str(matrix['seeds']))})</h1>"
-        f"<table border='1' cellpadding='4'><tr><th>experiment</th>{head}</tr>{''.join(rows)}</table>\n"
-    )
-    if matrix.get("failed"):
-        text += "<h2>Failed</h2><ul>" + "".join(f"<li>{e(str(f))}</li>" for f in matrix["failed"]) + "</ul>\n"
+    text = matrix_html(matrix)
     path = out / "index.html"
     write_text_atomic(path, text)
     return path
@@ -205,7 +169,9 @@ def replicate(
     same mode, data set and seeds is not trained again: its claims are judged again from the
     saved measurements (so a finished half of an interrupted or failed replication is kept).
     An experiment that fails leaves its cell empty and is listed under ``"failed"`` (one line
-    each); the others still run and the matrix is written.
+    each); the others still run and the matrix is written. ``progress_for(id, k, n)`` makes the
+    progress display of the ``k``-th of the ``n`` runs (data sets in order, experiments within
+    each); it is not called for a run kept by ``resume``.
     """
     from . import registry
 
@@ -214,7 +180,7 @@ def replicate(
         registry.get(experiment_id)  # fail on a bad id before training anything
     by_data: dict[str, list[dict[str, Any]]] = {}
     failed: list[str] = []
-    for data in datasets:
+    for d, data in enumerate(datasets):
         cfg = RunConfig(
             mode=mode, seed=int(seeds[0]), seeds=tuple(int(s) for s in seeds), data=data, out=Path(out) / data
         )
@@ -228,7 +194,10 @@ def replicate(
                     save_results(directory, results)
                     write_experiment_report(directory, results, registry.get(experiment_id))
                 else:
-                    progress = progress_for(experiment_id, i, len(experiment_ids)) if progress_for else None
+                    k = d * len(experiment_ids) + i  # position in the whole replication
+                    progress = (
+                        progress_for(experiment_id, k, len(datasets) * len(experiment_ids)) if progress_for else None
+                    )
                     results = run_one(experiment_id, cfg, progress)
             except ExperimentFailed as err:
                 failed.append(f"{data}: {err}")

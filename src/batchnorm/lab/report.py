@@ -2,16 +2,26 @@
 
 ``write_experiment_report(dir, results, module)`` draws the experiment's figures from
 ``results`` into ``dir`` and writes ``dir/report.html``: what the experiment shows and why
-(for a newcomer), the claims table (holds / evidence), the figures, every recorded choice,
-the data, how to reproduce it, and the library versions. ``write_index(out, all_results)`` writes ``out/index.html``
-with one claims table linking each experiment's report.
+(for a newcomer, from the Markdown file beside the experiment's module), the claims table,
+the figures, every recorded choice, the data, how to reproduce it, and the library versions.
+``write_index(out, all_results)`` writes ``out/index.html`` with one claims table linking each
+experiment's report; ``matrix_html(matrix)`` renders the replication matrix.
+
+Each claim is shown with what was measured (its evidence), the verdict and ``why`` in words
+(where the 95% interval lies against the threshold; for an undecided claim how far the
+estimate is from it), the estimate, the interval, the claimed direction with its threshold,
+the seeds, and the paper's expectation with its source (figure or table). Keys that a claim
+lacks are left out, so results from older runs still render.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import importlib.resources
 import json
+import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -19,7 +29,18 @@ from typing import Any
 
 from ._files import write_text_atomic
 
-__all__ = ["experiment_html", "index_html", "reproduce_command", "write_experiment_report", "write_index"]
+__all__ = [
+    "claim_thresholds",
+    "experiment_html",
+    "explanation",
+    "index_html",
+    "matrix_html",
+    "reproduce_command",
+    "verdict_counts",
+    "why",
+    "write_experiment_report",
+    "write_index",
+]
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; max-width: 60rem; margin: 2rem auto;
@@ -34,10 +55,12 @@ th, td { border: 1px solid #ccc; padding: .3rem .5rem; text-align: left; vertica
 th { background: #f3f3f3; }
 td.holds { color: #0a6b2a; font-weight: 600; } td.fails { color: #a11; font-weight: 600; }
 td.inconclusive { color: #8a5a00; font-weight: 600; }
+td .why { color: #444; font-weight: normal; font-size: .85rem; }
 figure { margin: 1rem 0; } figure img { max-width: 100%; border: 1px solid #ddd; }
 code, pre { background: #f6f6f6; padding: .1rem .3rem; border-radius: 3px; }
 pre { padding: .6rem; overflow-x: auto; }
 .muted { color: #666; font-size: .9rem; }
+body.wide { max-width: 84rem; }
 """
 
 
@@ -58,9 +81,28 @@ def _esc(value: Any) -> str:
     return html.escape(str(value))
 
 
+def _emphasis(text: str) -> str:
+    """Markdown ``*word*`` as <em> (a lone ``*``, as in ``y * s``, stays as it is)."""
+    return re.sub(r"(?<![\w*])\*(?=\S)([^*]+?)(?<=\S)\*(?![\w*])", r"<em>\1</em>", text)
+
+
 def _paragraphs(text: str) -> str:
+    """An experiment's Markdown prose as HTML paragraphs: blank lines separate paragraphs, a
+    leading ``# title`` line is dropped (the page has its own), ``code`` spans stay code."""
     blocks = [b.strip() for b in text.strip().split("\n\n") if b.strip()]
-    return "\n".join(f"<p>{_esc(' '.join(b.split()))}</p>" for b in blocks)
+    if blocks and blocks[0].startswith("# ") and "\n" not in blocks[0]:
+        blocks = blocks[1:]
+    out = []
+    for block in blocks:
+        pieces = re.split(r"``(.+?)``|`(.+?)`", " ".join(block.split()))
+        # re.split yields text, code (double), code (single), text, ...
+        html_text = "".join(
+            _emphasis(_esc(piece)) if k % 3 == 0 else f"<code>{_esc(piece)}</code>"
+            for k, piece in enumerate(pieces)
+            if piece is not None
+        )
+        out.append(f"<p>{html_text}</p>")
+    return "\n".join(out)
 
 
 def _cell(value: Any) -> str:
@@ -102,20 +144,221 @@ def _claim_verdict(claim: dict[str, Any]) -> str:
     return "holds" if claim.get("holds") else "does not hold"
 
 
+def _number(value: Any) -> float | None:
+    """A saved number as a float (``"inf"``, ``"-inf"``, ``"nan"`` included); None if it is none."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _g(value: float) -> str:
+    """A number in 3 significant digits (``-inf``/``inf`` spelled out)."""
+    return f"{value:.3g}" if math.isfinite(value) else ("-inf" if value < 0 else "inf")
+
+
+def _interval(claim: dict[str, Any]) -> tuple[float, float] | None:
+    raw = claim.get("interval")
+    if not isinstance(raw, (list, tuple)) or len(raw) != 2:
+        return None
+    lo, hi = (_number(v) for v in raw)
+    return None if lo is None or hi is None else (lo, hi)
+
+
+_DIRECTION = re.compile(
+    r"^\s*(?:(?P<lo>[-+0-9.eE]+|-?inf)\s*<=\s*(?P<q1>.+?)\s*<=\s*(?P<hi>[-+0-9.eE]+|-?inf)"
+    r"|(?P<q2>.+?)\s*(?P<op>>=|<=)\s*(?P<t>[-+0-9.eE]+|-?inf))\s*$"
+)
+
+
+def claim_thresholds(claim: dict[str, Any]) -> tuple[str, float | None, float | None] | None:
+    """``(quantity, above, below)`` read from a claim's ``direction`` ("a - b >= 0.5",
+    "a / b <= 2", "-1 <= value <= 1"): the claim says quantity >= above and/or <= below.
+    None when the claim has no direction in that form."""
+    match = _DIRECTION.match(str(claim.get("direction", "")))
+    if match is None:
+        return None
+    if match["q1"] is not None:
+        return match["q1"], float(match["lo"]), float(match["hi"])
+    value = float(match["t"])
+    return (match["q2"], value, None) if match["op"] == ">=" else (match["q2"], None, value)
+
+
+def _side(lo: float, hi: float, above: float | None, below: float | None) -> str:
+    """Where the interval [lo, hi] lies against the claimed side: ``holds`` (all on it),
+    ``does not hold`` (all off it) or ``inconclusive`` (it straddles a threshold) — the rule
+    of ``verdict.judge``, read back from the saved numbers."""
+    inside = (above is None or lo >= above) and (below is None or hi <= below)
+    outside = (above is not None and hi < above) or (below is not None and lo > below)
+    return "holds" if inside else ("does not hold" if outside else "inconclusive")
+
+
+_PHRASE = {"holds": "holds", "does not hold": "does not hold", "inconclusive": "is inconclusive"}
+
+
+def why(claim: dict[str, Any]) -> str:
+    """The verdict in words, from the numbers shown beside it: where the 95% interval lies
+    against the threshold, and for an undecided claim how close the estimate is to it."""
+    verdict = _claim_verdict(claim)
+    interval = _interval(claim)
+    estimate = _number(claim.get("estimate"))
+    limits = claim_thresholds(claim)
+    n = len(claim.get("seeds") or []) or claim.get("n_seeds")
+    if interval is None or estimate is None or limits is None:
+        return "judged on one seed (no interval)" if verdict != "inconclusive" else "no interval to judge"
+    quantity, above, below = limits
+    quantity = "the value" if quantity == "value" else quantity
+    lo, hi = interval
+    span = f"[{_g(lo)}, {_g(hi)}]"
+    level = f"{100 * float(claim.get('confidence', 0.95)):g}%"
+    if claim.get("zero_spread") or (math.isfinite(lo) and lo == hi):
+        main = _side(lo, hi, above, below)
+        side = {"holds": "on the claimed side", "does not hold": "on the wrong side"}.get(main, "at the threshold")
+        text = (
+            f"every seed gave the same value {_g(estimate)} (no seed-to-seed spread, so the interval has no width), "
+            f"{side} of {claim.get('direction')}"
+        )
+    elif not (math.isfinite(lo) and math.isfinite(hi)):
+        text = f"one seed gives no {level} interval, so the estimate {_g(estimate)} cannot be judged"
+        main = "inconclusive"
+    else:
+        main = _side(lo, hi, above, below)
+        if main == "holds":
+            if above is not None and below is not None:
+                where = f"inside the band [{_g(above)}, {_g(below)}]"
+            elif above is not None:
+                where = f"above the threshold {_g(above)}"
+            else:
+                where = f"below the threshold {_g(below if below is not None else math.inf)}"
+            text = f"the whole {level} interval {span} of {quantity} lies {where}"
+        elif main == "does not hold":
+            if above is not None and hi < above:
+                where = f"below the threshold {_g(above)}"
+            else:
+                where = f"above the threshold {_g(below if below is not None else math.inf)}"
+            text = f"the whole {level} interval {span} of {quantity} lies {where}, on the wrong side"
+        else:
+            crossed = [t for t in (above, below) if t is not None and lo < t < hi] or [
+                t for t in (above, below) if t is not None
+            ]
+            t = min(crossed, key=lambda v: abs(v - estimate))
+            half = (hi - lo) / 2
+            text = (
+                f"the {level} interval {span} of {quantity} straddles the threshold {_g(t)}: the estimate {_g(estimate)} "
+                f"is {_g(abs(estimate - t))} from it, the interval's half-width {_g(half)}"
+                + (f", over {n} seeds" if n else "")
+            )
+    if main != verdict:
+        text += f"; this first part alone {_PHRASE[main]}, but another part of the claim (see what was measured) {_PHRASE[verdict]}"
+    return text
+
+
+def _seed_count(claim: dict[str, Any]) -> str:
+    seeds = claim.get("seeds")
+    n = claim.get("n_seeds", len(seeds) if isinstance(seeds, list) else None)
+    if n is None:
+        return "-"
+    listed = f" ({', '.join(str(s) for s in seeds)})" if isinstance(seeds, list) and seeds else ""
+    return f"{n}{listed}"
+
+
+def _numbers_cell(claim: dict[str, Any]) -> str:
+    """Estimate, interval, threshold, seeds, method and rule of one claim (what is shown
+    where the claim was judged over seeds)."""
+    interval = _interval(claim)
+    estimate = _number(claim.get("estimate"))
+    if estimate is None:
+        return "<span class='muted'>not judged over seeds</span>"
+    level = f"{100 * float(claim.get('confidence', 0.95)):g}%"
+    parts = [f"estimate <b>{_esc(_g(estimate))}</b>"]
+    if interval is not None:
+        parts.append(f"{level} interval [{_esc(_g(interval[0]))}, {_esc(_g(interval[1]))}]")
+    if claim.get("direction"):
+        parts.append(f"claimed: <code>{_esc(claim['direction'])}</code>")
+    elif claim.get("threshold") is not None:
+        parts.append(f"threshold {_esc(claim['threshold'])}")
+    parts.append(f"seeds: {_esc(_seed_count(claim))}")
+    if claim.get("method"):
+        parts.append(f"<span class='muted'>{_esc(claim['method'])}</span>")
+    if claim.get("rule"):
+        parts.append(f"<span class='muted'>rule: {_esc(claim['rule'])}</span>")
+    return "<br>".join(parts)
+
+
+def _verdict_cell(claim: dict[str, Any]) -> str:
+    verdict = _claim_verdict(claim)
+    reason = why(claim) if _number(claim.get("estimate")) is not None else ""
+    extra = claim.get("why")
+    lines = [_esc(verdict)]
+    if reason:
+        lines.append(f"<span class='why'>{_esc(reason)}</span>")
+    if extra and str(extra) != reason:
+        lines.append(f"<span class='why'>{_esc(extra)}</span>")
+    if claim.get("kind") == "identity":
+        lines.append("<span class='why'>an identity of the math, checked numerically (not a replication)</span>")
+    return f"<td class='{_VERDICT_CLASS[verdict]}'>" + "<br>".join(lines) + "</td>"
+
+
+def _paper_cell(claim: dict[str, Any]) -> str:
+    expected, source = claim.get("expected"), claim.get("source")
+    if not expected and not source:
+        return "<td>-</td>"
+    return f"<td>{_esc(expected or '')}<br><span class='muted'>{_esc(source or '')}</span></td>"
+
+
 def _claims_table(claims: Sequence[dict[str, Any]]) -> str:
+    """One row per claim: the statement with what this run measured, the verdict with why,
+    the numbers it rests on, and the paper's figure or table it comes from."""
     rows = []
     for c in claims:
-        verdict = _claim_verdict(c)
-        rows.append(
-            f"<tr><td>{_esc(c.get('claim', ''))}</td><td class='{_VERDICT_CLASS[verdict]}'>{_esc(verdict)}</td>"
-            f"<td>{_esc(c.get('evidence', ''))}</td></tr>"
+        evidence = (
+            f"<br><span class='muted'>measured: {_esc(c.get('evidence', ''))}</span>" if c.get("evidence") else ""
         )
-    return "<table><tr><th>claim</th><th>verdict</th><th>evidence (this run)</th></tr>" + "".join(rows) + "</table>"
+        rows.append(
+            f"<tr><td>{_esc(c.get('claim', ''))}{evidence}</td>{_verdict_cell(c)}"
+            f"<td>{_numbers_cell(c)}</td>{_paper_cell(c)}</tr>"
+        )
+    return (
+        "<table class='claims'><colgroup><col style='width:38%'><col style='width:22%'><col style='width:22%'>"
+        "<col style='width:18%'></colgroup><tr><th>claim (and what this run measured)</th><th>verdict and why</th>"
+        "<th>estimate, interval, threshold, seeds</th><th>the paper (source)</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
-def _verdict(claims: Sequence[dict[str, Any]]) -> str:
-    held = sum(1 for c in claims if c.get("holds"))
-    return f"{held}/{len(claims)} claims hold"
+def verdict_counts(claims: Sequence[dict[str, Any]]) -> str:
+    """``"3 hold, 1 does not hold, 1 inconclusive (of 5)"``, identities of the math counted apart."""
+
+    def counted(group: Sequence[dict[str, Any]]) -> str:
+        verdicts = [_claim_verdict(c) for c in group]
+        return (
+            f"{verdicts.count('holds')} hold, {verdicts.count('does not hold')} do not hold, "
+            f"{verdicts.count('inconclusive')} inconclusive (of {len(group)})"
+        )
+
+    identities = [c for c in claims if c.get("kind") == "identity"]
+    replications = [c for c in claims if c.get("kind") != "identity"]
+    if not identities:
+        return counted(claims)
+    if not replications:
+        return f"identities of the math: {counted(identities)}"
+    return f"replications: {counted(replications)}; identities of the math: {counted(identities)}"
+
+
+_MODE_NOTE = {
+    "quick": "quick mode: scaled down to run in about a minute on 2 CPU cores; each claim is judged over the seeds "
+    "shown beside it.",
+    "tiny": "tiny mode: a smoke test (seconds); claims are judged but not expected to hold.",
+    "full": "full mode: the faithful, paper-sized version.",
+}
+
+
+def _settings(config: Any) -> dict[str, Any]:
+    """The recorded choices to show: a data-specific choice left empty on other data is left out."""
+    if not isinstance(config, dict):
+        return {}
+    return {k: v for k, v in config.items() if not (k.endswith("_choice") and v in (None, "", [], {}))}
 
 
 def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanation: str) -> str:
@@ -128,12 +371,7 @@ def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanatio
         figs.append(
             f"<figure><img alt='{_esc(Path(path).stem)}' src='data:image/png;base64,{data}'><figcaption class='muted'>{_esc(Path(path).name)}</figcaption></figure>"
         )
-    mode_note = {
-        "quick": "quick mode: scaled down to run in about a minute on 2 CPU cores; calibrated on the digits, "
-        "where every claim is expected to hold (on other data a claim that fails is a finding).",
-        "tiny": "tiny mode: a smoke test (seconds); claims are judged but not expected to hold.",
-        "full": "full mode: the faithful, paper-sized version.",
-    }.get(run.get("mode", ""), "")
+    mode_note = _MODE_NOTE.get(run.get("mode", ""), "")
     data_choice = results.get("config", {}).get("mnist1d_choice") if isinstance(results.get("config"), dict) else None
     data_note = f"<p><b>Setup changed for this data:</b> {_esc(data_choice)}</p>" if data_choice else ""
     return f"""<!doctype html>
@@ -146,12 +384,14 @@ wall time {_esc(results.get("wall_time_s"))} s on {_esc(results.get("threads"))}
 {data_note}
 <h2>What this experiment does</h2>
 {_paragraphs(explanation)}
-<h2>Claims — {_esc(_verdict(claims))}</h2>
+<h2>Claims — {_esc(verdict_counts(claims))}</h2>
+<p class="muted">A claim holds when the whole 95% interval of its effect lies on the claimed side of its threshold,
+does not hold when the whole interval lies on the other side, and is inconclusive when the interval straddles the threshold.</p>
 {_claims_table(claims)}
 <h2>Figures</h2>
 {"".join(figs) if figs else "<p>No figures.</p>"}
 <h2>Every choice made (including those the paper does not state)</h2>
-{_kv_table(results.get("config", {}))}
+{_kv_table(_settings(results.get("config", {})))}
 <h2>Data</h2>
 {_kv_table(results.get("data", {}))}
 <h2>Reproduce</h2>
@@ -163,32 +403,59 @@ wall time {_esc(results.get("wall_time_s"))} s on {_esc(results.get("threads"))}
 """
 
 
+def explanation(module: ModuleType) -> str:
+    """An experiment's prose for a newcomer: the Markdown file beside its module
+    (``experiments/<name>.md``, shipped as package data); a module without one (a test
+    double) may carry it as ``EXPLANATION``."""
+    spec = getattr(module, "__spec__", None)
+    if spec is not None and spec.name and "." in spec.name:
+        package, name = spec.name.rsplit(".", 1)
+        resource = importlib.resources.files(package).joinpath(f"{name}.md")
+        if resource.is_file():
+            return resource.read_text(encoding="utf-8")
+    text = getattr(module, "EXPLANATION", None)
+    if text is None:
+        raise ValueError(f"experiment module {getattr(module, '__name__', module)!r} has no Markdown file beside it")
+    return str(text)
+
+
 def write_experiment_report(directory: Path, results: dict[str, Any], module: ModuleType) -> Path:
     """Draw ``module.figures(results, directory)`` and write ``directory/report.html``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     figures = list(module.figures(results, directory))
     path = directory / "report.html"
-    write_text_atomic(path, experiment_html(results, figures, module.EXPLANATION))
+    write_text_atomic(path, experiment_html(results, figures, explanation(module)))
     return path
+
+
+def _short_numbers(claim: dict[str, Any]) -> str:
+    """``est [lo, hi]; a - b >= 0.5; 3 seeds`` for the index (``-`` for a claim not judged over seeds)."""
+    estimate = _number(claim.get("estimate"))
+    if estimate is None:
+        return "-"
+    interval = _interval(claim)
+    text = _g(estimate) + (f" [{_g(interval[0])}, {_g(interval[1])}]" if interval else "")
+    if claim.get("direction"):
+        text += f"; claimed {claim['direction']}"
+    seeds = claim.get("seeds")
+    n = claim.get("n_seeds", len(seeds) if isinstance(seeds, list) else None)
+    return text + (f"; {n} seeds" if n is not None else "")
 
 
 def index_html(all_results: Sequence[dict[str, Any]]) -> str:
     """The index page: one row per claim, grouped by experiment, linking each report."""
     rows = []
-    total = 0
-    held = 0
+    every: list[dict[str, Any]] = []
     for results in all_results:
         eid = str(results.get("id"))
         claims = results.get("claims", [])
+        every += claims
         link = f"<a href='{_esc(eid)}/report.html'>{_esc(eid)}</a>"
         run = results.get("run", {})
         info = f"{_esc(run.get('mode'))}, {_esc(run.get('data'))}, seed {_esc(run.get('seed'))}, {_esc(results.get('wall_time_s'))} s"
         first = True
         for c in claims or [{"claim": "(no claims)", "holds": True, "evidence": ""}]:
-            ok = bool(c.get("holds"))
-            total += 1
-            held += int(ok)
             head = (
                 f"<td rowspan='{max(len(claims), 1)}'>{link}<br><span class='muted'>{info}</span></td>" if first else ""
             )
@@ -196,16 +463,60 @@ def index_html(all_results: Sequence[dict[str, Any]]) -> str:
             verdict = _claim_verdict(c)
             rows.append(
                 f"<tr>{head}<td>{_esc(c.get('claim', ''))}</td><td class='{_VERDICT_CLASS[verdict]}'>"
-                f"{_esc(verdict)}</td><td>{_esc(c.get('evidence', ''))}</td></tr>"
+                f"{_esc(verdict)}</td><td>{_esc(_short_numbers(c))}</td><td>{_esc(c.get('evidence', ''))}</td></tr>"
             )
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>batchnorm lab — index</title><style>{_STYLE}</style></head><body>
+<html lang="en"><head><meta charset="utf-8"><title>batchnorm lab — index</title><style>{_STYLE}</style></head>
+<body class="wide">
 <h1>batchnorm lab</h1>
-<p>What the batch-normalization literature claims, re-measured on small CPU-sized problems. {held}/{total} claims hold.
-Each experiment links to its report (figures, setup, every choice made).</p>
-<table><tr><th>experiment</th><th>claim</th><th>verdict</th><th>evidence</th></tr>
+<p>What the batch-normalization literature claims, re-measured on small CPU-sized problems: {_esc(verdict_counts(every))}.
+Each experiment links to its report (why each verdict is what it is, figures, setup, every choice made).</p>
+<table class='index'><colgroup><col style='width:10%'><col style='width:30%'><col style='width:8rem'>
+<col style='width:17%'><col></colgroup>
+<tr><th>experiment</th><th>claim</th><th>verdict</th><th>estimate [95% interval]; threshold; seeds</th><th>evidence</th></tr>
 {"".join(rows)}
 </table></body></html>
+"""
+
+
+def matrix_html(matrix: dict[str, Any]) -> str:
+    """The replication matrix page: one row per experiment, one column per data set; each cell
+    links the run's report, counts its verdicts and lists every claim with its numbers, why
+    its verdict is what it is, and the paper's expectation."""
+    head = "".join(f"<th>{_esc(d)}</th>" for d in matrix["data"])
+    rows = []
+    for row in matrix["rows"]:
+        tds = []
+        for d in matrix["data"]:
+            c = row["cells"].get(d)
+            if c is None:
+                tds.append("<td>-</td>")
+                continue
+            items = []
+            for x in c["claims"]:
+                judged = _number(x.get("estimate")) is not None
+                numbers = f" — ours {_esc(_short_numbers({**x, 'seeds': c['seeds']}))}" if judged else ""
+                reason = f"<br><span class='why'>{_esc(why({**x, 'seeds': c['seeds']}))}</span>" if judged else ""
+                paper = (
+                    f"; paper: {_esc(x['expected'])} ({_esc(x.get('source', ''))})"
+                    if x.get("expected")
+                    else f" ({_esc(x.get('evidence', ''))})"
+                )
+                items.append(f"<li><b>{_esc(x['verdict'])}</b>: {_esc(x['claim'])}{numbers}{paper}{reason}</li>")
+            tds.append(
+                f"<td><a href='{_esc(d)}/{_esc(row['id'])}/report.html'>{c['holds']} hold, {c['does_not_hold']} do not, "
+                f"{c['inconclusive']} inconclusive</a> (seeds {_esc(', '.join(str(v) for v in c['seeds']))})"
+                f"<details><summary>claims</summary><ul>{''.join(items)}</ul></details></td>"
+            )
+        rows.append(f"<tr><td>{_esc(row['id'])}</td>{''.join(tds)}</tr>")
+    failed = matrix.get("failed") or []
+    failures = "<h2>Failed</h2><ul>" + "".join(f"<li>{_esc(f)}</li>" for f in failed) + "</ul>" if failed else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>batchnorm lab — replication matrix</title><style>{_STYLE}</style></head>
+<body><h1>Replication matrix ({_esc(matrix["mode"])} mode, seeds {_esc(", ".join(str(v) for v in matrix["seeds"]))})</h1>
+<p class="muted">Each data set's runs are in its own folder (<code>DATA/ID/report.html</code>).</p>
+<table><colgroup><col style='width:12rem'></colgroup><tr><th>experiment</th>{head}</tr>{"".join(rows)}</table>
+{failures}</body></html>
 """
 
 

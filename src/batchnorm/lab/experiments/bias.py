@@ -33,31 +33,6 @@ from ..verdict import judge
 ID = "bias"
 DESCRIPTION = "A bias before BN gets zero gradient and no effect on the output: measured over seeds, plus the parameters it wastes"
 QUICK_SECONDS = 4.0
-EXPLANATION = """
-Batch normalization subtracts the mean of its input over the batch. If the layer before it
-adds a bias b, that constant shift is subtracted again: BN(W u + b) = BN(W u) for every b, in
-training mode. Consequently the loss does not depend on b and its gradient is exactly zero
-(up to floating-point rounding); beta, BN's own shift, takes over its role. Ioffe & Szegedy
-therefore dropped the bias ("its effect will be canceled by the subsequent mean subtraction"),
-yet many model definitions keep it, which wastes parameters, optimizer state and compute.
-
-This experiment takes an MLP with 3 hidden layers of 100 ReLU units and BN, keeps a bias in
-front of every BN, sets those biases to large random values, and measures: the size of their
-gradient compared with the weights' gradients; how much the training-mode output changes when
-the biases are shifted again; and, training the same network with and without those biases
-from the same weights on the same batches, how far the two training runs ever drift apart.
-Every seed has its own data split, weights, biases and batches; the seeds of each arm are
-trained together, each as if alone.
-
-One subtlety: in evaluation mode BN uses the running mean, which has absorbed the bias. The
-bias can still be removed from a trained model, but only by subtracting it from the running
-mean at the same time — exactly what a "strip redundant bias" tool must do. Both ways are
-measured. Finally, the parameters these biases waste are counted for the lab's models.
-
-The paper's statement is exact (the bias cancels), so the thresholds are float32 rounding
-levels, fixed before any run, not effect sizes.
-"""
-
 _STEPS = {"tiny": 20, "quick": 500, "full": 5000}
 _SOURCE = "Ioffe & Szegedy 2015, Sec. 3.2 (the bias 'can be ignored since its effect will be canceled by the subsequent mean subtraction')"
 
@@ -214,7 +189,6 @@ class Bias(Experiment):
     ID = ID
     DESCRIPTION = DESCRIPTION
     QUICK_SECONDS = QUICK_SECONDS
-    EXPLANATION = EXPLANATION
 
     def settings(self, cfg: RunConfig) -> Settings:
         return Settings(steps=_STEPS[cfg.mode])
@@ -367,7 +341,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     axes[0].set_xlabel("hidden layer")
     axes[0].set_ylabel("max |gradient| on one batch")
     axes[0].set_title("Gradients: the bias gets only rounding noise")
-    axes[0].legend()
+    axes[0].set_ylim(top=1e3 * max(m["weight_grad_max"]))  # room for the legend above the bars
+    axes[0].legend(loc="upper right")
     axes[0].grid(alpha=0.3, axis="y")
 
     a = np.asarray(m["paired_losses_with_bias"], dtype=float)

@@ -35,62 +35,6 @@ from ..verdict import judge
 ID = "dropout"
 DESCRIPTION = "BN as a regularizer: test loss and accuracy on 400 examples for plain, dropout, BN, BN+dropout, fixed batches (over seeds)"
 QUICK_SECONDS = 30.0
-EXPLANATION = """
-Ioffe & Szegedy observed that with batch normalization a training example is seen together
-with other, randomly chosen examples: its normalized value depends on its batch-mates, a kind
-of noise that they found "advantageous to the generalization of the network", so that dropout
-"can be either removed or reduced in strength". Their BN-Inception removed dropout, and they
-reported that shuffling the training examples more thoroughly (so the same examples do not
-always share a batch) gained about 1% validation accuracy — consistent with BN acting as a
-regularizer.
-
-This experiment makes overfitting easy — only 400 training examples (a different stratified
-subset for every seed) and an MLP with 3 hidden layers of 256 ReLU units — and compares six
-networks: plain; dropout 0.5 after every hidden layer; BN before every ReLU; BN with dropout
-0.5; BN with a weak dropout 0.1; and BN trained on fixed batches (the training set is split
-once into 8 batches of 50 and the same batches are reused every epoch, which removes most of
-BN's batch noise). Every network is trained until it fits its training set, so the
-generalization gap is essentially the test error itself; the test cross-entropy measures it
-more finely than the accuracy.
-
-How long to train is fixed by a rule, on a calibration seed that the claims never see: every
-arm is trained on the calibration seed's own 400 examples until its training accuracy reaches
-99% (checked every 100 steps); the slowest arm's step count, doubled, is the number of steps
-for every arm and seed (capped). Each seed then trains three networks per arm (own initial
-weights, minibatch order and dropout masks; the seed's 400 examples) and its measurement is
-their mean; within a seed, the six arms share the initial weights and the minibatch order.
-Every claim is judged over the seeds with a 95% interval.
-
-Choices the paper does not state: SGD with a constant learning rate 0.1, batch 50, He
-initialization, dropout after the ReLU, evaluation with the running averages. Accuracy
-differences of 1 percentage point correspond to about 4 test images of 360 on the digits, so
-the claims use tolerances of that size.
-
-What the runs showed (quick mode). On the digits (seeds 0-4 and 5-9) BN alone is as accurate
-as dropout 0.5 alone, and fixed batches raise BN's test loss (+0.019 and +0.023) and cost about
-0.7 points of accuracy, as Ioffe & Szegedy's shuffling remark predicts, on both seed sets. Weak
-dropout on top of BN adds about half a point (+0.54 and +0.57): neutral within the 1-point band
-on seeds 0-4, inconclusive on seeds 5-9, whose interval reaches 1.06. "BN regularizes" (test
-loss 0.014-0.017 lower than the plain network's) and "dropout 0.5 adds nothing to BN" (+0.3 to
-+0.6 points) point the paper's way, but their intervals reach past the threshold on both seed
-sets (inconclusive).
-
-On MNIST-1D (seeds 0-4 and 5-9, the same verdicts on both) 400 examples are far too few for an
-MLP: every arm fits its training set (about 90% or more) and reaches only 31-43% on the test
-set; without dropout the test cross-entropy (2.35-3.5) is above that of a uniform guess (2.30).
-BN still regularizes (test loss 0.6-0.9 lower than the plain network's, accuracy 5-7 points
-higher) and is at least as accurate as dropout 0.5 (0.3-2.6 points higher). Two claims do not hold there. Weak dropout on
-top of BN is not neutral: it adds 2.8-3.5 points of test accuracy (the interval lies above the
-1-point band), and dropout 0.5 adds 0.7-0.9 points (inconclusive against the 1-point bound):
-where a network overfits this badly, the noise of BN's batch statistics is not all the
-regularization it can use, so "dropout can be removed" is a statement about networks that
-overfit moderately. And fixed batches give a *lower* test loss than reshuffled ones (-0.13),
-while their test accuracy is lower by 1.0-2.3 points on every one of the ten seeds, the
-paper's direction and about its size: with a test loss above a uniform guess's, the loss is
-dominated by confidently wrong predictions, and a lower loss can come with a lower accuracy;
-here it no longer measures the generalization gap that the accuracy shows.
-"""
-
 _ARMS = (
     ("plain", None, 0.0, False),
     ("dropout 0.5", None, 0.5, False),
@@ -239,7 +183,6 @@ class Dropout(Experiment):
     ID = ID
     DESCRIPTION = DESCRIPTION
     QUICK_SECONDS = QUICK_SECONDS
-    EXPLANATION = EXPLANATION
 
     def settings(self, cfg: RunConfig) -> Settings:
         """The mode's replicates and step cap; ``steps`` is calibrated by ``run``."""
@@ -387,7 +330,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Bars: test accuracy and loss per arm, mean over seeds ± std, seeds as dots."""
-    from ..figures import pyplot, save
+    from ..figures import pyplot, save, wrap
 
     plt = pyplot()
     q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
@@ -400,7 +343,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             ax.bar(i, values.mean(), yerr=values.std(), color=colors[i % len(colors)], alpha=0.75, capsize=4)
             ax.plot(np.full(values.shape, i), values, "k.", markersize=4)
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
+        ax.set_xticklabels([wrap(name, 10) for name in names], fontsize=8)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y")
     low = min(v[n]["test_acc"] for v in q for n in names)

@@ -33,38 +33,6 @@ from ..verdict import judge
 ID = "inference-stats"
 DESCRIPTION = "Test-time BN statistics: batch vs running average vs population (Alg. 2, exact); single-example inference; batch-8 noise"
 QUICK_SECONDS = 6.0
-EXPLANATION = """
-During training, BN normalizes each unit with the mean and variance of the current minibatch.
-At test time that is not acceptable: a prediction would depend on which other examples happen
-to share the batch, and a single example could not be normalized at all (its variance over a
-batch of one is zero). So inference uses fixed statistics, and there are several ways to get
-them. PyTorch keeps an exponential running average of the batch statistics during training
-(momentum 0.1). Ioffe & Szegedy's Alg. 2 freezes the trained weights and averages the
-statistics of many training batches of the training size m, with the unbiased correction
-m/(m-1) for the variance. The exact population statistics are the mean and variance of each
-layer's input over the whole training set, computed layer by layer through the inference
-network (batchnorm.recompute_statistics).
-
-This experiment trains one BN network on the digits (3 hidden layers of 100 ReLU units, batch
-60) and evaluates the same weights with: the running average; Alg. 2 statistics; exact
-population statistics; and the test batch's own statistics for test batches of 2 to 360
-examples (averaged over random groupings of the test set). It checks that with fixed
-statistics an example gets the same output alone as inside a batch, and it measures how much
-the statistics of a small batch scatter around the population values: for m examples drawn
-without replacement from N, sampling theory predicts that the batch mean scatters with a
-standard deviation of sigma * sqrt((N - m) / (m (N - 1))) — about 35% of sigma for m = 8.
-
-Choices: SGD lr 0.1, He initialization, a fixed number of steps; evaluation batches are drawn
-from the test set for batch-statistics inference and from the training set for the noise
-measurement (first BN layer, whose input does not depend on other BN layers).
-
-Every claim is judged over several seeds (each seed draws its own data split, initial weights
-and minibatch order; the seeds' networks are trained together), as an estimate with a 95%
-interval: "holds" when the whole interval is on the claimed side of the threshold, "does not
-hold" when it is entirely on the other side, "inconclusive" otherwise. The figures show the
-first seed.
-"""
-
 _BATCH_SIZES = (2, 4, 8, 16, 32, 60, 120, 360)
 _NOISE_SIZES = (2, 4, 8, 16, 32, 60, 128)
 _STEPS = {"tiny": 30, "quick": 2000, "full": 20000}
@@ -247,7 +215,6 @@ class InferenceStats(Experiment):
     ID = ID
     DESCRIPTION = DESCRIPTION
     QUICK_SECONDS = QUICK_SECONDS
-    EXPLANATION = EXPLANATION
 
     def settings(self, cfg: RunConfig) -> Settings:
         return Settings(

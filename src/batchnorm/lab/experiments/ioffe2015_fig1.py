@@ -32,36 +32,6 @@ from ..verdict import judge
 ID = "ioffe2015-fig1"
 DESCRIPTION = "Ioffe & Szegedy Fig. 1: BN vs none on a 3x100 sigmoid MLP; accuracy vs step, sigmoid-input percentiles, Alg. 2 inference"
 QUICK_SECONDS = 20.0
-EXPLANATION = """
-Batch normalization (BN) standardizes every unit's input over the minibatch — subtract the
-batch mean, divide by the batch standard deviation — and then applies a learned scale gamma
-and shift beta. Ioffe & Szegedy argued that this removes "internal covariate shift": without
-it, the distribution of each layer's input keeps moving while the earlier layers learn, and
-the later layers must keep chasing it.
-
-Their Figure 1 shows this on MNIST with a small network: 3 fully connected hidden layers of
-100 sigmoid units, batch 60, trained with and without BN on every hidden layer. (a) The BN
-network's test accuracy is higher throughout and reaches the baseline's accuracy much
-earlier. (b, c) For one unit of the last hidden layer, the 15th, 50th and 85th percentiles of
-the sigmoid's input over the test set are tracked during training: without BN they wander
-(the median moves, the spread keeps widening); with BN (where the sigmoid's input is
-gamma*x_hat + beta, measured in the training network with batch statistics) they settle early.
-
-Here the same network is trained on the scikit-learn digits (8x8 images, 1437 training and
-360 test examples by default), which runs on a CPU in seconds. A BN network needs fixed
-statistics for inference (a prediction must not depend on the other examples in a batch).
-The paper's Alg. 2 freezes the weights and averages over training batches of m examples:
-E[x] = mean of the batch means, Var[x] = m/(m-1) times the mean of the batch variances
-("population statistics"). PyTorch instead keeps an exponential running average during
-training (momentum 0.1). Both are evaluated side by side.
-
-Choices the paper does not state are recorded below: plain SGD with a constant learning
-rate 0.1, weights drawn from N(0, 0.1^2) and biases 0, both networks start from the same
-weights and see the same minibatch sequence. The accuracy curve during training uses the
-running average (the paper mentions moving averages for exactly this); the population
-statistics are recomputed at every checkpoint for the side-by-side comparison.
-"""
-
 _STEPS = {"tiny": 60, "quick": 5000, "full": 50000}
 _EVERY = {"tiny": 20, "quick": 100, "full": 500}
 # MNIST-1D, quick: the plain network has not started to learn at 5,000 steps (about 31% test
@@ -248,7 +218,6 @@ class Fig1(Experiment):
     ID = ID
     DESCRIPTION = DESCRIPTION
     QUICK_SECONDS = QUICK_SECONDS
-    EXPLANATION = EXPLANATION
 
     def settings(self, cfg: RunConfig) -> Settings:
         if cfg.data == "mnist1d" and cfg.mode == "quick":
@@ -497,8 +466,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         ax.plot([s for s, _ in pts], [v for _, v in pts], label=label, color=color)
     ax.set_yscale("log")
     ax.set_xlabel("training step")
-    ax.set_ylabel("training loss (mean over the steps since the last checkpoint)")
-    ax.set_title("Training loss")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss (mean over the steps since the last checkpoint)")
     ax.grid(alpha=0.3)
     ax.legend()
     paths.append(save(fig, Path(outdir) / "train_loss.png"))

@@ -41,65 +41,6 @@ DESCRIPTION = (
     "Accuracy and divergence over a log grid of learning rates, with and without BN (Ioffe BN-x5/x30, Bjorck 2018)"
 )
 QUICK_SECONDS = 120.0
-EXPLANATION = """
-One of batch normalization's practical promises is that it lets you train with much larger
-learning rates. Ioffe & Szegedy trained their BN-Inception at 5x and 30x the original rate
-(the original network sent its parameters to "machine infinity" at 5x) and reached at least
-the baseline's accuracy. Bjorck et al. (2018) argued that this is the main reason BN helps:
-without BN, large steps make the loss diverge because activations grow layer after layer;
-with BN the scale of every layer is reset, so a large step stays harmless.
-
-Here a deep fully connected ReLU network (8 hidden layers of 100 units, He-initialized, so
-the plain network starts well scaled) is trained with plain SGD, with and without BN before
-every ReLU, at learning rates spaced by about 3x from 0.01 to 30, for a stated number of
-passes over the training set (15 in quick mode, the same rule on every data set). For each
-rate we record the final test accuracy and whether training diverged (a NaN or infinite
-loss). Each claim is judged over several seeds (3 in quick mode), each with its own initial
-weights, minibatch order and (digits) data split, the same in both arms.
-
-The plain network's "best rate" is not read off the seeds the claims are judged on. A
-calibration run on its own seed, on a split of that seed's training set (80% to train, 20% to
-validate; the test set is never used), sweeps the plain network over the same grid; its best
-rate is the largest rate whose validation accuracy is within 0.5 points of the best (ties
-among nearly equal accuracies go to the larger rate). The claims then compare, on every seed,
-the plain network at that rate, and both networks at 10x that rate: does the plain network
-survive there, and is BN there at least as accurate as the plain network at its best?
-
-Two mechanisms are measured too, on every seed. At initialization, the loss after one
-gradient step of size alpha, L(w - alpha*g)/L(w), shows how far along the gradient the loss
-stays predictable. And after a few steps at a large rate (lr 1, up to 10 steps, stopping
-before a non-finite loss), the scale (root mean square) of every layer's output shows whether
-activations blow up with depth - which BN prevents by construction.
-
-What the runs show at this scale (digits, quick, seeds 0-4 and 5-9): the direction of every
-claim is the paper's, but several are inconclusive on one seed set or both, because the plain
-network's fate near its stability limit varies from seed to seed. The calibration's best plain
-rate is 0.03, so the comparison is at 0.3. There the plain network diverges on one seed of
-seeds 0-4 and reaches 34-83% on the others, while on seeds 5-9 it diverges on four and reaches
-41% on the fifth; BN reaches 96-99% everywhere. So the 50-point gap holds on seeds 5-9 and is
-inconclusive on seeds 0-4 (interval 14-93 points). BN at 0.3 is 2-4 points more accurate than
-the plain network at 0.03 on average, which holds on both seed sets. Ten steps at lr 1 blow the
-plain activations up by 10^5 to 10^15 on seven seeds of ten, but on three (4, 7, 8) the plain
-network survived all ten steps and its activations shrank (0.2-0.4x), which leaves that claim
-inconclusive on both sets; BN's layers stay within 1.06x everywhere. At initialization a step
-of 10 along the gradient raises the plain network's loss 1,200x to 1,100,000x, BN's 3-5x: the
-100x threshold holds on seeds 0-4 and is inconclusive on seeds 5-9, where two seeds above
-10^5 and three near 10^3 give a wide interval on the log scale.
-
-On MNIST-1D (seeds 0-4 and 5-9) the calibration's best plain rate is 0.3 (at 1 and above the
-plain network diverges), so the comparison is at 3. There the plain network diverges on all
-ten seeds while BN trains (55-64%), and at initialization a step along the gradient raises the
-plain network's loss 10^4 to 10^8 times, BN's 2-5 times: those claims hold. "BN at 10x the rate
-is as accurate as the plain network at its best" does not: at lr 3 BN reaches 55-64%, on
-average 7-11 points below the plain network at 0.3 (55-73%); it does not hold on seeds 5-9 and
-is inconclusive
-on seeds 0-4 (one seed where the plain network reached only 55%). BN's own best rate is 0.3-1
-there: within this budget of 15 passes BN makes ten times the rate *safe*, but not free. The
-activation growth after steps at lr 1 holds on seeds 0-4 (10^4 to 10^14 without BN, 1.2-1.3x
-with BN) and is inconclusive on seeds 5-9, where on one seed the plain network shrank its
-activations (0.09x) over ten finite steps.
-"""
-
 _EPOCHS = {"quick": 15.0, "full": 120.0}
 _PROBE_ALPHA = 10.0
 _CAP = 1e30  # stands for an infinite loss ratio or activation growth in the log-scale claims
@@ -293,7 +234,6 @@ class LrSweep(Experiment):
     ID = ID
     DESCRIPTION = DESCRIPTION
     QUICK_SECONDS = QUICK_SECONDS
-    EXPLANATION = EXPLANATION
 
     def settings(self, cfg: RunConfig) -> Settings:
         if cfg.mode == "tiny":
@@ -383,6 +323,14 @@ def _growth(profile: Sequence[Any], plain: bool) -> float:
     return v[-1] / v[0] if plain else max(v) / min(v)
 
 
+def _accuracies(per_seed: list[dict[str, Any]], arm: str, j: int) -> str:
+    """Test accuracy per seed at the ``j``-th rate; "diverged" for a run that diverged
+    (results.json stores its accuracy as 0 and its ``diverged_at`` step)."""
+    return ", ".join(
+        "diverged" if m[arm]["diverged_at"][j] is not None else f"{100 * m[arm]['test_acc'][j]:.1f}%" for m in per_seed
+    )
+
+
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """At 10x the plain best rate the plain network fails and BN matches the plain best; blow-up; step probe."""
     t = results["config"]
@@ -408,10 +356,10 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             expected="the original Inception diverged ('machine infinity') at 5x its rate; BN-Inception trained at 5x and 30x",
             source="Ioffe & Szegedy 2015, Sec. 4.2.2",
             evidence=f"test accuracy at lr {high:g} per seed: BN "
-            + ", ".join(f"{100 * v:.1f}%" for v in bn_high)
+            + _accuracies(per_seed, "bn", jh)
             + ", plain "
-            + ", ".join(f"{100 * v:.1f}%" for v in plain_high)
-            + f" (plain diverged on {div_high} of {len(seeds)} seeds)",
+            + _accuracies(per_seed, "plain", jh)
+            + f" (plain diverged on {div_high} of {len(seeds)} seeds; a diverged run counts as accuracy 0)",
         )
     )
     tol = float(t["high_lr_as_accurate_within"])
@@ -426,9 +374,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             expected="BN-x5 73.0% and BN-x30 74.8% vs Inception 72.2% (maximum accuracy)",
             source="Ioffe & Szegedy 2015, Table 2 / Sec. 4.2.2",
             evidence=f"per seed: BN at lr {high:g} "
-            + ", ".join(f"{100 * v:.1f}%" for v in bn_high)
+            + _accuracies(per_seed, "bn", jh)
             + f"; plain at lr {best:g} "
-            + ", ".join(f"{100 * v:.1f}%" for v in plain_best)
+            + _accuracies(per_seed, "plain", jb)
             + "; BN's own best rate per seed "
             + ", ".join(f"{_best_lr(lrs, m['bn']['test_acc'], float(t['best_tolerance'])):g}" for m in per_seed),
         )
@@ -483,25 +431,31 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     lrs = cfg["lrs"]
     per_seed = results["metrics"]["per_seed"]
     paths = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm, label, color in (("plain", "without BN", "tab:blue"), ("bn", "with BN", "tab:red")):
+    fig, (ax, strip) = plt.subplots(2, 1, figsize=(7, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    n = len(per_seed)
+    for k, (arm, label, color) in enumerate((("plain", "without BN", "tab:blue"), ("bn", "with BN", "tab:red"))):
         acc = np.asarray([m[arm]["test_acc"] for m in per_seed], dtype=float)  # (seeds, lrs)
-        mean_band(ax, lrs, acc, label, color=color, marker="o")
-        for j, lr in enumerate(lrs):
-            if any(m[arm]["diverged_at"][j] is not None for m in per_seed):
-                ax.plot([lr], [acc[:, j].mean()], "x", color=color, markersize=10, markeredgewidth=2)
-    ax.plot([], [], "x", color="black", label="diverged on some seed (NaN/inf loss)")
+        diverged = np.asarray([[d is not None for d in m[arm]["diverged_at"]] for m in per_seed])  # (seeds, lrs)
+        # a diverged run is stored with accuracy 0; it is counted below, never drawn as 0%
+        mean_band(ax, lrs, np.where(diverged, np.nan, acc), f"{label}, seeds that trained", color=color, marker="o")
+        counts = diverged.sum(axis=0)
+        shift = 1.0 + 0.08 * (2 * k - 1)  # the two arms side by side on the log axis
+        strip.bar(np.asarray(lrs) * shift, counts, width=0.12 * np.asarray(lrs), color=color, label=label)
     ax.axvline(
         cfg["plain_best_lr"], color="tab:blue", linestyle=":", linewidth=1, label="plain best rate (calibration)"
     )
     ax.axvline(cfg["high_lr"], color="black", linestyle=":", linewidth=1, label="10x that rate")
     ax.set_xscale("log")
     ax.set_ylim(0, 1)
-    ax.set_xlabel("learning rate (SGD, constant)")
     ax.set_ylabel(f"test accuracy after {cfg['steps']} steps")
     ax.set_title(f"Learning-rate sweep: {len(cfg['hidden'])}-layer ReLU MLP")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
+    strip.set_ylim(0, n)
+    strip.set_yticks(range(0, n + 1, max(1, n // 3)))
+    strip.set_ylabel(f"diverged\n(of {n} seeds)")
+    strip.set_xlabel("learning rate (SGD, constant; diverged = NaN/inf training loss)")
+    strip.grid(alpha=0.3, axis="y")
     paths.append(save(fig, Path(outdir) / "accuracy_vs_lr.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))

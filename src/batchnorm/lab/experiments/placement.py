@@ -34,51 +34,6 @@ DESCRIPTION = (
     "BN before vs after the activation (sigmoid and ReLU): training speed, final accuracy, activation-input scale"
 )
 QUICK_SECONDS = 25.0
-EXPLANATION = """
-Where should batch normalization go: before the nonlinearity, normalizing W*u (Ioffe &
-Szegedy's choice, arguing that W*u is "more likely to have a symmetric, non-sparse
-distribution"), or after it, normalizing the activations that the next layer receives? Both
-are common in practice; the original paper put BN before the activation and dropped the
-now-redundant bias, but did not compare the two placements in an experiment.
-
-Here a network of 3 fully connected hidden layers of 100 units is trained with plain SGD
-(lr 0.1, batch 60), for a sigmoid and a ReLU activation, each three ways: without BN, with BN
-before the activation, and with BN after it. The curves show test accuracy over training. For
-every hidden layer, the inputs of the activation are also recorded on the test set: their
-spread (standard deviation over examples, averaged over units) and, for sigmoid, the fraction
-that lands in the flat tails (|input| > 4, where the sigmoid's slope is below 0.018 and
-gradients vanish; recorded in results.json). With BN before the activation, the sigmoid's
-input is gamma*x_hat + beta: centred and scaled by learned parameters. With BN after, nothing
-controls the scale of the sigmoid's input.
-
-The length of training is fixed by a rule stated before any run: the same number of steps on
-every data set (quick mode 2,000, full mode 20,000: the digits setup). On MNIST-1D these
-networks are then still improving at the end, which the claims about the final accuracy must
-live with. Every claim is judged over several seeds (each with its own data split, initial weights and
-minibatch order, shared by the six networks of that seed).
-
-Choices the paper does not state: weights ~ N(0, 0.1^2) for sigmoid networks (as in the Fig. 1
-experiment) and He initialization for ReLU networks, biases 0, constant learning rate.
-
-What the runs showed (quick mode). On the digits (seeds 0-4 and 5-9) all four claims hold on
-both seed sets: both placements reach the sigmoid network's best accuracy about 20x sooner than
-no BN, BN's gain is far larger for sigmoid than for ReLU, BN before the sigmoid ends -0.1 to
-+0.7 points from BN after it (+0.35 and +0.06 on average), and for ReLU the two placements end
-within 1 point.
-
-On MNIST-1D (seeds 0-4 and 5-9, the same verdicts on both) BN's speed-up holds (both
-placements reach the no-BN sigmoid network's best, 31%, 4-6x sooner) and so does its larger
-benefit for sigmoid. Ioffe & Szegedy's placement does not win for sigmoid: after 2,000 steps
-BN *after* the sigmoid reaches 66-68% test accuracy and BN before it 50-53%, 14-17 points
-lower on every one of the ten seeds, and the "after" network is ahead from the first
-checkpoints (36-38% against 29-31% at step 200). Their argument was about the distribution of
-the activation's input; on this data set the "after" network's advantage comes with 4-5% of
-its sigmoid inputs in the flat tails (|z| > 4) against 0.2% before: keeping the sigmoid out
-of saturation is not what decides the result on this data. For ReLU the two placements end
-0.25-0.5 points apart on average ("after" slightly ahead), but the intervals reach just past
-the 1-point band (inconclusive).
-"""
-
 _ARMS = (
     ("sigmoid", "none"),
     ("sigmoid", "before"),
@@ -214,7 +169,6 @@ class Placement(Experiment):
     ID = ID
     DESCRIPTION = DESCRIPTION
     QUICK_SECONDS = QUICK_SECONDS
-    EXPLANATION = EXPLANATION
 
     def settings(self, cfg: RunConfig) -> Settings:
         """The mode's steps and replicates (the same for every data set)."""

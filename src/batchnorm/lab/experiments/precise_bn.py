@@ -36,35 +36,6 @@ DESCRIPTION = (
     "Wu & Johnson 2021: BN's EMA statistics vs precise population statistics over training; samples PreciseBN needs"
 )
 QUICK_SECONDS = 5.0
-EXPLANATION = """
-A BN network needs fixed statistics (a mean and a variance per unit) at inference. PyTorch,
-like most frameworks, keeps an exponential moving average (EMA) of the batch statistics during
-training: running = 0.9 * running + 0.1 * batch. Wu & Johnson (2021) point out two problems.
-The EMA mixes statistics computed under *different* weights (those of the last ~10 steps), so
-when the weights move fast - large learning rate, large batch, early in training - it is
-stale and the evaluated model is not the trained one: validation results become noisy and
-too low. And a smaller momentum would lag even more, a larger one would use few samples.
-Their remedy, PreciseBN, freezes the weights and averages the batch statistics of many
-training batches (the true population statistics of the current network, as Ioffe &
-Szegedy's Algorithm 2 prescribes); it needs only some 10^3-10^4 samples.
-
-Here a 3x256 ReLU MLP with BN is trained with batch 256 at a large learning rate (SGD 1.0 with
-momentum 0.9). After every epoch the test accuracy is measured twice: with the EMA statistics
-and with precise statistics recomputed over the whole training set
-(``batchnorm.recompute_statistics`` in "train" mode: batch statistics in the forward pass, as
-in training, pooled exactly over all batches). The first figure shows both accuracies over
-training, and how far the EMA statistics are from the precise ones (relative error of the
-variance, averaged over units and layers). The second figure shows how many training samples
-PreciseBN needs: at an early and at the final checkpoint, the statistics are recomputed from
-random subsets of N samples (several draws per N) and the test accuracy is plotted against N.
-
-Every claim is judged over several seeds (each seed draws its own data split, initial weights
-and minibatch order; the EMA and precise evaluations of a seed are of the same network, so
-they are paired), as an estimate with a 95% interval: "holds" when the whole interval is on
-the claimed side of the threshold, "does not hold" when it is entirely on the other side,
-"inconclusive" otherwise. The seeds' networks are trained together.
-"""
-
 _SAMPLE_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -198,7 +169,6 @@ class PreciseBN(Experiment):
     ID = ID
     DESCRIPTION = DESCRIPTION
     QUICK_SECONDS = QUICK_SECONDS
-    EXPLANATION = EXPLANATION
 
     def settings(self, cfg: RunConfig) -> Settings:
         return Settings(
@@ -360,7 +330,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Accuracy (EMA vs precise) and EMA statistics error over training; accuracy vs samples."""
-    from ..figures import mean_band, pyplot, save
+    from ..figures import log_ticks, mean_band, pyplot, save
 
     plt = pyplot()
     runs = results["metrics"]["per_seed"]
@@ -398,11 +368,13 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     paths = [save(fig, outdir / "ema_vs_precise.png")]
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    sizes_shown: list[int] = []
     for when, color in (("early", "tab:orange"), ("final", "tab:green")):
         curves = [r["samples"][when] for r in runs if when in r["samples"]]
         if not curves:
             continue
         sizes = curves[0]["sizes"]
+        sizes_shown = sizes
         per = np.asarray([[100 * np.mean(row) for row in c["acc"]] for c in curves])  # (seeds, sizes)
         std = np.asarray([[100 * np.std(row) for row in c["acc"]] for c in curves]).mean(axis=0)
         mean = per.mean(axis=0)
@@ -422,6 +394,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             label=f"{when}: all {curves[0]['all']} samples",
         )
     ax.set_xscale("log")
+    if sizes_shown:
+        log_ticks(ax.xaxis, sizes_shown)  # the sample counts measured
     ax.set_xlabel("samples used for the precise statistics (N)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("How many samples PreciseBN needs")

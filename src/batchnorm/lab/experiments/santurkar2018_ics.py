@@ -31,45 +31,6 @@ from ._santurkar import build, restore_buffers, window_means
 ID = "santurkar2018-ics"
 DESCRIPTION = "Santurkar 2018 Def. 2.1: ICS as the change of a layer's gradient after earlier layers update (l2, cosine); BN's is not lower"
 QUICK_SECONDS = 25.0
-EXPLANATION = """
-"Internal covariate shift" (ICS) is the claim that a layer has to keep re-adapting because the
-layers before it keep changing its input. Santurkar, Tsipras, Ilyas & Madry (2018) made this
-measurable from the optimization's point of view (their Definition 2.1): take one batch and the
-gradient G of the loss with respect to layer i's weights. Now let only the layers before i
-take their gradient step on that batch, and recompute layer i's gradient, G'. If the earlier
-layers' update did not disturb layer i, G' = G: the l2 difference ||G - G'|| would be 0 and
-the cosine between them 1. The larger the difference (the smaller the cosine), the more
-layer i's "target" moved because of the layers below it.
-
-If BN worked by reducing ICS, networks with BN should show smaller differences. The paper found
-the opposite: BN networks show similar or larger ICS by this measure, most strikingly in a
-25-layer deep linear network (DLN), while still training faster.
-
-Here both networks of the paper's kind are trained with and without BN (BN before the
-activation; for the DLN the "activation" is the identity): a DLN of 25 linear layers of width
-32 on Gaussian inputs with a fixed random linear target and mean-squared error (this part
-ignores --data), and a 10-layer ReLU MLP of width 64 on the data. At regular checkpoints the
-measurement above is made for every layer i >= 2, with the training learning rate as the step
-of the earlier layers, on a batch of 128 training examples, in training mode (BN uses the
-batch statistics). The figures show, per network, the l2 difference and the cosine over
-training (median over layers, band = 25th-75th percentile over layers) and per layer
-(median over checkpoints). The relative l2 (||G - G'|| / ||G||) is recorded too, because BN
-changes the size of the gradients themselves.
-
-Each seed (3 in quick mode) gives one number per network and arm: the median over its
-checkpoints after step 0 and its layers. The claims compare the arms of a seed, which start
-from the same weights and see the same batches, and are judged over the seeds. The full run
-(3,000 steps) lets the DLN converge; BN's cosine then ends up close to the plain network's,
-so the cosine claim is a claim about training, not about the converged network.
-
-What three seeds show (quick): the DLN (the same on every data set: it ignores --data) has an
-l2 change 8-9x larger with BN (holds on seeds 0-2 and 3-5). Its cosine is lower with BN on
-every seed (0.94-0.98 vs 0.99-1.00), by 0.01-0.05: the claim holds on seeds 3-5 and is
-inconclusive on seeds 0-2, whose interval reaches +0.02. In the ReLU MLP BN's relative change
-is 0.7-0.9x the plain network's - the same order: it holds on MNIST-1D (both seed sets) and
-is inconclusive on the digits (seeds 0-2: per-seed ratios 0.95, 0.63, 1.19, interval
-0.4-2.0x).
-"""
 
 
 @dataclass(frozen=True)
@@ -232,7 +193,6 @@ class Ics(Experiment):
     ID = ID
     DESCRIPTION = DESCRIPTION
     QUICK_SECONDS = QUICK_SECONDS
-    EXPLANATION = EXPLANATION
 
     def settings(self, cfg: RunConfig) -> Settings:
         return Settings(

@@ -34,44 +34,6 @@ from ._santurkar import build, restore_buffers, window_means
 ID = "santurkar2018-landscape"
 DESCRIPTION = "Santurkar 2018 Fig. 4: loss variation, gradient predictiveness and effective beta-smoothness along the gradient; BN is smoother"
 QUICK_SECONDS = 5.0
-EXPLANATION = """
-If not internal covariate shift, what does BN change? Santurkar, Tsipras, Ilyas & Madry (2018)
-argue that it makes the optimization landscape smoother: the loss and its gradient change
-more slowly (are more Lipschitz), so the gradient computed at the current point stays a good
-guide for a longer step, and larger learning rates are safe.
-
-They measure this during training. At a training step, take the gradient g of the loss on a
-batch and walk along it: evaluate the loss L(w - eta g) and its gradient for several step
-sizes eta. Three numbers summarize the walk. Loss variation: the range (max - min) of the loss
-values seen; a flat, predictable landscape gives a small range. Gradient predictiveness: the
-largest change of the gradient, ||grad L(w) - grad L(w - eta g)||; small means the gradient
-stays predictive. Effective beta-smoothness: the largest ratio of that gradient change to the
-distance moved, ||eta g|| - a local estimate of the Lipschitz constant of the gradient.
-
-Here a 10-layer ReLU MLP (width 64, He initialization, batch 128, plain SGD at lr 0.1, where
-the network without BN still trains) is trained with and without BN before each ReLU, from
-the same initial weights and batches, for a stated number of passes over the training set
-(40 in quick mode, the rule of the noisy-BN experiment). At 16 checkpoints the walk is made on
-a batch of 128 training examples (the same batch for both networks), in training mode (BN uses
-the batch's statistics; running statistics are restored afterwards), for 8 step sizes eta from
-0.05 to 0.4 (0.5x to 4x the training learning rate). The figure shows the three quantities
-over training; the paper found all three lower with BN throughout training.
-
-Each claim compares the two networks where they are comparable: at the same checkpoint, on the
-same batch, as the ratio BN / no BN. A seed's number is the geometric mean of that ratio over
-its checkpoints, and the claim is judged over the seeds (3 in quick mode). One rule, fixed
-before any measurement, restricts the checkpoints: the digits training set is small enough
-that the plain network eventually memorizes it, its gradients vanish, and then all three
-numbers collapse for it (and stay larger for BN, whose batch-dependent loss never reaches 0).
-A walk along a vanishing gradient says nothing about smoothness, so only checkpoints where the
-plain network is still learning (its batch loss L(w) above 0.05) count.
-
-What the runs showed (quick; digits and MNIST-1D, seeds 0-2 and 3-5): all three claims hold
-on every seed set. BN / no BN: loss variation 0.03-0.04 (digits) and 0.17-0.19 (MNIST-1D),
-gradient predictiveness 0.07-0.09 and 0.25-0.26, effective beta-smoothness 0.62 and 0.78
-(the smallest of the three effects).
-"""
-
 _ETAS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
 _EPOCHS = {"quick": 40.0, "full": 300.0}
 _TINY_STEPS = 20
@@ -214,7 +176,6 @@ class Landscape(Experiment):
     ID = ID
     DESCRIPTION = DESCRIPTION
     QUICK_SECONDS = QUICK_SECONDS
-    EXPLANATION = EXPLANATION
 
     def settings(self, cfg: RunConfig) -> Settings:
         if cfg.mode == "tiny":

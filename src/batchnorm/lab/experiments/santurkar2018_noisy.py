@@ -41,70 +41,6 @@ from ._santurkar import NoisyReLU, build, capture_act_inputs, noisy, seed_slot, 
 ID = "santurkar2018-noisy"
 DESCRIPTION = "Santurkar 2018 Fig. 2: BN with injected time-varying noise trains like BN, far better than none, though its layer inputs drift more"
 QUICK_SECONDS = 60.0
-EXPLANATION = """
-Ioffe & Szegedy explained batch normalization's success by "internal covariate shift" (ICS):
-the distribution of each layer's input keeps moving as earlier layers learn, and BN fixes it.
-Santurkar, Tsipras, Ilyas & Madry (2018) tested this directly. Right after every BN layer they
-add random noise whose mean and variance change at every training step, so that the input
-distribution of the next layer moves around *more* than in a network without BN at all. If
-stable input distributions were the reason BN helps, this "noisy BN" network should train
-badly. In their VGG experiment it does not: it trains almost exactly like BN, and much better
-than no BN.
-
-Here a deep ReLU MLP (10 layers of 64 units on the digits, 12 of 100 on MNIST-1D; batch 128,
-plain SGD) is trained at learning rates 0.1 and 0.5, the two rates of the paper's VGG figure,
-from the same initial weights and minibatches, as: no BN; BN before each ReLU; and noisy BN,
-where at every step and for every unit a shift mu ~ U(-a, a) and a scale s ~ U(1, 1 + a) are
-drawn and each sample's BN output y becomes y * s * (1 + (a/5) e) + mu + (a/5) e' (e, e'
-standard normal per sample). At inference the noise is replaced by its expectation (y scaled by
-E[s]), as dropout is. Each claim is judged over several seeds (3 in quick mode), each seed
-with its own initial weights, minibatch order and (digits) data split, paired across arms.
-
-Two choices the paper leaves open are fixed by rule, not by the claims' results. The number
-of steps is a stated number of passes over the training set (40 in quick mode), the same rule
-on every data set. The noise magnitude a is what the paper's argument needs: noise large
-enough that noisy BN's layer inputs move more than the no-BN network's. A calibration run on
-its own seed, on a split of that seed's training set (the claims' seeds and the test set are
-never used), trains the no-BN network and noisy BN at every a of a grid at lr 0.1 and takes
-the smallest a whose drift exceeds the no-BN network's in all four tracked numbers. The rule,
-the grid, the drifts it measured and the a it chose are in the configuration table.
-
-The first figure shows training loss against step. The second shows, for one unit of the 3rd
-and of the 9th hidden layer, the 15th/50th/85th percentiles of the ReLU's input over a fixed
-set of training examples during training (the network in training mode, noise drawn). The
-"drift" numbers quantify how much these input distributions move: for each unit, the
-root-mean-square change of its batch mean from one checkpoint to the next, divided by its
-average spread (std), and the same for its spread; the median over units is reported (third
-figure). At lr 0.5 the network without BN does not train, so the drift comparison uses lr 0.1,
-where all three train.
-
-What the runs showed on the digits (quick, seeds 0-4 and 5-9): the rule needs a large noise,
-a = 1.6 (at a <= 0.8 noisy BN's inputs move less than the plain network's, whose deep units
-drift a lot at lr 0.1). With that noise the paper's finding holds only in part, with the same
-verdicts on both seed sets. Noisy BN's layer inputs do move 2-5x
-more than the plain network's, and at lr 0.5, where the plain network fails (10-35% training
-accuracy), noisy BN trains (96-99% on nine seeds of ten, 83% on seed 3; BN 99-100%). At lr 0.1
-it does not match BN: it ends 9-33 points below BN's 100% (67-91%) and trains more slowly than
-the plain network (mean training loss 1.35-1.55 against 0.45-0.75; BN 0.16-0.17), so "noisy BN
-within 2 points of BN" and "both BN arms train faster than no BN" do not hold. At this scale,
-noise large enough to destabilize the layer inputs more than having no BN costs training speed
-at the smaller rate; BN's benefit survives it at the large rate.
-
-On MNIST-1D (12 layers of 100; seeds 0-4 and 5-9, the same verdicts on both) the rule gives
-a = 0.4. Noisy BN does not train like BN there at either rate: it ends 82-86% in training
-accuracy at lr 0.1 against BN's 96-98% (11-14 points below), and 90-94% at lr 0.5 against
-96-98%, and its mean training loss at lr 0.1 (1.05-1.11) is above the plain network's
-(0.75-0.85; BN 0.67-0.72): both claims that need noisy BN to match BN do not hold. At lr 0.5
-the plain network diverges on 2 of 5 and 3 of 5 seeds and reaches 78-86% on the others, so
-the 10-point gap is inconclusive (the plain network trains where it survives). Noisy BN's
-layer-3 inputs move 1.8-2.8x more than the plain network's and layer 9's mean 1.5-1.6x more,
-but layer 9's spread moves about as much (0.99-1.06x, interval straddling 1): the smallest
-noise that passes the calibration's condition on its own seed does not pass all four numbers
-on the claims' seeds (inconclusive). On this data the paper's picture - distributional
-instability without a cost in training - is not reproduced: the noise that makes the inputs
-move costs accuracy at both rates.
-"""
-
 _ARMS = ("none", "bn", "noisy")
 _LABELS = {"none": "no BN", "bn": "BN", "noisy": "noisy BN"}
 _DRIFTS = ("step_location", "step_spread", "total_location", "total_spread")
@@ -332,7 +268,6 @@ class Noisy(Experiment):
     ID = ID
     DESCRIPTION = DESCRIPTION
     QUICK_SECONDS = QUICK_SECONDS
-    EXPLANATION = EXPLANATION
 
     def settings(self, cfg: RunConfig) -> Settings:
         depth, width = (12, 100) if cfg.data == "mnist1d" else (10, 64)
@@ -389,8 +324,17 @@ def _drift_col(results: dict[str, Any], arm: str, lr: float, layer: str, kind: s
     return [float(m[f"{arm}@{lr:g}"]["drift"][layer][kind]) for m in results["metrics"]["per_seed"]]
 
 
-def _pct(v: Sequence[float]) -> str:
-    return ", ".join(f"{100 * x:.1f}" for x in v)
+def _runs(results: dict[str, Any], arm: str, lr: float, key: str, fmt: str | None = None) -> str:
+    """One arm's per-seed values as text (percent by default, else ``fmt``); a run that diverged
+    reads "diverged" (results.json stores it with ``"diverged": true``, accuracy 0 and loss and
+    drift 1e3, the values the claims are judged on)."""
+    runs = [m[f"{arm}@{lr:g}"] for m in results["metrics"]["per_seed"]]
+    return ", ".join(
+        "diverged"
+        if r.get("diverged")
+        else (f"{100 * float(r[key]):.1f}" if fmt is None else fmt.format(float(r[key])))
+        for r in runs
+    )
 
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -423,7 +367,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             expected="noisy BN 'nearly matches' BN (the training curves overlap)",
             source="Santurkar et al. 2018, Fig. 2",
             evidence="; ".join(
-                f"lr {lr:g}: noisy BN {_pct(_col(results, 'noisy', lr, 'final_train_acc'))}% vs BN {_pct(_col(results, 'bn', lr, 'final_train_acc'))}% "
+                f"lr {lr:g}: noisy BN {_runs(results, 'noisy', lr, 'final_train_acc')}% vs BN {_runs(results, 'bn', lr, 'final_train_acc')}% "
                 f"per seed (noisy - BN {100 * parts[lr].estimate:+.1f} pp [{100 * parts[lr].interval[0]:+.1f}, {100 * parts[lr].interval[1]:+.1f}], {parts[lr].verdict})"
                 for lr in (lo, hi)
             ),
@@ -448,15 +392,15 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             expected="both BN arms ahead of the standard network throughout training",
             source="Santurkar et al. 2018, Fig. 2",
             evidence=f"mean training loss over {t['steps']} steps per seed: no BN "
-            + ", ".join(f"{v:.3g}" for v in none_loss)
+            + _runs(results, "none", lo, "mean_train_loss", "{:.3g}")
             + "; BN "
-            + ", ".join(f"{v:.3g}" for v in _col(results, "bn", lo, "mean_train_loss"))
+            + _runs(results, "bn", lo, "mean_train_loss", "{:.3g}")
             + "; noisy BN "
-            + ", ".join(f"{v:.3g}" for v in _col(results, "noisy", lo, "mean_train_loss"))
+            + _runs(results, "noisy", lo, "mean_train_loss", "{:.3g}")
             + f" (noisy part: {noisy_part.estimate:.3g}x, {noisy_part.verdict}); final training accuracy: no BN "
-            + _pct(_col(results, "none", lo, "final_train_acc"))
+            + _runs(results, "none", lo, "final_train_acc")
             + "%, BN "
-            + _pct(_col(results, "bn", lo, "final_train_acc"))
+            + _runs(results, "bn", lo, "final_train_acc")
             + "%",
         )
     )
@@ -476,8 +420,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             also=[noisy_hi],
             expected="BN tolerates lr 0.5, the standard network does not",
             source="Santurkar et al. 2018, Fig. 1",
-            evidence=f"final training accuracy at lr {hi:g} per seed: no BN {_pct(none_hi)}% ({diverged} of {len(seeds)} diverged), "
-            f"BN {_pct(_col(results, 'bn', hi, 'final_train_acc'))}%, noisy BN {_pct(_col(results, 'noisy', hi, 'final_train_acc'))}%",
+            evidence=f"final training accuracy at lr {hi:g} per seed: no BN {_runs(results, 'none', hi, 'final_train_acc')}% ({diverged} of {len(seeds)} diverged), "
+            f"BN {_runs(results, 'bn', hi, 'final_train_acc')}%, noisy BN {_runs(results, 'noisy', hi, 'final_train_acc')}%",
         )
     )
 
@@ -535,11 +479,12 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             steps = list(range(s["checkpoint_every"], s["steps"] + 1, s["checkpoint_every"]))
             curves = [[np.nan if v is None else v for v in r["loss_curve"]][: len(steps)] for r in runs]
             curves = [c + [np.nan] * (len(steps) - len(c)) for c in curves]
+            lost = sum(bool(r["diverged"]) for r in runs)  # a diverged run's curve stops where it diverged
             mean_band(
                 ax,
                 steps,
                 curves,
-                _LABELS[arm] + (" (diverged)" if any(r["diverged"] for r in runs) else ""),
+                _LABELS[arm] + (f" ({lost} of {len(runs)} diverged)" if lost else ""),
                 color=colors[arm],
             )
         ax.set_yscale("log")
@@ -574,8 +519,16 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     x = np.arange(len(labels))
     width = 0.27
     for k, arm in enumerate(_ARMS):
-        vals = [float(np.mean(_drift_col(results, arm, lr, layer, kind))) for layer in layers for kind in _COMPARED]
-        ax.bar(x + (k - 1) * width, vals, width, label=_LABELS[arm], color=colors[arm])
+        # a diverged run's drift is stored as 1e3: left out of the bar and counted in the legend
+        trained = [not m[f"{arm}@{lr:g}"]["diverged"] for m in per_seed]
+        vals = [
+            float(np.mean([v for v, ok in zip(_drift_col(results, arm, lr, layer, kind), trained) if ok] or [np.nan]))
+            for layer in layers
+            for kind in _COMPARED
+        ]
+        lost = len(trained) - sum(trained)
+        label = _LABELS[arm] + (f" ({lost} of {len(trained)} diverged, left out)" if lost else "")
+        ax.bar(x + (k - 1) * width, vals, width, label=label, color=colors[arm])
     ax.set_xticks(x)
     ax.set_xticklabels(labels)
     ax.set_ylabel(f"RMS change per {s['checkpoint_every']} steps / avg std")

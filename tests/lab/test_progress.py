@@ -1,0 +1,137 @@
+"""Progress where no terminal is: one line per task or phase with the time spent and what
+remains (``LineProgress``, ``Eta``), for ``lab run`` and ``lab replicate`` alike.
+
+    PYTHONPATH=src python -m pytest -q tests/lab/test_progress.py
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from batchnorm.cli import main
+from batchnorm.lab.progress import Eta, LineProgress, Progress, TqdmProgress, duration, for_stderr
+
+
+class Clock:
+    """A hand-moved clock (seconds)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_duration_reads_as_words() -> None:
+    assert [duration(s) for s in (0.4, 42, 185, 3720)] == ["0 s", "42 s", "3 min 05 s", "1 h 02 min"]
+
+
+def test_eta_rescales_the_expected_times_by_the_finished_items() -> None:
+    clock = Clock()
+    eta = Eta([10, 20, 30], clock=clock)
+    assert eta.left() == 60  # trusted: the expected times as they are
+    eta.start(0)
+    clock.now = 5.0
+    assert eta.left() == 55 and eta.current_left() == 5
+    clock.now = 20.0  # the first item overran: twice its estimate so far
+    assert eta.scale() == 2.0 and eta.left() == 100  # 0 left of item 0, (20 + 30) * 2
+    eta.start(1)
+    assert eta.scale() == 2.0 and eta.left() == 100  # (20 + 30) * 2
+    clock.now = 30.0
+    assert eta.current_left() == 30 and eta.left() == 90
+    eta.start(2)  # item 1 took 10 s of its 20: scale (20 + 10) / (10 + 20) = 1
+    assert eta.scale() == 1.0 and eta.left() == 30
+    assert eta.elapsed() == 30
+
+
+def test_eta_skips_items_kept_from_earlier_and_is_unknown_until_calibrated() -> None:
+    clock = Clock()
+    eta = Eta([10, 10, 10, 10], trusted=False, clock=clock)
+    eta.start(2)  # items 0 and 1 resumed from saved results: never run
+    assert eta.left() is None and eta.current_left() is None
+    clock.now = 5.0
+    eta.start(3)
+    assert eta.scale() == 0.5 and eta.left() == 5.0
+    with pytest.raises(ValueError, match="expected an item in 0..3, got 4"):
+        eta.start(4)
+
+
+def test_line_progress_writes_one_line_per_task_and_phase_with_times() -> None:
+    clock = Clock()
+    out = io.StringIO()
+    eta = Eta([40, 60], clock=clock)
+    eta.start(0)
+    progress = LineProgress("[1/2] demo", expected_s=40, eta=eta, stream=out, every_s=1000, clock=clock)
+    progress.note("started")
+    with progress.task("BN", total=100) as tick:
+        for _ in range(100):
+            tick.update()
+        clock.now = 12.0
+    with progress.phase("seeds 0-2"):
+        clock.now = 50.0
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "[1/2] demo started | experiment 0 s, ~40 s left; all 0 s, ~1 min 40 s left",
+        "[1/2] demo BN: 100 steps in 12 s | experiment 12 s, ~28 s left; all 12 s, ~1 min 28 s left",
+        "[1/2] demo seeds 0-2: done in 38 s | experiment 50 s, past its estimate of 40 s; all 50 s, ~1 min 15 s left",
+    ]
+
+
+def test_line_progress_reports_inside_a_long_task() -> None:
+    clock = Clock()
+    out = io.StringIO()
+    progress = LineProgress("x", stream=out, every_s=30, clock=clock)
+    with progress.task("plain", total=400) as tick:
+        for step in range(400):
+            clock.now = step * 0.25  # 4 steps per second: the phase takes 100 s
+            tick.update()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "x plain: step 121/400 after 30 s, ~1 min 09 s left in this phase | experiment 30 s"
+    assert len(lines) == 4 and lines[-1].startswith("x plain: 400 steps in 1 min 40 s")
+
+
+def test_displays_by_where_stderr_goes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    assert isinstance(for_stderr("p"), LineProgress)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert isinstance(for_stderr("p"), TqdmProgress)
+    silent = Progress()
+    with silent.phase("nothing"), silent.task("nothing", 3) as tick:
+        tick.update()
+    silent.note("ignored")
+
+
+def test_lab_run_reports_progress_lines_on_a_redirected_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["lab", "run", "bias", "goodfellow-chain", "--tiny", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("[1/2] bias started | experiment 0 s")
+    assert any(line.startswith("[1/2] bias with bias: 20 steps in ") for line in err)
+    second = [line for line in err if line.startswith("[2/2] goodfellow-chain")]
+    assert second and all(" left" in line for line in second)  # the first experiment calibrated the estimate
+
+
+def test_lab_replicate_reports_progress_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "lab",
+        "replicate",
+        "--tiny",
+        "--data",
+        "digits",
+        "--seeds",
+        "0-1",
+        "--only",
+        "bias",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("[1/1] digits bias started | experiment 0 s; all 0 s")
+    assert any(line.startswith("[1/1] digits bias without bias: 20 steps in ") for line in err)
+    assert main([*args, "--resume"]) == 0  # nothing trained again: no progress lines
+    assert capsys.readouterr().err == ""
