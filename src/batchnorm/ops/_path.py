@@ -33,7 +33,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-__all__ = ["apply", "eager", "eager_backward", "forward_ad_active", "needs_grad"]
+__all__ = ["apply", "compiling_not_exporting", "eager", "eager_backward", "forward_ad_active", "needs_grad"]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _c = torch._C
@@ -79,6 +79,12 @@ def needs_grad(*tensors: Tensor | None) -> bool:
         if t is not None and t.requires_grad:
             return True
     return False
+
+
+def compiling_not_exporting() -> bool:
+    """Whether torch.compile (and not torch.export) is tracing: the BatchNorm*d steps then give
+    Inductor their math as torch ops to fuse with the neighbours, instead of an opaque operator."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
 
 
 def forward_ad_active() -> bool:

@@ -41,7 +41,7 @@ from torch import Tensor
 from .._kernels import native, torch_ops
 from .._kernels.dispatch import aten_direct, backend_for, host_kernels
 from ._common import acc_dtype, fresh, per_channel, register_channel_vmap, to_front
-from ._path import apply, eager, forward_ad_active, needs_grad
+from ._path import apply, compiling_not_exporting, eager, forward_ad_active, needs_grad
 
 _c = torch._C
 
@@ -350,6 +350,15 @@ def train_step(
                 running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var, count, momentum, where
             )
         return y
+    if compiling_not_exporting():
+        # torch.compile: our math as torch ops, which Inductor fuses with the neighbours (an opaque
+        # operator cannot be); torch.export keeps the operator node (tools read it back)
+        y, mean, var = torch_ops.train_forward(x, weight, bias, eps)
+        if running_mean is not None and running_var is not None:
+            with torch.no_grad():
+                state = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
+                _update(*state, mean.detach(), var.detach(), count, momentum, True)
+        return y
     y, mean, var = (_TrainForwardAD if forward_ad_active() else _Train).apply(x, weight, bias, eps)
     if running_mean is not None and running_var is not None:
         with torch.no_grad():
@@ -505,6 +514,8 @@ def eval_forward(
         if needs_grad(x, mean, var, weight, bias):
             return apply(_EvalEager, x, mean, var, weight, bias, eps, kernels)
         return _eval_with(kernels, x, mean, var, weight, bias, eps)
+    if compiling_not_exporting():  # as in train_step: torch ops that Inductor fuses
+        return torch_ops.eval_forward(x, mean, var, weight, bias, eps)
     fn = _EvalForwardAD if forward_ad_active() else _Eval
     return fn.apply(x, mean, var, weight, bias, eps)
 
