@@ -162,9 +162,10 @@ def _stale(name: str, m: nn.Module, mo: Moments) -> Finding | None:
         name,
         f"on {k} of {shift.numel()} channels the running statistics are far from the population statistics of "
         f"the given batches ({n:.0f} values per channel, eval mode): the running mean is more than "
-        f"{STALE_MEAN_SHIFT} population stds off on {int(bad_mean.sum())} (worst: {float(shift[cm]):.3g} on "
-        f"channel {cm}); the running/population variance ratio is outside [{1 / STALE_VAR_RATIO:.3g}, "
-        f"{STALE_VAR_RATIO}] on {int(bad_var.sum())} (worst: {float(ratio[cv]):.3g} on channel {cv}).",
+        f"{STALE_MEAN_SHIFT} population stds off on {int(bad_mean.sum())} channel(s) (worst: "
+        f"{float(shift[cm]):.3g} on channel {cm}); the running/population variance ratio is outside "
+        f"[{1 / STALE_VAR_RATIO:.3g}, {STALE_VAR_RATIO}] on {int(bad_var.sum())} channel(s) (worst: "
+        f"{float(ratio[cv]):.3g} on channel {cv}).",
         fix,
     )
 

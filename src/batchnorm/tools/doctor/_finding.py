@@ -83,20 +83,28 @@ def updates_running_stats(m: nn.Module) -> bool:
 
 
 def format_findings(findings: list[Finding], *, width: int = 120) -> str:
-    """A plain-text table (layer, code, message, fix), the long columns wrapped to fit ``width``."""
+    """A plain-text table (layer, code, message, fix), message and fix wrapped at word boundaries to
+    fit ``width`` (at least 80 characters go to these two columns)."""
     if not findings:
         return "no findings"
     head = ("layer", "code", "message", "fix")
     layer_w = max(len(head[0]), *(len(f.layer or "<model>") for f in findings))
     code_w = max(len(head[1]), *(len(f.code) for f in findings))
-    rest = max(40, width - layer_w - code_w - 6)
-    msg_w = math.ceil(rest * 0.6)
+    rest = max(80, width - layer_w - code_w - 6)
+    msg_w = math.ceil(rest * 0.55)
     fix_w = rest - msg_w
     widths = (layer_w, code_w, msg_w, fix_w)
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
     for f in findings:
-        cells = [[f.layer or "<model>"], [f.code], textwrap.wrap(f.message, msg_w), textwrap.wrap(f.fix, fix_w)]
+        # words are never split (a name cut in two cannot be copied): a longer one overflows its column
+        wrap = {"break_long_words": False, "break_on_hyphens": False}
+        cells = [
+            [f.layer or "<model>"],
+            [f.code],
+            textwrap.wrap(f.message, msg_w, **wrap),
+            textwrap.wrap(f.fix, fix_w, **wrap),
+        ]
         for i in range(max(len(c) for c in cells)):
             row = [c[i] if i < len(c) else "" for c in cells]
             lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
