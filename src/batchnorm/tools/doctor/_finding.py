@@ -96,15 +96,11 @@ def format_findings(findings: list[Finding], *, width: int = 120) -> str:
     widths = (layer_w, code_w, msg_w, fix_w)
     lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
+    # words are never split (a name cut in two cannot be copied): a longer one overflows its column
+    wrap_msg = textwrap.TextWrapper(msg_w, break_long_words=False, break_on_hyphens=False)
+    wrap_fix = textwrap.TextWrapper(fix_w, break_long_words=False, break_on_hyphens=False)
     for f in findings:
-        # words are never split (a name cut in two cannot be copied): a longer one overflows its column
-        wrap = {"break_long_words": False, "break_on_hyphens": False}
-        cells = [
-            [f.layer or "<model>"],
-            [f.code],
-            textwrap.wrap(f.message, msg_w, **wrap),
-            textwrap.wrap(f.fix, fix_w, **wrap),
-        ]
+        cells = [[f.layer or "<model>"], [f.code], wrap_msg.wrap(f.message), wrap_fix.wrap(f.fix)]
         for i in range(max(len(c) for c in cells)):
             row = [c[i] if i < len(c) else "" for c in cells]
             lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
