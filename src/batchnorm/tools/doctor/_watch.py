@@ -1,8 +1,8 @@
 """``watch``: batch-norm mistakes in what a block of code does (training steps, evaluation).
 
-One forward pre-hook per batch-norm layer tallies each training-mode forward; nothing is
-read back from the device during the block (the non-finite counters stay on the device until
-the block ends), so a training step costs a few Python operations more per layer.
+One forward pre-hook per batch-norm layer tallies each training-mode forward in Python; nothing
+is read back from the device during the block, so a training step costs a few Python operations
+more per layer (``python -m benchmarks.doctor_watch`` measures it).
 
 How each code is detected:
 
@@ -19,8 +19,12 @@ How each code is detected:
   reported only when the recomputation did write the statistics (``num_batches_tracked``
   moved), which non-reentrant checkpointing can stop short of for batchnorm's layers.
 - ``non-finite-batch``: batchnorm's layers count the training batches whose statistics were not
-  finite (``num_batches_skipped``); for other layers the input's sum, in float32 (float64 for
-  float64 input), is checked: NaN/inf in the input, the cause in practice.
+  finite (``num_batches_skipped``, read when the block ends). Other layers write such a batch
+  into their running statistics, which stay NaN/inf from then on: finite statistics at the
+  start that are not finite at the end mean at least one such batch (no cost per forward). A
+  layer that does not update its statistics (or whose statistics were already not finite) has
+  the sum of its input checked at each training forward, in float32 (float64 for float64
+  input): NaN/inf in the input, the cause in practice.
 - ``frozen-in-train``: a forward that updates running statistics while the layer's weight and
   bias do not require grad.
 """
@@ -83,6 +87,11 @@ def _world_size(m: nn.Module) -> int:
     return int(dist.get_world_size(getattr(m, "process_group", None)))
 
 
+def _finite_stats(m: nn.Module) -> bool:
+    """running_mean and running_var hold no NaN/inf."""
+    return all(bool(torch.isfinite(getattr(m, k)).all()) for k in ("running_mean", "running_var"))
+
+
 class _Tally:
     """What the forwards of one batch-norm layer did during a watch; its hook is :meth:`hook`."""
 
@@ -92,8 +101,13 @@ class _Tally:
         self.world = _world_size(m)
         self.check_small = not isinstance(m, BatchRenormBase)
         self.params = [p for p in (getattr(m, "weight", None), getattr(m, "bias", None)) if isinstance(p, nn.Parameter)]
+        # non-finite batches: batchnorm's layers count them ("counter"); a layer that writes them into
+        # its finite running statistics shows them there when the block ends ("stats", no cost per
+        # forward, at least one); otherwise the input's sum is checked at every training forward
         skipped = getattr(m, "num_batches_skipped", None)
         self.skipped_start = skipped.detach().clone() if isinstance(skipped, Tensor) else None
+        self.stats_start = self.skipped_start is None and updates_running_stats(m) and _finite_stats(m)
+        self.check_input = self.skipped_start is None and not self.stats_start
         self.forwards = 0
         self.small = 0
         self.smallest = math.inf
@@ -127,9 +141,13 @@ class _Tally:
                 self.inference += 1
             else:
                 self.no_grad += 1
-        if self.params and not any(p.requires_grad for p in self.params) and updates_running_stats(m):
-            self.frozen += 1
-        if self.skipped_start is None and x.numel():
+        for p in self.params:
+            if p.requires_grad:
+                break
+        else:
+            if self.params and updates_running_stats(m):
+                self.frozen += 1
+        if self.check_input and x.numel():
             s = x.detach().sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
             if s.device.type == "cpu":
                 self.bad_host += not math.isfinite(float(s))
@@ -150,11 +168,14 @@ class _Tally:
             self.updated_in_backward += 1
         self.pending = None
 
-    def nonfinite(self) -> int:
+    def nonfinite(self) -> tuple[int, str]:
+        """(number of non-finite training batches, "" or "at least " when only the first one is visible)."""
         skipped = getattr(self.module, "num_batches_skipped", None)
         if self.skipped_start is not None and isinstance(skipped, Tensor):
-            return max(0, int(skipped) - int(self.skipped_start))
-        return self.bad_host + (int(self.bad_device) if self.bad_device is not None else 0)
+            return max(0, int(skipped) - int(self.skipped_start)), ""
+        if self.stats_start:
+            return (0 if _finite_stats(self.module) else 1), "at least "
+        return self.bad_host + (int(self.bad_device) if self.bad_device is not None else 0), ""
 
     def findings(self) -> list[Finding]:
         self.resolve()
@@ -206,7 +227,7 @@ class _Tally:
                     "and restores them on exit (an example is in the doctor's documentation).",
                 )
             )
-        bad = self.nonfinite()
+        bad, at_least = self.nonfinite()
         if bad:
             ours = self.skipped_start is not None
             effect = (
@@ -218,7 +239,8 @@ class _Tally:
                 Finding(
                     "non-finite-batch",
                     self.name,
-                    f"{bad} {of} saw a batch whose statistics are not finite (NaN/inf in the layer's input); {effect}.",
+                    f"{at_least}{bad} {of} saw a batch whose statistics are not finite (NaN/inf in the layer's "
+                    f"input); {effect}.",
                     "find where the NaN/inf comes from (learning rate, loss scaling, data; "
                     "torch.autograd.detect_anomaly); then repair the running statistics with "
                     "batchnorm.recompute_statistics (batchnorm's layers skip such batches).",
