@@ -538,3 +538,11 @@ def test_format_findings_wraps_to_width() -> None:
         for word in (f.code, *f.message.split(), *f.fix.split()):
             assert word in words
     assert format_findings([]) == "no findings"
+
+
+def test_a_batch_norm_alone_is_the_model() -> None:
+    bn = batchnorm.BatchNorm1d(4, momentum=0.9)
+    (f,) = batchnorm.diagnose(bn)
+    assert codes([f]) == [("keras-momentum", "")]
+    assert format_findings([f]).splitlines()[2].startswith("<model>  keras-momentum")
+    assert str(f).startswith("<model>: keras-momentum: momentum=0.9")
