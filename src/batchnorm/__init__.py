@@ -37,12 +37,14 @@ from .nn import (
     sync_batch_norm,
 )
 from .tools import (
+    Finding,
     FoldResult,
     KerasConversion,
     LayerStatistics,
     Moments,
     RedundantBias,
     convert,
+    diagnose,
     find_redundant_biases,
     fold,
     freeze,
@@ -52,6 +54,7 @@ from .tools import (
     strip_redundant_bias,
     to_keras_momentum,
     unfreeze,
+    watch,
 )
 
 __version__ = "0.1.0"
@@ -67,6 +70,7 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
+    "Finding",
     "FoldResult",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
@@ -86,6 +90,7 @@ __all__ = [
     "batch_renorm",
     "convert",
     "convert_sync_batchnorm",
+    "diagnose",
     "find_redundant_biases",
     "fold",
     "freeze",
@@ -101,4 +106,5 @@ __all__ = [
     "to_keras_momentum",
     "unfreeze",
     "use_backend",
+    "watch",
 ]
