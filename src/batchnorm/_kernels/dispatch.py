@@ -144,8 +144,9 @@ runs aten's kernels with aten's own autograd (:func:`aten_direct`)."""
 def aten_direct(x: torch.Tensor) -> bool:
     """Whether a BatchNorm*d step on the eager path runs aten's batch-norm kernels directly, with
     aten's (C++) autograd, our running-statistics update and precision check on top
-    (:func:`batchnorm.ops.bn.train_step`): under "native" for every CPU input it supports, under
-    "auto" for CPU float32/float64 inputs of fewer than ``AUTO_ATEN_MAX`` elements.
+    (:func:`batchnorm.ops.bn.train_step`): float32/float64 CPU inputs, under "native" at every
+    size, under "auto" below ``AUTO_ATEN_MAX`` elements (16-bit inputs keep the kernel contract,
+    whose statistics are float32).
 
     Why: on a small tensor a step's cost is its Python, not its kernels. Our serial kernels are
     faster than aten's (see the module docstring), but their backward is a Python
@@ -154,7 +155,7 @@ def aten_direct(x: torch.Tensor) -> bool:
     name = _state["name"] or get_backend()
     if x.device.type != "cpu" or not (name == "auto" or name == "native"):
         return False
-    if name == "auto" and (x.numel() >= AUTO_ATEN_MAX or x.dtype not in (torch.float32, torch.float64)):
+    if x.dtype not in (torch.float32, torch.float64) or (name == "auto" and x.numel() >= AUTO_ATEN_MAX):
         return False
     return native.supports(x)
 
