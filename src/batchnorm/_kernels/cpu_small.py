@@ -166,6 +166,30 @@ def _py_update(rm, rv, mean, var, f, unbias, kappa_max, save_mean, save_invstd):
     return 0
 
 
+def _py_check(save_mean, save_invstd, kappa_max):  # pragma: no cover - runs compiled
+    # code 2: a statistic is not finite; 1: some |mean| * invstd > kappa_max; 0: fine
+    code = 0
+    for k in range(save_mean.shape[0]):
+        m, inv = np.float64(save_mean[k]), np.float64(save_invstd[k])
+        if not (np.isfinite(m) and np.isfinite(inv)):
+            return 2
+        if abs(m) * abs(inv) > kappa_max:
+            code = 1
+    return code
+
+
+def _py_check_fixed(mean, var, eps, kappa_max):  # pragma: no cover - runs compiled
+    # as _py_check, for given statistics: invstd = 1 / sqrt(var + eps)
+    code = 0
+    for k in range(mean.shape[0]):
+        m, v = np.float64(mean[k]), np.float64(var[k]) + eps
+        if not (np.isfinite(m) and np.isfinite(v) and v > 0.0):
+            return 2
+        if abs(m) > kappa_max * np.sqrt(v):
+            code = 1
+    return code
+
+
 def _kernel(name: str) -> Any:
     """The compiled (serial, cached) dispatcher of kernel ``name``, created on first request.
 
@@ -303,6 +327,19 @@ def update_running(
             empty if save_invstd is None else save_invstd,
         )
     )
+
+
+def check_statistics(save_mean: np.ndarray, save_invstd: np.ndarray, kappa_max: float) -> int:
+    """A kernel's batch statistics (mean, invstd per channel), checked in one compiled call:
+    ``NOT_FINITE`` when one is not finite, else ``ILL_CONDITIONED`` when some
+    ``|mean| * invstd > kappa_max``, else ``UPDATED`` (nothing to object to)."""
+    return int((_compiled.get("_check") or _kernel("_check"))(save_mean, save_invstd, float(kappa_max)))
+
+
+def check_fixed_statistics(mean: np.ndarray, var: np.ndarray, eps: float, kappa_max: float) -> int:
+    """:func:`check_statistics` for given statistics (eval): the invstd is ``1 / sqrt(var + eps)``;
+    a variance with ``var + eps <= 0`` counts as not finite."""
+    return int((_compiled.get("_check_fixed") or _kernel("_check_fixed"))(mean, var, float(eps), float(kappa_max)))
 
 
 def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:

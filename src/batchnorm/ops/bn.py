@@ -290,32 +290,51 @@ def _train_aten(
     count: int,
 ) -> Tensor | None:
     """The eager step of :func:`train_step` on aten's kernel with aten's autograd (see
-    :func:`batchnorm._kernels.dispatch.aten_direct`), or None, having changed nothing, where
-    aten's precision is not enough (``|mean| / std`` above ``native.KAPPA_MAX``: our kernels then
-    centre first).
+    :func:`batchnorm._kernels.dispatch.aten_direct`), or None, having changed nothing, where it
+    does not apply or aten's precision is not enough (``|mean| / std`` above
+    ``native.KAPPA_MAX``: our kernels then centre first).
 
-    The kernel is given fresh zero running buffers and momentum 1, so it writes the batch mean
-    and the unbiased batch variance there, computed in its own accumulation (never recovered
-    from invstd); our rule (:func:`update_eager`) then updates the layer's running statistics.
-    """
-    if (weight is not None and weight.dtype != x.dtype) or (bias is not None and bias.dtype != x.dtype):
+    aten updates the running statistics in the kernel, with torch's own rule (momentum, the
+    unbiased variance; ``momentum=None`` as the factor 1 / (num_batches_tracked + 1), read from
+    CPU memory); the batch statistics are then checked (:func:`cpu_small.check_statistics`,
+    one compiled call), and a batch that is not finite or too ill-conditioned has its update
+    undone from a copy taken before: the rule of :func:`_update_impl`, at the cost of two copies
+    of (C,) vectors."""
+    if count == 0 or (weight is not None and weight.dtype != x.dtype) or (bias is not None and bias.dtype != x.dtype):
         return None  # aten wants parameters of the input's dtype; our kernels take any
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    c = x.shape[1]
-    mean = torch.zeros(c, dtype=acc)
-    var = torch.zeros(c, dtype=acc)
-    y, save_mean, save_invstd = torch.native_batch_norm(x, weight, bias, mean, var, True, 1.0, eps)
-    check = (native.KAPPA_MAX[x.dtype], save_mean, save_invstd)
-    if running_mean is None or running_var is None:
-        return None if native.kappa(save_mean, save_invstd) > check[0] else y
-    state = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
-    code = _update_host(*state, mean, var, count, momentum, False, where, check)
-    if code == HOST_IMPRECISE:
+    kernels = _HOST["kernels"] if "kernels" in _HOST else _HOST.setdefault("kernels", host_kernels())
+    update = running_mean is not None and running_var is not None
+    if update and (running_mean.dtype != x.dtype or running_var.dtype != x.dtype or kernels is None):  # type: ignore[union-attr]
         return None
-    if code == HOST_SKIPPED:  # e.g. 16-bit running buffers: torch ops, after the precision check
-        if native.kappa(save_mean, save_invstd) > check[0]:
+    if update:
+        factor = momentum if momentum is not None else 1.0 / (float(num_batches_tracked.numpy()) + 1.0)
+        saved = (running_mean.clone(), running_var.clone())  # type: ignore[union-attr]
+        y, save_mean, save_invstd = torch.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, factor, eps
+        )
+    else:
+        y, save_mean, save_invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    kappa_max = native.KAPPA_MAX[x.dtype]
+    if kernels is not None:
+        code = kernels.check_statistics(save_mean.detach().numpy(), save_invstd.detach().numpy(), kappa_max)
+        ill, not_finite = code == kernels.ILL_CONDITIONED, code == kernels.NOT_FINITE
+    else:
+        not_finite = not bool(torch.isfinite(save_mean).all() and torch.isfinite(save_invstd).all())
+        ill = not not_finite and native.kappa(save_mean, save_invstd) > kappa_max
+    if not update:
+        return None if ill else y
+    if ill or not_finite:
+        # through NumPy: aten's autograd node holds the buffers (unused by its training backward),
+        # and a torch in-place write would bump their version and fail that backward
+        running_mean.numpy()[...] = saved[0].numpy()  # type: ignore[union-attr]
+        running_var.numpy()[...] = saved[1].numpy()  # type: ignore[union-attr]
+        if ill:
             return None
-        update_eager(*state, mean, var, count, momentum, where, unbiased=False)
+        num_batches_skipped.add_(1)
+        if int(num_batches_skipped.numpy()) == 1:
+            _warn_skipped(save_mean, save_invstd, num_batches_skipped, where)
+        return y
+    num_batches_tracked.add_(1)
     return y
 
 
@@ -505,11 +524,35 @@ class _EvalForwardAD(_Eval):
         return ty.to(x.dtype).expand_as(x).contiguous(memory_format=memory_format_of(x))
 
 
+def _eval_aten(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor | None:
+    """The eager eval of :func:`eval_forward` on aten's kernel with aten's autograd, or None where
+    it does not apply: other dtypes, statistics that need gradients (aten gives none), statistics
+    that are not finite, or ``|mean| / sqrt(var + eps)`` above ``native.KAPPA_MAX`` (aten's CPU
+    kernel forms ``x * scale + (bias - mean * scale)``, which cancels there; ours centres first)."""
+    for t in (mean, var, weight, bias):
+        if t is not None and t.dtype != x.dtype:
+            return None
+    if mean.requires_grad or var.requires_grad:
+        return None
+    kernels = _HOST["kernels"] if "kernels" in _HOST else _HOST.setdefault("kernels", host_kernels())
+    if kernels is None:
+        return None
+    if kernels.check_fixed_statistics(mean.numpy(), var.numpy(), eps, native.KAPPA_MAX[x.dtype]):
+        return None
+    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+
+
 def eval_forward(
     x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
     """Differentiable inference forward with fixed statistics (C,) ``mean`` and ``var``."""
     if eager(x, mean, var, weight, bias):
+        if aten_direct(x):
+            y = _eval_aten(x, mean, var, weight, bias, eps)
+            if y is not None:
+                return y
         kernels = backend_for(x)
         if needs_grad(x, mean, var, weight, bias):
             return apply(_EvalEager, x, mean, var, weight, bias, eps, kernels)
