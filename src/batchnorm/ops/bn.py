@@ -21,12 +21,16 @@ dtypes only: torch.compile, torch.export and meta tensors never run a kernel), a
 for ``torch.vmap`` (B problems of C channels are one problem of B*C channels), and autograd.
 Statistics are returned as mean in float64 and var in float32 (float64 for float64 input).
 
-The Python entry points :func:`train_forward`, :func:`eval_forward`, :func:`moments` and
-:func:`update_running_stats_` are what the layers call: they apply ``torch.autograd.Function``s
-(setup_context style, so ``torch.func.grad``/``jacrev``/``vmap`` work) around the operators,
-with a forward-mode rule (``jvp``, ``torch.autograd.forward_ad``) where torch.compile is not
-tracing. The operators also carry their own autograd registration, for callers that use
-``torch.ops.batchnorm.*`` directly (TorchScript).
+The Python entry points :func:`train_step` (forward and running-statistics update),
+:func:`train_forward`, :func:`eval_forward`, :func:`moments` and :func:`update_running_stats_`
+are what the layers call. Each decides its path once (:mod:`batchnorm.ops._path`): on the eager
+path aten's kernels with aten's autograd (small float32/float64 CPU inputs,
+:func:`batchnorm._kernels.dispatch.aten_direct`) or the back-end's kernels in an
+``autograd.Function``; under torch.compile torch ops that Inductor fuses; everywhere else the
+operators through ``torch.autograd.Function``s (setup_context style, so
+``torch.func.grad``/``jacrev``/``vmap`` work), with a forward-mode rule (``jvp``,
+``torch.autograd.forward_ad``). The operators also carry their own autograd registration, for
+callers that use ``torch.ops.batchnorm.*`` directly (TorchScript).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ __all__ = [
     "eval_forward",
     "moments",
     "update_running_stats_",
+    "train_step",
+    "update_eager",
     "memory_format_of",
 ]
 
@@ -804,8 +810,8 @@ def update_eager(
     where: str,
     unbiased: bool = True,
 ) -> None:
-    """The running-statistics update of a step already on the eager path: NumPy on CPU memory
-    (:func:`_update_host`) where it applies, else torch ops (:func:`_update_impl`)."""
+    """The running-statistics update of a step already on the eager path: one compiled call on
+    CPU memory (:func:`_update_host`) where it applies, else torch ops (:func:`_update_impl`)."""
     state = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
     if _update_host(*state, mean, var, count, momentum, unbiased, where) == HOST_SKIPPED:
         with torch.no_grad():
@@ -825,8 +831,8 @@ def update_running_stats_(
     unbiased: bool = True,
 ) -> None:
     """Apply :func:`update_running_stats` (in place, no autograd). On the eager path one layer's
-    float32/float64 CPU statistics are updated with NumPy (:func:`_update_host`), everything else
-    with torch ops on the device (:func:`_update`); both apply the same rule."""
+    float32/float64 CPU statistics are updated on CPU memory (:func:`_update_host`), everything
+    else with torch ops on the device (:func:`_update`); both apply the same rule."""
     args = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
     if eager(*args, mean, var):
         update_eager(*args, mean, var, count, momentum, where, unbiased)
