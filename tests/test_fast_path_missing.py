@@ -40,7 +40,7 @@ def test_missing_numba_warns_once_with_the_fix(no_numba: None, numel: int) -> No
 def test_missing_numba_layer_still_matches_torch(no_numba: None) -> None:
     """A tensor large enough for the parallel kernels (small ones run aten's kernels anyway)."""
     torch.manual_seed(0)
-    x = torch.randn(8, 3, 96, 96)
+    x = torch.randn(8, 3, 192, 192)
     ours, ref = BatchNorm2d(3), torch.nn.BatchNorm2d(3)
     with pytest.warns(RuntimeWarning, match="pip install numba"):
         y = ours(x)
