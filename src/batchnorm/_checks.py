@@ -55,8 +55,8 @@ def check_layer_input(
     x: object, where: str, ndims: tuple[int, ...], num_features: int, use_batch_stats: bool, eps: object
 ) -> None:
     """Every check of a layer's forward, in one call (it runs on every step): the input as
-    :func:`check_input`, a batch size as :func:`check_batch_size` with batch statistics, eps as
-    :func:`check_eps`. The common, valid case costs no further Python call."""
+    `check_input`, a batch size as `check_batch_size` with batch statistics, eps as
+    `check_eps`. The common, valid case costs no further Python call."""
     if (
         (x.__class__ is Tensor or isinstance(x, Tensor))
         and x.is_floating_point()

@@ -25,7 +25,7 @@ read back to the host), so a step can be compiled, exported or captured in a CUD
 backward is the hand-derived formula above, and is itself differentiable (``create_graph=True``
 works: gradient penalties, ``gradgradcheck``).
 
-Computed by the ``torch.ops.batchnorm`` operators (:mod:`batchnorm.ops`); this module checks the
+Computed by the ``torch.ops.batchnorm`` operators (`batchnorm.ops`); this module checks the
 arguments and calls them.
 """
 
@@ -98,9 +98,9 @@ def normalize_step(
     num_batches_tracked: Tensor | None = None,
     num_batches_skipped: Tensor | None = None,
 ) -> Tensor:
-    """Batch norm on checked arguments: the operator calls behind :func:`batch_norm` and the layers.
+    """Batch norm on checked arguments: the operator calls behind `batch_norm` and the layers.
 
-    Training: :func:`batchnorm.ops.train_step` (the batch statistics and, when running
+    Training: `batchnorm.ops.train_step` (the batch statistics and, when running
     statistics are given, their update; ``momentum=None`` needs ``num_batches_tracked``).
     Evaluation: ``batchnorm::eval`` with the running statistics.
     """

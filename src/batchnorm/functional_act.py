@@ -31,10 +31,10 @@ approximately (clamped to log of the dtype's epsilon); act'(y) ~ exp(y) is then 
 elements hardly contribute, but their x_hat enters the dx of the channel (In-Place ABN has the
 same limitation).
 
-Conventions as :func:`batchnorm.batch_norm`: PyTorch momentum, unbiased running_var, eps inside
+Conventions as `batchnorm.batch_norm`: PyTorch momentum, unbiased running_var, eps inside
 the root, statistics in >= float32, non-finite batches never update running statistics. The
 backward is not itself differentiable (no double backward). Computed by the
-``batchnorm::act_train``/``act_backward`` operators (:mod:`batchnorm.ops.act`). The memory
+``batchnorm::act_train``/``act_backward`` operators (`batchnorm.ops.act`). The memory
 saving applies in eager mode on CPU, where the |gamma| guard can read the weights; under
 torch.compile, torch.export or on other devices the input is kept as well (no host read).
 
@@ -121,7 +121,7 @@ def act_step(
     num_batches_tracked: Tensor | None = None,
     num_batches_skipped: Tensor | None = None,
 ) -> Tensor:
-    """BN + activation on checked arguments (the operator calls behind :func:`batch_norm_act`)."""
+    """BN + activation on checked arguments (the operator calls behind `batch_norm_act`)."""
     if not training or x.numel() == 0:
         # evaluation (fixed affine map) or empty batch: plain BN, then the activation
         y = normalize_step(
@@ -150,7 +150,7 @@ def batch_norm_act(
 ) -> Tensor:
     """``act(batch_norm(input, ...))`` with a backward that keeps only the output.
 
-    Arguments as :func:`batchnorm.batch_norm`, plus ``activation`` ("leaky_relu", "elu" or
+    Arguments as `batchnorm.batch_norm`, plus ``activation`` ("leaky_relu", "elu" or
     "identity"; "relu" raises ValueError: not invertible), ``negative_slope`` (> 0, leaky) and
     ``alpha`` (> 0, elu). See the module docstring for the formulas and the |gamma| guard.
 

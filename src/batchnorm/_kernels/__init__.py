@@ -1,5 +1,5 @@
 """Kernel back-ends and the dispatch between them (private).
 
 A back-end is a module exposing ``train_forward``, ``eval_forward`` and ``backward`` with the
-signatures of :mod:`batchnorm._kernels.torch_ops`. See :mod:`batchnorm._kernels.dispatch`.
+signatures of `batchnorm._kernels.torch_ops`. See `batchnorm._kernels.dispatch`.
 """

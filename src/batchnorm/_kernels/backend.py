@@ -2,7 +2,7 @@
 
 A back-end is a module of plain functions over tensors shaped (N, C, *spatial): statistics per
 channel (dim 1), reduced over every other dim, m = N * prod(spatial) values per channel.
-:mod:`batchnorm._kernels.dispatch` picks one module per call and the layers call these
+`batchnorm._kernels.dispatch` picks one module per call and the layers call these
 functions on it, so every back-end must accept the same arguments and return the same things:
 
 - the mean is returned in float64, the biased variance and the parameter gradients in
@@ -10,12 +10,12 @@ functions on it, so every back-end must accept the same arguments and return the
 - outputs keep the input's dtype and memory format;
 - ``x_hat = (x - mean) * invstd``, ``invstd = 1 / sqrt(var + eps)``.
 
-:class:`KernelBackend` is what :mod:`~batchnorm._kernels.torch_ops` (any device) provides;
-:class:`NumbaBackend` adds ``supports``, which the numba modules (:mod:`~batchnorm._kernels.cpu`,
-:mod:`~batchnorm._kernels.cpu_small`) and the Triton module (:mod:`~batchnorm._kernels.triton_bn`)
+`KernelBackend` is what `torch_ops` (any device) provides;
+`NumbaBackend` adds ``supports``, which the numba modules (`cpu`,
+`cpu_small`) and the Triton module (`triton_bn`)
 answer so that dispatch can fall back to torch ops.
 Both are ``runtime_checkable``: ``isinstance(module, NumbaBackend)`` checks that the names
-exist; :func:`signature_mismatches` compares the signatures too.
+exist; `signature_mismatches` compares the signatures too.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class KernelBackend(Protocol):
 
 @runtime_checkable
 class NumbaBackend(KernelBackend, Protocol):
-    """A back-end that runs only some inputs: dispatch asks :meth:`supports` first."""
+    """A back-end that runs only some inputs: dispatch asks `supports` first."""
 
     def supports(self, x: Tensor) -> bool:
         """True when this back-end can run ``x``; False sends dispatch to torch ops."""

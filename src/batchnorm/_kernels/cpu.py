@@ -1,6 +1,6 @@
 """Fused batch-norm kernels for CPU tensors, compiled with numba (the default CPU back-end).
 
-Same API as :mod:`batchnorm._kernels.torch_ops`:
+Same API as `batchnorm._kernels.torch_ops`:
 
 - ``train_forward(x, weight, bias, eps) -> (y, mean, var_biased)``
 - ``eval_forward(x, mean, var, weight, bias, eps) -> y``
@@ -24,7 +24,7 @@ Memory layouts. A supported input is seen, without copying, as one of two flat l
   channels_last_3d, or any input whose ``movedim(1, -1)`` is contiguous.
 
 Outputs are preallocated with torch in the input's dtype and memory format (large ones on
-transparent huge pages, see :func:`_empty_like`), and the kernels write into their numpy views
+transparent huge pages, see `_empty_like`), and the kernels write into their numpy views
 (``Tensor.numpy()`` shares memory).
 
 Passes: training forward = one statistics pass + one normalize pass; backward = one pass for
@@ -44,7 +44,7 @@ Parallelism (``numba.prange`` over work units, ``numba.get_num_threads()`` threa
   rows, inner loops over contiguous columns (vectorized) into per-block partial vectors,
   reduced over blocks and, for ncs, over the S columns of each channel.
 
-Threading layer: numba's OpenMP layer by default on Linux (see :func:`_configure_threading`);
+Threading layer: numba's OpenMP layer by default on Linux (see `_configure_threading`);
 in a process forked from one whose OpenMP pool is running, the kernels run compiled without
 ``parallel`` (numba would terminate the child at a parallel launch).
 
@@ -63,13 +63,13 @@ Numerical policy:
   ``((x - mu_hi) - mu_lo) * scale + shift``: for x near mu_hi the first difference is exact, so
   y keeps its precision where ``x * scale + shift`` would lose it (1e4 * 100 in float32);
 - ``backward`` refines ``mean`` to the float64 batch mean of ``x`` from the sums it reads
-  anyway (a no-op up to rounding for the float64 mean of :func:`train_forward`; it rescues a
+  anyway (a no-op up to rounding for the float64 mean of `train_forward`; it rescues a
   mean that was rounded to float32). It therefore requires ``mean`` to be the batch mean of
   ``x``, which the BN backward formula assumes in any case;
 - float16/bfloat16 inputs (numba has no half types) reach the kernels as their raw 16-bit
   storage (uint16/int16 numpy views, no copy); every load is widened to float32 in registers
   and every store rounded once to the 16-bit dtype (nearest, ties to even; see
-  :mod:`batchnorm._kernels.half`), so they run in float32 like float32 inputs, moving half the
+  `batchnorm._kernels.half`), so they run in float32 like float32 inputs, moving half the
   bytes. The mean is returned in float64, the variance and the sums of backward in
   ``acc_dtype`` (float32, float64 for float64 input), as torch_ops does.
 
@@ -158,7 +158,7 @@ def _configure_threading() -> None:
 
     Fork: with GNU OpenMP, numba terminates a forked child at its first parallel launch (a
     DataLoader worker, say). A fork handler therefore marks such a child, and the kernels then
-    run there compiled without ``parallel`` (:func:`_serial`): same results, one thread, no
+    run there compiled without ``parallel`` (`_serial`): same results, one thread, no
     launch. Launches are serialized by a lock (the workqueue layer refuses concurrent ones).
     """
     if _compiled.get("_threading"):
@@ -223,7 +223,7 @@ def _serial_copy(func: Callable[..., Any]) -> Callable[..., Any]:
 def _kernel(name: str) -> Any:
     """The compiled dispatcher of kernel ``name`` (created on first request; compiled on first call).
 
-    In a serial process (:func:`_serial`) the same function is compiled without ``parallel``
+    In a serial process (`_serial`) the same function is compiled without ``parallel``
     (``prange`` runs as ``range``), under its own key.
     """
     serial = _serial()
@@ -243,12 +243,12 @@ def _kernel(name: str) -> Any:
 
 
 def _run(name: str, *args: Any, small: bool = False) -> None:
-    """Launch kernel ``name`` (see :func:`launch`)."""
+    """Launch kernel ``name`` (see `launch`)."""
     launch(_kernel(name), args, small=small)
 
 
 def launch(kern: Any, args: tuple[Any, ...], *, small: bool = False) -> None:
-    """Run compiled kernel ``kern`` on :func:`_threads` threads, one launch at a time.
+    """Run compiled kernel ``kern`` on `_threads` threads, one launch at a time.
 
     ``small``: run on one thread. For small tensors, waking numba's workers costs more than
     the work, and much more right after torch ops whose OpenMP threads still spin on the cores.
@@ -476,9 +476,9 @@ def _py_bsums_ncs(g, x, n_b, n_c, n_s, k, nseg, shift, out):  # pragma: no cover
 def _py_train_ncs(x, n_b, n_c, n_s, k, nseg, eps, w, b, stats, y):  # pragma: no cover
     """Fused training forward, one task per channel: statistics, then y for that channel.
 
-    Used when a channel's values fit in a core's L2 cache (see :data:`_FUSE_BYTES`): the
+    Used when a channel's values fit in a core's L2 cache (see `_FUSE_BYTES`): the
     normalize pass then reads x from L2 instead of memory, one full read of x saved. Units and
-    merges as in :func:`_py_stats_ncs` (per channel c: k rows at a time, nseg pieces per row);
+    merges as in `_py_stats_ncs` (per channel c: k rows at a time, nseg pieces per row);
     w, b: (C,) float64; stats: (2, C) float64 out (mean, biased var); y as in _py_affine_ncs.
     """
     groups = (n_b + k - 1) // k
@@ -513,9 +513,9 @@ def _py_bwd_ncs(g, x, n_b, n_c, n_s, k, nseg, mu, inv, w, sums, dx):  # pragma: 
     """Fused training backward, one task per channel: the sums, then dx for that channel.
 
     Used when a channel's g and x fit in a core's L2 cache together (see
-    :func:`_fuse_bwd_ncs`): the dx pass reads them from L2, two full reads saved. The same
-    units, float64 totals and coefficients as :func:`_py_bsums_ncs` + :func:`_bwd_params` +
-    :func:`_py_dx_ncs` (same order of operations: identical results). mu, inv, w: (C,) float64;
+    `_fuse_bwd_ncs`): the dx pass reads them from L2, two full reads saved. The same
+    units, float64 totals and coefficients as `_py_bsums_ncs` + `_bwd_params` +
+    `_py_dx_ncs` (same order of operations: identical results). mu, inv, w: (C,) float64;
     sums: (2, C) float64 out (sum g * x_hat, sum g); dx as in _py_dx_ncs.
     """
     groups = (n_b + k - 1) // k
@@ -766,7 +766,7 @@ def layout_of(x: Tensor) -> str | None:
 def _float16_native() -> bool:
     """Whether numba's target CPU converts float16 in hardware (x86 F16C).
 
-    Without it LLVM lowers the float16 conversions of :mod:`batchnorm._kernels.half` to
+    Without it LLVM lowers the float16 conversions of `batchnorm._kernels.half` to
     compiler-rt calls that numba cannot link; float16 inputs then go to torch_ops. Follows
     ``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` when set (e.g. ``generic`` for portable caches).
     """
@@ -784,7 +784,7 @@ def supports(x: Tensor) -> bool:
     contiguously (NCHW, ...) or channels-last (C innermost); False sends dispatch to torch_ops.
 
     Any size: the "auto" back-end itself sends tensors of fewer than ``AUTO_MIN_NUMEL`` elements
-    elsewhere (:mod:`batchnorm._kernels.dispatch`), because there the planning and thread-pool
+    elsewhere (`batchnorm._kernels.dispatch`), because there the planning and thread-pool
     launch of these kernels cost more than the work (measured: (128, 256) float32 training
     step 0.68 ms here, 0.43 ms with torch ops, 0.14 ms torch native).
     """
@@ -840,7 +840,7 @@ def _madvise_huge(t: Tensor) -> None:
 
 def _empty_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """``torch.empty_like(x, dtype=dtype)`` (same memory format); outputs of at least
-    ``outpool.MIN_BYTES`` come from :mod:`batchnorm._kernels.outpool` (memory no tensor uses
+    ``outpool.MIN_BYTES`` come from `batchnorm._kernels.outpool` (memory no tensor uses
     any more, reused without page faults; new pool buffers on huge pages)."""
     out = outpool.empty_like(x, x.dtype if dtype is None else dtype)
     if out is not None:
@@ -1012,8 +1012,8 @@ L2 cache, so the normalize pass finds the channel's x there."""
 
 
 def _fuse_ncs(n_b: int, n_c: int, n_s: int, itemsize: int) -> bool:
-    """Whether the ncs training forward runs fused per channel (:func:`_py_train_ncs`): each
-    channel fits in :data:`_FUSE_BYTES`, and there are at least 4 channels per thread (the
+    """Whether the ncs training forward runs fused per channel (`_py_train_ncs`): each
+    channel fits in `_FUSE_BYTES`, and there are at least 4 channels per thread (the
     channels are the only parallel units there)."""
     return n_b * n_s * itemsize <= _FUSE_BYTES and n_c >= 4 * _threads()
 
@@ -1032,8 +1032,8 @@ rows) 0.69-0.88 loaded but 1.15 quiet (11.6 vs 10.1 ms): not fused."""
 
 
 def _fuse_bwd_ncs(n_b: int, n_c: int, n_s: int, itemsize: int) -> bool:
-    """Whether the ncs backward runs fused per channel (:func:`_py_bwd_ncs`): a channel's g and
-    x fit in :data:`_FUSE_BWD_BYTES` together, its rows are at least :data:`_FUSE_BWD_ROW`
+    """Whether the ncs backward runs fused per channel (`_py_bwd_ncs`): a channel's g and
+    x fit in `_FUSE_BWD_BYTES` together, its rows are at least `_FUSE_BWD_ROW`
     bytes long, and there are at least 4 channels per thread."""
     return 2 * n_b * n_s * itemsize <= _FUSE_BWD_BYTES and n_s * itemsize >= _FUSE_BWD_ROW and n_c >= 4 * _threads()
 
@@ -1062,7 +1062,7 @@ def _rows_blocks(n_rows: int, n_cols: int) -> int:
 def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Training forward: (y, mean, var_biased). y has x's dtype and memory format; mean and the
     biased variance (C,) are computed in float64; the mean is returned in float64 and the
-    variance in ``acc_dtype(x.dtype)`` (as :func:`torch_ops.train_forward`).
+    variance in ``acc_dtype(x.dtype)`` (as `torch_ops.train_forward`).
 
     Shape: x (N, C, *) -> y (N, C, *), mean (C,), var (C,).
     """
@@ -1108,9 +1108,9 @@ def _stats(xf: np.ndarray, kind: str, n: int, c: int, s: int, n_c: int, small: b
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch statistics without a normalized output: (mean, var_biased).
 
-    One read of x, no write (the statistics pass of :func:`train_forward`). The mean is
+    One read of x, no write (the statistics pass of `train_forward`). The mean is
     returned in float64, the biased variance in ``acc_dtype(x.dtype)``, as
-    :func:`torch_ops.batch_stats`.
+    `torch_ops.batch_stats`.
 
     Shape: x (N, C, *) -> mean (C,), var (C,).
     """
@@ -1162,7 +1162,7 @@ def backward(
         dgamma = sum g * x_hat
         dx     = weight * invstd * (g - mean(g) - x_hat * mean(g * x_hat))
 
-    ``mean`` must be the batch mean of ``x`` (as returned by :func:`train_forward`); it is
+    ``mean`` must be the batch mean of ``x`` (as returned by `train_forward`); it is
     refined to float64 from x itself (see module docstring). Returns (dx in x's dtype and
     memory format, dgamma, dbeta in ``acc_dtype(x.dtype)``). Not differentiable (the functional
     layer uses torch_ops when a graph of the backward is needed).

@@ -1,6 +1,6 @@
 """Fused CPU backward of batch norm + invertible activation from the saved output z (numba).
 
-Used by :mod:`batchnorm.functional_act` for CPU tensors that :func:`cpu.supports`. Per element,
+Used by `batchnorm.functional_act` for CPU tensors that `cpu.supports`. Per element,
 with g = dL/dz (mode 1: leaky_relu(slope), mode 2: elu(alpha)):
 
     y  = act^-1(z)   = z > 0 ? z : (leaky: z / slope;  elu: log1p(max(z / alpha, -1 + tiny)))
@@ -10,7 +10,7 @@ and then the BN backward in the variables of y (x_hat = (y - beta) / gamma): one
 sums (sum dy, sum dy * (y - beta), sum (y - beta)), one pass for
 dx = k1 * dy + k2 * (y - mean_y) + k3. Neither y nor dy is ever stored: the backward reads z and
 g twice and writes dx once, like the plain BN backward, and the activation's own backward pass
-disappears. Work split and layouts as in :mod:`batchnorm._kernels.cpu`; compiled on first call.
+disappears. Work split and layouts as in `batchnorm._kernels.cpu`; compiled on first call.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ _compiled: dict[str, Any] = {}
 
 def _kernel(name: str) -> Any:
     """The compiled dispatcher of kernel ``name`` (created on first request; serial when
-    :func:`cpu._serial`, as in :func:`cpu._kernel`)."""
+    `cpu._serial`, as in `cpu._kernel`)."""
     serial = cpu._serial()
     key = name + "@serial" if serial else name
     kern = _compiled.get(key)
@@ -57,7 +57,7 @@ def _kernel(name: str) -> Any:
 
 
 def _run(name: str, *args: Any, small: bool = False) -> None:
-    """Launch kernel ``name`` like :func:`cpu._run` (lock; threads as torch's; one when ``small``)."""
+    """Launch kernel ``name`` like `cpu._run` (lock; threads as torch's; one when ``small``)."""
     cpu.launch(_kernel(name), args, small=small)
 
 
@@ -193,7 +193,7 @@ def backward_act(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """BN + activation backward from the output z: (dx, dgamma, dbeta).
 
-    ``weight`` (gamma) must be invertible (see :mod:`batchnorm.functional_act`). dx has z's
+    ``weight`` (gamma) must be invertible (see `batchnorm.functional_act`). dx has z's
     dtype and memory format; dgamma, dbeta are in ``acc_dtype(z.dtype)``.
 
     Shape: grad_z, z (N, C, *) -> dx (N, C, *), dgamma (C,), dbeta (C,).

@@ -1,7 +1,7 @@
 """Serial numba kernels for small CPU tensors: one compiled call per forward or backward.
 
 For a tensor of a few thousand values, a batch-norm step in eager torch is some twenty small
-ops of 2-3 microseconds each, and :mod:`batchnorm._kernels.cpu`'s parallel kernels pay a
+ops of 2-3 microseconds each, and `batchnorm._kernels.cpu`'s parallel kernels pay a
 thread-pool launch and their planning. Here every pass over the data is one call of a serial
 kernel that keeps everything in float64:
 
@@ -14,10 +14,10 @@ kernel that keeps everything in float64:
 x - mean is formed in float64, so mean 1e4 / std 1e-2 in float32 keeps the spread's digits.
 
 Layouts: contiguous ``(N, C, S)`` ("ncs": S > 1 contiguous values per channel and sample) and
-channels-last / 2D ``(M, C)`` ("mc": C innermost), as :func:`batchnorm._kernels.cpu.layout_of`
+channels-last / 2D ``(M, C)`` ("mc": C innermost), as `batchnorm._kernels.cpu.layout_of`
 names them, both read as a table of rows whose contiguous columns are channels (mc) or runs of
 S columns per channel (ncs), so the inner loops are long and vectorize; float32 and float64
-only. Same contracts as :mod:`batchnorm._kernels.torch_ops`
+only. Same contracts as `batchnorm._kernels.torch_ops`
 (mean returned in float64, var/dgamma/dbeta in ``acc_dtype``); ``batch_stats``,
 ``backward_sums`` and ``backward_apply`` are torch_ops' own. Compiled on first call, never at
 import; never differentiable (the functional layers use torch_ops for create_graph).
@@ -243,7 +243,7 @@ def _tables(x: Tensor, g: Tensor | None = None) -> tuple[Tensor, np.ndarray, np.
     """Everything a kernel call needs about its (N, C, *) operands, in one call (this runs on
     every small step): (out, out's writable (R, L) view, x's table, columns per channel, g's
     table or None). ``out`` is an empty tensor like x (same memory format); its view is never a
-    copy (``view`` raises rather than return one). ValueError for a tensor :func:`supports`
+    copy (``view`` raises rather than return one). ValueError for a tensor `supports`
     would refuse (dispatch has asked it already; direct callers get the check here)."""
     layout = cpu.layout_of(x)
     if (
@@ -289,7 +289,7 @@ def _vecs(c: int, *pairs: tuple[Tensor | None, float]) -> list[np.ndarray]:
 
 
 UPDATED, ILL_CONDITIONED, NOT_FINITE = 0, 1, 2
-"""The results of :func:`update_running`."""
+"""The results of `update_running`."""
 
 
 def update_running(
@@ -337,7 +337,7 @@ def check_statistics(save_mean: np.ndarray, save_invstd: np.ndarray, kappa_max: 
 
 
 def check_fixed_statistics(mean: np.ndarray, var: np.ndarray, eps: float, kappa_max: float) -> int:
-    """:func:`check_statistics` for given statistics (eval): the invstd is ``1 / sqrt(var + eps)``;
+    """`check_statistics` for given statistics (eval): the invstd is ``1 / sqrt(var + eps)``;
     a variance with ``var + eps <= 0`` counts as not finite."""
     return int((_compiled.get("_check_fixed") or _kernel("_check_fixed"))(mean, var, float(eps), float(kappa_max)))
 

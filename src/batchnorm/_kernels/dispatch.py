@@ -1,13 +1,13 @@
 """Choose the kernel back-end for a tensor.
 
 Back-ends:
-- ``"torch"``: :mod:`batchnorm._kernels.torch_ops`, pure torch, any device, differentiable;
-- ``"numba"``: :mod:`batchnorm._kernels.cpu`, fused parallel CPU kernels (needs numba), CPU
+- ``"torch"``: `batchnorm._kernels.torch_ops`, pure torch, any device, differentiable;
+- ``"numba"``: `batchnorm._kernels.cpu`, fused parallel CPU kernels (needs numba), CPU
   tensors only, at every size (tests use it to reach these kernels with small tensors);
-- ``"triton"``: :mod:`batchnorm._kernels.triton_bn` (needs triton), CUDA tensors, and CPU
+- ``"triton"``: `batchnorm._kernels.triton_bn` (needs triton), CUDA tensors, and CPU
   tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` is set (slow; for tests).
   Inputs it cannot run (e.g. empty or oddly strided) go to torch;
-- ``"native"``: :mod:`batchnorm._kernels.native`, torch's own aten batch-norm kernels, any
+- ``"native"``: `batchnorm._kernels.native`, torch's own aten batch-norm kernels, any
   device (contiguous or channels-last inputs; others go to torch).
 
 ``"auto"`` (the default):
@@ -16,9 +16,9 @@ Back-ends:
   the pure-torch fallback, unless ``native`` cannot take them (e.g. oddly strided);
 - CPU tensors, when numba is installed: float32/float64 tensors of fewer than
   ``AUTO_MIN_NUMEL`` elements go to the serial one-call kernels of
-  :mod:`batchnorm._kernels.cpu_small`, float16/bfloat16 ones (``AUTO_NATIVE``) to ``native``,
+  `batchnorm._kernels.cpu_small`, float16/bfloat16 ones (``AUTO_NATIVE``) to ``native``,
   and tensors of at least ``AUTO_MIN_NUMEL`` elements to the parallel kernels of
-  :mod:`batchnorm._kernels.cpu`; everything else (other devices, unsupported strides, no
+  `batchnorm._kernels.cpu`; everything else (other devices, unsupported strides, no
   numba) to torch (small 16-bit tensors to ``native`` even without numba).
 
 The CPU rule is measured (same run, kernels called directly, medians of 5 rounds of 60 calls,
@@ -35,7 +35,7 @@ numbers) and ``python -m benchmarks.bn_native`` (through the layers, every back-
 are oversubscribed (their OpenMP regions wait for descheduled threads); the serial numba
 kernels do not, which is one more reason float32/float64 stay there.
 
-The choice is global, and can be set with :func:`set_backend`, the :func:`use_backend` context
+The choice is global, and can be set with `set_backend`, the `use_backend` context
 manager, or the ``BATCHNORM_BACKEND`` environment variable (read when first needed, not at
 import).
 """
@@ -118,7 +118,7 @@ def _numba(name: str = "cpu") -> ModuleType | None:
 
 
 def host_kernels() -> ModuleType | None:
-    """The serial numba kernels (:mod:`batchnorm._kernels.cpu_small`), for work on CPU memory
+    """The serial numba kernels (`batchnorm._kernels.cpu_small`), for work on CPU memory
     outside the kernel contract (the running-statistics update), or None without numba."""
     return _numba_module.get("cpu_small") or _numba("cpu_small")
 
@@ -138,7 +138,7 @@ def _torch_instead(x: torch.Tensor) -> ModuleType:
 
 AUTO_ATEN_MAX = 1 << 19
 """Under "auto", a layer step on the eager path with a CPU float32/float64 input of fewer elements
-runs aten's kernels with aten's own autograd (:func:`aten_direct`). Measured (one thread, training
+runs aten's kernels with aten's own autograd (`aten_direct`). Measured (one thread, training
 step, ours/torch's layer, same run): through the parallel numba kernels 4.3x at 256x512, 2.6x at
 512x512, 1.6x at 64x64x8x8, 1.0x at 1024x512, 0.28-0.54x at 32x64x16x16 and 32x64x32x32, 0.25x
 at 64x64x56x56; through aten 1.0-1.1x up to 512K elements."""
@@ -147,7 +147,7 @@ at 64x64x56x56; through aten 1.0-1.1x up to 512K elements."""
 def aten_direct(x: torch.Tensor) -> bool:
     """Whether a BatchNorm*d step on the eager path runs aten's batch-norm kernels directly, with
     aten's (C++) autograd, our running-statistics update and precision check on top
-    (:func:`batchnorm.ops.bn.train_step`): float32/float64 CPU inputs, under "native" at every
+    (`batchnorm.ops.bn.train_step`): float32/float64 CPU inputs, under "native" at every
     size, under "auto" below ``AUTO_ATEN_MAX`` elements (16-bit inputs keep the kernel contract,
     whose statistics are float32).
 

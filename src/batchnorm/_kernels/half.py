@@ -1,7 +1,7 @@
 """16-bit float storage for the numba kernels: load as float32, compute, store back (in registers).
 
 numba has no float16/bfloat16 types, so half tensors reach the kernels as raw 16-bit integer
-views (no copy; see :func:`storage_view`):
+views (no copy; see `storage_view`):
 
 - bfloat16 as ``uint16``: widening is exact, ``float32 bits = bits << 16``; narrowing rounds to
   nearest, ties to even (``(u + 0x7FFF + ((u >> 16) & 1)) >> 16`` on the float32 bits u), with

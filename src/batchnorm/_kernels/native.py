@@ -2,12 +2,12 @@
 
 These aten operators exist on every device: on CUDA they are torch's fast batch-norm kernels,
 on CPU its vectorized ones, so the same code runs in the CPU test suite. The contract is
-:mod:`batchnorm._kernels.torch_ops`' (mean in float64, biased var and parameter gradients in
+`batchnorm._kernels.torch_ops`' (mean in float64, biased var and parameter gradients in
 ``acc_dtype``; outputs in x's dtype and memory format); 16-bit inputs run with float32
 weight, bias and statistics (aten's mixed-type path), so nothing is copied to float32.
 
 Statistics without recovering them from ``invstd``: the kernel also updates running
-statistics, so :func:`train_forward` hands it fresh zero buffers with momentum 1, and gets back
+statistics, so `train_forward` hands it fresh zero buffers with momentum 1, and gets back
 ``running_mean = mean`` and ``running_var = m / (m - 1) * var`` (aten's unbiased update); the
 biased variance is that times ``(m - 1) / m``. Its relative error is a few units of float32
 rounding at every size of var, while ``1 / invstd^2 - eps`` loses ``eps / var`` times that:
@@ -27,7 +27,7 @@ where the float32 input itself is quantized to about a tenth of its spread. Ther
   checks ``max kappa`` (from the kernel's own mean and invstd; eval: from the given
   statistics) and hands inputs with ``kappa > KAPPA_MAX[dtype]`` (``2^7`` for float32 and
   16-bit inputs: an error bound of ``2^-17``, about 7.6e-6; ``2^35`` for float64) to
-  :mod:`~batchnorm._kernels.torch_ops`, which centers before it reduces;
+  `torch_ops`, which centers before it reduces;
 - on other devices no value is read back (no host sync, CUDA graphs keep working), so the
   training forward and the backward have the kernels' precision, the same as
   ``torch.nn.BatchNorm*d`` there. For ill-conditioned data (``kappa`` above ~1e3) use
@@ -36,7 +36,7 @@ where the float32 input itself is quantized to about a tenth of its spread. Ther
   ``bias' = bias - r * weight * invstd``, and CUDA's kernel subtracts the (float32) mean
   before it scales.
 
-:func:`backward_sums` and :func:`backward_apply` (SyncBatchNorm's pieces) are torch_ops' own.
+`backward_sums` and `backward_apply` (SyncBatchNorm's pieces) are torch_ops' own.
 Not differentiable twice (the operators differentiate torch_ops for create_graph).
 """
 

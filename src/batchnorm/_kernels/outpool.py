@@ -9,15 +9,15 @@ happened on most calls: a (128, 512, 7, 7) float32 training forward took 5.2 ms 
 output on the 2-core VM: ``empty_like(x).fill_()`` 12 ms (5 ms with huge pages) against 0.9 ms
 for a fill of already-mapped memory, while the whole batch-norm forward kernel takes ~4 ms.
 
-:func:`empty_like` therefore serves outputs of at least :data:`MIN_BYTES` from a pool of byte
+`empty_like` therefore serves outputs of at least `MIN_BYTES` from a pool of byte
 buffers (numpy arrays). A returned tensor's storage is built on the buffer with
 ``torch.from_numpy``, and so holds a reference to it for as long as *any* tensor, view or saved
 autograd tensor uses that memory. A buffer is handed out again only when the pool's own
 reference is the last one (``sys.getrefcount``), i.e. no tensor can still see the memory; it
 is then an ordinary new output, overwritten by the kernel before it is returned.
 
-Idle buffers are kept up to :data:`KEEP_BYTES` in all (the oldest idle ones are dropped
-first); :func:`release` drops every idle buffer. Tensors from the pool are normal tensors
+Idle buffers are kept up to `KEEP_BYTES` in all (the oldest idle ones are dropped
+first); `release` drops every idle buffer. Tensors from the pool are normal tensors
 (not views) except that their storage cannot be resized (``resize_`` to a larger size raises).
 """
 
@@ -48,7 +48,7 @@ _buffers: list[np.ndarray] = []
 """Every buffer of the pool (in use or idle), oldest first; uint8, 1D."""
 
 _REFS_IDLE = 3
-"""sys.getrefcount of an idle buffer inside :func:`_idle`: the list, the loop variable, the call."""
+"""sys.getrefcount of an idle buffer inside `_idle`: the list, the loop variable, the call."""
 
 
 def _idle() -> list[np.ndarray]:
@@ -70,7 +70,7 @@ def _drop(buf: np.ndarray) -> None:
 
 def _take(nbytes: int) -> np.ndarray:
     """An idle buffer of exactly ``nbytes`` bytes, or a new one (added to the pool); then the
-    idle buffers beyond :data:`KEEP_BYTES` are dropped, oldest first."""
+    idle buffers beyond `KEEP_BYTES` are dropped, oldest first."""
     with _lock:
         buf = next((b for b in _idle() if b.nbytes == nbytes), None)
         if buf is None:
@@ -91,7 +91,7 @@ def _take(nbytes: int) -> np.ndarray:
 
 def empty_like(x: Tensor, dtype: torch.dtype) -> Tensor | None:
     """An uninitialized CPU tensor with x's shape and strides in ``dtype`` from the pool, or None
-    when the output is smaller than :data:`MIN_BYTES` (the caller allocates it normally).
+    when the output is smaller than `MIN_BYTES` (the caller allocates it normally).
 
     ``x`` must be dense and non-overlapping (contiguous in some dim order), as every input of
     the CPU kernels is.

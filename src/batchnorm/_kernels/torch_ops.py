@@ -10,13 +10,13 @@ Numerical policy:
   mean/variance of d. For mean 1e4 and std 1e-2 in float32 the subtraction is exact (Sterbenz)
   and the remaining numbers are small, so nothing cancels; var is clamped at >= 0;
 - the batch mean is returned in float64 (a (C,) vector: cheap), because a float32 mean of 1e4
-  is off by up to 5e-4, which is 5% of a 1e-2 spread. Centering (:func:`center`) subtracts the
+  is off by up to 5e-4, which is 5% of a 1e-2 spread. Centering (`center`) subtracts the
   float32-rounded mean (exact by Sterbenz) and then the small float64 residual, so x - mean
   keeps the precision of the spread, not of the magnitude;
 - outputs keep the input's dtype and memory format (channels_last in, channels_last out).
 
 These functions are written with plain differentiable torch operations, so autograd can
-differentiate through :func:`backward` itself (gradient penalties, ``gradgradcheck``).
+differentiate through `backward` itself (gradient penalties, ``gradgradcheck``).
 """
 
 from __future__ import annotations

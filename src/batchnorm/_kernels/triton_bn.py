@@ -1,6 +1,6 @@
 """Batch-norm kernels in Triton: the ``"triton"`` back-end (CUDA; CPU under the interpreter).
 
-Same contract as :mod:`batchnorm._kernels.torch_ops` and :mod:`batchnorm._kernels.cpu`:
+Same contract as `batchnorm._kernels.torch_ops` and `batchnorm._kernels.cpu`:
 
 - ``train_forward(x, weight, bias, eps) -> (y, mean, var_biased)``
 - ``eval_forward(x, mean, var, weight, bias, eps) -> y``
@@ -20,7 +20,7 @@ plus fused variants:
   dresidual | None)``: BN + ReLU (+ add) backward from x and the bit mask;
 - ``backward_act(grad_z, z, weight, bias, invstd, activation, negative_slope, alpha)
   -> (dx, dgamma, dbeta)``: LeakyReLU/ELU/identity backward from the output alone, by inverting
-  the activation (as :mod:`batchnorm._kernels.cpu_act`: y = act^-1(z), x_hat = (y - beta) / gamma).
+  the activation (as `batchnorm._kernels.cpu_act`: y = act^-1(z), x_hat = (y - beta) / gamma).
 
 Math (per channel c over its m = N * prod(spatial) values; docs/conventions.md):
 
@@ -38,7 +38,7 @@ the mean), tiles merged by Chan's formula, splits merged in float64; the mean is
 float64, the variance in ``acc_dtype``; normalization subtracts the mean as a hi + lo pair,
 so mean 1e4 / std 1e-2 in float32 keeps the precision of the spread. ``backward`` re-centers
 its sums on the batch mean of x it reads anyway (``mean`` must be that batch mean, as for
-:mod:`batchnorm._kernels.cpu`).
+`batchnorm._kernels.cpu`).
 
 Where the kernels run: on CUDA tensors compiled; on CPU tensors only in Triton's interpreter,
 i.e. when ``TRITON_INTERPRET=1`` was set before this module was first imported (slow: for
@@ -119,7 +119,7 @@ def _layout(x: Tensor) -> str | None:
 
 
 def unavailable_reason(x: Tensor) -> str | None:
-    """Why these kernels cannot run ``x`` (None when :func:`supports` holds)."""
+    """Why these kernels cannot run ``x`` (None when `supports` holds)."""
     if not isinstance(x, Tensor):
         return f"expected a tensor, got {type(x).__name__}"
     if x.device.type == "cpu" and not INTERPRETED:
@@ -329,7 +329,7 @@ def train_forward_act(
     ``activation`` in ("identity", "relu", "leaky_relu", "elu"); ``residual`` (x's shape) only
     with "relu" (BN + add + ReLU, the tail of a ResNet block). ``mask`` (ReLU only, else None):
     int32 words, bit j of word w is ``z.flatten-in-memory[32 w + j] > 0``, for
-    :func:`backward_relu`.
+    `backward_relu`.
 
     Shape: x, residual (N, C, *) -> z (N, C, *), mean (C,), var (C,), mask (ceil(numel / 32),).
     """
@@ -525,7 +525,7 @@ def backward_relu(
     residual_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Backward of z = relu(BN(x) [+ residual]) from x and the bit mask of
-    :func:`train_forward_act`: dy = g * [z > 0], then the BN backward of dy; the residual's
+    `train_forward_act`: dy = g * [z > 0], then the BN backward of dy; the residual's
     gradient is dy itself (returned when ``residual_grad``).
 
     Shape: grad_z, x (N, C, *); mask (ceil(numel / 32),) int32 -> dx, dgamma (C,), dbeta (C,), dres.
@@ -560,7 +560,7 @@ def backward_act(
     y = act^-1(z), dy = g * act'(y), then the BN backward in the variables of y: x_hat =
     (y - beta) / gamma, so the kernel runs with mean = beta, invstd' = 1 / gamma and
     weight' = gamma^2 * invstd (its dx scale weight' * invstd' = gamma * invstd). ``weight``
-    must be invertible (see :mod:`batchnorm.functional_act`).
+    must be invertible (see `batchnorm.functional_act`).
 
     Shape: grad_z, z (N, C, *) -> dx (N, C, *), dgamma (C,), dbeta (C,).
     """

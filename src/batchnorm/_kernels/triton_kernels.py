@@ -1,4 +1,4 @@
-"""The Triton kernels behind :mod:`batchnorm._kernels.triton_bn` (device code only).
+"""The Triton kernels behind `batchnorm._kernels.triton_bn` (device code only).
 
 Imported only by ``triton_bn`` (never at ``import batchnorm``). Whether these run compiled
 (CUDA) or in Triton's interpreter (CPU tensors) is decided by ``TRITON_INTERPRET`` when this
@@ -259,7 +259,7 @@ def bwd_part(
     BLOCK_C: tl.constexpr,
 ):
     """Per (channel block, split): sum dy, sum dy * d, sum d with d = (y - hi) - lo around the
-    given mean (hi + lo pair); (dy, y) from :func:`_pre`. part: (3, nsplit, C)."""
+    given mean (hi + lo pair); (dy, y) from `_pre`. part: (3, nsplit, C)."""
     ACC = part_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -364,7 +364,7 @@ def dx_apply(
     BW: tl.constexpr,
 ):
     """dx = k1 * dy + k2 * ((y - hi) - lo) + k3 over the flat memory, (dy, y) from
-    :func:`_pre`; with WRITE_RES also the residual's gradient dy."""
+    `_pre`; with WRITE_RES also the residual's gradient dy."""
     ACC = coef_ptr.dtype.element_ty
     words = tl.program_id(0).to(tl.int64) * BW + tl.arange(0, BW)
     bits = tl.arange(0, 32)

@@ -1,4 +1,4 @@
-"""Modules: batch-norm layers (re-exported from :mod:`batchnorm`)."""
+"""Modules: batch-norm layers (re-exported from `batchnorm`)."""
 
 from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, BatchNormActBase
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase

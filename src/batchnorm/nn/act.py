@@ -8,7 +8,7 @@ from non-finite batches) and ``state_dict`` keys, so the ``state_dict`` of a pla
 ``torch.nn.BatchNorm2d`` loads with ``strict=True``. In training, backward keeps only z and
 recomputes x_hat from it (In-Place ABN, Rota Bulo et al. 2018): about half the activation
 memory of BN + activation. ReLU is refused (not invertible); see
-:mod:`batchnorm.functional_act` for the formulas, the |gamma| guard and the ELU caveat.
+`batchnorm.functional_act` for the formulas, the |gamma| guard and the ELU caveat.
 
 Example::
 
@@ -52,7 +52,7 @@ def batch_norm_act_layer(
     """One forward of a ``BatchNormAct*d`` from its state: the node a torch.fx trace records.
 
     ``act(BN(input))`` with the module's checks and running-statistics update in mode
-    ``training`` (see :func:`batchnorm.nn.batchnorm.batch_norm_layer`); registered with
+    ``training`` (see `batchnorm.nn.batchnorm.batch_norm_layer`); registered with
     ``torch.fx.wrap``.
 
     Shape: input (N, C, *) with ``input.dim() in ndims`` -> output of the same shape.

@@ -23,7 +23,7 @@ Where PyTorch misbehaves we do better:
 that looks for batch norm by type (``isinstance(m, nn.BatchNorm2d)``: fvcore's precise BN,
 ``swa_utils.update_bn``, timm) finds them.
 
-The work is done by the ``torch.ops.batchnorm`` operators (:mod:`batchnorm.ops`): a training
+The work is done by the ``torch.ops.batchnorm`` operators (`batchnorm.ops`): a training
 forward is ``batchnorm::train`` then ``batchnorm::update_running_stats`` (momentum, the
 ``momentum=None`` factor 1/(num_batches_tracked + 1), the non-finite guard and the counters all
 on the device), an evaluation forward ``batchnorm::eval``. torch.compile (fullgraph), torch.export,
@@ -31,7 +31,7 @@ torch.func and TorchScript see those nodes; nothing is read back to the host.
 
 torch.fx: ``symbolic_trace`` enters our ``forward`` (torch's own BN layers are leaf modules of
 the default tracer, ours are not). On a ``torch.fx.Proxy`` input the layer skips its Python
-checks and records ONE ``call_function`` of :func:`batch_norm_layer` (registered with
+checks and records ONE ``call_function`` of `batch_norm_layer` (registered with
 ``torch.fx.wrap``), whose arguments are the input, the layer's parameters and buffers
 (``get_attr``) and its settings. Running the graph does the layer's work, with the checks and the
 in-place running-statistics update. As for any fx trace of ``F.batch_norm(..., self.training)``,
@@ -201,7 +201,7 @@ class BatchNormBase(_TorchBatchNorm):
         )
 
     def __prepare_scriptable__(self) -> nn.Module:
-        """What ``torch.jit.script`` compiles in this layer's place: a :class:`ScriptedBatchNorm`
+        """What ``torch.jit.script`` compiles in this layer's place: a `ScriptedBatchNorm`
         sharing its parameters and buffers (the eager forward is Python that TorchScript cannot
         compile; the scripted one makes the same operator calls)."""
         return ScriptedBatchNorm(self, type(self).__name__)
@@ -226,7 +226,7 @@ class BatchNormBase(_TorchBatchNorm):
 class ScriptedBatchNorm(nn.Module):
     """The TorchScript form of a ``BatchNorm*d`` (made by its ``__prepare_scriptable__``): the
     same parameter and buffer tensors under the same names (so the same ``state_dict``), and a
-    forward of operator calls (:func:`batchnorm.ops.scripted.bn_forward`) without the eager
+    forward of operator calls (`batchnorm.ops.scripted.bn_forward`) without the eager
     path's argument checks."""
 
     def __init__(self, layer: BatchNormBase, name: str) -> None:

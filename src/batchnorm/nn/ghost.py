@@ -6,7 +6,7 @@ samples, B_1, ..., B_G, and normalizes each with its own statistics:
     for x in B_g:   y = weight * (x - mu_g) / sqrt(var_g + eps) + bias
     mu_g  = mean of B_g,   var_g = biased variance of B_g        (per channel, over N_g * spatial)
 
-The work is the operator ``batchnorm::ghost_train`` (:mod:`batchnorm.ops.ghost`: one torch op
+The work is the operator ``batchnorm::ghost_train`` (`batchnorm.ops.ghost`: one torch op
 per step over a strided view of all ghost batches, hand-derived backward ``ghost_train_backward``)
 and ``batchnorm::update_running_stats``. When N is not a multiple of ``virtual_batch_size`` the
 last ghost batch is smaller; if it would hold a single value per channel (no variance: its
@@ -83,7 +83,7 @@ def ghost_batch_norm(
     """Training-mode ghost batch norm (see the module docstring for the formulas).
 
     If ``running_mean``/``running_var`` are given they get ONE in-place update with the
-    whole-batch mean and unbiased variance. (For inference use :func:`batchnorm.batch_norm`.)
+    whole-batch mean and unbiased variance. (For inference use `batchnorm.batch_norm`.)
 
     Shape: input (N, C, *) -> output of the same shape and dtype.
     """

@@ -18,7 +18,7 @@ Inference: y = gamma * (x - mu) / sigma + beta (no eps: sigma_B already contains
 
 The gradient flows through mu_B and sigma_B only; r and d are constants (the paper's
 stop-gradient). With r_max = 1 and d_max = 0, r = 1 and d = 0 and the layer is exactly batch
-norm in training. The paper relaxes the limits with the training step t (:func:`renorm_limits`):
+norm in training. The paper relaxes the limits with the training step t (`renorm_limits`):
 plain BN for the first ``warmup_steps`` (5k), then linearly to ``r_max`` (3) at ``r_max_steps``
 (40k) and to ``d_max`` (5) at ``d_max_steps`` (25k). The step counter is the buffer
 ``num_batches_tracked`` (one per training batch that updated the statistics), so checkpoints
@@ -32,7 +32,7 @@ Conventions that bite:
   There is no ``running_var`` buffer; the read-only property ``running_var`` returns
   ``running_std**2 - eps`` (clamped >= 0), the variance for which the standard BN inference map
   ``(x - mean) / sqrt(var + eps)`` equals ours, so folding and inspection code that reads
-  ``running_var`` gets the right affine map. :meth:`from_batchnorm` starts from a trained BN.
+  ``running_var`` gets the right affine map. `from_batchnorm` starts from a trained BN.
 - The classes are deliberately *not* ``torch.nn.modules.batchnorm._BatchNorm`` subclasses: tools
   that reset or recompute ``running_var`` of "any batch norm" (``swa_utils.update_bn``) would
   silently miss ``running_std``.
@@ -93,7 +93,7 @@ def renorm_limits(
 def renorm_limits_at(
     step: Tensor, r_max: float, d_max: float, warmup_steps: int, r_max_steps: int, d_max_steps: int
 ) -> tuple[Tensor, Tensor]:
-    """:func:`renorm_limits` with the step as a tensor (the layer's ``num_batches_tracked``),
+    """`renorm_limits` with the step as a tensor (the layer's ``num_batches_tracked``),
     computed on its device: (r_max_t, d_max_t) as float64 0-dim tensors, nothing read back."""
     t = step.to(torch.float64)
 

@@ -11,7 +11,7 @@ Forward: each rank computes its (m_r, mean_r, M2_r) locally (``batchnorm::moment
 Chan's formula in float64 on the device, so uneven batch sizes and ranks with zero samples give
 the statistics of the concatenated batch, with no cancellation and no host read. The output is
 ``batchnorm::eval`` with the global statistics (mean kept in float64). The math lives in
-:mod:`batchnorm.ops.sync`.
+`batchnorm.ops.sync`.
 
 Backward (g = dL/dy, sums over the global batch):
 
@@ -34,7 +34,7 @@ read of the global count).
 
 Without communication: in eval mode (running statistics; with ``track_running_stats=False``
 the local batch's statistics, as PyTorch), and when ``torch.distributed`` is not initialized
-or the group has one process (then it is exactly :class:`batchnorm.BatchNorm1d`-style BN).
+or the group has one process (then it is exactly `batchnorm.BatchNorm1d`-style BN).
 
 Works on any device the backend supports: gloo with CPU tensors (where
 ``torch.nn.SyncBatchNorm`` refuses CPU input), nccl with CUDA tensors.
@@ -46,7 +46,7 @@ A peer that does not join makes the collective fail after the process group's ti
 forever. Double backward (``create_graph=True``, gradient penalties) works: that backward is
 built from differentiable ops and differentiable all-reduces (two more collectives per layer).
 
-torch.fx: ``symbolic_trace`` records one :func:`sync_batch_norm_layer` node per layer, which
+torch.fx: ``symbolic_trace`` records one `sync_batch_norm_layer` node per layer, which
 decides when the graph runs whether to synchronize (docs/fx.md).
 """
 
@@ -267,7 +267,7 @@ def sync_batch_norm_layer(
     """One forward of a ``SyncBatchNorm`` (default group) from its state: the fx graph node.
 
     Synchronizes when ``training`` and the default group has more than one process *at run
-    time*; otherwise it is :func:`batch_norm_layer`. Same checks, output and in-place update
+    time*; otherwise it is `batch_norm_layer`. Same checks, output and in-place update
     of the running statistics and ``num_batches_tracked`` as the module's forward.
 
     Shape: input (N_r, C, *) with ``input.dim() in ndims`` -> same shape.

@@ -15,7 +15,7 @@ var, eps)``
 ``update_running_stats(...)``             the running-statistics EMA, in place, on the device
 ========================================  ==============================================
 
-Importing :mod:`batchnorm` registers them (loading an exported program that uses them needs
+Importing `batchnorm` registers them (loading an exported program that uses them needs
 ``import batchnorm`` first).
 """
 

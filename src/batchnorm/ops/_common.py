@@ -1,9 +1,9 @@
 """Helpers shared by the operator definitions (private).
 
-- :func:`fresh`: a custom operator may not return a tensor that aliases an input or another
+- `fresh`: a custom operator may not return a tensor that aliases an input or another
   output; kernels sometimes return views (e.g. two rows of one sums buffer), so outputs that
   share storage are cloned.
-- :func:`to_front` / :func:`fold_channels` / :func:`unfold_channels`: the batching rule of
+- `to_front` / `fold_channels` / `unfold_channels`: the batching rule of
   every per-channel operator. A vmapped batch of B independent problems (B, N, C, *) is one
   problem with B*C channels, (N, B*C, *): batch norm treats channels independently, so the
   vmapped call is a single operator call on the folded tensor.
@@ -70,13 +70,13 @@ def fold_channels(t: Tensor) -> Tensor:
 
 
 def unfold_channels(t: Tensor, b: int) -> Tensor:
-    """(N, B*C, *) -> (B, N, C, *), the inverse of :func:`fold_channels`."""
+    """(N, B*C, *) -> (B, N, C, *), the inverse of `fold_channels`."""
     n, bc = t.shape[:2]
     return t.reshape(n, b, bc // b, *t.shape[2:]).movedim(1, 0)
 
 
 def fold_vector(t: Tensor | None) -> Tensor | None:
-    """(B, C) -> (B*C,): a per-channel vector of B problems, in the order of :func:`fold_channels`."""
+    """(B, C) -> (B*C,): a per-channel vector of B problems, in the order of `fold_channels`."""
     return None if t is None else t.reshape(-1)
 
 
@@ -85,7 +85,7 @@ def register_channel_vmap(op: Any, inputs: str, outputs: str) -> None:
 
     ``inputs``/``outputs`` spell each argument/return: ``x`` for an (N, C, *) tensor, ``c`` for
     a (C,) vector, ``-`` for anything else (passed through). B vmapped problems are folded into
-    one call with B*C channels (:func:`fold_channels`), and the results unfolded.
+    one call with B*C channels (`fold_channels`), and the results unfolded.
     """
 
     def rule(info: Any, in_dims: tuple[Any, ...], *args: Any) -> tuple[Any, Any]:

@@ -1,18 +1,18 @@
 """Which path a layer call takes: the one decision, made once per call (private).
 
 Every operator entry (``train_forward``, ``eval_forward``, ``update_running_stats_``, the act,
-ghost and sync entries) asks :func:`eager` once and then takes one of two paths:
+ghost and sync entries) asks `eager` once and then takes one of two paths:
 
 =====================  ==========================================================================
 path                   taken when, and what runs
 =====================  ==========================================================================
-eager                  :func:`eager` is True: no torch.compile / torch.export / jit.trace /
+eager                  `eager` is True: no torch.compile / torch.export / jit.trace /
                        torch.func transform / dispatch or function mode / forward-mode AD is
                        active, and every tensor argument is a plain ``Tensor`` or ``Parameter``.
                        The operator's implementation runs directly (the kernel back-end is
-                       chosen once, by :func:`batchnorm._kernels.dispatch.backend_for`); when a
+                       chosen once, by `batchnorm._kernels.dispatch.backend_for`); when a
                        gradient is needed, through the operator's ``autograd.Function`` applied
-                       with :func:`apply` (no Python argument binding).
+                       with `apply` (no Python argument binding).
 dispatcher             everything else: the registered ``torch.ops.batchnorm.*`` operator
                        (fake implementation for compilers and meta tensors, batching rule for
                        vmap, registered autograd), applied through the ``autograd.Function``

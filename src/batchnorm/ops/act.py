@@ -4,9 +4,9 @@
 
 ``act_train`` returns (z, mean, var). ``act_backward`` computes (dx, dweight, dbias) from the
 output z alone (the memory-saving path: y = act^-1(z), x_hat = (y - bias) / weight, see
-:mod:`batchnorm.functional_act`). When the input must be kept instead (a |weight| too small to
+`batchnorm.functional_act`). When the input must be kept instead (a |weight| too small to
 divide by, or a trace where that cannot be decided on the host), the gradient goes through
-``dy = dz * act'(y)`` and :func:`batchnorm.ops.bn.train_backward` with x.
+``dy = dz * act'(y)`` and `batchnorm.ops.bn.train_backward` with x.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _act_train_op(
     negative_slope: float,
     alpha: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_act_train_impl` as an operator implementation: no output aliases an input."""
+    """`_act_train_impl` as an operator implementation: no output aliases an input."""
     return fresh(_act_train_impl(x, weight, bias, eps, activation, negative_slope, alpha), (x, weight, bias))
 
 
@@ -199,7 +199,7 @@ class _ActTrain(torch.autograd.Function):
 
 
 def _act_grads_eager(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, ...]:
-    """(dx, dweight, dbias, None x 5) of :class:`_ActTrain`: from z alone when ``recompute``,
+    """(dx, dweight, dbias, None x 5) of `_ActTrain`: from z alone when ``recompute``,
     else through act'(y) and the BN backward with the saved x."""
     z, weight, bias, var, *rest = ctx.saved_tensors
     eager_path = getattr(ctx, "direct", False)
@@ -227,7 +227,7 @@ def _act_grads_eager(ctx: Any, grad_z: Tensor) -> tuple[Tensor | None, ...]:
 
 
 class _ActTrainEager(_ActTrain):
-    """:class:`_ActTrain` on the eager path (an extra last argument marks it): the
+    """`_ActTrain` on the eager path (an extra last argument marks it): the
     implementations run directly, forward and backward."""
 
     @staticmethod
@@ -243,8 +243,8 @@ class _ActTrainEager(_ActTrain):
 
 
 class _ActTrainForwardAD(_ActTrain):
-    """:class:`_ActTrain` with a forward-mode rule: dz = act'(y) * dy, dy the BN forward-mode
-    derivative (:class:`batchnorm.ops.bn._TrainForwardAD`)."""
+    """`_ActTrain` with a forward-mode rule: dz = act'(y) * dy, dy the BN forward-mode
+    derivative (`batchnorm.ops.bn._TrainForwardAD`)."""
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:

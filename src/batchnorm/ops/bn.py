@@ -15,17 +15,17 @@ Forward-mode derivative of train: the same map applied to the tangent (the Jacob
 x -> x_hat is symmetric), dy = weight * J(dx) + dweight * x_hat + dbias.
 
 Each operator has one implementation for every device that asks the kernel dispatcher
-(:func:`batchnorm._kernels.dispatch.backend_for`) for the back-end of its input (numba kernels
+(`batchnorm._kernels.dispatch.backend_for`) for the back-end of its input (numba kernels
 on CPU, aten's native kernels on CUDA, pure torch elsewhere), a fake implementation (shapes and
 dtypes only: torch.compile, torch.export and meta tensors never run a kernel), a batching rule
 for ``torch.vmap`` (B problems of C channels are one problem of B*C channels), and autograd.
 Statistics are returned as mean in float64 and var in float32 (float64 for float64 input).
 
-The Python entry points :func:`train_step` (forward and running-statistics update),
-:func:`train_forward`, :func:`eval_forward`, :func:`moments` and :func:`update_running_stats_`
-are what the layers call. Each decides its path once (:mod:`batchnorm.ops._path`): on the eager
+The Python entry points `train_step` (forward and running-statistics update),
+`train_forward`, `eval_forward`, `moments` and `update_running_stats_`
+are what the layers call. Each decides its path once (`batchnorm.ops._path`): on the eager
 path aten's kernels with aten's autograd (small float32/float64 CPU inputs,
-:func:`batchnorm._kernels.dispatch.aten_direct`) or the back-end's kernels in an
+`batchnorm._kernels.dispatch.aten_direct`) or the back-end's kernels in an
 ``autograd.Function``; under torch.compile torch ops that Inductor fuses; everywhere else the
 operators through ``torch.autograd.Function``s (setup_context style, so
 ``torch.func.grad``/``jacrev``/``vmap`` work), with a forward-mode rule (``jvp``,
@@ -115,7 +115,7 @@ register_channel_vmap(train, "xcc-", "xcc")
 def _train_backward_impl(
     grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward of :func:`train`: (dx, dweight, dbias), the per-channel sums in float32/float64."""
+    """Backward of `train`: (dx, dweight, dbias), the per-channel sums in float32/float64."""
     return fresh(
         _train_backward_with(backend_for(x), grad_y, x, weight, mean, var, eps), (grad_y, x, weight, mean, var)
     )
@@ -207,7 +207,7 @@ class _Train(torch.autograd.Function):
 
 
 class _TrainEager(_Train):
-    """:class:`_Train` on the eager path: the kernels of back-end ``kernels`` (the last
+    """`_Train` on the eager path: the kernels of back-end ``kernels`` (the last
     argument) run directly, forward and backward."""
 
     @staticmethod
@@ -239,7 +239,7 @@ class _TrainEager(_Train):
 
 
 class _TrainForwardAD(_Train):
-    """:class:`_Train` with a forward-mode rule (used where torch.compile is not tracing)."""
+    """`_Train` with a forward-mode rule (used where torch.compile is not tracing)."""
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
@@ -295,16 +295,16 @@ def _train_aten(
     where: str,
     count: int,
 ) -> Tensor | None:
-    """The eager step of :func:`train_step` on aten's kernel with aten's autograd (see
-    :func:`batchnorm._kernels.dispatch.aten_direct`), or None, having changed nothing, where it
+    """The eager step of `train_step` on aten's kernel with aten's autograd (see
+    `batchnorm._kernels.dispatch.aten_direct`), or None, having changed nothing, where it
     does not apply or aten's precision is not enough (``|mean| / std`` above
     ``native.KAPPA_MAX``: our kernels then centre first).
 
     aten updates the running statistics in the kernel, with torch's own rule (momentum, the
     unbiased variance; ``momentum=None`` as the factor 1 / (num_batches_tracked + 1), read from
-    CPU memory); the batch statistics are then checked (:func:`cpu_small.check_statistics`,
+    CPU memory); the batch statistics are then checked (`cpu_small.check_statistics`,
     one compiled call), and a batch that is not finite or too ill-conditioned has its update
-    undone from a copy taken before: the rule of :func:`_update_impl`, at the cost of two copies
+    undone from a copy taken before: the rule of `_update_impl`, at the cost of two copies
     of (C,) vectors."""
     if count == 0 or (weight is not None and weight.dtype != x.dtype) or (bias is not None and bias.dtype != x.dtype):
         return None  # aten wants parameters of the input's dtype; our kernels take any
@@ -357,8 +357,8 @@ def train_step(
     where: str,
 ) -> Tensor:
     """A training step of batch norm on checked arguments: y from the batch statistics and, when
-    ``running_mean``/``running_var`` are given, their update in place (:func:`_update_impl`'s rule).
-    The path (:mod:`batchnorm.ops._path`) is decided once for both."""
+    ``running_mean``/``running_var`` are given, their update in place (`_update_impl`'s rule).
+    The path (`batchnorm.ops._path`) is decided once for both."""
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if eager(x, weight, bias):
         if aten_direct(x):
@@ -394,7 +394,7 @@ def train_step(
 
 def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Differentiable training forward: (y, mean float64 (C,), biased var (C,)); see the module
-    docstring, and :mod:`batchnorm.ops._path` for the path a call takes."""
+    docstring, and `batchnorm.ops._path` for the path a call takes."""
     if eager(x, weight, bias):
         kernels = backend_for(x)
         if needs_grad(x, weight, bias):
@@ -488,7 +488,7 @@ class _Eval(torch.autograd.Function):
 
 
 class _EvalEager(_Eval):
-    """:class:`_Eval` on the eager path: back-end ``kernels`` (the last argument) runs directly."""
+    """`_Eval` on the eager path: back-end ``kernels`` (the last argument) runs directly."""
 
     @staticmethod
     def forward(x, mean, var, weight, bias, eps, kernels):  # type: ignore[override]
@@ -500,7 +500,7 @@ class _EvalEager(_Eval):
 
 
 class _EvalForwardAD(_Eval):
-    """:class:`_Eval` with a forward-mode rule: dy = dx * weight * invstd + dweight * x_hat + dbias."""
+    """`_Eval` with a forward-mode rule: dy = dx * weight * invstd + dweight * x_hat + dbias."""
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -533,7 +533,7 @@ class _EvalForwardAD(_Eval):
 def _eval_aten(
     x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor | None:
-    """The eager eval of :func:`eval_forward` on aten's kernel with aten's autograd, or None where
+    """The eager eval of `eval_forward` on aten's kernel with aten's autograd, or None where
     it does not apply: other dtypes, statistics that need gradients (aten gives none), statistics
     that are not finite, or ``|mean| / sqrt(var + eps)`` above ``native.KAPPA_MAX`` (aten's CPU
     kernel forms ``x * scale + (bias - mean * scale)``, which cancels there; ours centres first)."""
@@ -583,7 +583,7 @@ def _moments_impl(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _moments_op(x: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`_moments_impl` as an operator implementation: no output aliases the input."""
+    """`_moments_impl` as an operator implementation: no output aliases the input."""
     return fresh(_moments_impl(x), (x,))
 
 
@@ -648,7 +648,7 @@ _all = np.logical_and.reduce  # ndarray.all() goes through a Python wrapper; the
 _HOST: dict[str, Any] = {}
 """The host kernels module (or None without numba), looked up on the first update."""
 HOST_SKIPPED, HOST_DONE, HOST_IMPRECISE = 0, 1, 2
-"""The results of :func:`_update_host`: not applicable (nothing done), done, or the producing
+"""The results of `_update_host`: not applicable (nothing done), done, or the producing
 kernel's precision check failed (nothing done)."""
 
 
@@ -666,7 +666,7 @@ def _update_host(
     check: tuple[float, Tensor, Tensor] | None = None,
 ) -> int:
     """The same update on the tensors' CPU memory, for one layer's float32/float64 statistics: one
-    compiled call (:func:`batchnorm._kernels.cpu_small.update_running`; NumPy without numba)
+    compiled call (`batchnorm._kernels.cpu_small.update_running`; NumPy without numba)
     instead of a dozen torch ops, which are most of a small layer's step.
 
     ``check`` = (kappa_max, save_mean, save_invstd): first verify the producing kernel's
@@ -811,7 +811,7 @@ def update_eager(
     unbiased: bool = True,
 ) -> None:
     """The running-statistics update of a step already on the eager path: one compiled call on
-    CPU memory (:func:`_update_host`) where it applies, else torch ops (:func:`_update_impl`)."""
+    CPU memory (`_update_host`) where it applies, else torch ops (`_update_impl`)."""
     state = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
     if _update_host(*state, mean, var, count, momentum, unbiased, where) == HOST_SKIPPED:
         with torch.no_grad():
@@ -830,9 +830,9 @@ def update_running_stats_(
     where: str,
     unbiased: bool = True,
 ) -> None:
-    """Apply :func:`update_running_stats` (in place, no autograd). On the eager path one layer's
-    float32/float64 CPU statistics are updated on CPU memory (:func:`_update_host`), everything
-    else with torch ops on the device (:func:`_update`); both apply the same rule."""
+    """Apply `update_running_stats` (in place, no autograd). On the eager path one layer's
+    float32/float64 CPU statistics are updated on CPU memory (`_update_host`), everything
+    else with torch ops on the device (`_update`); both apply the same rule."""
     args = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
     if eager(*args, mean, var):
         update_eager(*args, mean, var, count, momentum, where, unbiased)

@@ -2,20 +2,20 @@
 
 The batch (N, C, *) is split along N into ghost batches of ``v`` samples (the last one
 smaller; a last one of a single value per channel is merged into the one before, see
-:func:`ghost_split`). Per (ghost batch g, channel c) over its m_g values:
+`ghost_split`). Per (ghost batch g, channel c) over its m_g values:
 
     x_hat = (x - mu_gc) / sqrt(var_gc + eps),   y = weight_c * x_hat + bias_c
 
 ``ghost_train`` returns y and the per-ghost-batch mean (K, C) float64 and biased variance
-(K, C); :func:`pooled_moments` merges those into the whole batch's (Chan's merge), which is
+(K, C); `pooled_moments` merges those into the whole batch's (Chan's merge), which is
 what the running statistics record. Backward per (g, c), g = dL/dy:
 
     dx = weight_c * invstd_gc * (g - mean(g) - x_hat * mean(g * x_hat))
     dweight_c = sum_g sum g * x_hat,   dbias_c = sum_g sum g
 
 Numerics: the k equal ghost batches of a part of x (k*n, C, *) are k*C channels of one batch:
-:func:`fold` makes the (n, k*C, *) tensor (a copy), and the kernel back-end of the folded tensor
-(:func:`batchnorm._kernels.dispatch.backend_for`) computes forward and backward exactly as for
+`fold` makes the (n, k*C, *) tensor (a copy), and the kernel back-end of the folded tensor
+(`batchnorm._kernels.dispatch.backend_for`) computes forward and backward exactly as for
 plain batch norm, with weight and bias repeated k times and the parameter gradients summed
 over the k copies. So ghost batch norm has the precision, the speed and the devices of the
 kernels (``use_backend`` selects them too), and no numerics of its own.
@@ -73,7 +73,7 @@ def fold(x: Tensor, k: int) -> Tensor:
 
 
 def unfold(y: Tensor, k: int, like: Tensor) -> Tensor:
-    """The inverse of :func:`fold`: (n, k*C, *) -> ``like``'s shape (k*n, C, *)."""
+    """The inverse of `fold`: (n, k*C, *) -> ``like``'s shape (k*n, C, *)."""
     n, c = y.shape[0], like.shape[1]
     return y.reshape(n, k, c, *like.shape[2:]).movedim(1, 0).reshape(like.shape)
 
@@ -133,7 +133,7 @@ def _ghost_train_impl(
 def _ghost_train_op(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, virtual_batch_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_ghost_train_impl` as an operator implementation: no output aliases an input."""
+    """`_ghost_train_impl` as an operator implementation: no output aliases an input."""
     return fresh(_ghost_train_impl(x, weight, bias, eps, virtual_batch_size), (x, weight, bias))
 
 
@@ -161,7 +161,7 @@ def _ghost_train_fake(x, weight, bias, eps, virtual_batch_size):
 def _ghost_train_backward_impl(
     grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float, virtual_batch_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward of :func:`ghost_train`: (dx, dweight, dbias), the sums in float32 (float64 for float64)."""
+    """Backward of `ghost_train`: (dx, dweight, dbias), the sums in float32 (float64 for float64)."""
     dxs, dw, db = [], None, None
     row = 0
     mean, var = mean.reshape(-1, x.shape[1]), var.reshape(-1, x.shape[1])
@@ -179,7 +179,7 @@ def _ghost_train_backward_impl(
 def _ghost_train_backward_op(
     grad_y: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor, eps: float, virtual_batch_size: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_ghost_train_backward_impl` as an operator implementation: no output aliases an input."""
+    """`_ghost_train_backward_impl` as an operator implementation: no output aliases an input."""
     out = _ghost_train_backward_impl(grad_y, x, weight, mean, var, eps, virtual_batch_size)
     return fresh(out, (grad_y, x, weight, mean, var))
 
@@ -207,7 +207,7 @@ def _fold_rows(t: Tensor | None, dim: int | None, b: int, c: int) -> Tensor | No
 
 
 def _unfold_rows(t: Tensor, b: int, c: int) -> Tensor:
-    """(K*B*C,) -> (B, K*C), the inverse of :func:`_fold_rows`."""
+    """(K*B*C,) -> (B, K*C), the inverse of `_fold_rows`."""
     return t.reshape(-1, b, c).movedim(1, 0).reshape(b, -1)
 
 
@@ -314,7 +314,7 @@ class _GhostTrain(torch.autograd.Function):
 
 
 class _GhostTrainEager(_GhostTrain):
-    """:class:`_GhostTrain` on the eager path (one more argument marks it): the implementations
+    """`_GhostTrain` on the eager path (one more argument marks it): the implementations
     run directly, forward and backward."""
 
     @staticmethod
@@ -384,7 +384,7 @@ def ghost_step(
 ) -> Tensor:
     """A ghost-batch training step on checked arguments: y and, when ``running_mean`` and
     ``running_var`` are given, ONE update of them with the whole batch's statistics (pooled from
-    the ghost batches, :func:`ghost_pool`). The path is decided once for all of it."""
+    the ghost batches, `ghost_pool`). The path is decided once for all of it."""
     v = virtual_batch_size
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if eager(x, weight, bias):
@@ -457,6 +457,6 @@ ghost_pool.register_vmap(_ghost_pool_vmap)
 
 
 def pooled_moments(x: Tensor, mean: Tensor, var: Tensor, virtual_batch_size: int) -> tuple[Tensor, Tensor]:
-    """:func:`ghost_pool` on detached statistics (not differentiable)."""
+    """`ghost_pool` on detached statistics (not differentiable)."""
     x, mean, var = x.detach(), mean.detach(), var.detach()
     return (_ghost_pool_impl if eager(x, mean, var) else ghost_pool)(x, mean, var, virtual_batch_size)

@@ -111,7 +111,7 @@ def renorm_forward(
     d_max_steps: int,
     where: str,
 ) -> Tensor:
-    """BatchRenorm*d (see :mod:`batchnorm.nn.renorm` for the math)."""
+    """BatchRenorm*d (see `batchnorm.nn.renorm` for the math)."""
     if not training:
         var = running_std.detach().to(torch.float64).square()
         return torch.ops.batchnorm.eval(x, running_mean.detach(), var, weight, bias, 0.0)

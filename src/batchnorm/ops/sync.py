@@ -2,7 +2,7 @@
 
 Operators (opaque, shape-known nodes for torch.compile and torch.export):
 
-- ``batchnorm::moments(x)`` (:mod:`batchnorm.ops.bn`): the local (mean, biased var);
+- ``batchnorm::moments(x)`` (`batchnorm.ops.bn`): the local (mean, biased var);
 - ``batchnorm::sync_normalize``: the normalize pass with the global statistics (``batchnorm::eval``),
   whose registered backward is ``batchnorm::sync_backward``: the local sums
   (``batchnorm::backward_sums``), ONE all-reduce inside the operator, then dx
