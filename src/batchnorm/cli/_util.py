@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ __all__ = [
     "check_new_file",
     "check_output_dir",
     "missing_dependency_message",
+    "probe_write",
     "require",
 ]
 
@@ -79,9 +81,13 @@ def check_input_file(path: str, what: str = "") -> Path:
     return p
 
 
-def check_new_file(path: str, option: str, *, not_same_as: str | None = None) -> Path:
+def check_new_file(path: str, option: str, *, not_same_as: str | None = None, probe: bool = True) -> Path:
     """``path`` can be written as a file: not a directory, in an existing writable directory, and
-    not the same file as ``not_same_as`` (the input: never overwritten silently). CliError otherwise."""
+    not the same file as ``not_same_as`` (the input: never overwritten silently). CliError otherwise.
+
+    ``probe=False`` skips the one check that touches the disk (creating and removing a file in the
+    folder); a caller that has more checks to make runs ``probe_write`` itself after them.
+    """
     p = Path(path)
     label = f"{option} {path}"
     if p.is_dir():
@@ -96,11 +102,25 @@ def check_new_file(path: str, option: str, *, not_same_as: str | None = None) ->
         raise CliError(f"{label}: folder {str(parent)!r} does not exist")
     if not parent.is_dir():
         raise CliError(f"{label}: {str(parent)!r} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CliError(f"{label}: folder {str(parent)!r} is not writable")
     if p.exists() and not p.is_file():
         raise CliError(f"{label}: exists and is not a regular file")
+    if probe:
+        probe_write(parent, f"{label}: folder {str(parent)!r} is not writable")
     return p
+
+
+def probe_write(folder: Path, label: str) -> None:
+    """Create and remove an empty file in ``folder``; CliError ``label (reason)`` when that fails.
+
+    Permission bits alone do not tell (root passes ``os.access`` everywhere, yet cannot create a
+    file in ``/proc`` or on a read-only mount), so the folder is tried for real.
+    """
+    try:
+        fd, name = tempfile.mkstemp(prefix=".batchnorm-write-test-", dir=folder)
+    except OSError as err:
+        raise CliError(f"{label} ({err.strerror or type(err).__name__})") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def check_output_dir(path: Path, option: str) -> Path:
@@ -117,9 +137,7 @@ def check_output_dir(path: Path, option: str) -> Path:
         raise CliError(f"{label} {where}, not a folder")
     try:
         p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".batchnorm-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as err:
         raise CliError(f"{label}: cannot write there ({err.strerror or type(err).__name__})") from None
+    probe_write(p, f"{label}: cannot write there")
     return p
