@@ -430,7 +430,7 @@ def test_missing_scikit_learn_names_the_install(
     err = one_line_error(
         capsys, "recalibrate", str(saved["module"]), "--trust", "--data", "digits", "-o", str(tmp_path / "r.pt")
     )
-    assert "scikit-learn" in err and "pip install 'batchnorm[lab]'" in err
+    assert "scikit-learn" in err and "pip install '.[lab]' (in a clone of batchnorm)" in err
     assert not (tmp_path / "r.pt").exists()
 
 

@@ -118,7 +118,7 @@ def test_missing_lab_dependency_names_the_install(
 ) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ModuleNotFoundError
     err = one_line_error(capsys, ["lab", "run", "bias", "--quick", "--out", str(tmp_path)])
-    assert f"needs {dist}, which is not installed: pip install 'batchnorm[lab]'" in err
+    assert f"needs {dist}, which is not installed: pip install '.[lab]' (in a clone of batchnorm) or pip install {dist}" in err
     assert not any(tmp_path.iterdir())
 
 
@@ -127,7 +127,7 @@ def test_missing_mnist1d_only_matters_for_its_data(
 ) -> None:
     monkeypatch.setitem(sys.modules, "mnist1d", None)
     err = one_line_error(capsys, ["lab", "run", "bias", "--quick", "--data", "mnist1d", "--out", str(tmp_path)])
-    assert "needs mnist1d" in err and "pip install 'batchnorm[lab]'" in err
+    assert "needs mnist1d" in err and "pip install '.[lab]' (in a clone of batchnorm)" in err
 
 
 def test_missing_dependency_inside_a_run_is_one_line(
@@ -141,7 +141,7 @@ def test_missing_dependency_inside_a_run_is_one_line(
     monkeypatch.setattr(runner, "run_one", fails)
     monkeypatch.setitem(sys.modules, "mnist1d", None)
     err = one_line_error(capsys, ["lab", "run", "bias", "--quick", "--out", str(tmp_path)])
-    assert "this command needs mnist1d, which is not installed: pip install 'batchnorm[lab]'" in err
+    assert "this command needs mnist1d, which is not installed: pip install '.[lab]' (in a clone of batchnorm) or pip install mnist1d" in err
 
 
 def test_report_without_matplotlib_names_the_install(

@@ -20,17 +20,24 @@ __all__ = [
     "require",
 ]
 
-LAB_INSTALL = "pip install 'batchnorm[lab]'"
-"""The install command that brings the lab's optional dependencies."""
+LAB_INSTALL = "pip install '.[lab]' (in a clone of batchnorm)"
+"""The install command that brings all of the lab's optional dependencies. The package is not on
+a package index, so ``pip install 'batchnorm[lab]'`` would fail: the extra is installed from a clone."""
 
-# import name -> (distribution name, install command) of the optional dependencies
+# import name -> (distribution name, extra that brings it) of the optional dependencies
 _OPTIONAL = {
-    "matplotlib": ("matplotlib", LAB_INSTALL),
-    "sklearn": ("scikit-learn", LAB_INSTALL),
-    "mnist1d": ("mnist1d", LAB_INSTALL),
-    "tqdm": ("tqdm", LAB_INSTALL),
-    "numba": ("numba", "pip install numba"),
+    "matplotlib": ("matplotlib", "lab"),
+    "sklearn": ("scikit-learn", "lab"),
+    "mnist1d": ("mnist1d", "lab"),
+    "tqdm": ("tqdm", "lab"),
+    "numba": ("numba", ""),
 }
+
+
+def _install_hint(dists: Sequence[str], extra: str) -> str:
+    """The commands that install ``dists``: the extra from a clone, or the distributions by name."""
+    by_name = f"pip install {' '.join(dists)}"
+    return f"{LAB_INSTALL} or {by_name}" if extra == "lab" else by_name
 
 
 class CliError(Exception):
@@ -41,10 +48,10 @@ def require(modules: Sequence[str], purpose: str) -> None:
     """CliError naming the install command when any of ``modules`` (import names) is missing."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        names = ", ".join(_OPTIONAL.get(m, (m, ""))[0] for m in missing)
-        install = _OPTIONAL.get(missing[0], ("", LAB_INSTALL))[1]
+        dists = [_OPTIONAL.get(m, (m, "lab"))[0] for m in missing]
+        extra = _OPTIONAL.get(missing[0], ("", "lab"))[1]
         verb = "is" if len(missing) == 1 else "are"
-        raise CliError(f"{purpose} needs {names}, which {verb} not installed: {install}")
+        raise CliError(f"{purpose} needs {', '.join(dists)}, which {verb} not installed: {_install_hint(dists, extra)}")
 
 
 def missing_dependency_message(err: ModuleNotFoundError) -> str | None:
@@ -52,8 +59,8 @@ def missing_dependency_message(err: ModuleNotFoundError) -> str | None:
     top = (err.name or "").split(".")[0]
     if top not in _OPTIONAL:
         return None
-    dist, install = _OPTIONAL[top]
-    return f"this command needs {dist}, which is not installed: {install}"
+    dist, extra = _OPTIONAL[top]
+    return f"this command needs {dist}, which is not installed: {_install_hint([dist], extra)}"
 
 
 def _nearest_existing(path: Path) -> Path:
