@@ -15,7 +15,7 @@ For each batch norm (torch's, ours, subclasses, SyncBatchNorm, frozen) it report
   (1 = no discrepancy). The model runs in eval mode, so each layer sees the inference
   network's input; large values mean eval outputs differ from what training saw;
 - the Linear/Conv right before it whose bias it makes redundant, with the parameter count;
-- whether :func:`batchnorm.fold` can fold it, and into what, or why not.
+- whether [`fold`][batchnorm.fold] can fold it, and into what, or why not.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ __all__ = ["LayerReport", "inspect_model", "format_table"]
 
 @dataclass(frozen=True)
 class LayerReport:
-    """Everything :func:`inspect_model` found out about one batch-norm layer."""
+    """Everything [`inspect_model`][batchnorm.tools.inspect_model] found out about one batch-norm layer."""
 
     name: str
     """Qualified module name."""
@@ -71,7 +71,7 @@ class LayerReport:
     wasted_parameters: int
     """Size of that bias."""
     foldable: bool
-    """Whether :func:`batchnorm.fold` folds this layer."""
+    """Whether [`fold`][batchnorm.fold] folds this layer."""
     fold_note: str
     """Into which layer it folds, or why it cannot."""
 
@@ -137,12 +137,12 @@ def _discrepancy(bn: nn.Module, mo: Moments) -> tuple[float, float]:
 def inspect_model(
     model: nn.Module, sample: Any = None, *, forward: Callable[[nn.Module, Any], Any] | None = None
 ) -> list[LayerReport]:
-    """One :class:`LayerReport` per batch-norm layer of ``model``, in module order.
+    """One [`LayerReport`][batchnorm.tools.LayerReport] per batch-norm layer of ``model``, in module order.
 
     Args:
         model: any module; it is not modified (flags are restored after the sample pass).
         sample: optional input batch for the train/eval discrepancy (fed as in
-            :func:`batchnorm.recompute_statistics`: tensor, (input, target) tuple, or dict).
+            [`recompute_statistics`][batchnorm.recompute_statistics]: tensor, (input, target) tuple, or dict).
         forward: ``forward(model, sample)`` to run it, if the default does not fit.
     """
     if not isinstance(model, nn.Module):
