@@ -1,4 +1,4 @@
-"""Command-line inference tools: ``inspect``, ``fold``, ``recalibrate`` (thin; see ``cli.py``).
+"""Command-line inference tools: ``inspect``, ``fold``, ``recalibrate`` (thin; see ``batchnorm.cli``).
 
     batchnorm inspect MODEL [--sample SHAPE] [--trust]
     batchnorm fold MODEL -o OUT [--trust]
