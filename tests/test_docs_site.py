@@ -124,7 +124,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> _Site:
         page = _Page()
         page.feed(path.read_text(encoding="utf-8"))
         pages[path.relative_to(out)] = page
-    assert Path("index.html") in pages, sorted(pages)
+    assert {Path("index.html"), Path("api/layers.html"), Path("api/tools.html")} <= set(pages), sorted(pages)
     return _Site(out.resolve(), pages)
 
 

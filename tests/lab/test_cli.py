@@ -118,7 +118,10 @@ def test_missing_lab_dependency_names_the_install(
 ) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ModuleNotFoundError
     err = one_line_error(capsys, ["lab", "run", "bias", "--quick", "--out", str(tmp_path)])
-    assert f"needs {dist}, which is not installed: pip install '.[lab]' (in a clone of batchnorm) or pip install {dist}" in err
+    assert (
+        f"needs {dist}, which is not installed: pip install '.[lab]' (in a clone of batchnorm) or pip install {dist}"
+        in err
+    )
     assert not any(tmp_path.iterdir())
 
 
@@ -141,7 +144,10 @@ def test_missing_dependency_inside_a_run_is_one_line(
     monkeypatch.setattr(runner, "run_one", fails)
     monkeypatch.setitem(sys.modules, "mnist1d", None)
     err = one_line_error(capsys, ["lab", "run", "bias", "--quick", "--out", str(tmp_path)])
-    assert "this command needs mnist1d, which is not installed: pip install '.[lab]' (in a clone of batchnorm) or pip install mnist1d" in err
+    assert (
+        "this command needs mnist1d, which is not installed: pip install '.[lab]' (in a clone of batchnorm) or pip install mnist1d"
+        in err
+    )
 
 
 def test_report_without_matplotlib_names_the_install(
