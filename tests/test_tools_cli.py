@@ -579,3 +579,19 @@ def test_bad_data_file_says_what_it_must_contain(
     )
     assert message in err and "a --data .pt file must hold a tensor of inputs (N, ...)" in err, err
     assert not (tmp_path / "r.pt").exists()
+
+
+def test_closed_stdout_pipe_ends_quietly(saved_once: dict[str, Path]) -> None:
+    # `batchnorm inspect m.pt | head -1`: the reader leaves early; no error line, SIGPIPE's status
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[2])}
+    argv = [sys.executable, "-m", "batchnorm", "inspect", str(saved_once["module"]), "--trust"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command writes anything
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
