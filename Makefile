@@ -1,5 +1,7 @@
-# Two commands: `make demo` and `make test`. Both create .venv and install everything first.
-# `make lint` (ruff + mypy, part of `make test`), `make docs` (the site, into site/).
+# Two commands: `make demo` and `make test`. Both create .venv and install everything first:
+# Python packages only, nothing system-wide (the browser of tests/test_browser.py is installed by
+# .ci/run; those tests skip without it). `make lint` (ruff + mypy, part of `make test`), `make docs`
+# (the site, into site/).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
@@ -16,9 +18,6 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
-	@# headless Chromium for tests/test_browser.py (skipped where it is absent); never fails the install
-	-command -v chromium >/dev/null 2>&1 || (apt-get install -y chromium chromium-driver >/dev/null 2>&1 \
-		|| (apt-get update -qq && apt-get install -y chromium chromium-driver) >/dev/null 2>&1 || true)
 	touch $(STAMP)
 
 install: $(STAMP)

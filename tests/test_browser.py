@@ -3,7 +3,7 @@ no console errors, nothing wider than the page.
 
     .venv/bin/python -m pytest -q tests/test_browser.py
 
-Needs Debian's ``chromium`` and ``chromium-driver`` (``make install`` adds them where it can) and
+Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them where it can; ``make`` does not) and
 selenium (the test extra); skipped with the reason where either is absent.
 """
 
@@ -63,7 +63,9 @@ def _results(eid: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if CHROMIUM is None or DRIVER is None:
-        pytest.skip("headless Chromium is not installed (apt-get install -y chromium chromium-driver)")
+        pytest.skip(
+            "headless Chromium is not installed (Debian, as root: apt-get install -y chromium chromium-driver; .ci/run does it)"
+        )
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
     from selenium.webdriver.chrome.service import Service
 

@@ -103,6 +103,15 @@ def test_format_table() -> None:
     row = lines[2].split()
     assert row[:6] == ["1", "BatchNorm2d", "8", "0.2", "0.8", "1e-05"] and row[-1] == "yes"
     assert lines[3].split()[3:5] == ["cumul.", "-"]
+    # the bias cell names the layer and the size so that a layer named "0" does not read as a count
+    bias = lines[0].index("bias")
+    assert lines[2][bias:].split("  ")[0] == "0 [8 params]" and lines[3][bias:].split()[0] == "-"
+    assert all(line == line.rstrip() for line in lines)
+    # every column is explained under the table
+    legend = {line.split(":")[0] for line in lines if not line.startswith(" ")}
+    assert {"layer", "momentum", "stats", "shift", "bias", "fold"} <= legend
+    for term in ("nonfinite", "zero-var", "tiny-var", "strip_redundant_bias", "fold()"):
+        assert term in text
     assert "4 batch-norm layer(s); 3 foldable; 13 parameter(s) in redundant biases." in text
     assert "3: not foldable:" in text
     assert format_table([]) == "no batch-norm layers found"

@@ -430,7 +430,7 @@ def test_missing_scikit_learn_names_the_install(
     err = one_line_error(
         capsys, "recalibrate", str(saved["module"]), "--trust", "--data", "digits", "-o", str(tmp_path / "r.pt")
     )
-    assert "scikit-learn" in err and "pip install 'batchnorm[lab]'" in err
+    assert "scikit-learn" in err and "pip install '.[lab]' (in a clone of batchnorm)" in err
     assert not (tmp_path / "r.pt").exists()
 
 
@@ -449,3 +449,149 @@ def test_output_is_written_atomically_with_the_umask(
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["f.pt", "m.pt", "m.pt2", "ours.pt2", "sd.pt", "g.pt"]
     )  # no temporary left
+
+
+# ------------------------------------------------- output paths that only a real write can refuse
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc (a folder no one can create files in)")
+@pytest.mark.parametrize("command", ["fold", "recalibrate"])
+def test_unwritable_output_folder_fails_before_any_work(
+    saved_once: dict[str, Path], command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # /proc passes os.access for root, yet refuses new files: only a real write tells
+    import batchnorm.cli.tools as tools
+
+    monkeypatch.setattr(tools, "_load", lambda *a: pytest.fail("the model was loaded before -o was checked"))
+    extra = ["--data", "digits"] if command == "recalibrate" else []
+    err = one_line_error(capsys, command, str(saved_once["module"]), "-o", "/proc/out.pt", "--trust", *extra)
+    assert "-o /proc/out.pt: cannot write in folder '/proc'" in err
+
+
+def test_write_probe_leaves_nothing_behind(
+    saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run(capsys, "fold", str(saved["module"]), "-o", str(out / "f.pt"), "--trust")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["f.pt"]
+
+
+# ------------------------------------------------------- load errors name the cause and the fix
+
+
+def _bn_net_class(module: str) -> type[nn.Module]:
+    """A small conv + BN model class that claims to live in ``module`` (as if defined there)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x))
+
+    Net.__module__ = module
+    Net.__qualname__ = "Net"
+    return Net
+
+
+def test_class_defined_in_main_script_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    path = tmp_path / "main.pt"
+    net = _bn_net_class("__main__")
+    with monkeypatch.context() as mp:  # the saving script's __main__ has Net; ours does not
+        mp.setattr(sys.modules["__main__"], "Net", net, raising=False)
+        torch.save(net().eval(), path)
+    for trust in ([], ["--trust"]):  # --trust would not help, so the message is the same without it
+        err = one_line_error(capsys, "inspect", str(path), *trust)
+        assert "class Net was defined in the script that saved it (__main__)" in err, err
+        assert "import or define Net before torch.load" in err and "state_dict" in err and ".pt2" in err
+
+
+def test_class_of_a_missing_module_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+    import types
+
+    path = tmp_path / "other.pt"
+    net = _bn_net_class("my_models_nc")
+    module = types.ModuleType("my_models_nc")
+    with monkeypatch.context() as mp:
+        mp.setattr(module, "Net", net, raising=False)
+        mp.setitem(sys.modules, "my_models_nc", module)
+        torch.save(net().eval(), path)
+    err = one_line_error(capsys, "inspect", str(path), "--trust")
+    assert "from module 'my_models_nc', which cannot be imported here" in err and "PYTHONPATH" in err, err
+    with monkeypatch.context() as mp:  # the module exists, but without the class
+        mp.setitem(sys.modules, "my_models_nc", module)
+        err = one_line_error(capsys, "inspect", str(path), "--trust")
+    assert "class Net of module 'my_models_nc' is not found" in err, err
+
+
+def test_legacy_format_is_named_and_its_resave_command_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "legacy.pt"
+    torch.save(mlp(), path, _use_new_zipfile_serialization=False)
+    for argv in (["inspect", str(path), "--trust"], ["fold", str(path), "-o", str(tmp_path / "f.pt"), "--trust"]):
+        err = one_line_error(capsys, *argv)
+        assert "legacy format" in err, err
+    resave = err.split("re-save it in the current format: ")[1].strip()
+    monkeypatch.chdir(tmp_path)
+    exec(resave, {"torch": torch})  # the command the message gives, as written
+    code, out, err = run(capsys, "inspect", "model.pt", "--trust")
+    assert code == 0 and "BatchNorm1d" in out, err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (101, "holds int 101, not a tensor"),
+        ({"x": torch.zeros(3)}, "holds a dict, not a tensor"),
+        (b"not torch", "not a file written by torch.save"),
+    ],
+)
+def test_bad_data_file_says_what_it_must_contain(
+    saved_once: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    content: object,
+    message: str,
+) -> None:
+    import batchnorm.cli.tools as tools
+
+    data = tmp_path / "data.pt"
+    if isinstance(content, bytes):
+        data.write_bytes(content * 20)
+    else:
+        torch.save(content, data)
+    monkeypatch.setattr(tools, "_load", lambda *a: pytest.fail("the model was loaded before --data was read"))
+    err = one_line_error(
+        capsys, "recalibrate", str(saved_once["module"]), "--data", str(data), "-o", str(tmp_path / "r.pt"), "--trust"
+    )
+    assert message in err and "a --data .pt file must hold a tensor of inputs (N, ...)" in err, err
+    assert not (tmp_path / "r.pt").exists()
+
+
+def test_closed_stdout_pipe_ends_quietly(saved_once: dict[str, Path]) -> None:
+    # `batchnorm inspect m.pt | head -1`: the reader leaves early; no error line, SIGPIPE's status
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(cli.__file__).parents[2])}
+    argv = [sys.executable, "-m", "batchnorm", "inspect", str(saved_once["module"]), "--trust"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command writes anything
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err

@@ -118,7 +118,10 @@ def test_missing_lab_dependency_names_the_install(
 ) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ModuleNotFoundError
     err = one_line_error(capsys, ["lab", "run", "bias", "--quick", "--out", str(tmp_path)])
-    assert f"needs {dist}, which is not installed: pip install 'batchnorm[lab]'" in err
+    assert (
+        f"needs {dist}, which is not installed: pip install '.[lab]' (in a clone of batchnorm) or pip install {dist}"
+        in err
+    )
     assert not any(tmp_path.iterdir())
 
 
@@ -127,7 +130,7 @@ def test_missing_mnist1d_only_matters_for_its_data(
 ) -> None:
     monkeypatch.setitem(sys.modules, "mnist1d", None)
     err = one_line_error(capsys, ["lab", "run", "bias", "--quick", "--data", "mnist1d", "--out", str(tmp_path)])
-    assert "needs mnist1d" in err and "pip install 'batchnorm[lab]'" in err
+    assert "needs mnist1d" in err and "pip install '.[lab]' (in a clone of batchnorm)" in err
 
 
 def test_missing_dependency_inside_a_run_is_one_line(
@@ -143,8 +146,9 @@ def test_missing_dependency_inside_a_run_is_one_line(
     assert main(["lab", "run", "bias", "--quick", "--out", str(tmp_path)]) == 2
     started, err = capsys.readouterr().err.splitlines()  # the progress line, then one line of error
     assert started.startswith("[1/1] bias started | experiment 0 s") and "Traceback" not in err
-    assert err.startswith(
-        "batchnorm: error: this command needs mnist1d, which is not installed: pip install 'batchnorm[lab]'"
+    assert (
+        "this command needs mnist1d, which is not installed: pip install '.[lab]' (in a clone of batchnorm) or pip install mnist1d"
+        in err
     )
 
 

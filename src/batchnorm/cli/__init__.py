@@ -53,7 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below rather than at exit
+        return status
+    except BrokenPipeError:  # the reader went away (`batchnorm lab list | head`): stop quietly, like shell tools
+        _drop_stdout()
+        return 128 + 13  # as if killed by SIGPIPE
     except CliError as err:
         return _fail(str(err))
     except ModuleNotFoundError as err:
@@ -69,6 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as err:  # a bug of ours: still one line (the traceback on request)
         return _internal_error(err)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not fail on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def _internal_error(err: BaseException) -> int:

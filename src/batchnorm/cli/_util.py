@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,20 +16,28 @@ __all__ = [
     "check_new_file",
     "check_output_dir",
     "missing_dependency_message",
+    "probe_write",
     "require",
 ]
 
-LAB_INSTALL = "pip install 'batchnorm[lab]'"
-"""The install command that brings the lab's optional dependencies."""
+LAB_INSTALL = "pip install '.[lab]' (in a clone of batchnorm)"
+"""The install command that brings all of the lab's optional dependencies. The package is not on
+a package index, so ``pip install 'batchnorm[lab]'`` would fail: the extra is installed from a clone."""
 
-# import name -> (distribution name, install command) of the optional dependencies
+# import name -> (distribution name, extra that brings it) of the optional dependencies
 _OPTIONAL = {
-    "matplotlib": ("matplotlib", LAB_INSTALL),
-    "sklearn": ("scikit-learn", LAB_INSTALL),
-    "mnist1d": ("mnist1d", LAB_INSTALL),
-    "tqdm": ("tqdm", LAB_INSTALL),
-    "numba": ("numba", "pip install numba"),
+    "matplotlib": ("matplotlib", "lab"),
+    "sklearn": ("scikit-learn", "lab"),
+    "mnist1d": ("mnist1d", "lab"),
+    "tqdm": ("tqdm", "lab"),
+    "numba": ("numba", ""),
 }
+
+
+def _install_hint(dists: Sequence[str], extra: str) -> str:
+    """The commands that install ``dists``: the extra from a clone, or the distributions by name."""
+    by_name = f"pip install {' '.join(dists)}"
+    return f"{LAB_INSTALL} or {by_name}" if extra == "lab" else by_name
 
 
 class CliError(Exception):
@@ -39,10 +48,10 @@ def require(modules: Sequence[str], purpose: str) -> None:
     """CliError naming the install command when any of ``modules`` (import names) is missing."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        names = ", ".join(_OPTIONAL.get(m, (m, ""))[0] for m in missing)
-        install = _OPTIONAL.get(missing[0], ("", LAB_INSTALL))[1]
+        dists = [_OPTIONAL.get(m, (m, "lab"))[0] for m in missing]
+        extra = _OPTIONAL.get(missing[0], ("", "lab"))[1]
         verb = "is" if len(missing) == 1 else "are"
-        raise CliError(f"{purpose} needs {names}, which {verb} not installed: {install}")
+        raise CliError(f"{purpose} needs {', '.join(dists)}, which {verb} not installed: {_install_hint(dists, extra)}")
 
 
 def missing_dependency_message(err: ModuleNotFoundError) -> str | None:
@@ -50,8 +59,8 @@ def missing_dependency_message(err: ModuleNotFoundError) -> str | None:
     top = (err.name or "").split(".")[0]
     if top not in _OPTIONAL:
         return None
-    dist, install = _OPTIONAL[top]
-    return f"this command needs {dist}, which is not installed: {install}"
+    dist, extra = _OPTIONAL[top]
+    return f"this command needs {dist}, which is not installed: {_install_hint([dist], extra)}"
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -79,9 +88,13 @@ def check_input_file(path: str, what: str = "") -> Path:
     return p
 
 
-def check_new_file(path: str, option: str, *, not_same_as: str | None = None) -> Path:
+def check_new_file(path: str, option: str, *, not_same_as: str | None = None, probe: bool = True) -> Path:
     """``path`` can be written as a file: not a directory, in an existing writable directory, and
-    not the same file as ``not_same_as`` (the input: never overwritten silently). CliError otherwise."""
+    not the same file as ``not_same_as`` (the input: never overwritten silently). CliError otherwise.
+
+    ``probe=False`` skips the one check that touches the disk (creating and removing a file in the
+    folder); a caller that has more checks to make runs ``probe_write`` itself after them.
+    """
     p = Path(path)
     label = f"{option} {path}"
     if p.is_dir():
@@ -96,11 +109,25 @@ def check_new_file(path: str, option: str, *, not_same_as: str | None = None) ->
         raise CliError(f"{label}: folder {str(parent)!r} does not exist")
     if not parent.is_dir():
         raise CliError(f"{label}: {str(parent)!r} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CliError(f"{label}: folder {str(parent)!r} is not writable")
     if p.exists() and not p.is_file():
         raise CliError(f"{label}: exists and is not a regular file")
+    if probe:
+        probe_write(parent, f"{label}: folder {str(parent)!r} is not writable")
     return p
+
+
+def probe_write(folder: Path, label: str) -> None:
+    """Create and remove an empty file in ``folder``; CliError ``label (reason)`` when that fails.
+
+    Permission bits alone do not tell (root passes ``os.access`` everywhere, yet cannot create a
+    file in ``/proc`` or on a read-only mount), so the folder is tried for real.
+    """
+    try:
+        fd, name = tempfile.mkstemp(prefix=".batchnorm-write-test-", dir=folder)
+    except OSError as err:
+        raise CliError(f"{label} ({err.strerror or type(err).__name__})") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def check_output_dir(path: Path, option: str) -> Path:
@@ -117,9 +144,7 @@ def check_output_dir(path: Path, option: str) -> Path:
         raise CliError(f"{label} {where}, not a folder")
     try:
         p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".batchnorm-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as err:
         raise CliError(f"{label}: cannot write there ({err.strerror or type(err).__name__})") from None
+    probe_write(p, f"{label}: cannot write there")
     return p

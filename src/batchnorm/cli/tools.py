@@ -1,4 +1,4 @@
-"""Command-line inference tools: ``inspect``, ``fold``, ``recalibrate`` (thin; see ``cli.py``).
+"""Command-line inference tools: ``inspect``, ``fold``, ``recalibrate`` (thin; see ``batchnorm.cli``).
 
     batchnorm inspect MODEL [--sample SHAPE] [--trust]
     batchnorm fold MODEL -o OUT [--trust]
@@ -41,9 +41,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._util import CliError, check_input_file, check_new_file, require
+from ._util import CliError, check_input_file, check_new_file, probe_write, require
 
 _PICKLE_SUFFIXES = (".pt", ".pth")
+
+# torch.save's legacy (non-zip) format opens with a pickled magic number (torch.serialization.MAGIC_NUMBER):
+# PROTO n, LONG1 of 10 bytes, then the number in little-endian order
+_DATA_PT = "a --data .pt file must hold a tensor of inputs (N, ...), as torch.save(x, 'inputs.pt') writes, or an (inputs, targets) pair"
+_DATA_NPY = "a --data .npy file must hold a numeric array of inputs (N, ...), as np.save('inputs.npy', x) writes"
+
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 __all__ = ["register"]
 
@@ -65,18 +72,63 @@ class _Loaded:
 
 
 def _format_of(path: Path) -> str:
-    """ "export" (a torch.export archive), "pickle" (a torch.save archive) or "" (neither), from the
-    archive's content, never its suffix."""
+    """ "export" (a torch.export archive), "pickle" (a torch.save archive), "legacy" (torch.save's
+    pre-1.6 format) or "" (none of these), from the file's content, never its suffix."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
-        return ""
+        try:
+            with open(path, "rb") as f:
+                head = f.read(2 + len(_LEGACY_MAGIC))
+        except OSError:
+            return ""
+        return "legacy" if head[:1] == b"\x80" and head[2:] == _LEGACY_MAGIC else ""
     if any(n == "archive_format" or n.endswith("/archive_format") for n in names):
         return "export"
     if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         return "pickle"
     return ""
+
+
+def _unknown_format(path: str, fmt: str) -> CliError:
+    """The error for a MODEL file that is neither a torch.save zip archive nor a .pt2 program."""
+    if fmt == "legacy":
+        return CliError(
+            f"{path}: a torch.save file in the legacy format (PyTorch < 1.6, or _use_new_zipfile_serialization=False), "
+            f"which this command does not read; re-save it in the current format: "
+            f"torch.save(torch.load({path!r}, weights_only=False), 'model.pt')"
+        )
+    return CliError(f"{path}: neither a torch.save file nor a torch.export .pt2 program (not a zip archive of either)")
+
+
+def _class_hint(module: str, name: str | None) -> str:
+    """What to do when unpickling needs class ``name`` of ``module`` (None: any) and cannot find it."""
+    pt2 = "or save a torch.export .pt2 (torch.export.save), which loads without your code"
+    if module == "__main__" or module.endswith(".__main__"):
+        return (
+            f"the model's class {name} was defined in the script that saved it (__main__), and the file holds only "
+            f"its name; move {name} into a module that is importable here (its folder on PYTHONPATH), import it "
+            f"from there and save again, {pt2} (in Python: import or define {name} before torch.load, or save and "
+            "load model.state_dict())"
+        )
+    what = f"class {name} of module {module!r}" if name else f"classes come from module {module!r}, which"
+    verb = "is not found" if name else "cannot be imported here"
+    return (
+        f"the model's {what} {verb}; run where that module is importable (its folder on PYTHONPATH) "
+        f"and is the code that saved the file, {pt2}"
+    )
+
+
+def _unpickle_hint(err: BaseException) -> str | None:
+    """The cause and the fix when unpickling failed because a class of the model is not importable."""
+    text = str(err)
+    found = re.search(r"Can't get attribute '([\w.]+)' on <module '([\w.]+)'", text)
+    if found:
+        return _class_hint(found.group(2), found.group(1))
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        return _class_hint(err.name, None)
+    return None
 
 
 def _output_format(out: str) -> str:
@@ -95,11 +147,9 @@ def _check_paths(model: str, out: str) -> str:
     """Check MODEL and ``-o OUT`` before any work; returns MODEL's format."""
     path = check_input_file(model)
     fmt = _format_of(path)
-    if not fmt:
-        raise CliError(
-            f"{model}: neither a torch.save file nor a torch.export .pt2 program (not a zip archive of either)"
-        )
-    check_new_file(out, "-o", not_same_as=model)
+    if fmt not in ("export", "pickle"):
+        raise _unknown_format(model, fmt)
+    target = check_new_file(out, "-o", not_same_as=model, probe=False)
     want = _output_format(out)
     if want != fmt:
         if fmt == "export":
@@ -110,6 +160,7 @@ def _check_paths(model: str, out: str) -> str:
             f"-o {out}: a .pt2 output needs a torch.export program, but {model} is a pickled module; "
             "name the output *.pt, or torch.export the model first"
         )
+    probe_write(target.parent, f"-o {out}: cannot write in folder {str(target.parent)!r}")
     return fmt
 
 
@@ -166,13 +217,14 @@ def _load(path: str, trust: bool) -> _Loaded:
             )
         return loaded
     if fmt != "pickle":
-        raise CliError(
-            f"{path}: neither a torch.save file nor a torch.export .pt2 program (not a zip archive of either)"
-        )
+        raise _unknown_format(path, fmt)
     try:
         with _quiet_torch():
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as err:
+        in_main = re.search(r"GLOBAL (__main__)\.(\w+)", str(err))
+        if in_main:  # --trust would not help: the class is not in this process
+            raise CliError(f"{path}: {_class_hint(in_main.group(1), in_main.group(2))}") from None
         if not trust:
             raise CliError(
                 f"{path}: {_weights_only_reason(err)}, which torch.load(weights_only=True) refuses: loading it "
@@ -182,6 +234,9 @@ def _load(path: str, trust: bool) -> _Loaded:
             with _quiet_torch():
                 obj = torch.load(str(p), map_location="cpu", weights_only=False)
         except Exception as err2:
+            hint = _unpickle_hint(err2)
+            if hint:
+                raise CliError(f"{path}: {hint}") from None
             raise CliError(f"{path}: cannot load ({type(err2).__name__}: {_first_line(err2)})") from None
     if not isinstance(obj, nn.Module):
         what = "a state_dict" if isinstance(obj, dict) else f"a {type(obj).__name__}"
@@ -286,21 +341,18 @@ def load_data(spec: str) -> Any:
         try:
             x = torch.from_numpy(np.load(p, allow_pickle=False))
         except Exception as err:
-            raise CliError(f"--data {spec}: not a readable .npy array ({_first_line(err)})") from None
+            raise CliError(f"--data {spec}: not a readable .npy array ({_first_line(err)}); {_DATA_NPY}") from None
     else:
         try:
             with _quiet_torch():
                 obj = torch.load(str(p), map_location="cpu", weights_only=True)
         except Exception as err:
-            raise CliError(
-                f"--data {spec}: {_weights_only_reason(err)}; expected a tensor saved with torch.save"
-            ) from None
+            raise CliError(f"--data {spec}: {_weights_only_reason(err)}; {_DATA_PT}") from None
         if isinstance(obj, (tuple, list)) and obj:
             obj = obj[0]
         if not isinstance(obj, torch.Tensor):
-            raise CliError(
-                f"--data {spec}: expected a tensor of inputs (or (inputs, targets)), got {type(obj).__name__}"
-            )
+            what = "a dict" if isinstance(obj, dict) else f"{type(obj).__name__} {_first_line(repr(obj))[:40]}"
+            raise CliError(f"--data {spec}: holds {what}, not a tensor; {_DATA_PT}")
         x = obj
     if (
         x.ndim == 0
@@ -308,7 +360,7 @@ def load_data(spec: str) -> Any:
         or not (x.is_floating_point() or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64))
     ):
         raise CliError(
-            f"--data {spec}: expected a numeric array of inputs (N, ...) with N >= 1, got {x.dtype} of shape {tuple(x.shape)}"
+            f"--data {spec}: holds {x.dtype} of shape {tuple(x.shape)}; expected numbers of shape (N, ...) with N >= 1"
         )
     return x
 
@@ -368,13 +420,14 @@ def _recalibrate(args: argparse.Namespace) -> int:
             raise CliError(f"{option}: expected a positive int, got {value}")
     _check_data_spec(args.data)
     _check_paths(args.model, args.output)
+    data = load_data(args.data)  # its content is checked before the model is loaded
     loaded = _load(args.model, args.trust)
     if not any(is_recomputable(m) for m in loaded.model.modules()):
         _require_batchnorm(loaded, args.model, "recalibrate")
         raise CliError(
             f"{args.model}: no batch-norm layer keeps running statistics: nothing to recalibrate; nothing written"
         )
-    x = load_data(args.data).to(_model_dtype(loaded.model))
+    x = data.to(_model_dtype(loaded.model))
     batch_size = args.batch_size
     max_samples = args.max_samples if args.max_samples is None else min(args.max_samples, len(x))
     if loaded.program is not None:

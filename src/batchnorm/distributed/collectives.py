@@ -118,13 +118,13 @@ def all_reduce_sum_functional(t: Tensor, group: object | None, where: str, what:
     """Out-of-place SUM all-reduce of ``t`` over ``group`` as ONE operator,
     ``batchnorm::all_reduce_sum``: an opaque node for torch.compile (fullgraph), torch.export and
     torch.jit.trace, no host read; differentiable (its backward is the same all-reduce, so every
-    rank must run it). Errors as :func:`all_reduce_sum`."""
+    rank must run it). Errors as ``all_reduce_sum``."""
     return _all_reduce_op(t, group_name(group), where, what)
 
 
 def all_reduce_sum_differentiable(t: Tensor, group: object | None, where: str, what: str) -> Tensor:
     """Out-of-place SUM all-reduce of ``t`` over ``group`` that autograd differentiates (its
-    backward is another all-reduce, so every rank must run it); errors as :func:`all_reduce_sum`."""
+    backward is another all-reduce, so every rank must run it); errors as ``all_reduce_sum``."""
     return all_reduce_sum_functional(t, group, where, what)
 
 

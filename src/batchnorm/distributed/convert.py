@@ -3,7 +3,7 @@
     model = batchnorm.convert_sync_batchnorm(model)          # a converted copy
     model = torch.nn.parallel.DistributedDataParallel(model)  # gloo (CPU) or nccl (GPU)
 
-See :class:`batchnorm.SyncBatchNorm` for what is synchronized and what it costs.
+See [`SyncBatchNorm`][batchnorm.SyncBatchNorm] for what is synchronized and what it costs.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _to_sync(bn: nn.Module, process_group: object | None) -> SyncBatchNorm:
 def convert_sync_batchnorm(
     model: nn.Module, process_group: object | None = None, *, inplace: bool = False
 ) -> nn.Module:
-    """Return ``model`` with every batch norm replaced by :class:`batchnorm.SyncBatchNorm`.
+    """Return ``model`` with every batch norm replaced by [`SyncBatchNorm`][batchnorm.SyncBatchNorm].
 
     Converted: ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm`` and our
     ``BatchNorm1d/2d/3d``/``SyncBatchNorm`` (exact classes, see ``CONVERTIBLE``). Parameters,

@@ -1,7 +1,7 @@
 """Whole-model tools: population statistics, folding, bias removal, freezing, conversion, inspection,
 diagnosis.
 
-Each module has one job; the public names are re-exported by :mod:`batchnorm` itself.
+Each module has one job; the public names are re-exported by ``batchnorm`` itself.
 """
 
 from .conventions import KerasConversion, from_keras, from_keras_momentum, to_keras_momentum

@@ -5,10 +5,10 @@ An exported program has no modules, only operator calls on lifted tensors:
 (torch's layers), ``batchnorm.eval(x, running_mean, running_var, weight, bias, eps)`` (ours in
 eval mode, and FrozenBatchNorm),
 ``aten.conv2d(x, weight, bias, stride, padding, dilation, groups)``, ``aten.linear(x, weight, bias)``.
-:func:`lift_modules` turns each such call on ``get_attr`` tensors back into a module call
+``lift_modules`` turns each such call on ``get_attr`` tensors back into a module call
 (``torch.nn.BatchNorm*d``, ``Conv*d``, ``ConvTranspose*d``, ``Linear``) holding the *same*
 tensors, registered under the original module name. Then ``fold``, ``recompute_statistics`` and
-``inspect_model`` work unchanged, and :func:`reexport` exports the result again with the
+``inspect_model`` work unchanged, and ``reexport`` exports the result again with the
 program's example inputs (shapes become those example shapes: re-export yourself for dynamic
 shapes). The lifted module is in eval mode (flags set directly: an exported program's module
 refuses ``.eval()``); only eval-mode batch norms (``training=False`` in the graph) are lifted.

@@ -1,6 +1,6 @@
 """Per-channel (sum, sum of squares) of a CPU tensor in one pass, with numba (private).
 
-Used by :meth:`batchnorm.tools.stats.Moments.from_tensor` for its common case, an (N, C, *) float32 or
+Used by [`Moments.from_tensor`][batchnorm.Moments.from_tensor] for its common case, an (N, C, *) float32 or
 float64 input reduced over every dim but C, where it is several times faster than a float64
 copy plus ``torch.var_mean`` and makes population statistics nearly free next to the forward
 pass.

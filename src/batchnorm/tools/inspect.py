@@ -15,7 +15,7 @@ For each batch norm (torch's, ours, subclasses, SyncBatchNorm, frozen) it report
   (1 = no discrepancy). The model runs in eval mode, so each layer sees the inference
   network's input; large values mean eval outputs differ from what training saw;
 - the Linear/Conv right before it whose bias it makes redundant, with the parameter count;
-- whether :func:`batchnorm.fold` can fold it, and into what, or why not.
+- whether [`fold`][batchnorm.fold] can fold it, and into what, or why not.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ __all__ = ["LayerReport", "inspect_model", "format_table"]
 
 @dataclass(frozen=True)
 class LayerReport:
-    """Everything :func:`inspect_model` found out about one batch-norm layer."""
+    """Everything [`inspect_model`][batchnorm.tools.inspect_model] found out about one batch-norm layer."""
 
     name: str
     """Qualified module name."""
@@ -71,7 +71,7 @@ class LayerReport:
     wasted_parameters: int
     """Size of that bias."""
     foldable: bool
-    """Whether :func:`batchnorm.fold` folds this layer."""
+    """Whether [`fold`][batchnorm.fold] folds this layer."""
     fold_note: str
     """Into which layer it folds, or why it cannot."""
 
@@ -137,12 +137,12 @@ def _discrepancy(bn: nn.Module, mo: Moments) -> tuple[float, float]:
 def inspect_model(
     model: nn.Module, sample: Any = None, *, forward: Callable[[nn.Module, Any], Any] | None = None
 ) -> list[LayerReport]:
-    """One :class:`LayerReport` per batch-norm layer of ``model``, in module order.
+    """One [`LayerReport`][batchnorm.tools.LayerReport] per batch-norm layer of ``model``, in module order.
 
     Args:
         model: any module; it is not modified (flags are restored after the sample pass).
         sample: optional input batch for the train/eval discrepancy (fed as in
-            :func:`batchnorm.recompute_statistics`: tensor, (input, target) tuple, or dict).
+            [`recompute_statistics`][batchnorm.recompute_statistics]: tensor, (input, target) tuple, or dict).
         forward: ``forward(model, sample)`` to run it, if the default does not fit.
     """
     if not isinstance(model, nn.Module):
@@ -218,8 +218,27 @@ def _fmt(v: float | None, spec: str = ".3g") -> str:
     return format(v, spec)
 
 
+_LEGEND = (
+    "layer: module name; kind: class, [train] when in training mode; C: channels.",
+    "momentum: ours/PyTorch (weight of the new batch); keras = 1 - momentum (weight of the old value).",
+    "stats: running statistics: ok, none (not tracked), or how many entries are nonfinite (NaN/inf) and how many",
+    "  channels have zero-var (variance <= 0) or tiny-var (0 < variance < eps).",
+    "shift: max |batch mean - running mean| in running stds; var x: max ratio of batch to running variance",
+    "  (both measured on the sample; '-' without one).",
+    "bias: the layer before this batch norm whose bias it cancels, and that bias's size (strip_redundant_bias",
+    "  removes it, outputs unchanged); '-' when there is none.",
+    "fold: whether fold() merges this batch norm into the neighbouring Linear/Conv (why not: below).",
+)
+"""What each column of [`format_table`][batchnorm.tools.format_table] means, printed under it."""
+
+
 def format_table(reports: list[LayerReport]) -> str:
-    """A fixed-width text table of the reports (one row per layer), plus notes and totals."""
+    """A fixed-width text table of the reports (one row per layer), plus totals, a legend of the
+    columns, and the reason for each layer that cannot be folded.
+
+    The ``bias`` column names the layer whose bias the batch norm cancels and that bias's size,
+    e.g. ``0 [8 params]``: module ``0`` holds an 8-element bias that the batch norm makes redundant.
+    """
     head = ["layer", "kind", "C", "momentum", "keras", "eps", "stats", "shift", "var x", "bias", "fold"]
     rows = []
     for r in reports:
@@ -245,24 +264,21 @@ def format_table(reports: list[LayerReport]) -> str:
                 stats,
                 _fmt(r.mean_shift, ".2f"),
                 _fmt(r.var_ratio, ".2f"),
-                f"{r.redundant_bias} ({r.wasted_parameters})" if r.redundant_bias else "-",
+                f"{r.redundant_bias} [{r.wasted_parameters} params]" if r.redundant_bias else "-",
                 "yes" if r.foldable else "no",
             ]
         )
     if not rows:
         return "no batch-norm layers found"
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     wasted = sum(r.wasted_parameters for r in reports)
     folds = sum(r.foldable for r in reports)
     lines.append("")
     lines.append(f"{len(reports)} batch-norm layer(s); {folds} foldable; {wasted} parameter(s) in redundant biases.")
-    lines.append(
-        "momentum: ours/PyTorch (weight of the new batch); keras = 1 - momentum (weight of the old value).\n"
-        "shift: max |batch mean - running mean| in running stds; var x: max ratio of batch to running variance."
-    )
+    lines.append("\n".join(_LEGEND))
     for r in reports:
         if not r.foldable:
             lines.append(f"  {r.name or '<model>'}: not foldable: {r.fold_note}")

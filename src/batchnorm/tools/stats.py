@@ -2,10 +2,10 @@
 
 Two layers of API:
 
-- :class:`Moments` — a (count, mean, M2) accumulator in float64 for tensors, merged with Chan's
+- [`Moments`][batchnorm.Moments] — a (count, mean, M2) accumulator in float64 for tensors, merged with Chan's
   parallel formula; independent of how the data was split; one collective to merge across
   ``torch.distributed`` ranks.
-- :func:`recompute_statistics` — runs a model over a data set once and writes every batch-norm
+- [`recompute_statistics`][batchnorm.recompute_statistics] — runs a model over a data set once and writes every batch-norm
   layer's exact population mean and *unbiased* variance into ``running_mean``/``running_var``.
 
 Why this estimator (and not the ones other libraries use):
@@ -17,7 +17,7 @@ Why this estimator (and not the ones other libraries use):
   ``E[x^2] = 1e8`` has a float32 ulp of 8, far above the variance 1e-4: it returns 0.
 - Here each batch contributes its own *centred* second moment ``M2_B = sum (x - mean_B)^2``,
   computed in float64 after centring (no large numbers are squared), and batches are merged
-  with Chan et al.'s pairwise update (see :meth:`Moments.merge`). Both terms of the total
+  with Chan et al.'s pairwise update (see [`Moments.merge`][batchnorm.Moments.merge]). Both terms of the total
   variance are kept exactly; nothing cancels.
 """
 
@@ -75,7 +75,7 @@ class Moments:
 
     @classmethod
     def empty(cls, shape: int | Sequence[int], device: torch.device | str | None = None) -> Moments:
-        """The moments of no data: count 0, mean 0, M2 0 (the identity of :meth:`merge`)."""
+        """The moments of no data: count 0, mean 0, M2 0 (the identity of [`merge`][batchnorm.Moments.merge])."""
         size = (shape,) if isinstance(shape, int) else tuple(shape)
         zero = torch.zeros(size, dtype=_F64, device=device)
         return cls(torch.zeros((), dtype=_F64, device=device), zero, zero.clone())
@@ -150,7 +150,7 @@ class Moments:
 
     @classmethod
     def from_vector(cls, v: Tensor, shape: Sequence[int]) -> Moments:
-        """Inverse of :meth:`to_vector` for moments whose mean has ``shape``."""
+        """Inverse of [`to_vector`][batchnorm.Moments.to_vector] for moments whose mean has ``shape``."""
         k = math.prod(shape)
         return cls(v[0].clone(), v[1 : 1 + k].reshape(shape).clone(), v[1 + k : 1 + 2 * k].reshape(shape).clone())
 
@@ -198,7 +198,7 @@ def all_reduce_moments(parts: Sequence[Moments], group: Any = None) -> list[Mome
 
 @dataclass(frozen=True)
 class LayerStatistics:
-    """What :func:`recompute_statistics` did to one batch-norm layer."""
+    """What [`recompute_statistics`][batchnorm.recompute_statistics] did to one batch-norm layer."""
 
     name: str
     """Qualified module name (``""`` for the model itself)."""
@@ -222,7 +222,7 @@ def is_recomputable(module: nn.Module) -> bool:
     That is any ``torch.nn.modules.batchnorm._BatchNorm`` (torch's BatchNorm*d, SyncBatchNorm,
     ours, their subclasses) that tracks running statistics, unless the class declares
     ``running_var_is_variance = False`` (e.g. a layer storing a running std) or is frozen
-    (``frozen = True``, as :class:`batchnorm.FrozenBatchNorm2d`).
+    (``frozen = True``, as [`FrozenBatchNorm2d`][batchnorm.FrozenBatchNorm2d]).
     """
     if not isinstance(module, _BatchNorm):
         return False
@@ -324,7 +324,7 @@ def recompute_statistics(
     per channel over all n values the layer sees (unbiased variance: our convention and
     PyTorch's, so checkpoints stay interchangeable). The input of each layer is captured with a
     forward pre-hook and reduced to float64 (count, mean, M2), merged across batches with
-    Chan's formula (:class:`Moments`), so the result does not depend on how ``data`` is split
+    Chan's formula ([`Moments`][batchnorm.Moments]), so the result does not depend on how ``data`` is split
     into batches or ordered, and large means with a small spread do not cancel.
 
     Which network produces layer k's input? Ioffe & Szegedy's Algorithm 2 wants the statistics
@@ -365,7 +365,7 @@ def recompute_statistics(
         passes: number of passes over ``data`` (>= 1).
 
     Returns:
-        one :class:`LayerStatistics` per batch-norm layer, in module order.
+        one [`LayerStatistics`][batchnorm.LayerStatistics] per batch-norm layer, in module order.
 
     Raises:
         ValueError: a layer's statistics are not finite (NaN/inf in the data), nothing is written.

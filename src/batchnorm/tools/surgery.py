@@ -6,7 +6,7 @@ still an instance of the user's class, with folded batch norms replaced by ``nn.
 Which modules are adjacent is read from a torch.fx trace of the forward (``_dataflow``), never
 from module registration order; shared layers are never rewritten.
 
-Tensor-level building blocks live in :mod:`batchnorm.tools._fold` (``fold_bn_weights`` ...), re-exported
+Tensor-level building blocks live in ``batchnorm.tools._fold`` (``fold_bn_weights`` ...), re-exported
 here.
 """
 
@@ -68,7 +68,7 @@ def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
 
 @dataclass
 class FoldResult:
-    """What :func:`fold` returns."""
+    """What [`fold`][batchnorm.fold] returns."""
 
     model: nn.Module
     """The folded model (a copy unless ``inplace=True``)."""
@@ -119,7 +119,7 @@ def fold(model: nn.Module, *, inplace: bool = False, example_inputs: tuple[Any, 
             a Linear in practice.
 
     Returns:
-        :class:`FoldResult` with the model, the folds made, and every batch norm left in place
+        [`FoldResult`][batchnorm.FoldResult] with the model, the folds made, and every batch norm left in place
         with the reason (untraceable model, shared layer, BN subclass with its own forward,
         zero-padded conv after the BN, no running statistics...). Nothing is skipped silently.
 
@@ -221,7 +221,7 @@ def find_redundant_biases(model: nn.Module) -> list[RedundantBias]:
 
 
 def strip_redundant_bias(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Remove every bias listed by :func:`find_redundant_biases`, keeping outputs unchanged.
+    """Remove every bias listed by [`find_redundant_biases`][batchnorm.find_redundant_biases], keeping outputs unchanged.
 
         BN(W x + b) with running mean m  ==  BN'(W x) with running mean m - b
 
@@ -329,7 +329,7 @@ def _thawed(fb: FrozenBatchNormBase) -> nn.Module:
 def unfreeze(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Replace every ``FrozenBatchNorm*d`` by a trainable batch norm with the same state.
 
-    A layer made by :func:`freeze` comes back as its original class (affine, momentum kept);
+    A layer made by [`freeze`][batchnorm.freeze] comes back as its original class (affine, momentum kept);
     other frozen layers become our ``BatchNorm1d/2d/3d`` (affine, momentum 0.1). The new
     layer's train/eval flag is that of the frozen layer.
     """
