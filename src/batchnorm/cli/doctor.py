@@ -27,7 +27,7 @@ exit status:
   1  internal error (a bug of batchnorm): one line on stderr"""
 
 _WATCH_ONLY = ("small-batch", "train-mode-under-no-grad", "updated-in-backward", "non-finite-batch")
-"""Codes only :func:`batchnorm.watch` finds (they need the training code, not a saved model)."""
+"""Codes only `batchnorm.watch` finds (they need the training code, not a saved model)."""
 
 
 def _ignored(text: str | None) -> set[str]:

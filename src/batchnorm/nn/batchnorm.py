@@ -10,6 +10,7 @@ the *unbiased* batch variance, exactly as PyTorch, so checkpoints move both ways
 running statistics, or batch statistics when ``track_running_stats=False``.
 
 Where PyTorch misbehaves we do better:
+
 - a batch with non-finite statistics never writes into the running statistics nor the
   counter (the NaN still reaches the output, so a loss scaler notices); the non-persistent
   buffer ``num_batches_skipped`` counts such batches, and on CPU the first one warns;

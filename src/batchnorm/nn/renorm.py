@@ -26,6 +26,7 @@ carry the schedule's position. For short runs scale the three step counts, e.g. 
 ``warmup_steps=T//10, d_max_steps=T//2, r_max_steps=4*T//5``.
 
 Conventions that bite:
+
 - ``momentum`` defaults to 0.01, the paper's "relatively fast" alpha (torch BN uses 0.1);
   ``momentum=None`` is the cumulative average 1/(t+1).
 - State: ``running_mean``, ``running_std`` (init 0 and 1) and ``num_batches_tracked``.

@@ -118,7 +118,7 @@ def _frozen_in_train(name: str, m: nn.Module) -> Finding | None:
 
 
 def frozen_fix(m: nn.Module) -> str:
-    """The fix of ``frozen-in-train`` for layer ``m``: :func:`batchnorm.freeze` where it applies."""
+    """The fix of ``frozen-in-train`` for layer ``m``: `batchnorm.freeze` where it applies."""
     keep_eval = "call .eval() on these layers after every model.train()"
     if _dataflow.is_plain_batchnorm(m) and isinstance(m, _BatchNorm):
         return f"batchnorm.freeze(model) (FrozenBatchNorm: fixed statistics in every mode), or {keep_eval}."
@@ -186,7 +186,7 @@ def _check_batches(batches: Any) -> Iterable[Any] | None:
 def diagnose(
     model: nn.Module, batches: Any = None, *, forward: Callable[[nn.Module, Any], Any] | None = None
 ) -> list[Finding]:
-    """Batch-norm mistakes of ``model`` that silently cost accuracy, one :class:`Finding` per (code, layer).
+    """Batch-norm mistakes of ``model`` that silently cost accuracy, one `Finding` per (code, layer).
 
     From the model alone, for every batch norm (torch's ``_BatchNorm`` subclasses, SyncBatchNorm,
     batchnorm's layers, frozen and renorm layers):
@@ -195,7 +195,7 @@ def diagnose(
       the running statistics are the last batch's; probably a Keras/Flax momentum);
     - ``low-precision-stats``: running statistics stored in float16/bfloat16;
     - ``redundant-bias``: a Linear/Conv bias feeding straight into the batch norm
-      (:func:`batchnorm.find_redundant_biases`, by torch.fx dataflow);
+      (`batchnorm.find_redundant_biases`, by torch.fx dataflow);
     - ``batch-stats-at-eval``: no running statistics (``track_running_stats=False``);
     - ``non-finite-stats``: NaN/inf in the running statistics;
     - ``frozen-in-train``: weight and bias do not require grad but the layer is in training mode
@@ -203,7 +203,7 @@ def diagnose(
 
     With ``batches``, the model runs once over them in eval mode under ``torch.no_grad`` and each
     layer's input is reduced to population statistics per channel (float64, Chan's merge, as
-    :func:`batchnorm.recompute_statistics` does in eval mode):
+    `batchnorm.recompute_statistics` does in eval mode):
 
     - ``stale-statistics``: on some channel ``|running_mean - mean| > 0.5 * sqrt(var + eps)``
       or ``(running_var + eps) / (var + eps)`` outside [1/1.5, 1.5], with ``mean``/``var``
@@ -215,11 +215,11 @@ def diagnose(
     Args:
         model: any module.
         batches: None, one input tensor, or an iterable of batches fed as in
-            :func:`batchnorm.recompute_statistics` (tensor, (input, target, ...) tuple, dict).
+            `batchnorm.recompute_statistics` (tensor, (input, target, ...) tuple, dict).
         forward: ``forward(model, batch)`` to run one batch, if the default does not fit.
 
     Returns:
-        the findings, in module order and, per layer, in the order of :data:`CODES`.
+        the findings, in module order and, per layer, in the order of `CODES`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"diagnose: expected an nn.Module, got {type(model).__name__}")

@@ -1,4 +1,4 @@
-"""What the doctor reports: a :class:`Finding`, the codes, their limits, and a text table."""
+"""What the doctor reports: a `Finding`, the codes, their limits, and a text table."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ CODES: tuple[str, ...] = (
     "non-finite-batch",
 )
 """Every finding code, in the order findings of one layer are listed. ``frozen-in-train`` is
-reported by :func:`~batchnorm.diagnose` (the layer's current state) and by
-:func:`~batchnorm.watch` (forwards that happened)."""
+reported by `diagnose` (the layer's current state) and by
+`watch` (forwards that happened)."""
 
 KERAS_MOMENTUM = 0.5
 """``keras-momentum``: a momentum above this weights the new batch more than the running value."""
@@ -57,7 +57,7 @@ class Finding:
     """
 
     code: str
-    """What kind of problem: one of :data:`CODES` (e.g. ``"small-batch"``)."""
+    """What kind of problem: one of `CODES` (e.g. ``"small-batch"``)."""
     layer: str
     """Qualified name of the batch-norm layer (as in ``model.named_modules()``; ``""`` for the model itself)."""
     message: str

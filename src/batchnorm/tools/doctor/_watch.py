@@ -93,7 +93,7 @@ def _finite_stats(m: nn.Module) -> bool:
 
 
 class _Tally:
-    """What the forwards of one batch-norm layer did during a watch; its hook is :meth:`hook`."""
+    """What the forwards of one batch-norm layer did during a watch; its hook is `hook`."""
 
     def __init__(self, name: str, m: nn.Module) -> None:
         self.name = name
@@ -260,14 +260,14 @@ class _Tally:
 
 
 class Watch:
-    """The context manager :func:`watch` returns; ``findings`` is filled when the block ends."""
+    """The context manager `watch` returns; ``findings`` is filled when the block ends."""
 
     def __init__(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch: expected an nn.Module, got {type(model).__name__}")
         self.model = model
         self.findings: list[Finding] = []
-        """The findings of the last block (empty until it ends), in module order then :data:`CODES` order."""
+        """The findings of the last block (empty until it ends), in module order then `CODES` order."""
         self._tallies: list[_Tally] = []
         self._handles: list[Any] = []
 
@@ -312,7 +312,7 @@ def watch(model: nn.Module) -> Watch:
         for finding in w.findings:
             print(finding)
 
-    Reports, one :class:`Finding` per (code, layer) with counts:
+    Reports, one `Finding` per (code, layer) with counts:
 
     - ``small-batch``: training forwards with fewer than 16 examples;
     - ``train-mode-under-no-grad``: training-mode forwards that update running statistics under
@@ -326,6 +326,6 @@ def watch(model: nn.Module) -> Watch:
     layers; frozen layers are skipped: they never update). Eval-mode forwards cost one attribute
     read; nothing is read back from the device before the block ends. The model is not changed:
     the hooks are removed when the block ends, also on an exception. Detection details are in
-    :mod:`batchnorm.tools.doctor._watch`.
+    `batchnorm.tools.doctor._watch`.
     """
     return Watch(model)
