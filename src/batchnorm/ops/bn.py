@@ -41,7 +41,7 @@ from torch import Tensor
 from .._kernels import torch_ops
 from .._kernels.dispatch import backend_for
 from ._common import acc_dtype, fresh, per_channel, register_channel_vmap, to_front
-from ._path import apply, eager, forward_ad_active, needs_grad
+from ._path import apply, eager, forward_ad_active, needs_grad, recomputing
 
 _c = torch._C
 
@@ -290,7 +290,9 @@ def train_step(
 ) -> Tensor:
     """A training step of batch norm on checked arguments: y from the batch statistics and, when
     ``running_mean``/``running_var`` are given, their update in place (:func:`_update_impl`'s rule).
-    The path (:mod:`batchnorm.ops._path`) is decided once for both."""
+    The path (:mod:`batchnorm.ops._path`) is decided once for both. A forward recomputed by
+    activation checkpointing (:func:`batchnorm.ops._path.recomputing`) normalizes with the same
+    batch statistics and does not update again."""
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if eager(x, weight, bias):
         kernels = backend_for(x)
@@ -298,14 +300,15 @@ def train_step(
             y, mean, var = apply(_TrainEager, x, weight, bias, eps, kernels)
         else:
             y, mean, var = _train_with(kernels, x, weight, bias, eps)
-        if running_mean is not None and running_var is not None:
+        # a forward recomputed by activation checkpointing (inside a backward) updates nothing
+        if running_mean is not None and running_var is not None and _c._current_graph_task_id() == -1:
             state = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
             if not _update_host(*state, mean, var, count, momentum, True, where):
                 with torch.no_grad():
                     _update_impl(*state, mean, var, count, momentum, True, where)
         return y
     y, mean, var = (_TrainForwardAD if forward_ad_active() else _Train).apply(x, weight, bias, eps)
-    if running_mean is not None and running_var is not None:
+    if running_mean is not None and running_var is not None and not recomputing():
         with torch.no_grad():
             state = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
             update_running_stats(*state, mean.detach(), var.detach(), count, momentum, True, where)
@@ -675,12 +678,18 @@ def update_running_stats_(
 ) -> None:
     """Apply :func:`update_running_stats` (in place, no autograd). On the eager path one layer's
     float32/float64 CPU statistics are updated with NumPy (:func:`_update_host`), everything else
-    with torch ops on the device (:func:`_update`); both apply the same rule."""
+    with torch ops on the device (:func:`_update`); both apply the same rule. Nothing happens in
+    a forward recomputed by activation checkpointing (:func:`batchnorm.ops._path.recomputing`):
+    this is the single update point of every layer but ``BatchNorm*d`` (:func:`train_step`)."""
     args = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
     if eager(*args, mean, var):
+        if _c._current_graph_task_id() != -1:  # recomputed by activation checkpointing: no update
+            return
         if not _update_host(*args, mean, var, count, momentum, unbiased, where):
             with torch.no_grad():
                 _update_impl(*args, mean.detach(), var.detach(), count, momentum, unbiased, where)
+        return
+    if recomputing():
         return
     with torch.no_grad():
         update_running_stats(*args, mean.detach(), var.detach(), count, momentum, unbiased, where)
