@@ -3,6 +3,7 @@
 Each module has one job; the public names are re-exported by :mod:`batchnorm` itself.
 """
 
+from .accumulate import accumulate_statistics
 from .conventions import KerasConversion, from_keras, from_keras_momentum, to_keras_momentum
 from .convert import convert
 from .inspect import LayerReport, format_table, inspect_model
@@ -16,6 +17,7 @@ __all__ = [
     "LayerStatistics",
     "Moments",
     "RedundantBias",
+    "accumulate_statistics",
     "convert",
     "find_redundant_biases",
     "fold",
