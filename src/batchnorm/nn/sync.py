@@ -58,7 +58,7 @@ from torch import Tensor
 
 from .. import _checks
 from ..distributed import collectives as _collectives
-from ..functional import is_fx_proxy, update_step
+from ..functional import is_fx_proxy, update_step_counted
 from ..ops.sync import global_moments, sync_normalize
 from .batchnorm import BatchNormBase, batch_norm_layer
 
@@ -82,16 +82,11 @@ def sync_step(
     statistics, the normalize, and the running update with the global unbiased variance."""
     total, mean, var = global_moments(x, group, where)
     y = sync_normalize(x, weight, bias, mean, var, total, eps, group, where)
-    if running_mean is not None:
-        with torch.no_grad():
-            # the global unbiased variance, var * M / (M - 1); a group batch of at most one value
-            # per channel has none: the update leaves it out (NaN) and counts it as skipped
-            unbiased = var * total / (total - 1.0).clamp_min(1.0)
-            nothing = torch.where(total > 1, 0.0, float("nan"))
-            update_step(
-                x, running_mean, running_var, mean + nothing, unbiased, momentum, where,
-                num_batches_tracked, num_batches_skipped, unbiased=False, count=2,
-            )  # fmt: skip
+    # the global unbiased variance, var * M / (M - 1); a group batch of at most one value per
+    # channel has none: the update leaves it out and counts it as skipped
+    update_step_counted(
+        x, running_mean, running_var, mean, var, total, momentum, where, num_batches_tracked, num_batches_skipped
+    )
     return y
 
 

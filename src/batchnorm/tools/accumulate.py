@@ -49,6 +49,7 @@ from .. import ops
 from ..distributed.collectives import group_size
 from ..nn.renorm import BatchRenormBase
 from ..nn.sync import SyncBatchNorm
+from ..ops.masked import masked_moments
 from .stats import Moments, _layer_input, all_reduce_moments
 
 __all__ = ["accumulate_statistics"]
@@ -68,6 +69,9 @@ def batch_moments(module: nn.Module, x: Tensor, mask: Tensor | None) -> Moments:
     channel_dim = getattr(module, "channel_dim", 1)
     if channel_dim != 1 and x.dim() > 2:
         x = x.movedim(channel_dim, 1)  # (N, C, *)
+    if mask is not None:  # the real positions only, in float64
+        count, mean, var = masked_moments(x.to(torch.float64), mask)
+        return Moments(count, mean, var * count)
     return Moments.from_tensor(x, [0, *range(2, x.dim())])
 
 
