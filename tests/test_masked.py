@@ -169,3 +169,74 @@ def test_export_and_compile_fullgraph() -> None:
     torch.testing.assert_close(program.module()(x, mask), expected)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, mask), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# SyncBatchNorm: global masked statistics over two gloo processes on loopback
+
+WORLD = 2
+
+
+def _sync_worker(rank: int, outdir: str) -> None:
+    import datetime
+    import json
+    import os
+    import socket
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    if "lo" in {n for _, n in socket.if_nameindex()}:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{Path(outdir, 'rendezvous')}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    x, mask = _batch((5, C, 6), seed=7)  # the global batch on every rank; rank r keeps its rows
+    rows = slice(0, 2) if rank == 0 else slice(2, 5)
+    layer = batchnorm.SyncBatchNorm(C, momentum=0.3).double()
+    ref = nn.BatchNorm1d(C, momentum=0.3).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.linspace(0.5, 1.5, C))
+        ref.weight.copy_(layer.weight)
+    local = x[rows].clone().requires_grad_()
+    packed = _packed(x, mask).clone().requires_grad_()
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = layer(local, mask=mask[rows])
+    (y * w[rows]).sum().backward()
+    yr = ref(packed)
+    (yr * _packed(w, mask)).sum().backward()
+    dist.all_reduce(layer.weight.grad)
+    out = {
+        "y_diff": float((y.detach() - _unpack(yr.detach(), mask, x.shape)[rows]).abs().max()),
+        "dx_diff": float((local.grad - _unpack(packed.grad, mask, x.shape)[rows]).abs().max()),
+        "dw_diff": float((layer.weight.grad - ref.weight.grad).abs().max()),
+        "rv_diff": float((layer.running_var - ref.running_var).abs().max()),
+        "rm_diff": float((layer.running_mean - ref.running_mean).abs().max()),
+    }
+    Path(outdir, f"{rank}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+def _unpack(packed: torch.Tensor, mask: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """(R, C) -> (N, C, *) with zeros at padded positions (inverse of :func:`_packed`)."""
+    out = torch.zeros((shape[0], *shape[2:], shape[1]), dtype=packed.dtype)
+    out[mask] = packed
+    return out.movedim(-1, 1)
+
+
+@pytest.mark.distributed
+def test_sync_masked_statistics_over_processes(tmp_path) -> None:
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sync_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
+    assert len(results) == WORLD
+    for r in results:
+        for k in ("y_diff", "dx_diff", "dw_diff", "rv_diff", "rm_diff"):
+            assert r[k] < 1e-10, (k, r)
