@@ -240,3 +240,14 @@ def test_sync_masked_statistics_over_processes(tmp_path) -> None:
     for r in results:
         for k in ("y_diff", "dx_diff", "dw_diff", "rv_diff", "rm_diff"):
             assert r[k] < 1e-10, (k, r)
+
+
+def test_gradcheck_and_gradgradcheck() -> None:
+    """The closed-form backward of the eager path, and its own derivative, in float64."""
+    x, mask = _batch((3, 3, 4), seed=2)
+    x = torch.where(mask.unsqueeze(1), x, 0.0).requires_grad_()  # gradcheck perturbs every entry
+    w = torch.rand(3, dtype=torch.float64).add_(0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64).requires_grad_()
+    fn = lambda x, w, b: batchnorm.batch_norm(x, None, None, w, b, training=True, mask=mask)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
