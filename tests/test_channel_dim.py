@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.fx
 from torch import nn
 
 import batchnorm
@@ -83,3 +84,16 @@ def test_accumulate_reads_the_last_dim() -> None:
     ref(torch.cat(xs).movedim(-1, 1))
     torch.testing.assert_close(layer.running_mean, ref.running_mean)
     torch.testing.assert_close(layer.running_var, ref.running_var)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
+def test_script_refuses_channel_last() -> None:
+    with pytest.raises(RuntimeError, match="channel_dim"):
+        torch.jit.script(batchnorm.BatchNorm1d(C, channel_dim=-1))
+
+
+def test_fx_trace_keeps_channel_dim() -> None:
+    layer = batchnorm.BatchNorm1d(C, channel_dim=-1)
+    traced = torch.fx.symbolic_trace(layer)
+    x = torch.randn(4, 5, C)
+    torch.testing.assert_close(traced(x), batchnorm.BatchNorm1d(C, channel_dim=-1)(x))

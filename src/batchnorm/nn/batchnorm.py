@@ -237,7 +237,13 @@ class BatchNormBase(_TorchBatchNorm):
     def __prepare_scriptable__(self) -> nn.Module:
         """What ``torch.jit.script`` compiles in this layer's place: a :class:`ScriptedBatchNorm`
         sharing its parameters and buffers (the eager forward is Python that TorchScript cannot
-        compile; the scripted one makes the same operator calls)."""
+        compile; the scripted one makes the same operator calls). Refused for
+        ``channel_dim=-1`` (the scripted forward takes channels at dim 1)."""
+        if self.channel_dim != 1:
+            raise RuntimeError(
+                f"{self._where()}: torch.jit.script does not support channel_dim={self.channel_dim}; "
+                "use torch.compile or torch.export"
+            )
         return ScriptedBatchNorm(self, type(self).__name__)
 
     def _layer_state(self) -> tuple[Any, ...]:
