@@ -163,8 +163,9 @@ class BatchNormBase(_TorchBatchNorm):
     """
 
     _ndims: tuple[int, ...] = (2, 3, 4, 5)
-    channel_dim: int = 1
-    """Where the channels are: 1 (torch's convention), or -1 for BatchNorm1d on (N, L, C) input."""
+    # where the channels are: 1 (torch's convention), or -1 for BatchNorm1d on (N, L, C) input
+    # (no annotation: TorchScript would read it as an attribute type it cannot resolve)
+    channel_dim = 1
 
     def __init__(
         self,
