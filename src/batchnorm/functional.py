@@ -36,8 +36,20 @@ import torch.fx
 from torch import Tensor
 
 from . import _checks, ops
+from .ops._path import eager
+from .ops.masked import masked_train
 
-__all__ = ["batch_norm", "check_train_args", "is_fx_proxy", "normalize_step", "update_step"]
+__all__ = [
+    "batch_norm",
+    "channels_to_front",
+    "check_mask",
+    "check_train_args",
+    "is_fx_proxy",
+    "masked_step",
+    "normalize_step",
+    "update_step",
+    "update_step_counted",
+]
 
 
 def is_fx_proxy(input: object) -> bool:
@@ -139,6 +151,99 @@ def update_step(
     ops.update_running_stats_(running_mean, running_var, tracked, skipped, mean, var, count, momentum, where, unbiased)
 
 
+def update_step_counted(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    total: Tensor,
+    momentum: float | None,
+    where: str,
+    num_batches_tracked: Tensor | None = None,
+    num_batches_skipped: Tensor | None = None,
+) -> None:
+    """:func:`update_step` with a count known only on the device (a 0-dim tensor: the real
+    values of a masked batch, the values of a synchronized batch): the variance is unbiased
+    there, var * total / (total - 1), and a batch of at most one value per channel has none: its
+    statistics enter as NaN, so the update leaves them out and counts the batch as skipped."""
+    if running_mean is None:
+        return
+    with torch.no_grad():
+        unbiased = var * total / (total - 1.0).clamp_min(1.0)
+        nothing = torch.where(total > 1, 0.0, float("nan"))
+        update_step(
+            x, running_mean, running_var, mean + nothing, unbiased, momentum, where,
+            num_batches_tracked, num_batches_skipped, unbiased=False, count=2,
+        )  # fmt: skip
+
+
+def check_mask(mask: object, x: Tensor, where: str) -> Tensor:
+    """A mask for x (N, C, *spatial): a bool tensor of shape (N, *spatial) on x's device."""
+    expected = (x.shape[0], *x.shape[2:])
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = f"dtype {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{where}: expected mask to be a bool tensor of shape {expected} (True = real), got {got}")
+    if tuple(mask.shape) != expected or mask.device != x.device:
+        raise ValueError(
+            f"{where}: expected mask of shape {expected} (the input's shape without the channel dim) on "
+            f"{x.device}, got shape {tuple(mask.shape)} on {mask.device}"
+        )
+    return mask
+
+
+def channels_to_front(x: Tensor, channel_dim: int, num_features: int | None, where: str) -> Tensor:
+    """x with its channel dim at 1: (N, *, C) -> (N, C, *) for ``channel_dim=-1`` (a view: the
+    kernels take the channels-last layout without a copy). A 2D (N, C) input is returned as is."""
+    if channel_dim not in (1, -1):
+        raise ValueError(f"{where}: expected channel_dim to be 1 or -1, got {channel_dim!r}")
+    if channel_dim == 1 or not isinstance(x, Tensor) or x.dim() <= 2:
+        return x
+    if num_features is not None and x.shape[-1] != num_features:
+        raise ValueError(
+            f"{where}: expected input with {num_features} channels in its last dim (channel_dim=-1), "
+            f"got input of shape {tuple(x.shape)}"
+        )
+    return x.movedim(-1, 1)
+
+
+def masked_step(
+    x: Tensor,
+    mask: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    use_batch_stats: bool,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    where: str,
+    num_batches_tracked: Tensor | None = None,
+    num_batches_skipped: Tensor | None = None,
+) -> Tensor:
+    """Batch norm of x (N, C, *) over the real positions of ``mask`` (N, *) on checked arguments
+    (:mod:`batchnorm.ops.masked`): batch statistics of the real values and, when running
+    statistics are given, their update (unbiased over the real count); or the running
+    statistics. Padded outputs are 0 with 0 gradient either way. In training, fewer than two
+    real values is a ``ValueError`` (checked where values can be read: not under
+    torch.compile/export/vmap, where such a batch is skipped by the update instead)."""
+    check_mask(mask, x, where)
+    if not use_batch_stats:
+        y = ops.eval_forward(x, running_mean, running_var, weight, bias, eps)  # type: ignore[arg-type]
+        return torch.where(mask.unsqueeze(1), y, torch.zeros((), dtype=y.dtype, device=y.device))
+    y, mean, var, count = masked_train(x, mask, weight, bias, eps)
+    if training and x.shape[1] > 0 and eager(x, mask) and int(count) < 2:
+        raise ValueError(
+            f"{where}: expected more than 1 real value per channel when training, got {int(count)} "
+            f"(mask of shape {tuple(mask.shape)}; a single value has no variance)"
+        )
+    update_step_counted(
+        x, running_mean, running_var, mean, var, count, momentum, where, num_batches_tracked, num_batches_skipped
+    )
+    return y
+
+
 def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
@@ -148,6 +253,9 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    mask: Tensor | None = None,
+    channel_dim: int = 1,
 ) -> Tensor:
     """Batch normalization with the signature of ``torch.nn.functional.batch_norm``.
 
@@ -158,12 +266,37 @@ def batch_norm(
 
     Shape: input (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W) -> output of the same shape.
 
+    Beyond ``F.batch_norm`` (keyword-only):
+
+    - ``channel_dim=-1``: the channels are the last dim, e.g. (N, L, C) sequences, normalized
+      per C without permuting (a (N, C) input is the same either way).
+    - ``mask`` (N, *spatial) bool, True where a value is real (for ``channel_dim=-1`` and (N, L, C)
+      input: (N, L)): statistics, running statistics (unbiased over the real count) and
+      gradients from the real positions only; padded outputs are 0 with 0 gradient
+      (:mod:`batchnorm.ops.masked`).
+
     Raises:
         TypeError: non-tensor or non-floating input.
         ValueError: input not 2D-5D, parameter shapes that do not match C, one value per
-            channel in training, eps <= 0 in training, momentum outside [0, 1].
+            channel in training, eps <= 0 in training, momentum outside [0, 1], a mask of the
+            wrong shape or dtype, fewer than two real values in training, channel_dim not 1/-1.
     """
     where = "batch_norm"
+    if mask is not None or channel_dim != 1:
+        x = channels_to_front(input, channel_dim, None, where)
+        if mask is None:
+            y = batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        else:
+            x, eps = _checks.check_args(
+                x, where, training=training, eps=eps, weight=weight, bias=bias,
+                running_mean=running_mean, running_var=running_var,
+            )  # fmt: skip
+            if training:
+                momentum = _checks.check_momentum(momentum, where, allow_none=False)  # type: ignore[assignment]
+            elif running_mean is None:
+                raise ValueError(f"{where}: expected running_mean and running_var in evaluation mode, got None")
+            y = masked_step(x, mask, running_mean, running_var, weight, bias, training, training, momentum, eps, where)
+        return y.movedim(1, channel_dim) if y.dim() > 2 else y
     if not is_fx_proxy(input):
         input, eps = check_train_args(
             input,

@@ -136,7 +136,7 @@ class GroupedBatchNorm1d(BatchNorm1d):
             raise ValueError(f"GroupedBatchNorm1d: expected group_size to be an int >= 2, got {group_size!r}")
         self.group_size = group_size
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]  # no mask: grouped statistics
         if not self.training or input.shape[0] <= self.group_size:
             return super().forward(input)
         xg = group_view(input, self.group_size)  # (G, m, C) or (G, m, C, L)

@@ -50,11 +50,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from .. import _checks, ops
-from ..functional import is_fx_proxy
+from ..functional import channels_to_front, is_fx_proxy, masked_step
 from ..ops import scripted
 
 __all__ = [
     "BatchNormBase",
+    "MaskableBatchNorm",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
@@ -90,16 +91,37 @@ def batch_norm_layer(
     num_features: int,
     where: str,
     num_batches_skipped: Tensor | None = None,
+    channel_dim: int = 1,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """One forward of a ``BatchNorm*d`` from its state (the module's forward, and the node a
     torch.fx trace records: registered with ``torch.fx.wrap``).
 
     Checks the input, then normalizes (see the module docstring) and, in training with
     ``track_running_stats``, updates ``running_mean``/``running_var``/``num_batches_tracked``
-    (and ``num_batches_skipped``) in place.
+    (and ``num_batches_skipped``) in place. ``channel_dim=-1``: the channels are the input's
+    last dim; ``mask`` (N, *spatial) bool: statistics over the real (True) positions only
+    (:func:`batchnorm.functional.masked_step`).
 
-    Shape: input (N, C, *) with ``input.dim() in ndims`` -> output of the same shape.
+    Shape: input (N, C, *) with ``input.dim() in ndims`` -> output of the same shape;
+    (N, *, C) with ``channel_dim=-1``.
     """
+    if mask is not None or channel_dim != 1:
+        x = channels_to_front(input, channel_dim, num_features, where)  # (N, C, *), a view
+        use_batch_stats = training or running_mean is None
+        if mask is None:
+            y = batch_norm_layer(
+                x, weight, bias, running_mean, running_var, num_batches_tracked, training, track_running_stats,
+                momentum, eps, ndims, num_features, where, num_batches_skipped,
+            )  # fmt: skip
+        else:
+            _checks.check_layer_input(x, where, ndims, num_features, use_batch_stats, eps)
+            keep = not use_batch_stats or (training and track_running_stats)
+            y = masked_step(
+                x, mask, running_mean if keep else None, running_var if keep else None, weight, bias,
+                use_batch_stats, training, momentum, eps, where, num_batches_tracked, num_batches_skipped,
+            )  # fmt: skip
+        return y if x is input else y.movedim(1, channel_dim)
     use_batch_stats = training or running_mean is None
     _checks.check_layer_input(input, where, ndims, num_features, use_batch_stats, eps)
     if not use_batch_stats:
@@ -142,6 +164,9 @@ class BatchNormBase(_TorchBatchNorm):
     """
 
     _ndims: tuple[int, ...] = (2, 3, 4, 5)
+    # where the channels are: 1 (torch's convention), or -1 for BatchNorm1d on (N, L, C) input
+    # (no annotation: TorchScript would read it as an attribute type it cannot resolve)
+    channel_dim = 1
 
     def __init__(
         self,
@@ -154,8 +179,13 @@ class BatchNormBase(_TorchBatchNorm):
         dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
+        channel_dim: int = 1,
     ) -> None:
         where = f"{type(self).__name__}({num_features})"
+        if channel_dim != 1 and (channel_dim != -1 or self._ndims != (2, 3)):
+            raise ValueError(
+                f"{type(self).__name__}: expected channel_dim 1 (or -1, for BatchNorm1d), got {channel_dim!r}"
+            )
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"{type(self).__name__}: expected num_features to be a positive int, got {num_features!r}")
         _checks.check_eps_type(eps, where)
@@ -163,6 +193,7 @@ class BatchNormBase(_TorchBatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         if affine and not bias:
             self.register_parameter("bias", None)
+        self.channel_dim = channel_dim
         skipped = torch.zeros((), dtype=torch.long, device=device) if track_running_stats else None
         self.register_buffer("num_batches_skipped", skipped, persistent=False)
 
@@ -174,6 +205,10 @@ class BatchNormBase(_TorchBatchNorm):
 
     def _where(self) -> str:
         return f"{type(self).__name__}({self.num_features})"
+
+    def extra_repr(self) -> str:
+        extra = super().extra_repr()
+        return extra if self.channel_dim == 1 else f"{extra}, channel_dim={self.channel_dim}"
 
     def _check_input_dim(self, input: Tensor) -> None:
         _checks.check_input(input, self._where(), ndims=self._ndims, num_features=self.num_features)
@@ -204,7 +239,13 @@ class BatchNormBase(_TorchBatchNorm):
     def __prepare_scriptable__(self) -> nn.Module:
         """What ``torch.jit.script`` compiles in this layer's place: a `ScriptedBatchNorm`
         sharing its parameters and buffers (the eager forward is Python that TorchScript cannot
-        compile; the scripted one makes the same operator calls)."""
+        compile; the scripted one makes the same operator calls). Refused for
+        ``channel_dim=-1`` (the scripted forward takes channels at dim 1)."""
+        if self.channel_dim != 1:
+            raise RuntimeError(
+                f"{self._where()}: torch.jit.script does not support channel_dim={self.channel_dim}; "
+                "use torch.compile or torch.export"
+            )
         return ScriptedBatchNorm(self, type(self).__name__)
 
     def _layer_state(self) -> tuple[Any, ...]:
@@ -251,7 +292,41 @@ class ScriptedBatchNorm(nn.Module):
         )  # fmt: skip
 
 
-class BatchNorm1d(BatchNormBase, nn.BatchNorm1d):
+class MaskableBatchNorm(BatchNormBase):
+    """``BatchNormBase`` whose forward takes a ``mask`` and honours ``channel_dim``
+    (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``)."""
+
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``input`` of shape (N, C, *) per channel ((N, *, C) with ``channel_dim=-1``);
+        see the module docstring. ``mask`` (N, *spatial) bool, True where a value is real:
+        statistics, running statistics and gradients from the real positions only, padded
+        outputs 0 (:func:`batchnorm.functional.masked_step`)."""
+        if mask is not None or self.channel_dim != 1:
+            return batch_norm_layer(
+                input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+                self.training, self.track_running_stats, self.momentum, self.eps, self._ndims, self.num_features,
+                f"{type(self).__name__}({self.num_features})", self.num_batches_skipped, self.channel_dim, mask,
+            )  # fmt: skip
+        # the state read inline (each attribute read of a parameter or buffer is a Python call)
+        return batch_norm_layer(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            self.training,
+            self.track_running_stats,
+            self.momentum,
+            self.eps,
+            self._ndims,
+            self.num_features,
+            f"{type(self).__name__}({self.num_features})",
+            self.num_batches_skipped,
+        )
+
+
+class BatchNorm1d(MaskableBatchNorm, nn.BatchNorm1d):
     """Batch norm over a 2D (N, C) or 3D (N, C, L) input; drop-in for ``torch.nn.BatchNorm1d``.
 
     Shape: input (N, C) or (N, C, L) -> output of the same shape; statistics over N (and L).
@@ -260,7 +335,7 @@ class BatchNorm1d(BatchNormBase, nn.BatchNorm1d):
     _ndims = (2, 3)
 
 
-class BatchNorm2d(BatchNormBase, nn.BatchNorm2d):
+class BatchNorm2d(MaskableBatchNorm, nn.BatchNorm2d):
     """Batch norm over a 4D (N, C, H, W) input; drop-in for ``torch.nn.BatchNorm2d``.
 
     Shape: input (N, C, H, W) -> same shape, dtype and memory format (channels_last kept);
@@ -270,7 +345,7 @@ class BatchNorm2d(BatchNormBase, nn.BatchNorm2d):
     _ndims = (4,)
 
 
-class BatchNorm3d(BatchNormBase, nn.BatchNorm3d):
+class BatchNorm3d(MaskableBatchNorm, nn.BatchNorm3d):
     """Batch norm over a 5D (N, C, D, H, W) input; drop-in for ``torch.nn.BatchNorm3d``.
 
     Shape: input (N, C, D, H, W) -> same shape; statistics per channel over N*D*H*W values.

@@ -38,11 +38,19 @@ Conventions that bite:
   that reset or recompute ``running_var`` of "any batch norm" (``swa_utils.update_bn``) would
   silently miss ``running_std``.
 - A non-finite batch changes no statistic and no step; an empty batch changes nothing.
+- Activation checkpointing: a forward recomputed inside the backward (``torch.utils.checkpoint``)
+  must see the mu, sigma and step the first forward saw, though the first forward has already
+  updated them. Each training forward keeps its (mu_B, sigma_B^2, r, d) for a while (the last
+  eight per layer, references to tensors it computed anyway); a recomputation finds its entry by
+  its batch statistics (the same input gives the same mu_B and sigma_B) and reuses r and d, so
+  outputs and gradients equal the un-checkpointed ones, and it does not update the statistics.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from collections import deque
 
 import torch
 import torch.fx
@@ -140,6 +148,29 @@ def _check_renorm_args(
     return x
 
 
+# (mu_B, sigma_B^2, r, d) of the recent training forwards of each running_mean tensor (by id;
+# dropped with the tensor): what a forward recomputed by activation checkpointing reuses
+_SEEN: dict[int, deque[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
+_SEEN_PER_LAYER = 8
+
+
+def _seen_factors(
+    seen: deque[tuple[Tensor, Tensor, Tensor, Tensor]], mean_b: Tensor, var_b: Tensor
+) -> tuple[Tensor, Tensor] | None:
+    """r and d of the latest earlier forward with these batch statistics (None if none)."""
+    for mean_s, var_s, r, d in reversed(seen):
+        if torch.equal(mean_s, mean_b) and torch.equal(var_s, var_b):
+            return r, d
+    return None
+
+
+def _new_seen(running_mean: Tensor) -> deque[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    key = id(running_mean)
+    seen = _SEEN[key] = deque(maxlen=_SEEN_PER_LAYER)
+    weakref.finalize(running_mean, _SEEN.pop, key, None)
+    return seen
+
+
 def _batch_renorm(
     x: Tensor,
     running_mean: Tensor,
@@ -166,13 +197,24 @@ def _batch_renorm(
         return ops.train_forward(x, weight, bias, eps)[0]
     mean_b, var_b = ops.moments(x)  # (C,) float64, (C,) biased, not differentiable
     acc = var_b.dtype
-    std_b = torch.sqrt(var_b + eps)
-    mu = running_mean.detach().to(torch.float64)
-    sigma = running_std.detach().to(acc)
-    r_max_t = torch.as_tensor(r_max, dtype=acc, device=x.device)
-    d_max_t = torch.as_tensor(d_max, dtype=torch.float64, device=x.device)
-    r = torch.minimum(torch.maximum(std_b / sigma, r_max_t.reciprocal()), r_max_t)  # (C,)
-    d = torch.minimum(torch.maximum((mean_b - mu) / sigma.to(torch.float64), -d_max_t), d_max_t).to(acc)
+    # the compiler replays nothing (its partitioner recomputes without mutation): nothing kept
+    compiling = torch.compiler.is_compiling()
+    seen = None if compiling else _SEEN.get(id(running_mean))
+    factors = None
+    if seen is not None and torch._C._current_graph_task_id() != -1:  # ops.recomputing(), inline
+        factors = _seen_factors(seen, mean_b, var_b)
+    if factors is not None:  # recomputed by activation checkpointing: the first forward's r and d
+        r, d = factors
+    else:
+        std_b = torch.sqrt(var_b + eps)
+        mu = running_mean.detach().to(torch.float64)
+        sigma = running_std.detach().to(acc)
+        r_max_t = torch.as_tensor(r_max, dtype=acc, device=x.device)
+        d_max_t = torch.as_tensor(d_max, dtype=torch.float64, device=x.device)
+        r = torch.minimum(torch.maximum(std_b / sigma, r_max_t.reciprocal()), r_max_t)  # (C,)
+        d = torch.minimum(torch.maximum((mean_b - mu) / sigma.to(torch.float64), -d_max_t), d_max_t).to(acc)
+        if not compiling:
+            (_new_seen(running_mean) if seen is None else seen).append((mean_b, var_b, r, d))
     # y = weight * (r * x_hat + d) + bias = (weight * r) * x_hat + (weight * d + bias)
     w = r if weight is None else weight * r.to(weight.dtype)
     shift = d if weight is None else weight * d.to(weight.dtype)
@@ -361,6 +403,7 @@ class BatchRenormBase(nn.Module):
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor) -> Tensor:
+        # the schedule and the name inline (each method call is a Python call per step)
         return batch_renorm_layer(
             input,
             self.weight,
@@ -371,10 +414,10 @@ class BatchRenormBase(nn.Module):
             self.training,
             self.momentum,
             self.eps,
-            self._schedule(),
+            (self.r_max, self.d_max, self.warmup_steps, self.r_max_steps, self.d_max_steps),
             self._ndims,
             self.num_features,
-            self._where(),
+            f"{type(self).__name__}({self.num_features})",
             self.num_batches_skipped,
         )
 

@@ -58,9 +58,9 @@ from torch import Tensor
 
 from .. import _checks
 from ..distributed import collectives as _collectives
-from ..functional import is_fx_proxy, update_step
+from ..functional import check_mask, is_fx_proxy, update_step_counted
 from ..ops.sync import global_moments, sync_normalize
-from .batchnorm import BatchNormBase, batch_norm_layer
+from .batchnorm import MaskableBatchNorm, batch_norm_layer
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm", "sync_batch_norm_layer"]
 
@@ -77,21 +77,29 @@ def sync_step(
     where: str,
     num_batches_tracked: Tensor | None = None,
     num_batches_skipped: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Training forward over the group on checked arguments (module docstring): the global
-    statistics, the normalize, and the running update with the global unbiased variance."""
-    total, mean, var = global_moments(x, group, where)
-    y = sync_normalize(x, weight, bias, mean, var, total, eps, group, where)
-    if running_mean is not None:
-        with torch.no_grad():
-            # the global unbiased variance, var * M / (M - 1); a group batch of at most one value
-            # per channel has none: the update leaves it out (NaN) and counts it as skipped
-            unbiased = var * total / (total - 1.0).clamp_min(1.0)
-            nothing = torch.where(total > 1, 0.0, float("nan"))
-            update_step(
-                x, running_mean, running_var, mean + nothing, unbiased, momentum, where,
-                num_batches_tracked, num_batches_skipped, unbiased=False, count=2,
-            )  # fmt: skip
+    statistics, the normalize, and the running update with the global unbiased variance.
+
+    With ``mask`` (N_r, *) bool: the statistics of the real positions of all ranks; padded
+    positions enter the normalize as the global mean (x_hat = 0) and leave it as 0 (so their
+    gradient is 0 and the backward's global sums run over real positions only)."""
+    if mask is None:
+        total, mean, var = global_moments(x, group, where)
+        y = sync_normalize(x, weight, bias, mean, var, total, eps, group, where)
+    else:
+        check_mask(mask, x, where)
+        total, mean, var = global_moments(x, group, where, mask)
+        real = mask.unsqueeze(1)  # (N_r, 1, *)
+        filled = torch.where(real, x, mean.to(x.dtype).reshape(1, -1, *([1] * (x.dim() - 2))))
+        y = sync_normalize(filled, weight, bias, mean, var, total, eps, group, where)
+        y = torch.where(real, y, torch.zeros((), dtype=y.dtype, device=y.device))
+    # the global unbiased variance, var * M / (M - 1); a group batch of at most one value per
+    # channel has none: the update leaves it out and counts it as skipped
+    update_step_counted(
+        x, running_mean, running_var, mean, var, total, momentum, where, num_batches_tracked, num_batches_skipped
+    )
     return y
 
 
@@ -131,7 +139,7 @@ def sync_batch_norm(
     return sync_step(x, running_mean, running_var, weight, bias, momentum, eps, process_group, where)
 
 
-class SyncBatchNorm(BatchNormBase):
+class SyncBatchNorm(MaskableBatchNorm):
     """Batch norm synchronized over a process group, on CPU (gloo) and GPU (nccl).
 
         y = weight * (x - mu) / sqrt(var + eps) + bias,   mu, var (biased) over ALL ranks' x
@@ -168,9 +176,11 @@ class SyncBatchNorm(BatchNormBase):
         """Whether this forward communicates: training and a group of more than one process."""
         return self.training and _collectives.group_size(self.process_group, self._where()) > 1
 
-    def forward(self, input: Tensor) -> Tensor:
-        """Normalize with statistics over the group in training; plain BN otherwise."""
-        return self._sync_forward(input)
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize with statistics over the group in training; plain BN otherwise. ``mask``
+        (N_r, *spatial) bool, True where a value is real: the statistics of the real values of
+        all ranks (one collective, as without a mask), padded outputs 0."""
+        return self._sync_forward(input, mask)
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """``torch.jit.script`` compiles the layer as plain batch norm: TorchScript has no
@@ -184,16 +194,16 @@ class SyncBatchNorm(BatchNormBase):
         return super().__prepare_scriptable__()
 
     @torch.jit.unused
-    def _sync_forward(self, input: Tensor) -> Tensor:
+    def _sync_forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if is_fx_proxy(input):
             return self._traced_forward(input)
         if not self._synchronized():
-            return super().forward(input)
+            return super().forward(input, mask)
         where = self._where()
         _checks.check_input(input, where, ndims=self._ndims, num_features=self.num_features)
         return _synchronized_step(
             input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
-            self.track_running_stats, self.momentum, self.eps, self.process_group, where, self._skipped(),
+            self.track_running_stats, self.momentum, self.eps, self.process_group, where, self._skipped(), mask,
         )  # fmt: skip
 
     def _traced_forward(self, input: Tensor) -> Tensor:
@@ -229,6 +239,7 @@ def _synchronized_step(
     group: object | None,
     where: str,
     num_batches_skipped: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """A training forward over the group (input already checked)."""
     _checks.check_eps(eps, where, training=True)
@@ -245,6 +256,7 @@ def _synchronized_step(
         where,
         num_batches_tracked,
         num_batches_skipped,
+        mask,
     )
 
 

@@ -19,12 +19,14 @@ Importing `batchnorm` registers them (loading an exported program that uses them
 ``import batchnorm`` first).
 """
 
+from ._path import recomputing
 from .bn import eval_forward, memory_format_of, moments, train_forward, train_step, update_running_stats_
 
 __all__ = [
     "eval_forward",
     "memory_format_of",
     "moments",
+    "recomputing",
     "train_forward",
     "train_step",
     "update_running_stats_",

@@ -33,7 +33,15 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-__all__ = ["apply", "compiling_not_exporting", "eager", "eager_backward", "forward_ad_active", "needs_grad"]
+__all__ = [
+    "apply",
+    "compiling_not_exporting",
+    "eager",
+    "eager_backward",
+    "forward_ad_active",
+    "needs_grad",
+    "recomputing",
+]
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _c = torch._C
@@ -90,6 +98,22 @@ def compiling_not_exporting() -> bool:
 def forward_ad_active() -> bool:
     """Whether a forward-mode AD level is open (outside torch.compile's tracing)."""
     return fwAD._current_level >= 0 and not torch.compiler.is_compiling()
+
+
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing
+    (``torch.utils.checkpoint``, reentrant or not) re-running a forward to rebuild what it did not
+    save. Such a forward must compute what the first one computed and change no state: the
+    running-statistics updates skip it (one update per step, as without checkpointing).
+
+    The signal is autograd's own: the engine's current graph task is set on the thread that runs
+    a backward (also for non-reentrant checkpointing, whose recomputation is triggered from a
+    saved-tensor hook during the backward) and is -1 elsewhere. Under torch.compile the compiler
+    owns recomputation (its partitioner never replays a mutation), so it is never "recomputing".
+    The hot paths inline the check (``_c._current_graph_task_id() != -1``) where the path is
+    already known to be eager.
+    """
+    return not torch.compiler.is_compiling() and _c._current_graph_task_id() != -1
 
 
 def apply(fn: type[torch.autograd.Function], *args: Any) -> Any:

@@ -45,7 +45,7 @@ from torch import Tensor
 from .._kernels import native, torch_ops
 from .._kernels.dispatch import aten_direct, backend_for, host_kernels
 from ._common import acc_dtype, fresh, per_channel, register_channel_vmap, to_front
-from ._path import apply, compiling_not_exporting, eager, forward_ad_active, needs_grad
+from ._path import apply, compiling_not_exporting, eager, forward_ad_active, needs_grad, recomputing
 
 _c = torch._C
 
@@ -309,7 +309,8 @@ def _train_aten(
     if count == 0 or (weight is not None and weight.dtype != x.dtype) or (bias is not None and bias.dtype != x.dtype):
         return None  # aten wants parameters of the input's dtype; our kernels take any
     kernels = _HOST["kernels"] if "kernels" in _HOST else _HOST.setdefault("kernels", host_kernels())
-    update = running_mean is not None and running_var is not None
+    # no update in a forward recomputed by activation checkpointing (inside a backward)
+    update = running_mean is not None and running_var is not None and _c._current_graph_task_id() == -1
     if update and (running_mean.dtype != x.dtype or running_var.dtype != x.dtype or kernels is None):  # type: ignore[union-attr]
         return None
     if update:
@@ -358,7 +359,9 @@ def train_step(
 ) -> Tensor:
     """A training step of batch norm on checked arguments: y from the batch statistics and, when
     ``running_mean``/``running_var`` are given, their update in place (`_update_impl`'s rule).
-    The path (`batchnorm.ops._path`) is decided once for both."""
+    The path (`batchnorm.ops._path`) is decided once for both. A forward recomputed by
+    activation checkpointing (`batchnorm.ops._path.recomputing`) normalizes with the same
+    batch statistics and does not update again."""
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if eager(x, weight, bias):
         if aten_direct(x):
@@ -385,7 +388,7 @@ def train_step(
                 _update(*state, mean.detach(), var.detach(), count, momentum, True)
         return y
     y, mean, var = (_TrainForwardAD if forward_ad_active() else _Train).apply(x, weight, bias, eps)
-    if running_mean is not None and running_var is not None:
+    if running_mean is not None and running_var is not None and not recomputing():
         with torch.no_grad():
             state = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
             update_running_stats(*state, mean.detach(), var.detach(), count, momentum, True, where)
@@ -812,6 +815,8 @@ def update_eager(
 ) -> None:
     """The running-statistics update of a step already on the eager path: one compiled call on
     CPU memory (`_update_host`) where it applies, else torch ops (`_update_impl`)."""
+    if _c._current_graph_task_id() != -1:  # recomputed by activation checkpointing: no update
+        return
     state = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
     if _update_host(*state, mean, var, count, momentum, unbiased, where) == HOST_SKIPPED:
         with torch.no_grad():
@@ -832,10 +837,13 @@ def update_running_stats_(
 ) -> None:
     """Apply `update_running_stats` (in place, no autograd). On the eager path one layer's
     float32/float64 CPU statistics are updated on CPU memory (`_update_host`), everything
-    else with torch ops on the device (`_update`); both apply the same rule."""
+    else with torch ops on the device (`_update`); both apply the same rule. Nothing happens in
+    a forward recomputed by activation checkpointing (`batchnorm.ops._path.recomputing`)."""
     args = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
     if eager(*args, mean, var):
         update_eager(*args, mean, var, count, momentum, where, unbiased)
+        return
+    if recomputing():
         return
     with torch.no_grad():
         update_running_stats(*args, mean.detach(), var.detach(), count, momentum, unbiased, where)

@@ -35,6 +35,7 @@ from .._kernels.dispatch import backend_for
 from ..distributed import collectives as _collectives
 from ._common import acc_dtype, fresh, register_channel_vmap
 from .bn import moments
+from .masked import masked_moments
 
 __all__ = ["backward_sums", "backward_apply", "global_moments", "sync_normalize"]
 
@@ -85,17 +86,24 @@ def _apply_fake(grad_y, x, mean, invstd, weight, mean_g, mean_gxhat):
 register_channel_vmap(backward_apply, "xxccccc", "x")
 
 
-def global_moments(x: Tensor, group: object | None, where: str) -> tuple[Tensor, Tensor, Tensor]:
+def global_moments(
+    x: Tensor, group: object | None, where: str, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """(M, mean, var_biased) of the concatenation of every rank's ``x`` (N_r, C, *), all float64
     tensors on x's device (M a 0-dim count): one all-reduce, Chan's merge (module docstring).
-    For M = 0 the mean and variance are 0."""
+    For M = 0 the mean and variance are 0. With ``mask`` (N_r, *) bool: over the real (True)
+    positions only (:func:`batchnorm.ops.masked.masked_moments`), M their global count."""
     c = x.shape[1]
-    m = x.numel() // c if c else 0
-    mean, var = moments(x)
-    m2 = var.to(torch.float64) * m
+    if mask is None:
+        mean, var = moments(x)
+        count = mean.new_full((1,), float(x.numel() // c if c else 0))
+    else:
+        n, mean_a, var = masked_moments(x.detach(), mask)
+        mean, count = mean_a.to(torch.float64), n.to(torch.float64).reshape(1)
+    m2 = var.to(torch.float64) * count
     size = _collectives.group_size(group, where)
     rank = _collectives.group_rank(group, where)
-    row = torch.cat([mean.new_full((1,), float(m)), mean, m2])  # (1 + 2C,)
+    row = torch.cat([count, mean, m2])  # (1 + 2C,)
     buf = torch.nn.functional.pad(row.unsqueeze(0), (0, 0, rank, size - rank - 1))  # (W, 1 + 2C)
     rows = _collectives.all_reduce_sum_functional(buf, group, where, "the per-rank batch statistics (count, mean, M2)")
     counts, means, m2s = rows[:, :1], rows[:, 1 : 1 + c], rows[:, 1 + c :]

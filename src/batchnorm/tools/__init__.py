@@ -4,6 +4,7 @@ diagnosis.
 Each module has one job; the public names are re-exported by ``batchnorm`` itself.
 """
 
+from .accumulate import accumulate_statistics
 from .conventions import KerasConversion, from_keras, from_keras_momentum, to_keras_momentum
 from .convert import convert
 from .doctor import CODES, Finding, Watch, diagnose, format_findings, watch
@@ -21,6 +22,7 @@ __all__ = [
     "Moments",
     "RedundantBias",
     "Watch",
+    "accumulate_statistics",
     "convert",
     "diagnose",
     "find_redundant_biases",

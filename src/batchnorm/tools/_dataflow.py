@@ -23,7 +23,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from ..nn.batchnorm import BatchNormBase
+from ..nn.batchnorm import BatchNormBase, MaskableBatchNorm
 from ..nn.frozen import FrozenBatchNormBase
 from ..nn.ghost import GhostBatchNormBase
 from ..nn.renorm import BatchRenormBase
@@ -37,6 +37,7 @@ _PLAIN_FORWARDS = (
     _BatchNorm.forward,
     SyncBatchNorm.forward,
     BatchNormBase.forward,
+    MaskableBatchNorm.forward,  # BatchNorm*d: without a mask, the plain map
     FrozenBatchNormBase.forward,
     GhostBatchNormBase.forward,
     OurSyncBatchNorm.forward,
