@@ -309,9 +309,11 @@ def _train_aten(
     if count == 0 or (weight is not None and weight.dtype != x.dtype) or (bias is not None and bias.dtype != x.dtype):
         return None  # aten wants parameters of the input's dtype; our kernels take any
     kernels = _HOST["kernels"] if "kernels" in _HOST else _HOST.setdefault("kernels", host_kernels())
-    # no update in a forward recomputed by activation checkpointing (inside a backward)
-    update = running_mean is not None and running_var is not None and _c._current_graph_task_id() == -1
-    if update and (running_mean.dtype != x.dtype or running_var.dtype != x.dtype or kernels is None):  # type: ignore[union-attr]
+    stats = running_mean is not None and running_var is not None
+    # no update in a forward recomputed by activation checkpointing (inside a backward); its
+    # kernel still gets (scratch) buffers, so that it saves the same tensors as the first forward
+    update = stats and _c._current_graph_task_id() == -1
+    if stats and (running_mean.dtype != x.dtype or running_var.dtype != x.dtype or kernels is None):  # type: ignore[union-attr]
         return None
     if update:
         factor = momentum if momentum is not None else 1.0 / (float(num_batches_tracked.numpy()) + 1.0)
@@ -319,6 +321,9 @@ def _train_aten(
         y, save_mean, save_invstd = torch.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, factor, eps
         )
+    elif stats:
+        scratch = (running_mean.clone(), running_var.clone())  # type: ignore[union-attr]
+        y, save_mean, save_invstd = torch.native_batch_norm(x, weight, bias, *scratch, True, 0.0, eps)
     else:
         y, save_mean, save_invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
     kappa_max = native.KAPPA_MAX[x.dtype]
