@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "merge_moments",
     "acc_dtype",
     "reduce_dims",
     "channel_view",
@@ -76,6 +77,27 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     var = (d - mean_d).square().mean(dim=dims)
     mean = (mean_d.double() + shift.double()).reshape(-1)  # (C,) float64
     return mean, var.clamp_min(0.0)
+
+
+def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Chan et al.'s parallel merge of K parts' (count, mean, M2) into the whole's: the one merge
+    of the library (ghost batches, processes, streamed batches all use it).
+
+        n    = sum_k n_k
+        mean = sum_k n_k mean_k / n
+        M2   = sum_k M2_k + sum_k n_k (mean_k - mean)^2
+
+    Shapes: counts (K,), means and m2s (K, C) -> (n 0-dim, mean (C,), M2 (C,)) (C may be any
+    shape), in their dtype
+    (float64 in every caller). A weighted average of the means and a sum of non-negative terms:
+    nothing cancels. Parts with n_k = 0 contribute nothing; for n = 0 the mean and M2 are 0;
+    non-finite parts give non-finite results. Differentiable, no host read.
+    """
+    n = counts.sum()
+    per_part = counts.reshape(counts.shape[0], *([1] * (means.dim() - 1)))  # (K, 1, ...)
+    mean = (per_part / n.clamp_min(1.0) * means).sum(0)  # (C,)
+    m2 = m2s.sum(0) + (per_part * (means - mean).square()).sum(0)  # (C,)
+    return n, mean, m2
 
 
 def center(x: Tensor, mean: Tensor) -> Tensor:

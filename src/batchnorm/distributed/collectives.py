@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -26,7 +25,6 @@ __all__ = [
     "all_reduce_sum_differentiable",
     "all_reduce_sum_functional",
     "gather_rows",
-    "merge_moments",
 ]
 
 
@@ -146,25 +144,3 @@ def gather_rows(parts: list[Tensor | float], group: object | None, where: str, w
         buf[rank, start : start + n] = p
         start += n
     return all_reduce_sum(buf, group, where, what)
-
-
-def merge_moments(counts: np.ndarray, means: np.ndarray, m2s: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Chan et al.'s parallel merge of per-part (count, mean, M2) into the whole's.
-
-        n    = sum_k n_k
-        mean = sum_k n_k mean_k / n
-        M2   = sum_k M2_k + sum_k n_k (mean_k - mean)^2
-
-    counts (W,), means and m2s (W, C) float64 NumPy arrays; returns (n, mean (C,), M2 (C,)).
-    Parts with n_k = 0 contribute nothing (their mean and M2 must be 0). The spread term is a
-    sum of non-negative numbers, so nothing cancels. For n = 0 the mean and M2 are 0; NaN/inf
-    parts give NaN/inf results, silently.
-    """
-    n = float(counts.sum())
-    # NaN/inf from any rank propagate (inf - inf = NaN) without NumPy's RuntimeWarning: the
-    # layer reports non-finite statistics itself
-    with np.errstate(invalid="ignore", over="ignore"):
-        w = counts[:, None] / max(n, 1.0)  # (W, 1) weight of each part
-        mean = (w * means).sum(0)  # (C,)
-        m2 = m2s.sum(0) + (counts[:, None] * np.square(means - mean)).sum(0)  # (C,)
-    return n, mean, m2

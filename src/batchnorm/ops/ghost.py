@@ -428,12 +428,10 @@ def _ghost_pool_impl(x: Tensor, mean: Tensor, var: Tensor, virtual_batch_size: i
     if x.numel():
         for part, k in _parts(x, virtual_batch_size):
             counts += [part.shape[0] * s // k] * k
-    w = torch.tensor(counts, dtype=torch.float64, device=mean.device).reshape(-1, 1)  # (K, 1)
-    total = max(float(sum(counts)), 1.0)
-    mean, var = mean.double().reshape(-1, x.shape[1]), var.reshape(-1, x.shape[1])
-    mu = (w * mean).sum(0) / total
-    m2 = (w * (var.double() + (mean - mu).square())).sum(0)
-    return mu, m2 / total
+    n = torch.tensor(counts, dtype=torch.float64, device=mean.device)  # (K,)
+    mean, var = mean.double().reshape(-1, x.shape[1]), var.double().reshape(-1, x.shape[1])
+    total, mu, m2 = torch_ops.merge_moments(n, mean, var * n.unsqueeze(-1))
+    return mu, m2 / total.clamp_min(1.0)
 
 
 ghost_pool = torch.library.custom_op("batchnorm::ghost_pool", _ghost_pool_impl, mutates_args=())

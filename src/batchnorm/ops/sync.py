@@ -106,11 +106,7 @@ def global_moments(
     row = torch.cat([count, mean, m2])  # (1 + 2C,)
     buf = torch.nn.functional.pad(row.unsqueeze(0), (0, 0, rank, size - rank - 1))  # (W, 1 + 2C)
     rows = _collectives.all_reduce_sum_functional(buf, group, where, "the per-rank batch statistics (count, mean, M2)")
-    counts, means, m2s = rows[:, :1], rows[:, 1 : 1 + c], rows[:, 1 + c :]
-    total = counts.sum()
-    weight = counts / total.clamp_min(1.0)  # (W, 1)
-    mean_g = (weight * means).sum(0)
-    m2_g = m2s.sum(0) + (counts * (means - mean_g).square()).sum(0)
+    total, mean_g, m2_g = torch_ops.merge_moments(rows[:, 0], rows[:, 1 : 1 + c], rows[:, 1 + c :])
     var_g = (m2_g / total.clamp_min(1.0)).clamp_min(0.0)
     return total, mean_g, var_g
 

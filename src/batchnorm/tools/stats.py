@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._kernels.torch_ops import merge_moments
 from ..nn.renorm import BatchRenormBase
 from . import _moments_cpu
 
@@ -125,11 +126,8 @@ class Moments:
                 f"Moments.merge: expected moments of the same shape, got {tuple(self.mean.shape)} "
                 f"and {tuple(other.mean.shape)}"
             )
-        n = self.count + other.count
-        safe_n = n.clamp_min(1.0)  # both empty: delta * 0 / 1 = 0, the result stays empty
-        delta = other.mean - self.mean
-        mean = self.mean + delta * (other.count / safe_n)
-        m2 = self.m2 + other.m2 + delta.square() * (self.count * other.count / safe_n)
+        counts = torch.stack([self.count, other.count])  # (2,)
+        n, mean, m2 = merge_moments(counts, torch.stack([self.mean, other.mean]), torch.stack([self.m2, other.m2]))
         return Moments(n, mean, m2)
 
     __add__ = merge
