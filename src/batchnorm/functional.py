@@ -163,7 +163,7 @@ def update_step_counted(
     num_batches_tracked: Tensor | None = None,
     num_batches_skipped: Tensor | None = None,
 ) -> None:
-    """:func:`update_step` with a count known only on the device (a 0-dim tensor: the real
+    """`update_step` with a count known only on the device (a 0-dim tensor: the real
     values of a masked batch, the values of a synchronized batch): the variance is unbiased
     there, var * total / (total - 1), and a batch of at most one value per channel has none: its
     statistics enter as NaN, so the update leaves them out and counts the batch as skipped."""
@@ -223,7 +223,7 @@ def masked_step(
     num_batches_skipped: Tensor | None = None,
 ) -> Tensor:
     """Batch norm of x (N, C, *) over the real positions of ``mask`` (N, *) on checked arguments
-    (:mod:`batchnorm.ops.masked`): batch statistics of the real values and, when running
+    (`batchnorm.ops.masked`): batch statistics of the real values and, when running
     statistics are given, their update (unbiased over the real count); or the running
     statistics. Padded outputs are 0 with 0 gradient either way. In training, fewer than two
     real values is a ``ValueError`` (checked where values can be read: not under
@@ -273,7 +273,7 @@ def batch_norm(
     - ``mask`` (N, *spatial) bool, True where a value is real (for ``channel_dim=-1`` and (N, L, C)
       input: (N, L)): statistics, running statistics (unbiased over the real count) and
       gradients from the real positions only; padded outputs are 0 with 0 gradient
-      (:mod:`batchnorm.ops.masked`).
+      (`batchnorm.ops.masked`).
 
     Raises:
         TypeError: non-tensor or non-floating input.

@@ -101,7 +101,7 @@ def batch_norm_layer(
     ``track_running_stats``, updates ``running_mean``/``running_var``/``num_batches_tracked``
     (and ``num_batches_skipped``) in place. ``channel_dim=-1``: the channels are the input's
     last dim; ``mask`` (N, *spatial) bool: statistics over the real (True) positions only
-    (:func:`batchnorm.functional.masked_step`).
+    (`batchnorm.functional.masked_step`).
 
     Shape: input (N, C, *) with ``input.dim() in ndims`` -> output of the same shape;
     (N, *, C) with ``channel_dim=-1``.
@@ -300,7 +300,7 @@ class MaskableBatchNorm(BatchNormBase):
         """Normalize ``input`` of shape (N, C, *) per channel ((N, *, C) with ``channel_dim=-1``);
         see the module docstring. ``mask`` (N, *spatial) bool, True where a value is real:
         statistics, running statistics and gradients from the real positions only, padded
-        outputs 0 (:func:`batchnorm.functional.masked_step`)."""
+        outputs 0 (`batchnorm.functional.masked_step`)."""
         if mask is not None or self.channel_dim != 1:
             return batch_norm_layer(
                 input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,

@@ -49,7 +49,7 @@ def masked_moments(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class _MaskedTrain(torch.autograd.Function):
-    """The eager form of :func:`masked_train`: the same forward ops, and the backward in closed
+    """The eager form of `masked_train`: the same forward ops, and the backward in closed
     form (BN's, over the real positions) instead of autograd's chain through every op: about
     half the passes over the tensor. g' = g at real positions, 0 elsewhere; R = count:
 
@@ -119,7 +119,7 @@ def masked_train(
     """Training forward over the real positions (module docstring): (y, mean (C,) float64, biased
     var (C,), count 0-dim). y has x's shape and dtype, 0 at padded positions; differentiable in
     x, weight and bias (mean, var and count are returned detached). On the eager path
-    (:func:`batchnorm.ops._path.eager`) with a gradient to compute, through :class:`_MaskedTrain`
+    (`batchnorm.ops._path.eager`) with a gradient to compute, through `_MaskedTrain`
     (closed-form backward); elsewhere (compile, export, vmap) autograd differentiates the ops."""
     if eager(x, mask, weight, bias) and needs_grad(x, weight, bias):
         y, _, var, count, mean = apply(_MaskedTrain, x, mask, weight, bias, eps)

@@ -92,7 +92,7 @@ def global_moments(
     """(M, mean, var_biased) of the concatenation of every rank's ``x`` (N_r, C, *), all float64
     tensors on x's device (M a 0-dim count): one all-reduce, Chan's merge (module docstring).
     For M = 0 the mean and variance are 0. With ``mask`` (N_r, *) bool: over the real (True)
-    positions only (:func:`batchnorm.ops.masked.masked_moments`), M their global count."""
+    positions only (`batchnorm.ops.masked.masked_moments`), M their global count."""
     c = x.shape[1]
     if mask is None:
         mean, var = moments(x)

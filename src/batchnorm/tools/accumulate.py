@@ -6,8 +6,8 @@ each from one small, noisy micro-batch, and applies the momentum k times. Inside
 ``with accumulate_statistics(model):`` training forwards normalize exactly as before (with their
 micro-batch's statistics: the gradients do not change), but no running statistic moves; each
 layer records the (count, mean, M2) of every micro-batch it sees. When the block ends, the
-records are merged exactly (Chan's formula, :meth:`batchnorm.tools.stats.Moments.merge`) and
-applied ONCE with the layer's own rule (:func:`batchnorm.ops.update_running_stats_`):
+records are merged exactly (Chan's formula, `batchnorm.tools.stats.Moments.merge`) and
+applied ONCE with the layer's own rule (`batchnorm.ops.update_running_stats_`):
 
     n    = sum_k n_k,   mean = (1/n) sum_k n_k mean_k,   M2 = sum_k M2_k + sum_k n_k (mean_k - mean)^2
     running_mean = (1 - f) * running_mean + f * mean
@@ -16,7 +16,7 @@ applied ONCE with the layer's own rule (:func:`batchnorm.ops.update_running_stat
 with f = momentum, or 1 / (num_batches_tracked + 1) for ``momentum=None`` (the block counts as
 one batch); ``num_batches_tracked`` grows by one. That is the update one forward of the
 concatenated micro-batches would make, whatever their sizes. Batch renorm
-(:class:`batchnorm.BatchRenorm1d`) stores a moving std: it gets sqrt(M2 / n + eps), as its own
+(`batchnorm.BatchRenorm1d`) stores a moving std: it gets sqrt(M2 / n + eps), as its own
 forward would; its micro-batches all see the running statistics of the block's start.
 
 How (generic, also for ``torch.nn.BatchNorm*d``/``torch.nn.SyncBatchNorm`` and any
@@ -25,7 +25,7 @@ buffers, and a forward hook puts the untouched originals back and records the mo
 channel dim; only the real positions when the call has a ``mask``). A forward recomputed by
 activation checkpointing (inside a backward) records nothing. ``SyncBatchNorm`` layers that ran
 synchronized are merged across their process group at the end, in one collective per group
-(:func:`batchnorm.tools.stats.all_reduce_moments`): every rank must leave the block (as every
+(`batchnorm.tools.stats.all_reduce_moments`): every rank must leave the block (as every
 rank calls the layer). DDP's ``no_sync`` only concerns gradients and composes with the block.
 
 An exception inside the block (even inside a layer's forward) leaves every buffer as it was at
