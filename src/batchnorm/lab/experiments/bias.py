@@ -28,7 +28,7 @@ from ..models import MLP, ConvNet, blocks, count_parameters
 from ..progress import Progress
 from ..stacked import train_stacked
 from ..training import TrainSpec, minibatches
-from ..verdict import judge
+from ..verdict import part
 
 ID = "bias"
 DESCRIPTION = "A bias before BN gets zero gradient and no effect on the output: measured over seeds, plus the parameters it wastes"
@@ -301,6 +301,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"A bias directly before BN receives zero gradient (below {t['gradient_ratio_below']:g} of the weights' gradient: "
             "float32 rounding)",
             results=results,
+            kind="identity",
             a=ratio,
             below=float(t["gradient_ratio_below"]),
             expected="exactly zero (the bias cancels)",
@@ -312,6 +313,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"It has no effect on the training-mode output: shifting those biases by N(0, {t['bias_shift_std']:g}^2), or removing "
             f"them, changes the logits by < {t['output_change_below']:g}",
             results=results,
+            kind="identity",
             a=out_change,
             below=float(t["output_change_below"]),
             expected="no change at all (the bias cancels)",
@@ -322,9 +324,10 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"Training with and without those biases follows the same trajectory (loss within {t['paired_loss_delta_below']:g}), "
             f"and the biases never move (< {t['bias_movement_below']:g})",
             results=results,
+            kind="identity",
             a=col("paired_training_max_loss_delta"),
             below=float(t["paired_loss_delta_below"]),
-            also=[judge(col("bias_max_movement_during_training"), seeds=seeds, below=float(t["bias_movement_below"]))],
+            also=[part(col("bias_max_movement_during_training"), below=float(t["bias_movement_below"]))],
             expected="identical training (zero gradient, no effect on the output)",
             source=_SOURCE,
             evidence=f"{t['steps']} SGD steps on the same batches, per seed: max |loss difference| "
@@ -336,11 +339,10 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"outputs within {t['eval_change_folded_below']:g}; zeroing it alone changes them by more than "
             f"{t['eval_change_zeroed_above']:g})",
             results=results,
+            kind="identity",
             a=col("eval_output_change_bias_folded_into_running_mean"),
             below=float(t["eval_change_folded_below"]),
-            also=[
-                judge(col("eval_output_change_bias_zeroed"), seeds=seeds, above=float(t["eval_change_zeroed_above"]))
-            ],
+            also=[part(col("eval_output_change_bias_zeroed"), above=float(t["eval_change_zeroed_above"]))],
             expected="eval-mode BN uses the running mean, which has absorbed the bias (Alg. 2's fixed affine map)",
             source="Ioffe & Szegedy 2015, Sec. 3.2 and Alg. 2",
             evidence=f"max |change| of eval logits, per seed: {show(col('eval_output_change_bias_folded_into_running_mean'))} with "

@@ -27,7 +27,7 @@ from ..popstats import population_statistics
 from ..progress import Progress
 from ..stacked import train_stacked
 from ..training import TrainResult, TrainSpec, evaluate
-from ..verdict import judge
+from ..verdict import part
 
 ID = "ioffe2015-fig1"
 DESCRIPTION = "Ioffe & Szegedy Fig. 1: BN vs none on a 3x100 sigmoid MLP; accuracy vs step, sigmoid-input percentiles, Alg. 2 inference"
@@ -338,7 +338,6 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     def mean(key: str) -> float:
         return float(np.mean(col(key)))
 
-    seeds = [int(v) for v in results["metrics"]["seeds"]]
     out = [
         claim(
             "With BN, test accuracy is above the baseline's at every checkpoint (smallest margin > 0)",
@@ -372,12 +371,11 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             a=col("widen_base"),
             above=float(t["baseline_spread_growth_at_least"]),
             also=[
-                judge(
+                part(
                     [
                         w - t["baseline_vs_bn_spread_change_factor"] * c
                         for w, c in zip(col("widen_base"), col("change_bn"))
                     ],
-                    seeds=seeds,
                     above=0.0,
                 )
             ],
@@ -392,7 +390,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             results=results,
             a=col("drift_bn"),
             below=float(t["bn_settled_relative_move_below"]),
-            also=[judge(col("drift_bn"), [0.5 * v for v in col("drift_base")], seeds=seeds, below=0.0)],
+            also=[part(col("drift_bn"), [0.5 * v for v in col("drift_base")], below=0.0)],
             expected="BN's percentiles flat after the first few thousand steps",
             source="Ioffe & Szegedy 2015, Fig. 1(c)",
             evidence=f"largest move over the second half relative to the final spread: BN {mean('drift_bn'):.3f}, baseline "
@@ -404,7 +402,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             results=results,
             a=col("pop_minus_ema_final"),
             above=-float(t["population_vs_running_tolerance"]),
-            also=[judge(col("pop_minus_ema_half"), seeds=seeds, above=-float(t["population_vs_running_tolerance"]))],
+            also=[part(col("pop_minus_ema_half"), above=-float(t["population_vs_running_tolerance"]))],
             expected="Alg. 2 is the paper's inference procedure (no accuracy loss reported)",
             source="Ioffe & Szegedy 2015, Alg. 2",
             evidence=f"population minus running average: final {100 * mean('pop_minus_ema_final'):+.2f} pp, mean over the second half "

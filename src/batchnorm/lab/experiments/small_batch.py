@@ -35,7 +35,7 @@ from ..models import MLP, ConvNet
 from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
 from ..progress import Progress
 from ..training import TrainSpec, evaluate, minibatches
-from ..verdict import judge
+from ..verdict import part
 
 ID = "small-batch"
 DESCRIPTION = "Wu & He 2018 / Ioffe 2017: test error vs BN group size (32..2) and non-i.i.d. groups for BN, Batch Renorm, Ghost BN, Group Norm"
@@ -415,7 +415,6 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Wu & He's curve shape, GN's advantage at tiny groups, BN vs GN at 32, BRN's recovery,
     and Ghost BN's limit — each judged over the seeds with paired differences (or ratios)."""
     t = results["config"]
-    seeds = [int(v) for v in results["metrics"]["seeds"]]
     batch = int(t["batch_size"])
     sizes = sorted((int(v) for v in t["group_sizes"]), reverse=True)
     big, small = sizes[0], sizes[-1]
@@ -441,7 +440,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     m_ni = int(t["non_iid_group"])
 
     def far_better(bad: Sequence[float], good: Sequence[float]) -> list[Any]:
-        return [judge(bad, good, seeds=seeds, effect="ratio", above=ratio), judge(bad, good, seeds=seeds, above=by)]
+        return [part(bad, good, effect="ratio", above=ratio), part(bad, good, above=by)]
 
     per_m = "; ".join(f"m={v}: {_fmt(bn[v])}" for v in sizes)
     return [
@@ -452,7 +451,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             a=bn[small],
             b=bn[big],
             above=sharp,
-            also=[judge(bn[mid], bn[big], seeds=seeds, below=flat)],
+            also=[part(bn[mid], bn[big], below=flat)],
             expected="Wu & He: 23.6% (32), 24.8% (8, +1.2 pp), 34.7% (2, +11.1 pp)",
             source="Wu & He 2018, Fig. 1 and Table 3 (ResNet-50, ImageNet, BN per GPU)",
             evidence=f"BN test error per seed (%): {per_m}; rise at m={mid}: {mean(bn[mid]) - mean(bn[big]):+.1f} pp, "
@@ -503,7 +502,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             b=bn[big],
             above=-band,
             below=band,
-            also=[judge(ghost[small], bn[big], seeds=seeds, above=sharp)],
+            also=[part(ghost[small], bn[big], above=sharp)],
             expected="Hoffer et al. train with ghost batches of 128 without loss; per-group statistics of 2 break "
             "(Wu & He: +11.1 pp)",
             source="Hoffer et al. 2017, Sec. 4 (ghost batch 128); Wu & He 2018, Fig. 1",
