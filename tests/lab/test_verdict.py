@@ -110,6 +110,9 @@ def test_zero_spread_is_flagged_not_given_an_interval() -> None:
     assert v.to_json()["zero_spread"] is True
     assert not judge([2.0, 2.1, 2.0], seeds=[0, 1, 2], above=1.0).zero_spread
     assert not judge([2.0], seeds=[0], above=1.0).zero_spread  # one seed: no spread measured at all
+    # one exact value up to float64 rounding is the same value
+    v = judge([0.05, 0.05 - 1e-14, 0.05 + 2e-14], seeds=[0, 1, 2], below=0.1)
+    assert v.zero_spread and v.interval == (v.estimate, v.estimate)
 
 
 def test_interval_covers_the_true_mean_at_its_level() -> None:

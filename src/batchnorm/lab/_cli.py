@@ -14,6 +14,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ..cli._util import CliError, check_output_dir, require
 
@@ -127,6 +128,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .datasets import load, parse_spec
     from .progress import TqdmProgress
     from .report import write_index
+    from .results import count_claims, describe_counts
     from .runner import ExperimentFailed, experiment_dir, run_one
 
     try:
@@ -144,6 +146,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     failed = 0
+    all_claims: list[dict[str, Any]] = []
     for i, experiment_id in enumerate(ids):
         progress = TqdmProgress(prefix=f"[{i + 1}/{len(ids)}] {experiment_id}")
         try:
@@ -154,17 +157,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
             continue
         # one line as each experiment finishes (flushed: logs of CI and nohup runs show it at once)
         claims = results.get("claims", [])
-        held = sum(1 for c in claims if c.get("holds"))
+        all_claims.extend(claims)
+        n_seeds = len(results.get("metrics", {}).get("seeds") or [])
         print(
-            f"[{i + 1}/{len(ids)}] {results['id']}: {held}/{len(claims)} claims hold, {results['wall_time_s']:.1f} s -> "
-            f"{experiment_dir(cfg.out, results['id']) / 'report.html'}",
+            f"[{i + 1}/{len(ids)}] {results['id']}: {describe_counts(count_claims(claims))}; {n_seeds} seeds, "
+            f"{results['wall_time_s']:.1f} s -> {experiment_dir(cfg.out, results['id']) / 'report.html'}",
             flush=True,
         )
         for c in claims:
             if not c.get("holds"):
-                print(f"  {c.get('verdict', 'does not hold')}: {c.get('claim')} ({c.get('evidence')})", flush=True)
+                why = f"; {c['why']}" if c.get("why") else ""
+                print(f"  {c.get('verdict', 'does not hold')}: {c.get('claim')} ({c.get('evidence')}{why})", flush=True)
     if len(ids) > 1 or args.ids == ["all"]:
         index = write_index(cfg.out, _saved_results(cfg.out))
+        print(f"all: {describe_counts(count_claims(all_claims))}")
         print(f"index: {index} ({time.perf_counter() - start:.1f} s in all)")
     sys.stdout.flush()
     return 1 if failed else 0

@@ -15,6 +15,8 @@ The experiment contract — each module ``batchnorm.lab.experiments.<id with _>`
         judged ONLY from the saved results: [{"claim": str, "holds": bool, "evidence": str}]
     figures(results: dict, outdir: Path) -> list[Path]
         drawn ONLY from the saved results (matplotlib via ``batchnorm.lab.figures.pyplot()``)
+    USES_DATA: bool         optional (default True); False for an experiment on its own
+                            synthetic data that ignores ``--data``
 
 Adding an experiment = one module, and its id listed in ``EXPERIMENTS``. Ids whose module
 does not exist are skipped.

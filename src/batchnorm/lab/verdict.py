@@ -170,6 +170,11 @@ def _welch_interval(a: np.ndarray, b: np.ndarray, confidence: float) -> tuple[fl
     return est, est - half, est + half
 
 
+_SAME_VALUE_RTOL = 1e-9
+"""Per-seed effects whose range is at most this fraction of their magnitude count as the same
+value on every seed (float64 rounding of one exact value)."""
+
+
 def _decide(lo: float, hi: float, above: float | None, below: float | None) -> VerdictName:
     inside = (above is None or lo >= above) and (below is None or hi <= below)
     if inside:
@@ -267,9 +272,12 @@ def judge(
             method = f"{what}, {level} Welch interval" + (" on the log scale" if effect == "ratio" else "")
         if effect == "ratio":
             est, lo, hi = math.exp(est), math.exp(lo), math.exp(hi)
-    zero = x.size >= 2 and float(np.ptp(x)) == 0.0
+    # the same value on every seed up to float64 rounding (an identity of the math, or a value a
+    # grid fixes): no interval to speak of, the value itself is compared with the threshold
+    zero = x.size >= 2 and float(np.ptp(x)) <= _SAME_VALUE_RTOL * float(np.max(np.abs(x)))
     if zero:
         method = f"{what}: the same value on every seed (zero spread), no interval"
+        lo = hi = est
     return Verdict(_decide(lo, hi, above, below), est, (lo, hi), seeds_t, method, confidence, zero)
 
 

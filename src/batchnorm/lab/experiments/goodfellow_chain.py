@@ -34,6 +34,8 @@ DESCRIPTION = (
     "Deep linear chain y = x*w1*...*wL: first-order vs actual loss change of one step, with and without per-layer BN"
 )
 QUICK_SECONDS = 1.5
+USES_DATA = False
+"""The chain is synthetic: ``--data`` is ignored (the replication matrix counts it once)."""
 EXPLANATION = """
 Gradient descent updates every layer at once, each by the gradient computed as if the other
 layers stayed where they were. Goodfellow, Bengio & Courville (Deep Learning, section 8.7.1)
