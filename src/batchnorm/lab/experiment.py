@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -33,7 +33,18 @@ from .progress import Progress
 from .results import to_jsonable
 from .verdict import Part, SeedPlan, Verdict, _level, could_settle, judge_sequential, part
 
-__all__ = ["SEED_PLANS", "Experiment", "claim", "load_for", "per_seed_values", "plan_for", "plan_of", "seeds_for"]
+__all__ = [
+    "SEED_PLANS",
+    "Experiment",
+    "claim",
+    "column",
+    "first_reaching",
+    "load_for",
+    "per_seed_values",
+    "plan_for",
+    "plan_of",
+    "seeds_for",
+]
 
 SEED_PLANS: dict[str, SeedPlan] = {
     "tiny": SeedPlan((2,)),
@@ -69,6 +80,30 @@ def load_for(cfg: RunConfig, seed: int) -> Dataset:
 def per_seed_values(results: dict[str, Any], read: Callable[[dict[str, Any]], float]) -> list[float]:
     """``[read(metrics of seed i) for each seed]`` from saved results."""
     return [float(read(m)) for m in results["metrics"]["per_seed"]]
+
+
+def column(rows: Sequence[Mapping[str, Any]], *keys: str) -> list[float]:
+    """One number per seed: ``[float(row[keys[0]][keys[1]]...) for row in rows]`` (``rows``:
+    one mapping per seed, e.g. ``results["metrics"]["per_seed"]`` or quantities derived from it)."""
+    out = []
+    for row in rows:
+        value: Any = row
+        for key in keys:
+            value = value[key]
+        out.append(float(value))
+    return out
+
+
+def first_reaching(steps: Sequence[int], values: Sequence[float], level: float) -> float:
+    """The first checkpoint step (> 0) whose value is >= ``level``; a run that never reaches it
+    counts as reaching it one checkpoint interval after its last checkpoint (a lower bound on
+    its true step, so a speed-up measured against it is conservative)."""
+    if not steps or len(steps) != len(values):
+        raise ValueError(f"first_reaching: expected as many values as steps (>= 1), got {len(values)} and {len(steps)}")
+    for step, v in zip(steps, values):
+        if step > 0 and v >= level:
+            return float(step)
+    return float(steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1))
 
 
 def _direction(p: Part) -> str:

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..experiment import Experiment, claim
+from ..experiment import Experiment, claim, column
 from ..models import MLP, ConvNet, blocks, count_parameters
 from ..progress import Progress
 from ..stacked import train_stacked
@@ -288,7 +288,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     seeds = [int(v) for v in results["metrics"]["seeds"]]
 
     def col(key: str) -> list[float]:
-        return [float(m[key]) for m in per]
+        return column(per, key)
 
     def show(values: Sequence[float], fmt: str = ".1e") -> str:
         return ", ".join(f"{v:{fmt}}" for v in values)

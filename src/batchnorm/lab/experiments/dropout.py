@@ -26,11 +26,12 @@ from .._replicates import mean_over_replicates, replicate_seed
 from .._stacked_dropout import train_stacked_dropout
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..experiment import Experiment, claim, load_for
+from ..experiment import Experiment, claim, column, load_for
 from ..models import MLP
 from ..progress import Progress
 from ..training import TrainSpec, evaluate, minibatches
 from ..verdict import part
+from ._calibration import CALIBRATION_SEED
 
 ID = "dropout"
 DESCRIPTION = "BN as a regularizer: test loss and accuracy on 400 examples for plain, dropout, BN, BN+dropout, fixed batches (over seeds)"
@@ -101,7 +102,6 @@ _ARMS = (
 )
 _REPLICATES = {"tiny": 2, "quick": 3, "full": 3}
 _MAX_STEPS = {"tiny": 40, "quick": 1600, "full": 16000}
-_CALIBRATION_SEED = 1000
 _SOURCE = "Ioffe & Szegedy 2015, Sec. 3.4 and Sec. 4.2.1"
 
 
@@ -121,7 +121,7 @@ class Settings:
         "train every arm on the calibration seed's 400 examples until its training accuracy reaches the fit level "
         "(checked every calibration_every steps); steps = 2 x the slowest arm's steps, at most max_steps"
     )
-    calibration_seed: int = _CALIBRATION_SEED
+    calibration_seed: int = CALIBRATION_SEED
     """The calibration run's seed (its own split, subset, weights and batches); never a claim seed."""
     calibration_every: int = 100
     fit_level: float = 0.99
@@ -307,7 +307,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     tol = float(t["accuracy_tolerance"])
 
     def col(arm: str, key: str) -> list[float]:
-        return [v[arm][key] for v in q]
+        return column(q, arm, key)
 
     def acc(arm: str) -> str:
         return f"{arm} " + "/".join(f"{100 * v:.1f}" for v in col(arm, "test_acc")) + "%"

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from ... import GhostBatchNorm1d
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..experiment import Experiment, claim, per_seed_values
+from ..experiment import Experiment, claim, column
 from ..models import MLP
 from ..progress import Progress
 from ..training import evaluate, minibatches
@@ -192,7 +192,7 @@ class GhostBN(Experiment):
 
 
 def _acc(results: dict[str, Any], arm: str, key: str = "test_acc") -> list[float]:
-    return per_seed_values(results, lambda m: float(m["arms"][arm][key]))
+    return column(results["metrics"]["per_seed"], "arms", arm, key)
 
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:

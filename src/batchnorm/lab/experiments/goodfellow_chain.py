@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ...functional import batch_norm
 from ..config import RunConfig
-from ..experiment import Experiment, claim
+from ..experiment import Experiment, claim, column
 from ..progress import Progress
 from ..verdict import part
 
@@ -273,7 +273,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     ref = float(s["reference_lr"])
 
     def col(key: str) -> list[float]:
-        return [float(v[key]) for v in q]
+        return column(q, key)
 
     def fmt_safe(c: dict[str, Any]) -> str:
         return f"{c['safe_lr']:.2g}" if c["safe_lr"] is not None else f"< {lrs[0]:.0e}"

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..experiment import Experiment, claim
+from ..experiment import Experiment, claim, column, first_reaching
 from ..models import MLP, blocks
 from ..popstats import population_statistics
 from ..progress import Progress
@@ -271,13 +271,6 @@ class Fig1(Experiment):
         return _figures(results, outdir)
 
 
-def _first_reaching(steps: list[int], acc: list[float], target: float) -> int | None:
-    for step, a in zip(steps, acc):
-        if step > 0 and a >= target:
-            return step
-    return None
-
-
 def _second_half(steps: list[int]) -> list[int]:
     """Indices of the checkpoints in the second half of training (step >= T/2)."""
     last = steps[-1]
@@ -302,10 +295,6 @@ def _fig1_quantities(m: dict[str, Any]) -> dict[str, float]:
     steps = bn["step"]
     margins = [b - a for st, a, b in zip(steps, base["test_acc"], bn["test_acc"]) if st > 0]
     target = max(base["test_acc"])
-    s_base = _first_reaching(base["step"], base["test_acc"], target)
-    s_bn = _first_reaching(bn["step"], bn["test_acc"], target)
-    # BN never reaching the target counts as reaching it one checkpoint after the end
-    never = steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1)
     half = _second_half(steps)
     spread_base = (_spread(base["percentiles"][half[0]]), _spread(base["percentiles"][-1]))
     spread_bn = (_spread(bn["percentiles"][half[0]]), _spread(bn["percentiles"][-1]))
@@ -316,8 +305,8 @@ def _fig1_quantities(m: dict[str, Any]) -> dict[str, float]:
         "min_margin": min(margins) if not bn["diverged"] else -1.0,
         "final_bn": bn["test_acc"][-1],
         "final_base": base["test_acc"][-1],
-        "steps_base": float(s_base or never),
-        "steps_bn": float(s_bn or never),
+        "steps_base": first_reaching(base["step"], base["test_acc"], target),
+        "steps_bn": first_reaching(bn["step"], bn["test_acc"], target),
         "widen_base": widen,
         "change_bn": change_bn,
         "drift_base": _relative_drift(base["percentiles"], half),
@@ -333,7 +322,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     q = [_fig1_quantities(m) for m in results["metrics"]["per_seed"]]
 
     def col(key: str) -> list[float]:
-        return [v[key] for v in q]
+        return column(q, key)
 
     def mean(key: str) -> float:
         return float(np.mean(col(key)))

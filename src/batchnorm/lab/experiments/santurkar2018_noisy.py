@@ -30,7 +30,7 @@ import torch
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..experiment import Experiment, claim, load_for
+from ..experiment import Experiment, claim, column, load_for
 from ..progress import Progress
 from ..stacked import train_stacked
 from ..training import TrainResult, TrainSpec, evaluate
@@ -372,11 +372,11 @@ class Noisy(Experiment):
 
 
 def _col(results: dict[str, Any], arm: str, lr: float, key: str) -> list[float]:
-    return [float(m[f"{arm}@{lr:g}"][key]) for m in results["metrics"]["per_seed"]]
+    return column(results["metrics"]["per_seed"], f"{arm}@{lr:g}", key)
 
 
 def _drift_col(results: dict[str, Any], arm: str, lr: float, layer: str, kind: str) -> list[float]:
-    return [float(m[f"{arm}@{lr:g}"]["drift"][layer][kind]) for m in results["metrics"]["per_seed"]]
+    return column(results["metrics"]["per_seed"], f"{arm}@{lr:g}", "drift", layer, kind)
 
 
 def _pct(v: Sequence[float]) -> str:

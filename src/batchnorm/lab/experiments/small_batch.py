@@ -30,12 +30,13 @@ from ... import GhostBatchNorm1d
 from .._stacked_nets import train_together
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..experiment import Experiment, claim, per_seed_values
+from ..experiment import Experiment, claim, column, per_seed_values
 from ..models import MLP, ConvNet
 from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
 from ..progress import Progress
 from ..training import TrainSpec, evaluate, minibatches
 from ..verdict import part
+from ._calibration import CALIBRATION_SEED, calibration_split
 
 ID = "small-batch"
 DESCRIPTION = "Wu & He 2018 / Ioffe 2017: test error vs BN group size (32..2) and non-i.i.d. groups for BN, Batch Renorm, Ghost BN, Group Norm"
@@ -103,9 +104,6 @@ _NORMS = ("bn", "brn", "ghost", "gn")
 _LABELS = {"bn": "BN (per-group stats)", "brn": "Batch Renorm", "ghost": "Ghost BN", "gn": "Group Norm"}
 _COLORS = {"bn": "tab:blue", "brn": "tab:green", "ghost": "tab:purple", "gn": "tab:orange"}
 _GROUP_SIZES = {"tiny": (32, 2), "quick": (32, 8, 2), "full": (32, 16, 8, 4, 2)}
-
-CALIBRATION_SEED = 1000
-"""The seed of the calibration run that fixes the step count (never judged)."""
 
 # Step counts from ``calibrate_steps`` on CALIBRATION_SEED (the rule is Settings.steps_rule), the
 # same rule on both data sets (MNIST-1D: 74 s on one core; it had used 2,400 steps chosen by hand):
@@ -177,7 +175,7 @@ def _steps_rule(data_name: str, steps: int) -> str:
     before = _HAND_CHOSEN_BEFORE.get(data_name)
     earlier = f" (before this calibration, {before:,} steps chosen by hand on seed 0 were used)" if before else ""
     return (
-        f"calibration on seed {CALIBRATION_SEED} (its own split: 80% of its training set trains, 20% validates; "
+        f"calibration on seed {CALIBRATION_SEED} (its own split: a stratified 80% of its training set trains, 20% validates; "
         "no test image): BN with m = 32 and Group Norm trained for up to 4x a default of 1,200 steps with "
         "validation checkpoints every 5% of that; steps = the first checkpoint at which BOTH reach within 1 pp of "
         f"their best validation error, rounded up to a multiple of 100; gave {steps} on {data_name}{earlier}"
@@ -189,28 +187,16 @@ def calibrate_steps(
 ) -> dict[str, Any]:
     """The step-count rule (``Settings.steps_rule``) run on ``CALIBRATION_SEED``.
 
-    Trains BN (m = 32) and Group Norm on 80% of the calibration seed's training set and
-    validates on the other 20% every ``every`` steps up to ``max_steps``; returns
+    Trains BN (m = 32) and Group Norm on the calibration split (``calibration_split``: a
+    stratified 80% of the calibration seed's training set) and validates on the other 20% every ``every`` steps up to ``max_steps``; returns
     ``{"steps", "curves": {"bn": [...], "gn": [...]}, "checkpoints": [...]}`` where ``steps`` is
     the first checkpoint at which both validation errors are within ``tolerance_pp`` of their
     own best, rounded up to a multiple of 100.
     """
     from ..datasets import load
 
-    full = load(data_name, CALIBRATION_SEED)
-    n = full.train_x.shape[0]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(CALIBRATION_SEED))
-    cut = int(0.8 * n)
-    train_idx, val_idx = perm[:cut], perm[cut:]
-    data = Dataset(
-        full.name,
-        full.train_x[train_idx],
-        full.train_y[train_idx],
-        full.train_x[val_idx],
-        full.train_y[val_idx],
-        input_shape=full.input_shape,
-        classes=full.classes,
-    )
+    data = calibration_split(load(data_name, CALIBRATION_SEED), CALIBRATION_SEED)
+    cut = data.train_x.shape[0]
     s = _settings_for(data_name, "quick", steps=max_steps)
     arms = [
         [_model(data, s, _norm_factory("bn", s.batch_size, s), CALIBRATION_SEED)],
@@ -425,7 +411,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
         return per_seed_values(results, lambda m: _iid(m, norm, size, batch))
 
     def ni(norm: str) -> list[float]:
-        return per_seed_values(results, lambda m: float(m["non_iid"][norm]["test_error"]))
+        return column(results["metrics"]["per_seed"], "non_iid", norm, "test_error")
 
     def mean(v: Sequence[float]) -> float:
         return float(np.mean(v))
