@@ -18,7 +18,7 @@ Conventions:
   keeps the weights that gave that loss (no update is made at step t), ``steps_done`` is
   t - 1 and ``losses`` ends with the non-finite value. In a loop that trains several seeds
   together the other seeds go on untouched (the stopped seed's share of the merged layers is
-  only kept finite). Experiments report such a run as diverged, never as an accuracy. Our
+  only kept finite). Our
   BatchNorm's "non-finite batch" warning is silenced inside the loops, since divergence is an
   expected outcome there;
 - the number of torch threads is never changed here (the runner may do it for a whole run).
