@@ -38,7 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p_run.add_argument("ids", nargs="+", metavar="ID", help="experiment ids, or `all`")
     mode = p_run.add_mutually_exclusive_group()
     mode.add_argument(
-        "--quick", action="store_const", const="quick", dest="mode", help="scaled-down run (about a minute each)"
+        "--quick",
+        action="store_const",
+        const="quick",
+        dest="mode",
+        help="scaled-down run (seconds to minutes each: seeds are added until the claims are settled)",
     )
     mode.add_argument("--tiny", action="store_const", const="tiny", dest="mode", help=argparse.SUPPRESS)
     p_run.set_defaults(mode="full")
