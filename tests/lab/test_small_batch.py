@@ -116,11 +116,11 @@ def test_non_iid_groups_hold_two_classes_with_two_examples_each() -> None:
 
 
 @pytest.mark.slow
-def test_quick_mode_claims_on_digits_seeds_0_to_2(tmp_path: Path) -> None:
+def test_quick_mode_claims_on_digits_base_seed_0(tmp_path: Path) -> None:
     results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
-    verdicts = [c["verdict"] for c in results["claims"]]
-    assert results["metrics"]["seeds"] == [0, 1, 2] and len(verdicts) == 5
-    assert "does not hold" not in verdicts, results["claims"]
+    claims = results["claims"]
+    assert [c["verdict"] for c in claims] == ["holds"] * 5, claims
+    assert [c["n_seeds"] for c in claims] == [8, 4, 4, 8, 4], claims
 
 
 def _synthetic(
