@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from batchnorm.lab.config import RunConfig
-from batchnorm.lab.experiments import placement as exp
 from batchnorm.lab.experiment import first_reaching
+from batchnorm.lab.experiments import placement as exp
 from batchnorm.lab.runner import run_one
 
 
