@@ -129,8 +129,13 @@ def _margin(p: Part, v: Verdict) -> float:
 
 def _why(name: str, parts: Sequence[Part], verdicts: Sequence[Verdict], plan: SeedPlan) -> tuple[str, Part, Verdict]:
     """Why the claim got its verdict, in words, and the part that decides it (the first part
-    that does not hold or is undecided; the first part when all hold)."""
+    that does not hold; for an undecided claim the first undecided part that more seeds could
+    not settle, else the first undecided part; the first part when all hold)."""
     k = next((i for i, v in enumerate(verdicts) if v.verdict == name), 0)
+    if name == "inconclusive":
+        k = next(
+            (i for i, v in enumerate(verdicts) if v.verdict == name and not could_settle(parts[i], v, plan.cap)), k
+        )
     p, v = parts[k], verdicts[k]
     n = len(v.seeds)
     which = f"part {k + 1} ({_direction(p)})" if len(parts) > 1 else _direction(p)
