@@ -13,7 +13,7 @@ import torch
 
 from batchnorm.lab.config import RunConfig
 from batchnorm.lab.datasets import load
-from batchnorm.lab.experiment import SEEDS_PER_MODE
+from batchnorm.lab.experiment import SEED_PLANS
 from batchnorm.lab.experiments import lr_sweep, santurkar2018_landscape, santurkar2018_noisy
 from batchnorm.lab.experiments._calibration import CALIBRATION_SEED, calibration_split, epochs_to_steps
 
@@ -64,7 +64,7 @@ def test_step_rule_is_the_same_number_of_epochs_on_every_data_set(module: object
 
 
 def test_calibration_seed_is_never_a_claim_seed() -> None:
-    assert CALIBRATION_SEED >= 1000 > max(SEEDS_PER_MODE.values())
+    assert CALIBRATION_SEED >= 1000 > max(p.cap for p in SEED_PLANS.values())
     with pytest.raises(ValueError, match="calibration seed"):
         santurkar2018_noisy.EXPERIMENT.run(RunConfig(mode="tiny", seeds=(CALIBRATION_SEED,)), None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="calibration seed"):

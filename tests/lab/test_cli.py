@@ -62,6 +62,7 @@ def test_empty_report_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[
         ["lab", "run", "ioffe2015-fig1", "--seed", "-1"],
         ["lab", "run", "ioffe2015-fig1", "--quick", "--tiny"],
         ["lab", "run"],
+        ["lab", "run", "all", "--jobs", "0"],
     ],
 )
 def test_bad_options_exit_2(argv: list[str]) -> None:
@@ -184,6 +185,56 @@ def test_one_line_as_each_experiment_finishes(
     assert main(["lab", "run", "bias", "dropout", "--quick", "--out", str(tmp_path)]) == 0
     rest = capsys.readouterr().out
     assert seen_before["bias"] == ""
-    assert seen_before["dropout"].startswith("[1/2] bias: 1/1 claims hold, 1.5 s -> ")
-    assert rest.startswith("[2/2] dropout: 1/1 claims hold") and "index: " in rest
+    assert seen_before["dropout"].startswith("[1/2] bias: 1 replication holds, 1.5 s -> ")
+    assert rest.startswith("[2/2] dropout: 1 replication holds") and "index: " in rest
+    assert "all: 2 replications hold" in rest
     assert (tmp_path / "index.html").is_file()
+
+
+def test_summary_counts_identities_apart_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from batchnorm.lab import runner
+    from batchnorm.lab.results import save_results
+
+    claims = [
+        {"claim": "a", "verdict": "holds", "holds": True, "evidence": "e", "kind": "identity"},
+        {"claim": "b", "verdict": "inconclusive", "holds": False, "evidence": "e", "why": "the interval contains 0"},
+        {"claim": "c", "verdict": "does not hold", "holds": False, "evidence": "e"},
+    ]
+
+    def fake_run_one(experiment_id: str, cfg: object, progress: object = None, **kwargs: object) -> dict[str, object]:
+        results = {
+            "id": experiment_id,
+            "claims": claims,
+            "metrics": {"seeds": [0, 1, 2, 3]},
+            "wall_time_s": 2.0,
+            "run": {"mode": "quick", "seed": 0, "data": "digits"},
+        }
+        save_results(tmp_path / experiment_id, results)
+        return results
+
+    monkeypatch.setattr(runner, "run_one", fake_run_one)
+    assert main(["lab", "run", "bias", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    head = "[1/1] bias: 2 replications: 0 hold, 1 do not hold, 1 inconclusive; 1 identity holds; 4 seeds, 2.0 s"
+    assert out.startswith(head), out
+    assert "inconclusive: b (e; the interval contains 0)" in out
+
+
+def test_jobs_run_experiments_in_parallel_with_the_same_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = ["bias", "goodfellow-chain"]
+    assert main(["lab", "run", *ids, "--tiny", "--jobs", "2", "--out", str(tmp_path / "par")]) == 0
+    out = capsys.readouterr().out
+    assert sorted(line.split(":")[0] for line in out.splitlines() if line.startswith("[")) == [
+        "[1/2] bias",
+        "[2/2] goodfellow-chain",
+    ]
+    assert main(["lab", "run", *ids, "--tiny", "--out", str(tmp_path / "seq")]) == 0
+    from batchnorm.lab.results import load_results
+
+    for e in ids:
+        par, seq = load_results(tmp_path / "par" / e), load_results(tmp_path / "seq" / e)
+        assert par["metrics"] == seq["metrics"] and par["claims"] == seq["claims"]

@@ -33,7 +33,7 @@ def test_calibration_rule_doubles_the_slowest_arm_and_caps(
     monkeypatch.setattr(exp, "_train_arm", fake_train_arm)
     s = exp._calibrate(exp.EXPERIMENT.settings(RunConfig(mode="quick")), RunConfig(mode="quick"), Progress())
     assert s.steps == expected
-    assert all(g == [exp._CALIBRATION_SEED] and stop for g, stop in calls) and len(calls) == 6
+    assert all(g == [exp.CALIBRATION_SEED] and stop for g, stop in calls) and len(calls) == 6
     never = s.max_steps + s.calibration_every
     assert s.calibration_fit_steps == {
         name: (fit[name] if fit.get(name, 100) is not None else never) if name in fit else 100 for name in s.arms
@@ -42,7 +42,7 @@ def test_calibration_rule_doubles_the_slowest_arm_and_caps(
 
 def test_the_calibration_seed_is_never_a_claim_seed(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="calibration seed"):
-        exp.EXPERIMENT.run(RunConfig(mode="tiny", seeds=(5, exp._CALIBRATION_SEED), out=tmp_path), Progress())
+        exp.EXPERIMENT.run(RunConfig(mode="tiny", seeds=(5, exp.CALIBRATION_SEED), out=tmp_path), Progress())
 
 
 def test_tiny_run_records_the_rule_and_claims_read_every_seed(tmp_path: Path) -> None:
@@ -61,8 +61,11 @@ def test_tiny_run_records_the_rule_and_claims_read_every_seed(tmp_path: Path) ->
 
 
 @pytest.mark.slow
-def test_quick_mode_on_digits_seeds_0_to_2(tmp_path: Path) -> None:
-    """No claim is refuted on the digits; every arm fits its training set."""
+def test_quick_mode_on_digits_base_seed_0(tmp_path: Path) -> None:
+    """Four claims hold; "dropout 0.5 on top of BN gains < 1 pp" sits at its threshold (about
+    +0.7 pp) and the run stops at 8 seeds, since 16 could not settle it; every arm fits."""
     results = run_one(exp.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
-    assert "does not hold" not in [c["verdict"] for c in results["claims"]], results["claims"]
+    claims = results["claims"]
+    assert [c["verdict"] for c in claims] == ["holds", "holds", "holds", "inconclusive", "holds"], claims
+    assert results["metrics"]["seeds"] == list(range(8)) and not claims[3]["could_settle"]
     assert min(min(m[arm]["train_acc"]) for m in results["metrics"]["per_seed"] for arm in m) >= 0.97

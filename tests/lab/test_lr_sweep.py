@@ -48,10 +48,11 @@ def test_calibration_fixes_the_rates_and_claims_judge_each_seed(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_quick_mode_on_digits_seeds_0_to_2(tmp_path: Path) -> None:
-    """No claim is refuted on digits seeds 0-2, and the activation-growth claim holds."""
+def test_quick_mode_on_digits_base_seed_0(tmp_path: Path) -> None:
+    """Three claims hold; the 50-point failure margin at 10x the best rate stays undecided at the cap
+    (estimate about 58 points, the interval reaching below 50)."""
     results = run_one(exp.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
-    verdicts = [c["verdict"] for c in results["claims"]]
-    assert results["metrics"]["seeds"] == [0, 1, 2]
-    assert "does not hold" not in verdicts, results["claims"]
-    assert verdicts[2] == "holds", results["claims"]
+    claims = results["claims"]
+    assert [c["verdict"] for c in claims] == ["inconclusive", "holds", "holds", "holds"], claims
+    assert [c["n_seeds"] for c in claims] == [16, 8, 16, 8], claims
+    assert claims[0]["margin"] > 0 and "cap" in claims[0]["why"]

@@ -39,7 +39,7 @@ def test_tiny_matrix_counts_each_experiments_verdicts(tmp_path: Path) -> None:
             "--seeds",
             "0-1",
             "--only",
-            "ioffe2015-fig1,bias",
+            "ioffe2015-fig1,bias,goodfellow-chain",
             "--out",
             str(tmp_path),
         ]
@@ -47,12 +47,19 @@ def test_tiny_matrix_counts_each_experiments_verdicts(tmp_path: Path) -> None:
     assert code == 0
     matrix = json.loads((tmp_path / "replication.json").read_text())
     assert matrix["data"] == ["digits", "mnist1d"] and matrix["seeds"] == [0, 1]
-    assert [r["id"] for r in matrix["rows"]] == ["ioffe2015-fig1", "bias"]
+    assert [r["id"] for r in matrix["rows"]] == ["ioffe2015-fig1", "bias", "goodfellow-chain"]
+    # the chain ignores --data: measured once, counted in the first data set's column only
+    assert matrix["data_independent"] == ["goodfellow-chain"]
+    assert list(matrix["rows"][2]["cells"]) == ["digits"] and not (tmp_path / "mnist1d" / "goodfellow-chain").exists()
     for row in matrix["rows"]:
         for data, cell in row["cells"].items():
             saved = json.loads((tmp_path / data / row["id"] / "results.json").read_text())
-            assert cell["holds"] + cell["does_not_hold"] + cell["inconclusive"] == len(saved["claims"])
-            assert cell["holds"] == sum(c["holds"] for c in saved["claims"])
+            # replications and identities of the math are counted apart (bias: identities only)
+            replications = [c for c in saved["claims"] if c["kind"] == "replication"]
+            assert cell["holds"] + cell["does_not_hold"] + cell["inconclusive"] == len(replications)
+            assert cell["holds"] == sum(c["holds"] for c in replications)
+            assert sum(cell["identities"].values()) == len(saved["claims"]) - len(replications)
+            assert (row["id"] == "bias") == (len(replications) == 0)
     assert matrix["rows"][0]["cells"]["digits"]["seeds"] == [0, 1]  # judged over both seeds
     assert matrix["rows"][1]["cells"]["digits"]["seeds"] == [0, 1]  # bias is judged over seeds too
     assert "Replication matrix" in (tmp_path / "index.html").read_text()

@@ -125,6 +125,34 @@ def test_a_diverging_seed_stops_like_train_and_leaves_the_others_alone() -> None
             torch.testing.assert_close(b.state_dict()[key], v, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_after_a_divergence_the_other_seeds_running_statistics_keep_updating(momentum: float) -> None:
+    # the merged BN layer refuses a batch with a non-finite column as a whole: the diverged
+    # seed's slices are silenced (neutral, finite), so only the step of the divergence is lost
+    spec = TrainSpec(steps=20, batch_size=8, lr=0.1, momentum=momentum)
+    data = [_data(s) for s in SEEDS]
+    alone = _models("bn")
+    with torch.no_grad():
+        alone[1].blocks[0].layer.weight[0, 0] = float("inf")  # seed 1 diverges at step 1
+    together = copy.deepcopy(alone)
+    ref = [train(m, x, y, spec, generator=torch.Generator().manual_seed(s)) for m, (x, y), s in zip(alone, data, SEEDS)]
+    res = train_stacked(
+        together,
+        [x for x, _ in data],
+        [y for _, y in data],
+        spec,
+        generators=[torch.Generator().manual_seed(s) for s in SEEDS],
+    )
+    assert ref[1].diverged_at == res[1].diverged_at == 1 and not res[0].diverged and not res[2].diverged
+    for a, b in zip(alone, together):  # training-mode weights do not depend on running statistics
+        for (key, v), w in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(w, v, rtol=1e-4, atol=1e-5, equal_nan=True, msg=key)
+    for k in (0, 2):
+        bn = together[k].blocks[0].norm
+        assert int(bn.num_batches_tracked) == spec.steps - 1
+        assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+
+
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="dropout"):
         StackedMLP([MLP(4, [3], 2, dropout=0.5)])

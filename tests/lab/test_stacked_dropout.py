@@ -67,6 +67,45 @@ def test_without_dropout_equals_training_each_seed_alone(norm: str | None, fixed
     assert not torch.allclose(together[0].head.weight, together[1].head.weight)
 
 
+@pytest.mark.parametrize("norm", ["bn", None])
+def test_a_diverging_seed_follows_the_divergence_rule_of_train(norm: str | None) -> None:
+    # the lab's one divergence rule (training.py): a seed stops at its first non-finite loss and
+    # keeps the weights that gave it; the other seeds train on as alone, and a merged norm layer
+    # goes on updating their running statistics (only the step of the divergence is refused)
+    spec = TrainSpec(steps=25, batch_size=8, lr=0.2)
+    data = [_data(s) for s in SEEDS]
+    alone = _models(norm)
+    with torch.no_grad():
+        alone[1].blocks[0].layer.weight[0, 0] = float("inf")  # seed 1 diverges at step 1
+    together = copy.deepcopy(alone)
+    ref = [
+        train(
+            m, x, y, spec, generator=torch.Generator(), batches=minibatches(40, 8, torch.Generator().manual_seed(s + 1))
+        )
+        for m, (x, y), s in zip(alone, data, SEEDS)
+    ]
+    res = train_stacked_dropout(
+        together,
+        [x for x, _ in data],
+        [y for _, y in data],
+        spec,
+        p=0.0,
+        batches=[minibatches(40, 8, torch.Generator().manual_seed(s + 1)) for s in SEEDS],
+        mask_generator=torch.Generator().manual_seed(0),
+        checkpoints=range(0, 26, 5),
+    )
+    assert ref[1].diverged_at == res[1].diverged_at == 1 and res[1].steps_done == ref[1].steps_done == 0
+    assert not res[0].diverged and not res[2].diverged
+    for a, b in zip(alone, together):
+        for (key, v), w in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(w, v, rtol=1e-4, atol=1e-5, equal_nan=True, msg=key)
+    if norm == "bn":
+        for k in (0, 2):
+            bn = together[k].blocks[0].norm
+            assert int(bn.num_batches_tracked) == spec.steps - 1  # not frozen after the divergence
+            assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+
+
 def test_dropout_forward_is_the_masked_forward() -> None:
     models = _models(None)
     stacked = StackedDropoutMLP(models, 0.4, torch.Generator().manual_seed(7))

@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..cli._util import CliError, check_output_dir, require
 
@@ -41,7 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p_run.add_argument("ids", nargs="+", metavar="ID", help="experiment ids, or `all`")
     mode = p_run.add_mutually_exclusive_group()
     mode.add_argument(
-        "--quick", action="store_const", const="quick", dest="mode", help="scaled-down run (about a minute each)"
+        "--quick",
+        action="store_const",
+        const="quick",
+        dest="mode",
+        help="scaled-down run (seconds to minutes each: seeds are added until the claims are settled)",
     )
     mode.add_argument("--tiny", action="store_const", const="tiny", dest="mode", help=argparse.SUPPRESS)
     p_run.set_defaults(mode="full")
@@ -53,6 +58,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=Path("runs"),
         help="output root (default runs/): each experiment writes OUT/ID/ (results.json, figures, report.html); "
         "several write OUT/index.html",
+    )
+    p_run.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        help="experiments run at once, each in its own process with one thread (default 1; 2 on 2 cores "
+        "halves `all`'s time; a line is printed as each finishes, no progress bars)",
     )
     p_run.set_defaults(func=_cmd_run)
 
@@ -89,6 +101,13 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 
@@ -140,7 +159,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .datasets import load, parse_spec
     from .progress import Eta, for_stderr
     from .report import write_index
-    from .runner import ExperimentFailed, experiment_dir, run_one
+    from .results import count_claims, describe_counts
+    from .runner import ExperimentFailed, experiment_dir, run_parallel
 
     try:
         parse_spec(args.data)
@@ -157,33 +177,49 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     failed = 0
-    # quick-mode times are measured; other modes learn their scale from the first experiment
-    eta = Eta([quick_seconds(i) for i in ids], trusted=args.mode == "quick")
-    for i, experiment_id in enumerate(ids):
-        eta.start(i)
-        progress = for_stderr(
-            f"[{i + 1}/{len(ids)}] {experiment_id}", expected_s=_expected(eta, i), eta=eta if len(ids) > 1 else None
-        )
-        progress.note("started")
-        try:
-            results = run_one(experiment_id, cfg, progress)
-        except ExperimentFailed as err:  # one line; the other experiments still run
+    all_claims: list[dict[str, Any]] = []
+    if args.jobs > 1 and len(ids) > 1:
+        outcomes = run_parallel(ids, cfg, args.jobs)
+    else:
+        # quick-mode times are measured; other modes learn their scale from the first experiment
+        eta = Eta([quick_seconds(i) for i in ids], trusted=args.mode == "quick")
+
+        def sequential() -> Iterator[tuple[int, str, Any]]:
+            for i, experiment_id in enumerate(ids):
+                eta.start(i)
+                progress = for_stderr(
+                    f"[{i + 1}/{len(ids)}] {experiment_id}",
+                    expected_s=_expected(eta, i),
+                    eta=eta if len(ids) > 1 else None,
+                )
+                progress.note("started")
+                yield i, experiment_id, _run_or_error(experiment_id, cfg, progress)
+
+        outcomes = sequential()
+    for i, _experiment_id, results in outcomes:
+        if isinstance(results, ExperimentFailed):  # one line; the other experiments still run
             failed += 1
-            print(f"batchnorm: error: [{i + 1}/{len(ids)}] {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+            print(
+                f"batchnorm: error: [{i + 1}/{len(ids)}] {' '.join(str(results).split())}", file=sys.stderr, flush=True
+            )
             continue
         # one line as each experiment finishes (flushed: logs of CI and nohup runs show it at once)
         claims = results.get("claims", [])
-        held = sum(1 for c in claims if c.get("holds"))
+        all_claims.extend(claims)
+        n_seeds = len(results.get("metrics", {}).get("seeds") or [])
+        seeds = f"; {n_seeds} seeds" if n_seeds else ""
         print(
-            f"[{i + 1}/{len(ids)}] {results['id']}: {held}/{len(claims)} claims hold, {results['wall_time_s']:.1f} s -> "
-            f"{experiment_dir(cfg.out, results['id']) / 'report.html'}",
+            f"[{i + 1}/{len(ids)}] {results['id']}: {describe_counts(count_claims(claims))}{seeds}, "
+            f"{results['wall_time_s']:.1f} s -> {experiment_dir(cfg.out, results['id']) / 'report.html'}",
             flush=True,
         )
         for c in claims:
             if not c.get("holds"):
-                print(f"  {c.get('verdict', 'does not hold')}: {c.get('claim')} ({c.get('evidence')})", flush=True)
+                why = f"; {c['why']}" if c.get("why") else ""
+                print(f"  {c.get('verdict', 'does not hold')}: {c.get('claim')} ({c.get('evidence')}{why})", flush=True)
     if len(ids) > 1 or args.ids == ["all"]:
         index = write_index(cfg.out, _saved_results(cfg.out))
+        print(f"all: {describe_counts(count_claims(all_claims))}")
         print(f"index: {index} ({time.perf_counter() - start:.1f} s in all)")
     sys.stdout.flush()
     return 1 if failed else 0
@@ -193,6 +229,16 @@ def _expected(eta: Eta, k: int) -> float | None:
     """Item ``k``'s expected seconds under ``eta``'s current scale (None while unknown)."""
     scale = eta.scale()
     return None if scale is None else eta.expected[k] * scale
+
+
+def _run_or_error(experiment_id: str, cfg: Any, progress: Any) -> Any:
+    """``run_one``'s results, or its ``ExperimentFailed`` (returned, not raised)."""
+    from .runner import ExperimentFailed, run_one
+
+    try:
+        return run_one(experiment_id, cfg, progress)
+    except ExperimentFailed as err:
+        return err
 
 
 def _saved_results(out: Path) -> list[dict[str, object]]:
@@ -233,12 +279,13 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
         raise CliError(str(err)) from None
     ids = _resolve_ids(args.only.split(",")) if args.only else None
     check_output_dir(args.out, "--out")
-    from .experiment import SEEDS_PER_MODE
+    from .experiment import SEED_PLANS
     from .progress import Eta, Progress, for_stderr
     from .registry import ids as all_ids
 
     order = ids if ids is not None else list(all_ids())
-    per_seed = len(seeds) / SEEDS_PER_MODE["quick"]  # quick times are measured with the quick seed count
+    # quick times are measured under the seed plan, which trains at least its first look's seeds
+    per_seed = len(seeds) / SEED_PLANS["quick"].looks[0]
     eta = Eta([quick_seconds(i) * per_seed for _ in datasets for i in order], trusted=args.mode == "quick")
 
     def progress_for(experiment_id: str, k: int, n: int) -> Progress:

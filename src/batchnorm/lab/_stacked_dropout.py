@@ -15,8 +15,9 @@ matmuls, one norm layer over seed-major columns; see ``batchnorm.lab.stacked``),
 
 The models are ordinary ``MLP``s built *without* dropout (``dropout=0``): in eval mode dropout
 is the identity, so evaluating them evaluates the trained dropout networks. Plain SGD only (no
-momentum, no weight decay): a seed whose loss turns non-finite is marked diverged and left
-out of the loss from then on (its parameters are then meaningless).
+momentum, no weight decay). Divergence follows the lab's one rule (``training``): a seed whose
+loss turns non-finite stops, its model keeps the weights that gave that loss, and it leaves the
+loss; its slices of the stacked weights are kept neutral and finite (``StackedMLP.silence``).
 
 Shape: the stacked forward maps (S, B, in_features) -> (S, B, classes).
 """
@@ -87,7 +88,7 @@ def train_stacked_dropout(
         tick: progress sink, one update per step.
 
     Returns:
-        One ``TrainResult`` per seed.
+        One ``TrainResult`` per seed (a diverged seed stops at its first non-finite loss).
     """
     n = len(models)
     if not (len(xs) == len(ys) == len(batches) == n):
@@ -103,13 +104,16 @@ def train_stacked_dropout(
     results = [TrainResult() for _ in range(n)]
     marks = {int(c) for c in checkpoints}
     tick = tick if tick is not None else Tick()
-    alive = list(range(n))
+    stopped: list[int] = []
     stacked.train()
+
+    def alive() -> list[int]:
+        return [k for k in range(n) if k not in stopped]
 
     def checkpoint(step: int) -> bool:
         if step not in marks:
             return False
-        stacked.copy_into(models)
+        stacked.copy_into(models, alive())
         if on_checkpoint is not None:
             on_checkpoint(step)
         return stop is not None and stop(step)
@@ -127,17 +131,22 @@ def train_stacked_dropout(
             xb = torch.stack([x[i] for x, i in zip(xs, idx)])  # (S, B, D)
             yb = torch.stack([y[i] for y, i in zip(ys, idx)])  # (S, B)
             per_seed = F.cross_entropy(stacked(xb).transpose(1, 2), yb, reduction="none").mean(dim=1)  # (S,)
-            for k in record_losses(results, per_seed.detach().tolist(), set(range(n)) - set(alive), step):
-                alive.remove(k)
-            if not alive:
+            newly = record_losses(results, per_seed.detach().tolist(), stopped, step)
+            if newly:
+                stacked.copy_into(models, newly)  # the weights that gave the non-finite loss
+                stopped.extend(newly)
+            running = alive()
+            if not running:
                 break
             opt.zero_grad(set_to_none=True)
-            per_seed[alive].sum().backward()
+            per_seed[running].sum().backward()
             opt.step()
-            for k in alive:
+            if stopped:
+                stacked.silence(stopped)
+            for k in running:
                 results[k].steps_done = step
             tick.update(1)
             if checkpoint(step):
                 break
-    stacked.copy_into(models)
+    stacked.copy_into(models, alive())
     return results

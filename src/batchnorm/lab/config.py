@@ -27,7 +27,8 @@ class RunConfig:
     judged but not expected to hold)."""
 
     seed: int = 0
-    """Seeds the data split, the initialization and the minibatch order."""
+    """The base seed: the first of the seeds a run judges its claims on (each seed fixes its data
+    split, initialization and minibatch order)."""
 
     data: str = "digits"
     """Dataset spec for ``batchnorm.lab.datasets.load``: ``digits``, ``mnist1d`` or
@@ -38,8 +39,9 @@ class RunConfig:
     """Output root; the experiment's files go to ``out/<experiment id>/``."""
 
     seeds: tuple[int, ...] | None = None
-    """The seeds every claim is judged over (distinct, non-negative). ``None``: the mode's
-    number of consecutive seeds from ``seed`` (``experiment.SEEDS_PER_MODE``)."""
+    """The seeds every claim is judged over (distinct, non-negative), in one look at 95%.
+    ``None``: the mode's seed plan (``experiment.SEED_PLANS``), consecutive seeds from ``seed``
+    added in blocks until the claims are settled."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -22,27 +22,54 @@ calls ``run_seeds`` (by default ``run_seed`` per seed) and stores ``metrics = {"
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from .config import RunConfig
 from .datasets import Dataset, load
 from .progress import Progress
-from .verdict import Verdict, combine, judge
+from .results import to_jsonable
+from .verdict import Part, SeedPlan, Verdict, _level, could_settle, judge_sequential, part
 
-__all__ = ["Experiment", "SEEDS_PER_MODE", "claim", "load_for", "per_seed_values", "seeds_for"]
+__all__ = [
+    "SEED_PLANS",
+    "Experiment",
+    "claim",
+    "column",
+    "first_reaching",
+    "load_for",
+    "per_seed_values",
+    "plan_for",
+    "plan_of",
+    "seeds_for",
+]
 
-SEEDS_PER_MODE: dict[str, int] = {"tiny": 2, "quick": 3, "full": 5}
-"""Seeds per claim: tiny 2 (a smoke test: the interval exists but is wide), quick 3, full 5."""
+SEED_PLANS: dict[str, SeedPlan] = {
+    "tiny": SeedPlan((2,)),
+    "quick": SeedPlan((4, 8, 16)),
+    "full": SeedPlan((5, 10, 20)),
+}
+"""Each mode's seed plan (``verdict.SeedPlan``), fixed before any run: tiny judges 2 seeds once (a
+smoke test: the interval exists but is wide); quick judges the first 4, 8, then 16 seeds and
+full the first 5, 10, then 20, each look at level 1 - 0.05 / 3 = 98.3%. A run trains the next
+block of seeds only while one of its claims is still inconclusive."""
+
+
+def plan_for(cfg: RunConfig) -> SeedPlan:
+    """The run's seed plan: one look over ``cfg.seeds`` when given, else the mode's plan."""
+    if cfg.seeds is not None:
+        return SeedPlan((len(cfg.seeds),))
+    return SEED_PLANS[cfg.mode]
 
 
 def seeds_for(cfg: RunConfig) -> tuple[int, ...]:
-    """The seeds of a run: ``cfg.seeds`` when given, else ``SEEDS_PER_MODE[cfg.mode]``
+    """Every seed a run may train, in order: ``cfg.seeds`` when given, else the plan's cap of
     consecutive seeds from ``cfg.seed``."""
     if cfg.seeds is not None:
         return tuple(cfg.seeds)
-    return tuple(range(cfg.seed, cfg.seed + SEEDS_PER_MODE[cfg.mode]))
+    return tuple(range(cfg.seed, cfg.seed + plan_for(cfg).cap))
 
 
 def load_for(cfg: RunConfig, seed: int) -> Dataset:
@@ -55,6 +82,99 @@ def per_seed_values(results: dict[str, Any], read: Callable[[dict[str, Any]], fl
     return [float(read(m)) for m in results["metrics"]["per_seed"]]
 
 
+def column(rows: Sequence[Mapping[str, Any]], *keys: str) -> list[float]:
+    """One number per seed: ``[float(row[keys[0]][keys[1]]...) for row in rows]`` (``rows``:
+    one mapping per seed, e.g. ``results["metrics"]["per_seed"]`` or quantities derived from it)."""
+    out = []
+    for row in rows:
+        value: Any = row
+        for key in keys:
+            value = value[key]
+        out.append(float(value))
+    return out
+
+
+def first_reaching(steps: Sequence[int], values: Sequence[float], level: float) -> float:
+    """The first checkpoint step (> 0) whose value is >= ``level``; a run that never reaches it
+    counts as reaching it one checkpoint interval after its last checkpoint (a lower bound on
+    its true step, so a speed-up measured against it is conservative)."""
+    if not steps or len(steps) != len(values):
+        raise ValueError(f"first_reaching: expected as many values as steps (>= 1), got {len(values)} and {len(steps)}")
+    for step, v in zip(steps, values):
+        if step > 0 and v >= level:
+            return float(step)
+    return float(steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1))
+
+
+def _direction(p: Part) -> str:
+    """``"a - b >= 0"``-style statement of a part's claimed side."""
+    quantity = "a / b" if (p.b is not None and p.effect == "ratio") else ("a - b" if p.b is not None else "value")
+    if p.above is not None and p.below is not None:
+        return f"{p.above:g} <= {quantity} <= {p.below:g}"
+    if p.above is not None:
+        return f"{quantity} >= {p.above:g}"
+    return f"{quantity} <= {p.below:g}"
+
+
+def _margin(p: Part, v: Verdict) -> float:
+    """How far the estimate lies from the nearest threshold, in the effect's units: positive
+    on the claimed side (inside the band), negative on the other."""
+    sides = []
+    if p.above is not None:
+        sides.append(v.estimate - p.above)
+    if p.below is not None:
+        sides.append(p.below - v.estimate)
+    return float(min(sides))
+
+
+def _why(name: str, parts: Sequence[Part], verdicts: Sequence[Verdict], plan: SeedPlan) -> tuple[str, Part, Verdict]:
+    """Why the claim got its verdict, in words, and the part that decides it (the first part
+    that does not hold; for an undecided claim the first undecided part that more seeds could
+    not settle, else the first undecided part; the first part when all hold)."""
+    k = next((i for i, v in enumerate(verdicts) if v.verdict == name), 0)
+    if name == "inconclusive":
+        k = next(
+            (i for i, v in enumerate(verdicts) if v.verdict == name and not could_settle(parts[i], v, plan.cap)), k
+        )
+    p, v = parts[k], verdicts[k]
+    n = len(v.seeds)
+    which = f"part {k + 1} ({_direction(p)})" if len(parts) > 1 else _direction(p)
+    if v.zero_spread:
+        where = {"holds": "on the claimed side", "does not hold": "on the other side"}.get(name, "at the threshold")
+        return f"{which}: the same value, {v.estimate:.4g}, on all {n} seeds (zero spread), {where}", p, v
+    lo, hi = v.interval
+    interval = f"the {_level(v.confidence)} interval [{lo:.4g}, {hi:.4g}] over {n} seeds"
+    if name == "holds":
+        every = "every part holds; " if len(parts) > 1 else ""
+        return f"{every}{which}: {interval} lies on the claimed side", p, v
+    if name == "does not hold":
+        return f"{which}: {interval} lies entirely on the other side of the threshold", p, v
+    margin = _margin(p, v)
+    half = (hi - lo) / 2
+    at_cap = (
+        "the seed plan's cap"
+        if n >= plan.cap
+        else f"no more seeds: at this spread even {plan.cap} seeds would leave the threshold inside the interval"
+    )
+    side = "on the claimed side" if margin >= 0 else "on the other side"
+    return (
+        f"{which}: {interval} ({at_cap}) contains a threshold; the estimate {v.estimate:.4g} is {abs(margin):.3g} "
+        f"{side} of it, {abs(margin) / half if half > 0 else math.inf:.2f} of the interval's half-width",
+        p,
+        v,
+    )
+
+
+def plan_of(results: dict[str, Any]) -> SeedPlan:
+    """The seed plan saved in ``results`` (``metrics["plan"]``), else a fixed design over all the
+    run's seeds."""
+    metrics = results["metrics"]
+    saved = metrics.get("plan")
+    if saved is None:
+        return SeedPlan((len(metrics["seeds"]),))
+    return SeedPlan(tuple(int(n) for n in saved["looks"]), float(saved.get("alpha", 0.05)))
+
+
 def claim(
     statement: str,
     *,
@@ -64,47 +184,70 @@ def claim(
     above: float | None = None,
     below: float | None = None,
     effect: Literal["difference", "ratio"] = "difference",
-    paired: bool = True,
     expected: str,
     source: str,
     evidence: str,
-    also: Sequence[Verdict] = (),
+    also: Sequence[Part] = (),
+    kind: Literal["replication", "identity"] = "replication",
 ) -> dict[str, Any]:
-    """One claim, judged over the run's seeds by ``verdict.judge`` (see there for the rule).
+    """One claim, judged over the run's seeds by the saved seed plan (``verdict.judge_sequential``;
+    see ``verdict`` for the rule and its error control).
 
     Args:
         statement: the claim in words, with its direction and threshold.
-        results: the saved results (its ``metrics["seeds"]`` are the seeds of ``a``, ``b``).
-        a, b, above, below, effect, paired: passed to ``judge``.
+        results: the saved results (its ``metrics["seeds"]`` are the seeds of ``a``, ``b``, in
+            order; ``metrics["plan"]`` the seed plan, else one look over all seeds).
+        a, b, above, below, effect: the claim's first part (``verdict.part``; paired arms).
         expected: the effect size the paper reports (e.g. "BN 3x fewer steps").
         source: where that number comes from (the paper's table or figure).
         evidence: what this run measured, in words.
-        also: further parts of the same claim that must hold too (``judge`` results); the
-            verdict is ``combine`` of all parts, the estimate and interval are the first part's.
+        also: further parts of the same claim that must hold too (``verdict.part``), judged at
+            the same looks; the verdict is ``combine`` of all parts, the estimate and interval
+            are the first part's.
+        kind: ``"replication"`` (a measured effect that could come out either way) or
+            ``"identity"`` (a consequence of the math, checked numerically); counted apart.
 
     Returns:
-        ``{"claim", "holds", "verdict", "estimate", "interval", "seeds", "method", "direction",
-        "expected", "source", "evidence"}`` (``holds`` is True only for ``holds``).
+        ``{"claim", "holds", "verdict", "estimate", "interval", "seeds", "method", "confidence",
+        "zero_spread", "direction", "expected", "source", "evidence", "kind", "rule", "n_seeds",
+        "threshold", "margin", "why", "parts"}``: ``holds`` is True only for ``holds``;
+        ``seeds``/``n_seeds`` the seeds of the deciding look; ``threshold`` the first part's
+        (a number, or ``[above, below]`` for a band); ``margin`` the deciding part's estimate
+        minus its nearest threshold (positive on the claimed side); ``why`` the verdict in
+        words; ``parts`` every part's verdict and direction; ``could_settle`` whether an
+        inconclusive claim's parts could still be decided by the plan's cap (``verdict.could_settle``).
     """
+    if kind not in ("replication", "identity"):
+        raise ValueError(f"claim: expected kind 'replication' or 'identity', got {kind!r}")
     seeds = [int(s) for s in results["metrics"]["seeds"]]
-    main = judge(a, b, seeds=seeds, above=above, below=below, effect=effect, paired=paired)
-    name = combine([main, *also]) if also else main.verdict
-    quantity = "a / b" if (b is not None and effect == "ratio") else ("a - b" if b is not None else "value")
-    if above is not None and below is not None:
-        direction = f"{above:g} <= {quantity} <= {below:g}"
-    elif above is not None:
-        direction = f"{quantity} >= {above:g}"
-    else:
-        direction = f"{quantity} <= {below:g}"
+    plan = plan_of(results)
+    parts = [part(a, b, above=above, below=below, effect=effect), *also]
+    name, verdicts = judge_sequential(parts, seeds, plan)
+    why, deciding, deciding_v = _why(name, parts, verdicts, plan)
+    main = verdicts[0]
+    threshold: float | list[float] = (
+        [float(above), float(below)]
+        if above is not None and below is not None
+        else float(above if below is None else below)  # type: ignore[arg-type]
+    )
     return {
         **main.to_json(),
         "claim": statement,
         "holds": name == "holds",
         "verdict": name,
-        "direction": direction,
+        "direction": _direction(parts[0]),
         "expected": expected,
         "source": source,
         "evidence": evidence,
+        "kind": kind,
+        "rule": plan.describe(),
+        "n_seeds": len(main.seeds),
+        "threshold": threshold,
+        "margin": _margin(deciding, deciding_v),
+        "why": why,
+        "parts": [{**v.to_json(), "direction": _direction(p)} for p, v in zip(parts, verdicts)],
+        "could_settle": name == "inconclusive"
+        and all(could_settle(p, v, plan.cap) for p, v in zip(parts, verdicts) if v.verdict == "inconclusive"),
     }
 
 
@@ -125,11 +268,25 @@ class Experiment:
         across arms); returns the seed's JSON-ready metrics."""
         raise NotImplementedError
 
+    def prepare(self, cfg: RunConfig, settings: Any, progress: Progress) -> Any:
+        """The settings the seeds are run with, from ``settings(cfg)``; experiments that
+        calibrate a setting on the calibration seed override this (default: unchanged)."""
+        return settings
+
+    def load_seed(self, cfg: RunConfig, settings: Any, seed: int) -> Any:
+        """Seed ``seed``'s data (default: its split of the run's data set, ``load_for``; an
+        experiment on its own synthetic data returns that)."""
+        return load_for(cfg, seed)
+
+    def describe_data(self, settings: Any, first: Any) -> dict[str, Any]:
+        """What results.json records about the data (``first``: the first seed's)."""
+        return {**first.describe(), "split": "each seed draws its own train/test split"}
+
     def run_seeds(
-        self, settings: Any, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+        self, settings: Any, data: Sequence[Any], seeds: Sequence[int], progress: Progress
     ) -> list[dict[str, Any]]:
-        """Every seed's metrics (``data[k]`` is seed ``seeds[k]``'s split). The default calls
-        ``run_seed`` once per seed; experiments that train their seeds together override it."""
+        """Every seed's metrics (``data[k]``: seed ``seeds[k]``'s ``load_seed``). The default
+        calls ``run_seed`` once per seed; experiments that train their seeds together override it."""
         return [self.run_seed(settings, d, seed, progress) for d, seed in zip(data, seeds)]
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -141,14 +298,34 @@ class Experiment:
         raise NotImplementedError
 
     def run(self, cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-        """Every seed of ``seeds_for(cfg)``: load its data split, ``run_seed``; returns
-        ``{"config", "data", "metrics": {"seeds", "per_seed"}}``."""
+        """``prepare``, then the seed plan's blocks of seeds (``plan_for``, ``seeds_for``): each
+        block's data (``load_seed``) through ``run_seeds``, until no claim is inconclusive or
+        the plan's cap is reached, or no inconclusive claim could be settled by the cap
+        (``verdict.could_settle``: its interval, projected to the cap, would still contain a
+        threshold). Returns ``{"config", "data", "metrics": {"seeds",
+        "per_seed", "plan"}}``."""
         s = self.settings(cfg)
+        plan = plan_for(cfg)
         seeds = seeds_for(cfg)
-        data = [load_for(cfg, seed) for seed in seeds]
-        per_seed = self.run_seeds(s, data, seeds, progress)
-        return {
-            "config": dataclasses.asdict(s),
-            "data": {**data[0].describe(), "split": "each seed draws its own train/test split"},
-            "metrics": {"seeds": list(seeds), "per_seed": per_seed},
-        }
+        calibration = getattr(s, "calibration_seed", None)
+        if calibration is not None and calibration in seeds:
+            raise ValueError(
+                f"{self.ID}: seed {calibration} is the calibration seed; expected claim seeds other than it, got {list(seeds)}"
+            )
+        s = self.prepare(cfg, s, progress)
+        per_seed: list[dict[str, Any]] = []
+        first: Any = None
+        out: dict[str, Any] = {}
+        for n in plan.looks:
+            block = seeds[len(per_seed) : n]
+            data = [self.load_seed(cfg, s, seed) for seed in block]
+            first = data[0] if not per_seed else first
+            per_seed += self.run_seeds(s, data, block, progress)
+            out = {
+                "config": dataclasses.asdict(s),
+                "data": self.describe_data(s, first),
+                "metrics": {"seeds": list(seeds[:n]), "per_seed": per_seed, "plan": plan.to_json()},
+            }
+            if not any(c["could_settle"] for c in self.claims(to_jsonable(out))):
+                break
+        return out

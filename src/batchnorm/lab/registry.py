@@ -13,6 +13,8 @@ The experiment contract — each module ``batchnorm.lab.experiments.<id with _>`
         judged ONLY from the saved results: [{"claim": str, "holds": bool, "evidence": str}]
     figures(results: dict, outdir: Path) -> list[Path]
         drawn ONLY from the saved results (matplotlib via ``batchnorm.lab.figures.pyplot()``)
+    USES_DATA: bool         optional (default True); False for an experiment on its own
+                            synthetic data that ignores ``--data``
 
 Beside each module, ``<module>.md`` (shipped as package data) holds its prose for a newcomer:
 what is measured and why, the setup, what the paper found (Markdown; blank lines separate

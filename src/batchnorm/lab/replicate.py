@@ -21,7 +21,7 @@ from ._files import write_text_atomic
 from .config import Mode, RunConfig
 from .progress import Progress
 from .report import matrix_html, write_experiment_report, write_index
-from .results import RESULTS_NAME, load_results, save_results, to_jsonable
+from .results import RESULTS_NAME, count_claims, load_results, save_results, to_jsonable
 from .runner import ExperimentFailed, experiment_dir, judge_saved, run_one
 
 __all__ = ["compare_matrices", "matrix_from_results", "parse_seeds", "replicate", "write_matrix"]
@@ -50,17 +50,24 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 
 def _cell(results: dict[str, Any]) -> dict[str, Any]:
+    """One (experiment, data set) cell: replications counted in ``holds`` / ``does_not_hold`` /
+    ``inconclusive``, identities of the math apart in ``identities`` (``results.count_claims``)."""
     claims = results.get("claims", [])
     verdicts = [c.get("verdict", "holds" if c.get("holds") else "does not hold") for c in claims]
     seeds = results.get("metrics", {}).get("seeds") if isinstance(results.get("metrics"), dict) else None
+    counts = count_claims(claims)
     return {
-        "holds": verdicts.count("holds"),
-        "does_not_hold": verdicts.count("does not hold"),
-        "inconclusive": verdicts.count("inconclusive"),
+        "holds": counts["replication"]["holds"],
+        "does_not_hold": counts["replication"]["does not hold"],
+        "inconclusive": counts["replication"]["inconclusive"],
+        "identities": counts["identity"],
         "seeds": seeds if seeds is not None else [results.get("run", {}).get("seed", 0)],
         "claims": [
             {
                 "claim": c.get("claim"),
+                "kind": c.get("kind", "replication"),
+                "n_seeds": c.get("n_seeds"),
+                "why": c.get("why"),
                 "verdict": v,
                 "estimate": c.get("estimate"),
                 "interval": c.get("interval"),
@@ -168,7 +175,9 @@ def replicate(
     With ``resume``, an experiment whose ``out/<data>/<id>/results.json`` was measured with the
     same mode, data set and seeds is not trained again: its claims are judged again from the
     saved measurements (so a finished half of an interrupted or failed replication is kept).
-    An experiment that fails leaves its cell empty and is listed under ``"failed"`` (one line
+    An experiment that ignores ``--data`` (its module's ``USES_DATA`` is false) runs only for
+    the first data set; the matrix lists it in ``"data_independent"`` and no other column counts
+    it. An experiment that fails leaves its cell empty and is listed under ``"failed"`` (one line
     each); the others still run and the matrix is written. ``progress_for(id, k, n)`` makes the
     progress display of the ``k``-th of the ``n`` runs (data sets in order, experiments within
     each); it is not called for a run kept by ``resume``.
@@ -186,6 +195,8 @@ def replicate(
         )
         by_data[data] = []
         for i, experiment_id in enumerate(experiment_ids):
+            if data != datasets[0] and not getattr(registry.get(experiment_id), "USES_DATA", True):
+                continue  # it ignores --data: measured once, in the first data set's column only
             directory = experiment_dir(cfg.out, experiment_id)
             saved = _saved_run(directory, cfg) if resume else None
             try:
@@ -207,5 +218,6 @@ def replicate(
             write_index(cfg.out, by_data[data])
     matrix = matrix_from_results(by_data, seeds, mode)
     matrix["failed"] = failed
+    matrix["data_independent"] = [i for i in experiment_ids if not getattr(registry.get(i), "USES_DATA", True)]
     write_matrix(matrix, Path(out))
     return matrix

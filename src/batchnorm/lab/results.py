@@ -22,6 +22,8 @@ from ._files import write_bytes_atomic, write_text_atomic
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
+    "count_claims",
+    "describe_counts",
     "load_results",
     "number",
     "save_results",
@@ -30,6 +32,35 @@ __all__ = [
 ]
 
 RESULTS_NAME = "results.json"
+
+
+def count_claims(claims: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """How many claims hold / do not hold / are inconclusive, replications and identities apart:
+    ``{"replication": {"holds": h, "does not hold": d, "inconclusive": i}, "identity": {...}}``
+    (a claim without ``kind`` is a replication; without ``verdict``, ``holds`` decides)."""
+    counts = {kind: {"holds": 0, "does not hold": 0, "inconclusive": 0} for kind in ("replication", "identity")}
+    for c in claims:
+        verdict = c.get("verdict") or ("holds" if c.get("holds") else "does not hold")
+        counts["identity" if c.get("kind") == "identity" else "replication"][str(verdict)] += 1
+    return counts
+
+
+def describe_counts(counts: dict[str, dict[str, int]]) -> str:
+    """``"12 replications: 10 hold, 1 does not hold, 1 inconclusive; 4 identities hold"``-style."""
+    parts = []
+    for kind, plural in (("replication", "replications"), ("identity", "identities")):
+        c = counts[kind]
+        total = sum(c.values())
+        if total == 0:
+            continue
+        name = kind if total == 1 else plural
+        if c["holds"] == total:
+            parts.append(f"{total} {name} {'holds' if total == 1 else 'hold'}")
+        else:
+            parts.append(
+                f"{total} {name}: {c['holds']} hold, {c['does not hold']} do not hold, {c['inconclusive']} inconclusive"
+            )
+    return "; ".join(parts) if parts else "no claims"
 
 
 atomic_write_bytes = write_bytes_atomic

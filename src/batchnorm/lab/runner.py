@@ -27,7 +27,7 @@ from .progress import Progress
 from .report import write_experiment_report, write_index
 from .results import RESULTS_NAME, load_results, save_results, to_jsonable, versions
 
-__all__ = ["ExperimentFailed", "experiment_dir", "judge_saved", "redraw", "run_many", "run_one"]
+__all__ = ["ExperimentFailed", "experiment_dir", "judge_saved", "redraw", "run_many", "run_one", "run_parallel"]
 
 
 class ExperimentFailed(RuntimeError):
@@ -114,6 +114,34 @@ def judge_saved(results: dict[str, Any], directory: Path, *, save_measurements: 
     judged = {k: v for k, v in results.items() if k != "claims_error"}
     judged["claims"] = claims
     return judged
+
+
+def _run_quietly(experiment_id: str, cfg: RunConfig) -> dict[str, Any] | ExperimentFailed:
+    """``run_one`` with no progress display, its failure returned (for a worker process)."""
+    try:
+        return run_one(experiment_id, cfg, Progress())
+    except ExperimentFailed as err:
+        return err
+
+
+def run_parallel(
+    experiment_ids: Sequence[str], cfg: RunConfig, jobs: int
+) -> Iterator[tuple[int, str, dict[str, Any] | ExperimentFailed]]:
+    """Run the experiments ``jobs`` at a time, each in its own (spawned) process with one torch
+    thread; yields ``(position, id, results or ExperimentFailed)`` as each finishes. Every run
+    seeds itself (``run_one``), so the results are those of running them one after another."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    if jobs < 1:
+        raise ValueError(f"run_parallel: expected jobs >= 1, got {jobs!r}")
+    for experiment_id in experiment_ids:
+        registry.get(experiment_id)  # fail on a bad id before training anything
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_quietly, e, cfg): (i, e) for i, e in enumerate(experiment_ids)}
+        for future in as_completed(futures):
+            i, experiment_id = futures[future]
+            yield i, experiment_id, future.result()
 
 
 def run_many(

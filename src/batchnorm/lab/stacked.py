@@ -18,8 +18,12 @@ The result is the same as ``training.train`` run on each model alone with its ow
 * Loss: the sum over seeds of each seed's mean cross-entropy; the seeds share no parameter,
   so each seed's gradient is its own loss's gradient, and SGD (momentum, weight decay
   included) acts element-wise.
-* A seed whose loss becomes non-finite stops as ``train`` stops it: it is left out of the loss
-  from then on and its parameters and buffers are restored after every later step.
+* A seed whose loss becomes non-finite stops as ``train`` stops it (the lab's one divergence
+  rule, see ``training``): its model keeps the weights that gave that loss, it leaves the loss,
+  and its slices are set to a neutral finite state after every later step (``silence``) so
+  that the merged norm layers keep updating the other seeds' running statistics. In the step
+  where a seed diverges its non-finite batch is refused by the merged layer as a whole, so the
+  other seeds skip that one running-statistics update.
 
 Checkpoints copy the stacked weights back into the S models before ``on_checkpoint(step,
 results)`` runs, so evaluation uses the ordinary models. Dropout is not supported (its masks
@@ -168,25 +172,27 @@ class StackedMLP(nn.Module):
             model.head.bias.copy_(self.head_b[k])
 
     @torch.no_grad()
-    def _restore(self, models: Sequence[MLP], which: Sequence[int]) -> None:
-        """Write ``models[k]`` back into seed ``k``'s slices (undo updates of stopped seeds)."""
+    @torch.no_grad()
+    def silence(self, which: Iterable[int]) -> None:
+        """Set stopped seeds' slices to a neutral, finite state (weights and biases 0, norm
+        weight 1 and bias 0, running mean 0 and variance 1), so that a diverged seed's
+        non-finite activations cannot reach the merged norm layers, whose batch statistics
+        would then be refused for every seed. Their models keep their own weights."""
         for k in which:
-            model = models[k]
-            for i, block in enumerate(_blocks(model)):
-                lin = _linear(block)
-                self.weights[i][k].copy_(lin.weight)
-                if lin.bias is not None:
-                    self.biases[i][k].copy_(lin.bias)
+            for i in range(len(self.weights)):
+                self.weights[i][k].zero_()
+                if self.has_bias[i]:
+                    self.biases[i][k].zero_()
                 c = self._norm_features[i]
                 if c:
-                    stacked = self.norms[i]
-                    for name, param in block.norm.named_parameters():
-                        getattr(stacked, name)[k * c : (k + 1) * c].copy_(param)
-                    for name, buf in block.norm.named_buffers():
-                        if buf.dim() >= 1:
-                            getattr(stacked, name)[k * c : (k + 1) * c].copy_(buf)
-            self.head_w[k].copy_(model.head.weight)
-            self.head_b[k].copy_(model.head.bias)
+                    norm = self.norms[i]
+                    cols = slice(k * c, (k + 1) * c)
+                    for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
+                        t = getattr(norm, name, None)
+                        if isinstance(t, Tensor) and t.dim() >= 1:
+                            t[cols] = value
+            self.head_w[k].zero_()
+            self.head_b[k].zero_()
 
 
 def train_stacked(
@@ -252,7 +258,7 @@ def train_stacked(
             per_seed[alive].sum().backward()
             opt.step()
             if stopped:
-                stacked._restore(models, stopped)
+                stacked.silence(stopped)  # after every step: momentum or weight decay would move them
             for k in alive:
                 results[k].steps_done = step
             tick.update(1)

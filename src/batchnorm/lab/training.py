@@ -12,9 +12,16 @@ Conventions:
 - minibatches are drawn without replacement from a stream of seeded permutations of the
   training set: every batch has exactly ``batch_size`` examples (batches may straddle two
   epochs), so BN always normalizes over the same m;
-- a non-finite loss marks the run *diverged* and stops it (the diverged step is recorded;
-  our BatchNorm's "non-finite batch" warning is silenced inside the loop, since divergence is
-  an expected outcome there);
+- divergence, the one rule of every lab training loop (``train`` here; ``stacked``,
+  ``_stacked_dropout`` and ``_stacked_nets``, which train many seeds at once, follow it): a
+  non-finite loss at step t marks the run *diverged at t* and stops it; its model keeps the
+  weights that gave that loss (no update is made at step t), ``steps_done`` is t - 1 and
+  ``losses`` ends with the non-finite value. In a loop that trains several seeds together the
+  others go on as alone (the stopped seed's share of the merged layers is kept neutral and
+  finite), except that a merged norm layer refuses the one non-finite batch of the step of the
+  divergence, so they skip that single running-statistics update. Our BatchNorm's
+  "non-finite batch" warning is silenced inside the loops, since divergence is an expected
+  outcome there;
 - the number of torch threads is never changed here (the runner may do it for a whole run).
 """
 

@@ -31,7 +31,18 @@ ratio; both arms must then be positive. Unpaired arms get Welch's interval (uneq
 Welch-Satterthwaite degrees of freedom).
 
 With one seed (or one value per arm unpaired) there is no estimate of the spread: the interval
-is (-inf, inf) and the verdict is ``inconclusive``.
+is (-inf, inf) and the verdict is ``inconclusive``. When every seed gives the same effect (zero
+spread) there is no interval to speak of: the verdict compares that value with the threshold and
+``Verdict.zero_spread`` says so.
+
+Sequential seeds (``SeedPlan``, ``judge_sequential``), fixed before any measurement: a claim is
+judged at planned *looks*, the first ``n_1 < n_2 < ... < n_K`` seeds; at each look every part of
+the claim gets a t interval at level ``1 - alpha / K``, and the claim's verdict is the first look's
+that is decided (``holds`` or ``does not hold``), else the last look's (``inconclusive``).
+Error control, by Bonferroni over the K looks: the chance that any look's interval misses the
+true mean effect is at most ``alpha``, so a part's decided verdict is on the wrong side of its
+threshold with probability at most ``alpha / 2`` (under the t model: independent, normal
+per-seed effects), whatever look it is reached at. A claim of P parts: at most ``P * alpha / 2``.
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["VERDICTS", "Verdict", "combine", "judge", "t_quantile"]
+__all__ = ["VERDICTS", "Part", "SeedPlan", "Verdict", "combine", "judge", "judge_sequential", "part", "t_quantile"]
 
 VerdictName = Literal["holds", "does not hold", "inconclusive"]
 VERDICTS: tuple[str, ...] = ("holds", "does not hold", "inconclusive")
@@ -61,6 +72,7 @@ class Verdict:
     seeds: tuple[int, ...]
     method: str
     confidence: float = 0.95
+    zero_spread: bool = False
 
     @property
     def holds(self) -> bool:
@@ -78,6 +90,7 @@ class Verdict:
             "seeds": list(self.seeds),
             "method": self.method,
             "confidence": self.confidence,
+            "zero_spread": self.zero_spread,
         }
 
 
@@ -157,6 +170,11 @@ def _welch_interval(a: np.ndarray, b: np.ndarray, confidence: float) -> tuple[fl
     return est, est - half, est + half
 
 
+_SAME_VALUE_RTOL = 1e-9
+"""Per-seed effects whose range is at most this fraction of their magnitude count as the same
+value on every seed (float64 rounding of one exact value)."""
+
+
 def _decide(lo: float, hi: float, above: float | None, below: float | None) -> VerdictName:
     inside = (above is None or lo >= above) and (below is None or hi <= below)
     if inside:
@@ -218,37 +236,54 @@ def judge(
     xa = _as_values("a", a)
     if xa.size != len(seeds_t):
         raise ValueError(f"judge: expected one value of a per seed ({len(seeds_t)}), got {xa.size}")
-    level = f"{confidence:.0%}"
+    level = _level(confidence)
     if b is None:
-        est, lo, hi = _mean_interval(xa, confidence)
-        method = f"mean over {xa.size} seeds, {level} t interval"
-        return Verdict(_decide(lo, hi, above, below), est, (lo, hi), seeds_t, method, confidence)
-    xb = _as_values("b", b)
-    if paired and xb.size != xa.size:
-        raise ValueError(f"judge: paired arms need one value each per seed, got {xa.size} and {xb.size}")
-    if effect == "ratio":
-        if np.any(xa <= 0) or np.any(xb <= 0):
-            raise ValueError(f"judge: a ratio needs positive arms, got a={xa.tolist()}, b={xb.tolist()}")
-        for name, t in (("above", above), ("below", below)):
-            if t is not None and t <= 0:
-                raise ValueError(f"judge: a ratio threshold must be > 0, got {name}={t}")
-        la, lb = np.log(xa), np.log(xb)
-        if paired:
-            est, lo, hi = _mean_interval(la - lb, confidence)
-            method = f"geometric mean of paired ratios over {xa.size} seeds, {level} t interval on the log scale"
-        else:
-            est, lo, hi = _welch_interval(la, lb, confidence)
-            method = (
-                f"ratio of geometric means ({xa.size} and {xb.size} seeds), {level} Welch interval on the log scale"
-            )
-        est, lo, hi = math.exp(est), math.exp(lo), math.exp(hi)
-    elif paired:
-        est, lo, hi = _mean_interval(xa - xb, confidence)
-        method = f"mean of paired differences over {xa.size} seeds, {level} t interval"
+        x, what = xa, f"mean over {xa.size} seeds"
+        est, lo, hi = _mean_interval(x, confidence)
+        method = f"{what}, {level} t interval"
     else:
-        est, lo, hi = _welch_interval(xa, xb, confidence)
-        method = f"difference of means ({xa.size} and {xb.size} seeds), {level} Welch interval"
-    return Verdict(_decide(lo, hi, above, below), est, (lo, hi), seeds_t, method, confidence)
+        xb = _as_values("b", b)
+        if paired and xb.size != xa.size:
+            raise ValueError(f"judge: paired arms need one value each per seed, got {xa.size} and {xb.size}")
+        if effect == "ratio":
+            if np.any(xa <= 0) or np.any(xb <= 0):
+                raise ValueError(f"judge: a ratio needs positive arms, got a={xa.tolist()}, b={xb.tolist()}")
+            for name, t in (("above", above), ("below", below)):
+                if t is not None and t <= 0:
+                    raise ValueError(f"judge: a ratio threshold must be > 0, got {name}={t}")
+            xa, xb = np.log(xa), np.log(xb)
+        if paired:
+            x = xa - xb
+            what = (
+                f"geometric mean of paired ratios over {xa.size} seeds"
+                if effect == "ratio"
+                else f"mean of paired differences over {xa.size} seeds"
+            )
+            est, lo, hi = _mean_interval(x, confidence)
+            method = f"{what}, {level} t interval" + (" on the log scale" if effect == "ratio" else "")
+        else:
+            x = np.concatenate([xa - np.mean(xa), xb - np.mean(xb)])  # zero spread iff both arms are constant
+            what = (
+                f"ratio of geometric means ({xa.size} and {xb.size} seeds)"
+                if effect == "ratio"
+                else f"difference of means ({xa.size} and {xb.size} seeds)"
+            )
+            est, lo, hi = _welch_interval(xa, xb, confidence)
+            method = f"{what}, {level} Welch interval" + (" on the log scale" if effect == "ratio" else "")
+        if effect == "ratio":
+            est, lo, hi = math.exp(est), math.exp(lo), math.exp(hi)
+    # the same value on every seed up to float64 rounding (an identity of the math, or a value a
+    # grid fixes): no interval to speak of, the value itself is compared with the threshold
+    zero = x.size >= 2 and float(np.ptp(x)) <= _SAME_VALUE_RTOL * float(np.max(np.abs(x)))
+    if zero:
+        method = f"{what}: the same value on every seed (zero spread), no interval"
+        lo = hi = est
+    return Verdict(_decide(lo, hi, above, below), est, (lo, hi), seeds_t, method, confidence, zero)
+
+
+def _level(confidence: float) -> str:
+    """``0.95`` -> ``"95%"``, ``0.98333`` -> ``"98.3%"``."""
+    return f"{100 * confidence:.3g}%" if 100 * confidence < 99.95 else f"{100 * confidence:.4g}%"
 
 
 def combine(verdicts: Sequence[Verdict]) -> VerdictName:
@@ -262,3 +297,136 @@ def combine(verdicts: Sequence[Verdict]) -> VerdictName:
     if "inconclusive" in names:
         return "inconclusive"
     return "holds"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a claim, not yet judged: the per-seed arm(s) ``a`` (and ``b``, paired), the
+    claimed side(s) of the threshold(s) and the effect (see ``judge``). Built with ``part``."""
+
+    a: tuple[float, ...]
+    b: tuple[float, ...] | None = None
+    above: float | None = None
+    below: float | None = None
+    effect: Literal["difference", "ratio"] = "difference"
+
+    @property
+    def estimate(self) -> float:
+        """The point estimate over all seeds (mean value or difference; geometric mean ratio),
+        for evidence text; the verdict comes from ``judge_sequential``."""
+        a = np.asarray(self.a)
+        if self.b is None:
+            return float(np.mean(a))
+        b = np.asarray(self.b)
+        if self.effect == "ratio":
+            return float(np.exp(np.mean(np.log(a) - np.log(b))))
+        return float(np.mean(a - b))
+
+    def judge(self, seeds: Sequence[int], confidence: float = 0.95) -> Verdict:
+        """``judge`` on the first ``len(seeds)`` seeds' values."""
+        n = len(seeds)
+        b = None if self.b is None else self.b[:n]
+        return judge(
+            self.a[:n], b, seeds=seeds, above=self.above, below=self.below, effect=self.effect, confidence=confidence
+        )
+
+
+def part(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray | None = None,
+    *,
+    above: float | None = None,
+    below: float | None = None,
+    effect: Literal["difference", "ratio"] = "difference",
+) -> Part:
+    """A ``Part`` of a claim (arguments as ``judge``'s; paired arms, one value per seed)."""
+    fa = tuple(float(v) for v in np.asarray(a, dtype=np.float64).reshape(-1))
+    fb = None if b is None else tuple(float(v) for v in np.asarray(b, dtype=np.float64).reshape(-1))
+    return Part(fa, fb, above, below, effect)
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """The seeds a claim may be judged on, fixed before any measurement.
+
+    ``looks``: the increasing seed counts at which claims are judged (``(4, 8, 16)``: the first
+    4, 8, then 16 seeds of the run); each look's intervals have level ``1 - alpha / K`` for K
+    looks (Bonferroni), so that all looks' intervals together miss the true means with
+    probability at most ``alpha``. One look is a fixed design at level ``1 - alpha``.
+    """
+
+    looks: tuple[int, ...]
+    alpha: float = 0.05
+
+    def __post_init__(self) -> None:
+        looks = tuple(self.looks)
+        if not looks or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in looks):
+            raise ValueError(f"SeedPlan: expected positive int seed counts, got {self.looks!r}")
+        if any(b <= a for a, b in zip(looks, looks[1:])):
+            raise ValueError(f"SeedPlan: expected increasing seed counts, got {list(looks)}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"SeedPlan: expected 0 < alpha < 1, got {self.alpha!r}")
+        object.__setattr__(self, "looks", looks)
+
+    @property
+    def confidence(self) -> float:
+        """Each look's interval level, ``1 - alpha / K``."""
+        return 1.0 - self.alpha / len(self.looks)
+
+    @property
+    def cap(self) -> int:
+        """The most seeds a claim is judged on."""
+        return self.looks[-1]
+
+    def describe(self) -> str:
+        """The rule in words."""
+        level = _level(self.confidence)
+        if len(self.looks) == 1:
+            return f"{level} t interval over {self.cap} seeds (fixed)"
+        counts = ", ".join(str(n) for n in self.looks)
+        return (
+            f"judged on the first {counts} seeds, stopping at the first decided look; {level} t intervals "
+            f"({1 - self.alpha:.0%} over all {len(self.looks)} looks, Bonferroni)"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"looks": list(self.looks), "alpha": self.alpha}
+
+
+def judge_sequential(parts: Sequence[Part], seeds: Sequence[int], plan: SeedPlan) -> tuple[VerdictName, list[Verdict]]:
+    """The verdict of a claim whose ``parts`` must all hold, by ``plan``'s sequential rule: at
+    each look ``n`` (up to ``len(seeds)``) every part is judged on the first ``n`` seeds at
+    ``plan.confidence``; the first look whose ``combine``d verdict is decided gives the verdict,
+    else the last look reached (``inconclusive``). Returns the verdict and the parts' verdicts
+    at that look."""
+    if not parts:
+        raise ValueError("judge_sequential: expected at least one part, got none")
+    looks = [n for n in plan.looks if n <= len(seeds)]
+    if not looks:
+        raise ValueError(
+            f"judge_sequential: expected at least {plan.looks[0]} seeds for {plan.describe()}, got {len(seeds)}"
+        )
+    for n in looks:
+        verdicts = [p.judge(list(seeds)[:n], plan.confidence) for p in parts]
+        name = combine(verdicts)
+        if name != "inconclusive":
+            break
+    return name, verdicts
+
+
+def could_settle(p: Part, v: Verdict, cap: int) -> bool:
+    """Whether part ``p``, ``inconclusive`` as ``v``, could be decided by ``cap`` seeds: the
+    half-width its interval would have at ``cap`` seeds with the spread measured now (same
+    level) is smaller than the distance from its estimate to the nearest threshold (on the log
+    scale for a ratio). A projection, used only to stop adding seeds that cannot help; it does
+    not enter any verdict."""
+    n = len(v.seeds)
+    lo, hi = v.interval
+    if n < 2 or not (math.isfinite(lo) and math.isfinite(hi)):
+        return n < cap
+    f = math.log if (p.b is not None and p.effect == "ratio") else (lambda x: x)
+    half = (f(hi) - f(lo)) / 2
+    sides = [abs(f(v.estimate) - f(t)) for t in (p.above, p.below) if t is not None]
+    p_level = 0.5 + v.confidence / 2
+    spread = half * math.sqrt(n) / t_quantile(p_level, n - 1)
+    return cap > n and t_quantile(p_level, cap - 1) * spread / math.sqrt(cap) < min(sides)

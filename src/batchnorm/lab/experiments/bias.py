@@ -23,12 +23,12 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..experiment import Experiment, claim
+from ..experiment import Experiment, claim, column
 from ..models import MLP, ConvNet, blocks, count_parameters
 from ..progress import Progress
 from ..stacked import train_stacked
 from ..training import TrainSpec, minibatches
-from ..verdict import judge
+from ..verdict import part
 
 ID = "bias"
 DESCRIPTION = "A bias before BN gets zero gradient and no effect on the output: measured over seeds, plus the parameters it wastes"
@@ -262,7 +262,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     seeds = [int(v) for v in results["metrics"]["seeds"]]
 
     def col(key: str) -> list[float]:
-        return [float(m[key]) for m in per]
+        return column(per, key)
 
     def show(values: Sequence[float], fmt: str = ".1e") -> str:
         return ", ".join(f"{v:{fmt}}" for v in values)
@@ -275,6 +275,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"A bias directly before BN receives zero gradient (below {t['gradient_ratio_below']:g} of the weights' gradient: "
             "float32 rounding)",
             results=results,
+            kind="identity",
             a=ratio,
             below=float(t["gradient_ratio_below"]),
             expected="exactly zero (the bias cancels)",
@@ -286,6 +287,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"It has no effect on the training-mode output: shifting those biases by N(0, {t['bias_shift_std']:g}^2), or removing "
             f"them, changes the logits by < {t['output_change_below']:g}",
             results=results,
+            kind="identity",
             a=out_change,
             below=float(t["output_change_below"]),
             expected="no change at all (the bias cancels)",
@@ -296,9 +298,10 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"Training with and without those biases follows the same trajectory (loss within {t['paired_loss_delta_below']:g}), "
             f"and the biases never move (< {t['bias_movement_below']:g})",
             results=results,
+            kind="identity",
             a=col("paired_training_max_loss_delta"),
             below=float(t["paired_loss_delta_below"]),
-            also=[judge(col("bias_max_movement_during_training"), seeds=seeds, below=float(t["bias_movement_below"]))],
+            also=[part(col("bias_max_movement_during_training"), below=float(t["bias_movement_below"]))],
             expected="identical training (zero gradient, no effect on the output)",
             source=_SOURCE,
             evidence=f"{t['steps']} SGD steps on the same batches, per seed: max |loss difference| "
@@ -310,11 +313,10 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"outputs within {t['eval_change_folded_below']:g}; zeroing it alone changes them by more than "
             f"{t['eval_change_zeroed_above']:g})",
             results=results,
+            kind="identity",
             a=col("eval_output_change_bias_folded_into_running_mean"),
             below=float(t["eval_change_folded_below"]),
-            also=[
-                judge(col("eval_output_change_bias_zeroed"), seeds=seeds, above=float(t["eval_change_zeroed_above"]))
-            ],
+            also=[part(col("eval_output_change_bias_zeroed"), above=float(t["eval_change_zeroed_above"]))],
             expected="eval-mode BN uses the running mean, which has absorbed the bias (Alg. 2's fixed affine map)",
             source="Ioffe & Szegedy 2015, Sec. 3.2 and Alg. 2",
             evidence=f"max |change| of eval logits, per seed: {show(col('eval_output_change_bias_folded_into_running_mean'))} with "

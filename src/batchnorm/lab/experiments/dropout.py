@@ -26,11 +26,12 @@ from .._replicates import mean_over_replicates, replicate_seed
 from .._stacked_dropout import train_stacked_dropout
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..experiment import Experiment, claim, load_for, seeds_for
+from ..experiment import Experiment, claim, column, load_for
 from ..models import MLP
 from ..progress import Progress
 from ..training import TrainSpec, evaluate, minibatches
-from ..verdict import judge
+from ..verdict import part
+from ._calibration import CALIBRATION_SEED
 
 ID = "dropout"
 DESCRIPTION = "BN as a regularizer: test loss and accuracy on 400 examples for plain, dropout, BN, BN+dropout, fixed batches (over seeds)"
@@ -45,7 +46,6 @@ _ARMS = (
 )
 _REPLICATES = {"tiny": 2, "quick": 3, "full": 3}
 _MAX_STEPS = {"tiny": 40, "quick": 1600, "full": 16000}
-_CALIBRATION_SEED = 1000
 _SOURCE = "Ioffe & Szegedy 2015, Sec. 3.4 and Sec. 4.2.1"
 
 
@@ -65,7 +65,7 @@ class Settings:
         "train every arm on the calibration seed's 400 examples until its training accuracy reaches the fit level "
         "(checked every calibration_every steps); steps = 2 x the slowest arm's steps, at most max_steps"
     )
-    calibration_seed: int = _CALIBRATION_SEED
+    calibration_seed: int = CALIBRATION_SEED
     """The calibration run's seed (its own split, subset, weights and batches); never a claim seed."""
     calibration_every: int = 100
     fit_level: float = 0.99
@@ -188,26 +188,19 @@ class Dropout(Experiment):
         """The mode's replicates and step cap; ``steps`` is calibrated by ``run``."""
         return Settings(replicates=_REPLICATES[cfg.mode], max_steps=_MAX_STEPS[cfg.mode])
 
-    def run(self, cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-        """Calibrate the steps on the calibration seed, then every arm on every seed."""
-        seeds = seeds_for(cfg)
-        s = self.settings(cfg)
-        if s.calibration_seed in seeds:
-            raise ValueError(
-                f"dropout: seed {s.calibration_seed} is the calibration seed; expected claim seeds other than it, got {list(seeds)}"
-            )
-        s = _calibrate(s, cfg, progress)
-        data = [load_for(cfg, seed).subset_train(s.train_examples, seed) for seed in seeds]
-        per_seed = self.run_seeds(s, data, seeds, progress)
-        full = load_for(cfg, seeds[0])
+    def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
+        """Calibrate the steps on the calibration seed."""
+        return _calibrate(settings, cfg, progress)
+
+    def load_seed(self, cfg: RunConfig, settings: Settings, seed: int) -> Dataset:
+        """The seed's split, its training set cut to ``train_examples``."""
+        return load_for(cfg, seed).subset_train(settings.train_examples, seed)
+
+    def describe_data(self, settings: Settings, first: Dataset) -> dict[str, Any]:
         return {
-            "config": dataclasses.asdict(s),
-            "data": {
-                **full.describe(),
-                "train_used": s.train_examples,
-                "split": "each seed draws its own split and training subset",
-            },
-            "metrics": {"seeds": list(seeds), "per_seed": per_seed},
+            **super().describe_data(settings, first),
+            "train_used": settings.train_examples,
+            "split": "each seed draws its own split and training subset",
         }
 
     def run_seeds(
@@ -253,12 +246,11 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Ioffe §3.4/§4.2.1 claims, judged on test loss and accuracy over seeds (each seed: the
     mean of its replicates)."""
     t = results["config"]
-    seeds = [int(v) for v in results["metrics"]["seeds"]]
     q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
     tol = float(t["accuracy_tolerance"])
 
     def col(arm: str, key: str) -> list[float]:
-        return [v[arm][key] for v in q]
+        return column(q, arm, key)
 
     def acc(arm: str) -> str:
         return f"{arm} " + "/".join(f"{100 * v:.1f}" for v in col(arm, "test_acc")) + "%"
@@ -275,7 +267,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             a=col("BN", "test_loss"),
             b=col("plain", "test_loss"),
             below=float(t["bn_vs_plain_test_loss_below"]),
-            also=[judge(col("BN", "test_acc"), col("plain", "test_acc"), seeds=seeds, above=-tol)],
+            also=[part(col("BN", "test_acc"), col("plain", "test_acc"), above=-tol)],
             expected="BN 'advantageous to the generalization'; BN-Inception without dropout did not overfit more",
             source=_SOURCE,
             evidence=f"test loss per seed: {loss('BN')} vs {loss('plain')}; test accuracy {acc('BN')} vs {acc('plain')}; "

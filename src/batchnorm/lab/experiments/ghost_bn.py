@@ -25,11 +25,11 @@ from torch.nn import functional as F
 from ... import GhostBatchNorm1d
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..experiment import Experiment, claim, per_seed_values
+from ..experiment import Experiment, claim, column
 from ..models import MLP
 from ..progress import Progress
 from ..training import evaluate, minibatches
-from ..verdict import judge
+from ..verdict import part
 
 ID = "ghost-bn"
 DESCRIPTION = "Hoffer 2017: large-batch generalization gap; sqrt-LR scaling, ghost BN and regime adaptation close it"
@@ -166,13 +166,12 @@ class GhostBN(Experiment):
 
 
 def _acc(results: dict[str, Any], arm: str, key: str = "test_acc") -> list[float]:
-    return per_seed_values(results, lambda m: float(m["arms"][arm][key]))
+    return column(results["metrics"]["per_seed"], "arms", arm, key)
 
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Hoffer et al.'s ordering: SB > LB; LB < LB+LR <= LB+LR+GBN; LB+RA ~ SB (paired by seed)."""
     t = results["config"]
-    seeds = [int(v) for v in results["metrics"]["seeds"]]
     acc = {arm: _acc(results, arm) for arm in _ARMS}
     first = results["metrics"]["per_seed"][0]["arms"]
 
@@ -199,7 +198,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             a=acc["lb_lr"],
             b=acc["lb"],
             above=float(t["lr_gain_above_pp"]),
-            also=[judge(acc["lb_lr_gbn"], acc["lb_lr"], seeds=seeds, above=float(t["lr_gain_above_pp"]))],
+            also=[part(acc["lb_lr_gbn"], acc["lb_lr"], above=float(t["lr_gain_above_pp"]))],
             expected="86.10% -> 89.30% (+LR, +3.2 pp) -> 90.50% (+GBN, +1.2 pp)",
             source="Hoffer et al. 2017, Table 1",
             evidence=f"test accuracy per seed (%): {table}",

@@ -13,7 +13,6 @@ exactly (float64). With BN, every layer is h_i = BN(h_{i-1}·w_i) = gamma_i·x_h
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,16 +25,17 @@ from torch import Tensor
 
 from ...functional import batch_norm
 from ..config import RunConfig
-from ..datasets import Dataset
-from ..experiment import Experiment, claim, seeds_for
+from ..experiment import Experiment, claim, column
 from ..progress import Progress
-from ..verdict import judge
+from ..verdict import part
 
 ID = "goodfellow-chain"
 DESCRIPTION = (
     "Deep linear chain y = x*w1*...*wL: first-order vs actual loss change of one step, with and without per-layer BN"
 )
 QUICK_SECONDS = 1.5
+USES_DATA = False
+"""The chain is synthetic: ``--data`` is ignored (the replication matrix counts it once)."""
 _DEPTHS = {"tiny": (2, 4), "quick": (2, 4, 8, 16), "full": (2, 4, 8, 16, 32)}
 _SCALES = {"tiny": (1.0, 1.2), "quick": (0.8, 1.0, 1.2, 1.5), "full": (0.5, 0.8, 1.0, 1.2, 1.5)}
 _GRID_POINTS = {"tiny": 8, "quick": 29, "full": 57}
@@ -143,16 +143,21 @@ class Chain(Experiment):
         lrs = tuple(float(v) for v in np.logspace(-6, 1, _GRID_POINTS[cfg.mode]))
         return Settings(depths=_DEPTHS[cfg.mode], scales=_SCALES[cfg.mode], lrs=lrs)
 
-    def run(self, cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-        """Every seed of ``seeds_for(cfg)``: its inputs x, then every (arm, depth, scale)."""
-        s = self.settings(cfg)
-        seeds = seeds_for(cfg)
+    def load_seed(self, cfg: RunConfig, settings: Settings, seed: int) -> Tensor:
+        """The seed's inputs x, (N, 1) float64 standard normal."""
+        return torch.randn(settings.batch, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    def describe_data(self, settings: Settings, first: Tensor) -> dict[str, Any]:
+        return {"name": "synthetic chain", "batch": settings.batch, "split": "each seed draws its own inputs"}
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Tensor], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        """Each seed's inputs through every (arm, depth, scale)."""
+        s = settings
         per_seed = []
         with progress.task("chains", total=2 * len(s.depths) * len(s.scales) * len(seeds)) as tick:
-            for seed in seeds:
-                x = torch.randn(
-                    s.batch, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
-                )  # (N, 1)
+            for x in data:
                 cases = []
                 for arm in ("plain", "bn"):
                     for depth in s.depths:
@@ -161,14 +166,7 @@ class Chain(Experiment):
                             cases.append({"arm": arm, "depth": depth, "scale": scale, **m})
                             tick.update(1)
                 per_seed.append({"cases": cases})
-        return {
-            "config": dataclasses.asdict(s),
-            "data": {"name": "synthetic chain", "batch": s.batch, "split": "each seed draws its own inputs"},
-            "metrics": {"seeds": list(seeds), "per_seed": per_seed},
-        }
-
-    def run_seed(self, settings: Any, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
-        raise NotImplementedError("goodfellow-chain draws its own inputs in run()")
+        return per_seed
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         return _claims(results)
@@ -246,7 +244,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     ref = float(s["reference_lr"])
 
     def col(key: str) -> list[float]:
-        return [float(v[key]) for v in q]
+        return column(q, key)
 
     def fmt_safe(c: dict[str, Any]) -> str:
         return f"{c['safe_lr']:.2g}" if c["safe_lr"] is not None else f"< {lrs[0]:.0e}"
@@ -274,7 +272,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             results=results,
             a=col("growth_total_log10"),
             above=math.log10(float(s["plain_error_growth_at_least"])),
-            also=[judge(col("growth_min_step_log10"), seeds=seeds, above=0.0)],
+            also=[part(col("growth_min_step_log10"), above=0.0)],
             expected="the higher-order terms grow with depth when |w| >= 1 (no number given)",
             source=_SOURCE,
             evidence="log10 growth shallowest -> deepest (smallest over scales), per seed: "
@@ -288,6 +286,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"With BN on every layer the safe learning rate no longer depends on depth or weight scale (varies by less than "
             f"{s['bn_safe_lr_spread_below']:g}x)",
             results=results,
+            kind="identity",
             a=col("bn_spread"),
             below=float(s["bn_safe_lr_spread_below"]),
             expected="normalization removes the lower layers' effect on the output's scale (no number given)",
@@ -301,6 +300,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"With BN the first-order prediction at lr {ref:g} is within {100 * s['bn_first_order_error_below']:g}% of the "
             "actual change for every depth and scale",
             results=results,
+            kind="identity",
             a=col("bn_error"),
             below=float(s["bn_first_order_error_below"]),
             expected="normalization removes the lower layers' effect on the output's scale (no number given)",

@@ -28,7 +28,7 @@ from ..popstats import population_statistics
 from ..progress import Progress
 from ..stacked import train_stacked
 from ..training import TrainSpec, evaluate
-from ..verdict import judge
+from ..verdict import part
 
 ID = "inference-stats"
 DESCRIPTION = "Test-time BN statistics: batch vs running average vs population (Alg. 2, exact); single-example inference; batch-8 noise"
@@ -302,7 +302,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             b=exact,
             above=-band,
             below=band,
-            also=[judge(alg2, exact, seeds=seeds, above=-band, below=band)],
+            also=[part(alg2, exact, above=-band, below=band)],
             expected="the three estimate the same population statistics (no accuracy difference reported)",
             source="Ioffe & Szegedy 2015, Alg. 2 and Sec. 3.1",
             evidence=f"test accuracy per seed (%): running average {fmt(ema)}; Alg. 2 {fmt(alg2)}; exact {fmt(exact)}",
@@ -313,7 +313,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             results=results,
             a=mean_diff,
             below=float(t["alg2_mean_within_std"]),
-            also=[judge(var_diff, seeds=seeds, below=float(t["alg2_var_within"]))],
+            also=[part(var_diff, below=float(t["alg2_var_within"]))],
             expected="Alg. 2 is an unbiased estimate of the population moments",
             source="Ioffe & Szegedy 2015, Alg. 2",
             evidence=f"largest difference over layers and units, per seed — means (in stds): {fmt(mean_diff, '.3f')}; variances "
@@ -328,7 +328,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             a=exact,
             b=b8,
             above=float(t["batch8_drop_at_least_pp"]),
-            also=[judge(exact, b2, seeds=seeds, above=float(t["batch2_drop_at_least_pp"]))],
+            also=[part(exact, b2, above=float(t["batch2_drop_at_least_pp"]))],
             expected="inference must not depend on the mini-batch (no number given); sampling theory: a batch-8 mean "
             "scatters by ~0.35 sigma",
             source="Ioffe & Szegedy 2015, Sec. 3.1; sampling theory",

@@ -21,13 +21,13 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..experiment import Experiment, claim
+from ..experiment import Experiment, claim, column, first_reaching
 from ..models import MLP, blocks
 from ..popstats import population_statistics
 from ..progress import Progress
 from ..stacked import train_stacked
 from ..training import TrainResult, TrainSpec, evaluate
-from ..verdict import judge
+from ..verdict import part
 
 ID = "ioffe2015-fig1"
 DESCRIPTION = "Ioffe & Szegedy Fig. 1: BN vs none on a 3x100 sigmoid MLP; accuracy vs step, sigmoid-input percentiles, Alg. 2 inference"
@@ -240,13 +240,6 @@ class Fig1(Experiment):
         return _figures(results, outdir)
 
 
-def _first_reaching(steps: list[int], acc: list[float], target: float) -> int | None:
-    for step, a in zip(steps, acc):
-        if step > 0 and a >= target:
-            return step
-    return None
-
-
 def _second_half(steps: list[int]) -> list[int]:
     """Indices of the checkpoints in the second half of training (step >= T/2)."""
     last = steps[-1]
@@ -271,10 +264,6 @@ def _fig1_quantities(m: dict[str, Any]) -> dict[str, float]:
     steps = bn["step"]
     margins = [b - a for st, a, b in zip(steps, base["test_acc"], bn["test_acc"]) if st > 0]
     target = max(base["test_acc"])
-    s_base = _first_reaching(base["step"], base["test_acc"], target)
-    s_bn = _first_reaching(bn["step"], bn["test_acc"], target)
-    # BN never reaching the target counts as reaching it one checkpoint after the end
-    never = steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1)
     half = _second_half(steps)
     spread_base = (_spread(base["percentiles"][half[0]]), _spread(base["percentiles"][-1]))
     spread_bn = (_spread(bn["percentiles"][half[0]]), _spread(bn["percentiles"][-1]))
@@ -285,8 +274,8 @@ def _fig1_quantities(m: dict[str, Any]) -> dict[str, float]:
         "min_margin": min(margins) if not bn["diverged"] else -1.0,
         "final_bn": bn["test_acc"][-1],
         "final_base": base["test_acc"][-1],
-        "steps_base": float(s_base or never),
-        "steps_bn": float(s_bn or never),
+        "steps_base": first_reaching(base["step"], base["test_acc"], target),
+        "steps_bn": first_reaching(bn["step"], bn["test_acc"], target),
         "widen_base": widen,
         "change_bn": change_bn,
         "drift_base": _relative_drift(base["percentiles"], half),
@@ -302,12 +291,11 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     q = [_fig1_quantities(m) for m in results["metrics"]["per_seed"]]
 
     def col(key: str) -> list[float]:
-        return [v[key] for v in q]
+        return column(q, key)
 
     def mean(key: str) -> float:
         return float(np.mean(col(key)))
 
-    seeds = [int(v) for v in results["metrics"]["seeds"]]
     out = [
         claim(
             "With BN, test accuracy is above the baseline's at every checkpoint (smallest margin > 0)",
@@ -341,12 +329,11 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             a=col("widen_base"),
             above=float(t["baseline_spread_growth_at_least"]),
             also=[
-                judge(
+                part(
                     [
                         w - t["baseline_vs_bn_spread_change_factor"] * c
                         for w, c in zip(col("widen_base"), col("change_bn"))
                     ],
-                    seeds=seeds,
                     above=0.0,
                 )
             ],
@@ -361,7 +348,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             results=results,
             a=col("drift_bn"),
             below=float(t["bn_settled_relative_move_below"]),
-            also=[judge(col("drift_bn"), [0.5 * v for v in col("drift_base")], seeds=seeds, below=0.0)],
+            also=[part(col("drift_bn"), [0.5 * v for v in col("drift_base")], below=0.0)],
             expected="BN's percentiles flat after the first few thousand steps",
             source="Ioffe & Szegedy 2015, Fig. 1(c)",
             evidence=f"largest move over the second half relative to the final spread: BN {mean('drift_bn'):.3f}, baseline "
@@ -373,7 +360,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             results=results,
             a=col("pop_minus_ema_final"),
             above=-float(t["population_vs_running_tolerance"]),
-            also=[judge(col("pop_minus_ema_half"), seeds=seeds, above=-float(t["population_vs_running_tolerance"]))],
+            also=[part(col("pop_minus_ema_half"), above=-float(t["population_vs_running_tolerance"]))],
             expected="Alg. 2 is the paper's inference procedure (no accuracy loss reported)",
             source="Ioffe & Szegedy 2015, Alg. 2",
             evidence=f"population minus running average: final {100 * mean('pop_minus_ema_final'):+.2f} pp, mean over the second half "

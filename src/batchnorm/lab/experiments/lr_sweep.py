@@ -26,14 +26,14 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..experiment import Experiment, claim, load_for, seeds_for
+from ..experiment import Experiment, claim, load_for
 from ..figures import mean_band
 from ..models import MLP, blocks
 from ..progress import Progress
 from ..results import number
 from ..stacked import train_stacked
 from ..training import TrainSpec, evaluate, minibatches
-from ..verdict import judge
+from ..verdict import part
 from ._calibration import CALIBRATION_SEED, calibration_split, epochs_to_steps
 
 ID = "lr-sweep"
@@ -259,24 +259,15 @@ class LrSweep(Experiment):
             step_probe_alphas=tuple(np.logspace(-2, 1.5, 15 if cfg.mode == "quick" else 29).tolist()),
         )
 
-    def run(self, cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-        """Calibrate the plain network's best rate, then sweep both arms on every seed."""
-        s = self.settings(cfg)
-        seeds = seeds_for(cfg)
-        if s.calibration_seed in seeds:
-            raise ValueError(f"{ID}: seed {s.calibration_seed} is the calibration seed; choose other seeds")
+    def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
+        """Calibrate the plain network's best rate on the calibration seed's own split."""
+        s = settings
         cal = calibration_split(load_for(cfg, s.calibration_seed), s.calibration_seed)
-        data = [load_for(cfg, seed) for seed in seeds]
-        # the calibration run is trained beside the claims' seeds (its own data, weights and batches)
-        acc, div, tr = _sweep(
-            s, [*data, cal], [*seeds, s.calibration_seed], None, "no BN sweep (+ calibration)", progress
-        )
-        cal_acc = acc.pop()
-        cal_div = div.pop()
-        tr.pop()
+        cal_acc_all, cal_div_all, _ = _sweep(s, [cal], [s.calibration_seed], None, "calibration: no BN sweep", progress)
+        cal_acc, cal_div = cal_acc_all[0], cal_div_all[0]
         best = _best_lr(s.lrs, cal_acc, s.best_tolerance)
         j = int(np.argmin([abs(math.log(lr / (10 * best))) for lr in s.lrs]))
-        s = dataclasses.replace(
+        return dataclasses.replace(
             s,
             plain_best_lr=best,
             high_lr=float(s.lrs[j]),
@@ -288,20 +279,24 @@ class LrSweep(Experiment):
                 "diverged": {f"{lr:g}": d is not None for lr, d in zip(s.lrs, cal_div)},
             },
         )
-        bn_acc, bn_div, bn_tr = _sweep(s, data, seeds, "bn", "BN sweep", progress)
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        """Both arms at every rate (each arm's seeds together), then each seed's probes."""
+        s = settings
+        sets = list(data)
+        acc, div, tr = _sweep(s, sets, seeds, None, "no BN sweep", progress)
+        bn_acc, bn_div, bn_tr = _sweep(s, sets, seeds, "bn", "BN sweep", progress)
         per_seed = []
-        for k, (d, seed) in enumerate(zip(data, seeds)):
+        for k, (d, seed) in enumerate(zip(sets, seeds)):
             per_seed.append(
                 {
                     arm: {"test_acc": a[k], "train_acc": t[k], "diverged_at": dv[k], **_probes(s, d, norm, seed)}
                     for arm, norm, a, t, dv in (("plain", None, acc, tr, div), ("bn", "bn", bn_acc, bn_tr, bn_div))
                 }
             )
-        return {
-            "config": dataclasses.asdict(s),
-            "data": {**data[0].describe(), "split": "each seed draws its own train/test split"},
-            "metrics": {"seeds": list(seeds), "per_seed": per_seed},
-        }
+        return per_seed
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         return _claims(results)
@@ -392,7 +387,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             results=results,
             a=[_log10(v) for v in gp],
             above=math.log10(up),
-            also=[judge([_log10(v) for v in gb], seeds=seeds, below=math.log10(down))],
+            also=[part([_log10(v) for v in gb], below=math.log10(down))],
             expected="without BN activations grow with depth after large steps; with BN they do not",
             source="Bjorck et al. 2018 (activation growth with depth at large learning rates)",
             evidence="growth per seed: plain "

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .._replicates import mean_over_replicates, replicate_seed
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..experiment import Experiment, claim
+from ..experiment import Experiment, claim, column, first_reaching
 from ..models import MLP, blocks
 from ..progress import Progress
 from ..stacked import train_stacked
@@ -193,14 +193,6 @@ def _early_index(rec: dict[str, Any], fraction: float) -> int:
     return min(i for i, s in enumerate(rec["step"]) if s >= fraction * last and s > 0)
 
 
-def _first_reaching(steps: list[int], acc: list[float], target: float) -> float:
-    """First checkpoint (> 0) with accuracy >= target; never: one checkpoint past the end."""
-    for step, a in zip(steps, acc):
-        if step > 0 and a >= target:
-            return float(step)
-    return float(steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1))
-
-
 def _late(rec: dict[str, Any]) -> float:
     """Mean test accuracy over the last quarter of the checkpoints."""
     acc = rec["test_acc"]
@@ -223,9 +215,9 @@ def _replicate_quantities(m: dict[str, Any], frac: float) -> dict[str, float]:
     """One network per arm: the numbers behind the claims (accuracies as fractions)."""
     none = m["sigmoid/none"]
     target = max(none["test_acc"])
-    steps_none = _first_reaching(none["step"], none["test_acc"], target)
+    steps_none = first_reaching(none["step"], none["test_acc"], target)
     steps_bn = max(
-        _first_reaching(m[f"sigmoid/{p}"]["step"], m[f"sigmoid/{p}"]["test_acc"], target) for p in ("before", "after")
+        first_reaching(m[f"sigmoid/{p}"]["step"], m[f"sigmoid/{p}"]["test_acc"], target) for p in ("before", "after")
     )
     i = _early_index(none, frac)
     early = {key: m[key]["test_acc"][i] for key in m}
@@ -249,7 +241,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     q = [_quantities(m, frac) for m in results["metrics"]["per_seed"]]
 
     def col(key: str) -> list[float]:
-        return [v[key] for v in q]
+        return column(q, key)
 
     def pct(key: str) -> str:
         return "/".join(f"{100 * v:.1f}" for v in col(key)) + "%"

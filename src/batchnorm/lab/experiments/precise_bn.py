@@ -29,7 +29,7 @@ from ..models import MLP
 from ..progress import Progress
 from ..stacked import train_stacked
 from ..training import TrainResult, TrainSpec, evaluate
-from ..verdict import judge
+from ..verdict import part
 
 ID = "precise-bn"
 DESCRIPTION = (
@@ -269,7 +269,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             results=results,
             a=gaps["early"],
             below=tol,
-            also=[judge(gaps["final"], seeds=seeds, below=tol)],
+            also=[part(gaps["final"], below=tol)],
             expected="10^3-10^4 samples suffice for ResNet-50 on ImageNet",
             source="Wu & Johnson 2021, Sec. 3 (PreciseBN)",
             evidence=f"all-sample minus {n_sat}-sample accuracy per seed (pp): early {fmt(gaps['early'], '+.2f')}, final "

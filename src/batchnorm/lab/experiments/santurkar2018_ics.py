@@ -246,10 +246,11 @@ class Ics(Experiment):
             )
         return out
 
-    def run(self, cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-        out = super().run(cfg, progress)
-        out["data"]["note"] = "the DLN part uses its own Gaussian data (see config: dln_*)"
-        return out
+    def describe_data(self, settings: Settings, first: Dataset) -> dict[str, Any]:
+        return {
+            **super().describe_data(settings, first),
+            "note": "the DLN part uses its own Gaussian data (see config: dln_*)",
+        }
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         return _claims(results)

@@ -30,11 +30,11 @@ import torch
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..experiment import Experiment, claim, load_for, seeds_for
+from ..experiment import Experiment, claim, column, load_for
 from ..progress import Progress
 from ..stacked import train_stacked
 from ..training import TrainResult, TrainSpec, evaluate
-from ..verdict import judge
+from ..verdict import part
 from ._calibration import CALIBRATION_SEED, calibration_split, epochs_to_steps
 from ._santurkar import NoisyReLU, build, capture_act_inputs, noisy, seed_slot, window_means
 
@@ -283,19 +283,9 @@ class Noisy(Experiment):
         every = max(1, steps // (10 if cfg.mode == "tiny" else 30))
         return Settings(depth=depth, width=width, steps=steps, steps_rule=rule, checkpoint_every=every, noise_grid=grid)
 
-    def run(self, cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-        """Calibrate the noise magnitude, then train the three arms at both rates on every seed."""
-        s = self.settings(cfg)
-        seeds = seeds_for(cfg)
-        if s.calibration_seed in seeds:
-            raise ValueError(f"{ID}: seed {s.calibration_seed} is the calibration seed; choose other seeds")
-        s = _calibrate(s, cfg, progress)
-        data = [load_for(cfg, seed) for seed in seeds]
-        return {
-            "config": dataclasses.asdict(s),
-            "data": {**data[0].describe(), "split": "each seed draws its own train/test split"},
-            "metrics": {"seeds": list(seeds), "per_seed": self.run_seeds(s, data, seeds, progress)},
-        }
+    def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
+        """Calibrate the noise magnitude on the calibration seed's own split."""
+        return _calibrate(settings, cfg, progress)
 
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
@@ -317,11 +307,11 @@ class Noisy(Experiment):
 
 
 def _col(results: dict[str, Any], arm: str, lr: float, key: str) -> list[float]:
-    return [float(m[f"{arm}@{lr:g}"][key]) for m in results["metrics"]["per_seed"]]
+    return column(results["metrics"]["per_seed"], f"{arm}@{lr:g}", key)
 
 
 def _drift_col(results: dict[str, Any], arm: str, lr: float, layer: str, kind: str) -> list[float]:
-    return [float(m[f"{arm}@{lr:g}"]["drift"][layer][kind]) for m in results["metrics"]["per_seed"]]
+    return column(results["metrics"]["per_seed"], f"{arm}@{lr:g}", "drift", layer, kind)
 
 
 def _runs(results: dict[str, Any], arm: str, lr: float, key: str, fmt: str | None = None) -> str:
@@ -347,10 +337,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     tol = float(t["close_to_bn_within"])
     parts = {
-        lr: judge(
+        lr: part(
             _col(results, "noisy", lr, "final_train_acc"),
             _col(results, "bn", lr, "final_train_acc"),
-            seeds=seeds,
             above=-tol,
         )
         for lr in (lo, hi)
@@ -368,7 +357,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             source="Santurkar et al. 2018, Fig. 2",
             evidence="; ".join(
                 f"lr {lr:g}: noisy BN {_runs(results, 'noisy', lr, 'final_train_acc')}% vs BN {_runs(results, 'bn', lr, 'final_train_acc')}% "
-                f"per seed (noisy - BN {100 * parts[lr].estimate:+.1f} pp [{100 * parts[lr].interval[0]:+.1f}, {100 * parts[lr].interval[1]:+.1f}], {parts[lr].verdict})"
+                f"per seed (noisy - BN {100 * parts[lr].estimate:+.1f} pp, mean)"
                 for lr in (lo, hi)
             ),
         )
@@ -376,9 +365,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     ratio = float(t["faster_loss_ratio_at_least"])
     none_loss = _col(results, "none", lo, "mean_train_loss")
-    noisy_part = judge(
-        none_loss, _col(results, "noisy", lo, "mean_train_loss"), seeds=seeds, effect="ratio", above=ratio
-    )
+    noisy_part = part(none_loss, _col(results, "noisy", lo, "mean_train_loss"), effect="ratio", above=ratio)
     out.append(
         claim(
             f"At lr {lo:g}, where the network without BN trains, BN and noisy BN both train faster: a lower mean training loss over the "
@@ -397,7 +384,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             + _runs(results, "bn", lo, "mean_train_loss", "{:.3g}")
             + "; noisy BN "
             + _runs(results, "noisy", lo, "mean_train_loss", "{:.3g}")
-            + f" (noisy part: {noisy_part.estimate:.3g}x, {noisy_part.verdict}); final training accuracy: no BN "
+            + f" (noisy part: {noisy_part.estimate:.3g}x, geometric mean); final training accuracy: no BN "
             + _runs(results, "none", lo, "final_train_acc")
             + "%, BN "
             + _runs(results, "bn", lo, "final_train_acc")
@@ -407,7 +394,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     gap = float(t["high_lr_gap_at_least"])
     none_hi = _col(results, "none", hi, "final_train_acc")
-    noisy_hi = judge(_col(results, "noisy", hi, "final_train_acc"), none_hi, seeds=seeds, above=gap)
+    noisy_hi = part(_col(results, "noisy", hi, "final_train_acc"), none_hi, above=gap)
     diverged = sum(bool(m[f"none@{hi:g}"]["diverged"]) for m in results["metrics"]["per_seed"])
     out.append(
         claim(
@@ -431,17 +418,14 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     ev = []
     for layer in layers:
         for kind in _COMPARED:
-            v = judge(
+            v = part(
                 _drift_col(results, "noisy", lo, layer, kind),
                 _drift_col(results, "none", lo, layer, kind),
-                seeds=seeds,
                 effect="ratio",
                 above=least,
             )
             parts_d.append(v)
-            ev.append(
-                f"layer {int(layer) + 1} {kind.replace('step_', '')}: noisy / no BN {v.estimate:.2f}x [{v.interval[0]:.2f}, {v.interval[1]:.2f}]"
-            )
+            ev.append(f"layer {int(layer) + 1} {kind.replace('step_', '')}: noisy / no BN {v.estimate:.2f}x")
     out.append(
         claim(
             f"Noisy BN's layer inputs are less stable than without BN: their mean and spread move more from one checkpoint to the next "

@@ -30,12 +30,13 @@ from ... import GhostBatchNorm1d
 from .._stacked_nets import train_together
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..experiment import Experiment, claim, per_seed_values
+from ..experiment import Experiment, claim, column, per_seed_values
 from ..models import MLP, ConvNet
 from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
 from ..progress import Progress
 from ..training import TrainSpec, evaluate, minibatches
-from ..verdict import judge
+from ..verdict import part
+from ._calibration import CALIBRATION_SEED, calibration_split
 
 ID = "small-batch"
 DESCRIPTION = "Wu & He 2018 / Ioffe 2017: test error vs BN group size (32..2) and non-i.i.d. groups for BN, Batch Renorm, Ghost BN, Group Norm"
@@ -45,16 +46,14 @@ _LABELS = {"bn": "BN (per-group stats)", "brn": "Batch Renorm", "ghost": "Ghost 
 _COLORS = {"bn": "tab:blue", "brn": "tab:green", "ghost": "tab:purple", "gn": "tab:orange"}
 _GROUP_SIZES = {"tiny": (32, 2), "quick": (32, 8, 2), "full": (32, 16, 8, 4, 2)}
 
-CALIBRATION_SEED = 1000
-"""The seed of the calibration run that fixes the step count (never judged)."""
-
-# Step counts from ``calibrate_steps`` on CALIBRATION_SEED (the rule is Settings.steps_rule), the
-# same rule on both data sets (MNIST-1D: 74 s on one core; it had used 2,400 steps chosen by hand):
+# Step counts from ``calibrate_steps`` on CALIBRATION_SEED and the lab's shared calibration split
+# (the rule is Settings.steps_rule), the same rule on both data sets (MNIST-1D: 74 s on one core; it
+# had used 2,400 steps chosen by hand; digits gave 800 on an earlier, unstratified split):
 #   .venv/bin/python -c "from batchnorm.lab.experiments import small_batch as e; print(e.calibrate_steps('mnist1d'))"
-_CALIBRATED_STEPS = {"digits": 800, "mnist1d": 2700}
+_CALIBRATED_STEPS = {"digits": 500, "mnist1d": 2900}
 _HAND_CHOSEN_BEFORE = {"mnist1d": 2400}  # what a data set used before its calibration was run
 _TINY_STEPS = 40
-_FULL_FACTOR = 10 / 3  # full mode trains 10/3 x the calibrated steps (digits: 4,000)
+_FULL_FACTOR = 10 / 3  # full mode trains 10/3 x the calibrated steps
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,7 @@ def _steps_rule(data_name: str, steps: int) -> str:
     before = _HAND_CHOSEN_BEFORE.get(data_name)
     earlier = f" (before this calibration, {before:,} steps chosen by hand on seed 0 were used)" if before else ""
     return (
-        f"calibration on seed {CALIBRATION_SEED} (its own split: 80% of its training set trains, 20% validates; "
+        f"calibration on seed {CALIBRATION_SEED} (its own split: a stratified 80% of its training set trains, 20% validates; "
         "no test image): BN with m = 32 and Group Norm trained for up to 4x a default of 1,200 steps with "
         "validation checkpoints every 5% of that; steps = the first checkpoint at which BOTH reach within 1 pp of "
         f"their best validation error, rounded up to a multiple of 100; gave {steps} on {data_name}{earlier}"
@@ -130,28 +129,16 @@ def calibrate_steps(
 ) -> dict[str, Any]:
     """The step-count rule (``Settings.steps_rule``) run on ``CALIBRATION_SEED``.
 
-    Trains BN (m = 32) and Group Norm on 80% of the calibration seed's training set and
-    validates on the other 20% every ``every`` steps up to ``max_steps``; returns
+    Trains BN (m = 32) and Group Norm on the calibration split (``calibration_split``: a
+    stratified 80% of the calibration seed's training set) and validates on the other 20% every ``every`` steps up to ``max_steps``; returns
     ``{"steps", "curves": {"bn": [...], "gn": [...]}, "checkpoints": [...]}`` where ``steps`` is
     the first checkpoint at which both validation errors are within ``tolerance_pp`` of their
     own best, rounded up to a multiple of 100.
     """
     from ..datasets import load
 
-    full = load(data_name, CALIBRATION_SEED)
-    n = full.train_x.shape[0]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(CALIBRATION_SEED))
-    cut = int(0.8 * n)
-    train_idx, val_idx = perm[:cut], perm[cut:]
-    data = Dataset(
-        full.name,
-        full.train_x[train_idx],
-        full.train_y[train_idx],
-        full.train_x[val_idx],
-        full.train_y[val_idx],
-        input_shape=full.input_shape,
-        classes=full.classes,
-    )
+    data = calibration_split(load(data_name, CALIBRATION_SEED), CALIBRATION_SEED)
+    cut = data.train_x.shape[0]
     s = _settings_for(data_name, "quick", steps=max_steps)
     arms = [
         [_model(data, s, _norm_factory("bn", s.batch_size, s), CALIBRATION_SEED)],
@@ -355,7 +342,6 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Wu & He's curve shape, GN's advantage at tiny groups, BN vs GN at 32, BRN's recovery,
     and Ghost BN's limit — each judged over the seeds with paired differences (or ratios)."""
     t = results["config"]
-    seeds = [int(v) for v in results["metrics"]["seeds"]]
     batch = int(t["batch_size"])
     sizes = sorted((int(v) for v in t["group_sizes"]), reverse=True)
     big, small = sizes[0], sizes[-1]
@@ -366,7 +352,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
         return per_seed_values(results, lambda m: _iid(m, norm, size, batch))
 
     def ni(norm: str) -> list[float]:
-        return per_seed_values(results, lambda m: float(m["non_iid"][norm]["test_error"]))
+        return column(results["metrics"]["per_seed"], "non_iid", norm, "test_error")
 
     def mean(v: Sequence[float]) -> float:
         return float(np.mean(v))
@@ -381,7 +367,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     m_ni = int(t["non_iid_group"])
 
     def far_better(bad: Sequence[float], good: Sequence[float]) -> list[Any]:
-        return [judge(bad, good, seeds=seeds, effect="ratio", above=ratio), judge(bad, good, seeds=seeds, above=by)]
+        return [part(bad, good, effect="ratio", above=ratio), part(bad, good, above=by)]
 
     per_m = "; ".join(f"m={v}: {_fmt(bn[v])}" for v in sizes)
     return [
@@ -392,7 +378,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             a=bn[small],
             b=bn[big],
             above=sharp,
-            also=[judge(bn[mid], bn[big], seeds=seeds, below=flat)],
+            also=[part(bn[mid], bn[big], below=flat)],
             expected="Wu & He: 23.6% (32), 24.8% (8, +1.2 pp), 34.7% (2, +11.1 pp)",
             source="Wu & He 2018, Fig. 1 and Table 3 (ResNet-50, ImageNet, BN per GPU)",
             evidence=f"BN test error per seed (%): {per_m}; rise at m={mid}: {mean(bn[mid]) - mean(bn[big]):+.1f} pp, "
@@ -443,7 +429,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             b=bn[big],
             above=-band,
             below=band,
-            also=[judge(ghost[small], bn[big], seeds=seeds, above=sharp)],
+            also=[part(ghost[small], bn[big], above=sharp)],
             expected="Hoffer et al. train with ghost batches of 128 without loss; per-group statistics of 2 break "
             "(Wu & He: +11.1 pp)",
             source="Hoffer et al. 2017, Sec. 4 (ghost batch 128); Wu & He 2018, Fig. 1",
