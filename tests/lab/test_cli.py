@@ -238,3 +238,9 @@ def test_jobs_run_experiments_in_parallel_with_the_same_results(
     for e in ids:
         par, seq = load_results(tmp_path / "par" / e), load_results(tmp_path / "seq" / e)
         assert par["metrics"] == seq["metrics"] and par["claims"] == seq["claims"]
+
+
+def test_report_checks_it_can_write_before_redrawing(capsys: pytest.CaptureFixture[str]) -> None:
+    """/proc is a folder nobody can create files in (root included): one line, exit 2."""
+    err = one_line_error(capsys, ["lab", "report", "/proc"])
+    assert "lab report /proc: cannot write there" in err

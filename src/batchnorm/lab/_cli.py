@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..cli._util import CliError, check_output_dir, require
+from ..cli._util import CliError, check_output_dir, probe_write, require
 
 if TYPE_CHECKING:
     from .progress import Eta
@@ -253,6 +253,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     require(("matplotlib",), "batchnorm lab report")
     from .runner import redraw
 
+    if Path(args.dir).is_dir():  # figures and reports are rewritten there: checked before any work
+        probe_write(Path(args.dir), f"lab report {args.dir}: cannot write there")
     try:
         written = redraw(args.dir)
     except ValueError as err:
