@@ -138,7 +138,7 @@ def _torch_instead(x: torch.Tensor) -> ModuleType:
 
 AUTO_ATEN_MAX = 1 << 19
 """Under "auto", a layer step on the eager path with a CPU float32/float64 input of fewer elements
-runs aten's kernels with aten's own autograd (:func:`aten_direct`). Measured by
+runs aten's kernels with aten's own autograd (`aten_direct`). Measured by
 ``python -m benchmarks.crossover --threads 1`` (training step, ours/torch's layer, same run):
 aten's path 0.8-1.2x at every size; our numba kernels 2.0-2.2x at 256x512 and 512x512, 0.78x
 at 64x64x8x8, 0.70x at 1024x512, 0.56x at 64x64x16x16, 0.26x at 64x64x56x56."""
