@@ -23,7 +23,7 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 import batchnorm
-from batchnorm.ops import bn as bn_ops
+from batchnorm.ops import update as bn_ops
 
 C = 3
 

@@ -20,7 +20,8 @@ Importing `batchnorm` registers them (loading an exported program that uses them
 """
 
 from ._path import recomputing
-from .bn import eval_forward, memory_format_of, moments, train_forward, train_step, update_running_stats_
+from .bn import eval_forward, memory_format_of, moments, train_forward, train_step
+from .update import update_running_stats_
 
 __all__ = [
     "eval_forward",

@@ -32,7 +32,8 @@ from .._kernels import torch_ops
 from .._kernels.dispatch import backend_for
 from ._common import acc_dtype, fold_channels, fold_vector, fresh, to_front, unfold_channels
 from ._path import apply, eager, eager_backward, forward_ad_active, needs_grad
-from .bn import memory_format_of, update_eager, update_running_stats_
+from .bn import memory_format_of
+from .update import update_eager, update_running_stats_
 
 _c = torch._C
 
