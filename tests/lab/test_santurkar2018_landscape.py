@@ -85,6 +85,7 @@ def test_claims_are_paired_ratios_judged_over_seeds(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quick_mode_claims_hold_on_digits(tmp_path: Path) -> None:
     results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
-    assert results["metrics"]["seeds"] == [0, 1, 2]
+    seeds = results["metrics"]["seeds"]
+    assert len(seeds) in (4, 8, 16) and seeds == list(range(len(seeds)))  # the seed plan's looks from 0
     failed = [c for c in results["claims"] if not c["holds"]]
     assert not failed, failed
