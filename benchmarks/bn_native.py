@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -34,6 +33,7 @@ import batchnorm
 from batchnorm._kernels import dispatch
 
 from .bn_small import SHAPES as SMALL_SHAPES
+from .bn_small import median_call
 
 LARGE_SHAPES: list[tuple[int, ...]] = [(8, 64, 16, 16), (32, 64, 16, 16), (64, 256, 8, 8)]
 CASES: list[tuple[tuple[int, ...], torch.dtype, torch.memory_format]] = (
@@ -59,16 +59,6 @@ def _auto_before() -> Iterator[None]:
             yield
         finally:
             dispatch.AUTO_NATIVE = saved  # type: ignore[attr-defined]
-
-
-def _median_call(fn: Callable[[], object], calls: int) -> float:
-    """Median wall time of ``calls`` calls of fn, in microseconds."""
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
 
 
 def _layer(shape: tuple[int, ...], dtype: torch.dtype, ours: bool) -> torch.nn.Module:
@@ -117,11 +107,11 @@ def measure(
     for mode in MODES:
         cands = {name: make(mode, name) for name in contexts}
         for fn in cands.values():  # warm-up: compilation, first-call set-up
-            _median_call(fn, 10)
+            median_call(fn, 10)
         rounds: dict[str, list[float]] = {k: [] for k in cands}
         for _ in range(repeats):
             for name, fn in cands.items():
-                rounds[name].append(_median_call(fn, calls))
+                rounds[name].append(median_call(fn, calls))
         out[mode] = {k: statistics.median(v) for k, v in rounds.items()}
     return out
 
@@ -137,7 +127,7 @@ def direct(repeats: int, calls: int) -> None:
 
     def med(fn: Callable[[], object]) -> float:
         fn()
-        return statistics.median(_median_call(fn, calls) for _ in range(repeats))
+        return statistics.median(median_call(fn, calls) for _ in range(repeats))
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for shape in DIRECT_SHAPES:

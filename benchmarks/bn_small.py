@@ -47,7 +47,7 @@ def _layers(shape: tuple[int, ...]) -> tuple[torch.nn.Module, torch.nn.Module, t
     return ours(shape[1]), ours(shape[1]), native(shape[1])
 
 
-def _median_call(fn: Callable[[], object], calls: int) -> float:
+def median_call(fn: Callable[[], object], calls: int) -> float:
     """Median wall time of ``calls`` calls of fn, in microseconds."""
     times = []
     for _ in range(calls):
@@ -93,11 +93,11 @@ def measure(shape: tuple[int, ...], repeats: int, calls: int) -> dict[str, dict[
         # the default back-end is timed as a user calls it: no use_backend context around the call
         cands = {"auto": make(auto, None), "torch_ops": make(ops, "torch"), "native": make(native, None)}
         for fn in cands.values():  # warm-up: compilation / cache load, first-call set-up
-            _median_call(fn, 20)
+            median_call(fn, 20)
         rounds: dict[str, list[float]] = {k: [] for k in cands}
         for _ in range(repeats):
             for name, fn in cands.items():
-                rounds[name].append(_median_call(fn, calls))
+                rounds[name].append(median_call(fn, calls))
         out[mode] = {k: statistics.median(v) for k, v in rounds.items()}
     return out
 

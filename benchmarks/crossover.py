@@ -16,23 +16,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 import batchnorm
 
+from .bn_small import median_call
+
 SHAPES = "256x512,512x512,1024x512,64x64x8x8,64x64x16x16,32x64x32x32,16x64x56x56,64x64x56x56"
-
-
-def _median_call(fn: Callable[[], object], calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
 
 
 def measure(shape: tuple[int, ...], rounds: int) -> dict[str, float]:
@@ -59,11 +51,11 @@ def measure(shape: tuple[int, ...], rounds: int) -> dict[str, float]:
     cands["torch"] = step(reference, None)
     calls = max(3, min(50, 4_000_000 // x.numel()))
     for fn in cands.values():
-        _median_call(fn, 2)  # warm-up: compilation, first-call set-up
+        median_call(fn, 2)  # warm-up: compilation, first-call set-up
     times: dict[str, list[float]] = {k: [] for k in cands}
     for _ in range(rounds):
         for name, fn in cands.items():
-            times[name].append(_median_call(fn, calls))
+            times[name].append(median_call(fn, calls))
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -26,7 +26,7 @@ import torch
 
 import batchnorm
 
-from .bn_small import _median_call
+from .bn_small import median_call
 
 SHAPES: list[tuple[int, int, int]] = [(32, 128, 16), (64, 256, 64), (32, 512, 128), (16, 64, 512)]
 
@@ -55,11 +55,11 @@ def measure(shape: tuple[int, int, int], repeats: int, calls: int) -> dict[str, 
 
     cands = {"masked": step(masked, mask), "unmasked": step(unmasked, None), "native": step(native, None)}
     for fn in cands.values():  # warm-up: compilation / cache load, first-call set-up
-        _median_call(fn, 10)
+        median_call(fn, 10)
     rounds: dict[str, list[float]] = {k: [] for k in cands}
     for _ in range(repeats):
         for name, fn in cands.items():
-            rounds[name].append(_median_call(fn, calls))
+            rounds[name].append(median_call(fn, calls))
     return {k: statistics.median(v) for k, v in rounds.items()}
 
 
