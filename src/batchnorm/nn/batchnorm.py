@@ -52,6 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 from .. import _checks, ops
 from ..functional import channels_to_front, is_fx_proxy, masked_step
 from ..ops import scripted
+from . import _torch_fusers
 
 __all__ = [
     "BatchNormBase",
@@ -196,6 +197,11 @@ class BatchNormBase(_TorchBatchNorm):
         self.channel_dim = channel_dim
         skipped = torch.zeros((), dtype=torch.long, device=device) if track_running_stats else None
         self.register_buffer("num_batches_skipped", skipped, persistent=False)
+        _torch_fusers.register()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        _torch_fusers.register()  # an unpickled model was never built in this process
 
     def reset_running_stats(self) -> None:
         """Zero the running mean and counters, running variance to 1 (as torch)."""
