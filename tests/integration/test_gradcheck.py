@@ -126,3 +126,32 @@ def test_functional_gradcheck(name: str, training: bool) -> None:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_layer_gradcheck(case: Case, training: bool) -> None:
     check_module(copy.copy(case), training=training)
+
+
+@pytest.mark.parametrize("duals", [(0, 1), (0, 2), (0, 1, 2), (1,), (1, 2)])
+def test_eval_forward_ad_through_running_statistics(duals: tuple[int, ...]) -> None:
+    """In eval the output depends on the running statistics, and forward AD differentiates
+    through them (torch's ``batch_norm`` refuses a tangent on them when the input has one):
+    the tangent equals a central finite difference in float64."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = _leaf((3, 2, 5), 0).detach()
+    mean, var = _stats(2)
+    primals = (x, mean, var)
+    g = torch.Generator().manual_seed(7)
+    tangents = tuple(
+        torch.randn(p.shape, generator=g, dtype=D) if i in duals else torch.zeros_like(p) for i, p in enumerate(primals)
+    )
+
+    def f(a: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return batchnorm.batch_norm(a, m, v, training=False)
+
+    with fwAD.dual_level():
+        args = [
+            fwAD.make_dual(p, t) if i in duals else p for i, (p, t) in enumerate(zip(primals, tangents, strict=True))
+        ]
+        tangent = fwAD.unpack_dual(f(*args)).tangent
+    h = 1e-6
+    plus = f(*(p + h * t for p, t in zip(primals, tangents, strict=True)))
+    minus = f(*(p - h * t for p, t in zip(primals, tangents, strict=True)))
+    torch.testing.assert_close(tangent, (plus - minus) / (2 * h), rtol=1e-6, atol=1e-8)
