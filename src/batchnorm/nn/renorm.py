@@ -58,11 +58,10 @@ from torch import Tensor, nn
 
 from .. import _checks, ops
 from ..functional import is_fx_proxy, update_step
-from ..ops import scripted
+from ..ops import renorm_math, scripted
 
 __all__ = [
     "renorm_limits",
-    "renorm_limits_at",
     "batch_renorm",
     "BatchRenormBase",
     "BatchRenorm1d",
@@ -88,30 +87,8 @@ def renorm_limits(
 
     So the layer is plain BN for ``step <= warmup_steps``. Defaults are the paper's.
     """
-
-    def ramp(end: int) -> float:
-        if step <= warmup_steps:
-            return 0.0
-        if step >= end:
-            return 1.0
-        return (step - warmup_steps) / (end - warmup_steps)
-
-    return 1.0 + (r_max - 1.0) * ramp(r_max_steps), d_max * ramp(d_max_steps)
-
-
-def renorm_limits_at(
-    step: Tensor, r_max: float, d_max: float, warmup_steps: int, r_max_steps: int, d_max_steps: int
-) -> tuple[Tensor, Tensor]:
-    """`renorm_limits` with the step as a tensor (the layer's ``num_batches_tracked``),
-    computed on its device: (r_max_t, d_max_t) as float64 0-dim tensors, nothing read back."""
-    t = step.to(torch.float64)
-
-    def ramp(end: int) -> Tensor:
-        if end <= warmup_steps:  # a step function at the warm-up
-            return (t > warmup_steps).to(torch.float64)
-        return ((t - warmup_steps) / (end - warmup_steps)).clamp(0.0, 1.0)
-
-    return 1.0 + (r_max - 1.0) * ramp(r_max_steps), d_max * ramp(d_max_steps)
+    r_lim, d_lim = renorm_math.limits_at(torch.tensor(step), r_max, d_max, warmup_steps, r_max_steps, d_max_steps)
+    return float(r_lim), float(d_lim)
 
 
 def _check_schedule(where: str, r_max: float, d_max: float, warmup: int, r_steps: int, d_steps: int) -> None:
@@ -196,29 +173,21 @@ def _batch_renorm(
     if x.numel() == 0:
         return ops.train_forward(x, weight, bias, eps)[0]
     mean_b, var_b = ops.moments(x)  # (C,) float64, (C,) biased, not differentiable
-    acc = var_b.dtype
     # the compiler replays nothing (its partitioner recomputes without mutation): nothing kept
     compiling = torch.compiler.is_compiling()
     seen = None if compiling else _SEEN.get(id(running_mean))
-    factors = None
+    earlier = None
     if seen is not None and torch._C._current_graph_task_id() != -1:  # ops.recomputing(), inline
-        factors = _seen_factors(seen, mean_b, var_b)
-    if factors is not None:  # recomputed by activation checkpointing: the first forward's r and d
-        r, d = factors
+        earlier = _seen_factors(seen, mean_b, var_b)
+    if earlier is not None:  # recomputed by activation checkpointing: the first forward's r and d
+        r, d = earlier
     else:
-        std_b = torch.sqrt(var_b + eps)
-        mu = running_mean.detach().to(torch.float64)
-        sigma = running_std.detach().to(acc)
-        r_max_t = torch.as_tensor(r_max, dtype=acc, device=x.device)
-        d_max_t = torch.as_tensor(d_max, dtype=torch.float64, device=x.device)
-        r = torch.minimum(torch.maximum(std_b / sigma, r_max_t.reciprocal()), r_max_t)  # (C,)
-        d = torch.minimum(torch.maximum((mean_b - mu) / sigma.to(torch.float64), -d_max_t), d_max_t).to(acc)
+        r_lim = torch.as_tensor(r_max, dtype=torch.float64, device=x.device)
+        d_lim = torch.as_tensor(d_max, dtype=torch.float64, device=x.device)
+        r, d = renorm_math.factors(mean_b, var_b, running_mean, running_std, r_lim, d_lim, eps)  # (C,)
         if not compiling:
             (_new_seen(running_mean) if seen is None else seen).append((mean_b, var_b, r, d))
-    # y = weight * (r * x_hat + d) + bias = (weight * r) * x_hat + (weight * d + bias)
-    w = r if weight is None else weight * r.to(weight.dtype)
-    shift = d if weight is None else weight * d.to(weight.dtype)
-    b = shift if bias is None else shift + bias
+    w, b = renorm_math.folded_affine(weight, bias, r, d)  # y = weight * (r * x_hat + d) + bias
     y, mean, var = ops.train_forward(x, w, b, eps)
     std = torch.sqrt(var + eps)
     update_step(
@@ -286,7 +255,7 @@ def batch_renorm_layer(
     _checks.check_layer_input(input, where, ndims, num_features, training, eps)
     if not training:
         return _batch_renorm(input, running_mean, running_std, weight, bias, False, momentum, eps, 1.0, 0.0, where)
-    r_max, d_max = renorm_limits_at(num_batches_tracked, *schedule)
+    r_max, d_max = renorm_math.limits_at(num_batches_tracked, *schedule)
     return _batch_renorm(
         input, running_mean, running_std, weight, bias, True, momentum, eps, r_max, d_max, where,
         num_batches_tracked, num_batches_skipped,

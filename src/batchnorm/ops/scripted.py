@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import renorm_math
+
 __all__ = ["bn_forward", "ghost_forward", "renorm_forward", "act_forward"]
 
 
@@ -87,12 +89,6 @@ def ghost_forward(
     return y
 
 
-def _ramp(t: Tensor, warmup_steps: int, end: int) -> Tensor:
-    if end <= warmup_steps:
-        return (t > warmup_steps).to(torch.float64)
-    return ((t - warmup_steps) / (end - warmup_steps)).clamp(0.0, 1.0)
-
-
 def renorm_forward(
     x: Tensor,
     weight: Optional[Tensor],
@@ -111,29 +107,14 @@ def renorm_forward(
     d_max_steps: int,
     where: str,
 ) -> Tensor:
-    """BatchRenorm*d (see `batchnorm.nn.renorm` for the math)."""
+    """BatchRenorm*d: the math of `batchnorm.ops.renorm_math`, as the eager layer."""
     if not training:
         var = running_std.detach().to(torch.float64).square()
         return torch.ops.batchnorm.eval(x, running_mean.detach(), var, weight, bias, 0.0)
-    t = num_batches_tracked.to(torch.float64)
-    r_lim = 1.0 + (r_max - 1.0) * _ramp(t, warmup_steps, r_max_steps)
-    d_lim = d_max * _ramp(t, warmup_steps, d_max_steps)
+    r_lim, d_lim = renorm_math.limits_at(num_batches_tracked, r_max, d_max, warmup_steps, r_max_steps, d_max_steps)
     mean_b, var_b = torch.ops.batchnorm.moments(x.detach())
-    acc = var_b.dtype
-    std_b = torch.sqrt(var_b + eps)
-    sigma = running_std.detach().to(acc)
-    r_t = r_lim.to(acc)
-    r = torch.minimum(torch.maximum(std_b / sigma, 1.0 / r_t), r_t)
-    d = torch.minimum(
-        torch.maximum((mean_b - running_mean.detach().to(torch.float64)) / sigma.to(torch.float64), -d_lim), d_lim
-    ).to(acc)
-    if weight is None:
-        w = r
-        shift = d
-    else:
-        w = weight * r.to(weight.dtype)
-        shift = weight * d.to(weight.dtype)
-    b = shift if bias is None else shift + bias
+    r, d = renorm_math.factors(mean_b, var_b, running_mean, running_std, r_lim, d_lim, eps)
+    w, b = renorm_math.folded_affine(weight, bias, r, d)
     y, mean, var = torch.ops.batchnorm.train(x, w, b, eps)
     std = torch.sqrt(var + eps)
     _update(x, running_mean, running_std, num_batches_tracked, num_batches_skipped, mean, std, momentum, False, where)
