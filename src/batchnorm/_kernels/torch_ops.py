@@ -73,10 +73,10 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
         shift = xa.detach()[:1].flatten(2)[..., :1] if xa.dim() > 2 else xa.detach()[:1]
         shift = shift.reshape(view)
     d = xa - shift  # (N, C, *), exact for values within a factor 2 of the shift
-    mean_d = d.mean(dim=dims, keepdim=True)
-    var = (d - mean_d).square().mean(dim=dims)
+    # one pass (torch's Welford reduction; Inductor fuses it with the subtraction above)
+    var, mean_d = torch.var_mean(d, dim=dims, correction=0, keepdim=True)
     mean = (mean_d.double() + shift.double()).reshape(-1)  # (C,) float64
-    return mean, var.clamp_min(0.0)
+    return mean, var.reshape(-1).clamp_min(0.0)
 
 
 def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
