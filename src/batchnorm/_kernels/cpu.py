@@ -46,8 +46,8 @@ Parallelism (``numba.prange`` over work units, ``numba.get_num_threads()`` threa
   of rows, or a piece of one long row), merged per channel afterwards, so channels are split
   across threads when C is small (within-channel parallelism); elementwise passes run over
   (row, piece) units;
-- "rows" (mc, and ncs with short rows S < 64 viewed as (N, C*S), see `cpu_plan.plan`): one task per block of
-  rows, inner loops over contiguous columns (vectorized) into per-block partial vectors,
+- "rows" (mc, and ncs with short rows S < 64 viewed as (N, C*S), see `cpu_plan.plan`): one
+  task per block of rows, inner loops over contiguous columns (vectorized) into per-block partial vectors,
   reduced over blocks and, for ncs, over the S columns of each channel.
 
 Threading layer: numba's OpenMP layer by default on Linux (see `cpu_runtime.configure_threading`);
@@ -62,8 +62,8 @@ Numerical policy:
   shift is a sample of the column, so d is of the order of the spread and mean 1e4, std 1e-2
   loses nothing (x - shift is exact in float32 there); up to 16 rows are summed in the input
   dtype before each float64 flush; var is clamped at >= 0;
-- backward sums (sum g, sum g * (x - mean), sum (x - mean)) are accumulated per run (<= ``cpu_plan.SEG``
-  values, or 16 rows) in the input dtype around the mean rounded to that dtype (so x - mean
+- backward sums (sum g, sum g * (x - mean), sum (x - mean)) are accumulated per run
+  (<= ``cpu_plan.SEG`` values, or 16 rows) in the input dtype around the mean rounded to that dtype (so x - mean
   is exact near the mean), then added up and moved to the float64 mean in float64;
 - normalization subtracts the float64 mean as a hi + lo pair in the input dtype,
   ``((x - mu_hi) - mu_lo) * scale + shift``: for x near mu_hi the first difference is exact, so

@@ -32,8 +32,8 @@ _ROWS = 16
 
 
 # --------------------------------------------------------------------------------------------
-# Scalar helpers (jitted by `KERNELS` before the first kernel). Loops run over 1D slices so that LLVM vectorizes
-# them; the reductions are compiled with reassociation (fastmath 'reassoc') for the same reason.
+# Scalar helpers (jitted by `KERNELS` before the first kernel). Loops run over 1D slices so that
+# LLVM vectorizes them; the reductions are compiled with reassociation (fastmath 'reassoc') for the same reason.
 
 
 def _py_sum_dev(seg, shift):  # pragma: no cover - runs compiled
@@ -56,7 +56,7 @@ def _py_sq_dev(seg, mean):  # pragma: no cover - runs compiled
 
 
 def _py_seg_bsums(gs, xs, shift):  # pragma: no cover - runs compiled
-    """sum g, sum g * (x - shift), sum (x - shift) over two equal 1D slices (<= ``cpu_plan.SEG`` values).
+    """sum g, sum g * (x - shift), sum (x - shift) over two equal 1D slices (<= `cpu_plan.SEG`).
 
     Accumulated in the inputs' dtype (vectorized: 64 partial sums of <= 64 terms each for
     float32); ``shift`` has that dtype too, so x - shift is exact for x near it. Callers add
@@ -88,7 +88,7 @@ def _py_chan_merge(cnt_a, mean_a, m2_a, cnt_b, mean_b, m2_b):  # pragma: no cove
 def _py_unit_mean_m2(x, c, n0, n1, i0, ln, n_c, n_s):  # pragma: no cover - runs compiled
     """Corrected two-pass (mean, M2) of channel c over rows [n0, n1), positions [i0, i0 + ln).
 
-    The unit holds at most ~``cpu_plan.SEG`` values, so the second pass reads them from L1. Both passes
+    The unit holds at most ~`cpu_plan.SEG` values, so the second pass reads them from L1. Both passes
     compute in the compute dtype (float32 for float32/16-bit input: twice the SIMD width of
     float64), one row at a time, each row's sums then added in float64:
 
@@ -226,9 +226,9 @@ def _py_bsums_ncs(g, x, n_b, n_c, n_s, k, nseg, shift, out):  # pragma: no cover
 def _py_train_ncs(x, n_b, n_c, n_s, k, nseg, eps, w, b, stats, y):  # pragma: no cover
     """Fused training forward, one task per channel: statistics, then y for that channel.
 
-    Used when a channel's values fit in a core's L2 cache (as `batchnorm._kernels.cpu` decides): the
-    normalize pass then reads x from L2 instead of memory, one full read of x saved. Units and
-    merges as in `_py_stats_ncs` (per channel c: k rows at a time, nseg pieces per row);
+    Used when a channel's values fit in a core's L2 cache (as `batchnorm._kernels.cpu` decides):
+    the normalize pass then reads x from L2 instead of memory, one full read of x saved. Units
+    and merges as in `_py_stats_ncs` (per channel c: k rows at a time, nseg pieces per row);
     w, b: (C,) float64; stats: (2, C) float64 out (mean, biased var); y as in _py_affine_ncs.
     """
     groups = (n_b + k - 1) // k
@@ -263,9 +263,9 @@ def _py_bwd_ncs(g, x, n_b, n_c, n_s, k, nseg, mu, inv, w, sums, dx):  # pragma: 
     """Fused training backward, one task per channel: the sums, then dx for that channel.
 
     Used when a channel's g and x fit in a core's L2 cache together (as
-    `batchnorm._kernels.cpu` decides): the dx pass reads them from L2, two full reads saved. The same
-    units, float64 totals and coefficients as `_py_bsums_ncs` + `cpu_plan.bwd_params` +
-    `_py_dx_ncs` (same order of operations: identical results). mu, inv, w: (C,) float64;
+    `batchnorm._kernels.cpu` decides): the dx pass reads them from L2, two full reads saved.
+    The same units, float64 totals and coefficients as `_py_bsums_ncs` +
+    `cpu_plan.bwd_params` + `_py_dx_ncs` (same order of operations: identical results). mu, inv, w: (C,) float64;
     sums: (2, C) float64 out (sum g * x_hat, sum g); dx as in _py_dx_ncs.
     """
     groups = (n_b + k - 1) // k
@@ -509,7 +509,7 @@ KERNELS = cpu_runtime.LazyKernels(
         "dx_seg": {},
     },
 )
-"""The kernels above, compiled on first request (helpers jitted first, the reductions' with `cpu_runtime.FASTMATH`)."""
+"""The kernels above, compiled on first request (the helpers first; reductions with `cpu_runtime.FASTMATH`)."""
 
 run = KERNELS.run
 """``run(name, *args, small=False)``: launch kernel ``name`` (see `cpu_runtime.launch`)."""

@@ -1,4 +1,4 @@
-"""Planning for the parallel CPU kernels: which inputs they take, their layout, work split and parameters.
+"""Planning for the parallel CPU kernels: inputs taken, layouts, work split and parameters.
 
 Shared by `batchnorm._kernels.cpu` and `batchnorm._kernels.cpu_act`:
 

@@ -107,7 +107,7 @@ class LazyKernels:
         return dict(self._kernels)
 
     def kernel(self, name: str) -> Any:
-        """The compiled dispatcher of kernel ``name`` (created on first request; compiled on first call).
+        """The dispatcher of kernel ``name``: created on first request, compiled on first call.
 
         In a serial process (`serial`) the same function is compiled without ``parallel``
         (``prange`` runs as ``range``; see `serial_copy`), under its own key ``name@serial``.
