@@ -230,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     import numba
 
-    from batchnorm._kernels import cpu
+    from batchnorm._kernels import cpu_runtime
 
-    cpu._threads()  # start numba's pool with the back-end's threading layer
+    cpu_runtime.threads()  # start numba's pool with the back-end's threading layer
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
         numba.set_num_threads(cfg.threads)

@@ -83,11 +83,11 @@ def test_matches_bn_then_activation(backend, activation, slope, alpha, shape, fm
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 def test_large_input_multithreaded_path(fmt):
     """A tensor above the kernels' small-work threshold (all threads) under the auto back-end."""
-    from batchnorm._kernels import cpu
+    from batchnorm._kernels import cpu, cpu_runtime
 
     shape = (4, 8, 64, 64)
     x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).contiguous(memory_format=fmt)
-    assert x.numel() >= max(cpu._SMALL_WORK, cpu.AUTO_MIN_NUMEL)
+    assert x.numel() >= max(cpu_runtime.SMALL_WORK, cpu.AUTO_MIN_NUMEL)
     w = torch.linspace(-1.5, 1.5, 8, dtype=torch.float64) + 0.01
     b = torch.linspace(-0.3, 0.3, 8, dtype=torch.float64)
     g = torch.randn(shape, dtype=torch.float64)

@@ -20,7 +20,7 @@ import torch
 import batchnorm
 from batchnorm import functional as BF
 from batchnorm import reference
-from batchnorm._kernels import cpu, cpu_small, dispatch, native, torch_ops
+from batchnorm._kernels import cpu, cpu_kernels, cpu_plan, cpu_runtime, cpu_small, dispatch, native, torch_ops
 
 BACKENDS = ["torch", "numba", "auto"]  # auto: these small CASES run on cpu_small
 
@@ -395,7 +395,7 @@ def test_parallel_paths_match_reference_and_thread_count(shape, fmt):
     float64 reference, and 1 vs all threads changes rounding only."""
     x = make_input(shape, fmt, torch.float32)
     g = torch.randn(shape).contiguous(memory_format=fmt)
-    before = cpu._threads()  # (starts numba's pool with the back-end's threading layer)
+    before = cpu_runtime.threads()  # (starts numba's pool with the back-end's threading layer)
     results = []
     try:
         for n in sorted({1, before}):
@@ -405,7 +405,7 @@ def test_parallel_paths_match_reference_and_thread_count(shape, fmt):
             results.append((y, mean, var, dx, dw, db))
     finally:
         numba.set_num_threads(before)
-    assert x.numel() >= cpu._SMALL_WORK
+    assert x.numel() >= cpu_runtime.SMALL_WORK
     c = shape[1]
     ey, emean, evar, x_hat = ref_train(f64(x), np.ones(c), np.zeros(c), 1e-5)
     edx, edw, edb = ref_backward(f64(g), x_hat, evar, np.ones(c), 1e-5)
@@ -422,14 +422,14 @@ def test_launch_threads_follow_torch_set_num_threads():
     def probe() -> None:  # stands in for a compiled kernel: records the launch's thread count
         seen.append(numba.get_num_threads())
 
-    cpu._threads()  # start numba's pool with the back-end's layer
+    cpu_runtime.threads()  # start numba's pool with the back-end's layer
     torch_before, numba_before = torch.get_num_threads(), numba.get_num_threads()
     try:
         torch.set_num_threads(1)
-        cpu.launch(probe, ())
+        cpu_runtime.launch(probe, ())
         torch.set_num_threads(max(2, numba_before))
-        cpu.launch(probe, ())
-        cpu.launch(probe, (), small=True)
+        cpu_runtime.launch(probe, ())
+        cpu_runtime.launch(probe, (), small=True)
     finally:
         torch.set_num_threads(torch_before)
     assert seen == [1, numba_before, 1]
@@ -456,12 +456,12 @@ def test_jit_falls_back_without_cache(monkeypatch):
             raise RuntimeError("cannot cache function 'f': no locator available for file 'x'")
         return lambda f: ("compiled", f)
 
-    monkeypatch.setattr(cpu.numba, "njit", fake_njit)
+    monkeypatch.setattr(cpu_runtime.numba, "njit", fake_njit)
 
     def f():
         return 1
 
-    assert cpu._jit(f, parallel=True) == ("compiled", f)
+    assert cpu_runtime.jit(f, parallel=True) == ("compiled", f)
     assert calls == [True, False]
 
 
@@ -475,9 +475,11 @@ def _python(code: str) -> subprocess.CompletedProcess:
 def test_import_does_not_compile(tmp_path):
     """Importing the back-end builds no kernel (compilation waits for the first call)."""
     code = (
-        "import batchnorm._kernels.cpu as c, numba\n"
-        "assert c._compiled == {}, c._compiled\n"
-        "assert not isinstance(c._sum_dev, numba.core.registry.CPUDispatcher)\n"
+        "import numba\n"
+        "from batchnorm._kernels import cpu, cpu_kernels as k, cpu_plan, cpu_runtime as rt\n"
+        "assert k.KERNELS.compiled == {}, k.KERNELS.compiled\n"
+        "assert not isinstance(k._sum_dev, numba.core.registry.CPUDispatcher)\n"
+        "assert rt._state == {}, rt._state\n"
         "print('ok')\n"
     )
     out = _python(code)
@@ -568,11 +570,11 @@ def test_serial_kernels_match_reference(monkeypatch, shape, fmt):
     are separate dispatchers, under their own cache names, and match the float64 reference."""
     x = make_input(shape, fmt, torch.float32)
     g = torch.randn(shape).contiguous(memory_format=fmt)
-    monkeypatch.setitem(cpu._fork_state, "serial", True)
-    assert cpu._threads() == 1
+    monkeypatch.setitem(cpu_runtime._fork_state, "serial", True)
+    assert cpu_runtime.threads() == 1
     y, mean, var = cpu.train_forward(x, None, None, 1e-5)
     dx, dw, db = cpu.backward(g, x, mean, torch.rsqrt(var + 1e-5), None)
-    serial = {k: v for k, v in cpu._compiled.items() if k.endswith("@serial")}
+    serial = {k: v for k, v in cpu_kernels.KERNELS.compiled.items() if k.endswith("@serial")}
     assert serial
     for kern in serial.values():
         assert kern.py_func.__qualname__.endswith("_serial")
@@ -590,14 +592,14 @@ import json, multiprocessing as mp, sys
 import numba, torch
 import torch.nn.functional as F
 import batchnorm
-from batchnorm._kernels import cpu
+from batchnorm._kernels import cpu_runtime
 
 
 def check():
     # our BN (training forward + backward, numba back-end, parallel kernels) vs torch in float64
     torch.manual_seed(0)
     x = torch.randn(8, 16, 48, 48)
-    assert x.numel() >= cpu._SMALL_WORK
+    assert x.numel() >= cpu_runtime.SMALL_WORK
     g = torch.randn_like(x)
     xo = x.clone().requires_grad_()
     y = batchnorm.batch_norm(xo, None, None, training=True)
@@ -625,7 +627,7 @@ def child(q):
     torch.set_num_threads(1)
     y = torch.randn(1500, 1500)
     float((y @ y).sum() + (y * 2).sum())
-    q.put((check(), cpu._serial(), threads))
+    q.put((check(), cpu_runtime.serial(), threads))
 
 
 class Data(torch.utils.data.Dataset):
@@ -655,7 +657,7 @@ if __name__ == "__main__":
         )
         loader_err = [float(e) for e in loader]
         print(json.dumps(dict(layer=layer, parent=parent_err, exitcode=p.exitcode, child=child_err,
-                              child_serial=child_serial, child_threads=child_threads, loader=loader_err, parent_serial=cpu._serial())))
+                              child_serial=child_serial, child_threads=child_threads, loader=loader_err, parent_serial=cpu_runtime.serial())))
 """
 
 
@@ -676,7 +678,7 @@ def test_fork_after_kernel_launch(tmp_path, layer):
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    expected = layer if layer is not None else ("omp" if cpu._omp_usable() else "workqueue")
+    expected = layer if layer is not None else ("omp" if cpu_runtime.omp_usable() else "workqueue")
     assert res["layer"] == expected
     assert res["exitcode"] == 0, out.stderr[-3000:]
     assert res["child_serial"] is (expected == "omp")
@@ -724,7 +726,7 @@ def test_half_kernels_round_the_float64_result_once(dtype, shape, fmt, monkeypat
     statistics and dgamma/dbeta are float32-accurate; dtype and memory format are kept."""
     c = shape[1]
     x = make_input(shape, fmt, dtype)
-    monkeypatch.setattr(cpu, "_threads", lambda: 2)  # work split as on 2 threads (fusion: C >= 8)
+    monkeypatch.setattr(cpu_runtime, "threads", lambda: 2)  # work split as on 2 threads (fusion: C >= 8)
     if shape == (4, 16, 12, 12):
         assert cpu._fuse_ncs(4, 16, 144, 2)
     g = torch.randn(shape, dtype=torch.float64).to(dtype).contiguous(memory_format=fmt)
@@ -773,7 +775,7 @@ def test_half_kernels_read_16bit_storage_without_float32_copies(monkeypatch):
     def refuse(x):
         raise AssertionError("float32 copy made")
 
-    monkeypatch.setattr(cpu, "_as_native", refuse)
+    monkeypatch.setattr(cpu_plan, "as_native", refuse)
     x = make_input((2, 3, 8, 8), torch.contiguous_format, torch.bfloat16)
     y, mean, var = cpu.train_forward(x, None, None, 1e-5)
     cpu.backward(x, x, mean, torch.rsqrt(var.double() + 1e-5), None)
@@ -787,7 +789,7 @@ def test_ncs_statistics_large_mean_and_outlier_first_values(shape):
     when every row starts with a 6-sigma outlier (the worst shift for the first pass)."""
     x = make_input(shape, torch.contiguous_format, torch.float32, loc=1e4, spread=1e-2)
     x[:, :, 0, 0] = 1e4 + 6e-2
-    assert cpu._plan(x, "ncs")[0] == "ncs"
+    assert cpu_plan.plan(x, "ncs")[0] == "ncs"
     y, mean, var = cpu.train_forward(x, None, None, 1e-8)
     ey, emean, evar, _ = ref_train(f64(x), np.ones(shape[1]), np.zeros(shape[1]), 1e-8)
     np.testing.assert_allclose(f64(mean), emean, rtol=1e-9)
@@ -802,7 +804,7 @@ def test_fused_and_unfused_ncs_forward_agree_with_reference(monkeypatch):
     x = make_input(shape, torch.contiguous_format, torch.float32)
     w = torch.rand(16) + 0.5
     b = torch.randn(16)
-    monkeypatch.setattr(cpu, "_threads", lambda: 2)  # work split as on 2 threads (fusion: C >= 8)
+    monkeypatch.setattr(cpu_runtime, "threads", lambda: 2)  # work split as on 2 threads (fusion: C >= 8)
     assert cpu._fuse_ncs(4, 16, 1600, 4)
     fused = cpu.train_forward(x, w, b, 1e-5)
     monkeypatch.setattr(cpu, "_FUSE_BYTES", 0)
@@ -818,10 +820,10 @@ def test_float16_without_hardware_conversion_goes_to_torch_ops(monkeypatch):
     """On a CPU without F16C (numba could not link the float16 conversions) float16 inputs are
     not claimed by the kernels: dispatch uses torch_ops, and a direct call says why."""
     x = make_input((4, 3, 8, 8), torch.contiguous_format, torch.float16)
-    assert cpu._float16_native()  # this test machine (x86 with F16C), see the bench notes
+    assert cpu_plan.float16_native()  # this test machine (x86 with F16C), see the bench notes
     with batchnorm.use_backend("numba"):  # (every size goes to the kernels if supported)
         assert cpu.supports(x)
-        monkeypatch.setitem(cpu._compiled, "f16", False)
+        monkeypatch.setitem(cpu_plan._features, "f16", False)
         assert not cpu.supports(x)
         assert cpu.supports(x.to(torch.bfloat16))
         assert dispatch.backend_for(x) is torch_ops
@@ -865,7 +867,7 @@ def test_batch_stats_matches_reference(module, shape, fmt, dtype, monkeypatch):
         def no_output(*args, **kwargs):
             raise AssertionError("batch_stats allocated an output")
 
-        monkeypatch.setattr(cpu, "_empty_like", no_output)
+        monkeypatch.setattr(cpu_runtime, "empty_like", no_output)
     mean, var = module.batch_stats(x)
     emean, evar = reference.moments(f64(x))
     assert mean.dtype == torch.float64
@@ -978,7 +980,7 @@ def test_fused_and_unfused_ncs_backward_agree_with_reference(monkeypatch, dtype)
     x = make_input(shape, torch.contiguous_format, dtype, loc=3.0)
     g = torch.randn(shape, dtype=torch.float64).to(dtype)
     w = torch.rand(16, dtype=torch.float64) + 0.5
-    monkeypatch.setattr(cpu, "_threads", lambda: 2)  # work split as on 2 threads (fusion: C >= 8)
+    monkeypatch.setattr(cpu_runtime, "threads", lambda: 2)  # work split as on 2 threads (fusion: C >= 8)
     _, mean, var = cpu.train_forward(x, None, None, 1e-5)
     invstd = torch.rsqrt(var.double() + 1e-5)
     mean32 = mean.to(torch.float32)  # a rounded mean: both paths refine it from x

@@ -10,7 +10,8 @@ and then the BN backward in the variables of y (x_hat = (y - beta) / gamma): one
 sums (sum dy, sum dy * (y - beta), sum (y - beta)), one pass for
 dx = k1 * dy + k2 * (y - mean_y) + k3. Neither y nor dy is ever stored: the backward reads z and
 g twice and writes dx once, like the plain BN backward, and the activation's own backward pass
-disappears. Work split and layouts as in `batchnorm._kernels.cpu`; compiled on first call.
+disappears. Work split and layouts as in `batchnorm._kernels.cpu` (`batchnorm._kernels.cpu_plan`);
+compiled on first call (`batchnorm._kernels.cpu_runtime`).
 """
 
 from __future__ import annotations
@@ -23,42 +24,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import cpu
+from . import cpu_plan, cpu_runtime
 from .torch_ops import acc_dtype
 
 __all__ = ["MODES", "backward_act"]
 
 MODES = {"leaky_relu": 1, "elu": 2}
-
-_compiled: dict[str, Any] = {}
-
-
-def _kernel(name: str) -> Any:
-    """The compiled dispatcher of kernel ``name`` (created on first request; serial when
-    `cpu._serial`, as in `cpu._kernel`)."""
-    serial = cpu._serial()
-    key = name + "@serial" if serial else name
-    kern = _compiled.get(key)
-    if kern is None:
-        if "_helpers" not in _compiled:
-            cpu._configure_threading()
-            g = globals()
-            g["_point"] = cpu._jit(_py_point)
-            g["_seg_bsums_act"] = cpu._jit(_py_seg_bsums_act, fastmath=cpu._FASTMATH)
-            g["_seg_dx_act"] = cpu._jit(_py_seg_dx_act)
-            _compiled["_helpers"] = True
-        func = globals()["_py" + name]
-        if serial:
-            kern = cpu._jit(cpu._serial_copy(func), parallel=False)
-        else:
-            kern = cpu._jit(func, parallel=True)
-        _compiled[key] = kern
-    return kern
-
-
-def _run(name: str, *args: Any, small: bool = False) -> None:
-    """Launch kernel ``name`` like `cpu._run` (lock; threads as torch's; one when ``small``)."""
-    cpu.launch(_kernel(name), args, small=small)
 
 
 def _py_point(z, g, mode, slope, alpha, tiny):  # pragma: no cover - runs compiled
@@ -96,6 +67,12 @@ def _py_seg_dx_act(gs, zs, dxs, mu, k1, k2, k3, mode, slope, alpha, tiny):  # pr
 _point: Any = _py_point
 _seg_bsums_act: Any = _py_seg_bsums_act
 _seg_dx_act: Any = _py_seg_dx_act
+
+# the kernels below, compiled on first request (the three helpers above first)
+_KERNELS = cpu_runtime.LazyKernels(
+    globals(), {"point": {}, "seg_bsums_act": {"fastmath": cpu_runtime.FASTMATH}, "seg_dx_act": {}}
+)
+_run = _KERNELS.run
 
 
 def _py_bsums_act_ncs(g, z, n_b, n_c, n_s, k, nseg, shift, mode, slope, alpha, tiny, out):  # pragma: no cover
@@ -198,42 +175,42 @@ def backward_act(
 
     Shape: grad_z, z (N, C, *) -> dx (N, C, *), dgamma (C,), dbeta (C,).
     """
-    layout = cpu._check_supported(z, "backward_act")
+    layout = cpu_plan.check_supported(z, "backward_act")
     if activation not in MODES:
         raise ValueError(f"backward_act: expected activation in {tuple(MODES)}, got {activation!r}")
-    zn = cpu._as_native(z.detach())
+    zn = cpu_plan.as_native(z.detach())
     g = grad_z.detach()
     if g.dtype != zn.dtype or g.stride() != zn.stride():
-        g = cpu._empty_like(zn).copy_(g)
-    dx = cpu._empty_like(zn)
-    kind, n, c, s = cpu._plan(zn, layout)
-    small = zn.numel() < cpu._SMALL_WORK
+        g = cpu_runtime.empty_like(zn).copy_(g)
+    dx = cpu_runtime.empty_like(zn)
+    kind, n, c, s = cpu_plan.plan(zn, layout)
+    small = zn.numel() < cpu_runtime.SMALL_WORK
     n_c = z.shape[1]
-    zf = cpu._flat(zn, layout)
-    gf = cpu._flat(g, layout)
-    dxf = cpu._flat(dx, layout)
-    gamma = cpu._channel_vec(weight, n_c, 1.0)
-    beta = cpu._channel_vec(bias, n_c, 0.0)
-    inv = cpu._channel_vec(invstd, n_c, 1.0)
+    zf = cpu_plan.flat(zn, layout)
+    gf = cpu_plan.flat(g, layout)
+    dxf = cpu_plan.flat(dx, layout)
+    gamma = cpu_plan.channel_vec(weight, n_c, 1.0)
+    beta = cpu_plan.channel_vec(bias, n_c, 0.0)
+    inv = cpu_plan.channel_vec(invstd, n_c, 1.0)
     mode = MODES[activation]
     args = (mode, float(negative_slope), float(alpha), float(torch.finfo(zn.dtype).eps))
     sums = np.empty((2, n_c))
     if kind == "ncs":
         tot = np.empty((3, c))
-        k, nseg = cpu._units(n, c, s)
-        _run("_bsums_act_ncs", gf, zf, n, c, s, k, nseg, beta, *args, tot, small=small)
+        k, nseg = cpu_plan.units(n, c, s)
+        _run("bsums_act_ncs", gf, zf, n, c, s, k, nseg, beta, *args, tot, small=small)
     else:
-        nblk = cpu._rows_blocks(n, c)
+        nblk = cpu_plan.rows_blocks(n, c)
         col = np.empty((3, c))
-        _run("_bsums_act_rows", gf, zf, n, c, nblk, np.repeat(beta, s), *args, col, small=small)
+        _run("bsums_act_rows", gf, zf, n, c, nblk, np.repeat(beta, s), *args, col, small=small)
         tot = col.reshape(3, n_c, s).sum(axis=2)  # (3, C*s) -> (3, C, s) -> (3, C)
     # BN backward in the variables of y: x_hat = (y - beta) * (1 / gamma), and the dx scale
     # weight' * invstd' must be gamma * invstd, so weight' = gamma^2 * invstd
-    p = cpu._bwd_params(tot, beta, 1.0 / gamma, gamma * gamma * inv, float(n * s), sums, np.float64)
+    p = cpu_plan.bwd_params(tot, beta, 1.0 / gamma, gamma * gamma * inv, float(n * s), sums, np.float64)
     q = np.stack([p[0] + p[1], p[2], p[3], p[4]])  # (4, C) float64: mean of y, k1, k2, k3
     if kind == "ncs":
-        _run("_dx_act_ncs", gf, zf, n, c, s, cpu._nseg(n * c, s), q, *args, dxf, small=small)
+        _run("dx_act_ncs", gf, zf, n, c, s, cpu_plan.nseg(n * c, s), q, *args, dxf, small=small)
     else:
-        _run("_dx_act_rows", gf, zf, n, c, nblk, np.repeat(q, s, axis=1), *args, dxf, small=small)
+        _run("dx_act_rows", gf, zf, n, c, nblk, np.repeat(q, s, axis=1), *args, dxf, small=small)
     out = torch.from_numpy(sums).to(acc_dtype(z.dtype))
-    return cpu._as_dtype(dx, z.dtype), out[0].clone(), out[1].clone()
+    return cpu_plan.as_dtype(dx, z.dtype), out[0].clone(), out[1].clone()

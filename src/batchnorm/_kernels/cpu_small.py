@@ -14,7 +14,7 @@ kernel that keeps everything in float64:
 x - mean is formed in float64, so mean 1e4 / std 1e-2 in float32 keeps the spread's digits.
 
 Layouts: contiguous ``(N, C, S)`` ("ncs": S > 1 contiguous values per channel and sample) and
-channels-last / 2D ``(M, C)`` ("mc": C innermost), as `batchnorm._kernels.cpu.layout_of`
+channels-last / 2D ``(M, C)`` ("mc": C innermost), as `batchnorm._kernels.cpu_plan.layout_of`
 names them, both read as a table of rows whose contiguous columns are channels (mc) or runs of
 S columns per channel (ncs), so the inner loops are long and vectorize; float32 and float64
 only. Same contracts as `batchnorm._kernels.torch_ops`
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import cpu
+from . import cpu_plan, cpu_runtime
 from .dispatch import AUTO_MIN_NUMEL, BACKEND_API
 from .torch_ops import backward_apply, backward_sums, batch_stats  # noqa: F401 - re-exported: same contracts
 
@@ -202,10 +202,10 @@ def _kernel(name: str) -> Any:
     with _create_lock:
         if "helpers" not in _compiled:  # the helpers the kernels call, jitted once, first
             for helper in ("_fold", "_spread", "_apply"):  # _apply calls _spread: jitted after it
-                globals()[helper] = cpu._jit(globals()[helper], fastmath=cpu._FASTMATH)
+                globals()[helper] = cpu_runtime.jit(globals()[helper], fastmath=cpu_runtime.FASTMATH)
             _compiled["helpers"] = True
         if name not in _compiled:
-            _compiled[name] = cpu._jit(globals()["_py" + name], fastmath=cpu._FASTMATH)
+            _compiled[name] = cpu_runtime.jit(globals()["_py" + name], fastmath=cpu_runtime.FASTMATH)
     return _compiled[name]
 
 
@@ -223,7 +223,7 @@ def supports(x: Tensor, *, check_layout: bool = True) -> bool:
         and x.device.type == "cpu"
         and x.layout == torch.strided
         and not x.is_neg()
-        and (not check_layout or cpu.layout_of(x) is not None)
+        and (not check_layout or cpu_plan.layout_of(x) is not None)
     )
 
 
@@ -245,7 +245,7 @@ def _tables(x: Tensor, g: Tensor | None = None) -> tuple[Tensor, np.ndarray, np.
     table or None). ``out`` is an empty tensor like x (same memory format); its view is never a
     copy (``view`` raises rather than return one). ValueError for a tensor `supports`
     would refuse (dispatch has asked it already; direct callers get the check here)."""
-    layout = cpu.layout_of(x)
+    layout = cpu_plan.layout_of(x)
     if (
         layout is None
         or not (x.dtype == torch.float32 or x.dtype == torch.float64)

@@ -57,10 +57,10 @@ def _idle() -> list[np.ndarray]:
 
 
 def _advise(buf: np.ndarray) -> None:
-    """Huge pages for a new buffer (see ``cpu._madvise_huge``); best effort."""
-    from .cpu import _madvise_huge
+    """Huge pages for a new buffer (see `batchnorm._kernels.cpu_runtime.madvise_huge`); best effort."""
+    from .cpu_runtime import madvise_huge
 
-    _madvise_huge(torch.from_numpy(buf))
+    madvise_huge(torch.from_numpy(buf))
 
 
 def _drop(buf: np.ndarray) -> None:
