@@ -25,20 +25,19 @@ from torch import Tensor
 __all__ = ["limits_at", "factors", "folded_affine"]
 
 
-def _ramp(t: Tensor, warmup_steps: int, end: int) -> Tensor:
-    if end <= warmup_steps:  # a step function at the warm-up
-        return (t > warmup_steps).to(torch.float64)
-    return ((t - warmup_steps) / (end - warmup_steps)).clamp(0.0, 1.0)
-
-
 def limits_at(
     step: Tensor, r_max: float, d_max: float, warmup_steps: int, r_max_steps: int, d_max_steps: int
 ) -> tuple[Tensor, Tensor]:
     """(r_max_t, d_max_t) at training step ``step`` (0-dim integer tensor, e.g. the layer's
     ``num_batches_tracked``), as float64 0-dim tensors on its device; nothing is read back."""
     t = step.to(torch.float64)
-    r_lim = 1.0 + (r_max - 1.0) * _ramp(t, warmup_steps, r_max_steps)
-    return r_lim, d_max * _ramp(t, warmup_steps, d_max_steps)
+    ramps: list[Tensor] = []
+    for end in (r_max_steps, d_max_steps):  # the ramp inline: no Python call per step
+        if end <= warmup_steps:  # a step function at the warm-up
+            ramps.append((t > warmup_steps).to(torch.float64))
+        else:
+            ramps.append(((t - warmup_steps) / (end - warmup_steps)).clamp(0.0, 1.0))
+    return 1.0 + (r_max - 1.0) * ramps[0], d_max * ramps[1]
 
 
 def factors(
@@ -51,7 +50,7 @@ def factors(
     std_b = torch.sqrt(var_b + eps)
     sigma = running_std.detach().to(acc)
     r_t = r_lim.to(acc)
-    r = torch.minimum(torch.maximum(std_b / sigma, 1.0 / r_t), r_t)
+    r = torch.minimum(torch.maximum(std_b / sigma, r_t.reciprocal()), r_t)
     mu = running_mean.detach().to(torch.float64)
     d = torch.minimum(torch.maximum((mean_b - mu) / sigma.to(torch.float64), -d_lim), d_lim).to(acc)
     return r, d
