@@ -64,17 +64,18 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     acc = acc_dtype(x.dtype)
     xa = x.to(acc)
     dims = reduce_dims(xa)
-    # shift: the first value of each channel, (1, C, 1, ..., 1)
-    # (an empty batch has no first value: shift by 0, and the statistics come out NaN)
     view = (1, xa.shape[1], *([1] * (xa.dim() - 2)))
-    if xa.numel() == 0:
+    if xa.numel() == 0:  # no first value, no degrees of freedom: NaN statistics, no warning
         shift = xa.new_zeros(view)
+        mean_d = xa.mean(dim=dims, keepdim=True)
+        var = (xa - mean_d).square().mean(dim=dims, keepdim=True)
     else:
-        shift = xa.detach()[:1].flatten(2)[..., :1] if xa.dim() > 2 else xa.detach()[:1]
-        shift = shift.reshape(view)
-    d = xa - shift  # (N, C, *), exact for values within a factor 2 of the shift
-    # one pass (torch's Welford reduction; Inductor fuses it with the subtraction above)
-    var, mean_d = torch.var_mean(d, dim=dims, correction=0, keepdim=True)
+        # shift: the first value of each channel, (1, C, 1, ..., 1)
+        first = xa.detach()[:1].flatten(2)[..., :1] if xa.dim() > 2 else xa.detach()[:1]
+        shift = first.reshape(view)
+        d = xa - shift  # (N, C, *), exact for values within a factor 2 of the shift
+        # one pass (torch's Welford reduction; Inductor fuses it with the subtraction above)
+        var, mean_d = torch.var_mean(d, dim=dims, correction=0, keepdim=True)
     mean = (mean_d.double() + shift.double()).reshape(-1)  # (C,) float64
     return mean, var.reshape(-1).clamp_min(0.0)
 
