@@ -14,7 +14,8 @@ the seeds' slices (S, B, C) and can draw each seed's noise from that seed's own 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ __all__ = [
     "build",
     "capture_act_inputs",
     "noisy",
+    "probing",
     "restore_buffers",
     "seed_slot",
     "window_means",
@@ -165,6 +167,29 @@ class restore_buffers:
         with torch.no_grad():
             for name, buf in self.model.named_buffers():
                 buf.copy_(self.saved[name])
+
+
+@contextlib.contextmanager
+def probing(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager for a measurement that moves the weights (a walk along the gradient, a
+    step of the earlier layers): inside, the model is in training mode; on exit its parameters,
+    gradients, buffers (BN running statistics) and training flags are as they were."""
+    params = list(model.parameters())
+    weights = [p.detach().clone() for p in params]
+    grads = [p.grad for p in params]
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        with restore_buffers(model):
+            model.train()
+            yield model
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, weights):
+                p.copy_(w)
+        for p, g in zip(params, grads):
+            p.grad = g
+        for m, flag in flags:
+            m.training = flag
 
 
 @torch.no_grad()

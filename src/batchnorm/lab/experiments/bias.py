@@ -1,10 +1,7 @@
 """``bias``: a bias directly before BN receives zero gradient and has no effect on the output
 (BN subtracts the batch mean, so a constant shift cancels); measured over seeds, with the
 parameters it wastes and what happens when it is removed from a trained model.
-
-Shape of the argument: h = W u + b, BN(h) = gamma (h - mean_B(h)) / sqrt(var_B(h) + eps) + beta,
-and mean_B(h) = W mean_B(u) + b, so b cancels exactly; dL/db = sum over the batch of dL/dh =
-gamma/sigma * sum(g - mean(g) - x_hat mean(g x_hat)) = 0.
+Setup, the rules fixed before any run and each setting's source: ``bias.md``.
 """
 
 from __future__ import annotations
@@ -39,43 +36,29 @@ _SOURCE = "Ioffe & Szegedy 2015, Sec. 3.2 (the bias 'can be ignored since its ef
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; thresholds are float32 rounding levels (the paper's
-    statement is exact), each with the reason for its size."""
+    """Every choice of this experiment; thresholds are float32 rounding levels (the paper's statement is exact), each
+    with the reason for its size (each field's meaning and source: ``bias.md``)."""
 
     steps: int
-    """Paired SGD steps with and without the biases (quick 500, full 5,000)."""
     hidden: tuple[int, ...] = (100, 100, 100)
     activation: str = "relu"
     norm: str = "batchnorm.BatchNorm1d before every ReLU, Linear bias kept (the redundant one)"
     init: str = "He for weights; the pre-BN biases ~ N(0, 1) to make them non-trivial"
     bias_shift_std: float = 10.0
-    """Std of the extra random shift given to the biases in the output test (large on purpose)."""
     optimizer: str = "SGD, no momentum, no weight decay"
     lr: float = 0.1
     batch_size: int = 60
     dtype: str = (
         "float32 for the one-batch probes; float64 for the paired training and the removal from the trained model"
     )
-    """The paired runs are float64 because in float32 the two trajectories' different rounding
-    (BN subtracts a mean that contains b in one arm only) is amplified by 500 steps of SGD to
-    loss differences of up to 2e-2 on some seeds: a property of float32 chaos, not of the bias."""
     seeds_trained: str = "the seeds of each arm are trained together (batchnorm.lab.stacked), each as if alone"
     pairing: str = "per seed: same weights, same batch order with and without the biases"
     gradient_ratio_below: float = 1e-5
-    """Exact zero in theory; float32 rounding of a sum of ~60 terms leaves ~1e-7 of the weights'
-    gradient, so 1e-5 is rounding with a 100x margin."""
     output_change_below: float = 1e-4
-    """Exact in theory; logits of size ~1-10 in float32 carry rounding ~1e-6."""
     paired_loss_delta_below: float = 1e-3
-    """Exact in theory; in float64 the rounding accumulated over the paired steps stays far
-    below 1e-3."""
     bias_movement_below: float = 1e-4
-    """A zero gradient never moves the bias; 1e-4 allows float32 rounding of the updates."""
     eval_change_folded_below: float = 1e-4
-    """Removing the bias with running_mean -= b is exact in theory (rounding only)."""
     eval_change_zeroed_above: float = 1e-2
-    """Zeroing the bias alone shifts BN's eval input by b (std 1 here): a visible change, far
-    above rounding."""
 
 
 def _with_random_biases(model: MLP, generator: torch.Generator) -> MLP:
@@ -375,6 +358,4 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 
 
 EXPERIMENT = Bias()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -1,13 +1,7 @@
 """``dropout``: BN as a regularizer (Ioffe & Szegedy 2015, §3.4 and §4.2.1) — the
 generalization of plain, dropout, BN, BN+dropout and BN with a fixed batch composition on a
 small training set, judged over seeds.
-
-An MLP of 3 hidden layers of 256 ReLU units on 400 training examples (a stratified subset per
-seed), SGD, batch 50. Arms: plain; dropout 0.5; BN; BN + dropout 0.5; BN + dropout 0.1; BN with
-fixed batch composition (the same 8 batches of 50 every epoch, so an example always shares its
-batch statistics with the same 49 others). The number of steps is fixed by a calibration run on
-a seed of its own (every arm must fit its training set); the seeds and replicates of each arm
-are trained together (``batchnorm.lab._stacked_dropout``).
+Setup, the rules fixed before any run and each setting's source: ``dropout.md``.
 """
 
 from __future__ import annotations
@@ -51,27 +45,19 @@ _SOURCE = "Ioffe & Szegedy 2015, Sec. 3.4 and Sec. 4.2.1"
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``dropout.md``)."""
 
     replicates: int
-    """Networks per seed and arm; the seed's value is their mean (``batchnorm.lab._replicates``).
-    3 keeps a stack of 3 seeds x 3 networks x 256 units x batch 50 below the size at which
-    BatchNorm switches to the multi-threaded kernel (slow on a busy 2-core machine)."""
     max_steps: int
-    """Cap on the calibrated steps (quick 1,600: the cost of a quick run; full 16,000)."""
     steps: int = 0
-    """SGD steps for every arm and seed, from the calibration rule (0 until calibrated)."""
     steps_rule: str = (
         "train every arm on the calibration seed's 400 examples until its training accuracy reaches the fit level "
         "(checked every calibration_every steps); steps = 2 x the slowest arm's steps, at most max_steps"
     )
     calibration_seed: int = CALIBRATION_SEED
-    """The calibration run's seed (its own split, subset, weights and batches); never a claim seed."""
     calibration_every: int = 100
     fit_level: float = 0.99
-    """Training accuracy that counts as fitting the training set (the claims presuppose it)."""
     calibration_fit_steps: dict[str, int] = dataclasses.field(default_factory=dict)
-    """Per arm: the steps it needed on the calibration seed (max_steps + calibration_every: never)."""
     train_examples: int = 400
     hidden: tuple[int, ...] = (256, 256, 256)
     activation: str = "relu"
@@ -87,15 +73,8 @@ class Settings:
     fixed_batches: str = "one permutation split into 8 batches of 50, visited in the same order every epoch"
     seeds_trained: str = "the seeds and replicates of each arm are trained together (batchnorm.lab._stacked_dropout)"
     accuracy_tolerance: float = 0.01
-    """The paper gives no effect size for an MLP; BN-Inception's only number is ~1 pp (the gain
-    from better shuffling, Sec. 4.2.1). 1 pp (about 4 test images of 360) is the tolerance of
-    "no lower", "no real gain" and "neutral"."""
     bn_vs_plain_test_loss_below: float = 0.0
-    """Sec. 3.4: BN is "advantageous to the generalization": BN's test loss below the plain
-    network's (direction only)."""
     fixed_vs_shuffled_test_loss_above: float = 0.0
-    """Sec. 4.2.1: more thorough shuffling gained ~1% validation accuracy: fixed batches give a
-    higher test loss than reshuffled ones (direction only)."""
 
 
 def _fixed_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -349,6 +328,4 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 
 
 EXPERIMENT = Dropout()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -2,13 +2,7 @@
 *Deep Learning* §8.7.1): a simultaneous gradient step on all layers changes the loss by
 higher-order terms that grow with depth and weight scale, so no single learning rate is safe;
 normalizing every layer (BN) removes that dependence.
-
-For each depth L and weight scale s (all w_i = s), with a batch of N Gaussian inputs x and the
-target t = 2x, the loss is f = mean((y - t)^2)/2. One step w <- w - lr·g (g = grad f) is
-predicted to change the loss by -lr·|g|^2 (first order); the actual change is measured
-exactly (float64). With BN, every layer is h_i = BN(h_{i-1}·w_i) = gamma_i·x_hat + beta_i
-(``batchnorm.functional.batch_norm`` in training mode). A seed draws the inputs x; both arms
-(plain, BN) of a seed see the same x.
+Setup, the rules fixed before any run and each setting's source: ``goodfellow_chain.md``.
 """
 
 from __future__ import annotations
@@ -44,46 +38,30 @@ _SOURCE = "Goodfellow, Bengio & Courville 2016, Deep Learning, Sec. 8.7.1"
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the reading."""
+    """Every choice of this experiment; claim thresholds with the source of the reading (each field's meaning and
+    source: ``goodfellow_chain.md``)."""
 
     depths: tuple[int, ...]
-    """Chain lengths L (the book: any L; its argument is about growth with L)."""
     scales: tuple[float, ...]
-    """Initial value of every weight w_i (below, at and above 1: the book's three regimes)."""
     lrs: tuple[float, ...]
-    """Log-spaced step sizes from 1e-6 to 10 (fixed grid, not tuned)."""
     batch: int = 256
-    """N Gaussian inputs x ~ N(0, 1), drawn per seed."""
     target: str = "t = 2x"
     loss: str = "f = mean((y - t)^2) / 2"
     init: str = "every w_i = scale; BN: gamma_i = 1, beta_i = 0"
     bn_eps: float = 1e-12
-    """BN's eps (float64: small enough not to damp the normalization)."""
     dtype: str = "float64"
     step: str = "one simultaneous step on every parameter: p <- p - lr * df/dp"
     predicted_change: str = "-lr * |g|^2 (first order)"
     safe_band: tuple[float, float] = (0.5, 1.5)
-    """A step is "safe" when the actual change is 50% to 150% of the first-order prediction."""
     safe_lr_definition: str = (
         "largest lr on the grid such that actual/predicted is within the safe band for it and every smaller lr"
     )
     reference_lr: float = 0.1
-    """The step at which the first-order error is compared across depths (fixed before any run)."""
     data_note: str = "synthetic (x ~ N(0, 1), one draw per seed); --data is ignored"
     plain_safe_lr_spread_at_least: float = 100.0
-    """Sec. 8.7.1: the higher-order terms scale with products of up to L weights, "exponentially"
-    in depth, so no one step size suits every chain; read as a spread of > 100x (two decades)
-    in the largest safe step over the depths and scales."""
     plain_error_growth_at_least: float = 2.0
-    """Sec. 8.7.1: for weights >= 1 the higher-order terms grow with depth; read as the
-    first-order error at the reference step growing with every depth and at least 2x from the
-    shallowest to the deepest chain."""
     bn_safe_lr_spread_below: float = 2.0
-    """Sec. 8.7.1: with normalization the lower layers no longer change the output's scale; read
-    as the same safe step (within 2x, one grid point) for every depth and scale."""
     bn_first_order_error_below: float = 0.10
-    """Sec. 8.7.1 (as above): with BN the first-order prediction at the reference step is
-    accurate; read as within 10% of the actual change for every chain."""
 
 
 def _output(x: Tensor, ws: list[Tensor], gammas: list[Tensor], betas: list[Tensor], bn: bool, eps: float) -> Tensor:
@@ -372,6 +350,4 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 
 
 EXPERIMENT = Chain()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

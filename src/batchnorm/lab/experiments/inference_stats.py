@@ -1,10 +1,7 @@
 """``inference-stats``: which statistics should normalize a test example? Batch statistics vs
 the running average vs population statistics (Alg. 2 and exact), single-example inference,
 and how noisy the statistics of a batch of 8 are — judged over seeds.
-
-A BN MLP (3 hidden layers of 100 ReLU units, BN before every ReLU) is trained with batch 60
-(the seeds' networks together, ``lab.stacked``); then each seed's trained weights are
-evaluated with every choice of statistics.
+Setup, the rules fixed before any run and each setting's source: ``inference_stats.md``.
 """
 
 from __future__ import annotations
@@ -40,49 +37,30 @@ _STEPS = {"tiny": 30, "quick": 2000, "full": 20000}
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``inference_stats.md``)."""
 
     steps: int
-    """SGD steps. Rule fixed before any multi-seed run: quick 2,000 (about 80 epochs of the digits
-    training set, where the BN network's training loss has flattened), full 20,000; the claims are
-    about inference with a trained network, not about its accuracy."""
     test_batch_repeats: int
-    """Random groupings of the test set per test-batch size (batch-statistics inference)."""
     noise_batches: int
-    """Random training batches per size for the batch-noise measurement."""
     hidden: tuple[int, ...] = (100, 100, 100)
     activation: str = "relu"
     norm: str = "batchnorm.BatchNorm1d before every ReLU (eps 1e-5, momentum 0.1)"
     init: str = "He: N(0, 2/fan_in), biases 0, seeded per seed"
     optimizer: str = "SGD, no momentum, no weight decay"
     lr: float = 0.1
-    """Not a paper's value; fixed before any run."""
     batch_size: int = 60
-    """Training batch m (Ioffe & Szegedy's Fig. 1 uses 60)."""
     test_batch_sizes: tuple[int, ...] = _BATCH_SIZES
     noise_batch_sizes: tuple[int, ...] = _NOISE_SIZES
     alg2: str = "one pass over the training set in batches of 60: E[mu_B], 60/59 E[sigma_B^2]"
     exact: str = "batchnorm.recompute_statistics(mode='eval', passes=depth+1): whole training set, inference network"
     seeds_trained: str = "the seeds are trained together (batchnorm.lab.stacked), each as if alone"
     fixed_statistics_band_pp: float = 1.0
-    """Running average and Alg. 2 within +-1 pp of the exact population statistics' test accuracy. Ioffe &
-    Szegedy, Alg. 2 and Sec. 3.1: all three estimate the same population statistics (no accuracy number)."""
     alg2_mean_within_std: float = 0.1
-    """Alg. 2's means within 0.1 population std of the exact ones (largest over units): averaging the batch
-    means of N/m batches estimates the population mean (Ioffe & Szegedy, Alg. 2)."""
     alg2_var_within: float = 0.10
-    """Alg. 2's variances within 10% (relative) of the exact ones: m/(m-1) E[sigma_B^2] is unbiased (Alg. 2)."""
     batch8_drop_at_least_pp: float = 1.0
-    """Test batches of 8 normalized by their own statistics lose >= 1 pp against population statistics; no
-    paper gives the number: the batch mean of 8 scatters by ~0.35 sigma (sampling theory), stated in advance."""
     batch2_drop_at_least_pp: float = 10.0
-    """Test batches of 2 lose >= 10 pp: two examples normalized together are mapped to about +-1 per unit
-    (sampling theory; stated in advance)."""
     single_example_max_logit_delta: float = 1e-4
-    """With fixed statistics an example's logits alone vs inside the batch differ by float32 rounding only."""
     noise_theory_band: float = 0.15
-    """Measured batch-8 mean scatter / sigma*sqrt((N-m)/(m(N-1))) - 1 within +-15% (the formula is exact for
-    sampling without replacement; 15% allows for the finite number of sampled batches)."""
 
 
 @torch.no_grad()
@@ -410,6 +388,4 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 
 
 EXPERIMENT = InferenceStats()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -1,11 +1,6 @@
 """``ioffe2015-fig1``: Ioffe & Szegedy 2015, Figure 1 — BN trains faster and keeps the inputs
 of the sigmoids stable; inference with Alg. 2 population statistics vs the running average.
-
-Setup (Ioffe & Szegedy, Sec. 4.1): 3 fully connected hidden layers of 100 sigmoid units, FC-10,
-cross-entropy, batch 60, with and without BN (our ``batchnorm.BatchNorm1d``) on every hidden
-layer, placed before the sigmoid (``sigmoid(BN(W u))``, the Linear bias dropped as beta
-subsumes it). Not stated by the paper and chosen here: plain SGD, lr 0.1, constant; weights
-~ N(0, 0.1^2), biases 0; both arms start from the same weights and see the same minibatches.
+Setup, the rules fixed before any run and each setting's source: ``ioffe2015_fig1.md``.
 """
 
 from __future__ import annotations
@@ -46,52 +41,34 @@ _MNIST1D_CHOICE = (
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``ioffe2015_fig1.md``)."""
 
     steps: int
-    """SGD steps (the paper: 50,000; quick mode 5,000, MNIST-1D quick 20,000)."""
     checkpoint_every: int
-    """Steps between checkpoints (test accuracy, percentiles, population statistics)."""
     mnist1d_choice: str = ""
-    """Why the step count differs on MNIST-1D (empty elsewhere)."""
     hidden: tuple[int, ...] = (100, 100, 100)
-    """Hidden widths (the paper: 3 x 100 sigmoid units)."""
     activation: str = "sigmoid"
     norm: str = "batchnorm.BatchNorm1d on every hidden layer, before the sigmoid (eps 1e-5, momentum 0.1)"
     hidden_bias: str = "none with BN (beta subsumes it), zero-initialized without BN"
     batch_size: int = 60
-    """Minibatch size m (the paper: 60)."""
     optimizer: str = "SGD (no momentum, no weight decay)"
-    """Not stated by the paper."""
     lr: float = 0.1
-    """Not stated by the paper; fixed before any run, the same for both arms."""
     init: str = "weights ~ N(0, std^2), biases 0; same initial weights and minibatch order for both arms of a seed"
     init_std: float = 0.1
-    """The paper: "small random Gaussian" (no std given)."""
     tracked_unit: int = 0
     tracked_layer: str = "last hidden layer (3rd), input of its sigmoid"
     percentile_data: str = (
         "test set, in batches of 60; BN net in training mode (batch statistics), running stats untouched"
     )
     percentiles: tuple[int, ...] = (15, 50, 85)
-    """The paper's Fig. 1(b, c) percentiles."""
     population_statistics: str = "Alg. 2: weights frozen, one pass of training batches of 60; E[x] = mean of mu_B, Var[x] = 60/59 * mean of sigma_B^2"
     running_average: str = "PyTorch EMA, momentum 0.1 (running = 0.9 running + 0.1 batch)"
     seeds_trained: str = "the seeds of each arm are trained together (batchnorm.lab.stacked), each as if alone"
     speedup_at_least: float = 3.0
-    """Fig. 1(a) shows BN reaching the baseline's accuracy "much earlier" without a factor; the
-    paper's only number is 14x fewer steps for BN-Inception (Sec. 4.2.2). 3x is the reading of
-    "several times fewer" stated before any run."""
     population_vs_running_tolerance: float = 0.005
-    """Alg. 2 is the paper's inference procedure; it should be no worse than the running average
-    (0.5 pp allowance: about two test images of 360)."""
     baseline_spread_growth_at_least: float = 0.05
-    """Fig. 1(b): the baseline's 15-85 spread keeps widening; read as >= 5% over the second half."""
     baseline_vs_bn_spread_change_factor: float = 3.0
-    """Fig. 1(b) vs (c): the baseline's spread changes visibly more than BN's (read as 3x)."""
     bn_settled_relative_move_below: float = 0.10
-    """Fig. 1(c): BN's percentiles are flat after the start (read as moving < 10% of the final
-    spread over the second half)."""
 
 
 @torch.no_grad()
@@ -462,6 +439,4 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 
 
 EXPERIMENT = Fig1()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

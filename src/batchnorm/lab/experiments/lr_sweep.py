@@ -1,12 +1,6 @@
 """``lr-sweep``: final accuracy and divergence over a log grid of learning rates, with and
 without BN (Ioffe & Szegedy 2015 BN-x5/x30; Bjorck et al. 2018).
-
-A deep ReLU MLP (8 hidden layers of 100, He init), plain SGD with constant lr, batch 60; the
-seeds of each (arm, lr) are trained together (``stacked.train_stacked``). The plain network's
-best rate is fixed by a calibration run (its own seed, a split of that seed's training set),
-and the claims compare the arms at that rate and at 10x it, paired over seeds. Besides
-accuracy: the loss after one gradient step of size alpha at initialization, L(w - alpha g) /
-L(w), and the per-layer activation scale after a few steps at a large learning rate.
+Setup, the rules fixed before any run and each setting's source: ``lr_sweep.md``.
 """
 
 from __future__ import annotations
@@ -48,27 +42,19 @@ _CAP = 1e30  # stands for an infinite loss ratio or activation growth in the log
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``lr_sweep.md``)."""
 
     hidden: tuple[int, ...]
-    """Hidden widths (quick/full: 8 x 100; tiny 3 x 32)."""
     steps: int
-    """SGD steps per rate, from ``steps_rule``."""
     steps_rule: str
-    """How ``steps`` was fixed (before any run)."""
     lrs: tuple[float, ...]
-    """The grid, about 3x apart."""
     step_probe_alphas: tuple[float, ...]
     plain_best_lr: float = math.nan
-    """The plain network's best rate on the calibration run (NaN until calibrated)."""
     high_lr: float = math.nan
-    """The grid rate nearest 10x ``plain_best_lr``, where the claims compare the arms."""
     calibration: dict[str, Any] = field(default_factory=dict)
-    """What the calibration measured: seed, split, the plain network's validation accuracy per rate."""
     calibration_seed: int = CALIBRATION_SEED
     best_rate_rule: str = "plain network, calibration run: the largest lr whose validation accuracy is within 0.5 pp of the best on the grid"
     best_tolerance: float = 0.005
-    """Accuracies within 0.5 pp count as equal when the best rate is picked (about 2 test digits)."""
     activation: str = "relu"
     norm: str = "batchnorm.BatchNorm1d before every ReLU (hidden Linear bias dropped)"
     init: str = "He: weights ~ N(0, 2/fan_in), biases 0 (same initial weights for both arms of a seed)"
@@ -80,19 +66,10 @@ class Settings:
     blowup_steps: int = 10
     blowup_definition: str = "up to 10 SGD steps at lr 1.0 from the initial weights; per-layer RMS on one batch after the last step that stayed finite"
     high_lr_fails_by: float = 0.5
-    """Ioffe & Szegedy Sec. 4.2.2: at 5x the rate the original Inception's parameters reach
-    "machine infinity"; read as the plain network >= 50 pp below BN at 10x its best rate."""
     high_lr_as_accurate_within: float = 0.005
-    """Ioffe & Szegedy Table 2: BN-x5 (73.0%) and BN-x30 (74.8%) at least as accurate as
-    Inception at its rate (72.2%); "at least as accurate" allows the 0.5 pp of ``best_tolerance``."""
     plain_growth_at_least: float = 5.0
-    """Bjorck et al. 2018: without BN, activations grow with depth after large steps; read as
-    last/first layer RMS >= 5x."""
     bn_growth_at_most: float = 2.0
-    """With BN every layer is renormalized; read as all layers' RMS within 2x of each other."""
     probe_factor_at_least: float = 100.0
-    """Bjorck et al. 2018: at initialization a large step along the gradient raises the loss far
-    more without BN; read as L(w - 10 g)/L(w) >= 100x larger without BN."""
 
 
 def _model(data: Dataset, s: Settings, norm: str | None, seed: int) -> MLP:
@@ -490,6 +467,4 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 
 
 EXPERIMENT = LrSweep()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

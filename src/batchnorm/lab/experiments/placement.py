@@ -1,12 +1,5 @@
 """``placement``: BN before vs after the activation, for sigmoid and ReLU networks, over seeds.
-
-3 hidden layers of 100 units, batch 60, SGD lr 0.1; for each activation, three networks: no
-BN, ``act(BN(W u))`` ("before", Ioffe & Szegedy's choice) and ``BN(act(W u + b))`` ("after").
-Recorded over training: test accuracy, and the distribution of the activations' inputs (scale
-and, for sigmoid, the fraction of saturated units). The length of training is a fixed number
-of steps per mode, the same on every data set; the seeds of each network are
-trained together (``batchnorm.lab.stacked``), and within a seed all six networks start from
-the same weights (the "after" networks' extra biases start at 0) and see the same minibatches.
+Setup, the rules fixed before any run and each setting's source: ``placement.md``.
 """
 
 from __future__ import annotations
@@ -48,18 +41,11 @@ _REPLICATES = {"tiny": 2, "quick": 4, "full": 4}
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``placement.md``)."""
 
     steps: int
-    """SGD steps (quick 2,000, full 20,000, tiny 40), the same on every data set."""
     checkpoint_every: int
-    """steps / 20: checkpoints for test accuracy and activation-input statistics (the latter
-    for the first replicate of each seed)."""
     replicates: int = 4
-    """Networks per seed and arm (own initial weights and minibatch order, the seed's split);
-    a seed's value is their mean (``batchnorm.lab._replicates``). Set after a first multi-seed
-    run with one network per seed left the two placement bands inconclusive (interval about
-    +-1.1 pp against a 0.5-1 pp tolerance); the claims were not changed."""
     steps_rule: str = (
         "the same number of steps on every data set (the digits setup), fixed before any multi-seed run; replaces the "
         "MNIST-1D-only 8,000 steps that had been chosen after seeing a run"
@@ -67,31 +53,18 @@ class Settings:
     hidden: tuple[int, ...] = (100, 100, 100)
     batch_size: int = 60
     lr: float = 0.1
-    """Not stated by the paper; the lab's Fig. 1 setting, fixed before any run."""
     optimizer: str = "SGD, no momentum, no weight decay"
     init_sigmoid: str = "weights ~ N(0, 0.1^2), biases 0"
     init_relu: str = "He: N(0, 2/fan_in), biases 0"
     norm: str = "batchnorm.BatchNorm1d; 'before': act(BN(W u)) without Linear bias; 'after': BN(act(W u + b))"
     seeds_trained: str = "the seeds of each network are trained together (batchnorm.lab.stacked), each as if alone"
     saturation_threshold: float = 4.0
-    """|sigmoid input| above which the slope is < 0.018 (recorded, not claimed)."""
     arms: tuple[str, ...] = tuple(f"{a}/{p}" for a, p in _ARMS)
     speedup_at_least: float = 3.0
-    """Ioffe & Szegedy Fig. 1(a): the sigmoid network with BN reaches the baseline's accuracy
-    "much earlier"; the paper's only factor is 14x fewer steps for BN-Inception (Sec. 4.2.2).
-    3x is the reading of "several times fewer" (the same as ioffe2015-fig1's)."""
     early_checkpoint_fraction: float = 0.1
-    """Where "early in training" is read for the sigmoid-vs-ReLU comparison (10% of the steps)."""
     relu_gain_smaller_by_at_least: float = 0.0
-    """Ioffe & Szegedy Sec. 4.2.2: the sigmoid Inception does not train without BN (chance
-    accuracy) but reaches 69.8% with it, while the ReLU Inception trains without BN (72.2%):
-    BN helps the struggling sigmoid network more. Direction only (no factor given)."""
     sigmoid_before_tolerance: float = 0.005
-    """Ioffe & Szegedy Sec. 3.2 argue for BN before the nonlinearity (no experiment, no number);
-    read as "at least as accurate, within 0.5 pp" (about two test images of 360)."""
     relu_placement_band: float = 0.01
-    """Not a claim of the paper (it argues for "before" in general): the common practice of
-    placing BN either way for ReLU, read as "within 1 pp" (about 4 test images of 360)."""
 
 
 @torch.no_grad()
@@ -375,6 +348,4 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 
 
 EXPERIMENT = Placement()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -1,12 +1,7 @@
 """``precise-bn``: Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", Sec. 3 — the running
 average (EMA) of BN statistics vs precise population statistics (PreciseBN) over training, and
 how many samples PreciseBN needs; judged over seeds.
-
-Setup (CPU form): a 3x256 ReLU MLP with ``batchnorm.BatchNorm1d`` before each ReLU, batch 256,
-a large learning rate (SGD 1.0, momentum 0.9); every epoch the test accuracy is measured with
-the EMA statistics (PyTorch momentum 0.1, i.e. lambda = 0.9) and with precise statistics from
-``batchnorm.recompute_statistics(mode="train")`` over the training set. The seeds' networks
-are trained together (``lab.stacked``).
+Setup, the rules fixed before any run and each setting's source: ``precise_bn.md``.
 """
 
 from __future__ import annotations
@@ -41,23 +36,17 @@ _SAMPLE_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``precise_bn.md``)."""
 
     epochs: int
-    """Training epochs (quick 40, full 200; tiny 3). Fixed before any multi-seed run."""
     max_train: int | None
-    """Quick/tiny: at most 2,000 training examples (a stratified subset; digits has 1,437, so all); full: all."""
     sample_draws: int
-    """Random subsets per sample size N for the samples-needed curve."""
     hidden: tuple[int, ...] = (256, 256, 256)
     activation: str = "relu"
     norm: str = "batchnorm.BatchNorm1d before each ReLU (Linear bias dropped), momentum 0.1 (EMA lambda 0.9)"
     init: str = "weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default bound) from a seeded generator; head bias PyTorch default"
     batch_size: int = 256
-    """Wu & Johnson's regime is a large batch with a large learning rate (ResNet-50, batch 8192); 256 is large for
-    these training sets."""
     lr: float = 1.0
-    """"Large learning rate": fixed before any run, the same for every seed."""
     momentum: float = 0.9
     optimizer: str = "SGD with momentum 0.9, constant learning rate, no weight decay"
     checkpoint: str = "every epoch (ceil(N_train / 256) steps)"
@@ -66,23 +55,13 @@ class Settings:
         "BN layers use batch statistics in the forward pass; per-layer moments pooled exactly (float64, Chan merge)"
     )
     sample_sizes: tuple[int, ...] = _SAMPLE_SIZES
-    """N for the samples-needed curve (plus all of the training set)."""
     sample_checkpoints: str = "epoch 2 (early) and the final epoch"
     seeds_trained: str = "the seeds are trained together (batchnorm.lab.stacked), each as if alone"
     early_epochs: int = 10
-    """"Early in training": the first 10 epochs (Wu & Johnson: the EMA is worst early, when weights move fast)."""
     early_gain_at_least_pp: float = 1.0
-    """Precise minus EMA test accuracy, mean over the early epochs, >= 1 pp. Wu & Johnson 2021, Sec. 3 (Fig. 3):
-    EMA evaluation at large batch and learning rate is far below and much noisier than PreciseBN's early in
-    training (no number for small models); 1 pp stated in advance."""
     shrink_ratio_at_most: float = 0.5
-    """The EMA statistics' relative error over the last quarter is at most half of the early one (Wu & Johnson:
-    the EMA-vs-PreciseBN gap shrinks as training converges)."""
     saturation_samples: int = 512
-    """PreciseBN saturates by N samples; Wu & Johnson: 10^3-10^4 samples suffice on ImageNet (mmpretrain's default
-    8192). Our training sets hold 1,437-2,000 examples, so the reading is N = 512."""
     saturated_within_pp: float = 0.5
-    """Accuracy with N = 512 samples within 0.5 pp of using the whole training set (about two digits test images)."""
 
 
 def _bn_layers(model: nn.Module) -> list[nn.Module]:
@@ -405,6 +384,4 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 
 
 EXPERIMENT = PreciseBN()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -1,19 +1,7 @@
 """``santurkar2018-noisy``: Santurkar et al. 2018, Fig. 2 — BN with deliberately injected,
 time-varying "covariate shift" trains about as well as BN and far better than no BN, although
 its layer inputs are less stable than those of the network without BN.
-
-Setup (CPU form of the paper's VGG experiment): a deep ReLU MLP (digits: 10 layers of 64;
-MNIST-1D: 12 of 100), batch 128, plain SGD at two learning rates 1:5 (0.1 and 0.5, the paper's
-VGG rates), three arms from the same initial weights and minibatch order: no normalization,
-``batchnorm.BatchNorm1d`` before each ReLU, and BN followed by noise (``_santurkar.NoisyReLU``,
-the noise of :class:`batchnorm.lab.normalizers.NoisyBatchNorm`). The seeds of each arm are
-trained together (``stacked.train_stacked``).
-
-Fixed by rule before any claim is judged:
-* steps: a stated number of passes over the training set (quick 40 epochs, full 300);
-* noise magnitude a (shift U(-a, a), scale U(1, 1 + a), per-sample std a/5): the smallest a
-  of a grid whose measured input drift exceeds the no-BN network's in every tracked quantity,
-  on a calibration run (its own seed and a split of that seed's training set) at lr 0.1.
+Setup, the rules fixed before any run and each setting's source: ``santurkar2018_noisy.md``.
 """
 
 from __future__ import annotations
@@ -54,23 +42,15 @@ _DIVERGED_DRIFT = 1e3  # drift recorded for a run that diverged (its inputs beca
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``santurkar2018_noisy.md``)."""
 
     depth: int
-    """Hidden layers (digits 10; MNIST-1D 12: a separate NumPy calibration found that at depth 6
-    the plain network trains as well as BN, i.e. BN is not needed there)."""
     width: int
-    """Hidden units per layer (digits 64; MNIST-1D 100)."""
     steps: int
-    """SGD steps, from ``steps_rule``."""
     steps_rule: str
-    """How ``steps`` was fixed (before any run)."""
     checkpoint_every: int
-    """Steps between probes of the layer inputs (``steps`` / 30; tiny: / 10)."""
     noise_grid: tuple[float, ...]
-    """The magnitudes a the calibration tries, smallest first (doubling from 0.05)."""
     noise_magnitude: float = math.nan
-    """a, chosen by ``noise_rule`` on the calibration run (NaN until calibrated)."""
     noise_rule: str = (
         "the smallest a of noise_grid whose drift (step_location and step_spread of both tracked layers, lr 0.1) exceeds "
         "the no-BN network's in all four numbers, on the calibration run; the largest a if none does"
@@ -82,19 +62,15 @@ class Settings:
         "after every BN layer (after gamma, beta), before the ReLU; at inference y' = y * (2 + a) / 2 (the expectation)"
     )
     calibration: dict[str, Any] = field(default_factory=dict)
-    """What the calibration measured: seed, split, drift of the no-BN network and of noisy BN at each a."""
     calibration_seed: int = CALIBRATION_SEED
-    """The calibration run's seed (never a claim's seed); it uses a split of that seed's training set."""
     batch_size: int = 128
     lrs: tuple[float, ...] = (0.1, 0.5)
-    """The paper's two VGG learning rates (Santurkar et al. 2018, Fig. 1), ratio 1:5."""
     optimizer: str = "SGD (no momentum, no weight decay), constant learning rate"
     init: str = (
         "He: weights ~ N(0, 2/fan_in), biases 0; same initial weights and minibatch order in every arm of a seed"
     )
     norm_placement: str = "before the ReLU (Linear bias dropped with BN)"
     tracked_layers: tuple[int, ...] = (2, 8)
-    """0-based hidden blocks whose ReLU inputs are probed: the 3rd and the 9th."""
     probe: str = (
         "first 256 training examples, forwarded as one batch in training mode at each checkpoint (one noise draw)"
     )
@@ -105,17 +81,9 @@ class Settings:
     )
     seeds_trained: str = "the seeds of each arm are trained together (batchnorm.lab.stacked), each as if alone; noise from each seed's own generator"
     close_to_bn_within: float = 0.02
-    """Fig. 2: noisy BN's training accuracy curve nearly coincides with BN's ("nearly matches the
-    performance"); read as within 2 pp of final training accuracy, at both rates."""
     faster_loss_ratio_at_least: float = 1.0
-    """Fig. 2: both BN arms train faster than the standard network; read as a lower mean training
-    loss over the run (ratio no BN / BN arm > 1)."""
     high_lr_gap_at_least: float = 0.10
-    """Fig. 1: at lr 0.5 the network with BN trains while the standard one lags far behind; read
-    as >= 10 pp of final training accuracy for BN and for noisy BN."""
     drift_ratio_at_least: float = 1.0
-    """Fig. 2 (right): noisy BN's layer-input distributions are less stable than the standard
-    network's; ratio of drifts noisy BN / no BN > 1 in every tracked number."""
 
 
 def _noise(a: float) -> tuple[float, float, float]:
@@ -525,6 +493,4 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 
 
 EXPERIMENT = Noisy()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

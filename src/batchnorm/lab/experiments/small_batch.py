@@ -1,17 +1,7 @@
 """``small-batch``: Wu & He 2018 (Group Norm) and Ioffe 2017 (Batch Renorm) — test error against
 the size of BN's normalization group, with i.i.d. and non-i.i.d. groups, for BN, Batch Renorm,
 Ghost BN and Group Norm, judged over seeds.
-
-Setup (CPU form): 32 examples per SGD step (the gradient always averages all 32), the
-normalization statistics computed per group of m consecutive examples (m = 32 is plain BN;
-smaller m emulates m images per GPU without synchronized statistics, or Ioffe's
-microbatches). Non-i.i.d.: every group of 4 holds 2 classes x 2 images. Evaluation on the
-test set with the running statistics. On the digits the network is a 3x100 ReLU MLP; on
-MNIST-1D a 1-D CNN (three length-3 conv blocks of 32 channels, strides 1, 2, 2, global
-average pooling), as Wu & He's claims are about conv nets. Every arm of a seed starts from
-the same weights and (i.i.d. arms) sees the same minibatches; all arms and seeds are trained
-together (``lab._stacked_nets``). The step count is fixed by a calibration rule on seed 1000
-(``calibrate_steps``), never on the seeds the claims are judged on.
+Setup, the rules fixed before any run and each setting's source: ``small_batch.md``.
 """
 
 from __future__ import annotations
@@ -58,59 +48,34 @@ _FULL_FACTOR = 10 / 3  # full mode trains 10/3 x the calibrated steps
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``small_batch.md``)."""
 
     model: str
-    """"mlp" (3x100 ReLU; digits) or "cnn1d" (1-D CNN; MNIST-1D)."""
     steps: int
-    """SGD steps (32 examples each). Quick: the calibrated value (``steps_rule``); full: 10/3 of it; tiny: 40."""
     steps_rule: str
-    """The rule that fixed ``steps``, stated before the calibration run, and what it gave."""
     group_sizes: tuple[int, ...]
-    """Normalization group sizes m (Wu & He: 32, 16, 8, 4, 2 images per GPU)."""
     mnist1d_choice: str = ""
-    """Why the model differs on MNIST-1D (empty elsewhere)."""
     hidden: tuple[int, ...] = (100, 100, 100)
-    """MLP hidden widths (model "mlp")."""
     channels: tuple[int, ...] = (32, 32, 32)
-    """CNN channels (model "cnn1d"): length-3 convolutions, padding 1, strides 1, 2, 2; global average pooling."""
     activation: str = "relu"
     placement: str = "normalization before each ReLU (Linear/conv bias dropped)"
     init: str = "PyTorch's default, seeded: every normalization of a seed starts from the same weights"
     batch_size: int = 32
-    """Examples per SGD step (the gradient always averages all of them)."""
     lr: float = 0.1
-    """Plain SGD, constant (no momentum, no weight decay); not a paper's value (theirs train ResNets)."""
     non_iid_group: int = 4
-    """Non-i.i.d. groups: 2 random classes x 2 random images per group of 4 (Ioffe 2017's setting
-    is 16 classes x 2 images per batch of 32; this makes each group class-pure in pairs)."""
     moving_average_momentum: float = 0.01
-    """Ioffe 2017's "relatively fast" alpha, for all three BN variants."""
     renorm_schedule: str = (
         "r_max 1 and d_max 0 for the first 10% of the steps, then linear: d_max 5 at 50%, r_max 3 at 80%"
     )
-    """Ioffe 2017's schedule (plain BN for 5k steps, d_max = 5 at 25k, r_max = 3 at 40k of ~50k) scaled to the run."""
     group_norm_groups: int = 4
-    """Group Norm's groups of features (Wu & He use 32 channel groups in ResNet-50)."""
     evaluation: str = "test set, eval mode: running statistics (BN, BRN, Ghost BN); GN needs none"
     seeds_trained: str = "all arms and seeds trained together (batchnorm.lab._stacked_nets), each as if alone"
     flat_rise_at_most_pp: float = 2.5
-    """"Flat": BN's error at m = 8 at most 2.5 pp above m = 32. Wu & He, Fig. 1 / Table 3: 23.6% at
-    32, 24.8% at 8 images per GPU (+1.2 pp); 2.5 pp is about twice that (9 of the 360 digits test images)."""
     sharp_rise_at_least_pp: float = 10.0
-    """"Sharp rise": BN's error at m = 2 at least 10 pp above m = 32. Wu & He: 34.7% at 2 vs 23.6% at 32 (+11.1 pp)."""
     far_better_ratio: float = 2.0
-    """"Far better": the other error at most 1/2 of BN's (BN / other >= 2). Wu & He: GN 24.1% vs BN 34.7% at 2
-    (0.69x); Ioffe 2017: BN collapses with non-i.i.d. groups (about 67% vs BRN's recovery). A reading stated
-    before any run, stricter than Wu & He's ratio."""
     far_better_by_at_least_pp: float = 3.0
-    """... and at least 3 pp lower error (Wu & He: 10.6 pp at m = 2; Ioffe 2017: 2.3 pp at microbatches of 4)."""
     bn_vs_gn_tolerance_pp: float = 1.0
-    """BN at m = 32 at least as good as GN: BN - GN <= +1 pp. Wu & He: BN 23.6% vs GN 24.1% at 32 (BN 0.5 pp
-    better), a difference below what a few hundred test images resolve; 1 pp allows for that."""
     same_error_band_pp: float = 2.5
-    """"Matches" (BRN vs BN at 32; Ghost BN at m >= 8 vs BN at 32): within +-2.5 pp, as "flat". Ioffe 2017: BRN
-    slightly above BN at batch 32 (78.3%); Hoffer et al. train with ghost batches of 128 without loss."""
 
 
 def _steps_rule(data_name: str, steps: int) -> str:
@@ -498,6 +463,4 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 
 
 EXPERIMENT = SmallBatch()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

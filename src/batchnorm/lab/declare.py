@@ -1,0 +1,58 @@
+"""Small pieces the experiments' declarations share, written once: the seeds of one arm trained
+together under a progress bar, per-seed numbers as text for a claim's evidence, and the mean
+over seeds of a column."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .datasets import Dataset
+from .models import MLP
+from .progress import Progress
+from .stacked import train_stacked
+from .training import TrainResult, TrainSpec
+
+__all__ = ["listed", "mean", "train_seeds"]
+
+
+def train_seeds(
+    models: Sequence[MLP],
+    data: Sequence[Dataset],
+    seeds: Sequence[int],
+    spec: TrainSpec,
+    label: str,
+    progress: Progress,
+    *,
+    order_offset: int = 2,
+    checkpoints: Iterable[int] = (),
+    on_checkpoint: Callable[[int, list[TrainResult]], None] | None = None,
+) -> list[TrainResult]:
+    """Train one arm's ``models[k]`` on ``data[k]``'s training set for every seed together
+    (``stacked.train_stacked``), seed ``seeds[k]``'s minibatch order drawn from a generator
+    seeded ``seeds[k] + order_offset`` (the same in every arm of a seed, so arms are paired),
+    under one progress bar named ``label``."""
+    with progress.task(label, total=spec.steps) as tick:
+        return train_stacked(
+            models,
+            [d.train_x for d in data],
+            [d.train_y for d in data],
+            spec,
+            generators=[torch.Generator().manual_seed(seed + order_offset) for seed in seeds],
+            checkpoints=checkpoints,
+            on_checkpoint=on_checkpoint,
+            tick=tick,
+        )
+
+
+def listed(values: Iterable[float], fmt: str = "{:.1f}", scale: float = 1.0) -> str:
+    """Per-seed numbers as ``"a, b, c"`` (each ``fmt.format(scale * v)``), the form every
+    claim's evidence uses so a reader sees the spread over seeds."""
+    return ", ".join(fmt.format(scale * float(v)) for v in values)
+
+
+def mean(values: Iterable[float]) -> float:
+    """The mean over seeds as a plain float (for evidence text and figures)."""
+    return float(np.mean(list(values)))
