@@ -166,78 +166,6 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(saved)
 
 
-class Bias(Experiment):
-    """The redundant pre-BN bias over several seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return Settings(steps=_STEPS[cfg.mode])
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        s = settings
-        per_seed = [_one_batch_probes(s, d, seed) for d, seed in zip(data, seeds)]
-        with_bias = [_model(s, d, seed) for d, seed in zip(data, seeds)]
-        without = [
-            _without_bias(m, s.hidden, d.features, d.classes, s.activation).double() for m, d in zip(with_bias, data)
-        ]
-        with_bias = [m.double() for m in with_bias]
-        before = [[b.layer.bias.detach().clone() for b in blocks(m)] for m in with_bias]
-        spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
-        arms = []
-        for name, models in (("with bias", with_bias), ("without bias", without)):
-            with progress.task(name, total=spec.steps) as tick, _default_dtype(torch.float64):
-                arms.append(
-                    train_stacked(
-                        models,
-                        [d.train_x.double() for d in data],
-                        [d.train_y for d in data],
-                        spec,
-                        generators=[torch.Generator().manual_seed(seed + 2) for seed in seeds],
-                        tick=tick,
-                    )
-                )
-        for k, (m, twin, d) in enumerate(zip(with_bias, without, data)):
-            r_bias, r_twin = arms[0][k], arms[1][k]
-            per_seed[k].update(
-                {
-                    "paired_training_max_loss_delta": float(
-                        np.max(np.abs(np.asarray(r_bias.losses) - np.asarray(r_twin.losses)))
-                    ),
-                    "paired_training_max_weight_delta": max(
-                        float((a.layer.weight.detach() - b.layer.weight.detach()).abs().max())
-                        for a, b in zip(blocks(m), blocks(twin))
-                    ),
-                    "bias_max_movement_during_training": max(
-                        float((b.layer.bias.detach() - b0).abs().max()) for b, b0 in zip(blocks(m), before[k])
-                    ),
-                    "paired_losses_with_bias": r_bias.losses,
-                    "paired_losses_without_bias": r_twin.losses,
-                    "diverged": bool(r_bias.diverged or r_twin.diverged),
-                    **_eval_removal(m, d.test_x.double()),
-                }
-            )
-        counts = {
-            "MLP 64-3x100-10 (ioffe2015-fig1)": _count(MLP(64, [100] * 3, 10, norm="bn", bias=True)),
-            "MLP 64-3x256-10 (dropout)": _count(MLP(64, [256] * 3, 10, norm="bn", bias=True)),
-            "MLP 64-8x100-10 (lr-sweep)": _count(MLP(64, [100] * 8, 10, norm="bn", bias=True)),
-            "ConvNet 16-32-64 on 8x8": _count(ConvNet((1, 8, 8), (16, 32, 64), 10, norm="bn", bias=True)),
-        }
-        for m in per_seed:
-            m["parameter_counts"] = counts
-        return per_seed
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
-
-
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Zero gradient, no effect, identical training, removal needs the running mean fixed."""
     t = results["config"]
@@ -355,6 +283,73 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     axes[2].set_title("Parameters wasted")
     axes[2].set_xlim(0, max(wasted) * 1.8)
     return [save(fig, Path(outdir) / "bias_before_bn.png")]
+
+
+class Bias(Experiment):
+    """The redundant pre-BN bias over several seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        return Settings(steps=_STEPS[cfg.mode])
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        s = settings
+        per_seed = [_one_batch_probes(s, d, seed) for d, seed in zip(data, seeds)]
+        with_bias = [_model(s, d, seed) for d, seed in zip(data, seeds)]
+        without = [
+            _without_bias(m, s.hidden, d.features, d.classes, s.activation).double() for m, d in zip(with_bias, data)
+        ]
+        with_bias = [m.double() for m in with_bias]
+        before = [[b.layer.bias.detach().clone() for b in blocks(m)] for m in with_bias]
+        spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
+        arms = []
+        for name, models in (("with bias", with_bias), ("without bias", without)):
+            with progress.task(name, total=spec.steps) as tick, _default_dtype(torch.float64):
+                arms.append(
+                    train_stacked(
+                        models,
+                        [d.train_x.double() for d in data],
+                        [d.train_y for d in data],
+                        spec,
+                        generators=[torch.Generator().manual_seed(seed + 2) for seed in seeds],
+                        tick=tick,
+                    )
+                )
+        for k, (m, twin, d) in enumerate(zip(with_bias, without, data)):
+            r_bias, r_twin = arms[0][k], arms[1][k]
+            per_seed[k].update(
+                {
+                    "paired_training_max_loss_delta": float(
+                        np.max(np.abs(np.asarray(r_bias.losses) - np.asarray(r_twin.losses)))
+                    ),
+                    "paired_training_max_weight_delta": max(
+                        float((a.layer.weight.detach() - b.layer.weight.detach()).abs().max())
+                        for a, b in zip(blocks(m), blocks(twin))
+                    ),
+                    "bias_max_movement_during_training": max(
+                        float((b.layer.bias.detach() - b0).abs().max()) for b, b0 in zip(blocks(m), before[k])
+                    ),
+                    "paired_losses_with_bias": r_bias.losses,
+                    "paired_losses_without_bias": r_twin.losses,
+                    "diverged": bool(r_bias.diverged or r_twin.diverged),
+                    **_eval_removal(m, d.test_x.double()),
+                }
+            )
+        counts = {
+            "MLP 64-3x100-10 (ioffe2015-fig1)": _count(MLP(64, [100] * 3, 10, norm="bn", bias=True)),
+            "MLP 64-3x256-10 (dropout)": _count(MLP(64, [256] * 3, 10, norm="bn", bias=True)),
+            "MLP 64-8x100-10 (lr-sweep)": _count(MLP(64, [100] * 8, 10, norm="bn", bias=True)),
+            "ConvNet 16-32-64 on 8x8": _count(ConvNet((1, 8, 8), (16, 32, 64), 10, norm="bn", bias=True)),
+        }
+        for m in per_seed:
+            m["parameter_counts"] = counts
+        return per_seed
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
 
 
 EXPERIMENT = Bias()

@@ -156,58 +156,6 @@ def _calibrate(s: Settings, cfg: RunConfig, progress: Progress) -> Settings:
     return dataclasses.replace(s, steps=steps, calibration_fit_steps=needed)
 
 
-class Dropout(Experiment):
-    """BN as a regularizer, over seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        """The mode's replicates and step cap; ``steps`` is calibrated by ``run``."""
-        return Settings(replicates=_REPLICATES[cfg.mode], max_steps=_MAX_STEPS[cfg.mode])
-
-    def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
-        """Calibrate the steps on the calibration seed."""
-        return _calibrate(settings, cfg, progress)
-
-    def load_seed(self, cfg: RunConfig, settings: Settings, seed: int) -> Dataset:
-        """The seed's split, its training set cut to ``train_examples``."""
-        return load_for(cfg, seed).subset_train(settings.train_examples, seed)
-
-    def describe_data(self, settings: Settings, first: Dataset) -> dict[str, Any]:
-        return {
-            **super().describe_data(settings, first),
-            "train_used": settings.train_examples,
-            "split": "each seed draws its own split and training subset",
-        }
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        s = settings
-        runs = [(d, replicate_seed(seed, r)) for d, seed in zip(data, seeds) for r in range(s.replicates)]
-        per_seed: list[dict[str, Any]] = [{} for _ in seeds]
-        for arm in _ARMS:
-            models, _ = _train_arm(s, [d for d, _ in runs], [g for _, g in runs], arm, s.steps, progress)
-            for k in range(len(seeds)):
-                rows: dict[str, list[float]] = {"train_acc": [], "test_acc": [], "train_loss": [], "test_loss": []}
-                for r in range(s.replicates):
-                    model, d = models[k * s.replicates + r], runs[k * s.replicates + r][0]
-                    trl, tra = evaluate(model, d.train_x, d.train_y)
-                    tel, tea = evaluate(model, d.test_x, d.test_y)
-                    for key, v in (("train_acc", tra), ("test_acc", tea), ("train_loss", trl), ("test_loss", tel)):
-                        rows[key].append(v)
-                per_seed[k][arm[0]] = rows
-        return per_seed
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
-
-
 _LOSS_CAP = 1e6
 """Test loss that stands for a diverged network's inf (keeps per-seed values finite)."""
 
@@ -325,6 +273,53 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     )
     axes[1].set_title(f"Test loss ({cfg['steps']} steps, calibrated so every arm fits)")
     return [save(fig, Path(outdir) / "dropout_vs_bn.png")]
+
+
+class Dropout(Experiment):
+    """BN as a regularizer, over seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        """The mode's replicates and step cap; ``steps`` is calibrated by ``run``."""
+        return Settings(replicates=_REPLICATES[cfg.mode], max_steps=_MAX_STEPS[cfg.mode])
+
+    def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
+        """Calibrate the steps on the calibration seed."""
+        return _calibrate(settings, cfg, progress)
+
+    def load_seed(self, cfg: RunConfig, settings: Settings, seed: int) -> Dataset:
+        """The seed's split, its training set cut to ``train_examples``."""
+        return load_for(cfg, seed).subset_train(settings.train_examples, seed)
+
+    def describe_data(self, settings: Settings, first: Dataset) -> dict[str, Any]:
+        return {
+            **super().describe_data(settings, first),
+            "train_used": settings.train_examples,
+            "split": "each seed draws its own split and training subset",
+        }
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        s = settings
+        runs = [(d, replicate_seed(seed, r)) for d, seed in zip(data, seeds) for r in range(s.replicates)]
+        per_seed: list[dict[str, Any]] = [{} for _ in seeds]
+        for arm in _ARMS:
+            models, _ = _train_arm(s, [d for d, _ in runs], [g for _, g in runs], arm, s.steps, progress)
+            for k in range(len(seeds)):
+                rows: dict[str, list[float]] = {"train_acc": [], "test_acc": [], "train_loss": [], "test_loss": []}
+                for r in range(s.replicates):
+                    model, d = models[k * s.replicates + r], runs[k * s.replicates + r][0]
+                    trl, tra = evaluate(model, d.train_x, d.train_y)
+                    tel, tea = evaluate(model, d.test_x, d.test_y)
+                    for key, v in (("train_acc", tra), ("test_acc", tea), ("train_loss", trl), ("test_loss", tel)):
+                        rows[key].append(v)
+                per_seed[k][arm[0]] = rows
+        return per_seed
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
 
 
 EXPERIMENT = Dropout()

@@ -119,35 +119,6 @@ def _train_regime(
     return {"test_acc": 100.0 * test_acc, "train_acc": 100.0 * train_acc, "updates": steps, "diverged": diverged}
 
 
-class GhostBN(Experiment):
-    """Hoffer et al.'s five arms over several seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return _settings(cfg)
-
-    def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
-        if settings.max_train is not None:
-            data = data.subset_train(settings.max_train, seed)
-        arms = {}
-        for arm in _ARMS:
-            spec = _arm_spec(arm, settings)
-            arms[arm] = {
-                "spec": spec,
-                **_train_regime(data, settings, spec, seed, progress, f"{_LABELS[arm]} seed {seed}"),
-            }
-        return {"arms": arms, "train_examples": int(data.train_x.shape[0])}
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
-
-
 def _acc(results: dict[str, Any], arm: str, key: str = "test_acc") -> list[float]:
     return column(results["metrics"]["per_seed"], "arms", arm, key)
 
@@ -236,6 +207,30 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.set_ylabel("SGD updates")
     ax.set_title("Number of updates: the gap follows it")
     return [save(fig, outdir / "generalization_gap.png")]
+
+
+class GhostBN(Experiment):
+    """Hoffer et al.'s five arms over several seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        return _settings(cfg)
+
+    def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
+        if settings.max_train is not None:
+            data = data.subset_train(settings.max_train, seed)
+        arms = {}
+        for arm in _ARMS:
+            spec = _arm_spec(arm, settings)
+            arms[arm] = {
+                "spec": spec,
+                **_train_regime(data, settings, spec, seed, progress, f"{_LABELS[arm]} seed {seed}"),
+            }
+        return {"arms": arms, "train_examples": int(data.train_x.shape[0])}
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
 
 
 EXPERIMENT = GhostBN()

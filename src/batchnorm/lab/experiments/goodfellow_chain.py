@@ -110,49 +110,6 @@ def _measure(
     return {"loss": base, "grad_norm2": g2, "predicted": predicted, "actual": actual, "ratio": ratios, "safe_lr": safe}
 
 
-class Chain(Experiment):
-    """The linear chain over several seeds (each seed: its own inputs x)."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        lrs = tuple(float(v) for v in np.logspace(-6, 1, _GRID_POINTS[cfg.mode]))
-        return Settings(depths=_DEPTHS[cfg.mode], scales=_SCALES[cfg.mode], lrs=lrs)
-
-    def load_seed(self, cfg: RunConfig, settings: Settings, seed: int) -> Tensor:
-        """The seed's inputs x, (N, 1) float64 standard normal."""
-        return torch.randn(settings.batch, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-    def describe_data(self, settings: Settings, first: Tensor) -> dict[str, Any]:
-        return {"name": "synthetic chain", "batch": settings.batch, "split": "each seed draws its own inputs"}
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Tensor], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        """Each seed's inputs through every (arm, depth, scale)."""
-        s = settings
-        per_seed = []
-        with progress.task("chains", total=2 * len(s.depths) * len(s.scales) * len(seeds)) as tick:
-            for x in data:
-                cases = []
-                for arm in ("plain", "bn"):
-                    for depth in s.depths:
-                        for scale in s.scales:
-                            m = _measure(x, depth, scale, arm == "bn", s.lrs, s.bn_eps, s.safe_band)
-                            cases.append({"arm": arm, "depth": depth, "scale": scale, **m})
-                            tick.update(1)
-                per_seed.append({"cases": cases})
-        return per_seed
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
-
-
 def _cases(m: dict[str, Any], arm: str) -> list[dict[str, Any]]:
     return [c for c in m["cases"] if c["arm"] == arm]
 
@@ -347,6 +304,44 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.legend(fontsize=7, ncol=2)
     paths.append(save(fig, Path(outdir) / "safe_learning_rate.png"))
     return paths
+
+
+class Chain(Experiment):
+    """The linear chain over several seeds (each seed: its own inputs x)."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        lrs = tuple(float(v) for v in np.logspace(-6, 1, _GRID_POINTS[cfg.mode]))
+        return Settings(depths=_DEPTHS[cfg.mode], scales=_SCALES[cfg.mode], lrs=lrs)
+
+    def load_seed(self, cfg: RunConfig, settings: Settings, seed: int) -> Tensor:
+        """The seed's inputs x, (N, 1) float64 standard normal."""
+        return torch.randn(settings.batch, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    def describe_data(self, settings: Settings, first: Tensor) -> dict[str, Any]:
+        return {"name": "synthetic chain", "batch": settings.batch, "split": "each seed draws its own inputs"}
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Tensor], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        """Each seed's inputs through every (arm, depth, scale)."""
+        s = settings
+        per_seed = []
+        with progress.task("chains", total=2 * len(s.depths) * len(s.scales) * len(seeds)) as tick:
+            for x in data:
+                cases = []
+                for arm in ("plain", "bn"):
+                    for depth in s.depths:
+                        for scale in s.scales:
+                            m = _measure(x, depth, scale, arm == "bn", s.lrs, s.bn_eps, s.safe_band)
+                            cases.append({"arm": arm, "depth": depth, "scale": scale, **m})
+                            tick.update(1)
+                per_seed.append({"cases": cases})
+        return per_seed
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
 
 
 EXPERIMENT = Chain()

@@ -19,11 +19,11 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import train_seeds
 from ..experiment import Experiment, claim, per_seed_values
 from ..models import MLP, blocks
 from ..popstats import population_statistics
 from ..progress import Progress
-from ..stacked import train_stacked
 from ..training import TrainSpec, evaluate
 from ..verdict import part
 
@@ -187,58 +187,6 @@ def _measure(s: Settings, data: Dataset, model: nn.Module, seed: int) -> dict[st
     }
 
 
-class InferenceStats(Experiment):
-    """Which statistics normalize a test example, over several seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return Settings(
-            steps=_STEPS[cfg.mode],
-            test_batch_repeats={"tiny": 2, "quick": 10, "full": 50}[cfg.mode],
-            noise_batches={"tiny": 20, "quick": 500, "full": 5000}[cfg.mode],
-        )
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        s = settings
-        models = [
-            MLP(
-                d.features,
-                list(s.hidden),
-                d.classes,
-                act=s.activation,
-                norm="bn",
-                init_std="he",
-                generator=torch.Generator().manual_seed(seed),
-            )
-            for d, seed in zip(data, seeds)
-        ]
-        spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
-        with progress.task(f"train BN nets ({len(seeds)} seeds)", total=s.steps) as tick:
-            results = train_stacked(
-                models,
-                [d.train_x for d in data],
-                [d.train_y for d in data],
-                spec,
-                generators=[torch.Generator().manual_seed(seed + 1) for seed in seeds],
-                tick=tick,
-            )
-        out = []
-        for model, d, seed, r in zip(models, data, seeds, results):
-            out.append({**_measure(s, d, model, seed), "diverged": r.diverged})
-        return out
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
-
-
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Fixed statistics agree; batch statistics degrade with small batches; theory of noise."""
     t = results["config"]
@@ -385,6 +333,47 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     axes[1].grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     return [save(fig, Path(outdir) / "inference_statistics.png")]
+
+
+class InferenceStats(Experiment):
+    """Which statistics normalize a test example, over several seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        return Settings(
+            steps=_STEPS[cfg.mode],
+            test_batch_repeats={"tiny": 2, "quick": 10, "full": 50}[cfg.mode],
+            noise_batches={"tiny": 20, "quick": 500, "full": 5000}[cfg.mode],
+        )
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        s = settings
+        models = [
+            MLP(
+                d.features,
+                list(s.hidden),
+                d.classes,
+                act=s.activation,
+                norm="bn",
+                init_std="he",
+                generator=torch.Generator().manual_seed(seed),
+            )
+            for d, seed in zip(data, seeds)
+        ]
+        spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
+        results = train_seeds(
+            models, data, seeds, spec, f"train BN nets ({len(seeds)} seeds)", progress, order_offset=1
+        )
+        out = []
+        for model, d, seed, r in zip(models, data, seeds, results):
+            out.append({**_measure(s, d, model, seed), "diverged": r.diverged})
+        return out
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
 
 
 EXPERIMENT = InferenceStats()

@@ -16,11 +16,11 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import train_seeds
 from ..experiment import Experiment, claim, column, first_reaching
 from ..models import MLP, blocks
 from ..popstats import population_statistics
 from ..progress import Progress
-from ..stacked import train_stacked
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
 
@@ -170,51 +170,15 @@ def _train_arm(
         for (_rec, fn), result in zip(recs, results):
             fn(step, result)
 
-    with progress.task("BN" if norm else "no BN", total=spec.steps) as tick:
-        results = train_stacked(
-            models,
-            [d.train_x for d in data],
-            [d.train_y for d in data],
-            spec,
-            generators=[torch.Generator().manual_seed(seed + 2) for seed in seeds],
-            checkpoints=checkpoints,
-            on_checkpoint=record,
-            tick=tick,
-        )
+    results = train_seeds(
+        models, data, seeds, spec, "BN" if norm else "no BN", progress, checkpoints=checkpoints, on_checkpoint=record
+    )
     out = []
     for (rec, _fn), result in zip(recs, results):
         rec["diverged"] = result.diverged
         rec["steps_done"] = result.steps_done
         out.append(rec)
     return out
-
-
-class Fig1(Experiment):
-    """Ioffe & Szegedy's Figure 1 over several seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        if cfg.data == "mnist1d" and cfg.mode == "quick":
-            return Settings(
-                steps=_MNIST1D_QUICK_STEPS, checkpoint_every=_MNIST1D_QUICK_EVERY, mnist1d_choice=_MNIST1D_CHOICE
-            )
-        return Settings(steps=_STEPS[cfg.mode], checkpoint_every=_EVERY[cfg.mode])
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        base = _train_arm(settings, data, seeds, None, progress)
-        bn = _train_arm(settings, data, seeds, "bn", progress)
-        return [{"baseline": b, "bn": n} for b, n in zip(base, bn)]
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
 
 
 def _second_half(steps: list[int]) -> list[int]:
@@ -436,6 +400,29 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.legend()
     paths.append(save(fig, Path(outdir) / "train_loss.png"))
     return paths
+
+
+class Fig1(Experiment):
+    """Ioffe & Szegedy's Figure 1 over several seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        if cfg.data == "mnist1d" and cfg.mode == "quick":
+            return Settings(
+                steps=_MNIST1D_QUICK_STEPS, checkpoint_every=_MNIST1D_QUICK_EVERY, mnist1d_choice=_MNIST1D_CHOICE
+            )
+        return Settings(steps=_STEPS[cfg.mode], checkpoint_every=_EVERY[cfg.mode])
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        base = _train_arm(settings, data, seeds, None, progress)
+        bn = _train_arm(settings, data, seeds, "bn", progress)
+        return [{"baseline": b, "bn": n} for b, n in zip(base, bn)]
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
 
 
 EXPERIMENT = Fig1()

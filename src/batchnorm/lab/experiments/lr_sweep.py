@@ -205,83 +205,6 @@ def _probes(s: Settings, d: Dataset, norm: str | None, seed: int) -> dict[str, A
     }
 
 
-class LrSweep(Experiment):
-    """The learning-rate sweep over several seeds, the plain best rate fixed by calibration."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        if cfg.mode == "tiny":
-            return Settings(
-                hidden=(32,) * 3,
-                steps=30,
-                steps_rule="tiny: 30 steps (a smoke test)",
-                lrs=(0.1, 1.0),
-                step_probe_alphas=tuple(np.logspace(-2, 1.5, 4).tolist()),
-            )
-        n = load_for(cfg, cfg.seed).train_x.shape[0]
-        epochs = _EPOCHS[cfg.mode]
-        lrs = (
-            (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
-            if cfg.mode == "quick"
-            else (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
-        )
-        return Settings(
-            hidden=(100,) * 8,
-            steps=epochs_to_steps(epochs, n, 60),
-            steps_rule=f"{epochs:g} passes over the training set ({n} examples, batch 60), the same rule on every data set",
-            lrs=lrs,
-            step_probe_alphas=tuple(np.logspace(-2, 1.5, 15 if cfg.mode == "quick" else 29).tolist()),
-        )
-
-    def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
-        """Calibrate the plain network's best rate on the calibration seed's own split."""
-        s = settings
-        cal = calibration_split(load_for(cfg, s.calibration_seed), s.calibration_seed)
-        cal_acc_all, cal_div_all, _ = _sweep(s, [cal], [s.calibration_seed], None, "calibration: no BN sweep", progress)
-        cal_acc, cal_div = cal_acc_all[0], cal_div_all[0]
-        best = _best_lr(s.lrs, cal_acc, s.best_tolerance)
-        j = int(np.argmin([abs(math.log(lr / (10 * best))) for lr in s.lrs]))
-        return dataclasses.replace(
-            s,
-            plain_best_lr=best,
-            high_lr=float(s.lrs[j]),
-            calibration={
-                "seed": s.calibration_seed,
-                "split": f"80/20 stratified split of seed {s.calibration_seed}'s training set ({cal.train_x.shape[0]} / "
-                f"{cal.test_x.shape[0]} examples); test set unused",
-                "validation_acc": {f"{lr:g}": a for lr, a in zip(s.lrs, cal_acc)},
-                "diverged": {f"{lr:g}": d is not None for lr, d in zip(s.lrs, cal_div)},
-            },
-        )
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        """Both arms at every rate (each arm's seeds together), then each seed's probes."""
-        s = settings
-        sets = list(data)
-        acc, div, tr = _sweep(s, sets, seeds, None, "no BN sweep", progress)
-        bn_acc, bn_div, bn_tr = _sweep(s, sets, seeds, "bn", "BN sweep", progress)
-        per_seed = []
-        for k, (d, seed) in enumerate(zip(sets, seeds)):
-            per_seed.append(
-                {
-                    arm: {"test_acc": a[k], "train_acc": t[k], "diverged_at": dv[k], **_probes(s, d, norm, seed)}
-                    for arm, norm, a, t, dv in (("plain", None, acc, tr, div), ("bn", "bn", bn_acc, bn_tr, bn_div))
-                }
-            )
-        return per_seed
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
-
-
 def _log10(v: float) -> float:
     v = number(v)
     return math.log10(min(max(v, 1e-30), _CAP)) if not math.isnan(v) else math.log10(_CAP)
@@ -464,6 +387,78 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     axes[1].legend(fontsize=8)
     paths.append(save(fig, Path(outdir) / "step_probe_and_activations.png"))
     return paths
+
+
+class LrSweep(Experiment):
+    """The learning-rate sweep over several seeds, the plain best rate fixed by calibration."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        if cfg.mode == "tiny":
+            return Settings(
+                hidden=(32,) * 3,
+                steps=30,
+                steps_rule="tiny: 30 steps (a smoke test)",
+                lrs=(0.1, 1.0),
+                step_probe_alphas=tuple(np.logspace(-2, 1.5, 4).tolist()),
+            )
+        n = load_for(cfg, cfg.seed).train_x.shape[0]
+        epochs = _EPOCHS[cfg.mode]
+        lrs = (
+            (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+            if cfg.mode == "quick"
+            else (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+        )
+        return Settings(
+            hidden=(100,) * 8,
+            steps=epochs_to_steps(epochs, n, 60),
+            steps_rule=f"{epochs:g} passes over the training set ({n} examples, batch 60), the same rule on every data set",
+            lrs=lrs,
+            step_probe_alphas=tuple(np.logspace(-2, 1.5, 15 if cfg.mode == "quick" else 29).tolist()),
+        )
+
+    def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
+        """Calibrate the plain network's best rate on the calibration seed's own split."""
+        s = settings
+        cal = calibration_split(load_for(cfg, s.calibration_seed), s.calibration_seed)
+        cal_acc_all, cal_div_all, _ = _sweep(s, [cal], [s.calibration_seed], None, "calibration: no BN sweep", progress)
+        cal_acc, cal_div = cal_acc_all[0], cal_div_all[0]
+        best = _best_lr(s.lrs, cal_acc, s.best_tolerance)
+        j = int(np.argmin([abs(math.log(lr / (10 * best))) for lr in s.lrs]))
+        return dataclasses.replace(
+            s,
+            plain_best_lr=best,
+            high_lr=float(s.lrs[j]),
+            calibration={
+                "seed": s.calibration_seed,
+                "split": f"80/20 stratified split of seed {s.calibration_seed}'s training set ({cal.train_x.shape[0]} / "
+                f"{cal.test_x.shape[0]} examples); test set unused",
+                "validation_acc": {f"{lr:g}": a for lr, a in zip(s.lrs, cal_acc)},
+                "diverged": {f"{lr:g}": d is not None for lr, d in zip(s.lrs, cal_div)},
+            },
+        )
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        """Both arms at every rate (each arm's seeds together), then each seed's probes."""
+        s = settings
+        sets = list(data)
+        acc, div, tr = _sweep(s, sets, seeds, None, "no BN sweep", progress)
+        bn_acc, bn_div, bn_tr = _sweep(s, sets, seeds, "bn", "BN sweep", progress)
+        per_seed = []
+        for k, (d, seed) in enumerate(zip(sets, seeds)):
+            per_seed.append(
+                {
+                    arm: {"test_acc": a[k], "train_acc": t[k], "diverged_at": dv[k], **_probes(s, d, norm, seed)}
+                    for arm, norm, a, t, dv in (("plain", None, acc, tr, div), ("bn", "bn", bn_acc, bn_tr, bn_div))
+                }
+            )
+        return per_seed
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
 
 
 EXPERIMENT = LrSweep()

@@ -136,31 +136,6 @@ def _train_arm(
     return [recs[k * s.replicates : (k + 1) * s.replicates] for k in range(len(seeds))]
 
 
-class Placement(Experiment):
-    """BN before vs after the activation over several seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        """The mode's steps and replicates (the same for every data set)."""
-        steps = _STEPS[cfg.mode]
-        return Settings(steps=steps, checkpoint_every=steps // 20, replicates=_REPLICATES[cfg.mode])
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        arms = {f"{act}/{place}": _train_arm(settings, data, seeds, act, place, progress) for act, place in _ARMS}
-        return [{key: recs[k] for key, recs in arms.items()} for k in range(len(seeds))]
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
-
-
 def _early_index(rec: dict[str, Any], fraction: float) -> int:
     last = rec["step"][-1]
     return min(i for i, s in enumerate(rec["step"]) if s >= fraction * last and s > 0)
@@ -345,6 +320,26 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     axes[1].legend()
     paths.append(save(fig, Path(outdir) / "placement_activation_inputs.png"))
     return paths
+
+
+class Placement(Experiment):
+    """BN before vs after the activation over several seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        """The mode's steps and replicates (the same for every data set)."""
+        steps = _STEPS[cfg.mode]
+        return Settings(steps=steps, checkpoint_every=steps // 20, replicates=_REPLICATES[cfg.mode])
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        arms = {f"{act}/{place}": _train_arm(settings, data, seeds, act, place, progress) for act, place in _ARMS}
+        return [{key: recs[k] for key, recs in arms.items()} for k in range(len(seeds))]
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
 
 
 EXPERIMENT = Placement()

@@ -19,10 +19,10 @@ from torch import Tensor, nn
 from ... import recompute_statistics
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import train_seeds
 from ..experiment import Experiment, claim, per_seed_values
 from ..models import MLP
 from ..progress import Progress
-from ..stacked import train_stacked
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
 
@@ -140,63 +140,6 @@ def _recorder(
             }
 
     return rec, record
-
-
-class PreciseBN(Experiment):
-    """EMA vs precise BN statistics over training, over several seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return Settings(
-            epochs={"tiny": 3, "quick": 40, "full": 200}[cfg.mode],
-            max_train=None if cfg.mode == "full" else 2000,
-            sample_draws={"tiny": 2, "quick": 10, "full": 20}[cfg.mode],
-        )
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        s = settings
-        data = [d.subset_train(s.max_train, seed) if s.max_train is not None else d for d, seed in zip(data, seeds)]
-        sizes = {d.train_x.shape[0] for d in data}
-        if len(sizes) != 1:
-            raise ValueError(f"precise-bn: expected one training-set size across seeds, got {sorted(sizes)}")
-        n = sizes.pop()
-        per_epoch = -(-n // s.batch_size)
-        steps = s.epochs * per_epoch
-        models = []
-        for d, seed in zip(data, seeds):
-            model = MLP(d.features, list(s.hidden), d.classes, act=s.activation, norm="bn")
-            _seeded_init(model, seed)
-            models.append(model)
-        recs = [_recorder(s, d, m, seed, per_epoch, steps) for d, m, seed in zip(data, models, seeds)]
-
-        def record(step: int, _results: list[TrainResult]) -> None:
-            for _rec, fn in recs:
-                fn(step)
-
-        spec = TrainSpec(steps=steps, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum)
-        with progress.task(f"{len(seeds)} seeds", total=steps) as tick:
-            results = train_stacked(
-                models,
-                [d.train_x for d in data],
-                [d.train_y for d in data],
-                spec,
-                generators=[torch.Generator().manual_seed(seed + 2) for seed in seeds],
-                checkpoints=range(0, steps + 1, per_epoch),
-                on_checkpoint=record,
-                tick=tick,
-            )
-        return [{**rec, "diverged": r.diverged} for (rec, _fn), r in zip(recs, results)]
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
 
 
 def _early(r: dict[str, Any], epochs: int) -> slice:
@@ -381,6 +324,57 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.legend(fontsize=7)
     paths.append(save(fig, outdir / "samples_needed.png"))
     return paths
+
+
+class PreciseBN(Experiment):
+    """EMA vs precise BN statistics over training, over several seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        return Settings(
+            epochs={"tiny": 3, "quick": 40, "full": 200}[cfg.mode],
+            max_train=None if cfg.mode == "full" else 2000,
+            sample_draws={"tiny": 2, "quick": 10, "full": 20}[cfg.mode],
+        )
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        s = settings
+        data = [d.subset_train(s.max_train, seed) if s.max_train is not None else d for d, seed in zip(data, seeds)]
+        sizes = {d.train_x.shape[0] for d in data}
+        if len(sizes) != 1:
+            raise ValueError(f"precise-bn: expected one training-set size across seeds, got {sorted(sizes)}")
+        n = sizes.pop()
+        per_epoch = -(-n // s.batch_size)
+        steps = s.epochs * per_epoch
+        models = []
+        for d, seed in zip(data, seeds):
+            model = MLP(d.features, list(s.hidden), d.classes, act=s.activation, norm="bn")
+            _seeded_init(model, seed)
+            models.append(model)
+        recs = [_recorder(s, d, m, seed, per_epoch, steps) for d, m, seed in zip(data, models, seeds)]
+
+        def record(step: int, _results: list[TrainResult]) -> None:
+            for _rec, fn in recs:
+                fn(step)
+
+        spec = TrainSpec(steps=steps, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum)
+        results = train_seeds(
+            models,
+            data,
+            seeds,
+            spec,
+            f"{len(seeds)} seeds",
+            progress,
+            checkpoints=range(0, steps + 1, per_epoch),
+            on_checkpoint=record,
+        )
+        return [{**rec, "diverged": r.diverged} for (rec, _fn), r in zip(recs, results)]
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
 
 
 EXPERIMENT = PreciseBN()

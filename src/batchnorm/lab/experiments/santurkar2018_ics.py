@@ -151,79 +151,6 @@ def _train_and_measure(
     return rec
 
 
-class Ics(Experiment):
-    """Santurkar et al.'s ICS measurement over several seeds (one seed at a time: the DLN's MSE
-    loss and the per-layer measurement dominate, not the training steps)."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return Settings(
-            dln_steps=cfg.pick(tiny=20, quick=300, full=3000),
-            dln_checkpoints=cfg.pick(tiny=2, quick=6, full=20),
-            mlp_steps=cfg.pick(tiny=20, quick=500, full=3000),
-            mlp_checkpoints=cfg.pick(tiny=2, quick=10, full=20),
-        )
-
-    def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
-        s = settings
-        x, y = _dln_data(seed)
-        out: dict[str, Any] = {"dln": {}, "mlp": {}}
-        for norm in ("none", "bn"):
-            model = MLP(
-                32,
-                [s.dln_width] * s.dln_depth,
-                10,
-                act="identity",
-                norm=None if norm == "none" else "bn",
-                init_std=(1.0 / s.dln_width) ** 0.5,
-                generator=torch.Generator().manual_seed(seed + 1),
-            )
-            out["dln"][norm] = _train_and_measure(
-                model,
-                x,
-                y,
-                s.dln_steps,
-                s.dln_checkpoints,
-                s.dln_lr,
-                s.batch_size,
-                seed,
-                F.mse_loss,
-                f"DLN {norm}",
-                progress,
-            )
-        for norm in ("none", "bn"):
-            model = build(data, s.mlp_depth, s.mlp_width, None if norm == "none" else "bn", seed)
-            out["mlp"][norm] = _train_and_measure(
-                model,
-                data.train_x,
-                data.train_y,
-                s.mlp_steps,
-                s.mlp_checkpoints,
-                s.mlp_lr,
-                s.batch_size,
-                seed,
-                F.cross_entropy,
-                f"MLP {norm}",
-                progress,
-            )
-        return out
-
-    def describe_data(self, settings: Settings, first: Dataset) -> dict[str, Any]:
-        return {
-            **super().describe_data(settings, first),
-            "note": "the DLN part uses its own Gaussian data (see config: dln_*)",
-        }
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
-
-
 def _median(rec: dict[str, Any], key: str) -> float:
     """Median of ``key`` over one run's checkpoints after step 0 and its layers."""
     vals = [float(v[key]) for step, layers in zip(rec["step"], rec["ics"]) if step != 0 for v in layers]
@@ -366,6 +293,74 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             ax.legend(fontsize=8)
         paths.append(save(fig, outdir / f"ics_{net}.png"))
     return paths
+
+
+class Ics(Experiment):
+    """Santurkar et al.'s ICS measurement over several seeds (one seed at a time: the DLN's MSE
+    loss and the per-layer measurement dominate, not the training steps)."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        return Settings(
+            dln_steps=cfg.pick(tiny=20, quick=300, full=3000),
+            dln_checkpoints=cfg.pick(tiny=2, quick=6, full=20),
+            mlp_steps=cfg.pick(tiny=20, quick=500, full=3000),
+            mlp_checkpoints=cfg.pick(tiny=2, quick=10, full=20),
+        )
+
+    def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
+        s = settings
+        x, y = _dln_data(seed)
+        out: dict[str, Any] = {"dln": {}, "mlp": {}}
+        for norm in ("none", "bn"):
+            model = MLP(
+                32,
+                [s.dln_width] * s.dln_depth,
+                10,
+                act="identity",
+                norm=None if norm == "none" else "bn",
+                init_std=(1.0 / s.dln_width) ** 0.5,
+                generator=torch.Generator().manual_seed(seed + 1),
+            )
+            out["dln"][norm] = _train_and_measure(
+                model,
+                x,
+                y,
+                s.dln_steps,
+                s.dln_checkpoints,
+                s.dln_lr,
+                s.batch_size,
+                seed,
+                F.mse_loss,
+                f"DLN {norm}",
+                progress,
+            )
+        for norm in ("none", "bn"):
+            model = build(data, s.mlp_depth, s.mlp_width, None if norm == "none" else "bn", seed)
+            out["mlp"][norm] = _train_and_measure(
+                model,
+                data.train_x,
+                data.train_y,
+                s.mlp_steps,
+                s.mlp_checkpoints,
+                s.mlp_lr,
+                s.batch_size,
+                seed,
+                F.cross_entropy,
+                f"MLP {norm}",
+                progress,
+            )
+        return out
+
+    def describe_data(self, settings: Settings, first: Dataset) -> dict[str, Any]:
+        return {
+            **super().describe_data(settings, first),
+            "note": "the DLN part uses its own Gaussian data (see config: dln_*)",
+        }
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
 
 
 EXPERIMENT = Ics()

@@ -18,9 +18,9 @@ import torch
 
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import train_seeds
 from ..experiment import Experiment, claim, column, load_for
 from ..progress import Progress
-from ..stacked import train_stacked
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
 from ._calibration import CALIBRATION_SEED, calibration_split, epochs_to_steps
@@ -159,17 +159,7 @@ def _train(
                 rec["percentiles"][str(i)].append(np.percentile(z[i][:, 0].numpy(), [15, 50, 85]).tolist())
 
     spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=lr)
-    with progress.task(label, total=s.steps) as tick:
-        results = train_stacked(
-            models,
-            [d.train_x for d in data],
-            [d.train_y for d in data],
-            spec,
-            generators=[torch.Generator().manual_seed(seed + 2) for seed in seeds],
-            checkpoints=checkpoints,
-            on_checkpoint=record,
-            tick=tick,
-        )
+    results = train_seeds(models, data, seeds, spec, label, progress, checkpoints=checkpoints, on_checkpoint=record)
     out = []
     for k, (model, rec, d, result) in enumerate(zip(models, recs, data, results)):
         with seed_slot(model, k):
@@ -228,50 +218,6 @@ def _calibrate(s: Settings, cfg: RunConfig, progress: Progress) -> Settings:
         "any_exceeds": any(exceeds),
     }
     return dataclasses.replace(s, noise_magnitude=float(chosen), calibration=record)
-
-
-class Noisy(Experiment):
-    """Santurkar et al.'s noisy-BN experiment over several seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        depth, width = (12, 100) if cfg.data == "mnist1d" else (10, 64)
-        if cfg.mode == "tiny":
-            steps, rule = _TINY_STEPS, f"tiny: {_TINY_STEPS} steps (a smoke test)"
-            grid: tuple[float, ...] = (0.1, 0.5)
-        else:
-            n = load_for(cfg, cfg.seed).train_x.shape[0]
-            epochs = _EPOCHS[cfg.mode]
-            steps = epochs_to_steps(epochs, n, 128)
-            rule = f"{epochs:g} passes over the training set ({n} examples, batch 128), the same rule on every data set"
-            grid = _NOISE_GRID
-        every = max(1, steps // (10 if cfg.mode == "tiny" else 30))
-        return Settings(depth=depth, width=width, steps=steps, steps_rule=rule, checkpoint_every=every, noise_grid=grid)
-
-    def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
-        """Calibrate the noise magnitude on the calibration seed's own split."""
-        return _calibrate(settings, cfg, progress)
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        per_seed: list[dict[str, Any]] = [{} for _ in seeds]
-        a = settings.noise_magnitude
-        for lr in settings.lrs:
-            for arm in _ARMS:
-                runs = _train(settings, data, seeds, arm, lr, [a] * len(seeds), f"{_LABELS[arm]} lr {lr:g}", progress)
-                for rec, r in zip(per_seed, runs):
-                    rec[f"{arm}@{lr:g}"] = r
-        return per_seed
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
 
 
 def _col(results: dict[str, Any], arm: str, lr: float, key: str) -> list[float]:
@@ -490,6 +436,45 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.legend()
     paths.append(save(fig, outdir / "drift.png"))
     return paths
+
+
+class Noisy(Experiment):
+    """Santurkar et al.'s noisy-BN experiment over several seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        depth, width = (12, 100) if cfg.data == "mnist1d" else (10, 64)
+        if cfg.mode == "tiny":
+            steps, rule = _TINY_STEPS, f"tiny: {_TINY_STEPS} steps (a smoke test)"
+            grid: tuple[float, ...] = (0.1, 0.5)
+        else:
+            n = load_for(cfg, cfg.seed).train_x.shape[0]
+            epochs = _EPOCHS[cfg.mode]
+            steps = epochs_to_steps(epochs, n, 128)
+            rule = f"{epochs:g} passes over the training set ({n} examples, batch 128), the same rule on every data set"
+            grid = _NOISE_GRID
+        every = max(1, steps // (10 if cfg.mode == "tiny" else 30))
+        return Settings(depth=depth, width=width, steps=steps, steps_rule=rule, checkpoint_every=every, noise_grid=grid)
+
+    def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
+        """Calibrate the noise magnitude on the calibration seed's own split."""
+        return _calibrate(settings, cfg, progress)
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        per_seed: list[dict[str, Any]] = [{} for _ in seeds]
+        a = settings.noise_magnitude
+        for lr in settings.lrs:
+            for arm in _ARMS:
+                runs = _train(settings, data, seeds, arm, lr, [a] * len(seeds), f"{_LABELS[arm]} lr {lr:g}", progress)
+                for rec, r in zip(per_seed, runs):
+                    rec[f"{arm}@{lr:g}"] = r
+        return per_seed
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
 
 
 EXPERIMENT = Noisy()

@@ -221,65 +221,6 @@ def _arms(s: Settings) -> list[tuple[str, int, bool]]:
     return arms
 
 
-class SmallBatch(Experiment):
-    """Wu & He's BN-vs-GN curve and Ioffe's Batch Renorm over several seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return _settings_for(cfg.data, cfg.mode)
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        s = settings
-        arms = _arms(s)
-        models = [
-            [_model(d, s, _norm_factory(norm, m, s), seed) for d, seed in zip(data, seeds)] for norm, m, _iid in arms
-        ]
-        streams: list[Iterator[Tensor]] = []
-        for _norm, m, iid in arms:
-            for d, seed in zip(data, seeds):
-                gen = torch.Generator().manual_seed(seed + 2)
-                streams.append(
-                    minibatches(d.train_x.shape[0], s.batch_size, gen)
-                    if iid
-                    else non_iid_batches(d.train_y, d.classes, gen, s.batch_size, m)
-                )
-        xs = [d.train_x for _ in arms for d in data]
-        ys = [d.train_y for _ in arms for d in data]
-        spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
-        with progress.task(f"{len(arms)} arms x {len(seeds)} seeds", total=s.steps) as tick:
-            results = train_together(models, xs, ys, spec, streams, tick=tick)
-        per_seed: list[dict[str, Any]] = [{"iid": {n: {} for n in _NORMS}, "non_iid": {}} for _ in seeds]
-        k = 0
-        for (norm, m, iid), arm in zip(arms, models):
-            for j, (model, d) in enumerate(zip(arm, data)):
-                r = results[k]
-                k += 1
-                _, test_acc = evaluate(model, d.test_x, d.test_y)
-                _, train_acc = evaluate(model, d.train_x, d.train_y)
-                rec = {
-                    "test_error": 100.0 * (1.0 - test_acc),
-                    "train_error_eval_mode": 100.0 * (1.0 - train_acc),
-                    "final_train_loss": float(np.mean(r.losses[-50:])) if r.losses else None,
-                    "diverged": r.diverged,
-                }
-                if iid:
-                    per_seed[j]["iid"][norm][str(m)] = rec
-                else:
-                    per_seed[j]["non_iid"][norm] = rec
-        return per_seed
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
-
-
 def _iid(m: dict[str, Any], norm: str, size: int, batch: int) -> float:
     """Test error (%) of ``norm`` at group size ``size`` in one seed's metrics (GN: any size;
     Ghost BN at the whole batch is BN)."""
@@ -460,6 +401,60 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.set_ylabel(f"test error (%), mean of {n} seeds")
     ax.set_title(f"Non-i.i.d. groups of {t['non_iid_group']} (2 classes x 2 images)")
     return [save(fig, Path(outdir) / "error_vs_group_size.png")]
+
+
+class SmallBatch(Experiment):
+    """Wu & He's BN-vs-GN curve and Ioffe's Batch Renorm over several seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        return _settings_for(cfg.data, cfg.mode)
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        s = settings
+        arms = _arms(s)
+        models = [
+            [_model(d, s, _norm_factory(norm, m, s), seed) for d, seed in zip(data, seeds)] for norm, m, _iid in arms
+        ]
+        streams: list[Iterator[Tensor]] = []
+        for _norm, m, iid in arms:
+            for d, seed in zip(data, seeds):
+                gen = torch.Generator().manual_seed(seed + 2)
+                streams.append(
+                    minibatches(d.train_x.shape[0], s.batch_size, gen)
+                    if iid
+                    else non_iid_batches(d.train_y, d.classes, gen, s.batch_size, m)
+                )
+        xs = [d.train_x for _ in arms for d in data]
+        ys = [d.train_y for _ in arms for d in data]
+        spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
+        with progress.task(f"{len(arms)} arms x {len(seeds)} seeds", total=s.steps) as tick:
+            results = train_together(models, xs, ys, spec, streams, tick=tick)
+        per_seed: list[dict[str, Any]] = [{"iid": {n: {} for n in _NORMS}, "non_iid": {}} for _ in seeds]
+        k = 0
+        for (norm, m, iid), arm in zip(arms, models):
+            for j, (model, d) in enumerate(zip(arm, data)):
+                r = results[k]
+                k += 1
+                _, test_acc = evaluate(model, d.test_x, d.test_y)
+                _, train_acc = evaluate(model, d.train_x, d.train_y)
+                rec = {
+                    "test_error": 100.0 * (1.0 - test_acc),
+                    "train_error_eval_mode": 100.0 * (1.0 - train_acc),
+                    "final_train_loss": float(np.mean(r.losses[-50:])) if r.losses else None,
+                    "diverged": r.diverged,
+                }
+                if iid:
+                    per_seed[j]["iid"][norm][str(m)] = rec
+                else:
+                    per_seed[j]["non_iid"][norm] = rec
+        return per_seed
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
 
 
 EXPERIMENT = SmallBatch()
