@@ -251,8 +251,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     )
     axes[0].set_yscale("log")
     axes[0].set_xticks(layers)
-    axes[0].set_xlabel("hidden layer")
-    axes[0].set_ylabel("max |gradient| on one batch")
+    axes[0].set(xlabel="hidden layer", ylabel="max |gradient| on one batch")
     axes[0].set_title("Gradients: the bias gets only rounding noise")
     axes[0].set_ylim(top=1e3 * max(m["weight_grad_max"]))  # room for the legend above the bars
     axes[0].legend(loc="upper right")
@@ -263,9 +262,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     steps = np.arange(1, a.size + 1)
     axes[1].plot(steps, a, color="tab:orange", label="with the pre-BN bias", linewidth=2.5, alpha=0.6)
     axes[1].plot(steps, b, color="tab:blue", label="without it", linewidth=1, linestyle="--")
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("training step")
-    axes[1].set_ylabel("training loss (minibatch)")
+    axes[1].set(yscale="log", xlabel="training step", ylabel="training loss (minibatch)")
     axes[1].set_title(f"Same weights, same batches: max |difference| {m['paired_training_max_loss_delta']:.1e}")
     axes[1].legend()
     axes[1].grid(alpha=0.3)
@@ -279,8 +276,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         axes[2].text(w, i, f" {w} of {t} ({100 * w / t:.2f}%)", va="center", fontsize=8)
     axes[2].set_yticks(range(len(names)))
     axes[2].set_yticklabels(names, fontsize=8)
-    axes[2].set_xlabel("parameters in biases directly before BN")
-    axes[2].set_title("Parameters wasted")
+    axes[2].set(xlabel="parameters in biases directly before BN", title="Parameters wasted")
     axes[2].set_xlim(0, max(wasted) * 1.8)
     return [save(fig, Path(outdir) / "bias_before_bn.png")]
 

@@ -86,6 +86,11 @@ def _fixed_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[T
         yield from parts
 
 
+def _gen(seed: int) -> torch.Generator:
+    """A fresh generator seeded ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
+
 def _train_arm(
     s: Settings,
     data: Sequence[Dataset],
@@ -101,23 +106,11 @@ def _train_arm(
     ``stop_at_fit``, the first checkpoint at which every run fits (None: never)."""
     name, norm, p, fixed = arm
     models = [
-        MLP(
-            d.features,
-            list(s.hidden),
-            d.classes,
-            act=s.activation,
-            norm=norm,
-            init_std="he",
-            generator=torch.Generator().manual_seed(g),
-        )
+        MLP(d.features, list(s.hidden), d.classes, act=s.activation, norm=norm, init_std="he", generator=_gen(g))
         for d, g in zip(data, gens)
     ]
-    streams = [
-        (_fixed_batches if fixed else minibatches)(
-            d.train_x.shape[0], s.batch_size, torch.Generator().manual_seed(g + 1)
-        )
-        for d, g in zip(data, gens)
-    ]
+    batches = _fixed_batches if fixed else minibatches
+    streams = [batches(d.train_x.shape[0], s.batch_size, _gen(g + 1)) for d, g in zip(data, gens)]
     fitted: list[int] = []
 
     def fits(step: int) -> bool:
@@ -134,7 +127,7 @@ def _train_arm(
             TrainSpec(steps=steps, batch_size=s.batch_size, lr=s.lr),
             p=p,
             batches=streams,
-            mask_generator=torch.Generator().manual_seed(gens[0] + 2),
+            mask_generator=_gen(gens[0] + 2),
             checkpoints=checkpoints,
             stop=fits if stop_at_fit else None,
             tick=tick,
@@ -307,15 +300,17 @@ class Dropout(Experiment):
         per_seed: list[dict[str, Any]] = [{} for _ in seeds]
         for arm in _ARMS:
             models, _ = _train_arm(s, [d for d, _ in runs], [g for _, g in runs], arm, s.steps, progress)
+            scores = [
+                (evaluate(m, d.train_x, d.train_y), evaluate(m, d.test_x, d.test_y)) for m, (d, _) in zip(models, runs)
+            ]
             for k in range(len(seeds)):
-                rows: dict[str, list[float]] = {"train_acc": [], "test_acc": [], "train_loss": [], "test_loss": []}
-                for r in range(s.replicates):
-                    model, d = models[k * s.replicates + r], runs[k * s.replicates + r][0]
-                    trl, tra = evaluate(model, d.train_x, d.train_y)
-                    tel, tea = evaluate(model, d.test_x, d.test_y)
-                    for key, v in (("train_acc", tra), ("test_acc", tea), ("train_loss", trl), ("test_loss", tel)):
-                        rows[key].append(v)
-                per_seed[k][arm[0]] = rows
+                mine = scores[k * s.replicates : (k + 1) * s.replicates]  # [((train loss, acc), (test loss, acc))]
+                per_seed[k][arm[0]] = {
+                    "train_acc": [tr[1] for tr, _te in mine],
+                    "test_acc": [te[1] for _tr, te in mine],
+                    "train_loss": [tr[0] for tr, _te in mine],
+                    "test_loss": [te[0] for _tr, te in mine],
+                }
         return per_seed
 
     claims = staticmethod(_claims)

@@ -192,8 +192,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.set_xticks(x)
     ax.set_xticklabels(names, fontsize=8)
     ax.set_ylim(0, 101)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("Large-batch generalization gap and how to close it")
+    ax.set(ylabel="accuracy (%)", title="Large-batch generalization gap and how to close it")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax = axes[1]
     updates = [per_seed[0]["arms"][arm]["updates"] for arm in _ARMS]
@@ -204,8 +203,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.set_ylim(top=2 * max(updates))  # room for the count above the tallest bar
     ax.set_xticks(x)
     ax.set_xticklabels(names, fontsize=8)
-    ax.set_ylabel("SGD updates")
-    ax.set_title("Number of updates: the gap follows it")
+    ax.set(ylabel="SGD updates", title="Number of updates: the gap follows it")
     return [save(fig, outdir / "generalization_gap.png")]
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ...functional import batch_norm
 from ..config import RunConfig
+from ..declare import listed
 from ..experiment import Experiment, claim, column
 from ..progress import Progress
 from ..verdict import part
@@ -211,9 +212,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             expected="the higher-order terms grow with depth when |w| >= 1 (no number given)",
             source=_SOURCE,
             evidence="log10 growth shallowest -> deepest (smallest over scales), per seed: "
-            + ", ".join(f"{v:.2f}" for v in col("growth_total_log10"))
+            + listed(col("growth_total_log10"), "{:.2f}")
             + "; smallest log10 growth between neighbouring depths: "
-            + ", ".join(f"{v:.2f}" for v in col("growth_min_step_log10"))
+            + listed(col("growth_min_step_log10"), "{:.2f}")
             + f"; seed {seeds[0]}, |actual/predicted - 1|: {first['growth_detail']}"
             + f" (an overflowed step counts as 10^{_LOG10_CAP:g})",
         ),
@@ -228,7 +229,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             source=_SOURCE,
             evidence=f"BN safe lr from {min(col('bn_safe_min')):.2g} to {max(col('bn_safe_max')):.2g} over {n} seeds x "
             f"{len(_cases(results['metrics']['per_seed'][0], 'bn'))} chains; spread per seed "
-            + ", ".join(f"{v:.3g}x" for v in col("bn_spread"))
+            + listed(col("bn_spread"), "{:.3g}x")
             + f"; {sum(int(v) for v in col('bn_unsafe'))} BN chain(s) unsafe at every lr",
         ),
         claim(
@@ -241,9 +242,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             expected="normalization removes the lower layers' effect on the output's scale (no number given)",
             source=_SOURCE,
             evidence=f"largest |actual/predicted - 1| at lr {ref:g}, per seed: BN "
-            + ", ".join(f"{v:.3g}" for v in col("bn_error"))
+            + listed(col("bn_error"), "{:.3g}")
             + "; without BN "
-            + ", ".join(f"{v:.3g}" for v in col("plain_error")),
+            + listed(col("plain_error"), "{:.3g}"),
         ),
     ]
 
@@ -274,8 +275,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         ax.set_xlim(1e-8, 1e6)
         ax.set_ylim(-1e12, 1e4)
         ax.set_yticks([-1e12, -1e8, -1e4, -1.0, -1e-4, 0.0, 1e-4, 1.0, 1e4])  # every 4 decades: no crowding at 0
-        ax.set_xlabel("predicted loss decrease lr*|g|^2 (first order)")
-        ax.set_title(f"{title} (all weights = {scale_shown})")
+        ax.set(xlabel="predicted loss decrease lr*|g|^2 (first order)", title=f"{title} (all weights = {scale_shown})")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize=8)
     axes[0].set_ylabel("actual loss decrease (negative = loss went up)")
@@ -296,9 +296,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             )
     ax.set_xscale("log", base=2)
     log_ticks(ax.xaxis, cfg["depths"])
-    ax.set_yscale("log")
-    ax.set_xlabel("depth L")
-    ax.set_ylabel("largest safe learning rate")
+    ax.set(yscale="log", xlabel="depth L", ylabel="largest safe learning rate")
     ax.set_title(f"Largest step whose effect the gradient predicts within ±50% (seed {seed})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import train_seeds
+from ..declare import listed, train_seeds
 from ..experiment import Experiment, claim, column, first_reaching
 from ..models import MLP, blocks
 from ..popstats import population_statistics
@@ -258,9 +258,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             expected="'much earlier' (Fig. 1a); 14x fewer steps for BN-Inception",
             source="Ioffe & Szegedy 2015, Fig. 1(a) and Sec. 4.2.2",
             evidence="steps to the baseline's best accuracy, per seed: baseline "
-            + ", ".join(f"{v:g}" for v in col("steps_base"))
+            + listed(col("steps_base"), "{:g}")
             + "; BN "
-            + ", ".join(f"{v:g}" for v in col("steps_bn")),
+            + listed(col("steps_bn"), "{:g}"),
         ),
         claim(
             f"Without BN the 15-85 percentile spread of the last-layer sigmoid input keeps widening over the second half of "
@@ -334,8 +334,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             color="tab:red",
             linestyle=":",
         )
-        ax.set_xlabel("training step")
-        ax.set_ylabel("test accuracy")
+        ax.set(xlabel="training step", ylabel="test accuracy")
         ax.grid(alpha=0.3)
         if zoom:
             low = min(min(bn["test_acc"][1:] or [0.9]), base["test_acc"][-1]) - 0.02
@@ -354,8 +353,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         ax.fill_between(rec["step"], p[:, 0], p[:, 2], color="tab:gray", alpha=0.2, linewidth=0)
         for k, (q, style) in enumerate(zip((15, 50, 85), ("--", "-", "--"))):
             ax.plot(rec["step"], p[:, k], style, color="black" if k == 1 else "tab:gray", label=f"{q}th percentile")
-        ax.set_title(f"{title}")
-        ax.set_xlabel("training step")
+        ax.set(title=f"{title}", xlabel="training step")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left")
     axes[0].set_ylabel(f"input to sigmoid (last hidden layer, unit {unit})")
@@ -381,8 +379,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         alpha=0.7,
         linestyle=":",
     )
-    ax.set_xlabel("training step")
-    ax.set_ylabel("test accuracy of the BN network")
+    ax.set(xlabel="training step", ylabel="test accuracy of the BN network")
     ax.set_title("BN inference: which statistics normalize a test example")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -392,9 +389,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     for rec, label, color in ((base, "without BN", "tab:blue"), (bn, "with BN", "tab:red")):
         pts = [(s, v) for s, v in zip(rec["step"], rec["train_loss"]) if v is not None]
         ax.plot([s for s, _ in pts], [v for _, v in pts], label=label, color=color)
-    ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("training loss")
+    ax.set(yscale="log", xlabel="training step", ylabel="training loss")
     ax.set_title("Training loss (mean over the steps since the last checkpoint)")
     ax.grid(alpha=0.3)
     ax.legend()

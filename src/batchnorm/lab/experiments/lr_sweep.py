@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import listed
 from ..experiment import Experiment, claim, load_for
 from ..figures import mean_band
 from ..models import MLP, blocks
@@ -291,9 +292,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             expected="without BN activations grow with depth after large steps; with BN they do not",
             source="Bjorck et al. 2018 (activation growth with depth at large learning rates)",
             evidence="growth per seed: plain "
-            + ", ".join(f"{v:.3g}x" for v in gp)
+            + listed(gp, "{:.3g}x")
             + f" (after {', '.join(str(m['plain']['large_steps_taken']) for m in per_seed)} finite steps); BN "
-            + ", ".join(f"{v:.3g}x" for v in gb),
+            + listed(gb, "{:.3g}x"),
         )
     )
     alphas = [float(v) for v in t["step_probe_alphas"]]
@@ -372,16 +373,12 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             label=f"{label}, after {m['large_steps_taken']} step(s) at lr {cfg['blowup_lr']:g}",
         )
     axes[0].axhline(1.0, color="black", linestyle=":", linewidth=1)
-    axes[0].set_xscale("log")
-    axes[0].set_yscale("log")
-    axes[0].set_xlabel("step size alpha along the gradient")
+    axes[0].set(xscale="log", yscale="log", xlabel="step size alpha along the gradient")
     axes[0].set_ylabel("L(w - alpha g) / L(w) at initialization")
     axes[0].set_title("How far the gradient direction stays downhill (first seed)")
     axes[0].grid(alpha=0.3)
     axes[0].legend()
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("hidden layer")
-    axes[1].set_ylabel("RMS of the layer's output (one batch)")
+    axes[1].set(yscale="log", xlabel="hidden layer", ylabel="RMS of the layer's output (one batch)")
     axes[1].set_title("Activation scale by depth (first seed)")
     axes[1].grid(alpha=0.3)
     axes[1].legend(fontsize=8)

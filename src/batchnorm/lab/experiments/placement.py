@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .._replicates import mean_over_replicates, replicate_seed
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import listed
 from ..experiment import Experiment, claim, column, first_reaching
 from ..models import MLP, blocks
 from ..progress import Progress
@@ -208,9 +209,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             expected="'much earlier' (Fig. 1a, sigmoid MLP); 14x fewer steps for BN-Inception",
             source="Ioffe & Szegedy 2015, Fig. 1(a) and Sec. 4.2.2",
             evidence=f"no-BN best {pct('target')} (per seed) reached at step "
-            + ", ".join(f"{v:g}" for v in col("steps_none"))
+            + listed(col("steps_none"), "{:g}")
             + "; by both BN placements at step "
-            + ", ".join(f"{v:g}" for v in col("steps_bn"))
+            + listed(col("steps_bn"), "{:g}")
             + f" (of {t['steps']}; never = one checkpoint past the end)",
         ),
         claim(
@@ -308,13 +309,11 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         )
     axes[0].set_yscale("log")
     axes[0].set_xticks(np.arange(1, len(results["config"]["hidden"]) + 1))
-    axes[0].set_xlabel("hidden layer")
-    axes[0].set_ylabel("std of the activation's input (test set, mean over units)")
+    axes[0].set(xlabel="hidden layer", ylabel="std of the activation's input (test set, mean over units)")
     axes[0].set_title(f"Scale of the activation inputs at the end (seed {seeds[0]})")
     axes[0].grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    axes[1].set_xlabel("training step")
-    axes[1].set_ylabel("std of the last sigmoid layer's input")
+    axes[1].set(xlabel="training step", ylabel="std of the last sigmoid layer's input")
     axes[1].set_title(f"Sigmoid network: scale of the last layer's input (seed {seeds[0]})")
     axes[1].grid(alpha=0.3)
     axes[1].legend()

@@ -273,8 +273,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         "precise statistics (PreciseBN)",
         color="tab:blue",
     )
-    axes[0].set_xlabel("epoch")
-    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set(xlabel="epoch", ylabel="test accuracy (%)")
     lo = min(min(r["acc_ema"][1:t] + r["acc_precise"][1:t]) for r in runs)
     axes[0].set_ylim(max(0.0, 100 * lo - 2), 100)
     axes[0].set_title("Test accuracy with EMA vs precise BN statistics")
@@ -282,9 +281,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     mean_band(
         axes[1], epochs[1:], [r["var_error_ema"][1:t] for r in runs], "EMA running_var vs precise", color="tab:red"
     )
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("epoch")
-    axes[1].set_ylabel("mean |var_EMA / var_precise - 1|")
+    axes[1].set(yscale="log", xlabel="epoch", ylabel="mean |var_EMA / var_precise - 1|")
     axes[1].set_title("How stale the EMA statistics are")
     axes[1].legend(fontsize=8)
     paths = [save(fig, outdir / "ema_vs_precise.png")]
@@ -318,8 +315,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.set_xscale("log")
     if sizes_shown:
         log_ticks(ax.xaxis, sizes_shown)  # the sample counts measured
-    ax.set_xlabel("samples used for the precise statistics (N)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set(xlabel="samples used for the precise statistics (N)", ylabel="test accuracy (%)")
     ax.set_title("How many samples PreciseBN needs")
     ax.legend(fontsize=7)
     paths.append(save(fig, outdir / "samples_needed.png"))

@@ -260,8 +260,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                     alpha=0.2,
                     linewidth=0,
                 )
-            ax.set_xlabel("training step")
-            ax.set_ylabel("||G - G'||" if key == "l2" else "cos(G, G')")
+            ax.set(xlabel="training step", ylabel="||G - G'||" if key == "l2" else "cos(G, G')")
             if key == "l2":
                 ax.set_yscale("log")
             ax.set_title(f"{titles[net]}: {'l2 difference' if key == 'l2' else 'cosine'} over training")
@@ -285,8 +284,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                     ms=3,
                     label=f"{labels[norm]} (median over checkpoints after step 0)",
                 )
-            ax.set_xlabel("layer i")
-            ax.set_ylabel("||G - G'||" if key == "l2" else "cos(G, G')")
+            ax.set(xlabel="layer i", ylabel="||G - G'||" if key == "l2" else "cos(G, G')")
             if key == "l2":
                 ax.set_yscale("log")
             ax.set_title(f"{titles[net]}: per layer")

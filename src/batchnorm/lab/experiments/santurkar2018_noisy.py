@@ -385,9 +385,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                 _LABELS[arm] + (f" ({lost} of {len(runs)} diverged)" if lost else ""),
                 color=colors[arm],
             )
-        ax.set_yscale("log")
-        ax.set_title(f"Training loss, lr {lr:g}")
-        ax.set_xlabel("step")
+        ax.set(yscale="log", title=f"Training loss, lr {lr:g}", xlabel="step")
         ax.set_ylabel("training cross-entropy (window mean)")
         ax.legend(fontsize=8)
     paths.append(save(fig, outdir / "training_loss.png"))
@@ -407,8 +405,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                 )
                 ax.plot(steps, p[:, 1], color=colors[arm], label="median")
             ax.set_title(f"{_LABELS[arm]}: layer {int(layer) + 1}, unit 0 (lr {lr:g}, first seed)", fontsize=9)
-            ax.set_xlabel("step")
-            ax.set_ylabel("input of the ReLU")
+            ax.set(xlabel="step", ylabel="input of the ReLU")
             ax.legend(fontsize=7)
     paths.append(save(fig, outdir / "layer_inputs.png"))
 

@@ -20,6 +20,7 @@ from ... import GhostBatchNorm1d
 from .._stacked_nets import train_together
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import listed
 from ..experiment import Experiment, claim, column, per_seed_values
 from ..models import MLP, ConvNet
 from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
@@ -240,10 +241,6 @@ def _has(m: dict[str, Any], norm: str, size: int, batch: int) -> bool:
     return str(size) in m["iid"][norm]
 
 
-def _fmt(values: Sequence[float]) -> str:
-    return ", ".join(f"{v:.1f}" for v in values)
-
-
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Wu & He's curve shape, GN's advantage at tiny groups, BN vs GN at 32, BRN's recovery,
     and Ghost BN's limit — each judged over the seeds with paired differences (or ratios)."""
@@ -275,7 +272,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     def far_better(bad: Sequence[float], good: Sequence[float]) -> list[Any]:
         return [part(bad, good, effect="ratio", above=ratio), part(bad, good, above=by)]
 
-    per_m = "; ".join(f"m={v}: {_fmt(bn[v])}" for v in sizes)
+    per_m = "; ".join(f"m={v}: {listed(bn[v])}" for v in sizes)
     return [
         claim(
             f"BN's test error is flat from {big} down to {mid} examples per group (rise <= {flat:g} pp) and rises sharply "
@@ -300,7 +297,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             also=far_better(bn[small], gn)[1:],
             expected="GN 24.1% at every size vs BN 34.7% at 2 images per GPU (BN 1.44x, +10.6 pp)",
             source="Wu & He 2018, Fig. 1 and Table 3",
-            evidence=f"GN {_fmt(gn)}% (every m); BN at m={small}: {_fmt(bn[small])}% (per seed)",
+            evidence=f"GN {listed(gn)}% (every m); BN at m={small}: {listed(bn[small])}% (per seed)",
         ),
         claim(
             f"With {big} examples per group BN is at least as good as GN (BN - GN <= +{t['bn_vs_gn_tolerance_pp']:g} pp)",
@@ -310,7 +307,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             below=float(t["bn_vs_gn_tolerance_pp"]),
             expected="BN 23.6% vs GN 24.1% at 32 images per GPU (BN 0.5 pp better)",
             source="Wu & He 2018, Table 1 and Fig. 1",
-            evidence=f"test error at m={big}: BN {_fmt(bn[big])}% vs GN {_fmt(gn)}% (per seed)",
+            evidence=f"test error at m={big}: BN {listed(bn[big])}% vs GN {listed(gn)}% (per seed)",
         ),
         claim(
             f"Batch Renorm matches BN at m={big} (within +-{band:g} pp) and is far better (BN >= {ratio:g}x its error and "
@@ -324,8 +321,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             expected="BRN slightly above BN at batch 32 (78.3%); 76.5% vs 74.2% with microbatches of 4; "
             "non-i.i.d.: BN collapses at inference (about 67%), BRN recovers most of the gap",
             source="Ioffe 2017, Sec. 4.2-4.3 (Inception-v3, ImageNet)",
-            evidence=f"m={big}: BRN {_fmt(brn[big])}% vs BN {_fmt(bn[big])}%; m={small}: BRN {_fmt(brn[small])}% vs BN "
-            f"{_fmt(bn[small])}%; non-i.i.d. m={m_ni}: BRN {_fmt(ni('brn'))}% vs BN {_fmt(ni('bn'))}% (per seed)",
+            evidence=f"m={big}: BRN {listed(brn[big])}% vs BN {listed(bn[big])}%; m={small}: BRN {listed(brn[small])}% vs BN "
+            f"{listed(bn[small])}%; non-i.i.d. m={m_ni}: BRN {listed(ni('brn'))}% vs BN {listed(ni('bn'))}% (per seed)",
         ),
         claim(
             f"Ghost batches of {mid}+ examples are as good as full-batch BN (within +-{band:g} pp), but ghost batches of "
@@ -340,10 +337,10 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             "(Wu & He: +11.1 pp)",
             source="Hoffer et al. 2017, Sec. 4 (ghost batch 128); Wu & He 2018, Fig. 1",
             evidence="Ghost BN test error per seed (%): "
-            + "; ".join(f"m={v}: {_fmt(ghost[v])}" for v in sizes if v < big)
-            + f" (full-batch BN {_fmt(bn[big])})"
+            + "; ".join(f"m={v}: {listed(ghost[v])}" for v in sizes if v < big)
+            + f" (full-batch BN {listed(bn[big])})"
             + (
-                f"; non-i.i.d. groups of {m_ni}: Ghost BN {_fmt(ni('ghost'))}% vs per-group BN {_fmt(ni('bn'))}% (Ghost BN's "
+                f"; non-i.i.d. groups of {m_ni}: Ghost BN {listed(ni('ghost'))}% vs per-group BN {listed(ni('bn'))}% (Ghost BN's "
                 f"running averages use the whole batch of {batch})"
                 if "ghost" in results["metrics"]["per_seed"][0]["non_iid"]
                 else ""
@@ -386,8 +383,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     # every power of two from the smallest group to the largest, so the axis reads as a scale
     log_ticks(ax.xaxis, [2**k for k in range(int(np.log2(min(sizes))), int(np.log2(max(sizes))) + 1)])
     ax.invert_xaxis()
-    ax.set_xlabel(f"examples per normalization group m ({batch} per SGD step)")
-    ax.set_ylabel("test error (%)")
+    ax.set(xlabel=f"examples per normalization group m ({batch} per SGD step)", ylabel="test error (%)")
     ax.set_title("Test error vs normalization group size (i.i.d. groups)")
     ax.legend(fontsize=8)
     ax = axes[1]
