@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -16,11 +16,10 @@ from torch import Tensor, nn
 from .._replicates import mean_over_replicates, replicate_seed
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed
+from ..declare import listed, train_seeds
 from ..experiment import Experiment, claim, column, first_reaching
 from ..models import MLP, blocks
 from ..progress import Progress
-from ..stacked import train_stacked
 from ..training import TrainResult, TrainSpec, evaluate
 
 ID = "placement"
@@ -28,14 +27,7 @@ DESCRIPTION = (
     "BN before vs after the activation (sigmoid and ReLU): training speed, final accuracy, activation-input scale"
 )
 QUICK_SECONDS = 25.0
-_ARMS = (
-    ("sigmoid", "none"),
-    ("sigmoid", "before"),
-    ("sigmoid", "after"),
-    ("relu", "none"),
-    ("relu", "before"),
-    ("relu", "after"),
-)
+_ARMS = tuple((act, place) for act in ("sigmoid", "relu") for place in ("none", "before", "after"))
 _STEPS = {"tiny": 40, "quick": 2000, "full": 20000}
 _REPLICATES = {"tiny": 2, "quick": 4, "full": 4}
 
@@ -86,6 +78,11 @@ def _activation_inputs(model: nn.Module, x: Tensor) -> list[Tensor]:
     return captured
 
 
+def _gen(seed: int) -> torch.Generator:
+    """A fresh generator seeded ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
+
 def _train_arm(
     s: Settings, data: Sequence[Dataset], seeds: Sequence[int], act: str, place: str, progress: Progress
 ) -> list[list[dict[str, Any]]]:
@@ -93,17 +90,10 @@ def _train_arm(
     ``out[k][r]`` is replicate r of seed k."""
     runs = [(d, replicate_seed(seed, r)) for d, seed in zip(data, seeds) for r in range(s.replicates)]
     data = [d for d, _ in runs]
+    norm, where = (None, "before") if place == "none" else ("bn", place)
+    std: float | Literal["he"] = 0.1 if act == "sigmoid" else "he"
     models = [
-        MLP(
-            d.features,
-            list(s.hidden),
-            d.classes,
-            act=act,
-            norm=None if place == "none" else "bn",
-            placement="before" if place == "none" else place,
-            init_std=0.1 if act == "sigmoid" else "he",
-            generator=torch.Generator().manual_seed(g),
-        )
+        MLP(d.features, list(s.hidden), d.classes, act=act, norm=norm, placement=where, init_std=std, generator=_gen(g))
         for d, g in runs
     ]
     recs: list[dict[str, Any]] = [
@@ -121,17 +111,12 @@ def _train_arm(
                 rec["saturated"].append([float((z.abs() > s.saturation_threshold).float().mean()) for z in inputs])
 
     spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
-    with progress.task(f"{act}, BN {place}", total=s.steps) as tick:
-        results = train_stacked(
-            models,
-            [d.train_x for d in data],
-            [d.train_y for d in data],
-            spec,
-            generators=[torch.Generator().manual_seed(g + 1) for _, g in runs],
-            checkpoints=range(0, s.steps + 1, s.checkpoint_every),
-            on_checkpoint=record,
-            tick=tick,
-        )
+    checkpoints = range(0, s.steps + 1, s.checkpoint_every)
+    gens = [g for _, g in runs]
+    label = f"{act}, BN {place}"
+    results = train_seeds(
+        models, data, gens, spec, label, progress, order_offset=1, checkpoints=checkpoints, on_checkpoint=record
+    )
     for rec, result in zip(recs, results):
         rec["diverged"] = result.diverged
     return [recs[k * s.replicates : (k + 1) * s.replicates] for k in range(len(seeds))]
@@ -208,11 +193,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             above=float(t["speedup_at_least"]),
             expected="'much earlier' (Fig. 1a, sigmoid MLP); 14x fewer steps for BN-Inception",
             source="Ioffe & Szegedy 2015, Fig. 1(a) and Sec. 4.2.2",
-            evidence=f"no-BN best {pct('target')} (per seed) reached at step "
-            + listed(col("steps_none"), "{:g}")
-            + "; by both BN placements at step "
-            + listed(col("steps_bn"), "{:g}")
-            + f" (of {t['steps']}; never = one checkpoint past the end)",
+            evidence=f"no-BN best {pct('target')} (per seed) reached at step {listed(col('steps_none'), '{:g}')}; by both BN "
+            f"placements at step {listed(col('steps_bn'), '{:g}')} (of {t['steps']}; never = one checkpoint past the end)",
         ),
         claim(
             f"BN helps the struggling sigmoid network more than the ReLU network (He init): BN's accuracy gain after "
@@ -272,7 +254,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             steps = per[0][f"{act}/{place}"][0]["step"]
             runs = np.asarray(
                 [np.mean([rec["test_acc"] for rec in m[f"{act}/{place}"]], axis=0) for m in per]
-            )  # (seeds, checkpoints)
+            )  # (S, T)
             for r in runs:
                 ax.plot(steps, r, ls, color=color, alpha=0.25, linewidth=0.8)
             ax.plot(steps, runs.mean(axis=0), ls, color=color, label=label)
@@ -291,22 +273,11 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         for act, marker in (("sigmoid", "o"), ("relu", "s")):
             rec = m[f"{act}/{place}"]
             layers = np.arange(1, len(rec["input_std"][-1]) + 1)
-            axes[0].plot(
-                layers,
-                rec["input_std"][-1],
-                ls,
-                marker=marker,
-                color=color,
-                label=f"{act}, {'no BN' if place == 'none' else 'BN ' + place}",
-            )
+            label = f"{act}, {'no BN' if place == 'none' else 'BN ' + place}"
+            axes[0].plot(layers, rec["input_std"][-1], ls, marker=marker, color=color, label=label)
         rec = m[f"sigmoid/{place}"]
-        axes[1].plot(
-            rec["step"],
-            [v[-1] for v in rec["input_std"]],
-            ls,
-            color=color,
-            label="no BN" if place == "none" else f"BN {place}",
-        )
+        label = "no BN" if place == "none" else f"BN {place}"
+        axes[1].plot(rec["step"], [v[-1] for v in rec["input_std"]], ls, color=color, label=label)
     axes[0].set_yscale("log")
     axes[0].set_xticks(np.arange(1, len(results["config"]["hidden"]) + 1))
     axes[0].set(xlabel="hidden layer", ylabel="std of the activation's input (test set, mean over units)")

@@ -126,23 +126,13 @@ def _train(
     models = [build(d, s.depth, s.width, None if arm == "none" else "bn", seed) for d, seed in zip(data, seeds)]
     if arm == "noisy":
         gens = [torch.Generator().manual_seed(seed + 7) for seed in seeds]
-        noise = [_noise(a) for a in magnitudes]
-        acts = [
-            NoisyReLU(gens, [n[0] for n in noise], [n[1] for n in noise], [n[2] for n in noise]) for _ in range(s.depth)
-        ]
-        noisy(models, acts)
+        shifts, scales, per_sample = ([n[j] for n in map(_noise, magnitudes)] for j in range(3))
+        noisy(models, [NoisyReLU(gens, shifts, scales, per_sample) for _ in range(s.depth)])
     checkpoints = list(range(0, s.steps + 1, s.checkpoint_every))
     layers = list(s.tracked_layers)
     probes = [d.train_x[:256] for d in data]
-    recs: list[dict[str, Any]] = [
-        {
-            "step": [],
-            "mean": {str(i): [] for i in layers},
-            "std": {str(i): [] for i in layers},
-            "percentiles": {str(i): [] for i in layers},
-        }
-        for _ in seeds
-    ]
+    probed = ("mean", "std", "percentiles")
+    recs: list[dict[str, Any]] = [{"step": [], **{q: {str(i): [] for i in layers} for q in probed}} for _ in seeds]
 
     def record(step: int, results: list[TrainResult]) -> None:
         for k, (model, rec, probe, result) in enumerate(zip(models, recs, probes, results)):
@@ -249,28 +239,27 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     a = t["noise_magnitude"]
     out = []
 
+    def acc(arm: str, lr: float) -> list[float]:
+        return _col(results, arm, lr, "final_train_acc")
+
+    def acc_text(arm: str, lr: float) -> str:
+        return _runs(results, arm, lr, "final_train_acc")
+
     tol = float(t["close_to_bn_within"])
-    parts = {
-        lr: part(
-            _col(results, "noisy", lr, "final_train_acc"),
-            _col(results, "bn", lr, "final_train_acc"),
-            above=-tol,
-        )
-        for lr in (lo, hi)
-    }
+    parts = {lr: part(acc("noisy", lr), acc("bn", lr), above=-tol) for lr in (lo, hi)}
     out.append(
         claim(
             f"Noisy BN (a = {a:g}) trains about as well as BN: final training accuracy within {100 * tol:g} pp of BN's (or better), "
             f"at lr {lo:g} and at lr {hi:g}",
             results=results,
-            a=_col(results, "noisy", lo, "final_train_acc"),
-            b=_col(results, "bn", lo, "final_train_acc"),
+            a=acc("noisy", lo),
+            b=acc("bn", lo),
             above=-tol,
             also=[parts[hi]],
             expected="noisy BN 'nearly matches' BN (the training curves overlap)",
             source="Santurkar et al. 2018, Fig. 2",
             evidence="; ".join(
-                f"lr {lr:g}: noisy BN {_runs(results, 'noisy', lr, 'final_train_acc')}% vs BN {_runs(results, 'bn', lr, 'final_train_acc')}% "
+                f"lr {lr:g}: noisy BN {acc_text('noisy', lr)}% vs BN {acc_text('bn', lr)}% "
                 f"per seed (noisy - BN {100 * parts[lr].estimate:+.1f} pp, mean)"
                 for lr in (lo, hi)
             ),
@@ -292,37 +281,29 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             also=[noisy_part],
             expected="both BN arms ahead of the standard network throughout training",
             source="Santurkar et al. 2018, Fig. 2",
-            evidence=f"mean training loss over {t['steps']} steps per seed: no BN "
-            + _runs(results, "none", lo, "mean_train_loss", "{:.3g}")
-            + "; BN "
-            + _runs(results, "bn", lo, "mean_train_loss", "{:.3g}")
-            + "; noisy BN "
-            + _runs(results, "noisy", lo, "mean_train_loss", "{:.3g}")
+            evidence=f"mean training loss over {t['steps']} steps per seed: "
+            + "; ".join(f"{_LABELS[arm]} {_runs(results, arm, lo, 'mean_train_loss', '{:.3g}')}" for arm in _ARMS)
             + f" (noisy part: {noisy_part.estimate:.3g}x, geometric mean); final training accuracy: no BN "
-            + _runs(results, "none", lo, "final_train_acc")
-            + "%, BN "
-            + _runs(results, "bn", lo, "final_train_acc")
-            + "%",
+            f"{acc_text('none', lo)}%, BN {acc_text('bn', lo)}%",
         )
     )
 
     gap = float(t["high_lr_gap_at_least"])
-    none_hi = _col(results, "none", hi, "final_train_acc")
-    noisy_hi = part(_col(results, "noisy", hi, "final_train_acc"), none_hi, above=gap)
+    noisy_hi = part(acc("noisy", hi), acc("none", hi), above=gap)
     diverged = sum(bool(m[f"none@{hi:g}"]["diverged"]) for m in results["metrics"]["per_seed"])
     out.append(
         claim(
             f"At lr {hi:g} the network without BN fails to train while BN and noisy BN do: their final training accuracy exceeds "
             f"the plain network's by >= {100 * gap:g} pp",
             results=results,
-            a=_col(results, "bn", hi, "final_train_acc"),
-            b=none_hi,
+            a=acc("bn", hi),
+            b=acc("none", hi),
             above=gap,
             also=[noisy_hi],
             expected="BN tolerates lr 0.5, the standard network does not",
             source="Santurkar et al. 2018, Fig. 1",
-            evidence=f"final training accuracy at lr {hi:g} per seed: no BN {_runs(results, 'none', hi, 'final_train_acc')}% ({diverged} of {len(seeds)} diverged), "
-            f"BN {_runs(results, 'bn', hi, 'final_train_acc')}%, noisy BN {_runs(results, 'noisy', hi, 'final_train_acc')}%",
+            evidence=f"final training accuracy at lr {hi:g} per seed: no BN {acc_text('none', hi)}% ({diverged} of {len(seeds)} "
+            f"diverged), BN {acc_text('bn', hi)}%, noisy BN {acc_text('noisy', hi)}%",
         )
     )
 
@@ -332,12 +313,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     ev = []
     for layer in layers:
         for kind in _COMPARED:
-            v = part(
-                _drift_col(results, "noisy", lo, layer, kind),
-                _drift_col(results, "none", lo, layer, kind),
-                effect="ratio",
-                above=least,
-            )
+            noisy_drift, none_drift = (_drift_col(results, arm, lo, layer, kind) for arm in ("noisy", "none"))
+            v = part(noisy_drift, none_drift, effect="ratio", above=least)
             parts_d.append(v)
             ev.append(f"layer {int(layer) + 1} {kind.replace('step_', '')}: noisy / no BN {v.estimate:.2f}x")
     out.append(
@@ -378,13 +355,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             curves = [[np.nan if v is None else v for v in r["loss_curve"]][: len(steps)] for r in runs]
             curves = [c + [np.nan] * (len(steps) - len(c)) for c in curves]
             lost = sum(bool(r["diverged"]) for r in runs)  # a diverged run's curve stops where it diverged
-            mean_band(
-                ax,
-                steps,
-                curves,
-                _LABELS[arm] + (f" ({lost} of {len(runs)} diverged)" if lost else ""),
-                color=colors[arm],
-            )
+            label = _LABELS[arm] + (f" ({lost} of {len(runs)} diverged)" if lost else "")
+            mean_band(ax, steps, curves, label, color=colors[arm])
         ax.set(yscale="log", title=f"Training loss, lr {lr:g}", xlabel="step")
         ax.set_ylabel("training cross-entropy (window mean)")
         ax.legend(fontsize=8)

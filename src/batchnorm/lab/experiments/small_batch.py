@@ -37,10 +37,7 @@ _LABELS = {"bn": "BN (per-group stats)", "brn": "Batch Renorm", "ghost": "Ghost 
 _COLORS = {"bn": "tab:blue", "brn": "tab:green", "ghost": "tab:purple", "gn": "tab:orange"}
 _GROUP_SIZES = {"tiny": (32, 2), "quick": (32, 8, 2), "full": (32, 16, 8, 4, 2)}
 
-# Step counts from ``calibrate_steps`` on CALIBRATION_SEED and the lab's shared calibration split
-# (the rule is Settings.steps_rule), the same rule on both data sets (MNIST-1D: 74 s on one core; it
-# had used 2,400 steps chosen by hand; digits gave 800 on an earlier, unstratified split):
-#   .venv/bin/python -c "from batchnorm.lab.experiments import small_batch as e; print(e.calibrate_steps('mnist1d'))"
+# Step counts from ``calibrate_steps`` (the rule: Settings.steps_rule; its history: small_batch.md)
 _CALIBRATED_STEPS = {"digits": 500, "mnist1d": 2900}
 _HAND_CHOSEN_BEFORE = {"mnist1d": 2400}  # what a data set used before its calibration was run
 _TINY_STEPS = 40
