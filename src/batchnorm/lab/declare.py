@@ -1,13 +1,15 @@
 """Small pieces the experiments' declarations share, written once: the seeds of one arm trained
-together under a progress bar, per-seed numbers as text for a claim's evidence, and the mean
-over seeds of a column."""
+together under a progress bar, a measurement that moves a model's weights and puts them back,
+per-seed numbers as text for a claim's evidence, and the mean over seeds of a column."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 from .datasets import Dataset
 from .models import MLP
@@ -15,7 +17,7 @@ from .progress import Progress
 from .stacked import train_stacked
 from .training import TrainResult, TrainSpec
 
-__all__ = ["listed", "mean", "train_seeds"]
+__all__ = ["listed", "mean", "probing", "restore_buffers", "train_seeds"]
 
 
 def train_seeds(
@@ -56,3 +58,43 @@ def listed(values: Iterable[float], fmt: str = "{:.1f}", scale: float = 1.0) -> 
 def mean(values: Iterable[float]) -> float:
     """The mean over seeds as a plain float (for evidence text and figures)."""
     return float(np.mean(list(values)))
+
+
+class restore_buffers:
+    """Context manager: snapshot every buffer (BN running statistics) and restore it on exit."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.saved: dict[str, Tensor] = {}
+
+    def __enter__(self) -> nn.Module:
+        self.saved = {name: buf.clone() for name, buf in self.model.named_buffers()}
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for name, buf in self.model.named_buffers():
+                buf.copy_(self.saved[name])
+
+
+@contextlib.contextmanager
+def probing(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager for a measurement that moves the weights (a walk along the gradient, a
+    step of the earlier layers): inside, the model is in training mode; on exit its parameters,
+    gradients, buffers (BN running statistics) and training flags are as they were."""
+    params = list(model.parameters())
+    weights = [p.detach().clone() for p in params]
+    grads = [p.grad for p in params]
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        with restore_buffers(model):
+            model.train()
+            yield model
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, weights):
+                p.copy_(w)
+        for p, g in zip(params, grads):
+            p.grad = g
+        for m, flag in flags:
+            m.training = flag

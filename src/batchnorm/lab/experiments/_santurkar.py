@@ -14,8 +14,7 @@ the seeds' slices (S, B, C) and can draw each seed's noise from that seed's own 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..datasets import Dataset
+from ..declare import restore_buffers
 from ..models import MLP, blocks
 
 __all__ = [
@@ -31,8 +31,6 @@ __all__ = [
     "build",
     "capture_act_inputs",
     "noisy",
-    "probing",
-    "restore_buffers",
     "seed_slot",
     "window_means",
 ]
@@ -150,46 +148,6 @@ def build(data: Dataset, depth: int, width: int, norm: Any, seed: int) -> MLP:
         init_std="he",
         generator=torch.Generator().manual_seed(seed),
     )
-
-
-class restore_buffers:
-    """Context manager: snapshot every buffer (BN running statistics) and restore it on exit."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.saved: dict[str, Tensor] = {}
-
-    def __enter__(self) -> nn.Module:
-        self.saved = {name: buf.clone() for name, buf in self.model.named_buffers()}
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        with torch.no_grad():
-            for name, buf in self.model.named_buffers():
-                buf.copy_(self.saved[name])
-
-
-@contextlib.contextmanager
-def probing(model: nn.Module) -> Iterator[nn.Module]:
-    """Context manager for a measurement that moves the weights (a walk along the gradient, a
-    step of the earlier layers): inside, the model is in training mode; on exit its parameters,
-    gradients, buffers (BN running statistics) and training flags are as they were."""
-    params = list(model.parameters())
-    weights = [p.detach().clone() for p in params]
-    grads = [p.grad for p in params]
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        with restore_buffers(model):
-            model.train()
-            yield model
-    finally:
-        with torch.no_grad():
-            for p, w in zip(params, weights):
-                p.copy_(w)
-        for p, g in zip(params, grads):
-            p.grad = g
-        for m, flag in flags:
-            m.training = flag
 
 
 @torch.no_grad()

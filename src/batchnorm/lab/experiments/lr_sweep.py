@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed
+from ..declare import listed, probing
 from ..experiment import Experiment, claim, load_for
 from ..figures import mean_band
 from ..models import MLP, blocks
@@ -74,27 +74,18 @@ class Settings:
 
 
 def _model(data: Dataset, s: Settings, norm: str | None, seed: int) -> MLP:
-    return MLP(
-        data.features,
-        list(s.hidden),
-        data.classes,
-        act="relu",
-        norm=norm,
-        init_std="he",
-        generator=torch.Generator().manual_seed(seed),
-    )
+    """The sweep's ReLU MLP, He-initialized from ``seed`` (the same weights in both arms)."""
+    generator = torch.Generator().manual_seed(seed)
+    return MLP(data.features, list(s.hidden), data.classes, act="relu", norm=norm, init_std="he", generator=generator)
 
 
 def _step_probe(model: nn.Module, x: Tensor, y: Tensor, alphas: list[float]) -> list[float]:
     """L(w - alpha g) / L(w) on one batch (training-mode forward); parameters, buffers and the
     training flag are restored afterwards."""
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     saved = [p.detach().clone() for p in params]
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    was_training = model.training
     ratios = []
-    try:
-        model.train()
+    with probing(model):
         loss = F.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
@@ -103,13 +94,6 @@ def _step_probe(model: nn.Module, x: Tensor, y: Tensor, alphas: list[float]) -> 
                     p.copy_(w - alpha * g)
                 value = float(F.cross_entropy(model(x), y))
                 ratios.append(value / float(loss.detach()) if math.isfinite(value) else math.inf)
-    finally:
-        with torch.no_grad():
-            for p, w in zip(params, saved):
-                p.copy_(w)
-            for k, v in model.named_buffers():
-                v.copy_(buffers[k])
-        model.train(was_training)
     return ratios
 
 
@@ -251,11 +235,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             above=fails,
             expected="the original Inception diverged ('machine infinity') at 5x its rate; BN-Inception trained at 5x and 30x",
             source="Ioffe & Szegedy 2015, Sec. 4.2.2",
-            evidence=f"test accuracy at lr {high:g} per seed: BN "
-            + _accuracies(per_seed, "bn", jh)
-            + ", plain "
-            + _accuracies(per_seed, "plain", jh)
-            + f" (plain diverged on {div_high} of {len(seeds)} seeds; a diverged run counts as accuracy 0)",
+            evidence=f"test accuracy at lr {high:g} per seed: BN {_accuracies(per_seed, 'bn', jh)}, plain "
+            f"{_accuracies(per_seed, 'plain', jh)} (plain diverged on {div_high} of {len(seeds)} seeds; a diverged run "
+            "counts as accuracy 0)",
         )
     )
     tol = float(t["high_lr_as_accurate_within"])
@@ -269,12 +251,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             above=-tol,
             expected="BN-x5 73.0% and BN-x30 74.8% vs Inception 72.2% (maximum accuracy)",
             source="Ioffe & Szegedy 2015, Table 2 / Sec. 4.2.2",
-            evidence=f"per seed: BN at lr {high:g} "
-            + _accuracies(per_seed, "bn", jh)
-            + f"; plain at lr {best:g} "
-            + _accuracies(per_seed, "plain", jb)
-            + "; BN's own best rate per seed "
-            + ", ".join(f"{_best_lr(lrs, m['bn']['test_acc'], float(t['best_tolerance'])):g}" for m in per_seed),
+            evidence=f"per seed: BN at lr {high:g} {_accuracies(per_seed, 'bn', jh)}; plain at lr {best:g} "
+            f"{_accuracies(per_seed, 'plain', jb)}; BN's own best rate per seed "
+            + listed((_best_lr(lrs, m["bn"]["test_acc"], float(t["best_tolerance"])) for m in per_seed), "{:g}"),
         )
     )
     gp = [_growth(m["plain"]["activation_rms_after_large_steps"], True) for m in per_seed]
@@ -291,10 +270,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             also=[part([_log10(v) for v in gb], below=math.log10(down))],
             expected="without BN activations grow with depth after large steps; with BN they do not",
             source="Bjorck et al. 2018 (activation growth with depth at large learning rates)",
-            evidence="growth per seed: plain "
-            + listed(gp, "{:.3g}x")
-            + f" (after {', '.join(str(m['plain']['large_steps_taken']) for m in per_seed)} finite steps); BN "
-            + listed(gb, "{:.3g}x"),
+            evidence=f"growth per seed: plain {listed(gp, '{:.3g}x')} (after "
+            f"{', '.join(str(m['plain']['large_steps_taken']) for m in per_seed)} finite steps); BN {listed(gb, '{:.3g}x')}",
         )
     )
     alphas = [float(v) for v in t["step_probe_alphas"]]

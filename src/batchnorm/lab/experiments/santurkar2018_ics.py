@@ -17,11 +17,12 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import probing
 from ..experiment import Experiment, claim
 from ..models import MLP, blocks
 from ..progress import Progress
 from ..training import TrainSpec, train
-from ._santurkar import build, probing, window_means
+from ._santurkar import build, window_means
 
 ID = "santurkar2018-ics"
 DESCRIPTION = "Santurkar 2018 Def. 2.1: ICS as the change of a layer's gradient after earlier layers update (l2, cosine); BN's is not lower"

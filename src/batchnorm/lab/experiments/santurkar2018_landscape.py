@@ -17,12 +17,12 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, train_seeds
+from ..declare import listed, probing, train_seeds
 from ..experiment import Experiment, claim, load_for
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec
 from ._calibration import epochs_to_steps
-from ._santurkar import build, probing, window_means
+from ._santurkar import build, window_means
 
 ID = "santurkar2018-landscape"
 DESCRIPTION = "Santurkar 2018 Fig. 4: loss variation, gradient predictiveness and effective beta-smoothness along the gradient; BN is smoother"
