@@ -17,7 +17,13 @@ from .progress import Progress
 from .stacked import train_stacked
 from .training import TrainResult, TrainSpec
 
-__all__ = ["listed", "mean", "probing", "restore_buffers", "train_seeds"]
+__all__ = ["listed", "mean", "probing", "restore_buffers", "seeded", "train_seeds"]
+
+
+def seeded(seed: int) -> torch.Generator:
+    """A fresh CPU generator seeded ``seed`` (initial weights, minibatch order, masks: each draw
+    has its own, so arms that share a seed share what it draws)."""
+    return torch.Generator().manual_seed(seed)
 
 
 def train_seeds(
@@ -42,7 +48,7 @@ def train_seeds(
             [d.train_x for d in data],
             [d.train_y for d in data],
             spec,
-            generators=[torch.Generator().manual_seed(seed + order_offset) for seed in seeds],
+            generators=[seeded(seed + order_offset) for seed in seeds],
             checkpoints=checkpoints,
             on_checkpoint=on_checkpoint,
             tick=tick,

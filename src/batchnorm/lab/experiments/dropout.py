@@ -20,6 +20,7 @@ from .._replicates import mean_over_replicates, replicate_seed
 from .._stacked_dropout import train_stacked_dropout
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import seeded
 from ..experiment import Experiment, claim, column, load_for
 from ..models import MLP
 from ..progress import Progress
@@ -86,11 +87,6 @@ def _fixed_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[T
         yield from parts
 
 
-def _gen(seed: int) -> torch.Generator:
-    """A fresh generator seeded ``seed``."""
-    return torch.Generator().manual_seed(seed)
-
-
 def _train_arm(
     s: Settings,
     data: Sequence[Dataset],
@@ -106,11 +102,11 @@ def _train_arm(
     ``stop_at_fit``, the first checkpoint at which every run fits (None: never)."""
     name, norm, p, fixed = arm
     models = [
-        MLP(d.features, list(s.hidden), d.classes, act=s.activation, norm=norm, init_std="he", generator=_gen(g))
+        MLP(d.features, list(s.hidden), d.classes, act=s.activation, norm=norm, init_std="he", generator=seeded(g))
         for d, g in zip(data, gens)
     ]
     batches = _fixed_batches if fixed else minibatches
-    streams = [batches(d.train_x.shape[0], s.batch_size, _gen(g + 1)) for d, g in zip(data, gens)]
+    streams = [batches(d.train_x.shape[0], s.batch_size, seeded(g + 1)) for d, g in zip(data, gens)]
     fitted: list[int] = []
 
     def fits(step: int) -> bool:
@@ -127,7 +123,7 @@ def _train_arm(
             TrainSpec(steps=steps, batch_size=s.batch_size, lr=s.lr),
             p=p,
             batches=streams,
-            mask_generator=_gen(gens[0] + 2),
+            mask_generator=seeded(gens[0] + 2),
             checkpoints=checkpoints,
             stop=fits if stop_at_fit else None,
             tick=tick,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, train_seeds
+from ..declare import listed, probing, seeded, train_seeds
 from ..experiment import Experiment, claim, column, first_reaching
 from ..models import MLP, blocks
 from ..popstats import population_statistics
@@ -81,18 +81,12 @@ def _sigmoid_inputs(model: nn.Module, x: Tensor, unit: int, batch: int) -> Tenso
     last = list(blocks(model))[-1]
     captured: list[Tensor] = []
     handle = last.act.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0][:, unit].clone()))
-    saved = {name: buf.clone() for name, buf in model.named_buffers()}
-    was_training = model.training
     try:
-        model.train()
-        for start in range(0, x.shape[0] - batch + 1, batch):
-            model(x[start : start + batch])
+        with probing(model):
+            for start in range(0, x.shape[0] - batch + 1, batch):
+                model(x[start : start + batch])
     finally:
         handle.remove()
-        model.train(was_training)
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                buf.copy_(saved[name])
     return torch.cat(captured)
 
 
@@ -100,20 +94,13 @@ def _sigmoid_inputs(model: nn.Module, x: Tensor, unit: int, batch: int) -> Tenso
 def _batch_stats_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> float:
     """Test accuracy when BN normalizes each test batch of ``batch`` by its own statistics
     (training-mode forward; BN buffers restored). The tail that does not fill a batch is left out."""
-    saved = {name: buf.clone() for name, buf in model.named_buffers()}
-    was_training = model.training
     correct = 0
     seen = 0
-    try:
-        model.train()
+    with probing(model):
         for start in range(0, x.shape[0] - batch + 1, batch):
             logits = model(x[start : start + batch])
             correct += int((logits.argmax(dim=1) == y[start : start + batch]).sum())
             seen += batch
-    finally:
-        model.train(was_training)
-        for name, buf in model.named_buffers():
-            buf.copy_(saved[name])
     return correct / max(seen, 1)
 
 
@@ -154,13 +141,7 @@ def _train_arm(
         checkpoints.append(spec.steps)
     models = [
         MLP(
-            d.features,
-            list(s.hidden),
-            d.classes,
-            act="sigmoid",
-            norm=norm,
-            init_std=s.init_std,
-            generator=torch.Generator().manual_seed(seed),
+            d.features, list(s.hidden), d.classes, act="sigmoid", norm=norm, init_std=s.init_std, generator=seeded(seed)
         )
         for d, seed in zip(data, seeds)
     ]

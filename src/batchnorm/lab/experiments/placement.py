@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .._replicates import mean_over_replicates, replicate_seed
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, train_seeds
+from ..declare import listed, seeded, train_seeds
 from ..experiment import Experiment, claim, column, first_reaching
 from ..models import MLP, blocks
 from ..progress import Progress
@@ -78,11 +78,6 @@ def _activation_inputs(model: nn.Module, x: Tensor) -> list[Tensor]:
     return captured
 
 
-def _gen(seed: int) -> torch.Generator:
-    """A fresh generator seeded ``seed``."""
-    return torch.Generator().manual_seed(seed)
-
-
 def _train_arm(
     s: Settings, data: Sequence[Dataset], seeds: Sequence[int], act: str, place: str, progress: Progress
 ) -> list[list[dict[str, Any]]]:
@@ -90,10 +85,10 @@ def _train_arm(
     ``out[k][r]`` is replicate r of seed k."""
     runs = [(d, replicate_seed(seed, r)) for d, seed in zip(data, seeds) for r in range(s.replicates)]
     data = [d for d, _ in runs]
-    norm, where = (None, "before") if place == "none" else ("bn", place)
+    norm, at = (None, "before") if place == "none" else ("bn", place)
     std: float | Literal["he"] = 0.1 if act == "sigmoid" else "he"
     models = [
-        MLP(d.features, list(s.hidden), d.classes, act=act, norm=norm, placement=where, init_std=std, generator=_gen(g))
+        MLP(d.features, list(s.hidden), d.classes, act=act, norm=norm, placement=at, init_std=std, generator=seeded(g))
         for d, g in runs
     ]
     recs: list[dict[str, Any]] = [
