@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..datasets import Dataset
-from ..declare import restore_buffers
+from ..declare import restore_buffers, seeded
 from ..models import MLP, blocks
 
 __all__ = [
@@ -146,7 +146,7 @@ def build(data: Dataset, depth: int, width: int, norm: Any, seed: int) -> MLP:
         act="relu",
         norm=norm,
         init_std="he",
-        generator=torch.Generator().manual_seed(seed),
+        generator=seeded(seed),
     )
 
 

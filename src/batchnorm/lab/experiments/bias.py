@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import seeded
 from ..experiment import Experiment, claim, column
 from ..models import MLP, ConvNet, blocks, count_parameters
 from ..progress import Progress
@@ -70,19 +71,17 @@ def _with_random_biases(model: MLP, generator: torch.Generator) -> MLP:
 
 def _model(s: Settings, data: Dataset, seed: int) -> MLP:
     """The seed's BN MLP with random pre-BN biases (weights from ``seed``, biases from seed + 7)."""
-    return _with_random_biases(
-        MLP(
-            data.features,
-            list(s.hidden),
-            data.classes,
-            act=s.activation,
-            norm="bn",
-            bias=True,
-            init_std="he",
-            generator=torch.Generator().manual_seed(seed),
-        ),
-        torch.Generator().manual_seed(seed + 7),
+    model = MLP(
+        data.features,
+        list(s.hidden),
+        data.classes,
+        act=s.activation,
+        norm="bn",
+        bias=True,
+        init_std="he",
+        generator=seeded(seed),
     )
+    return _with_random_biases(model, seeded(seed + 7))
 
 
 def _without_bias(model: MLP, hidden: Sequence[int], features: int, classes: int, act: str = "relu") -> MLP:
@@ -107,7 +106,7 @@ def _one_batch_probes(s: Settings, data: Dataset, seed: int) -> dict[str, Any]:
     the biases shifted or removed (on a fresh copy: the forwards move running statistics)."""
     model = _model(s, data, seed)
     twin = _without_bias(model, s.hidden, data.features, data.classes, s.activation)
-    idx = next(minibatches(data.train_x.shape[0], s.batch_size, torch.Generator().manual_seed(seed + 1)))
+    idx = next(minibatches(data.train_x.shape[0], s.batch_size, seeded(seed + 1)))
     x, y = data.train_x[idx], data.train_y[idx]
     model.train()
     loss = F.cross_entropy(model(x), y)
@@ -117,7 +116,7 @@ def _one_batch_probes(s: Settings, data: Dataset, seed: int) -> dict[str, Any]:
     weight_grad = [float(b.layer.weight.grad.abs().max()) for b in blocks(model)]
     model.zero_grad(set_to_none=True)
     shifted = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed + 3)
+    gen = seeded(seed + 3)
     with torch.no_grad():
         for b in blocks(shifted):
             b.layer.bias.add_(torch.randn(b.layer.bias.shape, generator=gen) * s.bias_shift_std)
@@ -310,7 +309,7 @@ class Bias(Experiment):
                         [d.train_x.double() for d in data],
                         [d.train_y for d in data],
                         spec,
-                        generators=[torch.Generator().manual_seed(seed + 2) for seed in seeds],
+                        generators=[seeded(seed + 2) for seed in seeds],
                         tick=tick,
                     )
                 )

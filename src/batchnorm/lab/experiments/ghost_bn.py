@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from ... import GhostBatchNorm1d
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import seeded
 from ..experiment import Experiment, claim, column
 from ..models import MLP
 from ..progress import Progress
@@ -96,7 +97,7 @@ def _train_regime(
     steps = math.ceil(spec["epochs"] * n / batch)  # updates that see epochs * n examples
     drops = {int(steps * 0.5), int(steps * 0.75)}
     opt = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=0.9, weight_decay=1e-4)
-    stream = minibatches(n, batch, torch.Generator().manual_seed(seed + 2))
+    stream = minibatches(n, batch, seeded(seed + 2))
     model.train()
     diverged = False
     with progress.task(label, total=steps) as tick:

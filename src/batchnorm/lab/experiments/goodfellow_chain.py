@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ...functional import batch_norm
 from ..config import RunConfig
-from ..declare import listed
+from ..declare import listed, seeded
 from ..experiment import Experiment, claim, column
 from ..progress import Progress
 from ..verdict import part
@@ -315,7 +315,7 @@ class Chain(Experiment):
 
     def load_seed(self, cfg: RunConfig, settings: Settings, seed: int) -> Tensor:
         """The seed's inputs x, (N, 1) float64 standard normal."""
-        return torch.randn(settings.batch, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        return torch.randn(settings.batch, 1, generator=seeded(seed), dtype=torch.float64)
 
     def describe_data(self, settings: Settings, first: Tensor) -> dict[str, Any]:
         return {"name": "synthetic chain", "batch": settings.batch, "split": "each seed draws its own inputs"}

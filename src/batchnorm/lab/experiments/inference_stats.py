@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import train_seeds
+from ..declare import seeded, train_seeds
 from ..experiment import Experiment, claim, per_seed_values
 from ..models import MLP, blocks
 from ..popstats import population_statistics
@@ -141,16 +141,14 @@ def _measure(s: Settings, data: Dataset, model: nn.Module, seed: int) -> dict[st
 
     model.eval()
     ema_acc = evaluate(model, data.test_x, data.test_y)[1]
-    alg2 = population_statistics(
-        model, data.train_x, batch_size=s.batch_size, generator=torch.Generator().manual_seed(seed + 2)
-    )
+    alg2 = population_statistics(model, data.train_x, batch_size=s.batch_size, generator=seeded(seed + 2))
     alg2_acc = evaluate(alg2, data.test_x, data.test_y)[1]
     exact = copy.deepcopy(model)
     recompute_statistics(exact, list(data.train_x.split(256)), mode="eval", passes=len(s.hidden) + 1)
     exact.eval()
     exact_acc = evaluate(exact, data.test_x, data.test_y)[1]
 
-    gen = torch.Generator().manual_seed(seed + 3)
+    gen = seeded(seed + 3)
     sizes = [b for b in s.test_batch_sizes if b <= data.test_x.shape[0]]
     batch_acc = {
         str(b): _batch_stats_accuracy(model, data.test_x, data.test_y, b, s.test_batch_repeats, gen) for b in sizes
@@ -168,9 +166,7 @@ def _measure(s: Settings, data: Dataset, model: nn.Module, seed: int) -> dict[st
     except ValueError as err:
         single_fails = str(err)
 
-    noise = _first_layer_noise(
-        model, data.train_x, s.noise_batch_sizes, s.noise_batches, torch.Generator().manual_seed(seed + 4)
-    )
+    noise = _first_layer_noise(model, data.train_x, s.noise_batch_sizes, s.noise_batches, seeded(seed + 4))
     st_ema, st_alg2, st_exact = _stats_of(model), _stats_of(alg2), _stats_of(exact)
     return {
         "test_acc": {"running_average": ema_acc, "alg2_population": alg2_acc, "exact_population": exact_acc},
@@ -356,7 +352,7 @@ class InferenceStats(Experiment):
                 act=s.activation,
                 norm="bn",
                 init_std="he",
-                generator=torch.Generator().manual_seed(seed),
+                generator=seeded(seed),
             )
             for d, seed in zip(data, seeds)
         ]

@@ -110,7 +110,7 @@ def _recorder(s: Settings, data: Dataset, model: nn.Module, norm: str | None, se
     if norm is not None:
         rec["test_acc_population"] = []
         rec["test_acc_batch_stats"] = []
-    pop_gen = torch.Generator().manual_seed(seed + 1)
+    pop_gen = seeded(seed + 1)
     seen = [0]
 
     def record(step: int, result: TrainResult) -> None:

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, probing
+from ..declare import listed, probing, seeded
 from ..experiment import Experiment, claim, load_for
 from ..figures import mean_band
 from ..models import MLP, blocks
@@ -75,7 +75,7 @@ class Settings:
 
 def _model(data: Dataset, s: Settings, norm: str | None, seed: int) -> MLP:
     """The sweep's ReLU MLP, He-initialized from ``seed`` (the same weights in both arms)."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     return MLP(data.features, list(s.hidden), data.classes, act="relu", norm=norm, init_std="he", generator=generator)
 
 
@@ -157,7 +157,7 @@ def _sweep(
                 [d.train_x for d in data],
                 [d.train_y for d in data],
                 TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=lr),
-                generators=[torch.Generator().manual_seed(seed + 1) for seed in seeds],
+                generators=[seeded(seed + 1) for seed in seeds],
                 tick=tick,
             )
             tick.update(s.steps - max(r.steps_done for r in results))
@@ -176,12 +176,12 @@ def _best_lr(lrs: Sequence[float], acc: Sequence[float], tol: float) -> float:
 
 def _probes(s: Settings, d: Dataset, norm: str | None, seed: int) -> dict[str, Any]:
     """Step probe at initialization and activation scales after large steps, for one seed."""
-    batch = next(minibatches(d.train_x.shape[0], s.batch_size, torch.Generator().manual_seed(seed + 2)))
+    batch = next(minibatches(d.train_x.shape[0], s.batch_size, seeded(seed + 2)))
     xb, yb = d.train_x[batch], d.train_y[batch]
     probe = _step_probe(_model(d, s, norm, seed), xb, yb, list(s.step_probe_alphas))
     blow = _model(d, s, norm, seed)
     before = _activation_scales(blow, xb)
-    after, taken = _large_steps(blow, d, s, torch.Generator().manual_seed(seed + 3), xb)
+    after, taken = _large_steps(blow, d, s, seeded(seed + 3), xb)
     return {
         "step_probe_loss_ratio": probe,
         "activation_rms_init": before,

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ... import recompute_statistics
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import train_seeds
+from ..declare import seeded, train_seeds
 from ..experiment import Experiment, claim, per_seed_values
 from ..models import MLP
 from ..progress import Progress
@@ -105,7 +105,7 @@ def _sample_curve(model: nn.Module, data: Dataset, s: Settings, gen: torch.Gener
 def _seeded_init(model: MLP, seed: int) -> None:
     """PyTorch's default bound for the weights, drawn from a seeded generator."""
     with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed + 1)
+        gen = seeded(seed + 1)
         for p in model.parameters():
             if p.dim() == 2:
                 bound = 1.0 / p.shape[1] ** 0.5
@@ -124,7 +124,7 @@ def _recorder(
         "var_error_ema": [],
         "samples": {},
     }
-    sample_gen = torch.Generator().manual_seed(seed + 5)
+    sample_gen = seeded(seed + 5)
 
     def record(step: int) -> None:
         pre = precise_copy(model, data.train_x, s.batch_size)

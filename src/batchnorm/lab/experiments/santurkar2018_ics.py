@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import probing
+from ..declare import listed, probing, seeded
 from ..experiment import Experiment, claim
 from ..models import MLP, blocks
 from ..progress import Progress
@@ -102,7 +102,7 @@ def ics(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: Any) -> list
 
 
 def _dln_data(seed: int, n: int = 4096) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed + 11)
+    g = seeded(seed + 11)
     x = torch.randn(n, 32, generator=g)  # (n, 32)
     a = torch.randn(32, 10, generator=g) / 32**0.5  # (32, 10)
     return x, x @ a  # (n, 32), (n, 10)
@@ -136,16 +136,9 @@ def _train_and_measure(
 
     spec = TrainSpec(steps=steps, batch_size=batch, lr=lr)
     with progress.task(f"{label} seed {seed}", total=steps) as tick:
+        order = seeded(seed + 2)
         result = train(
-            model,
-            x,
-            y,
-            spec,
-            generator=torch.Generator().manual_seed(seed + 2),
-            checkpoints=marks,
-            on_checkpoint=record,
-            tick=tick,
-            loss_fn=loss_fn,
+            model, x, y, spec, generator=order, checkpoints=marks, on_checkpoint=record, tick=tick, loss_fn=loss_fn
         )
     rec["loss_curve"] = window_means(result.losses, marks)
     rec["diverged"] = result.diverged
@@ -169,7 +162,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     def evidence(net: str) -> str:
         diverged = sum(bool(m[net][norm]["diverged"]) for m in per_seed for norm in ("none", "bn"))
         parts = [
-            f"{name} per seed: BN {', '.join(f'{v:.3g}' for v in col(net, 'bn', key))} vs no BN {', '.join(f'{v:.3g}' for v in col(net, 'none', key))}"
+            f"{name} per seed: BN {listed(col(net, 'bn', key), '{:.3g}')} vs no BN {listed(col(net, 'none', key), '{:.3g}')}"
             for key, name in (("l2", "l2"), ("rel_l2", "relative l2"), ("cos", "cosine"))
         ]
         return (
@@ -313,15 +306,10 @@ class Ics(Experiment):
         x, y = _dln_data(seed)
         out: dict[str, Any] = {"dln": {}, "mlp": {}}
         for norm in ("none", "bn"):
-            model = MLP(
-                32,
-                [s.dln_width] * s.dln_depth,
-                10,
-                act="identity",
-                norm=None if norm == "none" else "bn",
-                init_std=(1.0 / s.dln_width) ** 0.5,
-                generator=torch.Generator().manual_seed(seed + 1),
-            )
+            std = (1.0 / s.dln_width) ** 0.5
+            layers = [s.dln_width] * s.dln_depth
+            bn = None if norm == "none" else "bn"
+            model = MLP(32, layers, 10, act="identity", norm=bn, init_std=std, generator=seeded(seed + 1))
             out["dln"][norm] = _train_and_measure(
                 model,
                 x,

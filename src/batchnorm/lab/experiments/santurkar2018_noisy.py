@@ -18,7 +18,7 @@ import torch
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import train_seeds
+from ..declare import seeded, train_seeds
 from ..experiment import Experiment, claim, column, load_for
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
@@ -125,7 +125,7 @@ def _train(
     noise a, noisy arm only); per seed: probed layer inputs, drift, final accuracies, losses."""
     models = [build(d, s.depth, s.width, None if arm == "none" else "bn", seed) for d, seed in zip(data, seeds)]
     if arm == "noisy":
-        gens = [torch.Generator().manual_seed(seed + 7) for seed in seeds]
+        gens = [seeded(seed + 7) for seed in seeds]
         shifts, scales, per_sample = ([n[j] for n in map(_noise, magnitudes)] for j in range(3))
         noisy(models, [NoisyReLU(gens, shifts, scales, per_sample) for _ in range(s.depth)])
     checkpoints = list(range(0, s.steps + 1, s.checkpoint_every))

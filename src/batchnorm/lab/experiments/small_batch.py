@@ -20,7 +20,7 @@ from ... import GhostBatchNorm1d
 from .._stacked_nets import train_together
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed
+from ..declare import listed, seeded
 from ..experiment import Experiment, claim, column, per_seed_values
 from ..models import MLP, ConvNet
 from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
@@ -107,9 +107,9 @@ def calibrate_steps(
         [_model(data, s, _norm_factory("bn", s.batch_size, s), CALIBRATION_SEED)],
         [_model(data, s, _norm_factory("gn", s.batch_size, s), CALIBRATION_SEED)],
     ]
-    gen = torch.Generator().manual_seed(CALIBRATION_SEED + 2)
+    gen = seeded(CALIBRATION_SEED + 2)
     streams = [minibatches(cut, s.batch_size, gen)]
-    streams.append(minibatches(cut, s.batch_size, torch.Generator().manual_seed(CALIBRATION_SEED + 2)))
+    streams.append(minibatches(cut, s.batch_size, seeded(CALIBRATION_SEED + 2)))
     curves: dict[str, list[float]] = {"bn": [], "gn": []}
     checkpoints = []
     for done in range(every, max_steps + 1, every):
@@ -415,7 +415,7 @@ class SmallBatch(Experiment):
         streams: list[Iterator[Tensor]] = []
         for _norm, m, iid in arms:
             for d, seed in zip(data, seeds):
-                gen = torch.Generator().manual_seed(seed + 2)
+                gen = seeded(seed + 2)
                 streams.append(
                     minibatches(d.train_x.shape[0], s.batch_size, gen)
                     if iid
