@@ -211,12 +211,10 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             also=[part(col("growth_min_step_log10"), above=0.0)],
             expected="the higher-order terms grow with depth when |w| >= 1 (no number given)",
             source=_SOURCE,
-            evidence="log10 growth shallowest -> deepest (smallest over scales), per seed: "
-            + listed(col("growth_total_log10"), "{:.2f}")
-            + "; smallest log10 growth between neighbouring depths: "
-            + listed(col("growth_min_step_log10"), "{:.2f}")
-            + f"; seed {seeds[0]}, |actual/predicted - 1|: {first['growth_detail']}"
-            + f" (an overflowed step counts as 10^{_LOG10_CAP:g})",
+            evidence=f"log10 growth shallowest -> deepest (smallest over scales), per seed: "
+            f"{listed(col('growth_total_log10'), '{:.2f}')}; smallest log10 growth between neighbouring depths: "
+            f"{listed(col('growth_min_step_log10'), '{:.2f}')}; seed {seeds[0]}, |actual/predicted - 1|: "
+            f"{first['growth_detail']} (an overflowed step counts as 10^{_LOG10_CAP:g})",
         ),
         claim(
             f"With BN on every layer the safe learning rate no longer depends on depth or weight scale (varies by less than "
@@ -229,8 +227,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             source=_SOURCE,
             evidence=f"BN safe lr from {min(col('bn_safe_min')):.2g} to {max(col('bn_safe_max')):.2g} over {n} seeds x "
             f"{len(_cases(results['metrics']['per_seed'][0], 'bn'))} chains; spread per seed "
-            + listed(col("bn_spread"), "{:.3g}x")
-            + f"; {sum(int(v) for v in col('bn_unsafe'))} BN chain(s) unsafe at every lr",
+            f"{listed(col('bn_spread'), '{:.3g}x')}; {sum(int(v) for v in col('bn_unsafe'))} BN chain(s) unsafe at every lr",
         ),
         claim(
             f"With BN the first-order prediction at lr {ref:g} is within {100 * s['bn_first_order_error_below']:g}% of the "
@@ -241,10 +238,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             below=float(s["bn_first_order_error_below"]),
             expected="normalization removes the lower layers' effect on the output's scale (no number given)",
             source=_SOURCE,
-            evidence=f"largest |actual/predicted - 1| at lr {ref:g}, per seed: BN "
-            + listed(col("bn_error"), "{:.3g}")
-            + "; without BN "
-            + listed(col("plain_error"), "{:.3g}"),
+            evidence=f"largest |actual/predicted - 1| at lr {ref:g}, per seed: BN {listed(col('bn_error'), '{:.3g}')}; "
+            f"without BN {listed(col('plain_error'), '{:.3g}')}",
         ),
     ]
 
@@ -286,14 +281,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     for arm, style in (("plain", "-o"), ("bn", "--s")):
         for color, scale in zip(plt.cm.plasma(np.linspace(0, 0.85, len(cfg["scales"]))), cfg["scales"]):
             row = sorted((c for c in _cases(m, arm) if c["scale"] == scale), key=lambda c: c["depth"])
-            ax.plot(
-                [c["depth"] for c in row],
-                [_safe(c) for c in row],
-                style,
-                color=color,
-                markersize=4,
-                label=f"{'no norm' if arm == 'plain' else 'BN'}, weights {scale}",
-            )
+            label = f"{'no norm' if arm == 'plain' else 'BN'}, weights {scale}"
+            ax.plot([c["depth"] for c in row], [_safe(c) for c in row], style, color=color, markersize=4, label=label)
     ax.set_xscale("log", base=2)
     log_ticks(ax.xaxis, cfg["depths"])
     ax.set(yscale="log", xlabel="depth L", ylabel="largest safe learning rate")

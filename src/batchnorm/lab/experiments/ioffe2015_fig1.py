@@ -238,10 +238,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             above=float(t["speedup_at_least"]),
             expected="'much earlier' (Fig. 1a); 14x fewer steps for BN-Inception",
             source="Ioffe & Szegedy 2015, Fig. 1(a) and Sec. 4.2.2",
-            evidence="steps to the baseline's best accuracy, per seed: baseline "
-            + listed(col("steps_base"), "{:g}")
-            + "; BN "
-            + listed(col("steps_bn"), "{:g}"),
+            evidence=f"steps to the baseline's best accuracy, per seed: baseline {listed(col('steps_base'), '{:g}')}; BN "
+            f"{listed(col('steps_bn'), '{:g}')}",
         ),
         claim(
             f"Without BN the 15-85 percentile spread of the last-layer sigmoid input keeps widening over the second half of "
