@@ -1,13 +1,12 @@
 """Small pieces the experiments' declarations share, written once: the seeds of one arm trained
 together under a progress bar, a measurement that moves a model's weights and puts them back,
-per-seed numbers as text for a claim's evidence, and the mean over seeds of a column."""
+and per-seed numbers as text for a claim's evidence."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -17,7 +16,7 @@ from .progress import Progress
 from .stacked import train_stacked
 from .training import TrainResult, TrainSpec
 
-__all__ = ["listed", "mean", "probing", "restore_buffers", "seeded", "train_seeds"]
+__all__ = ["listed", "probing", "restore_buffers", "seeded", "train_seeds"]
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -55,15 +54,10 @@ def train_seeds(
         )
 
 
-def listed(values: Iterable[float], fmt: str = "{:.1f}", scale: float = 1.0) -> str:
-    """Per-seed numbers as ``"a, b, c"`` (each ``fmt.format(scale * v)``), the form every
-    claim's evidence uses so a reader sees the spread over seeds."""
-    return ", ".join(fmt.format(scale * float(v)) for v in values)
-
-
-def mean(values: Iterable[float]) -> float:
-    """The mean over seeds as a plain float (for evidence text and figures)."""
-    return float(np.mean(list(values)))
+def listed(values: Iterable[float], fmt: str = "{:.1f}") -> str:
+    """Per-seed numbers as ``"a, b, c"`` (each ``fmt.format(float(v))``), the form every claim's
+    evidence uses so a reader sees the spread over seeds."""
+    return ", ".join(fmt.format(float(v)) for v in values)
 
 
 class restore_buffers:
