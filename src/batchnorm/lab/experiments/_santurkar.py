@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..datasets import Dataset
+from ..declare import restore_buffers, seeded
 from ..models import MLP, blocks
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
     "build",
     "capture_act_inputs",
     "noisy",
-    "restore_buffers",
     "seed_slot",
     "window_means",
 ]
@@ -146,25 +146,8 @@ def build(data: Dataset, depth: int, width: int, norm: Any, seed: int) -> MLP:
         act="relu",
         norm=norm,
         init_std="he",
-        generator=torch.Generator().manual_seed(seed),
+        generator=seeded(seed),
     )
-
-
-class restore_buffers:
-    """Context manager: snapshot every buffer (BN running statistics) and restore it on exit."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.saved: dict[str, Tensor] = {}
-
-    def __enter__(self) -> nn.Module:
-        self.saved = {name: buf.clone() for name, buf in self.model.named_buffers()}
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        with torch.no_grad():
-            for name, buf in self.model.named_buffers():
-                buf.copy_(self.saved[name])
 
 
 @torch.no_grad()

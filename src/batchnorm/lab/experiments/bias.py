@@ -1,10 +1,7 @@
 """``bias``: a bias directly before BN receives zero gradient and has no effect on the output
 (BN subtracts the batch mean, so a constant shift cancels); measured over seeds, with the
 parameters it wastes and what happens when it is removed from a trained model.
-
-Shape of the argument: h = W u + b, BN(h) = gamma (h - mean_B(h)) / sqrt(var_B(h) + eps) + beta,
-and mean_B(h) = W mean_B(u) + b, so b cancels exactly; dL/db = sum over the batch of dL/dh =
-gamma/sigma * sum(g - mean(g) - x_hat mean(g x_hat)) = 0.
+Setup, the rules fixed before any run and each setting's source: ``bias.md``.
 """
 
 from __future__ import annotations
@@ -23,6 +20,7 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import seeded
 from ..experiment import Experiment, claim, column
 from ..models import MLP, ConvNet, blocks, count_parameters
 from ..progress import Progress
@@ -39,43 +37,29 @@ _SOURCE = "Ioffe & Szegedy 2015, Sec. 3.2 (the bias 'can be ignored since its ef
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; thresholds are float32 rounding levels (the paper's
-    statement is exact), each with the reason for its size."""
+    """Every choice of this experiment; thresholds are float32 rounding levels (the paper's statement is exact), each
+    with the reason for its size (each field's meaning and source: ``bias.md``)."""
 
     steps: int
-    """Paired SGD steps with and without the biases (quick 500, full 5,000)."""
     hidden: tuple[int, ...] = (100, 100, 100)
     activation: str = "relu"
     norm: str = "batchnorm.BatchNorm1d before every ReLU, Linear bias kept (the redundant one)"
     init: str = "He for weights; the pre-BN biases ~ N(0, 1) to make them non-trivial"
     bias_shift_std: float = 10.0
-    """Std of the extra random shift given to the biases in the output test (large on purpose)."""
     optimizer: str = "SGD, no momentum, no weight decay"
     lr: float = 0.1
     batch_size: int = 60
     dtype: str = (
         "float32 for the one-batch probes; float64 for the paired training and the removal from the trained model"
     )
-    """The paired runs are float64 because in float32 the two trajectories' different rounding
-    (BN subtracts a mean that contains b in one arm only) is amplified by 500 steps of SGD to
-    loss differences of up to 2e-2 on some seeds: a property of float32 chaos, not of the bias."""
     seeds_trained: str = "the seeds of each arm are trained together (batchnorm.lab.stacked), each as if alone"
     pairing: str = "per seed: same weights, same batch order with and without the biases"
     gradient_ratio_below: float = 1e-5
-    """Exact zero in theory; float32 rounding of a sum of ~60 terms leaves ~1e-7 of the weights'
-    gradient, so 1e-5 is rounding with a 100x margin."""
     output_change_below: float = 1e-4
-    """Exact in theory; logits of size ~1-10 in float32 carry rounding ~1e-6."""
     paired_loss_delta_below: float = 1e-3
-    """Exact in theory; in float64 the rounding accumulated over the paired steps stays far
-    below 1e-3."""
     bias_movement_below: float = 1e-4
-    """A zero gradient never moves the bias; 1e-4 allows float32 rounding of the updates."""
     eval_change_folded_below: float = 1e-4
-    """Removing the bias with running_mean -= b is exact in theory (rounding only)."""
     eval_change_zeroed_above: float = 1e-2
-    """Zeroing the bias alone shifts BN's eval input by b (std 1 here): a visible change, far
-    above rounding."""
 
 
 def _with_random_biases(model: MLP, generator: torch.Generator) -> MLP:
@@ -87,19 +71,17 @@ def _with_random_biases(model: MLP, generator: torch.Generator) -> MLP:
 
 def _model(s: Settings, data: Dataset, seed: int) -> MLP:
     """The seed's BN MLP with random pre-BN biases (weights from ``seed``, biases from seed + 7)."""
-    return _with_random_biases(
-        MLP(
-            data.features,
-            list(s.hidden),
-            data.classes,
-            act=s.activation,
-            norm="bn",
-            bias=True,
-            init_std="he",
-            generator=torch.Generator().manual_seed(seed),
-        ),
-        torch.Generator().manual_seed(seed + 7),
+    model = MLP(
+        data.features,
+        list(s.hidden),
+        data.classes,
+        act=s.activation,
+        norm="bn",
+        bias=True,
+        init_std="he",
+        generator=seeded(seed),
     )
+    return _with_random_biases(model, seeded(seed + 7))
 
 
 def _without_bias(model: MLP, hidden: Sequence[int], features: int, classes: int, act: str = "relu") -> MLP:
@@ -124,7 +106,7 @@ def _one_batch_probes(s: Settings, data: Dataset, seed: int) -> dict[str, Any]:
     the biases shifted or removed (on a fresh copy: the forwards move running statistics)."""
     model = _model(s, data, seed)
     twin = _without_bias(model, s.hidden, data.features, data.classes, s.activation)
-    idx = next(minibatches(data.train_x.shape[0], s.batch_size, torch.Generator().manual_seed(seed + 1)))
+    idx = next(minibatches(data.train_x.shape[0], s.batch_size, seeded(seed + 1)))
     x, y = data.train_x[idx], data.train_y[idx]
     model.train()
     loss = F.cross_entropy(model(x), y)
@@ -134,7 +116,7 @@ def _one_batch_probes(s: Settings, data: Dataset, seed: int) -> dict[str, Any]:
     weight_grad = [float(b.layer.weight.grad.abs().max()) for b in blocks(model)]
     model.zero_grad(set_to_none=True)
     shifted = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed + 3)
+    gen = seeded(seed + 3)
     with torch.no_grad():
         for b in blocks(shifted):
             b.layer.bias.add_(torch.randn(b.layer.bias.shape, generator=gen) * s.bias_shift_std)
@@ -181,78 +163,6 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(saved)
-
-
-class Bias(Experiment):
-    """The redundant pre-BN bias over several seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return Settings(steps=_STEPS[cfg.mode])
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        s = settings
-        per_seed = [_one_batch_probes(s, d, seed) for d, seed in zip(data, seeds)]
-        with_bias = [_model(s, d, seed) for d, seed in zip(data, seeds)]
-        without = [
-            _without_bias(m, s.hidden, d.features, d.classes, s.activation).double() for m, d in zip(with_bias, data)
-        ]
-        with_bias = [m.double() for m in with_bias]
-        before = [[b.layer.bias.detach().clone() for b in blocks(m)] for m in with_bias]
-        spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
-        arms = []
-        for name, models in (("with bias", with_bias), ("without bias", without)):
-            with progress.task(name, total=spec.steps) as tick, _default_dtype(torch.float64):
-                arms.append(
-                    train_stacked(
-                        models,
-                        [d.train_x.double() for d in data],
-                        [d.train_y for d in data],
-                        spec,
-                        generators=[torch.Generator().manual_seed(seed + 2) for seed in seeds],
-                        tick=tick,
-                    )
-                )
-        for k, (m, twin, d) in enumerate(zip(with_bias, without, data)):
-            r_bias, r_twin = arms[0][k], arms[1][k]
-            per_seed[k].update(
-                {
-                    "paired_training_max_loss_delta": float(
-                        np.max(np.abs(np.asarray(r_bias.losses) - np.asarray(r_twin.losses)))
-                    ),
-                    "paired_training_max_weight_delta": max(
-                        float((a.layer.weight.detach() - b.layer.weight.detach()).abs().max())
-                        for a, b in zip(blocks(m), blocks(twin))
-                    ),
-                    "bias_max_movement_during_training": max(
-                        float((b.layer.bias.detach() - b0).abs().max()) for b, b0 in zip(blocks(m), before[k])
-                    ),
-                    "paired_losses_with_bias": r_bias.losses,
-                    "paired_losses_without_bias": r_twin.losses,
-                    "diverged": bool(r_bias.diverged or r_twin.diverged),
-                    **_eval_removal(m, d.test_x.double()),
-                }
-            )
-        counts = {
-            "MLP 64-3x100-10 (ioffe2015-fig1)": _count(MLP(64, [100] * 3, 10, norm="bn", bias=True)),
-            "MLP 64-3x256-10 (dropout)": _count(MLP(64, [256] * 3, 10, norm="bn", bias=True)),
-            "MLP 64-8x100-10 (lr-sweep)": _count(MLP(64, [100] * 8, 10, norm="bn", bias=True)),
-            "ConvNet 16-32-64 on 8x8": _count(ConvNet((1, 8, 8), (16, 32, 64), 10, norm="bn", bias=True)),
-        }
-        for m in per_seed:
-            m["parameter_counts"] = counts
-        return per_seed
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
 
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -340,8 +250,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     )
     axes[0].set_yscale("log")
     axes[0].set_xticks(layers)
-    axes[0].set_xlabel("hidden layer")
-    axes[0].set_ylabel("max |gradient| on one batch")
+    axes[0].set(xlabel="hidden layer", ylabel="max |gradient| on one batch")
     axes[0].set_title("Gradients: the bias gets only rounding noise")
     axes[0].set_ylim(top=1e3 * max(m["weight_grad_max"]))  # room for the legend above the bars
     axes[0].legend(loc="upper right")
@@ -352,9 +261,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     steps = np.arange(1, a.size + 1)
     axes[1].plot(steps, a, color="tab:orange", label="with the pre-BN bias", linewidth=2.5, alpha=0.6)
     axes[1].plot(steps, b, color="tab:blue", label="without it", linewidth=1, linestyle="--")
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("training step")
-    axes[1].set_ylabel("training loss (minibatch)")
+    axes[1].set(yscale="log", xlabel="training step", ylabel="training loss (minibatch)")
     axes[1].set_title(f"Same weights, same batches: max |difference| {m['paired_training_max_loss_delta']:.1e}")
     axes[1].legend()
     axes[1].grid(alpha=0.3)
@@ -368,13 +275,77 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         axes[2].text(w, i, f" {w} of {t} ({100 * w / t:.2f}%)", va="center", fontsize=8)
     axes[2].set_yticks(range(len(names)))
     axes[2].set_yticklabels(names, fontsize=8)
-    axes[2].set_xlabel("parameters in biases directly before BN")
-    axes[2].set_title("Parameters wasted")
+    axes[2].set(xlabel="parameters in biases directly before BN", title="Parameters wasted")
     axes[2].set_xlim(0, max(wasted) * 1.8)
     return [save(fig, Path(outdir) / "bias_before_bn.png")]
 
 
+class Bias(Experiment):
+    """The redundant pre-BN bias over several seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        return Settings(steps=_STEPS[cfg.mode])
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        s = settings
+        per_seed = [_one_batch_probes(s, d, seed) for d, seed in zip(data, seeds)]
+        with_bias = [_model(s, d, seed) for d, seed in zip(data, seeds)]
+        without = [
+            _without_bias(m, s.hidden, d.features, d.classes, s.activation).double() for m, d in zip(with_bias, data)
+        ]
+        with_bias = [m.double() for m in with_bias]
+        before = [[b.layer.bias.detach().clone() for b in blocks(m)] for m in with_bias]
+        spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
+        arms = []
+        for name, models in (("with bias", with_bias), ("without bias", without)):
+            with progress.task(name, total=spec.steps) as tick, _default_dtype(torch.float64):
+                arms.append(
+                    train_stacked(
+                        models,
+                        [d.train_x.double() for d in data],
+                        [d.train_y for d in data],
+                        spec,
+                        generators=[seeded(seed + 2) for seed in seeds],
+                        tick=tick,
+                    )
+                )
+        for k, (m, twin, d) in enumerate(zip(with_bias, without, data)):
+            r_bias, r_twin = arms[0][k], arms[1][k]
+            per_seed[k].update(
+                {
+                    "paired_training_max_loss_delta": float(
+                        np.max(np.abs(np.asarray(r_bias.losses) - np.asarray(r_twin.losses)))
+                    ),
+                    "paired_training_max_weight_delta": max(
+                        float((a.layer.weight.detach() - b.layer.weight.detach()).abs().max())
+                        for a, b in zip(blocks(m), blocks(twin))
+                    ),
+                    "bias_max_movement_during_training": max(
+                        float((b.layer.bias.detach() - b0).abs().max()) for b, b0 in zip(blocks(m), before[k])
+                    ),
+                    "paired_losses_with_bias": r_bias.losses,
+                    "paired_losses_without_bias": r_twin.losses,
+                    "diverged": bool(r_bias.diverged or r_twin.diverged),
+                    **_eval_removal(m, d.test_x.double()),
+                }
+            )
+        counts = {
+            "MLP 64-3x100-10 (ioffe2015-fig1)": _count(MLP(64, [100] * 3, 10, norm="bn", bias=True)),
+            "MLP 64-3x256-10 (dropout)": _count(MLP(64, [256] * 3, 10, norm="bn", bias=True)),
+            "MLP 64-8x100-10 (lr-sweep)": _count(MLP(64, [100] * 8, 10, norm="bn", bias=True)),
+            "ConvNet 16-32-64 on 8x8": _count(ConvNet((1, 8, 8), (16, 32, 64), 10, norm="bn", bias=True)),
+        }
+        for m in per_seed:
+            m["parameter_counts"] = counts
+        return per_seed
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
+
+
 EXPERIMENT = Bias()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -1,13 +1,7 @@
 """``dropout``: BN as a regularizer (Ioffe & Szegedy 2015, §3.4 and §4.2.1) — the
 generalization of plain, dropout, BN, BN+dropout and BN with a fixed batch composition on a
 small training set, judged over seeds.
-
-An MLP of 3 hidden layers of 256 ReLU units on 400 training examples (a stratified subset per
-seed), SGD, batch 50. Arms: plain; dropout 0.5; BN; BN + dropout 0.5; BN + dropout 0.1; BN with
-fixed batch composition (the same 8 batches of 50 every epoch, so an example always shares its
-batch statistics with the same 49 others). The number of steps is fixed by a calibration run on
-a seed of its own (every arm must fit its training set); the seeds and replicates of each arm
-are trained together (``batchnorm.lab._stacked_dropout``).
+Setup, the rules fixed before any run and each setting's source: ``dropout.md``.
 """
 
 from __future__ import annotations
@@ -26,6 +20,7 @@ from .._replicates import mean_over_replicates, replicate_seed
 from .._stacked_dropout import train_stacked_dropout
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import seeded
 from ..experiment import Experiment, claim, column, load_for
 from ..models import MLP
 from ..progress import Progress
@@ -51,27 +46,19 @@ _SOURCE = "Ioffe & Szegedy 2015, Sec. 3.4 and Sec. 4.2.1"
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``dropout.md``)."""
 
     replicates: int
-    """Networks per seed and arm; the seed's value is their mean (``batchnorm.lab._replicates``).
-    3 keeps a stack of 3 seeds x 3 networks x 256 units x batch 50 below the size at which
-    BatchNorm switches to the multi-threaded kernel (slow on a busy 2-core machine)."""
     max_steps: int
-    """Cap on the calibrated steps (quick 1,600: the cost of a quick run; full 16,000)."""
     steps: int = 0
-    """SGD steps for every arm and seed, from the calibration rule (0 until calibrated)."""
     steps_rule: str = (
         "train every arm on the calibration seed's 400 examples until its training accuracy reaches the fit level "
         "(checked every calibration_every steps); steps = 2 x the slowest arm's steps, at most max_steps"
     )
     calibration_seed: int = CALIBRATION_SEED
-    """The calibration run's seed (its own split, subset, weights and batches); never a claim seed."""
     calibration_every: int = 100
     fit_level: float = 0.99
-    """Training accuracy that counts as fitting the training set (the claims presuppose it)."""
     calibration_fit_steps: dict[str, int] = dataclasses.field(default_factory=dict)
-    """Per arm: the steps it needed on the calibration seed (max_steps + calibration_every: never)."""
     train_examples: int = 400
     hidden: tuple[int, ...] = (256, 256, 256)
     activation: str = "relu"
@@ -87,15 +74,8 @@ class Settings:
     fixed_batches: str = "one permutation split into 8 batches of 50, visited in the same order every epoch"
     seeds_trained: str = "the seeds and replicates of each arm are trained together (batchnorm.lab._stacked_dropout)"
     accuracy_tolerance: float = 0.01
-    """The paper gives no effect size for an MLP; BN-Inception's only number is ~1 pp (the gain
-    from better shuffling, Sec. 4.2.1). 1 pp (about 4 test images of 360) is the tolerance of
-    "no lower", "no real gain" and "neutral"."""
     bn_vs_plain_test_loss_below: float = 0.0
-    """Sec. 3.4: BN is "advantageous to the generalization": BN's test loss below the plain
-    network's (direction only)."""
     fixed_vs_shuffled_test_loss_above: float = 0.0
-    """Sec. 4.2.1: more thorough shuffling gained ~1% validation accuracy: fixed batches give a
-    higher test loss than reshuffled ones (direction only)."""
 
 
 def _fixed_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -122,23 +102,11 @@ def _train_arm(
     ``stop_at_fit``, the first checkpoint at which every run fits (None: never)."""
     name, norm, p, fixed = arm
     models = [
-        MLP(
-            d.features,
-            list(s.hidden),
-            d.classes,
-            act=s.activation,
-            norm=norm,
-            init_std="he",
-            generator=torch.Generator().manual_seed(g),
-        )
+        MLP(d.features, list(s.hidden), d.classes, act=s.activation, norm=norm, init_std="he", generator=seeded(g))
         for d, g in zip(data, gens)
     ]
-    streams = [
-        (_fixed_batches if fixed else minibatches)(
-            d.train_x.shape[0], s.batch_size, torch.Generator().manual_seed(g + 1)
-        )
-        for d, g in zip(data, gens)
-    ]
+    batches = _fixed_batches if fixed else minibatches
+    streams = [batches(d.train_x.shape[0], s.batch_size, seeded(g + 1)) for d, g in zip(data, gens)]
     fitted: list[int] = []
 
     def fits(step: int) -> bool:
@@ -155,7 +123,7 @@ def _train_arm(
             TrainSpec(steps=steps, batch_size=s.batch_size, lr=s.lr),
             p=p,
             batches=streams,
-            mask_generator=torch.Generator().manual_seed(gens[0] + 2),
+            mask_generator=seeded(gens[0] + 2),
             checkpoints=checkpoints,
             stop=fits if stop_at_fit else None,
             tick=tick,
@@ -175,58 +143,6 @@ def _calibrate(s: Settings, cfg: RunConfig, progress: Progress) -> Settings:
         needed[arm[0]] = step if step is not None else s.max_steps + s.calibration_every
     steps = min(2 * max(needed.values()), s.max_steps)
     return dataclasses.replace(s, steps=steps, calibration_fit_steps=needed)
-
-
-class Dropout(Experiment):
-    """BN as a regularizer, over seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        """The mode's replicates and step cap; ``steps`` is calibrated by ``run``."""
-        return Settings(replicates=_REPLICATES[cfg.mode], max_steps=_MAX_STEPS[cfg.mode])
-
-    def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
-        """Calibrate the steps on the calibration seed."""
-        return _calibrate(settings, cfg, progress)
-
-    def load_seed(self, cfg: RunConfig, settings: Settings, seed: int) -> Dataset:
-        """The seed's split, its training set cut to ``train_examples``."""
-        return load_for(cfg, seed).subset_train(settings.train_examples, seed)
-
-    def describe_data(self, settings: Settings, first: Dataset) -> dict[str, Any]:
-        return {
-            **super().describe_data(settings, first),
-            "train_used": settings.train_examples,
-            "split": "each seed draws its own split and training subset",
-        }
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        s = settings
-        runs = [(d, replicate_seed(seed, r)) for d, seed in zip(data, seeds) for r in range(s.replicates)]
-        per_seed: list[dict[str, Any]] = [{} for _ in seeds]
-        for arm in _ARMS:
-            models, _ = _train_arm(s, [d for d, _ in runs], [g for _, g in runs], arm, s.steps, progress)
-            for k in range(len(seeds)):
-                rows: dict[str, list[float]] = {"train_acc": [], "test_acc": [], "train_loss": [], "test_loss": []}
-                for r in range(s.replicates):
-                    model, d = models[k * s.replicates + r], runs[k * s.replicates + r][0]
-                    trl, tra = evaluate(model, d.train_x, d.train_y)
-                    tel, tea = evaluate(model, d.test_x, d.test_y)
-                    for key, v in (("train_acc", tra), ("test_acc", tea), ("train_loss", trl), ("test_loss", tel)):
-                        rows[key].append(v)
-                per_seed[k][arm[0]] = rows
-        return per_seed
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
 
 
 _LOSS_CAP = 1e6
@@ -348,7 +264,54 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     return [save(fig, Path(outdir) / "dropout_vs_bn.png")]
 
 
+class Dropout(Experiment):
+    """BN as a regularizer, over seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        """The mode's replicates and step cap; ``steps`` is calibrated by ``run``."""
+        return Settings(replicates=_REPLICATES[cfg.mode], max_steps=_MAX_STEPS[cfg.mode])
+
+    def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
+        """Calibrate the steps on the calibration seed."""
+        return _calibrate(settings, cfg, progress)
+
+    def load_seed(self, cfg: RunConfig, settings: Settings, seed: int) -> Dataset:
+        """The seed's split, its training set cut to ``train_examples``."""
+        return load_for(cfg, seed).subset_train(settings.train_examples, seed)
+
+    def describe_data(self, settings: Settings, first: Dataset) -> dict[str, Any]:
+        return {
+            **super().describe_data(settings, first),
+            "train_used": settings.train_examples,
+            "split": "each seed draws its own split and training subset",
+        }
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        s = settings
+        runs = [(d, replicate_seed(seed, r)) for d, seed in zip(data, seeds) for r in range(s.replicates)]
+        per_seed: list[dict[str, Any]] = [{} for _ in seeds]
+        for arm in _ARMS:
+            models, _ = _train_arm(s, [d for d, _ in runs], [g for _, g in runs], arm, s.steps, progress)
+            scores = [
+                (evaluate(m, d.train_x, d.train_y), evaluate(m, d.test_x, d.test_y)) for m, (d, _) in zip(models, runs)
+            ]
+            for k in range(len(seeds)):
+                mine = scores[k * s.replicates : (k + 1) * s.replicates]  # [((train loss, acc), (test loss, acc))]
+                per_seed[k][arm[0]] = {
+                    "train_acc": [tr[1] for tr, _te in mine],
+                    "test_acc": [te[1] for _tr, te in mine],
+                    "train_loss": [tr[0] for tr, _te in mine],
+                    "test_loss": [te[0] for _tr, te in mine],
+                }
+        return per_seed
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
+
+
 EXPERIMENT = Dropout()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -1,13 +1,7 @@
 """``ghost-bn``: Hoffer, Hubara & Soudry 2017, "Train longer, generalize better" — the
 large-batch generalization gap, and how sqrt learning-rate scaling, ghost batch norm and regime
 adaptation close it; judged over seeds.
-
-Setup (CPU form of their MNIST "F1" net): a 3x128 FC-BN-ReLU MLP; SGD with momentum 0.9, weight
-decay 1e-4, gradient norm clipped to 5 (as the official ``main_gbn.py``), learning rate divided
-by 10 at 50% and 75% of the updates. Arms: small batch (SB, 32) and large batch (LB, 1024) for
-the same number of epochs; LB with lr * sqrt(1024/32); that plus Ghost BN with ghost batches of
-32 (``batchnorm.GhostBatchNorm1d``); that plus regime adaptation (RA: 32x the epochs, so as many
-updates as SB). Every arm of a seed starts from the same initial weights.
+Setup, the rules fixed before any run and each setting's source: ``ghost_bn.md``.
 """
 
 from __future__ import annotations
@@ -25,6 +19,7 @@ from torch.nn import functional as F
 from ... import GhostBatchNorm1d
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import seeded
 from ..experiment import Experiment, claim, column
 from ..models import MLP
 from ..progress import Progress
@@ -46,37 +41,26 @@ _LABELS = {
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``ghost_bn.md``)."""
 
     epochs: int
-    """Epochs of the SB/LB arms (quick 10, full 30, tiny 1); RA trains 32x as many. Fixed before any
-    multi-seed run (Hoffer et al. train MNIST for 50 epochs)."""
     max_train: int | None
-    """Quick/tiny: at most 2,000 training examples (stratified subset; digits has 1,437, so all), to bound the
-    epoch-based arms on MNIST-1D; full: the whole training set."""
     hidden: tuple[int, ...] = (128, 128, 128)
-    """The form of their F1 net (5 x 512 FC-BN-ReLU on MNIST), smaller."""
     activation: str = "relu"
     norm: str = "batchnorm.BatchNorm1d before each ReLU (Linear bias dropped); GBN arms: batchnorm.GhostBatchNorm1d"
     init: str = "PyTorch's default, seeded per seed: the same initial weights in every arm of a seed"
     small_batch: int = 32
     large_batch: int = 1024
     ghost_batch: int = 32
-    """Hoffer et al.: ghost batches of 128 in batches of 4096 (a ratio of 32, as here)."""
     lr: float = 0.05
-    """SB learning rate; not the paper's (0.1 for F1); fixed before any multi-seed run, never re-tuned."""
     lr_scaling: str = "lr * sqrt(large/small) = lr * sqrt(32) (Hoffer et al., Sec. 4)"
     updates: str = "ceil(epochs * N_train / batch): every arm sees epochs * N_train examples (batches straddle epochs)"
     regime_adaptation: str = "epochs * large/small = 32x the epochs (as many updates as SB)"
     optimizer: str = "SGD, momentum 0.9, weight decay 1e-4, gradient norm clipped to 5 (main_gbn.py)"
     schedule: str = "lr / 10 at 50% and at 75% of the updates"
     gap_at_least_pp: float = 0.5
-    """SB - LB >= 0.5 pp. Hoffer et al., Table 1: ResNet-44 on CIFAR-10, 92.83% vs 86.10% (6.7 pp). On digits,
-    accuracies near 98% leave far less room; 0.5 pp (about two test images) is the direction with a margin."""
     lr_gain_above_pp: float = 0.0
-    """LB + sqrt-LR > LB, and + GBN >= LB + LR. Table 1: +3.2 pp (89.30%), then +1.2 pp (90.50%)."""
     ra_within_pp: float = 0.5
-    """LB + RA >= SB - 0.5 pp. Table 1: 93.07% vs 92.83% (+0.24 pp, RA matches or beats SB)."""
 
 
 def _settings(cfg: RunConfig) -> Settings:
@@ -113,7 +97,7 @@ def _train_regime(
     steps = math.ceil(spec["epochs"] * n / batch)  # updates that see epochs * n examples
     drops = {int(steps * 0.5), int(steps * 0.75)}
     opt = torch.optim.SGD(model.parameters(), lr=spec["lr"], momentum=0.9, weight_decay=1e-4)
-    stream = minibatches(n, batch, torch.Generator().manual_seed(seed + 2))
+    stream = minibatches(n, batch, seeded(seed + 2))
     model.train()
     diverged = False
     with progress.task(label, total=steps) as tick:
@@ -134,35 +118,6 @@ def _train_regime(
     _, test_acc = evaluate(model, data.test_x, data.test_y)
     _, train_acc = evaluate(model, data.train_x, data.train_y)
     return {"test_acc": 100.0 * test_acc, "train_acc": 100.0 * train_acc, "updates": steps, "diverged": diverged}
-
-
-class GhostBN(Experiment):
-    """Hoffer et al.'s five arms over several seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return _settings(cfg)
-
-    def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
-        if settings.max_train is not None:
-            data = data.subset_train(settings.max_train, seed)
-        arms = {}
-        for arm in _ARMS:
-            spec = _arm_spec(arm, settings)
-            arms[arm] = {
-                "spec": spec,
-                **_train_regime(data, settings, spec, seed, progress, f"{_LABELS[arm]} seed {seed}"),
-            }
-        return {"arms": arms, "train_examples": int(data.train_x.shape[0])}
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
 
 
 def _acc(results: dict[str, Any], arm: str, key: str = "test_acc") -> list[float]:
@@ -238,8 +193,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.set_xticks(x)
     ax.set_xticklabels(names, fontsize=8)
     ax.set_ylim(0, 101)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("Large-batch generalization gap and how to close it")
+    ax.set(ylabel="accuracy (%)", title="Large-batch generalization gap and how to close it")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax = axes[1]
     updates = [per_seed[0]["arms"][arm]["updates"] for arm in _ARMS]
@@ -250,12 +204,33 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.set_ylim(top=2 * max(updates))  # room for the count above the tallest bar
     ax.set_xticks(x)
     ax.set_xticklabels(names, fontsize=8)
-    ax.set_ylabel("SGD updates")
-    ax.set_title("Number of updates: the gap follows it")
+    ax.set(ylabel="SGD updates", title="Number of updates: the gap follows it")
     return [save(fig, outdir / "generalization_gap.png")]
 
 
+class GhostBN(Experiment):
+    """Hoffer et al.'s five arms over several seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        return _settings(cfg)
+
+    def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
+        if settings.max_train is not None:
+            data = data.subset_train(settings.max_train, seed)
+        arms = {}
+        for arm in _ARMS:
+            spec = _arm_spec(arm, settings)
+            arms[arm] = {
+                "spec": spec,
+                **_train_regime(data, settings, spec, seed, progress, f"{_LABELS[arm]} seed {seed}"),
+            }
+        return {"arms": arms, "train_examples": int(data.train_x.shape[0])}
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
+
+
 EXPERIMENT = GhostBN()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

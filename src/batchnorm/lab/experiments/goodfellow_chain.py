@@ -2,13 +2,7 @@
 *Deep Learning* §8.7.1): a simultaneous gradient step on all layers changes the loss by
 higher-order terms that grow with depth and weight scale, so no single learning rate is safe;
 normalizing every layer (BN) removes that dependence.
-
-For each depth L and weight scale s (all w_i = s), with a batch of N Gaussian inputs x and the
-target t = 2x, the loss is f = mean((y - t)^2)/2. One step w <- w - lr·g (g = grad f) is
-predicted to change the loss by -lr·|g|^2 (first order); the actual change is measured
-exactly (float64). With BN, every layer is h_i = BN(h_{i-1}·w_i) = gamma_i·x_hat + beta_i
-(``batchnorm.functional.batch_norm`` in training mode). A seed draws the inputs x; both arms
-(plain, BN) of a seed see the same x.
+Setup, the rules fixed before any run and each setting's source: ``goodfellow_chain.md``.
 """
 
 from __future__ import annotations
@@ -25,6 +19,7 @@ from torch import Tensor
 
 from ...functional import batch_norm
 from ..config import RunConfig
+from ..declare import listed, seeded
 from ..experiment import Experiment, claim, column
 from ..progress import Progress
 from ..verdict import part
@@ -44,46 +39,30 @@ _SOURCE = "Goodfellow, Bengio & Courville 2016, Deep Learning, Sec. 8.7.1"
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the reading."""
+    """Every choice of this experiment; claim thresholds with the source of the reading (each field's meaning and
+    source: ``goodfellow_chain.md``)."""
 
     depths: tuple[int, ...]
-    """Chain lengths L (the book: any L; its argument is about growth with L)."""
     scales: tuple[float, ...]
-    """Initial value of every weight w_i (below, at and above 1: the book's three regimes)."""
     lrs: tuple[float, ...]
-    """Log-spaced step sizes from 1e-6 to 10 (fixed grid, not tuned)."""
     batch: int = 256
-    """N Gaussian inputs x ~ N(0, 1), drawn per seed."""
     target: str = "t = 2x"
     loss: str = "f = mean((y - t)^2) / 2"
     init: str = "every w_i = scale; BN: gamma_i = 1, beta_i = 0"
     bn_eps: float = 1e-12
-    """BN's eps (float64: small enough not to damp the normalization)."""
     dtype: str = "float64"
     step: str = "one simultaneous step on every parameter: p <- p - lr * df/dp"
     predicted_change: str = "-lr * |g|^2 (first order)"
     safe_band: tuple[float, float] = (0.5, 1.5)
-    """A step is "safe" when the actual change is 50% to 150% of the first-order prediction."""
     safe_lr_definition: str = (
         "largest lr on the grid such that actual/predicted is within the safe band for it and every smaller lr"
     )
     reference_lr: float = 0.1
-    """The step at which the first-order error is compared across depths (fixed before any run)."""
     data_note: str = "synthetic (x ~ N(0, 1), one draw per seed); --data is ignored"
     plain_safe_lr_spread_at_least: float = 100.0
-    """Sec. 8.7.1: the higher-order terms scale with products of up to L weights, "exponentially"
-    in depth, so no one step size suits every chain; read as a spread of > 100x (two decades)
-    in the largest safe step over the depths and scales."""
     plain_error_growth_at_least: float = 2.0
-    """Sec. 8.7.1: for weights >= 1 the higher-order terms grow with depth; read as the
-    first-order error at the reference step growing with every depth and at least 2x from the
-    shallowest to the deepest chain."""
     bn_safe_lr_spread_below: float = 2.0
-    """Sec. 8.7.1: with normalization the lower layers no longer change the output's scale; read
-    as the same safe step (within 2x, one grid point) for every depth and scale."""
     bn_first_order_error_below: float = 0.10
-    """Sec. 8.7.1 (as above): with BN the first-order prediction at the reference step is
-    accurate; read as within 10% of the actual change for every chain."""
 
 
 def _output(x: Tensor, ws: list[Tensor], gammas: list[Tensor], betas: list[Tensor], bn: bool, eps: float) -> Tensor:
@@ -130,49 +109,6 @@ def _measure(
         else:
             break
     return {"loss": base, "grad_norm2": g2, "predicted": predicted, "actual": actual, "ratio": ratios, "safe_lr": safe}
-
-
-class Chain(Experiment):
-    """The linear chain over several seeds (each seed: its own inputs x)."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        lrs = tuple(float(v) for v in np.logspace(-6, 1, _GRID_POINTS[cfg.mode]))
-        return Settings(depths=_DEPTHS[cfg.mode], scales=_SCALES[cfg.mode], lrs=lrs)
-
-    def load_seed(self, cfg: RunConfig, settings: Settings, seed: int) -> Tensor:
-        """The seed's inputs x, (N, 1) float64 standard normal."""
-        return torch.randn(settings.batch, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-    def describe_data(self, settings: Settings, first: Tensor) -> dict[str, Any]:
-        return {"name": "synthetic chain", "batch": settings.batch, "split": "each seed draws its own inputs"}
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Tensor], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        """Each seed's inputs through every (arm, depth, scale)."""
-        s = settings
-        per_seed = []
-        with progress.task("chains", total=2 * len(s.depths) * len(s.scales) * len(seeds)) as tick:
-            for x in data:
-                cases = []
-                for arm in ("plain", "bn"):
-                    for depth in s.depths:
-                        for scale in s.scales:
-                            m = _measure(x, depth, scale, arm == "bn", s.lrs, s.bn_eps, s.safe_band)
-                            cases.append({"arm": arm, "depth": depth, "scale": scale, **m})
-                            tick.update(1)
-                per_seed.append({"cases": cases})
-        return per_seed
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
 
 
 def _cases(m: dict[str, Any], arm: str) -> list[dict[str, Any]]:
@@ -275,12 +211,10 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             also=[part(col("growth_min_step_log10"), above=0.0)],
             expected="the higher-order terms grow with depth when |w| >= 1 (no number given)",
             source=_SOURCE,
-            evidence="log10 growth shallowest -> deepest (smallest over scales), per seed: "
-            + ", ".join(f"{v:.2f}" for v in col("growth_total_log10"))
-            + "; smallest log10 growth between neighbouring depths: "
-            + ", ".join(f"{v:.2f}" for v in col("growth_min_step_log10"))
-            + f"; seed {seeds[0]}, |actual/predicted - 1|: {first['growth_detail']}"
-            + f" (an overflowed step counts as 10^{_LOG10_CAP:g})",
+            evidence=f"log10 growth shallowest -> deepest (smallest over scales), per seed: "
+            f"{listed(col('growth_total_log10'), '{:.2f}')}; smallest log10 growth between neighbouring depths: "
+            f"{listed(col('growth_min_step_log10'), '{:.2f}')}; seed {seeds[0]}, |actual/predicted - 1|: "
+            f"{first['growth_detail']} (an overflowed step counts as 10^{_LOG10_CAP:g})",
         ),
         claim(
             f"With BN on every layer the safe learning rate no longer depends on depth or weight scale (varies by less than "
@@ -293,8 +227,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             source=_SOURCE,
             evidence=f"BN safe lr from {min(col('bn_safe_min')):.2g} to {max(col('bn_safe_max')):.2g} over {n} seeds x "
             f"{len(_cases(results['metrics']['per_seed'][0], 'bn'))} chains; spread per seed "
-            + ", ".join(f"{v:.3g}x" for v in col("bn_spread"))
-            + f"; {sum(int(v) for v in col('bn_unsafe'))} BN chain(s) unsafe at every lr",
+            f"{listed(col('bn_spread'), '{:.3g}x')}; {sum(int(v) for v in col('bn_unsafe'))} BN chain(s) unsafe at every lr",
         ),
         claim(
             f"With BN the first-order prediction at lr {ref:g} is within {100 * s['bn_first_order_error_below']:g}% of the "
@@ -305,10 +238,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             below=float(s["bn_first_order_error_below"]),
             expected="normalization removes the lower layers' effect on the output's scale (no number given)",
             source=_SOURCE,
-            evidence=f"largest |actual/predicted - 1| at lr {ref:g}, per seed: BN "
-            + ", ".join(f"{v:.3g}" for v in col("bn_error"))
-            + "; without BN "
-            + ", ".join(f"{v:.3g}" for v in col("plain_error")),
+            evidence=f"largest |actual/predicted - 1| at lr {ref:g}, per seed: BN {listed(col('bn_error'), '{:.3g}')}; "
+            f"without BN {listed(col('plain_error'), '{:.3g}')}",
         ),
     ]
 
@@ -339,8 +270,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         ax.set_xlim(1e-8, 1e6)
         ax.set_ylim(-1e12, 1e4)
         ax.set_yticks([-1e12, -1e8, -1e4, -1.0, -1e-4, 0.0, 1e-4, 1.0, 1e4])  # every 4 decades: no crowding at 0
-        ax.set_xlabel("predicted loss decrease lr*|g|^2 (first order)")
-        ax.set_title(f"{title} (all weights = {scale_shown})")
+        ax.set(xlabel="predicted loss decrease lr*|g|^2 (first order)", title=f"{title} (all weights = {scale_shown})")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize=8)
     axes[0].set_ylabel("actual loss decrease (negative = loss went up)")
@@ -351,19 +281,11 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     for arm, style in (("plain", "-o"), ("bn", "--s")):
         for color, scale in zip(plt.cm.plasma(np.linspace(0, 0.85, len(cfg["scales"]))), cfg["scales"]):
             row = sorted((c for c in _cases(m, arm) if c["scale"] == scale), key=lambda c: c["depth"])
-            ax.plot(
-                [c["depth"] for c in row],
-                [_safe(c) for c in row],
-                style,
-                color=color,
-                markersize=4,
-                label=f"{'no norm' if arm == 'plain' else 'BN'}, weights {scale}",
-            )
+            label = f"{'no norm' if arm == 'plain' else 'BN'}, weights {scale}"
+            ax.plot([c["depth"] for c in row], [_safe(c) for c in row], style, color=color, markersize=4, label=label)
     ax.set_xscale("log", base=2)
     log_ticks(ax.xaxis, cfg["depths"])
-    ax.set_yscale("log")
-    ax.set_xlabel("depth L")
-    ax.set_ylabel("largest safe learning rate")
+    ax.set(yscale="log", xlabel="depth L", ylabel="largest safe learning rate")
     ax.set_title(f"Largest step whose effect the gradient predicts within ±50% (seed {seed})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -371,7 +293,43 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     return paths
 
 
+class Chain(Experiment):
+    """The linear chain over several seeds (each seed: its own inputs x)."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        lrs = tuple(float(v) for v in np.logspace(-6, 1, _GRID_POINTS[cfg.mode]))
+        return Settings(depths=_DEPTHS[cfg.mode], scales=_SCALES[cfg.mode], lrs=lrs)
+
+    def load_seed(self, cfg: RunConfig, settings: Settings, seed: int) -> Tensor:
+        """The seed's inputs x, (N, 1) float64 standard normal."""
+        return torch.randn(settings.batch, 1, generator=seeded(seed), dtype=torch.float64)
+
+    def describe_data(self, settings: Settings, first: Tensor) -> dict[str, Any]:
+        return {"name": "synthetic chain", "batch": settings.batch, "split": "each seed draws its own inputs"}
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Tensor], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        """Each seed's inputs through every (arm, depth, scale)."""
+        s = settings
+        per_seed = []
+        with progress.task("chains", total=2 * len(s.depths) * len(s.scales) * len(seeds)) as tick:
+            for x in data:
+                cases = []
+                for arm in ("plain", "bn"):
+                    for depth in s.depths:
+                        for scale in s.scales:
+                            m = _measure(x, depth, scale, arm == "bn", s.lrs, s.bn_eps, s.safe_band)
+                            cases.append({"arm": arm, "depth": depth, "scale": scale, **m})
+                            tick.update(1)
+                per_seed.append({"cases": cases})
+        return per_seed
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
+
+
 EXPERIMENT = Chain()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -1,10 +1,7 @@
 """``inference-stats``: which statistics should normalize a test example? Batch statistics vs
 the running average vs population statistics (Alg. 2 and exact), single-example inference,
 and how noisy the statistics of a batch of 8 are — judged over seeds.
-
-A BN MLP (3 hidden layers of 100 ReLU units, BN before every ReLU) is trained with batch 60
-(the seeds' networks together, ``lab.stacked``); then each seed's trained weights are
-evaluated with every choice of statistics.
+Setup, the rules fixed before any run and each setting's source: ``inference_stats.md``.
 """
 
 from __future__ import annotations
@@ -22,11 +19,11 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import seeded, train_seeds
 from ..experiment import Experiment, claim, per_seed_values
 from ..models import MLP, blocks
 from ..popstats import population_statistics
 from ..progress import Progress
-from ..stacked import train_stacked
 from ..training import TrainSpec, evaluate
 from ..verdict import part
 
@@ -40,49 +37,30 @@ _STEPS = {"tiny": 30, "quick": 2000, "full": 20000}
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``inference_stats.md``)."""
 
     steps: int
-    """SGD steps. Rule fixed before any multi-seed run: quick 2,000 (about 80 epochs of the digits
-    training set, where the BN network's training loss has flattened), full 20,000; the claims are
-    about inference with a trained network, not about its accuracy."""
     test_batch_repeats: int
-    """Random groupings of the test set per test-batch size (batch-statistics inference)."""
     noise_batches: int
-    """Random training batches per size for the batch-noise measurement."""
     hidden: tuple[int, ...] = (100, 100, 100)
     activation: str = "relu"
     norm: str = "batchnorm.BatchNorm1d before every ReLU (eps 1e-5, momentum 0.1)"
     init: str = "He: N(0, 2/fan_in), biases 0, seeded per seed"
     optimizer: str = "SGD, no momentum, no weight decay"
     lr: float = 0.1
-    """Not a paper's value; fixed before any run."""
     batch_size: int = 60
-    """Training batch m (Ioffe & Szegedy's Fig. 1 uses 60)."""
     test_batch_sizes: tuple[int, ...] = _BATCH_SIZES
     noise_batch_sizes: tuple[int, ...] = _NOISE_SIZES
     alg2: str = "one pass over the training set in batches of 60: E[mu_B], 60/59 E[sigma_B^2]"
     exact: str = "batchnorm.recompute_statistics(mode='eval', passes=depth+1): whole training set, inference network"
     seeds_trained: str = "the seeds are trained together (batchnorm.lab.stacked), each as if alone"
     fixed_statistics_band_pp: float = 1.0
-    """Running average and Alg. 2 within +-1 pp of the exact population statistics' test accuracy. Ioffe &
-    Szegedy, Alg. 2 and Sec. 3.1: all three estimate the same population statistics (no accuracy number)."""
     alg2_mean_within_std: float = 0.1
-    """Alg. 2's means within 0.1 population std of the exact ones (largest over units): averaging the batch
-    means of N/m batches estimates the population mean (Ioffe & Szegedy, Alg. 2)."""
     alg2_var_within: float = 0.10
-    """Alg. 2's variances within 10% (relative) of the exact ones: m/(m-1) E[sigma_B^2] is unbiased (Alg. 2)."""
     batch8_drop_at_least_pp: float = 1.0
-    """Test batches of 8 normalized by their own statistics lose >= 1 pp against population statistics; no
-    paper gives the number: the batch mean of 8 scatters by ~0.35 sigma (sampling theory), stated in advance."""
     batch2_drop_at_least_pp: float = 10.0
-    """Test batches of 2 lose >= 10 pp: two examples normalized together are mapped to about +-1 per unit
-    (sampling theory; stated in advance)."""
     single_example_max_logit_delta: float = 1e-4
-    """With fixed statistics an example's logits alone vs inside the batch differ by float32 rounding only."""
     noise_theory_band: float = 0.15
-    """Measured batch-8 mean scatter / sigma*sqrt((N-m)/(m(N-1))) - 1 within +-15% (the formula is exact for
-    sampling without replacement; 15% allows for the finite number of sampled batches)."""
 
 
 @torch.no_grad()
@@ -163,16 +141,14 @@ def _measure(s: Settings, data: Dataset, model: nn.Module, seed: int) -> dict[st
 
     model.eval()
     ema_acc = evaluate(model, data.test_x, data.test_y)[1]
-    alg2 = population_statistics(
-        model, data.train_x, batch_size=s.batch_size, generator=torch.Generator().manual_seed(seed + 2)
-    )
+    alg2 = population_statistics(model, data.train_x, batch_size=s.batch_size, generator=seeded(seed + 2))
     alg2_acc = evaluate(alg2, data.test_x, data.test_y)[1]
     exact = copy.deepcopy(model)
     recompute_statistics(exact, list(data.train_x.split(256)), mode="eval", passes=len(s.hidden) + 1)
     exact.eval()
     exact_acc = evaluate(exact, data.test_x, data.test_y)[1]
 
-    gen = torch.Generator().manual_seed(seed + 3)
+    gen = seeded(seed + 3)
     sizes = [b for b in s.test_batch_sizes if b <= data.test_x.shape[0]]
     batch_acc = {
         str(b): _batch_stats_accuracy(model, data.test_x, data.test_y, b, s.test_batch_repeats, gen) for b in sizes
@@ -190,9 +166,7 @@ def _measure(s: Settings, data: Dataset, model: nn.Module, seed: int) -> dict[st
     except ValueError as err:
         single_fails = str(err)
 
-    noise = _first_layer_noise(
-        model, data.train_x, s.noise_batch_sizes, s.noise_batches, torch.Generator().manual_seed(seed + 4)
-    )
+    noise = _first_layer_noise(model, data.train_x, s.noise_batch_sizes, s.noise_batches, seeded(seed + 4))
     st_ema, st_alg2, st_exact = _stats_of(model), _stats_of(alg2), _stats_of(exact)
     return {
         "test_acc": {"running_average": ema_acc, "alg2_population": alg2_acc, "exact_population": exact_acc},
@@ -207,58 +181,6 @@ def _measure(s: Settings, data: Dataset, model: nn.Module, seed: int) -> dict[st
             "alg2_var": _rel_diff(st_alg2, st_exact, "var"),
         },
     }
-
-
-class InferenceStats(Experiment):
-    """Which statistics normalize a test example, over several seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return Settings(
-            steps=_STEPS[cfg.mode],
-            test_batch_repeats={"tiny": 2, "quick": 10, "full": 50}[cfg.mode],
-            noise_batches={"tiny": 20, "quick": 500, "full": 5000}[cfg.mode],
-        )
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        s = settings
-        models = [
-            MLP(
-                d.features,
-                list(s.hidden),
-                d.classes,
-                act=s.activation,
-                norm="bn",
-                init_std="he",
-                generator=torch.Generator().manual_seed(seed),
-            )
-            for d, seed in zip(data, seeds)
-        ]
-        spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
-        with progress.task(f"train BN nets ({len(seeds)} seeds)", total=s.steps) as tick:
-            results = train_stacked(
-                models,
-                [d.train_x for d in data],
-                [d.train_y for d in data],
-                spec,
-                generators=[torch.Generator().manual_seed(seed + 1) for seed in seeds],
-                tick=tick,
-            )
-        out = []
-        for model, d, seed, r in zip(models, data, seeds, results):
-            out.append({**_measure(s, d, model, seed), "diverged": r.diverged})
-        return out
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
 
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -384,8 +306,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         axes[0].axhline(m["test_acc"][key], color=color, linestyle=ls, label=label)
     axes[0].set_xscale("log", base=2)
     axes[0].set_xticks(sizes, [str(k) for k in sizes])
-    axes[0].set_xlabel("test batch size B (batch statistics)")
-    axes[0].set_ylabel("test accuracy")
+    axes[0].set(xlabel="test batch size B (batch statistics)", ylabel="test accuracy")
     axes[0].set_title("Which statistics normalize a test example")
     axes[0].grid(alpha=0.3)
     axes[0].legend(loc="lower right", fontsize=8)
@@ -400,16 +321,53 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     )
     axes[1].set_xscale("log", base=2)
     axes[1].set_xticks(noise["m"], [str(k) for k in noise["m"]])
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("batch size m")
-    axes[1].set_ylabel("scatter, in population units")
+    axes[1].set(yscale="log", xlabel="batch size m", ylabel="scatter, in population units")
     axes[1].set_title("Noise of batch statistics (first BN layer)")
     axes[1].grid(alpha=0.3)
     axes[1].legend(fontsize=8)
     return [save(fig, Path(outdir) / "inference_statistics.png")]
 
 
+class InferenceStats(Experiment):
+    """Which statistics normalize a test example, over several seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        return Settings(
+            steps=_STEPS[cfg.mode],
+            test_batch_repeats={"tiny": 2, "quick": 10, "full": 50}[cfg.mode],
+            noise_batches={"tiny": 20, "quick": 500, "full": 5000}[cfg.mode],
+        )
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        s = settings
+        models = [
+            MLP(
+                d.features,
+                list(s.hidden),
+                d.classes,
+                act=s.activation,
+                norm="bn",
+                init_std="he",
+                generator=seeded(seed),
+            )
+            for d, seed in zip(data, seeds)
+        ]
+        spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
+        results = train_seeds(
+            models, data, seeds, spec, f"train BN nets ({len(seeds)} seeds)", progress, order_offset=1
+        )
+        out = []
+        for model, d, seed, r in zip(models, data, seeds, results):
+            out.append({**_measure(s, d, model, seed), "diverged": r.diverged})
+        return out
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
+
+
 EXPERIMENT = InferenceStats()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -1,11 +1,6 @@
 """``ioffe2015-fig1``: Ioffe & Szegedy 2015, Figure 1 — BN trains faster and keeps the inputs
 of the sigmoids stable; inference with Alg. 2 population statistics vs the running average.
-
-Setup (Ioffe & Szegedy, Sec. 4.1): 3 fully connected hidden layers of 100 sigmoid units, FC-10,
-cross-entropy, batch 60, with and without BN (our ``batchnorm.BatchNorm1d``) on every hidden
-layer, placed before the sigmoid (``sigmoid(BN(W u))``, the Linear bias dropped as beta
-subsumes it). Not stated by the paper and chosen here: plain SGD, lr 0.1, constant; weights
-~ N(0, 0.1^2), biases 0; both arms start from the same weights and see the same minibatches.
+Setup, the rules fixed before any run and each setting's source: ``ioffe2015_fig1.md``.
 """
 
 from __future__ import annotations
@@ -21,11 +16,11 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import listed, probing, seeded, train_seeds
 from ..experiment import Experiment, claim, column, first_reaching
 from ..models import MLP, blocks
 from ..popstats import population_statistics
 from ..progress import Progress
-from ..stacked import train_stacked
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
 
@@ -46,52 +41,34 @@ _MNIST1D_CHOICE = (
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``ioffe2015_fig1.md``)."""
 
     steps: int
-    """SGD steps (the paper: 50,000; quick mode 5,000, MNIST-1D quick 20,000)."""
     checkpoint_every: int
-    """Steps between checkpoints (test accuracy, percentiles, population statistics)."""
     mnist1d_choice: str = ""
-    """Why the step count differs on MNIST-1D (empty elsewhere)."""
     hidden: tuple[int, ...] = (100, 100, 100)
-    """Hidden widths (the paper: 3 x 100 sigmoid units)."""
     activation: str = "sigmoid"
     norm: str = "batchnorm.BatchNorm1d on every hidden layer, before the sigmoid (eps 1e-5, momentum 0.1)"
     hidden_bias: str = "none with BN (beta subsumes it), zero-initialized without BN"
     batch_size: int = 60
-    """Minibatch size m (the paper: 60)."""
     optimizer: str = "SGD (no momentum, no weight decay)"
-    """Not stated by the paper."""
     lr: float = 0.1
-    """Not stated by the paper; fixed before any run, the same for both arms."""
     init: str = "weights ~ N(0, std^2), biases 0; same initial weights and minibatch order for both arms of a seed"
     init_std: float = 0.1
-    """The paper: "small random Gaussian" (no std given)."""
     tracked_unit: int = 0
     tracked_layer: str = "last hidden layer (3rd), input of its sigmoid"
     percentile_data: str = (
         "test set, in batches of 60; BN net in training mode (batch statistics), running stats untouched"
     )
     percentiles: tuple[int, ...] = (15, 50, 85)
-    """The paper's Fig. 1(b, c) percentiles."""
     population_statistics: str = "Alg. 2: weights frozen, one pass of training batches of 60; E[x] = mean of mu_B, Var[x] = 60/59 * mean of sigma_B^2"
     running_average: str = "PyTorch EMA, momentum 0.1 (running = 0.9 running + 0.1 batch)"
     seeds_trained: str = "the seeds of each arm are trained together (batchnorm.lab.stacked), each as if alone"
     speedup_at_least: float = 3.0
-    """Fig. 1(a) shows BN reaching the baseline's accuracy "much earlier" without a factor; the
-    paper's only number is 14x fewer steps for BN-Inception (Sec. 4.2.2). 3x is the reading of
-    "several times fewer" stated before any run."""
     population_vs_running_tolerance: float = 0.005
-    """Alg. 2 is the paper's inference procedure; it should be no worse than the running average
-    (0.5 pp allowance: about two test images of 360)."""
     baseline_spread_growth_at_least: float = 0.05
-    """Fig. 1(b): the baseline's 15-85 spread keeps widening; read as >= 5% over the second half."""
     baseline_vs_bn_spread_change_factor: float = 3.0
-    """Fig. 1(b) vs (c): the baseline's spread changes visibly more than BN's (read as 3x)."""
     bn_settled_relative_move_below: float = 0.10
-    """Fig. 1(c): BN's percentiles are flat after the start (read as moving < 10% of the final
-    spread over the second half)."""
 
 
 @torch.no_grad()
@@ -104,18 +81,12 @@ def _sigmoid_inputs(model: nn.Module, x: Tensor, unit: int, batch: int) -> Tenso
     last = list(blocks(model))[-1]
     captured: list[Tensor] = []
     handle = last.act.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0][:, unit].clone()))
-    saved = {name: buf.clone() for name, buf in model.named_buffers()}
-    was_training = model.training
     try:
-        model.train()
-        for start in range(0, x.shape[0] - batch + 1, batch):
-            model(x[start : start + batch])
+        with probing(model):
+            for start in range(0, x.shape[0] - batch + 1, batch):
+                model(x[start : start + batch])
     finally:
         handle.remove()
-        model.train(was_training)
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                buf.copy_(saved[name])
     return torch.cat(captured)
 
 
@@ -123,20 +94,13 @@ def _sigmoid_inputs(model: nn.Module, x: Tensor, unit: int, batch: int) -> Tenso
 def _batch_stats_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> float:
     """Test accuracy when BN normalizes each test batch of ``batch`` by its own statistics
     (training-mode forward; BN buffers restored). The tail that does not fill a batch is left out."""
-    saved = {name: buf.clone() for name, buf in model.named_buffers()}
-    was_training = model.training
     correct = 0
     seen = 0
-    try:
-        model.train()
+    with probing(model):
         for start in range(0, x.shape[0] - batch + 1, batch):
             logits = model(x[start : start + batch])
             correct += int((logits.argmax(dim=1) == y[start : start + batch]).sum())
             seen += batch
-    finally:
-        model.train(was_training)
-        for name, buf in model.named_buffers():
-            buf.copy_(saved[name])
     return correct / max(seen, 1)
 
 
@@ -146,7 +110,7 @@ def _recorder(s: Settings, data: Dataset, model: nn.Module, norm: str | None, se
     if norm is not None:
         rec["test_acc_population"] = []
         rec["test_acc_batch_stats"] = []
-    pop_gen = torch.Generator().manual_seed(seed + 1)
+    pop_gen = seeded(seed + 1)
     seen = [0]
 
     def record(step: int, result: TrainResult) -> None:
@@ -177,13 +141,7 @@ def _train_arm(
         checkpoints.append(spec.steps)
     models = [
         MLP(
-            d.features,
-            list(s.hidden),
-            d.classes,
-            act="sigmoid",
-            norm=norm,
-            init_std=s.init_std,
-            generator=torch.Generator().manual_seed(seed),
+            d.features, list(s.hidden), d.classes, act="sigmoid", norm=norm, init_std=s.init_std, generator=seeded(seed)
         )
         for d, seed in zip(data, seeds)
     ]
@@ -193,51 +151,15 @@ def _train_arm(
         for (_rec, fn), result in zip(recs, results):
             fn(step, result)
 
-    with progress.task("BN" if norm else "no BN", total=spec.steps) as tick:
-        results = train_stacked(
-            models,
-            [d.train_x for d in data],
-            [d.train_y for d in data],
-            spec,
-            generators=[torch.Generator().manual_seed(seed + 2) for seed in seeds],
-            checkpoints=checkpoints,
-            on_checkpoint=record,
-            tick=tick,
-        )
+    results = train_seeds(
+        models, data, seeds, spec, "BN" if norm else "no BN", progress, checkpoints=checkpoints, on_checkpoint=record
+    )
     out = []
     for (rec, _fn), result in zip(recs, results):
         rec["diverged"] = result.diverged
         rec["steps_done"] = result.steps_done
         out.append(rec)
     return out
-
-
-class Fig1(Experiment):
-    """Ioffe & Szegedy's Figure 1 over several seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        if cfg.data == "mnist1d" and cfg.mode == "quick":
-            return Settings(
-                steps=_MNIST1D_QUICK_STEPS, checkpoint_every=_MNIST1D_QUICK_EVERY, mnist1d_choice=_MNIST1D_CHOICE
-            )
-        return Settings(steps=_STEPS[cfg.mode], checkpoint_every=_EVERY[cfg.mode])
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        base = _train_arm(settings, data, seeds, None, progress)
-        bn = _train_arm(settings, data, seeds, "bn", progress)
-        return [{"baseline": b, "bn": n} for b, n in zip(base, bn)]
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
 
 
 def _second_half(steps: list[int]) -> list[int]:
@@ -316,10 +238,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             above=float(t["speedup_at_least"]),
             expected="'much earlier' (Fig. 1a); 14x fewer steps for BN-Inception",
             source="Ioffe & Szegedy 2015, Fig. 1(a) and Sec. 4.2.2",
-            evidence="steps to the baseline's best accuracy, per seed: baseline "
-            + ", ".join(f"{v:g}" for v in col("steps_base"))
-            + "; BN "
-            + ", ".join(f"{v:g}" for v in col("steps_bn")),
+            evidence=f"steps to the baseline's best accuracy, per seed: baseline {listed(col('steps_base'), '{:g}')}; BN "
+            f"{listed(col('steps_bn'), '{:g}')}",
         ),
         claim(
             f"Without BN the 15-85 percentile spread of the last-layer sigmoid input keeps widening over the second half of "
@@ -393,8 +313,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             color="tab:red",
             linestyle=":",
         )
-        ax.set_xlabel("training step")
-        ax.set_ylabel("test accuracy")
+        ax.set(xlabel="training step", ylabel="test accuracy")
         ax.grid(alpha=0.3)
         if zoom:
             low = min(min(bn["test_acc"][1:] or [0.9]), base["test_acc"][-1]) - 0.02
@@ -413,8 +332,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         ax.fill_between(rec["step"], p[:, 0], p[:, 2], color="tab:gray", alpha=0.2, linewidth=0)
         for k, (q, style) in enumerate(zip((15, 50, 85), ("--", "-", "--"))):
             ax.plot(rec["step"], p[:, k], style, color="black" if k == 1 else "tab:gray", label=f"{q}th percentile")
-        ax.set_title(f"{title}")
-        ax.set_xlabel("training step")
+        ax.set(title=f"{title}", xlabel="training step")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left")
     axes[0].set_ylabel(f"input to sigmoid (last hidden layer, unit {unit})")
@@ -440,8 +358,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         alpha=0.7,
         linestyle=":",
     )
-    ax.set_xlabel("training step")
-    ax.set_ylabel("test accuracy of the BN network")
+    ax.set(xlabel="training step", ylabel="test accuracy of the BN network")
     ax.set_title("BN inference: which statistics normalize a test example")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -451,9 +368,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     for rec, label, color in ((base, "without BN", "tab:blue"), (bn, "with BN", "tab:red")):
         pts = [(s, v) for s, v in zip(rec["step"], rec["train_loss"]) if v is not None]
         ax.plot([s for s, _ in pts], [v for _, v in pts], label=label, color=color)
-    ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("training loss")
+    ax.set(yscale="log", xlabel="training step", ylabel="training loss")
     ax.set_title("Training loss (mean over the steps since the last checkpoint)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -461,7 +376,28 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     return paths
 
 
+class Fig1(Experiment):
+    """Ioffe & Szegedy's Figure 1 over several seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        if cfg.data == "mnist1d" and cfg.mode == "quick":
+            return Settings(
+                steps=_MNIST1D_QUICK_STEPS, checkpoint_every=_MNIST1D_QUICK_EVERY, mnist1d_choice=_MNIST1D_CHOICE
+            )
+        return Settings(steps=_STEPS[cfg.mode], checkpoint_every=_EVERY[cfg.mode])
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        base = _train_arm(settings, data, seeds, None, progress)
+        bn = _train_arm(settings, data, seeds, "bn", progress)
+        return [{"baseline": b, "bn": n} for b, n in zip(base, bn)]
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
+
+
 EXPERIMENT = Fig1()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -1,12 +1,6 @@
 """``lr-sweep``: final accuracy and divergence over a log grid of learning rates, with and
 without BN (Ioffe & Szegedy 2015 BN-x5/x30; Bjorck et al. 2018).
-
-A deep ReLU MLP (8 hidden layers of 100, He init), plain SGD with constant lr, batch 60; the
-seeds of each (arm, lr) are trained together (``stacked.train_stacked``). The plain network's
-best rate is fixed by a calibration run (its own seed, a split of that seed's training set),
-and the claims compare the arms at that rate and at 10x it, paired over seeds. Besides
-accuracy: the loss after one gradient step of size alpha at initialization, L(w - alpha g) /
-L(w), and the per-layer activation scale after a few steps at a large learning rate.
+Setup, the rules fixed before any run and each setting's source: ``lr_sweep.md``.
 """
 
 from __future__ import annotations
@@ -26,6 +20,7 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import listed, probing, seeded
 from ..experiment import Experiment, claim, load_for
 from ..figures import mean_band
 from ..models import MLP, blocks
@@ -48,27 +43,19 @@ _CAP = 1e30  # stands for an infinite loss ratio or activation growth in the log
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``lr_sweep.md``)."""
 
     hidden: tuple[int, ...]
-    """Hidden widths (quick/full: 8 x 100; tiny 3 x 32)."""
     steps: int
-    """SGD steps per rate, from ``steps_rule``."""
     steps_rule: str
-    """How ``steps`` was fixed (before any run)."""
     lrs: tuple[float, ...]
-    """The grid, about 3x apart."""
     step_probe_alphas: tuple[float, ...]
     plain_best_lr: float = math.nan
-    """The plain network's best rate on the calibration run (NaN until calibrated)."""
     high_lr: float = math.nan
-    """The grid rate nearest 10x ``plain_best_lr``, where the claims compare the arms."""
     calibration: dict[str, Any] = field(default_factory=dict)
-    """What the calibration measured: seed, split, the plain network's validation accuracy per rate."""
     calibration_seed: int = CALIBRATION_SEED
     best_rate_rule: str = "plain network, calibration run: the largest lr whose validation accuracy is within 0.5 pp of the best on the grid"
     best_tolerance: float = 0.005
-    """Accuracies within 0.5 pp count as equal when the best rate is picked (about 2 test digits)."""
     activation: str = "relu"
     norm: str = "batchnorm.BatchNorm1d before every ReLU (hidden Linear bias dropped)"
     init: str = "He: weights ~ N(0, 2/fan_in), biases 0 (same initial weights for both arms of a seed)"
@@ -80,43 +67,25 @@ class Settings:
     blowup_steps: int = 10
     blowup_definition: str = "up to 10 SGD steps at lr 1.0 from the initial weights; per-layer RMS on one batch after the last step that stayed finite"
     high_lr_fails_by: float = 0.5
-    """Ioffe & Szegedy Sec. 4.2.2: at 5x the rate the original Inception's parameters reach
-    "machine infinity"; read as the plain network >= 50 pp below BN at 10x its best rate."""
     high_lr_as_accurate_within: float = 0.005
-    """Ioffe & Szegedy Table 2: BN-x5 (73.0%) and BN-x30 (74.8%) at least as accurate as
-    Inception at its rate (72.2%); "at least as accurate" allows the 0.5 pp of ``best_tolerance``."""
     plain_growth_at_least: float = 5.0
-    """Bjorck et al. 2018: without BN, activations grow with depth after large steps; read as
-    last/first layer RMS >= 5x."""
     bn_growth_at_most: float = 2.0
-    """With BN every layer is renormalized; read as all layers' RMS within 2x of each other."""
     probe_factor_at_least: float = 100.0
-    """Bjorck et al. 2018: at initialization a large step along the gradient raises the loss far
-    more without BN; read as L(w - 10 g)/L(w) >= 100x larger without BN."""
 
 
 def _model(data: Dataset, s: Settings, norm: str | None, seed: int) -> MLP:
-    return MLP(
-        data.features,
-        list(s.hidden),
-        data.classes,
-        act="relu",
-        norm=norm,
-        init_std="he",
-        generator=torch.Generator().manual_seed(seed),
-    )
+    """The sweep's ReLU MLP, He-initialized from ``seed`` (the same weights in both arms)."""
+    generator = seeded(seed)
+    return MLP(data.features, list(s.hidden), data.classes, act="relu", norm=norm, init_std="he", generator=generator)
 
 
 def _step_probe(model: nn.Module, x: Tensor, y: Tensor, alphas: list[float]) -> list[float]:
     """L(w - alpha g) / L(w) on one batch (training-mode forward); parameters, buffers and the
     training flag are restored afterwards."""
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     saved = [p.detach().clone() for p in params]
-    buffers = {k: v.clone() for k, v in model.named_buffers()}
-    was_training = model.training
     ratios = []
-    try:
-        model.train()
+    with probing(model):
         loss = F.cross_entropy(model(x), y)
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
@@ -125,13 +94,6 @@ def _step_probe(model: nn.Module, x: Tensor, y: Tensor, alphas: list[float]) -> 
                     p.copy_(w - alpha * g)
                 value = float(F.cross_entropy(model(x), y))
                 ratios.append(value / float(loss.detach()) if math.isfinite(value) else math.inf)
-    finally:
-        with torch.no_grad():
-            for p, w in zip(params, saved):
-                p.copy_(w)
-            for k, v in model.named_buffers():
-                v.copy_(buffers[k])
-        model.train(was_training)
     return ratios
 
 
@@ -195,7 +157,7 @@ def _sweep(
                 [d.train_x for d in data],
                 [d.train_y for d in data],
                 TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=lr),
-                generators=[torch.Generator().manual_seed(seed + 1) for seed in seeds],
+                generators=[seeded(seed + 1) for seed in seeds],
                 tick=tick,
             )
             tick.update(s.steps - max(r.steps_done for r in results))
@@ -214,95 +176,18 @@ def _best_lr(lrs: Sequence[float], acc: Sequence[float], tol: float) -> float:
 
 def _probes(s: Settings, d: Dataset, norm: str | None, seed: int) -> dict[str, Any]:
     """Step probe at initialization and activation scales after large steps, for one seed."""
-    batch = next(minibatches(d.train_x.shape[0], s.batch_size, torch.Generator().manual_seed(seed + 2)))
+    batch = next(minibatches(d.train_x.shape[0], s.batch_size, seeded(seed + 2)))
     xb, yb = d.train_x[batch], d.train_y[batch]
     probe = _step_probe(_model(d, s, norm, seed), xb, yb, list(s.step_probe_alphas))
     blow = _model(d, s, norm, seed)
     before = _activation_scales(blow, xb)
-    after, taken = _large_steps(blow, d, s, torch.Generator().manual_seed(seed + 3), xb)
+    after, taken = _large_steps(blow, d, s, seeded(seed + 3), xb)
     return {
         "step_probe_loss_ratio": probe,
         "activation_rms_init": before,
         "activation_rms_after_large_steps": after,
         "large_steps_taken": taken,
     }
-
-
-class LrSweep(Experiment):
-    """The learning-rate sweep over several seeds, the plain best rate fixed by calibration."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        if cfg.mode == "tiny":
-            return Settings(
-                hidden=(32,) * 3,
-                steps=30,
-                steps_rule="tiny: 30 steps (a smoke test)",
-                lrs=(0.1, 1.0),
-                step_probe_alphas=tuple(np.logspace(-2, 1.5, 4).tolist()),
-            )
-        n = load_for(cfg, cfg.seed).train_x.shape[0]
-        epochs = _EPOCHS[cfg.mode]
-        lrs = (
-            (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
-            if cfg.mode == "quick"
-            else (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
-        )
-        return Settings(
-            hidden=(100,) * 8,
-            steps=epochs_to_steps(epochs, n, 60),
-            steps_rule=f"{epochs:g} passes over the training set ({n} examples, batch 60), the same rule on every data set",
-            lrs=lrs,
-            step_probe_alphas=tuple(np.logspace(-2, 1.5, 15 if cfg.mode == "quick" else 29).tolist()),
-        )
-
-    def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
-        """Calibrate the plain network's best rate on the calibration seed's own split."""
-        s = settings
-        cal = calibration_split(load_for(cfg, s.calibration_seed), s.calibration_seed)
-        cal_acc_all, cal_div_all, _ = _sweep(s, [cal], [s.calibration_seed], None, "calibration: no BN sweep", progress)
-        cal_acc, cal_div = cal_acc_all[0], cal_div_all[0]
-        best = _best_lr(s.lrs, cal_acc, s.best_tolerance)
-        j = int(np.argmin([abs(math.log(lr / (10 * best))) for lr in s.lrs]))
-        return dataclasses.replace(
-            s,
-            plain_best_lr=best,
-            high_lr=float(s.lrs[j]),
-            calibration={
-                "seed": s.calibration_seed,
-                "split": f"80/20 stratified split of seed {s.calibration_seed}'s training set ({cal.train_x.shape[0]} / "
-                f"{cal.test_x.shape[0]} examples); test set unused",
-                "validation_acc": {f"{lr:g}": a for lr, a in zip(s.lrs, cal_acc)},
-                "diverged": {f"{lr:g}": d is not None for lr, d in zip(s.lrs, cal_div)},
-            },
-        )
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        """Both arms at every rate (each arm's seeds together), then each seed's probes."""
-        s = settings
-        sets = list(data)
-        acc, div, tr = _sweep(s, sets, seeds, None, "no BN sweep", progress)
-        bn_acc, bn_div, bn_tr = _sweep(s, sets, seeds, "bn", "BN sweep", progress)
-        per_seed = []
-        for k, (d, seed) in enumerate(zip(sets, seeds)):
-            per_seed.append(
-                {
-                    arm: {"test_acc": a[k], "train_acc": t[k], "diverged_at": dv[k], **_probes(s, d, norm, seed)}
-                    for arm, norm, a, t, dv in (("plain", None, acc, tr, div), ("bn", "bn", bn_acc, bn_tr, bn_div))
-                }
-            )
-        return per_seed
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
 
 
 def _log10(v: float) -> float:
@@ -350,11 +235,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             above=fails,
             expected="the original Inception diverged ('machine infinity') at 5x its rate; BN-Inception trained at 5x and 30x",
             source="Ioffe & Szegedy 2015, Sec. 4.2.2",
-            evidence=f"test accuracy at lr {high:g} per seed: BN "
-            + _accuracies(per_seed, "bn", jh)
-            + ", plain "
-            + _accuracies(per_seed, "plain", jh)
-            + f" (plain diverged on {div_high} of {len(seeds)} seeds; a diverged run counts as accuracy 0)",
+            evidence=f"test accuracy at lr {high:g} per seed: BN {_accuracies(per_seed, 'bn', jh)}, plain "
+            f"{_accuracies(per_seed, 'plain', jh)} (plain diverged on {div_high} of {len(seeds)} seeds; a diverged run "
+            "counts as accuracy 0)",
         )
     )
     tol = float(t["high_lr_as_accurate_within"])
@@ -368,12 +251,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             above=-tol,
             expected="BN-x5 73.0% and BN-x30 74.8% vs Inception 72.2% (maximum accuracy)",
             source="Ioffe & Szegedy 2015, Table 2 / Sec. 4.2.2",
-            evidence=f"per seed: BN at lr {high:g} "
-            + _accuracies(per_seed, "bn", jh)
-            + f"; plain at lr {best:g} "
-            + _accuracies(per_seed, "plain", jb)
-            + "; BN's own best rate per seed "
-            + ", ".join(f"{_best_lr(lrs, m['bn']['test_acc'], float(t['best_tolerance'])):g}" for m in per_seed),
+            evidence=f"per seed: BN at lr {high:g} {_accuracies(per_seed, 'bn', jh)}; plain at lr {best:g} "
+            f"{_accuracies(per_seed, 'plain', jb)}; BN's own best rate per seed "
+            + listed((_best_lr(lrs, m["bn"]["test_acc"], float(t["best_tolerance"])) for m in per_seed), "{:g}"),
         )
     )
     gp = [_growth(m["plain"]["activation_rms_after_large_steps"], True) for m in per_seed]
@@ -390,10 +270,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             also=[part([_log10(v) for v in gb], below=math.log10(down))],
             expected="without BN activations grow with depth after large steps; with BN they do not",
             source="Bjorck et al. 2018 (activation growth with depth at large learning rates)",
-            evidence="growth per seed: plain "
-            + ", ".join(f"{v:.3g}x" for v in gp)
-            + f" (after {', '.join(str(m['plain']['large_steps_taken']) for m in per_seed)} finite steps); BN "
-            + ", ".join(f"{v:.3g}x" for v in gb),
+            evidence=f"growth per seed: plain {listed(gp, '{:.3g}x')} (after "
+            f"{', '.join(str(m['plain']['large_steps_taken']) for m in per_seed)} finite steps); BN {listed(gb, '{:.3g}x')}",
         )
     )
     alphas = [float(v) for v in t["step_probe_alphas"]]
@@ -472,16 +350,12 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             label=f"{label}, after {m['large_steps_taken']} step(s) at lr {cfg['blowup_lr']:g}",
         )
     axes[0].axhline(1.0, color="black", linestyle=":", linewidth=1)
-    axes[0].set_xscale("log")
-    axes[0].set_yscale("log")
-    axes[0].set_xlabel("step size alpha along the gradient")
+    axes[0].set(xscale="log", yscale="log", xlabel="step size alpha along the gradient")
     axes[0].set_ylabel("L(w - alpha g) / L(w) at initialization")
     axes[0].set_title("How far the gradient direction stays downhill (first seed)")
     axes[0].grid(alpha=0.3)
     axes[0].legend()
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("hidden layer")
-    axes[1].set_ylabel("RMS of the layer's output (one batch)")
+    axes[1].set(yscale="log", xlabel="hidden layer", ylabel="RMS of the layer's output (one batch)")
     axes[1].set_title("Activation scale by depth (first seed)")
     axes[1].grid(alpha=0.3)
     axes[1].legend(fontsize=8)
@@ -489,7 +363,77 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     return paths
 
 
+class LrSweep(Experiment):
+    """The learning-rate sweep over several seeds, the plain best rate fixed by calibration."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        if cfg.mode == "tiny":
+            return Settings(
+                hidden=(32,) * 3,
+                steps=30,
+                steps_rule="tiny: 30 steps (a smoke test)",
+                lrs=(0.1, 1.0),
+                step_probe_alphas=tuple(np.logspace(-2, 1.5, 4).tolist()),
+            )
+        n = load_for(cfg, cfg.seed).train_x.shape[0]
+        epochs = _EPOCHS[cfg.mode]
+        lrs = (
+            (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+            if cfg.mode == "quick"
+            else (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+        )
+        return Settings(
+            hidden=(100,) * 8,
+            steps=epochs_to_steps(epochs, n, 60),
+            steps_rule=f"{epochs:g} passes over the training set ({n} examples, batch 60), the same rule on every data set",
+            lrs=lrs,
+            step_probe_alphas=tuple(np.logspace(-2, 1.5, 15 if cfg.mode == "quick" else 29).tolist()),
+        )
+
+    def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
+        """Calibrate the plain network's best rate on the calibration seed's own split."""
+        s = settings
+        cal = calibration_split(load_for(cfg, s.calibration_seed), s.calibration_seed)
+        cal_acc_all, cal_div_all, _ = _sweep(s, [cal], [s.calibration_seed], None, "calibration: no BN sweep", progress)
+        cal_acc, cal_div = cal_acc_all[0], cal_div_all[0]
+        best = _best_lr(s.lrs, cal_acc, s.best_tolerance)
+        j = int(np.argmin([abs(math.log(lr / (10 * best))) for lr in s.lrs]))
+        return dataclasses.replace(
+            s,
+            plain_best_lr=best,
+            high_lr=float(s.lrs[j]),
+            calibration={
+                "seed": s.calibration_seed,
+                "split": f"80/20 stratified split of seed {s.calibration_seed}'s training set ({cal.train_x.shape[0]} / "
+                f"{cal.test_x.shape[0]} examples); test set unused",
+                "validation_acc": {f"{lr:g}": a for lr, a in zip(s.lrs, cal_acc)},
+                "diverged": {f"{lr:g}": d is not None for lr, d in zip(s.lrs, cal_div)},
+            },
+        )
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        """Both arms at every rate (each arm's seeds together), then each seed's probes."""
+        s = settings
+        sets = list(data)
+        acc, div, tr = _sweep(s, sets, seeds, None, "no BN sweep", progress)
+        bn_acc, bn_div, bn_tr = _sweep(s, sets, seeds, "bn", "BN sweep", progress)
+        per_seed = []
+        for k, (d, seed) in enumerate(zip(sets, seeds)):
+            per_seed.append(
+                {
+                    arm: {"test_acc": a[k], "train_acc": t[k], "diverged_at": dv[k], **_probes(s, d, norm, seed)}
+                    for arm, norm, a, t, dv in (("plain", None, acc, tr, div), ("bn", "bn", bn_acc, bn_tr, bn_div))
+                }
+            )
+        return per_seed
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
+
+
 EXPERIMENT = LrSweep()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -1,12 +1,5 @@
 """``placement``: BN before vs after the activation, for sigmoid and ReLU networks, over seeds.
-
-3 hidden layers of 100 units, batch 60, SGD lr 0.1; for each activation, three networks: no
-BN, ``act(BN(W u))`` ("before", Ioffe & Szegedy's choice) and ``BN(act(W u + b))`` ("after").
-Recorded over training: test accuracy, and the distribution of the activations' inputs (scale
-and, for sigmoid, the fraction of saturated units). The length of training is a fixed number
-of steps per mode, the same on every data set; the seeds of each network are
-trained together (``batchnorm.lab.stacked``), and within a seed all six networks start from
-the same weights (the "after" networks' extra biases start at 0) and see the same minibatches.
+Setup, the rules fixed before any run and each setting's source: ``placement.md``.
 """
 
 from __future__ import annotations
@@ -14,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -23,10 +16,10 @@ from torch import Tensor, nn
 from .._replicates import mean_over_replicates, replicate_seed
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import listed, seeded, train_seeds
 from ..experiment import Experiment, claim, column, first_reaching
 from ..models import MLP, blocks
 from ..progress import Progress
-from ..stacked import train_stacked
 from ..training import TrainResult, TrainSpec, evaluate
 
 ID = "placement"
@@ -34,32 +27,18 @@ DESCRIPTION = (
     "BN before vs after the activation (sigmoid and ReLU): training speed, final accuracy, activation-input scale"
 )
 QUICK_SECONDS = 25.0
-_ARMS = (
-    ("sigmoid", "none"),
-    ("sigmoid", "before"),
-    ("sigmoid", "after"),
-    ("relu", "none"),
-    ("relu", "before"),
-    ("relu", "after"),
-)
+_ARMS = tuple((act, place) for act in ("sigmoid", "relu") for place in ("none", "before", "after"))
 _STEPS = {"tiny": 40, "quick": 2000, "full": 20000}
 _REPLICATES = {"tiny": 2, "quick": 4, "full": 4}
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``placement.md``)."""
 
     steps: int
-    """SGD steps (quick 2,000, full 20,000, tiny 40), the same on every data set."""
     checkpoint_every: int
-    """steps / 20: checkpoints for test accuracy and activation-input statistics (the latter
-    for the first replicate of each seed)."""
     replicates: int = 4
-    """Networks per seed and arm (own initial weights and minibatch order, the seed's split);
-    a seed's value is their mean (``batchnorm.lab._replicates``). Set after a first multi-seed
-    run with one network per seed left the two placement bands inconclusive (interval about
-    +-1.1 pp against a 0.5-1 pp tolerance); the claims were not changed."""
     steps_rule: str = (
         "the same number of steps on every data set (the digits setup), fixed before any multi-seed run; replaces the "
         "MNIST-1D-only 8,000 steps that had been chosen after seeing a run"
@@ -67,31 +46,18 @@ class Settings:
     hidden: tuple[int, ...] = (100, 100, 100)
     batch_size: int = 60
     lr: float = 0.1
-    """Not stated by the paper; the lab's Fig. 1 setting, fixed before any run."""
     optimizer: str = "SGD, no momentum, no weight decay"
     init_sigmoid: str = "weights ~ N(0, 0.1^2), biases 0"
     init_relu: str = "He: N(0, 2/fan_in), biases 0"
     norm: str = "batchnorm.BatchNorm1d; 'before': act(BN(W u)) without Linear bias; 'after': BN(act(W u + b))"
     seeds_trained: str = "the seeds of each network are trained together (batchnorm.lab.stacked), each as if alone"
     saturation_threshold: float = 4.0
-    """|sigmoid input| above which the slope is < 0.018 (recorded, not claimed)."""
     arms: tuple[str, ...] = tuple(f"{a}/{p}" for a, p in _ARMS)
     speedup_at_least: float = 3.0
-    """Ioffe & Szegedy Fig. 1(a): the sigmoid network with BN reaches the baseline's accuracy
-    "much earlier"; the paper's only factor is 14x fewer steps for BN-Inception (Sec. 4.2.2).
-    3x is the reading of "several times fewer" (the same as ioffe2015-fig1's)."""
     early_checkpoint_fraction: float = 0.1
-    """Where "early in training" is read for the sigmoid-vs-ReLU comparison (10% of the steps)."""
     relu_gain_smaller_by_at_least: float = 0.0
-    """Ioffe & Szegedy Sec. 4.2.2: the sigmoid Inception does not train without BN (chance
-    accuracy) but reaches 69.8% with it, while the ReLU Inception trains without BN (72.2%):
-    BN helps the struggling sigmoid network more. Direction only (no factor given)."""
     sigmoid_before_tolerance: float = 0.005
-    """Ioffe & Szegedy Sec. 3.2 argue for BN before the nonlinearity (no experiment, no number);
-    read as "at least as accurate, within 0.5 pp" (about two test images of 360)."""
     relu_placement_band: float = 0.01
-    """Not a claim of the paper (it argues for "before" in general): the common practice of
-    placing BN either way for ReLU, read as "within 1 pp" (about 4 test images of 360)."""
 
 
 @torch.no_grad()
@@ -119,17 +85,10 @@ def _train_arm(
     ``out[k][r]`` is replicate r of seed k."""
     runs = [(d, replicate_seed(seed, r)) for d, seed in zip(data, seeds) for r in range(s.replicates)]
     data = [d for d, _ in runs]
+    norm, at = (None, "before") if place == "none" else ("bn", place)
+    std: float | Literal["he"] = 0.1 if act == "sigmoid" else "he"
     models = [
-        MLP(
-            d.features,
-            list(s.hidden),
-            d.classes,
-            act=act,
-            norm=None if place == "none" else "bn",
-            placement="before" if place == "none" else place,
-            init_std=0.1 if act == "sigmoid" else "he",
-            generator=torch.Generator().manual_seed(g),
-        )
+        MLP(d.features, list(s.hidden), d.classes, act=act, norm=norm, placement=at, init_std=std, generator=seeded(g))
         for d, g in runs
     ]
     recs: list[dict[str, Any]] = [
@@ -147,45 +106,15 @@ def _train_arm(
                 rec["saturated"].append([float((z.abs() > s.saturation_threshold).float().mean()) for z in inputs])
 
     spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
-    with progress.task(f"{act}, BN {place}", total=s.steps) as tick:
-        results = train_stacked(
-            models,
-            [d.train_x for d in data],
-            [d.train_y for d in data],
-            spec,
-            generators=[torch.Generator().manual_seed(g + 1) for _, g in runs],
-            checkpoints=range(0, s.steps + 1, s.checkpoint_every),
-            on_checkpoint=record,
-            tick=tick,
-        )
+    checkpoints = range(0, s.steps + 1, s.checkpoint_every)
+    gens = [g for _, g in runs]
+    label = f"{act}, BN {place}"
+    results = train_seeds(
+        models, data, gens, spec, label, progress, order_offset=1, checkpoints=checkpoints, on_checkpoint=record
+    )
     for rec, result in zip(recs, results):
         rec["diverged"] = result.diverged
     return [recs[k * s.replicates : (k + 1) * s.replicates] for k in range(len(seeds))]
-
-
-class Placement(Experiment):
-    """BN before vs after the activation over several seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        """The mode's steps and replicates (the same for every data set)."""
-        steps = _STEPS[cfg.mode]
-        return Settings(steps=steps, checkpoint_every=steps // 20, replicates=_REPLICATES[cfg.mode])
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        arms = {f"{act}/{place}": _train_arm(settings, data, seeds, act, place, progress) for act, place in _ARMS}
-        return [{key: recs[k] for key, recs in arms.items()} for k in range(len(seeds))]
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
 
 
 def _early_index(rec: dict[str, Any], fraction: float) -> int:
@@ -259,11 +188,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             above=float(t["speedup_at_least"]),
             expected="'much earlier' (Fig. 1a, sigmoid MLP); 14x fewer steps for BN-Inception",
             source="Ioffe & Szegedy 2015, Fig. 1(a) and Sec. 4.2.2",
-            evidence=f"no-BN best {pct('target')} (per seed) reached at step "
-            + ", ".join(f"{v:g}" for v in col("steps_none"))
-            + "; by both BN placements at step "
-            + ", ".join(f"{v:g}" for v in col("steps_bn"))
-            + f" (of {t['steps']}; never = one checkpoint past the end)",
+            evidence=f"no-BN best {pct('target')} (per seed) reached at step {listed(col('steps_none'), '{:g}')}; by both BN "
+            f"placements at step {listed(col('steps_bn'), '{:g}')} (of {t['steps']}; never = one checkpoint past the end)",
         ),
         claim(
             f"BN helps the struggling sigmoid network more than the ReLU network (He init): BN's accuracy gain after "
@@ -323,7 +249,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             steps = per[0][f"{act}/{place}"][0]["step"]
             runs = np.asarray(
                 [np.mean([rec["test_acc"] for rec in m[f"{act}/{place}"]], axis=0) for m in per]
-            )  # (seeds, checkpoints)
+            )  # (S, T)
             for r in runs:
                 ax.plot(steps, r, ls, color=color, alpha=0.25, linewidth=0.8)
             ax.plot(steps, runs.mean(axis=0), ls, color=color, label=label)
@@ -342,31 +268,18 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         for act, marker in (("sigmoid", "o"), ("relu", "s")):
             rec = m[f"{act}/{place}"]
             layers = np.arange(1, len(rec["input_std"][-1]) + 1)
-            axes[0].plot(
-                layers,
-                rec["input_std"][-1],
-                ls,
-                marker=marker,
-                color=color,
-                label=f"{act}, {'no BN' if place == 'none' else 'BN ' + place}",
-            )
+            label = f"{act}, {'no BN' if place == 'none' else 'BN ' + place}"
+            axes[0].plot(layers, rec["input_std"][-1], ls, marker=marker, color=color, label=label)
         rec = m[f"sigmoid/{place}"]
-        axes[1].plot(
-            rec["step"],
-            [v[-1] for v in rec["input_std"]],
-            ls,
-            color=color,
-            label="no BN" if place == "none" else f"BN {place}",
-        )
+        label = "no BN" if place == "none" else f"BN {place}"
+        axes[1].plot(rec["step"], [v[-1] for v in rec["input_std"]], ls, color=color, label=label)
     axes[0].set_yscale("log")
     axes[0].set_xticks(np.arange(1, len(results["config"]["hidden"]) + 1))
-    axes[0].set_xlabel("hidden layer")
-    axes[0].set_ylabel("std of the activation's input (test set, mean over units)")
+    axes[0].set(xlabel="hidden layer", ylabel="std of the activation's input (test set, mean over units)")
     axes[0].set_title(f"Scale of the activation inputs at the end (seed {seeds[0]})")
     axes[0].grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    axes[1].set_xlabel("training step")
-    axes[1].set_ylabel("std of the last sigmoid layer's input")
+    axes[1].set(xlabel="training step", ylabel="std of the last sigmoid layer's input")
     axes[1].set_title(f"Sigmoid network: scale of the last layer's input (seed {seeds[0]})")
     axes[1].grid(alpha=0.3)
     axes[1].legend()
@@ -374,7 +287,25 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     return paths
 
 
+class Placement(Experiment):
+    """BN before vs after the activation over several seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        """The mode's steps and replicates (the same for every data set)."""
+        steps = _STEPS[cfg.mode]
+        return Settings(steps=steps, checkpoint_every=steps // 20, replicates=_REPLICATES[cfg.mode])
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        arms = {f"{act}/{place}": _train_arm(settings, data, seeds, act, place, progress) for act, place in _ARMS}
+        return [{key: recs[k] for key, recs in arms.items()} for k in range(len(seeds))]
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
+
+
 EXPERIMENT = Placement()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -1,12 +1,7 @@
 """``precise-bn``: Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", Sec. 3 — the running
 average (EMA) of BN statistics vs precise population statistics (PreciseBN) over training, and
 how many samples PreciseBN needs; judged over seeds.
-
-Setup (CPU form): a 3x256 ReLU MLP with ``batchnorm.BatchNorm1d`` before each ReLU, batch 256,
-a large learning rate (SGD 1.0, momentum 0.9); every epoch the test accuracy is measured with
-the EMA statistics (PyTorch momentum 0.1, i.e. lambda = 0.9) and with precise statistics from
-``batchnorm.recompute_statistics(mode="train")`` over the training set. The seeds' networks
-are trained together (``lab.stacked``).
+Setup, the rules fixed before any run and each setting's source: ``precise_bn.md``.
 """
 
 from __future__ import annotations
@@ -24,10 +19,10 @@ from torch import Tensor, nn
 from ... import recompute_statistics
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import seeded, train_seeds
 from ..experiment import Experiment, claim, per_seed_values
 from ..models import MLP
 from ..progress import Progress
-from ..stacked import train_stacked
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
 
@@ -41,23 +36,17 @@ _SAMPLE_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``precise_bn.md``)."""
 
     epochs: int
-    """Training epochs (quick 40, full 200; tiny 3). Fixed before any multi-seed run."""
     max_train: int | None
-    """Quick/tiny: at most 2,000 training examples (a stratified subset; digits has 1,437, so all); full: all."""
     sample_draws: int
-    """Random subsets per sample size N for the samples-needed curve."""
     hidden: tuple[int, ...] = (256, 256, 256)
     activation: str = "relu"
     norm: str = "batchnorm.BatchNorm1d before each ReLU (Linear bias dropped), momentum 0.1 (EMA lambda 0.9)"
     init: str = "weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default bound) from a seeded generator; head bias PyTorch default"
     batch_size: int = 256
-    """Wu & Johnson's regime is a large batch with a large learning rate (ResNet-50, batch 8192); 256 is large for
-    these training sets."""
     lr: float = 1.0
-    """"Large learning rate": fixed before any run, the same for every seed."""
     momentum: float = 0.9
     optimizer: str = "SGD with momentum 0.9, constant learning rate, no weight decay"
     checkpoint: str = "every epoch (ceil(N_train / 256) steps)"
@@ -66,23 +55,13 @@ class Settings:
         "BN layers use batch statistics in the forward pass; per-layer moments pooled exactly (float64, Chan merge)"
     )
     sample_sizes: tuple[int, ...] = _SAMPLE_SIZES
-    """N for the samples-needed curve (plus all of the training set)."""
     sample_checkpoints: str = "epoch 2 (early) and the final epoch"
     seeds_trained: str = "the seeds are trained together (batchnorm.lab.stacked), each as if alone"
     early_epochs: int = 10
-    """"Early in training": the first 10 epochs (Wu & Johnson: the EMA is worst early, when weights move fast)."""
     early_gain_at_least_pp: float = 1.0
-    """Precise minus EMA test accuracy, mean over the early epochs, >= 1 pp. Wu & Johnson 2021, Sec. 3 (Fig. 3):
-    EMA evaluation at large batch and learning rate is far below and much noisier than PreciseBN's early in
-    training (no number for small models); 1 pp stated in advance."""
     shrink_ratio_at_most: float = 0.5
-    """The EMA statistics' relative error over the last quarter is at most half of the early one (Wu & Johnson:
-    the EMA-vs-PreciseBN gap shrinks as training converges)."""
     saturation_samples: int = 512
-    """PreciseBN saturates by N samples; Wu & Johnson: 10^3-10^4 samples suffice on ImageNet (mmpretrain's default
-    8192). Our training sets hold 1,437-2,000 examples, so the reading is N = 512."""
     saturated_within_pp: float = 0.5
-    """Accuracy with N = 512 samples within 0.5 pp of using the whole training set (about two digits test images)."""
 
 
 def _bn_layers(model: nn.Module) -> list[nn.Module]:
@@ -126,7 +105,7 @@ def _sample_curve(model: nn.Module, data: Dataset, s: Settings, gen: torch.Gener
 def _seeded_init(model: MLP, seed: int) -> None:
     """PyTorch's default bound for the weights, drawn from a seeded generator."""
     with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed + 1)
+        gen = seeded(seed + 1)
         for p in model.parameters():
             if p.dim() == 2:
                 bound = 1.0 / p.shape[1] ** 0.5
@@ -145,7 +124,7 @@ def _recorder(
         "var_error_ema": [],
         "samples": {},
     }
-    sample_gen = torch.Generator().manual_seed(seed + 5)
+    sample_gen = seeded(seed + 5)
 
     def record(step: int) -> None:
         pre = precise_copy(model, data.train_x, s.batch_size)
@@ -161,63 +140,6 @@ def _recorder(
             }
 
     return rec, record
-
-
-class PreciseBN(Experiment):
-    """EMA vs precise BN statistics over training, over several seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return Settings(
-            epochs={"tiny": 3, "quick": 40, "full": 200}[cfg.mode],
-            max_train=None if cfg.mode == "full" else 2000,
-            sample_draws={"tiny": 2, "quick": 10, "full": 20}[cfg.mode],
-        )
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        s = settings
-        data = [d.subset_train(s.max_train, seed) if s.max_train is not None else d for d, seed in zip(data, seeds)]
-        sizes = {d.train_x.shape[0] for d in data}
-        if len(sizes) != 1:
-            raise ValueError(f"precise-bn: expected one training-set size across seeds, got {sorted(sizes)}")
-        n = sizes.pop()
-        per_epoch = -(-n // s.batch_size)
-        steps = s.epochs * per_epoch
-        models = []
-        for d, seed in zip(data, seeds):
-            model = MLP(d.features, list(s.hidden), d.classes, act=s.activation, norm="bn")
-            _seeded_init(model, seed)
-            models.append(model)
-        recs = [_recorder(s, d, m, seed, per_epoch, steps) for d, m, seed in zip(data, models, seeds)]
-
-        def record(step: int, _results: list[TrainResult]) -> None:
-            for _rec, fn in recs:
-                fn(step)
-
-        spec = TrainSpec(steps=steps, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum)
-        with progress.task(f"{len(seeds)} seeds", total=steps) as tick:
-            results = train_stacked(
-                models,
-                [d.train_x for d in data],
-                [d.train_y for d in data],
-                spec,
-                generators=[torch.Generator().manual_seed(seed + 2) for seed in seeds],
-                checkpoints=range(0, steps + 1, per_epoch),
-                on_checkpoint=record,
-                tick=tick,
-            )
-        return [{**rec, "diverged": r.diverged} for (rec, _fn), r in zip(recs, results)]
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
 
 
 def _early(r: dict[str, Any], epochs: int) -> slice:
@@ -351,8 +273,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         "precise statistics (PreciseBN)",
         color="tab:blue",
     )
-    axes[0].set_xlabel("epoch")
-    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set(xlabel="epoch", ylabel="test accuracy (%)")
     lo = min(min(r["acc_ema"][1:t] + r["acc_precise"][1:t]) for r in runs)
     axes[0].set_ylim(max(0.0, 100 * lo - 2), 100)
     axes[0].set_title("Test accuracy with EMA vs precise BN statistics")
@@ -360,9 +281,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     mean_band(
         axes[1], epochs[1:], [r["var_error_ema"][1:t] for r in runs], "EMA running_var vs precise", color="tab:red"
     )
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("epoch")
-    axes[1].set_ylabel("mean |var_EMA / var_precise - 1|")
+    axes[1].set(yscale="log", xlabel="epoch", ylabel="mean |var_EMA / var_precise - 1|")
     axes[1].set_title("How stale the EMA statistics are")
     axes[1].legend(fontsize=8)
     paths = [save(fig, outdir / "ema_vs_precise.png")]
@@ -396,15 +315,63 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.set_xscale("log")
     if sizes_shown:
         log_ticks(ax.xaxis, sizes_shown)  # the sample counts measured
-    ax.set_xlabel("samples used for the precise statistics (N)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set(xlabel="samples used for the precise statistics (N)", ylabel="test accuracy (%)")
     ax.set_title("How many samples PreciseBN needs")
     ax.legend(fontsize=7)
     paths.append(save(fig, outdir / "samples_needed.png"))
     return paths
 
 
+class PreciseBN(Experiment):
+    """EMA vs precise BN statistics over training, over several seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        return Settings(
+            epochs={"tiny": 3, "quick": 40, "full": 200}[cfg.mode],
+            max_train=None if cfg.mode == "full" else 2000,
+            sample_draws={"tiny": 2, "quick": 10, "full": 20}[cfg.mode],
+        )
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        s = settings
+        data = [d.subset_train(s.max_train, seed) if s.max_train is not None else d for d, seed in zip(data, seeds)]
+        sizes = {d.train_x.shape[0] for d in data}
+        if len(sizes) != 1:
+            raise ValueError(f"precise-bn: expected one training-set size across seeds, got {sorted(sizes)}")
+        n = sizes.pop()
+        per_epoch = -(-n // s.batch_size)
+        steps = s.epochs * per_epoch
+        models = []
+        for d, seed in zip(data, seeds):
+            model = MLP(d.features, list(s.hidden), d.classes, act=s.activation, norm="bn")
+            _seeded_init(model, seed)
+            models.append(model)
+        recs = [_recorder(s, d, m, seed, per_epoch, steps) for d, m, seed in zip(data, models, seeds)]
+
+        def record(step: int, _results: list[TrainResult]) -> None:
+            for _rec, fn in recs:
+                fn(step)
+
+        spec = TrainSpec(steps=steps, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum)
+        results = train_seeds(
+            models,
+            data,
+            seeds,
+            spec,
+            f"{len(seeds)} seeds",
+            progress,
+            checkpoints=range(0, steps + 1, per_epoch),
+            on_checkpoint=record,
+        )
+        return [{**rec, "diverged": r.diverged} for (rec, _fn), r in zip(recs, results)]
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
+
+
 EXPERIMENT = PreciseBN()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

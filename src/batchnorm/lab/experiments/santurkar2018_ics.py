@@ -1,12 +1,7 @@
 """``santurkar2018-ics``: Santurkar et al. 2018, Def. 2.1 and Fig. 3 — internal covariate shift
 measured as the change of a layer's gradient after the earlier layers are updated; BN does
 not make it smaller.
-
-For layer i at a checkpoint, on one batch: G = grad of W_i at the current weights; G' = the same
-gradient after the layers 1..i-1 (weights and BN parameters) take their SGD step computed on
-that batch (layers >= i unchanged). Reported: ||G - G'||_2, ||G - G'|| / ||G||, cos(G, G').
-Two networks, each with and without BN before the activation: a 25-layer deep linear network
-(DLN, width 32, Gaussian inputs, a linear target, MSE) and a 10-layer ReLU MLP on the data.
+Setup, the rules fixed before any run and each setting's source: ``santurkar2018_ics.md``.
 """
 
 from __future__ import annotations
@@ -22,11 +17,12 @@ from torch.nn import functional as F
 
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import listed, probing, seeded
 from ..experiment import Experiment, claim
 from ..models import MLP, blocks
 from ..progress import Progress
 from ..training import TrainSpec, train
-from ._santurkar import build, restore_buffers, window_means
+from ._santurkar import build, window_means
 
 ID = "santurkar2018-ics"
 DESCRIPTION = "Santurkar 2018 Def. 2.1: ICS as the change of a layer's gradient after earlier layers update (l2, cosine); BN's is not lower"
@@ -35,25 +31,22 @@ QUICK_SECONDS = 25.0
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``santurkar2018_ics.md``)."""
 
     dln_steps: int
     dln_checkpoints: int
     mlp_steps: int
     mlp_checkpoints: int
     dln_depth: int = 25
-    """The paper's deep linear network: 25 layers."""
     dln_width: int = 32
     dln_inputs: str = "x ~ N(0, I_32), 4096 samples, fixed by the seed"
     dln_target: str = "y = x A, A (32, 10) ~ N(0, 1/32), loss MSE"
     dln_init: str = "weights ~ N(0, 1/width), biases 0"
     dln_lr: float = 0.005
-    """Not stated by the paper; the value of the single-seed version of this experiment, kept unchanged."""
     mlp_depth: int = 10
     mlp_width: int = 64
     mlp_init: str = "He: weights ~ N(0, 2/fan_in), biases 0"
     mlp_lr: float = 0.1
-    """The paper's VGG rate (Santurkar et al. 2018, Fig. 1)."""
     batch_size: int = 128
     norm: str = "batchnorm.BatchNorm1d before the activation in every hidden layer (Linear bias dropped); none: no norm"
     optimizer: str = "SGD (no momentum, no weight decay), constant learning rate"
@@ -67,13 +60,8 @@ class Settings:
     )
     per_seed_number: str = "median over the checkpoints after step 0 and the layers 2..L"
     dln_l2_ratio_at_least: float = 1.0
-    """Fig. 3 (DLN): ||G - G'|| larger with BN ("similar or even worse" ICS, the DLN the clearest
-    case); ratio BN / no BN >= 1."""
     dln_cosine_difference_at_most: float = 0.0
-    """Fig. 3 (DLN): cos(G, G') lower with BN; difference BN - no BN <= 0."""
     mlp_relative_l2_ratio_at_least: float = 0.5
-    """Fig. 3 (VGG): BN's ICS "similar" to the standard network's; read as: not driven toward 0,
-    BN's relative change ||G - G'||/||G|| at least half the plain network's."""
 
 
 def ics(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: Any) -> list[dict[str, float]]:
@@ -87,56 +75,34 @@ def ics(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: Any) -> list
     """
     hidden = list(blocks(model))
     groups = [list(b.parameters()) for b in hidden]
-    flags = [(m, m.training) for m in model.modules()]
     start = [[p.detach().clone() for p in grp] for grp in groups]
-    saved_grads = [p.grad for p in model.parameters()]
     out = []
-    try:
-        with restore_buffers(model):
-            model.train()
+    with probing(model):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        grads = [[torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in grp] for grp in groups]
+        for i in range(1, len(hidden)):
+            with torch.no_grad():
+                for k in range(i):
+                    for p, w, g in zip(groups[k], start[k], grads[k]):
+                        p.copy_(w - lr * g)
             model.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
-            grads = [
-                [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in grp] for grp in groups
-            ]
-            for i in range(1, len(hidden)):
-                with torch.no_grad():
-                    for k in range(i):
-                        for p, w, g in zip(groups[k], start[k], grads[k]):
-                            p.copy_(w - lr * g)
-                model.zero_grad(set_to_none=True)
-                loss_fn(model(x), y).backward()
-                g_before = grads[i][0].flatten()  # (out * in,): block i's Linear weight
-                g_after = hidden[i].layer.weight.grad.detach().flatten()
-                diff = float((g_before - g_after).norm())
-                norm = float(g_before.norm())
-                out.append(
-                    {
-                        "layer": i + 1,
-                        "l2": diff,
-                        "rel_l2": diff / max(norm, 1e-30),
-                        "cos": float(F.cosine_similarity(g_before, g_after, dim=0)),
-                        "grad_norm": norm,
-                    }
-                )
-                with torch.no_grad():
-                    for k in range(i):
-                        for p, w in zip(groups[k], start[k]):
-                            p.copy_(w)
-    finally:
-        with torch.no_grad():
-            for grp, ws in zip(groups, start):
-                for p, w in zip(grp, ws):
-                    p.copy_(w)
-        for p, g in zip(model.parameters(), saved_grads):
-            p.grad = g
-        for m, flag in flags:
-            m.training = flag
+            g_before = grads[i][0].flatten()  # (out * in,): block i's Linear weight
+            g_after = hidden[i].layer.weight.grad.detach().flatten()
+            diff = float((g_before - g_after).norm())
+            norm = float(g_before.norm())
+            cos = float(F.cosine_similarity(g_before, g_after, dim=0))
+            out.append({"layer": i + 1, "l2": diff, "rel_l2": diff / max(norm, 1e-30), "cos": cos, "grad_norm": norm})
+            with torch.no_grad():
+                for k in range(i):
+                    for p, w in zip(groups[k], start[k]):
+                        p.copy_(w)
     return out
 
 
 def _dln_data(seed: int, n: int = 4096) -> tuple[Tensor, Tensor]:
-    g = torch.Generator().manual_seed(seed + 11)
+    g = seeded(seed + 11)
     x = torch.randn(n, 32, generator=g)  # (n, 32)
     a = torch.randn(32, 10, generator=g) / 32**0.5  # (32, 10)
     return x, x @ a  # (n, 32), (n, 10)
@@ -170,93 +136,13 @@ def _train_and_measure(
 
     spec = TrainSpec(steps=steps, batch_size=batch, lr=lr)
     with progress.task(f"{label} seed {seed}", total=steps) as tick:
+        order = seeded(seed + 2)
         result = train(
-            model,
-            x,
-            y,
-            spec,
-            generator=torch.Generator().manual_seed(seed + 2),
-            checkpoints=marks,
-            on_checkpoint=record,
-            tick=tick,
-            loss_fn=loss_fn,
+            model, x, y, spec, generator=order, checkpoints=marks, on_checkpoint=record, tick=tick, loss_fn=loss_fn
         )
     rec["loss_curve"] = window_means(result.losses, marks)
     rec["diverged"] = result.diverged
     return rec
-
-
-class Ics(Experiment):
-    """Santurkar et al.'s ICS measurement over several seeds (one seed at a time: the DLN's MSE
-    loss and the per-layer measurement dominate, not the training steps)."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return Settings(
-            dln_steps=cfg.pick(tiny=20, quick=300, full=3000),
-            dln_checkpoints=cfg.pick(tiny=2, quick=6, full=20),
-            mlp_steps=cfg.pick(tiny=20, quick=500, full=3000),
-            mlp_checkpoints=cfg.pick(tiny=2, quick=10, full=20),
-        )
-
-    def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
-        s = settings
-        x, y = _dln_data(seed)
-        out: dict[str, Any] = {"dln": {}, "mlp": {}}
-        for norm in ("none", "bn"):
-            model = MLP(
-                32,
-                [s.dln_width] * s.dln_depth,
-                10,
-                act="identity",
-                norm=None if norm == "none" else "bn",
-                init_std=(1.0 / s.dln_width) ** 0.5,
-                generator=torch.Generator().manual_seed(seed + 1),
-            )
-            out["dln"][norm] = _train_and_measure(
-                model,
-                x,
-                y,
-                s.dln_steps,
-                s.dln_checkpoints,
-                s.dln_lr,
-                s.batch_size,
-                seed,
-                F.mse_loss,
-                f"DLN {norm}",
-                progress,
-            )
-        for norm in ("none", "bn"):
-            model = build(data, s.mlp_depth, s.mlp_width, None if norm == "none" else "bn", seed)
-            out["mlp"][norm] = _train_and_measure(
-                model,
-                data.train_x,
-                data.train_y,
-                s.mlp_steps,
-                s.mlp_checkpoints,
-                s.mlp_lr,
-                s.batch_size,
-                seed,
-                F.cross_entropy,
-                f"MLP {norm}",
-                progress,
-            )
-        return out
-
-    def describe_data(self, settings: Settings, first: Dataset) -> dict[str, Any]:
-        return {
-            **super().describe_data(settings, first),
-            "note": "the DLN part uses its own Gaussian data (see config: dln_*)",
-        }
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
 
 
 def _median(rec: dict[str, Any], key: str) -> float:
@@ -276,7 +162,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     def evidence(net: str) -> str:
         diverged = sum(bool(m[net][norm]["diverged"]) for m in per_seed for norm in ("none", "bn"))
         parts = [
-            f"{name} per seed: BN {', '.join(f'{v:.3g}' for v in col(net, 'bn', key))} vs no BN {', '.join(f'{v:.3g}' for v in col(net, 'none', key))}"
+            f"{name} per seed: BN {listed(col(net, 'bn', key), '{:.3g}')} vs no BN {listed(col(net, 'none', key), '{:.3g}')}"
             for key, name in (("l2", "l2"), ("rel_l2", "relative l2"), ("cos", "cosine"))
         ]
         return (
@@ -368,8 +254,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                     alpha=0.2,
                     linewidth=0,
                 )
-            ax.set_xlabel("training step")
-            ax.set_ylabel("||G - G'||" if key == "l2" else "cos(G, G')")
+            ax.set(xlabel="training step", ylabel="||G - G'||" if key == "l2" else "cos(G, G')")
             if key == "l2":
                 ax.set_yscale("log")
             ax.set_title(f"{titles[net]}: {'l2 difference' if key == 'l2' else 'cosine'} over training")
@@ -393,8 +278,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                     ms=3,
                     label=f"{labels[norm]} (median over checkpoints after step 0)",
                 )
-            ax.set_xlabel("layer i")
-            ax.set_ylabel("||G - G'||" if key == "l2" else "cos(G, G')")
+            ax.set(xlabel="layer i", ylabel="||G - G'||" if key == "l2" else "cos(G, G')")
             if key == "l2":
                 ax.set_yscale("log")
             ax.set_title(f"{titles[net]}: per layer")
@@ -403,7 +287,68 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     return paths
 
 
+class Ics(Experiment):
+    """Santurkar et al.'s ICS measurement over several seeds (one seed at a time: the DLN's MSE
+    loss and the per-layer measurement dominate, not the training steps)."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        return Settings(
+            dln_steps=cfg.pick(tiny=20, quick=300, full=3000),
+            dln_checkpoints=cfg.pick(tiny=2, quick=6, full=20),
+            mlp_steps=cfg.pick(tiny=20, quick=500, full=3000),
+            mlp_checkpoints=cfg.pick(tiny=2, quick=10, full=20),
+        )
+
+    def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
+        s = settings
+        x, y = _dln_data(seed)
+        out: dict[str, Any] = {"dln": {}, "mlp": {}}
+        for norm in ("none", "bn"):
+            std = (1.0 / s.dln_width) ** 0.5
+            layers = [s.dln_width] * s.dln_depth
+            bn = None if norm == "none" else "bn"
+            model = MLP(32, layers, 10, act="identity", norm=bn, init_std=std, generator=seeded(seed + 1))
+            out["dln"][norm] = _train_and_measure(
+                model,
+                x,
+                y,
+                s.dln_steps,
+                s.dln_checkpoints,
+                s.dln_lr,
+                s.batch_size,
+                seed,
+                F.mse_loss,
+                f"DLN {norm}",
+                progress,
+            )
+        for norm in ("none", "bn"):
+            model = build(data, s.mlp_depth, s.mlp_width, None if norm == "none" else "bn", seed)
+            out["mlp"][norm] = _train_and_measure(
+                model,
+                data.train_x,
+                data.train_y,
+                s.mlp_steps,
+                s.mlp_checkpoints,
+                s.mlp_lr,
+                s.batch_size,
+                seed,
+                F.cross_entropy,
+                f"MLP {norm}",
+                progress,
+            )
+        return out
+
+    def describe_data(self, settings: Settings, first: Dataset) -> dict[str, Any]:
+        return {
+            **super().describe_data(settings, first),
+            "note": "the DLN part uses its own Gaussian data (see config: dln_*)",
+        }
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
+
+
 EXPERIMENT = Ics()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

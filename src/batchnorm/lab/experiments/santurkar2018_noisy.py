@@ -1,19 +1,7 @@
 """``santurkar2018-noisy``: Santurkar et al. 2018, Fig. 2 — BN with deliberately injected,
 time-varying "covariate shift" trains about as well as BN and far better than no BN, although
 its layer inputs are less stable than those of the network without BN.
-
-Setup (CPU form of the paper's VGG experiment): a deep ReLU MLP (digits: 10 layers of 64;
-MNIST-1D: 12 of 100), batch 128, plain SGD at two learning rates 1:5 (0.1 and 0.5, the paper's
-VGG rates), three arms from the same initial weights and minibatch order: no normalization,
-``batchnorm.BatchNorm1d`` before each ReLU, and BN followed by noise (``_santurkar.NoisyReLU``,
-the noise of :class:`batchnorm.lab.normalizers.NoisyBatchNorm`). The seeds of each arm are
-trained together (``stacked.train_stacked``).
-
-Fixed by rule before any claim is judged:
-* steps: a stated number of passes over the training set (quick 40 epochs, full 300);
-* noise magnitude a (shift U(-a, a), scale U(1, 1 + a), per-sample std a/5): the smallest a
-  of a grid whose measured input drift exceeds the no-BN network's in every tracked quantity,
-  on a calibration run (its own seed and a split of that seed's training set) at lr 0.1.
+Setup, the rules fixed before any run and each setting's source: ``santurkar2018_noisy.md``.
 """
 
 from __future__ import annotations
@@ -30,9 +18,9 @@ import torch
 
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import seeded, train_seeds
 from ..experiment import Experiment, claim, column, load_for
 from ..progress import Progress
-from ..stacked import train_stacked
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
 from ._calibration import CALIBRATION_SEED, calibration_split, epochs_to_steps
@@ -54,23 +42,15 @@ _DIVERGED_DRIFT = 1e3  # drift recorded for a run that diverged (its inputs beca
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``santurkar2018_noisy.md``)."""
 
     depth: int
-    """Hidden layers (digits 10; MNIST-1D 12: a separate NumPy calibration found that at depth 6
-    the plain network trains as well as BN, i.e. BN is not needed there)."""
     width: int
-    """Hidden units per layer (digits 64; MNIST-1D 100)."""
     steps: int
-    """SGD steps, from ``steps_rule``."""
     steps_rule: str
-    """How ``steps`` was fixed (before any run)."""
     checkpoint_every: int
-    """Steps between probes of the layer inputs (``steps`` / 30; tiny: / 10)."""
     noise_grid: tuple[float, ...]
-    """The magnitudes a the calibration tries, smallest first (doubling from 0.05)."""
     noise_magnitude: float = math.nan
-    """a, chosen by ``noise_rule`` on the calibration run (NaN until calibrated)."""
     noise_rule: str = (
         "the smallest a of noise_grid whose drift (step_location and step_spread of both tracked layers, lr 0.1) exceeds "
         "the no-BN network's in all four numbers, on the calibration run; the largest a if none does"
@@ -82,19 +62,15 @@ class Settings:
         "after every BN layer (after gamma, beta), before the ReLU; at inference y' = y * (2 + a) / 2 (the expectation)"
     )
     calibration: dict[str, Any] = field(default_factory=dict)
-    """What the calibration measured: seed, split, drift of the no-BN network and of noisy BN at each a."""
     calibration_seed: int = CALIBRATION_SEED
-    """The calibration run's seed (never a claim's seed); it uses a split of that seed's training set."""
     batch_size: int = 128
     lrs: tuple[float, ...] = (0.1, 0.5)
-    """The paper's two VGG learning rates (Santurkar et al. 2018, Fig. 1), ratio 1:5."""
     optimizer: str = "SGD (no momentum, no weight decay), constant learning rate"
     init: str = (
         "He: weights ~ N(0, 2/fan_in), biases 0; same initial weights and minibatch order in every arm of a seed"
     )
     norm_placement: str = "before the ReLU (Linear bias dropped with BN)"
     tracked_layers: tuple[int, ...] = (2, 8)
-    """0-based hidden blocks whose ReLU inputs are probed: the 3rd and the 9th."""
     probe: str = (
         "first 256 training examples, forwarded as one batch in training mode at each checkpoint (one noise draw)"
     )
@@ -105,17 +81,9 @@ class Settings:
     )
     seeds_trained: str = "the seeds of each arm are trained together (batchnorm.lab.stacked), each as if alone; noise from each seed's own generator"
     close_to_bn_within: float = 0.02
-    """Fig. 2: noisy BN's training accuracy curve nearly coincides with BN's ("nearly matches the
-    performance"); read as within 2 pp of final training accuracy, at both rates."""
     faster_loss_ratio_at_least: float = 1.0
-    """Fig. 2: both BN arms train faster than the standard network; read as a lower mean training
-    loss over the run (ratio no BN / BN arm > 1)."""
     high_lr_gap_at_least: float = 0.10
-    """Fig. 1: at lr 0.5 the network with BN trains while the standard one lags far behind; read
-    as >= 10 pp of final training accuracy for BN and for noisy BN."""
     drift_ratio_at_least: float = 1.0
-    """Fig. 2 (right): noisy BN's layer-input distributions are less stable than the standard
-    network's; ratio of drifts noisy BN / no BN > 1 in every tracked number."""
 
 
 def _noise(a: float) -> tuple[float, float, float]:
@@ -157,24 +125,14 @@ def _train(
     noise a, noisy arm only); per seed: probed layer inputs, drift, final accuracies, losses."""
     models = [build(d, s.depth, s.width, None if arm == "none" else "bn", seed) for d, seed in zip(data, seeds)]
     if arm == "noisy":
-        gens = [torch.Generator().manual_seed(seed + 7) for seed in seeds]
-        noise = [_noise(a) for a in magnitudes]
-        acts = [
-            NoisyReLU(gens, [n[0] for n in noise], [n[1] for n in noise], [n[2] for n in noise]) for _ in range(s.depth)
-        ]
-        noisy(models, acts)
+        gens = [seeded(seed + 7) for seed in seeds]
+        shifts, scales, per_sample = ([n[j] for n in map(_noise, magnitudes)] for j in range(3))
+        noisy(models, [NoisyReLU(gens, shifts, scales, per_sample) for _ in range(s.depth)])
     checkpoints = list(range(0, s.steps + 1, s.checkpoint_every))
     layers = list(s.tracked_layers)
     probes = [d.train_x[:256] for d in data]
-    recs: list[dict[str, Any]] = [
-        {
-            "step": [],
-            "mean": {str(i): [] for i in layers},
-            "std": {str(i): [] for i in layers},
-            "percentiles": {str(i): [] for i in layers},
-        }
-        for _ in seeds
-    ]
+    probed = ("mean", "std", "percentiles")
+    recs: list[dict[str, Any]] = [{"step": [], **{q: {str(i): [] for i in layers} for q in probed}} for _ in seeds]
 
     def record(step: int, results: list[TrainResult]) -> None:
         for k, (model, rec, probe, result) in enumerate(zip(models, recs, probes, results)):
@@ -191,17 +149,7 @@ def _train(
                 rec["percentiles"][str(i)].append(np.percentile(z[i][:, 0].numpy(), [15, 50, 85]).tolist())
 
     spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=lr)
-    with progress.task(label, total=s.steps) as tick:
-        results = train_stacked(
-            models,
-            [d.train_x for d in data],
-            [d.train_y for d in data],
-            spec,
-            generators=[torch.Generator().manual_seed(seed + 2) for seed in seeds],
-            checkpoints=checkpoints,
-            on_checkpoint=record,
-            tick=tick,
-        )
+    results = train_seeds(models, data, seeds, spec, label, progress, checkpoints=checkpoints, on_checkpoint=record)
     out = []
     for k, (model, rec, d, result) in enumerate(zip(models, recs, data, results)):
         with seed_slot(model, k):
@@ -262,50 +210,6 @@ def _calibrate(s: Settings, cfg: RunConfig, progress: Progress) -> Settings:
     return dataclasses.replace(s, noise_magnitude=float(chosen), calibration=record)
 
 
-class Noisy(Experiment):
-    """Santurkar et al.'s noisy-BN experiment over several seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        depth, width = (12, 100) if cfg.data == "mnist1d" else (10, 64)
-        if cfg.mode == "tiny":
-            steps, rule = _TINY_STEPS, f"tiny: {_TINY_STEPS} steps (a smoke test)"
-            grid: tuple[float, ...] = (0.1, 0.5)
-        else:
-            n = load_for(cfg, cfg.seed).train_x.shape[0]
-            epochs = _EPOCHS[cfg.mode]
-            steps = epochs_to_steps(epochs, n, 128)
-            rule = f"{epochs:g} passes over the training set ({n} examples, batch 128), the same rule on every data set"
-            grid = _NOISE_GRID
-        every = max(1, steps // (10 if cfg.mode == "tiny" else 30))
-        return Settings(depth=depth, width=width, steps=steps, steps_rule=rule, checkpoint_every=every, noise_grid=grid)
-
-    def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
-        """Calibrate the noise magnitude on the calibration seed's own split."""
-        return _calibrate(settings, cfg, progress)
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        per_seed: list[dict[str, Any]] = [{} for _ in seeds]
-        a = settings.noise_magnitude
-        for lr in settings.lrs:
-            for arm in _ARMS:
-                runs = _train(settings, data, seeds, arm, lr, [a] * len(seeds), f"{_LABELS[arm]} lr {lr:g}", progress)
-                for rec, r in zip(per_seed, runs):
-                    rec[f"{arm}@{lr:g}"] = r
-        return per_seed
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
-
-
 def _col(results: dict[str, Any], arm: str, lr: float, key: str) -> list[float]:
     return column(results["metrics"]["per_seed"], f"{arm}@{lr:g}", key)
 
@@ -335,28 +239,27 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     a = t["noise_magnitude"]
     out = []
 
+    def acc(arm: str, lr: float) -> list[float]:
+        return _col(results, arm, lr, "final_train_acc")
+
+    def acc_text(arm: str, lr: float) -> str:
+        return _runs(results, arm, lr, "final_train_acc")
+
     tol = float(t["close_to_bn_within"])
-    parts = {
-        lr: part(
-            _col(results, "noisy", lr, "final_train_acc"),
-            _col(results, "bn", lr, "final_train_acc"),
-            above=-tol,
-        )
-        for lr in (lo, hi)
-    }
+    parts = {lr: part(acc("noisy", lr), acc("bn", lr), above=-tol) for lr in (lo, hi)}
     out.append(
         claim(
             f"Noisy BN (a = {a:g}) trains about as well as BN: final training accuracy within {100 * tol:g} pp of BN's (or better), "
             f"at lr {lo:g} and at lr {hi:g}",
             results=results,
-            a=_col(results, "noisy", lo, "final_train_acc"),
-            b=_col(results, "bn", lo, "final_train_acc"),
+            a=acc("noisy", lo),
+            b=acc("bn", lo),
             above=-tol,
             also=[parts[hi]],
             expected="noisy BN 'nearly matches' BN (the training curves overlap)",
             source="Santurkar et al. 2018, Fig. 2",
             evidence="; ".join(
-                f"lr {lr:g}: noisy BN {_runs(results, 'noisy', lr, 'final_train_acc')}% vs BN {_runs(results, 'bn', lr, 'final_train_acc')}% "
+                f"lr {lr:g}: noisy BN {acc_text('noisy', lr)}% vs BN {acc_text('bn', lr)}% "
                 f"per seed (noisy - BN {100 * parts[lr].estimate:+.1f} pp, mean)"
                 for lr in (lo, hi)
             ),
@@ -378,37 +281,29 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             also=[noisy_part],
             expected="both BN arms ahead of the standard network throughout training",
             source="Santurkar et al. 2018, Fig. 2",
-            evidence=f"mean training loss over {t['steps']} steps per seed: no BN "
-            + _runs(results, "none", lo, "mean_train_loss", "{:.3g}")
-            + "; BN "
-            + _runs(results, "bn", lo, "mean_train_loss", "{:.3g}")
-            + "; noisy BN "
-            + _runs(results, "noisy", lo, "mean_train_loss", "{:.3g}")
+            evidence=f"mean training loss over {t['steps']} steps per seed: "
+            + "; ".join(f"{_LABELS[arm]} {_runs(results, arm, lo, 'mean_train_loss', '{:.3g}')}" for arm in _ARMS)
             + f" (noisy part: {noisy_part.estimate:.3g}x, geometric mean); final training accuracy: no BN "
-            + _runs(results, "none", lo, "final_train_acc")
-            + "%, BN "
-            + _runs(results, "bn", lo, "final_train_acc")
-            + "%",
+            f"{acc_text('none', lo)}%, BN {acc_text('bn', lo)}%",
         )
     )
 
     gap = float(t["high_lr_gap_at_least"])
-    none_hi = _col(results, "none", hi, "final_train_acc")
-    noisy_hi = part(_col(results, "noisy", hi, "final_train_acc"), none_hi, above=gap)
+    noisy_hi = part(acc("noisy", hi), acc("none", hi), above=gap)
     diverged = sum(bool(m[f"none@{hi:g}"]["diverged"]) for m in results["metrics"]["per_seed"])
     out.append(
         claim(
             f"At lr {hi:g} the network without BN fails to train while BN and noisy BN do: their final training accuracy exceeds "
             f"the plain network's by >= {100 * gap:g} pp",
             results=results,
-            a=_col(results, "bn", hi, "final_train_acc"),
-            b=none_hi,
+            a=acc("bn", hi),
+            b=acc("none", hi),
             above=gap,
             also=[noisy_hi],
             expected="BN tolerates lr 0.5, the standard network does not",
             source="Santurkar et al. 2018, Fig. 1",
-            evidence=f"final training accuracy at lr {hi:g} per seed: no BN {_runs(results, 'none', hi, 'final_train_acc')}% ({diverged} of {len(seeds)} diverged), "
-            f"BN {_runs(results, 'bn', hi, 'final_train_acc')}%, noisy BN {_runs(results, 'noisy', hi, 'final_train_acc')}%",
+            evidence=f"final training accuracy at lr {hi:g} per seed: no BN {acc_text('none', hi)}% ({diverged} of {len(seeds)} "
+            f"diverged), BN {acc_text('bn', hi)}%, noisy BN {acc_text('noisy', hi)}%",
         )
     )
 
@@ -418,12 +313,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     ev = []
     for layer in layers:
         for kind in _COMPARED:
-            v = part(
-                _drift_col(results, "noisy", lo, layer, kind),
-                _drift_col(results, "none", lo, layer, kind),
-                effect="ratio",
-                above=least,
-            )
+            noisy_drift, none_drift = (_drift_col(results, arm, lo, layer, kind) for arm in ("noisy", "none"))
+            v = part(noisy_drift, none_drift, effect="ratio", above=least)
             parts_d.append(v)
             ev.append(f"layer {int(layer) + 1} {kind.replace('step_', '')}: noisy / no BN {v.estimate:.2f}x")
     out.append(
@@ -464,16 +355,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             curves = [[np.nan if v is None else v for v in r["loss_curve"]][: len(steps)] for r in runs]
             curves = [c + [np.nan] * (len(steps) - len(c)) for c in curves]
             lost = sum(bool(r["diverged"]) for r in runs)  # a diverged run's curve stops where it diverged
-            mean_band(
-                ax,
-                steps,
-                curves,
-                _LABELS[arm] + (f" ({lost} of {len(runs)} diverged)" if lost else ""),
-                color=colors[arm],
-            )
-        ax.set_yscale("log")
-        ax.set_title(f"Training loss, lr {lr:g}")
-        ax.set_xlabel("step")
+            label = _LABELS[arm] + (f" ({lost} of {len(runs)} diverged)" if lost else "")
+            mean_band(ax, steps, curves, label, color=colors[arm])
+        ax.set(yscale="log", title=f"Training loss, lr {lr:g}", xlabel="step")
         ax.set_ylabel("training cross-entropy (window mean)")
         ax.legend(fontsize=8)
     paths.append(save(fig, outdir / "training_loss.png"))
@@ -493,8 +377,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                 )
                 ax.plot(steps, p[:, 1], color=colors[arm], label="median")
             ax.set_title(f"{_LABELS[arm]}: layer {int(layer) + 1}, unit 0 (lr {lr:g}, first seed)", fontsize=9)
-            ax.set_xlabel("step")
-            ax.set_ylabel("input of the ReLU")
+            ax.set(xlabel="step", ylabel="input of the ReLU")
             ax.legend(fontsize=7)
     paths.append(save(fig, outdir / "layer_inputs.png"))
 
@@ -524,7 +407,44 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     return paths
 
 
+class Noisy(Experiment):
+    """Santurkar et al.'s noisy-BN experiment over several seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        depth, width = (12, 100) if cfg.data == "mnist1d" else (10, 64)
+        if cfg.mode == "tiny":
+            steps, rule = _TINY_STEPS, f"tiny: {_TINY_STEPS} steps (a smoke test)"
+            grid: tuple[float, ...] = (0.1, 0.5)
+        else:
+            n = load_for(cfg, cfg.seed).train_x.shape[0]
+            epochs = _EPOCHS[cfg.mode]
+            steps = epochs_to_steps(epochs, n, 128)
+            rule = f"{epochs:g} passes over the training set ({n} examples, batch 128), the same rule on every data set"
+            grid = _NOISE_GRID
+        every = max(1, steps // (10 if cfg.mode == "tiny" else 30))
+        return Settings(depth=depth, width=width, steps=steps, steps_rule=rule, checkpoint_every=every, noise_grid=grid)
+
+    def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
+        """Calibrate the noise magnitude on the calibration seed's own split."""
+        return _calibrate(settings, cfg, progress)
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        per_seed: list[dict[str, Any]] = [{} for _ in seeds]
+        a = settings.noise_magnitude
+        for lr in settings.lrs:
+            for arm in _ARMS:
+                runs = _train(settings, data, seeds, arm, lr, [a] * len(seeds), f"{_LABELS[arm]} lr {lr:g}", progress)
+                for rec, r in zip(per_seed, runs):
+                    rec[f"{arm}@{lr:g}"] = r
+        return per_seed
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
+
+
 EXPERIMENT = Noisy()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

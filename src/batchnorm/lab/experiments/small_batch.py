@@ -1,17 +1,7 @@
 """``small-batch``: Wu & He 2018 (Group Norm) and Ioffe 2017 (Batch Renorm) — test error against
 the size of BN's normalization group, with i.i.d. and non-i.i.d. groups, for BN, Batch Renorm,
 Ghost BN and Group Norm, judged over seeds.
-
-Setup (CPU form): 32 examples per SGD step (the gradient always averages all 32), the
-normalization statistics computed per group of m consecutive examples (m = 32 is plain BN;
-smaller m emulates m images per GPU without synchronized statistics, or Ioffe's
-microbatches). Non-i.i.d.: every group of 4 holds 2 classes x 2 images. Evaluation on the
-test set with the running statistics. On the digits the network is a 3x100 ReLU MLP; on
-MNIST-1D a 1-D CNN (three length-3 conv blocks of 32 channels, strides 1, 2, 2, global
-average pooling), as Wu & He's claims are about conv nets. Every arm of a seed starts from
-the same weights and (i.i.d. arms) sees the same minibatches; all arms and seeds are trained
-together (``lab._stacked_nets``). The step count is fixed by a calibration rule on seed 1000
-(``calibrate_steps``), never on the seeds the claims are judged on.
+Setup, the rules fixed before any run and each setting's source: ``small_batch.md``.
 """
 
 from __future__ import annotations
@@ -30,6 +20,7 @@ from ... import GhostBatchNorm1d
 from .._stacked_nets import train_together
 from ..config import RunConfig
 from ..datasets import Dataset
+from ..declare import listed, seeded
 from ..experiment import Experiment, claim, column, per_seed_values
 from ..models import MLP, ConvNet
 from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
@@ -46,10 +37,7 @@ _LABELS = {"bn": "BN (per-group stats)", "brn": "Batch Renorm", "ghost": "Ghost 
 _COLORS = {"bn": "tab:blue", "brn": "tab:green", "ghost": "tab:purple", "gn": "tab:orange"}
 _GROUP_SIZES = {"tiny": (32, 2), "quick": (32, 8, 2), "full": (32, 16, 8, 4, 2)}
 
-# Step counts from ``calibrate_steps`` on CALIBRATION_SEED and the lab's shared calibration split
-# (the rule is Settings.steps_rule), the same rule on both data sets (MNIST-1D: 74 s on one core; it
-# had used 2,400 steps chosen by hand; digits gave 800 on an earlier, unstratified split):
-#   .venv/bin/python -c "from batchnorm.lab.experiments import small_batch as e; print(e.calibrate_steps('mnist1d'))"
+# Step counts from ``calibrate_steps`` (the rule: Settings.steps_rule; its history: small_batch.md)
 _CALIBRATED_STEPS = {"digits": 500, "mnist1d": 2900}
 _HAND_CHOSEN_BEFORE = {"mnist1d": 2400}  # what a data set used before its calibration was run
 _TINY_STEPS = 40
@@ -58,59 +46,34 @@ _FULL_FACTOR = 10 / 3  # full mode trains 10/3 x the calibrated steps
 
 @dataclass(frozen=True)
 class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the number."""
+    """Every choice of this experiment (each field's meaning and source: ``small_batch.md``)."""
 
     model: str
-    """"mlp" (3x100 ReLU; digits) or "cnn1d" (1-D CNN; MNIST-1D)."""
     steps: int
-    """SGD steps (32 examples each). Quick: the calibrated value (``steps_rule``); full: 10/3 of it; tiny: 40."""
     steps_rule: str
-    """The rule that fixed ``steps``, stated before the calibration run, and what it gave."""
     group_sizes: tuple[int, ...]
-    """Normalization group sizes m (Wu & He: 32, 16, 8, 4, 2 images per GPU)."""
     mnist1d_choice: str = ""
-    """Why the model differs on MNIST-1D (empty elsewhere)."""
     hidden: tuple[int, ...] = (100, 100, 100)
-    """MLP hidden widths (model "mlp")."""
     channels: tuple[int, ...] = (32, 32, 32)
-    """CNN channels (model "cnn1d"): length-3 convolutions, padding 1, strides 1, 2, 2; global average pooling."""
     activation: str = "relu"
     placement: str = "normalization before each ReLU (Linear/conv bias dropped)"
     init: str = "PyTorch's default, seeded: every normalization of a seed starts from the same weights"
     batch_size: int = 32
-    """Examples per SGD step (the gradient always averages all of them)."""
     lr: float = 0.1
-    """Plain SGD, constant (no momentum, no weight decay); not a paper's value (theirs train ResNets)."""
     non_iid_group: int = 4
-    """Non-i.i.d. groups: 2 random classes x 2 random images per group of 4 (Ioffe 2017's setting
-    is 16 classes x 2 images per batch of 32; this makes each group class-pure in pairs)."""
     moving_average_momentum: float = 0.01
-    """Ioffe 2017's "relatively fast" alpha, for all three BN variants."""
     renorm_schedule: str = (
         "r_max 1 and d_max 0 for the first 10% of the steps, then linear: d_max 5 at 50%, r_max 3 at 80%"
     )
-    """Ioffe 2017's schedule (plain BN for 5k steps, d_max = 5 at 25k, r_max = 3 at 40k of ~50k) scaled to the run."""
     group_norm_groups: int = 4
-    """Group Norm's groups of features (Wu & He use 32 channel groups in ResNet-50)."""
     evaluation: str = "test set, eval mode: running statistics (BN, BRN, Ghost BN); GN needs none"
     seeds_trained: str = "all arms and seeds trained together (batchnorm.lab._stacked_nets), each as if alone"
     flat_rise_at_most_pp: float = 2.5
-    """"Flat": BN's error at m = 8 at most 2.5 pp above m = 32. Wu & He, Fig. 1 / Table 3: 23.6% at
-    32, 24.8% at 8 images per GPU (+1.2 pp); 2.5 pp is about twice that (9 of the 360 digits test images)."""
     sharp_rise_at_least_pp: float = 10.0
-    """"Sharp rise": BN's error at m = 2 at least 10 pp above m = 32. Wu & He: 34.7% at 2 vs 23.6% at 32 (+11.1 pp)."""
     far_better_ratio: float = 2.0
-    """"Far better": the other error at most 1/2 of BN's (BN / other >= 2). Wu & He: GN 24.1% vs BN 34.7% at 2
-    (0.69x); Ioffe 2017: BN collapses with non-i.i.d. groups (about 67% vs BRN's recovery). A reading stated
-    before any run, stricter than Wu & He's ratio."""
     far_better_by_at_least_pp: float = 3.0
-    """... and at least 3 pp lower error (Wu & He: 10.6 pp at m = 2; Ioffe 2017: 2.3 pp at microbatches of 4)."""
     bn_vs_gn_tolerance_pp: float = 1.0
-    """BN at m = 32 at least as good as GN: BN - GN <= +1 pp. Wu & He: BN 23.6% vs GN 24.1% at 32 (BN 0.5 pp
-    better), a difference below what a few hundred test images resolve; 1 pp allows for that."""
     same_error_band_pp: float = 2.5
-    """"Matches" (BRN vs BN at 32; Ghost BN at m >= 8 vs BN at 32): within +-2.5 pp, as "flat". Ioffe 2017: BRN
-    slightly above BN at batch 32 (78.3%); Hoffer et al. train with ghost batches of 128 without loss."""
 
 
 def _steps_rule(data_name: str, steps: int) -> str:
@@ -144,9 +107,9 @@ def calibrate_steps(
         [_model(data, s, _norm_factory("bn", s.batch_size, s), CALIBRATION_SEED)],
         [_model(data, s, _norm_factory("gn", s.batch_size, s), CALIBRATION_SEED)],
     ]
-    gen = torch.Generator().manual_seed(CALIBRATION_SEED + 2)
+    gen = seeded(CALIBRATION_SEED + 2)
     streams = [minibatches(cut, s.batch_size, gen)]
-    streams.append(minibatches(cut, s.batch_size, torch.Generator().manual_seed(CALIBRATION_SEED + 2)))
+    streams.append(minibatches(cut, s.batch_size, seeded(CALIBRATION_SEED + 2)))
     curves: dict[str, list[float]] = {"bn": [], "gn": []}
     checkpoints = []
     for done in range(every, max_steps + 1, every):
@@ -256,65 +219,6 @@ def _arms(s: Settings) -> list[tuple[str, int, bool]]:
     return arms
 
 
-class SmallBatch(Experiment):
-    """Wu & He's BN-vs-GN curve and Ioffe's Batch Renorm over several seeds."""
-
-    ID = ID
-    DESCRIPTION = DESCRIPTION
-    QUICK_SECONDS = QUICK_SECONDS
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return _settings_for(cfg.data, cfg.mode)
-
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        s = settings
-        arms = _arms(s)
-        models = [
-            [_model(d, s, _norm_factory(norm, m, s), seed) for d, seed in zip(data, seeds)] for norm, m, _iid in arms
-        ]
-        streams: list[Iterator[Tensor]] = []
-        for _norm, m, iid in arms:
-            for d, seed in zip(data, seeds):
-                gen = torch.Generator().manual_seed(seed + 2)
-                streams.append(
-                    minibatches(d.train_x.shape[0], s.batch_size, gen)
-                    if iid
-                    else non_iid_batches(d.train_y, d.classes, gen, s.batch_size, m)
-                )
-        xs = [d.train_x for _ in arms for d in data]
-        ys = [d.train_y for _ in arms for d in data]
-        spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
-        with progress.task(f"{len(arms)} arms x {len(seeds)} seeds", total=s.steps) as tick:
-            results = train_together(models, xs, ys, spec, streams, tick=tick)
-        per_seed: list[dict[str, Any]] = [{"iid": {n: {} for n in _NORMS}, "non_iid": {}} for _ in seeds]
-        k = 0
-        for (norm, m, iid), arm in zip(arms, models):
-            for j, (model, d) in enumerate(zip(arm, data)):
-                r = results[k]
-                k += 1
-                _, test_acc = evaluate(model, d.test_x, d.test_y)
-                _, train_acc = evaluate(model, d.train_x, d.train_y)
-                rec = {
-                    "test_error": 100.0 * (1.0 - test_acc),
-                    "train_error_eval_mode": 100.0 * (1.0 - train_acc),
-                    "final_train_loss": float(np.mean(r.losses[-50:])) if r.losses else None,
-                    "diverged": r.diverged,
-                }
-                if iid:
-                    per_seed[j]["iid"][norm][str(m)] = rec
-                else:
-                    per_seed[j]["non_iid"][norm] = rec
-        return per_seed
-
-    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return _claims(results)
-
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        return _figures(results, outdir)
-
-
 def _iid(m: dict[str, Any], norm: str, size: int, batch: int) -> float:
     """Test error (%) of ``norm`` at group size ``size`` in one seed's metrics (GN: any size;
     Ghost BN at the whole batch is BN)."""
@@ -332,10 +236,6 @@ def _has(m: dict[str, Any], norm: str, size: int, batch: int) -> bool:
     if norm == "ghost" and size >= batch:
         norm = "bn"
     return str(size) in m["iid"][norm]
-
-
-def _fmt(values: Sequence[float]) -> str:
-    return ", ".join(f"{v:.1f}" for v in values)
 
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -369,7 +269,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     def far_better(bad: Sequence[float], good: Sequence[float]) -> list[Any]:
         return [part(bad, good, effect="ratio", above=ratio), part(bad, good, above=by)]
 
-    per_m = "; ".join(f"m={v}: {_fmt(bn[v])}" for v in sizes)
+    per_m = "; ".join(f"m={v}: {listed(bn[v])}" for v in sizes)
     return [
         claim(
             f"BN's test error is flat from {big} down to {mid} examples per group (rise <= {flat:g} pp) and rises sharply "
@@ -394,7 +294,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             also=far_better(bn[small], gn)[1:],
             expected="GN 24.1% at every size vs BN 34.7% at 2 images per GPU (BN 1.44x, +10.6 pp)",
             source="Wu & He 2018, Fig. 1 and Table 3",
-            evidence=f"GN {_fmt(gn)}% (every m); BN at m={small}: {_fmt(bn[small])}% (per seed)",
+            evidence=f"GN {listed(gn)}% (every m); BN at m={small}: {listed(bn[small])}% (per seed)",
         ),
         claim(
             f"With {big} examples per group BN is at least as good as GN (BN - GN <= +{t['bn_vs_gn_tolerance_pp']:g} pp)",
@@ -404,7 +304,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             below=float(t["bn_vs_gn_tolerance_pp"]),
             expected="BN 23.6% vs GN 24.1% at 32 images per GPU (BN 0.5 pp better)",
             source="Wu & He 2018, Table 1 and Fig. 1",
-            evidence=f"test error at m={big}: BN {_fmt(bn[big])}% vs GN {_fmt(gn)}% (per seed)",
+            evidence=f"test error at m={big}: BN {listed(bn[big])}% vs GN {listed(gn)}% (per seed)",
         ),
         claim(
             f"Batch Renorm matches BN at m={big} (within +-{band:g} pp) and is far better (BN >= {ratio:g}x its error and "
@@ -418,8 +318,8 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             expected="BRN slightly above BN at batch 32 (78.3%); 76.5% vs 74.2% with microbatches of 4; "
             "non-i.i.d.: BN collapses at inference (about 67%), BRN recovers most of the gap",
             source="Ioffe 2017, Sec. 4.2-4.3 (Inception-v3, ImageNet)",
-            evidence=f"m={big}: BRN {_fmt(brn[big])}% vs BN {_fmt(bn[big])}%; m={small}: BRN {_fmt(brn[small])}% vs BN "
-            f"{_fmt(bn[small])}%; non-i.i.d. m={m_ni}: BRN {_fmt(ni('brn'))}% vs BN {_fmt(ni('bn'))}% (per seed)",
+            evidence=f"m={big}: BRN {listed(brn[big])}% vs BN {listed(bn[big])}%; m={small}: BRN {listed(brn[small])}% vs BN "
+            f"{listed(bn[small])}%; non-i.i.d. m={m_ni}: BRN {listed(ni('brn'))}% vs BN {listed(ni('bn'))}% (per seed)",
         ),
         claim(
             f"Ghost batches of {mid}+ examples are as good as full-batch BN (within +-{band:g} pp), but ghost batches of "
@@ -434,10 +334,10 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             "(Wu & He: +11.1 pp)",
             source="Hoffer et al. 2017, Sec. 4 (ghost batch 128); Wu & He 2018, Fig. 1",
             evidence="Ghost BN test error per seed (%): "
-            + "; ".join(f"m={v}: {_fmt(ghost[v])}" for v in sizes if v < big)
-            + f" (full-batch BN {_fmt(bn[big])})"
+            + "; ".join(f"m={v}: {listed(ghost[v])}" for v in sizes if v < big)
+            + f" (full-batch BN {listed(bn[big])})"
             + (
-                f"; non-i.i.d. groups of {m_ni}: Ghost BN {_fmt(ni('ghost'))}% vs per-group BN {_fmt(ni('bn'))}% (Ghost BN's "
+                f"; non-i.i.d. groups of {m_ni}: Ghost BN {listed(ni('ghost'))}% vs per-group BN {listed(ni('bn'))}% (Ghost BN's "
                 f"running averages use the whole batch of {batch})"
                 if "ghost" in results["metrics"]["per_seed"][0]["non_iid"]
                 else ""
@@ -480,8 +380,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     # every power of two from the smallest group to the largest, so the axis reads as a scale
     log_ticks(ax.xaxis, [2**k for k in range(int(np.log2(min(sizes))), int(np.log2(max(sizes))) + 1)])
     ax.invert_xaxis()
-    ax.set_xlabel(f"examples per normalization group m ({batch} per SGD step)")
-    ax.set_ylabel("test error (%)")
+    ax.set(xlabel=f"examples per normalization group m ({batch} per SGD step)", ylabel="test error (%)")
     ax.set_title("Test error vs normalization group size (i.i.d. groups)")
     ax.legend(fontsize=8)
     ax = axes[1]
@@ -497,7 +396,59 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     return [save(fig, Path(outdir) / "error_vs_group_size.png")]
 
 
+class SmallBatch(Experiment):
+    """Wu & He's BN-vs-GN curve and Ioffe's Batch Renorm over several seeds."""
+
+    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+
+    def settings(self, cfg: RunConfig) -> Settings:
+        return _settings_for(cfg.data, cfg.mode)
+
+    def run_seeds(
+        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
+    ) -> list[dict[str, Any]]:
+        s = settings
+        arms = _arms(s)
+        models = [
+            [_model(d, s, _norm_factory(norm, m, s), seed) for d, seed in zip(data, seeds)] for norm, m, _iid in arms
+        ]
+        streams: list[Iterator[Tensor]] = []
+        for _norm, m, iid in arms:
+            for d, seed in zip(data, seeds):
+                gen = seeded(seed + 2)
+                streams.append(
+                    minibatches(d.train_x.shape[0], s.batch_size, gen)
+                    if iid
+                    else non_iid_batches(d.train_y, d.classes, gen, s.batch_size, m)
+                )
+        xs = [d.train_x for _ in arms for d in data]
+        ys = [d.train_y for _ in arms for d in data]
+        spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
+        with progress.task(f"{len(arms)} arms x {len(seeds)} seeds", total=s.steps) as tick:
+            results = train_together(models, xs, ys, spec, streams, tick=tick)
+        per_seed: list[dict[str, Any]] = [{"iid": {n: {} for n in _NORMS}, "non_iid": {}} for _ in seeds]
+        k = 0
+        for (norm, m, iid), arm in zip(arms, models):
+            for j, (model, d) in enumerate(zip(arm, data)):
+                r = results[k]
+                k += 1
+                _, test_acc = evaluate(model, d.test_x, d.test_y)
+                _, train_acc = evaluate(model, d.train_x, d.train_y)
+                rec = {
+                    "test_error": 100.0 * (1.0 - test_acc),
+                    "train_error_eval_mode": 100.0 * (1.0 - train_acc),
+                    "final_train_loss": float(np.mean(r.losses[-50:])) if r.losses else None,
+                    "diverged": r.diverged,
+                }
+                if iid:
+                    per_seed[j]["iid"][norm][str(m)] = rec
+                else:
+                    per_seed[j]["non_iid"][norm] = rec
+        return per_seed
+
+    claims = staticmethod(_claims)
+    figures = staticmethod(_figures)
+
+
 EXPERIMENT = SmallBatch()
-run = EXPERIMENT.run
-claims = EXPERIMENT.claims
-figures = EXPERIMENT.figures
+run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

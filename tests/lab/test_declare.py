@@ -1,0 +1,56 @@
+"""The experiments' shared pieces (``lab.declare``): per-seed text, a probe that puts the model
+back, and the seeds of an arm trained together as each alone.
+
+    PYTHONPATH=src python -m pytest -q tests/lab/test_declare.py
+"""
+
+from __future__ import annotations
+
+import torch
+
+from batchnorm.lab.datasets import load
+from batchnorm.lab.declare import listed, probing, seeded, train_seeds
+from batchnorm.lab.models import MLP
+from batchnorm.lab.progress import Progress
+from batchnorm.lab.training import TrainSpec, train
+
+
+def _net(seed: int) -> MLP:
+    return MLP(64, [16, 16], 10, act="relu", norm="bn", init_std="he", generator=seeded(seed))
+
+
+def test_listed_formats_every_seed() -> None:
+    assert listed([0.5, 2, 1e-3]) == "0.5, 2.0, 0.0"
+    assert listed([0.5, 2], "{:.3g}x") == "0.5x, 2x"
+
+
+def test_probing_puts_weights_grads_buffers_and_flags_back() -> None:
+    model = _net(0)
+    x = torch.randn(32, 64, generator=seeded(1))
+    model(x).sum().backward()
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    with probing(model):
+        assert model.training
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        model.zero_grad(set_to_none=True)
+        model(x).sum().backward()  # training-mode forward: moves the running statistics
+    assert not any(m.training for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+
+def test_train_seeds_matches_each_seed_trained_alone() -> None:
+    data = [load("digits", seed, small=True) for seed in (3, 4)]
+    spec = TrainSpec(steps=5, batch_size=20, lr=0.1)
+    together = [_net(seed) for seed in (3, 4)]
+    results = train_seeds(together, data, (3, 4), spec, "arm", Progress())
+    for model, d, seed, r in zip(together, data, (3, 4), results):
+        alone = _net(seed)
+        expected = train(alone, d.train_x, d.train_y, spec, generator=seeded(seed + 2))
+        assert torch.allclose(torch.tensor(r.losses), torch.tensor(expected.losses), atol=1e-5)
+        for a, b in zip(model.parameters(), alone.parameters()):
+            assert torch.allclose(a, b, atol=1e-5)
