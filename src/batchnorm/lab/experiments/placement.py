@@ -14,10 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from .._replicates import mean_over_replicates, replicate_seed
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, seeded, train_seeds
-from ..experiment import Experiment, claim, column, first_reaching
+from ..experiment import Experiment, column, first_reaching
 from ..models import MLP, blocks
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
@@ -177,55 +178,35 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     tol = float(t["sigmoid_before_tolerance"])
     band = float(t["relu_placement_band"])
+    make = Claims(__name__, results, early_pct=100 * frac, tol_pp=100 * tol, band_pp=100 * band)
     return [
-        claim(
-            f"sigmoid: BN in either place reaches the no-BN network's best test accuracy at least "
-            f"{t['speedup_at_least']:g}x sooner (the slower placement counts)",
-            results=results,
+        make(
+            "sigmoid_speedup",
             a=col("steps_none"),
             b=col("steps_bn"),
-            effect="ratio",
-            above=float(t["speedup_at_least"]),
-            expected="'much earlier' (Fig. 1a, sigmoid MLP); 14x fewer steps for BN-Inception",
-            source="Ioffe & Szegedy 2015, Fig. 1(a) and Sec. 4.2.2",
             evidence=f"no-BN best {pct('target')} (per seed) reached at step {listed(col('steps_none'), '{:g}')}; by both BN "
             f"placements at step {listed(col('steps_bn'), '{:g}')} (of {t['steps']}; never = one checkpoint past the end)",
         ),
-        claim(
-            f"BN helps the struggling sigmoid network more than the ReLU network (He init): BN's accuracy gain after "
-            f"{100 * frac:g}% of training is larger for sigmoid (either placement) than for ReLU (the better placement)",
-            results=results,
+        make(
+            "sigmoid_gains_more",
             a=col("gain_sigmoid"),
             b=col("gain_relu"),
-            above=float(t["relu_gain_smaller_by_at_least"]),
-            expected="sigmoid Inception: chance without BN, 69.8% with; ReLU Inception trains without BN (72.2%)",
-            source="Ioffe & Szegedy 2015, Sec. 4.2.2 and Fig. 3",
             evidence=f"at step {col('early_step')[0]:g}, per seed: sigmoid no BN {pct('early sigmoid/none')}, before "
             f"{pct('early sigmoid/before')}, after {pct('early sigmoid/after')}; ReLU no BN {pct('early relu/none')}, before "
             f"{pct('early relu/before')}, after {pct('early relu/after')}",
         ),
-        claim(
-            f"sigmoid: BN before the activation (Ioffe's placement) ends at least as accurate as BN after it (within "
-            f"{100 * tol:g} pp)",
-            results=results,
+        make(
+            "sigmoid_before",
             a=col("late sigmoid/before"),
             b=col("late sigmoid/after"),
-            above=-tol,
-            expected="BN before the nonlinearity (argued, not measured, in the paper)",
-            source="Ioffe & Szegedy 2015, Sec. 3.2",
             evidence=f"mean test accuracy over the last quarter of checkpoints, per seed: before {pct('late sigmoid/before')}, "
             f"after {pct('late sigmoid/after')}; saturated sigmoid inputs (|z| > {t['saturation_threshold']:g}) at the end (first replicate): before "
             f"{pct('sat_before')}, after {pct('sat_after')}",
         ),
-        claim(
-            f"ReLU: the placement hardly matters — before and after end within {100 * band:g} pp",
-            results=results,
+        make(
+            "relu_indifferent",
             a=col("late relu/before"),
             b=col("late relu/after"),
-            above=-band,
-            below=band,
-            expected="not compared in the paper; either placement is common practice for ReLU",
-            source="not in the paper (Ioffe & Szegedy 2015, Sec. 3.2 argue for 'before' without a comparison)",
             evidence=f"mean test accuracy over the last quarter of checkpoints, per seed: before {pct('late relu/before')}, "
             f"after {pct('late relu/after')}",
         ),

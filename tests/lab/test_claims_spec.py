@@ -1,0 +1,109 @@
+"""The claims files (``experiments/<name>.claims.toml``): a malformed file is refused with a
+clear ``ValueError``; every experiment's file loads, and a tiny run makes exactly its claims,
+in order, each statement its table's template filled in.
+
+    PYTHONPATH=src python -m pytest -q tests/lab/test_claims_spec.py
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchnorm.lab import claims_spec, registry
+from batchnorm.lab.config import RunConfig
+from batchnorm.lab.progress import Progress
+from batchnorm.lab.results import to_jsonable
+
+GOOD = """
+[first]
+statement = "x at least {speedup:g}x"
+expected = "3x"
+source = "Fig. 1"
+effect = "ratio"
+above = "speedup"
+
+[second]
+statement = "y within {band_pp:g} pp"
+expected = "none"
+source = "Sec. 2"
+kind = "identity"
+above = "-band"
+below = 0.5
+"""
+
+
+def _with_claims_file() -> list[str]:
+    """The experiments that declare their claims in a claims file."""
+    out = []
+    for experiment_id in registry.ids():
+        package, name = registry.module_name(experiment_id).rsplit(".", 1)
+        if importlib.resources.files(package).joinpath(f"{name}.claims.toml").is_file():
+            out.append(experiment_id)
+    return out
+
+
+def test_parse_keeps_the_tables_in_order() -> None:
+    specs = claims_spec.parse(GOOD, "good.toml")
+    assert list(specs) == ["first", "second"]
+    assert specs["second"]["below"] == 0.5 and specs["first"]["effect"] == "ratio"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (GOOD.replace('expected = "3x"\n', ""), r"\[first\] lacks expected"),
+        (GOOD.replace('source = "Sec. 2"\n', ""), r"\[second\] lacks source"),
+        (GOOD.replace('effect = "ratio"', 'efect = "ratio"'), r"\[first\] has unknown key\(s\) efect"),
+        (GOOD.replace("below = 0.5", "below = [0.5]"), r"\[second\] expected each threshold"),
+        ('statement = "x"\n', "expected one \\[name\\] table per claim"),
+        ("", "expected one \\[name\\] table per claim"),
+    ],
+)
+def test_a_malformed_file_is_refused(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=r"bad\.toml: " + message):
+        claims_spec.parse(text, "bad.toml")
+
+
+def test_invalid_toml_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        claims_spec.parse("[first\nstatement = ", "bad.toml")
+
+
+def test_thresholds_and_statements_resolve_from_settings_and_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(claims_spec, "load", lambda module: claims_spec.parse(GOOD, f"{module}.claims.toml"))
+    results = {"config": {"speedup": 3.0, "band": 0.01}, "metrics": {"seeds": [0, 1], "per_seed": [{}, {}]}}
+    make = claims_spec.Claims("experiments.demo", results, band_pp=1.0)
+    first = make("first", a=[9.0, 12.0], b=[1.0, 2.0], evidence="e")
+    second = make("second", a=[0.1, 0.2], evidence="e")
+    assert first["claim"] == "x at least 3x" and first["threshold"] == 3.0 and first["direction"] == "a / b >= 3"
+    assert second["claim"] == "y within 1 pp" and second["threshold"] == [-0.01, 0.5] and second["kind"] == "identity"
+    assert (second["expected"], second["source"]) == ("none", "Sec. 2")
+
+
+def test_at_least_the_converted_experiments_have_a_claims_file() -> None:
+    assert {"placement"} <= set(_with_claims_file())
+
+
+@pytest.mark.parametrize("experiment_id", _with_claims_file())
+def test_a_tiny_run_makes_exactly_the_declared_claims(experiment_id: str, tmp_path: Path) -> None:
+    module = registry.get(experiment_id)
+    specs = claims_spec.load(module.__name__)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the runner does: these models are tiny
+    try:
+        results = to_jsonable(module.run(RunConfig(mode="tiny", seed=0, out=tmp_path), Progress()))
+    finally:
+        torch.set_num_threads(saved)
+    made = module.claims(results)
+    assert len(made) == len(specs)
+    for spec, c in zip(specs.values(), made):
+        pattern = "".join(
+            ".+?" if i % 2 else re.escape(p) for i, p in enumerate(re.split(r"\{[^{}]*\}", spec["statement"]))
+        )
+        assert re.fullmatch(pattern, c["claim"]), (spec["statement"], c["claim"])
+        assert (c["expected"], c["source"]) == (spec["expected"], spec["source"])
