@@ -18,10 +18,11 @@ from torch import Tensor
 
 from .._replicates import mean_over_replicates, replicate_seed
 from .._stacked_dropout import train_stacked_dropout
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import seeded
-from ..experiment import Experiment, claim, column, load_for
+from ..experiment import Experiment, column, load_for
 from ..models import MLP
 from ..progress import Progress
 from ..training import TrainSpec, evaluate, minibatches
@@ -41,7 +42,6 @@ _ARMS = (
 )
 _REPLICATES = {"tiny": 2, "quick": 3, "full": 3}
 _MAX_STEPS = {"tiny": 40, "quick": 1600, "full": 16000}
-_SOURCE = "Ioffe & Szegedy 2015, Sec. 3.4 and Sec. 4.2.1"
 
 
 @dataclass(frozen=True)
@@ -175,61 +175,38 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
         return f"{arm} " + "/".join(f"{v:.3f}" for v in col(arm, "test_loss"))
 
     fits = min(min(col(arm, "train_acc")) for arm, *_ in _ARMS)
+    make = Claims(__name__, results, tol_pp=100 * tol)
     return [
-        claim(
-            f"BN regularizes: BN's test loss is lower than the plain network's, with test accuracy no lower (within "
-            f"{100 * tol:g} pp)",
-            results=results,
+        make(
+            "bn_regularizes",
             a=col("BN", "test_loss"),
             b=col("plain", "test_loss"),
-            below=float(t["bn_vs_plain_test_loss_below"]),
             also=[part(col("BN", "test_acc"), col("plain", "test_acc"), above=-tol)],
-            expected="BN 'advantageous to the generalization'; BN-Inception without dropout did not overfit more",
-            source=_SOURCE,
             evidence=f"test loss per seed: {loss('BN')} vs {loss('plain')}; test accuracy {acc('BN')} vs {acc('plain')}; "
             f"lowest training accuracy of any arm and seed {100 * fits:.1f}%",
         ),
-        claim(
-            f"Dropout can be removed when BN is used: BN alone is at least as accurate as dropout 0.5 alone (within "
-            f"{100 * tol:g} pp, or better)",
-            results=results,
+        make(
+            "dropout_removable",
             a=col("BN", "test_acc"),
             b=col("dropout 0.5", "test_acc"),
-            above=-tol,
-            expected="dropout 'can be removed'; BN-Inception dropped it without increasing overfitting",
-            source=_SOURCE,
             evidence=f"test accuracy per seed: {acc('BN')} vs {acc('dropout 0.5')}; test loss {loss('BN')} vs {loss('dropout 0.5')}",
         ),
-        claim(
-            f"Weak dropout (0.1) on top of BN is neutral: test accuracy within {100 * tol:g} pp of BN alone",
-            results=results,
+        make(
+            "weak_dropout_neutral",
             a=col("BN + dropout 0.1", "test_acc"),
             b=col("BN", "test_acc"),
-            above=-tol,
-            below=tol,
-            expected="dropout 'reduced in strength' with BN; the BN-Inception ensemble used 5-10% dropout",
-            source="Ioffe & Szegedy 2015, Sec. 3.4 and Sec. 4.2.1 (ensemble)",
             evidence=f"test accuracy per seed: {acc('BN + dropout 0.1')} vs {acc('BN')}",
         ),
-        claim(
-            f"With BN, dropout 0.5 gives no real gain (Ioffe removed it): BN + dropout 0.5 is not more than {100 * tol:g} pp above "
-            "BN alone",
-            results=results,
+        make(
+            "strong_dropout_no_gain",
             a=col("BN + dropout 0.5", "test_acc"),
             b=col("BN", "test_acc"),
-            below=tol,
-            expected="removing dropout from BN-Inception did not increase overfitting",
-            source="Ioffe & Szegedy 2015, Sec. 4.2.1",
             evidence=f"test accuracy per seed: {acc('BN + dropout 0.5')} vs {acc('BN')}",
         ),
-        claim(
-            "Fixed batch composition shrinks BN's benefit: a higher test loss than BN with reshuffled batches",
-            results=results,
+        make(
+            "fixed_batches",
             a=col("BN, fixed batches", "test_loss"),
             b=col("BN", "test_loss"),
-            above=float(t["fixed_vs_shuffled_test_loss_above"]),
-            expected="more thorough shuffling: about +1 pp validation accuracy (BN-Inception)",
-            source="Ioffe & Szegedy 2015, Sec. 4.2.1",
             evidence=f"test loss per seed: {loss('BN, fixed batches')} vs {loss('BN')}; test accuracy {acc('BN, fixed batches')} vs "
             f"{acc('BN')}",
         ),

@@ -18,9 +18,10 @@ import torch
 from torch import Tensor
 
 from ...functional import batch_norm
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..declare import listed, seeded
-from ..experiment import Experiment, claim, column
+from ..experiment import Experiment, column
 from ..progress import Progress
 from ..verdict import part
 
@@ -34,7 +35,6 @@ USES_DATA = False
 _DEPTHS = {"tiny": (2, 4), "quick": (2, 4, 8, 16), "full": (2, 4, 8, 16, 32)}
 _SCALES = {"tiny": (1.0, 1.2), "quick": (0.8, 1.0, 1.2, 1.5), "full": (0.5, 0.8, 1.0, 1.2, 1.5)}
 _GRID_POINTS = {"tiny": 8, "quick": 29, "full": 57}
-_SOURCE = "Goodfellow, Bengio & Courville 2016, Deep Learning, Sec. 8.7.1"
 
 
 @dataclass(frozen=True)
@@ -187,57 +187,42 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     first = q[0]
     spreads = ", ".join(f"{10**v:.3g}x" for v in col("plain_spread_log10"))
+    make = Claims(
+        __name__,
+        results,
+        spread_log10=math.log10(float(s["plain_safe_lr_spread_at_least"])),
+        growth_log10=math.log10(float(s["plain_error_growth_at_least"])),
+        bn_error_pct=100 * s["bn_first_order_error_below"],
+    )
     return [
-        claim(
-            f"Without normalization no single learning rate is safe: the largest safe step varies by more than "
-            f"{s['plain_safe_lr_spread_at_least']:g}x across depths and weight scales (judged on log10 of the ratio)",
-            results=results,
+        make(
+            "plain_no_single_lr",
             a=col("plain_spread_log10"),
-            above=math.log10(float(s["plain_safe_lr_spread_at_least"])),
-            expected="higher-order terms scale with products of up to L weights: exponential in depth (no number given)",
-            source=_SOURCE,
             evidence=f"log10 of (largest / smallest safe lr), per seed: {spreads} (an unsafe-everywhere chain counts at the "
             f"smallest grid lr, so these are lower bounds); seed {seeds[0]}: from {fmt_safe(first['plain_lo'])} (depth "
             f"{first['plain_lo']['depth']}, scale {first['plain_lo']['scale']}) to {fmt_safe(first['plain_hi'])} (depth "
             f"{first['plain_hi']['depth']}, scale {first['plain_hi']['scale']}); {first['plain_unsafe']} chain(s) unsafe even at "
             f"lr {lrs[0]:.0e}",
         ),
-        claim(
-            f"Without normalization the relative error of the first-order prediction at lr {ref:g} grows with every depth "
-            f"step and at least {s['plain_error_growth_at_least']:g}x from the shallowest to the deepest chain (weights >= 1)",
-            results=results,
+        make(
+            "plain_error_grows",
             a=col("growth_total_log10"),
-            above=math.log10(float(s["plain_error_growth_at_least"])),
             also=[part(col("growth_min_step_log10"), above=0.0)],
-            expected="the higher-order terms grow with depth when |w| >= 1 (no number given)",
-            source=_SOURCE,
             evidence=f"log10 growth shallowest -> deepest (smallest over scales), per seed: "
             f"{listed(col('growth_total_log10'), '{:.2f}')}; smallest log10 growth between neighbouring depths: "
             f"{listed(col('growth_min_step_log10'), '{:.2f}')}; seed {seeds[0]}, |actual/predicted - 1|: "
             f"{first['growth_detail']} (an overflowed step counts as 10^{_LOG10_CAP:g})",
         ),
-        claim(
-            f"With BN on every layer the safe learning rate no longer depends on depth or weight scale (varies by less than "
-            f"{s['bn_safe_lr_spread_below']:g}x)",
-            results=results,
-            kind="identity",
+        make(
+            "bn_safe_lr",
             a=col("bn_spread"),
-            below=float(s["bn_safe_lr_spread_below"]),
-            expected="normalization removes the lower layers' effect on the output's scale (no number given)",
-            source=_SOURCE,
             evidence=f"BN safe lr from {min(col('bn_safe_min')):.2g} to {max(col('bn_safe_max')):.2g} over {n} seeds x "
             f"{len(_cases(results['metrics']['per_seed'][0], 'bn'))} chains; spread per seed "
             f"{listed(col('bn_spread'), '{:.3g}x')}; {sum(int(v) for v in col('bn_unsafe'))} BN chain(s) unsafe at every lr",
         ),
-        claim(
-            f"With BN the first-order prediction at lr {ref:g} is within {100 * s['bn_first_order_error_below']:g}% of the "
-            "actual change for every depth and scale",
-            results=results,
-            kind="identity",
+        make(
+            "bn_first_order",
             a=col("bn_error"),
-            below=float(s["bn_first_order_error_below"]),
-            expected="normalization removes the lower layers' effect on the output's scale (no number given)",
-            source=_SOURCE,
             evidence=f"largest |actual/predicted - 1| at lr {ref:g}, per seed: BN {listed(col('bn_error'), '{:.3g}')}; "
             f"without BN {listed(col('plain_error'), '{:.3g}')}",
         ),
