@@ -18,10 +18,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import seeded
-from ..experiment import Experiment, claim, column
+from ..experiment import Experiment, column
 from ..models import MLP, ConvNet, blocks, count_parameters
 from ..progress import Progress
 from ..stacked import train_stacked
@@ -32,7 +33,6 @@ ID = "bias"
 DESCRIPTION = "A bias before BN gets zero gradient and no effect on the output: measured over seeds, plus the parameters it wastes"
 QUICK_SECONDS = 4.0
 _STEPS = {"tiny": 20, "quick": 500, "full": 5000}
-_SOURCE = "Ioffe & Szegedy 2015, Sec. 3.2 (the bias 'can be ignored since its effect will be canceled by the subsequent mean subtraction')"
 
 
 @dataclass(frozen=True)
@@ -180,55 +180,31 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     ratio = [max(m["bias_grad_max"]) / max(min(m["weight_grad_max"]), 1e-30) for m in per]
     out_change = [max(m["train_output_change_after_bias_shift"], m["train_output_change_without_bias"]) for m in per]
     first = per[0]
+    make = Claims(__name__, results)
     return [
-        claim(
-            f"A bias directly before BN receives zero gradient (below {t['gradient_ratio_below']:g} of the weights' gradient: "
-            "float32 rounding)",
-            results=results,
-            kind="identity",
+        make(
+            "zero_gradient",
             a=ratio,
-            below=float(t["gradient_ratio_below"]),
-            expected="exactly zero (the bias cancels)",
-            source=_SOURCE,
             evidence=f"max |dL/db| / min over layers of max |dL/dW|, per seed: {show(ratio)}; seed {seeds[0]}: |dL/db| per layer "
             f"{show(first['bias_grad_max'])} vs |dL/dW| {show(first['weight_grad_max'])}",
         ),
-        claim(
-            f"It has no effect on the training-mode output: shifting those biases by N(0, {t['bias_shift_std']:g}^2), or removing "
-            f"them, changes the logits by < {t['output_change_below']:g}",
-            results=results,
-            kind="identity",
+        make(
+            "no_effect",
             a=out_change,
-            below=float(t["output_change_below"]),
-            expected="no change at all (the bias cancels)",
-            source=_SOURCE,
             evidence=f"max |change| of the logits (shifted or removed, the larger), per seed: {show(out_change)}",
         ),
-        claim(
-            f"Training with and without those biases follows the same trajectory (loss within {t['paired_loss_delta_below']:g}), "
-            f"and the biases never move (< {t['bias_movement_below']:g})",
-            results=results,
-            kind="identity",
+        make(
+            "same_training",
             a=col("paired_training_max_loss_delta"),
-            below=float(t["paired_loss_delta_below"]),
             also=[part(col("bias_max_movement_during_training"), below=float(t["bias_movement_below"]))],
-            expected="identical training (zero gradient, no effect on the output)",
-            source=_SOURCE,
             evidence=f"{t['steps']} SGD steps on the same batches, per seed: max |loss difference| "
             f"{show(col('paired_training_max_loss_delta'))}; max |weight difference| {show(col('paired_training_max_weight_delta'))}; "
             f"max bias movement {show(col('bias_max_movement_during_training'))}",
         ),
-        claim(
-            f"In a trained model the bias can be removed only together with the running mean (subtracting it keeps eval "
-            f"outputs within {t['eval_change_folded_below']:g}; zeroing it alone changes them by more than "
-            f"{t['eval_change_zeroed_above']:g})",
-            results=results,
-            kind="identity",
+        make(
+            "removal_needs_running_mean",
             a=col("eval_output_change_bias_folded_into_running_mean"),
-            below=float(t["eval_change_folded_below"]),
             also=[part(col("eval_output_change_bias_zeroed"), above=float(t["eval_change_zeroed_above"]))],
-            expected="eval-mode BN uses the running mean, which has absorbed the bias (Alg. 2's fixed affine map)",
-            source="Ioffe & Szegedy 2015, Sec. 3.2 and Alg. 2",
             evidence=f"max |change| of eval logits, per seed: {show(col('eval_output_change_bias_folded_into_running_mean'))} with "
             f"running_mean -= b; {show(col('eval_output_change_bias_zeroed'), '.3g')} with the bias zeroed alone "
             f"({', '.join(f'{100 * v:.1f}%' for v in col('eval_predictions_changed_bias_zeroed'))} of test predictions change)",
