@@ -15,10 +15,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, probing, seeded
-from ..experiment import Experiment, claim
+from ..experiment import Experiment
 from ..models import MLP, blocks
 from ..progress import Progress
 from ..training import TrainSpec, train
@@ -153,7 +154,6 @@ def _median(rec: dict[str, Any], key: str) -> float:
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """BN's ICS is not lower than the plain network's, in the DLN and in the MLP."""
-    t = results["config"]
     per_seed = results["metrics"]["per_seed"]
 
     def col(net: str, norm: str, key: str) -> list[float]:
@@ -171,50 +171,12 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             + (f"; {diverged} run(s) diverged" if diverged else "")
         )
 
-    out = []
-    ratio = float(t["dln_l2_ratio_at_least"])
-    out.append(
-        claim(
-            f"In the {t['dln_depth']}-layer deep linear network, BN increases ICS in l2: ||G - G'|| with BN / without >= {ratio:g}",
-            results=results,
-            a=col("dln", "bn", "l2"),
-            b=col("dln", "none", "l2"),
-            effect="ratio",
-            above=ratio,
-            expected="BN's ICS similar or larger; in the DLN clearly larger",
-            source="Santurkar et al. 2018, Fig. 3 (deep linear network)",
-            evidence=evidence("dln"),
-        )
-    )
-    diff = float(t["dln_cosine_difference_at_most"])
-    out.append(
-        claim(
-            f"In the {t['dln_depth']}-layer deep linear network, BN increases ICS in direction: cos(G, G') with BN - without <= {diff:g}",
-            results=results,
-            a=col("dln", "bn", "cos"),
-            b=col("dln", "none", "cos"),
-            below=diff,
-            expected="lower cosine (less aligned gradients) with BN in the DLN",
-            source="Santurkar et al. 2018, Fig. 3 (deep linear network)",
-            evidence=evidence("dln"),
-        )
-    )
-    frac = float(t["mlp_relative_l2_ratio_at_least"])
-    out.append(
-        claim(
-            f"In the {t['mlp_depth']}-layer ReLU MLP, BN leaves ICS of the same order: the relative gradient change ||G - G'||/||G|| "
-            f"with BN is at least {frac:g}x that without BN (not driven toward 0)",
-            results=results,
-            a=col("mlp", "bn", "rel_l2"),
-            b=col("mlp", "none", "rel_l2"),
-            effect="ratio",
-            above=frac,
-            expected="BN's ICS similar to the standard network's (VGG)",
-            source="Santurkar et al. 2018, Fig. 3 (VGG)",
-            evidence=evidence("mlp"),
-        )
-    )
-    return out
+    make = Claims(__name__, results)
+    return [
+        make("dln_l2", a=col("dln", "bn", "l2"), b=col("dln", "none", "l2"), evidence=evidence("dln")),
+        make("dln_cosine", a=col("dln", "bn", "cos"), b=col("dln", "none", "cos"), evidence=evidence("dln")),
+        make("mlp_relative_l2", a=col("mlp", "bn", "rel_l2"), b=col("mlp", "none", "rel_l2"), evidence=evidence("mlp")),
+    ]
 
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
