@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import seeded, train_seeds
-from ..experiment import Experiment, claim, per_seed_values
+from ..experiment import Experiment, per_seed_values
 from ..models import MLP, blocks
 from ..popstats import population_statistics
 from ..progress import Progress
@@ -215,68 +216,41 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     refused = first["single_example_batch_statistics_error"].split(" (")[0] or "(not refused)"
     nz0 = first["first_layer_noise"]
     i8 = nz0["m"].index(8)
+    make = Claims(__name__, results, var_pct=100 * t["alg2_var_within"], noise_pct=100 * t["noise_theory_band"])
     return [
-        claim(
-            f"Running average, Alg. 2 population statistics and exact population statistics give the same test accuracy "
-            f"(each within +-{band:g} pp of exact)",
-            results=results,
+        make(
+            "fixed_statistics_agree",
             a=ema,
             b=exact,
-            above=-band,
-            below=band,
             also=[part(alg2, exact, above=-band, below=band)],
-            expected="the three estimate the same population statistics (no accuracy difference reported)",
-            source="Ioffe & Szegedy 2015, Alg. 2 and Sec. 3.1",
             evidence=f"test accuracy per seed (%): running average {fmt(ema)}; Alg. 2 {fmt(alg2)}; exact {fmt(exact)}",
         ),
-        claim(
-            f"Alg. 2's averaged batch moments are close to the exact population statistics (means within "
-            f"{t['alg2_mean_within_std']:g} std, variances within {100 * t['alg2_var_within']:g}%)",
-            results=results,
+        make(
+            "alg2_close_to_exact",
             a=mean_diff,
-            below=float(t["alg2_mean_within_std"]),
             also=[part(var_diff, below=float(t["alg2_var_within"]))],
-            expected="Alg. 2 is an unbiased estimate of the population moments",
-            source="Ioffe & Szegedy 2015, Alg. 2",
             evidence=f"largest difference over layers and units, per seed — means (in stds): {fmt(mean_diff, '.3f')}; variances "
             f"(relative): {fmt(var_diff, '.3f')}; running average (seed {seeds[0]}, per layer): "
             f"{fmt(first['stat_difference_vs_exact']['running_average_mean'], '.3f')} / "
             f"{fmt(first['stat_difference_vs_exact']['running_average_var'], '.3f')}",
         ),
-        claim(
-            f"Normalizing test batches by their own statistics degrades as the batch shrinks: batch of 8 at least "
-            f"{t['batch8_drop_at_least_pp']:g} pp below population statistics, batch of 2 at least {t['batch2_drop_at_least_pp']:g} pp below",
-            results=results,
+        make(
+            "small_batches_degrade",
             a=exact,
             b=b8,
-            above=float(t["batch8_drop_at_least_pp"]),
             also=[part(exact, b2, above=float(t["batch2_drop_at_least_pp"]))],
-            expected="inference must not depend on the mini-batch (no number given); sampling theory: a batch-8 mean "
-            "scatters by ~0.35 sigma",
-            source="Ioffe & Szegedy 2015, Sec. 3.1; sampling theory",
             evidence=f"test accuracy per seed (%): B=8 {fmt(b8, '.1f')}; B=2 {fmt(b2, '.1f')}; population statistics {fmt(exact, '.1f')}; "
             f"seed {seeds[0]} over B: "
             + ", ".join(f"{k}: {100 * v:.1f}" for k, v in first["test_acc_batch_statistics"].items()),
         ),
-        claim(
-            "With fixed statistics a prediction does not depend on its batch-mates: each test example alone gives the same "
-            f"logits as inside the full batch (max |difference| < {t['single_example_max_logit_delta']:g})",
-            results=results,
+        make(
+            "independent_of_batch_mates",
             a=delta,
-            below=float(t["single_example_max_logit_delta"]),
-            expected="an affine map per unit at inference (float32 rounding only)",
-            source="Ioffe & Szegedy 2015, Alg. 2 (inference BN is a fixed affine map)",
             evidence=f"max |logit difference| per seed: {fmt(delta, '.1e')}; with batch statistics a single example is refused: {refused}",
         ),
-        claim(
-            f"Batch-8 statistics are noisy as sampling theory predicts: the batch mean scatters by sigma*sqrt((N-m)/(m(N-1))) "
-            f"(~0.35 sigma), within +-{100 * t['noise_theory_band']:g}%",
-            results=results,
+        make(
+            "noise_as_theory",
             a=ratio,
-            above=-float(t["noise_theory_band"]),
-            below=float(t["noise_theory_band"]),
-            expected="measured / predicted scatter = 1",
-            source="sampling without replacement (finite-population correction)",
             evidence=f"first BN layer, m=8, measured / theory - 1 per seed: {fmt(ratio, '+.3f')}; seed {seeds[0]}: "
             f"{nz0['mean_scatter'][i8]:.3f} sigma vs {nz0['mean_scatter_theory'][i8]:.3f} sigma; batch variance scatters by "
             f"{nz0['var_rel_scatter'][i8]:.2f} of sigma^2",
