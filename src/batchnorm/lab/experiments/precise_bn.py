@@ -17,10 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from ... import recompute_statistics
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import seeded, train_seeds
-from ..experiment import Experiment, claim, per_seed_values
+from ..experiment import Experiment, per_seed_values
 from ..models import MLP
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
@@ -185,15 +186,12 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     small = {when: col(lambda r, w=when: _sample_gap(r, w, int(t["sample_sizes"][0]))) for when in ("early", "final")}
     have = all(np.isfinite(v).all() for v in gaps.values())
     tol = float(t["saturated_within_pp"])
+    make = Claims(__name__, results)
     saturation = (
-        claim(
-            f"PreciseBN saturates by about {n_sat} samples (accuracy within {tol:g} pp of using the whole training set, early and at the end)",
-            results=results,
+        make(
+            "saturation",
             a=gaps["early"],
-            below=tol,
             also=[part(gaps["final"], below=tol)],
-            expected="10^3-10^4 samples suffice for ResNet-50 on ImageNet",
-            source="Wu & Johnson 2021, Sec. 3 (PreciseBN)",
             evidence=f"all-sample minus {n_sat}-sample accuracy per seed (pp): early {fmt(gaps['early'], '+.2f')}, final "
             f"{fmt(gaps['final'], '+.2f')}; minus {t['sample_sizes'][0]}-sample: early {fmt(small['early'], '+.2f')}, final {fmt(small['final'], '+.2f')}",
         )
@@ -207,43 +205,28 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             "seeds": seeds,
             "method": "not measured",
             "direction": f"value <= {tol:g}",
-            "expected": "10^3-10^4 samples suffice for ResNet-50 on ImageNet",
-            "source": "Wu & Johnson 2021, Sec. 3 (PreciseBN)",
+            "expected": make.specs["saturation"]["expected"],
+            "source": make.specs["saturation"]["source"],
             "evidence": f"the training set has fewer than {n_sat} examples: no {n_sat}-sample curve",
         }
     )
     return [
-        claim(
-            f"Early in training, precise statistics give higher test accuracy than the EMA (by >= {t['early_gain_at_least_pp']:g} pp on "
-            f"average over the first {e} epochs)",
-            results=results,
+        make(
+            "early_gain",
             a=gain,
-            above=float(t["early_gain_at_least_pp"]),
-            expected="EMA evaluation far below PreciseBN early in large-batch, large-lr training",
-            source="Wu & Johnson 2021, Sec. 3 (Fig. 3)",
             evidence=f"precise - EMA accuracy, mean over the first {e} epochs, per seed (pp): {fmt(gain)}; over the last quarter: {fmt(late_gain, '+.2f')}",
         ),
-        claim(
-            "Early in training the EMA-evaluated accuracy fluctuates more from epoch to epoch than the precise one",
-            results=results,
+        make(
+            "ema_fluctuates",
             a=rough_ema,
             b=rough_pre,
-            above=0.0,
-            expected="'extremely high-variance' EMA validation results at large batch and learning rate",
-            source="Wu & Johnson 2021, Sec. 3 (Fig. 3)",
             evidence=f"mean |change between consecutive epochs| over the first {e} epochs, per seed (pp): EMA {fmt(rough_ema, '.2f')} vs "
             f"precise {fmt(rough_pre, '.2f')}",
         ),
-        claim(
-            f"The EMA statistics are far from the precise ones early and close late in training (late error <= "
-            f"{t['shrink_ratio_at_most']:g}x the early one)",
-            results=results,
+        make(
+            "ema_error_shrinks",
             a=last,
             b=first,
-            effect="ratio",
-            below=float(t["shrink_ratio_at_most"]),
-            expected="the EMA-vs-PreciseBN gap shrinks as training converges",
-            source="Wu & Johnson 2021, Sec. 3",
             evidence=f"mean relative error of the EMA variances per seed: first {e} epochs {fmt(first, '.3f')}, last quarter {fmt(last, '.3f')}",
         ),
         saturation,
