@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, probing, seeded, train_seeds
-from ..experiment import Experiment, claim, column, first_reaching
+from ..experiment import Experiment, column, first_reaching
 from ..models import MLP, blocks
 from ..popstats import population_statistics
 from ..progress import Progress
@@ -218,36 +219,30 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     def mean(key: str) -> float:
         return float(np.mean(col(key)))
 
-    out = [
-        claim(
-            "With BN, test accuracy is above the baseline's at every checkpoint (smallest margin > 0)",
-            results=results,
+    make = Claims(
+        __name__,
+        results,
+        growth_pct=100 * t["baseline_spread_growth_at_least"],
+        settled_pct=100 * t["bn_settled_relative_move_below"],
+        tol_pp=100 * t["population_vs_running_tolerance"],
+    )
+    return [
+        make(
+            "bn_above_baseline",
             a=col("min_margin"),
-            above=0.0,
-            expected="BN above the baseline throughout; final about 98-99% vs 96-97%",
-            source="Ioffe & Szegedy 2015, Fig. 1(a)",
             evidence=f"smallest margin {100 * mean('min_margin'):+.1f} pp (mean over seeds); final {100 * mean('final_bn'):.1f}% with BN "
             f"vs {100 * mean('final_base'):.1f}% without",
         ),
-        claim(
-            f"BN reaches the baseline's best test accuracy in several (>= {t['speedup_at_least']:g}x) times fewer steps",
-            results=results,
+        make(
+            "speedup",
             a=col("steps_base"),
             b=col("steps_bn"),
-            effect="ratio",
-            above=float(t["speedup_at_least"]),
-            expected="'much earlier' (Fig. 1a); 14x fewer steps for BN-Inception",
-            source="Ioffe & Szegedy 2015, Fig. 1(a) and Sec. 4.2.2",
             evidence=f"steps to the baseline's best accuracy, per seed: baseline {listed(col('steps_base'), '{:g}')}; BN "
             f"{listed(col('steps_bn'), '{:g}')}",
         ),
-        claim(
-            f"Without BN the 15-85 percentile spread of the last-layer sigmoid input keeps widening over the second half of "
-            f"training (>= {100 * t['baseline_spread_growth_at_least']:g}%), at least {t['baseline_vs_bn_spread_change_factor']:g}x more "
-            "than BN's spread changes",
-            results=results,
+        make(
+            "baseline_spread_widens",
             a=col("widen_base"),
-            above=float(t["baseline_spread_growth_at_least"]),
             also=[
                 part(
                     [
@@ -257,37 +252,24 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
                     above=0.0,
                 )
             ],
-            expected="the baseline's percentiles drift and widen, BN's stay put",
-            source="Ioffe & Szegedy 2015, Fig. 1(b, c)",
             evidence=f"second half: baseline spread {100 * mean('widen_base'):+.1f}%, BN's spread changes by {100 * mean('change_bn'):.1f}% "
             "(means over seeds)",
         ),
-        claim(
-            f"BN's sigmoid-input percentiles settle early: over the second half they move by < "
-            f"{100 * t['bn_settled_relative_move_below']:g}% of the final spread and less than half as much as the baseline's",
-            results=results,
+        make(
+            "bn_settles",
             a=col("drift_bn"),
-            below=float(t["bn_settled_relative_move_below"]),
             also=[part(col("drift_bn"), [0.5 * v for v in col("drift_base")], below=0.0)],
-            expected="BN's percentiles flat after the first few thousand steps",
-            source="Ioffe & Szegedy 2015, Fig. 1(c)",
             evidence=f"largest move over the second half relative to the final spread: BN {mean('drift_bn'):.3f}, baseline "
             f"{mean('drift_base'):.3f} (means over seeds)",
         ),
-        claim(
-            f"Inference with Alg. 2 population statistics is as accurate as with the running average (within "
-            f"{100 * t['population_vs_running_tolerance']:g} pp, or better)",
-            results=results,
+        make(
+            "population_as_running",
             a=col("pop_minus_ema_final"),
-            above=-float(t["population_vs_running_tolerance"]),
             also=[part(col("pop_minus_ema_half"), above=-float(t["population_vs_running_tolerance"]))],
-            expected="Alg. 2 is the paper's inference procedure (no accuracy loss reported)",
-            source="Ioffe & Szegedy 2015, Alg. 2",
             evidence=f"population minus running average: final {100 * mean('pop_minus_ema_final'):+.2f} pp, mean over the second half "
             f"{100 * mean('pop_minus_ema_half'):+.2f} pp (means over seeds)",
         ),
     ]
-    return out
 
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
