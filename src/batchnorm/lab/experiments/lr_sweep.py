@@ -18,10 +18,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, probing, seeded
-from ..experiment import Experiment, claim, load_for
+from ..experiment import Experiment, load_for
 from ..figures import mean_band
 from ..models import MLP, blocks
 from ..progress import Progress
@@ -223,76 +224,52 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     plain_high = [m["plain"]["test_acc"][jh] for m in per_seed]
     bn_high = [m["bn"]["test_acc"][jh] for m in per_seed]
     div_high = sum(m["plain"]["diverged_at"][jh] is not None for m in per_seed)
-    out = []
-    fails = float(t["high_lr_fails_by"])
-    out.append(
-        claim(
-            f"At 10x the plain network's best rate (lr {high:g}; best {best:g} on the calibration run) the plain network fails to train "
-            f"while BN trains: BN's test accuracy there exceeds the plain network's by >= {100 * fails:g} pp",
-            results=results,
-            a=bn_high,
-            b=plain_high,
-            above=fails,
-            expected="the original Inception diverged ('machine infinity') at 5x its rate; BN-Inception trained at 5x and 30x",
-            source="Ioffe & Szegedy 2015, Sec. 4.2.2",
-            evidence=f"test accuracy at lr {high:g} per seed: BN {_accuracies(per_seed, 'bn', jh)}, plain "
-            f"{_accuracies(per_seed, 'plain', jh)} (plain diverged on {div_high} of {len(seeds)} seeds; a diverged run "
-            "counts as accuracy 0)",
-        )
-    )
-    tol = float(t["high_lr_as_accurate_within"])
-    out.append(
-        claim(
-            f"BN at 10x the plain best rate (lr {high:g}) is at least as accurate as the plain network at its best rate (lr {best:g}), "
-            f"within {100 * tol:g} pp",
-            results=results,
-            a=bn_high,
-            b=plain_best,
-            above=-tol,
-            expected="BN-x5 73.0% and BN-x30 74.8% vs Inception 72.2% (maximum accuracy)",
-            source="Ioffe & Szegedy 2015, Table 2 / Sec. 4.2.2",
-            evidence=f"per seed: BN at lr {high:g} {_accuracies(per_seed, 'bn', jh)}; plain at lr {best:g} "
-            f"{_accuracies(per_seed, 'plain', jb)}; BN's own best rate per seed "
-            + listed((_best_lr(lrs, m["bn"]["test_acc"], float(t["best_tolerance"])) for m in per_seed), "{:g}"),
-        )
-    )
     gp = [_growth(m["plain"]["activation_rms_after_large_steps"], True) for m in per_seed]
     gb = [_growth(m["bn"]["activation_rms_after_large_steps"], False) for m in per_seed]
-    lr_big = float(t["blowup_lr"])
-    up, down = float(t["plain_growth_at_least"]), float(t["bn_growth_at_most"])
-    out.append(
-        claim(
-            f"A few steps at lr {lr_big:g} make the activations without BN grow with depth (last/first layer RMS >= {up:g}x); with BN "
-            f"every layer stays within {down:g}x (judged on log10 of the growth)",
-            results=results,
-            a=[_log10(v) for v in gp],
-            above=math.log10(up),
-            also=[part([_log10(v) for v in gb], below=math.log10(down))],
-            expected="without BN activations grow with depth after large steps; with BN they do not",
-            source="Bjorck et al. 2018 (activation growth with depth at large learning rates)",
-            evidence=f"growth per seed: plain {listed(gp, '{:.3g}x')} (after "
-            f"{', '.join(str(m['plain']['large_steps_taken']) for m in per_seed)} finite steps); BN {listed(gb, '{:.3g}x')}",
-        )
-    )
     alphas = [float(v) for v in t["step_probe_alphas"]]
     i = max(j for j, a in enumerate(alphas) if a <= _PROBE_ALPHA * (1 + 1e-9))
     pr = [number(m["plain"]["step_probe_loss_ratio"][i]) for m in per_seed]
     br = [number(m["bn"]["step_probe_loss_ratio"][i]) for m in per_seed]
     factor = [p / b if b > 0 else _CAP for p, b in zip(pr, br)]
-    at_least = float(t["probe_factor_at_least"])
-    out.append(
-        claim(
-            f"At initialization a long step along the gradient (alpha = {alphas[i]:.3g}) raises the loss at least {at_least:g}x more "
-            "without BN than with BN (judged on log10 of the factor)",
-            results=results,
-            a=[_log10(v) for v in factor],
-            above=math.log10(at_least),
-            expected="without BN the loss along the gradient turns up within a short step; with BN it stays predictable",
-            source="Bjorck et al. 2018 (loss along the gradient at initialization)",
-            evidence=f"L(w - alpha g)/L(w) per seed: plain {', '.join(f'{v:.3g}' for v in pr)}; BN {', '.join(f'{v:.3g}' for v in br)}",
-        )
+    make = Claims(
+        __name__,
+        results,
+        fails_pp=100 * float(t["high_lr_fails_by"]),
+        tol_pp=100 * float(t["high_lr_as_accurate_within"]),
+        growth_log10=math.log10(float(t["plain_growth_at_least"])),
+        probe_log10=math.log10(float(t["probe_factor_at_least"])),
+        alpha=alphas[i],
     )
-    return out
+    return [
+        make(
+            "plain_fails_at_high_lr",
+            a=bn_high,
+            b=plain_high,
+            evidence=f"test accuracy at lr {high:g} per seed: BN {_accuracies(per_seed, 'bn', jh)}, plain "
+            f"{_accuracies(per_seed, 'plain', jh)} (plain diverged on {div_high} of {len(seeds)} seeds; a diverged run "
+            "counts as accuracy 0)",
+        ),
+        make(
+            "bn_high_as_accurate",
+            a=bn_high,
+            b=plain_best,
+            evidence=f"per seed: BN at lr {high:g} {_accuracies(per_seed, 'bn', jh)}; plain at lr {best:g} "
+            f"{_accuracies(per_seed, 'plain', jb)}; BN's own best rate per seed "
+            + listed((_best_lr(lrs, m["bn"]["test_acc"], float(t["best_tolerance"])) for m in per_seed), "{:g}"),
+        ),
+        make(
+            "activation_blowup",
+            a=[_log10(v) for v in gp],
+            also=[part([_log10(v) for v in gb], below=math.log10(float(t["bn_growth_at_most"])))],
+            evidence=f"growth per seed: plain {listed(gp, '{:.3g}x')} (after "
+            f"{', '.join(str(m['plain']['large_steps_taken']) for m in per_seed)} finite steps); BN {listed(gb, '{:.3g}x')}",
+        ),
+        make(
+            "step_probe",
+            a=[_log10(v) for v in factor],
+            evidence=f"L(w - alpha g)/L(w) per seed: plain {', '.join(f'{v:.3g}' for v in pr)}; BN {', '.join(f'{v:.3g}' for v in br)}",
+        ),
+    ]
 
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
