@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import seeded, train_seeds
-from ..experiment import Experiment, claim, column, load_for
+from ..experiment import Experiment, column, load_for
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
@@ -236,8 +237,6 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     t = results["config"]
     seeds = [int(v) for v in results["metrics"]["seeds"]]
     lo, hi = float(t["lrs"][0]), float(t["lrs"][-1])
-    a = t["noise_magnitude"]
-    out = []
 
     def acc(arm: str, lr: float) -> list[float]:
         return _col(results, arm, lr, "final_train_acc")
@@ -247,66 +246,12 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     tol = float(t["close_to_bn_within"])
     parts = {lr: part(acc("noisy", lr), acc("bn", lr), above=-tol) for lr in (lo, hi)}
-    out.append(
-        claim(
-            f"Noisy BN (a = {a:g}) trains about as well as BN: final training accuracy within {100 * tol:g} pp of BN's (or better), "
-            f"at lr {lo:g} and at lr {hi:g}",
-            results=results,
-            a=acc("noisy", lo),
-            b=acc("bn", lo),
-            above=-tol,
-            also=[parts[hi]],
-            expected="noisy BN 'nearly matches' BN (the training curves overlap)",
-            source="Santurkar et al. 2018, Fig. 2",
-            evidence="; ".join(
-                f"lr {lr:g}: noisy BN {acc_text('noisy', lr)}% vs BN {acc_text('bn', lr)}% "
-                f"per seed (noisy - BN {100 * parts[lr].estimate:+.1f} pp, mean)"
-                for lr in (lo, hi)
-            ),
-        )
-    )
-
     ratio = float(t["faster_loss_ratio_at_least"])
     none_loss = _col(results, "none", lo, "mean_train_loss")
     noisy_part = part(none_loss, _col(results, "noisy", lo, "mean_train_loss"), effect="ratio", above=ratio)
-    out.append(
-        claim(
-            f"At lr {lo:g}, where the network without BN trains, BN and noisy BN both train faster: a lower mean training loss over the "
-            f"run (ratio no BN / BN arm > {ratio:g})",
-            results=results,
-            a=none_loss,
-            b=_col(results, "bn", lo, "mean_train_loss"),
-            effect="ratio",
-            above=ratio,
-            also=[noisy_part],
-            expected="both BN arms ahead of the standard network throughout training",
-            source="Santurkar et al. 2018, Fig. 2",
-            evidence=f"mean training loss over {t['steps']} steps per seed: "
-            + "; ".join(f"{_LABELS[arm]} {_runs(results, arm, lo, 'mean_train_loss', '{:.3g}')}" for arm in _ARMS)
-            + f" (noisy part: {noisy_part.estimate:.3g}x, geometric mean); final training accuracy: no BN "
-            f"{acc_text('none', lo)}%, BN {acc_text('bn', lo)}%",
-        )
-    )
-
     gap = float(t["high_lr_gap_at_least"])
     noisy_hi = part(acc("noisy", hi), acc("none", hi), above=gap)
     diverged = sum(bool(m[f"none@{hi:g}"]["diverged"]) for m in results["metrics"]["per_seed"])
-    out.append(
-        claim(
-            f"At lr {hi:g} the network without BN fails to train while BN and noisy BN do: their final training accuracy exceeds "
-            f"the plain network's by >= {100 * gap:g} pp",
-            results=results,
-            a=acc("bn", hi),
-            b=acc("none", hi),
-            above=gap,
-            also=[noisy_hi],
-            expected="BN tolerates lr 0.5, the standard network does not",
-            source="Santurkar et al. 2018, Fig. 1",
-            evidence=f"final training accuracy at lr {hi:g} per seed: no BN {acc_text('none', hi)}% ({diverged} of {len(seeds)} "
-            f"diverged), BN {acc_text('bn', hi)}%, noisy BN {acc_text('noisy', hi)}%",
-        )
-    )
-
     least = float(t["drift_ratio_at_least"])
     layers = [str(i) for i in t["tracked_layers"]]
     parts_d = []
@@ -317,23 +262,47 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             v = part(noisy_drift, none_drift, effect="ratio", above=least)
             parts_d.append(v)
             ev.append(f"layer {int(layer) + 1} {kind.replace('step_', '')}: noisy / no BN {v.estimate:.2f}x")
-    out.append(
-        claim(
-            f"Noisy BN's layer inputs are less stable than without BN: their mean and spread move more from one checkpoint to the next "
-            f"(layers {', '.join(str(int(x) + 1) for x in layers)}, lr {lo:g}; ratio > {least:g})",
-            results=results,
+    layer_names = ", ".join(str(int(x) + 1) for x in layers)
+    make = Claims(__name__, results, lr_lo=lo, lr_hi=hi, tol_pp=100 * tol, gap_pp=100 * gap, layers=layer_names)
+    return [
+        make(
+            "noisy_trains_like_bn",
+            a=acc("noisy", lo),
+            b=acc("bn", lo),
+            also=[parts[hi]],
+            evidence="; ".join(
+                f"lr {lr:g}: noisy BN {acc_text('noisy', lr)}% vs BN {acc_text('bn', lr)}% "
+                f"per seed (noisy - BN {100 * parts[lr].estimate:+.1f} pp, mean)"
+                for lr in (lo, hi)
+            ),
+        ),
+        make(
+            "bn_arms_train_faster",
+            a=none_loss,
+            b=_col(results, "bn", lo, "mean_train_loss"),
+            also=[noisy_part],
+            evidence=f"mean training loss over {t['steps']} steps per seed: "
+            + "; ".join(f"{_LABELS[arm]} {_runs(results, arm, lo, 'mean_train_loss', '{:.3g}')}" for arm in _ARMS)
+            + f" (noisy part: {noisy_part.estimate:.3g}x, geometric mean); final training accuracy: no BN "
+            f"{acc_text('none', lo)}%, BN {acc_text('bn', lo)}%",
+        ),
+        make(
+            "plain_fails_at_high_lr",
+            a=acc("bn", hi),
+            b=acc("none", hi),
+            also=[noisy_hi],
+            evidence=f"final training accuracy at lr {hi:g} per seed: no BN {acc_text('none', hi)}% ({diverged} of {len(seeds)} "
+            f"diverged), BN {acc_text('bn', hi)}%, noisy BN {acc_text('noisy', hi)}%",
+        ),
+        make(
+            "noisy_inputs_drift",
             a=_drift_col(results, "noisy", lo, layers[0], _COMPARED[0]),
             b=_drift_col(results, "none", lo, layers[0], _COMPARED[0]),
-            effect="ratio",
-            above=least,
             also=parts_d[1:],
-            expected="noisy BN's activation distributions visibly less stable than the standard network's",
-            source="Santurkar et al. 2018, Fig. 2 (right)",
             evidence="; ".join(ev)
             + f" (RMS change per {t['checkpoint_every']} steps / average std, median over units; geometric means over seeds)",
-        )
-    )
-    return out
+        ),
+    ]
 
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
