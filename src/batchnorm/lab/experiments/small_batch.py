@@ -18,10 +18,11 @@ from torch import Tensor, nn
 
 from ... import GhostBatchNorm1d
 from .._stacked_nets import train_together
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, seeded
-from ..experiment import Experiment, claim, column, per_seed_values
+from ..experiment import Experiment, column, per_seed_values
 from ..models import MLP, ConvNet
 from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
 from ..progress import Progress
@@ -263,76 +264,48 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     ghost = {v: err("ghost", v) for v in sizes}
     flat, sharp = float(t["flat_rise_at_most_pp"]), float(t["sharp_rise_at_least_pp"])
     ratio, by = float(t["far_better_ratio"]), float(t["far_better_by_at_least_pp"])
-    band = float(t["same_error_band_pp"])
     m_ni = int(t["non_iid_group"])
 
     def far_better(bad: Sequence[float], good: Sequence[float]) -> list[Any]:
         return [part(bad, good, effect="ratio", above=ratio), part(bad, good, above=by)]
 
     per_m = "; ".join(f"m={v}: {listed(bn[v])}" for v in sizes)
+    make = Claims(__name__, results, big=big, mid=mid, small=small, m_ni=m_ni)
     return [
-        claim(
-            f"BN's test error is flat from {big} down to {mid} examples per group (rise <= {flat:g} pp) and rises sharply "
-            f"at {small} (>= {sharp:g} pp above m={big})",
-            results=results,
+        make(
+            "bn_curve_shape",
             a=bn[small],
             b=bn[big],
-            above=sharp,
             also=[part(bn[mid], bn[big], below=flat)],
-            expected="Wu & He: 23.6% (32), 24.8% (8, +1.2 pp), 34.7% (2, +11.1 pp)",
-            source="Wu & He 2018, Fig. 1 and Table 3 (ResNet-50, ImageNet, BN per GPU)",
             evidence=f"BN test error per seed (%): {per_m}; rise at m={mid}: {mean(bn[mid]) - mean(bn[big]):+.1f} pp, "
             f"at m={small}: {mean(bn[small]) - mean(bn[big]):+.1f} pp (means)",
         ),
-        claim(
-            f"Group Norm (independent of m) is far better than BN at m={small}: BN's error >= {ratio:g}x GN's and >= {by:g} pp higher",
-            results=results,
+        make(
+            "gn_far_better_at_small",
             a=bn[small],
             b=gn,
-            effect="ratio",
-            above=ratio,
             also=far_better(bn[small], gn)[1:],
-            expected="GN 24.1% at every size vs BN 34.7% at 2 images per GPU (BN 1.44x, +10.6 pp)",
-            source="Wu & He 2018, Fig. 1 and Table 3",
             evidence=f"GN {listed(gn)}% (every m); BN at m={small}: {listed(bn[small])}% (per seed)",
         ),
-        claim(
-            f"With {big} examples per group BN is at least as good as GN (BN - GN <= +{t['bn_vs_gn_tolerance_pp']:g} pp)",
-            results=results,
+        make(
+            "bn_as_good_as_gn_at_big",
             a=bn[big],
             b=gn,
-            below=float(t["bn_vs_gn_tolerance_pp"]),
-            expected="BN 23.6% vs GN 24.1% at 32 images per GPU (BN 0.5 pp better)",
-            source="Wu & He 2018, Table 1 and Fig. 1",
             evidence=f"test error at m={big}: BN {listed(bn[big])}% vs GN {listed(gn)}% (per seed)",
         ),
-        claim(
-            f"Batch Renorm matches BN at m={big} (within +-{band:g} pp) and is far better (BN >= {ratio:g}x its error and "
-            f">= {by:g} pp more) at m={small} and with non-i.i.d. groups of {m_ni}",
-            results=results,
+        make(
+            "brn_recovers",
             a=brn[big],
             b=bn[big],
-            above=-band,
-            below=band,
             also=far_better(bn[small], brn[small]) + far_better(ni("bn"), ni("brn")),
-            expected="BRN slightly above BN at batch 32 (78.3%); 76.5% vs 74.2% with microbatches of 4; "
-            "non-i.i.d.: BN collapses at inference (about 67%), BRN recovers most of the gap",
-            source="Ioffe 2017, Sec. 4.2-4.3 (Inception-v3, ImageNet)",
             evidence=f"m={big}: BRN {listed(brn[big])}% vs BN {listed(bn[big])}%; m={small}: BRN {listed(brn[small])}% vs BN "
             f"{listed(bn[small])}%; non-i.i.d. m={m_ni}: BRN {listed(ni('brn'))}% vs BN {listed(ni('bn'))}% (per seed)",
         ),
-        claim(
-            f"Ghost batches of {mid}+ examples are as good as full-batch BN (within +-{band:g} pp), but ghost batches of "
-            f"{small} break like BN (>= {sharp:g} pp worse than BN at {big})",
-            results=results,
+        make(
+            "ghost_limit",
             a=ghost[mid],
             b=bn[big],
-            above=-band,
-            below=band,
             also=[part(ghost[small], bn[big], above=sharp)],
-            expected="Hoffer et al. train with ghost batches of 128 without loss; per-group statistics of 2 break "
-            "(Wu & He: +11.1 pp)",
-            source="Hoffer et al. 2017, Sec. 4 (ghost batch 128); Wu & He 2018, Fig. 1",
             evidence="Ghost BN test error per seed (%): "
             + "; ".join(f"m={v}: {listed(ghost[v])}" for v in sizes if v < big)
             + f" (full-batch BN {listed(bn[big])})"
