@@ -17,10 +17,11 @@ import torch
 from torch.nn import functional as F
 
 from ... import GhostBatchNorm1d
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import seeded
-from ..experiment import Experiment, claim, column
+from ..experiment import Experiment, column
 from ..models import MLP
 from ..progress import Progress
 from ..training import evaluate, minibatches
@@ -134,39 +135,26 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
         return ", ".join(f"{x:.2f}" for x in v)
 
     table = "; ".join(f"{_LABELS[arm]} {fmt(acc[arm])} ({first[arm]['updates']} updates)" for arm in _ARMS)
+    make = Claims(__name__, results)
     return [
-        claim(
-            f"For the same epochs, the large batch generalizes worse than the small batch (SB - LB >= {t['gap_at_least_pp']:g} pp)",
-            results=results,
+        make(
+            "large_batch_gap",
             a=acc["sb"],
             b=acc["lb"],
-            above=float(t["gap_at_least_pp"]),
-            expected="92.83% (SB) vs 86.10% (LB): 6.7 pp",
-            source="Hoffer et al. 2017, Table 1 (ResNet-44, CIFAR-10)",
             evidence=f"test accuracy per seed (%): SB {fmt(acc['sb'])} vs LB {fmt(acc['lb'])} ({first['sb']['updates']} vs "
             f"{first['lb']['updates']} updates); LB training accuracy {fmt(_acc(results, 'lb', 'train_acc'))}",
         ),
-        claim(
-            "Scaling the learning rate by sqrt(batch ratio) narrows the gap (LB + LR > LB), and ghost batch norm narrows it further "
-            "(LB + LR + GBN >= LB + LR)",
-            results=results,
+        make(
+            "lr_and_ghost_narrow",
             a=acc["lb_lr"],
             b=acc["lb"],
-            above=float(t["lr_gain_above_pp"]),
             also=[part(acc["lb_lr_gbn"], acc["lb_lr"], above=float(t["lr_gain_above_pp"]))],
-            expected="86.10% -> 89.30% (+LR, +3.2 pp) -> 90.50% (+GBN, +1.2 pp)",
-            source="Hoffer et al. 2017, Table 1",
             evidence=f"test accuracy per seed (%): {table}",
         ),
-        claim(
-            f"With regime adaptation (as many updates as the small batch) the large batch matches the small batch "
-            f"(LB + RA - SB >= -{t['ra_within_pp']:g} pp)",
-            results=results,
+        make(
+            "regime_adaptation",
             a=acc["lb_lr_gbn_ra"],
             b=acc["sb"],
-            above=-float(t["ra_within_pp"]),
-            expected="93.07% (LB + LR + GBN + RA) vs 92.83% (SB): +0.24 pp",
-            source="Hoffer et al. 2017, Table 1",
             evidence=f"test accuracy per seed (%): LB + LR + GBN + RA {fmt(acc['lb_lr_gbn_ra'])} vs SB {fmt(acc['sb'])}",
         ),
     ]
