@@ -15,10 +15,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, probing, train_seeds
-from ..experiment import Experiment, claim, load_for
+from ..experiment import Experiment, load_for
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec
 from ._calibration import epochs_to_steps
@@ -158,21 +159,15 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """BN lower in all three quantities while the plain network is learning (paired ratios)."""
     t = results["config"]
     floor = float(t["learning_phase_loss_floor"])
-    below = float(t["ratio_below"])
+    make = Claims(__name__, results)
     out = []
-    for key, label in _QUANTITIES.items():
+    for key in _QUANTITIES:
         rows = [_seed_means(m, key, floor) for m in results["metrics"]["per_seed"]]
         out.append(
-            claim(
-                f"BN lowers the {label.split(' (')[0]} during training: the ratio BN / no BN at the same checkpoint and batch is below {below:g} "
-                f"(geometric mean over the checkpoints where the plain network's batch loss is above {floor:g})",
-                results=results,
+            make(
+                key,
                 a=[r[0] for r in rows],
                 b=[r[1] for r in rows],
-                effect="ratio",
-                below=below,
-                expected="all three measures lower with BN throughout training",
-                source="Santurkar et al. 2018, Fig. 4",
                 evidence=f"ratio BN / no BN per seed: {listed((r[0] / r[1] for r in rows), '{:.3g}')}; BN lower at "
                 f"{', '.join(f'{r[3]}/{r[2]}' for r in rows)} learning-phase checkpoints (of {listed((r[4] for r in rows), '{:.0f}')})",
             )
