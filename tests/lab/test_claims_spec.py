@@ -85,8 +85,8 @@ def test_thresholds_and_statements_resolve_from_settings_and_values(monkeypatch:
     assert (second["expected"], second["source"]) == ("none", "Sec. 2")
 
 
-def test_at_least_the_converted_experiments_have_a_claims_file() -> None:
-    assert {"placement"} <= set(_with_claims_file())
+def test_every_experiment_has_a_claims_file() -> None:
+    assert _with_claims_file() == list(registry.ids())
 
 
 @pytest.mark.parametrize("experiment_id", _with_claims_file())
