@@ -156,7 +156,7 @@ def _why(name: str, parts: Sequence[Part], verdicts: Sequence[Verdict], plan: Se
     at_cap = (
         "the seed plan's cap"
         if n >= plan.cap
-        else f"no more seeds: at this spread even {plan.cap} seeds would leave the threshold inside the interval"
+        else f"no more seeds: at this spread even the plan's cap of {plan.cap} seeds would leave the threshold inside the interval"
     )
     side = "on the claimed side" if margin >= 0 else "on the other side"
     return (
