@@ -17,7 +17,7 @@ The rule (decided before any measurement, the same for every claim):
   ``does not hold`` when the whole interval lies on the other side (outside the band), and
   ``inconclusive`` when it straddles a threshold.
 
-Why a Student-t interval and not a bootstrap: the lab judges 3 to 5 seeds. A percentile
+Why a Student-t interval and not a bootstrap: a look may judge as few as 4 seeds. A percentile
 bootstrap of n = 3 values can never leave [min, max] of the data and covers the mean far less
 often than its nominal level; the t interval is exact for normal per-seed noise and widens
 correctly as n shrinks (t_{0.975, 2} = 4.30 against z = 1.96), which is the honest direction
