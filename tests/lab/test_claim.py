@@ -4,13 +4,17 @@ shows (rule, seeds, threshold, margin, why, zero spread, kind)."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from batchnorm.lab.config import RunConfig
-from batchnorm.lab.experiment import SEED_PLANS, claim, plan_for, seeds_for
+from batchnorm.lab.experiment import SEED_PLANS, Experiment, claim, per_seed_values, plan_for, seeds_for
+from batchnorm.lab.progress import Progress
 from batchnorm.lab.verdict import part
 
 
@@ -26,8 +30,11 @@ def _claim(results: dict[str, Any], a: Any, **kw: Any) -> dict[str, Any]:
 
 
 def test_plans_and_seeds_of_a_run() -> None:
-    assert plan_for(RunConfig(mode="quick")).looks == (4, 8, 16) and SEED_PLANS["tiny"].looks == (2,)
-    assert seeds_for(RunConfig(mode="quick", seed=16)) == tuple(range(16, 32))
+    quick = plan_for(RunConfig(mode="quick"))
+    assert quick.looks == (4, 8, 16, 32) and quick.min_futility == 16 and SEED_PLANS["tiny"].looks == (2,)
+    assert quick.confidence == pytest.approx(1 - 0.05 / 4)
+    assert SEED_PLANS["full"].looks == (5, 10, 20) and SEED_PLANS["full"].min_futility == 10
+    assert seeds_for(RunConfig(mode="quick", seed=16)) == tuple(range(16, 48))
     assert plan_for(RunConfig(mode="quick", seeds=(3, 5, 9))).looks == (3,)  # explicit seeds: one look at 95%
     assert plan_for(RunConfig(mode="quick", seeds=(3, 5, 9))).confidence == pytest.approx(0.95)
 
@@ -70,3 +77,63 @@ def test_zero_spread_and_identities_are_reported_as_such() -> None:
 def test_results_without_a_plan_are_one_look_over_every_seed() -> None:
     c = _claim(_results(3, looks=None), [1.0, 1.2, 0.9], above=0.5)
     assert c["n_seeds"] == 3 and c["confidence"] == pytest.approx(0.95) and "fixed" in c["rule"]
+
+
+def test_saved_plan_keeps_its_futility_minimum() -> None:
+    results = _results(16, looks=(4, 8, 16, 32))
+    results["metrics"]["plan"]["futility_from"] = 16
+    c = _claim(results, [1.0, 1.2, 0.9, 1.1] * 4, above=0.5)
+    assert "4, 8, 16, 32" in c["rule"] and "98.8%" in c["rule"] and "before 16 seeds" in c["rule"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _FakeSettings:
+    threshold: float = 0.0
+
+
+class _Fake(Experiment):
+    """One claim on a fixed value per seed (no training): 'value >= 0'."""
+
+    ID = "fake"
+    DESCRIPTION = "fake"
+    QUICK_SECONDS = 0.0
+
+    def __init__(self, values: Sequence[float]) -> None:
+        self.values = list(values)
+        self.trained: list[int] = []
+
+    def settings(self, cfg: RunConfig) -> _FakeSettings:
+        return _FakeSettings()
+
+    def load_seed(self, cfg: RunConfig, settings: Any, seed: int) -> int:
+        return seed
+
+    def describe_data(self, settings: Any, first: Any) -> dict[str, Any]:
+        return {}
+
+    def run_seed(self, settings: Any, data: Any, seed: int, progress: Progress) -> dict[str, Any]:
+        self.trained.append(seed)
+        return {"x": self.values[seed]}
+
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        return [_claim(results, per_seed_values(results, lambda m: m["x"]), above=0.0)]
+
+
+def test_a_run_trains_an_undecided_claim_to_16_seeds_before_any_futility_stop(tmp_path: Path) -> None:
+    # mean 0.5, sd 0.36 over 32 seeds, but the first 4 scatter (sd 1.1): projected from them the
+    # claim looks hopeless, and the former rule stopped the run at 4 seeds, undecided
+    x = np.array([1.9, -0.8, 0.2, 0.7] + [0.55, 0.35, 0.6, 0.45] * 7)
+    fake = _Fake(x + (0.5 - x.mean()))
+    results = fake.run(RunConfig(mode="quick", out=tmp_path), Progress())
+    assert fake.trained == list(range(16)) and results["metrics"]["seeds"] == list(range(16))
+    assert results["metrics"]["plan"] == {"looks": [4, 8, 16, 32], "alpha": 0.05, "futility_from": 16}
+    assert fake.claims(results)[0]["verdict"] == "holds"
+
+
+def test_a_run_stops_at_16_seeds_when_the_cap_could_not_settle_a_claim(tmp_path: Path) -> None:
+    # an effect on its threshold: inconclusive at every look; 16 seeds, then the projection stops it
+    fake = _Fake(np.random.default_rng(3).normal(0.0, 1.0, 32))
+    results = fake.run(RunConfig(mode="quick", out=tmp_path), Progress())
+    c = fake.claims(results)[0]
+    assert fake.trained == list(range(16)) and c["verdict"] == "inconclusive" and not c["could_settle"]
+    assert "no more seeds" in c["why"] and "half-width" in c["why"]

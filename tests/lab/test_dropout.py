@@ -62,10 +62,11 @@ def test_tiny_run_records_the_rule_and_claims_read_every_seed(tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_quick_mode_on_digits_base_seed_0(tmp_path: Path) -> None:
-    """Four claims hold; "dropout 0.5 on top of BN gains < 1 pp" sits at its threshold (about
-    +0.7 pp) and the run stops at 8 seeds, since 16 could not settle it; every arm fits."""
+    """All five claims hold; "dropout 0.5 on top of BN gains < 1 pp" sits near its threshold
+    (about +0.4 pp) and needs 16 seeds (the seed plan's futility minimum: at 8 seeds its
+    interval still reached past 1 pp); every arm fits."""
     results = run_one(exp.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
     claims = results["claims"]
-    assert [c["verdict"] for c in claims] == ["holds", "holds", "holds", "inconclusive", "holds"], claims
-    assert results["metrics"]["seeds"] == list(range(8)) and not claims[3]["could_settle"]
+    assert [c["verdict"] for c in claims] == ["holds"] * 5, claims
+    assert results["metrics"]["seeds"] == list(range(16)) and [c["n_seeds"] for c in claims] == [8, 8, 8, 16, 4]
     assert min(min(m[arm]["train_acc"]) for m in results["metrics"]["per_seed"] for arm in m) >= 0.97

@@ -71,4 +71,4 @@ def test_quick_mode_claims_on_digits_base_seed_0(tmp_path: Path) -> None:
     results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
     claims = results["claims"]
     assert [c["verdict"] for c in claims] == ["holds"] * 3, claims
-    assert [c["n_seeds"] for c in claims] == [4, 16, 8], claims
+    assert [c["n_seeds"] for c in claims] == [8, 16, 8], claims

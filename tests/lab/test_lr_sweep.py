@@ -49,12 +49,13 @@ def test_calibration_fixes_the_rates_and_claims_judge_each_seed(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_quick_mode_on_digits_base_seed_0(tmp_path: Path) -> None:
-    """Three claims hold; the 50-point failure margin at 10x the best rate stays undecided at the cap
-    (estimate about 58 points, the interval reaching below 50)."""
+    """Three claims hold; the 50-point failure margin at 10x the best rate stays undecided
+    (estimate about 58 points, the interval reaching below 50): after 16 seeds the run stops,
+    since even the plan's cap of 32 could not settle it."""
     results = run_one(exp.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
     claims = results["claims"]
     assert [c["verdict"] for c in claims] == ["inconclusive", "holds", "holds", "holds"], claims
     # decided claims stop at a look of the plan (which one depends on the last digits of the
     # training); the undecided one runs to the cap
-    assert claims[0]["n_seeds"] == 16 and all(c["n_seeds"] in (4, 8, 16) for c in claims), claims
+    assert claims[0]["n_seeds"] == 16 and all(c["n_seeds"] in (4, 8, 16, 32) for c in claims), claims
     assert claims[0]["margin"] > 0 and "cap" in claims[0]["why"]

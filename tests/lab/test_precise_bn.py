@@ -54,7 +54,7 @@ def test_stats_error_is_the_mean_relative_variance_error() -> None:
 def test_quick_mode_claims_on_digits_base_seed_0(tmp_path: Path) -> None:
     results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
     seeds = results["metrics"]["seeds"]
-    assert len(seeds) in (4, 8, 16) and seeds == list(range(len(seeds)))  # the seed plan's looks from 0
+    assert len(seeds) in (4, 8, 16, 32) and seeds == list(range(len(seeds)))  # the seed plan's looks from 0
     assert "does not hold" not in [c["verdict"] for c in results["claims"]], results["claims"]
 
 

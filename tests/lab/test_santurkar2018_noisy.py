@@ -159,10 +159,10 @@ def test_claims_judge_each_seed(tmp_path: Path) -> None:
 def test_quick_mode_on_digits_base_seed_0(tmp_path: Path) -> None:
     """The calibration's noise is large (a = 1.6); with it noisy BN keeps BN's robustness at
     lr 0.5 and moves the layer inputs more than no BN (claims 3 and 4 hold), but trains slower
-    than no BN at lr 0.05 (claim 2 does not hold) and its final accuracy cannot be settled
-    near BN's (claim 1: more seeds would not help, the run stops at 4)."""
+    than no BN at lr 0.05 (claim 2 does not hold) and its final accuracy is not within 2 points
+    of BN's (claim 1 does not hold at 8 seeds: 4 left it undecided)."""
     results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
-    assert results["metrics"]["seeds"] == [0, 1, 2, 3]
+    assert results["metrics"]["seeds"] == list(range(8))
     assert results["config"]["noise_magnitude"] == 1.6
     verdicts = [c["verdict"] for c in results["claims"]]
-    assert verdicts == ["inconclusive", "does not hold", "holds", "holds"], results["claims"]
+    assert verdicts == ["does not hold", "does not hold", "holds", "holds"], results["claims"]

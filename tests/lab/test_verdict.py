@@ -175,6 +175,48 @@ def test_seed_plan_level_is_bonferroni_over_its_looks() -> None:
     for bad in [(), (4, 4), (8, 4), (0, 3), (True,)]:
         with pytest.raises(ValueError, match="SeedPlan"):
             SeedPlan(bad)  # type: ignore[arg-type]
+    for futility in [0, 2.0, True]:
+        with pytest.raises(ValueError, match="futility_from"):
+            SeedPlan((4, 8), futility_from=futility)  # type: ignore[arg-type]
+    assert SeedPlan((4, 8)).min_futility == 4 and SeedPlan((4, 8), futility_from=8).min_futility == 8
+    assert SeedPlan((4, 8, 16), futility_from=8).to_json() == {"looks": [4, 8, 16], "alpha": 0.05, "futility_from": 8}
+
+
+def test_needs_more_trains_undecided_claims_up_to_the_futility_minimum() -> None:
+    plan = SeedPlan((4, 8, 16, 32), futility_from=16)
+    hopeless = ("inconclusive", False)  # undecided, and the projection says the cap would not settle it
+    settles = ("inconclusive", True)
+    decided = ("holds", False)
+    # below the minimum an undecided claim always gets the next block, hopeless or not
+    assert plan.needs_more(4, [decided, hopeless]) and plan.needs_more(8, [hopeless])
+    # from the minimum on, only a claim that could settle does
+    assert not plan.needs_more(16, [decided, hopeless]) and plan.needs_more(16, [hopeless, settles])
+    # nothing undecided, or the cap reached: stop
+    assert not plan.needs_more(4, [decided, ("does not hold", False)]) and not plan.needs_more(32, [settles])
+    # without a minimum (the first look) the projection may stop a claim at 4 seeds
+    assert not SeedPlan((4, 8, 16)).needs_more(4, [hopeless])
+
+
+def test_a_spread_from_four_seeds_does_not_stop_a_claim_more_seeds_decide() -> None:
+    # mean effect 0.5, per-seed sd 0.36 over the 32 seeds; seeds 0-3 happen to scatter widely
+    # (sd 1.1), so the spread they estimate projects a claim the cap could not settle, and the
+    # old rule stopped there, undecided. The new rule trains on to 16 seeds, where it holds.
+    seeds = list(range(32))
+    x = np.array([1.9, -0.8, 0.2, 0.7] + [0.55, 0.35, 0.6, 0.45] * 7)
+    x = x + (0.5 - x.mean())  # mean effect 0.5 exactly
+    p = part(x, above=0.0)
+    old, new = SeedPlan((4, 8, 16)), SeedPlan((4, 8, 16, 32), futility_from=16)
+    for plan in (old, new):
+        name, (v,) = judge_sequential([p], seeds[:4], plan)
+        assert name == "inconclusive" and not could_settle(p, v, plan.cap)
+    assert not old.needs_more(4, [("inconclusive", False)])  # old rule: stop at 4 seeds, undecided
+    n = 4
+    while True:  # the run's loop (Experiment.run) under the new rule
+        name, (v,) = judge_sequential([p], seeds[:n], new)
+        if not new.needs_more(n, [(name, name == "inconclusive" and could_settle(p, v, new.cap))]):
+            break
+        n = next(k for k in new.looks if k > n)
+    assert name == "holds" and len(v.seeds) == 16 and n == 16
 
 
 def test_sequential_rule_stops_at_the_first_decided_look() -> None:
@@ -211,17 +253,19 @@ def test_sequential_parts_are_judged_at_the_same_look() -> None:
     assert all(len(v.seeds) == 4 for v in vs)
 
 
-def test_sequential_error_rate_is_controlled() -> None:
+@pytest.mark.parametrize(
+    "plan", [SeedPlan((4, 8, 16)), SeedPlan((4, 8, 16, 32), futility_from=16)], ids=["3 looks", "4 looks"]
+)
+def test_sequential_error_rate_is_controlled(plan: SeedPlan) -> None:
     # true effect exactly on the threshold: "holds" is a wrong-side verdict. Over the three looks
     # it happens at most alpha / 2 = 2.5% of the time (Bonferroni; 2.3% measured over 4,000
     # trials), whereas judging every look at 95% would say "holds" about 5.7% of the time.
     rng = np.random.default_rng(2)
-    plan = SeedPlan((4, 8, 16))
-    seeds = list(range(16))
+    seeds = list(range(plan.cap))
     trials = 2000
     wrong = naive = 0
     for _ in range(trials):
-        x = rng.normal(0.0, 1.0, 16)
+        x = rng.normal(0.0, 1.0, plan.cap)
         wrong += judge_sequential([part(x, above=0.0)], seeds, plan)[0] == "holds"
         naive += any(judge(x[:n], seeds=seeds[:n], above=0.0).verdict == "holds" for n in plan.looks)
     se = math.sqrt(0.025 * 0.975 / trials)

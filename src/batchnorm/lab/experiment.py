@@ -48,13 +48,15 @@ __all__ = [
 
 SEED_PLANS: dict[str, SeedPlan] = {
     "tiny": SeedPlan((2,)),
-    "quick": SeedPlan((4, 8, 16)),
-    "full": SeedPlan((5, 10, 20)),
+    "quick": SeedPlan((4, 8, 16, 32), futility_from=16),
+    "full": SeedPlan((5, 10, 20), futility_from=10),
 }
 """Each mode's seed plan (``verdict.SeedPlan``), fixed before any run: tiny judges 2 seeds once (a
-smoke test: the interval exists but is wide); quick judges the first 4, 8, then 16 seeds and
-full the first 5, 10, then 20, each look at level 1 - 0.05 / 3 = 98.3%. A run trains the next
-block of seeds only while one of its claims is still inconclusive."""
+smoke test: the interval exists but is wide); quick judges the first 4, 8, 16, then 32 seeds,
+each look at level 1 - 0.05 / 4 = 98.75%, and full the first 5, 10, then 20, each at
+1 - 0.05 / 3 = 98.3%. A run trains the next block of seeds while one of its claims is still
+inconclusive; from 16 seeds on (quick; 10 in full) only while one of them could still be
+settled by the cap (``SeedPlan.needs_more``)."""
 
 
 def plan_for(cfg: RunConfig) -> SeedPlan:
@@ -154,7 +156,7 @@ def _why(name: str, parts: Sequence[Part], verdicts: Sequence[Verdict], plan: Se
     at_cap = (
         "the seed plan's cap"
         if n >= plan.cap
-        else f"no more seeds: at this spread even {plan.cap} seeds would leave the threshold inside the interval"
+        else f"no more seeds: at this spread even the plan's cap of {plan.cap} seeds would leave the threshold inside the interval"
     )
     side = "on the claimed side" if margin >= 0 else "on the other side"
     return (
@@ -172,7 +174,12 @@ def plan_of(results: dict[str, Any]) -> SeedPlan:
     saved = metrics.get("plan")
     if saved is None:
         return SeedPlan((len(metrics["seeds"]),))
-    return SeedPlan(tuple(int(n) for n in saved["looks"]), float(saved.get("alpha", 0.05)))
+    futility = saved.get("futility_from")
+    return SeedPlan(
+        tuple(int(n) for n in saved["looks"]),
+        float(saved.get("alpha", 0.05)),
+        None if futility is None else int(futility),
+    )
 
 
 def claim(
@@ -300,10 +307,10 @@ class Experiment:
     def run(self, cfg: RunConfig, progress: Progress) -> dict[str, Any]:
         """``prepare``, then the seed plan's blocks of seeds (``plan_for``, ``seeds_for``): each
         block's data (``load_seed``) through ``run_seeds``, until no claim is inconclusive or
-        the plan's cap is reached, or no inconclusive claim could be settled by the cap
-        (``verdict.could_settle``: its interval, projected to the cap, would still contain a
-        threshold). Returns ``{"config", "data", "metrics": {"seeds",
-        "per_seed", "plan"}}``."""
+        the plan's cap is reached, or, from the plan's ``min_futility`` seeds on, no
+        inconclusive claim could be settled by the cap (``verdict.could_settle``: its interval,
+        projected to the cap, would still contain a threshold); ``SeedPlan.needs_more`` is the
+        rule. Returns ``{"config", "data", "metrics": {"seeds", "per_seed", "plan"}}``."""
         s = self.settings(cfg)
         plan = plan_for(cfg)
         seeds = seeds_for(cfg)
@@ -326,6 +333,7 @@ class Experiment:
                 "data": self.describe_data(s, first),
                 "metrics": {"seeds": list(seeds[:n]), "per_seed": per_seed, "plan": plan.to_json()},
             }
-            if not any(c["could_settle"] for c in self.claims(to_jsonable(out))):
+            judged = [(c["verdict"], bool(c["could_settle"])) for c in self.claims(to_jsonable(out))]
+            if not plan.needs_more(n, judged):
                 break
         return out

@@ -17,7 +17,7 @@ The rule (decided before any measurement, the same for every claim):
   ``does not hold`` when the whole interval lies on the other side (outside the band), and
   ``inconclusive`` when it straddles a threshold.
 
-Why a Student-t interval and not a bootstrap: the lab judges 3 to 5 seeds. A percentile
+Why a Student-t interval and not a bootstrap: a look may judge as few as 4 seeds. A percentile
 bootstrap of n = 3 values can never leave [min, max] of the data and covers the mean far less
 often than its nominal level; the t interval is exact for normal per-seed noise and widens
 correctly as n shrinks (t_{0.975, 2} = 4.30 against z = 1.96), which is the honest direction
@@ -43,6 +43,16 @@ Error control, by Bonferroni over the K looks: the chance that any look's interv
 true mean effect is at most ``alpha``, so a part's decided verdict is on the wrong side of its
 threshold with probability at most ``alpha / 2`` (under the t model: independent, normal
 per-seed effects), whatever look it is reached at. A claim of P parts: at most ``P * alpha / 2``.
+Looks a run stopped before still count in K.
+
+When a run stops adding seeds (``SeedPlan.needs_more``): after a look, the next block is trained
+while some claim is ``inconclusive``, except that from ``SeedPlan.futility_from`` seeds on it is
+trained only while some inconclusive claim could still be decided by the cap (``could_settle``:
+its interval, projected to the cap with the spread measured so far, would clear the threshold).
+Before ``futility_from`` seeds no projection is made: a spread estimated from a few seeds (3
+degrees of freedom at 4 seeds: the true standard deviation may be 0.6 to 3.7 times the estimate,
+95%) cannot tell a hopeless claim from one that more seeds would decide. The stop never decides
+a claim (it only leaves it ``inconclusive``), so it does not change the error control above.
 """
 
 from __future__ import annotations
@@ -349,14 +359,17 @@ def part(
 class SeedPlan:
     """The seeds a claim may be judged on, fixed before any measurement.
 
-    ``looks``: the increasing seed counts at which claims are judged (``(4, 8, 16)``: the first
-    4, 8, then 16 seeds of the run); each look's intervals have level ``1 - alpha / K`` for K
-    looks (Bonferroni), so that all looks' intervals together miss the true means with
+    ``looks``: the increasing seed counts at which claims are judged (``(4, 8, 16, 32)``: the
+    first 4, 8, 16, then 32 seeds of the run); each look's intervals have level ``1 - alpha / K``
+    for K looks (Bonferroni), so that all looks' intervals together miss the true means with
     probability at most ``alpha``. One look is a fixed design at level ``1 - alpha``.
+    ``futility_from``: the fewest seeds at which a run may stop while a claim is still
+    inconclusive because more seeds could not settle it (``needs_more``); ``None``: the first look.
     """
 
     looks: tuple[int, ...]
     alpha: float = 0.05
+    futility_from: int | None = None
 
     def __post_init__(self) -> None:
         looks = tuple(self.looks)
@@ -366,7 +379,26 @@ class SeedPlan:
             raise ValueError(f"SeedPlan: expected increasing seed counts, got {list(looks)}")
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"SeedPlan: expected 0 < alpha < 1, got {self.alpha!r}")
+        f = self.futility_from
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 1):
+            raise ValueError(f"SeedPlan: expected futility_from to be a positive int seed count or None, got {f!r}")
         object.__setattr__(self, "looks", looks)
+
+    @property
+    def min_futility(self) -> int:
+        """The fewest seeds at which a run may stop with a claim it judges unsettleable
+        (``futility_from``, else the first look)."""
+        return self.looks[0] if self.futility_from is None else self.futility_from
+
+    def needs_more(self, n: int, claims: Sequence[tuple[VerdictName, bool]]) -> bool:
+        """Whether a run that has judged ``claims`` (each: its verdict and whether it could
+        still settle by the cap, ``could_settle``) on its first ``n`` seeds trains the next
+        block: ``n`` is below the cap and some claim is inconclusive, and, from ``min_futility``
+        seeds on, some inconclusive claim could still settle."""
+        undecided = [settle for verdict, settle in claims if verdict == "inconclusive"]
+        if n >= self.cap or not undecided:
+            return False
+        return n < self.min_futility or any(undecided)
 
     @property
     def confidence(self) -> float:
@@ -384,13 +416,21 @@ class SeedPlan:
         if len(self.looks) == 1:
             return f"{level} t interval over {self.cap} seeds (fixed)"
         counts = ", ".join(str(n) for n in self.looks)
+        futility = (
+            f"; no stop for an undecided claim before {self.min_futility} seeds"
+            if self.min_futility > self.looks[0]
+            else ""
+        )
         return (
             f"judged on the first {counts} seeds, stopping at the first decided look; {level} t intervals "
-            f"({1 - self.alpha:.0%} over all {len(self.looks)} looks, Bonferroni)"
+            f"({1 - self.alpha:.0%} over all {len(self.looks)} looks, Bonferroni){futility}"
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {"looks": list(self.looks), "alpha": self.alpha}
+        out: dict[str, Any] = {"looks": list(self.looks), "alpha": self.alpha}
+        if self.futility_from is not None:
+            out["futility_from"] = self.futility_from
+        return out
 
 
 def judge_sequential(parts: Sequence[Part], seeds: Sequence[int], plan: SeedPlan) -> tuple[VerdictName, list[Verdict]]:
