@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from batchnorm.lab.figures import (
+    bar_values,
     categories,
     checking_layout,
     dress,
@@ -170,10 +171,13 @@ def _panels(plt: Any, shared: bool) -> Any:
     axes[0].bar(range(3), [1, 2, 3], label="bars")
     axes[1].plot([1, 2, 3], [1, 10, 100], label="a line")
     if shared:
+        bar_values(axes[0], [1, 2, 3], "{:.1f}", fontsize=8)
         categories(axes[0].xaxis, ["a", "b", "c"], fontsize=8)
         dress(axes[0], "bars", ylabel="height", grid="y", legend={"loc": "upper left"})
         dress(axes[1], "line", title_size=9, yscale="log", xlabel="x", grid=True, legend=True)
     else:
+        for i, v in enumerate([1, 2, 3]):
+            axes[0].text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
         axes[0].set_xticks(range(3))
         axes[0].set_xticklabels(["a", "b", "c"], fontsize=8)
         axes[0].set_ylabel("height")
@@ -188,7 +192,7 @@ def _panels(plt: Any, shared: bool) -> Any:
     return fig
 
 
-def test_dress_and_categories_draw_as_the_calls_written_out(plt: Any, tmp_path: Path) -> None:
+def test_dress_categories_and_bar_values_draw_as_the_calls_written_out(plt: Any, tmp_path: Path) -> None:
     from matplotlib.image import imread
 
     shared = imread(save(_panels(plt, True), tmp_path / "shared.png"))

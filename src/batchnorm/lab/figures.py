@@ -24,6 +24,7 @@ import numpy as np
 from ._files import write_bytes_atomic
 
 __all__ = [
+    "bar_values",
     "categories",
     "checking_layout",
     "dress",
@@ -290,3 +291,11 @@ def categories(axis: Any, labels: Sequence[str], **kw: Any) -> None:
     (``kw``: text options such as ``fontsize``): the ticks under bars drawn at ``range(n)``."""
     axis.set_ticks(range(len(labels)))
     axis.set_ticklabels(labels, **kw)
+
+
+def bar_values(ax: Any, values: Sequence[float], fmt: str = "{}", **kw: Any) -> None:
+    """Write each bar's value (``fmt.format(value)``) just above the bar drawn at its position
+    0, 1, ... (``kw``: text options such as ``fontsize``), so a reader need not estimate
+    heights from the axis."""
+    for i, value in enumerate(values):
+        ax.text(i, value, fmt.format(value), ha="center", va="bottom", **kw)
