@@ -162,7 +162,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Test accuracy per arm (mean ± std over seeds) and the number of updates per arm."""
-    from ..figures import categories, pyplot, save, wrap
+    from ..figures import bar_values, categories, pyplot, save, wrap
 
     plt = pyplot()
     per_seed = results["metrics"]["per_seed"]
@@ -185,8 +185,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax = axes[1]
     updates = [per_seed[0]["arms"][arm]["updates"] for arm in _ARMS]
     ax.bar(x, updates, color=colors)
-    for i, u in enumerate(updates):
-        ax.text(i, u, str(u), ha="center", va="bottom", fontsize=8)
+    bar_values(ax, updates, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylim(top=2 * max(updates))  # room for the count above the tallest bar
     categories(ax.xaxis, names, fontsize=8)
