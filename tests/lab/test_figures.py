@@ -13,7 +13,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from batchnorm.lab.figures import checking_layout, layout_problems, log_ticks, mean_band, pyplot, save, wrap
+from batchnorm.lab.figures import (
+    bar_values,
+    categories,
+    checking_layout,
+    dress,
+    layout_problems,
+    log_ticks,
+    mean_band,
+    pyplot,
+    save,
+    wrap,
+)
 
 
 @pytest.fixture
@@ -151,3 +162,39 @@ def test_mean_band_leaves_nan_runs_out_without_warnings(plt: Any) -> None:
     np.testing.assert_allclose(line.get_ydata(), [0.6, 0.9, np.nan])
     assert line.get_label() == "arm (mean ± std, up to 2 seeds)"
     plt.close(fig)
+
+
+def _panels(plt: Any, shared: bool) -> Any:
+    """Two panels, a bar chart and a log-scale line plot, finished with the shared helpers
+    (``shared``) or with the calls they stand for written out."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    axes[0].bar(range(3), [1, 2, 3], label="bars")
+    axes[1].plot([1, 2, 3], [1, 10, 100], label="a line")
+    if shared:
+        bar_values(axes[0], [1, 2, 3], "{:.1f}", fontsize=8)
+        categories(axes[0].xaxis, ["a", "b", "c"], fontsize=8)
+        dress(axes[0], "bars", ylabel="height", grid="y", legend={"loc": "upper left"})
+        dress(axes[1], "line", title_size=9, yscale="log", xlabel="x", grid=True, legend=True)
+    else:
+        for i, v in enumerate([1, 2, 3]):
+            axes[0].text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+        axes[0].set_xticks(range(3))
+        axes[0].set_xticklabels(["a", "b", "c"], fontsize=8)
+        axes[0].set_ylabel("height")
+        axes[0].set_title("bars")
+        axes[0].grid(alpha=0.3, axis="y")
+        axes[0].legend(loc="upper left")
+        axes[1].set_yscale("log")
+        axes[1].set_xlabel("x")
+        axes[1].set_title("line", fontsize=9)
+        axes[1].grid(alpha=0.3)
+        axes[1].legend()
+    return fig
+
+
+def test_dress_categories_and_bar_values_draw_as_the_calls_written_out(plt: Any, tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    shared = imread(save(_panels(plt, True), tmp_path / "shared.png"))
+    written = imread(save(_panels(plt, False), tmp_path / "written.png"))
+    assert shared.shape == written.shape and np.array_equal(shared, written)

@@ -214,7 +214,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Gradients (log scale), paired loss curves, wasted parameters (the first seed)."""
-    from ..figures import pyplot, save
+    from ..figures import categories, dress, pyplot, save
 
     plt = pyplot()
     m = results["metrics"]["per_seed"][0]
@@ -229,18 +229,16 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     axes[0].set(xlabel="hidden layer", ylabel="max |gradient| on one batch")
     axes[0].set_title("Gradients: the bias gets only rounding noise")
     axes[0].set_ylim(top=1e3 * max(m["weight_grad_max"]))  # room for the legend above the bars
-    axes[0].legend(loc="upper right")
-    axes[0].grid(alpha=0.3, axis="y")
+    dress(axes[0], grid="y", legend={"loc": "upper right"})
 
     a = np.asarray(m["paired_losses_with_bias"], dtype=float)
     b = np.asarray(m["paired_losses_without_bias"], dtype=float)
     steps = np.arange(1, a.size + 1)
     axes[1].plot(steps, a, color="tab:orange", label="with the pre-BN bias", linewidth=2.5, alpha=0.6)
     axes[1].plot(steps, b, color="tab:blue", label="without it", linewidth=1, linestyle="--")
+    title = f"Same weights, same batches: max |difference| {m['paired_training_max_loss_delta']:.1e}"
     axes[1].set(yscale="log", xlabel="training step", ylabel="training loss (minibatch)")
-    axes[1].set_title(f"Same weights, same batches: max |difference| {m['paired_training_max_loss_delta']:.1e}")
-    axes[1].legend()
-    axes[1].grid(alpha=0.3)
+    dress(axes[1], title, grid=True, legend=True)
 
     counts = m["parameter_counts"]
     names = list(counts)
@@ -249,8 +247,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     axes[2].barh(range(len(names)), wasted, color="tab:orange")
     for i, (w, t) in enumerate(zip(wasted, total)):
         axes[2].text(w, i, f" {w} of {t} ({100 * w / t:.2f}%)", va="center", fontsize=8)
-    axes[2].set_yticks(range(len(names)))
-    axes[2].set_yticklabels(names, fontsize=8)
+    categories(axes[2].yaxis, names, fontsize=8)
     axes[2].set(xlabel="parameters in biases directly before BN", title="Parameters wasted")
     axes[2].set_xlim(0, max(wasted) * 1.8)
     return [save(fig, Path(outdir) / "bias_before_bn.png")]

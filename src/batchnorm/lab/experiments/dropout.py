@@ -215,7 +215,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Bars: test accuracy and loss per arm, mean over seeds ± std, seeds as dots."""
-    from ..figures import pyplot, save, wrap
+    from ..figures import categories, dress, pyplot, save, wrap
 
     plt = pyplot()
     q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
@@ -227,10 +227,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             values = np.asarray([v[name][key] for v in q], dtype=float)
             ax.bar(i, values.mean(), yerr=values.std(), color=colors[i % len(colors)], alpha=0.75, capsize=4)
             ax.plot(np.full(values.shape, i), values, "k.", markersize=4)
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels([wrap(name, 10) for name in names], fontsize=8)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3, axis="y")
+        categories(ax.xaxis, [wrap(name, 10) for name in names], fontsize=8)
+        dress(ax, ylabel=label, grid="y")
     low = min(v[n]["test_acc"] for v in q for n in names)
     axes[0].set_ylim(max(0.0, low - 0.03), min(1.0, max(v[n]["test_acc"] for v in q for n in names) + 0.02))
     cfg = results["config"]

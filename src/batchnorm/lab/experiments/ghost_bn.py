@@ -162,7 +162,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Test accuracy per arm (mean ± std over seeds) and the number of updates per arm."""
-    from ..figures import pyplot, save, wrap
+    from ..figures import bar_values, categories, pyplot, save, wrap
 
     plt = pyplot()
     per_seed = results["metrics"]["per_seed"]
@@ -178,20 +178,17 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.plot(x, train, "k_", markersize=22, mew=2, label="training accuracy (mean)")
     for i, mu in enumerate(means):  # at the foot of each bar, clear of the error bars
         ax.text(i, 2, f"{mu:.1f}%\n{len(per_seed)} seeds", ha="center", va="bottom", fontsize=8, color="white")
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, fontsize=8)
+    categories(ax.xaxis, names, fontsize=8)
     ax.set_ylim(0, 101)
     ax.set(ylabel="accuracy (%)", title="Large-batch generalization gap and how to close it")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     ax = axes[1]
     updates = [per_seed[0]["arms"][arm]["updates"] for arm in _ARMS]
     ax.bar(x, updates, color=colors)
-    for i, u in enumerate(updates):
-        ax.text(i, u, str(u), ha="center", va="bottom", fontsize=8)
+    bar_values(ax, updates, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylim(top=2 * max(updates))  # room for the count above the tallest bar
-    ax.set_xticks(x)
-    ax.set_xticklabels(names, fontsize=8)
+    categories(ax.xaxis, names, fontsize=8)
     ax.set(ylabel="SGD updates", title="Number of updates: the gap follows it")
     return [save(fig, outdir / "generalization_gap.png")]
 

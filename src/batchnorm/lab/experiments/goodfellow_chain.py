@@ -231,7 +231,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Predicted vs actual change (plain, BN) and safe lr vs depth (the first seed)."""
-    from ..figures import log_ticks, pyplot, save
+    from ..figures import dress, log_ticks, pyplot, save
 
     plt = pyplot()
     cfg = results["config"]
@@ -256,8 +256,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         ax.set_ylim(-1e12, 1e4)
         ax.set_yticks([-1e12, -1e8, -1e4, -1.0, -1e-4, 0.0, 1e-4, 1.0, 1e4])  # every 4 decades: no crowding at 0
         ax.set(xlabel="predicted loss decrease lr*|g|^2 (first order)", title=f"{title} (all weights = {scale_shown})")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower left", fontsize=8)
+        dress(ax, grid=True, legend={"loc": "lower left", "fontsize": 8})
     axes[0].set_ylabel("actual loss decrease (negative = loss went up)")
     fig.suptitle(f"One simultaneous gradient step on y = x*w1*...*wL (seed {seed})")
     paths.append(save(fig, Path(outdir) / "predicted_vs_actual.png"))
@@ -270,10 +269,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             ax.plot([c["depth"] for c in row], [_safe(c) for c in row], style, color=color, markersize=4, label=label)
     ax.set_xscale("log", base=2)
     log_ticks(ax.xaxis, cfg["depths"])
-    ax.set(yscale="log", xlabel="depth L", ylabel="largest safe learning rate")
-    ax.set_title(f"Largest step whose effect the gradient predicts within ±50% (seed {seed})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    title = f"Largest step whose effect the gradient predicts within ±50% (seed {seed})"
+    ylabel = "largest safe learning rate"
+    dress(ax, title, yscale="log", xlabel="depth L", ylabel=ylabel, grid=True, legend={"fontsize": 7, "ncol": 2})
     paths.append(save(fig, Path(outdir) / "safe_learning_rate.png"))
     return paths
 

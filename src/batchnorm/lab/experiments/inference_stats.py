@@ -260,7 +260,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Accuracy by kind of statistics and test batch size; noise vs batch size (first seed)."""
-    from ..figures import pyplot, save
+    from ..figures import dress, pyplot, save
 
     plt = pyplot()
     m = results["metrics"]["per_seed"][0]
@@ -281,9 +281,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     axes[0].set_xscale("log", base=2)
     axes[0].set_xticks(sizes, [str(k) for k in sizes])
     axes[0].set(xlabel="test batch size B (batch statistics)", ylabel="test accuracy")
-    axes[0].set_title("Which statistics normalize a test example")
-    axes[0].grid(alpha=0.3)
-    axes[0].legend(loc="lower right", fontsize=8)
+    dress(axes[0], "Which statistics normalize a test example", grid=True, legend={"loc": "lower right", "fontsize": 8})
 
     noise = m["first_layer_noise"]
     axes[1].plot(
@@ -296,9 +294,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     axes[1].set_xscale("log", base=2)
     axes[1].set_xticks(noise["m"], [str(k) for k in noise["m"]])
     axes[1].set(yscale="log", xlabel="batch size m", ylabel="scatter, in population units")
-    axes[1].set_title("Noise of batch statistics (first BN layer)")
-    axes[1].grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    dress(axes[1], "Noise of batch statistics (first BN layer)", grid=True, legend={"fontsize": 8})
     return [save(fig, Path(outdir) / "inference_statistics.png")]
 
 

@@ -275,7 +275,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Fig. 1(a) accuracy, Fig. 1(b, c) percentiles, inference side by side, training loss
     (the first seed's curves)."""
-    from ..figures import pyplot, save
+    from ..figures import dress, pyplot, save
 
     plt = pyplot()
     m = results["metrics"]["per_seed"][0]
@@ -295,8 +295,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             color="tab:red",
             linestyle=":",
         )
-        ax.set(xlabel="training step", ylabel="test accuracy")
-        ax.grid(alpha=0.3)
+        dress(ax, xlabel="training step", ylabel="test accuracy", grid=True)
         if zoom:
             low = min(min(bn["test_acc"][1:] or [0.9]), base["test_acc"][-1]) - 0.02
             ax.set_ylim(max(low, 0.0), 1.0)
@@ -314,9 +313,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         ax.fill_between(rec["step"], p[:, 0], p[:, 2], color="tab:gray", alpha=0.2, linewidth=0)
         for k, (q, style) in enumerate(zip((15, 50, 85), ("--", "-", "--"))):
             ax.plot(rec["step"], p[:, k], style, color="black" if k == 1 else "tab:gray", label=f"{q}th percentile")
-        ax.set(title=f"{title}", xlabel="training step")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper left")
+        dress(ax, title, xlabel="training step", grid=True, legend={"loc": "upper left"})
     axes[0].set_ylabel(f"input to sigmoid (last hidden layer, unit {unit})")
     fig.suptitle("Distribution of one sigmoid's input over the test set during training")
     paths.append(save(fig, Path(outdir) / "fig1bc_sigmoid_input_percentiles.png"))
@@ -340,20 +337,17 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         alpha=0.7,
         linestyle=":",
     )
-    ax.set(xlabel="training step", ylabel="test accuracy of the BN network")
-    ax.set_title("BN inference: which statistics normalize a test example")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    title = "BN inference: which statistics normalize a test example"
+    ylabel = "test accuracy of the BN network"
+    dress(ax, title, xlabel="training step", ylabel=ylabel, grid=True, legend={"loc": "lower right"})
     paths.append(save(fig, Path(outdir) / "inference_statistics.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for rec, label, color in ((base, "without BN", "tab:blue"), (bn, "with BN", "tab:red")):
         pts = [(s, v) for s, v in zip(rec["step"], rec["train_loss"]) if v is not None]
         ax.plot([s for s, _ in pts], [v for _, v in pts], label=label, color=color)
-    ax.set(yscale="log", xlabel="training step", ylabel="training loss")
-    ax.set_title("Training loss (mean over the steps since the last checkpoint)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    title = "Training loss (mean over the steps since the last checkpoint)"
+    dress(ax, title, yscale="log", xlabel="training step", ylabel="training loss", grid=True, legend=True)
     paths.append(save(fig, Path(outdir) / "train_loss.png"))
     return paths
 

@@ -274,7 +274,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Accuracy vs lr; L(w - alpha g)/L(w) at init; activation RMS per layer."""
-    from ..figures import pyplot, save
+    from ..figures import dress, pyplot, save
 
     plt = pyplot()
     cfg = results["config"]
@@ -297,15 +297,13 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.axvline(cfg["high_lr"], color="black", linestyle=":", linewidth=1, label="10x that rate")
     ax.set_xscale("log")
     ax.set_ylim(0, 1)
-    ax.set_ylabel(f"test accuracy after {cfg['steps']} steps")
-    ax.set_title(f"Learning-rate sweep: {len(cfg['hidden'])}-layer ReLU MLP")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    title = f"Learning-rate sweep: {len(cfg['hidden'])}-layer ReLU MLP"
+    ylabel = f"test accuracy after {cfg['steps']} steps"
+    dress(ax, title, ylabel=ylabel, grid=True, legend={"loc": "lower left", "fontsize": 8})
     strip.set_ylim(0, n)
     strip.set_yticks(range(0, n + 1, max(1, n // 3)))
-    strip.set_ylabel(f"diverged\n(of {n} seeds)")
-    strip.set_xlabel("learning rate (SGD, constant; diverged = NaN/inf training loss)")
-    strip.grid(alpha=0.3, axis="y")
+    xlabel = "learning rate (SGD, constant; diverged = NaN/inf training loss)"
+    dress(strip, xlabel=xlabel, ylabel=f"diverged\n(of {n} seeds)", grid="y")
     paths.append(save(fig, Path(outdir) / "accuracy_vs_lr.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -327,15 +325,13 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             label=f"{label}, after {m['large_steps_taken']} step(s) at lr {cfg['blowup_lr']:g}",
         )
     axes[0].axhline(1.0, color="black", linestyle=":", linewidth=1)
-    axes[0].set(xscale="log", yscale="log", xlabel="step size alpha along the gradient")
-    axes[0].set_ylabel("L(w - alpha g) / L(w) at initialization")
-    axes[0].set_title("How far the gradient direction stays downhill (first seed)")
-    axes[0].grid(alpha=0.3)
-    axes[0].legend()
-    axes[1].set(yscale="log", xlabel="hidden layer", ylabel="RMS of the layer's output (one batch)")
-    axes[1].set_title("Activation scale by depth (first seed)")
-    axes[1].grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
+    title = "How far the gradient direction stays downhill (first seed)"
+    ylabel = "L(w - alpha g) / L(w) at initialization"
+    xlabel = "step size alpha along the gradient"
+    dress(axes[0], title, xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, grid=True, legend=True)
+    ylabel = "RMS of the layer's output (one batch)"
+    title = "Activation scale by depth (first seed)"
+    dress(axes[1], title, yscale="log", xlabel="hidden layer", ylabel=ylabel, grid=True, legend={"fontsize": 8})
     paths.append(save(fig, Path(outdir) / "step_probe_and_activations.png"))
     return paths
 

@@ -216,7 +216,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Accuracy curves per activation (mean over seeds, seeds as thin lines); activation-input
     spread and saturation by layer (the first seed)."""
-    from ..figures import pyplot, save
+    from ..figures import dress, pyplot, save
 
     plt = pyplot()
     per = results["metrics"]["per_seed"]
@@ -234,11 +234,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             for r in runs:
                 ax.plot(steps, r, ls, color=color, alpha=0.25, linewidth=0.8)
             ax.plot(steps, runs.mean(axis=0), ls, color=color, label=label)
-        ax.set_title(f"{act}: test accuracy, mean of {len(per)} seeds (thin: each)", fontsize=10)
-        ax.set_xlabel("training step")
-        ax.set_ylim(0.0, 1.0)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        title = f"{act}: test accuracy, mean of {len(per)} seeds (thin: each)"
+        ax.set(xlabel="training step", ylim=(0.0, 1.0))
+        dress(ax, title, title_size=10, grid=True, legend={"loc": "lower right"})
     axes[0].set_ylabel("test accuracy")
     paths = [save(fig, Path(outdir) / "placement_accuracy.png")]
 
@@ -257,13 +255,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     axes[0].set_yscale("log")
     axes[0].set_xticks(np.arange(1, len(results["config"]["hidden"]) + 1))
     axes[0].set(xlabel="hidden layer", ylabel="std of the activation's input (test set, mean over units)")
-    axes[0].set_title(f"Scale of the activation inputs at the end (seed {seeds[0]})")
-    axes[0].grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    dress(axes[0], f"Scale of the activation inputs at the end (seed {seeds[0]})", grid=True, legend={"fontsize": 7})
     axes[1].set(xlabel="training step", ylabel="std of the last sigmoid layer's input")
-    axes[1].set_title(f"Sigmoid network: scale of the last layer's input (seed {seeds[0]})")
-    axes[1].grid(alpha=0.3)
-    axes[1].legend()
+    dress(axes[1], f"Sigmoid network: scale of the last layer's input (seed {seeds[0]})", grid=True, legend=True)
     paths.append(save(fig, Path(outdir) / "placement_activation_inputs.png"))
     return paths
 

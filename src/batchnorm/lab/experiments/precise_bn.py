@@ -235,7 +235,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Accuracy (EMA vs precise) and EMA statistics error over training; accuracy vs samples."""
-    from ..figures import log_ticks, mean_band, pyplot, save
+    from ..figures import dress, log_ticks, mean_band, pyplot, save
 
     plt = pyplot()
     runs = results["metrics"]["per_seed"]
@@ -259,14 +259,12 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     axes[0].set(xlabel="epoch", ylabel="test accuracy (%)")
     lo = min(min(r["acc_ema"][1:t] + r["acc_precise"][1:t]) for r in runs)
     axes[0].set_ylim(max(0.0, 100 * lo - 2), 100)
-    axes[0].set_title("Test accuracy with EMA vs precise BN statistics")
-    axes[0].legend(fontsize=8)
+    dress(axes[0], "Test accuracy with EMA vs precise BN statistics", legend={"fontsize": 8})
     mean_band(
         axes[1], epochs[1:], [r["var_error_ema"][1:t] for r in runs], "EMA running_var vs precise", color="tab:red"
     )
     axes[1].set(yscale="log", xlabel="epoch", ylabel="mean |var_EMA / var_precise - 1|")
-    axes[1].set_title("How stale the EMA statistics are")
-    axes[1].legend(fontsize=8)
+    dress(axes[1], "How stale the EMA statistics are", legend={"fontsize": 8})
     paths = [save(fig, outdir / "ema_vs_precise.png")]
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -298,9 +296,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ax.set_xscale("log")
     if sizes_shown:
         log_ticks(ax.xaxis, sizes_shown)  # the sample counts measured
-    ax.set(xlabel="samples used for the precise statistics (N)", ylabel="test accuracy (%)")
-    ax.set_title("How many samples PreciseBN needs")
-    ax.legend(fontsize=7)
+    xlabel = "samples used for the precise statistics (N)"
+    dress(ax, "How many samples PreciseBN needs", xlabel=xlabel, ylabel="test accuracy (%)", legend={"fontsize": 7})
     paths.append(save(fig, outdir / "samples_needed.png"))
     return paths
 

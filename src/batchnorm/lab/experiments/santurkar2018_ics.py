@@ -181,7 +181,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Per network: l2 and cosine over training (median and IQR over layers and seeds), and per layer."""
-    from ..figures import pyplot, save
+    from ..figures import dress, pyplot, save
 
     plt = pyplot()
     per_seed = results["metrics"]["per_seed"]
@@ -192,6 +192,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     for net in ("dln", "mlp"):
         fig, axes = plt.subplots(2, 2, figsize=(10.5, 7.0))
         for col, key in enumerate(("l2", "cos")):
+            ylabel = "||G - G'||" if key == "l2" else "cos(G, G')"
+            scale: dict[str, Any] = {"yscale": "log"} if key == "l2" else {}  # the l2 difference spans decades
             ax = axes[0][col]
             for norm in ("none", "bn"):
                 runs = [m[net][norm] for m in per_seed]
@@ -216,11 +218,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                     alpha=0.2,
                     linewidth=0,
                 )
-            ax.set(xlabel="training step", ylabel="||G - G'||" if key == "l2" else "cos(G, G')")
-            if key == "l2":
-                ax.set_yscale("log")
-            ax.set_title(f"{titles[net]}: {'l2 difference' if key == 'l2' else 'cosine'} over training")
-            ax.legend(fontsize=8)
+            title = f"{titles[net]}: {'l2 difference' if key == 'l2' else 'cosine'} over training"
+            dress(ax, title, xlabel="training step", ylabel=ylabel, legend={"fontsize": 8}, **scale)
             ax = axes[1][col]
             for norm in ("none", "bn"):
                 runs = [m[net][norm] for m in per_seed]
@@ -240,11 +239,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                     ms=3,
                     label=f"{labels[norm]} (median over checkpoints after step 0)",
                 )
-            ax.set(xlabel="layer i", ylabel="||G - G'||" if key == "l2" else "cos(G, G')")
-            if key == "l2":
-                ax.set_yscale("log")
-            ax.set_title(f"{titles[net]}: per layer")
-            ax.legend(fontsize=8)
+            dress(ax, f"{titles[net]}: per layer", xlabel="layer i", ylabel=ylabel, legend={"fontsize": 8}, **scale)
         paths.append(save(fig, outdir / f"ics_{net}.png"))
     return paths
 

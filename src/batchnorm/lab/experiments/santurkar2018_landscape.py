@@ -177,7 +177,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """The three landscape measures over training, and the loss along the gradient at one checkpoint."""
-    from ..figures import pyplot, save
+    from ..figures import dress, pyplot, save
 
     plt = pyplot()
     per_seed = results["metrics"]["per_seed"]
@@ -191,9 +191,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                 vals = _series(m[norm], key)
                 style = {"color": colors[norm], "marker": "o", "ms": 3, "alpha": 0.4 if k else 1.0}
                 ax.plot(m[norm]["step"][: len(vals)], vals, label=None if k else labels[norm], **style)
-        ax.set(yscale="log", xlabel="training step", ylabel=key.replace("_", " "))
-        ax.set_title(label, fontsize=10)
-        ax.legend()
+        dress(ax, label, title_size=10, yscale="log", xlabel="training step", ylabel=key.replace("_", " "), legend=True)
     etas = f"etas {s['etas'][0]}..{s['etas'][-1]}"
     fig.suptitle(f"Landscape along the gradient ({etas}, lr {s['lr']}; one line per seed)")
     paths = [save(fig, outdir / "landscape.png")]

@@ -307,7 +307,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Training loss vs step per learning rate; layer-input percentiles over training; drift bars."""
-    from ..figures import mean_band, pyplot, save
+    from ..figures import categories, dress, mean_band, pyplot, save
 
     plt = pyplot()
     s = results["config"]
@@ -326,9 +326,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             lost = sum(bool(r["diverged"]) for r in runs)  # a diverged run's curve stops where it diverged
             label = _LABELS[arm] + (f" ({lost} of {len(runs)} diverged)" if lost else "")
             mean_band(ax, steps, curves, label, color=colors[arm])
-        ax.set(yscale="log", title=f"Training loss, lr {lr:g}", xlabel="step")
-        ax.set_ylabel("training cross-entropy (window mean)")
-        ax.legend(fontsize=8)
+        ylabel = "training cross-entropy (window mean)"
+        dress(ax, f"Training loss, lr {lr:g}", yscale="log", xlabel="step", ylabel=ylabel, legend={"fontsize": 8})
     paths.append(save(fig, outdir / "training_loss.png"))
 
     lr = lrs[0]
@@ -345,9 +344,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                     steps, p[:, 0], p[:, 2], color=colors[arm], alpha=0.25, linewidth=0, label="15th-85th percentile"
                 )
                 ax.plot(steps, p[:, 1], color=colors[arm], label="median")
-            ax.set_title(f"{_LABELS[arm]}: layer {int(layer) + 1}, unit 0 (lr {lr:g}, first seed)", fontsize=9)
-            ax.set(xlabel="step", ylabel="input of the ReLU")
-            ax.legend(fontsize=7)
+            title = f"{_LABELS[arm]}: layer {int(layer) + 1}, unit 0 (lr {lr:g}, first seed)"
+            dress(ax, title, title_size=9, xlabel="step", ylabel="input of the ReLU", legend={"fontsize": 7})
     paths.append(save(fig, outdir / "layer_inputs.png"))
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -365,13 +363,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         lost = len(trained) - sum(trained)
         label = _LABELS[arm] + (f" ({lost} of {len(trained)} diverged, left out)" if lost else "")
         ax.bar(x + (k - 1) * width, vals, width, label=label, color=colors[arm])
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels)
-    ax.set_ylabel(f"RMS change per {s['checkpoint_every']} steps / avg std")
-    ax.set_title(
-        f"How much layer-input distributions move (lr {lr:g}, mean over seeds; noise a = {s['noise_magnitude']:g})"
-    )
-    ax.legend()
+    categories(ax.xaxis, labels)
+    title = f"How much layer-input distributions move (lr {lr:g}, mean over seeds; noise a = {s['noise_magnitude']:g})"
+    dress(ax, title, ylabel=f"RMS change per {s['checkpoint_every']} steps / avg std", legend=True)
     paths.append(save(fig, outdir / "drift.png"))
     return paths
 

@@ -321,7 +321,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Test error vs group size (i.i.d.; mean ± std over seeds) and non-i.i.d. bars."""
-    from ..figures import log_ticks, pyplot, save
+    from ..figures import bar_values, categories, dress, log_ticks, pyplot, save
 
     plt = pyplot()
     t = results["config"]
@@ -354,16 +354,13 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     log_ticks(ax.xaxis, [2**k for k in range(int(np.log2(min(sizes))), int(np.log2(max(sizes))) + 1)])
     ax.invert_xaxis()
     ax.set(xlabel=f"examples per normalization group m ({batch} per SGD step)", ylabel="test error (%)")
-    ax.set_title("Test error vs normalization group size (i.i.d. groups)")
-    ax.legend(fontsize=8)
+    dress(ax, "Test error vs normalization group size (i.i.d. groups)", legend={"fontsize": 8})
     ax = axes[1]
     norms = [k for k in _NORMS if k in per_seed[0]["non_iid"]]
     vals = [float(np.mean([m["non_iid"][norm]["test_error"] for m in per_seed])) for norm in norms]
     ax.bar(range(len(norms)), vals, color=[_COLORS[k] for k in norms])
-    for i, v in enumerate(vals):
-        ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=9)
-    ax.set_xticks(range(len(norms)))
-    ax.set_xticklabels([_LABELS[k].replace(" (per-group stats)", "") for k in norms], fontsize=9)
+    bar_values(ax, vals, "{:.1f}", fontsize=9)
+    categories(ax.xaxis, [_LABELS[k].replace(" (per-group stats)", "") for k in norms], fontsize=9)
     ax.set_ylabel(f"test error (%), mean of {n} seeds")
     ax.set_title(f"Non-i.i.d. groups of {t['non_iid_group']} (2 classes x 2 images)")
     return [save(fig, Path(outdir) / "error_vs_group_size.png")]
