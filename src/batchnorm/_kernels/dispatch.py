@@ -147,20 +147,19 @@ at 64x64x8x8, 0.70x at 1024x512, 0.56x at 64x64x16x16, 0.26x at 64x64x56x56."""
 def aten_direct(x: torch.Tensor) -> bool:
     """Whether a BatchNorm*d step on the eager path runs aten's batch-norm kernels directly, with
     aten's (C++) autograd, our running-statistics update and precision check on top
-    (`batchnorm.ops.bn.train_step`): float32/float64 CPU inputs, under "native" at every
-    size, under "auto" below ``AUTO_ATEN_MAX`` elements (16-bit inputs keep the kernel contract,
-    whose statistics are float32).
+    (`batchnorm.ops.bn.train_step`): CPU inputs, under "native" at every size, under "auto"
+    below ``AUTO_ATEN_MAX`` elements. The step itself declines (and the kernel contract runs)
+    what aten's kernel does not take with our semantics: 16-bit inputs (the contract's
+    statistics are float32), mixed dtypes, layouts `native.supports` refuses.
 
     Why: on a small tensor a step's cost is its Python, not its kernels. Our serial kernels are
     faster than aten's (see the module docstring), but their backward is a Python
     ``autograd.Function``; aten's backward is C++ end to end, which makes the whole step
     cheaper (``python -m benchmarks.bn_small``)."""
     name = _state["name"] or get_backend()
-    if x.device.type != "cpu" or not (name == "auto" or name == "native"):
-        return False
-    if x.dtype not in (torch.float32, torch.float64) or (name == "auto" and x.numel() >= AUTO_ATEN_MAX):
-        return False
-    return native.supports(x)
+    if name == "auto":
+        return x.is_cpu and x.numel() < AUTO_ATEN_MAX
+    return name == "native" and x.is_cpu
 
 
 def backend_for(x: torch.Tensor) -> ModuleType:

@@ -3,6 +3,7 @@
     batchnorm lab list | lab run ID... [--quick] [--seed N] [--data SPEC] [--out DIR] | lab report DIR
     batchnorm inspect MODEL | fold MODEL -o OUT | recalibrate MODEL --data SPEC -o OUT
     batchnorm doctor MODEL [--data SPEC]   (exit status 3 when it finds something)
+    batchnorm build-ext [--status]          (compile the C++ eager step; optional)
 
 Each sub-command lives in its own module, which exposes ``register(subparsers)`` and sets
 ``func(args) -> int`` on its parser. User errors exit with status 2 and one clear line on
@@ -23,7 +24,7 @@ from typing import NoReturn
 from ._util import CliError, missing_dependency_message
 
 # modules that each add sub-commands; imported when the parser is built, so they must be cheap
-_COMMAND_MODULES = ("batchnorm.lab._cli", "batchnorm.cli.tools", "batchnorm.cli.doctor")
+_COMMAND_MODULES = ("batchnorm.lab._cli", "batchnorm.cli.tools", "batchnorm.cli.doctor", "batchnorm.cli.ext")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._kernels import native, torch_ops
+from .._kernels import native, step_ext, torch_ops
 from .._kernels.dispatch import aten_direct, backend_for, host_kernels
 from ._common import acc_dtype, fresh, per_channel, register_channel_vmap
 from ._path import apply, compiling_not_exporting, eager, forward_ad_active, needs_grad, recomputing
@@ -53,6 +53,8 @@ from .update import (
 )
 
 _c = torch._C
+_EXT: dict[str, Any] = {}
+"""The compiled eager step (`batchnorm._kernels.step_ext`), or None, looked up once."""
 
 __all__ = [
     "train",
@@ -284,6 +286,64 @@ def train_jvp(
     return ty
 
 
+OK, ILL_CONDITIONED, NOT_FINITE, UNSUPPORTED = 0, 1, 2, -1
+"""The codes of the eager aten step (`_aten_step_py` and the compiled ``step_ext``)."""
+
+
+def _aten_step_py(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    momentum: float,
+    eps: float,
+    kappa_max: float,
+    update: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, int]:
+    """The Python form of the compiled step (`batchnorm._kernels.step_ext`; the contract, codes
+    included, is written in ``step_ext.cpp``): aten's training kernel, the batch statistics
+    checked, a refused update undone from copies taken before. ``momentum < 0`` stands for None."""
+    kernels = _HOST["kernels"] if "kernels" in _HOST else _HOST.setdefault("kernels", host_kernels())
+    stats = running_mean is not None and running_var is not None
+    if (
+        x.dtype not in (torch.float32, torch.float64)
+        or not native.supports(x)
+        or (weight is not None and weight.dtype != x.dtype)
+        or (bias is not None and bias.dtype != x.dtype)
+        or (stats and (running_mean.dtype != x.dtype or running_var.dtype != x.dtype or kernels is None))  # type: ignore[union-attr]
+    ):
+        return None, None, None, UNSUPPORTED
+    if stats:
+        saved = (running_mean.clone(), running_var.clone())  # type: ignore[union-attr]
+        if update:
+            factor = momentum if momentum >= 0 else 1.0 / (float(num_batches_tracked.numpy()) + 1.0)  # type: ignore[union-attr]
+            out = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
+        else:  # scratch buffers: the kernel saves the same tensors as in the first forward
+            out = torch.native_batch_norm(x, weight, bias, *saved, True, 0.0, eps)
+    else:
+        out = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    y, save_mean, save_invstd = out
+    if kernels is not None:
+        code = kernels.check_statistics(save_mean.detach().numpy(), save_invstd.detach().numpy(), kappa_max)
+        code = {kernels.ILL_CONDITIONED: ILL_CONDITIONED, kernels.NOT_FINITE: NOT_FINITE}.get(code, OK)
+    elif not bool(torch.isfinite(save_mean).all() and torch.isfinite(save_invstd).all()):
+        code = NOT_FINITE
+    else:
+        code = ILL_CONDITIONED if native.kappa(save_mean, save_invstd) > kappa_max else OK
+    if stats and update:
+        if code == OK:
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+        else:
+            # through NumPy: aten's autograd node holds the buffers (unused by its training
+            # backward), and a torch in-place write would bump their version and fail that backward
+            running_mean.numpy()[...] = saved[0].numpy()  # type: ignore[union-attr]
+            running_var.numpy()[...] = saved[1].numpy()  # type: ignore[union-attr]
+    return y, save_mean, save_invstd, code
+
+
 def _train_aten(
     x: Tensor,
     weight: Tensor | None,
@@ -295,7 +355,6 @@ def _train_aten(
     momentum: float | None,
     eps: float,
     where: str,
-    count: int,
 ) -> Tensor | None:
     """The eager step of `train_step` on aten's kernel with aten's autograd (see
     `batchnorm._kernels.dispatch.aten_direct`), or None, having changed nothing, where it
@@ -304,51 +363,26 @@ def _train_aten(
 
     aten updates the running statistics in the kernel, with torch's own rule (momentum, the
     unbiased variance; ``momentum=None`` as the factor 1 / (num_batches_tracked + 1), read from
-    CPU memory); the batch statistics are then checked (`cpu_small.check_statistics`,
-    one compiled call), and a batch that is not finite or too ill-conditioned has its update
-    undone from a copy taken before: the rule of `_update_impl`, at the cost of two copies
-    of (C,) vectors."""
-    if count == 0 or (weight is not None and weight.dtype != x.dtype) or (bias is not None and bias.dtype != x.dtype):
-        return None  # aten wants parameters of the input's dtype; our kernels take any
-    kernels = _HOST["kernels"] if "kernels" in _HOST else _HOST.setdefault("kernels", host_kernels())
-    stats = running_mean is not None and running_var is not None
-    # no update in a forward recomputed by activation checkpointing (inside a backward); its
-    # kernel still gets (scratch) buffers, so that it saves the same tensors as the first forward
-    update = stats and _c._current_graph_task_id() == -1
-    if stats and (running_mean.dtype != x.dtype or running_var.dtype != x.dtype or kernels is None):  # type: ignore[union-attr]
+    CPU memory); the batch statistics are then checked, and a batch that is not finite or too
+    ill-conditioned has its update undone from a copy taken before: the rule of `_update_impl`.
+    One C++ call when the compiled step is built (`batchnorm._kernels.step_ext`), else its
+    Python form `_aten_step_py`. A forward recomputed by activation checkpointing (inside a
+    backward) does not update."""
+    ext = _EXT["module"] if "module" in _EXT else _EXT.setdefault("module", step_ext.load())
+    update = running_mean is not None and _c._current_graph_task_id() == -1
+    step = _aten_step_py if ext is None else ext.train_step
+    y, save_mean, save_invstd, code = step(
+        x, weight, bias, running_mean, running_var, num_batches_tracked,
+        -1.0 if momentum is None else momentum, eps, native.KAPPA_MAX.get(x.dtype, 0.0), update,
+    )  # fmt: skip
+    if code == OK:
+        return y
+    if code != NOT_FINITE:
         return None
     if update:
-        factor = momentum if momentum is not None else 1.0 / (float(num_batches_tracked.numpy()) + 1.0)
-        saved = (running_mean.clone(), running_var.clone())  # type: ignore[union-attr]
-        y, save_mean, save_invstd = torch.native_batch_norm(
-            x, weight, bias, running_mean, running_var, True, factor, eps
-        )
-    elif stats:
-        scratch = (running_mean.clone(), running_var.clone())  # type: ignore[union-attr]
-        y, save_mean, save_invstd = torch.native_batch_norm(x, weight, bias, *scratch, True, 0.0, eps)
-    else:
-        y, save_mean, save_invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-    kappa_max = native.KAPPA_MAX[x.dtype]
-    if kernels is not None:
-        code = kernels.check_statistics(save_mean.detach().numpy(), save_invstd.detach().numpy(), kappa_max)
-        ill, not_finite = code == kernels.ILL_CONDITIONED, code == kernels.NOT_FINITE
-    else:
-        not_finite = not bool(torch.isfinite(save_mean).all() and torch.isfinite(save_invstd).all())
-        ill = not not_finite and native.kappa(save_mean, save_invstd) > kappa_max
-    if not update:
-        return None if ill else y
-    if ill or not_finite:
-        # through NumPy: aten's autograd node holds the buffers (unused by its training backward),
-        # and a torch in-place write would bump their version and fail that backward
-        running_mean.numpy()[...] = saved[0].numpy()  # type: ignore[union-attr]
-        running_var.numpy()[...] = saved[1].numpy()  # type: ignore[union-attr]
-        if ill:
-            return None
         num_batches_skipped.add_(1)
         if int(num_batches_skipped.numpy()) == 1:
             _warn_skipped(save_mean, save_invstd, num_batches_skipped, where)
-        return y
-    num_batches_tracked.add_(1)
     return y
 
 
@@ -369,12 +403,12 @@ def train_step(
     The path (`batchnorm.ops._path`) is decided once for both. A forward recomputed by
     activation checkpointing (`batchnorm.ops._path.recomputing`) normalizes with the same
     batch statistics and does not update again."""
-    count = x.numel() // x.shape[1] if x.shape[1] else 0
     if eager(x, weight, bias):
         if aten_direct(x):
-            y = _train_aten(x, weight, bias, running_mean, running_var, num_batches_tracked, num_batches_skipped, momentum, eps, where, count)  # fmt: skip
+            y = _train_aten(x, weight, bias, running_mean, running_var, num_batches_tracked, num_batches_skipped, momentum, eps, where)  # fmt: skip
             if y is not None:
                 return y
+        count = x.numel() // x.shape[1] if x.shape[1] else 0
         kernels = backend_for(x)
         if _c.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)):  # fmt: skip
             y, mean, var = apply(_TrainEager, x, weight, bias, eps, kernels)
@@ -385,6 +419,7 @@ def train_step(
                 running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var, count, momentum, where
             )
         return y
+    count = x.numel() // x.shape[1] if x.shape[1] else 0
     if compiling_not_exporting():
         # torch.compile: our math as torch ops, which Inductor fuses with the neighbours (an opaque
         # operator cannot be); torch.export keeps the operator node (tools read it back)
@@ -546,7 +581,13 @@ def _eval_aten(
     """The eager eval of `eval_forward` on aten's kernel with aten's autograd, or None where
     it does not apply: other dtypes, statistics that need gradients (aten gives none), statistics
     that are not finite, or ``|mean| / sqrt(var + eps)`` above ``native.KAPPA_MAX`` (aten's CPU
-    kernel forms ``x * scale + (bias - mean * scale)``, which cancels there; ours centres first)."""
+    kernel forms ``x * scale + (bias - mean * scale)``, which cancels there; ours centres first).
+    One C++ call when the compiled step is built (`batchnorm._kernels.step_ext`)."""
+    ext = _EXT["module"] if "module" in _EXT else _EXT.setdefault("module", step_ext.load())
+    if ext is not None:
+        return ext.eval_step(x, weight, bias, mean, var, eps, native.KAPPA_MAX.get(x.dtype, 0.0))  # type: ignore[no-any-return]
+    if x.dtype not in (torch.float32, torch.float64) or not native.supports(x):
+        return None
     for t in (mean, var, weight, bias):
         if t is not None and t.dtype != x.dtype:
             return None
