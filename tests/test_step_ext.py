@@ -164,7 +164,7 @@ def test_train_step_declines_what_it_does_not_take(ext: ModuleType, case: str) -
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", ["plain", "nan stats", "zero var eps 0", "ill", "grad stats", "mixed"])
-def test_eval_step_forms_agree(ext: ModuleType, dtype: torch.dtype, case: str, python_form: None) -> None:
+def test_eval_step_forms_agree(ext: ModuleType, dtype: torch.dtype, case: str) -> None:
     x = torch.randn(6, 5, 3, dtype=dtype)
     mean, var = torch.randn(5, dtype=dtype), torch.rand(5, dtype=dtype) + 0.1
     w, b = torch.rand(5, dtype=dtype), torch.randn(5, dtype=dtype)

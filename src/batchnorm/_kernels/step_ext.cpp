@@ -61,7 +61,7 @@ int64_t check_fixed(const T* mean, const T* var, int64_t c, double eps, double k
   for (int64_t k = 0; k < c; ++k) {
     const double m = mean[k], v = static_cast<double>(var[k]) + eps;
     if (!std::isfinite(m) || !std::isfinite(v) || !(v > 0.0)) return kNotFinite;
-    if (std::fabs(m) > kappa_max * std::sqrt(v)) code = kIllConditioned;
+    if (m * m > kappa_max * kappa_max * v) code = kIllConditioned;  // |m| > kappa_max * sqrt(v), no root
   }
   return code;
 }

@@ -582,10 +582,7 @@ def _eval_aten(
     it does not apply: other dtypes, statistics that need gradients (aten gives none), statistics
     that are not finite, or ``|mean| / sqrt(var + eps)`` above ``native.KAPPA_MAX`` (aten's CPU
     kernel forms ``x * scale + (bias - mean * scale)``, which cancels there; ours centres first).
-    One C++ call when the compiled step is built (`batchnorm._kernels.step_ext`)."""
-    ext = _EXT["module"] if "module" in _EXT else _EXT.setdefault("module", step_ext.load())
-    if ext is not None:
-        return ext.eval_step(x, weight, bias, mean, var, eps, native.KAPPA_MAX.get(x.dtype, 0.0))  # type: ignore[no-any-return]
+    The Python form of the compiled ``eval_step`` (`batchnorm._kernels.step_ext`)."""
     if x.dtype not in (torch.float32, torch.float64) or not native.supports(x):
         return None
     for t in (mean, var, weight, bias):
@@ -607,9 +604,13 @@ def eval_forward(
     """Differentiable inference forward with fixed statistics (C,) ``mean`` and ``var``."""
     if eager(x, mean, var, weight, bias):
         if aten_direct(x):
-            y = _eval_aten(x, mean, var, weight, bias, eps)
+            ext = _EXT["module"] if "module" in _EXT else _EXT.setdefault("module", step_ext.load())
+            if ext is not None:
+                y = ext.eval_step(x, weight, bias, mean, var, eps, native.KAPPA_MAX.get(x.dtype, 0.0))
+            else:
+                y = _eval_aten(x, mean, var, weight, bias, eps)
             if y is not None:
-                return y
+                return y  # type: ignore[no-any-return]
         kernels = backend_for(x)
         if needs_grad(x, mean, var, weight, bias):
             return apply(_EvalEager, x, mean, var, weight, bias, eps, kernels)
