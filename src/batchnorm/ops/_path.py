@@ -12,7 +12,10 @@ eager                  `eager` is True: no torch.compile / torch.export / jit.tr
                        The operator's implementation runs directly (the kernel back-end is
                        chosen once, by `batchnorm._kernels.dispatch.backend_for`); when a
                        gradient is needed, through the operator's ``autograd.Function`` applied
-                       with `apply` (no Python argument binding).
+                       with `apply` (no Python argument binding). BatchNorm*d steps on small
+                       CPU inputs (`batchnorm._kernels.dispatch.aten_direct`) first try aten's
+                       kernel with our guard: one C++ call when `batchnorm._kernels.step_ext`
+                       is built, else its Python form; an input it declines takes the above.
 dispatcher             everything else: the registered ``torch.ops.batchnorm.*`` operator
                        (fake implementation for compilers and meta tensors, batching rule for
                        vmap, registered autograd), applied through the ``autograd.Function``
