@@ -97,8 +97,8 @@ int64_t counter(const at::Tensor& n) {
 
 void increment(const at::Tensor& n) {
   if (n.scalar_type() == at::kLong && n.device().is_cpu() && n.numel() == 1) {
+    n.unsafeGetTensorImpl()->bump_version();  // first: it refuses an inference tensor outside inference mode
     *n.data_ptr<int64_t>() += 1;
-    n.unsafeGetTensorImpl()->bump_version();
   } else {
     n.add_(1);
   }
