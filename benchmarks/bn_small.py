@@ -8,8 +8,9 @@ and parameter gradients, running statistics updated), and also the eval forward 
 ``torch.no_grad()``. Candidates, timed interleaved (``--calls`` calls of each per round,
 rounds repeated, medians of the per-round medians):
 
-- ``auto``:  our BatchNorm*d with the default back-end (small float32/float64 CPU tensors go to
-  the one-call serial kernels of ``batchnorm._kernels.cpu_small``);
+- ``auto``:  our BatchNorm*d with the default back-end (small float32/float64 CPU tensors run
+  aten's kernel with our guard on top: one C++ call when ``batchnorm build-ext`` has compiled
+  it, its Python form otherwise; ``BATCHNORM_EXT=0`` times the Python form);
 - ``torch_ops``: our layer with ``use_backend("torch")`` (the pure-torch path, ~20 small ops);
 - ``native``: ``torch.nn.BatchNorm*d``.
 
