@@ -133,3 +133,24 @@ def test_cumulative_average_equals_mean_of_batches() -> None:
         bn(xb)
     torch.testing.assert_close(bn.running_mean, torch.stack([xb.mean(0) for xb in batches]).mean(0))
     torch.testing.assert_close(bn.running_var, torch.stack([xb.var(0) for xb in batches]).mean(0))
+
+
+def test_parametrized_weight_is_read_like_torch() -> None:
+    """The forward reads its parameters from the module's dicts, and a parameter moved out of
+    them (a parametrization) as an attribute: the result is torch's layer's with the same one."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return 2 * w
+
+    ours, theirs = batchnorm.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    for layer in (ours, theirs):
+        parametrize.register_parametrization(layer, "weight", Double())
+        assert "weight" not in layer._parameters
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    x.requires_grad_()
+    ours(x).pow(2).sum().backward()
+    assert ours.parametrizations.weight.original.grad is not None

@@ -313,14 +313,17 @@ class MaskableBatchNorm(BatchNormBase):
                 self.training, self.track_running_stats, self.momentum, self.eps, self._ndims, self.num_features,
                 f"{type(self).__name__}({self.num_features})", self.num_batches_skipped, self.channel_dim, mask,
             )  # fmt: skip
-        # the state read inline (each attribute read of a parameter or buffer is a Python call)
+        # the state read from the module's own dicts: an attribute read of a parameter or buffer
+        # is a Python call (Module.__getattr__); a name moved out of them (a parametrization,
+        # weight norm) is read as an attribute
+        p, b = self._parameters, self._buffers
         return batch_norm_layer(
             input,
-            self.weight,
-            self.bias,
-            self.running_mean,
-            self.running_var,
-            self.num_batches_tracked,
+            p["weight"] if "weight" in p else self.weight,
+            p["bias"] if "bias" in p else self.bias,
+            b["running_mean"] if "running_mean" in b else self.running_mean,
+            b["running_var"] if "running_var" in b else self.running_var,
+            b["num_batches_tracked"] if "num_batches_tracked" in b else self.num_batches_tracked,
             self.training,
             self.track_running_stats,
             self.momentum,
@@ -328,7 +331,7 @@ class MaskableBatchNorm(BatchNormBase):
             self._ndims,
             self.num_features,
             f"{type(self).__name__}({self.num_features})",
-            self.num_batches_skipped,
+            b["num_batches_skipped"] if "num_batches_skipped" in b else self.num_batches_skipped,
         )
 
 
