@@ -95,7 +95,7 @@ def build(verbose: bool = False) -> Path:
         name=_name(),
         sources=[str(_SOURCE)],
         build_directory=str(directory),
-        extra_cflags=["-O2"],
+        extra_cflags=["-O3"],
         verbose=verbose,
     )
     _state["module"] = module
