@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from batchnorm.lab.config import RunConfig
+from batchnorm.lab.experiment import recorded
 from batchnorm.lab.experiments import dropout as exp
+from batchnorm.lab.experiments._calibration import CALIBRATION_SEED
 from batchnorm.lab.progress import Progress
 from batchnorm.lab.runner import run_one
 
@@ -33,16 +35,17 @@ def test_calibration_rule_doubles_the_slowest_arm_and_caps(
     monkeypatch.setattr(exp, "_train_arm", fake_train_arm)
     s = exp._calibrate(exp.EXPERIMENT.settings(RunConfig(mode="quick")), RunConfig(mode="quick"), Progress())
     assert s.steps == expected
-    assert all(g == [exp.CALIBRATION_SEED] and stop for g, stop in calls) and len(calls) == 6
+    assert all(g == [CALIBRATION_SEED] and stop for g, stop in calls) and len(calls) == 6
     never = s.max_steps + s.calibration_every
     assert s.calibration_fit_steps == {
-        name: (fit[name] if fit.get(name, 100) is not None else never) if name in fit else 100 for name in s.arms
+        name: (fit[name] if fit.get(name, 100) is not None else never) if name in fit else 100
+        for name in recorded(s)["arms"]
     }
 
 
 def test_the_calibration_seed_is_never_a_claim_seed(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="calibration seed"):
-        exp.EXPERIMENT.run(RunConfig(mode="tiny", seeds=(5, exp.CALIBRATION_SEED), out=tmp_path), Progress())
+        exp.EXPERIMENT.run(RunConfig(mode="tiny", seeds=(5, CALIBRATION_SEED), out=tmp_path), Progress())
 
 
 def test_tiny_run_records_the_rule_and_claims_read_every_seed(tmp_path: Path) -> None:

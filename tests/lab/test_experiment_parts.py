@@ -124,14 +124,15 @@ def test_first_layer_noise_matches_sampling_theory_on_gaussian_data() -> None:
 def test_mnist1d_quick_setups_are_recorded_and_digits_are_untouched(
     module: str, key: str, digits_value: int, mnist1d_value: int
 ) -> None:
-    import dataclasses
     import importlib
+
+    from batchnorm.lab.experiment import recorded
 
     exp = importlib.import_module(f"batchnorm.lab.experiments.{module}")
 
     def settings(cfg: RunConfig) -> dict:
         if hasattr(exp, "EXPERIMENT"):
-            return dataclasses.asdict(exp.EXPERIMENT.settings(cfg))
+            return recorded(exp.EXPERIMENT.settings(cfg))
         return exp._settings(cfg)
 
     digits = settings(RunConfig(mode="quick", data="digits"))

@@ -1,14 +1,31 @@
-"""Claims declared as data: ``experiments/<name>.claims.toml`` (package data) holds one table per
-claim, in order, with its fixed fields (``statement`` template, ``expected``, ``source``, ``effect``,
-``kind``, thresholds ``above``/``below``); the module computes a, b and evidence; ``Claims`` joins them."""
+"""Claims and settings declared as data, in TOML files beside an experiment's module (package data).
+
+``experiments/<name>.claims.toml`` holds one table per claim, in order, with its fixed fields
+(``statement`` template, ``expected``, ``source``, ``effect``, ``kind``, thresholds
+``above``/``below``); the module computes a, b and evidence; ``Claims`` joins them.
+
+``experiments/<name>.settings.toml`` holds the experiment's constant settings (the choices it
+records, claim thresholds), in the order results record them; its ``Settings`` dataclass
+(a ``Declared``) declares only what the code computes or reads:
+
+    @dataclass(frozen=True)
+    class Settings(Declared):
+        steps: int             # computed (by mode, data): passed to ``of``
+        batch_size: int        # read by the code: its value comes from the file
+
+    s = Settings.of(steps=500)
+    s.record()   # {"steps": 500, every setting of the file, in its order}: results' "config"
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import importlib.resources
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from .experiment import claim
 from .verdict import Part
@@ -18,7 +35,7 @@ if sys.version_info >= (3, 11):
 else:  # the lab extra's backport on Python 3.10
     import tomli as tomllib
 
-__all__ = ["Claims", "Col", "load", "parse"]
+__all__ = ["Claims", "Col", "Declared", "load", "load_settings", "parse"]
 
 Col = Sequence[float]
 """One number per seed."""
@@ -42,12 +59,55 @@ def parse(text: str, where: str) -> dict[str, dict[str, Any]]:
     return data
 
 
+def _beside(module: str, kind: str) -> tuple[str, str]:
+    """The text and file name of ``<name>.<kind>.toml`` beside module ``module``."""
+    package, name = module.rsplit(".", 1)
+    resource = importlib.resources.files(package).joinpath(f"{name}.{kind}.toml")
+    return resource.read_text(encoding="utf-8"), f"{name}.{kind}.toml"
+
+
 @functools.cache
 def load(module: str) -> dict[str, dict[str, Any]]:
     """The claims file beside experiment module ``module`` (e.g. ``batchnorm.lab.experiments.bias``), read once."""
-    package, name = module.rsplit(".", 1)
-    resource = importlib.resources.files(package).joinpath(f"{name}.claims.toml")
-    return parse(resource.read_text(encoding="utf-8"), f"{name}.claims.toml")
+    return parse(*_beside(module, "claims"))
+
+
+@functools.cache
+def load_settings(module: str) -> dict[str, Any]:
+    """The settings file beside experiment module ``module``, read once: each setting's value by
+    name, in file order (arrays as tuples); ``ValueError`` for a file with a table in it."""
+    text, where = _beside(module, "settings")
+    data = tomllib.loads(text)
+    if tables := [name for name, value in data.items() if isinstance(value, dict) and value]:
+        raise ValueError(f"{where}: expected settings as key = value lines, got table(s) {tables}")
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in data.items()}
+
+
+_D = TypeVar("_D", bound="Declared")
+
+
+class Declared:
+    """Base of a frozen ``Settings`` dataclass whose constant settings are data (the module
+    docstring): the dataclass's fields are what the code computes (no value in the file) or
+    reads (its value from the file); the file's other settings are only recorded."""
+
+    @classmethod
+    def of(cls: type[_D], **computed: Any) -> _D:
+        """The settings with ``computed`` (every field the file does not give, and any it gives
+        that this run overrides) and the file's values for the rest."""
+        declared = load_settings(cls.__module__)
+        fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        if unknown := sorted(computed.keys() - set(fields)):
+            raise ValueError(f"{cls.__module__}.Settings: no field(s) {unknown}")
+        return cls(**{name: computed[name] if name in computed else copy.deepcopy(declared[name]) for name in fields})
+
+    def record(self) -> dict[str, Any]:
+        """Every setting as results record it: the fields the file does not give (in field
+        order), then the file's settings in its order, a field's value replacing the file's."""
+        declared = load_settings(type(self).__module__)
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        first = {name: value for name, value in values.items() if name not in declared}
+        return copy.deepcopy({**first, **{name: values.get(name, value) for name, value in declared.items()}})
 
 
 class Claims:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import seeded
@@ -36,30 +36,17 @@ _STEPS = {"tiny": 20, "quick": 500, "full": 5000}
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment; thresholds are float32 rounding levels (the paper's statement is exact), each
-    with the reason for its size (each field's meaning and source: ``bias.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``bias.settings.toml``
+    (each one's meaning and source: ``bias.md``)."""
 
     steps: int
-    hidden: tuple[int, ...] = (100, 100, 100)
-    activation: str = "relu"
-    norm: str = "batchnorm.BatchNorm1d before every ReLU, Linear bias kept (the redundant one)"
-    init: str = "He for weights; the pre-BN biases ~ N(0, 1) to make them non-trivial"
-    bias_shift_std: float = 10.0
-    optimizer: str = "SGD, no momentum, no weight decay"
-    lr: float = 0.1
-    batch_size: int = 60
-    dtype: str = (
-        "float32 for the one-batch probes; float64 for the paired training and the removal from the trained model"
-    )
-    seeds_trained: str = "the seeds of each arm are trained together (batchnorm.lab.stacked), each as if alone"
-    pairing: str = "per seed: same weights, same batch order with and without the biases"
-    gradient_ratio_below: float = 1e-5
-    output_change_below: float = 1e-4
-    paired_loss_delta_below: float = 1e-3
-    bias_movement_below: float = 1e-4
-    eval_change_folded_below: float = 1e-4
-    eval_change_zeroed_above: float = 1e-2
+    hidden: tuple[int, ...]
+    activation: str
+    bias_shift_std: float
+    lr: float
+    batch_size: int
+    dtype: str
 
 
 def _with_random_biases(model: MLP, generator: torch.Generator) -> MLP:
@@ -259,7 +246,7 @@ class Bias(Experiment):
     ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
 
     def settings(self, cfg: RunConfig) -> Settings:
-        return Settings(steps=_STEPS[cfg.mode])
+        return Settings.of(steps=_STEPS[cfg.mode])
 
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .._replicates import mean_over_replicates, replicate_seed
 from .._stacked_dropout import train_stacked_dropout
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import seeded
@@ -27,7 +27,6 @@ from ..models import MLP
 from ..progress import Progress
 from ..training import TrainSpec, evaluate, minibatches
 from ..verdict import part
-from ._calibration import CALIBRATION_SEED
 
 ID = "dropout"
 DESCRIPTION = "BN as a regularizer: test loss and accuracy on 400 examples for plain, dropout, BN, BN+dropout, fixed batches (over seeds)"
@@ -45,37 +44,23 @@ _MAX_STEPS = {"tiny": 40, "quick": 1600, "full": 16000}
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``dropout.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``dropout.settings.toml``
+    (each one's meaning and source: ``dropout.md``)."""
 
     replicates: int
     max_steps: int
-    steps: int = 0
-    steps_rule: str = (
-        "train every arm on the calibration seed's 400 examples until its training accuracy reaches the fit level "
-        "(checked every calibration_every steps); steps = 2 x the slowest arm's steps, at most max_steps"
-    )
-    calibration_seed: int = CALIBRATION_SEED
-    calibration_every: int = 100
-    fit_level: float = 0.99
-    calibration_fit_steps: dict[str, int] = dataclasses.field(default_factory=dict)
-    train_examples: int = 400
-    hidden: tuple[int, ...] = (256, 256, 256)
-    activation: str = "relu"
-    arms: tuple[str, ...] = tuple(name for name, *_ in _ARMS)
-    norm: str = "batchnorm.BatchNorm1d before every ReLU (hidden Linear bias dropped); dropout after the ReLU"
-    init: str = "He: N(0, 2/fan_in), biases 0"
-    optimizer: str = "SGD, no momentum, no weight decay"
-    lr: float = 0.1
-    batch_size: int = 50
-    seed_varies: str = "the data split and the 400-example training subset; each replicate: initial weights, minibatch order, dropout masks"
-    pairing: str = "within a seed and replicate, all six arms share the initial weights and the minibatch order (fixed batches: the first epoch's)"
-    inference: str = "running averages (PyTorch EMA, momentum 0.1); dropout off"
-    fixed_batches: str = "one permutation split into 8 batches of 50, visited in the same order every epoch"
-    seeds_trained: str = "the seeds and replicates of each arm are trained together (batchnorm.lab._stacked_dropout)"
-    accuracy_tolerance: float = 0.01
-    bn_vs_plain_test_loss_below: float = 0.0
-    fixed_vs_shuffled_test_loss_above: float = 0.0
+    steps: int
+    steps_rule: str
+    calibration_seed: int
+    calibration_every: int
+    fit_level: float
+    calibration_fit_steps: dict[str, int]
+    train_examples: int
+    hidden: tuple[int, ...]
+    activation: str
+    lr: float
+    batch_size: int
 
 
 def _fixed_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -246,7 +231,7 @@ class Dropout(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         """The mode's replicates and step cap; ``steps`` is calibrated by ``run``."""
-        return Settings(replicates=_REPLICATES[cfg.mode], max_steps=_MAX_STEPS[cfg.mode])
+        return Settings.of(replicates=_REPLICATES[cfg.mode], max_steps=_MAX_STEPS[cfg.mode])
 
     def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
         """Calibrate the steps on the calibration seed."""

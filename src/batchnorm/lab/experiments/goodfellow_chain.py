@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ...functional import batch_norm
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..declare import listed, seeded
 from ..experiment import Experiment, column
@@ -38,31 +38,16 @@ _GRID_POINTS = {"tiny": 8, "quick": 29, "full": 57}
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the reading (each field's meaning and
-    source: ``goodfellow_chain.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``goodfellow_chain.settings.toml``
+    (each one's meaning and source: ``goodfellow_chain.md``)."""
 
     depths: tuple[int, ...]
     scales: tuple[float, ...]
     lrs: tuple[float, ...]
-    batch: int = 256
-    target: str = "t = 2x"
-    loss: str = "f = mean((y - t)^2) / 2"
-    init: str = "every w_i = scale; BN: gamma_i = 1, beta_i = 0"
-    bn_eps: float = 1e-12
-    dtype: str = "float64"
-    step: str = "one simultaneous step on every parameter: p <- p - lr * df/dp"
-    predicted_change: str = "-lr * |g|^2 (first order)"
-    safe_band: tuple[float, float] = (0.5, 1.5)
-    safe_lr_definition: str = (
-        "largest lr on the grid such that actual/predicted is within the safe band for it and every smaller lr"
-    )
-    reference_lr: float = 0.1
-    data_note: str = "synthetic (x ~ N(0, 1), one draw per seed); --data is ignored"
-    plain_safe_lr_spread_at_least: float = 100.0
-    plain_error_growth_at_least: float = 2.0
-    bn_safe_lr_spread_below: float = 2.0
-    bn_first_order_error_below: float = 0.10
+    batch: int
+    bn_eps: float
+    safe_band: tuple[float, float]
 
 
 def _output(x: Tensor, ws: list[Tensor], gammas: list[Tensor], betas: list[Tensor], bn: bool, eps: float) -> Tensor:
@@ -283,7 +268,7 @@ class Chain(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         lrs = tuple(float(v) for v in np.logspace(-6, 1, _GRID_POINTS[cfg.mode]))
-        return Settings(depths=_DEPTHS[cfg.mode], scales=_SCALES[cfg.mode], lrs=lrs)
+        return Settings.of(depths=_DEPTHS[cfg.mode], scales=_SCALES[cfg.mode], lrs=lrs)
 
     def load_seed(self, cfg: RunConfig, settings: Settings, seed: int) -> Tensor:
         """The seed's inputs x, (N, 1) float64 standard normal."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import seeded, train_seeds
@@ -37,31 +37,19 @@ _STEPS = {"tiny": 30, "quick": 2000, "full": 20000}
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``inference_stats.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``inference_stats.settings.toml``
+    (each one's meaning and source: ``inference_stats.md``)."""
 
     steps: int
     test_batch_repeats: int
     noise_batches: int
-    hidden: tuple[int, ...] = (100, 100, 100)
-    activation: str = "relu"
-    norm: str = "batchnorm.BatchNorm1d before every ReLU (eps 1e-5, momentum 0.1)"
-    init: str = "He: N(0, 2/fan_in), biases 0, seeded per seed"
-    optimizer: str = "SGD, no momentum, no weight decay"
-    lr: float = 0.1
-    batch_size: int = 60
-    test_batch_sizes: tuple[int, ...] = _BATCH_SIZES
-    noise_batch_sizes: tuple[int, ...] = _NOISE_SIZES
-    alg2: str = "one pass over the training set in batches of 60: E[mu_B], 60/59 E[sigma_B^2]"
-    exact: str = "batchnorm.recompute_statistics(mode='eval', passes=depth+1): whole training set, inference network"
-    seeds_trained: str = "the seeds are trained together (batchnorm.lab.stacked), each as if alone"
-    fixed_statistics_band_pp: float = 1.0
-    alg2_mean_within_std: float = 0.1
-    alg2_var_within: float = 0.10
-    batch8_drop_at_least_pp: float = 1.0
-    batch2_drop_at_least_pp: float = 10.0
-    single_example_max_logit_delta: float = 1e-4
-    noise_theory_band: float = 0.15
+    hidden: tuple[int, ...]
+    activation: str
+    lr: float
+    batch_size: int
+    test_batch_sizes: tuple[int, ...]
+    noise_batch_sizes: tuple[int, ...]
 
 
 @torch.no_grad()
@@ -304,7 +292,7 @@ class InferenceStats(Experiment):
     ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
 
     def settings(self, cfg: RunConfig) -> Settings:
-        return Settings(
+        return Settings.of(
             steps=_STEPS[cfg.mode],
             test_batch_repeats={"tiny": 2, "quick": 10, "full": 50}[cfg.mode],
             noise_batches={"tiny": 20, "quick": 500, "full": 5000}[cfg.mode],

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, probing, seeded, train_seeds
@@ -41,35 +41,19 @@ _MNIST1D_CHOICE = (
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``ioffe2015_fig1.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``ioffe2015_fig1.settings.toml``
+    (each one's meaning and source: ``ioffe2015_fig1.md``)."""
 
     steps: int
     checkpoint_every: int
-    mnist1d_choice: str = ""
-    hidden: tuple[int, ...] = (100, 100, 100)
-    activation: str = "sigmoid"
-    norm: str = "batchnorm.BatchNorm1d on every hidden layer, before the sigmoid (eps 1e-5, momentum 0.1)"
-    hidden_bias: str = "none with BN (beta subsumes it), zero-initialized without BN"
-    batch_size: int = 60
-    optimizer: str = "SGD (no momentum, no weight decay)"
-    lr: float = 0.1
-    init: str = "weights ~ N(0, std^2), biases 0; same initial weights and minibatch order for both arms of a seed"
-    init_std: float = 0.1
-    tracked_unit: int = 0
-    tracked_layer: str = "last hidden layer (3rd), input of its sigmoid"
-    percentile_data: str = (
-        "test set, in batches of 60; BN net in training mode (batch statistics), running stats untouched"
-    )
-    percentiles: tuple[int, ...] = (15, 50, 85)
-    population_statistics: str = "Alg. 2: weights frozen, one pass of training batches of 60; E[x] = mean of mu_B, Var[x] = 60/59 * mean of sigma_B^2"
-    running_average: str = "PyTorch EMA, momentum 0.1 (running = 0.9 running + 0.1 batch)"
-    seeds_trained: str = "the seeds of each arm are trained together (batchnorm.lab.stacked), each as if alone"
-    speedup_at_least: float = 3.0
-    population_vs_running_tolerance: float = 0.005
-    baseline_spread_growth_at_least: float = 0.05
-    baseline_vs_bn_spread_change_factor: float = 3.0
-    bn_settled_relative_move_below: float = 0.10
+    mnist1d_choice: str
+    hidden: tuple[int, ...]
+    batch_size: int
+    lr: float
+    init_std: float
+    tracked_unit: int
+    percentiles: tuple[int, ...]
 
 
 @torch.no_grad()
@@ -359,10 +343,10 @@ class Fig1(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         if cfg.data == "mnist1d" and cfg.mode == "quick":
-            return Settings(
+            return Settings.of(
                 steps=_MNIST1D_QUICK_STEPS, checkpoint_every=_MNIST1D_QUICK_EVERY, mnist1d_choice=_MNIST1D_CHOICE
             )
-        return Settings(steps=_STEPS[cfg.mode], checkpoint_every=_EVERY[cfg.mode])
+        return Settings.of(steps=_STEPS[cfg.mode], checkpoint_every=_EVERY[cfg.mode])
 
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .._replicates import mean_over_replicates, replicate_seed
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, seeded, train_seeds
@@ -34,31 +34,17 @@ _REPLICATES = {"tiny": 2, "quick": 4, "full": 4}
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``placement.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``placement.settings.toml``
+    (each one's meaning and source: ``placement.md``)."""
 
     steps: int
     checkpoint_every: int
-    replicates: int = 4
-    steps_rule: str = (
-        "the same number of steps on every data set (the digits setup), fixed before any multi-seed run; replaces the "
-        "MNIST-1D-only 8,000 steps that had been chosen after seeing a run"
-    )
-    hidden: tuple[int, ...] = (100, 100, 100)
-    batch_size: int = 60
-    lr: float = 0.1
-    optimizer: str = "SGD, no momentum, no weight decay"
-    init_sigmoid: str = "weights ~ N(0, 0.1^2), biases 0"
-    init_relu: str = "He: N(0, 2/fan_in), biases 0"
-    norm: str = "batchnorm.BatchNorm1d; 'before': act(BN(W u)) without Linear bias; 'after': BN(act(W u + b))"
-    seeds_trained: str = "the seeds of each network are trained together (batchnorm.lab.stacked), each as if alone"
-    saturation_threshold: float = 4.0
-    arms: tuple[str, ...] = tuple(f"{a}/{p}" for a, p in _ARMS)
-    speedup_at_least: float = 3.0
-    early_checkpoint_fraction: float = 0.1
-    relu_gain_smaller_by_at_least: float = 0.0
-    sigmoid_before_tolerance: float = 0.005
-    relu_placement_band: float = 0.01
+    replicates: int
+    hidden: tuple[int, ...]
+    batch_size: int
+    lr: float
+    saturation_threshold: float
 
 
 @torch.no_grad()
@@ -270,7 +256,7 @@ class Placement(Experiment):
     def settings(self, cfg: RunConfig) -> Settings:
         """The mode's steps and replicates (the same for every data set)."""
         steps = _STEPS[cfg.mode]
-        return Settings(steps=steps, checkpoint_every=steps // 20, replicates=_REPLICATES[cfg.mode])
+        return Settings.of(steps=steps, checkpoint_every=steps // 20, replicates=_REPLICATES[cfg.mode])
 
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ... import recompute_statistics
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import seeded, train_seeds
@@ -36,33 +36,19 @@ _SAMPLE_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``precise_bn.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``precise_bn.settings.toml``
+    (each one's meaning and source: ``precise_bn.md``)."""
 
     epochs: int
     max_train: int | None
     sample_draws: int
-    hidden: tuple[int, ...] = (256, 256, 256)
-    activation: str = "relu"
-    norm: str = "batchnorm.BatchNorm1d before each ReLU (Linear bias dropped), momentum 0.1 (EMA lambda 0.9)"
-    init: str = "weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default bound) from a seeded generator; head bias PyTorch default"
-    batch_size: int = 256
-    lr: float = 1.0
-    momentum: float = 0.9
-    optimizer: str = "SGD with momentum 0.9, constant learning rate, no weight decay"
-    checkpoint: str = "every epoch (ceil(N_train / 256) steps)"
-    precise: str = (
-        "batchnorm.recompute_statistics(model copy, training set in batches of 256, mode='train'): "
-        "BN layers use batch statistics in the forward pass; per-layer moments pooled exactly (float64, Chan merge)"
-    )
-    sample_sizes: tuple[int, ...] = _SAMPLE_SIZES
-    sample_checkpoints: str = "epoch 2 (early) and the final epoch"
-    seeds_trained: str = "the seeds are trained together (batchnorm.lab.stacked), each as if alone"
-    early_epochs: int = 10
-    early_gain_at_least_pp: float = 1.0
-    shrink_ratio_at_most: float = 0.5
-    saturation_samples: int = 512
-    saturated_within_pp: float = 0.5
+    hidden: tuple[int, ...]
+    activation: str
+    batch_size: int
+    lr: float
+    momentum: float
+    sample_sizes: tuple[int, ...]
 
 
 def _bn_layers(model: nn.Module) -> list[nn.Module]:
@@ -308,7 +294,7 @@ class PreciseBN(Experiment):
     ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
 
     def settings(self, cfg: RunConfig) -> Settings:
-        return Settings(
+        return Settings.of(
             epochs={"tiny": 3, "quick": 40, "full": 200}[cfg.mode],
             max_train=None if cfg.mode == "full" else 2000,
             sample_draws={"tiny": 2, "quick": 10, "full": 20}[cfg.mode],

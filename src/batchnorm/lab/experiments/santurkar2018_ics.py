@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, probing, seeded
@@ -31,38 +31,21 @@ QUICK_SECONDS = 25.0
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``santurkar2018_ics.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``santurkar2018_ics.settings.toml``
+    (each one's meaning and source: ``santurkar2018_ics.md``)."""
 
     dln_steps: int
     dln_checkpoints: int
     mlp_steps: int
     mlp_checkpoints: int
-    dln_depth: int = 25
-    dln_width: int = 32
-    dln_inputs: str = "x ~ N(0, I_32), 4096 samples, fixed by the seed"
-    dln_target: str = "y = x A, A (32, 10) ~ N(0, 1/32), loss MSE"
-    dln_init: str = "weights ~ N(0, 1/width), biases 0"
-    dln_lr: float = 0.005
-    mlp_depth: int = 10
-    mlp_width: int = 64
-    mlp_init: str = "He: weights ~ N(0, 2/fan_in), biases 0"
-    mlp_lr: float = 0.1
-    batch_size: int = 128
-    norm: str = "batchnorm.BatchNorm1d before the activation in every hidden layer (Linear bias dropped); none: no norm"
-    optimizer: str = "SGD (no momentum, no weight decay), constant learning rate"
-    same_start: str = "with and without BN start from weights drawn from the same generator and see the same batches"
-    ics_definition: str = (
-        "G = grad of W_i; G' = grad of W_i after an SGD step (training lr) of all parameters of layers < i on the same batch; "
-        "layers i >= 2; measured on the Linear weight of layer i"
-    )
-    ics_batch: str = (
-        "128 training examples, a different slice at each checkpoint; training mode; running statistics restored"
-    )
-    per_seed_number: str = "median over the checkpoints after step 0 and the layers 2..L"
-    dln_l2_ratio_at_least: float = 1.0
-    dln_cosine_difference_at_most: float = 0.0
-    mlp_relative_l2_ratio_at_least: float = 0.5
+    dln_depth: int
+    dln_width: int
+    dln_lr: float
+    mlp_depth: int
+    mlp_width: int
+    mlp_lr: float
+    batch_size: int
 
 
 def ics(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: Any) -> list[dict[str, float]]:
@@ -251,7 +234,7 @@ class Ics(Experiment):
     ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
 
     def settings(self, cfg: RunConfig) -> Settings:
-        return Settings(
+        return Settings.of(
             dln_steps=cfg.pick(tiny=20, quick=300, full=3000),
             dln_checkpoints=cfg.pick(tiny=2, quick=6, full=20),
             mlp_steps=cfg.pick(tiny=20, quick=500, full=3000),

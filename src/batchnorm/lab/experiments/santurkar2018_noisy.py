@@ -7,16 +7,15 @@ Setup, the rules fixed before any run and each setting's source: ``santurkar2018
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import seeded, train_seeds
@@ -24,7 +23,7 @@ from ..experiment import Experiment, column, load_for
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
-from ._calibration import CALIBRATION_SEED, calibration_split, epochs_to_steps
+from ._calibration import calibration_split, epochs_to_steps
 from ._santurkar import NoisyReLU, build, capture_act_inputs, noisy, seed_slot, window_means
 
 ID = "santurkar2018-noisy"
@@ -42,8 +41,9 @@ _DIVERGED_DRIFT = 1e3  # drift recorded for a run that diverged (its inputs beca
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``santurkar2018_noisy.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``santurkar2018_noisy.settings.toml``
+    (each one's meaning and source: ``santurkar2018_noisy.md``)."""
 
     depth: int
     width: int
@@ -51,40 +51,12 @@ class Settings:
     steps_rule: str
     checkpoint_every: int
     noise_grid: tuple[float, ...]
-    noise_magnitude: float = math.nan
-    noise_rule: str = (
-        "the smallest a of noise_grid whose drift (step_location and step_spread of both tracked layers, lr 0.1) exceeds "
-        "the no-BN network's in all four numbers, on the calibration run; the largest a if none does"
-    )
-    noise_form: str = (
-        "per step and unit: mu ~ U(-a, a), s ~ U(1, 1 + a); per sample: y' = y*s*(1 + (a/5) e) + mu + (a/5) e'"
-    )
-    noise_where: str = (
-        "after every BN layer (after gamma, beta), before the ReLU; at inference y' = y * (2 + a) / 2 (the expectation)"
-    )
-    calibration: dict[str, Any] = field(default_factory=dict)
-    calibration_seed: int = CALIBRATION_SEED
-    batch_size: int = 128
-    lrs: tuple[float, ...] = (0.1, 0.5)
-    optimizer: str = "SGD (no momentum, no weight decay), constant learning rate"
-    init: str = (
-        "He: weights ~ N(0, 2/fan_in), biases 0; same initial weights and minibatch order in every arm of a seed"
-    )
-    norm_placement: str = "before the ReLU (Linear bias dropped with BN)"
-    tracked_layers: tuple[int, ...] = (2, 8)
-    probe: str = (
-        "first 256 training examples, forwarded as one batch in training mode at each checkpoint (one noise draw)"
-    )
-    drift: str = (
-        "per unit, after the first 10% of steps: RMS change between consecutive checkpoints of the batch mean (location) and "
-        "batch std (spread) of its ReLU input, divided by its average batch std; median over units. Also the std over all "
-        "checkpoints (total_*)"
-    )
-    seeds_trained: str = "the seeds of each arm are trained together (batchnorm.lab.stacked), each as if alone; noise from each seed's own generator"
-    close_to_bn_within: float = 0.02
-    faster_loss_ratio_at_least: float = 1.0
-    high_lr_gap_at_least: float = 0.10
-    drift_ratio_at_least: float = 1.0
+    noise_magnitude: float
+    calibration: dict[str, Any]
+    calibration_seed: int
+    batch_size: int
+    lrs: tuple[float, ...]
+    tracked_layers: tuple[int, ...]
 
 
 def _noise(a: float) -> tuple[float, float, float]:
@@ -387,7 +359,9 @@ class Noisy(Experiment):
             rule = f"{epochs:g} passes over the training set ({n} examples, batch 128), the same rule on every data set"
             grid = _NOISE_GRID
         every = max(1, steps // (10 if cfg.mode == "tiny" else 30))
-        return Settings(depth=depth, width=width, steps=steps, steps_rule=rule, checkpoint_every=every, noise_grid=grid)
+        return Settings.of(
+            depth=depth, width=width, steps=steps, steps_rule=rule, checkpoint_every=every, noise_grid=grid
+        )
 
     def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
         """Calibrate the noise magnitude on the calibration seed's own split."""

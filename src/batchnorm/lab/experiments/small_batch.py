@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ... import GhostBatchNorm1d
 from .._stacked_nets import train_together
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, seeded
@@ -46,35 +46,23 @@ _FULL_FACTOR = 10 / 3  # full mode trains 10/3 x the calibrated steps
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``small_batch.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``small_batch.settings.toml``
+    (each one's meaning and source: ``small_batch.md``)."""
 
     model: str
     steps: int
     steps_rule: str
     group_sizes: tuple[int, ...]
-    mnist1d_choice: str = ""
-    hidden: tuple[int, ...] = (100, 100, 100)
-    channels: tuple[int, ...] = (32, 32, 32)
-    activation: str = "relu"
-    placement: str = "normalization before each ReLU (Linear/conv bias dropped)"
-    init: str = "PyTorch's default, seeded: every normalization of a seed starts from the same weights"
-    batch_size: int = 32
-    lr: float = 0.1
-    non_iid_group: int = 4
-    moving_average_momentum: float = 0.01
-    renorm_schedule: str = (
-        "r_max 1 and d_max 0 for the first 10% of the steps, then linear: d_max 5 at 50%, r_max 3 at 80%"
-    )
-    group_norm_groups: int = 4
-    evaluation: str = "test set, eval mode: running statistics (BN, BRN, Ghost BN); GN needs none"
-    seeds_trained: str = "all arms and seeds trained together (batchnorm.lab._stacked_nets), each as if alone"
-    flat_rise_at_most_pp: float = 2.5
-    sharp_rise_at_least_pp: float = 10.0
-    far_better_ratio: float = 2.0
-    far_better_by_at_least_pp: float = 3.0
-    bn_vs_gn_tolerance_pp: float = 1.0
-    same_error_band_pp: float = 2.5
+    mnist1d_choice: str
+    hidden: tuple[int, ...]
+    channels: tuple[int, ...]
+    activation: str
+    batch_size: int
+    lr: float
+    non_iid_group: int
+    moving_average_momentum: float
+    group_norm_groups: int
 
 
 def _steps_rule(data_name: str, steps: int) -> str:
@@ -145,7 +133,7 @@ def _settings_for(data_name: str, mode: str, steps: int | None = None) -> Settin
             "ReLU, global average pooling) instead of the digits MLP, whose 3x100 layers underfit MNIST-1D (~35% error); "
             f"{base} calibrated steps (see steps_rule)"
         )
-    return Settings(model=model, steps=steps, steps_rule=rule, group_sizes=_GROUP_SIZES[mode], mnist1d_choice=choice)
+    return Settings.of(model=model, steps=steps, steps_rule=rule, group_sizes=_GROUP_SIZES[mode], mnist1d_choice=choice)
 
 
 def _model(data: Dataset, s: Settings, factory: Callable[[int], nn.Module], seed: int) -> nn.Module:
