@@ -5,8 +5,9 @@
 ``above``/``below``); the module computes a, b and evidence; ``Claims`` joins them.
 
 ``experiments/<name>.settings.toml`` holds the experiment's constant settings (the choices it
-records, claim thresholds), in the order results record them; its ``Settings`` dataclass
-(a ``Declared``) declares only what the code computes or reads:
+records, claim thresholds), in the order results record them, and, in its ``[text]`` table, the
+fixed text of settings the code computes (``Settings.text``); its ``Settings`` dataclass (a
+``Declared``) declares only what the code computes or reads:
 
     @dataclass(frozen=True)
     class Settings(Declared):
@@ -73,14 +74,23 @@ def load(module: str) -> dict[str, dict[str, Any]]:
 
 
 @functools.cache
-def load_settings(module: str) -> dict[str, Any]:
-    """The settings file beside experiment module ``module``, read once: each setting's value by
-    name, in file order (arrays as tuples); ``ValueError`` for a file with a table in it."""
+def _settings_file(module: str) -> dict[str, Any]:
+    """The settings file beside experiment module ``module``, read once; ``ValueError`` for a table
+    other than ``[text]`` (of strings)."""
     text, where = _beside(module, "settings")
     data = tomllib.loads(text)
-    if tables := [name for name, value in data.items() if isinstance(value, dict) and value]:
-        raise ValueError(f"{where}: expected settings as key = value lines, got table(s) {tables}")
-    return {name: tuple(value) if isinstance(value, list) else value for name, value in data.items()}
+    if tables := [name for name, value in data.items() if isinstance(value, dict) and value and name != "text"]:
+        raise ValueError(f"{where}: expected settings as key = value lines and a [text] table, got table(s) {tables}")
+    if not all(isinstance(v, str) for v in data.get("text", {}).values()):
+        raise ValueError(f"{where}: expected every entry of [text] a string")
+    return data
+
+
+def load_settings(module: str) -> dict[str, Any]:
+    """The settings of the file beside experiment module ``module``: each one's value by name, in
+    file order (arrays as tuples)."""
+    data = _settings_file(module)
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in data.items() if name != "text"}
 
 
 _D = TypeVar("_D", bound="Declared")
@@ -100,6 +110,11 @@ class Declared:
         if unknown := sorted(computed.keys() - set(fields)):
             raise ValueError(f"{cls.__module__}.Settings: no field(s) {unknown}")
         return cls(**{name: computed[name] if name in computed else copy.deepcopy(declared[name]) for name in fields})
+
+    @classmethod
+    def text(cls, name: str, **values: Any) -> str:
+        """The settings file's ``[text]`` entry ``name`` formatted with ``values``."""
+        return str(_settings_file(cls.__module__)["text"][name]).format(**values)
 
     def record(self) -> dict[str, Any]:
         """Every setting as results record it: the fields the file does not give (in field
