@@ -10,16 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
-from torch import Tensor, nn
 
 from .._replicates import mean_over_replicates, replicate_seed
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, seeded, train_seeds
+from ..declare import activation_inputs, listed, seeded, train_seeds
 from ..experiment import Experiment, column, first_reaching
-from ..models import MLP, blocks
+from ..models import MLP
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 
@@ -47,24 +45,6 @@ class Settings(Declared):
     saturation_threshold: float
 
 
-@torch.no_grad()
-def _activation_inputs(model: nn.Module, x: Tensor) -> list[Tensor]:
-    """Inputs of every hidden activation on x, eval mode. Shape: list of (N, width)."""
-    captured: list[Tensor] = []
-    handles = [
-        b.act.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0].detach().clone())) for b in blocks(model)
-    ]
-    was = model.training
-    try:
-        model.eval()
-        model(x)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
-    return captured
-
-
 def _train_arm(
     s: Settings, data: Sequence[Dataset], seeds: Sequence[int], act: str, place: str, progress: Progress
 ) -> list[list[dict[str, Any]]]:
@@ -88,7 +68,7 @@ def _train_arm(
             rec["step"].append(step)
             rec["test_acc"].append(evaluate(model, d.test_x, d.test_y)[1])
             if i % s.replicates == 0:  # activation-input statistics: the first replicate of each seed
-                inputs = _activation_inputs(model, d.test_x)
+                inputs = activation_inputs(model, d.test_x)
                 rec["input_std"].append([float(z.std(dim=0).mean()) for z in inputs])
                 rec["saturated"].append([float((z.abs() > s.saturation_threshold).float().mean()) for z in inputs])
 
@@ -105,8 +85,7 @@ def _train_arm(
 
 
 def _early_index(rec: dict[str, Any], fraction: float) -> int:
-    last = rec["step"][-1]
-    return min(i for i, s in enumerate(rec["step"]) if s >= fraction * last and s > 0)
+    return min(i for i, s in enumerate(rec["step"]) if s >= fraction * rec["step"][-1] and s > 0)
 
 
 def _late(rec: dict[str, Any]) -> float:
@@ -117,10 +96,8 @@ def _late(rec: dict[str, Any]) -> float:
 
 def _quantities(m: dict[str, Any], frac: float) -> dict[str, float]:
     """One seed's numbers behind the claims: the mean over its replicates."""
-    runs = len(m["sigmoid/none"])
-    q = mean_over_replicates(
-        [_replicate_quantities({key: recs[r] for key, recs in m.items()}, frac) for r in range(runs)]
-    )
+    reps = [{key: recs[r] for key, recs in m.items()} for r in range(len(m["sigmoid/none"]))]
+    q = mean_over_replicates([_replicate_quantities(rep, frac) for rep in reps])
     # saturation: recorded for the first replicate only
     q["sat_before"] = float(np.mean(m["sigmoid/before"][0]["saturated"][-1]))
     q["sat_after"] = float(np.mean(m["sigmoid/after"][0]["saturated"][-1]))
