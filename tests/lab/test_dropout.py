@@ -26,14 +26,12 @@ def test_calibration_rule_doubles_the_slowest_arm_and_caps(
 ) -> None:
     calls = []
 
-    def fake_train_arm(
-        s: exp.Settings, data: Any, gens: list[int], arm: tuple, steps: int, progress: Progress, **kw: Any
-    ) -> tuple:
-        calls.append((gens, kw["stop_at_fit"]))
-        return [], fit.get(arm[0], 100)
+    def fake_train_arm(s: exp.Settings, data: Any, gens: list[int], arm: str, progress: Progress, **kw: Any) -> tuple:
+        calls.append((gens, bool(kw["fit_at"])))
+        return [], fit.get(arm, 100)
 
     monkeypatch.setattr(exp, "_train_arm", fake_train_arm)
-    s = exp._calibrate(exp.EXPERIMENT.settings(RunConfig(mode="quick")), RunConfig(mode="quick"), Progress())
+    s = exp.EXPERIMENT.prepare(RunConfig(mode="quick"), exp.EXPERIMENT.settings(RunConfig(mode="quick")), Progress())
     assert s.steps == expected
     assert all(g == [CALIBRATION_SEED] and stop for g, stop in calls) and len(calls) == 6
     never = s.max_steps + s.calibration_every
