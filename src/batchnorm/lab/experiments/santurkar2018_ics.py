@@ -92,21 +92,21 @@ def _dln_data(seed: int, n: int = 4096) -> tuple[Tensor, Tensor]:
     return x, x @ a  # (n, 32), (n, 10)
 
 
-def _train_and_measure(
+def _measured(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    steps: int,
+    spec: TrainSpec,
     checkpoints: int,
-    lr: float,
-    batch: int,
     seed: int,
     loss_fn: Any,
     label: str,
     progress: Progress,
 ) -> dict[str, Any]:
-    every = max(1, steps // checkpoints)
-    marks = list(range(0, steps + 1, every))
+    """Train ``model`` on (x, y) by ``spec`` (minibatch order seeded ``seed + 2``), measuring ``ics``
+    on a 128-example slice at ``checkpoints`` evenly spaced steps (and step 0)."""
+    steps, lr = spec.steps, spec.lr
+    marks = list(range(0, steps + 1, max(1, steps // checkpoints)))
     rec: dict[str, Any] = {"step": [], "ics": []}
     count = [0]
 
@@ -118,7 +118,6 @@ def _train_and_measure(
         rec["step"].append(step)
         rec["ics"].append(ics(model, x[idx], y[idx], lr, loss_fn))
 
-    spec = TrainSpec(steps=steps, batch_size=batch, lr=lr)
     with progress.task(f"{label} seed {seed}", total=steps) as tick:
         order = seeded(seed + 2)
         result = train(
@@ -182,46 +181,22 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                 runs = [m[net][norm] for m in per_seed]
                 t = min(len(r["ics"]) for r in runs)
                 steps = runs[0]["step"][:t]
-                per_step = np.asarray(
-                    [[[float(v[key]) for v in r["ics"][i]] for r in runs] for i in range(t)], dtype=float
-                ).reshape(t, -1)
-                ax.plot(
-                    steps,
-                    np.median(per_step, axis=1),
-                    color=colors[norm],
-                    marker="o",
-                    ms=3,
-                    label=f"{labels[norm]} (median over layers and seeds)",
-                )
-                ax.fill_between(
-                    steps,
-                    np.percentile(per_step, 25, axis=1),
-                    np.percentile(per_step, 75, axis=1),
-                    color=colors[norm],
-                    alpha=0.2,
-                    linewidth=0,
-                )
+                per_step = np.asarray([[[float(v[key]) for v in r["ics"][i]] for r in runs] for i in range(t)])
+                per_step = per_step.reshape(t, -1)  # (checkpoints, seeds * layers)
+                label = f"{labels[norm]} (median over layers and seeds)"
+                ax.plot(steps, np.median(per_step, axis=1), color=colors[norm], marker="o", ms=3, label=label)
+                lo, hi = (np.percentile(per_step, q, axis=1) for q in (25, 75))
+                ax.fill_between(steps, lo, hi, color=colors[norm], alpha=0.2, linewidth=0)
             title = f"{titles[net]}: {'l2 difference' if key == 'l2' else 'cosine'} over training"
             dress(ax, title, xlabel="training step", ylabel=ylabel, legend={"fontsize": 8}, **scale)
             ax = axes[1][col]
             for norm in ("none", "bn"):
                 runs = [m[net][norm] for m in per_seed]
                 layers = [v["layer"] for v in runs[0]["ics"][0]]
-                per_layer = np.asarray(
-                    [
-                        [float(r["ics"][i][j][key]) for r in runs for i in range(len(r["step"])) if r["step"][i] > 0]
-                        for j in range(len(layers))
-                    ],
-                    dtype=float,
-                )  # (layers, seeds * checkpoints)
-                ax.plot(
-                    layers,
-                    np.median(per_layer, axis=1),
-                    color=colors[norm],
-                    marker="o",
-                    ms=3,
-                    label=f"{labels[norm]} (median over checkpoints after step 0)",
-                )
+                after = [(r, i) for r in runs for i in range(len(r["step"])) if r["step"][i] > 0]
+                per_layer = np.asarray([[float(r["ics"][i][j][key]) for r, i in after] for j in range(len(layers))])
+                label = f"{labels[norm]} (median over checkpoints after step 0)"
+                ax.plot(layers, np.median(per_layer, axis=1), color=colors[norm], marker="o", ms=3, label=label)
             dress(ax, f"{titles[net]}: per layer", xlabel="layer i", ylabel=ylabel, legend={"fontsize": 8}, **scale)
         paths.append(save(fig, outdir / f"ics_{net}.png"))
     return paths
@@ -245,46 +220,24 @@ class Ics(Experiment):
         s = settings
         x, y = _dln_data(seed)
         out: dict[str, Any] = {"dln": {}, "mlp": {}}
+        dln = TrainSpec(steps=s.dln_steps, batch_size=s.batch_size, lr=s.dln_lr)
+        mlp = TrainSpec(steps=s.mlp_steps, batch_size=s.batch_size, lr=s.mlp_lr)
+        xy = (data.train_x, data.train_y)
         for norm in ("none", "bn"):
             std = (1.0 / s.dln_width) ** 0.5
             layers = [s.dln_width] * s.dln_depth
             bn = None if norm == "none" else "bn"
             model = MLP(32, layers, 10, act="identity", norm=bn, init_std=std, generator=seeded(seed + 1))
-            out["dln"][norm] = _train_and_measure(
-                model,
-                x,
-                y,
-                s.dln_steps,
-                s.dln_checkpoints,
-                s.dln_lr,
-                s.batch_size,
-                seed,
-                F.mse_loss,
-                f"DLN {norm}",
-                progress,
-            )
+            out["dln"][norm] = _measured(model, x, y, dln, s.dln_checkpoints, seed, F.mse_loss, f"DLN {norm}", progress)
         for norm in ("none", "bn"):
             model = build(data, s.mlp_depth, s.mlp_width, None if norm == "none" else "bn", seed)
-            out["mlp"][norm] = _train_and_measure(
-                model,
-                data.train_x,
-                data.train_y,
-                s.mlp_steps,
-                s.mlp_checkpoints,
-                s.mlp_lr,
-                s.batch_size,
-                seed,
-                F.cross_entropy,
-                f"MLP {norm}",
-                progress,
-            )
+            loss = F.cross_entropy
+            out["mlp"][norm] = _measured(model, *xy, mlp, s.mlp_checkpoints, seed, loss, f"MLP {norm}", progress)
         return out
 
     def describe_data(self, settings: Settings, first: Dataset) -> dict[str, Any]:
-        return {
-            **super().describe_data(settings, first),
-            "note": "the DLN part uses its own Gaussian data (see config: dln_*)",
-        }
+        note = "the DLN part uses its own Gaussian data (see config: dln_*)"
+        return {**super().describe_data(settings, first), "note": note}
 
     claims = staticmethod(_claims)
     figures = staticmethod(_figures)
