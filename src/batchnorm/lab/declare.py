@@ -1,12 +1,13 @@
 """Small pieces the experiments' declarations share, written once: the seeds of one arm trained
-together under a progress bar, a measurement that moves a model's weights and puts them back,
-per-seed numbers as text for a claim's evidence, the inputs of a network's activations, and
-non-i.i.d. minibatches."""
+together under a progress bar, an MLP sized for a data set, a measurement that moves a model's
+weights and puts them back, per-seed numbers as text for a claim's evidence, the inputs of a
+network's activations, and non-i.i.d. minibatches."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,13 +18,28 @@ from .progress import Progress
 from .stacked import train_stacked
 from .training import TrainResult, TrainSpec
 
-__all__ = ["activation_inputs", "listed", "non_iid_batches", "probing", "restore_buffers", "seeded", "train_seeds"]
+__all__ = [
+    "activation_inputs",
+    "listed",
+    "mlp_for",
+    "non_iid_batches",
+    "probing",
+    "restore_buffers",
+    "seeded",
+    "train_seeds",
+]
 
 
 def seeded(seed: int) -> torch.Generator:
     """A fresh CPU generator seeded ``seed`` (initial weights, minibatch order, masks: each draw
     has its own, so arms that share a seed share what it draws)."""
     return torch.Generator().manual_seed(seed)
+
+
+def mlp_for(data: Dataset, hidden: Sequence[int], **options: Any) -> MLP:
+    """An ``MLP`` from ``data``'s features to its classes through ``hidden`` (``options``: the
+    MLP's keyword arguments: activation, normalization, initialization, generator)."""
+    return MLP(data.features, list(hidden), data.classes, **options)
 
 
 def train_seeds(
