@@ -17,9 +17,8 @@ from torch import Tensor, nn
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, probing, seeded, train_seeds
+from ..declare import activation_inputs, listed, mlp_for, probing, seeded, train_seeds
 from ..experiment import Experiment, column, first_reaching
-from ..models import MLP, blocks
 from ..popstats import population_statistics
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
@@ -34,10 +33,6 @@ _EVERY = {"tiny": 20, "quick": 100, "full": 500}
 # accuracy against 67% at 50,000), so quick mode runs 20,000 steps there.
 _MNIST1D_QUICK_STEPS = 20000
 _MNIST1D_QUICK_EVERY = 400
-_MNIST1D_CHOICE = (
-    "MNIST-1D, quick: 20,000 steps (checkpoints every 400) instead of 5,000: at 5,000 steps the plain network is "
-    "still near 31% test accuracy (67% at 50,000 steps), i.e. it has not started to train"
-)
 
 
 @dataclass(frozen=True)
@@ -54,25 +49,6 @@ class Settings(Declared):
     init_std: float
     tracked_unit: int
     percentiles: tuple[int, ...]
-
-
-@torch.no_grad()
-def _sigmoid_inputs(model: nn.Module, x: Tensor, unit: int, batch: int) -> Tensor:
-    """Input of the last hidden sigmoid for ``unit``, over x in batches of ``batch``, with the
-    network in training mode (BN uses batch statistics); BN buffers are restored afterwards.
-
-    Shape: x (N, D) -> (N,).
-    """
-    last = list(blocks(model))[-1]
-    captured: list[Tensor] = []
-    handle = last.act.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0][:, unit].clone()))
-    try:
-        with probing(model):
-            for start in range(0, x.shape[0] - batch + 1, batch):
-                model(x[start : start + batch])
-    finally:
-        handle.remove()
-    return torch.cat(captured)
 
 
 @torch.no_grad()
@@ -106,7 +82,8 @@ def _recorder(s: Settings, data: Dataset, model: nn.Module, norm: str | None, se
         recent = result.losses[seen[0] :]
         seen[0] = len(result.losses)
         rec["train_loss"].append(float(np.mean(recent)) if recent else None)
-        z = _sigmoid_inputs(model, data.test_x, s.tracked_unit, s.batch_size)
+        # the last hidden sigmoid's input, BN on each test batch's statistics (as in training)
+        z = activation_inputs(model, data.test_x, batch=s.batch_size, layers=[len(s.hidden) - 1])[0][:, s.tracked_unit]
         rec["percentiles"].append(np.percentile(z.numpy(), list(s.percentiles)).tolist())
         if norm is not None:
             pop = population_statistics(model, data.train_x, batch_size=s.batch_size, generator=pop_gen)
@@ -125,9 +102,7 @@ def _train_arm(
     if checkpoints[-1] != spec.steps:
         checkpoints.append(spec.steps)
     models = [
-        MLP(
-            d.features, list(s.hidden), d.classes, act="sigmoid", norm=norm, init_std=s.init_std, generator=seeded(seed)
-        )
+        mlp_for(d, s.hidden, act="sigmoid", norm=norm, init_std=s.init_std, generator=seeded(seed))
         for d, seed in zip(data, seeds)
     ]
     recs = [_recorder(s, d, m, norm, seed) for d, m, seed in zip(data, models, seeds)]
@@ -139,12 +114,7 @@ def _train_arm(
     results = train_seeds(
         models, data, seeds, spec, "BN" if norm else "no BN", progress, checkpoints=checkpoints, on_checkpoint=record
     )
-    out = []
-    for (rec, _fn), result in zip(recs, results):
-        rec["diverged"] = result.diverged
-        rec["steps_done"] = result.steps_done
-        out.append(rec)
-    return out
+    return [{**rec, "diverged": r.diverged, "steps_done": r.steps_done} for (rec, _fn), r in zip(recs, results)]
 
 
 def _second_half(steps: list[int]) -> list[int]:
@@ -203,13 +173,12 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     def mean(key: str) -> float:
         return float(np.mean(col(key)))
 
-    make = Claims(
-        __name__,
-        results,
-        growth_pct=100 * t["baseline_spread_growth_at_least"],
-        settled_pct=100 * t["bn_settled_relative_move_below"],
-        tol_pp=100 * t["population_vs_running_tolerance"],
-    )
+    factor = t["baseline_vs_bn_spread_change_factor"]
+    pct = {
+        f"{name}_pct": 100 * t[key]
+        for name, key in (("growth", "baseline_spread_growth_at_least"), ("settled", "bn_settled_relative_move_below"))
+    }
+    make = Claims(__name__, results, **pct, tol_pp=100 * t["population_vs_running_tolerance"])
     return [
         make(
             "bn_above_baseline",
@@ -227,15 +196,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
         make(
             "baseline_spread_widens",
             a=col("widen_base"),
-            also=[
-                part(
-                    [
-                        w - t["baseline_vs_bn_spread_change_factor"] * c
-                        for w, c in zip(col("widen_base"), col("change_bn"))
-                    ],
-                    above=0.0,
-                )
-            ],
+            also=[part([w - factor * c for w, c in zip(col("widen_base"), col("change_bn"))], above=0.0)],
             evidence=f"second half: baseline spread {100 * mean('widen_base'):+.1f}%, BN's spread changes by {100 * mean('change_bn'):.1f}% "
             "(means over seeds)",
         ),
@@ -305,22 +266,16 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     idx = [i for i, s in enumerate(bn["step"]) if s > 0]
     steps = [bn["step"][i] for i in idx]
-    ax.plot(steps, [bn["test_acc"][i] for i in idx], label="running average (EMA, momentum 0.1)", color="tab:red")
-    ax.plot(
-        steps,
-        [bn["test_acc_population"][i] for i in idx],
-        label="Alg. 2 population statistics",
-        color="tab:green",
-        linestyle="--",
-    )
-    ax.plot(
-        steps,
-        [bn["test_acc_batch_stats"][i] for i in idx],
-        label="statistics of each test batch of 60",
-        color="tab:purple",
-        alpha=0.7,
-        linestyle=":",
-    )
+    for key, label, style in (
+        ("test_acc", "running average (EMA, momentum 0.1)", {"color": "tab:red"}),
+        ("test_acc_population", "Alg. 2 population statistics", {"color": "tab:green", "linestyle": "--"}),
+        (
+            "test_acc_batch_stats",
+            "statistics of each test batch of 60",
+            {"color": "tab:purple", "alpha": 0.7, "linestyle": ":"},
+        ),
+    ):
+        ax.plot(steps, [bn[key][i] for i in idx], label=label, **style)
     title = "BN inference: which statistics normalize a test example"
     ylabel = "test accuracy of the BN network"
     dress(ax, title, xlabel="training step", ylabel=ylabel, grid=True, legend={"loc": "lower right"})
@@ -343,9 +298,8 @@ class Fig1(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         if cfg.data == "mnist1d" and cfg.mode == "quick":
-            return Settings.of(
-                steps=_MNIST1D_QUICK_STEPS, checkpoint_every=_MNIST1D_QUICK_EVERY, mnist1d_choice=_MNIST1D_CHOICE
-            )
+            choice = Settings.text("mnist1d_choice", steps=_MNIST1D_QUICK_STEPS, every=_MNIST1D_QUICK_EVERY)
+            return Settings.of(steps=_MNIST1D_QUICK_STEPS, checkpoint_every=_MNIST1D_QUICK_EVERY, mnist1d_choice=choice)
         return Settings.of(steps=_STEPS[cfg.mode], checkpoint_every=_EVERY[cfg.mode])
 
     def run_seeds(
