@@ -18,13 +18,13 @@ import torch
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import seeded, train_seeds
+from ..declare import activation_inputs, seeded, train_seeds
 from ..experiment import Experiment, column, load_for
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
 from ._calibration import calibration_split, epochs_to_steps
-from ._santurkar import NoisyReLU, build, capture_act_inputs, noisy, seed_slot, window_means
+from ._santurkar import NoisyReLU, act_input, build, noisy, seed_slot, window_means
 
 ID = "santurkar2018-noisy"
 DESCRIPTION = "Santurkar 2018 Fig. 2: BN with injected time-varying noise trains like BN, far better than none, though its layer inputs drift more"
@@ -112,7 +112,9 @@ def _train(
             if result.diverged:
                 continue
             with seed_slot(model, k):
-                z = capture_act_inputs(model, probe, layers, probe.shape[0])
+                z = dict(
+                    zip(layers, activation_inputs(model, probe, batch=probe.shape[0], layers=layers, at=act_input))
+                )
             if not all(torch.isfinite(z[i]).all() for i in layers):
                 continue
             rec["step"].append(step)
@@ -153,36 +155,6 @@ def _train(
     return out
 
 
-def _calibrate(s: Settings, cfg: RunConfig, progress: Progress) -> Settings:
-    """Fix the noise magnitude by ``s.noise_rule`` on the calibration seed and split."""
-    seed = s.calibration_seed
-    cal = calibration_split(load_for(cfg, seed), seed)
-    lr = s.lrs[0]
-    none = _train(s, [cal], [seed], "none", lr, [0.0], "calibration: no BN", progress)[0]
-    grid = list(s.noise_grid)
-    noisy_runs = _train(
-        s, [cal] * len(grid), [seed] * len(grid), "noisy", lr, grid, "calibration: noisy BN grid", progress
-    )
-    keys = [(str(i), kind) for i in s.tracked_layers for kind in _COMPARED]
-    exceeds = [all(r["drift"][layer][kind] > none["drift"][layer][kind] for layer, kind in keys) for r in noisy_runs]
-    chosen = next((a for a, ok in zip(grid, exceeds) if ok), grid[-1])
-    record = {
-        "seed": seed,
-        "split": f"80/20 stratified split of seed {seed}'s training set ({cal.train_x.shape[0]} / {cal.test_x.shape[0]} examples); test set unused",
-        "lr": lr,
-        "none_drift": {f"{layer}/{kind}": none["drift"][layer][kind] for layer, kind in keys},
-        "noisy_drift": {
-            f"{a:g}": {f"{layer}/{kind}": r["drift"][layer][kind] for layer, kind in keys}
-            for a, r in zip(grid, noisy_runs)
-        },
-        "exceeds": {f"{a:g}": ok for a, ok in zip(grid, exceeds)},
-        "noisy_final_train_acc": {f"{a:g}": r["final_train_acc"] for a, r in zip(grid, noisy_runs)},
-        "none_final_train_acc": none["final_train_acc"],
-        "any_exceeds": any(exceeds),
-    }
-    return dataclasses.replace(s, noise_magnitude=float(chosen), calibration=record)
-
-
 def _col(results: dict[str, Any], arm: str, lr: float, key: str) -> list[float]:
     return column(results["metrics"]["per_seed"], f"{arm}@{lr:g}", key)
 
@@ -196,12 +168,8 @@ def _runs(results: dict[str, Any], arm: str, lr: float, key: str, fmt: str | Non
     reads "diverged" (results.json stores it with ``"diverged": true``, accuracy 0 and loss and
     drift 1e3, the values the claims are judged on)."""
     runs = [m[f"{arm}@{lr:g}"] for m in results["metrics"]["per_seed"]]
-    return ", ".join(
-        "diverged"
-        if r.get("diverged")
-        else (f"{100 * float(r[key]):.1f}" if fmt is None else fmt.format(float(r[key])))
-        for r in runs
-    )
+    show = (lambda v: f"{100 * v:.1f}") if fmt is None else fmt.format
+    return ", ".join("diverged" if r.get("diverged") else show(float(r[key])) for r in runs)
 
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -226,8 +194,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     diverged = sum(bool(m[f"none@{hi:g}"]["diverged"]) for m in results["metrics"]["per_seed"])
     least = float(t["drift_ratio_at_least"])
     layers = [str(i) for i in t["tracked_layers"]]
-    parts_d = []
-    ev = []
+    parts_d, ev = [], []
     for layer in layers:
         for kind in _COMPARED:
             noisy_drift, none_drift = (_drift_col(results, arm, lo, layer, kind) for arm in ("noisy", "none"))
@@ -312,9 +279,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             p = np.asarray(r["percentiles"][layer], dtype=float)  # (T, 3)
             steps = r["step"][: p.shape[0]]
             if p.size:
-                ax.fill_between(
-                    steps, p[:, 0], p[:, 2], color=colors[arm], alpha=0.25, linewidth=0, label="15th-85th percentile"
-                )
+                band = {"color": colors[arm], "alpha": 0.25, "linewidth": 0, "label": "15th-85th percentile"}
+                ax.fill_between(steps, p[:, 0], p[:, 2], **band)
                 ax.plot(steps, p[:, 1], color=colors[arm], label="median")
             title = f"{_LABELS[arm]}: layer {int(layer) + 1}, unit 0 (lr {lr:g}, first seed)"
             dress(ax, title, title_size=9, xlabel="step", ylabel="input of the ReLU", legend={"fontsize": 7})
@@ -364,8 +330,35 @@ class Noisy(Experiment):
         )
 
     def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
-        """Calibrate the noise magnitude on the calibration seed's own split."""
-        return _calibrate(settings, cfg, progress)
+        """Fix the noise magnitude by the ``noise_rule`` setting on the calibration seed's own split."""
+        s = settings
+        seed = s.calibration_seed
+        cal = calibration_split(load_for(cfg, seed), seed)
+        lr = s.lrs[0]
+        none = _train(s, [cal], [seed], "none", lr, [0.0], "calibration: no BN", progress)[0]
+        grid = list(s.noise_grid)
+        runs = len(grid)
+        noisy_runs = _train(s, [cal] * runs, [seed] * runs, "noisy", lr, grid, "calibration: noisy BN grid", progress)
+        keys = [(str(i), kind) for i in s.tracked_layers for kind in _COMPARED]
+        exceeds = [
+            all(r["drift"][layer][kind] > none["drift"][layer][kind] for layer, kind in keys) for r in noisy_runs
+        ]
+        chosen = next((a for a, ok in zip(grid, exceeds) if ok), grid[-1])
+        record = {
+            "seed": seed,
+            "split": f"80/20 stratified split of seed {seed}'s training set ({cal.train_x.shape[0]} / {cal.test_x.shape[0]} examples); test set unused",
+            "lr": lr,
+            "none_drift": {f"{layer}/{kind}": none["drift"][layer][kind] for layer, kind in keys},
+            "noisy_drift": {
+                f"{a:g}": {f"{layer}/{kind}": r["drift"][layer][kind] for layer, kind in keys}
+                for a, r in zip(grid, noisy_runs)
+            },
+            "exceeds": {f"{a:g}": ok for a, ok in zip(grid, exceeds)},
+            "noisy_final_train_acc": {f"{a:g}": r["final_train_acc"] for a, r in zip(grid, noisy_runs)},
+            "none_final_train_acc": none["final_train_acc"],
+            "any_exceeds": any(exceeds),
+        }
+        return dataclasses.replace(s, noise_magnitude=float(chosen), calibration=record)
 
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
