@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, probing, seeded
+from ..declare import listed, mlp_for, probing, seeded
 from ..experiment import Experiment, load_for
 from ..figures import mean_band
 from ..models import MLP, blocks
@@ -64,8 +64,7 @@ class Settings(Declared):
 
 def _model(data: Dataset, s: Settings, norm: str | None, seed: int) -> MLP:
     """The sweep's ReLU MLP, He-initialized from ``seed`` (the same weights in both arms)."""
-    generator = seeded(seed)
-    return MLP(data.features, list(s.hidden), data.classes, act="relu", norm=norm, init_std="he", generator=generator)
+    return mlp_for(data, s.hidden, act="relu", norm=norm, init_std="he", generator=seeded(seed))
 
 
 def _step_probe(model: nn.Module, x: Tensor, y: Tensor, alphas: list[float]) -> list[float]:
@@ -302,16 +301,12 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             cfg["step_probe_alphas"], np.where(np.isfinite(r), r, np.nan), "o-", color=color, label=label, markersize=3
         )
         layers = np.arange(1, len(m["activation_rms_init"]) + 1)
-        axes[1].plot(
-            layers, [number(v) for v in m["activation_rms_init"]], "--", color=color, label=f"{label}, at init"
-        )
-        axes[1].plot(
-            layers,
-            [number(v) for v in m["activation_rms_after_large_steps"]],
-            "o-",
-            color=color,
-            label=f"{label}, after {m['large_steps_taken']} step(s) at lr {cfg['blowup_lr']:g}",
-        )
+        after = f"{label}, after {m['large_steps_taken']} step(s) at lr {cfg['blowup_lr']:g}"
+        for key, style, line in (
+            ("activation_rms_init", "--", f"{label}, at init"),
+            ("activation_rms_after_large_steps", "o-", after),
+        ):
+            axes[1].plot(layers, [number(v) for v in m[key]], style, color=color, label=line)
     axes[0].axhline(1.0, color="black", linestyle=":", linewidth=1)
     title = "How far the gradient direction stays downhill (first seed)"
     ylabel = "L(w - alpha g) / L(w) at initialization"
