@@ -145,12 +145,13 @@ def activation_inputs(
     *,
     batch: int | None = None,
     layers: Sequence[int] | None = None,
-    at: Callable[[nn.Module], nn.Module] = lambda block: block.act,
+    at: Callable[[nn.Module], nn.Module] | None = None,
 ) -> list[Tensor]:
-    """The input of the activation (``at(block)``) of hidden blocks ``layers`` (0-based; default
-    all) over ``x``: in eval mode in one pass, or with ``batch`` in training mode, BN normalizing
-    each ``batch``-sized slice by its own statistics (a tail that fills no slice is left out),
-    with weights, buffers and training flags restored afterwards (``probing``).
+    """The input of the activation (``at(block)``, default ``block.act``) of hidden blocks
+    ``layers`` (0-based; default all) over ``x``: in eval mode in one pass, or with ``batch`` in
+    training mode, BN normalizing each ``batch``-sized slice by its own statistics (a tail that
+    fills no slice is left out), with weights, buffers and training flags restored afterwards
+    (``probing``).
 
     Shape: x (N, D) -> one (N', width) per layer, N' = N, or batch * (N // batch) with ``batch``.
     """
@@ -158,7 +159,9 @@ def activation_inputs(
     chosen = range(len(hidden)) if layers is None else layers
     captured: list[list[Tensor]] = [[] for _ in chosen]
     handles = [
-        at(hidden[i]).register_forward_pre_hook(lambda _m, inp, out=out: out.append(inp[0].detach().clone()))
+        (at(hidden[i]) if at else hidden[i].act).register_forward_pre_hook(
+            lambda _m, inp, out=out: out.append(inp[0].detach().clone())
+        )
         for i, out in zip(chosen, captured)
     ]
     try:

@@ -138,7 +138,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     def loss(arm: str) -> str:
         return f"{arm} " + "/".join(f"{v:.3f}" for v in col(arm, "test_loss"))
 
-    def vs(a: str, b: str, key: str) -> dict[str, list[float]]:  # arm a against arm b, paired over seeds
+    def vs(a: str, b: str, key: str) -> dict[str, Any]:  # arm a against arm b, paired over seeds
         return {"a": col(a, key), "b": col(b, key)}
 
     fits = min(min(col(arm, "train_acc")) for arm in _ARMS)

@@ -266,7 +266,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     idx = [i for i, s in enumerate(bn["step"]) if s > 0]
     steps = [bn["step"][i] for i in idx]
-    for key, label, style in (
+    curves: list[tuple[str, str, dict[str, Any]]] = [
         ("test_acc", "running average (EMA, momentum 0.1)", {"color": "tab:red"}),
         ("test_acc_population", "Alg. 2 population statistics", {"color": "tab:green", "linestyle": "--"}),
         (
@@ -274,8 +274,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             "statistics of each test batch of 60",
             {"color": "tab:purple", "alpha": 0.7, "linestyle": ":"},
         ),
-    ):
-        ax.plot(steps, [bn[key][i] for i in idx], label=label, **style)
+    ]
+    for key, label, kw in curves:
+        ax.plot(steps, [bn[key][i] for i in idx], label=label, **kw)
     title = "BN inference: which statistics normalize a test example"
     ylabel = "test accuracy of the BN network"
     dress(ax, title, xlabel="training step", ylabel=ylabel, grid=True, legend={"loc": "lower right"})
