@@ -5,8 +5,9 @@
 ``above``/``below``); the module computes a, b and evidence; ``Claims`` joins them.
 
 ``experiments/<name>.settings.toml`` holds the experiment's constant settings (the choices it
-records, claim thresholds), in the order results record them, and, in its ``[text]`` table, the
-fixed text of settings the code computes (``Settings.text``); its ``Settings`` dataclass (a
+records, claim thresholds), in the order results record them; in its ``[tiny]``, ``[quick]`` and
+``[full]`` tables, the fields each mode sets (``Settings.of(mode)``); in its ``[text]`` table,
+the fixed text of settings the code computes (``Settings.text``). Its ``Settings`` dataclass (a
 ``Declared``) declares only what the code computes or reads:
 
     @dataclass(frozen=True)
@@ -14,7 +15,7 @@ fixed text of settings the code computes (``Settings.text``); its ``Settings`` d
         steps: int             # computed (by mode, data): passed to ``of``
         batch_size: int        # read by the code: its value comes from the file
 
-    s = Settings.of(steps=500)
+    s = Settings.of(steps=500)   # or Settings.of(cfg.mode): steps from the file's [quick] table
     s.record()   # {"steps": 500, every setting of the file, in its order}: results' "config"
 """
 
@@ -73,24 +74,36 @@ def load(module: str) -> dict[str, dict[str, Any]]:
     return parse(*_beside(module, "claims"))
 
 
+_TABLES = ("text", "tiny", "quick", "full")
+"""The tables a settings file may hold: fixed text, and each mode's values of computed fields."""
+
+
 @functools.cache
 def _settings_file(module: str) -> dict[str, Any]:
     """The settings file beside experiment module ``module``, read once; ``ValueError`` for a table
-    other than ``[text]`` (of strings)."""
+    other than ``_TABLES`` or a ``[text]`` entry that is not a string."""
     text, where = _beside(module, "settings")
     data = tomllib.loads(text)
-    if tables := [name for name, value in data.items() if isinstance(value, dict) and value and name != "text"]:
-        raise ValueError(f"{where}: expected settings as key = value lines and a [text] table, got table(s) {tables}")
+    if tables := [name for name, value in data.items() if isinstance(value, dict) and value and name not in _TABLES]:
+        raise ValueError(f"{where}: expected settings as key = value lines and tables {_TABLES}, got table(s) {tables}")
     if not all(isinstance(v, str) for v in data.get("text", {}).values()):
         raise ValueError(f"{where}: expected every entry of [text] a string")
     return data
 
 
+def _values(table: dict[str, Any]) -> dict[str, Any]:
+    """A table's settings in file order, arrays as tuples (nested tables of ``_TABLES`` left out)."""
+    return {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in table.items()
+        if not (k in _TABLES and isinstance(v, dict))
+    }
+
+
 def load_settings(module: str) -> dict[str, Any]:
     """The settings of the file beside experiment module ``module``: each one's value by name, in
     file order (arrays as tuples)."""
-    data = _settings_file(module)
-    return {name: tuple(value) if isinstance(value, list) else value for name, value in data.items() if name != "text"}
+    return _values(_settings_file(module))
 
 
 _D = TypeVar("_D", bound="Declared")
@@ -102,14 +115,16 @@ class Declared:
     reads (its value from the file); the file's other settings are only recorded."""
 
     @classmethod
-    def of(cls: type[_D], **computed: Any) -> _D:
-        """The settings with ``computed`` (every field the file does not give, and any it gives
-        that this run overrides) and the file's values for the rest."""
-        declared = load_settings(cls.__module__)
+    def of(cls: type[_D], mode: str | None = None, /, **computed: Any) -> _D:
+        """The settings with ``computed`` (fields the code computes, and any setting of the file
+        this run overrides), then the file's ``[mode]`` table (fields set by mode), then its
+        values for the rest."""
+        by_mode = _values(_settings_file(cls.__module__).get(mode, {})) if mode else {}
         fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-        if unknown := sorted(computed.keys() - set(fields)):
+        if unknown := sorted((by_mode.keys() | computed.keys()) - set(fields)):
             raise ValueError(f"{cls.__module__}.Settings: no field(s) {unknown}")
-        return cls(**{name: computed[name] if name in computed else copy.deepcopy(declared[name]) for name in fields})
+        given = {**load_settings(cls.__module__), **by_mode, **computed}
+        return cls(**{name: copy.deepcopy(given[name]) for name in fields})
 
     @classmethod
     def text(cls, name: str, **values: Any) -> str:

@@ -32,7 +32,6 @@ from ..verdict import part
 ID = "bias"
 DESCRIPTION = "A bias before BN gets zero gradient and no effect on the output: measured over seeds, plus the parameters it wastes"
 QUICK_SECONDS = 4.0
-_STEPS = {"tiny": 20, "quick": 500, "full": 5000}
 
 
 @dataclass(frozen=True)
@@ -240,7 +239,7 @@ class Bias(Experiment):
     ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
 
     def settings(self, cfg: RunConfig) -> Settings:
-        return Settings.of(steps=_STEPS[cfg.mode])
+        return Settings.of(cfg.mode)
 
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress

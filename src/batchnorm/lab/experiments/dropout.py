@@ -39,8 +39,6 @@ _ARMS = {  # name: norm, dropout p, fixed batches
     "BN + dropout 0.1": ("bn", 0.1, False),
     "BN, fixed batches": ("bn", 0.0, True),
 }
-_REPLICATES = {"tiny": 2, "quick": 3, "full": 3}
-_MAX_STEPS = {"tiny": 40, "quick": 1600, "full": 16000}
 
 
 @dataclass(frozen=True)
@@ -204,7 +202,7 @@ class Dropout(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         """The mode's replicates and step cap; ``steps`` is calibrated by ``run``."""
-        return Settings.of(replicates=_REPLICATES[cfg.mode], max_steps=_MAX_STEPS[cfg.mode])
+        return Settings.of(cfg.mode)
 
     def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
         """Apply the steps rule (the ``steps_rule`` setting) on the calibration seed."""

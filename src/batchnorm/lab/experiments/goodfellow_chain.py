@@ -33,8 +33,6 @@ DESCRIPTION = (
 QUICK_SECONDS = 1.5
 USES_DATA = False
 """The chain is synthetic: ``--data`` is ignored (the replication matrix counts it once)."""
-_DEPTHS = {"tiny": (2, 4), "quick": (2, 4, 8, 16), "full": (2, 4, 8, 16, 32)}
-_SCALES = {"tiny": (1.0, 1.2), "quick": (0.8, 1.0, 1.2, 1.5), "full": (0.5, 0.8, 1.0, 1.2, 1.5)}
 _GRID_POINTS = {"tiny": 8, "quick": 29, "full": 57}
 
 
@@ -258,7 +256,7 @@ class Chain(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         lrs = tuple(float(v) for v in np.logspace(-6, 1, _GRID_POINTS[cfg.mode]))
-        return Settings.of(depths=_DEPTHS[cfg.mode], scales=_SCALES[cfg.mode], lrs=lrs)
+        return Settings.of(cfg.mode, lrs=lrs)
 
     def load_seed(self, cfg: RunConfig, settings: Settings, seed: int) -> Tensor:
         """The seed's inputs x, (N, 1) float64 standard normal."""

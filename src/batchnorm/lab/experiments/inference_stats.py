@@ -33,7 +33,6 @@ DESCRIPTION = "Test-time BN statistics: batch vs running average vs population (
 QUICK_SECONDS = 6.0
 _BATCH_SIZES = (2, 4, 8, 16, 32, 60, 120, 360)
 _NOISE_SIZES = (2, 4, 8, 16, 32, 60, 128)
-_STEPS = {"tiny": 30, "quick": 2000, "full": 20000}
 _FIXED = {  # the fixed statistics in the figure: label, color, line style
     "running_average": ("running average (EMA)", "tab:red", "-"),
     "alg2_population": ("Alg. 2 population statistics", "tab:green", "--"),
@@ -281,11 +280,7 @@ class InferenceStats(Experiment):
     ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
 
     def settings(self, cfg: RunConfig) -> Settings:
-        return Settings.of(
-            steps=_STEPS[cfg.mode],
-            test_batch_repeats={"tiny": 2, "quick": 10, "full": 50}[cfg.mode],
-            noise_batches={"tiny": 20, "quick": 500, "full": 5000}[cfg.mode],
-        )
+        return Settings.of(cfg.mode)
 
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress

@@ -27,8 +27,6 @@ DESCRIPTION = (
 )
 QUICK_SECONDS = 25.0
 _ARMS = tuple((act, place) for act in ("sigmoid", "relu") for place in ("none", "before", "after"))
-_STEPS = {"tiny": 40, "quick": 2000, "full": 20000}
-_REPLICATES = {"tiny": 2, "quick": 4, "full": 4}
 
 
 @dataclass(frozen=True)
@@ -232,8 +230,8 @@ class Placement(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         """The mode's steps and replicates (the same for every data set)."""
-        steps = _STEPS[cfg.mode]
-        return Settings.of(steps=steps, checkpoint_every=steps // 20, replicates=_REPLICATES[cfg.mode])
+        steps = {"tiny": 40, "quick": 2000, "full": 20000}[cfg.mode]
+        return Settings.of(cfg.mode, steps=steps, checkpoint_every=steps // 20)
 
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress

@@ -271,9 +271,8 @@ class PreciseBN(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         return Settings.of(
-            epochs={"tiny": 3, "quick": 40, "full": 200}[cfg.mode],
+            cfg.mode,
             max_train=None if cfg.mode == "full" else 2000,
-            sample_draws={"tiny": 2, "quick": 10, "full": 20}[cfg.mode],
         )
 
     def run_seeds(

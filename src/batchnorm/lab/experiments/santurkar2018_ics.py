@@ -209,12 +209,7 @@ class Ics(Experiment):
     ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
 
     def settings(self, cfg: RunConfig) -> Settings:
-        return Settings.of(
-            dln_steps=cfg.pick(tiny=20, quick=300, full=3000),
-            dln_checkpoints=cfg.pick(tiny=2, quick=6, full=20),
-            mlp_steps=cfg.pick(tiny=20, quick=500, full=3000),
-            mlp_checkpoints=cfg.pick(tiny=2, quick=10, full=20),
-        )
+        return Settings.of(cfg.mode)
 
     def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
         s = settings
