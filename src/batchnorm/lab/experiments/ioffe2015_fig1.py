@@ -27,8 +27,6 @@ from ..verdict import part
 ID = "ioffe2015-fig1"
 DESCRIPTION = "Ioffe & Szegedy Fig. 1: BN vs none on a 3x100 sigmoid MLP; accuracy vs step, sigmoid-input percentiles, Alg. 2 inference"
 QUICK_SECONDS = 20.0
-_STEPS = {"tiny": 60, "quick": 5000, "full": 50000}
-_EVERY = {"tiny": 20, "quick": 100, "full": 500}
 # MNIST-1D, quick: the plain network has not started to learn at 5,000 steps (about 31% test
 # accuracy against 67% at 50,000), so quick mode runs 20,000 steps there.
 _MNIST1D_QUICK_STEPS = 20000
@@ -301,7 +299,7 @@ class Fig1(Experiment):
         if cfg.data == "mnist1d" and cfg.mode == "quick":
             choice = Settings.text("mnist1d_choice", steps=_MNIST1D_QUICK_STEPS, every=_MNIST1D_QUICK_EVERY)
             return Settings.of(steps=_MNIST1D_QUICK_STEPS, checkpoint_every=_MNIST1D_QUICK_EVERY, mnist1d_choice=choice)
-        return Settings.of(steps=_STEPS[cfg.mode], checkpoint_every=_EVERY[cfg.mode])
+        return Settings.of(cfg.mode)
 
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress

@@ -36,7 +36,6 @@ QUICK_SECONDS = 25.0
 _NORMS = ("bn", "brn", "ghost", "gn")
 _LABELS = {"bn": "BN (per-group stats)", "brn": "Batch Renorm", "ghost": "Ghost BN", "gn": "Group Norm"}
 _COLORS = {"bn": "tab:blue", "brn": "tab:green", "ghost": "tab:purple", "gn": "tab:orange"}
-_GROUP_SIZES = {"tiny": (32, 2), "quick": (32, 8, 2), "full": (32, 16, 8, 4, 2)}
 
 # Step counts from ``calibrate_steps`` (the rule: the steps_rule setting; its history: small_batch.md)
 _CALIBRATED_STEPS = {"digits": 500, "mnist1d": 2900}
@@ -114,7 +113,7 @@ def _settings_for(data_name: str, mode: str, steps: int | None = None) -> Settin
     name = data_name if data_name in _CALIBRATED_STEPS else "digits (used for other data)"
     rule = Settings.text("steps_rule", seed=CALIBRATION_SEED, steps=base, data=name, earlier=earlier)
     choice = Settings.text("mnist1d_choice", steps=base) if model == "cnn1d" else ""
-    return Settings.of(model=model, steps=steps, steps_rule=rule, group_sizes=_GROUP_SIZES[mode], mnist1d_choice=choice)
+    return Settings.of(mode, model=model, steps=steps, steps_rule=rule, mnist1d_choice=choice)
 
 
 def _model(data: Dataset, s: Settings, factory: Callable[[int], nn.Module], seed: int) -> nn.Module:
