@@ -1,9 +1,10 @@
 """What every experiment shares: the seeds it runs, the per-seed loop, and one way to build a
 claim judged over seeds.
 
-An experiment is a subclass of ``Experiment`` with a frozen ``Settings`` dataclass (every
-choice and every claim threshold a named field whose docstring gives its source) and three
-methods that do the experiment's own work:
+An experiment is a subclass of ``Experiment`` with a frozen ``Settings`` dataclass (a
+``claims_spec.Declared``: its constant choices and claim thresholds are data in
+``<name>.settings.toml``, each one's source in ``<name>.md``) and three methods that do the
+experiment's own work:
 
     class Fig1(Experiment):
         ID = "ioffe2015-fig1"; DESCRIPTION = ...; QUICK_SECONDS = ...  # prose: ioffe2015_fig1.md
