@@ -128,3 +128,5 @@ def test_settings_record_the_computed_fields_then_the_file_in_order(experiment_i
     assert record.get("calibration_seed", CALIBRATION_SEED) == CALIBRATION_SEED
     with pytest.raises(ValueError, match="no field"):
         type(s).of(not_a_setting=1)
+    with pytest.raises(ValueError, match="no value"):
+        type(s).of()  # the fields computed by mode or in code have no value in the file

@@ -124,6 +124,8 @@ class Declared:
         if unknown := sorted((by_mode.keys() | computed.keys()) - set(fields)):
             raise ValueError(f"{cls.__module__}.Settings: no field(s) {unknown}")
         given = {**load_settings(cls.__module__), **by_mode, **computed}
+        if missing := [name for name in fields if name not in given]:
+            raise ValueError(f"{cls.__module__}.Settings: no value for {missing} (mode {mode!r})")
         return cls(**{name: copy.deepcopy(given[name]) for name in fields})
 
     @classmethod
