@@ -1,12 +1,15 @@
 """The claims files (``experiments/<name>.claims.toml``): a malformed file is refused with a
 clear ``ValueError``; every experiment's file loads, and a tiny run makes exactly its claims,
-in order, each statement its table's template filled in.
+in order, each statement its table's template filled in. The settings files
+(``experiments/<name>.settings.toml``): a run's settings record every field and every setting of
+the file, the computed fields first, then the file's in its order.
 
     PYTHONPATH=src python -m pytest -q tests/lab/test_claims_spec.py
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
 import re
 from pathlib import Path
@@ -16,6 +19,7 @@ import torch
 
 from batchnorm.lab import claims_spec, registry
 from batchnorm.lab.config import RunConfig
+from batchnorm.lab.experiments._calibration import CALIBRATION_SEED
 from batchnorm.lab.progress import Progress
 from batchnorm.lab.results import to_jsonable
 
@@ -107,3 +111,22 @@ def test_a_tiny_run_makes_exactly_the_declared_claims(experiment_id: str, tmp_pa
         )
         assert re.fullmatch(pattern, c["claim"]), (spec["statement"], c["claim"])
         assert (c["expected"], c["source"]) == (spec["expected"], spec["source"])
+
+
+@pytest.mark.parametrize("experiment_id", registry.ids())
+def test_settings_record_the_computed_fields_then_the_file_in_order(experiment_id: str) -> None:
+    module = registry.get(experiment_id)
+    s = module.EXPERIMENT.settings(RunConfig(mode="quick"))
+    if not isinstance(s, claims_spec.Declared):
+        pytest.skip(f"{experiment_id} declares every setting in code")
+    declared = claims_spec.load_settings(module.__name__)
+    fields = [f.name for f in dataclasses.fields(s)]
+    record = s.record()
+    assert list(record) == [name for name in fields if name not in declared] + list(declared)
+    assert all(repr(record[name]) == repr(getattr(s, name)) for name in fields)  # nan too
+    assert dataclasses.replace(s).record() == record
+    assert record.get("calibration_seed", CALIBRATION_SEED) == CALIBRATION_SEED
+    with pytest.raises(ValueError, match="no field"):
+        type(s).of(not_a_setting=1)
+    with pytest.raises(ValueError, match="no value"):
+        type(s).of()  # the fields computed by mode or in code have no value in the file

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from batchnorm.lab.config import RunConfig
+from batchnorm.lab.experiment import recorded
 from batchnorm.lab.experiments import dropout as exp
+from batchnorm.lab.experiments._calibration import CALIBRATION_SEED
 from batchnorm.lab.progress import Progress
 from batchnorm.lab.runner import run_one
 
@@ -24,25 +26,24 @@ def test_calibration_rule_doubles_the_slowest_arm_and_caps(
 ) -> None:
     calls = []
 
-    def fake_train_arm(
-        s: exp.Settings, data: Any, gens: list[int], arm: tuple, steps: int, progress: Progress, **kw: Any
-    ) -> tuple:
-        calls.append((gens, kw["stop_at_fit"]))
-        return [], fit.get(arm[0], 100)
+    def fake_train_arm(s: exp.Settings, data: Any, gens: list[int], arm: str, progress: Progress, **kw: Any) -> tuple:
+        calls.append((gens, bool(kw["fit_at"])))
+        return [], fit.get(arm, 100)
 
     monkeypatch.setattr(exp, "_train_arm", fake_train_arm)
-    s = exp._calibrate(exp.EXPERIMENT.settings(RunConfig(mode="quick")), RunConfig(mode="quick"), Progress())
+    s = exp.EXPERIMENT.prepare(RunConfig(mode="quick"), exp.EXPERIMENT.settings(RunConfig(mode="quick")), Progress())
     assert s.steps == expected
-    assert all(g == [exp.CALIBRATION_SEED] and stop for g, stop in calls) and len(calls) == 6
+    assert all(g == [CALIBRATION_SEED] and stop for g, stop in calls) and len(calls) == 6
     never = s.max_steps + s.calibration_every
     assert s.calibration_fit_steps == {
-        name: (fit[name] if fit.get(name, 100) is not None else never) if name in fit else 100 for name in s.arms
+        name: (fit[name] if fit.get(name, 100) is not None else never) if name in fit else 100
+        for name in recorded(s)["arms"]
     }
 
 
 def test_the_calibration_seed_is_never_a_claim_seed(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="calibration seed"):
-        exp.EXPERIMENT.run(RunConfig(mode="tiny", seeds=(5, exp.CALIBRATION_SEED), out=tmp_path), Progress())
+        exp.EXPERIMENT.run(RunConfig(mode="tiny", seeds=(5, CALIBRATION_SEED), out=tmp_path), Progress())
 
 
 def test_tiny_run_records_the_rule_and_claims_read_every_seed(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from batchnorm.lab.config import RunConfig
-from batchnorm.lab.experiments import dropout, goodfellow_chain, inference_stats, lr_sweep, placement
+from batchnorm.lab.declare import activation_inputs
+from batchnorm.lab.experiments import dropout, goodfellow_chain, inference_stats, lr_sweep
 from batchnorm.lab.models import MLP, blocks
 
 
@@ -68,7 +69,7 @@ def test_activation_probes_match_manual_forward() -> None:
     with torch.no_grad():
         z1 = b1.layer(x)
         z2 = b2.layer(b1.norm(torch.sigmoid(z1)))
-    got = placement._activation_inputs(model, x)
+    got = activation_inputs(model, x)  # eval mode, every hidden layer
     torch.testing.assert_close(got[0], z1)
     torch.testing.assert_close(got[1], z2)
     model.train()
@@ -124,14 +125,15 @@ def test_first_layer_noise_matches_sampling_theory_on_gaussian_data() -> None:
 def test_mnist1d_quick_setups_are_recorded_and_digits_are_untouched(
     module: str, key: str, digits_value: int, mnist1d_value: int
 ) -> None:
-    import dataclasses
     import importlib
+
+    from batchnorm.lab.experiment import recorded
 
     exp = importlib.import_module(f"batchnorm.lab.experiments.{module}")
 
     def settings(cfg: RunConfig) -> dict:
         if hasattr(exp, "EXPERIMENT"):
-            return dataclasses.asdict(exp.EXPERIMENT.settings(cfg))
+            return recorded(exp.EXPERIMENT.settings(cfg))
         return exp._settings(cfg)
 
     digits = settings(RunConfig(mode="quick", data="digits"))

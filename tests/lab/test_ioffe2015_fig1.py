@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from batchnorm.lab.config import RunConfig
+from batchnorm.lab.declare import activation_inputs
 from batchnorm.lab.experiments import ioffe2015_fig1 as exp
 from batchnorm.lab.models import MLP, blocks
 from batchnorm.lab.runner import run_one
@@ -25,7 +26,7 @@ def test_sigmoid_input_probe_is_gamma_xhat_plus_beta_and_leaves_buffers_alone() 
         last.norm.bias.fill_(0.5)
     x = torch.randn(12, 6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    z = exp._sigmoid_inputs(model, x, unit=1, batch=6)
+    z = activation_inputs(model, x, batch=6, layers=[1])[0][:, 1]  # the probe of the sigmoid inputs
     # reference: batch statistics of each half, by hand
     first = list(blocks(model))[0]  # gamma 1, beta 0, no Linear bias
     expected = []

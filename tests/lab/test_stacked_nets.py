@@ -13,7 +13,7 @@ from torch import nn
 
 from batchnorm import BatchNorm1d, GhostBatchNorm1d
 from batchnorm.lab._stacked_nets import StackedNet, train_together
-from batchnorm.lab.experiments.small_batch import non_iid_batches
+from batchnorm.lab.declare import non_iid_batches
 from batchnorm.lab.models import MLP, ConvNet
 from batchnorm.lab.normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
 from batchnorm.lab.training import TrainSpec, minibatches, train

@@ -1,28 +1,45 @@
 """Small pieces the experiments' declarations share, written once: the seeds of one arm trained
-together under a progress bar, a measurement that moves a model's weights and puts them back,
-and per-seed numbers as text for a claim's evidence."""
+together under a progress bar, an MLP sized for a data set, a measurement that moves a model's
+weights and puts them back, per-seed numbers as text for a claim's evidence, the inputs of a
+network's activations, and non-i.i.d. minibatches."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .datasets import Dataset
-from .models import MLP
+from .models import MLP, blocks
 from .progress import Progress
 from .stacked import train_stacked
 from .training import TrainResult, TrainSpec
 
-__all__ = ["listed", "probing", "restore_buffers", "seeded", "train_seeds"]
+__all__ = [
+    "activation_inputs",
+    "listed",
+    "mlp_for",
+    "non_iid_batches",
+    "probing",
+    "restore_buffers",
+    "seeded",
+    "train_seeds",
+]
 
 
 def seeded(seed: int) -> torch.Generator:
     """A fresh CPU generator seeded ``seed`` (initial weights, minibatch order, masks: each draw
     has its own, so arms that share a seed share what it draws)."""
     return torch.Generator().manual_seed(seed)
+
+
+def mlp_for(data: Dataset, hidden: Sequence[int], **options: Any) -> MLP:
+    """An ``MLP`` from ``data``'s features to its classes through ``hidden`` (``options``: the
+    MLP's keyword arguments: activation, normalization, initialization, generator)."""
+    return MLP(data.features, list(hidden), data.classes, **options)
 
 
 def train_seeds(
@@ -98,3 +115,64 @@ def probing(model: nn.Module) -> Iterator[nn.Module]:
             p.grad = g
         for m, flag in flags:
             m.training = flag
+
+
+def non_iid_batches(
+    y: Tensor, classes: int, generator: torch.Generator, batch: int = 32, group: int = 4, per_class: int = 2
+) -> Iterator[Tensor]:
+    """Endless index batches of ``batch`` made of groups of ``group`` examples, each group holding
+    ``group // per_class`` distinct random classes with ``per_class`` random examples of each.
+
+    Shape: each yielded tensor is (batch,) int64; group g is entries g*group .. g*group + group - 1.
+    """
+    by_class = [torch.nonzero(y == c).flatten() for c in range(classes)]
+    by_class = [idx for idx in by_class if idx.numel() > 0]
+    k = group // per_class
+    while True:
+        parts = []
+        for _ in range(batch // group):
+            chosen = torch.randperm(len(by_class), generator=generator)[:k]
+            for c in chosen.tolist():
+                pool = by_class[c]
+                parts.append(pool[torch.randint(pool.numel(), (per_class,), generator=generator)])
+        yield torch.cat(parts)
+
+
+@torch.no_grad()
+def activation_inputs(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    batch: int | None = None,
+    layers: Sequence[int] | None = None,
+    at: Callable[[nn.Module], nn.Module] | None = None,
+) -> list[Tensor]:
+    """The input of the activation (``at(block)``, default ``block.act``) of hidden blocks
+    ``layers`` (0-based; default all) over ``x``: in eval mode in one pass, or with ``batch`` in
+    training mode, BN normalizing each ``batch``-sized slice by its own statistics (a tail that
+    fills no slice is left out), with weights, buffers and training flags restored afterwards
+    (``probing``).
+
+    Shape: x (N, D) -> one (N', width) per layer, N' = N, or batch * (N // batch) with ``batch``.
+    """
+    hidden = list(blocks(model))
+    chosen = range(len(hidden)) if layers is None else layers
+    captured: list[list[Tensor]] = [[] for _ in chosen]
+    handles = [
+        (at(hidden[i]) if at else hidden[i].act).register_forward_pre_hook(
+            lambda _m, inp, out=out: out.append(inp[0].detach().clone())
+        )
+        for i, out in zip(chosen, captured)
+    ]
+    try:
+        with probing(model):
+            if batch is None:
+                model.eval()
+                model(x)
+            else:
+                for start in range(0, x.shape[0] - batch + 1, batch):
+                    model(x[start : start + batch])
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(parts) for parts in captured]

@@ -1,9 +1,10 @@
 """What every experiment shares: the seeds it runs, the per-seed loop, and one way to build a
 claim judged over seeds.
 
-An experiment is a subclass of ``Experiment`` with a frozen ``Settings`` dataclass (every
-choice and every claim threshold a named field whose docstring gives its source) and three
-methods that do the experiment's own work:
+An experiment is a subclass of ``Experiment`` with a frozen ``Settings`` dataclass (a
+``claims_spec.Declared``: its constant choices and claim thresholds are data in
+``<name>.settings.toml``, each one's source in ``<name>.md``) and three methods that do the
+experiment's own work:
 
     class Fig1(Experiment):
         ID = "ioffe2015-fig1"; DESCRIPTION = ...; QUICK_SECONDS = ...  # prose: ioffe2015_fig1.md
@@ -43,6 +44,7 @@ __all__ = [
     "per_seed_values",
     "plan_for",
     "plan_of",
+    "recorded",
     "seeds_for",
 ]
 
@@ -77,6 +79,12 @@ def seeds_for(cfg: RunConfig) -> tuple[int, ...]:
 def load_for(cfg: RunConfig, seed: int) -> Dataset:
     """Seed ``seed``'s split of the run's data set (the small version in tiny mode)."""
     return load(cfg.data, seed, small=cfg.mode == "tiny")
+
+
+def recorded(settings: Any) -> dict[str, Any]:
+    """The settings as results record them (their ``"config"``): ``settings.record()`` for a
+    ``claims_spec.Declared``, else every field of the dataclass."""
+    return settings.record() if hasattr(settings, "record") else dataclasses.asdict(settings)
 
 
 def per_seed_values(results: dict[str, Any], read: Callable[[dict[str, Any]], float]) -> list[float]:
@@ -329,7 +337,7 @@ class Experiment:
             first = data[0] if not per_seed else first
             per_seed += self.run_seeds(s, data, block, progress)
             out = {
-                "config": dataclasses.asdict(s),
+                "config": recorded(s),
                 "data": self.describe_data(s, first),
                 "metrics": {"seeds": list(seeds[:n]), "per_seed": per_seed, "plan": plan.to_json()},
             }

@@ -22,14 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from ..datasets import Dataset
-from ..declare import restore_buffers, seeded
+from ..declare import seeded
 from ..models import MLP, blocks
 
 __all__ = [
     "NoisyReLU",
     "act_input",
     "build",
-    "capture_act_inputs",
     "noisy",
     "seed_slot",
     "window_means",
@@ -148,37 +147,6 @@ def build(data: Dataset, depth: int, width: int, norm: Any, seed: int) -> MLP:
         init_std="he",
         generator=seeded(seed),
     )
-
-
-@torch.no_grad()
-def capture_act_inputs(model: nn.Module, x: Tensor, layers: list[int], batch: int) -> dict[int, Tensor]:
-    """Inputs of the activation of hidden blocks ``layers`` (0-based) over ``x``, with the network
-    in training mode (BN uses batch statistics of each ``batch``-sized slice, noise is drawn),
-    running statistics and training flags restored.
-
-    Shape: x (N, D) -> {layer: (N', width)} with N' = batch * (N // batch).
-    """
-    hidden = list(blocks(model))
-    captured: dict[int, list[Tensor]] = {i: [] for i in layers}
-    handles = []
-    for i in layers:
-
-        def hook(_m: nn.Module, inp: tuple[Tensor, ...], i: int = i) -> None:
-            captured[i].append(inp[0].clone())
-
-        handles.append(act_input(hidden[i]).register_forward_pre_hook(hook))
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        with restore_buffers(model):
-            model.train()
-            for start in range(0, x.shape[0] - batch + 1, batch):
-                model(x[start : start + batch])
-    finally:
-        for h in handles:
-            h.remove()
-        for m, flag in flags:
-            m.training = flag
-    return {i: torch.cat(v) for i, v in captured.items()}
 
 
 def window_means(losses: list[float], edges: list[int]) -> list[float | None]:

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import seeded
+from ..declare import mlp_for, seeded
 from ..experiment import Experiment, column
 from ..models import MLP, ConvNet, blocks, count_parameters
 from ..progress import Progress
@@ -32,34 +32,20 @@ from ..verdict import part
 ID = "bias"
 DESCRIPTION = "A bias before BN gets zero gradient and no effect on the output: measured over seeds, plus the parameters it wastes"
 QUICK_SECONDS = 4.0
-_STEPS = {"tiny": 20, "quick": 500, "full": 5000}
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment; thresholds are float32 rounding levels (the paper's statement is exact), each
-    with the reason for its size (each field's meaning and source: ``bias.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``bias.settings.toml``
+    (each one's meaning and source: ``bias.md``)."""
 
     steps: int
-    hidden: tuple[int, ...] = (100, 100, 100)
-    activation: str = "relu"
-    norm: str = "batchnorm.BatchNorm1d before every ReLU, Linear bias kept (the redundant one)"
-    init: str = "He for weights; the pre-BN biases ~ N(0, 1) to make them non-trivial"
-    bias_shift_std: float = 10.0
-    optimizer: str = "SGD, no momentum, no weight decay"
-    lr: float = 0.1
-    batch_size: int = 60
-    dtype: str = (
-        "float32 for the one-batch probes; float64 for the paired training and the removal from the trained model"
-    )
-    seeds_trained: str = "the seeds of each arm are trained together (batchnorm.lab.stacked), each as if alone"
-    pairing: str = "per seed: same weights, same batch order with and without the biases"
-    gradient_ratio_below: float = 1e-5
-    output_change_below: float = 1e-4
-    paired_loss_delta_below: float = 1e-3
-    bias_movement_below: float = 1e-4
-    eval_change_folded_below: float = 1e-4
-    eval_change_zeroed_above: float = 1e-2
+    hidden: tuple[int, ...]
+    activation: str
+    bias_shift_std: float
+    lr: float
+    batch_size: int
+    dtype: str
 
 
 def _with_random_biases(model: MLP, generator: torch.Generator) -> MLP:
@@ -71,25 +57,21 @@ def _with_random_biases(model: MLP, generator: torch.Generator) -> MLP:
 
 def _model(s: Settings, data: Dataset, seed: int) -> MLP:
     """The seed's BN MLP with random pre-BN biases (weights from ``seed``, biases from seed + 7)."""
-    model = MLP(
-        data.features,
-        list(s.hidden),
-        data.classes,
-        act=s.activation,
-        norm="bn",
-        bias=True,
-        init_std="he",
-        generator=seeded(seed),
-    )
+    model = mlp_for(data, s.hidden, act=s.activation, norm="bn", bias=True, init_std="he", generator=seeded(seed))
     return _with_random_biases(model, seeded(seed + 7))
 
 
-def _without_bias(model: MLP, hidden: Sequence[int], features: int, classes: int, act: str = "relu") -> MLP:
+def _without_bias(model: MLP, s: Settings, data: Dataset) -> MLP:
     """The same network without the pre-BN biases (weights, BN parameters and head copied)."""
-    twin = MLP(features, list(hidden), classes, act=act, norm="bn", bias=False)
+    twin = mlp_for(data, s.hidden, act=s.activation, norm="bn", bias=False)
     state = {k: v for k, v in model.state_dict().items() if not (k.startswith("blocks.") and k.endswith("layer.bias"))}
     twin.load_state_dict(state, strict=True)
     return twin
+
+
+def _gap(a: Tensor, b: Tensor) -> float:
+    """max |a - b| over all entries."""
+    return float((a.detach() - b.detach()).abs().max())
 
 
 def _count(model: nn.Module) -> dict[str, int]:
@@ -105,7 +87,7 @@ def _one_batch_probes(s: Settings, data: Dataset, seed: int) -> dict[str, Any]:
     """Gradient of the biases vs the weights' on one batch, and the training-mode output with
     the biases shifted or removed (on a fresh copy: the forwards move running statistics)."""
     model = _model(s, data, seed)
-    twin = _without_bias(model, s.hidden, data.features, data.classes, s.activation)
+    twin = _without_bias(model, s, data)
     idx = next(minibatches(data.train_x.shape[0], s.batch_size, seeded(seed + 1)))
     x, y = data.train_x[idx], data.train_y[idx]
     model.train()
@@ -121,8 +103,7 @@ def _one_batch_probes(s: Settings, data: Dataset, seed: int) -> dict[str, Any]:
         for b in blocks(shifted):
             b.layer.bias.add_(torch.randn(b.layer.bias.shape, generator=gen) * s.bias_shift_std)
         out = model(x)
-        shift_delta = float((out - shifted(x)).abs().max())
-        twin_delta = float((out - twin(x)).abs().max())
+        shift_delta, twin_delta = _gap(out, shifted(x)), _gap(out, twin(x))
     return {
         "bias_grad_max": bias_grad,
         "weight_grad_max": weight_grad,
@@ -147,9 +128,9 @@ def _eval_removal(model: MLP, x: torch.Tensor) -> dict[str, float]:
     out_naive = naive(x)
     model.train()
     return {
-        "eval_output_change_bias_zeroed": float((out_naive - ref).abs().max()),
+        "eval_output_change_bias_zeroed": _gap(out_naive, ref),
         "eval_predictions_changed_bias_zeroed": float((out_naive.argmax(1) != ref.argmax(1)).float().mean()),
-        "eval_output_change_bias_folded_into_running_mean": float((folded(x) - ref).abs().max()),
+        "eval_output_change_bias_folded_into_running_mean": _gap(folded(x), ref),
     }
 
 
@@ -221,9 +202,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     layers = np.arange(1, len(m["bias_grad_max"]) + 1)
     axes[0].bar(layers - 0.2, m["weight_grad_max"], width=0.4, label="weights W", color="tab:blue")
-    axes[0].bar(
-        layers + 0.2, np.maximum(m["bias_grad_max"], 1e-30), width=0.4, label="bias b before BN", color="tab:orange"
-    )
+    bias_grad = np.maximum(m["bias_grad_max"], 1e-30)
+    axes[0].bar(layers + 0.2, bias_grad, width=0.4, label="bias b before BN", color="tab:orange")
     axes[0].set_yscale("log")
     axes[0].set_xticks(layers)
     axes[0].set(xlabel="hidden layer", ylabel="max |gradient| on one batch")
@@ -259,7 +239,7 @@ class Bias(Experiment):
     ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
 
     def settings(self, cfg: RunConfig) -> Settings:
-        return Settings(steps=_STEPS[cfg.mode])
+        return Settings.of(cfg.mode)
 
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
@@ -267,9 +247,7 @@ class Bias(Experiment):
         s = settings
         per_seed = [_one_batch_probes(s, d, seed) for d, seed in zip(data, seeds)]
         with_bias = [_model(s, d, seed) for d, seed in zip(data, seeds)]
-        without = [
-            _without_bias(m, s.hidden, d.features, d.classes, s.activation).double() for m, d in zip(with_bias, data)
-        ]
+        without = [_without_bias(m, s, d).double() for m, d in zip(with_bias, data)]
         with_bias = [m.double() for m in with_bias]
         before = [[b.layer.bias.detach().clone() for b in blocks(m)] for m in with_bias]
         spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
@@ -288,17 +266,14 @@ class Bias(Experiment):
                 )
         for k, (m, twin, d) in enumerate(zip(with_bias, without, data)):
             r_bias, r_twin = arms[0][k], arms[1][k]
+            losses = np.abs(np.asarray(r_bias.losses) - np.asarray(r_twin.losses))
+            weights = max(_gap(a.layer.weight, b.layer.weight) for a, b in zip(blocks(m), blocks(twin)))
             per_seed[k].update(
                 {
-                    "paired_training_max_loss_delta": float(
-                        np.max(np.abs(np.asarray(r_bias.losses) - np.asarray(r_twin.losses)))
-                    ),
-                    "paired_training_max_weight_delta": max(
-                        float((a.layer.weight.detach() - b.layer.weight.detach()).abs().max())
-                        for a, b in zip(blocks(m), blocks(twin))
-                    ),
+                    "paired_training_max_loss_delta": float(np.max(losses)),
+                    "paired_training_max_weight_delta": weights,
                     "bias_max_movement_during_training": max(
-                        float((b.layer.bias.detach() - b0).abs().max()) for b, b0 in zip(blocks(m), before[k])
+                        _gap(b.layer.bias, b0) for b, b0 in zip(blocks(m), before[k])
                     ),
                     "paired_losses_with_bias": r_bias.losses,
                     "paired_losses_without_bias": r_twin.losses,

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .._replicates import mean_over_replicates, replicate_seed
 from .._stacked_dropout import train_stacked_dropout
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import seeded
@@ -27,55 +27,37 @@ from ..models import MLP
 from ..progress import Progress
 from ..training import TrainSpec, evaluate, minibatches
 from ..verdict import part
-from ._calibration import CALIBRATION_SEED
 
 ID = "dropout"
 DESCRIPTION = "BN as a regularizer: test loss and accuracy on 400 examples for plain, dropout, BN, BN+dropout, fixed batches (over seeds)"
 QUICK_SECONDS = 30.0
-_ARMS = (
-    ("plain", None, 0.0, False),
-    ("dropout 0.5", None, 0.5, False),
-    ("BN", "bn", 0.0, False),
-    ("BN + dropout 0.5", "bn", 0.5, False),
-    ("BN + dropout 0.1", "bn", 0.1, False),
-    ("BN, fixed batches", "bn", 0.0, True),
-)
-_REPLICATES = {"tiny": 2, "quick": 3, "full": 3}
-_MAX_STEPS = {"tiny": 40, "quick": 1600, "full": 16000}
+_ARMS = {  # name: norm, dropout p, fixed batches
+    "plain": (None, 0.0, False),
+    "dropout 0.5": (None, 0.5, False),
+    "BN": ("bn", 0.0, False),
+    "BN + dropout 0.5": ("bn", 0.5, False),
+    "BN + dropout 0.1": ("bn", 0.1, False),
+    "BN, fixed batches": ("bn", 0.0, True),
+}
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``dropout.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``dropout.settings.toml``
+    (each one's meaning and source: ``dropout.md``)."""
 
     replicates: int
     max_steps: int
-    steps: int = 0
-    steps_rule: str = (
-        "train every arm on the calibration seed's 400 examples until its training accuracy reaches the fit level "
-        "(checked every calibration_every steps); steps = 2 x the slowest arm's steps, at most max_steps"
-    )
-    calibration_seed: int = CALIBRATION_SEED
-    calibration_every: int = 100
-    fit_level: float = 0.99
-    calibration_fit_steps: dict[str, int] = dataclasses.field(default_factory=dict)
-    train_examples: int = 400
-    hidden: tuple[int, ...] = (256, 256, 256)
-    activation: str = "relu"
-    arms: tuple[str, ...] = tuple(name for name, *_ in _ARMS)
-    norm: str = "batchnorm.BatchNorm1d before every ReLU (hidden Linear bias dropped); dropout after the ReLU"
-    init: str = "He: N(0, 2/fan_in), biases 0"
-    optimizer: str = "SGD, no momentum, no weight decay"
-    lr: float = 0.1
-    batch_size: int = 50
-    seed_varies: str = "the data split and the 400-example training subset; each replicate: initial weights, minibatch order, dropout masks"
-    pairing: str = "within a seed and replicate, all six arms share the initial weights and the minibatch order (fixed batches: the first epoch's)"
-    inference: str = "running averages (PyTorch EMA, momentum 0.1); dropout off"
-    fixed_batches: str = "one permutation split into 8 batches of 50, visited in the same order every epoch"
-    seeds_trained: str = "the seeds and replicates of each arm are trained together (batchnorm.lab._stacked_dropout)"
-    accuracy_tolerance: float = 0.01
-    bn_vs_plain_test_loss_below: float = 0.0
-    fixed_vs_shuffled_test_loss_above: float = 0.0
+    steps: int
+    calibration_seed: int
+    calibration_every: int
+    fit_level: float
+    calibration_fit_steps: dict[str, int]
+    train_examples: int
+    hidden: tuple[int, ...]
+    activation: str
+    lr: float
+    batch_size: int
 
 
 def _fixed_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -88,19 +70,13 @@ def _fixed_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[T
 
 
 def _train_arm(
-    s: Settings,
-    data: Sequence[Dataset],
-    gens: Sequence[int],
-    arm: tuple[str, str | None, float, bool],
-    steps: int,
-    progress: Progress,
-    *,
-    checkpoints: Sequence[int] = (),
-    stop_at_fit: bool = False,
+    s: Settings, data: Sequence[Dataset], gens: Sequence[int], arm: str, progress: Progress, fit_at: Sequence[int] = ()
 ) -> tuple[list[MLP], int | None]:
-    """Train one arm on runs ``(data[k], gens[k])`` together; returns the models and, with
-    ``stop_at_fit``, the first checkpoint at which every run fits (None: never)."""
-    name, norm, p, fixed = arm
+    """Train one arm on runs ``(data[k], gens[k])`` together for ``s.steps``, or with checkpoints
+    ``fit_at`` up to ``s.max_steps``, stopping at the first of them at which every run fits;
+    returns the models and that checkpoint (None: never, or no ``fit_at``)."""
+    steps = s.max_steps if fit_at else s.steps
+    norm, p, fixed = _ARMS[arm]
     models = [
         MLP(d.features, list(s.hidden), d.classes, act=s.activation, norm=norm, init_std="he", generator=seeded(g))
         for d, g in zip(data, gens)
@@ -115,7 +91,7 @@ def _train_arm(
             return True
         return False
 
-    with progress.task(name, total=steps) as tick:
+    with progress.task(arm, total=steps) as tick:
         train_stacked_dropout(
             models,
             [d.train_x for d in data],
@@ -124,38 +100,24 @@ def _train_arm(
             p=p,
             batches=streams,
             mask_generator=seeded(gens[0] + 2),
-            checkpoints=checkpoints,
-            stop=fits if stop_at_fit else None,
+            checkpoints=fit_at,
+            stop=fits if fit_at else None,
             tick=tick,
         )
     return models, (fitted[0] if fitted else None)
 
 
-def _calibrate(s: Settings, cfg: RunConfig, progress: Progress) -> Settings:
-    """Apply the steps rule on the calibration seed (see ``Settings.steps_rule``)."""
-    data = load_for(cfg, s.calibration_seed).subset_train(s.train_examples, s.calibration_seed)
-    marks = list(range(0, s.max_steps + 1, s.calibration_every))
-    needed = {}
-    for arm in _ARMS:
-        _, step = _train_arm(
-            s, [data], [s.calibration_seed], arm, s.max_steps, progress, checkpoints=marks, stop_at_fit=True
-        )
-        needed[arm[0]] = step if step is not None else s.max_steps + s.calibration_every
-    steps = min(2 * max(needed.values()), s.max_steps)
-    return dataclasses.replace(s, steps=steps, calibration_fit_steps=needed)
-
-
-_LOSS_CAP = 1e6
-"""Test loss that stands for a diverged network's inf (keeps per-seed values finite)."""
+_LOSS_CAP = 1e6  # the test loss that stands for a diverged network's inf (keeps per-seed values finite)
+_RECORDED = ("train_acc", "test_acc", "train_loss", "test_loss")  # each replicate's record of an arm, in order
 
 
 def _seed_means(m: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per arm: the mean over the seed's replicates of each measurement."""
-    out = {}
-    for arm, rows in m.items():
-        reps = [{key: min(float(rows[key][r]), _LOSS_CAP) for key in rows} for r in range(len(rows["test_acc"]))]
-        out[arm] = mean_over_replicates(reps)
-    return out
+    capped = {
+        arm: [{key: min(float(rows[key][r]), _LOSS_CAP) for key in rows} for r in range(len(rows["test_acc"]))]
+        for arm, rows in m.items()
+    }
+    return {arm: mean_over_replicates(reps) for arm, reps in capped.items()}
 
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -174,39 +136,34 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     def loss(arm: str) -> str:
         return f"{arm} " + "/".join(f"{v:.3f}" for v in col(arm, "test_loss"))
 
-    fits = min(min(col(arm, "train_acc")) for arm, *_ in _ARMS)
+    def vs(a: str, b: str, key: str) -> dict[str, Any]:  # arm a against arm b, paired over seeds
+        return {"a": col(a, key), "b": col(b, key)}
+
+    fits = min(min(col(arm, "train_acc")) for arm in _ARMS)
     make = Claims(__name__, results, tol_pp=100 * tol)
     return [
         make(
             "bn_regularizes",
-            a=col("BN", "test_loss"),
-            b=col("plain", "test_loss"),
+            **vs("BN", "plain", "test_loss"),
             also=[part(col("BN", "test_acc"), col("plain", "test_acc"), above=-tol)],
             evidence=f"test loss per seed: {loss('BN')} vs {loss('plain')}; test accuracy {acc('BN')} vs {acc('plain')}; "
             f"lowest training accuracy of any arm and seed {100 * fits:.1f}%",
         ),
         make(
             "dropout_removable",
-            a=col("BN", "test_acc"),
-            b=col("dropout 0.5", "test_acc"),
+            **vs("BN", "dropout 0.5", "test_acc"),
             evidence=f"test accuracy per seed: {acc('BN')} vs {acc('dropout 0.5')}; test loss {loss('BN')} vs {loss('dropout 0.5')}",
         ),
-        make(
-            "weak_dropout_neutral",
-            a=col("BN + dropout 0.1", "test_acc"),
-            b=col("BN", "test_acc"),
-            evidence=f"test accuracy per seed: {acc('BN + dropout 0.1')} vs {acc('BN')}",
-        ),
-        make(
-            "strong_dropout_no_gain",
-            a=col("BN + dropout 0.5", "test_acc"),
-            b=col("BN", "test_acc"),
-            evidence=f"test accuracy per seed: {acc('BN + dropout 0.5')} vs {acc('BN')}",
+        *(
+            make(name, **vs(arm, "BN", "test_acc"), evidence=f"test accuracy per seed: {acc(arm)} vs {acc('BN')}")
+            for name, arm in (
+                ("weak_dropout_neutral", "BN + dropout 0.1"),
+                ("strong_dropout_no_gain", "BN + dropout 0.5"),
+            )
         ),
         make(
             "fixed_batches",
-            a=col("BN, fixed batches", "test_loss"),
-            b=col("BN", "test_loss"),
+            **vs("BN, fixed batches", "BN", "test_loss"),
             evidence=f"test loss per seed: {loss('BN, fixed batches')} vs {loss('BN')}; test accuracy {acc('BN, fixed batches')} vs "
             f"{acc('BN')}",
         ),
@@ -219,7 +176,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 
     plt = pyplot()
     q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
-    names = [name for name, *_ in _ARMS]
+    names = list(_ARMS)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = ["tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:pink", "tab:orange"]
     for ax, key, label in ((axes[0], "test_acc", "test accuracy"), (axes[1], "test_loss", "test loss (cross-entropy)")):
@@ -232,9 +189,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     low = min(v[n]["test_acc"] for v in q for n in names)
     axes[0].set_ylim(max(0.0, low - 0.03), min(1.0, max(v[n]["test_acc"] for v in q for n in names) + 0.02))
     cfg = results["config"]
-    axes[0].set_title(
-        f"Test accuracy ({cfg['train_examples']} training examples; {len(q)} seeds x {cfg['replicates']} networks)"
-    )
+    runs = f"{len(q)} seeds x {cfg['replicates']} networks"
+    axes[0].set_title(f"Test accuracy ({cfg['train_examples']} training examples; {runs})")
     axes[1].set_title(f"Test loss ({cfg['steps']} steps, calibrated so every arm fits)")
     return [save(fig, Path(outdir) / "dropout_vs_bn.png")]
 
@@ -246,22 +202,27 @@ class Dropout(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         """The mode's replicates and step cap; ``steps`` is calibrated by ``run``."""
-        return Settings(replicates=_REPLICATES[cfg.mode], max_steps=_MAX_STEPS[cfg.mode])
+        return Settings.of(cfg.mode)
 
     def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
-        """Calibrate the steps on the calibration seed."""
-        return _calibrate(settings, cfg, progress)
+        """Apply the steps rule (the ``steps_rule`` setting) on the calibration seed."""
+        s = settings
+        data = load_for(cfg, s.calibration_seed).subset_train(s.train_examples, s.calibration_seed)
+        marks = list(range(0, s.max_steps + 1, s.calibration_every))
+        needed = {}
+        for arm in _ARMS:
+            _, step = _train_arm(s, [data], [s.calibration_seed], arm, progress, fit_at=marks)
+            needed[arm] = step if step is not None else s.max_steps + s.calibration_every
+        steps = min(2 * max(needed.values()), s.max_steps)
+        return dataclasses.replace(s, steps=steps, calibration_fit_steps=needed)
 
     def load_seed(self, cfg: RunConfig, settings: Settings, seed: int) -> Dataset:
         """The seed's split, its training set cut to ``train_examples``."""
         return load_for(cfg, seed).subset_train(settings.train_examples, seed)
 
     def describe_data(self, settings: Settings, first: Dataset) -> dict[str, Any]:
-        return {
-            **super().describe_data(settings, first),
-            "train_used": settings.train_examples,
-            "split": "each seed draws its own split and training subset",
-        }
+        split = "each seed draws its own split and training subset"
+        return {**super().describe_data(settings, first), "train_used": settings.train_examples, "split": split}
 
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
@@ -270,18 +231,13 @@ class Dropout(Experiment):
         runs = [(d, replicate_seed(seed, r)) for d, seed in zip(data, seeds) for r in range(s.replicates)]
         per_seed: list[dict[str, Any]] = [{} for _ in seeds]
         for arm in _ARMS:
-            models, _ = _train_arm(s, [d for d, _ in runs], [g for _, g in runs], arm, s.steps, progress)
+            models, _ = _train_arm(s, [d for d, _ in runs], [g for _, g in runs], arm, progress)
             scores = [
                 (evaluate(m, d.train_x, d.train_y), evaluate(m, d.test_x, d.test_y)) for m, (d, _) in zip(models, runs)
             ]
-            for k in range(len(seeds)):
-                mine = scores[k * s.replicates : (k + 1) * s.replicates]  # [((train loss, acc), (test loss, acc))]
-                per_seed[k][arm[0]] = {
-                    "train_acc": [tr[1] for tr, _te in mine],
-                    "test_acc": [te[1] for _tr, te in mine],
-                    "train_loss": [tr[0] for tr, _te in mine],
-                    "test_loss": [te[0] for _tr, te in mine],
-                }
+            for k, rec in enumerate(per_seed):
+                mine = [(tr[1], te[1], tr[0], te[0]) for tr, te in scores[k * s.replicates : (k + 1) * s.replicates]]
+                rec[arm] = {key: [row[i] for row in mine] for i, key in enumerate(_RECORDED)}
         return per_seed
 
     claims = staticmethod(_claims)

@@ -7,6 +7,7 @@ Setup, the rules fixed before any run and each setting's source: ``goodfellow_ch
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ...functional import batch_norm
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..declare import listed, seeded
 from ..experiment import Experiment, column
@@ -32,37 +33,20 @@ DESCRIPTION = (
 QUICK_SECONDS = 1.5
 USES_DATA = False
 """The chain is synthetic: ``--data`` is ignored (the replication matrix counts it once)."""
-_DEPTHS = {"tiny": (2, 4), "quick": (2, 4, 8, 16), "full": (2, 4, 8, 16, 32)}
-_SCALES = {"tiny": (1.0, 1.2), "quick": (0.8, 1.0, 1.2, 1.5), "full": (0.5, 0.8, 1.0, 1.2, 1.5)}
 _GRID_POINTS = {"tiny": 8, "quick": 29, "full": 57}
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment; claim thresholds with the source of the reading (each field's meaning and
-    source: ``goodfellow_chain.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``goodfellow_chain.settings.toml``
+    (each one's meaning and source: ``goodfellow_chain.md``)."""
 
     depths: tuple[int, ...]
     scales: tuple[float, ...]
     lrs: tuple[float, ...]
-    batch: int = 256
-    target: str = "t = 2x"
-    loss: str = "f = mean((y - t)^2) / 2"
-    init: str = "every w_i = scale; BN: gamma_i = 1, beta_i = 0"
-    bn_eps: float = 1e-12
-    dtype: str = "float64"
-    step: str = "one simultaneous step on every parameter: p <- p - lr * df/dp"
-    predicted_change: str = "-lr * |g|^2 (first order)"
-    safe_band: tuple[float, float] = (0.5, 1.5)
-    safe_lr_definition: str = (
-        "largest lr on the grid such that actual/predicted is within the safe band for it and every smaller lr"
-    )
-    reference_lr: float = 0.1
-    data_note: str = "synthetic (x ~ N(0, 1), one draw per seed); --data is ignored"
-    plain_safe_lr_spread_at_least: float = 100.0
-    plain_error_growth_at_least: float = 2.0
-    bn_safe_lr_spread_below: float = 2.0
-    bn_first_order_error_below: float = 0.10
+    batch: int
+    bn_eps: float
+    safe_band: tuple[float, float]
 
 
 def _output(x: Tensor, ws: list[Tensor], gammas: list[Tensor], betas: list[Tensor], bn: bool, eps: float) -> Tensor:
@@ -85,29 +69,23 @@ def _measure(
     gammas = [torch.ones(1, dtype=torch.float64, requires_grad=bn) for _ in range(depth)]
     betas = [torch.zeros(1, dtype=torch.float64, requires_grad=bn) for _ in range(depth)]
     params = ws + (gammas + betas if bn else [])
-    loss = 0.5 * ((_output(x, ws, gammas, betas, bn, eps) - t) ** 2).mean()
+
+    def loss_of(p: list[Tensor]) -> Tensor:  # weights p[:depth]; with BN, gammas and betas after them
+        norm = (p[depth : 2 * depth], p[2 * depth :]) if bn else (gammas, betas)
+        return 0.5 * ((_output(x, p[:depth], *norm, bn, eps) - t) ** 2).mean()
+
+    loss = loss_of(params)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
     g2 = float(sum((g.detach() ** 2).sum() for g in grads))
     base = float(loss.detach())
-    predicted = []
-    actual = []
+    predicted = [-lr * g2 for lr in lrs]
     with torch.no_grad():
-        for lr in lrs:
-            new = [p.detach() - lr * g for p, g in zip(params, grads)]
-            new_ws = new[:depth]
-            new_g = new[depth : 2 * depth] if bn else gammas
-            new_b = new[2 * depth :] if bn else betas
-            after = float(0.5 * ((_output(x, new_ws, new_g, new_b, bn, eps) - t) ** 2).mean())
-            predicted.append(-lr * g2)
-            actual.append(after - base if math.isfinite(after) else math.inf)
+        after = [float(loss_of([p.detach() - lr * g for p, g in zip(params, grads)])) for lr in lrs]
+    actual = [a - base if math.isfinite(a) else math.inf for a in after]
     ratios = [a / p if p != 0 else math.nan for a, p in zip(actual, predicted)]
-    safe = None
-    for lr, r in zip(lrs, ratios):
-        if math.isfinite(r) and band[0] <= r <= band[1]:
-            safe = lr
-        else:
-            break
+    n_safe = next((i for i, r in enumerate(ratios) if not (math.isfinite(r) and band[0] <= r <= band[1])), len(ratios))
+    safe = lrs[n_safe - 1] if n_safe else None  # the largest lr that, with every smaller one, stays in the band
     return {"loss": base, "grad_norm2": g2, "predicted": predicted, "actual": actual, "ratio": ratios, "safe_lr": safe}
 
 
@@ -118,20 +96,17 @@ def _cases(m: dict[str, Any], arm: str) -> list[dict[str, Any]]:
 def _safe(c: dict[str, Any], lrs: Sequence[float] | None = None) -> float:
     """Safe lr as a number. None (even the smallest lr on the grid is unsafe) gives NaN, or,
     with ``lrs``, the smallest grid lr — an upper bound on the true safe lr."""
-    if c["safe_lr"] is not None:
-        return float(c["safe_lr"])
-    return float(lrs[0]) if lrs is not None else math.nan
+    unsafe = float(lrs[0]) if lrs is not None else math.nan
+    return float(c["safe_lr"]) if c["safe_lr"] is not None else unsafe
 
 
 def _error_at(c: dict[str, Any], lrs: Sequence[float], lr: float) -> float:
     """|actual/predicted - 1| at the grid point nearest ``lr`` (inf when the step overflowed)."""
-    i = int(np.argmin([abs(math.log(v / lr)) for v in lrs]))
-    r = float(c["ratio"][i])
+    r = float(c["ratio"][int(np.argmin([abs(math.log(v / lr)) for v in lrs]))])
     return abs(r - 1.0) if math.isfinite(r) else math.inf
 
 
-_LOG10_CAP = 300.0
-"""log10 of an error that overflowed to inf (keeps per-seed values finite for the verdict)."""
+_LOG10_CAP = 300.0  # log10 of an error that overflowed to inf (keeps per-seed values finite for the verdict)
 
 
 def _log10(v: float) -> float:
@@ -187,12 +162,11 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     first = q[0]
     spreads = ", ".join(f"{10**v:.3g}x" for v in col("plain_spread_log10"))
+    spread, growth = (
+        math.log10(float(s[key])) for key in ("plain_safe_lr_spread_at_least", "plain_error_growth_at_least")
+    )
     make = Claims(
-        __name__,
-        results,
-        spread_log10=math.log10(float(s["plain_safe_lr_spread_at_least"])),
-        growth_log10=math.log10(float(s["plain_error_growth_at_least"])),
-        bn_error_pct=100 * s["bn_first_order_error_below"],
+        __name__, results, spread_log10=spread, growth_log10=growth, bn_error_pct=100 * s["bn_first_order_error_below"]
     )
     return [
         make(
@@ -252,9 +226,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         ax.plot(lim, lim, ":", color="black", label="actual = predicted")
         ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=1e-6)
-        ax.set_xlim(1e-8, 1e6)
-        ax.set_ylim(-1e12, 1e4)
-        ax.set_yticks([-1e12, -1e8, -1e4, -1.0, -1e-4, 0.0, 1e-4, 1.0, 1e4])  # every 4 decades: no crowding at 0
+        ticks = [-1e12, -1e8, -1e4, -1.0, -1e-4, 0.0, 1e-4, 1.0, 1e4]  # every 4 decades: no crowding at 0
+        ax.set(xlim=(1e-8, 1e6), ylim=(-1e12, 1e4), yticks=ticks)
         ax.set(xlabel="predicted loss decrease lr*|g|^2 (first order)", title=f"{title} (all weights = {scale_shown})")
         dress(ax, grid=True, legend={"loc": "lower left", "fontsize": 8})
     axes[0].set_ylabel("actual loss decrease (negative = loss went up)")
@@ -283,7 +256,7 @@ class Chain(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         lrs = tuple(float(v) for v in np.logspace(-6, 1, _GRID_POINTS[cfg.mode]))
-        return Settings(depths=_DEPTHS[cfg.mode], scales=_SCALES[cfg.mode], lrs=lrs)
+        return Settings.of(cfg.mode, lrs=lrs)
 
     def load_seed(self, cfg: RunConfig, settings: Settings, seed: int) -> Tensor:
         """The seed's inputs x, (N, 1) float64 standard normal."""
@@ -301,12 +274,10 @@ class Chain(Experiment):
         with progress.task("chains", total=2 * len(s.depths) * len(s.scales) * len(seeds)) as tick:
             for x in data:
                 cases = []
-                for arm in ("plain", "bn"):
-                    for depth in s.depths:
-                        for scale in s.scales:
-                            m = _measure(x, depth, scale, arm == "bn", s.lrs, s.bn_eps, s.safe_band)
-                            cases.append({"arm": arm, "depth": depth, "scale": scale, **m})
-                            tick.update(1)
+                for arm, depth, scale in itertools.product(("plain", "bn"), s.depths, s.scales):
+                    m = _measure(x, depth, scale, arm == "bn", s.lrs, s.bn_eps, s.safe_band)
+                    cases.append({"arm": arm, "depth": depth, "scale": scale, **m})
+                    tick.update(1)
                 per_seed.append({"cases": cases})
         return per_seed
 

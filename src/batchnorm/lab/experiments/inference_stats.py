@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import seeded, train_seeds
+from ..declare import mlp_for, seeded, train_seeds
 from ..experiment import Experiment, per_seed_values
-from ..models import MLP, blocks
+from ..models import blocks
 from ..popstats import population_statistics
 from ..progress import Progress
 from ..training import TrainSpec, evaluate
@@ -33,35 +33,27 @@ DESCRIPTION = "Test-time BN statistics: batch vs running average vs population (
 QUICK_SECONDS = 6.0
 _BATCH_SIZES = (2, 4, 8, 16, 32, 60, 120, 360)
 _NOISE_SIZES = (2, 4, 8, 16, 32, 60, 128)
-_STEPS = {"tiny": 30, "quick": 2000, "full": 20000}
+_FIXED = {  # the fixed statistics in the figure: label, color, line style
+    "running_average": ("running average (EMA)", "tab:red", "-"),
+    "alg2_population": ("Alg. 2 population statistics", "tab:green", "--"),
+    "exact_population": ("exact population statistics", "black", ":"),
+}
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``inference_stats.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``inference_stats.settings.toml``
+    (each one's meaning and source: ``inference_stats.md``)."""
 
     steps: int
     test_batch_repeats: int
     noise_batches: int
-    hidden: tuple[int, ...] = (100, 100, 100)
-    activation: str = "relu"
-    norm: str = "batchnorm.BatchNorm1d before every ReLU (eps 1e-5, momentum 0.1)"
-    init: str = "He: N(0, 2/fan_in), biases 0, seeded per seed"
-    optimizer: str = "SGD, no momentum, no weight decay"
-    lr: float = 0.1
-    batch_size: int = 60
-    test_batch_sizes: tuple[int, ...] = _BATCH_SIZES
-    noise_batch_sizes: tuple[int, ...] = _NOISE_SIZES
-    alg2: str = "one pass over the training set in batches of 60: E[mu_B], 60/59 E[sigma_B^2]"
-    exact: str = "batchnorm.recompute_statistics(mode='eval', passes=depth+1): whole training set, inference network"
-    seeds_trained: str = "the seeds are trained together (batchnorm.lab.stacked), each as if alone"
-    fixed_statistics_band_pp: float = 1.0
-    alg2_mean_within_std: float = 0.1
-    alg2_var_within: float = 0.10
-    batch8_drop_at_least_pp: float = 1.0
-    batch2_drop_at_least_pp: float = 10.0
-    single_example_max_logit_delta: float = 1e-4
-    noise_theory_band: float = 0.15
+    hidden: tuple[int, ...]
+    activation: str
+    lr: float
+    batch_size: int
+    test_batch_sizes: tuple[int, ...]
+    noise_batch_sizes: tuple[int, ...]
 
 
 @torch.no_grad()
@@ -69,16 +61,12 @@ def _batch_stats_accuracy(
     model: nn.Module, x: Tensor, y: Tensor, size: int, repeats: int, generator: torch.Generator
 ) -> float:
     """Mean accuracy when each test batch of ``size`` is normalized by its own statistics."""
-    net = copy.deepcopy(model)
+    net = copy.deepcopy(model).eval()
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.track_running_stats = False  # batch statistics, buffers untouched
-    net.eval()
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.train()
-    correct = 0
-    seen = 0
+    correct = seen = 0
     for _ in range(repeats):
         order = torch.randperm(x.shape[0], generator=generator)
         usable = (x.shape[0] // size) * size
@@ -105,8 +93,7 @@ def _first_layer_noise(
     sigma = h.std(0, unbiased=False)
     out: dict[str, Any] = {"m": [], "mean_scatter": [], "mean_scatter_theory": [], "var_rel_scatter": []}
     for m in sizes:
-        zs = []
-        vs = []
+        zs, vs = [], []
         for _ in range(batches):
             idx = torch.randperm(n, generator=generator)[:m]
             hb = h[idx]
@@ -129,8 +116,7 @@ def _rel_diff(a: list[dict[str, list[float]]], b: list[dict[str, list[float]]], 
     """Per BN layer: the largest |a - b| over units, means in units of b's std, variances relative to b's."""
     out = []
     for la, lb in zip(a, b):
-        va = np.asarray(la[key])
-        vb = np.asarray(lb[key])
+        va, vb = np.asarray(la[key]), np.asarray(lb[key])
         scale = np.sqrt(np.asarray(lb["var"])) if key == "mean" else np.abs(vb)
         out.append(float(np.max(np.abs(va - vb) / np.maximum(scale, 1e-12))))
     return out
@@ -176,10 +162,9 @@ def _measure(s: Settings, data: Dataset, model: nn.Module, seed: int) -> dict[st
         "single_example_batch_statistics_error": single_fails,
         "first_layer_noise": noise,
         "stat_difference_vs_exact": {
-            "running_average_mean": _rel_diff(st_ema, st_exact, "mean"),
-            "running_average_var": _rel_diff(st_ema, st_exact, "var"),
-            "alg2_mean": _rel_diff(st_alg2, st_exact, "mean"),
-            "alg2_var": _rel_diff(st_alg2, st_exact, "var"),
+            f"{name}_{key}": _rel_diff(st, st_exact, key)
+            for name, st in (("running_average", st_ema), ("alg2", st_alg2))
+            for key in ("mean", "var")
         },
     }
 
@@ -268,15 +253,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ba = m["test_acc_batch_statistics"]
     sizes = [int(k) for k in ba]
     axes[0].plot(sizes, [ba[str(k)] for k in sizes], "o-", color="tab:purple", label="each test batch's own statistics")
-    for (key, label), color, ls in zip(
-        (
-            ("running_average", "running average (EMA)"),
-            ("alg2_population", "Alg. 2 population statistics"),
-            ("exact_population", "exact population statistics"),
-        ),
-        ("tab:red", "tab:green", "black"),
-        ("-", "--", ":"),
-    ):
+    for key, (label, color, ls) in _FIXED.items():
         axes[0].axhline(m["test_acc"][key], color=color, linestyle=ls, label=label)
     axes[0].set_xscale("log", base=2)
     axes[0].set_xticks(sizes, [str(k) for k in sizes])
@@ -284,13 +261,12 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     dress(axes[0], "Which statistics normalize a test example", grid=True, legend={"loc": "lower right", "fontsize": 8})
 
     noise = m["first_layer_noise"]
-    axes[1].plot(
-        noise["m"], noise["mean_scatter"], "o-", color="tab:blue", label="batch mean: std of (mu_B - mu)/sigma"
-    )
-    axes[1].plot(noise["m"], noise["mean_scatter_theory"], ":", color="black", label="theory sqrt((N-m)/(m(N-1)))")
-    axes[1].plot(
-        noise["m"], noise["var_rel_scatter"], "s-", color="tab:orange", label="batch variance: std of sigma_B^2/sigma^2"
-    )
+    for key, style, color, label in (
+        ("mean_scatter", "o-", "tab:blue", "batch mean: std of (mu_B - mu)/sigma"),
+        ("mean_scatter_theory", ":", "black", "theory sqrt((N-m)/(m(N-1)))"),
+        ("var_rel_scatter", "s-", "tab:orange", "batch variance: std of sigma_B^2/sigma^2"),
+    ):
+        axes[1].plot(noise["m"], noise[key], style, color=color, label=label)
     axes[1].set_xscale("log", base=2)
     axes[1].set_xticks(noise["m"], [str(k) for k in noise["m"]])
     axes[1].set(yscale="log", xlabel="batch size m", ylabel="scatter, in population units")
@@ -304,36 +280,23 @@ class InferenceStats(Experiment):
     ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
 
     def settings(self, cfg: RunConfig) -> Settings:
-        return Settings(
-            steps=_STEPS[cfg.mode],
-            test_batch_repeats={"tiny": 2, "quick": 10, "full": 50}[cfg.mode],
-            noise_batches={"tiny": 20, "quick": 500, "full": 5000}[cfg.mode],
-        )
+        return Settings.of(cfg.mode)
 
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
     ) -> list[dict[str, Any]]:
         s = settings
         models = [
-            MLP(
-                d.features,
-                list(s.hidden),
-                d.classes,
-                act=s.activation,
-                norm="bn",
-                init_std="he",
-                generator=seeded(seed),
-            )
+            mlp_for(d, s.hidden, act=s.activation, norm="bn", init_std="he", generator=seeded(seed))
             for d, seed in zip(data, seeds)
         ]
         spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
         results = train_seeds(
             models, data, seeds, spec, f"train BN nets ({len(seeds)} seeds)", progress, order_offset=1
         )
-        out = []
-        for model, d, seed, r in zip(models, data, seeds, results):
-            out.append({**_measure(s, d, model, seed), "diverged": r.diverged})
-        return out
+        return [
+            {**_measure(s, d, m, seed), "diverged": r.diverged} for m, d, seed, r in zip(models, data, seeds, results)
+        ]
 
     claims = staticmethod(_claims)
     figures = staticmethod(_figures)

@@ -14,12 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, probing, seeded, train_seeds
+from ..declare import activation_inputs, listed, mlp_for, probing, seeded, train_seeds
 from ..experiment import Experiment, column, first_reaching
-from ..models import MLP, blocks
 from ..popstats import population_statistics
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
@@ -28,67 +27,26 @@ from ..verdict import part
 ID = "ioffe2015-fig1"
 DESCRIPTION = "Ioffe & Szegedy Fig. 1: BN vs none on a 3x100 sigmoid MLP; accuracy vs step, sigmoid-input percentiles, Alg. 2 inference"
 QUICK_SECONDS = 20.0
-_STEPS = {"tiny": 60, "quick": 5000, "full": 50000}
-_EVERY = {"tiny": 20, "quick": 100, "full": 500}
 # MNIST-1D, quick: the plain network has not started to learn at 5,000 steps (about 31% test
 # accuracy against 67% at 50,000), so quick mode runs 20,000 steps there.
 _MNIST1D_QUICK_STEPS = 20000
 _MNIST1D_QUICK_EVERY = 400
-_MNIST1D_CHOICE = (
-    "MNIST-1D, quick: 20,000 steps (checkpoints every 400) instead of 5,000: at 5,000 steps the plain network is "
-    "still near 31% test accuracy (67% at 50,000 steps), i.e. it has not started to train"
-)
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``ioffe2015_fig1.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``ioffe2015_fig1.settings.toml``
+    (each one's meaning and source: ``ioffe2015_fig1.md``)."""
 
     steps: int
     checkpoint_every: int
-    mnist1d_choice: str = ""
-    hidden: tuple[int, ...] = (100, 100, 100)
-    activation: str = "sigmoid"
-    norm: str = "batchnorm.BatchNorm1d on every hidden layer, before the sigmoid (eps 1e-5, momentum 0.1)"
-    hidden_bias: str = "none with BN (beta subsumes it), zero-initialized without BN"
-    batch_size: int = 60
-    optimizer: str = "SGD (no momentum, no weight decay)"
-    lr: float = 0.1
-    init: str = "weights ~ N(0, std^2), biases 0; same initial weights and minibatch order for both arms of a seed"
-    init_std: float = 0.1
-    tracked_unit: int = 0
-    tracked_layer: str = "last hidden layer (3rd), input of its sigmoid"
-    percentile_data: str = (
-        "test set, in batches of 60; BN net in training mode (batch statistics), running stats untouched"
-    )
-    percentiles: tuple[int, ...] = (15, 50, 85)
-    population_statistics: str = "Alg. 2: weights frozen, one pass of training batches of 60; E[x] = mean of mu_B, Var[x] = 60/59 * mean of sigma_B^2"
-    running_average: str = "PyTorch EMA, momentum 0.1 (running = 0.9 running + 0.1 batch)"
-    seeds_trained: str = "the seeds of each arm are trained together (batchnorm.lab.stacked), each as if alone"
-    speedup_at_least: float = 3.0
-    population_vs_running_tolerance: float = 0.005
-    baseline_spread_growth_at_least: float = 0.05
-    baseline_vs_bn_spread_change_factor: float = 3.0
-    bn_settled_relative_move_below: float = 0.10
-
-
-@torch.no_grad()
-def _sigmoid_inputs(model: nn.Module, x: Tensor, unit: int, batch: int) -> Tensor:
-    """Input of the last hidden sigmoid for ``unit``, over x in batches of ``batch``, with the
-    network in training mode (BN uses batch statistics); BN buffers are restored afterwards.
-
-    Shape: x (N, D) -> (N,).
-    """
-    last = list(blocks(model))[-1]
-    captured: list[Tensor] = []
-    handle = last.act.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0][:, unit].clone()))
-    try:
-        with probing(model):
-            for start in range(0, x.shape[0] - batch + 1, batch):
-                model(x[start : start + batch])
-    finally:
-        handle.remove()
-    return torch.cat(captured)
+    mnist1d_choice: str
+    hidden: tuple[int, ...]
+    batch_size: int
+    lr: float
+    init_std: float
+    tracked_unit: int
+    percentiles: tuple[int, ...]
 
 
 @torch.no_grad()
@@ -122,7 +80,8 @@ def _recorder(s: Settings, data: Dataset, model: nn.Module, norm: str | None, se
         recent = result.losses[seen[0] :]
         seen[0] = len(result.losses)
         rec["train_loss"].append(float(np.mean(recent)) if recent else None)
-        z = _sigmoid_inputs(model, data.test_x, s.tracked_unit, s.batch_size)
+        # the last hidden sigmoid's input, BN on each test batch's statistics (as in training)
+        z = activation_inputs(model, data.test_x, batch=s.batch_size, layers=[len(s.hidden) - 1])[0][:, s.tracked_unit]
         rec["percentiles"].append(np.percentile(z.numpy(), list(s.percentiles)).tolist())
         if norm is not None:
             pop = population_statistics(model, data.train_x, batch_size=s.batch_size, generator=pop_gen)
@@ -141,9 +100,7 @@ def _train_arm(
     if checkpoints[-1] != spec.steps:
         checkpoints.append(spec.steps)
     models = [
-        MLP(
-            d.features, list(s.hidden), d.classes, act="sigmoid", norm=norm, init_std=s.init_std, generator=seeded(seed)
-        )
+        mlp_for(d, s.hidden, act="sigmoid", norm=norm, init_std=s.init_std, generator=seeded(seed))
         for d, seed in zip(data, seeds)
     ]
     recs = [_recorder(s, d, m, norm, seed) for d, m, seed in zip(data, models, seeds)]
@@ -155,12 +112,7 @@ def _train_arm(
     results = train_seeds(
         models, data, seeds, spec, "BN" if norm else "no BN", progress, checkpoints=checkpoints, on_checkpoint=record
     )
-    out = []
-    for (rec, _fn), result in zip(recs, results):
-        rec["diverged"] = result.diverged
-        rec["steps_done"] = result.steps_done
-        out.append(rec)
-    return out
+    return [{**rec, "diverged": r.diverged, "steps_done": r.steps_done} for (rec, _fn), r in zip(recs, results)]
 
 
 def _second_half(steps: list[int]) -> list[int]:
@@ -219,13 +171,12 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     def mean(key: str) -> float:
         return float(np.mean(col(key)))
 
-    make = Claims(
-        __name__,
-        results,
-        growth_pct=100 * t["baseline_spread_growth_at_least"],
-        settled_pct=100 * t["bn_settled_relative_move_below"],
-        tol_pp=100 * t["population_vs_running_tolerance"],
-    )
+    factor = t["baseline_vs_bn_spread_change_factor"]
+    pct = {
+        f"{name}_pct": 100 * t[key]
+        for name, key in (("growth", "baseline_spread_growth_at_least"), ("settled", "bn_settled_relative_move_below"))
+    }
+    make = Claims(__name__, results, **pct, tol_pp=100 * t["population_vs_running_tolerance"])
     return [
         make(
             "bn_above_baseline",
@@ -243,15 +194,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
         make(
             "baseline_spread_widens",
             a=col("widen_base"),
-            also=[
-                part(
-                    [
-                        w - t["baseline_vs_bn_spread_change_factor"] * c
-                        for w, c in zip(col("widen_base"), col("change_bn"))
-                    ],
-                    above=0.0,
-                )
-            ],
+            also=[part([w - factor * c for w, c in zip(col("widen_base"), col("change_bn"))], above=0.0)],
             evidence=f"second half: baseline spread {100 * mean('widen_base'):+.1f}%, BN's spread changes by {100 * mean('change_bn'):.1f}% "
             "(means over seeds)",
         ),
@@ -321,22 +264,17 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     idx = [i for i, s in enumerate(bn["step"]) if s > 0]
     steps = [bn["step"][i] for i in idx]
-    ax.plot(steps, [bn["test_acc"][i] for i in idx], label="running average (EMA, momentum 0.1)", color="tab:red")
-    ax.plot(
-        steps,
-        [bn["test_acc_population"][i] for i in idx],
-        label="Alg. 2 population statistics",
-        color="tab:green",
-        linestyle="--",
-    )
-    ax.plot(
-        steps,
-        [bn["test_acc_batch_stats"][i] for i in idx],
-        label="statistics of each test batch of 60",
-        color="tab:purple",
-        alpha=0.7,
-        linestyle=":",
-    )
+    curves: list[tuple[str, str, dict[str, Any]]] = [
+        ("test_acc", "running average (EMA, momentum 0.1)", {"color": "tab:red"}),
+        ("test_acc_population", "Alg. 2 population statistics", {"color": "tab:green", "linestyle": "--"}),
+        (
+            "test_acc_batch_stats",
+            "statistics of each test batch of 60",
+            {"color": "tab:purple", "alpha": 0.7, "linestyle": ":"},
+        ),
+    ]
+    for key, label, kw in curves:
+        ax.plot(steps, [bn[key][i] for i in idx], label=label, **kw)
     title = "BN inference: which statistics normalize a test example"
     ylabel = "test accuracy of the BN network"
     dress(ax, title, xlabel="training step", ylabel=ylabel, grid=True, legend={"loc": "lower right"})
@@ -359,10 +297,9 @@ class Fig1(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         if cfg.data == "mnist1d" and cfg.mode == "quick":
-            return Settings(
-                steps=_MNIST1D_QUICK_STEPS, checkpoint_every=_MNIST1D_QUICK_EVERY, mnist1d_choice=_MNIST1D_CHOICE
-            )
-        return Settings(steps=_STEPS[cfg.mode], checkpoint_every=_EVERY[cfg.mode])
+            choice = Settings.text("mnist1d_choice", steps=_MNIST1D_QUICK_STEPS, every=_MNIST1D_QUICK_EVERY)
+            return Settings.of(steps=_MNIST1D_QUICK_STEPS, checkpoint_every=_MNIST1D_QUICK_EVERY, mnist1d_choice=choice)
+        return Settings.of(cfg.mode)
 
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress

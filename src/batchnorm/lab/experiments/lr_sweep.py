@@ -9,7 +9,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, probing, seeded
+from ..declare import listed, mlp_for, probing, seeded
 from ..experiment import Experiment, load_for
 from ..figures import mean_band
 from ..models import MLP, blocks
@@ -30,7 +30,7 @@ from ..results import number
 from ..stacked import train_stacked
 from ..training import TrainSpec, evaluate, minibatches
 from ..verdict import part
-from ._calibration import CALIBRATION_SEED, calibration_split, epochs_to_steps
+from ._calibration import calibration_split, epochs_to_steps
 
 ID = "lr-sweep"
 DESCRIPTION = (
@@ -43,41 +43,28 @@ _CAP = 1e30  # stands for an infinite loss ratio or activation growth in the log
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``lr_sweep.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``lr_sweep.settings.toml``
+    (each one's meaning and source: ``lr_sweep.md``)."""
 
     hidden: tuple[int, ...]
     steps: int
     steps_rule: str
     lrs: tuple[float, ...]
     step_probe_alphas: tuple[float, ...]
-    plain_best_lr: float = math.nan
-    high_lr: float = math.nan
-    calibration: dict[str, Any] = field(default_factory=dict)
-    calibration_seed: int = CALIBRATION_SEED
-    best_rate_rule: str = "plain network, calibration run: the largest lr whose validation accuracy is within 0.5 pp of the best on the grid"
-    best_tolerance: float = 0.005
-    activation: str = "relu"
-    norm: str = "batchnorm.BatchNorm1d before every ReLU (hidden Linear bias dropped)"
-    init: str = "He: weights ~ N(0, 2/fan_in), biases 0 (same initial weights for both arms of a seed)"
-    optimizer: str = "SGD, no momentum, no weight decay, constant lr"
-    batch_size: int = 60
-    diverged_definition: str = "a NaN or infinite training loss (training stops there; test accuracy counted as 0)"
-    seeds_trained: str = "the seeds of each (arm, lr) are trained together (batchnorm.lab.stacked), each as if alone"
-    blowup_lr: float = 1.0
-    blowup_steps: int = 10
-    blowup_definition: str = "up to 10 SGD steps at lr 1.0 from the initial weights; per-layer RMS on one batch after the last step that stayed finite"
-    high_lr_fails_by: float = 0.5
-    high_lr_as_accurate_within: float = 0.005
-    plain_growth_at_least: float = 5.0
-    bn_growth_at_most: float = 2.0
-    probe_factor_at_least: float = 100.0
+    plain_best_lr: float
+    high_lr: float
+    calibration: dict[str, Any]
+    calibration_seed: int
+    best_tolerance: float
+    batch_size: int
+    blowup_lr: float
+    blowup_steps: int
 
 
 def _model(data: Dataset, s: Settings, norm: str | None, seed: int) -> MLP:
     """The sweep's ReLU MLP, He-initialized from ``seed`` (the same weights in both arms)."""
-    generator = seeded(seed)
-    return MLP(data.features, list(s.hidden), data.classes, act="relu", norm=norm, init_std="he", generator=generator)
+    return mlp_for(data, s.hidden, act="relu", norm=norm, init_std="he", generator=seeded(seed))
 
 
 def _step_probe(model: nn.Module, x: Tensor, y: Tensor, alphas: list[float]) -> list[float]:
@@ -314,16 +301,12 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             cfg["step_probe_alphas"], np.where(np.isfinite(r), r, np.nan), "o-", color=color, label=label, markersize=3
         )
         layers = np.arange(1, len(m["activation_rms_init"]) + 1)
-        axes[1].plot(
-            layers, [number(v) for v in m["activation_rms_init"]], "--", color=color, label=f"{label}, at init"
-        )
-        axes[1].plot(
-            layers,
-            [number(v) for v in m["activation_rms_after_large_steps"]],
-            "o-",
-            color=color,
-            label=f"{label}, after {m['large_steps_taken']} step(s) at lr {cfg['blowup_lr']:g}",
-        )
+        after = f"{label}, after {m['large_steps_taken']} step(s) at lr {cfg['blowup_lr']:g}"
+        for key, style, line in (
+            ("activation_rms_init", "--", f"{label}, at init"),
+            ("activation_rms_after_large_steps", "o-", after),
+        ):
+            axes[1].plot(layers, [number(v) for v in m[key]], style, color=color, label=line)
     axes[0].axhline(1.0, color="black", linestyle=":", linewidth=1)
     title = "How far the gradient direction stays downhill (first seed)"
     ylabel = "L(w - alpha g) / L(w) at initialization"
@@ -343,7 +326,7 @@ class LrSweep(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         if cfg.mode == "tiny":
-            return Settings(
+            return Settings.of(
                 hidden=(32,) * 3,
                 steps=30,
                 steps_rule="tiny: 30 steps (a smoke test)",
@@ -357,7 +340,7 @@ class LrSweep(Experiment):
             if cfg.mode == "quick"
             else (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
         )
-        return Settings(
+        return Settings.of(
             hidden=(100,) * 8,
             steps=epochs_to_steps(epochs, n, 60),
             steps_rule=f"{epochs:g} passes over the training set ({n} examples, batch 60), the same rule on every data set",

@@ -10,16 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
-from torch import Tensor, nn
 
 from .._replicates import mean_over_replicates, replicate_seed
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, seeded, train_seeds
+from ..declare import activation_inputs, listed, seeded, train_seeds
 from ..experiment import Experiment, column, first_reaching
-from ..models import MLP, blocks
+from ..models import MLP
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 
@@ -29,54 +27,20 @@ DESCRIPTION = (
 )
 QUICK_SECONDS = 25.0
 _ARMS = tuple((act, place) for act in ("sigmoid", "relu") for place in ("none", "before", "after"))
-_STEPS = {"tiny": 40, "quick": 2000, "full": 20000}
-_REPLICATES = {"tiny": 2, "quick": 4, "full": 4}
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``placement.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``placement.settings.toml``
+    (each one's meaning and source: ``placement.md``)."""
 
     steps: int
     checkpoint_every: int
-    replicates: int = 4
-    steps_rule: str = (
-        "the same number of steps on every data set (the digits setup), fixed before any multi-seed run; replaces the "
-        "MNIST-1D-only 8,000 steps that had been chosen after seeing a run"
-    )
-    hidden: tuple[int, ...] = (100, 100, 100)
-    batch_size: int = 60
-    lr: float = 0.1
-    optimizer: str = "SGD, no momentum, no weight decay"
-    init_sigmoid: str = "weights ~ N(0, 0.1^2), biases 0"
-    init_relu: str = "He: N(0, 2/fan_in), biases 0"
-    norm: str = "batchnorm.BatchNorm1d; 'before': act(BN(W u)) without Linear bias; 'after': BN(act(W u + b))"
-    seeds_trained: str = "the seeds of each network are trained together (batchnorm.lab.stacked), each as if alone"
-    saturation_threshold: float = 4.0
-    arms: tuple[str, ...] = tuple(f"{a}/{p}" for a, p in _ARMS)
-    speedup_at_least: float = 3.0
-    early_checkpoint_fraction: float = 0.1
-    relu_gain_smaller_by_at_least: float = 0.0
-    sigmoid_before_tolerance: float = 0.005
-    relu_placement_band: float = 0.01
-
-
-@torch.no_grad()
-def _activation_inputs(model: nn.Module, x: Tensor) -> list[Tensor]:
-    """Inputs of every hidden activation on x, eval mode. Shape: list of (N, width)."""
-    captured: list[Tensor] = []
-    handles = [
-        b.act.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0].detach().clone())) for b in blocks(model)
-    ]
-    was = model.training
-    try:
-        model.eval()
-        model(x)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
-    return captured
+    replicates: int
+    hidden: tuple[int, ...]
+    batch_size: int
+    lr: float
+    saturation_threshold: float
 
 
 def _train_arm(
@@ -102,7 +66,7 @@ def _train_arm(
             rec["step"].append(step)
             rec["test_acc"].append(evaluate(model, d.test_x, d.test_y)[1])
             if i % s.replicates == 0:  # activation-input statistics: the first replicate of each seed
-                inputs = _activation_inputs(model, d.test_x)
+                inputs = activation_inputs(model, d.test_x)
                 rec["input_std"].append([float(z.std(dim=0).mean()) for z in inputs])
                 rec["saturated"].append([float((z.abs() > s.saturation_threshold).float().mean()) for z in inputs])
 
@@ -119,8 +83,7 @@ def _train_arm(
 
 
 def _early_index(rec: dict[str, Any], fraction: float) -> int:
-    last = rec["step"][-1]
-    return min(i for i, s in enumerate(rec["step"]) if s >= fraction * last and s > 0)
+    return min(i for i, s in enumerate(rec["step"]) if s >= fraction * rec["step"][-1] and s > 0)
 
 
 def _late(rec: dict[str, Any]) -> float:
@@ -131,10 +94,8 @@ def _late(rec: dict[str, Any]) -> float:
 
 def _quantities(m: dict[str, Any], frac: float) -> dict[str, float]:
     """One seed's numbers behind the claims: the mean over its replicates."""
-    runs = len(m["sigmoid/none"])
-    q = mean_over_replicates(
-        [_replicate_quantities({key: recs[r] for key, recs in m.items()}, frac) for r in range(runs)]
-    )
+    reps = [{key: recs[r] for key, recs in m.items()} for r in range(len(m["sigmoid/none"]))]
+    q = mean_over_replicates([_replicate_quantities(rep, frac) for rep in reps])
     # saturation: recorded for the first replicate only
     q["sat_before"] = float(np.mean(m["sigmoid/before"][0]["saturated"][-1]))
     q["sat_after"] = float(np.mean(m["sigmoid/after"][0]["saturated"][-1]))
@@ -269,8 +230,8 @@ class Placement(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         """The mode's steps and replicates (the same for every data set)."""
-        steps = _STEPS[cfg.mode]
-        return Settings(steps=steps, checkpoint_every=steps // 20, replicates=_REPLICATES[cfg.mode])
+        steps = {"tiny": 40, "quick": 2000, "full": 20000}[cfg.mode]
+        return Settings.of(cfg.mode, steps=steps, checkpoint_every=steps // 20)
 
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from ... import recompute_statistics
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import seeded, train_seeds
+from ..declare import mlp_for, seeded, train_seeds
 from ..experiment import Experiment, per_seed_values
 from ..models import MLP
 from ..progress import Progress
@@ -36,39 +36,23 @@ _SAMPLE_SIZES = (16, 32, 64, 128, 256, 512, 1024)
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``precise_bn.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``precise_bn.settings.toml``
+    (each one's meaning and source: ``precise_bn.md``)."""
 
     epochs: int
     max_train: int | None
     sample_draws: int
-    hidden: tuple[int, ...] = (256, 256, 256)
-    activation: str = "relu"
-    norm: str = "batchnorm.BatchNorm1d before each ReLU (Linear bias dropped), momentum 0.1 (EMA lambda 0.9)"
-    init: str = "weights ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's default bound) from a seeded generator; head bias PyTorch default"
-    batch_size: int = 256
-    lr: float = 1.0
-    momentum: float = 0.9
-    optimizer: str = "SGD with momentum 0.9, constant learning rate, no weight decay"
-    checkpoint: str = "every epoch (ceil(N_train / 256) steps)"
-    precise: str = (
-        "batchnorm.recompute_statistics(model copy, training set in batches of 256, mode='train'): "
-        "BN layers use batch statistics in the forward pass; per-layer moments pooled exactly (float64, Chan merge)"
-    )
-    sample_sizes: tuple[int, ...] = _SAMPLE_SIZES
-    sample_checkpoints: str = "epoch 2 (early) and the final epoch"
-    seeds_trained: str = "the seeds are trained together (batchnorm.lab.stacked), each as if alone"
-    early_epochs: int = 10
-    early_gain_at_least_pp: float = 1.0
-    shrink_ratio_at_most: float = 0.5
-    saturation_samples: int = 512
-    saturated_within_pp: float = 0.5
+    hidden: tuple[int, ...]
+    activation: str
+    batch_size: int
+    lr: float
+    momentum: float
+    sample_sizes: tuple[int, ...]
 
 
 def _bn_layers(model: nn.Module) -> list[nn.Module]:
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def precise_copy(model: nn.Module, x: Tensor, batch_size: int, max_samples: int | None = None) -> nn.Module:
@@ -81,10 +65,10 @@ def precise_copy(model: nn.Module, x: Tensor, batch_size: int, max_samples: int 
 def stats_error(model: nn.Module, reference: nn.Module) -> float:
     """Mean over BN layers and units of |var_model / var_reference - 1| (how far the running
     variances are from the reference's)."""
-    errs = []
-    for a, b in zip(_bn_layers(model), _bn_layers(reference)):
-        errs.append((a.running_var / b.running_var.clamp_min(1e-12) - 1.0).abs().mean())
-    return float(torch.stack(errs).mean())
+    pairs = zip(_bn_layers(model), _bn_layers(reference))
+    return float(
+        torch.stack([(a.running_var / b.running_var.clamp_min(1e-12) - 1.0).abs().mean() for a, b in pairs]).mean()
+    )
 
 
 def _sample_curve(model: nn.Module, data: Dataset, s: Settings, gen: torch.Generator) -> dict[str, Any]:
@@ -103,14 +87,15 @@ def _sample_curve(model: nn.Module, data: Dataset, s: Settings, gen: torch.Gener
     return {"sizes": sizes, "acc": accs, "all": n, "acc_all": full}
 
 
-def _seeded_init(model: MLP, seed: int) -> None:
-    """PyTorch's default bound for the weights, drawn from a seeded generator."""
+def _seeded_init(model: MLP, seed: int) -> MLP:
+    """``model`` with PyTorch's default bound for the weights, drawn from a seeded generator."""
     with torch.no_grad():
         gen = seeded(seed + 1)
         for p in model.parameters():
             if p.dim() == 2:
                 bound = 1.0 / p.shape[1] ** 0.5
                 p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
+    return model
 
 
 def _recorder(
@@ -135,10 +120,8 @@ def _recorder(
         rec["acc_precise"].append(evaluate(pre, data.test_x, data.test_y)[1])
         rec["var_error_ema"].append(stats_error(model, pre))
         if step == 2 * per_epoch or step == steps:
-            rec["samples"]["early" if step == 2 * per_epoch else "final"] = {
-                "step": step,
-                **_sample_curve(model, data, s, sample_gen),
-            }
+            curve = _sample_curve(model, data, s, sample_gen)
+            rec["samples"]["early" if step == 2 * per_epoch else "final"] = {"step": step, **curve}
 
     return rec, record
 
@@ -242,27 +225,17 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     t = min(len(r["epoch"]) for r in runs)
     epochs = runs[0]["epoch"][:t]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
-    mean_band(
-        axes[0],
-        epochs,
-        [[100 * v for v in r["acc_ema"][:t]] for r in runs],
-        "EMA statistics (momentum 0.1)",
-        color="tab:red",
-    )
-    mean_band(
-        axes[0],
-        epochs,
-        [[100 * v for v in r["acc_precise"][:t]] for r in runs],
-        "precise statistics (PreciseBN)",
-        color="tab:blue",
-    )
+    for key, label, color in (
+        ("acc_ema", "EMA statistics (momentum 0.1)", "tab:red"),
+        ("acc_precise", "precise statistics (PreciseBN)", "tab:blue"),
+    ):
+        mean_band(axes[0], epochs, [[100 * v for v in r[key][:t]] for r in runs], label, color=color)
     axes[0].set(xlabel="epoch", ylabel="test accuracy (%)")
     lo = min(min(r["acc_ema"][1:t] + r["acc_precise"][1:t]) for r in runs)
     axes[0].set_ylim(max(0.0, 100 * lo - 2), 100)
     dress(axes[0], "Test accuracy with EMA vs precise BN statistics", legend={"fontsize": 8})
-    mean_band(
-        axes[1], epochs[1:], [r["var_error_ema"][1:t] for r in runs], "EMA running_var vs precise", color="tab:red"
-    )
+    stale = [r["var_error_ema"][1:t] for r in runs]
+    mean_band(axes[1], epochs[1:], stale, "EMA running_var vs precise", color="tab:red")
     axes[1].set(yscale="log", xlabel="epoch", ylabel="mean |var_EMA / var_precise - 1|")
     dress(axes[1], "How stale the EMA statistics are", legend={"fontsize": 8})
     paths = [save(fig, outdir / "ema_vs_precise.png")]
@@ -278,21 +251,10 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         per = np.asarray([[100 * np.mean(row) for row in c["acc"]] for c in curves])  # (seeds, sizes)
         std = np.asarray([[100 * np.std(row) for row in c["acc"]] for c in curves]).mean(axis=0)
         mean = per.mean(axis=0)
-        ax.errorbar(
-            sizes,
-            mean,
-            yerr=std,
-            color=color,
-            marker="o",
-            capsize=3,
-            label=f"{when} (step {curves[0]['step']}): N samples, mean ± std over draws",
-        )
-        ax.axhline(
-            100 * float(np.mean([c["acc_all"] for c in curves])),
-            color=color,
-            linestyle="--",
-            label=f"{when}: all {curves[0]['all']} samples",
-        )
+        label = f"{when} (step {curves[0]['step']}): N samples, mean ± std over draws"
+        ax.errorbar(sizes, mean, yerr=std, color=color, marker="o", capsize=3, label=label)
+        every = 100 * float(np.mean([c["acc_all"] for c in curves]))
+        ax.axhline(every, color=color, linestyle="--", label=f"{when}: all {curves[0]['all']} samples")
     ax.set_xscale("log")
     if sizes_shown:
         log_ticks(ax.xaxis, sizes_shown)  # the sample counts measured
@@ -308,10 +270,9 @@ class PreciseBN(Experiment):
     ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
 
     def settings(self, cfg: RunConfig) -> Settings:
-        return Settings(
-            epochs={"tiny": 3, "quick": 40, "full": 200}[cfg.mode],
+        return Settings.of(
+            cfg.mode,
             max_train=None if cfg.mode == "full" else 2000,
-            sample_draws={"tiny": 2, "quick": 10, "full": 20}[cfg.mode],
         )
 
     def run_seeds(
@@ -325,11 +286,7 @@ class PreciseBN(Experiment):
         n = sizes.pop()
         per_epoch = -(-n // s.batch_size)
         steps = s.epochs * per_epoch
-        models = []
-        for d, seed in zip(data, seeds):
-            model = MLP(d.features, list(s.hidden), d.classes, act=s.activation, norm="bn")
-            _seeded_init(model, seed)
-            models.append(model)
+        models = [_seeded_init(mlp_for(d, s.hidden, act=s.activation, norm="bn"), seed) for d, seed in zip(data, seeds)]
         recs = [_recorder(s, d, m, seed, per_epoch, steps) for d, m, seed in zip(data, models, seeds)]
 
         def record(step: int, _results: list[TrainResult]) -> None:
@@ -337,15 +294,9 @@ class PreciseBN(Experiment):
                 fn(step)
 
         spec = TrainSpec(steps=steps, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum)
+        epochs = range(0, steps + 1, per_epoch)
         results = train_seeds(
-            models,
-            data,
-            seeds,
-            spec,
-            f"{len(seeds)} seeds",
-            progress,
-            checkpoints=range(0, steps + 1, per_epoch),
-            on_checkpoint=record,
+            models, data, seeds, spec, f"{len(seeds)} seeds", progress, checkpoints=epochs, on_checkpoint=record
         )
         return [{**rec, "diverged": r.diverged} for (rec, _fn), r in zip(recs, results)]
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, probing, seeded
@@ -31,38 +31,21 @@ QUICK_SECONDS = 25.0
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``santurkar2018_ics.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``santurkar2018_ics.settings.toml``
+    (each one's meaning and source: ``santurkar2018_ics.md``)."""
 
     dln_steps: int
     dln_checkpoints: int
     mlp_steps: int
     mlp_checkpoints: int
-    dln_depth: int = 25
-    dln_width: int = 32
-    dln_inputs: str = "x ~ N(0, I_32), 4096 samples, fixed by the seed"
-    dln_target: str = "y = x A, A (32, 10) ~ N(0, 1/32), loss MSE"
-    dln_init: str = "weights ~ N(0, 1/width), biases 0"
-    dln_lr: float = 0.005
-    mlp_depth: int = 10
-    mlp_width: int = 64
-    mlp_init: str = "He: weights ~ N(0, 2/fan_in), biases 0"
-    mlp_lr: float = 0.1
-    batch_size: int = 128
-    norm: str = "batchnorm.BatchNorm1d before the activation in every hidden layer (Linear bias dropped); none: no norm"
-    optimizer: str = "SGD (no momentum, no weight decay), constant learning rate"
-    same_start: str = "with and without BN start from weights drawn from the same generator and see the same batches"
-    ics_definition: str = (
-        "G = grad of W_i; G' = grad of W_i after an SGD step (training lr) of all parameters of layers < i on the same batch; "
-        "layers i >= 2; measured on the Linear weight of layer i"
-    )
-    ics_batch: str = (
-        "128 training examples, a different slice at each checkpoint; training mode; running statistics restored"
-    )
-    per_seed_number: str = "median over the checkpoints after step 0 and the layers 2..L"
-    dln_l2_ratio_at_least: float = 1.0
-    dln_cosine_difference_at_most: float = 0.0
-    mlp_relative_l2_ratio_at_least: float = 0.5
+    dln_depth: int
+    dln_width: int
+    dln_lr: float
+    mlp_depth: int
+    mlp_width: int
+    mlp_lr: float
+    batch_size: int
 
 
 def ics(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: Any) -> list[dict[str, float]]:
@@ -109,21 +92,21 @@ def _dln_data(seed: int, n: int = 4096) -> tuple[Tensor, Tensor]:
     return x, x @ a  # (n, 32), (n, 10)
 
 
-def _train_and_measure(
+def _measured(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    steps: int,
+    spec: TrainSpec,
     checkpoints: int,
-    lr: float,
-    batch: int,
     seed: int,
     loss_fn: Any,
     label: str,
     progress: Progress,
 ) -> dict[str, Any]:
-    every = max(1, steps // checkpoints)
-    marks = list(range(0, steps + 1, every))
+    """Train ``model`` on (x, y) by ``spec`` (minibatch order seeded ``seed + 2``), measuring ``ics``
+    on a 128-example slice at ``checkpoints`` evenly spaced steps (and step 0)."""
+    steps, lr = spec.steps, spec.lr
+    marks = list(range(0, steps + 1, max(1, steps // checkpoints)))
     rec: dict[str, Any] = {"step": [], "ics": []}
     count = [0]
 
@@ -135,7 +118,6 @@ def _train_and_measure(
         rec["step"].append(step)
         rec["ics"].append(ics(model, x[idx], y[idx], lr, loss_fn))
 
-    spec = TrainSpec(steps=steps, batch_size=batch, lr=lr)
     with progress.task(f"{label} seed {seed}", total=steps) as tick:
         order = seeded(seed + 2)
         result = train(
@@ -199,46 +181,22 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                 runs = [m[net][norm] for m in per_seed]
                 t = min(len(r["ics"]) for r in runs)
                 steps = runs[0]["step"][:t]
-                per_step = np.asarray(
-                    [[[float(v[key]) for v in r["ics"][i]] for r in runs] for i in range(t)], dtype=float
-                ).reshape(t, -1)
-                ax.plot(
-                    steps,
-                    np.median(per_step, axis=1),
-                    color=colors[norm],
-                    marker="o",
-                    ms=3,
-                    label=f"{labels[norm]} (median over layers and seeds)",
-                )
-                ax.fill_between(
-                    steps,
-                    np.percentile(per_step, 25, axis=1),
-                    np.percentile(per_step, 75, axis=1),
-                    color=colors[norm],
-                    alpha=0.2,
-                    linewidth=0,
-                )
+                per_step = np.asarray([[[float(v[key]) for v in r["ics"][i]] for r in runs] for i in range(t)])
+                per_step = per_step.reshape(t, -1)  # (checkpoints, seeds * layers)
+                label = f"{labels[norm]} (median over layers and seeds)"
+                ax.plot(steps, np.median(per_step, axis=1), color=colors[norm], marker="o", ms=3, label=label)
+                lo, hi = (np.percentile(per_step, q, axis=1) for q in (25, 75))
+                ax.fill_between(steps, lo, hi, color=colors[norm], alpha=0.2, linewidth=0)
             title = f"{titles[net]}: {'l2 difference' if key == 'l2' else 'cosine'} over training"
             dress(ax, title, xlabel="training step", ylabel=ylabel, legend={"fontsize": 8}, **scale)
             ax = axes[1][col]
             for norm in ("none", "bn"):
                 runs = [m[net][norm] for m in per_seed]
                 layers = [v["layer"] for v in runs[0]["ics"][0]]
-                per_layer = np.asarray(
-                    [
-                        [float(r["ics"][i][j][key]) for r in runs for i in range(len(r["step"])) if r["step"][i] > 0]
-                        for j in range(len(layers))
-                    ],
-                    dtype=float,
-                )  # (layers, seeds * checkpoints)
-                ax.plot(
-                    layers,
-                    np.median(per_layer, axis=1),
-                    color=colors[norm],
-                    marker="o",
-                    ms=3,
-                    label=f"{labels[norm]} (median over checkpoints after step 0)",
-                )
+                after = [(r, i) for r in runs for i in range(len(r["step"])) if r["step"][i] > 0]
+                per_layer = np.asarray([[float(r["ics"][i][j][key]) for r, i in after] for j in range(len(layers))])
+                label = f"{labels[norm]} (median over checkpoints after step 0)"
+                ax.plot(layers, np.median(per_layer, axis=1), color=colors[norm], marker="o", ms=3, label=label)
             dress(ax, f"{titles[net]}: per layer", xlabel="layer i", ylabel=ylabel, legend={"fontsize": 8}, **scale)
         paths.append(save(fig, outdir / f"ics_{net}.png"))
     return paths
@@ -251,57 +209,30 @@ class Ics(Experiment):
     ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
 
     def settings(self, cfg: RunConfig) -> Settings:
-        return Settings(
-            dln_steps=cfg.pick(tiny=20, quick=300, full=3000),
-            dln_checkpoints=cfg.pick(tiny=2, quick=6, full=20),
-            mlp_steps=cfg.pick(tiny=20, quick=500, full=3000),
-            mlp_checkpoints=cfg.pick(tiny=2, quick=10, full=20),
-        )
+        return Settings.of(cfg.mode)
 
     def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
         s = settings
         x, y = _dln_data(seed)
         out: dict[str, Any] = {"dln": {}, "mlp": {}}
+        dln = TrainSpec(steps=s.dln_steps, batch_size=s.batch_size, lr=s.dln_lr)
+        mlp = TrainSpec(steps=s.mlp_steps, batch_size=s.batch_size, lr=s.mlp_lr)
+        xy = (data.train_x, data.train_y)
         for norm in ("none", "bn"):
             std = (1.0 / s.dln_width) ** 0.5
             layers = [s.dln_width] * s.dln_depth
             bn = None if norm == "none" else "bn"
             model = MLP(32, layers, 10, act="identity", norm=bn, init_std=std, generator=seeded(seed + 1))
-            out["dln"][norm] = _train_and_measure(
-                model,
-                x,
-                y,
-                s.dln_steps,
-                s.dln_checkpoints,
-                s.dln_lr,
-                s.batch_size,
-                seed,
-                F.mse_loss,
-                f"DLN {norm}",
-                progress,
-            )
+            out["dln"][norm] = _measured(model, x, y, dln, s.dln_checkpoints, seed, F.mse_loss, f"DLN {norm}", progress)
         for norm in ("none", "bn"):
             model = build(data, s.mlp_depth, s.mlp_width, None if norm == "none" else "bn", seed)
-            out["mlp"][norm] = _train_and_measure(
-                model,
-                data.train_x,
-                data.train_y,
-                s.mlp_steps,
-                s.mlp_checkpoints,
-                s.mlp_lr,
-                s.batch_size,
-                seed,
-                F.cross_entropy,
-                f"MLP {norm}",
-                progress,
-            )
+            loss = F.cross_entropy
+            out["mlp"][norm] = _measured(model, *xy, mlp, s.mlp_checkpoints, seed, loss, f"MLP {norm}", progress)
         return out
 
     def describe_data(self, settings: Settings, first: Dataset) -> dict[str, Any]:
-        return {
-            **super().describe_data(settings, first),
-            "note": "the DLN part uses its own Gaussian data (see config: dln_*)",
-        }
+        note = "the DLN part uses its own Gaussian data (see config: dln_*)"
+        return {**super().describe_data(settings, first), "note": note}
 
     claims = staticmethod(_claims)
     figures = staticmethod(_figures)

@@ -7,25 +7,24 @@ Setup, the rules fixed before any run and each setting's source: ``santurkar2018
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import seeded, train_seeds
+from ..declare import activation_inputs, seeded, train_seeds
 from ..experiment import Experiment, column, load_for
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
-from ._calibration import CALIBRATION_SEED, calibration_split, epochs_to_steps
-from ._santurkar import NoisyReLU, build, capture_act_inputs, noisy, seed_slot, window_means
+from ._calibration import calibration_split, epochs_to_steps
+from ._santurkar import NoisyReLU, act_input, build, noisy, seed_slot, window_means
 
 ID = "santurkar2018-noisy"
 DESCRIPTION = "Santurkar 2018 Fig. 2: BN with injected time-varying noise trains like BN, far better than none, though its layer inputs drift more"
@@ -42,8 +41,9 @@ _DIVERGED_DRIFT = 1e3  # drift recorded for a run that diverged (its inputs beca
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``santurkar2018_noisy.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``santurkar2018_noisy.settings.toml``
+    (each one's meaning and source: ``santurkar2018_noisy.md``)."""
 
     depth: int
     width: int
@@ -51,40 +51,12 @@ class Settings:
     steps_rule: str
     checkpoint_every: int
     noise_grid: tuple[float, ...]
-    noise_magnitude: float = math.nan
-    noise_rule: str = (
-        "the smallest a of noise_grid whose drift (step_location and step_spread of both tracked layers, lr 0.1) exceeds "
-        "the no-BN network's in all four numbers, on the calibration run; the largest a if none does"
-    )
-    noise_form: str = (
-        "per step and unit: mu ~ U(-a, a), s ~ U(1, 1 + a); per sample: y' = y*s*(1 + (a/5) e) + mu + (a/5) e'"
-    )
-    noise_where: str = (
-        "after every BN layer (after gamma, beta), before the ReLU; at inference y' = y * (2 + a) / 2 (the expectation)"
-    )
-    calibration: dict[str, Any] = field(default_factory=dict)
-    calibration_seed: int = CALIBRATION_SEED
-    batch_size: int = 128
-    lrs: tuple[float, ...] = (0.1, 0.5)
-    optimizer: str = "SGD (no momentum, no weight decay), constant learning rate"
-    init: str = (
-        "He: weights ~ N(0, 2/fan_in), biases 0; same initial weights and minibatch order in every arm of a seed"
-    )
-    norm_placement: str = "before the ReLU (Linear bias dropped with BN)"
-    tracked_layers: tuple[int, ...] = (2, 8)
-    probe: str = (
-        "first 256 training examples, forwarded as one batch in training mode at each checkpoint (one noise draw)"
-    )
-    drift: str = (
-        "per unit, after the first 10% of steps: RMS change between consecutive checkpoints of the batch mean (location) and "
-        "batch std (spread) of its ReLU input, divided by its average batch std; median over units. Also the std over all "
-        "checkpoints (total_*)"
-    )
-    seeds_trained: str = "the seeds of each arm are trained together (batchnorm.lab.stacked), each as if alone; noise from each seed's own generator"
-    close_to_bn_within: float = 0.02
-    faster_loss_ratio_at_least: float = 1.0
-    high_lr_gap_at_least: float = 0.10
-    drift_ratio_at_least: float = 1.0
+    noise_magnitude: float
+    calibration: dict[str, Any]
+    calibration_seed: int
+    batch_size: int
+    lrs: tuple[float, ...]
+    tracked_layers: tuple[int, ...]
 
 
 def _noise(a: float) -> tuple[float, float, float]:
@@ -140,7 +112,9 @@ def _train(
             if result.diverged:
                 continue
             with seed_slot(model, k):
-                z = capture_act_inputs(model, probe, layers, probe.shape[0])
+                z = dict(
+                    zip(layers, activation_inputs(model, probe, batch=probe.shape[0], layers=layers, at=act_input))
+                )
             if not all(torch.isfinite(z[i]).all() for i in layers):
                 continue
             rec["step"].append(step)
@@ -181,36 +155,6 @@ def _train(
     return out
 
 
-def _calibrate(s: Settings, cfg: RunConfig, progress: Progress) -> Settings:
-    """Fix the noise magnitude by ``s.noise_rule`` on the calibration seed and split."""
-    seed = s.calibration_seed
-    cal = calibration_split(load_for(cfg, seed), seed)
-    lr = s.lrs[0]
-    none = _train(s, [cal], [seed], "none", lr, [0.0], "calibration: no BN", progress)[0]
-    grid = list(s.noise_grid)
-    noisy_runs = _train(
-        s, [cal] * len(grid), [seed] * len(grid), "noisy", lr, grid, "calibration: noisy BN grid", progress
-    )
-    keys = [(str(i), kind) for i in s.tracked_layers for kind in _COMPARED]
-    exceeds = [all(r["drift"][layer][kind] > none["drift"][layer][kind] for layer, kind in keys) for r in noisy_runs]
-    chosen = next((a for a, ok in zip(grid, exceeds) if ok), grid[-1])
-    record = {
-        "seed": seed,
-        "split": f"80/20 stratified split of seed {seed}'s training set ({cal.train_x.shape[0]} / {cal.test_x.shape[0]} examples); test set unused",
-        "lr": lr,
-        "none_drift": {f"{layer}/{kind}": none["drift"][layer][kind] for layer, kind in keys},
-        "noisy_drift": {
-            f"{a:g}": {f"{layer}/{kind}": r["drift"][layer][kind] for layer, kind in keys}
-            for a, r in zip(grid, noisy_runs)
-        },
-        "exceeds": {f"{a:g}": ok for a, ok in zip(grid, exceeds)},
-        "noisy_final_train_acc": {f"{a:g}": r["final_train_acc"] for a, r in zip(grid, noisy_runs)},
-        "none_final_train_acc": none["final_train_acc"],
-        "any_exceeds": any(exceeds),
-    }
-    return dataclasses.replace(s, noise_magnitude=float(chosen), calibration=record)
-
-
 def _col(results: dict[str, Any], arm: str, lr: float, key: str) -> list[float]:
     return column(results["metrics"]["per_seed"], f"{arm}@{lr:g}", key)
 
@@ -224,12 +168,8 @@ def _runs(results: dict[str, Any], arm: str, lr: float, key: str, fmt: str | Non
     reads "diverged" (results.json stores it with ``"diverged": true``, accuracy 0 and loss and
     drift 1e3, the values the claims are judged on)."""
     runs = [m[f"{arm}@{lr:g}"] for m in results["metrics"]["per_seed"]]
-    return ", ".join(
-        "diverged"
-        if r.get("diverged")
-        else (f"{100 * float(r[key]):.1f}" if fmt is None else fmt.format(float(r[key])))
-        for r in runs
-    )
+    show = (lambda v: f"{100 * v:.1f}") if fmt is None else fmt.format
+    return ", ".join("diverged" if r.get("diverged") else show(float(r[key])) for r in runs)
 
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -254,8 +194,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     diverged = sum(bool(m[f"none@{hi:g}"]["diverged"]) for m in results["metrics"]["per_seed"])
     least = float(t["drift_ratio_at_least"])
     layers = [str(i) for i in t["tracked_layers"]]
-    parts_d = []
-    ev = []
+    parts_d, ev = [], []
     for layer in layers:
         for kind in _COMPARED:
             noisy_drift, none_drift = (_drift_col(results, arm, lo, layer, kind) for arm in ("noisy", "none"))
@@ -340,9 +279,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             p = np.asarray(r["percentiles"][layer], dtype=float)  # (T, 3)
             steps = r["step"][: p.shape[0]]
             if p.size:
-                ax.fill_between(
-                    steps, p[:, 0], p[:, 2], color=colors[arm], alpha=0.25, linewidth=0, label="15th-85th percentile"
-                )
+                band = {"color": colors[arm], "alpha": 0.25, "linewidth": 0, "label": "15th-85th percentile"}
+                ax.fill_between(steps, p[:, 0], p[:, 2], **band)
                 ax.plot(steps, p[:, 1], color=colors[arm], label="median")
             title = f"{_LABELS[arm]}: layer {int(layer) + 1}, unit 0 (lr {lr:g}, first seed)"
             dress(ax, title, title_size=9, xlabel="step", ylabel="input of the ReLU", legend={"fontsize": 7})
@@ -387,11 +325,40 @@ class Noisy(Experiment):
             rule = f"{epochs:g} passes over the training set ({n} examples, batch 128), the same rule on every data set"
             grid = _NOISE_GRID
         every = max(1, steps // (10 if cfg.mode == "tiny" else 30))
-        return Settings(depth=depth, width=width, steps=steps, steps_rule=rule, checkpoint_every=every, noise_grid=grid)
+        return Settings.of(
+            depth=depth, width=width, steps=steps, steps_rule=rule, checkpoint_every=every, noise_grid=grid
+        )
 
     def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
-        """Calibrate the noise magnitude on the calibration seed's own split."""
-        return _calibrate(settings, cfg, progress)
+        """Fix the noise magnitude by the ``noise_rule`` setting on the calibration seed's own split."""
+        s = settings
+        seed = s.calibration_seed
+        cal = calibration_split(load_for(cfg, seed), seed)
+        lr = s.lrs[0]
+        none = _train(s, [cal], [seed], "none", lr, [0.0], "calibration: no BN", progress)[0]
+        grid = list(s.noise_grid)
+        runs = len(grid)
+        noisy_runs = _train(s, [cal] * runs, [seed] * runs, "noisy", lr, grid, "calibration: noisy BN grid", progress)
+        keys = [(str(i), kind) for i in s.tracked_layers for kind in _COMPARED]
+        exceeds = [
+            all(r["drift"][layer][kind] > none["drift"][layer][kind] for layer, kind in keys) for r in noisy_runs
+        ]
+        chosen = next((a for a, ok in zip(grid, exceeds) if ok), grid[-1])
+        record = {
+            "seed": seed,
+            "split": f"80/20 stratified split of seed {seed}'s training set ({cal.train_x.shape[0]} / {cal.test_x.shape[0]} examples); test set unused",
+            "lr": lr,
+            "none_drift": {f"{layer}/{kind}": none["drift"][layer][kind] for layer, kind in keys},
+            "noisy_drift": {
+                f"{a:g}": {f"{layer}/{kind}": r["drift"][layer][kind] for layer, kind in keys}
+                for a, r in zip(grid, noisy_runs)
+            },
+            "exceeds": {f"{a:g}": ok for a, ok in zip(grid, exceeds)},
+            "noisy_final_train_acc": {f"{a:g}": r["final_train_acc"] for a, r in zip(grid, noisy_runs)},
+            "none_final_train_acc": none["final_train_acc"],
+            "any_exceeds": any(exceeds),
+        }
+        return dataclasses.replace(s, noise_magnitude=float(chosen), calibration=record)
 
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress

@@ -18,10 +18,10 @@ from torch import Tensor, nn
 
 from ... import GhostBatchNorm1d
 from .._stacked_nets import train_together
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, seeded
+from ..declare import listed, non_iid_batches, seeded
 from ..experiment import Experiment, column, per_seed_values
 from ..models import MLP, ConvNet
 from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
@@ -36,9 +36,8 @@ QUICK_SECONDS = 25.0
 _NORMS = ("bn", "brn", "ghost", "gn")
 _LABELS = {"bn": "BN (per-group stats)", "brn": "Batch Renorm", "ghost": "Ghost BN", "gn": "Group Norm"}
 _COLORS = {"bn": "tab:blue", "brn": "tab:green", "ghost": "tab:purple", "gn": "tab:orange"}
-_GROUP_SIZES = {"tiny": (32, 2), "quick": (32, 8, 2), "full": (32, 16, 8, 4, 2)}
 
-# Step counts from ``calibrate_steps`` (the rule: Settings.steps_rule; its history: small_batch.md)
+# Step counts from ``calibrate_steps`` (the rule: the steps_rule setting; its history: small_batch.md)
 _CALIBRATED_STEPS = {"digits": 500, "mnist1d": 2900}
 _HAND_CHOSEN_BEFORE = {"mnist1d": 2400}  # what a data set used before its calibration was run
 _TINY_STEPS = 40
@@ -46,52 +45,29 @@ _FULL_FACTOR = 10 / 3  # full mode trains 10/3 x the calibrated steps
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``small_batch.md``)."""
+class Settings(Declared):
+    """The settings the code computes or reads; every constant one is in ``small_batch.settings.toml``
+    (each one's meaning and source: ``small_batch.md``)."""
 
     model: str
     steps: int
     steps_rule: str
     group_sizes: tuple[int, ...]
-    mnist1d_choice: str = ""
-    hidden: tuple[int, ...] = (100, 100, 100)
-    channels: tuple[int, ...] = (32, 32, 32)
-    activation: str = "relu"
-    placement: str = "normalization before each ReLU (Linear/conv bias dropped)"
-    init: str = "PyTorch's default, seeded: every normalization of a seed starts from the same weights"
-    batch_size: int = 32
-    lr: float = 0.1
-    non_iid_group: int = 4
-    moving_average_momentum: float = 0.01
-    renorm_schedule: str = (
-        "r_max 1 and d_max 0 for the first 10% of the steps, then linear: d_max 5 at 50%, r_max 3 at 80%"
-    )
-    group_norm_groups: int = 4
-    evaluation: str = "test set, eval mode: running statistics (BN, BRN, Ghost BN); GN needs none"
-    seeds_trained: str = "all arms and seeds trained together (batchnorm.lab._stacked_nets), each as if alone"
-    flat_rise_at_most_pp: float = 2.5
-    sharp_rise_at_least_pp: float = 10.0
-    far_better_ratio: float = 2.0
-    far_better_by_at_least_pp: float = 3.0
-    bn_vs_gn_tolerance_pp: float = 1.0
-    same_error_band_pp: float = 2.5
-
-
-def _steps_rule(data_name: str, steps: int) -> str:
-    before = _HAND_CHOSEN_BEFORE.get(data_name)
-    earlier = f" (before this calibration, {before:,} steps chosen by hand on seed 0 were used)" if before else ""
-    return (
-        f"calibration on seed {CALIBRATION_SEED} (its own split: a stratified 80% of its training set trains, 20% validates; "
-        "no test image): BN with m = 32 and Group Norm trained for up to 4x a default of 1,200 steps with "
-        "validation checkpoints every 5% of that; steps = the first checkpoint at which BOTH reach within 1 pp of "
-        f"their best validation error, rounded up to a multiple of 100; gave {steps} on {data_name}{earlier}"
-    )
+    mnist1d_choice: str
+    hidden: tuple[int, ...]
+    channels: tuple[int, ...]
+    activation: str
+    batch_size: int
+    lr: float
+    non_iid_group: int
+    moving_average_momentum: float
+    group_norm_groups: int
 
 
 def calibrate_steps(
     data_name: str, *, max_steps: int = 4800, every: int = 240, tolerance_pp: float = 1.0
 ) -> dict[str, Any]:
-    """The step-count rule (``Settings.steps_rule``) run on ``CALIBRATION_SEED``.
+    """The step-count rule (the ``steps_rule`` setting) run on ``CALIBRATION_SEED``.
 
     Trains BN (m = 32) and Group Norm on the calibration split (``calibration_split``: a
     stratified 80% of the calibration seed's training set) and validates on the other 20% every ``every`` steps up to ``max_steps``; returns
@@ -104,14 +80,9 @@ def calibrate_steps(
     data = calibration_split(load(data_name, CALIBRATION_SEED), CALIBRATION_SEED)
     cut = data.train_x.shape[0]
     s = _settings_for(data_name, "quick", steps=max_steps)
-    arms = [
-        [_model(data, s, _norm_factory("bn", s.batch_size, s), CALIBRATION_SEED)],
-        [_model(data, s, _norm_factory("gn", s.batch_size, s), CALIBRATION_SEED)],
-    ]
-    gen = seeded(CALIBRATION_SEED + 2)
-    streams = [minibatches(cut, s.batch_size, gen)]
-    streams.append(minibatches(cut, s.batch_size, seeded(CALIBRATION_SEED + 2)))
     curves: dict[str, list[float]] = {"bn": [], "gn": []}
+    arms = [[_model(data, s, _norm_factory(name, s.batch_size, s), CALIBRATION_SEED)] for name in curves]
+    streams = [minibatches(cut, s.batch_size, seeded(CALIBRATION_SEED + 2)) for _ in arms]
     checkpoints = []
     for done in range(every, max_steps + 1, every):
         # plain SGD has no optimizer state: training in chunks equals one long run
@@ -123,7 +94,7 @@ def calibrate_steps(
             streams,
         )
         checkpoints.append(done)
-        for name, arm in zip(("bn", "gn"), arms):
+        for name, arm in zip(curves, arms):
             curves[name].append(100.0 * (1.0 - evaluate(arm[0], data.test_x, data.test_y)[1]))
     reached = [
         next(c for c, e in zip(checkpoints, curves[name]) if e <= min(curves[name]) + tolerance_pp) for name in curves
@@ -137,15 +108,12 @@ def _settings_for(data_name: str, mode: str, steps: int | None = None) -> Settin
     base = _CALIBRATED_STEPS.get(data_name, _CALIBRATED_STEPS["digits"])
     if steps is None:
         steps = {"tiny": _TINY_STEPS, "quick": base, "full": int(round(base * _FULL_FACTOR))}[mode]
-    rule = _steps_rule(data_name if data_name in _CALIBRATED_STEPS else "digits (used for other data)", base)
-    choice = ""
-    if model == "cnn1d":
-        choice = (
-            "MNIST-1D: a 1-D CNN (three length-3 conv blocks of 32 channels, strides 1, 2, 2, normalization before each "
-            "ReLU, global average pooling) instead of the digits MLP, whose 3x100 layers underfit MNIST-1D (~35% error); "
-            f"{base} calibrated steps (see steps_rule)"
-        )
-    return Settings(model=model, steps=steps, steps_rule=rule, group_sizes=_GROUP_SIZES[mode], mnist1d_choice=choice)
+    before = _HAND_CHOSEN_BEFORE.get(data_name)
+    earlier = Settings.text("hand_chosen_before", steps=before) if before else ""
+    name = data_name if data_name in _CALIBRATED_STEPS else "digits (used for other data)"
+    rule = Settings.text("steps_rule", seed=CALIBRATION_SEED, steps=base, data=name, earlier=earlier)
+    choice = Settings.text("mnist1d_choice", steps=base) if model == "cnn1d" else ""
+    return Settings.of(mode, model=model, steps=steps, steps_rule=rule, mnist1d_choice=choice)
 
 
 def _model(data: Dataset, s: Settings, factory: Callable[[int], nn.Module], seed: int) -> nn.Module:
@@ -157,24 +125,14 @@ def _model(data: Dataset, s: Settings, factory: Callable[[int], nn.Module], seed
     return MLP(data.features, list(s.hidden), data.classes, act=s.activation, norm=factory)
 
 
-def _renorm_schedule(steps: int) -> dict[str, float | int]:
-    return {
-        "r_max": 3.0,
-        "d_max": 5.0,
-        "warmup_steps": steps // 10,
-        "d_max_steps": steps // 2,
-        "r_max_steps": 4 * steps // 5,
-    }
-
-
 def _norm_factory(norm: str, group_size: int, s: Settings) -> Callable[[int], nn.Module]:
     """The normalization layer of a hidden layer for ``norm`` in ("bn", "brn", "ghost", "gn")."""
     momentum = s.moving_average_momentum
     if norm == "bn":
         return lambda c: GroupedBatchNorm1d(c, group_size, momentum=momentum)
     if norm == "brn":
-        sched = _renorm_schedule(s.steps)
-        return lambda c: GroupedBatchRenorm1d(c, group_size, momentum=momentum, **sched)
+        ends = {"warmup_steps": s.steps // 10, "d_max_steps": s.steps // 2, "r_max_steps": 4 * s.steps // 5}
+        return lambda c: GroupedBatchRenorm1d(c, group_size, momentum=momentum, r_max=3.0, d_max=5.0, **ends)
     if norm == "ghost":
         return lambda c: GhostBatchNorm1d(c, group_size, momentum=momentum)
     if norm == "gn":
@@ -182,25 +140,14 @@ def _norm_factory(norm: str, group_size: int, s: Settings) -> Callable[[int], nn
     raise ValueError(f"small-batch: expected norm in {_NORMS}, got {norm!r}")
 
 
-def non_iid_batches(
-    y: Tensor, classes: int, generator: torch.Generator, batch: int = 32, group: int = 4, per_class: int = 2
-) -> Iterator[Tensor]:
-    """Endless index batches of ``batch`` made of groups of ``group`` examples, each group holding
-    ``group // per_class`` distinct random classes with ``per_class`` random examples of each.
-
-    Shape: each yielded tensor is (batch,) int64; group g is entries g*group .. g*group + group - 1.
-    """
-    by_class = [torch.nonzero(y == c).flatten() for c in range(classes)]
-    by_class = [idx for idx in by_class if idx.numel() > 0]
-    k = group // per_class
-    while True:
-        parts = []
-        for _ in range(batch // group):
-            chosen = torch.randperm(len(by_class), generator=generator)[:k]
-            for c in chosen.tolist():
-                pool = by_class[c]
-                parts.append(pool[torch.randint(pool.numel(), (per_class,), generator=generator)])
-        yield torch.cat(parts)
+def _stream(s: Settings, d: Dataset, seed: int, group: int, iid: bool) -> Iterator[Tensor]:
+    """Seed ``seed``'s minibatches of an arm: i.i.d., or non-i.i.d. groups of ``group``."""
+    gen = seeded(seed + 2)
+    return (
+        minibatches(d.train_x.shape[0], s.batch_size, gen)
+        if iid
+        else non_iid_batches(d.train_y, d.classes, gen, s.batch_size, group)
+    )
 
 
 def _arms(s: Settings) -> list[tuple[str, int, bool]]:
@@ -221,22 +168,10 @@ def _arms(s: Settings) -> list[tuple[str, int, bool]]:
 
 
 def _iid(m: dict[str, Any], norm: str, size: int, batch: int) -> float:
-    """Test error (%) of ``norm`` at group size ``size`` in one seed's metrics (GN: any size;
-    Ghost BN at the whole batch is BN)."""
-    if norm == "gn":
-        size = batch
-    if norm == "ghost" and size >= batch:
-        norm = "bn"
-    return float(m["iid"][norm][str(size)]["test_error"])
-
-
-def _has(m: dict[str, Any], norm: str, size: int, batch: int) -> bool:
-    """Whether one seed's metrics hold ``norm`` at group size ``size`` (see ``_iid``)."""
-    if norm == "gn":
-        size = batch
-    if norm == "ghost" and size >= batch:
-        norm = "bn"
-    return str(size) in m["iid"][norm]
+    """Test error (%) of ``norm`` at group size ``size`` in one seed's metrics, NaN for an arm not
+    trained (GN: any size; Ghost BN at the whole batch is BN)."""
+    rec = m["iid"]["bn" if norm == "ghost" and size >= batch else norm].get(str(batch if norm == "gn" else size))
+    return float(rec["test_error"]) if rec else math.nan
 
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -332,23 +267,12 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.3), gridspec_kw={"width_ratios": [3, 2]})
     ax = axes[0]
     for norm in _NORMS:
-        have = [v for v in sizes if all(_has(m, norm, v, batch) for m in per_seed)]  # arms not trained are left out
+        have = [v for v in sizes if not any(math.isnan(_iid(m, norm, v, batch)) for m in per_seed)]  # trained arms
         errs = np.asarray([[_iid(m, norm, v, batch) for v in have] for m in per_seed])  # (seeds, sizes)
-        label = (
-            _LABELS[norm]
-            + (" (independent of m)" if norm == "gn" else "")
-            + (f", mean ± std of {n} seeds" if n > 1 else "")
-        )
-        ax.errorbar(
-            have,
-            errs.mean(axis=0),
-            yerr=errs.std(axis=0) if n > 1 else None,
-            marker="o",
-            capsize=3,
-            color=_COLORS[norm],
-            linestyle="--" if norm == "gn" else "-",
-            label=label,
-        )
+        gn, std = norm == "gn", errs.std(axis=0) if n > 1 else None
+        label = _LABELS[norm] + (" (independent of m)" if gn else "") + (f", mean ± std of {n} seeds" if n > 1 else "")
+        style = {"marker": "o", "capsize": 3, "color": _COLORS[norm], "linestyle": "--" if gn else "-", "label": label}
+        ax.errorbar(have, errs.mean(axis=0), yerr=std, **style)
     ax.set_xscale("log", base=2)
     # every power of two from the smallest group to the largest, so the axis reads as a scale
     log_ticks(ax.xaxis, [2**k for k in range(int(np.log2(min(sizes))), int(np.log2(max(sizes))) + 1)])
@@ -380,40 +304,25 @@ class SmallBatch(Experiment):
         s = settings
         arms = _arms(s)
         models = [
-            [_model(d, s, _norm_factory(norm, m, s), seed) for d, seed in zip(data, seeds)] for norm, m, _iid in arms
+            [_model(d, s, _norm_factory(norm, m, s), seed) for d, seed in zip(data, seeds)] for norm, m, _ in arms
         ]
-        streams: list[Iterator[Tensor]] = []
-        for _norm, m, iid in arms:
-            for d, seed in zip(data, seeds):
-                gen = seeded(seed + 2)
-                streams.append(
-                    minibatches(d.train_x.shape[0], s.batch_size, gen)
-                    if iid
-                    else non_iid_batches(d.train_y, d.classes, gen, s.batch_size, m)
-                )
+        streams = [_stream(s, d, seed, m, iid) for _, m, iid in arms for d, seed in zip(data, seeds)]
         xs = [d.train_x for _ in arms for d in data]
         ys = [d.train_y for _ in arms for d in data]
         spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
         with progress.task(f"{len(arms)} arms x {len(seeds)} seeds", total=s.steps) as tick:
             results = train_together(models, xs, ys, spec, streams, tick=tick)
         per_seed: list[dict[str, Any]] = [{"iid": {n: {} for n in _NORMS}, "non_iid": {}} for _ in seeds]
-        k = 0
+        runs = iter(results)
         for (norm, m, iid), arm in zip(arms, models):
-            for j, (model, d) in enumerate(zip(arm, data)):
-                r = results[k]
-                k += 1
-                _, test_acc = evaluate(model, d.test_x, d.test_y)
-                _, train_acc = evaluate(model, d.train_x, d.train_y)
-                rec = {
-                    "test_error": 100.0 * (1.0 - test_acc),
-                    "train_error_eval_mode": 100.0 * (1.0 - train_acc),
+            for rec, model, d in zip(per_seed, arm, data):
+                r = next(runs)
+                (rec["iid"][norm] if iid else rec["non_iid"])[str(m) if iid else norm] = {
+                    "test_error": 100.0 * (1.0 - evaluate(model, d.test_x, d.test_y)[1]),
+                    "train_error_eval_mode": 100.0 * (1.0 - evaluate(model, d.train_x, d.train_y)[1]),
                     "final_train_loss": float(np.mean(r.losses[-50:])) if r.losses else None,
                     "diverged": r.diverged,
                 }
-                if iid:
-                    per_seed[j]["iid"][norm][str(m)] = rec
-                else:
-                    per_seed[j]["non_iid"][norm] = rec
         return per_seed
 
     claims = staticmethod(_claims)
