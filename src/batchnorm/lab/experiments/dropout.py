@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from .._replicates import mean_over_replicates, replicate_seed
-from .._stacked_dropout import train_stacked_dropout
 from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
@@ -25,6 +24,7 @@ from ..declare import seeded
 from ..experiment import Experiment, column, load_for
 from ..models import MLP
 from ..progress import Progress
+from ..stacked import train_stacked
 from ..training import TrainSpec, evaluate, minibatches
 from ..verdict import part
 from ._calibration import CALIBRATION_SEED
@@ -72,7 +72,7 @@ class Settings:
     pairing: str = "within a seed and replicate, all six arms share the initial weights and the minibatch order (fixed batches: the first epoch's)"
     inference: str = "running averages (PyTorch EMA, momentum 0.1); dropout off"
     fixed_batches: str = "one permutation split into 8 batches of 50, visited in the same order every epoch"
-    seeds_trained: str = "the seeds and replicates of each arm are trained together (batchnorm.lab._stacked_dropout)"
+    seeds_trained: str = "the seeds and replicates of each arm are trained together (batchnorm.lab.stacked)"
     accuracy_tolerance: float = 0.01
     bn_vs_plain_test_loss_below: float = 0.0
     fixed_vs_shuffled_test_loss_above: float = 0.0
@@ -116,13 +116,13 @@ def _train_arm(
         return False
 
     with progress.task(name, total=steps) as tick:
-        train_stacked_dropout(
-            models,
+        train_stacked(
+            [models],
             [d.train_x for d in data],
             [d.train_y for d in data],
             TrainSpec(steps=steps, batch_size=s.batch_size, lr=s.lr),
-            p=p,
-            batches=streams,
+            streams,
+            dropout=p,
             mask_generator=seeded(gens[0] + 2),
             checkpoints=checkpoints,
             stop=fits if stop_at_fit else None,
