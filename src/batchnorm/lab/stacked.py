@@ -58,7 +58,7 @@ from torch.nn import functional as F
 from .models import MLP, ConvNet
 from .training import Tick, TrainResult, TrainSpec
 
-__all__ = ["StackedNet", "train_stacked"]
+__all__ = ["StackedNet", "cross_entropy", "train_stacked"]
 
 
 def _merge_norm(norms: Sequence[nn.Module]) -> nn.Module:
