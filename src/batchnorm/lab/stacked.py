@@ -85,6 +85,14 @@ def _merge_norm(norms: Sequence[nn.Module]) -> nn.Module:
     return merged
 
 
+def _linear(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """Every member's Linear: (M, B, in), weights (M, out, in), biases (M, out) or empty -> (M, B, out).
+    One member uses ``F.linear``, so that ``training.train`` computes what ``nn.Linear`` does, bit for bit."""
+    if h.shape[0] == 1:
+        return F.linear(h[0], w[0], b[0] if b.numel() else None).unsqueeze(0)
+    return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)) if b.numel() else torch.bmm(h, w.transpose(1, 2))
+
+
 class StackedNet(nn.Module):
     """The members of several arms (lab ``MLP``s, or ``ConvNet``s on 1-D signals, all of one
     architecture, with or without biases; one normalization per arm) evaluated together, with
@@ -181,14 +189,11 @@ class StackedNet(nn.Module):
         else:
             h = x  # (M, B, D); activations see (M, B, C)
             for i, (w, act) in enumerate(zip(self.weights, self.acts)):
-                if self.biases[i].numel():
-                    h = torch.baddbmm(self.biases[i].unsqueeze(1), h, w.transpose(1, 2))  # (M, B, out)
-                else:
-                    h = torch.bmm(h, w.transpose(1, 2))  # (M, B, out)
+                h = _linear(h, w, self.biases[i])
                 h = self._drop(
                     act(self._norm_mlp(i, h)) if self.placements[i] == "before" else self._norm_mlp(i, act(h))
                 )
-        return torch.baddbmm(self.head_b.unsqueeze(1), h, self.head_w.transpose(1, 2))  # (M, B, out)
+        return _linear(h, self.head_w, self.head_b)
 
     def _arm_norms(self, i: int) -> list[nn.Module]:
         """Layer i's merged norm of every arm."""

@@ -157,7 +157,7 @@ def train(
     checkpoints: Iterable[int] = (),
     on_checkpoint: Callable[[int, TrainResult], None] | None = None,
     tick: Tick | None = None,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     batches: Iterator[Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` (a lab ``MLP`` or 1-D ``ConvNet`` without dropout modules) in place with
@@ -167,10 +167,10 @@ def train(
     ``on_checkpoint(step, result)`` runs at every step in ``checkpoints`` (0 = before training)
     with the model in training mode holding its current weights and the live ``TrainResult``
     (losses so far); it may evaluate (``evaluate`` restores the mode). ``loss_fn(output,
-    target)`` is the minibatch's mean loss (None: cross-entropy). ``batches`` overrides the
+    target)`` is the minibatch's mean loss. ``batches`` overrides the
     minibatch index stream (e.g. fixed, non-shuffled batches); ``generator`` draws it otherwise.
     """
-    from .stacked import cross_entropy, train_stacked  # the loop builds on this module's types
+    from .stacked import train_stacked  # the loop builds on this module's types
 
     stream = batches if batches is not None else minibatches(x.shape[0], spec.batch_size, generator)
     return train_stacked(
@@ -182,5 +182,5 @@ def train(
         checkpoints=checkpoints,
         on_checkpoint=None if on_checkpoint is None else lambda step, results: on_checkpoint(step, results[0]),
         tick=tick,
-        loss=cross_entropy if loss_fn is None else lambda out, target: loss_fn(out[0], target[0]).reshape(1),
+        loss=lambda out, target: loss_fn(out[0], target[0]).reshape(1),
     )[0]
