@@ -14,7 +14,8 @@ own data ``(xs[k], ys[k])`` with the index batches of its own stream, and the re
 training it alone (a plain SGD loop on the ``nn.Module``) up to float rounding:
 
 * MLP Linear: ``h[k] = x[k] @ W[k]^T (+ b[k])`` as one ``torch.bmm`` / ``torch.baddbmm`` over
-  weights (M, out, in): (M, B, in) -> (M, B, out).
+  weights (M, out, in): (M, B, in) -> (M, B, out); a single member uses ``F.linear``, exactly
+  what its ``nn.Linear`` computes.
 * Conv1d: the members' kernels concatenated to (M*out, in, k) and applied as ONE grouped
   convolution (``groups=M``) on the members' channels side by side: (B, M*in, L) ->
   (B, M*out, L'); member k's channels are k*out .. (k+1)*out - 1.
