@@ -14,8 +14,7 @@ own data ``(xs[k], ys[k])`` with the index batches of its own stream, and the re
 training it alone (a plain SGD loop on the ``nn.Module``) up to float rounding:
 
 * MLP Linear: ``h[k] = x[k] @ W[k]^T (+ b[k])`` as one ``torch.bmm`` / ``torch.baddbmm`` over
-  weights (M, out, in): (M, B, in) -> (M, B, out); a single member uses ``F.linear``, exactly
-  what its ``nn.Linear`` computes.
+  weights (M, out, in): (M, B, in) -> (M, B, out).
 * Conv1d: the members' kernels concatenated to (M*out, in, k) and applied as ONE grouped
   convolution (``groups=M``) on the members' channels side by side: (B, M*in, L) ->
   (B, M*out, L'); member k's channels are k*out .. (k+1)*out - 1.
@@ -87,10 +86,7 @@ def _merge_norm(norms: Sequence[nn.Module]) -> nn.Module:
 
 
 def _linear(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    """Every member's Linear: (M, B, in), weights (M, out, in), biases (M, out) or empty -> (M, B, out).
-    One member uses ``F.linear``, so that ``training.train`` computes what ``nn.Linear`` does, bit for bit."""
-    if h.shape[0] == 1:
-        return F.linear(h[0], w[0], b[0] if b.numel() else None).unsqueeze(0)
+    """Every member's Linear: (M, B, in), weights (M, out, in), biases (M, out) or empty -> (M, B, out)."""
     return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)) if b.numel() else torch.bmm(h, w.transpose(1, 2))
 
 
