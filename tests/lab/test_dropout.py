@@ -1,21 +1,25 @@
 # .venv/bin/python -m pytest -q tests/lab/test_dropout.py            (tiny: seconds)
 # .venv/bin/python -m pytest -q -m slow tests/lab/test_dropout.py    (quick mode, minutes)
 """``dropout`` over seeds: the steps rule on the calibration seed, the calibration seed is never
-a claim seed, a refuting seed set does not hold."""
+a claim seed, a refuting seed set does not hold; its fixed batches; replicate seeds and means."""
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from batchnorm.lab._replicates import mean_over_replicates, replicate_seed
 from batchnorm.lab.config import RunConfig
 from batchnorm.lab.experiment import recorded
 from batchnorm.lab.experiments import dropout as exp
 from batchnorm.lab.experiments._calibration import CALIBRATION_SEED
 from batchnorm.lab.progress import Progress
 from batchnorm.lab.runner import run_one
+from batchnorm.lab.training import minibatches
 
 
 @pytest.mark.parametrize(
@@ -71,3 +75,31 @@ def test_quick_mode_on_digits_base_seed_0(tmp_path: Path) -> None:
     assert [c["verdict"] for c in claims] == ["holds"] * 5, claims
     assert results["metrics"]["seeds"] == list(range(16)) and [c["n_seeds"] for c in claims] == [8, 8, 8, 16, 4]
     assert min(min(m[arm]["train_acc"]) for m in results["metrics"]["per_seed"] for arm in m) >= 0.97
+
+
+def test_fixed_batches_partition_the_set_and_repeat() -> None:
+    stream = exp._fixed_batches(20, 5, torch.Generator().manual_seed(0))
+    first = list(islice(stream, 4))
+    again = list(islice(stream, 4))
+    assert sorted(torch.cat(first).tolist()) == list(range(20))
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    # the first epoch is the shuffled stream's first epoch (pairs the fixed arm with BN's)
+    shuffled = list(islice(minibatches(20, 5, torch.Generator().manual_seed(0)), 4))
+    for a, b in zip(first, shuffled):
+        assert torch.equal(a, b)
+
+
+def test_replicate_seeds_and_means() -> None:
+    assert replicate_seed(3, 0) == 3
+    seeds = {replicate_seed(s, r) for s in range(10) for r in range(4)}
+    assert len(seeds) == 40
+    assert mean_over_replicates([{"a": 1.0, "b": 2.0}, {"a": 3.0, "b": 6.0}]) == {"a": 2.0, "b": 4.0}
+    with pytest.raises(ValueError, match="replicate index"):
+        replicate_seed(0, -1)
+    with pytest.raises(ValueError, match="seed"):
+        replicate_seed(200_000, 1)
+    with pytest.raises(ValueError, match="same keys"):
+        mean_over_replicates([{"a": 1.0}, {"b": 1.0}])
+    with pytest.raises(ValueError, match="at least one"):
+        mean_over_replicates([])

@@ -19,7 +19,7 @@ from batchnorm.lab.experiments._santurkar import NoisyReLU, build, noisy, seed_s
 from batchnorm.lab.normalizers import NoisyBatchNorm
 from batchnorm.lab.runner import run_one
 from batchnorm.lab.stacked import train_stacked
-from batchnorm.lab.training import TrainSpec, train
+from batchnorm.lab.training import TrainSpec, minibatches, train
 
 
 def _reference_bn(x: torch.Tensor, eps: float = 1e-5) -> np.ndarray:
@@ -126,11 +126,11 @@ def test_stacked_noisy_training_equals_each_seed_alone() -> None:
 
     together = models_with_noise(seeds)
     train_stacked(
-        together,
+        [together],
         [data.train_x] * 2,
         [data.train_y] * 2,
         spec,
-        generators=[torch.Generator().manual_seed(s + 2) for s in seeds],
+        [minibatches(data.train_x.shape[0], spec.batch_size, torch.Generator().manual_seed(s + 2)) for s in seeds],
     )
     for k, s in enumerate(seeds):
         alone = models_with_noise([s])[0]

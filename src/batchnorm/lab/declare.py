@@ -16,7 +16,7 @@ from .datasets import Dataset
 from .models import MLP, blocks
 from .progress import Progress
 from .stacked import train_stacked
-from .training import TrainResult, TrainSpec
+from .training import TrainResult, TrainSpec, minibatches
 
 __all__ = [
     "activation_inputs",
@@ -55,16 +55,16 @@ def train_seeds(
     on_checkpoint: Callable[[int, list[TrainResult]], None] | None = None,
 ) -> list[TrainResult]:
     """Train one arm's ``models[k]`` on ``data[k]``'s training set for every seed together
-    (``stacked.train_stacked``), seed ``seeds[k]``'s minibatch order drawn from a generator
+    (``stacked.train_stacked``, one arm), seed ``seeds[k]``'s minibatch order drawn from a generator
     seeded ``seeds[k] + order_offset`` (the same in every arm of a seed, so arms are paired),
     under one progress bar named ``label``."""
     with progress.task(label, total=spec.steps) as tick:
         return train_stacked(
-            models,
+            [models],
             [d.train_x for d in data],
             [d.train_y for d in data],
             spec,
-            generators=[seeded(seed + order_offset) for seed in seeds],
+            [minibatches(d.train_x.shape[0], spec.batch_size, seeded(s + order_offset)) for d, s in zip(data, seeds)],
             checkpoints=checkpoints,
             on_checkpoint=on_checkpoint,
             tick=tick,

@@ -1,269 +1,348 @@
-"""Train the seeds of a small MLP together: one batched network whose every layer holds S
-independent copies, so S seeds cost about as many Python-level operations as one.
+"""The lab's one training loop: many small networks of one architecture — several *arms* (one
+normalization each: BN, BN over groups, Batch Renorm, Ghost BN, Group Norm, ...) times several
+seeds — trained as one batched network, so that M members cost about as many Python-level
+operations as one. ``training.train`` is this loop with a single member.
 
-    models = [MLP(D, [100] * 3, 10, act="sigmoid", norm="bn", init_std=0.1,
-                  generator=torch.Generator().manual_seed(s)) for s in seeds]
-    results = train_stacked(models, [d.train_x for d in data], [d.train_y for d in data], spec,
-                            generators=[torch.Generator().manual_seed(s + 2) for s in seeds],
-                            checkpoints=range(0, 5001, 100), on_checkpoint=record)
+    arms = [[MLP(64, [100] * 3, 10, norm=factory_a) for seed in seeds],   # arm a, one per seed
+            [MLP(64, [100] * 3, 10, norm=factory_b) for seed in seeds]]
+    streams = [minibatches(x.shape[0], 60, seeded(seed + 2)) for x, seed in ...]  # one per member
+    results = train_stacked(arms, xs, ys, spec, streams, checkpoints=range(0, 5001, 100),
+                            on_checkpoint=record)  # record(step, results) sees the models' weights
 
-The result is the same as ``training.train`` run on each model alone with its own generator
-(same initial weights, same minibatches, same SGD updates; up to float rounding):
+Members are the models of all arms, arm-major (member j of arm a). Each member k trains on its
+own data ``(xs[k], ys[k])`` with the index batches of its own stream, and the result equals
+training it alone (a plain SGD loop on the ``nn.Module``) up to float rounding:
 
-* Linear: ``h[s] = x[s] @ W[s]^T + b[s]`` as one ``torch.baddbmm`` over weights (S, out, in);
-  shape (S, B, in) -> (S, B, out).
-* BatchNorm over the batch, separately for every seed and feature: (S, B, C) is laid out as
-  (B, S*C) (seed-major columns) and passed to one norm layer of S*C features of the models'
-  own class, eps and momentum; per-column statistics are exactly per-seed statistics.
-* Loss: the sum over seeds of each seed's mean cross-entropy; the seeds share no parameter,
-  so each seed's gradient is its own loss's gradient, and SGD (momentum, weight decay
-  included) acts element-wise.
-* A seed whose loss becomes non-finite stops as ``train`` stops it (the lab's one divergence
-  rule, see ``training``): its model keeps the weights that gave that loss, it leaves the loss,
-  and its slices are set to a neutral finite state after every later step (``silence``) so
-  that the merged norm layers keep updating the other seeds' running statistics. In the step
-  where a seed diverges its non-finite batch is refused by the merged layer as a whole, so the
-  other seeds skip that one running-statistics update.
+* MLP Linear: ``h[k] = x[k] @ W[k]^T (+ b[k])`` as one ``torch.bmm`` / ``torch.baddbmm`` over
+  weights (M, out, in): (M, B, in) -> (M, B, out).
+* Conv1d: the members' kernels concatenated to (M*out, in, k) and applied as ONE grouped
+  convolution (``groups=M``) on the members' channels side by side: (B, M*in, L) ->
+  (B, M*out, L'); member k's channels are k*out .. (k+1)*out - 1.
+* Normalization: each arm's S members share one layer of S*C features (a deep copy of the
+  first member's layer with every parameter and buffer concatenated along the feature axis;
+  ``nn.GroupNorm`` gets S times the groups), applied to the arm's columns (B, S*C[, L]) in
+  member-major order. Batch-norm-like layers compute statistics per column, i.e. per member and
+  feature, over that member's batch (or its groups); Group Norm's groups are consecutive
+  channels, so they never straddle two members. Layers must not mix columns.
+* Dropout (``dropout=p`` > 0; the models themselves are built without it): inverted dropout
+  ``h * mask / (1 - p)`` after every hidden block, ``mask ~ Bernoulli(1 - p)`` drawn for the
+  whole stacked activation from ``mask_generator``, so every member gets its own independent
+  masks (not the masks a single-model run would draw). In eval mode dropout is the identity,
+  so evaluating the models evaluates the trained dropout networks.
+* Loss: the sum over members of each member's mean loss; no parameter is shared, so every
+  member gets its own gradient, and SGD (momentum and weight decay included) acts element-wise.
 
-Checkpoints copy the stacked weights back into the S models before ``on_checkpoint(step,
-results)`` runs, so evaluation uses the ordinary models. Dropout is not supported (its masks
-could not match a single-seed run); a model with dropout raises ValueError.
+Divergence follows the lab's one rule (``training``): a member whose loss at step t is not
+finite is *diverged at t* and stops; its model keeps the weights that gave that loss (copied
+out before the update), ``steps_done`` is t - 1 and its losses end with the non-finite value.
+It leaves the loss, its input rows are zeroed and, after every later update (momentum or weight
+decay would move them), its slices are reset to a neutral finite state (weights, biases and
+norm parameters 0, running means 0, running variances / stds 1), so that the merged layers
+stay finite and the others train on as alone. The one difference: in step t the merged norm
+layers of its arm refuse the non-finite batch as a whole, so the other members *of its arm*
+skip that single running-statistics update.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .models import MLP, Block
-from .training import Tick, TrainResult, TrainSpec, minibatches, record_losses
+from .models import MLP, ConvNet
+from .training import Tick, TrainResult, TrainSpec
 
-__all__ = ["StackedMLP", "train_stacked"]
-
-
-def _blocks(model: MLP) -> list[Block]:
-    """The hidden blocks of ``model``."""
-    return [cast(Block, b) for b in model.blocks]
+__all__ = ["StackedNet", "cross_entropy", "train_stacked"]
 
 
-def _linear(block: Block) -> nn.Linear:
-    """The block's Linear layer (TypeError for any other layer)."""
-    if not isinstance(block.layer, nn.Linear):
-        raise TypeError(f"StackedMLP: expected Linear layers, got {type(block.layer).__name__}")
-    return block.layer
+def _merge_norm(norms: Sequence[nn.Module]) -> nn.Module:
+    """One layer of S*C features holding the S layers ``norms`` side by side (see module doc)."""
+    layers: list[Any] = list(norms)
+    first = layers[0]
+    if isinstance(first, nn.Identity):
+        return nn.Identity()
+    merged: Any = copy.deepcopy(first)
+    for name, _p in first.named_parameters(recurse=False):
+        merged._parameters[name] = nn.Parameter(torch.cat([n._parameters[name].detach() for n in layers]).clone())
+    for name, b in first.named_buffers(recurse=False):
+        if b.dim() >= 1:
+            merged._buffers[name] = torch.cat([n._buffers[name] for n in layers]).clone()
+    if isinstance(first, nn.GroupNorm):
+        merged.num_groups = first.num_groups * len(layers)
+        merged.num_channels = first.num_channels * len(layers)
+    elif hasattr(first, "num_features"):
+        merged.num_features = int(first.num_features) * len(layers)
+    else:
+        raise TypeError(
+            f"StackedNet: expected a batch-norm-like layer (num_features) or nn.GroupNorm, got {type(first).__name__}"
+        )
+    return merged
 
 
-class StackedMLP(nn.Module):
-    """S copies of one ``MLP`` architecture with their own weights, evaluated together.
+def _linear(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """Every member's Linear: (M, B, in), weights (M, out, in), biases (M, out) or empty -> (M, B, out)."""
+    return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2)) if b.numel() else torch.bmm(h, w.transpose(1, 2))
 
-    Shape: (S, B, in_features) -> (S, B, classes).
+
+class StackedNet(nn.Module):
+    """The members of several arms (lab ``MLP``s, or ``ConvNet``s on 1-D signals, all of one
+    architecture, with or without biases; one normalization per arm) evaluated together, with
+    inverted dropout ``dropout`` after every hidden block in training mode (masks from
+    ``generator``).
+
+    Shape: (M, B, D) -> (M, B, out), M = total members, D the flat input size.
     """
 
-    def __init__(self, models: Sequence[MLP]) -> None:
+    def __init__(
+        self, arms: Sequence[Sequence[nn.Module]], dropout: float = 0.0, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
-        if not models:
-            raise ValueError("StackedMLP: expected at least one model, got none")
-        if not all(isinstance(m, MLP) for m in models):
-            raise TypeError(f"StackedMLP: expected lab MLPs, got {[type(m).__name__ for m in models]}")
-        first = models[0]
-        self.seeds = len(models)
+        members: list[Any] = [m for arm in arms for m in arm]
+        if not arms or any(len(arm) == 0 for arm in arms):
+            raise ValueError("StackedNet: expected at least one arm and at least one model per arm")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"StackedNet: expected 0 <= dropout < 1, got {dropout!r}")
+        first = members[0]
+        if not all(type(m) is type(first) for m in members) or type(first) not in (MLP, ConvNet):
+            raise TypeError(
+                f"StackedNet: expected lab MLPs or ConvNets of one kind, got {[type(m).__name__ for m in members]}"
+            )
+        self.conv = isinstance(first, ConvNet)
+        if self.conv and len(first.input_shape) != 2:
+            raise ValueError(f"StackedNet: expected a 1-D ConvNet (input (C, L)), got input_shape {first.input_shape}")
+        self.input_shape = tuple(first.input_shape) if self.conv else ()
+        self.dropout, self.generator = float(dropout), generator
+        self.sizes = [len(arm) for arm in arms]
+        self.arm_of = [(a, j) for a, size in enumerate(self.sizes) for j in range(size)]  # member -> (arm, index)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         self.norms = nn.ModuleList()
         self.acts = nn.ModuleList()
         self.placements: list[str] = []
-        self.has_bias: list[bool] = []
-        self._norm_features: list[int] = []
-        for i, block in enumerate(_blocks(first)):
+        self.conv_args: list[tuple[int, int]] = []
+        self.widths: list[int] = []
+        for i, block in enumerate(first.blocks):
             if not isinstance(block.drop, nn.Identity):
-                raise ValueError("StackedMLP: dropout is not supported (its masks cannot match a single-seed run)")
-            layers = [_linear(_blocks(m)[i]) for m in models]
-            self.weights.append(
-                nn.Parameter(torch.stack([lin.weight.detach() for lin in layers]).clone())
-            )  # (S, out, in)
-            biases = [lin.bias for lin in layers]
-            self.has_bias.append(biases[0] is not None)
-            self.biases.append(
-                nn.Parameter(torch.stack([b.detach() for b in biases if b is not None]).clone())
-                if biases[0] is not None
-                else nn.Parameter(torch.empty(0))
+                raise ValueError(
+                    "StackedNet: dropout modules are not supported (build the models without; pass dropout)"
+                )
+            layers = [m.blocks[i].layer for m in members]
+            self.weights.append(nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]).clone()))
+            bias = [layer.bias.detach() for layer in layers if layer.bias is not None]
+            self.biases.append(nn.Parameter(torch.stack(bias).clone() if bias else torch.empty(0)))  # (M, out) or empty
+            if self.conv:
+                self.conv_args.append((int(block.layer.stride[0]), int(block.layer.padding[0])))
+            starts = [sum(self.sizes[:a]) for a in range(len(arms))]
+            self.norms.append(
+                nn.ModuleList(
+                    _merge_norm([m.blocks[i].norm for m in members[s : s + n]]) for s, n in zip(starts, self.sizes)
+                )
             )
-            self.norms.append(self._stack_norm([_blocks(m)[i].norm for m in models]))
             self.acts.append(block.act)
             self.placements.append(block.placement)
-        self.head_w = nn.Parameter(torch.stack([m.head.weight.detach() for m in models]).clone())  # (S, classes, width)
-        self.head_b = nn.Parameter(torch.stack([m.head.bias.detach() for m in models]).clone())  # (S, classes)
+            self.widths.append(int(block.layer.weight.shape[0]))
+        self.head_w = nn.Parameter(torch.stack([m.head.weight.detach() for m in members]).clone())  # (M, out, width)
+        self.head_b = nn.Parameter(torch.stack([m.head.bias.detach() for m in members]).clone())  # (M, out)
 
-    def _stack_norm(self, norms: Sequence[nn.Module]) -> nn.Module:
-        first: Any = norms[0]
-        if isinstance(first, nn.Identity):
-            self._norm_features.append(0)
-            return nn.Identity()
-        for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
-            if not hasattr(first, attr):
-                raise TypeError(f"StackedMLP: expected a BatchNorm-like norm with {attr}, got {type(first).__name__}")
-        c = int(first.num_features)
-        self._norm_features.append(c)
-        stacked = type(first)(
-            self.seeds * c,
-            eps=first.eps,
-            momentum=first.momentum,
-            affine=first.affine,
-            track_running_stats=first.track_running_stats,
-        )
-        states = [n.state_dict() for n in norms]
-        merged = {k: (torch.cat([st[k] for st in states]) if v.dim() >= 1 else v.clone()) for k, v in states[0].items()}
-        stacked.load_state_dict(merged)
-        return stacked
+    def _normalize(self, i: int, h: Tensor) -> Tensor:
+        """Apply layer i's arm norms to h in the (B, M*C[, L]) layout."""
+        c, parts, start = self.widths[i], [], 0
+        for size, norm in zip(self.sizes, self._arm_norms(i)):
+            parts.append(norm(h[:, start * c : (start + size) * c]))
+            start += size
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        s, b = x.shape[0], x.shape[1]
-        h = x
-        for i, (w, act, norm) in enumerate(zip(self.weights, self.acts, self.norms)):
-            if self.has_bias[i]:
-                h = torch.baddbmm(self.biases[i].unsqueeze(1), h, w.transpose(1, 2))  # (S, B, out)
-            else:
-                h = torch.bmm(h, w.transpose(1, 2))  # (S, B, out)
-            if self.placements[i] == "before":
-                h = act(self._norm(norm, h, s, b))
-            else:
-                h = self._norm(norm, act(h), s, b)
-            h = self._after_block(h)
-        return torch.baddbmm(self.head_b.unsqueeze(1), h, self.head_w.transpose(1, 2))  # (S, B, classes)
+    def _norm_mlp(self, i: int, h: Tensor) -> Tensor:
+        """``_normalize`` for MLP activations (M, B, C), laid out as (B, M*C), member-major columns."""
+        if all(isinstance(norm, nn.Identity) for norm in self._arm_norms(i)):
+            return h
+        m, b, c = h.shape
+        return self._normalize(i, h.transpose(0, 1).reshape(b, m * c)).reshape(b, m, c).transpose(0, 1)
 
-    def _after_block(self, h: Tensor) -> Tensor:
-        """What follows every hidden block (nothing here; dropout in a subclass). Shape (S, B, C)."""
+    def _drop(self, h: Tensor) -> Tensor:
+        """Inverted dropout in training mode: ``h * mask / (1 - p)``, one mask for all of h."""
+        if self.training and self.dropout > 0:
+            h = h * (torch.rand(h.shape, generator=self.generator) >= self.dropout) / (1.0 - self.dropout)
         return h
 
-    @staticmethod
-    def _norm(norm: nn.Module, h: Tensor, s: int, b: int) -> Tensor:
-        if isinstance(norm, nn.Identity):
-            return h
-        c = h.shape[2]
-        flat = h.transpose(0, 1).reshape(b, s * c)  # (B, S*C), seed-major columns
-        return norm(flat).reshape(b, s, c).transpose(0, 1)  # (S, B, C)
+    def forward(self, x: Tensor) -> Tensor:
+        m, b = x.shape[0], x.shape[1]
+        if self.conv:  # (M, B, C*L) -> (B, M*C, L): member k's channels side by side
+            h = x.reshape(m, b, *self.input_shape).transpose(0, 1).reshape(b, m * self.input_shape[0], -1)
+            for i, (w, act) in enumerate(zip(self.weights, self.acts)):
+                stride, padding = self.conv_args[i]
+                bias = self.biases[i].reshape(-1) if self.biases[i].numel() else None
+                h = F.conv1d(h, w.flatten(0, 1), bias, stride=stride, padding=padding, groups=m)  # (B, M*out, L')
+                h = self._drop(
+                    act(self._normalize(i, h)) if self.placements[i] == "before" else self._normalize(i, act(h))
+                )
+            h = h.mean(dim=2).reshape(b, m, -1).transpose(0, 1)  # (M, B, C_last)
+        else:
+            h = x  # (M, B, D); activations see (M, B, C)
+            for i, (w, act) in enumerate(zip(self.weights, self.acts)):
+                h = _linear(h, w, self.biases[i])
+                h = self._drop(
+                    act(self._norm_mlp(i, h)) if self.placements[i] == "before" else self._norm_mlp(i, act(h))
+                )
+        return _linear(h, self.head_w, self.head_b)
+
+    def _arm_norms(self, i: int) -> list[nn.Module]:
+        """Layer i's merged norm of every arm."""
+        return list(cast(nn.ModuleList, self.norms[i]))
+
+    def _norm_slices(self, k: int) -> Iterator[tuple[nn.Module, slice]]:
+        """Per layer with a norm: the merged norm holding member k and k's columns in it."""
+        arm, j = self.arm_of[k]
+        for i, c in enumerate(self.widths):
+            norm = self._arm_norms(i)[arm]
+            if not isinstance(norm, nn.Identity):
+                yield norm, slice(j * c, (j + 1) * c)
 
     @torch.no_grad()
-    def copy_into(self, models: Sequence[MLP], which: Iterable[int] | None = None) -> None:
-        """Write seed ``k``'s weights and norm buffers into ``models[k]`` (all seeds by default)."""
-        for k in range(self.seeds) if which is None else which:
-            model = models[k]
-            for i, block in enumerate(_blocks(model)):
-                lin = _linear(block)
-                lin.weight.copy_(self.weights[i][k])
-                if lin.bias is not None:
-                    lin.bias.copy_(self.biases[i][k])
-                c = self._norm_features[i]
-                if c:
-                    state = block.norm.state_dict()
-                    stacked = self.norms[i].state_dict()
-                    block.norm.load_state_dict(
-                        {
-                            key: (stacked[key][k * c : (k + 1) * c].clone() if v.dim() >= 1 else stacked[key].clone())
-                            for key, v in state.items()
-                        }
-                    )
+    def copy_into(self, members: Sequence[nn.Module], which: Iterable[int]) -> None:
+        """Write member k's weights and norm state into ``members[k]`` for k in ``which``."""
+        for k in which:
+            model: Any = members[k]
+            for i, block in enumerate(model.blocks):
+                block.layer.weight.copy_(self.weights[i][k])
+                if block.layer.bias is not None:
+                    block.layer.bias.copy_(self.biases[i][k])
+            norms = [block.norm for block in model.blocks if not isinstance(block.norm, nn.Identity)]
+            for norm, (merged, cols) in zip(norms, self._norm_slices(k)):
+                for name, p in norm.named_parameters(recurse=False):
+                    p.copy_(merged.get_parameter(name)[cols])
+                for name, buf in norm.named_buffers(recurse=False):
+                    buf.copy_(merged.get_buffer(name)[cols] if buf.dim() >= 1 else merged.get_buffer(name))
             model.head.weight.copy_(self.head_w[k])
             model.head.bias.copy_(self.head_b[k])
 
     @torch.no_grad()
-    @torch.no_grad()
     def silence(self, which: Iterable[int]) -> None:
-        """Set stopped seeds' slices to a neutral, finite state (weights and biases 0, norm
-        weight 1 and bias 0, running mean 0 and variance 1), so that a diverged seed's
-        non-finite activations cannot reach the merged norm layers, whose batch statistics
-        would then be refused for every seed. Their models keep their own weights."""
+        """Reset the slices of members ``which`` to a neutral, finite state: weights, biases and
+        norm parameters 0, running means 0, running variances and stds 1."""
         for k in which:
-            for i in range(len(self.weights)):
-                self.weights[i][k].zero_()
-                if self.has_bias[i]:
+            for i, w in enumerate(self.weights):
+                w[k].zero_()
+                if self.biases[i].numel():
                     self.biases[i][k].zero_()
-                c = self._norm_features[i]
-                if c:
-                    norm = self.norms[i]
-                    cols = slice(k * c, (k + 1) * c)
-                    for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.0)):
-                        t = getattr(norm, name, None)
-                        if isinstance(t, Tensor) and t.dim() >= 1:
-                            t[cols] = value
             self.head_w[k].zero_()
             self.head_b[k].zero_()
+            for merged, cols in self._norm_slices(k):
+                for name, full in [*merged.named_parameters(recurse=False), *merged.named_buffers(recurse=False)]:
+                    if full.dim() >= 1:
+                        full[cols] = 1.0 if name in ("running_var", "running_std") else 0.0
+
+
+def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Each member's mean cross-entropy: (M, B, classes), (M, B) -> (M,)."""
+    return F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(dim=1)
 
 
 def train_stacked(
-    models: Sequence[MLP],
+    arms: Sequence[Sequence[nn.Module]],
     xs: Sequence[Tensor],
     ys: Sequence[Tensor],
     spec: TrainSpec,
+    streams: Sequence[Iterator[Tensor]],
     *,
-    generators: Sequence[torch.Generator],
+    dropout: float = 0.0,
+    mask_generator: torch.Generator | None = None,
     checkpoints: Iterable[int] = (),
     on_checkpoint: Callable[[int, list[TrainResult]], None] | None = None,
+    stop: Callable[[int], bool] | None = None,
     tick: Tick | None = None,
+    loss: Callable[[Tensor, Tensor], Tensor] = cross_entropy,
 ) -> list[TrainResult]:
-    """Train ``models[k]`` on ``(xs[k], ys[k])`` with minibatches from ``generators[k]``, all
-    seeds at once (see the module docstring); the models are updated in place.
+    """Train every member (arm-major: ``[m for arm in arms for m in arm]``) on its own data
+    ``(xs[k], ys[k])`` with index batches from ``streams[k]``, all at once with SGD (see the
+    module docstring); the models are updated in place.
 
     Args:
-        models: S lab MLPs of one architecture (no dropout).
-        xs, ys: each seed's training set, shapes (N_k, D) and (N_k,); N_k >= batch size.
-        spec: as for ``training.train`` (the same for every seed).
-        generators: one per seed, drives that seed's minibatch order exactly as in ``train``.
+        arms: lists of models, all of one architecture (lab ``MLP`` or 1-D ``ConvNet``, built
+            without dropout), one normalization kind per arm (their layers are merged).
+        xs, ys: each member's training set, shapes (N_k, D) and (N_k, ...).
+        spec: steps, lr, momentum, weight decay (the same for every member); ``batch_size``
+            must be the size of every yielded index batch.
+        streams: one endless iterator of (batch_size,) index tensors per member (e.g.
+            ``training.minibatches`` with that member's generator, or fixed batches).
+        dropout, mask_generator: dropout probability after every hidden block and the
+            generator of all its masks (required when dropout > 0).
         checkpoints, on_checkpoint: ``on_checkpoint(step, results)`` after the listed steps
-            (0 = before training), with the models holding their current weights and in
-            training mode; ``results[k]`` is seed k's live ``TrainResult``.
+            (0 = before training) with the models in training mode holding their current
+            weights; ``results[k]`` is member k's live ``TrainResult``.
+        stop: called after each checkpoint; ``True`` ends training there.
         tick: progress sink, one update per step.
+        loss: each member's mean loss, (M, B, out), (M, B, ...) -> (M,); cross-entropy by default.
 
     Returns:
-        One ``TrainResult`` per seed (a diverged seed stops at its first non-finite loss).
+        One ``TrainResult`` per member (a diverged member stops at its first non-finite loss).
     """
-    n = len(models)
-    if not (len(xs) == len(ys) == len(generators) == n):
+    members = [m for arm in arms for m in arm]
+    n = len(members)
+    if not (len(xs) == len(ys) == len(streams) == n):
         raise ValueError(
-            f"train_stacked: expected one x, y and generator per model ({n}), got {len(xs)}, {len(ys)}, {len(generators)}"
+            f"train_stacked: expected one x, y and stream per member ({n}), got {len(xs)}, {len(ys)}, {len(streams)}"
         )
-    stacked = StackedMLP(models)
-    streams = [minibatches(x.shape[0], spec.batch_size, g) for x, g in zip(xs, generators)]
-    opt = torch.optim.SGD(stacked.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    if dropout > 0 and mask_generator is None:
+        raise ValueError("train_stacked: dropout needs a mask_generator")
+    net = StackedNet(arms, dropout, mask_generator).train()
+    opt = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     results = [TrainResult() for _ in range(n)]
     marks = {int(c) for c in checkpoints}
     tick = tick if tick is not None else Tick()
     stopped: list[int] = []
-    stacked.train()
-    for m in models:
+    for m in members:
         m.train()
-    if 0 in marks and on_checkpoint is not None:
-        on_checkpoint(0, results)
+
+    def checkpoint(step: int) -> bool:
+        if step not in marks:
+            return False
+        net.copy_into(members, [k for k in range(n) if k not in stopped])
+        if on_checkpoint is not None:
+            on_checkpoint(step, results)
+        return stop is not None and stop(step)
+
+    if checkpoint(0):
+        return results
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*batch statistics are not finite", category=RuntimeWarning)
         for step in range(1, spec.steps + 1):
             idx = [next(stream) for stream in streams]
-            xb = torch.stack([x[i] for x, i in zip(xs, idx)])  # (S, B, D)
-            yb = torch.stack([y[i] for y, i in zip(ys, idx)])  # (S, B)
-            logits = stacked(xb)  # (S, B, classes)
-            per_seed = F.cross_entropy(logits.transpose(1, 2), yb, reduction="none").mean(dim=1)  # (S,)
-            newly = record_losses(results, per_seed.detach().tolist(), stopped, step)
-            if newly:
-                stacked.copy_into(models, newly)  # keep their last finite weights
-                stopped.extend(newly)
+            if any(int(i.shape[0]) != spec.batch_size for i in idx):
+                raise ValueError(
+                    f"train_stacked: expected index batches of {spec.batch_size}, got {[int(i.shape[0]) for i in idx]}"
+                )
+            xb = torch.stack([x[i] for x, i in zip(xs, idx)])  # (M, B, D)
+            yb = torch.stack([y[i] for y, i in zip(ys, idx)])  # (M, B, ...)
+            if stopped:
+                xb[stopped] = 0.0
+            per_member = loss(net(xb), yb)  # (M,)
+            newly = []
+            for k, value in enumerate(per_member.detach().tolist()):
+                if k not in stopped:
+                    results[k].losses.append(value)
+                    if not math.isfinite(value):
+                        results[k].diverged, results[k].diverged_at = True, step
+                        newly.append(k)
+            net.copy_into(members, newly)  # the weights that gave the non-finite loss
+            stopped.extend(newly)
             alive = [k for k in range(n) if k not in stopped]
             if not alive:
                 break
             opt.zero_grad(set_to_none=True)
-            per_seed[alive].sum().backward()
+            per_member[alive].sum().backward()
             opt.step()
-            if stopped:
-                stacked.silence(stopped)  # after every step: momentum or weight decay would move them
+            net.silence(stopped)
             for k in alive:
                 results[k].steps_done = step
             tick.update(1)
-            if step in marks and on_checkpoint is not None:
-                stacked.copy_into(models, alive)
-                on_checkpoint(step, results)
-    stacked.copy_into(models, [k for k in range(n) if k not in stopped])
+            if checkpoint(step):
+                break
+    net.copy_into(members, [k for k in range(n) if k not in stopped])
     return results

@@ -1,5 +1,5 @@
-"""A small, fast training loop for the lab: seeded minibatches, plain SGD, full-batch
-evaluation, divergence detection.
+"""Training in the lab: the spec, seeded minibatches, full-batch evaluation, and ``train``,
+one model trained with SGD by the lab's one loop (``stacked.train_stacked``, one member).
 
     gen = torch.Generator().manual_seed(seed)
     result = train(model, data.train_x, data.train_y, TrainSpec(steps=5000, batch_size=60, lr=0.1),
@@ -12,24 +12,22 @@ Conventions:
 - minibatches are drawn without replacement from a stream of seeded permutations of the
   training set: every batch has exactly ``batch_size`` examples (batches may straddle two
   epochs), so BN always normalizes over the same m;
-- divergence, the one rule of every lab training loop (``train`` here; ``stacked``,
-  ``_stacked_dropout`` and ``_stacked_nets``, which train many seeds at once, follow it): a
-  non-finite loss at step t marks the run *diverged at t* and stops it; its model keeps the
-  weights that gave that loss (no update is made at step t), ``steps_done`` is t - 1 and
-  ``losses`` ends with the non-finite value. In a loop that trains several seeds together the
-  others go on as alone (the stopped seed's share of the merged layers is kept neutral and
-  finite), except that a merged norm layer refuses the one non-finite batch of the step of the
-  divergence, so they skip that single running-statistics update. Our BatchNorm's
-  "non-finite batch" warning is silenced inside the loops, since divergence is an expected
-  outcome there;
+- divergence, the one rule of the lab's one training loop (``stacked.train_stacked``, which
+  trains many networks at once; ``train`` here is that loop with one member): a non-finite loss
+  at step t marks the run *diverged at t* and stops it; its model keeps the weights that gave
+  that loss (no update is made at step t), ``steps_done`` is t - 1 and ``losses`` ends with the
+  non-finite value. Networks trained together with it go on as alone (the stopped one's share
+  of the merged layers is kept neutral and finite), except that a merged norm layer refuses the
+  one non-finite batch of the step of the divergence, so the other networks of its arm skip
+  that single running-statistics update. Our BatchNorm's "non-finite batch" warning is
+  silenced inside the loop, since divergence is an expected outcome there;
 - the number of torch threads is never changed here (the runner may do it for a whole run).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["TrainResult", "TrainSpec", "Tick", "evaluate", "minibatches", "record_losses", "train", "train_mode"]
+__all__ = ["TrainResult", "TrainSpec", "Tick", "evaluate", "minibatches", "train", "train_mode"]
 
 
 class Tick:
@@ -85,26 +83,6 @@ class TrainResult:
     """The step whose loss was not finite."""
     losses: list[float] = field(default_factory=list)
     """Training loss of every step (the minibatch loss before the update)."""
-
-
-def record_losses(
-    results: Sequence[TrainResult], values: Sequence[float], stopped: Container[int], step: int
-) -> list[int]:
-    """Append ``values[k]`` (member k's loss at ``step``) to ``results[k]`` for every member not
-    in ``stopped``; mark those whose loss is not finite as diverged at ``step`` and return them.
-
-    The bookkeeping of every trainer that steps several networks at once.
-    """
-    newly = []
-    for k, value in enumerate(values):
-        if k in stopped:
-            continue
-        results[k].losses.append(value)
-        if not math.isfinite(value):
-            results[k].diverged = True
-            results[k].diverged_at = step
-            newly.append(k)
-    return newly
 
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -182,37 +160,27 @@ def train(
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     batches: Iterator[Tensor] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place with SGD for ``spec.steps`` minibatch steps (see module docstring).
+    """Train ``model`` (a lab ``MLP`` or 1-D ``ConvNet`` without dropout modules) in place with
+    SGD for ``spec.steps`` minibatch steps: ``stacked.train_stacked`` with this one member (see
+    the module docstring).
 
     ``on_checkpoint(step, result)`` runs at every step in ``checkpoints`` (0 = before training)
-    with the model in training mode and the live ``TrainResult`` (losses so far); it may
-    evaluate (``evaluate`` restores the mode). ``batches``
-    overrides the minibatch index stream (e.g. fixed, non-shuffled batches).
+    with the model in training mode holding its current weights and the live ``TrainResult``
+    (losses so far); it may evaluate (``evaluate`` restores the mode). ``loss_fn(output,
+    target)`` is the minibatch's mean loss. ``batches`` overrides the
+    minibatch index stream (e.g. fixed, non-shuffled batches); ``generator`` draws it otherwise.
     """
-    marks = set(int(c) for c in checkpoints)
-    tick = tick if tick is not None else Tick()
+    from .stacked import train_stacked  # the loop builds on this module's types
+
     stream = batches if batches is not None else minibatches(x.shape[0], spec.batch_size, generator)
-    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    result = TrainResult()
-    model.train()
-    if 0 in marks and on_checkpoint is not None:
-        on_checkpoint(0, result)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*batch statistics are not finite", category=RuntimeWarning)
-        for step in range(1, spec.steps + 1):
-            idx = next(stream)
-            loss = loss_fn(model(x[idx]), y[idx])
-            value = float(loss.detach())
-            result.losses.append(value)
-            if not math.isfinite(value):
-                result.diverged = True
-                result.diverged_at = step
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            result.steps_done = step
-            tick.update(1)
-            if step in marks and on_checkpoint is not None:
-                on_checkpoint(step, result)
-    return result
+    return train_stacked(
+        [[model]],
+        [x],
+        [y],
+        spec,
+        [stream],
+        checkpoints=checkpoints,
+        on_checkpoint=None if on_checkpoint is None else lambda step, results: on_checkpoint(step, results[0]),
+        tick=tick,
+        loss=lambda out, target: loss_fn(out[0], target[0]).reshape(1),
+    )[0]

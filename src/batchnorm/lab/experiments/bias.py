@@ -256,11 +256,14 @@ class Bias(Experiment):
             with progress.task(name, total=spec.steps) as tick, _default_dtype(torch.float64):
                 arms.append(
                     train_stacked(
-                        models,
+                        [models],
                         [d.train_x.double() for d in data],
                         [d.train_y for d in data],
                         spec,
-                        generators=[seeded(seed + 2) for seed in seeds],
+                        [
+                            minibatches(d.train_x.shape[0], s.batch_size, seeded(seed + 2))
+                            for d, seed in zip(data, seeds)
+                        ],
                         tick=tick,
                     )
                 )

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from .._replicates import mean_over_replicates, replicate_seed
-from .._stacked_dropout import train_stacked_dropout
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
@@ -25,6 +24,7 @@ from ..declare import seeded
 from ..experiment import Experiment, column, load_for
 from ..models import MLP
 from ..progress import Progress
+from ..stacked import train_stacked
 from ..training import TrainSpec, evaluate, minibatches
 from ..verdict import part
 
@@ -92,13 +92,13 @@ def _train_arm(
         return False
 
     with progress.task(arm, total=steps) as tick:
-        train_stacked_dropout(
-            models,
+        train_stacked(
+            [models],
             [d.train_x for d in data],
             [d.train_y for d in data],
             TrainSpec(steps=steps, batch_size=s.batch_size, lr=s.lr),
-            p=p,
-            batches=streams,
+            streams,
+            dropout=p,
             mask_generator=seeded(gens[0] + 2),
             checkpoints=fit_at,
             stop=fits if fit_at else None,

@@ -141,11 +141,11 @@ def _sweep(
         for lr in s.lrs:
             models = [_model(d, s, norm, seed) for d, seed in zip(data, seeds)]
             results = train_stacked(
-                models,
+                [models],
                 [d.train_x for d in data],
                 [d.train_y for d in data],
                 TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=lr),
-                generators=[seeded(seed + 1) for seed in seeds],
+                [minibatches(d.train_x.shape[0], s.batch_size, seeded(seed + 1)) for d, seed in zip(data, seeds)],
                 tick=tick,
             )
             tick.update(s.steps - max(r.steps_done for r in results))

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from ... import GhostBatchNorm1d
-from .._stacked_nets import train_together
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
@@ -26,6 +25,7 @@ from ..experiment import Experiment, column, per_seed_values
 from ..models import MLP, ConvNet
 from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
 from ..progress import Progress
+from ..stacked import train_stacked
 from ..training import TrainSpec, evaluate, minibatches
 from ..verdict import part
 from ._calibration import CALIBRATION_SEED, calibration_split
@@ -86,7 +86,7 @@ def calibrate_steps(
     checkpoints = []
     for done in range(every, max_steps + 1, every):
         # plain SGD has no optimizer state: training in chunks equals one long run
-        train_together(
+        train_stacked(
             arms,
             [data.train_x] * 2,
             [data.train_y] * 2,
@@ -311,7 +311,7 @@ class SmallBatch(Experiment):
         ys = [d.train_y for _ in arms for d in data]
         spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
         with progress.task(f"{len(arms)} arms x {len(seeds)} seeds", total=s.steps) as tick:
-            results = train_together(models, xs, ys, spec, streams, tick=tick)
+            results = train_stacked(models, xs, ys, spec, streams, tick=tick)
         per_seed: list[dict[str, Any]] = [{"iid": {n: {} for n in _NORMS}, "non_iid": {}} for _ in seeds]
         runs = iter(results)
         for (norm, m, iid), arm in zip(arms, models):
