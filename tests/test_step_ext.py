@@ -1,7 +1,7 @@
 """The compiled eager step (`batchnorm._kernels.step_ext`) against its Python form, bit for bit,
 and the layers with it against the layers without it.
 
-The two forms of the step (`batchnorm.ops.bn._aten_step_py` and the C++ ``train_step``) share
+The two forms of the step (`batchnorm.ops.bn.aten_step_py` and the C++ ``train_step``) share
 one contract: (y, save_mean, save_invstd, code) with the running statistics and
 num_batches_tracked changed only for an accepted batch. Both run aten's kernel, so every output
 must be identical, not merely close. The compiled form is built here when a compiler is
@@ -23,7 +23,7 @@ import torch
 
 import batchnorm
 from batchnorm._kernels import native, step_ext
-from batchnorm.ops import bn
+from batchnorm.ops import aten_step as bn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def ext() -> ModuleType:
 @pytest.fixture
 def python_form(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The layers' eager step in its Python form for one test."""
-    monkeypatch.setitem(bn._EXT, "module", None)
+    monkeypatch.setitem(bn.EXT, "module", None)
     yield
 
 
@@ -96,7 +96,7 @@ def test_train_step_forms_agree_bit_for_bit(
 ) -> None:
     c = shape[1]
     outs = []
-    for step in (ext.train_step, bn._aten_step_py):
+    for step in (ext.train_step, bn.aten_step_py):
         x = _input(shape, dtype, kind, 0).requires_grad_()
         g = torch.Generator().manual_seed(1)
         w = (torch.rand(c, generator=g, dtype=dtype) + 0.5).requires_grad_() if affine else None
@@ -153,8 +153,8 @@ def test_train_step_declines_what_it_does_not_take(ext: ModuleType, case: str) -
         rm, rv = torch.zeros(8)[::2], torch.ones(8)[::2]
     elif case == "transposed input":
         x = torch.randn(3, 4, 6).transpose(0, 2)[:, :4]
-    for step in (ext.train_step, bn._aten_step_py):
-        if case == "strided running" and step is bn._aten_step_py:
+    for step in (ext.train_step, bn.aten_step_py):
+        if case == "strided running" and step is bn.aten_step_py:
             continue  # the Python form restores through NumPy, which writes any strides
         before = (rm.clone(), rv.clone(), nbt.clone())
         *_, code = step(x, w, b, rm, rv, nbt, 0.1, 1e-5, native.KAPPA_MAX.get(x.dtype, 0.0), True)
@@ -180,7 +180,7 @@ def test_eval_step_forms_agree(ext: ModuleType, dtype: torch.dtype, case: str) -
     elif case == "mixed":
         w = w.to(torch.float64 if dtype == torch.float32 else torch.float32)
     compiled = ext.eval_step(x, w, b, mean, var, eps, native.KAPPA_MAX[dtype])
-    python = bn._eval_aten(x, mean, var, w, b, eps)
+    python = bn.eval_aten(x, mean, var, w, b, eps)
     assert (compiled is None) == (python is None) == (case != "plain")
     if compiled is not None:
         torch.testing.assert_close(compiled, python, rtol=0, atol=0)
@@ -209,7 +209,7 @@ def test_layer_with_and_without_the_compiled_step(
     xs[2][1, 1, 2, 2] = float("nan")
     results = []
     for module in (ext, None):
-        monkeypatch.setitem(bn._EXT, "module", module)
+        monkeypatch.setitem(bn.EXT, "module", module)
         torch.manual_seed(0)
         layer = batchnorm.BatchNorm2d(3, momentum=momentum)
         with pytest.warns(RuntimeWarning, match="not finite"):

@@ -1,7 +1,7 @@
 // The eager batch-norm step on aten's kernels, with batchnorm's guard, in one C++ call.
 //
 // Built on request by batchnorm._kernels.step_ext (``batchnorm build-ext``); the Python
-// fallback that computes the same thing is batchnorm.ops.bn._aten_step_py. Both return
+// fallback that computes the same thing is batchnorm.ops.aten_step.aten_step_py. Both return
 // (y, save_mean, save_invstd, code):
 //
 //   code OK (0)              y is the batch-normalized input; when `update`, the running

@@ -1,7 +1,7 @@
 """The compiled eager step: a BatchNorm*d call on small CPU tensors as one C++ call (private).
 
 On a small tensor a layer call costs its Python, not its kernels. The eager step that runs
-aten's kernel with our guard on top (`batchnorm.ops.bn._train_aten`: copy the running
+aten's kernel with our guard on top (`batchnorm.ops.aten_step.train_aten`: copy the running
 statistics, run aten's training kernel, check the batch statistics, undo the update of a
 non-finite or ill-conditioned batch) takes about a dozen Python-level tensor calls; written in
 C++ (``step_ext.cpp`` beside this file) it is one, and a layer call then costs no more than

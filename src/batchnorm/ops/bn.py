@@ -41,20 +41,17 @@ import torch
 from torch import Tensor
 
 from .._kernels import native, step_ext, torch_ops
-from .._kernels.dispatch import aten_direct, backend_for, host_kernels
+from .._kernels.dispatch import aten_direct, backend_for
 from ._common import acc_dtype, fresh, per_channel, register_channel_vmap
 from ._path import apply, compiling_not_exporting, eager, forward_ad_active, needs_grad, recomputing
+from .aten_step import EXT, eval_aten, train_aten
 from .update import (
-    _HOST,
     _update,
-    _warn_skipped,
     update_eager,
     update_running_stats,
 )
 
 _c = torch._C
-_EXT: dict[str, Any] = {}
-"""The compiled eager step (`batchnorm._kernels.step_ext`), or None, looked up once."""
 
 __all__ = [
     "train",
@@ -286,106 +283,6 @@ def train_jvp(
     return ty
 
 
-OK, ILL_CONDITIONED, NOT_FINITE, UNSUPPORTED = 0, 1, 2, -1
-"""The codes of the eager aten step (`_aten_step_py` and the compiled ``step_ext``)."""
-
-
-def _aten_step_py(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    momentum: float,
-    eps: float,
-    kappa_max: float,
-    update: bool,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None, int]:
-    """The Python form of the compiled step (`batchnorm._kernels.step_ext`; the contract, codes
-    included, is written in ``step_ext.cpp``): aten's training kernel, the batch statistics
-    checked, a refused update undone from copies taken before. ``momentum < 0`` stands for None."""
-    kernels = _HOST["kernels"] if "kernels" in _HOST else _HOST.setdefault("kernels", host_kernels())
-    stats = running_mean is not None and running_var is not None
-    if (
-        x.dtype not in (torch.float32, torch.float64)
-        or not native.supports(x)
-        or (weight is not None and weight.dtype != x.dtype)
-        or (bias is not None and bias.dtype != x.dtype)
-        or (stats and (running_mean.dtype != x.dtype or running_var.dtype != x.dtype or kernels is None))  # type: ignore[union-attr]
-    ):
-        return None, None, None, UNSUPPORTED
-    if stats:
-        saved = (running_mean.clone(), running_var.clone())  # type: ignore[union-attr]
-        if update:
-            factor = momentum if momentum >= 0 else 1.0 / (float(num_batches_tracked.numpy()) + 1.0)  # type: ignore[union-attr]
-            out = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps)
-        else:  # scratch buffers: the kernel saves the same tensors as in the first forward
-            out = torch.native_batch_norm(x, weight, bias, *saved, True, 0.0, eps)
-    else:
-        out = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-    y, save_mean, save_invstd = out
-    if kernels is not None:
-        code = kernels.check_statistics(save_mean.detach().numpy(), save_invstd.detach().numpy(), kappa_max)
-        code = {kernels.ILL_CONDITIONED: ILL_CONDITIONED, kernels.NOT_FINITE: NOT_FINITE}.get(code, OK)
-    elif not bool(torch.isfinite(save_mean).all() and torch.isfinite(save_invstd).all()):
-        code = NOT_FINITE
-    else:
-        code = ILL_CONDITIONED if native.kappa(save_mean, save_invstd) > kappa_max else OK
-    if stats and update:
-        if code == OK:
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-        else:
-            # through NumPy: aten's autograd node holds the buffers (unused by its training
-            # backward), and a torch in-place write would bump their version and fail that backward
-            running_mean.numpy()[...] = saved[0].numpy()  # type: ignore[union-attr]
-            running_var.numpy()[...] = saved[1].numpy()  # type: ignore[union-attr]
-    return y, save_mean, save_invstd, code
-
-
-def _train_aten(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor,
-    num_batches_skipped: Tensor,
-    momentum: float | None,
-    eps: float,
-    where: str,
-) -> Tensor | None:
-    """The eager step of `train_step` on aten's kernel with aten's autograd (see
-    `batchnorm._kernels.dispatch.aten_direct`), or None, having changed nothing, where it
-    does not apply or aten's precision is not enough (``|mean| / std`` above
-    ``native.KAPPA_MAX``: our kernels then centre first).
-
-    aten updates the running statistics in the kernel, with torch's own rule (momentum, the
-    unbiased variance; ``momentum=None`` as the factor 1 / (num_batches_tracked + 1), read from
-    CPU memory); the batch statistics are then checked, and a batch that is not finite or too
-    ill-conditioned has its update undone from a copy taken before: the rule of `_update_impl`.
-    One C++ call when the compiled step is built (`batchnorm._kernels.step_ext`), else its
-    Python form `_aten_step_py`. A forward recomputed by activation checkpointing (inside a
-    backward) does not update."""
-    ext = _EXT["module"] if "module" in _EXT else _EXT.setdefault("module", step_ext.load())
-    update = running_mean is not None and _c._current_graph_task_id() == -1
-    step = _aten_step_py if ext is None else ext.train_step
-    y, save_mean, save_invstd, code = step(
-        x, weight, bias, running_mean, running_var, num_batches_tracked,
-        -1.0 if momentum is None else momentum, eps, native.KAPPA_MAX.get(x.dtype, 0.0), update,
-    )  # fmt: skip
-    if code == OK:
-        return y
-    if code != NOT_FINITE:
-        return None
-    if update:
-        num_batches_skipped.add_(1)
-        if int(num_batches_skipped.numpy()) == 1:
-            _warn_skipped(save_mean, save_invstd, num_batches_skipped, where)
-    return y
-
-
 def train_step(
     x: Tensor,
     weight: Tensor | None,
@@ -405,7 +302,7 @@ def train_step(
     batch statistics and does not update again."""
     if eager(x, weight, bias):
         if aten_direct(x):
-            y = _train_aten(x, weight, bias, running_mean, running_var, num_batches_tracked, num_batches_skipped, momentum, eps, where)  # fmt: skip
+            y = train_aten(x, weight, bias, running_mean, running_var, num_batches_tracked, num_batches_skipped, momentum, eps, where)  # fmt: skip
             if y is not None:
                 return y
         count = x.numel() // x.shape[1] if x.shape[1] else 0
@@ -575,40 +472,17 @@ class _EvalForwardAD(_Eval):
         return ty.to(x.dtype).expand_as(x).contiguous(memory_format=memory_format_of(x))
 
 
-def _eval_aten(
-    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> Tensor | None:
-    """The eager eval of `eval_forward` on aten's kernel with aten's autograd, or None where
-    it does not apply: other dtypes, statistics that need gradients (aten gives none), statistics
-    that are not finite, or ``|mean| / sqrt(var + eps)`` above ``native.KAPPA_MAX`` (aten's CPU
-    kernel forms ``x * scale + (bias - mean * scale)``, which cancels there; ours centres first).
-    The Python form of the compiled ``eval_step`` (`batchnorm._kernels.step_ext`)."""
-    if x.dtype not in (torch.float32, torch.float64) or not native.supports(x):
-        return None
-    for t in (mean, var, weight, bias):
-        if t is not None and t.dtype != x.dtype:
-            return None
-    if mean.requires_grad or var.requires_grad:
-        return None
-    kernels = _HOST["kernels"] if "kernels" in _HOST else _HOST.setdefault("kernels", host_kernels())
-    if kernels is None:
-        return None
-    if kernels.check_fixed_statistics(mean.numpy(), var.numpy(), eps, native.KAPPA_MAX[x.dtype]):
-        return None
-    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
-
-
 def eval_forward(
     x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> Tensor:
     """Differentiable inference forward with fixed statistics (C,) ``mean`` and ``var``."""
     if eager(x, mean, var, weight, bias):
         if aten_direct(x):
-            ext = _EXT["module"] if "module" in _EXT else _EXT.setdefault("module", step_ext.load())
+            ext = EXT["module"] if "module" in EXT else EXT.setdefault("module", step_ext.load())
             if ext is not None:
                 y = ext.eval_step(x, weight, bias, mean, var, eps, native.KAPPA_MAX.get(x.dtype, 0.0))
             else:
-                y = _eval_aten(x, mean, var, weight, bias, eps)
+                y = eval_aten(x, mean, var, weight, bias, eps)
             if y is not None:
                 return y  # type: ignore[no-any-return]
         kernels = backend_for(x)

@@ -15,7 +15,7 @@ checkpointing (inside a backward) changes nothing.
 - ``batchnorm::update_running_stats``: the operator (fake and vmap rules) for the dispatcher;
 - `update_eager` / `update_running_stats_`: the entries the steps call.
 
-aten's in-kernel update (``batchnorm.ops.bn._train_aten``) applies torch's form of the same
+aten's in-kernel update (``batchnorm.ops.aten_step.train_aten``) applies torch's form of the same
 rule and is undone for the batches the rule leaves out.
 """
 
