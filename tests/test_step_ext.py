@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -40,13 +39,6 @@ def ext() -> ModuleType:
     if module is None:
         pytest.skip(step_ext.status())
     return module
-
-
-@pytest.fixture
-def python_form(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The layers' eager step in its Python form for one test."""
-    monkeypatch.setitem(bn.EXT, "module", None)
-    yield
 
 
 def _state(c: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
