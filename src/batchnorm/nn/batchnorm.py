@@ -31,13 +31,16 @@ on the device), an evaluation forward ``batchnorm::eval``. torch.compile (fullgr
 torch.func and TorchScript see those nodes; nothing is read back to the host.
 
 torch.fx: ``symbolic_trace`` enters our ``forward`` (torch's own BN layers are leaf modules of
-the default tracer, ours are not). On a ``torch.fx.Proxy`` input the layer skips its Python
-checks and records ONE ``call_function`` of `batch_norm_layer` (registered with
-``torch.fx.wrap``), whose arguments are the input, the layer's parameters and buffers
-(``get_attr``) and its settings. Running the graph does the layer's work, with the checks and the
-in-place running-statistics update. As for any fx trace of ``F.batch_norm(..., self.training)``,
-the mode (train/eval) is the one at trace time: trace the model in the mode it will run in.
-A non-finite batch then warns on every call (the once-per-layer flag lives on the module).
+the default tracer, ours are not). On a ``torch.fx.Proxy`` input the layer records a
+``call_module`` of its `torch_layer`, an instance of torch's exact ``BatchNorm*d`` type sharing
+this layer's tensors and running this layer's forward, so torch's graph tools (fusion,
+quantization), which match batch norm by exact type, treat it as torch's layer; running the
+graph does this layer's work, with the checks and the in-place running-statistics update. With a
+mask, ``channel_dim=-1`` or a parametrized weight it records ONE ``call_function`` of
+`batch_norm_layer` (registered with ``torch.fx.wrap``) instead, whose arguments are the input,
+the layer's parameters and buffers (``get_attr``) and its settings; there the mode is the one at
+trace time. A non-finite batch warns on every call of a graph (the once-per-layer flag lives
+on the module).
 """
 
 from __future__ import annotations
@@ -307,6 +310,10 @@ class MaskableBatchNorm(BatchNormBase):
         see the module docstring. ``mask`` (N, *spatial) bool, True where a value is real:
         statistics, running statistics and gradients from the real positions only, padded
         outputs 0 (`batchnorm.functional.masked_step`)."""
+        if isinstance(input, torch.fx.Proxy) and mask is None and self.channel_dim == 1:
+            twin = _torch_layer_in_trace(self, input)
+            if twin is not None:
+                return twin(input)  # type: ignore[no-any-return]
         if mask is not None or self.channel_dim != 1:
             return batch_norm_layer(
                 input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
@@ -334,6 +341,62 @@ class MaskableBatchNorm(BatchNormBase):
             b["num_batches_skipped"] if "num_batches_skipped" in b else self.num_batches_skipped,
         )
 
+    # torch's layer of the same kind, for `torch_layer` (None: a kind torch's fx tools do not match)
+    _torch_type: type[_TorchBatchNorm] | None = None
+
+    @property
+    def torch_layer(self) -> _TorchBatchNorm:
+        """This layer as an instance of torch's own ``torch.nn.BatchNorm1d/2d/3d`` (exact type),
+        sharing this layer's tensors: the same ``weight``/``bias`` Parameters and running-statistics
+        buffers (objects, not copies), settings and mode; its ``forward`` is this layer's.
+
+        What a ``torch.fx`` trace records in this layer's place, so that torch's graph tools,
+        which match batch norm by exact type, treat it as torch's layer. A new object on each
+        read. Raises ``TypeError`` for a layer whose ``weight`` or ``bias`` is parametrized
+        (there is no Parameter to share).
+        """
+        cls, p, b = self._torch_type, self._parameters, self._buffers
+        if cls is None or "weight" not in p or "bias" not in p:
+            raise TypeError(f"{self._where()}: no torch layer shares this layer's parameters")
+        twin = cls(self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats, device="meta")
+        twin._parameters.update(weight=p["weight"], bias=p["bias"])
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            twin._buffers[key] = b.get(key)
+        twin.register_buffer("num_batches_skipped", b.get("num_batches_skipped"), persistent=False)
+        twin.train(self.training)
+        twin.forward = _OurStep(twin, self._ndims, self._where())  # type: ignore[method-assign]
+        return twin
+
+
+class _OurStep:
+    """The ``forward`` of a `MaskableBatchNorm.torch_layer`: our layer's step on that module's
+    state (read at each call, so ``train()``/``eval()`` and moved tensors take effect).
+    A class rather than a closure, so that the module pickles and deep-copies."""
+
+    def __init__(self, module: _TorchBatchNorm, ndims: tuple[int, ...], where: str) -> None:
+        self.module, self.ndims, self.where = module, ndims, where
+
+    def __call__(self, input: Tensor) -> Tensor:
+        m = self.module
+        return batch_norm_layer(
+            input, m.weight, m.bias, m.running_mean, m.running_var, m.num_batches_tracked, m.training,
+            m.track_running_stats, m.momentum, m.eps, self.ndims, m.num_features, self.where,
+            m.num_batches_skipped,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+
+def _torch_layer_in_trace(layer: MaskableBatchNorm, input: torch.fx.Proxy) -> nn.Module | None:
+    """``layer.torch_layer``, installed in the running fx trace under ``<layer's path>.torch_layer``
+    (a leaf of the default tracer: torch.nn), or None where the trace cannot record it: a kind
+    without a torch twin, a parametrized layer, or a tracer that does not know the layer's path."""
+    paths = getattr(input.tracer, "submodule_paths", None)
+    p = layer._parameters
+    if layer._torch_type is None or not paths or layer not in paths or "weight" not in p or "bias" not in p:
+        return None
+    twin = layer.torch_layer
+    paths[twin] = f"{paths[layer]}.torch_layer".lstrip(".")
+    return twin
+
 
 class BatchNorm1d(MaskableBatchNorm, nn.BatchNorm1d):
     """Batch norm over a 2D (N, C) or 3D (N, C, L) input; drop-in for ``torch.nn.BatchNorm1d``.
@@ -342,6 +405,7 @@ class BatchNorm1d(MaskableBatchNorm, nn.BatchNorm1d):
     """
 
     _ndims = (2, 3)
+    _torch_type = nn.BatchNorm1d
 
 
 class BatchNorm2d(MaskableBatchNorm, nn.BatchNorm2d):
@@ -352,6 +416,7 @@ class BatchNorm2d(MaskableBatchNorm, nn.BatchNorm2d):
     """
 
     _ndims = (4,)
+    _torch_type = nn.BatchNorm2d
 
 
 class BatchNorm3d(MaskableBatchNorm, nn.BatchNorm3d):
@@ -361,3 +426,4 @@ class BatchNorm3d(MaskableBatchNorm, nn.BatchNorm3d):
     """
 
     _ndims = (5,)
+    _torch_type = nn.BatchNorm3d
