@@ -226,24 +226,8 @@ class BatchNormBase(_TorchBatchNorm):
         return getattr(self, "num_batches_skipped", None)
 
     def forward(self, input: Tensor) -> Tensor:
-        """Normalize ``input`` of shape (N, C, *) per channel; see the module docstring."""
-        # the state read inline (each attribute read of a parameter or buffer is a Python call)
-        return batch_norm_layer(
-            input,
-            self.weight,
-            self.bias,
-            self.running_mean,
-            self.running_var,
-            self.num_batches_tracked,
-            self.training,
-            self.track_running_stats,
-            self.momentum,
-            self.eps,
-            self._ndims,
-            self.num_features,
-            f"{type(self).__name__}({self.num_features})",
-            self.num_batches_skipped,
-        )
+        """Each kind defines its own (`MaskableBatchNorm` for BatchNorm*d, ghost, BN+activation)."""
+        raise NotImplementedError(f"{type(self).__name__}: subclass MaskableBatchNorm, or define forward")
 
     def __prepare_scriptable__(self) -> nn.Module:
         """What ``torch.jit.script`` compiles in this layer's place: a `ScriptedBatchNorm`
@@ -314,12 +298,6 @@ class MaskableBatchNorm(BatchNormBase):
             twin = _torch_layer_in_trace(self, input)
             if twin is not None:
                 return twin(input)  # type: ignore[no-any-return]
-        if mask is not None or self.channel_dim != 1:
-            return batch_norm_layer(
-                input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
-                self.training, self.track_running_stats, self.momentum, self.eps, self._ndims, self.num_features,
-                f"{type(self).__name__}({self.num_features})", self.num_batches_skipped, self.channel_dim, mask,
-            )  # fmt: skip
         # the state read from the module's own dicts: an attribute read of a parameter or buffer
         # is a Python call (Module.__getattr__); a name moved out of them (a parametrization,
         # weight norm) is read as an attribute
@@ -339,6 +317,8 @@ class MaskableBatchNorm(BatchNormBase):
             self.num_features,
             f"{type(self).__name__}({self.num_features})",
             b["num_batches_skipped"] if "num_batches_skipped" in b else self.num_batches_skipped,
+            self.channel_dim,
+            mask,
         )
 
     # torch's layer of the same kind, for `torch_layer` (None: a kind torch's fx tools do not match)

@@ -23,7 +23,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import SyncBatchNorm, _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from ..nn.batchnorm import BatchNormBase, MaskableBatchNorm
+from ..nn.batchnorm import MaskableBatchNorm
 from ..nn.frozen import FrozenBatchNormBase
 from ..nn.ghost import GhostBatchNormBase
 from ..nn.renorm import BatchRenormBase
@@ -36,7 +36,6 @@ __all__ = ["is_batchnorm", "is_plain_batchnorm", "Dataflow", "trace", "Pair", "b
 _PLAIN_FORWARDS = (
     _BatchNorm.forward,
     SyncBatchNorm.forward,
-    BatchNormBase.forward,
     MaskableBatchNorm.forward,  # BatchNorm*d: without a mask, the plain map
     FrozenBatchNormBase.forward,
     GhostBatchNormBase.forward,
