@@ -48,30 +48,26 @@ when triton is missing; ``import batchnorm`` never imports it.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from .torch_ops import acc_dtype
-
-try:
-    import triton
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "batchnorm back-end 'triton' needs the triton package (pip install 'triton>=3'; Linux "
-        "x86-64 wheels): " + str(exc)
-    ) from exc
-
-from . import triton_kernels as K
-
-
-def interpreter_requested() -> bool:
-    """Whether TRITON_INTERPRET is set now (it takes effect only at this module's first import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
+from .triton_plan import (  # triton and the kernels, imported with the install hint
+    ACT_CODES,
+    INTERPRETED,
+    Geo,
+    K,
+    check,
+    interpreter_requested,
+    like,
+    on_device,
+    reduce_plan,
+    supports,
+    triton,
+    unavailable_reason,
+    vec,
+    words_per_program,
+)
 
 __all__ = [
     "INTERPRETED",
@@ -90,143 +86,13 @@ __all__ = [
     "backward_act",
 ]
 
-try:  # triton >= 3.4 reads its settings through ``triton.knobs``
-    from triton import knobs as _knobs
-except ImportError:  # pragma: no cover - older triton
-    _knobs = None
-INTERPRETED: bool = bool(_knobs.runtime.interpret) if _knobs is not None else interpreter_requested()
-"""Whether the kernels were created for Triton's interpreter (TRITON_INTERPRET=1 at import)."""
-if INTERPRETED and _knobs is not None:
-    # triton reads the knob again at launch (e.g. when it lazily imports its gluon front end):
-    # keep it consistent with the kernels created here even if the variable is unset later
-    _knobs.runtime.interpret = True
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_ACTS = {"identity": K.ACT_IDENTITY, "relu": K.ACT_RELU, "leaky_relu": K.ACT_LEAKY, "elu": K.ACT_ELU}
-_TARGET_PROGRAMS = {"cpu": 4}
-"""Programs a reduction aims at per device type (CUDA: 4 per SM); splits follow from it."""
-
-
-def _layout(x: Tensor) -> str | None:
-    """``"ncs"`` (contiguous, spatial > 1), ``"mc"`` (C innermost) or None."""
-    if x.dim() < 2 or x.dim() > 5:
-        return None
-    spatial = x.numel() // max(1, x.shape[0] * x.shape[1])
-    if x.dim() > 2 and spatial > 1 and x.is_contiguous():
-        return "ncs"
-    if x.movedim(1, -1).is_contiguous():
-        return "mc"
-    return None
-
-
-def unavailable_reason(x: Tensor) -> str | None:
-    """Why these kernels cannot run ``x`` (None when `supports` holds)."""
-    if not isinstance(x, Tensor):
-        return f"expected a tensor, got {type(x).__name__}"
-    if x.device.type == "cpu" and not INTERPRETED:
-        return (
-            "CPU tensors run the Triton kernels only in Triton's interpreter: set TRITON_INTERPRET=1 "
-            "before the first use of the 'triton' back-end"
-        )
-    if x.device.type not in ("cpu", "cuda"):
-        return f"expected a CUDA tensor, got one on {x.device}"
-    if x.device.type == "cuda" and INTERPRETED:
-        return "the Triton kernels were created for the interpreter (TRITON_INTERPRET=1); unset it for CUDA"
-    if x.dtype not in _DTYPES:
-        return f"expected dtype in {_DTYPES}, got {x.dtype}"
-    if x.layout != torch.strided or x.is_neg() or x.is_conj():
-        return "expected a plain strided tensor"
-    if x.numel() == 0 or x.numel() >= 2**31:
-        return f"expected 1 to 2**31 - 1 elements, got {x.numel()}"
-    if _layout(x) is None:
-        return f"expected 2-5 dims, contiguous or channels-last, got shape {tuple(x.shape)} strides {x.stride()}"
-    return None
-
-
-def supports(x: Tensor) -> bool:
-    """True for non-empty float16/bfloat16/float32/float64 tensors of 2-5 dims, contiguous or
-    channels-last, on CUDA (or on CPU under the interpreter)."""
-    return unavailable_reason(x) is None
-
-
-def _check(x: Tensor, where: str) -> str:
-    why = unavailable_reason(x)
-    if why is not None:
-        raise ValueError(f"batchnorm._kernels.triton_bn.{where}: {why}")
-    return _layout(x)  # type: ignore[return-value]
-
-
-class _Geo:
-    """Geometry of x seen as (N, C, S): strides of the reduction tile and the flat channel map."""
-
-    def __init__(self, x: Tensor, layout: str) -> None:
-        self.n, self.c = x.shape[0], x.shape[1]
-        self.s = x.numel() // max(1, self.n * self.c)
-        self.numel = x.numel()
-        if layout == "ncs":
-            self.r, self.S, self.s_n, self.s_c, self.s_s, self.div = (
-                self.n * self.s,
-                self.s,
-                self.c * self.s,
-                self.s,
-                1,
-                self.s,
-            )
-        else:  # rows of C: (n, s) folded into one row index
-            self.r, self.S, self.s_n, self.s_c, self.s_s, self.div = self.n * self.s, 1, self.c, 1, 0, 1
-        self.layout = layout
-
-
-def _device(x: Tensor) -> Any:
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _reduce_plan(geo: _Geo, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_C, nsplit, per): tile, number of row splits and rows per split."""
-    if geo.layout == "ncs":
-        block_c, block_r = 1, 1024
-    else:
-        block_c = min(64, triton.next_power_of_2(geo.c))
-        block_r = max(16, 4096 // block_c)
-    block_r = min(block_r, max(16, triton.next_power_of_2(geo.r)))
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = _TARGET_PROGRAMS["cpu"]
-    cblocks = triton.cdiv(geo.c, block_c)
-    want = triton.cdiv(target, cblocks)
-    nsplit = max(1, min(want, triton.cdiv(geo.r, 2 * block_r)))
-    per = triton.cdiv(triton.cdiv(geo.r, nsplit), block_r) * block_r
-    return block_r, block_c, triton.cdiv(geo.r, per), per
-
-
-def _bw(x: Tensor) -> int:
-    """Words of 32 elements per elementwise program."""
-    return 32 if x.device.type == "cuda" else 64
-
-
-def _vec(v: Tensor | None, x: Tensor) -> tuple[Tensor, bool]:
-    """(pointer tensor, present) for an optional per-channel vector."""
-    if v is None:
-        return x, False
-    return v.detach().contiguous(), True
-
-
-def _like(t: Tensor, x: Tensor, where: str) -> Tensor:
-    """``t`` with x's shape, dtype and strides (a copy when they differ)."""
-    if t.shape != x.shape:
-        raise ValueError(f"batchnorm._kernels.triton_bn.{where}: expected shape {tuple(x.shape)}, got {tuple(t.shape)}")
-    t = t.detach()
-    if t.dtype != x.dtype or t.stride() != x.stride() or t.device != x.device:
-        t = torch.empty_like(x).copy_(t)
-    return t
-
 
 def _stats(
-    x: Tensor, geo: _Geo, weight: Tensor | None, bias: Tensor | None, eps: float
+    x: Tensor, geo: Geo, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(mean float64, var acc, prm (4, C) acc) of x (one read)."""
     acc = acc_dtype(x.dtype)
-    block_r, block_c, nsplit, per = _reduce_plan(geo, x.device)
+    block_r, block_c, nsplit, per = reduce_plan(geo, x.device)
     part = torch.empty((2, nsplit, geo.c), dtype=acc, device=x.device)
     K.stats_part[(triton.cdiv(geo.c, block_c), nsplit)](
         x, part, geo.c, geo.S, geo.r, geo.s_n, geo.s_c, geo.s_s, per, nsplit, BLOCK_R=block_r, BLOCK_C=block_c
@@ -234,8 +100,8 @@ def _stats(
     mean = torch.empty(geo.c, dtype=torch.float64, device=x.device)
     var = torch.empty(geo.c, dtype=acc, device=x.device)
     prm = torch.empty((4, geo.c), dtype=acc, device=x.device)
-    w, has_w = _vec(weight, x)
-    b, has_b = _vec(bias, x)
+    w, has_w = vec(weight, x)
+    b, has_b = vec(bias, x)
     fc = min(128, triton.next_power_of_2(geo.c))
     K.stats_final[(triton.cdiv(geo.c, fc),)](
         x,
@@ -260,7 +126,7 @@ def _stats(
 
 def _normalize(
     x: Tensor,
-    geo: _Geo,
+    geo: Geo,
     prm: Tensor,
     act: int,
     slope: float,
@@ -272,7 +138,7 @@ def _normalize(
     y = torch.empty_like(x)
     nwords = triton.cdiv(geo.numel, 32)
     mask = torch.empty(nwords, dtype=torch.int32, device=x.device) if want_mask else x
-    bw = _bw(x)
+    bw = words_per_program(x)
     K.normalize[(triton.cdiv(nwords, bw),)](
         x,
         y,
@@ -298,10 +164,10 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
     Shape: x (N, C, *) -> mean (C,), var (C,).
     """
-    layout = _check(x, "batch_stats")
+    layout = check(x, "batch_stats")
     xd = x.detach()
-    with _device(x):
-        mean, var, _ = _stats(xd, _Geo(xd, layout), None, None, 1.0)
+    with on_device(x):
+        mean, var, _ = _stats(xd, Geo(xd, layout), None, None, 1.0)
     return mean, var
 
 
@@ -333,27 +199,27 @@ def train_forward_act(
 
     Shape: x, residual (N, C, *) -> z (N, C, *), mean (C,), var (C,), mask (ceil(numel / 32),).
     """
-    layout = _check(x, "train_forward_act")
+    layout = check(x, "train_forward_act")
     act = _act_code(activation, "train_forward_act")
     if residual is not None and act != K.ACT_RELU:
         raise ValueError(
             f"batchnorm._kernels.triton_bn.train_forward_act: a residual needs activation 'relu', got {activation!r}"
         )
     xd = x.detach()
-    res = None if residual is None else _like(residual, xd, "train_forward_act")
-    geo = _Geo(xd, layout)
-    with _device(x):
+    res = None if residual is None else like(residual, xd, "train_forward_act")
+    geo = Geo(xd, layout)
+    with on_device(x):
         mean, var, prm = _stats(xd, geo, weight, bias, eps)
         z, mask = _normalize(xd, geo, prm, act, negative_slope, alpha, res, act == K.ACT_RELU)
     return z, mean, var, mask
 
 
 def _act_code(activation: str, where: str) -> int:
-    if activation not in _ACTS:
+    if activation not in ACT_CODES:
         raise ValueError(
-            f"batchnorm._kernels.triton_bn.{where}: expected activation in {tuple(_ACTS)}, got {activation!r}"
+            f"batchnorm._kernels.triton_bn.{where}: expected activation in {tuple(ACT_CODES)}, got {activation!r}"
         )
-    return _ACTS[activation]
+    return ACT_CODES[activation]
 
 
 def eval_forward(
@@ -382,16 +248,16 @@ def eval_forward_act(
 
     Shape: x, residual (N, C, *); mean, var (C,) -> z (N, C, *).
     """
-    layout = _check(x, "eval_forward_act")
+    layout = check(x, "eval_forward_act")
     act = _act_code(activation, "eval_forward_act")
     xd = x.detach()
-    res = None if residual is None else _like(residual, xd, "eval_forward_act")
-    geo = _Geo(xd, layout)
+    res = None if residual is None else like(residual, xd, "eval_forward_act")
+    geo = Geo(xd, layout)
     prm = torch.empty((4, geo.c), dtype=acc_dtype(x.dtype), device=x.device)
-    w, has_w = _vec(weight, xd)
-    b, has_b = _vec(bias, xd)
+    w, has_w = vec(weight, xd)
+    b, has_b = vec(bias, xd)
     fc = min(128, triton.next_power_of_2(geo.c))
-    with _device(x):
+    with on_device(x):
         K.eval_params[(triton.cdiv(geo.c, fc),)](
             mean.detach().contiguous(),
             var.detach().contiguous(),
@@ -413,14 +279,14 @@ def _bwd_sums(
     v: Tensor,
     mean: Tensor,
     mask: Tensor | None,
-    geo: _Geo,
+    geo: Geo,
     mode: int,
     slope: float,
     alpha: float,
     tiny: float,
 ) -> tuple[Tensor, int]:
     """(3, nsplit, C) partial sums (sum dy, sum dy d, sum d) in ``acc_dtype``."""
-    block_r, block_c, nsplit, per = _reduce_plan(geo, v.device)
+    block_r, block_c, nsplit, per = reduce_plan(geo, v.device)
     part = torch.empty((3, nsplit, geo.c), dtype=acc_dtype(v.dtype), device=v.device)
     K.bwd_part[(triton.cdiv(geo.c, block_c), nsplit)](
         g,
@@ -453,7 +319,7 @@ def _backward(
     invstd: Tensor,
     weight: Tensor | None,
     mask: Tensor | None,
-    geo: _Geo,
+    geo: Geo,
     mode: int,
     slope: float,
     alpha: float,
@@ -467,14 +333,14 @@ def _backward(
     coef = torch.empty((5, geo.c), dtype=acc, device=v.device)
     dw = torch.empty(geo.c, dtype=acc, device=v.device)
     db = torch.empty(geo.c, dtype=acc, device=v.device)
-    w, has_w = _vec(weight, v)
+    w, has_w = vec(weight, v)
     fc = min(128, triton.next_power_of_2(geo.c))
     K.bwd_final[(triton.cdiv(geo.c, fc),)](
         part, mean, invstd.detach().contiguous(), w, coef, dw, db, geo.c, geo.r, nsplit, HAS_W=has_w, BLOCK_C=fc
     )
     dx = torch.empty_like(v)
     dres = torch.empty_like(v) if want_res else None
-    bw = _bw(v)
+    bw = words_per_program(v)
     K.dx_apply[(triton.cdiv(triton.cdiv(geo.numel, 32), bw),)](
         g,
         v,
@@ -507,11 +373,11 @@ def backward(
 
     Shape: grad_y, x (N, C, *) -> dx (N, C, *), dgamma (C,), dbeta (C,).
     """
-    layout = _check(x, "backward")
+    layout = check(x, "backward")
     xd = x.detach()
-    g = _like(grad_y, xd, "backward")
-    with _device(x):
-        dx, dw, db, _ = _backward(g, xd, mean, invstd, weight, None, _Geo(xd, layout), K.ACT_IDENTITY, 0.0, 0.0, False)
+    g = like(grad_y, xd, "backward")
+    with on_device(x):
+        dx, dw, db, _ = _backward(g, xd, mean, invstd, weight, None, Geo(xd, layout), K.ACT_IDENTITY, 0.0, 0.0, False)
     return dx, dw, db
 
 
@@ -530,18 +396,18 @@ def backward_relu(
 
     Shape: grad_z, x (N, C, *); mask (ceil(numel / 32),) int32 -> dx, dgamma (C,), dbeta (C,), dres.
     """
-    layout = _check(x, "backward_relu")
+    layout = check(x, "backward_relu")
     xd = x.detach()
-    g = _like(grad_z, xd, "backward_relu")
+    g = like(grad_z, xd, "backward_relu")
     nwords = triton.cdiv(xd.numel(), 32)
     if mask.dtype != torch.int32 or mask.shape != (nwords,):
         raise ValueError(
             f"batchnorm._kernels.triton_bn.backward_relu: expected an int32 mask of shape ({nwords},), "
             f"got {mask.dtype} {tuple(mask.shape)}"
         )
-    with _device(x):
+    with on_device(x):
         return _backward(
-            g, xd, mean, invstd, weight, mask.contiguous(), _Geo(xd, layout), K.ACT_RELU, 0.0, 0.0, residual_grad
+            g, xd, mean, invstd, weight, mask.contiguous(), Geo(xd, layout), K.ACT_RELU, 0.0, 0.0, residual_grad
         )
 
 
@@ -564,19 +430,19 @@ def backward_act(
 
     Shape: grad_z, z (N, C, *) -> dx (N, C, *), dgamma (C,), dbeta (C,).
     """
-    layout = _check(z, "backward_act")
+    layout = check(z, "backward_act")
     modes = {"identity": K.ACT_IDENTITY, "leaky_relu": K.ACT_LEAKY, "elu": K.ACT_ELU}
     if activation not in modes:
         raise ValueError(
             f"batchnorm._kernels.triton_bn.backward_act: expected activation in {tuple(modes)}, got {activation!r}"
         )
     zd = z.detach()
-    g = _like(grad_z, zd, "backward_act")
+    g = like(grad_z, zd, "backward_act")
     c = z.shape[1]
     inv = invstd.detach().to(torch.float64)
     gamma = torch.ones_like(inv) if weight is None else weight.detach().to(torch.float64)
     beta = torch.zeros_like(inv) if bias is None else bias.detach().to(torch.float64)
-    with _device(z):
+    with on_device(z):
         dx, dw, db, _ = _backward(
             g,
             zd,
@@ -584,7 +450,7 @@ def backward_act(
             (1.0 / gamma).reshape(c),
             gamma * gamma * inv,
             None,
-            _Geo(zd, layout),
+            Geo(zd, layout),
             modes[activation],
             negative_slope,
             alpha,
@@ -599,11 +465,11 @@ def backward_sums(grad_y: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tens
 
     Shape: grad_y, x (N, C, *), mean (C,) -> sum_g (C,), sum_g_xc (C,).
     """
-    layout = _check(x, "backward_sums")
+    layout = check(x, "backward_sums")
     xd = x.detach()
-    g = _like(grad_y, xd, "backward_sums")
-    with _device(x):
-        part, _ = _bwd_sums(g, xd, mean.detach().contiguous(), None, _Geo(xd, layout), K.ACT_IDENTITY, 0.0, 0.0, 0.0)
+    g = like(grad_y, xd, "backward_sums")
+    with on_device(x):
+        part, _ = _bwd_sums(g, xd, mean.detach().contiguous(), None, Geo(xd, layout), K.ACT_IDENTITY, 0.0, 0.0, 0.0)
     tot = part[:2].to(torch.float64).sum(dim=1)  # (2, nsplit, C) -> (2, C)
     return tot[0], tot[1]
 
@@ -622,9 +488,9 @@ def backward_apply(
 
     Shape: grad_y, x (N, C, *); mean, invstd, weight, mean_g, mean_gxhat (C,) -> dx (N, C, *).
     """
-    layout = _check(x, "backward_apply")
+    layout = check(x, "backward_apply")
     xd = x.detach()
-    g = _like(grad_y, xd, "backward_apply")
+    g = like(grad_y, xd, "backward_apply")
     acc = acc_dtype(x.dtype)
     mu = mean.detach().to(torch.float64)
     hi = mu.to(acc)
@@ -633,10 +499,10 @@ def backward_apply(
     k2 = -k1 * inv * mean_gxhat.detach().to(torch.float64)
     k3 = -k1 * mean_g.detach().to(torch.float64)
     coef = torch.stack([hi.to(torch.float64), mu - hi.to(torch.float64), k1, k2, k3]).to(acc).contiguous()
-    geo = _Geo(xd, layout)
+    geo = Geo(xd, layout)
     dx = torch.empty_like(xd)
-    bw = _bw(xd)
-    with _device(x):
+    bw = words_per_program(xd)
+    with on_device(x):
         K.dx_apply[(triton.cdiv(triton.cdiv(geo.numel, 32), bw),)](
             g,
             xd,
