@@ -323,21 +323,23 @@ class MaskableBatchNorm(BatchNormBase):
 
     # torch's layer of the same kind, for `torch_layer` (None: a kind torch's fx tools do not match)
     _torch_type: type[_TorchBatchNorm] | None = None
+    # TorchScript compiles a module's properties unless named here
+    __jit_unused_properties__ = ["torch_layer"]
 
     @property
-    def torch_layer(self) -> _TorchBatchNorm:
+    def torch_layer(self) -> _TorchBatchNorm | None:
         """This layer as an instance of torch's own ``torch.nn.BatchNorm1d/2d/3d`` (exact type),
         sharing this layer's tensors: the same ``weight``/``bias`` Parameters and running-statistics
         buffers (objects, not copies), settings and mode; its ``forward`` is this layer's.
 
         What a ``torch.fx`` trace records in this layer's place, so that torch's graph tools,
         which match batch norm by exact type, treat it as torch's layer. A new object on each
-        read. Raises ``TypeError`` for a layer whose ``weight`` or ``bias`` is parametrized
-        (there is no Parameter to share).
+        read; None where no torch layer can share the tensors (``SyncBatchNorm``, a parametrized
+        ``weight`` or ``bias``).
         """
         cls, p, b = self._torch_type, self._parameters, self._buffers
         if cls is None or "weight" not in p or "bias" not in p:
-            raise TypeError(f"{self._where()}: no torch layer shares this layer's parameters")
+            return None
         twin = cls(self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats, device="meta")
         twin._parameters.update(weight=p["weight"], bias=p["bias"])
         for key in ("running_mean", "running_var", "num_batches_tracked"):
@@ -370,10 +372,9 @@ def _torch_layer_in_trace(layer: MaskableBatchNorm, input: torch.fx.Proxy) -> nn
     (a leaf of the default tracer: torch.nn), or None where the trace cannot record it: a kind
     without a torch twin, a parametrized layer, or a tracer that does not know the layer's path."""
     paths = getattr(input.tracer, "submodule_paths", None)
-    p = layer._parameters
-    if layer._torch_type is None or not paths or layer not in paths or "weight" not in p or "bias" not in p:
+    twin = layer.torch_layer if paths and layer in paths else None
+    if twin is None:
         return None
-    twin = layer.torch_layer
     paths[twin] = f"{paths[layer]}.torch_layer".lstrip(".")
     return twin
 

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from .._kernels import native, step_ext, torch_ops
 from .._kernels.dispatch import aten_direct, backend_for
+from . import inductor
 from ._common import acc_dtype, fresh, per_channel, register_channel_vmap
 from ._path import apply, compiling_not_exporting, eager, forward_ad_active, needs_grad, recomputing
 from .aten_step import EXT, eval_aten, train_aten
@@ -320,7 +321,7 @@ def train_step(
     if compiling_not_exporting():
         # torch.compile: our math as torch ops, which Inductor fuses with the neighbours (an opaque
         # operator cannot be); torch.export keeps the operator node (tools read it back)
-        y, mean, var = torch_ops.train_forward(x, weight, bias, eps)
+        y, mean, var = inductor.train_forward(x, weight, bias, eps)
         if running_mean is not None and running_var is not None:
             with torch.no_grad():
                 state = (running_mean, running_var, num_batches_tracked, num_batches_skipped)
