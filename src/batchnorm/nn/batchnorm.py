@@ -371,9 +371,9 @@ def _torch_layer_in_trace(layer: MaskableBatchNorm, input: torch.fx.Proxy) -> nn
     """``layer.torch_layer``, installed in the running fx trace under ``<layer's path>.torch_layer``
     (a leaf of the default tracer: torch.nn), or None where the trace cannot record it: a kind
     without a torch twin, a parametrized layer, or a tracer that does not know the layer's path."""
-    paths = getattr(input.tracer, "submodule_paths", None)
+    paths: dict[nn.Module, str] | None = getattr(input.tracer, "submodule_paths", None)
     twin = layer.torch_layer if paths and layer in paths else None
-    if twin is None:
+    if paths is None or twin is None:
         return None
     paths[twin] = f"{paths[layer]}.torch_layer".lstrip(".")
     return twin
