@@ -37,6 +37,7 @@ from .verdict import Part, SeedPlan, Verdict, _level, could_settle, judge_sequen
 __all__ = [
     "SEED_PLANS",
     "Experiment",
+    "PerSeed",
     "claim",
     "column",
     "first_reaching",
@@ -46,7 +47,11 @@ __all__ = [
     "plan_of",
     "recorded",
     "seeds_for",
+    "unmeasured",
 ]
+
+PerSeed = list[dict[str, Any]]
+"""Every seed's JSON-ready metrics, in seed order (what ``Experiment.run_seeds`` returns)."""
 
 SEED_PLANS: dict[str, SeedPlan] = {
     "tiny": SeedPlan((2,)),
@@ -263,6 +268,25 @@ def claim(
         "parts": [{**v.to_json(), "direction": _direction(p)} for p, v in zip(parts, verdicts)],
         "could_settle": name == "inconclusive"
         and all(could_settle(p, v, plan.cap) for p, v in zip(parts, verdicts) if v.verdict == "inconclusive"),
+    }
+
+
+def unmeasured(make: Any, name: str, evidence: str) -> dict[str, Any]:
+    """Claim ``name`` of a ``claims_spec.Claims`` with nothing to judge (the run could not
+    measure it): ``inconclusive`` with no estimate or interval, and no more seeds asked for."""
+    spec, seeds = make.specs[name], [int(s) for s in make.results["metrics"]["seeds"]]
+    return {
+        **{key: spec[key] for key in ("expected", "source")},
+        "claim": spec["statement"].format(**make.values),
+        "holds": False,
+        "verdict": "inconclusive",
+        "estimate": math.nan,
+        "interval": [math.nan, math.nan],
+        "seeds": seeds,
+        "method": "not measured",
+        "evidence": evidence,
+        "kind": spec.get("kind", "replication"),
+        "could_settle": False,
     }
 
 
