@@ -58,12 +58,8 @@ SEED_PLANS: dict[str, SeedPlan] = {
     "quick": SeedPlan((4, 8, 16, 32), futility_from=16),
     "full": SeedPlan((5, 10, 20), futility_from=10),
 }
-"""Each mode's seed plan (``verdict.SeedPlan``), fixed before any run: tiny judges 2 seeds once (a
-smoke test: the interval exists but is wide); quick judges the first 4, 8, 16, then 32 seeds,
-each look at level 1 - 0.05 / 4 = 98.75%, and full the first 5, 10, then 20, each at
-1 - 0.05 / 3 = 98.3%. A run trains the next block of seeds while one of its claims is still
-inconclusive; from 16 seeds on (quick; 10 in full) only while one of them could still be
-settled by the cap (``SeedPlan.needs_more``)."""
+"""Each mode's seed plan (``verdict.SeedPlan``), fixed before any run (tiny: a smoke test); the
+levels and the stop rule in numbers: ``docs/lab.md``, "Claims judged over seeds"."""
 
 
 def plan_for(cfg: RunConfig) -> SeedPlan:
@@ -134,11 +130,9 @@ def _direction(p: Part) -> str:
 def _margin(p: Part, v: Verdict) -> float:
     """How far the estimate lies from the nearest threshold, in the effect's units: positive
     on the claimed side (inside the band), negative on the other."""
-    sides = []
-    if p.above is not None:
-        sides.append(v.estimate - p.above)
-    if p.below is not None:
-        sides.append(p.below - v.estimate)
+    sides = [v.estimate - t for t in (p.above,) if t is not None] + [
+        t - v.estimate for t in (p.below,) if t is not None
+    ]
     return float(min(sides))
 
 
@@ -166,11 +160,8 @@ def _why(name: str, parts: Sequence[Part], verdicts: Sequence[Verdict], plan: Se
         return f"{which}: {interval} lies entirely on the other side of the threshold", p, v
     margin = _margin(p, v)
     half = (hi - lo) / 2
-    at_cap = (
-        "the seed plan's cap"
-        if n >= plan.cap
-        else f"no more seeds: at this spread even the plan's cap of {plan.cap} seeds would leave the threshold inside the interval"
-    )
+    at_cap = f"no more seeds: at this spread even the plan's cap of {plan.cap} seeds would leave the threshold inside the interval"
+    at_cap = "the seed plan's cap" if n >= plan.cap else at_cap
     side = "on the claimed side" if margin >= 0 else "on the other side"
     return (
         f"{which}: {interval} ({at_cap}) contains a threshold; the estimate {v.estimate:.4g} is {abs(margin):.3g} "
