@@ -65,14 +65,9 @@ body.wide { max-width: 84rem; }
 def reproduce_command(results: dict[str, Any]) -> str:
     """The shell command that reproduces these results."""
     run = results.get("run", {})
-    parts = ["batchnorm", "lab", "run", str(results.get("id"))]
-    mode = run.get("mode", "full")
-    if mode == "quick":
-        parts.append("--quick")
-    elif mode == "tiny":
-        parts.append("--tiny")
-    parts += ["--seed", str(run.get("seed", 0)), "--data", str(run.get("data", "digits"))]
-    return " ".join(parts)
+    mode = {"quick": ["--quick"], "tiny": ["--tiny"]}.get(run.get("mode", "full"), [])
+    parts = ["batchnorm", "lab", "run", str(results.get("id")), *mode, "--seed", str(run.get("seed", 0))]
+    return " ".join([*parts, "--data", str(run.get("data", "digits"))])
 
 
 def _esc(value: Any) -> str:
@@ -137,9 +132,7 @@ _VERDICT_CLASS = {"holds": "holds", "does not hold": "fails", "inconclusive": "i
 def _claim_verdict(claim: dict[str, Any]) -> str:
     """A claim's verdict: its saved ``verdict`` (claims judged over seeds), else from ``holds``."""
     verdict = claim.get("verdict")
-    if verdict in _VERDICT_CLASS:
-        return str(verdict)
-    return "holds" if claim.get("holds") else "does not hold"
+    return str(verdict) if verdict in _VERDICT_CLASS else ("holds" if claim.get("holds") else "does not hold")
 
 
 def _number(value: Any) -> float | None:
@@ -178,23 +171,20 @@ def _seed_count(claim: dict[str, Any], listed: bool = True) -> str | None:
 def _numbers_cell(claim: dict[str, Any]) -> str:
     """Estimate, interval, threshold, seeds, method and rule of one claim (what is shown
     where the claim was judged over seeds)."""
-    interval = _interval(claim)
-    estimate = _number(claim.get("estimate"))
+    interval, estimate, level = _interval(claim), _number(claim.get("estimate")), claim.get("confidence", 0.95)
     if estimate is None:
         return "<span class='muted'>not judged over seeds</span>"
     parts = [f"estimate <b>{_esc(_g(estimate))}</b>"]
-    if interval is not None:
-        level = f"{100 * float(claim.get('confidence', 0.95)):g}%"
-        parts.append(f"{level} interval [{_esc(_g(interval[0]))}, {_esc(_g(interval[1]))}]")
+    parts += (
+        [f"{100 * float(level):g}% interval [{_esc(_g(interval[0]))}, {_esc(_g(interval[1]))}]"] if interval else []
+    )
     if claim.get("direction"):
         parts.append(f"claimed: <code>{_esc(claim['direction'])}</code>")
     elif claim.get("threshold") is not None:
         parts.append(f"threshold {_esc(claim['threshold'])}")
     parts.append(f"seeds: {_esc(_seed_count(claim) or '-')}")
-    if claim.get("method"):
-        parts.append(f"<span class='muted'>{_esc(claim['method'])}</span>")
-    if claim.get("rule"):
-        parts.append(f"<span class='muted'>rule: {_esc(claim['rule'])}</span>")
+    parts += [f"<span class='muted'>{_esc(claim['method'])}</span>"] if claim.get("method") else []
+    parts += [f"<span class='muted'>rule: {_esc(claim['rule'])}</span>"] if claim.get("rule") else []
     return "<br>".join(parts)
 
 
@@ -219,15 +209,12 @@ def _paper_cell(claim: dict[str, Any]) -> str:
 def _claims_table(claims: Sequence[dict[str, Any]]) -> str:
     """One row per claim: the statement with what this run measured, the verdict with why,
     the numbers it rests on, and the paper's figure or table it comes from."""
-    rows = []
-    for c in claims:
-        evidence = (
-            f"<br><span class='muted'>measured: {_esc(c.get('evidence', ''))}</span>" if c.get("evidence") else ""
-        )
-        rows.append(
-            f"<tr><td>{_esc(c.get('claim', ''))}{evidence}</td>{_verdict_cell(c)}"
-            f"<td>{_numbers_cell(c)}</td>{_paper_cell(c)}</tr>"
-        )
+    rows = [
+        f"<tr><td>{_esc(c.get('claim', ''))}"
+        + (f"<br><span class='muted'>measured: {_esc(c['evidence'])}</span>" if c.get("evidence") else "")
+        + f"</td>{_verdict_cell(c)}<td>{_numbers_cell(c)}</td>{_paper_cell(c)}</tr>"
+        for c in claims
+    ]
     return (
         "<table class='claims'><colgroup><col style='width:38%'><col style='width:22%'><col style='width:22%'>"
         "<col style='width:18%'></colgroup><tr><th>claim (and what this run measured)</th><th>verdict and why</th>"
@@ -269,12 +256,11 @@ def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanatio
     """The report page for one experiment (figures are read from disk and embedded)."""
     claims = results.get("claims", [])
     run = results.get("run", {})
-    figs = []
-    for path in figures:
-        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-        figs.append(
-            f"<figure><img alt='{_esc(Path(path).stem)}' src='data:image/png;base64,{data}'><figcaption class='muted'>{_esc(Path(path).name)}</figcaption></figure>"
-        )
+    figs = [
+        f"<figure><img alt='{_esc(Path(p).stem)}' src='data:image/png;base64,{base64.b64encode(Path(p).read_bytes()).decode('ascii')}'>"
+        f"<figcaption class='muted'>{_esc(Path(p).name)}</figcaption></figure>"
+        for p in figures
+    ]
     mode_note = _MODE_NOTE.get(run.get("mode", ""), "")
     data_choice = results.get("config", {}).get("mnist1d_choice") if isinstance(results.get("config"), dict) else None
     data_note = f"<p><b>Setup changed for this data:</b> {_esc(data_choice)}</p>" if data_choice else ""

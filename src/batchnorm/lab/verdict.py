@@ -297,15 +297,11 @@ def part(
 
 @dataclass(frozen=True)
 class SeedPlan:
-    """The seeds a claim may be judged on, fixed before any measurement.
-
-    ``looks``: the increasing seed counts at which claims are judged (``(4, 8, 16, 32)``: the
-    first 4, 8, 16, then 32 seeds of the run); each look's intervals have level ``1 - alpha / K``
-    for K looks (Bonferroni), so that all looks' intervals together miss the true means with
-    probability at most ``alpha``. One look is a fixed design at level ``1 - alpha``.
-    ``futility_from``: the fewest seeds at which a run may stop while a claim is still
-    inconclusive because more seeds could not settle it (``needs_more``); ``None``: the first look.
-    """
+    """The seeds a claim may be judged on, fixed before any measurement (the module docstring):
+    ``looks``, the increasing seed counts judged (``(4, 8, 16, 32)``: the run's first 4, 8, 16,
+    then 32 seeds; one look is a fixed design at level ``1 - alpha``); ``futility_from``, the
+    fewest seeds at which a run may stop with a claim more seeds could not settle (``None``: the
+    first look)."""
 
     looks: tuple[int, ...]
     alpha: float = 0.05
@@ -356,21 +352,16 @@ class SeedPlan:
         if len(self.looks) == 1:
             return f"{level} t interval over {self.cap} seeds (fixed)"
         counts = ", ".join(str(n) for n in self.looks)
-        futility = (
-            f"; no stop for an undecided claim before {self.min_futility} seeds"
-            if self.min_futility > self.looks[0]
-            else ""
-        )
+        futility = f"; no stop for an undecided claim before {self.min_futility} seeds"
+        futility = futility if self.min_futility > self.looks[0] else ""
         return (
             f"judged on the first {counts} seeds, stopping at the first decided look; {level} t intervals "
             f"({1 - self.alpha:.0%} over all {len(self.looks)} looks, Bonferroni){futility}"
         )
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"looks": list(self.looks), "alpha": self.alpha}
-        if self.futility_from is not None:
-            out["futility_from"] = self.futility_from
-        return out
+        futility = {} if self.futility_from is None else {"futility_from": self.futility_from}
+        return {"looks": list(self.looks), "alpha": self.alpha, **futility}
 
 
 def judge_sequential(parts: Sequence[Part], seeds: Sequence[int], plan: SeedPlan) -> tuple[VerdictName, list[Verdict]]:
