@@ -1,5 +1,6 @@
-"""``precise-bn``: Wu & Johnson 2021, Sec. 3 — EMA vs precise BN statistics (PreciseBN) over
-training, and how many samples PreciseBN needs. Setup, rules and sources: ``precise_bn.md``."""
+"""``precise-bn``: Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", Sec. 3 — EMA vs precise
+BN statistics (PreciseBN) over training, and how many samples PreciseBN needs. Setup, rules and
+sources: ``precise_bn.md``."""
 
 from __future__ import annotations
 
