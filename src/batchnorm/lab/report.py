@@ -340,12 +340,12 @@ def index_html(all_results: Sequence[dict[str, Any]]) -> str:
         link = f"<a href='{_esc(eid)}/report.html'>{_esc(eid)}</a>"
         run = results.get("run", {})
         info = f"{_esc(run.get('mode'))}, {_esc(run.get('data'))}, seed {_esc(run.get('seed'))}, {_esc(results.get('wall_time_s'))} s"
-        first = True
-        for c in claims or [{"claim": "(no claims)", "holds": True, "evidence": ""}]:
+        for k, c in enumerate(claims or [{"claim": "(no claims)", "holds": True, "evidence": ""}]):
             head = (
-                f"<td rowspan='{max(len(claims), 1)}'>{link}<br><span class='muted'>{info}</span></td>" if first else ""
+                f"<td rowspan='{max(len(claims), 1)}'>{link}<br><span class='muted'>{info}</span></td>"
+                if k == 0
+                else ""
             )
-            first = False
             verdict = _claim_verdict(c)
             rows.append(
                 f"<tr>{head}<td>{_esc(c.get('claim', ''))}</td><td class='{_VERDICT_CLASS[verdict]}'>"
@@ -383,11 +383,8 @@ def matrix_html(matrix: dict[str, Any]) -> str:
                 judged = _number(x.get("estimate")) is not None
                 numbers = f" — ours {_esc(_short_numbers({**x, 'seeds': c['seeds']}))}" if judged else ""
                 reason = f"<br><span class='why'>{_esc(x['why'])}</span>" if judged and x.get("why") else ""
-                paper = (
-                    f"; paper: {_esc(x['expected'])} ({_esc(x.get('source', ''))})"
-                    if x.get("expected")
-                    else f" ({_esc(x.get('evidence', ''))})"
-                )
+                paper = f" ({_esc(x.get('evidence', ''))})"
+                paper = f"; paper: {_esc(x['expected'])} ({_esc(x.get('source', ''))})" if x.get("expected") else paper
                 items.append(f"<li><b>{_esc(x['verdict'])}</b>: {_esc(x['claim'])}{numbers}{paper}{reason}</li>")
             tds.append(
                 f"<td><a href='{_esc(d)}/{_esc(row['id'])}/report.html'>{c['holds']} hold, {c['does_not_hold']} do not, "

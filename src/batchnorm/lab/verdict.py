@@ -204,27 +204,25 @@ def judge(
     xa = _as_values("a", a)
     if xa.size != len(seeds_t):
         raise ValueError(f"judge: expected one value of a per seed ({len(seeds_t)}), got {xa.size}")
-    what = f"mean over {xa.size} seeds"
+    what, ratio = f"mean over {xa.size} seeds", b is not None and effect == "ratio"
     if b is None:
         x = xa
     else:
         xb = _as_values("b", b)
         if xb.size != xa.size:
             raise ValueError(f"judge: paired arms need one value each per seed, got {xa.size} and {xb.size}")
-        if effect == "ratio":
+        if ratio:
             if np.any(xa <= 0) or np.any(xb <= 0):
                 raise ValueError(f"judge: a ratio needs positive arms, got a={xa.tolist()}, b={xb.tolist()}")
             if any(t is not None and t <= 0 for t in (above, below)):
                 name, t = ("above", above) if above is not None and above <= 0 else ("below", below)
                 raise ValueError(f"judge: a ratio threshold must be > 0, got {name}={t}")
-        x = np.log(xa) - np.log(xb) if effect == "ratio" else xa - xb
-        kind = "geometric mean of paired ratios" if effect == "ratio" else "mean of paired differences"
+        x = np.log(xa) - np.log(xb) if ratio else xa - xb
+        kind = "geometric mean of paired ratios" if ratio else "mean of paired differences"
         what = f"{kind} over {xa.size} seeds"
     est, lo, hi = _mean_interval(x, confidence)
-    method = f"{what}, {_level(confidence)} t interval" + (
-        " on the log scale" if b is not None and effect == "ratio" else ""
-    )
-    if b is not None and effect == "ratio":
+    method = f"{what}, {_level(confidence)} t interval" + (" on the log scale" if ratio else "")
+    if ratio:
         est, lo, hi = math.exp(est), math.exp(lo), math.exp(hi)
     # the same value on every seed up to float64 rounding (an identity of the math, or a value a
     # grid fixes): no interval to speak of, the value itself is compared with the threshold
