@@ -16,15 +16,18 @@ experiment's own work:
     run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures
 
 ``Experiment.run`` loads the data for each seed (the split is part of what a seed varies),
-calls ``run_seeds`` (by default ``run_seed`` per seed) and stores ``metrics = {"seeds": [...], "per_seed": [m_0, m_1, ...]}``;
-``per_seed_values`` reads one number per seed back for a claim.
+calls ``run_seeds`` (by default ``run_seed`` per seed; a ``PerSeed`` list) and stores
+``metrics = {"seeds": [...], "per_seed": [m_0, m_1, ...]}``; ``column`` and ``per_seed_values``
+read one number per seed back for a claim, and ``unmeasured`` records a claim the run could not
+measure.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -50,8 +53,7 @@ __all__ = [
     "unmeasured",
 ]
 
-PerSeed = list[dict[str, Any]]
-"""Every seed's JSON-ready metrics, in seed order (what ``Experiment.run_seeds`` returns)."""
+PerSeed = list[dict[str, Any]]  # every seed's JSON-ready metrics, in seed order
 
 SEED_PLANS: dict[str, SeedPlan] = {
     "tiny": SeedPlan((2,)),
@@ -93,16 +95,10 @@ def per_seed_values(results: dict[str, Any], read: Callable[[dict[str, Any]], fl
     return [float(read(m)) for m in results["metrics"]["per_seed"]]
 
 
-def column(rows: Sequence[Mapping[str, Any]], *keys: str) -> list[float]:
+def column(rows: Sequence[Any], *keys: str) -> list[float]:
     """One number per seed: ``[float(row[keys[0]][keys[1]]...) for row in rows]`` (``rows``:
     one mapping per seed, e.g. ``results["metrics"]["per_seed"]`` or quantities derived from it)."""
-    out = []
-    for row in rows:
-        value: Any = row
-        for key in keys:
-            value = value[key]
-        out.append(float(value))
-    return out
+    return [float(functools.reduce(lambda value, key: value[key], keys, row)) for row in rows]
 
 
 def first_reaching(steps: Sequence[int], values: Sequence[float], level: float) -> float:
@@ -174,16 +170,10 @@ def _why(name: str, parts: Sequence[Part], verdicts: Sequence[Verdict], plan: Se
 def plan_of(results: dict[str, Any]) -> SeedPlan:
     """The seed plan saved in ``results`` (``metrics["plan"]``), else a fixed design over all the
     run's seeds."""
-    metrics = results["metrics"]
-    saved = metrics.get("plan")
-    if saved is None:
-        return SeedPlan((len(metrics["seeds"]),))
+    saved = results["metrics"].get("plan") or {"looks": [len(results["metrics"]["seeds"])]}
     futility = saved.get("futility_from")
-    return SeedPlan(
-        tuple(int(n) for n in saved["looks"]),
-        float(saved.get("alpha", 0.05)),
-        None if futility is None else int(futility),
-    )
+    looks = tuple(int(n) for n in saved["looks"])
+    return SeedPlan(looks, float(saved.get("alpha", 0.05)), None if futility is None else int(futility))
 
 
 def claim(
@@ -236,11 +226,7 @@ def claim(
     name, verdicts = judge_sequential(parts, seeds, plan)
     why, deciding, deciding_v = _why(name, parts, verdicts, plan)
     main = verdicts[0]
-    threshold: float | list[float] = (
-        [float(above), float(below)]
-        if above is not None and below is not None
-        else float(above if below is None else below)  # type: ignore[arg-type]
-    )
+    thresholds = [float(t) for t in (above, below) if t is not None]
     return {
         **main.to_json(),
         "claim": statement,
@@ -253,7 +239,7 @@ def claim(
         "kind": kind,
         "rule": plan.describe(),
         "n_seeds": len(main.seeds),
-        "threshold": threshold,
+        "threshold": thresholds if len(thresholds) > 1 else thresholds[0],
         "margin": _margin(deciding, deciding_v),
         "why": why,
         "parts": [{**v.to_json(), "direction": _direction(p)} for p, v in zip(parts, verdicts)],
@@ -328,12 +314,9 @@ class Experiment:
         raise NotImplementedError
 
     def run(self, cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-        """``prepare``, then the seed plan's blocks of seeds (``plan_for``, ``seeds_for``): each
-        block's data (``load_seed``) through ``run_seeds``, until no claim is inconclusive or
-        the plan's cap is reached, or, from the plan's ``min_futility`` seeds on, no
-        inconclusive claim could be settled by the cap (``verdict.could_settle``: its interval,
-        projected to the cap, would still contain a threshold); ``SeedPlan.needs_more`` is the
-        rule. Returns ``{"config", "data", "metrics": {"seeds", "per_seed", "plan"}}``."""
+        """``prepare``, then the seed plan's blocks of seeds (``plan_for``, ``seeds_for``), each
+        block's data (``load_seed``) through ``run_seeds``, the claims judged after each, while
+        ``SeedPlan.needs_more``. Returns ``{"config", "data", "metrics": {"seeds", "per_seed", "plan"}}``."""
         s = self.settings(cfg)
         plan = plan_for(cfg)
         seeds = seeds_for(cfg)
