@@ -41,15 +41,6 @@ def test_paired_interval_is_the_t_interval_of_the_differences() -> None:
     assert v.verdict == "holds" and v.holds
 
 
-def test_welch_interval_matches_scipy() -> None:
-    stats = pytest.importorskip("scipy.stats")
-    a = np.array([1.0, 1.4, 0.7, 1.9, 1.2])
-    b = np.array([0.2, 0.9, 0.1])
-    v = judge(a, b, seeds=SEEDS5, above=0.0, paired=False)
-    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
-    assert v.interval == pytest.approx((ci.low, ci.high), rel=1e-7)
-
-
 def test_clear_effect_holds_clear_opposite_does_not_and_straddle_is_inconclusive() -> None:
     base = np.array([70.0, 75.0, 72.0, 68.0, 74.0])
     # a > b by 5 +- 0.5 on every seed
@@ -75,7 +66,8 @@ def test_pairing_cancels_shared_seed_noise() -> None:
     shared = np.array([50.0, 60.0, 40.0, 55.0, 45.0])
     a = shared + 1.0 + np.array([0.05, -0.05, 0.02, 0.0, -0.02])
     assert judge(a, shared, seeds=SEEDS5, above=0.0).verdict == "holds"
-    assert judge(a, shared, seeds=SEEDS5, above=0.0, paired=False).verdict == "inconclusive"
+    lo, hi = judge(a, seeds=SEEDS5, above=0.0).interval  # one arm alone carries the shared spread
+    assert hi - lo > 10.0
 
 
 def test_band() -> None:

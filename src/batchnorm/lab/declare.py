@@ -24,7 +24,6 @@ __all__ = [
     "mlp_for",
     "non_iid_batches",
     "probing",
-    "restore_buffers",
     "seeded",
     "train_seeds",
 ]
@@ -77,39 +76,21 @@ def listed(values: Iterable[float], fmt: str = "{:.1f}") -> str:
     return ", ".join(fmt.format(float(v)) for v in values)
 
 
-class restore_buffers:
-    """Context manager: snapshot every buffer (BN running statistics) and restore it on exit."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.saved: dict[str, Tensor] = {}
-
-    def __enter__(self) -> nn.Module:
-        self.saved = {name: buf.clone() for name, buf in self.model.named_buffers()}
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        with torch.no_grad():
-            for name, buf in self.model.named_buffers():
-                buf.copy_(self.saved[name])
-
-
 @contextlib.contextmanager
 def probing(model: nn.Module) -> Iterator[nn.Module]:
     """Context manager for a measurement that moves the weights (a walk along the gradient, a
     step of the earlier layers): inside, the model is in training mode; on exit its parameters,
     gradients, buffers (BN running statistics) and training flags are as they were."""
-    params = list(model.parameters())
-    weights = [p.detach().clone() for p in params]
+    params, buffers = list(model.parameters()), list(model.buffers())
+    weights, saved = [p.detach().clone() for p in params], [b.clone() for b in buffers]
     grads = [p.grad for p in params]
     flags = [(m, m.training) for m in model.modules()]
     try:
-        with restore_buffers(model):
-            model.train()
-            yield model
+        model.train()
+        yield model
     finally:
         with torch.no_grad():
-            for p, w in zip(params, weights):
+            for p, w in zip(params + buffers, weights + saved):
                 p.copy_(w)
         for p, g in zip(params, grads):
             p.grad = g

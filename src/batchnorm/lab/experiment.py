@@ -16,15 +16,18 @@ experiment's own work:
     run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures
 
 ``Experiment.run`` loads the data for each seed (the split is part of what a seed varies),
-calls ``run_seeds`` (by default ``run_seed`` per seed) and stores ``metrics = {"seeds": [...], "per_seed": [m_0, m_1, ...]}``;
-``per_seed_values`` reads one number per seed back for a claim.
+calls ``run_seeds`` (by default ``run_seed`` per seed; a ``PerSeed`` list) and stores
+``metrics = {"seeds": [...], "per_seed": [m_0, m_1, ...]}``; ``column`` and ``per_seed_values``
+read one number per seed back for a claim, and ``unmeasured`` records a claim the run could not
+measure.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -37,6 +40,7 @@ from .verdict import Part, SeedPlan, Verdict, _level, could_settle, judge_sequen
 __all__ = [
     "SEED_PLANS",
     "Experiment",
+    "PerSeed",
     "claim",
     "column",
     "first_reaching",
@@ -46,19 +50,18 @@ __all__ = [
     "plan_of",
     "recorded",
     "seeds_for",
+    "unmeasured",
 ]
+
+PerSeed = list[dict[str, Any]]  # every seed's JSON-ready metrics, in seed order
 
 SEED_PLANS: dict[str, SeedPlan] = {
     "tiny": SeedPlan((2,)),
     "quick": SeedPlan((4, 8, 16, 32), futility_from=16),
     "full": SeedPlan((5, 10, 20), futility_from=10),
 }
-"""Each mode's seed plan (``verdict.SeedPlan``), fixed before any run: tiny judges 2 seeds once (a
-smoke test: the interval exists but is wide); quick judges the first 4, 8, 16, then 32 seeds,
-each look at level 1 - 0.05 / 4 = 98.75%, and full the first 5, 10, then 20, each at
-1 - 0.05 / 3 = 98.3%. A run trains the next block of seeds while one of its claims is still
-inconclusive; from 16 seeds on (quick; 10 in full) only while one of them could still be
-settled by the cap (``SeedPlan.needs_more``)."""
+"""Each mode's seed plan (``verdict.SeedPlan``), fixed before any run (tiny: a smoke test); the
+levels and the stop rule in numbers: ``docs/lab.md``, "Claims judged over seeds"."""
 
 
 def plan_for(cfg: RunConfig) -> SeedPlan:
@@ -92,16 +95,10 @@ def per_seed_values(results: dict[str, Any], read: Callable[[dict[str, Any]], fl
     return [float(read(m)) for m in results["metrics"]["per_seed"]]
 
 
-def column(rows: Sequence[Mapping[str, Any]], *keys: str) -> list[float]:
+def column(rows: Sequence[Any], *keys: str) -> list[float]:
     """One number per seed: ``[float(row[keys[0]][keys[1]]...) for row in rows]`` (``rows``:
     one mapping per seed, e.g. ``results["metrics"]["per_seed"]`` or quantities derived from it)."""
-    out = []
-    for row in rows:
-        value: Any = row
-        for key in keys:
-            value = value[key]
-        out.append(float(value))
-    return out
+    return [float(functools.reduce(lambda value, key: value[key], keys, row)) for row in rows]
 
 
 def first_reaching(steps: Sequence[int], values: Sequence[float], level: float) -> float:
@@ -129,11 +126,9 @@ def _direction(p: Part) -> str:
 def _margin(p: Part, v: Verdict) -> float:
     """How far the estimate lies from the nearest threshold, in the effect's units: positive
     on the claimed side (inside the band), negative on the other."""
-    sides = []
-    if p.above is not None:
-        sides.append(v.estimate - p.above)
-    if p.below is not None:
-        sides.append(p.below - v.estimate)
+    sides = [v.estimate - t for t in (p.above,) if t is not None] + [
+        t - v.estimate for t in (p.below,) if t is not None
+    ]
     return float(min(sides))
 
 
@@ -161,11 +156,8 @@ def _why(name: str, parts: Sequence[Part], verdicts: Sequence[Verdict], plan: Se
         return f"{which}: {interval} lies entirely on the other side of the threshold", p, v
     margin = _margin(p, v)
     half = (hi - lo) / 2
-    at_cap = (
-        "the seed plan's cap"
-        if n >= plan.cap
-        else f"no more seeds: at this spread even the plan's cap of {plan.cap} seeds would leave the threshold inside the interval"
-    )
+    at_cap = f"no more seeds: at this spread even the plan's cap of {plan.cap} seeds would leave the threshold inside the interval"
+    at_cap = "the seed plan's cap" if n >= plan.cap else at_cap
     side = "on the claimed side" if margin >= 0 else "on the other side"
     return (
         f"{which}: {interval} ({at_cap}) contains a threshold; the estimate {v.estimate:.4g} is {abs(margin):.3g} "
@@ -178,16 +170,10 @@ def _why(name: str, parts: Sequence[Part], verdicts: Sequence[Verdict], plan: Se
 def plan_of(results: dict[str, Any]) -> SeedPlan:
     """The seed plan saved in ``results`` (``metrics["plan"]``), else a fixed design over all the
     run's seeds."""
-    metrics = results["metrics"]
-    saved = metrics.get("plan")
-    if saved is None:
-        return SeedPlan((len(metrics["seeds"]),))
+    saved = results["metrics"].get("plan") or {"looks": [len(results["metrics"]["seeds"])]}
     futility = saved.get("futility_from")
-    return SeedPlan(
-        tuple(int(n) for n in saved["looks"]),
-        float(saved.get("alpha", 0.05)),
-        None if futility is None else int(futility),
-    )
+    looks = tuple(int(n) for n in saved["looks"])
+    return SeedPlan(looks, float(saved.get("alpha", 0.05)), None if futility is None else int(futility))
 
 
 def claim(
@@ -240,11 +226,7 @@ def claim(
     name, verdicts = judge_sequential(parts, seeds, plan)
     why, deciding, deciding_v = _why(name, parts, verdicts, plan)
     main = verdicts[0]
-    threshold: float | list[float] = (
-        [float(above), float(below)]
-        if above is not None and below is not None
-        else float(above if below is None else below)  # type: ignore[arg-type]
-    )
+    thresholds = [float(t) for t in (above, below) if t is not None]
     return {
         **main.to_json(),
         "claim": statement,
@@ -257,12 +239,31 @@ def claim(
         "kind": kind,
         "rule": plan.describe(),
         "n_seeds": len(main.seeds),
-        "threshold": threshold,
+        "threshold": thresholds if len(thresholds) > 1 else thresholds[0],
         "margin": _margin(deciding, deciding_v),
         "why": why,
         "parts": [{**v.to_json(), "direction": _direction(p)} for p, v in zip(parts, verdicts)],
         "could_settle": name == "inconclusive"
         and all(could_settle(p, v, plan.cap) for p, v in zip(parts, verdicts) if v.verdict == "inconclusive"),
+    }
+
+
+def unmeasured(make: Any, name: str, evidence: str) -> dict[str, Any]:
+    """Claim ``name`` of a ``claims_spec.Claims`` with nothing to judge (the run could not
+    measure it): ``inconclusive`` with no estimate or interval, and no more seeds asked for."""
+    spec, seeds = make.specs[name], [int(s) for s in make.results["metrics"]["seeds"]]
+    return {
+        **{key: spec[key] for key in ("expected", "source")},
+        "claim": spec["statement"].format(**make.values),
+        "holds": False,
+        "verdict": "inconclusive",
+        "estimate": math.nan,
+        "interval": [math.nan, math.nan],
+        "seeds": seeds,
+        "method": "not measured",
+        "evidence": evidence,
+        "kind": spec.get("kind", "replication"),
+        "could_settle": False,
     }
 
 
@@ -313,12 +314,9 @@ class Experiment:
         raise NotImplementedError
 
     def run(self, cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-        """``prepare``, then the seed plan's blocks of seeds (``plan_for``, ``seeds_for``): each
-        block's data (``load_seed``) through ``run_seeds``, until no claim is inconclusive or
-        the plan's cap is reached, or, from the plan's ``min_futility`` seeds on, no
-        inconclusive claim could be settled by the cap (``verdict.could_settle``: its interval,
-        projected to the cap, would still contain a threshold); ``SeedPlan.needs_more`` is the
-        rule. Returns ``{"config", "data", "metrics": {"seeds", "per_seed", "plan"}}``."""
+        """``prepare``, then the seed plan's blocks of seeds (``plan_for``, ``seeds_for``), each
+        block's data (``load_seed``) through ``run_seeds``, the claims judged after each, while
+        ``SeedPlan.needs_more``. Returns ``{"config", "data", "metrics": {"seeds", "per_seed", "plan"}}``."""
         s = self.settings(cfg)
         plan = plan_for(cfg)
         seeds = seeds_for(cfg)

@@ -7,11 +7,10 @@ the figures, every recorded choice, the data, how to reproduce it, and the libra
 ``write_index(out, all_results)`` writes ``out/index.html`` with one claims table linking each
 experiment's report; ``matrix_html(matrix)`` renders the replication matrix.
 
-Each claim is shown with what was measured (its evidence), the verdict and ``why`` in words
-(where the 95% interval lies against the threshold; for an undecided claim how far the
-estimate is from it), the estimate, the interval, the claimed direction with its threshold,
-the seeds, and the paper's expectation with its source (figure or table). Keys that a claim
-lacks are left out, so results from older runs still render.
+Each claim is shown with what was measured (its evidence), the verdict and the claim's own
+reason for it (``why``, from ``experiment.claim``), the estimate, the interval, the claimed
+direction with its threshold, the seeds, and the paper's expectation with its source (figure or
+table). Keys that a claim lacks are left out, so results from older runs still render.
 """
 
 from __future__ import annotations
@@ -28,16 +27,15 @@ from types import ModuleType
 from typing import Any
 
 from ._files import write_text_atomic
+from .results import count_claims
 
 __all__ = [
-    "claim_thresholds",
     "experiment_html",
     "explanation",
     "index_html",
     "matrix_html",
     "reproduce_command",
     "verdict_counts",
-    "why",
     "write_experiment_report",
     "write_index",
 ]
@@ -67,14 +65,9 @@ body.wide { max-width: 84rem; }
 def reproduce_command(results: dict[str, Any]) -> str:
     """The shell command that reproduces these results."""
     run = results.get("run", {})
-    parts = ["batchnorm", "lab", "run", str(results.get("id"))]
-    mode = run.get("mode", "full")
-    if mode == "quick":
-        parts.append("--quick")
-    elif mode == "tiny":
-        parts.append("--tiny")
-    parts += ["--seed", str(run.get("seed", 0)), "--data", str(run.get("data", "digits"))]
-    return " ".join(parts)
+    mode = {"quick": ["--quick"], "tiny": ["--tiny"]}.get(run.get("mode", "full"), [])
+    parts = ["batchnorm", "lab", "run", str(results.get("id")), *mode, "--seed", str(run.get("seed", 0))]
+    return " ".join([*parts, "--data", str(run.get("data", "digits"))])
 
 
 def _esc(value: Any) -> str:
@@ -139,9 +132,7 @@ _VERDICT_CLASS = {"holds": "holds", "does not hold": "fails", "inconclusive": "i
 def _claim_verdict(claim: dict[str, Any]) -> str:
     """A claim's verdict: its saved ``verdict`` (claims judged over seeds), else from ``holds``."""
     verdict = claim.get("verdict")
-    if verdict in _VERDICT_CLASS:
-        return str(verdict)
-    return "holds" if claim.get("holds") else "does not hold"
+    return str(verdict) if verdict in _VERDICT_CLASS else ("holds" if claim.get("holds") else "does not hold")
 
 
 def _number(value: Any) -> float | None:
@@ -167,135 +158,42 @@ def _interval(claim: dict[str, Any]) -> tuple[float, float] | None:
     return None if lo is None or hi is None else (lo, hi)
 
 
-_DIRECTION = re.compile(
-    r"^\s*(?:(?P<lo>[-+0-9.eE]+|-?inf)\s*<=\s*(?P<q1>.+?)\s*<=\s*(?P<hi>[-+0-9.eE]+|-?inf)"
-    r"|(?P<q2>.+?)\s*(?P<op>>=|<=)\s*(?P<t>[-+0-9.eE]+|-?inf))\s*$"
-)
-
-
-def claim_thresholds(claim: dict[str, Any]) -> tuple[str, float | None, float | None] | None:
-    """``(quantity, above, below)`` read from a claim's ``direction`` ("a - b >= 0.5",
-    "a / b <= 2", "-1 <= value <= 1"): the claim says quantity >= above and/or <= below.
-    None when the claim has no direction in that form."""
-    match = _DIRECTION.match(str(claim.get("direction", "")))
-    if match is None:
-        return None
-    if match["q1"] is not None:
-        return match["q1"], float(match["lo"]), float(match["hi"])
-    value = float(match["t"])
-    return (match["q2"], value, None) if match["op"] == ">=" else (match["q2"], None, value)
-
-
-def _side(lo: float, hi: float, above: float | None, below: float | None) -> str:
-    """Where the interval [lo, hi] lies against the claimed side: ``holds`` (all on it),
-    ``does not hold`` (all off it) or ``inconclusive`` (it straddles a threshold) — the rule
-    of ``verdict.judge``, read back from the saved numbers."""
-    inside = (above is None or lo >= above) and (below is None or hi <= below)
-    outside = (above is not None and hi < above) or (below is not None and lo > below)
-    return "holds" if inside else ("does not hold" if outside else "inconclusive")
-
-
-_PHRASE = {"holds": "holds", "does not hold": "does not hold", "inconclusive": "is inconclusive"}
-
-
-def why(claim: dict[str, Any]) -> str:
-    """The verdict in words, from the numbers shown beside it: where the 95% interval lies
-    against the threshold, and for an undecided claim how close the estimate is to it."""
-    verdict = _claim_verdict(claim)
-    interval = _interval(claim)
-    estimate = _number(claim.get("estimate"))
-    limits = claim_thresholds(claim)
-    n = len(claim.get("seeds") or []) or claim.get("n_seeds")
-    if interval is None or estimate is None or limits is None:
-        return "judged on one seed (no interval)" if verdict != "inconclusive" else "no interval to judge"
-    quantity, above, below = limits
-    quantity = "the value" if quantity == "value" else quantity
-    lo, hi = interval
-    span = f"[{_g(lo)}, {_g(hi)}]"
-    level = f"{100 * float(claim.get('confidence', 0.95)):g}%"
-    if claim.get("zero_spread") or (math.isfinite(lo) and lo == hi):
-        main = _side(lo, hi, above, below)
-        side = {"holds": "on the claimed side", "does not hold": "on the wrong side"}.get(main, "at the threshold")
-        text = (
-            f"every seed gave the same value {_g(estimate)} (no seed-to-seed spread, so the interval has no width), "
-            f"{side} of {claim.get('direction')}"
-        )
-    elif not (math.isfinite(lo) and math.isfinite(hi)):
-        text = f"one seed gives no {level} interval, so the estimate {_g(estimate)} cannot be judged"
-        main = "inconclusive"
-    else:
-        main = _side(lo, hi, above, below)
-        if main == "holds":
-            if above is not None and below is not None:
-                where = f"inside the band [{_g(above)}, {_g(below)}]"
-            elif above is not None:
-                where = f"above the threshold {_g(above)}"
-            else:
-                where = f"below the threshold {_g(below if below is not None else math.inf)}"
-            text = f"the whole {level} interval {span} of {quantity} lies {where}"
-        elif main == "does not hold":
-            if above is not None and hi < above:
-                where = f"below the threshold {_g(above)}"
-            else:
-                where = f"above the threshold {_g(below if below is not None else math.inf)}"
-            text = f"the whole {level} interval {span} of {quantity} lies {where}, on the wrong side"
-        else:
-            crossed = [t for t in (above, below) if t is not None and lo < t < hi] or [
-                t for t in (above, below) if t is not None
-            ]
-            t = min(crossed, key=lambda v: abs(v - estimate))
-            half = (hi - lo) / 2
-            text = (
-                f"the {level} interval {span} of {quantity} straddles the threshold {_g(t)}: the estimate {_g(estimate)} "
-                f"is {_g(abs(estimate - t))} from it, the interval's half-width {_g(half)}"
-                + (f", over {n} seeds" if n else "")
-            )
-    if main != verdict:
-        text += f"; this first part alone {_PHRASE[main]}, but another part of the claim (see what was measured) {_PHRASE[verdict]}"
-    return text
-
-
-def _seed_count(claim: dict[str, Any]) -> str:
+def _seed_count(claim: dict[str, Any], listed: bool = True) -> str | None:
+    """How many seeds judged the claim (``n_seeds``, else its listed ``seeds``), with the seeds
+    in parentheses when ``listed``; None when the claim says neither."""
     seeds = claim.get("seeds")
     n = claim.get("n_seeds", len(seeds) if isinstance(seeds, list) else None)
-    if n is None:
-        return "-"
-    listed = f" ({', '.join(str(s) for s in seeds)})" if isinstance(seeds, list) and seeds else ""
-    return f"{n}{listed}"
+    if n is None or not listed:
+        return None if n is None else str(n)
+    return f"{n}" + (f" ({', '.join(str(s) for s in seeds)})" if isinstance(seeds, list) and seeds else "")
 
 
 def _numbers_cell(claim: dict[str, Any]) -> str:
     """Estimate, interval, threshold, seeds, method and rule of one claim (what is shown
     where the claim was judged over seeds)."""
-    interval = _interval(claim)
-    estimate = _number(claim.get("estimate"))
+    interval, estimate, level = _interval(claim), _number(claim.get("estimate")), claim.get("confidence", 0.95)
     if estimate is None:
         return "<span class='muted'>not judged over seeds</span>"
-    level = f"{100 * float(claim.get('confidence', 0.95)):g}%"
     parts = [f"estimate <b>{_esc(_g(estimate))}</b>"]
-    if interval is not None:
-        parts.append(f"{level} interval [{_esc(_g(interval[0]))}, {_esc(_g(interval[1]))}]")
+    parts += (
+        [f"{100 * float(level):g}% interval [{_esc(_g(interval[0]))}, {_esc(_g(interval[1]))}]"] if interval else []
+    )
     if claim.get("direction"):
         parts.append(f"claimed: <code>{_esc(claim['direction'])}</code>")
     elif claim.get("threshold") is not None:
         parts.append(f"threshold {_esc(claim['threshold'])}")
-    parts.append(f"seeds: {_esc(_seed_count(claim))}")
-    if claim.get("method"):
-        parts.append(f"<span class='muted'>{_esc(claim['method'])}</span>")
-    if claim.get("rule"):
-        parts.append(f"<span class='muted'>rule: {_esc(claim['rule'])}</span>")
+    parts.append(f"seeds: {_esc(_seed_count(claim) or '-')}")
+    parts += [f"<span class='muted'>{_esc(claim['method'])}</span>"] if claim.get("method") else []
+    parts += [f"<span class='muted'>rule: {_esc(claim['rule'])}</span>"] if claim.get("rule") else []
     return "<br>".join(parts)
 
 
 def _verdict_cell(claim: dict[str, Any]) -> str:
+    """The verdict, the claim's reason for it (``why``: where the interval lies against the
+    threshold, and for an undecided claim how far the estimate is from it and why more seeds
+    would not settle it) and whether it is an identity of the math."""
     verdict = _claim_verdict(claim)
-    reason = why(claim) if _number(claim.get("estimate")) is not None else ""
-    extra = claim.get("why")
-    lines = [_esc(verdict)]
-    if reason:
-        lines.append(f"<span class='why'>{_esc(reason)}</span>")
-    if extra and str(extra) != reason:
-        lines.append(f"<span class='why'>{_esc(extra)}</span>")
+    lines = [_esc(verdict)] + ([f"<span class='why'>{_esc(claim['why'])}</span>"] if claim.get("why") else [])
     if claim.get("kind") == "identity":
         lines.append("<span class='why'>an identity of the math, checked numerically (not a replication)</span>")
     return f"<td class='{_VERDICT_CLASS[verdict]}'>" + "<br>".join(lines) + "</td>"
@@ -311,15 +209,12 @@ def _paper_cell(claim: dict[str, Any]) -> str:
 def _claims_table(claims: Sequence[dict[str, Any]]) -> str:
     """One row per claim: the statement with what this run measured, the verdict with why,
     the numbers it rests on, and the paper's figure or table it comes from."""
-    rows = []
-    for c in claims:
-        evidence = (
-            f"<br><span class='muted'>measured: {_esc(c.get('evidence', ''))}</span>" if c.get("evidence") else ""
-        )
-        rows.append(
-            f"<tr><td>{_esc(c.get('claim', ''))}{evidence}</td>{_verdict_cell(c)}"
-            f"<td>{_numbers_cell(c)}</td>{_paper_cell(c)}</tr>"
-        )
+    rows = [
+        f"<tr><td>{_esc(c.get('claim', ''))}"
+        + (f"<br><span class='muted'>measured: {_esc(c['evidence'])}</span>" if c.get("evidence") else "")
+        + f"</td>{_verdict_cell(c)}<td>{_numbers_cell(c)}</td>{_paper_cell(c)}</tr>"
+        for c in claims
+    ]
     return (
         "<table class='claims'><colgroup><col style='width:38%'><col style='width:22%'><col style='width:22%'>"
         "<col style='width:18%'></colgroup><tr><th>claim (and what this run measured)</th><th>verdict and why</th>"
@@ -329,19 +224,15 @@ def _claims_table(claims: Sequence[dict[str, Any]]) -> str:
 
 def verdict_counts(claims: Sequence[dict[str, Any]]) -> str:
     """``"3 hold, 1 does not hold, 1 inconclusive (of 5)"``, identities of the math counted apart."""
+    counts = count_claims(list(claims))
 
-    def counted(group: Sequence[dict[str, Any]]) -> str:
-        verdicts = [_claim_verdict(c) for c in group]
-        return (
-            f"{verdicts.count('holds')} hold, {verdicts.count('does not hold')} do not hold, "
-            f"{verdicts.count('inconclusive')} inconclusive (of {len(group)})"
-        )
+    def counted(c: dict[str, int]) -> str:
+        return f"{c['holds']} hold, {c['does not hold']} do not hold, {c['inconclusive']} inconclusive (of {sum(c.values())})"
 
-    identities = [c for c in claims if c.get("kind") == "identity"]
-    replications = [c for c in claims if c.get("kind") != "identity"]
-    if not identities:
-        return counted(claims)
-    if not replications:
+    replications, identities = counts["replication"], counts["identity"]
+    if not sum(identities.values()):
+        return counted(replications)
+    if not sum(replications.values()):
         return f"identities of the math: {counted(identities)}"
     return f"replications: {counted(replications)}; identities of the math: {counted(identities)}"
 
@@ -365,12 +256,11 @@ def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanatio
     """The report page for one experiment (figures are read from disk and embedded)."""
     claims = results.get("claims", [])
     run = results.get("run", {})
-    figs = []
-    for path in figures:
-        data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-        figs.append(
-            f"<figure><img alt='{_esc(Path(path).stem)}' src='data:image/png;base64,{data}'><figcaption class='muted'>{_esc(Path(path).name)}</figcaption></figure>"
-        )
+    figs = [
+        f"<figure><img alt='{_esc(Path(p).stem)}' src='data:image/png;base64,{base64.b64encode(Path(p).read_bytes()).decode('ascii')}'>"
+        f"<figcaption class='muted'>{_esc(Path(p).name)}</figcaption></figure>"
+        for p in figures
+    ]
     mode_note = _MODE_NOTE.get(run.get("mode", ""), "")
     data_choice = results.get("config", {}).get("mnist1d_choice") if isinstance(results.get("config"), dict) else None
     data_note = f"<p><b>Setup changed for this data:</b> {_esc(data_choice)}</p>" if data_choice else ""
@@ -431,15 +321,11 @@ def write_experiment_report(directory: Path, results: dict[str, Any], module: Mo
 
 def _short_numbers(claim: dict[str, Any]) -> str:
     """``est [lo, hi]; a - b >= 0.5; 3 seeds`` for the index (``-`` for a claim not judged over seeds)."""
-    estimate = _number(claim.get("estimate"))
+    estimate, interval, n = _number(claim.get("estimate")), _interval(claim), _seed_count(claim, listed=False)
     if estimate is None:
         return "-"
-    interval = _interval(claim)
     text = _g(estimate) + (f" [{_g(interval[0])}, {_g(interval[1])}]" if interval else "")
-    if claim.get("direction"):
-        text += f"; claimed {claim['direction']}"
-    seeds = claim.get("seeds")
-    n = claim.get("n_seeds", len(seeds) if isinstance(seeds, list) else None)
+    text += f"; claimed {claim['direction']}" if claim.get("direction") else ""
     return text + (f"; {n} seeds" if n is not None else "")
 
 
@@ -454,12 +340,12 @@ def index_html(all_results: Sequence[dict[str, Any]]) -> str:
         link = f"<a href='{_esc(eid)}/report.html'>{_esc(eid)}</a>"
         run = results.get("run", {})
         info = f"{_esc(run.get('mode'))}, {_esc(run.get('data'))}, seed {_esc(run.get('seed'))}, {_esc(results.get('wall_time_s'))} s"
-        first = True
-        for c in claims or [{"claim": "(no claims)", "holds": True, "evidence": ""}]:
+        for k, c in enumerate(claims or [{"claim": "(no claims)", "holds": True, "evidence": ""}]):
             head = (
-                f"<td rowspan='{max(len(claims), 1)}'>{link}<br><span class='muted'>{info}</span></td>" if first else ""
+                f"<td rowspan='{max(len(claims), 1)}'>{link}<br><span class='muted'>{info}</span></td>"
+                if k == 0
+                else ""
             )
-            first = False
             verdict = _claim_verdict(c)
             rows.append(
                 f"<tr>{head}<td>{_esc(c.get('claim', ''))}</td><td class='{_VERDICT_CLASS[verdict]}'>"
@@ -496,12 +382,9 @@ def matrix_html(matrix: dict[str, Any]) -> str:
             for x in c["claims"]:
                 judged = _number(x.get("estimate")) is not None
                 numbers = f" — ours {_esc(_short_numbers({**x, 'seeds': c['seeds']}))}" if judged else ""
-                reason = f"<br><span class='why'>{_esc(why({**x, 'seeds': c['seeds']}))}</span>" if judged else ""
-                paper = (
-                    f"; paper: {_esc(x['expected'])} ({_esc(x.get('source', ''))})"
-                    if x.get("expected")
-                    else f" ({_esc(x.get('evidence', ''))})"
-                )
+                reason = f"<br><span class='why'>{_esc(x['why'])}</span>" if judged and x.get("why") else ""
+                paper = f" ({_esc(x.get('evidence', ''))})"
+                paper = f"; paper: {_esc(x['expected'])} ({_esc(x.get('source', ''))})" if x.get("expected") else paper
                 items.append(f"<li><b>{_esc(x['verdict'])}</b>: {_esc(x['claim'])}{numbers}{paper}{reason}</li>")
             tds.append(
                 f"<td><a href='{_esc(d)}/{_esc(row['id'])}/report.html'>{c['holds']} hold, {c['does_not_hold']} do not, "

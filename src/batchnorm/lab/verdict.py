@@ -7,56 +7,34 @@
     v = judge(spread_change, seeds=seeds, above=-0.1, below=0.1)      # value within a band
     v.verdict, v.estimate, v.interval, v.holds
 
-The rule (decided before any measurement, the same for every claim):
+The rule (decided before any measurement, the same for every claim; its reasons, the seed
+plans and the error control in numbers: ``docs/lab.md``, "Claims judged over seeds"):
 
-* the *effect* is the mean of one quantity over seeds: the value itself (one arm), the
-  difference ``a - b`` or the ratio ``a / b`` (two arms);
+* the *effect* is the mean over seeds of the value itself (one arm), of the paired difference
+  ``a_i - b_i``, or of the paired log ratio ``log(a_i / b_i)`` (two arms sharing each seed's
+  initial weights and minibatch order, so their common seed-to-seed variation cancels; a ratio's
+  estimate and interval are exponentiated: the geometric mean ratio);
+* its interval is Student's t with n - 1 degrees of freedom (exact for normal per-seed noise,
+  and honest with few seeds, where a percentile bootstrap covers the mean far too rarely);
 * the claim names a side of a threshold (``above=t``: effect >= t; ``below=t``: effect <= t)
-  or a band (both);
-* ``holds`` when the whole confidence interval lies on the claimed side (inside the band),
-  ``does not hold`` when the whole interval lies on the other side (outside the band), and
-  ``inconclusive`` when it straddles a threshold.
+  or a band (both): ``holds`` when the whole interval lies on the claimed side (inside the
+  band), ``does not hold`` when it lies wholly on the other side, ``inconclusive`` when it
+  straddles a threshold. One seed gives the interval (-inf, inf); the same effect on every
+  seed (zero spread) gives no interval, and that value is compared with the threshold.
 
-Why a Student-t interval and not a bootstrap: a look may judge as few as 4 seeds. A percentile
-bootstrap of n = 3 values can never leave [min, max] of the data and covers the mean far less
-often than its nominal level; the t interval is exact for normal per-seed noise and widens
-correctly as n shrinks (t_{0.975, 2} = 4.30 against z = 1.96), which is the honest direction
-with so few seeds.
-
-Why paired differences when the arms share seeds: with the same initial weights and minibatch
-order in both arms, the seed-to-seed variation common to both arms cancels in ``a_i - b_i``
-and the interval measures only the effect's own variation. Ratios are paired on the log scale
-(mean of ``log(a_i / b_i)``, interval exponentiated), so the estimate is the geometric mean
-ratio; both arms must then be positive. Unpaired arms get Welch's interval (unequal variances,
-Welch-Satterthwaite degrees of freedom).
-
-With one seed (or one value per arm unpaired) there is no estimate of the spread: the interval
-is (-inf, inf) and the verdict is ``inconclusive``. When every seed gives the same effect (zero
-spread) there is no interval to speak of: the verdict compares that value with the threshold and
-``Verdict.zero_spread`` says so.
-
-Sequential seeds (``SeedPlan``, ``judge_sequential``), fixed before any measurement: a claim is
-judged at planned *looks*, the first ``n_1 < n_2 < ... < n_K`` seeds; at each look every part of
-the claim gets a t interval at level ``1 - alpha / K``, and the claim's verdict is the first look's
-that is decided (``holds`` or ``does not hold``), else the last look's (``inconclusive``).
-Error control, by Bonferroni over the K looks: the chance that any look's interval misses the
-true mean effect is at most ``alpha``, so a part's decided verdict is on the wrong side of its
-threshold with probability at most ``alpha / 2`` (under the t model: independent, normal
-per-seed effects), whatever look it is reached at. A claim of P parts: at most ``P * alpha / 2``.
-Looks a run stopped before still count in K.
-
-When a run stops adding seeds (``SeedPlan.needs_more``): after a look, the next block is trained
-while some claim is ``inconclusive``, except that from ``SeedPlan.futility_from`` seeds on it is
-trained only while some inconclusive claim could still be decided by the cap (``could_settle``:
-its interval, projected to the cap with the spread measured so far, would clear the threshold).
-Before ``futility_from`` seeds no projection is made: a spread estimated from a few seeds (3
-degrees of freedom at 4 seeds: the true standard deviation may be 0.6 to 3.7 times the estimate,
-95%) cannot tell a hopeless claim from one that more seeds would decide. The stop never decides
-a claim (it only leaves it ``inconclusive``), so it does not change the error control above.
+Sequential seeds (``SeedPlan``, ``judge_sequential``): a claim is judged at planned *looks*, the
+first ``n_1 < ... < n_K`` seeds, every part at level ``1 - alpha / K`` (Bonferroni over the K
+looks, those a run stopped before included); the verdict is the first decided look's, else the
+last look's. A decided part is on the wrong side of its threshold with probability at most
+``alpha / 2`` (under the t model), a claim of P parts at most ``P * alpha / 2``. A run trains
+the next block while some claim is inconclusive, from ``SeedPlan.futility_from`` seeds on only
+while one could still be settled by the cap (``could_settle``, a projection that never decides
+a claim, so it leaves the error control as it is).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -94,13 +72,9 @@ class Verdict:
         ``results.to_jsonable`` turns them into strings)."""
         return {
             "holds": self.holds,
-            "verdict": self.verdict,
-            "estimate": self.estimate,
-            "interval": [self.interval[0], self.interval[1]],
+            **dataclasses.asdict(self),
+            "interval": list(self.interval),
             "seeds": list(self.seeds),
-            "method": self.method,
-            "confidence": self.confidence,
-            "zero_spread": self.zero_spread,
         }
 
 
@@ -166,20 +140,6 @@ def _mean_interval(x: np.ndarray, confidence: float) -> tuple[float, float, floa
     return mean, mean - half, mean + half
 
 
-def _welch_interval(a: np.ndarray, b: np.ndarray, confidence: float) -> tuple[float, float, float]:
-    """mean(a) - mean(b) and Welch's t interval (infinite when either arm has one value)."""
-    est = float(np.mean(a) - np.mean(b))
-    if a.size < 2 or b.size < 2:
-        return est, -math.inf, math.inf
-    va, vb = float(np.var(a, ddof=1)) / a.size, float(np.var(b, ddof=1)) / b.size
-    se = math.sqrt(va + vb)
-    if se == 0.0:
-        return est, est, est
-    df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
-    half = t_quantile(0.5 + confidence / 2, df) * se
-    return est, est - half, est + half
-
-
 _SAME_VALUE_RTOL = 1e-9
 """Per-seed effects whose range is at most this fraction of their magnitude count as the same
 value on every seed (float64 rounding of one exact value)."""
@@ -201,23 +161,21 @@ def judge(
     above: float | None = None,
     below: float | None = None,
     effect: Literal["difference", "ratio"] = "difference",
-    paired: bool = True,
     confidence: float = 0.95,
 ) -> Verdict:
     """Judge the claim "effect >= ``above``" (and/or "effect <= ``below``") over seeds.
 
     Args:
         a: one measurement per seed (shape ``(n,)``) of the first arm, or of the value.
-        b: the second arm (``None``: the effect is the value ``a`` itself). Paired: shape
-            ``(n,)``, ``b[i]`` measured on ``seeds[i]`` with ``a[i]``'s initial weights and
-            minibatch order. Unpaired: any length.
-        seeds: the seeds of ``a`` (of both arms when paired).
+        b: the second arm (``None``: the effect is the value ``a`` itself), shape ``(n,)``:
+            ``b[i]`` measured on ``seeds[i]`` with ``a[i]``'s initial weights and minibatch
+            order; the interval is the t interval of the per-seed differences (n - 1 degrees
+            of freedom).
+        seeds: the seeds of both arms.
         above, below: the claimed side(s) of the threshold(s); both give a band
             ``above <= effect <= below``. At least one is required.
         effect: ``"difference"`` (``a - b``) or ``"ratio"`` (``a / b``, geometric mean over
             seeds; both arms > 0; thresholds are ratios, e.g. ``above=2.0``).
-        paired: interval from the per-seed differences (t, n - 1 degrees of freedom) rather
-            than from two independent samples (Welch).
         confidence: level of the two-sided interval (default 0.95).
 
     Returns:
@@ -246,42 +204,26 @@ def judge(
     xa = _as_values("a", a)
     if xa.size != len(seeds_t):
         raise ValueError(f"judge: expected one value of a per seed ({len(seeds_t)}), got {xa.size}")
-    level = _level(confidence)
+    what, ratio = f"mean over {xa.size} seeds", b is not None and effect == "ratio"
     if b is None:
-        x, what = xa, f"mean over {xa.size} seeds"
-        est, lo, hi = _mean_interval(x, confidence)
-        method = f"{what}, {level} t interval"
+        x = xa
     else:
         xb = _as_values("b", b)
-        if paired and xb.size != xa.size:
+        if xb.size != xa.size:
             raise ValueError(f"judge: paired arms need one value each per seed, got {xa.size} and {xb.size}")
-        if effect == "ratio":
+        if ratio:
             if np.any(xa <= 0) or np.any(xb <= 0):
                 raise ValueError(f"judge: a ratio needs positive arms, got a={xa.tolist()}, b={xb.tolist()}")
-            for name, t in (("above", above), ("below", below)):
-                if t is not None and t <= 0:
-                    raise ValueError(f"judge: a ratio threshold must be > 0, got {name}={t}")
-            xa, xb = np.log(xa), np.log(xb)
-        if paired:
-            x = xa - xb
-            what = (
-                f"geometric mean of paired ratios over {xa.size} seeds"
-                if effect == "ratio"
-                else f"mean of paired differences over {xa.size} seeds"
-            )
-            est, lo, hi = _mean_interval(x, confidence)
-            method = f"{what}, {level} t interval" + (" on the log scale" if effect == "ratio" else "")
-        else:
-            x = np.concatenate([xa - np.mean(xa), xb - np.mean(xb)])  # zero spread iff both arms are constant
-            what = (
-                f"ratio of geometric means ({xa.size} and {xb.size} seeds)"
-                if effect == "ratio"
-                else f"difference of means ({xa.size} and {xb.size} seeds)"
-            )
-            est, lo, hi = _welch_interval(xa, xb, confidence)
-            method = f"{what}, {level} Welch interval" + (" on the log scale" if effect == "ratio" else "")
-        if effect == "ratio":
-            est, lo, hi = math.exp(est), math.exp(lo), math.exp(hi)
+            if any(t is not None and t <= 0 for t in (above, below)):
+                name, t = ("above", above) if above is not None and above <= 0 else ("below", below)
+                raise ValueError(f"judge: a ratio threshold must be > 0, got {name}={t}")
+        x = np.log(xa) - np.log(xb) if ratio else xa - xb
+        kind = "geometric mean of paired ratios" if ratio else "mean of paired differences"
+        what = f"{kind} over {xa.size} seeds"
+    est, lo, hi = _mean_interval(x, confidence)
+    method = f"{what}, {_level(confidence)} t interval" + (" on the log scale" if ratio else "")
+    if ratio:
+        est, lo, hi = math.exp(est), math.exp(lo), math.exp(hi)
     # the same value on every seed up to float64 rounding (an identity of the math, or a value a
     # grid fixes): no interval to speak of, the value itself is compared with the threshold
     zero = x.size >= 2 and float(np.ptp(x)) <= _SAME_VALUE_RTOL * float(np.max(np.abs(x)))
@@ -301,12 +243,8 @@ def combine(verdicts: Sequence[Verdict]) -> VerdictName:
     any part does not, else ``inconclusive`` if any part is, else ``holds``."""
     if not verdicts:
         raise ValueError("combine: expected at least one verdict, got none")
-    names = [v.verdict for v in verdicts]
-    if "does not hold" in names:
-        return "does not hold"
-    if "inconclusive" in names:
-        return "inconclusive"
-    return "holds"
+    names = {v.verdict for v in verdicts}
+    return next((name for name in ("does not hold", "inconclusive") if name in names), "holds")
 
 
 @dataclass(frozen=True)
@@ -357,15 +295,11 @@ def part(
 
 @dataclass(frozen=True)
 class SeedPlan:
-    """The seeds a claim may be judged on, fixed before any measurement.
-
-    ``looks``: the increasing seed counts at which claims are judged (``(4, 8, 16, 32)``: the
-    first 4, 8, 16, then 32 seeds of the run); each look's intervals have level ``1 - alpha / K``
-    for K looks (Bonferroni), so that all looks' intervals together miss the true means with
-    probability at most ``alpha``. One look is a fixed design at level ``1 - alpha``.
-    ``futility_from``: the fewest seeds at which a run may stop while a claim is still
-    inconclusive because more seeds could not settle it (``needs_more``); ``None``: the first look.
-    """
+    """The seeds a claim may be judged on, fixed before any measurement (the module docstring):
+    ``looks``, the increasing seed counts judged (``(4, 8, 16, 32)``: the run's first 4, 8, 16,
+    then 32 seeds; one look is a fixed design at level ``1 - alpha``); ``futility_from``, the
+    fewest seeds at which a run may stop with a claim more seeds could not settle (``None``: the
+    first look)."""
 
     looks: tuple[int, ...]
     alpha: float = 0.05
@@ -416,21 +350,16 @@ class SeedPlan:
         if len(self.looks) == 1:
             return f"{level} t interval over {self.cap} seeds (fixed)"
         counts = ", ".join(str(n) for n in self.looks)
-        futility = (
-            f"; no stop for an undecided claim before {self.min_futility} seeds"
-            if self.min_futility > self.looks[0]
-            else ""
-        )
+        futility = f"; no stop for an undecided claim before {self.min_futility} seeds"
+        futility = futility if self.min_futility > self.looks[0] else ""
         return (
             f"judged on the first {counts} seeds, stopping at the first decided look; {level} t intervals "
             f"({1 - self.alpha:.0%} over all {len(self.looks)} looks, Bonferroni){futility}"
         )
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"looks": list(self.looks), "alpha": self.alpha}
-        if self.futility_from is not None:
-            out["futility_from"] = self.futility_from
-        return out
+        futility = {} if self.futility_from is None else {"futility_from": self.futility_from}
+        return {"looks": list(self.looks), "alpha": self.alpha, **futility}
 
 
 def judge_sequential(parts: Sequence[Part], seeds: Sequence[int], plan: SeedPlan) -> tuple[VerdictName, list[Verdict]]:

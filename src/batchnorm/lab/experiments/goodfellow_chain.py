@@ -1,12 +1,10 @@
-"""``goodfellow-chain``: the deep linear chain y = x·w1·w2···wL (Goodfellow, Bengio & Courville,
-*Deep Learning* §8.7.1): a simultaneous gradient step on all layers changes the loss by
-higher-order terms that grow with depth and weight scale, so no single learning rate is safe;
-normalizing every layer (BN) removes that dependence.
-Setup, the rules fixed before any run and each setting's source: ``goodfellow_chain.md``.
-"""
+"""``goodfellow-chain``: the deep linear chain y = x·w1···wL (Goodfellow et al., *Deep Learning*
+§8.7.1): one step's higher-order terms grow with depth and weight scale; BN on every layer removes
+that. Setup, rules and sources: ``goodfellow_chain.md``."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -22,7 +20,7 @@ from ...functional import batch_norm
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..declare import listed, seeded
-from ..experiment import Experiment, column
+from ..experiment import Experiment, PerSeed, column
 from ..progress import Progress
 from ..verdict import part
 
@@ -38,8 +36,7 @@ _GRID_POINTS = {"tiny": 8, "quick": 29, "full": 57}
 
 @dataclass(frozen=True)
 class Settings(Declared):
-    """The settings the code computes or reads; every constant one is in ``goodfellow_chain.settings.toml``
-    (each one's meaning and source: ``goodfellow_chain.md``)."""
+    """What the code computes or reads; the constants: ``goodfellow_chain.settings.toml``."""
 
     depths: tuple[int, ...]
     scales: tuple[float, ...]
@@ -49,34 +46,26 @@ class Settings(Declared):
     safe_band: tuple[float, float]
 
 
-def _output(x: Tensor, ws: list[Tensor], gammas: list[Tensor], betas: list[Tensor], bn: bool, eps: float) -> Tensor:
-    """The chain's output for a batch x (N, 1)."""
-    h = x
-    for w, g, b in zip(ws, gammas, betas):
-        h = h * w
-        if bn:
-            h = batch_norm(h, None, None, g, b, training=True, eps=eps)
-    return h
-
-
 def _measure(
     x: Tensor, depth: int, scale: float, bn: bool, lrs: Sequence[float], eps: float, band: Sequence[float] = (0.5, 1.5)
 ) -> dict[str, Any]:
     """Loss, |g|^2, predicted and actual change for every lr, and the largest safe lr of one
     chain. Shape: x (N, 1) float64."""
     t = 2.0 * x
-    ws = [torch.full((1,), scale, dtype=torch.float64, requires_grad=True) for _ in range(depth)]
-    gammas = [torch.ones(1, dtype=torch.float64, requires_grad=bn) for _ in range(depth)]
-    betas = [torch.zeros(1, dtype=torch.float64, requires_grad=bn) for _ in range(depth)]
+    ws, gammas, betas = (
+        [torch.full((1,), v, dtype=torch.float64, requires_grad=grad) for _ in range(depth)]
+        for v, grad in ((scale, True), (1.0, bn), (0.0, bn))
+    )
     params = ws + (gammas + betas if bn else [])
 
     def loss_of(p: list[Tensor]) -> Tensor:  # weights p[:depth]; with BN, gammas and betas after them
-        norm = (p[depth : 2 * depth], p[2 * depth :]) if bn else (gammas, betas)
-        return 0.5 * ((_output(x, p[:depth], *norm, bn, eps) - t) ** 2).mean()
+        h = x
+        for w, g, b in zip(p[:depth], *((p[depth : 2 * depth], p[2 * depth :]) if bn else (gammas, betas))):
+            h = batch_norm(h * w, None, None, g, b, training=True, eps=eps) if bn else h * w
+        return 0.5 * ((h - t) ** 2).mean()
 
     loss = loss_of(params)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
     g2 = float(sum((g.detach() ** 2).sum() for g in grads))
     base = float(loss.detach())
     predicted = [-lr * g2 for lr in lrs]
@@ -114,25 +103,24 @@ def _log10(v: float) -> float:
 
 
 def _quantities(m: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
-    """One seed's numbers behind the claims."""
-    lrs = s["lrs"]
+    """One seed's numbers behind the claims (and the words the evidence shows of the first seed)."""
+    lrs, ref = s["lrs"], s["reference_lr"]
     plain, bn = _cases(m, "plain"), _cases(m, "bn")
-    lo = min(plain, key=lambda c: _safe(c, lrs))
-    hi = max(plain, key=lambda c: _safe(c, lrs))
+    lo, hi = min(plain, key=lambda c: _safe(c, lrs)), max(plain, key=lambda c: _safe(c, lrs))
+    safe = [f"{c['safe_lr']:.2g}" if c["safe_lr"] is not None else f"< {lrs[0]:.0e}" for c in (lo, hi)]
+    chain = [f"{v} (depth {c['depth']}, scale {c['scale']})" for v, c in zip(safe, (lo, hi))]
     # growth of the first-order error with depth, for every weight scale >= 1
     growth, detail = [], []
     for scale in sorted({c["scale"] for c in plain if c["scale"] >= 1.0}):
         row = sorted((c for c in plain if c["scale"] == scale), key=lambda c: c["depth"])
-        errs = [_error_at(c, lrs, s["reference_lr"]) for c in row]
+        errs = [_error_at(c, lrs, ref) for c in row]
         steps = [_log10(b) - _log10(a) for a, b in zip(errs, errs[1:])]
         growth.append((min(steps), _log10(errs[-1]) - _log10(errs[0])))
         detail.append(f"scale {scale:g}: " + ", ".join(f"L={c['depth']} {e:.2g}" for c, e in zip(row, errs)))
     b_safe = [_safe(c, lrs) for c in bn]
     return {
         "plain_spread_log10": math.log10(_safe(hi, lrs) / _safe(lo, lrs)),
-        "plain_lo": lo,
-        "plain_hi": hi,
-        "plain_unsafe": sum(1 for c in plain if c["safe_lr"] is None),
+        "plain_range": f"from {chain[0]} to {chain[1]}; {sum(c['safe_lr'] is None for c in plain)} chain(s) unsafe even at lr {lrs[0]:.0e}",
         "growth_min_step_log10": min(g[0] for g in growth),
         "growth_total_log10": min(g[1] for g in growth),
         "growth_detail": "; ".join(detail),
@@ -140,66 +128,49 @@ def _quantities(m: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
         "bn_safe_min": min(b_safe),
         "bn_safe_max": max(b_safe),
         "bn_unsafe": sum(1 for c in bn if c["safe_lr"] is None),
-        "bn_error": max(_error_at(c, lrs, s["reference_lr"]) for c in bn),
-        "plain_error": max(_error_at(c, lrs, s["reference_lr"]) for c in plain),
+        "bn_error": max(_error_at(c, lrs, ref) for c in bn),
+        "plain_error": max(_error_at(c, lrs, ref) for c in plain),
     }
 
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """No single safe lr without normalization; depth makes the first-order error grow; BN removes both."""
-    s = results["config"]
-    lrs = s["lrs"]
+    s, seed0 = results["config"], results["metrics"]["seeds"][0]
     q = [_quantities(m, s) for m in results["metrics"]["per_seed"]]
-    seeds = [int(v) for v in results["metrics"]["seeds"]]
-    n = len(q)
-    ref = float(s["reference_lr"])
-
-    def col(key: str) -> list[float]:
-        return column(q, key)
-
-    def fmt_safe(c: dict[str, Any]) -> str:
-        return f"{c['safe_lr']:.2g}" if c["safe_lr"] is not None else f"< {lrs[0]:.0e}"
-
-    first = q[0]
-    spreads = ", ".join(f"{10**v:.3g}x" for v in col("plain_spread_log10"))
-    spread, growth = (
-        math.log10(float(s[key])) for key in ("plain_safe_lr_spread_at_least", "plain_error_growth_at_least")
-    )
+    col, first, n_bn = functools.partial(column, q), q[0], len(_cases(results["metrics"]["per_seed"][0], "bn"))
+    spread, growth = (math.log10(float(s[k])) for k in ("plain_safe_lr_spread_at_least", "plain_error_growth_at_least"))
     make = Claims(
         __name__, results, spread_log10=spread, growth_log10=growth, bn_error_pct=100 * s["bn_first_order_error_below"]
     )
+    no_single = (
+        f"log10 of (largest / smallest safe lr), per seed: {listed([10**v for v in col('plain_spread_log10')], '{:.3g}x')} "
+        f"(an unsafe-everywhere chain counts at the smallest grid lr, so these are lower bounds); seed {seed0}: "
+        f"{first['plain_range']}"
+    )
+    grows = (
+        f"log10 growth shallowest -> deepest (smallest over scales), per seed: {listed(col('growth_total_log10'), '{:.2f}')}; "
+        f"smallest log10 growth between neighbouring depths: {listed(col('growth_min_step_log10'), '{:.2f}')}; seed {seed0}, "
+        f"|actual/predicted - 1|: {first['growth_detail']} (an overflowed step counts as 10^{_LOG10_CAP:g})"
+    )
+    bn_safe = (
+        f"BN safe lr from {min(col('bn_safe_min')):.2g} to {max(col('bn_safe_max')):.2g} over {len(q)} seeds x {n_bn} chains; "
+        f"spread per seed {listed(col('bn_spread'), '{:.3g}x')}; {sum(int(v) for v in col('bn_unsafe'))} BN chain(s) unsafe "
+        "at every lr"
+    )
+    bn_first = (
+        f"largest |actual/predicted - 1| at lr {float(s['reference_lr']):g}, per seed: BN {listed(col('bn_error'), '{:.3g}')}; "
+        f"without BN {listed(col('plain_error'), '{:.3g}')}"
+    )
     return [
-        make(
-            "plain_no_single_lr",
-            a=col("plain_spread_log10"),
-            evidence=f"log10 of (largest / smallest safe lr), per seed: {spreads} (an unsafe-everywhere chain counts at the "
-            f"smallest grid lr, so these are lower bounds); seed {seeds[0]}: from {fmt_safe(first['plain_lo'])} (depth "
-            f"{first['plain_lo']['depth']}, scale {first['plain_lo']['scale']}) to {fmt_safe(first['plain_hi'])} (depth "
-            f"{first['plain_hi']['depth']}, scale {first['plain_hi']['scale']}); {first['plain_unsafe']} chain(s) unsafe even at "
-            f"lr {lrs[0]:.0e}",
-        ),
+        make("plain_no_single_lr", a=col("plain_spread_log10"), evidence=no_single),
         make(
             "plain_error_grows",
             a=col("growth_total_log10"),
             also=[part(col("growth_min_step_log10"), above=0.0)],
-            evidence=f"log10 growth shallowest -> deepest (smallest over scales), per seed: "
-            f"{listed(col('growth_total_log10'), '{:.2f}')}; smallest log10 growth between neighbouring depths: "
-            f"{listed(col('growth_min_step_log10'), '{:.2f}')}; seed {seeds[0]}, |actual/predicted - 1|: "
-            f"{first['growth_detail']} (an overflowed step counts as 10^{_LOG10_CAP:g})",
+            evidence=grows,
         ),
-        make(
-            "bn_safe_lr",
-            a=col("bn_spread"),
-            evidence=f"BN safe lr from {min(col('bn_safe_min')):.2g} to {max(col('bn_safe_max')):.2g} over {n} seeds x "
-            f"{len(_cases(results['metrics']['per_seed'][0], 'bn'))} chains; spread per seed "
-            f"{listed(col('bn_spread'), '{:.3g}x')}; {sum(int(v) for v in col('bn_unsafe'))} BN chain(s) unsafe at every lr",
-        ),
-        make(
-            "bn_first_order",
-            a=col("bn_error"),
-            evidence=f"largest |actual/predicted - 1| at lr {ref:g}, per seed: BN {listed(col('bn_error'), '{:.3g}')}; "
-            f"without BN {listed(col('plain_error'), '{:.3g}')}",
-        ),
+        make("bn_safe_lr", a=col("bn_spread"), evidence=bn_safe),
+        make("bn_first_order", a=col("bn_error"), evidence=bn_first),
     ]
 
 
@@ -208,22 +179,17 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     from ..figures import dress, log_ticks, pyplot, save
 
     plt = pyplot()
-    cfg = results["config"]
-    m = results["metrics"]["per_seed"][0]
-    seed = results["metrics"]["seeds"][0]
-    paths = []
+    cfg, m, seed, paths = results["config"], results["metrics"]["per_seed"][0], results["metrics"]["seeds"][0], []
     scale_shown = 1.2 if 1.2 in cfg["scales"] else cfg["scales"][-1]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(cfg["depths"])))
     for ax, arm, title in ((axes[0], "plain", "without normalization"), (axes[1], "bn", "BN on every layer")):
         for color, depth in zip(colors, cfg["depths"]):
             c = next(c for c in _cases(m, arm) if c["depth"] == depth and c["scale"] == scale_shown)
-            pred = -np.asarray(c["predicted"], dtype=float)
-            act = -np.asarray([float(v) for v in c["actual"]], dtype=float)
+            pred, act = (-np.asarray([float(v) for v in c[k]], dtype=float) for k in ("predicted", "actual"))
             ok = np.isfinite(act)
             ax.plot(pred[ok], act[ok], "o-", markersize=3, color=color, label=f"depth {depth}")
-        lim = [1e-8, 1e8]
-        ax.plot(lim, lim, ":", color="black", label="actual = predicted")
+        ax.plot([1e-8, 1e8], [1e-8, 1e8], ":", color="black", label="actual = predicted")
         ax.set_xscale("log")
         ax.set_yscale("symlog", linthresh=1e-6)
         ticks = [-1e12, -1e8, -1e4, -1.0, -1e-4, 0.0, 1e-4, 1.0, 1e4]  # every 4 decades: no crowding at 0
@@ -255,8 +221,7 @@ class Chain(Experiment):
     ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
 
     def settings(self, cfg: RunConfig) -> Settings:
-        lrs = tuple(float(v) for v in np.logspace(-6, 1, _GRID_POINTS[cfg.mode]))
-        return Settings.of(cfg.mode, lrs=lrs)
+        return Settings.of(cfg.mode, lrs=tuple(float(v) for v in np.logspace(-6, 1, _GRID_POINTS[cfg.mode])))
 
     def load_seed(self, cfg: RunConfig, settings: Settings, seed: int) -> Tensor:
         """The seed's inputs x, (N, 1) float64 standard normal."""
@@ -265,21 +230,17 @@ class Chain(Experiment):
     def describe_data(self, settings: Settings, first: Tensor) -> dict[str, Any]:
         return {"name": "synthetic chain", "batch": settings.batch, "split": "each seed draws its own inputs"}
 
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Tensor], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
+    def run_seeds(self, s: Settings, data: Sequence[Tensor], seeds: Sequence[int], progress: Progress) -> PerSeed:
         """Each seed's inputs through every (arm, depth, scale)."""
-        s = settings
-        per_seed = []
-        with progress.task("chains", total=2 * len(s.depths) * len(s.scales) * len(seeds)) as tick:
-            for x in data:
-                cases = []
-                for arm, depth, scale in itertools.product(("plain", "bn"), s.depths, s.scales):
-                    m = _measure(x, depth, scale, arm == "bn", s.lrs, s.bn_eps, s.safe_band)
-                    cases.append({"arm": arm, "depth": depth, "scale": scale, **m})
-                    tick.update(1)
-                per_seed.append({"cases": cases})
-        return per_seed
+        grid = list(itertools.product(("plain", "bn"), s.depths, s.scales))
+        with progress.task("chains", total=len(grid) * len(seeds)) as tick:
+
+            def case(x: Tensor, arm: str, depth: int, scale: float) -> dict[str, Any]:
+                m = _measure(x, depth, scale, arm == "bn", s.lrs, s.bn_eps, s.safe_band)
+                tick.update(1)
+                return {"arm": arm, "depth": depth, "scale": scale, **m}
+
+            return [{"cases": [case(x, *g) for g in grid]} for x in data]
 
     claims = staticmethod(_claims)
     figures = staticmethod(_figures)
