@@ -19,6 +19,7 @@ from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import activation_inputs, listed, mlp_for, probing, seeded, train_seeds
 from ..experiment import Experiment, column, first_reaching
+from ..figures import dress, pyplot, save
 from ..popstats import population_statistics
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
@@ -168,8 +169,6 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Fig. 1(a) accuracy, Fig. 1(b, c) percentiles, inference side by side, training loss
     (the first seed's curves)."""
-    from ..figures import dress, pyplot, save
-
     plt = pyplot()
     m = results["metrics"]["per_seed"][0]
     base, bn = m["baseline"], m["bn"]

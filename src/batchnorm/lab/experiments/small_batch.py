@@ -21,6 +21,7 @@ from ..config import RunConfig
 from ..datasets import Dataset, load
 from ..declare import listed, non_iid_batches, seeded
 from ..experiment import Experiment, column, per_seed_values
+from ..figures import bar_values, categories, dress, log_ticks, pyplot, save
 from ..models import MLP, ConvNet
 from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
 from ..progress import Progress
@@ -183,8 +184,6 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Test error vs group size (i.i.d.; mean ± std over seeds) and non-i.i.d. bars."""
-    from ..figures import bar_values, categories, dress, log_ticks, pyplot, save
-
     plt = pyplot()
     t, per_seed = results["config"], results["metrics"]["per_seed"]
     batch, n, sizes = int(t["batch_size"]), len(per_seed), sorted(int(v) for v in t["group_sizes"])
