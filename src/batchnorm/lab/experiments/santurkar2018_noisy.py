@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ _DIVERGED = 1e3  # the mean training loss and the drift recorded for a run that 
 Runs = list[dict[str, Any]]  # one record per seed
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Settings(Declared):
     """The settings the code computes or reads; every constant one is in ``santurkar2018_noisy.settings.toml``
     (each one's meaning and source: ``santurkar2018_noisy.md``)."""
@@ -236,7 +235,8 @@ class Noisy(Experiment):
         return dataclasses.replace(s, noise_magnitude=chosen, calibration=record)
 
     def run_seeds(self, settings: Settings, data: Seq[Dataset], seeds: Seq[int], progress: Progress) -> Runs:
-        a, per_seed = [settings.noise_magnitude] * len(seeds), [{} for _ in seeds]
+        a = [settings.noise_magnitude] * len(seeds)
+        per_seed: Runs = [{} for _ in seeds]
         for lr, arm in itertools.product(settings.lrs, _ARMS):
             for rec, r in zip(per_seed, _train(settings, data, seeds, arm, lr, a, progress)):
                 rec[f"{arm}@{lr:g}"] = r
