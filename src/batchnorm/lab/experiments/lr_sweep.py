@@ -82,7 +82,7 @@ def _activation_scales(model: MLP, x: Tensor) -> list[float]:
 
 
 def _sweep(s: Settings, data: Sequence[Dataset], seeds: Sequence[int], norm: str | None, progress: Progress) -> Runs:
-    """Every seed at every rate (seeds together); per seed and rate: test, training accuracy (0: diverged), diverged step."""
+    """Train every seed at every rate; per seed and rate: test and training accuracy (0 if diverged), diverged step."""
     out: Runs = [{"test_acc": [], "train_acc": [], "diverged_at": []} for _ in seeds]
     label = ("calibration: " if seeds[0] == s.calibration_seed else "") + ("BN" if norm else "no BN")
     for lr in s.lrs:
