@@ -79,10 +79,13 @@ def test_drift_measures_step_to_step_change_in_units_of_spread() -> None:
     means[:, 0] = [0, 2, 0, 2, 0, 2]
     means[:, 2] = means[:, 0]
     stds = np.full((t, 3), 2.0)
-    d = exp._drift(means, stds)
+    # the first 10% of the checkpoints (at least one) are left out: a first row far off changes nothing
+    d = exp._drift(np.vstack([np.full((1, 3), 99.0), means]), np.vstack([np.full((1, 3), 9.0), stds]))
     assert d["step_location"] == pytest.approx(1.0)
     assert d["step_spread"] == pytest.approx(0.0)
     assert d["total_location"] == pytest.approx(0.5)
+    assert set(exp._drift(means, stds, ok=False).values()) == {1e3}  # a run that diverged
+    assert set(exp._drift(means[:3], stds[:3]).values()) == {1e3}  # < 3 checkpoints left
 
 
 def test_noisy_relu_is_relu_of_noisy_batch_norm() -> None:

@@ -270,8 +270,8 @@ def test_mnist1d_uses_a_1d_cnn_that_trains_and_digits_keeps_the_mlp() -> None:
     assert f"gave {s.steps} on mnist1d" in s.steps_rule and "seed 1000" in s.steps_rule and s.steps == 2900
     assert f"gave {digits.steps}" in digits.steps_rule and "seed 1000" in digits.steps_rule
     data = load("mnist1d", 0, small=True)
-    assert isinstance(exp._model(load("digits", 0), digits, exp._norm_factory("bn", 32, digits), 0), MLP)
-    model = exp._model(data, s, exp._norm_factory("bn", 2, s), 0)
+    assert isinstance(exp._model(load("digits", 0), digits, "bn", 32, 0), MLP)
+    model = exp._model(data, s, "bn", 2, 0)
     assert isinstance(model, ConvNet)
     assert isinstance(model.blocks[0].layer, torch.nn.Conv1d) and isinstance(model.blocks[0].norm, GroupedBatchNorm1d)
     assert model(data.test_x[:6]).shape == (6, data.classes)  # training mode: 3 groups of 2
@@ -292,13 +292,11 @@ def test_every_arm_of_a_seed_starts_from_the_same_weights() -> None:
 
     data = load("digits", 0)
     s = exp.EXPERIMENT.settings(RunConfig(mode="tiny"))
-    models = [exp._model(data, s, exp._norm_factory(norm, m, s), 3) for norm, m, _iid in exp._arms(s)]
+    models = [exp._model(data, s, norm, m, 3) for norm, m, _iid in exp._arms(s)]
     for other in models[1:]:
         for a, b in zip(models[0].blocks, other.blocks):
             torch.testing.assert_close(a.layer.weight, b.layer.weight, rtol=0, atol=0)
-    assert not torch.equal(
-        exp._model(data, s, exp._norm_factory("bn", 32, s), 4).blocks[0].layer.weight, models[0].blocks[0].layer.weight
-    )
+    assert not torch.equal(exp._model(data, s, "bn", 32, 4).blocks[0].layer.weight, models[0].blocks[0].layer.weight)
 
 
 def test_report_states_a_data_specific_setup_only_when_there_is_one() -> None:

@@ -9,16 +9,40 @@ test set is never used.
     cal.train_x, cal.test_x   # 80% / 20% of the training set (cal.test_* is the validation part)
 
 Shape: as ``datasets.Dataset`` (``train_x`` (N', D), ``test_x`` (N - N', D)).
+
+``calibration_data(cfg, seed)`` is that split of the run's data set and ``split_note`` its
+record; ``epoch_rule`` is the step rule of the experiments that train a fixed number of passes;
+``settled`` is the first checkpoint at which every validation curve is near its own best, and
+``steps_to_settle`` the step-count rule built on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import torch
+from torch import Tensor, nn
 
+from ..config import RunConfig
 from ..datasets import Dataset
+from ..experiment import load_for
+from ..stacked import train_stacked
+from ..training import TrainSpec, evaluate
 
-__all__ = ["CALIBRATION_SEED", "calibration_split", "epochs_to_steps"]
+__all__ = [
+    "CALIBRATION_SEED",
+    "calibration_data",
+    "calibration_split",
+    "epoch_rule",
+    "epochs_to_steps",
+    "settled",
+    "split_note",
+    "steps_to_settle",
+]
 
 CALIBRATION_SEED = 1000
 """The seed of every calibration run (its weights, minibatches and, for digits, data split);
@@ -65,3 +89,51 @@ def epochs_to_steps(epochs: float, examples: int, batch_size: int) -> int:
             f"epochs_to_steps: expected epochs > 0, examples >= 1, batch_size >= 1, got {epochs!r}, {examples!r}, {batch_size!r}"
         )
     return max(1, int(round(epochs * examples / batch_size)))
+
+
+def calibration_data(cfg: RunConfig, seed: int) -> Dataset:
+    """``calibration_split`` of seed ``seed``'s split of the run's data set (``load_for``)."""
+    return calibration_split(load_for(cfg, seed), seed)
+
+
+def split_note(cal: Dataset, seed: int) -> str:
+    """How a calibration run's data were made, as its results record it."""
+    return (
+        f"80/20 stratified split of seed {seed}'s training set ({cal.train_x.shape[0]} / "
+        f"{cal.test_x.shape[0]} examples); test set unused"
+    )
+
+
+def epoch_rule(cfg: RunConfig, epochs: float, batch_size: int) -> tuple[int, str]:
+    """``(steps, steps_rule)``: ``epochs`` passes over the run's training set (its size at
+    ``cfg.seed``) in batches of ``batch_size``, and the rule as text."""
+    n = load_for(cfg, cfg.seed).train_x.shape[0]
+    rule = (
+        f"{epochs:g} passes over the training set ({n} examples, batch {batch_size}), the same rule on every data set"
+    )
+    return epochs_to_steps(epochs, n, batch_size), rule
+
+
+def settled(checkpoints: list[int], curves: list[list[float]], tolerance: float) -> int:
+    """The first checkpoint at which every curve (an error, lower is better, one value per
+    checkpoint) is within ``tolerance`` of its own best."""
+    return max(next(c for c, e in zip(checkpoints, curve) if e <= min(curve) + tolerance) for curve in curves)
+
+
+def steps_to_settle(
+    arms: list[nn.Module], cal: Dataset, streams: list[Iterator[Tensor]], spec: TrainSpec, every: int, tolerance: float
+) -> dict[str, Any]:
+    """A step-count rule: train ``arms`` (one model each, together: ``stacked.train_stacked``) on
+    ``cal``'s training part for ``spec.steps`` steps, validating on its other part every ``every``
+    steps; ``{"steps", "curves", "checkpoints"}``: each arm's validation error (%) at every
+    checkpoint, and ``settled`` of the curves within ``tolerance`` points, rounded up to a
+    multiple of 100. Plain SGD has no optimizer state: training in chunks equals one long run."""
+    checkpoints = list(range(every, spec.steps + 1, every))
+    curves: list[list[float]] = [[] for _ in arms]
+    for _ in checkpoints:
+        chunk = dataclasses.replace(spec, steps=every)
+        train_stacked([[m] for m in arms], [cal.train_x] * len(arms), [cal.train_y] * len(arms), chunk, streams)
+        for curve, model in zip(curves, arms):
+            curve.append(100.0 * (1.0 - evaluate(model, cal.test_x, cal.test_y)[1]))
+    steps = int(math.ceil(settled(checkpoints, curves, tolerance) / 100.0) * 100)
+    return {"steps": steps, "curves": curves, "checkpoints": checkpoints}

@@ -1,6 +1,5 @@
 """``small-batch``: Wu & He 2018 (Group Norm) and Ioffe 2017 (Batch Renorm) — test error against
-the size of BN's normalization group, with i.i.d. and non-i.i.d. groups, for BN, Batch Renorm,
-Ghost BN and Group Norm, judged over seeds.
+the size of BN's normalization group (i.i.d. and not) for BN, Batch Renorm, Ghost BN, Group Norm.
 Setup, the rules fixed before any run and each setting's source: ``small_batch.md``.
 """
 
@@ -19,16 +18,17 @@ from torch import Tensor, nn
 from ... import GhostBatchNorm1d
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
-from ..datasets import Dataset
+from ..datasets import Dataset, load
 from ..declare import listed, non_iid_batches, seeded
 from ..experiment import Experiment, column, per_seed_values
+from ..figures import bar_values, categories, dress, log_ticks, pyplot, save
 from ..models import MLP, ConvNet
 from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
 from ..progress import Progress
 from ..stacked import train_stacked
 from ..training import TrainSpec, evaluate, minibatches
 from ..verdict import part
-from ._calibration import CALIBRATION_SEED, calibration_split
+from ._calibration import CALIBRATION_SEED, calibration_split, steps_to_settle
 
 ID = "small-batch"
 DESCRIPTION = "Wu & He 2018 / Ioffe 2017: test error vs BN group size (32..2) and non-i.i.d. groups for BN, Batch Renorm, Ghost BN, Group Norm"
@@ -37,11 +37,7 @@ _NORMS = ("bn", "brn", "ghost", "gn")
 _LABELS = {"bn": "BN (per-group stats)", "brn": "Batch Renorm", "ghost": "Ghost BN", "gn": "Group Norm"}
 _COLORS = {"bn": "tab:blue", "brn": "tab:green", "ghost": "tab:purple", "gn": "tab:orange"}
 
-# Step counts from ``calibrate_steps`` (the rule: the steps_rule setting; its history: small_batch.md)
-_CALIBRATED_STEPS = {"digits": 500, "mnist1d": 2900}
-_HAND_CHOSEN_BEFORE = {"mnist1d": 2400}  # what a data set used before its calibration was run
-_TINY_STEPS = 40
-_FULL_FACTOR = 10 / 3  # full mode trains 10/3 x the calibrated steps
+_CALIBRATED_STEPS = {"digits": 500, "mnist1d": 2900}  # from ``calibrate_steps``; full mode: 10/3 x, tiny: 40
 
 
 @dataclass(frozen=True)
@@ -67,102 +63,63 @@ class Settings(Declared):
 def calibrate_steps(
     data_name: str, *, max_steps: int = 4800, every: int = 240, tolerance_pp: float = 1.0
 ) -> dict[str, Any]:
-    """The step-count rule (the ``steps_rule`` setting) run on ``CALIBRATION_SEED``.
-
-    Trains BN (m = 32) and Group Norm on the calibration split (``calibration_split``: a
-    stratified 80% of the calibration seed's training set) and validates on the other 20% every ``every`` steps up to ``max_steps``; returns
-    ``{"steps", "curves": {"bn": [...], "gn": [...]}, "checkpoints": [...]}`` where ``steps`` is
-    the first checkpoint at which both validation errors are within ``tolerance_pp`` of their
-    own best, rounded up to a multiple of 100.
-    """
-    from ..datasets import load
-
+    """The step-count rule (the ``steps_rule`` setting) run on ``CALIBRATION_SEED``:
+    ``steps_to_settle`` of BN (m = 32) and Group Norm on the calibration split; ``{"steps",
+    "curves": {"bn": [...], "gn": [...]}, "checkpoints": [...]}``."""
     data = calibration_split(load(data_name, CALIBRATION_SEED), CALIBRATION_SEED)
-    cut = data.train_x.shape[0]
     s = _settings_for(data_name, "quick", steps=max_steps)
-    curves: dict[str, list[float]] = {"bn": [], "gn": []}
-    arms = [[_model(data, s, _norm_factory(name, s.batch_size, s), CALIBRATION_SEED)] for name in curves]
-    streams = [minibatches(cut, s.batch_size, seeded(CALIBRATION_SEED + 2)) for _ in arms]
-    checkpoints = []
-    for done in range(every, max_steps + 1, every):
-        # plain SGD has no optimizer state: training in chunks equals one long run
-        train_stacked(
-            arms,
-            [data.train_x] * 2,
-            [data.train_y] * 2,
-            TrainSpec(steps=every, batch_size=s.batch_size, lr=s.lr),
-            streams,
-        )
-        checkpoints.append(done)
-        for name, arm in zip(curves, arms):
-            curves[name].append(100.0 * (1.0 - evaluate(arm[0], data.test_x, data.test_y)[1]))
-    reached = [
-        next(c for c, e in zip(checkpoints, curves[name]) if e <= min(curves[name]) + tolerance_pp) for name in curves
-    ]
-    steps = int(math.ceil(max(reached) / 100.0) * 100)
-    return {"steps": steps, "curves": curves, "checkpoints": checkpoints}
+    arms = [_model(data, s, name, s.batch_size, CALIBRATION_SEED) for name in ("bn", "gn")]
+    streams = [_stream(s, data, CALIBRATION_SEED, s.batch_size, True) for _ in arms]
+    spec = TrainSpec(steps=max_steps, batch_size=s.batch_size, lr=s.lr)
+    found = steps_to_settle(arms, data, streams, spec, every, tolerance_pp)
+    return {**found, "curves": dict(zip(("bn", "gn"), found["curves"]))}
 
 
 def _settings_for(data_name: str, mode: str, steps: int | None = None) -> Settings:
     model = "cnn1d" if data_name == "mnist1d" else "mlp"
     base = _CALIBRATED_STEPS.get(data_name, _CALIBRATED_STEPS["digits"])
-    if steps is None:
-        steps = {"tiny": _TINY_STEPS, "quick": base, "full": int(round(base * _FULL_FACTOR))}[mode]
-    before = _HAND_CHOSEN_BEFORE.get(data_name)
-    earlier = Settings.text("hand_chosen_before", steps=before) if before else ""
+    steps = {"tiny": 40, "quick": base, "full": int(round(base * (10 / 3)))}[mode] if steps is None else steps
+    earlier = Settings.text("hand_chosen_before", steps=2400) if data_name == "mnist1d" else ""
     name = data_name if data_name in _CALIBRATED_STEPS else "digits (used for other data)"
     rule = Settings.text("steps_rule", seed=CALIBRATION_SEED, steps=base, data=name, earlier=earlier)
     choice = Settings.text("mnist1d_choice", steps=base) if model == "cnn1d" else ""
     return Settings.of(mode, model=model, steps=steps, steps_rule=rule, mnist1d_choice=choice)
 
 
-def _model(data: Dataset, s: Settings, factory: Callable[[int], nn.Module], seed: int) -> nn.Module:
-    """The MLP or the 1-D CNN, PyTorch's default init seeded by ``seed`` (the same weights for
-    every normalization: the norm layers draw no random numbers)."""
+def _model(data: Dataset, s: Settings, norm: str, group_size: int, seed: int) -> nn.Module:
+    """The MLP or the 1-D CNN with ``norm`` in ("bn", "brn", "ghost", "gn") over groups of
+    ``group_size``, PyTorch's default init seeded by ``seed`` (the same weights for every
+    normalization: the norm layers draw no random numbers)."""
+    momentum = s.moving_average_momentum
+    ends = {"warmup_steps": s.steps // 10, "d_max_steps": s.steps // 2, "r_max_steps": 4 * s.steps // 5}
+    factories: dict[str, Callable[[int], nn.Module]] = {
+        "bn": lambda c: GroupedBatchNorm1d(c, group_size, momentum=momentum),
+        "brn": lambda c: GroupedBatchRenorm1d(c, group_size, momentum=momentum, r_max=3.0, d_max=5.0, **ends),
+        "ghost": lambda c: GhostBatchNorm1d(c, group_size, momentum=momentum),
+        "gn": lambda c: nn.GroupNorm(s.group_norm_groups, c),
+    }
     torch.manual_seed(seed + 1)
     if s.model == "cnn1d":
-        return ConvNet(data.input_shape, list(s.channels), data.classes, act=s.activation, norm=factory)
-    return MLP(data.features, list(s.hidden), data.classes, act=s.activation, norm=factory)
-
-
-def _norm_factory(norm: str, group_size: int, s: Settings) -> Callable[[int], nn.Module]:
-    """The normalization layer of a hidden layer for ``norm`` in ("bn", "brn", "ghost", "gn")."""
-    momentum = s.moving_average_momentum
-    if norm == "bn":
-        return lambda c: GroupedBatchNorm1d(c, group_size, momentum=momentum)
-    if norm == "brn":
-        ends = {"warmup_steps": s.steps // 10, "d_max_steps": s.steps // 2, "r_max_steps": 4 * s.steps // 5}
-        return lambda c: GroupedBatchRenorm1d(c, group_size, momentum=momentum, r_max=3.0, d_max=5.0, **ends)
-    if norm == "ghost":
-        return lambda c: GhostBatchNorm1d(c, group_size, momentum=momentum)
-    if norm == "gn":
-        return lambda c: nn.GroupNorm(s.group_norm_groups, c)
-    raise ValueError(f"small-batch: expected norm in {_NORMS}, got {norm!r}")
+        return ConvNet(data.input_shape, list(s.channels), data.classes, act=s.activation, norm=factories[norm])
+    return MLP(data.features, list(s.hidden), data.classes, act=s.activation, norm=factories[norm])
 
 
 def _stream(s: Settings, d: Dataset, seed: int, group: int, iid: bool) -> Iterator[Tensor]:
     """Seed ``seed``'s minibatches of an arm: i.i.d., or non-i.i.d. groups of ``group``."""
     gen = seeded(seed + 2)
-    return (
-        minibatches(d.train_x.shape[0], s.batch_size, gen)
-        if iid
-        else non_iid_batches(d.train_y, d.classes, gen, s.batch_size, group)
-    )
+    if iid:
+        return minibatches(d.train_x.shape[0], s.batch_size, gen)
+    return non_iid_batches(d.train_y, d.classes, gen, s.batch_size, group)
 
 
 def _arms(s: Settings) -> list[tuple[str, int, bool]]:
     """(norm, group size, i.i.d.) of every arm: BN and BRN at every m, Ghost BN below the batch
-    (one ghost batch of 32 is BN itself), GN once, and the four at the non-i.i.d. group size.
-
-    The 1-D CNN's convolutions cost about 1 ms per network and step however they are batched,
-    so with it only the arms the claims read are trained: BRN at the largest and smallest m,
-    and BN and BRN at the non-i.i.d. group size."""
-    cnn = s.model == "cnn1d"
-    ends = (max(s.group_sizes), min(s.group_sizes))
+    (one ghost batch of 32 is BN itself), GN once, and the four at the non-i.i.d. group size;
+    with the 1-D CNN only the arms the claims read (``small_batch.md``)."""
+    cnn, ends = s.model == "cnn1d", (max(s.group_sizes), min(s.group_sizes))
     arms = [("bn", m, True) for m in s.group_sizes]
     arms += [("brn", m, True) for m in s.group_sizes if not cnn or m in ends]
-    arms += [("ghost", m, True) for m in s.group_sizes if m < s.batch_size]
-    arms.append(("gn", s.batch_size, True))
+    arms += [("ghost", m, True) for m in s.group_sizes if m < s.batch_size] + [("gn", s.batch_size, True)]
     arms += [(norm, s.non_iid_group, False) for norm in (("bn", "brn") if cnn else _NORMS)]
     return arms
 
@@ -177,95 +134,60 @@ def _iid(m: dict[str, Any], norm: str, size: int, batch: int) -> float:
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Wu & He's curve shape, GN's advantage at tiny groups, BN vs GN at 32, BRN's recovery,
     and Ghost BN's limit — each judged over the seeds with paired differences (or ratios)."""
-    t = results["config"]
-    batch = int(t["batch_size"])
+    t, per_seed = results["config"], results["metrics"]["per_seed"]
+    batch, m_ni = int(t["batch_size"]), int(t["non_iid_group"])
     sizes = sorted((int(v) for v in t["group_sizes"]), reverse=True)
     big, small = sizes[0], sizes[-1]
-    mid_sizes = [v for v in sizes if 8 <= v < big]
-    mid = min(mid_sizes) if mid_sizes else big
+    mid = min([v for v in sizes if 8 <= v < big] or [big])
 
     def err(norm: str, size: int) -> list[float]:
         return per_seed_values(results, lambda m: _iid(m, norm, size, batch))
 
-    def ni(norm: str) -> list[float]:
-        return column(results["metrics"]["per_seed"], "non_iid", norm, "test_error")
-
-    def mean(v: Sequence[float]) -> float:
-        return float(np.mean(v))
-
-    bn = {v: err("bn", v) for v in sizes}
-    gn = err("gn", batch)
+    bn, ghost = ({v: err(norm, v) for v in sizes} for norm in ("bn", "ghost"))
     brn = {v: err("brn", v) for v in (big, small)}  # the 1-D CNN trains BRN only at these
-    ghost = {v: err("ghost", v) for v in sizes}
-    flat, sharp = float(t["flat_rise_at_most_pp"]), float(t["sharp_rise_at_least_pp"])
+    gn = err("gn", batch)
+    ni = {norm: column(per_seed, "non_iid", norm, "test_error") for norm in per_seed[0]["non_iid"]}
     ratio, by = float(t["far_better_ratio"]), float(t["far_better_by_at_least_pp"])
-    m_ni = int(t["non_iid_group"])
 
     def far_better(bad: Sequence[float], good: Sequence[float]) -> list[Any]:
         return [part(bad, good, effect="ratio", above=ratio), part(bad, good, above=by)]
 
-    per_m = "; ".join(f"m={v}: {listed(bn[v])}" for v in sizes)
+    rise = {v: float(np.mean(bn[v])) - float(np.mean(bn[big])) for v in (mid, small)}
+    flat = part(bn[mid], bn[big], below=float(t["flat_rise_at_most_pp"]))
+
+    evidence = [
+        f"BN test error per seed (%): {'; '.join(f'm={v}: {listed(bn[v])}' for v in sizes)}; rise at m={mid}: "
+        f"{rise[mid]:+.1f} pp, at m={small}: {rise[small]:+.1f} pp (means)",
+        f"GN {listed(gn)}% (every m); BN at m={small}: {listed(bn[small])}% (per seed)",
+        f"test error at m={big}: BN {listed(bn[big])}% vs GN {listed(gn)}% (per seed)",
+        f"m={big}: BRN {listed(brn[big])}% vs BN {listed(bn[big])}%; m={small}: BRN {listed(brn[small])}% vs BN "
+        f"{listed(bn[small])}%; non-i.i.d. m={m_ni}: BRN {listed(ni['brn'])}% vs BN {listed(ni['bn'])}% (per seed)",
+        f"Ghost BN test error per seed (%): {'; '.join(f'm={v}: {listed(ghost[v])}' for v in sizes if v < big)} "
+        f"(full-batch BN {listed(bn[big])})",
+    ]
+    if "ghost" in ni:
+        evidence[4] += (
+            f"; non-i.i.d. groups of {m_ni}: Ghost BN {listed(ni['ghost'])}% vs per-group BN {listed(ni['bn'])}% "
+            f"(Ghost BN's running averages use the whole batch of {batch})"
+        )
+    ghost_small = part(ghost[small], bn[big], above=float(t["sharp_rise_at_least_pp"]))
+    recovers = far_better(bn[small], brn[small]) + far_better(ni["bn"], ni["brn"])
     make = Claims(__name__, results, big=big, mid=mid, small=small, m_ni=m_ni)
     return [
-        make(
-            "bn_curve_shape",
-            a=bn[small],
-            b=bn[big],
-            also=[part(bn[mid], bn[big], below=flat)],
-            evidence=f"BN test error per seed (%): {per_m}; rise at m={mid}: {mean(bn[mid]) - mean(bn[big]):+.1f} pp, "
-            f"at m={small}: {mean(bn[small]) - mean(bn[big]):+.1f} pp (means)",
-        ),
-        make(
-            "gn_far_better_at_small",
-            a=bn[small],
-            b=gn,
-            also=far_better(bn[small], gn)[1:],
-            evidence=f"GN {listed(gn)}% (every m); BN at m={small}: {listed(bn[small])}% (per seed)",
-        ),
-        make(
-            "bn_as_good_as_gn_at_big",
-            a=bn[big],
-            b=gn,
-            evidence=f"test error at m={big}: BN {listed(bn[big])}% vs GN {listed(gn)}% (per seed)",
-        ),
-        make(
-            "brn_recovers",
-            a=brn[big],
-            b=bn[big],
-            also=far_better(bn[small], brn[small]) + far_better(ni("bn"), ni("brn")),
-            evidence=f"m={big}: BRN {listed(brn[big])}% vs BN {listed(bn[big])}%; m={small}: BRN {listed(brn[small])}% vs BN "
-            f"{listed(bn[small])}%; non-i.i.d. m={m_ni}: BRN {listed(ni('brn'))}% vs BN {listed(ni('bn'))}% (per seed)",
-        ),
-        make(
-            "ghost_limit",
-            a=ghost[mid],
-            b=bn[big],
-            also=[part(ghost[small], bn[big], above=sharp)],
-            evidence="Ghost BN test error per seed (%): "
-            + "; ".join(f"m={v}: {listed(ghost[v])}" for v in sizes if v < big)
-            + f" (full-batch BN {listed(bn[big])})"
-            + (
-                f"; non-i.i.d. groups of {m_ni}: Ghost BN {listed(ni('ghost'))}% vs per-group BN {listed(ni('bn'))}% (Ghost BN's "
-                f"running averages use the whole batch of {batch})"
-                if "ghost" in results["metrics"]["per_seed"][0]["non_iid"]
-                else ""
-            ),
-        ),
+        make("bn_curve_shape", a=bn[small], b=bn[big], also=[flat], evidence=evidence[0]),
+        make("gn_far_better_at_small", a=bn[small], b=gn, also=far_better(bn[small], gn)[1:], evidence=evidence[1]),
+        make("bn_as_good_as_gn_at_big", a=bn[big], b=gn, evidence=evidence[2]),
+        make("brn_recovers", a=brn[big], b=bn[big], also=recovers, evidence=evidence[3]),
+        make("ghost_limit", a=ghost[mid], b=bn[big], also=[ghost_small], evidence=evidence[4]),
     ]
 
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Test error vs group size (i.i.d.; mean ± std over seeds) and non-i.i.d. bars."""
-    from ..figures import bar_values, categories, dress, log_ticks, pyplot, save
-
     plt = pyplot()
-    t = results["config"]
-    batch = int(t["batch_size"])
-    per_seed = results["metrics"]["per_seed"]
-    n = len(per_seed)
-    sizes = sorted(int(v) for v in t["group_sizes"])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.3), gridspec_kw={"width_ratios": [3, 2]})
-    ax = axes[0]
+    t, per_seed = results["config"], results["metrics"]["per_seed"]
+    batch, n, sizes = int(t["batch_size"]), len(per_seed), sorted(int(v) for v in t["group_sizes"])
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(12, 4.3), gridspec_kw={"width_ratios": [3, 2]})
     for norm in _NORMS:
         have = [v for v in sizes if not any(math.isnan(_iid(m, norm, v, batch)) for m in per_seed)]  # trained arms
         errs = np.asarray([[_iid(m, norm, v, batch) for v in have] for m in per_seed])  # (seeds, sizes)
@@ -277,16 +199,16 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     # every power of two from the smallest group to the largest, so the axis reads as a scale
     log_ticks(ax.xaxis, [2**k for k in range(int(np.log2(min(sizes))), int(np.log2(max(sizes))) + 1)])
     ax.invert_xaxis()
-    ax.set(xlabel=f"examples per normalization group m ({batch} per SGD step)", ylabel="test error (%)")
-    dress(ax, "Test error vs normalization group size (i.i.d. groups)", legend={"fontsize": 8})
-    ax = axes[1]
+    xlabel = f"examples per normalization group m ({batch} per SGD step)"
+    title = "Test error vs normalization group size (i.i.d. groups)"
+    dress(ax, title, xlabel=xlabel, ylabel="test error (%)", legend={"fontsize": 8})
     norms = [k for k in _NORMS if k in per_seed[0]["non_iid"]]
     vals = [float(np.mean([m["non_iid"][norm]["test_error"] for m in per_seed])) for norm in norms]
-    ax.bar(range(len(norms)), vals, color=[_COLORS[k] for k in norms])
-    bar_values(ax, vals, "{:.1f}", fontsize=9)
-    categories(ax.xaxis, [_LABELS[k].replace(" (per-group stats)", "") for k in norms], fontsize=9)
-    ax.set_ylabel(f"test error (%), mean of {n} seeds")
-    ax.set_title(f"Non-i.i.d. groups of {t['non_iid_group']} (2 classes x 2 images)")
+    bars.bar(range(len(norms)), vals, color=[_COLORS[k] for k in norms])
+    bar_values(bars, vals, "{:.1f}", fontsize=9)
+    categories(bars.xaxis, [_LABELS[k].replace(" (per-group stats)", "") for k in norms], fontsize=9)
+    title = f"Non-i.i.d. groups of {t['non_iid_group']} (2 classes x 2 images)"
+    dress(bars, title, ylabel=f"test error (%), mean of {n} seeds")
     return [save(fig, Path(outdir) / "error_vs_group_size.png")]
 
 
@@ -301,22 +223,16 @@ class SmallBatch(Experiment):
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
     ) -> list[dict[str, Any]]:
-        s = settings
-        arms = _arms(s)
-        models = [
-            [_model(d, s, _norm_factory(norm, m, s), seed) for d, seed in zip(data, seeds)] for norm, m, _ in arms
-        ]
+        s, arms = settings, _arms(settings)
+        models = [[_model(d, s, norm, m, seed) for d, seed in zip(data, seeds)] for norm, m, _ in arms]
         streams = [_stream(s, d, seed, m, iid) for _, m, iid in arms for d, seed in zip(data, seeds)]
-        xs = [d.train_x for _ in arms for d in data]
-        ys = [d.train_y for _ in arms for d in data]
+        xs, ys = [d.train_x for _ in arms for d in data], [d.train_y for _ in arms for d in data]
         spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
         with progress.task(f"{len(arms)} arms x {len(seeds)} seeds", total=s.steps) as tick:
-            results = train_stacked(models, xs, ys, spec, streams, tick=tick)
+            runs = iter(train_stacked(models, xs, ys, spec, streams, tick=tick))
         per_seed: list[dict[str, Any]] = [{"iid": {n: {} for n in _NORMS}, "non_iid": {}} for _ in seeds]
-        runs = iter(results)
         for (norm, m, iid), arm in zip(arms, models):
-            for rec, model, d in zip(per_seed, arm, data):
-                r = next(runs)
+            for rec, model, d, r in zip(per_seed, arm, data, runs):
                 (rec["iid"][norm] if iid else rec["non_iid"])[str(m) if iid else norm] = {
                     "test_error": 100.0 * (1.0 - evaluate(model, d.test_x, d.test_y)[1]),
                     "train_error_eval_mode": 100.0 * (1.0 - evaluate(model, d.train_x, d.train_y)[1]),
