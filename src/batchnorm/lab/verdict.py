@@ -78,46 +78,17 @@ class Verdict:
         }
 
 
-def _t_cdf_upper_half(x: float, df: float) -> float:
-    """P(0 <= T <= x) for Student's t with ``df`` degrees of freedom (x >= 0), by composite
-    Simpson integration of the density in the variable u = atan(t / sqrt(df)), where the
-    integrand cos(u)^(df-1) is smooth and bounded on [0, pi/2)."""
-    # t = sqrt(df) tan(u): f(t) dt = c * cos(u)^(df - 1) du with
-    # c = Gamma((df+1)/2) / (sqrt(pi) Gamma(df/2))
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(math.pi)
-    upper = math.atan(x / math.sqrt(df))
-    n = 2000  # even number of Simpson panels
-    u = np.linspace(0.0, upper, n + 1)
-    g = np.cos(u) ** (df - 1)
-    weights = np.ones(n + 1)
-    weights[1:-1:2] = 4.0
-    weights[2:-1:2] = 2.0
-    return float(math.exp(log_c) * (upper / n) / 3.0 * float(np.dot(weights, g)))
-
-
 @functools.lru_cache(maxsize=256)
 def t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t with ``df`` > 0 degrees of freedom (0.5 < p < 1),
-    by bisection on the CDF (absolute error below 1e-9 for df >= 1)."""
+    """The ``p`` quantile of Student's t with ``df`` > 0 degrees of freedom (0.5 < p < 1)
+    (``scipy.stats.t.ppf``)."""
     if not 0.5 < p < 1.0:
         raise ValueError(f"t_quantile: expected 0.5 < p < 1, got {p!r}")
     if not df > 0:
         raise ValueError(f"t_quantile: expected df > 0, got {df!r}")
-    target = p - 0.5
-    lo, hi = 0.0, 1.0
-    while _t_cdf_upper_half(hi, df) < target:
-        hi *= 2.0
-        if hi > 1e12:
-            return math.inf
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if _t_cdf_upper_half(mid, df) < target:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-12 * max(1.0, hi):
-            break
-    return 0.5 * (lo + hi)
+    from scipy import stats  # the lab's dependency (with scikit-learn); imported when judging
+
+    return float(stats.t.ppf(p, df))
 
 
 def _as_values(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
