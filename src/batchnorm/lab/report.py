@@ -20,7 +20,6 @@ import html
 import importlib.resources
 import json
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -74,28 +73,15 @@ def _esc(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _emphasis(text: str) -> str:
-    """Markdown ``*word*`` as <em> (a lone ``*``, as in ``y * s``, stays as it is)."""
-    return re.sub(r"(?<![\w*])\*(?=\S)([^*]+?)(?<=\S)\*(?![\w*])", r"<em>\1</em>", text)
-
-
 def _paragraphs(text: str) -> str:
-    """An experiment's Markdown prose as HTML paragraphs: blank lines separate paragraphs, a
-    leading ``# title`` line is dropped (the page has its own), ``code`` spans stay code."""
-    blocks = [b.strip() for b in text.strip().split("\n\n") if b.strip()]
-    if blocks and blocks[0].startswith("# ") and "\n" not in blocks[0]:
-        blocks = blocks[1:]
-    out = []
-    for block in blocks:
-        pieces = re.split(r"``(.+?)``|`(.+?)`", " ".join(block.split()))
-        # re.split yields text, code (double), code (single), text, ...
-        html_text = "".join(
-            _emphasis(_esc(piece)) if k % 3 == 0 else f"<code>{_esc(piece)}</code>"
-            for k, piece in enumerate(pieces)
-            if piece is not None
-        )
-        out.append(f"<p>{html_text}</p>")
-    return "\n".join(out)
+    """An experiment's Markdown prose as HTML (Python-Markdown); a leading ``# title`` line is
+    dropped (the page has its own)."""
+    import markdown  # the lab's dependency; imported when a report is written
+
+    text = text.strip()
+    if text.startswith("# ") and "\n" not in text.split("\n\n", 1)[0]:
+        text = text.split("\n\n", 1)[1] if "\n\n" in text else ""
+    return str(markdown.markdown(text))
 
 
 def _cell(value: Any) -> str:
