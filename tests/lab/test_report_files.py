@@ -227,3 +227,15 @@ def test_matrix_lists_each_claim_with_numbers_and_why(tmp_path: Path) -> None:
     )
     assert "<a href='digits/x/report.html'>0 hold, 0 do not, 1 inconclusive</a> (seeds 0, 1, 2)" in page
     assert "ours 1.5 [-1.9, 4.9]; claimed a - b &gt;= 0; 3 seeds" in page and STRADDLES in page
+
+
+def test_no_experiment_prose_turns_a_product_into_emphasis() -> None:
+    """A ``*`` used as a product (``a*b ... c*d``) must not pair into an emphasis across words."""
+    import re
+
+    from batchnorm.lab import registry
+
+    for experiment_id in registry.ids():
+        page = report._paragraphs(report.explanation(registry.get(experiment_id)))
+        for kind, inner in re.findall(r"<(em|strong)>(.*?)</\1>", page, re.S):
+            assert len(inner.split()) <= 3, f"{experiment_id}: <{kind}>{inner[:60]}</{kind}>"
