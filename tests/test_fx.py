@@ -1,5 +1,5 @@
 """torch.fx symbolic tracing through our batch-norm layers: the traced graph computes what the
-model computes (outputs, gradients, running statistics), with one call_function per layer.
+model computes (outputs, gradients, running statistics), with one call_module per layer.
 
 Run: PYTHONPATH=src python -m pytest -q tests/test_fx.py
 """
@@ -24,24 +24,22 @@ from batchnorm import (
     GhostBatchNorm2d,
 )
 from batchnorm.nn import act as act_mod
-from batchnorm.nn import batchnorm as bn_mod
 from batchnorm.nn import frozen as frozen_mod
-from batchnorm.nn import ghost as ghost_mod
 from batchnorm.nn import renorm as renorm_mod
 
-# (factory, the function its traced graph must call; None: a call_module of torch's BatchNorm2d)
+# (factory, the type of the module its traced graph calls: torch's for BatchNorm*d, else the layer's)
 LAYERS = {
-    "bn": (lambda: BatchNorm2d(4), None),
-    "bn_cumulative": (lambda: BatchNorm2d(4, momentum=None), None),
-    "bn_no_stats": (lambda: BatchNorm2d(4, track_running_stats=False), None),
-    "ghost": (lambda: GhostBatchNorm2d(4, virtual_batch_size=2), ghost_mod.ghost_batch_norm_layer),
+    "bn": (lambda: BatchNorm2d(4), nn.BatchNorm2d),
+    "bn_cumulative": (lambda: BatchNorm2d(4, momentum=None), nn.BatchNorm2d),
+    "bn_no_stats": (lambda: BatchNorm2d(4, track_running_stats=False), nn.BatchNorm2d),
+    "ghost": (lambda: GhostBatchNorm2d(4, virtual_batch_size=2), GhostBatchNorm2d),
     # warm-up 1, full limits at step 2: steps 2 and 3 use r, d != (1, 0) read from the counter
     "renorm": (
         lambda: BatchRenorm2d(4, momentum=0.3, warmup_steps=1, r_max_steps=2, d_max_steps=2, r_max=1.2, d_max=0.1),
-        renorm_mod.batch_renorm_layer,
+        BatchRenorm2d,
     ),
-    "frozen": (lambda: FrozenBatchNorm2d(4), frozen_mod.frozen_batch_norm),
-    "act": (lambda: BatchNormAct2d(4, "elu"), act_mod.batch_norm_act_layer),
+    "frozen": (lambda: FrozenBatchNorm2d(4), FrozenBatchNorm2d),
+    "act": (lambda: BatchNormAct2d(4, "elu"), BatchNormAct2d),
 }
 
 
@@ -67,16 +65,13 @@ def _state(m: nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_traced_graph_equals_model(kind: str, training: bool) -> None:
-    make, fn = LAYERS[kind]
+    make, kind_type = LAYERS[kind]
     model = _model(make()).train(training)
     traced = torch.fx.symbolic_trace(copy.deepcopy(model))
-    assert not any(n.op == "call_module" and n.target == "1" for n in traced.graph.nodes)
-    if fn is None:  # BatchNorm*d: one call_module of torch's layer type sharing our state and step
-        (call,) = [n for n in traced.graph.nodes if n.op == "call_module" and n.target.startswith("1.")]
-        assert call.target == "1.torch_layer" and type(traced.get_submodule(call.target)) is nn.BatchNorm2d
-    else:  # one call_function of our wrapped function for the layer, no call_module for it
-        calls = [n for n in traced.graph.nodes if n.op == "call_function" and n.target is fn]
-        assert len(calls) == 1
+    # one call_module for the layer (torch's type sharing our state for BatchNorm*d), nothing else
+    (call,) = [n for n in traced.graph.nodes if n.op == "call_module" and n.target in ("1", "1.torch_layer")]
+    assert type(traced.get_submodule(call.target)) is kind_type
+    assert not any(n.op in ("call_function", "call_method", "get_attr") for n in traced.graph.nodes)
     for step in range(3):  # several steps: running stats, counter, schedule, cumulative momentum
         x = torch.randn(6, 3, 7, 7) * 2 + 1
         x_ref = x.clone().requires_grad_(True)
@@ -94,10 +89,8 @@ def test_traced_graph_equals_model(kind: str, training: bool) -> None:
                 p.grad, grads_ref[k.replace(".torch_layer.", ".")], rtol=0, atol=0, msg=f"{kind} step {step} grad {k}"
             )
         st_ref, st_tr = _state(model), _state(traced)
-        unused = {"1.num_batches_tracked"} if kind == "frozen" else set()  # frozen never reads it
-        # the graph holds the non-persistent skipped-batch counter as a plain buffer
-        assert st_ref.keys() - unused == st_tr.keys() - {"1.num_batches_skipped"}
-        for k in st_tr.keys() - {"1.num_batches_skipped"}:
+        assert st_ref.keys() == st_tr.keys()  # the graph holds the layer (or its torch_layer) itself
+        for k in st_tr:
             torch.testing.assert_close(st_tr[k], st_ref[k], rtol=0, atol=0, msg=f"{kind} step {step} {k}")
     if training and kind in ("bn", "bn_cumulative", "ghost", "renorm", "act"):
         assert int(_state(traced)["1.num_batches_tracked"]) == 3  # the graph advanced the counter
@@ -142,20 +135,13 @@ def test_graph_refuses_nonfinite_batch_and_warns() -> None:
     assert int(traced.get_submodule("0.torch_layer").num_batches_tracked) == 0
 
 
-def test_wrap_changes_nothing_outside_tracing() -> None:
-    """After a trace the module globals are the plain functions again (fx restores its patch)."""
-    names = [
-        (bn_mod, "batch_norm_layer"),
-        (act_mod, "batch_norm_act_layer"),
-        (ghost_mod, "ghost_batch_norm_layer"),
-        (renorm_mod, "batch_renorm_layer"),
-        (frozen_mod, "frozen_batch_norm"),
-    ]
-    before = [getattr(mod, name) for mod, name in names]
-    torch.fx.symbolic_trace(_model(BatchNorm2d(4)))
-    for (mod, name), fn in zip(names, before):
-        assert getattr(mod, name) is fn
-        assert fn.__module__ == mod.__name__ and fn.__name__ == name  # not fx's patched wrapper
+def test_graph_follows_the_modules_mode() -> None:
+    """The graph calls the layers, so ``train()``/``eval()`` of the graph module switch them."""
+    for make, _ in LAYERS.values():
+        model = _model(make()).train()
+        traced = torch.fx.symbolic_trace(copy.deepcopy(model))
+        x = torch.randn(4, 3, 6, 6)
+        torch.testing.assert_close(traced.eval()(x), model.eval()(x), rtol=0, atol=0)
 
 
 def test_traced_graph_round_trips_through_its_python_code() -> None:

@@ -237,7 +237,9 @@ def _run_traced(rank: int, out: dict) -> None:
     with _count_collectives() as calls:
         graph = torch.fx.symbolic_trace(model)  # shares parameters and buffers with model
     out["traced/trace_collectives"] = len(calls)
-    out["traced/nodes"] = [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+    out["traced/nodes"] = [
+        type(graph.get_submodule(n.target)).__name__ for n in graph.graph.nodes if n.op == "call_module"
+    ]
     worst = 0.0
     for _ in range(2):
         xg = torch.randn(sum(sizes), 4, generator=gen, dtype=torch.float64) * 2 + 1
@@ -371,31 +373,30 @@ def test_gradient_penalty_matches_single_process(layout_results):
 def test_fx_traced_graph_synchronizes(layout_results):
     for r in layout_results:
         assert r["traced/trace_collectives"] == 0  # tracing itself does not communicate
-        assert len(r["traced/nodes"]) == 1 and "sync_batch_norm_layer" in r["traced/nodes"][0]
+        assert r["traced/nodes"] == ["Linear", "SyncBatchNorm"]  # one node: the layer itself
         assert r["traced/max_diff"] < 1e-10, r["traced/diffs"]  # per-rank BN would differ by O(1) here
         assert r["traced/num_batches_tracked"] == 2
 
 
 def test_fx_trace_without_process_group_decides_at_run_time() -> None:
-    """Traced with no process group, the graph still holds the synchronizing node; run here
-    (no group) it is plain BN; a layer with its own group traces in eval mode only."""
+    """Traced with no process group, the graph calls the layer, which synchronizes or not when
+    the graph runs: here (no group) it is plain BN. A layer with its own group traces in any
+    mode (the group stays on the module, not in the graph)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), SyncBatchNorm(3))
     graph = torch.fx.symbolic_trace(model)
-    targets = [getattr(n.target, "__name__", "") for n in graph.graph.nodes if n.op == "call_function"]
-    assert targets == ["sync_batch_norm_layer"]
+    targets = [n.target for n in graph.graph.nodes if n.op in ("call_module", "call_function")]
+    assert targets == ["0", "1"] and graph.get_submodule("1") is model[1]
     ref = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     ref.load_state_dict(model.state_dict())
     x = torch.randn(6, 4)
     torch.testing.assert_close(graph(x), ref(x), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(model[1].running_var, ref[1].running_var)
     grouped = SyncBatchNorm(3, process_group="a group")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="process_group"):
-        torch.fx.symbolic_trace(torch.nn.Sequential(grouped))
-    eval_graph = torch.fx.symbolic_trace(torch.nn.Sequential(grouped).eval())
-    assert [getattr(n.target, "__name__", "") for n in eval_graph.graph.nodes if n.op == "call_function"] == [
-        "batch_norm_layer"
-    ]
+    for training in (True, False):
+        traced = torch.fx.symbolic_trace(torch.nn.Sequential(grouped).train(training))
+        assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["0"]
+        assert traced.get_submodule("0").process_group == "a group"
 
 
 @pytest.mark.distributed

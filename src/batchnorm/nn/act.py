@@ -25,6 +25,7 @@ from torch import Tensor
 from .. import _checks
 from ..functional_act import act_step, check_activation
 from ..ops import scripted
+from ._fx import leaf_call, root_call
 from .batchnorm import BatchNormBase, layer_mode
 
 __all__ = ["BatchNormActBase", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "batch_norm_act_layer"]
@@ -49,11 +50,10 @@ def batch_norm_act_layer(
     where: str,
     num_batches_skipped: Tensor | None = None,
 ) -> Tensor:
-    """One forward of a ``BatchNormAct*d`` from its state: the node a torch.fx trace records.
+    """One forward of a ``BatchNormAct*d`` from its state (the module's forward).
 
     ``act(BN(input))`` with the module's checks and running-statistics update in mode
-    ``training`` (see `batchnorm.nn.batchnorm.batch_norm_layer`); registered with
-    ``torch.fx.wrap``.
+    ``training`` (see `batchnorm.nn.batchnorm.batch_norm_layer`).
 
     Shape: input (N, C, *) with ``input.dim() in ndims`` -> output of the same shape.
     """
@@ -76,9 +76,6 @@ def batch_norm_act_layer(
         num_batches_tracked,
         num_batches_skipped,
     )
-
-
-torch.fx.wrap("batch_norm_act_layer")  # a graph node under symbolic_trace, the plain function otherwise
 
 
 class BatchNormActBase(BatchNormBase):
@@ -139,12 +136,19 @@ class BatchNormActBase(BatchNormBase):
 
     @torch.jit.unused
     def _eager_act_forward(self, input: Tensor) -> Tensor:
-        return batch_norm_act_layer(
+        if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
+            node = leaf_call(self, input)
+            if node is not None:
+                return node
+        args = (
             input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
             self.training, self.track_running_stats, self.momentum, self.eps, self.activation, self.negative_slope,
             self.alpha, self._ndims, self.num_features, f"{type(self).__name__}({self.num_features})",
             self.num_batches_skipped,
         )  # fmt: skip
+        if isinstance(input, torch.fx.Proxy):  # the layer is the traced root
+            return root_call(self, batch_norm_act_layer, args)
+        return batch_norm_act_layer(*args)
 
 
 class BatchNormAct1d(BatchNormActBase):

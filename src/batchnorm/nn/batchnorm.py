@@ -34,13 +34,10 @@ torch.fx: ``symbolic_trace`` enters our ``forward`` (torch's own BN layers are l
 the default tracer, ours are not). On a ``torch.fx.Proxy`` input the layer records a
 ``call_module`` of its `torch_layer`, an instance of torch's exact ``BatchNorm*d`` type sharing
 this layer's tensors and running this layer's forward, so torch's graph tools (fusion,
-quantization), which match batch norm by exact type, treat it as torch's layer; running the
-graph does this layer's work, with the checks and the in-place running-statistics update. With a
-mask, ``channel_dim=-1`` or a parametrized weight it records ONE ``call_function`` of
-`batch_norm_layer` (registered with ``torch.fx.wrap``) instead, whose arguments are the input,
-the layer's parameters and buffers (``get_attr``) and its settings; there the mode is the one at
-trace time. A non-finite batch warns on every call of a graph (the once-per-layer flag lives
-on the module).
+quantization), which match batch norm by exact type, treat it as torch's layer; with a mask,
+``channel_dim=-1`` or a parametrized weight, a ``call_module`` of the layer itself
+(`batchnorm.nn._fx`). Running the graph does this layer's work, with the checks, the in-place
+running-statistics update and the module's mode at that time.
 """
 
 from __future__ import annotations
@@ -53,9 +50,10 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from .. import _checks, ops
-from ..functional import channels_to_front, is_fx_proxy, masked_step
+from ..functional import channels_to_front, masked_step
 from ..ops import scripted
 from . import _torch_fusers
+from ._fx import leaf_call, root_call
 
 __all__ = [
     "BatchNormBase",
@@ -64,7 +62,6 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "batch_norm_layer",
-    "is_fx_proxy",
     "layer_mode",
 ]
 
@@ -98,8 +95,7 @@ def batch_norm_layer(
     channel_dim: int = 1,
     mask: Tensor | None = None,
 ) -> Tensor:
-    """One forward of a ``BatchNorm*d`` from its state (the module's forward, and the node a
-    torch.fx trace records: registered with ``torch.fx.wrap``).
+    """One forward of a ``BatchNorm*d`` from its state (the module's forward).
 
     Checks the input, then normalizes (see the module docstring) and, in training with
     ``track_running_stats``, updates ``running_mean``/``running_var``/``num_batches_tracked``
@@ -143,11 +139,6 @@ def batch_norm_layer(
         eps,
         where,
     )
-
-
-# During symbolic_trace a call of batch_norm_layer with a Proxy argument becomes a graph node
-# (call_function) instead of running; outside tracing the name is the plain function.
-torch.fx.wrap("batch_norm_layer")
 
 
 class BatchNormBase(_TorchBatchNorm):
@@ -241,22 +232,6 @@ class BatchNormBase(_TorchBatchNorm):
             )
         return ScriptedBatchNorm(self, type(self).__name__)
 
-    def _layer_state(self) -> tuple[Any, ...]:
-        """(weight, bias, running_mean, running_var, num_batches_tracked, training,
-        track_running_stats, momentum, eps): the arguments after the input that every layer
-        function takes (under fx the tensors become ``get_attr`` nodes)."""
-        return (
-            self.weight,
-            self.bias,
-            self.running_mean,
-            self.running_var,
-            self.num_batches_tracked,
-            self.training,
-            self.track_running_stats,
-            self.momentum,
-            self.eps,
-        )
-
 
 class ScriptedBatchNorm(nn.Module):
     """The TorchScript form of a ``BatchNorm*d`` (made by its ``__prepare_scriptable__``): the
@@ -294,15 +269,18 @@ class MaskableBatchNorm(BatchNormBase):
         see the module docstring. ``mask`` (N, *spatial) bool, True where a value is real:
         statistics, running statistics and gradients from the real positions only, padded
         outputs 0 (`batchnorm.functional.masked_step`)."""
-        if isinstance(input, torch.fx.Proxy) and mask is None and self.channel_dim == 1:
-            twin = _torch_layer_in_trace(self, input)
-            if twin is not None:
-                return twin(input)  # type: ignore[no-any-return]
+        if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
+            twin = _torch_layer_in_trace(self, input) if mask is None and self.channel_dim == 1 else None
+            node = (
+                twin(input) if twin is not None else leaf_call(self, input, **({} if mask is None else {"mask": mask}))
+            )
+            if node is not None:
+                return node  # type: ignore[no-any-return]
         # the state read from the module's own dicts: an attribute read of a parameter or buffer
         # is a Python call (Module.__getattr__); a name moved out of them (a parametrization,
         # weight norm) is read as an attribute
         p, b = self._parameters, self._buffers
-        return batch_norm_layer(
+        args = (
             input,
             p["weight"] if "weight" in p else self.weight,
             p["bias"] if "bias" in p else self.bias,
@@ -320,6 +298,9 @@ class MaskableBatchNorm(BatchNormBase):
             self.channel_dim,
             mask,
         )
+        if isinstance(input, torch.fx.Proxy):  # the layer is the traced root
+            return root_call(self, batch_norm_layer, args)
+        return batch_norm_layer(*args)
 
     # torch's layer of the same kind, for `torch_layer` (None: a kind torch's fx tools do not match)
     _torch_type: type[_TorchBatchNorm] | None = None

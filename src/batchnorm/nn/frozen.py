@@ -33,6 +33,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from .. import _checks, ops
+from ._fx import leaf_call, root_call
 
 __all__ = ["FrozenBatchNormBase", "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "frozen_batch_norm"]
 
@@ -52,16 +53,12 @@ def frozen_batch_norm(
     per channel (dim 1), in at least float32 (see the module docstring for the order).
 
     The whole forward of a frozen layer, which checks ``input.dim() in ndims`` and its
-    ``num_features`` channels; registered with ``torch.fx.wrap`` so that a symbolic trace
-    records it as one node.
+    ``num_features`` channels.
 
     Shape: input (N, C, *) -> output of the same shape and dtype.
     """
     _checks.check_input(input, where, ndims=ndims, num_features=num_features)
     return ops.eval_forward(input, running_mean, running_var, weight, bias, eps)  # batchnorm::eval
-
-
-torch.fx.wrap("frozen_batch_norm")  # a graph node under symbolic_trace, the plain function otherwise
 
 
 class FrozenBatchNormBase(nn.Module):
@@ -168,7 +165,11 @@ class FrozenBatchNormBase(nn.Module):
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor) -> Tensor:
-        return frozen_batch_norm(
+        if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
+            node = leaf_call(self, input)
+            if node is not None:
+                return node
+        args = (
             input,
             self.weight,
             self.bias,
@@ -179,6 +180,9 @@ class FrozenBatchNormBase(nn.Module):
             self.num_features,
             f"{type(self).__name__}({self.num_features})",
         )
+        if isinstance(input, torch.fx.Proxy):  # the layer is the traced root
+            return root_call(self, frozen_batch_norm, args)
+        return frozen_batch_norm(*args)
 
 
 class FrozenBatchNorm1d(FrozenBatchNormBase):

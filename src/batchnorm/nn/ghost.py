@@ -43,6 +43,7 @@ from .. import _checks
 from ..functional import check_train_args
 from ..ops import scripted
 from ..ops.ghost import ghost_step
+from ._fx import leaf_call, root_call
 from .batchnorm import BatchNormBase, batch_norm_layer
 
 __all__ = [
@@ -122,8 +123,7 @@ def ghost_batch_norm_layer(
     where: str,
     num_batches_skipped: Tensor | None = None,
 ) -> Tensor:
-    """One forward of a ``GhostBatchNorm*d`` from its state (the module's forward, and the node a
-    torch.fx trace records: registered with ``torch.fx.wrap``).
+    """One forward of a ``GhostBatchNorm*d`` from its state (the module's forward).
 
     Training: ghost-batch normalization and ONE running update with the whole batch's
     statistics (module docstring); evaluation: plain batch norm.
@@ -152,9 +152,6 @@ def ghost_batch_norm_layer(
         virtual_batch_size,
         where,
     )
-
-
-torch.fx.wrap("ghost_batch_norm_layer")  # a graph node under symbolic_trace, the plain function otherwise
 
 
 class GhostBatchNormBase(BatchNormBase):
@@ -209,11 +206,18 @@ class GhostBatchNormBase(BatchNormBase):
 
     @torch.jit.unused
     def _eager_ghost_forward(self, input: Tensor) -> Tensor:
-        return ghost_batch_norm_layer(
+        if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
+            node = leaf_call(self, input)
+            if node is not None:
+                return node
+        args = (
             input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
             self.training, self.track_running_stats, self.momentum, self.eps, self.virtual_batch_size, self._ndims,
             self.num_features, f"{type(self).__name__}({self.num_features})", self.num_batches_skipped,
         )  # fmt: skip
+        if isinstance(input, torch.fx.Proxy):  # the layer is the traced root
+            return root_call(self, ghost_batch_norm_layer, args)
+        return ghost_batch_norm_layer(*args)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"

@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from .. import _checks, ops
 from ..functional import is_fx_proxy, update_step
 from ..ops import renorm_math, scripted
+from ._fx import leaf_call, root_call
 
 __all__ = [
     "renorm_limits",
@@ -241,12 +242,12 @@ def batch_renorm_layer(
     where: str,
     num_batches_skipped: Tensor | None = None,
 ) -> Tensor:
-    """One forward of a ``BatchRenorm*d`` from its state: the node a torch.fx trace records.
+    """One forward of a ``BatchRenorm*d`` from its state (the module's forward).
 
-    Same checks, output, schedule (read from ``num_batches_tracked`` when the graph runs) and
+    Same checks, output, schedule (read from ``num_batches_tracked`` at the call) and
     in-place updates of ``running_mean``/``running_std``/``num_batches_tracked`` as the module
     in mode ``training``; ``schedule`` = (r_max, d_max, warmup_steps, r_max_steps,
-    d_max_steps). Registered with ``torch.fx.wrap``.
+    d_max_steps).
 
     Shape: input (N, C, *) with ``input.dim() in ndims`` -> output of the same shape.
     """
@@ -260,9 +261,6 @@ def batch_renorm_layer(
         input, running_mean, running_std, weight, bias, True, momentum, eps, r_max, d_max, where,
         num_batches_tracked, num_batches_skipped,
     )  # fmt: skip
-
-
-torch.fx.wrap("batch_renorm_layer")  # a graph node under symbolic_trace, the plain function otherwise
 
 
 class BatchRenormBase(nn.Module):
@@ -372,8 +370,12 @@ class BatchRenormBase(nn.Module):
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
+            node = leaf_call(self, input)
+            if node is not None:
+                return node
         # the schedule and the name inline (each method call is a Python call per step)
-        return batch_renorm_layer(
+        args = (
             input,
             self.weight,
             self.bias,
@@ -389,6 +391,9 @@ class BatchRenormBase(nn.Module):
             f"{type(self).__name__}({self.num_features})",
             self.num_batches_skipped,
         )
+        if isinstance(input, torch.fx.Proxy):  # the layer is the traced root
+            return root_call(self, batch_renorm_layer, args)
+        return batch_renorm_layer(*args)
 
     @classmethod
     def from_batchnorm(cls, bn: nn.Module, **kwargs: object) -> BatchRenormBase:

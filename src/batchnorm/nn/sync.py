@@ -46,8 +46,8 @@ A peer that does not join makes the collective fail after the process group's ti
 forever. Double backward (``create_graph=True``, gradient penalties) works: that backward is
 built from differentiable ops and differentiable all-reduces (two more collectives per layer).
 
-torch.fx: ``symbolic_trace`` records one `sync_batch_norm_layer` node per layer, which
-decides when the graph runs whether to synchronize (docs/fx.md).
+torch.fx: ``symbolic_trace`` records one ``call_module`` node per layer (`batchnorm.nn._fx`):
+the graph calls the layer, which decides when the graph runs whether to synchronize (docs/fx.md).
 """
 
 from __future__ import annotations
@@ -58,11 +58,12 @@ from torch import Tensor
 
 from .. import _checks
 from ..distributed import collectives as _collectives
-from ..functional import check_mask, is_fx_proxy, update_step_counted
+from ..functional import check_mask, update_step_counted
 from ..ops.sync import global_moments, sync_normalize
-from .batchnorm import MaskableBatchNorm, batch_norm_layer
+from ._fx import leaf_call, root_call
+from .batchnorm import MaskableBatchNorm
 
-__all__ = ["SyncBatchNorm", "sync_batch_norm", "sync_batch_norm_layer"]
+__all__ = ["SyncBatchNorm", "sync_batch_norm"]
 
 
 def sync_step(
@@ -195,8 +196,9 @@ class SyncBatchNorm(MaskableBatchNorm):
 
     @torch.jit.unused
     def _sync_forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
-        if is_fx_proxy(input):
-            return self._traced_forward(input)
+        if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
+            node = leaf_call(self, input, **({} if mask is None else {"mask": mask}))
+            return node if node is not None else root_call(self, None, (input,))
         if not self._synchronized():
             return super().forward(input, mask)
         where = self._where()
@@ -205,25 +207,6 @@ class SyncBatchNorm(MaskableBatchNorm):
             input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
             self.track_running_stats, self.momentum, self.eps, self.process_group, where, self._skipped(), mask,
         )  # fmt: skip
-
-    def _traced_forward(self, input: Tensor) -> Tensor:
-        """Under torch.fx symbolic tracing: one ``sync_batch_norm_layer`` node.
-
-        Whether to synchronize is decided when the graph runs, so a graph traced before
-        ``init_process_group`` still synchronizes under DDP. A process group object cannot be a
-        graph argument: a layer with its own ``process_group`` traces only in eval mode (which
-        never communicates), as a plain ``batch_norm_layer``.
-        """
-        if self.process_group is not None:
-            if self.training:
-                raise TypeError(
-                    f"{self._where()}: torch.fx cannot record a process_group object in a graph; "
-                    "trace in eval mode, or use the default group (process_group=None) to trace training"
-                )
-            return super().forward(input)
-        return sync_batch_norm_layer(
-            input, *self._layer_state(), self._ndims, self.num_features, self._where(), self._skipped()
-        )
 
 
 def _synchronized_step(
@@ -258,43 +241,3 @@ def _synchronized_step(
         num_batches_skipped,
         mask,
     )
-
-
-def sync_batch_norm_layer(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    num_batches_tracked: Tensor | None,
-    training: bool,
-    track_running_stats: bool,
-    momentum: float | None,
-    eps: float,
-    ndims: tuple[int, ...],
-    num_features: int,
-    where: str,
-    num_batches_skipped: Tensor | None = None,
-) -> Tensor:
-    """One forward of a ``SyncBatchNorm`` (default group) from its state: the fx graph node.
-
-    Synchronizes when ``training`` and the default group has more than one process *at run
-    time*; otherwise it is `batch_norm_layer`. Same checks, output and in-place update
-    of the running statistics and ``num_batches_tracked`` as the module's forward.
-
-    Shape: input (N_r, C, *) with ``input.dim() in ndims`` -> same shape.
-    """
-    if not (training and _collectives.group_size(None, where) > 1):
-        return batch_norm_layer(
-            input, weight, bias, running_mean, running_var, num_batches_tracked, training,
-            track_running_stats, momentum, eps, ndims, num_features, where, num_batches_skipped,
-        )  # fmt: skip
-    _checks.check_input(input, where, ndims=ndims, num_features=num_features)
-    return _synchronized_step(
-        input, weight, bias, running_mean, running_var, num_batches_tracked, track_running_stats, momentum, eps,
-        None, where, num_batches_skipped,
-    )  # fmt: skip
-
-
-# During symbolic_trace a call with a Proxy argument becomes one graph node (call_function).
-torch.fx.wrap("sync_batch_norm_layer")
