@@ -1,7 +1,6 @@
 """Run experiments end to end: train -> results.json (atomic) -> claims -> figures -> report.
 
     results = run_one("ioffe2015-fig1", RunConfig(mode="quick"))
-    run_many(["ioffe2015-fig1", ...], RunConfig(mode="quick", out=Path("runs")))   # + index.html
     redraw(Path("runs"))                                   # figures and reports, no training
 
 Each run seeds torch's global generator from ``cfg.seed`` (for anything an experiment does not
@@ -15,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from .progress import Progress
 from .report import write_experiment_report, write_index
 from .results import RESULTS_NAME, load_results, save_results, to_jsonable, versions
 
-__all__ = ["ExperimentFailed", "experiment_dir", "judge_saved", "redraw", "run_many", "run_one", "run_parallel"]
+__all__ = ["ExperimentFailed", "experiment_dir", "judge_saved", "redraw", "run_one", "run_or_error", "run_parallel"]
 
 
 class ExperimentFailed(RuntimeError):
@@ -116,10 +115,12 @@ def judge_saved(results: dict[str, Any], directory: Path, *, save_measurements: 
     return judged
 
 
-def _run_quietly(experiment_id: str, cfg: RunConfig) -> dict[str, Any] | ExperimentFailed:
-    """``run_one`` with no progress display, its failure returned (for a worker process)."""
+def run_or_error(
+    experiment_id: str, cfg: RunConfig, progress: Progress | None = None
+) -> dict[str, Any] | ExperimentFailed:
+    """``run_one``'s results, or its ``ExperimentFailed`` (returned, not raised)."""
     try:
-        return run_one(experiment_id, cfg, Progress())
+        return run_one(experiment_id, cfg, progress)
     except ExperimentFailed as err:
         return err
 
@@ -138,40 +139,10 @@ def run_parallel(
     for experiment_id in experiment_ids:
         registry.get(experiment_id)  # fail on a bad id before training anything
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_quietly, e, cfg): (i, e) for i, e in enumerate(experiment_ids)}
+        futures = {pool.submit(run_or_error, e, cfg): (i, e) for i, e in enumerate(experiment_ids)}
         for future in as_completed(futures):
             i, experiment_id = futures[future]
             yield i, experiment_id, future.result()
-
-
-def run_many(
-    experiment_ids: Sequence[str],
-    cfg: RunConfig,
-    progress_for: Callable[[str, int, int], Progress] | None = None,
-    *,
-    threads: int | None = 1,
-    index: bool | None = None,
-) -> list[dict[str, Any]]:
-    """Run several experiments into ``cfg.out``; write ``cfg.out/index.html`` when more than one
-    ran (or ``index=True``). ``progress_for(id, i, n)`` makes each run's progress display.
-
-    An experiment that fails does not stop the others: once all have run (and the index is
-    written), ``ExperimentFailed`` lists every failure."""
-    for experiment_id in experiment_ids:
-        registry.get(experiment_id)  # fail on a bad id before training anything
-    all_results = []
-    failures = []
-    for i, experiment_id in enumerate(experiment_ids):
-        progress = progress_for(experiment_id, i, len(experiment_ids)) if progress_for else None
-        try:
-            all_results.append(run_one(experiment_id, cfg, progress, threads=threads))
-        except ExperimentFailed as err:
-            failures.append(str(err))
-    if index if index is not None else len(experiment_ids) > 1:
-        write_index(cfg.out, _all_saved(cfg.out))
-    if failures:
-        raise ExperimentFailed("; ".join(failures))
-    return all_results
 
 
 def _all_saved(out: Path) -> list[dict[str, Any]]:
