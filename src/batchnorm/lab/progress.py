@@ -27,7 +27,7 @@ from typing import TextIO
 
 from .training import Tick
 
-__all__ = ["Eta", "LineProgress", "NullProgress", "Progress", "TqdmProgress", "duration", "for_stderr"]
+__all__ = ["Eta", "LineProgress", "Progress", "TqdmProgress", "duration", "for_stderr"]
 
 
 class Progress:
@@ -48,9 +48,6 @@ class Progress:
 
     def note(self, text: str) -> None:
         """One line of news (shown only by displays that write lines)."""
-
-
-NullProgress = Progress
 
 
 def duration(seconds: float) -> str:
@@ -173,13 +170,8 @@ class LineProgress(Progress):
         every_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.prefix = prefix
-        self.expected_s = expected_s
-        self.eta = eta
-        self.stream = stream
-        self.every_s = every_s
-        self.clock = clock
-        self.began = clock()
+        self.prefix, self.expected_s, self.eta, self.stream = prefix, expected_s, eta, stream
+        self.every_s, self.clock, self.began = every_s, clock, clock()
 
     def note(self, text: str) -> None:
         """Write ``prefix text | times`` as one flushed line."""
@@ -224,18 +216,17 @@ class _TqdmTick(Tick):
 
 
 class TqdmProgress(Progress):
-    """A tqdm bar per task on stderr (hidden when stderr is not a terminal, unless ``force``)."""
+    """A tqdm bar per task on stderr (hidden when stderr is not a terminal)."""
 
-    def __init__(self, prefix: str = "", force: bool = False) -> None:
+    def __init__(self, prefix: str = "") -> None:
         self.prefix = prefix
-        self.force = force
 
     @contextlib.contextmanager
     def task(self, desc: str, total: int) -> Iterator[Tick]:
         from tqdm import tqdm
 
         label = f"{self.prefix} {desc}".strip()
-        disable = False if self.force else not sys.stderr.isatty()
+        disable = not sys.stderr.isatty()
         bar = tqdm(total=total, desc=label, unit="step", leave=False, file=sys.stderr, disable=disable, mininterval=0.2)
         try:
             yield _TqdmTick(bar)
