@@ -148,9 +148,7 @@ def run_parallel(
 def _all_saved(out: Path) -> list[dict[str, Any]]:
     """Every results.json under ``out/*/``, in registry order, then the rest by name."""
     order = {eid: i for i, eid in enumerate(registry.ids())}
-    found = []
-    for path in sorted(Path(out).glob(f"*/{RESULTS_NAME}")):
-        found.append(load_results(path.parent))
+    found = [load_results(path.parent) for path in sorted(Path(out).glob(f"*/{RESULTS_NAME}"))]
     return sorted(found, key=lambda r: (order.get(r.get("id", ""), len(order)), str(r.get("id"))))
 
 
