@@ -27,6 +27,7 @@ import random
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -112,9 +113,7 @@ def load(spec: str, seed: int = 0, *, small: bool = False) -> Dataset:
         return _digits(int(seed))
     if kind == "mnist1d":
         return _mnist1d(2000 if small else 10000)
-    if directory is None:  # unreachable: parse_spec gives "mnist" a directory
-        raise ValueError(f"data: {spec!r} needs a directory")
-    return _mnist(str(directory.resolve()))
+    return _mnist(str(cast(Path, directory).resolve()))  # parse_spec gives "mnist" a directory
 
 
 def _stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
