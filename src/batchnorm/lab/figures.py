@@ -4,14 +4,8 @@ matplotlib is imported inside ``pyplot()``, which selects the non-interactive Ag
 readable font sizes; nothing here touches matplotlib at import time. ``save`` writes figures
 atomically (mode 0644 under umask 022), cropped to their content so no label is clipped, with bar
 axes that start at 0 and log axes labelled in one format with at least three labelled ticks.
-
-``layout_problems(fig)`` lists every pair of drawn text boxes that overlap and every text box
-that leaves the canvas; ``checking_layout()`` collects those problems for each figure that
-``save`` writes while it is active (the figure tests draw every experiment's figures inside it).
-
-``dress`` (labels, title, grid, legend of a panel), ``categories`` (bar tick labels) and
-``bar_values`` (each bar's value above it) are the finishing calls every experiment repeated,
-written once; each makes exactly the calls it stands for, so the figures draw as before.
+``checking_layout()`` collects the ``layout_problems`` of every figure ``save`` writes (see
+docs/lab.md, "Figures and reports"); ``dress``, ``categories`` and ``bar_values`` finish a panel.
 """
 
 from __future__ import annotations
@@ -262,13 +256,10 @@ def dress(
     legend: bool | dict[str, Any] = False,
     **props: Any,
 ) -> None:
-    """Finish a panel the way the experiments' figures do, in one call instead of four to six.
-
-    In this order: ``ax.set(**props)`` (scales, limits), the x and y labels, the title (at
-    ``title_size`` points if given), a light grid (``grid=True``: both axes; ``"x"`` or ``"y"``:
-    that axis only) and the legend (``legend=True``, or a dict of ``ax.legend`` options). Each
-    step runs only when asked for, so a panel dressed here draws exactly as when the same calls
-    are written out."""
+    """Finish a panel, in this order: ``ax.set(**props)`` (scales, limits), the x and y labels,
+    the title (at ``title_size`` points if given), a light grid (``grid=True``: both axes; ``"x"``
+    or ``"y"``: that axis only) and the legend (``legend=True``, or a dict of ``ax.legend``
+    options); each step only when asked for."""
     if props:
         ax.set(**props)
     if xlabel is not None:
