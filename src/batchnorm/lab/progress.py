@@ -9,12 +9,8 @@ seeds trained together); a step-less stretch of work is a ``phase``:
         ...
 
 ``for_stderr`` picks the display: a tqdm bar per task when stderr is a terminal, else
-``LineProgress``, which writes one line as each task or phase ends (and one every
-``every_s`` seconds inside a long task) with the time elapsed and an estimate of what
-remains: of the phase (from its steps per second), of the experiment (from its expected
-duration) and of the whole command (``Eta``, from the experiments' expected durations,
-rescaled by how long the finished ones really took). Lines are flushed at once, so CI logs,
-``nohup`` and redirected stderr show them as they happen.
+``LineProgress``'s flushed lines with the time spent and left (of the phase, the experiment and,
+by ``Eta``, the whole command; docs/lab.md shows one).
 """
 
 from __future__ import annotations
