@@ -25,7 +25,7 @@ import functools
 import gzip
 import random
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
 
@@ -77,15 +77,7 @@ class Dataset:
         if n >= self.train_x.shape[0]:
             return self
         idx = _stratified_subset(self.train_y.numpy(), n, seed)
-        return Dataset(
-            f"{self.name}[train={n}]",
-            self.train_x[idx],
-            self.train_y[idx],
-            self.test_x,
-            self.test_y,
-            self.input_shape,
-            self.classes,
-        )
+        return replace(self, name=f"{self.name}[train={n}]", train_x=self.train_x[idx], train_y=self.train_y[idx])
 
 
 def parse_spec(spec: str) -> tuple[str, Path | None]:
