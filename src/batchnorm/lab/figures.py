@@ -228,9 +228,7 @@ def mean_band(ax: Any, x: Sequence[float], runs: Sequence[Sequence[float]], labe
 
     NaN entries (a run that diverged, a point not measured) are left out of that point's mean
     and std; a point with no finite value is a gap in the line."""
-    values = np.asarray(runs, dtype=float)  # (runs, len(x))
-    if values.ndim == 1:
-        values = values[None, :]
+    values = np.atleast_2d(np.asarray(runs, dtype=float))  # (runs, len(x))
     finite = np.isfinite(values)
     count = finite.sum(axis=0)
     filled = np.where(finite, values, 0.0)
@@ -240,7 +238,7 @@ def mean_band(ax: Any, x: Sequence[float], runs: Sequence[Sequence[float]], labe
     n = values.shape[0]
     seeds = f"{n} seeds" if finite.all() else f"up to {n} seeds"
     (line,) = ax.plot(x, mean, label=label if n == 1 else f"{label} (mean ± std, {seeds})", **kw)
-    if values.shape[0] > 1:
+    if n > 1:
         std = np.sqrt(var)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
 
