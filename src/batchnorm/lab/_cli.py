@@ -15,12 +15,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..cli._util import CliError, check_output_dir, probe_write, require
-
-if TYPE_CHECKING:
-    from .progress import Eta
 
 __all__ = ["register"]
 
@@ -179,7 +176,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 eta.start(i)
                 progress = for_stderr(
                     f"[{i + 1}/{len(ids)}] {experiment_id}",
-                    expected_s=_expected(eta, i),
+                    expected_s=eta.expected_s(i),
                     eta=eta if len(ids) > 1 else None,
                 )
                 progress.note("started")
@@ -213,12 +210,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"index: {index} ({time.perf_counter() - start:.1f} s in all)")
     sys.stdout.flush()
     return 1 if failed else 0
-
-
-def _expected(eta: Eta, k: int) -> float | None:
-    """Item ``k``'s expected seconds under ``eta``'s current scale (None while unknown)."""
-    scale = eta.scale()
-    return None if scale is None else eta.expected[k] * scale
 
 
 def _saved_results(out: Path) -> list[dict[str, object]]:
@@ -272,7 +263,7 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
     def progress_for(experiment_id: str, k: int, n: int) -> Progress:
         eta.start(k)
         data = datasets[k // len(order)]
-        progress = for_stderr(f"[{k + 1}/{n}] {data} {experiment_id}", expected_s=_expected(eta, k), eta=eta)
+        progress = for_stderr(f"[{k + 1}/{n}] {data} {experiment_id}", expected_s=eta.expected_s(k), eta=eta)
         progress.note("started")
         return progress
 

@@ -105,6 +105,11 @@ class Eta:
                 scale = (real + running) / (expected + self.expected[self.current])
         return scale
 
+    def expected_s(self, k: int) -> float | None:
+        """Item ``k``'s expected seconds under the current scale (None while unknown)."""
+        scale = self.scale()
+        return None if scale is None else self.expected[k] * scale
+
     def elapsed(self) -> float:
         """Seconds since the first item could start."""
         return self.clock() - self.began
