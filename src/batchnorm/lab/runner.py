@@ -4,9 +4,9 @@
     redraw(Path("runs"))                                   # figures and reports, no training
 
 Each run seeds torch's global generator from ``cfg.seed`` (for anything an experiment does not
-seed explicitly, e.g. dropout masks) inside ``torch.random.fork_rng``, and uses ``threads``
-torch threads (default 1: these models are tiny, and one thread is as fast on a shared 2-core
-machine); both are restored afterwards.
+seed explicitly, e.g. dropout masks) inside ``torch.random.fork_rng``, and uses one torch thread
+(these models are tiny, and one thread is as fast on a shared 2-core machine); both are
+restored afterwards.
 """
 
 from __future__ import annotations
@@ -41,21 +41,16 @@ def experiment_dir(out: Path, experiment_id: str) -> Path:
 
 
 @contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
+def _one_thread() -> Iterator[None]:
     saved = torch.get_num_threads()
-    torch.set_num_threads(n)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(saved)
 
 
-def run_one(
-    experiment_id: str, cfg: RunConfig, progress: Progress | None = None, *, threads: int | None = 1
-) -> dict[str, Any]:
+def run_one(experiment_id: str, cfg: RunConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run one experiment and write ``cfg.out/<id>/`` (results.json, figures, report.html).
 
     results.json is written only once the run has finished (atomically), so an interrupted
@@ -65,7 +60,7 @@ def run_one(
     progress = progress if progress is not None else Progress()
     start = time.perf_counter()
     try:
-        with _threads(threads), torch.random.fork_rng(devices=[]):
+        with _one_thread(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             out = module.run(cfg, progress)
     except Exception as err:  # one experiment's failure must not cost the others' results
@@ -79,7 +74,7 @@ def run_one(
         "data": out.get("data", {}),
         "metrics": out.get("metrics", {}),
         "versions": versions(),
-        "threads": torch.get_num_threads() if threads is None else threads,
+        "threads": 1,
         "wall_time_s": round(wall, 3),
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
