@@ -75,7 +75,7 @@ def _cell(results: dict[str, Any]) -> dict[str, Any]:
                 "expected": c.get("expected"),
                 "source": c.get("source"),
                 "evidence": c.get("evidence"),
-                **{k: c[k] for k in ("kind", "zero_spread", "n_seeds", "why", "confidence") if k in c},
+                **{k: c[k] for k in ("zero_spread", "confidence") if k in c},
             }
             for c, v in zip(claims, verdicts)
         ],
