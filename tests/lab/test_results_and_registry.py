@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from batchnorm.lab import registry
+from batchnorm.lab._files import write_text_atomic
 from batchnorm.lab.config import RunConfig
 from batchnorm.lab.report import explanation
-from batchnorm.lab._files import write_text_atomic
 from batchnorm.lab.results import load_results, number, save_results, to_jsonable
 
 
