@@ -40,6 +40,7 @@ def test_eta_rescales_the_expected_times_by_the_finished_items() -> None:
     assert eta.scale() == 2.0 and eta.left() == 100  # 0 left of item 0, (20 + 30) * 2
     eta.start(1)
     assert eta.scale() == 2.0 and eta.left() == 100  # (20 + 30) * 2
+    assert eta.expected_s(1) == 40  # item 1's 20 s at the current scale
     clock.now = 30.0
     assert eta.current_left() == 30 and eta.left() == 90
     eta.start(2)  # item 1 took 10 s of its 20: scale (20 + 10) / (10 + 20) = 1
@@ -51,7 +52,7 @@ def test_eta_skips_items_kept_from_earlier_and_is_unknown_until_calibrated() -> 
     clock = Clock()
     eta = Eta([10, 10, 10, 10], trusted=False, clock=clock)
     eta.start(2)  # items 0 and 1 resumed from saved results: never run
-    assert eta.left() is None and eta.current_left() is None
+    assert eta.left() is None and eta.current_left() is None and eta.expected_s(2) is None
     clock.now = 5.0
     eta.start(3)
     assert eta.scale() == 0.5 and eta.left() == 5.0

@@ -14,14 +14,15 @@ import pytest
 import torch
 
 from batchnorm.lab import registry
+from batchnorm.lab._files import write_text_atomic
 from batchnorm.lab.config import RunConfig
 from batchnorm.lab.report import explanation
-from batchnorm.lab.results import atomic_write_text, load_results, number, save_results, to_jsonable
+from batchnorm.lab.results import load_results, number, save_results, to_jsonable
 
 
 def test_atomic_write_leaves_old_file_when_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "results.json"
-    atomic_write_text(path, '{"old": 1}')
+    write_text_atomic(path, '{"old": 1}')
 
     def boom(src: str, dst: str) -> None:
         raise KeyboardInterrupt

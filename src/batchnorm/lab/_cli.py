@@ -15,12 +15,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..cli._util import CliError, check_output_dir, probe_write, require
-
-if TYPE_CHECKING:
-    from .progress import Eta
 
 __all__ = ["register"]
 
@@ -40,16 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p_run = sub.add_parser("run", help="run experiments (ids from `lab list`, or `all`)")
     p_run.add_argument("ids", nargs="+", metavar="ID", help="experiment ids, or `all`")
-    mode = p_run.add_mutually_exclusive_group()
-    mode.add_argument(
-        "--quick",
-        action="store_const",
-        const="quick",
-        dest="mode",
-        help="scaled-down run (seconds to minutes each: seeds are added until the claims are settled)",
-    )
-    mode.add_argument("--tiny", action="store_const", const="tiny", dest="mode", help=argparse.SUPPRESS)
-    p_run.set_defaults(mode="full")
+    _add_mode(p_run, "scaled-down run (seconds to minutes each: seeds are added until the claims are settled)")
     p_run.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
     p_run.add_argument("--data", default="digits", help="digits (default) | mnist1d | mnist:DIR")
     p_run.add_argument(
@@ -71,10 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p_rep = sub.add_parser("replicate", help="every experiment on several data sets and seeds: the replication matrix")
     p_rep.add_argument("--data", default="digits,mnist1d", help="comma-separated data sets (default digits,mnist1d)")
     p_rep.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 or 0,3,7 (default 0-4)")
-    rep_mode = p_rep.add_mutually_exclusive_group()
-    rep_mode.add_argument("--quick", action="store_const", const="quick", dest="mode", help="scaled-down runs")
-    rep_mode.add_argument("--tiny", action="store_const", const="tiny", dest="mode", help=argparse.SUPPRESS)
-    p_rep.set_defaults(mode="full")
+    _add_mode(p_rep, "scaled-down runs")
     p_rep.add_argument("--only", default=None, help=argparse.SUPPRESS)
     p_rep.add_argument(
         "--resume",
@@ -92,6 +77,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p_report = sub.add_parser("report", help="redraw figures and reports from saved results.json")
     p_report.add_argument("dir", type=Path, metavar="DIR", help="an output directory or one experiment's directory")
     p_report.set_defaults(func=_cmd_report)
+
+
+def _add_mode(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """``--quick`` (and the hidden ``--tiny``) setting ``mode``, ``full`` by default."""
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", const="quick", dest="mode", help=quick_help)
+    mode.add_argument("--tiny", action="store_const", const="tiny", dest="mode", help=argparse.SUPPRESS)
+    parser.set_defaults(mode="full")
 
 
 def _non_negative_int(text: str) -> int:
@@ -141,11 +134,7 @@ def _resolve_ids(requested: list[str]) -> list[str]:
     unknown = [i for i in requested if i not in known]
     if unknown:
         raise CliError(f"unknown experiment {unknown[0]!r}; run `batchnorm lab list` to see the ids")
-    seen: list[str] = []
-    for i in requested:
-        if i not in seen:
-            seen.append(i)
-    return seen
+    return list(dict.fromkeys(requested))  # in order, without repeats
 
 
 _LAB_MODULES = ("sklearn", "matplotlib", "tqdm")  # what every run needs; mnist1d only for --data mnist1d
@@ -156,15 +145,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     require(_LAB_MODULES + (("mnist1d",) if args.data == "mnist1d" else ()), "batchnorm lab run")
 
     from .config import RunConfig
-    from .datasets import load, parse_spec
+    from .datasets import load
     from .progress import Eta, for_stderr
     from .report import write_index
     from .results import count_claims, describe_counts
-    from .runner import ExperimentFailed, experiment_dir, run_parallel
+    from .runner import ExperimentFailed, experiment_dir, run_or_error, run_parallel
 
-    try:
-        parse_spec(args.data)
-        # load once up front: a bad data path fails here with one line, before any training
+    try:  # load once up front: a bad data spec or path fails here with one line, before any training
         load(args.data, args.seed, small=args.mode == "tiny")
     except ValueError as err:
         raise CliError(str(err)) from None
@@ -189,11 +176,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 eta.start(i)
                 progress = for_stderr(
                     f"[{i + 1}/{len(ids)}] {experiment_id}",
-                    expected_s=_expected(eta, i),
+                    expected_s=eta.expected_s(i),
                     eta=eta if len(ids) > 1 else None,
                 )
                 progress.note("started")
-                yield i, experiment_id, _run_or_error(experiment_id, cfg, progress)
+                yield i, experiment_id, run_or_error(experiment_id, cfg, progress)
 
         outcomes = sequential()
     for i, _experiment_id, results in outcomes:
@@ -225,22 +212,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _expected(eta: Eta, k: int) -> float | None:
-    """Item ``k``'s expected seconds under ``eta``'s current scale (None while unknown)."""
-    scale = eta.scale()
-    return None if scale is None else eta.expected[k] * scale
-
-
-def _run_or_error(experiment_id: str, cfg: Any, progress: Any) -> Any:
-    """``run_one``'s results, or its ``ExperimentFailed`` (returned, not raised)."""
-    from .runner import ExperimentFailed, run_one
-
-    try:
-        return run_one(experiment_id, cfg, progress)
-    except ExperimentFailed as err:
-        return err
-
-
 def _saved_results(out: Path) -> list[dict[str, object]]:
     """Every ``out/<id>/results.json`` of a known experiment, in the registry's order."""
     from . import registry
@@ -267,7 +238,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_replicate(args: argparse.Namespace) -> int:
     datasets = [d.strip() for d in args.data.split(",") if d.strip()]
     require(_LAB_MODULES + (("mnist1d",) if "mnist1d" in datasets else ()), "batchnorm lab replicate")
-    from .datasets import load, parse_spec
+    from .datasets import load
     from .replicate import parse_seeds, replicate
 
     try:
@@ -275,7 +246,6 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
         if not datasets:
             raise ValueError(f"expected --data like digits,mnist1d, got {args.data!r}")
         for d in datasets:
-            parse_spec(d)
             load(d, seeds[0], small=args.mode == "tiny")
     except ValueError as err:
         raise CliError(str(err)) from None
@@ -293,7 +263,7 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
     def progress_for(experiment_id: str, k: int, n: int) -> Progress:
         eta.start(k)
         data = datasets[k // len(order)]
-        progress = for_stderr(f"[{k + 1}/{n}] {data} {experiment_id}", expected_s=_expected(eta, k), eta=eta)
+        progress = for_stderr(f"[{k + 1}/{n}] {data} {experiment_id}", expected_s=eta.expected_s(k), eta=eta)
         progress.note("started")
         return progress
 

@@ -67,7 +67,4 @@ class RunConfig:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serializable copy (``out`` as a string)."""
-        d = asdict(self)
-        d["out"] = str(self.out)
-        d["seeds"] = None if self.seeds is None else list(self.seeds)
-        return d
+        return {**asdict(self), "out": str(self.out), "seeds": None if self.seeds is None else list(self.seeds)}

@@ -25,8 +25,9 @@ import functools
 import gzip
 import random
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -76,15 +77,7 @@ class Dataset:
         if n >= self.train_x.shape[0]:
             return self
         idx = _stratified_subset(self.train_y.numpy(), n, seed)
-        return Dataset(
-            f"{self.name}[train={n}]",
-            self.train_x[idx],
-            self.train_y[idx],
-            self.test_x,
-            self.test_y,
-            self.input_shape,
-            self.classes,
-        )
+        return replace(self, name=f"{self.name}[train={n}]", train_x=self.train_x[idx], train_y=self.train_y[idx])
 
 
 def parse_spec(spec: str) -> tuple[str, Path | None]:
@@ -112,9 +105,7 @@ def load(spec: str, seed: int = 0, *, small: bool = False) -> Dataset:
         return _digits(int(seed))
     if kind == "mnist1d":
         return _mnist1d(2000 if small else 10000)
-    if directory is None:  # unreachable: parse_spec gives "mnist" a directory
-        raise ValueError(f"data: {spec!r} needs a directory")
-    return _mnist(str(directory.resolve()))
+    return _mnist(str(cast(Path, directory).resolve()))  # parse_spec gives "mnist" a directory
 
 
 def _stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:

@@ -4,14 +4,8 @@ matplotlib is imported inside ``pyplot()``, which selects the non-interactive Ag
 readable font sizes; nothing here touches matplotlib at import time. ``save`` writes figures
 atomically (mode 0644 under umask 022), cropped to their content so no label is clipped, with bar
 axes that start at 0 and log axes labelled in one format with at least three labelled ticks.
-
-``layout_problems(fig)`` lists every pair of drawn text boxes that overlap and every text box
-that leaves the canvas; ``checking_layout()`` collects those problems for each figure that
-``save`` writes while it is active (the figure tests draw every experiment's figures inside it).
-
-``dress`` (labels, title, grid, legend of a panel), ``categories`` (bar tick labels) and
-``bar_values`` (each bar's value above it) are the finishing calls every experiment repeated,
-written once; each makes exactly the calls it stands for, so the figures draw as before.
+``checking_layout()`` collects the ``layout_problems`` of every figure ``save`` writes (see
+docs/lab.md, "Figures and reports"); ``dress``, ``categories`` and ``bar_values`` finish a panel.
 """
 
 from __future__ import annotations
@@ -234,9 +228,7 @@ def mean_band(ax: Any, x: Sequence[float], runs: Sequence[Sequence[float]], labe
 
     NaN entries (a run that diverged, a point not measured) are left out of that point's mean
     and std; a point with no finite value is a gap in the line."""
-    values = np.asarray(runs, dtype=float)  # (runs, len(x))
-    if values.ndim == 1:
-        values = values[None, :]
+    values = np.atleast_2d(np.asarray(runs, dtype=float))  # (runs, len(x))
     finite = np.isfinite(values)
     count = finite.sum(axis=0)
     filled = np.where(finite, values, 0.0)
@@ -246,7 +238,7 @@ def mean_band(ax: Any, x: Sequence[float], runs: Sequence[Sequence[float]], labe
     n = values.shape[0]
     seeds = f"{n} seeds" if finite.all() else f"up to {n} seeds"
     (line,) = ax.plot(x, mean, label=label if n == 1 else f"{label} (mean ± std, {seeds})", **kw)
-    if values.shape[0] > 1:
+    if n > 1:
         std = np.sqrt(var)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
 
@@ -262,13 +254,10 @@ def dress(
     legend: bool | dict[str, Any] = False,
     **props: Any,
 ) -> None:
-    """Finish a panel the way the experiments' figures do, in one call instead of four to six.
-
-    In this order: ``ax.set(**props)`` (scales, limits), the x and y labels, the title (at
-    ``title_size`` points if given), a light grid (``grid=True``: both axes; ``"x"`` or ``"y"``:
-    that axis only) and the legend (``legend=True``, or a dict of ``ax.legend`` options). Each
-    step runs only when asked for, so a panel dressed here draws exactly as when the same calls
-    are written out."""
+    """Finish a panel, in this order: ``ax.set(**props)`` (scales, limits), the x and y labels,
+    the title (at ``title_size`` points if given), a light grid (``grid=True``: both axes; ``"x"``
+    or ``"y"``: that axis only) and the legend (``legend=True``, or a dict of ``ax.legend``
+    options); each step only when asked for."""
     if props:
         ax.set(**props)
     if xlabel is not None:

@@ -124,11 +124,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.layer(x)
-        if self.placement == "before":
-            h = self.act(self.norm(h))
-        else:
-            h = self.norm(self.act(h))
-        return self.drop(h)
+        return self.drop(self.act(self.norm(h)) if self.placement == "before" else self.norm(self.act(h)))
 
 
 def _use_bias(bias: BiasSpec, has_norm: bool, placement: Placement) -> bool:
@@ -257,9 +253,7 @@ class ConvNet(nn.Module):
 
 def blocks(model: nn.Module) -> Iterator[Block]:
     """The hidden ``Block``s of a lab model, in forward order."""
-    for module in model.modules():
-        if isinstance(module, Block):
-            yield module
+    return (module for module in model.modules() if isinstance(module, Block))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -8,8 +8,7 @@ examples; every BatchNorm's running statistics are replaced by these averages. T
 with ``momentum=None`` a BatchNorm keeps the *cumulative* average of the batch means and of
 the *unbiased* batch variances m/(m-1)·sigma_B^2 — which is exactly Alg. 2 when every batch
 has the same m. The estimator is an average of per-batch moments, not the variance of the
-whole training set: it matches what BN saw in training (for the whole-set variance use
-``batchnorm.recompute_statistics`` from the tools, once available).
+whole training set (that is ``batchnorm.recompute_statistics``): it matches what BN saw in training.
 """
 
 from __future__ import annotations

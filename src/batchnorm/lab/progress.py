@@ -9,12 +9,8 @@ seeds trained together); a step-less stretch of work is a ``phase``:
         ...
 
 ``for_stderr`` picks the display: a tqdm bar per task when stderr is a terminal, else
-``LineProgress``, which writes one line as each task or phase ends (and one every
-``every_s`` seconds inside a long task) with the time elapsed and an estimate of what
-remains: of the phase (from its steps per second), of the experiment (from its expected
-duration) and of the whole command (``Eta``, from the experiments' expected durations,
-rescaled by how long the finished ones really took). Lines are flushed at once, so CI logs,
-``nohup`` and redirected stderr show them as they happen.
+``LineProgress``'s flushed lines with the time spent and left (of the phase, the experiment and,
+by ``Eta``, the whole command; docs/lab.md shows one).
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ from typing import TextIO
 
 from .training import Tick
 
-__all__ = ["Eta", "LineProgress", "NullProgress", "Progress", "TqdmProgress", "duration", "for_stderr"]
+__all__ = ["Eta", "LineProgress", "Progress", "TqdmProgress", "duration", "for_stderr"]
 
 
 class Progress:
@@ -48,9 +44,6 @@ class Progress:
 
     def note(self, text: str) -> None:
         """One line of news (shown only by displays that write lines)."""
-
-
-NullProgress = Progress
 
 
 def duration(seconds: float) -> str:
@@ -111,6 +104,11 @@ class Eta:
             if running > self.expected[self.current] * scale:
                 scale = (real + running) / (expected + self.expected[self.current])
         return scale
+
+    def expected_s(self, k: int) -> float | None:
+        """Item ``k``'s expected seconds under the current scale (None while unknown)."""
+        scale = self.scale()
+        return None if scale is None else self.expected[k] * scale
 
     def elapsed(self) -> float:
         """Seconds since the first item could start."""
@@ -173,13 +171,8 @@ class LineProgress(Progress):
         every_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.prefix = prefix
-        self.expected_s = expected_s
-        self.eta = eta
-        self.stream = stream
-        self.every_s = every_s
-        self.clock = clock
-        self.began = clock()
+        self.prefix, self.expected_s, self.eta, self.stream = prefix, expected_s, eta, stream
+        self.every_s, self.clock, self.began = every_s, clock, clock()
 
     def note(self, text: str) -> None:
         """Write ``prefix text | times`` as one flushed line."""
@@ -224,18 +217,17 @@ class _TqdmTick(Tick):
 
 
 class TqdmProgress(Progress):
-    """A tqdm bar per task on stderr (hidden when stderr is not a terminal, unless ``force``)."""
+    """A tqdm bar per task on stderr (hidden when stderr is not a terminal)."""
 
-    def __init__(self, prefix: str = "", force: bool = False) -> None:
+    def __init__(self, prefix: str = "") -> None:
         self.prefix = prefix
-        self.force = force
 
     @contextlib.contextmanager
     def task(self, desc: str, total: int) -> Iterator[Tick]:
         from tqdm import tqdm
 
         label = f"{self.prefix} {desc}".strip()
-        disable = False if self.force else not sys.stderr.isatty()
+        disable = not sys.stderr.isatty()
         bar = tqdm(total=total, desc=label, unit="step", leave=False, file=sys.stderr, disable=disable, mininterval=0.2)
         try:
             yield _TqdmTick(bar)

@@ -1,27 +1,14 @@
 """The list of experiments, in a fixed order, imported lazily.
 
-The experiment contract — each module ``batchnorm.lab.experiments.<id with _>`` exposes:
-
-    ID: str                 the CLI name, e.g. "ioffe2015-fig1"
-    DESCRIPTION: str        one line
-    QUICK_SECONDS: float    estimated --quick wall time on 2 cores
-    run(cfg: RunConfig, progress: Progress) -> dict
-        trains and measures; returns JSON-serializable {"config": {...every choice, including
-        those the paper does not state: optimizer, lr, init std...}, "data": {...},
-        "metrics": {...}}
-    claims(results: dict) -> list[dict]
-        judged ONLY from the saved results: [{"claim": str, "holds": bool, "evidence": str}]
-    figures(results: dict, outdir: Path) -> list[Path]
-        drawn ONLY from the saved results (matplotlib via ``batchnorm.lab.figures.pyplot()``)
-    USES_DATA: bool         optional (default True); False for an experiment on its own
-                            synthetic data that ignores ``--data``
-
-Beside each module, ``<module>.md`` (shipped as package data) holds its prose for a newcomer:
-what is measured and why, the setup, what the paper found (Markdown; blank lines separate
-paragraphs); ``report.explanation`` reads it.
-
-Adding an experiment = one module and its Markdown file, and its id listed in ``EXPERIMENTS``. Ids whose module
-does not exist are skipped.
+Each module ``batchnorm.lab.experiments.<id with _>`` follows the contract of docs/lab.md
+("Writing an experiment"): ``ID`` (the CLI name), ``DESCRIPTION`` (one line), ``QUICK_SECONDS``
+(estimated --quick wall time on 2 cores), ``run(cfg, progress) -> {"config", "data", "metrics"}``
+(``config``: every choice, those the paper leaves open included), ``claims(results) -> [{"claim",
+"holds", "evidence"}]`` and ``figures(results, outdir) -> [Path]`` (both from the saved results
+alone), and optionally ``USES_DATA = False`` for an experiment on its own synthetic data that
+ignores ``--data``. Its prose is ``<module>.md`` beside it (package data, read by
+``report.explanation``). Adding an experiment = one module and its Markdown file, and its id
+listed in ``EXPERIMENTS``. Ids whose module does not exist are skipped.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def _cell(results: dict[str, Any]) -> dict[str, Any]:
                 "expected": c.get("expected"),
                 "source": c.get("source"),
                 "evidence": c.get("evidence"),
-                **{k: c[k] for k in ("kind", "zero_spread", "n_seeds", "why", "confidence") if k in c},
+                **{k: c[k] for k in ("zero_spread", "confidence") if k in c},
             }
             for c, v in zip(claims, verdicts)
         ],
@@ -86,15 +86,8 @@ def matrix_from_results(
     by_data: Mapping[str, Sequence[dict[str, Any]]], seeds: Sequence[int], mode: str
 ) -> dict[str, Any]:
     """``{"seeds", "mode", "data", "rows": [{"id", "cells": {data: cell}}]}`` from saved results."""
-    ids: list[str] = []
-    for results in by_data.values():
-        for r in results:
-            if r["id"] not in ids:
-                ids.append(r["id"])
-    rows = []
-    for experiment_id in ids:
-        cells = {d: _cell(r) for d, rs in by_data.items() for r in rs if r["id"] == experiment_id}
-        rows.append({"id": experiment_id, "cells": cells})
+    ids = dict.fromkeys(r["id"] for results in by_data.values() for r in results)  # in order, without repeats
+    rows = [{"id": i, "cells": {d: _cell(r) for d, rs in by_data.items() for r in rs if r["id"] == i}} for i in ids]
     return {"seeds": list(seeds), "mode": mode, "data": list(by_data), "rows": rows}
 
 
@@ -136,10 +129,8 @@ def write_matrix(matrix: dict[str, Any], out: Path) -> Path:
     """Write ``out/replication.json`` and ``out/index.html``; returns the HTML path."""
     out = Path(out)
     write_text_atomic(out / "replication.json", json.dumps(to_jsonable(matrix), indent=1, allow_nan=False) + "\n")
-    text = matrix_html(matrix)
-    path = out / "index.html"
-    write_text_atomic(path, text)
-    return path
+    write_text_atomic(out / "index.html", matrix_html(matrix))
+    return out / "index.html"
 
 
 def _saved_run(directory: Path, cfg: RunConfig) -> dict[str, Any] | None:

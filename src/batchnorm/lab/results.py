@@ -17,11 +17,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from ._files import write_bytes_atomic, write_text_atomic
+from ._files import write_text_atomic
 
 __all__ = [
-    "atomic_write_bytes",
-    "atomic_write_text",
     "count_claims",
     "describe_counts",
     "load_results",
@@ -63,12 +61,6 @@ def describe_counts(counts: dict[str, dict[str, int]]) -> str:
     return "; ".join(parts) if parts else "no claims"
 
 
-atomic_write_bytes = write_bytes_atomic
-"""Write bytes to a path atomically, mode ``0o666 & ~umask`` (see ``lab._files``)."""
-atomic_write_text = write_text_atomic
-"""Write UTF-8 text to a path atomically, mode ``0o666 & ~umask`` (see ``lab._files``)."""
-
-
 def to_jsonable(value: Any) -> Any:
     """Convert tensors, NumPy values, tuples, Paths and non-finite floats for JSON.
 
@@ -97,7 +89,7 @@ def save_results(directory: Path, results: dict[str, Any]) -> Path:
     """Write ``directory/results.json`` atomically; returns its path."""
     path = Path(directory) / RESULTS_NAME
     text = json.dumps(to_jsonable(results), indent=1, allow_nan=False)
-    atomic_write_text(path, text + "\n")
+    write_text_atomic(path, text + "\n")
     return path
 
 
@@ -136,6 +128,4 @@ def versions() -> dict[str, str]:
 
 def number(value: Any) -> float:
     """Read back a float saved by ``to_jsonable`` ("nan"/"inf" strings included)."""
-    if isinstance(value, str):
-        return float(value)
     return float(value)

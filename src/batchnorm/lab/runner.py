@@ -1,13 +1,12 @@
 """Run experiments end to end: train -> results.json (atomic) -> claims -> figures -> report.
 
     results = run_one("ioffe2015-fig1", RunConfig(mode="quick"))
-    run_many(["ioffe2015-fig1", ...], RunConfig(mode="quick", out=Path("runs")))   # + index.html
     redraw(Path("runs"))                                   # figures and reports, no training
 
 Each run seeds torch's global generator from ``cfg.seed`` (for anything an experiment does not
-seed explicitly, e.g. dropout masks) inside ``torch.random.fork_rng``, and uses ``threads``
-torch threads (default 1: these models are tiny, and one thread is as fast on a shared 2-core
-machine); both are restored afterwards.
+seed explicitly, e.g. dropout masks) inside ``torch.random.fork_rng``, and uses one torch thread
+(these models are tiny, and one thread is as fast on a shared 2-core machine); both are
+restored afterwards.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from .progress import Progress
 from .report import write_experiment_report, write_index
 from .results import RESULTS_NAME, load_results, save_results, to_jsonable, versions
 
-__all__ = ["ExperimentFailed", "experiment_dir", "judge_saved", "redraw", "run_many", "run_one", "run_parallel"]
+__all__ = ["ExperimentFailed", "experiment_dir", "judge_saved", "redraw", "run_one", "run_or_error", "run_parallel"]
 
 
 class ExperimentFailed(RuntimeError):
@@ -42,21 +41,16 @@ def experiment_dir(out: Path, experiment_id: str) -> Path:
 
 
 @contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
+def _one_thread() -> Iterator[None]:
     saved = torch.get_num_threads()
-    torch.set_num_threads(n)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(saved)
 
 
-def run_one(
-    experiment_id: str, cfg: RunConfig, progress: Progress | None = None, *, threads: int | None = 1
-) -> dict[str, Any]:
+def run_one(experiment_id: str, cfg: RunConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run one experiment and write ``cfg.out/<id>/`` (results.json, figures, report.html).
 
     results.json is written only once the run has finished (atomically), so an interrupted
@@ -66,7 +60,7 @@ def run_one(
     progress = progress if progress is not None else Progress()
     start = time.perf_counter()
     try:
-        with _threads(threads), torch.random.fork_rng(devices=[]):
+        with _one_thread(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             out = module.run(cfg, progress)
     except Exception as err:  # one experiment's failure must not cost the others' results
@@ -80,7 +74,7 @@ def run_one(
         "data": out.get("data", {}),
         "metrics": out.get("metrics", {}),
         "versions": versions(),
-        "threads": torch.get_num_threads() if threads is None else threads,
+        "threads": 1,
         "wall_time_s": round(wall, 3),
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -116,10 +110,12 @@ def judge_saved(results: dict[str, Any], directory: Path, *, save_measurements: 
     return judged
 
 
-def _run_quietly(experiment_id: str, cfg: RunConfig) -> dict[str, Any] | ExperimentFailed:
-    """``run_one`` with no progress display, its failure returned (for a worker process)."""
+def run_or_error(
+    experiment_id: str, cfg: RunConfig, progress: Progress | None = None
+) -> dict[str, Any] | ExperimentFailed:
+    """``run_one``'s results, or its ``ExperimentFailed`` (returned, not raised)."""
     try:
-        return run_one(experiment_id, cfg, Progress())
+        return run_one(experiment_id, cfg, progress)
     except ExperimentFailed as err:
         return err
 
@@ -138,48 +134,16 @@ def run_parallel(
     for experiment_id in experiment_ids:
         registry.get(experiment_id)  # fail on a bad id before training anything
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_quietly, e, cfg): (i, e) for i, e in enumerate(experiment_ids)}
+        futures = {pool.submit(run_or_error, e, cfg): (i, e) for i, e in enumerate(experiment_ids)}
         for future in as_completed(futures):
             i, experiment_id = futures[future]
             yield i, experiment_id, future.result()
 
 
-def run_many(
-    experiment_ids: Sequence[str],
-    cfg: RunConfig,
-    progress_for: Callable[[str, int, int], Progress] | None = None,
-    *,
-    threads: int | None = 1,
-    index: bool | None = None,
-) -> list[dict[str, Any]]:
-    """Run several experiments into ``cfg.out``; write ``cfg.out/index.html`` when more than one
-    ran (or ``index=True``). ``progress_for(id, i, n)`` makes each run's progress display.
-
-    An experiment that fails does not stop the others: once all have run (and the index is
-    written), ``ExperimentFailed`` lists every failure."""
-    for experiment_id in experiment_ids:
-        registry.get(experiment_id)  # fail on a bad id before training anything
-    all_results = []
-    failures = []
-    for i, experiment_id in enumerate(experiment_ids):
-        progress = progress_for(experiment_id, i, len(experiment_ids)) if progress_for else None
-        try:
-            all_results.append(run_one(experiment_id, cfg, progress, threads=threads))
-        except ExperimentFailed as err:
-            failures.append(str(err))
-    if index if index is not None else len(experiment_ids) > 1:
-        write_index(cfg.out, _all_saved(cfg.out))
-    if failures:
-        raise ExperimentFailed("; ".join(failures))
-    return all_results
-
-
 def _all_saved(out: Path) -> list[dict[str, Any]]:
     """Every results.json under ``out/*/``, in registry order, then the rest by name."""
     order = {eid: i for i, eid in enumerate(registry.ids())}
-    found = []
-    for path in sorted(Path(out).glob(f"*/{RESULTS_NAME}")):
-        found.append(load_results(path.parent))
+    found = [load_results(path.parent) for path in sorted(Path(out).glob(f"*/{RESULTS_NAME}"))]
     return sorted(found, key=lambda r: (order.get(r.get("id", ""), len(order)), str(r.get("id"))))
 
 

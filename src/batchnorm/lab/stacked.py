@@ -32,15 +32,12 @@ training it alone (a plain SGD loop on the ``nn.Module``) up to float rounding:
 * Loss: the sum over members of each member's mean loss; no parameter is shared, so every
   member gets its own gradient, and SGD (momentum and weight decay included) acts element-wise.
 
-Divergence follows the lab's one rule (``training``): a member whose loss at step t is not
-finite is *diverged at t* and stops; its model keeps the weights that gave that loss (copied
-out before the update), ``steps_done`` is t - 1 and its losses end with the non-finite value.
-It leaves the loss, its input rows are zeroed and, after every later update (momentum or weight
-decay would move them), its slices are reset to a neutral finite state (weights, biases and
-norm parameters 0, running means 0, running variances / stds 1), so that the merged layers
-stay finite and the others train on as alone. The one difference: in step t the merged norm
-layers of its arm refuse the non-finite batch as a whole, so the other members *of its arm*
-skip that single running-statistics update.
+Divergence follows the lab's one rule (``training``; docs/lab.md): a member whose loss at step t
+is not finite stops there with the weights that gave that loss. It leaves the loss, its input
+rows are zeroed and, after every later update, its slices are reset to a neutral finite state
+(weights, biases and norm parameters 0, running means 0, running variances / stds 1), so the
+others train on as alone, except that in step t the merged norm layers of its arm refuse the
+non-finite batch as a whole: the other members *of its arm* skip that one running-statistics update.
 """
 
 from __future__ import annotations

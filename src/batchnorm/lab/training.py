@@ -12,20 +12,16 @@ Conventions:
 - minibatches are drawn without replacement from a stream of seeded permutations of the
   training set: every batch has exactly ``batch_size`` examples (batches may straddle two
   epochs), so BN always normalizes over the same m;
-- divergence, the one rule of the lab's one training loop (``stacked.train_stacked``, which
-  trains many networks at once; ``train`` here is that loop with one member): a non-finite loss
-  at step t marks the run *diverged at t* and stops it; its model keeps the weights that gave
-  that loss (no update is made at step t), ``steps_done`` is t - 1 and ``losses`` ends with the
-  non-finite value. Networks trained together with it go on as alone (the stopped one's share
-  of the merged layers is kept neutral and finite), except that a merged norm layer refuses the
-  one non-finite batch of the step of the divergence, so the other networks of its arm skip
-  that single running-statistics update. Our BatchNorm's "non-finite batch" warning is
-  silenced inside the loop, since divergence is an expected outcome there;
+- divergence: a non-finite loss at step t marks the run *diverged at t* and stops it; its model
+  keeps the weights that gave that loss (no update at step t), ``steps_done`` is t - 1 and
+  ``losses`` ends with the non-finite value (networks trained together: see ``stacked``). Our
+  BatchNorm's "non-finite batch" warning is silenced inside the loop, an expected outcome there;
 - the number of torch threads is never changed here (the runner may do it for a whole run).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -106,21 +102,15 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator
             pos = take
 
 
-class train_mode:
-    """Context manager: set ``model.train(mode)`` and restore every module's flag afterwards."""
-
-    def __init__(self, model: nn.Module, mode: bool) -> None:
-        self.model = model
-        self.mode = mode
-        self._saved: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self) -> nn.Module:
-        self._saved = [(m, m.training) for m in self.model.modules()]
-        self.model.train(self.mode)
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        for module, flag in self._saved:
+@contextlib.contextmanager
+def train_mode(model: nn.Module, mode: bool) -> Iterator[nn.Module]:
+    """Set ``model.train(mode)`` and restore every module's flag afterwards."""
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(mode)
+    try:
+        yield model
+    finally:
+        for module, flag in saved:
             module.training = flag
 
 
