@@ -115,6 +115,16 @@ def test_trace_of_a_bare_layer_as_root() -> None:
     torch.testing.assert_close(traced.running_var, bn.running_var, rtol=0, atol=0)
 
 
+def test_sync_layer_as_the_root_is_refused() -> None:
+    """A bare SyncBatchNorm has no path to call and no single step function to record."""
+    from batchnorm import SyncBatchNorm
+
+    with pytest.raises(TypeError, match="trace a module that contains the layer"):
+        torch.fx.symbolic_trace(SyncBatchNorm(3))
+    traced = torch.fx.symbolic_trace(nn.Sequential(SyncBatchNorm(3)))
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"] == ["0"]
+
+
 def test_graph_still_checks_its_input() -> None:
     traced = torch.fx.symbolic_trace(nn.Sequential(BatchNorm1d(3)))
     with pytest.raises(ValueError, match=r"BatchNorm1d\(3\): expected 3 channels in dim 1, got 4"):

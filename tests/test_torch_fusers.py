@@ -244,6 +244,7 @@ def test_torch_layer_is_torchs_type_with_our_state_and_step() -> None:
     copied(torch.randn(6, 3))
     assert int(copied.num_batches_tracked) == 1 and int(ours.num_batches_tracked) == 0
     assert batchnorm.SyncBatchNorm(3).torch_layer is None  # no torch counterpart in the fusion tables
+    assert batchnorm.BatchNorm1d(3, channel_dim=-1).torch_layer is None  # torch's layer takes channels at dim 1
 
 
 def test_trace_of_a_parametrized_layer_keeps_our_node() -> None:

@@ -23,12 +23,16 @@ __all__ = ["leaf_call", "root_call"]
 
 
 def leaf_call(module: nn.Module, input: torch.fx.Proxy, **kwargs: Any) -> torch.fx.Proxy | None:
-    """``module(input, **kwargs)`` recorded as one ``call_module`` node of the running trace, or
-    None when ``module`` is the traced root. Raises ``NameError`` ("module is not installed as a
-    submodule"), as for torch's own layers, when it is not part of the traced root."""
+    """``module(input, **kwargs)`` recorded as one ``call_module`` node of the running trace
+    (keyword arguments that are None left out), or None when ``module`` is the traced root.
+    Raises ``NameError`` ("module is not installed as a submodule"), as for torch's own layers,
+    when it is not part of the traced root."""
     tracer = input.tracer
     path = tracer.path_of_module(module)  # type: ignore[attr-defined]
-    return tracer.create_proxy("call_module", path, (input,), kwargs) if path else None  # type: ignore[no-any-return]
+    if not path:
+        return None
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    return tracer.create_proxy("call_module", path, (input,), given)  # type: ignore[no-any-return]
 
 
 def root_call(module: nn.Module, step: Callable[..., Any] | None, args: tuple[Any, ...]) -> torch.fx.Proxy:

@@ -270,10 +270,8 @@ class MaskableBatchNorm(BatchNormBase):
         statistics, running statistics and gradients from the real positions only, padded
         outputs 0 (`batchnorm.functional.masked_step`)."""
         if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
-            twin = _torch_layer_in_trace(self, input) if mask is None and self.channel_dim == 1 else None
-            node = (
-                twin(input) if twin is not None else leaf_call(self, input, **({} if mask is None else {"mask": mask}))
-            )
+            twin = _torch_layer_in_trace(self, input) if mask is None else None
+            node = twin(input) if twin is not None else leaf_call(self, input, mask=mask)
             if node is not None:
                 return node  # type: ignore[no-any-return]
         # the state read from the module's own dicts: an attribute read of a parameter or buffer
@@ -302,8 +300,6 @@ class MaskableBatchNorm(BatchNormBase):
             return root_call(self, batch_norm_layer, args)
         return batch_norm_layer(*args)
 
-    # torch's layer of the same kind, for `torch_layer` (None: a kind torch's fx tools do not match)
-    _torch_type: type[_TorchBatchNorm] | None = None
     # TorchScript compiles a module's properties unless named here
     __jit_unused_properties__ = ["torch_layer"]
 
@@ -315,11 +311,13 @@ class MaskableBatchNorm(BatchNormBase):
 
         What a ``torch.fx`` trace records in this layer's place, so that torch's graph tools,
         which match batch norm by exact type, treat it as torch's layer. A new object on each
-        read; None where no torch layer can share the tensors (``SyncBatchNorm``, a parametrized
-        ``weight`` or ``bias``).
+        read; None where no torch layer can stand for this one: a kind that is not a subclass of
+        torch's ``BatchNorm1d/2d/3d`` (``SyncBatchNorm``), ``channel_dim=-1``, a parametrized
+        ``weight`` or ``bias``.
         """
-        cls, p, b = self._torch_type, self._parameters, self._buffers
-        if cls is None or "weight" not in p or "bias" not in p:
+        p, b = self._parameters, self._buffers
+        cls = next((c for c in type(self).__mro__ if c in _TORCH_KINDS), None)
+        if cls is None or self.channel_dim != 1 or "weight" not in p or "bias" not in p:
             return None
         twin = cls(self.num_features, self.eps, self.momentum, self.affine, self.track_running_stats, device="meta")
         twin._parameters.update(weight=p["weight"], bias=p["bias"])
@@ -329,6 +327,9 @@ class MaskableBatchNorm(BatchNormBase):
         twin.train(self.training)
         twin.forward = _OurStep(twin, self._ndims, self._where())  # type: ignore[method-assign]
         return twin
+
+
+_TORCH_KINDS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class _OurStep:
@@ -351,7 +352,7 @@ class _OurStep:
 def _torch_layer_in_trace(layer: MaskableBatchNorm, input: torch.fx.Proxy) -> nn.Module | None:
     """``layer.torch_layer``, installed in the running fx trace under ``<layer's path>.torch_layer``
     (a leaf of the default tracer: torch.nn), or None where the trace cannot record it: a kind
-    without a torch twin, a parametrized layer, or a tracer that does not know the layer's path."""
+    whose `torch_layer` is None, or a tracer that does not know the layer's path."""
     paths: dict[nn.Module, str] | None = getattr(input.tracer, "submodule_paths", None)
     twin = layer.torch_layer if paths and layer in paths else None
     if paths is None or twin is None:
@@ -367,7 +368,6 @@ class BatchNorm1d(MaskableBatchNorm, nn.BatchNorm1d):
     """
 
     _ndims = (2, 3)
-    _torch_type = nn.BatchNorm1d
 
 
 class BatchNorm2d(MaskableBatchNorm, nn.BatchNorm2d):
@@ -378,7 +378,6 @@ class BatchNorm2d(MaskableBatchNorm, nn.BatchNorm2d):
     """
 
     _ndims = (4,)
-    _torch_type = nn.BatchNorm2d
 
 
 class BatchNorm3d(MaskableBatchNorm, nn.BatchNorm3d):
@@ -388,4 +387,3 @@ class BatchNorm3d(MaskableBatchNorm, nn.BatchNorm3d):
     """
 
     _ndims = (5,)
-    _torch_type = nn.BatchNorm3d

@@ -197,7 +197,7 @@ class SyncBatchNorm(MaskableBatchNorm):
     @torch.jit.unused
     def _sync_forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
         if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
-            node = leaf_call(self, input, **({} if mask is None else {"mask": mask}))
+            node = leaf_call(self, input, mask=mask)
             return node if node is not None else root_call(self, None, (input,))
         if not self._synchronized():
             return super().forward(input, mask)
