@@ -31,14 +31,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._kernels.torch_ops import acc_dtype, reduce_dims
+from .._kernels.torch_ops import acc_dtype, channel_view, reduce_dims, shifted_moments
 from .._kernels.torch_ops import train_forward as _train_forward_generic
 
 __all__ = ["train_forward"]
-
-
-def _channel_shape(x: Tensor) -> tuple[int, ...]:
-    return (1, x.shape[1], *([1] * (x.dim() - 2)))
 
 
 class _Train(torch.autograd.Function):
@@ -46,17 +42,12 @@ class _Train(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):  # type: ignore[override]
-        acc = acc_dtype(x.dtype)
-        view = _channel_shape(x)
-        xa = x.to(acc)
-        first = xa[:1].flatten(2)[..., :1] if x.dim() > 2 else xa[:1]
-        shift = first.reshape(view)
-        d = xa - shift
-        var, mean_d = torch.var_mean(d, dim=reduce_dims(x), correction=0, keepdim=True)
+        acc, nd = acc_dtype(x.dtype), x.dim()
+        shift, d, var, mean_d = shifted_moments(x.to(acc))
         var = var.clamp_min(0.0)
         invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight.to(acc).reshape(view)
-        offset = mean_d * scale if bias is None else mean_d * scale - bias.to(acc).reshape(view)
+        scale = invstd if weight is None else invstd * channel_view(weight.to(acc), nd)
+        offset = mean_d * scale if bias is None else mean_d * scale - channel_view(bias.to(acc), nd)
         y = (d * scale - offset).to(x.dtype)
         mean = (shift.double() + mean_d.double()).reshape(-1)
         var_c = var.reshape(-1)
@@ -83,7 +74,7 @@ class _Train(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
         if need_x:
-            scale = invstd if weight is None else invstd * weight.to(acc).reshape(invstd.shape)
+            scale = invstd if weight is None else invstd * channel_view(weight.to(acc), x.dim())
             dx = (scale * (g - sum_g / m - x_hat * (sum_gx / m))).to(x.dtype)
         if need_w and weight is not None:
             dw = sum_gx.reshape(-1).to(weight.dtype)
