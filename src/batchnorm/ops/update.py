@@ -142,8 +142,15 @@ def _check_arrays(check: tuple[float, Tensor, Tensor]) -> tuple[float, np.ndarra
     return check[0], check[1].detach().numpy(), check[2].detach().numpy()
 
 
+def _all_finite(mean: Tensor, var: Tensor) -> Tensor:
+    """Per leading index (...): every statistic over the last dim (C) finite. x * 0 is 0 for a
+    finite x and NaN for inf/NaN, so the float64 sum is finite exactly then (it cannot overflow):
+    one reduction, where two ``all()`` cost a compiled graph another kernel."""
+    return torch.isfinite((mean.to(torch.float64) * 0).sum(-1) + (var.to(torch.float64) * 0).sum(-1))
+
+
 def _warn_skipped(mean: Tensor, var: Tensor, skipped: Tensor, where: str) -> None:
-    bad = ~(torch.isfinite(mean).all(-1) & torch.isfinite(var).all(-1))
+    bad = ~_all_finite(mean, var)
     if (bad & (skipped == 1)).any().numpy():
         warnings.warn(
             f"{where}: batch statistics are not finite (NaN/inf in the input) or undefined (a synchronized "
@@ -167,9 +174,7 @@ def _update(
 ) -> None:
     if count == 0:
         return
-    # every statistic finite: x * 0 is 0 for a finite x and NaN for inf/NaN, so the sum is finite
-    # exactly then (no overflow); one reduction, where two all()s cost compiled graphs a kernel
-    ok = torch.isfinite((mean.to(torch.float64) * 0).sum(-1) + (var.to(torch.float64) * 0).sum(-1))  # (...)
+    ok = _all_finite(mean, var)  # (...)
     if momentum is None:
         factor = 1.0 / (num_batches_tracked.to(torch.float64) + 1.0)  # (...)
         factor = factor.unsqueeze(-1)
