@@ -30,7 +30,6 @@ __all__ = [
     "reduce_dims",
     "channel_view",
     "batch_stats",
-    "shifted_moments",
     "center",
     "normalize",
     "train_forward",
@@ -71,22 +70,14 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
         mean_d = xa.mean(dim=dims, keepdim=True)
         var = (xa - mean_d).square().mean(dim=dims, keepdim=True)
     else:
-        shift, _, var, mean_d = shifted_moments(xa)
+        # shift: the first value of each channel, (1, C, 1, ..., 1)
+        first = xa.detach()[:1].flatten(2)[..., :1] if xa.dim() > 2 else xa.detach()[:1]
+        shift = first.reshape(view)
+        d = xa - shift  # (N, C, *), exact for values within a factor 2 of the shift
+        # one pass (torch's Welford reduction; Inductor fuses it with the subtraction above)
+        var, mean_d = torch.var_mean(d, dim=dims, correction=0, keepdim=True)
     mean = (mean_d.double() + shift.double()).reshape(-1)  # (C,) float64
     return mean, var.reshape(-1).clamp_min(0.0)
-
-
-def shifted_moments(xa: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(shift, d, var, mean_d) of a non-empty xa (N, C, *) already in its accumulation dtype:
-    shift = each channel's first value (1, C, 1, ..., 1), not differentiated; d = xa - shift,
-    exact for values within a factor 2 of the shift; the biased var and mean of d per channel,
-    kept as (1, C, 1, ..., 1), in one pass (torch's Welford reduction; Inductor fuses it with
-    the subtraction)."""
-    first = xa.detach()[:1].flatten(2)[..., :1] if xa.dim() > 2 else xa.detach()[:1]
-    shift = first.reshape(1, xa.shape[1], *([1] * (xa.dim() - 2)))
-    d = xa - shift
-    var, mean_d = torch.var_mean(d, dim=reduce_dims(xa), correction=0, keepdim=True)
-    return shift, d, var, mean_d
 
 
 def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:

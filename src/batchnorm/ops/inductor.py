@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._kernels.torch_ops import acc_dtype, channel_view, reduce_dims, shifted_moments
+from .._kernels.torch_ops import acc_dtype, channel_view, reduce_dims
 from .._kernels.torch_ops import train_forward as _train_forward_generic
 
 __all__ = ["train_forward"]
@@ -43,7 +43,12 @@ class _Train(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):  # type: ignore[override]
         acc, nd = acc_dtype(x.dtype), x.dim()
-        shift, d, var, mean_d = shifted_moments(x.to(acc))
+        xa = x.to(acc)
+        # as torch_ops.batch_stats (inlined there: the eager hot path), keeping shift and mean_d
+        first = xa[:1].flatten(2)[..., :1] if nd > 2 else xa[:1]
+        shift = channel_view(first.reshape(-1), nd)
+        d = xa - shift
+        var, mean_d = torch.var_mean(d, dim=reduce_dims(x), correction=0, keepdim=True)
         var = var.clamp_min(0.0)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * channel_view(weight.to(acc), nd)
