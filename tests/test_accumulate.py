@@ -163,6 +163,7 @@ RANK_SIZES = ((3, 1), (2, 4), (0, 5))  # per micro-batch, the sizes on rank 0 an
 
 def _sync_worker(rank: int, outdir: str) -> None:
     import datetime
+    import gc
     import json
     import os
     import socket
@@ -196,6 +197,8 @@ def _sync_worker(rank: int, outdir: str) -> None:
         "tracked": int(layer.num_batches_tracked),
     }
     Path(outdir, f"{rank}.json").write_text(json.dumps(out))
+    del model
+    gc.collect()  # nothing may still hold the group when it is torn down (docs/distributed.md)
     dist.destroy_process_group()
 
 

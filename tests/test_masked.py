@@ -179,6 +179,7 @@ WORLD = 2
 
 def _sync_worker(rank: int, outdir: str) -> None:
     import datetime
+    import gc
     import json
     import os
     import socket
@@ -218,6 +219,8 @@ def _sync_worker(rank: int, outdir: str) -> None:
         "rm_diff": float((layer.running_mean - ref.running_mean).abs().max()),
     }
     Path(outdir, f"{rank}.json").write_text(json.dumps(out))
+    del y, yr  # the autograd graphs that hold the group go before it is torn down (docs/distributed.md)
+    gc.collect()
     dist.destroy_process_group()
 
 
