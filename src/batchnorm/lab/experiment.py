@@ -6,14 +6,13 @@ An experiment is a subclass of ``Experiment`` with a frozen ``Settings`` datacla
 ``<name>.settings.toml``, each one's source in ``<name>.md``) and three methods that do the
 experiment's own work:
 
-    class Fig1(Experiment):
-        ID = "ioffe2015-fig1"; DESCRIPTION = ...; QUICK_SECONDS = ...  # prose: ioffe2015_fig1.md
+    class Fig1(Experiment):                                   # in experiments/ioffe2015_fig1.py
+        DESCRIPTION = "..."                                    # one line for `lab list`
         def settings(self, cfg) -> Fig1Settings: ...           # from mode and data, by rule
         def run_seed(self, s, data, seed, progress) -> dict: ...  # one seed, all arms paired
         def claims(self, results) -> list[dict]: ...           # built with claim(...)
 
-    EXPERIMENT = Fig1()
-    run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures
+    EXPERIMENT = Fig1()                                        # what the registry returns
 
 ``Experiment.run`` loads the data for each seed (the split is part of what a seed varies),
 calls ``run_seeds`` (by default ``run_seed`` per seed; a ``PerSeed`` list) and stores
@@ -268,12 +267,18 @@ def unmeasured(make: Any, name: str, evidence: str) -> dict[str, Any]:
 
 
 class Experiment:
-    """Base class of the lab's experiments; a module exposes one instance's bound methods as
-    its ``run``, ``claims`` and ``figures`` (the registry's contract)."""
+    """Base class of the lab's experiments; a module exposes one instance as ``EXPERIMENT`` (the
+    registry's contract), its prose in ``<module>.md`` beside it."""
 
-    ID: ClassVar[str]
     DESCRIPTION: ClassVar[str]
-    QUICK_SECONDS: ClassVar[float]
+    """One line for ``lab list`` and results.json."""
+    USES_DATA: ClassVar[bool] = True
+    """False for an experiment on its own synthetic data that ignores ``--data``."""
+
+    @property
+    def ID(self) -> str:
+        """The CLI name: the module's name with "-" for "_" (``ioffe2015_fig1`` -> ``ioffe2015-fig1``)."""
+        return type(self).__module__.rsplit(".", 1)[-1].replace("_", "-")
 
     def settings(self, cfg: RunConfig) -> Any:
         """The frozen ``Settings`` dataclass for this run's mode and data."""

@@ -166,7 +166,7 @@ def replicate(
     With ``resume``, an experiment whose ``out/<data>/<id>/results.json`` was measured with the
     same mode, data set and seeds is not trained again: its claims are judged again from the
     saved measurements (so a finished half of an interrupted or failed replication is kept).
-    An experiment that ignores ``--data`` (its module's ``USES_DATA`` is false) runs only for
+    An experiment that ignores ``--data`` (its ``USES_DATA`` is false) runs only for
     the first data set; the matrix lists it in ``"data_independent"`` and no other column counts
     it. An experiment that fails leaves its cell empty and is listed under ``"failed"`` (one line
     each); the others still run and the matrix is written. ``progress_for(id, k, n)`` makes the
@@ -186,7 +186,7 @@ def replicate(
         )
         by_data[data] = []
         for i, experiment_id in enumerate(experiment_ids):
-            if data != datasets[0] and not getattr(registry.get(experiment_id), "USES_DATA", True):
+            if data != datasets[0] and not registry.get(experiment_id).USES_DATA:
                 continue  # it ignores --data: measured once, in the first data set's column only
             directory = experiment_dir(cfg.out, experiment_id)
             saved = _saved_run(directory, cfg) if resume else None
@@ -209,6 +209,6 @@ def replicate(
             write_index(cfg.out, by_data[data])
     matrix = matrix_from_results(by_data, seeds, mode)
     matrix["failed"] = failed
-    matrix["data_independent"] = [i for i in experiment_ids if not getattr(registry.get(i), "USES_DATA", True)]
+    matrix["data_independent"] = [i for i in experiment_ids if not registry.get(i).USES_DATA]
     write_matrix(matrix, Path(out))
     return matrix
