@@ -30,8 +30,6 @@ class Progress:
     """Base class: ``task(desc, total)`` yields a ``Tick``, ``phase(desc)`` wraps step-less
     work, ``note(text)`` reports one line; this one shows nothing."""
 
-    prefix: str = ""
-
     @contextlib.contextmanager
     def task(self, desc: str, total: int) -> Iterator[Tick]:
         """A progress task of ``total`` steps."""
@@ -59,13 +57,11 @@ def duration(seconds: float) -> str:
 class Eta:
     """What remains of a sequence of items (experiments) with expected durations.
 
-    ``start(k)`` begins item ``k``: the item running until then is finished (its real
-    duration recorded) and items between are skipped (e.g. resumed from saved results).
-    The time left is the expected time of the items not yet finished, rescaled by
-    ``sum(real) / sum(expected)`` over the finished ones (and the running one, once it takes
-    longer than that predicts: a busy machine shows at once). Before any has finished the
-    expected times are used as they are when ``trusted`` (measured for this mode), else
-    the time left is unknown (None).
+    ``start(k)`` begins item ``k``: the running item is finished (its real duration recorded)
+    and items between are skipped (e.g. resumed from saved results). The time left is the
+    expected time of the unfinished items times ``scale()``. Before any item has finished the
+    expected times are used as they are when ``trusted`` (measured for this mode), else the
+    time left is unknown (None).
     """
 
     def __init__(
@@ -84,19 +80,15 @@ class Eta:
         """Item ``k`` begins now (``0 <= k < len(expected)``)."""
         if not 0 <= k < len(self.expected):
             raise ValueError(f"Eta.start: expected an item in 0..{len(self.expected) - 1}, got {k}")
-        self.finish()
+        if self.current is not None:
+            self.real[self.current] = self.clock() - self.started
         self.skipped.update(j for j in range(k) if j not in self.real)
         self.current, self.started = k, self.clock()
 
-    def finish(self) -> None:
-        """The running item (if any) is done now."""
-        if self.current is not None:
-            self.real[self.current] = self.clock() - self.started
-            self.current = None
-
     def scale(self) -> float | None:
-        """Real / expected time over the finished items (1, or None when not ``trusted``,
-        before any finished), counting the running item too once it has overrun that scale."""
+        """``sum(real) / sum(expected)`` over the finished items (1, or None when not ``trusted``,
+        before any finished), counting the running item too once it has overrun that scale (a
+        busy machine shows at once)."""
         real, expected = sum(self.real.values()), sum(self.expected[j] for j in self.real)
         scale = real / expected if self.real else (1.0 if self.trusted else None)
         if scale is not None and self.current is not None:
@@ -208,16 +200,8 @@ class LineProgress(Progress):
         self.note(f"{desc}: done in {duration(self.clock() - began)}")
 
 
-class _TqdmTick(Tick):
-    def __init__(self, bar: object) -> None:
-        self.bar = bar
-
-    def update(self, n: int = 1) -> None:
-        self.bar.update(n)  # type: ignore[attr-defined]
-
-
 class TqdmProgress(Progress):
-    """A tqdm bar per task on stderr (hidden when stderr is not a terminal)."""
+    """A tqdm bar per task on stderr (a terminal: ``for_stderr``)."""
 
     def __init__(self, prefix: str = "") -> None:
         self.prefix = prefix
@@ -227,12 +211,8 @@ class TqdmProgress(Progress):
         from tqdm import tqdm
 
         label = f"{self.prefix} {desc}".strip()
-        disable = not sys.stderr.isatty()
-        bar = tqdm(total=total, desc=label, unit="step", leave=False, file=sys.stderr, disable=disable, mininterval=0.2)
-        try:
-            yield _TqdmTick(bar)
-        finally:
-            bar.close()
+        with tqdm(total=total, desc=label, unit="step", leave=False, file=sys.stderr, mininterval=0.2) as bar:
+            yield bar  # its update(n) is Tick's
 
 
 def for_stderr(prefix: str, *, expected_s: float | None = None, eta: Eta | None = None) -> Progress:

@@ -13,6 +13,7 @@ judge theirs at the first seed only, and the matrix says so (``seeds`` of each c
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ from typing import Any
 from ._files import write_text_atomic
 from .config import Mode, RunConfig
 from .progress import Progress
-from .report import matrix_html, write_experiment_report, write_index
-from .results import RESULTS_NAME, count_claims, load_results, save_results, to_jsonable
-from .runner import ExperimentFailed, experiment_dir, judge_saved, run_one
+from .report import matrix_html, write_index
+from .results import RESULTS_NAME, count_claims, load_results, to_jsonable
+from .runner import ExperimentFailed, experiment_dir, judge_and_save, run_one
 
 __all__ = ["compare_matrices", "matrix_from_results", "parse_seeds", "replicate", "write_matrix"]
 
@@ -31,22 +32,17 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     """``"0-4"`` -> (0, 1, 2, 3, 4); ``"0,3,7"`` -> (0, 3, 7); ranges and lists mix (``"0-2,9"``)."""
     seeds: list[int] = []
     for part in str(text).split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                lo, hi = (int(v) for v in part.split("-", 1))
-                if lo > hi:
-                    raise ValueError
-                seeds.extend(range(lo, hi + 1))
-            else:
-                seeds.append(int(part))
-        except ValueError:
-            raise ValueError(
-                f"expected seeds like 0-4 or 0,3,7 (non-negative, ascending ranges), got {text!r}"
-            ) from None
-    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds) or not seeds:
+        found = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if found is None or int(found[1]) > int(found[2] or found[1]):
+            raise ValueError(f"expected seeds like 0-4 or 0,3,7 (non-negative, ascending ranges), got {text!r}")
+        seeds.extend(range(int(found[1]), int(found[2] or found[1]) + 1))
+    if len(set(seeds)) != len(seeds):
         raise ValueError(f"expected distinct non-negative seeds like 0-4 or 0,3,7, got {text!r}")
     return tuple(seeds)
+
+
+# what the matrix keeps of each claim, in this order ("zero_spread" and "confidence" where present)
+_CLAIM_KEYS = "claim kind n_seeds why verdict estimate interval direction expected source evidence".split()
 
 
 def _cell(results: dict[str, Any]) -> dict[str, Any]:
@@ -64,17 +60,9 @@ def _cell(results: dict[str, Any]) -> dict[str, Any]:
         "seeds": seeds if seeds is not None else [results.get("run", {}).get("seed", 0)],
         "claims": [
             {
-                "claim": c.get("claim"),
+                **{k: c.get(k) for k in _CLAIM_KEYS},
                 "kind": c.get("kind", "replication"),
-                "n_seeds": c.get("n_seeds"),
-                "why": c.get("why"),
                 "verdict": v,
-                "estimate": c.get("estimate"),
-                "interval": c.get("interval"),
-                "direction": c.get("direction"),
-                "expected": c.get("expected"),
-                "source": c.get("source"),
-                "evidence": c.get("evidence"),
                 **{k: c[k] for k in ("zero_spread", "confidence") if k in c},
             }
             for c, v in zip(claims, verdicts)
@@ -99,18 +87,12 @@ def compare_matrices(first: Mapping[str, Any], second: Mapping[str, Any]) -> lis
     ``holds`` and the other ``does not hold`` (``inconclusive`` on either side is no flip).
     Claims are matched by position because a claim's wording may carry measured numbers.
     """
+    cells = {(row["id"], data): cell for row in second.get("rows", []) for data, cell in row["cells"].items()}
     rows: list[dict[str, Any]] = []
-    second_rows = {r["id"]: r for r in second.get("rows", [])}
     for row in first.get("rows", []):
-        other = second_rows.get(row["id"])
-        if other is None:
-            continue
         for data, cell in row["cells"].items():
-            other_cell = other["cells"].get(data)
-            if other_cell is None:
-                continue
-            for i, (a, b) in enumerate(zip(cell["claims"], other_cell["claims"])):
-                pair = {a["verdict"], b["verdict"]}
+            other = cells.get((row["id"], data), {"claims": []})
+            for i, (a, b) in enumerate(zip(cell["claims"], other["claims"])):
                 rows.append(
                     {
                         "id": row["id"],
@@ -119,7 +101,7 @@ def compare_matrices(first: Mapping[str, Any], second: Mapping[str, Any]) -> lis
                         "claim": a["claim"],
                         "first": a["verdict"],
                         "second": b["verdict"],
-                        "flip": pair == {"holds", "does not hold"},
+                        "flip": {a["verdict"], b["verdict"]} == {"holds", "does not hold"},
                     }
                 )
     return rows
@@ -192,9 +174,7 @@ def replicate(
             saved = _saved_run(directory, cfg) if resume else None
             try:
                 if saved is not None:
-                    results = judge_saved(saved, directory)
-                    save_results(directory, results)
-                    write_experiment_report(directory, results, registry.get(experiment_id))
+                    results = judge_and_save(saved, directory)
                 else:
                     k = d * len(experiment_ids) + i  # position in the whole replication
                     progress = (
