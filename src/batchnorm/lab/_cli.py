@@ -240,8 +240,9 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
     per_seed = len(seeds) / SEED_PLANS["quick"].looks[0]
     eta = Eta([QUICK_SECONDS[i] * per_seed for _ in datasets for i in ids], trusted=args.mode == "quick")
 
-    def progress_for(experiment_id: str, k: int, n: int) -> Progress:
-        return _started(eta, k, f"[{k + 1}/{n}] {datasets[k // len(ids)]} {experiment_id}")
+    def progress_for(k: int) -> Progress:
+        data, experiment_id = datasets[k // len(ids)], ids[k % len(ids)]
+        return _started(eta, k, f"[{k + 1}/{len(datasets) * len(ids)}] {data} {experiment_id}")
 
     start = time.perf_counter()
     matrix = replicate(datasets, seeds, args.mode, args.out, ids, progress_for, resume=args.resume)

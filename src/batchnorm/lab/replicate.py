@@ -5,9 +5,6 @@ sizes beside the papers'.
     matrix = replicate(["digits", "mnist1d"], seeds=(0, 1, 2, 3, 4), mode="quick", out=Path("runs/rep"))
     # runs/rep/<data>/<id>/... (each run as `lab run` writes it), runs/rep/replication.json,
     # runs/rep/index.html
-
-Experiments built on ``experiment.Experiment`` judge each claim over all the seeds; the others
-judge theirs at the first seed only, and the matrix says so (``seeds`` of each cell).
 """
 
 from __future__ import annotations
@@ -138,7 +135,7 @@ def replicate(
     mode: Mode,
     out: Path,
     ids: Sequence[str] | None = None,
-    progress_for: Callable[[str, int, int], Progress] | None = None,
+    progress_for: Callable[[int], Progress] | None = None,
     *,
     resume: bool = False,
 ) -> dict[str, Any]:
@@ -147,19 +144,16 @@ def replicate(
 
     With ``resume``, an experiment whose ``out/<data>/<id>/results.json`` was measured with the
     same mode, data set and seeds is not trained again: its claims are judged again from the
-    saved measurements (so a finished half of an interrupted or failed replication is kept).
-    An experiment that ignores ``--data`` (its ``USES_DATA`` is false) runs only for
-    the first data set; the matrix lists it in ``"data_independent"`` and no other column counts
-    it. An experiment that fails leaves its cell empty and is listed under ``"failed"`` (one line
-    each); the others still run and the matrix is written. ``progress_for(id, k, n)`` makes the
-    progress display of the ``k``-th of the ``n`` runs (data sets in order, experiments within
-    each); it is not called for a run kept by ``resume``.
+    saved measurements. An experiment that ignores ``--data`` (``USES_DATA`` false) runs only
+    for the first data set; the matrix lists it in ``"data_independent"``. An experiment that
+    fails leaves its cell empty and is listed under ``"failed"`` (one line each); the others
+    still run. ``progress_for(k)`` makes the progress display of the ``k``-th run (data sets in
+    order, experiments within each); it is not called for a run kept by ``resume``.
     """
     from . import registry
 
     experiment_ids = list(ids) if ids is not None else list(registry.ids())
-    for experiment_id in experiment_ids:
-        registry.get(experiment_id)  # fail on a bad id before training anything
+    uses_data = {i: registry.get(i).USES_DATA for i in experiment_ids}  # a bad id fails before any training
     by_data: dict[str, list[dict[str, Any]]] = {}
     failed: list[str] = []
     for d, data in enumerate(datasets):
@@ -168,7 +162,7 @@ def replicate(
         )
         by_data[data] = []
         for i, experiment_id in enumerate(experiment_ids):
-            if data != datasets[0] and not registry.get(experiment_id).USES_DATA:
+            if d > 0 and not uses_data[experiment_id]:
                 continue  # it ignores --data: measured once, in the first data set's column only
             directory = experiment_dir(cfg.out, experiment_id)
             saved = _saved_run(directory, cfg) if resume else None
@@ -176,10 +170,7 @@ def replicate(
                 if saved is not None:
                     results = judge_and_save(saved, directory)
                 else:
-                    k = d * len(experiment_ids) + i  # position in the whole replication
-                    progress = (
-                        progress_for(experiment_id, k, len(datasets) * len(experiment_ids)) if progress_for else None
-                    )
+                    progress = progress_for(d * len(experiment_ids) + i) if progress_for else None
                     results = run_one(experiment_id, cfg, progress)
             except ExperimentFailed as err:
                 failed.append(f"{data}: {err}")
@@ -189,6 +180,6 @@ def replicate(
             write_index(cfg.out, by_data[data])
     matrix = matrix_from_results(by_data, seeds, mode)
     matrix["failed"] = failed
-    matrix["data_independent"] = [i for i in experiment_ids if not registry.get(i).USES_DATA]
+    matrix["data_independent"] = [i for i in experiment_ids if not uses_data[i]]
     write_matrix(matrix, Path(out))
     return matrix
