@@ -1,7 +1,7 @@
 """Progress reporting for experiments: a terminal bar (tqdm), one line per phase (logs), or nothing.
 
-Experiments receive a ``Progress`` and open one task per training arm (or per block of
-seeds trained together); a step-less stretch of work is a ``phase``:
+Experiments open one task per training arm (or block of seeds trained together); a step-less
+stretch of work is a ``phase``:
 
     with progress.task("BN", total=steps) as tick:
         train(..., tick=tick)
@@ -55,26 +55,23 @@ def duration(seconds: float) -> str:
 
 
 class Eta:
-    """What remains of a sequence of items (experiments) with expected durations.
+    """What remains of a sequence of items (experiments), started in order, with expected durations.
 
     ``start(k)`` begins item ``k``: the running item is finished (its real duration recorded)
-    and items between are skipped (e.g. resumed from saved results). The time left is the
-    expected time of the unfinished items times ``scale()``. Before any item has finished the
-    expected times are used as they are when ``trusted`` (measured for this mode), else the
-    time left is unknown (None).
+    and items before ``k`` never started are skipped (e.g. resumed from saved results). The time
+    left is the expected time of the items after the running one plus the running one's rest,
+    times ``scale()``. Before any item has finished the expected times are used as they are when
+    ``trusted`` (measured for this mode), else the time left is unknown (None).
     """
 
     def __init__(
         self, expected: Sequence[float], *, trusted: bool = True, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.expected = [max(float(e), 1e-9) for e in expected]
-        self.trusted = trusted
-        self.clock = clock
-        self.began = clock()
+        self.trusted, self.clock = trusted, clock
+        self.began = self.started = clock()
         self.real: dict[int, float] = {}
-        self.skipped: set[int] = set()
         self.current: int | None = None
-        self.started = self.began
 
     def start(self, k: int) -> None:
         """Item ``k`` begins now (``0 <= k < len(expected)``)."""
@@ -82,7 +79,6 @@ class Eta:
             raise ValueError(f"Eta.start: expected an item in 0..{len(self.expected) - 1}, got {k}")
         if self.current is not None:
             self.real[self.current] = self.clock() - self.started
-        self.skipped.update(j for j in range(k) if j not in self.real)
         self.current, self.started = k, self.clock()
 
     def scale(self) -> float | None:
@@ -118,9 +114,8 @@ class Eta:
         scale = self.scale()
         if scale is None:
             return None
-        done = set(self.real) | self.skipped | ({self.current} if self.current is not None else set())
-        rest = sum(e for j, e in enumerate(self.expected) if j not in done) * scale
-        return rest + (self.current_left() or 0.0)
+        later = self.expected[0 if self.current is None else self.current + 1 :]
+        return sum(later) * scale + (self.current_left() or 0.0)
 
 
 class _LineTick(Tick):
@@ -144,14 +139,9 @@ class _LineTick(Tick):
 
 class LineProgress(Progress):
     """One line per finished task or phase, and one every ``every_s`` seconds inside a long
-    task, on ``stream`` (default: stderr at the time of writing), each with the time spent,
-    the experiment's time so far and what remains.
-
-    Args:
-        prefix: what every line starts with (e.g. ``"[3/13] lr-sweep"``).
-        expected_s: the experiment's expected duration (None: unknown), for its time left.
-        eta: the whole command's ``Eta``, for the time left in all.
-    """
+    task, on ``stream`` (default: stderr at the time of writing), each starting with ``prefix``
+    (e.g. ``"[3/13] lr-sweep"``) and ending with the time spent and left of the experiment
+    (``expected_s``: its expected duration, None if unknown) and of the whole command (``eta``)."""
 
     def __init__(
         self,
