@@ -33,7 +33,6 @@ __all__ = [
     "redraw",
     "run_one",
     "run_many",
-    "run_or_error",
     "saved_results",
 ]
 
@@ -78,9 +77,7 @@ def run_one(experiment_id: str, cfg: RunConfig, progress: Progress | None = None
         "id": experiment_id,
         "description": experiment.DESCRIPTION,
         "run": {k: v for k, v in cfg.to_json().items() if k != "out"},
-        "config": out.get("config", {}),
-        "data": out.get("data", {}),
-        "metrics": out.get("metrics", {}),
+        **{key: out.get(key, {}) for key in ("config", "data", "metrics")},
         "versions": versions(),
         "threads": 1,
         "wall_time_s": round(wall, 3),
@@ -115,7 +112,7 @@ def judge_and_save(results: dict[str, Any], directory: Path, *, save_measurement
     return judged
 
 
-def run_or_error(
+def _run_or_error(
     experiment_id: str, cfg: RunConfig, progress: Progress | None = None
 ) -> dict[str, Any] | ExperimentFailed:
     """``run_one``'s results, or its ``ExperimentFailed`` (returned, not raised)."""
@@ -139,10 +136,10 @@ def run_many(
         raise ValueError(f"run_many: expected jobs >= 1, got {jobs!r}")
     if jobs == 1 or len(experiment_ids) == 1:
         for k, experiment_id in enumerate(experiment_ids):
-            yield k, experiment_id, run_or_error(experiment_id, cfg, progress_for(k) if progress_for else None)
+            yield k, experiment_id, _run_or_error(experiment_id, cfg, progress_for(k) if progress_for else None)
         return
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_or_error, e, cfg): (k, e) for k, e in enumerate(experiment_ids)}
+        futures = {pool.submit(_run_or_error, e, cfg): (k, e) for k, e in enumerate(experiment_ids)}
         for future in as_completed(futures):
             yield (*futures[future], future.result())
 
@@ -175,19 +172,14 @@ def redraw(directory: Path) -> list[Path]:
 
 def _redraw_one(target: Path) -> Path:
     results = load_results(target)
-    experiment_id = results.get("id")
-    if not isinstance(experiment_id, str):
+    if not isinstance(results.get("id"), str):
         raise ValueError(f"{str(target / RESULTS_NAME)!r} has no experiment id")
-    experiment = registry.get(experiment_id)
     try:
-        claims = to_jsonable(experiment.claims(results))
-        report = write_experiment_report(target, {**results, "claims": claims}, experiment)
-    except (KeyError, IndexError, TypeError) as err:
+        judge_and_save(results, target)
+    except (ExperimentFailed, KeyError, IndexError, TypeError) as err:
+        cause = err.__cause__ if isinstance(err, ExperimentFailed) else err
         raise ValueError(
-            f"{str(target / RESULTS_NAME)!r} cannot be redrawn ({type(err).__name__}: {err}); it may come from an "
-            f"older version of {experiment_id}: run it again"
+            f"{str(target / RESULTS_NAME)!r} cannot be redrawn ({type(cause).__name__}: {cause}); it may come from an "
+            f"older version of {results['id']}: run it again"
         ) from err
-    results["claims"] = claims
-    results.pop("claims_error", None)  # judged now
-    save_results(target, results)
-    return report
+    return target / "report.html"
