@@ -46,23 +46,20 @@ def _cell(results: dict[str, Any]) -> dict[str, Any]:
     """One (experiment, data set) cell: replications counted in ``holds`` / ``does_not_hold`` /
     ``inconclusive``, identities of the math apart in ``identities`` (``results.count_claims``)."""
     claims = results.get("claims", [])
-    verdicts = [c.get("verdict", "holds" if c.get("holds") else "does not hold") for c in claims]
-    seeds = results.get("metrics", {}).get("seeds") if isinstance(results.get("metrics"), dict) else None
     counts = count_claims(claims)
+    seeds = results.get("metrics", {}).get("seeds") if isinstance(results.get("metrics"), dict) else None
     return {
-        "holds": counts["replication"]["holds"],
-        "does_not_hold": counts["replication"]["does not hold"],
-        "inconclusive": counts["replication"]["inconclusive"],
+        **{verdict.replace(" ", "_"): n for verdict, n in counts["replication"].items()},
         "identities": counts["identity"],
         "seeds": seeds if seeds is not None else [results.get("run", {}).get("seed", 0)],
         "claims": [
             {
                 **{k: c.get(k) for k in _CLAIM_KEYS},
                 "kind": c.get("kind", "replication"),
-                "verdict": v,
+                "verdict": c.get("verdict", "holds" if c.get("holds") else "does not hold"),
                 **{k: c[k] for k in ("zero_spread", "confidence") if k in c},
             }
-            for c, v in zip(claims, verdicts)
+            for c in claims
         ],
     }
 
