@@ -11,6 +11,8 @@ Imported whenever the ``batchnorm`` parser is built, so it imports nothing heavy
 from __future__ import annotations
 
 import argparse
+import importlib.resources
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..cli._util import CliError, check_output_dir, probe_write, require
-from .quick_seconds import QUICK_SECONDS
 
 if TYPE_CHECKING:
     from .progress import Eta, Progress
@@ -106,12 +107,20 @@ def _count(low: int) -> Callable[[str], int]:
     return parse
 
 
+def quick_seconds() -> dict[str, float]:
+    """Each experiment's measured ``--quick`` wall time (``quick_seconds.json``, package data
+    written by scripts/measure_lab_times.py)."""
+    text = importlib.resources.files(__package__).joinpath("quick_seconds.json").read_text(encoding="utf-8")
+    return dict(json.loads(text)["seconds"])
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from . import registry
 
+    seconds = quick_seconds()
     for experiment_id in registry.ids():
         description = registry.get(experiment_id).DESCRIPTION
-        print(f"{experiment_id:<26} ~{QUICK_SECONDS[experiment_id]:>4.0f} s quick   {description}")
+        print(f"{experiment_id:<26} ~{seconds[experiment_id]:>4.0f} s quick   {description}")
     return 0
 
 
@@ -174,7 +183,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     n = len(ids)
     # quick-mode times are measured; other modes learn their scale from the first experiment
-    eta = Eta([QUICK_SECONDS[i] for i in ids], trusted=args.mode == "quick")
+    eta = Eta([quick_seconds()[i] for i in ids], trusted=args.mode == "quick")
     outcomes = run_many(ids, cfg, args.jobs, lambda k: _started(eta, k, f"[{k + 1}/{n}] {ids[k]}", overall=n > 1))
     failed = 0
     all_claims: list[dict[str, Any]] = []
@@ -238,7 +247,7 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
 
     # quick times are measured under the seed plan, which trains at least its first look's seeds
     per_seed = len(seeds) / SEED_PLANS["quick"].looks[0]
-    eta = Eta([QUICK_SECONDS[i] * per_seed for _ in datasets for i in ids], trusted=args.mode == "quick")
+    eta = Eta([quick_seconds()[i] * per_seed for _ in datasets for i in ids], trusted=args.mode == "quick")
 
     def progress_for(k: int) -> Progress:
         data, experiment_id = datasets[k // len(ids)], ids[k % len(ids)]

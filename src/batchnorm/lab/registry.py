@@ -1,18 +1,16 @@
 """The list of experiments, in a fixed order, imported lazily.
 
-Each module ``batchnorm.lab.experiments.<id with _>`` follows the contract of docs/lab.md
-("Writing an experiment"): an ``EXPERIMENT`` instance of an ``experiment.Experiment`` subclass
-(its ``ID`` is the module's name, its ``DESCRIPTION`` one line; ``run``, ``claims`` and
-``figures``: see ``Experiment``), its prose in ``<module>.md`` beside it (package data, read by
-``report.explanation``). Its ``--quick`` time is measured, in ``quick_seconds``. Adding an
-experiment = one module and its Markdown file, and its id listed in ``EXPERIMENTS``. Ids whose
-module does not exist are skipped.
+Each module ``batchnorm.lab.experiments.<id with _>`` exposes ``EXPERIMENT``, an instance of an
+``experiment.Experiment`` subclass (its ``ID`` is the module's name, its ``DESCRIPTION`` one
+line), with its prose in ``<module>.md`` beside it (package data, read by ``report.explanation``)
+and its measured ``--quick`` time in ``quick_seconds.json``. Adding an experiment = one module, its
+Markdown file, its id listed in ``EXPERIMENTS`` and its time measured (docs/lab.md, "Writing an
+experiment").
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -39,8 +37,8 @@ EXPERIMENTS: tuple[str, ...] = (
 
 
 def ids() -> tuple[str, ...]:
-    """Ids of the experiments whose module exists, in the fixed order."""
-    return tuple(e for e in EXPERIMENTS if importlib.util.find_spec(module_name(e)) is not None)
+    """The experiments' ids, in the fixed order."""
+    return EXPERIMENTS
 
 
 def module_name(experiment_id: str) -> str:
@@ -49,10 +47,7 @@ def module_name(experiment_id: str) -> str:
 
 
 def get(experiment_id: str) -> Experiment:
-    """The experiment's ``EXPERIMENT``; ValueError for an unknown id or a module without one."""
-    if experiment_id not in ids():
-        raise ValueError(f"unknown experiment {experiment_id!r}; known: {', '.join(ids())}")
-    module = importlib.import_module(module_name(experiment_id))
-    if not hasattr(module, "EXPERIMENT"):
-        raise ValueError(f"experiment module {module.__name__} lacks EXPERIMENT")
-    return module.EXPERIMENT
+    """The experiment's ``EXPERIMENT``; ValueError for an unknown id."""
+    if experiment_id not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {experiment_id!r}; known: {', '.join(EXPERIMENTS)}")
+    return importlib.import_module(module_name(experiment_id)).EXPERIMENT
