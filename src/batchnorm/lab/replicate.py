@@ -19,7 +19,7 @@ from ._files import write_text_atomic
 from .config import Mode, RunConfig
 from .progress import Progress
 from .report import matrix_html, write_index
-from .results import RESULTS_NAME, count_claims, load_results, to_jsonable
+from .results import count_claims, load_results, to_jsonable
 from .runner import ExperimentFailed, experiment_dir, judge_and_save, run_one
 
 __all__ = ["compare_matrices", "matrix_from_results", "parse_seeds", "replicate", "write_matrix"]
@@ -111,18 +111,12 @@ def write_matrix(matrix: dict[str, Any], out: Path) -> Path:
 
 def _saved_run(directory: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """The results saved in ``directory`` if they were measured with ``cfg``'s mode, data and seeds."""
-    if not (directory / RESULTS_NAME).is_file():
-        return None
     try:
         saved = load_results(directory)
-    except ValueError:
+    except ValueError:  # none, or not readable
         return None
     run = saved.get("run", {})
-    same = (
-        run.get("mode") == cfg.mode
-        and run.get("data") == cfg.data
-        and [int(v) for v in run.get("seeds") or []] == [int(v) for v in cfg.seeds or ()]
-    )
+    same = (run.get("mode"), run.get("data"), run.get("seeds")) == (cfg.mode, cfg.data, list(cfg.seeds or ()))
     return saved if same and saved.get("metrics") else None
 
 

@@ -26,15 +26,7 @@ from .progress import Progress
 from .report import write_experiment_report, write_index
 from .results import RESULTS_NAME, load_results, save_results, to_jsonable, versions
 
-__all__ = [
-    "ExperimentFailed",
-    "experiment_dir",
-    "judge_and_save",
-    "redraw",
-    "run_one",
-    "run_many",
-    "saved_results",
-]
+__all__ = ["ExperimentFailed", "experiment_dir", "judge_and_save", "redraw", "run_one", "run_many", "saved_results"]
 
 
 class ExperimentFailed(RuntimeError):
