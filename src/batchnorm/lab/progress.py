@@ -170,11 +170,10 @@ class LineProgress(Progress):
             text += f", ~{duration(left)} left" if left > 0 else f", past its estimate of {duration(self.expected_s)}"
         if self.eta is not None:
             left_all = self.eta.left()
-            text += f"; all {duration(self.eta.elapsed())}" + (
-                f", ~{duration(left_all)} left"
-                if left_all is not None
-                else ", time left known after the first experiment"
+            rest = (
+                ", time left known after the first experiment" if left_all is None else f", ~{duration(left_all)} left"
             )
+            text += f"; all {duration(self.eta.elapsed())}{rest}"
         return text
 
     @contextlib.contextmanager
