@@ -15,7 +15,7 @@ from batchnorm.lab.runner import run_one
 
 
 def test_tiny_run_pairs_the_arms_exactly_and_claims_read_every_seed(tmp_path: Path) -> None:
-    results = run_one(exp.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
     per = results["metrics"]["per_seed"]
     assert torch.get_default_dtype() == torch.float32  # the float64 block restored it
     for m in per:
@@ -25,7 +25,7 @@ def test_tiny_run_pairs_the_arms_exactly_and_claims_read_every_seed(tmp_path: Pa
     assert [c["verdict"] for c in results["claims"]] == ["holds"] * 4, results["claims"]
     for m in per:  # a bias gradient as large as the weights' on every seed
         m["bias_grad_max"] = list(m["weight_grad_max"])
-    first = exp.claims(results)[0]
+    first = exp.EXPERIMENT.claims(results)[0]
     assert first["verdict"] == "does not hold" and first["seeds"] == [0, 1, 2]
 
 
@@ -46,7 +46,7 @@ def test_eval_removal_leaves_the_model_alone_and_folding_is_exact() -> None:
 
 
 def test_quick_mode_claims_hold_at_the_first_look(tmp_path: Path) -> None:
-    results = run_one(exp.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
     assert results["metrics"]["seeds"] == [0, 1, 2, 3]  # the first look (4 seeds) decides every claim
     assert [c["verdict"] for c in results["claims"]] == ["holds"] * 4, results["claims"]
     assert [c["kind"] for c in results["claims"]] == ["identity"] * 4  # consequences of the math

@@ -96,7 +96,7 @@ def test_every_experiment_has_a_claims_file() -> None:
 @pytest.mark.parametrize("experiment_id", _with_claims_file())
 def test_a_tiny_run_makes_exactly_the_declared_claims(experiment_id: str, tmp_path: Path) -> None:
     module = registry.get(experiment_id)
-    specs = claims_spec.load(module.__name__)
+    specs = claims_spec.load(registry.module_name(experiment_id))
     saved = torch.get_num_threads()
     torch.set_num_threads(1)  # as the runner does: these models are tiny
     try:
@@ -115,11 +115,10 @@ def test_a_tiny_run_makes_exactly_the_declared_claims(experiment_id: str, tmp_pa
 
 @pytest.mark.parametrize("experiment_id", registry.ids())
 def test_settings_record_the_computed_fields_then_the_file_in_order(experiment_id: str) -> None:
-    module = registry.get(experiment_id)
-    s = module.EXPERIMENT.settings(RunConfig(mode="quick"))
+    s = registry.get(experiment_id).settings(RunConfig(mode="quick"))
     if not isinstance(s, claims_spec.Declared):
         pytest.skip(f"{experiment_id} declares every setting in code")
-    declared = claims_spec.load_settings(module.__name__)
+    declared = claims_spec.load_settings(registry.module_name(experiment_id))
     fields = [f.name for f in dataclasses.fields(s)]
     record = s.record()
     assert list(record) == [name for name in fields if name not in declared] + list(declared)

@@ -51,7 +51,7 @@ def test_the_calibration_seed_is_never_a_claim_seed(tmp_path: Path) -> None:
 
 
 def test_tiny_run_records_the_rule_and_claims_read_every_seed(tmp_path: Path) -> None:
-    results = run_one(exp.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
     cfg = results["config"]
     assert (
         cfg["steps"] == cfg["max_steps"] and set(cfg["calibration_fit_steps"]) == set(cfg["arms"]) and cfg["steps_rule"]
@@ -61,7 +61,7 @@ def test_tiny_run_records_the_rule_and_claims_read_every_seed(tmp_path: Path) ->
     assert [len(c["seeds"]) for c in results["claims"]] == [3] * 5
     for m in per:  # BN's test loss 0.5 above plain's for every replicate of every seed
         m["BN"]["test_loss"] = [v + 0.5 for v in m["plain"]["test_loss"]]
-    first = exp.claims(results)[0]
+    first = exp.EXPERIMENT.claims(results)[0]
     assert first["verdict"] == "does not hold" and first["estimate"] == pytest.approx(0.5)
 
 
@@ -70,7 +70,7 @@ def test_quick_mode_on_digits_base_seed_0(tmp_path: Path) -> None:
     """All five claims hold; "dropout 0.5 on top of BN gains < 1 pp" sits near its threshold
     (about +0.4 pp) and needs 16 seeds (the seed plan's futility minimum: at 8 seeds its
     interval still reached past 1 pp); every arm fits."""
-    results = run_one(exp.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
     claims = results["claims"]
     assert [c["verdict"] for c in claims] == ["holds"] * 5, claims
     assert results["metrics"]["seeds"] == list(range(16)) and [c["n_seeds"] for c in claims] == [8, 8, 8, 16, 4]

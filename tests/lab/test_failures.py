@@ -19,15 +19,23 @@ from batchnorm.lab.config import RunConfig
 from batchnorm.lab.runner import ExperimentFailed, run_one
 
 
-def _broken_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    raise KeyError("8")
+def _break_judging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner's judging of bias's claims raises; the run's own looks at its seeds still judge."""
+    experiment = registry.get("bias")
+    claims = experiment.claims
+
+    def broken(results: dict[str, Any]) -> list[dict[str, Any]]:
+        if "id" in results:  # saved results, as the runner judges them
+            raise KeyError("8")
+        return claims(results)
+
+    monkeypatch.setattr(experiment, "claims", broken)
 
 
 def test_a_failed_judging_keeps_the_measurements_and_report_judges_them_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    module = registry.get("bias")
-    monkeypatch.setattr(module, "claims", _broken_claims)
+    _break_judging(monkeypatch)
     with pytest.raises(ExperimentFailed, match=r"bias: judging its claims failed \(KeyError: '8'\)"):
         run_one("bias", RunConfig(mode="tiny", out=tmp_path))
     saved = json.loads((tmp_path / "bias" / "results.json").read_text())
@@ -41,7 +49,7 @@ def test_a_failed_judging_keeps_the_measurements_and_report_judges_them_again(
 def test_lab_run_reports_a_failure_in_one_line_and_runs_the_rest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(registry.get("bias"), "claims", _broken_claims)
+    _break_judging(monkeypatch)
     code = main(["lab", "run", "bias", "goodfellow-chain", "--tiny", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
@@ -56,7 +64,7 @@ def test_replicate_resume_judges_saved_runs_again_without_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["lab", "replicate", "--tiny", "--data", "digits", "--seeds", "0-1", "--only", "bias,goodfellow-chain"]
-    monkeypatch.setattr(registry.get("bias"), "claims", _broken_claims)
+    _break_judging(monkeypatch)
     assert main([*argv, "--out", str(tmp_path)]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     err = [line for line in lines if " | experiment " not in line]  # the rest are progress lines

@@ -27,7 +27,7 @@ def test_arm_recipes_follow_the_paper() -> None:
 
 
 def test_regime_adaptation_makes_as_many_updates_as_the_small_batch(tmp_path: Path) -> None:
-    results = run_one(exp.ID, RunConfig(mode="tiny", seed=0, out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="tiny", seed=0, out=tmp_path))
     assert results["metrics"]["seeds"] == [0, 1]
     epochs = results["config"]["epochs"]
     for seed in results["metrics"]["per_seed"]:
@@ -60,15 +60,15 @@ def test_claims_pair_the_arms_of_each_seed() -> None:
         "lb_lr_gbn": [94.5, 97.4, 95.6],
         "lb_lr_gbn_ra": [95.2, 98.1, 96.3],
     }
-    assert [c["verdict"] for c in exp.claims(results(good))] == ["holds"] * 3
-    assert exp.claims(results(good))[0]["estimate"] == pytest.approx(2.0)
+    assert [c["verdict"] for c in exp.EXPERIMENT.claims(results(good))] == ["holds"] * 3
+    assert exp.EXPERIMENT.claims(results(good))[0]["estimate"] == pytest.approx(2.0)
     bad = dict(good, lb=[97.0, 99.0, 98.0])
-    assert exp.claims(results(bad))[0]["verdict"] == "does not hold"
+    assert exp.EXPERIMENT.claims(results(bad))[0]["verdict"] == "does not hold"
 
 
 @pytest.mark.slow
 def test_quick_mode_claims_on_digits_base_seed_0(tmp_path: Path) -> None:
-    results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
     claims = results["claims"]
     assert [c["verdict"] for c in claims] == ["holds"] * 3, claims
     assert [c["n_seeds"] for c in claims] == [8, 16, 8], claims

@@ -12,7 +12,7 @@ from batchnorm.lab.runner import run_one
 
 
 def test_seeds_draw_their_own_inputs_and_a_refuting_seed_set_does_not_hold(tmp_path: Path) -> None:
-    results = run_one(exp.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
     per = results["metrics"]["per_seed"]
     assert results["metrics"]["seeds"] == [0, 1, 2] and len(per) == 3
     assert per[0]["cases"][0]["loss"] != per[1]["cases"][0]["loss"]  # different inputs x
@@ -21,12 +21,12 @@ def test_seeds_draw_their_own_inputs_and_a_refuting_seed_set_does_not_hold(tmp_p
     for m in per:
         for i, c in enumerate(x for x in m["cases"] if x["arm"] == "bn"):
             c["safe_lr"] = 10.0 ** (-(i % 2))
-    third = exp.claims(results)[2]
+    third = exp.EXPERIMENT.claims(results)[2]
     assert third["verdict"] == "does not hold" and third["estimate"] == 10.0
 
 
 def test_quick_mode_claims_hold_at_the_first_look(tmp_path: Path) -> None:
-    results = run_one(exp.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
     claims = results["claims"]
     assert results["metrics"]["seeds"] == [0, 1, 2, 3]  # the first look (4 seeds) decides every claim
     assert [c["verdict"] for c in claims] == ["holds"] * 4, claims

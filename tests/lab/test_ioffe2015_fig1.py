@@ -47,7 +47,7 @@ def _bn(h: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 def test_quick_mode_claims_on_digits_base_seed_0(tmp_path: Path) -> None:
     """The seed plan settles every claim (the demo): all five hold, the spread claim at 16 seeds."""
-    results = run_one(exp.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
     claims = results["claims"]
     assert [c["verdict"] for c in claims] == ["holds"] * 5, claims
     assert [c["n_seeds"] for c in claims] == [4, 4, 16, 8, 8], claims
@@ -57,10 +57,10 @@ def test_quick_mode_claims_on_digits_base_seed_0(tmp_path: Path) -> None:
 
 def test_claims_judge_each_seed(tmp_path: Path) -> None:
     """A refuting seed set gives `does not hold`: the claims read every seed's metrics."""
-    results = run_one(exp.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
     assert [len(c["seeds"]) for c in results["claims"]] == [3] * 5
     for rec in results["metrics"]["per_seed"]:
         # BN below the baseline by 50 pp at every checkpoint, on every seed
         rec["bn"]["test_acc"] = [a - 0.5 for a in rec["baseline"]["test_acc"]]
-    first = exp.claims(results)[0]
+    first = exp.EXPERIMENT.claims(results)[0]
     assert first["verdict"] == "does not hold" and first["estimate"] == pytest.approx(-0.5)

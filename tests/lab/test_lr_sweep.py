@@ -32,7 +32,7 @@ def test_growth_and_log_scale_treat_non_finite_values_as_the_cap() -> None:
 
 
 def test_calibration_fixes_the_rates_and_claims_judge_each_seed(tmp_path: Path) -> None:
-    results = run_one(exp.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
     t = results["config"]
     cal = t["calibration"]
     assert cal["seed"] == 1000 and set(cal["validation_acc"]) == {f"{lr:g}" for lr in t["lrs"]}
@@ -44,7 +44,7 @@ def test_calibration_fixes_the_rates_and_claims_judge_each_seed(tmp_path: Path) 
     j = t["lrs"].index(t["high_lr"])
     for k, m in enumerate(results["metrics"]["per_seed"]):  # the plain network as good as BN at the high rate
         m["plain"]["test_acc"][j] = m["bn"]["test_acc"][j] + 0.01 * k
-    assert exp.claims(results)[0]["verdict"] == "does not hold"
+    assert exp.EXPERIMENT.claims(results)[0]["verdict"] == "does not hold"
 
 
 @pytest.mark.slow
@@ -52,7 +52,7 @@ def test_quick_mode_on_digits_base_seed_0(tmp_path: Path) -> None:
     """Three claims hold; the 50-point failure margin at 10x the best rate stays undecided
     (estimate about 58 points, the interval reaching below 50): after 16 seeds the run stops,
     since even the plan's cap of 32 could not settle it."""
-    results = run_one(exp.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
     claims = results["claims"]
     assert [c["verdict"] for c in claims] == ["inconclusive", "holds", "holds", "holds"], claims
     # decided claims stop at a look of the plan (which one depends on the last digits of the

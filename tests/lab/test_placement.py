@@ -32,7 +32,7 @@ def test_first_reaching_counts_never_as_one_checkpoint_past_the_end() -> None:
 
 
 def test_tiny_run_pairs_arms_and_claims_read_every_seed(tmp_path: Path) -> None:
-    results = run_one(exp.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
     per = results["metrics"]["per_seed"]
     reps = results["config"]["replicates"]
     assert len(per) == 3 and all(len(m[arm]) == reps for m in per for arm in m)
@@ -41,14 +41,14 @@ def test_tiny_run_pairs_arms_and_claims_read_every_seed(tmp_path: Path) -> None:
     for m in per:
         for before, after in zip(m["relu/before"], m["relu/after"]):
             after["test_acc"] = [a - 0.05 for a in before["test_acc"]]
-    last = exp.claims(results)[3]
+    last = exp.EXPERIMENT.claims(results)[3]
     assert last["verdict"] == "does not hold" and last["estimate"] == pytest.approx(0.05)
 
 
 @pytest.mark.slow
 def test_quick_mode_on_digits_base_seed_0(tmp_path: Path) -> None:
     """All four claims hold; the ReLU placements' closeness needs the second look (8 seeds)."""
-    results = run_one(exp.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="quick", seed=0, out=tmp_path))
     claims = results["claims"]
     assert [c["verdict"] for c in claims] == ["holds"] * 4, claims
     assert [c["n_seeds"] for c in claims] == [4, 4, 4, 8], claims

@@ -52,18 +52,18 @@ def test_stats_error_is_the_mean_relative_variance_error() -> None:
 
 @pytest.mark.slow
 def test_quick_mode_claims_on_digits_base_seed_0(tmp_path: Path) -> None:
-    results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
     seeds = results["metrics"]["seeds"]
     assert len(seeds) in (4, 8, 16, 32) and seeds == list(range(len(seeds)))  # the seed plan's looks from 0
     assert "does not hold" not in [c["verdict"] for c in results["claims"]], results["claims"]
 
 
 def test_tiny_run_trains_the_seeds_together_and_judges_them(tmp_path: Path) -> None:
-    results = run_one(exp.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
     per_seed = results["metrics"]["per_seed"]
     assert len(per_seed) == 3 and all(len(r["epoch"]) == results["config"]["epochs"] + 1 for r in per_seed)
     assert [len(c["seeds"]) for c in results["claims"]] == [3] * 4
     for r in per_seed:  # EMA 5 pp below precise at every early checkpoint: the first claim holds
         r["acc_ema"] = [a - 0.05 for a in r["acc_precise"]]
-    first = exp.claims(results)[0]
+    first = exp.EXPERIMENT.claims(results)[0]
     assert first["verdict"] == "holds" and first["estimate"] == pytest.approx(5.0)

@@ -76,7 +76,7 @@ def test_ics_leaves_the_model_unchanged_and_vanishes_for_a_tiny_step() -> None:
 
 
 def test_claims_read_each_seeds_median(tmp_path: Path) -> None:
-    results = run_one(exp.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
     assert [len(c["seeds"]) for c in results["claims"]] == [3] * 3
     m = results["metrics"]["per_seed"][1]["dln"]["bn"]
     expected = float(np.median([v["l2"] for step, layers in zip(m["step"], m["ics"]) if step > 0 for v in layers]))
@@ -88,13 +88,13 @@ def test_claims_read_each_seeds_median(tmp_path: Path) -> None:
         for k, layers in enumerate(m["dln"]["none"]["ics"]):
             for v in layers:
                 v["cos"] = 0.9 - 0.01 * k
-    verdicts = [c["verdict"] for c in exp.claims(results)]
+    verdicts = [c["verdict"] for c in exp.EXPERIMENT.claims(results)]
     assert verdicts[:2] == ["does not hold", "does not hold"]
 
 
 @pytest.mark.slow
 def test_quick_mode_on_digits_seeds_0_to_2(tmp_path: Path) -> None:
     """No claim is refuted; BN's larger l2 change in the DLN holds."""
-    results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
     verdicts = [c["verdict"] for c in results["claims"]]
     assert "does not hold" not in verdicts and verdicts[0] == "holds", results["claims"]

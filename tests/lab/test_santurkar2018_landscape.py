@@ -67,7 +67,7 @@ def test_walk_matches_explicit_steps_and_leaves_the_model_unchanged(norm: str | 
 def test_claims_are_paired_ratios_judged_over_seeds(tmp_path: Path) -> None:
     """Each seed contributes its geometric-mean ratio BN / no BN; a seed set where BN is 3x
     rougher everywhere refutes the claims."""
-    results = run_one(exp.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
     assert [len(c["seeds"]) for c in results["claims"]] == [3] * 3
     m = results["metrics"]["per_seed"][0]
     gm_bn, gm_none, n, _low, total = exp._seed_means(m, "beta_eff", 0.05)
@@ -79,12 +79,12 @@ def test_claims_are_paired_ratios_judged_over_seeds(tmp_path: Path) -> None:
         for e_none, e_bn in zip(m["none"]["landscape"], m["bn"]["landscape"]):
             for key in ("loss_variation", "grad_predictiveness", "beta_eff"):
                 e_bn[key] = 3.0 * e_none[key] * (1.0 + 0.01 * len(m["bn"]["step"]))
-    assert [c["verdict"] for c in exp.claims(results)] == ["does not hold"] * 3
+    assert [c["verdict"] for c in exp.EXPERIMENT.claims(results)] == ["does not hold"] * 3
 
 
 @pytest.mark.slow
 def test_quick_mode_claims_hold_on_digits(tmp_path: Path) -> None:
-    results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
     seeds = results["metrics"]["seeds"]
     assert len(seeds) in (4, 8, 16, 32) and seeds == list(range(len(seeds)))  # the seed plan's looks from 0
     failed = [c for c in results["claims"] if not c["holds"]]

@@ -147,14 +147,14 @@ def test_stacked_noisy_training_equals_each_seed_alone() -> None:
 
 def test_claims_judge_each_seed(tmp_path: Path) -> None:
     """A refuting seed set gives `does not hold`: the claims read every seed's metrics."""
-    results = run_one(exp.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="tiny", seeds=(0, 1, 2), out=tmp_path))
     assert results["config"]["noise_magnitude"] in results["config"]["noise_grid"]
     assert results["config"]["calibration"]["seed"] == 1000
     assert [len(c["seeds"]) for c in results["claims"]] == [3] * 4
     for m in results["metrics"]["per_seed"]:
         for lr in ("0.1", "0.5"):
             m[f"noisy@{lr}"]["final_train_acc"] = m[f"bn@{lr}"]["final_train_acc"] - 0.3 - 0.01 * len(lr)
-    first = exp.claims(results)[0]
+    first = exp.EXPERIMENT.claims(results)[0]
     assert first["verdict"] == "does not hold"
 
 
@@ -164,7 +164,7 @@ def test_quick_mode_on_digits_base_seed_0(tmp_path: Path) -> None:
     lr 0.5 and moves the layer inputs more than no BN (claims 3 and 4 hold), but trains slower
     than no BN at lr 0.05 (claim 2 does not hold) and its final accuracy is not within 2 points
     of BN's (claim 1 does not hold at 8 seeds: 4 left it undecided)."""
-    results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
     assert results["metrics"]["seeds"] == list(range(8))
     assert results["config"]["noise_magnitude"] == 1.6
     verdicts = [c["verdict"] for c in results["claims"]]

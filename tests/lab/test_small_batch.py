@@ -117,7 +117,7 @@ def test_non_iid_groups_hold_two_classes_with_two_examples_each() -> None:
 
 @pytest.mark.slow
 def test_quick_mode_claims_on_digits_base_seed_0(tmp_path: Path) -> None:
-    results = run_one(exp.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
+    results = run_one(exp.EXPERIMENT.ID, RunConfig(mode="quick", seed=0, data="digits", out=tmp_path))
     claims = results["claims"]
     assert [c["verdict"] for c in claims] == ["holds"] * 5, claims
     assert [c["n_seeds"] for c in claims] == [8, 4, 4, 8, 4], claims
@@ -159,7 +159,7 @@ def test_claims_are_judged_over_seeds_with_paired_arms() -> None:
         ghost={8: [2.6, 2.9, 3.3], 2: [30.0, 35.0, 40.0]},
         ni={"bn": [20.0, 25.0, 30.0], "brn": [3.0, 3.2, 3.4], "ghost": [10.0, 12.0, 14.0], "gn": [3.0, 3.0, 3.0]},
     )
-    claims = exp.claims(_synthetic(**good))
+    claims = exp.EXPERIMENT.claims(_synthetic(**good))
     assert [c["verdict"] for c in claims] == ["holds"] * 5, claims
     assert claims[0]["estimate"] == pytest.approx(45.0 - 2.5)  # paired mean of BN(2) - BN(32)
     assert claims[1]["estimate"] == pytest.approx(
@@ -171,13 +171,13 @@ def test_claims_are_judged_over_seeds_with_paired_arms() -> None:
         bn={32: [2.0, 2.5, 3.0], 8: [2.5, 3.0, 3.5], 2: [2.5, 3.0, 3.4]},
         ghost={8: [2.6, 2.9, 3.3], 2: [2.4, 3.0, 3.5]},
     )
-    verdicts = [c["verdict"] for c in exp.claims(_synthetic(**flat))]
+    verdicts = [c["verdict"] for c in exp.EXPERIMENT.claims(_synthetic(**flat))]
     assert verdicts[0] == verdicts[1] == verdicts[4] == "does not hold" and verdicts[2] == "holds"
     # BN 5 pp worse than GN at 32 on every seed: refuted; a scattered difference around +1 pp: undecided
     worse = dict(good, bn={32: [7.2, 7.6, 8.1], 8: [2.5, 3.0, 3.5], 2: [40.0, 45.0, 50.0]})
-    assert exp.claims(_synthetic(**worse))[2]["verdict"] == "does not hold"
+    assert exp.EXPERIMENT.claims(_synthetic(**worse))[2]["verdict"] == "does not hold"
     noisy = dict(good, gn=[3.0, 0.5, 3.0])
-    assert exp.claims(_synthetic(**noisy))[2]["verdict"] == "inconclusive"
+    assert exp.EXPERIMENT.claims(_synthetic(**noisy))[2]["verdict"] == "inconclusive"
 
 
 @pytest.mark.parametrize("cls", [GroupedBatchNorm1d, GroupedBatchRenorm1d])
@@ -330,9 +330,9 @@ def test_claims_and_figures_read_only_the_arms_that_are_trained(data: str, mode:
         "data": {"test": 360},
         "metrics": {"seeds": [0, 1, 2], "per_seed": per_seed},
     }
-    claims = exp.claims(results)
+    claims = exp.EXPERIMENT.claims(results)
     assert len(claims) == 5 and all(c["verdict"] in ("holds", "does not hold", "inconclusive") for c in claims)
-    assert all(p.is_file() for p in exp.figures(results, tmp_path))
+    assert all(p.is_file() for p in exp.EXPERIMENT.figures(results, tmp_path))
 
 
 @pytest.mark.slow

@@ -11,13 +11,18 @@ Imported whenever the ``batchnorm`` parser is built, so it imports nothing heavy
 from __future__ import annotations
 
 import argparse
+import importlib.resources
+import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..cli._util import CliError, check_output_dir, probe_write, require
+
+if TYPE_CHECKING:
+    from .progress import Eta, Progress
 
 __all__ = ["register"]
 
@@ -38,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p_run = sub.add_parser("run", help="run experiments (ids from `lab list`, or `all`)")
     p_run.add_argument("ids", nargs="+", metavar="ID", help="experiment ids, or `all`")
     _add_mode(p_run, "scaled-down run (seconds to minutes each: seeds are added until the claims are settled)")
-    p_run.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default 0)")
+    p_run.add_argument("--seed", type=_count(0), default=0, help="random seed (default 0)")
     p_run.add_argument("--data", default="digits", help="digits (default) | mnist1d | mnist:DIR")
     p_run.add_argument(
         "--out",
@@ -49,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p_run.add_argument(
         "--jobs",
-        type=_positive_int,
+        type=_count(1),
         default=1,
         help="experiments run at once, each in its own process with one thread (default 1; 2 on 2 cores "
         "halves `all`'s time; a line is printed as each finishes, no progress bars)",
@@ -87,39 +92,34 @@ def _add_mode(parser: argparse.ArgumentParser, quick_help: str) -> None:
     parser.set_defaults(mode="full")
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+def _count(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low`` (0: non-negative, 1: positive)."""
+
+    def parse(text: str) -> int:
+        try:
+            if int(text) >= low:
+                return int(text)
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"expected a {('non-negative', 'positive')[low]} integer, got {text!r}")
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def quick_seconds(experiment_id: str) -> float:
-    """The measured ``--quick`` wall time of an experiment (the module's own estimate where unmeasured)."""
-    from . import registry
-    from .quick_seconds import QUICK_SECONDS
-
-    if experiment_id in QUICK_SECONDS:
-        return float(QUICK_SECONDS[experiment_id])
-    return float(registry.get(experiment_id).QUICK_SECONDS)
+def quick_seconds() -> dict[str, float]:
+    """Each experiment's measured ``--quick`` wall time (``quick_seconds.json``, package data
+    written by scripts/measure_lab_times.py)."""
+    text = importlib.resources.files(__package__).joinpath("quick_seconds.json").read_text(encoding="utf-8")
+    return dict(json.loads(text)["seconds"])
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from . import registry
 
+    seconds = quick_seconds()
     for experiment_id in registry.ids():
-        module = registry.get(experiment_id)
-        print(f"{experiment_id:<26} ~{quick_seconds(experiment_id):>4.0f} s quick   {module.DESCRIPTION}")
+        description = registry.get(experiment_id).DESCRIPTION
+        print(f"{experiment_id:<26} ~{seconds[experiment_id]:>4.0f} s quick   {description}")
     return 0
 
 
@@ -140,21 +140,38 @@ def _resolve_ids(requested: list[str]) -> list[str]:
 _LAB_MODULES = ("sklearn", "matplotlib", "tqdm")  # what every run needs; mnist1d only for --data mnist1d
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    ids = _resolve_ids(args.ids)
-    require(_LAB_MODULES + (("mnist1d",) if args.data == "mnist1d" else ()), "batchnorm lab run")
-
-    from .config import RunConfig
+def _check_data(command: str, datasets: Sequence[str], seed: int, mode: str) -> None:
+    """The lab's dependencies are installed and every data set loads: else one line, before any training."""
+    require(_LAB_MODULES + (("mnist1d",) if "mnist1d" in datasets else ()), command)
     from .datasets import load
-    from .progress import Eta, for_stderr
-    from .report import write_index
-    from .results import count_claims, describe_counts
-    from .runner import ExperimentFailed, experiment_dir, run_or_error, run_parallel
 
-    try:  # load once up front: a bad data spec or path fails here with one line, before any training
-        load(args.data, args.seed, small=args.mode == "tiny")
+    try:
+        for data in datasets:
+            load(data, seed, small=mode == "tiny")
     except ValueError as err:
         raise CliError(str(err)) from None
+
+
+def _started(eta: Eta, k: int, prefix: str, *, overall: bool = True) -> Progress:
+    """Item ``k`` of ``eta`` begins: its progress display (with the whole command's time left if
+    ``overall``), which says so at once."""
+    from .progress import for_stderr
+
+    eta.start(k)
+    progress = for_stderr(prefix, expected_s=eta.expected_s(k), eta=eta if overall else None)
+    progress.note("started")
+    return progress
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    ids = _resolve_ids(args.ids)
+    _check_data("batchnorm lab run", [args.data], args.seed, args.mode)
+    from .config import RunConfig
+    from .progress import Eta
+    from .report import write_index
+    from .results import count_claims, describe_counts
+    from .runner import ExperimentFailed, experiment_dir, run_many, saved_results
+
     check_output_dir(args.out, "--out")
     for experiment_id in ids:
         target = experiment_dir(args.out, experiment_id)
@@ -163,32 +180,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = RunConfig(mode=args.mode, seed=args.seed, data=args.data, out=args.out)
 
     start = time.perf_counter()
+    n = len(ids)
+    # quick-mode times are measured; other modes learn their scale from the first experiment
+    eta = Eta([quick_seconds()[i] for i in ids], trusted=args.mode == "quick")
+    outcomes = run_many(ids, cfg, args.jobs, lambda k: _started(eta, k, f"[{k + 1}/{n}] {ids[k]}", overall=n > 1))
     failed = 0
     all_claims: list[dict[str, Any]] = []
-    if args.jobs > 1 and len(ids) > 1:
-        outcomes = run_parallel(ids, cfg, args.jobs)
-    else:
-        # quick-mode times are measured; other modes learn their scale from the first experiment
-        eta = Eta([quick_seconds(i) for i in ids], trusted=args.mode == "quick")
-
-        def sequential() -> Iterator[tuple[int, str, Any]]:
-            for i, experiment_id in enumerate(ids):
-                eta.start(i)
-                progress = for_stderr(
-                    f"[{i + 1}/{len(ids)}] {experiment_id}",
-                    expected_s=eta.expected_s(i),
-                    eta=eta if len(ids) > 1 else None,
-                )
-                progress.note("started")
-                yield i, experiment_id, run_or_error(experiment_id, cfg, progress)
-
-        outcomes = sequential()
     for i, _experiment_id, results in outcomes:
         if isinstance(results, ExperimentFailed):  # one line; the other experiments still run
             failed += 1
-            print(
-                f"batchnorm: error: [{i + 1}/{len(ids)}] {' '.join(str(results).split())}", file=sys.stderr, flush=True
-            )
+            print(f"batchnorm: error: [{i + 1}/{n}] {' '.join(str(results).split())}", file=sys.stderr, flush=True)
             continue
         # one line as each experiment finishes (flushed: logs of CI and nohup runs show it at once)
         claims = results.get("claims", [])
@@ -196,7 +197,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         n_seeds = len(results.get("metrics", {}).get("seeds") or [])
         seeds = f"; {n_seeds} seeds" if n_seeds else ""
         print(
-            f"[{i + 1}/{len(ids)}] {results['id']}: {describe_counts(count_claims(claims))}{seeds}, "
+            f"[{i + 1}/{n}] {results['id']}: {describe_counts(count_claims(claims))}{seeds}, "
             f"{results['wall_time_s']:.1f} s -> {experiment_dir(cfg.out, results['id']) / 'report.html'}",
             flush=True,
         )
@@ -204,20 +205,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if not c.get("holds"):
                 why = f"; {c['why']}" if c.get("why") else ""
                 print(f"  {c.get('verdict', 'does not hold')}: {c.get('claim')} ({c.get('evidence')}{why})", flush=True)
-    if len(ids) > 1 or args.ids == ["all"]:
-        index = write_index(cfg.out, _saved_results(cfg.out))
+    if n > 1 or args.ids == ["all"]:
+        index = write_index(cfg.out, saved_results(cfg.out))
         print(f"all: {describe_counts(count_claims(all_claims))}")
         print(f"index: {index} ({time.perf_counter() - start:.1f} s in all)")
     sys.stdout.flush()
     return 1 if failed else 0
-
-
-def _saved_results(out: Path) -> list[dict[str, object]]:
-    """Every ``out/<id>/results.json`` of a known experiment, in the registry's order."""
-    from . import registry
-    from .results import RESULTS_NAME, load_results
-
-    return [load_results(out / i) for i in registry.ids() if (out / i / RESULTS_NAME).is_file()]
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -236,36 +229,28 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_replicate(args: argparse.Namespace) -> int:
-    datasets = [d.strip() for d in args.data.split(",") if d.strip()]
-    require(_LAB_MODULES + (("mnist1d",) if "mnist1d" in datasets else ()), "batchnorm lab replicate")
-    from .datasets import load
     from .replicate import parse_seeds, replicate
 
+    datasets = [d.strip() for d in args.data.split(",") if d.strip()]
     try:
         seeds = parse_seeds(args.seeds)
-        if not datasets:
-            raise ValueError(f"expected --data like digits,mnist1d, got {args.data!r}")
-        for d in datasets:
-            load(d, seeds[0], small=args.mode == "tiny")
     except ValueError as err:
         raise CliError(str(err)) from None
-    ids = _resolve_ids(args.only.split(",")) if args.only else None
+    if not datasets:
+        raise CliError(f"expected --data like digits,mnist1d, got {args.data!r}")
+    _check_data("batchnorm lab replicate", datasets, seeds[0], args.mode)
+    ids = _resolve_ids(args.only.split(",") if args.only else ["all"])
     check_output_dir(args.out, "--out")
     from .experiment import SEED_PLANS
-    from .progress import Eta, Progress, for_stderr
-    from .registry import ids as all_ids
+    from .progress import Eta
 
-    order = ids if ids is not None else list(all_ids())
     # quick times are measured under the seed plan, which trains at least its first look's seeds
     per_seed = len(seeds) / SEED_PLANS["quick"].looks[0]
-    eta = Eta([quick_seconds(i) * per_seed for _ in datasets for i in order], trusted=args.mode == "quick")
+    eta = Eta([quick_seconds()[i] * per_seed for _ in datasets for i in ids], trusted=args.mode == "quick")
 
-    def progress_for(experiment_id: str, k: int, n: int) -> Progress:
-        eta.start(k)
-        data = datasets[k // len(order)]
-        progress = for_stderr(f"[{k + 1}/{n}] {data} {experiment_id}", expected_s=eta.expected_s(k), eta=eta)
-        progress.note("started")
-        return progress
+    def progress_for(k: int) -> Progress:
+        data, experiment_id = datasets[k // len(ids)], ids[k % len(ids)]
+        return _started(eta, k, f"[{k + 1}/{len(datasets) * len(ids)}] {data} {experiment_id}")
 
     start = time.perf_counter()
     matrix = replicate(datasets, seeds, args.mode, args.out, ids, progress_for, resume=args.resume)

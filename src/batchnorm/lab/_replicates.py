@@ -1,13 +1,8 @@
-"""Several networks per seed: the seed's measurement is their mean, which lowers the
-seed-to-seed noise of a claim's per-seed value without adding seeds.
-
-    gens = [replicate_seed(seed, r) for r in range(R)]       # r = 0 is the seed itself
-    per_seed_value = mean_over_replicates([q(run) for run in the seed's R runs])
-
-Replicate ``r`` of seed ``s`` draws its initial weights and minibatch order from
-``replicate_seed(s, r)`` and shares the seed's data split; every arm of the seed uses the same
-``R`` replicate seeds, so arms stay paired replicate by replicate. The verdict is still judged
-over seeds (``verdict.judge``): replicates are averaged inside a seed, never counted as seeds.
+"""Several networks per seed, averaged into the seed's measurement: less seed-to-seed noise in a
+claim's per-seed value without adding seeds. Replicate ``r`` of seed ``s`` draws its initial
+weights and minibatch order from ``replicate_seed(s, r)`` and shares the seed's data split; every
+arm uses the same replicate seeds, so arms stay paired. Claims are still judged over seeds
+(``verdict``): replicates are averaged inside a seed (``mean_over_replicates``), never counted as seeds.
 """
 
 from __future__ import annotations

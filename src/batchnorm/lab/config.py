@@ -4,20 +4,22 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Mode = Literal["tiny", "quick", "full"]
+MODES: tuple[str, ...] = get_args(Mode)
 
-MODES: tuple[str, ...] = ("tiny", "quick", "full")
+
+def _is_seed(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """What the user chose for one experiment run (the experiment records its own choices).
 
-    Experiments read ``mode`` to scale their work (``steps = {"tiny": 60, "quick": 5000,
-    "full": 50000}[cfg.mode]`` style) and must give every random choice a generator seeded
-    from ``seed``, so the same config reproduces the same numbers.
+    Experiments scale their work by ``mode`` and give every random choice a generator seeded
+    from the run's seeds, so the same config reproduces the same numbers.
     """
 
     mode: Mode = "full"
@@ -46,24 +48,16 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"RunConfig: expected mode in {MODES}, got {self.mode!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+        if not _is_seed(self.seed):
             raise ValueError(f"RunConfig: expected seed to be a non-negative int, got {self.seed!r}")
         if self.seeds is not None:
             seeds = tuple(self.seeds)
-            if (
-                not seeds
-                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in seeds)
-                or len(set(seeds)) != len(seeds)
-            ):
+            if not seeds or not all(_is_seed(v) for v in seeds) or len(set(seeds)) != len(seeds):
                 raise ValueError(f"RunConfig: expected seeds to be distinct non-negative ints, got {self.seeds!r}")
             object.__setattr__(self, "seeds", seeds)
         if not isinstance(self.data, str) or not self.data:
             raise ValueError(f"RunConfig: expected data to be a non-empty str, got {self.data!r}")
         object.__setattr__(self, "out", Path(self.out))
-
-    def pick(self, tiny: Any, quick: Any, full: Any) -> Any:
-        """The value for this run's mode: ``cfg.pick(tiny=60, quick=5000, full=50000)``."""
-        return {"tiny": tiny, "quick": quick, "full": full}[self.mode]
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serializable copy (``out`` as a string)."""

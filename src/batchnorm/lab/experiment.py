@@ -1,25 +1,12 @@
-"""What every experiment shares: the seeds it runs, the per-seed loop, and one way to build a
-claim judged over seeds.
+"""What every experiment shares: the seeds it runs, the per-seed loop (``Experiment``), and one
+way to build a claim judged over seeds (``claim``).
 
-An experiment is a subclass of ``Experiment`` with a frozen ``Settings`` dataclass (a
-``claims_spec.Declared``: its constant choices and claim thresholds are data in
-``<name>.settings.toml``, each one's source in ``<name>.md``) and three methods that do the
-experiment's own work:
-
-    class Fig1(Experiment):
-        ID = "ioffe2015-fig1"; DESCRIPTION = ...; QUICK_SECONDS = ...  # prose: ioffe2015_fig1.md
-        def settings(self, cfg) -> Fig1Settings: ...           # from mode and data, by rule
-        def run_seed(self, s, data, seed, progress) -> dict: ...  # one seed, all arms paired
-        def claims(self, results) -> list[dict]: ...           # built with claim(...)
-
-    EXPERIMENT = Fig1()
-    run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures
-
-``Experiment.run`` loads the data for each seed (the split is part of what a seed varies),
-calls ``run_seeds`` (by default ``run_seed`` per seed; a ``PerSeed`` list) and stores
-``metrics = {"seeds": [...], "per_seed": [m_0, m_1, ...]}``; ``column`` and ``per_seed_values``
-read one number per seed back for a claim, and ``unmeasured`` records a claim the run could not
-measure.
+An experiment subclasses ``Experiment`` (the contract: ``registry``; an example: docs/lab.md,
+"Writing an experiment") with a frozen ``Settings`` dataclass (a ``claims_spec.Declared``: its
+constant choices and claim thresholds are data in ``<name>.settings.toml``). ``Experiment.run``
+loads each seed's data (the split is part of what a seed varies), calls ``run_seeds`` (by
+default ``run_seed`` per seed) and stores ``metrics = {"seeds": [...], "per_seed": [m_0, ...]}``;
+``column`` and ``per_seed_values`` read one number per seed back for a claim.
 """
 
 from __future__ import annotations
@@ -66,17 +53,13 @@ levels and the stop rule in numbers: ``docs/lab.md``, "Claims judged over seeds"
 
 def plan_for(cfg: RunConfig) -> SeedPlan:
     """The run's seed plan: one look over ``cfg.seeds`` when given, else the mode's plan."""
-    if cfg.seeds is not None:
-        return SeedPlan((len(cfg.seeds),))
-    return SEED_PLANS[cfg.mode]
+    return SEED_PLANS[cfg.mode] if cfg.seeds is None else SeedPlan((len(cfg.seeds),))
 
 
 def seeds_for(cfg: RunConfig) -> tuple[int, ...]:
     """Every seed a run may train, in order: ``cfg.seeds`` when given, else the plan's cap of
     consecutive seeds from ``cfg.seed``."""
-    if cfg.seeds is not None:
-        return tuple(cfg.seeds)
-    return tuple(range(cfg.seed, cfg.seed + plan_for(cfg).cap))
+    return tuple(range(cfg.seed, cfg.seed + plan_for(cfg).cap)) if cfg.seeds is None else cfg.seeds
 
 
 def load_for(cfg: RunConfig, seed: int) -> Dataset:
@@ -268,12 +251,18 @@ def unmeasured(make: Any, name: str, evidence: str) -> dict[str, Any]:
 
 
 class Experiment:
-    """Base class of the lab's experiments; a module exposes one instance's bound methods as
-    its ``run``, ``claims`` and ``figures`` (the registry's contract)."""
+    """Base class of the lab's experiments; a module exposes one instance as ``EXPERIMENT`` (the
+    registry's contract), its prose in ``<module>.md`` beside it."""
 
-    ID: ClassVar[str]
     DESCRIPTION: ClassVar[str]
-    QUICK_SECONDS: ClassVar[float]
+    """One line for ``lab list`` and results.json."""
+    USES_DATA: ClassVar[bool] = True
+    """False for an experiment on its own synthetic data that ignores ``--data``."""
+
+    @property
+    def ID(self) -> str:
+        """The CLI name: the module's name with "-" for "_" (``ioffe2015_fig1`` -> ``ioffe2015-fig1``)."""
+        return type(self).__module__.rsplit(".", 1)[-1].replace("_", "-")
 
     def settings(self, cfg: RunConfig) -> Any:
         """The frozen ``Settings`` dataclass for this run's mode and data."""
@@ -285,13 +274,13 @@ class Experiment:
         raise NotImplementedError
 
     def prepare(self, cfg: RunConfig, settings: Any, progress: Progress) -> Any:
-        """The settings the seeds are run with, from ``settings(cfg)``; experiments that
-        calibrate a setting on the calibration seed override this (default: unchanged)."""
+        """The settings the seeds run with (default: ``settings(cfg)`` unchanged; an experiment
+        that calibrates a setting on the calibration seed overrides this)."""
         return settings
 
     def load_seed(self, cfg: RunConfig, settings: Any, seed: int) -> Any:
-        """Seed ``seed``'s data (default: its split of the run's data set, ``load_for``; an
-        experiment on its own synthetic data returns that)."""
+        """Seed ``seed``'s data (default: ``load_for``; an experiment on its own synthetic data
+        returns that)."""
         return load_for(cfg, seed)
 
     def describe_data(self, settings: Any, first: Any) -> dict[str, Any]:
@@ -301,8 +290,8 @@ class Experiment:
     def run_seeds(
         self, settings: Any, data: Sequence[Any], seeds: Sequence[int], progress: Progress
     ) -> list[dict[str, Any]]:
-        """Every seed's metrics (``data[k]``: seed ``seeds[k]``'s ``load_seed``). The default
-        calls ``run_seed`` once per seed; experiments that train their seeds together override it."""
+        """Every seed's metrics (``data[k]``: seed ``seeds[k]``'s); by default ``run_seed`` per
+        seed (experiments that train their seeds together override it)."""
         return [self.run_seed(settings, d, seed, progress) for d, seed in zip(data, seeds)]
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -314,14 +303,13 @@ class Experiment:
         raise NotImplementedError
 
     def run(self, cfg: RunConfig, progress: Progress) -> dict[str, Any]:
-        """``prepare``, then the seed plan's blocks of seeds (``plan_for``, ``seeds_for``), each
-        block's data (``load_seed``) through ``run_seeds``, the claims judged after each, while
+        """``prepare``, then the seed plan's blocks of seeds (``plan_for``, ``seeds_for``) through
+        ``load_seed`` and ``run_seeds``, the claims judged after each block while
         ``SeedPlan.needs_more``. Returns ``{"config", "data", "metrics": {"seeds", "per_seed", "plan"}}``."""
         s = self.settings(cfg)
-        plan = plan_for(cfg)
-        seeds = seeds_for(cfg)
+        plan, seeds = plan_for(cfg), seeds_for(cfg)
         calibration = getattr(s, "calibration_seed", None)
-        if calibration is not None and calibration in seeds:
+        if calibration in seeds:
             raise ValueError(
                 f"{self.ID}: seed {calibration} is the calibration seed; expected claim seeds other than it, got {list(seeds)}"
             )

@@ -1,7 +1,7 @@
 """Progress reporting for experiments: a terminal bar (tqdm), one line per phase (logs), or nothing.
 
-Experiments receive a ``Progress`` and open one task per training arm (or per block of
-seeds trained together); a step-less stretch of work is a ``phase``:
+Experiments open one task per training arm (or block of seeds trained together); a step-less
+stretch of work is a ``phase``:
 
     with progress.task("BN", total=steps) as tick:
         train(..., tick=tick)
@@ -30,8 +30,6 @@ class Progress:
     """Base class: ``task(desc, total)`` yields a ``Tick``, ``phase(desc)`` wraps step-less
     work, ``note(text)`` reports one line; this one shows nothing."""
 
-    prefix: str = ""
-
     @contextlib.contextmanager
     def task(self, desc: str, total: int) -> Iterator[Tick]:
         """A progress task of ``total`` steps."""
@@ -57,46 +55,36 @@ def duration(seconds: float) -> str:
 
 
 class Eta:
-    """What remains of a sequence of items (experiments) with expected durations.
+    """What remains of a sequence of items (experiments), started in order, with expected durations.
 
-    ``start(k)`` begins item ``k``: the item running until then is finished (its real
-    duration recorded) and items between are skipped (e.g. resumed from saved results).
-    The time left is the expected time of the items not yet finished, rescaled by
-    ``sum(real) / sum(expected)`` over the finished ones (and the running one, once it takes
-    longer than that predicts: a busy machine shows at once). Before any has finished the
-    expected times are used as they are when ``trusted`` (measured for this mode), else
-    the time left is unknown (None).
+    ``start(k)`` begins item ``k``: the running item is finished (its real duration recorded)
+    and items before ``k`` never started are skipped (e.g. resumed from saved results). The time
+    left is the expected time of the items after the running one plus the running one's rest,
+    times ``scale()``. Before any item has finished the expected times are used as they are when
+    ``trusted`` (measured for this mode), else the time left is unknown (None).
     """
 
     def __init__(
         self, expected: Sequence[float], *, trusted: bool = True, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.expected = [max(float(e), 1e-9) for e in expected]
-        self.trusted = trusted
-        self.clock = clock
-        self.began = clock()
+        self.trusted, self.clock = trusted, clock
+        self.began = self.started = clock()
         self.real: dict[int, float] = {}
-        self.skipped: set[int] = set()
         self.current: int | None = None
-        self.started = self.began
 
     def start(self, k: int) -> None:
         """Item ``k`` begins now (``0 <= k < len(expected)``)."""
         if not 0 <= k < len(self.expected):
             raise ValueError(f"Eta.start: expected an item in 0..{len(self.expected) - 1}, got {k}")
-        self.finish()
-        self.skipped.update(j for j in range(k) if j not in self.real)
-        self.current, self.started = k, self.clock()
-
-    def finish(self) -> None:
-        """The running item (if any) is done now."""
         if self.current is not None:
             self.real[self.current] = self.clock() - self.started
-            self.current = None
+        self.current, self.started = k, self.clock()
 
     def scale(self) -> float | None:
-        """Real / expected time over the finished items (1, or None when not ``trusted``,
-        before any finished), counting the running item too once it has overrun that scale."""
+        """``sum(real) / sum(expected)`` over the finished items (1, or None when not ``trusted``,
+        before any finished), counting the running item too once it has overrun that scale (a
+        busy machine shows at once)."""
         real, expected = sum(self.real.values()), sum(self.expected[j] for j in self.real)
         scale = real / expected if self.real else (1.0 if self.trusted else None)
         if scale is not None and self.current is not None:
@@ -126,9 +114,8 @@ class Eta:
         scale = self.scale()
         if scale is None:
             return None
-        done = set(self.real) | self.skipped | ({self.current} if self.current is not None else set())
-        rest = sum(e for j, e in enumerate(self.expected) if j not in done) * scale
-        return rest + (self.current_left() or 0.0)
+        later = self.expected[0 if self.current is None else self.current + 1 :]
+        return sum(later) * scale + (self.current_left() or 0.0)
 
 
 class _LineTick(Tick):
@@ -152,14 +139,9 @@ class _LineTick(Tick):
 
 class LineProgress(Progress):
     """One line per finished task or phase, and one every ``every_s`` seconds inside a long
-    task, on ``stream`` (default: stderr at the time of writing), each with the time spent,
-    the experiment's time so far and what remains.
-
-    Args:
-        prefix: what every line starts with (e.g. ``"[3/13] lr-sweep"``).
-        expected_s: the experiment's expected duration (None: unknown), for its time left.
-        eta: the whole command's ``Eta``, for the time left in all.
-    """
+    task, on ``stream`` (default: stderr at the time of writing), each starting with ``prefix``
+    (e.g. ``"[3/13] lr-sweep"``) and ending with the time spent and left of the experiment
+    (``expected_s``: its expected duration, None if unknown) and of the whole command (``eta``)."""
 
     def __init__(
         self,
@@ -188,11 +170,10 @@ class LineProgress(Progress):
             text += f", ~{duration(left)} left" if left > 0 else f", past its estimate of {duration(self.expected_s)}"
         if self.eta is not None:
             left_all = self.eta.left()
-            text += f"; all {duration(self.eta.elapsed())}" + (
-                f", ~{duration(left_all)} left"
-                if left_all is not None
-                else ", time left known after the first experiment"
+            rest = (
+                ", time left known after the first experiment" if left_all is None else f", ~{duration(left_all)} left"
             )
+            text += f"; all {duration(self.eta.elapsed())}{rest}"
         return text
 
     @contextlib.contextmanager
@@ -208,16 +189,8 @@ class LineProgress(Progress):
         self.note(f"{desc}: done in {duration(self.clock() - began)}")
 
 
-class _TqdmTick(Tick):
-    def __init__(self, bar: object) -> None:
-        self.bar = bar
-
-    def update(self, n: int = 1) -> None:
-        self.bar.update(n)  # type: ignore[attr-defined]
-
-
 class TqdmProgress(Progress):
-    """A tqdm bar per task on stderr (hidden when stderr is not a terminal)."""
+    """A tqdm bar per task on stderr (a terminal: ``for_stderr``)."""
 
     def __init__(self, prefix: str = "") -> None:
         self.prefix = prefix
@@ -227,12 +200,8 @@ class TqdmProgress(Progress):
         from tqdm import tqdm
 
         label = f"{self.prefix} {desc}".strip()
-        disable = not sys.stderr.isatty()
-        bar = tqdm(total=total, desc=label, unit="step", leave=False, file=sys.stderr, disable=disable, mininterval=0.2)
-        try:
-            yield _TqdmTick(bar)
-        finally:
-            bar.close()
+        with tqdm(total=total, desc=label, unit="step", leave=False, file=sys.stderr, mininterval=0.2) as bar:
+            yield bar  # its update(n) is Tick's
 
 
 def for_stderr(prefix: str, *, expected_s: float | None = None, eta: Eta | None = None) -> Progress:

@@ -5,14 +5,12 @@ sizes beside the papers'.
     matrix = replicate(["digits", "mnist1d"], seeds=(0, 1, 2, 3, 4), mode="quick", out=Path("runs/rep"))
     # runs/rep/<data>/<id>/... (each run as `lab run` writes it), runs/rep/replication.json,
     # runs/rep/index.html
-
-Experiments built on ``experiment.Experiment`` judge each claim over all the seeds; the others
-judge theirs at the first seed only, and the matrix says so (``seeds`` of each cell).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +18,9 @@ from typing import Any
 from ._files import write_text_atomic
 from .config import Mode, RunConfig
 from .progress import Progress
-from .report import matrix_html, write_experiment_report, write_index
-from .results import RESULTS_NAME, count_claims, load_results, save_results, to_jsonable
-from .runner import ExperimentFailed, experiment_dir, judge_saved, run_one
+from .report import matrix_html, write_index
+from .results import count_claims, load_results, to_jsonable
+from .runner import ExperimentFailed, experiment_dir, judge_and_save, run_one
 
 __all__ = ["compare_matrices", "matrix_from_results", "parse_seeds", "replicate", "write_matrix"]
 
@@ -31,53 +29,37 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     """``"0-4"`` -> (0, 1, 2, 3, 4); ``"0,3,7"`` -> (0, 3, 7); ranges and lists mix (``"0-2,9"``)."""
     seeds: list[int] = []
     for part in str(text).split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                lo, hi = (int(v) for v in part.split("-", 1))
-                if lo > hi:
-                    raise ValueError
-                seeds.extend(range(lo, hi + 1))
-            else:
-                seeds.append(int(part))
-        except ValueError:
-            raise ValueError(
-                f"expected seeds like 0-4 or 0,3,7 (non-negative, ascending ranges), got {text!r}"
-            ) from None
-    if any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds) or not seeds:
+        found = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if found is None or int(found[1]) > int(found[2] or found[1]):
+            raise ValueError(f"expected seeds like 0-4 or 0,3,7 (non-negative, ascending ranges), got {text!r}")
+        seeds.extend(range(int(found[1]), int(found[2] or found[1]) + 1))
+    if len(set(seeds)) != len(seeds):
         raise ValueError(f"expected distinct non-negative seeds like 0-4 or 0,3,7, got {text!r}")
     return tuple(seeds)
+
+
+# what the matrix keeps of each claim, in this order ("zero_spread" and "confidence" where present)
+_CLAIM_KEYS = "claim kind n_seeds why verdict estimate interval direction expected source evidence".split()
 
 
 def _cell(results: dict[str, Any]) -> dict[str, Any]:
     """One (experiment, data set) cell: replications counted in ``holds`` / ``does_not_hold`` /
     ``inconclusive``, identities of the math apart in ``identities`` (``results.count_claims``)."""
     claims = results.get("claims", [])
-    verdicts = [c.get("verdict", "holds" if c.get("holds") else "does not hold") for c in claims]
-    seeds = results.get("metrics", {}).get("seeds") if isinstance(results.get("metrics"), dict) else None
     counts = count_claims(claims)
+    seeds = results.get("metrics", {}).get("seeds") if isinstance(results.get("metrics"), dict) else None
     return {
-        "holds": counts["replication"]["holds"],
-        "does_not_hold": counts["replication"]["does not hold"],
-        "inconclusive": counts["replication"]["inconclusive"],
+        **{verdict.replace(" ", "_"): n for verdict, n in counts["replication"].items()},
         "identities": counts["identity"],
         "seeds": seeds if seeds is not None else [results.get("run", {}).get("seed", 0)],
         "claims": [
             {
-                "claim": c.get("claim"),
+                **{k: c.get(k) for k in _CLAIM_KEYS},
                 "kind": c.get("kind", "replication"),
-                "n_seeds": c.get("n_seeds"),
-                "why": c.get("why"),
-                "verdict": v,
-                "estimate": c.get("estimate"),
-                "interval": c.get("interval"),
-                "direction": c.get("direction"),
-                "expected": c.get("expected"),
-                "source": c.get("source"),
-                "evidence": c.get("evidence"),
+                "verdict": c.get("verdict", "holds" if c.get("holds") else "does not hold"),
                 **{k: c[k] for k in ("zero_spread", "confidence") if k in c},
             }
-            for c, v in zip(claims, verdicts)
+            for c in claims
         ],
     }
 
@@ -99,18 +81,12 @@ def compare_matrices(first: Mapping[str, Any], second: Mapping[str, Any]) -> lis
     ``holds`` and the other ``does not hold`` (``inconclusive`` on either side is no flip).
     Claims are matched by position because a claim's wording may carry measured numbers.
     """
+    cells = {(row["id"], data): cell for row in second.get("rows", []) for data, cell in row["cells"].items()}
     rows: list[dict[str, Any]] = []
-    second_rows = {r["id"]: r for r in second.get("rows", [])}
     for row in first.get("rows", []):
-        other = second_rows.get(row["id"])
-        if other is None:
-            continue
         for data, cell in row["cells"].items():
-            other_cell = other["cells"].get(data)
-            if other_cell is None:
-                continue
-            for i, (a, b) in enumerate(zip(cell["claims"], other_cell["claims"])):
-                pair = {a["verdict"], b["verdict"]}
+            other = cells.get((row["id"], data), {"claims": []})
+            for i, (a, b) in enumerate(zip(cell["claims"], other["claims"])):
                 rows.append(
                     {
                         "id": row["id"],
@@ -119,7 +95,7 @@ def compare_matrices(first: Mapping[str, Any], second: Mapping[str, Any]) -> lis
                         "claim": a["claim"],
                         "first": a["verdict"],
                         "second": b["verdict"],
-                        "flip": pair == {"holds", "does not hold"},
+                        "flip": {a["verdict"], b["verdict"]} == {"holds", "does not hold"},
                     }
                 )
     return rows
@@ -135,18 +111,12 @@ def write_matrix(matrix: dict[str, Any], out: Path) -> Path:
 
 def _saved_run(directory: Path, cfg: RunConfig) -> dict[str, Any] | None:
     """The results saved in ``directory`` if they were measured with ``cfg``'s mode, data and seeds."""
-    if not (directory / RESULTS_NAME).is_file():
-        return None
     try:
         saved = load_results(directory)
-    except ValueError:
+    except ValueError:  # none, or not readable
         return None
     run = saved.get("run", {})
-    same = (
-        run.get("mode") == cfg.mode
-        and run.get("data") == cfg.data
-        and [int(v) for v in run.get("seeds") or []] == [int(v) for v in cfg.seeds or ()]
-    )
+    same = (run.get("mode"), run.get("data"), run.get("seeds")) == (cfg.mode, cfg.data, list(cfg.seeds or ()))
     return saved if same and saved.get("metrics") else None
 
 
@@ -156,7 +126,7 @@ def replicate(
     mode: Mode,
     out: Path,
     ids: Sequence[str] | None = None,
-    progress_for: Callable[[str, int, int], Progress] | None = None,
+    progress_for: Callable[[int], Progress] | None = None,
     *,
     resume: bool = False,
 ) -> dict[str, Any]:
@@ -165,19 +135,16 @@ def replicate(
 
     With ``resume``, an experiment whose ``out/<data>/<id>/results.json`` was measured with the
     same mode, data set and seeds is not trained again: its claims are judged again from the
-    saved measurements (so a finished half of an interrupted or failed replication is kept).
-    An experiment that ignores ``--data`` (its module's ``USES_DATA`` is false) runs only for
-    the first data set; the matrix lists it in ``"data_independent"`` and no other column counts
-    it. An experiment that fails leaves its cell empty and is listed under ``"failed"`` (one line
-    each); the others still run and the matrix is written. ``progress_for(id, k, n)`` makes the
-    progress display of the ``k``-th of the ``n`` runs (data sets in order, experiments within
-    each); it is not called for a run kept by ``resume``.
+    saved measurements. An experiment that ignores ``--data`` (``USES_DATA`` false) runs only
+    for the first data set; the matrix lists it in ``"data_independent"``. An experiment that
+    fails leaves its cell empty and is listed under ``"failed"`` (one line each); the others
+    still run. ``progress_for(k)`` makes the progress display of the ``k``-th run (data sets in
+    order, experiments within each); it is not called for a run kept by ``resume``.
     """
     from . import registry
 
     experiment_ids = list(ids) if ids is not None else list(registry.ids())
-    for experiment_id in experiment_ids:
-        registry.get(experiment_id)  # fail on a bad id before training anything
+    uses_data = {i: registry.get(i).USES_DATA for i in experiment_ids}  # a bad id fails before any training
     by_data: dict[str, list[dict[str, Any]]] = {}
     failed: list[str] = []
     for d, data in enumerate(datasets):
@@ -186,20 +153,15 @@ def replicate(
         )
         by_data[data] = []
         for i, experiment_id in enumerate(experiment_ids):
-            if data != datasets[0] and not getattr(registry.get(experiment_id), "USES_DATA", True):
+            if d > 0 and not uses_data[experiment_id]:
                 continue  # it ignores --data: measured once, in the first data set's column only
             directory = experiment_dir(cfg.out, experiment_id)
             saved = _saved_run(directory, cfg) if resume else None
             try:
                 if saved is not None:
-                    results = judge_saved(saved, directory)
-                    save_results(directory, results)
-                    write_experiment_report(directory, results, registry.get(experiment_id))
+                    results = judge_and_save(saved, directory)
                 else:
-                    k = d * len(experiment_ids) + i  # position in the whole replication
-                    progress = (
-                        progress_for(experiment_id, k, len(datasets) * len(experiment_ids)) if progress_for else None
-                    )
+                    progress = progress_for(d * len(experiment_ids) + i) if progress_for else None
                     results = run_one(experiment_id, cfg, progress)
             except ExperimentFailed as err:
                 failed.append(f"{data}: {err}")
@@ -209,6 +171,6 @@ def replicate(
             write_index(cfg.out, by_data[data])
     matrix = matrix_from_results(by_data, seeds, mode)
     matrix["failed"] = failed
-    matrix["data_independent"] = [i for i in experiment_ids if not getattr(registry.get(i), "USES_DATA", True)]
+    matrix["data_independent"] = [i for i in experiment_ids if not uses_data[i]]
     write_matrix(matrix, Path(out))
     return matrix

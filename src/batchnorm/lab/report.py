@@ -18,15 +18,18 @@ from __future__ import annotations
 import base64
 import html
 import importlib.resources
+import inspect
 import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._files import write_text_atomic
 from .results import count_claims
+
+if TYPE_CHECKING:
+    from .experiment import Experiment
 
 __all__ = [
     "experiment_html",
@@ -279,11 +282,11 @@ does not hold when the whole interval lies on the other side, and is inconclusiv
 """
 
 
-def explanation(module: ModuleType) -> str:
+def explanation(module: Experiment) -> str:
     """An experiment's prose for a newcomer: the Markdown file beside its module
     (``experiments/<name>.md``, shipped as package data); a module without one (a test
     double) may carry it as ``EXPLANATION``."""
-    spec = getattr(module, "__spec__", None)
+    spec = getattr(inspect.getmodule(module), "__spec__", None)
     if spec is not None and spec.name and "." in spec.name:
         package, name = spec.name.rsplit(".", 1)
         resource = importlib.resources.files(package).joinpath(f"{name}.md")
@@ -295,7 +298,7 @@ def explanation(module: ModuleType) -> str:
     return str(text)
 
 
-def write_experiment_report(directory: Path, results: dict[str, Any], module: ModuleType) -> Path:
+def write_experiment_report(directory: Path, results: dict[str, Any], module: Experiment) -> Path:
     """Draw ``module.figures(results, directory)`` and write ``directory/report.html``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from .progress import Progress
 from .report import write_experiment_report, write_index
 from .results import RESULTS_NAME, load_results, save_results, to_jsonable, versions
 
-__all__ = ["ExperimentFailed", "experiment_dir", "judge_saved", "redraw", "run_one", "run_or_error", "run_parallel"]
+__all__ = ["ExperimentFailed", "experiment_dir", "judge_and_save", "redraw", "run_one", "run_many", "saved_results"]
 
 
 class ExperimentFailed(RuntimeError):
@@ -56,47 +56,39 @@ def run_one(experiment_id: str, cfg: RunConfig, progress: Progress | None = None
     results.json is written only once the run has finished (atomically), so an interrupted
     run leaves the previous results, or none — never half a file.
     """
-    module = registry.get(experiment_id)
-    progress = progress if progress is not None else Progress()
+    experiment = registry.get(experiment_id)
     start = time.perf_counter()
     try:
         with _one_thread(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            out = module.run(cfg, progress)
+            out = experiment.run(cfg, progress or Progress())
     except Exception as err:  # one experiment's failure must not cost the others' results
         raise ExperimentFailed(f"{experiment_id}: training failed ({type(err).__name__}: {err})") from err
     wall = time.perf_counter() - start
     results: dict[str, Any] = {
         "id": experiment_id,
-        "description": module.DESCRIPTION,
+        "description": experiment.DESCRIPTION,
         "run": {k: v for k, v in cfg.to_json().items() if k != "out"},
-        "config": out.get("config", {}),
-        "data": out.get("data", {}),
-        "metrics": out.get("metrics", {}),
+        **{key: out.get(key, {}) for key in ("config", "data", "metrics")},
         "versions": versions(),
         "threads": 1,
         "wall_time_s": round(wall, 3),
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    results = to_jsonable(results)
-    directory = experiment_dir(cfg.out, experiment_id)
-    results = judge_saved(results, directory, save_measurements=True)
-    save_results(directory, results)
-    write_experiment_report(directory, results, module)
-    return results
+    return judge_and_save(to_jsonable(results), experiment_dir(cfg.out, experiment_id), save_measurements=True)
 
 
-def judge_saved(results: dict[str, Any], directory: Path, *, save_measurements: bool = False) -> dict[str, Any]:
-    """``results`` with its claims judged (again) by the experiment's current code.
+def judge_and_save(results: dict[str, Any], directory: Path, *, save_measurements: bool = False) -> dict[str, Any]:
+    """``results`` with its claims judged (again) by the experiment's current code, saved in
+    ``directory`` with its figures and report.
 
-    If judging raises, the measurements are saved to ``directory`` (with ``save_measurements``)
-    with no claims and ``claims_error``, and ``ExperimentFailed`` names the experiment and how to
-    judge them again.
+    If judging raises, the measurements are saved (with ``save_measurements``) with no claims and
+    ``claims_error``, and ``ExperimentFailed`` names the experiment and how to judge them again.
     """
     experiment_id = str(results.get("id"))
-    module = registry.get(experiment_id)
+    experiment = registry.get(experiment_id)
     try:
-        claims = to_jsonable(module.claims(results))
+        claims = to_jsonable(experiment.claims(results))
     except Exception as err:
         error = f"{type(err).__name__}: {err}"
         if save_measurements:
@@ -107,10 +99,12 @@ def judge_saved(results: dict[str, Any], directory: Path, *, save_measurements: 
         ) from err
     judged = {k: v for k, v in results.items() if k != "claims_error"}
     judged["claims"] = claims
+    save_results(directory, judged)
+    write_experiment_report(directory, judged, experiment)
     return judged
 
 
-def run_or_error(
+def _run_or_error(
     experiment_id: str, cfg: RunConfig, progress: Progress | None = None
 ) -> dict[str, Any] | ExperimentFailed:
     """``run_one``'s results, or its ``ExperimentFailed`` (returned, not raised)."""
@@ -120,27 +114,29 @@ def run_or_error(
         return err
 
 
-def run_parallel(
-    experiment_ids: Sequence[str], cfg: RunConfig, jobs: int
+def run_many(
+    experiment_ids: Sequence[str], cfg: RunConfig, jobs: int = 1, progress_for: Callable[[int], Progress] | None = None
 ) -> Iterator[tuple[int, str, dict[str, Any] | ExperimentFailed]]:
-    """Run the experiments ``jobs`` at a time, each in its own (spawned) process with one torch
-    thread; yields ``(position, id, results or ExperimentFailed)`` as each finishes. Every run
-    seeds itself (``run_one``), so the results are those of running them one after another."""
+    """``(position, id, results or ExperimentFailed)`` of each experiment as it finishes: one
+    after another, the ``k``-th shown by ``progress_for(k)``, or ``jobs`` at a time, each in its
+    own (spawned) process with one torch thread and no progress display. Every run seeds itself
+    (``run_one``), so the results are those of running them one after another."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     if jobs < 1:
-        raise ValueError(f"run_parallel: expected jobs >= 1, got {jobs!r}")
-    for experiment_id in experiment_ids:
-        registry.get(experiment_id)  # fail on a bad id before training anything
+        raise ValueError(f"run_many: expected jobs >= 1, got {jobs!r}")
+    if jobs == 1 or len(experiment_ids) == 1:
+        for k, experiment_id in enumerate(experiment_ids):
+            yield k, experiment_id, _run_or_error(experiment_id, cfg, progress_for(k) if progress_for else None)
+        return
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(run_or_error, e, cfg): (i, e) for i, e in enumerate(experiment_ids)}
+        futures = {pool.submit(_run_or_error, e, cfg): (k, e) for k, e in enumerate(experiment_ids)}
         for future in as_completed(futures):
-            i, experiment_id = futures[future]
-            yield i, experiment_id, future.result()
+            yield (*futures[future], future.result())
 
 
-def _all_saved(out: Path) -> list[dict[str, Any]]:
+def saved_results(out: Path) -> list[dict[str, Any]]:
     """Every results.json under ``out/*/``, in registry order, then the rest by name."""
     order = {eid: i for i, eid in enumerate(registry.ids())}
     found = [load_results(path.parent) for path in sorted(Path(out).glob(f"*/{RESULTS_NAME}"))]
@@ -156,31 +152,26 @@ def redraw(directory: Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{str(directory)!r} is not a directory")
-    if (directory / RESULTS_NAME).is_file():
-        targets = [directory]
-    else:
-        targets = sorted(p.parent for p in directory.glob(f"*/{RESULTS_NAME}"))
-        if not targets:
-            raise ValueError(f"no {RESULTS_NAME} in {str(directory)!r} or its sub-directories")
-    written = []
-    for target in targets:
-        results = load_results(target)
-        experiment_id = results.get("id")
-        if not isinstance(experiment_id, str):
-            raise ValueError(f"{str(target / RESULTS_NAME)!r} has no experiment id")
-        module = registry.get(experiment_id)
-        try:
-            claims = to_jsonable(module.claims(results))
-            report = write_experiment_report(target, {**results, "claims": claims}, module)
-        except (KeyError, IndexError, TypeError) as err:
-            raise ValueError(
-                f"{str(target / RESULTS_NAME)!r} cannot be redrawn ({type(err).__name__}: {err}); it may come from an "
-                f"older version of {experiment_id}: run it again"
-            ) from err
-        results["claims"] = claims
-        results.pop("claims_error", None)  # judged now
-        save_results(target, results)
-        written.append(report)
-    if len(targets) > 1 or not (directory / RESULTS_NAME).is_file():
-        written.append(write_index(directory, _all_saved(directory)))
+    root = not (directory / RESULTS_NAME).is_file()
+    targets = sorted(p.parent for p in directory.glob(f"*/{RESULTS_NAME}")) if root else [directory]
+    if not targets:
+        raise ValueError(f"no {RESULTS_NAME} in {str(directory)!r} or its sub-directories")
+    written = [_redraw_one(target) for target in targets]
+    if root:
+        written.append(write_index(directory, saved_results(directory)))
     return written
+
+
+def _redraw_one(target: Path) -> Path:
+    results = load_results(target)
+    if not isinstance(results.get("id"), str):
+        raise ValueError(f"{str(target / RESULTS_NAME)!r} has no experiment id")
+    try:
+        judge_and_save(results, target)
+    except (ExperimentFailed, KeyError, IndexError, TypeError) as err:
+        cause = err.__cause__ if isinstance(err, ExperimentFailed) else err
+        raise ValueError(
+            f"{str(target / RESULTS_NAME)!r} cannot be redrawn ({type(cause).__name__}: {cause}); it may come from an "
+            f"older version of {results['id']}: run it again"
+        ) from err
+    return target / "report.html"

@@ -25,9 +25,6 @@ from ..progress import Progress
 from ..training import TrainSpec, minibatches
 from ..verdict import part
 
-ID = "bias"
-DESCRIPTION = "A bias before BN gets zero gradient and no effect on the output: measured over seeds, plus the parameters it wastes"
-QUICK_SECONDS = 4.0
 _E = "{:.1e}"  # how the evidence writes a per-seed number
 _ARMS = ("with bias", "without bias")  # the paired training's arms
 
@@ -204,7 +201,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 class Bias(Experiment):
     """The redundant pre-BN bias over several seeds."""
 
-    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+    DESCRIPTION = "A bias before BN gets zero gradient and no effect on the output: measured over seeds, plus the parameters it wastes"
 
     def settings(self, cfg: RunConfig) -> Settings:
         return Settings.of(cfg.mode)
@@ -243,4 +240,3 @@ class Bias(Experiment):
 
 
 EXPERIMENT = Bias()
-run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -27,9 +27,6 @@ from ..progress import Progress
 from ..training import evaluate, minibatches
 from ..verdict import part
 
-ID = "ghost-bn"
-DESCRIPTION = "Hoffer 2017: large-batch generalization gap; sqrt-LR scaling, ghost BN and regime adaptation close it"
-QUICK_SECONDS = 14.0
 _ARMS = ("sb", "lb", "lb_lr", "lb_lr_gbn", "lb_lr_gbn_ra")
 _LABELS = {
     "sb": "SB (32)",
@@ -196,7 +193,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 class GhostBN(Experiment):
     """Hoffer et al.'s five arms over several seeds."""
 
-    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+    DESCRIPTION = (
+        "Hoffer 2017: large-batch generalization gap; sqrt-LR scaling, ghost BN and regime adaptation close it"
+    )
 
     def settings(self, cfg: RunConfig) -> Settings:
         return _settings(cfg)
@@ -218,4 +217,3 @@ class GhostBN(Experiment):
 
 
 EXPERIMENT = GhostBN()
-run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -24,13 +24,6 @@ from ..experiment import Experiment, PerSeed, column
 from ..progress import Progress
 from ..verdict import part
 
-ID = "goodfellow-chain"
-DESCRIPTION = (
-    "Deep linear chain y = x*w1*...*wL: first-order vs actual loss change of one step, with and without per-layer BN"
-)
-QUICK_SECONDS = 1.5
-USES_DATA = False
-"""The chain is synthetic: ``--data`` is ignored (the replication matrix counts it once)."""
 _GRID_POINTS = {"tiny": 8, "quick": 29, "full": 57}
 
 
@@ -218,7 +211,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 class Chain(Experiment):
     """The linear chain over several seeds (each seed: its own inputs x)."""
 
-    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+    DESCRIPTION = "Deep linear chain y = x*w1*...*wL: first-order vs actual loss change of one step, with and without per-layer BN"
+    USES_DATA = False
+    """The chain is synthetic: ``--data`` is ignored (the replication matrix counts it once)."""
 
     def settings(self, cfg: RunConfig) -> Settings:
         return Settings.of(cfg.mode, lrs=tuple(float(v) for v in np.logspace(-6, 1, _GRID_POINTS[cfg.mode])))
@@ -247,4 +242,3 @@ class Chain(Experiment):
 
 
 EXPERIMENT = Chain()
-run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

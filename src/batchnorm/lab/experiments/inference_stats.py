@@ -26,9 +26,6 @@ from ..progress import Progress
 from ..training import TrainSpec, evaluate
 from ..verdict import part
 
-ID = "inference-stats"
-DESCRIPTION = "Test-time BN statistics: batch vs running average vs population (Alg. 2, exact); single-example inference; batch-8 noise"
-QUICK_SECONDS = 6.0
 _FIXED = {  # the fixed statistics in the figure: label, color, line style
     "running_average": ("running average (EMA)", "tab:red", "-"),
     "alg2_population": ("Alg. 2 population statistics", "tab:green", "--"),
@@ -223,7 +220,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 class InferenceStats(Experiment):
     """Which statistics normalize a test example, over several seeds."""
 
-    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+    DESCRIPTION = "Test-time BN statistics: batch vs running average vs population (Alg. 2, exact); single-example inference; batch-8 noise"
 
     def settings(self, cfg: RunConfig) -> Settings:
         return Settings.of(cfg.mode)
@@ -244,4 +241,3 @@ class InferenceStats(Experiment):
 
 
 EXPERIMENT = InferenceStats()
-run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -25,9 +25,6 @@ from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
 
-ID = "ioffe2015-fig1"
-DESCRIPTION = "Ioffe & Szegedy Fig. 1: BN vs none on a 3x100 sigmoid MLP; accuracy vs step, sigmoid-input percentiles, Alg. 2 inference"
-QUICK_SECONDS = 20.0
 _MNIST1D_QUICK = (20000, 400)  # steps, checkpoint_every on MNIST-1D in quick mode (why: mnist1d_choice)
 
 
@@ -224,7 +221,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 class Fig1(Experiment):
     """Ioffe & Szegedy's Figure 1 over several seeds."""
 
-    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+    DESCRIPTION = "Ioffe & Szegedy Fig. 1: BN vs none on a 3x100 sigmoid MLP; accuracy vs step, sigmoid-input percentiles, Alg. 2 inference"
 
     def settings(self, cfg: RunConfig) -> Settings:
         if cfg.data == "mnist1d" and cfg.mode == "quick":
@@ -245,4 +242,3 @@ class Fig1(Experiment):
 
 
 EXPERIMENT = Fig1()
-run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

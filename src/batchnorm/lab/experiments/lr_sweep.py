@@ -32,9 +32,6 @@ from ..verdict import part
 from ._calibration import calibration_data, epoch_rule, split_note
 from .santurkar2018_landscape import landscape
 
-ID = "lr-sweep"
-DESCRIPTION = "Accuracy and divergence over a log grid of learning rates, with and without BN (Ioffe BN-x5/x30, Bjorck 2018)"  # lab list
-QUICK_SECONDS = 120.0
 _EPOCHS = {"quick": 15.0, "full": 120.0}
 _ALPHAS = {"tiny": 4, "quick": 15, "full": 29}  # step_probe_alphas: that many points from 0.01 to 10^1.5
 _ARMS = {"plain": (None, "without BN", "tab:blue"), "bn": ("bn", "with BN", "tab:red")}  # norm, label, color
@@ -215,7 +212,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 class LrSweep(Experiment):
     """The learning-rate sweep over several seeds, the plain best rate fixed by calibration."""
 
-    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+    DESCRIPTION = (
+        "Accuracy and divergence over a log grid of learning rates, with and without BN (Ioffe BN-x5/x30, Bjorck 2018)"
+    )
 
     def settings(self, cfg: RunConfig) -> Settings:
         computed: dict[str, Any] = {"step_probe_alphas": tuple(np.logspace(-2, 1.5, _ALPHAS[cfg.mode]).tolist())}
@@ -247,4 +246,3 @@ class LrSweep(Experiment):
 
 
 EXPERIMENT = LrSweep()
-run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

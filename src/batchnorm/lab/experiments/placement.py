@@ -21,11 +21,6 @@ from ..models import MLP
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 
-ID = "placement"
-DESCRIPTION = (
-    "BN before vs after the activation (sigmoid and ReLU): training speed, final accuracy, activation-input scale"
-)
-QUICK_SECONDS = 25.0
 _ARMS = tuple((act, place) for act in ("sigmoid", "relu") for place in ("none", "before", "after"))
 
 
@@ -226,7 +221,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 class Placement(Experiment):
     """BN before vs after the activation over several seeds."""
 
-    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+    DESCRIPTION = (
+        "BN before vs after the activation (sigmoid and ReLU): training speed, final accuracy, activation-input scale"
+    )
 
     def settings(self, cfg: RunConfig) -> Settings:
         """The mode's steps and replicates (the same for every data set)."""
@@ -244,4 +241,3 @@ class Placement(Experiment):
 
 
 EXPERIMENT = Placement()
-run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -25,12 +25,6 @@ from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
 
-ID = "precise-bn"
-DESCRIPTION = (
-    "Wu & Johnson 2021: BN's EMA statistics vs precise population statistics over training; samples PreciseBN needs"
-)
-QUICK_SECONDS = 5.0
-
 
 @dataclass(frozen=True)
 class Settings(Declared):
@@ -222,7 +216,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 class PreciseBN(Experiment):
     """EMA vs precise BN statistics over training, over several seeds."""
 
-    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+    DESCRIPTION = (
+        "Wu & Johnson 2021: BN's EMA statistics vs precise population statistics over training; samples PreciseBN needs"
+    )
 
     def settings(self, cfg: RunConfig) -> Settings:
         return Settings.of(cfg.mode, max_train=None if cfg.mode == "full" else 2000)
@@ -247,4 +243,3 @@ class PreciseBN(Experiment):
 
 
 EXPERIMENT = PreciseBN()
-run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

@@ -25,10 +25,6 @@ from ..progress import Progress
 from ..training import TrainSpec, train
 from ._santurkar import build, window_means
 
-ID = "santurkar2018-ics"
-DESCRIPTION = "Santurkar 2018 Def. 2.1: ICS as the change of a layer's gradient after earlier layers update (l2, cosine); BN's is not lower"
-QUICK_SECONDS = 25.0
-
 
 @dataclass(frozen=True)
 class Settings(Declared):
@@ -206,7 +202,7 @@ class Ics(Experiment):
     """Santurkar et al.'s ICS measurement over several seeds (one seed at a time: the DLN's MSE
     loss and the per-layer measurement dominate, not the training steps)."""
 
-    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+    DESCRIPTION = "Santurkar 2018 Def. 2.1: ICS as the change of a layer's gradient after earlier layers update (l2, cosine); BN's is not lower"
 
     def settings(self, cfg: RunConfig) -> Settings:
         return Settings.of(cfg.mode)
@@ -239,4 +235,3 @@ class Ics(Experiment):
 
 
 EXPERIMENT = Ics()
-run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

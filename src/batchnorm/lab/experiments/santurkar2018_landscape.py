@@ -25,9 +25,6 @@ from ..training import TrainResult, TrainSpec
 from ._calibration import epochs_to_steps
 from ._santurkar import build, window_means
 
-ID = "santurkar2018-landscape"
-DESCRIPTION = "Santurkar 2018 Fig. 4: loss variation, gradient predictiveness and effective beta-smoothness along the gradient; BN is smoother"
-QUICK_SECONDS = 5.0
 _EPOCHS = {"quick": 40.0, "full": 300.0}
 _TINY_STEPS = 20
 
@@ -149,7 +146,7 @@ def _seed_means(m: dict[str, Any], key: str, floor: float) -> tuple[float, float
     if not mask.any():
         mask = valid
     if not mask.any():
-        raise ValueError(f"{ID}: no checkpoint with finite, positive {key} in both arms")
+        raise ValueError(f"{EXPERIMENT.ID}: no checkpoint with finite, positive {key} in both arms")
     gm_bn = float(np.exp(np.mean(np.log(bn[mask]))))
     gm_none = float(np.exp(np.mean(np.log(none[mask]))))
     return gm_bn, gm_none, int(mask.sum()), int((bn[mask] < none[mask]).sum()), t
@@ -216,7 +213,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 class Landscape(Experiment):
     """Santurkar et al.'s landscape measures over several seeds."""
 
-    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+    DESCRIPTION = "Santurkar 2018 Fig. 4: loss variation, gradient predictiveness and effective beta-smoothness along the gradient; BN is smoother"
 
     def settings(self, cfg: RunConfig) -> Settings:
         if cfg.mode == "tiny":
@@ -239,4 +236,3 @@ class Landscape(Experiment):
 
 
 EXPERIMENT = Landscape()
-run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

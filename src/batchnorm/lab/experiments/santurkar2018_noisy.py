@@ -26,9 +26,6 @@ from ..verdict import part
 from ._calibration import calibration_data, epoch_rule, split_note
 from ._santurkar import NoisyReLU, act_input, build, noisy, seed_slot, window_means
 
-ID = "santurkar2018-noisy"
-DESCRIPTION = "Santurkar 2018 Fig. 2: BN with injected time-varying noise trains like BN, far better than none, though its layer inputs drift more"
-QUICK_SECONDS = 60.0
 _ARMS = ("none", "bn", "noisy")
 _LABELS = {"none": "no BN", "bn": "BN", "noisy": "noisy BN"}
 _COLORS = {"none": "tab:gray", "bn": "tab:blue", "noisy": "tab:orange"}
@@ -209,7 +206,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 class Noisy(Experiment):
     """Santurkar et al.'s noisy-BN experiment over several seeds."""
 
-    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+    DESCRIPTION = "Santurkar 2018 Fig. 2: BN with injected time-varying noise trains like BN, far better than none, though its layer inputs drift more"
 
     def settings(self, cfg: RunConfig) -> Settings:
         shape: dict[str, Any] = {"depth": 12, "width": 100} if cfg.data == "mnist1d" else {"depth": 10, "width": 64}
@@ -247,4 +244,3 @@ class Noisy(Experiment):
 
 
 EXPERIMENT = Noisy()
-run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures

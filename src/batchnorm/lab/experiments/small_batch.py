@@ -30,9 +30,6 @@ from ..training import TrainSpec, evaluate, minibatches
 from ..verdict import part
 from ._calibration import CALIBRATION_SEED, calibration_split, steps_to_settle
 
-ID = "small-batch"
-DESCRIPTION = "Wu & He 2018 / Ioffe 2017: test error vs BN group size (32..2) and non-i.i.d. groups for BN, Batch Renorm, Ghost BN, Group Norm"
-QUICK_SECONDS = 25.0
 _NORMS = ("bn", "brn", "ghost", "gn")
 _LABELS = {"bn": "BN (per-group stats)", "brn": "Batch Renorm", "ghost": "Ghost BN", "gn": "Group Norm"}
 _COLORS = {"bn": "tab:blue", "brn": "tab:green", "ghost": "tab:purple", "gn": "tab:orange"}
@@ -215,7 +212,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 class SmallBatch(Experiment):
     """Wu & He's BN-vs-GN curve and Ioffe's Batch Renorm over several seeds."""
 
-    ID, DESCRIPTION, QUICK_SECONDS = ID, DESCRIPTION, QUICK_SECONDS
+    DESCRIPTION = "Wu & He 2018 / Ioffe 2017: test error vs BN group size (32..2) and non-i.i.d. groups for BN, Batch Renorm, Ghost BN, Group Norm"
 
     def settings(self, cfg: RunConfig) -> Settings:
         return _settings_for(cfg.data, cfg.mode)
@@ -246,4 +243,3 @@ class SmallBatch(Experiment):
 
 
 EXPERIMENT = SmallBatch()
-run, claims, figures = EXPERIMENT.run, EXPERIMENT.claims, EXPERIMENT.figures
