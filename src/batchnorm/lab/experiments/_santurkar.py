@@ -14,7 +14,8 @@ the seeds' slices (S, B, C) and can draw each seed's noise from that seed's own 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -142,20 +143,17 @@ def noisy(models: Sequence[MLP], act: NoisyReLU | Sequence[NoisyReLU]) -> None:
             block.act = a
 
 
-class seed_slot:
+@contextlib.contextmanager
+def seed_slot(model: nn.Module, k: int) -> Iterator[None]:
     """Context manager: every ``NoisyReLU`` of ``model`` treats a (B, C) input as seed ``k``."""
-
-    def __init__(self, model: nn.Module, k: int) -> None:
-        self.acts = [m for m in model.modules() if isinstance(m, NoisyReLU)]
-        self.k = k
-        self.saved = [a.slot for a in self.acts]
-
-    def __enter__(self) -> None:
-        for a in self.acts:
-            a.slot = self.k
-
-    def __exit__(self, *exc: object) -> None:
-        for a, v in zip(self.acts, self.saved):
+    acts = [m for m in model.modules() if isinstance(m, NoisyReLU)]
+    saved = [a.slot for a in acts]
+    try:
+        for a in acts:
+            a.slot = k
+        yield
+    finally:
+        for a, v in zip(acts, saved):
             a.slot = v
 
 
