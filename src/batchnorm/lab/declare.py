@@ -6,7 +6,6 @@ claim's evidence, the inputs of a network's activations, and non-i.i.d. minibatc
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -40,7 +39,7 @@ class FileSettings(Declared):
         settings = load_settings(type(self).__module__)
         if name not in settings:
             raise AttributeError(f"{type(self).__module__}.Settings has no setting {name!r}")
-        return copy.deepcopy(settings[name])
+        return settings[name]
 
 
 def seeded(seed: int) -> torch.Generator:

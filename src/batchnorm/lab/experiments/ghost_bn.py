@@ -30,7 +30,8 @@ from ..verdict import part
 ID = "ghost-bn"
 DESCRIPTION = "Hoffer 2017: large-batch generalization gap; sqrt-LR scaling, ghost BN and regime adaptation close it"
 QUICK_SECONDS = 14.0
-_ARMS = {  # name: label; the name says the recipe: large batch, sqrt-scaled lr, ghost BN, regime adaptation
+_ARMS = ("sb", "lb", "lb_lr", "lb_lr_gbn", "lb_lr_gbn_ra")
+_LABELS = {
     "sb": "SB (32)",
     "lb": "LB (1024)",
     "lb_lr": "LB + sqrt LR",
@@ -49,7 +50,8 @@ class Settings(FileSettings):
 
 
 def _arm_spec(arm: str, s: Settings) -> dict[str, Any]:
-    """Batch, learning rate, ghost batch and epochs of one arm (its recipe spelled by its name)."""
+    """Batch, learning rate, ghost batch and epochs of one arm, as its name spells them: large batch,
+    sqrt-scaled lr (``_lr``), ghost BN (``_gbn``), regime adaptation (``_ra``)."""
     ratio = s.large_batch // s.small_batch
     return {
         "batch": s.small_batch if arm == "sb" else s.large_batch,
@@ -104,7 +106,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     acc = {arm: _acc(results, arm) for arm in _ARMS}
     shown = {arm: listed(acc[arm], "{:.2f}") for arm in _ARMS}
     updates = {arm: results["metrics"]["per_seed"][0]["arms"][arm]["updates"] for arm in _ARMS}
-    table = "; ".join(f"{label} {shown[arm]} ({updates[arm]} updates)" for arm, label in _ARMS.items())
+    table = "; ".join(f"{_LABELS[arm]} {shown[arm]} ({updates[arm]} updates)" for arm in _ARMS)
     train_lb = listed(_acc(results, "lb", "train_acc"), "{:.2f}")
     gbn = part(acc["lb_lr_gbn"], acc["lb_lr"], above=float(results["config"]["lr_gain_above_pp"]))
     make = Claims(__name__, results)
@@ -127,7 +129,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             "regime_adaptation",
             a=acc["lb_lr_gbn_ra"],
             b=acc["sb"],
-            evidence=f"test accuracy per seed (%): {_ARMS['lb_lr_gbn_ra']} {shown['lb_lr_gbn_ra']} vs SB {shown['sb']}",
+            evidence=f"test accuracy per seed (%): {_LABELS['lb_lr_gbn_ra']} {shown['lb_lr_gbn_ra']} vs SB {shown['sb']}",
         ),
     ]
 
@@ -136,7 +138,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Test accuracy per arm (mean ± std over seeds) and the number of updates per arm."""
     per_seed = results["metrics"]["per_seed"]
     fig, (ax, right) = pyplot().subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
-    x, names = np.arange(len(_ARMS)), [wrap(label, 10) for label in _ARMS.values()]
+    x, names = np.arange(len(_ARMS)), [wrap(_LABELS[arm], 10) for arm in _ARMS]
     colors = ["tab:blue", "tab:red", "tab:orange", "tab:purple", "tab:green"]
     means = [float(np.mean(_acc(results, arm))) for arm in _ARMS]
     stds = [float(np.std(_acc(results, arm))) for arm in _ARMS]
@@ -175,9 +177,10 @@ class GhostBN(Experiment):
         if settings.max_train is not None:
             data = data.subset_train(settings.max_train, seed)
         arms = {}
-        for arm, label in _ARMS.items():
+        for arm in _ARMS:
             spec = _arm_spec(arm, settings)
-            arms[arm] = {"spec": spec, **_train_regime(data, settings, spec, seed, progress, f"{label} seed {seed}")}
+            label = f"{_LABELS[arm]} seed {seed}"
+            arms[arm] = {"spec": spec, **_train_regime(data, settings, spec, seed, progress, label)}
         return {"arms": arms, "train_examples": int(data.train_x.shape[0])}
 
     claims = staticmethod(_claims)

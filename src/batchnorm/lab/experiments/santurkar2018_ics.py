@@ -31,9 +31,6 @@ DESCRIPTION = "Santurkar 2018 Def. 2.1: ICS as the change of a layer's gradient 
 QUICK_SECONDS = 25.0
 
 
-_NETS = {"dln": "25-layer deep linear net", "mlp": "10-layer ReLU MLP"}
-
-
 @dataclass(frozen=True)
 class Settings(FileSettings):
     """The settings each mode sets; the others: ``santurkar2018_ics.settings.toml`` (each one's
@@ -151,6 +148,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
             ("mlp_relative_l2", "mlp", "rel_l2"),
         )
     ]
+
+
+_NETS = {"dln": "25-layer deep linear net", "mlp": "10-layer ReLU MLP"}
 
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
