@@ -109,28 +109,13 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     table = "; ".join(f"{_LABELS[arm]} {shown[arm]} ({updates[arm]} updates)" for arm in _ARMS)
     train_lb = listed(_acc(results, "lb", "train_acc"), "{:.2f}")
     gbn = part(acc["lb_lr_gbn"], acc["lb_lr"], above=float(results["config"]["lr_gain_above_pp"]))
-    make = Claims(__name__, results)
+    gap = f"SB {shown['sb']} vs LB {shown['lb']} ({updates['sb']} vs {updates['lb']} updates); LB training accuracy {train_lb}"
+    ra = f"{_LABELS['lb_lr_gbn_ra']} {shown['lb_lr_gbn_ra']} vs SB {shown['sb']}"
+    make, per_seed = Claims(__name__, results), "test accuracy per seed (%)"
     return [
-        make(
-            "large_batch_gap",
-            a=acc["sb"],
-            b=acc["lb"],
-            evidence=f"test accuracy per seed (%): SB {shown['sb']} vs LB {shown['lb']} ({updates['sb']} vs "
-            f"{updates['lb']} updates); LB training accuracy {train_lb}",
-        ),
-        make(
-            "lr_and_ghost_narrow",
-            a=acc["lb_lr"],
-            b=acc["lb"],
-            also=[gbn],
-            evidence=f"test accuracy per seed (%): {table}",
-        ),
-        make(
-            "regime_adaptation",
-            a=acc["lb_lr_gbn_ra"],
-            b=acc["sb"],
-            evidence=f"test accuracy per seed (%): {_LABELS['lb_lr_gbn_ra']} {shown['lb_lr_gbn_ra']} vs SB {shown['sb']}",
-        ),
+        make("large_batch_gap", a=acc["sb"], b=acc["lb"], evidence=f"{per_seed}: {gap}"),
+        make("lr_and_ghost_narrow", a=acc["lb_lr"], b=acc["lb"], also=[gbn], evidence=f"{per_seed}: {table}"),
+        make("regime_adaptation", a=acc["lb_lr_gbn_ra"], b=acc["sb"], evidence=f"{per_seed}: {ra}"),
     ]
 
 

@@ -106,10 +106,10 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     def gain(r: dict[str, Any], at: slice) -> float:
         return 100.0 * float(np.mean(np.subtract(r["acc_precise"][at], r["acc_ema"][at])))
 
-    def rough(key: str) -> list[float]:  # mean |change between consecutive epochs| early (pp)
+    def roughness(key: str) -> list[float]:  # mean |change between consecutive epochs| early (pp)
         return col(lambda r, at: 100.0 * float(np.mean(np.abs(np.diff(r[key][at])))), 0)
 
-    early, late, rough_ema, rough_pre = col(gain, 0), col(gain, 1), rough("acc_ema"), rough("acc_precise")
+    early, late, rough_ema, rough_pre = col(gain, 0), col(gain, 1), roughness("acc_ema"), roughness("acc_precise")
     first, last = (col(lambda r, at: float(np.mean(r["var_error_ema"][at])), k) for k in (0, 1))
     gaps = {(n, w): col(lambda r, n=n, w=w: _sample_gap(r, w, n)) for n in (n_sat, n_min) for w in ("early", "final")}
 
@@ -124,27 +124,13 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         evidence = f"the training set has fewer than {n_sat} examples: no {n_sat}-sample curve"
         saturation = unmeasured(make, "saturation", evidence)
+    gained = f"precise - EMA accuracy, mean over the first {e} epochs, per seed (pp): {listed(early, '{:+.1f}')}; over the last quarter: {listed(late, '{:+.2f}')}"
+    rough = f"mean |change between consecutive epochs| over the first {e} epochs, per seed (pp): EMA {listed(rough_ema, '{:.2f}')} vs precise {listed(rough_pre, '{:.2f}')}"
+    shrinks = f"mean relative error of the EMA variances per seed: first {e} epochs {listed(first, '{:.3f}')}, last quarter {listed(last, '{:.3f}')}"
     return [
-        make(
-            "early_gain",
-            a=early,
-            evidence=f"precise - EMA accuracy, mean over the first {e} epochs, per seed (pp): {listed(early, '{:+.1f}')}; "
-            f"over the last quarter: {listed(late, '{:+.2f}')}",
-        ),
-        make(
-            "ema_fluctuates",
-            a=rough_ema,
-            b=rough_pre,
-            evidence=f"mean |change between consecutive epochs| over the first {e} epochs, per seed (pp): EMA "
-            f"{listed(rough_ema, '{:.2f}')} vs precise {listed(rough_pre, '{:.2f}')}",
-        ),
-        make(
-            "ema_error_shrinks",
-            a=last,
-            b=first,
-            evidence=f"mean relative error of the EMA variances per seed: first {e} epochs {listed(first, '{:.3f}')}, "
-            f"last quarter {listed(last, '{:.3f}')}",
-        ),
+        make("early_gain", a=early, evidence=gained),
+        make("ema_fluctuates", a=rough_ema, b=rough_pre, evidence=rough),
+        make("ema_error_shrinks", a=last, b=first, evidence=shrinks),
         saturation,
     ]
 

@@ -140,21 +140,13 @@ def _seed_means(m: dict[str, Any], key: str, floor: float) -> tuple[float, float
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """BN lower in all three quantities while the plain network is learning (paired ratios)."""
-    t = results["config"]
-    floor = float(t["learning_phase_loss_floor"])
-    make = Claims(__name__, results)
-    out = []
+    floor, make, out = float(results["config"]["learning_phase_loss_floor"]), Claims(__name__, results), []
     for key in _QUANTITIES:
-        rows = [_seed_means(m, key, floor) for m in results["metrics"]["per_seed"]]
-        out.append(
-            make(
-                key,
-                a=[r[0] for r in rows],
-                b=[r[1] for r in rows],
-                evidence=f"ratio BN / no BN per seed: {listed((r[0] / r[1] for r in rows), '{:.3g}')}; BN lower at "
-                f"{', '.join(f'{r[3]}/{r[2]}' for r in rows)} learning-phase checkpoints (of {listed((r[4] for r in rows), '{:.0f}')})",
-            )
-        )
+        bn, none, learning, lower, total = zip(*(_seed_means(m, key, floor) for m in results["metrics"]["per_seed"]))
+        ratios = listed((a / b for a, b in zip(bn, none)), "{:.3g}")
+        counts = ", ".join(f"{k}/{n}" for k, n in zip(lower, learning))
+        evidence = f"ratio BN / no BN per seed: {ratios}; BN lower at {counts} learning-phase checkpoints (of {listed(total, '{:.0f}')})"
+        out.append(make(key, a=list(bn), b=list(none), evidence=evidence))
     return out
 
 
