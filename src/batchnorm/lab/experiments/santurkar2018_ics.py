@@ -48,8 +48,8 @@ def ics(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: Any) -> list
     Returns one dict per layer i (1-based ``layer``): ``l2`` = ||G - G'||, ``rel_l2`` =
     ||G - G'|| / ||G||, ``cos`` = cos(G, G'), ``grad_norm`` = ||G||, where G is the gradient of
     the loss on (x, y) w.r.t. block i's Linear weight and G' the same after the parameters of
-    blocks < i took the SGD step ``-lr * grad``. The model's parameters, gradients, buffers and
-    training flags are left as they were.
+    blocks < i took the SGD step ``-lr * grad`` (taken block by block, each once). The model's
+    parameters, gradients, buffers and training flags are left as they were.
     """
     hidden = list(blocks(model))
     groups = [list(b.parameters()) for b in hidden]
@@ -60,10 +60,9 @@ def ics(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: Any) -> list
         loss_fn(model(x), y).backward()
         grads = [[torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in grp] for grp in groups]
         for i in range(1, len(hidden)):
-            with torch.no_grad():
-                for k in range(i):
-                    for p, w, g in zip(groups[k], start[k], grads[k]):
-                        p.copy_(w - lr * g)
+            with torch.no_grad():  # blocks < i - 1 took their step in the earlier rounds
+                for p, w, g in zip(groups[i - 1], start[i - 1], grads[i - 1]):
+                    p.copy_(w - lr * g)
             model.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
             g_before = grads[i][0].flatten()  # (out * in,): block i's Linear weight
@@ -72,10 +71,6 @@ def ics(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: Any) -> list
             norm = float(g_before.norm())
             cos = float(F.cosine_similarity(g_before, g_after, dim=0))
             out.append({"layer": i + 1, "l2": diff, "rel_l2": diff / max(norm, 1e-30), "cos": cos, "grad_norm": norm})
-            with torch.no_grad():
-                for k in range(i):
-                    for p, w in zip(groups[k], start[k]):
-                        p.copy_(w)
     return out
 
 
