@@ -51,12 +51,9 @@ def precise_copy(model: nn.Module, x: Tensor, batch_size: int, max_samples: int 
 
 def stats_error(model: nn.Module, reference: nn.Module) -> float:
     """Mean over BN layers and units of |var_model / var_reference - 1| (how stale the running variances are)."""
-    pairs = zip(
-        *([m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] for net in (model, reference))
-    )
-    return float(
-        torch.stack([(a.running_var / b.running_var.clamp_min(1e-12) - 1.0).abs().mean() for a, b in pairs]).mean()
-    )
+    bns = [[m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] for net in (model, reference)]
+    errors = [(a.running_var / b.running_var.clamp_min(1e-12) - 1.0).abs().mean() for a, b in zip(*bns)]  # per layer
+    return float(torch.stack(errors).mean())
 
 
 def _sample_curve(model: nn.Module, data: Dataset, s: Settings, gen: torch.Generator) -> dict[str, Any]:
