@@ -6,10 +6,13 @@ back, and the seeds of an arm trained together as each alone.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from batchnorm.lab.config import RunConfig
 from batchnorm.lab.datasets import load
 from batchnorm.lab.declare import listed, probing, seeded, train_seeds
+from batchnorm.lab.experiments import ghost_bn
 from batchnorm.lab.models import MLP
 from batchnorm.lab.progress import Progress
 from batchnorm.lab.training import TrainSpec, train
@@ -54,3 +57,12 @@ def test_train_seeds_matches_each_seed_trained_alone() -> None:
         assert torch.allclose(torch.tensor(r.losses), torch.tensor(expected.losses), atol=1e-5)
         for a, b in zip(model.parameters(), alone.parameters()):
             assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_file_settings_read_every_setting_of_the_file_by_attribute() -> None:
+    s = ghost_bn.EXPERIMENT.settings(RunConfig(mode="quick"))
+    assert (s.epochs, s.max_train) == (10, 2000)  # fields: set by mode and in code
+    assert (s.lr, s.hidden) == (0.05, (128, 128, 128))  # read from ghost_bn.settings.toml
+    assert s.record()["lr"] == s.lr and getattr(s, "calibration_seed", None) is None
+    with pytest.raises(AttributeError, match="no setting 'not_a_setting'"):
+        _ = s.not_a_setting

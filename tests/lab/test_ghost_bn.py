@@ -41,7 +41,6 @@ def test_regime_adaptation_makes_as_many_updates_as_the_small_batch(tmp_path: Pa
 
 def test_claims_pair_the_arms_of_each_seed() -> None:
     """Synthetic accuracies: a gap on every seed holds; LB above SB on every seed is refuted."""
-    import dataclasses
 
     s = exp.EXPERIMENT.settings(RunConfig(mode="quick"))
 
@@ -50,7 +49,7 @@ def test_claims_pair_the_arms_of_each_seed() -> None:
             {"arms": {arm: {"test_acc": v[k], "train_acc": 100.0, "updates": 1} for arm, v in acc.items()}}
             for k in range(3)
         ]
-        return {"config": dataclasses.asdict(s), "metrics": {"seeds": [0, 1, 2], "per_seed": per_seed}}
+        return {"config": s.record(), "metrics": {"seeds": [0, 1, 2], "per_seed": per_seed}}
 
     # seed-to-seed spread of 3 pp, but the paired SB - LB gap is 2 pp on every seed
     good = {

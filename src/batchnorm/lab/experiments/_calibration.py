@@ -1,19 +1,11 @@
 """Calibration data for the lab's rules that fix a setup before the claims are judged.
 
 A calibration run must not see what the claims are judged on: it uses its own seed
-(``CALIBRATION_SEED``, never one of a run's seeds) and its own split, made only from the
-training set of that seed's data split: a stratified part held out as validation data. The
-test set is never used.
+(``CALIBRATION_SEED``, never one of a run's seeds) and its own split of that seed's training set
+(a stratified part held out as validation data); the test set is never used:
 
     cal = calibration_split(load("digits", CALIBRATION_SEED), CALIBRATION_SEED)
-    cal.train_x, cal.test_x   # 80% / 20% of the training set (cal.test_* is the validation part)
-
-Shape: as ``datasets.Dataset`` (``train_x`` (N', D), ``test_x`` (N - N', D)).
-
-``calibration_data(cfg, seed)`` is that split of the run's data set and ``split_note`` its
-record; ``epoch_rule`` is the step rule of the experiments that train a fixed number of passes;
-``settled`` is the first checkpoint at which every validation curve is near its own best, and
-``steps_to_settle`` the step-count rule built on it.
+    cal.train_x, cal.test_x   # (N', D), (N - N', D): 80% / 20% of the training set
 """
 
 from __future__ import annotations
@@ -68,16 +60,9 @@ def calibration_split(data: Dataset, seed: int, validation: float = 0.2) -> Data
     keep = np.setdiff1d(np.arange(y.size), val)
     if val.size == 0 or keep.size == 0:
         raise ValueError(f"calibration_split: a {validation:g} split of {y.size} examples leaves an empty part")
-    v = torch.from_numpy(val)
-    k = torch.from_numpy(keep)
-    return Dataset(
-        data.name,
-        data.train_x[k],
-        data.train_y[k],
-        data.train_x[v],
-        data.train_y[v],
-        input_shape=data.input_shape,
-        classes=data.classes,
+    v, k = torch.from_numpy(val), torch.from_numpy(keep)
+    return dataclasses.replace(
+        data, train_x=data.train_x[k], train_y=data.train_y[k], test_x=data.train_x[v], test_y=data.train_y[v]
     )
 
 

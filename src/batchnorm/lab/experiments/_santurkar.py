@@ -14,25 +14,55 @@ the seeds' slices (S, B, C) and can draw each seed's noise from that seed's own 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import seeded
 from ..models import MLP, blocks
+from ._calibration import epoch_rule
 
 __all__ = [
+    "COLORS",
+    "LABELS",
     "NoisyReLU",
     "act_input",
     "build",
+    "epoch_steps",
     "noisy",
+    "probe_batch",
     "seed_slot",
     "window_means",
 ]
+
+LABELS = {"none": "no BN", "bn": "BN", "noisy": "noisy BN"}
+COLORS = {"none": "tab:gray", "bn": "tab:blue", "noisy": "tab:orange"}
+EPOCHS = {"quick": 40.0, "full": 300.0}
+"""Passes over the training set in quick and full mode (the step rule; tiny mode's steps are in
+each settings file)."""
+
+
+def epoch_steps(cfg: RunConfig) -> dict[str, Any]:
+    """``{"steps", "steps_rule"}``: ``EPOCHS[cfg.mode]`` passes in batches of 128
+    (``_calibration.epoch_rule``); ``{}`` in tiny mode."""
+    if cfg.mode == "tiny":
+        return {}
+    steps, rule = epoch_rule(cfg, EPOCHS[cfg.mode], 128)
+    return {"steps": steps, "steps_rule": rule}
+
+
+def probe_batch(x: Tensor, y: Tensor, k: int, size: int = 128) -> tuple[Tensor, Tensor]:
+    """The batch measured at the ``k``-th checkpoint: ``size`` consecutive training examples, a
+    different slice at each checkpoint."""
+    start = (k * size) % max(1, x.shape[0] - size)
+    idx = torch.arange(start, start + size)
+    return x[idx], y[idx]
 
 
 class NoisyReLU(nn.Module):
@@ -113,20 +143,17 @@ def noisy(models: Sequence[MLP], act: NoisyReLU | Sequence[NoisyReLU]) -> None:
             block.act = a
 
 
-class seed_slot:
+@contextlib.contextmanager
+def seed_slot(model: nn.Module, k: int) -> Iterator[None]:
     """Context manager: every ``NoisyReLU`` of ``model`` treats a (B, C) input as seed ``k``."""
-
-    def __init__(self, model: nn.Module, k: int) -> None:
-        self.acts = [m for m in model.modules() if isinstance(m, NoisyReLU)]
-        self.k = k
-        self.saved = [a.slot for a in self.acts]
-
-    def __enter__(self) -> None:
-        for a in self.acts:
-            a.slot = self.k
-
-    def __exit__(self, *exc: object) -> None:
-        for a, v in zip(self.acts, self.saved):
+    acts = [m for m in model.modules() if isinstance(m, NoisyReLU)]
+    saved = [a.slot for a in acts]
+    try:
+        for a in acts:
+            a.slot = k
+        yield
+    finally:
+        for a, v in zip(acts, saved):
             a.slot = v
 
 

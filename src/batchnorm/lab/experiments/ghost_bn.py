@@ -7,7 +7,6 @@ Setup, the rules fixed before any run and each setting's source: ``ghost_bn.md``
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,9 @@ from ... import GhostBatchNorm1d
 from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import seeded
+from ..declare import FileSettings, listed, seeded
 from ..experiment import Experiment, column
+from ..figures import bar_values, categories, dress, pyplot, save, wrap
 from ..models import MLP
 from ..progress import Progress
 from ..training import evaluate, minibatches
@@ -38,48 +38,24 @@ _LABELS = {
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``ghost_bn.md``)."""
+class Settings(FileSettings):
+    """The settings the code computes; the others: ``ghost_bn.settings.toml`` (each one's
+    meaning and source: ``ghost_bn.md``)."""
 
     epochs: int
     max_train: int | None
-    hidden: tuple[int, ...] = (128, 128, 128)
-    activation: str = "relu"
-    norm: str = "batchnorm.BatchNorm1d before each ReLU (Linear bias dropped); GBN arms: batchnorm.GhostBatchNorm1d"
-    init: str = "PyTorch's default, seeded per seed: the same initial weights in every arm of a seed"
-    small_batch: int = 32
-    large_batch: int = 1024
-    ghost_batch: int = 32
-    lr: float = 0.05
-    lr_scaling: str = "lr * sqrt(large/small) = lr * sqrt(32) (Hoffer et al., Sec. 4)"
-    updates: str = "ceil(epochs * N_train / batch): every arm sees epochs * N_train examples (batches straddle epochs)"
-    regime_adaptation: str = "epochs * large/small = 32x the epochs (as many updates as SB)"
-    optimizer: str = "SGD, momentum 0.9, weight decay 1e-4, gradient norm clipped to 5 (main_gbn.py)"
-    schedule: str = "lr / 10 at 50% and at 75% of the updates"
-    gap_at_least_pp: float = 0.5
-    lr_gain_above_pp: float = 0.0
-    ra_within_pp: float = 0.5
-
-
-def _settings(cfg: RunConfig) -> Settings:
-    return Settings(
-        epochs={"tiny": 1, "quick": 10, "full": 30}[cfg.mode], max_train=None if cfg.mode == "full" else 2000
-    )
 
 
 def _arm_spec(arm: str, s: Settings) -> dict[str, Any]:
-    """Batch, learning rate, ghost batch and epochs of one arm."""
+    """Batch, learning rate, ghost batch and epochs of one arm, as its name spells them: large batch,
+    sqrt-scaled lr (``_lr``), ghost BN (``_gbn``), regime adaptation (``_ra``)."""
     ratio = s.large_batch // s.small_batch
-    if arm == "sb":
-        return {"batch": s.small_batch, "lr": s.lr, "ghost": None, "epochs": s.epochs}
-    spec = {"batch": s.large_batch, "lr": s.lr, "ghost": None, "epochs": s.epochs}
-    if arm in ("lb_lr", "lb_lr_gbn", "lb_lr_gbn_ra"):
-        spec["lr"] = s.lr * math.sqrt(ratio)
-    if arm in ("lb_lr_gbn", "lb_lr_gbn_ra"):
-        spec["ghost"] = s.ghost_batch
-    if arm == "lb_lr_gbn_ra":
-        spec["epochs"] = s.epochs * ratio
-    return spec
+    return {
+        "batch": s.small_batch if arm == "sb" else s.large_batch,
+        "lr": s.lr * math.sqrt(ratio) if "_lr" in arm else s.lr,
+        "ghost": s.ghost_batch if "_gbn" in arm else None,
+        "epochs": s.epochs * ratio if arm.endswith("_ra") else s.epochs,
+    }
 
 
 def _train_regime(
@@ -124,69 +100,50 @@ def _acc(results: dict[str, Any], arm: str, key: str = "test_acc") -> list[float
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Hoffer et al.'s ordering: SB > LB; LB < LB+LR <= LB+LR+GBN; LB+RA ~ SB (paired by seed)."""
-    t = results["config"]
     acc = {arm: _acc(results, arm) for arm in _ARMS}
-    first = results["metrics"]["per_seed"][0]["arms"]
-
-    def fmt(v: Sequence[float]) -> str:
-        return ", ".join(f"{x:.2f}" for x in v)
-
-    table = "; ".join(f"{_LABELS[arm]} {fmt(acc[arm])} ({first[arm]['updates']} updates)" for arm in _ARMS)
-    make = Claims(__name__, results)
+    shown = {arm: listed(acc[arm], "{:.2f}") for arm in _ARMS}
+    updates = {arm: results["metrics"]["per_seed"][0]["arms"][arm]["updates"] for arm in _ARMS}
+    table = "; ".join(f"{_LABELS[arm]} {shown[arm]} ({updates[arm]} updates)" for arm in _ARMS)
+    train_lb = listed(_acc(results, "lb", "train_acc"), "{:.2f}")
+    gbn = part(acc["lb_lr_gbn"], acc["lb_lr"], above=float(results["config"]["lr_gain_above_pp"]))
+    gap = f"SB {shown['sb']} vs LB {shown['lb']} ({updates['sb']} vs {updates['lb']} updates); LB training accuracy {train_lb}"
+    ra = f"{_LABELS['lb_lr_gbn_ra']} {shown['lb_lr_gbn_ra']} vs SB {shown['sb']}"
+    make, per_seed = Claims(__name__, results), "test accuracy per seed (%)"
     return [
-        make(
-            "large_batch_gap",
-            a=acc["sb"],
-            b=acc["lb"],
-            evidence=f"test accuracy per seed (%): SB {fmt(acc['sb'])} vs LB {fmt(acc['lb'])} ({first['sb']['updates']} vs "
-            f"{first['lb']['updates']} updates); LB training accuracy {fmt(_acc(results, 'lb', 'train_acc'))}",
-        ),
-        make(
-            "lr_and_ghost_narrow",
-            a=acc["lb_lr"],
-            b=acc["lb"],
-            also=[part(acc["lb_lr_gbn"], acc["lb_lr"], above=float(t["lr_gain_above_pp"]))],
-            evidence=f"test accuracy per seed (%): {table}",
-        ),
-        make(
-            "regime_adaptation",
-            a=acc["lb_lr_gbn_ra"],
-            b=acc["sb"],
-            evidence=f"test accuracy per seed (%): LB + LR + GBN + RA {fmt(acc['lb_lr_gbn_ra'])} vs SB {fmt(acc['sb'])}",
-        ),
+        make("large_batch_gap", a=acc["sb"], b=acc["lb"], evidence=f"{per_seed}: {gap}"),
+        make("lr_and_ghost_narrow", a=acc["lb_lr"], b=acc["lb"], also=[gbn], evidence=f"{per_seed}: {table}"),
+        make("regime_adaptation", a=acc["lb_lr_gbn_ra"], b=acc["sb"], evidence=f"{per_seed}: {ra}"),
     ]
 
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Test accuracy per arm (mean ± std over seeds) and the number of updates per arm."""
-    from ..figures import bar_values, categories, pyplot, save, wrap
-
-    plt = pyplot()
     per_seed = results["metrics"]["per_seed"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
-    x = np.arange(len(_ARMS))
-    names = [wrap(_LABELS[arm], 10) for arm in _ARMS]
+    fig, (ax, right) = pyplot().subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    x, names = np.arange(len(_ARMS)), [wrap(_LABELS[arm], 10) for arm in _ARMS]
     colors = ["tab:blue", "tab:red", "tab:orange", "tab:purple", "tab:green"]
     means = [float(np.mean(_acc(results, arm))) for arm in _ARMS]
     stds = [float(np.std(_acc(results, arm))) for arm in _ARMS]
-    train = [float(np.mean(_acc(results, arm, "train_acc"))) for arm in _ARMS]
-    ax = axes[0]
     ax.bar(x, means, yerr=stds, capsize=4, color=colors, label="test accuracy (mean ± std over seeds)")
+    train = [float(np.mean(_acc(results, arm, "train_acc"))) for arm in _ARMS]
     ax.plot(x, train, "k_", markersize=22, mew=2, label="training accuracy (mean)")
     for i, mu in enumerate(means):  # at the foot of each bar, clear of the error bars
         ax.text(i, 2, f"{mu:.1f}%\n{len(per_seed)} seeds", ha="center", va="bottom", fontsize=8, color="white")
     categories(ax.xaxis, names, fontsize=8)
-    ax.set_ylim(0, 101)
-    ax.set(ylabel="accuracy (%)", title="Large-batch generalization gap and how to close it")
+    dress(ax, "Large-batch generalization gap and how to close it", ylim=(0, 101), ylabel="accuracy (%)")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
-    ax = axes[1]
     updates = [per_seed[0]["arms"][arm]["updates"] for arm in _ARMS]
-    ax.bar(x, updates, color=colors)
-    bar_values(ax, updates, fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylim(top=2 * max(updates))  # room for the count above the tallest bar
-    categories(ax.xaxis, names, fontsize=8)
-    ax.set(ylabel="SGD updates", title="Number of updates: the gap follows it")
+    right.bar(x, updates, color=colors)
+    bar_values(right, updates, fontsize=8)
+    categories(right.xaxis, names, fontsize=8)
+    # room for the count above the tallest bar
+    dress(
+        right,
+        "Number of updates: the gap follows it",
+        yscale="log",
+        ylim=(None, 2 * max(updates)),
+        ylabel="SGD updates",
+    )
     return [save(fig, outdir / "generalization_gap.png")]
 
 
@@ -198,7 +155,7 @@ class GhostBN(Experiment):
     )
 
     def settings(self, cfg: RunConfig) -> Settings:
-        return _settings(cfg)
+        return Settings.of(cfg.mode, max_train=None if cfg.mode == "full" else 2000)
 
     def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
         if settings.max_train is not None:
@@ -206,10 +163,8 @@ class GhostBN(Experiment):
         arms = {}
         for arm in _ARMS:
             spec = _arm_spec(arm, settings)
-            arms[arm] = {
-                "spec": spec,
-                **_train_regime(data, settings, spec, seed, progress, f"{_LABELS[arm]} seed {seed}"),
-            }
+            label = f"{_LABELS[arm]} seed {seed}"
+            arms[arm] = {"spec": spec, **_train_regime(data, settings, spec, seed, progress, label)}
         return {"arms": arms, "train_examples": int(data.train_x.shape[0])}
 
     claims = staticmethod(_claims)

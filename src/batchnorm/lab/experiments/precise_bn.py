@@ -15,11 +15,12 @@ import torch
 from torch import Tensor, nn
 
 from ... import recompute_statistics
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, mlp_for, seeded, train_seeds
+from ..declare import FileSettings, listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, per_seed_values, unmeasured
+from ..figures import dress, log_ticks, mean_band, pyplot, save
 from ..models import MLP
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
@@ -27,18 +28,12 @@ from ..verdict import part
 
 
 @dataclass(frozen=True)
-class Settings(Declared):
-    """What the code computes or reads; the constants: ``precise_bn.settings.toml``."""
+class Settings(FileSettings):
+    """What the code computes or each mode sets; the others: ``precise_bn.settings.toml``."""
 
     epochs: int
     max_train: int | None
     sample_draws: int
-    hidden: tuple[int, ...]
-    activation: str
-    batch_size: int
-    lr: float
-    momentum: float
-    sample_sizes: tuple[int, ...]
 
 
 def precise_copy(model: nn.Module, x: Tensor, batch_size: int, max_samples: int | None = None) -> nn.Module:
@@ -50,12 +45,9 @@ def precise_copy(model: nn.Module, x: Tensor, batch_size: int, max_samples: int 
 
 def stats_error(model: nn.Module, reference: nn.Module) -> float:
     """Mean over BN layers and units of |var_model / var_reference - 1| (how stale the running variances are)."""
-    pairs = zip(
-        *([m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] for net in (model, reference))
-    )
-    return float(
-        torch.stack([(a.running_var / b.running_var.clamp_min(1e-12) - 1.0).abs().mean() for a, b in pairs]).mean()
-    )
+    bns = [[m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] for net in (model, reference)]
+    errors = [(a.running_var / b.running_var.clamp_min(1e-12) - 1.0).abs().mean() for a, b in zip(*bns)]  # per layer
+    return float(torch.stack(errors).mean())
 
 
 def _sample_curve(model: nn.Module, data: Dataset, s: Settings, gen: torch.Generator) -> dict[str, Any]:
@@ -79,29 +71,6 @@ def _seeded_init(model: MLP, seed: int) -> MLP:
     for p in (p for p in model.parameters() if p.dim() == 2):
         p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * (1.0 / p.shape[1] ** 0.5))
     return model
-
-
-def _recorder(
-    s: Settings, data: Sequence[Dataset], models: Sequence[nn.Module], seeds: Sequence[int], per_epoch: int, steps: int
-) -> tuple[list[dict[str, Any]], Any]:
-    """A fresh record for each seed's network and the checkpoint callback that fills them."""
-    keys = ("step", "epoch", "acc_ema", "acc_precise", "var_error_ema", "samples")
-    recs: list[dict[str, Any]] = [{k: {} if k == "samples" else [] for k in keys} for _ in models]
-    sample_gens = [seeded(seed + 5) for seed in seeds]
-
-    def record(step: int, _results: list[TrainResult]) -> None:
-        for rec, d, model, gen in zip(recs, data, models, sample_gens):
-            pre = precise_copy(model, d.train_x, s.batch_size)
-            rec["step"].append(step)
-            rec["epoch"].append(step // per_epoch)
-            rec["acc_ema"].append(evaluate(model, d.test_x, d.test_y)[1])
-            rec["acc_precise"].append(evaluate(pre, d.test_x, d.test_y)[1])
-            rec["var_error_ema"].append(stats_error(model, pre))
-            if step == 2 * per_epoch or step == steps:
-                curve = _sample_curve(model, d, s, gen)
-                rec["samples"]["early" if step == 2 * per_epoch else "final"] = {"step": step, **curve}
-
-    return recs, record
 
 
 def _windows(r: dict[str, Any], epochs: int) -> tuple[slice, slice]:
@@ -128,38 +97,27 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     def gain(r: dict[str, Any], at: slice) -> float:
         return 100.0 * float(np.mean(np.subtract(r["acc_precise"][at], r["acc_ema"][at])))
 
-    early, late = col(gain, 0), col(gain, 1)
-    rough_ema, rough_pre = (
-        col(lambda r, at, k=k: 100.0 * float(np.mean(np.abs(np.diff(r[k][at])))), 0) for k in ("acc_ema", "acc_precise")
-    )
+    def roughness(key: str) -> list[float]:  # mean |change between consecutive epochs| early (pp)
+        return col(lambda r, at: 100.0 * float(np.mean(np.abs(np.diff(r[key][at])))), 0)
+
+    early, late, rough_ema, rough_pre = col(gain, 0), col(gain, 1), roughness("acc_ema"), roughness("acc_precise")
     first, last = (col(lambda r, at: float(np.mean(r["var_error_ema"][at])), k) for k in (0, 1))
-    gaps = {w: col(lambda r, w=w: _sample_gap(r, w, n_sat)) for w in ("early", "final")}
-    small = {w: col(lambda r, w=w: _sample_gap(r, w, n_min)) for w in ("early", "final")}
+    gaps = {(n, w): col(lambda r, n=n, w=w: _sample_gap(r, w, n)) for n in (n_sat, n_min) for w in ("early", "final")}
+
+    def both(n: int) -> str:
+        return f"early {listed(gaps[n, 'early'], '{:+.2f}')}, final {listed(gaps[n, 'final'], '{:+.2f}')}"
+
     make = Claims(__name__, results)
-    saturated = (
-        f"all-sample minus {n_sat}-sample accuracy per seed (pp): early {listed(gaps['early'], '{:+.2f}')}, final "
-        f"{listed(gaps['final'], '{:+.2f}')}; minus {n_min}-sample: early {listed(small['early'], '{:+.2f}')}, final "
-        f"{listed(small['final'], '{:+.2f}')}"
-    )
-    if all(np.isfinite(v).all() for v in gaps.values()):
-        below = float(t["saturated_within_pp"])
-        saturation = make("saturation", a=gaps["early"], also=[part(gaps["final"], below=below)], evidence=saturated)
+    if np.isfinite([gaps[n_sat, "early"], gaps[n_sat, "final"]]).all():
+        evidence = f"all-sample minus {n_sat}-sample accuracy per seed (pp): {both(n_sat)}; minus {n_min}-sample: {both(n_min)}"
+        final = part(gaps[n_sat, "final"], below=float(t["saturated_within_pp"]))
+        saturation = make("saturation", a=gaps[n_sat, "early"], also=[final], evidence=evidence)
     else:
-        saturation = unmeasured(
-            make, "saturation", f"the training set has fewer than {n_sat} examples: no {n_sat}-sample curve"
-        )
-    gained = (
-        f"precise - EMA accuracy, mean over the first {e} epochs, per seed (pp): {listed(early, '{:+.1f}')}; "
-        f"over the last quarter: {listed(late, '{:+.2f}')}"
-    )
-    rough = (
-        f"mean |change between consecutive epochs| over the first {e} epochs, per seed (pp): EMA "
-        f"{listed(rough_ema, '{:.2f}')} vs precise {listed(rough_pre, '{:.2f}')}"
-    )
-    shrinks = (
-        f"mean relative error of the EMA variances per seed: first {e} epochs {listed(first, '{:.3f}')}, "
-        f"last quarter {listed(last, '{:.3f}')}"
-    )
+        evidence = f"the training set has fewer than {n_sat} examples: no {n_sat}-sample curve"
+        saturation = unmeasured(make, "saturation", evidence)
+    gained = f"precise - EMA accuracy, mean over the first {e} epochs, per seed (pp): {listed(early, '{:+.1f}')}; over the last quarter: {listed(late, '{:+.2f}')}"
+    rough = f"mean |change between consecutive epochs| over the first {e} epochs, per seed (pp): EMA {listed(rough_ema, '{:.2f}')} vs precise {listed(rough_pre, '{:.2f}')}"
+    shrinks = f"mean relative error of the EMA variances per seed: first {e} epochs {listed(first, '{:.3f}')}, last quarter {listed(last, '{:.3f}')}"
     return [
         make("early_gain", a=early, evidence=gained),
         make("ema_fluctuates", a=rough_ema, b=rough_pre, evidence=rough),
@@ -170,28 +128,22 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Accuracy (EMA vs precise) and EMA statistics error over training; accuracy vs samples."""
-    from ..figures import dress, log_ticks, mean_band, pyplot, save
-
-    plt = pyplot()
-    runs = results["metrics"]["per_seed"]
+    plt, runs = pyplot(), results["metrics"]["per_seed"]
     t = min(len(r["epoch"]) for r in runs)
     epochs = runs[0]["epoch"][:t]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
+    fig, (acc, stale) = plt.subplots(1, 2, figsize=(11, 4.0))
     for key, label, color in (
         ("acc_ema", "EMA statistics (momentum 0.1)", "tab:red"),
         ("acc_precise", "precise statistics (PreciseBN)", "tab:blue"),
     ):
-        mean_band(axes[0], epochs, [[100 * v for v in r[key][:t]] for r in runs], label, color=color)
-    axes[0].set(xlabel="epoch", ylabel="test accuracy (%)")
-    lo = min(min(r["acc_ema"][1:t] + r["acc_precise"][1:t]) for r in runs)
-    axes[0].set_ylim(max(0.0, 100 * lo - 2), 100)
-    dress(axes[0], "Test accuracy with EMA vs precise BN statistics", legend={"fontsize": 8})
-    stale = [r["var_error_ema"][1:t] for r in runs]
-    mean_band(axes[1], epochs[1:], stale, "EMA running_var vs precise", color="tab:red")
-    axes[1].set(yscale="log", xlabel="epoch", ylabel="mean |var_EMA / var_precise - 1|")
-    dress(axes[1], "How stale the EMA statistics are", legend={"fontsize": 8})
+        mean_band(acc, epochs, [[100 * v for v in r[key][:t]] for r in runs], label, color=color)
+    lo = 100 * min(min(r["acc_ema"][1:t] + r["acc_precise"][1:t]) for r in runs)
+    title, legend = "Test accuracy with EMA vs precise BN statistics", {"fontsize": 8}
+    dress(acc, title, xlabel="epoch", ylabel="test accuracy (%)", ylim=(max(0.0, lo - 2), 100), legend=legend)
+    mean_band(stale, epochs[1:], [r["var_error_ema"][1:t] for r in runs], "EMA running_var vs precise", color="tab:red")
+    ylabel = "mean |var_EMA / var_precise - 1|"
+    dress(stale, "How stale the EMA statistics are", yscale="log", xlabel="epoch", ylabel=ylabel, legend=legend)
     paths = [save(fig, outdir / "ema_vs_precise.png")]
-
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     sizes: list[int] = []
     for when, color in (("early", "tab:orange"), ("final", "tab:green")):
@@ -209,8 +161,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         log_ticks(ax.xaxis, sizes)  # the sample counts measured
     xlabel = "samples used for the precise statistics (N)"
     dress(ax, "How many samples PreciseBN needs", xlabel=xlabel, ylabel="test accuracy (%)", legend={"fontsize": 7})
-    paths.append(save(fig, outdir / "samples_needed.png"))
-    return paths
+    return [*paths, save(fig, outdir / "samples_needed.png")]
 
 
 class PreciseBN(Experiment):
@@ -230,7 +181,22 @@ class PreciseBN(Experiment):
         per_epoch = -(-sizes.pop() // s.batch_size)
         steps = s.epochs * per_epoch
         models = [_seeded_init(mlp_for(d, s.hidden, act=s.activation, norm="bn"), seed) for d, seed in zip(data, seeds)]
-        recs, record = _recorder(s, data, models, seeds, per_epoch, steps)
+        keys = ("step", "epoch", "acc_ema", "acc_precise", "var_error_ema")
+        recs: PerSeed = [{**{k: [] for k in keys}, "samples": {}} for _ in models]
+        sample_gens = [seeded(seed + 5) for seed in seeds]
+
+        def record(step: int, _results: list[TrainResult]) -> None:
+            for rec, d, model, gen in zip(recs, data, models, sample_gens):
+                pre = precise_copy(model, d.train_x, s.batch_size)
+                rec["step"].append(step)
+                rec["epoch"].append(step // per_epoch)
+                rec["acc_ema"].append(evaluate(model, d.test_x, d.test_y)[1])
+                rec["acc_precise"].append(evaluate(pre, d.test_x, d.test_y)[1])
+                rec["var_error_ema"].append(stats_error(model, pre))
+                if step in (2 * per_epoch, steps):
+                    curve = _sample_curve(model, d, s, gen)
+                    rec["samples"]["early" if step == 2 * per_epoch else "final"] = {"step": step, **curve}
+
         spec = TrainSpec(steps=steps, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum)
         epochs = range(0, steps + 1, per_epoch)
         results = train_seeds(

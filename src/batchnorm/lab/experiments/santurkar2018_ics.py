@@ -15,33 +15,27 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, probing, seeded
+from ..declare import FileSettings, listed, probing, seeded
 from ..experiment import Experiment
+from ..figures import dress, pyplot, save
 from ..models import MLP, blocks
 from ..progress import Progress
 from ..training import TrainSpec, train
-from ._santurkar import build, window_means
+from ._santurkar import COLORS, LABELS, build, probe_batch, window_means
 
 
 @dataclass(frozen=True)
-class Settings(Declared):
-    """The settings the code computes or reads; every constant one is in ``santurkar2018_ics.settings.toml``
-    (each one's meaning and source: ``santurkar2018_ics.md``)."""
+class Settings(FileSettings):
+    """The settings each mode sets; the others: ``santurkar2018_ics.settings.toml`` (each one's
+    meaning and source: ``santurkar2018_ics.md``)."""
 
     dln_steps: int
     dln_checkpoints: int
     mlp_steps: int
     mlp_checkpoints: int
-    dln_depth: int
-    dln_width: int
-    dln_lr: float
-    mlp_depth: int
-    mlp_width: int
-    mlp_lr: float
-    batch_size: int
 
 
 def ics(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: Any) -> list[dict[str, float]]:
@@ -50,8 +44,8 @@ def ics(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: Any) -> list
     Returns one dict per layer i (1-based ``layer``): ``l2`` = ||G - G'||, ``rel_l2`` =
     ||G - G'|| / ||G||, ``cos`` = cos(G, G'), ``grad_norm`` = ||G||, where G is the gradient of
     the loss on (x, y) w.r.t. block i's Linear weight and G' the same after the parameters of
-    blocks < i took the SGD step ``-lr * grad``. The model's parameters, gradients, buffers and
-    training flags are left as they were.
+    blocks < i took the SGD step ``-lr * grad`` (taken block by block, each once). The model's
+    parameters, gradients, buffers and training flags are left as they were.
     """
     hidden = list(blocks(model))
     groups = [list(b.parameters()) for b in hidden]
@@ -62,10 +56,9 @@ def ics(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: Any) -> list
         loss_fn(model(x), y).backward()
         grads = [[torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in grp] for grp in groups]
         for i in range(1, len(hidden)):
-            with torch.no_grad():
-                for k in range(i):
-                    for p, w, g in zip(groups[k], start[k], grads[k]):
-                        p.copy_(w - lr * g)
+            with torch.no_grad():  # blocks < i - 1 took their step in the earlier rounds
+                for p, w, g in zip(groups[i - 1], start[i - 1], grads[i - 1]):
+                    p.copy_(w - lr * g)
             model.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
             g_before = grads[i][0].flatten()  # (out * in,): block i's Linear weight
@@ -74,10 +67,6 @@ def ics(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: Any) -> list
             norm = float(g_before.norm())
             cos = float(F.cosine_similarity(g_before, g_after, dim=0))
             out.append({"layer": i + 1, "l2": diff, "rel_l2": diff / max(norm, 1e-30), "cos": cos, "grad_norm": norm})
-            with torch.no_grad():
-                for k in range(i):
-                    for p, w in zip(groups[k], start[k]):
-                        p.copy_(w)
     return out
 
 
@@ -104,15 +93,10 @@ def _measured(
     steps, lr = spec.steps, spec.lr
     marks = list(range(0, steps + 1, max(1, steps // checkpoints)))
     rec: dict[str, Any] = {"step": [], "ics": []}
-    count = [0]
 
     def record(step: int, _result: object) -> None:
-        k = count[0]
-        count[0] += 1
-        start = (k * 128) % max(1, x.shape[0] - 128)
-        idx = torch.arange(start, start + 128)
+        rec["ics"].append(ics(model, *probe_batch(x, y, len(rec["step"])), lr, loss_fn))
         rec["step"].append(step)
-        rec["ics"].append(ics(model, x[idx], y[idx], lr, loss_fn))
 
     with progress.task(f"{label} seed {seed}", total=steps) as tick:
         order = seeded(seed + 2)
@@ -139,61 +123,52 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     def evidence(net: str) -> str:
         diverged = sum(bool(m[net][norm]["diverged"]) for m in per_seed for norm in ("none", "bn"))
-        parts = [
+        parts = "; ".join(
             f"{name} per seed: BN {listed(col(net, 'bn', key), '{:.3g}')} vs no BN {listed(col(net, 'none', key), '{:.3g}')}"
             for key, name in (("l2", "l2"), ("rel_l2", "relative l2"), ("cos", "cosine"))
-        ]
-        return (
-            "median over checkpoints after step 0 and layers 2..L; "
-            + "; ".join(parts)
-            + (f"; {diverged} run(s) diverged" if diverged else "")
         )
+        ran = f"; {diverged} run(s) diverged" if diverged else ""
+        return f"median over checkpoints after step 0 and layers 2..L; {parts}{ran}"
 
     make = Claims(__name__, results)
     return [
-        make("dln_l2", a=col("dln", "bn", "l2"), b=col("dln", "none", "l2"), evidence=evidence("dln")),
-        make("dln_cosine", a=col("dln", "bn", "cos"), b=col("dln", "none", "cos"), evidence=evidence("dln")),
-        make("mlp_relative_l2", a=col("mlp", "bn", "rel_l2"), b=col("mlp", "none", "rel_l2"), evidence=evidence("mlp")),
+        make(name, a=col(net, "bn", key), b=col(net, "none", key), evidence=evidence(net))
+        for name, net, key in (
+            ("dln_l2", "dln", "l2"),
+            ("dln_cosine", "dln", "cos"),
+            ("mlp_relative_l2", "mlp", "rel_l2"),
+        )
     ]
+
+
+_NETS = {"dln": "25-layer deep linear net", "mlp": "10-layer ReLU MLP"}
 
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Per network: l2 and cosine over training (median and IQR over layers and seeds), and per layer."""
-    from ..figures import dress, pyplot, save
-
-    plt = pyplot()
-    per_seed = results["metrics"]["per_seed"]
-    colors = {"none": "tab:gray", "bn": "tab:blue"}
-    labels = {"none": "no BN", "bn": "BN"}
-    titles = {"dln": "25-layer deep linear net", "mlp": "10-layer ReLU MLP"}
-    paths = []
-    for net in ("dln", "mlp"):
-        fig, axes = plt.subplots(2, 2, figsize=(10.5, 7.0))
-        for col, key in enumerate(("l2", "cos")):
-            ylabel = "||G - G'||" if key == "l2" else "cos(G, G')"
-            scale: dict[str, Any] = {"yscale": "log"} if key == "l2" else {}  # the l2 difference spans decades
-            ax = axes[0][col]
+    per_seed, paths = results["metrics"]["per_seed"], []
+    for net, name in _NETS.items():
+        fig, axes = pyplot().subplots(2, 2, figsize=(10.5, 7.0))
+        for (top, bottom), key in zip(axes.T, ("l2", "cos")):
             for norm in ("none", "bn"):
-                runs = [m[net][norm] for m in per_seed]
+                runs, line = [m[net][norm] for m in per_seed], {"color": COLORS[norm], "marker": "o", "ms": 3}
                 t = min(len(r["ics"]) for r in runs)
-                steps = runs[0]["step"][:t]
                 per_step = np.asarray([[[float(v[key]) for v in r["ics"][i]] for r in runs] for i in range(t)])
                 per_step = per_step.reshape(t, -1)  # (checkpoints, seeds * layers)
-                label = f"{labels[norm]} (median over layers and seeds)"
-                ax.plot(steps, np.median(per_step, axis=1), color=colors[norm], marker="o", ms=3, label=label)
+                label = f"{LABELS[norm]} (median over layers and seeds)"
+                top.plot(runs[0]["step"][:t], np.median(per_step, axis=1), label=label, **line)
                 lo, hi = (np.percentile(per_step, q, axis=1) for q in (25, 75))
-                ax.fill_between(steps, lo, hi, color=colors[norm], alpha=0.2, linewidth=0)
-            title = f"{titles[net]}: {'l2 difference' if key == 'l2' else 'cosine'} over training"
-            dress(ax, title, xlabel="training step", ylabel=ylabel, legend={"fontsize": 8}, **scale)
-            ax = axes[1][col]
-            for norm in ("none", "bn"):
-                runs = [m[net][norm] for m in per_seed]
+                top.fill_between(runs[0]["step"][:t], lo, hi, color=COLORS[norm], alpha=0.2, linewidth=0)
                 layers = [v["layer"] for v in runs[0]["ics"][0]]
                 after = [(r, i) for r in runs for i in range(len(r["step"])) if r["step"][i] > 0]
                 per_layer = np.asarray([[float(r["ics"][i][j][key]) for r, i in after] for j in range(len(layers))])
-                label = f"{labels[norm]} (median over checkpoints after step 0)"
-                ax.plot(layers, np.median(per_layer, axis=1), color=colors[norm], marker="o", ms=3, label=label)
-            dress(ax, f"{titles[net]}: per layer", xlabel="layer i", ylabel=ylabel, legend={"fontsize": 8}, **scale)
+                label = f"{LABELS[norm]} (median over checkpoints after step 0)"
+                bottom.plot(layers, np.median(per_layer, axis=1), label=label, **line)
+            style: dict[str, Any] = {"ylabel": "||G - G'||" if key == "l2" else "cos(G, G')", "legend": {"fontsize": 8}}
+            style |= {"yscale": "log"} if key == "l2" else {}  # the l2 difference spans decades
+            what = "l2 difference" if key == "l2" else "cosine"
+            dress(top, f"{name}: {what} over training", xlabel="training step", **style)
+            dress(bottom, f"{name}: per layer", xlabel="layer i", **style)
         paths.append(save(fig, outdir / f"ics_{net}.png"))
     return paths
 
@@ -208,22 +183,19 @@ class Ics(Experiment):
         return Settings.of(cfg.mode)
 
     def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
-        s = settings
-        x, y = _dln_data(seed)
-        out: dict[str, Any] = {"dln": {}, "mlp": {}}
+        s, (x, y), out = settings, _dln_data(seed), {"dln": {}, "mlp": {}}
         dln = TrainSpec(steps=s.dln_steps, batch_size=s.batch_size, lr=s.dln_lr)
         mlp = TrainSpec(steps=s.mlp_steps, batch_size=s.batch_size, lr=s.mlp_lr)
-        xy = (data.train_x, data.train_y)
-        for norm in ("none", "bn"):
-            std = (1.0 / s.dln_width) ** 0.5
-            layers = [s.dln_width] * s.dln_depth
-            bn = None if norm == "none" else "bn"
-            model = MLP(32, layers, 10, act="identity", norm=bn, init_std=std, generator=seeded(seed + 1))
+        for norm, bn in (("none", None), ("bn", "bn")):
+            init = {"init_std": (1.0 / s.dln_width) ** 0.5, "generator": seeded(seed + 1)}
+            model = MLP(32, [s.dln_width] * s.dln_depth, 10, act="identity", norm=bn, **init)
             out["dln"][norm] = _measured(model, x, y, dln, s.dln_checkpoints, seed, F.mse_loss, f"DLN {norm}", progress)
-        for norm in ("none", "bn"):
-            model = build(data, s.mlp_depth, s.mlp_width, None if norm == "none" else "bn", seed)
-            loss = F.cross_entropy
-            out["mlp"][norm] = _measured(model, *xy, mlp, s.mlp_checkpoints, seed, loss, f"MLP {norm}", progress)
+        for norm, bn in (("none", None), ("bn", "bn")):
+            model = build(data, s.mlp_depth, s.mlp_width, bn, seed)
+            xy = (data.train_x, data.train_y)
+            out["mlp"][norm] = _measured(
+                model, *xy, mlp, s.mlp_checkpoints, seed, F.cross_entropy, f"MLP {norm}", progress
+            )
         return out
 
     def describe_data(self, settings: Settings, first: Dataset) -> dict[str, Any]:

@@ -18,38 +18,23 @@ from torch.nn import functional as F
 from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, probing, train_seeds
-from ..experiment import Experiment, load_for
+from ..declare import FileSettings, listed, probing, train_seeds
+from ..experiment import Experiment
+from ..figures import dress, pyplot, save
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec
-from ._calibration import epochs_to_steps
-from ._santurkar import build, window_means
+from ._santurkar import COLORS, LABELS, build, epoch_steps, probe_batch, window_means
 
-_EPOCHS = {"quick": 40.0, "full": 300.0}
-_TINY_STEPS = 20
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Every choice of this experiment (each field's meaning and source: ``santurkar2018_landscape.md``)."""
+class Settings(FileSettings):
+    """The settings the code computes; the others: ``santurkar2018_landscape.settings.toml``
+    (each one's meaning and source: ``santurkar2018_landscape.md``)."""
 
     steps: int
     steps_rule: str
     checkpoints: int
-    depth: int = 10
-    width: int = 64
-    activation: str = "relu"
-    norm: str = "batchnorm.BatchNorm1d before each ReLU (Linear bias dropped); none: no norm"
-    init: str = "He: weights ~ N(0, 2/fan_in), biases 0; both arms start from the same weights and see the same batches"
-    batch_size: int = 128
-    lr: float = 0.1
-    optimizer: str = "SGD (no momentum, no weight decay), constant learning rate"
-    etas: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
-    landscape_batch: str = "128 training examples, a different slice at each checkpoint (the same for both arms), training mode, running statistics restored"
-    gradient: str = "of the mean cross-entropy on that batch w.r.t. all parameters"
-    seeds_trained: str = "the seeds of each arm are trained together (batchnorm.lab.stacked), each as if alone"
-    learning_phase_loss_floor: float = 0.05
-    ratio_below: float = 1.0
 
 
 def _flat_grad(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
@@ -106,12 +91,10 @@ def _train_arm(
 
     def record(step: int, results: list[TrainResult]) -> None:
         for model, rec, d, result in zip(models, recs, data, results):
-            if result.diverged:
-                continue
-            start = (len(rec["step"]) * 128) % max(1, d.train_x.shape[0] - 128)
-            idx = torch.arange(start, start + 128)
-            rec["step"].append(step)
-            rec["landscape"].append(landscape(model, d.train_x[idx], d.train_y[idx], list(s.etas)))
+            if not result.diverged:
+                x, y = probe_batch(d.train_x, d.train_y, len(rec["step"]))
+                rec["step"].append(step)
+                rec["landscape"].append(landscape(model, x, y, list(s.etas)))
 
     spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
     label = "BN" if norm else "no BN"
@@ -154,45 +137,31 @@ def _seed_means(m: dict[str, Any], key: str, floor: float) -> tuple[float, float
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """BN lower in all three quantities while the plain network is learning (paired ratios)."""
-    t = results["config"]
-    floor = float(t["learning_phase_loss_floor"])
-    make = Claims(__name__, results)
-    out = []
+    floor, make, out = float(results["config"]["learning_phase_loss_floor"]), Claims(__name__, results), []
     for key in _QUANTITIES:
-        rows = [_seed_means(m, key, floor) for m in results["metrics"]["per_seed"]]
-        out.append(
-            make(
-                key,
-                a=[r[0] for r in rows],
-                b=[r[1] for r in rows],
-                evidence=f"ratio BN / no BN per seed: {listed((r[0] / r[1] for r in rows), '{:.3g}')}; BN lower at "
-                f"{', '.join(f'{r[3]}/{r[2]}' for r in rows)} learning-phase checkpoints (of {listed((r[4] for r in rows), '{:.0f}')})",
-            )
-        )
+        bn, none, learning, lower, total = zip(*(_seed_means(m, key, floor) for m in results["metrics"]["per_seed"]))
+        ratios = listed((a / b for a, b in zip(bn, none)), "{:.3g}")
+        counts = ", ".join(f"{k}/{n}" for k, n in zip(lower, learning))
+        evidence = f"ratio BN / no BN per seed: {ratios}; BN lower at {counts} learning-phase checkpoints (of {listed(total, '{:.0f}')})"
+        out.append(make(key, a=list(bn), b=list(none), evidence=evidence))
     return out
 
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """The three landscape measures over training, and the loss along the gradient at one checkpoint."""
-    from ..figures import dress, pyplot, save
-
-    plt = pyplot()
-    per_seed = results["metrics"]["per_seed"]
-    s = results["config"]
-    colors = {"none": "tab:gray", "bn": "tab:blue"}
-    labels = {"none": "no BN", "bn": "BN"}
+    plt, per_seed, s = pyplot(), results["metrics"]["per_seed"], results["config"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.0))
     for ax, (key, label) in zip(axes, _QUANTITIES.items()):
         for norm in ("none", "bn"):
             for k, m in enumerate(per_seed):  # the first seed's line solid and labelled
                 vals = _series(m[norm], key)
-                style = {"color": colors[norm], "marker": "o", "ms": 3, "alpha": 0.4 if k else 1.0}
-                ax.plot(m[norm]["step"][: len(vals)], vals, label=None if k else labels[norm], **style)
+                style = {"color": COLORS[norm], "marker": "o", "ms": 3, "alpha": 0.4 if k else 1.0}
+                ax.plot(m[norm]["step"][: len(vals)], vals, label=None if k else LABELS[norm], **style)
         dress(ax, label, title_size=10, yscale="log", xlabel="training step", ylabel=key.replace("_", " "), legend=True)
-    etas = f"etas {s['etas'][0]}..{s['etas'][-1]}"
-    fig.suptitle(f"Landscape along the gradient ({etas}, lr {s['lr']}; one line per seed)")
+    fig.suptitle(
+        f"Landscape along the gradient (etas {s['etas'][0]}..{s['etas'][-1]}, lr {s['lr']}; one line per seed)"
+    )
     paths = [save(fig, outdir / "landscape.png")]
-
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.0))
     panels = (
         ("losses", [0.0, *s["etas"]], "L(w - eta g) on the batch", "Loss"),
@@ -202,12 +171,11 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         for norm in ("none", "bn"):
             r = per_seed[0][norm]
             mid = len(r["landscape"]) // 2
-            label = f"{labels[norm]} (step {r['step'][mid]})"
-            ax.plot(etas, r["landscape"][mid][key], color=colors[norm], marker="o", label=label)
-        ax.set(xlabel="step size eta", ylabel=ylabel, title=f"{what} along the gradient, mid-training (first seed)")
-        ax.legend()
-    paths.append(save(fig, outdir / "walk.png"))
-    return paths
+            label = f"{LABELS[norm]} (step {r['step'][mid]})"
+            ax.plot(etas, r["landscape"][mid][key], color=COLORS[norm], marker="o", label=label)
+        title = f"{what} along the gradient, mid-training (first seed)"
+        dress(ax, title, xlabel="step size eta", ylabel=ylabel, legend=True)
+    return [*paths, save(fig, outdir / "walk.png")]
 
 
 class Landscape(Experiment):
@@ -216,13 +184,7 @@ class Landscape(Experiment):
     DESCRIPTION = "Santurkar 2018 Fig. 4: loss variation, gradient predictiveness and effective beta-smoothness along the gradient; BN is smoother"
 
     def settings(self, cfg: RunConfig) -> Settings:
-        if cfg.mode == "tiny":
-            return Settings(steps=_TINY_STEPS, steps_rule=f"tiny: {_TINY_STEPS} steps (a smoke test)", checkpoints=2)
-        n = load_for(cfg, cfg.seed).train_x.shape[0]
-        epochs = _EPOCHS[cfg.mode]
-        rule = f"{epochs:g} passes over the training set ({n} examples, batch 128), the same rule on every data set"
-        steps = epochs_to_steps(epochs, n, 128)
-        return Settings(steps=steps, steps_rule=rule, checkpoints=15 if cfg.mode == "quick" else 50)
+        return Settings.of(cfg.mode, **epoch_steps(cfg))
 
     def run_seeds(
         self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress

@@ -14,33 +14,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import activation_inputs, seeded, train_seeds
+from ..declare import FileSettings, activation_inputs, seeded, train_seeds
 from ..experiment import Experiment, column
 from ..figures import categories, dress, mean_band, pyplot, save
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
-from ._calibration import calibration_data, epoch_rule, split_note
-from ._santurkar import NoisyReLU, act_input, build, noisy, seed_slot, window_means
+from ._calibration import calibration_data, split_note
+from ._santurkar import COLORS, LABELS, NoisyReLU, act_input, build, epoch_steps, noisy, seed_slot, window_means
 
 _ARMS = ("none", "bn", "noisy")
-_LABELS = {"none": "no BN", "bn": "BN", "noisy": "noisy BN"}
-_COLORS = {"none": "tab:gray", "bn": "tab:blue", "noisy": "tab:orange"}
 _DRIFTS = ("step_location", "step_spread", "total_location", "total_spread")
 _COMPARED = ("step_location", "step_spread")
 _PROBED = ("mean", "std", "percentiles")
-_EPOCHS = {"quick": 40.0, "full": 300.0}
 _DIVERGED = 1e3  # the mean training loss and the drift recorded for a run that diverged
 Runs = list[dict[str, Any]]  # one record per seed
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings(Declared):
-    """The settings the code computes or reads; every constant one is in ``santurkar2018_noisy.settings.toml``
-    (each one's meaning and source: ``santurkar2018_noisy.md``)."""
+class Settings(FileSettings):
+    """The settings the code computes; the others: ``santurkar2018_noisy.settings.toml`` (each
+    one's meaning and source: ``santurkar2018_noisy.md``)."""
 
     depth: int
     width: int
@@ -50,10 +47,6 @@ class Settings(Declared):
     noise_grid: tuple[float, ...]
     noise_magnitude: float
     calibration: dict[str, Any]
-    calibration_seed: int
-    batch_size: int
-    lrs: tuple[float, ...]
-    tracked_layers: tuple[int, ...]
 
 
 def _drift(means: Any, stds: Any, ok: bool = True) -> dict[str, float]:
@@ -72,7 +65,7 @@ def _drift(means: Any, stds: Any, ok: bool = True) -> dict[str, float]:
 def _train(s: Settings, data: Seq[Dataset], seeds: Seq[int], arm: str, lr: float, a: Seq[float], p: Progress) -> Runs:
     """Train one arm at one lr for every seed together (``a[k]``: seed k's noise magnitude, noisy arm: noise_mean
     a, noise_scale 1 + a, per_sample a / 5); per seed: probed layer inputs, drift, final accuracies, losses."""
-    label = ("calibration: " if seeds[0] == s.calibration_seed else "") + f"{_LABELS[arm]} lr {lr:g}"
+    label = ("calibration: " if seeds[0] == s.calibration_seed else "") + f"{LABELS[arm]} lr {lr:g}"
     models = [build(d, s.depth, s.width, None if arm == "none" else "bn", seed) for d, seed in zip(data, seeds)]
     if arm == "noisy":
         gens = [seeded(seed + 7) for seed in seeds]
@@ -132,7 +125,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     drifts = [part(drift["noisy", q], drift["none", q], effect="ratio", above=least) for q in pairs]
     layers = ", ".join(str(int(x) + 1) for x in t["tracked_layers"])
     make = Claims(__name__, results, lr_lo=lo, lr_hi=hi, tol_pp=100 * tol, gap_pp=100 * gap, layers=layers)
-    losses = "; ".join(f"{_LABELS[arm]} {_shown(runs[arm, lo], 'mean_train_loss', '{:.3g}')}" for arm in _ARMS)
+    losses = "; ".join(f"{LABELS[arm]} {_shown(runs[arm, lo], 'mean_train_loss', '{:.3g}')}" for arm in _ARMS)
     moved = "; ".join(
         f"layer {int(i) + 1} {k.replace('step_', '')}: noisy / no BN {v.estimate:.2f}x"
         for (i, k), v in zip(pairs, drifts)
@@ -164,7 +157,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
 
     def label(runs: Runs, arm: str, note: str = "") -> str:  # naming how many of the runs diverged
         k = sum(bool(r["diverged"]) for r in runs)
-        return _LABELS[arm] + (f" ({k} of {len(runs)} diverged{note})" if k else "")
+        return LABELS[arm] + (f" ({k} of {len(runs)} diverged{note})" if k else "")
 
     fig, axes = plt.subplots(1, len(lrs), figsize=(5.2 * len(lrs), 3.8), squeeze=False)
     for ax, lr in zip(axes[0], lrs):
@@ -172,7 +165,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
             runs = [m[f"{arm}@{lr:g}"] for m in per_seed]  # a diverged run's curve stops where it diverged
             curves = [[np.nan if v is None else v for v in r["loss_curve"]][: len(steps)] for r in runs]
             curves = [c + [np.nan] * (len(steps) - len(c)) for c in curves]
-            mean_band(ax, steps, curves, label(runs, arm), color=_COLORS[arm])
+            mean_band(ax, steps, curves, label(runs, arm), color=COLORS[arm])
         ylabel = "training cross-entropy (window mean)"
         dress(ax, f"Training loss, lr {lr:g}", yscale="log", xlabel="step", ylabel=ylabel, legend={"fontsize": 8})
     paths = [save(fig, outdir / "training_loss.png")]
@@ -183,10 +176,10 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         for ax, arm in zip(axes[row], _ARMS):
             r = per_seed[0][f"{arm}@{lr:g}"]
             p, at = np.asarray(r["percentiles"][layer], dtype=float).reshape(-1, 3), r["step"]  # p: (T, 3)
-            band = {"color": _COLORS[arm], "alpha": 0.25, "linewidth": 0, "label": "15th-85th percentile"}
+            band = {"color": COLORS[arm], "alpha": 0.25, "linewidth": 0, "label": "15th-85th percentile"}
             ax.fill_between(at[: len(p)], p[:, 0], p[:, 2], **band)
-            ax.plot(at[: len(p)], p[:, 1], color=_COLORS[arm], label="median")
-            title = f"{_LABELS[arm]}: layer {int(layer) + 1}, unit 0 (lr {lr:g}, first seed)"
+            ax.plot(at[: len(p)], p[:, 1], color=COLORS[arm], label="median")
+            title = f"{LABELS[arm]}: layer {int(layer) + 1}, unit 0 (lr {lr:g}, first seed)"
             dress(ax, title, title_size=9, xlabel="step", ylabel="input of the ReLU", legend={"fontsize": 7})
     paths.append(save(fig, outdir / "layer_inputs.png"))
 
@@ -196,7 +189,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         runs = [m[f"{arm}@{lr:g}"] for m in per_seed]  # a diverged run's drift (1e3) is left out of the bar
         vals = [float(np.mean([r["drift"][i][q] for r in runs if not r["diverged"]] or [np.nan])) for i, q in bars]
         left_out = label(runs, arm, ", left out")
-        ax.bar(np.arange(len(bars)) + (k - 1) * 0.27, vals, 0.27, label=left_out, color=_COLORS[arm])
+        ax.bar(np.arange(len(bars)) + (k - 1) * 0.27, vals, 0.27, label=left_out, color=COLORS[arm])
     categories(ax.xaxis, [f"layer {int(layer) + 1}\n{kind.replace('step_', '')}" for layer, kind in bars])
     title = f"How much layer-input distributions move (lr {lr:g}, mean over seeds; noise a = {s['noise_magnitude']:g})"
     dress(ax, title, ylabel=f"RMS change per {every} steps / avg std", legend=True)
@@ -209,10 +202,11 @@ class Noisy(Experiment):
     DESCRIPTION = "Santurkar 2018 Fig. 2: BN with injected time-varying noise trains like BN, far better than none, though its layer inputs drift more"
 
     def settings(self, cfg: RunConfig) -> Settings:
-        shape: dict[str, Any] = {"depth": 12, "width": 100} if cfg.data == "mnist1d" else {"depth": 10, "width": 64}
-        if cfg.mode != "tiny":
-            steps, rule = epoch_rule(cfg, _EPOCHS[cfg.mode], 128)
-            shape |= {"steps": steps, "steps_rule": rule, "checkpoint_every": max(1, steps // 30)}
+        shape = ({"depth": 12, "width": 100} if cfg.data == "mnist1d" else {"depth": 10, "width": 64}) | epoch_steps(
+            cfg
+        )
+        if "steps" in shape:  # not tiny mode
+            shape["checkpoint_every"] = max(1, shape["steps"] // 30)
         return Settings.of(cfg.mode, **shape)
 
     def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from ... import GhostBatchNorm1d
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims
 from ..config import RunConfig
 from ..datasets import Dataset, load
-from ..declare import listed, non_iid_batches, seeded
+from ..declare import FileSettings, listed, non_iid_batches, seeded
 from ..experiment import Experiment, column, per_seed_values
 from ..figures import bar_values, categories, dress, log_ticks, pyplot, save
 from ..models import MLP, ConvNet
@@ -38,8 +38,8 @@ _CALIBRATED_STEPS = {"digits": 500, "mnist1d": 2900}  # from ``calibrate_steps``
 
 
 @dataclass(frozen=True)
-class Settings(Declared):
-    """The settings the code computes or reads; every constant one is in ``small_batch.settings.toml``
+class Settings(FileSettings):
+    """The settings the code computes or each mode sets; the others: ``small_batch.settings.toml``
     (each one's meaning and source: ``small_batch.md``)."""
 
     model: str
@@ -47,14 +47,6 @@ class Settings(Declared):
     steps_rule: str
     group_sizes: tuple[int, ...]
     mnist1d_choice: str
-    hidden: tuple[int, ...]
-    channels: tuple[int, ...]
-    activation: str
-    batch_size: int
-    lr: float
-    non_iid_group: int
-    moving_average_momentum: float
-    group_norm_groups: int
 
 
 def calibrate_steps(
