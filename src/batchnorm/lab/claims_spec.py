@@ -25,19 +25,19 @@ import copy
 import dataclasses
 import functools
 import importlib.resources
+import math
 import sys
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from .experiment import claim
-from .verdict import Part
+from .verdict import Part, SeedPlan, Verdict, VerdictName, _level, _margin, could_settle, judge_sequential, part
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # the lab extra's backport on Python 3.10
     import tomli as tomllib
 
-__all__ = ["Claims", "Col", "Declared", "load", "load_settings", "parse"]
+__all__ = ["Claims", "Col", "Declared", "claim", "load", "load_settings", "parse", "unmeasured"]
 
 Col = Sequence[float]
 """One number per seed."""
@@ -142,6 +142,97 @@ class Declared:
         return copy.deepcopy({**first, **{name: values.get(name, value) for name, value in declared.items()}})
 
 
+def _why(name: VerdictName, parts: Sequence[Part], verdicts: Sequence[Verdict], k: int, cap: int) -> str:
+    """Why the claim got verdict ``name``, in words, from its deciding part ``k``."""
+    p, v = parts[k], verdicts[k]
+    n = len(v.seeds)
+    which = f"part {k + 1} ({p.direction})" if len(parts) > 1 else p.direction
+    if v.zero_spread:
+        where = {"holds": "on the claimed side", "does not hold": "on the other side"}.get(name, "at the threshold")
+        return f"{which}: the same value, {v.estimate:.4g}, on all {n} seeds (zero spread), {where}"
+    lo, hi = v.interval
+    interval = f"the {_level(v.confidence)} interval [{lo:.4g}, {hi:.4g}] over {n} seeds"
+    if name == "holds":
+        every = "every part holds; " if len(parts) > 1 else ""
+        return f"{every}{which}: {interval} lies on the claimed side"
+    if name == "does not hold":
+        return f"{which}: {interval} lies entirely on the other side of the threshold"
+    margin = _margin(p, v.estimate)
+    half = (hi - lo) / 2
+    at_cap = f"no more seeds: at this spread even the plan's cap of {cap} seeds would leave the threshold inside the interval"
+    at_cap = "the seed plan's cap" if n >= cap else at_cap
+    side = "on the claimed side" if margin >= 0 else "on the other side"
+    return (
+        f"{which}: {interval} ({at_cap}) contains a threshold; the estimate {v.estimate:.4g} is {abs(margin):.3g} "
+        f"{side} of it, {abs(margin) / half if half > 0 else math.inf:.2f} of the interval's half-width"
+    )
+
+
+def claim(
+    statement: str,
+    *,
+    results: dict[str, Any],
+    a: Sequence[float],
+    b: Sequence[float] | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    effect: Literal["difference", "ratio"] = "difference",
+    expected: str,
+    source: str,
+    evidence: str,
+    also: Sequence[Part] = (),
+    kind: Literal["replication", "identity"] = "replication",
+) -> dict[str, Any]:
+    """One claim of saved ``results``, judged over its seeds (``metrics["seeds"]``, those of
+    ``a``, ``b``) by its seed plan (``metrics["plan"]``, else one look over every seed) with
+    ``judge_sequential``.
+
+    ``a`` to ``effect`` give the first ``part`` and ``also`` further parts that must hold too;
+    ``expected`` is the effect the paper reports and ``source`` where; ``evidence`` what this
+    run measured, in words; ``kind`` ``"replication"`` or ``"identity"`` (a consequence of the
+    math, checked numerically; counted apart).
+
+    Returns the first part's ``Verdict.to_json()`` (at the deciding look) with the claim's
+    ``verdict``, ``direction``, ``expected``, ``source``, ``evidence``, ``kind``, ``rule``,
+    ``n_seeds``, ``threshold`` (a number, or ``[above, below]`` for a band), ``margin`` (the
+    deciding part's estimate minus its nearest threshold, positive on the claimed side),
+    ``why`` (the verdict in words), ``parts`` (each part's verdict and direction) and
+    ``could_settle`` (whether every undecided part could still be decided by the plan's cap).
+    The deciding part: the first that does not hold; for an undecided claim the first undecided
+    part more seeds could not settle, else the first undecided; the first when all hold.
+    """
+    if kind not in ("replication", "identity"):
+        raise ValueError(f"claim: expected kind 'replication' or 'identity', got {kind!r}")
+    seeds = [int(s) for s in results["metrics"]["seeds"]]
+    plan = SeedPlan.from_json(results["metrics"].get("plan") or {"looks": [len(seeds)]})
+    parts = [part(a, b, above=above, below=below, effect=effect), *also]
+    name, verdicts = judge_sequential(parts, seeds, plan)
+    undecided = [i for i, v in enumerate(verdicts) if v.verdict == "inconclusive"]
+    settles = {i: could_settle(parts[i], verdicts[i], plan.cap) for i in undecided}
+    k = next((i for i, v in enumerate(verdicts) if v.verdict == name), 0)
+    if name == "inconclusive":
+        k = next((i for i in undecided if not settles[i]), k)
+    thresholds = [float(t) for t in (above, below) if t is not None]
+    return {
+        **verdicts[0].to_json(),
+        "claim": statement,
+        "holds": name == "holds",
+        "verdict": name,
+        "direction": parts[0].direction,
+        "expected": expected,
+        "source": source,
+        "evidence": evidence,
+        "kind": kind,
+        "rule": plan.describe(),
+        "n_seeds": len(verdicts[0].seeds),
+        "threshold": thresholds if len(thresholds) > 1 else thresholds[0],
+        "margin": _margin(parts[k], verdicts[k].estimate),
+        "why": _why(name, parts, verdicts, k, plan.cap),
+        "parts": [{**v.to_json(), "direction": p.direction} for p, v in zip(parts, verdicts)],
+        "could_settle": name == "inconclusive" and all(settles.values()),
+    }
+
+
 class Claims:
     """The claims of one saved ``results``: a statement is formatted with the run's settings
     (``results["config"]``) and ``values`` (numbers derived in Python, e.g. ``tol_pp=100 * tol``);
@@ -161,7 +252,7 @@ class Claims:
     def __call__(
         self, name: str, *, a: Col, b: Col | None = None, evidence: str, also: Sequence[Part] = ()
     ) -> dict[str, Any]:
-        """Claim ``name`` (``experiment.claim``): its table's fixed fields with the computed ``a``, ``b``,
+        """Claim ``name`` (``claim``): its table's fixed fields with the computed ``a``, ``b``,
         ``evidence`` and ``also``."""
         spec = self.specs[name]
         fixed = {key: spec[key] for key in ("expected", "source", "effect", "kind") if key in spec}
@@ -170,3 +261,23 @@ class Claims:
         return claim(
             statement, results=self.results, a=a, b=b, above=above, below=below, evidence=evidence, also=also, **fixed
         )
+
+
+def unmeasured(make: Claims, name: str, evidence: str) -> dict[str, Any]:
+    """Claim ``name`` of ``make`` with nothing to judge (the run could not measure it):
+    ``inconclusive`` with no estimate or interval, and no more seeds asked for."""
+    spec = make.specs[name]
+    return {
+        "expected": spec["expected"],
+        "source": spec["source"],
+        "claim": spec["statement"].format(**make.values),
+        "holds": False,
+        "verdict": "inconclusive",
+        "estimate": math.nan,
+        "interval": [math.nan, math.nan],
+        "seeds": [int(s) for s in make.results["metrics"]["seeds"]],
+        "method": "not measured",
+        "evidence": evidence,
+        "kind": spec.get("kind", "replication"),
+        "could_settle": False,
+    }
