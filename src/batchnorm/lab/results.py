@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ._files import write_text_atomic
+from .verdict import VERDICTS
 
 __all__ = [
     "count_claims",
@@ -25,39 +26,46 @@ __all__ = [
     "load_results",
     "number",
     "save_results",
+    "tally",
     "to_jsonable",
+    "verdict_of",
     "versions",
 ]
 
 RESULTS_NAME = "results.json"
 
 
+def verdict_of(claim: dict[str, Any]) -> str:
+    """A claim's saved ``verdict``, else (results from before verdicts were three-valued) from ``holds``."""
+    verdict = claim.get("verdict")
+    return str(verdict) if verdict in VERDICTS else ("holds" if claim.get("holds") else "does not hold")
+
+
 def count_claims(claims: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     """How many claims hold / do not hold / are inconclusive, replications and identities apart:
     ``{"replication": {"holds": h, "does not hold": d, "inconclusive": i}, "identity": {...}}``
-    (a claim without ``kind`` is a replication; without ``verdict``, ``holds`` decides)."""
-    counts = {kind: {"holds": 0, "does not hold": 0, "inconclusive": 0} for kind in ("replication", "identity")}
+    (a claim without ``kind`` is a replication)."""
+    counts = {kind: dict.fromkeys(VERDICTS, 0) for kind in ("replication", "identity")}
     for c in claims:
-        verdict = c.get("verdict") or ("holds" if c.get("holds") else "does not hold")
-        counts["identity" if c.get("kind") == "identity" else "replication"][str(verdict)] += 1
+        counts["identity" if c.get("kind") == "identity" else "replication"][verdict_of(c)] += 1
     return counts
 
 
+def tally(counts: dict[str, int]) -> str:
+    """``"10 hold, 1 do not hold, 1 inconclusive"``: one kind's ``count_claims``."""
+    return f"{counts['holds']} hold, {counts['does not hold']} do not hold, {counts['inconclusive']} inconclusive"
+
+
 def describe_counts(counts: dict[str, dict[str, int]]) -> str:
-    """``"12 replications: 10 hold, 1 does not hold, 1 inconclusive; 4 identities hold"``-style."""
+    """``"12 replications: 10 hold, 1 do not hold, 1 inconclusive; 4 identities hold"``-style."""
     parts = []
     for kind, plural in (("replication", "replications"), ("identity", "identities")):
-        c = counts[kind]
-        total = sum(c.values())
-        if total == 0:
-            continue
+        total = sum(counts[kind].values())
         name = kind if total == 1 else plural
-        if c["holds"] == total:
+        if total and counts[kind]["holds"] == total:
             parts.append(f"{total} {name} {'holds' if total == 1 else 'hold'}")
-        else:
-            parts.append(
-                f"{total} {name}: {c['holds']} hold, {c['does not hold']} do not hold, {c['inconclusive']} inconclusive"
-            )
+        elif total:
+            parts.append(f"{total} {name}: {tally(counts[kind])}")
     return "; ".join(parts) if parts else "no claims"
 
 
