@@ -1,4 +1,5 @@
-"""Claims and settings declared as data, in TOML files beside an experiment's module (package data).
+"""Claims and settings declared as data, in TOML files beside an experiment's module (package
+data), and ``claim``, one claim of saved results judged over seeds.
 
 ``experiments/<name>.claims.toml`` holds one table per claim, in order, with its fixed fields
 (``statement`` template, ``expected``, ``source``, ``effect``, ``kind``, thresholds
@@ -28,10 +29,12 @@ import importlib.resources
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .verdict import Part, SeedPlan, Verdict, VerdictName, _level, _margin, could_settle, judge_sequential, part
 
+if TYPE_CHECKING:
+    from importlib.abc import Traversable  # importlib.resources.abc from Python 3.11 on
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # the lab extra's backport on Python 3.10
@@ -61,17 +64,17 @@ def parse(text: str, where: str) -> dict[str, dict[str, Any]]:
     return data
 
 
-def _beside(module: str, kind: str) -> tuple[str, str]:
-    """The text and file name of ``<name>.<kind>.toml`` beside module ``module``."""
+def beside(module: str, suffix: str) -> Traversable:
+    """The package data file ``<name><suffix>`` beside module ``module`` (``bias.claims.toml``, ``bias.md``)."""
     package, name = module.rsplit(".", 1)
-    resource = importlib.resources.files(package).joinpath(f"{name}.{kind}.toml")
-    return resource.read_text(encoding="utf-8"), f"{name}.{kind}.toml"
+    return importlib.resources.files(package).joinpath(name + suffix)
 
 
 @functools.cache
 def load(module: str) -> dict[str, dict[str, Any]]:
     """The claims file beside experiment module ``module`` (e.g. ``batchnorm.lab.experiments.bias``), read once."""
-    return parse(*_beside(module, "claims"))
+    resource = beside(module, ".claims.toml")
+    return parse(resource.read_text(encoding="utf-8"), resource.name)
 
 
 _TABLES = ("text", "tiny", "quick", "full")
@@ -82,8 +85,8 @@ _TABLES = ("text", "tiny", "quick", "full")
 def _settings_file(module: str) -> dict[str, Any]:
     """The settings file beside experiment module ``module``, read once; ``ValueError`` for a table
     other than ``_TABLES`` or a ``[text]`` entry that is not a string."""
-    text, where = _beside(module, "settings")
-    data = tomllib.loads(text)
+    resource = beside(module, ".settings.toml")
+    data, where = tomllib.loads(resource.read_text(encoding="utf-8")), resource.name
     if tables := [name for name, value in data.items() if isinstance(value, dict) and value and name not in _TABLES]:
         raise ValueError(f"{where}: expected settings as key = value lines and tables {_TABLES}, got table(s) {tables}")
     if not all(isinstance(v, str) for v in data.get("text", {}).values()):
@@ -183,23 +186,19 @@ def claim(
     also: Sequence[Part] = (),
     kind: Literal["replication", "identity"] = "replication",
 ) -> dict[str, Any]:
-    """One claim of saved ``results``, judged over its seeds (``metrics["seeds"]``, those of
-    ``a``, ``b``) by its seed plan (``metrics["plan"]``, else one look over every seed) with
-    ``judge_sequential``.
+    """One claim of saved ``results``, judged over its seeds (``metrics["seeds"]``) by its seed
+    plan (``metrics["plan"]``, else one look over every seed) with ``verdict.judge_sequential``:
+    ``a`` to ``effect`` give the first ``part``, ``also`` further parts that must hold too;
+    ``expected`` is the paper's effect and ``source`` where it is reported; ``evidence`` what this
+    run measured; ``kind`` ``"identity"`` for a consequence of the math checked numerically.
 
-    ``a`` to ``effect`` give the first ``part`` and ``also`` further parts that must hold too;
-    ``expected`` is the effect the paper reports and ``source`` where; ``evidence`` what this
-    run measured, in words; ``kind`` ``"replication"`` or ``"identity"`` (a consequence of the
-    math, checked numerically; counted apart).
-
-    Returns the first part's ``Verdict.to_json()`` (at the deciding look) with the claim's
-    ``verdict``, ``direction``, ``expected``, ``source``, ``evidence``, ``kind``, ``rule``,
-    ``n_seeds``, ``threshold`` (a number, or ``[above, below]`` for a band), ``margin`` (the
-    deciding part's estimate minus its nearest threshold, positive on the claimed side),
-    ``why`` (the verdict in words), ``parts`` (each part's verdict and direction) and
-    ``could_settle`` (whether every undecided part could still be decided by the plan's cap).
-    The deciding part: the first that does not hold; for an undecided claim the first undecided
-    part more seeds could not settle, else the first undecided; the first when all hold.
+    Returns the first part's ``Verdict.to_json()`` at the deciding look with the claim's
+    ``verdict``, ``rule``, ``n_seeds``, ``threshold`` (``[above, below]`` for a band), ``margin``
+    (the deciding part's estimate minus its nearest threshold, positive on the claimed side),
+    ``why`` (in words), each part's verdict and ``direction``, and ``could_settle`` (every
+    undecided part could still be decided by the plan's cap). The deciding part is the first that
+    does not hold; for an undecided claim the first undecided part more seeds could not settle,
+    else the first undecided; the first when all hold.
     """
     if kind not in ("replication", "identity"):
         raise ValueError(f"claim: expected kind 'replication' or 'identity', got {kind!r}")

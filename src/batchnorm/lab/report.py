@@ -28,6 +28,7 @@ from types import ModuleType
 from typing import Any
 
 from ._files import write_text_atomic
+from .claims_spec import beside
 from .results import count_claims, tally, verdict_of
 
 __all__ = [
@@ -164,8 +165,8 @@ def _paper_cell(claim: dict[str, Any]) -> str:
     return f"<td>{_esc(expected or '')}<br><span class='muted'>{_esc(source or '')}</span></td>"
 
 
-def _claims_table(claims: Sequence[dict[str, Any]]) -> str:
-    """One row per claim: the statement with what this run measured, the verdict with why,
+def _claim_rows(claims: Sequence[dict[str, Any]]) -> str:
+    """The claims table's rows, one per claim: the statement with what this run measured, the verdict with why,
     the numbers it rests on, and the paper's figure or table it comes from."""
     rows = [
         f"<tr><td>{_esc(c.get('claim', ''))}"
@@ -173,11 +174,7 @@ def _claims_table(claims: Sequence[dict[str, Any]]) -> str:
         + f"</td>{_verdict_cell(c)}<td>{_numbers_cell(c)}</td>{_paper_cell(c)}</tr>"
         for c in claims
     ]
-    return (
-        "<table class='claims'><colgroup><col style='width:38%'><col style='width:22%'><col style='width:22%'>"
-        "<col style='width:18%'></colgroup><tr><th>claim (and what this run measured)</th><th>verdict and why</th>"
-        "<th>estimate, interval, threshold, seeds</th><th>the paper (source)</th></tr>" + "".join(rows) + "</table>"
-    )
+    return "".join(rows)
 
 
 def verdict_counts(claims: Sequence[dict[str, Any]]) -> str:
@@ -215,14 +212,10 @@ def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanatio
     config = results.get("config", {}) if isinstance(results.get("config"), dict) else {}
     choice = config.get("mnist1d_choice")
     text = {
-        "id": results.get("id"),
-        "description": results.get("description", ""),
+        **{key: results.get(key) for key in ("id", "wall_time_s", "threads")},
+        **{key: results.get(key, "") for key in ("description", "finished_at")},
+        **{key: run.get(key) for key in ("data", "seed")},
         "mode_note": _MODE_NOTE.get(run.get("mode", ""), ""),
-        "data": run.get("data"),
-        "seed": run.get("seed"),
-        "wall_time_s": results.get("wall_time_s"),
-        "threads": results.get("threads"),
-        "finished_at": results.get("finished_at", ""),
         "counts": verdict_counts(claims),
         "reproduce": reproduce_command(results),
     }
@@ -231,7 +224,7 @@ def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanatio
         **{k: _esc(v) for k, v in text.items()},
         data_note=f"<p><b>Setup changed for this data:</b> {_esc(choice)}</p>" if choice else "",
         explanation=_paragraphs(explanation),
-        claims=_claims_table(claims),
+        claims=_claim_rows(claims),
         figures="".join(_figure(Path(p)) for p in figures) or "<p>No figures.</p>",
         settings=_kv_table(
             {k: v for k, v in config.items() if not (k.endswith("_choice") and v in (None, "", [], {}))}
@@ -245,12 +238,9 @@ def explanation(module: ModuleType) -> str:
     """An experiment's prose for a newcomer: the Markdown file beside its module
     (``experiments/<name>.md``, shipped as package data); a module without one (a test
     double) may carry it as ``EXPLANATION``."""
-    spec = getattr(module, "__spec__", None)
-    if spec is not None and spec.name and "." in spec.name:
-        package, name = spec.name.rsplit(".", 1)
-        resource = importlib.resources.files(package).joinpath(f"{name}.md")
-        if resource.is_file():
-            return resource.read_text(encoding="utf-8")
+    name = getattr(getattr(module, "__spec__", None), "name", None)
+    if name and "." in name and (resource := beside(name, ".md")).is_file():
+        return resource.read_text(encoding="utf-8")
     text = getattr(module, "EXPLANATION", None)
     if text is None:
         raise ValueError(f"experiment module {getattr(module, '__name__', module)!r} has no Markdown file beside it")

@@ -20,17 +20,7 @@ from typing import Any
 from ._files import write_text_atomic
 from .verdict import VERDICTS
 
-__all__ = [
-    "count_claims",
-    "describe_counts",
-    "load_results",
-    "number",
-    "save_results",
-    "tally",
-    "to_jsonable",
-    "verdict_of",
-    "versions",
-]
+__all__ = ["count_claims", "describe_counts", "load_results", "number", "save_results", "to_jsonable", "versions"]
 
 RESULTS_NAME = "results.json"
 
@@ -78,16 +68,12 @@ def to_jsonable(value: Any) -> Any:
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (str, int, float)) or value is None:  # bool is an int
+        return value
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return value
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if hasattr(value, "tolist"):  # torch.Tensor, numpy array or scalar
         return to_jsonable(value.tolist())
     raise TypeError(f"to_jsonable: cannot serialize {type(value).__name__}")

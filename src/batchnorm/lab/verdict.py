@@ -6,28 +6,21 @@
     v = judge(spread_change, seeds=seeds, above=-0.1, below=0.1)      # value within a band
     v.verdict, v.estimate, v.interval, v.holds
 
-The rule (decided before any measurement, the same for every claim; its reasons, the seed
-plans and the error control in numbers: ``docs/lab.md``, "Claims judged over seeds"):
-
-* the *effect* is the mean over seeds of the value itself (one arm), of the paired difference
-  ``a_i - b_i``, or of the paired log ratio ``log(a_i / b_i)`` (two arms sharing each seed's
-  initial weights and minibatch order; a ratio's estimate and interval are exponentiated: the
-  geometric mean ratio);
-* its interval is Student's t with n - 1 degrees of freedom (exact for normal per-seed noise,
-  and honest with few seeds, where a percentile bootstrap covers the mean far too rarely);
-* the claim names a side of a threshold (``above=t``: effect >= t; ``below=t``: effect <= t)
-  or a band (both): ``holds`` when the whole interval lies on the claimed side (inside the
-  band), ``does not hold`` when it lies wholly on the other side, ``inconclusive`` when it
-  straddles a threshold. One seed gives the interval (-inf, inf); the same effect on every
-  seed (zero spread) gives no interval, and that value is compared with the threshold.
+The rule, fixed before any measurement (its reasons and error control: ``docs/lab.md``, "Claims
+judged over seeds"): the *effect* is the mean over seeds of the value, of the paired difference
+``a_i - b_i``, or of the paired log ratio ``log(a_i / b_i)`` (exponentiated: the geometric mean
+ratio); its interval is Student's t with n - 1 degrees of freedom (exact for normal per-seed
+noise, honest with few seeds); the claim names a side of a threshold (``above=t``: effect >= t;
+``below=t``: effect <= t) or a band (both), and ``holds`` when the whole interval lies on the
+claimed side, ``does not hold`` when it lies wholly on the other, else is ``inconclusive``. One
+seed gives the interval (-inf, inf); the same effect on every seed (zero spread) gives none,
+and that value is compared with the threshold.
 
 Sequential seeds (``SeedPlan``, ``judge_sequential``): a claim is judged at planned *looks*, the
-first ``n_1 < ... < n_K`` seeds, every part at level ``1 - alpha / K`` (Bonferroni over the K
-looks); the verdict is the first decided look's, else the last look's. A decided part is on the
-wrong side of its threshold with probability at most ``alpha / 2`` (under the t model). A run
-trains the next block while some claim is inconclusive, from ``SeedPlan.futility_from`` seeds
-on only while one could still be settled by the cap (``could_settle``, a projection that never
-decides a claim).
+first ``n_1 < ... < n_K`` seeds, each at level ``1 - alpha / K`` (Bonferroni); the verdict is the
+first decided look's, else the last's. A run trains the next block while some claim is
+inconclusive, from ``SeedPlan.futility_from`` seeds on only while one could still be settled by
+the cap (``could_settle``, a projection that never decides a claim).
 """
 
 from __future__ import annotations
@@ -66,8 +59,7 @@ class Verdict:
         return self.verdict == "holds"
 
     def to_json(self) -> dict[str, Any]:
-        """The fields results.json stores beside a claim (``results.to_jsonable`` turns
-        non-finite bounds into strings)."""
+        """The fields results.json stores beside a claim."""
         return {
             "holds": self.holds,
             **dataclasses.asdict(self),
