@@ -145,8 +145,8 @@ class Declared:
         return copy.deepcopy({**first, **{name: values.get(name, value) for name, value in declared.items()}})
 
 
-def _why(name: VerdictName, parts: Sequence[Part], verdicts: Sequence[Verdict], k: int, cap: int) -> str:
-    """Why the claim got verdict ``name``, in words, from its deciding part ``k``."""
+def _why(name: VerdictName, parts: Sequence[Part], verdicts: Sequence[Verdict], k: int, margin: float, cap: int) -> str:
+    """Why the claim got verdict ``name``, in words, from its deciding part ``k`` (``margin``: its ``_margin``)."""
     p, v = parts[k], verdicts[k]
     n = len(v.seeds)
     which = f"part {k + 1} ({p.direction})" if len(parts) > 1 else p.direction
@@ -160,7 +160,6 @@ def _why(name: VerdictName, parts: Sequence[Part], verdicts: Sequence[Verdict], 
         return f"{every}{which}: {interval} lies on the claimed side"
     if name == "does not hold":
         return f"{which}: {interval} lies entirely on the other side of the threshold"
-    margin = _margin(p, v.estimate)
     half = (hi - lo) / 2
     at_cap = f"no more seeds: at this spread even the plan's cap of {cap} seeds would leave the threshold inside the interval"
     at_cap = "the seed plan's cap" if n >= cap else at_cap
@@ -212,6 +211,7 @@ def claim(
     if name == "inconclusive":
         k = next((i for i in undecided if not settles[i]), k)
     thresholds = [float(t) for t in (above, below) if t is not None]
+    margin = _margin(parts[k], verdicts[k].estimate)
     return {
         **verdicts[0].to_json(),
         "claim": statement,
@@ -225,8 +225,8 @@ def claim(
         "rule": plan.describe(),
         "n_seeds": len(verdicts[0].seeds),
         "threshold": thresholds if len(thresholds) > 1 else thresholds[0],
-        "margin": _margin(parts[k], verdicts[k].estimate),
-        "why": _why(name, parts, verdicts, k, plan.cap),
+        "margin": margin,
+        "why": _why(name, parts, verdicts, k, margin, plan.cap),
         "parts": [{**v.to_json(), "direction": p.direction} for p, v in zip(parts, verdicts)],
         "could_settle": name == "inconclusive" and all(settles.values()),
     }
