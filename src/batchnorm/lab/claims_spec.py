@@ -1,23 +1,11 @@
-"""Claims and settings declared as data, in TOML files beside an experiment's module (package
-data), and ``claim``, one claim of saved results judged over seeds.
+"""Claims and settings declared as data in TOML files beside an experiment's module (their layout:
+``docs/lab.md``, "Figures and reports"), and ``claim``, one claim of saved results judged over seeds.
 
-``experiments/<name>.claims.toml`` holds one table per claim, in order, with its fixed fields
-(``statement`` template, ``expected``, ``source``, ``effect``, ``kind``, thresholds
-``above``/``below``); the module computes a, b and evidence; ``Claims`` joins them.
+``Claims`` joins a claims file's fixed fields with what the module computes (a, b, evidence). A
+``Settings`` dataclass (a ``Declared``) declares only the settings the code computes or reads:
 
-``experiments/<name>.settings.toml`` holds the experiment's constant settings (the choices it
-records, claim thresholds), in the order results record them; in its ``[tiny]``, ``[quick]`` and
-``[full]`` tables, the fields each mode sets (``Settings.of(mode)``); in its ``[text]`` table,
-the fixed text of settings the code computes (``Settings.text``). Its ``Settings`` dataclass (a
-``Declared``) declares only what the code computes or reads:
-
-    @dataclass(frozen=True)
-    class Settings(Declared):
-        steps: int             # computed (by mode, data): passed to ``of``
-        batch_size: int        # read by the code: its value comes from the file
-
-    s = Settings.of(steps=500)   # or Settings.of(cfg.mode): steps from the file's [quick] table
-    s.record()   # {"steps": 500, every setting of the file, in its order}: results' "config"
+    s = Settings.of(cfg.mode, steps=500)  # computed, then the file's [mode] table, then its values
+    s.record()  # results' "config": the computed fields, then every setting of the file, in order
 """
 
 from __future__ import annotations
@@ -83,8 +71,7 @@ _TABLES = ("text", "tiny", "quick", "full")
 
 @functools.cache
 def _settings_file(module: str) -> dict[str, Any]:
-    """The settings file beside experiment module ``module``, read once; ``ValueError`` for a table
-    other than ``_TABLES`` or a ``[text]`` entry that is not a string."""
+    """The settings file beside experiment module ``module``, read once and checked."""
     resource = beside(module, ".settings.toml")
     data, where = tomllib.loads(resource.read_text(encoding="utf-8")), resource.name
     if tables := [name for name, value in data.items() if isinstance(value, dict) and value and name not in _TABLES]:
@@ -104,8 +91,7 @@ def _values(table: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_settings(module: str) -> dict[str, Any]:
-    """The settings of the file beside experiment module ``module``: each one's value by name, in
-    file order (arrays as tuples)."""
+    """The settings file's values by name, in file order (arrays as tuples)."""
     return _values(_settings_file(module))
 
 
@@ -113,15 +99,13 @@ _D = TypeVar("_D", bound="Declared")
 
 
 class Declared:
-    """Base of a frozen ``Settings`` dataclass whose constant settings are data (the module
-    docstring): the dataclass's fields are what the code computes (no value in the file) or
-    reads (its value from the file); the file's other settings are only recorded."""
+    """Base of a frozen ``Settings`` dataclass (the module docstring): its fields are what the code
+    computes or reads; the file's other settings are only recorded."""
 
     @classmethod
     def of(cls: type[_D], mode: str | None = None, /, **computed: Any) -> _D:
-        """The settings with ``computed`` (fields the code computes, and any setting of the file
-        this run overrides), then the file's ``[mode]`` table (fields set by mode), then its
-        values for the rest."""
+        """The settings from ``computed`` (and settings this run overrides), else the file's
+        ``[mode]`` table, else its values."""
         by_mode = _values(_settings_file(cls.__module__).get(mode, {})) if mode else {}
         fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
         if unknown := sorted((by_mode.keys() | computed.keys()) - set(fields)):
@@ -137,8 +121,8 @@ class Declared:
         return str(_settings_file(cls.__module__)["text"][name]).format(**values)
 
     def record(self) -> dict[str, Any]:
-        """Every setting as results record it: the fields the file does not give (in field
-        order), then the file's settings in its order, a field's value replacing the file's."""
+        """Results' ``config``: the fields the file lacks, then the file's settings in its order (a
+        field's value replacing the file's)."""
         declared = load_settings(type(self).__module__)
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
         first = {name: value for name, value in values.items() if name not in declared}
@@ -185,20 +169,14 @@ def claim(
     also: Sequence[Part] = (),
     kind: Literal["replication", "identity"] = "replication",
 ) -> dict[str, Any]:
-    """One claim of saved ``results``, judged over its seeds (``metrics["seeds"]``) by its seed
-    plan (``metrics["plan"]``, else one look over every seed) with ``verdict.judge_sequential``:
-    ``a`` to ``effect`` give the first ``part``, ``also`` further parts that must hold too;
-    ``expected`` is the paper's effect and ``source`` where it is reported; ``evidence`` what this
-    run measured; ``kind`` ``"identity"`` for a consequence of the math checked numerically.
+    """One claim of saved ``results`` judged over ``metrics["seeds"]`` by ``metrics["plan"]`` (else
+    one look at every seed) with ``judge_sequential``: ``a`` to ``effect`` give the first ``part``,
+    ``also`` further parts that must hold too; ``kind="identity"``: a consequence of the math.
 
-    Returns the first part's ``Verdict.to_json()`` at the deciding look with the claim's
-    ``verdict``, ``rule``, ``n_seeds``, ``threshold`` (``[above, below]`` for a band), ``margin``
-    (the deciding part's estimate minus its nearest threshold, positive on the claimed side),
-    ``why`` (in words), each part's verdict and ``direction``, and ``could_settle`` (every
-    undecided part could still be decided by the plan's cap). The deciding part is the first that
-    does not hold; for an undecided claim the first undecided part more seeds could not settle,
-    else the first undecided; the first when all hold.
-    """
+    Returns the first part's ``Verdict.to_json()`` at the deciding look with the claim's fields
+    (``docs/lab.md``, "Claims judged over seeds"). The deciding part (its ``margin`` and ``why``) is
+    the first that does not hold; for an undecided claim the first undecided part more seeds could
+    not settle, else the first undecided; the first when all hold."""
     if kind not in ("replication", "identity"):
         raise ValueError(f"claim: expected kind 'replication' or 'identity', got {kind!r}")
     seeds = [int(s) for s in results["metrics"]["seeds"]]
@@ -233,9 +211,8 @@ def claim(
 
 
 class Claims:
-    """The claims of one saved ``results``: a statement is formatted with the run's settings
-    (``results["config"]``) and ``values`` (numbers derived in Python, e.g. ``tol_pp=100 * tol``);
-    a threshold is a number, the name of one of those, or ``-name`` (its negative)."""
+    """The claims of saved ``results``: statements formatted with ``results["config"]`` and ``values``
+    (derived in Python, e.g. ``tol_pp=100 * tol``); a threshold: a number, a name of those, or ``-name``."""
 
     def __init__(self, module: str, results: dict[str, Any], **values: Any) -> None:
         self.specs = load(module)
@@ -251,8 +228,7 @@ class Claims:
     def __call__(
         self, name: str, *, a: Col, b: Col | None = None, evidence: str, also: Sequence[Part] = ()
     ) -> dict[str, Any]:
-        """Claim ``name`` (``claim``): its table's fixed fields with the computed ``a``, ``b``,
-        ``evidence`` and ``also``."""
+        """Claim ``name`` (``claim``): its table's fixed fields with what the module computed."""
         spec = self.specs[name]
         fixed = {key: spec[key] for key in ("expected", "source", "effect", "kind") if key in spec}
         above, below = (self._threshold(spec.get(key)) for key in ("above", "below"))
@@ -263,12 +239,10 @@ class Claims:
 
 
 def unmeasured(make: Claims, name: str, evidence: str) -> dict[str, Any]:
-    """Claim ``name`` of ``make`` with nothing to judge (the run could not measure it):
-    ``inconclusive`` with no estimate or interval, and no more seeds asked for."""
+    """Claim ``name`` of ``make`` the run could not measure: ``inconclusive``, no estimate, no more seeds."""
     spec = make.specs[name]
     return {
-        "expected": spec["expected"],
-        "source": spec["source"],
+        **{key: spec[key] for key in ("expected", "source")},
         "claim": spec["statement"].format(**make.values),
         "holds": False,
         "verdict": "inconclusive",

@@ -1,17 +1,7 @@
-"""Self-contained HTML reports drawn from saved results (figures embedded as base64 PNG).
-
-``write_experiment_report(dir, results, module)`` draws the experiment's figures from
-``results`` into ``dir`` and writes ``dir/report.html``: what the experiment shows and why
-(for a newcomer, from the Markdown file beside the experiment's module), the claims table,
-the figures, every recorded choice, the data, how to reproduce it, and the library versions.
-``write_index(out, all_results)`` writes ``out/index.html`` with one claims table linking each
-experiment's report; ``matrix_html(matrix)`` renders the replication matrix. Each page is a
-``string.Template`` in ``templates/`` (package data) with the style sheet ``templates/style.css``.
-
-Each claim is shown with what was measured (its evidence), the verdict and the claim's own
-reason for it (``why``, from ``claims_spec.claim``), the estimate, the interval, the claimed
-direction with its threshold, the seeds, and the paper's expectation with its source (figure or
-table). Keys that a claim lacks are left out, so results from older runs still render.
+"""Self-contained HTML reports drawn from saved results (figures embedded as base64 PNG); what a
+page shows: ``docs/lab.md``, "Figures and reports". Each page is a ``string.Template`` in
+``templates/`` (package data) with the style sheet ``templates/style.css``. Keys that a claim
+lacks are left out, so results from older runs still render.
 """
 
 from __future__ import annotations
@@ -36,7 +26,6 @@ __all__ = [
     "explanation",
     "index_html",
     "matrix_html",
-    "reproduce_command",
     "verdict_counts",
     "write_experiment_report",
     "write_index",
@@ -50,14 +39,6 @@ def _page(name: str, **fields: str) -> str:
     return string.Template(templates.joinpath(f"{name}.html").read_text(encoding="utf-8")).substitute(
         fields, style=style
     )
-
-
-def reproduce_command(results: dict[str, Any]) -> str:
-    """The shell command that reproduces these results."""
-    run = results.get("run", {})
-    mode = {"quick": ["--quick"], "tiny": ["--tiny"]}.get(run.get("mode", "full"), [])
-    parts = ["batchnorm", "lab", "run", str(results.get("id")), *mode, "--seed", str(run.get("seed", 0))]
-    return " ".join([*parts, "--data", str(run.get("data", "digits"))])
 
 
 def _esc(value: Any) -> str:
@@ -115,23 +96,18 @@ def _g(value: float) -> str:
     return f"{value:.3g}" if math.isfinite(value) else ("-inf" if value < 0 else "inf")
 
 
-def _interval(claim: dict[str, Any]) -> str | None:
-    """The saved interval as ``[lo, hi]`` in 3 significant digits; None if there is none."""
-    raw = claim.get("interval")
+def _judged(claim: dict[str, Any]) -> tuple[float | None, str | None, Any]:
+    """A claim's estimate (None: not judged over seeds), interval as ``[lo, hi]`` in 3 significant
+    digits (None if there is none) and seed count (``n_seeds``, else how many it lists, else None)."""
+    raw, seeds = claim.get("interval"), claim.get("seeds")
     lo, hi = (_number(v) for v in raw) if isinstance(raw, (list, tuple)) and len(raw) == 2 else (None, None)
-    return None if lo is None or hi is None else f"[{_g(lo)}, {_g(hi)}]"
-
-
-def _n_seeds(claim: dict[str, Any]) -> Any:
-    """How many seeds judged the claim (``n_seeds``, else how many it lists); None when it says neither."""
-    seeds = claim.get("seeds")
-    return claim.get("n_seeds", len(seeds) if isinstance(seeds, list) else None)
+    n = claim.get("n_seeds", len(seeds) if isinstance(seeds, list) else None)
+    return _number(claim.get("estimate")), None if lo is None or hi is None else f"[{_g(lo)}, {_g(hi)}]", n
 
 
 def _numbers_cell(claim: dict[str, Any]) -> str:
-    """Estimate, interval, threshold, seeds, method and rule of one claim (what is shown
-    where the claim was judged over seeds)."""
-    estimate, interval, n, seeds = _number(claim.get("estimate")), _interval(claim), _n_seeds(claim), claim.get("seeds")
+    """Estimate, interval, threshold, seeds, method and rule of a claim judged over seeds."""
+    (estimate, interval, n), seeds = _judged(claim), claim.get("seeds")
     if estimate is None:
         return "<span class='muted'>not judged over seeds</span>"
     parts = [f"estimate <b>{_esc(_g(estimate))}</b>"]
@@ -148,9 +124,7 @@ def _numbers_cell(claim: dict[str, Any]) -> str:
 
 
 def _verdict_cell(claim: dict[str, Any]) -> str:
-    """The verdict, the claim's reason for it (``why``: where the interval lies against the
-    threshold, and for an undecided claim how far the estimate is from it and why more seeds
-    would not settle it) and whether it is an identity of the math."""
+    """The verdict, the claim's ``why`` and whether it is an identity of the math."""
     verdict = verdict_of(claim)
     lines = [_esc(verdict)] + ([f"<span class='why'>{_esc(claim['why'])}</span>"] if claim.get("why") else [])
     if claim.get("kind") == "identity":
@@ -166,28 +140,23 @@ def _paper_cell(claim: dict[str, Any]) -> str:
 
 
 def _claim_rows(claims: Sequence[dict[str, Any]]) -> str:
-    """The claims table's rows, one per claim: the statement with what this run measured, the verdict with why,
-    the numbers it rests on, and the paper's figure or table it comes from."""
-    rows = [
+    """The claims table's rows: statement and evidence, verdict and why, numbers, the paper."""
+    return "".join(
         f"<tr><td>{_esc(c.get('claim', ''))}"
         + (f"<br><span class='muted'>measured: {_esc(c['evidence'])}</span>" if c.get("evidence") else "")
         + f"</td>{_verdict_cell(c)}<td>{_numbers_cell(c)}</td>{_paper_cell(c)}</tr>"
         for c in claims
-    ]
-    return "".join(rows)
+    )
 
 
 def verdict_counts(claims: Sequence[dict[str, Any]]) -> str:
     """``"3 hold, 1 does not hold, 1 inconclusive (of 5)"``, identities of the math counted apart."""
     counts = count_claims(list(claims))
-    replications, identities = (
-        f"{tally(counts[k])} (of {sum(counts[k].values())})" for k in ("replication", "identity")
-    )
+    text = {kind: f"{tally(counts[kind])} (of {sum(counts[kind].values())})" for kind in counts}
     if not sum(counts["identity"].values()):
-        return replications
-    if not sum(counts["replication"].values()):
-        return f"identities of the math: {identities}"
-    return f"replications: {replications}; identities of the math: {identities}"
+        return text["replication"]
+    identities = f"identities of the math: {text['identity']}"
+    return f"replications: {text['replication']}; {identities}" if sum(counts["replication"].values()) else identities
 
 
 _MODE_NOTE = {
@@ -211,13 +180,15 @@ def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanatio
     run = results.get("run", {})
     config = results.get("config", {}) if isinstance(results.get("config"), dict) else {}
     choice = config.get("mnist1d_choice")
+    mode = {"quick": " --quick", "tiny": " --tiny"}.get(run.get("mode", "full"), "")
+    reproduce = f"batchnorm lab run {results.get('id')}{mode} --seed {run.get('seed', 0)}"
     text = {
         **{key: results.get(key) for key in ("id", "wall_time_s", "threads")},
         **{key: results.get(key, "") for key in ("description", "finished_at")},
         **{key: run.get(key) for key in ("data", "seed")},
         "mode_note": _MODE_NOTE.get(run.get("mode", ""), ""),
         "counts": verdict_counts(claims),
-        "reproduce": reproduce_command(results),
+        "reproduce": f"{reproduce} --data {run.get('data', 'digits')}",
     }
     return _page(
         "experiment",
@@ -235,9 +206,8 @@ def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanatio
 
 
 def explanation(module: ModuleType) -> str:
-    """An experiment's prose for a newcomer: the Markdown file beside its module
-    (``experiments/<name>.md``, shipped as package data); a module without one (a test
-    double) may carry it as ``EXPLANATION``."""
+    """An experiment's prose: the Markdown file beside its module (``experiments/<name>.md``), else
+    (a test double) its ``EXPLANATION``."""
     name = getattr(getattr(module, "__spec__", None), "name", None)
     if name and "." in name and (resource := beside(name, ".md")).is_file():
         return resource.read_text(encoding="utf-8")
@@ -259,7 +229,7 @@ def write_experiment_report(directory: Path, results: dict[str, Any], module: Mo
 
 def _short_numbers(claim: dict[str, Any]) -> str:
     """``est [lo, hi]; claimed a - b >= 0.5; 3 seeds`` for the index (``-`` for a claim not judged over seeds)."""
-    estimate, interval, n = _number(claim.get("estimate")), _interval(claim), _n_seeds(claim)
+    estimate, interval, n = _judged(claim)
     if estimate is None:
         return "-"
     text = _g(estimate) + (f" {interval}" if interval else "")
@@ -289,9 +259,8 @@ def index_html(all_results: Sequence[dict[str, Any]]) -> str:
 
 
 def matrix_html(matrix: dict[str, Any]) -> str:
-    """The replication matrix page: one row per experiment, one column per data set; each cell
-    links the run's report, counts its verdicts and lists every claim with its numbers, why
-    its verdict is what it is, and the paper's expectation."""
+    """The replication matrix page: a row per experiment, a column per data set; each cell links the
+    run's report, counts its verdicts and lists its claims (numbers, why, the paper's expectation)."""
     rows = []
     for row in matrix["rows"]:
         tds = []

@@ -10,6 +10,7 @@ Layout of one experiment's directory ``OUT/<id>/``:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -32,8 +33,7 @@ def verdict_of(claim: dict[str, Any]) -> str:
 
 
 def count_claims(claims: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """How many claims hold / do not hold / are inconclusive, replications and identities apart:
-    ``{"replication": {"holds": h, "does not hold": d, "inconclusive": i}, "identity": {...}}``
+    """``{"replication": {"holds": h, "does not hold": d, "inconclusive": i}, "identity": {...}}``
     (a claim without ``kind`` is a replication)."""
     counts = {kind: dict.fromkeys(VERDICTS, 0) for kind in ("replication", "identity")}
     for c in claims:
@@ -60,10 +60,8 @@ def describe_counts(counts: dict[str, dict[str, int]]) -> str:
 
 
 def to_jsonable(value: Any) -> Any:
-    """Convert tensors, NumPy values, tuples, Paths and non-finite floats for JSON.
-
-    Non-finite floats become the strings "nan", "inf", "-inf" (strict JSON has no NaN).
-    """
+    """Tensors, NumPy values, tuples and Paths as JSON values; non-finite floats as the strings
+    "nan", "inf", "-inf" (strict JSON has no NaN)."""
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -113,10 +111,8 @@ def versions() -> dict[str, str]:
         "platform": platform.platform(),
     }
     for dist in ("scikit-learn", "matplotlib", "mnist1d", "numba"):
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             found[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
     return found
 
 

@@ -1,26 +1,16 @@
-"""Turn per-seed measurements into a verdict on a claim: estimate, confidence interval, and
-``holds`` / ``does not hold`` / ``inconclusive``.
+"""Per-seed measurements judged into a verdict on a claim: ``holds`` / ``does not hold`` /
+``inconclusive``, with the estimate and its interval.
 
     v = judge(bn_acc, plain_acc, seeds=[0, 1, 2], above=0.0)          # BN > plain (paired)
     v = judge(bn_err, gn_err, seeds=seeds, effect="ratio", above=2.0)  # BN's error > 2x GN's
     v = judge(spread_change, seeds=seeds, above=-0.1, below=0.1)      # value within a band
-    v.verdict, v.estimate, v.interval, v.holds
 
-The rule, fixed before any measurement (its reasons and error control: ``docs/lab.md``, "Claims
-judged over seeds"): the *effect* is the mean over seeds of the value, of the paired difference
-``a_i - b_i``, or of the paired log ratio ``log(a_i / b_i)`` (exponentiated: the geometric mean
-ratio); its interval is Student's t with n - 1 degrees of freedom (exact for normal per-seed
-noise, honest with few seeds); the claim names a side of a threshold (``above=t``: effect >= t;
-``below=t``: effect <= t) or a band (both), and ``holds`` when the whole interval lies on the
-claimed side, ``does not hold`` when it lies wholly on the other, else is ``inconclusive``. One
-seed gives the interval (-inf, inf); the same effect on every seed (zero spread) gives none,
-and that value is compared with the threshold.
-
-Sequential seeds (``SeedPlan``, ``judge_sequential``): a claim is judged at planned *looks*, the
-first ``n_1 < ... < n_K`` seeds, each at level ``1 - alpha / K`` (Bonferroni); the verdict is the
-first decided look's, else the last's. A run trains the next block while some claim is
-inconclusive, from ``SeedPlan.futility_from`` seeds on only while one could still be settled by
-the cap (``could_settle``, a projection that never decides a claim).
+The rule, its reasons, the seed plan and its error control: ``docs/lab.md``, "Claims judged over
+seeds". In brief: the effect is the mean over seeds of the value, of ``a_i - b_i``, or of
+``log(a_i / b_i)`` (exponentiated); its interval is Student's t with n - 1 degrees of freedom; the
+claim holds when the whole interval lies on the claimed side of the threshold(s), does not hold
+when it lies wholly on the other side, else is inconclusive. ``judge_sequential`` judges at the
+``SeedPlan``'s looks, each at level ``1 - alpha / K``, and keeps the first decided look.
 """
 
 from __future__ import annotations
@@ -116,15 +106,11 @@ def judge(
     effect: Literal["difference", "ratio"] = "difference",
     confidence: float = 0.95,
 ) -> Verdict:
-    """Judge the claim "effect >= ``above``" and/or "effect <= ``below``" (both: a band) over
-    ``seeds`` at the two-sided ``confidence`` level, by the module's rule.
-
-    ``a`` holds one measurement per seed (shape ``(n,)``) of the first arm, or of the value when
-    ``b`` is ``None``; ``b[i]``, the second arm, is measured on ``seeds[i]`` with ``a[i]``'s
-    initial weights and minibatch order. ``effect="ratio"`` judges ``a / b`` (both arms > 0,
-    thresholds are ratios, e.g. ``above=2.0``). Bounds equal to a threshold count as on the
-    claimed side.
-    """
+    """Judge "effect >= ``above``" and/or "effect <= ``below``" (a band) over ``seeds`` at the
+    two-sided ``confidence`` level. ``a``, shape ``(n,)``: the first arm (or the value, ``b=None``)
+    per seed; ``b[i]`` shares ``seeds[i]``'s initial weights and minibatch order with ``a[i]``.
+    ``effect="ratio"`` judges ``a / b`` (arms > 0, ratio thresholds). A bound on a threshold counts
+    as on the claimed side."""
     ratio = b is not None and effect == "ratio"
     if above is None and below is None:
         raise ValueError("judge: expected a threshold: above=..., below=... or both, got neither")
@@ -185,8 +171,7 @@ def combine(verdicts: Sequence[Verdict]) -> VerdictName:
 
 @dataclass(frozen=True)
 class Part:
-    """One part of a claim, not yet judged: the per-seed arm(s) ``a`` (and ``b``, paired), the
-    claimed side(s) of the threshold(s) and the effect (see ``judge``). Built with ``part``."""
+    """One part of a claim, not yet judged (``judge``'s arguments); built with ``part``."""
 
     a: tuple[float, ...]
     b: tuple[float, ...] | None = None
@@ -201,7 +186,7 @@ class Part:
 
     @property
     def estimate(self) -> float:
-        """The point estimate over all seeds (``judge``'s), for evidence text."""
+        """``judge``'s estimate over all seeds, for evidence text."""
         a, b = np.asarray(self.a), np.asarray(0.0 if self.b is None else self.b)
         return float(np.exp(np.mean(np.log(a) - np.log(b)))) if self.ratio else float(np.mean(a - b))
 
@@ -238,11 +223,9 @@ def part(
 
 @dataclass(frozen=True)
 class SeedPlan:
-    """The seeds a claim may be judged on, fixed before any measurement (the module docstring):
-    ``looks``, the increasing seed counts judged (``(4, 8, 16, 32)``: the run's first 4, 8, 16,
-    then 32 seeds; one look is a fixed design at level ``1 - alpha``); ``futility_from``, the
-    fewest seeds at which a run may stop with a claim more seeds could not settle (``None``: the
-    first look)."""
+    """The seed counts a claim is judged at (``looks``, e.g. ``(4, 8, 16, 32)``), fixed before any
+    measurement; ``futility_from``: the fewest seeds at which a run may stop with a claim more
+    seeds could not settle (``None``: the first look)."""
 
     looks: tuple[int, ...]
     alpha: float = 0.05
@@ -250,10 +233,9 @@ class SeedPlan:
 
     def __post_init__(self) -> None:
         looks = tuple(self.looks)
-        if not looks or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in looks):
-            raise ValueError(f"SeedPlan: expected positive int seed counts, got {self.looks!r}")
-        if any(b <= a for a, b in zip(looks, looks[1:])):
-            raise ValueError(f"SeedPlan: expected increasing seed counts, got {list(looks)}")
+        bad = any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in looks)
+        if not looks or bad or any(b <= a for a, b in zip(looks, looks[1:])):
+            raise ValueError(f"SeedPlan: expected increasing positive int seed counts, got {self.looks!r}")
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"SeedPlan: expected 0 < alpha < 1, got {self.alpha!r}")
         f = self.futility_from
@@ -263,15 +245,13 @@ class SeedPlan:
 
     @property
     def min_futility(self) -> int:
-        """The fewest seeds at which a run may stop with a claim it judges unsettleable
-        (``futility_from``, else the first look)."""
+        """``futility_from``, else the first look."""
         return self.looks[0] if self.futility_from is None else self.futility_from
 
     def needs_more(self, n: int, claims: Sequence[tuple[VerdictName, bool]]) -> bool:
-        """Whether a run that has judged ``claims`` (each: its verdict and whether it could
-        still settle by the cap, ``could_settle``) on its first ``n`` seeds trains the next
-        block: ``n`` is below the cap and some claim is inconclusive, and, from ``min_futility``
-        seeds on, some inconclusive claim could still settle."""
+        """Whether a run with ``claims`` (verdict, ``could_settle``) on its first ``n`` seeds trains
+        the next block: below the cap, some claim inconclusive and, from ``min_futility`` seeds on,
+        one that could still settle."""
         undecided = [settle for verdict, settle in claims if verdict == "inconclusive"]
         if n >= self.cap or not undecided:
             return False
@@ -311,11 +291,8 @@ class SeedPlan:
 
 
 def judge_sequential(parts: Sequence[Part], seeds: Sequence[int], plan: SeedPlan) -> tuple[VerdictName, list[Verdict]]:
-    """The verdict of a claim whose ``parts`` must all hold, by ``plan``'s sequential rule: at
-    each look ``n`` (up to ``len(seeds)``) every part is judged on the first ``n`` seeds at
-    ``plan.confidence``; the first look whose ``combine``d verdict is decided gives the verdict,
-    else the last look reached (``inconclusive``). Returns the verdict and the parts' verdicts
-    at that look."""
+    """The ``combine``d verdict of ``parts`` at the first decided look of ``plan`` (else the last
+    look up to ``len(seeds)``), with the parts' verdicts at that look."""
     if not parts:
         raise ValueError("judge_sequential: expected at least one part, got none")
     looks = [n for n in plan.looks if n <= len(seeds)]
@@ -339,11 +316,9 @@ def _margin(p: Part, estimate: float, f: Callable[[float], float] = float) -> fl
 
 
 def could_settle(p: Part, v: Verdict, cap: int) -> bool:
-    """Whether part ``p``, ``inconclusive`` as ``v``, could be decided by ``cap`` seeds: the
-    half-width its interval would have at ``cap`` seeds with the spread measured now (same
-    level) is smaller than the distance from its estimate to the nearest threshold (on the log
-    scale for a ratio). A projection, used only to stop adding seeds that cannot help; it does
-    not enter any verdict."""
+    """Whether part ``p``, ``inconclusive`` as ``v``, could be decided by ``cap`` seeds: its interval's
+    half-width projected to ``cap`` seeds (same spread and level) is below its ``_margin`` (log scale
+    for a ratio). Only stops adding seeds; it never enters a verdict."""
     n = len(v.seeds)
     lo, hi = v.interval
     if n < 2 or not (math.isfinite(lo) and math.isfinite(hi)):
