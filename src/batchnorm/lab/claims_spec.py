@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from .verdict import Part, SeedPlan, Verdict, VerdictName, _level, _margin, could_settle, judge_sequential, part
+from .verdict import Part, SeedPlan, Verdict, VerdictName, _level, _margin, could_settle, judge_sequential
 
 if TYPE_CHECKING:
     from importlib.abc import Traversable  # importlib.resources.abc from Python 3.11 on
@@ -30,8 +30,7 @@ else:  # the lab extra's backport on Python 3.10
 
 __all__ = ["Claims", "Col", "Declared", "claim", "load", "load_settings", "parse", "unmeasured"]
 
-Col = Sequence[float]
-"""One number per seed."""
+Col = Sequence[float]  # one number per seed
 _REQUIRED = {"statement", "expected", "source"}
 _KEYS = _REQUIRED | {"effect", "kind", "above", "below"}
 
@@ -65,8 +64,7 @@ def load(module: str) -> dict[str, dict[str, Any]]:
     return parse(resource.read_text(encoding="utf-8"), resource.name)
 
 
-_TABLES = ("text", "tiny", "quick", "full")
-"""The tables a settings file may hold: fixed text, and each mode's values of computed fields."""
+_TABLES = ("text", "tiny", "quick", "full")  # a settings file's tables: fixed text, each mode's values
 
 
 @functools.cache
@@ -170,7 +168,7 @@ def claim(
     kind: Literal["replication", "identity"] = "replication",
 ) -> dict[str, Any]:
     """One claim of saved ``results`` judged over ``metrics["seeds"]`` by ``metrics["plan"]`` (else
-    one look at every seed) with ``judge_sequential``: ``a`` to ``effect`` give the first ``part``,
+    one look at every seed) with ``judge_sequential``: ``a`` to ``effect`` give the first ``Part``,
     ``also`` further parts that must hold too; ``kind="identity"``: a consequence of the math.
 
     Returns the first part's ``Verdict.to_json()`` at the deciding look with the claim's fields
@@ -181,7 +179,7 @@ def claim(
         raise ValueError(f"claim: expected kind 'replication' or 'identity', got {kind!r}")
     seeds = [int(s) for s in results["metrics"]["seeds"]]
     plan = SeedPlan.from_json(results["metrics"].get("plan") or {"looks": [len(seeds)]})
-    parts = [part(a, b, above=above, below=below, effect=effect), *also]
+    parts = [Part(a, b, above=above, below=below, effect=effect), *also]
     name, verdicts = judge_sequential(parts, seeds, plan)
     undecided = [i for i, v in enumerate(verdicts) if v.verdict == "inconclusive"]
     settles = {i: could_settle(parts[i], verdicts[i], plan.cap) for i in undecided}

@@ -35,10 +35,8 @@ __all__ = [
 def _page(name: str, **fields: str) -> str:
     """The page template ``templates/<name>.html`` filled in with ``fields`` (HTML) and the style sheet."""
     templates = importlib.resources.files(__name__.rpartition(".")[0]).joinpath("templates")
-    style = templates.joinpath("style.css").read_text(encoding="utf-8")
-    return string.Template(templates.joinpath(f"{name}.html").read_text(encoding="utf-8")).substitute(
-        fields, style=style
-    )
+    page, style = (templates.joinpath(file).read_text(encoding="utf-8") for file in (f"{name}.html", "style.css"))
+    return string.Template(page).substitute(fields, style=style)
 
 
 def _esc(value: Any) -> str:
@@ -77,10 +75,6 @@ def _kv_table(mapping: dict[str, Any]) -> str:
     """A two-column table of settings (nested settings as nested tables, never raw JSON)."""
     body = "\n".join(f"<tr><th>{_esc(k)}</th><td>{_cell(v)}</td></tr>" for k, v in mapping.items())
     return f"<table class='settings'>{body}</table>"
-
-
-_VERDICT_CLASS = {"holds": "holds", "does not hold": "fails", "inconclusive": "inconclusive"}
-"""CSS class of each verdict's table cell."""
 
 
 def _number(value: Any) -> float | None:
@@ -123,20 +117,20 @@ def _numbers_cell(claim: dict[str, Any]) -> str:
     return "<br>".join(parts)
 
 
-def _verdict_cell(claim: dict[str, Any]) -> str:
-    """The verdict, the claim's ``why`` and whether it is an identity of the math."""
+def _verdict_cell(claim: dict[str, Any], why: bool = True) -> str:
+    """The verdict (CSS class: the verdict, ``fails`` for ``does not hold``) with, if ``why``, the
+    claim's ``why`` and whether it is an identity of the math."""
     verdict = verdict_of(claim)
-    lines = [_esc(verdict)] + ([f"<span class='why'>{_esc(claim['why'])}</span>"] if claim.get("why") else [])
-    if claim.get("kind") == "identity":
+    lines = [_esc(verdict)] + ([f"<span class='why'>{_esc(claim['why'])}</span>"] if why and claim.get("why") else [])
+    if why and claim.get("kind") == "identity":
         lines.append("<span class='why'>an identity of the math, checked numerically (not a replication)</span>")
-    return f"<td class='{_VERDICT_CLASS[verdict]}'>" + "<br>".join(lines) + "</td>"
+    return f"<td class='{'fails' if verdict == 'does not hold' else verdict}'>" + "<br>".join(lines) + "</td>"
 
 
 def _paper_cell(claim: dict[str, Any]) -> str:
     expected, source = claim.get("expected"), claim.get("source")
-    if not expected and not source:
-        return "<td>-</td>"
-    return f"<td>{_esc(expected or '')}<br><span class='muted'>{_esc(source or '')}</span></td>"
+    paper = f"{_esc(expected or '')}<br><span class='muted'>{_esc(source or '')}</span>"
+    return f"<td>{paper if expected or source else '-'}</td>"
 
 
 def _claim_rows(claims: Sequence[dict[str, Any]]) -> str:
@@ -240,21 +234,19 @@ def _short_numbers(claim: dict[str, Any]) -> str:
 def index_html(all_results: Sequence[dict[str, Any]]) -> str:
     """The index page: one row per claim, grouped by experiment, linking each report."""
     rows = []
-    every: list[dict[str, Any]] = []
     for results in all_results:
         eid = str(results.get("id"))
         claims = results.get("claims", [])
-        every += claims
         run = results.get("run", {})
         info = f"{_esc(run.get('mode'))}, {_esc(run.get('data'))}, seed {_esc(run.get('seed'))}, {_esc(results.get('wall_time_s'))} s"
         head = f"<td rowspan='{max(len(claims), 1)}'><a href='{_esc(eid)}/report.html'>{_esc(eid)}</a><br><span class='muted'>{info}</span></td>"
         for c in claims or [{"claim": "(no claims)", "holds": True, "evidence": ""}]:
-            verdict = verdict_of(c)
             rows.append(
-                f"<tr>{head}<td>{_esc(c.get('claim', ''))}</td><td class='{_VERDICT_CLASS[verdict]}'>"
-                f"{_esc(verdict)}</td><td>{_esc(_short_numbers(c))}</td><td>{_esc(c.get('evidence', ''))}</td></tr>"
+                f"<tr>{head}<td>{_esc(c.get('claim', ''))}</td>{_verdict_cell(c, why=False)}"
+                f"<td>{_esc(_short_numbers(c))}</td><td>{_esc(c.get('evidence', ''))}</td></tr>"
             )
             head = ""
+    every = [c for results in all_results for c in results.get("claims", [])]
     return _page("index", counts=_esc(verdict_counts(every)), rows="".join(rows))
 
 

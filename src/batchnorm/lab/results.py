@@ -1,12 +1,6 @@
-"""Saving and loading ``results.json`` (atomically, mode 0644 under umask 022) and the library
-versions recorded in it.
-
-Layout of one experiment's directory ``OUT/<id>/``:
-    results.json   {"id", "description", "run", "config", "data", "metrics", "claims",
-                    "versions", "wall_time_s", "finished_at"}
-    *.png          figures drawn from results.json
-    report.html    self-contained report (figures embedded)
-"""
+"""Saving and loading ``OUT/<id>/results.json`` (atomically, mode 0644 under umask 022; keys
+``id``, ``description``, ``run``, ``config``, ``data``, ``metrics``, ``claims``, ``versions``,
+``wall_time_s``, ``finished_at``), the library versions recorded in it, and its claims counted."""
 
 from __future__ import annotations
 

@@ -20,20 +20,19 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 __all__ = ["VERDICTS", "Part", "SeedPlan", "Verdict", "combine", "judge", "judge_sequential", "part", "t_quantile"]
 
 VerdictName = Literal["holds", "does not hold", "inconclusive"]
-VERDICTS: tuple[str, ...] = ("holds", "does not hold", "inconclusive")
+VERDICTS: tuple[str, ...] = get_args(VerdictName)
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The judged claim: ``verdict``, the ``estimate`` with its ``interval`` (``confidence``
-    level), the ``seeds`` it was measured on, and how (``method``)."""
+    """A judged claim: ``verdict``, ``estimate`` and ``interval`` (``confidence`` level), ``seeds``, ``method``."""
 
     verdict: VerdictName
     estimate: float
@@ -77,11 +76,6 @@ def _as_values(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"judge: expected finite values in {name}, got {arr.tolist()}")
     return arr
-
-
-_SAME_VALUE_RTOL = 1e-9
-"""Per-seed effects whose range is at most this fraction of their magnitude count as the same
-value on every seed (float64 rounding of one exact value)."""
 
 
 def _decide(lo: float, hi: float, above: float | None, below: float | None) -> VerdictName:
@@ -130,9 +124,9 @@ def judge(
     seeds_t = tuple(int(s) for s in seeds)
     if len(set(seeds_t)) != len(seeds_t):
         raise ValueError(f"judge: expected distinct seeds, got {list(seeds_t)}")
-    x = _as_values("a", a)
-    if x.size != len(seeds_t):
-        raise ValueError(f"judge: expected one value of a per seed ({len(seeds_t)}), got {x.size}")
+    x, n = _as_values("a", a), len(seeds_t)
+    if x.size != n:
+        raise ValueError(f"judge: expected one value of a per seed ({n}), got {x.size}")
     what = "mean"
     if b is not None:
         xb = _as_values("b", b)
@@ -142,18 +136,16 @@ def judge(
             raise ValueError(f"judge: a ratio needs positive arms, got a={x.tolist()}, b={xb.tolist()}")
         x = np.log(x) - np.log(xb) if ratio else x - xb
         what = "geometric mean of paired ratios" if ratio else "mean of paired differences"
-    what = f"{what} over {x.size} seeds"
+    what = f"{what} over {n} seeds"
     est = float(np.mean(x))
-    half = math.inf
-    if x.size >= 2:
-        half = t_quantile(0.5 + confidence / 2, x.size - 1) * float(np.std(x, ddof=1)) / math.sqrt(x.size)
+    half = t_quantile(0.5 + confidence / 2, n - 1) * float(np.std(x, ddof=1)) / math.sqrt(n) if n >= 2 else math.inf
     lo, hi = est - half, est + half
     method = f"{what}, {_level(confidence)} t interval" + (" on the log scale" if ratio else "")
     if ratio:
         est, lo, hi = math.exp(est), math.exp(lo), math.exp(hi)
-    # the same value on every seed up to float64 rounding (an identity of the math, or a value a
-    # grid fixes): no interval to speak of, the value itself is compared with the threshold
-    zero = x.size >= 2 and float(np.ptp(x)) <= _SAME_VALUE_RTOL * float(np.max(np.abs(x)))
+    # the same value on every seed up to float64 rounding (a range of at most 1e-9 of the magnitude:
+    # an identity of the math, or a value a grid fixes): no interval, the value is compared itself
+    zero = n >= 2 and float(np.ptp(x)) <= 1e-9 * float(np.max(np.abs(x)))
     if zero:
         method = f"{what}: the same value on every seed (zero spread), no interval"
         lo = hi = est
@@ -161,8 +153,7 @@ def judge(
 
 
 def combine(verdicts: Sequence[Verdict]) -> VerdictName:
-    """The verdict of a claim made of several parts that must all hold: ``does not hold`` if
-    any part does not, else ``inconclusive`` if any part is, else ``holds``."""
+    """The verdict of parts that must all hold: ``does not hold`` if one does not, else ``inconclusive`` if one is."""
     if not verdicts:
         raise ValueError("combine: expected at least one verdict, got none")
     names = {v.verdict for v in verdicts}
@@ -171,13 +162,19 @@ def combine(verdicts: Sequence[Verdict]) -> VerdictName:
 
 @dataclass(frozen=True)
 class Part:
-    """One part of a claim, not yet judged (``judge``'s arguments); built with ``part``."""
+    """One part of a claim, not yet judged (``judge``'s arguments; ``a``, ``b`` kept as tuples)."""
 
-    a: tuple[float, ...]
-    b: tuple[float, ...] | None = None
+    a: Sequence[float] | np.ndarray
+    b: Sequence[float] | np.ndarray | None = None
+    _: dataclasses.KW_ONLY
     above: float | None = None
     below: float | None = None
     effect: Literal["difference", "ratio"] = "difference"
+
+    def __post_init__(self) -> None:
+        for name, arm in (("a", self.a), ("b", self.b)):
+            if arm is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in np.asarray(arm, dtype=np.float64).reshape(-1)))
 
     @property
     def ratio(self) -> bool:
@@ -207,25 +204,14 @@ class Part:
         )
 
 
-def part(
-    a: Sequence[float] | np.ndarray,
-    b: Sequence[float] | np.ndarray | None = None,
-    *,
-    above: float | None = None,
-    below: float | None = None,
-    effect: Literal["difference", "ratio"] = "difference",
-) -> Part:
-    """A ``Part`` of a claim (arguments as ``judge``'s; paired arms, one value per seed)."""
-    fa = tuple(float(v) for v in np.asarray(a, dtype=np.float64).reshape(-1))
-    fb = None if b is None else tuple(float(v) for v in np.asarray(b, dtype=np.float64).reshape(-1))
-    return Part(fa, fb, above, below, effect)
+part = Part
+"""The name experiments build a claim's further parts with: ``part(a, b, above=...)``."""
 
 
 @dataclass(frozen=True)
 class SeedPlan:
-    """The seed counts a claim is judged at (``looks``, e.g. ``(4, 8, 16, 32)``), fixed before any
-    measurement; ``futility_from``: the fewest seeds at which a run may stop with a claim more
-    seeds could not settle (``None``: the first look)."""
+    """The seed counts a claim is judged at (``looks``, e.g. ``(4, 8, 16, 32)``), fixed in advance;
+    ``futility_from``: the fewest seeds to stop at with a claim the cap could not settle (``None``: the first look)."""
 
     looks: tuple[int, ...]
     alpha: float = 0.05
@@ -249,9 +235,8 @@ class SeedPlan:
         return self.looks[0] if self.futility_from is None else self.futility_from
 
     def needs_more(self, n: int, claims: Sequence[tuple[VerdictName, bool]]) -> bool:
-        """Whether a run with ``claims`` (verdict, ``could_settle``) on its first ``n`` seeds trains
-        the next block: below the cap, some claim inconclusive and, from ``min_futility`` seeds on,
-        one that could still settle."""
+        """Whether a run with ``claims`` (verdict, ``could_settle``) on its first ``n`` seeds trains the next
+        block: below the cap, a claim inconclusive and, from ``min_futility`` seeds on, one that could settle."""
         undecided = [settle for verdict, settle in claims if verdict == "inconclusive"]
         if n >= self.cap or not undecided:
             return False
@@ -273,8 +258,8 @@ class SeedPlan:
         if len(self.looks) == 1:
             return f"{level} t interval over {self.cap} seeds (fixed)"
         counts = ", ".join(str(n) for n in self.looks)
-        futility = f"; no stop for an undecided claim before {self.min_futility} seeds"
-        futility = futility if self.min_futility > self.looks[0] else ""
+        late = self.min_futility > self.looks[0]
+        futility = f"; no stop for an undecided claim before {self.min_futility} seeds" if late else ""
         return (
             f"judged on the first {counts} seeds, stopping at the first decided look; {level} t intervals "
             f"({1 - self.alpha:.0%} over all {len(self.looks)} looks, Bonferroni){futility}"
@@ -293,8 +278,6 @@ class SeedPlan:
 def judge_sequential(parts: Sequence[Part], seeds: Sequence[int], plan: SeedPlan) -> tuple[VerdictName, list[Verdict]]:
     """The ``combine``d verdict of ``parts`` at the first decided look of ``plan`` (else the last
     look up to ``len(seeds)``), with the parts' verdicts at that look."""
-    if not parts:
-        raise ValueError("judge_sequential: expected at least one part, got none")
     looks = [n for n in plan.looks if n <= len(seeds)]
     if not looks:
         raise ValueError(
@@ -309,8 +292,7 @@ def judge_sequential(parts: Sequence[Part], seeds: Sequence[int], plan: SeedPlan
 
 
 def _margin(p: Part, estimate: float, f: Callable[[float], float] = float) -> float:
-    """How far ``estimate`` lies from ``p``'s nearest threshold, measured through ``f``: positive
-    on the claimed side (inside the band), negative on the other."""
+    """``estimate``'s distance (through ``f``) to ``p``'s nearest threshold, positive on the claimed side."""
     sides = [f(estimate) - f(p.above)] if p.above is not None else []
     return min(sides + ([f(p.below) - f(estimate)] if p.below is not None else []))
 
