@@ -81,11 +81,8 @@ def _settings_file(module: str) -> dict[str, Any]:
 
 def _values(table: dict[str, Any]) -> dict[str, Any]:
     """A table's settings in file order, arrays as tuples (nested tables of ``_TABLES`` left out)."""
-    return {
-        k: tuple(v) if isinstance(v, list) else v
-        for k, v in table.items()
-        if not (k in _TABLES and isinstance(v, dict))
-    }
+    nested = {k for k, v in table.items() if k in _TABLES and isinstance(v, dict)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in table.items() if k not in nested}
 
 
 def load_settings(module: str) -> dict[str, Any]:
