@@ -74,3 +74,27 @@ def test_run_config_validates_and_picks_by_mode() -> None:
         RunConfig(mode="fast")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="seed"):
         RunConfig(seed=-1)
+
+
+def test_claims_are_counted_by_verdict_and_kind_for_the_report_and_the_cli() -> None:
+    from batchnorm.lab.report import verdict_counts
+    from batchnorm.lab.results import count_claims, describe_counts, verdict_of
+
+    claims = [
+        {"verdict": "holds"},
+        {"verdict": "inconclusive", "holds": False},
+        {"holds": False},  # older results: no verdict, ``holds`` decides
+        {"holds": True, "kind": "identity"},
+    ]
+    assert [verdict_of(c) for c in claims] == ["holds", "inconclusive", "does not hold", "holds"]
+    counts = count_claims(claims)
+    assert counts == {
+        "replication": {"holds": 1, "does not hold": 1, "inconclusive": 1},
+        "identity": {"holds": 1, "does not hold": 0, "inconclusive": 0},
+    }
+    assert describe_counts(counts) == "3 replications: 1 hold, 1 do not hold, 1 inconclusive; 1 identity holds"
+    assert verdict_counts(claims) == (
+        "replications: 1 hold, 1 do not hold, 1 inconclusive (of 3); "
+        "identities of the math: 1 hold, 0 do not hold, 0 inconclusive (of 1)"
+    )
+    assert describe_counts(count_claims([])) == "no claims" and verdict_counts(claims[:1]).endswith("(of 1)")

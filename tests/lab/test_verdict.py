@@ -165,6 +165,8 @@ def test_seed_plan_level_is_bonferroni_over_its_looks() -> None:
             SeedPlan((4, 8), futility_from=futility)  # type: ignore[arg-type]
     assert SeedPlan((4, 8)).min_futility == 4 and SeedPlan((4, 8), futility_from=8).min_futility == 8
     assert SeedPlan((4, 8, 16), futility_from=8).to_json() == {"looks": [4, 8, 16], "alpha": 0.05, "futility_from": 8}
+    for plan in (SeedPlan((4, 8, 16), futility_from=8), SeedPlan((3,), alpha=0.1)):
+        assert SeedPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
 
 
 def test_needs_more_trains_undecided_claims_up_to_the_futility_minimum() -> None:
@@ -258,9 +260,11 @@ def test_sequential_error_rate_is_controlled(plan: SeedPlan) -> None:
     assert naive / trials > 0.025 + 4 * se
 
 
-def test_part_estimate_and_could_settle() -> None:
+def test_part_estimate_direction_and_could_settle() -> None:
     p = part([2.0, 4.0], [1.0, 1.0], effect="ratio", above=1.5)
-    assert p.estimate == pytest.approx(math.sqrt(8.0))
+    assert p.estimate == pytest.approx(math.sqrt(8.0)) and p.direction == "a / b >= 1.5"
+    assert part([1.0, 3.0], [0.5, 0.5], below=2).estimate == 1.5 and part([1.0, 3.0], below=2).estimate == 2.0
+    assert part([1.0], above=-0.1, below=0.1).direction == "-0.1 <= value <= 0.1"
     seeds = [0, 1, 2, 3]
     near = part([0.1, -0.2, 0.15, -0.05], above=0.0)  # estimate 0, spread 0.15: hopeless
     v = near.judge(seeds, 0.983)

@@ -1,22 +1,11 @@
-"""Claims and settings declared as data, in TOML files beside an experiment's module (package data).
+"""Claims and settings declared as data in TOML files beside an experiment's module (their layout:
+``docs/lab.md``, "Figures and reports"), and ``claim``, one claim of saved results judged over seeds.
 
-``experiments/<name>.claims.toml`` holds one table per claim, in order, with its fixed fields
-(``statement`` template, ``expected``, ``source``, ``effect``, ``kind``, thresholds
-``above``/``below``); the module computes a, b and evidence; ``Claims`` joins them.
+``Claims`` joins a claims file's fixed fields with what the module computes (a, b, evidence). A
+``Settings`` dataclass (a ``Declared``) declares only the settings the code computes or reads:
 
-``experiments/<name>.settings.toml`` holds the experiment's constant settings (the choices it
-records, claim thresholds), in the order results record them; in its ``[tiny]``, ``[quick]`` and
-``[full]`` tables, the fields each mode sets (``Settings.of(mode)``); in its ``[text]`` table,
-the fixed text of settings the code computes (``Settings.text``). Its ``Settings`` dataclass (a
-``Declared``) declares only what the code computes or reads:
-
-    @dataclass(frozen=True)
-    class Settings(Declared):
-        steps: int             # computed (by mode, data): passed to ``of``
-        batch_size: int        # read by the code: its value comes from the file
-
-    s = Settings.of(steps=500)   # or Settings.of(cfg.mode): steps from the file's [quick] table
-    s.record()   # {"steps": 500, every setting of the file, in its order}: results' "config"
+    s = Settings.of(cfg.mode, steps=500)  # computed, then the file's [mode] table, then its values
+    s.record()  # results' "config": the computed fields, then every setting of the file, in order
 """
 
 from __future__ import annotations
@@ -25,22 +14,23 @@ import copy
 import dataclasses
 import functools
 import importlib.resources
+import math
 import sys
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from .experiment import claim
-from .verdict import Part
+from .verdict import Part, SeedPlan, Verdict, VerdictName, _level, _margin, could_settle, judge_sequential
 
+if TYPE_CHECKING:
+    from importlib.abc import Traversable  # importlib.resources.abc from Python 3.11 on
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # the lab extra's backport on Python 3.10
     import tomli as tomllib
 
-__all__ = ["Claims", "Col", "Declared", "load", "load_settings", "parse"]
+__all__ = ["Claims", "Col", "Declared", "claim", "load", "load_settings", "parse", "unmeasured"]
 
-Col = Sequence[float]
-"""One number per seed."""
+Col = Sequence[float]  # one number per seed
 _REQUIRED = {"statement", "expected", "source"}
 _KEYS = _REQUIRED | {"effect", "kind", "above", "below"}
 
@@ -61,29 +51,27 @@ def parse(text: str, where: str) -> dict[str, dict[str, Any]]:
     return data
 
 
-def _beside(module: str, kind: str) -> tuple[str, str]:
-    """The text and file name of ``<name>.<kind>.toml`` beside module ``module``."""
+def beside(module: str, suffix: str) -> Traversable:
+    """The package data file ``<name><suffix>`` beside module ``module`` (``bias.claims.toml``, ``bias.md``)."""
     package, name = module.rsplit(".", 1)
-    resource = importlib.resources.files(package).joinpath(f"{name}.{kind}.toml")
-    return resource.read_text(encoding="utf-8"), f"{name}.{kind}.toml"
+    return importlib.resources.files(package).joinpath(name + suffix)
 
 
 @functools.cache
 def load(module: str) -> dict[str, dict[str, Any]]:
     """The claims file beside experiment module ``module`` (e.g. ``batchnorm.lab.experiments.bias``), read once."""
-    return parse(*_beside(module, "claims"))
+    resource = beside(module, ".claims.toml")
+    return parse(resource.read_text(encoding="utf-8"), resource.name)
 
 
-_TABLES = ("text", "tiny", "quick", "full")
-"""The tables a settings file may hold: fixed text, and each mode's values of computed fields."""
+_TABLES = ("text", "tiny", "quick", "full")  # a settings file's tables: fixed text, each mode's values
 
 
 @functools.cache
 def _settings_file(module: str) -> dict[str, Any]:
-    """The settings file beside experiment module ``module``, read once; ``ValueError`` for a table
-    other than ``_TABLES`` or a ``[text]`` entry that is not a string."""
-    text, where = _beside(module, "settings")
-    data = tomllib.loads(text)
+    """The settings file beside experiment module ``module``, read once and checked."""
+    resource = beside(module, ".settings.toml")
+    data, where = tomllib.loads(resource.read_text(encoding="utf-8")), resource.name
     if tables := [name for name, value in data.items() if isinstance(value, dict) and value and name not in _TABLES]:
         raise ValueError(f"{where}: expected settings as key = value lines and tables {_TABLES}, got table(s) {tables}")
     if not all(isinstance(v, str) for v in data.get("text", {}).values()):
@@ -93,16 +81,12 @@ def _settings_file(module: str) -> dict[str, Any]:
 
 def _values(table: dict[str, Any]) -> dict[str, Any]:
     """A table's settings in file order, arrays as tuples (nested tables of ``_TABLES`` left out)."""
-    return {
-        k: tuple(v) if isinstance(v, list) else v
-        for k, v in table.items()
-        if not (k in _TABLES and isinstance(v, dict))
-    }
+    nested = {k for k, v in table.items() if k in _TABLES and isinstance(v, dict)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in table.items() if k not in nested}
 
 
 def load_settings(module: str) -> dict[str, Any]:
-    """The settings of the file beside experiment module ``module``: each one's value by name, in
-    file order (arrays as tuples)."""
+    """The settings file's values by name, in file order (arrays as tuples)."""
     return _values(_settings_file(module))
 
 
@@ -110,15 +94,13 @@ _D = TypeVar("_D", bound="Declared")
 
 
 class Declared:
-    """Base of a frozen ``Settings`` dataclass whose constant settings are data (the module
-    docstring): the dataclass's fields are what the code computes (no value in the file) or
-    reads (its value from the file); the file's other settings are only recorded."""
+    """Base of a frozen ``Settings`` dataclass (the module docstring): its fields are what the code
+    computes or reads; the file's other settings are only recorded."""
 
     @classmethod
     def of(cls: type[_D], mode: str | None = None, /, **computed: Any) -> _D:
-        """The settings with ``computed`` (fields the code computes, and any setting of the file
-        this run overrides), then the file's ``[mode]`` table (fields set by mode), then its
-        values for the rest."""
+        """The settings from ``computed`` (and settings this run overrides), else the file's
+        ``[mode]`` table, else its values."""
         by_mode = _values(_settings_file(cls.__module__).get(mode, {})) if mode else {}
         fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
         if unknown := sorted((by_mode.keys() | computed.keys()) - set(fields)):
@@ -134,18 +116,98 @@ class Declared:
         return str(_settings_file(cls.__module__)["text"][name]).format(**values)
 
     def record(self) -> dict[str, Any]:
-        """Every setting as results record it: the fields the file does not give (in field
-        order), then the file's settings in its order, a field's value replacing the file's."""
+        """Results' ``config``: the fields the file lacks, then the file's settings in its order (a
+        field's value replacing the file's)."""
         declared = load_settings(type(self).__module__)
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
         first = {name: value for name, value in values.items() if name not in declared}
         return copy.deepcopy({**first, **{name: values.get(name, value) for name, value in declared.items()}})
 
 
+def _why(name: VerdictName, parts: Sequence[Part], verdicts: Sequence[Verdict], k: int, margin: float, cap: int) -> str:
+    """Why the claim got verdict ``name``, in words, from its deciding part ``k`` (``margin``: its ``_margin``)."""
+    p, v = parts[k], verdicts[k]
+    n = len(v.seeds)
+    which = f"part {k + 1} ({p.direction})" if len(parts) > 1 else p.direction
+    if v.zero_spread:
+        where = {"holds": "on the claimed side", "does not hold": "on the other side"}.get(name, "at the threshold")
+        return f"{which}: the same value, {v.estimate:.4g}, on all {n} seeds (zero spread), {where}"
+    lo, hi = v.interval
+    interval = f"the {_level(v.confidence)} interval [{lo:.4g}, {hi:.4g}] over {n} seeds"
+    if name == "holds":
+        every = "every part holds; " if len(parts) > 1 else ""
+        return f"{every}{which}: {interval} lies on the claimed side"
+    if name == "does not hold":
+        return f"{which}: {interval} lies entirely on the other side of the threshold"
+    half = (hi - lo) / 2
+    at_cap = f"no more seeds: at this spread even the plan's cap of {cap} seeds would leave the threshold inside the interval"
+    at_cap = "the seed plan's cap" if n >= cap else at_cap
+    side = "on the claimed side" if margin >= 0 else "on the other side"
+    return (
+        f"{which}: {interval} ({at_cap}) contains a threshold; the estimate {v.estimate:.4g} is {abs(margin):.3g} "
+        f"{side} of it, {abs(margin) / half if half > 0 else math.inf:.2f} of the interval's half-width"
+    )
+
+
+def claim(
+    statement: str,
+    *,
+    results: dict[str, Any],
+    a: Sequence[float],
+    b: Sequence[float] | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    effect: Literal["difference", "ratio"] = "difference",
+    expected: str,
+    source: str,
+    evidence: str,
+    also: Sequence[Part] = (),
+    kind: Literal["replication", "identity"] = "replication",
+) -> dict[str, Any]:
+    """One claim of saved ``results`` judged over ``metrics["seeds"]`` by ``metrics["plan"]`` (else
+    one look at every seed) with ``judge_sequential``: ``a`` to ``effect`` give the first ``Part``,
+    ``also`` further parts that must hold too; ``kind="identity"``: a consequence of the math.
+
+    Returns the first part's ``Verdict.to_json()`` at the deciding look with the claim's fields
+    (``docs/lab.md``, "Claims judged over seeds"). The deciding part (its ``margin`` and ``why``) is
+    the first that does not hold; for an undecided claim the first undecided part more seeds could
+    not settle, else the first undecided; the first when all hold."""
+    if kind not in ("replication", "identity"):
+        raise ValueError(f"claim: expected kind 'replication' or 'identity', got {kind!r}")
+    seeds = [int(s) for s in results["metrics"]["seeds"]]
+    plan = SeedPlan.from_json(results["metrics"].get("plan") or {"looks": [len(seeds)]})
+    parts = [Part(a, b, above=above, below=below, effect=effect), *also]
+    name, verdicts = judge_sequential(parts, seeds, plan)
+    undecided = [i for i, v in enumerate(verdicts) if v.verdict == "inconclusive"]
+    settles = {i: could_settle(parts[i], verdicts[i], plan.cap) for i in undecided}
+    k = next((i for i, v in enumerate(verdicts) if v.verdict == name), 0)
+    if name == "inconclusive":
+        k = next((i for i in undecided if not settles[i]), k)
+    thresholds = [float(t) for t in (above, below) if t is not None]
+    margin = _margin(parts[k], verdicts[k].estimate)
+    return {
+        **verdicts[0].to_json(),
+        "claim": statement,
+        "holds": name == "holds",
+        "verdict": name,
+        "direction": parts[0].direction,
+        "expected": expected,
+        "source": source,
+        "evidence": evidence,
+        "kind": kind,
+        "rule": plan.describe(),
+        "n_seeds": len(verdicts[0].seeds),
+        "threshold": thresholds if len(thresholds) > 1 else thresholds[0],
+        "margin": margin,
+        "why": _why(name, parts, verdicts, k, margin, plan.cap),
+        "parts": [{**v.to_json(), "direction": p.direction} for p, v in zip(parts, verdicts)],
+        "could_settle": name == "inconclusive" and all(settles.values()),
+    }
+
+
 class Claims:
-    """The claims of one saved ``results``: a statement is formatted with the run's settings
-    (``results["config"]``) and ``values`` (numbers derived in Python, e.g. ``tol_pp=100 * tol``);
-    a threshold is a number, the name of one of those, or ``-name`` (its negative)."""
+    """The claims of saved ``results``: statements formatted with ``results["config"]`` and ``values``
+    (derived in Python, e.g. ``tol_pp=100 * tol``); a threshold: a number, a name of those, or ``-name``."""
 
     def __init__(self, module: str, results: dict[str, Any], **values: Any) -> None:
         self.specs = load(module)
@@ -161,8 +223,7 @@ class Claims:
     def __call__(
         self, name: str, *, a: Col, b: Col | None = None, evidence: str, also: Sequence[Part] = ()
     ) -> dict[str, Any]:
-        """Claim ``name`` (``experiment.claim``): its table's fixed fields with the computed ``a``, ``b``,
-        ``evidence`` and ``also``."""
+        """Claim ``name`` (``claim``): its table's fixed fields with what the module computed."""
         spec = self.specs[name]
         fixed = {key: spec[key] for key in ("expected", "source", "effect", "kind") if key in spec}
         above, below = (self._threshold(spec.get(key)) for key in ("above", "below"))
@@ -170,3 +231,21 @@ class Claims:
         return claim(
             statement, results=self.results, a=a, b=b, above=above, below=below, evidence=evidence, also=also, **fixed
         )
+
+
+def unmeasured(make: Claims, name: str, evidence: str) -> dict[str, Any]:
+    """Claim ``name`` of ``make`` the run could not measure: ``inconclusive``, no estimate, no more seeds."""
+    spec = make.specs[name]
+    return {
+        **{key: spec[key] for key in ("expected", "source")},
+        "claim": spec["statement"].format(**make.values),
+        "holds": False,
+        "verdict": "inconclusive",
+        "estimate": math.nan,
+        "interval": [math.nan, math.nan],
+        "seeds": [int(s) for s in make.results["metrics"]["seeds"]],
+        "method": "not measured",
+        "evidence": evidence,
+        "kind": spec.get("kind", "replication"),
+        "could_settle": False,
+    }

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
+from .claims_spec import claim, unmeasured
 from .config import RunConfig
 from .datasets import Dataset, load
 from .progress import Progress
 from .results import to_jsonable
-from .verdict import Part, SeedPlan, Verdict, _level, could_settle, judge_sequential, part
+from .verdict import SeedPlan
 
 __all__ = [
     "SEED_PLANS",
@@ -34,7 +34,6 @@ __all__ = [
     "load_for",
     "per_seed_values",
     "plan_for",
-    "plan_of",
     "recorded",
     "seeds_for",
     "unmeasured",
@@ -94,160 +93,6 @@ def first_reaching(steps: Sequence[int], values: Sequence[float], level: float) 
         if step > 0 and v >= level:
             return float(step)
     return float(steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1))
-
-
-def _direction(p: Part) -> str:
-    """``"a - b >= 0"``-style statement of a part's claimed side."""
-    quantity = "a / b" if (p.b is not None and p.effect == "ratio") else ("a - b" if p.b is not None else "value")
-    if p.above is not None and p.below is not None:
-        return f"{p.above:g} <= {quantity} <= {p.below:g}"
-    if p.above is not None:
-        return f"{quantity} >= {p.above:g}"
-    return f"{quantity} <= {p.below:g}"
-
-
-def _margin(p: Part, v: Verdict) -> float:
-    """How far the estimate lies from the nearest threshold, in the effect's units: positive
-    on the claimed side (inside the band), negative on the other."""
-    sides = [v.estimate - t for t in (p.above,) if t is not None] + [
-        t - v.estimate for t in (p.below,) if t is not None
-    ]
-    return float(min(sides))
-
-
-def _why(name: str, parts: Sequence[Part], verdicts: Sequence[Verdict], plan: SeedPlan) -> tuple[str, Part, Verdict]:
-    """Why the claim got its verdict, in words, and the part that decides it (the first part
-    that does not hold; for an undecided claim the first undecided part that more seeds could
-    not settle, else the first undecided part; the first part when all hold)."""
-    k = next((i for i, v in enumerate(verdicts) if v.verdict == name), 0)
-    if name == "inconclusive":
-        k = next(
-            (i for i, v in enumerate(verdicts) if v.verdict == name and not could_settle(parts[i], v, plan.cap)), k
-        )
-    p, v = parts[k], verdicts[k]
-    n = len(v.seeds)
-    which = f"part {k + 1} ({_direction(p)})" if len(parts) > 1 else _direction(p)
-    if v.zero_spread:
-        where = {"holds": "on the claimed side", "does not hold": "on the other side"}.get(name, "at the threshold")
-        return f"{which}: the same value, {v.estimate:.4g}, on all {n} seeds (zero spread), {where}", p, v
-    lo, hi = v.interval
-    interval = f"the {_level(v.confidence)} interval [{lo:.4g}, {hi:.4g}] over {n} seeds"
-    if name == "holds":
-        every = "every part holds; " if len(parts) > 1 else ""
-        return f"{every}{which}: {interval} lies on the claimed side", p, v
-    if name == "does not hold":
-        return f"{which}: {interval} lies entirely on the other side of the threshold", p, v
-    margin = _margin(p, v)
-    half = (hi - lo) / 2
-    at_cap = f"no more seeds: at this spread even the plan's cap of {plan.cap} seeds would leave the threshold inside the interval"
-    at_cap = "the seed plan's cap" if n >= plan.cap else at_cap
-    side = "on the claimed side" if margin >= 0 else "on the other side"
-    return (
-        f"{which}: {interval} ({at_cap}) contains a threshold; the estimate {v.estimate:.4g} is {abs(margin):.3g} "
-        f"{side} of it, {abs(margin) / half if half > 0 else math.inf:.2f} of the interval's half-width",
-        p,
-        v,
-    )
-
-
-def plan_of(results: dict[str, Any]) -> SeedPlan:
-    """The seed plan saved in ``results`` (``metrics["plan"]``), else a fixed design over all the
-    run's seeds."""
-    saved = results["metrics"].get("plan") or {"looks": [len(results["metrics"]["seeds"])]}
-    futility = saved.get("futility_from")
-    looks = tuple(int(n) for n in saved["looks"])
-    return SeedPlan(looks, float(saved.get("alpha", 0.05)), None if futility is None else int(futility))
-
-
-def claim(
-    statement: str,
-    *,
-    results: dict[str, Any],
-    a: Sequence[float],
-    b: Sequence[float] | None = None,
-    above: float | None = None,
-    below: float | None = None,
-    effect: Literal["difference", "ratio"] = "difference",
-    expected: str,
-    source: str,
-    evidence: str,
-    also: Sequence[Part] = (),
-    kind: Literal["replication", "identity"] = "replication",
-) -> dict[str, Any]:
-    """One claim, judged over the run's seeds by the saved seed plan (``verdict.judge_sequential``;
-    see ``verdict`` for the rule and its error control).
-
-    Args:
-        statement: the claim in words, with its direction and threshold.
-        results: the saved results (its ``metrics["seeds"]`` are the seeds of ``a``, ``b``, in
-            order; ``metrics["plan"]`` the seed plan, else one look over all seeds).
-        a, b, above, below, effect: the claim's first part (``verdict.part``; paired arms).
-        expected: the effect size the paper reports (e.g. "BN 3x fewer steps").
-        source: where that number comes from (the paper's table or figure).
-        evidence: what this run measured, in words.
-        also: further parts of the same claim that must hold too (``verdict.part``), judged at
-            the same looks; the verdict is ``combine`` of all parts, the estimate and interval
-            are the first part's.
-        kind: ``"replication"`` (a measured effect that could come out either way) or
-            ``"identity"`` (a consequence of the math, checked numerically); counted apart.
-
-    Returns:
-        ``{"claim", "holds", "verdict", "estimate", "interval", "seeds", "method", "confidence",
-        "zero_spread", "direction", "expected", "source", "evidence", "kind", "rule", "n_seeds",
-        "threshold", "margin", "why", "parts"}``: ``holds`` is True only for ``holds``;
-        ``seeds``/``n_seeds`` the seeds of the deciding look; ``threshold`` the first part's
-        (a number, or ``[above, below]`` for a band); ``margin`` the deciding part's estimate
-        minus its nearest threshold (positive on the claimed side); ``why`` the verdict in
-        words; ``parts`` every part's verdict and direction; ``could_settle`` whether an
-        inconclusive claim's parts could still be decided by the plan's cap (``verdict.could_settle``).
-    """
-    if kind not in ("replication", "identity"):
-        raise ValueError(f"claim: expected kind 'replication' or 'identity', got {kind!r}")
-    seeds = [int(s) for s in results["metrics"]["seeds"]]
-    plan = plan_of(results)
-    parts = [part(a, b, above=above, below=below, effect=effect), *also]
-    name, verdicts = judge_sequential(parts, seeds, plan)
-    why, deciding, deciding_v = _why(name, parts, verdicts, plan)
-    main = verdicts[0]
-    thresholds = [float(t) for t in (above, below) if t is not None]
-    return {
-        **main.to_json(),
-        "claim": statement,
-        "holds": name == "holds",
-        "verdict": name,
-        "direction": _direction(parts[0]),
-        "expected": expected,
-        "source": source,
-        "evidence": evidence,
-        "kind": kind,
-        "rule": plan.describe(),
-        "n_seeds": len(main.seeds),
-        "threshold": thresholds if len(thresholds) > 1 else thresholds[0],
-        "margin": _margin(deciding, deciding_v),
-        "why": why,
-        "parts": [{**v.to_json(), "direction": _direction(p)} for p, v in zip(parts, verdicts)],
-        "could_settle": name == "inconclusive"
-        and all(could_settle(p, v, plan.cap) for p, v in zip(parts, verdicts) if v.verdict == "inconclusive"),
-    }
-
-
-def unmeasured(make: Any, name: str, evidence: str) -> dict[str, Any]:
-    """Claim ``name`` of a ``claims_spec.Claims`` with nothing to judge (the run could not
-    measure it): ``inconclusive`` with no estimate or interval, and no more seeds asked for."""
-    spec, seeds = make.specs[name], [int(s) for s in make.results["metrics"]["seeds"]]
-    return {
-        **{key: spec[key] for key in ("expected", "source")},
-        "claim": spec["statement"].format(**make.values),
-        "holds": False,
-        "verdict": "inconclusive",
-        "estimate": math.nan,
-        "interval": [math.nan, math.nan],
-        "seeds": seeds,
-        "method": "not measured",
-        "evidence": evidence,
-        "kind": spec.get("kind", "replication"),
-        "could_settle": False,
-    }
 
 
 class Experiment:

@@ -1,15 +1,10 @@
-"""Saving and loading ``results.json`` (atomically, mode 0644 under umask 022) and the library
-versions recorded in it.
-
-Layout of one experiment's directory ``OUT/<id>/``:
-    results.json   {"id", "description", "run", "config", "data", "metrics", "claims",
-                    "versions", "wall_time_s", "finished_at"}
-    *.png          figures drawn from results.json
-    report.html    self-contained report (figures embedded)
-"""
+"""Saving and loading ``OUT/<id>/results.json`` (atomically, mode 0644 under umask 022; keys
+``id``, ``description``, ``run``, ``config``, ``data``, ``metrics``, ``claims``, ``versions``,
+``wall_time_s``, ``finished_at``), the library versions recorded in it, and its claims counted."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -18,68 +13,59 @@ from pathlib import Path
 from typing import Any
 
 from ._files import write_text_atomic
+from .verdict import VERDICTS
 
-__all__ = [
-    "count_claims",
-    "describe_counts",
-    "load_results",
-    "number",
-    "save_results",
-    "to_jsonable",
-    "versions",
-]
+__all__ = ["count_claims", "describe_counts", "load_results", "number", "save_results", "to_jsonable", "versions"]
 
 RESULTS_NAME = "results.json"
 
 
+def verdict_of(claim: dict[str, Any]) -> str:
+    """A claim's saved ``verdict``, else (results from before verdicts were three-valued) from ``holds``."""
+    verdict = claim.get("verdict")
+    return str(verdict) if verdict in VERDICTS else ("holds" if claim.get("holds") else "does not hold")
+
+
 def count_claims(claims: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """How many claims hold / do not hold / are inconclusive, replications and identities apart:
-    ``{"replication": {"holds": h, "does not hold": d, "inconclusive": i}, "identity": {...}}``
-    (a claim without ``kind`` is a replication; without ``verdict``, ``holds`` decides)."""
-    counts = {kind: {"holds": 0, "does not hold": 0, "inconclusive": 0} for kind in ("replication", "identity")}
+    """``{"replication": {"holds": h, "does not hold": d, "inconclusive": i}, "identity": {...}}``
+    (a claim without ``kind`` is a replication)."""
+    counts = {kind: dict.fromkeys(VERDICTS, 0) for kind in ("replication", "identity")}
     for c in claims:
-        verdict = c.get("verdict") or ("holds" if c.get("holds") else "does not hold")
-        counts["identity" if c.get("kind") == "identity" else "replication"][str(verdict)] += 1
+        counts["identity" if c.get("kind") == "identity" else "replication"][verdict_of(c)] += 1
     return counts
 
 
+def tally(counts: dict[str, int]) -> str:
+    """``"10 hold, 1 do not hold, 1 inconclusive"``: one kind's ``count_claims``."""
+    return f"{counts['holds']} hold, {counts['does not hold']} do not hold, {counts['inconclusive']} inconclusive"
+
+
 def describe_counts(counts: dict[str, dict[str, int]]) -> str:
-    """``"12 replications: 10 hold, 1 does not hold, 1 inconclusive; 4 identities hold"``-style."""
+    """``"12 replications: 10 hold, 1 do not hold, 1 inconclusive; 4 identities hold"``-style."""
     parts = []
     for kind, plural in (("replication", "replications"), ("identity", "identities")):
-        c = counts[kind]
-        total = sum(c.values())
-        if total == 0:
-            continue
+        total = sum(counts[kind].values())
         name = kind if total == 1 else plural
-        if c["holds"] == total:
+        if total and counts[kind]["holds"] == total:
             parts.append(f"{total} {name} {'holds' if total == 1 else 'hold'}")
-        else:
-            parts.append(
-                f"{total} {name}: {c['holds']} hold, {c['does not hold']} do not hold, {c['inconclusive']} inconclusive"
-            )
+        elif total:
+            parts.append(f"{total} {name}: {tally(counts[kind])}")
     return "; ".join(parts) if parts else "no claims"
 
 
 def to_jsonable(value: Any) -> Any:
-    """Convert tensors, NumPy values, tuples, Paths and non-finite floats for JSON.
-
-    Non-finite floats become the strings "nan", "inf", "-inf" (strict JSON has no NaN).
-    """
+    """Tensors, NumPy values, tuples and Paths as JSON values; non-finite floats as the strings
+    "nan", "inf", "-inf" (strict JSON has no NaN)."""
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (str, int, float)) or value is None:  # bool is an int
+        return value
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return value
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if hasattr(value, "tolist"):  # torch.Tensor, numpy array or scalar
         return to_jsonable(value.tolist())
     raise TypeError(f"to_jsonable: cannot serialize {type(value).__name__}")
@@ -119,10 +105,8 @@ def versions() -> dict[str, str]:
         "platform": platform.platform(),
     }
     for dist in ("scikit-learn", "matplotlib", "mnist1d", "numba"):
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             found[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
     return found
 
 

@@ -1,35 +1,16 @@
-"""Turn per-seed measurements into a verdict on a claim: estimate, confidence interval, and
-``holds`` / ``does not hold`` / ``inconclusive``.
+"""Per-seed measurements judged into a verdict on a claim: ``holds`` / ``does not hold`` /
+``inconclusive``, with the estimate and its interval.
 
     v = judge(bn_acc, plain_acc, seeds=[0, 1, 2], above=0.0)          # BN > plain (paired)
-    v = judge(noisy_acc, bn_acc, seeds=seeds, above=-2.0)             # noisy >= BN - 2 pp
     v = judge(bn_err, gn_err, seeds=seeds, effect="ratio", above=2.0)  # BN's error > 2x GN's
     v = judge(spread_change, seeds=seeds, above=-0.1, below=0.1)      # value within a band
-    v.verdict, v.estimate, v.interval, v.holds
 
-The rule (decided before any measurement, the same for every claim; its reasons, the seed
-plans and the error control in numbers: ``docs/lab.md``, "Claims judged over seeds"):
-
-* the *effect* is the mean over seeds of the value itself (one arm), of the paired difference
-  ``a_i - b_i``, or of the paired log ratio ``log(a_i / b_i)`` (two arms sharing each seed's
-  initial weights and minibatch order, so their common seed-to-seed variation cancels; a ratio's
-  estimate and interval are exponentiated: the geometric mean ratio);
-* its interval is Student's t with n - 1 degrees of freedom (exact for normal per-seed noise,
-  and honest with few seeds, where a percentile bootstrap covers the mean far too rarely);
-* the claim names a side of a threshold (``above=t``: effect >= t; ``below=t``: effect <= t)
-  or a band (both): ``holds`` when the whole interval lies on the claimed side (inside the
-  band), ``does not hold`` when it lies wholly on the other side, ``inconclusive`` when it
-  straddles a threshold. One seed gives the interval (-inf, inf); the same effect on every
-  seed (zero spread) gives no interval, and that value is compared with the threshold.
-
-Sequential seeds (``SeedPlan``, ``judge_sequential``): a claim is judged at planned *looks*, the
-first ``n_1 < ... < n_K`` seeds, every part at level ``1 - alpha / K`` (Bonferroni over the K
-looks, those a run stopped before included); the verdict is the first decided look's, else the
-last look's. A decided part is on the wrong side of its threshold with probability at most
-``alpha / 2`` (under the t model), a claim of P parts at most ``P * alpha / 2``. A run trains
-the next block while some claim is inconclusive, from ``SeedPlan.futility_from`` seeds on only
-while one could still be settled by the cap (``could_settle``, a projection that never decides
-a claim, so it leaves the error control as it is).
+The rule, its reasons, the seed plan and its error control: ``docs/lab.md``, "Claims judged over
+seeds". In brief: the effect is the mean over seeds of the value, of ``a_i - b_i``, or of
+``log(a_i / b_i)`` (exponentiated); its interval is Student's t with n - 1 degrees of freedom; the
+claim holds when the whole interval lies on the claimed side of the threshold(s), does not hold
+when it lies wholly on the other side, else is inconclusive. ``judge_sequential`` judges at the
+``SeedPlan``'s looks, each at level ``1 - alpha / K``, and keeps the first decided look.
 """
 
 from __future__ import annotations
@@ -37,22 +18,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 __all__ = ["VERDICTS", "Part", "SeedPlan", "Verdict", "combine", "judge", "judge_sequential", "part", "t_quantile"]
 
 VerdictName = Literal["holds", "does not hold", "inconclusive"]
-VERDICTS: tuple[str, ...] = ("holds", "does not hold", "inconclusive")
+VERDICTS: tuple[str, ...] = get_args(VerdictName)
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """The judged claim: ``verdict``, the ``estimate`` with its ``interval`` (``confidence``
-    level), the ``seeds`` it was measured on, and how (``method``)."""
+    """A judged claim: ``verdict``, ``estimate`` and ``interval`` (``confidence`` level), ``seeds``, ``method``."""
 
     verdict: VerdictName
     estimate: float
@@ -68,8 +48,7 @@ class Verdict:
         return self.verdict == "holds"
 
     def to_json(self) -> dict[str, Any]:
-        """The fields results.json stores beside a claim (non-finite bounds stay floats;
-        ``results.to_jsonable`` turns them into strings)."""
+        """The fields results.json stores beside a claim."""
         return {
             "holds": self.holds,
             **dataclasses.asdict(self),
@@ -80,12 +59,9 @@ class Verdict:
 
 @functools.lru_cache(maxsize=256)
 def t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t with ``df`` > 0 degrees of freedom (0.5 < p < 1)
-    (``scipy.stats.t.ppf``)."""
-    if not 0.5 < p < 1.0:
-        raise ValueError(f"t_quantile: expected 0.5 < p < 1, got {p!r}")
-    if not df > 0:
-        raise ValueError(f"t_quantile: expected df > 0, got {df!r}")
+    """The ``p`` quantile of Student's t with ``df`` > 0 degrees of freedom (0.5 < p < 1)."""
+    if not 0.5 < p < 1.0 or not df > 0:
+        raise ValueError(f"t_quantile: expected 0.5 < p < 1 and df > 0, got p={p!r}, df={df!r}")
     from scipy import stats  # the lab's dependency (with scikit-learn); imported when judging
 
     return float(stats.t.ppf(p, df))
@@ -102,26 +78,16 @@ def _as_values(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
     return arr
 
 
-def _mean_interval(x: np.ndarray, confidence: float) -> tuple[float, float, float]:
-    """Mean of ``x`` and its two-sided t interval (infinite for one value)."""
-    mean = float(np.mean(x))
-    if x.size < 2:
-        return mean, -math.inf, math.inf
-    half = t_quantile(0.5 + confidence / 2, x.size - 1) * float(np.std(x, ddof=1)) / math.sqrt(x.size)
-    return mean, mean - half, mean + half
-
-
-_SAME_VALUE_RTOL = 1e-9
-"""Per-seed effects whose range is at most this fraction of their magnitude count as the same
-value on every seed (float64 rounding of one exact value)."""
-
-
 def _decide(lo: float, hi: float, above: float | None, below: float | None) -> VerdictName:
-    inside = (above is None or lo >= above) and (below is None or hi <= below)
-    if inside:
+    if (above is None or lo >= above) and (below is None or hi <= below):
         return "holds"
     outside = (above is not None and hi < above) or (below is not None and lo > below)
     return "does not hold" if outside else "inconclusive"
+
+
+def _level(confidence: float) -> str:
+    """``0.95`` -> ``"95%"``, ``0.98333`` -> ``"98.3%"``."""
+    return f"{100 * confidence:.3g}%" if 100 * confidence < 99.95 else f"{100 * confidence:.4g}%"
 
 
 def judge(
@@ -134,84 +100,60 @@ def judge(
     effect: Literal["difference", "ratio"] = "difference",
     confidence: float = 0.95,
 ) -> Verdict:
-    """Judge the claim "effect >= ``above``" (and/or "effect <= ``below``") over seeds.
-
-    Args:
-        a: one measurement per seed (shape ``(n,)``) of the first arm, or of the value.
-        b: the second arm (``None``: the effect is the value ``a`` itself), shape ``(n,)``:
-            ``b[i]`` measured on ``seeds[i]`` with ``a[i]``'s initial weights and minibatch
-            order; the interval is the t interval of the per-seed differences (n - 1 degrees
-            of freedom).
-        seeds: the seeds of both arms.
-        above, below: the claimed side(s) of the threshold(s); both give a band
-            ``above <= effect <= below``. At least one is required.
-        effect: ``"difference"`` (``a - b``) or ``"ratio"`` (``a / b``, geometric mean over
-            seeds; both arms > 0; thresholds are ratios, e.g. ``above=2.0``).
-        confidence: level of the two-sided interval (default 0.95).
-
-    Returns:
-        ``Verdict``: ``holds`` when the interval lies entirely on the claimed side (inside the
-        band), ``does not hold`` when it lies entirely on the other side (outside the band),
-        ``inconclusive`` when it straddles a threshold. Bounds equal to a threshold count as
-        on the claimed side.
-    """
+    """Judge "effect >= ``above``" and/or "effect <= ``below``" (a band) over ``seeds`` at the
+    two-sided ``confidence`` level. ``a``, shape ``(n,)``: the first arm (or the value, ``b=None``)
+    per seed; ``b[i]`` shares ``seeds[i]``'s initial weights and minibatch order with ``a[i]``.
+    ``effect="ratio"`` judges ``a / b`` (arms > 0, ratio thresholds). A bound on a threshold counts
+    as on the claimed side."""
+    ratio = b is not None and effect == "ratio"
     if above is None and below is None:
         raise ValueError("judge: expected a threshold: above=..., below=... or both, got neither")
     for name, t in (("above", above), ("below", below)):
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
             raise TypeError(f"judge: expected {name} to be a finite number, got {t!r}")
+        if ratio and t is not None and t <= 0:
+            raise ValueError(f"judge: a ratio threshold must be > 0, got {name}={t}")
     if above is not None and below is not None and above > below:
         raise ValueError(f"judge: expected a band with above <= below, got above={above}, below={below}")
     if effect not in ("difference", "ratio"):
         raise ValueError(f"judge: expected effect 'difference' or 'ratio', got {effect!r}")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"judge: expected 0 < confidence < 1, got {confidence!r}")
-    seeds_t = tuple(seeds)
-    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds_t):
-        raise TypeError(f"judge: expected seeds to be ints, got {list(seeds_t)!r}")
-    seeds_t = tuple(int(s) for s in seeds_t)
+    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
+        raise TypeError(f"judge: expected seeds to be ints, got {list(seeds)!r}")
+    seeds_t = tuple(int(s) for s in seeds)
     if len(set(seeds_t)) != len(seeds_t):
         raise ValueError(f"judge: expected distinct seeds, got {list(seeds_t)}")
-    xa = _as_values("a", a)
-    if xa.size != len(seeds_t):
-        raise ValueError(f"judge: expected one value of a per seed ({len(seeds_t)}), got {xa.size}")
-    what, ratio = f"mean over {xa.size} seeds", b is not None and effect == "ratio"
-    if b is None:
-        x = xa
-    else:
+    x, n = _as_values("a", a), len(seeds_t)
+    if x.size != n:
+        raise ValueError(f"judge: expected one value of a per seed ({n}), got {x.size}")
+    what = "mean"
+    if b is not None:
         xb = _as_values("b", b)
-        if xb.size != xa.size:
-            raise ValueError(f"judge: paired arms need one value each per seed, got {xa.size} and {xb.size}")
-        if ratio:
-            if np.any(xa <= 0) or np.any(xb <= 0):
-                raise ValueError(f"judge: a ratio needs positive arms, got a={xa.tolist()}, b={xb.tolist()}")
-            if any(t is not None and t <= 0 for t in (above, below)):
-                name, t = ("above", above) if above is not None and above <= 0 else ("below", below)
-                raise ValueError(f"judge: a ratio threshold must be > 0, got {name}={t}")
-        x = np.log(xa) - np.log(xb) if ratio else xa - xb
-        kind = "geometric mean of paired ratios" if ratio else "mean of paired differences"
-        what = f"{kind} over {xa.size} seeds"
-    est, lo, hi = _mean_interval(x, confidence)
+        if xb.size != x.size:
+            raise ValueError(f"judge: paired arms need one value each per seed, got {x.size} and {xb.size}")
+        if ratio and (np.any(x <= 0) or np.any(xb <= 0)):
+            raise ValueError(f"judge: a ratio needs positive arms, got a={x.tolist()}, b={xb.tolist()}")
+        x = np.log(x) - np.log(xb) if ratio else x - xb
+        what = "geometric mean of paired ratios" if ratio else "mean of paired differences"
+    what = f"{what} over {n} seeds"
+    est = float(np.mean(x))
+    half = t_quantile(0.5 + confidence / 2, n - 1) * float(np.std(x, ddof=1)) / math.sqrt(n) if n >= 2 else math.inf
+    lo, hi = est - half, est + half
     method = f"{what}, {_level(confidence)} t interval" + (" on the log scale" if ratio else "")
     if ratio:
         est, lo, hi = math.exp(est), math.exp(lo), math.exp(hi)
-    # the same value on every seed up to float64 rounding (an identity of the math, or a value a
-    # grid fixes): no interval to speak of, the value itself is compared with the threshold
-    zero = x.size >= 2 and float(np.ptp(x)) <= _SAME_VALUE_RTOL * float(np.max(np.abs(x)))
+    # the same value on every seed up to float64 rounding (a range of at most 1e-9 of the magnitude:
+    # an identity of the math, or a value a grid fixes): no interval, the value is compared itself
+    zero = n >= 2 and float(np.ptp(x)) <= 1e-9 * float(np.max(np.abs(x)))
     if zero:
         method = f"{what}: the same value on every seed (zero spread), no interval"
         lo = hi = est
     return Verdict(_decide(lo, hi, above, below), est, (lo, hi), seeds_t, method, confidence, zero)
 
 
-def _level(confidence: float) -> str:
-    """``0.95`` -> ``"95%"``, ``0.98333`` -> ``"98.3%"``."""
-    return f"{100 * confidence:.3g}%" if 100 * confidence < 99.95 else f"{100 * confidence:.4g}%"
-
-
 def combine(verdicts: Sequence[Verdict]) -> VerdictName:
-    """The verdict of a claim made of several parts that must all hold: ``does not hold`` if
-    any part does not, else ``inconclusive`` if any part is, else ``holds``."""
+    """The verdict of parts that must all hold: ``does not hold`` if one does not, else ``inconclusive`` if one is."""
     if not verdicts:
         raise ValueError("combine: expected at least one verdict, got none")
     names = {v.verdict for v in verdicts}
@@ -220,26 +162,38 @@ def combine(verdicts: Sequence[Verdict]) -> VerdictName:
 
 @dataclass(frozen=True)
 class Part:
-    """One part of a claim, not yet judged: the per-seed arm(s) ``a`` (and ``b``, paired), the
-    claimed side(s) of the threshold(s) and the effect (see ``judge``). Built with ``part``."""
+    """One part of a claim, not yet judged (``judge``'s arguments; ``a``, ``b`` kept as tuples)."""
 
-    a: tuple[float, ...]
-    b: tuple[float, ...] | None = None
+    a: Sequence[float] | np.ndarray
+    b: Sequence[float] | np.ndarray | None = None
+    _: dataclasses.KW_ONLY
     above: float | None = None
     below: float | None = None
     effect: Literal["difference", "ratio"] = "difference"
 
+    def __post_init__(self) -> None:
+        for name, arm in (("a", self.a), ("b", self.b)):
+            if arm is not None:
+                object.__setattr__(self, name, tuple(float(v) for v in np.asarray(arm, dtype=np.float64).reshape(-1)))
+
+    @property
+    def ratio(self) -> bool:
+        """Whether the effect is the paired ratio ``a / b``."""
+        return self.b is not None and self.effect == "ratio"
+
     @property
     def estimate(self) -> float:
-        """The point estimate over all seeds (mean value or difference; geometric mean ratio),
-        for evidence text; the verdict comes from ``judge_sequential``."""
-        a = np.asarray(self.a)
-        if self.b is None:
-            return float(np.mean(a))
-        b = np.asarray(self.b)
-        if self.effect == "ratio":
-            return float(np.exp(np.mean(np.log(a) - np.log(b))))
-        return float(np.mean(a - b))
+        """``judge``'s estimate over all seeds, for evidence text."""
+        a, b = np.asarray(self.a), np.asarray(0.0 if self.b is None else self.b)
+        return float(np.exp(np.mean(np.log(a) - np.log(b)))) if self.ratio else float(np.mean(a - b))
+
+    @property
+    def direction(self) -> str:
+        """The claimed side in words: ``"a - b >= 0"``, ``"a / b >= 2"``, ``"-0.1 <= value <= 0.1"``."""
+        quantity = "a / b" if self.ratio else ("a - b" if self.b is not None else "value")
+        if self.above is not None and self.below is not None:
+            return f"{self.above:g} <= {quantity} <= {self.below:g}"
+        return f"{quantity} >= {self.above:g}" if self.above is not None else f"{quantity} <= {self.below:g}"
 
     def judge(self, seeds: Sequence[int], confidence: float = 0.95) -> Verdict:
         """``judge`` on the first ``len(seeds)`` seeds' values."""
@@ -250,27 +204,14 @@ class Part:
         )
 
 
-def part(
-    a: Sequence[float] | np.ndarray,
-    b: Sequence[float] | np.ndarray | None = None,
-    *,
-    above: float | None = None,
-    below: float | None = None,
-    effect: Literal["difference", "ratio"] = "difference",
-) -> Part:
-    """A ``Part`` of a claim (arguments as ``judge``'s; paired arms, one value per seed)."""
-    fa = tuple(float(v) for v in np.asarray(a, dtype=np.float64).reshape(-1))
-    fb = None if b is None else tuple(float(v) for v in np.asarray(b, dtype=np.float64).reshape(-1))
-    return Part(fa, fb, above, below, effect)
+part = Part
+"""The name experiments build a claim's further parts with: ``part(a, b, above=...)``."""
 
 
 @dataclass(frozen=True)
 class SeedPlan:
-    """The seeds a claim may be judged on, fixed before any measurement (the module docstring):
-    ``looks``, the increasing seed counts judged (``(4, 8, 16, 32)``: the run's first 4, 8, 16,
-    then 32 seeds; one look is a fixed design at level ``1 - alpha``); ``futility_from``, the
-    fewest seeds at which a run may stop with a claim more seeds could not settle (``None``: the
-    first look)."""
+    """The seed counts a claim is judged at (``looks``, e.g. ``(4, 8, 16, 32)``), fixed in advance;
+    ``futility_from``: the fewest seeds to stop at with a claim the cap could not settle (``None``: the first look)."""
 
     looks: tuple[int, ...]
     alpha: float = 0.05
@@ -278,10 +219,9 @@ class SeedPlan:
 
     def __post_init__(self) -> None:
         looks = tuple(self.looks)
-        if not looks or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in looks):
-            raise ValueError(f"SeedPlan: expected positive int seed counts, got {self.looks!r}")
-        if any(b <= a for a, b in zip(looks, looks[1:])):
-            raise ValueError(f"SeedPlan: expected increasing seed counts, got {list(looks)}")
+        bad = any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in looks)
+        if not looks or bad or any(b <= a for a, b in zip(looks, looks[1:])):
+            raise ValueError(f"SeedPlan: expected increasing positive int seed counts, got {self.looks!r}")
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"SeedPlan: expected 0 < alpha < 1, got {self.alpha!r}")
         f = self.futility_from
@@ -291,15 +231,12 @@ class SeedPlan:
 
     @property
     def min_futility(self) -> int:
-        """The fewest seeds at which a run may stop with a claim it judges unsettleable
-        (``futility_from``, else the first look)."""
+        """``futility_from``, else the first look."""
         return self.looks[0] if self.futility_from is None else self.futility_from
 
     def needs_more(self, n: int, claims: Sequence[tuple[VerdictName, bool]]) -> bool:
-        """Whether a run that has judged ``claims`` (each: its verdict and whether it could
-        still settle by the cap, ``could_settle``) on its first ``n`` seeds trains the next
-        block: ``n`` is below the cap and some claim is inconclusive, and, from ``min_futility``
-        seeds on, some inconclusive claim could still settle."""
+        """Whether a run with ``claims`` (verdict, ``could_settle``) on its first ``n`` seeds trains the next
+        block: below the cap, a claim inconclusive and, from ``min_futility`` seeds on, one that could settle."""
         undecided = [settle for verdict, settle in claims if verdict == "inconclusive"]
         if n >= self.cap or not undecided:
             return False
@@ -321,8 +258,8 @@ class SeedPlan:
         if len(self.looks) == 1:
             return f"{level} t interval over {self.cap} seeds (fixed)"
         counts = ", ".join(str(n) for n in self.looks)
-        futility = f"; no stop for an undecided claim before {self.min_futility} seeds"
-        futility = futility if self.min_futility > self.looks[0] else ""
+        late = self.min_futility > self.looks[0]
+        futility = f"; no stop for an undecided claim before {self.min_futility} seeds" if late else ""
         return (
             f"judged on the first {counts} seeds, stopping at the first decided look; {level} t intervals "
             f"({1 - self.alpha:.0%} over all {len(self.looks)} looks, Bonferroni){futility}"
@@ -332,15 +269,15 @@ class SeedPlan:
         futility = {} if self.futility_from is None else {"futility_from": self.futility_from}
         return {"looks": list(self.looks), "alpha": self.alpha, **futility}
 
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> SeedPlan:
+        """The plan ``to_json`` saved."""
+        return cls(tuple(saved["looks"]), saved.get("alpha", 0.05), saved.get("futility_from"))
+
 
 def judge_sequential(parts: Sequence[Part], seeds: Sequence[int], plan: SeedPlan) -> tuple[VerdictName, list[Verdict]]:
-    """The verdict of a claim whose ``parts`` must all hold, by ``plan``'s sequential rule: at
-    each look ``n`` (up to ``len(seeds)``) every part is judged on the first ``n`` seeds at
-    ``plan.confidence``; the first look whose ``combine``d verdict is decided gives the verdict,
-    else the last look reached (``inconclusive``). Returns the verdict and the parts' verdicts
-    at that look."""
-    if not parts:
-        raise ValueError("judge_sequential: expected at least one part, got none")
+    """The ``combine``d verdict of ``parts`` at the first decided look of ``plan`` (else the last
+    look up to ``len(seeds)``), with the parts' verdicts at that look."""
     looks = [n for n in plan.looks if n <= len(seeds)]
     if not looks:
         raise ValueError(
@@ -354,19 +291,21 @@ def judge_sequential(parts: Sequence[Part], seeds: Sequence[int], plan: SeedPlan
     return name, verdicts
 
 
+def _margin(p: Part, estimate: float, f: Callable[[float], float] = float) -> float:
+    """``estimate``'s distance (through ``f``) to ``p``'s nearest threshold, positive on the claimed side."""
+    sides = [f(estimate) - f(p.above)] if p.above is not None else []
+    return min(sides + ([f(p.below) - f(estimate)] if p.below is not None else []))
+
+
 def could_settle(p: Part, v: Verdict, cap: int) -> bool:
-    """Whether part ``p``, ``inconclusive`` as ``v``, could be decided by ``cap`` seeds: the
-    half-width its interval would have at ``cap`` seeds with the spread measured now (same
-    level) is smaller than the distance from its estimate to the nearest threshold (on the log
-    scale for a ratio). A projection, used only to stop adding seeds that cannot help; it does
-    not enter any verdict."""
+    """Whether part ``p``, ``inconclusive`` as ``v``, could be decided by ``cap`` seeds: its interval's
+    half-width projected to ``cap`` seeds (same spread and level) is below its ``_margin`` (log scale
+    for a ratio). Only stops adding seeds; it never enters a verdict."""
     n = len(v.seeds)
     lo, hi = v.interval
     if n < 2 or not (math.isfinite(lo) and math.isfinite(hi)):
         return n < cap
-    f = math.log if (p.b is not None and p.effect == "ratio") else (lambda x: x)
-    half = (f(hi) - f(lo)) / 2
-    sides = [abs(f(v.estimate) - f(t)) for t in (p.above, p.below) if t is not None]
+    f = math.log if p.ratio else float
     p_level = 0.5 + v.confidence / 2
-    spread = half * math.sqrt(n) / t_quantile(p_level, n - 1)
-    return cap > n and t_quantile(p_level, cap - 1) * spread / math.sqrt(cap) < min(sides)
+    spread = (f(hi) - f(lo)) / 2 * math.sqrt(n) / t_quantile(p_level, n - 1)
+    return cap > n and t_quantile(p_level, cap - 1) * spread / math.sqrt(cap) < abs(_margin(p, v.estimate, f))
