@@ -26,7 +26,6 @@ from ..training import TrainResult, TrainSpec
 from ._santurkar import COLORS, LABELS, build, epoch_steps, probe_batch, window_means
 
 
-
 @dataclass(frozen=True)
 class Settings(FileSettings):
     """The settings the code computes; the others: ``santurkar2018_landscape.settings.toml``
