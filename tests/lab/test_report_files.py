@@ -165,7 +165,17 @@ def test_claims_table_shows_numbers_threshold_seeds_and_source() -> None:
     ):
         assert text in page, text
     index = report.index_html([results])
-    assert "1.5 [-1.9, 4.9]; claimed a - b &gt;= 0; 3 seeds" in index
+    assert "1.5 [-1.9, 4.9] (95%); claimed a - b &gt;= 0; 3 seeds" in index
+
+
+def test_pages_state_the_level_each_claim_was_judged_at() -> None:
+    """A sequential plan judges at more than 95% (e.g. 98.75% at each of 4 looks): no page
+    text may say 95% for such a claim, and both pages show its level."""
+    results = synthetic_results()
+    results["claims"] = [judged("holds", 2.0, [1.0, 3.0], "a - b >= 0.5", confidence=0.9875)]
+    page, index = report.experiment_html(results, [], "x"), report.index_html([results])
+    assert "98.8% interval [1, 3]" in page and "2 [1, 3] (98.8%)" in index
+    assert "95%" not in page.replace(results["claims"][0]["method"], "") and "95%" not in index
     assert "<col style='width:8rem'>" in index  # the one-word verdict column stays narrow
 
 
@@ -226,7 +236,7 @@ def test_matrix_lists_each_claim_with_numbers_and_why(tmp_path: Path) -> None:
         {"seeds": [0, 1, 2], "mode": "quick", "data": ["digits"], "rows": [{"id": "x", "cells": {"digits": cell}}]}
     )
     assert "<a href='digits/x/report.html'>0 hold, 0 do not, 1 inconclusive</a> (seeds 0, 1, 2)" in page
-    assert "ours 1.5 [-1.9, 4.9]; claimed a - b &gt;= 0; 3 seeds" in page and STRADDLES in page
+    assert "ours 1.5 [-1.9, 4.9] (95%); claimed a - b &gt;= 0; 3 seeds" in page and STRADDLES in page
 
 
 def test_no_experiment_prose_turns_a_product_into_emphasis() -> None:

@@ -102,13 +102,18 @@ def _judged(claim: dict[str, Any]) -> tuple[float | None, str | None, Any]:
     return _number(claim.get("estimate")), None if lo is None or hi is None else f"[{_g(lo)}, {_g(hi)}]", n
 
 
+def _level(claim: dict[str, Any]) -> str:
+    """The claim's interval level in 3 significant digits, as its ``why`` writes it ("98.8%")."""
+    return f"{_g(100 * float(claim.get('confidence', 0.95)))}%"
+
+
 def _numbers_cell(claim: dict[str, Any]) -> str:
     """Estimate, interval, threshold, seeds, method and rule of a claim judged over seeds."""
     (estimate, interval, n), seeds = _judged(claim), claim.get("seeds")
     if estimate is None:
         return "<span class='muted'>not judged over seeds</span>"
     parts = [f"estimate <b>{_esc(_g(estimate))}</b>"]
-    parts += [f"{100 * float(claim.get('confidence', 0.95)):g}% interval {interval}"] if interval else []
+    parts += [f"{_level(claim)} interval {interval}"] if interval else []
     if claim.get("direction"):
         parts.append(f"claimed: <code>{_esc(claim['direction'])}</code>")
     elif claim.get("threshold") is not None:
@@ -229,7 +234,7 @@ def _short_numbers(claim: dict[str, Any]) -> str:
     estimate, interval, n = _judged(claim)
     if estimate is None:
         return "-"
-    text = _g(estimate) + (f" {interval}" if interval else "")
+    text = _g(estimate) + (f" {interval} ({_level(claim)})" if interval else "")
     text += f"; claimed {claim['direction']}" if claim.get("direction") else ""
     return text + (f"; {n} seeds" if n is not None else "")
 
