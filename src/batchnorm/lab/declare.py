@@ -6,7 +6,7 @@ network's activations, and non-i.i.d. minibatches."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -157,3 +157,10 @@ def activation_inputs(
         for h in handles:
             h.remove()
     return [torch.cat(parts) for parts in captured]
+
+
+def columns(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[float]]:
+    """Per-seed quantities (one mapping per seed, the same keys in each) as one column per key:
+    ``{key: [float(row[key]) for row in rows]}``, in the first row's key order."""
+    rows = list(rows)
+    return {key: [float(row[key]) for row in rows] for key in rows[0]}
