@@ -161,6 +161,7 @@ def activation_inputs(
 
 def columns(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[float]]:
     """Per-seed quantities (one mapping per seed, the same keys in each) as one column per key:
-    ``{key: [float(row[key]) for row in rows]}``, in the first row's key order."""
+    ``{key: [float(row[key]) for row in rows]}``, in the first row's key order; keys whose value
+    is text (words for the evidence) are left out."""
     rows = list(rows)
-    return {key: [float(row[key]) for row in rows] for key in rows[0]}
+    return {key: [float(row[key]) for row in rows] for key, v in rows[0].items() if not isinstance(v, str)}
