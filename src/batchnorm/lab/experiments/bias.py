@@ -20,6 +20,7 @@ from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column
+from ..figures import categories, dress, pyplot, save
 from ..models import MLP, ConvNet, blocks, count_parameters
 from ..progress import Progress
 from ..training import TrainSpec, minibatches
@@ -138,25 +139,17 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     loss, weight = (col(f"paired_training_max_{k}_delta") for k in ("loss", "weight"))
     moved = col("bias_max_movement_during_training")
     folded, zeroed = (col(f"eval_output_change_bias_{k}") for k in ("folded_into_running_mean", "zeroed"))
-    grads = (
-        f"max |dL/db| / min over layers of max |dL/dW|, per seed: {listed(ratio, _E)}; seed {seed0}: |dL/db| per layer "
-        f"{listed(per[0]['bias_grad_max'], _E)} vs |dL/dW| {listed(per[0]['weight_grad_max'], _E)}"
-    )
-    changed = f"max |change| of the logits (shifted or removed, the larger), per seed: {listed(out_change, _E)}"
-    same = (
-        f"{t['steps']} SGD steps on the same batches, per seed: max |loss difference| {listed(loss, _E)}; max |weight "
-        f"difference| {listed(weight, _E)}; max bias movement {listed(moved, _E)}"
-    )
-    removal = (
-        f"max |change| of eval logits, per seed: {listed(folded, _E)} with running_mean -= b; {listed(zeroed, '{:.3g}')} with "
-        f"the bias zeroed alone ({listed([100 * v for v in col('eval_predictions_changed_bias_zeroed')], '{:.1f}%')} of test "
-        "predictions change)"
-    )
+    changed = [100 * v for v in col("eval_predictions_changed_bias_zeroed")]
+    grads = f"max |dL/db| / min over layers of max |dL/dW|, per seed: {listed(ratio, _E)}; seed {seed0}: |dL/db| per layer {listed(per[0]['bias_grad_max'], _E)} vs |dL/dW| {listed(per[0]['weight_grad_max'], _E)}"
+    no_effect = f"max |change| of the logits (shifted or removed, the larger), per seed: {listed(out_change, _E)}"
+    same = f"{t['steps']} SGD steps on the same batches, per seed: max |loss difference| {listed(loss, _E)}; max |weight difference| {listed(weight, _E)}; max bias movement {listed(moved, _E)}"
+    removal = f"max |change| of eval logits, per seed: {listed(folded, _E)} with running_mean -= b; {listed(zeroed, '{:.3g}')} with the bias zeroed alone ({listed(changed, '{:.1f}%')} of test predictions change)"
     make = Claims(__name__, results)
+    still = part(moved, below=float(t["bias_movement_below"]))
     return [
         make("zero_gradient", a=ratio, evidence=grads),
-        make("no_effect", a=out_change, evidence=changed),
-        make("same_training", a=loss, also=[part(moved, below=float(t["bias_movement_below"]))], evidence=same),
+        make("no_effect", a=out_change, evidence=no_effect),
+        make("same_training", a=loss, also=[still], evidence=same),
         make(
             "removal_needs_running_mean",
             a=folded,
@@ -168,8 +161,6 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Gradients (log scale), paired loss curves, wasted parameters (the first seed)."""
-    from ..figures import categories, dress, pyplot, save
-
     plt = pyplot()
     m = results["metrics"]["per_seed"][0]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))

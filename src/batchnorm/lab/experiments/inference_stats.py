@@ -20,6 +20,7 @@ from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column
+from ..figures import dress, pyplot, save
 from ..models import blocks
 from ..popstats import population_statistics
 from ..progress import Progress
@@ -138,45 +139,31 @@ def _measure(s: Settings, data: Dataset, model: nn.Module, seed: int) -> dict[st
 
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Fixed statistics agree; batch statistics degrade with small batches; theory of noise."""
-    t, seed0, first = results["config"], results["metrics"]["seeds"][0], results["metrics"]["per_seed"][0]
-    per = results["metrics"]["per_seed"]
+    t, seed0, per = results["config"], results["metrics"]["seeds"][0], results["metrics"]["per_seed"]
     ema, alg2, exact = ([100.0 * v for v in column(per, "test_acc", k)] for k in _FIXED)
-    band = float(t["fixed_statistics_band_pp"])
-    mean_diff, var_diff = ([max(m["stat_difference_vs_exact"][f"alg2_{k}"]) for m in per] for k in ("mean", "var"))
     b8, b2 = ([100.0 * v for v in column(per, "test_acc_batch_statistics", k)] for k in ("8", "2"))
-    delta = column(per, "single_example_max_logit_delta")
-    at8 = [
-        {k: v[m["first_layer_noise"]["m"].index(8)] for k, v in m["first_layer_noise"].items()}
-        for m in results["metrics"]["per_seed"]
-    ]
+    mean_diff, var_diff = ([max(m["stat_difference_vs_exact"][f"alg2_{k}"]) for m in per] for k in ("mean", "var"))
+    delta, first, band = column(per, "single_example_max_logit_delta"), per[0], float(t["fixed_statistics_band_pp"])
+    at8 = [{k: v[m["first_layer_noise"]["m"].index(8)] for k, v in m["first_layer_noise"].items()} for m in per]
     ratio = [n["mean_scatter"] / n["mean_scatter_theory"] - 1.0 for n in at8]
     refused = first["single_example_batch_statistics_error"].split(" (")[0] or "(not refused)"
-    ema_diff = first["stat_difference_vs_exact"]
+    ema_diff, over_b = first["stat_difference_vs_exact"], first["test_acc_batch_statistics"].items()
     agree = f"test accuracy per seed (%): running average {listed(ema, '{:.2f}')}; Alg. 2 {listed(alg2, '{:.2f}')}; exact {listed(exact, '{:.2f}')}"
-    close = (
-        f"largest difference over layers and units, per seed — means (in stds): {listed(mean_diff, '{:.3f}')}; variances "
-        f"(relative): {listed(var_diff, '{:.3f}')}; running average (seed {seed0}, per layer): "
-        f"{listed(ema_diff['running_average_mean'], '{:.3f}')} / {listed(ema_diff['running_average_var'], '{:.3f}')}"
-    )
+    close = f"largest difference over layers and units, per seed — means (in stds): {listed(mean_diff, '{:.3f}')}; variances (relative): {listed(var_diff, '{:.3f}')}; running average (seed {seed0}, per layer): {listed(ema_diff['running_average_mean'], '{:.3f}')} / {listed(ema_diff['running_average_var'], '{:.3f}')}"
     degrade = (
-        f"test accuracy per seed (%): B=8 {listed(b8)}; B=2 {listed(b2)}; population statistics {listed(exact)}; "
-        f"seed {seed0} over B: "
-        + ", ".join(f"{k}: {100 * v:.1f}" for k, v in first["test_acc_batch_statistics"].items())
+        f"test accuracy per seed (%): B=8 {listed(b8)}; B=2 {listed(b2)}; population statistics {listed(exact)}; seed {seed0} over B: "
+        + ", ".join(f"{k}: {100 * v:.1f}" for k, v in over_b)
     )
     alone = f"max |logit difference| per seed: {listed(delta, '{:.1e}')}; with batch statistics a single example is refused: {refused}"
-    noise = (
-        f"first BN layer, m=8, measured / theory - 1 per seed: {listed(ratio, '{:+.3f}')}; seed {seed0}: "
-        f"{at8[0]['mean_scatter']:.3f} sigma vs {at8[0]['mean_scatter_theory']:.3f} sigma; batch variance scatters by "
-        f"{at8[0]['var_rel_scatter']:.2f} of sigma^2"
-    )
+    noise = f"first BN layer, m=8, measured / theory - 1 per seed: {listed(ratio, '{:+.3f}')}; seed {seed0}: {at8[0]['mean_scatter']:.3f} sigma vs {at8[0]['mean_scatter_theory']:.3f} sigma; batch variance scatters by {at8[0]['var_rel_scatter']:.2f} of sigma^2"
     make = Claims(__name__, results, var_pct=100 * t["alg2_var_within"], noise_pct=100 * t["noise_theory_band"])
+    alg2_agrees, var_close = (
+        part(alg2, exact, above=-band, below=band),
+        part(var_diff, below=float(t["alg2_var_within"])),
+    )
     return [
-        make(
-            "fixed_statistics_agree", a=ema, b=exact, also=[part(alg2, exact, above=-band, below=band)], evidence=agree
-        ),
-        make(
-            "alg2_close_to_exact", a=mean_diff, also=[part(var_diff, below=float(t["alg2_var_within"]))], evidence=close
-        ),
+        make("fixed_statistics_agree", a=ema, b=exact, also=[alg2_agrees], evidence=agree),
+        make("alg2_close_to_exact", a=mean_diff, also=[var_close], evidence=close),
         make(
             "small_batches_degrade",
             a=exact,
@@ -191,8 +178,6 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Accuracy by kind of statistics and test batch size; noise vs batch size (first seed)."""
-    from ..figures import dress, pyplot, save
-
     plt = pyplot()
     m = results["metrics"]["per_seed"][0]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
