@@ -258,25 +258,17 @@ def dress(
     the title (at ``title_size`` points if given), a light grid (``grid=True``: both axes; ``"x"``
     or ``"y"``: that axis only) and the legend (``legend=True``, or a dict of ``ax.legend``
     options); each step only when asked for."""
-    if props:
-        ax.set(**props)
+    ax.set(**props)
     if xlabel is not None:
         ax.set_xlabel(xlabel)
     if ylabel is not None:
         ax.set_ylabel(ylabel)
     if title is not None:
-        if title_size is None:
-            ax.set_title(title)
-        else:
-            ax.set_title(title, fontsize=title_size)
-    if grid is True:
-        ax.grid(alpha=0.3)
-    elif grid:
-        ax.grid(alpha=0.3, axis=grid)
-    if legend is True:
-        ax.legend()
-    elif legend:
-        ax.legend(**legend)
+        ax.set_title(title, **({} if title_size is None else {"fontsize": title_size}))
+    if grid:
+        ax.grid(alpha=0.3, **({} if grid is True else {"axis": grid}))
+    if legend:
+        ax.legend(**(legend if isinstance(legend, dict) else {}))
 
 
 def categories(axis: Any, labels: Sequence[str], **kw: Any) -> None:

@@ -22,7 +22,7 @@ from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, mlp_for, seeded, train_seeds
-from ..experiment import Experiment
+from ..experiment import Experiment, PerSeed
 from ..figures import dress, mean_band, pyplot, save
 from ..models import MLP, blocks
 from ..progress import Progress
@@ -39,14 +39,12 @@ _EPOCHS = {"quick": 15.0, "full": 120.0}
 _ALPHAS = {"tiny": 4, "quick": 15, "full": 29}  # step_probe_alphas: that many points from 0.01 to 10^1.5
 _ARMS = {"plain": (None, "without BN", "tab:blue"), "bn": ("bn", "with BN", "tab:red")}  # norm, label, color
 _CAP = 1e30  # stands for an infinite loss ratio or activation growth in the log-scale claims
-Runs = list[dict[str, Any]]  # one record per seed
 _PROBES = ("step_probe_loss_ratio", "activation_rms_init", "activation_rms_after_large_steps", "large_steps_taken")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings(Declared):
-    """The settings the code computes or reads; every constant one is in ``lr_sweep.settings.toml``
-    (each one's meaning and source: ``lr_sweep.md``)."""
+    """What the code computes or reads; the constants: ``lr_sweep.settings.toml``."""
 
     hidden: tuple[int, ...]
     steps: int
@@ -81,9 +79,9 @@ def _activation_scales(model: MLP, x: Tensor) -> list[float]:
     return [float(h.pow(2).mean().sqrt()) for h in outputs]
 
 
-def _sweep(s: Settings, data: Sequence[Dataset], seeds: Sequence[int], norm: str | None, progress: Progress) -> Runs:
+def _sweep(s: Settings, data: Sequence[Dataset], seeds: Sequence[int], norm: str | None, progress: Progress) -> PerSeed:
     """Train every seed at every rate; per seed and rate: test and training accuracy (0 if diverged), diverged step."""
-    out: Runs = [{"test_acc": [], "train_acc": [], "diverged_at": []} for _ in seeds]
+    out: PerSeed = [{"test_acc": [], "train_acc": [], "diverged_at": []} for _ in seeds]
     label = ("calibration: " if seeds[0] == s.calibration_seed else "") + ("BN" if norm else "no BN")
     for lr in s.lrs:
         models = [_model(d, s, norm, seed) for d, seed in zip(data, seeds)]
@@ -136,7 +134,7 @@ def _growth(profile: Sequence[Any], plain: bool) -> float:
     return _CAP if not all(map(math.isfinite, v)) or min(v) <= 0 else v[-1] / v[0] if plain else max(v) / min(v)
 
 
-def _accuracies(per_seed: Runs, arm: str, j: int) -> str:
+def _accuracies(per_seed: PerSeed, arm: str, j: int) -> str:
     """Test accuracy per seed at the ``j``-th rate; "diverged" for a run stored as diverged (accuracy 0)."""
     runs = [(m[arm]["diverged_at"][j], m[arm]["test_acc"][j]) for m in per_seed]
     return ", ".join("diverged" if at is not None else f"{100 * acc:.1f}%" for at, acc in runs)
@@ -234,7 +232,7 @@ class LrSweep(Experiment):
         calibration["diverged"] = {f"{lr:g}": d is not None for lr, d in zip(s.lrs, run["diverged_at"])}
         return dataclasses.replace(s, plain_best_lr=best, high_lr=float(high), calibration=calibration)
 
-    def run_seeds(self, s: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> Runs:
+    def run_seeds(self, s: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> PerSeed:
         """Both arms at every rate (each arm's seeds together), then each seed's probes."""
         sweeps = {arm: _sweep(s, data, seeds, norm, progress) for arm, (norm, _, _) in _ARMS.items()}
         return [
