@@ -168,19 +168,17 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     bias_grad = np.maximum(m["bias_grad_max"], 1e-30)
     axes[0].bar(layers + 0.2, bias_grad, width=0.4, label="bias b before BN", color="tab:orange")
     title = "Gradients: the bias gets only rounding noise"
-    top = 1e3 * max(m["weight_grad_max"])  # room for the legend above the bars
-    labels = {"xlabel": "hidden layer", "ylabel": "max |gradient| on one batch"}
-    dress(
-        axes[0], title, yscale="log", xticks=layers, ylim=(None, top), **labels, grid="y", legend={"loc": "upper right"}
-    )
+    axes[0].set(yscale="log", xticks=layers, xlabel="hidden layer", ylabel="max |gradient| on one batch", title=title)
+    axes[0].set_ylim(top=1e3 * max(m["weight_grad_max"]))  # room for the legend above the bars
+    dress(axes[0], grid="y", legend={"loc": "upper right"})
 
     a, b = (np.asarray(m[f"paired_losses_{k}"], dtype=float) for k in ("with_bias", "without_bias"))
     steps = np.arange(1, a.size + 1)
     axes[1].plot(steps, a, color="tab:orange", label="with the pre-BN bias", linewidth=2.5, alpha=0.6)
     axes[1].plot(steps, b, color="tab:blue", label="without it", linewidth=1, linestyle="--")
     title = f"Same weights, same batches: max |difference| {m['paired_training_max_loss_delta']:.1e}"
-    labels = {"xlabel": "training step", "ylabel": "training loss (minibatch)"}
-    dress(axes[1], title, yscale="log", **labels, grid=True, legend=True)
+    axes[1].set(yscale="log", xlabel="training step", ylabel="training loss (minibatch)")
+    dress(axes[1], title, grid=True, legend=True)
 
     names, counts = list(m["parameter_counts"]), list(m["parameter_counts"].values())
     wasted, total = [c["wasted_by_pre_bn_bias"] for c in counts], [c["parameters"] for c in counts]
@@ -188,7 +186,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     for i, (w, t) in enumerate(zip(wasted, total)):
         axes[2].text(w, i, f" {w} of {t} ({100 * w / t:.2f}%)", va="center", fontsize=8)
     categories(axes[2].yaxis, names, fontsize=8)
-    dress(axes[2], "Parameters wasted", xlim=(0, max(wasted) * 1.8), xlabel="parameters in biases directly before BN")
+    axes[2].set(xlabel="parameters in biases directly before BN", title="Parameters wasted")
+    axes[2].set_xlim(0, max(wasted) * 1.8)
     return [save(fig, Path(outdir) / "bias_before_bn.png")]
 
 

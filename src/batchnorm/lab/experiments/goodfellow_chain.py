@@ -204,9 +204,11 @@ class Chain(Experiment):
             ax.set_xscale("log")
             ax.set_yscale("symlog", linthresh=1e-6)
             ticks = [-1e12, -1e8, -1e4, -1.0, -1e-4, 0.0, 1e-4, 1.0, 1e4]  # every 4 decades: no crowding at 0
-            xlabel, title = "predicted loss decrease lr*|g|^2 (first order)", f"{title} (all weights = {scale_shown})"
-            limits = {"xlim": (1e-8, 1e6), "ylim": (-1e12, 1e4), "yticks": ticks}
-            dress(ax, title, **limits, xlabel=xlabel, grid=True, legend={"loc": "lower left", "fontsize": 8})
+            ax.set(xlim=(1e-8, 1e6), ylim=(-1e12, 1e4), yticks=ticks)
+            ax.set(
+                xlabel="predicted loss decrease lr*|g|^2 (first order)", title=f"{title} (all weights = {scale_shown})"
+            )
+            dress(ax, grid=True, legend={"loc": "lower left", "fontsize": 8})
         axes[0].set_ylabel("actual loss decrease (negative = loss went up)")
         fig.suptitle(f"One simultaneous gradient step on y = x*w1*...*wL (seed {seed})")
         paths.append(save(fig, Path(outdir) / "predicted_vs_actual.png"))

@@ -187,9 +187,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     for key, (label, color, ls) in _FIXED.items():
         axes[0].axhline(m["test_acc"][key], color=color, linestyle=ls, label=label)
     axes[0].set_xscale("log", base=2)
-    labels = {"xlabel": "test batch size B (batch statistics)", "ylabel": "test accuracy"}
-    title, legend = "Which statistics normalize a test example", {"loc": "lower right", "fontsize": 8}
-    dress(axes[0], title, xticks=sizes, xticklabels=[str(k) for k in sizes], **labels, grid=True, legend=legend)
+    axes[0].set_xticks(sizes, [str(k) for k in sizes])
+    axes[0].set(xlabel="test batch size B (batch statistics)", ylabel="test accuracy")
+    dress(axes[0], "Which statistics normalize a test example", grid=True, legend={"loc": "lower right", "fontsize": 8})
 
     noise = m["first_layer_noise"]
     for key, style, color, label in (
@@ -199,17 +199,9 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     ):
         axes[1].plot(noise["m"], noise[key], style, color=color, label=label)
     axes[1].set_xscale("log", base=2)
-    labels = {"xlabel": "batch size m", "ylabel": "scatter, in population units"}
-    ticks = {"xticks": noise["m"], "xticklabels": [str(k) for k in noise["m"]]}
-    dress(
-        axes[1],
-        "Noise of batch statistics (first BN layer)",
-        **ticks,
-        yscale="log",
-        **labels,
-        grid=True,
-        legend={"fontsize": 8},
-    )
+    axes[1].set_xticks(noise["m"], [str(k) for k in noise["m"]])
+    axes[1].set(yscale="log", xlabel="batch size m", ylabel="scatter, in population units")
+    dress(axes[1], "Noise of batch statistics (first BN layer)", grid=True, legend={"fontsize": 8})
     return [save(fig, Path(outdir) / "inference_statistics.png")]
 
 

@@ -188,14 +188,13 @@ class Fig1(Experiment):
         base, bn, paths = m["baseline"], m["bn"], []
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         low = min(min(bn["test_acc"][1:] or [0.9]), base["test_acc"][-1]) - 0.02
+        population = "with BN (Alg. 2 population stats)"
         for ax, title, bottom in zip(axes, (f"(a) test accuracy vs step ({data})", "(a) zoomed"), (0.0, max(low, 0.0))):
             ax.plot(base["step"], base["test_acc"], label="without BN", color="tab:blue")
             ax.plot(bn["step"], bn["test_acc"], label="with BN (running average)", color="tab:red")
-            ax.plot(
-                bn["step"], bn["test_acc_population"], ":", label="with BN (Alg. 2 population stats)", color="tab:red"
-            )
-            labels = {"xlabel": "training step", "ylabel": "test accuracy"}
-            dress(ax, title, ylim=(bottom, 1.0), **labels, grid=True, legend={"loc": "lower right"})
+            ax.plot(bn["step"], bn["test_acc_population"], ":", label=population, color="tab:red")
+            dress(ax, title, xlabel="training step", ylabel="test accuracy", ylim=(bottom, 1.0), grid=True)
+            dress(ax, legend={"loc": "lower right"})
         paths.append(save(fig, Path(outdir) / "fig1a_accuracy.png"))
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -211,8 +210,8 @@ class Fig1(Experiment):
 
         fig, ax = plt.subplots(figsize=(7, 4))
         idx = [i for i, s in enumerate(bn["step"]) if s > 0]
-        for key, label, style in _INFERENCE:
-            ax.plot([bn["step"][i] for i in idx], [bn[key][i] for i in idx], label=label, **style)
+        for key, label, kw in _INFERENCE:
+            ax.plot([bn["step"][i] for i in idx], [bn[key][i] for i in idx], label=label, **kw)
         title, ylabel = "BN inference: which statistics normalize a test example", "test accuracy of the BN network"
         dress(ax, title, xlabel="training step", ylabel=ylabel, grid=True, legend={"loc": "lower right"})
         paths.append(save(fig, Path(outdir) / "inference_statistics.png"))

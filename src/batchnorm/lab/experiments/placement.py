@@ -191,11 +191,12 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         rec = m[f"sigmoid/{place}"]
         label = "no BN" if place == "none" else f"BN {place}"
         axes[1].plot(rec["step"], [v[-1] for v in rec["input_std"]], ls, color=color, label=label)
-    title, layers = f"Scale of the activation inputs at the end (seed {seeds[0]})", len(results["config"]["hidden"])
-    labels = {"xlabel": "hidden layer", "ylabel": "std of the activation's input (test set, mean over units)"}
-    dress(axes[0], title, yscale="log", xticks=np.arange(1, layers + 1), **labels, grid=True, legend={"fontsize": 7})
-    title, labels = f"Sigmoid network: scale of the last layer's input (seed {seeds[0]})", {"xlabel": "training step"}
-    dress(axes[1], title, **labels, ylabel="std of the last sigmoid layer's input", grid=True, legend=True)
+    axes[0].set_yscale("log")
+    axes[0].set_xticks(np.arange(1, len(results["config"]["hidden"]) + 1))
+    axes[0].set(xlabel="hidden layer", ylabel="std of the activation's input (test set, mean over units)")
+    dress(axes[0], f"Scale of the activation inputs at the end (seed {seeds[0]})", grid=True, legend={"fontsize": 7})
+    axes[1].set(xlabel="training step", ylabel="std of the last sigmoid layer's input")
+    dress(axes[1], f"Sigmoid network: scale of the last layer's input (seed {seeds[0]})", grid=True, legend=True)
     paths.append(save(fig, Path(outdir) / "placement_activation_inputs.png"))
     return paths
 
