@@ -18,7 +18,7 @@ from ... import recompute_statistics
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, mlp_for, seeded, train_seeds
+from ..declare import batch_stats_accuracy, listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column
 from ..figures import dress, pyplot, save
 from ..models import blocks
@@ -50,24 +50,6 @@ class Settings(Declared):
     batch_size: int
     test_batch_sizes: tuple[int, ...]
     noise_batch_sizes: tuple[int, ...]
-
-
-@torch.no_grad()
-def _batch_stats_accuracy(
-    model: nn.Module, x: Tensor, y: Tensor, size: int, repeats: int, generator: torch.Generator
-) -> float:
-    """Mean accuracy when each test batch of ``size`` is normalized by its own statistics."""
-    net = copy.deepcopy(model).eval()
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.track_running_stats = False  # batch statistics, buffers untouched
-            m.train()
-    correct = 0
-    for _ in range(repeats):
-        order = torch.randperm(x.shape[0], generator=generator)
-        for idx in order[: (x.shape[0] // size) * size].split(size):
-            correct += int((net(x[idx]).argmax(1) == y[idx]).sum())
-    return correct / (repeats * (x.shape[0] // size) * size)
 
 
 @torch.no_grad()
@@ -113,7 +95,12 @@ def _measure(s: Settings, data: Dataset, model: nn.Module, seed: int) -> dict[st
     exact.eval()
     gen, x, y = seeded(seed + 3), data.test_x, data.test_y
     sizes = [b for b in s.test_batch_sizes if b <= x.shape[0]]
-    batch_acc = {str(b): _batch_stats_accuracy(model, x, y, b, s.test_batch_repeats, gen) for b in sizes}
+    batch_acc = {  # each test batch of b normalized by its own statistics, in test_batch_repeats random orders
+        str(b): batch_stats_accuracy(
+            model, x, y, b, [torch.randperm(x.shape[0], generator=gen) for _ in range(s.test_batch_repeats)]
+        )
+        for b in sizes
+    }
     with torch.no_grad():
         single_delta = float((exact(x) - torch.cat([exact(x[i : i + 1]) for i in range(x.shape[0])])).abs().max())
     single_fails = ""

@@ -10,13 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor, nn
 
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import activation_inputs, columns, listed, mlp_for, probing, seeded, train_seeds
+from ..declare import activation_inputs, batch_stats_accuracy, columns, listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, first_reaching
 from ..figures import dress, pyplot, save
 from ..popstats import population_statistics
@@ -54,15 +52,6 @@ class Settings(Declared):
     percentiles: tuple[int, ...]
 
 
-def _batch_stats_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> float:
-    """Test accuracy when BN normalizes each test batch of ``batch`` by its own statistics
-    (training-mode forward; BN buffers restored). The tail that does not fill a batch is left out."""
-    starts = range(0, x.shape[0] - batch + 1, batch)
-    with torch.no_grad(), probing(model):
-        correct = sum(int((model(x[i : i + batch]).argmax(dim=1) == y[i : i + batch]).sum()) for i in starts)
-    return correct / max(batch * len(starts), 1)
-
-
 def _train_arm(
     s: Settings, data: Sequence[Dataset], seeds: Sequence[int], norm: str | None, progress: Progress
 ) -> PerSeed:
@@ -91,7 +80,7 @@ def _train_arm(
                 pop = population_statistics(model, d.train_x, batch_size=s.batch_size, generator=pop_gens[k])
                 values += [
                     evaluate(pop, d.test_x, d.test_y)[1],
-                    _batch_stats_accuracy(model, d.test_x, d.test_y, s.batch_size),
+                    batch_stats_accuracy(model, d.test_x, d.test_y, s.batch_size),
                 ]
             for key, value in zip(keys, values):
                 rec[key].append(value)
