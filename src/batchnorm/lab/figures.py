@@ -5,7 +5,8 @@ readable font sizes; nothing here touches matplotlib at import time. ``save`` wr
 atomically (mode 0644 under umask 022), cropped to their content so no label is clipped, with bar
 axes that start at 0 and log axes labelled in one format with at least three labelled ticks.
 ``checking_layout()`` collects the ``layout_problems`` of every figure ``save`` writes (see
-docs/lab.md, "Figures and reports"); ``dress``, ``categories`` and ``bar_values`` finish a panel.
+docs/lab.md, "Figures and reports"); ``dress``, ``categories`` and ``bar_values`` finish a panel;
+``mean_band``, ``mean_and_seeds`` and ``seed_bars`` draw one arm's seeds.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ __all__ = [
     "dress",
     "layout_problems",
     "log_ticks",
+    "mean_and_seeds",
     "mean_band",
     "pyplot",
     "save",
+    "seed_bars",
     "wrap",
 ]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ _ARMS = {  # name: norm, dropout p, fixed batches
 _COLORS = ["tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:pink", "tab:orange"]  # the arms' bars, in order
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Settings(Declared):
     """What the code computes or reads; the constants: ``dropout.settings.toml``."""
 
