@@ -119,53 +119,6 @@ def _seed_means(m: dict[str, Any]) -> dict[str, dict[str, float]]:
     return {arm: mean_over_replicates(reps) for arm, reps in capped.items()}
 
 
-def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ioffe §3.4/§4.2.1 claims, judged on test loss and accuracy over seeds (each seed: the
-    mean of its replicates)."""
-    q, tol = [_seed_means(m) for m in results["metrics"]["per_seed"]], float(results["config"]["accuracy_tolerance"])
-    col = {(arm, key): column(q, arm, key) for arm in _ARMS for key in _RECORDED}
-    acc = {arm: f"{arm} " + "/".join(f"{100 * v:.1f}" for v in col[arm, "test_acc"]) + "%" for arm in _ARMS}
-    loss = {arm: f"{arm} " + "/".join(f"{v:.3f}" for v in col[arm, "test_loss"]) for arm in _ARMS}
-    fits = min(min(col[arm, "train_acc"]) for arm in _ARMS)
-    regularizes = f"test loss per seed: {loss['BN']} vs {loss['plain']}; test accuracy {acc['BN']} vs {acc['plain']}; lowest training accuracy of any arm and seed {100 * fits:.1f}%"
-    removable = (
-        f"test accuracy per seed: {acc['BN']} vs {acc['dropout 0.5']}; test loss {loss['BN']} vs {loss['dropout 0.5']}"
-    )
-    fixed = f"test loss per seed: {loss['BN, fixed batches']} vs {loss['BN']}; test accuracy {acc['BN, fixed batches']} vs {acc['BN']}"
-    make, on_top = Claims(__name__, results, tol_pp=100 * tol), ("BN + dropout 0.1", "BN + dropout 0.5")
-
-    def vs(a: str, b: str, key: str) -> dict[str, Any]:  # arm a against arm b, paired over seeds
-        return {"a": col[a, key], "b": col[b, key]}
-
-    as_accurate = part(**vs("BN", "plain", "test_acc"), above=-tol)
-    return [
-        make("bn_regularizes", **vs("BN", "plain", "test_loss"), also=[as_accurate], evidence=regularizes),
-        make("dropout_removable", **vs("BN", "dropout 0.5", "test_acc"), evidence=removable),
-        *(
-            make(name, **vs(arm, "BN", "test_acc"), evidence=f"test accuracy per seed: {acc[arm]} vs {acc['BN']}")
-            for name, arm in zip(("weak_dropout_neutral", "strong_dropout_no_gain"), on_top)
-        ),
-        make("fixed_batches", **vs("BN, fixed batches", "BN", "test_loss"), evidence=fixed),
-    ]
-
-
-def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
-    """Bars: test accuracy and loss per arm, mean over seeds ± std, seeds as dots."""
-    plt, cfg = pyplot(), results["config"]
-    q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, label in ((axes[0], "test_acc", "test accuracy"), (axes[1], "test_loss", "test loss (cross-entropy)")):
-        seed_bars(ax, [[v[name][key] for v in q] for name in _ARMS], _COLORS, alpha=0.75)
-        categories(ax.xaxis, [wrap(name, 10) for name in _ARMS], fontsize=8)
-        dress(ax, ylabel=label, grid="y")
-    accs = [v[n]["test_acc"] for v in q for n in _ARMS]
-    axes[0].set_ylim(max(0.0, min(accs) - 0.03), min(1.0, max(accs) + 0.02))
-    runs = f"{len(q)} seeds x {cfg['replicates']} networks"
-    axes[0].set_title(f"Test accuracy ({cfg['train_examples']} training examples; {runs})")
-    axes[1].set_title(f"Test loss ({cfg['steps']} steps, calibrated so every arm fits)")
-    return [save(fig, Path(outdir) / "dropout_vs_bn.png")]
-
-
 class Dropout(Experiment):
     """BN as a regularizer, over seeds."""
 
@@ -210,8 +163,49 @@ class Dropout(Experiment):
                 rec[arm] = {key: [row[i] for row in mine] for key, i in zip(_RECORDED, (1, 3, 0, 2))}
         return per_seed
 
-    claims = staticmethod(_claims)
-    figures = staticmethod(_figures)
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """Ioffe §3.4/§4.2.1 claims, judged on test loss and accuracy over seeds (each seed: the
+        mean of its replicates)."""
+        q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
+        tol = float(results["config"]["accuracy_tolerance"])
+        col = {(arm, key): column(q, arm, key) for arm in _ARMS for key in _RECORDED}
+        acc = {arm: f"{arm} " + "/".join(f"{100 * v:.1f}" for v in col[arm, "test_acc"]) + "%" for arm in _ARMS}
+        loss = {arm: f"{arm} " + "/".join(f"{v:.3f}" for v in col[arm, "test_loss"]) for arm in _ARMS}
+        fits = min(min(col[arm, "train_acc"]) for arm in _ARMS)
+        regularizes = f"test loss per seed: {loss['BN']} vs {loss['plain']}; test accuracy {acc['BN']} vs {acc['plain']}; lowest training accuracy of any arm and seed {100 * fits:.1f}%"
+        removable = f"test accuracy per seed: {acc['BN']} vs {acc['dropout 0.5']}; test loss {loss['BN']} vs {loss['dropout 0.5']}"
+        fixed = f"test loss per seed: {loss['BN, fixed batches']} vs {loss['BN']}; test accuracy {acc['BN, fixed batches']} vs {acc['BN']}"
+        make, on_top = Claims(__name__, results, tol_pp=100 * tol), ("BN + dropout 0.1", "BN + dropout 0.5")
+
+        def vs(a: str, b: str, key: str) -> dict[str, Any]:  # arm a against arm b, paired over seeds
+            return {"a": col[a, key], "b": col[b, key]}
+
+        as_accurate = part(**vs("BN", "plain", "test_acc"), above=-tol)
+        return [
+            make("bn_regularizes", **vs("BN", "plain", "test_loss"), also=[as_accurate], evidence=regularizes),
+            make("dropout_removable", **vs("BN", "dropout 0.5", "test_acc"), evidence=removable),
+            *(
+                make(name, **vs(arm, "BN", "test_acc"), evidence=f"test accuracy per seed: {acc[arm]} vs {acc['BN']}")
+                for name, arm in zip(("weak_dropout_neutral", "strong_dropout_no_gain"), on_top)
+            ),
+            make("fixed_batches", **vs("BN, fixed batches", "BN", "test_loss"), evidence=fixed),
+        ]
+
+    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+        """Bars: test accuracy and loss per arm, mean over seeds ± std, seeds as dots."""
+        plt, cfg = pyplot(), results["config"]
+        q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax, key, label in zip(axes, ("test_acc", "test_loss"), ("test accuracy", "test loss (cross-entropy)")):
+            seed_bars(ax, [[v[name][key] for v in q] for name in _ARMS], _COLORS, alpha=0.75)
+            categories(ax.xaxis, [wrap(name, 10) for name in _ARMS], fontsize=8)
+            dress(ax, ylabel=label, grid="y")
+        accs = [v[n]["test_acc"] for v in q for n in _ARMS]
+        axes[0].set_ylim(max(0.0, min(accs) - 0.03), min(1.0, max(accs) + 0.02))
+        runs = f"{len(q)} seeds x {cfg['replicates']} networks"
+        axes[0].set_title(f"Test accuracy ({cfg['train_examples']} training examples; {runs})")
+        axes[1].set_title(f"Test loss ({cfg['steps']} steps, calibrated so every arm fits)")
+        return [save(fig, Path(outdir) / "dropout_vs_bn.png")]
 
 
 EXPERIMENT = Dropout()
