@@ -165,15 +165,11 @@ class Chain(Experiment):
         s, seed0 = results["config"], results["metrics"]["seeds"][0]
         q = [_quantities(m, s) for m in results["metrics"]["per_seed"]]
         col, first, n_bn = columns(q), q[0], len(_cases(results["metrics"]["per_seed"][0], "bn"))
-        spread, growth = (
-            math.log10(float(s[k])) for k in ("plain_safe_lr_spread_at_least", "plain_error_growth_at_least")
-        )
+        spread_log10 = math.log10(float(s["plain_safe_lr_spread_at_least"]))
+        growth_log10 = math.log10(float(s["plain_error_growth_at_least"]))
+        bn_error_pct = 100 * s["bn_first_order_error_below"]
         make = Claims(
-            __name__,
-            results,
-            spread_log10=spread,
-            growth_log10=growth,
-            bn_error_pct=100 * s["bn_first_order_error_below"],
+            __name__, results, spread_log10=spread_log10, growth_log10=growth_log10, bn_error_pct=bn_error_pct
         )
         no_single = f"log10 of (largest / smallest safe lr), per seed: {listed([10**v for v in col['plain_spread_log10']], '{:.3g}x')} (an unsafe-everywhere chain counts at the smallest grid lr, so these are lower bounds); seed {seed0}: {first['plain_range']}"
         grows = f"log10 growth shallowest -> deepest (smallest over scales), per seed: {listed(col['growth_total_log10'], '{:.2f}')}; smallest log10 growth between neighbouring depths: {listed(col['growth_min_step_log10'], '{:.2f}')}; seed {seed0}, |actual/predicted - 1|: {first['growth_detail']} (an overflowed step counts as 10^{_LOG10_CAP:g})"
@@ -204,10 +200,13 @@ class Chain(Experiment):
             ax.set_xscale("log")
             ax.set_yscale("symlog", linthresh=1e-6)
             ticks = [-1e12, -1e8, -1e4, -1.0, -1e-4, 0.0, 1e-4, 1.0, 1e4]  # every 4 decades: no crowding at 0
-            ax.set(xlim=(1e-8, 1e6), ylim=(-1e12, 1e4), yticks=ticks)
             ax.set(
-                xlabel="predicted loss decrease lr*|g|^2 (first order)", title=f"{title} (all weights = {scale_shown})"
+                xlim=(1e-8, 1e6),
+                ylim=(-1e12, 1e4),
+                yticks=ticks,
+                xlabel="predicted loss decrease lr*|g|^2 (first order)",
             )
+            ax.set_title(f"{title} (all weights = {scale_shown})")
             dress(ax, grid=True, legend={"loc": "lower left", "fontsize": 8})
         axes[0].set_ylabel("actual loss decrease (negative = loss went up)")
         fig.suptitle(f"One simultaneous gradient step on y = x*w1*...*wL (seed {seed})")
@@ -218,9 +217,8 @@ class Chain(Experiment):
             for color, scale in zip(plt.cm.plasma(np.linspace(0, 0.85, len(cfg["scales"]))), cfg["scales"]):
                 row = sorted((c for c in _cases(m, arm) if c["scale"] == scale), key=lambda c: c["depth"])
                 label = f"{'no norm' if arm == 'plain' else 'BN'}, weights {scale}"
-                ax.plot(
-                    [c["depth"] for c in row], [_safe(c) for c in row], style, color=color, markersize=4, label=label
-                )
+                depths, safe = [c["depth"] for c in row], [_safe(c) for c in row]
+                ax.plot(depths, safe, style, color=color, markersize=4, label=label)
         ax.set_xscale("log", base=2)
         log_ticks(ax.xaxis, cfg["depths"])
         title = f"Largest step whose effect the gradient predicts within ±50% (seed {seed})"

@@ -156,17 +156,13 @@ class Fig1(Experiment):
         pop = f"population minus running average: final {100 * mean['pop_minus_ema_final']:+.2f} pp, mean over the second half {100 * mean['pop_minus_ema_half']:+.2f} pp (means over seeds)"
         wider = part([w - factor * c for w, c in zip(col["widen_base"], col["change_bn"])], above=0.0)
         settles = part(col["drift_bn"], [0.5 * v for v in col["drift_base"]], below=0.0)
+        as_running = part(col["pop_minus_ema_half"], above=-tol)
         return [
             make("bn_above_baseline", a=col["min_margin"], evidence=margin),
             make("speedup", a=col["steps_base"], b=col["steps_bn"], evidence=steps),
             make("baseline_spread_widens", a=col["widen_base"], also=[wider], evidence=spread),
             make("bn_settles", a=col["drift_bn"], also=[settles], evidence=drift),
-            make(
-                "population_as_running",
-                a=col["pop_minus_ema_final"],
-                also=[part(col["pop_minus_ema_half"], above=-tol)],
-                evidence=pop,
-            ),
+            make("population_as_running", a=col["pop_minus_ema_final"], also=[as_running], evidence=pop),
         ]
 
     def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
