@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from batchnorm.lab.config import RunConfig
-from batchnorm.lab.declare import activation_inputs
+from batchnorm.lab.declare import activation_inputs, batch_stats_accuracy
 from batchnorm.lab.experiments import dropout, goodfellow_chain, inference_stats, lr_sweep
 from batchnorm.lab.models import MLP, blocks
 
@@ -94,7 +94,7 @@ def test_batch_statistics_accuracy_uses_each_batch_and_keeps_buffers() -> None:
     x = torch.randn(12, 3)
     y = torch.randint(0, 2, (12,))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    acc = inference_stats._batch_stats_accuracy(model, x, y, 12, 1, torch.Generator().manual_seed(0))
+    acc = batch_stats_accuracy(model, x, y, 12, [torch.randperm(12, generator=torch.Generator().manual_seed(0))])
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k])
     with torch.no_grad():

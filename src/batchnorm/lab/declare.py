@@ -6,7 +6,7 @@ claim's evidence, the inputs of a network's activations, and non-i.i.d. minibatc
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -170,3 +170,29 @@ def activation_inputs(
         for h in handles:
             h.remove()
     return [torch.cat(parts) for parts in captured]
+
+
+def columns(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[float]]:
+    """Per-seed quantities (one mapping per seed, the same keys in each) as one column per key:
+    ``{key: [float(row[key]) for row in rows]}``, in the first row's key order; keys whose value
+    is text (words for the evidence) are left out."""
+    rows = list(rows)
+    return {key: [float(row[key]) for row in rows] for key, v in rows[0].items() if not isinstance(v, str)}
+
+
+@torch.no_grad()
+def batch_stats_accuracy(model: nn.Module, x: Tensor, y: Tensor, size: int, orders: Iterable[Tensor] = ()) -> float:
+    """Accuracy when BN normalizes each batch of ``size`` examples by that batch's own statistics
+    (training-mode forward; weights, buffers and flags restored by ``probing``). The batches are
+    consecutive slices of ``x`` in order, or, given ``orders``, of each index permutation in turn;
+    a tail that fills no batch is left out.
+
+    Shape: x (N, ...), y (N,); each order (N,) int64.
+    """
+    correct = total = 0
+    with probing(model):
+        for order in list(orders) or [torch.arange(x.shape[0])]:
+            for idx in order[: (x.shape[0] // size) * size].split(size):
+                correct += int((model(x[idx]).argmax(dim=1) == y[idx]).sum())
+                total += size
+    return correct / max(total, 1)

@@ -5,7 +5,8 @@ readable font sizes; nothing here touches matplotlib at import time. ``save`` wr
 atomically (mode 0644 under umask 022), cropped to their content so no label is clipped, with bar
 axes that start at 0 and log axes labelled in one format with at least three labelled ticks.
 ``checking_layout()`` collects the ``layout_problems`` of every figure ``save`` writes (see
-docs/lab.md, "Figures and reports"); ``dress``, ``categories`` and ``bar_values`` finish a panel.
+docs/lab.md, "Figures and reports"); ``dress``, ``categories`` and ``bar_values`` finish a panel;
+``mean_band``, ``mean_and_seeds`` and ``seed_bars`` draw one arm's seeds.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ __all__ = [
     "dress",
     "layout_problems",
     "log_ticks",
+    "mean_and_seeds",
     "mean_band",
     "pyplot",
     "save",
+    "seed_bars",
     "wrap",
 ]
 
@@ -258,25 +261,17 @@ def dress(
     the title (at ``title_size`` points if given), a light grid (``grid=True``: both axes; ``"x"``
     or ``"y"``: that axis only) and the legend (``legend=True``, or a dict of ``ax.legend``
     options); each step only when asked for."""
-    if props:
-        ax.set(**props)
+    ax.set(**props)
     if xlabel is not None:
         ax.set_xlabel(xlabel)
     if ylabel is not None:
         ax.set_ylabel(ylabel)
     if title is not None:
-        if title_size is None:
-            ax.set_title(title)
-        else:
-            ax.set_title(title, fontsize=title_size)
-    if grid is True:
-        ax.grid(alpha=0.3)
-    elif grid:
-        ax.grid(alpha=0.3, axis=grid)
-    if legend is True:
-        ax.legend()
-    elif legend:
-        ax.legend(**legend)
+        ax.set_title(title, **({} if title_size is None else {"fontsize": title_size}))
+    if grid:
+        ax.grid(alpha=0.3, **({} if grid is True else {"axis": grid}))
+    if legend:
+        ax.legend(**(legend if isinstance(legend, dict) else {}))
 
 
 def categories(axis: Any, labels: Sequence[str], **kw: Any) -> None:
@@ -292,3 +287,23 @@ def bar_values(ax: Any, values: Sequence[float], fmt: str = "{}", **kw: Any) -> 
     heights from the axis."""
     for i, value in enumerate(values):
         ax.text(i, value, fmt.format(value), ha="center", va="bottom", **kw)
+
+
+def seed_bars(ax: Any, columns: Sequence[Sequence[float]], colors: Sequence[str], **kw: Any) -> None:
+    """One bar per arm at positions 0, 1, ...: the mean of the arm's per-seed ``columns[i]`` with a
+    ±1 std error bar, each seed a black dot on it (``kw``: bar options such as ``alpha``)."""
+    for i, (column, color) in enumerate(zip(columns, colors)):
+        values = np.asarray(column, dtype=float)  # (seeds,)
+        ax.bar(i, values.mean(), yerr=values.std(), color=color, capsize=4, **kw)
+        ax.plot(np.full(values.shape, i), values, "k.", markersize=4)
+
+
+def mean_and_seeds(
+    ax: Any, x: Sequence[float], runs: Sequence[Sequence[float]], label: str, fmt: str = "-", **kw: Any
+) -> None:
+    """Each run (row) as a thin faint line, then their mean as a line labelled ``label`` (``fmt``,
+    ``kw``: the style of both, e.g. ``color``)."""
+    values = np.asarray(runs, dtype=float)  # (runs, len(x))
+    for run in values:
+        ax.plot(x, run, fmt, alpha=0.25, linewidth=0.8, **kw)
+    ax.plot(x, values.mean(axis=0), fmt, label=label, **kw)

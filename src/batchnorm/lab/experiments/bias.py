@@ -20,6 +20,7 @@ from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column
+from ..figures import categories, dress, pyplot, save
 from ..models import MLP, ConvNet, blocks, count_parameters
 from ..progress import Progress
 from ..training import TrainSpec, minibatches
@@ -39,7 +40,6 @@ class Settings(Declared):
     bias_shift_std: float
     lr: float
     batch_size: int
-    dtype: str
 
 
 @torch.no_grad()
@@ -126,78 +126,6 @@ def _eval_removal(model: MLP, x: torch.Tensor) -> dict[str, float]:
     }
 
 
-def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Zero gradient, no effect, identical training, removal needs the running mean fixed."""
-    t, per, seed0 = results["config"], results["metrics"]["per_seed"], results["metrics"]["seeds"][0]
-    col = functools.partial(column, per)
-    ratio = [max(m["bias_grad_max"]) / max(min(m["weight_grad_max"]), 1e-30) for m in per]
-    out_change = [max(m["train_output_change_after_bias_shift"], m["train_output_change_without_bias"]) for m in per]
-    loss, weight = (col(f"paired_training_max_{k}_delta") for k in ("loss", "weight"))
-    moved = col("bias_max_movement_during_training")
-    folded, zeroed = (col(f"eval_output_change_bias_{k}") for k in ("folded_into_running_mean", "zeroed"))
-    grads = (
-        f"max |dL/db| / min over layers of max |dL/dW|, per seed: {listed(ratio, _E)}; seed {seed0}: |dL/db| per layer "
-        f"{listed(per[0]['bias_grad_max'], _E)} vs |dL/dW| {listed(per[0]['weight_grad_max'], _E)}"
-    )
-    changed = f"max |change| of the logits (shifted or removed, the larger), per seed: {listed(out_change, _E)}"
-    same = (
-        f"{t['steps']} SGD steps on the same batches, per seed: max |loss difference| {listed(loss, _E)}; max |weight "
-        f"difference| {listed(weight, _E)}; max bias movement {listed(moved, _E)}"
-    )
-    removal = (
-        f"max |change| of eval logits, per seed: {listed(folded, _E)} with running_mean -= b; {listed(zeroed, '{:.3g}')} with "
-        f"the bias zeroed alone ({listed([100 * v for v in col('eval_predictions_changed_bias_zeroed')], '{:.1f}%')} of test "
-        "predictions change)"
-    )
-    make = Claims(__name__, results)
-    return [
-        make("zero_gradient", a=ratio, evidence=grads),
-        make("no_effect", a=out_change, evidence=changed),
-        make("same_training", a=loss, also=[part(moved, below=float(t["bias_movement_below"]))], evidence=same),
-        make(
-            "removal_needs_running_mean",
-            a=folded,
-            also=[part(zeroed, above=float(t["eval_change_zeroed_above"]))],
-            evidence=removal,
-        ),
-    ]
-
-
-def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
-    """Gradients (log scale), paired loss curves, wasted parameters (the first seed)."""
-    from ..figures import categories, dress, pyplot, save
-
-    plt = pyplot()
-    m = results["metrics"]["per_seed"][0]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    layers = np.arange(1, len(m["bias_grad_max"]) + 1)
-    axes[0].bar(layers - 0.2, m["weight_grad_max"], width=0.4, label="weights W", color="tab:blue")
-    bias_grad = np.maximum(m["bias_grad_max"], 1e-30)
-    axes[0].bar(layers + 0.2, bias_grad, width=0.4, label="bias b before BN", color="tab:orange")
-    title = "Gradients: the bias gets only rounding noise"
-    axes[0].set(yscale="log", xticks=layers, xlabel="hidden layer", ylabel="max |gradient| on one batch", title=title)
-    axes[0].set_ylim(top=1e3 * max(m["weight_grad_max"]))  # room for the legend above the bars
-    dress(axes[0], grid="y", legend={"loc": "upper right"})
-
-    a, b = (np.asarray(m[f"paired_losses_{k}"], dtype=float) for k in ("with_bias", "without_bias"))
-    steps = np.arange(1, a.size + 1)
-    axes[1].plot(steps, a, color="tab:orange", label="with the pre-BN bias", linewidth=2.5, alpha=0.6)
-    axes[1].plot(steps, b, color="tab:blue", label="without it", linewidth=1, linestyle="--")
-    title = f"Same weights, same batches: max |difference| {m['paired_training_max_loss_delta']:.1e}"
-    axes[1].set(yscale="log", xlabel="training step", ylabel="training loss (minibatch)")
-    dress(axes[1], title, grid=True, legend=True)
-
-    names, counts = list(m["parameter_counts"]), list(m["parameter_counts"].values())
-    wasted, total = [c["wasted_by_pre_bn_bias"] for c in counts], [c["parameters"] for c in counts]
-    axes[2].barh(range(len(names)), wasted, color="tab:orange")
-    for i, (w, t) in enumerate(zip(wasted, total)):
-        axes[2].text(w, i, f" {w} of {t} ({100 * w / t:.2f}%)", va="center", fontsize=8)
-    categories(axes[2].yaxis, names, fontsize=8)
-    axes[2].set(xlabel="parameters in biases directly before BN", title="Parameters wasted")
-    axes[2].set_xlim(0, max(wasted) * 1.8)
-    return [save(fig, Path(outdir) / "bias_before_bn.png")]
-
-
 class Bias(Experiment):
     """The redundant pre-BN bias over several seeds."""
 
@@ -235,8 +163,62 @@ class Bias(Experiment):
         counts = _parameter_counts()
         return [{**m, "parameter_counts": counts} for m in per_seed]
 
-    claims = staticmethod(_claims)
-    figures = staticmethod(_figures)
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """Zero gradient, no effect, identical training, removal needs the running mean fixed."""
+        t, per, seed0 = results["config"], results["metrics"]["per_seed"], results["metrics"]["seeds"][0]
+        col = functools.partial(column, per)
+        ratio = [max(m["bias_grad_max"]) / max(min(m["weight_grad_max"]), 1e-30) for m in per]
+        shifted, removed = col("train_output_change_after_bias_shift"), col("train_output_change_without_bias")
+        out_change = [max(a, b) for a, b in zip(shifted, removed)]
+        loss, weight = (col(f"paired_training_max_{k}_delta") for k in ("loss", "weight"))
+        moved = col("bias_max_movement_during_training")
+        folded, zeroed = (col(f"eval_output_change_bias_{k}") for k in ("folded_into_running_mean", "zeroed"))
+        changed = [100 * v for v in col("eval_predictions_changed_bias_zeroed")]
+        grads = f"max |dL/db| / min over layers of max |dL/dW|, per seed: {listed(ratio, _E)}; seed {seed0}: |dL/db| per layer {listed(per[0]['bias_grad_max'], _E)} vs |dL/dW| {listed(per[0]['weight_grad_max'], _E)}"
+        no_effect = f"max |change| of the logits (shifted or removed, the larger), per seed: {listed(out_change, _E)}"
+        same = f"{t['steps']} SGD steps on the same batches, per seed: max |loss difference| {listed(loss, _E)}; max |weight difference| {listed(weight, _E)}; max bias movement {listed(moved, _E)}"
+        removal = f"max |change| of eval logits, per seed: {listed(folded, _E)} with running_mean -= b; {listed(zeroed, '{:.3g}')} with the bias zeroed alone ({listed(changed, '{:.1f}%')} of test predictions change)"
+        make = Claims(__name__, results)
+        still = part(moved, below=float(t["bias_movement_below"]))
+        naive_changes = part(zeroed, above=float(t["eval_change_zeroed_above"]))
+        return [
+            make("zero_gradient", a=ratio, evidence=grads),
+            make("no_effect", a=out_change, evidence=no_effect),
+            make("same_training", a=loss, also=[still], evidence=same),
+            make("removal_needs_running_mean", a=folded, also=[naive_changes], evidence=removal),
+        ]
+
+    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+        """Gradients (log scale), paired loss curves, wasted parameters (the first seed)."""
+        plt = pyplot()
+        m = results["metrics"]["per_seed"][0]
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+        layers = np.arange(1, len(m["bias_grad_max"]) + 1)
+        axes[0].bar(layers - 0.2, m["weight_grad_max"], width=0.4, label="weights W", color="tab:blue")
+        bias_grad = np.maximum(m["bias_grad_max"], 1e-30)
+        axes[0].bar(layers + 0.2, bias_grad, width=0.4, label="bias b before BN", color="tab:orange")
+        labels = {"xlabel": "hidden layer", "ylabel": "max |gradient| on one batch"}
+        axes[0].set(yscale="log", xticks=layers, **labels, title="Gradients: the bias gets only rounding noise")
+        axes[0].set_ylim(top=1e3 * max(m["weight_grad_max"]))  # room for the legend above the bars
+        dress(axes[0], grid="y", legend={"loc": "upper right"})
+
+        a, b = (np.asarray(m[f"paired_losses_{k}"], dtype=float) for k in ("with_bias", "without_bias"))
+        steps = np.arange(1, a.size + 1)
+        axes[1].plot(steps, a, color="tab:orange", label="with the pre-BN bias", linewidth=2.5, alpha=0.6)
+        axes[1].plot(steps, b, color="tab:blue", label="without it", linewidth=1, linestyle="--")
+        title = f"Same weights, same batches: max |difference| {m['paired_training_max_loss_delta']:.1e}"
+        axes[1].set(yscale="log", xlabel="training step", ylabel="training loss (minibatch)")
+        dress(axes[1], title, grid=True, legend=True)
+
+        names, counts = list(m["parameter_counts"]), list(m["parameter_counts"].values())
+        wasted, total = [c["wasted_by_pre_bn_bias"] for c in counts], [c["parameters"] for c in counts]
+        axes[2].barh(range(len(names)), wasted, color="tab:orange")
+        for i, (w, t) in enumerate(zip(wasted, total)):
+            axes[2].text(w, i, f" {w} of {t} ({100 * w / t:.2f}%)", va="center", fontsize=8)
+        categories(axes[2].yaxis, names, fontsize=8)
+        axes[2].set(xlabel="parameters in biases directly before BN", title="Parameters wasted")
+        axes[2].set_xlim(0, max(wasted) * 1.8)
+        return [save(fig, Path(outdir) / "bias_before_bn.png")]
 
 
 EXPERIMENT = Bias()

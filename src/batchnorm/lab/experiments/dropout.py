@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -21,7 +19,8 @@ from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import seeded
-from ..experiment import Experiment, column, load_for
+from ..experiment import Experiment, PerSeed, column, load_for
+from ..figures import categories, dress, pyplot, save, seed_bars, wrap
 from ..models import MLP
 from ..progress import Progress
 from ..stacked import train_stacked
@@ -36,12 +35,12 @@ _ARMS = {  # name: norm, dropout p, fixed batches
     "BN + dropout 0.1": ("bn", 0.1, False),
     "BN, fixed batches": ("bn", 0.0, True),
 }
+_COLORS = ["tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:pink", "tab:orange"]  # the arms' bars, in order
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Settings(Declared):
-    """The settings the code computes or reads; every constant one is in ``dropout.settings.toml``
-    (each one's meaning and source: ``dropout.md``)."""
+    """What the code computes or reads; the constants: ``dropout.settings.toml``."""
 
     replicates: int
     max_steps: int
@@ -117,81 +116,6 @@ def _seed_means(m: dict[str, Any]) -> dict[str, dict[str, float]]:
     return {arm: mean_over_replicates(reps) for arm, reps in capped.items()}
 
 
-def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ioffe §3.4/§4.2.1 claims, judged on test loss and accuracy over seeds (each seed: the
-    mean of its replicates)."""
-    t = results["config"]
-    q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
-    tol = float(t["accuracy_tolerance"])
-
-    def col(arm: str, key: str) -> list[float]:
-        return column(q, arm, key)
-
-    def acc(arm: str) -> str:
-        return f"{arm} " + "/".join(f"{100 * v:.1f}" for v in col(arm, "test_acc")) + "%"
-
-    def loss(arm: str) -> str:
-        return f"{arm} " + "/".join(f"{v:.3f}" for v in col(arm, "test_loss"))
-
-    def vs(a: str, b: str, key: str) -> dict[str, Any]:  # arm a against arm b, paired over seeds
-        return {"a": col(a, key), "b": col(b, key)}
-
-    fits = min(min(col(arm, "train_acc")) for arm in _ARMS)
-    make = Claims(__name__, results, tol_pp=100 * tol)
-    return [
-        make(
-            "bn_regularizes",
-            **vs("BN", "plain", "test_loss"),
-            also=[part(col("BN", "test_acc"), col("plain", "test_acc"), above=-tol)],
-            evidence=f"test loss per seed: {loss('BN')} vs {loss('plain')}; test accuracy {acc('BN')} vs {acc('plain')}; "
-            f"lowest training accuracy of any arm and seed {100 * fits:.1f}%",
-        ),
-        make(
-            "dropout_removable",
-            **vs("BN", "dropout 0.5", "test_acc"),
-            evidence=f"test accuracy per seed: {acc('BN')} vs {acc('dropout 0.5')}; test loss {loss('BN')} vs {loss('dropout 0.5')}",
-        ),
-        *(
-            make(name, **vs(arm, "BN", "test_acc"), evidence=f"test accuracy per seed: {acc(arm)} vs {acc('BN')}")
-            for name, arm in (
-                ("weak_dropout_neutral", "BN + dropout 0.1"),
-                ("strong_dropout_no_gain", "BN + dropout 0.5"),
-            )
-        ),
-        make(
-            "fixed_batches",
-            **vs("BN, fixed batches", "BN", "test_loss"),
-            evidence=f"test loss per seed: {loss('BN, fixed batches')} vs {loss('BN')}; test accuracy {acc('BN, fixed batches')} vs "
-            f"{acc('BN')}",
-        ),
-    ]
-
-
-def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
-    """Bars: test accuracy and loss per arm, mean over seeds ± std, seeds as dots."""
-    from ..figures import categories, dress, pyplot, save, wrap
-
-    plt = pyplot()
-    q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
-    names = list(_ARMS)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = ["tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:pink", "tab:orange"]
-    for ax, key, label in ((axes[0], "test_acc", "test accuracy"), (axes[1], "test_loss", "test loss (cross-entropy)")):
-        for i, name in enumerate(names):
-            values = np.asarray([v[name][key] for v in q], dtype=float)
-            ax.bar(i, values.mean(), yerr=values.std(), color=colors[i % len(colors)], alpha=0.75, capsize=4)
-            ax.plot(np.full(values.shape, i), values, "k.", markersize=4)
-        categories(ax.xaxis, [wrap(name, 10) for name in names], fontsize=8)
-        dress(ax, ylabel=label, grid="y")
-    low = min(v[n]["test_acc"] for v in q for n in names)
-    axes[0].set_ylim(max(0.0, low - 0.03), min(1.0, max(v[n]["test_acc"] for v in q for n in names) + 0.02))
-    cfg = results["config"]
-    runs = f"{len(q)} seeds x {cfg['replicates']} networks"
-    axes[0].set_title(f"Test accuracy ({cfg['train_examples']} training examples; {runs})")
-    axes[1].set_title(f"Test loss ({cfg['steps']} steps, calibrated so every arm fits)")
-    return [save(fig, Path(outdir) / "dropout_vs_bn.png")]
-
-
 class Dropout(Experiment):
     """BN as a regularizer, over seeds."""
 
@@ -201,9 +125,8 @@ class Dropout(Experiment):
         """The mode's replicates and step cap; ``steps`` is calibrated by ``run``."""
         return Settings.of(cfg.mode)
 
-    def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
+    def prepare(self, cfg: RunConfig, s: Settings, progress: Progress) -> Settings:
         """Apply the steps rule (the ``steps_rule`` setting) on the calibration seed."""
-        s = settings
         data = load_for(cfg, s.calibration_seed).subset_train(s.train_examples, s.calibration_seed)
         marks = list(range(0, s.max_steps + 1, s.calibration_every))
         needed = {}
@@ -221,24 +144,65 @@ class Dropout(Experiment):
         split = "each seed draws its own split and training subset"
         return {**super().describe_data(settings, first), "train_used": settings.train_examples, "split": split}
 
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        s = settings
+    def run_seeds(self, s: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> PerSeed:
+        """Each arm's replicates of every seed trained together; per seed and arm, each replicate's record."""
         runs = [(d, replicate_seed(seed, r)) for d, seed in zip(data, seeds) for r in range(s.replicates)]
-        per_seed: list[dict[str, Any]] = [{} for _ in seeds]
+        per_seed: PerSeed = [{} for _ in seeds]
         for arm in _ARMS:
             models, _ = _train_arm(s, [d for d, _ in runs], [g for _, g in runs], arm, progress)
+            # (train loss, train accuracy, test loss, test accuracy) of every run
             scores = [
-                (evaluate(m, d.train_x, d.train_y), evaluate(m, d.test_x, d.test_y)) for m, (d, _) in zip(models, runs)
+                (*evaluate(m, d.train_x, d.train_y), *evaluate(m, d.test_x, d.test_y))
+                for m, (d, _) in zip(models, runs)
             ]
             for k, rec in enumerate(per_seed):
-                mine = [(tr[1], te[1], tr[0], te[0]) for tr, te in scores[k * s.replicates : (k + 1) * s.replicates]]
-                rec[arm] = {key: [row[i] for row in mine] for i, key in enumerate(_RECORDED)}
+                mine = scores[k * s.replicates : (k + 1) * s.replicates]
+                rec[arm] = {key: [row[i] for row in mine] for key, i in zip(_RECORDED, (1, 3, 0, 2))}
         return per_seed
 
-    claims = staticmethod(_claims)
-    figures = staticmethod(_figures)
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """Ioffe §3.4/§4.2.1 claims, judged on test loss and accuracy over seeds (each seed: the
+        mean of its replicates)."""
+        q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
+        tol = float(results["config"]["accuracy_tolerance"])
+        col = {(arm, key): column(q, arm, key) for arm in _ARMS for key in _RECORDED}
+        acc = {arm: f"{arm} " + "/".join(f"{100 * v:.1f}" for v in col[arm, "test_acc"]) + "%" for arm in _ARMS}
+        loss = {arm: f"{arm} " + "/".join(f"{v:.3f}" for v in col[arm, "test_loss"]) for arm in _ARMS}
+        fits = min(min(col[arm, "train_acc"]) for arm in _ARMS)
+        regularizes = f"test loss per seed: {loss['BN']} vs {loss['plain']}; test accuracy {acc['BN']} vs {acc['plain']}; lowest training accuracy of any arm and seed {100 * fits:.1f}%"
+        removable = f"test accuracy per seed: {acc['BN']} vs {acc['dropout 0.5']}; test loss {loss['BN']} vs {loss['dropout 0.5']}"
+        fixed = f"test loss per seed: {loss['BN, fixed batches']} vs {loss['BN']}; test accuracy {acc['BN, fixed batches']} vs {acc['BN']}"
+        make, on_top = Claims(__name__, results, tol_pp=100 * tol), ("BN + dropout 0.1", "BN + dropout 0.5")
+
+        def vs(a: str, b: str, key: str) -> dict[str, Any]:  # arm a against arm b, paired over seeds
+            return {"a": col[a, key], "b": col[b, key]}
+
+        as_accurate = part(**vs("BN", "plain", "test_acc"), above=-tol)
+        return [
+            make("bn_regularizes", **vs("BN", "plain", "test_loss"), also=[as_accurate], evidence=regularizes),
+            make("dropout_removable", **vs("BN", "dropout 0.5", "test_acc"), evidence=removable),
+            *(
+                make(name, **vs(arm, "BN", "test_acc"), evidence=f"test accuracy per seed: {acc[arm]} vs {acc['BN']}")
+                for name, arm in zip(("weak_dropout_neutral", "strong_dropout_no_gain"), on_top)
+            ),
+            make("fixed_batches", **vs("BN, fixed batches", "BN", "test_loss"), evidence=fixed),
+        ]
+
+    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+        """Bars: test accuracy and loss per arm, mean over seeds ± std, seeds as dots."""
+        plt, cfg = pyplot(), results["config"]
+        q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax, key, label in zip(axes, ("test_acc", "test_loss"), ("test accuracy", "test loss (cross-entropy)")):
+            seed_bars(ax, [[v[name][key] for v in q] for name in _ARMS], _COLORS, alpha=0.75)
+            categories(ax.xaxis, [wrap(name, 10) for name in _ARMS], fontsize=8)
+            dress(ax, ylabel=label, grid="y")
+        accs = [v[n]["test_acc"] for v in q for n in _ARMS]
+        axes[0].set_ylim(max(0.0, min(accs) - 0.03), min(1.0, max(accs) + 0.02))
+        runs = f"{len(q)} seeds x {cfg['replicates']} networks"
+        axes[0].set_title(f"Test accuracy ({cfg['train_examples']} training examples; {runs})")
+        axes[1].set_title(f"Test loss ({cfg['steps']} steps, calibrated so every arm fits)")
+        return [save(fig, Path(outdir) / "dropout_vs_bn.png")]
 
 
 EXPERIMENT = Dropout()

@@ -4,7 +4,6 @@ that. Setup, rules and sources: ``goodfellow_chain.md``."""
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -19,8 +18,9 @@ from torch import Tensor
 from ...functional import batch_norm
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
-from ..declare import listed, seeded
-from ..experiment import Experiment, PerSeed, column
+from ..declare import columns, listed, seeded
+from ..experiment import Experiment, PerSeed
+from ..figures import dress, log_ticks, pyplot, save
 from ..progress import Progress
 from ..verdict import part
 
@@ -126,88 +126,6 @@ def _quantities(m: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """No single safe lr without normalization; depth makes the first-order error grow; BN removes both."""
-    s, seed0 = results["config"], results["metrics"]["seeds"][0]
-    q = [_quantities(m, s) for m in results["metrics"]["per_seed"]]
-    col, first, n_bn = functools.partial(column, q), q[0], len(_cases(results["metrics"]["per_seed"][0], "bn"))
-    spread, growth = (math.log10(float(s[k])) for k in ("plain_safe_lr_spread_at_least", "plain_error_growth_at_least"))
-    make = Claims(
-        __name__, results, spread_log10=spread, growth_log10=growth, bn_error_pct=100 * s["bn_first_order_error_below"]
-    )
-    no_single = (
-        f"log10 of (largest / smallest safe lr), per seed: {listed([10**v for v in col('plain_spread_log10')], '{:.3g}x')} "
-        f"(an unsafe-everywhere chain counts at the smallest grid lr, so these are lower bounds); seed {seed0}: "
-        f"{first['plain_range']}"
-    )
-    grows = (
-        f"log10 growth shallowest -> deepest (smallest over scales), per seed: {listed(col('growth_total_log10'), '{:.2f}')}; "
-        f"smallest log10 growth between neighbouring depths: {listed(col('growth_min_step_log10'), '{:.2f}')}; seed {seed0}, "
-        f"|actual/predicted - 1|: {first['growth_detail']} (an overflowed step counts as 10^{_LOG10_CAP:g})"
-    )
-    bn_safe = (
-        f"BN safe lr from {min(col('bn_safe_min')):.2g} to {max(col('bn_safe_max')):.2g} over {len(q)} seeds x {n_bn} chains; "
-        f"spread per seed {listed(col('bn_spread'), '{:.3g}x')}; {sum(int(v) for v in col('bn_unsafe'))} BN chain(s) unsafe "
-        "at every lr"
-    )
-    bn_first = (
-        f"largest |actual/predicted - 1| at lr {float(s['reference_lr']):g}, per seed: BN {listed(col('bn_error'), '{:.3g}')}; "
-        f"without BN {listed(col('plain_error'), '{:.3g}')}"
-    )
-    return [
-        make("plain_no_single_lr", a=col("plain_spread_log10"), evidence=no_single),
-        make(
-            "plain_error_grows",
-            a=col("growth_total_log10"),
-            also=[part(col("growth_min_step_log10"), above=0.0)],
-            evidence=grows,
-        ),
-        make("bn_safe_lr", a=col("bn_spread"), evidence=bn_safe),
-        make("bn_first_order", a=col("bn_error"), evidence=bn_first),
-    ]
-
-
-def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
-    """Predicted vs actual change (plain, BN) and safe lr vs depth (the first seed)."""
-    from ..figures import dress, log_ticks, pyplot, save
-
-    plt = pyplot()
-    cfg, m, seed, paths = results["config"], results["metrics"]["per_seed"][0], results["metrics"]["seeds"][0], []
-    scale_shown = 1.2 if 1.2 in cfg["scales"] else cfg["scales"][-1]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(cfg["depths"])))
-    for ax, arm, title in ((axes[0], "plain", "without normalization"), (axes[1], "bn", "BN on every layer")):
-        for color, depth in zip(colors, cfg["depths"]):
-            c = next(c for c in _cases(m, arm) if c["depth"] == depth and c["scale"] == scale_shown)
-            pred, act = (-np.asarray([float(v) for v in c[k]], dtype=float) for k in ("predicted", "actual"))
-            ok = np.isfinite(act)
-            ax.plot(pred[ok], act[ok], "o-", markersize=3, color=color, label=f"depth {depth}")
-        ax.plot([1e-8, 1e8], [1e-8, 1e8], ":", color="black", label="actual = predicted")
-        ax.set_xscale("log")
-        ax.set_yscale("symlog", linthresh=1e-6)
-        ticks = [-1e12, -1e8, -1e4, -1.0, -1e-4, 0.0, 1e-4, 1.0, 1e4]  # every 4 decades: no crowding at 0
-        ax.set(xlim=(1e-8, 1e6), ylim=(-1e12, 1e4), yticks=ticks)
-        ax.set(xlabel="predicted loss decrease lr*|g|^2 (first order)", title=f"{title} (all weights = {scale_shown})")
-        dress(ax, grid=True, legend={"loc": "lower left", "fontsize": 8})
-    axes[0].set_ylabel("actual loss decrease (negative = loss went up)")
-    fig.suptitle(f"One simultaneous gradient step on y = x*w1*...*wL (seed {seed})")
-    paths.append(save(fig, Path(outdir) / "predicted_vs_actual.png"))
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm, style in (("plain", "-o"), ("bn", "--s")):
-        for color, scale in zip(plt.cm.plasma(np.linspace(0, 0.85, len(cfg["scales"]))), cfg["scales"]):
-            row = sorted((c for c in _cases(m, arm) if c["scale"] == scale), key=lambda c: c["depth"])
-            label = f"{'no norm' if arm == 'plain' else 'BN'}, weights {scale}"
-            ax.plot([c["depth"] for c in row], [_safe(c) for c in row], style, color=color, markersize=4, label=label)
-    ax.set_xscale("log", base=2)
-    log_ticks(ax.xaxis, cfg["depths"])
-    title = f"Largest step whose effect the gradient predicts within ±50% (seed {seed})"
-    ylabel = "largest safe learning rate"
-    dress(ax, title, yscale="log", xlabel="depth L", ylabel=ylabel, grid=True, legend={"fontsize": 7, "ncol": 2})
-    paths.append(save(fig, Path(outdir) / "safe_learning_rate.png"))
-    return paths
-
-
 class Chain(Experiment):
     """The linear chain over several seeds (each seed: its own inputs x)."""
 
@@ -237,8 +155,71 @@ class Chain(Experiment):
 
             return [{"cases": [case(x, *g) for g in grid]} for x in data]
 
-    claims = staticmethod(_claims)
-    figures = staticmethod(_figures)
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """No single safe lr without normalization; depth makes the first-order error grow; BN removes both."""
+        s, seed0 = results["config"], results["metrics"]["seeds"][0]
+        q = [_quantities(m, s) for m in results["metrics"]["per_seed"]]
+        col, first, n_bn = columns(q), q[0], len(_cases(results["metrics"]["per_seed"][0], "bn"))
+        spread_log10 = math.log10(float(s["plain_safe_lr_spread_at_least"]))
+        growth_log10 = math.log10(float(s["plain_error_growth_at_least"]))
+        bn_error_pct = 100 * s["bn_first_order_error_below"]
+        make = Claims(
+            __name__, results, spread_log10=spread_log10, growth_log10=growth_log10, bn_error_pct=bn_error_pct
+        )
+        no_single = f"log10 of (largest / smallest safe lr), per seed: {listed([10**v for v in col['plain_spread_log10']], '{:.3g}x')} (an unsafe-everywhere chain counts at the smallest grid lr, so these are lower bounds); seed {seed0}: {first['plain_range']}"
+        grows = f"log10 growth shallowest -> deepest (smallest over scales), per seed: {listed(col['growth_total_log10'], '{:.2f}')}; smallest log10 growth between neighbouring depths: {listed(col['growth_min_step_log10'], '{:.2f}')}; seed {seed0}, |actual/predicted - 1|: {first['growth_detail']} (an overflowed step counts as 10^{_LOG10_CAP:g})"
+        bn_safe = f"BN safe lr from {min(col['bn_safe_min']):.2g} to {max(col['bn_safe_max']):.2g} over {len(q)} seeds x {n_bn} chains; spread per seed {listed(col['bn_spread'], '{:.3g}x')}; {sum(int(v) for v in col['bn_unsafe'])} BN chain(s) unsafe at every lr"
+        bn_first = f"largest |actual/predicted - 1| at lr {float(s['reference_lr']):g}, per seed: BN {listed(col['bn_error'], '{:.3g}')}; without BN {listed(col['plain_error'], '{:.3g}')}"
+        grows_everywhere = part(col["growth_min_step_log10"], above=0.0)
+        return [
+            make("plain_no_single_lr", a=col["plain_spread_log10"], evidence=no_single),
+            make("plain_error_grows", a=col["growth_total_log10"], also=[grows_everywhere], evidence=grows),
+            make("bn_safe_lr", a=col["bn_spread"], evidence=bn_safe),
+            make("bn_first_order", a=col["bn_error"], evidence=bn_first),
+        ]
+
+    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+        """Predicted vs actual change (plain, BN) and safe lr vs depth (the first seed)."""
+        plt = pyplot()
+        cfg, m, seed, paths = results["config"], results["metrics"]["per_seed"][0], results["metrics"]["seeds"][0], []
+        scale_shown = 1.2 if 1.2 in cfg["scales"] else cfg["scales"][-1]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+        colors = plt.cm.viridis(np.linspace(0, 0.9, len(cfg["depths"])))
+        for ax, arm, title in ((axes[0], "plain", "without normalization"), (axes[1], "bn", "BN on every layer")):
+            for color, depth in zip(colors, cfg["depths"]):
+                c = next(c for c in _cases(m, arm) if c["depth"] == depth and c["scale"] == scale_shown)
+                pred, act = (-np.asarray([float(v) for v in c[k]], dtype=float) for k in ("predicted", "actual"))
+                ok = np.isfinite(act)
+                ax.plot(pred[ok], act[ok], "o-", markersize=3, color=color, label=f"depth {depth}")
+            ax.plot([1e-8, 1e8], [1e-8, 1e8], ":", color="black", label="actual = predicted")
+            ax.set_xscale("log")
+            ax.set_yscale("symlog", linthresh=1e-6)
+            ticks = [-1e12, -1e8, -1e4, -1.0, -1e-4, 0.0, 1e-4, 1.0, 1e4]  # every 4 decades: no crowding at 0
+            ax.set(
+                xlim=(1e-8, 1e6),
+                ylim=(-1e12, 1e4),
+                yticks=ticks,
+                xlabel="predicted loss decrease lr*|g|^2 (first order)",
+            )
+            ax.set_title(f"{title} (all weights = {scale_shown})")
+            dress(ax, grid=True, legend={"loc": "lower left", "fontsize": 8})
+        axes[0].set_ylabel("actual loss decrease (negative = loss went up)")
+        fig.suptitle(f"One simultaneous gradient step on y = x*w1*...*wL (seed {seed})")
+        paths.append(save(fig, Path(outdir) / "predicted_vs_actual.png"))
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for arm, style in (("plain", "-o"), ("bn", "--s")):
+            for color, scale in zip(plt.cm.plasma(np.linspace(0, 0.85, len(cfg["scales"]))), cfg["scales"]):
+                row = sorted((c for c in _cases(m, arm) if c["scale"] == scale), key=lambda c: c["depth"])
+                label = f"{'no norm' if arm == 'plain' else 'BN'}, weights {scale}"
+                depths, safe = [c["depth"] for c in row], [_safe(c) for c in row]
+                ax.plot(depths, safe, style, color=color, markersize=4, label=label)
+        ax.set_xscale("log", base=2)
+        log_ticks(ax.xaxis, cfg["depths"])
+        title = f"Largest step whose effect the gradient predicts within ±50% (seed {seed})"
+        ylabel = "largest safe learning rate"
+        dress(ax, title, yscale="log", xlabel="depth L", ylabel=ylabel, grid=True, legend={"fontsize": 7, "ncol": 2})
+        return [*paths, save(fig, Path(outdir) / "safe_learning_rate.png")]
 
 
 EXPERIMENT = Chain()

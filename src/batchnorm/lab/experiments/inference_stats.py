@@ -18,8 +18,9 @@ from ... import recompute_statistics
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, mlp_for, seeded, train_seeds
+from ..declare import batch_stats_accuracy, listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column
+from ..figures import dress, pyplot, save
 from ..models import blocks
 from ..popstats import population_statistics
 from ..progress import Progress
@@ -46,24 +47,6 @@ class Settings(Declared):
     batch_size: int
     test_batch_sizes: tuple[int, ...]
     noise_batch_sizes: tuple[int, ...]
-
-
-@torch.no_grad()
-def _batch_stats_accuracy(
-    model: nn.Module, x: Tensor, y: Tensor, size: int, repeats: int, generator: torch.Generator
-) -> float:
-    """Mean accuracy when each test batch of ``size`` is normalized by its own statistics."""
-    net = copy.deepcopy(model).eval()
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.track_running_stats = False  # batch statistics, buffers untouched
-            m.train()
-    correct = 0
-    for _ in range(repeats):
-        order = torch.randperm(x.shape[0], generator=generator)
-        for idx in order[: (x.shape[0] // size) * size].split(size):
-            correct += int((net(x[idx]).argmax(1) == y[idx]).sum())
-    return correct / (repeats * (x.shape[0] // size) * size)
 
 
 @torch.no_grad()
@@ -109,7 +92,12 @@ def _measure(s: Settings, data: Dataset, model: nn.Module, seed: int) -> dict[st
     exact.eval()
     gen, x, y = seeded(seed + 3), data.test_x, data.test_y
     sizes = [b for b in s.test_batch_sizes if b <= x.shape[0]]
-    batch_acc = {str(b): _batch_stats_accuracy(model, x, y, b, s.test_batch_repeats, gen) for b in sizes}
+    batch_acc = {  # each test batch of b normalized by its own statistics, in test_batch_repeats random orders
+        str(b): batch_stats_accuracy(
+            model, x, y, b, [torch.randperm(x.shape[0], generator=gen) for _ in range(s.test_batch_repeats)]
+        )
+        for b in sizes
+    }
     with torch.no_grad():
         single_delta = float((exact(x) - torch.cat([exact(x[i : i + 1]) for i in range(x.shape[0])])).abs().max())
     single_fails = ""
@@ -133,90 +121,6 @@ def _measure(s: Settings, data: Dataset, model: nn.Module, seed: int) -> dict[st
     }
 
 
-def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Fixed statistics agree; batch statistics degrade with small batches; theory of noise."""
-    t, seed0, first = results["config"], results["metrics"]["seeds"][0], results["metrics"]["per_seed"][0]
-    per = results["metrics"]["per_seed"]
-    ema, alg2, exact = ([100.0 * v for v in column(per, "test_acc", k)] for k in _FIXED)
-    band = float(t["fixed_statistics_band_pp"])
-    mean_diff, var_diff = ([max(m["stat_difference_vs_exact"][f"alg2_{k}"]) for m in per] for k in ("mean", "var"))
-    b8, b2 = ([100.0 * v for v in column(per, "test_acc_batch_statistics", k)] for k in ("8", "2"))
-    delta = column(per, "single_example_max_logit_delta")
-    at8 = [
-        {k: v[m["first_layer_noise"]["m"].index(8)] for k, v in m["first_layer_noise"].items()}
-        for m in results["metrics"]["per_seed"]
-    ]
-    ratio = [n["mean_scatter"] / n["mean_scatter_theory"] - 1.0 for n in at8]
-    refused = first["single_example_batch_statistics_error"].split(" (")[0] or "(not refused)"
-    ema_diff = first["stat_difference_vs_exact"]
-    agree = f"test accuracy per seed (%): running average {listed(ema, '{:.2f}')}; Alg. 2 {listed(alg2, '{:.2f}')}; exact {listed(exact, '{:.2f}')}"
-    close = (
-        f"largest difference over layers and units, per seed — means (in stds): {listed(mean_diff, '{:.3f}')}; variances "
-        f"(relative): {listed(var_diff, '{:.3f}')}; running average (seed {seed0}, per layer): "
-        f"{listed(ema_diff['running_average_mean'], '{:.3f}')} / {listed(ema_diff['running_average_var'], '{:.3f}')}"
-    )
-    degrade = (
-        f"test accuracy per seed (%): B=8 {listed(b8)}; B=2 {listed(b2)}; population statistics {listed(exact)}; "
-        f"seed {seed0} over B: "
-        + ", ".join(f"{k}: {100 * v:.1f}" for k, v in first["test_acc_batch_statistics"].items())
-    )
-    alone = f"max |logit difference| per seed: {listed(delta, '{:.1e}')}; with batch statistics a single example is refused: {refused}"
-    noise = (
-        f"first BN layer, m=8, measured / theory - 1 per seed: {listed(ratio, '{:+.3f}')}; seed {seed0}: "
-        f"{at8[0]['mean_scatter']:.3f} sigma vs {at8[0]['mean_scatter_theory']:.3f} sigma; batch variance scatters by "
-        f"{at8[0]['var_rel_scatter']:.2f} of sigma^2"
-    )
-    make = Claims(__name__, results, var_pct=100 * t["alg2_var_within"], noise_pct=100 * t["noise_theory_band"])
-    return [
-        make(
-            "fixed_statistics_agree", a=ema, b=exact, also=[part(alg2, exact, above=-band, below=band)], evidence=agree
-        ),
-        make(
-            "alg2_close_to_exact", a=mean_diff, also=[part(var_diff, below=float(t["alg2_var_within"]))], evidence=close
-        ),
-        make(
-            "small_batches_degrade",
-            a=exact,
-            b=b8,
-            also=[part(exact, b2, above=float(t["batch2_drop_at_least_pp"]))],
-            evidence=degrade,
-        ),
-        make("independent_of_batch_mates", a=delta, evidence=alone),
-        make("noise_as_theory", a=ratio, evidence=noise),
-    ]
-
-
-def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
-    """Accuracy by kind of statistics and test batch size; noise vs batch size (first seed)."""
-    from ..figures import dress, pyplot, save
-
-    plt = pyplot()
-    m = results["metrics"]["per_seed"][0]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
-    ba = m["test_acc_batch_statistics"]
-    sizes = [int(k) for k in ba]
-    axes[0].plot(sizes, [ba[str(k)] for k in sizes], "o-", color="tab:purple", label="each test batch's own statistics")
-    for key, (label, color, ls) in _FIXED.items():
-        axes[0].axhline(m["test_acc"][key], color=color, linestyle=ls, label=label)
-    axes[0].set_xscale("log", base=2)
-    axes[0].set_xticks(sizes, [str(k) for k in sizes])
-    axes[0].set(xlabel="test batch size B (batch statistics)", ylabel="test accuracy")
-    dress(axes[0], "Which statistics normalize a test example", grid=True, legend={"loc": "lower right", "fontsize": 8})
-
-    noise = m["first_layer_noise"]
-    for key, style, color, label in (
-        ("mean_scatter", "o-", "tab:blue", "batch mean: std of (mu_B - mu)/sigma"),
-        ("mean_scatter_theory", ":", "black", "theory sqrt((N-m)/(m(N-1)))"),
-        ("var_rel_scatter", "s-", "tab:orange", "batch variance: std of sigma_B^2/sigma^2"),
-    ):
-        axes[1].plot(noise["m"], noise[key], style, color=color, label=label)
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_xticks(noise["m"], [str(k) for k in noise["m"]])
-    axes[1].set(yscale="log", xlabel="batch size m", ylabel="scatter, in population units")
-    dress(axes[1], "Noise of batch statistics (first BN layer)", grid=True, legend={"fontsize": 8})
-    return [save(fig, Path(outdir) / "inference_statistics.png")]
-
-
 class InferenceStats(Experiment):
     """Which statistics normalize a test example, over several seeds."""
 
@@ -236,8 +140,64 @@ class InferenceStats(Experiment):
             {**_measure(s, d, m, seed), "diverged": r.diverged} for m, d, seed, r in zip(models, data, seeds, results)
         ]
 
-    claims = staticmethod(_claims)
-    figures = staticmethod(_figures)
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """Fixed statistics agree; batch statistics degrade with small batches; theory of noise."""
+        t, seed0, per = results["config"], results["metrics"]["seeds"][0], results["metrics"]["per_seed"]
+        ema, alg2, exact = ([100.0 * v for v in column(per, "test_acc", k)] for k in _FIXED)
+        b8, b2 = ([100.0 * v for v in column(per, "test_acc_batch_statistics", k)] for k in ("8", "2"))
+        mean_diff, var_diff = ([max(m["stat_difference_vs_exact"][f"alg2_{k}"]) for m in per] for k in ("mean", "var"))
+        delta, first, band = column(per, "single_example_max_logit_delta"), per[0], float(t["fixed_statistics_band_pp"])
+        at8 = [{k: v[m["first_layer_noise"]["m"].index(8)] for k, v in m["first_layer_noise"].items()} for m in per]
+        ratio = [n["mean_scatter"] / n["mean_scatter_theory"] - 1.0 for n in at8]
+        refused = first["single_example_batch_statistics_error"].split(" (")[0] or "(not refused)"
+        ema_diff = first["stat_difference_vs_exact"]
+        over_b = ", ".join(f"{k}: {100 * v:.1f}" for k, v in first["test_acc_batch_statistics"].items())
+        agree = f"test accuracy per seed (%): running average {listed(ema, '{:.2f}')}; Alg. 2 {listed(alg2, '{:.2f}')}; exact {listed(exact, '{:.2f}')}"
+        close = f"largest difference over layers and units, per seed — means (in stds): {listed(mean_diff, '{:.3f}')}; variances (relative): {listed(var_diff, '{:.3f}')}; running average (seed {seed0}, per layer): {listed(ema_diff['running_average_mean'], '{:.3f}')} / {listed(ema_diff['running_average_var'], '{:.3f}')}"
+        degrade = f"test accuracy per seed (%): B=8 {listed(b8)}; B=2 {listed(b2)}; population statistics {listed(exact)}; seed {seed0} over B: {over_b}"
+        alone = f"max |logit difference| per seed: {listed(delta, '{:.1e}')}; with batch statistics a single example is refused: {refused}"
+        noise = f"first BN layer, m=8, measured / theory - 1 per seed: {listed(ratio, '{:+.3f}')}; seed {seed0}: {at8[0]['mean_scatter']:.3f} sigma vs {at8[0]['mean_scatter_theory']:.3f} sigma; batch variance scatters by {at8[0]['var_rel_scatter']:.2f} of sigma^2"
+        make = Claims(__name__, results, var_pct=100 * t["alg2_var_within"], noise_pct=100 * t["noise_theory_band"])
+        alg2_agrees = part(alg2, exact, above=-band, below=band)
+        var_close = part(var_diff, below=float(t["alg2_var_within"]))
+        b2_drops = part(exact, b2, above=float(t["batch2_drop_at_least_pp"]))
+        return [
+            make("fixed_statistics_agree", a=ema, b=exact, also=[alg2_agrees], evidence=agree),
+            make("alg2_close_to_exact", a=mean_diff, also=[var_close], evidence=close),
+            make("small_batches_degrade", a=exact, b=b8, also=[b2_drops], evidence=degrade),
+            make("independent_of_batch_mates", a=delta, evidence=alone),
+            make("noise_as_theory", a=ratio, evidence=noise),
+        ]
+
+    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+        """Accuracy by kind of statistics and test batch size; noise vs batch size (first seed)."""
+        plt = pyplot()
+        m = results["metrics"]["per_seed"][0]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
+        ba = m["test_acc_batch_statistics"]
+        sizes = [int(k) for k in ba]
+        own = "each test batch's own statistics"
+        axes[0].plot(sizes, [ba[str(k)] for k in sizes], "o-", color="tab:purple", label=own)
+        for key, (label, color, ls) in _FIXED.items():
+            axes[0].axhline(m["test_acc"][key], color=color, linestyle=ls, label=label)
+        axes[0].set_xscale("log", base=2)
+        axes[0].set_xticks(sizes, [str(k) for k in sizes])
+        axes[0].set(xlabel="test batch size B (batch statistics)", ylabel="test accuracy")
+        title = "Which statistics normalize a test example"
+        dress(axes[0], title, grid=True, legend={"loc": "lower right", "fontsize": 8})
+
+        noise = m["first_layer_noise"]
+        for key, style, color, label in (
+            ("mean_scatter", "o-", "tab:blue", "batch mean: std of (mu_B - mu)/sigma"),
+            ("mean_scatter_theory", ":", "black", "theory sqrt((N-m)/(m(N-1)))"),
+            ("var_rel_scatter", "s-", "tab:orange", "batch variance: std of sigma_B^2/sigma^2"),
+        ):
+            axes[1].plot(noise["m"], noise[key], style, color=color, label=label)
+        axes[1].set_xscale("log", base=2)
+        axes[1].set_xticks(noise["m"], [str(k) for k in noise["m"]])
+        axes[1].set(yscale="log", xlabel="batch size m", ylabel="scatter, in population units")
+        dress(axes[1], "Noise of batch statistics (first BN layer)", grid=True, legend={"fontsize": 8})
+        return [save(fig, Path(outdir) / "inference_statistics.png")]
 
 
 EXPERIMENT = InferenceStats()

@@ -1,7 +1,6 @@
 """``ioffe2015-fig1``: Ioffe & Szegedy 2015, Figure 1 — BN trains faster and keeps the inputs
 of the sigmoids stable; inference with Alg. 2 population statistics vs the running average.
-Setup, the rules fixed before any run and each setting's source: ``ioffe2015_fig1.md``.
-"""
+Setup, the rules fixed before any run and each setting's source: ``ioffe2015_fig1.md``."""
 
 from __future__ import annotations
 
@@ -11,14 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor, nn
 
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import activation_inputs, listed, mlp_for, probing, seeded, train_seeds
-from ..experiment import Experiment, column, first_reaching
+from ..declare import activation_inputs, batch_stats_accuracy, columns, listed, mlp_for, seeded, train_seeds
+from ..experiment import Experiment, PerSeed, first_reaching
 from ..figures import dress, pyplot, save
 from ..popstats import population_statistics
 from ..progress import Progress
@@ -26,12 +23,20 @@ from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
 
 _MNIST1D_QUICK = (20000, 400)  # steps, checkpoint_every on MNIST-1D in quick mode (why: mnist1d_choice)
+_INFERENCE = (  # the inference figure's series: key, label, style
+    ("test_acc", "running average (EMA, momentum 0.1)", {"color": "tab:red"}),
+    ("test_acc_population", "Alg. 2 population statistics", {"color": "tab:green", "linestyle": "--"}),
+    (
+        "test_acc_batch_stats",
+        "statistics of each test batch of 60",
+        {"color": "tab:purple", "alpha": 0.7, "linestyle": ":"},
+    ),
+)
 
 
 @dataclass(frozen=True)
 class Settings(Declared):
-    """The settings the code computes or reads; every constant one is in ``ioffe2015_fig1.settings.toml``
-    (each one's meaning and source: ``ioffe2015_fig1.md``)."""
+    """What the code computes or reads; the constants: ``ioffe2015_fig1.settings.toml``."""
 
     steps: int
     checkpoint_every: int
@@ -44,18 +49,9 @@ class Settings(Declared):
     percentiles: tuple[int, ...]
 
 
-def _batch_stats_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int) -> float:
-    """Test accuracy when BN normalizes each test batch of ``batch`` by its own statistics
-    (training-mode forward; BN buffers restored). The tail that does not fill a batch is left out."""
-    starts = range(0, x.shape[0] - batch + 1, batch)
-    with torch.no_grad(), probing(model):
-        correct = sum(int((model(x[i : i + batch]).argmax(dim=1) == y[i : i + batch]).sum()) for i in starts)
-    return correct / max(batch * len(starts), 1)
-
-
 def _train_arm(
     s: Settings, data: Sequence[Dataset], seeds: Sequence[int], norm: str | None, progress: Progress
-) -> list[dict[str, Any]]:
+) -> PerSeed:
     """Train one arm (norm None = baseline) on every seed together; per seed, at each checkpoint:
     test accuracy and loss, training loss since the last checkpoint, percentiles of the last sigmoid's
     input (BN on each test batch's statistics); with BN, test accuracy by Alg. 2 and by batch statistics."""
@@ -67,7 +63,7 @@ def _train_arm(
     ]
     keys = ["step", "test_acc", "test_loss", "train_loss", "percentiles"]
     keys += ["test_acc_population", "test_acc_batch_stats"] if norm is not None else []
-    recs: list[dict[str, Any]] = [{key: [] for key in keys} for _ in seeds]
+    recs: PerSeed = [{key: [] for key in keys} for _ in seeds]
     pop_gens, seen = [seeded(seed + 1) for seed in seeds], [0] * len(seeds)
 
     def record(step: int, results: list[TrainResult]) -> None:
@@ -75,13 +71,16 @@ def _train_arm(
             loss, acc = evaluate(model, d.test_x, d.test_y)
             recent, seen[k] = result.losses[seen[k] :], len(result.losses)
             z = activation_inputs(model, d.test_x, batch=s.batch_size, layers=[len(s.hidden) - 1])[0][:, s.tracked_unit]
-            percentiles = np.percentile(z.numpy(), list(s.percentiles)).tolist()
-            for key, value in zip(keys, (step, acc, loss, float(np.mean(recent)) if recent else None, percentiles)):
-                rec[key].append(value)
+            values = [step, acc, loss, float(np.mean(recent)) if recent else None]
+            values.append(np.percentile(z.numpy(), list(s.percentiles)).tolist())
             if norm is not None:
                 pop = population_statistics(model, d.train_x, batch_size=s.batch_size, generator=pop_gens[k])
-                rec["test_acc_population"].append(evaluate(pop, d.test_x, d.test_y)[1])
-                rec["test_acc_batch_stats"].append(_batch_stats_accuracy(model, d.test_x, d.test_y, s.batch_size))
+                values += [
+                    evaluate(pop, d.test_x, d.test_y)[1],
+                    batch_stats_accuracy(model, d.test_x, d.test_y, s.batch_size),
+                ]
+            for key, value in zip(keys, values):
+                rec[key].append(value)
 
     label = "BN" if norm else "no BN"
     results = train_seeds(models, data, seeds, spec, label, progress, checkpoints=checkpoints, on_checkpoint=record)
@@ -124,100 +123,6 @@ def _fig1_quantities(m: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The paper's Figure 1 claims, each judged over the seeds from the saved metrics."""
-    t = results["config"]
-    q = [_fig1_quantities(m) for m in results["metrics"]["per_seed"]]
-    col = {key: column(q, key) for key in q[0]}
-    mean = {key: float(np.mean(v)) for key, v in col.items()}
-    factor, tol = t["baseline_vs_bn_spread_change_factor"], float(t["population_vs_running_tolerance"])
-    growth_pct, settled_pct = 100 * t["baseline_spread_growth_at_least"], 100 * t["bn_settled_relative_move_below"]
-    make = Claims(
-        __name__,
-        results,
-        growth_pct=growth_pct,
-        settled_pct=settled_pct,
-        tol_pp=100 * t["population_vs_running_tolerance"],
-    )
-    evidence = [
-        f"smallest margin {100 * mean['min_margin']:+.1f} pp (mean over seeds); final {100 * mean['final_bn']:.1f}% with BN "
-        f"vs {100 * mean['final_base']:.1f}% without",
-        f"steps to the baseline's best accuracy, per seed: baseline {listed(col['steps_base'], '{:g}')}; BN "
-        f"{listed(col['steps_bn'], '{:g}')}",
-        f"second half: baseline spread {100 * mean['widen_base']:+.1f}%, BN's spread changes by {100 * mean['change_bn']:.1f}% "
-        "(means over seeds)",
-        f"largest move over the second half relative to the final spread: BN {mean['drift_bn']:.3f}, baseline "
-        f"{mean['drift_base']:.3f} (means over seeds)",
-        f"population minus running average: final {100 * mean['pop_minus_ema_final']:+.2f} pp, mean over the second half "
-        f"{100 * mean['pop_minus_ema_half']:+.2f} pp (means over seeds)",
-    ]
-    wider = part([w - factor * c for w, c in zip(col["widen_base"], col["change_bn"])], above=0.0)
-    settles = part(col["drift_bn"], [0.5 * v for v in col["drift_base"]], below=0.0)
-    as_running = part(col["pop_minus_ema_half"], above=-tol)
-    return [
-        make("bn_above_baseline", a=col["min_margin"], evidence=evidence[0]),
-        make("speedup", a=col["steps_base"], b=col["steps_bn"], evidence=evidence[1]),
-        make("baseline_spread_widens", a=col["widen_base"], also=[wider], evidence=evidence[2]),
-        make("bn_settles", a=col["drift_bn"], also=[settles], evidence=evidence[3]),
-        make("population_as_running", a=col["pop_minus_ema_final"], also=[as_running], evidence=evidence[4]),
-    ]
-
-
-def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
-    """Fig. 1(a) accuracy, Fig. 1(b, c) percentiles, inference side by side, training loss
-    (the first seed's curves)."""
-    plt = pyplot()
-    m = results["metrics"]["per_seed"][0]
-    base, bn = m["baseline"], m["bn"]
-    data = results.get("run", {}).get("data", "digits")
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    low = min(min(bn["test_acc"][1:] or [0.9]), base["test_acc"][-1]) - 0.02
-    for ax, title, bottom in zip(axes, (f"(a) test accuracy vs step ({data})", "(a) zoomed"), (0.0, max(low, 0.0))):
-        ax.plot(base["step"], base["test_acc"], label="without BN", color="tab:blue")
-        ax.plot(bn["step"], bn["test_acc"], label="with BN (running average)", color="tab:red")
-        population = {"label": "with BN (Alg. 2 population stats)", "color": "tab:red", "linestyle": ":"}
-        ax.plot(bn["step"], bn["test_acc_population"], **population)
-        dress(ax, xlabel="training step", ylabel="test accuracy", grid=True)
-        dress(ax, title, ylim=(bottom, 1.0), legend={"loc": "lower right"})
-    paths = [save(fig, Path(outdir) / "fig1a_accuracy.png")]
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, rec, title in ((axes[0], base, "(b) without BN"), (axes[1], bn, "(c) with BN: gamma*x_hat + beta")):
-        p = np.asarray(rec["percentiles"])  # (checkpoints, 3)
-        ax.fill_between(rec["step"], p[:, 0], p[:, 2], color="tab:gray", alpha=0.2, linewidth=0)
-        for k, (q, style) in enumerate(zip((15, 50, 85), ("--", "-", "--"))):
-            ax.plot(rec["step"], p[:, k], style, color="black" if k == 1 else "tab:gray", label=f"{q}th percentile")
-        dress(ax, title, xlabel="training step", grid=True, legend={"loc": "upper left"})
-    axes[0].set_ylabel(f"input to sigmoid (last hidden layer, unit {results['config'].get('tracked_unit', 0)})")
-    fig.suptitle("Distribution of one sigmoid's input over the test set during training")
-    paths.append(save(fig, Path(outdir) / "fig1bc_sigmoid_input_percentiles.png"))
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    idx = [i for i, s in enumerate(bn["step"]) if s > 0]
-    for key, label, kw in (
-        ("test_acc", "running average (EMA, momentum 0.1)", {"color": "tab:red"}),
-        ("test_acc_population", "Alg. 2 population statistics", {"color": "tab:green", "linestyle": "--"}),
-        (
-            "test_acc_batch_stats",
-            "statistics of each test batch of 60",
-            {"color": "tab:purple", "alpha": 0.7, "linestyle": ":"},
-        ),
-    ):
-        ax.plot([bn["step"][i] for i in idx], [bn[key][i] for i in idx], label=label, **kw)
-    title, ylabel = "BN inference: which statistics normalize a test example", "test accuracy of the BN network"
-    dress(ax, title, xlabel="training step", ylabel=ylabel, grid=True, legend={"loc": "lower right"})
-    paths.append(save(fig, Path(outdir) / "inference_statistics.png"))
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for rec, label, color in ((base, "without BN", "tab:blue"), (bn, "with BN", "tab:red")):
-        pts = [(s, v) for s, v in zip(rec["step"], rec["train_loss"]) if v is not None]
-        ax.plot([s for s, _ in pts], [v for _, v in pts], label=label, color=color)
-    title = "Training loss (mean over the steps since the last checkpoint)"
-    dress(ax, title, yscale="log", xlabel="training step", ylabel="training loss", grid=True, legend=True)
-    return [*paths, save(fig, Path(outdir) / "train_loss.png")]
-
-
 class Fig1(Experiment):
     """Ioffe & Szegedy's Figure 1 over several seeds."""
 
@@ -230,15 +135,76 @@ class Fig1(Experiment):
             return Settings.of(steps=steps, checkpoint_every=every, mnist1d_choice=choice)
         return Settings.of(cfg.mode)
 
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        base = _train_arm(settings, data, seeds, None, progress)
-        bn = _train_arm(settings, data, seeds, "bn", progress)
+    def run_seeds(self, s: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> PerSeed:
+        base, bn = (_train_arm(s, data, seeds, norm, progress) for norm in (None, "bn"))
         return [{"baseline": b, "bn": n} for b, n in zip(base, bn)]
 
-    claims = staticmethod(_claims)
-    figures = staticmethod(_figures)
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """The paper's Figure 1 claims, each judged over the seeds from the saved metrics."""
+        t, col = results["config"], columns(_fig1_quantities(m) for m in results["metrics"]["per_seed"])
+        mean = {key: float(np.mean(v)) for key, v in col.items()}
+        factor, tol = t["baseline_vs_bn_spread_change_factor"], float(t["population_vs_running_tolerance"])
+        growth_pct, settled_pct = 100 * t["baseline_spread_growth_at_least"], 100 * t["bn_settled_relative_move_below"]
+        make = Claims(__name__, results, growth_pct=growth_pct, settled_pct=settled_pct, tol_pp=100 * tol)
+        margin = f"smallest margin {100 * mean['min_margin']:+.1f} pp (mean over seeds); final {100 * mean['final_bn']:.1f}% with BN vs {100 * mean['final_base']:.1f}% without"
+        steps = f"steps to the baseline's best accuracy, per seed: baseline {listed(col['steps_base'], '{:g}')}; BN {listed(col['steps_bn'], '{:g}')}"
+        spread = f"second half: baseline spread {100 * mean['widen_base']:+.1f}%, BN's spread changes by {100 * mean['change_bn']:.1f}% (means over seeds)"
+        drift = f"largest move over the second half relative to the final spread: BN {mean['drift_bn']:.3f}, baseline {mean['drift_base']:.3f} (means over seeds)"
+        pop = f"population minus running average: final {100 * mean['pop_minus_ema_final']:+.2f} pp, mean over the second half {100 * mean['pop_minus_ema_half']:+.2f} pp (means over seeds)"
+        wider = part([w - factor * c for w, c in zip(col["widen_base"], col["change_bn"])], above=0.0)
+        settles = part(col["drift_bn"], [0.5 * v for v in col["drift_base"]], below=0.0)
+        as_running = part(col["pop_minus_ema_half"], above=-tol)
+        return [
+            make("bn_above_baseline", a=col["min_margin"], evidence=margin),
+            make("speedup", a=col["steps_base"], b=col["steps_bn"], evidence=steps),
+            make("baseline_spread_widens", a=col["widen_base"], also=[wider], evidence=spread),
+            make("bn_settles", a=col["drift_bn"], also=[settles], evidence=drift),
+            make("population_as_running", a=col["pop_minus_ema_final"], also=[as_running], evidence=pop),
+        ]
+
+    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+        """Fig. 1(a) accuracy, Fig. 1(b, c) percentiles, inference side by side, training loss
+        (the first seed's curves)."""
+        plt = pyplot()
+        m, data = results["metrics"]["per_seed"][0], results.get("run", {}).get("data", "digits")
+        base, bn, paths = m["baseline"], m["bn"], []
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        low = min(min(bn["test_acc"][1:] or [0.9]), base["test_acc"][-1]) - 0.02
+        population = "with BN (Alg. 2 population stats)"
+        for ax, title, bottom in zip(axes, (f"(a) test accuracy vs step ({data})", "(a) zoomed"), (0.0, max(low, 0.0))):
+            ax.plot(base["step"], base["test_acc"], label="without BN", color="tab:blue")
+            ax.plot(bn["step"], bn["test_acc"], label="with BN (running average)", color="tab:red")
+            ax.plot(bn["step"], bn["test_acc_population"], ":", label=population, color="tab:red")
+            dress(ax, title, xlabel="training step", ylabel="test accuracy", ylim=(bottom, 1.0), grid=True)
+            dress(ax, legend={"loc": "lower right"})
+        paths.append(save(fig, Path(outdir) / "fig1a_accuracy.png"))
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for ax, rec, title in ((axes[0], base, "(b) without BN"), (axes[1], bn, "(c) with BN: gamma*x_hat + beta")):
+            p = np.asarray(rec["percentiles"])  # (checkpoints, 3)
+            ax.fill_between(rec["step"], p[:, 0], p[:, 2], color="tab:gray", alpha=0.2, linewidth=0)
+            for k, (q, style) in enumerate(zip((15, 50, 85), ("--", "-", "--"))):
+                ax.plot(rec["step"], p[:, k], style, color="black" if k == 1 else "tab:gray", label=f"{q}th percentile")
+            dress(ax, title, xlabel="training step", grid=True, legend={"loc": "upper left"})
+        axes[0].set_ylabel(f"input to sigmoid (last hidden layer, unit {results['config'].get('tracked_unit', 0)})")
+        fig.suptitle("Distribution of one sigmoid's input over the test set during training")
+        paths.append(save(fig, Path(outdir) / "fig1bc_sigmoid_input_percentiles.png"))
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        idx = [i for i, s in enumerate(bn["step"]) if s > 0]
+        for key, label, kw in _INFERENCE:
+            ax.plot([bn["step"][i] for i in idx], [bn[key][i] for i in idx], label=label, **kw)
+        title, ylabel = "BN inference: which statistics normalize a test example", "test accuracy of the BN network"
+        dress(ax, title, xlabel="training step", ylabel=ylabel, grid=True, legend={"loc": "lower right"})
+        paths.append(save(fig, Path(outdir) / "inference_statistics.png"))
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for rec, label, color in ((base, "without BN", "tab:blue"), (bn, "with BN", "tab:red")):
+            pts = [(s, v) for s, v in zip(rec["step"], rec["train_loss"]) if v is not None]
+            ax.plot([s for s, _ in pts], [v for _, v in pts], label=label, color=color)
+        title = "Training loss (mean over the steps since the last checkpoint)"
+        dress(ax, title, yscale="log", xlabel="training step", ylabel="training loss", grid=True, legend=True)
+        return [*paths, save(fig, Path(outdir) / "train_loss.png")]
 
 
 EXPERIMENT = Fig1()

@@ -22,7 +22,7 @@ from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, mlp_for, seeded, train_seeds
-from ..experiment import Experiment
+from ..experiment import Experiment, PerSeed
 from ..figures import dress, mean_band, pyplot, save
 from ..models import MLP, blocks
 from ..progress import Progress
@@ -36,14 +36,12 @@ _EPOCHS = {"quick": 15.0, "full": 120.0}
 _ALPHAS = {"tiny": 4, "quick": 15, "full": 29}  # step_probe_alphas: that many points from 0.01 to 10^1.5
 _ARMS = {"plain": (None, "without BN", "tab:blue"), "bn": ("bn", "with BN", "tab:red")}  # norm, label, color
 _CAP = 1e30  # stands for an infinite loss ratio or activation growth in the log-scale claims
-Runs = list[dict[str, Any]]  # one record per seed
 _PROBES = ("step_probe_loss_ratio", "activation_rms_init", "activation_rms_after_large_steps", "large_steps_taken")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings(Declared):
-    """The settings the code computes or reads; every constant one is in ``lr_sweep.settings.toml``
-    (each one's meaning and source: ``lr_sweep.md``)."""
+    """What the code computes or reads; the constants: ``lr_sweep.settings.toml``."""
 
     hidden: tuple[int, ...]
     steps: int
@@ -78,9 +76,9 @@ def _activation_scales(model: MLP, x: Tensor) -> list[float]:
     return [float(h.pow(2).mean().sqrt()) for h in outputs]
 
 
-def _sweep(s: Settings, data: Sequence[Dataset], seeds: Sequence[int], norm: str | None, progress: Progress) -> Runs:
+def _sweep(s: Settings, data: Sequence[Dataset], seeds: Sequence[int], norm: str | None, progress: Progress) -> PerSeed:
     """Train every seed at every rate; per seed and rate: test and training accuracy (0 if diverged), diverged step."""
-    out: Runs = [{"test_acc": [], "train_acc": [], "diverged_at": []} for _ in seeds]
+    out: PerSeed = [{"test_acc": [], "train_acc": [], "diverged_at": []} for _ in seeds]
     label = ("calibration: " if seeds[0] == s.calibration_seed else "") + ("BN" if norm else "no BN")
     for lr in s.lrs:
         models = [_model(d, s, norm, seed) for d, seed in zip(data, seeds)]
@@ -133,80 +131,10 @@ def _growth(profile: Sequence[Any], plain: bool) -> float:
     return _CAP if not all(map(math.isfinite, v)) or min(v) <= 0 else v[-1] / v[0] if plain else max(v) / min(v)
 
 
-def _accuracies(per_seed: Runs, arm: str, j: int) -> str:
+def _accuracies(per_seed: PerSeed, arm: str, j: int) -> str:
     """Test accuracy per seed at the ``j``-th rate; "diverged" for a run stored as diverged (accuracy 0)."""
     runs = [(m[arm]["diverged_at"][j], m[arm]["test_acc"][j]) for m in per_seed]
     return ", ".join("diverged" if at is not None else f"{100 * acc:.1f}%" for at, acc in runs)
-
-
-def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """At 10x the plain best rate the plain network fails and BN matches the plain best; blow-up; step probe."""
-    t, per_seed = results["config"], results["metrics"]["per_seed"]
-    lrs = [float(v) for v in t["lrs"]]
-    best, high = float(t["plain_best_lr"]), float(t["high_lr"])
-    jb, jh = lrs.index(best), lrs.index(high)
-    at = (("plain", jb), ("plain", jh), ("bn", jh))
-    runs = {(arm, j): [m[arm]["test_acc"][j] for m in per_seed] for arm, j in at}
-    shown = {key: _accuracies(per_seed, *key) for key in runs}
-    gp, gb = ([_growth(m[arm]["activation_rms_after_large_steps"], arm == "plain") for m in per_seed] for arm in _ARMS)
-    alphas = [float(v) for v in t["step_probe_alphas"]]
-    i = max(j for j, a in enumerate(alphas) if a <= 10.0 * (1 + 1e-9))  # the step of 10 the probe claim reads
-    pr, br = ([number(m[arm]["step_probe_loss_ratio"][i]) for m in per_seed] for arm in _ARMS)
-    pp = {"fails_pp": 100 * float(t["high_lr_fails_by"]), "tol_pp": 100 * float(t["high_lr_as_accurate_within"])}
-    growth_log10, probe_log10 = (math.log10(float(t[k])) for k in ("plain_growth_at_least", "probe_factor_at_least"))
-    make = Claims(__name__, results, **pp, growth_log10=growth_log10, probe_log10=probe_log10, alpha=alphas[i])
-    bn_best = listed((_best_lr(lrs, m["bn"]["test_acc"], float(t["best_tolerance"])) for m in per_seed), "{:g}")
-    div_high = sum(m["plain"]["diverged_at"][jh] is not None for m in per_seed)
-    fails = f"test accuracy at lr {high:g} per seed: BN {shown['bn', jh]}, plain {shown['plain', jh]} (plain diverged on {div_high} of {len(per_seed)} seeds; a diverged run counts as accuracy 0)"
-    matches = f"per seed: BN at lr {high:g} {shown['bn', jh]}; plain at lr {best:g} {shown['plain', jb]}; BN's own best rate per seed {bn_best}"
-    growth = f"growth per seed: plain {listed(gp, '{:.3g}x')} (after {listed((m['plain']['large_steps_taken'] for m in per_seed), '{:g}')} finite steps); BN {listed(gb, '{:.3g}x')}"
-    probe = f"L(w - alpha g)/L(w) per seed: plain {listed(pr, '{:.3g}')}; BN {listed(br, '{:.3g}')}"
-    bn_flat = part([_log10(v) for v in gb], below=math.log10(float(t["bn_growth_at_most"])))
-    return [
-        make("plain_fails_at_high_lr", a=runs["bn", jh], b=runs["plain", jh], evidence=fails),
-        make("bn_high_as_accurate", a=runs["bn", jh], b=runs["plain", jb], evidence=matches),
-        make("activation_blowup", a=[_log10(v) for v in gp], also=[bn_flat], evidence=growth),
-        make("step_probe", a=[_log10(p / b if b > 0 else _CAP) for p, b in zip(pr, br)], evidence=probe),
-    ]
-
-
-def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
-    """Accuracy vs lr; L(w - alpha g)/L(w) at init; activation RMS per layer."""
-    plt = pyplot()
-    cfg, per_seed = results["config"], results["metrics"]["per_seed"]
-    lrs, n, dotted = np.asarray(cfg["lrs"]), len(per_seed), {"linestyle": ":", "linewidth": 1}
-    fig, (ax, strip) = plt.subplots(2, 1, figsize=(7, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    for k, (arm, (_norm, label, color)) in enumerate(_ARMS.items()):
-        acc = np.asarray([m[arm]["test_acc"] for m in per_seed], dtype=float)  # (seeds, lrs)
-        diverged = np.asarray([[d is not None for d in m[arm]["diverged_at"]] for m in per_seed])  # (seeds, lrs)
-        # a diverged run is stored with accuracy 0: counted below (the arms side by side), never drawn as 0%
-        mean_band(ax, lrs, np.where(diverged, np.nan, acc), f"{label}, seeds that trained", color=color, marker="o")
-        strip.bar(lrs * (1.0 + 0.08 * (2 * k - 1)), diverged.sum(axis=0), width=0.12 * lrs, color=color, label=label)
-    ax.axvline(cfg["plain_best_lr"], color="tab:blue", label="plain best rate (calibration)", **dotted)
-    ax.axvline(cfg["high_lr"], color="black", label="10x that rate", **dotted)
-    title = f"Learning-rate sweep: {len(cfg['hidden'])}-layer ReLU MLP"
-    ylabel = f"test accuracy after {cfg['steps']} steps"
-    dress(ax, title, xscale="log", ylim=(0, 1), ylabel=ylabel, grid=True, legend={"loc": "lower left", "fontsize": 8})
-    xlabel, ylabel = "learning rate (SGD, constant; diverged = NaN/inf training loss)", f"diverged\n(of {n} seeds)"
-    dress(strip, ylim=(0, n), yticks=range(0, n + 1, max(1, n // 3)), xlabel=xlabel, ylabel=ylabel, grid="y")
-    paths = [save(fig, Path(outdir) / "accuracy_vs_lr.png")]
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for arm, (_norm, label, color) in _ARMS.items():
-        m = per_seed[0][arm]
-        r = [v if math.isfinite(v) else math.nan for v in map(number, m["step_probe_loss_ratio"])]
-        axes[0].plot(cfg["step_probe_alphas"], r, "o-", color=color, label=label, markersize=3)
-        layers = np.arange(1, len(m["activation_rms_init"]) + 1)
-        after = f"{label}, after {m['large_steps_taken']} step(s) at lr {cfg['blowup_lr']:g}"
-        for key, style, text in (("init", "--", f"{label}, at init"), ("after_large_steps", "o-", after)):
-            axes[1].plot(layers, [number(v) for v in m[f"activation_rms_{key}"]], style, color=color, label=text)
-    axes[0].axhline(1.0, color="black", **dotted)
-    title = "How far the gradient direction stays downhill (first seed)"
-    labels = {"xlabel": "step size alpha along the gradient", "ylabel": "L(w - alpha g) / L(w) at initialization"}
-    dress(axes[0], title, xscale="log", yscale="log", **labels, grid=True, legend=True)
-    title, ylabel = "Activation scale by depth (first seed)", "RMS of the layer's output (one batch)"
-    dress(axes[1], title, yscale="log", xlabel="hidden layer", ylabel=ylabel, grid=True, legend={"fontsize": 8})
-    return [*paths, save(fig, Path(outdir) / "step_probe_and_activations.png")]
 
 
 class LrSweep(Experiment):
@@ -233,7 +161,7 @@ class LrSweep(Experiment):
         calibration["diverged"] = {f"{lr:g}": d is not None for lr, d in zip(s.lrs, run["diverged_at"])}
         return dataclasses.replace(s, plain_best_lr=best, high_lr=float(high), calibration=calibration)
 
-    def run_seeds(self, s: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> Runs:
+    def run_seeds(self, s: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> PerSeed:
         """Both arms at every rate (each arm's seeds together), then each seed's probes."""
         sweeps = {arm: _sweep(s, data, seeds, norm, progress) for arm, (norm, _, _) in _ARMS.items()}
         return [
@@ -241,8 +169,80 @@ class LrSweep(Experiment):
             for k, (d, seed) in enumerate(zip(data, seeds))
         ]
 
-    claims = staticmethod(_claims)
-    figures = staticmethod(_figures)
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """At 10x the plain best rate the plain network fails and BN matches the plain best; blow-up; step probe."""
+        t, per_seed = results["config"], results["metrics"]["per_seed"]
+        lrs = [float(v) for v in t["lrs"]]
+        best, high = float(t["plain_best_lr"]), float(t["high_lr"])
+        jb, jh = lrs.index(best), lrs.index(high)
+        at = (("plain", jb), ("plain", jh), ("bn", jh))
+        runs = {(arm, j): [m[arm]["test_acc"][j] for m in per_seed] for arm, j in at}
+        shown = {key: _accuracies(per_seed, *key) for key in runs}
+        after = "activation_rms_after_large_steps"
+        gp, gb = ([_growth(m[arm][after], arm == "plain") for m in per_seed] for arm in _ARMS)
+        alphas = [float(v) for v in t["step_probe_alphas"]]
+        i = max(j for j, a in enumerate(alphas) if a <= 10.0 * (1 + 1e-9))  # the step of 10 the probe claim reads
+        pr, br = ([number(m[arm]["step_probe_loss_ratio"][i]) for m in per_seed] for arm in _ARMS)
+        pp = {"fails_pp": 100 * float(t["high_lr_fails_by"]), "tol_pp": 100 * float(t["high_lr_as_accurate_within"])}
+        growth_log10 = math.log10(float(t["plain_growth_at_least"]))
+        probe_log10 = math.log10(float(t["probe_factor_at_least"]))
+        make = Claims(__name__, results, **pp, growth_log10=growth_log10, probe_log10=probe_log10, alpha=alphas[i])
+        bn_best = listed((_best_lr(lrs, m["bn"]["test_acc"], float(t["best_tolerance"])) for m in per_seed), "{:g}")
+        div_high = sum(m["plain"]["diverged_at"][jh] is not None for m in per_seed)
+        fails = f"test accuracy at lr {high:g} per seed: BN {shown['bn', jh]}, plain {shown['plain', jh]} (plain diverged on {div_high} of {len(per_seed)} seeds; a diverged run counts as accuracy 0)"
+        matches = f"per seed: BN at lr {high:g} {shown['bn', jh]}; plain at lr {best:g} {shown['plain', jb]}; BN's own best rate per seed {bn_best}"
+        growth = f"growth per seed: plain {listed(gp, '{:.3g}x')} (after {listed((m['plain']['large_steps_taken'] for m in per_seed), '{:g}')} finite steps); BN {listed(gb, '{:.3g}x')}"
+        probe = f"L(w - alpha g)/L(w) per seed: plain {listed(pr, '{:.3g}')}; BN {listed(br, '{:.3g}')}"
+        bn_flat = part([_log10(v) for v in gb], below=math.log10(float(t["bn_growth_at_most"])))
+        return [
+            make("plain_fails_at_high_lr", a=runs["bn", jh], b=runs["plain", jh], evidence=fails),
+            make("bn_high_as_accurate", a=runs["bn", jh], b=runs["plain", jb], evidence=matches),
+            make("activation_blowup", a=[_log10(v) for v in gp], also=[bn_flat], evidence=growth),
+            make("step_probe", a=[_log10(p / b if b > 0 else _CAP) for p, b in zip(pr, br)], evidence=probe),
+        ]
+
+    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+        """Accuracy vs lr; L(w - alpha g)/L(w) at init; activation RMS per layer."""
+        plt = pyplot()
+        cfg, per_seed = results["config"], results["metrics"]["per_seed"]
+        lrs, n, dotted = np.asarray(cfg["lrs"]), len(per_seed), {"linestyle": ":", "linewidth": 1}
+        fig, (ax, strip) = plt.subplots(2, 1, figsize=(7, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+        for k, (arm, (_norm, label, color)) in enumerate(_ARMS.items()):
+            acc = np.asarray([m[arm]["test_acc"] for m in per_seed], dtype=float)  # (seeds, lrs)
+            diverged = np.asarray([[d is not None for d in m[arm]["diverged_at"]] for m in per_seed])  # (seeds, lrs)
+            # a diverged run is stored with accuracy 0: counted below (the arms side by side), never drawn as 0%
+            mean_band(ax, lrs, np.where(diverged, np.nan, acc), f"{label}, seeds that trained", color=color, marker="o")
+            side_by_side = lrs * (1.0 + 0.08 * (2 * k - 1))
+            strip.bar(side_by_side, diverged.sum(axis=0), width=0.12 * lrs, color=color, label=label)
+        ax.axvline(cfg["plain_best_lr"], color="tab:blue", label="plain best rate (calibration)", **dotted)
+        ax.axvline(cfg["high_lr"], color="black", label="10x that rate", **dotted)
+        title, ylabel = (
+            f"Learning-rate sweep: {len(cfg['hidden'])}-layer ReLU MLP",
+            f"test accuracy after {cfg['steps']} steps",
+        )
+        dress(
+            ax, title, xscale="log", ylim=(0, 1), ylabel=ylabel, grid=True, legend={"loc": "lower left", "fontsize": 8}
+        )
+        xlabel, ylabel = "learning rate (SGD, constant; diverged = NaN/inf training loss)", f"diverged\n(of {n} seeds)"
+        dress(strip, ylim=(0, n), yticks=range(0, n + 1, max(1, n // 3)), xlabel=xlabel, ylabel=ylabel, grid="y")
+        paths = [save(fig, Path(outdir) / "accuracy_vs_lr.png")]
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for arm, (_norm, label, color) in _ARMS.items():
+            m = per_seed[0][arm]
+            r = [v if math.isfinite(v) else math.nan for v in map(number, m["step_probe_loss_ratio"])]
+            axes[0].plot(cfg["step_probe_alphas"], r, "o-", color=color, label=label, markersize=3)
+            layers = np.arange(1, len(m["activation_rms_init"]) + 1)
+            after = f"{label}, after {m['large_steps_taken']} step(s) at lr {cfg['blowup_lr']:g}"
+            for key, style, text in (("init", "--", f"{label}, at init"), ("after_large_steps", "o-", after)):
+                axes[1].plot(layers, [number(v) for v in m[f"activation_rms_{key}"]], style, color=color, label=text)
+        axes[0].axhline(1.0, color="black", **dotted)
+        title = "How far the gradient direction stays downhill (first seed)"
+        labels = {"xlabel": "step size alpha along the gradient", "ylabel": "L(w - alpha g) / L(w) at initialization"}
+        dress(axes[0], title, xscale="log", yscale="log", **labels, grid=True, legend=True)
+        title, ylabel = "Activation scale by depth (first seed)", "RMS of the layer's output (one batch)"
+        dress(axes[1], title, yscale="log", xlabel="hidden layer", ylabel=ylabel, grid=True, legend={"fontsize": 8})
+        return [*paths, save(fig, Path(outdir) / "step_probe_and_activations.png")]
 
 
 EXPERIMENT = LrSweep()

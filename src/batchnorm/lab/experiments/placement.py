@@ -15,8 +15,9 @@ from .._replicates import mean_over_replicates, replicate_seed
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import activation_inputs, listed, seeded, train_seeds
-from ..experiment import Experiment, column, first_reaching
+from ..declare import activation_inputs, columns, listed, seeded, train_seeds
+from ..experiment import Experiment, PerSeed, first_reaching
+from ..figures import dress, mean_and_seeds, pyplot, save
 from ..models import MLP
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
@@ -26,8 +27,7 @@ _ARMS = tuple((act, place) for act in ("sigmoid", "relu") for place in ("none", 
 
 @dataclass(frozen=True)
 class Settings(Declared):
-    """The settings the code computes or reads; every constant one is in ``placement.settings.toml``
-    (each one's meaning and source: ``placement.md``)."""
+    """What the code computes or reads; the constants: ``placement.settings.toml``."""
 
     steps: int
     checkpoint_every: int
@@ -119,105 +119,6 @@ def _replicate_quantities(m: dict[str, Any], frac: float) -> dict[str, float]:
     }
 
 
-def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """BN in either place speeds up the sigmoid net; less so the ReLU net; 'before' suits
-    sigmoid; ReLU is indifferent."""
-    t = results["config"]
-    frac = float(t["early_checkpoint_fraction"])
-    q = [_quantities(m, frac) for m in results["metrics"]["per_seed"]]
-
-    def col(key: str) -> list[float]:
-        return column(q, key)
-
-    def pct(key: str) -> str:
-        return "/".join(f"{100 * v:.1f}" for v in col(key)) + "%"
-
-    tol = float(t["sigmoid_before_tolerance"])
-    band = float(t["relu_placement_band"])
-    make = Claims(__name__, results, early_pct=100 * frac, tol_pp=100 * tol, band_pp=100 * band)
-    return [
-        make(
-            "sigmoid_speedup",
-            a=col("steps_none"),
-            b=col("steps_bn"),
-            evidence=f"no-BN best {pct('target')} (per seed) reached at step {listed(col('steps_none'), '{:g}')}; by both BN "
-            f"placements at step {listed(col('steps_bn'), '{:g}')} (of {t['steps']}; never = one checkpoint past the end)",
-        ),
-        make(
-            "sigmoid_gains_more",
-            a=col("gain_sigmoid"),
-            b=col("gain_relu"),
-            evidence=f"at step {col('early_step')[0]:g}, per seed: sigmoid no BN {pct('early sigmoid/none')}, before "
-            f"{pct('early sigmoid/before')}, after {pct('early sigmoid/after')}; ReLU no BN {pct('early relu/none')}, before "
-            f"{pct('early relu/before')}, after {pct('early relu/after')}",
-        ),
-        make(
-            "sigmoid_before",
-            a=col("late sigmoid/before"),
-            b=col("late sigmoid/after"),
-            evidence=f"mean test accuracy over the last quarter of checkpoints, per seed: before {pct('late sigmoid/before')}, "
-            f"after {pct('late sigmoid/after')}; saturated sigmoid inputs (|z| > {t['saturation_threshold']:g}) at the end (first replicate): before "
-            f"{pct('sat_before')}, after {pct('sat_after')}",
-        ),
-        make(
-            "relu_indifferent",
-            a=col("late relu/before"),
-            b=col("late relu/after"),
-            evidence=f"mean test accuracy over the last quarter of checkpoints, per seed: before {pct('late relu/before')}, "
-            f"after {pct('late relu/after')}",
-        ),
-    ]
-
-
-def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
-    """Accuracy curves per activation (mean over seeds, seeds as thin lines); activation-input
-    spread and saturation by layer (the first seed)."""
-    from ..figures import dress, pyplot, save
-
-    plt = pyplot()
-    per = results["metrics"]["per_seed"]
-    seeds = results["metrics"]["seeds"]
-    styles = {"none": ("tab:blue", "-"), "before": ("tab:red", "-"), "after": ("tab:green", "--")}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, act in zip(axes, ("sigmoid", "relu")):
-        for place in ("none", "before", "after"):
-            color, ls = styles[place]
-            label = "no BN" if place == "none" else f"BN {place} the {act}"
-            steps = per[0][f"{act}/{place}"][0]["step"]
-            runs = np.asarray(
-                [np.mean([rec["test_acc"] for rec in m[f"{act}/{place}"]], axis=0) for m in per]
-            )  # (S, T)
-            for r in runs:
-                ax.plot(steps, r, ls, color=color, alpha=0.25, linewidth=0.8)
-            ax.plot(steps, runs.mean(axis=0), ls, color=color, label=label)
-        title = f"{act}: test accuracy, mean of {len(per)} seeds (thin: each)"
-        ax.set(xlabel="training step", ylim=(0.0, 1.0))
-        dress(ax, title, title_size=10, grid=True, legend={"loc": "lower right"})
-    axes[0].set_ylabel("test accuracy")
-    paths = [save(fig, Path(outdir) / "placement_accuracy.png")]
-
-    m = {key: recs[0] for key, recs in per[0].items()}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for place in ("none", "before", "after"):
-        color, ls = styles[place]
-        for act, marker in (("sigmoid", "o"), ("relu", "s")):
-            rec = m[f"{act}/{place}"]
-            layers = np.arange(1, len(rec["input_std"][-1]) + 1)
-            label = f"{act}, {'no BN' if place == 'none' else 'BN ' + place}"
-            axes[0].plot(layers, rec["input_std"][-1], ls, marker=marker, color=color, label=label)
-        rec = m[f"sigmoid/{place}"]
-        label = "no BN" if place == "none" else f"BN {place}"
-        axes[1].plot(rec["step"], [v[-1] for v in rec["input_std"]], ls, color=color, label=label)
-    axes[0].set_yscale("log")
-    axes[0].set_xticks(np.arange(1, len(results["config"]["hidden"]) + 1))
-    axes[0].set(xlabel="hidden layer", ylabel="std of the activation's input (test set, mean over units)")
-    dress(axes[0], f"Scale of the activation inputs at the end (seed {seeds[0]})", grid=True, legend={"fontsize": 7})
-    axes[1].set(xlabel="training step", ylabel="std of the last sigmoid layer's input")
-    dress(axes[1], f"Sigmoid network: scale of the last layer's input (seed {seeds[0]})", grid=True, legend=True)
-    paths.append(save(fig, Path(outdir) / "placement_activation_inputs.png"))
-    return paths
-
-
 class Placement(Experiment):
     """BN before vs after the activation over several seeds."""
 
@@ -227,17 +128,73 @@ class Placement(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         """The mode's steps and replicates (the same for every data set)."""
-        steps = {"tiny": 40, "quick": 2000, "full": 20000}[cfg.mode]
-        return Settings.of(cfg.mode, steps=steps, checkpoint_every=steps // 20)
+        return Settings.of(cfg.mode)
 
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
-        arms = {f"{act}/{place}": _train_arm(settings, data, seeds, act, place, progress) for act, place in _ARMS}
+    def run_seeds(self, s: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> PerSeed:
+        arms = {f"{act}/{place}": _train_arm(s, data, seeds, act, place, progress) for act, place in _ARMS}
         return [{key: recs[k] for key, recs in arms.items()} for k in range(len(seeds))]
 
-    claims = staticmethod(_claims)
-    figures = staticmethod(_figures)
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """BN in either place speeds up the sigmoid net; less so the ReLU net; 'before' suits
+        sigmoid; ReLU is indifferent."""
+        t = results["config"]
+        frac, tol = float(t["early_checkpoint_fraction"]), float(t["sigmoid_before_tolerance"])
+        col = columns(_quantities(m, frac) for m in results["metrics"]["per_seed"])
+        pct = {key: "/".join(f"{100 * v:.1f}" for v in values) + "%" for key, values in col.items()}
+        speedup = f"no-BN best {pct['target']} (per seed) reached at step {listed(col['steps_none'], '{:g}')}; by both BN placements at step {listed(col['steps_bn'], '{:g}')} (of {t['steps']}; never = one checkpoint past the end)"
+        gains = f"at step {col['early_step'][0]:g}, per seed: sigmoid no BN {pct['early sigmoid/none']}, before {pct['early sigmoid/before']}, after {pct['early sigmoid/after']}; ReLU no BN {pct['early relu/none']}, before {pct['early relu/before']}, after {pct['early relu/after']}"
+        late = {
+            act: f"mean test accuracy over the last quarter of checkpoints, per seed: before {pct[f'late {act}/before']}, after {pct[f'late {act}/after']}"
+            for act in ("sigmoid", "relu")
+        }
+        saturated = f"{late['sigmoid']}; saturated sigmoid inputs (|z| > {t['saturation_threshold']:g}) at the end (first replicate): before {pct['sat_before']}, after {pct['sat_after']}"
+        band = float(t["relu_placement_band"])
+        make = Claims(__name__, results, early_pct=100 * frac, tol_pp=100 * tol, band_pp=100 * band)
+        return [
+            make("sigmoid_speedup", a=col["steps_none"], b=col["steps_bn"], evidence=speedup),
+            make("sigmoid_gains_more", a=col["gain_sigmoid"], b=col["gain_relu"], evidence=gains),
+            make("sigmoid_before", a=col["late sigmoid/before"], b=col["late sigmoid/after"], evidence=saturated),
+            make("relu_indifferent", a=col["late relu/before"], b=col["late relu/after"], evidence=late["relu"]),
+        ]
+
+    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+        """Accuracy curves per activation (mean over seeds, seeds as thin lines); activation-input
+        spread and saturation by layer (the first seed)."""
+        plt, per, seeds = pyplot(), results["metrics"]["per_seed"], results["metrics"]["seeds"]
+        styles = {"none": ("tab:blue", "-"), "before": ("tab:red", "-"), "after": ("tab:green", "--")}
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+        for ax, act in zip(axes, ("sigmoid", "relu")):
+            for place, (color, ls) in styles.items():
+                recs = [m[f"{act}/{place}"] for m in per]  # per seed, its replicates
+                runs = [np.mean([r["test_acc"] for r in reps], axis=0) for reps in recs]  # (seeds, checkpoints)
+                label = "no BN" if place == "none" else f"BN {place} the {act}"
+                mean_and_seeds(ax, recs[0][0]["step"], runs, label, ls, color=color)
+            title = f"{act}: test accuracy, mean of {len(per)} seeds (thin: each)"
+            ax.set(xlabel="training step", ylim=(0.0, 1.0))
+            dress(ax, title, title_size=10, grid=True, legend={"loc": "lower right"})
+        axes[0].set_ylabel("test accuracy")
+        paths = [save(fig, Path(outdir) / "placement_accuracy.png")]
+
+        m = {key: recs[0] for key, recs in per[0].items()}
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for place in ("none", "before", "after"):
+            color, ls = styles[place]
+            for act, marker in (("sigmoid", "o"), ("relu", "s")):
+                rec = m[f"{act}/{place}"]
+                layers = np.arange(1, len(rec["input_std"][-1]) + 1)
+                label = f"{act}, {'no BN' if place == 'none' else 'BN ' + place}"
+                axes[0].plot(layers, rec["input_std"][-1], ls, marker=marker, color=color, label=label)
+            rec = m[f"sigmoid/{place}"]
+            label = "no BN" if place == "none" else f"BN {place}"
+            axes[1].plot(rec["step"], [v[-1] for v in rec["input_std"]], ls, color=color, label=label)
+        axes[0].set_yscale("log")
+        axes[0].set_xticks(np.arange(1, len(results["config"]["hidden"]) + 1))
+        axes[0].set(xlabel="hidden layer", ylabel="std of the activation's input (test set, mean over units)")
+        title = f"Scale of the activation inputs at the end (seed {seeds[0]})"
+        dress(axes[0], title, grid=True, legend={"fontsize": 7})
+        axes[1].set(xlabel="training step", ylabel="std of the last sigmoid layer's input")
+        dress(axes[1], f"Sigmoid network: scale of the last layer's input (seed {seeds[0]})", grid=True, legend=True)
+        return [*paths, save(fig, Path(outdir) / "placement_activation_inputs.png")]
 
 
 EXPERIMENT = Placement()
