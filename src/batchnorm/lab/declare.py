@@ -22,6 +22,8 @@ from .training import TrainResult, TrainSpec, minibatches
 __all__ = [
     "FileSettings",
     "activation_inputs",
+    "batch_stats_accuracy",
+    "columns",
     "listed",
     "mlp_for",
     "non_iid_batches",
