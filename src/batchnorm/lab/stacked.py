@@ -116,6 +116,7 @@ class StackedNet(nn.Module):
         self.input_shape = tuple(first.input_shape) if self.conv else ()
         self.dropout, self.generator = float(dropout), generator
         self.sizes = [len(arm) for arm in arms]
+        self.starts = [sum(self.sizes[:a]) for a in range(len(arms))]  # arm -> its first member
         self.arm_of = [(a, j) for a, size in enumerate(self.sizes) for j in range(size)]  # member -> (arm, index)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -135,10 +136,9 @@ class StackedNet(nn.Module):
             self.biases.append(nn.Parameter(torch.stack(bias).clone() if bias else torch.empty(0)))  # (M, out) or empty
             if self.conv:
                 self.conv_args.append((int(block.layer.stride[0]), int(block.layer.padding[0])))
-            starts = [sum(self.sizes[:a]) for a in range(len(arms))]
             self.norms.append(
                 nn.ModuleList(
-                    _merge_norm([m.blocks[i].norm for m in members[s : s + n]]) for s, n in zip(starts, self.sizes)
+                    _merge_norm([m.blocks[i].norm for m in members[s : s + n]]) for s, n in zip(self.starts, self.sizes)
                 )
             )
             self.acts.append(block.act)
@@ -148,19 +148,16 @@ class StackedNet(nn.Module):
         self.head_b = nn.Parameter(torch.stack([m.head.bias.detach() for m in members]).clone())  # (M, out)
 
     def _normalize(self, i: int, h: Tensor) -> Tensor:
-        """Apply layer i's arm norms to h in the (B, M*C[, L]) layout."""
-        c, parts, start = self.widths[i], [], 0
-        for size, norm in zip(self.sizes, self._arm_norms(i)):
-            parts.append(norm(h[:, start * c : (start + size) * c]))
-            start += size
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-    def _norm_mlp(self, i: int, h: Tensor) -> Tensor:
-        """``_normalize`` for MLP activations (M, B, C), laid out as (B, M*C), member-major columns."""
-        if all(isinstance(norm, nn.Identity) for norm in self._arm_norms(i)):
+        """Apply layer i's arm norms to h: conv activations (B, M*C, L) as they are, MLP
+        activations (M, B, C) laid out as (B, M*C) (member-major columns) and back."""
+        norms = self._arm_norms(i)
+        if all(isinstance(norm, nn.Identity) for norm in norms):
             return h
-        m, b, c = h.shape
-        return self._normalize(i, h.transpose(0, 1).reshape(b, m * c)).reshape(b, m, c).transpose(0, 1)
+        c = self.widths[i]
+        flat = h if self.conv else h.transpose(0, 1).reshape(h.shape[1], -1)  # (B, M*C[, L])
+        parts = [norm(flat[:, s * c : (s + n) * c]) for s, n, norm in zip(self.starts, self.sizes, norms)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return out if self.conv else out.reshape(h.shape[1], h.shape[0], c).transpose(0, 1)
 
     def _drop(self, h: Tensor) -> Tensor:
         """Inverted dropout in training mode: ``h * mask / (1 - p)``, one mask for all of h."""
@@ -170,23 +167,19 @@ class StackedNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         m, b = x.shape[0], x.shape[1]
+        h = x  # MLP: (M, B, D); activations (M, B, C)
         if self.conv:  # (M, B, C*L) -> (B, M*C, L): member k's channels side by side
             h = x.reshape(m, b, *self.input_shape).transpose(0, 1).reshape(b, m * self.input_shape[0], -1)
-            for i, (w, act) in enumerate(zip(self.weights, self.acts)):
+        for i, (w, act) in enumerate(zip(self.weights, self.acts)):
+            if self.conv:
                 stride, padding = self.conv_args[i]
                 bias = self.biases[i].reshape(-1) if self.biases[i].numel() else None
                 h = F.conv1d(h, w.flatten(0, 1), bias, stride=stride, padding=padding, groups=m)  # (B, M*out, L')
-                h = self._drop(
-                    act(self._normalize(i, h)) if self.placements[i] == "before" else self._normalize(i, act(h))
-                )
+            else:
+                h = _linear(h, w, self.biases[i])  # (M, B, out)
+            h = self._drop(act(self._normalize(i, h)) if self.placements[i] == "before" else self._normalize(i, act(h)))
+        if self.conv:
             h = h.mean(dim=2).reshape(b, m, -1).transpose(0, 1)  # (M, B, C_last)
-        else:
-            h = x  # (M, B, D); activations see (M, B, C)
-            for i, (w, act) in enumerate(zip(self.weights, self.acts)):
-                h = _linear(h, w, self.biases[i])
-                h = self._drop(
-                    act(self._norm_mlp(i, h)) if self.placements[i] == "before" else self._norm_mlp(i, act(h))
-                )
         return _linear(h, self.head_w, self.head_b)
 
     def _arm_norms(self, i: int) -> list[nn.Module]:
