@@ -63,15 +63,14 @@ def resolve_norm(norm: NormSpec, dims: int = 1) -> NormFactory | None:
         return None
     if callable(norm):
         return norm
-    if dims not in (1, 2):
-        raise ValueError(f"resolve_norm: expected dims 1 or 2, got {dims!r}")
-    if norm == "bn":
-        from .. import BatchNorm1d, BatchNorm2d
+    from .. import BatchNorm1d, BatchNorm2d
 
-        return BatchNorm1d if dims == 1 else BatchNorm2d
-    if norm == "torch":
-        return nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
-    raise ValueError(f"resolve_norm: expected 'none', 'bn', 'torch' or a callable, got {norm!r}")
+    kinds = {"bn": (BatchNorm1d, BatchNorm2d), "torch": (nn.BatchNorm1d, nn.BatchNorm2d)}
+    if norm not in kinds or dims not in (1, 2):
+        raise ValueError(
+            f"resolve_norm: expected 'none', 'bn', 'torch' or a callable and dims 1 or 2, got {norm!r}, {dims!r}"
+        )
+    return kinds[norm][dims - 1]
 
 
 InitSpec = float | Literal["he"] | None

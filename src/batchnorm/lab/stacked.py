@@ -205,10 +205,9 @@ class StackedNet(nn.Module):
                     block.layer.bias.copy_(self.biases[i][k])
             norms = [block.norm for block in model.blocks if not isinstance(block.norm, nn.Identity)]
             for norm, (merged, cols) in zip(norms, self._norm_slices(k)):
-                for name, p in norm.named_parameters(recurse=False):
-                    p.copy_(merged.get_parameter(name)[cols])
-                for name, buf in norm.named_buffers(recurse=False):
-                    buf.copy_(merged.get_buffer(name)[cols] if buf.dim() >= 1 else merged.get_buffer(name))
+                for name, t in [*norm.named_parameters(recurse=False), *norm.named_buffers(recurse=False)]:
+                    full = getattr(merged, name)
+                    t.copy_(full[cols] if t.dim() >= 1 else full)
             model.head.weight.copy_(self.head_w[k])
             model.head.bias.copy_(self.head_b[k])
 
