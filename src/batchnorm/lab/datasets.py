@@ -179,8 +179,7 @@ def _mnist(directory: str) -> Dataset:
 
 
 def _find_idx(root: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
-        path = root / name
+    for path in (root / name for base in (stem, stem.replace("-idx", ".idx")) for name in (base, base + ".gz")):
         if path.is_file():
             return path
     raise ValueError(f"data: {stem}[.gz] not found in mnist directory {str(root)!r}")

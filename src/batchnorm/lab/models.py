@@ -31,6 +31,7 @@ __all__ = [
     "blocks",
     "count_parameters",
     "init_gaussian_",
+    "norm_act",
     "resolve_norm",
 ]
 
@@ -122,8 +123,12 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.layer(x)
-        return self.drop(self.act(self.norm(h)) if self.placement == "before" else self.norm(self.act(h)))
+        return self.drop(norm_act(self.layer(x), self.norm, self.act, self.placement))
+
+
+def norm_act(h: torch.Tensor, norm: Callable[..., torch.Tensor], act: nn.Module, placement: str) -> torch.Tensor:
+    """The placement rule: ``act(norm(h))`` for "before", ``norm(act(h))`` for "after"."""
+    return act(norm(h)) if placement == "before" else norm(act(h))
 
 
 def _use_bias(bias: BiasSpec, has_norm: bool, placement: Placement) -> bool:

@@ -9,28 +9,26 @@ operations as one. ``training.train`` is this loop with a single member.
     results = train_stacked(arms, xs, ys, spec, streams, checkpoints=range(0, 5001, 100),
                             on_checkpoint=record)  # record(step, results) sees the models' weights
 
-Members are the models of all arms, arm-major (member j of arm a). Each member k trains on its
-own data ``(xs[k], ys[k])`` with the index batches of its own stream, and the result equals
-training it alone (a plain SGD loop on the ``nn.Module``) up to float rounding:
+Members are the models of all arms, arm-major (member j of arm a). Member k trains on
+``(xs[k], ys[k])`` with the index batches of its own stream, and the result equals training it
+alone (a plain SGD loop on the ``nn.Module``) up to float rounding:
 
-* MLP Linear: ``h[k] = x[k] @ W[k]^T (+ b[k])`` as one ``torch.bmm`` / ``torch.baddbmm`` over
-  weights (M, out, in): (M, B, in) -> (M, B, out).
-* Conv1d: the members' kernels concatenated to (M*out, in, k) and applied as ONE grouped
-  convolution (``groups=M``) on the members' channels side by side: (B, M*in, L) ->
-  (B, M*out, L'); member k's channels are k*out .. (k+1)*out - 1.
-* Normalization: each arm's S members share one layer of S*C features (a deep copy of the
-  first member's layer with every parameter and buffer concatenated along the feature axis;
-  ``nn.GroupNorm`` gets S times the groups), applied to the arm's columns (B, S*C[, L]) in
-  member-major order. Batch-norm-like layers compute statistics per column, i.e. per member and
-  feature, over that member's batch (or its groups); Group Norm's groups are consecutive
-  channels, so they never straddle two members. Layers must not mix columns.
-* Dropout (``dropout=p`` > 0; the models themselves are built without it): inverted dropout
+* MLP Linear: one ``torch.bmm`` / ``torch.baddbmm`` over weights (M, out, in):
+  (M, B, in) -> (M, B, out).
+* Conv1d: the members' kernels as ONE grouped convolution (``groups=M``) over their channels
+  side by side: (B, M*in, L) -> (B, M*out, L'); member k's channels are k*out .. (k+1)*out - 1.
+* Normalization: an arm's S members share one layer of S*C features (a deep copy of the first
+  member's layer, parameters and buffers concatenated along the feature axis; ``nn.GroupNorm``
+  gets S times the groups) on the arm's member-major columns (B, S*C[, L]). Statistics are per
+  column, i.e. per member and feature, over that member's batch (or its groups); Group Norm's
+  groups never straddle two members. Layers must not mix columns.
+* Dropout (``dropout=p`` > 0; the models are built without it): inverted dropout
   ``h * mask / (1 - p)`` after every hidden block, ``mask ~ Bernoulli(1 - p)`` drawn for the
-  whole stacked activation from ``mask_generator``, so every member gets its own independent
-  masks (not the masks a single-model run would draw). In eval mode dropout is the identity,
-  so evaluating the models evaluates the trained dropout networks.
-* Loss: the sum over members of each member's mean loss; no parameter is shared, so every
-  member gets its own gradient, and SGD (momentum and weight decay included) acts element-wise.
+  whole stacked activation from ``mask_generator`` (each member its own masks, not those a
+  single-model run would draw). Eval mode has no dropout: evaluating the models evaluates the
+  trained dropout networks.
+* Loss: the sum of the members' mean losses; no parameter is shared, so each member gets its own
+  gradient, and SGD (momentum and weight decay included) acts element-wise.
 
 Divergence follows the lab's one rule (``training``; docs/lab.md): a member whose loss at step t
 is not finite stops there with the weights that gave that loss. It leaves the loss, its input
@@ -43,6 +41,7 @@ non-finite batch as a whole: the other members *of its arm* skip that one runnin
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -52,7 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .models import MLP, ConvNet
+from .models import MLP, ConvNet, norm_act
 from .training import Tick, TrainResult, TrainSpec
 
 __all__ = ["StackedNet", "cross_entropy", "train_stacked"]
@@ -177,7 +176,7 @@ class StackedNet(nn.Module):
                 h = F.conv1d(h, w.flatten(0, 1), bias, stride=stride, padding=padding, groups=m)  # (B, M*out, L')
             else:
                 h = _linear(h, w, self.biases[i])  # (M, B, out)
-            h = self._drop(act(self._normalize(i, h)) if self.placements[i] == "before" else self._normalize(i, act(h)))
+            h = self._drop(norm_act(h, functools.partial(self._normalize, i), act, self.placements[i]))
         if self.conv:
             h = h.mean(dim=2).reshape(b, m, -1).transpose(0, 1)  # (M, B, C_last)
         return _linear(h, self.head_w, self.head_b)

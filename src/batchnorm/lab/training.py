@@ -150,10 +150,9 @@ def train(
     the module docstring).
 
     ``on_checkpoint(step, result)`` runs at every step in ``checkpoints`` (0 = before training)
-    with the model in training mode holding its current weights and the live ``TrainResult``
-    (losses so far); it may evaluate (``evaluate`` restores the mode). ``loss_fn(output,
-    target)`` is the minibatch's mean loss. ``batches`` overrides the
-    minibatch index stream (e.g. fixed, non-shuffled batches); ``generator`` draws it otherwise.
+    with the model in training mode holding its current weights and the live ``TrainResult``;
+    it may evaluate (``evaluate`` restores the mode). ``loss_fn(output, target)`` is the
+    minibatch's mean loss. ``batches`` overrides the index stream ``generator`` draws.
     """
     from .stacked import train_stacked  # the loop builds on this module's types
 
