@@ -76,7 +76,11 @@ class Dataset:
         """The same dataset with a stratified random subset of n training examples."""
         if n >= self.train_x.shape[0]:
             return self
-        idx = _stratified_subset(self.train_y.numpy(), n, seed)
+        from sklearn.model_selection import train_test_split
+
+        labels = self.train_y.numpy()
+        chosen, _ = train_test_split(np.arange(labels.shape[0]), train_size=n, stratify=labels, random_state=seed)
+        idx = np.sort(chosen)
         return replace(self, name=f"{self.name}[train={n}]", train_x=self.train_x[idx], train_y=self.train_y[idx])
 
 
@@ -106,15 +110,6 @@ def load(spec: str, seed: int = 0, *, small: bool = False) -> Dataset:
     if kind == "mnist1d":
         return _mnist1d(2000 if small else 10000)
     return _mnist(str(cast(Path, directory).resolve()))  # parse_spec gives "mnist" a directory
-
-
-def _stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Indices of a class-stratified random subset of size n (sorted)."""
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(labels.shape[0])
-    chosen, _ = train_test_split(idx, train_size=n, stratify=labels, random_state=seed)
-    return np.sort(chosen)
 
 
 @functools.lru_cache(maxsize=8)
@@ -184,8 +179,7 @@ def _mnist(directory: str) -> Dataset:
 
 
 def _find_idx(root: Path, stem: str) -> Path:
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
-        path = root / name
+    for path in (root / name for base in (stem, stem.replace("-idx", ".idx")) for name in (base, base + ".gz")):
         if path.is_file():
             return path
     raise ValueError(f"data: {stem}[.gz] not found in mnist directory {str(root)!r}")
@@ -210,12 +204,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _tensors(
-    xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return (
-        torch.from_numpy(np.ascontiguousarray(xtr, dtype=np.float32)),
-        torch.from_numpy(np.ascontiguousarray(ytr, dtype=np.int64)),
-        torch.from_numpy(np.ascontiguousarray(xte, dtype=np.float32)),
-        torch.from_numpy(np.ascontiguousarray(yte, dtype=np.int64)),
-    )
+def _tensors(*arrays: np.ndarray) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(train_x, train_y, test_x, test_y) as contiguous tensors of their dtypes (float32, int64)."""
+    xtr, ytr, xte, yte = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+    return xtr, ytr, xte, yte

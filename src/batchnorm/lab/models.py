@@ -31,6 +31,7 @@ __all__ = [
     "blocks",
     "count_parameters",
     "init_gaussian_",
+    "norm_act",
     "resolve_norm",
 ]
 
@@ -63,15 +64,14 @@ def resolve_norm(norm: NormSpec, dims: int = 1) -> NormFactory | None:
         return None
     if callable(norm):
         return norm
-    if dims not in (1, 2):
-        raise ValueError(f"resolve_norm: expected dims 1 or 2, got {dims!r}")
-    if norm == "bn":
-        from .. import BatchNorm1d, BatchNorm2d
+    from .. import BatchNorm1d, BatchNorm2d
 
-        return BatchNorm1d if dims == 1 else BatchNorm2d
-    if norm == "torch":
-        return nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
-    raise ValueError(f"resolve_norm: expected 'none', 'bn', 'torch' or a callable, got {norm!r}")
+    kinds = {"bn": (BatchNorm1d, BatchNorm2d), "torch": (nn.BatchNorm1d, nn.BatchNorm2d)}
+    if norm not in kinds or dims not in (1, 2):
+        raise ValueError(
+            f"resolve_norm: expected 'none', 'bn', 'torch' or a callable and dims 1 or 2, got {norm!r}, {dims!r}"
+        )
+    return kinds[norm][dims - 1]
 
 
 InitSpec = float | Literal["he"] | None
@@ -123,8 +123,12 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.layer(x)
-        return self.drop(self.act(self.norm(h)) if self.placement == "before" else self.norm(self.act(h)))
+        return self.drop(norm_act(self.layer(x), self.norm, self.act, self.placement))
+
+
+def norm_act(h: torch.Tensor, norm: Callable[..., torch.Tensor], act: nn.Module, placement: str) -> torch.Tensor:
+    """The placement rule: ``act(norm(h))`` for "before", ``norm(act(h))`` for "after"."""
+    return act(norm(h)) if placement == "before" else norm(act(h))
 
 
 def _use_bias(bias: BiasSpec, has_norm: bool, placement: Placement) -> bool:

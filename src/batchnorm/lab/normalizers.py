@@ -15,13 +15,15 @@ all return their input's shape.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from .. import BatchNorm1d, BatchRenorm1d
 from ..functional import update_step
 
-__all__ = ["GroupedBatchNorm1d", "GroupedBatchRenorm1d", "NoisyBatchNorm", "group_view"]
+__all__ = ["GroupedBatchNorm1d", "GroupedBatchRenorm1d", "NoisyBatchNorm"]
 
 
 class NoisyBatchNorm(nn.Module):
@@ -81,29 +83,40 @@ class NoisyBatchNorm(nn.Module):
         return y * scale * mult + shift + add
 
 
-def group_view(x: Tensor, group_size: int) -> Tensor:
-    """(N, C, *) -> (G, m, C, *) with m = ``group_size`` and G = N / m; ValueError if m does not
-    divide N.
+class _Grouped(nn.Module):
+    """The ``group_size`` option and per-group moments shared by the grouped layers below."""
 
-    Group g holds samples g*m .. g*m + m - 1 (consecutive, as a per-GPU split would).
-    """
-    n = x.shape[0]
-    if n % group_size != 0:
-        raise ValueError(f"group_view: batch of {n} is not a multiple of the group size {group_size}")
-    return x.reshape(n // group_size, group_size, *x.shape[1:])  # (G, m, C, *)
+    affine: bool
+    weight: Any
+    bias: Any
+
+    def __init__(self, num_features: int, group_size: int, **kwargs: object) -> None:
+        super().__init__(num_features, **kwargs)  # type: ignore[call-arg]
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+            raise ValueError(f"{type(self).__name__}: expected group_size to be an int >= 2, got {group_size!r}")
+        self.group_size = group_size
+
+    def _moments(self, input: Tensor) -> tuple[Tensor, tuple[int, ...], Tensor, Tensor]:
+        """(xg, dims, mean, biased var) of ``input`` (N, C[, L]) in groups of m = ``group_size``
+        consecutive samples (group g holds samples g*m .. g*m + m - 1, as a per-GPU split):
+        xg (G, m, C[, L]), ``dims`` the dims of xg one statistic reduces (m and any L), mean and
+        var (G, 1, C[, 1]). ValueError if m does not divide N."""
+        n, m = input.shape[0], self.group_size
+        if n % m != 0:
+            raise ValueError(f"{type(self).__name__}: batch of {n} is not a multiple of the group size {m}")
+        xg = input.reshape(n // m, m, *input.shape[1:])  # (G, m, C[, L])
+        dims = (1, *range(3, input.dim() + 1))
+        return xg, dims, xg.mean(dim=dims, keepdim=True), xg.var(dim=dims, unbiased=False, keepdim=True)
+
+    def _affine(self, y: Tensor) -> Tensor:
+        """gamma * y + beta on (N, C[, L]) (gamma, beta reshaped to (C[, 1])) if affine."""
+        if not self.affine:
+            return y
+        shape = (-1, *([1] * (y.dim() - 2)))
+        return y * self.weight.reshape(shape) + self.bias.reshape(shape)
 
 
-def _group_dims(input: Tensor) -> tuple[int, ...]:
-    """Dims of ``group_view(input)`` that one group's per-channel statistic reduces: m and any L."""
-    return (1, *range(3, input.dim() + 1))
-
-
-def _per_channel(p: Tensor, input: Tensor) -> Tensor:
-    """A (C,) parameter shaped to broadcast against (N, C, *) ``input``: (C,) or (C, 1)."""
-    return p.reshape(-1, *([1] * (input.dim() - 2)))
-
-
-class GroupedBatchNorm1d(BatchNorm1d):
+class GroupedBatchNorm1d(_Grouped, BatchNorm1d):
     """Batch norm whose training statistics come from groups of ``group_size`` samples.
 
     Training, for each group g of m consecutive samples (per channel):
@@ -130,22 +143,11 @@ class GroupedBatchNorm1d(BatchNorm1d):
     training.
     """
 
-    def __init__(self, num_features: int, group_size: int, **kwargs: object) -> None:
-        super().__init__(num_features, **kwargs)  # type: ignore[arg-type]
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
-            raise ValueError(f"GroupedBatchNorm1d: expected group_size to be an int >= 2, got {group_size!r}")
-        self.group_size = group_size
-
     def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]  # no mask: grouped statistics
         if not self.training or input.shape[0] <= self.group_size:
             return super().forward(input)
-        xg = group_view(input, self.group_size)  # (G, m, C) or (G, m, C, L)
-        dims = _group_dims(input)
-        mean = xg.mean(dim=dims, keepdim=True)  # (G, 1, C) or (G, 1, C, 1)
-        var = xg.var(dim=dims, unbiased=False, keepdim=True)  # (G, 1, C) or (G, 1, C, 1)
-        y = ((xg - mean) / torch.sqrt(var + self.eps)).reshape(input.shape)  # (N, C) or (N, C, L)
-        if self.affine:
-            y = y * _per_channel(self.weight, input) + _per_channel(self.bias, input)
+        xg, dims, mean, var = self._moments(input)  # mean, var: (G, 1, C[, 1])
+        y = self._affine(((xg - mean) / torch.sqrt(var + self.eps)).reshape(input.shape))  # (N, C[, L])
         if self.track_running_stats:
             n = self.group_size * (input[0, 0].numel())  # values per channel per group: m or m·L
             with torch.no_grad():
@@ -159,7 +161,7 @@ class GroupedBatchNorm1d(BatchNorm1d):
         return y
 
 
-class GroupedBatchRenorm1d(BatchRenorm1d):
+class GroupedBatchRenorm1d(_Grouped, BatchRenorm1d):
     """Batch renormalization (Ioffe 2017) over groups of ``group_size`` samples: his microbatches.
 
     Training, for each group g of m consecutive samples (per channel), with the shared moving
@@ -179,29 +181,18 @@ class GroupedBatchRenorm1d(BatchRenorm1d):
     training.
     """
 
-    def __init__(self, num_features: int, group_size: int, **kwargs: object) -> None:
-        super().__init__(num_features, **kwargs)  # type: ignore[arg-type]
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
-            raise ValueError(f"GroupedBatchRenorm1d: expected group_size to be an int >= 2, got {group_size!r}")
-        self.group_size = group_size
-
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or input.shape[0] <= self.group_size:
             return super().forward(input)
-        step = int(self.num_batches_tracked.item())
-        r_max, d_max = self.limits(step)
-        xg = group_view(input, self.group_size)  # (G, m, C) or (G, m, C, L)
-        dims = _group_dims(input)
-        mean = xg.mean(dim=dims, keepdim=True)  # (G, 1, C) or (G, 1, C, 1)
-        std = torch.sqrt(xg.var(dim=dims, unbiased=False, keepdim=True) + self.eps)  # (G, 1, C) or (G, 1, C, 1)
+        r_max, d_max = self.limits(int(self.num_batches_tracked.item()))
+        xg, dims, mean, var = self._moments(input)  # mean, var: (G, 1, C[, 1])
+        std = torch.sqrt(var + self.eps)
         with torch.no_grad():
-            mu = _per_channel(self.running_mean.detach(), input)
-            sigma = _per_channel(self.running_std.detach(), input)
+            shape = (-1, *([1] * (input.dim() - 2)))  # (C[, 1])
+            sigma = self.running_std.detach().reshape(shape)
             r = (std / sigma).clamp(1.0 / r_max, r_max)  # like std, a constant
-            d = ((mean - mu) / sigma).clamp(-d_max, d_max)  # like mean, a constant
-        y = ((xg - mean) / std * r + d).reshape(input.shape)  # (N, C) or (N, C, L)
-        if self.affine:
-            y = y * _per_channel(self.weight, input) + _per_channel(self.bias, input)
+            d = ((mean - self.running_mean.detach().reshape(shape)) / sigma).clamp(-d_max, d_max)  # like mean
+        y = self._affine(((xg - mean) / std * r + d).reshape(input.shape))  # (N, C[, L])
         with torch.no_grad():
             new_mean = mean.mean(dim=(0, *dims)).flatten()  # (C,)
             new_std = std.mean(dim=(0, *dims)).flatten()  # (C,)

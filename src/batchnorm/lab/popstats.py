@@ -3,12 +3,8 @@
     E[x]   = mean over B of mu_B
     Var[x] = m/(m-1) * mean over B of sigma_B^2          (sigma_B^2 biased, per batch of m)
 
-With the weights frozen, the network is run in training mode over many training batches of m
-examples; every BatchNorm's running statistics are replaced by these averages. The trick:
-with ``momentum=None`` a BatchNorm keeps the *cumulative* average of the batch means and of
-the *unbiased* batch variances m/(m-1)·sigma_B^2 — which is exactly Alg. 2 when every batch
-has the same m. The estimator is an average of per-batch moments, not the variance of the
-whole training set (that is ``batchnorm.recompute_statistics``): it matches what BN saw in training.
+An average of per-batch moments, what BN saw in training; not the variance of the whole
+training set (that is ``batchnorm.recompute_statistics``).
 """
 
 from __future__ import annotations
@@ -35,6 +31,11 @@ def population_statistics(
 ) -> nn.Module:
     """A copy of ``model`` whose BatchNorm running statistics are Alg. 2's population estimates.
 
+    With the weights frozen, the whole copy runs in training mode over training batches of m,
+    as Alg. 2 prescribes (dropout, if any, stays active); with ``momentum=None`` each BatchNorm
+    keeps the *cumulative* average of the batch means and of the *unbiased* batch variances
+    m/(m-1)·sigma_B^2, exactly Alg. 2 when every batch has the same m (as ``minibatches`` gives).
+
     Args:
         model: any model with BatchNorm layers (``torch.nn`` or ours); it is not modified.
         x: training inputs (N, ...) to average over.
@@ -44,9 +45,6 @@ def population_statistics(
 
     Returns:
         the copy, in eval mode, with ``momentum`` restored to each layer's original value.
-
-    The whole copy runs in training mode, as Alg. 2 prescribes (the statistics of the
-    *training* network): dropout, if any, stays active while the statistics are gathered.
     """
     new = copy.deepcopy(model)
     layers = [m for m in new.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]

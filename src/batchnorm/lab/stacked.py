@@ -9,28 +9,26 @@ operations as one. ``training.train`` is this loop with a single member.
     results = train_stacked(arms, xs, ys, spec, streams, checkpoints=range(0, 5001, 100),
                             on_checkpoint=record)  # record(step, results) sees the models' weights
 
-Members are the models of all arms, arm-major (member j of arm a). Each member k trains on its
-own data ``(xs[k], ys[k])`` with the index batches of its own stream, and the result equals
-training it alone (a plain SGD loop on the ``nn.Module``) up to float rounding:
+Members are the models of all arms, arm-major (member j of arm a). Member k trains on
+``(xs[k], ys[k])`` with the index batches of its own stream, and the result equals training it
+alone (a plain SGD loop on the ``nn.Module``) up to float rounding:
 
-* MLP Linear: ``h[k] = x[k] @ W[k]^T (+ b[k])`` as one ``torch.bmm`` / ``torch.baddbmm`` over
-  weights (M, out, in): (M, B, in) -> (M, B, out).
-* Conv1d: the members' kernels concatenated to (M*out, in, k) and applied as ONE grouped
-  convolution (``groups=M``) on the members' channels side by side: (B, M*in, L) ->
-  (B, M*out, L'); member k's channels are k*out .. (k+1)*out - 1.
-* Normalization: each arm's S members share one layer of S*C features (a deep copy of the
-  first member's layer with every parameter and buffer concatenated along the feature axis;
-  ``nn.GroupNorm`` gets S times the groups), applied to the arm's columns (B, S*C[, L]) in
-  member-major order. Batch-norm-like layers compute statistics per column, i.e. per member and
-  feature, over that member's batch (or its groups); Group Norm's groups are consecutive
-  channels, so they never straddle two members. Layers must not mix columns.
-* Dropout (``dropout=p`` > 0; the models themselves are built without it): inverted dropout
+* MLP Linear: one ``torch.bmm`` / ``torch.baddbmm`` over weights (M, out, in):
+  (M, B, in) -> (M, B, out).
+* Conv1d: the members' kernels as ONE grouped convolution (``groups=M``) over their channels
+  side by side: (B, M*in, L) -> (B, M*out, L'); member k's channels are k*out .. (k+1)*out - 1.
+* Normalization: an arm's S members share one layer of S*C features (a deep copy of the first
+  member's layer, parameters and buffers concatenated along the feature axis; ``nn.GroupNorm``
+  gets S times the groups) on the arm's member-major columns (B, S*C[, L]). Statistics are per
+  column, i.e. per member and feature, over that member's batch (or its groups); Group Norm's
+  groups never straddle two members. Layers must not mix columns.
+* Dropout (``dropout=p`` > 0; the models are built without it): inverted dropout
   ``h * mask / (1 - p)`` after every hidden block, ``mask ~ Bernoulli(1 - p)`` drawn for the
-  whole stacked activation from ``mask_generator``, so every member gets its own independent
-  masks (not the masks a single-model run would draw). In eval mode dropout is the identity,
-  so evaluating the models evaluates the trained dropout networks.
-* Loss: the sum over members of each member's mean loss; no parameter is shared, so every
-  member gets its own gradient, and SGD (momentum and weight decay included) acts element-wise.
+  whole stacked activation from ``mask_generator`` (each member its own masks, not those a
+  single-model run would draw). Eval mode has no dropout: evaluating the models evaluates the
+  trained dropout networks.
+* Loss: the sum of the members' mean losses; no parameter is shared, so each member gets its own
+  gradient, and SGD (momentum and weight decay included) acts element-wise.
 
 Divergence follows the lab's one rule (``training``; docs/lab.md): a member whose loss at step t
 is not finite stops there with the weights that gave that loss. It leaves the loss, its input
@@ -43,6 +41,7 @@ non-finite batch as a whole: the other members *of its arm* skip that one runnin
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -52,7 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .models import MLP, ConvNet
+from .models import MLP, ConvNet, norm_act
 from .training import Tick, TrainResult, TrainSpec
 
 __all__ = ["StackedNet", "cross_entropy", "train_stacked"]
@@ -116,6 +115,7 @@ class StackedNet(nn.Module):
         self.input_shape = tuple(first.input_shape) if self.conv else ()
         self.dropout, self.generator = float(dropout), generator
         self.sizes = [len(arm) for arm in arms]
+        self.starts = [sum(self.sizes[:a]) for a in range(len(arms))]  # arm -> its first member
         self.arm_of = [(a, j) for a, size in enumerate(self.sizes) for j in range(size)]  # member -> (arm, index)
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -135,10 +135,9 @@ class StackedNet(nn.Module):
             self.biases.append(nn.Parameter(torch.stack(bias).clone() if bias else torch.empty(0)))  # (M, out) or empty
             if self.conv:
                 self.conv_args.append((int(block.layer.stride[0]), int(block.layer.padding[0])))
-            starts = [sum(self.sizes[:a]) for a in range(len(arms))]
             self.norms.append(
                 nn.ModuleList(
-                    _merge_norm([m.blocks[i].norm for m in members[s : s + n]]) for s, n in zip(starts, self.sizes)
+                    _merge_norm([m.blocks[i].norm for m in members[s : s + n]]) for s, n in zip(self.starts, self.sizes)
                 )
             )
             self.acts.append(block.act)
@@ -148,19 +147,16 @@ class StackedNet(nn.Module):
         self.head_b = nn.Parameter(torch.stack([m.head.bias.detach() for m in members]).clone())  # (M, out)
 
     def _normalize(self, i: int, h: Tensor) -> Tensor:
-        """Apply layer i's arm norms to h in the (B, M*C[, L]) layout."""
-        c, parts, start = self.widths[i], [], 0
-        for size, norm in zip(self.sizes, self._arm_norms(i)):
-            parts.append(norm(h[:, start * c : (start + size) * c]))
-            start += size
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-    def _norm_mlp(self, i: int, h: Tensor) -> Tensor:
-        """``_normalize`` for MLP activations (M, B, C), laid out as (B, M*C), member-major columns."""
-        if all(isinstance(norm, nn.Identity) for norm in self._arm_norms(i)):
+        """Apply layer i's arm norms to h: conv activations (B, M*C, L) as they are, MLP
+        activations (M, B, C) laid out as (B, M*C) (member-major columns) and back."""
+        norms = self._arm_norms(i)
+        if all(isinstance(norm, nn.Identity) for norm in norms):
             return h
-        m, b, c = h.shape
-        return self._normalize(i, h.transpose(0, 1).reshape(b, m * c)).reshape(b, m, c).transpose(0, 1)
+        c = self.widths[i]
+        flat = h if self.conv else h.transpose(0, 1).reshape(h.shape[1], -1)  # (B, M*C[, L])
+        parts = [norm(flat[:, s * c : (s + n) * c]) for s, n, norm in zip(self.starts, self.sizes, norms)]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return out if self.conv else out.reshape(h.shape[1], h.shape[0], c).transpose(0, 1)
 
     def _drop(self, h: Tensor) -> Tensor:
         """Inverted dropout in training mode: ``h * mask / (1 - p)``, one mask for all of h."""
@@ -170,23 +166,19 @@ class StackedNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         m, b = x.shape[0], x.shape[1]
+        h = x  # MLP: (M, B, D); activations (M, B, C)
         if self.conv:  # (M, B, C*L) -> (B, M*C, L): member k's channels side by side
             h = x.reshape(m, b, *self.input_shape).transpose(0, 1).reshape(b, m * self.input_shape[0], -1)
-            for i, (w, act) in enumerate(zip(self.weights, self.acts)):
+        for i, (w, act) in enumerate(zip(self.weights, self.acts)):
+            if self.conv:
                 stride, padding = self.conv_args[i]
                 bias = self.biases[i].reshape(-1) if self.biases[i].numel() else None
                 h = F.conv1d(h, w.flatten(0, 1), bias, stride=stride, padding=padding, groups=m)  # (B, M*out, L')
-                h = self._drop(
-                    act(self._normalize(i, h)) if self.placements[i] == "before" else self._normalize(i, act(h))
-                )
+            else:
+                h = _linear(h, w, self.biases[i])  # (M, B, out)
+            h = self._drop(norm_act(h, functools.partial(self._normalize, i), act, self.placements[i]))
+        if self.conv:
             h = h.mean(dim=2).reshape(b, m, -1).transpose(0, 1)  # (M, B, C_last)
-        else:
-            h = x  # (M, B, D); activations see (M, B, C)
-            for i, (w, act) in enumerate(zip(self.weights, self.acts)):
-                h = _linear(h, w, self.biases[i])
-                h = self._drop(
-                    act(self._norm_mlp(i, h)) if self.placements[i] == "before" else self._norm_mlp(i, act(h))
-                )
         return _linear(h, self.head_w, self.head_b)
 
     def _arm_norms(self, i: int) -> list[nn.Module]:
@@ -212,10 +204,9 @@ class StackedNet(nn.Module):
                     block.layer.bias.copy_(self.biases[i][k])
             norms = [block.norm for block in model.blocks if not isinstance(block.norm, nn.Identity)]
             for norm, (merged, cols) in zip(norms, self._norm_slices(k)):
-                for name, p in norm.named_parameters(recurse=False):
-                    p.copy_(merged.get_parameter(name)[cols])
-                for name, buf in norm.named_buffers(recurse=False):
-                    buf.copy_(merged.get_buffer(name)[cols] if buf.dim() >= 1 else merged.get_buffer(name))
+                for name, t in [*norm.named_parameters(recurse=False), *norm.named_buffers(recurse=False)]:
+                    full = getattr(merged, name)
+                    t.copy_(full[cols] if t.dim() >= 1 else full)
             model.head.weight.copy_(self.head_w[k])
             model.head.bias.copy_(self.head_b[k])
 

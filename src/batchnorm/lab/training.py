@@ -24,8 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +42,7 @@ class Tick:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """How to train (recorded verbatim in results.json)."""
+    """How to train: SGD with a constant learning rate."""
 
     steps: int
     """Number of SGD updates."""
@@ -61,10 +60,6 @@ class TrainSpec:
             raise ValueError(f"TrainSpec: expected steps >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainSpec: expected a finite lr > 0, got {self.lr!r}")
-
-    def to_json(self) -> dict[str, Any]:
-        """The spec plus the optimizer's name, for results.json."""
-        return {"optimizer": "SGD", **asdict(self)}
 
 
 @dataclass
@@ -155,10 +150,9 @@ def train(
     the module docstring).
 
     ``on_checkpoint(step, result)`` runs at every step in ``checkpoints`` (0 = before training)
-    with the model in training mode holding its current weights and the live ``TrainResult``
-    (losses so far); it may evaluate (``evaluate`` restores the mode). ``loss_fn(output,
-    target)`` is the minibatch's mean loss. ``batches`` overrides the
-    minibatch index stream (e.g. fixed, non-shuffled batches); ``generator`` draws it otherwise.
+    with the model in training mode holding its current weights and the live ``TrainResult``;
+    it may evaluate (``evaluate`` restores the mode). ``loss_fn(output, target)`` is the
+    minibatch's mean loss. ``batches`` overrides the index stream ``generator`` draws.
     """
     from .stacked import train_stacked  # the loop builds on this module's types
 
