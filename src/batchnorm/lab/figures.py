@@ -118,10 +118,14 @@ def _log_axis(axis: Any) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def log_ticks(axis: Any, values: Sequence[float]) -> None:
+def log_ticks(axis: Any, values: Sequence[float], base: float | None = None) -> None:
     """Put the major ticks of a log ``axis`` at ``values`` (e.g. the group sizes or learning
-    rates of a grid), labelled as plain numbers, with no minor labels."""
+    rates of a grid), labelled as plain numbers, with no minor labels; ``base`` given, first make
+    the axis logarithmic in that base."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    if base is not None:
+        getattr(axis.axes, f"set_{axis.axis_name}scale")("log", base=base)
 
     axis.set_major_locator(FixedLocator(sorted(float(v) for v in values)))
     axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
