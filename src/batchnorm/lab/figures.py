@@ -254,22 +254,16 @@ def dress(
     ax: Any,
     title: str | None = None,
     *,
-    xlabel: str | None = None,
-    ylabel: str | None = None,
     title_size: float | None = None,
     grid: bool | str = False,
     legend: bool | dict[str, Any] = False,
     **props: Any,
 ) -> None:
-    """Finish a panel, in this order: ``ax.set(**props)`` (scales, limits), the x and y labels,
-    the title (at ``title_size`` points if given), a light grid (``grid=True``: both axes; ``"x"``
-    or ``"y"``: that axis only) and the legend (``legend=True``, or a dict of ``ax.legend``
+    """Finish a panel, in this order: ``ax.set(**props)`` (scales, limits, ``xlabel``, ``ylabel``,
+    ticks), the title (at ``title_size`` points if given), a light grid (``grid=True``: both axes;
+    ``"x"`` or ``"y"``: that axis only) and the legend (``legend=True``, or a dict of ``ax.legend``
     options); each step only when asked for."""
     ax.set(**props)
-    if xlabel is not None:
-        ax.set_xlabel(xlabel)
-    if ylabel is not None:
-        ax.set_ylabel(ylabel)
     if title is not None:
         ax.set_title(title, **({} if title_size is None else {"fontsize": title_size}))
     if grid:
