@@ -194,7 +194,7 @@ class Chain(Experiment):
             ax.plot([1e-8, 1e8], [1e-8, 1e8], ":", color="black", label="actual = predicted")
             ax.set_yscale("symlog", linthresh=1e-6)
             ticks = [-1e12, -1e8, -1e4, -1.0, -1e-4, 0.0, 1e-4, 1.0, 1e4]  # every 4 decades: no crowding at 0
-            limits = {"xscale": "log", "xlim": (1e-8, 1e6), "ylim": (-1e12, 1e4), "yticks": ticks}
+            limits: dict[str, Any] = {"xscale": "log", "xlim": (1e-8, 1e6), "ylim": (-1e12, 1e4), "yticks": ticks}
             xlabel, legend = "predicted loss decrease lr*|g|^2 (first order)", {"loc": "lower left", "fontsize": 8}
             dress(ax, f"{title} (all weights = {scale_shown})", **limits, xlabel=xlabel, grid=True, legend=legend)
         axes[0].set_ylabel("actual loss decrease (negative = loss went up)")

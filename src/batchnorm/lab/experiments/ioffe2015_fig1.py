@@ -175,7 +175,7 @@ class Fig1(Experiment):
             ax.plot(base["step"], base["test_acc"], label="without BN", color="tab:blue")
             ax.plot(bn["step"], bn["test_acc"], label="with BN (running average)", color="tab:red")
             ax.plot(bn["step"], bn["test_acc_population"], ":", label=population, color="tab:red")
-            labels = {"xlabel": "training step", "ylabel": "test accuracy"}
+            labels: dict[str, Any] = {"xlabel": "training step", "ylabel": "test accuracy"}
             dress(ax, title, ylim=(bottom, 1.0), **labels, grid=True, legend={"loc": "lower right"})
         paths.append(save(fig, Path(outdir) / "fig1a_accuracy.png"))
 
