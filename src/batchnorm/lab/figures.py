@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import textwrap
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -237,16 +238,13 @@ def mean_band(ax: Any, x: Sequence[float], runs: Sequence[Sequence[float]], labe
     and std; a point with no finite value is a gap in the line."""
     values = np.atleast_2d(np.asarray(runs, dtype=float))  # (runs, len(x))
     finite = np.isfinite(values)
-    count = finite.sum(axis=0)
-    filled = np.where(finite, values, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, filled.sum(axis=0) / count, np.nan)
-        var = np.where(count > 0, (np.where(finite, values - mean, 0.0) ** 2).sum(axis=0) / count, np.nan)
+    with warnings.catch_warnings():  # a point with no finite value: mean and std NaN, silently
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, std = (f(np.where(finite, values, np.nan), axis=0) for f in (np.nanmean, np.nanstd))
     n = values.shape[0]
     seeds = f"{n} seeds" if finite.all() else f"up to {n} seeds"
     (line,) = ax.plot(x, mean, label=label if n == 1 else f"{label} (mean ± std, {seeds})", **kw)
     if n > 1:
-        std = np.sqrt(var)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
 
 
