@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import textwrap
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,10 +119,14 @@ def _log_axis(axis: Any) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def log_ticks(axis: Any, values: Sequence[float]) -> None:
+def log_ticks(axis: Any, values: Sequence[float], base: float | None = None) -> None:
     """Put the major ticks of a log ``axis`` at ``values`` (e.g. the group sizes or learning
-    rates of a grid), labelled as plain numbers, with no minor labels."""
+    rates of a grid), labelled as plain numbers, with no minor labels; ``base`` given, first make
+    the axis logarithmic in that base."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    if base is not None:
+        getattr(axis.axes, f"set_{axis.axis_name}scale")("log", base=base)
 
     axis.set_major_locator(FixedLocator(sorted(float(v) for v in values)))
     axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
@@ -233,16 +238,13 @@ def mean_band(ax: Any, x: Sequence[float], runs: Sequence[Sequence[float]], labe
     and std; a point with no finite value is a gap in the line."""
     values = np.atleast_2d(np.asarray(runs, dtype=float))  # (runs, len(x))
     finite = np.isfinite(values)
-    count = finite.sum(axis=0)
-    filled = np.where(finite, values, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, filled.sum(axis=0) / count, np.nan)
-        var = np.where(count > 0, (np.where(finite, values - mean, 0.0) ** 2).sum(axis=0) / count, np.nan)
+    with warnings.catch_warnings():  # a point with no finite value: mean and std NaN, silently
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, std = (f(np.where(finite, values, np.nan), axis=0) for f in (np.nanmean, np.nanstd))
     n = values.shape[0]
     seeds = f"{n} seeds" if finite.all() else f"up to {n} seeds"
     (line,) = ax.plot(x, mean, label=label if n == 1 else f"{label} (mean ± std, {seeds})", **kw)
     if n > 1:
-        std = np.sqrt(var)
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
 
 
@@ -250,22 +252,16 @@ def dress(
     ax: Any,
     title: str | None = None,
     *,
-    xlabel: str | None = None,
-    ylabel: str | None = None,
     title_size: float | None = None,
     grid: bool | str = False,
     legend: bool | dict[str, Any] = False,
     **props: Any,
 ) -> None:
-    """Finish a panel, in this order: ``ax.set(**props)`` (scales, limits), the x and y labels,
-    the title (at ``title_size`` points if given), a light grid (``grid=True``: both axes; ``"x"``
-    or ``"y"``: that axis only) and the legend (``legend=True``, or a dict of ``ax.legend``
+    """Finish a panel, in this order: ``ax.set(**props)`` (scales, limits, ``xlabel``, ``ylabel``,
+    ticks), the title (at ``title_size`` points if given), a light grid (``grid=True``: both axes;
+    ``"x"`` or ``"y"``: that axis only) and the legend (``legend=True``, or a dict of ``ax.legend``
     options); each step only when asked for."""
     ax.set(**props)
-    if xlabel is not None:
-        ax.set_xlabel(xlabel)
-    if ylabel is not None:
-        ax.set_ylabel(ylabel)
     if title is not None:
         ax.set_title(title, **({} if title_size is None else {"fontsize": title_size}))
     if grid:

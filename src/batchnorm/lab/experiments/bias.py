@@ -190,25 +190,24 @@ class Bias(Experiment):
 
     def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
         """Gradients (log scale), paired loss curves, wasted parameters (the first seed)."""
-        plt = pyplot()
         m = results["metrics"]["per_seed"][0]
-        fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+        fig, axes = pyplot().subplots(1, 3, figsize=(14, 4.2))
         layers = np.arange(1, len(m["bias_grad_max"]) + 1)
         axes[0].bar(layers - 0.2, m["weight_grad_max"], width=0.4, label="weights W", color="tab:blue")
         bias_grad = np.maximum(m["bias_grad_max"], 1e-30)
         axes[0].bar(layers + 0.2, bias_grad, width=0.4, label="bias b before BN", color="tab:orange")
-        labels = {"xlabel": "hidden layer", "ylabel": "max |gradient| on one batch"}
-        axes[0].set(yscale="log", xticks=layers, **labels, title="Gradients: the bias gets only rounding noise")
-        axes[0].set_ylim(top=1e3 * max(m["weight_grad_max"]))  # room for the legend above the bars
-        dress(axes[0], grid="y", legend={"loc": "upper right"})
+        labels = {"xlabel": "hidden layer", "ylabel": "max |gradient| on one batch", "xticks": layers}
+        top = 1e3 * max(m["weight_grad_max"])  # room for the legend above the bars
+        title = "Gradients: the bias gets only rounding noise"
+        dress(axes[0], title, yscale="log", ylim=(None, top), **labels, grid="y", legend={"loc": "upper right"})
 
         a, b = (np.asarray(m[f"paired_losses_{k}"], dtype=float) for k in ("with_bias", "without_bias"))
         steps = np.arange(1, a.size + 1)
         axes[1].plot(steps, a, color="tab:orange", label="with the pre-BN bias", linewidth=2.5, alpha=0.6)
         axes[1].plot(steps, b, color="tab:blue", label="without it", linewidth=1, linestyle="--")
         title = f"Same weights, same batches: max |difference| {m['paired_training_max_loss_delta']:.1e}"
-        axes[1].set(yscale="log", xlabel="training step", ylabel="training loss (minibatch)")
-        dress(axes[1], title, grid=True, legend=True)
+        labels = {"xlabel": "training step", "ylabel": "training loss (minibatch)"}
+        dress(axes[1], title, yscale="log", **labels, grid=True, legend=True)
 
         names, counts = list(m["parameter_counts"]), list(m["parameter_counts"].values())
         wasted, total = [c["wasted_by_pre_bn_bias"] for c in counts], [c["parameters"] for c in counts]
@@ -216,8 +215,8 @@ class Bias(Experiment):
         for i, (w, t) in enumerate(zip(wasted, total)):
             axes[2].text(w, i, f" {w} of {t} ({100 * w / t:.2f}%)", va="center", fontsize=8)
         categories(axes[2].yaxis, names, fontsize=8)
-        axes[2].set(xlabel="parameters in biases directly before BN", title="Parameters wasted")
-        axes[2].set_xlim(0, max(wasted) * 1.8)
+        xlabel = "parameters in biases directly before BN"
+        dress(axes[2], "Parameters wasted", xlim=(0, max(wasted) * 1.8), xlabel=xlabel)
         return [save(fig, Path(outdir) / "bias_before_bn.png")]
 
 

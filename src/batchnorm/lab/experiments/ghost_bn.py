@@ -122,8 +122,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     fig, (ax, right) = pyplot().subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
     x, names = np.arange(len(_ARMS)), [wrap(_LABELS[arm], 10) for arm in _ARMS]
     colors = ["tab:blue", "tab:red", "tab:orange", "tab:purple", "tab:green"]
-    means = [float(np.mean(_acc(results, arm))) for arm in _ARMS]
-    stds = [float(np.std(_acc(results, arm))) for arm in _ARMS]
+    means, stds = ([float(f(_acc(results, arm))) for arm in _ARMS] for f in (np.mean, np.std))
     ax.bar(x, means, yerr=stds, capsize=4, color=colors, label="test accuracy (mean ± std over seeds)")
     train = [float(np.mean(_acc(results, arm, "train_acc"))) for arm in _ARMS]
     ax.plot(x, train, "k_", markersize=22, mew=2, label="training accuracy (mean)")
@@ -136,14 +135,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     right.bar(x, updates, color=colors)
     bar_values(right, updates, fontsize=8)
     categories(right.xaxis, names, fontsize=8)
-    # room for the count above the tallest bar
-    dress(
-        right,
-        "Number of updates: the gap follows it",
-        yscale="log",
-        ylim=(None, 2 * max(updates)),
-        ylabel="SGD updates",
-    )
+    top = 2 * max(updates)  # room for the count above the tallest bar
+    dress(right, "Number of updates: the gap follows it", yscale="log", ylim=(None, top), ylabel="SGD updates")
     return [save(fig, outdir / "generalization_gap.png")]
 
 

@@ -192,17 +192,11 @@ class Chain(Experiment):
                 ok = np.isfinite(act)
                 ax.plot(pred[ok], act[ok], "o-", markersize=3, color=color, label=f"depth {depth}")
             ax.plot([1e-8, 1e8], [1e-8, 1e8], ":", color="black", label="actual = predicted")
-            ax.set_xscale("log")
             ax.set_yscale("symlog", linthresh=1e-6)
             ticks = [-1e12, -1e8, -1e4, -1.0, -1e-4, 0.0, 1e-4, 1.0, 1e4]  # every 4 decades: no crowding at 0
-            ax.set(
-                xlim=(1e-8, 1e6),
-                ylim=(-1e12, 1e4),
-                yticks=ticks,
-                xlabel="predicted loss decrease lr*|g|^2 (first order)",
-            )
-            ax.set_title(f"{title} (all weights = {scale_shown})")
-            dress(ax, grid=True, legend={"loc": "lower left", "fontsize": 8})
+            limits: dict[str, Any] = {"xscale": "log", "xlim": (1e-8, 1e6), "ylim": (-1e12, 1e4), "yticks": ticks}
+            xlabel, legend = "predicted loss decrease lr*|g|^2 (first order)", {"loc": "lower left", "fontsize": 8}
+            dress(ax, f"{title} (all weights = {scale_shown})", **limits, xlabel=xlabel, grid=True, legend=legend)
         axes[0].set_ylabel("actual loss decrease (negative = loss went up)")
         fig.suptitle(f"One simultaneous gradient step on y = x*w1*...*wL (seed {seed})")
         paths.append(save(fig, Path(outdir) / "predicted_vs_actual.png"))
@@ -214,8 +208,7 @@ class Chain(Experiment):
                 label = f"{'no norm' if arm == 'plain' else 'BN'}, weights {scale}"
                 depths, safe = [c["depth"] for c in row], [_safe(c) for c in row]
                 ax.plot(depths, safe, style, color=color, markersize=4, label=label)
-        ax.set_xscale("log", base=2)
-        log_ticks(ax.xaxis, cfg["depths"])
+        log_ticks(ax.xaxis, cfg["depths"], base=2)
         title = f"Largest step whose effect the gradient predicts within ±50% (seed {seed})"
         ylabel = "largest safe learning rate"
         dress(ax, title, yscale="log", xlabel="depth L", ylabel=ylabel, grid=True, legend={"fontsize": 7, "ncol": 2})

@@ -20,7 +20,7 @@ from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import batch_stats_accuracy, listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column
-from ..figures import dress, pyplot, save
+from ..figures import dress, log_ticks, pyplot, save
 from ..models import blocks
 from ..popstats import population_statistics
 from ..progress import Progress
@@ -171,20 +171,18 @@ class InferenceStats(Experiment):
 
     def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
         """Accuracy by kind of statistics and test batch size; noise vs batch size (first seed)."""
-        plt = pyplot()
         m = results["metrics"]["per_seed"][0]
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
+        fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.3))
         ba = m["test_acc_batch_statistics"]
         sizes = [int(k) for k in ba]
         own = "each test batch's own statistics"
         axes[0].plot(sizes, [ba[str(k)] for k in sizes], "o-", color="tab:purple", label=own)
         for key, (label, color, ls) in _FIXED.items():
             axes[0].axhline(m["test_acc"][key], color=color, linestyle=ls, label=label)
-        axes[0].set_xscale("log", base=2)
-        axes[0].set_xticks(sizes, [str(k) for k in sizes])
-        axes[0].set(xlabel="test batch size B (batch statistics)", ylabel="test accuracy")
-        title = "Which statistics normalize a test example"
-        dress(axes[0], title, grid=True, legend={"loc": "lower right", "fontsize": 8})
+        log_ticks(axes[0].xaxis, sizes, base=2)
+        title, xlabel = "Which statistics normalize a test example", "test batch size B (batch statistics)"
+        legend = {"loc": "lower right", "fontsize": 8}
+        dress(axes[0], title, xlabel=xlabel, ylabel="test accuracy", grid=True, legend=legend)
 
         noise = m["first_layer_noise"]
         for key, style, color, label in (
@@ -193,10 +191,9 @@ class InferenceStats(Experiment):
             ("var_rel_scatter", "s-", "tab:orange", "batch variance: std of sigma_B^2/sigma^2"),
         ):
             axes[1].plot(noise["m"], noise[key], style, color=color, label=label)
-        axes[1].set_xscale("log", base=2)
-        axes[1].set_xticks(noise["m"], [str(k) for k in noise["m"]])
-        axes[1].set(yscale="log", xlabel="batch size m", ylabel="scatter, in population units")
-        dress(axes[1], "Noise of batch statistics (first BN layer)", grid=True, legend={"fontsize": 8})
+        log_ticks(axes[1].xaxis, noise["m"], base=2)
+        title, ylabel = "Noise of batch statistics (first BN layer)", "scatter, in population units"
+        dress(axes[1], title, yscale="log", xlabel="batch size m", ylabel=ylabel, grid=True, legend={"fontsize": 8})
         return [save(fig, Path(outdir) / "inference_statistics.png")]
 
 

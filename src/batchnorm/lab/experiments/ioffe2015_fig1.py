@@ -175,8 +175,8 @@ class Fig1(Experiment):
             ax.plot(base["step"], base["test_acc"], label="without BN", color="tab:blue")
             ax.plot(bn["step"], bn["test_acc"], label="with BN (running average)", color="tab:red")
             ax.plot(bn["step"], bn["test_acc_population"], ":", label=population, color="tab:red")
-            dress(ax, title, xlabel="training step", ylabel="test accuracy", ylim=(bottom, 1.0), grid=True)
-            dress(ax, legend={"loc": "lower right"})
+            labels: dict[str, Any] = {"xlabel": "training step", "ylabel": "test accuracy"}
+            dress(ax, title, ylim=(bottom, 1.0), **labels, grid=True, legend={"loc": "lower right"})
         paths.append(save(fig, Path(outdir) / "fig1a_accuracy.png"))
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)

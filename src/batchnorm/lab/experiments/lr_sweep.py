@@ -216,13 +216,9 @@ class LrSweep(Experiment):
             strip.bar(side_by_side, diverged.sum(axis=0), width=0.12 * lrs, color=color, label=label)
         ax.axvline(cfg["plain_best_lr"], color="tab:blue", label="plain best rate (calibration)", **dotted)
         ax.axvline(cfg["high_lr"], color="black", label="10x that rate", **dotted)
-        title, ylabel = (
-            f"Learning-rate sweep: {len(cfg['hidden'])}-layer ReLU MLP",
-            f"test accuracy after {cfg['steps']} steps",
-        )
-        dress(
-            ax, title, xscale="log", ylim=(0, 1), ylabel=ylabel, grid=True, legend={"loc": "lower left", "fontsize": 8}
-        )
+        title, ylabel = f"Learning-rate sweep: {len(cfg['hidden'])}-layer ReLU MLP", f"after {cfg['steps']} steps"
+        legend = {"loc": "lower left", "fontsize": 8}
+        dress(ax, title, xscale="log", ylim=(0, 1), ylabel=f"test accuracy {ylabel}", grid=True, legend=legend)
         xlabel, ylabel = "learning rate (SGD, constant; diverged = NaN/inf training loss)", f"diverged\n(of {n} seeds)"
         dress(strip, ylim=(0, n), yticks=range(0, n + 1, max(1, n // 3)), xlabel=xlabel, ylabel=ylabel, grid="y")
         paths = [save(fig, Path(outdir) / "accuracy_vs_lr.png")]

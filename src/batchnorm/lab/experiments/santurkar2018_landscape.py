@@ -157,9 +157,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
                 style = {"color": COLORS[norm], "marker": "o", "ms": 3, "alpha": 0.4 if k else 1.0}
                 ax.plot(m[norm]["step"][: len(vals)], vals, label=None if k else LABELS[norm], **style)
         dress(ax, label, title_size=10, yscale="log", xlabel="training step", ylabel=key.replace("_", " "), legend=True)
-    fig.suptitle(
-        f"Landscape along the gradient (etas {s['etas'][0]}..{s['etas'][-1]}, lr {s['lr']}; one line per seed)"
-    )
+    etas = f"etas {s['etas'][0]}..{s['etas'][-1]}"
+    fig.suptitle(f"Landscape along the gradient ({etas}, lr {s['lr']}; one line per seed)")
     paths = [save(fig, outdir / "landscape.png")]
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.0))
     panels = (

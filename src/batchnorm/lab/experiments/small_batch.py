@@ -173,10 +173,9 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     """Test error vs group size (i.i.d.; mean ± std over seeds) and non-i.i.d. bars."""
-    plt = pyplot()
     t, per_seed = results["config"], results["metrics"]["per_seed"]
     batch, n, sizes = int(t["batch_size"]), len(per_seed), sorted(int(v) for v in t["group_sizes"])
-    fig, (ax, bars) = plt.subplots(1, 2, figsize=(12, 4.3), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, bars) = pyplot().subplots(1, 2, figsize=(12, 4.3), gridspec_kw={"width_ratios": [3, 2]})
     for norm in _NORMS:
         have = [v for v in sizes if not any(math.isnan(_iid(m, norm, v, batch)) for m in per_seed)]  # trained arms
         errs = np.asarray([[_iid(m, norm, v, batch) for v in have] for m in per_seed])  # (seeds, sizes)
@@ -184,9 +183,8 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         label = _LABELS[norm] + (" (independent of m)" if gn else "") + (f", mean ± std of {n} seeds" if n > 1 else "")
         style = {"marker": "o", "capsize": 3, "color": _COLORS[norm], "linestyle": "--" if gn else "-", "label": label}
         ax.errorbar(have, errs.mean(axis=0), yerr=std, **style)
-    ax.set_xscale("log", base=2)
     # every power of two from the smallest group to the largest, so the axis reads as a scale
-    log_ticks(ax.xaxis, [2**k for k in range(int(np.log2(min(sizes))), int(np.log2(max(sizes))) + 1)])
+    log_ticks(ax.xaxis, [2**k for k in range(int(np.log2(min(sizes))), int(np.log2(max(sizes))) + 1)], base=2)
     ax.invert_xaxis()
     xlabel = f"examples per normalization group m ({batch} per SGD step)"
     title = "Test error vs normalization group size (i.i.d. groups)"
