@@ -32,14 +32,9 @@ _ARMS = ("with bias", "without bias")  # the paired training's arms
 
 @dataclass(frozen=True)
 class Settings(Declared):
-    """What the code computes or reads; the constants: ``bias.settings.toml``."""
+    """The settings the code computes or each mode sets; the others: ``bias.settings.toml``."""
 
     steps: int
-    hidden: tuple[int, ...]
-    activation: str
-    bias_shift_std: float
-    lr: float
-    batch_size: int
 
 
 @torch.no_grad()

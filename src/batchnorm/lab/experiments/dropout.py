@@ -40,20 +40,12 @@ _COLORS = ["tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:pink", "tab:ora
 
 @dataclasses.dataclass(frozen=True)
 class Settings(Declared):
-    """What the code computes or reads; the constants: ``dropout.settings.toml``."""
+    """The settings the code computes or each mode sets; the others: ``dropout.settings.toml``."""
 
     replicates: int
     max_steps: int
     steps: int
-    calibration_seed: int
-    calibration_every: int
-    fit_level: float
     calibration_fit_steps: dict[str, int]
-    train_examples: int
-    hidden: tuple[int, ...]
-    activation: str
-    lr: float
-    batch_size: int
 
 
 def _fixed_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[Tensor]:

@@ -16,10 +16,10 @@ import torch
 from torch.nn import functional as F
 
 from ... import GhostBatchNorm1d
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import FileSettings, listed, seeded
+from ..declare import listed, seeded
 from ..experiment import Experiment, column
 from ..figures import bar_values, categories, dress, pyplot, save, wrap
 from ..models import MLP
@@ -38,7 +38,7 @@ _LABELS = {
 
 
 @dataclass(frozen=True)
-class Settings(FileSettings):
+class Settings(Declared):
     """The settings the code computes; the others: ``ghost_bn.settings.toml`` (each one's
     meaning and source: ``ghost_bn.md``)."""
 

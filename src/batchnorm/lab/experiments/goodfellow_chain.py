@@ -29,14 +29,11 @@ _GRID_POINTS = {"tiny": 8, "quick": 29, "full": 57}
 
 @dataclass(frozen=True)
 class Settings(Declared):
-    """What the code computes or reads; the constants: ``goodfellow_chain.settings.toml``."""
+    """The settings the code computes or each mode sets; the others: ``goodfellow_chain.settings.toml``."""
 
     depths: tuple[int, ...]
     scales: tuple[float, ...]
     lrs: tuple[float, ...]
-    batch: int
-    bn_eps: float
-    safe_band: tuple[float, float]
 
 
 def _measure(

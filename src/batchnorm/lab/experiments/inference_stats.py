@@ -36,17 +36,11 @@ _FIXED = {  # the fixed statistics in the figure: label, color, line style
 
 @dataclass(frozen=True)
 class Settings(Declared):
-    """What the code computes or reads; the constants: ``inference_stats.settings.toml``."""
+    """The settings the code computes or each mode sets; the others: ``inference_stats.settings.toml``."""
 
     steps: int
     test_batch_repeats: int
     noise_batches: int
-    hidden: tuple[int, ...]
-    activation: str
-    lr: float
-    batch_size: int
-    test_batch_sizes: tuple[int, ...]
-    noise_batch_sizes: tuple[int, ...]
 
 
 @torch.no_grad()

@@ -27,15 +27,11 @@ _ARMS = tuple((act, place) for act in ("sigmoid", "relu") for place in ("none", 
 
 @dataclass(frozen=True)
 class Settings(Declared):
-    """What the code computes or reads; the constants: ``placement.settings.toml``."""
+    """The settings the code computes or each mode sets; the others: ``placement.settings.toml``."""
 
     steps: int
     checkpoint_every: int
     replicates: int
-    hidden: tuple[int, ...]
-    batch_size: int
-    lr: float
-    saturation_threshold: float
 
 
 def _train_arm(

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from ... import recompute_statistics
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import FileSettings, listed, mlp_for, seeded, train_seeds
+from ..declare import listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, per_seed_values, unmeasured
 from ..figures import dress, log_ticks, mean_band, pyplot, save
 from ..models import MLP
@@ -28,7 +28,7 @@ from ..verdict import part
 
 
 @dataclass(frozen=True)
-class Settings(FileSettings):
+class Settings(Declared):
     """What the code computes or each mode sets; the others: ``precise_bn.settings.toml``."""
 
     epochs: int

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import FileSettings, listed, probing, seeded
+from ..declare import listed, probing, seeded
 from ..experiment import Experiment
 from ..figures import dress, pyplot, save
 from ..models import MLP, blocks
@@ -28,7 +28,7 @@ from ._santurkar import COLORS, LABELS, build, probe_batch, window_means
 
 
 @dataclass(frozen=True)
-class Settings(FileSettings):
+class Settings(Declared):
     """The settings each mode sets; the others: ``santurkar2018_ics.settings.toml`` (each one's
     meaning and source: ``santurkar2018_ics.md``)."""
 

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import FileSettings, listed, probing, train_seeds
+from ..declare import listed, probing, train_seeds
 from ..experiment import Experiment
 from ..figures import dress, pyplot, save
 from ..progress import Progress
@@ -27,7 +27,7 @@ from ._santurkar import COLORS, LABELS, build, epoch_steps, probe_batch, window_
 
 
 @dataclass(frozen=True)
-class Settings(FileSettings):
+class Settings(Declared):
     """The settings the code computes; the others: ``santurkar2018_landscape.settings.toml``
     (each one's meaning and source: ``santurkar2018_landscape.md``)."""
 

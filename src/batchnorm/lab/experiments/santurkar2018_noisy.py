@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import FileSettings, activation_inputs, seeded, train_seeds
+from ..declare import activation_inputs, seeded, train_seeds
 from ..experiment import Experiment, column
 from ..figures import categories, dress, mean_band, pyplot, save
 from ..progress import Progress
@@ -35,7 +35,7 @@ Runs = list[dict[str, Any]]  # one record per seed
 
 
 @dataclasses.dataclass(frozen=True)
-class Settings(FileSettings):
+class Settings(Declared):
     """The settings the code computes; the others: ``santurkar2018_noisy.settings.toml`` (each
     one's meaning and source: ``santurkar2018_noisy.md``)."""
 

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from ... import GhostBatchNorm1d
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset, load
-from ..declare import FileSettings, listed, non_iid_batches, seeded
+from ..declare import listed, non_iid_batches, seeded
 from ..experiment import Experiment, column, per_seed_values
 from ..figures import bar_values, categories, dress, log_ticks, pyplot, save
 from ..models import MLP, ConvNet
@@ -38,7 +38,7 @@ _CALIBRATED_STEPS = {"digits": 500, "mnist1d": 2900}  # from ``calibrate_steps``
 
 
 @dataclass(frozen=True)
-class Settings(FileSettings):
+class Settings(Declared):
     """The settings the code computes or each mode sets; the others: ``small_batch.settings.toml``
     (each one's meaning and source: ``small_batch.md``)."""
 
