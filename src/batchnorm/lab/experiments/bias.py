@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..claims_spec import Claims, Declared
-from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column
@@ -125,9 +124,6 @@ class Bias(Experiment):
     """The redundant pre-BN bias over several seeds."""
 
     DESCRIPTION = "A bias before BN gets zero gradient and no effect on the output: measured over seeds, plus the parameters it wastes"
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return Settings.of(cfg.mode)
 
     def run_seeds(self, s: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> PerSeed:
         per_seed = [_one_batch_probes(s, d, seed) for d, seed in zip(data, seeds)]

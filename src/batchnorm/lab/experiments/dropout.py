@@ -113,10 +113,6 @@ class Dropout(Experiment):
 
     DESCRIPTION = "BN as a regularizer: test loss and accuracy on 400 examples for plain, dropout, BN, BN+dropout, fixed batches (over seeds)"
 
-    def settings(self, cfg: RunConfig) -> Settings:
-        """The mode's replicates and step cap; ``steps`` is calibrated by ``run``."""
-        return Settings.of(cfg.mode)
-
     def prepare(self, cfg: RunConfig, s: Settings, progress: Progress) -> Settings:
         """Apply the steps rule (the ``steps_rule`` setting) on the calibration seed."""
         data = load_for(cfg, s.calibration_seed).subset_train(s.train_examples, s.calibration_seed)

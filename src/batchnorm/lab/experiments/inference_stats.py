@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from ... import recompute_statistics
 from ..claims_spec import Claims, Declared
-from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import batch_stats_accuracy, listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column
@@ -119,9 +118,6 @@ class InferenceStats(Experiment):
     """Which statistics normalize a test example, over several seeds."""
 
     DESCRIPTION = "Test-time BN statistics: batch vs running average vs population (Alg. 2, exact); single-example inference; batch-8 noise"
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return Settings.of(cfg.mode)
 
     def run_seeds(self, s: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> PerSeed:
         models = [

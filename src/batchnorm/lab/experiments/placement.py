@@ -13,7 +13,6 @@ import numpy as np
 
 from .._replicates import mean_over_replicates, replicate_seed
 from ..claims_spec import Claims, Declared
-from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import activation_inputs, columns, listed, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, first_reaching
@@ -121,10 +120,6 @@ class Placement(Experiment):
     DESCRIPTION = (
         "BN before vs after the activation (sigmoid and ReLU): training speed, final accuracy, activation-input scale"
     )
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        """The mode's steps and replicates (the same for every data set)."""
-        return Settings.of(cfg.mode)
 
     def run_seeds(self, s: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> PerSeed:
         arms = {f"{act}/{place}": _train_arm(s, data, seeds, act, place, progress) for act, place in _ARMS}

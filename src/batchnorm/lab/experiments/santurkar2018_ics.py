@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..claims_spec import Claims, Declared
-from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, probing, seeded
 from ..experiment import Experiment
@@ -178,9 +177,6 @@ class Ics(Experiment):
     loss and the per-layer measurement dominate, not the training steps)."""
 
     DESCRIPTION = "Santurkar 2018 Def. 2.1: ICS as the change of a layer's gradient after earlier layers update (l2, cosine); BN's is not lower"
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return Settings.of(cfg.mode)
 
     def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
         s, (x, y), out = settings, _dln_data(seed), {"dln": {}, "mlp": {}}
