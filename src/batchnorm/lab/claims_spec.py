@@ -20,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from typing_extensions import dataclass_transform
+
 from .verdict import Part, SeedPlan, Verdict, VerdictName, _level, _margin, could_settle, judge_sequential
 
 if TYPE_CHECKING:
@@ -94,9 +96,15 @@ def load_settings(module: str) -> dict[str, Any]:
 _D = TypeVar("_D", bound="Declared")
 
 
+@dataclass_transform(frozen_default=True)
 class Declared:
-    """Base of a frozen ``Settings`` dataclass (the module docstring): its fields are only what the
-    code computes or a mode sets; every other setting of its file is read as an attribute (``s.lr``)."""
+    """Base of an experiment's ``Settings``, made a frozen dataclass by subclassing (the module
+    docstring): its fields are only what the code computes or a mode sets; every other setting of
+    its file is read as an attribute (``s.lr``)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        dataclasses.dataclass(frozen=True)(cls)
 
     def __getattr__(self, name: str) -> Any:
         settings = load_settings(type(self).__module__)

@@ -38,7 +38,6 @@ _ARMS = {  # name: norm, dropout p, fixed batches
 _COLORS = ["tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:pink", "tab:orange"]  # the arms' bars, in order
 
 
-@dataclasses.dataclass(frozen=True)
 class Settings(Declared):
     """The settings the code computes or each mode sets; the others: ``dropout.settings.toml``."""
 

@@ -7,7 +7,6 @@ Setup, the rules fixed before any run and each setting's source: ``ghost_bn.md``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,6 @@ _LABELS = {
 }
 
 
-@dataclass(frozen=True)
 class Settings(Declared):
     """The settings the code computes; the others: ``ghost_bn.settings.toml`` (each one's
     meaning and source: ``ghost_bn.md``)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from ..verdict import part
 _GRID_POINTS = {"tiny": 8, "quick": 29, "full": 57}
 
 
-@dataclass(frozen=True)
 class Settings(Declared):
     """The settings the code computes or each mode sets; the others: ``goodfellow_chain.settings.toml``."""
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ _FIXED = {  # the fixed statistics in the figure: label, color, line style
 }
 
 
-@dataclass(frozen=True)
 class Settings(Declared):
     """The settings the code computes or each mode sets; the others: ``inference_stats.settings.toml``."""
 

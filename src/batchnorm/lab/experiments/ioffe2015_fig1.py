@@ -5,7 +5,6 @@ Setup, the rules fixed before any run and each setting's source: ``ioffe2015_fig
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,6 @@ _INFERENCE = (  # the inference figure's series: key, label, style
 )
 
 
-@dataclass(frozen=True)
 class Settings(Declared):
     """The settings the code computes or each mode sets; the others: ``ioffe2015_fig1.settings.toml``."""
 

@@ -39,7 +39,6 @@ _CAP = 1e30  # stands for an infinite loss ratio or activation growth in the log
 _PROBES = ("step_probe_loss_ratio", "activation_rms_init", "activation_rms_after_large_steps", "large_steps_taken")
 
 
-@dataclasses.dataclass(frozen=True)
 class Settings(Declared):
     """The settings the code computes or each mode sets; the others: ``lr_sweep.settings.toml``."""
 

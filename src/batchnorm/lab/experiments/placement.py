@@ -5,7 +5,6 @@ Setup, the rules fixed before any run and each setting's source: ``placement.md`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +23,6 @@ from ..training import TrainResult, TrainSpec, evaluate
 _ARMS = tuple((act, place) for act in ("sigmoid", "relu") for place in ("none", "before", "after"))
 
 
-@dataclass(frozen=True)
 class Settings(Declared):
     """The settings the code computes or each mode sets; the others: ``placement.settings.toml``."""
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
 
 
-@dataclass(frozen=True)
 class Settings(Declared):
     """What the code computes or each mode sets; the others: ``precise_bn.settings.toml``."""
 

@@ -6,7 +6,6 @@ Setup, the rules fixed before any run and each setting's source: ``santurkar2018
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from ..training import TrainResult, TrainSpec
 from ._santurkar import COLORS, LABELS, build, epoch_steps, probe_batch, window_means
 
 
-@dataclass(frozen=True)
 class Settings(Declared):
     """The settings the code computes; the others: ``santurkar2018_landscape.settings.toml``
     (each one's meaning and source: ``santurkar2018_landscape.md``)."""

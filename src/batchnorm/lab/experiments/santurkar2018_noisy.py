@@ -34,7 +34,6 @@ _DIVERGED = 1e3  # the mean training loss and the drift recorded for a run that 
 Runs = list[dict[str, Any]]  # one record per seed
 
 
-@dataclasses.dataclass(frozen=True)
 class Settings(Declared):
     """The settings the code computes; the others: ``santurkar2018_noisy.settings.toml`` (each
     one's meaning and source: ``santurkar2018_noisy.md``)."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,6 @@ _COLORS = {"bn": "tab:blue", "brn": "tab:green", "ghost": "tab:purple", "gn": "t
 _CALIBRATED_STEPS = {"digits": 500, "mnist1d": 2900}  # from ``calibrate_steps``; full mode: 10/3 x, tiny: 40
 
 
-@dataclass(frozen=True)
 class Settings(Declared):
     """The settings the code computes or each mode sets; the others: ``small_batch.settings.toml``
     (each one's meaning and source: ``small_batch.md``)."""
