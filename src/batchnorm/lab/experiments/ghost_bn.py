@@ -37,8 +37,7 @@ _LABELS = {
 
 
 class Settings(Declared):
-    """The settings the code computes; the others: ``ghost_bn.settings.toml`` (each one's
-    meaning and source: ``ghost_bn.md``)."""
+    """The settings the code computes or each mode sets; the others: ``ghost_bn.settings.toml``."""
 
     epochs: int
     max_train: int | None

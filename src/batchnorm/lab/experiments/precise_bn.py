@@ -27,7 +27,7 @@ from ..verdict import part
 
 
 class Settings(Declared):
-    """What the code computes or each mode sets; the others: ``precise_bn.settings.toml``."""
+    """The settings the code computes or each mode sets; the others: ``precise_bn.settings.toml``."""
 
     epochs: int
     max_train: int | None

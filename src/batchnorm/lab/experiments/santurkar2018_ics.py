@@ -26,8 +26,7 @@ from ._santurkar import COLORS, LABELS, build, probe_batch, window_means
 
 
 class Settings(Declared):
-    """The settings each mode sets; the others: ``santurkar2018_ics.settings.toml`` (each one's
-    meaning and source: ``santurkar2018_ics.md``)."""
+    """The settings the code computes or each mode sets; the others: ``santurkar2018_ics.settings.toml``."""
 
     dln_steps: int
     dln_checkpoints: int

@@ -26,8 +26,7 @@ from ._santurkar import COLORS, LABELS, build, epoch_steps, probe_batch, window_
 
 
 class Settings(Declared):
-    """The settings the code computes; the others: ``santurkar2018_landscape.settings.toml``
-    (each one's meaning and source: ``santurkar2018_landscape.md``)."""
+    """The settings the code computes or each mode sets; the others: ``santurkar2018_landscape.settings.toml``."""
 
     steps: int
     steps_rule: str

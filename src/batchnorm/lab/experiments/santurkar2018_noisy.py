@@ -35,8 +35,7 @@ Runs = list[dict[str, Any]]  # one record per seed
 
 
 class Settings(Declared):
-    """The settings the code computes; the others: ``santurkar2018_noisy.settings.toml`` (each
-    one's meaning and source: ``santurkar2018_noisy.md``)."""
+    """The settings the code computes or each mode sets; the others: ``santurkar2018_noisy.settings.toml``."""
 
     depth: int
     width: int

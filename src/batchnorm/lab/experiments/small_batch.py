@@ -37,8 +37,7 @@ _CALIBRATED_STEPS = {"digits": 500, "mnist1d": 2900}  # from ``calibrate_steps``
 
 
 class Settings(Declared):
-    """The settings the code computes or each mode sets; the others: ``small_batch.settings.toml``
-    (each one's meaning and source: ``small_batch.md``)."""
+    """The settings the code computes or each mode sets; the others: ``small_batch.settings.toml``."""
 
     model: str
     steps: int
