@@ -2,7 +2,8 @@
 ``docs/lab.md``, "Figures and reports"), and ``claim``, one claim of saved results judged over seeds.
 
 ``Claims`` joins a claims file's fixed fields with what the module computes (a, b, evidence). A
-``Settings`` dataclass (a ``Declared``) declares only the settings the code computes or reads:
+``Settings`` dataclass (a ``Declared``) declares only the settings the code computes or a mode sets,
+and reads the file's others as attributes:
 
     s = Settings.of(cfg.mode, steps=500)  # computed, then the file's [mode] table, then its values
     s.record()  # results' "config": the computed fields, then every setting of the file, in order
@@ -18,6 +19,8 @@ import math
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from typing_extensions import dataclass_transform
 
 from .verdict import Part, SeedPlan, Verdict, VerdictName, _level, _margin, could_settle, judge_sequential
 
@@ -93,9 +96,21 @@ def load_settings(module: str) -> dict[str, Any]:
 _D = TypeVar("_D", bound="Declared")
 
 
+@dataclass_transform(frozen_default=True)
 class Declared:
-    """Base of a frozen ``Settings`` dataclass (the module docstring): its fields are what the code
-    computes or reads; the file's other settings are only recorded."""
+    """Base of an experiment's ``Settings``, made a frozen dataclass by subclassing (the module
+    docstring): its fields are only what the code computes or a mode sets; every other setting of
+    its file is read as an attribute (``s.lr``)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        dataclasses.dataclass(frozen=True)(cls)
+
+    def __getattr__(self, name: str) -> Any:
+        settings = load_settings(type(self).__module__)
+        if name not in settings:
+            raise AttributeError(f"{type(self).__module__}.Settings has no setting {name!r}")
+        return settings[name]
 
     @classmethod
     def of(cls: type[_D], mode: str | None = None, /, **computed: Any) -> _D:

@@ -1,7 +1,7 @@
-"""Small pieces the experiments' declarations share, written once: settings read from their
-file, the seeds of one arm trained together under a progress bar, an MLP sized for a data set, a
-measurement that moves a model's weights and puts them back, per-seed numbers as text for a
-claim's evidence, the inputs of a network's activations, and non-i.i.d. minibatches."""
+"""Small pieces the experiments' declarations share, written once: the seeds of one arm trained
+together under a progress bar, an MLP sized for a data set, a measurement that moves a model's
+weights and puts them back, per-seed numbers as text for a claim's evidence, the inputs of a
+network's activations, and non-i.i.d. minibatches."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .claims_spec import Declared, load_settings
 from .datasets import Dataset
 from .models import MLP, blocks
 from .progress import Progress
@@ -20,7 +19,6 @@ from .stacked import train_stacked
 from .training import TrainResult, TrainSpec, minibatches
 
 __all__ = [
-    "FileSettings",
     "activation_inputs",
     "batch_stats_accuracy",
     "columns",
@@ -31,17 +29,6 @@ __all__ = [
     "seeded",
     "train_seeds",
 ]
-
-
-class FileSettings(Declared):
-    """A ``claims_spec.Declared`` whose dataclass fields are only what the code computes (or
-    overrides); every other setting of its file is read as an attribute (``s.lr``)."""
-
-    def __getattr__(self, name: str) -> Any:
-        settings = load_settings(type(self).__module__)
-        if name not in settings:
-            raise AttributeError(f"{type(self).__module__}.Settings has no setting {name!r}")
-        return settings[name]
 
 
 def seeded(seed: int) -> torch.Generator:

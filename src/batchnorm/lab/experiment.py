@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -110,8 +111,9 @@ class Experiment:
         return type(self).__module__.rsplit(".", 1)[-1].replace("_", "-")
 
     def settings(self, cfg: RunConfig) -> Any:
-        """The frozen ``Settings`` dataclass for this run's mode and data."""
-        raise NotImplementedError
+        """The frozen ``Settings`` dataclass for this run's mode and data (default: the module's
+        ``Settings.of(cfg.mode)``)."""
+        return sys.modules[type(self).__module__].Settings.of(cfg.mode)
 
     def run_seed(self, settings: Any, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
         """Train and measure every arm on one seed (same initial weights and minibatch order

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..claims_spec import Claims, Declared
-from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column
@@ -30,16 +29,10 @@ _E = "{:.1e}"  # how the evidence writes a per-seed number
 _ARMS = ("with bias", "without bias")  # the paired training's arms
 
 
-@dataclass(frozen=True)
 class Settings(Declared):
-    """What the code computes or reads; the constants: ``bias.settings.toml``."""
+    """The settings the code computes or each mode sets; the others: ``bias.settings.toml``."""
 
     steps: int
-    hidden: tuple[int, ...]
-    activation: str
-    bias_shift_std: float
-    lr: float
-    batch_size: int
 
 
 @torch.no_grad()
@@ -130,9 +123,6 @@ class Bias(Experiment):
     """The redundant pre-BN bias over several seeds."""
 
     DESCRIPTION = "A bias before BN gets zero gradient and no effect on the output: measured over seeds, plus the parameters it wastes"
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return Settings.of(cfg.mode)
 
     def run_seeds(self, s: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> PerSeed:
         per_seed = [_one_batch_probes(s, d, seed) for d, seed in zip(data, seeds)]

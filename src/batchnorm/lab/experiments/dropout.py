@@ -38,22 +38,13 @@ _ARMS = {  # name: norm, dropout p, fixed batches
 _COLORS = ["tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:pink", "tab:orange"]  # the arms' bars, in order
 
 
-@dataclasses.dataclass(frozen=True)
 class Settings(Declared):
-    """What the code computes or reads; the constants: ``dropout.settings.toml``."""
+    """The settings the code computes or each mode sets; the others: ``dropout.settings.toml``."""
 
     replicates: int
     max_steps: int
     steps: int
-    calibration_seed: int
-    calibration_every: int
-    fit_level: float
     calibration_fit_steps: dict[str, int]
-    train_examples: int
-    hidden: tuple[int, ...]
-    activation: str
-    lr: float
-    batch_size: int
 
 
 def _fixed_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[Tensor]:
@@ -120,10 +111,6 @@ class Dropout(Experiment):
     """BN as a regularizer, over seeds."""
 
     DESCRIPTION = "BN as a regularizer: test loss and accuracy on 400 examples for plain, dropout, BN, BN+dropout, fixed batches (over seeds)"
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        """The mode's replicates and step cap; ``steps`` is calibrated by ``run``."""
-        return Settings.of(cfg.mode)
 
     def prepare(self, cfg: RunConfig, s: Settings, progress: Progress) -> Settings:
         """Apply the steps rule (the ``steps_rule`` setting) on the calibration seed."""

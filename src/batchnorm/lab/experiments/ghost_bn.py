@@ -7,7 +7,6 @@ Setup, the rules fixed before any run and each setting's source: ``ghost_bn.md``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,10 @@ import torch
 from torch.nn import functional as F
 
 from ... import GhostBatchNorm1d
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import FileSettings, listed, seeded
+from ..declare import listed, seeded
 from ..experiment import Experiment, column
 from ..figures import bar_values, categories, dress, pyplot, save, wrap
 from ..models import MLP
@@ -37,10 +36,8 @@ _LABELS = {
 }
 
 
-@dataclass(frozen=True)
-class Settings(FileSettings):
-    """The settings the code computes; the others: ``ghost_bn.settings.toml`` (each one's
-    meaning and source: ``ghost_bn.md``)."""
+class Settings(Declared):
+    """The settings the code computes or each mode sets; the others: ``ghost_bn.settings.toml``."""
 
     epochs: int
     max_train: int | None

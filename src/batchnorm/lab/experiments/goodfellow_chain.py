@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,12 @@ from ..verdict import part
 _GRID_POINTS = {"tiny": 8, "quick": 29, "full": 57}
 
 
-@dataclass(frozen=True)
 class Settings(Declared):
-    """What the code computes or reads; the constants: ``goodfellow_chain.settings.toml``."""
+    """The settings the code computes or each mode sets; the others: ``goodfellow_chain.settings.toml``."""
 
     depths: tuple[int, ...]
     scales: tuple[float, ...]
     lrs: tuple[float, ...]
-    batch: int
-    bn_eps: float
-    safe_band: tuple[float, float]
 
 
 def _measure(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from torch import Tensor, nn
 
 from ... import recompute_statistics
 from ..claims_spec import Claims, Declared
-from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import batch_stats_accuracy, listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column
@@ -34,19 +32,12 @@ _FIXED = {  # the fixed statistics in the figure: label, color, line style
 }
 
 
-@dataclass(frozen=True)
 class Settings(Declared):
-    """What the code computes or reads; the constants: ``inference_stats.settings.toml``."""
+    """The settings the code computes or each mode sets; the others: ``inference_stats.settings.toml``."""
 
     steps: int
     test_batch_repeats: int
     noise_batches: int
-    hidden: tuple[int, ...]
-    activation: str
-    lr: float
-    batch_size: int
-    test_batch_sizes: tuple[int, ...]
-    noise_batch_sizes: tuple[int, ...]
 
 
 @torch.no_grad()
@@ -125,9 +116,6 @@ class InferenceStats(Experiment):
     """Which statistics normalize a test example, over several seeds."""
 
     DESCRIPTION = "Test-time BN statistics: batch vs running average vs population (Alg. 2, exact); single-example inference; batch-8 noise"
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return Settings.of(cfg.mode)
 
     def run_seeds(self, s: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> PerSeed:
         models = [

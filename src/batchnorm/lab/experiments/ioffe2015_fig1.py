@@ -5,7 +5,6 @@ Setup, the rules fixed before any run and each setting's source: ``ioffe2015_fig
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +33,12 @@ _INFERENCE = (  # the inference figure's series: key, label, style
 )
 
 
-@dataclass(frozen=True)
 class Settings(Declared):
-    """What the code computes or reads; the constants: ``ioffe2015_fig1.settings.toml``."""
+    """The settings the code computes or each mode sets; the others: ``ioffe2015_fig1.settings.toml``."""
 
     steps: int
     checkpoint_every: int
     mnist1d_choice: str
-    hidden: tuple[int, ...]
-    batch_size: int
-    lr: float
-    init_std: float
-    tracked_unit: int
-    percentiles: tuple[int, ...]
 
 
 def _train_arm(

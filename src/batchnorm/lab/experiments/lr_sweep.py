@@ -39,9 +39,8 @@ _CAP = 1e30  # stands for an infinite loss ratio or activation growth in the log
 _PROBES = ("step_probe_loss_ratio", "activation_rms_init", "activation_rms_after_large_steps", "large_steps_taken")
 
 
-@dataclasses.dataclass(frozen=True)
 class Settings(Declared):
-    """What the code computes or reads; the constants: ``lr_sweep.settings.toml``."""
+    """The settings the code computes or each mode sets; the others: ``lr_sweep.settings.toml``."""
 
     hidden: tuple[int, ...]
     steps: int
@@ -51,11 +50,6 @@ class Settings(Declared):
     plain_best_lr: float
     high_lr: float
     calibration: dict[str, Any]
-    calibration_seed: int
-    best_tolerance: float
-    batch_size: int
-    blowup_lr: float
-    blowup_steps: int
 
 
 def _model(data: Dataset, s: Settings, norm: str | None, seed: int) -> MLP:

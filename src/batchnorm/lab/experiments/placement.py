@@ -5,7 +5,6 @@ Setup, the rules fixed before any run and each setting's source: ``placement.md`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,7 +12,6 @@ import numpy as np
 
 from .._replicates import mean_over_replicates, replicate_seed
 from ..claims_spec import Claims, Declared
-from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import activation_inputs, columns, listed, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, first_reaching
@@ -25,17 +23,12 @@ from ..training import TrainResult, TrainSpec, evaluate
 _ARMS = tuple((act, place) for act in ("sigmoid", "relu") for place in ("none", "before", "after"))
 
 
-@dataclass(frozen=True)
 class Settings(Declared):
-    """What the code computes or reads; the constants: ``placement.settings.toml``."""
+    """The settings the code computes or each mode sets; the others: ``placement.settings.toml``."""
 
     steps: int
     checkpoint_every: int
     replicates: int
-    hidden: tuple[int, ...]
-    batch_size: int
-    lr: float
-    saturation_threshold: float
 
 
 def _train_arm(
@@ -125,10 +118,6 @@ class Placement(Experiment):
     DESCRIPTION = (
         "BN before vs after the activation (sigmoid and ReLU): training speed, final accuracy, activation-input scale"
     )
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        """The mode's steps and replicates (the same for every data set)."""
-        return Settings.of(cfg.mode)
 
     def run_seeds(self, s: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> PerSeed:
         arms = {f"{act}/{place}": _train_arm(s, data, seeds, act, place, progress) for act, place in _ARMS}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,10 @@ import torch
 from torch import Tensor, nn
 
 from ... import recompute_statistics
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import FileSettings, listed, mlp_for, seeded, train_seeds
+from ..declare import listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, per_seed_values, unmeasured
 from ..figures import dress, log_ticks, mean_band, pyplot, save
 from ..models import MLP
@@ -27,9 +26,8 @@ from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
 
 
-@dataclass(frozen=True)
-class Settings(FileSettings):
-    """What the code computes or each mode sets; the others: ``precise_bn.settings.toml``."""
+class Settings(Declared):
+    """The settings the code computes or each mode sets; the others: ``precise_bn.settings.toml``."""
 
     epochs: int
     max_train: int | None

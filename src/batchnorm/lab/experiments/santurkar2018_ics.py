@@ -6,7 +6,6 @@ Setup, the rules fixed before any run and each setting's source: ``santurkar2018
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..claims_spec import Claims
-from ..config import RunConfig
+from ..claims_spec import Claims, Declared
 from ..datasets import Dataset
-from ..declare import FileSettings, listed, probing, seeded
+from ..declare import listed, probing, seeded
 from ..experiment import Experiment
 from ..figures import dress, pyplot, save
 from ..models import MLP, blocks
@@ -27,10 +25,8 @@ from ..training import TrainSpec, train
 from ._santurkar import COLORS, LABELS, build, probe_batch, window_means
 
 
-@dataclass(frozen=True)
-class Settings(FileSettings):
-    """The settings each mode sets; the others: ``santurkar2018_ics.settings.toml`` (each one's
-    meaning and source: ``santurkar2018_ics.md``)."""
+class Settings(Declared):
+    """The settings the code computes or each mode sets; the others: ``santurkar2018_ics.settings.toml``."""
 
     dln_steps: int
     dln_checkpoints: int
@@ -178,9 +174,6 @@ class Ics(Experiment):
     loss and the per-layer measurement dominate, not the training steps)."""
 
     DESCRIPTION = "Santurkar 2018 Def. 2.1: ICS as the change of a layer's gradient after earlier layers update (l2, cosine); BN's is not lower"
-
-    def settings(self, cfg: RunConfig) -> Settings:
-        return Settings.of(cfg.mode)
 
     def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
         s, (x, y), out = settings, _dln_data(seed), {"dln": {}, "mlp": {}}

@@ -6,7 +6,6 @@ Setup, the rules fixed before any run and each setting's source: ``santurkar2018
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import FileSettings, listed, probing, train_seeds
+from ..declare import listed, probing, train_seeds
 from ..experiment import Experiment
 from ..figures import dress, pyplot, save
 from ..progress import Progress
@@ -26,10 +25,8 @@ from ..training import TrainResult, TrainSpec
 from ._santurkar import COLORS, LABELS, build, epoch_steps, probe_batch, window_means
 
 
-@dataclass(frozen=True)
-class Settings(FileSettings):
-    """The settings the code computes; the others: ``santurkar2018_landscape.settings.toml``
-    (each one's meaning and source: ``santurkar2018_landscape.md``)."""
+class Settings(Declared):
+    """The settings the code computes or each mode sets; the others: ``santurkar2018_landscape.settings.toml``."""
 
     steps: int
     steps_rule: str

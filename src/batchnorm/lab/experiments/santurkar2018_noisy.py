@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import FileSettings, activation_inputs, seeded, train_seeds
+from ..declare import activation_inputs, seeded, train_seeds
 from ..experiment import Experiment, column
 from ..figures import categories, dress, mean_band, pyplot, save
 from ..progress import Progress
@@ -34,10 +34,8 @@ _DIVERGED = 1e3  # the mean training loss and the drift recorded for a run that 
 Runs = list[dict[str, Any]]  # one record per seed
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings(FileSettings):
-    """The settings the code computes; the others: ``santurkar2018_noisy.settings.toml`` (each
-    one's meaning and source: ``santurkar2018_noisy.md``)."""
+class Settings(Declared):
+    """The settings the code computes or each mode sets; the others: ``santurkar2018_noisy.settings.toml``."""
 
     depth: int
     width: int

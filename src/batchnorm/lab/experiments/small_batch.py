@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from ... import GhostBatchNorm1d
-from ..claims_spec import Claims
+from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset, load
-from ..declare import FileSettings, listed, non_iid_batches, seeded
+from ..declare import listed, non_iid_batches, seeded
 from ..experiment import Experiment, column, per_seed_values
 from ..figures import bar_values, categories, dress, log_ticks, pyplot, save
 from ..models import MLP, ConvNet
@@ -37,10 +36,8 @@ _COLORS = {"bn": "tab:blue", "brn": "tab:green", "ghost": "tab:purple", "gn": "t
 _CALIBRATED_STEPS = {"digits": 500, "mnist1d": 2900}  # from ``calibrate_steps``; full mode: 10/3 x, tiny: 40
 
 
-@dataclass(frozen=True)
-class Settings(FileSettings):
-    """The settings the code computes or each mode sets; the others: ``small_batch.settings.toml``
-    (each one's meaning and source: ``small_batch.md``)."""
+class Settings(Declared):
+    """The settings the code computes or each mode sets; the others: ``small_batch.settings.toml``."""
 
     model: str
     steps: int
