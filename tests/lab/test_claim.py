@@ -96,7 +96,6 @@ class _Fake(Experiment):
 
     ID = "fake"
     DESCRIPTION = "fake"
-    QUICK_SECONDS = 0.0
 
     def __init__(self, values: Sequence[float]) -> None:
         self.values = list(values)

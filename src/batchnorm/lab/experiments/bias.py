@@ -164,10 +164,19 @@ class Bias(Experiment):
         moved = col("bias_max_movement_during_training")
         folded, zeroed = (col(f"eval_output_change_bias_{k}") for k in ("folded_into_running_mean", "zeroed"))
         changed = [100 * v for v in col("eval_predictions_changed_bias_zeroed")]
-        grads = f"max |dL/db| / min over layers of max |dL/dW|, per seed: {listed(ratio, _E)}; seed {seed0}: |dL/db| per layer {listed(per[0]['bias_grad_max'], _E)} vs |dL/dW| {listed(per[0]['weight_grad_max'], _E)}"
+        grads = (
+            f"max |dL/db| / min over layers of max |dL/dW|, per seed: {listed(ratio, _E)}; "
+            f"seed {seed0}: |dL/db| per layer {listed(per[0]['bias_grad_max'], _E)} vs |dL/dW| {listed(per[0]['weight_grad_max'], _E)}"
+        )
         no_effect = f"max |change| of the logits (shifted or removed, the larger), per seed: {listed(out_change, _E)}"
-        same = f"{t['steps']} SGD steps on the same batches, per seed: max |loss difference| {listed(loss, _E)}; max |weight difference| {listed(weight, _E)}; max bias movement {listed(moved, _E)}"
-        removal = f"max |change| of eval logits, per seed: {listed(folded, _E)} with running_mean -= b; {listed(zeroed, '{:.3g}')} with the bias zeroed alone ({listed(changed, '{:.1f}%')} of test predictions change)"
+        same = (
+            f"{t['steps']} SGD steps on the same batches, per seed: max |loss difference| {listed(loss, _E)}; "
+            f"max |weight difference| {listed(weight, _E)}; max bias movement {listed(moved, _E)}"
+        )
+        removal = (
+            f"max |change| of eval logits, per seed: {listed(folded, _E)} with running_mean -= b; "
+            f"{listed(zeroed, '{:.3g}')} with the bias zeroed alone ({listed(changed, '{:.1f}%')} of test predictions change)"
+        )
         make = Claims(__name__, results)
         still = part(moved, below=float(t["bias_movement_below"]))
         naive_changes = part(zeroed, above=float(t["eval_change_zeroed_above"]))

@@ -156,9 +156,18 @@ class Dropout(Experiment):
         acc = {arm: f"{arm} " + "/".join(f"{100 * v:.1f}" for v in col[arm, "test_acc"]) + "%" for arm in _ARMS}
         loss = {arm: f"{arm} " + "/".join(f"{v:.3f}" for v in col[arm, "test_loss"]) for arm in _ARMS}
         fits = min(min(col[arm, "train_acc"]) for arm in _ARMS)
-        regularizes = f"test loss per seed: {loss['BN']} vs {loss['plain']}; test accuracy {acc['BN']} vs {acc['plain']}; lowest training accuracy of any arm and seed {100 * fits:.1f}%"
-        removable = f"test accuracy per seed: {acc['BN']} vs {acc['dropout 0.5']}; test loss {loss['BN']} vs {loss['dropout 0.5']}"
-        fixed = f"test loss per seed: {loss['BN, fixed batches']} vs {loss['BN']}; test accuracy {acc['BN, fixed batches']} vs {acc['BN']}"
+        regularizes = (
+            f"test loss per seed: {loss['BN']} vs {loss['plain']}; test accuracy {acc['BN']} vs {acc['plain']}; "
+            f"lowest training accuracy of any arm and seed {100 * fits:.1f}%"
+        )
+        removable = (
+            f"test accuracy per seed: {acc['BN']} vs {acc['dropout 0.5']}; "
+            f"test loss {loss['BN']} vs {loss['dropout 0.5']}"
+        )
+        fixed = (
+            f"test loss per seed: {loss['BN, fixed batches']} vs {loss['BN']}; "
+            f"test accuracy {acc['BN, fixed batches']} vs {acc['BN']}"
+        )
         make, on_top = Claims(__name__, results, tol_pp=100 * tol), ("BN + dropout 0.1", "BN + dropout 0.5")
 
         def vs(a: str, b: str, key: str) -> dict[str, Any]:  # arm a against arm b, paired over seeds

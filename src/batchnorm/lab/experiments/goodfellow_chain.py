@@ -161,10 +161,24 @@ class Chain(Experiment):
         make = Claims(
             __name__, results, spread_log10=spread_log10, growth_log10=growth_log10, bn_error_pct=bn_error_pct
         )
-        no_single = f"log10 of (largest / smallest safe lr), per seed: {listed([10**v for v in col['plain_spread_log10']], '{:.3g}x')} (an unsafe-everywhere chain counts at the smallest grid lr, so these are lower bounds); seed {seed0}: {first['plain_range']}"
-        grows = f"log10 growth shallowest -> deepest (smallest over scales), per seed: {listed(col['growth_total_log10'], '{:.2f}')}; smallest log10 growth between neighbouring depths: {listed(col['growth_min_step_log10'], '{:.2f}')}; seed {seed0}, |actual/predicted - 1|: {first['growth_detail']} (an overflowed step counts as 10^{_LOG10_CAP:g})"
-        bn_safe = f"BN safe lr from {min(col['bn_safe_min']):.2g} to {max(col['bn_safe_max']):.2g} over {len(q)} seeds x {n_bn} chains; spread per seed {listed(col['bn_spread'], '{:.3g}x')}; {sum(int(v) for v in col['bn_unsafe'])} BN chain(s) unsafe at every lr"
-        bn_first = f"largest |actual/predicted - 1| at lr {float(s['reference_lr']):g}, per seed: BN {listed(col['bn_error'], '{:.3g}')}; without BN {listed(col['plain_error'], '{:.3g}')}"
+        no_single = (
+            f"log10 of (largest / smallest safe lr), per seed: {listed([10**v for v in col['plain_spread_log10']], '{:.3g}x')} (an unsafe-everywhere chain counts at the smallest grid lr, so these are lower bounds); "
+            f"seed {seed0}: {first['plain_range']}"
+        )
+        grows = (
+            f"log10 growth shallowest -> deepest (smallest over scales), per seed: {listed(col['growth_total_log10'], '{:.2f}')}; "
+            f"smallest log10 growth between neighbouring depths: {listed(col['growth_min_step_log10'], '{:.2f}')}; "
+            f"seed {seed0}, |actual/predicted - 1|: {first['growth_detail']} (an overflowed step counts as 10^{_LOG10_CAP:g})"
+        )
+        bn_safe = (
+            f"BN safe lr from {min(col['bn_safe_min']):.2g} to {max(col['bn_safe_max']):.2g} over {len(q)} seeds x {n_bn} chains; "
+            f"spread per seed {listed(col['bn_spread'], '{:.3g}x')}; "
+            f"{sum(int(v) for v in col['bn_unsafe'])} BN chain(s) unsafe at every lr"
+        )
+        bn_first = (
+            f"largest |actual/predicted - 1| at lr {float(s['reference_lr']):g}, per seed: BN {listed(col['bn_error'], '{:.3g}')}; "
+            f"without BN {listed(col['plain_error'], '{:.3g}')}"
+        )
         grows_everywhere = part(col["growth_min_step_log10"], above=0.0)
         return [
             make("plain_no_single_lr", a=col["plain_spread_log10"], evidence=no_single),

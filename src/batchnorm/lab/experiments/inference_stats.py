@@ -140,11 +140,28 @@ class InferenceStats(Experiment):
         refused = first["single_example_batch_statistics_error"].split(" (")[0] or "(not refused)"
         ema_diff = first["stat_difference_vs_exact"]
         over_b = ", ".join(f"{k}: {100 * v:.1f}" for k, v in first["test_acc_batch_statistics"].items())
-        agree = f"test accuracy per seed (%): running average {listed(ema, '{:.2f}')}; Alg. 2 {listed(alg2, '{:.2f}')}; exact {listed(exact, '{:.2f}')}"
-        close = f"largest difference over layers and units, per seed — means (in stds): {listed(mean_diff, '{:.3f}')}; variances (relative): {listed(var_diff, '{:.3f}')}; running average (seed {seed0}, per layer): {listed(ema_diff['running_average_mean'], '{:.3f}')} / {listed(ema_diff['running_average_var'], '{:.3f}')}"
-        degrade = f"test accuracy per seed (%): B=8 {listed(b8)}; B=2 {listed(b2)}; population statistics {listed(exact)}; seed {seed0} over B: {over_b}"
-        alone = f"max |logit difference| per seed: {listed(delta, '{:.1e}')}; with batch statistics a single example is refused: {refused}"
-        noise = f"first BN layer, m=8, measured / theory - 1 per seed: {listed(ratio, '{:+.3f}')}; seed {seed0}: {at8[0]['mean_scatter']:.3f} sigma vs {at8[0]['mean_scatter_theory']:.3f} sigma; batch variance scatters by {at8[0]['var_rel_scatter']:.2f} of sigma^2"
+        agree = (
+            f"test accuracy per seed (%): running average {listed(ema, '{:.2f}')}; Alg. 2 {listed(alg2, '{:.2f}')}; "
+            f"exact {listed(exact, '{:.2f}')}"
+        )
+        close = (
+            f"largest difference over layers and units, per seed — means (in stds): {listed(mean_diff, '{:.3f}')}; "
+            f"variances (relative): {listed(var_diff, '{:.3f}')}; "
+            f"running average (seed {seed0}, per layer): {listed(ema_diff['running_average_mean'], '{:.3f}')} / {listed(ema_diff['running_average_var'], '{:.3f}')}"
+        )
+        degrade = (
+            f"test accuracy per seed (%): B=8 {listed(b8)}; B=2 {listed(b2)}; population statistics {listed(exact)}; "
+            f"seed {seed0} over B: {over_b}"
+        )
+        alone = (
+            f"max |logit difference| per seed: {listed(delta, '{:.1e}')}; "
+            f"with batch statistics a single example is refused: {refused}"
+        )
+        noise = (
+            f"first BN layer, m=8, measured / theory - 1 per seed: {listed(ratio, '{:+.3f}')}; "
+            f"seed {seed0}: {at8[0]['mean_scatter']:.3f} sigma vs {at8[0]['mean_scatter_theory']:.3f} sigma; "
+            f"batch variance scatters by {at8[0]['var_rel_scatter']:.2f} of sigma^2"
+        )
         make = Claims(__name__, results, var_pct=100 * t["alg2_var_within"], noise_pct=100 * t["noise_theory_band"])
         alg2_agrees = part(alg2, exact, above=-band, below=band)
         var_close = part(var_diff, below=float(t["alg2_var_within"]))

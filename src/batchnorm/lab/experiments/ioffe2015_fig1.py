@@ -138,8 +138,14 @@ class Fig1(Experiment):
         factor, tol = t["baseline_vs_bn_spread_change_factor"], float(t["population_vs_running_tolerance"])
         growth_pct, settled_pct = 100 * t["baseline_spread_growth_at_least"], 100 * t["bn_settled_relative_move_below"]
         make = Claims(__name__, results, growth_pct=growth_pct, settled_pct=settled_pct, tol_pp=100 * tol)
-        margin = f"smallest margin {100 * mean['min_margin']:+.1f} pp (mean over seeds); final {100 * mean['final_bn']:.1f}% with BN vs {100 * mean['final_base']:.1f}% without"
-        steps = f"steps to the baseline's best accuracy, per seed: baseline {listed(col['steps_base'], '{:g}')}; BN {listed(col['steps_bn'], '{:g}')}"
+        margin = (
+            f"smallest margin {100 * mean['min_margin']:+.1f} pp (mean over seeds); "
+            f"final {100 * mean['final_bn']:.1f}% with BN vs {100 * mean['final_base']:.1f}% without"
+        )
+        steps = (
+            f"steps to the baseline's best accuracy, per seed: baseline {listed(col['steps_base'], '{:g}')}; "
+            f"BN {listed(col['steps_bn'], '{:g}')}"
+        )
         spread = f"second half: baseline spread {100 * mean['widen_base']:+.1f}%, BN's spread changes by {100 * mean['change_bn']:.1f}% (means over seeds)"
         drift = f"largest move over the second half relative to the final spread: BN {mean['drift_bn']:.3f}, baseline {mean['drift_base']:.3f} (means over seeds)"
         pop = f"population minus running average: final {100 * mean['pop_minus_ema_final']:+.2f} pp, mean over the second half {100 * mean['pop_minus_ema_half']:+.2f} pp (means over seeds)"

@@ -183,9 +183,18 @@ class LrSweep(Experiment):
         make = Claims(__name__, results, **pp, growth_log10=growth_log10, probe_log10=probe_log10, alpha=alphas[i])
         bn_best = listed((_best_lr(lrs, m["bn"]["test_acc"], float(t["best_tolerance"])) for m in per_seed), "{:g}")
         div_high = sum(m["plain"]["diverged_at"][jh] is not None for m in per_seed)
-        fails = f"test accuracy at lr {high:g} per seed: BN {shown['bn', jh]}, plain {shown['plain', jh]} (plain diverged on {div_high} of {len(per_seed)} seeds; a diverged run counts as accuracy 0)"
-        matches = f"per seed: BN at lr {high:g} {shown['bn', jh]}; plain at lr {best:g} {shown['plain', jb]}; BN's own best rate per seed {bn_best}"
-        growth = f"growth per seed: plain {listed(gp, '{:.3g}x')} (after {listed((m['plain']['large_steps_taken'] for m in per_seed), '{:g}')} finite steps); BN {listed(gb, '{:.3g}x')}"
+        fails = (
+            f"test accuracy at lr {high:g} per seed: BN {shown['bn', jh]}, plain {shown['plain', jh]} (plain diverged on {div_high} of {len(per_seed)} seeds; "
+            "a diverged run counts as accuracy 0)"
+        )
+        matches = (
+            f"per seed: BN at lr {high:g} {shown['bn', jh]}; plain at lr {best:g} {shown['plain', jb]}; "
+            f"BN's own best rate per seed {bn_best}"
+        )
+        growth = (
+            f"growth per seed: plain {listed(gp, '{:.3g}x')} (after {listed((m['plain']['large_steps_taken'] for m in per_seed), '{:g}')} finite steps); "
+            f"BN {listed(gb, '{:.3g}x')}"
+        )
         probe = f"L(w - alpha g)/L(w) per seed: plain {listed(pr, '{:.3g}')}; BN {listed(br, '{:.3g}')}"
         bn_flat = part([_log10(v) for v in gb], below=math.log10(float(t["bn_growth_at_most"])))
         return [

@@ -130,13 +130,23 @@ class Placement(Experiment):
         frac, tol = float(t["early_checkpoint_fraction"]), float(t["sigmoid_before_tolerance"])
         col = columns(_quantities(m, frac) for m in results["metrics"]["per_seed"])
         pct = {key: "/".join(f"{100 * v:.1f}" for v in values) + "%" for key, values in col.items()}
-        speedup = f"no-BN best {pct['target']} (per seed) reached at step {listed(col['steps_none'], '{:g}')}; by both BN placements at step {listed(col['steps_bn'], '{:g}')} (of {t['steps']}; never = one checkpoint past the end)"
-        gains = f"at step {col['early_step'][0]:g}, per seed: sigmoid no BN {pct['early sigmoid/none']}, before {pct['early sigmoid/before']}, after {pct['early sigmoid/after']}; ReLU no BN {pct['early relu/none']}, before {pct['early relu/before']}, after {pct['early relu/after']}"
+        speedup = (
+            f"no-BN best {pct['target']} (per seed) reached at step {listed(col['steps_none'], '{:g}')}; "
+            f"by both BN placements at step {listed(col['steps_bn'], '{:g}')} (of {t['steps']}; "
+            "never = one checkpoint past the end)"
+        )
+        gains = (
+            f"at step {col['early_step'][0]:g}, per seed: sigmoid no BN {pct['early sigmoid/none']}, before {pct['early sigmoid/before']}, after {pct['early sigmoid/after']}; "
+            f"ReLU no BN {pct['early relu/none']}, before {pct['early relu/before']}, after {pct['early relu/after']}"
+        )
         late = {
             act: f"mean test accuracy over the last quarter of checkpoints, per seed: before {pct[f'late {act}/before']}, after {pct[f'late {act}/after']}"
             for act in ("sigmoid", "relu")
         }
-        saturated = f"{late['sigmoid']}; saturated sigmoid inputs (|z| > {t['saturation_threshold']:g}) at the end (first replicate): before {pct['sat_before']}, after {pct['sat_after']}"
+        saturated = (
+            f"{late['sigmoid']}; "
+            f"saturated sigmoid inputs (|z| > {t['saturation_threshold']:g}) at the end (first replicate): before {pct['sat_before']}, after {pct['sat_after']}"
+        )
         band = float(t["relu_placement_band"])
         make = Claims(__name__, results, early_pct=100 * frac, tol_pp=100 * tol, band_pp=100 * band)
         return [

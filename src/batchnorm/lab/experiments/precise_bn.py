@@ -113,7 +113,10 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         evidence = f"the training set has fewer than {n_sat} examples: no {n_sat}-sample curve"
         saturation = unmeasured(make, "saturation", evidence)
-    gained = f"precise - EMA accuracy, mean over the first {e} epochs, per seed (pp): {listed(early, '{:+.1f}')}; over the last quarter: {listed(late, '{:+.2f}')}"
+    gained = (
+        f"precise - EMA accuracy, mean over the first {e} epochs, per seed (pp): {listed(early, '{:+.1f}')}; "
+        f"over the last quarter: {listed(late, '{:+.2f}')}"
+    )
     rough = f"mean |change between consecutive epochs| over the first {e} epochs, per seed (pp): EMA {listed(rough_ema, '{:.2f}')} vs precise {listed(rough_pre, '{:.2f}')}"
     shrinks = f"mean relative error of the EMA variances per seed: first {e} epochs {listed(first, '{:.3f}')}, last quarter {listed(last, '{:.3f}')}"
     return [

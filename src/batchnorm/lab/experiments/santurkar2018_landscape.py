@@ -138,7 +138,10 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
         bn, none, learning, lower, total = zip(*(_seed_means(m, key, floor) for m in results["metrics"]["per_seed"]))
         ratios = listed((a / b for a, b in zip(bn, none)), "{:.3g}")
         counts = ", ".join(f"{k}/{n}" for k, n in zip(lower, learning))
-        evidence = f"ratio BN / no BN per seed: {ratios}; BN lower at {counts} learning-phase checkpoints (of {listed(total, '{:.0f}')})"
+        evidence = (
+            f"ratio BN / no BN per seed: {ratios}; "
+            f"BN lower at {counts} learning-phase checkpoints (of {listed(total, '{:.0f}')})"
+        )
         out.append(make(key, a=list(bn), b=list(none), evidence=evidence))
     return out
 
