@@ -155,25 +155,48 @@ def test_train_step_declines_what_it_does_not_take(ext: ModuleType, case: str) -
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("case", ["plain", "nan stats", "zero var eps 0", "ill", "grad stats", "mixed"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "plain", "nan stats", "zero var eps 0", "zero mean and var eps 0", "ill", "grad stats", "mixed", "inf mean", "inf var",
+        "negative var", "at the bound", "above the bound", "many channels, one ill", "many channels, one nan",
+    ],
+)  # fmt: skip
 def test_eval_step_forms_agree(ext: ModuleType, dtype: torch.dtype, case: str) -> None:
-    x = torch.randn(6, 5, 3, dtype=dtype)
-    mean, var = torch.randn(5, dtype=dtype), torch.rand(5, dtype=dtype) + 0.1
-    w, b = torch.rand(5, dtype=dtype), torch.randn(5, dtype=dtype)
+    c = 37 if case.startswith("many") else 5  # not a multiple of a vector width: the loop's tail counts
+    x = torch.randn(6, c, 3, dtype=dtype)
+    mean, var = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.1
+    w, b = torch.rand(c, dtype=dtype), torch.randn(c, dtype=dtype)
     eps = 1e-5
+    kappa = native.KAPPA_MAX[dtype]
     if case == "nan stats":
         mean[2] = float("nan")
     elif case == "zero var eps 0":
         var[1], eps = 0.0, 0.0
+    elif case == "zero mean and var eps 0":  # var + eps = 0 refused by itself (mean^2 > 0 is not)
+        mean[1], var[1], eps = 0.0, 0.0, 0.0
+    elif case == "inf mean":
+        mean[4] = -float("inf")
+    elif case == "inf var":
+        var[0] = float("inf")
+    elif case == "negative var":
+        var[3] = -1.0
+    elif case in ("at the bound", "above the bound"):  # |mean| = kappa * sqrt(var + eps), exactly
+        var[2], eps = 1.0, 0.0
+        mean[2] = kappa * (1.0 if case == "at the bound" else 1.0 + 2.0**-20)
+    elif case == "many channels, one ill":
+        mean[-1] = 2 * kappa * float(var[-1].sqrt())
+    elif case == "many channels, one nan":
+        var[-1] = float("nan")
     elif case == "ill":
         mean = mean + (1e5 if dtype == torch.float32 else 1e12)
     elif case == "grad stats":
         mean.requires_grad_()
     elif case == "mixed":
         w = w.to(torch.float64 if dtype == torch.float32 else torch.float32)
-    compiled = ext.eval_step(x, w, b, mean, var, eps, native.KAPPA_MAX[dtype])
+    compiled = ext.eval_step(x, w, b, mean, var, eps, kappa)
     python = bn.eval_aten(x, mean, var, w, b, eps)
-    assert (compiled is None) == (python is None) == (case != "plain")
+    assert (compiled is None) == (python is None) == (case not in ("plain", "at the bound"))
     if compiled is not None:
         torch.testing.assert_close(compiled, python, rtol=0, atol=0)
 

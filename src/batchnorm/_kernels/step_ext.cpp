@@ -41,32 +41,50 @@ bool same(const c10::optional<at::Tensor>& t, at::ScalarType dtype) {
   return !t.has_value() || !t->defined() || float_cpu(*t, dtype);
 }
 
+// The checks below are branch-free selects OR-ed together as bit patterns, a form GCC vectorizes
+// (a bool or int reduction of comparisons it does not): `bits(x * 0.0 + y * 0.0)` is +-0 when x
+// and y are finite and NaN otherwise, so the OR of those patterns has an all-ones exponent
+// exactly when some value is not finite; a select of -0.0 sets the sign bit of its OR exactly
+// when its comparison is true somewhere.
+constexpr uint64_t kExponent = 0x7FF0000000000000ULL;
+
+inline uint64_t bits(double value) {
+  uint64_t out;
+  std::memcpy(&out, &value, sizeof(out));
+  return out;
+}
+
+inline int64_t code(uint64_t not_finite, uint64_t refused, uint64_t ill) {
+  if ((not_finite & kExponent) == kExponent || (refused >> 63)) return kNotFinite;
+  return (ill >> 63) ? kIllConditioned : kOk;
+}
+
 // NOT_FINITE when a statistic is not finite, else ILL_CONDITIONED when some
-// |mean| * invstd > kappa_max, else OK. Branch-free over the channels (it vectorizes): a value
-// v is finite exactly when v - v == 0.
+// |mean| * invstd > kappa_max, else OK.
 template <typename T>
 int64_t check(const T* mean, const T* invstd, int64_t c, double kappa_max) {
-  bool bad = false, ill = false;
+  uint64_t not_finite = 0, ill = 0;
   for (int64_t k = 0; k < c; ++k) {
     const double m = mean[k], inv = invstd[k];
-    bad |= !((m - m) == 0.0) | !((inv - inv) == 0.0);
-    ill |= std::fabs(m) * std::fabs(inv) > kappa_max;
+    not_finite |= bits(m * 0.0 + inv * 0.0);
+    ill |= bits(std::fabs(m) * std::fabs(inv) > kappa_max ? -0.0 : 0.0);
   }
-  return bad ? kNotFinite : (ill ? kIllConditioned : kOk);
+  return code(not_finite, 0, ill);
 }
 
 // as `check`, for given statistics: invstd = 1 / sqrt(var + eps); var + eps <= 0 is not finite;
 // |m| > kappa_max * sqrt(v) is tested as m^2 > kappa_max^2 * v (no root)
 template <typename T>
 int64_t check_fixed(const T* mean, const T* var, int64_t c, double eps, double kappa_max) {
-  bool bad = false, ill = false;
+  uint64_t not_finite = 0, refused = 0, ill = 0;
   const double k2 = kappa_max * kappa_max;
   for (int64_t k = 0; k < c; ++k) {
     const double m = mean[k], v = static_cast<double>(var[k]) + eps;
-    bad |= !((m - m) == 0.0) | !((v - v) == 0.0) | !(v > 0.0);
-    ill |= m * m > k2 * v;
+    not_finite |= bits(m * 0.0 + v * 0.0);
+    refused |= bits(v > 0.0 ? 0.0 : -0.0);
+    ill |= bits(m * m > k2 * v ? -0.0 : 0.0);
   }
-  return bad ? kNotFinite : (ill ? kIllConditioned : kOk);
+  return code(not_finite, refused, ill);
 }
 
 int64_t check_tensors(const at::Tensor& mean, const at::Tensor& second, bool fixed, double eps, double kappa_max) {
