@@ -66,3 +66,18 @@ def test_file_settings_read_every_setting_of_the_file_by_attribute() -> None:
     assert s.record()["lr"] == s.lr and getattr(s, "calibration_seed", None) is None
     with pytest.raises(AttributeError, match="no setting 'not_a_setting'"):
         _ = s.not_a_setting
+
+
+def test_a_setting_read_by_attribute_cannot_change_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchnorm.lab import claims_spec
+
+    file = {"steps": 3, "grid": [1, 2], "table": {"a": [1]}}
+    monkeypatch.setattr(claims_spec, "_settings_file", lambda module: file)
+
+    class Settings(claims_spec.Declared):
+        steps: int
+
+    s = Settings.of()
+    assert (s.steps, s.grid, s.table) == (3, (1, 2), {"a": [1]})  # arrays as tuples
+    s.table["a"].append(2)  # a copy: the file's value, and the next read, stay as read
+    assert file["table"] == {"a": [1]} and s.table == {"a": [1]}

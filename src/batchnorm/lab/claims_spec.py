@@ -107,10 +107,13 @@ class Declared:
         dataclasses.dataclass(frozen=True)(cls)
 
     def __getattr__(self, name: str) -> Any:
-        settings = load_settings(type(self).__module__)
-        if name not in settings:
+        """A setting of the file that is not a field, as ``load_settings`` gives it (arrays as
+        tuples), a copy where it is mutable: the file's values stay as read."""
+        settings = _settings_file(type(self).__module__)
+        if name not in settings or (name in _TABLES and isinstance(settings[name], dict)):
             raise AttributeError(f"{type(self).__module__}.Settings has no setting {name!r}")
-        return settings[name]
+        value = settings[name]
+        return tuple(value) if isinstance(value, list) else copy.deepcopy(value)
 
     @classmethod
     def of(cls: type[_D], mode: str | None = None, /, **computed: Any) -> _D:
