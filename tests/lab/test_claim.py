@@ -1,5 +1,5 @@
 # PYTHONPATH=src python -m pytest -q tests/lab/test_claim.py
-"""``experiment.claim``: the sequential rule applied to saved results, and the fields a report
+"""``claims_spec.claim``: the sequential rule applied to saved results, and the fields a report
 shows (rule, seeds, threshold, margin, why, zero spread, kind)."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from batchnorm.lab.claims_spec import claim
 from batchnorm.lab.config import RunConfig
-from batchnorm.lab.experiment import SEED_PLANS, Experiment, claim, per_seed_values, plan_for, seeds_for
+from batchnorm.lab.experiment import SEED_PLANS, Experiment, per_seed_values, plan_for, seeds_for
 from batchnorm.lab.progress import Progress
 from batchnorm.lab.verdict import part
 

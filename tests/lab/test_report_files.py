@@ -118,7 +118,7 @@ def test_report_and_index_show_three_valued_verdicts() -> None:
 
 
 def judged(verdict: str, estimate: float, interval: list[float], direction: str, **extra: object) -> dict[str, object]:
-    """A claim as ``experiment.claim`` saves it."""
+    """A claim as ``claims_spec.claim`` saves it."""
     return {
         "claim": "BN trains faster",
         "holds": verdict == "holds",

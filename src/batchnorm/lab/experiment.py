@@ -1,5 +1,5 @@
-"""What every experiment shares: the seeds it runs, the per-seed loop (``Experiment``), and one
-way to build a claim judged over seeds (``claim``).
+"""What every experiment shares: the seeds it runs and the per-seed loop (``Experiment``); its
+claims are built with ``claims_spec.claim``.
 
 An experiment subclasses ``Experiment`` (the contract: ``registry``; an example: docs/lab.md,
 "Writing an experiment") with a frozen ``Settings`` dataclass (a ``claims_spec.Declared``: its
@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .claims_spec import claim, unmeasured
 from .config import RunConfig
 from .datasets import Dataset, load
 from .progress import Progress
@@ -29,7 +28,6 @@ __all__ = [
     "SEED_PLANS",
     "Experiment",
     "PerSeed",
-    "claim",
     "column",
     "first_reaching",
     "load_for",
@@ -37,7 +35,6 @@ __all__ = [
     "plan_for",
     "recorded",
     "seeds_for",
-    "unmeasured",
 ]
 
 PerSeed = list[dict[str, Any]]  # every seed's JSON-ready metrics, in seed order
@@ -142,7 +139,7 @@ class Experiment:
         return [self.run_seed(settings, d, seed, progress) for d, seed in zip(data, seeds)]
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        """The claims, judged only from saved results, each built with ``claim``."""
+        """The claims, judged only from saved results, each built with ``claims_spec.claim``."""
         raise NotImplementedError
 
     def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:

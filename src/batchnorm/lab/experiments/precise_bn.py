@@ -14,11 +14,11 @@ import torch
 from torch import Tensor, nn
 
 from ... import recompute_statistics
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims, Declared, unmeasured
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, mlp_for, seeded, train_seeds
-from ..experiment import Experiment, PerSeed, per_seed_values, unmeasured
+from ..experiment import Experiment, PerSeed, per_seed_values
 from ..figures import dress, log_ticks, mean_band, pyplot, save
 from ..models import MLP
 from ..progress import Progress
