@@ -1,4 +1,4 @@
-"""Progress where no terminal is: one line per task or phase with the time spent and what
+"""Progress where no terminal is: one line per task with the time spent and what
 remains (``LineProgress``, ``Eta``), for ``lab run`` and ``lab replicate`` alike.
 
     PYTHONPATH=src python -m pytest -q tests/lab/test_progress.py
@@ -35,24 +35,23 @@ def test_eta_rescales_the_expected_times_by_the_finished_items() -> None:
     assert eta.left() == 60  # trusted: the expected times as they are
     eta.start(0)
     clock.now = 5.0
-    assert eta.left() == 55 and eta.current_left() == 5
+    assert eta.left() == 55  # 5 s left of item 0
     clock.now = 20.0  # the first item overran: twice its estimate so far
     assert eta.scale() == 2.0 and eta.left() == 100  # 0 left of item 0, (20 + 30) * 2
     eta.start(1)
     assert eta.scale() == 2.0 and eta.left() == 100  # (20 + 30) * 2
     assert eta.expected_s(1) == 40  # item 1's 20 s at the current scale
     clock.now = 30.0
-    assert eta.current_left() == 30 and eta.left() == 90
+    assert eta.left() == 90  # 30 s left of item 1, 60 of item 2
     eta.start(2)  # item 1 took 10 s of its 20: scale (20 + 10) / (10 + 20) = 1
     assert eta.scale() == 1.0 and eta.left() == 30
-    assert eta.elapsed() == 30
 
 
 def test_eta_skips_items_kept_from_earlier_and_is_unknown_until_calibrated() -> None:
     clock = Clock()
     eta = Eta([10, 10, 10, 10], trusted=False, clock=clock)
     eta.start(2)  # items 0 and 1 resumed from saved results: never run
-    assert eta.left() is None and eta.current_left() is None and eta.expected_s(2) is None
+    assert eta.left() is None and eta.expected_s(2) is None
     clock.now = 5.0
     eta.start(3)
     assert eta.scale() == 0.5 and eta.left() == 5.0
@@ -60,7 +59,7 @@ def test_eta_skips_items_kept_from_earlier_and_is_unknown_until_calibrated() -> 
         eta.start(4)
 
 
-def test_line_progress_writes_one_line_per_task_and_phase_with_times() -> None:
+def test_line_progress_writes_one_line_per_task_with_times() -> None:
     clock = Clock()
     out = io.StringIO()
     eta = Eta([40, 60], clock=clock)
@@ -71,13 +70,14 @@ def test_line_progress_writes_one_line_per_task_and_phase_with_times() -> None:
         for _ in range(100):
             tick.update()
         clock.now = 12.0
-    with progress.phase("seeds 0-2"):
+    with progress.task("seeds 0-2", total=3) as tick:
         clock.now = 50.0
+        tick.update(3)
     lines = out.getvalue().splitlines()
     assert lines == [
         "[1/2] demo started | experiment 0 s, ~40 s left; all 0 s, ~1 min 40 s left",
         "[1/2] demo BN: 100 steps in 12 s | experiment 12 s, ~28 s left; all 12 s, ~1 min 28 s left",
-        "[1/2] demo seeds 0-2: done in 38 s | experiment 50 s, past its estimate of 40 s; all 50 s, ~1 min 15 s left",
+        "[1/2] demo seeds 0-2: 3 steps in 38 s | experiment 50 s, past its estimate of 40 s; all 50 s, ~1 min 15 s left",
     ]
 
 
@@ -87,10 +87,10 @@ def test_line_progress_reports_inside_a_long_task() -> None:
     progress = LineProgress("x", stream=out, every_s=30, clock=clock)
     with progress.task("plain", total=400) as tick:
         for step in range(400):
-            clock.now = step * 0.25  # 4 steps per second: the phase takes 100 s
+            clock.now = step * 0.25  # 4 steps per second: the task takes 100 s
             tick.update()
     lines = out.getvalue().splitlines()
-    assert lines[0] == "x plain: step 121/400 after 30 s, ~1 min 09 s left in this phase | experiment 30 s"
+    assert lines[0] == "x plain: step 121/400 after 30 s, ~1 min 09 s left | experiment 30 s"
     assert len(lines) == 4 and lines[-1].startswith("x plain: 400 steps in 1 min 40 s")
 
 
@@ -100,7 +100,7 @@ def test_displays_by_where_stderr_goes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
     assert isinstance(for_stderr("p"), TqdmProgress)
     silent = Progress()
-    with silent.phase("nothing"), silent.task("nothing", 3) as tick:
+    with silent.task("nothing", 3) as tick:
         tick.update()
     silent.note("ignored")
 

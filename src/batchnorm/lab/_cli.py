@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ..cli._util import CliError, check_output_dir, probe_write, require
 
 if TYPE_CHECKING:
-    from .progress import Eta, Progress
+    from .progress import Progress
 
 __all__ = ["register"]
 
@@ -32,56 +32,55 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lab = subparsers.add_parser("lab", help="reproduce experiments from the batch-norm literature")
     sub = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
 
-    p_list = sub.add_parser(
+    sub.add_parser(
         "list",
         help="list experiments with a quick-mode time estimate",
         description="List the experiments with their --quick wall time, measured by scripts/measure_lab_times.py "
         "(longer when other work shares the cores).",
-    )
-    p_list.set_defaults(func=_cmd_list)
+    ).set_defaults(func=_cmd_list)
 
-    p_run = sub.add_parser("run", help="run experiments (ids from `lab list`, or `all`)")
-    p_run.add_argument("ids", nargs="+", metavar="ID", help="experiment ids, or `all`")
-    _add_mode(p_run, "scaled-down run (seconds to minutes each: seeds are added until the claims are settled)")
-    p_run.add_argument("--seed", type=_count(0), default=0, help="random seed (default 0)")
-    p_run.add_argument("--data", default="digits", help="digits (default) | mnist1d | mnist:DIR")
-    p_run.add_argument(
+    run = sub.add_parser("run", help="run experiments (ids from `lab list`, or `all`)")
+    run.set_defaults(func=_cmd_run)
+    run.add_argument("ids", nargs="+", metavar="ID", help="experiment ids, or `all`")
+    _add_mode(run, "scaled-down run (seconds to minutes each: seeds are added until the claims are settled)")
+    run.add_argument("--seed", type=_count(0), default=0, help="random seed (default 0)")
+    run.add_argument("--data", default="digits", help="digits (default) | mnist1d | mnist:DIR")
+    run.add_argument(
         "--out",
         type=Path,
         default=Path("runs"),
         help="output root (default runs/): each experiment writes OUT/ID/ (results.json, figures, report.html); "
         "several write OUT/index.html",
     )
-    p_run.add_argument(
+    run.add_argument(
         "--jobs",
         type=_count(1),
         default=1,
         help="experiments run at once, each in its own process with one thread (default 1; 2 on 2 cores "
         "halves `all`'s time; a line is printed as each finishes, no progress bars)",
     )
-    p_run.set_defaults(func=_cmd_run)
 
-    p_rep = sub.add_parser("replicate", help="every experiment on several data sets and seeds: the replication matrix")
-    p_rep.add_argument("--data", default="digits,mnist1d", help="comma-separated data sets (default digits,mnist1d)")
-    p_rep.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 or 0,3,7 (default 0-4)")
-    _add_mode(p_rep, "scaled-down runs")
-    p_rep.add_argument("--only", default=None, help=argparse.SUPPRESS)
-    p_rep.add_argument(
+    rep = sub.add_parser("replicate", help="every experiment on several data sets and seeds: the replication matrix")
+    rep.set_defaults(func=_cmd_replicate)
+    rep.add_argument("--data", default="digits,mnist1d", help="comma-separated data sets (default digits,mnist1d)")
+    rep.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 or 0,3,7 (default 0-4)")
+    _add_mode(rep, "scaled-down runs")
+    rep.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    rep.add_argument(
         "--resume",
         action="store_true",
         help="keep experiments already measured in OUT with the same mode, data and seeds (their claims are judged again)",
     )
-    p_rep.add_argument(
+    rep.add_argument(
         "--out",
         type=Path,
         default=Path("runs/replication"),
         help="output root (default runs/replication): runs go to OUT/DATA/ID/, the matrix to OUT/index.html",
     )
-    p_rep.set_defaults(func=_cmd_replicate)
 
-    p_report = sub.add_parser("report", help="redraw figures and reports from saved results.json")
-    p_report.add_argument("dir", type=Path, metavar="DIR", help="an output directory or one experiment's directory")
-    p_report.set_defaults(func=_cmd_report)
+    report = sub.add_parser("report", help="redraw figures and reports from saved results.json")
+    report.set_defaults(func=_cmd_report)
+    report.add_argument("dir", type=Path, metavar="DIR", help="an output directory or one experiment's directory")
 
 
 def _add_mode(parser: argparse.ArgumentParser, quick_help: str) -> None:
@@ -96,11 +95,8 @@ def _count(low: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``low`` (0: non-negative, 1: positive)."""
 
     def parse(text: str) -> int:
-        try:
-            if int(text) >= low:
-                return int(text)
-        except ValueError:
-            pass
+        if text.strip().lstrip("+-").isdigit() and int(text) >= low:
+            return int(text)
         raise argparse.ArgumentTypeError(f"expected a {('non-negative', 'positive')[low]} integer, got {text!r}")
 
     return parse
@@ -118,31 +114,28 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     seconds = quick_seconds()
     for experiment_id in registry.ids():
-        description = registry.get(experiment_id).DESCRIPTION
-        print(f"{experiment_id:<26} ~{seconds[experiment_id]:>4.0f} s quick   {description}")
+        print(
+            f"{experiment_id:<26} ~{seconds[experiment_id]:>4.0f} s quick   {registry.get(experiment_id).DESCRIPTION}"
+        )
     return 0
 
 
 def _resolve_ids(requested: list[str]) -> list[str]:
     from . import registry
 
-    known = registry.ids()
     if "all" in requested:
         if len(requested) > 1:
             raise CliError("`all` cannot be combined with other experiment ids")
-        return list(known)
-    unknown = [i for i in requested if i not in known]
+        return list(registry.ids())
+    unknown = [i for i in requested if i not in registry.ids()]
     if unknown:
         raise CliError(f"unknown experiment {unknown[0]!r}; run `batchnorm lab list` to see the ids")
     return list(dict.fromkeys(requested))  # in order, without repeats
 
 
-_LAB_MODULES = ("sklearn", "matplotlib", "tqdm")  # what every run needs; mnist1d only for --data mnist1d
-
-
 def _check_data(command: str, datasets: Sequence[str], seed: int, mode: str) -> None:
     """The lab's dependencies are installed and every data set loads: else one line, before any training."""
-    require(_LAB_MODULES + (("mnist1d",) if "mnist1d" in datasets else ()), command)
+    require(("sklearn", "matplotlib", "tqdm") + (("mnist1d",) if "mnist1d" in datasets else ()), command)
     from .datasets import load
 
     try:
@@ -152,64 +145,65 @@ def _check_data(command: str, datasets: Sequence[str], seed: int, mode: str) -> 
         raise CliError(str(err)) from None
 
 
-def _started(eta: Eta, k: int, prefix: str, *, overall: bool = True) -> Progress:
-    """Item ``k`` of ``eta`` begins: its progress display (with the whole command's time left if
-    ``overall``), which says so at once."""
-    from .progress import for_stderr
+def _progress_for(
+    labels: Sequence[str], expected: Sequence[float], *, quick: bool, overall: bool = True
+) -> Callable[[int], Progress]:
+    """Item ``k``'s progress display, made as it begins and saying so at once (``[k+1/n] labels[k]
+    started``), with the time left of the item and, if ``overall``, of all. ``expected``: the
+    items' quick-mode seconds, as measured in quick mode; other modes learn their scale from the
+    first item."""
+    from .progress import Eta, for_stderr
 
-    eta.start(k)
-    progress = for_stderr(prefix, expected_s=eta.expected_s(k), eta=eta if overall else None)
-    progress.note("started")
-    return progress
+    eta = Eta(expected, trusted=quick)
+
+    def started(k: int) -> Progress:
+        eta.start(k)
+        prefix = f"[{k + 1}/{len(labels)}] {labels[k]}"
+        progress = for_stderr(prefix, expected_s=eta.expected_s(k), eta=eta if overall else None)
+        progress.note("started")
+        return progress
+
+    return started
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     ids = _resolve_ids(args.ids)
     _check_data("batchnorm lab run", [args.data], args.seed, args.mode)
     from .config import RunConfig
-    from .progress import Eta
     from .report import write_index
-    from .results import count_claims, describe_counts
-    from .runner import ExperimentFailed, experiment_dir, run_many, saved_results
+    from .results import count_claims, describe_counts, verdict_of
+    from .runner import ExperimentFailed, run_many, saved_results
 
     check_output_dir(args.out, "--out")
-    for experiment_id in ids:
-        target = experiment_dir(args.out, experiment_id)
+    for target in (args.out / i for i in ids):
         if target.exists() and not target.is_dir():
             raise CliError(f"--out {str(args.out)!r}: {str(target)!r} is a file, not a folder")
     cfg = RunConfig(mode=args.mode, seed=args.seed, data=args.data, out=args.out)
 
-    start = time.perf_counter()
-    n = len(ids)
-    # quick-mode times are measured; other modes learn their scale from the first experiment
-    eta = Eta([quick_seconds()[i] for i in ids], trusted=args.mode == "quick")
-    outcomes = run_many(ids, cfg, args.jobs, lambda k: _started(eta, k, f"[{k + 1}/{n}] {ids[k]}", overall=n > 1))
-    failed = 0
-    all_claims: list[dict[str, Any]] = []
-    for i, _experiment_id, results in outcomes:
+    start, n = time.perf_counter(), len(ids)
+    progress_for = _progress_for(ids, [quick_seconds()[i] for i in ids], quick=args.mode == "quick", overall=n > 1)
+    failed, all_claims = 0, []
+    for i, _, results in run_many(ids, cfg, args.jobs, progress_for):
         if isinstance(results, ExperimentFailed):  # one line; the other experiments still run
             failed += 1
             print(f"batchnorm: error: [{i + 1}/{n}] {' '.join(str(results).split())}", file=sys.stderr, flush=True)
             continue
         # one line as each experiment finishes (flushed: logs of CI and nohup runs show it at once)
-        claims = results.get("claims", [])
-        all_claims.extend(claims)
+        claims: list[dict[str, Any]] = results.get("claims", [])
+        all_claims += claims
         n_seeds = len(results.get("metrics", {}).get("seeds") or [])
         seeds = f"; {n_seeds} seeds" if n_seeds else ""
-        print(
-            f"[{i + 1}/{n}] {results['id']}: {describe_counts(count_claims(claims))}{seeds}, "
-            f"{results['wall_time_s']:.1f} s -> {experiment_dir(cfg.out, results['id']) / 'report.html'}",
-            flush=True,
-        )
+        report = cfg.out / results["id"] / "report.html"
+        counts = describe_counts(count_claims(claims))
+        print(f"[{i + 1}/{n}] {results['id']}: {counts}{seeds}, {results['wall_time_s']:.1f} s -> {report}", flush=True)
         for c in claims:
-            if not c.get("holds"):
+            if verdict_of(c) != "holds":
                 why = f"; {c['why']}" if c.get("why") else ""
-                print(f"  {c.get('verdict', 'does not hold')}: {c.get('claim')} ({c.get('evidence')}{why})", flush=True)
+                print(f"  {verdict_of(c)}: {c.get('claim')} ({c.get('evidence')}{why})", flush=True)
     if n > 1 or args.ids == ["all"]:
         index = write_index(cfg.out, saved_results(cfg.out))
         print(f"all: {describe_counts(count_claims(all_claims))}")
-        print(f"index: {index} ({time.perf_counter() - start:.1f} s in all)")
-    sys.stdout.flush()
+        print(f"index: {index} ({time.perf_counter() - start:.1f} s in all)", flush=True)
     return 1 if failed else 0
 
 
@@ -217,14 +211,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     require(("matplotlib",), "batchnorm lab report")
     from .runner import redraw
 
-    if Path(args.dir).is_dir():  # figures and reports are rewritten there: checked before any work
-        probe_write(Path(args.dir), f"lab report {args.dir}: cannot write there")
+    if args.dir.is_dir():  # figures and reports are rewritten there: checked before any work
+        probe_write(args.dir, f"lab report {args.dir}: cannot write there")
     try:
-        written = redraw(args.dir)
+        print(*redraw(args.dir), sep="\n")
     except ValueError as err:
         raise CliError(str(err)) from None
-    for path in written:
-        print(path)
     return 0
 
 
@@ -242,24 +234,22 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
     ids = _resolve_ids(args.only.split(",") if args.only else ["all"])
     check_output_dir(args.out, "--out")
     from .experiment import SEED_PLANS
-    from .progress import Eta
 
     # quick times are measured under the seed plan, which trains at least its first look's seeds
     per_seed = len(seeds) / SEED_PLANS["quick"].looks[0]
-    eta = Eta([quick_seconds()[i] * per_seed for _ in datasets for i in ids], trusted=args.mode == "quick")
-
-    def progress_for(k: int) -> Progress:
-        data, experiment_id = datasets[k // len(ids)], ids[k % len(ids)]
-        return _started(eta, k, f"[{k + 1}/{len(datasets) * len(ids)}] {data} {experiment_id}")
-
+    progress_for = _progress_for(  # data sets in order, experiments within each
+        [f"{d} {i}" for d in datasets for i in ids],
+        [quick_seconds()[i] * per_seed for _ in datasets for i in ids],
+        quick=args.mode == "quick",
+    )
     start = time.perf_counter()
     matrix = replicate(datasets, seeds, args.mode, args.out, ids, progress_for, resume=args.resume)
     for row in matrix["rows"]:
-        cells = "; ".join(
+        cells = [
             f"{d}: {c['holds']} hold / {c['does_not_hold']} not / {c['inconclusive']} inconclusive"
             for d, c in row["cells"].items()
-        )
-        print(f"{row['id']}: {cells}")
+        ]
+        print(f"{row['id']}: {'; '.join(cells)}")
     print(f"matrix: {args.out / 'index.html'} ({time.perf_counter() - start:.1f} s in all)")
     for failure in matrix["failed"]:
         print(f"batchnorm: error: {' '.join(failure.split())}", file=sys.stderr)

@@ -1,15 +1,12 @@
-"""Progress reporting for experiments: a terminal bar (tqdm), one line per phase (logs), or nothing.
+"""Progress reporting for experiments: a terminal bar (tqdm), one line per task (logs), or nothing.
 
-Experiments open one task per training arm (or block of seeds trained together); a step-less
-stretch of work is a ``phase``:
+Experiments open one task per training arm (or block of seeds trained together):
 
     with progress.task("BN", total=steps) as tick:
         train(..., tick=tick)
-    with progress.phase("seeds 3-5"):
-        ...
 
 ``for_stderr`` picks the display: a tqdm bar per task when stderr is a terminal, else
-``LineProgress``'s flushed lines with the time spent and left (of the phase, the experiment and,
+``LineProgress``'s flushed lines with the time spent and left (of the task, the experiment and,
 by ``Eta``, the whole command; docs/lab.md shows one).
 """
 
@@ -27,18 +24,12 @@ __all__ = ["Eta", "LineProgress", "Progress", "TqdmProgress", "duration", "for_s
 
 
 class Progress:
-    """Base class: ``task(desc, total)`` yields a ``Tick``, ``phase(desc)`` wraps step-less
-    work, ``note(text)`` reports one line; this one shows nothing."""
+    """Shows nothing: ``task(desc, total)`` yields a ``Tick``, ``note(text)`` reports one line."""
 
     @contextlib.contextmanager
     def task(self, desc: str, total: int) -> Iterator[Tick]:
         """A progress task of ``total`` steps."""
         yield Tick()
-
-    @contextlib.contextmanager
-    def phase(self, desc: str) -> Iterator[None]:
-        """A stretch of work without a step count (e.g. a block of seeds, a calibration)."""
-        yield
 
     def note(self, text: str) -> None:
         """One line of news (shown only by displays that write lines)."""
@@ -98,49 +89,38 @@ class Eta:
         scale = self.scale()
         return None if scale is None else self.expected[k] * scale
 
-    def elapsed(self) -> float:
-        """Seconds since the first item could start."""
-        return self.clock() - self.began
-
-    def current_left(self) -> float | None:
-        """Expected seconds left of the running item (0 once it overruns), None if unknown."""
-        scale = self.scale()
-        if self.current is None or scale is None:
-            return None
-        return max(0.0, self.expected[self.current] * scale - (self.clock() - self.started))
-
     def left(self) -> float | None:
-        """Expected seconds left of everything (None while unknown)."""
+        """Expected seconds left of everything (None while unknown); the running item's rest is
+        0 once it overruns."""
         scale = self.scale()
-        if scale is None:
-            return None
-        later = self.expected[0 if self.current is None else self.current + 1 :]
-        return sum(later) * scale + (self.current_left() or 0.0)
+        if scale is None or self.current is None:
+            return None if scale is None else sum(self.expected) * scale
+        running_left = max(0.0, self.expected[self.current] * scale - (self.clock() - self.started))
+        return sum(self.expected[self.current + 1 :]) * scale + running_left
 
 
 class _LineTick(Tick):
-    """Counts steps; every ``every_s`` seconds writes a line with the phase's rate."""
+    """Counts a task's steps; every ``every_s`` seconds notes a line with its rate."""
 
     def __init__(self, owner: LineProgress, desc: str, total: int) -> None:
-        self.owner, self.desc, self.total = owner, desc, total
-        self.steps = 0
+        self.owner, self.desc, self.total, self.steps = owner, desc, total, 0
         self.began = self.last = owner.clock()
 
     def update(self, n: int = 1) -> None:
         self.steps += n
         now = self.owner.clock()
         if now - self.last >= self.owner.every_s:
-            self.last = now
-            spent = now - self.began
-            left = spent / self.steps * max(self.total - self.steps, 0) if self.steps else None
-            phase_left = f", ~{duration(left)} left in this phase" if left is not None else ""
-            self.owner.note(f"{self.desc}: step {self.steps}/{self.total} after {duration(spent)}{phase_left}")
+            self.last, spent = now, now - self.began
+            left = spent / self.steps * max(self.total - self.steps, 0)
+            self.owner.note(
+                f"{self.desc}: step {self.steps}/{self.total} after {duration(spent)}, ~{duration(left)} left"
+            )
 
 
 class LineProgress(Progress):
-    """One line per finished task or phase, and one every ``every_s`` seconds inside a long
-    task, on ``stream`` (default: stderr at the time of writing), each starting with ``prefix``
-    (e.g. ``"[3/13] lr-sweep"``) and ending with the time spent and left of the experiment
+    """One flushed line per finished task, and one every ``every_s`` seconds inside a long task,
+    on ``stream`` (default: stderr at the time of writing), each starting with ``prefix`` (e.g.
+    ``"[3/13] lr-sweep"``) and ending with the time spent and left of the experiment
     (``expected_s``: its expected duration, None if unknown) and of the whole command (``eta``)."""
 
     def __init__(
@@ -157,36 +137,23 @@ class LineProgress(Progress):
         self.every_s, self.clock, self.began = every_s, clock, clock()
 
     def note(self, text: str) -> None:
-        """Write ``prefix text | times`` as one flushed line."""
-        stream = self.stream if self.stream is not None else sys.stderr
-        head = f"{self.prefix} {text}".strip()
-        print(f"{head} | {self._times()}", file=stream, flush=True)
-
-    def _times(self) -> str:
+        """Write ``prefix text | experiment's times; all's times`` as one flushed line."""
         spent = self.clock() - self.began
-        text = f"experiment {duration(spent)}"
+        times = f"experiment {duration(spent)}"
         if self.expected_s is not None:
             left = self.expected_s - spent
-            text += f", ~{duration(left)} left" if left > 0 else f", past its estimate of {duration(self.expected_s)}"
+            times += f", ~{duration(left)} left" if left > 0 else f", past its estimate of {duration(self.expected_s)}"
         if self.eta is not None:
             left_all = self.eta.left()
-            rest = (
-                ", time left known after the first experiment" if left_all is None else f", ~{duration(left_all)} left"
-            )
-            text += f"; all {duration(self.eta.elapsed())}{rest}"
-        return text
+            rest = "time left known after the first experiment" if left_all is None else f"~{duration(left_all)} left"
+            times += f"; all {duration(self.clock() - self.eta.began)}, {rest}"
+        print(f"{self.prefix} {text}".strip(), "|", times, file=self.stream or sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def task(self, desc: str, total: int) -> Iterator[Tick]:
         tick = _LineTick(self, desc, total)
         yield tick
         self.note(f"{desc}: {tick.steps} steps in {duration(self.clock() - tick.began)}")
-
-    @contextlib.contextmanager
-    def phase(self, desc: str) -> Iterator[None]:
-        began = self.clock()
-        yield
-        self.note(f"{desc}: done in {duration(self.clock() - began)}")
 
 
 class TqdmProgress(Progress):

@@ -9,7 +9,6 @@ sizes beside the papers'.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -19,10 +18,10 @@ from ._files import write_text_atomic
 from .config import Mode, RunConfig
 from .progress import Progress
 from .report import matrix_html, write_index
-from .results import count_claims, load_results, to_jsonable
-from .runner import ExperimentFailed, experiment_dir, judge_and_save, run_one
+from .results import count_claims, load_results, verdict_of, write_json
+from .runner import ExperimentFailed, judge_and_save, run_one
 
-__all__ = ["compare_matrices", "matrix_from_results", "parse_seeds", "replicate", "write_matrix"]
+__all__ = ["compare_matrices", "parse_seeds", "replicate", "write_matrix"]
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -56,21 +55,12 @@ def _cell(results: dict[str, Any]) -> dict[str, Any]:
             {
                 **{k: c.get(k) for k in _CLAIM_KEYS},
                 "kind": c.get("kind", "replication"),
-                "verdict": c.get("verdict", "holds" if c.get("holds") else "does not hold"),
+                "verdict": verdict_of(c),
                 **{k: c[k] for k in ("zero_spread", "confidence") if k in c},
             }
             for c in claims
         ],
     }
-
-
-def matrix_from_results(
-    by_data: Mapping[str, Sequence[dict[str, Any]]], seeds: Sequence[int], mode: str
-) -> dict[str, Any]:
-    """``{"seeds", "mode", "data", "rows": [{"id", "cells": {data: cell}}]}`` from saved results."""
-    ids = dict.fromkeys(r["id"] for results in by_data.values() for r in results)  # in order, without repeats
-    rows = [{"id": i, "cells": {d: _cell(r) for d, rs in by_data.items() for r in rs if r["id"] == i}} for i in ids]
-    return {"seeds": list(seeds), "mode": mode, "data": list(by_data), "rows": rows}
 
 
 def compare_matrices(first: Mapping[str, Any], second: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -82,31 +72,22 @@ def compare_matrices(first: Mapping[str, Any], second: Mapping[str, Any]) -> lis
     Claims are matched by position because a claim's wording may carry measured numbers.
     """
     cells = {(row["id"], data): cell for row in second.get("rows", []) for data, cell in row["cells"].items()}
-    rows: list[dict[str, Any]] = []
+    rows = []
     for row in first.get("rows", []):
         for data, cell in row["cells"].items():
-            other = cells.get((row["id"], data), {"claims": []})
-            for i, (a, b) in enumerate(zip(cell["claims"], other["claims"])):
-                rows.append(
-                    {
-                        "id": row["id"],
-                        "data": data,
-                        "index": i,
-                        "claim": a["claim"],
-                        "first": a["verdict"],
-                        "second": b["verdict"],
-                        "flip": {a["verdict"], b["verdict"]} == {"holds", "does not hold"},
-                    }
-                )
+            other = cells.get((row["id"], data), {"claims": []})["claims"]
+            for i, (a, b) in enumerate(zip(cell["claims"], other)):
+                verdicts = {"first": a["verdict"], "second": b["verdict"]}
+                flip = set(verdicts.values()) == {"holds", "does not hold"}
+                rows.append({"id": row["id"], "data": data, "index": i, "claim": a["claim"], **verdicts, "flip": flip})
     return rows
 
 
 def write_matrix(matrix: dict[str, Any], out: Path) -> Path:
     """Write ``out/replication.json`` and ``out/index.html``; returns the HTML path."""
-    out = Path(out)
-    write_text_atomic(out / "replication.json", json.dumps(to_jsonable(matrix), indent=1, allow_nan=False) + "\n")
-    write_text_atomic(out / "index.html", matrix_html(matrix))
-    return out / "index.html"
+    write_json(Path(out) / "replication.json", matrix)
+    write_text_atomic(Path(out) / "index.html", matrix_html(matrix))
+    return Path(out) / "index.html"
 
 
 def _saved_run(directory: Path, cfg: RunConfig) -> dict[str, Any] | None:
@@ -155,7 +136,7 @@ def replicate(
         for i, experiment_id in enumerate(experiment_ids):
             if d > 0 and not uses_data[experiment_id]:
                 continue  # it ignores --data: measured once, in the first data set's column only
-            directory = experiment_dir(cfg.out, experiment_id)
+            directory = cfg.out / experiment_id
             saved = _saved_run(directory, cfg) if resume else None
             try:
                 if saved is not None:
@@ -169,8 +150,16 @@ def replicate(
             by_data[data].append(results)
         if by_data[data]:
             write_index(cfg.out, by_data[data])
-    matrix = matrix_from_results(by_data, seeds, mode)
-    matrix["failed"] = failed
-    matrix["data_independent"] = [i for i in experiment_ids if not uses_data[i]]
+    matrix = {
+        "seeds": list(seeds),
+        "mode": mode,
+        "data": list(by_data),
+        "rows": [
+            {"id": i, "cells": {d: _cell(r) for d, rs in by_data.items() for r in rs if r["id"] == i}}
+            for i in dict.fromkeys(r["id"] for results in by_data.values() for r in results)  # in order, no repeats
+        ],
+        "failed": failed,
+        "data_independent": [i for i in experiment_ids if not uses_data[i]],
+    }
     write_matrix(matrix, Path(out))
     return matrix

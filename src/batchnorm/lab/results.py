@@ -71,12 +71,15 @@ def to_jsonable(value: Any) -> Any:
     raise TypeError(f"to_jsonable: cannot serialize {type(value).__name__}")
 
 
+def write_json(path: Path, value: Any) -> Path:
+    """Write ``to_jsonable(value)`` to ``path`` as strict JSON, atomically; returns the path."""
+    write_text_atomic(path, json.dumps(to_jsonable(value), indent=1, allow_nan=False) + "\n")
+    return Path(path)
+
+
 def save_results(directory: Path, results: dict[str, Any]) -> Path:
     """Write ``directory/results.json`` atomically; returns its path."""
-    path = Path(directory) / RESULTS_NAME
-    text = json.dumps(to_jsonable(results), indent=1, allow_nan=False)
-    write_text_atomic(path, text + "\n")
-    return path
+    return write_json(Path(directory) / RESULTS_NAME, results)
 
 
 def load_results(directory: Path) -> dict[str, Any]:

@@ -11,7 +11,6 @@ restored afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,28 +25,13 @@ from .progress import Progress
 from .report import write_experiment_report, write_index
 from .results import RESULTS_NAME, load_results, save_results, to_jsonable, versions
 
-__all__ = ["ExperimentFailed", "experiment_dir", "judge_and_save", "redraw", "run_one", "run_many", "saved_results"]
+__all__ = ["ExperimentFailed", "judge_and_save", "redraw", "run_one", "run_many", "saved_results"]
 
 
 class ExperimentFailed(RuntimeError):
     """An experiment's training or the judging of its claims raised. The message is one line
     naming the experiment and the error; when the training had finished, its measurements were
     saved first (``batchnorm lab report`` judges them again)."""
-
-
-def experiment_dir(out: Path, experiment_id: str) -> Path:
-    """``out/<id>``."""
-    return Path(out) / experiment_id
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def run_one(experiment_id: str, cfg: RunConfig, progress: Progress | None = None) -> dict[str, Any]:
@@ -57,13 +41,16 @@ def run_one(experiment_id: str, cfg: RunConfig, progress: Progress | None = None
     run leaves the previous results, or none — never half a file.
     """
     experiment = registry.get(experiment_id)
-    start = time.perf_counter()
+    start, threads = time.perf_counter(), torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        with _one_thread(), torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             out = experiment.run(cfg, progress or Progress())
     except Exception as err:  # one experiment's failure must not cost the others' results
         raise ExperimentFailed(f"{experiment_id}: training failed ({type(err).__name__}: {err})") from err
+    finally:
+        torch.set_num_threads(threads)
     wall = time.perf_counter() - start
     results: dict[str, Any] = {
         "id": experiment_id,
@@ -75,7 +62,7 @@ def run_one(experiment_id: str, cfg: RunConfig, progress: Progress | None = None
         "wall_time_s": round(wall, 3),
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    return judge_and_save(to_jsonable(results), experiment_dir(cfg.out, experiment_id), save_measurements=True)
+    return judge_and_save(to_jsonable(results), cfg.out / experiment_id, save_measurements=True)
 
 
 def judge_and_save(results: dict[str, Any], directory: Path, *, save_measurements: bool = False) -> dict[str, Any]:
@@ -124,8 +111,6 @@ def run_many(
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    if jobs < 1:
-        raise ValueError(f"run_many: expected jobs >= 1, got {jobs!r}")
     if jobs == 1 or len(experiment_ids) == 1:
         for k, experiment_id in enumerate(experiment_ids):
             yield k, experiment_id, _run_or_error(experiment_id, cfg, progress_for(k) if progress_for else None)
