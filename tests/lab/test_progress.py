@@ -1,5 +1,5 @@
 """Progress where no terminal is: one line per task with the time spent and what
-remains (``LineProgress``, ``Eta``), for ``lab run`` and ``lab replicate`` alike.
+remains (``LineProgress``), for ``lab run`` and ``lab replicate`` alike.
 
     PYTHONPATH=src python -m pytest -q tests/lab/test_progress.py
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from batchnorm.cli import main
-from batchnorm.lab.progress import Eta, LineProgress, Progress, TqdmProgress, duration, for_stderr
+from batchnorm.lab.progress import LineProgress, Progress, TqdmProgress, duration, for_stderr
 
 
 class Clock:
@@ -25,47 +25,55 @@ class Clock:
         return self.now
 
 
+def lines(progress: LineProgress) -> list[str]:
+    """What ``progress`` has written to its ``io.StringIO`` stream."""
+    assert isinstance(progress.stream, io.StringIO)
+    return progress.stream.getvalue().splitlines()
+
+
 def test_duration_reads_as_words() -> None:
     assert [duration(s) for s in (0.4, 42, 185, 3720)] == ["0 s", "42 s", "3 min 05 s", "1 h 02 min"]
 
 
-def test_eta_rescales_the_expected_times_by_the_finished_items() -> None:
+def test_time_left_rescales_the_expected_times_by_the_finished_items() -> None:
     clock = Clock()
-    eta = Eta([10, 20, 30], clock=clock)
-    assert eta.left() == 60  # trusted: the expected times as they are
-    eta.start(0)
+    progress = LineProgress("abc", [10, 20, 30], stream=io.StringIO(), clock=clock)
+    assert progress.left() == 60  # trusted: the expected times as they are
+    progress.start(0)
     clock.now = 5.0
-    assert eta.left() == 55  # 5 s left of item 0
+    assert progress.left() == 55  # 5 s left of item 0
     clock.now = 20.0  # the first item overran: twice its estimate so far
-    assert eta.scale() == 2.0 and eta.left() == 100  # 0 left of item 0, (20 + 30) * 2
-    eta.start(1)
-    assert eta.scale() == 2.0 and eta.left() == 100  # (20 + 30) * 2
-    assert eta.expected_s(1) == 40  # item 1's 20 s at the current scale
+    assert progress.scale() == 2.0 and progress.left() == 100  # 0 left of item 0, (20 + 30) * 2
+    progress.start(1)
+    assert progress.scale() == 2.0 and progress.left() == 100  # (20 + 30) * 2
+    assert progress.expected_s == 40  # item 1's 20 s at the current scale
     clock.now = 30.0
-    assert eta.left() == 90  # 30 s left of item 1, 60 of item 2
-    eta.start(2)  # item 1 took 10 s of its 20: scale (20 + 10) / (10 + 20) = 1
-    assert eta.scale() == 1.0 and eta.left() == 30
+    assert progress.left() == 90  # 30 s left of item 1, 60 of item 2
+    progress.start(2)  # item 1 took 10 s of its 20: scale (20 + 10) / (10 + 20) = 1
+    assert progress.scale() == 1.0 and progress.left() == 30
+    assert lines(progress)[-1] == "c started | experiment 0 s, ~30 s left; all 30 s, ~30 s left"
 
 
-def test_eta_skips_items_kept_from_earlier_and_is_unknown_until_calibrated() -> None:
+def test_items_kept_from_earlier_are_skipped_and_time_left_is_unknown_until_calibrated() -> None:
     clock = Clock()
-    eta = Eta([10, 10, 10, 10], trusted=False, clock=clock)
-    eta.start(2)  # items 0 and 1 resumed from saved results: never run
-    assert eta.left() is None and eta.expected_s(2) is None
+    progress = LineProgress("abcd", [10, 10, 10, 10], trusted=False, stream=io.StringIO(), clock=clock)
+    progress.start(2)  # items 0 and 1 resumed from saved results: never run
+    assert progress.left() is None and progress.expected_s is None
     clock.now = 5.0
-    eta.start(3)
-    assert eta.scale() == 0.5 and eta.left() == 5.0
+    progress.start(3)
+    assert progress.scale() == 0.5 and progress.left() == 5.0
+    assert lines(progress) == [
+        "c started | experiment 0 s; all 0 s, time left known after the first experiment",
+        "d started | experiment 0 s, ~5 s left; all 5 s, ~5 s left",
+    ]
     with pytest.raises(ValueError, match="expected an item in 0..3, got 4"):
-        eta.start(4)
+        progress.start(4)
 
 
 def test_line_progress_writes_one_line_per_task_with_times() -> None:
     clock = Clock()
-    out = io.StringIO()
-    eta = Eta([40, 60], clock=clock)
-    eta.start(0)
-    progress = LineProgress("[1/2] demo", expected_s=40, eta=eta, stream=out, every_s=1000, clock=clock)
-    progress.note("started")
+    progress = LineProgress(["[1/2] demo", "[2/2] next"], [40, 60], stream=io.StringIO(), every_s=1000, clock=clock)
+    progress.start(0)
     with progress.task("BN", total=100) as tick:
         for _ in range(100):
             tick.update()
@@ -73,8 +81,7 @@ def test_line_progress_writes_one_line_per_task_with_times() -> None:
     with progress.task("seeds 0-2", total=3) as tick:
         clock.now = 50.0
         tick.update(3)
-    lines = out.getvalue().splitlines()
-    assert lines == [
+    assert lines(progress) == [
         "[1/2] demo started | experiment 0 s, ~40 s left; all 0 s, ~1 min 40 s left",
         "[1/2] demo BN: 100 steps in 12 s | experiment 12 s, ~28 s left; all 12 s, ~1 min 28 s left",
         "[1/2] demo seeds 0-2: 3 steps in 38 s | experiment 50 s, past its estimate of 40 s; all 50 s, ~1 min 15 s left",
@@ -83,26 +90,23 @@ def test_line_progress_writes_one_line_per_task_with_times() -> None:
 
 def test_line_progress_reports_inside_a_long_task() -> None:
     clock = Clock()
-    out = io.StringIO()
-    progress = LineProgress("x", stream=out, every_s=30, clock=clock)
-    with progress.task("plain", total=400) as tick:
+    progress = LineProgress(["x"], [100], trusted=False, overall=False, stream=io.StringIO(), every_s=30, clock=clock)
+    with progress.start(0).task("plain", total=400) as tick:
         for step in range(400):
             clock.now = step * 0.25  # 4 steps per second: the task takes 100 s
             tick.update()
-    lines = out.getvalue().splitlines()
-    assert lines[0] == "x plain: step 121/400 after 30 s, ~1 min 09 s left | experiment 30 s"
-    assert len(lines) == 4 and lines[-1].startswith("x plain: 400 steps in 1 min 40 s")
+    written = lines(progress)
+    assert written[1] == "x plain: step 121/400 after 30 s, ~1 min 09 s left | experiment 30 s"
+    assert len(written) == 5 and written[-1].startswith("x plain: 400 steps in 1 min 40 s")
 
 
 def test_displays_by_where_stderr_goes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.stderr.isatty", lambda: False)
-    assert isinstance(for_stderr("p"), LineProgress)
+    assert isinstance(for_stderr(["p"], [1.0], trusted=True)(0), LineProgress)
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
-    assert isinstance(for_stderr("p"), TqdmProgress)
-    silent = Progress()
-    with silent.task("nothing", 3) as tick:
+    assert isinstance(for_stderr(["p"], [1.0], trusted=True)(0), TqdmProgress)
+    with Progress().task("nothing", 3) as tick:  # shows nothing
         tick.update()
-    silent.note("ignored")
 
 
 def test_lab_run_reports_progress_lines_on_a_redirected_stderr(

@@ -17,12 +17,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..cli._util import CliError, check_output_dir, probe_write, require
-
-if TYPE_CHECKING:
-    from .progress import Progress
 
 __all__ = ["register"]
 
@@ -145,31 +142,11 @@ def _check_data(command: str, datasets: Sequence[str], seed: int, mode: str) -> 
         raise CliError(str(err)) from None
 
 
-def _progress_for(
-    labels: Sequence[str], expected: Sequence[float], *, quick: bool, overall: bool = True
-) -> Callable[[int], Progress]:
-    """Item ``k``'s progress display, made as it begins and saying so at once (``[k+1/n] labels[k]
-    started``), with the time left of the item and, if ``overall``, of all. ``expected``: the
-    items' quick-mode seconds, as measured in quick mode; other modes learn their scale from the
-    first item."""
-    from .progress import Eta, for_stderr
-
-    eta = Eta(expected, trusted=quick)
-
-    def started(k: int) -> Progress:
-        eta.start(k)
-        prefix = f"[{k + 1}/{len(labels)}] {labels[k]}"
-        progress = for_stderr(prefix, expected_s=eta.expected_s(k), eta=eta if overall else None)
-        progress.note("started")
-        return progress
-
-    return started
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     ids = _resolve_ids(args.ids)
     _check_data("batchnorm lab run", [args.data], args.seed, args.mode)
     from .config import RunConfig
+    from .progress import for_stderr
     from .report import write_index
     from .results import count_claims, describe_counts, verdict_of
     from .runner import ExperimentFailed, run_many, saved_results
@@ -181,7 +158,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = RunConfig(mode=args.mode, seed=args.seed, data=args.data, out=args.out)
 
     start, n = time.perf_counter(), len(ids)
-    progress_for = _progress_for(ids, [quick_seconds()[i] for i in ids], quick=args.mode == "quick", overall=n > 1)
+    labels = [f"[{k + 1}/{n}] {i}" for k, i in enumerate(ids)]
+    # quick-mode times are measured; other modes learn their scale from the first experiment
+    progress_for = for_stderr(labels, [quick_seconds()[i] for i in ids], trusted=args.mode == "quick", overall=n > 1)
     failed, all_claims = 0, []
     for i, _, results in run_many(ids, cfg, args.jobs, progress_for):
         if isinstance(results, ExperimentFailed):  # one line; the other experiments still run
@@ -234,14 +213,13 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
     ids = _resolve_ids(args.only.split(",") if args.only else ["all"])
     check_output_dir(args.out, "--out")
     from .experiment import SEED_PLANS
+    from .progress import for_stderr
 
     # quick times are measured under the seed plan, which trains at least its first look's seeds
     per_seed = len(seeds) / SEED_PLANS["quick"].looks[0]
-    progress_for = _progress_for(  # data sets in order, experiments within each
-        [f"{d} {i}" for d in datasets for i in ids],
-        [quick_seconds()[i] * per_seed for _ in datasets for i in ids],
-        quick=args.mode == "quick",
-    )
+    runs = [(d, i) for d in datasets for i in ids]  # the order replicate runs them in
+    labels = [f"[{k + 1}/{len(runs)}] {d} {i}" for k, (d, i) in enumerate(runs)]
+    progress_for = for_stderr(labels, [quick_seconds()[i] * per_seed for _, i in runs], trusted=args.mode == "quick")
     start = time.perf_counter()
     matrix = replicate(datasets, seeds, args.mode, args.out, ids, progress_for, resume=args.resume)
     for row in matrix["rows"]:

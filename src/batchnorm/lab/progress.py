@@ -5,9 +5,9 @@ Experiments open one task per training arm (or block of seeds trained together):
     with progress.task("BN", total=steps) as tick:
         train(..., tick=tick)
 
-``for_stderr`` picks the display: a tqdm bar per task when stderr is a terminal, else
-``LineProgress``'s flushed lines with the time spent and left (of the task, the experiment and,
-by ``Eta``, the whole command; docs/lab.md shows one).
+``for_stderr`` picks the display of each experiment a command runs: a tqdm bar per task when
+stderr is a terminal, else ``LineProgress``'s flushed lines with the time spent and left (of the
+task, the experiment and the whole command; docs/lab.md shows one).
 """
 
 from __future__ import annotations
@@ -20,19 +20,16 @@ from typing import TextIO
 
 from .training import Tick
 
-__all__ = ["Eta", "LineProgress", "Progress", "TqdmProgress", "duration", "for_stderr"]
+__all__ = ["LineProgress", "Progress", "TqdmProgress", "duration", "for_stderr"]
 
 
 class Progress:
-    """Shows nothing: ``task(desc, total)`` yields a ``Tick``, ``note(text)`` reports one line."""
+    """Shows nothing: ``task(desc, total)`` yields a ``Tick`` that the training loop advances."""
 
     @contextlib.contextmanager
     def task(self, desc: str, total: int) -> Iterator[Tick]:
         """A progress task of ``total`` steps."""
         yield Tick()
-
-    def note(self, text: str) -> None:
-        """One line of news (shown only by displays that write lines)."""
 
 
 def duration(seconds: float) -> str:
@@ -43,60 +40,6 @@ def duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
-
-
-class Eta:
-    """What remains of a sequence of items (experiments), started in order, with expected durations.
-
-    ``start(k)`` begins item ``k``: the running item is finished (its real duration recorded)
-    and items before ``k`` never started are skipped (e.g. resumed from saved results). The time
-    left is the expected time of the items after the running one plus the running one's rest,
-    times ``scale()``. Before any item has finished the expected times are used as they are when
-    ``trusted`` (measured for this mode), else the time left is unknown (None).
-    """
-
-    def __init__(
-        self, expected: Sequence[float], *, trusted: bool = True, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.expected = [max(float(e), 1e-9) for e in expected]
-        self.trusted, self.clock = trusted, clock
-        self.began = self.started = clock()
-        self.real: dict[int, float] = {}
-        self.current: int | None = None
-
-    def start(self, k: int) -> None:
-        """Item ``k`` begins now (``0 <= k < len(expected)``)."""
-        if not 0 <= k < len(self.expected):
-            raise ValueError(f"Eta.start: expected an item in 0..{len(self.expected) - 1}, got {k}")
-        if self.current is not None:
-            self.real[self.current] = self.clock() - self.started
-        self.current, self.started = k, self.clock()
-
-    def scale(self) -> float | None:
-        """``sum(real) / sum(expected)`` over the finished items (1, or None when not ``trusted``,
-        before any finished), counting the running item too once it has overrun that scale (a
-        busy machine shows at once)."""
-        real, expected = sum(self.real.values()), sum(self.expected[j] for j in self.real)
-        scale = real / expected if self.real else (1.0 if self.trusted else None)
-        if scale is not None and self.current is not None:
-            running = self.clock() - self.started
-            if running > self.expected[self.current] * scale:
-                scale = (real + running) / (expected + self.expected[self.current])
-        return scale
-
-    def expected_s(self, k: int) -> float | None:
-        """Item ``k``'s expected seconds under the current scale (None while unknown)."""
-        scale = self.scale()
-        return None if scale is None else self.expected[k] * scale
-
-    def left(self) -> float | None:
-        """Expected seconds left of everything (None while unknown); the running item's rest is
-        0 once it overruns."""
-        scale = self.scale()
-        if scale is None or self.current is None:
-            return None if scale is None else sum(self.expected) * scale
-        running_left = max(0.0, self.expected[self.current] * scale - (self.clock() - self.started))
-        return sum(self.expected[self.current + 1 :]) * scale + running_left
 
 
 class _LineTick(Tick):
@@ -111,43 +54,87 @@ class _LineTick(Tick):
         now = self.owner.clock()
         if now - self.last >= self.owner.every_s:
             self.last, spent = now, now - self.began
-            left = spent / self.steps * max(self.total - self.steps, 0)
-            self.owner.note(
-                f"{self.desc}: step {self.steps}/{self.total} after {duration(spent)}, ~{duration(left)} left"
-            )
+            left = duration(spent / self.steps * max(self.total - self.steps, 0))
+            self.owner.note(f"{self.desc}: step {self.steps}/{self.total} after {duration(spent)}, ~{left} left")
 
 
 class LineProgress(Progress):
-    """One flushed line per finished task, and one every ``every_s`` seconds inside a long task,
-    on ``stream`` (default: stderr at the time of writing), each starting with ``prefix`` (e.g.
-    ``"[3/13] lr-sweep"``) and ending with the time spent and left of the experiment
-    (``expected_s``: its expected duration, None if unknown) and of the whole command (``eta``)."""
+    """The progress lines of a command that runs items (experiments) in order, each labelled
+    (``"[3/13] lr-sweep"``) and expected to take ``expected`` seconds: ``start(k)`` begins item
+    ``k`` and returns this display, which says so at once; then one flushed line per finished task
+    and one every ``every_s`` seconds inside a long task, on ``stream`` (default: stderr at the
+    time of writing), each ending with the time spent and left of the item and, if ``overall``,
+    of the whole command.
+
+    Time left: the expected seconds of the items after the running one plus the running one's
+    rest (0 once it overruns), times ``scale()``. Items before ``k`` never started are skipped
+    (e.g. resumed from saved results). Before any item has finished the expected times are used
+    as they are when ``trusted`` (measured for this mode), else the time left is unknown (None).
+    """
 
     def __init__(
         self,
-        prefix: str = "",
+        labels: Sequence[str],
+        expected: Sequence[float],
         *,
-        expected_s: float | None = None,
-        eta: Eta | None = None,
+        trusted: bool = True,
+        overall: bool = True,
         stream: TextIO | None = None,
         every_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.prefix, self.expected_s, self.eta, self.stream = prefix, expected_s, eta, stream
-        self.every_s, self.clock, self.began = every_s, clock, clock()
+        self.labels, self.expected = list(labels), [max(float(e), 1e-9) for e in expected]
+        self.trusted, self.overall, self.stream, self.every_s, self.clock = trusted, overall, stream, every_s, clock
+        self.began = self.started = clock()
+        self.real: dict[int, float] = {}  # finished item -> its seconds
+        self.current: int | None = None
+        self.expected_s: float | None = None  # the running item's expected seconds, fixed as it starts
+
+    def start(self, k: int) -> LineProgress:
+        """Item ``k`` begins now (``0 <= k < len(expected)``): the running one has finished."""
+        if not 0 <= k < len(self.expected):
+            raise ValueError(f"LineProgress.start: expected an item in 0..{len(self.expected) - 1}, got {k}")
+        if self.current is not None:
+            self.real[self.current] = self.clock() - self.started
+        self.current, self.started = k, self.clock()
+        scale = self.scale()
+        self.expected_s = None if scale is None else self.expected[k] * scale
+        self.note("started")
+        return self
+
+    def scale(self) -> float | None:
+        """``sum(real) / sum(expected)`` over the finished items (1, or None when not ``trusted``,
+        before any finished), counting the running item too once it has overrun that scale (a
+        busy machine shows at once)."""
+        real, expected = sum(self.real.values()), sum(self.expected[j] for j in self.real)
+        scale = real / expected if self.real else (1.0 if self.trusted else None)
+        if scale is not None and self.current is not None:
+            running = self.clock() - self.started
+            if running > self.expected[self.current] * scale:
+                scale = (real + running) / (expected + self.expected[self.current])
+        return scale
+
+    def left(self) -> float | None:
+        """Expected seconds left of everything (None while unknown)."""
+        scale = self.scale()
+        if scale is None or self.current is None:
+            return None if scale is None else sum(self.expected) * scale
+        running_left = max(0.0, self.expected[self.current] * scale - (self.clock() - self.started))
+        return sum(self.expected[self.current + 1 :]) * scale + running_left
 
     def note(self, text: str) -> None:
-        """Write ``prefix text | experiment's times; all's times`` as one flushed line."""
-        spent = self.clock() - self.began
+        """Write ``label text | item's times; all's times`` as one flushed line."""
+        spent = self.clock() - self.started
         times = f"experiment {duration(spent)}"
         if self.expected_s is not None:
             left = self.expected_s - spent
             times += f", ~{duration(left)} left" if left > 0 else f", past its estimate of {duration(self.expected_s)}"
-        if self.eta is not None:
-            left_all = self.eta.left()
+        if self.overall:
+            left_all = self.left()
             rest = "time left known after the first experiment" if left_all is None else f"~{duration(left_all)} left"
-            times += f"; all {duration(self.clock() - self.eta.began)}, {rest}"
-        print(f"{self.prefix} {text}".strip(), "|", times, file=self.stream or sys.stderr, flush=True)
+            times += f"; all {duration(self.clock() - self.began)}, {rest}"
+        head = f"{self.labels[self.current or 0]} {text}".strip()
+        print(head, "|", times, file=self.stream or sys.stderr, flush=True)
 
     @contextlib.contextmanager
     def task(self, desc: str, total: int) -> Iterator[Tick]:
@@ -157,7 +144,7 @@ class LineProgress(Progress):
 
 
 class TqdmProgress(Progress):
-    """A tqdm bar per task on stderr (a terminal: ``for_stderr``)."""
+    """A tqdm bar per task on stderr, each labelled ``prefix desc``."""
 
     def __init__(self, prefix: str = "") -> None:
         self.prefix = prefix
@@ -171,8 +158,11 @@ class TqdmProgress(Progress):
             yield bar  # its update(n) is Tick's
 
 
-def for_stderr(prefix: str, *, expected_s: float | None = None, eta: Eta | None = None) -> Progress:
-    """tqdm bars when stderr is a terminal; otherwise ``LineProgress`` lines (logs, CI, nohup)."""
+def for_stderr(
+    labels: Sequence[str], expected: Sequence[float], *, trusted: bool, overall: bool = True
+) -> Callable[[int], Progress]:
+    """Item ``k``'s progress display, made as it begins (``LineProgress``'s arguments): tqdm bars
+    when stderr is a terminal; otherwise ``LineProgress`` lines (logs, CI, nohup)."""
     if sys.stderr.isatty():
-        return TqdmProgress(prefix=prefix)
-    return LineProgress(prefix, expected_s=expected_s, eta=eta)
+        return lambda k: TqdmProgress(labels[k])
+    return LineProgress(labels, expected, trusted=trusted, overall=overall).start
