@@ -1,18 +1,11 @@
-"""Atomic file writes whose mode follows the umask (private; used for figures and reports)."""
+"""Atomic file writes whose mode follows the umask (private; used for results, figures and reports)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 __all__ = ["write_bytes_atomic", "write_text_atomic"]
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it: set, then restore at once
-    os.umask(mask)
-    return mask
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -22,17 +15,15 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)  # a stale one would keep its mode: the new file's is 0o666 & ~umask
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # in case the temporary name existed with another mode
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -58,7 +58,3 @@ class RunConfig:
         if not isinstance(self.data, str) or not self.data:
             raise ValueError(f"RunConfig: expected data to be a non-empty str, got {self.data!r}")
         object.__setattr__(self, "out", Path(self.out))
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-serializable copy (``out`` as a string)."""
-        return {**asdict(self), "out": str(self.out), "seeds": None if self.seeds is None else list(self.seeds)}

@@ -1,13 +1,9 @@
-"""Progress reporting for experiments: a terminal bar (tqdm), one line per task (logs), or nothing.
+"""Progress of experiments: a tqdm bar per task on a terminal, else one line per task (logs), or nothing.
 
 Experiments open one task per training arm (or block of seeds trained together):
 
     with progress.task("BN", total=steps) as tick:
         train(..., tick=tick)
-
-``for_stderr`` picks the display of each experiment a command runs: a tqdm bar per task when
-stderr is a terminal, else ``LineProgress``'s flushed lines with the time spent and left (of the
-task, the experiment and the whole command; docs/lab.md shows one).
 """
 
 from __future__ import annotations

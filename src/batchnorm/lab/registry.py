@@ -1,11 +1,8 @@
 """The list of experiments, in a fixed order, imported lazily.
 
-Each module ``batchnorm.lab.experiments.<id with _>`` exposes ``EXPERIMENT``, an instance of an
-``experiment.Experiment`` subclass (its ``ID`` is the module's name, its ``DESCRIPTION`` one
-line), with its prose in ``<module>.md`` beside it (package data, read by ``report.explanation``)
-and its measured ``--quick`` time in ``quick_seconds.json``. Adding an experiment = one module, its
-Markdown file, its id listed in ``EXPERIMENTS`` and its time measured (docs/lab.md, "Writing an
-experiment").
+Each module ``batchnorm.lab.experiments.<id with _>`` exposes ``EXPERIMENT``, an
+``experiment.Experiment``, with its prose in ``<module>.md`` beside it and its measured ``--quick``
+time in ``quick_seconds.json`` (docs/lab.md, "Writing an experiment").
 """
 
 from __future__ import annotations

@@ -126,13 +126,13 @@ def replicate(
 
     experiment_ids = list(ids) if ids is not None else list(registry.ids())
     uses_data = {i: registry.get(i).USES_DATA for i in experiment_ids}  # a bad id fails before any training
-    by_data: dict[str, list[dict[str, Any]]] = {}
+    by_data: dict[str, dict[str, dict[str, Any]]] = {}  # data set -> id -> results
     failed: list[str] = []
     for d, data in enumerate(datasets):
         cfg = RunConfig(
             mode=mode, seed=int(seeds[0]), seeds=tuple(int(s) for s in seeds), data=data, out=Path(out) / data
         )
-        by_data[data] = []
+        by_data[data] = {}
         for i, experiment_id in enumerate(experiment_ids):
             if d > 0 and not uses_data[experiment_id]:
                 continue  # it ignores --data: measured once, in the first data set's column only
@@ -140,24 +140,20 @@ def replicate(
             saved = _saved_run(directory, cfg) if resume else None
             try:
                 if saved is not None:
-                    results = judge_and_save(saved, directory)
+                    by_data[data][experiment_id] = judge_and_save(saved, directory)
                 else:
                     progress = progress_for(d * len(experiment_ids) + i) if progress_for else None
-                    results = run_one(experiment_id, cfg, progress)
+                    by_data[data][experiment_id] = run_one(experiment_id, cfg, progress)
             except ExperimentFailed as err:
                 failed.append(f"{data}: {err}")
-                continue
-            by_data[data].append(results)
         if by_data[data]:
-            write_index(cfg.out, by_data[data])
+            write_index(cfg.out, list(by_data[data].values()))
+    rows = [{"id": i, "cells": {d: _cell(rs[i]) for d, rs in by_data.items() if i in rs}} for i in experiment_ids]
     matrix = {
         "seeds": list(seeds),
         "mode": mode,
         "data": list(by_data),
-        "rows": [
-            {"id": i, "cells": {d: _cell(r) for d, rs in by_data.items() for r in rs if r["id"] == i}}
-            for i in dict.fromkeys(r["id"] for results in by_data.values() for r in results)  # in order, no repeats
-        ],
+        "rows": [row for row in rows if row["cells"]],
         "failed": failed,
         "data_independent": [i for i in experiment_ids if not uses_data[i]],
     }

@@ -11,6 +11,7 @@ restored afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -55,7 +56,7 @@ def run_one(experiment_id: str, cfg: RunConfig, progress: Progress | None = None
     results: dict[str, Any] = {
         "id": experiment_id,
         "description": experiment.DESCRIPTION,
-        "run": {k: v for k, v in cfg.to_json().items() if k != "out"},
+        "run": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
         **{key: out.get(key, {}) for key in ("config", "data", "metrics")},
         "versions": versions(),
         "threads": 1,
