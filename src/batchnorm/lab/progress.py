@@ -55,17 +55,16 @@ class _LineTick(Tick):
 
 
 class LineProgress(Progress):
-    """The progress lines of a command that runs items (experiments) in order, each labelled
-    (``"[3/13] lr-sweep"``) and expected to take ``expected`` seconds: ``start(k)`` begins item
-    ``k`` and returns this display, which says so at once; then one flushed line per finished task
-    and one every ``every_s`` seconds inside a long task, on ``stream`` (default: stderr at the
-    time of writing), each ending with the time spent and left of the item and, if ``overall``,
-    of the whole command.
+    """The progress lines of a command running items (experiments) in order, labelled ``labels``
+    (``"[3/13] lr-sweep"``), expected to take ``expected`` seconds: ``start(k)`` begins item ``k``
+    and returns this display, which says so; then a line per finished task and one every ``every_s``
+    seconds inside a long one, each flushed to ``stream`` (default: stderr) with the time spent and
+    left of the item and, if ``overall``, of the whole command.
 
     Time left: the expected seconds of the items after the running one plus the running one's
     rest (0 once it overruns), times ``scale()``. Items before ``k`` never started are skipped
-    (e.g. resumed from saved results). Before any item has finished the expected times are used
-    as they are when ``trusted`` (measured for this mode), else the time left is unknown (None).
+    (resumed from saved results). Before any item has finished it is unknown (None) unless the
+    expected times are ``trusted`` (measured for this mode).
     """
 
     def __init__(

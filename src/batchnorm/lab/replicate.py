@@ -114,13 +114,12 @@ def replicate(
     """Run ``ids`` (default: all) on every data set with ``seeds`` into ``out/<data>/`` and
     write the matrix (``write_matrix``); returns it.
 
-    With ``resume``, an experiment whose ``out/<data>/<id>/results.json`` was measured with the
-    same mode, data set and seeds is not trained again: its claims are judged again from the
-    saved measurements. An experiment that ignores ``--data`` (``USES_DATA`` false) runs only
-    for the first data set; the matrix lists it in ``"data_independent"``. An experiment that
-    fails leaves its cell empty and is listed under ``"failed"`` (one line each); the others
-    still run. ``progress_for(k)`` makes the progress display of the ``k``-th run (data sets in
-    order, experiments within each); it is not called for a run kept by ``resume``.
+    With ``resume``, results in ``out/<data>/<id>/`` measured with the same mode, data set and
+    seeds are judged again, not trained again. An experiment that ignores ``--data``
+    (``USES_DATA`` false) runs for the first data set only (listed in ``"data_independent"``);
+    one that fails leaves its cell empty and a line in ``"failed"``, and the others still run.
+    ``progress_for(k)`` makes the display of the ``k``-th run (data sets in order, experiments
+    within each), not called for a run kept by ``resume``.
     """
     from . import registry
 
