@@ -50,7 +50,7 @@ class _LineTick(Tick):
         now = self.owner.clock()
         if now - self.last >= self.owner.every_s:
             self.last, spent = now, now - self.began
-            left = duration(spent / self.steps * max(self.total - self.steps, 0))
+            left = duration(spent / max(self.steps, 1) * max(self.total - self.steps, 0))
             self.owner.note(f"{self.desc}: step {self.steps}/{self.total} after {duration(spent)}, ~{left} left")
 
 

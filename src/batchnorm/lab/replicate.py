@@ -46,11 +46,10 @@ def _cell(results: dict[str, Any]) -> dict[str, Any]:
     ``inconclusive``, identities of the math apart in ``identities`` (``results.count_claims``)."""
     claims = results.get("claims", [])
     counts = count_claims(claims)
-    seeds = results.get("metrics", {}).get("seeds") if isinstance(results.get("metrics"), dict) else None
     return {
         **{verdict.replace(" ", "_"): n for verdict, n in counts["replication"].items()},
         "identities": counts["identity"],
-        "seeds": seeds if seeds is not None else [results.get("run", {}).get("seed", 0)],
+        "seeds": results.get("metrics", {}).get("seeds"),  # every run records them (``Experiment.run``)
         "claims": [
             {
                 **{k: c.get(k) for k in _CLAIM_KEYS},
