@@ -111,9 +111,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     seconds = quick_seconds()
     for experiment_id in registry.ids():
-        print(
-            f"{experiment_id:<26} ~{seconds[experiment_id]:>4.0f} s quick   {registry.get(experiment_id).DESCRIPTION}"
-        )
+        description = registry.get(experiment_id).DESCRIPTION
+        print(f"{experiment_id:<26} ~{seconds[experiment_id]:>4.0f} s quick   {description}")
     return 0
 
 
@@ -223,11 +222,11 @@ def _cmd_replicate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     matrix = replicate(datasets, seeds, args.mode, args.out, ids, progress_for, resume=args.resume)
     for row in matrix["rows"]:
-        cells = [
+        cells = "; ".join(
             f"{d}: {c['holds']} hold / {c['does_not_hold']} not / {c['inconclusive']} inconclusive"
             for d, c in row["cells"].items()
-        ]
-        print(f"{row['id']}: {'; '.join(cells)}")
+        )
+        print(f"{row['id']}: {cells}")
     print(f"matrix: {args.out / 'index.html'} ({time.perf_counter() - start:.1f} s in all)")
     for failure in matrix["failed"]:
         print(f"batchnorm: error: {' '.join(failure.split())}", file=sys.stderr)

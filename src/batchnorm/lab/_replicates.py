@@ -29,8 +29,9 @@ def mean_over_replicates(values: Sequence[Mapping[str, float]]) -> dict[str, flo
     """Key-wise mean of the replicates' quantities (every replicate must have the same keys)."""
     if not values:
         raise ValueError("mean_over_replicates: expected at least one replicate, got none")
-    if any(list(v) != list(values[0]) for v in values):
+    keys = list(values[0])
+    if any(list(v) != keys for v in values):
         raise ValueError(
             f"mean_over_replicates: expected the same keys in every replicate, got {[list(v) for v in values]}"
         )
-    return {k: sum(float(v[k]) for v in values) / len(values) for k in values[0]}
+    return {k: sum(float(v[k]) for v in values) / len(values) for k in keys}
