@@ -1,12 +1,8 @@
-"""Plot helpers shared by the experiments' ``figures`` functions.
-
-matplotlib is imported inside ``pyplot()``, which selects the non-interactive Agg backend and
-readable font sizes; nothing here touches matplotlib at import time. ``save`` writes figures
-atomically (mode 0644 under umask 022), cropped to their content so no label is clipped, with bar
-axes that start at 0 and log axes labelled in one format with at least three labelled ticks.
-``checking_layout()`` collects the ``layout_problems`` of every figure ``save`` writes (see
-docs/lab.md, "Figures and reports"); ``dress``, ``categories`` and ``bar_values`` finish a panel;
-``mean_band``, ``mean_and_seeds`` and ``seed_bars`` draw one arm's seeds.
+"""Plot helpers shared by the experiments' ``figures`` functions (matplotlib is imported only
+inside ``pyplot()``). ``save`` writes a figure atomically, cropped to its content, bar axes from 0
+and log axes readably labelled; inside ``checking_layout()`` it also collects the figure's
+``layout_problems`` (docs/lab.md, "Figures and reports"). ``dress``, ``categories`` and
+``bar_values`` finish a panel; ``mean_band``, ``mean_and_seeds`` and ``seed_bars`` draw one arm's seeds.
 """
 
 from __future__ import annotations
@@ -60,9 +56,8 @@ _STYLE: dict[Any, Any] = {
     "legend.framealpha": 0.8,
     "figure.constrained_layout.use": True,
 }
-"""Font sizes that stay readable once the PNG is scaled to a report's width, and constrained
-layout, which makes room for every title, label and tick label inside the canvas (panel
-titles never run into the panel above or beside them)."""
+"""Font sizes readable once the PNG is scaled to a report's width; constrained layout makes room
+for every title, label and tick label inside the canvas."""
 
 
 def _tidy(fig: Any) -> None:
@@ -82,16 +77,10 @@ def _tidy(fig: Any) -> None:
                 _log_axis(axis)
 
 
-_PLAIN_RANGE = (1e-3, 1e5)
-"""Log axes whose view lies inside this range are labelled in plain numbers (0.01, 2, 500);
-the others in powers of ten."""
-
-
 def _log_axis(axis: Any) -> None:
-    """Label a log axis readably: decades when it spans three or more, else decades with
-    1-2-5 (or 1-2-3-5, or every integer multiple) between them, so at least three ticks carry a label;
-    plain numbers inside ``_PLAIN_RANGE``, powers of ten outside. Axes given fixed ticks
-    (``log_ticks``) are left as they are."""
+    """Label a log axis so at least three ticks carry a label: decades, else decades with 1-2-5 (or
+    1-2-3-5, or every multiple) between them; plain numbers (0.01, 2, 500) for a view inside
+    [1e-3, 1e5), powers of ten outside. Axes given fixed ticks (``log_ticks``) are left alone."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatterSciNotation, LogLocator, NullFormatter
 
     if isinstance(axis.get_major_locator(), FixedLocator):
@@ -112,7 +101,7 @@ def _log_axis(axis: Any) -> None:
         if np.count_nonzero((ticks >= lo * (1 - 1e-9)) & (ticks <= hi * (1 + 1e-9))) >= 3:
             break
     axis.set_major_locator(LogLocator(base=base, subs=subs))
-    if _PLAIN_RANGE[0] <= lo and hi < _PLAIN_RANGE[1]:
+    if 1e-3 <= lo and hi < 1e5:
         axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
     else:
         axis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(np.inf, np.inf)))

@@ -34,12 +34,10 @@ class Settings(Declared):
     lrs: tuple[float, ...]
 
 
-def _measure(
-    x: Tensor, depth: int, scale: float, bn: bool, lrs: Sequence[float], eps: float, band: Sequence[float] = (0.5, 1.5)
-) -> dict[str, Any]:
-    """Loss, |g|^2, predicted and actual change for every lr, and the largest safe lr of one
-    chain. Shape: x (N, 1) float64."""
-    t = 2.0 * x
+def _measure(x: Tensor, depth: int, scale: float, bn: bool, s: Settings) -> dict[str, Any]:
+    """Loss, |g|^2, predicted and actual change for every lr of ``s.lrs``, and the largest safe lr of
+    one chain. Shape: x (N, 1) float64."""
+    t, lrs, band = 2.0 * x, s.lrs, s.safe_band
     ws, gammas, betas = (
         [torch.full((1,), v, dtype=torch.float64, requires_grad=grad) for _ in range(depth)]
         for v, grad in ((scale, True), (1.0, bn), (0.0, bn))
@@ -49,7 +47,7 @@ def _measure(
     def loss_of(p: list[Tensor]) -> Tensor:  # weights p[:depth]; with BN, gammas and betas after them
         h = x
         for w, g, b in zip(p[:depth], *((p[depth : 2 * depth], p[2 * depth :]) if bn else (gammas, betas))):
-            h = batch_norm(h * w, None, None, g, b, training=True, eps=eps) if bn else h * w
+            h = batch_norm(h * w, None, None, g, b, training=True, eps=s.bn_eps) if bn else h * w
         return 0.5 * ((h - t) ** 2).mean()
 
     loss = loss_of(params)
@@ -144,7 +142,7 @@ class Chain(Experiment):
         with progress.task("chains", total=len(grid) * len(seeds)) as tick:
 
             def case(x: Tensor, arm: str, depth: int, scale: float) -> dict[str, Any]:
-                m = _measure(x, depth, scale, arm == "bn", s.lrs, s.bn_eps, s.safe_band)
+                m = _measure(x, depth, scale, arm == "bn", s)
                 tick.update(1)
                 return {"arm": arm, "depth": depth, "scale": scale, **m}
 
@@ -194,7 +192,7 @@ class Chain(Experiment):
         scale_shown = 1.2 if 1.2 in cfg["scales"] else cfg["scales"][-1]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
         colors = plt.cm.viridis(np.linspace(0, 0.9, len(cfg["depths"])))
-        for ax, arm, title in ((axes[0], "plain", "without normalization"), (axes[1], "bn", "BN on every layer")):
+        for ax, arm, title in zip(axes, ("plain", "bn"), ("without normalization", "BN on every layer")):
             for color, depth in zip(colors, cfg["depths"]):
                 c = next(c for c in _cases(m, arm) if c["depth"] == depth and c["scale"] == scale_shown)
                 pred, act = (-np.asarray([float(v) for v in c[k]], dtype=float) for k in ("predicted", "actual"))

@@ -51,16 +51,13 @@ def _first_layer_noise(
     """
     h = next(iter(blocks(model))).layer(x).double()  # (N, C)
     n, mu, sigma = h.shape[0], h.mean(0), h.std(0, unbiased=False)
-    out: dict[str, Any] = {"m": [], "mean_scatter": [], "mean_scatter_theory": [], "var_rel_scatter": []}
+    rows = []
     for m in sizes:
         hbs = [h[torch.randperm(n, generator=generator)[:m]] for _ in range(batches)]
         z = torch.stack([(hb.mean(0) - mu) / sigma for hb in hbs])  # (batches, C)
         v = torch.stack([hb.var(0, unbiased=False) / sigma**2 for hb in hbs])  # (batches, C)
-        out["m"].append(m)
-        out["mean_scatter"].append(float(z.std(0).mean()))
-        out["mean_scatter_theory"].append(math.sqrt((n - m) / (m * (n - 1))))
-        out["var_rel_scatter"].append(float(v.std(0).mean()))
-    return out
+        rows.append((m, float(z.std(0).mean()), math.sqrt((n - m) / (m * (n - 1))), float(v.std(0).mean())))
+    return {k: list(v) for k, v in zip(("m", "mean_scatter", "mean_scatter_theory", "var_rel_scatter"), zip(*rows))}
 
 
 def _rel_diff(a: nn.Module, b: nn.Module, key: str) -> list[float]:
