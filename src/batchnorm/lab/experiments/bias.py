@@ -69,9 +69,9 @@ def _parameter_counts() -> dict[str, dict[str, int]]:
         "MLP 64-8x100-10 (lr-sweep)": MLP(64, [100] * 8, 10, norm="bn", bias=True),
         "ConvNet 16-32-64 on 8x8": ConvNet((1, 8, 8), (16, 32, 64), 10, norm="bn", bias=True),
     }
-    wasted = {name: sum(b.layer.bias.numel() for b in blocks(m)) for name, m in models.items()}
     return {
-        name: {"parameters": count_parameters(m), "wasted_by_pre_bn_bias": wasted[name]} for name, m in models.items()
+        name: {"parameters": count_parameters(m), "wasted_by_pre_bn_bias": sum(b.layer.bias.numel() for b in blocks(m))}
+        for name, m in models.items()
     }
 
 
@@ -82,14 +82,11 @@ def _one_batch_probes(s: Settings, data: Dataset, seed: int) -> dict[str, Any]:
     twin, x, y = _without_bias(model, s, data), data.train_x, data.train_y
     idx = next(minibatches(x.shape[0], s.batch_size, seeded(seed + 1)))
     x, y = x[idx], y[idx]
-    model.train()
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(model(x), y).backward()  # a fresh model: in training mode, no gradients yet
     grads = {
         f"{k}_grad_max": [float(getattr(b.layer, k).grad.abs().max()) for b in blocks(model)]
         for k in ("bias", "weight")
     }
-    model.zero_grad(set_to_none=True)
     shifted, gen = copy.deepcopy(model), seeded(seed + 3)
     with torch.no_grad():
         for b in blocks(shifted):

@@ -175,10 +175,8 @@ class InferenceStats(Experiment):
         """Accuracy by kind of statistics and test batch size; noise vs batch size (first seed)."""
         m = results["metrics"]["per_seed"][0]
         fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.3))
-        ba = m["test_acc_batch_statistics"]
-        sizes = [int(k) for k in ba]
-        own = "each test batch's own statistics"
-        axes[0].plot(sizes, [ba[str(k)] for k in sizes], "o-", color="tab:purple", label=own)
+        sizes, own = [int(k) for k in m["test_acc_batch_statistics"]], list(m["test_acc_batch_statistics"].values())
+        axes[0].plot(sizes, own, "o-", color="tab:purple", label="each test batch's own statistics")
         for key, (label, color, ls) in _FIXED.items():
             axes[0].axhline(m["test_acc"][key], color=color, linestyle=ls, label=label)
         log_ticks(axes[0].xaxis, sizes, base=2)
