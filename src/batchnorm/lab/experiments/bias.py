@@ -22,7 +22,7 @@ from ..experiment import Experiment, PerSeed, column
 from ..figures import categories, dress, pyplot, save
 from ..models import MLP, ConvNet, blocks, count_parameters
 from ..progress import Progress
-from ..training import TrainSpec, minibatches
+from ..training import TrainSpec, minibatches, train_mode
 from ..verdict import part
 
 _E = "{:.1e}"  # how the evidence writes a per-seed number
@@ -36,16 +36,13 @@ class Settings(Declared):
 
 
 @torch.no_grad()
-def _with_random_biases(model: MLP, generator: torch.Generator) -> MLP:
-    for b in blocks(model):
-        b.layer.bias.copy_(torch.randn(b.layer.bias.shape, generator=generator))
-    return model
-
-
 def _model(s: Settings, data: Dataset, seed: int) -> MLP:
-    """The seed's BN MLP with random pre-BN biases (weights from ``seed``, biases from seed + 7)."""
+    """The seed's BN MLP with pre-BN biases ~ N(0, 1) (weights from ``seed``, biases from seed + 7)."""
     model = mlp_for(data, s.hidden, act=s.activation, norm="bn", bias=True, init_std="he", generator=seeded(seed))
-    return _with_random_biases(model, seeded(seed + 7))
+    gen = seeded(seed + 7)
+    for b in blocks(model):
+        b.layer.bias.copy_(torch.randn(b.layer.bias.shape, generator=gen))
+    return model
 
 
 def _without_bias(model: MLP, s: Settings, data: Dataset) -> MLP:
@@ -100,19 +97,18 @@ def _one_batch_probes(s: Settings, data: Dataset, seed: int) -> dict[str, Any]:
 def _eval_removal(model: MLP, x: torch.Tensor) -> dict[str, float]:
     """Eval-mode logits after removing the pre-BN biases: zeroed alone, or folded into
     running_mean (running_mean -= b). The model itself is left untouched."""
-    model.eval()
-    ref = model(x)
-    naive, folded = copy.deepcopy(model), copy.deepcopy(model)
-    for a, b in zip(blocks(naive), blocks(folded)):
-        a.layer.bias.zero_()
-        b.norm.running_mean.sub_(b.layer.bias)
-        b.layer.bias.zero_()
-    out_naive = naive(x)
-    model.train()
+    with train_mode(model, False):
+        ref = model(x)
+        naive, folded = copy.deepcopy(model), copy.deepcopy(model)
+        for a, b in zip(blocks(naive), blocks(folded)):
+            a.layer.bias.zero_()
+            b.norm.running_mean.sub_(b.layer.bias)
+            b.layer.bias.zero_()
+        out_naive, out_folded = naive(x), folded(x)
     return {
         "eval_output_change_bias_zeroed": _gap(out_naive, ref),
         "eval_predictions_changed_bias_zeroed": float((out_naive.argmax(1) != ref.argmax(1)).float().mean()),
-        "eval_output_change_bias_folded_into_running_mean": _gap(folded(x), ref),
+        "eval_output_change_bias_folded_into_running_mean": _gap(out_folded, ref),
     }
 
 

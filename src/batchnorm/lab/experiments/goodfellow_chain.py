@@ -34,10 +34,12 @@ class Settings(Declared):
     lrs: tuple[float, ...]
 
 
-def _measure(x: Tensor, depth: int, scale: float, bn: bool, s: Settings) -> dict[str, Any]:
-    """Loss, |g|^2, predicted and actual change for every lr of ``s.lrs``, and the largest safe lr of
-    one chain. Shape: x (N, 1) float64."""
-    t, lrs, band = 2.0 * x, s.lrs, s.safe_band
+def _measure(
+    x: Tensor, depth: int, scale: float, bn: bool, lrs: Sequence[float], eps: float, band: Sequence[float] = (0.5, 1.5)
+) -> dict[str, Any]:
+    """Loss, |g|^2, predicted and actual change for every lr, and the largest safe lr of one
+    chain. Shape: x (N, 1) float64."""
+    t = 2.0 * x
     ws, gammas, betas = (
         [torch.full((1,), v, dtype=torch.float64, requires_grad=grad) for _ in range(depth)]
         for v, grad in ((scale, True), (1.0, bn), (0.0, bn))
@@ -47,7 +49,7 @@ def _measure(x: Tensor, depth: int, scale: float, bn: bool, s: Settings) -> dict
     def loss_of(p: list[Tensor]) -> Tensor:  # weights p[:depth]; with BN, gammas and betas after them
         h = x
         for w, g, b in zip(p[:depth], *((p[depth : 2 * depth], p[2 * depth :]) if bn else (gammas, betas))):
-            h = batch_norm(h * w, None, None, g, b, training=True, eps=s.bn_eps) if bn else h * w
+            h = batch_norm(h * w, None, None, g, b, training=True, eps=eps) if bn else h * w
         return 0.5 * ((h - t) ** 2).mean()
 
     loss = loss_of(params)
@@ -142,7 +144,7 @@ class Chain(Experiment):
         with progress.task("chains", total=len(grid) * len(seeds)) as tick:
 
             def case(x: Tensor, arm: str, depth: int, scale: float) -> dict[str, Any]:
-                m = _measure(x, depth, scale, arm == "bn", s)
+                m = _measure(x, depth, scale, arm == "bn", s.lrs, s.bn_eps, s.safe_band)
                 tick.update(1)
                 return {"arm": arm, "depth": depth, "scale": scale, **m}
 
