@@ -114,7 +114,6 @@ def log_ticks(axis: Any, values: Sequence[float], base: float | None = None) -> 
 
     if base is not None:
         getattr(axis.axes, f"set_{axis.axis_name}scale")("log", base=base)
-
     axis.set_major_locator(FixedLocator(sorted(float(v) for v in values)))
     axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
     axis.set_minor_formatter(NullFormatter())

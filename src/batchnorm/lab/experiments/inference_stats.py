@@ -75,9 +75,8 @@ def _measure(s: Settings, data: Dataset, model: nn.Module, seed: int) -> dict[st
     """Every inference measurement of one seed's trained network."""
     model.eval()
     alg2 = population_statistics(model, data.train_x, batch_size=s.batch_size, generator=seeded(seed + 2))
-    exact = copy.deepcopy(model)
+    exact = copy.deepcopy(model)  # in eval mode, as recompute_statistics leaves it
     recompute_statistics(exact, list(data.train_x.split(256)), mode="eval", passes=len(s.hidden) + 1)
-    exact.eval()
     gen, x, y = seeded(seed + 3), data.test_x, data.test_y
     sizes = [b for b in s.test_batch_sizes if b <= x.shape[0]]
     batch_acc = {  # each test batch of b normalized by its own statistics, in test_batch_repeats random orders
