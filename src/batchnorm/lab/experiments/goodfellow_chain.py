@@ -211,12 +211,11 @@ class Chain(Experiment):
         paths.append(save(fig, Path(outdir) / "predicted_vs_actual.png"))
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for arm, style in (("plain", "-o"), ("bn", "--s")):
+        for arm, style, name in (("plain", "-o", "no norm"), ("bn", "--s", "BN")):
             for color, scale in zip(plt.cm.plasma(np.linspace(0, 0.85, len(cfg["scales"]))), cfg["scales"]):
                 row = sorted((c for c in _cases(m, arm) if c["scale"] == scale), key=lambda c: c["depth"])
-                label = f"{'no norm' if arm == 'plain' else 'BN'}, weights {scale}"
                 depths, safe = [c["depth"] for c in row], [_safe(c) for c in row]
-                ax.plot(depths, safe, style, color=color, markersize=4, label=label)
+                ax.plot(depths, safe, style, color=color, markersize=4, label=f"{name}, weights {scale}")
         log_ticks(ax.xaxis, cfg["depths"], base=2)
         title = f"Largest step whose effect the gradient predicts within ±50% (seed {seed})"
         ylabel = "largest safe learning rate"
