@@ -13,8 +13,9 @@ from typing import Any
 
 from batchnorm.lab import registry
 from batchnorm.lab.config import RunConfig
-from batchnorm.lab.figures import checking_layout
 from batchnorm.lab.runner import run_one
+
+from ._layout import checking_layout
 
 
 def _evidence(module: Any, results: dict[str, Any]) -> str:

@@ -15,9 +15,10 @@ import pytest
 from batchnorm.cli import main
 from batchnorm.lab import registry
 from batchnorm.lab.config import RunConfig
-from batchnorm.lab.figures import checking_layout
 from batchnorm.lab.runner import redraw, run_one
 from batchnorm.lab.verdict import VERDICTS
+
+from ._layout import checking_layout
 
 
 @pytest.mark.parametrize("experiment_id", registry.ids())

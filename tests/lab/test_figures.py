@@ -16,15 +16,15 @@ import pytest
 from batchnorm.lab.figures import (
     bar_values,
     categories,
-    checking_layout,
     dress,
-    layout_problems,
     log_ticks,
     mean_band,
     pyplot,
     save,
     wrap,
 )
+
+from ._layout import checking_layout, layout_problems
 
 
 @pytest.fixture

@@ -1,21 +1,16 @@
-"""Plot helpers shared by the experiments' ``figures`` functions.
-
-matplotlib is imported inside ``pyplot()``, which selects the non-interactive Agg backend and
-readable font sizes; nothing here touches matplotlib at import time. ``save`` writes figures
-atomically (mode 0644 under umask 022), cropped to their content so no label is clipped, with bar
-axes that start at 0 and log axes labelled in one format with at least three labelled ticks.
-``checking_layout()`` collects the ``layout_problems`` of every figure ``save`` writes (see
-docs/lab.md, "Figures and reports"); ``dress``, ``categories`` and ``bar_values`` finish a panel;
-``mean_band``, ``mean_and_seeds`` and ``seed_bars`` draw one arm's seeds.
+"""Plot helpers shared by the experiments' ``figures`` functions (matplotlib is imported only
+inside ``pyplot()``). ``save`` writes a figure atomically, cropped to its content, bar axes from 0
+and log axes readably labelled (the tests check each figure's layout there: ``SAVE_CHECKS``).
+``dress``, ``categories`` and ``bar_values`` finish a panel; ``mean_band``, ``mean_and_seeds`` and
+``seed_bars`` draw one arm's seeds.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import textwrap
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +19,10 @@ import numpy as np
 from ._files import write_bytes_atomic
 
 __all__ = [
+    "SAVE_CHECKS",
     "bar_values",
     "categories",
-    "checking_layout",
     "dress",
-    "layout_problems",
     "log_ticks",
     "mean_and_seeds",
     "mean_band",
@@ -60,9 +54,8 @@ _STYLE: dict[Any, Any] = {
     "legend.framealpha": 0.8,
     "figure.constrained_layout.use": True,
 }
-"""Font sizes that stay readable once the PNG is scaled to a report's width, and constrained
-layout, which makes room for every title, label and tick label inside the canvas (panel
-titles never run into the panel above or beside them)."""
+"""Font sizes readable once the PNG is scaled to a report's width; constrained layout makes room
+for every title, label and tick label inside the canvas."""
 
 
 def _tidy(fig: Any) -> None:
@@ -82,16 +75,10 @@ def _tidy(fig: Any) -> None:
                 _log_axis(axis)
 
 
-_PLAIN_RANGE = (1e-3, 1e5)
-"""Log axes whose view lies inside this range are labelled in plain numbers (0.01, 2, 500);
-the others in powers of ten."""
-
-
 def _log_axis(axis: Any) -> None:
-    """Label a log axis readably: decades when it spans three or more, else decades with
-    1-2-5 (or 1-2-3-5, or every integer multiple) between them, so at least three ticks carry a label;
-    plain numbers inside ``_PLAIN_RANGE``, powers of ten outside. Axes given fixed ticks
-    (``log_ticks``) are left as they are."""
+    """Label a log axis so at least three ticks carry a label: decades, else decades with 1-2-5 (or
+    1-2-3-5, or every multiple) between them; plain numbers (0.01, 2, 500) for a view inside
+    [1e-3, 1e5), powers of ten outside. Axes given fixed ticks (``log_ticks``) are left alone."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatterSciNotation, LogLocator, NullFormatter
 
     if isinstance(axis.get_major_locator(), FixedLocator):
@@ -112,7 +99,7 @@ def _log_axis(axis: Any) -> None:
         if np.count_nonzero((ticks >= lo * (1 - 1e-9)) & (ticks <= hi * (1 + 1e-9))) >= 3:
             break
     axis.set_major_locator(LogLocator(base=base, subs=subs))
-    if _PLAIN_RANGE[0] <= lo and hi < _PLAIN_RANGE[1]:
+    if 1e-3 <= lo and hi < 1e5:
         axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
     else:
         axis.set_major_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(np.inf, np.inf)))
@@ -127,7 +114,6 @@ def log_ticks(axis: Any, values: Sequence[float], base: float | None = None) -> 
 
     if base is not None:
         getattr(axis.axes, f"set_{axis.axis_name}scale")("log", base=base)
-
     axis.set_major_locator(FixedLocator(sorted(float(v) for v in values)))
     axis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
     axis.set_minor_formatter(NullFormatter())
@@ -139,81 +125,9 @@ def wrap(text: str, width: int = 14) -> str:
     return "\n".join(textwrap.wrap(str(text), width)) or str(text)
 
 
-def _drawn_texts(fig: Any) -> list[tuple[str, Any, Any]]:
-    """``(label, window extent in pixels, owning Axes or None)`` of every text the figure
-    draws: titles, axis labels, legends, annotations and the tick labels inside each axis's
-    view (visible and non-empty only). Draws the figure first so the layout is final."""
-    from matplotlib.text import Text
-
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    tick_labels: set[int] = set()
-    texts: list[Any] = []
-    for ax in fig.axes:
-        for axis in (ax.xaxis, ax.yaxis):
-            for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]:
-                tick_labels.update((id(tick.label1), id(tick.label2)))
-            for tick in axis._update_ticks():  # the ticks inside the view: those that are drawn
-                texts += [(t, ax) for t in (tick.label1, tick.label2) if t.get_visible()]
-    texts += [(t, t.axes) for t in fig.findobj(Text) if id(t) not in tick_labels and t.get_visible()]
-    return [(repr(t.get_text()), t.get_window_extent(renderer), ax) for t, ax in texts if t.get_text().strip()]
-
-
-def layout_problems(fig: Any, space_pt: float = 3.0) -> list[str]:
-    """What makes a figure hard to read, one line each; ``[]`` for a clean layout:
-
-    - two drawn text boxes that overlap, or stand side by side closer than ``space_pt``
-      points (about a space: "noise" and "Same" of two titles would read as one line);
-    - a text box over the plotting area of another axes (a tick label or title drawn over
-      the neighbouring panel; twin axes sharing one area count as one);
-    - a text box that leaves the figure's canvas.
-
-    Boxes are the renderer's window extents (axis-aligned), so rotated tick labels count by
-    their bounding box: label bars horizontally, on two lines where needed.
-    """
-    texts = _drawn_texts(fig)
-    space = space_pt * fig.dpi / 72.0
-    width, height = fig.bbox.width, fig.bbox.height
-    problems = []
-    for label, box, _ax in texts:
-        if box.x0 < -0.5 or box.y0 < -0.5 or box.x1 > width + 0.5 or box.y1 > height + 0.5:
-            problems.append(
-                f"{label} leaves the canvas ({box.x0:.0f}..{box.x1:.0f} x {box.y0:.0f}..{box.y1:.0f} px "
-                f"of {width:.0f} x {height:.0f})"
-            )
-    for i, (label_a, a, _) in enumerate(texts):
-        for label_b, b, _ in texts[i + 1 :]:
-            dx = min(a.x1, b.x1) - max(a.x0, b.x0)  # > 0: the boxes overlap horizontally
-            dy = min(a.y1, b.y1) - max(a.y0, b.y0)
-            if dy > 0.5 and dx > -space:
-                what = "overlaps" if dx > 0.5 else f"runs into ({-dx:.0f} px apart)"
-                problems.append(f"{label_a} {what} {label_b}")
-    for label, box, owner in texts:
-        for ax in fig.axes:
-            if ax is owner or (owner is not None and ax.bbox.bounds == owner.bbox.bounds):
-                continue
-            dx = min(box.x1, ax.bbox.x1) - max(box.x0, ax.bbox.x0)
-            dy = min(box.y1, ax.bbox.y1) - max(box.y0, ax.bbox.y0)
-            if dx > 0.5 and dy > 0.5:
-                title = ax.get_title() or ax.get_ylabel() or "another panel"
-                problems.append(f"{label} is drawn over the plotting area of {title!r}")
-    return problems
-
-
-_LAYOUT_CHECKS: list[list[str]] = []
-"""The problem lists of the active ``checking_layout`` blocks (innermost last)."""
-
-
-@contextlib.contextmanager
-def checking_layout() -> Iterator[list[str]]:
-    """While active, ``save`` appends ``"<file name>: <problem>"`` to the yielded list for each
-    of ``layout_problems`` of every figure it writes (drawing each figure once more)."""
-    problems: list[str] = []
-    _LAYOUT_CHECKS.append(problems)
-    try:
-        yield problems
-    finally:
-        _LAYOUT_CHECKS.remove(problems)
+SAVE_CHECKS: list[Callable[[Any, Path], None]] = []
+"""Called as ``check(fig, path)`` by ``save`` on every figure, tidied, before it is written (the
+tests' layout check registers here: ``tests/lab/_layout.py``)."""
 
 
 def save(fig: Any, path: Path, dpi: int = 110) -> Path:
@@ -221,10 +135,8 @@ def save(fig: Any, path: Path, dpi: int = 110) -> Path:
     plt = pyplot()
     buf = io.BytesIO()
     _tidy(fig)
-    if _LAYOUT_CHECKS:
-        found = [f"{Path(path).name}: {p}" for p in layout_problems(fig)]
-        for problems in _LAYOUT_CHECKS:
-            problems.extend(found)
+    for check in SAVE_CHECKS:
+        check(fig, Path(path))
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     write_bytes_atomic(Path(path), buf.getvalue())

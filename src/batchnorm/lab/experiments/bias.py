@@ -22,7 +22,7 @@ from ..experiment import Experiment, PerSeed, column
 from ..figures import categories, dress, pyplot, save
 from ..models import MLP, ConvNet, blocks, count_parameters
 from ..progress import Progress
-from ..training import TrainSpec, minibatches
+from ..training import TrainSpec, minibatches, train_mode
 from ..verdict import part
 
 _E = "{:.1e}"  # how the evidence writes a per-seed number
@@ -36,16 +36,13 @@ class Settings(Declared):
 
 
 @torch.no_grad()
-def _with_random_biases(model: MLP, generator: torch.Generator) -> MLP:
-    for b in blocks(model):
-        b.layer.bias.copy_(torch.randn(b.layer.bias.shape, generator=generator))
-    return model
-
-
 def _model(s: Settings, data: Dataset, seed: int) -> MLP:
-    """The seed's BN MLP with random pre-BN biases (weights from ``seed``, biases from seed + 7)."""
+    """The seed's BN MLP with pre-BN biases ~ N(0, 1) (weights from ``seed``, biases from seed + 7)."""
     model = mlp_for(data, s.hidden, act=s.activation, norm="bn", bias=True, init_std="he", generator=seeded(seed))
-    return _with_random_biases(model, seeded(seed + 7))
+    gen = seeded(seed + 7)
+    for b in blocks(model):
+        b.layer.bias.copy_(torch.randn(b.layer.bias.shape, generator=gen))
+    return model
 
 
 def _without_bias(model: MLP, s: Settings, data: Dataset) -> MLP:
@@ -69,9 +66,9 @@ def _parameter_counts() -> dict[str, dict[str, int]]:
         "MLP 64-8x100-10 (lr-sweep)": MLP(64, [100] * 8, 10, norm="bn", bias=True),
         "ConvNet 16-32-64 on 8x8": ConvNet((1, 8, 8), (16, 32, 64), 10, norm="bn", bias=True),
     }
-    wasted = {name: sum(b.layer.bias.numel() for b in blocks(m)) for name, m in models.items()}
     return {
-        name: {"parameters": count_parameters(m), "wasted_by_pre_bn_bias": wasted[name]} for name, m in models.items()
+        name: {"parameters": count_parameters(m), "wasted_by_pre_bn_bias": sum(b.layer.bias.numel() for b in blocks(m))}
+        for name, m in models.items()
     }
 
 
@@ -82,14 +79,11 @@ def _one_batch_probes(s: Settings, data: Dataset, seed: int) -> dict[str, Any]:
     twin, x, y = _without_bias(model, s, data), data.train_x, data.train_y
     idx = next(minibatches(x.shape[0], s.batch_size, seeded(seed + 1)))
     x, y = x[idx], y[idx]
-    model.train()
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(model(x), y).backward()  # a fresh model: in training mode, no gradients yet
     grads = {
         f"{k}_grad_max": [float(getattr(b.layer, k).grad.abs().max()) for b in blocks(model)]
         for k in ("bias", "weight")
     }
-    model.zero_grad(set_to_none=True)
     shifted, gen = copy.deepcopy(model), seeded(seed + 3)
     with torch.no_grad():
         for b in blocks(shifted):
@@ -103,19 +97,18 @@ def _one_batch_probes(s: Settings, data: Dataset, seed: int) -> dict[str, Any]:
 def _eval_removal(model: MLP, x: torch.Tensor) -> dict[str, float]:
     """Eval-mode logits after removing the pre-BN biases: zeroed alone, or folded into
     running_mean (running_mean -= b). The model itself is left untouched."""
-    model.eval()
-    ref = model(x)
-    naive, folded = copy.deepcopy(model), copy.deepcopy(model)
-    for a, b in zip(blocks(naive), blocks(folded)):
-        a.layer.bias.zero_()
-        b.norm.running_mean.sub_(b.layer.bias)
-        b.layer.bias.zero_()
-    out_naive = naive(x)
-    model.train()
+    with train_mode(model, False):
+        ref = model(x)
+        naive, folded = copy.deepcopy(model), copy.deepcopy(model)
+        for a, b in zip(blocks(naive), blocks(folded)):
+            a.layer.bias.zero_()
+            b.norm.running_mean.sub_(b.layer.bias)
+            b.layer.bias.zero_()
+        out_naive, out_folded = naive(x), folded(x)
     return {
         "eval_output_change_bias_zeroed": _gap(out_naive, ref),
         "eval_predictions_changed_bias_zeroed": float((out_naive.argmax(1) != ref.argmax(1)).float().mean()),
-        "eval_output_change_bias_folded_into_running_mean": _gap(folded(x), ref),
+        "eval_output_change_bias_folded_into_running_mean": _gap(out_folded, ref),
     }
 
 

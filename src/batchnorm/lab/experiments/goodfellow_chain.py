@@ -194,7 +194,7 @@ class Chain(Experiment):
         scale_shown = 1.2 if 1.2 in cfg["scales"] else cfg["scales"][-1]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
         colors = plt.cm.viridis(np.linspace(0, 0.9, len(cfg["depths"])))
-        for ax, arm, title in ((axes[0], "plain", "without normalization"), (axes[1], "bn", "BN on every layer")):
+        for ax, arm, title in zip(axes, ("plain", "bn"), ("without normalization", "BN on every layer")):
             for color, depth in zip(colors, cfg["depths"]):
                 c = next(c for c in _cases(m, arm) if c["depth"] == depth and c["scale"] == scale_shown)
                 pred, act = (-np.asarray([float(v) for v in c[k]], dtype=float) for k in ("predicted", "actual"))
@@ -211,12 +211,11 @@ class Chain(Experiment):
         paths.append(save(fig, Path(outdir) / "predicted_vs_actual.png"))
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for arm, style in (("plain", "-o"), ("bn", "--s")):
+        for arm, style, name in (("plain", "-o", "no norm"), ("bn", "--s", "BN")):
             for color, scale in zip(plt.cm.plasma(np.linspace(0, 0.85, len(cfg["scales"]))), cfg["scales"]):
                 row = sorted((c for c in _cases(m, arm) if c["scale"] == scale), key=lambda c: c["depth"])
-                label = f"{'no norm' if arm == 'plain' else 'BN'}, weights {scale}"
                 depths, safe = [c["depth"] for c in row], [_safe(c) for c in row]
-                ax.plot(depths, safe, style, color=color, markersize=4, label=label)
+                ax.plot(depths, safe, style, color=color, markersize=4, label=f"{name}, weights {scale}")
         log_ticks(ax.xaxis, cfg["depths"], base=2)
         title = f"Largest step whose effect the gradient predicts within ±50% (seed {seed})"
         ylabel = "largest safe learning rate"

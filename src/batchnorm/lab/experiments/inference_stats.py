@@ -51,16 +51,13 @@ def _first_layer_noise(
     """
     h = next(iter(blocks(model))).layer(x).double()  # (N, C)
     n, mu, sigma = h.shape[0], h.mean(0), h.std(0, unbiased=False)
-    out: dict[str, Any] = {"m": [], "mean_scatter": [], "mean_scatter_theory": [], "var_rel_scatter": []}
+    rows = []
     for m in sizes:
         hbs = [h[torch.randperm(n, generator=generator)[:m]] for _ in range(batches)]
         z = torch.stack([(hb.mean(0) - mu) / sigma for hb in hbs])  # (batches, C)
         v = torch.stack([hb.var(0, unbiased=False) / sigma**2 for hb in hbs])  # (batches, C)
-        out["m"].append(m)
-        out["mean_scatter"].append(float(z.std(0).mean()))
-        out["mean_scatter_theory"].append(math.sqrt((n - m) / (m * (n - 1))))
-        out["var_rel_scatter"].append(float(v.std(0).mean()))
-    return out
+        rows.append((m, float(z.std(0).mean()), math.sqrt((n - m) / (m * (n - 1))), float(v.std(0).mean())))
+    return {k: list(v) for k, v in zip(("m", "mean_scatter", "mean_scatter_theory", "var_rel_scatter"), zip(*rows))}
 
 
 def _rel_diff(a: nn.Module, b: nn.Module, key: str) -> list[float]:
@@ -78,9 +75,8 @@ def _measure(s: Settings, data: Dataset, model: nn.Module, seed: int) -> dict[st
     """Every inference measurement of one seed's trained network."""
     model.eval()
     alg2 = population_statistics(model, data.train_x, batch_size=s.batch_size, generator=seeded(seed + 2))
-    exact = copy.deepcopy(model)
+    exact = copy.deepcopy(model)  # in eval mode, as recompute_statistics leaves it
     recompute_statistics(exact, list(data.train_x.split(256)), mode="eval", passes=len(s.hidden) + 1)
-    exact.eval()
     gen, x, y = seeded(seed + 3), data.test_x, data.test_y
     sizes = [b for b in s.test_batch_sizes if b <= x.shape[0]]
     batch_acc = {  # each test batch of b normalized by its own statistics, in test_batch_repeats random orders
@@ -178,10 +174,8 @@ class InferenceStats(Experiment):
         """Accuracy by kind of statistics and test batch size; noise vs batch size (first seed)."""
         m = results["metrics"]["per_seed"][0]
         fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.3))
-        ba = m["test_acc_batch_statistics"]
-        sizes = [int(k) for k in ba]
-        own = "each test batch's own statistics"
-        axes[0].plot(sizes, [ba[str(k)] for k in sizes], "o-", color="tab:purple", label=own)
+        sizes, own = [int(k) for k in m["test_acc_batch_statistics"]], list(m["test_acc_batch_statistics"].values())
+        axes[0].plot(sizes, own, "o-", color="tab:purple", label="each test batch's own statistics")
         for key, (label, color, ls) in _FIXED.items():
             axes[0].axhline(m["test_acc"][key], color=color, linestyle=ls, label=label)
         log_ticks(axes[0].xaxis, sizes, base=2)

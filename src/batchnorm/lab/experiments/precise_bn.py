@@ -146,20 +146,18 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     dress(stale, "How stale the EMA statistics are", yscale="log", xlabel="epoch", ylabel=ylabel, legend=legend)
     paths = [save(fig, outdir / "ema_vs_precise.png")]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    sizes: list[int] = []
+    ax.set_xscale("log")
     for when, color in (("early", "tab:orange"), ("final", "tab:green")):
         if not (curves := [r["samples"][when] for r in runs if when in r["samples"]]):
             continue
         sizes = curves[0]["sizes"]
+        log_ticks(ax.xaxis, sizes)  # the sample counts measured
         mean = np.asarray([[100 * np.mean(row) for row in c["acc"]] for c in curves]).mean(axis=0)  # over seeds
         std = np.asarray([[100 * np.std(row) for row in c["acc"]] for c in curves]).mean(axis=0)
         label = f"{when} (step {curves[0]['step']}): N samples, mean ± std over draws"
         ax.errorbar(sizes, mean, yerr=std, color=color, marker="o", capsize=3, label=label)
         every = 100 * float(np.mean([c["acc_all"] for c in curves]))
         ax.axhline(every, color=color, linestyle="--", label=f"{when}: all {curves[0]['all']} samples")
-    ax.set_xscale("log")
-    if sizes:
-        log_ticks(ax.xaxis, sizes)  # the sample counts measured
     xlabel = "samples used for the precise statistics (N)"
     dress(ax, "How many samples PreciseBN needs", xlabel=xlabel, ylabel="test accuracy (%)", legend={"fontsize": 7})
     return [*paths, save(fig, outdir / "samples_needed.png")]
