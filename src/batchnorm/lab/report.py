@@ -137,9 +137,8 @@ def _claim_rows(claims: Sequence[dict[str, Any]]) -> str:
         measured = f"<br><span class='muted'>measured: {_esc(c['evidence'])}</span>" if c.get("evidence") else ""
         paper = f"{_esc(c.get('expected') or '')}<br><span class='muted'>{_esc(c.get('source') or '')}</span>"
         paper = paper if c.get("expected") or c.get("source") else "-"
-        rows.append(
-            f"<tr><td>{_esc(c.get('claim', ''))}{measured}</td>{_verdict_cell(c)}<td>{_numbers_cell(c)}</td><td>{paper}</td></tr>"
-        )
+        cells = f"{_verdict_cell(c)}<td>{_numbers_cell(c)}</td><td>{paper}</td>"
+        rows.append(f"<tr><td>{_esc(c.get('claim', ''))}{measured}</td>{cells}</tr>")
     return "".join(rows)
 
 
