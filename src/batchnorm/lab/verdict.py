@@ -5,12 +5,10 @@
     v = judge(bn_err, gn_err, seeds=seeds, effect="ratio", above=2.0)  # BN's error > 2x GN's
     v = judge(spread_change, seeds=seeds, above=-0.1, below=0.1)      # value within a band
 
-The rule, its reasons, the seed plan and its error control: ``docs/lab.md``, "Claims judged over
-seeds". In brief: the effect is the mean over seeds of the value, of ``a_i - b_i``, or of
-``log(a_i / b_i)`` (exponentiated); its interval is Student's t with n - 1 degrees of freedom; the
-claim holds when the whole interval lies on the claimed side of the threshold(s), does not hold
-when it lies wholly on the other side, else is inconclusive. ``judge_sequential`` judges at the
-``SeedPlan``'s looks, each at level ``1 - alpha / K``, and keeps the first decided look.
+The effect is the mean over seeds of the value, of ``a_i - b_i``, or of ``log(a_i / b_i)``
+(exponentiated), with Student's t interval (n - 1 degrees of freedom); ``judge_sequential`` judges
+at a ``SeedPlan``'s looks, each at level ``1 - alpha / K``, and keeps the first decided look. The
+rule, its reasons and its error control: ``docs/lab.md``, "Claims judged over seeds".
 """
 
 from __future__ import annotations
@@ -67,7 +65,7 @@ def t_quantile(p: float, df: float) -> float:
     return float(stats.t.ppf(p, df))
 
 
-def _as_values(name: str, values: Sequence[float]) -> np.ndarray:
+def _as_values(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
     arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0:
         raise ValueError(f"judge: expected {name} to hold at least one value, got none")
@@ -77,6 +75,7 @@ def _as_values(name: str, values: Sequence[float]) -> np.ndarray:
 
 
 def _decide(lo: float, hi: float, above: float | None, below: float | None) -> VerdictName:
+    """Holds when the whole interval lies on the claimed side, does not hold when wholly on the other."""
     if (above is None or lo >= above) and (below is None or hi <= below):
         return "holds"
     outside = (above is not None and hi < above) or (below is not None and lo > below)
