@@ -196,29 +196,24 @@ def claim(
     plan = SeedPlan.from_json(results["metrics"].get("plan") or {"looks": [len(seeds)]})
     parts = [Part(a, b, above=above, below=below, effect=effect), *also]
     name, verdicts = judge_sequential(parts, seeds, plan)
-    undecided = [i for i, v in enumerate(verdicts) if v.verdict == "inconclusive"]
-    settles = {i: could_settle(parts[i], verdicts[i], plan.cap) for i in undecided}
+    judged = [{**v.to_json(), "direction": p.direction} for p, v in zip(parts, verdicts)]
+    settles = {i: could_settle(parts[i], v, plan.cap) for i, v in enumerate(verdicts) if v.verdict == "inconclusive"}
     k = next((i for i, v in enumerate(verdicts) if v.verdict == name), 0)
     if name == "inconclusive":
-        k = next((i for i in undecided if not settles[i]), k)
+        k = next((i for i, settle in settles.items() if not settle), k)
     thresholds = [float(t) for t in (above, below) if t is not None]
     margin = _margin(parts[k], verdicts[k].estimate)
     return {
-        **verdicts[0].to_json(),
+        **judged[0],
         "claim": statement,
         "holds": name == "holds",
         "verdict": name,
-        "direction": parts[0].direction,
-        "expected": expected,
-        "source": source,
-        "evidence": evidence,
-        "kind": kind,
-        "rule": plan.describe(),
+        **{"expected": expected, "source": source, "evidence": evidence, "kind": kind, "rule": plan.describe()},
         "n_seeds": len(verdicts[0].seeds),
         "threshold": thresholds if len(thresholds) > 1 else thresholds[0],
         "margin": margin,
         "why": _why(name, parts, verdicts, k, margin, plan.cap),
-        "parts": [{**v.to_json(), "direction": p.direction} for p, v in zip(parts, verdicts)],
+        "parts": judged,
         "could_settle": name == "inconclusive" and all(settles.values()),
     }
 

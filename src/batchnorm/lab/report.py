@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import html
 import importlib.resources
-import inspect
 import json
 import math
 import string
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from ._files import write_text_atomic
 from .claims_spec import beside
 from .results import count_claims, tally, verdict_of
+from .verdict import _level
 
 if TYPE_CHECKING:
     from .experiment import Experiment
@@ -102,18 +102,13 @@ def _judged(claim: dict[str, Any]) -> tuple[float | None, str | None, Any]:
     return _number(claim.get("estimate")), None if lo is None or hi is None else f"[{_g(lo)}, {_g(hi)}]", n
 
 
-def _level(claim: dict[str, Any]) -> str:
-    """The claim's interval level in 3 significant digits, as its ``why`` writes it ("98.8%")."""
-    return f"{_g(100 * float(claim.get('confidence', 0.95)))}%"
-
-
 def _numbers_cell(claim: dict[str, Any]) -> str:
-    """Estimate, interval, threshold, seeds, method and rule of a claim judged over seeds."""
+    """Estimate, interval (at its level), threshold, seeds, method and rule of a claim judged over seeds."""
     (estimate, interval, n), seeds = _judged(claim), claim.get("seeds")
     if estimate is None:
         return "<span class='muted'>not judged over seeds</span>"
     parts = [f"estimate <b>{_esc(_g(estimate))}</b>"]
-    parts += [f"{_level(claim)} interval {interval}"] if interval else []
+    parts += [f"{_level(claim.get('confidence', 0.95))} interval {interval}"] if interval else []
     if claim.get("direction"):
         parts.append(f"claimed: <code>{_esc(claim['direction'])}</code>")
     elif claim.get("threshold") is not None:
@@ -135,20 +130,16 @@ def _verdict_cell(claim: dict[str, Any], why: bool = True) -> str:
     return f"<td class='{'fails' if verdict == 'does not hold' else verdict}'>" + "<br>".join(lines) + "</td>"
 
 
-def _paper_cell(claim: dict[str, Any]) -> str:
-    expected, source = claim.get("expected"), claim.get("source")
-    paper = f"{_esc(expected or '')}<br><span class='muted'>{_esc(source or '')}</span>"
-    return f"<td>{paper if expected or source else '-'}</td>"
-
-
 def _claim_rows(claims: Sequence[dict[str, Any]]) -> str:
     """The claims table's rows: statement and evidence, verdict and why, numbers, the paper."""
-    return "".join(
-        f"<tr><td>{_esc(c.get('claim', ''))}"
-        + (f"<br><span class='muted'>measured: {_esc(c['evidence'])}</span>" if c.get("evidence") else "")
-        + f"</td>{_verdict_cell(c)}<td>{_numbers_cell(c)}</td>{_paper_cell(c)}</tr>"
-        for c in claims
-    )
+    rows = []
+    for c in claims:
+        measured = f"<br><span class='muted'>measured: {_esc(c['evidence'])}</span>" if c.get("evidence") else ""
+        paper = f"{_esc(c.get('expected') or '')}<br><span class='muted'>{_esc(c.get('source') or '')}</span>"
+        paper = paper if c.get("expected") or c.get("source") else "-"
+        cells = f"{_verdict_cell(c)}<td>{_numbers_cell(c)}</td><td>{paper}</td>"
+        rows.append(f"<tr><td>{_esc(c.get('claim', ''))}{measured}</td>{cells}</tr>")
+    return "".join(rows)
 
 
 def verdict_counts(claims: Sequence[dict[str, Any]]) -> str:
@@ -210,8 +201,8 @@ def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanatio
 def explanation(experiment: Experiment) -> str:
     """An experiment's prose: the Markdown file beside its module (``experiments/<name>.md``), else
     (a test double) its ``EXPLANATION``."""
-    name = getattr(getattr(inspect.getmodule(experiment), "__spec__", None), "name", None)
-    if name and "." in name and (resource := beside(name, ".md")).is_file():
+    name = type(experiment).__module__
+    if "." in name and (resource := beside(name, ".md")).is_file():
         return resource.read_text(encoding="utf-8")
     text = getattr(experiment, "EXPLANATION", None)
     if text is None:
@@ -234,7 +225,7 @@ def _short_numbers(claim: dict[str, Any]) -> str:
     estimate, interval, n = _judged(claim)
     if estimate is None:
         return "-"
-    text = _g(estimate) + (f" {interval} ({_level(claim)})" if interval else "")
+    text = _g(estimate) + (f" {interval} ({_level(claim.get('confidence', 0.95))})" if interval else "")
     text += f"; claimed {claim['direction']}" if claim.get("direction") else ""
     return text + (f"; {n} seeds" if n is not None else "")
 

@@ -5,12 +5,10 @@
     v = judge(bn_err, gn_err, seeds=seeds, effect="ratio", above=2.0)  # BN's error > 2x GN's
     v = judge(spread_change, seeds=seeds, above=-0.1, below=0.1)      # value within a band
 
-The rule, its reasons, the seed plan and its error control: ``docs/lab.md``, "Claims judged over
-seeds". In brief: the effect is the mean over seeds of the value, of ``a_i - b_i``, or of
-``log(a_i / b_i)`` (exponentiated); its interval is Student's t with n - 1 degrees of freedom; the
-claim holds when the whole interval lies on the claimed side of the threshold(s), does not hold
-when it lies wholly on the other side, else is inconclusive. ``judge_sequential`` judges at the
-``SeedPlan``'s looks, each at level ``1 - alpha / K``, and keeps the first decided look.
+The effect is the mean over seeds of the value, of ``a_i - b_i``, or of ``log(a_i / b_i)``
+(exponentiated), with Student's t interval (n - 1 degrees of freedom); ``judge_sequential`` judges
+at a ``SeedPlan``'s looks, each at level ``1 - alpha / K``, and keeps the first decided look. The
+rule, its reasons and its error control: ``docs/lab.md``, "Claims judged over seeds".
 """
 
 from __future__ import annotations
@@ -68,9 +66,7 @@ def t_quantile(p: float, df: float) -> float:
 
 
 def _as_values(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
-        raise TypeError(f"judge: expected {name} to be a sequence of numbers, got {type(values).__name__}")
-    arr = np.asarray(values, dtype=np.float64).reshape(-1)
+    arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0:
         raise ValueError(f"judge: expected {name} to hold at least one value, got none")
     if not np.all(np.isfinite(arr)):
@@ -79,6 +75,7 @@ def _as_values(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
 
 
 def _decide(lo: float, hi: float, above: float | None, below: float | None) -> VerdictName:
+    """Holds when the whole interval lies on the claimed side, does not hold when wholly on the other."""
     if (above is None or lo >= above) and (below is None or hi <= below):
         return "holds"
     outside = (above is not None and hi < above) or (below is not None and lo > below)
@@ -105,51 +102,10 @@ def judge(
     per seed; ``b[i]`` shares ``seeds[i]``'s initial weights and minibatch order with ``a[i]``.
     ``effect="ratio"`` judges ``a / b`` (arms > 0, ratio thresholds). A bound on a threshold counts
     as on the claimed side."""
-    ratio = b is not None and effect == "ratio"
-    if above is None and below is None:
-        raise ValueError("judge: expected a threshold: above=..., below=... or both, got neither")
-    for name, t in (("above", above), ("below", below)):
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
-            raise TypeError(f"judge: expected {name} to be a finite number, got {t!r}")
-        if ratio and t is not None and t <= 0:
-            raise ValueError(f"judge: a ratio threshold must be > 0, got {name}={t}")
-    if above is not None and below is not None and above > below:
-        raise ValueError(f"judge: expected a band with above <= below, got above={above}, below={below}")
-    if effect not in ("difference", "ratio"):
-        raise ValueError(f"judge: expected effect 'difference' or 'ratio', got {effect!r}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"judge: expected 0 < confidence < 1, got {confidence!r}")
-    if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
-        raise TypeError(f"judge: expected seeds to be ints, got {list(seeds)!r}")
-    seeds_t = tuple(int(s) for s in seeds)
-    if len(set(seeds_t)) != len(seeds_t):
-        raise ValueError(f"judge: expected distinct seeds, got {list(seeds_t)}")
-    x, n = _as_values("a", a), len(seeds_t)
-    if x.size != n:
-        raise ValueError(f"judge: expected one value of a per seed ({n}), got {x.size}")
-    what = "mean"
-    if b is not None:
-        xb = _as_values("b", b)
-        if xb.size != x.size:
-            raise ValueError(f"judge: paired arms need one value each per seed, got {x.size} and {xb.size}")
-        if ratio and (np.any(x <= 0) or np.any(xb <= 0)):
-            raise ValueError(f"judge: a ratio needs positive arms, got a={x.tolist()}, b={xb.tolist()}")
-        x = np.log(x) - np.log(xb) if ratio else x - xb
-        what = "geometric mean of paired ratios" if ratio else "mean of paired differences"
-    what = f"{what} over {n} seeds"
-    est = float(np.mean(x))
-    half = t_quantile(0.5 + confidence / 2, n - 1) * float(np.std(x, ddof=1)) / math.sqrt(n) if n >= 2 else math.inf
-    lo, hi = est - half, est + half
-    method = f"{what}, {_level(confidence)} t interval" + (" on the log scale" if ratio else "")
-    if ratio:
-        est, lo, hi = math.exp(est), math.exp(lo), math.exp(hi)
-    # the same value on every seed up to float64 rounding (a range of at most 1e-9 of the magnitude:
-    # an identity of the math, or a value a grid fixes): no interval, the value is compared itself
-    zero = n >= 2 and float(np.ptp(x)) <= 1e-9 * float(np.max(np.abs(x)))
-    if zero:
-        method = f"{what}: the same value on every seed (zero spread), no interval"
-        lo = hi = est
-    return Verdict(_decide(lo, hi, above, below), est, (lo, hi), seeds_t, method, confidence, zero)
+    p = Part(a, b, above=above, below=below, effect=effect)
+    if len(p.a) != len(seeds):
+        raise ValueError(f"judge: expected one value of a per seed ({len(seeds)}), got {len(p.a)}")
+    return p.judge(seeds, confidence)
 
 
 def combine(verdicts: Sequence[Verdict]) -> VerdictName:
@@ -162,7 +118,7 @@ def combine(verdicts: Sequence[Verdict]) -> VerdictName:
 
 @dataclass(frozen=True)
 class Part:
-    """One part of a claim, not yet judged (``judge``'s arguments; ``a``, ``b`` kept as tuples)."""
+    """One part of a claim: ``judge``'s arguments but the seeds (``a``, ``b`` kept as tuples of floats)."""
 
     a: Sequence[float] | np.ndarray
     b: Sequence[float] | np.ndarray | None = None
@@ -172,9 +128,24 @@ class Part:
     effect: Literal["difference", "ratio"] = "difference"
 
     def __post_init__(self) -> None:
+        if self.above is None and self.below is None:
+            raise ValueError("judge: expected a threshold: above=..., below=... or both, got neither")
+        for name, t in (("above", self.above), ("below", self.below)):
+            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
+                raise TypeError(f"judge: expected {name} to be a finite number, got {t!r}")
+            if self.ratio and t is not None and t <= 0:
+                raise ValueError(f"judge: a ratio threshold must be > 0, got {name}={t}")
+        if self.above is not None and self.below is not None and self.above > self.below:
+            raise ValueError(f"judge: expected a band with above <= below, got above={self.above}, below={self.below}")
+        if self.effect not in ("difference", "ratio"):
+            raise ValueError(f"judge: expected effect 'difference' or 'ratio', got {self.effect!r}")
         for name, arm in (("a", self.a), ("b", self.b)):
+            if isinstance(arm, (str, bytes)) or not (arm is None or hasattr(arm, "__len__")):
+                raise TypeError(f"judge: expected {name} to be a sequence of numbers, got {type(arm).__name__}")
             if arm is not None:
-                object.__setattr__(self, name, tuple(float(v) for v in np.asarray(arm, dtype=np.float64).reshape(-1)))
+                object.__setattr__(self, name, tuple(np.asarray(arm, dtype=np.float64).reshape(-1).tolist()))
+        if self.b is not None and len(self.a) != len(self.b):
+            raise ValueError(f"judge: paired arms need one value each per seed, got {len(self.a)} and {len(self.b)}")
 
     @property
     def ratio(self) -> bool:
@@ -196,16 +167,48 @@ class Part:
         return f"{quantity} >= {self.above:g}" if self.above is not None else f"{quantity} <= {self.below:g}"
 
     def judge(self, seeds: Sequence[int], confidence: float = 0.95) -> Verdict:
-        """``judge`` on the first ``len(seeds)`` seeds' values."""
-        n = len(seeds)
-        b = None if self.b is None else self.b[:n]
-        return judge(
-            self.a[:n], b, seeds=seeds, above=self.above, below=self.below, effect=self.effect, confidence=confidence
-        )
+        """The verdict on the first ``len(seeds)`` seeds' values (``judge``)."""
+        if not 0.0 < confidence < 1.0:
+            raise ValueError(f"judge: expected 0 < confidence < 1, got {confidence!r}")
+        if not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
+            raise TypeError(f"judge: expected seeds to be ints, got {list(seeds)!r}")
+        seeds_t = tuple(int(s) for s in seeds)
+        if len(set(seeds_t)) != len(seeds_t):
+            raise ValueError(f"judge: expected distinct seeds, got {list(seeds_t)}")
+        n = len(seeds_t)
+        x = _as_values("a", self.a[:n])
+        if x.size != n:
+            raise ValueError(f"judge: expected one value of a per seed ({n}), got {x.size}")
+        what = "mean"
+        if self.b is not None:
+            xb = _as_values("b", self.b[:n])
+            if self.ratio and (np.any(x <= 0) or np.any(xb <= 0)):
+                raise ValueError(f"judge: a ratio needs positive arms, got a={x.tolist()}, b={xb.tolist()}")
+            x = np.log(x) - np.log(xb) if self.ratio else x - xb
+            what = "geometric mean of paired ratios" if self.ratio else "mean of paired differences"
+        what = f"{what} over {n} seeds"
+        est = float(np.mean(x))
+        half = t_quantile(0.5 + confidence / 2, n - 1) * float(np.std(x, ddof=1)) / math.sqrt(n) if n >= 2 else math.inf
+        lo, hi = est - half, est + half
+        method = f"{what}, {_level(confidence)} t interval" + (" on the log scale" if self.ratio else "")
+        if self.ratio:
+            est, lo, hi = math.exp(est), math.exp(lo), math.exp(hi)
+        # the same value on every seed up to float64 rounding (a range of at most 1e-9 of the magnitude:
+        # an identity of the math, or a value a grid fixes): no interval, the value is compared itself
+        zero = n >= 2 and float(np.ptp(x)) <= 1e-9 * float(np.max(np.abs(x)))
+        if zero:
+            method = f"{what}: the same value on every seed (zero spread), no interval"
+            lo = hi = est
+        return Verdict(_decide(lo, hi, self.above, self.below), est, (lo, hi), seeds_t, method, confidence, zero)
 
 
 part = Part
 """The name experiments build a claim's further parts with: ``part(a, b, above=...)``."""
+
+
+def _count(n: object) -> bool:
+    """Whether ``n`` is a positive int seed count (not a bool)."""
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
 
 
 @dataclass(frozen=True)
@@ -219,28 +222,20 @@ class SeedPlan:
 
     def __post_init__(self) -> None:
         looks = tuple(self.looks)
-        bad = any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in looks)
-        if not looks or bad or any(b <= a for a, b in zip(looks, looks[1:])):
+        if not looks or not all(map(_count, looks)) or any(b <= a for a, b in zip(looks, looks[1:])):
             raise ValueError(f"SeedPlan: expected increasing positive int seed counts, got {self.looks!r}")
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"SeedPlan: expected 0 < alpha < 1, got {self.alpha!r}")
-        f = self.futility_from
-        if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 1):
-            raise ValueError(f"SeedPlan: expected futility_from to be a positive int seed count or None, got {f!r}")
+        if self.futility_from is not None and not _count(self.futility_from):
+            raise ValueError(
+                f"SeedPlan: expected futility_from a positive int seed count or None, got {self.futility_from!r}"
+            )
         object.__setattr__(self, "looks", looks)
 
     @property
     def min_futility(self) -> int:
         """``futility_from``, else the first look."""
-        return self.looks[0] if self.futility_from is None else self.futility_from
-
-    def needs_more(self, n: int, claims: Sequence[tuple[VerdictName, bool]]) -> bool:
-        """Whether a run with ``claims`` (verdict, ``could_settle``) on its first ``n`` seeds trains the next
-        block: below the cap, a claim inconclusive and, from ``min_futility`` seeds on, one that could settle."""
-        undecided = [settle for verdict, settle in claims if verdict == "inconclusive"]
-        if n >= self.cap or not undecided:
-            return False
-        return n < self.min_futility or any(undecided)
+        return self.futility_from or self.looks[0]
 
     @property
     def confidence(self) -> float:
@@ -252,27 +247,32 @@ class SeedPlan:
         """The most seeds a claim is judged on."""
         return self.looks[-1]
 
+    def needs_more(self, n: int, claims: Sequence[tuple[VerdictName, bool]]) -> bool:
+        """Whether a run with ``claims`` (verdict, ``could_settle``) on its first ``n`` seeds trains the next
+        block: below the cap, a claim inconclusive and, from ``min_futility`` seeds on, one that could settle."""
+        undecided = [settle for verdict, settle in claims if verdict == "inconclusive"]
+        return n < self.cap and bool(undecided) and (n < self.min_futility or any(undecided))
+
     def describe(self) -> str:
         """The rule in words."""
         level = _level(self.confidence)
         if len(self.looks) == 1:
             return f"{level} t interval over {self.cap} seeds (fixed)"
-        counts = ", ".join(str(n) for n in self.looks)
         late = self.min_futility > self.looks[0]
         futility = f"; no stop for an undecided claim before {self.min_futility} seeds" if late else ""
         return (
-            f"judged on the first {counts} seeds, stopping at the first decided look; {level} t intervals "
-            f"({1 - self.alpha:.0%} over all {len(self.looks)} looks, Bonferroni){futility}"
+            f"judged on the first {', '.join(map(str, self.looks))} seeds, stopping at the first decided look; "
+            f"{level} t intervals ({1 - self.alpha:.0%} over all {len(self.looks)} looks, Bonferroni){futility}"
         )
 
     def to_json(self) -> dict[str, Any]:
-        futility = {} if self.futility_from is None else {"futility_from": self.futility_from}
-        return {"looks": list(self.looks), "alpha": self.alpha, **futility}
+        """The plan as results' ``metrics["plan"]`` (``futility_from`` only where set)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None} | {"looks": list(self.looks)}
 
     @classmethod
     def from_json(cls, saved: dict[str, Any]) -> SeedPlan:
         """The plan ``to_json`` saved."""
-        return cls(tuple(saved["looks"]), saved.get("alpha", 0.05), saved.get("futility_from"))
+        return cls(**{**saved, "looks": tuple(saved["looks"])})
 
 
 def judge_sequential(parts: Sequence[Part], seeds: Sequence[int], plan: SeedPlan) -> tuple[VerdictName, list[Verdict]]:
@@ -284,7 +284,7 @@ def judge_sequential(parts: Sequence[Part], seeds: Sequence[int], plan: SeedPlan
             f"judge_sequential: expected at least {plan.looks[0]} seeds for {plan.describe()}, got {len(seeds)}"
         )
     for n in looks:
-        verdicts = [p.judge(list(seeds)[:n], plan.confidence) for p in parts]
+        verdicts = [p.judge(seeds[:n], plan.confidence) for p in parts]
         name = combine(verdicts)
         if name != "inconclusive":
             break
