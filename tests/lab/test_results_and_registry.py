@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from batchnorm._files import write_text_atomic
 from batchnorm.lab import registry
-from batchnorm.lab._files import write_text_atomic
 from batchnorm.lab.config import RunConfig
 from batchnorm.lab.experiment import Experiment
 from batchnorm.lab.report import explanation

@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import logging
 import math
-import os
 import re
 import warnings
 import zipfile
@@ -41,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._files import atomic_path
 from ._util import CliError, check_input_file, check_new_file, probe_write, require
 
 _PICKLE_SUFFIXES = (".pt", ".pth")
@@ -251,21 +251,16 @@ def _save(loaded: _Loaded, out: str) -> None:
     then a rename; the file's mode follows the umask)."""
     import torch
 
-    target = Path(out)
-    tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp{target.suffix}")  # same suffix: torch checks it
     try:
-        if loaded.program is not None:
-            from ..tools._exported import reexport
+        with atomic_path(out) as tmp:
+            if loaded.program is not None:
+                from ..tools._exported import reexport
 
-            torch.export.save(reexport(loaded.model, loaded.program), str(tmp))
-        else:
-            torch.save(loaded.model, str(tmp))
-        os.replace(tmp, target)
+                torch.export.save(reexport(loaded.model, loaded.program), str(tmp))
+            else:
+                torch.save(loaded.model, str(tmp))
     except OSError as err:
         raise CliError(f"{out}: cannot write ({err.strerror or err})") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def _require_batchnorm(loaded: _Loaded, path: str, purpose: str) -> None:

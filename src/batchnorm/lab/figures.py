@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ._files import write_bytes_atomic
+from .._files import write_bytes_atomic
 
 __all__ = [
     "SAVE_CHECKS",

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._files import write_text_atomic
+from .._files import write_text_atomic
 from .config import Mode, RunConfig
 from .progress import Progress
 from .report import matrix_html, write_index

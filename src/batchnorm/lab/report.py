@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._files import write_text_atomic
+from .._files import write_text_atomic
 from .claims_spec import beside
 from .results import count_claims, tally, verdict_of
 from .verdict import _level

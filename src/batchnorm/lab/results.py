@@ -12,7 +12,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from ._files import write_text_atomic
+from .._files import write_text_atomic
 from .verdict import VERDICTS
 
 __all__ = ["count_claims", "describe_counts", "load_results", "number", "save_results", "to_jsonable", "versions"]
