@@ -97,16 +97,13 @@ def _replicate_quantities(m: dict[str, Any], frac: float) -> dict[str, float]:
     """One network per arm: the numbers behind the claims (accuracies as fractions)."""
     none = m["sigmoid/none"]
     target = max(none["test_acc"])
-    steps_none = first_reaching(none["step"], none["test_acc"], target)
-    steps_bn = max(
-        first_reaching(m[f"sigmoid/{p}"]["step"], m[f"sigmoid/{p}"]["test_acc"], target) for p in ("before", "after")
-    )
+    reach = {key: first_reaching(rec["step"], rec["test_acc"], target) for key, rec in m.items()}
     i = _early_index(none, frac)
     early = {key: m[key]["test_acc"][i] for key in m}
     return {
         "target": target,
-        "steps_none": steps_none,
-        "steps_bn": steps_bn,
+        "steps_none": reach["sigmoid/none"],
+        "steps_bn": max(reach["sigmoid/before"], reach["sigmoid/after"]),
         "early_step": float(none["step"][i]),
         "gain_sigmoid": min(early["sigmoid/before"], early["sigmoid/after"]) - early["sigmoid/none"],
         "gain_relu": max(early["relu/before"], early["relu/after"]) - early["relu/none"],
