@@ -63,10 +63,8 @@ def _train_arm(
             values.append(np.percentile(z.numpy(), list(s.percentiles)).tolist())
             if norm is not None:
                 pop = population_statistics(model, d.train_x, batch_size=s.batch_size, generator=pop_gens[k])
-                values += [
-                    evaluate(pop, d.test_x, d.test_y)[1],
-                    batch_stats_accuracy(model, d.test_x, d.test_y, s.batch_size),
-                ]
+                values.append(evaluate(pop, d.test_x, d.test_y)[1])
+                values.append(batch_stats_accuracy(model, d.test_x, d.test_y, s.batch_size))
             for key, value in zip(keys, values):
                 rec[key].append(value)
 
