@@ -134,10 +134,7 @@ class Fig1(Experiment):
         factor, tol = t["baseline_vs_bn_spread_change_factor"], float(t["population_vs_running_tolerance"])
         growth_pct, settled_pct = 100 * t["baseline_spread_growth_at_least"], 100 * t["bn_settled_relative_move_below"]
         make = Claims(__name__, results, growth_pct=growth_pct, settled_pct=settled_pct, tol_pp=100 * tol)
-        steps = (
-            f"steps to the baseline's best accuracy, per seed: baseline {listed(col['steps_base'], '{:g}')}; "
-            f"BN {listed(col['steps_bn'], '{:g}')}"
-        )
+        steps = Settings.text("steps", base=listed(col["steps_base"], "{:g}"), bn=listed(col["steps_bn"], "{:g}"))
         drift = Settings.text("drift", **mean)
         wider = part([w - factor * c for w, c in zip(col["widen_base"], col["change_bn"])], above=0.0)
         settles = part(col["drift_bn"], [0.5 * v for v in col["drift_base"]], below=0.0)

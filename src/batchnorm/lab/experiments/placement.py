@@ -139,11 +139,8 @@ class Placement(Experiment):
             """Claim ``name`` on quantities ``a`` and ``b``, paired over seeds."""
             return make(name, a=col[a], b=col[b], evidence=evidence)
 
-        speedup = (
-            f"no-BN best {pct['target']} (per seed) reached at step {listed(col['steps_none'], '{:g}')}; "
-            f"by both BN placements at step {listed(col['steps_bn'], '{:g}')} (of {t['steps']}; "
-            "never = one checkpoint past the end)"
-        )
+        reached = {key: listed(col[key], "{:g}") for key in ("steps_none", "steps_bn")}
+        speedup = Settings.text("speedup", target=pct["target"], steps=t["steps"], **reached)
         gains = f"at step {col['early_step'][0]:g}, per seed: sigmoid {placed('early', 'sigmoid', _PLACES)}; ReLU {placed('early', 'relu', _PLACES)}"
         late = "mean test accuracy over the last quarter of checkpoints, per seed:"
         late_sigmoid = f"{late} {placed('late', 'sigmoid')}"
