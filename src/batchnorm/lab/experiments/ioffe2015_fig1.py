@@ -155,7 +155,8 @@ class Fig1(Experiment):
         base, bn, out, step = m["baseline"], m["bn"], Path(outdir), "training step"
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         low = max(min(min(bn["test_acc"][1:] or [0.9]), base["test_acc"][-1]) - 0.02, 0.0)
-        labels, population = {"xlabel": step, "ylabel": "test accuracy"}, "with BN (Alg. 2 population stats)"
+        labels: dict[str, Any] = {"xlabel": step, "ylabel": "test accuracy"}
+        population = "with BN (Alg. 2 population stats)"
         for ax, title, bottom in zip(axes, (f"(a) test accuracy vs step ({data})", "(a) zoomed"), (0.0, low)):
             ax.plot(base["step"], base["test_acc"], label="without BN", color="tab:blue")
             ax.plot(bn["step"], bn["test_acc"], label="with BN (running average)", color="tab:red")
