@@ -152,10 +152,10 @@ class Dropout(Experiment):
         col = {(arm, key): column(q, arm, key) for arm in _ARMS for key in _RECORDED}
         make = Claims(__name__, results, tol_pp=100 * tol)
 
-        def vs(name: str, a: str, b: str, key: str, *shown: str, also: Sequence[Part] = (), note: str = "") -> Any:
-            """Claim ``name``: arm ``a`` against arm ``b`` on ``key``, paired over seeds."""
-            evidence = _compared(col, a, b, key, *shown) + note
-            return make(name, a=col[a, key], b=col[b, key], evidence=evidence, also=also)
+        def vs(name: str, a: str, b: str, *keys: str, also: Sequence[Part] = (), note: str = "") -> dict[str, Any]:
+            """Claim ``name``: arm ``a`` against arm ``b`` on ``keys[0]``, paired over seeds; evidence: each of ``keys``."""
+            evidence = _compared(col, a, b, *keys) + note
+            return make(name, a=col[a, keys[0]], b=col[b, keys[0]], evidence=evidence, also=also)
 
         fits = min(min(col[arm, "train_acc"]) for arm in _ARMS)
         fitted = f"; lowest training accuracy of any arm and seed {100 * fits:.1f}%"
@@ -173,9 +173,9 @@ class Dropout(Experiment):
         plt, cfg = pyplot(), results["config"]
         q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
         accs = [v[n]["test_acc"] for v in q for n in _ARMS]
-        runs = f"{len(q)} seeds x {cfg['replicates']} networks"
+        runs = f"{cfg['train_examples']} training examples; {len(q)} seeds x {cfg['replicates']} networks"
         panels = (
-            ("test_acc", "test accuracy", f"Test accuracy ({cfg['train_examples']} training examples; {runs})"),
+            ("test_acc", "test accuracy", f"Test accuracy ({runs})"),
             (
                 "test_loss",
                 "test loss (cross-entropy)",
