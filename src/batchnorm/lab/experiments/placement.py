@@ -130,6 +130,8 @@ class Placement(Experiment):
         frac, tol = float(t["early_checkpoint_fraction"]), float(t["sigmoid_before_tolerance"])
         col = columns(_quantities(m, frac) for m in results["metrics"]["per_seed"])
         pct = {key: listed((100 * v for v in values), "{:.1f}", "/") + "%" for key, values in col.items()}
+        band = float(t["relu_placement_band"])
+        make = Claims(__name__, results, early_pct=100 * frac, tol_pp=100 * tol, band_pp=100 * band)
 
         def placed(when: str, act: str, places: Iterable[str] = ("before", "after")) -> str:
             """Per-seed accuracies of ``act``'s placements at ``when`` ("early" or "late")."""
@@ -145,8 +147,6 @@ class Placement(Experiment):
         late = "mean test accuracy over the last quarter of checkpoints, per seed:"
         late_sigmoid = f"{late} {placed('late', 'sigmoid')}"
         saturated = f"saturated sigmoid inputs (|z| > {t['saturation_threshold']:g}) at the end (first replicate): before {pct['sat_before']}, after {pct['sat_after']}"
-        band = float(t["relu_placement_band"])
-        make = Claims(__name__, results, early_pct=100 * frac, tol_pp=100 * tol, band_pp=100 * band)
         return [
             vs("sigmoid_speedup", "steps_none", "steps_bn", speedup),
             vs("sigmoid_gains_more", "gain_sigmoid", "gain_relu", gains),
