@@ -52,30 +52,30 @@ def train_seeds(
     progress: Progress,
     *,
     order_offset: int = 2,
-    checkpoints: Iterable[int] = (),
-    on_checkpoint: Callable[[int, list[TrainResult]], None] | None = None,
+    batches: Callable[[int, int, torch.Generator], Iterator[Tensor]] = minibatches,
+    **options: Any,
 ) -> list[TrainResult]:
     """Train one arm's ``models[k]`` on ``data[k]``'s training set for every seed together
-    (``stacked.train_stacked``, one arm), seed ``seeds[k]``'s minibatch order drawn from a generator
-    seeded ``seeds[k] + order_offset`` (the same in every arm of a seed, so arms are paired),
-    under one progress bar named ``label``."""
+    (``stacked.train_stacked``, one arm; ``options``: its keyword arguments, e.g. checkpoints,
+    on_checkpoint, stop, dropout), seed ``seeds[k]``'s index batches drawn by ``batches`` (default
+    ``minibatches``) from a generator seeded ``seeds[k] + order_offset`` (the same in every arm of
+    a seed, so arms are paired), under one progress bar named ``label``."""
     with progress.task(label, total=spec.steps) as tick:
         return train_stacked(
             [models],
             [d.train_x for d in data],
             [d.train_y for d in data],
             spec,
-            [minibatches(d.train_x.shape[0], spec.batch_size, seeded(s + order_offset)) for d, s in zip(data, seeds)],
-            checkpoints=checkpoints,
-            on_checkpoint=on_checkpoint,
+            [batches(d.train_x.shape[0], spec.batch_size, seeded(s + order_offset)) for d, s in zip(data, seeds)],
             tick=tick,
+            **options,
         )
 
 
-def listed(values: Iterable[float], fmt: str = "{:.1f}") -> str:
-    """Per-seed numbers as ``"a, b, c"`` (each ``fmt.format(float(v))``), the form every claim's
-    evidence uses so a reader sees the spread over seeds."""
-    return ", ".join(fmt.format(float(v)) for v in values)
+def listed(values: Iterable[float], fmt: str = "{:.1f}", sep: str = ", ") -> str:
+    """Per-seed numbers as ``"a, b, c"`` (each ``fmt.format(float(v))``, joined by ``sep``), the
+    form every claim's evidence uses so a reader sees the spread over seeds."""
+    return sep.join(fmt.format(float(v)) for v in values)
 
 
 @contextlib.contextmanager

@@ -18,24 +18,26 @@ from .._replicates import mean_over_replicates, replicate_seed
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import seeded
+from ..declare import listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column, load_for
 from ..figures import categories, dress, pyplot, save, seed_bars, wrap
 from ..models import MLP
 from ..progress import Progress
-from ..stacked import train_stacked
 from ..training import TrainSpec, evaluate, minibatches
-from ..verdict import part
+from ..verdict import Part, part
 
-_ARMS = {  # name: norm, dropout p, fixed batches
-    "plain": (None, 0.0, False),
-    "dropout 0.5": (None, 0.5, False),
-    "BN": ("bn", 0.0, False),
-    "BN + dropout 0.5": ("bn", 0.5, False),
-    "BN + dropout 0.1": ("bn", 0.1, False),
-    "BN, fixed batches": ("bn", 0.0, True),
+_ARMS = {  # name: norm, dropout p, fixed batches, colour of its bars
+    "plain": (None, 0.0, False, "tab:gray"),
+    "dropout 0.5": (None, 0.5, False, "tab:blue"),
+    "BN": ("bn", 0.0, False, "tab:red"),
+    "BN + dropout 0.5": ("bn", 0.5, False, "tab:purple"),
+    "BN + dropout 0.1": ("bn", 0.1, False, "tab:pink"),
+    "BN, fixed batches": ("bn", 0.0, True, "tab:orange"),
 }
-_COLORS = ["tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:pink", "tab:orange"]  # the arms' bars, in order
+_LOSS_CAP = 1e6  # the test loss that stands for a diverged network's inf (keeps per-seed values finite)
+_RECORDED = ("train_acc", "test_acc", "train_loss", "test_loss")  # each replicate's record of an arm, in order
+_SHOWN = {"test_acc": ("test accuracy", 100, "{:.1f}", "%"), "test_loss": ("test loss", 1, "{:.3f}", "")}
+"""How the evidence shows a measurement per seed: its name, scale, format and unit."""
 
 
 class Settings(Declared):
@@ -62,40 +64,24 @@ def _train_arm(
     """Train one arm on runs ``(data[k], gens[k])`` together for ``s.steps``, or with checkpoints
     ``fit_at`` up to ``s.max_steps``, stopping at the first of them at which every run fits;
     returns the models and that checkpoint (None: never, or no ``fit_at``)."""
-    steps = s.max_steps if fit_at else s.steps
-    norm, p, fixed = _ARMS[arm]
+    norm, p, fixed, _ = _ARMS[arm]
     models = [
-        MLP(d.features, list(s.hidden), d.classes, act=s.activation, norm=norm, init_std="he", generator=seeded(g))
+        mlp_for(d, s.hidden, act=s.activation, norm=norm, init_std="he", generator=seeded(g))
         for d, g in zip(data, gens)
     ]
-    batches = _fixed_batches if fixed else minibatches
-    streams = [batches(d.train_x.shape[0], s.batch_size, seeded(g + 1)) for d, g in zip(data, gens)]
     fitted: list[int] = []
 
     def fits(step: int) -> bool:
         if step > 0 and all(evaluate(m, d.train_x, d.train_y)[1] >= s.fit_level for m, d in zip(models, data)):
             fitted.append(step)
-            return True
-        return False
+        return bool(fitted)
 
-    with progress.task(arm, total=steps) as tick:
-        train_stacked(
-            [models],
-            [d.train_x for d in data],
-            [d.train_y for d in data],
-            TrainSpec(steps=steps, batch_size=s.batch_size, lr=s.lr),
-            streams,
-            dropout=p,
-            mask_generator=seeded(gens[0] + 2),
-            checkpoints=fit_at,
-            stop=fits if fit_at else None,
-            tick=tick,
-        )
+    spec = TrainSpec(steps=s.max_steps if fit_at else s.steps, batch_size=s.batch_size, lr=s.lr)
+    batches = _fixed_batches if fixed else minibatches
+    stop = fits if fit_at else None
+    options = {"dropout": p, "mask_generator": seeded(gens[0] + 2), "checkpoints": fit_at, "stop": stop}
+    train_seeds(models, data, gens, spec, arm, progress, order_offset=1, batches=batches, **options)
     return models, (fitted[0] if fitted else None)
-
-
-_LOSS_CAP = 1e6  # the test loss that stands for a diverged network's inf (keeps per-seed values finite)
-_RECORDED = ("train_acc", "test_acc", "train_loss", "test_loss")  # each replicate's record of an arm, in order
 
 
 def _seed_means(m: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -107,6 +93,17 @@ def _seed_means(m: dict[str, Any]) -> dict[str, dict[str, float]]:
     return {arm: mean_over_replicates(reps) for arm, reps in capped.items()}
 
 
+def _compared(col: dict[tuple[str, str], list[float]], a: str, b: str, *keys: str) -> str:
+    """Arms ``a`` and ``b``'s per-seed values of each of ``keys``, as the evidence shows them
+    ("test loss per seed: BN 0.191/0.099 vs plain 0.220/0.103; test accuracy BN 94.7/97.0% vs ...")."""
+    shown: list[str] = []
+    for key in keys:
+        name, scale, fmt, unit = _SHOWN[key]
+        arms = (f"{arm} {listed((scale * v for v in col[arm, key]), fmt, '/')}{unit}" for arm in (a, b))
+        shown.append(f"{name}{'' if shown else ' per seed:'} {' vs '.join(arms)}")
+    return "; ".join(shown)
+
+
 class Dropout(Experiment):
     """BN as a regularizer, over seeds."""
 
@@ -114,7 +111,7 @@ class Dropout(Experiment):
 
     def prepare(self, cfg: RunConfig, s: Settings, progress: Progress) -> Settings:
         """Apply the steps rule (the ``steps_rule`` setting) on the calibration seed."""
-        data = load_for(cfg, s.calibration_seed).subset_train(s.train_examples, s.calibration_seed)
+        data = self.load_seed(cfg, s, s.calibration_seed)
         marks = list(range(0, s.max_steps + 1, s.calibration_every))
         needed = {}
         for arm in _ARMS:
@@ -153,51 +150,44 @@ class Dropout(Experiment):
         q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
         tol = float(results["config"]["accuracy_tolerance"])
         col = {(arm, key): column(q, arm, key) for arm in _ARMS for key in _RECORDED}
-        acc = {arm: f"{arm} " + "/".join(f"{100 * v:.1f}" for v in col[arm, "test_acc"]) + "%" for arm in _ARMS}
-        loss = {arm: f"{arm} " + "/".join(f"{v:.3f}" for v in col[arm, "test_loss"]) for arm in _ARMS}
+        make = Claims(__name__, results, tol_pp=100 * tol)
+
+        def vs(name: str, a: str, b: str, *keys: str, also: Sequence[Part] = (), note: str = "") -> dict[str, Any]:
+            """Claim ``name``: arm ``a`` against arm ``b`` on ``keys[0]``, paired over seeds; evidence: each of ``keys``."""
+            evidence = _compared(col, a, b, *keys) + note
+            return make(name, a=col[a, keys[0]], b=col[b, keys[0]], evidence=evidence, also=also)
+
         fits = min(min(col[arm, "train_acc"]) for arm in _ARMS)
-        regularizes = (
-            f"test loss per seed: {loss['BN']} vs {loss['plain']}; test accuracy {acc['BN']} vs {acc['plain']}; "
-            f"lowest training accuracy of any arm and seed {100 * fits:.1f}%"
-        )
-        removable = (
-            f"test accuracy per seed: {acc['BN']} vs {acc['dropout 0.5']}; "
-            f"test loss {loss['BN']} vs {loss['dropout 0.5']}"
-        )
-        fixed = (
-            f"test loss per seed: {loss['BN, fixed batches']} vs {loss['BN']}; "
-            f"test accuracy {acc['BN, fixed batches']} vs {acc['BN']}"
-        )
-        make, on_top = Claims(__name__, results, tol_pp=100 * tol), ("BN + dropout 0.1", "BN + dropout 0.5")
-
-        def vs(a: str, b: str, key: str) -> dict[str, Any]:  # arm a against arm b, paired over seeds
-            return {"a": col[a, key], "b": col[b, key]}
-
-        as_accurate = part(**vs("BN", "plain", "test_acc"), above=-tol)
+        fitted = f"; lowest training accuracy of any arm and seed {100 * fits:.1f}%"
+        as_accurate = part(col["BN", "test_acc"], col["plain", "test_acc"], above=-tol)
         return [
-            make("bn_regularizes", **vs("BN", "plain", "test_loss"), also=[as_accurate], evidence=regularizes),
-            make("dropout_removable", **vs("BN", "dropout 0.5", "test_acc"), evidence=removable),
-            *(
-                make(name, **vs(arm, "BN", "test_acc"), evidence=f"test accuracy per seed: {acc[arm]} vs {acc['BN']}")
-                for name, arm in zip(("weak_dropout_neutral", "strong_dropout_no_gain"), on_top)
-            ),
-            make("fixed_batches", **vs("BN, fixed batches", "BN", "test_loss"), evidence=fixed),
+            vs("bn_regularizes", "BN", "plain", "test_loss", "test_acc", also=[as_accurate], note=fitted),
+            vs("dropout_removable", "BN", "dropout 0.5", "test_acc", "test_loss"),
+            vs("weak_dropout_neutral", "BN + dropout 0.1", "BN", "test_acc"),
+            vs("strong_dropout_no_gain", "BN + dropout 0.5", "BN", "test_acc"),
+            vs("fixed_batches", "BN, fixed batches", "BN", "test_loss", "test_acc"),
         ]
 
     def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
         """Bars: test accuracy and loss per arm, mean over seeds ± std, seeds as dots."""
         plt, cfg = pyplot(), results["config"]
         q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for ax, key, label in zip(axes, ("test_acc", "test_loss"), ("test accuracy", "test loss (cross-entropy)")):
-            seed_bars(ax, [[v[name][key] for v in q] for name in _ARMS], _COLORS, alpha=0.75)
-            categories(ax.xaxis, [wrap(name, 10) for name in _ARMS], fontsize=8)
-            dress(ax, ylabel=label, grid="y")
         accs = [v[n]["test_acc"] for v in q for n in _ARMS]
+        runs = f"{cfg['train_examples']} training examples; {len(q)} seeds x {cfg['replicates']} networks"
+        panels = (
+            ("test_acc", "test accuracy", f"Test accuracy ({runs})"),
+            (
+                "test_loss",
+                "test loss (cross-entropy)",
+                f"Test loss ({cfg['steps']} steps, calibrated so every arm fits)",
+            ),
+        )
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax, (key, label, title) in zip(axes, panels):
+            seed_bars(ax, [[v[name][key] for v in q] for name in _ARMS], [c for *_, c in _ARMS.values()], alpha=0.75)
+            categories(ax.xaxis, [wrap(name, 10) for name in _ARMS], fontsize=8)
+            dress(ax, title, ylabel=label, grid="y")
         axes[0].set_ylim(max(0.0, min(accs) - 0.03), min(1.0, max(accs) + 0.02))
-        runs = f"{len(q)} seeds x {cfg['replicates']} networks"
-        axes[0].set_title(f"Test accuracy ({cfg['train_examples']} training examples; {runs})")
-        axes[1].set_title(f"Test loss ({cfg['steps']} steps, calibrated so every arm fits)")
         return [save(fig, Path(outdir) / "dropout_vs_bn.png")]
 
 

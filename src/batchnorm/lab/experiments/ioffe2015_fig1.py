@@ -24,12 +24,8 @@ from ..verdict import part
 _MNIST1D_QUICK = (20000, 400)  # steps, checkpoint_every on MNIST-1D in quick mode (why: mnist1d_choice)
 _INFERENCE = (  # the inference figure's series: key, label, style
     ("test_acc", "running average (EMA, momentum 0.1)", {"color": "tab:red"}),
-    ("test_acc_population", "Alg. 2 population statistics", {"color": "tab:green", "linestyle": "--"}),
-    (
-        "test_acc_batch_stats",
-        "statistics of each test batch of 60",
-        {"color": "tab:purple", "alpha": 0.7, "linestyle": ":"},
-    ),
+    ("test_acc_population", "Alg. 2 population statistics", {"color": "tab:green", "ls": "--"}),
+    ("test_acc_batch_stats", "statistics of each test batch of 60", {"color": "tab:purple", "alpha": 0.7, "ls": ":"}),
 )
 
 
@@ -67,10 +63,8 @@ def _train_arm(
             values.append(np.percentile(z.numpy(), list(s.percentiles)).tolist())
             if norm is not None:
                 pop = population_statistics(model, d.train_x, batch_size=s.batch_size, generator=pop_gens[k])
-                values += [
-                    evaluate(pop, d.test_x, d.test_y)[1],
-                    batch_stats_accuracy(model, d.test_x, d.test_y, s.batch_size),
-                ]
+                values.append(evaluate(pop, d.test_x, d.test_y)[1])
+                values.append(batch_stats_accuracy(model, d.test_x, d.test_y, s.batch_size))
             for key, value in zip(keys, values):
                 rec[key].append(value)
 
@@ -135,20 +129,13 @@ class Fig1(Experiment):
         """The paper's Figure 1 claims, each judged over the seeds from the saved metrics."""
         t, col = results["config"], columns(_fig1_quantities(m) for m in results["metrics"]["per_seed"])
         mean = {key: float(np.mean(v)) for key, v in col.items()}
+        pct = {key: 100 * v for key, v in mean.items()}  # accuracies in percent, their differences in points
+        margin, spread, pop = (Settings.text(name, **pct) for name in ("margin", "spread", "population"))
         factor, tol = t["baseline_vs_bn_spread_change_factor"], float(t["population_vs_running_tolerance"])
         growth_pct, settled_pct = 100 * t["baseline_spread_growth_at_least"], 100 * t["bn_settled_relative_move_below"]
         make = Claims(__name__, results, growth_pct=growth_pct, settled_pct=settled_pct, tol_pp=100 * tol)
-        margin = (
-            f"smallest margin {100 * mean['min_margin']:+.1f} pp (mean over seeds); "
-            f"final {100 * mean['final_bn']:.1f}% with BN vs {100 * mean['final_base']:.1f}% without"
-        )
-        steps = (
-            f"steps to the baseline's best accuracy, per seed: baseline {listed(col['steps_base'], '{:g}')}; "
-            f"BN {listed(col['steps_bn'], '{:g}')}"
-        )
-        spread = f"second half: baseline spread {100 * mean['widen_base']:+.1f}%, BN's spread changes by {100 * mean['change_bn']:.1f}% (means over seeds)"
-        drift = f"largest move over the second half relative to the final spread: BN {mean['drift_bn']:.3f}, baseline {mean['drift_base']:.3f} (means over seeds)"
-        pop = f"population minus running average: final {100 * mean['pop_minus_ema_final']:+.2f} pp, mean over the second half {100 * mean['pop_minus_ema_half']:+.2f} pp (means over seeds)"
+        steps = Settings.text("steps", base=listed(col["steps_base"], "{:g}"), bn=listed(col["steps_bn"], "{:g}"))
+        drift = Settings.text("drift", **mean)
         wider = part([w - factor * c for w, c in zip(col["widen_base"], col["change_bn"])], above=0.0)
         settles = part(col["drift_bn"], [0.5 * v for v in col["drift_base"]], below=0.0)
         as_running = part(col["pop_minus_ema_half"], above=-tol)
@@ -165,17 +152,17 @@ class Fig1(Experiment):
         (the first seed's curves)."""
         plt = pyplot()
         m, data = results["metrics"]["per_seed"][0], results.get("run", {}).get("data", "digits")
-        base, bn, paths = m["baseline"], m["bn"], []
+        base, bn, out, step = m["baseline"], m["bn"], Path(outdir), "training step"
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        low = min(min(bn["test_acc"][1:] or [0.9]), base["test_acc"][-1]) - 0.02
+        low = max(min(min(bn["test_acc"][1:] or [0.9]), base["test_acc"][-1]) - 0.02, 0.0)
+        labels: dict[str, Any] = {"xlabel": step, "ylabel": "test accuracy"}
         population = "with BN (Alg. 2 population stats)"
-        for ax, title, bottom in zip(axes, (f"(a) test accuracy vs step ({data})", "(a) zoomed"), (0.0, max(low, 0.0))):
+        for ax, title, bottom in zip(axes, (f"(a) test accuracy vs step ({data})", "(a) zoomed"), (0.0, low)):
             ax.plot(base["step"], base["test_acc"], label="without BN", color="tab:blue")
             ax.plot(bn["step"], bn["test_acc"], label="with BN (running average)", color="tab:red")
             ax.plot(bn["step"], bn["test_acc_population"], ":", label=population, color="tab:red")
-            labels: dict[str, Any] = {"xlabel": "training step", "ylabel": "test accuracy"}
             dress(ax, title, ylim=(bottom, 1.0), **labels, grid=True, legend={"loc": "lower right"})
-        paths.append(save(fig, Path(outdir) / "fig1a_accuracy.png"))
+        paths = [save(fig, out / "fig1a_accuracy.png")]
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
         for ax, rec, title in ((axes[0], base, "(b) without BN"), (axes[1], bn, "(c) with BN: gamma*x_hat + beta")):
@@ -183,26 +170,26 @@ class Fig1(Experiment):
             ax.fill_between(rec["step"], p[:, 0], p[:, 2], color="tab:gray", alpha=0.2, linewidth=0)
             for k, (q, style) in enumerate(zip((15, 50, 85), ("--", "-", "--"))):
                 ax.plot(rec["step"], p[:, k], style, color="black" if k == 1 else "tab:gray", label=f"{q}th percentile")
-            dress(ax, title, xlabel="training step", grid=True, legend={"loc": "upper left"})
+            dress(ax, title, xlabel=step, grid=True, legend={"loc": "upper left"})
         axes[0].set_ylabel(f"input to sigmoid (last hidden layer, unit {results['config'].get('tracked_unit', 0)})")
         fig.suptitle("Distribution of one sigmoid's input over the test set during training")
-        paths.append(save(fig, Path(outdir) / "fig1bc_sigmoid_input_percentiles.png"))
+        paths.append(save(fig, out / "fig1bc_sigmoid_input_percentiles.png"))
 
         fig, ax = plt.subplots(figsize=(7, 4))
         idx = [i for i, s in enumerate(bn["step"]) if s > 0]
         for key, label, kw in _INFERENCE:
             ax.plot([bn["step"][i] for i in idx], [bn[key][i] for i in idx], label=label, **kw)
         title, ylabel = "BN inference: which statistics normalize a test example", "test accuracy of the BN network"
-        dress(ax, title, xlabel="training step", ylabel=ylabel, grid=True, legend={"loc": "lower right"})
-        paths.append(save(fig, Path(outdir) / "inference_statistics.png"))
+        dress(ax, title, xlabel=step, ylabel=ylabel, grid=True, legend={"loc": "lower right"})
+        paths.append(save(fig, out / "inference_statistics.png"))
 
         fig, ax = plt.subplots(figsize=(7, 4))
         for rec, label, color in ((base, "without BN", "tab:blue"), (bn, "with BN", "tab:red")):
             pts = [(s, v) for s, v in zip(rec["step"], rec["train_loss"]) if v is not None]
             ax.plot([s for s, _ in pts], [v for _, v in pts], label=label, color=color)
         title = "Training loss (mean over the steps since the last checkpoint)"
-        dress(ax, title, yscale="log", xlabel="training step", ylabel="training loss", grid=True, legend=True)
-        return [*paths, save(fig, Path(outdir) / "train_loss.png")]
+        dress(ax, title, yscale="log", xlabel=step, ylabel="training loss", grid=True, legend=True)
+        return [*paths, save(fig, out / "train_loss.png")]
 
 
 EXPERIMENT = Fig1()

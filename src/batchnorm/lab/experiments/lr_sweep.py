@@ -166,12 +166,8 @@ class LrSweep(Experiment):
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         """At 10x the plain best rate the plain network fails and BN matches the plain best; blow-up; step probe."""
         t, per_seed = results["config"], results["metrics"]["per_seed"]
-        lrs = [float(v) for v in t["lrs"]]
-        best, high = float(t["plain_best_lr"]), float(t["high_lr"])
+        lrs, best, high = [float(v) for v in t["lrs"]], float(t["plain_best_lr"]), float(t["high_lr"])
         jb, jh = lrs.index(best), lrs.index(high)
-        at = (("plain", jb), ("plain", jh), ("bn", jh))
-        runs = {(arm, j): [m[arm]["test_acc"][j] for m in per_seed] for arm, j in at}
-        shown = {key: _accuracies(per_seed, *key) for key in runs}
         after = "activation_rms_after_large_steps"
         gp, gb = ([_growth(m[arm][after], arm == "plain") for m in per_seed] for arm in _ARMS)
         alphas = [float(v) for v in t["step_probe_alphas"]]
@@ -181,25 +177,20 @@ class LrSweep(Experiment):
         growth_log10 = math.log10(float(t["plain_growth_at_least"]))
         probe_log10 = math.log10(float(t["probe_factor_at_least"]))
         make = Claims(__name__, results, **pp, growth_log10=growth_log10, probe_log10=probe_log10, alpha=alphas[i])
-        bn_best = listed((_best_lr(lrs, m["bn"]["test_acc"], float(t["best_tolerance"])) for m in per_seed), "{:g}")
-        div_high = sum(m["plain"]["diverged_at"][jh] is not None for m in per_seed)
-        fails = (
-            f"test accuracy at lr {high:g} per seed: BN {shown['bn', jh]}, plain {shown['plain', jh]} (plain diverged on {div_high} of {len(per_seed)} seeds; "
-            "a diverged run counts as accuracy 0)"
-        )
-        matches = (
-            f"per seed: BN at lr {high:g} {shown['bn', jh]}; plain at lr {best:g} {shown['plain', jb]}; "
-            f"BN's own best rate per seed {bn_best}"
-        )
-        growth = (
-            f"growth per seed: plain {listed(gp, '{:.3g}x')} (after {listed((m['plain']['large_steps_taken'] for m in per_seed), '{:g}')} finite steps); "
-            f"BN {listed(gb, '{:.3g}x')}"
-        )
-        probe = f"L(w - alpha g)/L(w) per seed: plain {listed(pr, '{:.3g}')}; BN {listed(br, '{:.3g}')}"
+        bn_best = (_best_lr(lrs, m["bn"]["test_acc"], float(t["best_tolerance"])) for m in per_seed)
+        words = {"high": high, "best": best, "seeds": len(per_seed), "own_best": listed(bn_best, "{:g}")}
+        words["diverged"] = sum(m["plain"]["diverged_at"][jh] is not None for m in per_seed)
+        at = {"best": jb, "high": jh}
+        acc = {(arm, key): [m[arm]["test_acc"][j] for m in per_seed] for arm in _ARMS for key, j in at.items()}
+        words.update({f"{arm}_{key}": _accuracies(per_seed, arm, j) for arm in _ARMS for key, j in at.items()})
+        fails, matches = (Settings.text(name, **words) for name in ("fails", "matches"))
+        steps = listed((m["plain"]["large_steps_taken"] for m in per_seed), "{:g}")
+        growth = Settings.text("growth", plain=listed(gp, "{:.3g}x"), steps=steps, bn=listed(gb, "{:.3g}x"))
+        probe = Settings.text("probe", plain=listed(pr, "{:.3g}"), bn=listed(br, "{:.3g}"))
         bn_flat = part([_log10(v) for v in gb], below=math.log10(float(t["bn_growth_at_most"])))
         return [
-            make("plain_fails_at_high_lr", a=runs["bn", jh], b=runs["plain", jh], evidence=fails),
-            make("bn_high_as_accurate", a=runs["bn", jh], b=runs["plain", jb], evidence=matches),
+            make("plain_fails_at_high_lr", a=acc["bn", "high"], b=acc["plain", "high"], evidence=fails),
+            make("bn_high_as_accurate", a=acc["bn", "high"], b=acc["plain", "best"], evidence=matches),
             make("activation_blowup", a=[_log10(v) for v in gp], also=[bn_flat], evidence=growth),
             make("step_probe", a=[_log10(p / b if b > 0 else _CAP) for p, b in zip(pr, br)], evidence=probe),
         ]

@@ -4,7 +4,7 @@ Setup, the rules fixed before any run and each setting's source: ``placement.md`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,14 +13,13 @@ import numpy as np
 from .._replicates import mean_over_replicates, replicate_seed
 from ..claims_spec import Claims, Declared
 from ..datasets import Dataset
-from ..declare import activation_inputs, columns, listed, seeded, train_seeds
+from ..declare import activation_inputs, columns, listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, first_reaching
 from ..figures import dress, mean_and_seeds, pyplot, save
-from ..models import MLP
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 
-_ARMS = tuple((act, place) for act in ("sigmoid", "relu") for place in ("none", "before", "after"))
+_PLACES = {"none": ("tab:blue", "-"), "before": ("tab:red", "-"), "after": ("tab:green", "--")}  # colour, line style
 
 
 class Settings(Declared):
@@ -31,18 +30,22 @@ class Settings(Declared):
     replicates: int
 
 
+def _named(place: str) -> str:
+    """How figures and evidence name a placement: "no BN", "BN before", "BN after"."""
+    return "no BN" if place == "none" else f"BN {place}"
+
+
 def _train_arm(
-    s: Settings, data: Sequence[Dataset], seeds: Sequence[int], act: str, place: str, progress: Progress
+    s: Settings, data: Sequence[Dataset], seeds: Sequence[int], arm: str, progress: Progress
 ) -> list[list[dict[str, Any]]]:
-    """One network (activation, placement), every replicate of every seed trained together;
+    """One network (arm "activation/placement"), every replicate of every seed trained together;
     ``out[k][r]`` is replicate r of seed k."""
+    act, place = arm.split("/")
     runs = [(d, replicate_seed(seed, r)) for d, seed in zip(data, seeds) for r in range(s.replicates)]
-    data = [d for d, _ in runs]
     norm, at = (None, "before") if place == "none" else ("bn", place)
     std: float | Literal["he"] = 0.1 if act == "sigmoid" else "he"
     models = [
-        MLP(d.features, list(s.hidden), d.classes, act=act, norm=norm, placement=at, init_std=std, generator=seeded(g))
-        for d, g in runs
+        mlp_for(d, s.hidden, act=act, norm=norm, placement=at, init_std=std, generator=seeded(g)) for d, g in runs
     ]
     recs: list[dict[str, Any]] = [
         {"step": [], "test_acc": [], **({"input_std": [], "saturated": []} if i % s.replicates == 0 else {})}
@@ -50,20 +53,19 @@ def _train_arm(
     ]
 
     def record(step: int, _results: list[TrainResult]) -> None:
-        for i, (model, d, rec) in enumerate(zip(models, data, recs)):
+        for model, (d, _), rec in zip(models, runs, recs):
             rec["step"].append(step)
             rec["test_acc"].append(evaluate(model, d.test_x, d.test_y)[1])
-            if i % s.replicates == 0:  # activation-input statistics: the first replicate of each seed
+            if "input_std" in rec:  # activation-input statistics: the first replicate of each seed
                 inputs = activation_inputs(model, d.test_x)
                 rec["input_std"].append([float(z.std(dim=0).mean()) for z in inputs])
                 rec["saturated"].append([float((z.abs() > s.saturation_threshold).float().mean()) for z in inputs])
 
     spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
     checkpoints = range(0, s.steps + 1, s.checkpoint_every)
-    gens = [g for _, g in runs]
-    label = f"{act}, BN {place}"
+    train_data, gens, label = [d for d, _ in runs], [g for _, g in runs], f"{act}, BN {place}"
     results = train_seeds(
-        models, data, gens, spec, label, progress, order_offset=1, checkpoints=checkpoints, on_checkpoint=record
+        models, train_data, gens, spec, label, progress, order_offset=1, checkpoints=checkpoints, on_checkpoint=record
     )
     for rec, result in zip(recs, results):
         rec["diverged"] = result.diverged
@@ -71,6 +73,7 @@ def _train_arm(
 
 
 def _early_index(rec: dict[str, Any], fraction: float) -> int:
+    """The first checkpoint (> 0) at or past ``fraction`` of training."""
     return min(i for i, s in enumerate(rec["step"]) if s >= fraction * rec["step"][-1] and s > 0)
 
 
@@ -94,16 +97,13 @@ def _replicate_quantities(m: dict[str, Any], frac: float) -> dict[str, float]:
     """One network per arm: the numbers behind the claims (accuracies as fractions)."""
     none = m["sigmoid/none"]
     target = max(none["test_acc"])
-    steps_none = first_reaching(none["step"], none["test_acc"], target)
-    steps_bn = max(
-        first_reaching(m[f"sigmoid/{p}"]["step"], m[f"sigmoid/{p}"]["test_acc"], target) for p in ("before", "after")
-    )
+    reach = {key: first_reaching(rec["step"], rec["test_acc"], target) for key, rec in m.items()}
     i = _early_index(none, frac)
     early = {key: m[key]["test_acc"][i] for key in m}
     return {
         "target": target,
-        "steps_none": steps_none,
-        "steps_bn": steps_bn,
+        "steps_none": reach["sigmoid/none"],
+        "steps_bn": max(reach["sigmoid/before"], reach["sigmoid/after"]),
         "early_step": float(none["step"][i]),
         "gain_sigmoid": min(early["sigmoid/before"], early["sigmoid/after"]) - early["sigmoid/none"],
         "gain_relu": max(early["relu/before"], early["relu/after"]) - early["relu/none"],
@@ -120,8 +120,8 @@ class Placement(Experiment):
     )
 
     def run_seeds(self, s: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress) -> PerSeed:
-        arms = {f"{act}/{place}": _train_arm(s, data, seeds, act, place, progress) for act, place in _ARMS}
-        return [{key: recs[k] for key, recs in arms.items()} for k in range(len(seeds))]
+        arms = {arm: _train_arm(s, data, seeds, arm, progress) for arm in s.arms}
+        return [{arm: recs[k] for arm, recs in arms.items()} for k in range(len(seeds))]
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         """BN in either place speeds up the sigmoid net; less so the ReLU net; 'before' suits
@@ -129,41 +129,38 @@ class Placement(Experiment):
         t = results["config"]
         frac, tol = float(t["early_checkpoint_fraction"]), float(t["sigmoid_before_tolerance"])
         col = columns(_quantities(m, frac) for m in results["metrics"]["per_seed"])
-        pct = {key: "/".join(f"{100 * v:.1f}" for v in values) + "%" for key, values in col.items()}
-        speedup = (
-            f"no-BN best {pct['target']} (per seed) reached at step {listed(col['steps_none'], '{:g}')}; "
-            f"by both BN placements at step {listed(col['steps_bn'], '{:g}')} (of {t['steps']}; "
-            "never = one checkpoint past the end)"
-        )
-        gains = (
-            f"at step {col['early_step'][0]:g}, per seed: sigmoid no BN {pct['early sigmoid/none']}, before {pct['early sigmoid/before']}, after {pct['early sigmoid/after']}; "
-            f"ReLU no BN {pct['early relu/none']}, before {pct['early relu/before']}, after {pct['early relu/after']}"
-        )
-        late = {
-            act: f"mean test accuracy over the last quarter of checkpoints, per seed: before {pct[f'late {act}/before']}, after {pct[f'late {act}/after']}"
-            for act in ("sigmoid", "relu")
-        }
-        saturated = (
-            f"{late['sigmoid']}; "
-            f"saturated sigmoid inputs (|z| > {t['saturation_threshold']:g}) at the end (first replicate): before {pct['sat_before']}, after {pct['sat_after']}"
-        )
+        pct = {key: listed((100 * v for v in values), "{:.1f}", "/") + "%" for key, values in col.items()}
         band = float(t["relu_placement_band"])
         make = Claims(__name__, results, early_pct=100 * frac, tol_pp=100 * tol, band_pp=100 * band)
+
+        def placed(when: str, act: str, places: Iterable[str] = ("before", "after")) -> str:
+            """Per-seed accuracies of ``act``'s placements at ``when`` ("early" or "late")."""
+            return ", ".join(f"{'no BN' if p == 'none' else p} {pct[f'{when} {act}/{p}']}" for p in places)
+
+        def vs(name: str, a: str, b: str, evidence: str) -> dict[str, Any]:
+            """Claim ``name`` on quantities ``a`` and ``b``, paired over seeds."""
+            return make(name, a=col[a], b=col[b], evidence=evidence)
+
+        reached = {key: listed(col[key], "{:g}") for key in ("steps_none", "steps_bn")}
+        speedup = Settings.text("speedup", target=pct["target"], steps=t["steps"], **reached)
+        gains = f"at step {col['early_step'][0]:g}, per seed: sigmoid {placed('early', 'sigmoid', _PLACES)}; ReLU {placed('early', 'relu', _PLACES)}"
+        late = "mean test accuracy over the last quarter of checkpoints, per seed:"
+        late_sigmoid = f"{late} {placed('late', 'sigmoid')}"
+        saturated = f"saturated sigmoid inputs (|z| > {t['saturation_threshold']:g}) at the end (first replicate): before {pct['sat_before']}, after {pct['sat_after']}"
         return [
-            make("sigmoid_speedup", a=col["steps_none"], b=col["steps_bn"], evidence=speedup),
-            make("sigmoid_gains_more", a=col["gain_sigmoid"], b=col["gain_relu"], evidence=gains),
-            make("sigmoid_before", a=col["late sigmoid/before"], b=col["late sigmoid/after"], evidence=saturated),
-            make("relu_indifferent", a=col["late relu/before"], b=col["late relu/after"], evidence=late["relu"]),
+            vs("sigmoid_speedup", "steps_none", "steps_bn", speedup),
+            vs("sigmoid_gains_more", "gain_sigmoid", "gain_relu", gains),
+            vs("sigmoid_before", "late sigmoid/before", "late sigmoid/after", f"{late_sigmoid}; {saturated}"),
+            vs("relu_indifferent", "late relu/before", "late relu/after", f"{late} {placed('late', 'relu')}"),
         ]
 
     def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
         """Accuracy curves per activation (mean over seeds, seeds as thin lines); activation-input
         spread and saturation by layer (the first seed)."""
         plt, per, seeds = pyplot(), results["metrics"]["per_seed"], results["metrics"]["seeds"]
-        styles = {"none": ("tab:blue", "-"), "before": ("tab:red", "-"), "after": ("tab:green", "--")}
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
         for ax, act in zip(axes, ("sigmoid", "relu")):
-            for place, (color, ls) in styles.items():
+            for place, (color, ls) in _PLACES.items():
                 recs = [m[f"{act}/{place}"] for m in per]  # per seed, its replicates
                 runs = [np.mean([r["test_acc"] for r in reps], axis=0) for reps in recs]  # (seeds, checkpoints)
                 label = "no BN" if place == "none" else f"BN {place} the {act}"
@@ -174,25 +171,22 @@ class Placement(Experiment):
         axes[0].set_ylabel("test accuracy")
         paths = [save(fig, Path(outdir) / "placement_accuracy.png")]
 
-        m = {key: recs[0] for key, recs in per[0].items()}
+        m = {key: recs[0] for key, recs in per[0].items()}  # the first seed's first replicate
+        hidden = np.arange(1, len(results["config"]["hidden"]) + 1)
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for place in ("none", "before", "after"):
-            color, ls = styles[place]
+        for place, (color, ls) in _PLACES.items():
             for act, marker in (("sigmoid", "o"), ("relu", "s")):
-                rec = m[f"{act}/{place}"]
-                layers = np.arange(1, len(rec["input_std"][-1]) + 1)
-                label = f"{act}, {'no BN' if place == 'none' else 'BN ' + place}"
-                axes[0].plot(layers, rec["input_std"][-1], ls, marker=marker, color=color, label=label)
+                last = m[f"{act}/{place}"]["input_std"][-1]
+                axes[0].plot(hidden, last, ls, marker=marker, color=color, label=f"{act}, {_named(place)}")
             rec = m[f"sigmoid/{place}"]
-            label = "no BN" if place == "none" else f"BN {place}"
-            axes[1].plot(rec["step"], [v[-1] for v in rec["input_std"]], ls, color=color, label=label)
-        axes[0].set_yscale("log")
-        axes[0].set_xticks(np.arange(1, len(results["config"]["hidden"]) + 1))
-        axes[0].set(xlabel="hidden layer", ylabel="std of the activation's input (test set, mean over units)")
+            axes[1].plot(rec["step"], [v[-1] for v in rec["input_std"]], ls, color=color, label=_named(place))
+        ylabel = "std of the activation's input (test set, mean over units)"
         title = f"Scale of the activation inputs at the end (seed {seeds[0]})"
-        dress(axes[0], title, grid=True, legend={"fontsize": 7})
-        axes[1].set(xlabel="training step", ylabel="std of the last sigmoid layer's input")
-        dress(axes[1], f"Sigmoid network: scale of the last layer's input (seed {seeds[0]})", grid=True, legend=True)
+        labels = {"xlabel": "hidden layer", "ylabel": ylabel}
+        dress(axes[0], title, yscale="log", xticks=hidden, **labels, grid=True, legend={"fontsize": 7})
+        title = f"Sigmoid network: scale of the last layer's input (seed {seeds[0]})"
+        ylabel = "std of the last sigmoid layer's input"
+        dress(axes[1], title, xlabel="training step", ylabel=ylabel, grid=True, legend=True)
         return [*paths, save(fig, Path(outdir) / "placement_activation_inputs.png")]
 
 
