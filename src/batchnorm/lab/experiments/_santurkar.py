@@ -24,22 +24,11 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import seeded
+from ..declare import mlp_for, seeded
 from ..models import MLP, blocks
 from ._calibration import epoch_rule
 
-__all__ = [
-    "COLORS",
-    "LABELS",
-    "NoisyReLU",
-    "act_input",
-    "build",
-    "epoch_steps",
-    "noisy",
-    "probe_batch",
-    "seed_slot",
-    "window_means",
-]
+__all__ = ["COLORS", "LABELS", "NoisyReLU", "build", "epoch_steps", "noisy", "probe_batch", "seed_slot", "window_means"]
 
 LABELS = {"none": "no BN", "bn": "BN", "noisy": "noisy BN"}
 COLORS = {"none": "tab:gray", "bn": "tab:blue", "noisy": "tab:orange"}
@@ -93,17 +82,15 @@ class NoisyReLU(nn.Module):
         per_sample: Sequence[float],
     ) -> None:
         super().__init__()
-        n = len(generators)
-        if n == 0 or not (len(noise_mean) == len(noise_scale) == len(per_sample) == n):
+        sizes = [len(v) for v in (generators, noise_mean, noise_scale, per_sample)]
+        if sizes[0] == 0 or len(set(sizes)) > 1:
             raise ValueError(
-                f"NoisyReLU: expected one generator and one noise_mean, noise_scale, per_sample per seed, got "
-                f"{n}, {len(noise_mean)}, {len(noise_scale)}, {len(per_sample)}"
+                f"NoisyReLU: expected one generator and one noise_mean, noise_scale, per_sample per seed, got {sizes}"
             )
-        for m, sc, p in zip(noise_mean, noise_scale, per_sample):
-            if not (m >= 0 and sc >= 1 and p >= 0):
-                raise ValueError(
-                    f"NoisyReLU: expected noise_mean >= 0, noise_scale >= 1, per_sample >= 0, got {m!r}, {sc!r}, {p!r}"
-                )
+        if not all(m >= 0 and sc >= 1 and p >= 0 for m, sc, p in zip(noise_mean, noise_scale, per_sample)):
+            raise ValueError(
+                f"NoisyReLU: expected noise_mean >= 0, noise_scale >= 1, per_sample >= 0, got {noise_mean}, {noise_scale}, {per_sample}"
+            )
         self.generators = list(generators)
         self.noise_mean = [float(v) for v in noise_mean]
         self.noise_scale = [float(v) for v in noise_scale]
@@ -130,11 +117,10 @@ class NoisyReLU(nn.Module):
         return self.relu(torch.stack([self._noise(y[k], k) for k in range(y.shape[0])]))
 
 
-def noisy(models: Sequence[MLP], act: NoisyReLU | Sequence[NoisyReLU]) -> None:
-    """In place: replace every hidden ReLU of each BN model by noise + ReLU. ``act`` is one
+def noisy(models: Sequence[MLP], acts: Sequence[NoisyReLU]) -> None:
+    """In place: replace every hidden ReLU of each BN model by noise + ReLU. ``acts``: one
     ``NoisyReLU`` per hidden layer, shared by all models (the stacked forward uses the first
     model's activations on the (S, B, C) slices)."""
-    acts = [act] if isinstance(act, NoisyReLU) else list(act)
     for m in models:
         hidden = list(blocks(m))
         if len(acts) != len(hidden):
@@ -157,23 +143,9 @@ def seed_slot(model: nn.Module, k: int) -> Iterator[None]:
             a.slot = v
 
 
-def act_input(block: nn.Module) -> nn.Module:
-    """The module whose input is the ReLU's input of a hidden block (after any noise)."""
-    act = block.act
-    return act.relu if isinstance(act, NoisyReLU) else act
-
-
 def build(data: Dataset, depth: int, width: int, norm: Any, seed: int) -> MLP:
     """The deep MLP: ``depth`` hidden layers of ``width`` ReLU units, He-initialized from ``seed``."""
-    return MLP(
-        data.features,
-        [width] * depth,
-        data.classes,
-        act="relu",
-        norm=norm,
-        init_std="he",
-        generator=seeded(seed),
-    )
+    return mlp_for(data, [width] * depth, act="relu", norm=norm, init_std="he", generator=seeded(seed))
 
 
 def window_means(losses: list[float], edges: list[int]) -> list[float | None]:

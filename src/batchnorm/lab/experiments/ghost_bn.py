@@ -95,48 +95,6 @@ def _acc(results: dict[str, Any], arm: str, key: str = "test_acc") -> list[float
     return column(results["metrics"]["per_seed"], "arms", arm, key)
 
 
-def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Hoffer et al.'s ordering: SB > LB; LB < LB+LR <= LB+LR+GBN; LB+RA ~ SB (paired by seed)."""
-    acc = {arm: _acc(results, arm) for arm in _ARMS}
-    shown = {arm: listed(acc[arm], "{:.2f}") for arm in _ARMS}
-    updates = {arm: results["metrics"]["per_seed"][0]["arms"][arm]["updates"] for arm in _ARMS}
-    table = "; ".join(f"{_LABELS[arm]} {shown[arm]} ({updates[arm]} updates)" for arm in _ARMS)
-    train_lb = listed(_acc(results, "lb", "train_acc"), "{:.2f}")
-    gbn = part(acc["lb_lr_gbn"], acc["lb_lr"], above=float(results["config"]["lr_gain_above_pp"]))
-    gap = f"SB {shown['sb']} vs LB {shown['lb']} ({updates['sb']} vs {updates['lb']} updates); LB training accuracy {train_lb}"
-    ra = f"{_LABELS['lb_lr_gbn_ra']} {shown['lb_lr_gbn_ra']} vs SB {shown['sb']}"
-    make, per_seed = Claims(__name__, results), "test accuracy per seed (%)"
-    return [
-        make("large_batch_gap", a=acc["sb"], b=acc["lb"], evidence=f"{per_seed}: {gap}"),
-        make("lr_and_ghost_narrow", a=acc["lb_lr"], b=acc["lb"], also=[gbn], evidence=f"{per_seed}: {table}"),
-        make("regime_adaptation", a=acc["lb_lr_gbn_ra"], b=acc["sb"], evidence=f"{per_seed}: {ra}"),
-    ]
-
-
-def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
-    """Test accuracy per arm (mean ± std over seeds) and the number of updates per arm."""
-    per_seed = results["metrics"]["per_seed"]
-    fig, (ax, right) = pyplot().subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
-    x, names = np.arange(len(_ARMS)), [wrap(_LABELS[arm], 10) for arm in _ARMS]
-    colors = ["tab:blue", "tab:red", "tab:orange", "tab:purple", "tab:green"]
-    means, stds = ([float(f(_acc(results, arm))) for arm in _ARMS] for f in (np.mean, np.std))
-    ax.bar(x, means, yerr=stds, capsize=4, color=colors, label="test accuracy (mean ± std over seeds)")
-    train = [float(np.mean(_acc(results, arm, "train_acc"))) for arm in _ARMS]
-    ax.plot(x, train, "k_", markersize=22, mew=2, label="training accuracy (mean)")
-    for i, mu in enumerate(means):  # at the foot of each bar, clear of the error bars
-        ax.text(i, 2, f"{mu:.1f}%\n{len(per_seed)} seeds", ha="center", va="bottom", fontsize=8, color="white")
-    categories(ax.xaxis, names, fontsize=8)
-    dress(ax, "Large-batch generalization gap and how to close it", ylim=(0, 101), ylabel="accuracy (%)")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
-    updates = [per_seed[0]["arms"][arm]["updates"] for arm in _ARMS]
-    right.bar(x, updates, color=colors)
-    bar_values(right, updates, fontsize=8)
-    categories(right.xaxis, names, fontsize=8)
-    top = 2 * max(updates)  # room for the count above the tallest bar
-    dress(right, "Number of updates: the gap follows it", yscale="log", ylim=(None, top), ylabel="SGD updates")
-    return [save(fig, outdir / "generalization_gap.png")]
-
-
 class GhostBN(Experiment):
     """Hoffer et al.'s five arms over several seeds."""
 
@@ -157,8 +115,45 @@ class GhostBN(Experiment):
             arms[arm] = {"spec": spec, **_train_regime(data, settings, spec, seed, progress, label)}
         return {"arms": arms, "train_examples": int(data.train_x.shape[0])}
 
-    claims = staticmethod(_claims)
-    figures = staticmethod(_figures)
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """Hoffer et al.'s ordering: SB > LB; LB < LB+LR <= LB+LR+GBN; LB+RA ~ SB (paired by seed)."""
+        acc = {arm: _acc(results, arm) for arm in _ARMS}
+        shown = {arm: listed(acc[arm], "{:.2f}") for arm in _ARMS}
+        updates = {arm: results["metrics"]["per_seed"][0]["arms"][arm]["updates"] for arm in _ARMS}
+        table = "; ".join(f"{_LABELS[arm]} {shown[arm]} ({updates[arm]} updates)" for arm in _ARMS)
+        train_lb = listed(_acc(results, "lb", "train_acc"), "{:.2f}")
+        gbn = part(acc["lb_lr_gbn"], acc["lb_lr"], above=float(results["config"]["lr_gain_above_pp"]))
+        gap = f"SB {shown['sb']} vs LB {shown['lb']} ({updates['sb']} vs {updates['lb']} updates); LB training accuracy {train_lb}"
+        ra = f"{_LABELS['lb_lr_gbn_ra']} {shown['lb_lr_gbn_ra']} vs SB {shown['sb']}"
+        make, per_seed = Claims(__name__, results), "test accuracy per seed (%)"
+        return [
+            make("large_batch_gap", a=acc["sb"], b=acc["lb"], evidence=f"{per_seed}: {gap}"),
+            make("lr_and_ghost_narrow", a=acc["lb_lr"], b=acc["lb"], also=[gbn], evidence=f"{per_seed}: {table}"),
+            make("regime_adaptation", a=acc["lb_lr_gbn_ra"], b=acc["sb"], evidence=f"{per_seed}: {ra}"),
+        ]
+
+    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+        """Test accuracy per arm (mean ± std over seeds) and the number of updates per arm."""
+        per_seed = results["metrics"]["per_seed"]
+        fig, (ax, right) = pyplot().subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+        x, names = np.arange(len(_ARMS)), [wrap(_LABELS[arm], 10) for arm in _ARMS]
+        colors = ["tab:blue", "tab:red", "tab:orange", "tab:purple", "tab:green"]
+        means, stds = ([float(f(_acc(results, arm))) for arm in _ARMS] for f in (np.mean, np.std))
+        ax.bar(x, means, yerr=stds, capsize=4, color=colors, label="test accuracy (mean ± std over seeds)")
+        train = [float(np.mean(_acc(results, arm, "train_acc"))) for arm in _ARMS]
+        ax.plot(x, train, "k_", markersize=22, mew=2, label="training accuracy (mean)")
+        for i, mu in enumerate(means):  # at the foot of each bar, clear of the error bars
+            ax.text(i, 2, f"{mu:.1f}%\n{len(per_seed)} seeds", ha="center", va="bottom", fontsize=8, color="white")
+        categories(ax.xaxis, names, fontsize=8)
+        dress(ax, "Large-batch generalization gap and how to close it", ylim=(0, 101), ylabel="accuracy (%)")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+        updates = [per_seed[0]["arms"][arm]["updates"] for arm in _ARMS]
+        right.bar(x, updates, color=colors)
+        bar_values(right, updates, fontsize=8)
+        categories(right.xaxis, names, fontsize=8)
+        top = 2 * max(updates)  # room for the count above the tallest bar
+        dress(right, "Number of updates: the gap follows it", yscale="log", ylim=(None, top), ylabel="SGD updates")
+        return [save(fig, outdir / "generalization_gap.png")]
 
 
 EXPERIMENT = GhostBN()
