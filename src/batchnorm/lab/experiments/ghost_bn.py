@@ -55,13 +55,12 @@ def _arm_spec(arm: str, s: Settings) -> dict[str, Any]:
     }
 
 
-def _train_regime(
-    data: Dataset, s: Settings, spec: dict[str, Any], seed: int, progress: Progress, label: str
-) -> dict[str, Any]:
-    """Train one arm (momentum SGD, weight decay, clipping, step schedule); final accuracies."""
+def _train_regime(data: Dataset, s: Settings, arm: str, seed: int, progress: Progress) -> dict[str, Any]:
+    """Train one arm (``_arm_spec``; momentum SGD, weight decay, clipping, step schedule); its
+    spec and final accuracies."""
     torch.manual_seed(seed + 1)
-    ghost = spec["ghost"]
-    norm: Any = (lambda c: GhostBatchNorm1d(c, ghost)) if ghost else "bn"
+    spec = _arm_spec(arm, s)
+    norm: Any = (lambda c: GhostBatchNorm1d(c, spec["ghost"])) if spec["ghost"] else "bn"
     model = MLP(data.features, list(s.hidden), data.classes, act=s.activation, norm=norm)
     n = data.train_x.shape[0]
     batch = min(spec["batch"], n)
@@ -71,7 +70,7 @@ def _train_regime(
     stream = minibatches(n, batch, seeded(seed + 2))
     model.train()
     diverged = False
-    with progress.task(label, total=steps) as tick:
+    with progress.task(f"{_LABELS[arm]} seed {seed}", total=steps) as tick:
         for step in range(steps):
             if step in drops:
                 for group in opt.param_groups:
@@ -86,9 +85,9 @@ def _train_regime(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             tick.update(1)
-    _, test_acc = evaluate(model, data.test_x, data.test_y)
-    _, train_acc = evaluate(model, data.train_x, data.train_y)
-    return {"test_acc": 100.0 * test_acc, "train_acc": 100.0 * train_acc, "updates": steps, "diverged": diverged}
+    test_acc = 100.0 * evaluate(model, data.test_x, data.test_y)[1]
+    train_acc = 100.0 * evaluate(model, data.train_x, data.train_y)[1]
+    return {"spec": spec, "test_acc": test_acc, "train_acc": train_acc, "updates": steps, "diverged": diverged}
 
 
 def _acc(results: dict[str, Any], arm: str, key: str = "test_acc") -> list[float]:
@@ -108,11 +107,7 @@ class GhostBN(Experiment):
     def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
         if settings.max_train is not None:
             data = data.subset_train(settings.max_train, seed)
-        arms = {}
-        for arm in _ARMS:
-            spec = _arm_spec(arm, settings)
-            label = f"{_LABELS[arm]} seed {seed}"
-            arms[arm] = {"spec": spec, **_train_regime(data, settings, spec, seed, progress, label)}
+        arms = {arm: _train_regime(data, settings, arm, seed, progress) for arm in _ARMS}
         return {"arms": arms, "train_examples": int(data.train_x.shape[0])}
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -205,17 +205,10 @@ class SmallBatch(Experiment):
             have = [v for v in sizes if not any(math.isnan(_iid(m, norm, v, batch)) for m in per_seed)]  # trained arms
             errs = np.asarray([[_iid(m, norm, v, batch) for v in have] for m in per_seed])  # (seeds, sizes)
             gn, std = norm == "gn", errs.std(axis=0) if n > 1 else None
-            label = (
-                _LABELS[norm] + (" (independent of m)" if gn else "") + (f", mean ± std of {n} seeds" if n > 1 else "")
-            )
-            style = {
-                "marker": "o",
-                "capsize": 3,
-                "color": _COLORS[norm],
-                "linestyle": "--" if gn else "-",
-                "label": label,
-            }
-            ax.errorbar(have, errs.mean(axis=0), yerr=std, **style)
+            seeds = f", mean ± std of {n} seeds" if n > 1 else ""
+            label = _LABELS[norm] + (" (independent of m)" if gn else "") + seeds
+            style = {"marker": "o", "capsize": 3, "color": _COLORS[norm], "linestyle": "--" if gn else "-"}
+            ax.errorbar(have, errs.mean(axis=0), yerr=std, label=label, **style)
         # every power of two from the smallest group to the largest, so the axis reads as a scale
         log_ticks(ax.xaxis, [2**k for k in range(int(np.log2(min(sizes))), int(np.log2(max(sizes))) + 1)], base=2)
         ax.invert_xaxis()
