@@ -1,15 +1,12 @@
-"""Shared set-up of the three Santurkar et al. 2018 experiments (``santurkar2018-*``).
+"""Shared set-up of the three Santurkar et al. 2018 experiments (``santurkar2018-*``): a deep ReLU
+MLP on the lab's data, plain, with our ``BatchNorm1d`` before each ReLU, or with noisy BN. Every
+arm of a seed starts from the same He-initialized weights, N(0, 2/fan_in), biases 0 (PyTorch's
+default init leaves a 10-layer plain ReLU net at chance).
 
-A deep ReLU MLP on the lab's data, with no normalization, with our ``BatchNorm1d`` before each
-ReLU, or (noisy experiment) with :class:`batchnorm.lab.normalizers.NoisyBatchNorm`. All arms of
-a seed start from weights drawn from the same generator: N(0, 2/fan_in) (He initialization, so
-that the plain network trains at all at this depth; PyTorch's default init leaves a 10-layer
-plain ReLU net at chance), biases 0.
-
-For training several seeds together (``stacked.train_stacked``), noisy BN is written as BN
-followed by a noisy activation, :class:`NoisyReLU`: ``relu(noise_t(y))`` with ``y`` the BN
-output is exactly ``relu(NoisyBatchNorm(x))``, and the activation, unlike a norm layer, sees
-the seeds' slices (S, B, C) and can draw each seed's noise from that seed's own generator.
+Noisy BN is written as BN followed by a noisy activation, :class:`NoisyReLU`: ``relu(noise_t(y))``
+with ``y`` the BN output is exactly ``relu(NoisyBatchNorm(x))``, and the activation, unlike a norm
+layer, sees the seeds' slices (S, B, C) of a stacked run (``stacked.train_stacked``) and can draw
+each seed's noise from that seed's own generator.
 """
 
 from __future__ import annotations
@@ -62,14 +59,11 @@ class NoisyReLU(nn.Module):
     At every training-mode forward, for each seed k (slice k of a stacked (S, B, C) input, or
     the only one of a (B, C) input) and unit j: ``mu ~ U(-noise_mean[k], noise_mean[k])``,
     ``s ~ U(1, noise_scale[k])`` from ``generators[k]``, then per sample ``e, e' ~ N(0, 1)``
-    with ``p = per_sample[k]``. In eval mode the noise is replaced by its expectation:
+    with ``p = per_sample[k]`` (one generator and value per seed; noise_mean >= 0, noise_scale >= 1,
+    per_sample >= 0). In eval mode the noise is replaced by its expectation:
     ``relu(y * (1 + noise_scale[k]) / 2)``. A (B, C) input is seed ``slot`` (default 0; set it
     to evaluate or probe one seed's model alone). ``relu`` is a submodule, so a forward-pre-hook on
     it sees the noisy input of the ReLU (the next layer's "input distribution").
-
-    Args:
-        generators: one per seed (a (B, C) input uses ``generators[0]``).
-        noise_mean, noise_scale, per_sample: one value per seed (n_mu >= 0, n_sigma >= 1, p >= 0).
 
     Shape: (B, C) -> (B, C) or (S, B, C) -> (S, B, C) with S = len(generators).
     """

@@ -27,13 +27,6 @@ from ..training import evaluate, minibatches
 from ..verdict import part
 
 _ARMS = ("sb", "lb", "lb_lr", "lb_lr_gbn", "lb_lr_gbn_ra")
-_LABELS = {
-    "sb": "SB (32)",
-    "lb": "LB (1024)",
-    "lb_lr": "LB + sqrt LR",
-    "lb_lr_gbn": "LB + LR + GBN",
-    "lb_lr_gbn_ra": "LB + LR + GBN + RA",
-}
 
 
 class Settings(Declared):
@@ -70,7 +63,7 @@ def _train_regime(data: Dataset, s: Settings, arm: str, seed: int, progress: Pro
     stream = minibatches(n, batch, seeded(seed + 2))
     model.train()
     diverged = False
-    with progress.task(f"{_LABELS[arm]} seed {seed}", total=steps) as tick:
+    with progress.task(f"{Settings.text(arm)} seed {seed}", total=steps) as tick:
         for step in range(steps):
             if step in drops:
                 for group in opt.param_groups:
@@ -115,11 +108,11 @@ class GhostBN(Experiment):
         acc = {arm: _acc(results, arm) for arm in _ARMS}
         shown = {arm: listed(acc[arm], "{:.2f}") for arm in _ARMS}
         updates = {arm: results["metrics"]["per_seed"][0]["arms"][arm]["updates"] for arm in _ARMS}
-        table = "; ".join(f"{_LABELS[arm]} {shown[arm]} ({updates[arm]} updates)" for arm in _ARMS)
+        table = "; ".join(f"{Settings.text(arm)} {shown[arm]} ({updates[arm]} updates)" for arm in _ARMS)
         train_lb = listed(_acc(results, "lb", "train_acc"), "{:.2f}")
         gbn = part(acc["lb_lr_gbn"], acc["lb_lr"], above=float(results["config"]["lr_gain_above_pp"]))
         gap = f"SB {shown['sb']} vs LB {shown['lb']} ({updates['sb']} vs {updates['lb']} updates); LB training accuracy {train_lb}"
-        ra = f"{_LABELS['lb_lr_gbn_ra']} {shown['lb_lr_gbn_ra']} vs SB {shown['sb']}"
+        ra = f"{Settings.text('lb_lr_gbn_ra')} {shown['lb_lr_gbn_ra']} vs SB {shown['sb']}"
         make, per_seed = Claims(__name__, results), "test accuracy per seed (%)"
         return [
             make("large_batch_gap", a=acc["sb"], b=acc["lb"], evidence=f"{per_seed}: {gap}"),
@@ -131,7 +124,7 @@ class GhostBN(Experiment):
         """Test accuracy per arm (mean ± std over seeds) and the number of updates per arm."""
         per_seed = results["metrics"]["per_seed"]
         fig, (ax, right) = pyplot().subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
-        x, names = np.arange(len(_ARMS)), [wrap(_LABELS[arm], 10) for arm in _ARMS]
+        x, names = np.arange(len(_ARMS)), [wrap(Settings.text(arm), 10) for arm in _ARMS]
         colors = ["tab:blue", "tab:red", "tab:orange", "tab:purple", "tab:green"]
         means, stds = ([float(f(_acc(results, arm))) for arm in _ARMS] for f in (np.mean, np.std))
         ax.bar(x, means, yerr=stds, capsize=4, color=colors, label="test accuracy (mean ± std over seeds)")

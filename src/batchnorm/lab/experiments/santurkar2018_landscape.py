@@ -98,11 +98,7 @@ def _train_arm(
     ]
 
 
-_QUANTITIES = {
-    "loss_variation": "loss variation (max - min of L along the gradient)",
-    "grad_predictiveness": "gradient predictiveness (max ||grad L(w) - grad L(w - eta g)||)",
-    "beta_eff": "effective beta-smoothness (max ||delta grad|| / ||eta g||)",
-}
+_QUANTITIES = ("loss_variation", "grad_predictiveness", "beta_eff")  # the claims; their titles: [text]
 
 
 def _series(rec: dict[str, Any], key: str) -> np.ndarray:
@@ -161,14 +157,14 @@ class Landscape(Experiment):
         """The three landscape measures over training, and the loss along the gradient at one checkpoint."""
         plt, per_seed, s = pyplot(), results["metrics"]["per_seed"], results["config"]
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.0))
-        for ax, (key, label) in zip(axes, _QUANTITIES.items()):
+        for ax, key in zip(axes, _QUANTITIES):
             for norm in ("none", "bn"):
                 for k, m in enumerate(per_seed):  # the first seed's line solid and labelled
                     vals = _series(m[norm], key)
                     style = {"color": COLORS[norm], "marker": "o", "ms": 3, "alpha": 0.4 if k else 1.0}
                     ax.plot(m[norm]["step"][: len(vals)], vals, label=None if k else LABELS[norm], **style)
-            style = {"yscale": "log", "xlabel": "training step", "ylabel": key.replace("_", " ")}
-            dress(ax, label, title_size=10, legend=True, **style)
+            axis = {"yscale": "log", "xlabel": "training step", "ylabel": key.replace("_", " ")}
+            dress(ax, Settings.text(key), title_size=10, legend=True, **axis)
         etas = f"etas {s['etas'][0]}..{s['etas'][-1]}"
         fig.suptitle(f"Landscape along the gradient ({etas}, lr {s['lr']}; one line per seed)")
         paths = [save(fig, outdir / "landscape.png")]
