@@ -33,17 +33,13 @@ class Settings(Declared):
     checkpoints: int
 
 
-def _grads(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, list[Tensor]]:
-    """The cross-entropy on (x, y) and its gradient w.r.t. each parameter (zeros where none)."""
+def _grads(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, list[Tensor], Tensor]:
+    """The cross-entropy on (x, y) and its gradient w.r.t. each parameter (zeros where none), also flat (P,)."""
     model.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
     loss.backward()
     grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
-    return float(loss.detach()), grads
-
-
-def _flat(grads: list[Tensor]) -> Tensor:
-    return torch.cat([g.flatten() for g in grads])  # (P,)
+    return float(loss.detach()), grads, torch.cat([g.flatten() for g in grads])
 
 
 def landscape(model: nn.Module, x: Tensor, y: Tensor, etas: list[float]) -> dict[str, Any]:
@@ -58,19 +54,20 @@ def landscape(model: nn.Module, x: Tensor, y: Tensor, etas: list[float]) -> dict
     params = list(model.parameters())
     start = [p.detach().clone() for p in params]
     with probing(model):
-        loss0, grads = _grads(model, x, y)
-        losses, changes, g0 = [loss0], [], _flat(grads)
+        loss0, grads, g0 = _grads(model, x, y)
+        losses, changes = [loss0], []
         for eta in etas:
             with torch.no_grad():
                 for p, w, g in zip(params, start, grads):
                     p.copy_(w - eta * g)
-            loss, moved = _grads(model, x, y)
+            loss, _, g_eta = _grads(model, x, y)
             losses.append(loss)
-            changes.append(float((g0 - _flat(moved)).norm()))
-    walk = {"losses": losses, "grad_change": changes, "grad_norm": float(g0.norm())}
+            changes.append(float((g0 - g_eta).norm()))
+    norm = float(g0.norm())
+    walk = {"losses": losses, "grad_change": changes, "grad_norm": norm}
     if not (all(np.isfinite(losses)) and all(np.isfinite(changes))):
         return {**walk, **dict.fromkeys(_QUANTITIES, float("inf"))}
-    beta = max(c / (eta * max(walk["grad_norm"], 1e-30)) for c, eta in zip(changes, etas))
+    beta = max(c / (eta * max(norm, 1e-30)) for c, eta in zip(changes, etas))
     variation, predictiveness = float(max(losses) - min(losses)), float(max(changes))
     return {**walk, "loss_variation": variation, "grad_predictiveness": predictiveness, "beta_eff": float(beta)}
 

@@ -63,7 +63,8 @@ def _drift(means: Any, stds: Any, ok: bool = True) -> dict[str, float]:
 
 def _act_input(block: nn.Module) -> nn.Module:
     """The module whose input is the ReLU's input of a hidden block (after any noise)."""
-    return block.act.relu if isinstance(block.act, NoisyReLU) else block.act
+    act = block.get_submodule("act")
+    return act.relu if isinstance(act, NoisyReLU) else act
 
 
 def _train(s: Settings, data: Seq[Dataset], seeds: Seq[int], arm: str, lr: float, a: Seq[float], p: Progress) -> Runs:
