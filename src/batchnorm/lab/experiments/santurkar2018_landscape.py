@@ -5,7 +5,7 @@ Setup, the rules fixed before any run and each setting's source: ``santurkar2018
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, probing, train_seeds
-from ..experiment import Experiment
+from ..experiment import Experiment, PerSeed
 from ..figures import dress, pyplot, save
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec
@@ -72,9 +72,7 @@ def landscape(model: nn.Module, x: Tensor, y: Tensor, etas: list[float]) -> dict
     return {**walk, "loss_variation": variation, "grad_predictiveness": predictiveness, "beta_eff": float(beta)}
 
 
-def _train_arm(
-    s: Settings, data: Sequence[Dataset], seeds: Sequence[int], norm: str | None, progress: Progress
-) -> list[dict[str, Any]]:
+def _train_arm(s: Settings, data: Seq[Dataset], seeds: Seq[int], norm: str | None, progress: Progress) -> PerSeed:
     """Train one arm on every seed together, walking along the gradient at every checkpoint."""
     models = [build(d, s.depth, s.width, norm, seed) for d, seed in zip(data, seeds)]
     checkpoints = list(range(0, s.steps + 1, max(1, s.steps // s.checkpoints)))
@@ -128,9 +126,7 @@ class Landscape(Experiment):
     def settings(self, cfg: RunConfig) -> Settings:
         return Settings.of(cfg.mode, **epoch_steps(cfg))
 
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
+    def run_seeds(self, settings: Settings, data: Seq[Dataset], seeds: Seq[int], progress: Progress) -> PerSeed:
         none = _train_arm(settings, data, seeds, None, progress)
         bn = _train_arm(settings, data, seeds, "bn", progress)
         return [{"none": a, "bn": b} for a, b in zip(none, bn)]

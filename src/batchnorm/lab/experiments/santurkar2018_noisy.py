@@ -19,7 +19,7 @@ from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import activation_inputs, seeded, train_seeds
-from ..experiment import Experiment, column
+from ..experiment import Experiment, PerSeed, column
 from ..figures import categories, dress, mean_band, pyplot, save
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
@@ -32,7 +32,6 @@ _DRIFTS = ("step_location", "step_spread", "total_location", "total_spread")
 _COMPARED = ("step_location", "step_spread")
 _PROBED = ("mean", "std", "percentiles")
 _DIVERGED = 1e3  # the mean training loss and the drift recorded for a run that diverged
-Runs = list[dict[str, Any]]  # one record per seed
 
 
 class Settings(Declared):
@@ -67,7 +66,9 @@ def _act_input(block: nn.Module) -> nn.Module:
     return act.relu if isinstance(act, NoisyReLU) else act
 
 
-def _train(s: Settings, data: Seq[Dataset], seeds: Seq[int], arm: str, lr: float, a: Seq[float], p: Progress) -> Runs:
+def _train(
+    s: Settings, data: Seq[Dataset], seeds: Seq[int], arm: str, lr: float, a: Seq[float], p: Progress
+) -> PerSeed:
     """Train one arm at one lr for every seed together (``a[k]``: seed k's noise magnitude, noisy arm: noise_mean
     a, noise_scale 1 + a, per_sample a / 5); per seed: probed layer inputs, drift, final accuracies, losses."""
     label = ("calibration: " if seeds[0] == s.calibration_seed else "") + f"{LABELS[arm]} lr {lr:g}"
@@ -76,7 +77,7 @@ def _train(s: Settings, data: Seq[Dataset], seeds: Seq[int], arm: str, lr: float
         gens = [seeded(seed + 7) for seed in seeds]
         noisy(models, [NoisyReLU(gens, list(a), [1.0 + v for v in a], [v / 5.0 for v in a]) for _ in range(s.depth)])
     checkpoints = list(range(0, s.steps + 1, s.checkpoint_every))
-    recs: Runs = [{"step": [], **{q: {str(i): [] for i in s.tracked_layers} for q in _PROBED}} for _ in seeds]
+    recs: PerSeed = [{"step": [], **{q: {str(i): [] for i in s.tracked_layers} for q in _PROBED}} for _ in seeds]
 
     def record(step: int, results: list[TrainResult]) -> None:
         for k, (model, rec, d, result) in enumerate(zip(models, recs, data, results)):
@@ -107,7 +108,7 @@ def _train(s: Settings, data: Seq[Dataset], seeds: Seq[int], arm: str, lr: float
     return recs
 
 
-def _shown(runs: Runs, key: str, fmt: str | None = None) -> str:
+def _shown(runs: PerSeed, key: str, fmt: str | None = None) -> str:
     """Per-seed values of ``key`` as text (percent, or ``fmt``); "diverged" for a run stored as diverged."""
     show = (lambda v: f"{100 * v:.1f}") if fmt is None else fmt.format
     return ", ".join("diverged" if r.get("diverged") else show(float(r[key])) for r in runs)
@@ -140,9 +141,9 @@ class Noisy(Experiment):
         chosen = float(next((a for a, ok in zip(grid, exceeds) if ok), grid[-1]))
         return dataclasses.replace(s, noise_magnitude=chosen, calibration=record)
 
-    def run_seeds(self, settings: Settings, data: Seq[Dataset], seeds: Seq[int], progress: Progress) -> Runs:
+    def run_seeds(self, settings: Settings, data: Seq[Dataset], seeds: Seq[int], progress: Progress) -> PerSeed:
         a = [settings.noise_magnitude] * len(seeds)
-        per_seed: Runs = [{} for _ in seeds]
+        per_seed: PerSeed = [{} for _ in seeds]
         for lr, arm in itertools.product(settings.lrs, _ARMS):
             for rec, r in zip(per_seed, _train(settings, data, seeds, arm, lr, a, progress)):
                 rec[f"{arm}@{lr:g}"] = r
@@ -194,7 +195,7 @@ class Noisy(Experiment):
         lrs, every, layers = [float(v) for v in s["lrs"]], s["checkpoint_every"], [str(i) for i in s["tracked_layers"]]
         steps = list(range(every, s["steps"] + 1, every))
 
-        def label(runs: Runs, arm: str, note: str = "") -> str:  # naming how many of the runs diverged
+        def label(runs: PerSeed, arm: str, note: str = "") -> str:  # naming how many of the runs diverged
             k = sum(bool(r["diverged"]) for r in runs)
             return LABELS[arm] + (f" ({k} of {len(runs)} diverged{note})" if k else "")
 

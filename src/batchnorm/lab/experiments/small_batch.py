@@ -6,7 +6,8 @@ Setup, the rules fixed before any run and each setting's source: ``small_batch.m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset, load
 from ..declare import listed, non_iid_batches, seeded
-from ..experiment import Experiment, column, per_seed_values
+from ..experiment import Experiment, PerSeed, column, per_seed_values
 from ..figures import bar_values, categories, dress, log_ticks, pyplot, save
 from ..models import MLP, ConvNet
 from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
@@ -125,9 +126,7 @@ class SmallBatch(Experiment):
     def settings(self, cfg: RunConfig) -> Settings:
         return _settings_for(cfg.data, cfg.mode)
 
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
+    def run_seeds(self, settings: Settings, data: Seq[Dataset], seeds: Seq[int], progress: Progress) -> PerSeed:
         s, arms = settings, _arms(settings)
         models = [[_model(d, s, norm, m, seed) for d, seed in zip(data, seeds)] for norm, m, _ in arms]
         streams = [_stream(s, d, seed, m, iid) for _, m, iid in arms for d, seed in zip(data, seeds)]
@@ -135,7 +134,7 @@ class SmallBatch(Experiment):
         spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
         with progress.task(f"{len(arms)} arms x {len(seeds)} seeds", total=s.steps) as tick:
             runs = iter(train_stacked(models, xs, ys, spec, streams, tick=tick))
-        per_seed: list[dict[str, Any]] = [{"iid": {n: {} for n in _NORMS}, "non_iid": {}} for _ in seeds]
+        per_seed: PerSeed = [{"iid": {n: {} for n in _NORMS}, "non_iid": {}} for _ in seeds]
         for (norm, m, iid), arm in zip(arms, models):
             for rec, model, d, r in zip(per_seed, arm, data, runs):
                 (rec["iid"][norm] if iid else rec["non_iid"])[str(m) if iid else norm] = {
@@ -164,7 +163,7 @@ class SmallBatch(Experiment):
         ni = {norm: column(per_seed, "non_iid", norm, "test_error") for norm in per_seed[0]["non_iid"]}
         ratio, by = float(t["far_better_ratio"]), float(t["far_better_by_at_least_pp"])
 
-        def far_better(bad: Sequence[float], good: Sequence[float]) -> list[Any]:
+        def far_better(bad: Seq[float], good: Seq[float]) -> list[Any]:
             return [part(bad, good, effect="ratio", above=ratio), part(bad, good, above=by)]
 
         rise = {v: float(np.mean(bn[v])) - float(np.mean(bn[big])) for v in (mid, small)}
