@@ -142,13 +142,10 @@ class Ics(Experiment):
             return f"median over checkpoints after step 0 and layers 2..L; {parts}{ran}"
 
         make = Claims(__name__, results)
+        measured = {"dln_l2": ("dln", "l2"), "dln_cosine": ("dln", "cos"), "mlp_relative_l2": ("mlp", "rel_l2")}
         return [
             make(name, a=col(net, "bn", key), b=col(net, "none", key), evidence=evidence(net))
-            for name, net, key in (
-                ("dln_l2", "dln", "l2"),
-                ("dln_cosine", "dln", "cos"),
-                ("mlp_relative_l2", "mlp", "rel_l2"),
-            )
+            for name, (net, key) in measured.items()
         ]
 
     def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
