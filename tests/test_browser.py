@@ -28,8 +28,8 @@ FLAGS = (
 )  # fmt: skip
 
 
-def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
-    from batchnorm.lab.figures import pyplot, save
+def _figures(results: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    from batchnorm.lab.figures import pyplot
 
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -40,7 +40,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     a.legend()
     b.bar(["BN", "plain"], [0.96, 0.93])
     b.set_ylabel("test accuracy")
-    return [save(fig, outdir / "curves.png")]
+    yield "curves.png", fig
 
 
 def _results(eid: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from batchnorm.lab import registry
 from batchnorm.lab.config import RunConfig
+from batchnorm.lab.figures import save_all
 from batchnorm.lab.runner import run_one
 
 from ._layout import checking_layout
@@ -32,7 +33,7 @@ def test_lr_sweep_names_diverged_runs(tmp_path: Path) -> None:
     assert "plain " in evidence and ", diverged (plain diverged on 1 of 2 seeds" in evidence
     assert "0.0%" not in evidence
     with checking_layout() as problems:
-        paths = module.figures(results, tmp_path)
+        paths = save_all(module.figures(results), tmp_path)
     assert problems == [] and paths
 
 
@@ -45,5 +46,5 @@ def test_noisy_names_diverged_runs(tmp_path: Path) -> None:
     evidence = _evidence(module, results)
     assert f"at lr {hi:g} per seed: no BN diverged, " in evidence and "(1 of 2 diverged)" in evidence
     with checking_layout() as problems:
-        paths = module.figures(results, tmp_path)
+        paths = save_all(module.figures(results), tmp_path)
     assert problems == [] and paths

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import types
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,14 +35,14 @@ def synthetic_results() -> dict[str, object]:
     }
 
 
-def figures(results: dict[str, object], outdir: Path) -> list[Path]:
-    from batchnorm.lab.figures import pyplot, save
+def figures(results: dict[str, object]) -> Iterator[tuple[str, Any]]:
+    from batchnorm.lab.figures import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(3, 2))
     ax.bar(["a", "b"], [0.95, 0.97])
     ax.set_ylabel("a long y label that must not be clipped")
-    return [save(fig, outdir / "bars.png")]
+    yield "bars.png", fig
 
 
 MODULE = types.SimpleNamespace(figures=figures, EXPLANATION="Why.\n\nHow.")

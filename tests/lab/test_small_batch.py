@@ -16,6 +16,7 @@ import torch
 from batchnorm import BatchNorm1d, BatchRenorm1d, batch_renorm
 from batchnorm.lab.config import RunConfig
 from batchnorm.lab.experiments import small_batch as exp
+from batchnorm.lab.figures import save_all
 from batchnorm.lab.normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
 from batchnorm.lab.runner import run_one
 
@@ -332,7 +333,7 @@ def test_claims_and_figures_read_only_the_arms_that_are_trained(data: str, mode:
     }
     claims = exp.EXPERIMENT.claims(results)
     assert len(claims) == 5 and all(c["verdict"] in ("holds", "does not hold", "inconclusive") for c in claims)
-    assert all(p.is_file() for p in exp.EXPERIMENT.figures(results, tmp_path))
+    assert all(p.is_file() for p in save_all(exp.EXPERIMENT.figures(results), tmp_path))
 
 
 @pytest.mark.slow

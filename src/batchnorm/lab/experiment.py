@@ -11,11 +11,11 @@ import dataclasses
 import functools
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 from .config import RunConfig
 from .datasets import Dataset, load
+from .figures import NamedFigures
 from .progress import Progress
 from .results import to_jsonable
 from .verdict import SeedPlan
@@ -138,8 +138,9 @@ class Experiment:
         """The claims, judged only from saved results, each built with ``claims_spec.claim``."""
         raise NotImplementedError
 
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
-        """Figures drawn only from saved results."""
+    def figures(self, results: dict[str, Any]) -> NamedFigures:
+        """Figures drawn only from saved results: yields ``(file name, figure)`` pairs, which the
+        report saves in order (``figures.save_all``)."""
         raise NotImplementedError
 
     def run(self, cfg: RunConfig, progress: Progress) -> dict[str, Any]:

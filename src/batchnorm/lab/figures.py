@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import textwrap
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from .._files import write_bytes_atomic
 
 __all__ = [
     "SAVE_CHECKS",
+    "NamedFigures",
     "bar_values",
     "categories",
     "dress",
@@ -28,6 +29,7 @@ __all__ = [
     "mean_band",
     "pyplot",
     "save",
+    "save_all",
     "seed_bars",
     "wrap",
 ]
@@ -141,6 +143,15 @@ def save(fig: Any, path: Path, dpi: int = 110) -> Path:
     plt.close(fig)
     write_bytes_atomic(Path(path), buf.getvalue())
     return Path(path)
+
+
+NamedFigures = Iterator[tuple[str, Any]]
+"""What an experiment's ``figures(results)`` yields: ``(file name, figure)`` pairs, in order."""
+
+
+def save_all(figures: Iterable[tuple[str, Any]], outdir: Path) -> list[Path]:
+    """``save`` each ``(file name, figure)`` as ``outdir/<file name>`` as it comes; the paths in order."""
+    return [save(fig, Path(outdir) / name) for name, fig in figures]
 
 
 def mean_band(ax: Any, x: Sequence[float], runs: Sequence[Sequence[float]], label: str, **kw: Any) -> None:

@@ -21,6 +21,7 @@ import markupsafe
 
 from .._files import write_text_atomic
 from .claims_spec import beside
+from .figures import save_all
 from .results import count_claims, tally, verdict_of
 from .verdict import _level
 
@@ -166,11 +167,11 @@ def explanation(experiment: Experiment) -> str:
 
 
 def write_experiment_report(directory: Path, results: dict[str, Any], module: Experiment) -> Path:
-    """Draw ``module.figures(results, directory)`` and write ``directory/report.html``."""
+    """Draw ``module.figures(results)`` into ``directory`` and write ``directory/report.html``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "report.html"
-    write_text_atomic(path, experiment_html(results, list(module.figures(results, directory)), explanation(module)))
+    write_text_atomic(path, experiment_html(results, save_all(module.figures(results), directory), explanation(module)))
     return path
 
 

@@ -7,7 +7,6 @@ import copy
 import functools
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,7 @@ from ..claims_spec import Claims, Declared
 from ..datasets import Dataset
 from ..declare import listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column
-from ..figures import categories, dress, pyplot, save
+from ..figures import NamedFigures, categories, dress, pyplot
 from ..models import MLP, ConvNet, blocks, count_parameters
 from ..progress import Progress
 from ..training import TrainSpec, minibatches, train_mode
@@ -180,7 +179,7 @@ class Bias(Experiment):
             make("removal_needs_running_mean", a=folded, also=[naive_changes], evidence=removal),
         ]
 
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+    def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Gradients (log scale), paired loss curves, wasted parameters (the first seed)."""
         m = results["metrics"]["per_seed"][0]
         fig, axes = pyplot().subplots(1, 3, figsize=(14, 4.2))
@@ -209,7 +208,7 @@ class Bias(Experiment):
         categories(axes[2].yaxis, names, fontsize=8)
         xlabel = "parameters in biases directly before BN"
         dress(axes[2], "Parameters wasted", xlim=(0, max(wasted) * 1.8), xlabel=xlabel)
-        return [save(fig, Path(outdir) / "bias_before_bn.png")]
+        yield "bias_before_bn.png", fig
 
 
 EXPERIMENT = Bias()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column, load_for
-from ..figures import categories, dress, pyplot, save, seed_bars, wrap
+from ..figures import NamedFigures, categories, dress, pyplot, seed_bars, wrap
 from ..models import MLP
 from ..progress import Progress
 from ..training import TrainSpec, evaluate, minibatches
@@ -168,7 +167,7 @@ class Dropout(Experiment):
             vs("fixed_batches", "BN, fixed batches", "BN", "test_loss", "test_acc"),
         ]
 
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+    def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Bars: test accuracy and loss per arm, mean over seeds ± std, seeds as dots."""
         plt, cfg = pyplot(), results["config"]
         q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
@@ -188,7 +187,7 @@ class Dropout(Experiment):
             categories(ax.xaxis, [wrap(name, 10) for name in _ARMS], fontsize=8)
             dress(ax, title, ylabel=label, grid="y")
         axes[0].set_ylim(max(0.0, min(accs) - 0.03), min(1.0, max(accs) + 0.02))
-        return [save(fig, Path(outdir) / "dropout_vs_bn.png")]
+        yield "dropout_vs_bn.png", fig
 
 
 EXPERIMENT = Dropout()

@@ -7,7 +7,6 @@ Setup, the rules fixed before any run and each setting's source: ``ghost_bn.md``
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, seeded
 from ..experiment import Experiment, column
-from ..figures import bar_values, categories, dress, pyplot, save, wrap
+from ..figures import NamedFigures, bar_values, categories, dress, pyplot, wrap
 from ..models import MLP
 from ..progress import Progress
 from ..training import evaluate, minibatches
@@ -120,7 +119,7 @@ class GhostBN(Experiment):
             make("regime_adaptation", a=acc["lb_lr_gbn_ra"], b=acc["sb"], evidence=f"{per_seed}: {ra}"),
         ]
 
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+    def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Test accuracy per arm (mean ± std over seeds) and the number of updates per arm."""
         per_seed = results["metrics"]["per_seed"]
         fig, (ax, right) = pyplot().subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
@@ -141,7 +140,7 @@ class GhostBN(Experiment):
         categories(right.xaxis, names, fontsize=8)
         top = 2 * max(updates)  # room for the count above the tallest bar
         dress(right, "Number of updates: the gap follows it", yscale="log", ylim=(None, top), ylabel="SGD updates")
-        return [save(fig, outdir / "generalization_gap.png")]
+        yield "generalization_gap.png", fig
 
 
 EXPERIMENT = GhostBN()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,7 @@ from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..declare import columns, listed, seeded
 from ..experiment import Experiment, PerSeed
-from ..figures import dress, log_ticks, pyplot, save
+from ..figures import NamedFigures, dress, log_ticks, pyplot
 from ..progress import Progress
 from ..verdict import part
 
@@ -187,10 +186,10 @@ class Chain(Experiment):
             make("bn_first_order", a=col["bn_error"], evidence=bn_first),
         ]
 
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+    def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Predicted vs actual change (plain, BN) and safe lr vs depth (the first seed)."""
         plt = pyplot()
-        cfg, m, seed, paths = results["config"], results["metrics"]["per_seed"][0], results["metrics"]["seeds"][0], []
+        cfg, m, seed = results["config"], results["metrics"]["per_seed"][0], results["metrics"]["seeds"][0]
         scale_shown = 1.2 if 1.2 in cfg["scales"] else cfg["scales"][-1]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
         colors = plt.cm.viridis(np.linspace(0, 0.9, len(cfg["depths"])))
@@ -208,7 +207,7 @@ class Chain(Experiment):
             dress(ax, f"{title} (all weights = {scale_shown})", **limits, xlabel=xlabel, grid=True, legend=legend)
         axes[0].set_ylabel("actual loss decrease (negative = loss went up)")
         fig.suptitle(f"One simultaneous gradient step on y = x*w1*...*wL (seed {seed})")
-        paths.append(save(fig, Path(outdir) / "predicted_vs_actual.png"))
+        yield "predicted_vs_actual.png", fig
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for arm, style, name in (("plain", "-o", "no norm"), ("bn", "--s", "BN")):
@@ -220,7 +219,7 @@ class Chain(Experiment):
         title = f"Largest step whose effect the gradient predicts within ±50% (seed {seed})"
         ylabel = "largest safe learning rate"
         dress(ax, title, yscale="log", xlabel="depth L", ylabel=ylabel, grid=True, legend={"fontsize": 7, "ncol": 2})
-        return [*paths, save(fig, Path(outdir) / "safe_learning_rate.png")]
+        yield "safe_learning_rate.png", fig
 
 
 EXPERIMENT = Chain()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ from ..claims_spec import Claims, Declared
 from ..datasets import Dataset
 from ..declare import batch_stats_accuracy, listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column
-from ..figures import dress, log_ticks, pyplot, save
+from ..figures import NamedFigures, dress, log_ticks, pyplot
 from ..models import blocks
 from ..popstats import population_statistics
 from ..progress import Progress
@@ -170,7 +169,7 @@ class InferenceStats(Experiment):
             make("noise_as_theory", a=ratio, evidence=noise),
         ]
 
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+    def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Accuracy by kind of statistics and test batch size; noise vs batch size (first seed)."""
         m = results["metrics"]["per_seed"][0]
         fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.3))
@@ -193,7 +192,7 @@ class InferenceStats(Experiment):
         log_ticks(axes[1].xaxis, noise["m"], base=2)
         title, ylabel = "Noise of batch statistics (first BN layer)", "scatter, in population units"
         dress(axes[1], title, yscale="log", xlabel="batch size m", ylabel=ylabel, grid=True, legend={"fontsize": 8})
-        return [save(fig, Path(outdir) / "inference_statistics.png")]
+        yield "inference_statistics.png", fig
 
 
 EXPERIMENT = InferenceStats()

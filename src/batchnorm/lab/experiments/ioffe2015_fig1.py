@@ -5,7 +5,6 @@ Setup, the rules fixed before any run and each setting's source: ``ioffe2015_fig
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,7 @@ from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import activation_inputs, batch_stats_accuracy, columns, listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, first_reaching
-from ..figures import dress, pyplot, save
+from ..figures import NamedFigures, dress, pyplot
 from ..popstats import population_statistics
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
@@ -147,12 +146,12 @@ class Fig1(Experiment):
             make("population_as_running", a=col["pop_minus_ema_final"], also=[as_running], evidence=pop),
         ]
 
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+    def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Fig. 1(a) accuracy, Fig. 1(b, c) percentiles, inference side by side, training loss
         (the first seed's curves)."""
         plt = pyplot()
         m, data = results["metrics"]["per_seed"][0], results.get("run", {}).get("data", "digits")
-        base, bn, out, step = m["baseline"], m["bn"], Path(outdir), "training step"
+        base, bn, step = m["baseline"], m["bn"], "training step"
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         low = max(min(min(bn["test_acc"][1:] or [0.9]), base["test_acc"][-1]) - 0.02, 0.0)
         labels: dict[str, Any] = {"xlabel": step, "ylabel": "test accuracy"}
@@ -162,7 +161,7 @@ class Fig1(Experiment):
             ax.plot(bn["step"], bn["test_acc"], label="with BN (running average)", color="tab:red")
             ax.plot(bn["step"], bn["test_acc_population"], ":", label=population, color="tab:red")
             dress(ax, title, ylim=(bottom, 1.0), **labels, grid=True, legend={"loc": "lower right"})
-        paths = [save(fig, out / "fig1a_accuracy.png")]
+        yield "fig1a_accuracy.png", fig
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
         for ax, rec, title in ((axes[0], base, "(b) without BN"), (axes[1], bn, "(c) with BN: gamma*x_hat + beta")):
@@ -173,7 +172,7 @@ class Fig1(Experiment):
             dress(ax, title, xlabel=step, grid=True, legend={"loc": "upper left"})
         axes[0].set_ylabel(f"input to sigmoid (last hidden layer, unit {results['config'].get('tracked_unit', 0)})")
         fig.suptitle("Distribution of one sigmoid's input over the test set during training")
-        paths.append(save(fig, out / "fig1bc_sigmoid_input_percentiles.png"))
+        yield "fig1bc_sigmoid_input_percentiles.png", fig
 
         fig, ax = plt.subplots(figsize=(7, 4))
         idx = [i for i, s in enumerate(bn["step"]) if s > 0]
@@ -181,7 +180,7 @@ class Fig1(Experiment):
             ax.plot([bn["step"][i] for i in idx], [bn[key][i] for i in idx], label=label, **kw)
         title, ylabel = "BN inference: which statistics normalize a test example", "test accuracy of the BN network"
         dress(ax, title, xlabel=step, ylabel=ylabel, grid=True, legend={"loc": "lower right"})
-        paths.append(save(fig, out / "inference_statistics.png"))
+        yield "inference_statistics.png", fig
 
         fig, ax = plt.subplots(figsize=(7, 4))
         for rec, label, color in ((base, "without BN", "tab:blue"), (bn, "with BN", "tab:red")):
@@ -189,7 +188,7 @@ class Fig1(Experiment):
             ax.plot([s for s, _ in pts], [v for _, v in pts], label=label, color=color)
         title = "Training loss (mean over the steps since the last checkpoint)"
         dress(ax, title, yscale="log", xlabel=step, ylabel="training loss", grid=True, legend=True)
-        return [*paths, save(fig, out / "train_loss.png")]
+        yield "train_loss.png", fig
 
 
 EXPERIMENT = Fig1()

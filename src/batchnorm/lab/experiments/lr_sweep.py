@@ -10,7 +10,6 @@ import itertools
 import math
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed
-from ..figures import dress, mean_band, pyplot, save
+from ..figures import NamedFigures, dress, mean_band, pyplot
 from ..models import MLP, blocks
 from ..progress import Progress
 from ..results import number
@@ -195,7 +194,7 @@ class LrSweep(Experiment):
             make("step_probe", a=[_log10(p / b if b > 0 else _CAP) for p, b in zip(pr, br)], evidence=probe),
         ]
 
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+    def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Accuracy vs lr; L(w - alpha g)/L(w) at init; activation RMS per layer."""
         plt = pyplot()
         cfg, per_seed = results["config"], results["metrics"]["per_seed"]
@@ -215,7 +214,7 @@ class LrSweep(Experiment):
         dress(ax, title, xscale="log", ylim=(0, 1), ylabel=f"test accuracy {ylabel}", grid=True, legend=legend)
         xlabel, ylabel = "learning rate (SGD, constant; diverged = NaN/inf training loss)", f"diverged\n(of {n} seeds)"
         dress(strip, ylim=(0, n), yticks=range(0, n + 1, max(1, n // 3)), xlabel=xlabel, ylabel=ylabel, grid="y")
-        paths = [save(fig, Path(outdir) / "accuracy_vs_lr.png")]
+        yield "accuracy_vs_lr.png", fig
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for arm, (_norm, label, color) in _ARMS.items():
@@ -232,7 +231,7 @@ class LrSweep(Experiment):
         dress(axes[0], title, xscale="log", yscale="log", **labels, grid=True, legend=True)
         title, ylabel = "Activation scale by depth (first seed)", "RMS of the layer's output (one batch)"
         dress(axes[1], title, yscale="log", xlabel="hidden layer", ylabel=ylabel, grid=True, legend={"fontsize": 8})
-        return [*paths, save(fig, Path(outdir) / "step_probe_and_activations.png")]
+        yield "step_probe_and_activations.png", fig
 
 
 EXPERIMENT = LrSweep()

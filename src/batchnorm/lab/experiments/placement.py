@@ -5,7 +5,6 @@ Setup, the rules fixed before any run and each setting's source: ``placement.md`
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -15,7 +14,7 @@ from ..claims_spec import Claims, Declared
 from ..datasets import Dataset
 from ..declare import activation_inputs, columns, listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, first_reaching
-from ..figures import dress, mean_and_seeds, pyplot, save
+from ..figures import NamedFigures, dress, mean_and_seeds, pyplot
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 
@@ -154,7 +153,7 @@ class Placement(Experiment):
             vs("relu_indifferent", "late relu/before", "late relu/after", f"{late} {placed('late', 'relu')}"),
         ]
 
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+    def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Accuracy curves per activation (mean over seeds, seeds as thin lines); activation-input
         spread and saturation by layer (the first seed)."""
         plt, per, seeds = pyplot(), results["metrics"]["per_seed"], results["metrics"]["seeds"]
@@ -169,7 +168,7 @@ class Placement(Experiment):
             ax.set(xlabel="training step", ylim=(0.0, 1.0))
             dress(ax, title, title_size=10, grid=True, legend={"loc": "lower right"})
         axes[0].set_ylabel("test accuracy")
-        paths = [save(fig, Path(outdir) / "placement_accuracy.png")]
+        yield "placement_accuracy.png", fig
 
         m = {key: recs[0] for key, recs in per[0].items()}  # the first seed's first replicate
         hidden = np.arange(1, len(results["config"]["hidden"]) + 1)
@@ -187,7 +186,7 @@ class Placement(Experiment):
         title = f"Sigmoid network: scale of the last layer's input (seed {seeds[0]})"
         ylabel = "std of the last sigmoid layer's input"
         dress(axes[1], title, xlabel="training step", ylabel=ylabel, grid=True, legend=True)
-        return [*paths, save(fig, Path(outdir) / "placement_activation_inputs.png")]
+        yield "placement_activation_inputs.png", fig
 
 
 EXPERIMENT = Placement()

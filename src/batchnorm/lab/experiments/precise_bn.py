@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,7 @@ from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, per_seed_values
-from ..figures import dress, log_ticks, mean_band, pyplot, save
+from ..figures import NamedFigures, dress, log_ticks, mean_band, pyplot
 from ..models import MLP
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
@@ -127,7 +126,7 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
+def _figures(results: dict[str, Any]) -> NamedFigures:
     """Accuracy (EMA vs precise) and EMA statistics error over training; accuracy vs samples."""
     plt, runs = pyplot(), results["metrics"]["per_seed"]
     t = min(len(r["epoch"]) for r in runs)
@@ -144,7 +143,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
     mean_band(stale, epochs[1:], [r["var_error_ema"][1:t] for r in runs], "EMA running_var vs precise", color="tab:red")
     ylabel = "mean |var_EMA / var_precise - 1|"
     dress(stale, "How stale the EMA statistics are", yscale="log", xlabel="epoch", ylabel=ylabel, legend=legend)
-    paths = [save(fig, outdir / "ema_vs_precise.png")]
+    yield "ema_vs_precise.png", fig
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.set_xscale("log")
     for when, color in (("early", "tab:orange"), ("final", "tab:green")):
@@ -160,7 +159,7 @@ def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
         ax.axhline(every, color=color, linestyle="--", label=f"{when}: all {curves[0]['all']} samples")
     xlabel = "samples used for the precise statistics (N)"
     dress(ax, "How many samples PreciseBN needs", xlabel=xlabel, ylabel="test accuracy (%)", legend={"fontsize": 7})
-    return [*paths, save(fig, outdir / "samples_needed.png")]
+    yield "samples_needed.png", fig
 
 
 class PreciseBN(Experiment):

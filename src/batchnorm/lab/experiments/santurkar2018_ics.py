@@ -6,7 +6,6 @@ Setup, the rules fixed before any run and each setting's source: ``santurkar2018
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ from ..claims_spec import Claims, Declared
 from ..datasets import Dataset
 from ..declare import listed, probing, seeded
 from ..experiment import Experiment
-from ..figures import dress, pyplot, save
+from ..figures import NamedFigures, dress, pyplot
 from ..models import MLP, blocks
 from ..progress import Progress
 from ..training import TrainSpec, train
@@ -148,9 +147,9 @@ class Ics(Experiment):
             for name, (net, key) in measured.items()
         ]
 
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+    def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Per network: l2 and cosine over training (median and IQR over layers and seeds), and per layer."""
-        per_seed, paths = results["metrics"]["per_seed"], []
+        per_seed = results["metrics"]["per_seed"]
         for net, name in _NETS.items():
             fig, axes = pyplot().subplots(2, 2, figsize=(10.5, 7.0))
             for (top, bottom), key in zip(axes.T, ("l2", "cos")):
@@ -176,8 +175,7 @@ class Ics(Experiment):
                 what = "l2 difference" if key == "l2" else "cosine"
                 dress(top, f"{name}: {what} over training", xlabel="training step", **style)
                 dress(bottom, f"{name}: per layer", xlabel="layer i", **style)
-            paths.append(save(fig, outdir / f"ics_{net}.png"))
-        return paths
+            yield f"ics_{net}.png", fig
 
 
 EXPERIMENT = Ics()

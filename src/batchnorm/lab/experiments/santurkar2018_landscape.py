@@ -6,7 +6,6 @@ Setup, the rules fixed before any run and each setting's source: ``santurkar2018
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,7 @@ from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, probing, train_seeds
 from ..experiment import Experiment, PerSeed
-from ..figures import dress, pyplot, save
+from ..figures import NamedFigures, dress, pyplot
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec
 from ._santurkar import COLORS, LABELS, build, epoch_steps, probe_batch, window_means
@@ -146,7 +145,7 @@ class Landscape(Experiment):
             out.append(make(key, a=list(bn), b=list(none), evidence=evidence))
         return out
 
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+    def figures(self, results: dict[str, Any]) -> NamedFigures:
         """The three landscape measures over training, and the loss along the gradient at one checkpoint."""
         plt, per_seed, s = pyplot(), results["metrics"]["per_seed"], results["config"]
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.0))
@@ -160,7 +159,7 @@ class Landscape(Experiment):
             dress(ax, Settings.text(key), title_size=10, legend=True, **axis)
         etas = f"etas {s['etas'][0]}..{s['etas'][-1]}"
         fig.suptitle(f"Landscape along the gradient ({etas}, lr {s['lr']}; one line per seed)")
-        paths = [save(fig, outdir / "landscape.png")]
+        yield "landscape.png", fig
         fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.0))
         panels = (
             ("losses", [0.0, *s["etas"]], "L(w - eta g) on the batch", "Loss"),
@@ -174,7 +173,7 @@ class Landscape(Experiment):
                 ax.plot(etas, r["landscape"][mid][key], color=COLORS[norm], marker="o", label=label)
             title = f"{what} along the gradient, mid-training (first seed)"
             dress(ax, title, xlabel="step size eta", ylabel=ylabel, legend=True)
-        return [*paths, save(fig, outdir / "walk.png")]
+        yield "walk.png", fig
 
 
 EXPERIMENT = Landscape()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Sequence as Seq
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import activation_inputs, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column
-from ..figures import categories, dress, mean_band, pyplot, save
+from ..figures import NamedFigures, categories, dress, mean_band, pyplot
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
@@ -188,7 +187,7 @@ class Noisy(Experiment):
             make("noisy_inputs_drift", a=drift["noisy", q], b=drift["none", q], also=drifts[1:], evidence=evidence[3]),
         ]
 
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+    def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Training loss vs step per learning rate; layer-input percentiles over training; drift bars."""
         plt = pyplot()
         s, per_seed = results["config"], results["metrics"]["per_seed"]
@@ -208,7 +207,7 @@ class Noisy(Experiment):
                 mean_band(ax, steps, curves, label(runs, arm), color=COLORS[arm])
             ylabel = "training cross-entropy (window mean)"
             dress(ax, f"Training loss, lr {lr:g}", yscale="log", xlabel="step", ylabel=ylabel, legend={"fontsize": 8})
-        paths = [save(fig, outdir / "training_loss.png")]
+        yield "training_loss.png", fig
 
         lr = lrs[0]
         fig, axes = plt.subplots(len(layers), len(_ARMS), figsize=(4.2 * len(_ARMS), 3.0 * len(layers)), squeeze=False)
@@ -220,7 +219,7 @@ class Noisy(Experiment):
             ax.plot(at[: len(p)], p[:, 1], color=COLORS[arm], label="median")
             title = f"{LABELS[arm]}: layer {int(layer) + 1}, unit 0 (lr {lr:g}, first seed)"
             dress(ax, title, title_size=9, xlabel="step", ylabel="input of the ReLU", legend={"fontsize": 7})
-        paths.append(save(fig, outdir / "layer_inputs.png"))
+        yield "layer_inputs.png", fig
 
         fig, ax = plt.subplots(figsize=(7, 3.8))
         bars = [(layer, kind) for layer in layers for kind in _COMPARED]
@@ -234,7 +233,7 @@ class Noisy(Experiment):
             f"How much layer-input distributions move (lr {lr:g}, mean over seeds; noise a = {s['noise_magnitude']:g})"
         )
         dress(ax, title, ylabel=f"RMS change per {every} steps / avg std", legend=True)
-        return [*paths, save(fig, outdir / "drift.png")]
+        yield "drift.png", fig
 
 
 EXPERIMENT = Noisy()

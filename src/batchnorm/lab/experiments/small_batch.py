@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ from ..config import RunConfig
 from ..datasets import Dataset, load
 from ..declare import listed, non_iid_batches, seeded
 from ..experiment import Experiment, PerSeed, column, per_seed_values
-from ..figures import bar_values, categories, dress, log_ticks, pyplot, save
+from ..figures import NamedFigures, bar_values, categories, dress, log_ticks, pyplot
 from ..models import MLP, ConvNet
 from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
 from ..progress import Progress
@@ -195,7 +194,7 @@ class SmallBatch(Experiment):
             make("ghost_limit", a=ghost[mid], b=bn[big], also=[ghost_small], evidence=evidence[4]),
         ]
 
-    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+    def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Test error vs group size (i.i.d.; mean ± std over seeds) and non-i.i.d. bars."""
         t, per_seed = results["config"], results["metrics"]["per_seed"]
         batch, n, sizes = int(t["batch_size"]), len(per_seed), sorted(int(v) for v in t["group_sizes"])
@@ -221,7 +220,7 @@ class SmallBatch(Experiment):
         categories(bars.xaxis, [_LABELS[k].replace(" (per-group stats)", "") for k in norms], fontsize=9)
         title = f"Non-i.i.d. groups of {t['non_iid_group']} (2 classes x 2 images)"
         dress(bars, title, ylabel=f"test error (%), mean of {n} seeds")
-        return [save(fig, Path(outdir) / "error_vs_group_size.png")]
+        yield "error_vs_group_size.png", fig
 
 
 EXPERIMENT = SmallBatch()
