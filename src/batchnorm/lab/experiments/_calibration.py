@@ -11,19 +11,13 @@ A calibration run must not see what the claims are judged on: it uses its own se
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..experiment import load_for
-from ..stacked import train_stacked
-from ..training import TrainSpec, evaluate
 
 __all__ = [
     "CALIBRATION_SEED",
@@ -32,7 +26,6 @@ __all__ = [
     "epoch_rule",
     "epochs_to_steps",
     "split_note",
-    "steps_to_settle",
 ]
 
 CALIBRATION_SEED = 1000
@@ -96,24 +89,3 @@ def epoch_rule(cfg: RunConfig, epochs: float, batch_size: int) -> tuple[int, str
         f"{epochs:g} passes over the training set ({n} examples, batch {batch_size}), the same rule on every data set"
     )
     return epochs_to_steps(epochs, n, batch_size), rule
-
-
-def steps_to_settle(
-    arms: list[nn.Module], cal: Dataset, streams: list[Iterator[Tensor]], spec: TrainSpec, every: int, tolerance: float
-) -> dict[str, Any]:
-    """A step-count rule: train ``arms`` (one model each, together: ``stacked.train_stacked``) on
-    ``cal``'s training part for ``spec.steps`` steps, validating on its other part every ``every``
-    steps; ``{"steps", "curves", "checkpoints"}``: each arm's validation error (%) at every
-    checkpoint, and the first checkpoint at which every curve is within ``tolerance`` points of
-    its own best, rounded up to a multiple of 100."""
-    checkpoints = list(range(every, spec.steps + 1, every))
-    xs, ys = [cal.train_x] * len(arms), [cal.train_y] * len(arms)
-    curves: list[list[float]] = [[] for _ in arms]
-
-    def validate(_step: int, _results: object) -> None:
-        for curve, model in zip(curves, arms):
-            curve.append(100.0 * (1.0 - evaluate(model, cal.test_x, cal.test_y)[1]))
-
-    train_stacked([[m] for m in arms], xs, ys, spec, streams, checkpoints=checkpoints, on_checkpoint=validate)
-    settled = max(next(c for c, e in zip(checkpoints, curve) if e <= min(curve) + tolerance) for curve in curves)
-    return {"steps": int(math.ceil(settled / 100.0) * 100), "curves": curves, "checkpoints": checkpoints}

@@ -5,6 +5,8 @@ Setup, the rules fixed before any run and each setting's source: ``small_batch.m
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
@@ -15,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from ... import GhostBatchNorm1d
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims, Declared, beside
 from ..config import RunConfig
-from ..datasets import Dataset, load
+from ..datasets import Dataset
 from ..declare import listed, non_iid_batches, seeded
 from ..experiment import Experiment, PerSeed, column, per_seed_values
 from ..figures import NamedFigures, bar_values, categories, dress, log_ticks, pyplot
@@ -27,13 +29,18 @@ from ..progress import Progress
 from ..stacked import train_stacked
 from ..training import TrainSpec, evaluate, minibatches
 from ..verdict import part
-from ._calibration import CALIBRATION_SEED, calibration_split, steps_to_settle
+from ._calibration import CALIBRATION_SEED
 
 _NORMS = ("bn", "brn", "ghost", "gn")
 _LABELS = {"bn": "BN (per-group stats)", "brn": "Batch Renorm", "ghost": "Ghost BN", "gn": "Group Norm"}
 _COLORS = {"bn": "tab:blue", "brn": "tab:green", "ghost": "tab:purple", "gn": "tab:orange"}
 
-_CALIBRATED_STEPS = {"digits": 500, "mnist1d": 2900}  # from ``calibrate_steps``; full mode: 10/3 x, tiny: 40
+
+@functools.cache
+def _calibrated_steps() -> dict[str, int]:
+    """Quick mode's steps per data set, measured by ``scripts/calibrate_lab_steps.py`` (full mode:
+    10/3 x, tiny: 40), from ``small_batch.steps.json`` beside this module."""
+    return dict(json.loads(beside(__name__, ".steps.json").read_text(encoding="utf-8"))["steps"])
 
 
 class Settings(Declared):
@@ -46,27 +53,13 @@ class Settings(Declared):
     mnist1d_choice: str
 
 
-def calibrate_steps(
-    data_name: str, *, max_steps: int = 4800, every: int = 240, tolerance_pp: float = 1.0
-) -> dict[str, Any]:
-    """The step-count rule (the ``steps_rule`` setting) run on ``CALIBRATION_SEED``:
-    ``steps_to_settle`` of BN (m = 32) and Group Norm on the calibration split; ``{"steps",
-    "curves": {"bn": [...], "gn": [...]}, "checkpoints": [...]}``."""
-    data = calibration_split(load(data_name, CALIBRATION_SEED), CALIBRATION_SEED)
-    s = _settings_for(data_name, "quick", steps=max_steps)
-    arms = [_model(data, s, name, s.batch_size, CALIBRATION_SEED) for name in ("bn", "gn")]
-    streams = [_stream(s, data, CALIBRATION_SEED, s.batch_size, True) for _ in arms]
-    spec = TrainSpec(steps=max_steps, batch_size=s.batch_size, lr=s.lr)
-    found = steps_to_settle(arms, data, streams, spec, every, tolerance_pp)
-    return {**found, "curves": dict(zip(("bn", "gn"), found["curves"]))}
-
-
 def _settings_for(data_name: str, mode: str, steps: int | None = None) -> Settings:
     model = "cnn1d" if data_name == "mnist1d" else "mlp"
-    base = _CALIBRATED_STEPS.get(data_name, _CALIBRATED_STEPS["digits"])
+    calibrated = _calibrated_steps()
+    base = calibrated.get(data_name, calibrated["digits"])
     steps = {"tiny": 40, "quick": base, "full": int(round(base * (10 / 3)))}[mode] if steps is None else steps
     earlier = Settings.text("hand_chosen_before", steps=2400) if data_name == "mnist1d" else ""
-    name = data_name if data_name in _CALIBRATED_STEPS else "digits (used for other data)"
+    name = data_name if data_name in calibrated else "digits (used for other data)"
     rule = Settings.text("steps_rule", seed=CALIBRATION_SEED, steps=base, data=name, earlier=earlier)
     choice = Settings.text("mnist1d_choice", steps=base) if model == "cnn1d" else ""
     return Settings.of(mode, model=model, steps=steps, steps_rule=rule, mnist1d_choice=choice)
