@@ -1,6 +1,6 @@
 """Small pieces the experiments' declarations share, written once: the seeds of one arm trained
 together under a progress bar, an MLP sized for a data set, a measurement that moves a model's
-weights and puts them back, per-seed numbers as text for a claim's evidence, the inputs of a
+weights and puts them back (with the gradients it steps along), per-seed numbers as text for a claim's evidence, the inputs of a
 network's activations, and non-i.i.d. minibatches."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .datasets import Dataset
 from .models import MLP, blocks
@@ -25,8 +26,10 @@ __all__ = [
     "listed",
     "mlp_for",
     "non_iid_batches",
+    "gradients",
     "probing",
     "seeded",
+    "step_from",
     "train_seeds",
 ]
 
@@ -79,17 +82,18 @@ def listed(values: Iterable[float], fmt: str = "{:.1f}", sep: str = ", ") -> str
 
 
 @contextlib.contextmanager
-def probing(model: nn.Module) -> Iterator[nn.Module]:
+def probing(model: nn.Module) -> Iterator[dict[Tensor, Tensor]]:
     """Context manager for a measurement that moves the weights (a walk along the gradient, a
-    step of the earlier layers): inside, the model is in training mode; on exit its parameters,
-    gradients, buffers (BN running statistics) and training flags are as they were."""
+    step of the earlier layers): inside, the model is in training mode; it yields each
+    parameter's value on entry (``{parameter: copy}``); on exit its parameters, gradients,
+    buffers (BN running statistics) and training flags are as they were."""
     params, buffers = list(model.parameters()), list(model.buffers())
     weights, saved = [p.detach().clone() for p in params], [b.clone() for b in buffers]
     grads = [p.grad for p in params]
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.train()
-        yield model
+        yield dict(zip(params, weights))
     finally:
         with torch.no_grad():
             for p, w in zip(params + buffers, weights + saved):
@@ -98,6 +102,28 @@ def probing(model: nn.Module) -> Iterator[nn.Module]:
             p.grad = g
         for m, flag in flags:
             m.training = flag
+
+
+def gradients(
+    model: nn.Module, x: Tensor, y: Tensor, loss_fn: Any = F.cross_entropy
+) -> tuple[float, dict[Tensor, Tensor]]:
+    """The loss on (x, y) and a copy of its gradient w.r.t. each parameter (``{parameter:
+    gradient}``, zeros where it has none)."""
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    grads: dict[Tensor, Tensor] = {
+        p: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in model.parameters()
+    }
+    return float(loss.detach()), grads
+
+
+def step_from(params: Iterable[Tensor], start: dict[Tensor, Tensor], grads: dict[Tensor, Tensor], lr: float) -> None:
+    """In place, without autograd: each of ``params`` becomes ``w - lr * g`` (``w``: its value in
+    ``start``, as ``probing`` yields it; ``g``: its gradient in ``grads``)."""
+    with torch.no_grad():
+        for p in params:
+            p.copy_(start[p] - lr * grads[p])
 
 
 def non_iid_batches(

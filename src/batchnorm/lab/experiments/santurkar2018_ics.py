@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from ..claims_spec import Claims, Declared
 from ..datasets import Dataset
-from ..declare import listed, probing, seeded
+from ..declare import gradients, listed, probing, seeded, step_from
 from ..experiment import Experiment
 from ..figures import NamedFigures, dress, pyplot
 from ..models import MLP, blocks
@@ -43,21 +43,14 @@ def ics(model: nn.Module, x: Tensor, y: Tensor, lr: float, loss_fn: Any) -> list
     parameters, gradients, buffers and training flags are left as they were.
     """
     hidden = list(blocks(model))
-    groups = [list(b.parameters()) for b in hidden]
-    start = [[p.detach().clone() for p in grp] for grp in groups]
     out = []
-    with probing(model):
-        model.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        grads = [[torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in grp] for grp in groups]
+    with probing(model) as start:
+        _, grads = gradients(model, x, y, loss_fn)
         for i in range(1, len(hidden)):
-            with torch.no_grad():  # blocks < i - 1 took their step in the earlier rounds
-                for p, w, g in zip(groups[i - 1], start[i - 1], grads[i - 1]):
-                    p.copy_(w - lr * g)
-            model.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            g_before = grads[i][0].flatten()  # (out * in,): block i's Linear weight
-            g_after = hidden[i].layer.weight.grad.detach().flatten()
+            step_from(hidden[i - 1].parameters(), start, grads, lr)  # blocks < i - 1 stepped in earlier rounds
+            weight = next(hidden[i].parameters())  # block i's Linear weight
+            g_before = grads[weight].flatten()  # (out * in,)
+            g_after = gradients(model, x, y, loss_fn)[1][weight].flatten()
             diff = float((g_before - g_after).norm())
             norm = float(g_before.norm())
             cos = float(F.cosine_similarity(g_before, g_after, dim=0))

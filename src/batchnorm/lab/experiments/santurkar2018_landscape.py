@@ -11,12 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, probing, train_seeds
+from ..declare import gradients, listed, probing, step_from, train_seeds
 from ..experiment import Experiment, PerSeed
 from ..figures import NamedFigures, dress, pyplot
 from ..progress import Progress
@@ -32,15 +31,6 @@ class Settings(Declared):
     checkpoints: int
 
 
-def _grads(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, list[Tensor], Tensor]:
-    """The cross-entropy on (x, y) and its gradient w.r.t. each parameter (zeros where none), also flat (P,)."""
-    model.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
-    return float(loss.detach()), grads, torch.cat([g.flatten() for g in grads])
-
-
 def landscape(model: nn.Module, x: Tensor, y: Tensor, etas: list[float]) -> dict[str, Any]:
     """Walk along the gradient of the loss on (x, y) (Santurkar et al. 2018, Fig. 4).
 
@@ -50,18 +40,15 @@ def landscape(model: nn.Module, x: Tensor, y: Tensor, etas: list[float]) -> dict
     ||g - g_eta|| / (eta ||g||)). The model's parameters, gradients, buffers and training flags
     are left as they were.
     """
-    params = list(model.parameters())
-    start = [p.detach().clone() for p in params]
-    with probing(model):
-        loss0, grads, g0 = _grads(model, x, y)
+    with probing(model) as start:
+        loss0, grads = gradients(model, x, y)
+        g0 = torch.cat([g.flatten() for g in grads.values()])  # (P,)
         losses, changes = [loss0], []
         for eta in etas:
-            with torch.no_grad():
-                for p, w, g in zip(params, start, grads):
-                    p.copy_(w - eta * g)
-            loss, _, g_eta = _grads(model, x, y)
+            step_from(model.parameters(), start, grads, eta)
+            loss, at_eta = gradients(model, x, y)
             losses.append(loss)
-            changes.append(float((g0 - g_eta).norm()))
+            changes.append(float((g0 - torch.cat([g.flatten() for g in at_eta.values()])).norm()))
     norm = float(g0.norm())
     walk = {"losses": losses, "grad_change": changes, "grad_norm": norm}
     if not (all(np.isfinite(losses)) and all(np.isfinite(changes))):
