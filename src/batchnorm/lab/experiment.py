@@ -1,8 +1,6 @@
-"""What every experiment shares: the seeds it runs and the loop over them (``Experiment``; an
-example: docs/lab.md, "Writing an experiment"), with its ``Settings`` a ``claims_spec.Declared``.
-``Experiment.run`` loads each seed's data (the split is part of what a seed varies), calls
-``run_seeds`` and stores ``metrics = {"seeds": [...], "per_seed": [m_0, ...]}``; ``column`` and
-``per_seed_values`` read one number per seed back for a claim.
+"""What every experiment shares: the seeds it runs and the loop over them (``Experiment``; the
+contract: docs/lab.md, "Writing an experiment"), and readers of one number per seed for a claim
+(``column``, ``per_seed_values``) from ``metrics = {"seeds": [...], "per_seed": [m_0, ...]}``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""Plot helpers shared by the experiments' ``figures`` functions (matplotlib is imported only
-inside ``pyplot()``). ``save`` writes a figure atomically, cropped to its content, bar axes from 0
-and log axes readably labelled (the tests check each figure's layout there: ``SAVE_CHECKS``).
-``dress``, ``categories`` and ``bar_values`` finish a panel; ``mean_band``, ``mean_and_seeds`` and
-``seed_bars`` draw one arm's seeds.
+"""Plot helpers shared by the experiments' ``figures`` (matplotlib is imported only inside
+``pyplot()``); ``save`` writes a figure atomically, bar axes from 0 and log axes readably labelled
+(the layout rules and their test: docs/lab.md, "Figures and reports").
 """
 
 from __future__ import annotations

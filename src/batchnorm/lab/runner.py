@@ -1,12 +1,6 @@
-"""Run experiments end to end: train -> results.json (atomic) -> claims -> figures -> report.
-
-    results = run_one("ioffe2015-fig1", RunConfig(mode="quick"))
-    redraw(Path("runs"))                                   # figures and reports, no training
-
-Each run seeds torch's global generator from ``cfg.seed`` (for anything an experiment does not
-seed explicitly, e.g. dropout masks) inside ``torch.random.fork_rng``, and uses one torch thread
-(these models are tiny, and one thread is as fast on a shared 2-core machine); both are
-restored afterwards.
+"""Run experiments end to end: train -> results.json (atomic) -> claims -> figures -> report
+(``run_one``), or redraw from saved results (``redraw``); ``docs/lab.md`` has the commands. A run
+seeds torch's global generator from ``cfg.seed`` and uses one torch thread, both restored after.
 """
 
 from __future__ import annotations

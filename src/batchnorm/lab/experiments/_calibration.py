@@ -1,11 +1,6 @@
-"""Calibration data for the lab's rules that fix a setup before the claims are judged.
-
-A calibration run must not see what the claims are judged on: it uses its own seed
-(``CALIBRATION_SEED``, never one of a run's seeds) and its own split of that seed's training set
-(a stratified part held out as validation data); the test set is never used:
-
-    cal = calibration_split(load("digits", CALIBRATION_SEED), CALIBRATION_SEED)
-    cal.train_x, cal.test_x   # (N', D), (N - N', D): 80% / 20% of the training set
+"""Calibration data for the lab's rules that fix a setup before the claims are judged: its own
+seed (``CALIBRATION_SEED``, never a claim's) and a stratified 80/20 split of that seed's training
+set (``calibration_split``: train (N', D), validation (N - N', D)); the test set is never used.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""Shared set-up of the three Santurkar et al. 2018 experiments (``santurkar2018-*``): a deep ReLU
-MLP on the lab's data, plain, with our ``BatchNorm1d`` before each ReLU, or with noisy BN. Every
-arm of a seed starts from the same He-initialized weights, N(0, 2/fan_in), biases 0 (PyTorch's
-default init leaves a 10-layer plain ReLU net at chance).
-
-Noisy BN is written as BN followed by a noisy activation, :class:`NoisyReLU`: ``relu(noise_t(y))``
-with ``y`` the BN output is exactly ``relu(NoisyBatchNorm(x))``, and the activation, unlike a norm
-layer, sees the seeds' slices (S, B, C) of a stacked run (``stacked.train_stacked``) and can draw
-each seed's noise from that seed's own generator.
+"""Shared set-up of the three Santurkar et al. 2018 experiments (``santurkar2018-*``; docs/lab.md
+and each one's ``.md``): a deep ReLU MLP, He-initialized, N(0, 2/fan_in), biases 0 (PyTorch's
+default init leaves a 10-layer plain ReLU net at chance), plain, with BN, or with noisy BN written
+as BN followed by :class:`NoisyReLU` (an activation sees each seed's slice of a stacked run).
 """
 
 from __future__ import annotations
