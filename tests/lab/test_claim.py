@@ -91,6 +91,9 @@ def test_saved_plan_keeps_its_futility_minimum() -> None:
 class _FakeSettings:
     threshold: float = 0.0
 
+    def record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
 
 class _Fake(Experiment):
     """One claim on a fixed value per seed (no training): 'value >= 0'."""

@@ -14,7 +14,6 @@ import torch
 
 from batchnorm.lab._replicates import mean_over_replicates, replicate_seed
 from batchnorm.lab.config import RunConfig
-from batchnorm.lab.experiment import recorded
 from batchnorm.lab.experiments import dropout as exp
 from batchnorm.lab.experiments._calibration import CALIBRATION_SEED
 from batchnorm.lab.progress import Progress
@@ -41,7 +40,7 @@ def test_calibration_rule_doubles_the_slowest_arm_and_caps(
     never = s.max_steps + s.calibration_every
     assert s.calibration_fit_steps == {
         name: (fit[name] if fit.get(name, 100) is not None else never) if name in fit else 100
-        for name in recorded(s)["arms"]
+        for name in s.record()["arms"]
     }
 
 

@@ -127,13 +127,11 @@ def test_mnist1d_quick_setups_are_recorded_and_digits_are_untouched(
 ) -> None:
     import importlib
 
-    from batchnorm.lab.experiment import recorded
-
     exp = importlib.import_module(f"batchnorm.lab.experiments.{module}")
 
     def settings(cfg: RunConfig) -> dict:
         if hasattr(exp, "EXPERIMENT"):
-            return recorded(exp.EXPERIMENT.settings(cfg))
+            return exp.EXPERIMENT.settings(cfg).record()
         return exp._settings(cfg)
 
     digits = settings(RunConfig(mode="quick", data="digits"))

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 from batchnorm.lab.config import RunConfig
-from batchnorm.lab.experiment import first_reaching, recorded
+from batchnorm.lab.experiment import first_reaching
 from batchnorm.lab.experiments import placement as exp
 from batchnorm.lab.runner import run_one
 
 
 def test_steps_rule_is_the_same_on_every_data_set() -> None:
     for mode, steps in (("quick", 2000), ("full", 20000)):
-        digits = recorded(exp.EXPERIMENT.settings(RunConfig(mode=mode, data="digits")))
-        mnist1d = recorded(exp.EXPERIMENT.settings(RunConfig(mode=mode, data="mnist1d")))
+        digits = exp.EXPERIMENT.settings(RunConfig(mode=mode, data="digits")).record()
+        mnist1d = exp.EXPERIMENT.settings(RunConfig(mode=mode, data="mnist1d")).record()
         assert digits == mnist1d and digits["steps"] == steps and digits["steps_rule"]
         assert digits["checkpoint_every"] * 20 == steps and digits["replicates"] >= 3
 

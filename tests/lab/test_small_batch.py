@@ -133,8 +133,6 @@ def _synthetic(
     ni: dict[str, list[float]],
 ) -> dict:
     """Saved results with the given per-seed test errors (%), three seeds, quick group sizes."""
-    from batchnorm.lab.experiment import recorded
-
     s = exp.EXPERIMENT.settings(RunConfig(mode="quick"))
     per_seed = []
     for k in range(3):
@@ -146,7 +144,7 @@ def _synthetic(
         }
         per_seed.append({"iid": iid, "non_iid": {n: {"test_error": v[k]} for n, v in ni.items()}})
     return {
-        "config": recorded(s),
+        "config": s.record(),
         "data": {"test": 360},
         "metrics": {"seeds": [0, 1, 2], "per_seed": per_seed},
     }
@@ -314,8 +312,6 @@ def test_report_states_a_data_specific_setup_only_when_there_is_one() -> None:
 def test_claims_and_figures_read_only_the_arms_that_are_trained(data: str, mode: str, tmp_path: Path) -> None:
     """The 1-D CNN trains fewer arms (BRN at the ends only, no non-i.i.d. Ghost BN or GN): the
     claims and figures must work from exactly the metrics ``run_seeds`` records."""
-    from batchnorm.lab.experiment import recorded
-
     s = exp._settings_for(data, mode)
     per_seed = []
     for k in range(3):
@@ -328,7 +324,7 @@ def test_claims_and_figures_read_only_the_arms_that_are_trained(data: str, mode:
                 m["non_iid"][norm] = rec
         per_seed.append(m)
     results = {
-        "config": recorded(s),
+        "config": s.record(),
         "data": {"test": 360},
         "metrics": {"seeds": [0, 1, 2], "per_seed": per_seed},
     }

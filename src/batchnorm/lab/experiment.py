@@ -5,7 +5,6 @@ contract: docs/lab.md, "Writing an experiment"), and readers of one number per s
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
 from collections.abc import Callable, Sequence
@@ -27,7 +26,6 @@ __all__ = [
     "load_for",
     "per_seed_values",
     "plan_for",
-    "recorded",
     "seeds_for",
 ]
 
@@ -56,12 +54,6 @@ def seeds_for(cfg: RunConfig) -> tuple[int, ...]:
 def load_for(cfg: RunConfig, seed: int) -> Dataset:
     """Seed ``seed``'s split of the run's data set (the small version in tiny mode)."""
     return load(cfg.data, seed, small=cfg.mode == "tiny")
-
-
-def recorded(settings: Any) -> dict[str, Any]:
-    """The settings as results record them (their ``"config"``): ``settings.record()`` for a
-    ``claims_spec.Declared``, else every field of the dataclass."""
-    return settings.record() if hasattr(settings, "record") else dataclasses.asdict(settings)
 
 
 def per_seed_values(results: dict[str, Any], read: Callable[[dict[str, Any]], float]) -> list[float]:
@@ -162,7 +154,7 @@ class Experiment:
             first = data[0] if not per_seed else first
             per_seed += self.run_seeds(s, data, block, progress)
             out = {
-                "config": recorded(s),
+                "config": s.record(),
                 "data": self.describe_data(s, first),
                 "metrics": {"seeds": list(seeds[:n]), "per_seed": per_seed, "plan": plan.to_json()},
             }
