@@ -32,14 +32,14 @@ def calibrate(data_name: str, max_steps: int = 4800, every: int = 240, tolerance
     and each arm's validation error (%) at every checkpoint."""
     import torch
 
-    from batchnorm.lab.datasets import load
+    from batchnorm.lab.config import RunConfig
     from batchnorm.lab.experiments import small_batch as exp
-    from batchnorm.lab.experiments._calibration import CALIBRATION_SEED, calibration_split
+    from batchnorm.lab.experiments._calibration import CALIBRATION_SEED, calibration_data
     from batchnorm.lab.stacked import train_stacked
     from batchnorm.lab.training import TrainSpec, evaluate
 
     torch.set_num_threads(1)
-    cal = calibration_split(load(data_name, CALIBRATION_SEED), CALIBRATION_SEED)
+    cal = calibration_data(RunConfig(mode="quick", data=data_name), CALIBRATION_SEED)
     s = exp._settings_for(data_name, "quick", steps=max_steps)
     arms = {name: exp._model(cal, s, name, s.batch_size, CALIBRATION_SEED) for name in ("bn", "gn")}
     streams = [exp._stream(s, cal, CALIBRATION_SEED, s.batch_size, True) for _ in arms]
