@@ -225,8 +225,6 @@ def test_bad_input_is_refused() -> None:
         StackedNet([[a], [c]])
     with pytest.raises(ValueError, match="at least one"):
         StackedNet([[]])
-    with pytest.raises(ValueError, match="dropout modules"):
-        StackedNet([[MLP(12, [8], 4, dropout=0.5)]])
     with pytest.raises(ValueError, match="0 <= dropout < 1"):
         StackedNet([[a]], 1.0, torch.Generator())
     with pytest.raises(ValueError, match="one x, y and stream"):
