@@ -12,10 +12,8 @@ Conventions:
 - minibatches are drawn without replacement from a stream of seeded permutations of the
   training set: every batch has exactly ``batch_size`` examples (batches may straddle two
   epochs), so BN always normalizes over the same m;
-- divergence: a non-finite loss at step t marks the run *diverged at t* and stops it; its model
-  keeps the weights that gave that loss (no update at step t), ``steps_done`` is t - 1 and
-  ``losses`` ends with the non-finite value (networks trained together: see ``stacked``). Our
-  BatchNorm's "non-finite batch" warning is silenced inside the loop, an expected outcome there;
+- divergence (docs/lab.md, "Divergence, one rule"): a non-finite loss at step t stops the run
+  with the weights that gave it, ``steps_done`` t - 1 and ``losses`` ending with that value;
 - the number of torch threads is never changed here (the runner may do it for a whole run).
 """
 
@@ -145,14 +143,10 @@ def train(
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     batches: Iterator[Tensor] | None = None,
 ) -> TrainResult:
-    """Train ``model`` (a lab ``MLP`` or 1-D ``ConvNet`` without dropout modules) in place with
-    SGD for ``spec.steps`` minibatch steps: ``stacked.train_stacked`` with this one member (see
-    the module docstring).
-
-    ``on_checkpoint(step, result)`` runs at every step in ``checkpoints`` (0 = before training)
-    with the model in training mode holding its current weights and the live ``TrainResult``;
-    it may evaluate (``evaluate`` restores the mode). ``loss_fn(output, target)`` is the
-    minibatch's mean loss. ``batches`` overrides the index stream ``generator`` draws.
+    """Train ``model`` (a lab ``MLP`` or 1-D ``ConvNet``) in place with SGD for ``spec.steps``
+    minibatch steps: ``stacked.train_stacked`` with this one member, ``on_checkpoint(step,
+    result)`` seeing its live ``TrainResult``. ``loss_fn(output, target)`` is the minibatch's mean
+    loss; ``batches`` overrides the index stream ``generator`` draws.
     """
     from .stacked import train_stacked  # the loop builds on this module's types
 

@@ -1,14 +1,14 @@
 """Shared set-up of the three Santurkar et al. 2018 experiments (``santurkar2018-*``).
 
 A deep ReLU MLP on the lab's data, with no normalization, with our ``BatchNorm1d`` before each
-ReLU, or (noisy experiment) with :class:`batchnorm.lab.normalizers.NoisyBatchNorm`. All arms of
+ReLU, or (noisy experiment) with Santurkar et al.'s noisy BN (BN, then noise). All arms of
 a seed start from weights drawn from the same generator: N(0, 2/fan_in) (He initialization, so
 that the plain network trains at all at this depth; PyTorch's default init leaves a 10-layer
 plain ReLU net at chance), biases 0.
 
 For training several seeds together (``stacked.train_stacked``), noisy BN is written as BN
 followed by a noisy activation, :class:`NoisyReLU`: ``relu(noise_t(y))`` with ``y`` the BN
-output is exactly ``relu(NoisyBatchNorm(x))``, and the activation, unlike a norm layer, sees
+output is exactly ``relu(noisy_bn(x))``, and the activation, unlike a norm layer, sees
 the seeds' slices (S, B, C) and can draw each seed's noise from that seed's own generator.
 """
 
@@ -67,7 +67,7 @@ def probe_batch(x: Tensor, y: Tensor, k: int, size: int = 128) -> tuple[Tensor, 
 
 class NoisyReLU(nn.Module):
     """``relu(y * s * (1 + p e) + mu + p e')``: Santurkar et al.'s noise on a BN output ``y``,
-    then the ReLU (the noise of :class:`batchnorm.lab.normalizers.NoisyBatchNorm`, drawn in the
+    then the ReLU (tested equal to a reference noisy BN layer followed by a ReLU, drawing in the
     same order from the same kind of generator).
 
     At every training-mode forward, for each seed k (slice k of a stacked (S, B, C) input, or
