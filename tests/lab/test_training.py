@@ -94,7 +94,7 @@ def test_evaluate_matches_manual_accuracy_and_restores_mode() -> None:
     x, y = _data()
     model = nn.Sequential(nn.Dropout(0.5), MLP(5, [8], 2, norm="bn"))
     model.train()
-    loss, acc = evaluate(model, x, y, batch_size=7)
+    loss, acc = evaluate(model, x, y)
     assert model.training and all(m.training for m in model.modules())
     model.eval()
     with torch.no_grad():

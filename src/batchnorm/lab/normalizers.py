@@ -35,10 +35,9 @@ class _Grouped(nn.Module):
         self.group_size = group_size
 
     def _moments(self, input: Tensor) -> tuple[Tensor, tuple[int, ...], Tensor, Tensor]:
-        """(xg, dims, mean, biased var) of ``input`` (N, C[, L]) in groups of m = ``group_size``
-        consecutive samples (group g holds samples g*m .. g*m + m - 1, as a per-GPU split):
-        xg (G, m, C[, L]), ``dims`` the dims of xg one statistic reduces (m and any L), mean and
-        var (G, 1, C[, 1]). ValueError if m does not divide N."""
+        """(xg (G, m, C[, L]), the dims of xg one statistic reduces, mean and biased var (G, 1,
+        C[, 1])) of ``input`` (N, C[, L]) in groups of m = ``group_size`` consecutive samples (a
+        per-GPU split); ValueError if m does not divide N."""
         n, m = input.shape[0], self.group_size
         if n % m != 0:
             raise ValueError(f"{type(self).__name__}: batch of {n} is not a multiple of the group size {m}")
@@ -70,12 +69,8 @@ class GroupedBatchNorm1d(_Grouped, BatchNorm1d):
     statistics; averaging them is Alg. 2 at group size m). Unlike ghost batch norm, the spread
     between group means is *not* in the running variance: per-device BN never sees it. With
     ``group_size >= N`` this is exactly :class:`batchnorm.BatchNorm1d`. Eval: the running
-    statistics, as BN.
-
-    A batch with non-finite statistics updates nothing (one warning per layer), as our BN.
-
-    With (N, C, L) input the statistics of a group are over its m samples and L positions, and
-    the running-variance correction is n/(n-1) with n = m·L.
+    statistics, as BN. A batch with non-finite statistics updates nothing (one warning per
+    layer), as our BN. On (N, C, L) input the correction is n/(n-1) with n = m·L.
 
     Shape: (N, C) -> (N, C) or (N, C, L) -> (N, C, L); N must be a multiple of ``group_size`` in
     training.
@@ -112,8 +107,6 @@ class GroupedBatchRenorm1d(_Grouped, BatchRenorm1d):
     then ONE moving-average update per step with the group averages of mu_g and sigma_g, and
     one schedule step. With ``group_size >= N`` this is exactly :class:`batchnorm.BatchRenorm1d`
     (which it subclasses for the schedule, buffers and inference). Eval: gamma (x - mu)/sigma + beta.
-
-    With (N, C, L) input the statistics of a group are over its m samples and L positions.
 
     Shape: (N, C) -> (N, C) or (N, C, L) -> (N, C, L); N must be a multiple of ``group_size`` in
     training.
