@@ -147,7 +147,8 @@ class _Net(nn.Module):
         blocks = []
         width = input_shape[0]
         for i, h in enumerate(hidden):
-            blocks.append(Block(layer(i, width, h, bias), factory(h) if factory else None, activation(act), placement))
+            made = layer(i, width, h, bias)  # before the norm: PyTorch's default init draws from the global RNG
+            blocks.append(Block(made, factory(h) if factory is not None else None, activation(act), placement))
             width = h
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(width, classes)

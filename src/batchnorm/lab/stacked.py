@@ -29,7 +29,8 @@ plain SGD loop on the ``nn.Module``, up to float rounding:
 * Loss: the sum of the members' mean losses; no parameter is shared, so each member gets its own
   gradient, and SGD (momentum and weight decay included) acts element-wise.
 * Divergence: a member whose loss at step t is not finite stops with the weights that gave it;
-  its input rows are zeroed and its slices reset after every later update (``silence``).
+  its input rows are zeroed and its slices reset after every later update (``silence``); in step
+  t the merged norms of its arm refuse the whole batch (the others of the arm skip that update).
 """
 
 from __future__ import annotations
