@@ -48,7 +48,7 @@ def probe_batch(x: Tensor, y: Tensor, k: int, size: int = 128) -> tuple[Tensor, 
 
 class NoisyReLU(nn.Module):
     """``relu(y * s * (1 + p e) + mu + p e')``: Santurkar et al.'s noise on a BN output ``y``,
-    then the ReLU (the noise of :class:`batchnorm.lab.normalizers.NoisyBatchNorm`, drawn in the
+    then the ReLU (tested equal to a reference noisy BN layer followed by a ReLU, drawing in the
     same order from the same kind of generator).
 
     At every training-mode forward, for each seed k (slice k of a stacked (S, B, C) input, or
