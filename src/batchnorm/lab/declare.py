@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .claims_spec import listed
 from .datasets import Dataset
 from .models import MLP, blocks
 from .progress import Progress
@@ -70,12 +71,6 @@ def train_seeds(
             tick=tick,
             **options,
         )
-
-
-def listed(values: Iterable[float], fmt: str = "{:.1f}", sep: str = ", ") -> str:
-    """Per-seed numbers as ``"a, b, c"`` (each ``fmt.format(float(v))``, joined by ``sep``), the
-    form every claim's evidence uses so a reader sees the spread over seeds."""
-    return sep.join(fmt.format(float(v)) for v in values)
 
 
 @contextlib.contextmanager
