@@ -1,12 +1,8 @@
-"""What every experiment shares: the seeds it runs and the per-seed loop (``Experiment``); its
-claims are built with ``claims_spec.claim``.
-
-An experiment subclasses ``Experiment`` (the contract: ``registry``; an example: docs/lab.md,
-"Writing an experiment") with a frozen ``Settings`` dataclass (a ``claims_spec.Declared``: its
-constant choices and claim thresholds are data in ``<name>.settings.toml``). ``Experiment.run``
-loads each seed's data (the split is part of what a seed varies), calls ``run_seeds`` (by
-default ``run_seed`` per seed) and stores ``metrics = {"seeds": [...], "per_seed": [m_0, ...]}``;
-``column`` and ``per_seed_values`` read one number per seed back for a claim.
+"""What every experiment shares: the seeds it runs and the loop over them (``Experiment``; an
+example: docs/lab.md, "Writing an experiment"), with its ``Settings`` a ``claims_spec.Declared``.
+``Experiment.run`` loads each seed's data (the split is part of what a seed varies), calls
+``run_seeds`` and stores ``metrics = {"seeds": [...], "per_seed": [m_0, ...]}``; ``column`` and
+``per_seed_values`` read one number per seed back for a claim.
 """
 
 from __future__ import annotations

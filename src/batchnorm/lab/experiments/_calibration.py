@@ -31,7 +31,6 @@ __all__ = [
     "calibration_split",
     "epoch_rule",
     "epochs_to_steps",
-    "settled",
     "split_note",
     "steps_to_settle",
 ]
@@ -99,26 +98,22 @@ def epoch_rule(cfg: RunConfig, epochs: float, batch_size: int) -> tuple[int, str
     return epochs_to_steps(epochs, n, batch_size), rule
 
 
-def settled(checkpoints: list[int], curves: list[list[float]], tolerance: float) -> int:
-    """The first checkpoint at which every curve (an error, lower is better, one value per
-    checkpoint) is within ``tolerance`` of its own best."""
-    return max(next(c for c, e in zip(checkpoints, curve) if e <= min(curve) + tolerance) for curve in curves)
-
-
 def steps_to_settle(
     arms: list[nn.Module], cal: Dataset, streams: list[Iterator[Tensor]], spec: TrainSpec, every: int, tolerance: float
 ) -> dict[str, Any]:
     """A step-count rule: train ``arms`` (one model each, together: ``stacked.train_stacked``) on
     ``cal``'s training part for ``spec.steps`` steps, validating on its other part every ``every``
     steps; ``{"steps", "curves", "checkpoints"}``: each arm's validation error (%) at every
-    checkpoint, and ``settled`` of the curves within ``tolerance`` points, rounded up to a
-    multiple of 100. Plain SGD has no optimizer state: training in chunks equals one long run."""
+    checkpoint, and the first checkpoint at which every curve is within ``tolerance`` points of
+    its own best, rounded up to a multiple of 100."""
     checkpoints = list(range(every, spec.steps + 1, every))
+    xs, ys = [cal.train_x] * len(arms), [cal.train_y] * len(arms)
     curves: list[list[float]] = [[] for _ in arms]
-    for _ in checkpoints:
-        chunk = dataclasses.replace(spec, steps=every)
-        train_stacked([[m] for m in arms], [cal.train_x] * len(arms), [cal.train_y] * len(arms), chunk, streams)
+
+    def validate(_step: int, _results: object) -> None:
         for curve, model in zip(curves, arms):
             curve.append(100.0 * (1.0 - evaluate(model, cal.test_x, cal.test_y)[1]))
-    steps = int(math.ceil(settled(checkpoints, curves, tolerance) / 100.0) * 100)
-    return {"steps": steps, "curves": curves, "checkpoints": checkpoints}
+
+    train_stacked([[m] for m in arms], xs, ys, spec, streams, checkpoints=checkpoints, on_checkpoint=validate)
+    settled = max(next(c for c, e in zip(checkpoints, curve) if e <= min(curve) + tolerance) for curve in curves)
+    return {"steps": int(math.ceil(settled / 100.0) * 100), "curves": curves, "checkpoints": checkpoints}

@@ -1,15 +1,12 @@
-"""Shared set-up of the three Santurkar et al. 2018 experiments (``santurkar2018-*``).
+"""Shared set-up of the three Santurkar et al. 2018 experiments (``santurkar2018-*``): a deep ReLU
+MLP on the lab's data, plain, with our ``BatchNorm1d`` before each ReLU, or with noisy BN. Every
+arm of a seed starts from the same He-initialized weights, N(0, 2/fan_in), biases 0 (PyTorch's
+default init leaves a 10-layer plain ReLU net at chance).
 
-A deep ReLU MLP on the lab's data, with no normalization, with our ``BatchNorm1d`` before each
-ReLU, or (noisy experiment) with :class:`batchnorm.lab.normalizers.NoisyBatchNorm`. All arms of
-a seed start from weights drawn from the same generator: N(0, 2/fan_in) (He initialization, so
-that the plain network trains at all at this depth; PyTorch's default init leaves a 10-layer
-plain ReLU net at chance), biases 0.
-
-For training several seeds together (``stacked.train_stacked``), noisy BN is written as BN
-followed by a noisy activation, :class:`NoisyReLU`: ``relu(noise_t(y))`` with ``y`` the BN
-output is exactly ``relu(NoisyBatchNorm(x))``, and the activation, unlike a norm layer, sees
-the seeds' slices (S, B, C) and can draw each seed's noise from that seed's own generator.
+Noisy BN is written as BN followed by a noisy activation, :class:`NoisyReLU`: ``relu(noise_t(y))``
+with ``y`` the BN output is exactly ``relu(NoisyBatchNorm(x))``, and the activation, unlike a norm
+layer, sees the seeds' slices (S, B, C) of a stacked run (``stacked.train_stacked``) and can draw
+each seed's noise from that seed's own generator.
 """
 
 from __future__ import annotations
@@ -24,22 +21,11 @@ from torch import Tensor, nn
 
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import seeded
+from ..declare import mlp_for, seeded
 from ..models import MLP, blocks
 from ._calibration import epoch_rule
 
-__all__ = [
-    "COLORS",
-    "LABELS",
-    "NoisyReLU",
-    "act_input",
-    "build",
-    "epoch_steps",
-    "noisy",
-    "probe_batch",
-    "seed_slot",
-    "window_means",
-]
+__all__ = ["COLORS", "LABELS", "NoisyReLU", "build", "epoch_steps", "noisy", "probe_batch", "seed_slot", "window_means"]
 
 LABELS = {"none": "no BN", "bn": "BN", "noisy": "noisy BN"}
 COLORS = {"none": "tab:gray", "bn": "tab:blue", "noisy": "tab:orange"}
@@ -73,14 +59,11 @@ class NoisyReLU(nn.Module):
     At every training-mode forward, for each seed k (slice k of a stacked (S, B, C) input, or
     the only one of a (B, C) input) and unit j: ``mu ~ U(-noise_mean[k], noise_mean[k])``,
     ``s ~ U(1, noise_scale[k])`` from ``generators[k]``, then per sample ``e, e' ~ N(0, 1)``
-    with ``p = per_sample[k]``. In eval mode the noise is replaced by its expectation:
+    with ``p = per_sample[k]`` (one generator and value per seed; noise_mean >= 0, noise_scale >= 1,
+    per_sample >= 0). In eval mode the noise is replaced by its expectation:
     ``relu(y * (1 + noise_scale[k]) / 2)``. A (B, C) input is seed ``slot`` (default 0; set it
     to evaluate or probe one seed's model alone). ``relu`` is a submodule, so a forward-pre-hook on
     it sees the noisy input of the ReLU (the next layer's "input distribution").
-
-    Args:
-        generators: one per seed (a (B, C) input uses ``generators[0]``).
-        noise_mean, noise_scale, per_sample: one value per seed (n_mu >= 0, n_sigma >= 1, p >= 0).
 
     Shape: (B, C) -> (B, C) or (S, B, C) -> (S, B, C) with S = len(generators).
     """
@@ -93,17 +76,15 @@ class NoisyReLU(nn.Module):
         per_sample: Sequence[float],
     ) -> None:
         super().__init__()
-        n = len(generators)
-        if n == 0 or not (len(noise_mean) == len(noise_scale) == len(per_sample) == n):
+        sizes = [len(v) for v in (generators, noise_mean, noise_scale, per_sample)]
+        if sizes[0] == 0 or len(set(sizes)) > 1:
             raise ValueError(
-                f"NoisyReLU: expected one generator and one noise_mean, noise_scale, per_sample per seed, got "
-                f"{n}, {len(noise_mean)}, {len(noise_scale)}, {len(per_sample)}"
+                f"NoisyReLU: expected one generator and one noise_mean, noise_scale, per_sample per seed, got {sizes}"
             )
-        for m, sc, p in zip(noise_mean, noise_scale, per_sample):
-            if not (m >= 0 and sc >= 1 and p >= 0):
-                raise ValueError(
-                    f"NoisyReLU: expected noise_mean >= 0, noise_scale >= 1, per_sample >= 0, got {m!r}, {sc!r}, {p!r}"
-                )
+        if not all(m >= 0 and sc >= 1 and p >= 0 for m, sc, p in zip(noise_mean, noise_scale, per_sample)):
+            raise ValueError(
+                f"NoisyReLU: expected noise_mean >= 0, noise_scale >= 1, per_sample >= 0, got {noise_mean}, {noise_scale}, {per_sample}"
+            )
         self.generators = list(generators)
         self.noise_mean = [float(v) for v in noise_mean]
         self.noise_scale = [float(v) for v in noise_scale]
@@ -130,11 +111,10 @@ class NoisyReLU(nn.Module):
         return self.relu(torch.stack([self._noise(y[k], k) for k in range(y.shape[0])]))
 
 
-def noisy(models: Sequence[MLP], act: NoisyReLU | Sequence[NoisyReLU]) -> None:
-    """In place: replace every hidden ReLU of each BN model by noise + ReLU. ``act`` is one
+def noisy(models: Sequence[MLP], acts: Sequence[NoisyReLU]) -> None:
+    """In place: replace every hidden ReLU of each BN model by noise + ReLU. ``acts``: one
     ``NoisyReLU`` per hidden layer, shared by all models (the stacked forward uses the first
     model's activations on the (S, B, C) slices)."""
-    acts = [act] if isinstance(act, NoisyReLU) else list(act)
     for m in models:
         hidden = list(blocks(m))
         if len(acts) != len(hidden):
@@ -157,23 +137,9 @@ def seed_slot(model: nn.Module, k: int) -> Iterator[None]:
             a.slot = v
 
 
-def act_input(block: nn.Module) -> nn.Module:
-    """The module whose input is the ReLU's input of a hidden block (after any noise)."""
-    act = block.act
-    return act.relu if isinstance(act, NoisyReLU) else act
-
-
 def build(data: Dataset, depth: int, width: int, norm: Any, seed: int) -> MLP:
     """The deep MLP: ``depth`` hidden layers of ``width`` ReLU units, He-initialized from ``seed``."""
-    return MLP(
-        data.features,
-        [width] * depth,
-        data.classes,
-        act="relu",
-        norm=norm,
-        init_std="he",
-        generator=seeded(seed),
-    )
+    return mlp_for(data, [width] * depth, act="relu", norm=norm, init_std="he", generator=seeded(seed))
 
 
 def window_means(losses: list[float], edges: list[int]) -> list[float | None]:

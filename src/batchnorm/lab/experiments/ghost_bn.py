@@ -27,13 +27,6 @@ from ..training import evaluate, minibatches
 from ..verdict import part
 
 _ARMS = ("sb", "lb", "lb_lr", "lb_lr_gbn", "lb_lr_gbn_ra")
-_LABELS = {
-    "sb": "SB (32)",
-    "lb": "LB (1024)",
-    "lb_lr": "LB + sqrt LR",
-    "lb_lr_gbn": "LB + LR + GBN",
-    "lb_lr_gbn_ra": "LB + LR + GBN + RA",
-}
 
 
 class Settings(Declared):
@@ -55,13 +48,12 @@ def _arm_spec(arm: str, s: Settings) -> dict[str, Any]:
     }
 
 
-def _train_regime(
-    data: Dataset, s: Settings, spec: dict[str, Any], seed: int, progress: Progress, label: str
-) -> dict[str, Any]:
-    """Train one arm (momentum SGD, weight decay, clipping, step schedule); final accuracies."""
+def _train_regime(data: Dataset, s: Settings, arm: str, seed: int, progress: Progress) -> dict[str, Any]:
+    """Train one arm (``_arm_spec``; momentum SGD, weight decay, clipping, step schedule); its
+    spec and final accuracies."""
     torch.manual_seed(seed + 1)
-    ghost = spec["ghost"]
-    norm: Any = (lambda c: GhostBatchNorm1d(c, ghost)) if ghost else "bn"
+    spec = _arm_spec(arm, s)
+    norm: Any = (lambda c: GhostBatchNorm1d(c, spec["ghost"])) if spec["ghost"] else "bn"
     model = MLP(data.features, list(s.hidden), data.classes, act=s.activation, norm=norm)
     n = data.train_x.shape[0]
     batch = min(spec["batch"], n)
@@ -71,7 +63,7 @@ def _train_regime(
     stream = minibatches(n, batch, seeded(seed + 2))
     model.train()
     diverged = False
-    with progress.task(label, total=steps) as tick:
+    with progress.task(f"{Settings.text(arm)} seed {seed}", total=steps) as tick:
         for step in range(steps):
             if step in drops:
                 for group in opt.param_groups:
@@ -86,55 +78,13 @@ def _train_regime(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             tick.update(1)
-    _, test_acc = evaluate(model, data.test_x, data.test_y)
-    _, train_acc = evaluate(model, data.train_x, data.train_y)
-    return {"test_acc": 100.0 * test_acc, "train_acc": 100.0 * train_acc, "updates": steps, "diverged": diverged}
+    test_acc = 100.0 * evaluate(model, data.test_x, data.test_y)[1]
+    train_acc = 100.0 * evaluate(model, data.train_x, data.train_y)[1]
+    return {"spec": spec, "test_acc": test_acc, "train_acc": train_acc, "updates": steps, "diverged": diverged}
 
 
 def _acc(results: dict[str, Any], arm: str, key: str = "test_acc") -> list[float]:
     return column(results["metrics"]["per_seed"], "arms", arm, key)
-
-
-def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Hoffer et al.'s ordering: SB > LB; LB < LB+LR <= LB+LR+GBN; LB+RA ~ SB (paired by seed)."""
-    acc = {arm: _acc(results, arm) for arm in _ARMS}
-    shown = {arm: listed(acc[arm], "{:.2f}") for arm in _ARMS}
-    updates = {arm: results["metrics"]["per_seed"][0]["arms"][arm]["updates"] for arm in _ARMS}
-    table = "; ".join(f"{_LABELS[arm]} {shown[arm]} ({updates[arm]} updates)" for arm in _ARMS)
-    train_lb = listed(_acc(results, "lb", "train_acc"), "{:.2f}")
-    gbn = part(acc["lb_lr_gbn"], acc["lb_lr"], above=float(results["config"]["lr_gain_above_pp"]))
-    gap = f"SB {shown['sb']} vs LB {shown['lb']} ({updates['sb']} vs {updates['lb']} updates); LB training accuracy {train_lb}"
-    ra = f"{_LABELS['lb_lr_gbn_ra']} {shown['lb_lr_gbn_ra']} vs SB {shown['sb']}"
-    make, per_seed = Claims(__name__, results), "test accuracy per seed (%)"
-    return [
-        make("large_batch_gap", a=acc["sb"], b=acc["lb"], evidence=f"{per_seed}: {gap}"),
-        make("lr_and_ghost_narrow", a=acc["lb_lr"], b=acc["lb"], also=[gbn], evidence=f"{per_seed}: {table}"),
-        make("regime_adaptation", a=acc["lb_lr_gbn_ra"], b=acc["sb"], evidence=f"{per_seed}: {ra}"),
-    ]
-
-
-def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
-    """Test accuracy per arm (mean ± std over seeds) and the number of updates per arm."""
-    per_seed = results["metrics"]["per_seed"]
-    fig, (ax, right) = pyplot().subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
-    x, names = np.arange(len(_ARMS)), [wrap(_LABELS[arm], 10) for arm in _ARMS]
-    colors = ["tab:blue", "tab:red", "tab:orange", "tab:purple", "tab:green"]
-    means, stds = ([float(f(_acc(results, arm))) for arm in _ARMS] for f in (np.mean, np.std))
-    ax.bar(x, means, yerr=stds, capsize=4, color=colors, label="test accuracy (mean ± std over seeds)")
-    train = [float(np.mean(_acc(results, arm, "train_acc"))) for arm in _ARMS]
-    ax.plot(x, train, "k_", markersize=22, mew=2, label="training accuracy (mean)")
-    for i, mu in enumerate(means):  # at the foot of each bar, clear of the error bars
-        ax.text(i, 2, f"{mu:.1f}%\n{len(per_seed)} seeds", ha="center", va="bottom", fontsize=8, color="white")
-    categories(ax.xaxis, names, fontsize=8)
-    dress(ax, "Large-batch generalization gap and how to close it", ylim=(0, 101), ylabel="accuracy (%)")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
-    updates = [per_seed[0]["arms"][arm]["updates"] for arm in _ARMS]
-    right.bar(x, updates, color=colors)
-    bar_values(right, updates, fontsize=8)
-    categories(right.xaxis, names, fontsize=8)
-    top = 2 * max(updates)  # room for the count above the tallest bar
-    dress(right, "Number of updates: the gap follows it", yscale="log", ylim=(None, top), ylabel="SGD updates")
-    return [save(fig, outdir / "generalization_gap.png")]
 
 
 class GhostBN(Experiment):
@@ -150,15 +100,48 @@ class GhostBN(Experiment):
     def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
         if settings.max_train is not None:
             data = data.subset_train(settings.max_train, seed)
-        arms = {}
-        for arm in _ARMS:
-            spec = _arm_spec(arm, settings)
-            label = f"{_LABELS[arm]} seed {seed}"
-            arms[arm] = {"spec": spec, **_train_regime(data, settings, spec, seed, progress, label)}
+        arms = {arm: _train_regime(data, settings, arm, seed, progress) for arm in _ARMS}
         return {"arms": arms, "train_examples": int(data.train_x.shape[0])}
 
-    claims = staticmethod(_claims)
-    figures = staticmethod(_figures)
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """Hoffer et al.'s ordering: SB > LB; LB < LB+LR <= LB+LR+GBN; LB+RA ~ SB (paired by seed)."""
+        acc = {arm: _acc(results, arm) for arm in _ARMS}
+        shown = {arm: listed(acc[arm], "{:.2f}") for arm in _ARMS}
+        updates = {arm: results["metrics"]["per_seed"][0]["arms"][arm]["updates"] for arm in _ARMS}
+        table = "; ".join(f"{Settings.text(arm)} {shown[arm]} ({updates[arm]} updates)" for arm in _ARMS)
+        train_lb = listed(_acc(results, "lb", "train_acc"), "{:.2f}")
+        gbn = part(acc["lb_lr_gbn"], acc["lb_lr"], above=float(results["config"]["lr_gain_above_pp"]))
+        gap = f"SB {shown['sb']} vs LB {shown['lb']} ({updates['sb']} vs {updates['lb']} updates); LB training accuracy {train_lb}"
+        ra = f"{Settings.text('lb_lr_gbn_ra')} {shown['lb_lr_gbn_ra']} vs SB {shown['sb']}"
+        make, per_seed = Claims(__name__, results), "test accuracy per seed (%)"
+        return [
+            make("large_batch_gap", a=acc["sb"], b=acc["lb"], evidence=f"{per_seed}: {gap}"),
+            make("lr_and_ghost_narrow", a=acc["lb_lr"], b=acc["lb"], also=[gbn], evidence=f"{per_seed}: {table}"),
+            make("regime_adaptation", a=acc["lb_lr_gbn_ra"], b=acc["sb"], evidence=f"{per_seed}: {ra}"),
+        ]
+
+    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+        """Test accuracy per arm (mean ± std over seeds) and the number of updates per arm."""
+        per_seed = results["metrics"]["per_seed"]
+        fig, (ax, right) = pyplot().subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+        x, names = np.arange(len(_ARMS)), [wrap(Settings.text(arm), 10) for arm in _ARMS]
+        colors = ["tab:blue", "tab:red", "tab:orange", "tab:purple", "tab:green"]
+        means, stds = ([float(f(_acc(results, arm))) for arm in _ARMS] for f in (np.mean, np.std))
+        ax.bar(x, means, yerr=stds, capsize=4, color=colors, label="test accuracy (mean ± std over seeds)")
+        train = [float(np.mean(_acc(results, arm, "train_acc"))) for arm in _ARMS]
+        ax.plot(x, train, "k_", markersize=22, mew=2, label="training accuracy (mean)")
+        for i, mu in enumerate(means):  # at the foot of each bar, clear of the error bars
+            ax.text(i, 2, f"{mu:.1f}%\n{len(per_seed)} seeds", ha="center", va="bottom", fontsize=8, color="white")
+        categories(ax.xaxis, names, fontsize=8)
+        dress(ax, "Large-batch generalization gap and how to close it", ylim=(0, 101), ylabel="accuracy (%)")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+        updates = [per_seed[0]["arms"][arm]["updates"] for arm in _ARMS]
+        right.bar(x, updates, color=colors)
+        bar_values(right, updates, fontsize=8)
+        categories(right.xaxis, names, fontsize=8)
+        top = 2 * max(updates)  # room for the count above the tallest bar
+        dress(right, "Number of updates: the gap follows it", yscale="log", ylim=(None, top), ylabel="SGD updates")
+        return [save(fig, outdir / "generalization_gap.png")]
 
 
 EXPERIMENT = GhostBN()

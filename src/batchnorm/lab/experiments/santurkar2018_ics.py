@@ -73,35 +73,24 @@ def _dln_data(seed: int, n: int = 4096) -> tuple[Tensor, Tensor]:
     return x, x @ a  # (n, 32), (n, 10)
 
 
-def _measured(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    spec: TrainSpec,
-    checkpoints: int,
-    seed: int,
-    loss_fn: Any,
-    label: str,
-    progress: Progress,
-) -> dict[str, Any]:
-    """Train ``model`` on (x, y) by ``spec`` (minibatch order seeded ``seed + 2``), measuring ``ics``
-    on a 128-example slice at ``checkpoints`` evenly spaced steps (and step 0)."""
-    steps, lr = spec.steps, spec.lr
-    marks = list(range(0, steps + 1, max(1, steps // checkpoints)))
+def _measured(model: nn.Module, net: tuple[Any, ...], seed: int, label: str, progress: Progress) -> dict[str, Any]:
+    """Train ``model`` on ``net = ((x, y), loss_fn, spec, checkpoints)`` (minibatch order seeded
+    ``seed + 2``), measuring ``ics`` on a 128-example slice at ``checkpoints`` evenly spaced steps
+    (and step 0)."""
+    (x, y), loss_fn, spec, checkpoints = net
+    marks = list(range(0, spec.steps + 1, max(1, spec.steps // checkpoints)))
     rec: dict[str, Any] = {"step": [], "ics": []}
 
     def record(step: int, _result: object) -> None:
-        rec["ics"].append(ics(model, *probe_batch(x, y, len(rec["step"])), lr, loss_fn))
+        rec["ics"].append(ics(model, *probe_batch(x, y, len(rec["step"])), spec.lr, loss_fn))
         rec["step"].append(step)
 
-    with progress.task(f"{label} seed {seed}", total=steps) as tick:
+    with progress.task(f"{label} seed {seed}", total=spec.steps) as tick:
         order = seeded(seed + 2)
         result = train(
             model, x, y, spec, generator=order, checkpoints=marks, on_checkpoint=record, tick=tick, loss_fn=loss_fn
         )
-    rec["loss_curve"] = window_means(result.losses, marks)
-    rec["diverged"] = result.diverged
-    return rec
+    return {**rec, "loss_curve": window_means(result.losses, marks), "diverged": result.diverged}
 
 
 def _median(rec: dict[str, Any], key: str) -> float:
@@ -110,63 +99,7 @@ def _median(rec: dict[str, Any], key: str) -> float:
     return float(np.nanmedian(vals)) if vals else float("nan")
 
 
-def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """BN's ICS is not lower than the plain network's, in the DLN and in the MLP."""
-    per_seed = results["metrics"]["per_seed"]
-
-    def col(net: str, norm: str, key: str) -> list[float]:
-        return [_median(m[net][norm], key) for m in per_seed]
-
-    def evidence(net: str) -> str:
-        diverged = sum(bool(m[net][norm]["diverged"]) for m in per_seed for norm in ("none", "bn"))
-        parts = "; ".join(
-            f"{name} per seed: BN {listed(col(net, 'bn', key), '{:.3g}')} vs no BN {listed(col(net, 'none', key), '{:.3g}')}"
-            for key, name in (("l2", "l2"), ("rel_l2", "relative l2"), ("cos", "cosine"))
-        )
-        ran = f"; {diverged} run(s) diverged" if diverged else ""
-        return f"median over checkpoints after step 0 and layers 2..L; {parts}{ran}"
-
-    make = Claims(__name__, results)
-    return [
-        make(name, a=col(net, "bn", key), b=col(net, "none", key), evidence=evidence(net))
-        for name, net, key in (
-            ("dln_l2", "dln", "l2"),
-            ("dln_cosine", "dln", "cos"),
-            ("mlp_relative_l2", "mlp", "rel_l2"),
-        )
-    ]
-
-
 _NETS = {"dln": "25-layer deep linear net", "mlp": "10-layer ReLU MLP"}
-
-
-def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
-    """Per network: l2 and cosine over training (median and IQR over layers and seeds), and per layer."""
-    per_seed, paths = results["metrics"]["per_seed"], []
-    for net, name in _NETS.items():
-        fig, axes = pyplot().subplots(2, 2, figsize=(10.5, 7.0))
-        for (top, bottom), key in zip(axes.T, ("l2", "cos")):
-            for norm in ("none", "bn"):
-                runs, line = [m[net][norm] for m in per_seed], {"color": COLORS[norm], "marker": "o", "ms": 3}
-                t = min(len(r["ics"]) for r in runs)
-                per_step = np.asarray([[[float(v[key]) for v in r["ics"][i]] for r in runs] for i in range(t)])
-                per_step = per_step.reshape(t, -1)  # (checkpoints, seeds * layers)
-                label = f"{LABELS[norm]} (median over layers and seeds)"
-                top.plot(runs[0]["step"][:t], np.median(per_step, axis=1), label=label, **line)
-                lo, hi = (np.percentile(per_step, q, axis=1) for q in (25, 75))
-                top.fill_between(runs[0]["step"][:t], lo, hi, color=COLORS[norm], alpha=0.2, linewidth=0)
-                layers = [v["layer"] for v in runs[0]["ics"][0]]
-                after = [(r, i) for r in runs for i in range(len(r["step"])) if r["step"][i] > 0]
-                per_layer = np.asarray([[float(r["ics"][i][j][key]) for r, i in after] for j in range(len(layers))])
-                label = f"{LABELS[norm]} (median over checkpoints after step 0)"
-                bottom.plot(layers, np.median(per_layer, axis=1), label=label, **line)
-            style: dict[str, Any] = {"ylabel": "||G - G'||" if key == "l2" else "cos(G, G')", "legend": {"fontsize": 8}}
-            style |= {"yscale": "log"} if key == "l2" else {}  # the l2 difference spans decades
-            what = "l2 difference" if key == "l2" else "cosine"
-            dress(top, f"{name}: {what} over training", xlabel="training step", **style)
-            dress(bottom, f"{name}: per layer", xlabel="layer i", **style)
-        paths.append(save(fig, outdir / f"ics_{net}.png"))
-    return paths
 
 
 class Ics(Experiment):
@@ -176,27 +109,75 @@ class Ics(Experiment):
     DESCRIPTION = "Santurkar 2018 Def. 2.1: ICS as the change of a layer's gradient after earlier layers update (l2, cosine); BN's is not lower"
 
     def run_seed(self, settings: Settings, data: Dataset, seed: int, progress: Progress) -> dict[str, Any]:
-        s, (x, y), out = settings, _dln_data(seed), {"dln": {}, "mlp": {}}
-        dln = TrainSpec(steps=s.dln_steps, batch_size=s.batch_size, lr=s.dln_lr)
-        mlp = TrainSpec(steps=s.mlp_steps, batch_size=s.batch_size, lr=s.mlp_lr)
+        s, xy, out = settings, (data.train_x, data.train_y), {"dln": {}, "mlp": {}}
+        dln = (_dln_data(seed), F.mse_loss, TrainSpec(s.dln_steps, s.batch_size, s.dln_lr), s.dln_checkpoints)
+        mlp = (xy, F.cross_entropy, TrainSpec(s.mlp_steps, s.batch_size, s.mlp_lr), s.mlp_checkpoints)
         for norm, bn in (("none", None), ("bn", "bn")):
             init = {"init_std": (1.0 / s.dln_width) ** 0.5, "generator": seeded(seed + 1)}
             model = MLP(32, [s.dln_width] * s.dln_depth, 10, act="identity", norm=bn, **init)
-            out["dln"][norm] = _measured(model, x, y, dln, s.dln_checkpoints, seed, F.mse_loss, f"DLN {norm}", progress)
+            out["dln"][norm] = _measured(model, dln, seed, f"DLN {norm}", progress)
         for norm, bn in (("none", None), ("bn", "bn")):
             model = build(data, s.mlp_depth, s.mlp_width, bn, seed)
-            xy = (data.train_x, data.train_y)
-            out["mlp"][norm] = _measured(
-                model, *xy, mlp, s.mlp_checkpoints, seed, F.cross_entropy, f"MLP {norm}", progress
-            )
+            out["mlp"][norm] = _measured(model, mlp, seed, f"MLP {norm}", progress)
         return out
 
     def describe_data(self, settings: Settings, first: Dataset) -> dict[str, Any]:
         note = "the DLN part uses its own Gaussian data (see config: dln_*)"
         return {**super().describe_data(settings, first), "note": note}
 
-    claims = staticmethod(_claims)
-    figures = staticmethod(_figures)
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """BN's ICS is not lower than the plain network's, in the DLN and in the MLP."""
+        per_seed = results["metrics"]["per_seed"]
+
+        def col(net: str, norm: str, key: str) -> list[float]:
+            return [_median(m[net][norm], key) for m in per_seed]
+
+        def evidence(net: str) -> str:
+            diverged = sum(bool(m[net][norm]["diverged"]) for m in per_seed for norm in ("none", "bn"))
+            parts = "; ".join(
+                f"{name} per seed: BN {listed(col(net, 'bn', key), '{:.3g}')} vs no BN {listed(col(net, 'none', key), '{:.3g}')}"
+                for key, name in (("l2", "l2"), ("rel_l2", "relative l2"), ("cos", "cosine"))
+            )
+            ran = f"; {diverged} run(s) diverged" if diverged else ""
+            return f"median over checkpoints after step 0 and layers 2..L; {parts}{ran}"
+
+        make = Claims(__name__, results)
+        measured = {"dln_l2": ("dln", "l2"), "dln_cosine": ("dln", "cos"), "mlp_relative_l2": ("mlp", "rel_l2")}
+        return [
+            make(name, a=col(net, "bn", key), b=col(net, "none", key), evidence=evidence(net))
+            for name, (net, key) in measured.items()
+        ]
+
+    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+        """Per network: l2 and cosine over training (median and IQR over layers and seeds), and per layer."""
+        per_seed, paths = results["metrics"]["per_seed"], []
+        for net, name in _NETS.items():
+            fig, axes = pyplot().subplots(2, 2, figsize=(10.5, 7.0))
+            for (top, bottom), key in zip(axes.T, ("l2", "cos")):
+                for norm in ("none", "bn"):
+                    runs, line = [m[net][norm] for m in per_seed], {"color": COLORS[norm], "marker": "o", "ms": 3}
+                    t = min(len(r["ics"]) for r in runs)
+                    per_step = np.asarray([[[float(v[key]) for v in r["ics"][i]] for r in runs] for i in range(t)])
+                    per_step = per_step.reshape(t, -1)  # (checkpoints, seeds * layers)
+                    label = f"{LABELS[norm]} (median over layers and seeds)"
+                    top.plot(runs[0]["step"][:t], np.median(per_step, axis=1), label=label, **line)
+                    lo, hi = (np.percentile(per_step, q, axis=1) for q in (25, 75))
+                    top.fill_between(runs[0]["step"][:t], lo, hi, color=COLORS[norm], alpha=0.2, linewidth=0)
+                    layers = [v["layer"] for v in runs[0]["ics"][0]]
+                    after = [(r, i) for r in runs for i in range(len(r["step"])) if r["step"][i] > 0]
+                    per_layer = np.asarray([[float(r["ics"][i][j][key]) for r, i in after] for j in range(len(layers))])
+                    label = f"{LABELS[norm]} (median over checkpoints after step 0)"
+                    bottom.plot(layers, np.median(per_layer, axis=1), label=label, **line)
+                style: dict[str, Any] = {
+                    "ylabel": "||G - G'||" if key == "l2" else "cos(G, G')",
+                    "legend": {"fontsize": 8},
+                }
+                style |= {"yscale": "log"} if key == "l2" else {}  # the l2 difference spans decades
+                what = "l2 difference" if key == "l2" else "cosine"
+                dress(top, f"{name}: {what} over training", xlabel="training step", **style)
+                dress(bottom, f"{name}: per layer", xlabel="layer i", **style)
+            paths.append(save(fig, outdir / f"ics_{net}.png"))
+        return paths
 
 
 EXPERIMENT = Ics()

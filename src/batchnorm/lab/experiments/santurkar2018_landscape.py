@@ -5,7 +5,7 @@ Setup, the rules fixed before any run and each setting's source: ``santurkar2018
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import listed, probing, train_seeds
-from ..experiment import Experiment
+from ..experiment import Experiment, PerSeed
 from ..figures import dress, pyplot, save
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec
@@ -33,53 +33,46 @@ class Settings(Declared):
     checkpoints: int
 
 
-def _flat_grad(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
+def _grads(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, list[Tensor], Tensor]:
+    """The cross-entropy on (x, y) and its gradient w.r.t. each parameter (zeros where none), also flat (P,)."""
     model.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
     loss.backward()
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
-    return float(loss.detach()), torch.cat([g.detach().flatten() for g in grads])  # (P,)
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+    return float(loss.detach()), grads, torch.cat([g.flatten() for g in grads])
 
 
 def landscape(model: nn.Module, x: Tensor, y: Tensor, etas: list[float]) -> dict[str, Any]:
     """Walk along the gradient of the loss on (x, y) (Santurkar et al. 2018, Fig. 4).
 
     Returns ``losses`` (L(w - eta g) for eta in [0] + etas), ``grad_change`` (||g - g_eta|| per
-    eta), ``loss_variation`` (max - min of ``losses``), ``grad_predictiveness`` (max
-    ``grad_change``), ``beta_eff`` (max of ||g - g_eta|| / (eta ||g||)) and ``grad_norm``.
-    The model's parameters, gradients, buffers and training flags are left as they were.
+    eta), ``grad_norm`` and, inf where the walk met a non-finite value, ``loss_variation`` (max -
+    min of ``losses``), ``grad_predictiveness`` (max ``grad_change``), ``beta_eff`` (max of
+    ||g - g_eta|| / (eta ||g||)). The model's parameters, gradients, buffers and training flags
+    are left as they were.
     """
     params = list(model.parameters())
     start = [p.detach().clone() for p in params]
-    changes: list[float] = []
     with probing(model):
-        loss0, g0 = _flat_grad(model, x, y)
-        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-        losses = [loss0]
+        loss0, grads, g0 = _grads(model, x, y)
+        losses, changes = [loss0], []
         for eta in etas:
             with torch.no_grad():
                 for p, w, g in zip(params, start, grads):
                     p.copy_(w - eta * g)
-            loss, g = _flat_grad(model, x, y)
+            loss, _, g_eta = _grads(model, x, y)
             losses.append(loss)
-            changes.append(float((g0 - g).norm()))
+            changes.append(float((g0 - g_eta).norm()))
     norm = float(g0.norm())
-    finite = all(np.isfinite(losses)) and all(np.isfinite(changes))
-    inf = float("inf")
-    beta = float(max(c / (eta * max(norm, 1e-30)) for c, eta in zip(changes, etas))) if finite else inf
-    return {
-        "losses": losses,
-        "grad_change": changes,
-        "grad_norm": norm,
-        "loss_variation": float(max(losses) - min(losses)) if finite else inf,
-        "grad_predictiveness": float(max(changes)) if finite else inf,
-        "beta_eff": beta,
-    }
+    walk = {"losses": losses, "grad_change": changes, "grad_norm": norm}
+    if not (all(np.isfinite(losses)) and all(np.isfinite(changes))):
+        return {**walk, **dict.fromkeys(_QUANTITIES, float("inf"))}
+    beta = max(c / (eta * max(norm, 1e-30)) for c, eta in zip(changes, etas))
+    variation, predictiveness = float(max(losses) - min(losses)), float(max(changes))
+    return {**walk, "loss_variation": variation, "grad_predictiveness": predictiveness, "beta_eff": float(beta)}
 
 
-def _train_arm(
-    s: Settings, data: Sequence[Dataset], seeds: Sequence[int], norm: str | None, progress: Progress
-) -> list[dict[str, Any]]:
+def _train_arm(s: Settings, data: Seq[Dataset], seeds: Seq[int], norm: str | None, progress: Progress) -> PerSeed:
     """Train one arm on every seed together, walking along the gradient at every checkpoint."""
     models = [build(d, s.depth, s.width, norm, seed) for d, seed in zip(data, seeds)]
     checkpoints = list(range(0, s.steps + 1, max(1, s.steps // s.checkpoints)))
@@ -92,20 +85,15 @@ def _train_arm(
                 rec["step"].append(step)
                 rec["landscape"].append(landscape(model, x, y, list(s.etas)))
 
-    spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
-    label = "BN" if norm else "no BN"
+    spec, label = TrainSpec(s.steps, s.batch_size, s.lr), LABELS[norm or "none"]
     results = train_seeds(models, data, seeds, spec, label, progress, checkpoints=checkpoints, on_checkpoint=record)
-    for rec, result in zip(recs, results):
-        rec["loss_curve"] = window_means(result.losses, checkpoints)
-        rec["diverged"] = result.diverged
-    return recs
+    return [
+        {**rec, "loss_curve": window_means(r.losses, checkpoints), "diverged": r.diverged}
+        for rec, r in zip(recs, results)
+    ]
 
 
-_QUANTITIES = {
-    "loss_variation": "loss variation (max - min of L along the gradient)",
-    "grad_predictiveness": "gradient predictiveness (max ||grad L(w) - grad L(w - eta g)||)",
-    "beta_eff": "effective beta-smoothness (max ||delta grad|| / ||eta g||)",
-}
+_QUANTITIES = ("loss_variation", "grad_predictiveness", "beta_eff")  # the claims; their titles: [text]
 
 
 def _series(rec: dict[str, Any], key: str) -> np.ndarray:
@@ -118,8 +106,7 @@ def _seed_means(m: dict[str, Any], key: str, floor: float) -> tuple[float, float
     no BN) over the checkpoints where the plain network's batch loss is above ``floor`` (all if none
     is); then the number of those checkpoints, of them where BN is lower, and of all checkpoints."""
     t = min(len(m["none"]["landscape"]), len(m["bn"]["landscape"]))
-    none = _series(m["none"], key)[:t]
-    bn = _series(m["bn"], key)[:t]
+    none, bn = (_series(m[arm], key)[:t] for arm in ("none", "bn"))
     valid = np.isfinite(none) & np.isfinite(bn) & (none > 0) & (bn > 0)
     mask = (_series(m["none"], "loss")[:t] > floor) & valid
     if not mask.any():
@@ -131,51 +118,6 @@ def _seed_means(m: dict[str, Any], key: str, floor: float) -> tuple[float, float
     return gm_bn, gm_none, int(mask.sum()), int((bn[mask] < none[mask]).sum()), t
 
 
-def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """BN lower in all three quantities while the plain network is learning (paired ratios)."""
-    floor, make, out = float(results["config"]["learning_phase_loss_floor"]), Claims(__name__, results), []
-    for key in _QUANTITIES:
-        bn, none, learning, lower, total = zip(*(_seed_means(m, key, floor) for m in results["metrics"]["per_seed"]))
-        ratios = listed((a / b for a, b in zip(bn, none)), "{:.3g}")
-        counts = ", ".join(f"{k}/{n}" for k, n in zip(lower, learning))
-        evidence = (
-            f"ratio BN / no BN per seed: {ratios}; "
-            f"BN lower at {counts} learning-phase checkpoints (of {listed(total, '{:.0f}')})"
-        )
-        out.append(make(key, a=list(bn), b=list(none), evidence=evidence))
-    return out
-
-
-def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
-    """The three landscape measures over training, and the loss along the gradient at one checkpoint."""
-    plt, per_seed, s = pyplot(), results["metrics"]["per_seed"], results["config"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.0))
-    for ax, (key, label) in zip(axes, _QUANTITIES.items()):
-        for norm in ("none", "bn"):
-            for k, m in enumerate(per_seed):  # the first seed's line solid and labelled
-                vals = _series(m[norm], key)
-                style = {"color": COLORS[norm], "marker": "o", "ms": 3, "alpha": 0.4 if k else 1.0}
-                ax.plot(m[norm]["step"][: len(vals)], vals, label=None if k else LABELS[norm], **style)
-        dress(ax, label, title_size=10, yscale="log", xlabel="training step", ylabel=key.replace("_", " "), legend=True)
-    etas = f"etas {s['etas'][0]}..{s['etas'][-1]}"
-    fig.suptitle(f"Landscape along the gradient ({etas}, lr {s['lr']}; one line per seed)")
-    paths = [save(fig, outdir / "landscape.png")]
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.0))
-    panels = (
-        ("losses", [0.0, *s["etas"]], "L(w - eta g) on the batch", "Loss"),
-        ("grad_change", list(s["etas"]), "||grad L(w) - grad L(w - eta g)||", "Gradient change"),
-    )
-    for ax, (key, etas, ylabel, what) in zip(axes, panels):
-        for norm in ("none", "bn"):
-            r = per_seed[0][norm]
-            mid = len(r["landscape"]) // 2
-            label = f"{LABELS[norm]} (step {r['step'][mid]})"
-            ax.plot(etas, r["landscape"][mid][key], color=COLORS[norm], marker="o", label=label)
-        title = f"{what} along the gradient, mid-training (first seed)"
-        dress(ax, title, xlabel="step size eta", ylabel=ylabel, legend=True)
-    return [*paths, save(fig, outdir / "walk.png")]
-
-
 class Landscape(Experiment):
     """Santurkar et al.'s landscape measures over several seeds."""
 
@@ -184,15 +126,55 @@ class Landscape(Experiment):
     def settings(self, cfg: RunConfig) -> Settings:
         return Settings.of(cfg.mode, **epoch_steps(cfg))
 
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
+    def run_seeds(self, settings: Settings, data: Seq[Dataset], seeds: Seq[int], progress: Progress) -> PerSeed:
         none = _train_arm(settings, data, seeds, None, progress)
         bn = _train_arm(settings, data, seeds, "bn", progress)
         return [{"none": a, "bn": b} for a, b in zip(none, bn)]
 
-    claims = staticmethod(_claims)
-    figures = staticmethod(_figures)
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """BN lower in all three quantities while the plain network is learning (paired ratios)."""
+        floor, make, out = float(results["config"]["learning_phase_loss_floor"]), Claims(__name__, results), []
+        per_seed = results["metrics"]["per_seed"]
+        for key in _QUANTITIES:
+            bn, none, learning, lower, total = zip(*(_seed_means(m, key, floor) for m in per_seed))
+            ratios = listed((a / b for a, b in zip(bn, none)), "{:.3g}")
+            counts = ", ".join(f"{k}/{n}" for k, n in zip(lower, learning))
+            evidence = (
+                f"ratio BN / no BN per seed: {ratios}; "
+                f"BN lower at {counts} learning-phase checkpoints (of {listed(total, '{:.0f}')})"
+            )
+            out.append(make(key, a=list(bn), b=list(none), evidence=evidence))
+        return out
+
+    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+        """The three landscape measures over training, and the loss along the gradient at one checkpoint."""
+        plt, per_seed, s = pyplot(), results["metrics"]["per_seed"], results["config"]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.0))
+        for ax, key in zip(axes, _QUANTITIES):
+            for norm in ("none", "bn"):
+                for k, m in enumerate(per_seed):  # the first seed's line solid and labelled
+                    vals = _series(m[norm], key)
+                    style = {"color": COLORS[norm], "marker": "o", "ms": 3, "alpha": 0.4 if k else 1.0}
+                    ax.plot(m[norm]["step"][: len(vals)], vals, label=None if k else LABELS[norm], **style)
+            axis = {"yscale": "log", "xlabel": "training step", "ylabel": key.replace("_", " ")}
+            dress(ax, Settings.text(key), title_size=10, legend=True, **axis)
+        etas = f"etas {s['etas'][0]}..{s['etas'][-1]}"
+        fig.suptitle(f"Landscape along the gradient ({etas}, lr {s['lr']}; one line per seed)")
+        paths = [save(fig, outdir / "landscape.png")]
+        fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.0))
+        panels = (
+            ("losses", [0.0, *s["etas"]], "L(w - eta g) on the batch", "Loss"),
+            ("grad_change", list(s["etas"]), "||grad L(w) - grad L(w - eta g)||", "Gradient change"),
+        )
+        for ax, (key, etas, ylabel, what) in zip(axes, panels):
+            for norm in ("none", "bn"):
+                r = per_seed[0][norm]
+                mid = len(r["landscape"]) // 2
+                label = f"{LABELS[norm]} (step {r['step'][mid]})"
+                ax.plot(etas, r["landscape"][mid][key], color=COLORS[norm], marker="o", label=label)
+            title = f"{what} along the gradient, mid-training (first seed)"
+            dress(ax, title, xlabel="step size eta", ylabel=ylabel, legend=True)
+        return [*paths, save(fig, outdir / "walk.png")]
 
 
 EXPERIMENT = Landscape()

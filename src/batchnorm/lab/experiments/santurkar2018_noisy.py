@@ -13,25 +13,25 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import activation_inputs, seeded, train_seeds
-from ..experiment import Experiment, column
+from ..experiment import Experiment, PerSeed, column
 from ..figures import categories, dress, mean_band, pyplot, save
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import part
 from ._calibration import calibration_data, split_note
-from ._santurkar import COLORS, LABELS, NoisyReLU, act_input, build, epoch_steps, noisy, seed_slot, window_means
+from ._santurkar import COLORS, LABELS, NoisyReLU, build, epoch_steps, noisy, seed_slot, window_means
 
 _ARMS = ("none", "bn", "noisy")
 _DRIFTS = ("step_location", "step_spread", "total_location", "total_spread")
 _COMPARED = ("step_location", "step_spread")
 _PROBED = ("mean", "std", "percentiles")
 _DIVERGED = 1e3  # the mean training loss and the drift recorded for a run that diverged
-Runs = list[dict[str, Any]]  # one record per seed
 
 
 class Settings(Declared):
@@ -60,7 +60,15 @@ def _drift(means: Any, stds: Any, ok: bool = True) -> dict[str, float]:
     return {key: float(np.median(v)) for key, v in zip(_DRIFTS, steps + totals)}
 
 
-def _train(s: Settings, data: Seq[Dataset], seeds: Seq[int], arm: str, lr: float, a: Seq[float], p: Progress) -> Runs:
+def _act_input(block: nn.Module) -> nn.Module:
+    """The module whose input is the ReLU's input of a hidden block (after any noise)."""
+    act = block.get_submodule("act")
+    return act.relu if isinstance(act, NoisyReLU) else act
+
+
+def _train(
+    s: Settings, data: Seq[Dataset], seeds: Seq[int], arm: str, lr: float, a: Seq[float], p: Progress
+) -> PerSeed:
     """Train one arm at one lr for every seed together (``a[k]``: seed k's noise magnitude, noisy arm: noise_mean
     a, noise_scale 1 + a, per_sample a / 5); per seed: probed layer inputs, drift, final accuracies, losses."""
     label = ("calibration: " if seeds[0] == s.calibration_seed else "") + f"{LABELS[arm]} lr {lr:g}"
@@ -69,7 +77,7 @@ def _train(s: Settings, data: Seq[Dataset], seeds: Seq[int], arm: str, lr: float
         gens = [seeded(seed + 7) for seed in seeds]
         noisy(models, [NoisyReLU(gens, list(a), [1.0 + v for v in a], [v / 5.0 for v in a]) for _ in range(s.depth)])
     checkpoints = list(range(0, s.steps + 1, s.checkpoint_every))
-    recs: Runs = [{"step": [], **{q: {str(i): [] for i in s.tracked_layers} for q in _PROBED}} for _ in seeds]
+    recs: PerSeed = [{"step": [], **{q: {str(i): [] for i in s.tracked_layers} for q in _PROBED}} for _ in seeds]
 
     def record(step: int, results: list[TrainResult]) -> None:
         for k, (model, rec, d, result) in enumerate(zip(models, recs, data, results)):
@@ -77,7 +85,7 @@ def _train(s: Settings, data: Seq[Dataset], seeds: Seq[int], arm: str, lr: float
                 continue
             probe = d.train_x[:256]
             with seed_slot(model, k):
-                z = activation_inputs(model, probe, batch=probe.shape[0], layers=s.tracked_layers, at=act_input)
+                z = activation_inputs(model, probe, batch=probe.shape[0], layers=s.tracked_layers, at=_act_input)
             if not all(torch.isfinite(v).all() for v in z):
                 continue
             rec["step"].append(step)
@@ -100,98 +108,10 @@ def _train(s: Settings, data: Seq[Dataset], seeds: Seq[int], arm: str, lr: float
     return recs
 
 
-def _shown(runs: Runs, key: str, fmt: str | None = None) -> str:
+def _shown(runs: PerSeed, key: str, fmt: str | None = None) -> str:
     """Per-seed values of ``key`` as text (percent, or ``fmt``); "diverged" for a run stored as diverged."""
     show = (lambda v: f"{100 * v:.1f}") if fmt is None else fmt.format
     return ", ".join("diverged" if r.get("diverged") else show(float(r[key])) for r in runs)
-
-
-def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Noisy BN ~ BN >> none in training; noisy BN's layer inputs drift more than no BN's."""
-    t, per_seed = results["config"], results["metrics"]["per_seed"]
-    lo, hi = float(t["lrs"][0]), float(t["lrs"][-1])
-    runs = {(arm, lr): [m[f"{arm}@{lr:g}"] for m in per_seed] for arm in _ARMS for lr in (lo, hi)}
-    acc = {key: column(r, "final_train_acc") for key, r in runs.items()}
-    shown = {key: _shown(r, "final_train_acc") for key, r in runs.items()}
-    loss = {arm: column(runs[arm, lo], "mean_train_loss") for arm in _ARMS}
-    tol, gap = float(t["close_to_bn_within"]), float(t["high_lr_gap_at_least"])
-    like = {lr: part(acc["noisy", lr], acc["bn", lr], above=-tol) for lr in (lo, hi)}
-    faster = part(loss["none"], loss["noisy"], effect="ratio", above=float(t["faster_loss_ratio_at_least"]))
-    pairs = [(str(layer), kind) for layer in t["tracked_layers"] for kind in _COMPARED]
-    drift = {(arm, q): column(runs[arm, lo], "drift", *q) for arm in ("noisy", "none") for q in pairs}
-    least = float(t["drift_ratio_at_least"])
-    drifts = [part(drift["noisy", q], drift["none", q], effect="ratio", above=least) for q in pairs]
-    layers = ", ".join(str(int(x) + 1) for x in t["tracked_layers"])
-    make = Claims(__name__, results, lr_lo=lo, lr_hi=hi, tol_pp=100 * tol, gap_pp=100 * gap, layers=layers)
-    losses = "; ".join(f"{LABELS[arm]} {_shown(runs[arm, lo], 'mean_train_loss', '{:.3g}')}" for arm in _ARMS)
-    moved = "; ".join(
-        f"layer {int(i) + 1} {k.replace('step_', '')}: noisy / no BN {v.estimate:.2f}x"
-        for (i, k), v in zip(pairs, drifts)
-    )
-    evidence = [
-        "; ".join(
-            f"lr {lr:g}: noisy BN {shown['noisy', lr]}% vs BN {shown['bn', lr]}% per seed (noisy - BN {100 * like[lr].estimate:+.1f} pp, mean)"
-            for lr in (lo, hi)
-        ),
-        f"mean training loss over {t['steps']} steps per seed: {losses} (noisy part: {faster.estimate:.3g}x, geometric mean); final training accuracy: no BN {shown['none', lo]}%, BN {shown['bn', lo]}%",
-        f"final training accuracy at lr {hi:g} per seed: no BN {shown['none', hi]}% ({sum(bool(r['diverged']) for r in runs['none', hi])} of {len(per_seed)} diverged), BN {shown['bn', hi]}%, noisy BN {shown['noisy', hi]}%",
-        f"{moved} (RMS change per {t['checkpoint_every']} steps / average std, median over units; geometric means over seeds)",
-    ]
-    noisy_hi, q = part(acc["noisy", hi], acc["none", hi], above=gap), pairs[0]
-    return [
-        make("noisy_trains_like_bn", a=acc["noisy", lo], b=acc["bn", lo], also=[like[hi]], evidence=evidence[0]),
-        make("bn_arms_train_faster", a=loss["none"], b=loss["bn"], also=[faster], evidence=evidence[1]),
-        make("plain_fails_at_high_lr", a=acc["bn", hi], b=acc["none", hi], also=[noisy_hi], evidence=evidence[2]),
-        make("noisy_inputs_drift", a=drift["noisy", q], b=drift["none", q], also=drifts[1:], evidence=evidence[3]),
-    ]
-
-
-def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
-    """Training loss vs step per learning rate; layer-input percentiles over training; drift bars."""
-    plt = pyplot()
-    s, per_seed = results["config"], results["metrics"]["per_seed"]
-    lrs, every, layers = [float(v) for v in s["lrs"]], s["checkpoint_every"], [str(i) for i in s["tracked_layers"]]
-    steps = list(range(every, s["steps"] + 1, every))
-
-    def label(runs: Runs, arm: str, note: str = "") -> str:  # naming how many of the runs diverged
-        k = sum(bool(r["diverged"]) for r in runs)
-        return LABELS[arm] + (f" ({k} of {len(runs)} diverged{note})" if k else "")
-
-    fig, axes = plt.subplots(1, len(lrs), figsize=(5.2 * len(lrs), 3.8), squeeze=False)
-    for ax, lr in zip(axes[0], lrs):
-        for arm in _ARMS:
-            runs = [m[f"{arm}@{lr:g}"] for m in per_seed]  # a diverged run's curve stops where it diverged
-            curves = [[np.nan if v is None else v for v in r["loss_curve"]][: len(steps)] for r in runs]
-            curves = [c + [np.nan] * (len(steps) - len(c)) for c in curves]
-            mean_band(ax, steps, curves, label(runs, arm), color=COLORS[arm])
-        ylabel = "training cross-entropy (window mean)"
-        dress(ax, f"Training loss, lr {lr:g}", yscale="log", xlabel="step", ylabel=ylabel, legend={"fontsize": 8})
-    paths = [save(fig, outdir / "training_loss.png")]
-
-    lr = lrs[0]
-    fig, axes = plt.subplots(len(layers), len(_ARMS), figsize=(4.2 * len(_ARMS), 3.0 * len(layers)), squeeze=False)
-    for row, layer in enumerate(layers):
-        for ax, arm in zip(axes[row], _ARMS):
-            r = per_seed[0][f"{arm}@{lr:g}"]
-            p, at = np.asarray(r["percentiles"][layer], dtype=float).reshape(-1, 3), r["step"]  # p: (T, 3)
-            band = {"color": COLORS[arm], "alpha": 0.25, "linewidth": 0, "label": "15th-85th percentile"}
-            ax.fill_between(at[: len(p)], p[:, 0], p[:, 2], **band)
-            ax.plot(at[: len(p)], p[:, 1], color=COLORS[arm], label="median")
-            title = f"{LABELS[arm]}: layer {int(layer) + 1}, unit 0 (lr {lr:g}, first seed)"
-            dress(ax, title, title_size=9, xlabel="step", ylabel="input of the ReLU", legend={"fontsize": 7})
-    paths.append(save(fig, outdir / "layer_inputs.png"))
-
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    bars = [(layer, kind) for layer in layers for kind in _COMPARED]
-    for k, arm in enumerate(_ARMS):
-        runs = [m[f"{arm}@{lr:g}"] for m in per_seed]  # a diverged run's drift (1e3) is left out of the bar
-        vals = [float(np.mean([r["drift"][i][q] for r in runs if not r["diverged"]] or [np.nan])) for i, q in bars]
-        left_out = label(runs, arm, ", left out")
-        ax.bar(np.arange(len(bars)) + (k - 1) * 0.27, vals, 0.27, label=left_out, color=COLORS[arm])
-    categories(ax.xaxis, [f"layer {int(layer) + 1}\n{kind.replace('step_', '')}" for layer, kind in bars])
-    title = f"How much layer-input distributions move (lr {lr:g}, mean over seeds; noise a = {s['noise_magnitude']:g})"
-    dress(ax, title, ylabel=f"RMS change per {every} steps / avg std", legend=True)
-    return [*paths, save(fig, outdir / "drift.png")]
 
 
 class Noisy(Experiment):
@@ -200,12 +120,10 @@ class Noisy(Experiment):
     DESCRIPTION = "Santurkar 2018 Fig. 2: BN with injected time-varying noise trains like BN, far better than none, though its layer inputs drift more"
 
     def settings(self, cfg: RunConfig) -> Settings:
-        shape = ({"depth": 12, "width": 100} if cfg.data == "mnist1d" else {"depth": 10, "width": 64}) | epoch_steps(
-            cfg
-        )
-        if "steps" in shape:  # not tiny mode
-            shape["checkpoint_every"] = max(1, shape["steps"] // 30)
-        return Settings.of(cfg.mode, **shape)
+        shape = {"depth": 12, "width": 100} if cfg.data == "mnist1d" else {"depth": 10, "width": 64}
+        steps = epoch_steps(cfg)  # {} in tiny mode
+        every = {"checkpoint_every": max(1, steps["steps"] // 30)} if steps else {}
+        return Settings.of(cfg.mode, **shape, **steps, **every)
 
     def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
         """Fix the noise magnitude by the ``noise_rule`` setting on the calibration seed's own split."""
@@ -223,16 +141,100 @@ class Noisy(Experiment):
         chosen = float(next((a for a, ok in zip(grid, exceeds) if ok), grid[-1]))
         return dataclasses.replace(s, noise_magnitude=chosen, calibration=record)
 
-    def run_seeds(self, settings: Settings, data: Seq[Dataset], seeds: Seq[int], progress: Progress) -> Runs:
+    def run_seeds(self, settings: Settings, data: Seq[Dataset], seeds: Seq[int], progress: Progress) -> PerSeed:
         a = [settings.noise_magnitude] * len(seeds)
-        per_seed: Runs = [{} for _ in seeds]
+        per_seed: PerSeed = [{} for _ in seeds]
         for lr, arm in itertools.product(settings.lrs, _ARMS):
             for rec, r in zip(per_seed, _train(settings, data, seeds, arm, lr, a, progress)):
                 rec[f"{arm}@{lr:g}"] = r
         return per_seed
 
-    claims = staticmethod(_claims)
-    figures = staticmethod(_figures)
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """Noisy BN ~ BN >> none in training; noisy BN's layer inputs drift more than no BN's."""
+        t, per_seed = results["config"], results["metrics"]["per_seed"]
+        lo, hi = float(t["lrs"][0]), float(t["lrs"][-1])
+        runs = {(arm, lr): [m[f"{arm}@{lr:g}"] for m in per_seed] for arm in _ARMS for lr in (lo, hi)}
+        acc = {key: column(r, "final_train_acc") for key, r in runs.items()}
+        shown = {key: _shown(r, "final_train_acc") for key, r in runs.items()}
+        loss = {arm: column(runs[arm, lo], "mean_train_loss") for arm in _ARMS}
+        tol, gap = float(t["close_to_bn_within"]), float(t["high_lr_gap_at_least"])
+        like = {lr: part(acc["noisy", lr], acc["bn", lr], above=-tol) for lr in (lo, hi)}
+        faster = part(loss["none"], loss["noisy"], effect="ratio", above=float(t["faster_loss_ratio_at_least"]))
+        pairs = [(str(layer), kind) for layer in t["tracked_layers"] for kind in _COMPARED]
+        drift = {(arm, q): column(runs[arm, lo], "drift", *q) for arm in ("noisy", "none") for q in pairs}
+        least = float(t["drift_ratio_at_least"])
+        drifts = [part(drift["noisy", q], drift["none", q], effect="ratio", above=least) for q in pairs]
+        layers = ", ".join(str(int(x) + 1) for x in t["tracked_layers"])
+        make = Claims(__name__, results, lr_lo=lo, lr_hi=hi, tol_pp=100 * tol, gap_pp=100 * gap, layers=layers)
+        losses = "; ".join(f"{LABELS[arm]} {_shown(runs[arm, lo], 'mean_train_loss', '{:.3g}')}" for arm in _ARMS)
+        moved = "; ".join(
+            f"layer {int(i) + 1} {k.replace('step_', '')}: noisy / no BN {v.estimate:.2f}x"
+            for (i, k), v in zip(pairs, drifts)
+        )
+        evidence = [
+            "; ".join(
+                f"lr {lr:g}: noisy BN {shown['noisy', lr]}% vs BN {shown['bn', lr]}% per seed (noisy - BN {100 * like[lr].estimate:+.1f} pp, mean)"
+                for lr in (lo, hi)
+            ),
+            f"mean training loss over {t['steps']} steps per seed: {losses} (noisy part: {faster.estimate:.3g}x, geometric mean); final training accuracy: no BN {shown['none', lo]}%, BN {shown['bn', lo]}%",
+            f"final training accuracy at lr {hi:g} per seed: no BN {shown['none', hi]}% ({sum(bool(r['diverged']) for r in runs['none', hi])} of {len(per_seed)} diverged), BN {shown['bn', hi]}%, noisy BN {shown['noisy', hi]}%",
+            f"{moved} (RMS change per {t['checkpoint_every']} steps / average std, median over units; geometric means over seeds)",
+        ]
+        noisy_hi, q = part(acc["noisy", hi], acc["none", hi], above=gap), pairs[0]
+        return [
+            make("noisy_trains_like_bn", a=acc["noisy", lo], b=acc["bn", lo], also=[like[hi]], evidence=evidence[0]),
+            make("bn_arms_train_faster", a=loss["none"], b=loss["bn"], also=[faster], evidence=evidence[1]),
+            make("plain_fails_at_high_lr", a=acc["bn", hi], b=acc["none", hi], also=[noisy_hi], evidence=evidence[2]),
+            make("noisy_inputs_drift", a=drift["noisy", q], b=drift["none", q], also=drifts[1:], evidence=evidence[3]),
+        ]
+
+    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+        """Training loss vs step per learning rate; layer-input percentiles over training; drift bars."""
+        plt = pyplot()
+        s, per_seed = results["config"], results["metrics"]["per_seed"]
+        lrs, every, layers = [float(v) for v in s["lrs"]], s["checkpoint_every"], [str(i) for i in s["tracked_layers"]]
+        steps = list(range(every, s["steps"] + 1, every))
+
+        def label(runs: PerSeed, arm: str, note: str = "") -> str:  # naming how many of the runs diverged
+            k = sum(bool(r["diverged"]) for r in runs)
+            return LABELS[arm] + (f" ({k} of {len(runs)} diverged{note})" if k else "")
+
+        fig, axes = plt.subplots(1, len(lrs), figsize=(5.2 * len(lrs), 3.8), squeeze=False)
+        for ax, lr in zip(axes[0], lrs):
+            for arm in _ARMS:
+                runs = [m[f"{arm}@{lr:g}"] for m in per_seed]  # a diverged run's curve stops where it diverged
+                curves = [[np.nan if v is None else v for v in r["loss_curve"]][: len(steps)] for r in runs]
+                curves = [c + [np.nan] * (len(steps) - len(c)) for c in curves]
+                mean_band(ax, steps, curves, label(runs, arm), color=COLORS[arm])
+            ylabel = "training cross-entropy (window mean)"
+            dress(ax, f"Training loss, lr {lr:g}", yscale="log", xlabel="step", ylabel=ylabel, legend={"fontsize": 8})
+        paths = [save(fig, outdir / "training_loss.png")]
+
+        lr = lrs[0]
+        fig, axes = plt.subplots(len(layers), len(_ARMS), figsize=(4.2 * len(_ARMS), 3.0 * len(layers)), squeeze=False)
+        for ax, (layer, arm) in zip(axes.flat, itertools.product(layers, _ARMS)):
+            r = per_seed[0][f"{arm}@{lr:g}"]
+            p, at = np.asarray(r["percentiles"][layer], dtype=float).reshape(-1, 3), r["step"]  # p: (T, 3)
+            band = {"color": COLORS[arm], "alpha": 0.25, "linewidth": 0, "label": "15th-85th percentile"}
+            ax.fill_between(at[: len(p)], p[:, 0], p[:, 2], **band)
+            ax.plot(at[: len(p)], p[:, 1], color=COLORS[arm], label="median")
+            title = f"{LABELS[arm]}: layer {int(layer) + 1}, unit 0 (lr {lr:g}, first seed)"
+            dress(ax, title, title_size=9, xlabel="step", ylabel="input of the ReLU", legend={"fontsize": 7})
+        paths.append(save(fig, outdir / "layer_inputs.png"))
+
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        bars = [(layer, kind) for layer in layers for kind in _COMPARED]
+        for k, arm in enumerate(_ARMS):
+            runs = [m[f"{arm}@{lr:g}"] for m in per_seed]  # a diverged run's drift (1e3) is left out of the bar
+            vals = [float(np.mean([r["drift"][i][q] for r in runs if not r["diverged"]] or [np.nan])) for i, q in bars]
+            left_out = label(runs, arm, ", left out")
+            ax.bar(np.arange(len(bars)) + (k - 1) * 0.27, vals, 0.27, label=left_out, color=COLORS[arm])
+        categories(ax.xaxis, [f"layer {int(layer) + 1}\n{kind.replace('step_', '')}" for layer, kind in bars])
+        title = (
+            f"How much layer-input distributions move (lr {lr:g}, mean over seeds; noise a = {s['noise_magnitude']:g})"
+        )
+        dress(ax, title, ylabel=f"RMS change per {every} steps / avg std", legend=True)
+        return [*paths, save(fig, outdir / "drift.png")]
 
 
 EXPERIMENT = Noisy()

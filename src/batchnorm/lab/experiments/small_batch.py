@@ -6,7 +6,8 @@ Setup, the rules fixed before any run and each setting's source: ``small_batch.m
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
+from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset, load
 from ..declare import listed, non_iid_batches, seeded
-from ..experiment import Experiment, column, per_seed_values
+from ..experiment import Experiment, PerSeed, column, per_seed_values
 from ..figures import bar_values, categories, dress, log_ticks, pyplot, save
 from ..models import MLP, ConvNet
 from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
@@ -117,85 +118,6 @@ def _iid(m: dict[str, Any], norm: str, size: int, batch: int) -> float:
     return float(rec["test_error"]) if rec else math.nan
 
 
-def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Wu & He's curve shape, GN's advantage at tiny groups, BN vs GN at 32, BRN's recovery,
-    and Ghost BN's limit — each judged over the seeds with paired differences (or ratios)."""
-    t, per_seed = results["config"], results["metrics"]["per_seed"]
-    batch, m_ni = int(t["batch_size"]), int(t["non_iid_group"])
-    sizes = sorted((int(v) for v in t["group_sizes"]), reverse=True)
-    big, small = sizes[0], sizes[-1]
-    mid = min([v for v in sizes if 8 <= v < big] or [big])
-
-    def err(norm: str, size: int) -> list[float]:
-        return per_seed_values(results, lambda m: _iid(m, norm, size, batch))
-
-    bn, ghost = ({v: err(norm, v) for v in sizes} for norm in ("bn", "ghost"))
-    brn = {v: err("brn", v) for v in (big, small)}  # the 1-D CNN trains BRN only at these
-    gn = err("gn", batch)
-    ni = {norm: column(per_seed, "non_iid", norm, "test_error") for norm in per_seed[0]["non_iid"]}
-    ratio, by = float(t["far_better_ratio"]), float(t["far_better_by_at_least_pp"])
-
-    def far_better(bad: Sequence[float], good: Sequence[float]) -> list[Any]:
-        return [part(bad, good, effect="ratio", above=ratio), part(bad, good, above=by)]
-
-    rise = {v: float(np.mean(bn[v])) - float(np.mean(bn[big])) for v in (mid, small)}
-    flat = part(bn[mid], bn[big], below=float(t["flat_rise_at_most_pp"]))
-
-    evidence = [
-        f"BN test error per seed (%): {'; '.join(f'm={v}: {listed(bn[v])}' for v in sizes)}; rise at m={mid}: "
-        f"{rise[mid]:+.1f} pp, at m={small}: {rise[small]:+.1f} pp (means)",
-        f"GN {listed(gn)}% (every m); BN at m={small}: {listed(bn[small])}% (per seed)",
-        f"test error at m={big}: BN {listed(bn[big])}% vs GN {listed(gn)}% (per seed)",
-        f"m={big}: BRN {listed(brn[big])}% vs BN {listed(bn[big])}%; m={small}: BRN {listed(brn[small])}% vs BN "
-        f"{listed(bn[small])}%; non-i.i.d. m={m_ni}: BRN {listed(ni['brn'])}% vs BN {listed(ni['bn'])}% (per seed)",
-        f"Ghost BN test error per seed (%): {'; '.join(f'm={v}: {listed(ghost[v])}' for v in sizes if v < big)} "
-        f"(full-batch BN {listed(bn[big])})",
-    ]
-    if "ghost" in ni:
-        evidence[4] += (
-            f"; non-i.i.d. groups of {m_ni}: Ghost BN {listed(ni['ghost'])}% vs per-group BN {listed(ni['bn'])}% "
-            f"(Ghost BN's running averages use the whole batch of {batch})"
-        )
-    ghost_small = part(ghost[small], bn[big], above=float(t["sharp_rise_at_least_pp"]))
-    recovers = far_better(bn[small], brn[small]) + far_better(ni["bn"], ni["brn"])
-    make = Claims(__name__, results, big=big, mid=mid, small=small, m_ni=m_ni)
-    return [
-        make("bn_curve_shape", a=bn[small], b=bn[big], also=[flat], evidence=evidence[0]),
-        make("gn_far_better_at_small", a=bn[small], b=gn, also=far_better(bn[small], gn)[1:], evidence=evidence[1]),
-        make("bn_as_good_as_gn_at_big", a=bn[big], b=gn, evidence=evidence[2]),
-        make("brn_recovers", a=brn[big], b=bn[big], also=recovers, evidence=evidence[3]),
-        make("ghost_limit", a=ghost[mid], b=bn[big], also=[ghost_small], evidence=evidence[4]),
-    ]
-
-
-def _figures(results: dict[str, Any], outdir: Path) -> list[Path]:
-    """Test error vs group size (i.i.d.; mean ± std over seeds) and non-i.i.d. bars."""
-    t, per_seed = results["config"], results["metrics"]["per_seed"]
-    batch, n, sizes = int(t["batch_size"]), len(per_seed), sorted(int(v) for v in t["group_sizes"])
-    fig, (ax, bars) = pyplot().subplots(1, 2, figsize=(12, 4.3), gridspec_kw={"width_ratios": [3, 2]})
-    for norm in _NORMS:
-        have = [v for v in sizes if not any(math.isnan(_iid(m, norm, v, batch)) for m in per_seed)]  # trained arms
-        errs = np.asarray([[_iid(m, norm, v, batch) for v in have] for m in per_seed])  # (seeds, sizes)
-        gn, std = norm == "gn", errs.std(axis=0) if n > 1 else None
-        label = _LABELS[norm] + (" (independent of m)" if gn else "") + (f", mean ± std of {n} seeds" if n > 1 else "")
-        style = {"marker": "o", "capsize": 3, "color": _COLORS[norm], "linestyle": "--" if gn else "-", "label": label}
-        ax.errorbar(have, errs.mean(axis=0), yerr=std, **style)
-    # every power of two from the smallest group to the largest, so the axis reads as a scale
-    log_ticks(ax.xaxis, [2**k for k in range(int(np.log2(min(sizes))), int(np.log2(max(sizes))) + 1)], base=2)
-    ax.invert_xaxis()
-    xlabel = f"examples per normalization group m ({batch} per SGD step)"
-    title = "Test error vs normalization group size (i.i.d. groups)"
-    dress(ax, title, xlabel=xlabel, ylabel="test error (%)", legend={"fontsize": 8})
-    norms = [k for k in _NORMS if k in per_seed[0]["non_iid"]]
-    vals = [float(np.mean([m["non_iid"][norm]["test_error"] for m in per_seed])) for norm in norms]
-    bars.bar(range(len(norms)), vals, color=[_COLORS[k] for k in norms])
-    bar_values(bars, vals, "{:.1f}", fontsize=9)
-    categories(bars.xaxis, [_LABELS[k].replace(" (per-group stats)", "") for k in norms], fontsize=9)
-    title = f"Non-i.i.d. groups of {t['non_iid_group']} (2 classes x 2 images)"
-    dress(bars, title, ylabel=f"test error (%), mean of {n} seeds")
-    return [save(fig, Path(outdir) / "error_vs_group_size.png")]
-
-
 class SmallBatch(Experiment):
     """Wu & He's BN-vs-GN curve and Ioffe's Batch Renorm over several seeds."""
 
@@ -204,9 +126,7 @@ class SmallBatch(Experiment):
     def settings(self, cfg: RunConfig) -> Settings:
         return _settings_for(cfg.data, cfg.mode)
 
-    def run_seeds(
-        self, settings: Settings, data: Sequence[Dataset], seeds: Sequence[int], progress: Progress
-    ) -> list[dict[str, Any]]:
+    def run_seeds(self, settings: Settings, data: Seq[Dataset], seeds: Seq[int], progress: Progress) -> PerSeed:
         s, arms = settings, _arms(settings)
         models = [[_model(d, s, norm, m, seed) for d, seed in zip(data, seeds)] for norm, m, _ in arms]
         streams = [_stream(s, d, seed, m, iid) for _, m, iid in arms for d, seed in zip(data, seeds)]
@@ -214,7 +134,7 @@ class SmallBatch(Experiment):
         spec = TrainSpec(steps=s.steps, batch_size=s.batch_size, lr=s.lr)
         with progress.task(f"{len(arms)} arms x {len(seeds)} seeds", total=s.steps) as tick:
             runs = iter(train_stacked(models, xs, ys, spec, streams, tick=tick))
-        per_seed: list[dict[str, Any]] = [{"iid": {n: {} for n in _NORMS}, "non_iid": {}} for _ in seeds]
+        per_seed: PerSeed = [{"iid": {n: {} for n in _NORMS}, "non_iid": {}} for _ in seeds]
         for (norm, m, iid), arm in zip(arms, models):
             for rec, model, d, r in zip(per_seed, arm, data, runs):
                 (rec["iid"][norm] if iid else rec["non_iid"])[str(m) if iid else norm] = {
@@ -225,8 +145,83 @@ class SmallBatch(Experiment):
                 }
         return per_seed
 
-    claims = staticmethod(_claims)
-    figures = staticmethod(_figures)
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """Wu & He's curve shape, GN's advantage at tiny groups, BN vs GN at 32, BRN's recovery,
+        and Ghost BN's limit — each judged over the seeds with paired differences (or ratios)."""
+        t, per_seed = results["config"], results["metrics"]["per_seed"]
+        batch, m_ni = int(t["batch_size"]), int(t["non_iid_group"])
+        sizes = sorted((int(v) for v in t["group_sizes"]), reverse=True)
+        big, small = sizes[0], sizes[-1]
+        mid = min([v for v in sizes if 8 <= v < big] or [big])
+
+        def err(norm: str, size: int) -> list[float]:
+            return per_seed_values(results, lambda m: _iid(m, norm, size, batch))
+
+        bn, ghost = ({v: err(norm, v) for v in sizes} for norm in ("bn", "ghost"))
+        brn = {v: err("brn", v) for v in (big, small)}  # the 1-D CNN trains BRN only at these
+        gn = err("gn", batch)
+        ni = {norm: column(per_seed, "non_iid", norm, "test_error") for norm in per_seed[0]["non_iid"]}
+        ratio, by = float(t["far_better_ratio"]), float(t["far_better_by_at_least_pp"])
+
+        def far_better(bad: Seq[float], good: Seq[float]) -> list[Any]:
+            return [part(bad, good, effect="ratio", above=ratio), part(bad, good, above=by)]
+
+        rise = {v: float(np.mean(bn[v])) - float(np.mean(bn[big])) for v in (mid, small)}
+        flat = part(bn[mid], bn[big], below=float(t["flat_rise_at_most_pp"]))
+
+        evidence = [
+            f"BN test error per seed (%): {'; '.join(f'm={v}: {listed(bn[v])}' for v in sizes)}; rise at m={mid}: "
+            f"{rise[mid]:+.1f} pp, at m={small}: {rise[small]:+.1f} pp (means)",
+            f"GN {listed(gn)}% (every m); BN at m={small}: {listed(bn[small])}% (per seed)",
+            f"test error at m={big}: BN {listed(bn[big])}% vs GN {listed(gn)}% (per seed)",
+            f"m={big}: BRN {listed(brn[big])}% vs BN {listed(bn[big])}%; m={small}: BRN {listed(brn[small])}% vs BN "
+            f"{listed(bn[small])}%; non-i.i.d. m={m_ni}: BRN {listed(ni['brn'])}% vs BN {listed(ni['bn'])}% (per seed)",
+            f"Ghost BN test error per seed (%): {'; '.join(f'm={v}: {listed(ghost[v])}' for v in sizes if v < big)} "
+            f"(full-batch BN {listed(bn[big])})",
+        ]
+        if "ghost" in ni:
+            evidence[4] += (
+                f"; non-i.i.d. groups of {m_ni}: Ghost BN {listed(ni['ghost'])}% vs per-group BN {listed(ni['bn'])}% "
+                f"(Ghost BN's running averages use the whole batch of {batch})"
+            )
+        ghost_small = part(ghost[small], bn[big], above=float(t["sharp_rise_at_least_pp"]))
+        recovers = far_better(bn[small], brn[small]) + far_better(ni["bn"], ni["brn"])
+        make = Claims(__name__, results, big=big, mid=mid, small=small, m_ni=m_ni)
+        return [
+            make("bn_curve_shape", a=bn[small], b=bn[big], also=[flat], evidence=evidence[0]),
+            make("gn_far_better_at_small", a=bn[small], b=gn, also=far_better(bn[small], gn)[1:], evidence=evidence[1]),
+            make("bn_as_good_as_gn_at_big", a=bn[big], b=gn, evidence=evidence[2]),
+            make("brn_recovers", a=brn[big], b=bn[big], also=recovers, evidence=evidence[3]),
+            make("ghost_limit", a=ghost[mid], b=bn[big], also=[ghost_small], evidence=evidence[4]),
+        ]
+
+    def figures(self, results: dict[str, Any], outdir: Path) -> list[Path]:
+        """Test error vs group size (i.i.d.; mean ± std over seeds) and non-i.i.d. bars."""
+        t, per_seed = results["config"], results["metrics"]["per_seed"]
+        batch, n, sizes = int(t["batch_size"]), len(per_seed), sorted(int(v) for v in t["group_sizes"])
+        fig, (ax, bars) = pyplot().subplots(1, 2, figsize=(12, 4.3), gridspec_kw={"width_ratios": [3, 2]})
+        for norm in _NORMS:
+            have = [v for v in sizes if not any(math.isnan(_iid(m, norm, v, batch)) for m in per_seed)]  # trained arms
+            errs = np.asarray([[_iid(m, norm, v, batch) for v in have] for m in per_seed])  # (seeds, sizes)
+            gn, std = norm == "gn", errs.std(axis=0) if n > 1 else None
+            seeds = f", mean ± std of {n} seeds" if n > 1 else ""
+            label = _LABELS[norm] + (" (independent of m)" if gn else "") + seeds
+            style = {"marker": "o", "capsize": 3, "color": _COLORS[norm], "linestyle": "--" if gn else "-"}
+            ax.errorbar(have, errs.mean(axis=0), yerr=std, label=label, **style)
+        # every power of two from the smallest group to the largest, so the axis reads as a scale
+        log_ticks(ax.xaxis, [2**k for k in range(int(np.log2(min(sizes))), int(np.log2(max(sizes))) + 1)], base=2)
+        ax.invert_xaxis()
+        xlabel = f"examples per normalization group m ({batch} per SGD step)"
+        title = "Test error vs normalization group size (i.i.d. groups)"
+        dress(ax, title, xlabel=xlabel, ylabel="test error (%)", legend={"fontsize": 8})
+        norms = [k for k in _NORMS if k in per_seed[0]["non_iid"]]
+        vals = [float(np.mean([m["non_iid"][norm]["test_error"] for m in per_seed])) for norm in norms]
+        bars.bar(range(len(norms)), vals, color=[_COLORS[k] for k in norms])
+        bar_values(bars, vals, "{:.1f}", fontsize=9)
+        categories(bars.xaxis, [_LABELS[k].replace(" (per-group stats)", "") for k in norms], fontsize=9)
+        title = f"Non-i.i.d. groups of {t['non_iid_group']} (2 classes x 2 images)"
+        dress(bars, title, ylabel=f"test error (%), mean of {n} seeds")
+        return [save(fig, Path(outdir) / "error_vs_group_size.png")]
 
 
 EXPERIMENT = SmallBatch()
