@@ -289,9 +289,9 @@ class Claims:
             **fixed,
         )
 
-    def all(self) -> list[dict[str, Any]]:
-        """Every claim of the file, in its order, as its table declares it."""
-        return [self(name) for name in self.specs]
+    def all(self, **made: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every claim of the file, in its order: as its table declares it, or as ``made`` gives it by name."""
+        return [made[name] if name in made else self(name) for name in self.specs]
 
 
 def unmeasured(make: Claims, name: str, evidence: str) -> dict[str, Any]:
