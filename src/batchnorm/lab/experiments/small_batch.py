@@ -157,29 +157,27 @@ class SmallBatch(Experiment):
             return per_seed_values(results, lambda m: _iid(m, norm, size, batch))
 
         bn, ghost = ({v: err(norm, v) for v in sizes} for norm in ("bn", "ghost"))
+        at = {"big": big, "mid": mid, "small": small}
         ni = {f"ni_{norm}": column(per_seed, "non_iid", norm, "test_error") for norm in per_seed[0]["non_iid"]}
-        ghost_non_iid = (
-            f"; non-i.i.d. groups of {m_ni}: Ghost BN {listed(ni['ni_ghost'])}% vs per-group BN {listed(ni['ni_bn'])}% "
-            f"(Ghost BN's running averages use the whole batch of {batch})"
-        )
+        ghost_non_iid = ""
+        if "ni_ghost" in ni:
+            ghost_non_iid = (
+                f"; non-i.i.d. groups of {m_ni}: Ghost BN {listed(ni['ni_ghost'])}% vs per-group BN "
+                f"{listed(ni['ni_bn'])}% (Ghost BN's running averages use the whole batch of {batch})"
+            )
         return Claims(
             __name__,
             results,
-            **{f"bn_{name}": bn[v] for name, v in (("big", big), ("mid", mid), ("small", small))},
-            **{f"brn_{name}": err("brn", v) for name, v in (("big", big), ("small", small))},  # the 1-D CNN's only
-            **{f"ghost_{name}": ghost[v] for name, v in (("mid", mid), ("small", small))},
+            **{f"bn_{k}": bn[v] for k, v in at.items()},
+            **{f"brn_{k}": err("brn", at[k]) for k in ("big", "small")},  # the 1-D CNN trains BRN only at these
+            **{f"ghost_{k}": ghost[at[k]] for k in ("mid", "small")},
+            **{f"rise_{k}": float(np.mean(bn[at[k]])) - float(np.mean(bn[big])) for k in ("mid", "small")},
             **ni,
             gn=err("gn", batch),
             bn_by_size="; ".join(f"m={v}: {listed(bn[v])}" for v in sizes),
             ghost_by_size="; ".join(f"m={v}: {listed(ghost[v])}" for v in sizes if v < big),
-            ghost_non_iid=ghost_non_iid if "ni_ghost" in ni else "",
-            **{
-                f"rise_{name}": float(np.mean(bn[v])) - float(np.mean(bn[big]))
-                for name, v in (("mid", mid), ("small", small))
-            },
-            big=big,
-            mid=mid,
-            small=small,
+            ghost_non_iid=ghost_non_iid,
+            **at,
             m_ni=m_ni,
         ).all()
 
