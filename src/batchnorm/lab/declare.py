@@ -1,7 +1,6 @@
 """Small pieces the experiments' declarations share, written once: the seeds of one arm trained
 together under a progress bar, an MLP sized for a data set, a measurement that moves a model's
-weights and puts them back, per-seed numbers as text for a claim's evidence, the inputs of a
-network's activations, and non-i.i.d. minibatches."""
+weights and puts them back, the inputs of a network's activations, and non-i.i.d. minibatches."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .claims_spec import listed
 from .datasets import Dataset
 from .models import MLP, blocks
 from .progress import Progress
@@ -23,7 +21,6 @@ __all__ = [
     "activation_inputs",
     "batch_stats_accuracy",
     "columns",
-    "listed",
     "mlp_for",
     "non_iid_batches",
     "probing",

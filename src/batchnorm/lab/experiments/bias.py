@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims, Declared, listed
 from ..datasets import Dataset
-from ..declare import listed, mlp_for, seeded, train_seeds
+from ..declare import mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column
 from ..figures import categories, dress, pyplot, save
 from ..models import MLP, ConvNet, blocks, count_parameters

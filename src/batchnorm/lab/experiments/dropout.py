@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 
 from .._replicates import mean_over_replicates, replicate_seed
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims, Declared, listed
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, mlp_for, seeded, train_seeds
+from ..declare import mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column, load_for
 from ..figures import categories, dress, pyplot, save, seed_bars, wrap
 from ..models import MLP

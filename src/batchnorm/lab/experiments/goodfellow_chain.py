@@ -15,9 +15,9 @@ import torch
 from torch import Tensor
 
 from ...functional import batch_norm
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims, Declared, listed
 from ..config import RunConfig
-from ..declare import columns, listed, seeded
+from ..declare import columns, seeded
 from ..experiment import Experiment, PerSeed
 from ..figures import dress, log_ticks, pyplot, save
 from ..progress import Progress

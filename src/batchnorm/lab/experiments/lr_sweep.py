@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims, Declared, listed
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, mlp_for, seeded, train_seeds
+from ..declare import mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed
 from ..figures import dress, mean_band, pyplot, save
 from ..models import MLP, blocks

@@ -11,9 +11,9 @@ from typing import Any, Literal
 import numpy as np
 
 from .._replicates import mean_over_replicates, replicate_seed
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims, Declared, listed
 from ..datasets import Dataset
-from ..declare import activation_inputs, columns, listed, mlp_for, seeded, train_seeds
+from ..declare import activation_inputs, columns, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, first_reaching
 from ..figures import dress, mean_and_seeds, pyplot, save
 from ..progress import Progress

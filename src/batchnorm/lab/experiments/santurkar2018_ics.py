@@ -14,9 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims, Declared, listed
 from ..datasets import Dataset
-from ..declare import listed, probing, seeded
+from ..declare import probing, seeded
 from ..experiment import Experiment
 from ..figures import dress, pyplot, save
 from ..models import MLP, blocks

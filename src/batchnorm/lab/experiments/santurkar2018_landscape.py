@@ -14,10 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims, Declared, listed
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, probing, train_seeds
+from ..declare import probing, train_seeds
 from ..experiment import Experiment, PerSeed
 from ..figures import dress, pyplot, save
 from ..progress import Progress

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from ... import GhostBatchNorm1d
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims, Declared, listed
 from ..config import RunConfig
 from ..datasets import Dataset, load
-from ..declare import listed, non_iid_batches, seeded
+from ..declare import non_iid_batches, seeded
 from ..experiment import Experiment, PerSeed, column, per_seed_values
 from ..figures import bar_values, categories, dress, log_ticks, pyplot, save
 from ..models import MLP, ConvNet
