@@ -1,20 +1,23 @@
 """Self-contained HTML reports drawn from saved results (figures embedded as base64 PNG); what a
-page shows: ``docs/lab.md``, "Figures and reports". Each page is a ``string.Template`` in
-``templates/`` (package data) with the style sheet ``templates/style.css``. Keys that a claim
-lacks are left out, so results from older runs still render.
+page shows: ``docs/lab.md``, "Figures and reports". This module computes what the pages say; the
+markup is Jinja2 templates in ``templates/`` (package data): a page each, the pieces they share in
+``macros.html``, the style sheet ``style.css``. Keys that a claim lacks are left out, so results
+from older runs still render.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import html
-import importlib.resources
 import json
 import math
-import string
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import jinja2
+import markupsafe
 
 from .._files import write_text_atomic
 from .claims_spec import beside
@@ -35,49 +38,46 @@ __all__ = [
 ]
 
 
-def _page(name: str, **fields: str) -> str:
-    """The page template ``templates/<name>.html`` filled in with ``fields`` (HTML) and the style sheet."""
-    templates = importlib.resources.files(__name__.rpartition(".")[0]).joinpath("templates")
-    page, style = (templates.joinpath(file).read_text(encoding="utf-8") for file in (f"{name}.html", "style.css"))
-    return string.Template(page).substitute(fields, style=style)
+@functools.cache
+def _environment() -> jinja2.Environment:
+    """The pages' templates (``templates/``, package data), made once when a page is first drawn.
+    Values are escaped as ``html.escape`` escapes them (``finalize``), so the pages stay as before."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader(__name__.rpartition(".")[0]),
+        autoescape=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        finalize=lambda v: v if isinstance(v, markupsafe.Markup) else markupsafe.Markup(html.escape(str(v))),
+    )
+    env.filters.update(
+        columns=lambda rows: list(dict.fromkeys(str(k) for row in rows for k in row)),
+        numbers=_numbers,
+        plain=_plain,
+        verdict=verdict_of,
+    )
+    env.tests.update(
+        list=lambda v: isinstance(v, list),
+        rows=lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v),
+    )
+    return env
 
 
-def _esc(value: Any) -> str:
-    return html.escape(str(value))
-
-
-def _paragraphs(text: str) -> str:
-    """An experiment's Markdown prose as HTML (Python-Markdown); a leading ``# title`` line is
-    dropped (the page has its own)."""
+def _paragraphs(text: str) -> markupsafe.Markup:
+    """An experiment's Markdown prose as HTML (Python-Markdown), less a leading ``# title`` line."""
     import markdown  # the lab's dependency; imported when a report is written
 
     text = text.strip()
     if text.startswith("# ") and "\n" not in text.split("\n\n", 1)[0]:
         text = text.split("\n\n", 1)[1] if "\n\n" in text else ""
-    return str(markdown.markdown(text))
+    return markupsafe.Markup(markdown.markdown(text))
 
 
-def _cell(value: Any) -> str:
-    """A setting as HTML: a nested table for a dict, a table for a list of dicts (one row each,
-    one column per key), a comma-separated list for a list of plain values, else the value."""
-    if isinstance(value, dict):
-        return _kv_table(value) if value else "-"
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        keys = list(dict.fromkeys(str(k) for v in value for k in v))
-        head = "".join(f"<th>{_esc(k)}</th>" for k in keys)
-        rows = "".join("<tr>" + "".join(f"<td>{_cell(v.get(k, ''))}</td>" for k in keys) + "</tr>" for v in value)
-        return f"<table class='nested'><tr>{head}</tr>{rows}</table>"
-    if isinstance(value, list):
-        return ", ".join(_cell(v) for v in value) if value else "-"
+def _plain(value: Any) -> str:
+    """A plain setting's text: a float in 6 significant digits, JSON for a bool, an int or None."""
     if isinstance(value, float):
-        return _esc(f"{value:.6g}")
-    return _esc(json.dumps(value) if isinstance(value, (bool, int)) or value is None else value)
-
-
-def _kv_table(mapping: dict[str, Any]) -> str:
-    """A two-column table of settings (nested settings as nested tables, never raw JSON)."""
-    body = "\n".join(f"<tr><th>{_esc(k)}</th><td>{_cell(v)}</td></tr>" for k, v in mapping.items())
-    return f"<table class='settings'>{body}</table>"
+        return f"{value:.6g}"
+    return json.dumps(value) if isinstance(value, (bool, int)) or value is None else str(value)
 
 
 def _number(value: Any) -> float | None:
@@ -93,53 +93,20 @@ def _g(value: float) -> str:
     return f"{value:.3g}" if math.isfinite(value) else ("-inf" if value < 0 else "inf")
 
 
-def _judged(claim: dict[str, Any]) -> tuple[float | None, str | None, Any]:
-    """A claim's estimate (None: not judged over seeds), interval as ``[lo, hi]`` in 3 significant
-    digits (None if there is none) and seed count (``n_seeds``, else how many it lists, else None)."""
-    raw, seeds = claim.get("interval"), claim.get("seeds")
-    lo, hi = (_number(v) for v in raw) if isinstance(raw, (list, tuple)) and len(raw) == 2 else (None, None)
-    n = claim.get("n_seeds", len(seeds) if isinstance(seeds, list) else None)
-    return _number(claim.get("estimate")), None if lo is None or hi is None else f"[{_g(lo)}, {_g(hi)}]", n
-
-
-def _numbers_cell(claim: dict[str, Any]) -> str:
-    """Estimate, interval (at its level), threshold, seeds, method and rule of a claim judged over seeds."""
-    (estimate, interval, n), seeds = _judged(claim), claim.get("seeds")
+def _numbers(claim: dict[str, Any]) -> dict[str, Any] | None:
+    """A claim's numbers (None if it is not judged over seeds): estimate and interval ``[lo, hi]`` (or None)
+    in 3 significant digits, level, seed count (``n_seeds``, else how many it lists, or None), seeds listed."""
+    estimate, raw, seeds = _number(claim.get("estimate")), claim.get("interval"), claim.get("seeds")
     if estimate is None:
-        return "<span class='muted'>not judged over seeds</span>"
-    parts = [f"estimate <b>{_esc(_g(estimate))}</b>"]
-    parts += [f"{_level(claim.get('confidence', 0.95))} interval {interval}"] if interval else []
-    if claim.get("direction"):
-        parts.append(f"claimed: <code>{_esc(claim['direction'])}</code>")
-    elif claim.get("threshold") is not None:
-        parts.append(f"threshold {_esc(claim['threshold'])}")
-    listed = f" ({', '.join(str(s) for s in seeds)})" if isinstance(seeds, list) and seeds else ""
-    parts.append(f"seeds: {_esc('-' if n is None else f'{n}{listed}')}")
-    parts += [f"<span class='muted'>{_esc(claim['method'])}</span>"] if claim.get("method") else []
-    parts += [f"<span class='muted'>rule: {_esc(claim['rule'])}</span>"] if claim.get("rule") else []
-    return "<br>".join(parts)
-
-
-def _verdict_cell(claim: dict[str, Any], why: bool = True) -> str:
-    """The verdict (CSS class: the verdict, ``fails`` for ``does not hold``) with, if ``why``, the
-    claim's ``why`` and whether it is an identity of the math."""
-    verdict = verdict_of(claim)
-    lines = [_esc(verdict)] + ([f"<span class='why'>{_esc(claim['why'])}</span>"] if why and claim.get("why") else [])
-    if why and claim.get("kind") == "identity":
-        lines.append("<span class='why'>an identity of the math, checked numerically (not a replication)</span>")
-    return f"<td class='{'fails' if verdict == 'does not hold' else verdict}'>" + "<br>".join(lines) + "</td>"
-
-
-def _claim_rows(claims: Sequence[dict[str, Any]]) -> str:
-    """The claims table's rows: statement and evidence, verdict and why, numbers, the paper."""
-    rows = []
-    for c in claims:
-        measured = f"<br><span class='muted'>measured: {_esc(c['evidence'])}</span>" if c.get("evidence") else ""
-        paper = f"{_esc(c.get('expected') or '')}<br><span class='muted'>{_esc(c.get('source') or '')}</span>"
-        paper = paper if c.get("expected") or c.get("source") else "-"
-        cells = f"{_verdict_cell(c)}<td>{_numbers_cell(c)}</td><td>{paper}</td>"
-        rows.append(f"<tr><td>{_esc(c.get('claim', ''))}{measured}</td>{cells}</tr>")
-    return "".join(rows)
+        return None
+    lo, hi = (_number(v) for v in raw) if isinstance(raw, (list, tuple)) and len(raw) == 2 else (None, None)
+    return {
+        "estimate": _g(estimate),
+        "interval": None if lo is None or hi is None else f"[{_g(lo)}, {_g(hi)}]",
+        "level": _level(claim.get("confidence", 0.95)),
+        "n": claim.get("n_seeds", len(seeds) if isinstance(seeds, list) else None),
+        "listed": ", ".join(str(s) for s in seeds) if isinstance(seeds, list) else "",
+    }
 
 
 def verdict_counts(claims: Sequence[dict[str, Any]]) -> str:
@@ -152,18 +119,9 @@ def verdict_counts(claims: Sequence[dict[str, Any]]) -> str:
     return f"replications: {text['replication']}; {identities}" if sum(counts["replication"].values()) else identities
 
 
-_MODE_NOTE = {
-    "quick": "quick mode: scaled down to run in about a minute on 2 CPU cores; each claim is judged over the seeds "
-    "shown beside it.",
-    "tiny": "tiny mode: a smoke test (seconds); claims are judged but not expected to hold.",
-    "full": "full mode: the faithful, paper-sized version.",
-}
-
-
-def _figure(path: Path) -> str:
-    """A PNG figure embedded in the page, with its file name as caption."""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f"<figure><img alt='{_esc(path.stem)}' src='data:image/png;base64,{data}'><figcaption class='muted'>{_esc(path.name)}</figcaption></figure>"
+def _figure(path: Path) -> dict[str, str]:
+    """A PNG figure to embed in the page (base64), with its file name as caption."""
+    return {"stem": path.stem, "name": path.name, "data": base64.b64encode(path.read_bytes()).decode("ascii")}
 
 
 def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanation: str) -> str:
@@ -172,29 +130,26 @@ def experiment_html(results: dict[str, Any], figures: Sequence[Path], explanatio
     claims = results.get("claims", [])
     run = results.get("run", {})
     config = results.get("config", {}) if isinstance(results.get("config"), dict) else {}
-    choice = config.get("mnist1d_choice")
-    mode = {"quick": " --quick", "tiny": " --tiny"}.get(run.get("mode", "full"), "")
-    reproduce = f"batchnorm lab run {results.get('id')}{mode} --seed {run.get('seed', 0)}"
-    text = {
-        **{key: results.get(key) for key in ("id", "wall_time_s", "threads")},
-        **{key: results.get(key, "") for key in ("description", "finished_at")},
-        **{key: run.get(key) for key in ("data", "seed")},
-        "mode_note": _MODE_NOTE.get(run.get("mode", ""), ""),
-        "counts": verdict_counts(claims),
-        "reproduce": f"{reproduce} --data {run.get('data', 'digits')}",
-    }
-    return _page(
-        "experiment",
-        **{k: _esc(v) for k, v in text.items()},
-        data_note=f"<p><b>Setup changed for this data:</b> {_esc(choice)}</p>" if choice else "",
-        explanation=_paragraphs(explanation),
-        claims=_claim_rows(claims),
-        figures="".join(_figure(Path(p)) for p in figures) or "<p>No figures.</p>",
-        settings=_kv_table(
-            {k: v for k, v in config.items() if not (k.endswith("_choice") and v in (None, "", [], {}))}
-        ),
-        data_table=_kv_table(results.get("data", {})),
-        versions=_kv_table(results.get("versions", {})),
+    flag = {"quick": " --quick", "tiny": " --tiny"}.get(run.get("mode", "full"), "")
+    reproduce = f"batchnorm lab run {results.get('id')}{flag} --seed {run.get('seed', 0)}"
+    return (
+        _environment()
+        .get_template("experiment.html")
+        .render(
+            **{key: results.get(key) for key in ("id", "wall_time_s", "threads")},
+            **{key: results.get(key, "") for key in ("description", "finished_at")},
+            **{key: run.get(key) for key in ("data", "seed")},
+            mode=run.get("mode", ""),
+            counts=verdict_counts(claims),
+            reproduce=f"{reproduce} --data {run.get('data', 'digits')}",
+            choice=config.get("mnist1d_choice"),
+            explanation=_paragraphs(explanation),
+            claims=claims,
+            figures=[_figure(Path(p)) for p in figures],
+            settings={k: v for k, v in config.items() if not (k.endswith("_choice") and v in (None, "", [], {}))},
+            data_table=results.get("data", {}),
+            versions=results.get("versions", {}),
+        )
     )
 
 
@@ -214,75 +169,28 @@ def write_experiment_report(directory: Path, results: dict[str, Any], module: Ex
     """Draw ``module.figures(results, directory)`` and write ``directory/report.html``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    figures = list(module.figures(results, directory))
     path = directory / "report.html"
-    write_text_atomic(path, experiment_html(results, figures, explanation(module)))
+    write_text_atomic(path, experiment_html(results, list(module.figures(results, directory)), explanation(module)))
     return path
-
-
-def _short_numbers(claim: dict[str, Any]) -> str:
-    """``est [lo, hi]; claimed a - b >= 0.5; 3 seeds`` for the index (``-`` for a claim not judged over seeds)."""
-    estimate, interval, n = _judged(claim)
-    if estimate is None:
-        return "-"
-    text = _g(estimate) + (f" {interval} ({_level(claim.get('confidence', 0.95))})" if interval else "")
-    text += f"; claimed {claim['direction']}" if claim.get("direction") else ""
-    return text + (f"; {n} seeds" if n is not None else "")
 
 
 def index_html(all_results: Sequence[dict[str, Any]]) -> str:
     """The index page: one row per claim, grouped by experiment, linking each report."""
-    rows = []
+    experiments = []
     for results in all_results:
-        eid = str(results.get("id"))
-        claims = results.get("claims", [])
         run = results.get("run", {})
-        info = f"{_esc(run.get('mode'))}, {_esc(run.get('data'))}, seed {_esc(run.get('seed'))}, {_esc(results.get('wall_time_s'))} s"
-        head = f"<td rowspan='{max(len(claims), 1)}'><a href='{_esc(eid)}/report.html'>{_esc(eid)}</a><br><span class='muted'>{info}</span></td>"
-        for c in claims or [{"claim": "(no claims)", "holds": True, "evidence": ""}]:
-            rows.append(
-                f"<tr>{head}<td>{_esc(c.get('claim', ''))}</td>{_verdict_cell(c, why=False)}"
-                f"<td>{_esc(_short_numbers(c))}</td><td>{_esc(c.get('evidence', ''))}</td></tr>"
-            )
-            head = ""
+        info = f"{run.get('mode')}, {run.get('data')}, seed {run.get('seed')}, {results.get('wall_time_s')} s"
+        claims = results.get("claims", []) or [{"claim": "(no claims)", "holds": True, "evidence": ""}]
+        experiments.append({"id": str(results.get("id")), "info": info, "claims": claims})
     every = [c for results in all_results for c in results.get("claims", [])]
-    return _page("index", counts=_esc(verdict_counts(every)), rows="".join(rows))
+    return _environment().get_template("index.html").render(counts=verdict_counts(every), experiments=experiments)
 
 
 def matrix_html(matrix: dict[str, Any]) -> str:
     """The replication matrix page: a row per experiment, a column per data set; each cell links the
     run's report, counts its verdicts and lists its claims (numbers, why, the paper's expectation)."""
-    rows = []
-    for row in matrix["rows"]:
-        tds = []
-        for d in matrix["data"]:
-            c = row["cells"].get(d)
-            if c is None:
-                tds.append("<td>-</td>")
-                continue
-            items = []
-            for x in c["claims"]:
-                judged = _number(x.get("estimate")) is not None
-                numbers = f" — ours {_esc(_short_numbers({**x, 'seeds': c['seeds']}))}" if judged else ""
-                reason = f"<br><span class='why'>{_esc(x['why'])}</span>" if judged and x.get("why") else ""
-                paper = f" ({_esc(x.get('evidence', ''))})"
-                paper = f"; paper: {_esc(x['expected'])} ({_esc(x.get('source', ''))})" if x.get("expected") else paper
-                items.append(f"<li><b>{_esc(x['verdict'])}</b>: {_esc(x['claim'])}{numbers}{paper}{reason}</li>")
-            tds.append(
-                f"<td><a href='{_esc(d)}/{_esc(row['id'])}/report.html'>{c['holds']} hold, {c['does_not_hold']} do not, "
-                f"{c['inconclusive']} inconclusive</a> (seeds {_esc(', '.join(str(v) for v in c['seeds']))})"
-                f"<details><summary>claims</summary><ul>{''.join(items)}</ul></details></td>"
-            )
-        rows.append(f"<tr><td>{_esc(row['id'])}</td>{''.join(tds)}</tr>")
-    failed = matrix.get("failed") or []
-    return _page(
-        "matrix",
-        mode=_esc(matrix["mode"]),
-        seeds=_esc(", ".join(str(v) for v in matrix["seeds"])),
-        head="".join(f"<th>{_esc(d)}</th>" for d in matrix["data"]),
-        rows="".join(rows),
-        failures="<h2>Failed</h2><ul>" + "".join(f"<li>{_esc(f)}</li>" for f in failed) + "</ul>" if failed else "",
-    )
+    fields = {k: matrix[k] for k in ("mode", "seeds", "data", "rows")}
+    return _environment().get_template("matrix.html").render(fields, failures=matrix.get("failed"))
 
 
 def write_index(out: Path, all_results: Sequence[dict[str, Any]]) -> Path:
