@@ -79,9 +79,9 @@ def test_parse_keeps_the_tables_in_order() -> None:
         ),
         (
             GOOD.replace('effect = "ratio", above = 2', 'efect = "ratio", above = 2'),
-            r"\[second\] also's part 1 has unknown key\(s\) efect",
+            r"\[second\] also's part 1 expected a, a threshold and .*, got \['a', 'above', 'b', 'efect'\]",
         ),
-        (GOOD.replace(', effect = "ratio", above = 2', ""), r"\[second\] also's part 1 expected a and a threshold"),
+        (GOOD.replace(', effect = "ratio", above = 2', ""), r"\[second\] also's part 1 expected a, a threshold"),
         ('statement = "x"\n', "expected one \\[name\\] table per claim"),
         ("", "expected one \\[name\\] table per claim"),
     ],

@@ -56,10 +56,9 @@ def parse(text: str, where: str) -> dict[str, dict[str, Any]]:
         if not isinstance(also, list) or not all(isinstance(p, dict) for p in also):
             raise ValueError(f"{where}: [{name}] expected also an array of tables, one per further part")
         for k, p in enumerate(also, 1):
-            if unknown := sorted(p.keys() - _PART):
-                raise ValueError(f"{where}: [{name}] also's part {k} has unknown key(s) {', '.join(unknown)}")
-            if "a" not in p or not p.keys() & {"above", "below"}:
-                raise ValueError(f"{where}: [{name}] also's part {k} expected a and a threshold (above, below)")
+            if p.keys() - _PART or "a" not in p or not p.keys() & {"above", "below"}:
+                expected = f"a, a threshold and keys of {sorted(_PART)}"
+                raise ValueError(f"{where}: [{name}] also's part {k} expected {expected}, got {sorted(p)}")
         for table in (spec, *also):
             if any(type(table.get(k, "")) is not str for k in ("a", "b", "evidence")):
                 raise ValueError(f"{where}: [{name}] expected a and b a column's name, evidence a template")
