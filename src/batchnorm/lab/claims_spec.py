@@ -264,11 +264,12 @@ class Claims:
             return None if value is None else float(value)
         return -float(self.values[value[1:]]) if value.startswith("-") else float(self.values[value])
 
-    def _part(self, table: dict[str, Any]) -> Part:
-        """The part a table (a claim's, or one of its ``also``) declares, its columns looked up by name."""
-        a, b = (self.values[table[k]] if isinstance(table.get(k), str) else table.get(k) for k in ("a", "b"))
+    def _part(self, table: dict[str, Any]) -> dict[str, Any]:
+        """The arguments of the ``Part`` a table (a claim's, or one of its ``also``) declares, its
+        columns looked up by name."""
+        a, b = (self.values[v] if isinstance(v, str) else v for v in (table["a"], table.get("b")))
         above, below = (self._threshold(table.get(k)) for k in ("above", "below"))
-        return Part(a, b, above=above, below=below, effect=table.get("effect", "difference"))
+        return {"a": a, "b": b, "above": above, "below": below, "effect": table.get("effect", "difference")}
 
     def __call__(
         self, name: str, *, a: Col | None = None, b: Col | None = None, evidence: str = "", also: Sequence[Part] = ()
@@ -276,15 +277,13 @@ class Claims:
         """Claim ``name`` (``claim``) as its table declares it; ``a`` (with ``b``), ``evidence`` and
         ``also`` given here replace the table's."""
         spec = self.specs[name]
-        p = self._part({**spec, "a": a, "b": b} if a is not None else spec)
-        also = also or [self._part(table) for table in spec.get("also", [])]
         fixed = {key: spec[key] for key in ("expected", "source", "kind") if key in spec}
         return claim(
             spec["statement"].format(**self.values),
             results=self.results,
-            **{"a": p.a, "b": p.b, "above": p.above, "below": p.below, "effect": p.effect},
+            **self._part({**spec, "a": a, "b": b} if a is not None else spec),
             evidence=evidence or _Evidence().format(spec["evidence"], **self.values),
-            also=also,
+            also=also or [Part(**self._part(table)) for table in spec.get("also", [])],
             **fixed,
         )
 
