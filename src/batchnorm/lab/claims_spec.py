@@ -1,7 +1,7 @@
 """Claims and settings declared as data in TOML files beside an experiment's module (their layout:
 ``docs/lab.md``, "Figures and reports"), and ``claim``, one claim of saved results judged over seeds.
 
-``Claims`` joins a claims file's fixed fields with what the module computes (a, b, evidence). A
+``Claims`` judges the claims a claims file declares on the columns and values the module computes. A
 ``Settings`` dataclass (a ``Declared``) declares only the settings the code computes or a mode sets,
 and reads the file's others as attributes:
 
