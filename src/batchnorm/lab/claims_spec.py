@@ -248,7 +248,7 @@ class _Evidence(string.Formatter):
 
 class Claims:
     """The claims of saved ``results`` as their file declares them, filled with ``results["config"]``,
-    ``seed0`` (the first seed) and ``values`` (derived in Python: per-seed columns, e.g.
+    ``seed0`` (the first seed), ``n_seeds`` (how many seeds ``results`` hold) and ``values`` (derived in Python: per-seed columns, e.g.
     ``steps_bn=[...]``, and numbers, e.g. ``tol_pp=100 * tol``). A part's ``a``/``b`` name columns
     of those; a threshold is a number, a name of those, or ``-name``; the statement and the evidence
     are templates of those (the evidence's lists formatted with a spec list their items)."""
@@ -256,7 +256,8 @@ class Claims:
     def __init__(self, module: str, results: dict[str, Any], **values: Any) -> None:
         self.specs = load(module)
         self.results = results
-        self.values: dict[str, Any] = {**results["config"], "seed0": results["metrics"]["seeds"][0], **values}
+        seeds = results["metrics"]["seeds"]
+        self.values: dict[str, Any] = {**results["config"], "seed0": seeds[0], "n_seeds": len(seeds), **values}
 
     def _threshold(self, value: float | str | None) -> float | None:
         """A table's ``above``/``below`` as a number (None when absent)."""

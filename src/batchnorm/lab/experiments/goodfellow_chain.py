@@ -164,7 +164,6 @@ class Chain(Experiment):
             bn_lo=min(col["bn_safe_min"]),
             bn_hi=max(col["bn_safe_max"]),
             n_bn=len(_cases(results["metrics"]["per_seed"][0], "bn")),
-            n_seeds=len(q),
             bn_unsafe_total=sum(int(v) for v in col["bn_unsafe"]),
             log10_cap=_LOG10_CAP,
             spread_log10=math.log10(float(s["plain_safe_lr_spread_at_least"])),

@@ -179,7 +179,6 @@ class LrSweep(Experiment):
             **{f"acc_{arm}_{key}": [m[arm]["test_acc"][j] for m in per_seed] for arm in _ARMS for key, j in at.items()},
             **{f"{arm}_{key}": _accuracies(per_seed, arm, j) for arm in _ARMS for key, j in at.items()},
             diverged=sum(m["plain"]["diverged_at"][at["high"]] is not None for m in per_seed),
-            n_seeds=len(per_seed),
             own_best=[_best_lr(lrs, m["bn"]["test_acc"], float(t["best_tolerance"])) for m in per_seed],
             log_growth_plain=[_log10(v) for v in gp],
             log_growth_bn=[_log10(v) for v in gb],

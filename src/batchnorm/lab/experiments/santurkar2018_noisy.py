@@ -173,14 +173,12 @@ class Noisy(Experiment):
             losses="; ".join(f"{LABELS[arm]} {_shown(runs[arm, 'lo'], 'mean_train_loss', '{:.3g}')}" for arm in _ARMS),
             faster=faster.estimate,
             diverged_hi=sum(bool(r["diverged"]) for r in runs["none", "hi"]),
-            n_seeds=len(per_seed),
             **{f"drift_{arm}": drift[arm, pairs[0]] for arm in ("noisy", "none")},
             moved="; ".join(
                 f"layer {int(i) + 1} {k.replace('step_', '')}: noisy / no BN {v.estimate:.2f}x"
                 for (i, k), v in zip(pairs, drifts)
             ),
-            lr_lo=lrs["lo"],
-            lr_hi=lrs["hi"],
+            **{f"lr_{k}": lr for k, lr in lrs.items()},
             tol_pp=100 * tol,
             gap_pp=100 * float(t["high_lr_gap_at_least"]),
             layers=", ".join(str(int(x) + 1) for x in t["tracked_layers"]),
