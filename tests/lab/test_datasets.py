@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchnorm.lab.datasets import load, parse_spec
+from batchnorm.lab.datasets import load
 
 
 def test_digits_split_is_stratified_scaled_and_fixed_by_seed() -> None:
@@ -89,7 +89,7 @@ def test_mnist_missing_or_truncated_files_raise_clear_errors(tmp_path: Path) -> 
 @pytest.mark.parametrize("spec", ["", "cifar10", "mnist:", "digits:x", 3])
 def test_bad_specs_raise_value_error(spec: object) -> None:
     with pytest.raises(ValueError, match="data:"):
-        parse_spec(spec)  # type: ignore[arg-type]
+        load(spec)  # type: ignore[arg-type]
 
 
 def test_mnist1d_is_generated_locally_standardized_and_leaves_global_rngs_alone() -> None:

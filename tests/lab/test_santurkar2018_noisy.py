@@ -1,4 +1,4 @@
-"""santurkar2018-noisy: the noisy BN layer, the drift measure, and the quick-mode claims.
+"""santurkar2018-noisy: the noisy BN (NoisyReLU against a reference noisy BN), the drift measure, and the quick-mode claims.
 
 PYTHONPATH=src python -m pytest -q tests/lab/test_santurkar2018_noisy.py          (fast)
 PYTHONPATH=src python -m pytest -q -m slow tests/lab/test_santurkar2018_noisy.py  (quick-mode claims)
@@ -11,15 +11,52 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import Tensor, nn
 
+from batchnorm import BatchNorm1d
 from batchnorm.lab.config import RunConfig
 from batchnorm.lab.datasets import load
 from batchnorm.lab.experiments import santurkar2018_noisy as exp
 from batchnorm.lab.experiments._santurkar import NoisyReLU, build, noisy, seed_slot
-from batchnorm.lab.normalizers import NoisyBatchNorm
 from batchnorm.lab.runner import run_one
 from batchnorm.lab.stacked import train_stacked
 from batchnorm.lab.training import TrainSpec, minibatches, train
+
+
+class NoisyBatchNorm(nn.Module):
+    """The reference noisy BN that ``NoisyReLU`` follows: ``y = BN(x)`` (after gamma and beta),
+    then at every training-mode forward a new shift and scale per unit j, mu_j ~ U(-noise_mean,
+    noise_mean) and s_j ~ U(1, noise_scale), and per sample i
+
+        y'_ij = y_ij * s_j * (1 + per_sample * e_ij) + mu_j + per_sample * e'_ij,   e, e' ~ N(0, 1);
+
+    in eval mode its expectation, y' = y * (1 + noise_scale) / 2. Shape: (N, C) -> (N, C).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        noise_mean: float = 0.5,
+        noise_scale: float = 1.5,
+        per_sample: float = 0.1,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.bn = BatchNorm1d(num_features)
+        self.noise_mean, self.noise_scale, self.per_sample = noise_mean, noise_scale, per_sample
+        self.generator = generator if generator is not None else torch.Generator()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn(x)
+        if not self.training:
+            return y * (0.5 * (1.0 + self.noise_scale))
+        n, c = y.shape
+        g = self.generator
+        shift = (torch.rand(c, generator=g) * 2.0 - 1.0) * self.noise_mean  # (C,)
+        scale = 1.0 + torch.rand(c, generator=g) * (self.noise_scale - 1.0)  # (C,)
+        mult = 1.0 + self.per_sample * torch.randn(n, c, generator=g)  # (N, C)
+        add = self.per_sample * torch.randn(n, c, generator=g)  # (N, C)
+        return y * scale * mult + shift + add
 
 
 def _reference_bn(x: torch.Tensor, eps: float = 1e-5) -> np.ndarray:
@@ -66,9 +103,9 @@ def test_eval_replaces_the_noise_by_its_expectation() -> None:
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_noisy_batch_norm_rejects_bad_noise() -> None:
+def test_noisy_relu_rejects_bad_noise() -> None:
     with pytest.raises(ValueError, match="noise_scale >= 1"):
-        NoisyBatchNorm(3, noise_scale=0.5)
+        NoisyReLU([torch.Generator()], [0.5], [0.5], [0.1])
 
 
 def test_drift_measures_step_to_step_change_in_units_of_spread() -> None:

@@ -92,9 +92,9 @@ def test_divergence_with_batchnorm_does_not_leak_the_nonfinite_warning() -> None
 
 def test_evaluate_matches_manual_accuracy_and_restores_mode() -> None:
     x, y = _data()
-    model = MLP(5, [8], 2, norm="bn", dropout=0.5)
+    model = nn.Sequential(nn.Dropout(0.5), MLP(5, [8], 2, norm="bn"))
     model.train()
-    loss, acc = evaluate(model, x, y, batch_size=7)
+    loss, acc = evaluate(model, x, y)
     assert model.training and all(m.training for m in model.modules())
     model.eval()
     with torch.no_grad():

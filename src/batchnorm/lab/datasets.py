@@ -1,16 +1,9 @@
-"""Datasets for the lab, all available offline: ``load(spec, seed) -> Dataset``.
-
-Specs:
-- ``digits``: scikit-learn's 1797 handwritten digits (8x8, 16 grey levels), scaled x/16 to
-  [0, 1]; a stratified 80/20 train/test split fixed by ``seed``.
-- ``mnist1d``: MNIST-1D generated locally by the ``mnist1d`` package (``make_dataset``, never
-  its download path), 10,000 samples (80/20 split as the package makes it; ``small=True``
-  gives 2,000), inputs standardized with the training set's scalar mean and std. The
-  generator's own seed (42, the package default) is kept, so the data are the standard ones;
-  the run's ``seed`` shuffles nothing here.
-- ``mnist:DIR``: the standard IDX files in DIR (``train-images-idx3-ubyte``,
-  ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each
-  optionally ``.gz``), scaled x/255 (Fashion-MNIST files work too).
+"""Datasets for the lab, all available offline: ``load(spec, seed) -> Dataset`` with spec
+``digits``, ``mnist1d`` or ``mnist:DIR`` (docs/lab.md, "Data"). MNIST-1D is made by the
+``mnist1d`` package's ``make_dataset`` (never its download path) with the package's own seed,
+so the run's ``seed`` shuffles nothing there; it is standardized with the training set's scalar
+mean and std. ``mnist:DIR`` reads the standard IDX files, each optionally ``.gz``
+(Fashion-MNIST files work too).
 
 Shape: ``train_x`` (N, D) float32 with D = prod(input_shape) (images are flattened; models
 that want images reshape to ``input_shape``, (1, 8, 8) for digits, (1, 28, 28) for MNIST,
@@ -27,22 +20,21 @@ import random
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Dataset", "load", "parse_spec", "SPECS_HELP"]
+__all__ = ["Dataset", "load", "SPECS_HELP"]
 
 SPECS_HELP = "digits | mnist1d | mnist:DIR"
 
-_MNIST_FILES = {
-    "train_x": "train-images-idx3-ubyte",
-    "train_y": "train-labels-idx1-ubyte",
-    "test_x": "t10k-images-idx3-ubyte",
-    "test_y": "t10k-labels-idx1-ubyte",
-}
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
 
 
 @dataclass(frozen=True)
@@ -84,32 +76,20 @@ class Dataset:
         return replace(self, name=f"{self.name}[train={n}]", train_x=self.train_x[idx], train_y=self.train_y[idx])
 
 
-def parse_spec(spec: str) -> tuple[str, Path | None]:
-    """Split a spec into (kind, directory); raises ValueError for an unknown spec."""
-    if not isinstance(spec, str):
-        raise ValueError(f"data: expected a spec string ({SPECS_HELP}), got {spec!r}")
-    if spec in ("digits", "mnist1d"):
-        return spec, None
-    if spec.startswith("mnist:"):
-        directory = spec[len("mnist:") :]
-        if not directory:
-            raise ValueError("data: 'mnist:' needs a directory, e.g. mnist:~/data/mnist")
-        return "mnist", Path(directory).expanduser()
-    raise ValueError(f"data: unknown dataset {spec!r}; expected {SPECS_HELP}")
-
-
 def load(spec: str, seed: int = 0, *, small: bool = False) -> Dataset:
     """Load the dataset named by ``spec`` (``digits``, ``mnist1d``, ``mnist:DIR``).
 
     ``seed`` fixes the digits train/test split; ``small`` generates fewer MNIST-1D samples
-    (for tiny test runs). Raises ValueError for an unknown spec or missing/corrupt files.
+    (2,000 instead of 10,000, for tiny test runs). Raises ValueError for an unknown spec or
+    missing/corrupt files.
     """
-    kind, directory = parse_spec(spec)
-    if kind == "digits":
+    if spec == "digits":
         return _digits(int(seed))
-    if kind == "mnist1d":
+    if spec == "mnist1d":
         return _mnist1d(2000 if small else 10000)
-    return _mnist(str(cast(Path, directory).resolve()))  # parse_spec gives "mnist" a directory
+    if isinstance(spec, str) and spec.startswith("mnist:") and spec != "mnist:":
+        return _mnist(str(Path(spec[len("mnist:") :]).expanduser().resolve()))
+    raise ValueError(f"data: unknown dataset {spec!r}; expected {SPECS_HELP} (mnist:DIR names a directory)")
 
 
 @functools.lru_cache(maxsize=8)
@@ -154,27 +134,19 @@ def _mnist(directory: str) -> Dataset:
     root = Path(directory)
     if not root.is_dir():
         raise ValueError(f"data: mnist directory {directory!r} does not exist")
-    arrays = {key: _read_idx(_find_idx(root, stem)) for key, stem in _MNIST_FILES.items()}
-    xtr = arrays["train_x"]
-    xte = arrays["test_x"]
+    xtr, ytr, xte, yte = (_read_idx(_find_idx(root, stem)) for stem in _MNIST_FILES)
     if xtr.ndim != 3 or xte.ndim != 3 or xtr.shape[1:] != xte.shape[1:]:
         raise ValueError(
             f"data: mnist images in {directory!r} must be (N, H, W) with equal H, W; got {xtr.shape} and {xte.shape}"
         )
-    if arrays["train_y"].shape[0] != xtr.shape[0] or arrays["test_y"].shape[0] != xte.shape[0]:
+    if ytr.shape[0] != xtr.shape[0] or yte.shape[0] != xte.shape[0]:
         raise ValueError(f"data: mnist image and label counts differ in {directory!r}")
-    h, w = xtr.shape[1:]
-    classes = int(max(arrays["train_y"].max(), arrays["test_y"].max())) + 1
+    flat = [(x.reshape(x.shape[0], -1) / 255.0).astype(np.float32) for x in (xtr, xte)]  # (N, H*W)
     return Dataset(
         "mnist",
-        *_tensors(
-            (xtr.reshape(xtr.shape[0], h * w) / 255.0).astype(np.float32),  # (N, H*W)
-            arrays["train_y"].astype(np.int64),
-            (xte.reshape(xte.shape[0], h * w) / 255.0).astype(np.float32),
-            arrays["test_y"].astype(np.int64),
-        ),
-        input_shape=(1, int(h), int(w)),
-        classes=classes,
+        *_tensors(flat[0], ytr.astype(np.int64), flat[1], yte.astype(np.int64)),
+        input_shape=(1, *map(int, xtr.shape[1:])),
+        classes=int(max(ytr.max(), yte.max())) + 1,
     )
 
 

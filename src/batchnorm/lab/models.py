@@ -1,5 +1,5 @@
-"""Model builders shared by every experiment: an MLP and a small conv net, each with a
-normalization option and its placement relative to the activation.
+"""Model builders shared by every experiment: an MLP and a small conv net of hidden ``Block``s,
+each with a normalization option and its placement relative to the activation.
 
 A *norm factory* is any callable ``factory(num_features) -> nn.Module`` (called once per
 hidden layer); the strings ``"none"``, ``"bn"`` (our ``batchnorm.BatchNorm1d/2d``) and
@@ -39,6 +39,7 @@ NormFactory = Callable[[int], nn.Module]
 NormSpec = str | NormFactory | None
 Placement = Literal["before", "after"]
 BiasSpec = bool | Literal["auto"]
+InitSpec = float | Literal["he"] | None
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
@@ -74,9 +75,6 @@ def resolve_norm(norm: NormSpec, dims: int = 1) -> NormFactory | None:
     return kinds[norm][dims - 1]
 
 
-InitSpec = float | Literal["he"] | None
-
-
 def init_gaussian_(model: nn.Module, std: float | str, generator: torch.Generator | None = None) -> nn.Module:
     """In place: every Linear/Conv weight ~ N(0, std^2), every Linear/Conv bias = 0.
 
@@ -98,32 +96,22 @@ def init_gaussian_(model: nn.Module, std: float | str, generator: torch.Generato
 
 
 class Block(nn.Module):
-    """One hidden layer: ``act(norm(W u))`` (placement before) or ``norm(act(W u + b))`` (after),
-    then optional dropout. ``layer`` is the Linear/Conv; ``norm`` is an ``nn.Identity`` when
-    there is no normalization; the input of ``act`` is the "sigmoid input" of Ioffe's Fig. 1.
+    """One hidden layer: ``act(norm(W u))`` (placement before) or ``norm(act(W u + b))`` (after).
+    ``layer`` is the Linear/Conv; ``norm`` is an ``nn.Identity`` when there is no normalization;
+    the input of ``act`` is the "sigmoid input" of Ioffe's Fig. 1.
     """
 
-    def __init__(
-        self,
-        layer: nn.Module,
-        norm: nn.Module | None,
-        act: nn.Module,
-        placement: Placement = "before",
-        dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, layer: nn.Module, norm: nn.Module | None, act: nn.Module, placement: Placement) -> None:
         super().__init__()
         if placement not in ("before", "after"):
             raise ValueError(f"Block: expected placement 'before' or 'after', got {placement!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"Block: expected dropout in [0, 1), got {dropout!r}")
         self.layer = layer
         self.norm = norm if norm is not None else nn.Identity()
         self.act = act
         self.placement = placement
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(norm_act(self.layer(x), self.norm, self.act, self.placement))
+        return norm_act(self.layer(x), self.norm, self.act, self.placement)
 
 
 def norm_act(h: torch.Tensor, norm: Callable[..., torch.Tensor], act: nn.Module, placement: str) -> torch.Tensor:
@@ -131,29 +119,61 @@ def norm_act(h: torch.Tensor, norm: Callable[..., torch.Tensor], act: nn.Module,
     return act(norm(h)) if placement == "before" else norm(act(h))
 
 
-def _use_bias(bias: BiasSpec, has_norm: bool, placement: Placement) -> bool:
-    if bias == "auto":
-        return not (has_norm and placement == "before")
-    if not isinstance(bias, bool):
-        raise ValueError(f"expected bias True, False or 'auto', got {bias!r}")
-    return bias
+class _Net(nn.Module):
+    """Hidden ``Block``s then a Linear classifier: the build, init and forward ``MLP`` and ``ConvNet``
+    share. ``layer(i, in, out, bias)`` builds hidden layer i; ``bias="auto"`` drops its bias exactly
+    when a norm directly follows it. Input (N, D) is reshaped to ``input_shape``; conv feature maps
+    are averaged over their positions before the classifier."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        layer: Callable[[int, int, int, bool], nn.Module],
+        hidden: Sequence[int],
+        classes: int,
+        act: str,
+        factory: NormFactory | None,
+        placement: Placement,
+        bias: BiasSpec,
+        init_std: InitSpec,
+        generator: torch.Generator | None,
+    ) -> None:
+        super().__init__()
+        self.input_shape = input_shape
+        if bias == "auto":
+            bias = not (factory is not None and placement == "before")
+        if not isinstance(bias, bool):
+            raise ValueError(f"expected bias True, False or 'auto', got {bias!r}")
+        blocks = []
+        width = input_shape[0]
+        for i, h in enumerate(hidden):
+            made = layer(i, width, h, bias)  # before the norm: PyTorch's default init draws from the global RNG
+            blocks.append(Block(made, factory(h) if factory is not None else None, activation(act), placement))
+            width = h
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(width, classes)
+        if init_std is not None:
+            init_gaussian_(self, init_std, generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(x.shape[0], *self.input_shape)  # (N, D), (N, C, L) or (N, C, H, W)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.flatten(2).mean(dim=2) if h.dim() > 2 else h)  # conv: (N, C_last), global average pool
 
 
-class MLP(nn.Module):
+class MLP(_Net):
     """Fully connected net: ``len(hidden)`` Blocks then a Linear classifier.
 
     Args:
-        in_features: D.
-        hidden: widths of the hidden layers, e.g. (100, 100, 100).
-        classes: output size.
+        in_features, hidden, classes: D, the hidden widths (e.g. (100, 100, 100)), the output size.
         act: activation name (sigmoid, relu, tanh, identity).
         norm: norm spec (see module docstring), applied on every hidden layer.
         placement: "before" (BN feeds the activation, as Ioffe & Szegedy) or "after".
         bias: "auto" drops the hidden Linear bias exactly when a norm directly follows it.
-        dropout: dropout probability after every hidden block.
         init_std: if given, all weights ~ N(0, init_std^2) and biases 0 (Ioffe's "small random
-            Gaussian"), or "he" for std sqrt(2 / fan_in); None keeps PyTorch's default init.
-            ``generator`` seeds it.
+            Gaussian"), or "he" for std sqrt(2 / fan_in), drawn from ``generator``; None keeps
+            PyTorch's default init.
 
     Shape: (N, in_features) -> (N, classes).
     """
@@ -168,38 +188,17 @@ class MLP(nn.Module):
         norm: NormSpec = None,
         placement: Placement = "before",
         bias: BiasSpec = "auto",
-        dropout: float = 0.0,
         init_std: InitSpec = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
+        def linear(i: int, n_in: int, n_out: int, b: bool) -> nn.Module:
+            return nn.Linear(n_in, n_out, bias=b)
+
         factory = resolve_norm(norm, dims=1)
-        blocks = []
-        width = in_features
-        for h in hidden:
-            use_bias = _use_bias(bias, factory is not None, placement)
-            blocks.append(
-                Block(
-                    nn.Linear(width, h, bias=use_bias),
-                    factory(h) if factory is not None else None,
-                    activation(act),
-                    placement,
-                    dropout,
-                )
-            )
-            width = h
-        self.blocks = nn.ModuleList(blocks)
-        self.head = nn.Linear(width, classes)
-        if init_std is not None:
-            init_gaussian_(self, init_std, generator)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
+        super().__init__((in_features,), linear, hidden, classes, act, factory, placement, bias, init_std, generator)
 
 
-class ConvNet(nn.Module):
+class ConvNet(_Net):
     """Small conv net for 8x8 digits (or 28x28 MNIST, or 1-D MNIST-1D signals).
 
     Blocks of 3x3 (or length-3) convolutions with padding 1; the first keeps the resolution,
@@ -227,32 +226,16 @@ class ConvNet(nn.Module):
         init_std: InitSpec = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
         shape = tuple(int(s) for s in input_shape)
         if len(shape) not in (2, 3):
             raise ValueError(f"ConvNet: expected input_shape (C, L) or (C, H, W), got {input_shape!r}")
-        self.input_shape = shape
-        spatial = len(shape) - 1
-        conv = nn.Conv1d if spatial == 1 else nn.Conv2d
-        factory = resolve_norm(norm, dims=spatial)
-        blocks = []
-        width = shape[0]
-        for i, c in enumerate(channels):
-            use_bias = _use_bias(bias, factory is not None, placement)
-            layer = conv(width, c, kernel_size=3, stride=1 if i == 0 else 2, padding=1, bias=use_bias)
-            blocks.append(Block(layer, factory(c) if factory is not None else None, activation(act), placement))
-            width = c
-        self.blocks = nn.ModuleList(blocks)
-        self.head = nn.Linear(width, classes)
-        if init_std is not None:
-            init_gaussian_(self, init_std, generator)
+        conv = nn.Conv1d if len(shape) == 2 else nn.Conv2d
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.reshape(x.shape[0], *self.input_shape)  # (N, C, H, W) or (N, C, L)
-        for block in self.blocks:
-            h = block(h)
-        h = h.flatten(2).mean(dim=2)  # (N, C_last): global average pool
-        return self.head(h)
+        def layer(i: int, n_in: int, n_out: int, b: bool) -> nn.Module:
+            return conv(n_in, n_out, kernel_size=3, stride=1 if i == 0 else 2, padding=1, bias=b)
+
+        factory = resolve_norm(norm, dims=len(shape) - 1)
+        super().__init__(shape, layer, channels, classes, act, factory, placement, bias, init_std, generator)
 
 
 def blocks(model: nn.Module) -> Iterator[Block]:

@@ -1,16 +1,11 @@
-"""Normalization layers that only the lab's experiments need (not part of the public API).
+"""Normalization layers that only the lab's experiments need (not part of the public API):
+:class:`GroupedBatchNorm1d` and :class:`GroupedBatchRenorm1d`, batch norm and batch renorm whose
+statistics come from consecutive groups of ``group_size`` samples of the batch, the way BN
+behaves with ``group_size`` images per GPU and unsynchronized statistics (Wu & He 2018) or with
+Ioffe 2017's microbatches.
 
-- :class:`NoisyBatchNorm` — Santurkar et al. 2018's "noisy BN": a batch norm followed by
-  time-varying, non-zero-mean, non-unit-variance noise, to make the layer inputs *less*
-  stable than without BN.
-- :class:`GroupedBatchNorm1d` and :class:`GroupedBatchRenorm1d` — batch norm and batch renorm
-  whose statistics come from consecutive groups of ``group_size`` samples of the batch, the way
-  BN behaves with ``group_size`` images per GPU and unsynchronized statistics (Wu & He 2018) or
-  with Ioffe 2017's microbatches.
-
-Shape: ``NoisyBatchNorm`` takes (N, C); the grouped layers take (N, C) or (N, C, L) (per-channel
-statistics over the group's m samples and L positions, as Ioffe's conv BN over m·p·q values);
-all return their input's shape.
+Shape: (N, C) or (N, C, L) (per-channel statistics over the group's m samples and L positions,
+as Ioffe's conv BN over m·p·q values) -> the input's shape.
 """
 
 from __future__ import annotations
@@ -23,64 +18,7 @@ from torch import Tensor, nn
 from .. import BatchNorm1d, BatchRenorm1d
 from ..functional import update_step
 
-__all__ = ["GroupedBatchNorm1d", "GroupedBatchRenorm1d", "NoisyBatchNorm"]
-
-
-class NoisyBatchNorm(nn.Module):
-    """``noise_t(BN(x))``: batch norm, then noise whose distribution changes at every step.
-
-    At every training-mode forward (one SGD step) a new shift and scale are drawn per unit j,
-    ``mu_j ~ U(-noise_mean, noise_mean)`` and ``s_j ~ U(1, noise_scale)``; then per sample i
-
-        y'_ij = y_ij * s_j * (1 + per_sample * e_ij) + mu_j + per_sample * e'_ij,   e, e' ~ N(0, 1)
-
-    where ``y = BN(x)`` (after gamma and beta). This is the "workable form" of Santurkar et al.
-    2018's noise (their appendix values were not available to us). In eval mode
-    the noise is replaced by its expectation, ``y' = y * (1 + noise_scale) / 2`` (E[s] and
-    E[mu] = 0), as dropout rescales at inference: the next layer was trained on inputs scaled
-    by s on average, so plain ``y`` would be a systematic shift.
-
-    Args:
-        num_features: C.
-        noise_mean: n_mu, half-width of the per-step shift distribution (>= 0).
-        noise_scale: n_sigma, upper end of the per-step scale distribution (>= 1).
-        per_sample: std of the per-sample multiplicative and additive noise (>= 0).
-        generator: seeds the noise (a fresh unseeded one if None).
-
-    Shape: (N, C) -> (N, C).
-    """
-
-    def __init__(
-        self,
-        num_features: int,
-        noise_mean: float = 0.5,
-        noise_scale: float = 1.5,
-        per_sample: float = 0.1,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__()
-        if not noise_mean >= 0 or not noise_scale >= 1 or not per_sample >= 0:
-            raise ValueError(
-                "NoisyBatchNorm: expected noise_mean >= 0, noise_scale >= 1 and per_sample >= 0, "
-                f"got {noise_mean!r}, {noise_scale!r}, {per_sample!r}"
-            )
-        self.bn = BatchNorm1d(num_features)
-        self.noise_mean = float(noise_mean)
-        self.noise_scale = float(noise_scale)
-        self.per_sample = float(per_sample)
-        self.generator = generator if generator is not None else torch.Generator()
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.bn(x)
-        if not self.training:
-            return y * (0.5 * (1.0 + self.noise_scale))
-        n, c = y.shape
-        g = self.generator
-        shift = (torch.rand(c, generator=g) * 2.0 - 1.0) * self.noise_mean  # (C,)
-        scale = 1.0 + torch.rand(c, generator=g) * (self.noise_scale - 1.0)  # (C,)
-        mult = 1.0 + self.per_sample * torch.randn(n, c, generator=g)  # (N, C)
-        add = self.per_sample * torch.randn(n, c, generator=g)  # (N, C)
-        return y * scale * mult + shift + add
+__all__ = ["GroupedBatchNorm1d", "GroupedBatchRenorm1d"]
 
 
 class _Grouped(nn.Module):
@@ -97,10 +35,9 @@ class _Grouped(nn.Module):
         self.group_size = group_size
 
     def _moments(self, input: Tensor) -> tuple[Tensor, tuple[int, ...], Tensor, Tensor]:
-        """(xg, dims, mean, biased var) of ``input`` (N, C[, L]) in groups of m = ``group_size``
-        consecutive samples (group g holds samples g*m .. g*m + m - 1, as a per-GPU split):
-        xg (G, m, C[, L]), ``dims`` the dims of xg one statistic reduces (m and any L), mean and
-        var (G, 1, C[, 1]). ValueError if m does not divide N."""
+        """(xg (G, m, C[, L]), the dims of xg one statistic reduces, mean and biased var (G, 1,
+        C[, 1])) of ``input`` (N, C[, L]) in groups of m = ``group_size`` consecutive samples (a
+        per-GPU split); ValueError if m does not divide N."""
         n, m = input.shape[0], self.group_size
         if n % m != 0:
             raise ValueError(f"{type(self).__name__}: batch of {n} is not a multiple of the group size {m}")
@@ -132,12 +69,8 @@ class GroupedBatchNorm1d(_Grouped, BatchNorm1d):
     statistics; averaging them is Alg. 2 at group size m). Unlike ghost batch norm, the spread
     between group means is *not* in the running variance: per-device BN never sees it. With
     ``group_size >= N`` this is exactly :class:`batchnorm.BatchNorm1d`. Eval: the running
-    statistics, as BN.
-
-    A batch with non-finite statistics updates nothing (one warning per layer), as our BN.
-
-    With (N, C, L) input the statistics of a group are over its m samples and L positions, and
-    the running-variance correction is n/(n-1) with n = m·L.
+    statistics, as BN. A batch with non-finite statistics updates nothing (one warning per
+    layer), as our BN. On (N, C, L) input the correction is n/(n-1) with n = m·L.
 
     Shape: (N, C) -> (N, C) or (N, C, L) -> (N, C, L); N must be a multiple of ``group_size`` in
     training.
@@ -174,8 +107,6 @@ class GroupedBatchRenorm1d(_Grouped, BatchRenorm1d):
     then ONE moving-average update per step with the group averages of mu_g and sigma_g, and
     one schedule step. With ``group_size >= N`` this is exactly :class:`batchnorm.BatchRenorm1d`
     (which it subclasses for the schedule, buffers and inference). Eval: gamma (x - mu)/sigma + beta.
-
-    With (N, C, L) input the statistics of a group are over its m samples and L positions.
 
     Shape: (N, C) -> (N, C) or (N, C, L) -> (N, C, L); N must be a multiple of ``group_size`` in
     training.

@@ -21,35 +21,20 @@ __all__ = ["population_statistics"]
 
 
 @torch.no_grad()
-def population_statistics(
-    model: nn.Module,
-    x: Tensor,
-    *,
-    batch_size: int,
-    generator: torch.Generator,
-    num_batches: int | None = None,
-) -> nn.Module:
-    """A copy of ``model`` whose BatchNorm running statistics are Alg. 2's population estimates.
+def population_statistics(model: nn.Module, x: Tensor, *, batch_size: int, generator: torch.Generator) -> nn.Module:
+    """A copy of ``model`` (which is left as it is) whose BatchNorm running statistics are Alg. 2's
+    population estimates, in eval mode, each layer's ``momentum`` as it was.
 
-    With the weights frozen, the whole copy runs in training mode over training batches of m,
+    With the weights frozen, the whole copy runs in training mode over one pass of ceil(N / m)
+    training batches of m = ``batch_size`` rows of ``x`` (N, ...) in an order ``generator`` seeds,
     as Alg. 2 prescribes (dropout, if any, stays active); with ``momentum=None`` each BatchNorm
     keeps the *cumulative* average of the batch means and of the *unbiased* batch variances
     m/(m-1)·sigma_B^2, exactly Alg. 2 when every batch has the same m (as ``minibatches`` gives).
-
-    Args:
-        model: any model with BatchNorm layers (``torch.nn`` or ours); it is not modified.
-        x: training inputs (N, ...) to average over.
-        batch_size: m, the training batch size (the m/(m-1) correction uses it).
-        generator: seeds the batch order.
-        num_batches: how many batches to average; default: one pass, ceil(N / m).
-
-    Returns:
-        the copy, in eval mode, with ``momentum`` restored to each layer's original value.
     """
     new = copy.deepcopy(model)
     layers = [m for m in new.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     saved = [m.momentum for m in layers]
-    count = num_batches if num_batches is not None else -(-x.shape[0] // batch_size)
+    count = -(-x.shape[0] // batch_size)
     try:
         for m in layers:
             m.reset_running_stats()

@@ -1,7 +1,8 @@
-"""The lab's one training loop: many small networks of one architecture — several *arms* (one
-normalization each: BN, BN over groups, Batch Renorm, Ghost BN, Group Norm, ...) times several
-seeds — trained as one batched network, so that M members cost about as many Python-level
-operations as one. ``training.train`` is this loop with a single member.
+"""The lab's one training loop (docs/lab.md: "one training loop", "Divergence, one rule"): many
+small networks of one architecture — several *arms* (one normalization each: BN, BN over groups,
+Batch Renorm, Ghost BN, Group Norm, ...) times several seeds — trained as one batched network, so
+that M members cost about as many Python-level operations as one. ``training.train`` is this loop
+with a single member.
 
     arms = [[MLP(64, [100] * 3, 10, norm=factory_a) for seed in seeds],   # arm a, one per seed
             [MLP(64, [100] * 3, 10, norm=factory_b) for seed in seeds]]
@@ -10,8 +11,8 @@ operations as one. ``training.train`` is this loop with a single member.
                             on_checkpoint=record)  # record(step, results) sees the models' weights
 
 Members are the models of all arms, arm-major (member j of arm a). Member k trains on
-``(xs[k], ys[k])`` with the index batches of its own stream, and the result equals training it
-alone (a plain SGD loop on the ``nn.Module``) up to float rounding:
+``(xs[k], ys[k])`` with the index batches of its own stream and ends as if trained alone by a
+plain SGD loop on the ``nn.Module``, up to float rounding:
 
 * MLP Linear: one ``torch.bmm`` / ``torch.baddbmm`` over weights (M, out, in):
   (M, B, in) -> (M, B, out).
@@ -22,20 +23,14 @@ alone (a plain SGD loop on the ``nn.Module``) up to float rounding:
   gets S times the groups) on the arm's member-major columns (B, S*C[, L]). Statistics are per
   column, i.e. per member and feature, over that member's batch (or its groups); Group Norm's
   groups never straddle two members. Layers must not mix columns.
-* Dropout (``dropout=p`` > 0; the models are built without it): inverted dropout
-  ``h * mask / (1 - p)`` after every hidden block, ``mask ~ Bernoulli(1 - p)`` drawn for the
-  whole stacked activation from ``mask_generator`` (each member its own masks, not those a
-  single-model run would draw). Eval mode has no dropout: evaluating the models evaluates the
-  trained dropout networks.
+* Dropout (``dropout=p`` > 0): inverted dropout ``h * mask / (1 - p)`` after every hidden block,
+  ``mask ~ Bernoulli(1 - p)`` drawn for the whole stacked activation from ``mask_generator``
+  (each member its own masks, not those a single-model run would draw); none in eval mode.
 * Loss: the sum of the members' mean losses; no parameter is shared, so each member gets its own
   gradient, and SGD (momentum and weight decay included) acts element-wise.
-
-Divergence follows the lab's one rule (``training``; docs/lab.md): a member whose loss at step t
-is not finite stops there with the weights that gave that loss. It leaves the loss, its input
-rows are zeroed and, after every later update, its slices are reset to a neutral finite state
-(weights, biases and norm parameters 0, running means 0, running variances / stds 1), so the
-others train on as alone, except that in step t the merged norm layers of its arm refuse the
-non-finite batch as a whole: the other members *of its arm* skip that one running-statistics update.
+* Divergence: a member whose loss at step t is not finite stops with the weights that gave it;
+  its input rows are zeroed and its slices reset after every later update (``silence``); in step
+  t the merged norms of its arm refuse the whole batch (the others of the arm skip that update).
 """
 
 from __future__ import annotations
@@ -112,7 +107,7 @@ class StackedNet(nn.Module):
         self.conv = isinstance(first, ConvNet)
         if self.conv and len(first.input_shape) != 2:
             raise ValueError(f"StackedNet: expected a 1-D ConvNet (input (C, L)), got input_shape {first.input_shape}")
-        self.input_shape = tuple(first.input_shape) if self.conv else ()
+        self.input_shape = first.input_shape
         self.dropout, self.generator = float(dropout), generator
         self.sizes = [len(arm) for arm in arms]
         self.starts = [sum(self.sizes[:a]) for a in range(len(arms))]  # arm -> its first member
@@ -125,10 +120,6 @@ class StackedNet(nn.Module):
         self.conv_args: list[tuple[int, int]] = []
         self.widths: list[int] = []
         for i, block in enumerate(first.blocks):
-            if not isinstance(block.drop, nn.Identity):
-                raise ValueError(
-                    "StackedNet: dropout modules are not supported (build the models without; pass dropout)"
-                )
             layers = [m.blocks[i].layer for m in members]
             self.weights.append(nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]).clone()))
             bias = [layer.bias.detach() for layer in layers if layer.bias is not None]
@@ -149,7 +140,7 @@ class StackedNet(nn.Module):
     def _normalize(self, i: int, h: Tensor) -> Tensor:
         """Apply layer i's arm norms to h: conv activations (B, M*C, L) as they are, MLP
         activations (M, B, C) laid out as (B, M*C) (member-major columns) and back."""
-        norms = self._arm_norms(i)
+        norms = list(cast(nn.ModuleList, self.norms[i]))
         if all(isinstance(norm, nn.Identity) for norm in norms):
             return h
         c = self.widths[i]
@@ -181,50 +172,36 @@ class StackedNet(nn.Module):
             h = h.mean(dim=2).reshape(b, m, -1).transpose(0, 1)  # (M, B, C_last)
         return _linear(h, self.head_w, self.head_b)
 
-    def _arm_norms(self, i: int) -> list[nn.Module]:
-        """Layer i's merged norm of every arm."""
-        return list(cast(nn.ModuleList, self.norms[i]))
-
-    def _norm_slices(self, k: int) -> Iterator[tuple[nn.Module, slice]]:
-        """Per layer with a norm: the merged norm holding member k and k's columns in it."""
+    def _views(self, k: int, model: Any) -> Iterator[tuple[str, Tensor, Tensor]]:
+        """(name, member k's slice of the stacked tensor, ``model``'s own tensor) for every layer
+        weight and bias and every norm parameter and buffer of member k (``model``)."""
         arm, j = self.arm_of[k]
-        for i, c in enumerate(self.widths):
-            norm = self._arm_norms(i)[arm]
-            if not isinstance(norm, nn.Identity):
-                yield norm, slice(j * c, (j + 1) * c)
+        for i, block in enumerate(model.blocks):
+            yield "weight", self.weights[i][k], block.layer.weight
+            if block.layer.bias is not None:
+                yield "bias", self.biases[i][k], block.layer.bias
+            merged, c = cast(nn.ModuleList, self.norms[i])[arm], self.widths[i]
+            for name, t in [*block.norm.named_parameters(recurse=False), *block.norm.named_buffers(recurse=False)]:
+                full = getattr(merged, name)
+                yield name, full[j * c : (j + 1) * c] if t.dim() >= 1 else full, t  # a 0-dim buffer is shared
+        yield "weight", self.head_w[k], model.head.weight
+        yield "bias", self.head_b[k], model.head.bias
 
     @torch.no_grad()
     def copy_into(self, members: Sequence[nn.Module], which: Iterable[int]) -> None:
         """Write member k's weights and norm state into ``members[k]`` for k in ``which``."""
         for k in which:
-            model: Any = members[k]
-            for i, block in enumerate(model.blocks):
-                block.layer.weight.copy_(self.weights[i][k])
-                if block.layer.bias is not None:
-                    block.layer.bias.copy_(self.biases[i][k])
-            norms = [block.norm for block in model.blocks if not isinstance(block.norm, nn.Identity)]
-            for norm, (merged, cols) in zip(norms, self._norm_slices(k)):
-                for name, t in [*norm.named_parameters(recurse=False), *norm.named_buffers(recurse=False)]:
-                    full = getattr(merged, name)
-                    t.copy_(full[cols] if t.dim() >= 1 else full)
-            model.head.weight.copy_(self.head_w[k])
-            model.head.bias.copy_(self.head_b[k])
+            for _, view, t in self._views(k, members[k]):
+                t.copy_(view)
 
     @torch.no_grad()
-    def silence(self, which: Iterable[int]) -> None:
+    def silence(self, members: Sequence[nn.Module], which: Iterable[int]) -> None:
         """Reset the slices of members ``which`` to a neutral, finite state: weights, biases and
         norm parameters 0, running means 0, running variances and stds 1."""
         for k in which:
-            for i, w in enumerate(self.weights):
-                w[k].zero_()
-                if self.biases[i].numel():
-                    self.biases[i][k].zero_()
-            self.head_w[k].zero_()
-            self.head_b[k].zero_()
-            for merged, cols in self._norm_slices(k):
-                for name, full in [*merged.named_parameters(recurse=False), *merged.named_buffers(recurse=False)]:
-                    if full.dim() >= 1:
-                        full[cols] = 1.0 if name in ("running_var", "running_std") else 0.0
+            for name, view, t in self._views(k, members[k]):
+                if t.dim() >= 1:
+                    view.fill_(1.0 if name in ("running_var", "running_std") else 0.0)
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -247,29 +224,17 @@ def train_stacked(
     tick: Tick | None = None,
     loss: Callable[[Tensor, Tensor], Tensor] = cross_entropy,
 ) -> list[TrainResult]:
-    """Train every member (arm-major: ``[m for arm in arms for m in arm]``) on its own data
-    ``(xs[k], ys[k])`` with index batches from ``streams[k]``, all at once with SGD (see the
-    module docstring); the models are updated in place.
+    """Train every member (arm-major: ``[m for arm in arms for m in arm]``, all of one
+    architecture, one normalization kind per arm) on its own ``(xs[k], ys[k])``, shapes (N_k, D)
+    and (N_k, ...), with the (spec.batch_size,) index batches of the endless ``streams[k]``, all
+    at once with SGD (see the module docstring); the models are updated in place.
 
-    Args:
-        arms: lists of models, all of one architecture (lab ``MLP`` or 1-D ``ConvNet``, built
-            without dropout), one normalization kind per arm (their layers are merged).
-        xs, ys: each member's training set, shapes (N_k, D) and (N_k, ...).
-        spec: steps, lr, momentum, weight decay (the same for every member); ``batch_size``
-            must be the size of every yielded index batch.
-        streams: one endless iterator of (batch_size,) index tensors per member (e.g.
-            ``training.minibatches`` with that member's generator, or fixed batches).
-        dropout, mask_generator: dropout probability after every hidden block and the
-            generator of all its masks (required when dropout > 0).
-        checkpoints, on_checkpoint: ``on_checkpoint(step, results)`` after the listed steps
-            (0 = before training) with the models in training mode holding their current
-            weights; ``results[k]`` is member k's live ``TrainResult``.
-        stop: called after each checkpoint; ``True`` ends training there.
-        tick: progress sink, one update per step.
-        loss: each member's mean loss, (M, B, out), (M, B, ...) -> (M,); cross-entropy by default.
-
-    Returns:
-        One ``TrainResult`` per member (a diverged member stops at its first non-finite loss).
+    ``on_checkpoint(step, results)`` runs after the steps in ``checkpoints`` (0 = before
+    training) with the models in training mode holding their current weights (``results[k]`` is
+    member k's live ``TrainResult``); then ``stop(step)`` True ends training. ``dropout`` after
+    every hidden block draws its masks from ``mask_generator``; ``tick`` gets one update per
+    step; ``loss`` gives each member's mean loss, (M, B, out), (M, B, ...) -> (M,).
+    Returns one ``TrainResult`` per member (a diverged one stops at its first non-finite loss).
     """
     members = [m for arm in arms for m in arm]
     n = len(members)
@@ -326,7 +291,7 @@ def train_stacked(
             opt.zero_grad(set_to_none=True)
             per_member[alive].sum().backward()
             opt.step()
-            net.silence(stopped)
+            net.silence(members, stopped)
             for k in alive:
                 results[k].steps_done = step
             tick.update(1)

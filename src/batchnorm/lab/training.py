@@ -12,10 +12,8 @@ Conventions:
 - minibatches are drawn without replacement from a stream of seeded permutations of the
   training set: every batch has exactly ``batch_size`` examples (batches may straddle two
   epochs), so BN always normalizes over the same m;
-- divergence: a non-finite loss at step t marks the run *diverged at t* and stops it; its model
-  keeps the weights that gave that loss (no update at step t), ``steps_done`` is t - 1 and
-  ``losses`` ends with the non-finite value (networks trained together: see ``stacked``). Our
-  BatchNorm's "non-finite batch" warning is silenced inside the loop, an expected outcome there;
+- divergence (docs/lab.md, "Divergence, one rule"): a non-finite loss at step t stops the run
+  with the weights that gave it, ``steps_done`` t - 1 and ``losses`` ending with that value;
 - the number of torch threads is never changed here (the runner may do it for a whole run).
 """
 
@@ -110,26 +108,15 @@ def train_mode(model: nn.Module, mode: bool) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int | None = None) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` in eval mode on (x, y).
-
-    ``batch_size`` None evaluates in one full batch (fast on small data); the model's
-    training flags are restored afterwards. A non-finite output gives loss ``inf`` and counts
-    as wrong.
-    """
+def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode on (x, y), in one full batch; the
+    model's training flags are restored afterwards. A non-finite output gives loss ``inf`` and
+    counts as wrong."""
     with train_mode(model, False):
-        size = x.shape[0] if batch_size is None else batch_size
-        total_loss = 0.0
-        correct = 0
-        for start in range(0, x.shape[0], size):
-            logits = model(x[start : start + size])
-            yb = y[start : start + size]
-            total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
-            finite = torch.isfinite(logits).all(dim=1)
-            correct += int(((logits.argmax(dim=1) == yb) & finite).sum())
-    n = x.shape[0]
-    loss = total_loss / n
-    return (loss if math.isfinite(loss) else math.inf), correct / n
+        logits = model(x)
+    loss = float(F.cross_entropy(logits, y, reduction="sum")) / x.shape[0]
+    correct = int(((logits.argmax(dim=1) == y) & torch.isfinite(logits).all(dim=1)).sum())
+    return (loss if math.isfinite(loss) else math.inf), correct / x.shape[0]
 
 
 def train(
@@ -143,26 +130,20 @@ def train(
     on_checkpoint: Callable[[int, TrainResult], None] | None = None,
     tick: Tick | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
-    batches: Iterator[Tensor] | None = None,
 ) -> TrainResult:
-    """Train ``model`` (a lab ``MLP`` or 1-D ``ConvNet`` without dropout modules) in place with
-    SGD for ``spec.steps`` minibatch steps: ``stacked.train_stacked`` with this one member (see
-    the module docstring).
-
-    ``on_checkpoint(step, result)`` runs at every step in ``checkpoints`` (0 = before training)
-    with the model in training mode holding its current weights and the live ``TrainResult``;
-    it may evaluate (``evaluate`` restores the mode). ``loss_fn(output, target)`` is the
-    minibatch's mean loss. ``batches`` overrides the index stream ``generator`` draws.
+    """Train ``model`` (a lab ``MLP`` or 1-D ``ConvNet``) in place with SGD for ``spec.steps``
+    minibatch steps drawn by ``generator``: ``stacked.train_stacked`` with this one member,
+    ``on_checkpoint(step, result)`` seeing its live ``TrainResult``. ``loss_fn(output, target)``
+    is the minibatch's mean loss.
     """
     from .stacked import train_stacked  # the loop builds on this module's types
 
-    stream = batches if batches is not None else minibatches(x.shape[0], spec.batch_size, generator)
     return train_stacked(
         [[model]],
         [x],
         [y],
         spec,
-        [stream],
+        [minibatches(x.shape[0], spec.batch_size, generator)],
         checkpoints=checkpoints,
         on_checkpoint=None if on_checkpoint is None else lambda step, results: on_checkpoint(step, results[0]),
         tick=tick,

@@ -3,10 +3,10 @@ MLP on the lab's data, plain, with our ``BatchNorm1d`` before each ReLU, or with
 arm of a seed starts from the same He-initialized weights, N(0, 2/fan_in), biases 0 (PyTorch's
 default init leaves a 10-layer plain ReLU net at chance).
 
-Noisy BN is written as BN followed by a noisy activation, :class:`NoisyReLU`: ``relu(noise_t(y))``
-with ``y`` the BN output is exactly ``relu(NoisyBatchNorm(x))``, and the activation, unlike a norm
-layer, sees the seeds' slices (S, B, C) of a stacked run (``stacked.train_stacked``) and can draw
-each seed's noise from that seed's own generator.
+Noisy BN (BN, then noise) is written as BN followed by a noisy activation, :class:`NoisyReLU`:
+``relu(noise_t(y))`` with ``y`` the BN output is exactly ``relu(noisy_bn(x))``, and the
+activation, unlike a norm layer, sees the seeds' slices (S, B, C) of a stacked run
+(``stacked.train_stacked``) and can draw each seed's noise from that seed's own generator.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def probe_batch(x: Tensor, y: Tensor, k: int, size: int = 128) -> tuple[Tensor, 
 
 class NoisyReLU(nn.Module):
     """``relu(y * s * (1 + p e) + mu + p e')``: Santurkar et al.'s noise on a BN output ``y``,
-    then the ReLU (the noise of :class:`batchnorm.lab.normalizers.NoisyBatchNorm`, drawn in the
+    then the ReLU (tested equal to a reference noisy BN layer followed by a ReLU, drawing in the
     same order from the same kind of generator).
 
     At every training-mode forward, for each seed k (slice k of a stacked (S, B, C) input, or
