@@ -22,6 +22,7 @@ from batchnorm.lab.config import RunConfig
 from batchnorm.lab.experiments._calibration import CALIBRATION_SEED
 from batchnorm.lab.progress import Progress
 from batchnorm.lab.results import to_jsonable
+from batchnorm.lab.verdict import part
 
 GOOD = """
 [first]
@@ -38,6 +39,9 @@ source = "Sec. 2"
 kind = "identity"
 above = "-band"
 below = 0.5
+a = "gap"
+also = [{ a = "gap", b = "base", effect = "ratio", above = 2 }]
+evidence = "gap per seed: {gap:+.2f}; first seed {seed0}, steps {steps:g}, mean {mean[gap]:.1f}"
 """
 
 
@@ -64,6 +68,20 @@ def test_parse_keeps_the_tables_in_order() -> None:
         (GOOD.replace('source = "Sec. 2"\n', ""), r"\[second\] lacks source"),
         (GOOD.replace('effect = "ratio"', 'efect = "ratio"'), r"\[first\] has unknown key\(s\) efect"),
         (GOOD.replace("below = 0.5", "below = [0.5]"), r"\[second\] expected each threshold"),
+        (GOOD.replace('a = "gap"', "a = 1"), r"\[second\] expected a and b a column's name"),
+        (
+            GOOD.replace("evidence = ", "evidence = 1 #"),
+            r"\[second\] expected a and b a column's name, evidence a template",
+        ),
+        (
+            GOOD.replace("also = [{", "also = {").replace("above = 2 }]", "above = 2 }"),
+            r"\[second\] expected also an array",
+        ),
+        (
+            GOOD.replace('effect = "ratio", above = 2', 'efect = "ratio", above = 2'),
+            r"\[second\] also's part 1 expected a, a threshold and .*, got \['a', 'above', 'b', 'efect'\]",
+        ),
+        (GOOD.replace(', effect = "ratio", above = 2', ""), r"\[second\] also's part 1 expected a, a threshold"),
         ('statement = "x"\n', "expected one \\[name\\] table per claim"),
         ("", "expected one \\[name\\] table per claim"),
     ],
@@ -81,12 +99,37 @@ def test_invalid_toml_is_a_value_error() -> None:
 def test_thresholds_and_statements_resolve_from_settings_and_values(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(claims_spec, "load", lambda module: claims_spec.parse(GOOD, f"{module}.claims.toml"))
     results = {"config": {"speedup": 3.0, "band": 0.01}, "metrics": {"seeds": [0, 1], "per_seed": [{}, {}]}}
-    make = claims_spec.Claims("experiments.demo", results, band_pp=1.0)
+    make = claims_spec.Claims("experiments.demo", results, band_pp=1.0, gap=[0.1, 0.2], base=[0.01, 0.02])
     first = make("first", a=[9.0, 12.0], b=[1.0, 2.0], evidence="e")
     second = make("second", a=[0.1, 0.2], evidence="e")
     assert first["claim"] == "x at least 3x" and first["threshold"] == 3.0 and first["direction"] == "a / b >= 3"
     assert second["claim"] == "y within 1 pp" and second["threshold"] == [-0.01, 0.5] and second["kind"] == "identity"
     assert (second["expected"], second["source"]) == ("none", "Sec. 2")
+
+
+def test_a_claim_declared_in_full_is_judged_from_the_columns_it_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(claims_spec, "load", lambda module: claims_spec.parse(GOOD, f"{module}.claims.toml"))
+    results = {"config": {"speedup": 3.0, "band": 0.01}, "metrics": {"seeds": [4, 5], "per_seed": [{}, {}]}}
+    gap, base = [0.1, 0.25], [0.04, 0.1]
+    values = {"gap": gap, "base": base, "steps": [120, 95], "mean": {"gap": 0.175}, "band_pp": 1.0}
+    make = claims_spec.Claims("experiments.demo", results, **values)
+    declared = make("second")
+    by_hand = make("second", a=gap, evidence="e", also=[part(gap, base, effect="ratio", above=2)])
+    assert declared["evidence"] == "gap per seed: +0.10, +0.25; first seed 4, steps 120, 95, mean 0.2"
+    assert {**declared, "evidence": "e"} == by_hand
+    assert [p["direction"] for p in declared["parts"]] == ["-0.01 <= value <= 0.5", "a / b >= 2"]
+    first = make("first", a=[9.0, 12.0], b=[1.0, 2.0], evidence="e")
+    assert make.all(first=first) == [first, declared]
+
+
+def test_evidence_lists_a_list_formatted_with_a_spec() -> None:
+    assert claims_spec.listed([0.5, 2, 1e-3]) == "0.5, 2.0, 0.0"
+    assert claims_spec.listed([0.5, 2], "{:.3g}x") == "0.5x, 2x"
+    assert claims_spec.listed([0.5, 2], "{:.3g}", "/") == "0.5/2"
+    assert (
+        claims_spec._Evidence().format("{v:.1f}; {v}; {d[k]:g}", v=[1, 2.25], d={"k": (3, 4)})
+        == "1.0, 2.2; [1, 2.25]; 3, 4"
+    )
 
 
 def test_every_experiment_has_a_claims_file() -> None:

@@ -11,7 +11,7 @@ import torch
 
 from batchnorm.lab.config import RunConfig
 from batchnorm.lab.datasets import load
-from batchnorm.lab.declare import listed, probing, seeded, train_seeds
+from batchnorm.lab.declare import probing, seeded, train_seeds
 from batchnorm.lab.experiments import ghost_bn
 from batchnorm.lab.models import MLP
 from batchnorm.lab.progress import Progress
@@ -20,11 +20,6 @@ from batchnorm.lab.training import TrainSpec, train
 
 def _net(seed: int) -> MLP:
     return MLP(64, [16, 16], 10, act="relu", norm="bn", init_std="he", generator=seeded(seed))
-
-
-def test_listed_formats_every_seed() -> None:
-    assert listed([0.5, 2, 1e-3]) == "0.5, 2.0, 0.0"
-    assert listed([0.5, 2], "{:.3g}x") == "0.5x, 2x"
 
 
 def test_probing_puts_weights_grads_buffers_and_flags_back() -> None:

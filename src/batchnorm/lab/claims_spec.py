@@ -1,7 +1,7 @@
 """Claims and settings declared as data in TOML files beside an experiment's module (their layout:
 ``docs/lab.md``, "Figures and reports"), and ``claim``, one claim of saved results judged over seeds.
 
-``Claims`` joins a claims file's fixed fields with what the module computes (a, b, evidence). A
+``Claims`` judges the claims a claims file declares on the columns and values the module computes. A
 ``Settings`` dataclass (a ``Declared``) declares only the settings the code computes or a mode sets,
 and reads the file's others as attributes:
 
@@ -16,8 +16,9 @@ import dataclasses
 import functools
 import importlib.resources
 import math
+import string
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from typing_extensions import dataclass_transform
@@ -31,16 +32,18 @@ if sys.version_info >= (3, 11):
 else:  # the lab extra's backport on Python 3.10
     import tomli as tomllib
 
-__all__ = ["Claims", "Col", "Declared", "claim", "load", "load_settings", "parse", "unmeasured"]
+__all__ = ["Claims", "Col", "Declared", "claim", "listed", "load", "load_settings", "parse", "unmeasured"]
 
 Col = Sequence[float]  # one number per seed
 _REQUIRED = {"statement", "expected", "source"}
-_KEYS = _REQUIRED | {"effect", "kind", "above", "below"}
+_PART = {"a", "b", "above", "below", "effect"}  # a part: its columns' names, its threshold(s), its effect
+_KEYS = _REQUIRED | _PART | {"kind", "evidence", "also"}
 
 
 def parse(text: str, where: str) -> dict[str, dict[str, Any]]:
     """Each claim's table by name, in file order; ``ValueError`` naming ``where`` for a file with
-    no table, a table with a missing or unknown key, or a threshold neither number nor name."""
+    no table, a table or part (``also``) with a missing or unknown key, a column's name or the
+    evidence not text, or a threshold neither number nor name."""
     data = tomllib.loads(text)  # invalid TOML: tomllib.TOMLDecodeError, a ValueError
     if not data or not all(isinstance(spec, dict) for spec in data.values()):
         raise ValueError(f"{where}: expected one [name] table per claim, got {list(data)}")
@@ -49,8 +52,18 @@ def parse(text: str, where: str) -> dict[str, dict[str, Any]]:
             raise ValueError(f"{where}: [{name}] lacks {', '.join(missing)}")
         if unknown := sorted(spec.keys() - _KEYS):
             raise ValueError(f"{where}: [{name}] has unknown key(s) {', '.join(unknown)}; expected {sorted(_KEYS)}")
-        if any(type(spec.get(k, "")) not in (str, int, float) for k in ("above", "below")):
-            raise ValueError(f"{where}: [{name}] expected each threshold a number or a setting's name")
+        also = spec.get("also", [])
+        if not isinstance(also, list) or not all(isinstance(p, dict) for p in also):
+            raise ValueError(f"{where}: [{name}] expected also an array of tables, one per further part")
+        for k, p in enumerate(also, 1):
+            if p.keys() - _PART or "a" not in p or not p.keys() & {"above", "below"}:
+                expected = f"a, a threshold and keys of {sorted(_PART)}"
+                raise ValueError(f"{where}: [{name}] also's part {k} expected {expected}, got {sorted(p)}")
+        for table in (spec, *also):
+            if any(type(table.get(k, "")) is not str for k in ("a", "b", "evidence")):
+                raise ValueError(f"{where}: [{name}] expected a and b a column's name, evidence a template")
+            if any(type(table.get(k, "")) not in (str, int, float) for k in ("above", "below")):
+                raise ValueError(f"{where}: [{name}] expected each threshold a number or a setting's name")
     return data
 
 
@@ -218,14 +231,33 @@ def claim(
     }
 
 
+def listed(values: Iterable[float], fmt: str = "{:.1f}", sep: str = ", ") -> str:
+    """Per-seed numbers as ``"a, b, c"`` (each ``fmt.format(float(v))``, joined by ``sep``), the
+    form every claim's evidence uses so a reader sees the spread over seeds."""
+    return sep.join(fmt.format(float(v)) for v in values)
+
+
+class _Evidence(string.Formatter):
+    """``str.format``, but a list formatted with a spec lists its items: ``{steps:g}`` -> "120, 95, 110"."""
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        if isinstance(value, (list, tuple)) and format_spec:
+            return listed(value, "{:" + format_spec + "}")
+        return super().format_field(value, format_spec)
+
+
 class Claims:
-    """The claims of saved ``results``: statements formatted with ``results["config"]`` and ``values``
-    (derived in Python, e.g. ``tol_pp=100 * tol``); a threshold: a number, a name of those, or ``-name``."""
+    """The claims of saved ``results`` as their file declares them, filled with ``results["config"]``,
+    ``seed0`` (the first seed), ``n_seeds`` (how many seeds ``results`` hold) and ``values`` (derived in Python: per-seed columns, e.g.
+    ``steps_bn=[...]``, and numbers, e.g. ``tol_pp=100 * tol``). A part's ``a``/``b`` name columns
+    of those; a threshold is a number, a name of those, or ``-name``; the statement and the evidence
+    are templates of those (the evidence's lists formatted with a spec list their items)."""
 
     def __init__(self, module: str, results: dict[str, Any], **values: Any) -> None:
         self.specs = load(module)
         self.results = results
-        self.values: dict[str, Any] = {**results["config"], **values}
+        seeds = results["metrics"]["seeds"]
+        self.values: dict[str, Any] = {**results["config"], "seed0": seeds[0], "n_seeds": len(seeds), **values}
 
     def _threshold(self, value: float | str | None) -> float | None:
         """A table's ``above``/``below`` as a number (None when absent)."""
@@ -233,17 +265,32 @@ class Claims:
             return None if value is None else float(value)
         return -float(self.values[value[1:]]) if value.startswith("-") else float(self.values[value])
 
+    def _part(self, table: dict[str, Any]) -> dict[str, Any]:
+        """The arguments of the ``Part`` a table (a claim's, or one of its ``also``) declares, its
+        columns looked up by name."""
+        a, b = (self.values[v] if isinstance(v, str) else v for v in (table["a"], table.get("b")))
+        above, below = (self._threshold(table.get(k)) for k in ("above", "below"))
+        return {"a": a, "b": b, "above": above, "below": below, "effect": table.get("effect", "difference")}
+
     def __call__(
-        self, name: str, *, a: Col, b: Col | None = None, evidence: str, also: Sequence[Part] = ()
+        self, name: str, *, a: Col | None = None, b: Col | None = None, evidence: str = "", also: Sequence[Part] = ()
     ) -> dict[str, Any]:
-        """Claim ``name`` (``claim``): its table's fixed fields with what the module computed."""
+        """Claim ``name`` (``claim``) as its table declares it; ``a`` (with ``b``), ``evidence`` and
+        ``also`` given here replace the table's."""
         spec = self.specs[name]
-        fixed = {key: spec[key] for key in ("expected", "source", "effect", "kind") if key in spec}
-        above, below = (self._threshold(spec.get(key)) for key in ("above", "below"))
-        statement = spec["statement"].format(**self.values)
+        fixed = {key: spec[key] for key in ("expected", "source", "kind") if key in spec}
         return claim(
-            statement, results=self.results, a=a, b=b, above=above, below=below, evidence=evidence, also=also, **fixed
+            spec["statement"].format(**self.values),
+            results=self.results,
+            **self._part({**spec, "a": a, "b": b} if a is not None else spec),
+            evidence=evidence or _Evidence().format(spec["evidence"], **self.values),
+            also=also or [Part(**self._part(table)) for table in spec.get("also", [])],
+            **fixed,
         )
+
+    def all(self, **made: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every claim of the file, in its order: as its table declares it, or as ``made`` gives it by name."""
+        return [made[name] if name in made else self(name) for name in self.specs]
 
 
 def unmeasured(make: Claims, name: str, evidence: str) -> dict[str, Any]:

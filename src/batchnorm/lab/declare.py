@@ -1,7 +1,7 @@
 """Small pieces the experiments' declarations share, written once: the seeds of one arm trained
 together under a progress bar, an MLP sized for a data set, a measurement that moves a model's
-weights and puts them back (with the gradients it steps along), per-seed numbers as text for a claim's evidence, the inputs of a
-network's activations, and non-i.i.d. minibatches."""
+weights and puts them back (with the gradients it steps along), the inputs of a network's
+activations, and non-i.i.d. minibatches."""
 
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ __all__ = [
     "activation_inputs",
     "batch_stats_accuracy",
     "columns",
-    "listed",
     "mlp_for",
     "non_iid_batches",
     "gradients",
@@ -73,12 +72,6 @@ def train_seeds(
             tick=tick,
             **options,
         )
-
-
-def listed(values: Iterable[float], fmt: str = "{:.1f}", sep: str = ", ") -> str:
-    """Per-seed numbers as ``"a, b, c"`` (each ``fmt.format(float(v))``, joined by ``sep``), the
-    form every claim's evidence uses so a reader sees the spread over seeds."""
-    return sep.join(fmt.format(float(v)) for v in values)
 
 
 @contextlib.contextmanager

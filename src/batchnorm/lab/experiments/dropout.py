@@ -14,16 +14,15 @@ import torch
 from torch import Tensor
 
 from .._replicates import mean_over_replicates, replicate_seed
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims, Declared, listed
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, mlp_for, seeded, train_seeds
+from ..declare import mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column, load_for
 from ..figures import NamedFigures, categories, dress, pyplot, seed_bars, wrap
 from ..models import MLP
 from ..progress import Progress
 from ..training import TrainSpec, evaluate, minibatches
-from ..verdict import Part, part
 
 _ARMS = {  # name: norm, dropout p, fixed batches, colour of its bars
     "plain": (None, 0.0, False, "tab:gray"),
@@ -35,8 +34,8 @@ _ARMS = {  # name: norm, dropout p, fixed batches, colour of its bars
 }
 _LOSS_CAP = 1e6  # the test loss that stands for a diverged network's inf (keeps per-seed values finite)
 _RECORDED = ("train_acc", "test_acc", "train_loss", "test_loss")  # each replicate's record of an arm, in order
-_SHOWN = {"test_acc": ("test accuracy", 100, "{:.1f}", "%"), "test_loss": ("test loss", 1, "{:.3f}", "")}
-"""How the evidence shows a measurement per seed: its name, scale, format and unit."""
+_SHOWN = (("test_acc", 100, "{:.1f}"), ("test_loss", 1, "{:.3f}"))
+"""How the evidence shows a measurement per seed (``acc``, ``loss``): its key, scale and format."""
 
 
 class Settings(Declared):
@@ -92,17 +91,6 @@ def _seed_means(m: dict[str, Any]) -> dict[str, dict[str, float]]:
     return {arm: mean_over_replicates(reps) for arm, reps in capped.items()}
 
 
-def _compared(col: dict[tuple[str, str], list[float]], a: str, b: str, *keys: str) -> str:
-    """Arms ``a`` and ``b``'s per-seed values of each of ``keys``, as the evidence shows them
-    ("test loss per seed: BN 0.191/0.099 vs plain 0.220/0.103; test accuracy BN 94.7/97.0% vs ...")."""
-    shown: list[str] = []
-    for key in keys:
-        name, scale, fmt, unit = _SHOWN[key]
-        arms = (f"{arm} {listed((scale * v for v in col[arm, key]), fmt, '/')}{unit}" for arm in (a, b))
-        shown.append(f"{name}{'' if shown else ' per seed:'} {' vs '.join(arms)}")
-    return "; ".join(shown)
-
-
 class Dropout(Experiment):
     """BN as a regularizer, over seeds."""
 
@@ -147,25 +135,14 @@ class Dropout(Experiment):
         """Ioffe §3.4/§4.2.1 claims, judged on test loss and accuracy over seeds (each seed: the
         mean of its replicates)."""
         q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
-        tol = float(results["config"]["accuracy_tolerance"])
-        col = {(arm, key): column(q, arm, key) for arm in _ARMS for key in _RECORDED}
-        make = Claims(__name__, results, tol_pp=100 * tol)
-
-        def vs(name: str, a: str, b: str, *keys: str, also: Sequence[Part] = (), note: str = "") -> dict[str, Any]:
-            """Claim ``name``: arm ``a`` against arm ``b`` on ``keys[0]``, paired over seeds; evidence: each of ``keys``."""
-            evidence = _compared(col, a, b, *keys) + note
-            return make(name, a=col[a, keys[0]], b=col[b, keys[0]], evidence=evidence, also=also)
-
-        fits = min(min(col[arm, "train_acc"]) for arm in _ARMS)
-        fitted = f"; lowest training accuracy of any arm and seed {100 * fits:.1f}%"
-        as_accurate = part(col["BN", "test_acc"], col["plain", "test_acc"], above=-tol)
-        return [
-            vs("bn_regularizes", "BN", "plain", "test_loss", "test_acc", also=[as_accurate], note=fitted),
-            vs("dropout_removable", "BN", "dropout 0.5", "test_acc", "test_loss"),
-            vs("weak_dropout_neutral", "BN + dropout 0.1", "BN", "test_acc"),
-            vs("strong_dropout_no_gain", "BN + dropout 0.5", "BN", "test_acc"),
-            vs("fixed_batches", "BN, fixed batches", "BN", "test_loss", "test_acc"),
-        ]
+        col = {f"{key} {arm}": column(q, arm, key) for arm in _ARMS for key in _RECORDED}
+        acc, loss = (
+            {arm: listed((scale * v for v in col[f"{key} {arm}"]), fmt, "/") for arm in _ARMS}
+            for key, scale, fmt in _SHOWN
+        )
+        fits = 100 * min(min(col[f"train_acc {arm}"]) for arm in _ARMS)
+        tol_pp = 100 * float(results["config"]["accuracy_tolerance"])
+        return Claims(__name__, results, **col, acc=acc, loss=loss, fits=fits, tol_pp=tol_pp).all()
 
     def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Bars: test accuracy and loss per arm, mean over seeds ± std, seeds as dots."""

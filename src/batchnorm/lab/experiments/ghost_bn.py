@@ -17,13 +17,12 @@ from ... import GhostBatchNorm1d
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, seeded
+from ..declare import seeded
 from ..experiment import Experiment, column
 from ..figures import NamedFigures, bar_values, categories, dress, pyplot, wrap
 from ..models import MLP
 from ..progress import Progress
 from ..training import evaluate, minibatches
-from ..verdict import part
 
 _ARMS = ("sb", "lb", "lb_lr", "lb_lr_gbn", "lb_lr_gbn_ra")
 
@@ -104,20 +103,15 @@ class GhostBN(Experiment):
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         """Hoffer et al.'s ordering: SB > LB; LB < LB+LR <= LB+LR+GBN; LB+RA ~ SB (paired by seed)."""
-        acc = {arm: _acc(results, arm) for arm in _ARMS}
-        shown = {arm: listed(acc[arm], "{:.2f}") for arm in _ARMS}
-        updates = {arm: results["metrics"]["per_seed"][0]["arms"][arm]["updates"] for arm in _ARMS}
-        table = "; ".join(f"{Settings.text(arm)} {shown[arm]} ({updates[arm]} updates)" for arm in _ARMS)
-        train_lb = listed(_acc(results, "lb", "train_acc"), "{:.2f}")
-        gbn = part(acc["lb_lr_gbn"], acc["lb_lr"], above=float(results["config"]["lr_gain_above_pp"]))
-        gap = f"SB {shown['sb']} vs LB {shown['lb']} ({updates['sb']} vs {updates['lb']} updates); LB training accuracy {train_lb}"
-        ra = f"{Settings.text('lb_lr_gbn_ra')} {shown['lb_lr_gbn_ra']} vs SB {shown['sb']}"
-        make, per_seed = Claims(__name__, results), "test accuracy per seed (%)"
-        return [
-            make("large_batch_gap", a=acc["sb"], b=acc["lb"], evidence=f"{per_seed}: {gap}"),
-            make("lr_and_ghost_narrow", a=acc["lb_lr"], b=acc["lb"], also=[gbn], evidence=f"{per_seed}: {table}"),
-            make("regime_adaptation", a=acc["lb_lr_gbn_ra"], b=acc["sb"], evidence=f"{per_seed}: {ra}"),
-        ]
+        first = results["metrics"]["per_seed"][0]["arms"]
+        return Claims(
+            __name__,
+            results,
+            **{f"acc_{arm}": _acc(results, arm) for arm in _ARMS},
+            train_lb=_acc(results, "lb", "train_acc"),
+            n_updates={arm: first[arm]["updates"] for arm in _ARMS},
+            label={arm: Settings.text(arm) for arm in _ARMS},
+        ).all()
 
     def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Test accuracy per arm (mean ± std over seeds) and the number of updates per arm."""

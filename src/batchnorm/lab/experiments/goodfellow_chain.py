@@ -14,13 +14,12 @@ import torch
 from torch import Tensor
 
 from ...functional import batch_norm
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims, Declared, listed
 from ..config import RunConfig
-from ..declare import columns, listed, seeded
+from ..declare import columns, seeded
 from ..experiment import Experiment, PerSeed
 from ..figures import NamedFigures, dress, log_ticks, pyplot
 from ..progress import Progress
-from ..verdict import part
 
 _GRID_POINTS = {"tiny": 8, "quick": 29, "full": 57}
 
@@ -151,40 +150,25 @@ class Chain(Experiment):
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         """No single safe lr without normalization; depth makes the first-order error grow; BN removes both."""
-        s, seed0 = results["config"], results["metrics"]["seeds"][0]
+        s = results["config"]
         q = [_quantities(m, s) for m in results["metrics"]["per_seed"]]
-        col, first, n_bn = columns(q), q[0], len(_cases(results["metrics"]["per_seed"][0], "bn"))
-        spread_log10 = math.log10(float(s["plain_safe_lr_spread_at_least"]))
-        growth_log10 = math.log10(float(s["plain_error_growth_at_least"]))
-        bn_error_pct = 100 * s["bn_first_order_error_below"]
-        make = Claims(
-            __name__, results, spread_log10=spread_log10, growth_log10=growth_log10, bn_error_pct=bn_error_pct
-        )
-        no_single = (
-            f"log10 of (largest / smallest safe lr), per seed: {listed([10**v for v in col['plain_spread_log10']], '{:.3g}x')} (an unsafe-everywhere chain counts at the smallest grid lr, so these are lower bounds); "
-            f"seed {seed0}: {first['plain_range']}"
-        )
-        grows = (
-            f"log10 growth shallowest -> deepest (smallest over scales), per seed: {listed(col['growth_total_log10'], '{:.2f}')}; "
-            f"smallest log10 growth between neighbouring depths: {listed(col['growth_min_step_log10'], '{:.2f}')}; "
-            f"seed {seed0}, |actual/predicted - 1|: {first['growth_detail']} (an overflowed step counts as 10^{_LOG10_CAP:g})"
-        )
-        bn_safe = (
-            f"BN safe lr from {min(col['bn_safe_min']):.2g} to {max(col['bn_safe_max']):.2g} over {len(q)} seeds x {n_bn} chains; "
-            f"spread per seed {listed(col['bn_spread'], '{:.3g}x')}; "
-            f"{sum(int(v) for v in col['bn_unsafe'])} BN chain(s) unsafe at every lr"
-        )
-        bn_first = (
-            f"largest |actual/predicted - 1| at lr {float(s['reference_lr']):g}, per seed: BN {listed(col['bn_error'], '{:.3g}')}; "
-            f"without BN {listed(col['plain_error'], '{:.3g}')}"
-        )
-        grows_everywhere = part(col["growth_min_step_log10"], above=0.0)
-        return [
-            make("plain_no_single_lr", a=col["plain_spread_log10"], evidence=no_single),
-            make("plain_error_grows", a=col["growth_total_log10"], also=[grows_everywhere], evidence=grows),
-            make("bn_safe_lr", a=col["bn_spread"], evidence=bn_safe),
-            make("bn_first_order", a=col["bn_error"], evidence=bn_first),
-        ]
+        col = columns(q)
+        return Claims(
+            __name__,
+            results,
+            **col,
+            **{key: q[0][key] for key in ("plain_range", "growth_detail")},
+            spread_x=listed([10**v for v in col["plain_spread_log10"]], "{:.3g}x"),
+            bn_spread_x=listed(col["bn_spread"], "{:.3g}x"),
+            bn_lo=min(col["bn_safe_min"]),
+            bn_hi=max(col["bn_safe_max"]),
+            n_bn=len(_cases(results["metrics"]["per_seed"][0], "bn")),
+            bn_unsafe_total=sum(int(v) for v in col["bn_unsafe"]),
+            log10_cap=_LOG10_CAP,
+            spread_log10=math.log10(float(s["plain_safe_lr_spread_at_least"])),
+            growth_log10=math.log10(float(s["plain_error_growth_at_least"])),
+            bn_error_pct=100 * s["bn_first_order_error_below"],
+        ).all()
 
     def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Predicted vs actual change (plain, BN) and safe lr vs depth (the first seed)."""

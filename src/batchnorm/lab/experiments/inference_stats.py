@@ -15,14 +15,13 @@ from torch import Tensor, nn
 from ... import recompute_statistics
 from ..claims_spec import Claims, Declared
 from ..datasets import Dataset
-from ..declare import batch_stats_accuracy, listed, mlp_for, seeded, train_seeds
+from ..declare import batch_stats_accuracy, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column
 from ..figures import NamedFigures, dress, log_ticks, pyplot
 from ..models import blocks
 from ..popstats import population_statistics
 from ..progress import Progress
 from ..training import TrainSpec, evaluate
-from ..verdict import part
 
 _FIXED = {  # the fixed statistics in the figure: label, color, line style
     "running_average": ("running average (EMA)", "tab:red", "-"),
@@ -125,49 +124,23 @@ class InferenceStats(Experiment):
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         """Fixed statistics agree; batch statistics degrade with small batches; theory of noise."""
-        t, seed0, per = results["config"], results["metrics"]["seeds"][0], results["metrics"]["per_seed"]
-        ema, alg2, exact = ([100.0 * v for v in column(per, "test_acc", k)] for k in _FIXED)
-        b8, b2 = ([100.0 * v for v in column(per, "test_acc_batch_statistics", k)] for k in ("8", "2"))
-        mean_diff, var_diff = ([max(m["stat_difference_vs_exact"][f"alg2_{k}"]) for m in per] for k in ("mean", "var"))
-        delta, first, band = column(per, "single_example_max_logit_delta"), per[0], float(t["fixed_statistics_band_pp"])
+        t, per = results["config"], results["metrics"]["per_seed"]
         at8 = [{k: v[m["first_layer_noise"]["m"].index(8)] for k, v in m["first_layer_noise"].items()} for m in per]
-        ratio = [n["mean_scatter"] / n["mean_scatter_theory"] - 1.0 for n in at8]
-        refused = first["single_example_batch_statistics_error"].split(" (")[0] or "(not refused)"
-        ema_diff = first["stat_difference_vs_exact"]
-        over_b = ", ".join(f"{k}: {100 * v:.1f}" for k, v in first["test_acc_batch_statistics"].items())
-        agree = (
-            f"test accuracy per seed (%): running average {listed(ema, '{:.2f}')}; Alg. 2 {listed(alg2, '{:.2f}')}; "
-            f"exact {listed(exact, '{:.2f}')}"
-        )
-        close = (
-            f"largest difference over layers and units, per seed — means (in stds): {listed(mean_diff, '{:.3f}')}; "
-            f"variances (relative): {listed(var_diff, '{:.3f}')}; "
-            f"running average (seed {seed0}, per layer): {listed(ema_diff['running_average_mean'], '{:.3f}')} / {listed(ema_diff['running_average_var'], '{:.3f}')}"
-        )
-        degrade = (
-            f"test accuracy per seed (%): B=8 {listed(b8)}; B=2 {listed(b2)}; population statistics {listed(exact)}; "
-            f"seed {seed0} over B: {over_b}"
-        )
-        alone = (
-            f"max |logit difference| per seed: {listed(delta, '{:.1e}')}; "
-            f"with batch statistics a single example is refused: {refused}"
-        )
-        noise = (
-            f"first BN layer, m=8, measured / theory - 1 per seed: {listed(ratio, '{:+.3f}')}; "
-            f"seed {seed0}: {at8[0]['mean_scatter']:.3f} sigma vs {at8[0]['mean_scatter_theory']:.3f} sigma; "
-            f"batch variance scatters by {at8[0]['var_rel_scatter']:.2f} of sigma^2"
-        )
-        make = Claims(__name__, results, var_pct=100 * t["alg2_var_within"], noise_pct=100 * t["noise_theory_band"])
-        alg2_agrees = part(alg2, exact, above=-band, below=band)
-        var_close = part(var_diff, below=float(t["alg2_var_within"]))
-        b2_drops = part(exact, b2, above=float(t["batch2_drop_at_least_pp"]))
-        return [
-            make("fixed_statistics_agree", a=ema, b=exact, also=[alg2_agrees], evidence=agree),
-            make("alg2_close_to_exact", a=mean_diff, also=[var_close], evidence=close),
-            make("small_batches_degrade", a=exact, b=b8, also=[b2_drops], evidence=degrade),
-            make("independent_of_batch_mates", a=delta, evidence=alone),
-            make("noise_as_theory", a=ratio, evidence=noise),
-        ]
+        return Claims(
+            __name__,
+            results,
+            **{f"acc_{k}": [100.0 * v for v in column(per, "test_acc", k)] for k in _FIXED},
+            **{f"acc_b{k}": [100.0 * v for v in column(per, "test_acc_batch_statistics", k)] for k in ("8", "2")},
+            **{f"{k}_diff": [max(m["stat_difference_vs_exact"][f"alg2_{k}"]) for m in per] for k in ("mean", "var")},
+            ema_diff0=per[0]["stat_difference_vs_exact"],
+            over_b=", ".join(f"{k}: {100 * v:.1f}" for k, v in per[0]["test_acc_batch_statistics"].items()),
+            logit_delta=column(per, "single_example_max_logit_delta"),
+            refused=per[0]["single_example_batch_statistics_error"].split(" (")[0] or "(not refused)",
+            ratio=[n["mean_scatter"] / n["mean_scatter_theory"] - 1.0 for n in at8],
+            noise0=at8[0],
+            var_pct=100 * t["alg2_var_within"],
+            noise_pct=100 * t["noise_theory_band"],
+        ).all()
 
     def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Accuracy by kind of statistics and test batch size; noise vs batch size (first seed)."""

@@ -12,13 +12,12 @@ import numpy as np
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import activation_inputs, batch_stats_accuracy, columns, listed, mlp_for, seeded, train_seeds
+from ..declare import activation_inputs, batch_stats_accuracy, columns, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, first_reaching
 from ..figures import NamedFigures, dress, pyplot
 from ..popstats import population_statistics
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
-from ..verdict import part
 
 _MNIST1D_QUICK = (20000, 400)  # steps, checkpoint_every on MNIST-1D in quick mode (why: mnist1d_choice)
 _INFERENCE = (  # the inference figure's series: key, label, style
@@ -128,23 +127,19 @@ class Fig1(Experiment):
         """The paper's Figure 1 claims, each judged over the seeds from the saved metrics."""
         t, col = results["config"], columns(_fig1_quantities(m) for m in results["metrics"]["per_seed"])
         mean = {key: float(np.mean(v)) for key, v in col.items()}
-        pct = {key: 100 * v for key, v in mean.items()}  # accuracies in percent, their differences in points
-        margin, spread, pop = (Settings.text(name, **pct) for name in ("margin", "spread", "population"))
-        factor, tol = t["baseline_vs_bn_spread_change_factor"], float(t["population_vs_running_tolerance"])
-        growth_pct, settled_pct = 100 * t["baseline_spread_growth_at_least"], 100 * t["bn_settled_relative_move_below"]
-        make = Claims(__name__, results, growth_pct=growth_pct, settled_pct=settled_pct, tol_pp=100 * tol)
-        steps = Settings.text("steps", base=listed(col["steps_base"], "{:g}"), bn=listed(col["steps_bn"], "{:g}"))
-        drift = Settings.text("drift", **mean)
-        wider = part([w - factor * c for w, c in zip(col["widen_base"], col["change_bn"])], above=0.0)
-        settles = part(col["drift_bn"], [0.5 * v for v in col["drift_base"]], below=0.0)
-        as_running = part(col["pop_minus_ema_half"], above=-tol)
-        return [
-            make("bn_above_baseline", a=col["min_margin"], evidence=margin),
-            make("speedup", a=col["steps_base"], b=col["steps_bn"], evidence=steps),
-            make("baseline_spread_widens", a=col["widen_base"], also=[wider], evidence=spread),
-            make("bn_settles", a=col["drift_bn"], also=[settles], evidence=drift),
-            make("population_as_running", a=col["pop_minus_ema_final"], also=[as_running], evidence=pop),
-        ]
+        factor = t["baseline_vs_bn_spread_change_factor"]
+        return Claims(
+            __name__,
+            results,
+            **col,
+            wider=[w - factor * c for w, c in zip(col["widen_base"], col["change_bn"])],
+            half_drift_base=[0.5 * v for v in col["drift_base"]],
+            mean=mean,
+            pct={key: 100 * v for key, v in mean.items()},  # accuracies in percent, their differences in points
+            growth_pct=100 * t["baseline_spread_growth_at_least"],
+            settled_pct=100 * t["bn_settled_relative_move_below"],
+            tol_pp=100 * float(t["population_vs_running_tolerance"]),
+        ).all()
 
     def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Fig. 1(a) accuracy, Fig. 1(b, c) percentiles, inference side by side, training loss

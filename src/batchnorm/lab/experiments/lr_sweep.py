@@ -17,17 +17,16 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims, Declared, listed
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, mlp_for, seeded, train_seeds
+from ..declare import mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed
 from ..figures import NamedFigures, dress, mean_band, pyplot
 from ..models import MLP, blocks
 from ..progress import Progress
 from ..results import number
 from ..training import TrainSpec, evaluate, minibatches
-from ..verdict import part
 from ._calibration import calibration_data, epoch_rule, split_note
 from .santurkar2018_landscape import landscape
 
@@ -165,34 +164,36 @@ class LrSweep(Experiment):
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         """At 10x the plain best rate the plain network fails and BN matches the plain best; blow-up; step probe."""
         t, per_seed = results["config"], results["metrics"]["per_seed"]
-        lrs, best, high = [float(v) for v in t["lrs"]], float(t["plain_best_lr"]), float(t["high_lr"])
-        jb, jh = lrs.index(best), lrs.index(high)
-        after = "activation_rms_after_large_steps"
-        gp, gb = ([_growth(m[arm][after], arm == "plain") for m in per_seed] for arm in _ARMS)
+        lrs = [float(v) for v in t["lrs"]]
+        at = {"best": lrs.index(float(t["plain_best_lr"])), "high": lrs.index(float(t["high_lr"]))}
+        gp, gb = (
+            [_growth(m[arm]["activation_rms_after_large_steps"], arm == "plain") for m in per_seed] for arm in _ARMS
+        )
         alphas = [float(v) for v in t["step_probe_alphas"]]
         i = max(j for j, a in enumerate(alphas) if a <= 10.0 * (1 + 1e-9))  # the step of 10 the probe claim reads
         pr, br = ([number(m[arm]["step_probe_loss_ratio"][i]) for m in per_seed] for arm in _ARMS)
-        pp = {"fails_pp": 100 * float(t["high_lr_fails_by"]), "tol_pp": 100 * float(t["high_lr_as_accurate_within"])}
-        growth_log10 = math.log10(float(t["plain_growth_at_least"]))
-        probe_log10 = math.log10(float(t["probe_factor_at_least"]))
-        make = Claims(__name__, results, **pp, growth_log10=growth_log10, probe_log10=probe_log10, alpha=alphas[i])
-        bn_best = (_best_lr(lrs, m["bn"]["test_acc"], float(t["best_tolerance"])) for m in per_seed)
-        words = {"high": high, "best": best, "seeds": len(per_seed), "own_best": listed(bn_best, "{:g}")}
-        words["diverged"] = sum(m["plain"]["diverged_at"][jh] is not None for m in per_seed)
-        at = {"best": jb, "high": jh}
-        acc = {(arm, key): [m[arm]["test_acc"][j] for m in per_seed] for arm in _ARMS for key, j in at.items()}
-        words.update({f"{arm}_{key}": _accuracies(per_seed, arm, j) for arm in _ARMS for key, j in at.items()})
-        fails, matches = (Settings.text(name, **words) for name in ("fails", "matches"))
-        steps = listed((m["plain"]["large_steps_taken"] for m in per_seed), "{:g}")
-        growth = Settings.text("growth", plain=listed(gp, "{:.3g}x"), steps=steps, bn=listed(gb, "{:.3g}x"))
-        probe = Settings.text("probe", plain=listed(pr, "{:.3g}"), bn=listed(br, "{:.3g}"))
-        bn_flat = part([_log10(v) for v in gb], below=math.log10(float(t["bn_growth_at_most"])))
-        return [
-            make("plain_fails_at_high_lr", a=acc["bn", "high"], b=acc["plain", "high"], evidence=fails),
-            make("bn_high_as_accurate", a=acc["bn", "high"], b=acc["plain", "best"], evidence=matches),
-            make("activation_blowup", a=[_log10(v) for v in gp], also=[bn_flat], evidence=growth),
-            make("step_probe", a=[_log10(p / b if b > 0 else _CAP) for p, b in zip(pr, br)], evidence=probe),
-        ]
+        return Claims(
+            __name__,
+            results,
+            **{f"acc_{arm}_{key}": [m[arm]["test_acc"][j] for m in per_seed] for arm in _ARMS for key, j in at.items()},
+            **{f"{arm}_{key}": _accuracies(per_seed, arm, j) for arm in _ARMS for key, j in at.items()},
+            diverged=sum(m["plain"]["diverged_at"][at["high"]] is not None for m in per_seed),
+            own_best=[_best_lr(lrs, m["bn"]["test_acc"], float(t["best_tolerance"])) for m in per_seed],
+            log_growth_plain=[_log10(v) for v in gp],
+            log_growth_bn=[_log10(v) for v in gb],
+            growth_plain=listed(gp, "{:.3g}x"),
+            growth_bn=listed(gb, "{:.3g}x"),
+            finite_steps=[m["plain"]["large_steps_taken"] for m in per_seed],
+            probe_plain=pr,
+            probe_bn=br,
+            log_probe_ratio=[_log10(p / b if b > 0 else _CAP) for p, b in zip(pr, br)],
+            fails_pp=100 * float(t["high_lr_fails_by"]),
+            tol_pp=100 * float(t["high_lr_as_accurate_within"]),
+            growth_log10=math.log10(float(t["plain_growth_at_least"])),
+            bn_flat_log10=math.log10(float(t["bn_growth_at_most"])),
+            probe_log10=math.log10(float(t["probe_factor_at_least"])),
+            alpha=alphas[i],
+        ).all()
 
     def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Accuracy vs lr; L(w - alpha g)/L(w) at init; activation RMS per layer."""

@@ -4,15 +4,15 @@ Setup, the rules fixed before any run and each setting's source: ``placement.md`
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 
 from .._replicates import mean_over_replicates, replicate_seed
-from ..claims_spec import Claims, Declared
+from ..claims_spec import Claims, Declared, listed
 from ..datasets import Dataset
-from ..declare import activation_inputs, columns, listed, mlp_for, seeded, train_seeds
+from ..declare import activation_inputs, columns, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, first_reaching
 from ..figures import NamedFigures, dress, mean_and_seeds, pyplot
 from ..progress import Progress
@@ -126,32 +126,17 @@ class Placement(Experiment):
         """BN in either place speeds up the sigmoid net; less so the ReLU net; 'before' suits
         sigmoid; ReLU is indifferent."""
         t = results["config"]
-        frac, tol = float(t["early_checkpoint_fraction"]), float(t["sigmoid_before_tolerance"])
+        frac = float(t["early_checkpoint_fraction"])
         col = columns(_quantities(m, frac) for m in results["metrics"]["per_seed"])
-        pct = {key: listed((100 * v for v in values), "{:.1f}", "/") + "%" for key, values in col.items()}
-        band = float(t["relu_placement_band"])
-        make = Claims(__name__, results, early_pct=100 * frac, tol_pp=100 * tol, band_pp=100 * band)
-
-        def placed(when: str, act: str, places: Iterable[str] = ("before", "after")) -> str:
-            """Per-seed accuracies of ``act``'s placements at ``when`` ("early" or "late")."""
-            return ", ".join(f"{'no BN' if p == 'none' else p} {pct[f'{when} {act}/{p}']}" for p in places)
-
-        def vs(name: str, a: str, b: str, evidence: str) -> dict[str, Any]:
-            """Claim ``name`` on quantities ``a`` and ``b``, paired over seeds."""
-            return make(name, a=col[a], b=col[b], evidence=evidence)
-
-        reached = {key: listed(col[key], "{:g}") for key in ("steps_none", "steps_bn")}
-        speedup = Settings.text("speedup", target=pct["target"], steps=t["steps"], **reached)
-        gains = f"at step {col['early_step'][0]:g}, per seed: sigmoid {placed('early', 'sigmoid', _PLACES)}; ReLU {placed('early', 'relu', _PLACES)}"
-        late = "mean test accuracy over the last quarter of checkpoints, per seed:"
-        late_sigmoid = f"{late} {placed('late', 'sigmoid')}"
-        saturated = f"saturated sigmoid inputs (|z| > {t['saturation_threshold']:g}) at the end (first replicate): before {pct['sat_before']}, after {pct['sat_after']}"
-        return [
-            vs("sigmoid_speedup", "steps_none", "steps_bn", speedup),
-            vs("sigmoid_gains_more", "gain_sigmoid", "gain_relu", gains),
-            vs("sigmoid_before", "late sigmoid/before", "late sigmoid/after", f"{late_sigmoid}; {saturated}"),
-            vs("relu_indifferent", "late relu/before", "late relu/after", f"{late} {placed('late', 'relu')}"),
-        ]
+        return Claims(
+            __name__,
+            results,
+            **col,
+            pct={key: listed((100 * v for v in values), "{:.1f}", "/") + "%" for key, values in col.items()},
+            early_pct=100 * frac,
+            tol_pp=100 * float(t["sigmoid_before_tolerance"]),
+            band_pp=100 * float(t["relu_placement_band"]),
+        ).all()
 
     def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Accuracy curves per activation (mean over seeds, seeds as thin lines); activation-input

@@ -16,13 +16,12 @@ from ... import recompute_statistics
 from ..claims_spec import Claims, Declared, unmeasured
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, mlp_for, seeded, train_seeds
+from ..declare import mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, per_seed_values
 from ..figures import NamedFigures, dress, log_ticks, mean_band, pyplot
 from ..models import MLP
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
-from ..verdict import part
 
 
 class Settings(Declared):
@@ -86,7 +85,7 @@ def _sample_gap(r: dict[str, Any], when: str, n: int) -> float:
 def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Precise > EMA early, EMA noisier early, the EMA error shrinks, PreciseBN saturates by N samples."""
     t = results["config"]
-    e, n_sat, n_min = int(t["early_epochs"]), int(t["saturation_samples"]), int(t["sample_sizes"][0])
+    e, sizes = int(t["early_epochs"]), {"sat": int(t["saturation_samples"]), "min": int(t["sample_sizes"][0])}
 
     def col(read: Any, at: int | None = None) -> list[float]:  # at: 0 the early window, 1 the late one
         return per_seed_values(results, lambda r: read(r, _windows(r, e)[at]) if at is not None else read(r))
@@ -97,33 +96,27 @@ def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
     def roughness(key: str) -> list[float]:  # mean |change between consecutive epochs| early (pp)
         return col(lambda r, at: 100.0 * float(np.mean(np.abs(np.diff(r[key][at])))), 0)
 
-    early, late, rough_ema, rough_pre = col(gain, 0), col(gain, 1), roughness("acc_ema"), roughness("acc_precise")
     first, last = (col(lambda r, at: float(np.mean(r["var_error_ema"][at])), k) for k in (0, 1))
-    gaps = {(n, w): col(lambda r, n=n, w=w: _sample_gap(r, w, n)) for n in (n_sat, n_min) for w in ("early", "final")}
-
-    def both(n: int) -> str:
-        return f"early {listed(gaps[n, 'early'], '{:+.2f}')}, final {listed(gaps[n, 'final'], '{:+.2f}')}"
-
-    make = Claims(__name__, results)
-    if np.isfinite([gaps[n_sat, "early"], gaps[n_sat, "final"]]).all():
-        evidence = f"all-sample minus {n_sat}-sample accuracy per seed (pp): {both(n_sat)}; minus {n_min}-sample: {both(n_min)}"
-        final = part(gaps[n_sat, "final"], below=float(t["saturated_within_pp"]))
-        saturation = make("saturation", a=gaps[n_sat, "early"], also=[final], evidence=evidence)
-    else:
-        evidence = f"the training set has fewer than {n_sat} examples: no {n_sat}-sample curve"
-        saturation = unmeasured(make, "saturation", evidence)
-    gained = (
-        f"precise - EMA accuracy, mean over the first {e} epochs, per seed (pp): {listed(early, '{:+.1f}')}; "
-        f"over the last quarter: {listed(late, '{:+.2f}')}"
+    gaps = {
+        f"gap_{key}_{w}": col(lambda r, n=n, w=w: _sample_gap(r, w, n))
+        for key, n in sizes.items()
+        for w in ("early", "final")
+    }
+    make = Claims(
+        __name__,
+        results,
+        gain_early=col(gain, 0),
+        gain_late=col(gain, 1),
+        rough_ema=roughness("acc_ema"),
+        rough_precise=roughness("acc_precise"),
+        var_error_first=first,
+        var_error_last=last,
+        **gaps,
     )
-    rough = f"mean |change between consecutive epochs| over the first {e} epochs, per seed (pp): EMA {listed(rough_ema, '{:.2f}')} vs precise {listed(rough_pre, '{:.2f}')}"
-    shrinks = f"mean relative error of the EMA variances per seed: first {e} epochs {listed(first, '{:.3f}')}, last quarter {listed(last, '{:.3f}')}"
-    return [
-        make("early_gain", a=early, evidence=gained),
-        make("ema_fluctuates", a=rough_ema, b=rough_pre, evidence=rough),
-        make("ema_error_shrinks", a=last, b=first, evidence=shrinks),
-        saturation,
-    ]
+    if np.isfinite([gaps["gap_sat_early"], gaps["gap_sat_final"]]).all():
+        return make.all()
+    evidence = f"the training set has fewer than {sizes['sat']} examples: no {sizes['sat']}-sample curve"
+    return make.all(saturation=unmeasured(make, "saturation", evidence))
 
 
 def _figures(results: dict[str, Any]) -> NamedFigures:

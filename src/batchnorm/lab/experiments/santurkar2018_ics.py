@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from ..claims_spec import Claims, Declared
 from ..datasets import Dataset
-from ..declare import gradients, listed, probing, seeded, step_from
+from ..declare import gradients, probing, seeded, step_from
 from ..experiment import Experiment
 from ..figures import NamedFigures, dress, pyplot
 from ..models import MLP, blocks
@@ -119,26 +119,19 @@ class Ics(Experiment):
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         """BN's ICS is not lower than the plain network's, in the DLN and in the MLP."""
-        per_seed = results["metrics"]["per_seed"]
-
-        def col(net: str, norm: str, key: str) -> list[float]:
-            return [_median(m[net][norm], key) for m in per_seed]
-
-        def evidence(net: str) -> str:
-            diverged = sum(bool(m[net][norm]["diverged"]) for m in per_seed for norm in ("none", "bn"))
-            parts = "; ".join(
-                f"{name} per seed: BN {listed(col(net, 'bn', key), '{:.3g}')} vs no BN {listed(col(net, 'none', key), '{:.3g}')}"
-                for key, name in (("l2", "l2"), ("rel_l2", "relative l2"), ("cos", "cosine"))
-            )
-            ran = f"; {diverged} run(s) diverged" if diverged else ""
-            return f"median over checkpoints after step 0 and layers 2..L; {parts}{ran}"
-
-        make = Claims(__name__, results)
-        measured = {"dln_l2": ("dln", "l2"), "dln_cosine": ("dln", "cos"), "mlp_relative_l2": ("mlp", "rel_l2")}
-        return [
-            make(name, a=col(net, "bn", key), b=col(net, "none", key), evidence=evidence(net))
-            for name, (net, key) in measured.items()
-        ]
+        per_seed, norms = results["metrics"]["per_seed"], ("bn", "none")
+        diverged = {net: sum(bool(m[net][norm]["diverged"]) for m in per_seed for norm in norms) for net in _NETS}
+        return Claims(
+            __name__,
+            results,
+            **{
+                f"{net}_{norm}_{key}": [_median(m[net][norm], key) for m in per_seed]
+                for net in _NETS
+                for norm in norms
+                for key in ("l2", "rel_l2", "cos")
+            },
+            **{f"{net}_diverged": f"; {n} run(s) diverged" if n else "" for net, n in diverged.items()},
+        ).all()
 
     def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Per network: l2 and cosine over training (median and IQR over layers and seeds), and per layer."""

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import gradients, listed, probing, step_from, train_seeds
+from ..declare import gradients, probing, step_from, train_seeds
 from ..experiment import Experiment, PerSeed
 from ..figures import NamedFigures, dress, pyplot
 from ..progress import Progress
@@ -119,18 +119,14 @@ class Landscape(Experiment):
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         """BN lower in all three quantities while the plain network is learning (paired ratios)."""
-        floor, make, out = float(results["config"]["learning_phase_loss_floor"]), Claims(__name__, results), []
-        per_seed = results["metrics"]["per_seed"]
+        floor, per_seed = float(results["config"]["learning_phase_loss_floor"]), results["metrics"]["per_seed"]
+        values: dict[str, Any] = {}
         for key in _QUANTITIES:
             bn, none, learning, lower, total = zip(*(_seed_means(m, key, floor) for m in per_seed))
-            ratios = listed((a / b for a, b in zip(bn, none)), "{:.3g}")
-            counts = ", ".join(f"{k}/{n}" for k, n in zip(lower, learning))
-            evidence = (
-                f"ratio BN / no BN per seed: {ratios}; "
-                f"BN lower at {counts} learning-phase checkpoints (of {listed(total, '{:.0f}')})"
-            )
-            out.append(make(key, a=list(bn), b=list(none), evidence=evidence))
-        return out
+            values |= {f"{key}_bn": bn, f"{key}_none": none, f"{key}_total": total}
+            values[f"{key}_ratio"] = [a / b for a, b in zip(bn, none)]
+            values[f"{key}_counts"] = ", ".join(f"{k}/{n}" for k, n in zip(lower, learning))
+        return Claims(__name__, results, **values).all()
 
     def figures(self, results: dict[str, Any]) -> NamedFigures:
         """The three landscape measures over training, and the loss along the gradient at one checkpoint."""

@@ -151,41 +151,38 @@ class Noisy(Experiment):
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         """Noisy BN ~ BN >> none in training; noisy BN's layer inputs drift more than no BN's."""
         t, per_seed = results["config"], results["metrics"]["per_seed"]
-        lo, hi = float(t["lrs"][0]), float(t["lrs"][-1])
-        runs = {(arm, lr): [m[f"{arm}@{lr:g}"] for m in per_seed] for arm in _ARMS for lr in (lo, hi)}
-        acc = {key: column(r, "final_train_acc") for key, r in runs.items()}
-        shown = {key: _shown(r, "final_train_acc") for key, r in runs.items()}
-        loss = {arm: column(runs[arm, lo], "mean_train_loss") for arm in _ARMS}
-        tol, gap = float(t["close_to_bn_within"]), float(t["high_lr_gap_at_least"])
-        like = {lr: part(acc["noisy", lr], acc["bn", lr], above=-tol) for lr in (lo, hi)}
-        faster = part(loss["none"], loss["noisy"], effect="ratio", above=float(t["faster_loss_ratio_at_least"]))
+        lrs = {"lo": float(t["lrs"][0]), "hi": float(t["lrs"][-1])}
+        runs = {(arm, k): [m[f"{arm}@{lr:g}"] for m in per_seed] for arm in _ARMS for k, lr in lrs.items()}
+        acc = {f"acc_{arm}_{k}": column(r, "final_train_acc") for (arm, k), r in runs.items()}
+        loss = {f"loss_{arm}": column(runs[arm, "lo"], "mean_train_loss") for arm in _ARMS}
+        tol, least = float(t["close_to_bn_within"]), float(t["drift_ratio_at_least"])
         pairs = [(str(layer), kind) for layer in t["tracked_layers"] for kind in _COMPARED]
-        drift = {(arm, q): column(runs[arm, lo], "drift", *q) for arm in ("noisy", "none") for q in pairs}
-        least = float(t["drift_ratio_at_least"])
+        drift = {(arm, q): column(runs[arm, "lo"], "drift", *q) for arm in ("noisy", "none") for q in pairs}
         drifts = [part(drift["noisy", q], drift["none", q], effect="ratio", above=least) for q in pairs]
-        layers = ", ".join(str(int(x) + 1) for x in t["tracked_layers"])
-        make = Claims(__name__, results, lr_lo=lo, lr_hi=hi, tol_pp=100 * tol, gap_pp=100 * gap, layers=layers)
-        losses = "; ".join(f"{LABELS[arm]} {_shown(runs[arm, lo], 'mean_train_loss', '{:.3g}')}" for arm in _ARMS)
-        moved = "; ".join(
-            f"layer {int(i) + 1} {k.replace('step_', '')}: noisy / no BN {v.estimate:.2f}x"
-            for (i, k), v in zip(pairs, drifts)
+        faster = part(
+            loss["loss_none"], loss["loss_noisy"], effect="ratio", above=float(t["faster_loss_ratio_at_least"])
         )
-        evidence = [
-            "; ".join(
-                f"lr {lr:g}: noisy BN {shown['noisy', lr]}% vs BN {shown['bn', lr]}% per seed (noisy - BN {100 * like[lr].estimate:+.1f} pp, mean)"
-                for lr in (lo, hi)
+        make = Claims(
+            __name__,
+            results,
+            **acc,
+            **loss,
+            shown={f"{arm}_{k}": _shown(r, "final_train_acc") for (arm, k), r in runs.items()},
+            like={k: 100 * part(acc[f"acc_noisy_{k}"], acc[f"acc_bn_{k}"], above=-tol).estimate for k in lrs},
+            losses="; ".join(f"{LABELS[arm]} {_shown(runs[arm, 'lo'], 'mean_train_loss', '{:.3g}')}" for arm in _ARMS),
+            faster=faster.estimate,
+            diverged_hi=sum(bool(r["diverged"]) for r in runs["none", "hi"]),
+            **{f"drift_{arm}": drift[arm, pairs[0]] for arm in ("noisy", "none")},
+            moved="; ".join(
+                f"layer {int(i) + 1} {k.replace('step_', '')}: noisy / no BN {v.estimate:.2f}x"
+                for (i, k), v in zip(pairs, drifts)
             ),
-            f"mean training loss over {t['steps']} steps per seed: {losses} (noisy part: {faster.estimate:.3g}x, geometric mean); final training accuracy: no BN {shown['none', lo]}%, BN {shown['bn', lo]}%",
-            f"final training accuracy at lr {hi:g} per seed: no BN {shown['none', hi]}% ({sum(bool(r['diverged']) for r in runs['none', hi])} of {len(per_seed)} diverged), BN {shown['bn', hi]}%, noisy BN {shown['noisy', hi]}%",
-            f"{moved} (RMS change per {t['checkpoint_every']} steps / average std, median over units; geometric means over seeds)",
-        ]
-        noisy_hi, q = part(acc["noisy", hi], acc["none", hi], above=gap), pairs[0]
-        return [
-            make("noisy_trains_like_bn", a=acc["noisy", lo], b=acc["bn", lo], also=[like[hi]], evidence=evidence[0]),
-            make("bn_arms_train_faster", a=loss["none"], b=loss["bn"], also=[faster], evidence=evidence[1]),
-            make("plain_fails_at_high_lr", a=acc["bn", hi], b=acc["none", hi], also=[noisy_hi], evidence=evidence[2]),
-            make("noisy_inputs_drift", a=drift["noisy", q], b=drift["none", q], also=drifts[1:], evidence=evidence[3]),
-        ]
+            **{f"lr_{k}": lr for k, lr in lrs.items()},
+            tol_pp=100 * tol,
+            gap_pp=100 * float(t["high_lr_gap_at_least"]),
+            layers=", ".join(str(int(x) + 1) for x in t["tracked_layers"]),
+        )
+        return make.all(noisy_inputs_drift=make("noisy_inputs_drift", also=drifts[1:]))  # a part per layer and quantity
 
     def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Training loss vs step per learning rate; layer-input percentiles over training; drift bars."""

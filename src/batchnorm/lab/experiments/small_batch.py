@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from ... import GhostBatchNorm1d
-from ..claims_spec import Claims, Declared, beside
+from ..claims_spec import Claims, Declared, beside, listed
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import listed, non_iid_batches, seeded
+from ..declare import non_iid_batches, seeded
 from ..experiment import Experiment, PerSeed, column, per_seed_values
 from ..figures import NamedFigures, bar_values, categories, dress, log_ticks, pyplot
 from ..models import MLP, ConvNet
@@ -28,7 +28,6 @@ from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
 from ..progress import Progress
 from ..stacked import train_stacked
 from ..training import TrainSpec, evaluate, minibatches
-from ..verdict import part
 from ._calibration import CALIBRATION_SEED
 
 _NORMS = ("bn", "brn", "ghost", "gn")
@@ -150,42 +149,29 @@ class SmallBatch(Experiment):
             return per_seed_values(results, lambda m: _iid(m, norm, size, batch))
 
         bn, ghost = ({v: err(norm, v) for v in sizes} for norm in ("bn", "ghost"))
-        brn = {v: err("brn", v) for v in (big, small)}  # the 1-D CNN trains BRN only at these
-        gn = err("gn", batch)
-        ni = {norm: column(per_seed, "non_iid", norm, "test_error") for norm in per_seed[0]["non_iid"]}
-        ratio, by = float(t["far_better_ratio"]), float(t["far_better_by_at_least_pp"])
-
-        def far_better(bad: Seq[float], good: Seq[float]) -> list[Any]:
-            return [part(bad, good, effect="ratio", above=ratio), part(bad, good, above=by)]
-
-        rise = {v: float(np.mean(bn[v])) - float(np.mean(bn[big])) for v in (mid, small)}
-        flat = part(bn[mid], bn[big], below=float(t["flat_rise_at_most_pp"]))
-
-        evidence = [
-            f"BN test error per seed (%): {'; '.join(f'm={v}: {listed(bn[v])}' for v in sizes)}; rise at m={mid}: "
-            f"{rise[mid]:+.1f} pp, at m={small}: {rise[small]:+.1f} pp (means)",
-            f"GN {listed(gn)}% (every m); BN at m={small}: {listed(bn[small])}% (per seed)",
-            f"test error at m={big}: BN {listed(bn[big])}% vs GN {listed(gn)}% (per seed)",
-            f"m={big}: BRN {listed(brn[big])}% vs BN {listed(bn[big])}%; m={small}: BRN {listed(brn[small])}% vs BN "
-            f"{listed(bn[small])}%; non-i.i.d. m={m_ni}: BRN {listed(ni['brn'])}% vs BN {listed(ni['bn'])}% (per seed)",
-            f"Ghost BN test error per seed (%): {'; '.join(f'm={v}: {listed(ghost[v])}' for v in sizes if v < big)} "
-            f"(full-batch BN {listed(bn[big])})",
-        ]
-        if "ghost" in ni:
-            evidence[4] += (
-                f"; non-i.i.d. groups of {m_ni}: Ghost BN {listed(ni['ghost'])}% vs per-group BN {listed(ni['bn'])}% "
-                f"(Ghost BN's running averages use the whole batch of {batch})"
+        at = {"big": big, "mid": mid, "small": small}
+        ni = {f"ni_{norm}": column(per_seed, "non_iid", norm, "test_error") for norm in per_seed[0]["non_iid"]}
+        ghost_non_iid = ""
+        if "ni_ghost" in ni:
+            ghost_non_iid = (
+                f"; non-i.i.d. groups of {m_ni}: Ghost BN {listed(ni['ni_ghost'])}% vs per-group BN "
+                f"{listed(ni['ni_bn'])}% (Ghost BN's running averages use the whole batch of {batch})"
             )
-        ghost_small = part(ghost[small], bn[big], above=float(t["sharp_rise_at_least_pp"]))
-        recovers = far_better(bn[small], brn[small]) + far_better(ni["bn"], ni["brn"])
-        make = Claims(__name__, results, big=big, mid=mid, small=small, m_ni=m_ni)
-        return [
-            make("bn_curve_shape", a=bn[small], b=bn[big], also=[flat], evidence=evidence[0]),
-            make("gn_far_better_at_small", a=bn[small], b=gn, also=far_better(bn[small], gn)[1:], evidence=evidence[1]),
-            make("bn_as_good_as_gn_at_big", a=bn[big], b=gn, evidence=evidence[2]),
-            make("brn_recovers", a=brn[big], b=bn[big], also=recovers, evidence=evidence[3]),
-            make("ghost_limit", a=ghost[mid], b=bn[big], also=[ghost_small], evidence=evidence[4]),
-        ]
+        return Claims(
+            __name__,
+            results,
+            **{f"bn_{k}": bn[v] for k, v in at.items()},
+            **{f"brn_{k}": err("brn", at[k]) for k in ("big", "small")},  # the 1-D CNN trains BRN only at these
+            **{f"ghost_{k}": ghost[at[k]] for k in ("mid", "small")},
+            **{f"rise_{k}": float(np.mean(bn[at[k]])) - float(np.mean(bn[big])) for k in ("mid", "small")},
+            **ni,
+            gn=err("gn", batch),
+            bn_by_size="; ".join(f"m={v}: {listed(bn[v])}" for v in sizes),
+            ghost_by_size="; ".join(f"m={v}: {listed(ghost[v])}" for v in sizes if v < big),
+            ghost_non_iid=ghost_non_iid,
+            **at,
+            m_ni=m_ni,
+        ).all()
 
     def figures(self, results: dict[str, Any]) -> NamedFigures:
         """Test error vs group size (i.i.d.; mean ± std over seeds) and non-i.i.d. bars."""
