@@ -6,6 +6,7 @@ contract: docs/lab.md, "Writing an experiment"), and readers of one number per s
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -21,6 +22,7 @@ __all__ = [
     "SEED_PLANS",
     "Experiment",
     "PerSeed",
+    "capped_log10",
     "column",
     "first_reaching",
     "load_for",
@@ -65,6 +67,12 @@ def column(rows: Sequence[Any], *keys: str) -> list[float]:
     """One number per seed: ``[float(row[keys[0]][keys[1]]...) for row in rows]`` (``rows``:
     one mapping per seed, e.g. ``results["metrics"]["per_seed"]`` or quantities derived from it)."""
     return [float(functools.reduce(lambda value, key: value[key], keys, row)) for row in rows]
+
+
+def capped_log10(v: float, floor: float, cap: float) -> float:
+    """log10 of ``v`` clipped to [``floor``, ``cap``]; NaN counts as ``cap`` (an overflowed run's
+    per-seed value stays finite for the verdict)."""
+    return math.log10(cap if math.isnan(v) else min(max(v, floor), cap))
 
 
 def first_reaching(steps: Sequence[int], values: Sequence[float], level: float) -> float:

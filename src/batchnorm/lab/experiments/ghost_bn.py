@@ -17,10 +17,9 @@ from ... import GhostBatchNorm1d
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import seeded
+from ..declare import mlp_for, seeded
 from ..experiment import Experiment, column
 from ..figures import NamedFigures, bar_values, categories, dress, pyplot, wrap
-from ..models import MLP
 from ..progress import Progress
 from ..training import evaluate, minibatches
 
@@ -52,7 +51,7 @@ def _train_regime(data: Dataset, s: Settings, arm: str, seed: int, progress: Pro
     torch.manual_seed(seed + 1)
     spec = _arm_spec(arm, s)
     norm: Any = (lambda c: GhostBatchNorm1d(c, spec["ghost"])) if spec["ghost"] else "bn"
-    model = MLP(data.features, list(s.hidden), data.classes, act=s.activation, norm=norm)
+    model = mlp_for(data, s.hidden, act=s.activation, norm=norm)
     n = data.train_x.shape[0]
     batch = min(spec["batch"], n)
     steps = math.ceil(spec["epochs"] * n / batch)  # updates that see epochs * n examples

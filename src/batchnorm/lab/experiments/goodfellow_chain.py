@@ -17,7 +17,7 @@ from ...functional import batch_norm
 from ..claims_spec import Claims, Declared, listed
 from ..config import RunConfig
 from ..declare import columns, seeded
-from ..experiment import Experiment, PerSeed
+from ..experiment import Experiment, PerSeed, capped_log10
 from ..figures import NamedFigures, dress, log_ticks, pyplot
 from ..progress import Progress
 
@@ -81,11 +81,7 @@ def _error_at(c: dict[str, Any], lrs: Sequence[float], lr: float) -> float:
     return abs(r - 1.0) if math.isfinite(r) else math.inf
 
 
-_LOG10_CAP = 300.0  # log10 of an error that overflowed to inf (keeps per-seed values finite for the verdict)
-
-
-def _log10(v: float) -> float:
-    return _LOG10_CAP if not math.isfinite(v) else math.log10(max(v, 1e-300))
+_CAP = 1e300  # an error that overflowed to inf counts as this in the log-scale claims
 
 
 def _quantities(m: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
@@ -100,8 +96,8 @@ def _quantities(m: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
     for scale in sorted({c["scale"] for c in plain if c["scale"] >= 1.0}):
         row = sorted((c for c in plain if c["scale"] == scale), key=lambda c: c["depth"])
         errs = [_error_at(c, lrs, ref) for c in row]
-        steps = [_log10(b) - _log10(a) for a, b in zip(errs, errs[1:])]
-        growth.append((min(steps), _log10(errs[-1]) - _log10(errs[0])))
+        logs = [capped_log10(e, 1e-300, _CAP) for e in errs]
+        growth.append((min(b - a for a, b in zip(logs, logs[1:])), logs[-1] - logs[0]))
         detail.append(f"scale {scale:g}: " + ", ".join(f"L={c['depth']} {e:.2g}" for c, e in zip(row, errs)))
     b_safe = [_safe(c, lrs) for c in bn]
     return {
@@ -164,7 +160,7 @@ class Chain(Experiment):
             bn_hi=max(col["bn_safe_max"]),
             n_bn=len(_cases(results["metrics"]["per_seed"][0], "bn")),
             bn_unsafe_total=sum(int(v) for v in col["bn_unsafe"]),
-            log10_cap=_LOG10_CAP,
+            log10_cap=math.log10(_CAP),
             spread_log10=math.log10(float(s["plain_safe_lr_spread_at_least"])),
             growth_log10=math.log10(float(s["plain_error_growth_at_least"])),
             bn_error_pct=100 * s["bn_first_order_error_below"],

@@ -21,7 +21,7 @@ from ..claims_spec import Claims, Declared, listed
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import mlp_for, seeded, train_seeds
-from ..experiment import Experiment, PerSeed
+from ..experiment import Experiment, PerSeed, capped_log10
 from ..figures import NamedFigures, dress, mean_band, pyplot
 from ..models import MLP, blocks
 from ..progress import Progress
@@ -112,11 +112,6 @@ def _probes(s: Settings, d: Dataset, norm: str | None, seed: int) -> dict[str, A
     return dict(zip(_PROBES, (probe, before, after, taken)))
 
 
-def _log10(v: float) -> float:
-    """log10 of ``v`` clipped to [1e-30, ``_CAP``]; NaN counts as ``_CAP``."""
-    return math.log10(min(max(float(np.nan_to_num(number(v), nan=_CAP)), 1e-30), _CAP))
-
-
 def _growth(profile: Sequence[Any], plain: bool) -> float:
     """Last/first layer RMS (plain) or max/min over layers (BN); ``_CAP`` for a non-finite profile."""
     v = [number(x) for x in profile]
@@ -179,14 +174,14 @@ class LrSweep(Experiment):
             **{f"{arm}_{key}": _accuracies(per_seed, arm, j) for arm in _ARMS for key, j in at.items()},
             diverged=sum(m["plain"]["diverged_at"][at["high"]] is not None for m in per_seed),
             own_best=[_best_lr(lrs, m["bn"]["test_acc"], float(t["best_tolerance"])) for m in per_seed],
-            log_growth_plain=[_log10(v) for v in gp],
-            log_growth_bn=[_log10(v) for v in gb],
+            log_growth_plain=[capped_log10(v, 1e-30, _CAP) for v in gp],
+            log_growth_bn=[capped_log10(v, 1e-30, _CAP) for v in gb],
             growth_plain=listed(gp, "{:.3g}x"),
             growth_bn=listed(gb, "{:.3g}x"),
             finite_steps=[m["plain"]["large_steps_taken"] for m in per_seed],
             probe_plain=pr,
             probe_bn=br,
-            log_probe_ratio=[_log10(p / b if b > 0 else _CAP) for p, b in zip(pr, br)],
+            log_probe_ratio=[capped_log10(p / b if b > 0 else _CAP, 1e-30, _CAP) for p, b in zip(pr, br)],
             fails_pp=100 * float(t["high_lr_fails_by"]),
             tol_pp=100 * float(t["high_lr_as_accurate_within"]),
             growth_log10=math.log10(float(t["plain_growth_at_least"])),

@@ -20,10 +20,10 @@ from ... import GhostBatchNorm1d
 from ..claims_spec import Claims, Declared, beside, listed
 from ..config import RunConfig
 from ..datasets import Dataset
-from ..declare import non_iid_batches, seeded
+from ..declare import mlp_for, non_iid_batches, seeded
 from ..experiment import Experiment, PerSeed, column, per_seed_values
 from ..figures import NamedFigures, bar_values, categories, dress, log_ticks, pyplot
-from ..models import MLP, ConvNet
+from ..models import ConvNet
 from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
 from ..progress import Progress
 from ..stacked import train_stacked
@@ -79,7 +79,7 @@ def _model(data: Dataset, s: Settings, norm: str, group_size: int, seed: int) ->
     torch.manual_seed(seed + 1)
     if s.model == "cnn1d":
         return ConvNet(data.input_shape, list(s.channels), data.classes, act=s.activation, norm=factories[norm])
-    return MLP(data.features, list(s.hidden), data.classes, act=s.activation, norm=factories[norm])
+    return mlp_for(data, s.hidden, act=s.activation, norm=factories[norm])
 
 
 def _stream(s: Settings, d: Dataset, seed: int, group: int, iid: bool) -> Iterator[Tensor]:
