@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from batchnorm.lab.config import RunConfig
+from batchnorm.lab.experiment import capped_log10
 from batchnorm.lab.experiments import lr_sweep as exp
 from batchnorm.lab.runner import run_one
 
@@ -27,8 +28,10 @@ def test_growth_and_log_scale_treat_non_finite_values_as_the_cap() -> None:
     assert exp._growth([1.0, 2.0, 8.0], plain=True) == 8.0
     assert exp._growth([2.0, 1.0, 4.0], plain=False) == 4.0
     assert exp._growth([1.0, float("inf")], plain=True) == exp._CAP
-    assert exp._log10(float("inf")) == pytest.approx(math.log10(exp._CAP))
-    assert exp._log10(100.0) == pytest.approx(2.0)
+    assert capped_log10(float("inf"), 1e-30, exp._CAP) == pytest.approx(math.log10(exp._CAP))
+    assert capped_log10(float("nan"), 1e-30, exp._CAP) == pytest.approx(math.log10(exp._CAP))
+    assert capped_log10(0.0, 1e-30, exp._CAP) == pytest.approx(-30.0)
+    assert capped_log10(100.0, 1e-30, exp._CAP) == pytest.approx(2.0)
 
 
 def test_calibration_fixes_the_rates_and_claims_judge_each_seed(tmp_path: Path) -> None:

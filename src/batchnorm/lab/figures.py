@@ -23,12 +23,10 @@ __all__ = [
     "categories",
     "dress",
     "log_ticks",
-    "mean_and_seeds",
     "mean_band",
     "pyplot",
     "save",
     "save_all",
-    "seed_bars",
     "wrap",
 ]
 
@@ -204,23 +202,3 @@ def bar_values(ax: Any, values: Sequence[float], fmt: str = "{}", **kw: Any) -> 
     heights from the axis."""
     for i, value in enumerate(values):
         ax.text(i, value, fmt.format(value), ha="center", va="bottom", **kw)
-
-
-def seed_bars(ax: Any, columns: Sequence[Sequence[float]], colors: Sequence[str], **kw: Any) -> None:
-    """One bar per arm at positions 0, 1, ...: the mean of the arm's per-seed ``columns[i]`` with a
-    ±1 std error bar, each seed a black dot on it (``kw``: bar options such as ``alpha``)."""
-    for i, (column, color) in enumerate(zip(columns, colors)):
-        values = np.asarray(column, dtype=float)  # (seeds,)
-        ax.bar(i, values.mean(), yerr=values.std(), color=color, capsize=4, **kw)
-        ax.plot(np.full(values.shape, i), values, "k.", markersize=4)
-
-
-def mean_and_seeds(
-    ax: Any, x: Sequence[float], runs: Sequence[Sequence[float]], label: str, fmt: str = "-", **kw: Any
-) -> None:
-    """Each run (row) as a thin faint line, then their mean as a line labelled ``label`` (``fmt``,
-    ``kw``: the style of both, e.g. ``color``)."""
-    values = np.asarray(runs, dtype=float)  # (runs, len(x))
-    for run in values:
-        ax.plot(x, run, fmt, alpha=0.25, linewidth=0.8, **kw)
-    ax.plot(x, values.mean(axis=0), fmt, label=label, **kw)

@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -19,7 +20,7 @@ from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, column, load_for
-from ..figures import NamedFigures, categories, dress, pyplot, seed_bars, wrap
+from ..figures import NamedFigures, categories, dress, pyplot, wrap
 from ..models import MLP
 from ..progress import Progress
 from ..training import TrainSpec, evaluate, minibatches
@@ -160,7 +161,10 @@ class Dropout(Experiment):
         )
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         for ax, (key, label, title) in zip(axes, panels):
-            seed_bars(ax, [[v[name][key] for v in q] for name in _ARMS], [c for *_, c in _ARMS.values()], alpha=0.75)
+            for i, (name, (*_, color)) in enumerate(_ARMS.items()):  # a bar per arm: mean ± std, each seed a dot
+                values = np.asarray([v[name][key] for v in q], dtype=float)  # (seeds,)
+                ax.bar(i, values.mean(), yerr=values.std(), color=color, capsize=4, alpha=0.75)
+                ax.plot(np.full(values.shape, i), values, "k.", markersize=4)
             categories(ax.xaxis, [wrap(name, 10) for name in _ARMS], fontsize=8)
             dress(ax, title, ylabel=label, grid="y")
         axes[0].set_ylim(max(0.0, min(accs) - 0.03), min(1.0, max(accs) + 0.02))

@@ -14,7 +14,7 @@ from ..claims_spec import Claims, Declared, listed
 from ..datasets import Dataset
 from ..declare import activation_inputs, columns, mlp_for, seeded, train_seeds
 from ..experiment import Experiment, PerSeed, first_reaching
-from ..figures import NamedFigures, dress, mean_and_seeds, pyplot
+from ..figures import NamedFigures, dress, pyplot
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 
@@ -146,9 +146,11 @@ class Placement(Experiment):
         for ax, act in zip(axes, ("sigmoid", "relu")):
             for place, (color, ls) in _PLACES.items():
                 recs = [m[f"{act}/{place}"] for m in per]  # per seed, its replicates
-                runs = [np.mean([r["test_acc"] for r in reps], axis=0) for reps in recs]  # (seeds, checkpoints)
+                runs = np.asarray([np.mean([r["test_acc"] for r in reps], axis=0) for reps in recs])  # (seeds, steps)
+                for run in runs:  # each seed a thin faint line, then their mean
+                    ax.plot(recs[0][0]["step"], run, ls, alpha=0.25, linewidth=0.8, color=color)
                 label = "no BN" if place == "none" else f"BN {place} the {act}"
-                mean_and_seeds(ax, recs[0][0]["step"], runs, label, ls, color=color)
+                ax.plot(recs[0][0]["step"], runs.mean(axis=0), ls, label=label, color=color)
             title = f"{act}: test accuracy, mean of {len(per)} seeds (thin: each)"
             ax.set(xlabel="training step", ylim=(0.0, 1.0))
             dress(ax, title, title_size=10, grid=True, legend={"loc": "lower right"})
