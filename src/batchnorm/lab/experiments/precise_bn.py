@@ -82,79 +82,6 @@ def _sample_gap(r: dict[str, Any], when: str, n: int) -> float:
     return 100.0 * (c["acc_all"] - float(np.mean(c["acc"][c["sizes"].index(n)])))
 
 
-def _claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Precise > EMA early, EMA noisier early, the EMA error shrinks, PreciseBN saturates by N samples."""
-    t = results["config"]
-    e, sizes = int(t["early_epochs"]), {"sat": int(t["saturation_samples"]), "min": int(t["sample_sizes"][0])}
-
-    def col(read: Any, at: int | None = None) -> list[float]:  # at: 0 the early window, 1 the late one
-        return per_seed_values(results, lambda r: read(r, _windows(r, e)[at]) if at is not None else read(r))
-
-    def gain(r: dict[str, Any], at: slice) -> float:
-        return 100.0 * float(np.mean(np.subtract(r["acc_precise"][at], r["acc_ema"][at])))
-
-    def roughness(key: str) -> list[float]:  # mean |change between consecutive epochs| early (pp)
-        return col(lambda r, at: 100.0 * float(np.mean(np.abs(np.diff(r[key][at])))), 0)
-
-    first, last = (col(lambda r, at: float(np.mean(r["var_error_ema"][at])), k) for k in (0, 1))
-    gaps = {
-        f"gap_{key}_{w}": col(lambda r, n=n, w=w: _sample_gap(r, w, n))
-        for key, n in sizes.items()
-        for w in ("early", "final")
-    }
-    make = Claims(
-        __name__,
-        results,
-        gain_early=col(gain, 0),
-        gain_late=col(gain, 1),
-        rough_ema=roughness("acc_ema"),
-        rough_precise=roughness("acc_precise"),
-        var_error_first=first,
-        var_error_last=last,
-        **gaps,
-    )
-    if np.isfinite([gaps["gap_sat_early"], gaps["gap_sat_final"]]).all():
-        return make.all()
-    evidence = f"the training set has fewer than {sizes['sat']} examples: no {sizes['sat']}-sample curve"
-    return make.all(saturation=unmeasured(make, "saturation", evidence))
-
-
-def _figures(results: dict[str, Any]) -> NamedFigures:
-    """Accuracy (EMA vs precise) and EMA statistics error over training; accuracy vs samples."""
-    plt, runs = pyplot(), results["metrics"]["per_seed"]
-    t = min(len(r["epoch"]) for r in runs)
-    epochs = runs[0]["epoch"][:t]
-    fig, (acc, stale) = plt.subplots(1, 2, figsize=(11, 4.0))
-    for key, label, color in (
-        ("acc_ema", "EMA statistics (momentum 0.1)", "tab:red"),
-        ("acc_precise", "precise statistics (PreciseBN)", "tab:blue"),
-    ):
-        mean_band(acc, epochs, [[100 * v for v in r[key][:t]] for r in runs], label, color=color)
-    lo = 100 * min(min(r["acc_ema"][1:t] + r["acc_precise"][1:t]) for r in runs)
-    title, legend = "Test accuracy with EMA vs precise BN statistics", {"fontsize": 8}
-    dress(acc, title, xlabel="epoch", ylabel="test accuracy (%)", ylim=(max(0.0, lo - 2), 100), legend=legend)
-    mean_band(stale, epochs[1:], [r["var_error_ema"][1:t] for r in runs], "EMA running_var vs precise", color="tab:red")
-    ylabel = "mean |var_EMA / var_precise - 1|"
-    dress(stale, "How stale the EMA statistics are", yscale="log", xlabel="epoch", ylabel=ylabel, legend=legend)
-    yield "ema_vs_precise.png", fig
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    ax.set_xscale("log")
-    for when, color in (("early", "tab:orange"), ("final", "tab:green")):
-        if not (curves := [r["samples"][when] for r in runs if when in r["samples"]]):
-            continue
-        sizes = curves[0]["sizes"]
-        log_ticks(ax.xaxis, sizes)  # the sample counts measured
-        mean = np.asarray([[100 * np.mean(row) for row in c["acc"]] for c in curves]).mean(axis=0)  # over seeds
-        std = np.asarray([[100 * np.std(row) for row in c["acc"]] for c in curves]).mean(axis=0)
-        label = f"{when} (step {curves[0]['step']}): N samples, mean ± std over draws"
-        ax.errorbar(sizes, mean, yerr=std, color=color, marker="o", capsize=3, label=label)
-        every = 100 * float(np.mean([c["acc_all"] for c in curves]))
-        ax.axhline(every, color=color, linestyle="--", label=f"{when}: all {curves[0]['all']} samples")
-    xlabel = "samples used for the precise statistics (N)"
-    dress(ax, "How many samples PreciseBN needs", xlabel=xlabel, ylabel="test accuracy (%)", legend={"fontsize": 7})
-    yield "samples_needed.png", fig
-
-
 class PreciseBN(Experiment):
     """EMA vs precise BN statistics over training, over several seeds."""
 
@@ -195,8 +122,78 @@ class PreciseBN(Experiment):
         )
         return [{**rec, "diverged": r.diverged} for rec, r in zip(recs, results)]
 
-    claims = staticmethod(_claims)
-    figures = staticmethod(_figures)
+    def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
+        """Precise > EMA early, EMA noisier early, the EMA error shrinks, PreciseBN saturates by N samples."""
+        t = results["config"]
+        e, sizes = int(t["early_epochs"]), {"sat": int(t["saturation_samples"]), "min": int(t["sample_sizes"][0])}
+
+        def col(read: Any, at: int | None = None) -> list[float]:  # at: 0 the early window, 1 the late one
+            return per_seed_values(results, lambda r: read(r, _windows(r, e)[at]) if at is not None else read(r))
+
+        def gain(r: dict[str, Any], at: slice) -> float:
+            return 100.0 * float(np.mean(np.subtract(r["acc_precise"][at], r["acc_ema"][at])))
+
+        def roughness(key: str) -> list[float]:  # mean |change between consecutive epochs| early (pp)
+            return col(lambda r, at: 100.0 * float(np.mean(np.abs(np.diff(r[key][at])))), 0)
+
+        first, last = (col(lambda r, at: float(np.mean(r["var_error_ema"][at])), k) for k in (0, 1))
+        gaps = {
+            f"gap_{key}_{w}": col(lambda r, n=n, w=w: _sample_gap(r, w, n))
+            for key, n in sizes.items()
+            for w in ("early", "final")
+        }
+        make = Claims(
+            __name__,
+            results,
+            gain_early=col(gain, 0),
+            gain_late=col(gain, 1),
+            rough_ema=roughness("acc_ema"),
+            rough_precise=roughness("acc_precise"),
+            var_error_first=first,
+            var_error_last=last,
+            **gaps,
+        )
+        if np.isfinite([gaps["gap_sat_early"], gaps["gap_sat_final"]]).all():
+            return make.all()
+        evidence = f"the training set has fewer than {sizes['sat']} examples: no {sizes['sat']}-sample curve"
+        return make.all(saturation=unmeasured(make, "saturation", evidence))
+
+    def figures(self, results: dict[str, Any]) -> NamedFigures:
+        """Accuracy (EMA vs precise) and EMA statistics error over training; accuracy vs samples."""
+        plt, runs = pyplot(), results["metrics"]["per_seed"]
+        t = min(len(r["epoch"]) for r in runs)
+        epochs = runs[0]["epoch"][:t]
+        fig, (acc, stale) = plt.subplots(1, 2, figsize=(11, 4.0))
+        for key, label, color in (
+            ("acc_ema", "EMA statistics (momentum 0.1)", "tab:red"),
+            ("acc_precise", "precise statistics (PreciseBN)", "tab:blue"),
+        ):
+            mean_band(acc, epochs, [[100 * v for v in r[key][:t]] for r in runs], label, color=color)
+        lo = 100 * min(min(r["acc_ema"][1:t] + r["acc_precise"][1:t]) for r in runs)
+        title, legend = "Test accuracy with EMA vs precise BN statistics", {"fontsize": 8}
+        dress(acc, title, xlabel="epoch", ylabel="test accuracy (%)", ylim=(max(0.0, lo - 2), 100), legend=legend)
+        mean_band(
+            stale, epochs[1:], [r["var_error_ema"][1:t] for r in runs], "EMA running_var vs precise", color="tab:red"
+        )
+        ylabel = "mean |var_EMA / var_precise - 1|"
+        dress(stale, "How stale the EMA statistics are", yscale="log", xlabel="epoch", ylabel=ylabel, legend=legend)
+        yield "ema_vs_precise.png", fig
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        ax.set_xscale("log")
+        for when, color in (("early", "tab:orange"), ("final", "tab:green")):
+            if not (curves := [r["samples"][when] for r in runs if when in r["samples"]]):
+                continue
+            sizes = curves[0]["sizes"]
+            log_ticks(ax.xaxis, sizes)  # the sample counts measured
+            mean = np.asarray([[100 * np.mean(row) for row in c["acc"]] for c in curves]).mean(axis=0)  # over seeds
+            std = np.asarray([[100 * np.std(row) for row in c["acc"]] for c in curves]).mean(axis=0)
+            label = f"{when} (step {curves[0]['step']}): N samples, mean ± std over draws"
+            ax.errorbar(sizes, mean, yerr=std, color=color, marker="o", capsize=3, label=label)
+            every = 100 * float(np.mean([c["acc_all"] for c in curves]))
+            ax.axhline(every, color=color, linestyle="--", label=f"{when}: all {curves[0]['all']} samples")
+        xlabel = "samples used for the precise statistics (N)"
+        dress(ax, "How many samples PreciseBN needs", xlabel=xlabel, ylabel="test accuracy (%)", legend={"fontsize": 7})
+        yield "samples_needed.png", fig
 
 
 EXPERIMENT = PreciseBN()
