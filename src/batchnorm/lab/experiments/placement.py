@@ -71,11 +71,6 @@ def _train_arm(
     return [recs[k * s.replicates : (k + 1) * s.replicates] for k in range(len(seeds))]
 
 
-def _early_index(rec: dict[str, Any], fraction: float) -> int:
-    """The first checkpoint (> 0) at or past ``fraction`` of training."""
-    return min(i for i, s in enumerate(rec["step"]) if s >= fraction * rec["step"][-1] and s > 0)
-
-
 def _late(rec: dict[str, Any]) -> float:
     """Mean test accuracy over the last quarter of the checkpoints."""
     acc = rec["test_acc"]
@@ -97,7 +92,8 @@ def _replicate_quantities(m: dict[str, Any], frac: float) -> dict[str, float]:
     none = m["sigmoid/none"]
     target = max(none["test_acc"])
     reach = {key: first_reaching(rec["step"], rec["test_acc"], target) for key, rec in m.items()}
-    i = _early_index(none, frac)
+    # the early checkpoint: the first (> 0) at or past ``frac`` of training
+    i = min(j for j, step in enumerate(none["step"]) if step >= frac * none["step"][-1] and step > 0)
     early = {key: m[key]["test_acc"][i] for key in m}
     return {
         "target": target,
