@@ -35,8 +35,6 @@ _ARMS = {  # name: norm, dropout p, fixed batches, colour of its bars
 }
 _LOSS_CAP = 1e6  # the test loss that stands for a diverged network's inf (keeps per-seed values finite)
 _RECORDED = ("train_acc", "test_acc", "train_loss", "test_loss")  # each replicate's record of an arm, in order
-_SHOWN = (("test_acc", 100, "{:.1f}"), ("test_loss", 1, "{:.3f}"))
-"""How the evidence shows a measurement per seed (``acc``, ``loss``): its key, scale and format."""
 
 
 class Settings(Declared):
@@ -139,7 +137,7 @@ class Dropout(Experiment):
         col = {f"{key} {arm}": column(q, arm, key) for arm in _ARMS for key in _RECORDED}
         acc, loss = (
             {arm: listed((scale * v for v in col[f"{key} {arm}"]), fmt, "/") for arm in _ARMS}
-            for key, scale, fmt in _SHOWN
+            for key, scale, fmt in (("test_acc", 100, "{:.1f}"), ("test_loss", 1, "{:.3f}"))
         )
         fits = 100 * min(min(col[f"train_acc {arm}"]) for arm in _ARMS)
         tol_pp = 100 * float(results["config"]["accuracy_tolerance"])
