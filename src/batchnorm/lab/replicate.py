@@ -122,7 +122,7 @@ def replicate(
     """
     from . import registry
 
-    experiment_ids = list(ids) if ids is not None else list(registry.ids())
+    experiment_ids = list(ids) if ids is not None else list(registry.EXPERIMENTS)
     uses_data = {i: registry.get(i).USES_DATA for i in experiment_ids}  # a bad id fails before any training
     by_data: dict[str, dict[str, dict[str, Any]]] = {}  # data set -> id -> results
     failed: list[str] = []
