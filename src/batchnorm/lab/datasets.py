@@ -25,9 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Dataset", "load", "SPECS_HELP"]
-
-SPECS_HELP = "digits | mnist1d | mnist:DIR"
+__all__ = ["Dataset", "load"]
 
 _MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -89,7 +87,9 @@ def load(spec: str, seed: int = 0, *, small: bool = False) -> Dataset:
         return _mnist1d(2000 if small else 10000)
     if isinstance(spec, str) and spec.startswith("mnist:") and spec != "mnist:":
         return _mnist(str(Path(spec[len("mnist:") :]).expanduser().resolve()))
-    raise ValueError(f"data: unknown dataset {spec!r}; expected {SPECS_HELP} (mnist:DIR names a directory)")
+    raise ValueError(
+        f"data: unknown dataset {spec!r}; expected digits | mnist1d | mnist:DIR (mnist:DIR names a directory)"
+    )
 
 
 @functools.lru_cache(maxsize=8)
