@@ -155,8 +155,7 @@ class Part:
     @property
     def estimate(self) -> float:
         """``judge``'s estimate over all seeds, for evidence text."""
-        a, b = np.asarray(self.a), np.asarray(0.0 if self.b is None else self.b)
-        return float(np.exp(np.mean(np.log(a) - np.log(b)))) if self.ratio else float(np.mean(a - b))
+        return self.judge(range(len(self.a))).estimate
 
     @property
     def direction(self) -> str:
