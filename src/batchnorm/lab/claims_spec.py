@@ -121,12 +121,11 @@ class Declared:
 
     def __getattr__(self, name: str) -> Any:
         """A setting of the file that is not a field, as ``load_settings`` gives it (arrays as
-        tuples), a copy where it is mutable: the file's values stay as read."""
-        settings = _settings_file(type(self).__module__)
-        if name not in settings or (name in _TABLES and isinstance(settings[name], dict)):
+        tuples), a copy: the file's values stay as read."""
+        settings = load_settings(type(self).__module__)
+        if name not in settings:
             raise AttributeError(f"{type(self).__module__}.Settings has no setting {name!r}")
-        value = settings[name]
-        return tuple(value) if isinstance(value, list) else copy.deepcopy(value)
+        return copy.deepcopy(settings[name])
 
     @classmethod
     def of(cls: type[_D], mode: str | None = None, /, **computed: Any) -> _D:
