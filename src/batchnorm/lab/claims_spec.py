@@ -205,7 +205,7 @@ def claim(
     if kind not in ("replication", "identity"):
         raise ValueError(f"claim: expected kind 'replication' or 'identity', got {kind!r}")
     seeds = [int(s) for s in results["metrics"]["seeds"]]
-    plan = SeedPlan.from_json(results["metrics"].get("plan") or {"looks": [len(seeds)]})
+    plan = SeedPlan(**(results["metrics"].get("plan") or {"looks": [len(seeds)]}))
     parts = [Part(a, b, above=above, below=below, effect=effect), *also]
     name, verdicts = judge_sequential(parts, seeds, plan)
     judged = [{**v.to_json(), "direction": p.direction} for p, v in zip(parts, verdicts)]

@@ -265,13 +265,8 @@ class SeedPlan:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The plan as results' ``metrics["plan"]`` (``futility_from`` only where set)."""
+        """The plan as results' ``metrics["plan"]`` (``futility_from`` only where set): ``SeedPlan(**saved)`` reads it."""
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None} | {"looks": list(self.looks)}
-
-    @classmethod
-    def from_json(cls, saved: dict[str, Any]) -> SeedPlan:
-        """The plan ``to_json`` saved."""
-        return cls(**{**saved, "looks": tuple(saved["looks"])})
 
 
 def judge_sequential(parts: Sequence[Part], seeds: Sequence[int], plan: SeedPlan) -> tuple[VerdictName, list[Verdict]]:
