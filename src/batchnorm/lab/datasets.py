@@ -111,21 +111,16 @@ def _mnist1d(num_samples: int) -> Dataset:
     args = get_dataset_args()
     args.num_samples = num_samples
     # make_dataset seeds the global `random` and NumPy generators; give them back afterwards
-    np_state = np.random.get_state()
-    py_state = random.getstate()
+    np_state, py_state = np.random.get_state(), random.getstate()
     try:
         raw = make_dataset(args)
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
-    xtr = np.asarray(raw["x"], dtype=np.float64)  # (0.8 N, 40)
-    xte = np.asarray(raw["x_test"], dtype=np.float64)  # (0.2 N, 40)
-    mean = xtr.mean()
-    std = xtr.std()
-    xtr = ((xtr - mean) / std).astype(np.float32)
-    xte = ((xte - mean) / std).astype(np.float32)
-    ytr = np.asarray(raw["y"], dtype=np.int64)
-    yte = np.asarray(raw["y_test"], dtype=np.int64)
+    xtr, xte = (np.asarray(raw[k], dtype=np.float64) for k in ("x", "x_test"))  # (0.8 N, 40), (0.2 N, 40)
+    mean, std = xtr.mean(), xtr.std()
+    xtr, xte = (((x - mean) / std).astype(np.float32) for x in (xtr, xte))
+    ytr, yte = (np.asarray(raw[k], dtype=np.int64) for k in ("y", "y_test"))
     return Dataset("mnist1d", *_tensors(xtr, ytr, xte, yte), input_shape=(1, xtr.shape[1]), classes=10)
 
 
