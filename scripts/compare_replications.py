@@ -13,11 +13,31 @@ import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-
-from batchnorm.lab.replicate import compare_matrices
+from typing import Any
 
 _SHORT = {"holds": "holds", "does not hold": "NOT", "inconclusive": "inc"}
+
+
+def compare_matrices(first: Mapping[str, Any], second: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Line up two matrices run on different seed sets, claim by claim.
+
+    One row per claim present in both (matched by experiment, data set and position): ``{"id",
+    "data", "index", "claim", "first", "second", "flip"}``; ``flip`` is true when one verdict is
+    ``holds`` and the other ``does not hold`` (``inconclusive`` on either side is no flip).
+    Claims are matched by position because a claim's wording may carry measured numbers.
+    """
+    cells = {(row["id"], data): cell for row in second.get("rows", []) for data, cell in row["cells"].items()}
+    rows = []
+    for row in first.get("rows", []):
+        for data, cell in row["cells"].items():
+            other = cells.get((row["id"], data), {"claims": []})["claims"]
+            for i, (a, b) in enumerate(zip(cell["claims"], other)):
+                verdicts = {"first": a["verdict"], "second": b["verdict"]}
+                flip = set(verdicts.values()) == {"holds", "does not hold"}
+                rows.append({"id": row["id"], "data": data, "index": i, "claim": a["claim"], **verdicts, "flip": flip})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per experiment; the median is kept")
     parser.add_argument("--from-runs", type=Path, default=None, help="read the times of a finished --quick run in DIR")
     args = parser.parse_args(argv)
-    ids = args.ids or list(registry.ids())
-    unknown = [i for i in ids if i not in registry.ids()]
+    ids = args.ids or list(registry.EXPERIMENTS)
+    unknown = [i for i in ids if i not in registry.EXPERIMENTS]
     if unknown or args.repeat < 1:
         parser.error(f"unknown experiment {unknown[0]!r}" if unknown else "--repeat must be >= 1")
-    table = {k: v for k, v in _existing().items() if k in registry.ids()}
+    table = {k: v for k, v in _existing().items() if k in registry.EXPERIMENTS}
     if args.from_runs is not None:
         for experiment_id in ids:
             path = args.from_runs / experiment_id / "results.json"
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 times.append(time.perf_counter() - start)
             table[experiment_id] = round(statistics.median(times), 1)
             print(f"{experiment_id:<26} {table[experiment_id]:7.1f} s", file=sys.stderr, flush=True)
-    ordered = {k: table[k] for k in registry.ids() if k in table}
+    ordered = {k: table[k] for k in registry.EXPERIMENTS if k in table}
     measured_on = {
         "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),

@@ -48,7 +48,7 @@ evidence = "gap per seed: {gap:+.2f}; first seed {seed0}, steps {steps:g}, mean 
 def _with_claims_file() -> list[str]:
     """The experiments that declare their claims in a claims file."""
     out = []
-    for experiment_id in registry.ids():
+    for experiment_id in registry.EXPERIMENTS:
         package, name = registry.module_name(experiment_id).rsplit(".", 1)
         if importlib.resources.files(package).joinpath(f"{name}.claims.toml").is_file():
             out.append(experiment_id)
@@ -133,7 +133,7 @@ def test_evidence_lists_a_list_formatted_with_a_spec() -> None:
 
 
 def test_every_experiment_has_a_claims_file() -> None:
-    assert _with_claims_file() == list(registry.ids())
+    assert _with_claims_file() == list(registry.EXPERIMENTS)
 
 
 @pytest.mark.parametrize("experiment_id", _with_claims_file())
@@ -156,7 +156,7 @@ def test_a_tiny_run_makes_exactly_the_declared_claims(experiment_id: str, tmp_pa
         assert (c["expected"], c["source"]) == (spec["expected"], spec["source"])
 
 
-@pytest.mark.parametrize("experiment_id", registry.ids())
+@pytest.mark.parametrize("experiment_id", registry.EXPERIMENTS)
 def test_settings_record_the_computed_fields_then_the_file_in_order(experiment_id: str) -> None:
     s = registry.get(experiment_id).settings(RunConfig(mode="quick"))
     if not isinstance(s, claims_spec.Declared):

@@ -21,7 +21,7 @@ from batchnorm.lab.verdict import VERDICTS
 from ._layout import checking_layout
 
 
-@pytest.mark.parametrize("experiment_id", registry.ids())
+@pytest.mark.parametrize("experiment_id", registry.EXPERIMENTS)
 def test_tiny_run_writes_results_figures_and_report(experiment_id: str, tmp_path: Path) -> None:
     with checking_layout() as problems:  # every figure drawn: no text overlaps or leaves the canvas
         results = run_one(experiment_id, RunConfig(mode="tiny", seed=0, out=tmp_path))
@@ -49,7 +49,7 @@ def test_tiny_run_writes_results_figures_and_report(experiment_id: str, tmp_path
 
 
 def test_report_redraws_from_saved_results_without_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    experiment_id = registry.ids()[0]
+    experiment_id = registry.EXPERIMENTS[0]
     run_one(experiment_id, RunConfig(mode="tiny", out=tmp_path))
     directory = tmp_path / experiment_id
     for path in list(directory.glob("*.png")) + [directory / "report.html"]:
@@ -67,7 +67,7 @@ def test_report_redraws_from_saved_results_without_training(tmp_path: Path, monk
 
 
 def test_interrupted_run_keeps_previous_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    experiment_id = registry.ids()[0]
+    experiment_id = registry.EXPERIMENTS[0]
     run_one(experiment_id, RunConfig(mode="tiny", out=tmp_path))
     before = (tmp_path / experiment_id / "results.json").read_text()
     module = registry.get(experiment_id)
@@ -83,12 +83,12 @@ def test_interrupted_run_keeps_previous_results(tmp_path: Path, monkeypatch: pyt
 def test_run_all_writes_index_linking_each_experiment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["lab", "run", "all", "--tiny", "--out", str(tmp_path)]) == 0
     index = (tmp_path / "index.html").read_text()
-    for experiment_id in registry.ids():
+    for experiment_id in registry.EXPERIMENTS:
         assert f"href='{experiment_id}/report.html'" in index
     assert "index:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("experiment_id", registry.ids())
+@pytest.mark.parametrize("experiment_id", registry.EXPERIMENTS)
 def test_tiny_run_on_mnist1d(experiment_id: str, tmp_path: Path) -> None:
     """Every experiment accepts MNIST-1D's 40-feature signals (--data mnist1d)."""
     with checking_layout() as problems:
@@ -99,7 +99,7 @@ def test_tiny_run_on_mnist1d(experiment_id: str, tmp_path: Path) -> None:
 
 
 def test_report_on_results_from_an_older_version_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    experiment_id = registry.ids()[0]
+    experiment_id = registry.EXPERIMENTS[0]
     run_one(experiment_id, RunConfig(mode="tiny", out=tmp_path))
     path = tmp_path / experiment_id / "results.json"
     saved = json.loads(path.read_text())

@@ -31,7 +31,7 @@ def test_mlp_before_placement_matches_hand_written_forward() -> None:
 
 
 def test_mlp_after_placement_keeps_bias_and_normalizes_the_activation() -> None:
-    model = MLP(6, [5], 3, act="relu", norm="torch", placement="after")
+    model = MLP(6, [5], 3, act="relu", norm=nn.BatchNorm1d, placement="after")
     block = next(blocks(model))
     assert block.layer.bias is not None
     assert isinstance(block.norm, nn.BatchNorm1d)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -84,8 +85,12 @@ def _matrix(verdicts: dict[str, list[str]]) -> dict:
 
 
 def test_compare_matrices_flags_only_holds_against_does_not_hold() -> None:
-    from batchnorm.lab.replicate import compare_matrices
-
+    path = Path(__file__).resolve().parents[2] / "scripts" / "compare_replications.py"
+    spec = importlib.util.spec_from_file_location("compare_replications", path)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    compare_matrices = script.compare_matrices
     a = _matrix({"x": ["holds", "holds", "inconclusive", "does not hold"], "only-a": ["holds"]})
     b = _matrix({"x": ["holds", "does not hold", "does not hold", "holds"], "only-b": ["holds"]})
     rows = compare_matrices(a, b)

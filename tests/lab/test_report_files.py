@@ -247,7 +247,7 @@ def test_no_experiment_prose_turns_a_product_into_emphasis() -> None:
 
     from batchnorm.lab import registry
 
-    for experiment_id in registry.ids():
+    for experiment_id in registry.EXPERIMENTS:
         page = report._paragraphs(report.explanation(registry.get(experiment_id)))
         for kind, inner in re.findall(r"<(em|strong)>(.*?)</\1>", page, re.S):
             assert len(inner.split()) <= 3, f"{experiment_id}: <{kind}>{inner[:60]}</{kind}>"

@@ -50,7 +50,7 @@ def test_to_jsonable_handles_tensors_and_non_finite_values(tmp_path: Path) -> No
 
 
 def test_every_registered_experiment_satisfies_the_contract() -> None:
-    ids = registry.ids()
+    ids = registry.EXPERIMENTS
     assert ids[0] == "ioffe2015-fig1"
     assert len(set(ids)) == len(ids)
     for experiment_id in ids:

@@ -33,7 +33,7 @@ NORMS: dict[str, Factory | str | None] = {
     "renorm": lambda c: GroupedBatchRenorm1d(c, 4, momentum=0.05, warmup_steps=3, r_max_steps=9, d_max_steps=6),
     "ghost": lambda c: GhostBatchNorm1d(c, 4, momentum=0.05),
     "group_norm": lambda c: nn.GroupNorm(2, c),
-    "torch": "torch",
+    "torch": nn.BatchNorm1d,
     "none": None,
 }
 

@@ -166,7 +166,7 @@ def test_seed_plan_level_is_bonferroni_over_its_looks() -> None:
     assert SeedPlan((4, 8)).min_futility == 4 and SeedPlan((4, 8), futility_from=8).min_futility == 8
     assert SeedPlan((4, 8, 16), futility_from=8).to_json() == {"looks": [4, 8, 16], "alpha": 0.05, "futility_from": 8}
     for plan in (SeedPlan((4, 8, 16), futility_from=8), SeedPlan((3,), alpha=0.1)):
-        assert SeedPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+        assert SeedPlan(**json.loads(json.dumps(plan.to_json()))) == plan
 
 
 def test_needs_more_trains_undecided_claims_up_to_the_futility_minimum() -> None:

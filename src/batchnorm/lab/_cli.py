@@ -110,7 +110,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from . import registry
 
     seconds = quick_seconds()
-    for experiment_id in registry.ids():
+    for experiment_id in registry.EXPERIMENTS:
         description = registry.get(experiment_id).DESCRIPTION
         print(f"{experiment_id:<26} ~{seconds[experiment_id]:>4.0f} s quick   {description}")
     return 0
@@ -122,8 +122,8 @@ def _resolve_ids(requested: list[str]) -> list[str]:
     if "all" in requested:
         if len(requested) > 1:
             raise CliError("`all` cannot be combined with other experiment ids")
-        return list(registry.ids())
-    unknown = [i for i in requested if i not in registry.ids()]
+        return list(registry.EXPERIMENTS)
+    unknown = [i for i in requested if i not in registry.EXPERIMENTS]
     if unknown:
         raise CliError(f"unknown experiment {unknown[0]!r}; run `batchnorm lab list` to see the ids")
     return list(dict.fromkeys(requested))  # in order, without repeats

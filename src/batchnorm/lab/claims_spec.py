@@ -121,12 +121,11 @@ class Declared:
 
     def __getattr__(self, name: str) -> Any:
         """A setting of the file that is not a field, as ``load_settings`` gives it (arrays as
-        tuples), a copy where it is mutable: the file's values stay as read."""
-        settings = _settings_file(type(self).__module__)
-        if name not in settings or (name in _TABLES and isinstance(settings[name], dict)):
+        tuples), a copy: the file's values stay as read."""
+        settings = load_settings(type(self).__module__)
+        if name not in settings:
             raise AttributeError(f"{type(self).__module__}.Settings has no setting {name!r}")
-        value = settings[name]
-        return tuple(value) if isinstance(value, list) else copy.deepcopy(value)
+        return copy.deepcopy(settings[name])
 
     @classmethod
     def of(cls: type[_D], mode: str | None = None, /, **computed: Any) -> _D:
@@ -206,7 +205,7 @@ def claim(
     if kind not in ("replication", "identity"):
         raise ValueError(f"claim: expected kind 'replication' or 'identity', got {kind!r}")
     seeds = [int(s) for s in results["metrics"]["seeds"]]
-    plan = SeedPlan.from_json(results["metrics"].get("plan") or {"looks": [len(seeds)]})
+    plan = SeedPlan(**(results["metrics"].get("plan") or {"looks": [len(seeds)]}))
     parts = [Part(a, b, above=above, below=below, effect=effect), *also]
     name, verdicts = judge_sequential(parts, seeds, plan)
     judged = [{**v.to_json(), "direction": p.direction} for p, v in zip(parts, verdicts)]

@@ -25,9 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Dataset", "load", "SPECS_HELP"]
-
-SPECS_HELP = "digits | mnist1d | mnist:DIR"
+__all__ = ["Dataset", "load"]
 
 _MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -89,7 +87,9 @@ def load(spec: str, seed: int = 0, *, small: bool = False) -> Dataset:
         return _mnist1d(2000 if small else 10000)
     if isinstance(spec, str) and spec.startswith("mnist:") and spec != "mnist:":
         return _mnist(str(Path(spec[len("mnist:") :]).expanduser().resolve()))
-    raise ValueError(f"data: unknown dataset {spec!r}; expected {SPECS_HELP} (mnist:DIR names a directory)")
+    raise ValueError(
+        f"data: unknown dataset {spec!r}; expected digits | mnist1d | mnist:DIR (mnist:DIR names a directory)"
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -111,21 +111,16 @@ def _mnist1d(num_samples: int) -> Dataset:
     args = get_dataset_args()
     args.num_samples = num_samples
     # make_dataset seeds the global `random` and NumPy generators; give them back afterwards
-    np_state = np.random.get_state()
-    py_state = random.getstate()
+    np_state, py_state = np.random.get_state(), random.getstate()
     try:
         raw = make_dataset(args)
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
-    xtr = np.asarray(raw["x"], dtype=np.float64)  # (0.8 N, 40)
-    xte = np.asarray(raw["x_test"], dtype=np.float64)  # (0.2 N, 40)
-    mean = xtr.mean()
-    std = xtr.std()
-    xtr = ((xtr - mean) / std).astype(np.float32)
-    xte = ((xte - mean) / std).astype(np.float32)
-    ytr = np.asarray(raw["y"], dtype=np.int64)
-    yte = np.asarray(raw["y_test"], dtype=np.int64)
+    xtr, xte = (np.asarray(raw[k], dtype=np.float64) for k in ("x", "x_test"))  # (0.8 N, 40), (0.2 N, 40)
+    mean, std = xtr.mean(), xtr.std()
+    xtr, xte = (((x - mean) / std).astype(np.float32) for x in (xtr, xte))
+    ytr, yte = (np.asarray(raw[k], dtype=np.int64) for k in ("y", "y_test"))
     return Dataset("mnist1d", *_tensors(xtr, ytr, xte, yte), input_shape=(1, xtr.shape[1]), classes=10)
 
 

@@ -2,9 +2,9 @@
 each with a normalization option and its placement relative to the activation.
 
 A *norm factory* is any callable ``factory(num_features) -> nn.Module`` (called once per
-hidden layer); the strings ``"none"``, ``"bn"`` (our ``batchnorm.BatchNorm1d/2d``) and
-``"torch"`` (``torch.nn.BatchNorm1d/2d``) are shortcuts. Placement ``"before"`` is Ioffe &
-Szegedy's ``act(BN(W u))``; ``"after"`` is ``BN(act(W u + b))``.
+hidden layer); the strings ``"none"`` and ``"bn"`` (our ``batchnorm.BatchNorm1d/2d``) are
+shortcuts. Placement ``"before"`` is Ioffe & Szegedy's ``act(BN(W u))``; ``"after"`` is
+``BN(act(W u + b))``.
 
 The bias of a Linear/Conv directly followed by a normalization is redundant (BN subtracts the
 mean, beta subsumes the shift), so ``bias="auto"`` drops it exactly there.
@@ -67,12 +67,9 @@ def resolve_norm(norm: NormSpec, dims: int = 1) -> NormFactory | None:
         return norm
     from .. import BatchNorm1d, BatchNorm2d
 
-    kinds = {"bn": (BatchNorm1d, BatchNorm2d), "torch": (nn.BatchNorm1d, nn.BatchNorm2d)}
-    if norm not in kinds or dims not in (1, 2):
-        raise ValueError(
-            f"resolve_norm: expected 'none', 'bn', 'torch' or a callable and dims 1 or 2, got {norm!r}, {dims!r}"
-        )
-    return kinds[norm][dims - 1]
+    if norm != "bn" or dims not in (1, 2):
+        raise ValueError(f"resolve_norm: expected 'none', 'bn' or a callable and dims 1 or 2, got {norm!r}, {dims!r}")
+    return (BatchNorm1d, BatchNorm2d)[dims - 1]
 
 
 def init_gaussian_(model: nn.Module, std: float | str, generator: torch.Generator | None = None) -> nn.Module:

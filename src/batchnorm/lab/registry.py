@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .experiment import Experiment
 
-__all__ = ["EXPERIMENTS", "get", "ids", "module_name"]
+__all__ = ["EXPERIMENTS", "get", "module_name"]
 
 # fixed order: the order of `lab list`, `lab run all` and the index report
 EXPERIMENTS: tuple[str, ...] = (
@@ -31,11 +31,6 @@ EXPERIMENTS: tuple[str, ...] = (
     "santurkar2018-landscape",
     "precise-bn",
 )
-
-
-def ids() -> tuple[str, ...]:
-    """The experiments' ids, in the fixed order."""
-    return EXPERIMENTS
 
 
 def module_name(experiment_id: str) -> str:

@@ -10,7 +10,7 @@ sizes beside the papers'.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from .report import matrix_html, write_index
 from .results import count_claims, load_results, verdict_of, write_json
 from .runner import ExperimentFailed, judge_and_save, run_one
 
-__all__ = ["compare_matrices", "parse_seeds", "replicate", "write_matrix"]
+__all__ = ["parse_seeds", "replicate", "write_matrix"]
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -60,26 +60,6 @@ def _cell(results: dict[str, Any]) -> dict[str, Any]:
             for c in claims
         ],
     }
-
-
-def compare_matrices(first: Mapping[str, Any], second: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Line up two matrices run on different seed sets, claim by claim.
-
-    One row per claim present in both (matched by experiment, data set and position): ``{"id",
-    "data", "index", "claim", "first", "second", "flip"}``; ``flip`` is true when one verdict is
-    ``holds`` and the other ``does not hold`` (``inconclusive`` on either side is no flip).
-    Claims are matched by position because a claim's wording may carry measured numbers.
-    """
-    cells = {(row["id"], data): cell for row in second.get("rows", []) for data, cell in row["cells"].items()}
-    rows = []
-    for row in first.get("rows", []):
-        for data, cell in row["cells"].items():
-            other = cells.get((row["id"], data), {"claims": []})["claims"]
-            for i, (a, b) in enumerate(zip(cell["claims"], other)):
-                verdicts = {"first": a["verdict"], "second": b["verdict"]}
-                flip = set(verdicts.values()) == {"holds", "does not hold"}
-                rows.append({"id": row["id"], "data": data, "index": i, "claim": a["claim"], **verdicts, "flip": flip})
-    return rows
 
 
 def write_matrix(matrix: dict[str, Any], out: Path) -> Path:
@@ -122,7 +102,7 @@ def replicate(
     """
     from . import registry
 
-    experiment_ids = list(ids) if ids is not None else list(registry.ids())
+    experiment_ids = list(ids) if ids is not None else list(registry.EXPERIMENTS)
     uses_data = {i: registry.get(i).USES_DATA for i in experiment_ids}  # a bad id fails before any training
     by_data: dict[str, dict[str, dict[str, Any]]] = {}  # data set -> id -> results
     failed: list[str] = []

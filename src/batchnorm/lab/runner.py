@@ -118,7 +118,7 @@ def run_many(
 
 def saved_results(out: Path) -> list[dict[str, Any]]:
     """Every results.json under ``out/*/``, in registry order, then the rest by name."""
-    order = {eid: i for i, eid in enumerate(registry.ids())}
+    order = {eid: i for i, eid in enumerate(registry.EXPERIMENTS)}
     found = [load_results(path.parent) for path in sorted(Path(out).glob(f"*/{RESULTS_NAME}"))]
     return sorted(found, key=lambda r: (order.get(r.get("id", ""), len(order)), str(r.get("id"))))
 

@@ -155,8 +155,7 @@ class Part:
     @property
     def estimate(self) -> float:
         """``judge``'s estimate over all seeds, for evidence text."""
-        a, b = np.asarray(self.a), np.asarray(0.0 if self.b is None else self.b)
-        return float(np.exp(np.mean(np.log(a) - np.log(b)))) if self.ratio else float(np.mean(a - b))
+        return self.judge(range(len(self.a))).estimate
 
     @property
     def direction(self) -> str:
@@ -266,13 +265,8 @@ class SeedPlan:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The plan as results' ``metrics["plan"]`` (``futility_from`` only where set)."""
+        """The plan as results' ``metrics["plan"]`` (``futility_from`` only where set): ``SeedPlan(**saved)`` reads it."""
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None} | {"looks": list(self.looks)}
-
-    @classmethod
-    def from_json(cls, saved: dict[str, Any]) -> SeedPlan:
-        """The plan ``to_json`` saved."""
-        return cls(**{**saved, "looks": tuple(saved["looks"])})
 
 
 def judge_sequential(parts: Sequence[Part], seeds: Sequence[int], plan: SeedPlan) -> tuple[VerdictName, list[Verdict]]:
