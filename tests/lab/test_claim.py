@@ -16,7 +16,7 @@ from batchnorm.lab.claims_spec import claim
 from batchnorm.lab.config import RunConfig
 from batchnorm.lab.experiment import SEED_PLANS, Experiment, per_seed_values, plan_for, seeds_for
 from batchnorm.lab.progress import Progress
-from batchnorm.lab.verdict import part
+from batchnorm.lab.verdict import Part
 
 
 def _results(n: int, looks: tuple[int, ...] | None = (4, 8, 16)) -> dict[str, Any]:
@@ -59,7 +59,7 @@ def test_an_effect_at_its_threshold_stays_inconclusive_and_says_how_close() -> N
 def test_why_names_the_part_more_seeds_could_not_settle() -> None:
     settles = [1.0, -0.4, 1.6, 0.6]  # estimate 0.7, spread 0.85: 16 seeds would decide it
     hopeless = [0.1, -0.2, 0.15, -0.05]  # estimate 0, on the threshold
-    c = _claim(_results(4), settles, above=0.0, also=[part(hopeless, above=0.0)])
+    c = _claim(_results(4), settles, above=0.0, also=[Part(hopeless, above=0.0)])
     assert c["verdict"] == "inconclusive" and not c["could_settle"]
     assert c["why"].startswith("part 2") and "no more seeds" in c["why"]
     assert [p["verdict"] for p in c["parts"]] == ["inconclusive", "inconclusive"]

@@ -22,7 +22,7 @@ from batchnorm.lab.config import RunConfig
 from batchnorm.lab.experiments._calibration import CALIBRATION_SEED
 from batchnorm.lab.progress import Progress
 from batchnorm.lab.results import to_jsonable
-from batchnorm.lab.verdict import part
+from batchnorm.lab.verdict import Part
 
 GOOD = """
 [first]
@@ -114,7 +114,7 @@ def test_a_claim_declared_in_full_is_judged_from_the_columns_it_names(monkeypatc
     values = {"gap": gap, "base": base, "steps": [120, 95], "mean": {"gap": 0.175}, "band_pp": 1.0}
     make = claims_spec.Claims("experiments.demo", results, **values)
     declared = make("second")
-    by_hand = make("second", a=gap, evidence="e", also=[part(gap, base, effect="ratio", above=2)])
+    by_hand = make("second", a=gap, evidence="e", also=[Part(gap, base, effect="ratio", above=2)])
     assert declared["evidence"] == "gap per seed: +0.10, +0.25; first seed 4, steps 120, 95, mean 0.2"
     assert {**declared, "evidence": "e"} == by_hand
     assert [p["direction"] for p in declared["parts"]] == ["-0.01 <= value <= 0.5", "a / b >= 2"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from batchnorm.lab.results import to_jsonable
-from batchnorm.lab.verdict import SeedPlan, Verdict, combine, could_settle, judge, judge_sequential, part, t_quantile
+from batchnorm.lab.verdict import Part, SeedPlan, Verdict, combine, could_settle, judge, judge_sequential, t_quantile
 
 SEEDS5 = [0, 1, 2, 3, 4]
 
@@ -191,7 +191,7 @@ def test_a_spread_from_four_seeds_does_not_stop_a_claim_more_seeds_decide() -> N
     seeds = list(range(32))
     x = np.array([1.9, -0.8, 0.2, 0.7] + [0.55, 0.35, 0.6, 0.45] * 7)
     x = x + (0.5 - x.mean())  # mean effect 0.5 exactly
-    p = part(x, above=0.0)
+    p = Part(x, above=0.0)
     old, new = SeedPlan((4, 8, 16)), SeedPlan((4, 8, 16, 32), futility_from=16)
     for plan in (old, new):
         name, (v,) = judge_sequential([p], seeds[:4], plan)
@@ -209,25 +209,25 @@ def test_a_spread_from_four_seeds_does_not_stop_a_claim_more_seeds_decide() -> N
 def test_sequential_rule_stops_at_the_first_decided_look() -> None:
     plan = SeedPlan((4, 8, 16))
     seeds = list(range(16))
-    clear = part([5.0, 5.2, 4.9, 5.1] + [5.0] * 12, above=0.0)
+    clear = Part([5.0, 5.2, 4.9, 5.1] + [5.0] * 12, above=0.0)
     name, vs = judge_sequential([clear], seeds, plan)
     assert name == "holds" and len(vs[0].seeds) == 4 and vs[0].confidence == pytest.approx(plan.confidence)
     # a small effect needs more seeds: undecided at 4, decided at 8 (the interval at 4 is the t
     # interval at level 1 - 0.05/3 of the first 4 values)
     rng = np.random.default_rng(1)
     small = 0.6 + rng.normal(0, 0.5, 16)
-    name, vs = judge_sequential([part(small, above=0.0)], seeds, plan)
+    name, vs = judge_sequential([Part(small, above=0.0)], seeds, plan)
     first = judge(small[:4], seeds=seeds[:4], above=0.0, confidence=plan.confidence)
     assert first.verdict == "inconclusive"
     assert name == "holds" and len(vs[0].seeds) > 4
     # an effect on the threshold stays inconclusive at the cap
-    name, vs = judge_sequential([part(rng.normal(0, 1, 16), above=0.0)], seeds, plan)
+    name, vs = judge_sequential([Part(rng.normal(0, 1, 16), above=0.0)], seeds, plan)
     assert name == "inconclusive" and len(vs[0].seeds) == 16
     # only the looks the run reached are used; none reached is an error
-    name, vs = judge_sequential([part(small[:8], above=0.0)], seeds[:8], plan)
+    name, vs = judge_sequential([Part(small[:8], above=0.0)], seeds[:8], plan)
     assert len(vs[0].seeds) <= 8
     with pytest.raises(ValueError, match="at least 4 seeds"):
-        judge_sequential([part(small[:3], above=0.0)], seeds[:3], plan)
+        judge_sequential([Part(small[:3], above=0.0)], seeds[:3], plan)
 
 
 def test_sequential_parts_are_judged_at_the_same_look() -> None:
@@ -235,7 +235,7 @@ def test_sequential_parts_are_judged_at_the_same_look() -> None:
     seeds = list(range(8))
     a = [1.0, 1.1, 0.9, 1.0, 1.0, 1.1, 0.9, 1.0]
     refuted = [-1.0, -1.1, -0.9, -1.0, -1.0, -1.1, -0.9, -1.0]
-    name, vs = judge_sequential([part(a, above=0.0), part(refuted, above=0.0)], seeds, plan)
+    name, vs = judge_sequential([Part(a, above=0.0), Part(refuted, above=0.0)], seeds, plan)
     assert name == "does not hold" and [v.verdict for v in vs] == ["holds", "does not hold"]
     assert all(len(v.seeds) == 4 for v in vs)
 
@@ -253,7 +253,7 @@ def test_sequential_error_rate_is_controlled(plan: SeedPlan) -> None:
     wrong = naive = 0
     for _ in range(trials):
         x = rng.normal(0.0, 1.0, plan.cap)
-        wrong += judge_sequential([part(x, above=0.0)], seeds, plan)[0] == "holds"
+        wrong += judge_sequential([Part(x, above=0.0)], seeds, plan)[0] == "holds"
         naive += any(judge(x[:n], seeds=seeds[:n], above=0.0).verdict == "holds" for n in plan.looks)
     se = math.sqrt(0.025 * 0.975 / trials)
     assert wrong / trials <= 0.025 + 2 * se
@@ -261,14 +261,14 @@ def test_sequential_error_rate_is_controlled(plan: SeedPlan) -> None:
 
 
 def test_part_estimate_direction_and_could_settle() -> None:
-    p = part([2.0, 4.0], [1.0, 1.0], effect="ratio", above=1.5)
+    p = Part([2.0, 4.0], [1.0, 1.0], effect="ratio", above=1.5)
     assert p.estimate == pytest.approx(math.sqrt(8.0)) and p.direction == "a / b >= 1.5"
-    assert part([1.0, 3.0], [0.5, 0.5], below=2).estimate == 1.5 and part([1.0, 3.0], below=2).estimate == 2.0
-    assert part([1.0], above=-0.1, below=0.1).direction == "-0.1 <= value <= 0.1"
+    assert Part([1.0, 3.0], [0.5, 0.5], below=2).estimate == 1.5 and Part([1.0, 3.0], below=2).estimate == 2.0
+    assert Part([1.0], above=-0.1, below=0.1).direction == "-0.1 <= value <= 0.1"
     seeds = [0, 1, 2, 3]
-    near = part([0.1, -0.2, 0.15, -0.05], above=0.0)  # estimate 0, spread 0.15: hopeless
+    near = Part([0.1, -0.2, 0.15, -0.05], above=0.0)  # estimate 0, spread 0.15: hopeless
     v = near.judge(seeds, 0.983)
     assert v.verdict == "inconclusive" and not could_settle(near, v, 16)
-    far = part([1.0, -0.4, 1.6, 0.6], above=0.0)  # estimate 0.7, spread 0.85: 16 seeds would do
+    far = Part([1.0, -0.4, 1.6, 0.6], above=0.0)  # estimate 0.7, spread 0.85: 16 seeds would do
     v = far.judge(seeds, 0.983)
     assert v.verdict == "inconclusive" and could_settle(far, v, 16) and not could_settle(far, v, 4)

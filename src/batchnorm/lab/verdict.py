@@ -22,7 +22,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-__all__ = ["VERDICTS", "Part", "SeedPlan", "Verdict", "combine", "judge", "judge_sequential", "part", "t_quantile"]
+__all__ = ["VERDICTS", "Part", "SeedPlan", "Verdict", "combine", "judge", "judge_sequential", "t_quantile"]
 
 VerdictName = Literal["holds", "does not hold", "inconclusive"]
 VERDICTS: tuple[str, ...] = get_args(VerdictName)
@@ -199,10 +199,6 @@ class Part:
             method = f"{what}: the same value on every seed (zero spread), no interval"
             lo = hi = est
         return Verdict(_decide(lo, hi, self.above, self.below), est, (lo, hi), seeds_t, method, confidence, zero)
-
-
-part = Part
-"""The name experiments build a claim's further parts with: ``part(a, b, above=...)``."""
 
 
 def _count(n: object) -> bool:

@@ -22,7 +22,7 @@ from ..experiment import Experiment, PerSeed, column
 from ..figures import NamedFigures, categories, dress, mean_band, pyplot
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
-from ..verdict import part
+from ..verdict import Part
 from ._calibration import calibration_data, split_note
 from ._santurkar import COLORS, LABELS, NoisyReLU, build, epoch_steps, noisy, seed_slot, window_means
 
@@ -158,8 +158,8 @@ class Noisy(Experiment):
         tol, least = float(t["close_to_bn_within"]), float(t["drift_ratio_at_least"])
         pairs = [(str(layer), kind) for layer in t["tracked_layers"] for kind in _COMPARED]
         drift = {(arm, q): column(runs[arm, "lo"], "drift", *q) for arm in ("noisy", "none") for q in pairs}
-        drifts = [part(drift["noisy", q], drift["none", q], effect="ratio", above=least) for q in pairs]
-        faster = part(
+        drifts = [Part(drift["noisy", q], drift["none", q], effect="ratio", above=least) for q in pairs]
+        faster = Part(
             loss["loss_none"], loss["loss_noisy"], effect="ratio", above=float(t["faster_loss_ratio_at_least"])
         )
         make = Claims(
@@ -168,7 +168,7 @@ class Noisy(Experiment):
             **acc,
             **loss,
             shown={f"{arm}_{k}": _shown(r, "final_train_acc") for (arm, k), r in runs.items()},
-            like={k: 100 * part(acc[f"acc_noisy_{k}"], acc[f"acc_bn_{k}"], above=-tol).estimate for k in lrs},
+            like={k: 100 * Part(acc[f"acc_noisy_{k}"], acc[f"acc_bn_{k}"], above=-tol).estimate for k in lrs},
             losses="; ".join(f"{LABELS[arm]} {_shown(runs[arm, 'lo'], 'mean_train_loss', '{:.3g}')}" for arm in _ARMS),
             faster=faster.estimate,
             diverged_hi=sum(bool(r["diverged"]) for r in runs["none", "hi"]),
