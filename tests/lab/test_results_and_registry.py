@@ -19,7 +19,7 @@ from batchnorm.lab import registry
 from batchnorm.lab.config import RunConfig
 from batchnorm.lab.experiment import Experiment
 from batchnorm.lab.report import explanation
-from batchnorm.lab.results import load_results, number, save_results, to_jsonable
+from batchnorm.lab.results import load_results, save_results, to_jsonable
 
 
 def test_atomic_write_leaves_old_file_when_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,7 +42,7 @@ def test_to_jsonable_handles_tensors_and_non_finite_values(tmp_path: Path) -> No
     assert out == {"t": [1.5, "nan"], "inf": "-inf", "p": "a/b", "tup": [1, 2]}
     save_results(tmp_path, value)
     back = load_results(tmp_path)
-    assert number(back["inf"]) == -math.inf and math.isnan(number(back["t"][1]))
+    assert float(back["inf"]) == -math.inf and math.isnan(float(back["t"][1]))
     with pytest.raises(TypeError, match="cannot serialize"):
         to_jsonable(object())
     with pytest.raises(ValueError, match="no results.json"):

@@ -15,7 +15,7 @@ from typing import Any
 from .._files import write_text_atomic
 from .verdict import VERDICTS
 
-__all__ = ["count_claims", "describe_counts", "load_results", "number", "save_results", "to_jsonable", "versions"]
+__all__ = ["count_claims", "describe_counts", "load_results", "save_results", "to_jsonable", "versions"]
 
 RESULTS_NAME = "results.json"
 
@@ -111,8 +111,3 @@ def versions() -> dict[str, str]:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             found[dist] = importlib.metadata.version(dist)
     return found
-
-
-def number(value: Any) -> float:
-    """Read back a float saved by ``to_jsonable`` ("nan"/"inf" strings included)."""
-    return float(value)

@@ -25,7 +25,6 @@ from ..experiment import Experiment, PerSeed, capped_log10
 from ..figures import NamedFigures, dress, mean_band, pyplot
 from ..models import MLP, blocks
 from ..progress import Progress
-from ..results import number
 from ..training import TrainSpec, evaluate, minibatches
 from ._calibration import calibration_data, epoch_rule, split_note
 from .santurkar2018_landscape import landscape
@@ -114,7 +113,7 @@ def _probes(s: Settings, d: Dataset, norm: str | None, seed: int) -> dict[str, A
 
 def _growth(profile: Sequence[Any], plain: bool) -> float:
     """Last/first layer RMS (plain) or max/min over layers (BN); ``_CAP`` for a non-finite profile."""
-    v = [number(x) for x in profile]
+    v = [float(x) for x in profile]
     return _CAP if not all(map(math.isfinite, v)) or min(v) <= 0 else v[-1] / v[0] if plain else max(v) / min(v)
 
 
@@ -166,7 +165,7 @@ class LrSweep(Experiment):
         )
         alphas = [float(v) for v in t["step_probe_alphas"]]
         i = max(j for j, a in enumerate(alphas) if a <= 10.0 * (1 + 1e-9))  # the step of 10 the probe claim reads
-        pr, br = ([number(m[arm]["step_probe_loss_ratio"][i]) for m in per_seed] for arm in _ARMS)
+        pr, br = ([float(m[arm]["step_probe_loss_ratio"][i]) for m in per_seed] for arm in _ARMS)
         return Claims(
             __name__,
             results,
@@ -215,12 +214,12 @@ class LrSweep(Experiment):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for arm, (_norm, label, color) in _ARMS.items():
             m = per_seed[0][arm]
-            r = [v if math.isfinite(v) else math.nan for v in map(number, m["step_probe_loss_ratio"])]
+            r = [v if math.isfinite(v) else math.nan for v in map(float, m["step_probe_loss_ratio"])]
             axes[0].plot(cfg["step_probe_alphas"], r, "o-", color=color, label=label, markersize=3)
             layers = np.arange(1, len(m["activation_rms_init"]) + 1)
             after = f"{label}, after {m['large_steps_taken']} step(s) at lr {cfg['blowup_lr']:g}"
             for key, style, text in (("init", "--", f"{label}, at init"), ("after_large_steps", "o-", after)):
-                axes[1].plot(layers, [number(v) for v in m[f"activation_rms_{key}"]], style, color=color, label=text)
+                axes[1].plot(layers, [float(v) for v in m[f"activation_rms_{key}"]], style, color=color, label=text)
         axes[0].axhline(1.0, color="black", **dotted)
         title = "How far the gradient direction stays downhill (first seed)"
         labels = {"xlabel": "step size alpha along the gradient", "ylabel": "L(w - alpha g) / L(w) at initialization"}
