@@ -101,9 +101,15 @@ def _values(table: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in table.items() if k not in nested}
 
 
+@functools.cache
+def _settings(module: str) -> dict[str, Any]:
+    """``load_settings``'s table, made once per module (never handed out: callers get copies)."""
+    return _values(_settings_file(module))
+
+
 def load_settings(module: str) -> dict[str, Any]:
     """The settings file's values by name, in file order (arrays as tuples)."""
-    return _values(_settings_file(module))
+    return copy.deepcopy(_settings(module))
 
 
 _D = TypeVar("_D", bound="Declared")
@@ -122,7 +128,7 @@ class Declared:
     def __getattr__(self, name: str) -> Any:
         """A setting of the file that is not a field, as ``load_settings`` gives it (arrays as
         tuples), a copy: the file's values stay as read."""
-        settings = load_settings(type(self).__module__)
+        settings = _settings(type(self).__module__)  # read in place: no table rebuilt per attribute
         if name not in settings:
             raise AttributeError(f"{type(self).__module__}.Settings has no setting {name!r}")
         return copy.deepcopy(settings[name])
@@ -220,7 +226,11 @@ def claim(
         "claim": statement,
         "holds": name == "holds",
         "verdict": name,
-        **{"expected": expected, "source": source, "evidence": evidence, "kind": kind, "rule": plan.describe()},
+        "expected": expected,
+        "source": source,
+        "evidence": evidence,
+        "kind": kind,
+        "rule": plan.describe(),
         "n_seeds": len(verdicts[0].seeds),
         "threshold": thresholds if len(thresholds) > 1 else thresholds[0],
         "margin": margin,
@@ -247,10 +257,11 @@ class _Evidence(string.Formatter):
 
 class Claims:
     """The claims of saved ``results`` as their file declares them, filled with ``results["config"]``,
-    ``seed0`` (the first seed), ``n_seeds`` (how many seeds ``results`` hold) and ``values`` (derived in Python: per-seed columns, e.g.
-    ``steps_bn=[...]``, and numbers, e.g. ``tol_pp=100 * tol``). A part's ``a``/``b`` name columns
-    of those; a threshold is a number, a name of those, or ``-name``; the statement and the evidence
-    are templates of those (the evidence's lists formatted with a spec list their items)."""
+    ``seed0`` (the first seed), ``n_seeds`` (how many seeds ``results`` hold) and ``values``
+    (derived in Python: per-seed columns, e.g. ``steps_bn=[...]``, and numbers, e.g.
+    ``tol_pp=100 * tol``). A part's ``a``/``b`` name columns of those; a threshold is a number, a
+    name of those, or ``-name``; the statement and the evidence are templates of those (the
+    evidence's lists formatted with a spec list their items)."""
 
     def __init__(self, module: str, results: dict[str, Any], **values: Any) -> None:
         self.specs = load(module)
