@@ -261,7 +261,8 @@ class SeedPlan:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The plan as results' ``metrics["plan"]`` (``futility_from`` only where set): ``SeedPlan(**saved)`` reads it."""
+        """The plan as results' ``metrics["plan"]`` (``futility_from`` only where set);
+        ``SeedPlan(**saved)`` reads it back."""
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None} | {"looks": list(self.looks)}
 
 

@@ -47,7 +47,8 @@ def stats_error(model: nn.Module, reference: nn.Module) -> float:
 
 
 def _sample_curve(model: nn.Module, data: Dataset, s: Settings, gen: torch.Generator) -> dict[str, Any]:
-    """Test accuracy with precise statistics from N random training samples (``sample_draws`` draws per N) and from all."""
+    """Test accuracy with precise statistics from N random training samples (``sample_draws``
+    draws per N) and from all."""
     n = data.train_x.shape[0]
     sizes = [k for k in s.sample_sizes if k < n]
 
