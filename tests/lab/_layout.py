@@ -1,4 +1,4 @@
-"""The layout check of the lab's figures (STYLE 12: figures are tested for overlapping text):
+"""The layout check of the lab's figures (no two texts overlap, none leaves the canvas):
 ``layout_problems`` lists what makes one figure hard to read; inside ``checking_layout()`` every
 figure ``batchnorm.lab.figures.save`` writes is checked (through ``figures.SAVE_CHECKS``)."""
 
