@@ -59,10 +59,21 @@ inline int64_t code(uint64_t not_finite, uint64_t refused, uint64_t ill) {
   return (ill >> 63) ? kIllConditioned : kOk;
 }
 
+// The loops over the channels are compiled for AVX-512, AVX2 and the baseline, and the loader
+// picks the widest the CPU has (function multiversioning, where the compiler and the platform
+// offer it): on the channels this halves the time of the baseline's two doubles per instruction.
+#if defined(__x86_64__) && defined(__linux__) && (!defined(__clang__) || __clang_major__ >= 14)
+#define WIDEST_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
+#define INLINED __attribute__((always_inline)) inline
+#else
+#define WIDEST_SIMD
+#define INLINED inline
+#endif
+
 // NOT_FINITE when a statistic is not finite, else ILL_CONDITIONED when some
 // |mean| * invstd > kappa_max, else OK.
 template <typename T>
-int64_t check(const T* mean, const T* invstd, int64_t c, double kappa_max) {
+INLINED int64_t check(const T* mean, const T* invstd, int64_t c, double kappa_max) {
   uint64_t not_finite = 0, ill = 0;
   for (int64_t k = 0; k < c; ++k) {
     const double m = mean[k], inv = invstd[k];
@@ -75,7 +86,7 @@ int64_t check(const T* mean, const T* invstd, int64_t c, double kappa_max) {
 // as `check`, for given statistics: invstd = 1 / sqrt(var + eps); var + eps <= 0 is not finite;
 // |m| > kappa_max * sqrt(v) is tested as m^2 > kappa_max^2 * v (no root)
 template <typename T>
-int64_t check_fixed(const T* mean, const T* var, int64_t c, double eps, double kappa_max) {
+INLINED int64_t check_fixed(const T* mean, const T* var, int64_t c, double eps, double kappa_max) {
   uint64_t not_finite = 0, refused = 0, ill = 0;
   const double k2 = kappa_max * kappa_max;
   for (int64_t k = 0; k < c; ++k) {
@@ -87,15 +98,27 @@ int64_t check_fixed(const T* mean, const T* var, int64_t c, double eps, double k
   return code(not_finite, refused, ill);
 }
 
+template <typename T>
+INLINED int64_t check_either(const T* mean, const T* second, int64_t c, bool fixed, double eps, double kappa_max) {
+  return fixed ? check_fixed(mean, second, c, eps, kappa_max) : check(mean, second, c, kappa_max);
+}
+
+WIDEST_SIMD int64_t check_double(const double* mean, const double* second, int64_t c, bool fixed, double eps,
+                                 double kappa_max) {
+  return check_either(mean, second, c, fixed, eps, kappa_max);
+}
+
+WIDEST_SIMD int64_t check_float(const float* mean, const float* second, int64_t c, bool fixed, double eps,
+                                double kappa_max) {
+  return check_either(mean, second, c, fixed, eps, kappa_max);
+}
+
 int64_t check_tensors(const at::Tensor& mean, const at::Tensor& second, bool fixed, double eps, double kappa_max) {
   const at::Tensor m = mean.contiguous(), s = second.contiguous();
-  const int64_t c = m.numel();
   if (m.scalar_type() == at::kDouble) {
-    return fixed ? check_fixed(m.data_ptr<double>(), s.data_ptr<double>(), c, eps, kappa_max)
-                 : check(m.data_ptr<double>(), s.data_ptr<double>(), c, kappa_max);
+    return check_double(m.data_ptr<double>(), s.data_ptr<double>(), m.numel(), fixed, eps, kappa_max);
   }
-  return fixed ? check_fixed(m.data_ptr<float>(), s.data_ptr<float>(), c, eps, kappa_max)
-               : check(m.data_ptr<float>(), s.data_ptr<float>(), c, kappa_max);
+  return check_float(m.data_ptr<float>(), s.data_ptr<float>(), m.numel(), fixed, eps, kappa_max);
 }
 
 // the inputs aten's step takes here (as batchnorm._kernels.native.supports, for float32/float64
