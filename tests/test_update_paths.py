@@ -5,8 +5,9 @@ average, a batch with non-finite statistics written nowhere but counted in
 ``num_batches_skipped``), several implementations: the compiled host update behind the eager
 path (after aten's kernel under the default back-end, after ours under ``numba``), its NumPy
 form without numba, torch ops on the device (16-bit running buffers take it on CPU), the
-operator under ``vmap`` with stacked buffers, and the ``native`` back-end. Each is checked
-against a float64 NumPy model of the rule, batch by batch.
+operator under ``vmap`` with stacked buffers, the ``native`` back-end, and the code Inductor
+makes under ``torch.compile``. Each is checked against a float64 NumPy model of the rule, batch
+by batch.
 
 Run: PYTHONPATH=src python -m pytest -q tests/test_update_paths.py
 """
@@ -57,12 +58,15 @@ def _check(got: dict[str, torch.Tensor], want: dict[str, np.ndarray | int], rtol
     assert int(got["skipped"]) == want["skipped"]
 
 
-def _run_layer(layer: torch.nn.Module, batches: list[torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _run_layer(
+    layer: torch.nn.Module, batches: list[torch.Tensor], dtype: torch.dtype, call: Callable | None = None
+) -> dict[str, torch.Tensor]:
+    """``batches`` through ``layer`` in training (forward and backward); ``call``: how to call it."""
     layer.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the skipped batch warns once (on CPU)
         for x in batches:
-            layer(x.to(dtype).requires_grad_()).sum().backward()
+            (layer if call is None else call)(x.to(dtype).requires_grad_()).sum().backward()
     return {
         "running_mean": layer.running_mean,
         "running_var": layer.running_var,
@@ -87,6 +91,13 @@ def _without_numba(momentum: float | None) -> dict[str, torch.Tensor]:
     finally:
         bn_ops._HOST.clear()
         bn_ops._HOST.update(saved)
+
+
+def _compiled(momentum: float | None) -> dict[str, torch.Tensor]:
+    """The layer under ``torch.compile`` (fullgraph): Inductor compiles the update with the step."""
+    layer = batchnorm.BatchNorm1d(C, momentum=momentum)
+    torch._dynamo.reset()
+    return _run_layer(layer, _batches(), torch.float32, torch.compile(layer, fullgraph=True))
 
 
 def _half_buffers(momentum: float | None) -> dict[str, torch.Tensor]:
@@ -127,6 +138,7 @@ PATHS = {
     "host-numpy": (_without_numba, 1e-6),
     "device-16-bit-buffers": (_half_buffers, 1e-2),
     "dispatcher-vmap": (_vmap_stacked, 1e-6),
+    "torch-compile": (_compiled, 1e-6),
 }
 
 

@@ -143,10 +143,9 @@ def _check_arrays(check: tuple[float, Tensor, Tensor]) -> tuple[float, np.ndarra
 
 
 def _all_finite(mean: Tensor, var: Tensor) -> Tensor:
-    """Per leading index (...): every statistic over the last dim (C) finite. x * 0 is 0 for a
-    finite x and NaN for inf/NaN, so the float64 sum is finite exactly then (it cannot overflow):
-    one reduction, where two ``all()`` cost a compiled graph another kernel."""
-    return torch.isfinite((mean.to(torch.float64) * 0).sum(-1) + (var.to(torch.float64) * 0).sum(-1))
+    """Per leading index (...): every statistic over the last dim (C) finite. Written with
+    ``isfinite``, never as ``x * 0``: Inductor folds ``x * 0`` to 0, NaN or not."""
+    return torch.isfinite(mean).all(-1) & torch.isfinite(var).all(-1)
 
 
 def _warn_skipped(mean: Tensor, var: Tensor, skipped: Tensor, where: str) -> None:
