@@ -41,7 +41,7 @@ class Verdict:
     zero_spread: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        """The fields results.json stores beside a claim (``holds`` only for ``holds``: ``inconclusive`` is not a pass)."""
+        """The fields results.json stores beside a claim (``holds``: ``inconclusive`` is not a pass)."""
         return {
             "holds": self.verdict == "holds",
             **dataclasses.asdict(self),
