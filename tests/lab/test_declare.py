@@ -66,13 +66,13 @@ def test_file_settings_read_every_setting_of_the_file_by_attribute() -> None:
 def test_a_setting_read_by_attribute_cannot_change_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
     from batchnorm.lab import claims_spec
 
-    file = {"steps": 3, "grid": [1, 2], "table": {"a": [1]}}
-    monkeypatch.setattr(claims_spec, "_settings_file", lambda module: file)
+    file = claims_spec._parse_settings("steps = 3\ngrid = [1, 2]\nnested = [[1], [2]]\n[quick]\nsteps = 4", "x.toml")
+    monkeypatch.setattr(claims_spec, "_settings", lambda module: file)
 
     class Settings(claims_spec.Declared):
         steps: int
 
     s = Settings.of()
-    assert (s.steps, s.grid, s.table) == (3, (1, 2), {"a": [1]})  # arrays as tuples
-    s.table["a"].append(2)  # a copy: the file's value, and the next read, stay as read
-    assert file["table"] == {"a": [1]} and s.table == {"a": [1]}
+    assert (s.steps, s.grid, s.nested, Settings.of("quick").steps) == (3, (1, 2), ([1], [2]), 4)  # arrays as tuples
+    s.nested[0].append(2)  # a copy: the file's value, and the next read, stay as read
+    assert file[0]["nested"] == ([1], [2]) and s.nested == ([1], [2])

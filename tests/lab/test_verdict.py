@@ -31,7 +31,7 @@ def test_paired_interval_is_the_t_interval_of_the_differences() -> None:
     assert v.estimate == pytest.approx(d.mean(), abs=1e-15)
     assert v.interval == pytest.approx((d.mean() - half, d.mean() + half), abs=1e-9)
     assert v.seeds == (3, 4, 5, 6)
-    assert v.verdict == "holds" and v.holds
+    assert v.verdict == "holds" and v.to_json()["holds"]
 
 
 def test_clear_effect_holds_clear_opposite_does_not_and_straddle_is_inconclusive() -> None:
@@ -42,7 +42,7 @@ def test_clear_effect_holds_clear_opposite_does_not_and_straddle_is_inconclusive
     assert judge(base - 5.0 + [0.1, -0.2, 0.3, 0.0, -0.1], base, seeds=SEEDS5, above=0.0).verdict == "does not hold"
     # differences +3, -3, ...: mean near 0, interval straddles 0
     v = judge(base + [3.0, -3.0, 2.0, -2.5, 0.5], base, seeds=SEEDS5, above=0.0)
-    assert v.verdict == "inconclusive" and not v.holds
+    assert v.verdict == "inconclusive" and not v.to_json()["holds"]
     assert v.interval[0] < 0.0 < v.interval[1]
 
 

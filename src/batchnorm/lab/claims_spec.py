@@ -83,33 +83,34 @@ def load(module: str) -> dict[str, dict[str, Any]]:
 _TABLES = ("text", "tiny", "quick", "full")  # a settings file's tables: fixed text, each mode's values
 
 
-@functools.cache
-def _settings_file(module: str) -> dict[str, Any]:
-    """The settings file beside experiment module ``module``, read once and checked."""
-    resource = beside(module, ".settings.toml")
-    data, where = tomllib.loads(resource.read_text(encoding="utf-8")), resource.name
-    if tables := [name for name, value in data.items() if isinstance(value, dict) and value and name not in _TABLES]:
-        raise ValueError(f"{where}: expected settings as key = value lines and tables {_TABLES}, got table(s) {tables}")
-    if not all(isinstance(v, str) for v in data.get("text", {}).values()):
+def _parse_settings(text: str, where: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """A settings file's values by name and its tables (``_TABLES``) by name, each in file order with
+    arrays as tuples; ``ValueError`` naming ``where`` for another table or a ``[text]`` entry not a string."""
+    data = tomllib.loads(text)
+    tables = {name: value for name, value in data.items() if isinstance(value, dict) and (value or name in _TABLES)}
+    if unknown := [name for name in tables if name not in _TABLES]:
+        raise ValueError(
+            f"{where}: expected settings as key = value lines and tables {_TABLES}, got table(s) {unknown}"
+        )
+    if not all(isinstance(v, str) for v in tables.get("text", {}).values()):
         raise ValueError(f"{where}: expected every entry of [text] a string")
-    return data
 
+    def values(table: dict[str, Any]) -> dict[str, Any]:
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in table.items() if k not in tables}
 
-def _values(table: dict[str, Any]) -> dict[str, Any]:
-    """A table's settings in file order, arrays as tuples (nested tables of ``_TABLES`` left out)."""
-    nested = {k for k, v in table.items() if k in _TABLES and isinstance(v, dict)}
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in table.items() if k not in nested}
+    return values(data), {name: values(table) for name, table in tables.items()}
 
 
 @functools.cache
-def _settings(module: str) -> dict[str, Any]:
-    """``load_settings``'s table, made once per module (never handed out: callers get copies)."""
-    return _values(_settings_file(module))
+def _settings(module: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The settings file beside experiment module ``module``, parsed once (never handed out: callers get copies)."""
+    resource = beside(module, ".settings.toml")
+    return _parse_settings(resource.read_text(encoding="utf-8"), resource.name)
 
 
 def load_settings(module: str) -> dict[str, Any]:
     """The settings file's values by name, in file order (arrays as tuples)."""
-    return copy.deepcopy(_settings(module))
+    return copy.deepcopy(_settings(module)[0])
 
 
 _D = TypeVar("_D", bound="Declared")
@@ -128,7 +129,7 @@ class Declared:
     def __getattr__(self, name: str) -> Any:
         """A setting of the file that is not a field, as ``load_settings`` gives it (arrays as
         tuples), a copy: the file's values stay as read."""
-        settings = _settings(type(self).__module__)  # read in place: no table rebuilt per attribute
+        settings = _settings(type(self).__module__)[0]  # read in place: no table rebuilt per attribute
         if name not in settings:
             raise AttributeError(f"{type(self).__module__}.Settings has no setting {name!r}")
         return copy.deepcopy(settings[name])
@@ -137,11 +138,11 @@ class Declared:
     def of(cls: type[_D], mode: str | None = None, /, **computed: Any) -> _D:
         """The settings from ``computed`` (and settings this run overrides), else the file's
         ``[mode]`` table, else its values."""
-        by_mode = _values(_settings_file(cls.__module__).get(mode, {})) if mode else {}
+        by_mode = _settings(cls.__module__)[1].get(mode, {}) if mode else {}
         fields = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
         if unknown := sorted((by_mode.keys() | computed.keys()) - set(fields)):
             raise ValueError(f"{cls.__module__}.Settings: no field(s) {unknown}")
-        given = {**load_settings(cls.__module__), **by_mode, **computed}
+        given = {**_settings(cls.__module__)[0], **by_mode, **computed}
         if missing := [name for name in fields if name not in given]:
             raise ValueError(f"{cls.__module__}.Settings: no value for {missing} (mode {mode!r})")
         return cls(**{name: copy.deepcopy(given[name]) for name in fields})
@@ -149,12 +150,12 @@ class Declared:
     @classmethod
     def text(cls, name: str, **values: Any) -> str:
         """The settings file's ``[text]`` entry ``name`` formatted with ``values``."""
-        return str(_settings_file(cls.__module__)["text"][name]).format(**values)
+        return str(_settings(cls.__module__)[1]["text"][name]).format(**values)
 
     def record(self) -> dict[str, Any]:
         """Results' ``config``: the fields the file lacks, then the file's settings in its order (a
         field's value replacing the file's)."""
-        declared = load_settings(type(self).__module__)
+        declared = _settings(type(self).__module__)[0]
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
         first = {name: value for name, value in values.items() if name not in declared}
         return copy.deepcopy({**first, **{name: values.get(name, value) for name, value in declared.items()}})

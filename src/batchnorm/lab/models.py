@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 __all__ = [
     "Block",
     "ConvNet",
     "MLP",
     "NormSpec",
+    "Options",
     "activation",
     "blocks",
     "count_parameters",
@@ -116,27 +118,35 @@ def norm_act(h: torch.Tensor, norm: Callable[..., torch.Tensor], act: nn.Module,
     return act(norm(h)) if placement == "before" else norm(act(h))
 
 
+class Options(TypedDict, total=False):
+    """The keyword options of ``MLP`` and ``ConvNet``."""
+
+    act: str
+    """Activation name (sigmoid, relu, tanh, identity); default relu."""
+    norm: NormSpec
+    """Norm spec (module docstring), applied on every hidden layer; default none."""
+    placement: Placement
+    """"before" (the default: BN feeds the activation, as Ioffe & Szegedy) or "after"."""
+    bias: BiasSpec
+    """"auto" (the default) drops a hidden layer's bias exactly when a norm directly follows it."""
+    init_std: InitSpec
+    """All weights ~ N(0, init_std^2) and biases 0 (Ioffe's "small random Gaussian"), or "he" for std
+    sqrt(2 / fan_in), drawn from ``generator``; None (the default) keeps PyTorch's default init."""
+    generator: torch.Generator | None
+
+
 class _Net(nn.Module):
     """Hidden ``Block``s then a Linear classifier: the build, init and forward ``MLP`` and ``ConvNet``
-    share. ``layer(i, in, out, bias)`` builds hidden layer i; ``bias="auto"`` drops its bias exactly
-    when a norm directly follows it. Input (N, D) is reshaped to ``input_shape``; conv feature maps
-    are averaged over their positions before the classifier."""
+    share; ``_layer(i, in, out, bias)`` builds hidden layer i. Input (N, D) is reshaped to
+    ``input_shape``; conv feature maps are averaged over their positions before the classifier."""
 
-    def __init__(
-        self,
-        input_shape: tuple[int, ...],
-        layer: Callable[[int, int, int, bool], nn.Module],
-        hidden: Sequence[int],
-        classes: int,
-        act: str,
-        factory: NormFactory | None,
-        placement: Placement,
-        bias: BiasSpec,
-        init_std: InitSpec,
-        generator: torch.Generator | None,
-    ) -> None:
+    def __init__(self, input_shape: tuple[int, ...], hidden: Sequence[int], classes: int, **options: Unpack[Options]):
+        if unknown := sorted(options.keys() - Options.__annotations__.keys()):
+            raise TypeError(f"{type(self).__name__}: unexpected option(s) {unknown}; expected those of Options")
+        factory = resolve_norm(options.get("norm"), dims=max(1, len(input_shape) - 1))
         super().__init__()
         self.input_shape = input_shape
+        placement, bias = options.get("placement", "before"), options.get("bias", "auto")
         if bias == "auto":
             bias = not (factory is not None and placement == "before")
         if not isinstance(bias, bool):
@@ -144,13 +154,17 @@ class _Net(nn.Module):
         blocks = []
         width = input_shape[0]
         for i, h in enumerate(hidden):
-            made = layer(i, width, h, bias)  # before the norm: PyTorch's default init draws from the global RNG
-            blocks.append(Block(made, factory(h) if factory is not None else None, activation(act), placement))
+            made = self._layer(i, width, h, bias)  # before the norm: PyTorch's default init draws from the global RNG
+            norm = factory(h) if factory is not None else None
+            blocks.append(Block(made, norm, activation(options.get("act", "relu")), placement))
             width = h
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(width, classes)
-        if init_std is not None:
-            init_gaussian_(self, init_std, generator)
+        if (init_std := options.get("init_std")) is not None:
+            init_gaussian_(self, init_std, options.get("generator"))
+
+    def _layer(self, i: int, n_in: int, n_out: int, bias: bool) -> nn.Module:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.reshape(x.shape[0], *self.input_shape)  # (N, D), (N, C, L) or (N, C, H, W)
@@ -160,79 +174,39 @@ class _Net(nn.Module):
 
 
 class MLP(_Net):
-    """Fully connected net: ``len(hidden)`` Blocks then a Linear classifier.
-
-    Args:
-        in_features, hidden, classes: D, the hidden widths (e.g. (100, 100, 100)), the output size.
-        act: activation name (sigmoid, relu, tanh, identity).
-        norm: norm spec (see module docstring), applied on every hidden layer.
-        placement: "before" (BN feeds the activation, as Ioffe & Szegedy) or "after".
-        bias: "auto" drops the hidden Linear bias exactly when a norm directly follows it.
-        init_std: if given, all weights ~ N(0, init_std^2) and biases 0 (Ioffe's "small random
-            Gaussian"), or "he" for std sqrt(2 / fan_in), drawn from ``generator``; None keeps
-            PyTorch's default init.
+    """Fully connected net: ``len(hidden)`` Blocks (widths, e.g. (100, 100, 100)) then a Linear
+    classifier; ``options``: ``Options``.
 
     Shape: (N, in_features) -> (N, classes).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        hidden: Sequence[int],
-        classes: int,
-        *,
-        act: str = "relu",
-        norm: NormSpec = None,
-        placement: Placement = "before",
-        bias: BiasSpec = "auto",
-        init_std: InitSpec = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        def linear(i: int, n_in: int, n_out: int, b: bool) -> nn.Module:
-            return nn.Linear(n_in, n_out, bias=b)
+    def __init__(self, in_features: int, hidden: Sequence[int], classes: int, **options: Unpack[Options]) -> None:
+        super().__init__((in_features,), hidden, classes, **options)
 
-        factory = resolve_norm(norm, dims=1)
-        super().__init__((in_features,), linear, hidden, classes, act, factory, placement, bias, init_std, generator)
+    def _layer(self, i: int, n_in: int, n_out: int, bias: bool) -> nn.Module:
+        return nn.Linear(n_in, n_out, bias=bias)
 
 
 class ConvNet(_Net):
-    """Small conv net for 8x8 digits (or 28x28 MNIST, or 1-D MNIST-1D signals).
-
-    Blocks of 3x3 (or length-3) convolutions with padding 1; the first keeps the resolution,
-    later ones have stride 2; then global average pooling and a Linear classifier.
-
-    Args:
-        input_shape: (C, H, W) for images, (C, L) for 1-D signals; the flat input is reshaped.
-        channels: output channels of each conv block, e.g. (16, 32, 64).
-        classes, act, norm, placement, bias, init_std, generator: as in ``MLP`` (the norm
-            shortcuts give BatchNorm2d for images and BatchNorm1d for signals).
+    """Small conv net for 8x8 digits (or 28x28 MNIST, or 1-D MNIST-1D signals): blocks of 3x3 (or
+    length-3) convolutions with padding 1 and ``channels`` outputs each (e.g. (16, 32, 64)), the first
+    keeping the resolution, later ones with stride 2; then global average pooling and a Linear
+    classifier. ``input_shape``: (C, H, W) for images, (C, L) for 1-D signals (the flat input is
+    reshaped); ``options``: ``Options`` (the norm shortcuts give BatchNorm2d for images and
+    BatchNorm1d for signals).
 
     Shape: (N, prod(input_shape)) -> (N, classes).
     """
 
-    def __init__(
-        self,
-        input_shape: Sequence[int],
-        channels: Sequence[int],
-        classes: int,
-        *,
-        act: str = "relu",
-        norm: NormSpec = None,
-        placement: Placement = "before",
-        bias: BiasSpec = "auto",
-        init_std: InitSpec = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
+    def __init__(self, input_shape: Sequence[int], channels: Sequence[int], classes: int, **options: Unpack[Options]):
         shape = tuple(int(s) for s in input_shape)
         if len(shape) not in (2, 3):
             raise ValueError(f"ConvNet: expected input_shape (C, L) or (C, H, W), got {input_shape!r}")
-        conv = nn.Conv1d if len(shape) == 2 else nn.Conv2d
+        super().__init__(shape, channels, classes, **options)
 
-        def layer(i: int, n_in: int, n_out: int, b: bool) -> nn.Module:
-            return conv(n_in, n_out, kernel_size=3, stride=1 if i == 0 else 2, padding=1, bias=b)
-
-        factory = resolve_norm(norm, dims=len(shape) - 1)
-        super().__init__(shape, layer, channels, classes, act, factory, placement, bias, init_std, generator)
+    def _layer(self, i: int, n_in: int, n_out: int, bias: bool) -> nn.Module:
+        conv = nn.Conv1d if len(self.input_shape) == 2 else nn.Conv2d
+        return conv(n_in, n_out, kernel_size=3, stride=1 if i == 0 else 2, padding=1, bias=bias)
 
 
 def blocks(model: nn.Module) -> Iterator[Block]:

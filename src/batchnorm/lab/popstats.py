@@ -13,38 +13,20 @@ import copy
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim.swa_utils import update_bn
 
 from .training import minibatches
 
 __all__ = ["population_statistics"]
 
 
-@torch.no_grad()
 def population_statistics(model: nn.Module, x: Tensor, *, batch_size: int, generator: torch.Generator) -> nn.Module:
-    """A copy of ``model`` (which is left as it is) whose BatchNorm running statistics are Alg. 2's
-    population estimates, in eval mode, each layer's ``momentum`` as it was.
-
-    With the weights frozen, the whole copy runs in training mode over one pass of ceil(N / m)
-    training batches of m = ``batch_size`` rows of ``x`` (N, ...) in an order ``generator`` seeds,
-    as Alg. 2 prescribes (dropout, if any, stays active); with ``momentum=None`` each BatchNorm
-    keeps the *cumulative* average of the batch means and of the *unbiased* batch variances
-    m/(m-1)·sigma_B^2, exactly Alg. 2 when every batch has the same m (as ``minibatches`` gives).
-    """
+    """A copy of ``model`` (left as it is), in eval mode, whose BatchNorm running statistics are Alg. 2's
+    estimates: torch's ``update_bn`` (cumulative averages, ``momentum=None``; each layer's momentum
+    restored) runs it in training mode, weights frozen, over one pass of ceil(N / m) batches of
+    m = ``batch_size`` rows of ``x`` (N, ...) in an order ``generator`` seeds (dropout, if any,
+    stays active); every batch has the same m (``minibatches``), as Alg. 2's m/(m-1) assumes."""
     new = copy.deepcopy(model)
-    layers = [m for m in new.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    saved = [m.momentum for m in layers]
-    count = -(-x.shape[0] // batch_size)
-    try:
-        for m in layers:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches below
-        new.train()
-        stream = minibatches(x.shape[0], batch_size, generator)
-        for _ in range(count):
-            new(x[next(stream)])
-    finally:
-        for m, momentum in zip(layers, saved):
-            m.momentum = momentum
-    new.eval()
-    return new
+    stream = minibatches(x.shape[0], batch_size, generator)
+    update_bn((x[next(stream)] for _ in range(-(-x.shape[0] // batch_size))), new)
+    return new.eval()

@@ -30,11 +30,8 @@ class ExperimentFailed(RuntimeError):
 
 
 def run_one(experiment_id: str, cfg: RunConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """Run one experiment and write ``cfg.out/<id>/`` (results.json, figures, report.html).
-
-    results.json is written only once the run has finished (atomically), so an interrupted
-    run leaves the previous results, or none — never half a file.
-    """
+    """Run one experiment and write ``cfg.out/<id>/``: figures, report.html and results.json, written
+    atomically once the run has finished (an interrupted run leaves the previous results, or none)."""
     experiment = registry.get(experiment_id)
     start, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(1)

@@ -115,25 +115,17 @@ class StackedNet(nn.Module):
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         self.norms = nn.ModuleList()
-        self.acts = nn.ModuleList()
-        self.placements: list[str] = []
-        self.conv_args: list[tuple[int, int]] = []
-        self.widths: list[int] = []
-        for i, block in enumerate(first.blocks):
+        self.template = list(first.blocks)  # activation, placement, conv geometry (not registered: no weights)
+        for i in range(len(first.blocks)):
             layers = [m.blocks[i].layer for m in members]
             self.weights.append(nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]).clone()))
             bias = [layer.bias.detach() for layer in layers if layer.bias is not None]
             self.biases.append(nn.Parameter(torch.stack(bias).clone() if bias else torch.empty(0)))  # (M, out) or empty
-            if self.conv:
-                self.conv_args.append((int(block.layer.stride[0]), int(block.layer.padding[0])))
             self.norms.append(
                 nn.ModuleList(
                     _merge_norm([m.blocks[i].norm for m in members[s : s + n]]) for s, n in zip(self.starts, self.sizes)
                 )
             )
-            self.acts.append(block.act)
-            self.placements.append(block.placement)
-            self.widths.append(int(block.layer.weight.shape[0]))
         self.head_w = nn.Parameter(torch.stack([m.head.weight.detach() for m in members]).clone())  # (M, out, width)
         self.head_b = nn.Parameter(torch.stack([m.head.bias.detach() for m in members]).clone())  # (M, out)
 
@@ -143,7 +135,7 @@ class StackedNet(nn.Module):
         norms = list(cast(nn.ModuleList, self.norms[i]))
         if all(isinstance(norm, nn.Identity) for norm in norms):
             return h
-        c = self.widths[i]
+        c = self.weights[i].shape[1]
         flat = h if self.conv else h.transpose(0, 1).reshape(h.shape[1], -1)  # (B, M*C[, L])
         parts = [norm(flat[:, s * c : (s + n) * c]) for s, n, norm in zip(self.starts, self.sizes, norms)]
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
@@ -160,14 +152,14 @@ class StackedNet(nn.Module):
         h = x  # MLP: (M, B, D); activations (M, B, C)
         if self.conv:  # (M, B, C*L) -> (B, M*C, L): member k's channels side by side
             h = x.reshape(m, b, *self.input_shape).transpose(0, 1).reshape(b, m * self.input_shape[0], -1)
-        for i, (w, act) in enumerate(zip(self.weights, self.acts)):
+        for i, (w, block) in enumerate(zip(self.weights, self.template)):
             if self.conv:
-                stride, padding = self.conv_args[i]
                 bias = self.biases[i].reshape(-1) if self.biases[i].numel() else None
-                h = F.conv1d(h, w.flatten(0, 1), bias, stride=stride, padding=padding, groups=m)  # (B, M*out, L')
+                # (B, M*in, L) -> (B, M*out, L'): member k's kernels on its own channels
+                h = F.conv1d(h, w.flatten(0, 1), bias, block.layer.stride, block.layer.padding, groups=m)
             else:
                 h = _linear(h, w, self.biases[i])  # (M, B, out)
-            h = self._drop(norm_act(h, functools.partial(self._normalize, i), act, self.placements[i]))
+            h = self._drop(norm_act(h, functools.partial(self._normalize, i), block.act, block.placement))
         if self.conv:
             h = h.mean(dim=2).reshape(b, m, -1).transpose(0, 1)  # (M, B, C_last)
         return _linear(h, self.head_w, self.head_b)
@@ -180,7 +172,7 @@ class StackedNet(nn.Module):
             yield "weight", self.weights[i][k], block.layer.weight
             if block.layer.bias is not None:
                 yield "bias", self.biases[i][k], block.layer.bias
-            merged, c = cast(nn.ModuleList, self.norms[i])[arm], self.widths[i]
+            merged, c = cast(nn.ModuleList, self.norms[i])[arm], self.weights[i].shape[1]
             for name, t in [*block.norm.named_parameters(recurse=False), *block.norm.named_buffers(recurse=False)]:
                 full = getattr(merged, name)
                 yield name, full[j * c : (j + 1) * c] if t.dim() >= 1 else full, t  # a 0-dim buffer is shared

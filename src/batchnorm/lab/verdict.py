@@ -40,15 +40,10 @@ class Verdict:
     confidence: float = 0.95
     zero_spread: bool = False
 
-    @property
-    def holds(self) -> bool:
-        """True only for ``holds`` (``inconclusive`` is not a pass)."""
-        return self.verdict == "holds"
-
     def to_json(self) -> dict[str, Any]:
-        """The fields results.json stores beside a claim."""
+        """The fields results.json stores beside a claim (``holds``: ``inconclusive`` is not a pass)."""
         return {
-            "holds": self.holds,
+            "holds": self.verdict == "holds",
             **dataclasses.asdict(self),
             "interval": list(self.interval),
             "seeds": list(self.seeds),
