@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
@@ -59,12 +58,6 @@ def _drift(means: Any, stds: Any, ok: bool = True) -> dict[str, float]:
     return {key: float(np.median(v)) for key, v in zip(_DRIFTS, steps + totals)}
 
 
-def _act_input(block: nn.Module) -> nn.Module:
-    """The module whose input is the ReLU's input of a hidden block (after any noise)."""
-    act = block.get_submodule("act")
-    return act.relu if isinstance(act, NoisyReLU) else act
-
-
 def _train(
     s: Settings, data: Seq[Dataset], seeds: Seq[int], arm: str, lr: float, a: Seq[float], p: Progress
 ) -> PerSeed:
@@ -84,7 +77,13 @@ def _train(
                 continue
             probe = d.train_x[:256]
             with seed_slot(model, k):
-                z = activation_inputs(model, probe, batch=probe.shape[0], layers=s.tracked_layers, at=_act_input)
+                z = activation_inputs(  # at the ReLU, after any noise (``NoisyReLU.relu``)
+                    model,
+                    probe,
+                    batch=probe.shape[0],
+                    layers=s.tracked_layers,
+                    at=lambda b: getattr(b.act, "relu", b.act),
+                )
             if not all(torch.isfinite(v).all() for v in z):
                 continue
             rec["step"].append(step)
