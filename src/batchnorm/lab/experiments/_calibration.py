@@ -6,6 +6,7 @@ set (``calibration_split``: train (N', D), validation (N - N', D)); the test set
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +21,6 @@ __all__ = [
     "calibration_split",
     "epoch_rule",
     "epochs_to_steps",
-    "split_note",
 ]
 
 CALIBRATION_SEED = 1000
@@ -63,17 +63,13 @@ def epochs_to_steps(epochs: float, examples: int, batch_size: int) -> int:
     return max(1, int(round(epochs * examples / batch_size)))
 
 
-def calibration_data(cfg: RunConfig, seed: int) -> Dataset:
-    """``calibration_split`` of seed ``seed``'s split of the run's data set (``load_for``)."""
-    return calibration_split(load_for(cfg, seed), seed)
-
-
-def split_note(cal: Dataset, seed: int) -> str:
-    """How a calibration run's data were made, as its results record it."""
-    return (
-        f"80/20 stratified split of seed {seed}'s training set ({cal.train_x.shape[0]} / "
-        f"{cal.test_x.shape[0]} examples); test set unused"
-    )
+def calibration_data(cfg: RunConfig, seed: int) -> tuple[Dataset, dict[str, Any]]:
+    """``calibration_split`` of seed ``seed``'s split of the run's data set (``load_for``), and how
+    it was made, as the calibration's record in results.json begins: ``{"seed", "split"}``."""
+    cal = calibration_split(load_for(cfg, seed), seed)
+    sizes = f"{cal.train_x.shape[0]} / {cal.test_x.shape[0]} examples"
+    split = f"80/20 stratified split of seed {seed}'s training set ({sizes}); test set unused"
+    return cal, {"seed": seed, "split": split}
 
 
 def epoch_rule(cfg: RunConfig, epochs: float, batch_size: int) -> tuple[int, str]:

@@ -26,7 +26,7 @@ from ..figures import NamedFigures, dress, mean_band, pyplot
 from ..models import MLP, blocks
 from ..progress import Progress
 from ..training import TrainSpec, evaluate, minibatches
-from ._calibration import calibration_data, epoch_rule, split_note
+from ._calibration import calibration_data, epoch_rule
 from .santurkar2018_landscape import landscape
 
 _EPOCHS = {"quick": 15.0, "full": 120.0}
@@ -138,11 +138,10 @@ class LrSweep(Experiment):
 
     def prepare(self, cfg: RunConfig, s: Settings, progress: Progress) -> Settings:
         """Calibrate the plain network's best rate on the calibration seed's own split."""
-        cal = calibration_data(cfg, seed := s.calibration_seed)
+        cal, calibration = calibration_data(cfg, seed := s.calibration_seed)
         run = _sweep(s, [cal], [seed], None, progress)[0]
         best = _best_lr(s.lrs, run["test_acc"], s.best_tolerance)
         high = min(s.lrs, key=lambda lr: abs(math.log(lr / (10 * best))))
-        calibration = {"seed": seed, "split": split_note(cal, seed)}
         calibration["validation_acc"] = {f"{lr:g}": a for lr, a in zip(s.lrs, run["test_acc"])}
         calibration["diverged"] = {f"{lr:g}": d is not None for lr, d in zip(s.lrs, run["diverged_at"])}
         return dataclasses.replace(s, plain_best_lr=best, high_lr=float(high), calibration=calibration)

@@ -22,7 +22,7 @@ from ..figures import NamedFigures, categories, dress, mean_band, pyplot
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import Part
-from ._calibration import calibration_data, split_note
+from ._calibration import calibration_data
 from ._santurkar import COLORS, LABELS, NoisyReLU, build, epoch_steps, noisy, seed_slot, window_means
 
 _ARMS = ("none", "bn", "noisy")
@@ -126,13 +126,13 @@ class Noisy(Experiment):
     def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
         """Fix the noise magnitude by the ``noise_rule`` setting on the calibration seed's own split."""
         s, seed, lr, grid = settings, settings.calibration_seed, settings.lrs[0], list(settings.noise_grid)
-        cal = calibration_data(cfg, seed)
+        cal, record = calibration_data(cfg, seed)
         none = _train(s, [cal], [seed], "none", lr, [0.0], progress)[0]
         runs = _train(s, [cal] * len(grid), [seed] * len(grid), "noisy", lr, grid, progress)
         keys, names = [(str(i), kind) for i in s.tracked_layers for kind in _COMPARED], [f"{a:g}" for a in grid]
         drifts = [{f"{i}/{kind}": r["drift"][i][kind] for i, kind in keys} for r in [none, *runs]]
         exceeds = [all(d[key] > drifts[0][key] for key in d) for d in drifts[1:]]
-        record = {"seed": seed, "split": split_note(cal, seed), "lr": lr, "none_drift": drifts[0]}
+        record |= {"lr": lr, "none_drift": drifts[0]}
         record |= {"noisy_drift": dict(zip(names, drifts[1:])), "exceeds": dict(zip(names, exceeds))}
         record |= {"noisy_final_train_acc": dict(zip(names, (r["final_train_acc"] for r in runs)))}
         record |= {"none_final_train_acc": none["final_train_acc"], "any_exceeds": any(exceeds)}
