@@ -109,12 +109,9 @@ class NoisyReLU(nn.Module):
 def noisy(models: Sequence[MLP], acts: Sequence[NoisyReLU]) -> None:
     """In place: replace every hidden ReLU of each BN model by noise + ReLU. ``acts``: one
     ``NoisyReLU`` per hidden layer, shared by all models (the stacked forward uses the first
-    model's activations on the (S, B, C) slices)."""
+    model's activations on the (S, B, C) slices). Raises ValueError unless they match in number."""
     for m in models:
-        hidden = list(blocks(m))
-        if len(acts) != len(hidden):
-            raise ValueError(f"noisy: expected one NoisyReLU per hidden layer ({len(hidden)}), got {len(acts)}")
-        for block, a in zip(hidden, acts):
+        for block, a in zip(blocks(m), acts, strict=True):
             block.act = a
 
 
