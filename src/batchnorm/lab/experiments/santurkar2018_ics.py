@@ -108,7 +108,6 @@ class Ics(Experiment):
             init = {"init_std": (1.0 / s.dln_width) ** 0.5, "generator": seeded(seed + 1)}
             model = MLP(32, [s.dln_width] * s.dln_depth, 10, act="identity", norm=bn, **init)
             out["dln"][norm] = _measured(model, dln, seed, f"DLN {norm}", progress)
-        for norm, bn in (("none", None), ("bn", "bn")):
             model = build(data, s.mlp_depth, s.mlp_width, bn, seed)
             out["mlp"][norm] = _measured(model, mlp, seed, f"MLP {norm}", progress)
         return out

@@ -113,8 +113,7 @@ class Landscape(Experiment):
         return Settings.of(cfg.mode, **epoch_steps(cfg))
 
     def run_seeds(self, settings: Settings, data: Seq[Dataset], seeds: Seq[int], progress: Progress) -> PerSeed:
-        none = _train_arm(settings, data, seeds, None, progress)
-        bn = _train_arm(settings, data, seeds, "bn", progress)
+        none, bn = (_train_arm(settings, data, seeds, norm, progress) for norm in (None, "bn"))
         return [{"none": a, "bn": b} for a, b in zip(none, bn)]
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
