@@ -47,43 +47,31 @@ def probe_batch(x: Tensor, y: Tensor, k: int, size: int = 128) -> tuple[Tensor, 
 
 
 class NoisyReLU(nn.Module):
-    """``relu(y * s * (1 + p e) + mu + p e')``: Santurkar et al.'s noise on a BN output ``y``,
-    then the ReLU (tested equal to a reference noisy BN layer followed by a ReLU, drawing in the
-    same order from the same kind of generator).
+    """``relu(y * s * (1 + p e) + mu + p e')``: Santurkar et al.'s noise of magnitude ``a`` on a BN
+    output ``y``, then the ReLU (tested equal to a reference noisy BN layer followed by a ReLU,
+    drawing in the same order from the same kind of generator).
 
     At every training-mode forward, for each seed k (slice k of a stacked (S, B, C) input, or
-    the only one of a (B, C) input) and unit j: ``mu ~ U(-noise_mean[k], noise_mean[k])``,
-    ``s ~ U(1, noise_scale[k])`` from ``generators[k]``, then per sample ``e, e' ~ N(0, 1)``
-    with ``p = per_sample[k]`` (one generator and value per seed; noise_mean >= 0, noise_scale >= 1,
-    per_sample >= 0). In eval mode the noise is replaced by its expectation:
-    ``relu(y * (1 + noise_scale[k]) / 2)``. A (B, C) input is seed ``slot`` (default 0; set it
-    to evaluate or probe one seed's model alone). ``relu`` is a submodule, so a forward-pre-hook on
-    it sees the noisy input of the ReLU (the next layer's "input distribution").
+    the only one of a (B, C) input) and unit j, with ``a = magnitudes[k] >= 0``: ``mu ~ U(-a, a)``,
+    ``s ~ U(1, 1 + a)`` from ``generators[k]``, then per sample ``e, e' ~ N(0, 1)`` with ``p = a / 5``.
+    In eval mode the noise is replaced by its expectation: ``relu(y * (2 + a) / 2)``. A (B, C) input
+    is seed ``slot`` (default 0; set it to evaluate or probe one seed's model alone). ``relu`` is a
+    submodule, so a forward-pre-hook on it sees the noisy input of the ReLU (the next layer's
+    "input distribution").
 
     Shape: (B, C) -> (B, C) or (S, B, C) -> (S, B, C) with S = len(generators).
     """
 
-    def __init__(
-        self,
-        generators: Sequence[torch.Generator],
-        noise_mean: Sequence[float],
-        noise_scale: Sequence[float],
-        per_sample: Sequence[float],
-    ) -> None:
+    def __init__(self, generators: Sequence[torch.Generator], magnitudes: Sequence[float]) -> None:
         super().__init__()
-        sizes = [len(v) for v in (generators, noise_mean, noise_scale, per_sample)]
-        if sizes[0] == 0 or len(set(sizes)) > 1:
+        if not generators or len(generators) != len(magnitudes) or min(magnitudes) < 0:
             raise ValueError(
-                f"NoisyReLU: expected one generator and one noise_mean, noise_scale, per_sample per seed, got {sizes}"
-            )
-        if not all(m >= 0 and sc >= 1 and p >= 0 for m, sc, p in zip(noise_mean, noise_scale, per_sample)):
-            raise ValueError(
-                f"NoisyReLU: expected noise_mean >= 0, noise_scale >= 1, per_sample >= 0, got {noise_mean}, {noise_scale}, {per_sample}"
+                f"NoisyReLU: expected one generator and one magnitude >= 0 per seed, got {len(generators)} and {list(magnitudes)}"
             )
         self.generators = list(generators)
-        self.noise_mean = [float(v) for v in noise_mean]
-        self.noise_scale = [float(v) for v in noise_scale]
-        self.per_sample = [float(v) for v in per_sample]
+        self.noise_mean = [float(a) for a in magnitudes]  # mu's bound
+        self.noise_scale = [1.0 + a for a in self.noise_mean]  # s's upper bound
+        self.per_sample = [a / 5.0 for a in self.noise_mean]  # p
         self.slot = 0
         self.relu = nn.ReLU()
 

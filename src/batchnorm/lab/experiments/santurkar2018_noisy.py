@@ -61,13 +61,13 @@ def _drift(means: Any, stds: Any, ok: bool = True) -> dict[str, float]:
 def _train(
     s: Settings, data: Seq[Dataset], seeds: Seq[int], arm: str, lr: float, a: Seq[float], p: Progress
 ) -> PerSeed:
-    """Train one arm at one lr for every seed together (``a[k]``: seed k's noise magnitude, noisy arm: noise_mean
-    a, noise_scale 1 + a, per_sample a / 5); per seed: probed layer inputs, drift, final accuracies, losses."""
+    """Train one arm at one lr for every seed together (``a[k]``: seed k's noise magnitude in the noisy arm,
+    ``NoisyReLU``); per seed: probed layer inputs, drift, final accuracies, losses."""
     label = ("calibration: " if seeds[0] == s.calibration_seed else "") + f"{LABELS[arm]} lr {lr:g}"
     models = [build(d, s.depth, s.width, None if arm == "none" else "bn", seed) for d, seed in zip(data, seeds)]
     if arm == "noisy":
         gens = [seeded(seed + 7) for seed in seeds]
-        noisy(models, [NoisyReLU(gens, list(a), [1.0 + v for v in a], [v / 5.0 for v in a]) for _ in range(s.depth)])
+        noisy(models, [NoisyReLU(gens, a) for _ in range(s.depth)])
     checkpoints = list(range(0, s.steps + 1, s.checkpoint_every))
     recs: PerSeed = [{"step": [], **{q: {str(i): [] for i in s.tracked_layers} for q in _PROBED}} for _ in seeds]
 
