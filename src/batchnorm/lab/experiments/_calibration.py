@@ -28,25 +28,20 @@ CALIBRATION_SEED = 1000
 the lab's claims are judged at seeds 0-999."""
 
 
-def calibration_split(data: Dataset, seed: int, validation: float = 0.2) -> Dataset:
-    """A new ``Dataset`` whose train/test parts are a stratified ``1 - validation`` /
-    ``validation`` split of ``data``'s training set, drawn with ``seed``.
-
-    Raises ValueError if ``validation`` is not in (0, 1) or a part would be empty.
-    """
-    if not 0.0 < validation < 1.0:
-        raise ValueError(f"calibration_split: expected 0 < validation < 1, got {validation!r}")
+def calibration_split(data: Dataset, seed: int) -> Dataset:
+    """A new ``Dataset`` whose train/test parts are a stratified 80/20 split of ``data``'s training
+    set, drawn with ``seed``. Raises ValueError if a part would be empty."""
     y = data.train_y.numpy()
     rng = np.random.default_rng(seed)
     held: list[np.ndarray] = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         rng.shuffle(idx)
-        held.append(idx[: int(round(validation * idx.size))])
+        held.append(idx[: int(round(0.2 * idx.size))])
     val = np.sort(np.concatenate(held))
     keep = np.setdiff1d(np.arange(y.size), val)
     if val.size == 0 or keep.size == 0:
-        raise ValueError(f"calibration_split: a {validation:g} split of {y.size} examples leaves an empty part")
+        raise ValueError(f"calibration_split: an 80/20 split of {y.size} examples leaves an empty part")
     v, k = torch.from_numpy(val), torch.from_numpy(keep)
     return dataclasses.replace(
         data, train_x=data.train_x[k], train_y=data.train_y[k], test_x=data.train_x[v], test_y=data.train_y[v]
