@@ -67,11 +67,12 @@ def calibration_data(cfg: RunConfig, seed: int) -> tuple[Dataset, dict[str, Any]
     return cal, {"seed": seed, "split": split}
 
 
-def epoch_rule(cfg: RunConfig, epochs: float, batch_size: int) -> tuple[int, str]:
-    """``(steps, steps_rule)``: ``epochs`` passes over the run's training set (its size at
-    ``cfg.seed``) in batches of ``batch_size``, and the rule as text."""
-    n = load_for(cfg, cfg.seed).train_x.shape[0]
-    rule = (
-        f"{epochs:g} passes over the training set ({n} examples, batch {batch_size}), the same rule on every data set"
-    )
-    return epochs_to_steps(epochs, n, batch_size), rule
+def epoch_rule(cfg: RunConfig, epochs: dict[str, float], batch_size: int) -> dict[str, Any]:
+    """``{"steps", "steps_rule"}``: ``epochs[cfg.mode]`` passes over the run's training set (its
+    size at ``cfg.seed``) in batches of ``batch_size``, and the rule as text; ``{}`` in tiny mode
+    (its steps are in each settings file)."""
+    if cfg.mode == "tiny":
+        return {}
+    n, e = load_for(cfg, cfg.seed).train_x.shape[0], epochs[cfg.mode]
+    rule = f"{e:g} passes over the training set ({n} examples, batch {batch_size}), the same rule on every data set"
+    return {"steps": epochs_to_steps(e, n, batch_size), "steps_rule": rule}

@@ -14,28 +14,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import mlp_for, seeded
 from ..models import MLP, blocks
-from ._calibration import epoch_rule
 
-__all__ = ["COLORS", "LABELS", "NoisyReLU", "build", "epoch_steps", "noisy", "probe_batch", "seed_slot", "window_means"]
+__all__ = ["COLORS", "EPOCHS", "LABELS", "NoisyReLU", "build", "noisy", "probe_batch", "seed_slot", "window_means"]
 
 LABELS = {"none": "no BN", "bn": "BN", "noisy": "noisy BN"}
 COLORS = {"none": "tab:gray", "bn": "tab:blue", "noisy": "tab:orange"}
 EPOCHS = {"quick": 40.0, "full": 300.0}
-"""Passes over the training set in quick and full mode (the step rule; tiny mode's steps are in
-each settings file)."""
-
-
-def epoch_steps(cfg: RunConfig) -> dict[str, Any]:
-    """``{"steps", "steps_rule"}``: ``EPOCHS[cfg.mode]`` passes in batches of 128
-    (``_calibration.epoch_rule``); ``{}`` in tiny mode."""
-    if cfg.mode == "tiny":
-        return {}
-    steps, rule = epoch_rule(cfg, EPOCHS[cfg.mode], 128)
-    return {"steps": steps, "steps_rule": rule}
+"""Passes over the training set in quick and full mode, in batches of 128 (``_calibration.epoch_rule``)."""
 
 
 def probe_batch(x: Tensor, y: Tensor, k: int, size: int = 128) -> tuple[Tensor, Tensor]:

@@ -131,10 +131,8 @@ class LrSweep(Experiment):
     )
 
     def settings(self, cfg: RunConfig) -> Settings:
-        computed: dict[str, Any] = {"step_probe_alphas": tuple(np.logspace(-2, 1.5, _ALPHAS[cfg.mode]).tolist())}
-        if cfg.mode != "tiny":
-            computed["steps"], computed["steps_rule"] = epoch_rule(cfg, _EPOCHS[cfg.mode], 60)
-        return Settings.of(cfg.mode, **computed)
+        alphas = tuple(np.logspace(-2, 1.5, _ALPHAS[cfg.mode]).tolist())
+        return Settings.of(cfg.mode, step_probe_alphas=alphas, **epoch_rule(cfg, _EPOCHS, 60))
 
     def prepare(self, cfg: RunConfig, s: Settings, progress: Progress) -> Settings:
         """Calibrate the plain network's best rate on the calibration seed's own split."""

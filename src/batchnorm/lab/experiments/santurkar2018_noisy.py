@@ -22,8 +22,8 @@ from ..figures import NamedFigures, categories, dress, mean_band, pyplot
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import Part
-from ._calibration import calibration_data
-from ._santurkar import COLORS, LABELS, NoisyReLU, build, epoch_steps, noisy, seed_slot, window_means
+from ._calibration import calibration_data, epoch_rule
+from ._santurkar import COLORS, EPOCHS, LABELS, NoisyReLU, build, noisy, seed_slot, window_means
 
 _ARMS = ("none", "bn", "noisy")
 _DRIFTS = ("step_location", "step_spread", "total_location", "total_spread")
@@ -119,7 +119,7 @@ class Noisy(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         shape = {"depth": 12, "width": 100} if cfg.data == "mnist1d" else {"depth": 10, "width": 64}
-        steps = epoch_steps(cfg)  # {} in tiny mode
+        steps = epoch_rule(cfg, EPOCHS, 128)  # {} in tiny mode
         every = {"checkpoint_every": max(1, steps["steps"] // 30)} if steps else {}
         return Settings.of(cfg.mode, **shape, **steps, **every)
 
