@@ -143,9 +143,9 @@ def activation_inputs(
     *,
     batch: int | None = None,
     layers: Sequence[int] | None = None,
-    at: Callable[[nn.Module], nn.Module] | None = None,
+    at: str = "act",
 ) -> list[Tensor]:
-    """The input of ``at(block)`` (default ``block.act``) of hidden blocks ``layers`` (0-based;
+    """The input of submodule ``at`` (default the activation) of hidden blocks ``layers`` (0-based;
     default all) over ``x``: in eval mode in one pass, or, with ``batch``, in training mode on
     each full ``batch``-sized slice (under ``probing``).
 
@@ -154,11 +154,10 @@ def activation_inputs(
     hidden = list(blocks(model))
     chosen = range(len(hidden)) if layers is None else layers
     captured: list[list[Tensor]] = [[] for _ in chosen]
+    hooked = [hidden[i].get_submodule(at) for i in chosen]
     handles = [
-        (at(hidden[i]) if at else hidden[i].act).register_forward_pre_hook(
-            lambda _m, inp, out=out: out.append(inp[0].detach().clone())
-        )
-        for i, out in zip(chosen, captured)
+        m.register_forward_pre_hook(lambda _m, inp, out=out: out.append(inp[0].detach().clone()))
+        for m, out in zip(hooked, captured)
     ]
     try:
         with probing(model):

@@ -68,6 +68,7 @@ def _train(
     if arm == "noisy":
         gens = [seeded(seed + 7) for seed in seeds]
         noisy(models, [NoisyReLU(gens, a) for _ in range(s.depth)])
+    relu = "act.relu" if arm == "noisy" else "act"  # the ReLU whose input is probed, after any noise
     checkpoints = list(range(0, s.steps + 1, s.checkpoint_every))
     recs: PerSeed = [{"step": [], **{q: {str(i): [] for i in s.tracked_layers} for q in _PROBED}} for _ in seeds]
 
@@ -77,13 +78,7 @@ def _train(
                 continue
             probe = d.train_x[:256]
             with seed_slot(model, k):
-                z = activation_inputs(  # at the ReLU, after any noise (``NoisyReLU.relu``)
-                    model,
-                    probe,
-                    batch=probe.shape[0],
-                    layers=s.tracked_layers,
-                    at=lambda b: getattr(b.act, "relu", b.act),
-                )
+                z = activation_inputs(model, probe, batch=probe.shape[0], layers=s.tracked_layers, at=relu)
             if not all(torch.isfinite(v).all() for v in z):
                 continue
             rec["step"].append(step)
