@@ -173,9 +173,8 @@ class PreciseBN(Experiment):
         lo = 100 * min(min(r["acc_ema"][1:t] + r["acc_precise"][1:t]) for r in runs)
         title, legend = "Test accuracy with EMA vs precise BN statistics", {"fontsize": 8}
         dress(acc, title, xlabel="epoch", ylabel="test accuracy (%)", ylim=(max(0.0, lo - 2), 100), legend=legend)
-        mean_band(
-            stale, epochs[1:], [r["var_error_ema"][1:t] for r in runs], "EMA running_var vs precise", color="tab:red"
-        )
+        errors = [r["var_error_ema"][1:t] for r in runs]
+        mean_band(stale, epochs[1:], errors, "EMA running_var vs precise", color="tab:red")
         ylabel = "mean |var_EMA / var_precise - 1|"
         dress(stale, "How stale the EMA statistics are", yscale="log", xlabel="epoch", ylabel=ylabel, legend=legend)
         yield "ema_vs_precise.png", fig

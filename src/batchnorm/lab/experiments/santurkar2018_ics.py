@@ -152,12 +152,10 @@ class Ics(Experiment):
                     per_layer = np.asarray([[float(r["ics"][i][j][key]) for r, i in after] for j in range(len(layers))])
                     label = f"{LABELS[norm]} (median over checkpoints after step 0)"
                     bottom.plot(layers, np.median(per_layer, axis=1), label=label, **line)
-                style: dict[str, Any] = {
-                    "ylabel": "||G - G'||" if key == "l2" else "cos(G, G')",
-                    "legend": {"fontsize": 8},
-                }
-                style |= {"yscale": "log"} if key == "l2" else {}  # the l2 difference spans decades
-                what = "l2 difference" if key == "l2" else "cosine"
+                l2 = key == "l2"
+                style: dict[str, Any] = {"ylabel": "||G - G'||" if l2 else "cos(G, G')", "legend": {"fontsize": 8}}
+                style |= {"yscale": "log"} if l2 else {}  # the l2 difference spans decades
+                what = "l2 difference" if l2 else "cosine"
                 dress(top, f"{name}: {what} over training", xlabel="training step", **style)
                 dress(bottom, f"{name}: per layer", xlabel="layer i", **style)
             yield f"ics_{net}.png", fig
