@@ -39,7 +39,7 @@ def calibrate(data_name: str, max_steps: int = 4800, every: int = 240, tolerance
     from batchnorm.lab.training import TrainSpec, evaluate
 
     torch.set_num_threads(1)
-    cal = calibration_data(RunConfig(mode="quick", data=data_name), CALIBRATION_SEED)
+    cal, _ = calibration_data(RunConfig(mode="quick", data=data_name), CALIBRATION_SEED)
     s = exp._settings_for(data_name, "quick", steps=max_steps)
     arms = {name: exp._model(cal, s, name, s.batch_size, CALIBRATION_SEED) for name in ("bn", "gn")}
     streams = [exp._stream(s, cal, CALIBRATION_SEED, s.batch_size, True) for _ in arms]

@@ -36,10 +36,11 @@ def test_calibration_split_partitions_the_training_set_and_never_the_test_set() 
     assert not torch.equal(calibration_split(data, 4).test_x, cal.test_x)
 
 
-def test_calibration_split_rejects_bad_fractions() -> None:
+def test_calibration_split_rejects_a_set_too_small_to_split() -> None:
     data = load("digits", 0)
-    with pytest.raises(ValueError, match="0 < validation < 1"):
-        calibration_split(data, 0, validation=1.0)
+    tiny = dataclasses.replace(data, train_x=data.train_x[:2], train_y=data.train_y[:2])
+    with pytest.raises(ValueError, match="leaves an empty part"):
+        calibration_split(tiny, 0)
 
 
 def test_epochs_to_steps() -> None:

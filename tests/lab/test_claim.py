@@ -14,7 +14,7 @@ import pytest
 
 from batchnorm.lab.claims_spec import claim
 from batchnorm.lab.config import RunConfig
-from batchnorm.lab.experiment import SEED_PLANS, Experiment, per_seed_values, plan_for, seeds_for
+from batchnorm.lab.experiment import SEED_PLANS, Experiment, column, plan_for, seeds_for
 from batchnorm.lab.progress import Progress
 from batchnorm.lab.verdict import Part
 
@@ -119,7 +119,7 @@ class _Fake(Experiment):
         return {"x": self.values[seed]}
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
-        return [_claim(results, per_seed_values(results, lambda m: m["x"]), above=0.0)]
+        return [_claim(results, column(results["metrics"]["per_seed"], "x"), above=0.0)]
 
 
 def test_a_run_trains_an_undecided_claim_to_16_seeds_before_any_futility_stop(tmp_path: Path) -> None:

@@ -104,8 +104,8 @@ def test_eval_replaces_the_noise_by_its_expectation() -> None:
 
 
 def test_noisy_relu_rejects_bad_noise() -> None:
-    with pytest.raises(ValueError, match="noise_scale >= 1"):
-        NoisyReLU([torch.Generator()], [0.5], [0.5], [0.1])
+    with pytest.raises(ValueError, match="magnitude >= 0"):
+        NoisyReLU([torch.Generator()], [-0.5])
 
 
 def test_drift_measures_step_to_step_change_in_units_of_spread() -> None:
@@ -128,8 +128,10 @@ def test_drift_measures_step_to_step_change_in_units_of_spread() -> None:
 def test_noisy_relu_is_relu_of_noisy_batch_norm() -> None:
     """BN -> NoisyReLU draws the same noise, in the same order, as NoisyBatchNorm -> ReLU."""
     x = torch.randn(32, 6) * 2 + 1
-    ref = NoisyBatchNorm(6, noise_mean=0.3, noise_scale=1.7, per_sample=0.2, generator=torch.Generator().manual_seed(5))
-    act = NoisyReLU([torch.Generator().manual_seed(5)], [0.3], [1.7], [0.2])
+    ref = NoisyBatchNorm(
+        6, noise_mean=0.7, noise_scale=1.7, per_sample=0.7 / 5, generator=torch.Generator().manual_seed(5)
+    )
+    act = NoisyReLU([torch.Generator().manual_seed(5)], [0.7])  # mean a, scale 1 + a, per sample a / 5
     for _ in range(3):  # the noise changes every step, identically in both
         torch.testing.assert_close(act(ref.bn(x)), torch.relu(ref(x)))
     ref.eval()
@@ -139,17 +141,15 @@ def test_noisy_relu_is_relu_of_noisy_batch_norm() -> None:
 
 def test_noisy_relu_stacked_slices_use_each_seeds_generator_and_magnitude() -> None:
     y = torch.randn(3, 16, 4)
-    stacked = NoisyReLU(
-        [torch.Generator().manual_seed(s) for s in (0, 1, 2)], [0.1, 0.5, 1.0], [1.1, 1.5, 2.0], [0.0, 0.1, 0.2]
-    )
+    stacked = NoisyReLU([torch.Generator().manual_seed(s) for s in (0, 1, 2)], [0.0, 0.5, 1.0])
     out = stacked(y)
-    for k, (m, sc, p) in enumerate(zip([0.1, 0.5, 1.0], [1.1, 1.5, 2.0], [0.0, 0.1, 0.2])):
-        alone = NoisyReLU([torch.Generator().manual_seed(k)], [m], [sc], [p])
+    for k, a in enumerate([0.0, 0.5, 1.0]):
+        alone = NoisyReLU([torch.Generator().manual_seed(k)], [a])
         torch.testing.assert_close(out[k], alone(y[k]))
     with pytest.raises(ValueError, match="one generator"):
-        NoisyReLU([torch.Generator()], [0.1, 0.2], [1.1], [0.0])
-    with pytest.raises(ValueError, match="noise_scale >= 1"):
-        NoisyReLU([torch.Generator()], [0.1], [0.9], [0.0])
+        NoisyReLU([torch.Generator()], [0.1, 0.2])
+    with pytest.raises(ValueError, match="magnitude >= 0"):
+        NoisyReLU([torch.Generator()], [-0.1])
 
 
 def test_stacked_noisy_training_equals_each_seed_alone() -> None:
@@ -161,7 +161,7 @@ def test_stacked_noisy_training_equals_each_seed_alone() -> None:
     def models_with_noise(which: list[int]) -> list:
         ms = [build(data, 3, 8, "bn", s) for s in which]
         gens = [torch.Generator().manual_seed(s + 7) for s in which]
-        noisy(ms, [NoisyReLU(gens, [0.4] * len(which), [1.4] * len(which), [0.08] * len(which)) for _ in range(3)])
+        noisy(ms, [NoisyReLU(gens, [0.4] * len(which)) for _ in range(3)])
         return ms
 
     together = models_with_noise(seeds)

@@ -40,8 +40,7 @@ def seeded(seed: int) -> torch.Generator:
 
 
 def mlp_for(data: Dataset, hidden: Sequence[int], **options: Any) -> MLP:
-    """An ``MLP`` from ``data``'s features to its classes through ``hidden`` (``options``: the
-    MLP's keyword arguments: activation, normalization, initialization, generator)."""
+    """``MLP(data.features, hidden, data.classes, **options)``: an MLP sized for ``data``."""
     return MLP(data.features, list(hidden), data.classes, **options)
 
 
@@ -58,10 +57,8 @@ def train_seeds(
     **options: Any,
 ) -> list[TrainResult]:
     """Train one arm's ``models[k]`` on ``data[k]``'s training set for every seed together
-    (``stacked.train_stacked``, one arm; ``options``: its keyword arguments, e.g. checkpoints,
-    on_checkpoint, stop, dropout), seed ``seeds[k]``'s index batches drawn by ``batches`` (default
-    ``minibatches``) from a generator seeded ``seeds[k] + order_offset`` (the same in every arm of
-    a seed, so arms are paired), under one progress bar named ``label``."""
+    (``stacked.train_stacked`` with ``options``), seed k's batches drawn by ``batches`` from a
+    generator seeded ``seeds[k] + order_offset`` (the same in every arm: arms are paired)."""
     with progress.task(label, total=spec.steps) as tick:
         return train_stacked(
             [models],
@@ -76,10 +73,9 @@ def train_seeds(
 
 @contextlib.contextmanager
 def probing(model: nn.Module) -> Iterator[dict[Tensor, Tensor]]:
-    """Context manager for a measurement that moves the weights (a walk along the gradient, a
-    step of the earlier layers): inside, the model is in training mode; it yields each
-    parameter's value on entry (``{parameter: copy}``); on exit its parameters, gradients,
-    buffers (BN running statistics) and training flags are as they were."""
+    """For a measurement that moves the weights: inside, the model is in training mode and the
+    yield is ``{parameter: its value on entry}``; on exit parameters, gradients, buffers (BN
+    running statistics) and training flags are as they were."""
     params, buffers = list(model.parameters()), list(model.buffers())
     weights, saved = [p.detach().clone() for p in params], [b.clone() for b in buffers]
     grads = [p.grad for p in params]
@@ -147,24 +143,21 @@ def activation_inputs(
     *,
     batch: int | None = None,
     layers: Sequence[int] | None = None,
-    at: Callable[[nn.Module], nn.Module] | None = None,
+    at: str = "act",
 ) -> list[Tensor]:
-    """The input of the activation (``at(block)``, default ``block.act``) of hidden blocks
-    ``layers`` (0-based; default all) over ``x``: in eval mode in one pass, or with ``batch`` in
-    training mode, BN normalizing each ``batch``-sized slice by its own statistics (a tail that
-    fills no slice is left out), with weights, buffers and training flags restored afterwards
-    (``probing``).
+    """The input of submodule ``at`` (default the activation) of hidden blocks ``layers`` (0-based;
+    default all) over ``x``: in eval mode in one pass, or, with ``batch``, in training mode on
+    each full ``batch``-sized slice (under ``probing``).
 
     Shape: x (N, D) -> one (N', width) per layer, N' = N, or batch * (N // batch) with ``batch``.
     """
     hidden = list(blocks(model))
     chosen = range(len(hidden)) if layers is None else layers
     captured: list[list[Tensor]] = [[] for _ in chosen]
+    hooked = [hidden[i].get_submodule(at) for i in chosen]
     handles = [
-        (at(hidden[i]) if at else hidden[i].act).register_forward_pre_hook(
-            lambda _m, inp, out=out: out.append(inp[0].detach().clone())
-        )
-        for i, out in zip(chosen, captured)
+        m.register_forward_pre_hook(lambda _m, inp, out=out: out.append(inp[0].detach().clone()))
+        for m, out in zip(hooked, captured)
     ]
     try:
         with probing(model):
@@ -181,19 +174,17 @@ def activation_inputs(
 
 
 def columns(rows: Iterable[Mapping[str, Any]]) -> dict[str, list[float]]:
-    """Per-seed quantities (one mapping per seed, the same keys in each) as one column per key:
-    ``{key: [float(row[key]) for row in rows]}``, in the first row's key order; keys whose value
-    is text (words for the evidence) are left out."""
+    """One column per key of per-seed mappings: ``{key: [float(row[key]) for row in rows]}``, in
+    the first row's key order, text values (words for the evidence) left out."""
     rows = list(rows)
     return {key: [float(row[key]) for row in rows] for key, v in rows[0].items() if not isinstance(v, str)}
 
 
 @torch.no_grad()
 def batch_stats_accuracy(model: nn.Module, x: Tensor, y: Tensor, size: int, orders: Iterable[Tensor] = ()) -> float:
-    """Accuracy when BN normalizes each batch of ``size`` examples by that batch's own statistics
-    (training-mode forward; weights, buffers and flags restored by ``probing``). The batches are
-    consecutive slices of ``x`` in order, or, given ``orders``, of each index permutation in turn;
-    a tail that fills no batch is left out.
+    """Accuracy when BN normalizes each batch of ``size`` by its own statistics (under ``probing``):
+    consecutive slices of ``x``, or of each permutation in ``orders``; a tail that fills no batch
+    is left out.
 
     Shape: x (N, ...), y (N,); each order (N,) int64.
     """

@@ -1,6 +1,6 @@
 """What every experiment shares: the seeds it runs and the loop over them (``Experiment``; the
 contract: docs/lab.md, "Writing an experiment"), and readers of one number per seed for a claim
-(``column``, ``per_seed_values``) from ``metrics = {"seeds": [...], "per_seed": [m_0, ...]}``.
+(``column``) from ``metrics = {"seeds": [...], "per_seed": [m_0, ...]}``.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from .config import RunConfig
@@ -26,7 +26,6 @@ __all__ = [
     "column",
     "first_reaching",
     "load_for",
-    "per_seed_values",
     "plan_for",
     "seeds_for",
 ]
@@ -56,11 +55,6 @@ def seeds_for(cfg: RunConfig) -> tuple[int, ...]:
 def load_for(cfg: RunConfig, seed: int) -> Dataset:
     """Seed ``seed``'s split of the run's data set (the small version in tiny mode)."""
     return load(cfg.data, seed, small=cfg.mode == "tiny")
-
-
-def per_seed_values(results: dict[str, Any], read: Callable[[dict[str, Any]], float]) -> list[float]:
-    """``[read(metrics of seed i) for each seed]`` from saved results."""
-    return [float(read(m)) for m in results["metrics"]["per_seed"]]
 
 
 def column(rows: Sequence[Any], *keys: str) -> list[float]:

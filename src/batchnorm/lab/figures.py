@@ -105,9 +105,8 @@ def _log_axis(axis: Any) -> None:
 
 
 def log_ticks(axis: Any, values: Sequence[float], base: float | None = None) -> None:
-    """Put the major ticks of a log ``axis`` at ``values`` (e.g. the group sizes or learning
-    rates of a grid), labelled as plain numbers, with no minor labels; ``base`` given, first make
-    the axis logarithmic in that base."""
+    """Major ticks of a log ``axis`` at ``values`` (a grid's sizes or rates) as plain numbers, no
+    minor labels; ``base`` given, first make the axis logarithmic in that base."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     if base is not None:
@@ -176,10 +175,8 @@ def dress(
     legend: bool | dict[str, Any] = False,
     **props: Any,
 ) -> None:
-    """Finish a panel, in this order: ``ax.set(**props)`` (scales, limits, ``xlabel``, ``ylabel``,
-    ticks), the title (at ``title_size`` points if given), a light grid (``grid=True``: both axes;
-    ``"x"`` or ``"y"``: that axis only) and the legend (``legend=True``, or a dict of ``ax.legend``
-    options); each step only when asked for."""
+    """Finish a panel: ``ax.set(**props)``, then the title (at ``title_size`` points), a light grid
+    (``True``: both axes, or ``"x"``/``"y"``) and the legend (``True``, or ``ax.legend`` options)."""
     ax.set(**props)
     if title is not None:
         ax.set_title(title, **({} if title_size is None else {"fontsize": title_size}))
@@ -190,15 +187,13 @@ def dress(
 
 
 def categories(axis: Any, labels: Sequence[str], **kw: Any) -> None:
-    """Label the positions 0, 1, ... of ``axis`` (``ax.xaxis`` or ``ax.yaxis``) with ``labels``
-    (``kw``: text options such as ``fontsize``): the ticks under bars drawn at ``range(n)``."""
+    """Label the positions 0, 1, ... of ``axis`` (bars drawn at ``range(n)``) with ``labels`` (``kw``: text options)."""
     axis.set_ticks(range(len(labels)))
     axis.set_ticklabels(labels, **kw)
 
 
 def bar_values(ax: Any, values: Sequence[float], fmt: str = "{}", **kw: Any) -> None:
-    """Write each bar's value (``fmt.format(value)``) just above the bar drawn at its position
-    0, 1, ... (``kw``: text options such as ``fontsize``), so a reader need not estimate
-    heights from the axis."""
+    """Write each value (``fmt.format(value)``) just above its bar at position 0, 1, ... (``kw``:
+    text options), so a reader need not estimate heights from the axis."""
     for i, value in enumerate(values):
         ax.text(i, value, fmt.format(value), ha="center", va="bottom", **kw)

@@ -14,28 +14,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import mlp_for, seeded
 from ..models import MLP, blocks
-from ._calibration import epoch_rule
 
-__all__ = ["COLORS", "LABELS", "NoisyReLU", "build", "epoch_steps", "noisy", "probe_batch", "seed_slot", "window_means"]
+__all__ = ["COLORS", "EPOCHS", "LABELS", "NoisyReLU", "build", "noisy", "probe_batch", "seed_slot", "window_means"]
 
 LABELS = {"none": "no BN", "bn": "BN", "noisy": "noisy BN"}
 COLORS = {"none": "tab:gray", "bn": "tab:blue", "noisy": "tab:orange"}
 EPOCHS = {"quick": 40.0, "full": 300.0}
-"""Passes over the training set in quick and full mode (the step rule; tiny mode's steps are in
-each settings file)."""
-
-
-def epoch_steps(cfg: RunConfig) -> dict[str, Any]:
-    """``{"steps", "steps_rule"}``: ``EPOCHS[cfg.mode]`` passes in batches of 128
-    (``_calibration.epoch_rule``); ``{}`` in tiny mode."""
-    if cfg.mode == "tiny":
-        return {}
-    steps, rule = epoch_rule(cfg, EPOCHS[cfg.mode], 128)
-    return {"steps": steps, "steps_rule": rule}
+"""Passes over the training set in quick and full mode, in batches of 128 (``_calibration.epoch_rule``)."""
 
 
 def probe_batch(x: Tensor, y: Tensor, k: int, size: int = 128) -> tuple[Tensor, Tensor]:
@@ -47,43 +35,31 @@ def probe_batch(x: Tensor, y: Tensor, k: int, size: int = 128) -> tuple[Tensor, 
 
 
 class NoisyReLU(nn.Module):
-    """``relu(y * s * (1 + p e) + mu + p e')``: Santurkar et al.'s noise on a BN output ``y``,
-    then the ReLU (tested equal to a reference noisy BN layer followed by a ReLU, drawing in the
-    same order from the same kind of generator).
+    """``relu(y * s * (1 + p e) + mu + p e')``: Santurkar et al.'s noise of magnitude ``a`` on a BN
+    output ``y``, then the ReLU (tested equal to a reference noisy BN layer followed by a ReLU,
+    drawing in the same order from the same kind of generator).
 
     At every training-mode forward, for each seed k (slice k of a stacked (S, B, C) input, or
-    the only one of a (B, C) input) and unit j: ``mu ~ U(-noise_mean[k], noise_mean[k])``,
-    ``s ~ U(1, noise_scale[k])`` from ``generators[k]``, then per sample ``e, e' ~ N(0, 1)``
-    with ``p = per_sample[k]`` (one generator and value per seed; noise_mean >= 0, noise_scale >= 1,
-    per_sample >= 0). In eval mode the noise is replaced by its expectation:
-    ``relu(y * (1 + noise_scale[k]) / 2)``. A (B, C) input is seed ``slot`` (default 0; set it
-    to evaluate or probe one seed's model alone). ``relu`` is a submodule, so a forward-pre-hook on
-    it sees the noisy input of the ReLU (the next layer's "input distribution").
+    the only one of a (B, C) input) and unit j, with ``a = magnitudes[k] >= 0``: ``mu ~ U(-a, a)``,
+    ``s ~ U(1, 1 + a)`` from ``generators[k]``, then per sample ``e, e' ~ N(0, 1)`` with ``p = a / 5``.
+    In eval mode the noise is replaced by its expectation: ``relu(y * (2 + a) / 2)``. A (B, C) input
+    is seed ``slot`` (default 0; set it to evaluate or probe one seed's model alone). ``relu`` is a
+    submodule, so a forward-pre-hook on it sees the noisy input of the ReLU (the next layer's
+    "input distribution").
 
     Shape: (B, C) -> (B, C) or (S, B, C) -> (S, B, C) with S = len(generators).
     """
 
-    def __init__(
-        self,
-        generators: Sequence[torch.Generator],
-        noise_mean: Sequence[float],
-        noise_scale: Sequence[float],
-        per_sample: Sequence[float],
-    ) -> None:
+    def __init__(self, generators: Sequence[torch.Generator], magnitudes: Sequence[float]) -> None:
         super().__init__()
-        sizes = [len(v) for v in (generators, noise_mean, noise_scale, per_sample)]
-        if sizes[0] == 0 or len(set(sizes)) > 1:
+        if not generators or len(generators) != len(magnitudes) or min(magnitudes) < 0:
             raise ValueError(
-                f"NoisyReLU: expected one generator and one noise_mean, noise_scale, per_sample per seed, got {sizes}"
-            )
-        if not all(m >= 0 and sc >= 1 and p >= 0 for m, sc, p in zip(noise_mean, noise_scale, per_sample)):
-            raise ValueError(
-                f"NoisyReLU: expected noise_mean >= 0, noise_scale >= 1, per_sample >= 0, got {noise_mean}, {noise_scale}, {per_sample}"
+                f"NoisyReLU: expected one generator and one magnitude >= 0 per seed, got {len(generators)} and {list(magnitudes)}"
             )
         self.generators = list(generators)
-        self.noise_mean = [float(v) for v in noise_mean]
-        self.noise_scale = [float(v) for v in noise_scale]
-        self.per_sample = [float(v) for v in per_sample]
+        self.noise_mean = [float(a) for a in magnitudes]  # mu's bound
+        self.noise_scale = [1.0 + a for a in self.noise_mean]  # s's upper bound
+        self.per_sample = [a / 5.0 for a in self.noise_mean]  # p
         self.slot = 0
         self.relu = nn.ReLU()
 
@@ -109,12 +85,9 @@ class NoisyReLU(nn.Module):
 def noisy(models: Sequence[MLP], acts: Sequence[NoisyReLU]) -> None:
     """In place: replace every hidden ReLU of each BN model by noise + ReLU. ``acts``: one
     ``NoisyReLU`` per hidden layer, shared by all models (the stacked forward uses the first
-    model's activations on the (S, B, C) slices)."""
+    model's activations on the (S, B, C) slices). Raises ValueError unless they match in number."""
     for m in models:
-        hidden = list(blocks(m))
-        if len(acts) != len(hidden):
-            raise ValueError(f"noisy: expected one NoisyReLU per hidden layer ({len(hidden)}), got {len(acts)}")
-        for block, a in zip(hidden, acts):
+        for block, a in zip(blocks(m), acts, strict=True):
             block.act = a
 
 

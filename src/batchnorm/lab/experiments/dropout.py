@@ -149,13 +149,10 @@ class Dropout(Experiment):
         q = [_seed_means(m) for m in results["metrics"]["per_seed"]]
         accs = [v[n]["test_acc"] for v in q for n in _ARMS]
         runs = f"{cfg['train_examples']} training examples; {len(q)} seeds x {cfg['replicates']} networks"
+        steps = f"{cfg['steps']} steps, calibrated so every arm fits"
         panels = (
             ("test_acc", "test accuracy", f"Test accuracy ({runs})"),
-            (
-                "test_loss",
-                "test loss (cross-entropy)",
-                f"Test loss ({cfg['steps']} steps, calibrated so every arm fits)",
-            ),
+            ("test_loss", "test loss (cross-entropy)", f"Test loss ({steps})"),
         )
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         for ax, (key, label, title) in zip(axes, panels):

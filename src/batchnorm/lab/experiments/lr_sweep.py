@@ -26,7 +26,7 @@ from ..figures import NamedFigures, dress, mean_band, pyplot
 from ..models import MLP, blocks
 from ..progress import Progress
 from ..training import TrainSpec, evaluate, minibatches
-from ._calibration import calibration_data, epoch_rule, split_note
+from ._calibration import calibration_data, epoch_rule
 from .santurkar2018_landscape import landscape
 
 _EPOCHS = {"quick": 15.0, "full": 120.0}
@@ -131,18 +131,15 @@ class LrSweep(Experiment):
     )
 
     def settings(self, cfg: RunConfig) -> Settings:
-        computed: dict[str, Any] = {"step_probe_alphas": tuple(np.logspace(-2, 1.5, _ALPHAS[cfg.mode]).tolist())}
-        if cfg.mode != "tiny":
-            computed["steps"], computed["steps_rule"] = epoch_rule(cfg, _EPOCHS[cfg.mode], 60)
-        return Settings.of(cfg.mode, **computed)
+        alphas = tuple(np.logspace(-2, 1.5, _ALPHAS[cfg.mode]).tolist())
+        return Settings.of(cfg.mode, step_probe_alphas=alphas, **epoch_rule(cfg, _EPOCHS, 60))
 
     def prepare(self, cfg: RunConfig, s: Settings, progress: Progress) -> Settings:
         """Calibrate the plain network's best rate on the calibration seed's own split."""
-        cal = calibration_data(cfg, seed := s.calibration_seed)
+        cal, calibration = calibration_data(cfg, seed := s.calibration_seed)
         run = _sweep(s, [cal], [seed], None, progress)[0]
         best = _best_lr(s.lrs, run["test_acc"], s.best_tolerance)
         high = min(s.lrs, key=lambda lr: abs(math.log(lr / (10 * best))))
-        calibration = {"seed": seed, "split": split_note(cal, seed)}
         calibration["validation_acc"] = {f"{lr:g}": a for lr, a in zip(s.lrs, run["test_acc"])}
         calibration["diverged"] = {f"{lr:g}": d is not None for lr, d in zip(s.lrs, run["diverged_at"])}
         return dataclasses.replace(s, plain_best_lr=best, high_lr=float(high), calibration=calibration)

@@ -17,7 +17,7 @@ from ..claims_spec import Claims, Declared, unmeasured
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import mlp_for, seeded, train_seeds
-from ..experiment import Experiment, PerSeed, per_seed_values
+from ..experiment import Experiment, PerSeed
 from ..figures import NamedFigures, dress, log_ticks, mean_band, pyplot
 from ..models import MLP
 from ..progress import Progress
@@ -125,11 +125,11 @@ class PreciseBN(Experiment):
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:
         """Precise > EMA early, EMA noisier early, the EMA error shrinks, PreciseBN saturates by N samples."""
-        t = results["config"]
+        t, runs = results["config"], results["metrics"]["per_seed"]
         e, sizes = int(t["early_epochs"]), {"sat": int(t["saturation_samples"]), "min": int(t["sample_sizes"][0])}
 
         def col(read: Any, at: int | None = None) -> list[float]:  # at: 0 the early window, 1 the late one
-            return per_seed_values(results, lambda r: read(r, _windows(r, e)[at]) if at is not None else read(r))
+            return [float(read(r, _windows(r, e)[at]) if at is not None else read(r)) for r in runs]
 
         def gain(r: dict[str, Any], at: slice) -> float:
             return 100.0 * float(np.mean(np.subtract(r["acc_precise"][at], r["acc_ema"][at])))
@@ -173,9 +173,8 @@ class PreciseBN(Experiment):
         lo = 100 * min(min(r["acc_ema"][1:t] + r["acc_precise"][1:t]) for r in runs)
         title, legend = "Test accuracy with EMA vs precise BN statistics", {"fontsize": 8}
         dress(acc, title, xlabel="epoch", ylabel="test accuracy (%)", ylim=(max(0.0, lo - 2), 100), legend=legend)
-        mean_band(
-            stale, epochs[1:], [r["var_error_ema"][1:t] for r in runs], "EMA running_var vs precise", color="tab:red"
-        )
+        errors = [r["var_error_ema"][1:t] for r in runs]
+        mean_band(stale, epochs[1:], errors, "EMA running_var vs precise", color="tab:red")
         ylabel = "mean |var_EMA / var_precise - 1|"
         dress(stale, "How stale the EMA statistics are", yscale="log", xlabel="epoch", ylabel=ylabel, legend=legend)
         yield "ema_vs_precise.png", fig

@@ -108,7 +108,6 @@ class Ics(Experiment):
             init = {"init_std": (1.0 / s.dln_width) ** 0.5, "generator": seeded(seed + 1)}
             model = MLP(32, [s.dln_width] * s.dln_depth, 10, act="identity", norm=bn, **init)
             out["dln"][norm] = _measured(model, dln, seed, f"DLN {norm}", progress)
-        for norm, bn in (("none", None), ("bn", "bn")):
             model = build(data, s.mlp_depth, s.mlp_width, bn, seed)
             out["mlp"][norm] = _measured(model, mlp, seed, f"MLP {norm}", progress)
         return out
@@ -153,12 +152,10 @@ class Ics(Experiment):
                     per_layer = np.asarray([[float(r["ics"][i][j][key]) for r, i in after] for j in range(len(layers))])
                     label = f"{LABELS[norm]} (median over checkpoints after step 0)"
                     bottom.plot(layers, np.median(per_layer, axis=1), label=label, **line)
-                style: dict[str, Any] = {
-                    "ylabel": "||G - G'||" if key == "l2" else "cos(G, G')",
-                    "legend": {"fontsize": 8},
-                }
-                style |= {"yscale": "log"} if key == "l2" else {}  # the l2 difference spans decades
-                what = "l2 difference" if key == "l2" else "cosine"
+                l2 = key == "l2"
+                style: dict[str, Any] = {"ylabel": "||G - G'||" if l2 else "cos(G, G')", "legend": {"fontsize": 8}}
+                style |= {"yscale": "log"} if l2 else {}  # the l2 difference spans decades
+                what = "l2 difference" if l2 else "cosine"
                 dress(top, f"{name}: {what} over training", xlabel="training step", **style)
                 dress(bottom, f"{name}: per layer", xlabel="layer i", **style)
             yield f"ics_{net}.png", fig

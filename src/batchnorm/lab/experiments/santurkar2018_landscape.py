@@ -20,7 +20,8 @@ from ..experiment import Experiment, PerSeed
 from ..figures import NamedFigures, dress, pyplot
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec
-from ._santurkar import COLORS, LABELS, build, epoch_steps, probe_batch, window_means
+from ._calibration import epoch_rule
+from ._santurkar import COLORS, EPOCHS, LABELS, build, probe_batch, window_means
 
 
 class Settings(Declared):
@@ -110,11 +111,10 @@ class Landscape(Experiment):
     DESCRIPTION = "Santurkar 2018 Fig. 4: loss variation, gradient predictiveness and effective beta-smoothness along the gradient; BN is smoother"
 
     def settings(self, cfg: RunConfig) -> Settings:
-        return Settings.of(cfg.mode, **epoch_steps(cfg))
+        return Settings.of(cfg.mode, **epoch_rule(cfg, EPOCHS, 128))
 
     def run_seeds(self, settings: Settings, data: Seq[Dataset], seeds: Seq[int], progress: Progress) -> PerSeed:
-        none = _train_arm(settings, data, seeds, None, progress)
-        bn = _train_arm(settings, data, seeds, "bn", progress)
+        none, bn = (_train_arm(settings, data, seeds, norm, progress) for norm in (None, "bn"))
         return [{"none": a, "bn": b} for a, b in zip(none, bn)]
 
     def claims(self, results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..claims_spec import Claims, Declared
 from ..config import RunConfig
@@ -23,8 +22,8 @@ from ..figures import NamedFigures, categories, dress, mean_band, pyplot
 from ..progress import Progress
 from ..training import TrainResult, TrainSpec, evaluate
 from ..verdict import Part
-from ._calibration import calibration_data, split_note
-from ._santurkar import COLORS, LABELS, NoisyReLU, build, epoch_steps, noisy, seed_slot, window_means
+from ._calibration import calibration_data, epoch_rule
+from ._santurkar import COLORS, EPOCHS, LABELS, NoisyReLU, build, noisy, seed_slot, window_means
 
 _ARMS = ("none", "bn", "noisy")
 _DRIFTS = ("step_location", "step_spread", "total_location", "total_spread")
@@ -59,22 +58,17 @@ def _drift(means: Any, stds: Any, ok: bool = True) -> dict[str, float]:
     return {key: float(np.median(v)) for key, v in zip(_DRIFTS, steps + totals)}
 
 
-def _act_input(block: nn.Module) -> nn.Module:
-    """The module whose input is the ReLU's input of a hidden block (after any noise)."""
-    act = block.get_submodule("act")
-    return act.relu if isinstance(act, NoisyReLU) else act
-
-
 def _train(
     s: Settings, data: Seq[Dataset], seeds: Seq[int], arm: str, lr: float, a: Seq[float], p: Progress
 ) -> PerSeed:
-    """Train one arm at one lr for every seed together (``a[k]``: seed k's noise magnitude, noisy arm: noise_mean
-    a, noise_scale 1 + a, per_sample a / 5); per seed: probed layer inputs, drift, final accuracies, losses."""
+    """Train one arm at one lr for every seed together (``a[k]``: seed k's noise magnitude in the noisy arm,
+    ``NoisyReLU``); per seed: probed layer inputs, drift, final accuracies, losses."""
     label = ("calibration: " if seeds[0] == s.calibration_seed else "") + f"{LABELS[arm]} lr {lr:g}"
     models = [build(d, s.depth, s.width, None if arm == "none" else "bn", seed) for d, seed in zip(data, seeds)]
     if arm == "noisy":
         gens = [seeded(seed + 7) for seed in seeds]
-        noisy(models, [NoisyReLU(gens, list(a), [1.0 + v for v in a], [v / 5.0 for v in a]) for _ in range(s.depth)])
+        noisy(models, [NoisyReLU(gens, a) for _ in range(s.depth)])
+    relu = "act.relu" if arm == "noisy" else "act"  # the ReLU whose input is probed, after any noise
     checkpoints = list(range(0, s.steps + 1, s.checkpoint_every))
     recs: PerSeed = [{"step": [], **{q: {str(i): [] for i in s.tracked_layers} for q in _PROBED}} for _ in seeds]
 
@@ -84,7 +78,7 @@ def _train(
                 continue
             probe = d.train_x[:256]
             with seed_slot(model, k):
-                z = activation_inputs(model, probe, batch=probe.shape[0], layers=s.tracked_layers, at=_act_input)
+                z = activation_inputs(model, probe, batch=probe.shape[0], layers=s.tracked_layers, at=relu)
             if not all(torch.isfinite(v).all() for v in z):
                 continue
             rec["step"].append(step)
@@ -120,20 +114,20 @@ class Noisy(Experiment):
 
     def settings(self, cfg: RunConfig) -> Settings:
         shape = {"depth": 12, "width": 100} if cfg.data == "mnist1d" else {"depth": 10, "width": 64}
-        steps = epoch_steps(cfg)  # {} in tiny mode
+        steps = epoch_rule(cfg, EPOCHS, 128)  # {} in tiny mode
         every = {"checkpoint_every": max(1, steps["steps"] // 30)} if steps else {}
         return Settings.of(cfg.mode, **shape, **steps, **every)
 
     def prepare(self, cfg: RunConfig, settings: Settings, progress: Progress) -> Settings:
         """Fix the noise magnitude by the ``noise_rule`` setting on the calibration seed's own split."""
         s, seed, lr, grid = settings, settings.calibration_seed, settings.lrs[0], list(settings.noise_grid)
-        cal = calibration_data(cfg, seed)
+        cal, record = calibration_data(cfg, seed)
         none = _train(s, [cal], [seed], "none", lr, [0.0], progress)[0]
         runs = _train(s, [cal] * len(grid), [seed] * len(grid), "noisy", lr, grid, progress)
         keys, names = [(str(i), kind) for i in s.tracked_layers for kind in _COMPARED], [f"{a:g}" for a in grid]
         drifts = [{f"{i}/{kind}": r["drift"][i][kind] for i, kind in keys} for r in [none, *runs]]
         exceeds = [all(d[key] > drifts[0][key] for key in d) for d in drifts[1:]]
-        record = {"seed": seed, "split": split_note(cal, seed), "lr": lr, "none_drift": drifts[0]}
+        record |= {"lr": lr, "none_drift": drifts[0]}
         record |= {"noisy_drift": dict(zip(names, drifts[1:])), "exceeds": dict(zip(names, exceeds))}
         record |= {"noisy_final_train_acc": dict(zip(names, (r["final_train_acc"] for r in runs)))}
         record |= {"none_final_train_acc": none["final_train_acc"], "any_exceeds": any(exceeds)}

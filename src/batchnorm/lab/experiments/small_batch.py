@@ -21,7 +21,7 @@ from ..claims_spec import Claims, Declared, beside, listed
 from ..config import RunConfig
 from ..datasets import Dataset
 from ..declare import mlp_for, non_iid_batches, seeded
-from ..experiment import Experiment, PerSeed, column, per_seed_values
+from ..experiment import Experiment, PerSeed, column
 from ..figures import NamedFigures, bar_values, categories, dress, log_ticks, pyplot
 from ..models import ConvNet
 from ..normalizers import GroupedBatchNorm1d, GroupedBatchRenorm1d
@@ -146,7 +146,7 @@ class SmallBatch(Experiment):
         mid = min([v for v in sizes if 8 <= v < big] or [big])
 
         def err(norm: str, size: int) -> list[float]:
-            return per_seed_values(results, lambda m: _iid(m, norm, size, batch))
+            return [_iid(m, norm, size, batch) for m in per_seed]
 
         bn, ghost = ({v: err(norm, v) for v in sizes} for norm in ("bn", "ghost"))
         at = {"big": big, "mid": mid, "small": small}
