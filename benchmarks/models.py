@@ -20,13 +20,17 @@ with our layers (same parameters). Four candidates per network: torch / ours, ea
 under ``torch.compile`` (default mode; compile time and a few warm-up steps excluded). They are
 timed interleaved: a round runs ``--steps`` steps of each candidate in turn (order rotated per
 round), every step timed alone; the table shows the median step time over all rounds and the
-ratio ours/torch (< 1: ours is faster). Machines shared with other work are noisy: compare the
-ratios of one run, not absolute times across runs.
+ratio ours/torch (< 1: ours is faster), with its 95% interval over the rounds: the geometric
+mean of the rounds' ratios of median step times, a Student t interval on their logarithms.
+An interval that contains 1 means no difference this run can detect; ours is slower only where
+the whole interval lies above 1. Machines shared with other work are noisy: compare the ratios
+of one run, not absolute times across runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -38,8 +42,9 @@ from torch import Tensor, nn
 
 import batchnorm
 from batchnorm.lab.models import MLP
+from batchnorm.lab.verdict import t_quantile
 
-__all__ = ["NETS", "Net", "build", "mlp", "resnet18", "lab_net", "make_step", "measure", "main"]
+__all__ = ["NETS", "Net", "build", "mlp", "resnet18", "lab_net", "make_step", "measure", "ratio", "main"]
 
 
 @dataclass
@@ -144,9 +149,12 @@ def make_step(model: nn.Module, x: Tensor, y: Tensor, *, compiled: bool) -> Call
     return step
 
 
-def measure(net: Net, *, rounds: int, steps: int, compile_too: bool = True, warmup: int = 3) -> dict[str, float]:
-    """{candidate: median seconds per step} for candidates "torch eager", "ours eager" and, with
-    ``compile_too``, "torch compiled", "ours compiled"; timed interleaved (see module docstring)."""
+def measure(
+    net: Net, *, rounds: int, steps: int, compile_too: bool = True, warmup: int = 3
+) -> dict[str, list[list[float]]]:
+    """{candidate: per round, the seconds of each of its ``steps`` steps} for candidates "torch
+    eager", "ours eager" and, with ``compile_too``, "torch compiled", "ours compiled"; timed
+    interleaved (see module docstring)."""
     torch_model = net.model
     ours_model = batchnorm.convert(torch_model)
     models = {"torch": torch_model, "ours": ours_model}
@@ -164,26 +172,46 @@ def measure(net: Net, *, rounds: int, steps: int, compile_too: bool = True, warm
     for fn in steps_of.values():  # compiles here; warm-up excluded from the timings
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in steps_of}
+    times: dict[str, list[list[float]]] = {name: [] for name in steps_of}
     names = list(steps_of)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             fn = steps_of[name]
+            times[name].append([])
             for _ in range(steps):
                 t0 = time.perf_counter()
                 fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                times[name][-1].append(time.perf_counter() - t0)
+    return times
 
 
-def _table(rows: list[tuple[str, dict[str, float]]], modes: tuple[str, ...]) -> str:
-    head = f"{'network':<44}" + "".join(f" | {m + ' torch':>14} {m + ' ours':>13} {'ours/torch':>10}" for m in modes)
+def ratio(ours: list[list[float]], theirs: list[list[float]]) -> tuple[float, float, float]:
+    """(ratio, low, high): the geometric mean over rounds of ``median(ours[r]) / median(theirs[r])``
+    and its 95% Student t interval on the log scale (infinite with a single round)."""
+    logs = [math.log(statistics.median(o) / statistics.median(t)) for o, t in zip(ours, theirs)]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), 0.0, math.inf
+    half = t_quantile(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def _median_ms(rounds: list[list[float]]) -> float:
+    """The median step time over all rounds, in milliseconds."""
+    return statistics.median(t for one in rounds for t in one) * 1e3
+
+
+def _table(rows: list[tuple[str, dict[str, list[list[float]]]]], modes: tuple[str, ...]) -> str:
+    head = f"{'network':<44}" + "".join(
+        f" | {m + ' torch':>14} {m + ' ours':>13} {'ours/torch [95% interval]':>26}" for m in modes
+    )
     lines = [head, "-" * len(head)]
     for label, t in rows:
-        cells = "".join(
-            f" | {t[f'torch {m}'] * 1e3:11.2f} ms {t[f'ours {m}'] * 1e3:10.2f} ms {t[f'ours {m}'] / t[f'torch {m}']:9.2f}x"
-            for m in modes
-        )
+        cells = ""
+        for m in modes:
+            ours, theirs = t[f"ours {m}"], t[f"torch {m}"]
+            r, lo, hi = ratio(ours, theirs)
+            cells += f" | {_median_ms(theirs):11.2f} ms {_median_ms(ours):10.2f} ms {r:9.3f}x [{lo:.3f}, {hi:.3f}]"
         lines.append(f"{label:<44}{cells}")
     return "\n".join(lines)
 
@@ -207,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     modes = ("eager",) if args.no_compile else ("eager", "compiled")
     print(
         f"training step (fwd + bwd + SGD), {torch.get_num_threads()} thread(s), back-end {batchnorm.get_backend()!r}, "
-        f"median of {rounds} rounds x {steps} steps, interleaved"
+        f"median of {rounds} rounds x {steps} steps, interleaved; ratio: geometric mean of the rounds' ratios"
     )
     rows = []
     for name in names:

@@ -3,7 +3,11 @@ torch's batch norm and with ours, and both give the same loss and parameter upda
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
+import scipy.stats
 import torch
 from benchmarks import models
 
@@ -33,9 +37,20 @@ def test_one_step_matches_torch(name: str) -> None:
 
 
 def test_measure_reports_every_candidate() -> None:
-    result = models.measure(TOY["lab"](), rounds=1, steps=1, compile_too=False, warmup=1)
+    result = models.measure(TOY["lab"](), rounds=2, steps=3, compile_too=False, warmup=1)
     assert set(result) == {"torch eager", "ours eager"}
-    assert all(t > 0 for t in result.values())
+    assert all(len(rounds) == 2 and all(len(r) == 3 and min(r) > 0 for r in rounds) for rounds in result.values())
+
+
+def test_ratio_is_the_geometric_mean_of_round_ratios_with_a_t_interval() -> None:
+    ours = [[2.0, 2.0, 9.0], [1.0, 3.0, 3.0], [4.0]]  # round medians 2, 3, 4
+    theirs = [[1.0], [3.0], [2.0]]  # round ratios 2, 1, 2
+    logs = np.log([2.0, 1.0, 2.0])
+    half = scipy.stats.t.ppf(0.975, 2) * logs.std(ddof=1) / np.sqrt(3)
+    r, lo, hi = models.ratio(ours, theirs)
+    assert r == pytest.approx(np.exp(logs.mean()))
+    assert (lo, hi) == pytest.approx((np.exp(logs.mean() - half), np.exp(logs.mean() + half)))
+    assert models.ratio([[1.0]], [[2.0]]) == (0.5, 0.0, math.inf)
 
 
 def test_unknown_network() -> None:
