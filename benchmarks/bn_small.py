@@ -6,7 +6,8 @@ Run: PYTHONPATH=src python -m benchmarks.bn_small [--repeats 7] [--calls 200] [-
 For each shape, the step is ``y = bn(x); y.backward(g)`` on a layer in training mode (input
 and parameter gradients, running statistics updated), and also the eval forward under
 ``torch.no_grad()``. Candidates, timed interleaved (``--calls`` calls of each per round,
-rounds repeated, medians of the per-round medians):
+rounds repeated: medians of the per-round medians, and ours/torch with its 95% interval over the
+rounds, ``benchmarks.ratios``):
 
 - ``auto``:  our BatchNorm*d with the default back-end (small float32/float64 CPU tensors run
   aten's kernel with our guard on top: one C++ call when ``batchnorm build-ext`` has compiled
@@ -14,7 +15,8 @@ rounds repeated, medians of the per-round medians):
 - ``torch_ops``: our layer with ``use_backend("torch")`` (the pure-torch path, ~20 small ops);
 - ``native``: ``torch.nn.BatchNorm*d``.
 
-``ours/native`` < 1 means we are faster. Timings on shared machines are noisy: compare the
+``auto/native`` < 1 means we are faster; an interval that contains 1 is no difference the run
+can detect. Timings on shared machines are noisy: compare the
 ratios of one run, not absolute times across runs.
 """
 
@@ -28,6 +30,8 @@ from collections.abc import Callable
 import torch
 
 import batchnorm
+
+from .ratios import ratio
 
 SHAPES: list[tuple[int, ...]] = [
     (8, 16),
@@ -58,8 +62,8 @@ def median_call(fn: Callable[[], object], calls: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def measure(shape: tuple[int, ...], repeats: int, calls: int) -> dict[str, dict[str, float]]:
-    """{mode: {candidate: median microseconds}} for mode in ("train", "eval")."""
+def measure(shape: tuple[int, ...], repeats: int, calls: int) -> dict[str, dict[str, list[float]]]:
+    """{mode: {candidate: each round's median microseconds}} for mode in ("train", "eval")."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).requires_grad_()
     g = torch.randn(shape, generator=gen)
@@ -89,7 +93,7 @@ def measure(shape: tuple[int, ...], repeats: int, calls: int) -> dict[str, dict[
 
         return run
 
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, list[float]]] = {}
     for mode, make in (("train", step), ("eval", evaluate)):
         # the default back-end is timed as a user calls it: no use_backend context around the call
         cands = {"auto": make(auto, None), "torch_ops": make(ops, "torch"), "native": make(native, None)}
@@ -99,7 +103,7 @@ def measure(shape: tuple[int, ...], repeats: int, calls: int) -> dict[str, dict[
         for _ in range(repeats):
             for name, fn in cands.items():
                 rounds[name].append(median_call(fn, calls))
-        out[mode] = {k: statistics.median(v) for k, v in rounds.items()}
+        out[mode] = rounds
     return out
 
 
@@ -113,14 +117,17 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians in microseconds")
     print(
-        f"{'shape':<16} {'mode':<6} {'auto':>8} {'torch_ops':>10} {'native':>8} {'auto/native':>12} {'ops/native':>11}"
+        f"{'shape':<16} {'mode':<6} {'auto':>8} {'torch_ops':>10} {'native':>8} {'auto/native [95% interval]':>28} "
+        f"{'ops/native':>11}"
     )
     for shape in SHAPES:
         res = measure(shape, args.repeats, args.calls)
-        for mode, r in res.items():
+        for mode, rounds in res.items():
+            r = {name: statistics.median(times) for name, times in rounds.items()}
+            ours, lo, hi = ratio(rounds["auto"], rounds["native"])
             print(
                 f"{'x'.join(map(str, shape)):<16} {mode:<6} {r['auto']:>8.0f} {r['torch_ops']:>10.0f} "
-                f"{r['native']:>8.0f} {r['auto'] / r['native']:>12.2f} {r['torch_ops'] / r['native']:>11.2f}",
+                f"{r['native']:>8.0f} {ours:>12.3f} [{lo:.3f}, {hi:.3f}] {r['torch_ops'] / r['native']:>11.2f}",
                 flush=True,
             )
 

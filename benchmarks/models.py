@@ -20,17 +20,14 @@ with our layers (same parameters). Four candidates per network: torch / ours, ea
 under ``torch.compile`` (default mode; compile time and a few warm-up steps excluded). They are
 timed interleaved: a round runs ``--steps`` steps of each candidate in turn (order rotated per
 round), every step timed alone; the table shows the median step time over all rounds and the
-ratio ours/torch (< 1: ours is faster), with its 95% interval over the rounds: the geometric
-mean of the rounds' ratios of median step times, a Student t interval on their logarithms.
-An interval that contains 1 means no difference this run can detect; ours is slower only where
-the whole interval lies above 1. Machines shared with other work are noisy: compare the ratios
-of one run, not absolute times across runs.
+ratio ours/torch (< 1: ours is faster) with its 95% interval over the rounds (``ratios``: the
+rounds' median step times, paired by round). Machines shared with other work are noisy: compare
+the ratios of one run, not absolute times across runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -42,9 +39,10 @@ from torch import Tensor, nn
 
 import batchnorm
 from batchnorm.lab.models import MLP
-from batchnorm.lab.verdict import t_quantile
 
-__all__ = ["NETS", "Net", "build", "mlp", "resnet18", "lab_net", "make_step", "measure", "ratio", "main"]
+from .ratios import ratio
+
+__all__ = ["NETS", "Net", "build", "mlp", "resnet18", "lab_net", "make_step", "measure", "main"]
 
 
 @dataclass
@@ -185,17 +183,6 @@ def measure(
     return times
 
 
-def ratio(ours: list[list[float]], theirs: list[list[float]]) -> tuple[float, float, float]:
-    """(ratio, low, high): the geometric mean over rounds of ``median(ours[r]) / median(theirs[r])``
-    and its 95% Student t interval on the log scale (infinite with a single round)."""
-    logs = [math.log(statistics.median(o) / statistics.median(t)) for o, t in zip(ours, theirs)]
-    mean = statistics.fmean(logs)
-    if len(logs) < 2:
-        return math.exp(mean), 0.0, math.inf
-    half = t_quantile(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
-    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
-
-
 def _median_ms(rounds: list[list[float]]) -> float:
     """The median step time over all rounds, in milliseconds."""
     return statistics.median(t for one in rounds for t in one) * 1e3
@@ -210,7 +197,7 @@ def _table(rows: list[tuple[str, dict[str, list[list[float]]]]], modes: tuple[st
         cells = ""
         for m in modes:
             ours, theirs = t[f"ours {m}"], t[f"torch {m}"]
-            r, lo, hi = ratio(ours, theirs)
+            r, lo, hi = ratio([statistics.median(one) for one in ours], [statistics.median(one) for one in theirs])
             cells += f" | {_median_ms(theirs):11.2f} ms {_median_ms(ours):10.2f} ms {r:9.3f}x [{lo:.3f}, {hi:.3f}]"
         lines.append(f"{label:<44}{cells}")
     return "\n".join(lines)

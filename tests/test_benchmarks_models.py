@@ -1,5 +1,6 @@
 """Smoke test of ``benchmarks/models.py``: each network takes a training step at toy size, with
-torch's batch norm and with ours, and both give the same loss and parameter update."""
+torch's batch norm and with ours, and both give the same loss and parameter update; and the
+ratio with its interval that the benchmarks print (``benchmarks/ratios.py``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import scipy.stats
 import torch
 from benchmarks import models
+from benchmarks.ratios import ratio
 
 import batchnorm
 
@@ -43,14 +45,15 @@ def test_measure_reports_every_candidate() -> None:
 
 
 def test_ratio_is_the_geometric_mean_of_round_ratios_with_a_t_interval() -> None:
-    ours = [[2.0, 2.0, 9.0], [1.0, 3.0, 3.0], [4.0]]  # round medians 2, 3, 4
-    theirs = [[1.0], [3.0], [2.0]]  # round ratios 2, 1, 2
+    ours, theirs = [2.0, 3.0, 4.0], [1.0, 3.0, 2.0]  # round ratios 2, 1, 2
     logs = np.log([2.0, 1.0, 2.0])
     half = scipy.stats.t.ppf(0.975, 2) * logs.std(ddof=1) / np.sqrt(3)
-    r, lo, hi = models.ratio(ours, theirs)
+    r, lo, hi = ratio(ours, theirs)
     assert r == pytest.approx(np.exp(logs.mean()))
     assert (lo, hi) == pytest.approx((np.exp(logs.mean() - half), np.exp(logs.mean() + half)))
-    assert models.ratio([[1.0]], [[2.0]]) == (0.5, 0.0, math.inf)
+    assert ratio([1.0], [2.0]) == (0.5, 0.0, math.inf)
+    with pytest.raises(ValueError, match="one time per round"):
+        ratio([1.0, 2.0], [1.0])
 
 
 def test_unknown_network() -> None:
