@@ -50,8 +50,9 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _c = torch._C
 
 
-def eager(*tensors: Tensor | None) -> bool:
-    """True when a call may run its operator's implementation directly (see the module docstring)."""
+def eager(first: Tensor, *tensors: Tensor | None) -> bool:
+    """True when a call may run its operator's implementation directly (see the module docstring).
+    ``first``: the operator's input, the other ``tensors`` its parameters and statistics."""
     if (
         torch.compiler.is_compiling()  # first: torch.compile reads it as a constant and stops here
         or _c._are_functorch_transforms_active()
@@ -59,10 +60,12 @@ def eager(*tensors: Tensor | None) -> bool:
         or _c._is_torch_function_mode_enabled()
         or _c._is_tracing()
         or fwAD._current_level >= 0
+        or first.__class__ not in _PLAIN
+        or not _c._has_storage(first)  # a sparse input, or a batched or wrapped one
     ):
         return False
-    for t in tensors:  # a subclass, or a batched or wrapped tensor (no storage of its own)
-        if t is not None and (t.__class__ not in _PLAIN or not _c._has_storage(t)):
+    for t in tensors:  # a subclass; without a transform active, only the input can lack a storage
+        if t is not None and t.__class__ not in _PLAIN:
             return False
     return True
 
