@@ -18,6 +18,7 @@ from batchnorm.lab.config import RunConfig
 from batchnorm.lab.datasets import load
 from batchnorm.lab.experiments import santurkar2018_noisy as exp
 from batchnorm.lab.experiments._santurkar import NoisyReLU, build, noisy, seed_slot
+from batchnorm.lab.models import blocks
 from batchnorm.lab.runner import run_one
 from batchnorm.lab.stacked import train_stacked
 from batchnorm.lab.training import TrainSpec, minibatches, train
@@ -150,6 +151,16 @@ def test_noisy_relu_stacked_slices_use_each_seeds_generator_and_magnitude() -> N
         NoisyReLU([torch.Generator()], [0.1, 0.2])
     with pytest.raises(ValueError, match="magnitude >= 0"):
         NoisyReLU([torch.Generator()], [-0.1])
+
+
+def test_noisy_refuses_a_count_of_activations_before_changing_a_model() -> None:
+    data = load("digits", 0)
+    models = [build(data, 3, 8, "bn", s) for s in (0, 1)]
+    before = [[type(block.act) for block in blocks(m)] for m in models]
+    acts = [NoisyReLU([torch.Generator()] * 2, [0.4, 0.4]) for _ in range(2)]
+    with pytest.raises(ValueError, match=r"one NoisyReLU per hidden layer \(\[3\]\), got 2"):
+        noisy(models, acts)
+    assert [[type(block.act) for block in blocks(m)] for m in models] == before
 
 
 def test_stacked_noisy_training_equals_each_seed_alone() -> None:

@@ -85,9 +85,12 @@ class NoisyReLU(nn.Module):
 def noisy(models: Sequence[MLP], acts: Sequence[NoisyReLU]) -> None:
     """In place: replace every hidden ReLU of each BN model by noise + ReLU. ``acts``: one
     ``NoisyReLU`` per hidden layer, shared by all models (the stacked forward uses the first
-    model's activations on the (S, B, C) slices). Raises ValueError unless they match in number."""
+    model's activations on the (S, B, C) slices). Raises ValueError, changing nothing, unless they
+    match in number."""
+    if depths := sorted({len(list(blocks(m))) for m in models} - {len(acts)}):
+        raise ValueError(f"noisy: expected one NoisyReLU per hidden layer ({depths}), got {len(acts)}")
     for m in models:
-        for block, a in zip(blocks(m), acts, strict=True):
+        for block, a in zip(blocks(m), acts):
             block.act = a
 
 
