@@ -20,10 +20,11 @@ from .training import minibatches
 __all__ = ["population_statistics"]
 
 
+@torch.no_grad()
 def population_statistics(model: nn.Module, x: Tensor, *, batch_size: int, generator: torch.Generator) -> nn.Module:
     """A copy of ``model`` (left as it is), in eval mode, whose BatchNorm running statistics are Alg. 2's
     estimates: torch's ``update_bn`` (cumulative averages, ``momentum=None``; each layer's momentum
-    restored) runs it in training mode, weights frozen, over one pass of ceil(N / m) batches of
+    restored) runs it in training mode without gradients, over one pass of ceil(N / m) batches of
     m = ``batch_size`` rows of ``x`` (N, ...) in an order ``generator`` seeds (dropout, if any,
     stays active); every batch has the same m (``minibatches``), as Alg. 2's m/(m-1) assumes."""
     new = copy.deepcopy(model)
