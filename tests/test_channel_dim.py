@@ -8,6 +8,8 @@ Run: PYTHONPATH=src python -m pytest -q tests/test_channel_dim.py
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.fx
@@ -87,9 +89,22 @@ def test_accumulate_reads_the_last_dim() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
-def test_script_refuses_channel_last() -> None:
-    with pytest.raises(RuntimeError, match="channel_dim"):
-        torch.jit.script(batchnorm.BatchNorm1d(C, channel_dim=-1))
+def test_script_keeps_channel_dim_and_mask() -> None:
+    """The scripted layer runs the layer's own step: channels last and a mask work as in eager."""
+    torch.manual_seed(0)
+    eager = batchnorm.BatchNorm1d(C, channel_dim=-1).double()
+    scripted = torch.jit.script(copy.deepcopy(eager))
+    for n in (4, 3):
+        x = torch.randn(n, 5, C, dtype=torch.float64) * 3 + 1
+        mask = torch.rand(n, 5) > 0.3
+        torch.testing.assert_close(scripted(x, mask), eager(x, mask), rtol=0, atol=0)
+    # TorchScript also lists non-persistent buffers (num_batches_skipped) in a state_dict
+    got = scripted.state_dict()
+    torch.testing.assert_close({key: got[key] for key in eager.state_dict()}, eager.state_dict(), rtol=0, atol=0)
+    scripted.eval()
+    eager.eval()
+    x = torch.randn(2, 5, C, dtype=torch.float64)
+    torch.testing.assert_close(scripted(x), eager(x), rtol=0, atol=0)
 
 
 def test_fx_trace_keeps_channel_dim() -> None:

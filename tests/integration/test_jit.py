@@ -15,6 +15,8 @@ import io
 import pytest
 import torch
 
+import batchnorm
+
 from ._cases import CASES, Case, assert_steps_close, run_steps, train_then_eval
 
 pytestmark = [
@@ -68,3 +70,32 @@ def test_trace_matches_eager(case: Case, training: bool, grad: bool) -> None:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_script_matches_eager(case: Case, grad: bool) -> None:
     check_script(case, grad=grad)
+
+
+SCRIPTED_KINDS = [
+    lambda: batchnorm.BatchNorm1d(4),
+    lambda: batchnorm.GhostBatchNorm1d(4, virtual_batch_size=2),
+    lambda: batchnorm.BatchRenorm1d(4),
+    lambda: batchnorm.BatchNormAct1d(4),
+    lambda: batchnorm.SyncBatchNorm(4),
+]
+
+
+@pytest.mark.parametrize("make", SCRIPTED_KINDS, ids=["bn", "ghost", "renorm", "act", "sync"])
+def test_script_runs_the_layers_own_step(make) -> None:
+    """A scripted layer is one call of the layer's step: its checks and messages, and its guard
+    that keeps a non-finite batch out of the running statistics."""
+    layer = make()
+    scripted = torch.jit.script(copy.deepcopy(layer))
+    with pytest.raises(RuntimeError, match=rf"{type(layer).__name__}\(4\).*4 channels"):
+        scripted(torch.randn(8, 5))
+    before = {key: value.clone() for key, value in scripted.state_dict().items()}
+    x = torch.randn(8, 4)
+    x[3, 1] = float("nan")
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        scripted(x)
+    after = scripted.state_dict()
+    for key, value in before.items():
+        if key != "num_batches_skipped":
+            torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    assert int(after["num_batches_skipped"]) == 1

@@ -1,5 +1,6 @@
 """Modules: batch-norm layers (re-exported from `batchnorm`)."""
 
+from . import _script  # noqa: F401  (registers each layer's step as an operator, for TorchScript)
 from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, BatchNormActBase
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenBatchNormBase

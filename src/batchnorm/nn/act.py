@@ -24,7 +24,6 @@ from torch import Tensor
 
 from .. import _checks
 from ..functional_act import act_step, check_activation
-from ..ops import scripted
 from ._fx import leaf_call, root_call
 from .batchnorm import BatchNormBase, layer_mode
 
@@ -121,21 +120,13 @@ class BatchNormActBase(BatchNormBase):
         return f"{super().extra_repr()}, activation={act}"
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
-        """``torch.jit.script`` compiles this layer itself (its forward has a TorchScript branch)."""
-        return self
+        """What ``torch.jit.script`` compiles in this layer's place (`batchnorm.nn._script`)."""
+        from ._script import ScriptedAct
+
+        return ScriptedAct(self)
 
     def forward(self, input: Tensor) -> Tensor:
         """z = act(BN(input)) per channel, fused; see the module docstring."""
-        if torch.jit.is_scripting():
-            return scripted.act_forward(
-                input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
-                self.num_batches_skipped, self.training, self.track_running_stats, self.momentum, self.eps,
-                self.activation, self.negative_slope, self.alpha, "BatchNormAct",
-            )  # fmt: skip
-        return self._eager_act_forward(input)
-
-    @torch.jit.unused
-    def _eager_act_forward(self, input: Tensor) -> Tensor:
         if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
             node = leaf_call(self, input)
             if node is not None:

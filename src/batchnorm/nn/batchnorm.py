@@ -51,7 +51,6 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from .. import _checks, ops
 from ..functional import channels_to_front, masked_step
-from ..ops import scripted
 from . import _torch_fusers
 from ._fx import leaf_call, root_call
 
@@ -160,7 +159,6 @@ class BatchNormBase(_TorchBatchNorm):
 
     _ndims: tuple[int, ...] = (2, 3, 4, 5)
     # where the channels are: 1 (torch's convention), or -1 for BatchNorm1d on (N, L, C) input
-    # (no annotation: TorchScript would read it as an attribute type it cannot resolve)
     channel_dim = 1
 
     def __init__(
@@ -221,43 +219,12 @@ class BatchNormBase(_TorchBatchNorm):
         raise NotImplementedError(f"{type(self).__name__}: subclass MaskableBatchNorm, or define forward")
 
     def __prepare_scriptable__(self) -> nn.Module:
-        """What ``torch.jit.script`` compiles in this layer's place: a `ScriptedBatchNorm`
-        sharing its parameters and buffers (the eager forward is Python that TorchScript cannot
-        compile; the scripted one makes the same operator calls). Refused for
-        ``channel_dim=-1`` (the scripted forward takes channels at dim 1)."""
-        if self.channel_dim != 1:
-            raise RuntimeError(
-                f"{self._where()}: torch.jit.script does not support channel_dim={self.channel_dim}; "
-                "use torch.compile or torch.export"
-            )
-        return ScriptedBatchNorm(self, type(self).__name__)
+        """What ``torch.jit.script`` compiles in this layer's place: a module sharing this layer's
+        tensors whose forward is one call of this layer's step, registered as an operator
+        (`batchnorm.nn._script`)."""
+        from ._script import ScriptedBatchNorm
 
-
-class ScriptedBatchNorm(nn.Module):
-    """The TorchScript form of a ``BatchNorm*d`` (made by its ``__prepare_scriptable__``): the
-    same parameter and buffer tensors under the same names (so the same ``state_dict``), and a
-    forward of operator calls (`batchnorm.ops.scripted.bn_forward`) without the eager
-    path's argument checks."""
-
-    def __init__(self, layer: BatchNormBase, name: str) -> None:
-        super().__init__()
-        self.training = layer.training
-        self.track_running_stats = layer.track_running_stats
-        self.momentum = layer.momentum
-        self.eps = float(layer.eps)
-        self.num_features = layer.num_features
-        self.where = name
-        for key in ("weight", "bias"):
-            self.register_parameter(key, layer._parameters.get(key))
-        for key in ("running_mean", "running_var", "num_batches_tracked"):
-            self.register_buffer(key, layer._buffers.get(key))
-        self.register_buffer("num_batches_skipped", layer._buffers.get("num_batches_skipped"), persistent=False)
-
-    def forward(self, input: Tensor) -> Tensor:
-        return scripted.bn_forward(
-            input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
-            self.num_batches_skipped, self.training, self.track_running_stats, self.momentum, self.eps, self.where,
-        )  # fmt: skip
+        return ScriptedBatchNorm(self)
 
 
 class MaskableBatchNorm(BatchNormBase):
@@ -299,9 +266,6 @@ class MaskableBatchNorm(BatchNormBase):
         if isinstance(input, torch.fx.Proxy):  # the layer is the traced root
             return root_call(self, batch_norm_layer, args)
         return batch_norm_layer(*args)
-
-    # TorchScript compiles a module's properties unless named here
-    __jit_unused_properties__ = ["torch_layer"]
 
     @property
     def torch_layer(self) -> _TorchBatchNorm | None:

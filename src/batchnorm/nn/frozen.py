@@ -155,16 +155,14 @@ class FrozenBatchNormBase(nn.Module):
         shift = self.bias.double() - self.running_mean.double() * scale
         return scale, shift
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles in this layer's place (`batchnorm.nn._script`)."""
+        from ._script import ScriptedFrozen
+
+        return ScriptedFrozen(self)
+
     def forward(self, input: Tensor) -> Tensor:
         """``y = (x - running_mean) * scale + bias`` per channel (dim 1), in any mode."""
-        if torch.jit.is_scripting():
-            return torch.ops.batchnorm.eval(
-                input, self.running_mean, self.running_var, self.weight, self.bias, self.eps
-            )
-        return self._eager_forward(input)
-
-    @torch.jit.unused
-    def _eager_forward(self, input: Tensor) -> Tensor:
         if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
             node = leaf_call(self, input)
             if node is not None:

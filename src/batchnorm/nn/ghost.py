@@ -41,7 +41,6 @@ from torch import Tensor
 
 from .. import _checks
 from ..functional import check_train_args
-from ..ops import scripted
 from ..ops.ghost import ghost_step
 from ._fx import leaf_call, root_call
 from .batchnorm import BatchNormBase, batch_norm_layer
@@ -186,26 +185,13 @@ class GhostBatchNormBase(BatchNormBase):
         self.virtual_batch_size = _check_virtual_batch_size(virtual_batch_size, self._where())
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
-        """``torch.jit.script`` compiles this layer itself (its forward has a TorchScript branch)."""
-        return self
+        """What ``torch.jit.script`` compiles in this layer's place (`batchnorm.nn._script`)."""
+        from ._script import ScriptedGhost
+
+        return ScriptedGhost(self)
 
     def forward(self, input: Tensor) -> Tensor:
         """Ghost-batch normalize ``input`` (N, C, *) in training; plain BN in eval."""
-        if torch.jit.is_scripting():
-            if not self.training:
-                return scripted.bn_forward(
-                    input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
-                    self.num_batches_skipped, False, self.track_running_stats, self.momentum, self.eps, "GhostBatchNorm",
-                )  # fmt: skip
-            return scripted.ghost_forward(
-                input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
-                self.num_batches_skipped, self.track_running_stats, self.momentum, self.eps, self.virtual_batch_size,
-                "GhostBatchNorm",
-            )  # fmt: skip
-        return self._eager_ghost_forward(input)
-
-    @torch.jit.unused
-    def _eager_ghost_forward(self, input: Tensor) -> Tensor:
         if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
             node = leaf_call(self, input)
             if node is not None:

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from .. import _checks, ops
 from ..functional import is_fx_proxy, update_step
-from ..ops import renorm_math, scripted
+from ..ops import renorm_math
 from ._fx import leaf_call, root_call
 
 __all__ = [
@@ -284,7 +284,6 @@ class BatchRenormBase(nn.Module):
     """
 
     _ndims: tuple[int, ...] = (2, 3, 4, 5)
-    __jit_unused_properties__ = ["running_var"]
 
     def __init__(
         self,
@@ -358,18 +357,14 @@ class BatchRenormBase(nn.Module):
     def _schedule(self) -> tuple[float, float, int, int, int]:
         return (self.r_max, self.d_max, self.warmup_steps, self.r_max_steps, self.d_max_steps)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script`` compiles in this layer's place (`batchnorm.nn._script`)."""
+        from ._script import ScriptedRenorm
+
+        return ScriptedRenorm(self)
+
     def forward(self, input: Tensor) -> Tensor:
         """Renormalize ``input`` (N, C, *) per channel; see the module docstring."""
-        if torch.jit.is_scripting():
-            return scripted.renorm_forward(
-                input, self.weight, self.bias, self.running_mean, self.running_std, self.num_batches_tracked,
-                self.num_batches_skipped, self.training, self.momentum, self.eps, self.r_max, self.d_max,
-                self.warmup_steps, self.r_max_steps, self.d_max_steps, "BatchRenorm",
-            )  # fmt: skip
-        return self._eager_forward(input)
-
-    @torch.jit.unused
-    def _eager_forward(self, input: Tensor) -> Tensor:
         if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
             node = leaf_call(self, input)
             if node is not None:

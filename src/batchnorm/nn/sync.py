@@ -177,12 +177,6 @@ class SyncBatchNorm(MaskableBatchNorm):
         """Whether this forward communicates: training and a group of more than one process."""
         return self.training and _collectives.group_size(self.process_group, self._where()) > 1
 
-    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Normalize with statistics over the group in training; plain BN otherwise. ``mask``
-        (N_r, *spatial) bool, True where a value is real: the statistics of the real values of
-        all ranks (one collective, as without a mask), padded outputs 0."""
-        return self._sync_forward(input, mask)
-
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """``torch.jit.script`` compiles the layer as plain batch norm: TorchScript has no
         collectives, so it refuses while a process group of several processes would be used."""
@@ -194,8 +188,10 @@ class SyncBatchNorm(MaskableBatchNorm):
             )
         return super().__prepare_scriptable__()
 
-    @torch.jit.unused
-    def _sync_forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize with statistics over the group in training; plain BN otherwise. ``mask``
+        (N_r, *spatial) bool, True where a value is real: the statistics of the real values of
+        all ranks (one collective, as without a mask), padded outputs 0."""
         if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
             node = leaf_call(self, input, mask=mask)
             return node if node is not None else root_call(self, None, (input,))

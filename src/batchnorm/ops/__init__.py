@@ -1,7 +1,7 @@
 """PyTorch operators in the ``batchnorm`` namespace (``torch.ops.batchnorm.*``).
 
 Every computation of the layers is one registered operator, so torch.compile, torch.export,
-torch.fx, TorchScript and torch.func see one opaque, shape-known node per computation instead
+torch.fx and torch.func see one opaque, shape-known node per computation instead
 of our Python and numba code:
 
 ========================================  ==============================================
@@ -15,8 +15,9 @@ var, eps)``
 ``update_running_stats(...)``             the running-statistics EMA, in place, on the device
 ========================================  ==============================================
 
-Importing `batchnorm` registers them (loading an exported program that uses them needs
-``import batchnorm`` first).
+Each layer's whole step is an operator too, which the layer's ``torch.jit.script`` form
+calls (`batchnorm.nn._script`). Importing `batchnorm` registers them all (loading an exported
+program or a saved TorchScript module that uses them needs ``import batchnorm`` first).
 """
 
 from ._path import recomputing

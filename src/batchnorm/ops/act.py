@@ -147,7 +147,7 @@ def _act_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, 
 
 
 def _act_grads(ctx: Any, grad_z: Tensor, _gm: Any, _gv: Any):
-    """The operator's own autograd (callers of ``torch.ops.batchnorm.act_train``, e.g. TorchScript):
+    """The operator's own autograd (for callers of ``torch.ops.batchnorm.act_train`` itself):
     dy = dz * act'(y) with y recovered from z, then the BN backward with the saved x."""
     z, weight, var, x, mean = ctx.saved_tensors
     _, slope = invert_activation(z.to(var.dtype), *ctx.act)

@@ -30,7 +30,7 @@ path aten's kernels with aten's autograd (small float32/float64 CPU inputs,
 operators through ``torch.autograd.Function``s (setup_context style, so
 ``torch.func.grad``/``jacrev``/``vmap`` work), with a forward-mode rule (``jvp``,
 ``torch.autograd.forward_ad``). The operators also carry their own autograd registration, for
-callers that use ``torch.ops.batchnorm.*`` directly (TorchScript).
+callers that use ``torch.ops.batchnorm.*`` directly.
 """
 
 from __future__ import annotations

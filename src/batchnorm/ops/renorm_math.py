@@ -1,6 +1,5 @@
-"""The batch-renorm math on tensors, written once, in the subset of Python TorchScript compiles:
-the eager layer (`batchnorm.nn.renorm`) and its TorchScript form (`batchnorm.ops.scripted`) both
-call these functions.
+"""The batch-renorm math on tensors, written once: the limits of the schedule, the factors r
+and d, and the affine parameters they fold into (`batchnorm.nn.renorm` calls them).
 
 Ioffe 2017: with the batch statistics mu_B, sigma_B = sqrt(var_B + eps) and the running mu,
 sigma,
