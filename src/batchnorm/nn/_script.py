@@ -24,7 +24,7 @@ A saved TorchScript module names these operators: loading it needs ``import batc
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -117,9 +117,9 @@ class Scripted(nn.Module):
                 self.register_buffer(key, None, persistent=False)
         for key in settings:
             setattr(self, key, getattr(layer, key))
-        self.ndims: list[int] = list(layer._ndims)  # type: ignore[attr-defined]
-        self.num_features: int = layer.num_features  # type: ignore[attr-defined]
-        self.where: str = f"{type(layer).__name__}({layer.num_features})"
+        self.ndims: list[int] = list(cast(tuple[int, ...], layer._ndims))
+        self.num_features: int = cast(int, layer.num_features)
+        self.where: str = f"{type(layer).__name__}({self.num_features})"
 
 
 _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked", "num_batches_skipped")
