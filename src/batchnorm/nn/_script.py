@@ -2,7 +2,8 @@
 
 TorchScript compiles a subset of Python, and a layer's step (input checks, the choice of path,
 the kernels, the running-statistics update) is ordinary Python. So the step function of each
-kind is registered as one operator whose kernel *is* that function:
+kind is registered as one operator whose kernel calls that function (lists of ints become
+the tuples it takes):
 
     torch.ops.batchnorm.bn_layer      `batchnorm.nn.batchnorm.batch_norm_layer`   (BatchNorm*d, SyncBatchNorm)
     torch.ops.batchnorm.ghost_layer   `batchnorm.nn.ghost.ghost_batch_norm_layer`
@@ -46,6 +47,7 @@ _STATE = (
 
 
 def _define(name: str, schema: str, step: Any) -> None:
+    """Register ``name(schema) -> Tensor`` with ``step`` as its kernel above autograd."""
     _LIB.define(f"{name}({schema}) -> Tensor")
     _LIB.impl(name, step, "CompositeImplicitAutograd")
 
@@ -88,14 +90,11 @@ _define(
         )
     ),
 )
-_LIB.define(
-    "frozen_layer(Tensor input, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var, float eps, "
-    "int[] ndims, int num_features, str where) -> Tensor"
-)
-_LIB.impl(
+_define(
     "frozen_layer",
+    "Tensor input, Tensor weight, Tensor bias, Tensor running_mean, Tensor running_var, float eps, int[] ndims, "
+    "int num_features, str where",
     lambda x, w, b, rm, rv, eps, ndims, c, where: frozen_batch_norm(x, w, b, rm, rv, eps, tuple(ndims), c, where),
-    "CompositeImplicitAutograd",
 )
 
 
