@@ -14,6 +14,7 @@ import io
 
 import pytest
 import torch
+import torch.nn.utils.parametrize
 
 import batchnorm
 
@@ -99,3 +100,34 @@ def test_script_runs_the_layers_own_step(make) -> None:
         if key != "num_batches_skipped":
             torch.testing.assert_close(after[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
     assert int(after["num_batches_skipped"]) == 1
+
+
+class _Doubled(batchnorm.GhostBatchNorm1d):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input * 2.0
+
+
+def _plus_100(module: torch.nn.Module, inputs: tuple[torch.Tensor], output: torch.Tensor) -> torch.Tensor:
+    return output + 100.0
+
+
+def test_script_compiles_the_layer_itself() -> None:
+    """The layer itself is scripted: the model keeps our layers, a subclass's own forward and a
+    forward hook are compiled, and settings given as ints work."""
+    model = torch.nn.Sequential(batchnorm.BatchNorm1d(4, eps=1, momentum=1), batchnorm.FrozenBatchNorm1d(4))
+    model[1].register_forward_hook(_plus_100)
+    eager = copy.deepcopy(model)
+    scripted = torch.jit.script(model)
+    assert isinstance(model[0], batchnorm.BatchNorm1d) and isinstance(model[1], batchnorm.FrozenBatchNorm1d)
+    x = torch.randn(8, 4)
+    torch.testing.assert_close(scripted(x), eager(x), rtol=0, atol=0)
+    torch.testing.assert_close(scripted[0].running_var, eager[0].running_var, rtol=0, atol=0)
+    assert float(scripted(x).detach().mean()) > 50  # the hook ran
+    torch.testing.assert_close(torch.jit.script(_Doubled(4, 2))(x), x * 2.0)
+
+
+def test_script_refuses_a_parametrized_weight() -> None:
+    layer = batchnorm.BatchNorm1d(4)
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", torch.nn.Identity())
+    with pytest.raises(RuntimeError, match=r"BatchNorm1d\(4\).*parametrized"):
+        torch.jit.script(layer)

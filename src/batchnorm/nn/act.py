@@ -119,14 +119,15 @@ class BatchNormActBase(BatchNormBase):
             act += f", alpha={self.alpha}"
         return f"{super().extra_repr()}, activation={act}"
 
-    def __prepare_scriptable__(self) -> torch.nn.Module:
-        """What ``torch.jit.script`` compiles in this layer's place (`batchnorm.nn._script`)."""
-        from ._script import ScriptedAct
-
-        return ScriptedAct(self)
-
     def forward(self, input: Tensor) -> Tensor:
         """z = act(BN(input)) per channel, fused; see the module docstring."""
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch (nn/_script.py)
+            return torch.ops.batchnorm.act_layer(
+                input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+                self.training, self.track_running_stats, None if self.momentum is None else float(self.momentum),
+                float(self.eps), self.activation, self.negative_slope, self.alpha, self._script_ndims,
+                self.num_features, self._script_where, self.num_batches_skipped,
+            )  # fmt: skip
         if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
             node = leaf_call(self, input)
             if node is not None:

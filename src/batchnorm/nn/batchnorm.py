@@ -219,12 +219,11 @@ class BatchNormBase(_TorchBatchNorm):
         raise NotImplementedError(f"{type(self).__name__}: subclass MaskableBatchNorm, or define forward")
 
     def __prepare_scriptable__(self) -> nn.Module:
-        """What ``torch.jit.script`` compiles in this layer's place: a module sharing this layer's
-        tensors whose forward is one call of this layer's step, registered as an operator
-        (`batchnorm.nn._script`)."""
-        from ._script import ScriptedBatchNorm
+        """What ``torch.jit.script`` compiles: this layer, whose forward's TorchScript branch is
+        one call of its step registered as an operator (`batchnorm.nn._script`)."""
+        from ._script import prepare
 
-        return ScriptedBatchNorm(self)
+        return prepare(self)
 
 
 class MaskableBatchNorm(BatchNormBase):
@@ -236,6 +235,13 @@ class MaskableBatchNorm(BatchNormBase):
         see the module docstring. ``mask`` (N, *spatial) bool, True where a value is real:
         statistics, running statistics and gradients from the real positions only, padded
         outputs 0 (`batchnorm.functional.masked_step`)."""
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch (nn/_script.py)
+            return torch.ops.batchnorm.bn_layer(
+                input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+                self.training, self.track_running_stats, None if self.momentum is None else float(self.momentum),
+                float(self.eps), self._script_ndims, self.num_features, self._script_where, self.num_batches_skipped,
+                self.channel_dim, mask,
+            )  # fmt: skip
         if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
             twin = _torch_layer_in_trace(self, input) if mask is None else None
             node = twin(input) if twin is not None else leaf_call(self, input, mask=mask)
@@ -266,6 +272,9 @@ class MaskableBatchNorm(BatchNormBase):
         if isinstance(input, torch.fx.Proxy):  # the layer is the traced root
             return root_call(self, batch_norm_layer, args)
         return batch_norm_layer(*args)
+
+    # TorchScript compiles a module's properties unless named here
+    __jit_unused_properties__ = ["torch_layer"]
 
     @property
     def torch_layer(self) -> _TorchBatchNorm | None:

@@ -156,13 +156,19 @@ class FrozenBatchNormBase(nn.Module):
         return scale, shift
 
     def __prepare_scriptable__(self) -> nn.Module:
-        """What ``torch.jit.script`` compiles in this layer's place (`batchnorm.nn._script`)."""
-        from ._script import ScriptedFrozen
+        """What ``torch.jit.script`` compiles: this layer, whose forward's TorchScript branch is
+        one call of its step registered as an operator (`batchnorm.nn._script`)."""
+        from ._script import prepare
 
-        return ScriptedFrozen(self)
+        return prepare(self)
 
     def forward(self, input: Tensor) -> Tensor:
         """``y = (x - running_mean) * scale + bias`` per channel (dim 1), in any mode."""
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch (nn/_script.py)
+            return torch.ops.batchnorm.frozen_layer(
+                input, self.weight, self.bias, self.running_mean, self.running_var, float(self.eps),
+                self._script_ndims, self.num_features, self._script_where,
+            )  # fmt: skip
         if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
             node = leaf_call(self, input)
             if node is not None:

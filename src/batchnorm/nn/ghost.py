@@ -184,14 +184,15 @@ class GhostBatchNormBase(BatchNormBase):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.virtual_batch_size = _check_virtual_batch_size(virtual_batch_size, self._where())
 
-    def __prepare_scriptable__(self) -> torch.nn.Module:
-        """What ``torch.jit.script`` compiles in this layer's place (`batchnorm.nn._script`)."""
-        from ._script import ScriptedGhost
-
-        return ScriptedGhost(self)
-
     def forward(self, input: Tensor) -> Tensor:
         """Ghost-batch normalize ``input`` (N, C, *) in training; plain BN in eval."""
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch (nn/_script.py)
+            return torch.ops.batchnorm.ghost_layer(
+                input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+                self.training, self.track_running_stats, None if self.momentum is None else float(self.momentum),
+                float(self.eps), self.virtual_batch_size, self._script_ndims, self.num_features, self._script_where,
+                self.num_batches_skipped,
+            )  # fmt: skip
         if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
             node = leaf_call(self, input)
             if node is not None:

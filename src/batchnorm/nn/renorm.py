@@ -284,6 +284,7 @@ class BatchRenormBase(nn.Module):
     """
 
     _ndims: tuple[int, ...] = (2, 3, 4, 5)
+    __jit_unused_properties__ = ["running_var"]
 
     def __init__(
         self,
@@ -358,13 +359,21 @@ class BatchRenormBase(nn.Module):
         return (self.r_max, self.d_max, self.warmup_steps, self.r_max_steps, self.d_max_steps)
 
     def __prepare_scriptable__(self) -> nn.Module:
-        """What ``torch.jit.script`` compiles in this layer's place (`batchnorm.nn._script`)."""
-        from ._script import ScriptedRenorm
+        """What ``torch.jit.script`` compiles: this layer, whose forward's TorchScript branch is
+        one call of its step registered as an operator (`batchnorm.nn._script`)."""
+        from ._script import prepare
 
-        return ScriptedRenorm(self)
+        return prepare(self)
 
     def forward(self, input: Tensor) -> Tensor:
         """Renormalize ``input`` (N, C, *) per channel; see the module docstring."""
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch (nn/_script.py)
+            return torch.ops.batchnorm.renorm_layer(
+                input, self.weight, self.bias, self.running_mean, self.running_std, self.num_batches_tracked,
+                self.training, None if self.momentum is None else float(self.momentum), float(self.eps),
+                float(self.r_max), float(self.d_max), self.warmup_steps, self.r_max_steps, self.d_max_steps,
+                self._script_ndims, self.num_features, self._script_where, self.num_batches_skipped,
+            )  # fmt: skip
         if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
             node = leaf_call(self, input)
             if node is not None:
