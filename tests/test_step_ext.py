@@ -11,6 +11,7 @@ installation has.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import torch
 
 import batchnorm
 from batchnorm._kernels import native, step_ext
+from batchnorm._kernels.dispatch import host_kernels
 from batchnorm.ops import aten_step as bn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -291,3 +293,36 @@ def test_cli_build_ext_without_a_compiler_is_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("batchnorm: error: could not compile the C++ eager step")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_python_form_checks_at_the_bound(dtype: torch.dtype) -> None:
+    """The Python form's channel checks (numba) on exact bounds, against the rule written out:
+    ill-conditioned strictly above ``|mean| * invstd = kappa`` (eval: ``|mean| = kappa *
+    sqrt(var + eps)``), not finite for NaN/inf anywhere or ``var + eps <= 0``; 37 channels
+    (a loop tail)."""
+    kernels = host_kernels()
+    if kernels is None:
+        pytest.skip("numba is not installed")
+    kappa, c = native.KAPPA_MAX[dtype], 37
+    inv = torch.full((c,), 0.5, dtype=dtype)
+    var = torch.full((c,), 3.75, dtype=dtype)  # var + eps = 4 with eps = 0.25: sqrt 2
+    for k in (0, 17, c - 1):
+        for scale, want in ((1.0, kernels.UPDATED), (1.0 + 2.0**-20, kernels.ILL_CONDITIONED)):
+            mean = torch.zeros(c, dtype=dtype)
+            mean[k] = -2 * kappa * scale  # |mean| * 0.5 = kappa * scale; |mean| = kappa * sqrt(4) * scale
+            assert kernels.check_statistics(mean.numpy(), inv.numpy(), kappa) == want
+            assert kernels.check_fixed_statistics(mean.numpy(), var.numpy(), 0.25, kappa) == want
+        for bad in (math.nan, math.inf, -math.inf):
+            mean, bad_inv, bad_var = torch.zeros(c, dtype=dtype), inv.clone(), var.clone()
+            mean[k] = bad
+            assert kernels.check_statistics(mean.numpy(), inv.numpy(), kappa) == kernels.NOT_FINITE
+            assert kernels.check_fixed_statistics(mean.numpy(), var.numpy(), 0.25, kappa) == kernels.NOT_FINITE
+            bad_inv[k], bad_var[k] = bad, bad
+            zero = torch.zeros(c, dtype=dtype)
+            assert kernels.check_statistics(zero.numpy(), bad_inv.numpy(), kappa) == kernels.NOT_FINITE
+            assert kernels.check_fixed_statistics(zero.numpy(), bad_var.numpy(), 0.25, kappa) == kernels.NOT_FINITE
+        refused = var.clone()
+        refused[k] = -0.25  # var + eps = 0
+        zero = torch.zeros(c, dtype=dtype)
+        assert kernels.check_fixed_statistics(zero.numpy(), refused.numpy(), 0.25, kappa) == kernels.NOT_FINITE

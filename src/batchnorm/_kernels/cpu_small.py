@@ -167,27 +167,27 @@ def _py_update(rm, rv, mean, var, f, unbias, kappa_max, save_mean, save_invstd):
 
 
 def _py_check(save_mean, save_invstd, kappa_max):  # pragma: no cover - runs compiled
-    # code 2: a statistic is not finite; 1: some |mean| * invstd > kappa_max; 0: fine
-    code = 0
+    # code 2: a statistic is not finite; 1: some |mean| * invstd > kappa_max; 0: fine. The tests
+    # of step_ext.cpp's `check`, and like it without a branch in the loop (flags OR-ed), which
+    # LLVM vectorizes: x * 0.0 is 0 for a finite x and NaN otherwise
+    not_finite = ill = False
     for k in range(save_mean.shape[0]):
         m, inv = np.float64(save_mean[k]), np.float64(save_invstd[k])
-        if not (np.isfinite(m) and np.isfinite(inv)):
-            return 2
-        if abs(m) * abs(inv) > kappa_max:
-            code = 1
-    return code
+        not_finite |= m * 0.0 + inv * 0.0 != 0.0
+        ill |= abs(m) * abs(inv) > kappa_max
+    return 2 if not_finite else (1 if ill else 0)
 
 
 def _py_check_fixed(mean, var, eps, kappa_max):  # pragma: no cover - runs compiled
-    # as _py_check, for given statistics: invstd = 1 / sqrt(var + eps)
-    code = 0
+    # as _py_check, for given statistics (step_ext.cpp's `check_fixed`): invstd = 1 / sqrt(var +
+    # eps), var + eps <= 0 counts as not finite, |m| > kappa_max * sqrt(v) tested as m^2 > k^2 v
+    k2 = kappa_max * kappa_max
+    not_finite = ill = False
     for k in range(mean.shape[0]):
         m, v = np.float64(mean[k]), np.float64(var[k]) + eps
-        if not (np.isfinite(m) and np.isfinite(v) and v > 0.0):
-            return 2
-        if abs(m) > kappa_max * np.sqrt(v):
-            code = 1
-    return code
+        not_finite |= (m * 0.0 + v * 0.0 != 0.0) | (v <= 0.0)
+        ill |= m * m > k2 * v
+    return 2 if not_finite else (1 if ill else 0)
 
 
 def _kernel(name: str) -> Any:
