@@ -65,9 +65,9 @@ def aten_step_py(
     else:
         out = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
     y, save_mean, save_invstd = out
-    if kernels is not None:
-        code = kernels.check_statistics(save_mean.detach().numpy(), save_invstd.detach().numpy(), kappa_max)
-        code = {kernels.ILL_CONDITIONED: ILL_CONDITIONED, kernels.NOT_FINITE: NOT_FINITE}.get(code, OK)
+    if kernels is not None:  # aten's saved statistics carry no gradient: NumPy views directly
+        code = kernels.check_statistics(save_mean.numpy(), save_invstd.numpy(), kappa_max)
+        code = NOT_FINITE if code == kernels.NOT_FINITE else ILL_CONDITIONED if code == kernels.ILL_CONDITIONED else OK
     elif not bool(torch.isfinite(save_mean).all() and torch.isfinite(save_invstd).all()):
         code = NOT_FINITE
     else:
