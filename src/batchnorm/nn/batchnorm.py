@@ -236,12 +236,7 @@ class MaskableBatchNorm(BatchNormBase):
         statistics, running statistics and gradients from the real positions only, padded
         outputs 0 (`batchnorm.functional.masked_step`)."""
         if torch.jit.is_scripting():  # TorchScript compiles only this branch (nn/_script.py)
-            return torch.ops.batchnorm.bn_layer(
-                input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
-                self.training, self.track_running_stats, None if self.momentum is None else float(self.momentum),
-                float(self.eps), self._script_ndims, self.num_features, self._script_where, self.num_batches_skipped,
-                self.channel_dim, mask,
-            )  # fmt: skip
+            return self._scripted_forward(input, mask)
         if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
             twin = _torch_layer_in_trace(self, input) if mask is None else None
             node = twin(input) if twin is not None else leaf_call(self, input, mask=mask)
@@ -272,6 +267,16 @@ class MaskableBatchNorm(BatchNormBase):
         if isinstance(input, torch.fx.Proxy):  # the layer is the traced root
             return root_call(self, batch_norm_layer, args)
         return batch_norm_layer(*args)
+
+    def _scripted_forward(self, input: Tensor, mask: Tensor | None) -> Tensor:
+        """The forward under ``torch.jit.script``: one call of `batch_norm_layer` registered as an
+        operator (`batchnorm.nn._script`); never called eagerly."""
+        return torch.ops.batchnorm.bn_layer(
+            input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
+            self.training, self.track_running_stats, None if self.momentum is None else float(self.momentum),
+            float(self.eps), self._script_ndims, self.num_features, self._script_where, self.num_batches_skipped,
+            self.channel_dim, mask,
+        )  # fmt: skip
 
     # TorchScript compiles a module's properties unless named here
     __jit_unused_properties__ = ["torch_layer"]

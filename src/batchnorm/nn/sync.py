@@ -193,12 +193,7 @@ class SyncBatchNorm(MaskableBatchNorm):
         (N_r, *spatial) bool, True where a value is real: the statistics of the real values of
         all ranks (one collective, as without a mask), padded outputs 0."""
         if torch.jit.is_scripting():  # plain batch norm: __prepare_scriptable__ refuses a group
-            return torch.ops.batchnorm.bn_layer(
-                input, self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked,
-                self.training, self.track_running_stats, None if self.momentum is None else float(self.momentum),
-                float(self.eps), self._script_ndims, self.num_features, self._script_where, self.num_batches_skipped,
-                self.channel_dim, mask,
-            )  # fmt: skip
+            return self._scripted_forward(input, mask)
         if isinstance(input, torch.fx.Proxy):  # under fx tracing: one node (nn/_fx.py)
             node = leaf_call(self, input, mask=mask)
             return node if node is not None else root_call(self, None, (input,))
