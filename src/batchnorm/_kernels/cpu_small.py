@@ -167,9 +167,9 @@ def _py_update(rm, rv, mean, var, f, unbias, kappa_max, save_mean, save_invstd):
 
 
 def _py_check(save_mean, save_invstd, kappa_max):  # pragma: no cover - runs compiled
-    # code 2: a statistic is not finite; 1: some |mean| * invstd > kappa_max; 0: fine. The tests
-    # of step_ext.cpp's `check`, and like it without a branch in the loop (flags OR-ed), which
-    # LLVM vectorizes: x * 0.0 is 0 for a finite x and NaN otherwise
+    # code 2: a statistic is not finite; 1: some |mean| * invstd > kappa_max; 0: fine. The same
+    # rule as step_ext.cpp's `check`, written like it without a branch in the loop (flags OR-ed),
+    # which LLVM vectorizes: x * 0.0 is 0 for a finite x and NaN otherwise
     not_finite = ill = False
     for k in range(save_mean.shape[0]):
         m, inv = np.float64(save_mean[k]), np.float64(save_invstd[k])
